@@ -1,0 +1,1 @@
+"""On-disk format: safetensors reading/writing (streamed, validated, atomic) and ComfyUI quant metadata."""
