@@ -52,7 +52,8 @@ class Preset:
     ``rules`` apply in order to the stripped names of 2-D weights; tensors no rule matches fall to the default
     (2-D ``*.weight`` of a linear layer -> quantize; everything else -> keep). ``detect`` scores how well a
     ``{name: shape}`` mapping fits this family (0 = not this model). ``prefixes`` lists key prefixes this
-    family's checkpoints carry.
+    family's checkpoints carry. ``kind`` says which part of a bundled checkpoint the rules are written for
+    (``"diffusion"``, ``"text"``, ``"lora"`` or ``"any"``); tensors of the other parts are kept unchanged.
     """
 
     name: str
@@ -62,6 +63,7 @@ class Preset:
     prefixes: tuple[str, ...] = ()
     structure_source: str = ""  # where the exclusions come from (model code, paper) or "guessed"
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    kind: str = "diffusion"
 
     def decide(self, name: str, shape: Sequence[int]) -> Decision:
         """Apply the rules to one (already prefix-stripped) tensor name."""

@@ -1,1 +1,34 @@
-"""comfyquant.runtime."""
+"""comfyquant.runtime: ``QuantizedTensor``, its layouts and op tables, ``QuantLinear``, ``load_quantized`` and
+``quantize_`` (run quantized checkpoints in plain PyTorch / diffusers models)."""
+
+from comfyquant.runtime.loader import LoadReport, load_quantized, load_quantized_report
+from comfyquant.runtime.nn import QuantLinear
+from comfyquant.runtime.quantize import QuantizeConfig, QuantizeSummary, quantize_
+from comfyquant.runtime.tensor import (
+    REGISTRY,
+    Layout,
+    LayoutParams,
+    QuantizedTensor,
+    dequantize_args,
+    register_generic_op,
+    register_layout,
+    register_layout_op,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Layout",
+    "LayoutParams",
+    "LoadReport",
+    "QuantLinear",
+    "QuantizeConfig",
+    "QuantizeSummary",
+    "QuantizedTensor",
+    "dequantize_args",
+    "load_quantized",
+    "load_quantized_report",
+    "quantize_",
+    "register_generic_op",
+    "register_layout",
+    "register_layout_op",
+]

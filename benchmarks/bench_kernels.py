@@ -1,0 +1,10 @@
+"""Linear-layer kernel sweep (same as ``comfyquant bench``): ``python benchmarks/bench_kernels.py --out DIR``."""
+
+from __future__ import annotations
+
+import sys
+
+from comfyquant.runtime.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

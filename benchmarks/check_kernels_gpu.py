@@ -1,0 +1,185 @@
+"""GPU accuracy checks for every kernel (run on the H100/H200): float64 references on fresh random inputs.
+
+Bounds (stated, asserted):
+* activation quant kernels: the int8 codes equal the torch reference on the same (fp32) input exactly for the
+  plain path; with the rotation, fp32 butterflies in another order may move a code by 1 at a .5 tie
+  (asserted: max |diff| <= 1, <= 0.1% of codes); fp8 codes equal the torch cast exactly.
+* int32 GEMM: bit-for-bit equal to ``torch._int_mm`` on random int8 inputs (any shape; padding handled).
+* W8A8 linear: ``rel <= 1.5 * (eps_x + eps_w) + 2^-7`` vs the float64 product of the unquantized inputs, where
+  eps are the measured relative quantization errors of x (per row) and W; and ``rel <= 2^-7`` vs the torch
+  reference path on the same inputs (bf16 output rounding).
+* W8A16 / fp8: vs float64 of the dequantized weight (bf16 output): ``rel <= 2^-7``; fp8 vs unquantized < 0.08.
+Writes a JSON report to $OUT (or --out) and exits 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from comfyquant.quant.fp8 import quantize_fp8
+from comfyquant.quant.hadamard import choose_group_size, fast_hadamard, rotate_weight
+from comfyquant.quant.int8 import (
+    dequantize_blockwise,
+    quantize_blockwise,
+    quantize_rowwise,
+    quantize_tensorwise,
+)
+from comfyquant.runtime.kernels import reference, triton_int8, triton_quant
+from comfyquant.runtime.kernels.dispatch import fp8_linear, int8_block_linear, int8_linear
+
+RESULTS: list[dict] = []
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def record(name: str, ok: bool, **info: object) -> None:
+    RESULTS.append({"check": name, "ok": bool(ok), **info})
+    print(f"{'PASS' if ok else 'FAIL'} {name} {json.dumps(info)}", flush=True)
+
+
+def inputs(m: int, k: int, how: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Random activations with the requested memory layout (values never all zero)."""
+    if how == "contig":
+        return torch.randn(m, k, device="cuda").to(dtype)
+    if how == "transposed":
+        return torch.randn(k, m, device="cuda").to(dtype).t()
+    if how == "row_stride":  # a column slice: rows further apart than K
+        return torch.randn(m, k + 24, device="cuda").to(dtype)[:, 5:5 + k]
+    if how == "3d":
+        return torch.randn(2, -(-m // 2), k, device="cuda").to(dtype)
+    raise ValueError(how)
+
+
+def check_act_quant() -> None:
+    for m, k, g in [(1, 3072, None), (37, 3072, 256), (64, 15360, 256), (5, 15360, 1024), (9, 640, 16),
+                    (3, 100, None), (17, 12288, None), (4, 5120, 64)]:
+        x = torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10
+        x[0, min(7, k - 1)] = 60.0  # an outlier
+        q, s = triton_quant.quantize_rows_int8(x, g)
+        xr = x if g is None else fast_hadamard(x.double(), g).float()
+        qr, sr = reference.quantize_rows_int8(xr)
+        diff = (q.int() - qr.int()).abs()
+        frac = (diff > 0).float().mean().item()
+        ok = diff.max().item() <= (0 if g is None else 1) and frac <= 1e-3 and rel(s, sr) < 1e-6
+        record("act_quant_int8", ok, m=m, k=k, group=g, max_code_diff=diff.max().item(), frac_diff=frac)
+        if g is not None:
+            xb = x.bfloat16()
+            r = triton_quant.rotate_rows(xb, g)
+            e = rel(r, fast_hadamard(xb.double(), g))
+            record("rotate_rows_bf16", e <= 2**-8, m=m, k=k, group=g, rel=e)
+    for m, k in [(1, 3072), (33, 5120), (8, 15360)]:
+        x = torch.randn(m, k, device="cuda") * 3
+        q, s = triton_quant.quantize_rows_fp8(x)
+        qr, sr = reference.quantize_rows_fp8(x)
+        # codes may differ from torch's software cast by one fp8 step at exact ties (hardware cvt.rn.satfinite)
+        diff = (q.float() - qr.float()).abs()
+        step = torch.maximum(qr.float().abs(), q.float().abs()) * 2**-3 + 2**-9
+        mism = int((diff > 0).sum())
+        ok = bool((diff <= step).all()) and mism <= max(1, q.numel() // 10000) and rel(s, sr) < 1e-6
+        record("act_quant_fp8_rowwise", ok, m=m, k=k, mismatches=mism)
+        st = torch.tensor(0.02, device="cuda")
+        q, _ = triton_quant.quantize_rows_fp8(x, static_scale=st)
+        qr = reference.quantize_static_fp8(x, st, torch.float8_e4m3fn)
+        record("act_quant_fp8_static", torch.equal(q.float(), qr.float()), m=m, k=k)
+
+
+def check_int_mm_exact() -> None:
+    for m, k, n in [(1, 3072, 3072), (16, 64, 48), (17, 100, 70), (300, 5120, 1280), (4096, 3072, 3072),
+                    (129, 13824, 520), (2, 15360, 3072)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+        want = reference.int_mm(a, b.t())
+        for tma in (False, True) if k % 16 == 0 else (False,):
+            got = triton_int8.int_mm(a, b, tma=tma)
+            record("int32_gemm_bit_exact", torch.equal(got, want), m=m, k=k, n=n, tma=tma)
+
+
+def check_linear() -> None:
+    for m, k, n, how, scale_kind in [
+        (1, 3072, 3072, "contig", "row"), (16, 3072, 9216, "transposed", "row"), (77, 100, 70, "row_stride", "row"),
+        (256, 5120, 13824, "3d", "tensor"), (4096, 3072, 3072, "contig", "row"), (1000, 12288, 3072, "3d", "row"),
+        (33, 640, 640, "transposed", "tensor"),
+    ]:
+        x = inputs(m, k, how)
+        w = torch.randn(n, k, device="cuda") * 0.03
+        bias = torch.randn(n, device="cuda").bfloat16()
+        q, s = quantize_rowwise(w) if scale_kind == "row" else quantize_tensorwise(w)
+        ref64 = x.double() @ w.double().t() + bias.double()
+        x2d = x.reshape(-1, k).float()
+        qx, sx = reference.quantize_rows_int8(x2d)
+        eps = rel(qx.double() * sx.double(), x2d) + rel(q.double() * s.double(), w)
+        ref_path = int8_linear(x, q, s, bias, backend="torch")
+        for backend in ("triton", "triton_w8a16"):
+            y = int8_linear(x, q, s, bias, backend=backend)
+            finite = bool(torch.isfinite(y).all())
+            if backend == "triton":
+                e, e_ref = rel(y, ref64), rel(y, ref_path)
+                ok = finite and e <= 1.5 * eps + 2**-7 and e_ref <= 2**-7
+                record("w8a8_linear", ok, m=m, k=k, n=n, layout=how, scale=scale_kind, rel=e,
+                       bound=1.5 * eps + 2**-7, rel_vs_torch_path=e_ref)
+            else:
+                exact = x.double() @ (q.double() * s.double()).t() + bias.double()
+                e = rel(y, exact)
+                record("w8a16_linear", finite and e <= 2**-7, m=m, k=k, n=n, layout=how, rel=e)
+        # convrot: rotated weight, activations rotated in the kernel
+        g = choose_group_size(k)
+        if g is not None:
+            qr, sr = quantize_rowwise(rotate_weight(w, g))
+            xr = fast_hadamard(x2d.double(), g)
+            qxr, sxr = reference.quantize_rows_int8(xr.float())
+            eps_r = rel(qxr.double() * sxr.double(), xr) + rel(qr.double() * sr.double(), rotate_weight(w.double(), g))
+            for backend in ("triton", "triton_w8a16"):
+                y = int8_linear(x, qr, sr, bias, convrot_group=g, backend=backend)
+                e = rel(y, ref64)
+                bound = (1.5 * eps_r + 2**-7) if backend == "triton" else 2 * rel(qr.double() * sr.double(),
+                                                                                   rotate_weight(w.double(), g)) + 2**-7
+                record(f"convrot_{backend}", bool(torch.isfinite(y).all()) and e <= bound, m=m, k=k, n=n,
+                       group=g, rel=e, bound=bound)
+        if k % 16 == 0 and n % 16 == 0:
+            qf, sf = quantize_fp8(w)
+            for static in (False, True):
+                isc = (x.float().abs().amax() / 448).reshape(()) if static else None
+                y = fp8_linear(x, qf, sf, bias, input_scale=isc, backend="scaled_mm")
+                yr = fp8_linear(x, qf, sf, bias, input_scale=isc, backend="torch")
+                e_ref, e64 = rel(y, yr), rel(y, ref64)
+                record("fp8_scaled_mm", e_ref <= 2**-7 and e64 < 0.08, m=m, k=k, n=n, static=static,
+                       rel_vs_torch_path=e_ref, rel=e64)
+
+
+def check_block() -> None:
+    for m, k, n, b in [(300, 3072, 1000, 128), (5, 200, 70, 64)]:
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        w = torch.randn(n, k, device="cuda")
+        q, s = quantize_blockwise(w, b)
+        y = int8_block_linear(x, q, s, block=b, out_dtype=torch.float32)
+        wd = dequantize_blockwise(q, s, b, dtype=torch.float64)
+        qx, sx = reference.quantize_rows_int8(x.float())
+        e = rel(y, (qx.double() * sx.double()) @ wd.t())
+        record("int8_block_linear", e < 1e-5, m=m, k=k, n=n, block=b, rel=e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="folder for check_kernels.json")
+    a = p.parse_args(argv)
+    torch.manual_seed(1234)
+    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    for fn in (check_act_quant, check_int_mm_exact, check_linear, check_block):
+        fn()
+    failed = [r for r in RESULTS if not r["ok"]]
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        Path(a.out, "check_kernels.json").write_text(json.dumps(RESULTS, indent=1))
+    print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

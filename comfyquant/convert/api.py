@@ -1,0 +1,33 @@
+"""``comfyquant.convert``: the public Python entry point of the converter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from comfyquant.convert.pipeline import ConvertOptions, run_conversion
+from comfyquant.convert.report import Report
+
+
+def convert(input: str | Path, output: str | Path, format: str = "int8", model: str = "auto",
+            layer_config: str | Path | None = None, report: str | Path | None = None,
+            plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
+            force: bool = False, block_size: int = 128, progress: bool = True) -> Report:
+    """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
+
+    Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
+    Raises :class:`comfyquant.errors.UserError` for bad input or usage.
+    """
+    if plot is not None:
+        from comfyquant.convert.plot import require_matplotlib
+
+        require_matplotlib()
+    opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
+                          low_memory=low_memory, force=force, block_size=block_size, progress=progress)
+    result = run_conversion(input, output, opts)
+    if report is not None:
+        result.to_json(report)
+    if plot is not None:
+        from comfyquant.convert.plot import plot_sqnr
+
+        plot_sqnr(result, plot)
+    return result

@@ -1,0 +1,271 @@
+"""``comfyquant inspect`` (convert_to_quant's ``--dry-run analyze``): a float checkpoint's conversion plan, or
+what each layer of a quantized file holds and whether stock ComfyUI 0.30 loads it. Reads headers and the
+small metadata/scale tensors only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comfyquant.convert.edit import QuantState, read_quant_state
+from comfyquant.convert.plan import KEEP, Plan, PlanOptions, build_plan
+from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, is_scaled_fp8
+from comfyquant.io.reader import CheckpointReader, TensorInfo
+from comfyquant.quant.formats import KNOWN_COMFY_FORMATS, STOCK_COMFY_FORMATS, get_format
+from comfyquant.quant.quantize import layer_param
+
+BLOCKWISE_NOTE = ("stock ComfyUI 0.30 rejects int8_blockwise (Unsupported quantization format); "
+                  "load it with comfyquant's runtime")
+_STORAGE = {"int8_tensorwise": torch.int8, "int8_blockwise": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn,
+            "float8_e5m2": torch.float8_e5m2, "mxfp8": torch.float8_e4m3fn, "nvfp4": torch.uint8,
+            "convrot_w4a4": torch.int8}
+_QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _dt(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class LayerInfo:
+    """One quantized layer of a file, as ComfyUI would load it."""
+
+    name: str
+    format: str | None
+    storage_dtype: str | None
+    shape: list[int] | None
+    scale_shape: list[int] | None
+    convrot: bool = False
+    convrot_groupsize: int | None = None
+    group_size: int | None = None
+    input_scale: bool = False
+    full_precision_matrix_mult: bool = False
+    metadata: str = "layer"  # where its config lives: layer / header / scaled_fp8
+    stock_comfy: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InspectResult:
+    """``kind`` is ``float`` (then ``plan`` is set) or ``quantized`` (then ``layers`` is)."""
+
+    path: str
+    kind: str
+    format: str | None = None
+    preset: str | None = None
+    plan: Plan | None = None
+    layers: list[LayerInfo] = field(default_factory=list)
+    legacy: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stock_comfy: bool = True
+    bytes_total: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path, "kind": self.kind, "stock_comfyui_0_30_loads": self.stock_comfy,
+                             "problems": self.problems, "notes": self.notes}
+        if self.plan is not None:
+            p = self.plan
+            d.update(format=p.format, preset=p.preset, block_size=p.block_size, counts=p.counts(),
+                     bytes_before=p.bytes_in, bytes_after=p.bytes_out,
+                     entries=[e.to_dict() for e in p.entries])
+        else:
+            d.update(legacy_metadata=self.legacy, bytes=self.bytes_total,
+                     formats=dict(Counter(x.format or "?" for x in self.layers)),
+                     layers=[asdict(x) for x in self.layers])
+        return d
+
+    def to_text(self) -> str:
+        return _plan_text(self) if self.plan is not None else _quant_text(self)
+
+
+def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8", block_size: int = 128,
+                       layer_config: str | Path | None = None) -> InspectResult:
+    """Inspect one checkpoint (file or sharded index): the plan for ``fmt``/``model`` if it holds float
+    weights, else its quantized layers and the problems ComfyUI would hit."""
+    reader = CheckpointReader(path)
+    if is_quantized(reader.infos, reader.metadata):
+        return _inspect_quantized(reader)
+    get_format(fmt)
+    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size)
+    plan = build_plan(reader.infos, opts, metadata=reader.metadata)
+    res = InspectResult(str(reader.path), "float", plan.format, plan.preset, plan, bytes_total=reader.nbytes)
+    if any(e.format == "int8-block" for e in plan.entries):
+        res.stock_comfy = False
+        res.notes.append(BLOCKWISE_NOTE)
+    return res
+
+
+def is_quantized(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> bool:
+    """A file with any quantization metadata, or an int8/fp8 weight stored next to a scale."""
+    names = set(infos)
+    if HEADER_KEY in metadata or is_scaled_fp8(names) or any(n.endswith(QUANT_SUFFIX) for n in names):
+        return True
+    return any(n.endswith(".weight") and t.dtype in _QUANT_DTYPES
+               and ({f"{n[:-7]}.weight_scale", f"{n[:-7]}.scale_weight"} & names) for n, t in infos.items())
+
+
+def _inspect_quantized(reader: CheckpointReader) -> InspectResult:
+    problems: list[str] = []
+    st = read_quant_state(reader, problems=problems)
+    res = InspectResult(str(reader.path), "quantized", legacy=list(st.legacy), bytes_total=reader.nbytes,
+                        problems=problems)
+    infos = _upgraded_infos(reader, st)
+    for layer, conf in st.layers.items():
+        res.layers.append(_layer(reader, layer, conf, st.source[layer], infos))
+    for x in res.layers:
+        res.problems += [f"{x.name}: {p}" for p in x.problems]
+    _orphans(st, infos, res)
+    if "header" in st.legacy:
+        res.notes.append(f"legacy '{HEADER_KEY}' header: stock ComfyUI 0.30 still reads it; "
+                         "`comfyquant edit FILE -o OUT` rewrites it as per-layer comfy_quant")
+    if "scaled_fp8" in st.legacy:
+        res.notes.append("legacy scaled_fp8 file (scale_weight/scale_input): stock ComfyUI 0.30 still reads it; "
+                         "`comfyquant edit FILE -o OUT` rewrites it as per-layer comfy_quant")
+    blockwise = any(x.format == "int8_blockwise" for x in res.layers)
+    if blockwise:
+        res.notes.append(BLOCKWISE_NOTE)
+    res.stock_comfy = not res.problems and all(x.stock_comfy for x in res.layers)
+    return res
+
+
+def _upgraded_infos(reader: CheckpointReader, st: QuantState) -> dict[str, TensorInfo]:
+    """Tensor infos under the names ComfyUI sees after its legacy upgrade."""
+    return {st.renames.get(n, n): t for n, t in reader.infos.items() if n not in st.dropped}
+
+
+def _layer(reader: CheckpointReader, layer: str, conf: Mapping[str, Any], source: str,
+           infos: Mapping[str, TensorInfo]) -> LayerInfo:
+    fmt = conf.get("format")
+    w, s = infos.get(f"{layer}.weight"), infos.get(f"{layer}.weight_scale")
+    x = LayerInfo(layer, fmt if isinstance(fmt, str) else None, _dt(w.dtype) if w else None,
+                  list(w.shape) if w else None, list(s.shape) if s else None,
+                  input_scale=f"{layer}.input_scale" in infos, metadata=source,
+                  full_precision_matrix_mult=bool(layer_param(conf, "full_precision_matrix_mult", False)))
+    x.stock_comfy = x.format in STOCK_COMFY_FORMATS
+    if x.format is None:
+        x.problems.append("comfy_quant has no \"format\" (ComfyUI: Unknown quantization format)")
+        return x
+    if x.format not in KNOWN_COMFY_FORMATS:
+        x.problems.append(f"unknown format '{x.format}' (ComfyUI 0.30 cannot load it)")
+        return x
+    if w is None:
+        x.problems.append("comfy_quant without a weight tensor")
+        return x
+    want = _STORAGE[x.format]
+    if w.dtype != want:
+        x.problems.append(f"weight is {_dt(w.dtype)}, format {x.format} stores {_dt(want)}")
+    if x.format in ("int8_tensorwise", "int8_blockwise", "float8_e4m3fn", "float8_e5m2", "convrot_w4a4") \
+            and s is None:
+        x.problems.append("comfy_quant without weight_scale")
+    if x.format == "int8_tensorwise":
+        x.convrot = bool(layer_param(conf, "convrot", False))
+        if x.convrot:
+            x.convrot_groupsize = int(layer_param(conf, "convrot_groupsize", 256))
+    if x.format == "convrot_w4a4":
+        x.convrot, x.convrot_groupsize = True, int(layer_param(conf, "convrot_groupsize", 256))
+    if x.format == "int8_blockwise":
+        x.group_size = int(layer_param(conf, "group_size", 128))
+    if len(w.shape) == 2 and s is not None:
+        bad = _scale_problem(x, tuple(w.shape), tuple(s.shape))
+        if bad:
+            x.problems.append(bad)
+    if x.convrot and len(w.shape) == 2:
+        g, k = x.convrot_groupsize or 0, w.shape[1] * (2 if x.format == "convrot_w4a4" else 1)
+        if g < 4 or g & (g - 1) or (g.bit_length() - 1) % 2 or k % g:
+            x.problems.append(f"convrot_groupsize {g} must be a power of 4 dividing in_features {k}")
+    return x
+
+
+def _scale_problem(x: LayerInfo, wshape: tuple[int, ...], sshape: tuple[int, ...]) -> str | None:
+    """Why a weight_scale shape does not fit its weight under the layer's format (None if it fits)."""
+    n, k = wshape
+    scalar = math.prod(sshape) == 1 and len(sshape) <= 2
+    if x.format == "int8_tensorwise":
+        ok = scalar or sshape in ((n, 1), (n,))
+        want = f"a scalar or [{n}, 1]"
+    elif x.format == "int8_blockwise":
+        g = x.group_size or 128
+        want_shape = (-(-n // g), -(-k // g))
+        ok, want = sshape == want_shape, f"{list(want_shape)} for group_size {g}"
+    elif x.format in ("float8_e4m3fn", "float8_e5m2", "convrot_w4a4"):
+        ok = scalar if x.format != "convrot_w4a4" else sshape in ((n, 1), (n,))
+        want = "a scalar" if x.format != "convrot_w4a4" else f"[{n}, 1]"
+    else:
+        return None
+    return None if ok else f"weight_scale shape {list(sshape)} does not match weight {list(wshape)} (want {want})"
+
+
+def _orphans(st: QuantState, infos: Mapping[str, TensorInfo], res: InspectResult) -> None:
+    """Quantized-looking tensors no config covers: ComfyUI would load their raw values as plain weights."""
+    for name, t in infos.items():
+        if name.endswith(".weight_scale") and name[: -len(".weight_scale")] not in st.layers:
+            res.problems.append(f"{name}: weight_scale without a comfy_quant config (ComfyUI ignores it and "
+                                "loads the weight unscaled)")
+        elif name.endswith(".weight") and t.dtype in _QUANT_DTYPES and name[:-7] not in st.layers:
+            res.problems.append(f"{name}: {_dt(t.dtype)} weight without a comfy_quant config")
+
+
+def _mib(n: int) -> str:
+    """A byte count in the largest unit that keeps it >= 1 (B, KiB, MiB, GiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} B"
+
+
+def _plan_text(r: InspectResult) -> str:
+    p = r.plan
+    assert p is not None
+    shown = [e.action != KEEP or (len(e.shape) == 2 and e.name.endswith(".weight")) for e in p.entries]
+    rows = [e for e, s in zip(p.entries, shown, strict=True) if s]
+    head = f"{'tensor':<60} {'shape':>14} {'action':<8} {'format':<10} {'size before -> after':>24}  rule: reason"
+    lines = [f"{r.path}: float checkpoint, preset {p.preset}, format {p.format}", head]
+    for e in rows:
+        size = f"{_mib(e.bytes_in)} -> {_mib(e.bytes_out)}"
+        lines.append(f"{e.name:<60} {'x'.join(map(str, e.shape)):>14} {e.action:<8} {e.format or '-':<10} "
+                     f"{size:>24}  {e.rule}: {e.reason}")
+    others = Counter(e.reason for e, s in zip(p.entries, shown, strict=True) if not s)
+    if others:
+        lines.append(f"{sum(others.values())} other tensors kept unchanged: "
+                     + "; ".join(f"{n} x {why}" for why, n in others.most_common()))
+    counts = ", ".join(f"{k} {v}" for k, v in p.counts().items() if v)
+    ratio = p.bytes_out / p.bytes_in if p.bytes_in else 1.0
+    lines.append(f"total: {counts}; {_mib(p.bytes_in)} -> {_mib(p.bytes_out)} ({ratio:.1%})")
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def _quant_text(r: InspectResult) -> str:
+    formats = ", ".join(f"{k} x{v}" for k, v in Counter(x.format or "?" for x in r.layers).items())
+    lines = [f"{r.path}: quantized checkpoint, {len(r.layers)} quantized layers ({formats or 'none'}), "
+             f"{_mib(r.bytes_total)}"]
+    lines.append(f"{'layer':<56} {'format':<16} {'storage':<14} {'shape':>12} {'scale':>10}  details")
+    for x in r.layers:
+        det = [f"metadata: {x.metadata}"]
+        if x.convrot:
+            det.append(f"convrot group {x.convrot_groupsize}")
+        if x.group_size:
+            det.append(f"group_size {x.group_size}")
+        if x.input_scale:
+            det.append("input_scale")
+        if x.full_precision_matrix_mult:
+            det.append("full_precision_matrix_mult")
+        if not x.stock_comfy:
+            det.append("NOT loadable by stock ComfyUI 0.30")
+        shape = "x".join(map(str, x.shape)) if x.shape is not None else "-"
+        scale = "x".join(map(str, x.scale_shape)) or "scalar" if x.scale_shape is not None else "-"
+        lines.append(f"{x.name:<56} {x.format or '?':<16} {x.storage_dtype or '-':<14} {shape:>12} {scale:>10}  "
+                     + ", ".join(det))
+    verdict = "yes" if r.stock_comfy else "NO"
+    lines.append(f"stock ComfyUI 0.30 can load it: {verdict}")
+    lines += [f"problem: {p}" for p in r.problems]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)

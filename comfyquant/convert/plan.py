@@ -1,0 +1,292 @@
+"""The conversion plan: for every input tensor, what it becomes (quantize / cast / keep / drop) and why.
+
+Computed from headers alone, so ``inspect`` shows exactly what ``convert`` will do and the streaming writer
+knows every output tensor's name, dtype and shape before the first byte of data is read. Priority: the
+``--layer-config`` rules, then the model preset, then the format (fp16/bf16 cast instead of quantize).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from comfyquant.errors import UserError
+from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, encoded_size, is_scaled_fp8
+from comfyquant.io.reader import TensorInfo
+from comfyquant.io.writer import TensorSpec
+from comfyquant.presets.base import Action, Preset, is_linear_weight
+from comfyquant.quant import hadamard
+from comfyquant.quant.formats import FormatSpec, get_format
+from comfyquant.quant.int8 import block_scale_shape
+
+QUANTIZE, CAST, KEEP, DROP = "quantize", "cast", "keep", "drop"
+ACTIONS = (QUANTIZE, CAST, KEEP, DROP)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_QUANT_STORAGE = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class LayerRuleLike(Protocol):
+    """What the planner reads from a ``--layer-config`` rule."""
+
+    pattern: str
+    format: str | None
+    skip: bool
+
+
+class LayerConfigLike(Protocol):
+    def match(self, name: str) -> LayerRuleLike | None: ...
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Everything that decides a plan besides the checkpoint itself."""
+
+    format: str = "int8"
+    model: str = "auto"
+    layer_config: str | Path | None = None
+    block_size: int = 128
+
+
+@dataclass
+class PlanEntry:
+    """One input tensor: the action, the format (CLI name) for quantize/cast, the outputs, rule and reason."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    action: str
+    rule: str
+    reason: str
+    format: str | None = None
+    outputs: list[TensorSpec] = field(default_factory=list)
+    comfy_quant: dict[str, Any] | None = None
+    bytes_in: int = 0
+
+    @property
+    def layer(self) -> str:
+        """The layer name (tensor name without ``.weight``)."""
+        return self.name[: -len(".weight")] if self.name.endswith(".weight") else self.name
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.nbytes for s in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+            "action": self.action, "format": self.format, "rule": self.rule, "reason": self.reason,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "outputs": [{"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape)}
+                        for s in self.outputs],
+        }
+
+
+@dataclass
+class Plan:
+    """The whole conversion: entries in streaming order plus the resolved preset and format."""
+
+    entries: list[PlanEntry]
+    format: str
+    preset: str
+    block_size: int
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        """All output tensors in write order."""
+        return [s for e in self.entries for s in e.outputs]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(e.bytes_in for e in self.entries)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(e.bytes_out for e in self.entries)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(e.action for e in self.entries)
+        return {a: c.get(a, 0) for a in ACTIONS}
+
+
+def resolve_preset(model: str, shapes: Mapping[str, tuple[int, ...]]) -> Preset:
+    """The preset named by ``--model`` (``auto``: detected from key names and shapes)."""
+    from comfyquant.presets import registry
+
+    if model == "auto":
+        return registry.detect_preset(dict(shapes))
+    return registry.get_preset(model)
+
+
+def strip_prefix(name: str) -> str:
+    """The tensor name with a known checkpoint prefix removed (``model.diffusion_model.`` ...)."""
+    from comfyquant.presets import registry
+
+    return registry.strip_prefix(name)[1]
+
+
+def _component(name: str) -> str:
+    """Which part of a bundled checkpoint a key belongs to ("" when the prefix says nothing)."""
+    from comfyquant.presets.prefixes import split_name
+
+    return split_name(name).component
+
+
+def load_layer_config(path: str | Path | None) -> LayerConfigLike | None:
+    """Parse ``--layer-config`` (None when not given)."""
+    if path is None:
+        return None
+    from comfyquant.convert.layer_config import LayerConfig
+
+    return LayerConfig.load(path)
+
+
+def check_not_quantized(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> None:
+    """Refuse inputs that already hold quantized weights: converting them again would lose precision."""
+    names = set(infos)
+    why = None
+    cq = next((n for n in infos if n.endswith(QUANT_SUFFIX)), None)
+    if cq:
+        why = f"it has per-layer quantization metadata ('{cq}')"
+    elif HEADER_KEY in metadata:
+        why = f"its header has '{HEADER_KEY}'"
+    elif is_scaled_fp8(names):
+        why = "it is a scaled_fp8 checkpoint"
+    else:
+        for n, t in infos.items():
+            if n.endswith(".weight") and t.dtype in _QUANT_STORAGE:
+                base = n[: -len(".weight")]
+                if f"{base}.weight_scale" in names or f"{base}.scale_weight" in names:
+                    why = f"'{n}' is stored as {str(t.dtype).removeprefix('torch.')} with a scale"
+                    break
+    if why:
+        raise UserError(f"the input is already quantized ({why}); use `comfyquant edit` to change its metadata, "
+                        "or convert the original float checkpoint")
+
+
+def _quant_entry(entry: PlanEntry, fmt: FormatSpec, block_size: int, options: Mapping[str, Any]) -> None:
+    """Fill outputs and comfy_quant of a quantized 2-D weight (may fall back from int8-rot to int8)."""
+    n, k = entry.shape
+    conf: dict[str, Any] = {}
+    if fmt.name == "int8-rot":
+        group = options.get("convrot_groupsize") or hadamard.choose_group_size(k)
+        if group is None or k % group:
+            entry.reason += (f"; in_features {k} is not a multiple of a power-of-4 group"
+                             f"{f' ({group})' if group else ''}, so stored as plain per-row int8")
+            fmt = get_format("int8")
+        else:
+            conf = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": group}
+    if fmt.name != "int8-rot":
+        conf = {"format": fmt.comfy_format}
+        if fmt.scaling == "block":
+            block_size = int(options.get("block_size", block_size))
+            conf["group_size"] = block_size
+    if options.get("full_precision_matrix_mult"):
+        conf["full_precision_matrix_mult"] = True
+    scale_shape: tuple[int, ...]
+    if fmt.scaling == "row":
+        scale_shape = (n, 1)
+    elif fmt.scaling == "block":
+        scale_shape = block_scale_shape((n, k), block_size)
+    else:
+        scale_shape = ()
+    entry.format = fmt.name
+    entry.comfy_quant = conf
+    entry.outputs = [
+        TensorSpec(entry.name, fmt.storage_dtype, entry.shape),
+        TensorSpec(f"{entry.layer}.weight_scale", torch.float32, scale_shape),
+        TensorSpec(f"{entry.layer}{QUANT_SUFFIX}", torch.uint8, (encoded_size(conf),)),
+    ]
+
+
+@dataclass(frozen=True)
+class _Choice:
+    action: str
+    format: str | None
+    rule: str
+    reason: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _decide(name: str, info: TensorInfo, stripped: str, preset: Preset,
+            layer_config: LayerConfigLike | None, fmt_name: str) -> _Choice:
+    """The decision for one tensor before format-specific adjustments.
+
+    An explicit ``--layer-config`` rule wins over the preset; its catch-all ``default`` only replaces the
+    format of weights the preset quantizes (so preset keeps and drops still hold).
+    """
+    linear = name.endswith(".weight") and len(info.shape) == 2 and min(info.shape) > 0
+    kind = getattr(preset, "kind", "any")
+    component = _component(name)
+    if kind in ("diffusion", "text") and component and component != kind:
+        return _Choice(KEEP, None, "component", f"part of the {component} component; preset {preset.name} "
+                       f"covers the {kind} model only")
+    d = preset.decide(stripped, info.shape)
+    preset_quant = d.action is Action.QUANTIZE and is_linear_weight(stripped, info.shape)
+    rule = layer_config.match(name) if layer_config is not None else None
+    if rule is not None and linear and (rule is not getattr(layer_config, "default", None) or preset_quant):
+        label = f"layer-config:{rule.pattern}"
+        opts = getattr(rule, "options", {}) or {}
+        if rule.skip:
+            return _Choice(KEEP, None, label, "skipped by --layer-config")
+        return _Choice(QUANTIZE, rule.format or fmt_name, label, "format chosen by --layer-config", opts)
+    if d.action is Action.DROP:
+        return _Choice(DROP, None, d.rule, d.reason)
+    if preset_quant:
+        return _Choice(QUANTIZE, fmt_name, d.rule, d.reason)
+    return _Choice(KEEP, None, d.rule, d.reason)
+
+
+def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset: Preset | None = None,
+               metadata: Mapping[str, str] | None = None, layer_config: LayerConfigLike | None = None,
+               overrides: Mapping[str, str] | None = None) -> Plan:
+    """Plan a conversion from headers alone.
+
+    ``preset``/``layer_config`` default to those named by ``options``; ``overrides`` maps tensor names that
+    must stay in high precision to the reason (found while streaming, e.g. NaN weights under ``--force``).
+    """
+    get_format(options.format)  # unknown format -> UserError before anything else
+    if options.block_size < 1:
+        raise UserError(f"--block-size must be a positive integer, got {options.block_size}")
+    check_not_quantized(infos, metadata or {})
+    if preset is None:
+        preset = resolve_preset(options.model, {k: t.shape for k, t in infos.items()})
+    if layer_config is None:
+        layer_config = load_layer_config(options.layer_config)
+    overrides = overrides or {}
+    entries: list[PlanEntry] = []
+    for name, info in infos.items():
+        c = _decide(name, info, strip_prefix(name), preset, layer_config, options.format)
+        e = PlanEntry(name, info.dtype, info.shape, c.action, c.rule, c.reason, bytes_in=info.nbytes)
+        if c.action == QUANTIZE and info.dtype not in _FLOAT_DTYPES:
+            dt = str(info.dtype).removeprefix("torch.")
+            e.action, e.reason = KEEP, (f"already stored as {dt} (no scale): copied as is"
+                                        if info.dtype in _QUANT_STORAGE else f"{dt} tensor, not a float weight")
+        if e.action == QUANTIZE and name in overrides:
+            e.action, e.rule, e.reason = KEEP, "forced", overrides[name]
+        if e.action == QUANTIZE:
+            fmt = get_format(c.format or options.format)
+            if fmt.is_quantized:
+                _quant_entry(e, fmt, options.block_size, c.options)
+            else:
+                e.action, e.format = CAST, fmt.name
+                e.outputs = [TensorSpec(name, fmt.storage_dtype, info.shape)]
+        elif e.action == KEEP:
+            e.outputs = [TensorSpec(name, info.dtype, info.shape)]
+        entries.append(e)
+    _check_collisions(entries)
+    return Plan(entries, options.format, preset.name, options.block_size)
+
+
+def _check_collisions(entries: list[PlanEntry]) -> None:
+    seen: dict[str, str] = {}
+    for e in entries:
+        for s in e.outputs:
+            if s.name in seen:
+                raise UserError(f"output tensor '{s.name}' would be written twice (from '{seen[s.name]}' and "
+                                f"'{e.name}'); the input already has a tensor with that name")
+            seen[s.name] = e.name

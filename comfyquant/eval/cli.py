@@ -1,0 +1,84 @@
+"""Argument parsing for ``comfyquant eval`` and ``comfyquant demo`` (wired into ``comfyquant.cli.main``).
+
+Both ``main`` functions return an exit status: 0 done, 2 a user mistake (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from comfyquant.errors import UserError
+from comfyquant.eval.sampling import SampleConfig
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="comfyquant eval",
+                                description="Measure a quantized reference model against its float original.")
+    p.add_argument("--model", help="minilm | digits-dit | a .safetensors file (float reference or quantized)")
+    p.add_argument("--format", help="comfyquant format to convert to (int8, int8-rot, int8-tensor, fp8, ...)")
+    p.add_argument("--optimizer", default="rtn", help="rounding: rtn (round to nearest; 'none' is the same)")
+    p.add_argument("--peer", choices=("simple", "default"),
+                   help="convert with convert_to_quant 1.3.4 instead (its --simple RTN or default optimizer)")
+    p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder (default: eval-out)")
+    p.add_argument("--per-class", type=int, default=SampleConfig.per_class, help="DiT samples per digit")
+    p.add_argument("--steps", type=int, default=SampleConfig.steps, help="DiT Euler steps")
+    p.add_argument("--cfg", type=float, default=SampleConfig.cfg, help="DiT classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=SampleConfig.seed, help="DiT sampling seed")
+    p.add_argument("--sentences", type=int, default=None, help="MiniLM: use only the first N sentences")
+    p.add_argument("--compare", nargs="+", type=Path, metavar="REPORT.json",
+                   help="print these reports side by side and exit")
+    return p
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``comfyquant eval ...``."""
+    args = eval_parser().parse_args(argv)
+    try:
+        if args.compare:
+            from comfyquant.eval.compare import compare_files
+
+            print(compare_files(args.compare), end="")
+            return 0
+        if not args.model:
+            raise UserError("--model is required (minilm, digits-dit or a file), or use --compare")
+        from comfyquant.eval.harness import EvalConfig, run_eval
+
+        argv_list = sys.argv[1:] if argv is None else argv
+        cfg = EvalConfig(model=args.model, format=args.format, out=args.out, optimizer=args.optimizer,
+                         peer=args.peer, sentences=args.sentences,
+                         sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
+                         command="comfyquant eval " + shlex.join(argv_list))
+        report = run_eval(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from comfyquant.eval.compare import side_by_side
+
+    print(side_by_side([report], [f"{report['model']} {report['format']}"]), end="")
+    print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'layers.png'}")
+    return 0
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """``comfyquant demo [--out DIR]``."""
+    p = argparse.ArgumentParser(prog="comfyquant demo",
+                                description="Convert the bundled digits DiT to int8 and show what changed.")
+    p.add_argument("--out", type=Path, default=Path("comfyquant-demo"), help="output folder")
+    p.add_argument("--format", default="int8", help="format to demonstrate (default int8)")
+    args = p.parse_args(argv)
+    from comfyquant.eval.demo import run_demo
+
+    try:
+        run_demo(args.out, args.format)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# The names comfyquant.cli.main registers.
+main_eval = eval_main
+main_demo = demo_main

@@ -1,0 +1,119 @@
+"""``comfyquant eval``: quantize a reference model (or take a quantized file), load it through the runtime
+loader, run the workload, and write a JSON report, a markdown table and PNGs.
+
+The quantized file always goes through ``comfyquant.convert`` (or the peer converter) and
+``comfyquant.load_quantized``, the same path a user's file takes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comfyquant.errors import UserError
+from comfyquant.eval.layerstats import LayerStat, layer_stats
+from comfyquant.eval.sampling import SampleConfig
+from comfyquant.eval.workloads import resolve_workload
+
+OPTIMIZERS = ("none", "rtn")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One eval run. ``peer`` set to a peer setting (``simple`` / ``default``) converts with convert_to_quant."""
+
+    model: str
+    format: str | None
+    out: Path
+    optimizer: str = "rtn"
+    peer: str | None = None
+    sampling: SampleConfig = field(default_factory=SampleConfig)
+    sentences: int | None = None
+    command: str = ""
+    progress: bool = False
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Reject what the harness cannot do before any work starts."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer {cfg.optimizer}: not implemented yet (available: {', '.join(OPTIMIZERS)})")
+
+
+def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path, str]:
+    """Convert the workload's float file with comfyquant (or the peer); returns the file and who made it."""
+    if cfg.format is None:
+        raise UserError("--format is required unless --model is an already-quantized file")
+    src = workload.reference_file()
+    dst = out / f"{workload.name}-{cfg.format}{'-peer-' + cfg.peer if cfg.peer else ''}.safetensors"
+    if cfg.peer:
+        from comfyquant.eval.peer import PEER_VERSION, peer_args, run_peer
+
+        run_peer(peer_args(src, dst, cfg.format, cfg.peer, workload.peer_extra_args()))
+        return dst, f"convert_to_quant {PEER_VERSION} ({cfg.peer})"
+    from comfyquant.convert.api import convert
+
+    layer_config = None
+    if workload.layer_config() is not None:
+        layer_config = out / "layer_config.json"
+        layer_config.write_text(json.dumps(workload.layer_config(), indent=1))
+    convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
+            force=True, progress=cfg.progress)
+    return dst, f"comfyquant ({cfg.optimizer})"
+
+
+def summarize(stats: list[LayerStat]) -> dict[str, Any]:
+    """Mean / min of the per-layer SQNRs and the worst layers by output SQNR."""
+    def agg(vals: list[float]) -> dict[str, float | None]:
+        finite = [v for v in vals if v == v and abs(v) != float("inf")]
+        if not finite:
+            return {"mean": None, "min": None}
+        return {"mean": round(sum(finite) / len(finite), 3), "min": round(min(finite), 3)}
+
+    run = [s for s in stats if s.out_sqnr_db == s.out_sqnr_db]
+    worst = sorted(run, key=lambda s: s.out_sqnr_db)[:5]
+    return {"layers": len(stats), "layers_not_run_by_workload": [s.name for s in stats if s not in run], "weight_sqnr_db": agg([s.weight_sqnr_db for s in stats]),
+            "out_sqnr_db": agg([s.out_sqnr_db for s in stats]),
+            "out_sqnr_e2e_db": agg([s.out_sqnr_e2e_db for s in stats]),
+            "worst_out_sqnr": [(s.name, round(s.out_sqnr_db, 2)) for s in worst]}
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Run one eval and write ``report.json``, ``report.md``, ``layers.png`` (and ``samples.png``) to ``cfg.out``."""
+    from comfyquant.runtime.loader import load_quantized_report
+
+    check_config(cfg)
+    start = time.time()
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    workload, qfile = resolve_workload(cfg.model, cfg.sampling, cfg.sentences)
+    made_by = "given file"
+    if qfile is None:
+        qfile, made_by = quantize_reference(workload, cfg, out)
+    torch.manual_seed(0)
+    ref = workload.float_model()
+    quant, load = load_quantized_report(workload.empty_model(), qfile, compute_dtype=torch.float32)
+    quant.eval()
+    if not load.quantized:
+        raise UserError(f"{qfile}: no quantized layers were loaded; nothing to evaluate")
+    stats = layer_stats(ref, quant, workload.stats_pass)
+    metrics = workload.evaluate(ref, quant, out)
+    formats = sorted(set(load.quantized.values()))
+    report = {
+        "model": workload.name, "format": cfg.format or "/".join(formats), "quantizer": made_by,
+        "reference": str(workload.reference_file()), "quantized_file": str(qfile),
+        "file_bytes": qfile.stat().st_size, "reference_bytes": Path(workload.reference_file()).stat().st_size,
+        "command": cfg.command, "metrics": metrics, "summary": summarize(stats),
+        "layers": [s.to_dict() for s in stats], "seconds": round(time.time() - start, 1),
+        "device": "cpu", "torch": torch.__version__,
+    }
+    from comfyquant.eval.compare import markdown_report, plot_layers
+
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown_report(report))
+    plot_layers(stats, out / "layers.png", f"{workload.name} {report['format']} ({made_by})")
+    return report

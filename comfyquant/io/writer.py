@@ -1,0 +1,224 @@
+"""Streaming, atomic safetensors writer: header first (offsets from the planned specs), then tensors in order.
+
+Data goes to ``<out>.tmp-<pid>`` next to the target, is fsynced and renamed over the target only when every
+planned tensor was written. Any exception, Ctrl-C or SIGTERM removes the temporary file, so a failed run
+leaves nothing behind. OS write failures become one-line ``UserError`` messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+
+import torch
+
+from comfyquant.errors import UserError
+from comfyquant.io.reader import DTYPE_NAMES, dtype_size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor as the header will describe it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+def build_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length prefix plus the JSON header, space-padded to a multiple of 8 bytes."""
+    obj: dict[str, object] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"safetensors metadata must map str to str, got {bad[0]!r}")
+        obj["__metadata__"] = dict(metadata)
+    pos = 0
+    for s in specs:
+        if s.name in obj:
+            raise ValueError(f"duplicate tensor name '{s.name}' in output specs")
+        if s.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype {s.dtype} of '{s.name}' cannot be stored in safetensors")
+        obj[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def temp_path_for(path: Path) -> Path:
+    """The temporary file a write to ``path`` goes through."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def os_error_message(err: OSError, path: Path) -> str:
+    """A one-line message for a failed write."""
+    code = err.errno
+    if code == errno.ENOSPC:
+        return f"no space left on device writing {path}"
+    if code == errno.EDQUOT:
+        return f"disk quota exceeded writing {path}"
+    if code == errno.EFBIG:
+        return f"file too large (file system or process size limit) writing {path}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied writing {path}"
+    if code == errno.EROFS:
+        return f"read-only file system: cannot write {path}"
+    if code == errno.ENOENT:
+        return f"directory does not exist: cannot write {path}"
+    return f"cannot write {path}: {err.strerror or err}"
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+class StreamingWriter:
+    """Write ``specs`` to ``path``: use as a context manager, call :meth:`write` once per spec in order.
+
+    The target is replaced only on a clean exit of the ``with`` block after all tensors were written.
+    """
+
+    def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None,
+                 *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.specs = list(specs)
+        self.metadata = dict(metadata or {})
+        self.overwrite = overwrite
+        self.tmp = temp_path_for(self.path)
+        self._next = 0
+        self._file: object = None
+        self._old_term: object = None
+        self.bytes_written = 0
+
+    # -- context management -------------------------------------------------------------------------------
+    def __enter__(self) -> StreamingWriter:
+        if self.path.exists() and not self.overwrite:
+            raise UserError(f"output exists: {self.path} (use --force to overwrite)")
+        header = build_header(self.specs, self.metadata)
+        self._install_sigterm()
+        try:
+            self._file = open(self.tmp, "wb", buffering=0)  # closed in finish() or abort()
+            self._write_all(header)
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError):
+                raise UserError(os_error_message(e, self.path)) from None
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if et is not None:
+            self.abort()
+            return
+        try:
+            self.finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; its name, dtype and shape must match the next spec."""
+        if self._file is None:
+            raise RuntimeError("StreamingWriter.write outside of its 'with' block")
+        if self._next >= len(self.specs):
+            raise ValueError(f"tensor '{name}' written after all {len(self.specs)} planned tensors")
+        spec = self.specs[self._next]
+        if name != spec.name:
+            raise ValueError(f"expected tensor '{spec.name}' next, got '{name}'")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, "
+                             f"planned {spec.dtype} {spec.shape}")
+        if spec.nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            if data.nbytes != spec.nbytes:  # pragma: no cover - dtype/shape already checked
+                raise ValueError(f"tensor '{name}' has {data.nbytes} bytes, planned {spec.nbytes}")
+            self._write_all(memoryview(data))
+        self._next += 1
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = self._file.write(view)  # type: ignore[attr-defined]
+                if not n:
+                    raise OSError(errno.EIO, "write returned 0")
+                self.bytes_written += n
+                view = view[n:]
+        except OSError as e:
+            raise UserError(os_error_message(e, self.path)) from None
+
+    def finish(self) -> None:
+        """Check completeness, fsync, rename over the target."""
+        if self._next != len(self.specs):
+            raise ValueError(f"only {self._next} of {len(self.specs)} planned tensors were written "
+                             f"(next: '{self.specs[self._next].name}')")
+        f, self._file = self._file, None
+        try:
+            os.fsync(f.fileno())  # type: ignore[attr-defined]
+            f.close()  # type: ignore[attr-defined]
+            if self.path.exists() and not self.overwrite:
+                raise UserError(f"output exists: {self.path} (use --force to overwrite)")
+            os.replace(self.tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as e:
+            raise UserError(os_error_message(e, self.path)) from None
+        finally:
+            self._restore_sigterm()
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (idempotent)."""
+        f, self._file = self._file, None
+        try:
+            if f is not None:
+                f.close()  # type: ignore[attr-defined]
+        except OSError:
+            pass  # the file is being deleted; a failed close of a doomed temp file changes nothing
+        finally:
+            self.tmp.unlink(missing_ok=True)
+            self._restore_sigterm()
+
+    # -- signals ----------------------------------------------------------------------------------------------
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_term is not None:
+            signal.signal(signal.SIGTERM, self._old_term)  # type: ignore[arg-type]
+            self._old_term = None
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return  # some file systems do not allow opening directories; the rename itself already happened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # directory fsync is best effort (not supported everywhere); the data file itself was fsynced
+    finally:
+        os.close(fd)
+
+
+def save_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+              *, overwrite: bool = False) -> None:
+    """Write a dict of tensors in one go through :class:`StreamingWriter` (for small files and tests)."""
+    specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    with StreamingWriter(path, specs, metadata, overwrite=overwrite) as w:
+        for k, t in tensors.items():
+            w.write(k, t)

@@ -1,0 +1,278 @@
+"""``comfyquant bench``: the linear-layer shape sweep on a CUDA GPU (W8A8, convrot, FP8 vs bf16), JSON + markdown.
+
+Every column is timed in the same process with ``triton.testing.do_bench`` (median), cycling through enough
+input/weight sets that each call reads memory that is not in L2. Ratios are ``bf16_time / time``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from comfyquant.errors import UserError
+from comfyquant.quant.fp8 import quantize_fp8
+from comfyquant.quant.hadamard import choose_group_size, rotate_weight
+from comfyquant.quant.int8 import quantize_rowwise
+from comfyquant.runtime.kernels import dispatch
+
+# (model, layer, K=in_features, N=out_features)
+SHAPES: tuple[tuple[str, str, int, int], ...] = (
+    ("flux", "qkv", 3072, 9216), ("flux", "proj", 3072, 3072), ("flux", "mlp0", 3072, 12288),
+    ("flux", "mlp2", 12288, 3072), ("flux", "linear1", 3072, 21504), ("flux", "linear2", 15360, 3072),
+    ("wan14b", "attn", 5120, 5120), ("wan14b", "ffn0", 5120, 13824), ("wan14b", "ffn2", 13824, 5120),
+    ("sdxl", "attn1280", 1280, 1280), ("sdxl", "ff0_1280", 1280, 5120), ("sdxl", "ff2_1280", 5120, 1280),
+    ("sdxl", "attn640", 640, 640),
+    ("t5xxl", "attn", 4096, 4096), ("t5xxl", "ff0", 4096, 10240), ("t5xxl", "ff2", 10240, 4096),
+)
+M_VALUES = (1, 16, 256, 1024, 4096, 16384)
+GRAPH_COLUMNS = ("bf16", "w8a8", "w8a8_triton", "w8a16", "fp8_rowwise")
+COLUMNS = ("bf16", "w8a8", "w8a8_convrot", "int_mm_torch", "fp8_rowwise", "w8a8_triton", "w8a16", "ck_int8")
+
+
+@dataclass
+class BenchConfig:
+    """What to sweep and where to write."""
+
+    models: tuple[str, ...] = ("flux", "wan14b", "sdxl", "t5xxl")
+    m_values: tuple[int, ...] = M_VALUES
+    out_dir: Path = Path("bench_out")
+    rotate_bytes: int = 256 << 20  # total bytes cycled per column: several times a 50-60 MB L2
+    max_sets: int = 32
+    warmup_ms: int = 25
+    rep_ms: int = 100
+    with_ck: bool = True
+    graph_max_m: int = 1024
+
+
+@dataclass
+class Row:
+    """One (shape, M) measurement: median microseconds per column, and the backend ``auto`` chose."""
+
+    model: str
+    layer: str
+    m: int
+    k: int
+    n: int
+    us: dict[str, float] = field(default_factory=dict)
+    graph_us: dict[str, float] = field(default_factory=dict)
+    choice: str = ""
+
+
+def _load_ck() -> tuple[Callable | None, str]:
+    """comfy-kitchen's int8_linear and which backend it runs on (its registry's own choice), if importable."""
+    try:
+        import comfy_kitchen as ck
+        from comfy_kitchen.registry import registry
+    except ImportError as e:
+        return None, f"not importable: {e}"
+    avail = [b for b in ("cuda", "triton", "eager") if registry.is_available(b)]
+    return ck.int8_linear, f"comfy-kitchen {getattr(ck, '__version__', '?')}, available backends {avail}"
+
+
+def _ck_backend_for(fn_kwargs: dict) -> str:
+    from comfy_kitchen.registry import registry
+
+    return registry.get_capable_backend("int8_linear", fn_kwargs)
+
+
+def _graph_time(op: Callable, pairs: list, cfg: BenchConfig) -> float:
+    """GPU time per call without host launch overhead: one CUDA graph runs ``op`` over every rotating set."""
+    import triton.testing
+
+    def body() -> None:
+        for p in pairs:
+            op(*p)
+
+    body()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    t = triton.testing.do_bench(graph.replay, warmup=cfg.warmup_ms, rep=cfg.rep_ms, return_mode="median")
+    del graph
+    return 1000.0 * t / len(pairs)
+
+
+def _time(fn: Callable[[], object], cfg: BenchConfig) -> float:
+    import triton.testing
+
+    return 1000.0 * triton.testing.do_bench(fn, warmup=cfg.warmup_ms, rep=cfg.rep_ms, return_mode="median")
+
+
+def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn: Callable | None) -> list[Row]:
+    dev = torch.device("cuda")
+    group = choose_group_size(k)
+    per_set = n * k * (2 + 1 + 1 + 1)  # bf16 + int8 + rotated int8 + fp8 weights
+    sets = max(2, min(cfg.max_sets, math.ceil(cfg.rotate_bytes / per_set)))
+    gen = torch.Generator(device=dev).manual_seed(k * 131 + n)
+    weights = []
+    for _ in range(sets):
+        w = torch.randn(n, k, device=dev, generator=gen) * 0.02
+        q, s = quantize_rowwise(w)
+        qr, sr = quantize_rowwise(rotate_weight(w, group)) if group else (q, s)
+        qf, sf = quantize_fp8(w)
+        weights.append((w.to(torch.bfloat16), q, s, qr, sr, qf, sf, torch.randn(n, device=dev).bfloat16()))
+        del w
+    rows = []
+    for m in cfg.m_values:
+        x_sets = max(2, min(cfg.max_sets, math.ceil(cfg.rotate_bytes / (2 * m * k))))
+        xs = [torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16) for _ in range(x_sets)]
+        pairs = [(xs[i % x_sets], weights[i % sets]) for i in range(max(x_sets, sets))]
+        row = Row(model, layer, m, k, n)
+        row.choice = dispatch.choose_backend(xs[0], kind="int8", n=n, k=k).name
+
+        ops: dict[str, Callable] = {
+            "bf16": lambda x, w: F.linear(x, w[0], w[7]),
+            "w8a8": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7]),
+            "int_mm_torch": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="torch"),
+            "w8a8_triton": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="triton"),
+            "w8a16": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="triton_w8a16"),
+        }
+        if group:
+            ops["w8a8_convrot"] = lambda x, w: dispatch.int8_linear(x, w[3], w[4], w[7], convrot_group=group)
+        if k % 16 == 0 and n % 16 == 0:
+            ops["fp8_rowwise"] = lambda x, w: dispatch.fp8_linear(x, w[5], w[6], w[7], backend="scaled_mm")
+        if ck_fn is not None:
+            ops["ck_int8"] = lambda x, w: ck_fn(x, w[1], w[2], w[7], out_dtype=torch.bfloat16)
+        for name, op in ops.items():
+            try:
+                it = itertools.cycle(pairs)
+                row.us[name] = _time(lambda op=op, it=it: op(*next(it)), cfg)
+                if m <= cfg.graph_max_m and name in GRAPH_COLUMNS:
+                    row.graph_us[name] = _graph_time(op, pairs, cfg)
+            except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
+                row.us[name] = float("nan")
+                print(f"  {model}.{layer} M={m} {name}: failed: {str(e).splitlines()[0][:120]}")
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+        del xs, pairs
+    return rows
+
+
+def _ratio(row: Row, col: str) -> str:
+    t = row.us.get(col)
+    if t is None or not math.isfinite(t):
+        return "-"
+    return f"{row.us['bf16'] / t:.2f}"
+
+
+def _fmt_row(row: Row) -> str:
+    ratios = " ".join(f"{c}={_ratio(row, c)}" for c in COLUMNS if c != "bf16")
+    graph = " ".join(f"g:{c}={_gratio(row, c)}" for c in GRAPH_COLUMNS if c != "bf16" and c in row.graph_us)
+    return (f"{row.model:7s} {row.layer:9s} M={row.m:6d} bf16={row.us['bf16']:9.1f}us {ratios} [{row.choice}]"
+            f" {graph}")
+
+
+def _gratio(row: Row, col: str) -> str:
+    t, b = row.graph_us.get(col), row.graph_us.get("bf16")
+    if t is None or b is None or not math.isfinite(t):
+        return "-"
+    return f"{b / t:.2f}"
+
+
+def to_markdown(rows: list[Row], header: str) -> str:
+    """Markdown table: bf16 µs, each column's speed-up over bf16 (same run, eager do_bench), then the
+    CUDA-graph (GPU-time, no launch overhead) speed-ups for M <= graph_max_m."""
+    cols = [c for c in COLUMNS if c != "bf16"]
+    gcols = [c for c in GRAPH_COLUMNS if c != "bf16"]
+    lines = [header, "", "| model | layer | K→N | M | bf16 µs | " + " | ".join(f"{c} ×" for c in cols)
+             + " | auto | graph bf16 µs | " + " | ".join(f"graph {c} ×" for c in gcols) + " |",
+             "|" + "---|" * (7 + len(cols) + len(gcols))]
+    for r in rows:
+        g = r.graph_us.get("bf16")
+        lines.append(f"| {r.model} | {r.layer} | {r.k}→{r.n} | {r.m} | {r.us['bf16']:.1f} | "
+                     + " | ".join(_ratio(r, c) for c in cols) + f" | {r.choice} | "
+                     + (f"{g:.1f}" if g is not None else "-") + " | "
+                     + " | ".join(_gratio(r, c) for c in gcols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def measured_thresholds(rows: list[Row]) -> list[tuple[int, int, int]]:
+    """Per (N, K): the smallest swept M from which W8A8 (triton) beats the weight-only kernel at every larger M."""
+    out = []
+    by_shape: dict[tuple[int, int], list[Row]] = {}
+    for r in rows:
+        by_shape.setdefault((r.n, r.k), []).append(r)
+    for (n, k), rs in by_shape.items():
+        rs.sort(key=lambda r: r.m)
+        m_min = None
+        for r in reversed(rs):
+            if r.us.get("w8a8_triton", math.inf) <= r.us.get("w8a16", math.inf):
+                m_min = r.m
+            else:
+                break
+        out.append((n, k, m_min if m_min is not None else 1 << 30))
+    return out
+
+
+def run(cfg: BenchConfig) -> list[Row]:
+    """Run the sweep, write ``bench.json`` and ``bench.md`` under ``cfg.out_dir``; returns the rows."""
+    if not torch.cuda.is_available():
+        raise UserError("comfyquant bench needs a CUDA GPU (none is visible to torch)")
+    unknown = set(cfg.models) - {s[0] for s in SHAPES}
+    if unknown:
+        raise UserError(f"unknown model(s) {sorted(unknown)}; choose from {sorted({s[0] for s in SHAPES})}")
+    ck_fn, ck_note = _load_ck() if cfg.with_ck else (None, "disabled")
+    if ck_fn is not None:
+        x = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+        q, s = quantize_rowwise(torch.randn(3072, 3072, device="cuda"))
+        ck_note += f"; int8_linear runs on its '{_ck_backend_for(dict(x=x, weight=q, weight_scale=s))}' backend"
+    props = torch.cuda.get_device_properties(0)
+    meta = {"device": props.name, "capability": list(torch.cuda.get_device_capability()),
+            "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "python": platform.python_version(), "comfy_kitchen": ck_note}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    print(json.dumps(meta), flush=True)
+    rows: list[Row] = []
+    for model, layer, k, n in SHAPES:
+        if model in cfg.models:
+            rows.extend(_bench_shape(model, layer, k, n, cfg, ck_fn))
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "rows": [asdict(r) for r in rows], "thresholds": measured_thresholds(rows)}
+    (cfg.out_dir / "bench.json").write_text(json.dumps(payload, indent=1))
+    header = (f"Device: {meta['device']} (sm_{meta['capability'][0]}{meta['capability'][1]}), torch {meta['torch']},"
+              f" triton {meta['triton']}, {meta['date_utc']} UTC. comfy-kitchen: {ck_note}. Speed-up = bf16 µs /"
+              " column µs, same run; do_bench median, rotating inputs and weights (> L2).")
+    (cfg.out_dir / "bench.md").write_text(to_markdown(rows, header))
+    return rows
+
+
+def _parse(argv: list[str] | None) -> BenchConfig:
+    p = argparse.ArgumentParser(prog="comfyquant bench", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="flux,wan14b,sdxl,t5xxl", help="comma list of flux,wan14b,sdxl,t5xxl")
+    p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma list of row counts (tokens)")
+    p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.md")
+    p.add_argument("--no-ck", action="store_true", help="skip comfy-kitchen even if importable")
+    p.add_argument("--rep-ms", type=int, default=100)
+    a = p.parse_args(argv)
+    try:
+        m_values = tuple(int(v) for v in a.m.split(","))
+    except ValueError as e:
+        raise UserError(f"--m must be a comma list of integers, got {a.m!r}") from e
+    if any(v < 1 for v in m_values):
+        raise UserError(f"--m values must be >= 1, got {a.m!r}")
+    return BenchConfig(models=tuple(a.models.split(",")), m_values=m_values, out_dir=Path(a.out),
+                       with_ck=not a.no_ck, rep_ms=a.rep_ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``comfyquant bench``; returns the exit status (UserError is left to the CLI: exit 2)."""
+    cfg = _parse(argv)
+    rows = run(cfg)
+    print(to_markdown(rows, f"wrote {cfg.out_dir}/bench.json and bench.md"))
+    return 0

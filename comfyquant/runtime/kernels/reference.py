@@ -1,0 +1,135 @@
+"""Pure-torch W8A8 / FP8 linear math: the CPU path, the fallback on any device, and the tests' oracle.
+
+Every function here is exact about the integer part (int32 accumulation, identical to ``torch._int_mm``)
+and does the float epilogue in float32, so it is the definition the fast GPU kernels must match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from comfyquant.quant.hadamard import fast_hadamard
+
+QMAX = 127.0
+
+
+def quantize_rows_int8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``scale = rowmax|x| / 127`` (1 for an all-zero row), round-half-even.
+
+    Returns ``(q int8 [M,K], scale fp32 [M,1])``; math in float32 (float64 stays float64).
+    """
+    xf = x2d if x2d.dtype in (torch.float32, torch.float64) else x2d.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.round(xf / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale.float()
+
+
+def _needs_int_mm_padding(m: int, k: int, n: int, device: torch.device) -> bool:
+    # cuBLAS int8 GEMM behind torch._int_mm wants M > 16 and K, N multiples of 8; the CPU kernel takes any shape.
+    return device.type == "cuda" and (m <= 16 or k % 8 or n % 8)
+
+
+def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b_t`` for int8 ``a [M,K]`` and int8 ``b_t [K,N]`` with int32 accumulation, any shape.
+
+    Uses ``torch._int_mm``; on CUDA, shapes cuBLAS refuses are zero-padded (exact) rather than rejected.
+    """
+    m, k = a.shape
+    n = b_t.shape[1]
+    if not _needs_int_mm_padding(m, k, n, a.device):
+        return torch._int_mm(a.contiguous(), b_t)
+    pm, pk, pn = max(17 - m, 0), -k % 8, -n % 8
+    ap = F.pad(a, (0, pk, 0, pm))
+    bp = F.pad(b_t.t(), (0, pk, 0, pn)).t()  # cuBLASLt int8 wants B column-major ("TN"): pad W [N,K] itself
+    return torch._int_mm(ap, bp)[:m, :n]
+
+
+def _epilogue(acc: torch.Tensor, s_x: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    s_w = w_scale.float().reshape(1, -1) if w_scale.numel() > 1 else w_scale.float().reshape(())
+    out = acc.float() * s_x * s_w
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def rotate_activations(x2d: torch.Tensor, group: int) -> torch.Tensor:
+    """``x_g @ H`` group-wise with the regular Hadamard (FORMAT.md ``convrot``), in float32."""
+    return fast_hadamard(x2d.float(), group)
+
+
+def int8_linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                    convrot_group: int | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8: per-token dynamic activation quant, int32 GEMM, ``acc * s_x * s_w + bias`` in float32."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k)
+    if convrot_group is not None:
+        x2d = rotate_activations(x2d, convrot_group)
+    q, s_x = quantize_rows_int8(x2d)
+    acc = int_mm(q, w_q.t())
+    return _epilogue(acc, s_x, w_scale, bias, out_dtype).reshape(*lead, w_q.shape[0])
+
+
+def int8_block_linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: int,
+                          bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8 with block-wise weight scales ``[ceil(N/b), ceil(K/b)]``: one int32 GEMM per K block, scaled per tile."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w_q.shape[0]
+    q, s_x = quantize_rows_int8(x.reshape(-1, k))
+    s_w = w_scale.float().repeat_interleave(block, 0)[:n]  # [N, gk]
+    out = torch.zeros(q.shape[0], n, dtype=torch.float32, device=x.device)
+    for j, k0 in enumerate(range(0, k, block)):
+        k1 = min(k0 + block, k)
+        acc = int_mm(q[:, k0:k1], w_q[:, k0:k1].t())
+        out += acc.float() * s_w[:, j]
+    out *= s_x
+    if bias is not None:
+        out += bias.float()
+    return out.to(out_dtype).reshape(*lead, n)
+
+
+def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   convrot_group: int | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Weight-only path: ``x @ (q * s_w)^T`` in x's dtype (the small-batch path; activations not quantized)."""
+    dt = x.dtype if x.dtype.is_floating_point and x.dtype != torch.float64 else torch.float32
+    w = w_q.to(dt) * w_scale.to(dt).reshape(-1, 1) if w_scale.numel() > 1 else w_q.to(dt) * w_scale.to(dt)
+    if convrot_group is not None:
+        x = fast_hadamard(x.to(dt), convrot_group)
+    return F.linear(x.to(dt), w, None if bias is None else bias.to(dt)).to(out_dtype)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an fp8 dtype."""
+    return float(torch.finfo(dtype).max)
+
+
+def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8: ``scale = rowmax / fp8_max`` (1 for zero rows); returns ``(q [M,K], scale fp32 [M,1])``."""
+    xf = x2d.float()
+    fmax = fp8_max(dtype)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    return (xf / scale).clamp_(-fmax, fmax).to(dtype), scale
+
+
+def quantize_static_fp8(x2d: torch.Tensor, input_scale: torch.Tensor, dtype: torch.dtype
+                        ) -> torch.Tensor:
+    """fp8 with a static scalar activation scale, saturating at the format's range (ComfyUI's behaviour)."""
+    fmax = fp8_max(dtype)
+    return (x2d.float() / input_scale.float()).clamp_(-fmax, fmax).to(dtype)
+
+
+def fp8_linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 W8A8 in float32: activations per-row dynamic (or static ``input_scale``), weight scalar/per-row scale."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k)
+    if input_scale is not None:
+        qx, s_x = quantize_static_fp8(x2d, input_scale, w_q.dtype), input_scale.float().reshape(())
+    else:
+        qx, s_x = quantize_rows_fp8(x2d, w_q.dtype)
+    acc = qx.float() @ w_q.float().t()
+    return _epilogue(acc, s_x, w_scale, bias, out_dtype).reshape(*lead, w_q.shape[0])

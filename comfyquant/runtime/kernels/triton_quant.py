@@ -1,0 +1,141 @@
+"""Triton activation kernels: one pass per row of (group-wise regular-Hadamard rotation +) per-row quantization.
+
+The rotation is the radix-4 butterfly of ``quant.hadamard.fast_hadamard`` done in registers (H4/2 applied
+along each base-4 digit of the in-group index), never a dense ``g x g`` product. Modes:
+``int8`` (absmax/127, round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
+Imported lazily: only GPU backends import this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to the nearest integer, ties to even
+MODE_INT8, MODE_FP8, MODE_FP8_STATIC, MODE_FLOAT = 0, 1, 2, 3
+SINGLE_PASS_MAX = 8192  # rows up to this (padded) length are held in registers: one read of x
+CHUNK = 4096  # longer rows: two passes over chunks (absmax, then quantize; the re-read hits L2)
+
+
+@triton.jit
+def _h4_stage(x, A: tl.constexpr, B: tl.constexpr):
+    """Apply H4/2 along the middle axis of the ``[A, 4, B]`` view of the 1-D block ``x``."""
+    y = tl.reshape(x, (A, 4, B))
+    y = tl.permute(y, (0, 2, 1))
+    y = tl.reshape(y, (A, B, 2, 2))
+    lo, hi = tl.split(y)  # lo: digits 0, 2; hi: digits 1, 3 (index = 2*i1 + i0)
+    a, c = tl.split(lo)
+    b, d = tl.split(hi)
+    s = (a + b + c + d) * 0.5
+    # rows of H4: (1,1,1,-1), (1,1,-1,1), (1,-1,1,1), (-1,1,1,1)  =>  y_i = s - x_(3-i)
+    out = tl.join(tl.join(s - d, s - b), tl.join(s - c, s - a))
+    out = tl.reshape(out, (A, B, 4))
+    out = tl.permute(out, (0, 2, 1))
+    return tl.reshape(out, (A * 4 * B,))
+
+
+@triton.jit
+def _rotate(x, N: tl.constexpr, STAGES: tl.constexpr):
+    """Group-wise regular Hadamard (group ``4**STAGES``) on a 1-D block of ``N`` fp32 values."""
+    if STAGES >= 1:
+        x = _h4_stage(x, N // 4, 1)
+    if STAGES >= 2:
+        x = _h4_stage(x, N // 16, 4)
+    if STAGES >= 3:
+        x = _h4_stage(x, N // 64, 16)
+    if STAGES >= 4:
+        x = _h4_stage(x, N // 256, 64)
+    if STAGES >= 5:
+        x = _h4_stage(x, N // 1024, 256)
+    if STAGES >= 6:
+        x = _h4_stage(x, N // 4096, 1024)
+    return x
+
+
+@triton.jit
+def _quantize(x, scale, qmax, MODE: tl.constexpr):
+    y = tl.math.div_rn(x, scale)
+    if MODE == 0:
+        return (y + RNE_MAGIC) - RNE_MAGIC  # integral-valued fp32; the store casts it exactly
+    return tl.clamp(y, -qmax, qmax)
+
+
+@triton.jit
+def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qmax,
+                BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, STAGES: tl.constexpr, MODE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    x_row = x_ptr + row * stride_xm
+    o_row = out_ptr + row * stride_om
+    if MODE == 3:  # rotation only
+        for c in range(NUM_CHUNKS):
+            o = c * BLOCK + offs
+            x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+            tl.store(o_row + o, x.to(out_ptr.dtype.element_ty), mask=o < K)
+    elif MODE == 2:  # fp8 with a static scale
+        scale = tl.load(static_s_ptr).to(tl.float32)
+        for c in range(NUM_CHUNKS):
+            o = c * BLOCK + offs
+            x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+            tl.store(o_row + o, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=o < K)
+    elif NUM_CHUNKS == 1:
+        x = _rotate(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        tl.store(o_row + offs, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=offs < K)
+        tl.store(s_ptr + row, scale)
+    else:
+        amax = tl.zeros((), dtype=tl.float32)
+        for c in range(NUM_CHUNKS):
+            o = c * BLOCK + offs
+            x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        for c in range(NUM_CHUNKS):
+            o = c * BLOCK + offs
+            x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+            tl.store(o_row + o, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=o < K)
+        tl.store(s_ptr + row, scale)
+
+
+def _stages(group: int | None) -> int:
+    return 0 if group is None else (group.bit_length() - 1) // 2
+
+
+def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dtype, qmax: float,
+            static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    m, k = x2d.shape
+    full = triton.next_power_of_2(max(k, 16))
+    block = full if full <= SINGLE_PASS_MAX else max(CHUNK, group or 0)
+    chunks = triton.cdiv(k, block)
+    out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
+    static = static_scale if static_scale is not None else scale
+    warps = 8 if block >= 4096 else 4
+    if m:
+        _act_kernel[(m,)](x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax,
+                          BLOCK=block, NUM_CHUNKS=chunks, STAGES=_stages(group), MODE=mode, num_warps=warps)
+    return out, scale
+
+
+def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``."""
+    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0)
+
+
+def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
+                      static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8 (dynamic) or saturating static-scale fp8: ``(q [M,K], scale fp32 [M,1])``."""
+    qmax = float(torch.finfo(dtype).max)
+    if static_scale is not None:
+        q, _ = _launch(x2d, None, MODE_FP8_STATIC, dtype, qmax, static_scale.float().reshape(1))
+        return q, static_scale.float().reshape(1, 1).expand(x2d.shape[0], 1)
+    return _launch(x2d, None, MODE_FP8, dtype, qmax)
+
+
+def rotate_rows(x2d: torch.Tensor, group: int) -> torch.Tensor:
+    """Group-wise regular-Hadamard rotation only, output in x's dtype (the small-batch convrot path)."""
+    return _launch(x2d, group, MODE_FLOAT, x2d.dtype, 1.0)[0]

@@ -1,0 +1,183 @@
+"""``QuantLinear``: an ``nn.Linear`` replacement whose weight is a ``QuantizedTensor``.
+
+``forward`` computes ``F.linear(x, weight, bias)`` through the same registry lookup the tensor's
+``__torch_function__`` does (the layout's linear handler, else plain ``F.linear``). The module's
+state dict is the on-disk form (``weight`` storage, ``weight_scale``, optional ``input_scale``, ``comfy_quant``),
+so ``state_dict()`` writes back what ``load_quantized`` read and ``load_state_dict`` reads it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comfyquant.errors import UserError
+from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
+from comfyquant.runtime.kernels.backends import BACKENDS
+from comfyquant.runtime.tensor import REGISTRY, Layout, QuantizedTensor
+
+_LINEAR = torch.ops.aten.linear.default
+
+# Key suffixes a quantized layer may own besides ``bias``.
+QUANT_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "comfy_quant")
+
+
+def check_backend(layout: type[Layout], backend: str | None) -> None:
+    """Refuse a backend name that cannot run ``layout`` (whether the device can run it is checked per call)."""
+    choices = BACKENDS.get(layout.kernel_kind, ())
+    if backend is not None and backend not in choices:
+        raise UserError(f"backend {backend!r} is not one of {', '.join(choices)} for {layout.name} layers")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a quantized weight ``[out_features, in_features]`` and a float bias.
+
+    ``quant_conf`` is the layer's ``comfy_quant`` object as read from a file (kept verbatim so a state dict
+    round trip writes the same bytes); None means "derive it from the weight's layout".
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight: QuantizedTensor | None = None, quant_conf: dict[str, Any] | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight: nn.Parameter | None
+        if weight is not None:
+            if tuple(weight.shape) != (out_features, in_features):
+                raise ValueError(f"weight shape {tuple(weight.shape)} != ({out_features}, {in_features})")
+            self.weight = nn.Parameter(weight, requires_grad=False)
+        else:
+            self.register_parameter("weight", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.quant_conf = dict(quant_conf) if quant_conf is not None else None
+        # Logical dtype / device a weight loaded into this (still empty) layer gets.
+        self.load_dtype = weight.dtype if weight is not None else (dtype or torch.float32)
+        self.load_device = torch.device(device) if device is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layout: str | type[Layout], **quant_kwargs: Any) -> QuantLinear:
+        """Quantize an ``nn.Linear``'s weight with ``layout`` (keyword options go to the layout's quantize)."""
+        w = linear.weight.detach()
+        qt = QuantizedTensor.from_float(w, layout, **quant_kwargs)
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, weight=qt,
+                  device=w.device, dtype=w.dtype)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return mod
+
+    # ---- properties -----------------------------------------------------------------------------------
+    @property
+    def qweight(self) -> QuantizedTensor:
+        if self.weight is None:
+            raise RuntimeError("QuantLinear has no weight yet (load a state dict into it first)")
+        return self.weight  # type: ignore[return-value]
+
+    @property
+    def backend(self) -> str | None:
+        """The kernel backend this layer asks for (None: chosen per call by capability and shape)."""
+        return None if self.weight is None else self.qweight.params.backend
+
+    def set_backend(self, backend: str | None) -> None:
+        """Pin this layer's kernel backend (a name from ``kernels.backends.BACKENDS``) or unpin it (None)."""
+        qt = self.qweight
+        check_backend(qt.layout_cls, backend)
+        self.weight = nn.Parameter(qt.with_parts(params=qt.params.replace(backend=backend)), requires_grad=False)
+
+    def comfy_quant(self) -> dict[str, Any]:
+        """The ``comfy_quant`` object this layer writes."""
+        return dict(self.quant_conf) if self.quant_conf is not None else self.qweight.comfy_quant()
+
+    def extra_repr(self) -> str:
+        fmt = "unloaded" if self.weight is None else self.qweight.layout_name
+        extra = ""
+        if self.weight is not None:
+            p = self.qweight.params
+            if getattr(p, "convrot", False):
+                extra += f", convrot_groupsize={p.convrot_groupsize}"
+            if hasattr(p, "block_size"):
+                extra += f", scale=block{p.block_size}"
+            elif getattr(p, "scale", None) is not None:
+                extra += ", scale=" + ("tensor" if p.scale.numel() == 1 else "row")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={fmt}{extra}, backend={self.backend or 'auto'}")
+
+    # ---- compute ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight
+        handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
+        if handler is None:
+            return F.linear(x, w, self.bias)
+        # The same handler F.linear reaches through QuantizedTensor.__torch_function__, called directly: saves
+        # torch's override protocol on every call, and lets torch.compile trace into the layout's kernel call.
+        return handler(_LINEAR, (x, w, self.bias), {})
+
+    # ---- serialization ---------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self.weight is not None:
+            for suffix, t in self.qweight.state_dict_tensors().items():
+                destination[prefix + suffix] = t
+            destination[prefix + "comfy_quant"] = encode_comfy_quant(self.comfy_quant())
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _requantize_from(self, layer: str, w: torch.Tensor) -> None:
+        qt = self.qweight
+        if not w.is_floating_point() or tuple(w.shape) != tuple(qt.shape):
+            raise UserError(f"layer {layer}: a weight without comfy_quant must be a float tensor of shape "
+                            f"{tuple(qt.shape)} to be quantized into this layer, got {w.dtype} {tuple(w.shape)}")
+        with torch.no_grad():
+            qt.copy_(w.to(qt.device))  # in place: same storage and scale shapes, new values
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        layer = prefix[:-1]
+        conf_t = state_dict.get(prefix + "comfy_quant")
+        if conf_t is None:
+            w = state_dict.get(prefix + "weight")
+            if w is not None and self.weight is not None:
+                self._requantize_from(layer, w)  # a float weight is quantized with this layer's format
+            else:
+                missing_keys.extend(prefix + s for s in ("weight", "comfy_quant") if prefix + s not in state_dict)
+        else:
+            conf = decode_comfy_quant(conf_t)
+            layout = REGISTRY.layouts.get(str(conf.get("format")))
+            if layout is None:
+                raise UserError(f"layer {layer}: unsupported quantization format {conf.get('format')!r}; "
+                                f"this runtime reads {', '.join(sorted(REGISTRY.layouts))}")
+            tensors = {s: state_dict[prefix + s] for s in QUANT_SUFFIXES if prefix + s in state_dict}
+            dtype = self.weight.dtype if self.weight is not None else self.load_dtype
+            qdata, params = layout.from_state_dict(layer, tensors, conf, shape=(self.out_features, self.in_features),
+                                                   dtype=dtype)
+            backend = self.backend
+            device = self.weight.device if self.weight is not None else (self.load_device or qdata.device)
+            qt = QuantizedTensor(qdata, layout, params.replace(backend=backend)).to(device)
+            self.weight = nn.Parameter(qt, requires_grad=False)
+            self.quant_conf = conf
+        if self.bias is not None:
+            key = prefix + "bias"
+            if key in state_dict:
+                src = state_dict[key]
+                if tuple(src.shape) != (self.out_features,):
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(src.shape)}, "
+                                      f"the layer has ({self.out_features},)")
+                elif self.bias.is_meta or local_metadata.get("assign_to_params_buffers", False):
+                    # an empty (meta) model, or load_state_dict(assign=True): take the tensor, in the layer's dtype
+                    self.bias = nn.Parameter(src.to(self.bias.dtype), requires_grad=False)
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(src)
+            else:
+                missing_keys.append(key)
+        own = {prefix + s for s in (*QUANT_SUFFIXES, "bias")}
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix) and key not in own and "." not in key[len(prefix):]:
+                    unexpected_keys.append(key)

@@ -1,0 +1,183 @@
+"""``quantize_``: quantize a live model's ``nn.Linear`` layers in place (the engine behind the ComfyUI node).
+
+Which layers: a model preset's rules (``config.model``), then ``include``/``exclude`` regexes, a filter
+function and a minimum size, in that order; the first that says "keep" decides. Every linear layer appears in
+the returned summary with what happened and why.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from comfyquant.errors import NonFiniteWeightError, UserError
+from comfyquant.quant.formats import get_format
+from comfyquant.runtime.layouts import Fp8E5M2Layout, Fp8Layout, Int8BlockLayout, Int8Layout
+from comfyquant.runtime.nn import QuantLinear, check_backend
+from comfyquant.runtime.tensor import Layout
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to quantize a model.
+
+    ``format`` is a CLI format name (``int8``, ``int8-tensor``, ``int8-rot``, ``int8-block``, ``fp8``,
+    ``fp8-e5m2``). ``model`` names a preset (``flux``, ``wan``, ... or ``auto``) whose rules decide per layer.
+    ``include``/``exclude`` are regexes searched in the layer name; ``filter_fn(name, linear)`` returning False
+    keeps a layer in float; layers with a dimension below ``min_features`` stay float. ``backend`` pins the
+    kernel backend of every quantized layer. ``block_size`` / ``rot_group`` are the int8-block tile edge and the
+    int8-rot Hadamard group (None: the largest power of 4 up to 256 dividing in_features).
+    """
+
+    format: str = "int8"
+    model: str | None = None
+    include: str | None = None
+    exclude: str | None = None
+    filter_fn: Callable[[str, nn.Linear], bool] | None = None
+    min_features: int = 16
+    backend: str | None = None
+    block_size: int = 128
+    rot_group: int | None = None
+
+    def __post_init__(self) -> None:
+        spec = get_format(self.format)
+        if not spec.is_quantized:
+            raise UserError(f"format '{self.format}' is a plain cast, not a quantized format; use model.to(dtype)")
+        for name in ("include", "exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise UserError(f"QuantizeConfig.{name}: invalid regex {pattern!r}: {e}") from None
+        if self.min_features < 1:
+            raise UserError(f"QuantizeConfig.min_features must be >= 1, got {self.min_features}")
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """One linear layer: ``action`` is ``quantized`` or ``kept``."""
+
+    name: str
+    shape: tuple[int, int]
+    action: str
+    reason: str
+    format: str | None = None
+
+
+@dataclass
+class QuantizeSummary:
+    """Every linear layer the model had, with what ``quantize_`` did to it."""
+
+    format: str
+    preset: str | None = None  # the preset whose rules decided (after "auto" detection), None without one
+    layers: list[LayerDecision] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.action == "quantized"]
+
+    @property
+    def kept(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.action == "kept"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "preset": self.preset, "layers": [dict(d.__dict__) for d in self.layers]}
+
+    def __str__(self) -> str:
+        rules = f", preset {self.preset}" if self.preset else ""
+        lines = [f"quantize_ ({self.format}{rules}): {len(self.quantized)} quantized, {len(self.kept)} kept"]
+        lines += [f"  {d.action:9s} {d.name} {list(d.shape)}: {d.reason}" for d in self.layers]
+        return "\n".join(lines)
+
+
+def layout_for(config: QuantizeConfig) -> tuple[type[Layout], dict[str, Any]]:
+    """The layout class and its ``quantize`` keyword arguments for ``config.format``."""
+    name, backend = config.format, config.backend
+    if name == "int8":
+        return Int8Layout, {"per_row": True, "backend": backend}
+    if name == "int8-tensor":
+        return Int8Layout, {"per_row": False, "backend": backend}
+    if name == "int8-rot":
+        return Int8Layout, {"convrot": True, "convrot_groupsize": config.rot_group, "backend": backend}
+    if name == "int8-block":
+        return Int8BlockLayout, {"block_size": config.block_size, "backend": backend}
+    if name == "fp8":
+        return Fp8Layout, {"backend": backend}
+    if name == "fp8-e5m2":
+        return Fp8E5M2Layout, {"backend": backend}
+    raise UserError(f"format '{name}' has no runtime layout")
+
+
+def _preset_decider(model: nn.Module, preset_name: str
+                    ) -> tuple[str, Callable[[str, tuple[int, int]], tuple[bool, str]]]:
+    from comfyquant.presets.base import Action
+    from comfyquant.presets.registry import decide_tensor, get_preset
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    preset = get_preset(preset_name, shapes)
+
+    def decide(name: str, shape: tuple[int, int]) -> tuple[bool, str]:
+        d = decide_tensor(preset, f"{name}.weight", shape)
+        return d.action is Action.QUANTIZE, f"{d.rule}: {d.reason}"
+
+    return preset.name, decide
+
+
+def _decide(config: QuantizeConfig, name: str, linear: nn.Linear,
+            preset: Callable[[str, tuple[int, int]], tuple[bool, str]] | None) -> tuple[bool, str]:
+    shape = (linear.out_features, linear.in_features)
+    reason = "linear layer"
+    if preset is not None:
+        ok, reason = preset(name, shape)
+        if not ok:
+            return False, reason
+    if config.include is not None and re.search(config.include, name) is None:
+        return False, f"not matched by include {config.include!r}"
+    if config.exclude is not None and re.search(config.exclude, name) is not None:
+        return False, f"matched exclude {config.exclude!r}"
+    if config.filter_fn is not None and not config.filter_fn(name, linear):
+        return False, "filter_fn returned False"
+    if min(shape) < config.min_features:
+        return False, f"too small ({shape[0]}x{shape[1]}, min_features={config.min_features})"
+    if config.format == "int8-rot":
+        from comfyquant.quant.hadamard import choose_group_size
+
+        group = config.rot_group or choose_group_size(shape[1])
+        if group is None or shape[1] % group:
+            return False, f"in_features {shape[1]} is not a multiple of a power-of-4 Hadamard group >= 16"
+    return True, reason
+
+
+def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> QuantizeSummary:
+    """Replace the chosen ``nn.Linear`` layers of ``model`` by ``QuantLinear`` (in place); return the summary."""
+    config = config or QuantizeConfig()
+    if isinstance(model, nn.Linear):
+        raise UserError("quantize_ replaces layers inside a model; for a bare nn.Linear use QuantLinear.from_linear")
+    layout, kwargs = layout_for(config)
+    check_backend(layout, config.backend)
+    preset_name, preset = _preset_decider(model, config.model) if config.model else (None, None)
+    summary = QuantizeSummary(config.format, preset_name)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear)) and n]
+    for name, mod in targets:
+        if isinstance(mod, QuantLinear):
+            summary.layers.append(LayerDecision(name, (mod.out_features, mod.in_features), "kept",
+                                                f"already quantized ({mod.qweight.layout_name})"))
+            continue
+        shape = (mod.out_features, mod.in_features)
+        ok, reason = _decide(config, name, mod, preset)
+        if not ok:
+            summary.layers.append(LayerDecision(name, shape, "kept", reason))
+            continue
+        if not bool(torch.isfinite(mod.weight.detach()).all()):
+            raise NonFiniteWeightError(f"layer {name}: weight holds NaN or Inf values")
+        q = QuantLinear.from_linear(mod, layout, **kwargs)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        summary.layers.append(LayerDecision(name, shape, "quantized", reason, layout.name))
+    return summary

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run the test suite (sets up .venv first if needed). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! .venv/bin/python -c "import comfyquant, pytest" 2>/dev/null; then
+  bash scripts/setup.sh
+fi
+.venv/bin/ruff check comfyquant tests benchmarks
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,31 @@
+"""Pytest plumbing for the ComfyUI compatibility tests: the ``--comfyui-cache`` option and the ``comfy`` fixture.
+
+Loaded from ``conftest.py`` with ``pytest_plugins``; the fixture fetches ComfyUI 0.30.0 and comfy-kitchen 0.2.40
+once per machine (see ``comfyquant.eval.comfyui_env``) and imports ComfyUI's own loader modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from comfyquant.eval.comfyui_env import ComfyModules, default_cache_dir, ensure_comfyui, import_comfy
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--comfyui-cache", default=None, metavar="DIR",
+                     help=f"where ComfyUI 0.30.0 + comfy-kitchen 0.2.40 are cached (default {default_cache_dir()})")
+
+
+@pytest.fixture(scope="session")
+def comfyui_root(pytestconfig: pytest.Config) -> Path:
+    """The verified cache folder (downloaded on first use)."""
+    option = pytestconfig.getoption("--comfyui-cache")
+    return ensure_comfyui(Path(option) if option else None)
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_root: Path) -> ComfyModules:
+    """ComfyUI's ``comfy.ops``, ``comfy.utils``, ``comfy.sd`` ... imported from the cache."""
+    return import_comfy(comfyui_root)
