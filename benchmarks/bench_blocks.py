@@ -176,12 +176,43 @@ def variants(kind: str):
         yield f"{fmt} quantize_", model, args
 
 
+def profile(kind: str, variant: str) -> None:
+    """Kernel-time breakdown of one variant, eager and compiled (torch.profiler), to explain a regression."""
+    for name, model, args in variants(kind):
+        if name != variant:
+            continue
+        with torch.no_grad():
+            ex = torch._dynamo.explain(model)(*args)
+        print(f"graphs={ex.graph_count} graph_breaks={ex.graph_break_count}")
+        for br in ex.break_reasons[:5]:
+            print("  break:", str(br.reason)[:300])
+        torch._dynamo.reset()
+        for compiled in (False, True):
+            fn = torch.compile(model) if compiled else model
+            with torch.no_grad():
+                for _ in range(5):
+                    fn(*args)
+                torch.cuda.synchronize()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        fn(*args)
+                    torch.cuda.synchronize()
+            print(f"=== {kind} {variant} compiled={compiled}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        return
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
     p.add_argument("--blocks", default="flux_double,wan")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", default=None, help="block:variant to profile eager vs compiled (no tables)")
     a = p.parse_args()
+    if a.profile:
+        profile(*a.profile.split(":"))
+        return
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for kind in a.blocks.split(","):
         for name, model, args in variants(kind):

@@ -4,7 +4,8 @@ Generates (or reuses) a bf16 checkpoint with full-size Flux.1-dev tensor shapes,
 one run: times a plain copy of it (``sendfile`` plus ``fsync``), converts it with ``comfyquant convert --format
 int8`` in a subprocess (wall time; peak RSS from ``wait4``'s ``ru_maxrss`` plus polled anonymous/file-backed
 RSS), and runs ``convert_to_quant==1.3.4`` from PyPI, installed in its own virtual environment, with its closest
-equivalent (``--int8 --scaling_mode row --comfy_quant --simple``: per-row int8_tensorwise, plain RTN). Checks
+equivalent (``--int8 --scaling_mode row --comfy_quant --simple``: per-row int8_tensorwise, RTN without learned
+rounding; it still corrects biases from simulated calibration data and keeps fewer layers in bf16). Checks
 peak RSS < 2 GiB + 4 x the largest tensor and reports the copy ratio (target <= 2). Linux only.
 
     python benchmarks/bench_convert_memory.py --size-gb 8 --workdir /tmp/cq-bench \\
@@ -94,6 +95,16 @@ def make_input(path: Path, size_gb: float, seed: int) -> dict[str, object]:
     log(f"generated {path.stat().st_size / GIB:.2f} GiB in {dt:.1f} s")
     return {"path": str(path), "bytes": path.stat().st_size, "tensors": len(specs), "largest_tensor_bytes": largest,
             "generated_s": round(dt, 2)}
+
+
+def describe_input(path: Path) -> dict[str, object]:
+    """Size, tensor count and largest tensor of an existing safetensors file, from its header alone."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    spans = [v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"]
+    return {"path": str(path), "bytes": path.stat().st_size, "tensors": len(spans),
+            "largest_tensor_bytes": max(spans), "generated_s": None}
 
 
 def _proc_mem(pid: int) -> tuple[int, int, int]:
@@ -236,14 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-gb", type=float, default=8.0, help="input size in GiB (default 8)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/comfyquant-bench"),
                     help="input, outputs and the peer's venv go here (needs ~3.5x size-gb free)")
-    ap.add_argument("--input", type=Path, default=None, help="input file (default WORKDIR/flux-<size>gib.safetensors;"
-                                                             " reused if it exists with the same spec)")
+    ap.add_argument("--input", type=Path, default=None,
+                    help="an existing checkpoint to convert instead of the synthetic one (never written to); by "
+                         "default WORKDIR/flux-<size>gib.safetensors is generated, or reused if it has the same spec")
     ap.add_argument("--json", type=Path, required=True, help="results as JSON")
     ap.add_argument("--markdown", type=Path, required=True, help="results as a markdown table")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="flux", help="comfyquant --model for the conversion (default flux)")
     ap.add_argument("--skip-peer", action="store_true", help="do not install/run convert_to_quant")
-    ap.add_argument("--timeout", type=float, default=480.0,
-                    help="seconds after which a conversion is killed and recorded as timed out (default 480)")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds after which a conversion is killed and recorded as timed out (default 600)")
     ap.add_argument("--keep", action="store_true", help="keep the input and outputs (default: keep input only)")
     args = ap.parse_args(argv)
     if not sys.platform.startswith("linux"):
@@ -251,8 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    src = args.input or work / f"flux-{args.size_gb:g}gib.safetensors"
-    inp = make_input(src, args.size_gb, args.seed)
+    if args.input is not None:
+        if not args.input.is_file():
+            print(f"error: input not found: {args.input}", file=sys.stderr)
+            return 2
+        src, inp = args.input, describe_input(args.input)
+    else:
+        src = work / f"flux-{args.size_gb:g}gib.safetensors"
+        inp = make_input(src, args.size_gb, args.seed)
 
     copy_path = work / "copy.safetensors"
     copy = timed_copy(src, copy_path)
@@ -263,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_out.unlink(missing_ok=True)
     cli = Path(sys.executable).parent / "comfyquant"
     ours = run_measured("comfyquant convert --format int8",
-                        [str(cli), "convert", str(src), "-o", str(ours_out), "--format", "int8", "--model", "flux"],
+                        [str(cli), "convert", str(src), "-o", str(ours_out), "--format", "int8", "--model", args.model],
                         work / "ours.log", ours_out, args.timeout)
     runs.append(ours)
     extra: dict[str, int] = {}

@@ -151,6 +151,15 @@ def check_linear() -> None:
                 e_ref, e64 = rel(y, yr), rel(y, ref64)
                 record("fp8_scaled_mm", e_ref <= 2**-7 and e64 < 0.08, m=m, k=k, n=n, static=static,
                        rel_vs_torch_path=e_ref, rel=e64)
+            y = fp8_linear(x, qf, sf, bias, backend="triton_w8a16")  # small-M fp8 path: weight-only
+            e = rel(y, x.double() @ (qf.double() * sf.double()).t() + bias.double())
+            record("fp8_w8a16_linear", bool(torch.isfinite(y).all()) and e <= 2**-7, m=m, k=k, n=n, rel=e)
+        # the automatic choice (what QuantLinear uses), eager and through the custom op under torch.compile
+        y_auto = int8_linear(x, q, s, bias)
+        y_comp = torch.compile(lambda t, q=q, s=s, b=bias: int8_linear(t, q, s, b), fullgraph=True)(x)
+        e_auto = rel(y_auto, ref64)
+        record("auto_backend", e_auto <= 1.5 * eps + 2**-7 and rel(y_comp, y_auto) <= 2**-7, m=m, k=k, n=n,
+               rel=e_auto, rel_compiled_vs_eager=rel(y_comp, y_auto))
 
 
 def check_block() -> None:

@@ -6,9 +6,11 @@ once per machine (see ``comfyquant.eval.comfyui_env``) and imports ComfyUI's own
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from comfyquant.eval.comfyui_env import ComfyModules, default_cache_dir, ensure_comfyui, import_comfy
 
@@ -29,3 +31,18 @@ def comfyui_root(pytestconfig: pytest.Config) -> Path:
 def comfy(comfyui_root: Path) -> ComfyModules:
     """ComfyUI's ``comfy.ops``, ``comfy.utils``, ``comfy.sd`` ... imported from the cache."""
     return import_comfy(comfyui_root)
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread() -> Iterator[None]:
+    """Run a module's many tiny matmuls on one intra-op thread, restoring the setting afterwards.
+
+    On the shared 2-core CI machine OpenMP workers spin against other processes: these tests took 240 s with
+    torch's default threads and 34 s with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

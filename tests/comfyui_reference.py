@@ -5,7 +5,9 @@
 
 * (a) the plain float64 product ``x @ W_deq^T + b`` of our dequantized weights (``dequantize_weight``), within a
   bound derived from how ComfyUI treats activations, and
-* (b) for float32 compute, a float64 emulation of that activation treatment, within floating-point slack.
+* (b) for float32 compute, a float64 emulation of that activation treatment, within floating-point slack plus,
+  for int8, one step ``s_i |W~_jk|`` for each activation within 2e-3 steps of a rounding tie (float32 and float64
+  may round those to different sides). A weight scale off by 1% fails (b).
 
 Bounds (elementwise, for output ``[i, j]``; ``x~`` is ``x`` or, for convrot, ``x`` rotated by ``H`` per group;
 ``W~`` the stored weight in that basis, dequantized; ``u`` the compute dtype's unit roundoff):
@@ -18,6 +20,9 @@ Bounds (elementwise, for output ``[i, j]``; ``x~`` is ``x`` or, for convrot, ``x
 * float8 (ComfyUI casts activations to the weight's fp8 dtype with scale 1, then ``_scaled_mm``): each activation
   moves by at most ``u8 |x| + sub/2`` (``u8 = 2^-4`` e4m3, ``2^-3`` e5m2; ``sub`` the smallest subnormal).
 * plain fp16/bf16 weights: no activation change; only slack.
+* ``full_precision_matrix_mult`` on fp8: activations are not cast to fp8, the weight is dequantized; only slack.
+  On int8_tensorwise ComfyUI 0.30 ignores it on the CPU path (``cast_bias_weight`` only dequantizes when the
+  dtype changes, so the int8 weight reaches comfy-kitchen's ``int8_linear``): the int8 bounds apply unchanged.
 * int8_blockwise (comfyquant's own runtime; stock ComfyUI refuses it): the int8 bound above without rotation.
 
 Slack: ``(K + 16) * 2^-24`` times ``|x~| @ |W~|^T + |b|`` for float32 (a worst-case summation bound), and
@@ -121,6 +126,9 @@ def expectations(tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
     fmt = conf["format"]
     w_deq = dequantize_weight(dict(tensors), conf, torch.float64)
     ref_a = x64 @ w_deq.T + b64
+    if fmt in FORMAT_DTYPE and layer_param(conf, "full_precision_matrix_mult", False):
+        # fp8 weight, activations left in the compute dtype: comfy-kitchen's fp8 linear dequantizes the weight
+        return [Expectation("full precision mm", ref_a, slack * (x64.abs() @ w_deq.abs().T + b64.abs()) + 1e-30)]
     if fmt == "int8_tensorwise":
         group = int(layer_param(conf, "convrot_groupsize", 256)) if layer_param(conf, "convrot", False) else None
         xr, xr_bound = _rotate64(x64, group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,8 +14,11 @@ import pytest
 from comfyquant.eval.comfyui_env import (
     COMFY_KITCHEN_VERSION,
     COMFYUI_VERSION,
+    STANDIN_PACKAGES,
+    StandInFinder,
     comfyui_dir,
     ensure_comfyui,
+    import_comfy,
     kitchen_dir,
     read_comfyui_version,
 )
@@ -30,6 +34,7 @@ def test_cache_is_verified_and_idempotent(comfyui_root: Path, comfy: Any) -> Non
     before = marker.stat().st_mtime_ns
     assert ensure_comfyui(comfyui_root) == comfyui_root
     assert marker.stat().st_mtime_ns == before  # a complete cache is not rebuilt
+    assert import_comfy(comfyui_root).ops is comfy.ops  # importing again is a no-op
     assert Path(comfy.ops.__file__).is_relative_to(comfyui_dir(comfyui_root))
     assert Path(comfy.kitchen.__file__).is_relative_to(kitchen_dir(comfyui_root))
     assert not (Path(__file__).resolve().parents[1] / "comfy").exists(), "ComfyUI must never land in the repo"
@@ -54,3 +59,19 @@ def test_concurrent_fetch_into_a_fresh_cache_replaces_a_partial_one(tmp_path: Pa
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "comfyui" and not p.name.endswith(".lock"))
     assert leftovers == []
     assert not (cache / "downloads").exists()
+
+
+def test_stand_ins_import_but_raise_when_used(comfy: Any) -> None:
+    finder = StandInFinder(["cq_fake_vision"])
+    assert finder.find_spec("torch") is None
+    spec = finder.find_spec("cq_fake_vision.transforms")
+    assert spec is not None and spec.loader is finder
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    resize = mod.functional.resize  # attribute chains resolve at import time ...
+    with pytest.raises(RuntimeError, match=r"cq_fake_vision\.transforms\.functional\.resize is a test stand-in"):
+        resize(1, 2)  # ... and raise when called
+    # only packages that are really missing were stood in for while importing ComfyUI
+    assert set(comfy.standins) <= set(STANDIN_PACKAGES)
+    for name in comfy.standins:
+        assert name not in sys.modules or type(sys.modules[name]).__name__ == "_StandInModule"

@@ -291,10 +291,15 @@ def test_bundled_checkpoint_quantizes_only_the_presets_component(tmp_path):
     report = comfyquant.convert(path, tmp_path / "o.safetensors", progress=False)
     by = {x.name: x for x in report.layers}
     assert report.model == "flux" and by[f"{P}single_blocks.0.linear1.weight"].action == "quantize"
-    for name, part in ((vae, "vae"), (te, "text")):
-        assert by[name].action == "keep" and f"{part} component" in by[name].reason
+    assert by[vae].action == "keep" and by[vae].rule == "prefix:vae" and "VAE" in by[vae].reason
+    assert by[te].action == "keep" and by[te].rule == "prefix:text-encoder"
     got = load_file(str(tmp_path / "o.safetensors"))
     assert torch.equal(got[vae], sd[vae]) and torch.equal(got[te], sd[te])
+    # --model none quantizes every linear weight of the model, but never the VAE of a bundled checkpoint.
+    report = comfyquant.convert(path, tmp_path / "n.safetensors", model="none", progress=False)
+    by = {x.name: x for x in report.layers}
+    assert by[vae].action == "keep" and by[vae].rule == "prefix:vae"
+    assert by[f"{P}single_blocks.0.linear1.weight"].action == "quantize"
 
 
 def test_plot_without_matplotlib_fails_before_converting(tmp_path, src, monkeypatch):

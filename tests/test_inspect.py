@@ -57,7 +57,7 @@ def test_float_plan(flux_file):
 def test_float_plan_blockwise_says_stock_comfy_rejects_it(flux_file):
     r = inspect_checkpoint(flux_file, fmt="int8-block")
     assert not r.stock_comfy and BLOCKWISE_NOTE in r.notes and BLOCKWISE_NOTE in r.to_text()
-    assert "stock ComfyUI 0.30 rejects int8_blockwise (Unsupported quantization format)" in BLOCKWISE_NOTE
+    assert "stock ComfyUI 0.30 rejects int8_blockwise (its loader fails with KeyError" in BLOCKWISE_NOTE
 
 
 @pytest.mark.parametrize("fmt,cq,scale,extra", [

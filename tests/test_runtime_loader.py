@@ -262,8 +262,9 @@ def test_missing_and_unexpected_layers_are_user_errors(tmp_path: Path) -> None:
     save_file(tensors, str(path))
     with pytest.raises(UserError, match=r"tensors are missing from the file .*double_blocks\.1\.img_attn\.norm"):
         load_quantized(TinyFlux(), path)
-    partial = load_quantized(TinyFlux(), path, strict=False)  # explicit opt-out loads what is there
+    partial, rep = load_quantized_report(TinyFlux(), path, strict=False)  # explicit opt-out: loads what is there
     assert isinstance(partial.img_in, QuantLinear)
+    assert rep.missing and all(k.startswith("double_blocks.1.") for k in rep.missing) and not rep.unexpected
     deeper = TinyFlux(depth=1)
     tensors["double_blocks.5.img_attn.proj.weight"] = torch.zeros(H, H)
     save_file(tensors, str(path))

@@ -21,8 +21,8 @@ from comfyquant.io.reader import CheckpointReader, TensorInfo
 from comfyquant.quant.formats import KNOWN_COMFY_FORMATS, STOCK_COMFY_FORMATS, get_format
 from comfyquant.quant.quantize import layer_param
 
-BLOCKWISE_NOTE = ("stock ComfyUI 0.30 rejects int8_blockwise (Unsupported quantization format); "
-                  "load it with comfyquant's runtime")
+BLOCKWISE_NOTE = ("stock ComfyUI 0.30 rejects int8_blockwise (its loader fails with KeyError: 'int8_blockwise', "
+                  "the format is not in QUANT_ALGOS); load it with comfyquant's runtime (comfyquant.load_quantized)")
 _STORAGE = {"int8_tensorwise": torch.int8, "int8_blockwise": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn,
             "float8_e5m2": torch.float8_e5m2, "mxfp8": torch.float8_e4m3fn, "nvfp4": torch.uint8,
             "convrot_w4a4": torch.int8}

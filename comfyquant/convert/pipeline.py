@@ -1,10 +1,12 @@
 """The streamed conversion: one tensor at a time from the memory-mapped input, through the quantizer, to disk.
 
-Peak memory is bounded by the largest tensor (never a dict of all tensors). Error statistics of layers with
-more than 1M elements are computed on evenly spaced rows: float64 statistics over every element would cost
-several times the quantization itself, while a 1M-element sample pins SQNR to a few hundredths of a dB
-(the largest absolute error is then the sample's). ``low_memory`` lowers the sample to 256K elements, so
-no large float64 copies are made, and frees device memory after every tensor.
+Peak memory is bounded by the largest tensor (never a dict of all tensors); on the CPU, per-row and
+block-scaled formats are quantized in row chunks of about 1M elements (bit-identical, several times
+faster, and no full-size float32 copy). Error statistics of layers with more than 1M elements are
+computed on evenly spaced rows: float64 statistics over every element would cost several times the
+quantization itself, while a 1M-element sample pins SQNR to a few hundredths of a dB (the largest
+absolute error is then the sample's). ``low_memory`` lowers that sample to 256K elements and frees
+GPU memory after every tensor.
 """
 
 from __future__ import annotations
@@ -179,7 +181,11 @@ class _Streamer:
         with StreamingWriter(output, self.plan.specs, metadata, overwrite=self.opts.force) as w, \
                 tqdm(total=self.plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                      desc="converting", disable=not self.opts.progress, dynamic_ncols=True) as bar:
-            for i, e in enumerate(self.plan.entries):
+            entries = self.plan.entries
+            for i, e in enumerate(entries):
+                nxt = next((x for x in entries[i + 1:i + 3] if x.action != DROP), None)
+                if nxt is not None:
+                    self.reader.prefetch(nxt.name)
                 layers.append(self.process(e, w))
                 bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
                 bar.update(e.bytes_in)

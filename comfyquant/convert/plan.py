@@ -20,6 +20,8 @@ from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, encoded_size, is_
 from comfyquant.io.reader import TensorInfo
 from comfyquant.io.writer import TensorSpec
 from comfyquant.presets.base import Action, Preset, is_linear_weight
+from comfyquant.presets.registry import decide_tensor
+from comfyquant.presets.registry import strip_prefix as registry_strip_prefix
 from comfyquant.quant import hadamard
 from comfyquant.quant.formats import FormatSpec, get_format
 from comfyquant.quant.int8 import block_scale_shape
@@ -124,16 +126,7 @@ def resolve_preset(model: str, shapes: Mapping[str, tuple[int, ...]]) -> Preset:
 
 def strip_prefix(name: str) -> str:
     """The tensor name with a known checkpoint prefix removed (``model.diffusion_model.`` ...)."""
-    from comfyquant.presets import registry
-
-    return registry.strip_prefix(name)[1]
-
-
-def _component(name: str) -> str:
-    """Which part of a bundled checkpoint a key belongs to ("" when the prefix says nothing)."""
-    from comfyquant.presets.prefixes import split_name
-
-    return split_name(name).component
+    return registry_strip_prefix(name)[1]
 
 
 def load_layer_config(path: str | Path | None) -> LayerConfigLike | None:
@@ -220,12 +213,9 @@ def _decide(name: str, info: TensorInfo, stripped: str, preset: Preset,
     format of weights the preset quantizes (so preset keeps and drops still hold).
     """
     linear = name.endswith(".weight") and len(info.shape) == 2 and min(info.shape) > 0
-    kind = getattr(preset, "kind", "any")
-    component = _component(name)
-    if kind in ("diffusion", "text") and component and component != kind:
-        return _Choice(KEEP, None, "component", f"part of the {component} component; preset {preset.name} "
-                       f"covers the {kind} model only")
-    d = preset.decide(stripped, info.shape)
+    d = decide_tensor(preset, name, info.shape)
+    if d.rule.startswith("prefix:"):  # VAE, or a bundled part the preset does not cover: always kept
+        return _Choice(KEEP, None, d.rule, d.reason)
     preset_quant = d.action is Action.QUANTIZE and is_linear_weight(stripped, info.shape)
     rule = layer_config.match(name) if layer_config is not None else None
     if rule is not None and linear and (rule is not getattr(layer_config, "default", None) or preset_quant):

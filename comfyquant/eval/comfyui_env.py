@@ -103,7 +103,11 @@ def ensure_comfyui(cache_dir: Path | str | None = None, *, python: str = sys.exe
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
             _build(tmp, python)
-            os.replace(tmp, root)
+            try:
+                os.replace(tmp, root)
+            except OSError:
+                if not _is_complete(root):  # only a finished cache from a parallel run (no flock) is fine
+                    raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -190,8 +194,10 @@ def _extract_comfyui(sdist: Path, dest: Path) -> None:
             if not member.name.startswith(_SDIST_TREE):
                 continue
             rel = member.name[len(_SDIST_TREE):]
-            if not rel or not _safe_relpath(rel):
+            if not rel:
                 continue
+            if not _safe_relpath(rel):
+                raise ComfyUIFetchError(f"{sdist.name}: unsafe path {member.name}")
             out = target / rel
             if member.isdir():
                 out.mkdir(parents=True, exist_ok=True)
@@ -317,8 +323,10 @@ def import_comfy(root: Path) -> ComfyModules:
     """
     tree, site = comfyui_dir(root), kitchen_dir(root)
     loaded = sys.modules.get("comfy")
-    if loaded is not None and Path(loaded.__file__ or "").resolve().parent.parent != tree.resolve():
-        raise ComfyUIFetchError(f"a different 'comfy' package is already imported from {loaded.__file__}")
+    if loaded is not None:  # ComfyUI's comfy/ is a namespace package: compare where it was found
+        where = [Path(p).resolve() for p in getattr(loaded, "__path__", [])]
+        if (tree / "comfy").resolve() not in where:
+            raise ComfyUIFetchError(f"a different 'comfy' package is already imported from {where}")
     if importlib.util.find_spec("packaging") is None:
         raise ComfyUIFetchError("comfy-kitchen imports 'packaging'; install the test extra: pip install -e .[test]")
     for p in (str(site), str(tree)):

@@ -7,6 +7,7 @@ The quantized file always goes through ``comfyquant.convert`` (or the peer conve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -39,9 +40,12 @@ class EvalConfig:
 
 
 def check_config(cfg: EvalConfig) -> None:
-    """Reject what the harness cannot do before any work starts."""
+    """Reject what the harness cannot do before any work starts (unknown optimizer, missing eval extra)."""
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer}: not implemented yet (available: {', '.join(OPTIMIZERS)})")
+    missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"the eval needs {', '.join(missing)}: pip install 'comfyquant[eval]'")
 
 
 def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path, str]:

@@ -136,6 +136,7 @@ class MiniLMWorkload:
         return Tokenizer(model_dir())
 
     def stats_pass(self, model: nn.Module) -> None:
+        """One forward pass over the first 64 sentences."""
         from comfyquant.eval.minilm import load_sentences
 
         ids, mask = self._tok()(load_sentences(64))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,20 @@ class CheckpointReader:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.infos.values())
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes in the background (no-op where unsupported).
+
+        Called for the next tensor while the current one is quantized, so a cold disk read overlaps compute.
+        """
+        info = self.infos[name]
+        if info.nbytes == 0 or not hasattr(os, "posix_fadvise"):
+            return
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, backed by a private (copy-on-write) memory map of its bytes; the file is never written."""

@@ -22,7 +22,8 @@ from torch import nn
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant, encode_comfy_quant, header_layers
 from comfyquant.io.reader import CheckpointReader
-from comfyquant.runtime.nn import QUANT_SUFFIXES, QuantLinear
+from comfyquant.runtime.nn import QUANT_SUFFIXES, QuantLinear, check_backend
+from comfyquant.runtime.tensor import REGISTRY
 
 logger = logging.getLogger("comfyquant.runtime")
 
@@ -39,6 +40,8 @@ class LoadReport:
     quantized: dict[str, str] = field(default_factory=dict)
     plain: int = 0
     other_components: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)     # only non-empty after strict=False
+    unexpected: list[str] = field(default_factory=list)  # only non-empty after strict=False
     legacy: str | None = None  # "header" or "scaled_fp8" when the file used a legacy metadata form
 
 
@@ -173,6 +176,11 @@ def load_quantized_report(model: nn.Module, path: str | Path, *, device: torch.d
     model_keys = set(model.state_dict().keys())
     state, report = read_for_model(path, model_keys)
     confs = {k[: -len(QUANT_SUFFIX)]: decode_comfy_quant(t) for k, t in state.items() if k.endswith(QUANT_SUFFIX)}
+    if backend is not None:
+        for conf in confs.values():
+            layout = REGISTRY.layouts.get(str(conf.get("format")))
+            if layout is not None:  # unknown formats are refused by QuantLinear, naming the layer
+                check_backend(layout, backend)
     _swap_in_quant_linears(model, confs, str(path))
     model_sd = model.state_dict()
     quant_keys = {f"{layer}.{s}" for layer in confs for s in QUANT_SUFFIXES}
@@ -193,6 +201,10 @@ def load_quantized_report(model: nn.Module, path: str | Path, *, device: torch.d
     if strict and unexpected:
         raise UserError(f"{path}: {len(unexpected)} tensors in the file have no place in the model "
                         f"(prefix '{report.prefix}'): {_few(unexpected)}")
+    if missing or unexpected:
+        report.missing, report.unexpected = missing, unexpected
+        logger.warning("comfyquant: %s loaded with strict=False: %d missing (%s), %d unexpected (%s)", path,
+                       len(missing), _few(missing), len(unexpected), _few(unexpected))
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear) and mod.weight is not None:
             report.quantized[name] = mod.qweight.layout_name
@@ -215,7 +227,8 @@ def load_quantized(model: nn.Module, path: str | Path, *, device: torch.device |
 
     ``compute_dtype`` casts the model's float tensors and is the logical dtype of quantized weights;
     ``backend`` pins every quantized layer's kernel backend; ``strict`` (default) refuses files with missing
-    or extra tensors for this model.
+    or extra tensors for this model (``strict=False`` loads what matches and logs the rest). A file refused
+    for a layer's contents or for missing/extra tensors may leave the model partly loaded.
     """
     return load_quantized_report(model, path, device=device, compute_dtype=compute_dtype, backend=backend,
                                  strict=strict)[0]

@@ -76,9 +76,10 @@ class QuantLinear(nn.Module):
     # ---- properties -----------------------------------------------------------------------------------
     @property
     def qweight(self) -> QuantizedTensor:
-        if self.weight is None:
+        w = self._parameters["weight"]
+        if w is None:
             raise RuntimeError("QuantLinear has no weight yet (load a state dict into it first)")
-        return self.weight  # type: ignore[return-value]
+        return w  # type: ignore[return-value]
 
     @property
     def backend(self) -> str | None:
@@ -114,10 +115,10 @@ class QuantLinear(nn.Module):
         w = self.qweight
         handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
         if handler is None:
-            return F.linear(x, w, self.bias)
+            return F.linear(x, w, self._parameters["bias"])
         # The same handler F.linear reaches through QuantizedTensor.__torch_function__, called directly: saves
         # torch's override protocol on every call, and lets torch.compile trace into the layout's kernel call.
-        return handler(_LINEAR, (x, w, self.bias), {})
+        return handler(_LINEAR, (x, w, self._parameters["bias"]), {})
 
     # ---- serialization ---------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

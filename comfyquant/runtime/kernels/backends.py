@@ -17,6 +17,7 @@ from comfyquant.errors import UserError
 from comfyquant.runtime.kernels.thresholds import m_threshold
 
 KINDS = ("int8", "int8_block", "fp8")
+AUTO = "auto"  # placeholder a traced call passes to the op; resolved by ``resolve_name`` at run time
 
 # Backend names, per kind:
 #   torch        pure torch: per-token quant, torch._int_mm (int8) / float matmul (fp8), float32 epilogue
@@ -39,12 +40,16 @@ class BackendChoice:
     reason: str
 
 
+# assume_constant_result: torch.compile treats these hardware facts as constants instead of tracing into
+# torch.cuda / importlib calls (which break the graph on CUDA devices).
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (checked once; never imported on the CPU path)."""
     return importlib.util.find_spec("triton") is not None
 
 
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=16)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -106,3 +111,8 @@ def choose_backend(x: torch.Tensor, *, kind: str, n: int, k: int,
     if m < m_min:
         return BackendChoice("triton_w8a16", f"M={m} < {m_min} (measured threshold): weight-only kernel")
     return BackendChoice("triton", f"{gen}: triton W8A8, M={m} >= {m_min}")
+
+
+def resolve_name(x: torch.Tensor, kind: str, n: int, k: int, name: str) -> str:
+    """Inside an op: turn ``auto`` (or a requested name, validated here) into the backend that runs."""
+    return choose_backend(x, kind=kind, n=n, k=k, override=None if name == AUTO else name).name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from comfyquant.runtime.kernels import reference
+from comfyquant.runtime.kernels.backends import AUTO, resolve_name
 
 
 def _out_shape(x: torch.Tensor, n: int) -> tuple[int, ...]:
@@ -18,9 +19,11 @@ def _out_shape(x: torch.Tensor, n: int) -> tuple[int, ...]:
 
 
 def int8_linear_impl(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                   convrot_group: int, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+                     convrot_group: int, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """W8A8 linear; ``convrot_group`` 0 means no rotation."""
     group = convrot_group or None
+    if backend == AUTO:
+        backend = resolve_name(x, "int8", w_q.shape[0], w_q.shape[1], backend)
     if backend == "torch":
         return reference.int8_linear_ref(x, w_q, w_scale, bias, group, out_dtype)
     if backend == "dequant":
@@ -42,9 +45,11 @@ def _int8_linear_fake(x, w_q, w_scale, bias, convrot_group, out_dtype, backend):
     return x.new_empty(_out_shape(x, w_q.shape[0]), dtype=out_dtype)
 
 
-def int8_block_linear_impl(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                         block: int, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+def int8_block_linear_impl(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                           bias: torch.Tensor | None, block: int, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """W8A8 with block-wise weight scales."""
+    if backend == AUTO:
+        backend = resolve_name(x, "int8_block", w_q.shape[0], w_q.shape[1], backend)
     if backend == "torch":
         return reference.int8_block_linear_ref(x, w_q, w_scale, block, bias, out_dtype)
     if backend == "dequant":
@@ -66,8 +71,10 @@ def _int8_block_linear_fake(x, w_q, w_scale, bias, block, out_dtype, backend):
 
 
 def fp8_linear_impl(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  input_scale: torch.Tensor | None, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+                    input_scale: torch.Tensor | None, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """FP8 linear: rowwise dynamic activation scales, or the static ``input_scale``."""
+    if backend == AUTO:
+        backend = resolve_name(x, "fp8", w_q.shape[0], w_q.shape[1], backend)
     if backend == "torch":
         return reference.fp8_linear_ref(x, w_q, w_scale, bias, input_scale, out_dtype)
     if backend == "dequant":

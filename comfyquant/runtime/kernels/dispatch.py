@@ -12,7 +12,7 @@ import torch
 from comfyquant.errors import UserError
 from comfyquant.quant.hadamard import is_power_of_4
 from comfyquant.runtime.kernels import custom_ops
-from comfyquant.runtime.kernels.backends import BACKENDS, BackendChoice, choose_backend
+from comfyquant.runtime.kernels.backends import AUTO, BACKENDS, BackendChoice, choose_backend
 
 __all__ = ["BACKENDS", "BackendChoice", "choose_backend", "fp8_linear", "int8_block_linear", "int8_linear"]
 
@@ -28,6 +28,9 @@ def _op(traced, eager):
 def _resolve(x: torch.Tensor, kind: str, n: int, k: int, backend: str | BackendChoice | None) -> str:
     if isinstance(backend, BackendChoice):
         backend = backend.name
+    if torch.compiler.is_compiling():
+        # decided inside the op at run time: tracing torch.cuda / importlib queries would break the graph
+        return AUTO if backend is None else backend
     return choose_backend(x, kind=kind, n=n, k=k, override=backend).name
 
 
