@@ -178,7 +178,8 @@ class _Streamer:
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
         n = len(self.plan.entries)
-        with StreamingWriter(output, self.plan.specs, metadata, overwrite=self.opts.force) as w, \
+        with StreamingWriter(output, self.plan.specs, metadata, overwrite=self.opts.force,
+                             background=True) as w, \
                 tqdm(total=self.plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                      desc="converting", disable=not self.opts.progress, dynamic_ncols=True) as bar:
             entries = self.plan.entries

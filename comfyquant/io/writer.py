@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import queue
 import signal
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -88,11 +89,16 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 class StreamingWriter:
     """Write ``specs`` to ``path``: use as a context manager, call :meth:`write` once per spec in order.
 
-    The target is replaced only on a clean exit of the ``with`` block after all tensors were written.
+    The target is replaced only on a clean exit of the ``with`` block after all tensors were written. With
+    ``background=True`` the bytes go to disk on a worker thread (at most ``QUEUE_DEPTH`` tensors in flight),
+    so the caller quantizes the next tensor while the last one is written; a write error surfaces at the next
+    :meth:`write` or at the end of the block.
     """
 
+    QUEUE_DEPTH = 2
+
     def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None,
-                 *, overwrite: bool = False) -> None:
+                 *, overwrite: bool = False, background: bool = False) -> None:
         self.path = Path(path)
         self.specs = list(specs)
         self.metadata = dict(metadata or {})
@@ -102,6 +108,11 @@ class StreamingWriter:
         self._file: object = None
         self._old_term: object = None
         self.bytes_written = 0
+        self.background = background
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=self.QUEUE_DEPTH)
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
 
     # -- context management -------------------------------------------------------------------------------
     def __enter__(self) -> StreamingWriter:
@@ -112,6 +123,9 @@ class StreamingWriter:
         try:
             self._file = open(self.tmp, "wb", buffering=0)  # closed in finish() or abort()
             self._write_all(header)
+            if self.background:
+                self._worker = threading.Thread(target=self._drain, name="comfyquant-writer", daemon=True)
+                self._worker.start()
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError):
@@ -146,8 +160,44 @@ class StreamingWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             if data.nbytes != spec.nbytes:  # pragma: no cover - dtype/shape already checked
                 raise ValueError(f"tensor '{name}' has {data.nbytes} bytes, planned {spec.nbytes}")
-            self._write_all(memoryview(data))
+            if self._worker is None:
+                self._write_all(memoryview(data))
+            else:
+                self._raise_worker_error()
+                self._queue.put(memoryview(data))  # the view keeps the array (and the tensor) alive
         self._next += 1
+
+    def _drain(self) -> None:
+        """Worker thread: write queued buffers in order until the end marker or the first error."""
+        while True:
+            item = self._queue.get()
+            if item is None or self._stop.is_set():
+                return
+            try:
+                self._write_all(item)
+            except BaseException as e:  # handed to the main thread by _raise_worker_error
+                self._error = e
+                self._stop.set()
+                return
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _join_worker(self, *, stop: bool) -> None:
+        """End the worker: after the queued writes (``stop=False``) or as soon as possible (``stop=True``)."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        if stop:
+            self._stop.set()
+            while True:  # make room for the end marker even if the worker is stuck behind a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+        self._queue.put(None)
+        worker.join()
 
     def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -166,6 +216,8 @@ class StreamingWriter:
         if self._next != len(self.specs):
             raise ValueError(f"only {self._next} of {len(self.specs)} planned tensors were written "
                              f"(next: '{self.specs[self._next].name}')")
+        self._join_worker(stop=False)
+        self._raise_worker_error()
         f, self._file = self._file, None
         try:
             os.fsync(f.fileno())  # type: ignore[attr-defined]
@@ -181,6 +233,7 @@ class StreamingWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary file (idempotent)."""
+        self._join_worker(stop=True)
         f, self._file = self._file, None
         try:
             if f is not None:

@@ -17,26 +17,47 @@ def _work(w: torch.Tensor) -> torch.Tensor:
 
 
 def _safe_scale(amax: torch.Tensor) -> torch.Tensor:
-    # An all-zero row/tensor gets scale 1 so it dequantizes to exact zeros without denormals.
-    return torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    # An all-zero row/tensor gets scale 1 so it dequantizes to exact zeros without denormals; a scale that
+    # underflows to 0 (absmax below ~1.8e-43) is treated the same way instead of dividing by zero.
+    scale = amax.float() / QMAX
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _round_q(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x).clamp_(-QMAX, QMAX).to(torch.int8)
 
 
+def _absmax(w: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """max |w| over ``dim`` (all elements when None) in one pass over the stored dtype (no float copy)."""
+    lo, hi = torch.aminmax(w) if dim is None else torch.aminmax(w, dim=dim, keepdim=True)
+    return torch.maximum(hi.float(), lo.float().neg())
+
+
+def _divide_round(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``round(w / scale)`` as int8 in three passes.
+
+    Dividing a bf16/fp16 tensor by the fp32 scale upcasts exactly, so the quotient equals ``w.float() / scale``;
+    ``|w / scale| <= 127`` holds by construction (``scale = absmax / 127``, round-off stays below 127.5), so
+    no clamp pass is needed.
+    """
+    work = torch.float64 if w.dtype == torch.float64 else torch.float32
+    # a 0-dim scale would not take part in type promotion (bf16 / f32-scalar stays bf16): give it rank
+    y = torch.div(w, scale.to(work).reshape(scale.shape if scale.dim() else [1] * w.dim()))
+    if y.dtype != work:  # pragma: no cover - promotion above guarantees it; a wrong dtype would lose precision
+        raise RuntimeError(f"int8 quantization computed in {y.dtype}, expected {work}")
+    return y.round_().to(torch.int8)
+
+
 def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-row INT8: returns ``(q int8 [N,K], scale fp32 [N,1])``."""
-    x = _work(w)
-    scale = _safe_scale(x.abs().amax(dim=-1, keepdim=True))
-    return _round_q(x / scale), scale.float()
+    scale = _safe_scale(_absmax(w, -1))
+    return _divide_round(w, scale), scale
 
 
 def quantize_tensorwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor INT8: returns ``(q int8, scale fp32 scalar [])``."""
-    x = _work(w)
-    scale = _safe_scale(x.abs().amax())
-    return _round_q(x / scale), scale.float().reshape(())
+    scale = _safe_scale(_absmax(w, None)).reshape(())
+    return _divide_round(w, scale), scale
 
 
 def _pad_to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
