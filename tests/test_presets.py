@@ -269,7 +269,8 @@ def test_required_presets_exist_and_document_themselves() -> None:
 def test_none_preset_quantizes_every_linear_weight() -> None:
     none = get_preset("none")
     for name, shape in arch_tensors("t5xxl", "tiny"):
-        expected = Action.QUANTIZE if len(shape) == 2 and min(shape) >= 16 else Action.KEEP
+        table = name.endswith(("shared.weight", "relative_attention_bias.weight"))  # nn.Embedding lookups
+        expected = Action.QUANTIZE if len(shape) == 2 and min(shape) >= 16 and not table else Action.KEEP
         assert none.decide(name, shape).action is expected, name
 
 
@@ -332,3 +333,16 @@ def test_tiny_specs_use_the_real_key_names(arch: str) -> None:
     tiny = arch_tensors(arch, "tiny")
     assert {n for n, _ in tiny} <= full  # same names, fewer blocks
     assert len(tiny) < 700 and sum(math.prod(s) for _, s in tiny) < 40e6
+
+
+@pytest.mark.parametrize("name", [
+    "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight", "shared.weight",
+    "text_model.embeddings.token_embedding.weight", "model.embed_tokens.weight", "transformer.wte.weight",
+])
+def test_embedding_tables_are_never_quantized_by_default(name):
+    # nn.Embedding tables are 2-D '.weight' tensors but are indexed, not multiplied: even the exclusion-free
+    # 'none' preset keeps them, while a same-shaped linear weight is quantized.
+    d = get_preset("none").decide(name, (30522, 384))
+    assert d.action is Action.KEEP and "embedding" in d.reason
+    assert get_preset("none").decide("encoder.layer.0.attention.self.query.weight", (384, 384)).action is Action.QUANTIZE
+    assert get_preset("wan").decide("text_embedding.0.weight", (5120, 4096)).action is not Action.DROP

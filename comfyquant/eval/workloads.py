@@ -136,10 +136,10 @@ class MiniLMWorkload:
         return Tokenizer(model_dir())
 
     def stats_pass(self, model: nn.Module) -> None:
-        """One forward pass over the first 64 sentences."""
+        """One forward pass over the first 64 sentences (fewer when the run is limited to fewer)."""
         from comfyquant.eval.minilm import load_sentences
 
-        ids, mask = self._tok()(load_sentences(64))
+        ids, mask = self._tok()(load_sentences(min(64, self.limit or 64)))
         model(ids, mask)
 
     def evaluate(self, ref: nn.Module, quant: nn.Module, out: Path) -> dict[str, Any]:

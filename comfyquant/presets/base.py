@@ -77,14 +77,31 @@ class Preset:
         return Decision(Action.KEEP, "default", _keep_reason(name, shape))
 
 
+# Lookup tables of nn.Embedding modules in text encoders (BERT, T5, CLIP, Llama-style): 2-D ``.weight``
+# tensors that are indexed, not multiplied, so int8 W8A8 gains nothing there and ComfyUI's Linear cannot load them.
+EMBEDDING_TABLE = re.compile(
+    r"(?:^|\.)(?:word_embeddings|position_embeddings|token_type_embeddings|embed_tokens|tok_embeddings|"
+    r"token_embedding|position_embedding|relative_attention_bias|wte|wpe|shared)\.weight$"
+)
+
+
+def is_embedding_table(name: str) -> bool:
+    """True for the weight of a known embedding lookup table (``embed_tokens.weight``, ``shared.weight`` ...)."""
+    return EMBEDDING_TABLE.search(name) is not None
+
+
 def is_linear_weight(name: str, shape: Sequence[int]) -> bool:
-    """A 2-D tensor named ``*.weight`` with both dims >= 16 (smaller ones gain nothing and hurt accuracy)."""
-    return name.endswith(".weight") and len(shape) == 2 and min(shape) >= 16
+    """A 2-D tensor named ``*.weight`` with both dims >= 16 (smaller ones gain nothing and hurt accuracy),
+    excluding embedding lookup tables."""
+    return (name.endswith(".weight") and len(shape) == 2 and min(shape) >= 16
+            and not is_embedding_table(name))
 
 
 def _keep_reason(name: str, shape: Sequence[int]) -> str:
     if name.endswith(".bias"):
         return "bias stays in high precision"
+    if is_embedding_table(name):
+        return "embedding lookup table (indexed, not a matrix product)"
     if len(shape) == 2 and name.endswith(".weight"):
         return f"too small to quantize ({shape[0]}x{shape[1]})"
     if len(shape) > 2:

@@ -34,14 +34,15 @@ FALLBACK_M_MIN = 64
 
 _H200 = "NVIDIA H200 (sm_90), torch 2.11+cu130, triton 3.6, comfyquant bench 2026-11-22 (CUDA-graph GPU time)"
 
-# From benchmarks/results/bench_h200_2026-11-22.json: swept M in {1, 16, 256, 1024}; the weight-only kernel won
-# at 16 and W8A8 at 256 for most shapes; the crossover inside (16, 256] was not resolved, 64 is recorded.
+# From benchmarks/results/bench_h200_2026-11-22.json (M in {1, 16, 256, 1024}) and bench_smallM_h200_2026-11-22.json
+# (Flux/Wan, M in {1, 16, 64, 256}): the weight-only kernel wins at M <= 16, W8A8 from M=64 (3072->3072: from
+# 256, recorded as 128). T5/SDXL shapes were not swept at 64: 64 is the recorded crossover within (16, 256].
 # t5xxl ff0 (4096->10240): W8A8 already won at M=1. sdxl 1280->1280: W8A8 won from 1024 only; 640->640: the
 # weight-only kernel won at every swept M (W8A8 never measured faster on this width).
 MEASURED: tuple[Threshold, ...] = tuple(
     Threshold("int8", n, k, m_min, 9, _H200)
     for n, k, m_min in (
-        (9216, 3072, 64), (3072, 3072, 64), (12288, 3072, 64), (3072, 12288, 64), (21504, 3072, 64),
+        (9216, 3072, 64), (3072, 3072, 128), (12288, 3072, 64), (3072, 12288, 64), (21504, 3072, 64),
         (3072, 15360, 64), (5120, 5120, 64), (13824, 5120, 64), (5120, 13824, 64), (1280, 1280, 1024),
         (5120, 1280, 64), (1280, 5120, 64), (640, 640, 16384), (4096, 4096, 64), (10240, 4096, 1),
         (4096, 10240, 64),

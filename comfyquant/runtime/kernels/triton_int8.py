@@ -102,7 +102,11 @@ def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTY
         else:
             rem = K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
+            if B_TO:  # fp8 loads take no integer `other`: zero the tail after the conversion
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < rem)
+                b = tl.where(offs_k[:, None] < rem, b.to(a.dtype), 0.0)
+            else:
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
         if B_TO:
             b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
