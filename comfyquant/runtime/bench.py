@@ -23,6 +23,7 @@ from comfyquant.errors import UserError
 from comfyquant.quant.fp8 import quantize_fp8
 from comfyquant.quant.hadamard import choose_group_size, rotate_weight
 from comfyquant.quant.int8 import quantize_rowwise
+from comfyquant.runtime.bench_plot import plot_bench
 from comfyquant.runtime.kernels import dispatch
 
 # (model, layer, K=in_features, N=out_features)
@@ -249,6 +250,8 @@ def run(cfg: BenchConfig) -> list[Row]:
               f" triton {meta['triton']}, {meta['date_utc']} UTC. comfy-kitchen: {ck_note}. Speed-up = bf16 µs /"
               " column µs, same run; do_bench median, rotating inputs and weights (> L2).")
     (cfg.out_dir / "bench.md").write_text(to_markdown(rows, header))
+    plot_bench(payload["rows"], cfg.out_dir / "bench.png",
+               f"speed-up over bf16 F.linear, same run: {meta['device']} {meta['date_utc']} UTC")
     return rows
 
 
@@ -256,7 +259,7 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(prog="comfyquant bench", description=__doc__.splitlines()[0])
     p.add_argument("--models", default="flux,wan14b,sdxl,t5xxl", help="comma list of flux,wan14b,sdxl,t5xxl")
     p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma list of row counts (tokens)")
-    p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.md")
+    p.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--no-ck", action="store_true", help="skip comfy-kitchen even if importable")
     p.add_argument("--rep-ms", type=int, default=100)
     a = p.parse_args(argv)
@@ -274,5 +277,5 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point for ``comfyquant bench``; returns the exit status (UserError is left to the CLI: exit 2)."""
     cfg = _parse(argv)
     rows = run(cfg)
-    print(to_markdown(rows, f"wrote {cfg.out_dir}/bench.json and bench.md"))
+    print(to_markdown(rows, f"wrote {cfg.out_dir}/bench.json, bench.md and bench.png"))
     return 0
