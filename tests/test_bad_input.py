@@ -188,7 +188,11 @@ def test_interrupt_mid_write(tmp_path, sig):
     header = 8 + struct.unpack("<Q", tmp.read_bytes()[:8])[0] if tmp.stat().st_size >= 8 else 0
     while proc.poll() is None and tmp.exists() and tmp.stat().st_size <= header:
         time.sleep(0.002)
+    # freeze it there so the signal lands mid-write however fast the conversion is, then deliver it
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None and tmp.exists() and out.exists() is False, "conversion finished before the signal"
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert err.strip().splitlines() == ["comfyquant: error: interrupted; no output written"]

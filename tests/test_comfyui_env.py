@@ -75,3 +75,15 @@ def test_stand_ins_import_but_raise_when_used(comfy: Any) -> None:
     assert set(comfy.standins) <= set(STANDIN_PACKAGES)
     for name in comfy.standins:
         assert name not in sys.modules or type(sys.modules[name]).__name__ == "_StandInModule"
+
+
+def test_standins_do_not_outlive_comfyui_import(comfy):
+    # The stand-ins exist only while ComfyUI imports: afterwards a missing package must look missing to other
+    # libraries in the same process (transformers probes torchvision's version and fails on a fake one).
+    import importlib.util
+    import sys
+
+    assert not any(isinstance(f, StandInFinder) for f in sys.meta_path)
+    for name in comfy.standins:
+        assert name not in sys.modules
+        assert importlib.util.find_spec(name) is None

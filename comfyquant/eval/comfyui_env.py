@@ -300,6 +300,17 @@ def install_standins(packages: Sequence[str] = STANDIN_PACKAGES) -> tuple[str, .
     return missing
 
 
+def remove_standins() -> None:
+    """Take the stand-in finder off ``sys.meta_path`` and forget the stand-in modules it created.
+
+    ComfyUI's modules keep the names they bound at import; everything imported later in the process (e.g.
+    transformers probing for torchvision) must see that the real package is absent, not a version-less fake.
+    """
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, StandInFinder)]
+    for name in [n for n, m in sys.modules.items() if isinstance(m, _StandInModule)]:
+        del sys.modules[name]
+
+
 @dataclass(frozen=True)
 class ComfyModules:
     """ComfyUI's own modules the compatibility tests drive."""
@@ -342,6 +353,7 @@ def import_comfy(root: Path) -> ComfyModules:
                 for n in ("ops", "utils", "quant_ops", "model_detection", "sd")}
     finally:
         sys.argv = saved
+        remove_standins()
     kitchen = importlib.import_module("comfy_kitchen")
     if Path(kitchen.__file__ or "").resolve().parent.parent != site.resolve():
         raise ComfyUIFetchError(f"comfy_kitchen was imported from {kitchen.__file__}, not from {site}")
