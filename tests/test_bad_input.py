@@ -169,6 +169,12 @@ def test_full_disk(tmp_path, good):
     _expect_refusal(tmp_path, good, [], "writing", preexec_fn=_file_size_limit)
 
 
+def _default_sigint() -> None:
+    # What a terminal gives a command: background jobs of a non-interactive shell (CI runners, nohup) start
+    # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so Ctrl-C could not arrive.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_write(tmp_path, sig):
     g = torch.Generator().manual_seed(0)
@@ -178,7 +184,8 @@ def test_interrupt_mid_write(tmp_path, sig):
     out = tmp_path / "out.safetensors"
     proc = subprocess.Popen([sys.executable, "-m", "comfyquant", "convert", str(inp), "-o", str(out),
                              "--format", "int8-rot", "--model", "none"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path), cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path), cwd=tmp_path,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
