@@ -9,21 +9,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from comfyquant.quant.fp8 import fp8_max
 from comfyquant.quant.hadamard import fast_hadamard
-
-QMAX = 127.0
+from comfyquant.quant.int8 import quantize_rowwise
 
 
 def quantize_rows_int8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: ``scale = rowmax|x| / 127`` (1 for an all-zero row), round-half-even.
+    """Symmetric per-row int8 of activations: the weight quantizer's math (``quant.int8.quantize_rowwise``).
 
-    Returns ``(q int8 [M,K], scale fp32 [M,1])``; math in float32 (float64 stays float64).
+    ``scale = rowmax|x| / 127`` in float32 (1 for an all-zero row), round-half-even; the same float32 scale
+    quantizes and rescales. Returns ``(q int8 [M,K], scale fp32 [M,1])``.
     """
-    xf = x2d if x2d.dtype in (torch.float32, torch.float64) else x2d.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = torch.round(xf / scale).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale.float()
+    return quantize_rowwise(x2d)
 
 
 def _needs_int_mm_padding(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -98,11 +95,6 @@ def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     if convrot_group is not None:
         x = fast_hadamard(x.to(dt), convrot_group)
     return F.linear(x.to(dt), w, None if bias is None else bias.to(dt)).to(out_dtype)
-
-
-def fp8_max(dtype: torch.dtype) -> float:
-    """Largest finite value of an fp8 dtype."""
-    return float(torch.finfo(dtype).max)
 
 
 def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
