@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
 
 PROG = "convert_to_quant"
@@ -260,17 +260,7 @@ def _run_edit(a: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point: UserError and Ctrl-C -> exit 2 with one line, bugs -> exit 1."""
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted; no output written", file=sys.stderr)
-        return 2
-    except Exception:
-        traceback.print_exc()
-        return 1
+    return run_cli(PROG, run, argv_or_sys(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,10 +11,10 @@ import argparse
 import importlib
 import json
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
 
 FORMAT_CHOICES = ("int8", "int8-tensor", "int8-rot", "int8-block", "fp8", "fp8-e5m2", "fp16", "bf16")
@@ -173,25 +173,9 @@ def run(argv: Sequence[str]) -> int:
     return COMMANDS[a.command][2](a)
 
 
-def _one_line(msg: object) -> str:
-    return " ".join(str(msg).split()) or "error"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point: maps UserError and Ctrl-C to exit 2, bugs to exit 1."""
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        print(f"comfyquant: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("comfyquant: error: interrupted; no output written", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        return 0
-    except Exception:
-        traceback.print_exc()
-        return 1
+    return run_cli("comfyquant", run, argv_or_sys(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

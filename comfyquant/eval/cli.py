@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from comfyquant.cli.exits import run_cli
 from comfyquant.errors import UserError
 from comfyquant.eval.sampling import SampleConfig
 
@@ -34,36 +35,39 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    """``comfyquant eval ...``."""
+    """``comfyquant eval ...``: exit 0, or 2 with one line for a user mistake (the shared CLI guard)."""
+    return run_cli("comfyquant eval", _eval, argv)
+
+
+def _eval(argv: list[str] | None) -> int:
     args = eval_parser().parse_args(argv)
-    try:
-        if args.compare:
-            from comfyquant.eval.compare import compare_files
+    if args.compare:
+        from comfyquant.eval.compare import compare_files
 
-            print(compare_files(args.compare), end="")
-            return 0
-        if not args.model:
-            raise UserError("--model is required (minilm, digits-dit or a file), or use --compare")
-        from comfyquant.eval.harness import EvalConfig, run_eval
-
-        argv_list = sys.argv[1:] if argv is None else argv
-        cfg = EvalConfig(model=args.model, format=args.format, out=args.out, optimizer=args.optimizer,
-                         peer=args.peer, sentences=args.sentences,
-                         sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
-                         command="comfyquant eval " + shlex.join(argv_list))
-        report = run_eval(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(compare_files(args.compare), end="")
+        return 0
+    if not args.model:
+        raise UserError("--model is required (minilm, digits-dit or a file), or use --compare")
     from comfyquant.eval.compare import side_by_side
+    from comfyquant.eval.harness import EvalConfig, run_eval
 
+    argv_list = sys.argv[1:] if argv is None else argv
+    cfg = EvalConfig(model=args.model, format=args.format, out=args.out, optimizer=args.optimizer,
+                     peer=args.peer, sentences=args.sentences,
+                     sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
+                     command="comfyquant eval " + shlex.join(argv_list))
+    report = run_eval(cfg)
     print(side_by_side([report], [f"{report['model']} {report['format']}"]), end="")
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'layers.png'}")
     return 0
 
 
 def demo_main(argv: list[str] | None = None) -> int:
-    """``comfyquant demo [--out DIR]``."""
+    """``comfyquant demo [--out DIR]``: exit 0, or 2 with one line for a user mistake."""
+    return run_cli("comfyquant demo", _demo, argv)
+
+
+def _demo(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="comfyquant demo",
                                 description="Convert the bundled digits DiT to int8 and show what changed.")
     p.add_argument("--out", type=Path, default=Path("comfyquant-demo"), help="output folder")
@@ -71,11 +75,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from comfyquant.eval.demo import run_demo
 
-    try:
-        run_demo(args.out, args.format)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_demo(args.out, args.format)
     return 0
 
 

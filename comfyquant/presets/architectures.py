@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -151,9 +150,15 @@ def arch_tensors(arch: str, size: str = "tiny") -> list[TensorSpec]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a synthetic checkpoint of a real architecture (random heavy-tailed weights) for benchmarks."""
+    from comfyquant.cli.exits import run_cli
+
+    return run_cli("python -m comfyquant.presets.architectures", _write, argv)
+
+
+def _write(argv: Sequence[str] | None) -> int:
     from comfyquant.eval.synthetic import DTYPES, write_synthetic_checkpoint
 
-    ap = argparse.ArgumentParser(prog="python -m comfyquant.presets.architectures", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m comfyquant.presets.architectures", description=(main.__doc__ or "").splitlines()[0])
     ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
     ap.add_argument("--size", default="tiny", choices=SIZES)
     ap.add_argument("-o", "--output", required=True)
@@ -162,12 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prefix", default="", help="prepended to every key, e.g. model.diffusion_model.")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    try:
-        info = write_synthetic_checkpoint(args.output, args.arch, args.size, dtype=DTYPES[args.dtype],
-                                          seed=args.seed, prefix=args.prefix)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    info = write_synthetic_checkpoint(args.output, args.arch, args.size, dtype=DTYPES[args.dtype],
+                                      seed=args.seed, prefix=args.prefix)
     print(f"wrote {args.output}: {info.tensors} tensors, {info.parameters / 1e9:.3f}B parameters, "
           f"{info.bytes / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
     return 0

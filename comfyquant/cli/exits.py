@@ -1,0 +1,43 @@
+"""The one mapping from outcomes to exit codes shared by every console entry point.
+
+0 done; 2 a user mistake (``UserError``) or Ctrl-C, printed as one line ``PROG: error: ...`` with no
+traceback; 1 a bug (traceback). A closed output pipe (``| head``) is not an error.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from comfyquant.errors import UserError
+
+A = TypeVar("A")
+
+
+def one_line(msg: object) -> str:
+    """``msg`` with all whitespace runs folded to single spaces (an error message is always one line)."""
+    return " ".join(str(msg).split()) or "error"
+
+
+def run_cli(prog: str, run: Callable[[A], int], argv: A) -> int:
+    """Call ``run(argv)`` and turn what it raises into the exit code and one-line message above."""
+    try:
+        return run(argv)
+    except UserError as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: error: interrupted; no output written", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+def argv_or_sys(argv: Sequence[str] | None) -> list[str]:
+    """The explicit arguments, or the process's own."""
+    return list(sys.argv[1:] if argv is None else argv)
