@@ -11,7 +11,6 @@ GPU memory after every tensor.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader, resolve_input
 from comfyquant.io.writer import StreamingWriter
 from comfyquant.quant.formats import FormatSpec, get_format
-from comfyquant.quant.metrics import ErrorStats, error_stats
+from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
 from comfyquant.quant.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 
 CHUNK_ELEMENTS = 2**20  # CPU row chunks: float32 temporaries of 4 MiB stay in cache (several times faster)
@@ -98,14 +97,10 @@ def check_paths(reader: CheckpointReader, output: Path, force: bool) -> None:
 
 
 def problem(entry: PlanEntry, x: torch.Tensor) -> str | None:
-    """Why a weight planned for quantize/cast cannot be converted (NaN/Inf, fp16 overflow), else None.
-
-    A float32 sum is non-finite whenever any element is NaN or Inf, and costs a fraction of a full
-    ``isfinite`` scan, which then only confirms (a sum can also overflow on huge finite values).
-    """
+    """Why a weight planned for quantize/cast cannot be converted (NaN/Inf, fp16 overflow), else None."""
     if x.numel() == 0:
         return None
-    if not math.isfinite(float(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         return "holds NaN/Inf values"
     if entry.format == "fp16" and x.dtype != torch.float16:
         lo, hi = torch.aminmax(x)

@@ -41,3 +41,14 @@ def error_stats(ref: torch.Tensor, approx: torch.Tensor) -> ErrorStats:
     rel = noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf)
     max_abs = float(e.abs().max()) if e.numel() else 0.0
     return ErrorStats(sq, rel, max_abs)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when ``x`` holds no NaN or Inf.
+
+    A float32 sum is non-finite whenever any element is, and costs a fraction of a full ``isfinite`` scan,
+    which then only runs to confirm (a sum can also overflow on huge finite values).
+    """
+    if x.numel() == 0 or math.isfinite(float(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())

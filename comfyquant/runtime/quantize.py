@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from comfyquant.errors import NonFiniteWeightError, UserError
 from comfyquant.quant.formats import get_format
+from comfyquant.quant.metrics import all_finite
 from comfyquant.runtime.layouts import Fp8E5M2Layout, Fp8Layout, Int8BlockLayout, Int8Layout
 from comfyquant.runtime.nn import QuantLinear, check_backend
 from comfyquant.runtime.tensor import Layout
@@ -174,7 +174,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
         if not ok:
             summary.layers.append(LayerDecision(name, shape, "kept", reason))
             continue
-        if not bool(torch.isfinite(mod.weight.detach()).all()):
+        if not all_finite(mod.weight.detach()):
             raise NonFiniteWeightError(f"layer {name}: weight holds NaN or Inf values")
         q = QuantLinear.from_linear(mod, layout, **kwargs)
         parent, _, child = name.rpartition(".")
