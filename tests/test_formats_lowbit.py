@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+from comfyui_reference import check_layer, run_layer
 
 from comfyquant import formats
 from comfyquant.eval.synthetic import student_t4
 from comfyquant.formats import FormatShapeError, get_format, quantize_weight
+from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.quant import fp4, int4, mx, swizzle
 from comfyquant.quant.hadamard import rotate_weight
 
@@ -146,6 +148,19 @@ def test_int4_rot_layout_matches_kitchen_and_error_is_no_worse(ck: Any, group: i
     assert float(row_err["ours"].sum()) < 0.8 * float(row_err["ck"].sum())
 
 
+def test_comfyui_reads_our_convrot_w4a4_group_and_linear_dtype(comfy: Any) -> None:
+    """ComfyUI takes our ``convrot_groupsize`` and (optional) ``linear_dtype`` into its layout parameters."""
+    w = heavy(64, 1024, seed=0)
+    for options, group, linear_dtype in (({"convrot_groupsize": 64}, 64, "int4"),
+                                         ({"linear_dtype": "int8"}, 256, "int8")):
+        qw = quantize_weight(w, "int4-rot", **options)
+        tensors = {**qw.tensors, "comfy_quant": encode_comfy_quant(qw.comfy_quant)}
+        lin, _, _ = run_layer(comfy, tensors, torch.float32)
+        params = lin.weight._params
+        assert (params.convrot_groupsize, params.quant_group_size, params.linear_dtype) == (group, 64, linear_dtype)
+        check_layer(comfy, tensors, torch.float32, f"int4-rot {options}")
+
+
 # ---- round trips against float64 bounds -------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_bounds(shape: tuple[int, int]) -> None:
@@ -185,19 +200,11 @@ def test_zero_weights_and_blocks_dequantize_to_zero(name: str) -> None:
         assert float((back - weight.double()).abs().max()) <= 0.2 * float(weight.abs().max())
 
 
-def test_mxfp8_row_chunks_concatenate_to_the_whole() -> None:
-    """``row_chunk`` = 128: chunks quantized apart and concatenated along dim 0 give the whole layer's tensors."""
-    fmt = get_format("mxfp8")
-    w = heavy(300, 256, seed=8)
-    params = fmt.resolve((300, 256))
-    whole = fmt.quantize(w, params)
-    chunk = fmt.row_chunk(params)
-    assert chunk == 128
-    parts = [fmt.quantize(w[i: i + chunk], params) for i in range(0, 300, chunk)]
-    for key, t in whole.items():
-        cat = torch.cat([p[key] for p in parts])
-        assert torch.equal(cat.view(torch.uint8), t.view(torch.uint8)), key
-    assert get_format("nvfp4").row_chunk({}) is None and get_format("int4-rot").row_chunk({}) == 1
+def test_row_chunks() -> None:
+    """int4-rot rows quantize independently; the block-scaled formats are quantized whole (nvfp4's global scale
+    couples all rows, and both pad their swizzled scales to 128-row tiles)."""
+    assert get_format("int4-rot").row_chunk({}) == 1
+    assert get_format("nvfp4").row_chunk({}) is None and get_format("mxfp8").row_chunk({}) is None
 
 
 def test_take_rows_matches_dequantized_rows() -> None:

@@ -53,10 +53,10 @@ class BlockScaledFormat(AffineFormat):
             return len(got) <= 2 and _numel(got) == 1
         return got == slot.shape
 
-    def describe_shape(self, slot: TensorSlot) -> str:
+    def describe_shape(self, slot: TensorSlot, params: Mapping[str, Any]) -> str:
         if slot.suffix == "weight_scale":
             return f"{list(slot.shape)}: one scale per {self.block_k} along K, swizzled"
-        return super().describe_shape(slot)
+        return super().describe_shape(slot, params)
 
     # ---- scales ---------------------------------------------------------------------------------------------
     def block_values(self, scales: Mapping[str, torch.Tensor], rows: int, cols: int) -> torch.Tensor:

@@ -35,6 +35,8 @@ class Int4RotFormat(AffineFormat):
     element_grid = INT4
     rotated = True
     bits = 4.0  # + 32 / K for the row scale
+    options = ("convrot_groupsize", "linear_dtype", "scale_search")
+    fallback = "int8-rot"  # K not a multiple of 64: same rotation, 8 bits
     description = ("INT4 W4A4 (ComfyUI convrot_w4a4): int4 packed two per byte, fp32 scale per output row, weight "
                    "rotated by a group-wise regular Hadamard along K")
 
@@ -54,7 +56,8 @@ class Int4RotFormat(AffineFormat):
                                    f"got {linear_dtype!r}")
         if linear_dtype != "int4":
             params["linear_dtype"] = linear_dtype
-        params["scale_search"] = bool(opts.get("scale_search", True))
+        if not opts.get("scale_search", True):
+            params["scale_search"] = False  # quantization-only: absmax scales (comfy-kitchen's); not in comfy_quant
         return params
 
     def comfy_quant(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,8 +95,10 @@ class Int4RotFormat(AffineFormat):
             return got in (slot.shape, (*slot.shape, 1))
         return got == slot.shape
 
-    def describe_shape(self, slot: TensorSlot) -> str:
-        return f"{list(slot.shape)} (one per output row)" if slot.suffix == "weight_scale" else super().describe_shape(slot)
+    def describe_shape(self, slot: TensorSlot, params: Mapping[str, Any]) -> str:
+        if slot.suffix == "weight_scale":
+            return f"{list(slot.shape)} (one per output row)"
+        return super().describe_shape(slot, params)
 
     def pack(self, codes: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
         return int4.pack_int4(codes)

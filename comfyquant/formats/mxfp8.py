@@ -28,6 +28,7 @@ class Mxfp8Format(BlockScaledFormat):
     block_k = mx.BLOCK
     scale_dtype = torch.uint8
     bits = 8.0 + 8.0 / mx.BLOCK
+    fallback = "fp8"  # K not a multiple of 32
     description = ("MXFP8: fp8 e4m3 with one power-of-two (E8M0) scale per 32 along K, swizzled; "
                    "native on SM >= 10, dequantized elsewhere")
 
@@ -38,7 +39,7 @@ class Mxfp8Format(BlockScaledFormat):
         return mx.e8m0_to_float(swizzle.unswizzle(scales["weight_scale"].view(torch.uint8), rows, cols))
 
     def row_chunk(self, params: Mapping[str, Any]) -> int | None:
-        return swizzle.TILE_ROWS  # 128-row bands of the swizzled scales concatenate along dim 0
+        return None  # the swizzled scale tensor is padded to 128-row tiles: quantized whole, not row by row
 
 
 MXFP8 = Mxfp8Format()

@@ -24,19 +24,22 @@ class Nvfp4Format(BlockScaledFormat):
 
     name = "nvfp4"
     comfy_format = "nvfp4"
-    aliases = ("fp4", "nvfp4_e2m1")
+    aliases = ("nvfp4_e2m1",)
     kernel_kind = "nvfp4"
     storage_dtype = torch.uint8
     element_grid = FP4_E2M1
     block_k = nvfp4.BLOCK
     scale_dtype = torch.float8_e4m3fn
     bits = 4.0 + 8.0 / nvfp4.BLOCK
+    options = ("scale_search",)
+    fallback = "fp8"  # K not a multiple of 16
     description = ("NVFP4: E2M1 packed two per byte, one fp8 e4m3 scale per 16 along K (swizzled) and an fp32 "
                    "global scale; native on SM >= 10, dequantized elsewhere")
 
     def resolve(self, shape: tuple[int, int], options: Mapping[str, Any] | None = None) -> Params:
         params = super().resolve(shape, options)
-        params["scale_search"] = bool((options or {}).get("scale_search", True))
+        if not (options or {}).get("scale_search", True):
+            params["scale_search"] = False  # quantization-only: comfy-kitchen's RTN scales; not in comfy_quant
         return params
 
     def storage_shape(self, shape: tuple[int, int], params: Mapping[str, Any]) -> tuple[int, ...]:

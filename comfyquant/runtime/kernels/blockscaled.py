@@ -20,7 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from comfyquant.errors import UserError
 from comfyquant.quant import fp4, mx, nvfp4, swizzle
+from comfyquant.runtime.kernels.backends import BackendChoice, device_capability
+from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind, needs_cuda, register_kernel_kind
 
 NATIVE_MIN_CAPABILITY = (10, 0)
 
@@ -98,9 +101,8 @@ def scaled_mm(ops: BlockScaledOperands, bias: torch.Tensor | None, out_dtype: to
 
 def native_supported(device: torch.device, recipe: str, k: int) -> bool:
     """Whether the native path runs here: CUDA SM >= 10 and a K cuBLAS takes (fp4: K % 32)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    if torch.cuda.get_device_capability(device) < NATIVE_MIN_CAPABILITY:
+    cap = device_capability(device)
+    if cap is None or cap < NATIVE_MIN_CAPABILITY:
         return False
     return k % (32 if recipe == "nvfp4" else mx.BLOCK) == 0
 
@@ -155,3 +157,50 @@ def mxfp8_native(x: torch.Tensor, w: torch.Tensor, scales: tuple[torch.Tensor | 
     assert scales[0] is not None
     ops = mxfp8_operands(_x2d(x), w, scales[0])
     return scaled_mm(ops, bias, out_dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+# ---- kernel kinds ---------------------------------------------------------------------------------------------
+def _chooser(recipe: str):
+    def choose(x: torch.Tensor, n: int, k: int, opts: tuple, policy) -> BackendChoice:
+        allowed = getattr(policy, "allow", ()) or ("torch", "scaled_mm")
+        if "scaled_mm" in allowed and native_supported(x.device, recipe, k):
+            return BackendChoice("scaled_mm", f"SM >= 10: native block-scaled {recipe} _scaled_mm")
+        cap = device_capability(x.device)
+        where = x.device.type if cap is None else f"sm_{cap[0]}{cap[1]}"
+        return BackendChoice("torch", f"{where}: no native {recipe}, weight dequantized to {x.dtype}")
+    return choose
+
+
+def _scale_numel(n: int, k: int, block: int) -> int:
+    rows, cols = swizzle.swizzled_shape(n, k // block)
+    return rows * cols
+
+
+def _check_nvfp4(x: torch.Tensor, w: torch.Tensor, scales: tuple, opts: tuple) -> None:
+    what = "nvfp4 linear"
+    if w.dtype != torch.uint8:
+        raise UserError(f"{what}: packed weight must be uint8 [N, K/2], got {w.dtype}")
+    n, k = w.shape[0], 2 * w.shape[1]
+    if len(scales) < 2 or scales[0] is None or scales[1] is None:
+        raise UserError(f"{what}: needs scales=(weight_scale, weight_scale_2)")
+    if k % nvfp4.BLOCK or scales[0].numel() != _scale_numel(n, k, nvfp4.BLOCK) or scales[1].numel() != 1:
+        raise UserError(f"{what}: weight_scale of {scales[0].numel()} values / weight_scale_2 of "
+                        f"{scales[1].numel()} do not fit weight [{n}, {k}]")
+
+
+def _check_mxfp8(x: torch.Tensor, w: torch.Tensor, scales: tuple, opts: tuple) -> None:
+    what = "mxfp8 linear"
+    if w.dtype != torch.float8_e4m3fn:
+        raise UserError(f"{what}: weight must be float8_e4m3fn [N, K], got {w.dtype}")
+    n, k = w.shape
+    if not scales or scales[0] is None or k % mx.BLOCK or scales[0].numel() != _scale_numel(n, k, mx.BLOCK):
+        raise UserError(f"{what}: weight_scale does not fit weight [{n}, {k}] (one E8M0 per 32, swizzled)")
+
+
+_NATIVE = needs_cuda(NATIVE_MIN_CAPABILITY)
+NVFP4_KIND = register_kernel_kind(KernelKind(
+    "nvfp4", {"torch": nvfp4_reference, "scaled_mm": KernelBackend(nvfp4_native, _NATIVE)},
+    choose=_chooser("nvfp4"), in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_nvfp4))
+MXFP8_KIND = register_kernel_kind(KernelKind(
+    "mxfp8", {"torch": mxfp8_reference, "scaled_mm": KernelBackend(mxfp8_native, _NATIVE)},
+    choose=_chooser("mxfp8"), check=_check_mxfp8))

@@ -24,4 +24,6 @@ def run_kernel(kind: str | None, x: torch.Tensor, w: torch.Tensor, scales: tuple
     if kind == "fp8":
         return dispatch.fp8_linear(x, w, scales[0], bias, input_scale=scales[1], out_dtype=out_dtype,
                                    backend=backend)
-    raise NotImplementedError(f"no kernels for kind {kind!r}")
+    if kind is None:
+        raise ValueError("a format without a kernel kind runs the weight-only reference, not a kernel")
+    return dispatch.quant_linear(x, kind, w, scales, bias, opts=opts, out_dtype=out_dtype, backend=backend)
