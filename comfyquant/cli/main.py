@@ -12,10 +12,13 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
+
+if TYPE_CHECKING:
+    from comfyquant.convert.choices import LayerOptions
 
 
 def format_choices() -> list[str]:
@@ -54,6 +57,51 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no report table (the bar is shown only when stderr is a terminal)")
+    _add_layer_args(p)
+
+
+def _add_layer_args(p: argparse.ArgumentParser) -> None:
+    """Per-layer choices (``convert.choices.LayerOptions``), shared by convert, inspect and template."""
+    g = p.add_argument_group("per-layer choices (docs/LAYER_CONFIG.md)")
+    g.add_argument("--rule", action="append", default=[], metavar="PATTERN=FORMAT[,opt=val]",
+                   help="a layer rule after the --layer-config file's rules, first match wins (repeatable), "
+                        "e.g. 'mlp=int8-block,block_size=64' or 'img_in=skip'")
+    g.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="keep the linear layers this regex finds in high precision (repeatable)")
+    g.add_argument("--excluded-format", metavar="FORMAT[,opt=val]",
+                   help="store excluded layers (--exclude and the preset's high-precision layers) in this format "
+                        "instead of keeping them")
+    g.add_argument("--keep-dtype", choices=_cast_choices(),
+                   help="store every floating tensor that is not quantized (norms, biases, kept layers) in this dtype")
+    g.add_argument("--preserve-dtype", action="append", default=[], metavar="REGEX",
+                   help="tensors this regex finds keep their own dtype under --keep-dtype (repeatable)")
+    g.add_argument("--full-precision-matrix-mult", action="store_true",
+                   help="mark every quantized layer full_precision_matrix_mult (ComfyUI computes it in bf16/fp16)")
+    g.add_argument("--convrot-group-size", type=int, metavar="N",
+                   help="Hadamard group of int8-rot layers, a power of 4 (default: per layer, the largest <= 256 "
+                        "dividing in_features)")
+    g.add_argument("--input-scale", action="store_true",
+                   help="fp8 layers also store a unit static activation scale (input_scale = 1.0)")
+    g.add_argument("--align", type=int, metavar="N",
+                   help="keep in high precision the linear layers whose dimensions are not multiples of N")
+
+
+def _cast_choices() -> list[str]:
+    from comfyquant.formats import REGISTRY
+
+    return [f.name for f in REGISTRY.formats() if not f.is_quantized]
+
+
+def _layer_options(a: argparse.Namespace) -> LayerOptions:
+    from comfyquant.convert.choices import LayerOptions
+    from comfyquant.convert.layer_config import parse_format_spec, parse_rule
+
+    return LayerOptions(
+        rules=tuple(parse_rule(r) for r in a.rule), exclude=tuple(a.exclude),
+        excluded=parse_format_spec(a.excluded_format, "--excluded-format") if a.excluded_format else None,
+        keep_dtype=a.keep_dtype, preserve_dtype=tuple(a.preserve_dtype),
+        full_precision_matrix_mult=a.full_precision_matrix_mult, convrot_groupsize=a.convrot_group_size,
+        input_scale=a.input_scale, align=a.align)
 
 
 def _run_convert(a: argparse.Namespace) -> int:
@@ -61,7 +109,8 @@ def _run_convert(a: argparse.Namespace) -> int:
 
     report = convert(a.input, a.output, format=a.format, model=a.model, layer_config=a.layer_config,
                      report=a.report, plot=a.plot, device=a.device, low_memory=a.low_memory, force=a.force,
-                     block_size=a.block_size, progress=not a.quiet and sys.stderr.isatty(), fallback=a.fallback)
+                     block_size=a.block_size, progress=not a.quiet and sys.stderr.isatty(), fallback=a.fallback,
+                     layers=_layer_options(a))
     if not a.quiet:
         print(report.to_text())
         print(f"wrote {a.output}")
@@ -74,6 +123,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="int8", choices=format_choices(), help="planned format (default: int8)")
     p.add_argument("--layer-config", metavar="FILE", help="JSON of ordered regex rules -> format or skip")
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
+    _add_layer_args(p)
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
@@ -86,7 +136,7 @@ def _run_inspect(a: argparse.Namespace) -> int:
     from comfyquant.convert.inspect import inspect_checkpoint
 
     result = inspect_checkpoint(a.file, model=a.model, fmt=a.format, block_size=a.block_size,
-                                layer_config=a.layer_config)
+                                layer_config=a.layer_config, layers=_layer_options(a))
     print(json.dumps(result.to_dict(), indent=1) if a.json else result.to_text())
     return 0
 
@@ -102,7 +152,7 @@ def _run_template(a: argparse.Namespace) -> int:
     from comfyquant.convert.template import write_template
 
     n = write_template(a.input, a.output, model=a.model, fmt=a.format, block_size=a.block_size,
-                       force=a.force, layer_config=a.layer_config)
+                       force=a.force, layer_config=a.layer_config, layers=_layer_options(a))
     print(f"wrote {a.output} ({n} rules)")
     return 0
 

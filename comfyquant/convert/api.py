@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.pipeline import ConvertOptions, run_conversion
 from comfyquant.convert.report import Report
 
@@ -12,12 +13,13 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
             force: bool = False, block_size: int = 128, progress: bool = True,
-            fallback: str | None = None) -> Report:
+            fallback: str | None = None, layers: LayerOptions | None = None) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
     ``fallback`` is where a layer goes when its shape cannot take ``format`` (a format name, or "none" to keep
-    it in high precision; default: the format's own fallback, e.g. int8-rot -> int8).
+    it in high precision; default: the format's own fallback, e.g. int8-rot -> int8). ``layers`` holds the
+    per-layer choices (command-line rules, exclusions, ``keep_dtype``, format options, alignment).
     Raises :class:`comfyquant.errors.UserError` for bad input or usage.
     """
     if plot is not None:
@@ -26,7 +28,7 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
         require_matplotlib()
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
                           low_memory=low_memory, force=force, block_size=block_size, progress=progress,
-                          fallback=fallback)
+                          fallback=fallback, layers=layers or LayerOptions())
     result = run_conversion(input, output, opts)
     if report is not None:
         result.to_json(report)

@@ -8,13 +8,15 @@ per-layer ``comfy_quant`` the way ComfyUI's own ``convert_old_quants`` reads the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from comfyquant.convert.edit_ops import add_config_keys, check_high_precision, select_layers
+from comfyquant.convert.legacy import scaled_int8_layers
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import (
     HEADER_KEY,
@@ -45,6 +47,8 @@ class QuantState:
     dropped: dict[str, str] = field(default_factory=dict)
     legacy: list[str] = field(default_factory=list)
     markers: dict[str, int] = field(default_factory=dict)  # scaled_fp8 prefix -> marker element count
+    reshape: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input name -> stored shape
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # new output tensors, written after the layer
 
 
 def read_quant_state(reader: CheckpointReader, drop: Iterable[str] = (),
@@ -180,6 +184,7 @@ class EditResult:
     metadata_out: str
     removed_tensors: list[str] = field(default_factory=list)
     removed_config_keys: dict[str, int] = field(default_factory=dict)
+    added_config_keys: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
@@ -189,6 +194,8 @@ class EditResult:
             lines.append(f"removed tensors: {', '.join(self.removed_tensors)}")
         for k, n in self.removed_config_keys.items():
             lines.append(f"removed '{k}' from {n} layer configs")
+        for k, n in self.added_config_keys.items():
+            lines.append(f"set '{k}' in {n} layer configs")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -199,13 +206,18 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def edit_checkpoint(path: str | Path, output: str | Path, remove_keys: Iterable[str] = (),
                     to_header_metadata: bool = False, to_layer_metadata: bool = False, force: bool = False,
-                    keep_layer_metadata: bool = False) -> EditResult:
+                    keep_layer_metadata: bool = False, add_keys: Mapping[str, Any] | None = None,
+                    layer_filter: str | None = None, scaled_int8: bool = False, int8_block_size: int | None = None,
+                    add_input_scale: bool = False, high_precision: str | None = None) -> EditResult:
     """Write an edited copy of ``path`` to ``output`` (the input is never modified).
 
     ``remove_keys``: tensor names to drop, or ``comfy_quant`` keys (e.g. ``full_precision_matrix_mult``) to
-    delete from every layer config. The output carries per-layer ``comfy_quant`` tensors (legacy forms are
-    upgraded) unless ``to_header_metadata``, which moves them into the header (``keep_layer_metadata``
-    keeps the tensors too).
+    delete from every layer config; ``add_keys`` sets keys in them; ``layer_filter`` (a regex) limits both to
+    the layers it finds. The output carries per-layer ``comfy_quant`` tensors (legacy forms are upgraded;
+    ``scaled_int8`` also reads convert_to_quant's scaled INT8 form, ``int8_block_size`` choosing the tile when
+    a scale grid fits several) unless ``to_header_metadata``, which moves them into the header
+    (``keep_layer_metadata`` keeps the tensors too). ``add_input_scale`` gives fp8 layers without an
+    ``input_scale`` a scalar 1.0; ``high_precision`` (a regex) fails if any quantized layer matches it.
     """
     if to_header_metadata and to_layer_metadata:
         raise UserError("choose one of --to-header-metadata and --to-layer-metadata")
@@ -218,10 +230,20 @@ def edit_checkpoint(path: str | Path, output: str | Path, remove_keys: Iterable[
     keys = [k.strip() for k in remove_keys if k.strip()]
     drop_tensors = [k for k in keys if k in reader.infos]
     st = read_quant_state(reader, drop_tensors)
+    if scaled_int8:
+        _read_scaled_int8(reader, st, set(drop_tensors), int8_block_size)
+    if high_precision is not None:
+        check_high_precision(st.layers, high_precision)
     res = EditResult(out, len(reader.infos), 0, len(st.layers), _where(st.source.values()),
                      "none" if not st.layers else "header" if to_header_metadata else "layer",
                      removed_tensors=drop_tensors)
-    changed = _remove_config_keys(st, [k for k in keys if k not in reader.infos], res, reader.path)
+    chosen = select_layers(st.layers, layer_filter)
+    changed = _remove_config_keys(st, [k for k in keys if k not in reader.infos], res, reader.path, chosen)
+    if add_keys:
+        res.added_config_keys = add_config_keys(st.layers, add_keys, chosen)
+        changed |= set(chosen)
+    if add_input_scale:
+        _add_input_scales(reader, st, set(drop_tensors))
     _check_layers(reader, st, set(drop_tensors), res)
     specs, sources = _output_plan(reader, st, set(drop_tensors), changed, to_header_metadata and
                                   not keep_layer_metadata)
@@ -238,19 +260,46 @@ def edit_checkpoint(path: str | Path, output: str | Path, remove_keys: Iterable[
     return res
 
 
+def _read_scaled_int8(reader: CheckpointReader, st: QuantState, dropped: set[str], block: int | None) -> None:
+    """Fold convert_to_quant's scaled INT8 layers into ``st`` (layers already described are left alone)."""
+    infos = {n: i for n, i in reader.infos.items() if n not in dropped}
+    up = scaled_int8_layers(infos, set(st.layers), block)
+    if not up.layers and not st.layers:
+        raise UserError(f"{reader.path} has no int8 weight with a scale_weight: not a scaled INT8 checkpoint")
+    st.layers.update(up.layers)
+    st.source.update(dict.fromkeys(up.layers, "scaled_int8"))
+    st.renames.update(up.renames)
+    st.reshape.update(up.reshape)
+    st.dropped.update(up.dropped)
+    if up.layers:
+        st.legacy.append("scaled_int8")
+
+
+def _add_input_scales(reader: CheckpointReader, st: QuantState, dropped: set[str]) -> None:
+    """A scalar 1.0 ``input_scale`` for every fp8 layer without one (static activation scale of 1)."""
+    present = {st.renames.get(n, n) for n in reader.infos if n not in dropped and n not in st.dropped}
+    for layer, conf in st.layers.items():
+        name = f"{layer}.input_scale"
+        if str(conf.get("format", "")).startswith("float8") and name not in present:
+            st.added[name] = torch.ones((), dtype=torch.float32)
+
+
 def _where(sources: Iterable[str]) -> str:
     kinds = sorted(set(sources))
     return "none" if not kinds else kinds[0] if len(kinds) == 1 else "mixed (" + ", ".join(kinds) + ")"
 
 
-def _remove_config_keys(st: QuantState, keys: list[str], res: EditResult, path: Path) -> set[str]:
-    """Delete ``keys`` from every layer config (top level and under ``params``); returns changed layers."""
+def _remove_config_keys(st: QuantState, keys: list[str], res: EditResult, path: Path,
+                        chosen: list[str]) -> set[str]:
+    """Delete ``keys`` from the configs of ``chosen`` layers (top level and under ``params``); returns the
+    changed layers."""
     changed: set[str] = set()
     for key in keys:
         if key == "format":
             raise UserError("cannot remove 'format' from comfy_quant configs: ComfyUI needs it")
         n = 0
-        for layer, conf in st.layers.items():
+        for layer in chosen:
+            conf = st.layers[layer]
             hit = key in conf
             conf.pop(key, None)
             params = conf.get("params")
@@ -261,7 +310,8 @@ def _remove_config_keys(st: QuantState, keys: list[str], res: EditResult, path: 
                 n += 1
                 changed.add(layer)
         if n == 0:
-            raise UserError(f"--remove-keys: '{key}' is neither a tensor in {path} nor a key of any "
+            which = "any" if len(chosen) == len(st.layers) else "any selected"
+            raise UserError(f"--remove-keys: '{key}' is neither a tensor in {path} nor a key of {which} "
                             "comfy_quant config")
         res.removed_config_keys[key] = n
     return changed
@@ -295,9 +345,15 @@ def _output_plan(reader: CheckpointReader, st: QuantState, dropped: set[str], ch
     emitted: set[str] = set()
 
     def add_conf(layer: str) -> None:
-        if header_only or layer in emitted:
+        if layer in emitted:
             return
         emitted.add(layer)
+        for extra, t in st.added.items():
+            if extra.startswith(layer + ".") and "." not in extra[len(layer) + 1:]:
+                specs.append(TensorSpec(extra, t.dtype, tuple(t.shape)))
+                sources.append(t)
+        if header_only:
+            return
         name = f"{layer}{QUANT_SUFFIX}"
         if st.source[layer] == "layer" and layer not in changed and name in reader.infos:
             src: str | torch.Tensor = name  # unchanged: copy the original bytes
@@ -312,8 +368,9 @@ def _output_plan(reader: CheckpointReader, st: QuantState, dropped: set[str], ch
         if n in dropped or n in st.dropped or n.endswith(QUANT_SUFFIX):
             continue
         out_name = st.renames.get(n, n)
-        specs.append(TensorSpec(out_name, info.dtype, info.shape))
-        sources.append(n)
+        shape = st.reshape.get(n)
+        specs.append(TensorSpec(out_name, info.dtype, info.shape if shape is None else shape))
+        sources.append(n if shape is None else reader.get(n).reshape(shape))
         if out_name.endswith(".weight") and out_name[: -len(".weight")] in st.layers:
             add_conf(out_name[: -len(".weight")])
     for layer in st.layers:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.edit import QuantState, read_quant_state
 from comfyquant.convert.plan import KEEP, Plan, PlanOptions, build_plan
 from comfyquant.formats import REGISTRY as FORMATS
@@ -87,14 +88,15 @@ class InspectResult:
 
 
 def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8", block_size: int = 128,
-                       layer_config: str | Path | None = None) -> InspectResult:
+                       layer_config: str | Path | None = None, layers: LayerOptions | None = None) -> InspectResult:
     """Inspect one checkpoint (file or sharded index): the plan for ``fmt``/``model`` if it holds float
     weights, else its quantized layers and the problems ComfyUI would hit."""
     reader = CheckpointReader(path)
     if is_quantized(reader.infos, reader.metadata):
         return _inspect_quantized(reader)
     get_format(fmt)
-    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size)
+    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size,
+                       layers=layers or LayerOptions())
     plan = build_plan(reader.infos, opts, metadata=reader.metadata)
     res = InspectResult(str(reader.path), "float", plan.format, plan.preset, plan, bytes_total=reader.nbytes)
     unloadable = sorted({e.format for e in plan.entries if e.format and not get_format(e.format).stock_comfy})

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from comfyquant import __version__
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.plan import CAST, DROP, KEEP, Plan, PlanEntry, PlanOptions, build_plan
 from comfyquant.convert.report import LayerReport, Report
 from comfyquant.errors import NonFiniteWeightError, UserError
@@ -51,9 +52,11 @@ class ConvertOptions:
     block_size: int = 128
     progress: bool = True
     fallback: str | None = None
+    layers: LayerOptions = field(default_factory=LayerOptions)
 
     def plan_options(self) -> PlanOptions:
-        return PlanOptions(self.format, self.model, self.layer_config, self.block_size, self.fallback)
+        return PlanOptions(format=self.format, model=self.model, layer_config=self.layer_config,
+                           block_size=self.block_size, fallback=self.fallback, layers=self.layers)
 
     @property
     def stats_limit(self) -> int:
@@ -120,6 +123,8 @@ def quantize_rows(x: torch.Tensor, fmt: QuantFormat, params: Mapping[str, Any],
     one chunk stay cache-sized, which is several times faster on CPUs and keeps peak memory at the stored
     tensors plus one chunk. Formats whose scales couple all rows (per-tensor) are not chunked.
     """
+    if x.dim() != 2:  # a plain cast of a kept 1-D / convolution tensor (--keep-dtype)
+        return fmt.quantize(x, params)
     n, k = x.shape
     step = fmt.row_chunk(params)
     if step is None or not chunk_elements or x.numel() <= chunk_elements:
@@ -145,6 +150,9 @@ def weight_stats(x: torch.Tensor, fmt: QuantFormat, params: Mapping[str, Any], t
                  limit: int) -> tuple[ErrorStats, int | None]:
     """Error of the stored weight vs the float weight; on evenly spaced whole row groups when it has more than
     ``limit`` elements (and the format can slice its stored tensors by rows)."""
+    if x.dim() != 2:  # a cast of a kept 1-D / convolution tensor: its rows are the first dimension
+        x = x.reshape(x.shape[0] if x.dim() else 1, -1)
+        tensors = {k: t.reshape(x.shape) for k, t in tensors.items()}
     n, k = x.shape
     if x.numel() > limit:
         step = fmt.row_chunk(params) or 1

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.layer_config import rules_to_json
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, PlanOptions, build_plan
 from comfyquant.errors import UserError
@@ -24,11 +25,13 @@ COMMENT = ("comfyquant layer config: rules apply in order, first match wins; 'pa
 
 
 def template_rules(input: str | Path, model: str = "auto", fmt: str = "int8", block_size: int = 128,
-                   layer_config: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                   layer_config: str | Path | None = None, layers: LayerOptions | None = None,
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rules (one per 2-D linear weight, anchored to its exact name) and the template's comment fields;
-    ``layer_config`` folds an existing config's decisions in."""
+    ``layer_config`` and ``layers`` fold their decisions in (the formats they choose, not their options)."""
     reader = CheckpointReader(input)
-    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size)
+    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size,
+                       layers=layers or LayerOptions())
     plan = build_plan(reader.infos, opts, metadata=reader.metadata)
     rules: list[dict[str, Any]] = []
     dropped = 0
@@ -51,7 +54,8 @@ def template_rules(input: str | Path, model: str = "auto", fmt: str = "int8", bl
 
 
 def write_template(input: str | Path, output: str | Path, model: str = "auto", fmt: str = "int8",
-                   block_size: int = 128, force: bool = False, layer_config: str | Path | None = None) -> int:
+                   block_size: int = 128, force: bool = False, layer_config: str | Path | None = None,
+                   layers: LayerOptions | None = None) -> int:
     """Write the template JSON to ``output`` (atomically; an existing file only with ``force``); returns the
     number of rules written."""
     out = Path(output)
@@ -60,7 +64,7 @@ def write_template(input: str | Path, output: str | Path, model: str = "auto", f
         raise UserError(f"output {out} is the input checkpoint; choose a .json path")
     if out.exists() and not force:
         raise UserError(f"output exists: {out}; choose another path or delete it first")
-    rules, top = template_rules(input, model, fmt, block_size, layer_config)
+    rules, top = template_rules(input, model, fmt, block_size, layer_config, layers)
     if not rules:
         raise UserError(f"{input}: no 2-D linear weights to list in a layer-config template")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
