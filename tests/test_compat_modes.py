@@ -176,3 +176,31 @@ def test_misplaced_mode_flags_are_named_at_once(tmp_path, capsys):
                                   "--full-precision-mm needs --convert-fp8-scaled"))
     rc, _, err = _run(capsys, "-i", tmp_path / "x.safetensors", "--edit-quant", "--cleanup-fp8-scaled")
     assert rc == 2 and "are separate modes" in err
+
+
+def test_modes_equal_comfyquant_edit(tmp_path, capsys):
+    """Each mode writes the same bytes as the ``comfyquant edit`` flags it maps onto."""
+    from comfyquant.cli.main import main as cq_main
+
+    fp8, i8, q = tmp_path / "fp8.safetensors", tmp_path / "i8.safetensors", tmp_path / "q.safetensors"
+    sd = _scaled_fp8(fp8, 2)
+    sd.pop("head.scale_weight"), sd.pop("gone.scale_input")
+    save_file(sd, str(tmp_path / "clean.safetensors"))
+    _int8_scaled(i8)
+    save_file({"a.weight": torch.randn(32, 32), "b.weight": torch.randn(32, 32)}, str(tmp_path / "f.safetensors"))
+    comfyquant.convert(tmp_path / "f.safetensors", q, format="fp8", model="none", progress=False)
+    pairs = [
+        (["-i", fp8, "--cleanup-fp8-scaled", "--input_scale"], ["edit", fp8, "--tidy-scaled-fp8", "--add-input-scale"]),
+        (["-i", i8, "--convert-int8-scaled", "--block_size", "32"], ["edit", i8, "--scaled-int8", "--int8-block-size", "32"]),
+        (["-i", tmp_path / "clean.safetensors", "--convert-fp8-scaled", "--full-precision-mm", "--input_scale"],
+         ["edit", tmp_path / "clean.safetensors", "--add-keys", "'full_precision_matrix_mult': true", "--add-input-scale"]),
+        (["-i", q, "--edit-quant", "--add-keys", "'x': 1", "--quant-filter", "^a$"],
+         ["edit", q, "--add-keys", "'x': 1", "--layers", "^a$"]),
+    ]
+    for i, (compat, edit) in enumerate(pairs):
+        a, b = tmp_path / f"a{i}.safetensors", tmp_path / f"b{i}.safetensors"
+        assert _run(capsys, *compat, "-o", a)[0] == 0
+        assert cq_main([str(x) for x in edit] + ["-o", str(b)]) == 0
+        assert a.read_bytes() == b.read_bytes(), compat
+    assert _confs(load_file(str(tmp_path / "a3.safetensors"))) == {"a": {"format": "float8_e4m3fn", "x": 1},
+                                                                   "b": {"format": "float8_e4m3fn"}}

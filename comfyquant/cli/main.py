@@ -162,20 +162,54 @@ def _add_edit(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--remove-keys", default="", metavar="K1,K2",
                    help="comma-separated tensor names, or comfy_quant keys to delete from every layer config")
+    p.add_argument("--add-keys", metavar="\"'KEY': VALUE, ...\"",
+                   help="set comfy_quant keys in every layer config, e.g. \"'full_precision_matrix_mult': true\" "
+                        "(keys that decide how the weights decode, such as format or group_size, are refused)")
+    p.add_argument("--layers", metavar="REGEX", help="--remove-keys / --add-keys edit only the layers REGEX finds")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--to-header-metadata", action="store_true",
                    help="move per-layer comfy_quant tensors into the legacy header entry")
     g.add_argument("--to-layer-metadata", action="store_true",
                    help="move legacy header / scaled_fp8 metadata into per-layer comfy_quant tensors")
+    g.add_argument("--tidy-scaled-fp8", action="store_true",
+                   help="keep a legacy scaled_fp8 file in that form: drop scales of non-fp8 weights, store "
+                        "one-element scales as scalars (with --marker-size, --add-input-scale)")
+    p.add_argument("--scaled-int8", action="store_true",
+                   help="also upgrade convert_to_quant's scaled INT8 layers (int8 weight + scale_weight)")
+    p.add_argument("--int8-block-size", type=int, metavar="B",
+                   help="with --scaled-int8: the tile edge when a scale grid fits several")
+    p.add_argument("--add-input-scale", action="store_true",
+                   help="fp8 layers without a static activation scale get 1.0 (scale_input under --tidy-scaled-fp8)")
+    p.add_argument("--marker-size", type=int, choices=[0, 2],
+                   help="with --tidy-scaled-fp8: resize the scaled_fp8 marker (2 = full_precision_matrix_mult)")
+    p.add_argument("--check-high-precision", metavar="REGEX",
+                   help="fail (writing nothing) if a layer REGEX finds is quantized")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
 
 
 def _run_edit(a: argparse.Namespace) -> int:
     from comfyquant.convert.edit import edit_checkpoint
+    from comfyquant.convert.edit_ops import parse_add_keys
 
+    if a.tidy_scaled_fp8:
+        from comfyquant.convert.legacy import cleanup_scaled_fp8
+
+        other = [f for f, v in (("--remove-keys", a.remove_keys), ("--add-keys", a.add_keys), ("--layers", a.layers),
+                                ("--scaled-int8", a.scaled_int8), ("--check-high-precision", a.check_high_precision))
+                 if v]
+        if other:
+            raise UserError(f"--tidy-scaled-fp8 keeps the legacy form; {', '.join(other)} do not apply to it")
+        print(cleanup_scaled_fp8(a.file, a.output, marker_size=a.marker_size, add_scale_input=a.add_input_scale,
+                                 force=a.force).to_text())
+        return 0
+    if a.marker_size is not None:
+        raise UserError("--marker-size needs --tidy-scaled-fp8")
     keys = tuple(k.strip() for k in a.remove_keys.split(",") if k.strip())
     result = edit_checkpoint(a.file, a.output, remove_keys=keys, to_header_metadata=a.to_header_metadata,
-                             to_layer_metadata=a.to_layer_metadata, force=a.force)
+                             to_layer_metadata=a.to_layer_metadata, force=a.force,
+                             add_keys=parse_add_keys(a.add_keys) if a.add_keys else None, layer_filter=a.layers,
+                             scaled_int8=a.scaled_int8, int8_block_size=a.int8_block_size,
+                             add_input_scale=a.add_input_scale, high_precision=a.check_high_precision)
     print(result.to_text())
     return 0
 
