@@ -132,6 +132,16 @@ def kind_format(kind: str, scaling: str | None, convrot: bool, who: str, problem
     return kind
 
 
+def heur_block(a: argparse.Namespace, kind: str) -> int:
+    """The dimension ``--heur`` / ``--custom-heur`` check against: ``--block_size``, else 128 when any INT8 layer
+    uses blocks by default (an INT8 custom/fallback type), else the primary format's block, as convert_to_quant."""
+    if a.block_size:
+        return a.block_size
+    if "int8" in (a.custom_type, a.fallback):
+        return 128
+    return HEUR_BLOCK.get(kind, 64)
+
+
 def _block_for(fmt: str, own: int | None, a: argparse.Namespace) -> dict[str, int]:
     return {"block_size": own or a.block_size or 128} if fmt == "int8-block" else {}
 
@@ -168,7 +178,7 @@ def resolve(a: argparse.Namespace, mixed: bool) -> CompatFormat:
         keep_dtype=None if kind == "fp16" else keep_dtype or "bf16",
         preserve_dtype=(a.preserve_layers,) if a.preserve_layers else (),
         full_precision_matrix_mult=a.fpmm, convrot_groupsize=a.convrot_group_size, input_scale=a.input_scale,
-        align=(a.block_size or HEUR_BLOCK[kind]) if a.heur else None)
+        align=heur_block(a, kind) if a.heur else None)
     return CompatFormat(fmt, layers, _suffix(fmt, kind, a, mixed or bool(a.custom_layers)), tuple(notes))
 
 
@@ -193,8 +203,7 @@ def _custom(a: argparse.Namespace, problems: _Problems, notes: list[str]) -> tup
         opts["convrot_groupsize"] = a.custom_convrot_group_size
     if a.custom_fpmm:
         opts["full_precision_matrix_mult"] = True
-    kind = a.custom_type
-    opts["align"] = (a.custom_block_size or a.block_size or HEUR_BLOCK[kind]) if a.custom_heur else 0
+    opts["align"] = heur_block(a, _kind(a, _Problems())) if a.custom_heur else 0
     if problems:
         return (), fmt
     return (make_rule(a.custom_layers, fmt, "--custom-layers", **opts),), fmt
