@@ -67,7 +67,8 @@ BF16 = LayerOptions(keep_dtype="bf16")  # --output-dtype's default: floats left 
     (["--fp16"], {"format": "fp16", "layers": None}),
     (["--distillation_large", "--low-memory"], {"format": "fp8", "model": "chroma", "low_memory": True}),
     (["--flux2", "--int8"], {"format": "int8-tensor", "model": "flux2"}),
-    (["--verbose", "MINIMAL", "--manual_seed", "7", "--simple"], {"format": "fp8"}),
+    (["--verbose", "MINIMAL", "--manual_seed", "7", "--simple", "--no-normalize-scales"], {"format": "fp8"}),
+    (["--ltxv2"], {"format": "fp8", "model": "ltxv"}),
 ])
 def test_flags_give_the_same_file_as_comfyquant_convert(tmp_path, model, capsys, flags, kwargs):
     a, b = tmp_path / "compat.safetensors", tmp_path / "api.safetensors"

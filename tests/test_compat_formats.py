@@ -152,6 +152,10 @@ def test_mixed_file_loads_in_comfyui(tmp_path, src, comfy: Any, torch_single_thr
             check_layer(comfy, tensors, dtype, f"compat/{layer}/{dtype}")
     assert formats["double_blocks.0.img_mlp.0"] == "float8_e4m3fn" and formats["img_in"] == "nvfp4"
     assert formats["single_blocks.0.linear1"] == "int8_tensorwise" and sd["img_in.bias"].dtype == torch.float16
+    _, sd = _convert(tmp_path, src, "--mxfp8", "--fallback", "fp8", "--input_scale", name="mx.safetensors")
+    for layer in SHAPES:
+        check_layer(comfy, layer_tensors(sd, layer), torch.float32, f"compat-mxfp8/{layer}")
+    assert _conf(sd, "single_blocks.0.linear1") == {"format": "mxfp8"} and _conf(sd, "img_in") == {"format": "float8_e4m3fn"}
 
 
 @pytest.mark.parametrize("flags,message", [
