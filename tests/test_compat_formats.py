@@ -186,6 +186,9 @@ def test_every_problem_is_named_at_once(tmp_path, src, capsys):
     rc = main(["-i", str(src[0]), "--scaling-mode", "block", "--custom-type", "int8", "--int8", "--mxfp8"])
     err = capsys.readouterr().err
     assert rc == 2 and "select different formats" in err and "go together" in err
+    rc = main(["-i", str(src[0]), "--visual", "--gemma4", "--scaling-mode", "row"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and all(f in err for f in ("--visual", "--gemma4", "--scaling-mode row"))
 
 
 @pytest.mark.parametrize("flags,name", [

@@ -189,8 +189,7 @@ def run(argv: Sequence[str]) -> int:
     if mode is not None:
         print(compat_modes.run_mode(a, mode, default_output(a.input, compat_modes.MODES[mode][1])))
         return 0
-    model, notes = resolve_model(a)
-    cf = compat_formats.resolve(a, mixed=model != "auto")
+    model, notes, cf = _resolve(a)
     fmt, block = cf.format, a.block_size or 128
     notes += cf.notes
     if a.dry_run == "analyze":
@@ -213,6 +212,23 @@ def run(argv: Sequence[str]) -> int:
     for n in notes:  # after the work, so that a failure stays one line on stderr
         print(f"note: {n}", file=sys.stderr)
     return 0
+
+
+def _resolve(a: argparse.Namespace) -> tuple[str, list[str], compat_formats.CompatFormat]:
+    """Model and format flags together, so that one message names every problem of both."""
+    problems: list[str] = []
+    model, notes = "auto", []
+    try:
+        model, notes = resolve_model(a)
+    except UserError as e:
+        problems.append(str(e))
+    try:
+        cf = compat_formats.resolve(a, mixed=model != "auto" or bool(problems))
+    except UserError as e:
+        problems.append(str(e))
+    if problems:
+        raise UserError("; ".join(problems))
+    return model, notes, cf
 
 
 def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: int, layers: LayerOptions) -> None:
