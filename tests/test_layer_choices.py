@@ -48,6 +48,16 @@ def test_priority_layer_config_then_rules_then_exclude_then_default():
     assert plan["img_in.weight"].action == "keep"  # the preset's keep stands without --excluded-format
 
 
+def test_rules_and_exclusions_match_with_or_without_the_prefix_and_weight_suffix():
+    infos = _infos({"model.diffusion_model.img_mlp.weight": ((64, 64), F32),
+                    "model.diffusion_model.single_blocks.0.linear1.weight": ((64, 64), F32)})
+    opts = PlanOptions(format="int8", model="none", layers=LayerOptions(
+        rules=(parse_rule("^img_mlp$=fp8"),), exclude=(r"linear1\.weight$",)))
+    plan = {e.name: e for e in build_plan(infos, opts).entries}
+    assert plan["model.diffusion_model.img_mlp.weight"].format == "fp8"
+    assert plan["model.diffusion_model.single_blocks.0.linear1.weight"].action == "keep"
+
+
 def test_excluded_format_covers_exclusions_and_the_presets_high_precision_layers():
     layers = LayerOptions(exclude=("linear1",), excluded=parse_format_spec("int8-block,block_size=16", "x"))
     plan = _plan(layers)

@@ -230,7 +230,8 @@ def _decide(name: str, info: TensorInfo, stripped: str, preset: Preset,
     preset_quant = d.action is Action.QUANTIZE and quantizable
     rule = layer_config.match(name) if layer_config is not None else None
     default = getattr(layer_config, "default", None)
-    names = (name, name[: -len(".weight")] if name.endswith(".weight") else name, stripped)
+    names = tuple(dict.fromkeys(n for full in (name, stripped)  # with and without .weight and the prefix
+                                for n in (full, full[: -len(".weight")] if full.endswith(".weight") else full)))
     if linear and rule is not None and rule is not default:
         return _from_rule(rule, "layer-config", fmt_name)
     cli_rule = layers.rule_for(names) if linear else None
