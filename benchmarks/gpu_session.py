@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (lambdas are timed inside the loop iteration that defines them)
 """One GPU session: kernel accuracy checks, cost-model calibration, host overhead per path, the per-layer
 sweep and whole-model runs, each section under a time budget. JSON/markdown under --out; short table last.
 
@@ -66,6 +67,56 @@ def section_host(out: Path) -> None:
     print(SUMMARY[-1], flush=True)
 
 
+def section_tune(out: Path) -> None:
+    """GPU time (CUDA graph) of candidate tile configs on a few shapes: the data behind configs.py's table."""
+    from comfyquant.quant.int8 import quantize_rowwise
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.calibrate import _gpu_us
+    from comfyquant.runtime.kernels.configs import TileConfig
+
+    res = []
+    for n, k in ((9216, 3072), (3072, 3072), (3072, 12288), (13824, 5120)):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q, sc = quantize_rowwise(w)
+        wb = w.bfloat16()
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            for bn in (32, 64, 128):
+                for bk in (128, 256):
+                    for st in (3, 4):
+                        cfg = TileConfig(16, bn, bk, 4, st, 1)
+                        try:
+                            t = _gpu_us(lambda c=cfg: ti.w8a16_linear(x, q, sc, None, None, torch.bfloat16, cfg=c))
+                        except Exception as e:  # recorded
+                            t = str(e)[:80]
+                        res.append({"path": "w8a16", "m": m, "n": n, "k": k, "cfg": str(cfg), "us": t})
+            res.append({"path": "bf16", "m": m, "n": n, "k": k,
+                        "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
+        x = torch.randn(4096, k, device="cuda").bfloat16()
+        qa, sa = tq.quantize_rows_int8(x)
+        for bm, bn, w_, st in ((128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
+                               (128, 128, 8, 4), (128, 128, 4, 4)):
+            cfg = TileConfig(bm, bn, 128, w_, st, 8)
+            try:
+                t = _gpu_us(lambda c=cfg: ti.gemm_w8a8(qa, sa, q, sc, None, torch.bfloat16, cfg=c))
+            except Exception as e:  # recorded
+                t = str(e)[:80]
+            res.append({"path": "w8a8_gemm", "m": 4096, "n": n, "k": k, "cfg": str(cfg), "us": t})
+        res.append({"path": "bf16", "m": 4096, "n": n, "k": k,
+                    "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
+    (out / "tune.json").write_text(json.dumps(res, indent=1))
+    best = {}
+    for r in res:
+        if isinstance(r["us"], float) and r["path"] != "bf16":
+            kk = (r["path"], r["m"], r["n"], r["k"])
+            if kk not in best or r["us"] < best[kk][0]:
+                best[kk] = (r["us"], r["cfg"])
+    bf = {(r["m"], r["n"], r["k"]): r["us"] for r in res if r["path"] == "bf16"}
+    for kk, (t, c) in best.items():
+        SUMMARY.append(f"tune {kk}: best {t:.1f}us ({bf[kk[1:]] / t:.2f}x bf16) {c}")
+
+
 def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
     from comfyquant.runtime import bench
 
@@ -92,45 +143,13 @@ def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
 def section_models(out: Path, names: str, budget: float) -> None:
     from comfyquant.runtime import bench_models as bm
     from comfyquant.runtime.bench import _load_ck
-    from comfyquant.runtime.cuda_graphs import capture
 
     ck_fn, _ = _load_ck()
-    rows = []
-    for name in names.split(","):
-        base = {}
-        for variant, model, args in bm.variants(name, ck_fn):
-            if left(budget) < 20:
-                print(f"models: out of time before {name}/{variant}", flush=True)
-                break
-            row = {"model": name, "variant": variant}
-            try:
-                row["eager_ms"] = bm.wall_ms(lambda m=model, a=args: m(*a))
-                if variant in ("bf16", "int8", "fp8"):
-                    g = capture(model)
-                    row["graph_ms"] = bm.wall_ms(lambda g=g, a=args: g(*a))
-                    row["graphs"] = g.graphs
-                    del g
-            except Exception as e:  # recorded, never hidden
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            if variant == "bf16":
-                base = row
-            for key in ("eager_ms", "graph_ms"):
-                if key in row and key in base:
-                    row[key.replace("_ms", "_x")] = base[key] / row[key]
-            row["vs_bf16_eager_graph_x"] = base.get("eager_ms", 0) / row["graph_ms"] if "graph_ms" in row else None
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del model, args
-            torch.cuda.empty_cache()
+    rows = bm.run_models(tuple(names.split(",")), ck_fn, deadline=T0 + budget - 20)
     (out / "models.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| model | variant | eager ms | × bf16 eager | graphs ms | × bf16 graphs | graphs × bf16 eager |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['variant']} | {f(r.get('eager_ms'))} | {f(r.get('eager_x'))} | "
-                     f"{f(r.get('graph_ms'))} | {f(r.get('graph_x'))} | {f(r.get('vs_bf16_eager_graph_x'))} |")
-    (out / "models.md").write_text("\n".join(lines) + "\n")
-    SUMMARY.append("\n".join(lines))
+    table = bm.models_markdown(rows)
+    (out / "models.md").write_text(table)
+    SUMMARY.append(table)
 
 
 def main() -> int:
@@ -158,6 +177,8 @@ def main() -> int:
                 section_calibrate(out)
             elif sec == "host":
                 section_host(out)
+            elif sec == "tune":
+                section_tune(out)
             elif sec == "sweep":
                 section_sweep(out, a.sweep_models, a.sweep_m, a.budget_s)
             elif sec == "models":

@@ -80,7 +80,7 @@ def test_fast_launch_key_separates_constexpr_values_and_specializations() -> Non
             self.num, self.is_constexpr, self.do_not_specialize = num, const, free
 
     class Fn:
-        params = [P(0), P(1, free=True), P(2), P(3, const=True)]
+        params = (P(0), P(1, free=True), P(2), P(3, const=True))
 
     fk = FastKernel(Fn())
     t = torch.zeros(8)
@@ -90,3 +90,19 @@ def test_fast_launch_key_separates_constexpr_values_and_specializations() -> Non
     assert k != fk.key((t, 5, 33, 4096), 4, 3)  # % 16 specialization
     assert k != fk.key((t[1:], 5, 32, 4096), 4, 3)  # 16-byte alignment of a pointer
     assert k != fk.key((t, 5, 32, 4096), 8, 3)
+
+
+def test_describe_dispatch_reports_each_quantized_layer() -> None:
+    from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.dispatch_report import describe_dispatch, format_dispatch
+
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    quantize_(net, QuantizeConfig(format="int8"))
+    net[2].set_backend("dequant")
+    rows = describe_dispatch(net, torch.randn(5, 64))
+    assert [(r.layer, r.m, r.k, r.n) for r in rows] == [("0", 5, 64, 32), ("2", 5, 32, 16)]
+    assert rows[0].backend == "torch" and "cpu" in rows[0].reason  # CPU: the reference path
+    assert rows[1].backend == "dequant" and rows[1].reason == "requested"
+    assert "| 0 | int8 | 5 | 64→32 | torch |" in format_dispatch(rows)
+    net[2].set_backend(DispatchPolicy(mode="graph"))  # a policy is accepted as a layer's backend
+    assert describe_dispatch(net, torch.randn(2, 64))[1].backend == "torch"

@@ -55,6 +55,7 @@ class BenchConfig:
     with_ck: bool = True
     graph_max_m: int = 1024
     columns: tuple[str, ...] = COLUMNS
+    whole_models: tuple[str, ...] = ()  # bench_models.MODELS names to run after the sweep
 
 
 @dataclass
@@ -281,6 +282,12 @@ def run(cfg: BenchConfig) -> list[Row]:
     (cfg.out_dir / "bench.md").write_text(to_markdown(rows, header))
     plot_bench(payload["rows"], cfg.out_dir / "bench.png",
                f"speed-up over bf16 F.linear, same run: {meta['device']} {meta['date_utc']} UTC")
+    if cfg.whole_models:
+        from comfyquant.runtime import bench_models
+
+        models = bench_models.run_models(cfg.whole_models, ck_fn)
+        (cfg.out_dir / "models.json").write_text(json.dumps({"meta": meta, "rows": models}, indent=1))
+        (cfg.out_dir / "models.md").write_text(header + "\n\n" + bench_models.models_markdown(models))
     return rows
 
 
@@ -292,6 +299,8 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--no-ck", action="store_true", help="skip comfy-kitchen even if importable")
     p.add_argument("--min-ms", type=float, default=12.0, help="wall time per timing round")
+    p.add_argument("--whole", default="flux_1024,flux_512,wan_480p,sdxl_1024,t5xxl_256",
+                   help="whole-model runs after the sweep (comma list; 'none' to skip)")
     a = p.parse_args(argv)
     try:
         m_values = tuple(int(v) for v in a.m.split(","))
@@ -300,7 +309,8 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     if any(v < 1 for v in m_values):
         raise UserError(f"--m values must be >= 1, got {a.m!r}")
     return BenchConfig(models=tuple(a.models.split(",")), m_values=m_values, out_dir=Path(a.out),
-                       with_ck=not a.no_ck, min_ms=a.min_ms)
+                       with_ck=not a.no_ck, min_ms=a.min_ms,
+                       whole_models=() if a.whole == "none" else tuple(a.whole.split(",")))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,3 +275,54 @@ def wall_ms(fn: Callable[[], object], rounds: int = 5, min_ms: float = 40.0) -> 
             torch.cuda.synchronize()
             times.append((time.perf_counter() - t) * 1e3 / calls)
     return sorted(times)[len(times) // 2]
+
+
+def run_models(names: tuple[str, ...], ck_fn: Callable | None, deadline: float = float("inf")) -> list[dict]:
+    """Eager wall ms per forward for every variant (and with ``cuda_graphs.capture`` for bf16/int8/fp8), with
+    ratios to the same run's bf16 (eager and graphs). Stops before a variant once ``time.perf_counter()``
+    passes ``deadline``."""
+    from comfyquant.runtime.cuda_graphs import capture
+
+    rows: list[dict] = []
+    for name in names:
+        base: dict = {}
+        for variant, model, args in variants(name, ck_fn):
+            if time.perf_counter() > deadline:
+                print(f"models: out of time before {name}/{variant}", flush=True)
+                return rows
+            row: dict = {"model": name, "variant": variant}
+            try:
+                row["eager_ms"] = wall_ms(lambda m=model, a=args: m(*a))
+                if variant in ("bf16", "int8", "fp8"):
+                    g = capture(model)
+                    row["graph_ms"] = wall_ms(lambda g=g, a=args: g(*a))
+                    row["graphs"] = g.graphs
+                    del g
+            except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if variant == "bf16":
+                base = row
+            for key in ("eager_ms", "graph_ms"):
+                if key in row and key in base:
+                    row[key.replace("_ms", "_x")] = base[key] / row[key]
+            if "graph_ms" in row and "eager_ms" in base:
+                row["graph_vs_bf16_eager_x"] = base["eager_ms"] / row["graph_ms"]
+            rows.append(row)
+            print(row, flush=True)
+            del model, args
+            torch.cuda.empty_cache()
+    return rows
+
+
+def models_markdown(rows: list[dict]) -> str:
+    """Table of :func:`run_models` rows."""
+    def f(v: object) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["| model | variant | eager ms | × bf16 eager | graphs ms | × bf16 graphs | graphs × bf16 eager |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {f(r.get('eager_ms'))} | {f(r.get('eager_x'))} | "
+                     f"{f(r.get('graph_ms'))} | {f(r.get('graph_x'))} | {f(r.get('graph_vs_bf16_eager_x'))} |"
+                     + (f" error: {r['error']}" if "error" in r else ""))
+    return "\n".join(lines) + "\n"

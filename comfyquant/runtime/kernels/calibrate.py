@@ -48,16 +48,23 @@ def _host_us(fn: Callable[[], object], n: int = 200) -> float:
 
 
 def _gpu_us(fn: Callable[[], object], reps: int = 10) -> float:
+    """GPU time per call: ``reps`` calls captured in one CUDA graph and replayed (no host launch cost in it)."""
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+        for _ in range(reps):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(reps):
-        fn()
+    for _ in range(3):
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000.0 / reps
+    return start.elapsed_time(end) * 1000.0 / (3 * reps)
 
 
 def _operands(m: int, n: int, k: int, dev: torch.device) -> dict:
@@ -93,7 +100,7 @@ def _paths(o: dict) -> dict[str, Callable[[], object]]:
 def _bandwidth_gbs(dev: torch.device) -> float:
     src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / _gpu_us(lambda: dst.copy_(src), reps=5) / 1e3
+    return 2 * src.numel() / _gpu_us(lambda: dst.copy_(src), reps=4) / 1e3
 
 
 def measure(device: torch.device) -> DeviceCosts:

@@ -9,6 +9,7 @@ weighted by the measured relative throughput of that tile shape, and the best sc
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,9 +26,10 @@ class TileConfig:
     group_m: int = 8
 
 
-# Large tiles for wgmma-class GEMMs; ``speed``: throughput of a full tile relative to 128x256 (H200, int8,
-# measured in the 2026-11-22 sweep's autotune picks: 128x256 and 256x128 won every M >= 4096 shape).
-_BIG = ((TileConfig(128, 256, 128, 8, 3), 1.0), (TileConfig(256, 128, 128, 8, 3), 1.0),
+# Large tiles for wgmma-class GEMMs; ``speed``: throughput of a full tile relative to 256x128 (H200, int8).
+# Measured 2026-12-01 (benchmarks/gpu_session.py tune section, GEMM alone, M=4096): 256x128 / 4 stages won on
+# 9216x3072 (1.50x bf16), 3072x12288 (1.73x) and 13824x5120 (1.62x); 128x256 / 3 stages on 3072x3072 (1.49x).
+_BIG = ((TileConfig(256, 128, 128, 8, 4), 1.0), (TileConfig(128, 256, 128, 8, 3), 1.0),
         (TileConfig(128, 128, 128, 8, 4), 0.85), (TileConfig(64, 256, 128, 4, 4), 0.8),
         (TileConfig(128, 64, 128, 4, 4), 0.62), (TileConfig(64, 128, 128, 4, 4), 0.7),
         (TileConfig(64, 64, 128, 4, 4), 0.5))
@@ -43,6 +45,7 @@ def wave_efficiency(m: int, n: int, bm: int, bn: int, sms: int) -> float:
     return (m * n) / (waves * sms * bm * bn)
 
 
+@functools.lru_cache(maxsize=4096)
 def gemm_config(m: int, n: int, k: int, sms: int, *, hopper: bool = True) -> TileConfig:
     """The W8A8 GEMM tile for an ``[m, k] x [k, n]`` problem on a GPU with ``sms`` multiprocessors."""
     best, best_score = None, -1.0
@@ -54,6 +57,7 @@ def gemm_config(m: int, n: int, k: int, sms: int, *, hopper: bool = True) -> Til
     return best
 
 
+@functools.lru_cache(maxsize=4096)
 def small_m_config(m: int, n: int, k: int, sms: int, *, block_k: int = 128) -> TileConfig:
     """Thin-M tiles (weight-only, fused-quant and W4A8 kernels at small M): enough column tiles to cover the
     SMs, since at small M the weights' bytes are the cost and every SM must stream them."""
@@ -68,16 +72,26 @@ def small_m_config(m: int, n: int, k: int, sms: int, *, block_k: int = 128) -> T
     return TileConfig(bm, bn, bk, 4, 4, group_m=1)
 
 
+@functools.lru_cache(maxsize=4096)
 def w8a16_config(m: int, n: int, k: int, sms: int) -> TileConfig:
     """Weight-only kernel (bf16 x, int8/fp8 W): thin M; wide K (256) at M <= 16 so each load moves 16+ bytes
-    per thread; pipeline depth bounded by shared memory (A bf16 + B int8 per stage, B converted once more)."""
-    cfg = small_m_config(m, n, k, sms, block_k=256 if k % 256 == 0 and m <= 16 else 128)
-    return fit_stages(cfg, a_bytes=2, b_bytes=3)
+    per thread; pipeline depth bounded by shared memory (A bf16 + B int8 per stage; run 1 overflowed at 4 stages
+    of 64x128x256 tiles: 288 KB).
+
+    At M <= 16 the column tile follows the 2026-12-01 H200 tune data (GPU time, 24 configs per shape): 128
+    columns won for N >= 9216 (1.31-1.54x bf16), 32 columns for N = 3072 (0.78-1.11x)."""
+    if m <= 16:
+        bk = 256 if k % 256 == 0 else 128
+        cfg = TileConfig(16, 128 if n >= 8192 else 32, bk, 4, 4 if m == 1 else 3, 1)
+    else:
+        cfg = small_m_config(m, n, k, sms, block_k=128)
+    return fit_stages(cfg, a_bytes=2, b_bytes=1)
 
 
-SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program; the rest of ~227 KB for layout conversions
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program; the rest of ~227 KB for layout conversions
 
 
+@functools.lru_cache(maxsize=4096)
 def fit_stages(cfg: TileConfig, a_bytes: int, b_bytes: int) -> TileConfig:
     """``cfg`` with ``stages`` cut so the pipelined A/B tiles fit the shared-memory budget."""
     per_stage = cfg.block_m * cfg.block_k * a_bytes + cfg.block_k * cfg.block_n * b_bytes

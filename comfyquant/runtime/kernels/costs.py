@@ -62,14 +62,14 @@ class DeviceCosts:
                    tflops=tuple(d["tflops"].items()), measured=d.get("measured", ""))
 
 
-# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by calibrate.measure; see docs/PERFORMANCE.md.
+# Measured on an NVIDIA H200 (torch 2.11+cu130, triton 3.6) by calibrate.measure, 2026-12-01 (run 3 of
+# benchmarks/gpu_session.py; benchmarks/results/costs_run3_h200_2026-12-01.json). Used where measuring is
+# impossible (a capture before anything was measured, off CUDA) and by the CPU tests.
 DEFAULT_COSTS = DeviceCosts(
-    device="NVIDIA H200 (default table)", sms=132, bw_gbs=3600.0, launch_us=2.5,
-    host_us=(("bf16", 25.0), ("triton", 60.0), ("triton_fused", 35.0), ("triton_w8a16", 35.0),
-             ("dequant", 55.0), ("scaled_mm", 70.0), ("w4a8", 60.0), ("torch", 250.0)),
-    tflops=(("bf16", 700.0), ("triton", 1150.0), ("triton_fused", 450.0), ("triton_w8a16", 180.0),
-            ("scaled_mm", 1150.0), ("w4a8", 1000.0), ("torch", 400.0)),
-    measured="defaults (2026-11-22 sweep: docs/PERFORMANCE.md); replaced by calibrate.measure on first use")
+    device="NVIDIA H200 (default table)", sms=132, bw_gbs=4179.0, launch_us=2.5,
+    host_us=(("bf16", 22.0), ("dequant", 76.0), ("scaled_mm", 134.0), ("torch", 370.0), ("triton", 90.0), ("triton_fused", 57.0), ("triton_w8a16", 52.0), ("w4a8", 116.0)),
+    tflops=(("bf16", 819.0), ("scaled_mm", 1351.0), ("triton", 1237.0), ("triton_fused", 167.0), ("triton_w8a16", 356.0), ("w4a8", 390.0)),
+    measured="calibrate.measure on an H200, 2026-12-01; replaced by this device's own measurement on first use")
 
 
 def _kernel(flops: float, nbytes: float, rate: float, eff: float, c: DeviceCosts) -> float:

@@ -54,6 +54,10 @@ def _sb(w_scale: torch.Tensor) -> torch.Tensor:
     return sb if sb.dtype == torch.float32 and sb.is_contiguous() else sb.float().contiguous()
 
 
+def _al(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
 def _contig_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -65,6 +69,7 @@ def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
             and w_q.stride(0) % 16 == 0)
 
 
+@functools.lru_cache(maxsize=4096)
 def pick_w8a8(m: int, n: int, k: int, device: torch.device) -> tuple[TileConfig, bool]:
     """(tile config, use small-M tiles) for the two-launch W8A8 GEMM."""
     sms, major = _facts(device)
@@ -96,11 +101,14 @@ def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: to
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
         _TMA(grid, (a_desc, b_desc, out, s_x, sb, b_arg, m, n, k, out.stride(0), sb.numel() > 1, has_bias, raw,
                     cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m), q.device,
-             num_warps=cfg.warps, num_stages=cfg.stages)
+             num_warps=cfg.warps, num_stages=cfg.stages,
+             key=(cfg, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg)))
     else:
         _W8A8(grid, (q, w_q, out, s_x, sb, b_arg, m, n, k, q.stride(0), w_q.stride(0), out.stride(0),
                      sb.numel() > 1, has_bias, raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
-                     k % cfg.block_k == 0), q.device, num_warps=cfg.warps, num_stages=cfg.stages)
+                     k % cfg.block_k == 0), q.device, num_warps=cfg.warps, num_stages=cfg.stages,
+              key=(cfg, out.dtype, n, k, q.stride(0), w_q.stride(0), out.stride(0), sb.numel() > 1, has_bias, raw,
+                   _al(q), _al(w_q), _al(sb), _al(b_arg)))
     return out
 
 
@@ -136,7 +144,9 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
         _FUSED(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
                       out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
                       cfg.group_m, k % cfg.block_k == 0, chunk), x.device, num_warps=cfg.warps,
-               num_stages=cfg.stages)
+               num_stages=cfg.stages, key=(cfg, chunk, x2d.dtype, out_dtype, n, k, x2d.stride(0), w_q.stride(0),
+                                           sb.numel() > 1, bias is not None, _al(x2d), _al(w_q), _al(sb),
+                                           bias is None or _al(bias)))
     return out.reshape(*lead, n)
 
 
@@ -157,7 +167,9 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         _W8A16(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
                       out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-                      cfg.group_m, k % cfg.block_k == 0), x.device, num_warps=cfg.warps, num_stages=cfg.stages)
+                      cfg.group_m, k % cfg.block_k == 0), x.device, num_warps=cfg.warps, num_stages=cfg.stages,
+               key=(cfg, x2d.dtype, w_q.dtype, out_dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1,
+                    bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias)))
     return out.reshape(*lead, n)
 
 
@@ -170,7 +182,7 @@ def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dty
     bn, bk = 32, 256
     _DEQUANT((triton.cdiv(n, bn), triton.cdiv(k, bk)), (w_q, sb, out, n, k, w_q.stride(0), out.stride(0),
                                                        sb.numel() > 1, bn, bk), w_q.device, num_warps=4,
-             num_stages=1)
+             num_stages=1, key=(w_q.dtype, dtype, n, k, w_q.stride(0), sb.numel() > 1, _al(w_q), _al(sb)))
     return out
 
 
@@ -204,5 +216,7 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         _W4A8(grid, (q, w_packed, out, s_x, sb, bias if bias is not None else sb, m, n, k, q.stride(0),
                      w_packed.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n,
-                     cfg.block_k, cfg.group_m), x.device, num_warps=cfg.warps, num_stages=cfg.stages)
+                     cfg.block_k, cfg.group_m), x.device, num_warps=cfg.warps, num_stages=cfg.stages,
+              key=(cfg, out_dtype, n, k, w_packed.stride(0), sb.numel() > 1, bias is not None, _al(w_packed), _al(sb),
+                   bias is None or _al(bias)))
     return out.reshape(*lead, n)

@@ -133,7 +133,9 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
     static = static_scale if static_scale is not None else scale
     warps = 8 if block >= 4096 else 4
     _ACT((m,), (x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax, block, chunks, _stages(group),
-                mode, perm), x2d.device, num_warps=warps, num_stages=3)
+                mode, perm), x2d.device, num_warps=warps, num_stages=3,
+         key=(block, chunks, _stages(group), mode, perm, x2d.dtype, out_dtype, k, x2d.stride(0),
+              x2d.data_ptr() % 16 == 0, static_scale is not None))
     return out, scale
 
 
