@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -49,6 +50,9 @@ class ConvertOptions:
     force: bool = False
     block_size: int = 128
     progress: bool = True
+    optimizer: Any = None  # comfyquant.optimize.OptimizerConfig (None: round to nearest)
+    calibration: str | None = None  # calibration file, or "synthetic"
+    calibration_lora: str | None = None
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(self.format, self.model, self.layer_config, self.block_size)
@@ -167,8 +171,10 @@ def weight_stats(x: torch.Tensor, qw: QuantizedWeight, limit: int, block: int) -
 class _Streamer:
     """Runs one plan against one reader and writer, producing the per-layer reports."""
 
-    def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device) -> None:
+    def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device,
+                 hooks: Any = None) -> None:
         self.reader, self.plan, self.opts, self.device = reader, plan, opts, device
+        self.hooks = hooks  # comfyquant.convert.optimizing.OptimizeHooks, or None for plain RTN
 
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
@@ -205,13 +211,22 @@ class _Streamer:
             return rep
         t = self.reader.get(e.name)
         if e.action == KEEP:
-            w.write(e.name, t)
+            w.write(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))
             return rep
         x = t.to(self.device)
         block = int((e.comfy_quant or {}).get("group_size", self.plan.block_size))
         self.check(e, problem(e, x))
+        if self.hooks is not None:
+            x = self.hooks.rewrite(e.name, x)
         if e.action == CAST:
             qw = quantize_weight(x, e.format or self.plan.format)
+        elif self.hooks is not None:
+            qw = QuantizedWeight(get_format(e.format or self.plan.format), self.hooks.quantize(e, x),
+                                 dict(e.comfy_quant or {}))
+            res = self.hooks.results.get(e.layer)
+            if res is not None:
+                rep.optimizer, rep.optimizer_gain_db = res.method, res.gain_db
+                rep.notes = list(self.hooks.layer_notes.get(e.layer, []))
         else:
             conf = e.comfy_quant or {}
             qw = quantize_rows(x, get_format(e.format or self.plan.format), block_size=block,
@@ -252,14 +267,21 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
                 "comfyquant.model": plan.preset}
     notes: list[str] = []
+    from comfyquant.convert.optimizing import make_hooks
+
+    hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora)
+    if hooks is not None:
+        notes.extend(hooks.notes)
+        metadata["comfyquant.optimizer"] = opts.optimizer.method
     try:
-        layers = _Streamer(reader, plan, opts, device).run(out, metadata)
+        layers = _Streamer(reader, plan, opts, device, hooks).run(out, metadata)
     except _KeepInstead:
         overrides = _scan_problems(reader, plan, device)
         plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata, overrides=overrides)
         notes.append(f"{len(overrides)} layer(s) kept in high precision because of --force: "
                      + ", ".join(overrides))
-        layers = _Streamer(reader, plan, opts, device).run(out, metadata)
+        hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora)
+        layers = _Streamer(reader, plan, opts, device, hooks).run(out, metadata)
     sampled = [x for x in layers if x.stats_rows is not None]
     if sampled:
         notes.append(f"error statistics of {len(sampled)} large layer(s) computed on a sample of evenly spaced "
