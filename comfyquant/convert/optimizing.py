@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -39,15 +38,6 @@ def synthetic_stats(k: int, seed: int, reservoir: int = 64) -> LayerStats:
     return s
 
 
-def conf_params(entry: PlanEntry) -> dict[str, Any]:
-    """The registry parameters of a planned quantized layer (from its ``comfy_quant`` and outputs)."""
-    fmt = get_format(entry.format or "int8")
-    params = fmt.params_from_conf(entry.comfy_quant or {"format": fmt.comfy_format})
-    if any(s.name.endswith(".input_scale") for s in entry.outputs):
-        params["input_scale"] = True
-    return params
-
-
 @dataclass
 class OptimizeHooks:
     """Per-conversion state: where statistics come from, the smoothing plan, cached bias-corrected layers."""
@@ -69,7 +59,10 @@ class OptimizeHooks:
             t = self.smooth.rewrite(name, t)
         layer = name.removesuffix(".bias")
         if name.endswith(".bias") and self.config.bias_correction and f"{layer}.weight" in self.entries:
-            res = self._run(self.entries[f"{layer}.weight"])
+            try:
+                res = self._run(self.entries[f"{layer}.weight"])
+            except LayerFallback:
+                return t  # the weight stays in high precision; its own entry reports why
             if res.bias_delta is not None:
                 t = (t.double() + res.bias_delta.to(device=t.device, dtype=torch.float64)).to(t.dtype)
         return t
@@ -90,13 +83,8 @@ class OptimizeHooks:
         stats = self.stats_of(layer)
         if self.smooth is not None:
             stats = self.smooth.stats_for(layer, stats)
-        params = conf_params(entry)
-        try:
-            res = optimize(layer, x, entry.format or "int8", params, stats, self.config, self.lora.get(layer))
-        except LayerFallback as e:
-            rtn = self.config.with_(method="rtn", bias_correction=False)
-            res = optimize(layer, x, entry.format or "int8", params, None, rtn)
-            res.notes.append(f"{e.reason}; RTN used")
+        res = optimize(layer, x, entry.format or "int8", dict(entry.params), stats, self.config,
+                       self.lora.get(layer))
         if self.config.bias_correction and res.bias_delta is not None and f"{layer}.bias" not in self.reader.infos:
             res.notes.append("bias correction: the layer has no bias to move the mean error into")
         self.results[layer] = res
@@ -106,14 +94,21 @@ class OptimizeHooks:
 
 
 def add_input_scales(plan: Plan) -> int:
-    """Plan a static ``input_scale`` for every FP8 layer (activation calibration); returns how many."""
+    """Plan a static ``input_scale`` for every layer whose format stores one (FP8, activation calibration):
+    the format's ``input_scale`` option, its slots re-read from the registry; returns how many."""
     n = 0
     for e in plan.entries:
-        if e.action != QUANTIZE or not (e.format or "").startswith("fp8"):
+        if e.action != QUANTIZE or e.params.get("input_scale"):
             continue
-        if any(s.name.endswith(".input_scale") for s in e.outputs):
+        fmt = get_format(e.format or "int8")
+        shape = (e.shape[0], e.shape[1])
+        params = {**e.params, **fmt.resolve(shape, {**e.params, "input_scale": True})}
+        slots = fmt.slots(shape, params)
+        if not any(s.suffix == "input_scale" for s in slots):
             continue
-        e.outputs.insert(2, TensorSpec(f"{e.layer}.input_scale", torch.float32, ()))
+        e.params = params
+        cq = [s for s in e.outputs if s.name == f"{e.layer}.comfy_quant"]
+        e.outputs = [TensorSpec(f"{e.layer}.{s.suffix}", s.dtype, s.shape) for s in slots] + cq
         n += 1
     return n
 

@@ -70,6 +70,10 @@ class QuantFormat:
     rotated: bool = False
     # Nominal storage cost, for the size budget of automatic precision (bits per weight element, scales aside).
     bits: float = 8.0
+    # Layer options ``resolve`` reads besides the common flags (``convrot_groupsize``, ``block_size``, ...).
+    options: tuple[str, ...] = ()
+    # The format a layer falls back to when its shape cannot take this one (None: keep it in high precision).
+    fallback: str | None = None
 
     # ---- identity ----------------------------------------------------------------------------------------
     @property
@@ -187,7 +191,7 @@ class QuantFormat:
                 problems.append(f"{slot.suffix} is {_dt(dtype)}, format {self.comfy_format} stores {_dt(slot.dtype)}")
             if not self.shape_ok(slot, tuple(shp)):
                 problems.append(f"{slot.suffix} shape {list(shp)} does not match weight {list(w[1])} "
-                                f"(want {self.describe_shape(slot)})")
+                                f"(want {self.describe_shape(slot, params)})")
         return problems
 
     def logical_shape(self, stored: tuple[int, ...], params: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -198,7 +202,7 @@ class QuantFormat:
         """Whether a stored tensor's shape is acceptable for ``slot`` (formats accept equivalent spellings)."""
         return got == slot.shape
 
-    def describe_shape(self, slot: TensorSlot) -> str:
+    def describe_shape(self, slot: TensorSlot, params: Mapping[str, Any]) -> str:
         return str(list(slot.shape)) if slot.shape else "a scalar"
 
 
@@ -305,7 +309,9 @@ class AffineFormat(QuantFormat):
     def element_scale(self, scales: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                       shape: tuple[int, int], cols: slice = slice(None)) -> torch.Tensor:
         s = scales["weight_scale"].float()
-        block = scaling.infer_block(tuple(s.shape), shape, params.get("block_size"))
+        block = self.block(shape, params)
+        if s.numel() != math.prod(scaling.grid_shape(shape, block)):
+            block = scaling.infer_block(tuple(s.shape), shape)  # other tools' per-row / per-tensor scales
         return scaling.expand(s, block, shape, cols)
 
     def grid(self, w_t: torch.Tensor, params: Mapping[str, Any]) -> LayerGrid:
@@ -318,6 +324,10 @@ class AffineFormat(QuantFormat):
             raise ValueError(f"format {self.comfy_format} needs a weight_scale")
         work = torch.float64 if dtype == torch.float64 else torch.float32
         codes = self.unpack(tensors["weight"], params)
+        if codes.dim() != 2 and tensors["weight_scale"].numel() == 1 and not self.rotated:
+            # a reshaped view of a scalar-scaled weight (runtime views): elementwise, any shape
+            scale = tensors["weight_scale"].to(work).reshape(())
+            return (self.element_grid.values(codes, work) * scale).to(dtype)
         shape = (codes.shape[0], codes.shape[1])
         w_t = self.element_grid.values(codes, work) * self.element_scale(tensors, params, shape).to(work)
         return self.untransform(w_t, params).to(dtype)
@@ -333,11 +343,13 @@ class AffineFormat(QuantFormat):
         out["weight"] = w[rows]
         s = tensors.get("weight_scale")
         if s is not None and s.numel() > 1:
-            bn = self.block((w.shape[0], 1), params)[0] or w.shape[0]
+            n = w.shape[0]
+            bn = self.block((n, 1), params)[0] or n
             groups = torch.unique(rows // bn)
-            if bn > 1 and not torch.equal(groups.repeat_interleave(bn)[: len(rows)], rows):
-                return None  # rows must be whole row groups
-            out["weight_scale"] = s[groups] if bn > 1 else s[rows]
+            whole = (groups[:, None] * bn + torch.arange(bn, device=rows.device)[None, :]).reshape(-1)
+            if not torch.equal(whole[whole < n], rows):
+                return None  # rows must be whole row groups, in order
+            out["weight_scale"] = s[groups]
         return out
 
 

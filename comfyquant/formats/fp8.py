@@ -18,6 +18,7 @@ class Fp8Format(AffineFormat):
 
     kernel_kind = "fp8"
     bits = 8.0
+    options = ("input_scale",)
 
     def __init__(self, name: str, grid: FloatGrid, comfy_format: str, description: str,
                  aliases: tuple[str, ...]) -> None:
@@ -44,8 +45,10 @@ class Fp8Format(AffineFormat):
             return len(got) == 1 or got[1] == 1
         return super().shape_ok(slot, got)
 
-    def describe_shape(self, slot: TensorSlot) -> str:
-        return "a scalar" if slot.suffix in ("weight_scale", "input_scale") else super().describe_shape(slot)
+    def describe_shape(self, slot: TensorSlot, params: Mapping[str, Any]) -> str:
+        if slot.suffix in ("weight_scale", "input_scale"):
+            return "a scalar"
+        return super().describe_shape(slot, params)
 
     def row_chunk(self, params: Mapping[str, Any]) -> int | None:
         return None

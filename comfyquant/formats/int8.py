@@ -54,6 +54,8 @@ class Int8Format(AffineFormat):
                  aliases: tuple[str, ...] = ()) -> None:
         self.name, self.per_row, self.rotated = name, per_row, rotated
         self.description, self.aliases = description, aliases
+        self.options = ("convrot_groupsize",) if rotated else ()
+        self.fallback = "int8" if rotated else None
 
     def block(self, shape: tuple[int, int], params: Mapping[str, Any]) -> Block:
         return (1, None) if self.per_row else (None, None)
@@ -122,6 +124,7 @@ class Int8BlockFormat(AffineFormat):
     storage_dtype = torch.int8
     element_grid = INT8
     bits = 8.0
+    options = ("block_size",)
     description = "INT8 with one fp32 scale per (block x block) tile; not loadable by stock ComfyUI 0.30"
 
     def block(self, shape: tuple[int, int], params: Mapping[str, Any]) -> Block:
@@ -153,8 +156,10 @@ class Int8BlockFormat(AffineFormat):
         q, s = int8_math.quantize_blockwise(_work(w), int(params["block_size"]))
         return {"weight": q, "weight_scale": s}
 
-    def describe_shape(self, slot: Any) -> str:
-        return f"{list(slot.shape)} for its group_size" if slot.suffix == "weight_scale" else super().describe_shape(slot)
+    def describe_shape(self, slot: Any, params: Mapping[str, Any]) -> str:
+        if slot.suffix == "weight_scale":
+            return f"{list(slot.shape)} for group_size {params['block_size']}"
+        return super().describe_shape(slot, params)
 
     def kernel_args(self, tensors: Mapping[str, torch.Tensor | None],
                     params: Mapping[str, Any]) -> tuple[tuple[torch.Tensor | None, ...], tuple[int, ...]]:

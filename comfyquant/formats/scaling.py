@@ -60,8 +60,8 @@ def expand(scale: torch.Tensor, block: Block, shape: tuple[int, int], cols: slic
     return g
 
 
-def infer_block(scale_shape: tuple[int, ...], shape: tuple[int, int], block_size: int | None) -> Block:
-    """The block a stored scale tensor implies: scalar -> tensor, ``[N,1]``/``[N]`` -> rows, else tiles."""
+def infer_block(scale_shape: tuple[int, ...], shape: tuple[int, int]) -> Block:
+    """The block a stored per-tensor or per-row scale implies: scalar -> tensor, ``[N,1]``/``[N]`` -> rows."""
     n, _ = shape
     numel = 1
     for d in scale_shape:
@@ -70,6 +70,5 @@ def infer_block(scale_shape: tuple[int, ...], shape: tuple[int, int], block_size
         return (None, None)
     if tuple(scale_shape) in ((n, 1), (n,)):
         return (1, None)
-    if block_size is None:
-        raise ValueError(f"scale shape {tuple(scale_shape)} needs a block size for weight {tuple(shape)}")
-    return (block_size, block_size)
+    raise ValueError(f"scale shape {tuple(scale_shape)} fits neither per-tensor nor per-row scales of a "
+                     f"{tuple(shape)} weight")
