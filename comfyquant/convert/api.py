@@ -13,7 +13,7 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
             force: bool = False, block_size: int = 128, progress: bool = True,
-            fallback: str | None = None, optimizer: Any = None, calibration: str | Path | None = None,
+            fallback: str | None = None, optimizer: Any = None, calibration: Any = None,
             calibration_lora: str | Path | None = None) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
@@ -36,7 +36,7 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
                           low_memory=low_memory, force=force, block_size=block_size, progress=progress,
                           fallback=fallback, optimizer=optimizer,
-                          calibration=None if calibration is None else str(calibration),
+                          calibration=str(calibration) if isinstance(calibration, str | Path) else calibration,
                           calibration_lora=None if calibration_lora is None else str(calibration_lora))
     result = run_conversion(input, output, opts)
     if report is not None:

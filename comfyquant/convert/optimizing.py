@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -114,8 +115,9 @@ def add_input_scales(plan: Plan) -> int:
 
 
 def make_hooks(reader: CheckpointReader, plan: Plan, config: OptimizerConfig | None,
-               calibration: str | None, calibration_lora: str | None = None) -> OptimizeHooks | None:
-    """The optimizer hooks of one conversion, or None when nothing but RTN is asked for."""
+               calibration: Any, calibration_lora: str | None = None) -> OptimizeHooks | None:
+    """The optimizer hooks of one conversion, or None when nothing but RTN is asked for. ``calibration`` is a
+    file path, ``"synthetic"``, or an in-memory source with ``.get(layer) -> LayerStats | None``."""
     if config is None or (not config.needs_calibration and calibration_lora is None):
         if calibration is not None:
             raise UserError("--calibration is given but nothing uses it: add --optimizer gptq|learned|quip, "
@@ -139,6 +141,12 @@ def make_hooks(reader: CheckpointReader, plan: Plan, config: OptimizerConfig | N
                 cache.clear()
                 cache[layer] = synthetic_stats(shapes[layer][1], config.seed)
             return cache[layer]
+    elif not isinstance(calibration, str):  # an in-memory source: CalibrationStats, or anything with .get(layer)
+        src = calibration
+        notes.append(f"calibration: in-memory statistics ({getattr(src, 'meta', {}).get('source', 'unknown source')})")
+
+        def stats_of(layer: str) -> LayerStats | None:
+            return src.get(layer)
     else:
         calib = CalibrationFile(calibration)
         check_compatible(calib, shapes, calibration)

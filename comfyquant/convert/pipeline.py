@@ -53,7 +53,7 @@ class ConvertOptions:
     progress: bool = True
     fallback: str | None = None
     optimizer: Any = None  # comfyquant.optimize.OptimizerConfig (None: round to nearest)
-    calibration: str | None = None  # calibration file, or "synthetic"
+    calibration: Any = None  # calibration file, "synthetic", or in-memory statistics (``.get(layer)``)
     calibration_lora: str | None = None
 
     def plan_options(self) -> PlanOptions:
