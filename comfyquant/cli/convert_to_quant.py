@@ -237,7 +237,8 @@ def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: i
             report = convert(a.input, stage, force=True, **kwargs)
             edit_checkpoint(stage, target, to_header_metadata=True, keep_layer_metadata=True, force=a.force)
         finally:
-            stage.unlink(missing_ok=True)
+            if stage.exists():  # not created in a read-only folder, where even unlink(missing_ok) fails (EROFS)
+                stage.unlink()
     print(report.to_text())
     print(f"wrote {out}")
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comfyquant.errors import UserError
+from comfyquant.io.writer import write_small_file
 
 
 @dataclass
@@ -89,10 +89,7 @@ class Report:
 
     def to_json(self, path: str | Path) -> None:
         """Write the report as JSON (``inf`` SQNR of exact layers written as the string "inf")."""
-        try:
-            Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot write report {path}: {e.strerror or e}") from None
+        write_small_file(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     # -- text -----------------------------------------------------------------------------------------------
     def to_text(self) -> str:

@@ -6,7 +6,6 @@ Loading the template unchanged as ``--layer-config`` reproduces the preset's pla
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from comfyquant.convert.layer_config import rules_to_json
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, PlanOptions, build_plan
 from comfyquant.errors import UserError
 from comfyquant.io.reader import CheckpointReader
+from comfyquant.io.writer import write_small_file
 from comfyquant.quant.formats import FORMATS
 
 COMMENT = ("comfyquant layer config: rules apply in order, first match wins; 'pattern' is a regex searched in "
@@ -63,11 +63,5 @@ def write_template(input: str | Path, output: str | Path, model: str = "auto", f
     rules, top = template_rules(input, model, fmt, block_size, layer_config)
     if not rules:
         raise UserError(f"{input}: no 2-D linear weights to list in a layer-config template")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(rules_to_json(rules, **top), encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    write_small_file(out, rules_to_json(rules, **top))
     return len(rules)
