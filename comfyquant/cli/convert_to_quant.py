@@ -16,6 +16,8 @@ from typing import NoReturn
 
 from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
+from comfyquant.progress import HELP as PROGRESS_HELP
+from comfyquant.progress import Progress
 
 PROG = "convert_to_quant"
 
@@ -55,6 +57,8 @@ UNSUPPORTED = (
     "verbose_pinned help_learned help_experimental help_filters help_advanced help_modes help_lora "
     "hl he hf ha hm hlr"
 ).split()
+
+PROGRESS = Progress(prog=PROG)  # a bar on a terminal, plain lines in a redirected stderr; warnings always
 
 SCALING = {"tensor": "int8-tensor", "axis": "int8", "row": "int8", "block": "int8-block", "block2d": "int8-block"}
 _SCALING_SUFFIX = {"int8-tensor": "_tensorwise", "int8": "_rowwise", "int8-rot": "_rowwise"}
@@ -114,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_alts("manual_seed"), type=int, dest="manual_seed",
                    help="accepted for compatibility; round-to-nearest uses no randomness")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS)
+    p.add_argument(*_alts("strict_preset"), action="store_true", dest="strict_preset",
+                   help="make a model flag whose preset does not fit the file an error (exit 2) instead of a warning")
+    p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS) + ". " + PROGRESS_HELP
     return p
 
 
@@ -199,18 +205,22 @@ def run(argv: Sequence[str]) -> int:
     block = a.block_size or 128
     if a.dry_run == "analyze":
         from comfyquant.convert.inspect import inspect_checkpoint
+        from comfyquant.convert.preset_check import preset_warning
 
-        print(inspect_checkpoint(a.input, model=model, fmt=fmt, block_size=block,
-                                 layer_config=a.layer_config).to_text())
+        result = inspect_checkpoint(a.input, model=model, fmt=fmt, block_size=block, layer_config=a.layer_config)
+        warning = preset_warning(a.input, model, a.strict_preset, PROGRESS)
+        if warning is not None:
+            result.notes.append(warning)
+        print(result.to_text())
     elif a.dry_run == "create-template":
         from comfyquant.convert.template import write_template
 
         out = a.output or default_output(a.input, "_layer_config_template.json")
         n = write_template(a.input, out, model=model, fmt=fmt, block_size=block, force=a.force,
-                           layer_config=a.layer_config)
+                           layer_config=a.layer_config, strict_preset=a.strict_preset, progress=PROGRESS)
         print(f"wrote {out} ({n} rules)")
     else:
-        if not a.comfy_quant:
+        if not a.comfy_quant and fmt != "fp16":  # a plain fp16 cast carries no comfy_quant metadata at all
             notes.append("comfyquant always writes per-layer comfy_quant metadata (--comfy_quant is implied)")
         out = a.output or default_output(a.input, conversion_suffix(fmt, block, model != "auto"))
         _run_convert(a, out, fmt, model, block)
@@ -223,7 +233,8 @@ def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: i
     from comfyquant.convert.api import convert
 
     kwargs = {"format": fmt, "model": model, "layer_config": a.layer_config, "device": a.device,
-              "low_memory": a.low_memory, "block_size": block}
+              "low_memory": a.low_memory, "block_size": block, "progress": PROGRESS,
+              "strict_preset": a.strict_preset}
     if not a.save_quant_metadata:
         report = convert(a.input, out, force=a.force, **kwargs)
     else:  # convert next to the output, then add the header entry while keeping the per-layer tensors

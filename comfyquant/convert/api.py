@@ -6,23 +6,29 @@ from pathlib import Path
 
 from comfyquant.convert.pipeline import ConvertOptions, run_conversion
 from comfyquant.convert.report import Report
+from comfyquant.progress import Progress, as_progress
 
 
 def convert(input: str | Path, output: str | Path, format: str = "int8", model: str = "auto",
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
-            force: bool = False, block_size: int = 128, progress: bool = True) -> Report:
+            force: bool = False, block_size: int = 128, progress: bool | Progress = True,
+            strict_preset: bool = False) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
-    Raises :class:`comfyquant.errors.UserError` for bad input or usage.
+    ``progress``: True (a bar on a terminal, else lines on stderr), False (none) or a
+    :class:`comfyquant.progress.Progress`. An explicit ``model`` that does not fit the file is a warning (stderr
+    and the report's notes), or with ``strict_preset`` an error. Raises :class:`comfyquant.errors.UserError`
+    for bad input or usage.
     """
     if plot is not None:
         from comfyquant.convert.plot import require_matplotlib
 
         require_matplotlib()
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
-                          low_memory=low_memory, force=force, block_size=block_size, progress=progress)
+                          low_memory=low_memory, force=force, block_size=block_size,
+                          progress=as_progress(progress), strict_preset=strict_preset)
     result = run_conversion(input, output, opts)
     if report is not None:
         result.to_json(report)

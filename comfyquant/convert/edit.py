@@ -222,7 +222,7 @@ def edit_checkpoint(path: str | Path, output: str | Path, remove_keys: Iterable[
                      "none" if not st.layers else "header" if to_header_metadata else "layer",
                      removed_tensors=drop_tensors)
     changed = _remove_config_keys(st, [k for k in keys if k not in reader.infos], res, reader.path)
-    _check_layers(reader, st, set(drop_tensors), res)
+    _check_layers(reader, st, set(drop_tensors), res, force)
     specs, sources = _output_plan(reader, st, set(drop_tensors), changed, to_header_metadata and
                                   not keep_layer_metadata)
     metadata = dict(reader.metadata)
@@ -267,23 +267,42 @@ def _remove_config_keys(st: QuantState, keys: list[str], res: EditResult, path: 
     return changed
 
 
-def _check_layers(reader: CheckpointReader, st: QuantState, dropped: set[str], res: EditResult) -> None:
-    """Notes for layers the edit leaves in a state ComfyUI cannot load (the user asked for it)."""
-    present = {st.renames.get(n, n) for n in reader.infos if n not in dropped and n not in st.dropped}
-    needs_scale = ("int8_tensorwise", "int8_blockwise", "float8_e4m3fn", "float8_e5m2")
+def _check_layers(reader: CheckpointReader, st: QuantState, dropped: set[str], res: EditResult,
+                  force: bool) -> None:
+    """Refuse an edit that breaks a layer for ComfyUI's loader (a quantized weight left without its scale, a
+    config without its weight) unless ``force``; then, and for layers the input already had broken, a note."""
+    before = {st.renames.get(n, n) for n in reader.infos if n not in st.dropped}
+    after = {n for n in before if n not in {st.renames.get(d, d) for d in dropped}}
+    broken: list[str] = []
     for layer, conf in st.layers.items():
-        if f"{layer}.weight" not in present:
-            res.notes.append(f"'{layer}' has a comfy_quant config but no '{layer}.weight' tensor")
-        elif conf.get("format") in needs_scale and f"{layer}.weight_scale" not in present:
-            res.notes.append(f"'{layer}' ({conf['format']}) has no weight_scale; ComfyUI will fail to load it")
+        was, now = _load_problem(layer, conf, before), _load_problem(layer, conf, after)
+        if was is not None:
+            res.notes.append(f"'{layer}' has {was} in the input already: ComfyUI will fail to load it")
+        elif now is not None:
+            broken.append(f"'{layer}' would have {now}")
+    if broken and not force:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise UserError(f"{broken[0]}{more}: ComfyUI cannot load that file; keep those tensors, or pass --force "
+                        "to write it anyway")
+    res.notes += [f"{b}: ComfyUI will fail to load it (written because of --force)" for b in broken]
     for n in dropped:
-        if n.endswith(".weight") and n[: -len(".weight")] in st.layers:
-            res.notes.append(f"removed '{n}' but kept its comfy_quant config")
         if n.endswith(QUANT_SUFFIX):
             w = reader.infos.get(n[: -len(QUANT_SUFFIX)] + ".weight")
             if w is not None and w.dtype in (torch.int8, *_FP8_FORMATS):
                 res.notes.append(f"removed '{n}': its {str(w.dtype).removeprefix('torch.')} weight will load as "
                                  "a plain (unscaled) weight")
+
+
+_NEEDS_SCALE = ("int8_tensorwise", "int8_blockwise", "float8_e4m3fn", "float8_e5m2")
+
+
+def _load_problem(layer: str, conf: dict[str, Any], present: set[str]) -> str | None:
+    """What ComfyUI's loader would miss for this layer among the ``present`` tensor names, or None."""
+    if f"{layer}.weight" not in present:
+        return f"a comfy_quant config but no '{layer}.weight' tensor"
+    if conf.get("format") in _NEEDS_SCALE and f"{layer}.weight_scale" not in present:
+        return f"no weight_scale for its {conf['format']} weight"
+    return None
 
 
 def _output_plan(reader: CheckpointReader, st: QuantState, dropped: set[str], changed: set[str],

@@ -12,13 +12,11 @@ GPU memory after every tensor.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from comfyquant import __version__
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
@@ -27,6 +25,8 @@ from comfyquant.errors import NonFiniteWeightError, UserError
 from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader, resolve_input
 from comfyquant.io.writer import StreamingWriter
+from comfyquant.presets.fit import check_model_choice
+from comfyquant.progress import Progress
 from comfyquant.quant.formats import FormatSpec, get_format
 from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
 from comfyquant.quant.quantize import QuantizedWeight, dequantize_weight, quantize_weight
@@ -48,7 +48,8 @@ class ConvertOptions:
     low_memory: bool = False
     force: bool = False
     block_size: int = 128
-    progress: bool = True
+    progress: Progress = field(default_factory=Progress)
+    strict_preset: bool = False
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(self.format, self.model, self.layer_config, self.block_size)
@@ -160,6 +161,9 @@ def weight_stats(x: torch.Tensor, qw: QuantizedWeight, limit: int, block: int) -
     """Error of the stored weight vs the float weight; on a row sample when it has more than ``limit`` elements."""
     if x.numel() <= limit:
         return error_stats(x, dequantize_weight(qw.tensors, qw.comfy_quant)), None
+    if x.dim() != 2:  # a cast of a 1-D / conv tensor: sample rows of a 2-D view of it
+        x = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+        qw = QuantizedWeight(qw.fmt, {"weight": qw.tensors["weight"].reshape(x.shape)}, qw.comfy_quant)
     ref, tensors, rows = _sample(x, qw, limit, block)
     return error_stats(ref, dequantize_weight(tensors, qw.comfy_quant)), rows
 
@@ -172,19 +176,16 @@ class _Streamer:
 
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
-        n = len(self.plan.entries)
+        entries = self.plan.entries
         with StreamingWriter(output, self.plan.specs, metadata, overwrite=self.opts.force,
                              background=True) as w, \
-                tqdm(total=self.plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                     desc="converting", disable=not self.opts.progress, dynamic_ncols=True) as bar:
-            entries = self.plan.entries
+                self.opts.progress.task("convert", len(entries), "tensors", total_bytes=self.plan.bytes_in) as bar:
             for i, e in enumerate(entries):
                 nxt = next((x for x in entries[i + 1:i + 3] if x.action != DROP), None)
                 if nxt is not None:
                     self.reader.prefetch(nxt.name)
                 layers.append(self.process(e, w))
-                bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
-                bar.update(e.bytes_in)
+                bar.update(1, e.bytes_in)
                 if self.opts.low_memory and self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return layers
@@ -230,14 +231,18 @@ class _Streamer:
         return rep
 
 
-def _scan_problems(reader: CheckpointReader, plan: Plan, device: torch.device) -> dict[str, str]:
+def _scan_problems(reader: CheckpointReader, plan: Plan, device: torch.device,
+                   progress: Progress) -> dict[str, str]:
     """Every quantize/cast weight that cannot be converted, with the reason (only run under ``--force``)."""
     found = {}
-    for e in plan.entries:
-        if e.action in (QUANTIZE, CAST):
+    todo = [e for e in plan.entries if e.action in (QUANTIZE, CAST)]
+    nbytes = sum(e.bytes_in for e in todo)
+    with progress.task("checking for NaN/Inf", len(todo), "tensors", total_bytes=nbytes) as bar:
+        for e in todo:
             why = problem(e, reader.get(e.name).to(device))
             if why:
                 found[e.name] = f"kept in high precision: {why} (--force)"
+            bar.update(1, e.bytes_in)
     return found
 
 
@@ -248,14 +253,18 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     reader = CheckpointReader(resolve_input(input))
     check_paths(reader, out, opts.force)
     device = resolve_device(opts.device)
+    mismatch = check_model_choice(opts.model, reader.shapes(), opts.strict_preset)
     plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
     metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
                 "comfyquant.model": plan.preset}
     notes: list[str] = []
+    if mismatch is not None:
+        opts.progress.warn(mismatch)  # before the work starts, so a wrong --model can be stopped at once
+        notes.append(mismatch)
     try:
         layers = _Streamer(reader, plan, opts, device).run(out, metadata)
     except _KeepInstead:
-        overrides = _scan_problems(reader, plan, device)
+        overrides = _scan_problems(reader, plan, device, opts.progress)
         plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata, overrides=overrides)
         notes.append(f"{len(overrides)} layer(s) kept in high precision because of --force: "
                      + ", ".join(overrides))
