@@ -140,3 +140,6 @@ class Task:
             parts.append(f"{self.count / elapsed:.1f} {self.unit}/s")
         tail = f" in {elapsed:.1f} s" if done else f", {elapsed:.0f} s so far"
         print(f"{self.p.prog}: {self.desc}: {', '.join(parts)}{tail}", file=self.p.out, flush=True)
+
+
+QUIET = Progress(mode="off")  # no progress output (warnings still print): the API's and the tests' default

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write per-layer comfy_quant metadata (always on in comfyquant)")
     p.add_argument("--int8", action="store_true", help="INT8 weights (the default)")
     p.add_argument("--simple", action="store_true", help="round to nearest (what comfyquant always does)")
-    p.add_argument("--fp16", action="store_true", help="cast the quantizable layers to float16 instead")
+    p.add_argument("--fp16", action="store_true", help="store every floating tensor as float16 instead")
     p.add_argument("--convrot", action="store_true",
                    help="INT8 per-row with group-wise Hadamard rotation (comfyquant format int8-rot)")
     p.add_argument(*_alts("scaling_mode"), dest="scaling_mode", choices=sorted(SCALING),
