@@ -13,10 +13,12 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
             force: bool = False, block_size: int = 128, progress: bool | Progress = True,
-            strict_preset: bool = False) -> Report:
+            fallback: str | None = None, strict_preset: bool = False) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
+    ``fallback`` is where a layer goes when its shape cannot take ``format`` (a format name, or "none" to keep
+    it in high precision; default: the format's own fallback, e.g. int8-rot -> int8).
     ``progress``: True (a bar on a terminal, else lines on stderr), False (none) or a
     :class:`comfyquant.progress.Progress`. An explicit ``model`` that does not fit the file is a warning (stderr
     and the report's notes), or with ``strict_preset`` an error. Raises :class:`comfyquant.errors.UserError`
@@ -28,7 +30,7 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
         require_matplotlib()
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
                           low_memory=low_memory, force=force, block_size=block_size,
-                          progress=as_progress(progress), strict_preset=strict_preset)
+                          progress=as_progress(progress), fallback=fallback, strict_preset=strict_preset)
     result = run_conversion(input, output, opts)
     if report is not None:
         result.to_json(report)

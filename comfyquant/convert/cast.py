@@ -6,8 +6,8 @@ from typing import Protocol
 
 import torch
 
+from comfyquant.formats import get_format
 from comfyquant.io.writer import TensorSpec
-from comfyquant.quant.formats import get_format
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KEPT = "not quantized ("

@@ -15,14 +15,14 @@ from comfyquant.convert.layer_config import rules_to_json
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, PlanOptions, build_plan
 from comfyquant.convert.preset_check import preset_warning
 from comfyquant.errors import UserError
+from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.io.reader import CheckpointReader
 from comfyquant.io.writer import write_small_file
 from comfyquant.progress import Progress
-from comfyquant.quant.formats import FORMATS
 
 COMMENT = ("comfyquant layer config: rules apply in order, first match wins; 'pattern' is a regex searched in "
            "the layer name (with or without the checkpoint prefix). Set 'format' to one of "
-           + ", ".join(FORMATS) + " or \"skip\": true to keep a layer in high precision. Keys starting with '_' "
+           + ", ".join(FORMATS.names()) + " or \"skip\": true to keep a layer in high precision. Keys starting with '_' "
            "are comments. See docs/LAYER_CONFIG.md.")
 
 
