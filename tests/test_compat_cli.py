@@ -97,16 +97,29 @@ def test_default_output_names(tmp_path, model, capsys, flags, name):
         assert "note: --distillation_small: comfyquant's chroma preset" in err
 
 
+def test_fp16_casts_every_floating_tensor(tmp_path, model, capsys):
+    out = tmp_path / "o.safetensors"
+    rc, _, err = _run(capsys, "-i", model, "-o", out, "--fp16")
+    assert rc == 0, err
+    assert "comfy_quant" not in err  # a plain cast has no comfy_quant metadata to talk about
+    src, got = load_file(str(model)), load_file(str(out))
+    assert got.keys() == src.keys()
+    for k, v in src.items():  # biases, kept embedders and modulation too, not only the quantizable layers
+        assert got[k].dtype == torch.float16 and torch.equal(got[k], v.to(torch.float16)), k
+
+
 def test_without_comfy_quant_flag_says_it_is_implied(tmp_path, model, capsys):
     rc, _, err = _run(capsys, "-i", model, "-o", tmp_path / "o.safetensors")
     assert rc == 0 and "--comfy_quant is implied" in err
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--optimizer", "quip"], "not implemented yet in comfyquant: --optimizer (planned)"),
-    (["--smoothquant"], "not implemented yet in comfyquant: --smoothquant (planned)"),
     (["--merge-lora", "x.safetensors"], "not implemented yet in comfyquant: --merge-lora (planned)"),
-    (["--streaming-mode=balanced"], "not implemented yet in comfyquant: --streaming-mode (planned)"),
+    (["--merge-lora", "x", "--make-hybrid-mxfp8", "--merge-loras", "y", "--extract-lora"],
+     "not implemented yet in comfyquant: --merge-lora, --merge-loras (planned); not supported by comfyquant: "
+     "--make-hybrid-mxfp8 (hybrid_mxfp8 is"),
+    (["--optimizer", "gptq", "--simple"], "--simple (round to nearest) cannot be combined with --optimizer"),
+    (["--quip-requant-scheme", "block"], "need --optimizer quip"),
     (["--make-hybrid-mxfp8"], "not supported by comfyquant: --make-hybrid-mxfp8 (hybrid_mxfp8 is"),
     (["--dynamic_convrot"], "not supported by comfyquant: --dynamic_convrot (comfyquant picks"),
     (["--gemma4"], "flag --gemma4 is not supported yet"),
@@ -137,9 +150,24 @@ def test_bad_input_exit_2(tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "comfyquant.cli.convert_to_quant", "-i", str(tmp_path / "x"),
-                        "--optimizer", "gptq"], capture_output=True, text=True, timeout=120)
+                        "--merge-lora", "x"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == (
-        "convert_to_quant: error: not implemented yet in comfyquant: --optimizer (planned)")
+        "convert_to_quant: error: not implemented yet in comfyquant: --merge-lora (planned)")
+
+
+def test_optimizer_flags_map_onto_comfyquant(tmp_path, model, capsys):
+    out = tmp_path / "o.safetensors"
+    rc, stdout, err = _run(capsys, "-i", model, "-o", out, "--comfy_quant", "--optimizer", "quip",
+                           "--quip-requant-scheme", "tensor", "--smoothquant", "--streaming-mode=balanced",
+                           "--bf16-compute", "on", "--no-memory-limits", "--lr", "0.5", "--lr_schedule", "plateau")
+    assert rc == 0, err
+    assert "calibration: SYNTHETIC" in stdout and "optimizer: " in stdout and "on synthetic inputs" in err
+    assert "--streaming-mode accepted, no effect" in err and "--no-memory-limits accepted, no effect" in err
+    rc, stdout, err = _run(capsys, "-i", model, "-o", tmp_path / "p.safetensors", "--optimizer", "adamw",
+                           "--num_iter", "20", "--int8", "--scaling-mode", "axis")
+    assert rc == 0, err
+    assert "optimizer: " in stdout and "learned" in stdout
+    assert (tmp_path / "p.safetensors").is_file()
 
 
 def test_dry_run_analyze_writes_nothing(tmp_path, model, capsys):

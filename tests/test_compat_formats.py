@@ -167,6 +167,8 @@ def test_mixed_file_loads_in_comfyui(tmp_path, src, comfy: Any, torch_single_thr
     (["--int8", "--input_scale"], "--input_scale adds the static activation scale of FP8 layers"),
     (["--fallback-block-size", "32"], "need --fallback"),
     (["--nvfp4", "--scaling-mode", "block"], "--scaling-mode does not apply to --nvfp4"),
+    (["--optimizer", "adamw", "--custom-layers", "x", "--custom-type", "int8", "--custom-simple"],
+     "--custom-simple with --optimizer"),
 ])
 def test_bad_format_flags_are_refused(tmp_path, src, capsys, flags, message):
     rc = main(["-i", str(src[0]), "-o", str(tmp_path / "o.safetensors"), *flags])

@@ -32,7 +32,8 @@ REFUSED = {
     "tensor_scales": "it only feeds --make-hybrid-mxfp8",
     "dynamic_convrot": "comfyquant picks each layer's group itself (the largest power of 4 up to 256 that divides "
                        "in_features); --convrot-group-size fixes one",
-    "input_scales": "comfyquant writes no calibrated static activation scales",
+    "input_scales": "comfyquant calibrates static activation scales itself (--actcal with --calibration FILE); it "
+                    "does not read them from another file",
 }
 
 
@@ -165,6 +166,10 @@ def resolve(a: argparse.Namespace, mixed: bool) -> CompatFormat:
     if a.input_scale and "fp8" not in fmts and not a.layer_config:
         problems.append("--input_scale adds the static activation scale of FP8 layers, and this conversion writes "
                         "none (it applies to FP8 only)")
+    simple = [f for f, v in (("--custom-simple", a.custom_simple), ("--fallback-simple", a.fallback_simple)) if v]
+    if simple and getattr(a, "optimizer", None):
+        problems.append(f"{' and '.join(simple)} with --optimizer: comfyquant optimizes every quantized layer alike "
+                        "(no per-layer round-to-nearest)")
     if a.heur and kind == "fp16":
         problems.append("--heur decides which layers to quantize; --fp16 quantizes none")
     keep_dtype = OUTPUT_DTYPES[a.output_dtype] if a.output_dtype else None

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from comfyquant.cli import compat_formats, compat_modes
-from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
+from comfyquant.exits import argv_or_sys, run_cli
+from comfyquant.progress import HELP as PROGRESS_HELP
+from comfyquant.progress import Progress
 
 if TYPE_CHECKING:
     from comfyquant.convert.choices import LayerOptions
@@ -64,6 +66,8 @@ UNSUPPORTED = (
     "hl he hf ha hm hlr"
 ).split()
 
+PROGRESS = Progress(prog=PROG)  # a bar on a terminal, plain lines in a redirected stderr; warnings always
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write per-layer comfy_quant metadata (always on in comfyquant)")
     p.add_argument("--int8", action="store_true", help="INT8 weights (without a format flag: FP8)")
     p.add_argument("--simple", action="store_true", help="round to nearest (what comfyquant always does)")
-    p.add_argument("--fp16", action="store_true", help="cast the quantizable layers to float16 instead")
+    p.add_argument("--fp16", action="store_true", help="store every floating tensor as float16 instead")
     p.add_argument("--convrot", action="store_true",
                    help="INT8 per-row with group-wise Hadamard rotation (comfyquant format int8-rot)")
     p.add_argument(*_alts("scaling_mode"), dest="scaling_mode", choices=compat_formats.SCALINGS,
@@ -120,22 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_alts("manual_seed"), type=int, dest="manual_seed",
                    help="accepted for compatibility; round-to-nearest uses no randomness")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument(*_alts("strict_preset"), action="store_true", dest="strict_preset",
+                   help="make a model flag whose preset does not fit the file an error (exit 2) instead of a warning")
     p.add_argument(*_alts("no_normalize_scales"), action="store_true", dest="no_normalize_scales",
                    help="accepted, no effect (as in convert_to_quant 1.3.4); per-tensor scales are scalars")
     compat_formats.add_format_args(p)
     compat_modes.add_mode_args(p)
-    p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS)
+    from comfyquant.cli import ctq_optimizer_flags
+
+    ctq_optimizer_flags.add_args(p)
+    p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS) + ". " + PROGRESS_HELP
     return p
 
 
 def refuse_later_flags(argv: Sequence[str]) -> None:
     """One-line refusal naming every convert_to_quant flag of a feature comfyquant does not have."""
+    from comfyquant.cli.ctq_optimizer_flags import HANDLED
+
     planned, refused = [], []
     for tok in argv:
         if not tok.startswith("-") or tok in ("-", "--"):
             continue
         flag = tok.split("=", 1)[0]
         key = flag.lstrip("-").replace("-", "_")
+        if key in HANDLED:
+            continue
         if key in PLANNED:
             planned.append(flag)
         elif key in compat_formats.REFUSED:
@@ -194,21 +207,32 @@ def run(argv: Sequence[str]) -> int:
     notes += cf.notes
     if a.dry_run == "analyze":
         from comfyquant.convert.inspect import inspect_checkpoint
+        from comfyquant.convert.preset_check import preset_warning
 
-        print(inspect_checkpoint(a.input, model=model, fmt=fmt, block_size=block,
-                                 layer_config=a.layer_config, layers=cf.layers).to_text())
+        result = inspect_checkpoint(a.input, model=model, fmt=fmt, block_size=block, layer_config=a.layer_config,
+                                    layers=cf.layers)
+        warning = preset_warning(a.input, model, a.strict_preset, PROGRESS)
+        if warning is not None:
+            result.notes.append(warning)
+        print(result.to_text())
     elif a.dry_run == "create-template":
         from comfyquant.convert.template import write_template
 
         out = a.output or default_output(a.input, "_layer_config_template.json")
         n = write_template(a.input, out, model=model, fmt=fmt, block_size=block, force=a.force,
-                           layer_config=a.layer_config, layers=cf.layers)
+                           layer_config=a.layer_config, strict_preset=a.strict_preset, progress=PROGRESS,
+                           layers=cf.layers)
         print(f"wrote {out} ({n} rules)")
     else:
-        if not a.comfy_quant:
+        if not a.comfy_quant and fmt != "fp16":  # a plain fp16 cast carries no comfy_quant metadata at all
             notes.append("comfyquant always writes per-layer comfy_quant metadata (--comfy_quant is implied)")
-        out = a.output or default_output(a.input, cf.suffix)
-        _run_convert(a, out, fmt, model, block, cf.layers)
+        from comfyquant.cli.ctq_optimizer_flags import resolve
+
+        opt, calibration, lora, fmt, opt_notes = resolve(a, fmt)
+        notes.extend(opt_notes)
+        suffix = cf.suffix if opt is None else cf.suffix.replace("_simple_", "_learned_")  # as convert_to_quant
+        out = a.output or default_output(a.input, suffix)
+        _run_convert(a, out, fmt, model, block, cf.layers, opt, calibration, lora)
     for n in notes:  # after the work, so that a failure stays one line on stderr
         print(f"note: {n}", file=sys.stderr)
     return 0
@@ -231,11 +255,14 @@ def _resolve(a: argparse.Namespace) -> tuple[str, list[str], compat_formats.Comp
     return model, notes, cf
 
 
-def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: int, layers: LayerOptions) -> None:
+def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: int, layers: LayerOptions,
+                 optimizer: object = None, calibration: str | None = None, lora: str | None = None) -> None:
     from comfyquant.convert.api import convert
 
     kwargs = {"format": fmt, "model": model, "layer_config": a.layer_config, "device": a.device,
-              "low_memory": a.low_memory, "block_size": block, "layers": layers}
+              "low_memory": a.low_memory, "block_size": block, "progress": PROGRESS,
+              "strict_preset": a.strict_preset, "optimizer": optimizer, "calibration": calibration,
+              "calibration_lora": lora, "layers": layers}
     if not a.save_quant_metadata:
         report = convert(a.input, out, force=a.force, **kwargs)
     else:  # convert next to the output, then add the header entry while keeping the per-layer tensors
@@ -249,7 +276,8 @@ def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: i
             report = convert(a.input, stage, force=True, **kwargs)
             edit_checkpoint(stage, target, to_header_metadata=True, keep_layer_metadata=True, force=a.force)
         finally:
-            stage.unlink(missing_ok=True)
+            if stage.exists():  # not created in a read-only folder, where even unlink(missing_ok) fails (EROFS)
+                stage.unlink()
     print(report.to_text())
     print(f"wrote {out}")
 

@@ -11,8 +11,8 @@ GPU memory after every tensor.
 
 from __future__ import annotations
 
+import math
 import os
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,17 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from comfyquant import __version__
 from comfyquant.convert.choices import LayerOptions
-from comfyquant.convert.plan import CAST, DROP, KEEP, Plan, PlanEntry, PlanOptions, build_plan
+from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
 from comfyquant.convert.report import LayerReport, Report
 from comfyquant.errors import NonFiniteWeightError, UserError
 from comfyquant.formats import QuantFormat, get_format
 from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader, resolve_input
 from comfyquant.io.writer import StreamingWriter
+from comfyquant.optimize.hessian import LayerFallback as OptimizerFallback
+from comfyquant.presets.fit import check_model_choice
+from comfyquant.progress import Progress
 from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
 
 CHUNK_ELEMENTS = 2**20  # CPU row chunks: float32 temporaries of 4 MiB stay in cache (several times faster)
@@ -50,8 +52,12 @@ class ConvertOptions:
     low_memory: bool = False
     force: bool = False
     block_size: int = 128
-    progress: bool = True
+    progress: Progress = field(default_factory=Progress)
     fallback: str | None = None
+    optimizer: Any = None  # comfyquant.optimize.OptimizerConfig (None: round to nearest)
+    calibration: Any = None  # calibration file, "synthetic", or in-memory statistics (``.get(layer)``)
+    calibration_lora: str | None = None
+    strict_preset: bool = False
     layers: LayerOptions = field(default_factory=LayerOptions)
 
     def plan_options(self) -> PlanOptions:
@@ -123,8 +129,6 @@ def quantize_rows(x: torch.Tensor, fmt: QuantFormat, params: Mapping[str, Any],
     one chunk stay cache-sized, which is several times faster on CPUs and keeps peak memory at the stored
     tensors plus one chunk. Formats whose scales couple all rows (per-tensor) are not chunked.
     """
-    if x.dim() != 2:  # a plain cast of a kept 1-D / convolution tensor (--keep-dtype)
-        return fmt.quantize(x, params)
     n, k = x.shape
     step = fmt.row_chunk(params)
     if step is None or not chunk_elements or x.numel() <= chunk_elements:
@@ -150,9 +154,6 @@ def weight_stats(x: torch.Tensor, fmt: QuantFormat, params: Mapping[str, Any], t
                  limit: int) -> tuple[ErrorStats, int | None]:
     """Error of the stored weight vs the float weight; on evenly spaced whole row groups when it has more than
     ``limit`` elements (and the format can slice its stored tensors by rows)."""
-    if x.dim() != 2:  # a cast of a kept 1-D / convolution tensor: its rows are the first dimension
-        x = x.reshape(x.shape[0] if x.dim() else 1, -1)
-        tensors = {k: t.reshape(x.shape) for k, t in tensors.items()}
     n, k = x.shape
     if x.numel() > limit:
         step = fmt.row_chunk(params) or 1
@@ -175,25 +176,24 @@ class _Streamer:
     precision instead, and the file's header, written last, describes what was actually written.
     """
 
-    def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device) -> None:
+    def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device,
+                 hooks: Any = None) -> None:
         self.reader, self.plan, self.opts, self.device = reader, plan, opts, device
         self.fallbacks: dict[str, str] = {}
+        self.hooks = hooks  # comfyquant.convert.optimizing.OptimizeHooks, or None for plain RTN
 
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
-        n = len(self.plan.entries)
+        entries = self.plan.entries
         with StreamingWriter(output, self.plan.specs, metadata, overwrite=self.opts.force,
                              background=True, amendable=True) as w, \
-                tqdm(total=self.plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                     desc="converting", disable=not self.opts.progress, dynamic_ncols=True) as bar:
-            entries = self.plan.entries
+                self.opts.progress.task("convert", len(entries), "tensors", total_bytes=self.plan.bytes_in) as bar:
             for i, e in enumerate(entries):
                 nxt = next((x for x in entries[i + 1:i + 3] if x.action != DROP), None)
                 if nxt is not None:
                     self.reader.prefetch(nxt.name)
                 layers.append(self.process(e, w))
-                bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
-                bar.update(e.bytes_in)
+                bar.update(1, e.bytes_in)
                 if self.opts.low_memory and self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return layers
@@ -205,13 +205,16 @@ class _Streamer:
             return rep
         t = self.reader.get(e.name)
         if e.action == KEEP:
-            w.write(e.name, t)
+            w.write(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))
             return rep
-        x = t.to(self.device)
+        # a cast format casts 1-D / conv tensors too (convert/cast.py): the math sees a 2-D view of them
+        x = t.to(self.device).reshape(_matrix_shape(t.shape))
+        if self.hooks is not None:
+            x = self.hooks.rewrite(e.name, x)
         fmt = get_format(e.format or self.plan.format)
         try:
             tensors = self.convert(e, fmt, x)
-        except LayerFallback as f:
+        except (LayerFallback, OptimizerFallback) as f:
             self.fallbacks[e.name] = f.reason
             w.write(e.name, t)
             return LayerReport(e.name, e.shape, KEEP, None, "fallback", f"kept in high precision: {f.reason}",
@@ -219,8 +222,12 @@ class _Streamer:
         stats, rows = weight_stats(x, fmt, e.params, tensors, self.opts.stats_limit)
         rep.sqnr_db, rep.rel_mse, rep.max_abs_err, rep.stats_rows = (stats.sqnr_db, stats.rel_mse,
                                                                      stats.max_abs_err, rows)
+        if self.hooks is not None and e.layer in self.hooks.results:
+            res = self.hooks.results[e.layer]
+            rep.optimizer, rep.optimizer_gain_db = res.method, res.gain_db
+            rep.notes = list(self.hooks.layer_notes.get(e.layer, []))
         if e.action == CAST:
-            w.write(e.name, tensors["weight"])
+            w.write(e.name, tensors["weight"].reshape(e.shape))
             return rep
         for spec in e.outputs:
             suffix = spec.name[len(e.layer) + 1:]
@@ -236,7 +243,16 @@ class _Streamer:
                 raise NonFiniteWeightError(f"layer '{e.name}' {why}; fix the checkpoint, or pass --force to "
                                            "keep it in high precision")
             raise LayerFallback(f"{why} (--force)")
+        if self.hooks is not None and e.action == QUANTIZE:
+            return self.hooks.quantize(e, x)
         return quantize_rows(x, fmt, e.params, CHUNK_ELEMENTS if self.device.type == "cpu" else None)
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view a tensor is converted as: itself, ``[n, 1]`` for a vector, ``[out, rest]`` for a kernel."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    return (shape[0] if shape else 1), (math.prod(shape[1:]) if len(shape) > 1 else 1)
 
 
 def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Report:
@@ -246,11 +262,21 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     reader = CheckpointReader(resolve_input(input))
     check_paths(reader, out, opts.force)
     device = resolve_device(opts.device)
+    mismatch = check_model_choice(opts.model, reader.shapes(), opts.strict_preset)
     plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
     metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
                 "comfyquant.model": plan.preset}
     notes: list[str] = []
-    streamer = _Streamer(reader, plan, opts, device)
+    if mismatch is not None:
+        opts.progress.warn(mismatch)  # before the work starts, so a wrong --model can be stopped at once
+        notes.append(mismatch)
+    from comfyquant.convert.optimizing import make_hooks
+
+    hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora)
+    if hooks is not None:
+        notes.extend(hooks.notes)
+        metadata["comfyquant.optimizer"] = opts.optimizer.method
+    streamer = _Streamer(reader, plan, opts, device, hooks)
     layers = streamer.run(out, metadata)
     if streamer.fallbacks:
         notes.append(f"{len(streamer.fallbacks)} layer(s) kept in high precision: "

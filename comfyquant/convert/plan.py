@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
+from comfyquant.convert.cast import cast_kept_tensor
 from comfyquant.convert.choices import LayerOptions, misaligned
+from comfyquant.convert.layer_config import LayerConfig
 from comfyquant.errors import UserError
 from comfyquant.formats import FormatShapeError, QuantFormat, get_format
 from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, encoded_size, is_scaled_fp8
@@ -144,8 +146,6 @@ def load_layer_config(path: str | Path | None) -> LayerConfigLike | None:
     """Parse ``--layer-config`` (None when not given)."""
     if path is None:
         return None
-    from comfyquant.convert.layer_config import LayerConfig
-
     return LayerConfig.load(path)
 
 
@@ -268,16 +268,16 @@ def _excluded(layers: LayerOptions, label: str, reason: str) -> _Choice:
                    dict(ex.options))
 
 
-def _cast_kept(e: PlanEntry, layers: LayerOptions) -> None:
-    """Store a kept floating tensor in ``layers.keep_dtype`` (``--keep-dtype``), unless it is preserved."""
-    if layers.keep_dtype is None or e.dtype not in _FLOAT_DTYPES or e.rule == "forced" or layers.preserves(e.name):
-        return
-    fmt = get_format(layers.keep_dtype)
-    if e.dtype == fmt.storage_dtype:
-        return
-    e.action, e.format, e.params = CAST, fmt.name, {}
-    e.reason = f"{e.reason}; stored as {fmt.name} (--keep-dtype)"
-    e.outputs = [TensorSpec(e.name, fmt.storage_dtype, e.shape)]
+def _kept_dtype(fmt_name: str, layers: LayerOptions) -> str | None:
+    """The cast format of everything stored unquantized: a cast ``--format`` casts the whole file, else
+    ``--keep-dtype``; None keeps each tensor's own dtype."""
+    fmt = get_format(fmt_name)
+    if fmt.is_quantized:
+        return layers.keep_dtype
+    if layers.keep_dtype is not None and get_format(layers.keep_dtype) is not fmt:
+        raise UserError(f"--format {fmt.name} stores every floating tensor as {fmt.name}; --keep-dtype "
+                        f"{layers.keep_dtype} contradicts it")
+    return fmt.name
 
 
 def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset: Preset | None = None,
@@ -295,6 +295,7 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
         raise UserError(f"--block-size must be a positive integer, got {options.block_size}")
     layers = options.layers
     layers.validate()
+    cast_to = _kept_dtype(options.format, layers)
     check_not_quantized(infos, metadata or {})
     if preset is None:
         preset = resolve_preset(options.model, {k: t.shape for k, t in infos.items()})
@@ -321,7 +322,10 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
                 _quant_entry(e, get_format(c.format or options.format), opts, options.fallback)
         if e.action == KEEP:
             e.outputs = [TensorSpec(name, info.dtype, info.shape)]
-            _cast_kept(e, layers)
+            if name in overrides:  # --force keeps it as it is (NaN/Inf, beyond the float16 range)
+                e.rule, e.reason = "forced", overrides[name]
+            elif cast_to is not None and not layers.preserves(name):
+                cast_kept_tensor(e, cast_to)
         entries.append(e)
     _check_collisions(entries)
     return Plan(entries, options.format, preset.name, options.block_size)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comfyquant.errors import UserError
+from comfyquant.io.writer import write_small_file
 
 
 @dataclass
@@ -28,11 +28,14 @@ class LayerReport:
     bytes_in: int = 0
     bytes_out: int = 0
     stats_rows: int | None = None  # rows the stats were computed on when subsampled (None: all rows)
+    optimizer: str | None = None  # the rounding method that ran (None: plain round to nearest)
+    optimizer_gain_db: float | None = None  # calibration output error of RTN over the optimizer's, in dB
+    notes: list[str] = field(default_factory=list)  # per-layer fallbacks and refusals, with the reason
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
-        for k in ("sqnr_db", "rel_mse", "max_abs_err"):
+        for k in ("sqnr_db", "rel_mse", "max_abs_err", "optimizer_gain_db"):
             v = d[k]
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = "inf" if v > 0 else "-inf" if v < 0 else None
@@ -89,16 +92,14 @@ class Report:
 
     def to_json(self, path: str | Path) -> None:
         """Write the report as JSON (``inf`` SQNR of exact layers written as the string "inf")."""
-        try:
-            Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot write report {path}: {e.strerror or e}") from None
+        write_small_file(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     # -- text -----------------------------------------------------------------------------------------------
     def to_text(self) -> str:
         """The table printed after a conversion: every weight tensor, then the summary."""
-        rows = [x for x in self.layers if x.action != "keep" or x.name.endswith(".weight")]
-        other = len(self.layers) - len(rows)
+        rows = [x for x in self.layers if x.action == "quantize" or x.name.endswith(".weight")]
+        shown = {id(x) for x in rows}
+        other = Counter(x.action for x in self.layers if id(x) not in shown)
         w = max([len(x.name) for x in rows] + [5])
         lines = [f"{'layer':<{w}}  {'shape':<14} {'action':<8} {'format':<10} {'SQNR dB':>8} {'rel MSE':>9} "
                  f"{'max|err|':>9}  rule / reason"]
@@ -108,7 +109,8 @@ class Report:
                          f"{_num(x.rel_mse, 9, 2, sci=True)} {_num(x.max_abs_err, 9, 2, sci=True)}  "
                          f"{x.rule}: {x.reason}")
         if other:
-            lines.append(f"... and {other} other tensors (biases, norms, embeddings) kept unchanged")
+            what = ", ".join(f"{n} {_DONE.get(a, a)}" for a, n in sorted(other.items()))
+            lines.append(f"... and {sum(other.values())} other tensors (biases, norms, embeddings): {what}")
         s = self.summary()
         lines.append("")
         counts = ", ".join(f"{v} {k}" for k, v in s["counts"].items())
@@ -120,7 +122,18 @@ class Report:
         lines.append(f"size: {_mb(s['bytes_before'])} -> {_mb(s['bytes_after'])} ({ratio:.1%})"
                      + (f" in {self.seconds:.1f} s" if self.seconds else ""))
         lines.extend(f"note: {n}" for n in self.notes)
+        opt = [x for x in self.layers if x.optimizer is not None]
+        if opt:
+            gains = [x.optimizer_gain_db for x in opt if x.optimizer_gain_db is not None]
+            methods = ", ".join(f"{v} {k}" for k, v in sorted(Counter(x.optimizer for x in opt).items()))
+            lines.append(f"optimizer: {methods}" + (f"; calibration output error vs RTN: mean "
+                                                   f"{sum(gains) / len(gains):+.2f} dB" if gains else ""))
+        for x in self.layers:
+            lines.extend(f"note: {x.name}: {n}" for n in x.notes)
         return "\n".join(lines)
+
+
+_DONE = {"keep": "kept unchanged", "cast": "cast", "drop": "dropped", "quantize": "quantized"}
 
 
 def _fmt(v: float | None) -> str:

@@ -9,18 +9,27 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from comfyquant.cli.exits import run_cli
 from comfyquant.errors import UserError
 from comfyquant.eval.sampling import SampleConfig
+from comfyquant.exits import run_cli
+from comfyquant.progress import HELP as PROGRESS_HELP
+from comfyquant.progress import Progress
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line (exit 2) like every other comfyquant command, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="comfyquant eval",
-                                description="Measure a quantized reference model against its float original.")
+    p = _Parser(prog="comfyquant eval", epilog=PROGRESS_HELP,
+                description="Measure a quantized reference model against its float original.")
     p.add_argument("--model", help="minilm | digits-dit | a .safetensors file (float reference or quantized)")
     p.add_argument("--format", help="comfyquant format to convert to (int8, int8-rot, int8-tensor, fp8, ...)")
-    p.add_argument("--optimizer", default="rtn", help="rounding: rtn (round to nearest; 'none' is the same)")
     p.add_argument("--peer", choices=("simple", "default"),
                    help="convert with convert_to_quant 1.3.4 instead (its --simple RTN or default optimizer)")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder (default: eval-out)")
@@ -31,6 +40,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", type=int, default=None, help="MiniLM: use only the first N sentences")
     p.add_argument("--compare", nargs="+", type=Path, metavar="REPORT.json",
                    help="print these reports side by side and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress (the result table is still printed)")
+    from comfyquant.optimize.cli_flags import add_optimizer_args
+
+    add_optimizer_args(p)
     return p
 
 
@@ -50,12 +63,16 @@ def _eval(argv: list[str] | None) -> int:
         raise UserError("--model is required (minilm, digits-dit or a file), or use --compare")
     from comfyquant.eval.compare import side_by_side
     from comfyquant.eval.harness import EvalConfig, run_eval
+    from comfyquant.optimize.cli_flags import optimizer_config, resolve_requant
 
     argv_list = sys.argv[1:] if argv is None else argv
-    cfg = EvalConfig(model=args.model, format=args.format, out=args.out, optimizer=args.optimizer,
+    fmt = resolve_requant(args.format, args) if args.format else None
+    cfg = EvalConfig(model=args.model, format=fmt, out=args.out, optimizer=optimizer_config(args),
+                     calibration=args.calibration, calibration_lora=args.calibration_lora,
                      peer=args.peer, sentences=args.sentences,
                      sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
-                     command="comfyquant eval " + shlex.join(argv_list))
+                     command="comfyquant eval " + shlex.join(argv_list),
+                     progress=Progress(mode="off" if args.quiet else "auto", prog="comfyquant eval"))
     report = run_eval(cfg)
     print(side_by_side([report], [f"{report['model']} {report['format']}"]), end="")
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'layers.png'}")
@@ -68,14 +85,16 @@ def demo_main(argv: list[str] | None = None) -> int:
 
 
 def _demo(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="comfyquant demo",
-                                description="Convert the bundled digits DiT to int8 and show what changed.")
+    p = _Parser(prog="comfyquant demo", epilog=PROGRESS_HELP,
+                description="Convert the bundled digits DiT to int8 and show what changed.")
     p.add_argument("--out", type=Path, default=Path("comfyquant-demo"), help="output folder")
     p.add_argument("--format", default="int8", help="format to demonstrate (default int8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress (the results are still printed)")
     args = p.parse_args(argv)
-    from comfyquant.eval.demo import run_demo
+    from comfyquant.eval.demo import DEMO_SAMPLING, run_demo
 
-    run_demo(args.out, args.format)
+    run_demo(args.out, args.format, DEMO_SAMPLING,
+             Progress(mode="off" if args.quiet else "auto", prog="comfyquant demo"))
     return 0
 
 

@@ -20,29 +20,35 @@ from comfyquant.errors import UserError
 from comfyquant.eval.layerstats import LayerStat, layer_stats
 from comfyquant.eval.sampling import SampleConfig
 from comfyquant.eval.workloads import resolve_workload
-
-OPTIMIZERS = ("none", "rtn")
+from comfyquant.io.writer import write_small_file
+from comfyquant.progress import QUIET, Progress
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One eval run. ``peer`` set to a peer setting (``simple`` / ``default``) converts with convert_to_quant."""
+    """One eval run. ``peer`` set to a peer setting (``simple`` / ``default``) converts with convert_to_quant.
+
+    ``optimizer`` (an ``OptimizerConfig``; None = RTN) with ``calibration`` (a file, ``synthetic``, or None:
+    calibrate the workload on its held-out calibration data first, cached in ``out``).
+    """
 
     model: str
     format: str | None
     out: Path
-    optimizer: str = "rtn"
+    optimizer: Any = None
+    calibration: str | None = None
+    calibration_lora: str | None = None
     peer: str | None = None
     sampling: SampleConfig = field(default_factory=SampleConfig)
     sentences: int | None = None
     command: str = ""
-    progress: bool = False
+    progress: Progress = QUIET  # the CLI passes a terminal bar / plain lines; tests and the API stay quiet
 
 
 def check_config(cfg: EvalConfig) -> None:
-    """Reject what the harness cannot do before any work starts (unknown optimizer, missing eval extra)."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer {cfg.optimizer}: not implemented yet (available: {', '.join(OPTIMIZERS)})")
+    """Reject what the harness cannot do before any work starts (missing eval extra, peer + optimizer)."""
+    if cfg.peer and cfg.optimizer is not None and cfg.optimizer.needs_calibration:
+        raise UserError("--peer runs convert_to_quant's own optimizer; drop the comfyquant optimizer flags")
     missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"the eval needs {', '.join(missing)}: pip install 'comfyquant[eval]'")
@@ -54,6 +60,8 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
         raise UserError("--format is required unless --model is an already-quantized file")
     src = workload.reference_file()
     dst = out / f"{workload.name}-{cfg.format}{'-peer-' + cfg.peer if cfg.peer else ''}.safetensors"
+    cfg.progress.stage(f"quantizing {workload.name} to {cfg.format} with "
+                       f"{'convert_to_quant (' + cfg.peer + ')' if cfg.peer else 'comfyquant'} -> {dst}")
     if cfg.peer:
         from comfyquant.eval.peer import PEER_VERSION, peer_args, run_peer
 
@@ -65,9 +73,37 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
     if workload.layer_config() is not None:
         layer_config = out / "layer_config.json"
         layer_config.write_text(json.dumps(workload.layer_config(), indent=1))
+    calibration = cfg.calibration
+    if cfg.optimizer is not None and cfg.optimizer.needs_calibration and calibration is None:
+        calibration = str(calibrate_workload(workload, out))
     convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
-            force=True, progress=cfg.progress)
-    return dst, f"comfyquant ({cfg.optimizer})"
+            force=True, progress=cfg.progress, optimizer=cfg.optimizer,
+            calibration=calibration if cfg.optimizer is not None and cfg.optimizer.needs_calibration else None,
+            calibration_lora=cfg.calibration_lora)
+    return dst, f"comfyquant ({method_label(cfg.optimizer)})"
+
+
+def method_label(opt: Any) -> str:
+    """``gptq+smoothquant+bias`` etc.: what the optimizer settings do, for reports and tables."""
+    if opt is None:
+        return "rtn"
+    parts = [opt.method if opt.method != "learned" else f"learned-{opt.learned.optimizer}"]
+    parts += [x for x, on in (("smoothquant", opt.smoothquant), ("bias", opt.bias_correction),
+                              ("actcal", opt.input_scale_percentile is not None)) if on]
+    return "+".join(parts)
+
+
+def calibrate_workload(workload: Any, out: Path) -> Path:
+    """Calibrate the workload's reference on its held-out calibration data (cached in ``out``)."""
+    path = out / "calibration.safetensors"
+    if path.exists():
+        return path
+    from comfyquant.calibration.collector import calibrate_to_file
+    from comfyquant.eval.calibration_sources import resolve_source
+
+    src = resolve_source(str(workload.reference_file()))
+    calibrate_to_file(src.model, src.run, path, meta=src.meta)
+    return path
 
 
 def summarize(stats: list[LayerStat]) -> dict[str, Any]:
@@ -87,37 +123,61 @@ def summarize(stats: list[LayerStat]) -> dict[str, Any]:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Run one eval and write ``report.json``, ``report.md``, ``layers.png`` (and ``samples.png``) to ``cfg.out``."""
+    """Run one eval and write ``report.json``, ``report.md``, ``layers.png`` (and ``samples.png``) to ``cfg.out``.
+
+    Everything that can be refused is checked before ``cfg.out`` is created, and an output folder this run
+    created is removed again when the run fails before writing anything into it.
+    """
+    check_config(cfg)
+    workload, qfile = resolve_workload(cfg.model, cfg.sampling, cfg.sentences)
+    if qfile is None and cfg.format is None:
+        raise UserError("--format is required unless --model is an already-quantized file")
+    created = not cfg.out.exists()
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {cfg.out}: {e.strerror or e}") from None
+    try:
+        return _run(cfg, workload, qfile)
+    except BaseException:
+        if created and cfg.out.is_dir() and not any(cfg.out.iterdir()):
+            cfg.out.rmdir()
+        raise
+
+
+def _run(cfg: EvalConfig, workload: Any, qfile: Path | None) -> dict[str, Any]:
     from comfyquant.runtime.loader import load_quantized_report
 
-    check_config(cfg)
     start = time.time()
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    workload, qfile = resolve_workload(cfg.model, cfg.sampling, cfg.sentences)
+    out, say = cfg.out, cfg.progress.stage
     made_by = "given file"
     if qfile is None:
         qfile, made_by = quantize_reference(workload, cfg, out)
+    say(f"loading the float reference and {qfile.name}")
     torch.manual_seed(0)
     ref = workload.float_model()
     quant, load = load_quantized_report(workload.empty_model(), qfile, compute_dtype=torch.float32)
     quant.eval()
     if not load.quantized:
         raise UserError(f"{qfile}: no quantized layers were loaded; nothing to evaluate")
+    say(f"per-layer statistics: {len(load.quantized)} quantized layers, one forward pass through both models")
     stats = layer_stats(ref, quant, workload.stats_pass)
-    metrics = workload.evaluate(ref, quant, out)
+    metrics = workload.evaluate(ref, quant, out, cfg.progress)
     formats = sorted(set(load.quantized.values()))
     report = {
         "model": workload.name, "format": cfg.format or "/".join(formats), "quantizer": made_by,
         "reference": str(workload.reference_file()), "quantized_file": str(qfile),
         "file_bytes": qfile.stat().st_size, "reference_bytes": Path(workload.reference_file()).stat().st_size,
-        "command": cfg.command, "metrics": metrics, "summary": summarize(stats),
+        "command": cfg.command, "optimizer": None if cfg.peer else method_label(cfg.optimizer),
+        "metrics": metrics, "summary": summarize(stats),
         "layers": [s.to_dict() for s in stats], "seconds": round(time.time() - start, 1),
         "device": "cpu", "torch": torch.__version__,
     }
-    from comfyquant.eval.compare import markdown_report, plot_layers
+    from comfyquant.eval.compare import markdown_report
+    from comfyquant.eval.plots import plot_layers
 
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown_report(report))
+    say(f"writing report.json, report.md and layers.png to {out}")
+    write_small_file(out / "report.json", json.dumps(report, indent=1))
+    write_small_file(out / "report.md", markdown_report(report))
     plot_layers(stats, out / "layers.png", f"{workload.name} {report['format']} ({made_by})")
     return report
