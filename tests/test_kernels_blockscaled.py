@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from comfyquant.eval.synthetic import student_t4
+from comfyquant.testing.synthetic import student_t4
 from comfyquant.formats import quantize_weight
 from comfyquant.quant import mx, nvfp4, swizzle
 from comfyquant.runtime.kernels import blockscaled as bk
