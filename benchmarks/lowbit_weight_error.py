@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from comfyquant.formats import FormatShapeError, dequantize_weight, get_format, quantize_weight
 from comfyquant.testing.comfyui_env import ensure_comfyui, import_comfy
 from comfyquant.testing.synthetic import write_synthetic_checkpoint
-from comfyquant.formats import FormatShapeError, dequantize_weight, get_format, quantize_weight
 
 DIT = Path(__file__).resolve().parents[1] / "comfyquant" / "eval" / "assets" / "digits_dit.safetensors"
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # float weight -> dequantized float64 weight

@@ -16,11 +16,11 @@ import torch
 from comfyui_reference import check_layer, run_layer
 
 from comfyquant import formats
-from comfyquant.testing.synthetic import student_t4
 from comfyquant.formats import FormatShapeError, get_format, quantize_weight
 from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.quant import fp4, int4, mx, swizzle
 from comfyquant.quant.hadamard import rotate_weight
+from comfyquant.testing.synthetic import student_t4
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread")]
 
