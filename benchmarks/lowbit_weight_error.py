@@ -5,7 +5,7 @@ the worst per-layer ratio ours / comfy-kitchen's. int4-rot: comfy-kitchen's ``qu
 (absmax / 7) vs ours (per-row MSE clip search), same rotation group. nvfp4: comfy-kitchen's ``quantize_nvfp4``
 (= ours with ``scale_search=False``) vs ours (per-block e4m3 scale search). mxfp8: ours is comfy-kitchen's.
 For MiniLM also the mean cosine of the sentence embeddings (weight-only: activations in float32) to the float
-model's. Models: heavy-tailed synthetic Flux weights (comfyquant.eval.synthetic, size "small"), all-MiniLM-L6-v2
+model's. Models: heavy-tailed synthetic Flux weights (comfyquant.testing.synthetic, size "small"), all-MiniLM-L6-v2
 and the digits DiT (comfyquant/eval/assets).
 
     .venv/bin/python benchmarks/lowbit_weight_error.py [--sentences 256] [--json out.json]
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from comfyquant.eval.comfyui_env import ensure_comfyui, import_comfy
-from comfyquant.eval.synthetic import write_synthetic_checkpoint
 from comfyquant.formats import FormatShapeError, dequantize_weight, get_format, quantize_weight
+from comfyquant.testing.comfyui_env import ensure_comfyui, import_comfy
+from comfyquant.testing.synthetic import write_synthetic_checkpoint
 
 DIT = Path(__file__).resolve().parents[1] / "comfyquant" / "eval" / "assets" / "digits_dit.safetensors"
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # float weight -> dequantized float64 weight

@@ -111,7 +111,10 @@ def test_same_layers_settings_and_precision(runs, case):
         w = src[f"{layer}.weight"]
         p = error_stats(w, dequantize_weight(_layer(peer, layer), decode_comfy_quant(peer[f"{layer}.comfy_quant"])))
         o = error_stats(w, dequantize_weight(_layer(ours, layer), conf))
-        assert o.sqnr_db > p.sqnr_db - 0.3, (layer, o.sqnr_db, p.sqnr_db)  # RTN both: within rounding of scales
+        if conf["format"] == "nvfp4":  # comfyquant searches each block's scale; the peer rounds it
+            assert o.sqnr_db > p.sqnr_db, (layer, o.sqnr_db, p.sqnr_db)
+        else:  # both round to nearest with the same scales
+            assert abs(o.sqnr_db - p.sqnr_db) < 0.01, (layer, o.sqnr_db, p.sqnr_db)
         extra = set(_layer(peer, layer)) - set(_layer(ours, layer))
         assert extra <= ({"input_scale"} if conf["format"] == "int8_blockwise" else set()), (layer, extra)
         if "input_scale" in _layer(ours, layer):

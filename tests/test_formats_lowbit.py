@@ -16,11 +16,11 @@ import torch
 from comfyui_reference import check_layer, run_layer
 
 from comfyquant import formats
-from comfyquant.eval.synthetic import student_t4
 from comfyquant.formats import FormatShapeError, get_format, quantize_weight
 from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.quant import fp4, int4, mx, swizzle
 from comfyquant.quant.hadamard import rotate_weight
+from comfyquant.testing.synthetic import student_t4
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread")]
 
@@ -37,7 +37,7 @@ def ck(comfy: Any) -> Any:
 
 
 def heavy(n: int, k: int, seed: int) -> torch.Tensor:
-    """Student-t weights with outlier input channels (comfyquant.eval.synthetic's statistics)."""
+    """Student-t weights with outlier input channels (comfyquant.testing.synthetic's statistics)."""
     w = student_t4(n * k, torch.Generator().manual_seed(seed)).reshape(n, k) * 0.02
     w[:, :: max(1, k // 4)] *= 20.0
     return w

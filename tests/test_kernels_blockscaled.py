@@ -11,10 +11,10 @@ import dataclasses
 import pytest
 import torch
 
-from comfyquant.eval.synthetic import student_t4
 from comfyquant.formats import quantize_weight
 from comfyquant.quant import mx, nvfp4, swizzle
 from comfyquant.runtime.kernels import blockscaled as bk
+from comfyquant.testing.synthetic import student_t4
 
 SHAPES = [(5, 256, 48), (130, 512, 200)]  # (M, K, N): M and N off the 128-row scale tiles
 

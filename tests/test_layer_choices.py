@@ -90,6 +90,7 @@ def test_keep_dtype_format_options_and_align():
     (lambda: parse_rule("x=fp8,input_scale=yes"), "must be an integer, true or false"),
     (lambda: parse_rule("x(=fp8"), "invalid regex"),
     (lambda: _plan(LayerOptions(keep_dtype="int8")), "--keep-dtype takes a plain float dtype"),
+    (lambda: _plan(LayerOptions(keep_dtype="bf16"), format="fp16"), "--keep-dtype bf16 contradicts it"),
     (lambda: _plan(LayerOptions(exclude=("a(",))), "--exclude: invalid regex"),
     (lambda: _plan(LayerOptions(convrot_groupsize=32)), "power of 4"),
     (lambda: _plan(LayerOptions(excluded=parse_format_spec("skip", "--excluded-format"))), "give a format"),
