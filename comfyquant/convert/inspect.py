@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from comfyquant.convert.choices import LayerOptions
-from comfyquant.convert.edit import QuantState, read_quant_state
 from comfyquant.convert.plan import KEEP, Plan, PlanOptions, build_plan
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import STOCK_COMFY_0_30, conf_value, get_format
 from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, is_scaled_fp8
+from comfyquant.io.legacy import QuantState, read_quant_state
 from comfyquant.io.reader import CheckpointReader, TensorInfo
 
 BLOCKWISE_NOTE = ("stock ComfyUI 0.30 rejects int8_blockwise (its loader fails with KeyError: 'int8_blockwise', "
