@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from comfyquant.convert.pipeline import ConvertOptions, run_conversion
@@ -11,9 +12,17 @@ from comfyquant.convert.report import Report
 def convert(input: str | Path, output: str | Path, format: str = "int8", model: str = "auto",
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
-            force: bool = False, block_size: int = 128, progress: bool = True) -> Report:
+            force: bool = False, block_size: int = 128, progress: bool = True,
+            merge_loras: Sequence[str | Path] = (), merge_lora_scale: float = 1.0, merge_lora_dampen: bool = True,
+            extract_lora: int = 0, extract_lora_output: str | Path | None = None,
+            extract_lora_target: str | None = None) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
+    ``merge_loras`` (``"A.safetensors"`` or ``"A.safetensors:SCALE"``) are merged into the float weights first,
+    in float32 per layer, each at its scale x ``merge_lora_scale`` (x 0.9^(i-1) for the i-th unless
+    ``merge_lora_dampen`` is False). ``extract_lora`` > 0 also writes the rank-r SVD of each quantized layer's
+    error as a LoRA (``extract_lora_output``, default ``<output stem>_qerr_r<rank>.safetensors``; only layers
+    whose name matches the regex ``extract_lora_target`` when given).
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
     Raises :class:`comfyquant.errors.UserError` for bad input or usage.
     """
@@ -21,8 +30,20 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
         from comfyquant.convert.plot import require_matplotlib
 
         require_matplotlib()
+    transform = sink = None
+    if merge_loras:
+        from comfyquant.lora.merge import LoRAMerge, LoraSpec, MergeConfig
+
+        transform = LoRAMerge(MergeConfig(tuple(LoraSpec.parse(x) for x in merge_loras), merge_lora_scale,
+                                          merge_lora_dampen))
+    if extract_lora:
+        from comfyquant.lora.extract import QuantErrorLoRA
+
+        sink = QuantErrorLoRA.for_output(output, extract_lora, extract_lora_output, force=force,
+                                         target=extract_lora_target)
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
-                          low_memory=low_memory, force=force, block_size=block_size, progress=progress)
+                          low_memory=low_memory, force=force, block_size=block_size, progress=progress,
+                          weight_transform=transform, quant_error_sink=sink)
     result = run_conversion(input, output, opts)
     if report is not None:
         result.to_json(report)

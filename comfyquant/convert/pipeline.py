@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from comfyquant import __version__
+from comfyquant.convert.hooks import BoundWeightTransform, QuantErrorSink, WeightTransform, transformed
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
 from comfyquant.convert.report import LayerReport, Report
 from comfyquant.errors import NonFiniteWeightError, UserError
@@ -49,6 +50,8 @@ class ConvertOptions:
     force: bool = False
     block_size: int = 128
     progress: bool = True
+    weight_transform: WeightTransform | None = None  # float weights changed before quantizing (--merge-lora)
+    quant_error_sink: QuantErrorSink | None = None  # sees each quantized layer's error (--extract-lora)
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(self.format, self.model, self.layer_config, self.block_size)
@@ -167,8 +170,10 @@ def weight_stats(x: torch.Tensor, qw: QuantizedWeight, limit: int, block: int) -
 class _Streamer:
     """Runs one plan against one reader and writer, producing the per-layer reports."""
 
-    def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device) -> None:
+    def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device,
+                 transform: BoundWeightTransform | None = None) -> None:
         self.reader, self.plan, self.opts, self.device = reader, plan, opts, device
+        self.transform = transform
 
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
@@ -205,9 +210,9 @@ class _Streamer:
             return rep
         t = self.reader.get(e.name)
         if e.action == KEEP:
-            w.write(e.name, t)
+            w.write(e.name, transformed(self.transform, e.name, t).to(t.dtype))
             return rep
-        x = t.to(self.device)
+        x = transformed(self.transform, e.name, t, self.device).to(self.device)
         block = int((e.comfy_quant or {}).get("group_size", self.plan.block_size))
         self.check(e, problem(e, x))
         if e.action == CAST:
@@ -220,6 +225,8 @@ class _Streamer:
             if any(conf.get(k) != v for k, v in (qw.comfy_quant or {}).items()):  # pragma: no cover - a bug
                 raise RuntimeError(f"{e.name}: quantizer wrote {qw.comfy_quant}, plan said {conf}")
             qw.comfy_quant = dict(conf)
+        if self.opts.quant_error_sink is not None and e.action == QUANTIZE:
+            self.opts.quant_error_sink.add(e.name, x, qw.tensors, qw.comfy_quant)
         stats, rows = weight_stats(x, qw, self.opts.stats_limit, block)
         rep.sqnr_db, rep.rel_mse, rep.max_abs_err, rep.stats_rows = (stats.sqnr_db, stats.rel_mse,
                                                                      stats.max_abs_err, rows)
@@ -230,12 +237,13 @@ class _Streamer:
         return rep
 
 
-def _scan_problems(reader: CheckpointReader, plan: Plan, device: torch.device) -> dict[str, str]:
+def _scan_problems(reader: CheckpointReader, plan: Plan, device: torch.device,
+                   transform: BoundWeightTransform | None = None) -> dict[str, str]:
     """Every quantize/cast weight that cannot be converted, with the reason (only run under ``--force``)."""
     found = {}
     for e in plan.entries:
         if e.action in (QUANTIZE, CAST):
-            why = problem(e, reader.get(e.name).to(device))
+            why = problem(e, transformed(transform, e.name, reader.get(e.name), device).to(device))
             if why:
                 found[e.name] = f"kept in high precision: {why} (--force)"
     return found
@@ -251,15 +259,18 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
     metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
                 "comfyquant.model": plan.preset}
-    notes: list[str] = []
+    transform = opts.weight_transform.bind(reader.infos, str(reader.path)) if opts.weight_transform else None
+    notes: list[str] = list(transform.notes) if transform is not None else []
     try:
-        layers = _Streamer(reader, plan, opts, device).run(out, metadata)
+        layers = _Streamer(reader, plan, opts, device, transform).run(out, metadata)
     except _KeepInstead:
-        overrides = _scan_problems(reader, plan, device)
+        overrides = _scan_problems(reader, plan, device, transform)
         plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata, overrides=overrides)
         notes.append(f"{len(overrides)} layer(s) kept in high precision because of --force: "
                      + ", ".join(overrides))
-        layers = _Streamer(reader, plan, opts, device).run(out, metadata)
+        layers = _Streamer(reader, plan, opts, device, transform).run(out, metadata)
+    if opts.quant_error_sink is not None:
+        notes += opts.quant_error_sink.finish()
     sampled = [x for x in layers if x.stats_rows is not None]
     if sampled:
         notes.append(f"error statistics of {len(sampled)} large layer(s) computed on a sample of evenly spaced "
