@@ -23,25 +23,26 @@ from comfyquant.presets.prefixes import DIFFUSION, NONE, split_name
 from comfyquant.quant.quantize import dequantize_weight
 
 OVERSAMPLE = 8
-POWER_ITERS = 4
+POWER_ITERS = 2
+EXACT_LIMIT = 1 << 30  # N*K*min(N,K) up to which the exact SVD is cheaper than a randomized one is worth
 
 
-def low_rank_svd(e: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def low_rank_svd(e: torch.Tensor, rank: int, seed: int = 0, exact_limit: int = EXACT_LIMIT
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U [N,r], S [r], Vh [r,K])`` of the best rank-``rank`` approximation of ``e`` (float32, 2-D).
 
-    Small matrices take the exact SVD; larger ones a seeded randomized range finder with power iterations
-    (Halko et al.), which is deterministic for a given seed and device.
+    Matrices up to ``exact_limit`` (``N*K*min(N,K)``) take the exact SVD; larger ones a seeded randomized range
+    finder with power iterations (Halko et al.), deterministic for a given seed and device.
     """
     n, k = e.shape
     r = min(rank, n, k)
-    if min(n, k) <= 2 * r + OVERSAMPLE or n * k <= 1 << 16:
+    if min(n, k) <= r + OVERSAMPLE or n * k * min(n, k) <= exact_limit:
         u, s, vh = torch.linalg.svd(e, full_matrices=False)
         return u[:, :r], s[:r], vh[:r]
     gen = torch.Generator(device=e.device).manual_seed(seed)
     q = torch.linalg.qr(e @ torch.randn(k, r + OVERSAMPLE, generator=gen, device=e.device)).Q
     for _ in range(POWER_ITERS):
-        q = torch.linalg.qr(e.T @ q).Q
-        q = torch.linalg.qr(e @ q).Q
+        q = torch.linalg.qr(e @ (e.T @ q)).Q
     u, s, vh = torch.linalg.svd(q.T @ e, full_matrices=False)
     return (q @ u)[:, :r], s[:r], vh[:r]
 

@@ -202,7 +202,7 @@ class LoRAFile:
         s = ad.shapes
         if ad.kind == "lora" and s["up"][1] != s["down"][0]:
             raise self._err(ad.keys["up"], f"LoRA up {list(s['up'])} and down {list(s['down'])} ranks differ")
-        if ad.kind == "loha" and (s["w1a"][1] != s["w1b"][0] or s["w2a"][1] != s["w2b"][0]):
+        if ad.kind == "loha" and "t1" not in s and (s["w1a"][1] != s["w1b"][0] or s["w2a"][1] != s["w2b"][0]):
             raise self._err(ad.keys["w1a"], "LoHa factor shapes do not chain (w1_a @ w1_b, w2_a @ w2_b)")
 
     def tensor(self, key: str) -> torch.Tensor:

@@ -102,7 +102,8 @@ def remove(model: nn.Module, handle: LoRAHandle) -> None:
 
 def _undo(handle: LoRAHandle) -> None:
     while handle.undo:
-        handle.undo.pop()()
+        handle.undo[-1]()  # a step that refuses (bake removed out of order) stays, so a later remove can finish
+        handle.undo.pop()
 
 
 def _check_dynamic(model: nn.Module, by_tensor: dict[str, list[Patch]]) -> None:
