@@ -22,6 +22,7 @@ from comfyquant.eval.sampling import SampleConfig
 from comfyquant.eval.workloads import resolve_workload
 
 OPTIMIZERS = ("none", "rtn")
+LORA_MODES = ("merge", "bake", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,19 @@ class EvalConfig:
     sentences: int | None = None
     command: str = ""
     progress: bool = False
+    lora: Path | None = None  # measure this LoRA: the reference is the float model with it merged
+    lora_mode: str = "merge"  # merge (into the float weights before quantizing), bake or dynamic (after)
+    lora_strength: float = 1.0
+    stochastic: bool = False  # bake with stochastic rounding
+    extract_lora: int = 0  # also extract the quantization error at this rank and run it as a dynamic LoRA
 
 
 def check_config(cfg: EvalConfig) -> None:
     """Reject what the harness cannot do before any work starts (unknown optimizer, missing eval extra)."""
+    if cfg.lora_mode not in LORA_MODES:
+        raise UserError(f"--lora-mode must be one of {', '.join(LORA_MODES)}, got {cfg.lora_mode!r}")
+    if cfg.lora is not None and cfg.peer and cfg.lora_mode == "merge":
+        raise UserError("--lora-mode merge needs comfyquant's converter (the peer cannot merge LoRAs)")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer}: not implemented yet (available: {', '.join(OPTIMIZERS)})")
     missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
@@ -65,9 +75,41 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
     if workload.layer_config() is not None:
         layer_config = out / "layer_config.json"
         layer_config.write_text(json.dumps(workload.layer_config(), indent=1))
+    merge = [f"{cfg.lora}:{cfg.lora_strength}"] if cfg.lora is not None and cfg.lora_mode == "merge" else []
     convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
-            force=True, progress=cfg.progress)
+            force=True, progress=cfg.progress, merge_loras=merge, extract_lora=cfg.extract_lora,
+            extract_lora_output=correction_file(out) if cfg.extract_lora else None)
     return dst, f"comfyquant ({cfg.optimizer})"
+
+
+def correction_file(out: Path) -> Path:
+    """Where the eval's ``--extract-lora`` correction LoRA goes."""
+    return out / "quant_error_lora.safetensors"
+
+
+def lora_setup(cfg: EvalConfig, workload: Any, ref: Any, quant: Any, out: Path) -> dict[str, Any]:
+    """Put the LoRA into the float reference (merged in float32) and, for bake/dynamic, onto the quantized model;
+    add the ``--extract-lora`` correction; measure how far the LoRA moves the float model's own output."""
+    import copy
+
+    import comfyquant.lora as cql
+
+    info: dict[str, Any] = {}
+    if cfg.lora is not None:
+        base = copy.deepcopy(ref)
+        h = cql.apply(ref, cfg.lora, cfg.lora_strength, "bake")
+        info = {"file": str(cfg.lora), "mode": cfg.lora_mode, "strength": cfg.lora_strength,
+                "stochastic": cfg.stochastic, "match": h.match.line()}
+        if cfg.lora_mode != "merge":
+            q = cql.apply(quant, cfg.lora, cfg.lora_strength, cfg.lora_mode, stochastic=cfg.stochastic)
+            info["layers"] = len(q.layers)
+        effect = out / "lora_effect"
+        effect.mkdir(exist_ok=True)
+        info["effect_vs_base"] = workload.evaluate(base, ref, effect)  # float base vs float base+LoRA
+    if cfg.extract_lora:
+        h = cql.apply(quant, correction_file(out), 1.0, "dynamic")
+        info["extract_lora"] = {"rank": cfg.extract_lora, "layers": len(h.layers)}
+    return info
 
 
 def summarize(stats: list[LayerStat]) -> dict[str, Any]:
@@ -104,6 +146,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     quant.eval()
     if not load.quantized:
         raise UserError(f"{qfile}: no quantized layers were loaded; nothing to evaluate")
+    if cfg.extract_lora and made_by == "given file":
+        raise UserError("--extract-lora needs the eval to convert the model (give --model digits-dit or a float file)")
+    lora = lora_setup(cfg, workload, ref, quant, out) if cfg.lora is not None or cfg.extract_lora else None
     stats = layer_stats(ref, quant, workload.stats_pass)
     metrics = workload.evaluate(ref, quant, out)
     formats = sorted(set(load.quantized.values()))
@@ -115,6 +160,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "layers": [s.to_dict() for s in stats], "seconds": round(time.time() - start, 1),
         "device": "cpu", "torch": torch.__version__,
     }
+    if lora is not None:
+        report["lora"] = lora
     from comfyquant.eval.compare import markdown_report, plot_layers
 
     (out / "report.json").write_text(json.dumps(report, indent=1))
