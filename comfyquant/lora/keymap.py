@@ -75,9 +75,13 @@ def build_keymap(shapes: Mapping[str, tuple[int, ...]], family: str | None = Non
     km = KeyMap(family)
     diffusion: dict[str, str] = {}  # ComfyUI layer name (prefix stripped) -> weight tensor name
     encoders: dict[str, str] = {}  # checkpoint prefix -> encoder kind
+    alone = _STANDALONE_ENCODERS.get(family)  # a text-encoder file on its own: unprefixed names are that encoder
     for name, shape in shapes.items():
         parts = split_name(name)
-        if parts.component == TEXT_ENCODER:
+        if alone is not None and parts.component == NONE:
+            encoders.setdefault("", alone)
+            _generic(km, name, shape, shapes, parts.rest, "text_encoders.")
+        elif parts.component == TEXT_ENCODER:
             encoders.setdefault(parts.prefix, fam.encoder_kind(parts.prefix))
             _generic(km, name, shape, shapes, parts.rest, "text_encoders.")
         elif parts.component in (DIFFUSION, NONE):
@@ -87,6 +91,9 @@ def build_keymap(shapes: Mapping[str, tuple[int, ...]], family: str | None = Non
     _diffusers(km, diffusion, shapes)
     _text_encoders(km, shapes, encoders)
     return km
+
+
+_STANDALONE_ENCODERS = {"clip": "clip_l", "t5xxl": "t5xxl"}
 
 
 def _bias_of(weight: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
@@ -142,7 +149,7 @@ def _text_encoders(km: KeyMap, shapes: Mapping[str, tuple[int, ...]], encoders: 
     has_l, has_g = "clip_l" in kinds or "clip_h" in kinds, "clip_g" in kinds
     for name, shape in shapes.items():
         parts = split_name(name)
-        kind = encoders.get(parts.prefix) if parts.component == TEXT_ENCODER else None
+        kind = encoders.get(parts.prefix) if parts.component in (TEXT_ENCODER, NONE) else None
         if kind is None or kind == "other":
             continue
         if kind == "t5xxl":
