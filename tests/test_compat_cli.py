@@ -96,7 +96,8 @@ def test_without_comfy_quant_flag_says_it_is_implied(tmp_path, model, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--optimizer", "quip"], "not implemented yet in comfyquant: --optimizer (planned)"),
     (["--smoothquant"], "not implemented yet in comfyquant: --smoothquant (planned)"),
-    (["--merge-lora", "x.safetensors"], "not implemented yet in comfyquant: --merge-lora (planned)"),
+    (["--merge-lora", "x.safetensors"], "input not found: x.safetensors"),  # implemented: the LoRA is read
+    (["--extract-lora", "--lora-depth", "2"], "not supported by comfyquant: --lora-depth"),
     (["--streaming-mode=balanced"], "not implemented yet in comfyquant: --streaming-mode (planned)"),
     (["--nvfp4"], "not supported by comfyquant: --nvfp4"),
     (["-fpmm"], "not supported by comfyquant: -fpmm"),

@@ -146,8 +146,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     quant.eval()
     if not load.quantized:
         raise UserError(f"{qfile}: no quantized layers were loaded; nothing to evaluate")
-    if cfg.extract_lora and made_by == "given file":
-        raise UserError("--extract-lora needs the eval to convert the model (give --model digits-dit or a float file)")
+    if made_by == "given file" and (cfg.extract_lora or (cfg.lora is not None and cfg.lora_mode == "merge")):
+        what = "--extract-lora" if cfg.extract_lora else "--lora-mode merge"
+        raise UserError(f"{what} needs the eval to convert the model: give --model digits-dit or a float file (or "
+                        "use --lora-mode bake / dynamic on a quantized file)")
     lora = lora_setup(cfg, workload, ref, quant, out) if cfg.lora is not None or cfg.extract_lora else None
     stats = layer_stats(ref, quant, workload.stats_pass)
     metrics = workload.evaluate(ref, quant, out)
