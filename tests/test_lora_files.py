@@ -196,3 +196,21 @@ def test_cli_merge_flags_and_one_line_errors(flux_file: Path, tmp_path: Path, ca
     assert convert_to_quant.main(["-i", str(flux_file), "-o", str(c2q), "--merge-lora", str(a),
                                   "--merge-lora-dampen=maybe"]) == 2
     assert "expected True or False" in capsys.readouterr().err
+
+
+def test_bundled_checkpoint_prefixes(tmp_path: Path) -> None:
+    """A full SDXL checkpoint (``model.diffusion_model.``, ``conditioner.embedders.N.``): kohya unet and te keys land
+    on the prefixed tensors; the difference is alpha/rank * up @ down."""
+    base = base_weights("sdxl-checkpoint")
+    path = _save(tmp_path, "ckpt.safetensors", base)
+    b = LoraBuilder(seed=5).lora("lora_unet_input_blocks_4_1_proj_in", 128, 128, rank=4, alpha=2.0)
+    b.lora("lora_te1_text_model_encoder_layers_1_self_attn_out_proj", 256, 256, rank=4, alpha=None)
+    lora = _save(tmp_path, "l.safetensors", b.sd)
+    bound = LoRAMerge(MergeConfig((LoraSpec(lora, 0.5),))).bind(CheckpointReader(path).infos)
+    unet = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    te = "conditioner.embedders.0.transformer.text_model.encoder.layers.1.self_attn.out_proj.weight"
+    assert bound.names == {unet, te}
+    for name, module, factor in ((unet, "lora_unet_input_blocks_4_1_proj_in", 0.5 * 2.0 / 4),
+                                 (te, "lora_te1_text_model_encoder_layers_1_self_attn_out_proj", 0.5)):
+        want = base[name] + factor * b.sd[f"{module}.lora_up.weight"] @ b.sd[f"{module}.lora_down.weight"]
+        assert torch.allclose(bound(name, base[name].clone()), want, atol=1e-6)

@@ -43,6 +43,7 @@ class EvalConfig:
     lora_strength: float = 1.0
     stochastic: bool = False  # bake with stochastic rounding
     extract_lora: int = 0  # also extract the quantization error at this rank and run it as a dynamic LoRA
+    lora_effect: bool = True  # also sample the float model without the LoRA (how far the LoRA moves samples)
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -103,9 +104,10 @@ def lora_setup(cfg: EvalConfig, workload: Any, ref: Any, quant: Any, out: Path) 
         if cfg.lora_mode != "merge":
             q = cql.apply(quant, cfg.lora, cfg.lora_strength, cfg.lora_mode, stochastic=cfg.stochastic)
             info["layers"] = len(q.layers)
-        effect = out / "lora_effect"
-        effect.mkdir(exist_ok=True)
-        info["effect_vs_base"] = workload.evaluate(base, ref, effect)  # float base vs float base+LoRA
+        if cfg.lora_effect:
+            effect = out / "lora_effect"
+            effect.mkdir(exist_ok=True)
+            info["effect_vs_base"] = workload.evaluate(base, ref, effect)  # float base vs float base+LoRA
     if cfg.extract_lora:
         h = cql.apply(quant, correction_file(out), 1.0, "dynamic")
         info["extract_lora"] = {"rank": cfg.extract_lora, "layers": len(h.layers)}

@@ -40,7 +40,8 @@ def run_study(out: Path, formats: list[str], ranks: list[int], lora: Path, sampl
         for mode, sr in MODES:
             name = f"{fmt}-{mode}{'-sr' if sr else ''}"
             rep = run_eval(EvalConfig(model="digits-dit", format=fmt, out=out / name, lora=lora, lora_mode=mode,
-                                      stochastic=sr, sampling=sampling, command=f"lora_study {name}"))
+                                      stochastic=sr, sampling=sampling, command=f"lora_study {name}",
+                                      lora_effect=effect is None))
             effect = effect or rep["lora"]["effect_vs_base"]
             rows.append(_row(rep, kind="lora", format=fmt, mode=_label(mode, sr)))
             print(f"{name}: PSNR {rows[-1]['psnr_db']:.2f} dB", flush=True)
