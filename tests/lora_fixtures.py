@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from comfyquant.presets.architectures import arch_tensors
+from comfyquant.testing.architectures import arch_tensors
 
 LORA_SUFFIXES = {  # style -> (up suffix, down suffix)
     "kohya": (".lora_up.weight", ".lora_down.weight"),

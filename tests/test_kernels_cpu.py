@@ -213,11 +213,12 @@ def test_custom_ops_compile_fullgraph() -> None:
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), f(x))
     opcheck = torch.library.opcheck
-    opcheck(torch.ops.comfyquant.int8_linear.default, (x, q, s, bias, 16, torch.float32, "torch"))
+    opcheck(torch.ops.comfyquant.quant_linear.default, (x, q, [s], bias, "int8", [16], torch.float32, "torch"))
+    opcheck(torch.ops.comfyquant.quant_linear.default, (x, q, [s], None, "int8", [16], torch.bfloat16, "auto"))
 
 
 def test_bench_thresholds_and_cli_errors() -> None:
-    from comfyquant.runtime import bench
+    from comfyquant.bench import layers as bench
 
     rows = [bench.Row("flux", "proj", m, 3072, 3072, us={"bf16": 10.0, "w8a8_triton": t8, "w8a16": t16})
             for m, t8, t16 in ((1, 30.0, 20.0), (16, 25.0, 20.0), (256, 15.0, 40.0), (4096, 50.0, 300.0))]

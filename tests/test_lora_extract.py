@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 import comfyquant.lora as cql
 from comfyquant.convert.api import convert
 from comfyquant.errors import UserError
+from comfyquant.formats import dequantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant
 from comfyquant.lora.extract import low_rank_svd
-from comfyquant.quant.quantize import dequantize_weight
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

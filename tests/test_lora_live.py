@@ -16,9 +16,10 @@ from torch import nn
 import comfyquant.lora as cql
 from comfyquant.errors import UserError
 from comfyquant.eval.workloads import DigitsWorkload
+from comfyquant.formats import dequantize_weight, get_format, quantize_weight
 from comfyquant.lora.keymap import build_keymap
 from comfyquant.lora.merge import bind_loras
-from comfyquant.lora.rounding import stochastic_fp8, stochastic_grid
+from comfyquant.lora.rounding import stochastic_float, stochastic_grid
 from comfyquant.runtime import QuantizedTensor, QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, quantize_
 
@@ -207,16 +208,18 @@ def test_whole_model_dynamic_and_bake_track_the_float_merge(models: tuple, tmp_p
 def test_stochastic_rounding_is_unbiased_and_on_grid() -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 64, generator=g) * 0.02
-    for layout, kwargs in (("int8_tensorwise", {"per_row": True}), ("int8_tensorwise", {"convrot": True}),
-                           ("int8_blockwise", {"block_size": 16}), ("float8_e4m3fn", {})):
-        rtn = QuantizedTensor.from_float(w, layout, **kwargs)
-        draws = torch.stack([stochastic_grid(w, rtn, g) for _ in range(400)])
-        step = (rtn.dequantize().float() - w).abs().max() * 2
-        assert float((draws.mean(0) - w).abs().max()) < 0.25 * float(step), layout  # RTN bias would be ~step/2
-        again = QuantizedTensor.from_float(draws[0], layout, **kwargs)
-        assert float((again.dequantize().float() - draws[0]).abs().max()) < 1e-5 * float(w.abs().max()), layout
+    for name, opts in (("int8", {}), ("int8-rot", {}), ("int8-block", {"block_size": 16}), ("fp8", {})):
+        fmt = get_format(name)
+        params = fmt.resolve((8, 64), opts)
+        rtn = dequantize_weight(quantize_weight(w, name, **opts).tensors, fmt.comfy_quant(params))
+        draws = torch.stack([stochastic_grid(w, fmt, params, g) for _ in range(400)])
+        step = (rtn - w).abs().max() * 2
+        assert float((draws.mean(0) - w).abs().max()) < 0.25 * float(step), name  # RTN's bias would be ~step/2
+        again = quantize_weight(draws[0], name, **opts)
+        back = dequantize_weight(again.tensors, again.comfy_quant)
+        assert float((back - draws[0]).abs().max()) < 1e-5 * float(w.abs().max()), name  # already on the grid
     x = torch.tensor([0.3, -1.1, 3.3, 447.0, 0.0, 1e-4, -200.5])
-    s = torch.stack([stochastic_fp8(x, torch.float8_e4m3fn, g) for _ in range(4000)])
+    s = torch.stack([stochastic_float(x, torch.float8_e4m3fn, g) for _ in range(4000)])
     assert torch.equal(s.to(torch.float8_e4m3fn).float(), s)  # every draw is an fp8 value
     assert float(((s.mean(0) - x).abs() / x.abs().clamp(min=1e-3)).max()) < 0.01
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
+from comfyquant.exits import argv_or_sys, run_cli
 
 PROG = "convert_to_quant"
 
@@ -32,15 +32,15 @@ MODEL_NOTES = {f: f"--{f}: {_CHROMA_NOTE}" for f in ("distillation_small", "nerf
 _UNSUPPORTED_MODEL = {"visual": "comfyquant has no vision-encoder preset that keeps the MLP layers in high "
                                 "precision"}
 
-# Features of the convert_to_quant README that comfyquant plans (optimizers, calibration, memory modes); refused
-# with "(planned)".
+# Features of the convert_to_quant README that comfyquant plans (the optimizer flags ctq_optimizer_flags handles
+# are taken out first); refused with "(planned)".
 PLANNED = (
     "optimizer smoothquant quip_requant_scheme quip_store_transformed quip_checkpointed quip_checkpoint_threshold "
     "quip_checkpoint_segments streaming_mode bf16_compute bf16_threshold bf16_hadamard_threshold "
-    "bf16_hessian_threshold no_memory_limits calibration_lora lr num_iter lr_schedule lr_gamma lr_patience lr_factor lr_min lr_cooldown lr_threshold "
-    "lr_adaptive_mode lr_shape_influence lr_threshold_mode early_stop_loss early_stop_lr early_stop_stall "
-    "esloss eslr esstall calib_samples calib_cpu top_p min_k max_k full_matrix use_speed "
-    "scale_optimization scale_refinement"
+    "bf16_hessian_threshold no_memory_limits calibration_lora lr num_iter lr_schedule lr_gamma lr_patience "
+    "lr_factor lr_min lr_cooldown lr_threshold lr_adaptive_mode lr_shape_influence lr_threshold_mode "
+    "early_stop_loss early_stop_lr early_stop_stall esloss eslr esstall calib_samples calib_cpu top_p min_k max_k "
+    "full_matrix use_speed scale_optimization scale_refinement"
 ).split()
 # Other convert_to_quant 1.3.4 flags comfyquant does not offer.
 UNSUPPORTED = (
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--extract-lora only for layers matching this regex")
     g.add_argument(*_alts("lora_output"), dest="lora_output", metavar="FILE",
                    help="--extract-lora output (default: OUTPUT with _lora.safetensors)")
+    from comfyquant.cli import ctq_optimizer_flags
+
+    ctq_optimizer_flags.add_args(p)
     p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS)
     return p
 
@@ -145,17 +148,29 @@ def _bool(text: str) -> bool:
 
 
 def refuse_later_flags(argv: Sequence[str]) -> None:
-    """One-line refusal for convert_to_quant flags of features comfyquant does not have."""
+    """One-line refusal naming every convert_to_quant flag of a feature comfyquant does not have."""
+    from comfyquant.cli.ctq_optimizer_flags import HANDLED
+
+    planned, unsupported = [], []
     for tok in argv:
         if not tok.startswith("-") or tok in ("-", "--"):
             continue
         flag = tok.split("=", 1)[0]
         key = flag.lstrip("-").replace("-", "_")
+        if key in HANDLED:
+            continue
         if key in PLANNED:
-            raise UserError(f"not implemented yet in comfyquant: {flag} (planned)")
-        if key in UNSUPPORTED:
-            raise UserError(f"not supported by comfyquant: {flag} (a convert_to_quant feature with no "
-                            "comfyquant equivalent)")
+            planned.append(flag)
+        elif key in UNSUPPORTED:
+            unsupported.append(flag)
+    parts = []
+    if planned:
+        parts.append(f"not implemented yet in comfyquant: {', '.join(planned)} (planned)")
+    if unsupported:
+        parts.append(f"not supported by comfyquant: {', '.join(unsupported)} (convert_to_quant features with no "
+                     "comfyquant equivalent)")
+    if parts:
+        raise UserError("; ".join(parts))
 
 
 def resolve_model(a: argparse.Namespace) -> tuple[str, list[str]]:
@@ -238,18 +253,24 @@ def run(argv: Sequence[str]) -> int:
     else:
         if not a.comfy_quant:
             notes.append("comfyquant always writes per-layer comfy_quant metadata (--comfy_quant is implied)")
+        from comfyquant.cli.ctq_optimizer_flags import resolve
+
+        opt, calibration, lora, fmt, opt_notes = resolve(a, fmt)
+        notes.extend(opt_notes)
         out = a.output or default_output(a.input, conversion_suffix(fmt, block, model != "auto"))
-        _run_convert(a, out, fmt, model, block)
+        _run_convert(a, out, fmt, model, block, opt, calibration, lora)
     for n in notes:  # after the work, so that a failure stays one line on stderr
         print(f"note: {n}", file=sys.stderr)
     return 0
 
 
-def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: int) -> None:
+def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: int, optimizer: object = None,
+                 calibration: str | None = None, lora: str | None = None) -> None:
     from comfyquant.convert.api import convert
 
     kwargs = {"format": fmt, "model": model, "layer_config": a.layer_config, "device": a.device,
-              "low_memory": a.low_memory, "block_size": block, "merge_loras": [*a.merge_lora, *a.merge_loras],
+              "low_memory": a.low_memory, "block_size": block, "optimizer": optimizer,
+              "calibration": calibration, "calibration_lora": lora, "merge_loras": [*a.merge_lora, *a.merge_loras],
               "merge_lora_scale": a.merge_lora_scale, "merge_lora_dampen": a.merge_lora_dampen}
     if a.extract_lora:
         kwargs.update(extract_lora=a.lora_rank, extract_lora_target=a.lora_target,

@@ -14,10 +14,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
+from comfyquant.exits import argv_or_sys, run_cli
 
-FORMAT_CHOICES = ("int8", "int8-tensor", "int8-rot", "int8-block", "fp8", "fp8-e5m2", "fp16", "bf16")
+
+def format_choices() -> list[str]:
+    """Every registered format's CLI name (the registry decides what --format accepts)."""
+    from comfyquant.formats import REGISTRY
+
+    return REGISTRY.names()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,7 +36,11 @@ class _Parser(argparse.ArgumentParser):
 def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help=".safetensors file or sharded *.safetensors.index.json")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output .safetensors file")
-    p.add_argument("--format", default="int8", choices=FORMAT_CHOICES, help="output format (default: int8)")
+    p.add_argument("--format", default="int8", choices=format_choices(), help="output format (default: int8)")
+    p.add_argument("--fallback", metavar="FORMAT",
+                   help="format for layers whose shape cannot take --format (e.g. K not a multiple of the "
+                        "rotation group), or 'none' to keep them in high precision (default: the format's own "
+                        "fallback, int8-rot -> int8; others stay in high precision)")
     p.add_argument("--model", default="auto", help="model preset, or auto to detect it (default: auto)")
     p.add_argument("--layer-config", metavar="FILE", help="JSON of ordered regex rules -> format or skip")
     p.add_argument("--report", metavar="FILE.json", help="write the per-layer quality report as JSON")
@@ -58,15 +67,22 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
                    help="--extract-lora only for quantized layers whose name matches this regex")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no report table (the bar is shown only when stderr is a terminal)")
+    from comfyquant.optimize.cli_flags import add_optimizer_args
+
+    add_optimizer_args(p)
 
 
 def _run_convert(a: argparse.Namespace) -> int:
     from comfyquant.convert.api import convert
+    from comfyquant.optimize.cli_flags import optimizer_config, resolve_requant
 
-    report = convert(a.input, a.output, format=a.format, model=a.model, layer_config=a.layer_config,
-                     report=a.report, plot=a.plot, device=a.device, low_memory=a.low_memory, force=a.force,
-                     block_size=a.block_size, progress=not a.quiet and sys.stderr.isatty(),
-                     merge_loras=a.merge_lora, merge_lora_scale=a.merge_lora_scale, merge_lora_dampen=not a.no_dampen,
+    report = convert(a.input, a.output, format=resolve_requant(a.format, a), model=a.model,
+                     layer_config=a.layer_config, report=a.report, plot=a.plot, device=a.device,
+                     low_memory=a.low_memory, force=a.force, block_size=a.block_size,
+                     progress=not a.quiet and sys.stderr.isatty(), fallback=a.fallback,
+                     optimizer=optimizer_config(a, a.device), calibration=a.calibration,
+                     calibration_lora=a.calibration_lora, merge_loras=a.merge_lora,
+                     merge_lora_scale=a.merge_lora_scale, merge_lora_dampen=not a.no_dampen,
                      extract_lora=a.extract_lora, extract_lora_output=a.extract_lora_output,
                      extract_lora_target=a.extract_lora_target)
     if not a.quiet:
@@ -78,7 +94,7 @@ def _run_convert(a: argparse.Namespace) -> int:
 # -- inspect / template / edit (thin wiring to comfyquant.convert.{inspect,template,edit}) -----------------
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="auto", help="model preset, or auto to detect it (default: auto)")
-    p.add_argument("--format", default="int8", choices=FORMAT_CHOICES, help="planned format (default: int8)")
+    p.add_argument("--format", default="int8", choices=format_choices(), help="planned format (default: int8)")
     p.add_argument("--layer-config", metavar="FILE", help="JSON of ordered regex rules -> format or skip")
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
 
@@ -147,9 +163,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 # name -> (help, "module:function" taking argv: list[str] and returning an exit status)
 EXTERNAL: dict[str, tuple[str, str]] = {
-    "bench": ("benchmark quantized kernels", "comfyquant.runtime.bench:main"),
+    "bench": ("benchmark quantized kernels", "comfyquant.bench.layers:main"),
     "eval": ("evaluate a quantized model against its float original", "comfyquant.eval.cli:eval_main"),
     "demo": ("convert and run the built-in example model", "comfyquant.eval.cli:demo_main"),
+    "calibrate": ("run a model on real inputs and save per-layer statistics", "comfyquant.cli.calibrate:main"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from comfyquant.convert.pipeline import ConvertOptions, run_conversion
 from comfyquant.convert.report import Report
@@ -13,23 +14,33 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
             force: bool = False, block_size: int = 128, progress: bool = True,
-            merge_loras: Sequence[str | Path] = (), merge_lora_scale: float = 1.0, merge_lora_dampen: bool = True,
-            extract_lora: int = 0, extract_lora_output: str | Path | None = None,
-            extract_lora_target: str | None = None) -> Report:
+            fallback: str | None = None, optimizer: Any = None, calibration: Any = None,
+            calibration_lora: str | Path | None = None, merge_loras: Sequence[str | Path] = (),
+            merge_lora_scale: float = 1.0, merge_lora_dampen: bool = True, extract_lora: int = 0,
+            extract_lora_output: str | Path | None = None, extract_lora_target: str | None = None) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
+    Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
+    ``fallback`` is where a layer goes when its shape cannot take ``format`` (a format name, or "none" to keep
+    it in high precision; default: the format's own fallback, e.g. int8-rot -> int8).
+    ``optimizer`` (an ``OptimizerConfig``, or a method name: rtn, gptq, learned, quip) with ``calibration``
+    (a file from ``comfyquant calibrate``, or ``"synthetic"``) picks the rounding; ``calibration_lora``
+    weights the Hessians toward a LoRA's input directions.
     ``merge_loras`` (``"A.safetensors"`` or ``"A.safetensors:SCALE"``) are merged into the float weights first,
     in float32 per layer, each at its scale x ``merge_lora_scale`` (x 0.9^(i-1) for the i-th unless
-    ``merge_lora_dampen`` is False). ``extract_lora`` > 0 also writes the rank-r SVD of each quantized layer's
-    error as a LoRA (``extract_lora_output``, default ``<output stem>_qerr_r<rank>.safetensors``; only layers
-    whose name matches the regex ``extract_lora_target`` when given).
-    Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
+    ``merge_lora_dampen`` is False); the optimizers see the merged weights. ``extract_lora`` > 0 also writes the
+    rank-r SVD of each quantized layer's error as a LoRA (``extract_lora_output``, default
+    ``<output stem>_qerr_r<rank>.safetensors``; only layers matching the regex ``extract_lora_target``).
     Raises :class:`comfyquant.errors.UserError` for bad input or usage.
     """
     if plot is not None:
         from comfyquant.convert.plot import require_matplotlib
 
         require_matplotlib()
+    if isinstance(optimizer, str):
+        from comfyquant.optimize.config import OptimizerConfig
+
+        optimizer = OptimizerConfig(method=optimizer)
     transform = sink = None
     if merge_loras:
         from comfyquant.lora.merge import LoRAMerge, LoraSpec, MergeConfig
@@ -43,6 +54,9 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
                                          target=extract_lora_target)
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
                           low_memory=low_memory, force=force, block_size=block_size, progress=progress,
+                          fallback=fallback, optimizer=optimizer,
+                          calibration=str(calibration) if isinstance(calibration, str | Path) else calibration,
+                          calibration_lora=None if calibration_lora is None else str(calibration_lora),
                           weight_transform=transform, quant_error_sink=sink)
     result = run_conversion(input, output, opts)
     if report is not None:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from comfyquant.errors import UserError
+from comfyquant.formats import dequantize_weight
 from comfyquant.io.writer import save_file
 from comfyquant.presets.prefixes import DIFFUSION, NONE, split_name
-from comfyquant.quant.quantize import dequantize_weight
 
 OVERSAMPLE = 8
 POWER_ITERS = 2

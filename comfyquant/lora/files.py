@@ -210,7 +210,7 @@ class LoRAFile:
         t = self.reader.get(key)
         q = self.quant.get(key)
         if q is not None and "conf" in q:
-            from comfyquant.quant.quantize import dequantize_weight
+            from comfyquant.formats import dequantize_weight
 
             parts = {"weight": t, **{k: self.reader.get(v) for k, v in q.items() if k != "conf"}}
             try:

@@ -17,7 +17,8 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
-from comfyquant.runtime.kernels.backends import BACKENDS
+from comfyquant.runtime.kernels.policy import DispatchPolicy
+from comfyquant.runtime.kernels.registry import backends_for
 from comfyquant.runtime.tensor import REGISTRY, Layout, QuantizedTensor
 
 _LINEAR = torch.ops.aten.linear.default
@@ -26,11 +27,30 @@ _LINEAR = torch.ops.aten.linear.default
 QUANT_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "comfy_quant")
 
 
-def check_backend(layout: type[Layout], backend: str | None) -> None:
-    """Refuse a backend name that cannot run ``layout`` (whether the device can run it is checked per call)."""
-    choices = BACKENDS.get(layout.kernel_kind, ())
-    if backend is not None and backend not in choices:
+def check_backend(layout: type[Layout], backend: str | DispatchPolicy | None) -> None:
+    """Refuse a backend name that cannot run ``layout`` (whether the device can run it is checked per call);
+    a ``DispatchPolicy`` (automatic choice under that policy) is always accepted."""
+    if backend is None or isinstance(backend, DispatchPolicy):
+        return
+    choices = backends_for(layout.kernel_kind)
+    if backend not in choices:
         raise UserError(f"backend {backend!r} is not one of {', '.join(choices)} for {layout.name} layers")
+
+
+def layout_of(layer: str, conf: dict[str, Any]) -> type[Layout]:
+    """The runtime layout of a stored layer's ``comfy_quant`` (a registered layout, or one built from the
+    format registry); UserError naming the layer for formats nothing reads."""
+    name = str(conf.get("format"))
+    layout = REGISTRY.layouts.get(name)
+    if layout is not None:
+        return layout
+    from comfyquant.runtime.layouts import layout_class
+
+    try:
+        return layout_class(name)
+    except KeyError:
+        raise UserError(f"layer {layer}: unsupported quantization format {conf.get('format')!r}; "
+                        f"this runtime reads {', '.join(sorted(REGISTRY.layouts))}") from None
 
 
 class QuantLinear(nn.Module):
@@ -86,12 +106,13 @@ class QuantLinear(nn.Module):
         return w  # type: ignore[return-value]
 
     @property
-    def backend(self) -> str | None:
+    def backend(self) -> str | DispatchPolicy | None:
         """The kernel backend this layer asks for (None: chosen per call by capability and shape)."""
         return None if self.weight is None else self.qweight.params.backend
 
-    def set_backend(self, backend: str | None) -> None:
-        """Pin this layer's kernel backend (a name from ``kernels.backends.BACKENDS``) or unpin it (None)."""
+    def set_backend(self, backend: str | DispatchPolicy | None) -> None:
+        """Pin this layer's kernel backend (a name from ``kernels.registry.backends_for(kind)``), steer its
+        automatic choice with a ``DispatchPolicy``, or unpin it (None)."""
         qt = self.qweight
         check_backend(qt.layout_cls, backend)
         self.weight = nn.Parameter(qt.with_parts(params=qt.params.replace(backend=backend)), requires_grad=False)
@@ -105,12 +126,14 @@ class QuantLinear(nn.Module):
         extra = ""
         if self.weight is not None:
             p = self.qweight.params
-            if getattr(p, "convrot", False):
-                extra += f", convrot_groupsize={p.convrot_groupsize}"
-            if hasattr(p, "block_size"):
-                extra += f", scale=block{p.block_size}"
-            elif getattr(p, "scale", None) is not None:
-                extra += ", scale=" + ("tensor" if p.scale.numel() == 1 else "row")
+            name = getattr(p, "fmt", None)
+            if name is not None and name != fmt:
+                extra += f" ({name})"
+            for key, value in getattr(p, "fmt_params", ()):
+                extra += f", {key}={value}"
+            scale = getattr(p, "weight_scale", None)
+            if scale is not None and not getattr(p, "block_size", None):
+                extra += ", scale=" + ("tensor" if scale.numel() == 1 else "row")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={fmt}{extra}, backend={self.backend or 'auto'}")
 
@@ -157,10 +180,7 @@ class QuantLinear(nn.Module):
                 missing_keys.extend(prefix + s for s in ("weight", "comfy_quant") if prefix + s not in state_dict)
         else:
             conf = decode_comfy_quant(conf_t)
-            layout = REGISTRY.layouts.get(str(conf.get("format")))
-            if layout is None:
-                raise UserError(f"layer {layer}: unsupported quantization format {conf.get('format')!r}; "
-                                f"this runtime reads {', '.join(sorted(REGISTRY.layouts))}")
+            layout = layout_of(layer, conf)
             tensors = {s: state_dict[prefix + s] for s in QUANT_SUFFIXES if prefix + s in state_dict}
             dtype = self.weight.dtype if self.weight is not None else self.load_dtype
             qdata, params = layout.from_state_dict(layer, tensors, conf, shape=(self.out_features, self.in_features),

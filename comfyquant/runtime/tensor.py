@@ -62,7 +62,7 @@ class Layout:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[LayoutParams]] = LayoutParams
-    kernel_kind: ClassVar[str] = ""  # the kind in kernels.backends.BACKENDS whose backends run this layout
+    kernel_kind: ClassVar[str] = ""  # the kernel kind (kernels.registry) whose backends run this layout
 
     @classmethod
     def quantize(cls, tensor: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, LayoutParams]:
@@ -240,8 +240,14 @@ class QuantizedTensor(torch.Tensor):
     # ---- construction / conversion ---------------------------------------------------------------------
     @classmethod
     def from_float(cls, tensor: torch.Tensor, layout: str | type[Layout], **kwargs: Any) -> QuantizedTensor:
-        """Quantize a float tensor with ``layout`` (a registered format name or a Layout class)."""
+        """Quantize a float tensor with ``layout`` (a registered layout name or class).
+
+        A name registered for a layout under another name (a registry format such as ``int8-rot``, stored as
+        ``int8_tensorwise``) is passed on as ``fmt=name``, selecting that format within the layout.
+        """
         layout_cls = _resolve_layout(layout)
+        if isinstance(layout, str) and layout != layout_cls.name:
+            kwargs.setdefault("fmt", layout)
         qdata, params = layout_cls.quantize(tensor, **kwargs)
         return cls(qdata, layout_cls, params)
 
@@ -368,7 +374,3 @@ def run_dequantized(func: Any, args: tuple, kwargs: dict) -> Any:
     """The fallback: run ``func`` on dequantized copies of every quantized argument."""
     return func(*dequantize_args(args), **dequantize_args(kwargs))
 
-
-# Populate the generic op table and the built-in layouts (both import this module's names).
-from comfyquant.runtime import layouts as _layouts  # noqa: E402,F401
-from comfyquant.runtime import ops as _ops  # noqa: E402,F401

@@ -1,7 +1,7 @@
 """Plot a ``comfyquant bench`` sweep: speed-up over bf16 against the batch rows M, one panel per layer shape.
 
 Reads the ``rows`` of ``bench.json`` (each with ``us`` timings per path, ``bf16`` among them) and writes a PNG.
-Used by ``comfyquant bench`` and runnable on a saved result: ``python -m comfyquant.runtime.bench_plot IN OUT``.
+Used by ``comfyquant bench`` and runnable on a saved result: ``python -m comfyquant.bench.plot IN OUT``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 
 from comfyquant.errors import UserError
 
-PATHS = (("w8a8", "W8A8 (ours, auto)"), ("fp8_rowwise", "FP8 rowwise (ours)"),
+# (column, label); "w8a8" / "fp8_rowwise": the 2026-11-22 JSON's names, "auto" / "fp8": this session's
+PATHS = (("w8a8", "W8A8 (ours, auto)"), ("fp8_rowwise", "FP8 rowwise (ours)"), ("auto", "int8 (ours, auto)"),
+         ("fp8", "FP8 (ours, auto)"), ("w4a8", "int4_rot W4A8 (ours)"),
          ("w8a8_convrot", "W8A8 convrot (ours)"), ("ck_int8", "comfy-kitchen int8_linear"),
          ("int_mm_torch", "torch._int_mm + torch quant"))
 
@@ -71,10 +73,10 @@ def plot_bench(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m comfyquant.runtime.bench_plot bench.json out.png``."""
+    """``python -m comfyquant.bench.plot bench.json out.png``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        raise UserError("usage: python -m comfyquant.runtime.bench_plot BENCH.json OUT.png")
+        raise UserError("usage: python -m comfyquant.bench.plot BENCH.json OUT.png")
     payload = json.loads(Path(args[0]).read_text())
     meta = payload.get("meta", {})
     title = f"speed-up over bf16 F.linear, same run: {meta.get('device', '')} {meta.get('date_utc', '')} UTC".strip()
