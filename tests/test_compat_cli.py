@@ -129,9 +129,10 @@ def test_bad_input_exit_2(tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "comfyquant.cli.convert_to_quant", "-i", str(tmp_path / "x"),
-                        "--merge-lora", "x"], capture_output=True, text=True, timeout=120)
+                        "--nvfp4"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == (
-        "convert_to_quant: error: not implemented yet in comfyquant: --merge-lora (planned)")
+        "convert_to_quant: error: not supported by comfyquant: --nvfp4 (convert_to_quant features with no "
+        "comfyquant equivalent)")
 
 
 def test_optimizer_flags_map_onto_comfyquant(tmp_path, model, capsys):

@@ -214,3 +214,25 @@ def test_bundled_checkpoint_prefixes(tmp_path: Path) -> None:
                                  (te, "lora_te1_text_model_encoder_layers_1_self_attn_out_proj", 0.5)):
         want = base[name] + factor * b.sd[f"{module}.lora_up.weight"] @ b.sd[f"{module}.lora_down.weight"]
         assert torch.allclose(bound(name, base[name].clone()), want, atol=1e-6)
+
+
+def test_optimizers_see_the_merged_weights(flux_file: Path, tmp_path: Path) -> None:
+    """GPTQ with bias correction reads weights through the converter's reader: the quantized layer is the merged
+    weight rounded (its error a small fraction of the LoRA's change), not the base weight."""
+    from comfyquant.formats import dequantize_weight
+    from comfyquant.io.comfy_meta import decode_comfy_quant
+    from comfyquant.optimize.config import OptimizerConfig
+
+    sd = LoraBuilder(seed=4).lora("lora_unet_double_blocks_0_img_attn_qkv", 3 * H, H, rank=8).sd
+    lora = _save(tmp_path, "l.safetensors", sd)
+    out = tmp_path / "o.safetensors"
+    convert(flux_file, out, merge_loras=[str(lora)], optimizer=OptimizerConfig(method="gptq", bias_correction=True),
+            calibration="synthetic", progress=False)
+    q, base = load_file(str(out)), load_file(str(flux_file))
+    layer = "double_blocks.0.img_attn.qkv"
+    merged = LoRAMerge(MergeConfig((LoraSpec(lora),))).bind(CheckpointReader(flux_file).infos)(
+        f"{layer}.weight", base[f"{layer}.weight"].float())
+    stored = dequantize_weight({k[len(layer) + 1:]: v for k, v in q.items() if k.startswith(layer + ".")},
+                               decode_comfy_quant(q[f"{layer}.comfy_quant"]))
+    delta = (merged - base[f"{layer}.weight"].float()).norm()
+    assert float((stored - merged).norm()) < 0.1 * float(delta)
