@@ -25,6 +25,9 @@ class BoundWeightTransform(Protocol):
     @property
     def notes(self) -> list[str]: ...
 
+    @property
+    def warnings(self) -> list[str]: ...
+
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor: ...
 
 

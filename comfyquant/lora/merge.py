@@ -165,6 +165,11 @@ class BoundMerge:
     def notes(self) -> list[str]:
         return [m.line() for m in self.matches]
 
+    @property
+    def warnings(self) -> list[str]:
+        """The lines of LoRAs that matched only part of their modules."""
+        return [m.line() for m in self.matches if m.unmatched]
+
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (float32, owned by the caller) with every patch for ``name`` applied, in LoRA order."""
         for p in self.by_tensor.get(name, ()):
