@@ -17,9 +17,10 @@ import comfyquant.lora as cql
 from comfyquant.errors import UserError
 from comfyquant.eval.workloads import DigitsWorkload
 from comfyquant.formats import dequantize_weight, get_format, quantize_weight
+from comfyquant.formats.grids import FP4_E2M1, FP8_E4M3
 from comfyquant.lora.keymap import build_keymap
 from comfyquant.lora.merge import bind_loras
-from comfyquant.lora.rounding import stochastic_float, stochastic_grid
+from comfyquant.lora.rounding import grid_values, stochastic_grid, stochastic_on_table, stochastic_tensors
 from comfyquant.runtime import QuantizedTensor, QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, quantize_
 
@@ -206,22 +207,33 @@ def test_whole_model_dynamic_and_bake_track_the_float_merge(models: tuple, tmp_p
 
 
 def test_stochastic_rounding_is_unbiased_and_on_grid() -> None:
+    """In the format's quantization basis, the mean of many draws is the value itself (where the grid does not
+    clip it), and a draw is stored exactly: its stored tensors dequantize to the drawn values."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(8, 64, generator=g) * 0.02
-    for name, opts in (("int8", {}), ("int8-rot", {}), ("int8-block", {"block_size": 16}), ("fp8", {})):
+    w = torch.randn(16, 64, generator=g) * 0.02
+    for name, opts in (("int8", {}), ("int8-rot", {}), ("int8-block", {"block_size": 16}), ("fp8", {}),
+                       ("nvfp4", {}), ("int4-rot", {})):
         fmt = get_format(name)
-        params = fmt.resolve((8, 64), opts)
-        rtn = dequantize_weight(quantize_weight(w, name, **opts).tensors, fmt.comfy_quant(params))
-        draws = torch.stack([stochastic_grid(w, fmt, params, g) for _ in range(400)])
-        step = (rtn - w).abs().max() * 2
-        assert float((draws.mean(0) - w).abs().max()) < 0.25 * float(step), name  # RTN's bias would be ~step/2
-        again = quantize_weight(draws[0], name, **opts)
-        back = dequantize_weight(again.tensors, again.comfy_quant)
-        assert float((back - draws[0]).abs().max()) < 1e-5 * float(w.abs().max()), name  # already on the grid
+        params = fmt.resolve((16, 64), opts)
+        w_t = fmt.transform(w, params)
+        scale = fmt.grid(w_t, params).scale_for()
+        inside = (w_t / scale).abs() < fmt.element_grid.max  # scale-searching formats clip a few values
+        draws = torch.stack([fmt.transform(stochastic_grid(w, fmt, params, g), params) for _ in range(400)])
+        step = (fmt.transform(dequantize_weight(quantize_weight(w, name, **opts).tensors,
+                                                fmt.comfy_quant(params)), params) - w_t).abs().max() * 2
+        bias = (draws.mean(0) - w_t).abs()[inside]
+        assert float(bias.max()) < 0.25 * float(step), name  # round-to-nearest's bias would be ~step/2
+        v = stochastic_grid(w, fmt, params, torch.Generator().manual_seed(5))
+        stored = stochastic_tensors(w, fmt, params, torch.Generator().manual_seed(5))
+        back = dequantize_weight(stored, fmt.comfy_quant(params))
+        assert float((back - v).abs().max()) < 1e-5 * float(w.abs().max()), name
     x = torch.tensor([0.3, -1.1, 3.3, 447.0, 0.0, 1e-4, -200.5])
-    s = torch.stack([stochastic_float(x, torch.float8_e4m3fn, g) for _ in range(4000)])
+    table = grid_values(FP8_E4M3)
+    assert len(table) == 253 and float(table[-1]) == 448.0  # 126 magnitudes each sign, one zero
+    s = torch.stack([stochastic_on_table(x, table, g) for _ in range(4000)])
     assert torch.equal(s.to(torch.float8_e4m3fn).float(), s)  # every draw is an fp8 value
     assert float(((s.mean(0) - x).abs() / x.abs().clamp(min=1e-3)).max()) < 0.01
+    assert grid_values(FP4_E2M1).tolist() == [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]
 
 
 def test_bad_modes_and_mismatches(models: tuple, tmp_path: Path) -> None:
