@@ -114,10 +114,12 @@ def test_without_comfy_quant_flag_says_it_is_implied(tmp_path, model, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--merge-lora", "x.safetensors"], "not implemented yet in comfyquant: --merge-lora (planned)"),
-    (["--merge-lora", "x", "--make-hybrid-mxfp8", "--merge-loras", "y", "--extract-lora"],
-     "not implemented yet in comfyquant: --merge-lora, --merge-loras (planned); not supported by comfyquant: "
-     "--make-hybrid-mxfp8 (hybrid_mxfp8 is"),
+    (["--merge-lora", "x.safetensors"], "input not found: x.safetensors"),  # implemented: the LoRA is read
+    (["--extract-lora", "--lora-depth", "2"], "not supported by comfyquant: --lora-depth"),
+    (["--merge-lora", "x", "--make-hybrid-mxfp8", "--merge-loras", "y", "--lora-ar-threshold", "1"],
+     "not supported by comfyquant: --make-hybrid-mxfp8 (hybrid_mxfp8 is"),
+    (["--merge-lora", "x", "--make-hybrid-mxfp8", "--lora-ar-threshold", "1"],
+     "which stock ComfyUI does not load), --lora-ar-threshold (a convert_to_quant feature"),  # all in one message
     (["--optimizer", "gptq", "--simple"], "--simple (round to nearest) cannot be combined with --optimizer"),
     (["--quip-requant-scheme", "block"], "need --optimizer quip"),
     (["--make-hybrid-mxfp8"], "not supported by comfyquant: --make-hybrid-mxfp8 (hybrid_mxfp8 is"),
@@ -150,9 +152,10 @@ def test_bad_input_exit_2(tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "comfyquant.cli.convert_to_quant", "-i", str(tmp_path / "x"),
-                        "--merge-lora", "x"], capture_output=True, text=True, timeout=120)
+                        "--lora-depth", "2"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == (
-        "convert_to_quant: error: not implemented yet in comfyquant: --merge-lora (planned)")
+        "convert_to_quant: error: not supported by comfyquant: --lora-depth (a convert_to_quant feature with no "
+        "comfyquant equivalent)")
 
 
 def test_optimizer_flags_map_onto_comfyquant(tmp_path, model, capsys):

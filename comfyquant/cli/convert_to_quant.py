@@ -47,20 +47,19 @@ _UNSUPPORTED_MODEL.update(
     generic_text="convert_to_quant's --generic_text excludes no layer (it only changes FP8 input scales)",
     qwen35="an alias of --qwen_vlm, which has no comfyquant preset yet")
 
-# Features of the convert_to_quant README that comfyquant plans (optimizers, calibration, LoRA merge, memory
-# modes); refused with "(planned)".
+# Features of the convert_to_quant README that comfyquant plans (the optimizer flags ctq_optimizer_flags handles
+# are taken out first); refused with "(planned)".
 PLANNED = (
     "optimizer smoothquant quip_requant_scheme quip_store_transformed quip_checkpointed quip_checkpoint_threshold "
     "quip_checkpoint_segments streaming_mode bf16_compute bf16_threshold bf16_hadamard_threshold "
-    "bf16_hessian_threshold no_memory_limits calibration_lora merge_lora merge_loras merge_lora_scale "
-    "merge_lora_dampen lr num_iter lr_schedule lr_gamma lr_patience lr_factor lr_min lr_cooldown lr_threshold "
-    "lr_adaptive_mode lr_shape_influence lr_threshold_mode early_stop_loss early_stop_lr early_stop_stall "
-    "esloss eslr esstall calib_samples calib_cpu top_p min_k max_k full_matrix use_speed "
-    "scale_optimization scale_refinement"
+    "bf16_hessian_threshold no_memory_limits calibration_lora lr num_iter lr_schedule lr_gamma lr_patience "
+    "lr_factor lr_min lr_cooldown lr_threshold lr_adaptive_mode lr_shape_influence lr_threshold_mode "
+    "early_stop_loss early_stop_lr early_stop_stall esloss eslr esstall calib_samples calib_cpu top_p min_k max_k "
+    "full_matrix use_speed scale_optimization scale_refinement"
 ).split()
 # Other convert_to_quant 1.3.4 flags comfyquant does not offer.
 UNSUPPORTED = (
-    "extract_lora lora_rank lora_target lora_depth lora_ar_threshold lora_output actcal actcal_samples "
+    "lora_depth lora_ar_threshold actcal actcal_samples "
     "actcal_percentile actcal_lora actcal_seed actcal_device "
     "verbose_pinned help_learned help_experimental help_filters help_advanced help_modes help_lora "
     "hl he hf ha hm hlr"
@@ -130,11 +129,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted, no effect (as in convert_to_quant 1.3.4); per-tensor scales are scalars")
     compat_formats.add_format_args(p)
     compat_modes.add_mode_args(p)
+    g = p.add_argument_group("LoRA (docs/LORA.md)")
+    g.add_argument(*_alts("merge_lora"), action="append", default=[], dest="merge_lora", metavar="LORA",
+                   help="merge a LoRA into the base before quantizing (repeatable)")
+    g.add_argument(*_alts("merge_loras"), nargs="+", default=[], dest="merge_loras", metavar="LORA",
+                   help="merge several LoRAs, in order")
+    g.add_argument(*_alts("merge_lora_scale"), type=float, default=1.0, dest="merge_lora_scale",
+                   help="strength of every merged LoRA (default 1.0)")
+    g.add_argument(*_alts("merge_lora_dampen"), nargs="?", const=True, default=True, type=_bool,
+                   dest="merge_lora_dampen", metavar="BOOL",
+                   help="scale the i-th merged LoRA by 0.9^(i-1) (default True; --merge-lora-dampen=False: off)")
+    g.add_argument(*_alts("extract_lora"), action="store_true", dest="extract_lora",
+                   help="also write the quantization error's rank --lora-rank SVD as a correcting LoRA")
+    g.add_argument(*_alts("lora_rank"), type=int, default=32, dest="lora_rank", help="rank for --extract-lora (32)")
+    g.add_argument(*_alts("lora_target"), dest="lora_target", metavar="REGEX",
+                   help="--extract-lora only for layers matching this regex")
+    g.add_argument(*_alts("lora_output"), dest="lora_output", metavar="FILE",
+                   help="--extract-lora output (default: OUTPUT with _lora.safetensors)")
     from comfyquant.cli import ctq_optimizer_flags
 
     ctq_optimizer_flags.add_args(p)
     p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS) + ". " + PROGRESS_HELP
     return p
+
+
+def _bool(text: str) -> bool:
+    """``True``/``False`` (also 1/0, yes/no, on/off) for ``--merge-lora-dampen=...``."""
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def refuse_later_flags(argv: Sequence[str]) -> None:
@@ -262,7 +288,11 @@ def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: i
     kwargs = {"format": fmt, "model": model, "layer_config": a.layer_config, "device": a.device,
               "low_memory": a.low_memory, "block_size": block, "progress": PROGRESS,
               "strict_preset": a.strict_preset, "optimizer": optimizer, "calibration": calibration,
-              "calibration_lora": lora, "layers": layers}
+              "calibration_lora": lora, "layers": layers, "merge_loras": [*a.merge_lora, *a.merge_loras],
+              "merge_lora_scale": a.merge_lora_scale, "merge_lora_dampen": a.merge_lora_dampen}
+    if a.extract_lora:
+        kwargs.update(extract_lora=a.lora_rank, extract_lora_target=a.lora_target,
+                      extract_lora_output=a.lora_output or os.path.splitext(out)[0] + "_lora.safetensors")
     if not a.save_quant_metadata:
         report = convert(a.input, out, force=a.force, **kwargs)
     else:  # convert next to the output, then add the header entry while keeping the per-layer tensors

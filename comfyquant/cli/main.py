@@ -60,6 +60,19 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
                    help="overwrite OUTPUT; keep NaN/Inf layers in high precision instead of failing")
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
     p.add_argument("--strict-preset", action="store_true", help=STRICT_HELP)
+    g = p.add_argument_group("LoRA (docs/LORA.md)")
+    g.add_argument("--merge-lora", action="append", default=[], metavar="LORA[:SCALE]",
+                   help="merge this LoRA into the float weights before quantizing (repeatable; in order)")
+    g.add_argument("--merge-lora-scale", type=float, default=1.0, metavar="S",
+                   help="global strength multiplier for every merged LoRA (default: 1.0)")
+    g.add_argument("--no-dampen", action="store_true",
+                   help="merge several LoRAs at full strength (default: the i-th at 0.9^(i-1))")
+    g.add_argument("--extract-lora", type=int, default=0, metavar="RANK",
+                   help="also write the rank-RANK SVD of each quantized layer's error as a correcting LoRA")
+    g.add_argument("--extract-lora-output", metavar="FILE",
+                   help="where --extract-lora writes (default: OUTPUT stem + _qerr_r<RANK>.safetensors)")
+    g.add_argument("--extract-lora-target", metavar="REGEX",
+                   help="--extract-lora only for quantized layers whose name matches this regex")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress and no report table (warnings and errors are still printed)")
     from comfyquant.optimize.cli_flags import add_optimizer_args
@@ -126,7 +139,10 @@ def _run_convert(a: argparse.Namespace) -> int:
                      low_memory=a.low_memory, force=a.force, block_size=a.block_size,
                      progress=_progress(a), strict_preset=a.strict_preset, fallback=a.fallback,
                      optimizer=optimizer_config(a, a.device), calibration=a.calibration,
-                     calibration_lora=a.calibration_lora, layers=_layer_options(a))
+                     calibration_lora=a.calibration_lora, layers=_layer_options(a), merge_loras=a.merge_lora,
+                     merge_lora_scale=a.merge_lora_scale, merge_lora_dampen=not a.no_dampen,
+                     extract_lora=a.extract_lora, extract_lora_output=a.extract_lora_output,
+                     extract_lora_target=a.extract_lora_target)
     if not a.quiet:
         print(report.to_text())
         print(f"wrote {a.output}")

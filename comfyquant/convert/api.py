@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
             force: bool = False, block_size: int = 128, progress: bool | Progress = True,
             fallback: str | None = None, strict_preset: bool = False, optimizer: Any = None,
             calibration: Any = None, calibration_lora: str | Path | None = None,
-            layers: LayerOptions | None = None) -> Report:
+            layers: LayerOptions | None = None, merge_loras: Sequence[str | Path] = (),
+            merge_lora_scale: float = 1.0, merge_lora_dampen: bool = True, extract_lora: int = 0,
+            extract_lora_output: str | Path | None = None, extract_lora_target: str | None = None) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
@@ -27,6 +30,11 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
     ``optimizer`` (an ``OptimizerConfig``, or a method name: rtn, gptq, learned, quip) with ``calibration``
     (a file from ``comfyquant calibrate``, or ``"synthetic"``) picks the rounding; ``calibration_lora``
     weights the Hessians toward a LoRA's input directions.
+    ``merge_loras`` (``"A.safetensors"`` or ``"A.safetensors:SCALE"``) are merged into the float weights first,
+    in float32 per layer, each at its scale x ``merge_lora_scale`` (x 0.9^(i-1) for the i-th unless
+    ``merge_lora_dampen`` is False); the optimizers see the merged weights. ``extract_lora`` > 0 also writes the
+    rank-r SVD of each quantized layer's error as a LoRA (``extract_lora_output``, default
+    ``<output stem>_qerr_r<rank>.safetensors``; only layers matching the regex ``extract_lora_target``).
     ``progress``: True (a bar on a terminal, else lines on stderr), False (none) or a
     :class:`comfyquant.progress.Progress`. An explicit ``model`` that does not fit the file is a warning (stderr
     and the report's notes), or with ``strict_preset`` an error. Raises :class:`comfyquant.errors.UserError`
@@ -40,13 +48,24 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
         from comfyquant.optimize.config import OptimizerConfig
 
         optimizer = OptimizerConfig(method=optimizer)
+    transform = sink = None
+    if merge_loras:
+        from comfyquant.lora.merge import LoRAMerge, LoraSpec, MergeConfig
+
+        transform = LoRAMerge(MergeConfig(tuple(LoraSpec.parse(x) for x in merge_loras), merge_lora_scale,
+                                          merge_lora_dampen))
+    if extract_lora:
+        from comfyquant.lora.extract import QuantErrorLoRA
+
+        sink = QuantErrorLoRA.for_output(output, extract_lora, extract_lora_output, force=force,
+                                         target=extract_lora_target)
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
                           low_memory=low_memory, force=force, block_size=block_size,
                           progress=as_progress(progress), fallback=fallback, strict_preset=strict_preset,
                           optimizer=optimizer,
                           calibration=str(calibration) if isinstance(calibration, str | Path) else calibration,
                           calibration_lora=None if calibration_lora is None else str(calibration_lora),
-                          layers=layers or LayerOptions())
+                          layers=layers or LayerOptions(), weight_transform=transform, quant_error_sink=sink)
     result = run_conversion(input, output, opts)
     if report is not None:
         result.to_json(report)

@@ -23,6 +23,7 @@ import torch
 
 from comfyquant import __version__
 from comfyquant.convert.choices import LayerOptions
+from comfyquant.convert.hooks import QuantErrorSink, TransformedReader, WeightTransform
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
 from comfyquant.convert.report import LayerReport, Report
 from comfyquant.errors import NonFiniteWeightError, UserError
@@ -59,6 +60,8 @@ class ConvertOptions:
     calibration_lora: str | None = None
     strict_preset: bool = False
     layers: LayerOptions = field(default_factory=LayerOptions)
+    weight_transform: WeightTransform | None = None  # float weights changed before quantizing (--merge-lora)
+    quant_error_sink: QuantErrorSink | None = None  # sees each quantized layer's stored form (--extract-lora)
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(format=self.format, model=self.model, layer_config=self.layer_config,
@@ -203,9 +206,9 @@ class _Streamer:
                           bytes_out=e.bytes_out)
         if e.action == DROP:
             return rep
-        t = self.reader.get(e.name)
+        t = self.reader.get(e.name)  # float32 where a weight transform (LoRA merge) changed it
         if e.action == KEEP:
-            w.write(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))
+            w.write(e.name, (t if self.hooks is None else self.hooks.rewrite(e.name, t)).to(e.dtype))
             return rep
         # a cast format casts 1-D / conv tensors too (convert/cast.py): the math sees a 2-D view of them
         x = t.to(self.device).reshape(_matrix_shape(t.shape))
@@ -216,9 +219,12 @@ class _Streamer:
             tensors = self.convert(e, fmt, x)
         except (LayerFallback, OptimizerFallback) as f:
             self.fallbacks[e.name] = f.reason
+            t = t.to(e.dtype)
             w.write(e.name, t)
             return LayerReport(e.name, e.shape, KEEP, None, "fallback", f"kept in high precision: {f.reason}",
                                bytes_in=e.bytes_in, bytes_out=t.nbytes)
+        if self.opts.quant_error_sink is not None and e.action == QUANTIZE:
+            self.opts.quant_error_sink.add(e.name, x, tensors, e.comfy_quant)
         stats, rows = weight_stats(x, fmt, e.params, tensors, self.opts.stats_limit)
         rep.sqnr_db, rep.rel_mse, rep.max_abs_err, rep.stats_rows = (stats.sqnr_db, stats.rel_mse,
                                                                      stats.max_abs_err, rows)
@@ -270,6 +276,12 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     if mismatch is not None:
         opts.progress.warn(mismatch)  # before the work starts, so a wrong --model can be stopped at once
         notes.append(mismatch)
+    if opts.weight_transform is not None:  # bound before the output is opened: mismatches write nothing
+        transform = opts.weight_transform.bind(reader.infos, str(reader.path))
+        notes.extend(transform.notes)
+        for warning in transform.warnings:  # e.g. LoRA modules that match no layer: said before the work starts
+            opts.progress.warn(warning)
+        reader = TransformedReader(reader, transform)
     from comfyquant.convert.optimizing import make_hooks
 
     hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora)
@@ -278,6 +290,8 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
         metadata["comfyquant.optimizer"] = opts.optimizer.method
     streamer = _Streamer(reader, plan, opts, device, hooks)
     layers = streamer.run(out, metadata)
+    if opts.quant_error_sink is not None:
+        notes.extend(opts.quant_error_sink.finish())
     if streamer.fallbacks:
         notes.append(f"{len(streamer.fallbacks)} layer(s) kept in high precision: "
                      + "; ".join(f"{k} ({v})" for k, v in streamer.fallbacks.items()))

@@ -38,6 +38,14 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=SampleConfig.cfg, help="DiT classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=SampleConfig.seed, help="DiT sampling seed")
     p.add_argument("--sentences", type=int, default=None, help="MiniLM: use only the first N sentences")
+    p.add_argument("--lora", type=Path, metavar="FILE", help="evaluate with this LoRA: the reference is the float "
+                   "model with it merged (docs/LORA.md)")
+    p.add_argument("--lora-mode", default="merge", choices=("merge", "bake", "dynamic"),
+                   help="merge into the float weights before quantizing (default), or bake / run dynamically after")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--stochastic", action="store_true", help="--lora-mode bake: stochastic rounding")
+    p.add_argument("--extract-lora", type=int, default=0, metavar="RANK",
+                   help="also extract the quantization error at this rank and run it as a dynamic LoRA")
     p.add_argument("--compare", nargs="+", type=Path, metavar="REPORT.json",
                    help="print these reports side by side and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress (the result table is still printed)")
@@ -71,7 +79,8 @@ def _eval(argv: list[str] | None) -> int:
                      calibration=args.calibration, calibration_lora=args.calibration_lora,
                      peer=args.peer, sentences=args.sentences,
                      sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
-                     command="comfyquant eval " + shlex.join(argv_list),
+                     command="comfyquant eval " + shlex.join(argv_list), lora=args.lora, lora_mode=args.lora_mode,
+                     lora_strength=args.lora_strength, stochastic=args.stochastic, extract_lora=args.extract_lora,
                      progress=Progress(mode="off" if args.quiet else "auto", prog="comfyquant eval"))
     report = run_eval(cfg)
     print(side_by_side([report], [f"{report['model']} {report['format']}"]), end="")

@@ -41,6 +41,11 @@ ROWS = (
     ("Frechet dist. vs real (reference)", "metrics.fd_reference_vs_real"),
     ("Frechet dist. vs real", "metrics.fd_vs_real"),
     ("Frechet dist. vs reference samples", "metrics.fd_vs_reference"),
+    ("LoRA mode", "lora.mode"),
+    ("LoRA strength", "lora.strength"),
+    ("LoRA effect: PSNR dB base vs base+LoRA (float)", "lora.effect_vs_base.psnr_db.mean"),
+    ("LoRA effect: class accuracy base+LoRA (float)", "lora.effect_vs_base.class_acc"),
+    ("quantization-error LoRA rank", "lora.extract_lora.rank"),
 )
 
 
