@@ -134,6 +134,7 @@ EXTERNAL: dict[str, tuple[str, str]] = {
     "bench": ("benchmark quantized kernels", "comfyquant.runtime.bench:main"),
     "eval": ("evaluate a quantized model against its float original", "comfyquant.eval.cli:eval_main"),
     "demo": ("convert and run the built-in example model", "comfyquant.eval.cli:demo_main"),
+    "install-nodes": ("install the ComfyUI node pack into a ComfyUI folder", "comfyquant.nodes.install:main"),
 }
 
 

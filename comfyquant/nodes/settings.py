@@ -1,0 +1,121 @@
+"""The adapter's settings (frozen, owned by each patched model) and how they map onto the runtime.
+
+Nothing here imports ComfyUI. The runtime options pass through to ``QuantizeConfig.backend`` and
+``QuantLinear.set_backend``; the runtime chooses kernels, this module only translates the node's choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from comfyquant.errors import UserError
+from comfyquant.presets.registry import MODEL_CHOICES
+from comfyquant.runtime.kernels.backends import BACKENDS
+
+# The node's format choices (CLI format names the runtime quantizes to), in menu order.
+NODE_FORMATS = ("int8", "int8-rot", "fp8", "int4-rot")
+OUTLIER_METHODS = ("none", "hadamard")
+KITCHEN = "comfy-kitchen"
+
+
+def available_formats() -> tuple[str, ...]:
+    """The node formats this runtime can quantize to (``int4-rot`` appears once the runtime registers it)."""
+    from comfyquant.runtime.quantize import layout_for
+
+    out = []
+    for name in NODE_FORMATS:
+        try:
+            layout_for(_probe_config(name))
+        except (UserError, KeyError, ValueError):
+            continue
+        out.append(name)
+    return tuple(out)
+
+
+def _probe_config(fmt: str):
+    from comfyquant.runtime.quantize import QuantizeConfig
+
+    return QuantizeConfig(format=fmt)
+
+
+def runtime_backends() -> tuple[str, ...]:
+    """``auto`` plus the backend names the runtime offers (comfy-kitchen only where the runtime has it)."""
+    names = {n for kinds in BACKENDS.values() for n in kinds}
+    out = ["auto", "triton", "torch"]
+    if KITCHEN in names or KITCHEN.replace("-", "_") in names:
+        out.append(KITCHEN)
+    return tuple(out)
+
+
+def model_types() -> tuple[str, ...]:
+    """``auto`` and every diffusion-model preset (text-encoder and LoRA presets do not apply to a MODEL)."""
+    from comfyquant.presets.registry import PRESETS
+
+    return tuple(n for n in MODEL_CHOICES if n == "auto" or PRESETS[n].kind in ("diffusion", "any"))
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How quantized layers run: ``backend`` (``auto`` or a name), whether small batches may take the
+    weight-only kernel, ``use_triton`` (False: never Triton), ``prepack`` and ``cuda_graphs`` (reserved for the
+    runtime's prepacked layouts / whole-model CUDA graphs; recorded and passed on, no effect today)."""
+
+    backend: str = "auto"
+    small_batch_fallback: bool = True
+    use_triton: bool | None = None
+    prepack: bool = True
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in runtime_backends():
+            raise UserError(f"runtime_backend {self.backend!r} is not one of {', '.join(runtime_backends())}")
+
+    def backend_for(self, kind: str, device_type: str) -> str | None:
+        """The backend name to pin on a layer of kernel ``kind`` that runs on ``device_type`` (None: auto)."""
+        name = self.backend
+        if name == "auto" and self.use_triton is False:
+            name = "torch"  # use_triton=True is what auto already prefers where Triton runs
+        if name == "auto":
+            if self.small_batch_fallback or device_type != "cuda":
+                return None  # the runtime's per-call choice (weight-only kernel for small batches included)
+            # no small-batch fallback: always the W8A8 / fp8 matrix kernel on the GPU
+            name = {"int8": "triton", "fp8": "scaled_mm"}.get(kind, "torch")
+        if name == KITCHEN:
+            name = next((n for n in BACKENDS.get(kind, ()) if n.replace("_", "-") == KITCHEN), KITCHEN)
+        if name not in BACKENDS.get(kind, ()):
+            raise UserError(f"runtime_backend {self.backend!r} has no kernel for {kind} layers; this runtime offers "
+                            f"{', '.join(BACKENDS.get(kind, ()))} (or auto)")
+        return name
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Everything the Enable-INT8 node decides; a patched model keeps its own copy."""
+
+    format: str = "int8"
+    model_type: str = "auto"
+    outlier_method: str = "none"
+    bake_loaded_loras: bool = True
+    log_progress: bool = False
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    def __post_init__(self) -> None:
+        if self.format not in NODE_FORMATS:
+            raise UserError(f"format {self.format!r} is not one of {', '.join(NODE_FORMATS)}")
+        if self.outlier_method not in OUTLIER_METHODS:
+            raise UserError(f"outlier_method {self.outlier_method!r} is not one of {', '.join(OUTLIER_METHODS)}")
+        if self.model_type not in model_types():
+            raise UserError(f"model_type {self.model_type!r} is not one of {', '.join(model_types())}")
+
+    def quant_format(self) -> str:
+        """The runtime format: ``hadamard`` turns ``int8`` into ``int8-rot`` (the rotated formats have it built in)."""
+        if self.outlier_method == "hadamard":
+            if self.format == "int8":
+                return "int8-rot"
+            if not self.format.endswith("-rot"):
+                raise UserError(f"outlier_method 'hadamard' needs an int8 format; {self.format} has no rotated "
+                                "variant (choose int8, int8-rot or int4-rot, or outlier_method none)")
+        if self.format not in available_formats():
+            raise UserError(f"format {self.format!r} is not available in this comfyquant runtime "
+                            f"(available: {', '.join(available_formats())})")
+        return self.format
