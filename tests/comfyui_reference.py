@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
+from comfyquant.formats import conf_value as layer_param
+from comfyquant.formats import dequantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant
-from comfyquant.quant import dequantize_weight
 from comfyquant.quant.hadamard import hadamard_matrix
-from comfyquant.quant.quantize import layer_param
 
 F32_U = 2.0**-24
 FP8_ACT = {  # fp8 dtype -> (relative half-ulp, half the smallest subnormal)

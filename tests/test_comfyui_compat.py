@@ -23,7 +23,7 @@ import comfyquant
 from comfyquant.cli.main import main as cli_main
 from comfyquant.convert.edit import edit_checkpoint
 from comfyquant.eval.synthetic import write_synthetic_checkpoint
-from comfyquant.quant.formats import FORMATS
+from comfyquant.formats import REGISTRY
 from comfyquant.quant.fp8 import quantize_fp8
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread")]
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread"
 # arch name in comfyquant.presets.architectures -> (preset, key prefix as in the real files)
 ARCHS = {"flux": ("flux", ""), "sdxl": ("sdxl", "model.diffusion_model."), "wan": ("wan", ""),
          "t5xxl": ("t5xxl", "")}
-STOCK_FORMATS = [name for name, spec in FORMATS.items() if spec.stock_comfy]
+STOCK_FORMATS = [f.name for f in REGISTRY.formats() if f.stock_comfy]
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -84,7 +84,7 @@ def test_every_layer_loads_in_comfyui_and_matches(comfy: Any, conv: Conversions,
     path, report = conv.get(arch, fmt)
     sd, _ = comfy_load(comfy, path)
     layers = converted_layers(report)
-    spec = FORMATS[fmt]
+    spec = REGISTRY.get(fmt)
     expected_action = "quantize" if spec.is_quantized else "cast"
     assert layers and set(layers.values()) == {expected_action}, (arch, fmt, layers)
     with_meta = {k[: -len(".comfy_quant")] for k in sd if k.endswith(".comfy_quant")}
@@ -269,7 +269,7 @@ def test_whole_model_loads_through_comfyui_model_detection(comfy: Any, conv: Con
         for layer in layers:
             mod = modules[layer[len(prefix):]]
             assert isinstance(mod.weight, comfy.quant_ops.QuantizedTensor), (fmt, layer)
-            assert mod.quant_format == FORMATS[fmt].comfy_format
+            assert mod.quant_format == REGISTRY.get(fmt).comfy_format
         n_quantized = sum(isinstance(getattr(m, "weight", None), comfy.quant_ops.QuantizedTensor)
                           for m in modules.values())
         assert n_quantized == len(layers)

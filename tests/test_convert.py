@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 import comfyquant
 from comfyquant.convert.plan import PlanOptions, build_plan
 from comfyquant.errors import NonFiniteWeightError, UserError
+from comfyquant.formats import dequantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader
 from comfyquant.quant import error_stats, hadamard
 from comfyquant.quant.int8 import expand_block_scale
-from comfyquant.quant.quantize import dequantize_weight
 
 P = "model.diffusion_model."
 QUANTIZED = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "single_blocks.0.linear2")
@@ -171,7 +171,7 @@ def test_sharded_input_gives_one_file_equal_to_single_file(tmp_path, src):
                torch.equal(x[k], y[k]) for k in x)
 
 
-def test_nan_weight_names_layer_and_force_keeps_it(tmp_path, src):
+def test_nan_weight_names_layer_and_force_keeps_it(tmp_path, src, monkeypatch):
     _, sd = src
     bad = f"{P}double_blocks.0.img_mlp.2.weight"
     sd = dict(sd)
@@ -185,13 +185,20 @@ def test_nan_weight_names_layer_and_force_keeps_it(tmp_path, src):
     with pytest.raises(NonFiniteWeightError, match=r"img_mlp\.2"):
         comfyquant.convert(path, out, progress=False)
     assert not out.exists() and leftovers(tmp_path) == []
+    reads: list[str] = []
+    real_get = CheckpointReader.get
+    monkeypatch.setattr(CheckpointReader, "get", lambda self, name: (reads.append(name), real_get(self, name))[1])
     report = comfyquant.convert(path, out, force=True, progress=False)
+    monkeypatch.undo()
+    # each layer commits on its own: the NaN layers fall back in place, nothing is read (or written) twice
+    assert len(reads) == len(set(reads)) == len(sd)
     got, _ = _load(out)
     for name in (bad, f"{P}single_blocks.0.linear1.weight"):
         assert got[name].dtype == torch.bfloat16 and torch.equal(got[name].isnan(), sd[name].isnan())
         assert f"{name[:-7]}.comfy_quant" not in got
         entry = next(x for x in report.layers if x.name == name)
-        assert entry.action == "keep" and "NaN/Inf" in entry.reason
+        assert entry.action == "keep" and entry.rule == "fallback" and "NaN/Inf" in entry.reason
+        assert entry.bytes_out == sd[name].numel() * 2
     assert got[f"{P}double_blocks.0.img_mlp.0.weight"].dtype == torch.int8
     assert any("--force" in n for n in report.notes) and sha256(path) == digest
 
@@ -316,14 +323,13 @@ def test_plot_without_matplotlib_fails_before_converting(tmp_path, src, monkeypa
                                             ("fp8", (200, 64))])
 def test_row_chunked_quantization_is_bit_identical(fmt, shape):
     from comfyquant.convert.pipeline import quantize_rows
-    from comfyquant.quant.formats import get_format
-    from comfyquant.quant.quantize import quantize_weight
+    from comfyquant.formats import get_format, quantize_weight
 
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     group = 64 if fmt == "int8-rot" else None
-    ref = quantize_weight(x, fmt, block_size=32, rot_group=group)
-    got = quantize_rows(x, get_format(fmt), block_size=32, rot_group=group, chunk_elements=5000)
-    assert got.comfy_quant == ref.comfy_quant and set(got.tensors) == set(ref.tensors)
+    ref = quantize_weight(x, fmt, block_size=32, convrot_groupsize=group)
+    got = quantize_rows(x, get_format(fmt), ref.params, chunk_elements=5000)
+    assert set(got) == set(ref.tensors)
     for k, t in ref.tensors.items():
-        assert got.tensors[k].dtype == t.dtype and torch.equal(got.tensors[k].view(torch.uint8) if t.dim() else
-                                                               got.tensors[k], t.view(torch.uint8) if t.dim() else t)
+        assert got[k].dtype == t.dtype and torch.equal(got[k].view(torch.uint8) if t.dim() else
+                                                       got[k], t.view(torch.uint8) if t.dim() else t)

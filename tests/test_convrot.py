@@ -16,8 +16,8 @@ import pytest
 import torch
 from comfyui_reference import check_layer, int8_original_expectation, run_layer
 
+from comfyquant.formats import dequantize_weight, quantize_weight
 from comfyquant.io.comfy_meta import encode_comfy_quant
-from comfyquant.quant import dequantize_weight, quantize_weight
 from comfyquant.quant.hadamard import fast_hadamard, hadamard_matrix
 from comfyquant.quant.int8 import quantize_rowwise
 
@@ -61,7 +61,7 @@ def test_fast_transform_equals_dense(group: int) -> None:
 def test_stored_weight_is_w_times_h_per_group(ck_int8: Any, group: int) -> None:
     k = 2 * max(group, 256)
     w = _weight(48, k, seed=group)
-    qw = quantize_weight(w.float(), "int8-rot", rot_group=group)
+    qw = quantize_weight(w.float(), "int8-rot", convrot_groupsize=group)
     assert qw.comfy_quant == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": group}
     q, scale = qw.tensors["weight"], qw.tensors["weight_scale"]
     assert q.dtype == torch.int8 and scale.shape == (48, 1) and scale.dtype == torch.float32
@@ -84,7 +84,7 @@ def test_stored_weight_is_w_times_h_per_group(ck_int8: Any, group: int) -> None:
 def test_comfy_kitchen_dequantizes_our_file_to_our_weight(ck_int8: Any, group: int) -> None:
     ck_eager = importlib.import_module("comfy_kitchen.backends.eager.quantization")
     w = _weight(40, 2048, seed=100 + group)
-    qw = quantize_weight(w.float(), "int8-rot", rot_group=group)
+    qw = quantize_weight(w.float(), "int8-rot", convrot_groupsize=group)
     theirs = ck_eager.dequantize_int8_convrot_weight(qw.tensors["weight"], qw.tensors["weight_scale"], group)
     ours = dequantize_weight(qw.tensors, qw.comfy_quant, torch.float64)
     torch.testing.assert_close(theirs.double(), ours, rtol=0, atol=1e-6 * float(ours.abs().max()))
@@ -95,7 +95,7 @@ def test_comfy_kitchen_dequantizes_our_file_to_our_weight(ck_int8: Any, group: i
 
 
 def _layer(w: torch.Tensor, group: int, rotate: Any = None) -> dict[str, torch.Tensor]:
-    qw = quantize_weight(w.float(), "int8-rot", rot_group=group)
+    qw = quantize_weight(w.float(), "int8-rot", convrot_groupsize=group)
     tensors = {"weight": qw.tensors["weight"], "weight_scale": qw.tensors["weight_scale"],
                "bias": torch.linspace(-0.1, 0.1, w.shape[0]), "comfy_quant": encode_comfy_quant(qw.comfy_quant)}
     if rotate is not None:  # same metadata, weight rotated by another matrix
@@ -113,7 +113,7 @@ def test_comfyui_layer_output_matches_float64_reference(comfy: Any, group: int, 
     _, x, y = run_layer(comfy, _layer(w, group), dtype, seed=1)
     int8_original_expectation(_layer(w, group), x, w, dtype).check(y, f"convrot g={group} {dtype} vs W")
     # The reference is the original basis: x @ W_deq^T with W_deq un-rotated by our code; tie it to W itself.
-    qw = quantize_weight(w.float(), "int8-rot", rot_group=group)
+    qw = quantize_weight(w.float(), "int8-rot", convrot_groupsize=group)
     w_deq = dequantize_weight(qw.tensors, qw.comfy_quant, torch.float64)
     assert float((w_deq - w).abs().max()) <= float(qw.tensors["weight_scale"].max()) * 0.5 * math.sqrt(group)
 

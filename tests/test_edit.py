@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from comfyquant.convert.edit import edit_checkpoint
 from comfyquant.errors import UserError
+from comfyquant.formats import quantize_weight
 from comfyquant.io.comfy_meta import HEADER_KEY, decode_comfy_quant, encode_comfy_quant
-from comfyquant.quant.quantize import quantize_weight
 
 E4 = torch.float8_e4m3fn
 

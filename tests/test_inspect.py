@@ -128,7 +128,7 @@ def test_inconsistencies_are_flagged(tmp_path):
     assert "d.weight: int8 weight without a comfy_quant config" in text
     assert "d.weight_scale: weight_scale without a comfy_quant config" in text
     assert "e: weight is float32, format float8_e4m3fn stores float8_e4m3fn" in text
-    assert "f: convrot_groupsize 64 must be a power of 4 dividing in_features 48" in text
+    assert "f: int8-rot: in_features 48 is not a multiple of the convrot group 64" in text
     assert not r.stock_comfy and "can load it: NO" in r.to_text()
 
 

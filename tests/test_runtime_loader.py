@@ -14,8 +14,8 @@ from torch import nn
 
 import comfyquant
 from comfyquant.errors import UserError
+from comfyquant.formats import quantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant, make_header_metadata
-from comfyquant.quant import quantize_weight
 from comfyquant.runtime import QuantizedTensor, QuantLinear, load_quantized, load_quantized_report
 
 H = 64
@@ -232,8 +232,8 @@ def test_bad_scale_shape_is_refused_naming_the_layer(tmp_path: Path) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors[f"model.diffusion_model.{layer}.weight_scale"] = torch.ones(3, 1)
     save_file(tensors, str(path))
-    with pytest.raises(UserError, match=r"layer double_blocks\.0\.img_attn\.qkv: weight_scale shape \(3, 1\) "
-                                        r"does not match weight \(192, 64\)"):
+    with pytest.raises(UserError, match=r"layer double_blocks\.0\.img_attn\.qkv: weight_scale shape \[3, 1\] "
+                                        r"does not match weight \[192, 64\]"):
         load_quantized(TinyFlux(), path)
 
 
@@ -245,8 +245,8 @@ def test_block_scale_shape_and_format_errors(tmp_path: Path) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors[f"{layer}.comfy_quant"] = encode_comfy_quant({"format": "int8_blockwise", "group_size": 32})
     save_file(tensors, str(path))  # scale grid is [1,1] for block 128 but the conf says 32
-    with pytest.raises(UserError, match=rf"layer {layer}: weight_scale shape \(1, 1\) does not match weight "
-                                        r"\(64, 64\) with block 32 \(expected \(2, 2\)\)"):
+    with pytest.raises(UserError, match=rf"layer {layer}: weight_scale shape \[1, 1\] does not match weight "
+                                        r"\[64, 64\] \(want \[2, 2\] for group_size 32\)"):
         load_quantized(TinyFlux(), path)
     tensors[f"{layer}.comfy_quant"] = encode_comfy_quant({"format": "nvfp9"})
     save_file(tensors, str(path))

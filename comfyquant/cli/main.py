@@ -17,7 +17,12 @@ from typing import NoReturn
 from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
 
-FORMAT_CHOICES = ("int8", "int8-tensor", "int8-rot", "int8-block", "fp8", "fp8-e5m2", "fp16", "bf16")
+
+def format_choices() -> list[str]:
+    """Every registered format's CLI name (the registry decides what --format accepts)."""
+    from comfyquant.formats import REGISTRY
+
+    return REGISTRY.names()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,7 +36,11 @@ class _Parser(argparse.ArgumentParser):
 def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help=".safetensors file or sharded *.safetensors.index.json")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output .safetensors file")
-    p.add_argument("--format", default="int8", choices=FORMAT_CHOICES, help="output format (default: int8)")
+    p.add_argument("--format", default="int8", choices=format_choices(), help="output format (default: int8)")
+    p.add_argument("--fallback", metavar="FORMAT",
+                   help="format for layers whose shape cannot take --format (e.g. K not a multiple of the "
+                        "rotation group), or 'none' to keep them in high precision (default: the format's own "
+                        "fallback, int8-rot -> int8; others stay in high precision)")
     p.add_argument("--model", default="auto", help="model preset, or auto to detect it (default: auto)")
     p.add_argument("--layer-config", metavar="FILE", help="JSON of ordered regex rules -> format or skip")
     p.add_argument("--report", metavar="FILE.json", help="write the per-layer quality report as JSON")
@@ -52,7 +61,7 @@ def _run_convert(a: argparse.Namespace) -> int:
 
     report = convert(a.input, a.output, format=a.format, model=a.model, layer_config=a.layer_config,
                      report=a.report, plot=a.plot, device=a.device, low_memory=a.low_memory, force=a.force,
-                     block_size=a.block_size, progress=not a.quiet and sys.stderr.isatty())
+                     block_size=a.block_size, progress=not a.quiet and sys.stderr.isatty(), fallback=a.fallback)
     if not a.quiet:
         print(report.to_text())
         print(f"wrote {a.output}")
@@ -62,7 +71,7 @@ def _run_convert(a: argparse.Namespace) -> int:
 # -- inspect / template / edit (thin wiring to comfyquant.convert.{inspect,template,edit}) -----------------
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="auto", help="model preset, or auto to detect it (default: auto)")
-    p.add_argument("--format", default="int8", choices=FORMAT_CHOICES, help="planned format (default: int8)")
+    p.add_argument("--format", default="int8", choices=format_choices(), help="planned format (default: int8)")
     p.add_argument("--layer-config", metavar="FILE", help="JSON of ordered regex rules -> format or skip")
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
 

@@ -11,10 +11,13 @@ from comfyquant.convert.report import Report
 def convert(input: str | Path, output: str | Path, format: str = "int8", model: str = "auto",
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
-            force: bool = False, block_size: int = 128, progress: bool = True) -> Report:
+            force: bool = False, block_size: int = 128, progress: bool = True,
+            fallback: str | None = None) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
+    ``fallback`` is where a layer goes when its shape cannot take ``format`` (a format name, or "none" to keep
+    it in high precision; default: the format's own fallback, e.g. int8-rot -> int8).
     Raises :class:`comfyquant.errors.UserError` for bad input or usage.
     """
     if plot is not None:
@@ -22,7 +25,8 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
 
         require_matplotlib()
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
-                          low_memory=low_memory, force=force, block_size=block_size, progress=progress)
+                          low_memory=low_memory, force=force, block_size=block_size, progress=progress,
+                          fallback=fallback)
     result = run_conversion(input, output, opts)
     if report is not None:
         result.to_json(report)

@@ -5,7 +5,6 @@ small metadata/scale tensors only.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -16,17 +15,18 @@ import torch
 
 from comfyquant.convert.edit import QuantState, read_quant_state
 from comfyquant.convert.plan import KEEP, Plan, PlanOptions, build_plan
+from comfyquant.formats import REGISTRY as FORMATS
+from comfyquant.formats import STOCK_COMFY_0_30, conf_value, get_format
 from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, is_scaled_fp8
 from comfyquant.io.reader import CheckpointReader, TensorInfo
-from comfyquant.quant.formats import KNOWN_COMFY_FORMATS, STOCK_COMFY_FORMATS, get_format
-from comfyquant.quant.quantize import layer_param
 
 BLOCKWISE_NOTE = ("stock ComfyUI 0.30 rejects int8_blockwise (its loader fails with KeyError: 'int8_blockwise', "
                   "the format is not in QUANT_ALGOS); load it with comfyquant's runtime (comfyquant.load_quantized)")
-_STORAGE = {"int8_tensorwise": torch.int8, "int8_blockwise": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn,
-            "float8_e5m2": torch.float8_e5m2, "mxfp8": torch.float8_e4m3fn, "nvfp4": torch.uint8,
-            "convrot_w4a4": torch.int8}
-_QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _quant_dtypes() -> set[torch.dtype]:
+    """Dtypes the registered formats store quantized weights in."""
+    return {f.storage_dtype for f in FORMATS.formats() if f.is_quantized}
 
 
 def _dt(dtype: torch.dtype | None) -> str | None:
@@ -97,9 +97,12 @@ def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8",
     opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size)
     plan = build_plan(reader.infos, opts, metadata=reader.metadata)
     res = InspectResult(str(reader.path), "float", plan.format, plan.preset, plan, bytes_total=reader.nbytes)
-    if any(e.format == "int8-block" for e in plan.entries):
+    unloadable = sorted({e.format for e in plan.entries if e.format and not get_format(e.format).stock_comfy})
+    if unloadable:
         res.stock_comfy = False
-        res.notes.append(BLOCKWISE_NOTE)
+        res.notes.append(BLOCKWISE_NOTE if unloadable == ["int8-block"] else
+                         f"stock ComfyUI 0.30 cannot load {', '.join(unloadable)}; load the file with comfyquant's "
+                         "runtime or node pack")
     return res
 
 
@@ -108,7 +111,8 @@ def is_quantized(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -
     names = set(infos)
     if HEADER_KEY in metadata or is_scaled_fp8(names) or any(n.endswith(QUANT_SUFFIX) for n in names):
         return True
-    return any(n.endswith(".weight") and t.dtype in _QUANT_DTYPES
+    dtypes = _quant_dtypes()
+    return any(n.endswith(".weight") and t.dtype in dtypes
                and ({f"{n[:-7]}.weight_scale", f"{n[:-7]}.scale_weight"} & names) for n, t in infos.items())
 
 
@@ -148,68 +152,37 @@ def _layer(reader: CheckpointReader, layer: str, conf: Mapping[str, Any], source
     x = LayerInfo(layer, fmt if isinstance(fmt, str) else None, _dt(w.dtype) if w else None,
                   list(w.shape) if w else None, list(s.shape) if s else None,
                   input_scale=f"{layer}.input_scale" in infos, metadata=source,
-                  full_precision_matrix_mult=bool(layer_param(conf, "full_precision_matrix_mult", False)))
-    x.stock_comfy = x.format in STOCK_COMFY_FORMATS
+                  full_precision_matrix_mult=bool(conf_value(conf, "full_precision_matrix_mult", False)))
+    x.stock_comfy = x.format in STOCK_COMFY_0_30
     if x.format is None:
         x.problems.append("comfy_quant has no \"format\" (ComfyUI: Unknown quantization format)")
         return x
-    if x.format not in KNOWN_COMFY_FORMATS:
+    stored = {k[len(layer) + 1:]: (t.dtype, tuple(t.shape)) for k, t in infos.items()
+              if k.startswith(layer + ".") and "." not in k[len(layer) + 1:]}
+    try:
+        spec = FORMATS.identify(conf, {k: v[1] for k, v in stored.items()})
+    except ValueError:
         x.problems.append(f"unknown format '{x.format}' (ComfyUI 0.30 cannot load it)")
         return x
-    if w is None:
-        x.problems.append("comfy_quant without a weight tensor")
-        return x
-    want = _STORAGE[x.format]
-    if w.dtype != want:
-        x.problems.append(f"weight is {_dt(w.dtype)}, format {x.format} stores {_dt(want)}")
-    if x.format in ("int8_tensorwise", "int8_blockwise", "float8_e4m3fn", "float8_e5m2", "convrot_w4a4") \
-            and s is None:
-        x.problems.append("comfy_quant without weight_scale")
-    if x.format == "int8_tensorwise":
-        x.convrot = bool(layer_param(conf, "convrot", False))
-        if x.convrot:
-            x.convrot_groupsize = int(layer_param(conf, "convrot_groupsize", 256))
-    if x.format == "convrot_w4a4":
-        x.convrot, x.convrot_groupsize = True, int(layer_param(conf, "convrot_groupsize", 256))
-    if x.format == "int8_blockwise":
-        x.group_size = int(layer_param(conf, "group_size", 128))
-    if len(w.shape) == 2 and s is not None:
-        bad = _scale_problem(x, tuple(w.shape), tuple(s.shape))
-        if bad:
-            x.problems.append(bad)
-    if x.convrot and len(w.shape) == 2:
-        g, k = x.convrot_groupsize or 0, w.shape[1] * (2 if x.format == "convrot_w4a4" else 1)
-        if g < 4 or g & (g - 1) or (g.bit_length() - 1) % 2 or k % g:
-            x.problems.append(f"convrot_groupsize {g} must be a power of 4 dividing in_features {k}")
+    x.problems += spec.validate(layer, conf, stored)
+    try:
+        params = spec.params_from_conf(conf)
+    except ValueError:
+        params = {}
+    x.convrot = spec.rotated
+    x.convrot_groupsize = params.get("convrot_groupsize")
+    x.group_size = params.get("block_size")
     return x
-
-
-def _scale_problem(x: LayerInfo, wshape: tuple[int, ...], sshape: tuple[int, ...]) -> str | None:
-    """Why a weight_scale shape does not fit its weight under the layer's format (None if it fits)."""
-    n, k = wshape
-    scalar = math.prod(sshape) == 1 and len(sshape) <= 2
-    if x.format == "int8_tensorwise":
-        ok = scalar or sshape in ((n, 1), (n,))
-        want = f"a scalar or [{n}, 1]"
-    elif x.format == "int8_blockwise":
-        g = x.group_size or 128
-        want_shape = (-(-n // g), -(-k // g))
-        ok, want = sshape == want_shape, f"{list(want_shape)} for group_size {g}"
-    elif x.format in ("float8_e4m3fn", "float8_e5m2", "convrot_w4a4"):
-        ok = scalar if x.format != "convrot_w4a4" else sshape in ((n, 1), (n,))
-        want = "a scalar" if x.format != "convrot_w4a4" else f"[{n}, 1]"
-    else:
-        return None
-    return None if ok else f"weight_scale shape {list(sshape)} does not match weight {list(wshape)} (want {want})"
 
 
 def _orphans(st: QuantState, infos: Mapping[str, TensorInfo], res: InspectResult) -> None:
     """Quantized-looking tensors no config covers: ComfyUI would load their raw values as plain weights."""
+    dtypes = _quant_dtypes()
     for name, t in infos.items():
         if name.endswith(".weight_scale") and name[: -len(".weight_scale")] not in st.layers:
             res.problems.append(f"{name}: weight_scale without a comfy_quant config (ComfyUI ignores it and "
                                 "loads the weight unscaled)")
-        elif name.endswith(".weight") and t.dtype in _QUANT_DTYPES and name[:-7] not in st.layers:
+        elif name.endswith(".weight") and t.dtype in dtypes and name[:-7] not in st.layers:
             res.problems.append(f"{name}: {_dt(t.dtype)} weight without a comfy_quant config")
 
 

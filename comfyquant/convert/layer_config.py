@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from comfyquant.errors import UserError
-from comfyquant.quant.formats import FORMATS
+from comfyquant.formats import REGISTRY as FORMATS
+from comfyquant.formats import get_format
 
 # Options a rule may carry besides pattern/format/skip ("group_size" is read as "block_size").
 RULE_OPTIONS = ("block_size", "convrot_groupsize", "full_precision_matrix_mult")
@@ -25,13 +26,6 @@ RULE_OPTIONS = ("block_size", "convrot_groupsize", "full_precision_matrix_mult")
 _IGNORED_KEYS = ("simple",)
 _SCALING_MODES = {"tensor": "int8-tensor", "axis": "int8", "row": "int8", "block": "int8-block",
                   "block2d": "int8-block"}
-_ALIASES = {
-    "int8_blockwise": "int8-block",
-    "float8_e4m3fn": "fp8",
-    "float8_e5m2": "fp8-e5m2",
-    "float16": "fp16",
-    "bfloat16": "bf16",
-}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -125,8 +119,6 @@ def normalize_format(value: Any, options: Mapping[str, Any], where: str) -> tupl
         return None, True
     if v == "int8" and "scaling_mode" in options:
         return _scaling(options["scaling_mode"], where), False
-    if v in FORMATS:
-        return v, False
     if v == "int8_tensorwise":
         if options.get("convrot"):
             return "int8-rot", False
@@ -134,9 +126,10 @@ def normalize_format(value: Any, options: Mapping[str, Any], where: str) -> tupl
         if mode not in ("tensor", "axis", "row"):
             raise UserError(f"{where}: int8_tensorwise takes scaling_mode tensor or axis/row, not {mode!r}")
         return _SCALING_MODES[mode], False
-    if v in _ALIASES:
-        return _ALIASES[v], False
-    choices = ", ".join([*FORMATS, *_ALIASES, "int8_tensorwise", "skip"])
+    fmt = FORMATS.lookup(v)
+    if fmt is not None:
+        return fmt.name, False
+    choices = ", ".join([*FORMATS.names(), "int8_tensorwise", "skip"])
     raise UserError(f"{where}: unknown format {v!r}; choose one of: {choices}")
 
 
@@ -173,12 +166,14 @@ def _options(entry: Mapping[str, Any], where: str, fmt: str | None) -> dict[str,
         elif not isinstance(val, bool):
             raise UserError(f"{where}: {key} must be true or false, got {val!r}")
         opts[name] = val
-    if "block_size" in opts and fmt not in ("int8-block", None):
-        raise UserError(f"{where}: block_size applies to int8-block only, not {fmt}")
+    if fmt is not None:
+        takes = get_format(fmt).options
+        for name in ("block_size", "convrot_groupsize"):
+            if name in opts and name not in takes:
+                users = [f.name for f in FORMATS.formats() if name in f.options]
+                raise UserError(f"{where}: {name} applies to {', '.join(users)} only, not {fmt}")
     if "convrot_groupsize" in opts:
         g = opts["convrot_groupsize"]
-        if fmt != "int8-rot":
-            raise UserError(f"{where}: convrot_groupsize applies to int8-rot only, not {fmt}")
         if g < 16 or g & (g - 1) or (g.bit_length() - 1) % 2:
             raise UserError(f"{where}: convrot_groupsize must be a power of 4 >= 16, got {g}")
     return opts

@@ -14,22 +14,23 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from comfyquant import __version__
-from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
+from comfyquant.convert.plan import CAST, DROP, KEEP, Plan, PlanEntry, PlanOptions, build_plan
 from comfyquant.convert.report import LayerReport, Report
 from comfyquant.errors import NonFiniteWeightError, UserError
+from comfyquant.formats import QuantFormat, get_format
 from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader, resolve_input
 from comfyquant.io.writer import StreamingWriter
-from comfyquant.quant.formats import FormatSpec, get_format
 from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
-from comfyquant.quant.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 
 CHUNK_ELEMENTS = 2**20  # CPU row chunks: float32 temporaries of 4 MiB stay in cache (several times faster)
 STATS_MAX_ELEMENTS = 2**20
@@ -49,21 +50,23 @@ class ConvertOptions:
     force: bool = False
     block_size: int = 128
     progress: bool = True
+    fallback: str | None = None
 
     def plan_options(self) -> PlanOptions:
-        return PlanOptions(self.format, self.model, self.layer_config, self.block_size)
+        return PlanOptions(self.format, self.model, self.layer_config, self.block_size, self.fallback)
 
     @property
     def stats_limit(self) -> int:
         return STATS_MAX_ELEMENTS_LOW_MEMORY if self.low_memory else STATS_MAX_ELEMENTS
 
 
-class _KeepInstead(Exception):
-    """Raised mid-stream under ``--force`` when a planned layer must stay in high precision after all."""
+class LayerFallback(Exception):
+    """A layer that cannot be converted as planned; the converter keeps it in high precision with ``reason``
+    (NaN/Inf under ``--force``, and later a singular Hessian or a diverging optimizer) and carries on."""
 
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(name)
-        self.name, self.reason = name, reason
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def resolve_device(device: str) -> torch.device:
@@ -109,72 +112,70 @@ def problem(entry: PlanEntry, x: torch.Tensor) -> str | None:
     return None
 
 
-def _sample(x: torch.Tensor, qw: QuantizedWeight, limit: int, block: int) -> tuple[torch.Tensor, dict, int]:
-    """Evenly spaced rows of the reference and the stored tensors (whole row blocks for block scales)."""
-    n, k = x.shape
-    scaling = qw.fmt.scaling
-    step = block if scaling == "block" else 1
-    groups = -(-n // step)
-    # whole row blocks for block scales, and at least 8 of them: tiles differ more than rows do
-    count = min(groups, max(8 if step > 1 else 1, limit // max(1, k * step)))
-    g = torch.linspace(0, groups - 1, count).round().long().unique()
-    rows = (g[:, None] * step + torch.arange(step)[None, :]).reshape(-1)
-    rows = rows[rows < n].to(x.device)
-    tensors = dict(qw.tensors)
-    tensors["weight"] = qw.tensors["weight"][rows]
-    if scaling == "row":
-        tensors["weight_scale"] = qw.tensors["weight_scale"][rows]
-    elif scaling == "block":
-        tensors["weight_scale"] = qw.tensors["weight_scale"][g.to(x.device)]
-    return x[rows], tensors, len(rows)
+def quantize_rows(x: torch.Tensor, fmt: QuantFormat, params: Mapping[str, Any],
+                  chunk_elements: int | None = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
+    """``fmt.quantize``, run over chunks of rows when rows (or row groups) have their own scales.
 
-
-def quantize_rows(x: torch.Tensor, fmt: FormatSpec, *, block_size: int, rot_group: int | None,
-                  chunk_elements: int | None = CHUNK_ELEMENTS) -> QuantizedWeight:
-    """:func:`quantize_weight`, run over chunks of rows when the scales are per row or per row block.
-
-    The result is bit-identical (each row or row block is quantized on its own either way); the float32
-    temporaries of one chunk stay cache-sized, which is several times faster on CPUs and keeps peak memory
-    at the stored tensors plus one chunk. Per-tensor scales need the whole tensor and are not chunked.
+    The result is bit-identical (each row group is quantized on its own either way); the float32 temporaries of
+    one chunk stay cache-sized, which is several times faster on CPUs and keeps peak memory at the stored
+    tensors plus one chunk. Formats whose scales couple all rows (per-tensor) are not chunked.
     """
     n, k = x.shape
-    if fmt.scaling not in ("row", "block") or not chunk_elements or x.numel() <= chunk_elements:
-        return quantize_weight(x, fmt, block_size=block_size, rot_group=rot_group)
-    step = block_size if fmt.scaling == "block" else 1
+    step = fmt.row_chunk(params)
+    if step is None or not chunk_elements or x.numel() <= chunk_elements:
+        return fmt.quantize(x, params)
     rows = max(step, chunk_elements // max(1, k) // step * step)
-    first = quantize_weight(x[:rows], fmt, block_size=block_size, rot_group=rot_group)
-    q0, s0 = first.tensors["weight"], first.tensors["weight_scale"]
-    q = torch.empty((n, k), dtype=q0.dtype, device=q0.device)
-    s = torch.empty((-(-n // step), *s0.shape[1:]), dtype=s0.dtype, device=s0.device)
-    q[:rows], s[: s0.shape[0]] = q0, s0
-    conf = first.comfy_quant
-    del first, q0, s0
-    for i in range(rows, n, rows):
-        part = quantize_weight(x[i:i + rows], fmt, block_size=block_size, rot_group=rot_group)
-        q[i:i + rows] = part.tensors["weight"]
-        s[i // step: i // step + part.tensors["weight_scale"].shape[0]] = part.tensors["weight_scale"]
-    return QuantizedWeight(fmt, {"weight": q, "weight_scale": s}, conf)
+    out: dict[str, torch.Tensor] = {}
+    for i in range(0, n, rows):
+        part = fmt.quantize(x[i:i + rows], params)
+        for key, t in part.items():
+            if t.dim() and t.shape[0] in (rows, rows // step, min(rows, n - i), -(-min(rows, n - i) // step)):
+                per = 1 if t.shape[0] == min(rows, n - i) else step
+                if key not in out:
+                    out[key] = torch.empty((-(-n // per), *t.shape[1:]), dtype=t.dtype, device=t.device)
+                out[key][i // per: i // per + t.shape[0]] = t
+            elif key not in out:
+                out[key] = t
+            elif not torch.equal(out[key], t):  # pragma: no cover - a format whose row_chunk is wrong
+                raise RuntimeError(f"{fmt.name}: '{key}' differs between row chunks; row_chunk is wrong")
+    return out
 
 
-def weight_stats(x: torch.Tensor, qw: QuantizedWeight, limit: int, block: int) -> tuple[ErrorStats, int | None]:
-    """Error of the stored weight vs the float weight; on a row sample when it has more than ``limit`` elements."""
-    if x.numel() <= limit:
-        return error_stats(x, dequantize_weight(qw.tensors, qw.comfy_quant)), None
-    ref, tensors, rows = _sample(x, qw, limit, block)
-    return error_stats(ref, dequantize_weight(tensors, qw.comfy_quant)), rows
+def weight_stats(x: torch.Tensor, fmt: QuantFormat, params: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                 limit: int) -> tuple[ErrorStats, int | None]:
+    """Error of the stored weight vs the float weight; on evenly spaced whole row groups when it has more than
+    ``limit`` elements (and the format can slice its stored tensors by rows)."""
+    n, k = x.shape
+    if x.numel() > limit:
+        step = fmt.row_chunk(params) or 1
+        groups = -(-n // step)
+        # whole row groups, and at least 8 of them: tiles differ more than rows do
+        count = min(groups, max(8 if step > 1 else 1, limit // max(1, k * step)))
+        g = torch.linspace(0, groups - 1, count).round().long().unique()
+        rows = (g[:, None] * step + torch.arange(step)[None, :]).reshape(-1)
+        rows = rows[rows < n].to(x.device)
+        part = fmt.take_rows(tensors, params, rows)
+        if part is not None:
+            return error_stats(x[rows], fmt.dequantize(part, params)), len(rows)
+    return error_stats(x, fmt.dequantize(tensors, params)), None
 
 
 class _Streamer:
-    """Runs one plan against one reader and writer, producing the per-layer reports."""
+    """Runs one plan against one reader and writer, producing the per-layer reports.
+
+    Each layer commits on its own: a layer that cannot be converted (``LayerFallback``) is written in high
+    precision instead, and the file's header, written last, describes what was actually written.
+    """
 
     def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device) -> None:
         self.reader, self.plan, self.opts, self.device = reader, plan, opts, device
+        self.fallbacks: dict[str, str] = {}
 
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
         n = len(self.plan.entries)
         with StreamingWriter(output, self.plan.specs, metadata, overwrite=self.opts.force,
-                             background=True) as w, \
+                             background=True, amendable=True) as w, \
                 tqdm(total=self.plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                      desc="converting", disable=not self.opts.progress, dynamic_ncols=True) as bar:
             entries = self.plan.entries
@@ -189,15 +190,6 @@ class _Streamer:
                     torch.cuda.empty_cache()
         return layers
 
-    def check(self, e: PlanEntry, why: str | None) -> None:
-        """Stop on a weight that cannot be converted: a user error, or under ``--force`` a re-plan."""
-        if why is None:
-            return
-        if self.opts.force:
-            raise _KeepInstead(e.name, f"kept in high precision: {why} (--force)")
-        raise NonFiniteWeightError(f"layer '{e.name}' {why}; fix the checkpoint, or pass --force to keep "
-                                   "it in high precision")
-
     def process(self, e: PlanEntry, w: StreamingWriter) -> LayerReport:
         rep = LayerReport(e.name, e.shape, e.action, e.format, e.rule, e.reason, bytes_in=e.bytes_in,
                           bytes_out=e.bytes_out)
@@ -208,37 +200,35 @@ class _Streamer:
             w.write(e.name, t)
             return rep
         x = t.to(self.device)
-        block = int((e.comfy_quant or {}).get("group_size", self.plan.block_size))
-        self.check(e, problem(e, x))
-        if e.action == CAST:
-            qw = quantize_weight(x, e.format or self.plan.format)
-        else:
-            conf = e.comfy_quant or {}
-            qw = quantize_rows(x, get_format(e.format or self.plan.format), block_size=block,
-                               rot_group=conf.get("convrot_groupsize"),
-                               chunk_elements=CHUNK_ELEMENTS if self.device.type == "cpu" else None)
-            if any(conf.get(k) != v for k, v in (qw.comfy_quant or {}).items()):  # pragma: no cover - a bug
-                raise RuntimeError(f"{e.name}: quantizer wrote {qw.comfy_quant}, plan said {conf}")
-            qw.comfy_quant = dict(conf)
-        stats, rows = weight_stats(x, qw, self.opts.stats_limit, block)
+        fmt = get_format(e.format or self.plan.format)
+        try:
+            tensors = self.convert(e, fmt, x)
+        except LayerFallback as f:
+            self.fallbacks[e.name] = f.reason
+            w.write(e.name, t)
+            return LayerReport(e.name, e.shape, KEEP, None, "fallback", f"kept in high precision: {f.reason}",
+                               bytes_in=e.bytes_in, bytes_out=t.nbytes)
+        stats, rows = weight_stats(x, fmt, e.params, tensors, self.opts.stats_limit)
         rep.sqnr_db, rep.rel_mse, rep.max_abs_err, rep.stats_rows = (stats.sqnr_db, stats.rel_mse,
                                                                      stats.max_abs_err, rows)
+        if e.action == CAST:
+            w.write(e.name, tensors["weight"])
+            return rep
         for spec in e.outputs:
-            suffix = spec.name[len(e.layer) + 1:] if e.action == QUANTIZE else "weight"
-            tensor = encode_comfy_quant(qw.comfy_quant) if suffix == "comfy_quant" else qw.tensors[suffix]
-            w.write(spec.name, tensor)
+            suffix = spec.name[len(e.layer) + 1:]
+            w.write(spec.name, encode_comfy_quant(e.comfy_quant or {}) if suffix == "comfy_quant"
+                    else tensors[suffix])
         return rep
 
-
-def _scan_problems(reader: CheckpointReader, plan: Plan, device: torch.device) -> dict[str, str]:
-    """Every quantize/cast weight that cannot be converted, with the reason (only run under ``--force``)."""
-    found = {}
-    for e in plan.entries:
-        if e.action in (QUANTIZE, CAST):
-            why = problem(e, reader.get(e.name).to(device))
-            if why:
-                found[e.name] = f"kept in high precision: {why} (--force)"
-    return found
+    def convert(self, e: PlanEntry, fmt: QuantFormat, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of one planned weight; LayerFallback when it must stay in high precision."""
+        why = problem(e, x)
+        if why is not None:
+            if not self.opts.force:
+                raise NonFiniteWeightError(f"layer '{e.name}' {why}; fix the checkpoint, or pass --force to "
+                                           "keep it in high precision")
+            raise LayerFallback(f"{why} (--force)")
+        return quantize_rows(x, fmt, e.params, CHUNK_ELEMENTS if self.device.type == "cpu" else None)
 
 
 def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Report:
@@ -252,14 +242,11 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
                 "comfyquant.model": plan.preset}
     notes: list[str] = []
-    try:
-        layers = _Streamer(reader, plan, opts, device).run(out, metadata)
-    except _KeepInstead:
-        overrides = _scan_problems(reader, plan, device)
-        plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata, overrides=overrides)
-        notes.append(f"{len(overrides)} layer(s) kept in high precision because of --force: "
-                     + ", ".join(overrides))
-        layers = _Streamer(reader, plan, opts, device).run(out, metadata)
+    streamer = _Streamer(reader, plan, opts, device)
+    layers = streamer.run(out, metadata)
+    if streamer.fallbacks:
+        notes.append(f"{len(streamer.fallbacks)} layer(s) kept in high precision: "
+                     + "; ".join(f"{k} ({v})" for k, v in streamer.fallbacks.items()))
     sampled = [x for x in layers if x.stats_rows is not None]
     if sampled:
         notes.append(f"error statistics of {len(sampled)} large layer(s) computed on a sample of evenly spaced "

@@ -16,20 +16,24 @@ from typing import Any, Protocol
 import torch
 
 from comfyquant.errors import UserError
+from comfyquant.formats import FormatShapeError, QuantFormat, get_format
 from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, encoded_size, is_scaled_fp8
 from comfyquant.io.reader import TensorInfo
 from comfyquant.io.writer import TensorSpec
 from comfyquant.presets.base import Action, Preset, is_linear_weight
 from comfyquant.presets.registry import decide_tensor
 from comfyquant.presets.registry import strip_prefix as registry_strip_prefix
-from comfyquant.quant import hadamard
-from comfyquant.quant.formats import FormatSpec, get_format
-from comfyquant.quant.int8 import block_scale_shape
 
 QUANTIZE, CAST, KEEP, DROP = "quantize", "cast", "keep", "drop"
 ACTIONS = (QUANTIZE, CAST, KEEP, DROP)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_QUANT_STORAGE = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _quant_storage() -> set[torch.dtype]:
+    """Dtypes a quantized weight is stored in (every registered format's, plus uint8 packing)."""
+    from comfyquant.formats import REGISTRY
+
+    return {f.storage_dtype for f in REGISTRY.formats() if f.is_quantized} | {torch.uint8}
 
 
 class LayerRuleLike(Protocol):
@@ -52,6 +56,9 @@ class PlanOptions:
     model: str = "auto"
     layer_config: str | Path | None = None
     block_size: int = 128
+    # where a layer goes when its shape cannot take its format: a format name, "none" (keep it in high
+    # precision), or None (the format's own fallback, e.g. int8-rot -> int8, else high precision)
+    fallback: str | None = None
 
 
 @dataclass
@@ -67,6 +74,7 @@ class PlanEntry:
     format: str | None = None
     outputs: list[TensorSpec] = field(default_factory=list)
     comfy_quant: dict[str, Any] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
     bytes_in: int = 0
 
     @property
@@ -150,8 +158,9 @@ def check_not_quantized(infos: Mapping[str, TensorInfo], metadata: Mapping[str, 
     elif is_scaled_fp8(names):
         why = "it is a scaled_fp8 checkpoint"
     else:
+        storage = _quant_storage()
         for n, t in infos.items():
-            if n.endswith(".weight") and t.dtype in _QUANT_STORAGE:
+            if n.endswith(".weight") and t.dtype in storage:
                 base = n[: -len(".weight")]
                 if f"{base}.weight_scale" in names or f"{base}.scale_weight" in names:
                     why = f"'{n}' is stored as {str(t.dtype).removeprefix('torch.')} with a scale"
@@ -161,39 +170,35 @@ def check_not_quantized(infos: Mapping[str, TensorInfo], metadata: Mapping[str, 
                         "or convert the original float checkpoint")
 
 
-def _quant_entry(entry: PlanEntry, fmt: FormatSpec, block_size: int, options: Mapping[str, Any]) -> None:
-    """Fill outputs and comfy_quant of a quantized 2-D weight (may fall back from int8-rot to int8)."""
-    n, k = entry.shape
-    conf: dict[str, Any] = {}
-    if fmt.name == "int8-rot":
-        group = options.get("convrot_groupsize") or hadamard.choose_group_size(k)
-        if group is None or k % group:
-            entry.reason += (f"; in_features {k} is not a multiple of a power-of-4 group"
-                             f"{f' ({group})' if group else ''}, so stored as plain per-row int8")
-            fmt = get_format("int8")
-        else:
-            conf = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": group}
-    if fmt.name != "int8-rot":
-        conf = {"format": fmt.comfy_format}
-        if fmt.scaling == "block":
-            block_size = int(options.get("block_size", block_size))
-            conf["group_size"] = block_size
-    if options.get("full_precision_matrix_mult"):
-        conf["full_precision_matrix_mult"] = True
-    scale_shape: tuple[int, ...]
-    if fmt.scaling == "row":
-        scale_shape = (n, 1)
-    elif fmt.scaling == "block":
-        scale_shape = block_scale_shape((n, k), block_size)
-    else:
-        scale_shape = ()
-    entry.format = fmt.name
-    entry.comfy_quant = conf
-    entry.outputs = [
-        TensorSpec(entry.name, fmt.storage_dtype, entry.shape),
-        TensorSpec(f"{entry.layer}.weight_scale", torch.float32, scale_shape),
-        TensorSpec(f"{entry.layer}{QUANT_SUFFIX}", torch.uint8, (encoded_size(conf),)),
-    ]
+def _quant_entry(entry: PlanEntry, fmt: QuantFormat, options: Mapping[str, Any], fallback: str | None) -> None:
+    """Fill format, params, outputs and comfy_quant of a quantized 2-D weight from the format registry.
+
+    A shape the format cannot take goes to ``fallback`` (a format name; "none" keeps the layer), or, when none
+    is given, to the format's own fallback (int8-rot -> int8), else stays in high precision; the reason is kept.
+    """
+    shape = (entry.shape[0], entry.shape[1])
+    tried: list[str] = []
+    while True:
+        try:
+            params = fmt.resolve(shape, options)
+            break
+        except FormatShapeError as e:
+            tried.append(fmt.name)
+            nxt = fallback if fallback is not None else fmt.fallback
+            if nxt in (None, "none") or nxt in tried:
+                entry.action, entry.reason = KEEP, f"{entry.reason}; {e}, so kept in high precision"
+                entry.outputs = [TensorSpec(entry.name, entry.dtype, entry.shape)]
+                return
+            entry.reason += f"; {e}, so stored as {nxt}"
+            fmt = get_format(nxt)
+    entry.format, entry.params = fmt.name, params
+    if not fmt.is_quantized:
+        entry.action = CAST
+        entry.outputs = [TensorSpec(entry.name, s.dtype, s.shape) for s in fmt.slots(shape, params)]
+        return
+    entry.comfy_quant = fmt.comfy_quant(params)
+    entry.outputs = [TensorSpec(f"{entry.layer}.{s.suffix}", s.dtype, s.shape) for s in fmt.slots(shape, params)]
+    entry.outputs.append(TensorSpec(f"{entry.layer}{QUANT_SUFFIX}", torch.uint8, (encoded_size(entry.comfy_quant),)))
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,8 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
     must stay in high precision to the reason (found while streaming, e.g. NaN weights under ``--force``).
     """
     get_format(options.format)  # unknown format -> UserError before anything else
+    if options.fallback not in (None, "none"):
+        get_format(options.fallback)
     if options.block_size < 1:
         raise UserError(f"--block-size must be a positive integer, got {options.block_size}")
     check_not_quantized(infos, metadata or {})
@@ -248,6 +255,7 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
     if layer_config is None:
         layer_config = load_layer_config(options.layer_config)
     overrides = overrides or {}
+    storage = _quant_storage()
     entries: list[PlanEntry] = []
     for name, info in infos.items():
         c = _decide(name, info, strip_prefix(name), preset, layer_config, options.format)
@@ -255,16 +263,12 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
         if c.action == QUANTIZE and info.dtype not in _FLOAT_DTYPES:
             dt = str(info.dtype).removeprefix("torch.")
             e.action, e.reason = KEEP, (f"already stored as {dt} (no scale): copied as is"
-                                        if info.dtype in _QUANT_STORAGE else f"{dt} tensor, not a float weight")
+                                        if info.dtype in storage else f"{dt} tensor, not a float weight")
         if e.action == QUANTIZE and name in overrides:
             e.action, e.rule, e.reason = KEEP, "forced", overrides[name]
         if e.action == QUANTIZE:
-            fmt = get_format(c.format or options.format)
-            if fmt.is_quantized:
-                _quant_entry(e, fmt, options.block_size, c.options)
-            else:
-                e.action, e.format = CAST, fmt.name
-                e.outputs = [TensorSpec(name, fmt.storage_dtype, info.shape)]
+            _quant_entry(e, get_format(c.format or options.format), {"block_size": options.block_size,
+                                                                     **c.options}, options.fallback)
         elif e.action == KEEP:
             e.outputs = [TensorSpec(name, info.dtype, info.shape)]
         entries.append(e)

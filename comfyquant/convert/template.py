@@ -14,12 +14,12 @@ from typing import Any
 from comfyquant.convert.layer_config import rules_to_json
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, PlanOptions, build_plan
 from comfyquant.errors import UserError
+from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.io.reader import CheckpointReader
-from comfyquant.quant.formats import FORMATS
 
 COMMENT = ("comfyquant layer config: rules apply in order, first match wins; 'pattern' is a regex searched in "
            "the layer name (with or without the checkpoint prefix). Set 'format' to one of "
-           + ", ".join(FORMATS) + " or \"skip\": true to keep a layer in high precision. Keys starting with '_' "
+           + ", ".join(FORMATS.names()) + " or \"skip\": true to keep a layer in high precision. Keys starting with '_' "
            "are comments. See docs/LAYER_CONFIG.md.")
 
 

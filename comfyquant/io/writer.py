@@ -38,8 +38,9 @@ class TensorSpec:
         return math.prod(self.shape) * dtype_size(self.dtype)
 
 
-def build_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
-    """The 8-byte length prefix plus the JSON header, space-padded to a multiple of 8 bytes."""
+def build_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None, size: int | None = None) -> bytes:
+    """The 8-byte length prefix plus the JSON header, space-padded to a multiple of 8 bytes (or to ``size``
+    bytes in all, for a header written into space reserved before the data; ValueError if it does not fit)."""
     obj: dict[str, object] = {}
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -55,8 +56,22 @@ def build_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
         obj[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
         pos += s.nbytes
     raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    if size is not None:
+        if len(raw) + 8 > size:
+            raise ValueError(f"header of {len(raw) + 8} bytes does not fit the {size} bytes reserved")
+        raw += b" " * (size - 8 - len(raw))
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
+
+def header_reserve(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> int:
+    """Bytes to reserve for the header of a file whose tensors may still change while it is written.
+
+    Room for the planned header plus 96 bytes per tensor: a layer that falls back to high precision has fewer
+    entries (weight instead of weight + scales + comfy_quant), and its offsets gain at most a few digits.
+    """
+    size = len(build_header(specs, metadata)) + 96 * len(specs) + 4096
+    return size + (-size % 8)
 
 
 def temp_path_for(path: Path) -> Path:
@@ -98,9 +113,15 @@ class StreamingWriter:
     QUEUE_DEPTH = 2
 
     def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None,
-                 *, overwrite: bool = False, background: bool = False) -> None:
+                 *, overwrite: bool = False, background: bool = False, amendable: bool = False) -> None:
         self.path = Path(path)
         self.specs = list(specs)
+        # amendable: ``specs`` is the plan, but each layer may still change its tensors while streaming (a layer
+        # that falls back to high precision); the header is written last, into space reserved before the data.
+        self.amendable = amendable
+        self._reserve = header_reserve(self.specs, metadata) if amendable else 0
+        self._written: list[TensorSpec] = []
+        self._written_names: set[str] = set()
         self.metadata = dict(metadata or {})
         self.overwrite = overwrite
         self.tmp = temp_path_for(self.path)
@@ -118,10 +139,12 @@ class StreamingWriter:
     def __enter__(self) -> StreamingWriter:
         if self.path.exists() and not self.overwrite:
             raise UserError(f"output exists: {self.path} (use --force to overwrite)")
-        header = build_header(self.specs, self.metadata)
+        header = b"" if self.amendable else build_header(self.specs, self.metadata)
         self._install_sigterm()
         try:
             self._file = open(self.tmp, "wb", buffering=0)  # closed in finish() or abort()
+            if self.amendable:
+                self._file.seek(self._reserve)  # type: ignore[attr-defined]
             self._write_all(header)
             if self.background:
                 self._worker = threading.Thread(target=self._drain, name="comfyquant-writer", daemon=True)
@@ -145,17 +168,25 @@ class StreamingWriter:
 
     # -- writing ----------------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor; its name, dtype and shape must match the next spec."""
+        """Write the next tensor; its name, dtype and shape must match the next spec (in amendable mode: any
+        tensor not written yet, in the order it should appear)."""
         if self._file is None:
             raise RuntimeError("StreamingWriter.write outside of its 'with' block")
-        if self._next >= len(self.specs):
-            raise ValueError(f"tensor '{name}' written after all {len(self.specs)} planned tensors")
-        spec = self.specs[self._next]
-        if name != spec.name:
-            raise ValueError(f"expected tensor '{spec.name}' next, got '{name}'")
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, "
-                             f"planned {spec.dtype} {spec.shape}")
+        if self.amendable:
+            spec = TensorSpec(name, tensor.dtype, tuple(tensor.shape))
+            if name in self._written_names:
+                raise ValueError(f"tensor '{name}' written twice")
+            self._written.append(spec)
+            self._written_names.add(name)
+        else:
+            if self._next >= len(self.specs):
+                raise ValueError(f"tensor '{name}' written after all {len(self.specs)} planned tensors")
+            spec = self.specs[self._next]
+            if name != spec.name:
+                raise ValueError(f"expected tensor '{spec.name}' next, got '{name}'")
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise ValueError(f"tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, "
+                                 f"planned {spec.dtype} {spec.shape}")
         if spec.nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             if data.nbytes != spec.nbytes:  # pragma: no cover - dtype/shape already checked
@@ -213,11 +244,15 @@ class StreamingWriter:
 
     def finish(self) -> None:
         """Check completeness, fsync, rename over the target."""
-        if self._next != len(self.specs):
+        if not self.amendable and self._next != len(self.specs):
             raise ValueError(f"only {self._next} of {len(self.specs)} planned tensors were written "
                              f"(next: '{self.specs[self._next].name}')")
         self._join_worker(stop=False)
         self._raise_worker_error()
+        if self.amendable:
+            header = build_header(self._written, self.metadata, size=self._reserve)
+            self._file.seek(0)  # type: ignore[attr-defined]
+            self._write_all(header)
         f, self._file = self._file, None
         try:
             os.fsync(f.fileno())  # type: ignore[attr-defined]

@@ -1,16 +1,8 @@
-"""Pure tensor math for quantization: formats, int8/fp8 quantizers, Hadamard rotation, error metrics."""
+"""Pure tensor math for quantization: int8/fp8 quantizers, Hadamard rotation, error metrics.
 
-from comfyquant.quant.formats import FORMATS, FormatSpec, get_format
+Formats (what is stored, and how) live in ``comfyquant.formats``, which builds on these functions.
+"""
+
 from comfyquant.quant.metrics import ErrorStats, error_stats
-from comfyquant.quant.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 
-__all__ = [
-    "FORMATS",
-    "ErrorStats",
-    "FormatSpec",
-    "QuantizedWeight",
-    "dequantize_weight",
-    "error_stats",
-    "get_format",
-    "quantize_weight",
-]
+__all__ = ["ErrorStats", "error_stats"]

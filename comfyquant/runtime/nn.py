@@ -32,6 +32,22 @@ def check_backend(layout: type[Layout], backend: str | None) -> None:
         raise UserError(f"backend {backend!r} is not one of {', '.join(choices)} for {layout.name} layers")
 
 
+def layout_of(layer: str, conf: dict[str, Any]) -> type[Layout]:
+    """The runtime layout of a stored layer's ``comfy_quant`` (a registered layout, or one built from the
+    format registry); UserError naming the layer for formats nothing reads."""
+    name = str(conf.get("format"))
+    layout = REGISTRY.layouts.get(name)
+    if layout is not None:
+        return layout
+    from comfyquant.runtime.layouts import layout_class
+
+    try:
+        return layout_class(name)
+    except KeyError:
+        raise UserError(f"layer {layer}: unsupported quantization format {conf.get('format')!r}; "
+                        f"this runtime reads {', '.join(sorted(REGISTRY.layouts))}") from None
+
+
 class QuantLinear(nn.Module):
     """A linear layer with a quantized weight ``[out_features, in_features]`` and a float bias.
 
@@ -101,12 +117,14 @@ class QuantLinear(nn.Module):
         extra = ""
         if self.weight is not None:
             p = self.qweight.params
-            if getattr(p, "convrot", False):
-                extra += f", convrot_groupsize={p.convrot_groupsize}"
-            if hasattr(p, "block_size"):
-                extra += f", scale=block{p.block_size}"
-            elif getattr(p, "scale", None) is not None:
-                extra += ", scale=" + ("tensor" if p.scale.numel() == 1 else "row")
+            name = getattr(p, "fmt", None)
+            if name is not None and name != fmt:
+                extra += f" ({name})"
+            for key, value in getattr(p, "fmt_params", ()):
+                extra += f", {key}={value}"
+            scale = getattr(p, "weight_scale", None)
+            if scale is not None and not getattr(p, "block_size", None):
+                extra += ", scale=" + ("tensor" if scale.numel() == 1 else "row")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={fmt}{extra}, backend={self.backend or 'auto'}")
 
@@ -149,10 +167,7 @@ class QuantLinear(nn.Module):
                 missing_keys.extend(prefix + s for s in ("weight", "comfy_quant") if prefix + s not in state_dict)
         else:
             conf = decode_comfy_quant(conf_t)
-            layout = REGISTRY.layouts.get(str(conf.get("format")))
-            if layout is None:
-                raise UserError(f"layer {layer}: unsupported quantization format {conf.get('format')!r}; "
-                                f"this runtime reads {', '.join(sorted(REGISTRY.layouts))}")
+            layout = layout_of(layer, conf)
             tensors = {s: state_dict[prefix + s] for s in QUANT_SUFFIXES if prefix + s in state_dict}
             dtype = self.weight.dtype if self.weight is not None else self.load_dtype
             qdata, params = layout.from_state_dict(layer, tensors, conf, shape=(self.out_features, self.in_features),

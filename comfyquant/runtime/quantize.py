@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from comfyquant.errors import NonFiniteWeightError, UserError
-from comfyquant.quant.formats import get_format
+from comfyquant.formats import FormatShapeError, get_format
 from comfyquant.quant.metrics import all_finite
-from comfyquant.runtime.layouts import Fp8E5M2Layout, Fp8Layout, Int8BlockLayout, Int8Layout
+from comfyquant.runtime.layouts import layout_for_format
 from comfyquant.runtime.nn import QuantLinear, check_backend
 from comfyquant.runtime.tensor import Layout
 
@@ -97,21 +97,19 @@ class QuantizeSummary:
 
 
 def layout_for(config: QuantizeConfig) -> tuple[type[Layout], dict[str, Any]]:
-    """The layout class and its ``quantize`` keyword arguments for ``config.format``."""
-    name, backend = config.format, config.backend
-    if name == "int8":
-        return Int8Layout, {"per_row": True, "backend": backend}
-    if name == "int8-tensor":
-        return Int8Layout, {"per_row": False, "backend": backend}
-    if name == "int8-rot":
-        return Int8Layout, {"convrot": True, "convrot_groupsize": config.rot_group, "backend": backend}
-    if name == "int8-block":
-        return Int8BlockLayout, {"block_size": config.block_size, "backend": backend}
-    if name == "fp8":
-        return Fp8Layout, {"backend": backend}
-    if name == "fp8-e5m2":
-        return Fp8E5M2Layout, {"backend": backend}
-    raise UserError(f"format '{name}' has no runtime layout")
+    """The layout class and its ``quantize`` keyword arguments for ``config.format`` (from the registry)."""
+    spec = get_format(config.format)
+    kwargs: dict[str, Any] = {"fmt": spec.name, "backend": config.backend}
+    kwargs.update(_format_options(config))
+    return layout_for_format(spec), kwargs
+
+
+def _format_options(config: QuantizeConfig) -> dict[str, Any]:
+    """The registry layer options ``config`` sets (a format ignores the ones it does not take)."""
+    opts: dict[str, Any] = {"block_size": config.block_size}
+    if config.rot_group is not None:
+        opts["convrot_groupsize"] = config.rot_group
+    return opts
 
 
 def _preset_decider(model: nn.Module, preset_name: str
@@ -145,12 +143,10 @@ def _decide(config: QuantizeConfig, name: str, linear: nn.Linear,
         return False, "filter_fn returned False"
     if min(shape) < config.min_features:
         return False, f"too small ({shape[0]}x{shape[1]}, min_features={config.min_features})"
-    if config.format == "int8-rot":
-        from comfyquant.quant.hadamard import choose_group_size
-
-        group = config.rot_group or choose_group_size(shape[1])
-        if group is None or shape[1] % group:
-            return False, f"in_features {shape[1]} is not a multiple of a power-of-4 Hadamard group >= 16"
+    try:
+        get_format(config.format).resolve(shape, _format_options(config))
+    except FormatShapeError as e:
+        return False, str(e)
     return True, reason
 
 

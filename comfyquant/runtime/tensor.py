@@ -240,8 +240,14 @@ class QuantizedTensor(torch.Tensor):
     # ---- construction / conversion ---------------------------------------------------------------------
     @classmethod
     def from_float(cls, tensor: torch.Tensor, layout: str | type[Layout], **kwargs: Any) -> QuantizedTensor:
-        """Quantize a float tensor with ``layout`` (a registered format name or a Layout class)."""
+        """Quantize a float tensor with ``layout`` (a registered layout name or class).
+
+        A name registered for a layout under another name (a registry format such as ``int8-rot``, stored as
+        ``int8_tensorwise``) is passed on as ``fmt=name``, selecting that format within the layout.
+        """
         layout_cls = _resolve_layout(layout)
+        if isinstance(layout, str) and layout != layout_cls.name:
+            kwargs.setdefault("fmt", layout)
         qdata, params = layout_cls.quantize(tensor, **kwargs)
         return cls(qdata, layout_cls, params)
 

@@ -1,8 +1,29 @@
-"""Built-in layouts, one per on-disk format the converter writes (importing registers them)."""
+"""Runtime layouts, one per ComfyUI ``format`` string, all built from the format registry (importing this
+module creates the layouts of the formats registered so far; ``layout_class`` makes later ones on demand)."""
 
-from comfyquant.runtime.layouts.blockwise import Int8BlockLayout, Int8BlockParams
-from comfyquant.runtime.layouts.fp8 import Fp8E5M2Layout, Fp8Layout, Fp8Params
-from comfyquant.runtime.layouts.int8 import Int8Layout, Int8Params
+from comfyquant.runtime.layouts.generic import (
+           FormatLayout,
+           FormatParams,
+           layout_class,
+           layout_for_format,
+           register_all,
+)
 
-__all__ = ["Fp8E5M2Layout", "Fp8Layout", "Fp8Params", "Int8BlockLayout", "Int8BlockParams", "Int8Layout",
-           "Int8Params"]
+register_all()
+
+Int8Layout = layout_class("int8_tensorwise")
+Int8BlockLayout = layout_class("int8_blockwise")
+Fp8Layout = layout_class("float8_e4m3fn")
+Fp8E5M2Layout = layout_class("float8_e5m2")
+
+__all__ = [
+           "FormatLayout",
+           "FormatParams",
+           "Fp8E5M2Layout",
+           "Fp8Layout",
+           "Int8BlockLayout",
+           "Int8Layout",
+           "layout_class",
+           "layout_for_format",
+           "register_all",
+]
