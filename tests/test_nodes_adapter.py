@@ -54,7 +54,14 @@ def test_adapter_patches_a_clone_and_leaves_the_input_alone(comfy: Any, dit_sd: 
     base = _patcher(comfy, dit_sd)
     ref = _forward(comfy, base, dit_sd)
     cache = QuantCache()
-    out, report = adapt_model(base, AdapterSettings(format="int8"), cache=cache)
+    calls: list[tuple[int, int]] = []
+
+    class Progress:  # ComfyUI's ProgressBar interface
+        def update_absolute(self, value: int, total: int) -> None:
+            calls.append((value, total))
+
+    out, report = adapt_model(base, AdapterSettings(format="int8"), cache=cache, progress=Progress())
+    assert len(calls) > 20 and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
     assert out is not base and not base.object_patches and len(out.object_patches) == len(report.converted) == 20
     assert report.preset == "flux" and report.bytes_after < report.bytes_before / 3
     assert all(isinstance(m, ComfyQuantLinear) for m in out.object_patches.values())

@@ -13,6 +13,8 @@ while per-layer on contiguous inputs it matches ours to 5e-8; so that comparison
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,6 +77,14 @@ def test_disabled_adapter_is_bit_identical_and_int8_stays_within_the_bound(
     # the input MODEL is unchanged: sampling it again gives the float latents bit for bit
     assert torch.equal(node_server.latent(node_server.run(digits_workflow(prefix="float_again", seed=7))),
                        float_latent)
+
+
+def test_docs_example_workflow_runs(node_server: Any, float_latent: torch.Tensor) -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "workflows" / "digits_int8_api.json"
+    workflow = json.loads(doc.read_text())
+    assert workflow == digits_workflow(adapter={}, prefix="comfyquant_digits_int8")
+    latent = node_server.latent(node_server.run(workflow))
+    assert latent.shape == (1, 16, 8, 8) and 0 < rel_err(latent, float_latent) < INT8_BOUND
 
 
 def test_rerun_with_other_runtime_options_reuses_the_quantized_weights(node_server: Any) -> None:
