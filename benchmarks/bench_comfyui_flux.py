@@ -52,11 +52,11 @@ class Result:
     note: str = ""
 
 
-def _import_comfy(cache: str | None, device: str) -> Any:
+def _import_comfy(cache: str | None, device: str, dynamic: bool) -> Any:
     from comfyquant.eval.comfyui_env import ensure_comfyui, import_comfy
 
     root = ensure_comfyui(Path(cache) if cache else None)
-    args = ("--disable-dynamic-vram", "--highvram") if device == "cuda" else ()
+    args = ("--disable-dynamic-vram", "--highvram") if device == "cuda" and not dynamic else ()
     return import_comfy(root, args=args, installed_kitchen=device == "cuda")
 
 
@@ -136,14 +136,14 @@ def _free(device: str) -> None:
 
 
 def measure(name: str, patcher: Any, dims: dict[str, int], resolutions: list[int], device: str, dtype: torch.dtype,
-            warmup: int, iters: int) -> list[Result]:
+            warmup: int, iters: int, dynamic: bool = False) -> list[Result]:
     """Load ``patcher`` fully on the device and time one forward per resolution."""
     import comfy.model_management
 
     _free(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=not dynamic)  # dynamic VRAM refuses it
     weights = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     dm = patcher.model.diffusion_model
     out = []
@@ -178,7 +178,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     depth, depth_single = (1, 1) if a.smoke else (a.depth, a.depth_single)
     resolutions = [64] if a.smoke else a.resolutions
     warmup, iters = (1, 2) if a.smoke else (a.warmup, a.iters)
-    _import_comfy(a.comfyui_cache, device)
+    _import_comfy(a.comfyui_cache, device, a.dynamic_vram)
     import comfy.sd
     from safetensors.torch import save_file
 
@@ -203,26 +203,26 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.bfloat16
     results: list[Result] = []
     base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
-    results += measure("bf16", base, dims, resolutions, device, dtype, warmup, iters)
+    results += measure("bf16", base, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
     for fmt in ("int8", "int8-rot", "fp8"):
         _free(device)
         t1 = time.perf_counter()
         patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux"))
         quant_s = time.perf_counter() - t1
-        rows = measure(f"adapter {fmt}", patched, dims, resolutions, device, dtype, warmup, iters)
+        rows = measure(f"adapter {fmt}", patched, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
         for r in rows:
             r.note = f"{len(report.converted)} layers converted in {quant_s:.1f} s"
         results += rows
         del patched
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
     stock = comfy.sd.load_diffusion_model(str(int8_file))
-    rows = measure("ComfyUI int8 (same file)", stock, dims, resolutions, device, dtype, warmup, iters)
+    rows = measure("ComfyUI int8 (same file)", stock, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
     for r in rows:
         r.note = why_not or "comfy-kitchen CUDA backend"
     results += rows
     del stock
     ours, _ = load_quantized_model(int8_file, RuntimeOptions())
-    results += measure("comfyquant loader (same file)", ours, dims, resolutions, device, dtype, warmup, iters)
+    results += measure("comfyquant loader (same file)", ours, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
     del ours, base
     _free(device)
     bf16 = {r.resolution: r.step_ms for r in results if r.variant == "bf16"}
@@ -234,7 +234,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "smoke": bool(a.smoke),
            "params_billion": n_params / 1e9, "depth": depth, "depth_single": depth_single, "dims": dims,
-           "warmup": warmup, "iters": iters, "comfy_kitchen_cuda": why_not or "available"}
+           "warmup": warmup, "iters": iters, "comfy_kitchen_cuda": why_not or "available",
+           "dynamic_vram": bool(a.dynamic_vram)}
     report = {"env": env, "results": [asdict(r) for r in results]}
     (out_dir / "bench_comfyui_flux.json").write_text(json.dumps(report, indent=1))
     (out_dir / "bench_comfyui_flux.md").write_text(to_markdown(report))
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--comfyui-cache", default=None, help="ComfyUI 0.30.0 cache folder (see comfyui_env)")
     p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, seconds: checks the mechanics")
+    p.add_argument("--dynamic-vram", action="store_true",
+                   help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
     return p
 
 

@@ -140,15 +140,30 @@ def _collect(patcher: Any, dm: nn.Module, report: AdapterReport) -> tuple[dict[s
 
 
 class _Selector:
-    """``QuantizeConfig.filter_fn``: serves cache hits, moves the weight to the compute device, ticks progress."""
+    """``QuantizeConfig.filter_fn``: serves memo hits, bakes LoRA patches and moves one weight at a time to the
+    compute device, moves each finished layer to the store device (so at most one float and one quantized
+    layer sit on the compute device), and ticks the progress bar."""
 
-    def __init__(self, sources: dict[str, torch.Tensor], cache_keys: dict[str, Any], cache: QuantCache,
-                 device: torch.device, tick: Callable[[], None]) -> None:
-        self.sources, self.cache_keys, self.cache = sources, cache_keys, cache
-        self.device, self.tick = device, tick
+    def __init__(self, shell: _Shell, sources: dict[str, torch.Tensor], cache_keys: dict[str, Any],
+                 bake: dict[str, list], cache: QuantCache, device: torch.device, store: torch.device,
+                 tick: Callable[[], None]) -> None:
+        self.shell, self.sources, self.cache_keys, self.bake = shell, sources, cache_keys, bake
+        self.cache, self.device, self.store, self.tick = cache, device, store, tick
         self.hits: dict[str, QuantizedTensor] = {}
+        self._last: str | None = None
+
+    def flush(self) -> None:
+        """Move the layer quantized last (now a QuantLinear in the shell) to the store device."""
+        if self._last is not None:
+            mod = self.shell.get_submodule(self._last)
+            if isinstance(mod, QuantLinear) and mod.qweight.device != self.store:
+                mod.weight = nn.Parameter(mod.qweight.to(self.store), requires_grad=False)
+            self._last = None
 
     def __call__(self, name: str, linear: nn.Linear) -> bool:
+        import comfy.lora
+
+        self.flush()
         self.tick()
         key = self.cache_keys.get(name)
         if key is not None:
@@ -156,8 +171,14 @@ class _Selector:
             if hit is not None:
                 self.hits[name] = hit
                 return False
-        if linear.weight.device != self.device:
-            linear.weight = nn.Parameter(linear.weight.detach().to(self.device), requires_grad=False)
+        w = linear.weight.detach()
+        if name in self.bake:  # merge the LoRA in float32 on the compute device, then quantize once
+            w = comfy.lora.calculate_weight(self.bake[name], w.to(self.device, torch.float32, copy=True),
+                                            PREFIX + name + ".weight").to(w.dtype)
+        if w.device != self.device:
+            w = w.to(self.device)
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        self._last = name
         return True
 
 
@@ -170,7 +191,6 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
                 cache: QuantCache = CACHE) -> tuple[Any, AdapterReport]:
     """Return (patched clone or the unchanged input, report). ``progress`` is a ComfyUI ``ProgressBar``-like
     object (``update_absolute(value, total)``) or None."""
-    import comfy.lora
     import comfy.model_management
 
     fmt = settings.quant_format()
@@ -187,13 +207,14 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     shapes, linears = _collect(patcher, dm, report)
     sources: dict[str, torch.Tensor] = {}
     cache_keys: dict[str, Any] = {}
+    bake: dict[str, list] = {}
     shell = _Shell(shapes)
     for name, mod in linears.items():
         key = f"{PREFIX}{name}.weight"
         w = _source_weight(patcher, key, mod.weight)
         patches = _lora_patches(patcher, key) if settings.bake_loaded_loras else None
         if patches:
-            w = comfy.lora.calculate_weight(patches, w.detach().to(torch.float32, copy=True), key).to(w.dtype)
+            bake[name] = patches
             report.baked_loras.append(key)
         else:
             sources[name] = w
@@ -208,15 +229,16 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
             progress.update_absolute(min(done[0], total), total)
 
     device = load_dev if load_dev.type == "cuda" else torch.device("cpu")
-    selector = _Selector(sources, cache_keys, cache, device, tick)
+    store = torch.device(patcher.offload_device)
+    selector = _Selector(shell, sources, cache_keys, bake, cache, device, store, tick)
     summary = quantize_(shell, QuantizeConfig(format=fmt, model=settings.model_type, backend=backend,
                                               filter_fn=selector))
+    selector.flush()
     if progress is not None:
         progress.update_absolute(total, total)
     report.preset = summary.preset
     if settings.model_type == "auto" and summary.preset == "generic":
         _note(report, MSG_AUTO_FAILED)
-    store = torch.device(patcher.offload_device)
     new_layers: dict[str, QuantizedTensor] = {}
     for d in summary.layers:
         if d.action == "quantized":
