@@ -213,7 +213,8 @@ def test_custom_ops_compile_fullgraph() -> None:
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), f(x))
     opcheck = torch.library.opcheck
-    opcheck(torch.ops.comfyquant.int8_linear.default, (x, q, s, bias, 16, torch.float32, "torch"))
+    opcheck(torch.ops.comfyquant.quant_linear.default, (x, q, [s], bias, "int8", [16], torch.float32, "torch"))
+    opcheck(torch.ops.comfyquant.quant_linear.default, (x, q, [s], None, "int8", [16], torch.bfloat16, "auto"))
 
 
 def test_bench_thresholds_and_cli_errors() -> None:

@@ -16,7 +16,8 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
-from comfyquant.runtime.kernels.backends import BACKENDS
+from comfyquant.runtime.kernels.policy import DispatchPolicy
+from comfyquant.runtime.kernels.registry import backends_for
 from comfyquant.runtime.tensor import REGISTRY, Layout, QuantizedTensor
 
 _LINEAR = torch.ops.aten.linear.default
@@ -25,10 +26,13 @@ _LINEAR = torch.ops.aten.linear.default
 QUANT_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "comfy_quant")
 
 
-def check_backend(layout: type[Layout], backend: str | None) -> None:
-    """Refuse a backend name that cannot run ``layout`` (whether the device can run it is checked per call)."""
-    choices = BACKENDS.get(layout.kernel_kind, ())
-    if backend is not None and backend not in choices:
+def check_backend(layout: type[Layout], backend: str | DispatchPolicy | None) -> None:
+    """Refuse a backend name that cannot run ``layout`` (whether the device can run it is checked per call);
+    a ``DispatchPolicy`` (automatic choice under that policy) is always accepted."""
+    if backend is None or isinstance(backend, DispatchPolicy):
+        return
+    choices = backends_for(layout.kernel_kind)
+    if backend not in choices:
         raise UserError(f"backend {backend!r} is not one of {', '.join(choices)} for {layout.name} layers")
 
 
@@ -98,12 +102,13 @@ class QuantLinear(nn.Module):
         return w  # type: ignore[return-value]
 
     @property
-    def backend(self) -> str | None:
+    def backend(self) -> str | DispatchPolicy | None:
         """The kernel backend this layer asks for (None: chosen per call by capability and shape)."""
         return None if self.weight is None else self.qweight.params.backend
 
-    def set_backend(self, backend: str | None) -> None:
-        """Pin this layer's kernel backend (a name from ``kernels.backends.BACKENDS``) or unpin it (None)."""
+    def set_backend(self, backend: str | DispatchPolicy | None) -> None:
+        """Pin this layer's kernel backend (a name from ``kernels.registry.backends_for(kind)``), steer its
+        automatic choice with a ``DispatchPolicy``, or unpin it (None)."""
         qt = self.qweight
         check_backend(qt.layout_cls, backend)
         self.weight = nn.Parameter(qt.with_parts(params=qt.params.replace(backend=backend)), requires_grad=False)

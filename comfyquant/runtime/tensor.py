@@ -62,7 +62,7 @@ class Layout:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[LayoutParams]] = LayoutParams
-    kernel_kind: ClassVar[str] = ""  # the kind in kernels.backends.BACKENDS whose backends run this layout
+    kernel_kind: ClassVar[str] = ""  # the kernel kind (kernels.registry) whose backends run this layout
 
     @classmethod
     def quantize(cls, tensor: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, LayoutParams]:

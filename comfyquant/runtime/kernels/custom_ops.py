@@ -1,98 +1,46 @@
-"""``torch.library`` custom ops (``comfyquant::*``) with fake implementations, so torch.compile traces through.
+"""The one ``torch.library`` custom op every kernel kind runs through under torch.compile.
 
-Each op takes the backend name already chosen by :func:`backends.choose_backend`; the real implementation
-routes to the torch reference, or imports the Triton / fp8 modules lazily (the CPU path never imports triton).
-Eager callers may call the ``*_impl`` functions directly (same result, without the op-dispatch overhead that
-matters at M=1); traced code must go through the ``*_op`` objects.
+``comfyquant::quant_linear(x, w, scales, bias, kind, opts, out_dtype, backend)`` looks the kind up in the
+kernel-kind table and calls the named backend (``auto``: the kind's own choice, made here at run time so the
+traced graph holds no device queries). Its fake implementation is generic: every format keeps N rows in ``w``
+(packing is along K), so the output is ``[..., w.shape[0]]``. Eager callers use :func:`run` directly and skip
+the op-dispatch overhead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from comfyquant.runtime.kernels import reference
-from comfyquant.runtime.kernels.backends import AUTO, resolve_name
+from comfyquant.runtime.kernels.backends import AUTO
+from comfyquant.runtime.kernels.registry import kernel_kind
 
 
-def _out_shape(x: torch.Tensor, n: int) -> tuple[int, ...]:
-    return (*x.shape[:-1], n)
+def run(x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None, kind: str, opts: tuple,
+        out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """Resolve ``backend`` (``auto`` or ``auto|<policy key>``: the kind's choice) and call its implementation."""
+    k = kernel_kind(kind)
+    if backend.startswith(AUTO):
+        from comfyquant.runtime.kernels.policy import policy_from_key
+
+        policy = policy_from_key(backend[len(AUTO) + 1:]) if len(backend) > len(AUTO) else None
+        n, kk = int(w.shape[0]), k.in_features(w, opts)
+        backend = (k.choose(x, n, kk, opts, policy) if k.choose is not None else k.first_available(x.device)).name
+    b = k.backends.get(backend)
+    if b is None:
+        raise ValueError(f"unknown {kind} backend {backend!r}")
+    return b.impl(x, w, scales, bias, opts, out_dtype)
 
 
-def int8_linear_impl(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                     convrot_group: int, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """W8A8 linear; ``convrot_group`` 0 means no rotation."""
-    group = convrot_group or None
-    if backend == AUTO:
-        backend = resolve_name(x, "int8", w_q.shape[0], w_q.shape[1], backend)
-    if backend == "torch":
-        return reference.int8_linear_ref(x, w_q, w_scale, bias, group, out_dtype)
-    if backend == "dequant":
-        return reference.dequant_linear(x, w_q, w_scale, bias, group, out_dtype)
-    from comfyquant.runtime.kernels import triton_int8
-
-    if backend == "triton":
-        return triton_int8.int8_linear(x, w_q, w_scale, bias, group, out_dtype)
-    if backend == "triton_w8a16":
-        return triton_int8.w8a16_linear(x, w_q, w_scale, bias, group, out_dtype)
-    raise ValueError(f"unknown int8 backend {backend!r}")
+@torch.library.custom_op("comfyquant::quant_linear", mutates_args=())
+def quant_linear_op(x: torch.Tensor, w: torch.Tensor, scales: Sequence[torch.Tensor | None],
+                    bias: torch.Tensor | None, kind: str, opts: Sequence[int], out_dtype: torch.dtype,
+                    backend: str) -> torch.Tensor:
+    """``x @ dequant(w)^T + bias`` for kernel kind ``kind`` (see ``registry``)."""
+    return run(x, w, tuple(scales), bias, kind, tuple(opts), out_dtype, backend)
 
 
-int8_linear_op = torch.library.custom_op("comfyquant::int8_linear", int8_linear_impl, mutates_args=())
-
-
-@int8_linear_op.register_fake
-def _int8_linear_fake(x, w_q, w_scale, bias, convrot_group, out_dtype, backend):
-    return x.new_empty(_out_shape(x, w_q.shape[0]), dtype=out_dtype)
-
-
-def int8_block_linear_impl(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                           bias: torch.Tensor | None, block: int, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """W8A8 with block-wise weight scales."""
-    if backend == AUTO:
-        backend = resolve_name(x, "int8_block", w_q.shape[0], w_q.shape[1], backend)
-    if backend == "torch":
-        return reference.int8_block_linear_ref(x, w_q, w_scale, block, bias, out_dtype)
-    if backend == "dequant":
-        n, k = w_q.shape
-        dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-        s = w_scale.to(dt).repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
-        return torch.nn.functional.linear(x.to(dt), w_q.to(dt) * s,
-                                          None if bias is None else bias.to(dt)).to(out_dtype)
-    raise ValueError(f"unknown int8_block backend {backend!r}")
-
-
-int8_block_linear_op = torch.library.custom_op("comfyquant::int8_block_linear", int8_block_linear_impl,
-                                               mutates_args=())
-
-
-@int8_block_linear_op.register_fake
-def _int8_block_linear_fake(x, w_q, w_scale, bias, block, out_dtype, backend):
-    return x.new_empty(_out_shape(x, w_q.shape[0]), dtype=out_dtype)
-
-
-def fp8_linear_impl(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                    input_scale: torch.Tensor | None, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """FP8 linear: rowwise dynamic activation scales, or the static ``input_scale``."""
-    if backend == AUTO:
-        backend = resolve_name(x, "fp8", w_q.shape[0], w_q.shape[1], backend)
-    if backend == "torch":
-        return reference.fp8_linear_ref(x, w_q, w_scale, bias, input_scale, out_dtype)
-    if backend == "dequant":
-        return reference.dequant_linear(x, w_q, w_scale, bias, None, out_dtype)
-    if backend == "scaled_mm":
-        from comfyquant.runtime.kernels import fp8
-
-        return fp8.fp8_linear_scaled_mm(x, w_q, w_scale, bias, input_scale, out_dtype)
-    if backend == "triton_w8a16":
-        from comfyquant.runtime.kernels import triton_int8
-
-        return triton_int8.w8a16_linear(x, w_q, w_scale, bias, None, out_dtype)
-    raise ValueError(f"unknown fp8 backend {backend!r}")
-
-
-fp8_linear_op = torch.library.custom_op("comfyquant::fp8_linear", fp8_linear_impl, mutates_args=())
-
-
-@fp8_linear_op.register_fake
-def _fp8_linear_fake(x, w_q, w_scale, bias, input_scale, out_dtype, backend):
-    return x.new_empty(_out_shape(x, w_q.shape[0]), dtype=out_dtype)
+@quant_linear_op.register_fake
+def _quant_linear_fake(x, w, scales, bias, kind, opts, out_dtype, backend):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)

@@ -1,0 +1,209 @@
+"""The built-in kernel kinds (``int8``, ``int8_block``, ``fp8``, ``int4_rot``): conventions, checks, backends.
+
+Conventions (``scales`` tuple / ``opts`` tuple, what the runtime layouts pass):
+  - ``int8``: w int8 [N,K]; scales=(weight_scale scalar or [N,1]/[N] fp32,); opts=(convrot_group or 0,)
+  - ``int8_block``: w int8 [N,K]; scales=(weight_scale [ceil(N/b), ceil(K/b)],); opts=(b,)
+  - ``fp8``: w float8_e4m3fn/e5m2 [N,K]; scales=(weight_scale, input_scale or None); opts=()
+  - ``int4_rot``: w int8 [N,K/2] (two int4 per byte, comfy-kitchen order); scales=(weight_scale per row fp32,);
+    opts=(convrot_group,)
+Backends import the Triton / fp8 modules lazily, so the CPU path never imports triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from comfyquant.errors import UserError
+from comfyquant.quant.hadamard import is_power_of_4
+from comfyquant.runtime.kernels import int4, reference
+from comfyquant.runtime.kernels.backends import BackendChoice, device_capability, triton_available
+from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind, needs_cuda, register_kernel_kind
+from comfyquant.runtime.kernels.thresholds import m_threshold
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_TRITON = needs_cuda((8, 0), triton=True)
+_FP8_MM = needs_cuda((8, 9))
+
+
+def _opt(opts: tuple, i: int) -> int:
+    return int(opts[i]) if len(opts) > i else 0
+
+
+# ---- int8 -----------------------------------------------------------------------------------------------------
+def _int8_torch(x, w, scales, bias, opts, out_dtype):
+    return reference.int8_linear_ref(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
+
+
+def _int8_dequant(x, w, scales, bias, opts, out_dtype):
+    return reference.dequant_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
+
+
+def _int8_triton(x, w, scales, bias, opts, out_dtype):
+    from comfyquant.runtime.kernels import triton_int8
+
+    return triton_int8.int8_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
+
+
+def _int8_w8a16(x, w, scales, bias, opts, out_dtype):
+    from comfyquant.runtime.kernels import triton_int8
+
+    return triton_int8.w8a16_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
+
+
+def check_row_scale(what: str, w_scale: torch.Tensor | None, n: int) -> None:
+    """A weight scale must be a scalar, ``[n, 1]`` or ``[n]``."""
+    if w_scale is None or w_scale.numel() not in (1, n) or (
+            w_scale.numel() == n and w_scale.shape not in ((n, 1), (n,))):
+        shape = None if w_scale is None else tuple(w_scale.shape)
+        raise UserError(f"{what}: weight_scale shape {shape} must be a scalar, [{n}, 1] or [{n}]")
+
+
+def _check_rot_group(what: str, group: int, k: int) -> None:
+    if group and (not is_power_of_4(group) or group < 4 or k % group):
+        raise UserError(f"{what}: convrot group size {group} must be a power of 4 dividing in_features {k}")
+
+
+def _check_int8(x, w, scales, opts) -> None:
+    if w.dtype != torch.int8:
+        raise UserError(f"int8_linear: weight must be int8, got {w.dtype}")
+    check_row_scale("int8_linear", scales[0] if scales else None, w.shape[0])
+    _check_rot_group("int8_linear", _opt(opts, 0), w.shape[1])
+
+
+def _m(x: torch.Tensor, k: int) -> int:
+    return x.numel() // k if k else 0
+
+
+def _choose_int8(x, n, k, opts, policy) -> BackendChoice:
+    cap = device_capability(x.device)
+    if cap is None:
+        return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
+    gen = f"sm_{cap[0]}{cap[1]}"
+    if not triton_available() or cap < (8, 0):
+        return BackendChoice("torch", f"{gen}: no triton int8 path; torch._int_mm")
+    m = _m(x, k)
+    m_min = m_threshold("int8", n, k, cap[0])
+    if m < m_min:
+        return BackendChoice("triton_w8a16", f"M={m} < {m_min} (measured threshold): weight-only kernel")
+    return BackendChoice("triton", f"{gen}: triton W8A8, M={m} >= {m_min}")
+
+
+# ---- int8_block -----------------------------------------------------------------------------------------------
+def _block_torch(x, w, scales, bias, opts, out_dtype):
+    return reference.int8_block_linear_ref(x, w, scales[0], _opt(opts, 0), bias, out_dtype)
+
+
+def _block_dequant(x, w, scales, bias, opts, out_dtype):
+    block = _opt(opts, 0)
+    n, k = w.shape
+    dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    s = scales[0].to(dt).repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+    return torch.nn.functional.linear(x.to(dt), w.to(dt) * s, None if bias is None else bias.to(dt)).to(out_dtype)
+
+
+def _check_block(x, w, scales, opts) -> None:
+    what = "int8_block_linear"
+    if w.dtype != torch.int8:
+        raise UserError(f"{what}: weight must be int8, got {w.dtype}")
+    block = _opt(opts, 0)
+    if block < 1:
+        raise UserError(f"{what}: block size must be positive, got {block}")
+    n, k = w.shape
+    want = (-(-n // block), -(-k // block))
+    got = None if not scales or scales[0] is None else tuple(scales[0].shape)
+    if got != want:
+        raise UserError(f"{what}: weight_scale shape {got} != {want} for weight [{n}, {k}] with block {block}")
+
+
+def _choose_block(x, n, k, opts, policy) -> BackendChoice:
+    if device_capability(x.device) is None:
+        return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
+    return BackendChoice("torch", "int8 block-wise: per-K-block torch._int_mm")
+
+
+# ---- fp8 ------------------------------------------------------------------------------------------------------
+def _fp8_torch(x, w, scales, bias, opts, out_dtype):
+    return reference.fp8_linear_ref(x, w, scales[0], bias, scales[1] if len(scales) > 1 else None, out_dtype)
+
+
+def _fp8_dequant(x, w, scales, bias, opts, out_dtype):
+    return reference.dequant_linear(x, w, scales[0], bias, None, out_dtype)
+
+
+def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype):
+    from comfyquant.runtime.kernels import fp8
+
+    return fp8.fp8_linear_scaled_mm(x, w, scales[0], bias, scales[1] if len(scales) > 1 else None, out_dtype)
+
+
+def _fp8_w8a16(x, w, scales, bias, opts, out_dtype):
+    from comfyquant.runtime.kernels import triton_int8
+
+    return triton_int8.w8a16_linear(x, w, scales[0], bias, None, out_dtype)
+
+
+def _check_fp8(x, w, scales, opts) -> None:
+    what = "fp8_linear"
+    if w.dtype not in FP8_DTYPES:
+        raise UserError(f"{what}: weight must be float8_e4m3fn or float8_e5m2, got {w.dtype}")
+    check_row_scale(what, scales[0] if scales else None, w.shape[0])
+    input_scale = scales[1] if len(scales) > 1 else None
+    if input_scale is not None and input_scale.numel() != 1:
+        raise UserError(f"{what}: input_scale must be a scalar, got shape {tuple(input_scale.shape)}")
+
+
+def _choose_fp8(x, n, k, opts, policy) -> BackendChoice:
+    cap = device_capability(x.device)
+    if cap is None:
+        return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
+    gen = f"sm_{cap[0]}{cap[1]}"
+    if cap < (8, 9):
+        return BackendChoice("dequant", f"{gen} has no fp8 matrix units")
+    if k % 16 or n % 16:
+        return BackendChoice("dequant", f"K={k}, N={n} not multiples of 16 (fp8 _scaled_mm needs them)")
+    m = _m(x, k)
+    m_min = m_threshold("fp8", n, k, cap[0])
+    if m < m_min and triton_available():
+        return BackendChoice("triton_w8a16", f"M={m} < {m_min} (measured threshold): weight-only kernel")
+    return BackendChoice("scaled_mm", f"{gen}: fp8 _scaled_mm, M={m}")
+
+
+# ---- int4_rot -------------------------------------------------------------------------------------------------
+def _int4_torch(x, w, scales, bias, opts, out_dtype):
+    return int4.w4a8_linear_ref(x, w, scales[0], bias, _opt(opts, 0), out_dtype)
+
+
+def _int4_dequant(x, w, scales, bias, opts, out_dtype):
+    return int4.w4_dequant_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype)
+
+
+def _check_int4(x, w, scales, opts) -> None:
+    what = "int4_rot linear"
+    if w.dtype != torch.int8:
+        raise UserError(f"{what}: packed weight must be int8 [N, K/2], got {w.dtype}")
+    check_row_scale(what, scales[0] if scales else None, w.shape[0])
+    group = _opt(opts, 0)
+    if group < 4:
+        raise UserError(f"{what}: needs a convrot group size (opts=(group,)), got {opts}")
+    _check_rot_group(what, group, 2 * w.shape[1])
+
+
+def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
+    return BackendChoice("torch", f"{x.device.type}: W4A8 reference (unpack, rotate, per-token int8, _int_mm)")
+
+
+INT8 = register_kernel_kind(KernelKind(
+    "int8",
+    {"torch": _int8_torch, "dequant": _int8_dequant, "triton": KernelBackend(_int8_triton, _TRITON),
+     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON)},
+    choose=_choose_int8, check=_check_int8))
+INT8_BLOCK = register_kernel_kind(KernelKind(
+    "int8_block", {"torch": _block_torch, "dequant": _block_dequant}, choose=_choose_block, check=_check_block))
+FP8 = register_kernel_kind(KernelKind(
+    "fp8",
+    {"torch": _fp8_torch, "dequant": _fp8_dequant, "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM),
+     "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON)},
+    choose=_choose_fp8, check=_check_fp8))
+INT4_ROT = register_kernel_kind(KernelKind(
+    "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant},
+    choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))

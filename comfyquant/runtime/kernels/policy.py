@@ -1,0 +1,45 @@
+"""``DispatchPolicy``: an explicit, frozen object that steers the automatic backend choice of the layers given it.
+
+A policy travels with a layer (``QuantLinear.set_backend(policy)`` / ``QuantizeConfig(backend=policy)``) or a
+call (``quant_linear(..., backend=policy)``); under torch.compile it crosses the custom op as a compact string
+key (``auto|<key>``) that :func:`policy_from_key` turns back into the same policy. Nothing is process-wide.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+MODES = ("eager", "graph")
+
+
+@dataclass(frozen=True)
+class DispatchPolicy:
+    """How the automatic choice is made.
+
+    ``mode``: ``"eager"`` counts each path's host launch cost (plain PyTorch / ComfyUI), ``"graph"`` only GPU
+    time (CUDA graphs, ``reduce-overhead``). ``allow``: if non-empty, only these backend names may be chosen.
+    """
+
+    mode: str = "eager"
+    allow: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"DispatchPolicy.mode must be one of {MODES}, got {self.mode!r}")
+        object.__setattr__(self, "allow", tuple(self.allow))
+        # built once here, outside any trace: torch.compile reads it as a constant attribute
+        object.__setattr__(self, "_key", json.dumps({"mode": self.mode, "allow": list(self.allow)},
+                                                    separators=(",", ":"), sort_keys=True))
+
+    def key(self) -> str:
+        """A compact string that :func:`policy_from_key` maps back to this policy (crosses the custom op)."""
+        return self._key
+
+
+@functools.lru_cache(maxsize=64)
+def policy_from_key(key: str) -> DispatchPolicy:
+    """Inverse of :meth:`DispatchPolicy.key`."""
+    d = json.loads(key)
+    return DispatchPolicy(mode=d.get("mode", "eager"), allow=tuple(d.get("allow", ())))
