@@ -140,15 +140,17 @@ def test_lora_reaches_every_layer_in_a_lowvram_load_and_weight_wrappers_apply(co
     assert rel_err(zeroed, plain) > 0.01  # the wrapper ran on the quantized layer
 
 
-def test_runtime_options_map_onto_backend_names() -> None:
-    assert RuntimeOptions().backend_for("int8", "cuda") is None
-    assert RuntimeOptions(small_batch_fallback=False).backend_for("int8", "cuda") == "triton"
-    assert RuntimeOptions(small_batch_fallback=False).backend_for("fp8", "cuda") == "scaled_mm"
-    assert RuntimeOptions(small_batch_fallback=False).backend_for("int8", "cpu") is None
-    assert RuntimeOptions(use_triton=False).backend_for("int8", "cuda") == "torch"
-    assert RuntimeOptions(backend="torch").backend_for("fp8", "cpu") == "torch"
+def test_runtime_options_map_onto_backend_names_and_dispatch_policies() -> None:
+    from comfyquant.runtime.kernels.policy import DispatchPolicy
+
+    assert RuntimeOptions().backend_for("int8") is None
+    assert RuntimeOptions(small_batch_fallback=False).backend_for("int8") == DispatchPolicy(allow=("torch", "triton"))
+    assert RuntimeOptions(small_batch_fallback=False).backend_for("fp8") == DispatchPolicy(allow=("torch", "scaled_mm"))
+    assert RuntimeOptions(use_triton=False).backend_for("int8") == DispatchPolicy(allow=("torch", "dequant"))
+    assert RuntimeOptions(cuda_graphs=True).backend_for("int8").mode == "graph"
+    assert RuntimeOptions(backend="torch").backend_for("fp8") == "torch"
     with pytest.raises(UserError, match="no kernel for fp8"):
-        RuntimeOptions(backend="triton").backend_for("fp8", "cuda")
+        RuntimeOptions(backend="triton").backend_for("fp8")
     with pytest.raises(UserError, match="runtime_backend"):
         RuntimeOptions(backend="tensorrt")
     assert AdapterSettings(format="int8", outlier_method="hadamard").quant_format() == "int8-rot"

@@ -201,7 +201,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         return patcher, report
     layout, _ = layout_for(QuantizeConfig(format=fmt))
     load_dev = torch.device(patcher.load_device)
-    backend = settings.runtime.backend_for(layout.kernel_kind, load_dev.type)
+    backend = settings.runtime.backend_for(layout.kernel_kind)
     # Put the shared model back to its unpatched state (other clones may have LoRAs or our layers patched in).
     comfy.model_management.unload_model_and_clones(patcher)
     shapes, linears = _collect(patcher, dm, report)

@@ -56,7 +56,7 @@ def _quant_layers(sd: dict[str, torch.Tensor], prefix: str, path: str) -> dict[s
     return out
 
 
-def swap_pending(dm: nn.Module, dtype: torch.dtype, runtime: RuntimeOptions, device_type: str) -> dict[str, str]:
+def swap_pending(dm: nn.Module, dtype: torch.dtype, runtime: RuntimeOptions) -> dict[str, str]:
     """Replace every op-set ``Linear`` holding deferred quantized tensors by a ComfyQuantLinear; name -> format."""
     done: dict[str, str] = {}
     for name, mod in list(dm.named_modules()):
@@ -65,7 +65,7 @@ def swap_pending(dm: nn.Module, dtype: torch.dtype, runtime: RuntimeOptions, dev
             continue
         q = ComfyQuantLinear(mod.in_features, mod.out_features, "bias" in tensors, dtype=dtype)
         q.load_state_dict(tensors, strict=True)
-        q.set_backend(runtime.backend_for(q.qweight.layout_cls.kernel_kind, device_type))
+        q.set_backend(runtime.backend_for(q.qweight.layout_cls.kernel_kind))
         parent, _, child = name.rpartition(".")
         setattr(dm.get_submodule(parent) if parent else dm, child, q)
         done[name] = q.qweight.layout_name
@@ -98,8 +98,7 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
     if not dtype.is_floating_point:
         dtype = torch.bfloat16
-    device_type = torch.device(patcher.load_device).type
-    done = swap_pending(dm, dtype, runtime, device_type)
+    done = swap_pending(dm, dtype, runtime)
     missed = sorted(set(wanted) - set(done))
     if missed:
         layer = missed[0]

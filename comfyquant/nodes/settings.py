@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 
 from comfyquant.errors import UserError
 from comfyquant.presets.registry import MODEL_CHOICES
-from comfyquant.runtime.kernels.backends import BACKENDS
+from comfyquant.runtime.kernels.policy import DispatchPolicy
+from comfyquant.runtime.kernels.registry import backends_for, kinds
 
 # The node's format choices (CLI format names the runtime quantizes to), in menu order.
 NODE_FORMATS = ("int8", "int8-rot", "fp8", "int4-rot")
 OUTLIER_METHODS = ("none", "hadamard")
 KITCHEN = "comfy-kitchen"
+WEIGHT_ONLY = ("dequant", "triton_w8a16")  # backends that run small batches without quantizing activations
 
 
 def available_formats() -> tuple[str, ...]:
@@ -40,7 +42,7 @@ def _probe_config(fmt: str):
 
 def runtime_backends() -> tuple[str, ...]:
     """``auto`` plus the backend names the runtime offers (comfy-kitchen only where the runtime has it)."""
-    names = {n for kinds in BACKENDS.values() for n in kinds}
+    names = {n for kind in kinds() for n in backends_for(kind)}
     out = ["auto", "triton", "torch"]
     if KITCHEN in names or KITCHEN.replace("-", "_") in names:
         out.append(KITCHEN)
@@ -56,9 +58,9 @@ def model_types() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How quantized layers run: ``backend`` (``auto`` or a name), whether small batches may take the
-    weight-only kernel, ``use_triton`` (False: never Triton), ``prepack`` and ``cuda_graphs`` (reserved for the
-    runtime's prepacked layouts / whole-model CUDA graphs; recorded and passed on, no effect today)."""
+    """How quantized layers run: ``backend`` (``auto`` or a backend name), whether small batches may take a
+    weight-only kernel, ``use_triton`` (False: never Triton), ``cuda_graphs`` (the runtime's dispatch policy for
+    graph-captured models) and ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today)."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True
@@ -70,22 +72,24 @@ class RuntimeOptions:
         if self.backend not in runtime_backends():
             raise UserError(f"runtime_backend {self.backend!r} is not one of {', '.join(runtime_backends())}")
 
-    def backend_for(self, kind: str, device_type: str) -> str | None:
-        """The backend name to pin on a layer of kernel ``kind`` that runs on ``device_type`` (None: auto)."""
-        name = self.backend
-        if name == "auto" and self.use_triton is False:
-            name = "torch"  # use_triton=True is what auto already prefers where Triton runs
-        if name == "auto":
-            if self.small_batch_fallback or device_type != "cuda":
-                return None  # the runtime's per-call choice (weight-only kernel for small batches included)
-            # no small-batch fallback: always the W8A8 / fp8 matrix kernel on the GPU
-            name = {"int8": "triton", "fp8": "scaled_mm"}.get(kind, "torch")
-        if name == KITCHEN:
-            name = next((n for n in BACKENDS.get(kind, ()) if n.replace("_", "-") == KITCHEN), KITCHEN)
-        if name not in BACKENDS.get(kind, ()):
-            raise UserError(f"runtime_backend {self.backend!r} has no kernel for {kind} layers; this runtime offers "
-                            f"{', '.join(BACKENDS.get(kind, ()))} (or auto)")
-        return name
+    def backend_for(self, kind: str) -> str | DispatchPolicy | None:
+        """What to pass as ``QuantizeConfig.backend`` / ``QuantLinear.set_backend`` for layers of kernel ``kind``:
+        a backend name, a ``DispatchPolicy`` steering the runtime's automatic choice, or None (plain auto)."""
+        names = backends_for(kind)
+        if self.backend != "auto":
+            name = self.backend
+            if name == KITCHEN:
+                name = next((n for n in names if n.replace("_", "-") == KITCHEN), KITCHEN)
+            if name not in names:
+                raise UserError(f"runtime_backend {self.backend!r} has no kernel for {kind} layers; this runtime "
+                                f"offers {', '.join(names)} (or auto)")
+            return name
+        allow = [n for n in names if (self.small_batch_fallback or n not in WEIGHT_ONLY)
+                 and (self.use_triton is not False or not n.startswith("triton"))]
+        mode = "graph" if self.cuda_graphs else "eager"
+        if len(allow) == len(names) and mode == "eager":
+            return None
+        return DispatchPolicy(mode=mode, allow=tuple(allow))
 
 
 @dataclass(frozen=True)
