@@ -31,6 +31,7 @@ from comfyquant.formats.grids import IntGrid
 from comfyquant.formats.scaling import Block
 from comfyquant.io.comfy_meta import decode_comfy_quant
 from comfyquant.runtime import QuantLinear, load_quantized
+from comfyquant.runtime.kernels.registry import KernelKind, register_kernel_kind
 
 QUANTIZED = [f.name for f in REGISTRY.formats() if f.is_quantized]
 
@@ -41,7 +42,7 @@ class Int6Group8(AffineFormat):
     name = "test-int6-g8"
     comfy_format = "test_int6_group8"
     stock_comfy = False
-    kernel_kind = None  # no kernel of its own: the runtime's weight-only reference runs it
+    kernel_kind = "test_int6_g8"  # its reference kernel is registered below, in this file
     storage_dtype = torch.int8
     element_grid = IntGrid("int6", 31)
     bits = 6.0 + 32 / 8
@@ -56,7 +57,23 @@ class Int6Group8(AffineFormat):
         return self._common(options)
 
 
+    def kernel_args(self, tensors: Mapping[str, torch.Tensor | None],
+                    params: Mapping[str, Any]) -> tuple[tuple[torch.Tensor | None, ...], tuple[int, ...]]:
+        return (tensors["weight_scale"],), (8,)
+
+
+def int6_reference(x: torch.Tensor, w: torch.Tensor, scales: tuple[torch.Tensor | None, ...],
+                   bias: torch.Tensor | None, opts: tuple[int, ...], out_dtype: torch.dtype) -> torch.Tensor:
+    """The dummy kind's reference kernel: weight-only, group scales expanded along K, float32 matmul."""
+    calls.append(tuple(x.shape))
+    w_f = w.float() * scales[0].float().repeat_interleave(opts[0], dim=1)
+    y = x.float() @ w_f.T
+    return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
+calls: list[tuple[int, ...]] = []
 DUMMY = register_format(Int6Group8()) if "test-int6-g8" not in REGISTRY else get_format("test-int6-g8")
+register_kernel_kind(KernelKind("test_int6_g8", {"reference": int6_reference}), replace=True)
 
 
 def _weight(n: int = 48, k: int = 256, seed: int = 0) -> torch.Tensor:
@@ -170,8 +187,10 @@ def test_a_format_declared_in_one_file_converts_inspects_loads_and_runs(tmp_path
     model = load_quantized(TinyNet(), out)
     assert isinstance(model.proj_in, QuantLinear) and isinstance(model.odd, nn.Linear)
     x = torch.randn(5, 256)
+    calls.clear()
     with torch.no_grad():
         y, ref = model(x), net(x)
+    assert calls == [(5, 256), (5, 64)], "both quantized layers ran the format's own kernel"
     rel = float((y - ref).norm() / ref.norm())
     assert 0 < rel < 0.05, rel
     assert math.isfinite(rel)

@@ -18,6 +18,7 @@ import torch
 from comfyquant.errors import UserError
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import QuantFormat, get_format
+from comfyquant.runtime.kernels import dispatch
 from comfyquant.runtime.layouts.common import (
     aten,
     check_scale,
@@ -27,7 +28,6 @@ from comfyquant.runtime.layouts.common import (
     require,
     weight_only_linear,
 )
-from comfyquant.runtime.layouts.kernel_call import run_kernel
 from comfyquant.runtime.tensor import (
     REGISTRY,
     Layout,
@@ -209,7 +209,8 @@ class FormatLayout(Layout):
 def _kernel(x: torch.Tensor, w_q: torch.Tensor, params: FormatParams, bias: torch.Tensor | None) -> torch.Tensor:
     spec = params.format
     scales, opts = spec.kernel_args(params.stored(w_q), params.layer_params)
-    return run_kernel(spec.kernel_kind, x, w_q, scales, bias, opts, out_dtype=x.dtype, backend=params.backend)
+    return dispatch.quant_linear(x, spec.kernel_kind, w_q, scales, bias, opts=opts, out_dtype=x.dtype,
+                                 backend=params.backend)
 
 
 @register_layout_op(aten.linear.default, FormatLayout)
