@@ -1,9 +1,11 @@
 """Write a (patched) ComfyUI MODEL's diffusion model as a converter-format safetensors file.
 
 Quantized layers are written as their on-disk form (``weight`` storage, ``weight_scale``, ``comfy_quant``),
-everything else as it is in the model; LoRA patches on the MODEL are baked in first (ComfyUI's
-``force_patch_weights`` load). Keys carry no prefix, so ``UNETLoader`` (for the formats stock ComfyUI reads) and
-"Load Quantized Diffusion Model" both load the file.
+everything else as it is in the model, with LoRA patches applied: the model is loaded the way ComfyUI's own
+checkpoint save loads it (our layers get their patches from the load callback; ComfyUI's layers are patched
+lazily by ``model_state_dict_for_saving``), which works with the classic and the dynamic-VRAM loader. Keys
+carry no prefix, so ``UNETLoader`` (for the formats stock ComfyUI reads) and "Load Quantized Diffusion Model"
+both load the file.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ def model_state_for_saving(patcher: Any) -> dict[str, torch.Tensor]:
 
     if not hasattr(patcher.model, "diffusion_model"):
         raise UserError("this MODEL has no diffusion_model to save")
-    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True, force_full_load=True)
-    sd = patcher.model.diffusion_model.state_dict()
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    comfy.model_management.load_models_gpu([patcher])
+    sd = patcher.model_state_dict_for_saving(patcher.model.diffusion_model, "diffusion_model.")
+    return {k: v.to("cpu").detach().contiguous() for k, v in sd.items()}
 
 
 def save_quantized_model(patcher: Any, path: str | Path) -> dict[str, int]:
