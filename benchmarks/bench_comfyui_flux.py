@@ -53,7 +53,7 @@ class Result:
 
 
 def _import_comfy(cache: str | None, device: str, dynamic: bool) -> Any:
-    from comfyquant.eval.comfyui_env import ensure_comfyui, import_comfy
+    from comfyquant.testing.comfyui_env import ensure_comfyui, import_comfy
 
     root = ensure_comfyui(Path(cache) if cache else None)
     args = ("--disable-dynamic-vram", "--highvram") if device == "cuda" and not dynamic else ()

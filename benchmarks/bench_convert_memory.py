@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from comfyquant.eval.synthetic import ValueModel, write_streamed
-from comfyquant.presets.architectures import arch_tensors
+from comfyquant.testing.architectures import arch_tensors
+from comfyquant.testing.synthetic import ValueModel, write_streamed
 
 GIB = 1 << 30
 PEER_REQUIREMENT = "convert_to_quant==1.3.4"

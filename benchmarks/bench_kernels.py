@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from comfyquant.runtime.bench import main
+from comfyquant.bench.layers import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Pytest plumbing for the ComfyUI compatibility tests: the ``--comfyui-cache`` option and the ``comfy`` fixture.
 
 Loaded from ``conftest.py`` with ``pytest_plugins``; the fixture fetches ComfyUI 0.30.0 and comfy-kitchen 0.2.40
-once per machine (see ``comfyquant.eval.comfyui_env``) and imports ComfyUI's own loader modules.
+once per machine (see ``comfyquant.testing.comfyui_env``) and imports ComfyUI's own loader modules.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyquant.eval.comfyui_env import ComfyModules, default_cache_dir, ensure_comfyui, import_comfy
+from comfyquant.testing.comfyui_env import ComfyModules, default_cache_dir, ensure_comfyui, import_comfy
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfyquant.eval.comfyui_server import ComfyServer, ServerError, missing_requirements, prepare_base
 from comfyquant.eval.workloads import DIT_FIXTURE
 from comfyquant.io.comfy_meta import encode_comfy_quant
+from comfyquant.testing.comfyui_server import ComfyServer, ServerError, missing_requirements, prepare_base
 
 LORA_FILE = "digits_test_lora.safetensors"
 FOREIGN_LORA_FILE = "other_model_lora.safetensors"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from comfyquant.bench.plot import main, speedups
 from comfyquant.errors import UserError
-from comfyquant.runtime.bench_plot import main, speedups
 
 
 def _rows():

@@ -22,13 +22,13 @@ from safetensors.torch import save_file
 import comfyquant
 from comfyquant.cli.main import main as cli_main
 from comfyquant.convert.edit import edit_checkpoint
-from comfyquant.eval.synthetic import write_synthetic_checkpoint
 from comfyquant.formats import REGISTRY
 from comfyquant.quant.fp8 import quantize_fp8
+from comfyquant.testing.synthetic import write_synthetic_checkpoint
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread")]
 
-# arch name in comfyquant.presets.architectures -> (preset, key prefix as in the real files)
+# arch name in comfyquant.testing.architectures -> (preset, key prefix as in the real files)
 ARCHS = {"flux": ("flux", ""), "sdxl": ("sdxl", "model.diffusion_model."), "wan": ("wan", ""),
          "t5xxl": ("t5xxl", "")}
 STOCK_FORMATS = [f.name for f in REGISTRY.formats() if f.stock_comfy]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from comfyquant.eval.comfyui_env import (
+from comfyquant.testing.comfyui_env import (
     COMFY_KITCHEN_VERSION,
     COMFYUI_VERSION,
     STANDIN_PACKAGES,
@@ -45,7 +45,7 @@ def test_concurrent_fetch_into_a_fresh_cache_replaces_a_partial_one(tmp_path: Pa
     cache = tmp_path / "comfyui"
     (cache / "ComfyUI").mkdir(parents=True)  # a partial tree without the completion marker
     (cache / "ComfyUI" / "half-written.py").write_text("x = 1\n")
-    code = ("import sys; from comfyquant.eval.comfyui_env import ensure_comfyui; "
+    code = ("import sys; from comfyquant.testing.comfyui_env import ensure_comfyui; "
             "print(ensure_comfyui(sys.argv[1]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(cache)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

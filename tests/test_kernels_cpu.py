@@ -218,7 +218,7 @@ def test_custom_ops_compile_fullgraph() -> None:
 
 
 def test_bench_thresholds_and_cli_errors() -> None:
-    from comfyquant.runtime import bench
+    from comfyquant.bench import layers as bench
 
     rows = [bench.Row("flux", "proj", m, 3072, 3072, us={"bf16": 10.0, "w8a8_triton": t8, "w8a16": t16})
             for m, t8, t16 in ((1, 30.0, 20.0), (16, 25.0, 20.0), (256, 15.0, 40.0), (4096, 50.0, 300.0))]

@@ -21,8 +21,8 @@ import pytest
 import torch
 from comfyui_server_fixtures import rel_err
 
-from comfyquant.eval.comfyui_server import execution_error, node_text
 from comfyquant.nodes.workflows import EXAMPLE_MODEL, digits_workflow
+from comfyquant.testing.comfyui_server import execution_error, node_text
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from comfyquant.errors import UserError
-from comfyquant.presets.architectures import ARCHS, arch_tensors
 from comfyquant.presets.base import Action
 from comfyquant.presets.registry import (
     MODEL_CHOICES,
@@ -20,6 +19,7 @@ from comfyquant.presets.registry import (
     get_preset,
     strip_prefix,
 )
+from comfyquant.testing.architectures import ARCHS, arch_tensors
 
 Q, K, D = Action.QUANTIZE, Action.KEEP, Action.DROP
 

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from comfyquant.errors import UserError
-from comfyquant.eval.synthetic import ValueModel, student_t4, tensor_kind, write_synthetic_checkpoint
-from comfyquant.presets.architectures import arch_tensors
 from comfyquant.presets.registry import detect_preset
+from comfyquant.testing.architectures import arch_tensors
+from comfyquant.testing.synthetic import ValueModel, student_t4, tensor_kind, write_synthetic_checkpoint
 
 
 def _excess_kurtosis(x: torch.Tensor) -> float:
@@ -106,7 +106,7 @@ def test_generation_is_streamed_peak_rss_stays_small(tmp_path: Path) -> None:
     out = tmp_path / "flux_small.safetensors"
     script = textwrap.dedent(f"""
         import resource, json
-        from comfyquant.eval.synthetic import write_synthetic_checkpoint, ValueModel
+        from comfyquant.testing.synthetic import write_synthetic_checkpoint, ValueModel
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         info = write_synthetic_checkpoint({str(out)!r}, "flux", "small",
                                           model=ValueModel(chunk_elements=1 << 20, pool_size=1 << 22))
@@ -122,7 +122,7 @@ def test_generation_is_streamed_peak_rss_stays_small(tmp_path: Path) -> None:
 
 def test_cli_writes_a_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "t5.safetensors"
-    cmd = [sys.executable, "-m", "comfyquant.presets.architectures", "--arch", "t5xxl-with-decoder", "--size", "tiny",
+    cmd = [sys.executable, "-m", "comfyquant.testing", "--arch", "t5xxl-with-decoder", "--size", "tiny",
            "-o", str(out), "--dtype", "fp16", "--prefix", "text_encoders.t5xxl.transformer."]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
+from comfyquant.exits import argv_or_sys, run_cli
 
 PROG = "convert_to_quant"
 

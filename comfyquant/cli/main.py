@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from comfyquant.cli.exits import argv_or_sys, run_cli
 from comfyquant.errors import UserError
+from comfyquant.exits import argv_or_sys, run_cli
 
 
 def format_choices() -> list[str]:
@@ -140,7 +140,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 # name -> (help, "module:function" taking argv: list[str] and returning an exit status)
 EXTERNAL: dict[str, tuple[str, str]] = {
-    "bench": ("benchmark quantized kernels", "comfyquant.runtime.bench:main"),
+    "bench": ("benchmark quantized kernels", "comfyquant.bench.layers:main"),
     "eval": ("evaluate a quantized model against its float original", "comfyquant.eval.cli:eval_main"),
     "demo": ("convert and run the built-in example model", "comfyquant.eval.cli:demo_main"),
     "install-nodes": ("install the ComfyUI node pack into a ComfyUI folder", "comfyquant.nodes.install:main"),

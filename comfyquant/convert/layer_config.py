@@ -19,6 +19,7 @@ from typing import Any
 from comfyquant.errors import UserError
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import get_format
+from comfyquant.presets.registry import strip_prefix
 
 # Options a rule may carry besides pattern/format/skip ("group_size" is read as "block_size").
 RULE_OPTIONS = ("block_size", "convrot_groupsize", "full_precision_matrix_mult")
@@ -105,9 +106,7 @@ class LayerConfig:
     def _strip(self, name: str) -> str:
         if self.strip is not None:
             return self.strip(name)
-        from comfyquant.convert.plan import strip_prefix  # lazily: the planner imports this module
-
-        return strip_prefix(name)
+        return strip_prefix(name)[1]
 
 
 def normalize_format(value: Any, options: Mapping[str, Any], where: str) -> tuple[str | None, bool]:

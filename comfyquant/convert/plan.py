@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from comfyquant.convert.layer_config import LayerConfig
 from comfyquant.errors import UserError
 from comfyquant.formats import FormatShapeError, QuantFormat, get_format
 from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, encoded_size, is_scaled_fp8
@@ -141,8 +142,6 @@ def load_layer_config(path: str | Path | None) -> LayerConfigLike | None:
     """Parse ``--layer-config`` (None when not given)."""
     if path is None:
         return None
-    from comfyquant.convert.layer_config import LayerConfig
-
     return LayerConfig.load(path)
 
 

@@ -10,9 +10,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from comfyquant.cli.exits import run_cli
 from comfyquant.errors import UserError
 from comfyquant.eval.sampling import SampleConfig
+from comfyquant.exits import run_cli
 
 
 def eval_parser() -> argparse.ArgumentParser:

@@ -191,12 +191,37 @@ class StreamingWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             if data.nbytes != spec.nbytes:  # pragma: no cover - dtype/shape already checked
                 raise ValueError(f"tensor '{name}' has {data.nbytes} bytes, planned {spec.nbytes}")
-            if self._worker is None:
-                self._write_all(memoryview(data))
-            else:
-                self._raise_worker_error()
-                self._queue.put(memoryview(data))  # the view keeps the array (and the tensor) alive
+            self._emit(data)
         self._next += 1
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write the next planned tensor from consecutive pieces (e.g. row chunks of a tensor too large to hold
+        whole); the pieces' dtype must be the spec's and their bytes must add up to it exactly."""
+        if self._file is None or self.amendable:
+            raise RuntimeError("StreamingWriter.write_parts needs an open writer with planned specs")
+        if self._next >= len(self.specs) or self.specs[self._next].name != name:
+            raise ValueError(f"tensor '{name}' is not the next planned tensor")
+        spec, total = self.specs[self._next], 0
+        for part in parts:
+            if part.dtype != spec.dtype:
+                raise ValueError(f"a part of '{name}' is {part.dtype}, planned {spec.dtype}")
+            data = part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            total += data.nbytes
+            if total > spec.nbytes:
+                raise ValueError(f"parts of '{name}' exceed its planned {spec.nbytes} bytes")
+            if data.nbytes:
+                self._emit(data)
+        if total != spec.nbytes:
+            raise ValueError(f"parts of '{name}' hold {total} bytes, planned {spec.nbytes}")
+        self._next += 1
+
+    def _emit(self, data: object) -> None:
+        """Hand bytes to the file, directly or through the worker thread."""
+        if self._worker is None:
+            self._write_all(memoryview(data))  # type: ignore[arg-type]
+        else:
+            self._raise_worker_error()
+            self._queue.put(memoryview(data))  # type: ignore[arg-type]  # the view keeps the array alive
 
     def _drain(self) -> None:
         """Worker thread: write queued buffers in order until the end marker or the first error."""

@@ -1,6 +1,9 @@
 """comfyquant.runtime: ``QuantizedTensor``, its layouts and op tables, ``QuantLinear``, ``load_quantized`` and
 ``quantize_`` (run quantized checkpoints in plain PyTorch / diffusers models)."""
 
+# the generic op table and the layouts register into runtime.tensor's registry when imported
+from comfyquant.runtime import layouts as _layouts  # noqa: F401
+from comfyquant.runtime import ops as _ops  # noqa: F401
 from comfyquant.runtime.loader import LoadReport, load_quantized, load_quantized_report
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, QuantizeSummary, quantize_

@@ -374,7 +374,3 @@ def run_dequantized(func: Any, args: tuple, kwargs: dict) -> Any:
     """The fallback: run ``func`` on dequantized copies of every quantized argument."""
     return func(*dequantize_args(args), **dequantize_args(kwargs))
 
-
-# Populate the generic op table and the built-in layouts (both import this module's names).
-from comfyquant.runtime import layouts as _layouts  # noqa: E402,F401
-from comfyquant.runtime import ops as _ops  # noqa: E402,F401

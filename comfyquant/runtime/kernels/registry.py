@@ -107,11 +107,6 @@ class KernelKind:
 _KINDS: dict[str, KernelKind] = {}
 
 
-def _builtin_loaded() -> None:
-    # the built-in kinds register on import of ``builtin`` (which imports this module): load it on first lookup
-    from comfyquant.runtime.kernels import builtin  # noqa: F401
-
-
 def register_kernel_kind(kind: KernelKind, *, replace: bool = False) -> KernelKind:
     """Add ``kind`` to the table (``replace=True`` to redefine an existing name); returns it."""
     if kind.name in _KINDS and not replace and _KINDS[kind.name] is not kind:
@@ -129,21 +124,16 @@ def kernel_kind(name: str) -> KernelKind:
     """The registered kind ``name`` (ValueError listing the known ones otherwise)."""
     kind = _KINDS.get(name)
     if kind is None:
-        _builtin_loaded()
-        kind = _KINDS.get(name)
-    if kind is None:
         raise ValueError(f"unknown kernel kind {name!r}; expected one of {tuple(sorted(_KINDS))}")
     return kind
 
 
 def kinds() -> tuple[str, ...]:
     """Names of every registered kind."""
-    _builtin_loaded()
     return tuple(_KINDS)
 
 
 def backends_for(kind: str) -> tuple[str, ...]:
     """Backend names of ``kind`` (reference first); () for an unknown kind."""
-    _builtin_loaded()
     k = _KINDS.get(kind)
     return () if k is None else tuple(k.backends)

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from comfyquant.bench.plot import plot_bench
 from comfyquant.errors import UserError
 from comfyquant.quant.fp8 import quantize_fp8
 from comfyquant.quant.hadamard import choose_group_size, rotate_weight
 from comfyquant.quant.int8 import quantize_rowwise
-from comfyquant.runtime.bench_plot import plot_bench
 from comfyquant.runtime.kernels import dispatch
 
 # (model, layer, K=in_features, N=out_features)

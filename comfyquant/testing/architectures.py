@@ -8,22 +8,20 @@ vector input, LTXV's 4096 caption channels, SD3's ``hidden = 64 * depth``), the 
 ComfyUI builds the tiny Flux, Flux.2, HunyuanVideo, Wan, LTXV and SD3 models from these files unchanged.
 Random weights written from these say nothing about image quality.
 
-CLI: ``python -m comfyquant.presets.architectures --arch flux --size full -o flux.safetensors``.
+CLI: ``python -m comfyquant.testing --arch flux --size full -o flux.safetensors``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from comfyquant.errors import UserError
-from comfyquant.presets import arch_dit as dit
-from comfyquant.presets import arch_unet_text as ut
-from comfyquant.presets.arch_dit import TensorSpec
+from comfyquant.testing import arch_dit as dit
+from comfyquant.testing import arch_unet_text as ut
+from comfyquant.testing.arch_dit import TensorSpec
 
 SIZES = ("tiny", "small", "full")
 
@@ -146,33 +144,3 @@ def arch_tensors(arch: str, size: str = "tiny") -> list[TensorSpec]:
     if size not in spec.configs:
         raise UserError(f"architecture {arch!r} has no size {size!r}; choose one of: {', '.join(spec.configs)}")
     return spec.build(spec.configs[size])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Write a synthetic checkpoint of a real architecture (random heavy-tailed weights) for benchmarks."""
-    from comfyquant.cli.exits import run_cli
-
-    return run_cli("python -m comfyquant.presets.architectures", _write, argv)
-
-
-def _write(argv: Sequence[str] | None) -> int:
-    from comfyquant.eval.synthetic import DTYPES, write_synthetic_checkpoint
-
-    ap = argparse.ArgumentParser(prog="python -m comfyquant.presets.architectures", description=(main.__doc__ or "").splitlines()[0])
-    ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
-    ap.add_argument("--size", default="tiny", choices=SIZES)
-    ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prefix", default="", help="prepended to every key, e.g. model.diffusion_model.")
-    args = ap.parse_args(argv)
-    start = time.perf_counter()
-    info = write_synthetic_checkpoint(args.output, args.arch, args.size, dtype=DTYPES[args.dtype],
-                                      seed=args.seed, prefix=args.prefix)
-    print(f"wrote {args.output}: {info.tensors} tensors, {info.parameters / 1e9:.3f}B parameters, "
-          f"{info.bytes / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

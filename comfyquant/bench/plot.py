@@ -1,7 +1,7 @@
 """Plot a ``comfyquant bench`` sweep: speed-up over bf16 against the batch rows M, one panel per layer shape.
 
 Reads the ``rows`` of ``bench.json`` (each with ``us`` timings per path, ``bf16`` among them) and writes a PNG.
-Used by ``comfyquant bench`` and runnable on a saved result: ``python -m comfyquant.runtime.bench_plot IN OUT``.
+Used by ``comfyquant bench`` and runnable on a saved result: ``python -m comfyquant.bench.plot IN OUT``.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def plot_bench(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m comfyquant.runtime.bench_plot bench.json out.png``."""
+    """``python -m comfyquant.bench.plot bench.json out.png``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        raise UserError("usage: python -m comfyquant.runtime.bench_plot BENCH.json OUT.png")
+        raise UserError("usage: python -m comfyquant.bench.plot BENCH.json OUT.png")
     payload = json.loads(Path(args[0]).read_text())
     meta = payload.get("meta", {})
     title = f"speed-up over bf16 F.linear, same run: {meta.get('device', '')} {meta.get('date_utc', '')} UTC".strip()

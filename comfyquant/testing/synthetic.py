@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 from comfyquant.errors import UserError
-from comfyquant.presets.architectures import arch_tensors
+from comfyquant.io.writer import StreamingWriter, TensorSpec
+from comfyquant.testing.architectures import arch_tensors
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -141,43 +141,18 @@ def write_synthetic_checkpoint(path: str | os.PathLike[str], arch: str, size: st
 
 def write_streamed(path: str | os.PathLike[str], specs: Sequence[tuple[str, tuple[int, ...]]], *,
                    dtype: torch.dtype, seed: int, metadata: dict[str, str], model: ValueModel) -> SyntheticInfo:
-    """Header-first safetensors writer: offsets from the shapes, then each tensor's chunks in order."""
+    """Stream the tensors through the converter's own writer, each as row chunks (memory: one chunk)."""
     names = [n for n, _ in specs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names in the spec")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset, largest = 0, 0
-    for name, shape in specs:
-        nbytes = math.prod(shape) * itemsize
-        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        largest = max(largest, nbytes)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    pool = sample_pool(seed, model, dtype)
     target = Path(path)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     if not target.parent.is_dir():
         raise UserError(f"cannot write {target}: folder {target.parent} does not exist")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name, shape in specs:
-                expected, written = math.prod(shape) * itemsize, 0
-                for chunk in generate_chunks(name, shape, seed, model, pool):
-                    data = chunk.to(dtype).reshape(-1).view(torch.uint8).numpy()
-                    f.write(data.data)
-                    written += data.nbytes
-                if written != expected:
-                    raise RuntimeError(f"{name}: wrote {written} bytes, header says {expected}")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    total = 8 + len(blob) + offset
+    planned = [TensorSpec(name, dtype, tuple(shape)) for name, shape in specs]
+    pool = sample_pool(seed, model, dtype)
+    with StreamingWriter(target, planned, metadata, overwrite=True) as w:
+        for name, shape in specs:
+            w.write_parts(name, (chunk.to(dtype) for chunk in generate_chunks(name, shape, seed, model, pool)))
     params = sum(math.prod(s) for _, s in specs)
-    return SyntheticInfo(str(target), len(specs), params, total, largest)
+    largest = max((p.nbytes for p in planned), default=0)
+    return SyntheticInfo(str(target), len(specs), params, target.stat().st_size, largest)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfyquant.presets.arch_dit import SpecList, TensorSpec
+from comfyquant.testing.arch_dit import SpecList, TensorSpec
 
 
 def _resblock(s: SpecList, p: str, cin: int, cout: int, emb: int) -> None:

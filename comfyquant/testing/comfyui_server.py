@@ -1,6 +1,6 @@
 """Run the cached ComfyUI 0.30.0 as a real server (tests, docs' example workflow) and talk to it over HTTP.
 
-The server runs from the cache made by :func:`comfyquant.eval.comfyui_env.ensure_comfyui` but writes nothing
+The server runs from the cache made by :func:`comfyquant.testing.comfyui_env.ensure_comfyui` but writes nothing
 there: ``--base-directory`` points at a folder of the caller's (models, custom_nodes, input, output, user),
 the database lives in memory and the web frontend is a one-page stub (the frontend package is not needed to
 run workflows). comfy-kitchen 0.2.40 comes from the cache's ``site/`` folder on ``PYTHONPATH``; torchvision and
@@ -23,11 +23,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from comfyquant.eval.comfyui_env import comfyui_dir, kitchen_dir
+from comfyquant.testing.comfyui_env import comfyui_dir, kitchen_dir
 
 SITECUSTOMIZE = """\
-# Written by comfyquant.eval.comfyui_server: raising stand-ins for torchvision/torchaudio (no CPU build here).
-from comfyquant.eval.comfyui_env import install_standins
+# Written by comfyquant.testing.comfyui_server: raising stand-ins for torchvision/torchaudio (no CPU build here).
+from comfyquant.testing.comfyui_env import install_standins
 
 install_standins()
 """
