@@ -186,3 +186,20 @@ def test_int4_rot_checks_and_compile() -> None:
         int4_rot_linear(x, packed, torch.ones(3), convrot_group=16)
     f = torch.compile(lambda t: int4_rot_linear(t, packed, s, convrot_group=16), fullgraph=True, backend="aot_eager")
     assert torch.equal(f(x), int4_rot_linear(x, packed, s, convrot_group=16))
+
+
+def test_eager_plan_memo_still_validates_new_signatures() -> None:
+    from comfyquant.runtime.kernels.dispatch import int8_linear
+
+    g = torch.Generator().manual_seed(4)
+    q, s = quantize_rowwise(torch.randn(16, 64, generator=g))
+    x = torch.randn(3, 64, generator=g)
+    y1 = int8_linear(x, q, s, torch.zeros(16))
+    assert torch.equal(int8_linear(x, q, s, torch.zeros(16)), y1)  # memoized plan, same result
+    with pytest.raises(UserError, match="bias"):
+        int8_linear(x, q, s, torch.zeros(15))  # a new signature is checked again
+    with pytest.raises(UserError, match="in_features"):
+        int8_linear(torch.randn(3, 63), q, s)
+    with pytest.raises(UserError, match="weight_scale"):
+        int8_linear(x, q, torch.ones(8, 1))
+    assert _rel(int8_linear(x, q, s, backend="dequant"), y1) < 0.05  # the requested backend is in the signature

@@ -31,33 +31,36 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
     ("flux", "qkv", 3072, 9216), ("flux", "proj", 3072, 3072), ("flux", "mlp0", 3072, 12288),
     ("flux", "mlp2", 12288, 3072), ("flux", "linear1", 3072, 21504), ("flux", "linear2", 15360, 3072),
     ("wan14b", "attn", 5120, 5120), ("wan14b", "ffn0", 5120, 13824), ("wan14b", "ffn2", 13824, 5120),
-    ("sdxl", "attn1280", 1280, 1280), ("sdxl", "ff0_1280", 1280, 5120), ("sdxl", "ff2_1280", 5120, 1280),
+    ("sdxl", "attn1280", 1280, 1280), ("sdxl", "ff0_1280", 1280, 10240), ("sdxl", "ff2_1280", 5120, 1280),
     ("sdxl", "attn640", 640, 640),
     ("t5xxl", "attn", 4096, 4096), ("t5xxl", "ff0", 4096, 10240), ("t5xxl", "ff2", 10240, 4096),
+    ("clip_l", "attn", 768, 768), ("clip_l", "fc1", 768, 3072), ("clip_l", "fc2", 3072, 768),
 )
 M_VALUES = (1, 16, 256, 1024, 4096, 16384)
-GRAPH_COLUMNS = ("bf16", "w8a8", "w8a8_triton", "w8a16", "fp8_rowwise")
-COLUMNS = ("bf16", "w8a8", "w8a8_convrot", "int_mm_torch", "fp8_rowwise", "w8a8_triton", "w8a16", "ck_int8")
+GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
+COLUMNS = ("bf16", "auto", "w8a8_triton", "w8a8_fused", "w8a16", "dequant", "fp8", "w4a8", "w8a8_convrot",
+           "ck_int8")
 
 
 @dataclass
 class BenchConfig:
     """What to sweep and where to write."""
 
-    models: tuple[str, ...] = ("flux", "wan14b", "sdxl", "t5xxl")
+    models: tuple[str, ...] = ("flux", "wan14b", "sdxl", "t5xxl", "clip_l")
     m_values: tuple[int, ...] = M_VALUES
     out_dir: Path = Path("bench_out")
     rotate_bytes: int = 256 << 20  # total bytes cycled per column: several times a 50-60 MB L2
     max_sets: int = 32
-    warmup_ms: int = 25
-    rep_ms: int = 100
+    min_ms: float = 12.0  # wall time per measurement round
     with_ck: bool = True
     graph_max_m: int = 1024
+    columns: tuple[str, ...] = COLUMNS
+    whole_models: tuple[str, ...] = ()  # bench_models.MODELS names to run after the sweep
 
 
 @dataclass
 class Row:
-    """One (shape, M) measurement: median microseconds per column, and the backend ``auto`` chose."""
+    """One (shape, M) measurement: eager wall µs per call and CUDA-graph µs per column; ``auto``'s choice."""
 
     model: str
     layer: str
@@ -97,23 +100,45 @@ def _graph_time(op: Callable, pairs: list, cfg: BenchConfig) -> float:
     body()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
         body()
-    t = triton.testing.do_bench(graph.replay, warmup=cfg.warmup_ms, rep=cfg.rep_ms, return_mode="median")
+    t = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
     del graph
     return 1000.0 * t / len(pairs)
 
 
-def _time(fn: Callable[[], object], cfg: BenchConfig) -> float:
-    import triton.testing
+def wall_us(fn: Callable[[], object], min_ms: float, rounds: int = 3) -> float:
+    """Eager wall time per call: back-to-back calls (host and GPU overlap as in a model), synchronized; median
+    of ``rounds`` rounds of ~``min_ms`` each."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    calls = max(3, min(2000, int(min_ms * 1e-3 / max(time.perf_counter() - t, 1e-6))))
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e6 / calls)
+    return sorted(out)[len(out) // 2]
 
-    return 1000.0 * triton.testing.do_bench(fn, warmup=cfg.warmup_ms, rep=cfg.rep_ms, return_mode="median")
+
+def _int4_rot(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from comfyquant.runtime.kernels.int4 import pack_int4
+
+    wr = rotate_weight(w, group)
+    s = (wr.abs().amax(dim=1, keepdim=True) / 7.0).clamp_min(1e-12)
+    return pack_int4(torch.round(wr / s).clamp(-7, 7)), s.reshape(-1)
 
 
 def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn: Callable | None) -> list[Row]:
     dev = torch.device("cuda")
     group = choose_group_size(k)
-    per_set = n * k * (2 + 1 + 1 + 1)  # bf16 + int8 + rotated int8 + fp8 weights
+    per_set = n * k * (2 + 1 + 1 + 1 + 0.5)  # bf16 + int8 + rotated int8 + fp8 + int4 weights
     sets = max(2, min(cfg.max_sets, math.ceil(cfg.rotate_bytes / per_set)))
     gen = torch.Generator(device=dev).manual_seed(k * 131 + n)
     weights = []
@@ -122,7 +147,8 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         q, s = quantize_rowwise(w)
         qr, sr = quantize_rowwise(rotate_weight(w, group)) if group else (q, s)
         qf, sf = quantize_fp8(w)
-        weights.append((w.to(torch.bfloat16), q, s, qr, sr, qf, sf, torch.randn(n, device=dev).bfloat16()))
+        q4, s4 = _int4_rot(w, group) if group and k % 128 == 0 else (None, None)
+        weights.append((w.to(torch.bfloat16), q, s, qr, sr, qf, sf, torch.randn(n, device=dev).bfloat16(), q4, s4))
         del w
     rows = []
     for m in cfg.m_values:
@@ -130,30 +156,34 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         xs = [torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16) for _ in range(x_sets)]
         pairs = [(xs[i % x_sets], weights[i % sets]) for i in range(max(x_sets, sets))]
         row = Row(model, layer, m, k, n)
-        row.choice = dispatch.choose_backend(xs[0], kind="int8", n=n, k=k).name
-
+        ch = dispatch.choose_backend(xs[0], kind="int8", n=n, k=k)
+        row.choice = f"{ch.name}: {ch.reason}"
         ops: dict[str, Callable] = {
             "bf16": lambda x, w: F.linear(x, w[0], w[7]),
-            "w8a8": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7]),
-            "int_mm_torch": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="torch"),
+            "auto": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7]),
             "w8a8_triton": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="triton"),
+            "w8a8_fused": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="triton_fused"),
             "w8a16": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="triton_w8a16"),
+            "dequant": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="dequant"),
+            "fp8": lambda x, w: dispatch.fp8_linear(x, w[5], w[6], w[7]),
         }
         if group:
             ops["w8a8_convrot"] = lambda x, w: dispatch.int8_linear(x, w[3], w[4], w[7], convrot_group=group)
-        if k % 16 == 0 and n % 16 == 0:
-            ops["fp8_rowwise"] = lambda x, w: dispatch.fp8_linear(x, w[5], w[6], w[7], backend="scaled_mm")
+        if weights[0][8] is not None:
+            ops["w4a8"] = lambda x, w: dispatch.int4_rot_linear(x, w[8], w[9], w[7], convrot_group=group)
         if ck_fn is not None:
             ops["ck_int8"] = lambda x, w: ck_fn(x, w[1], w[2], w[7], out_dtype=torch.bfloat16)
         for name, op in ops.items():
+            if name not in cfg.columns:
+                continue
             try:
                 it = itertools.cycle(pairs)
-                row.us[name] = _time(lambda op=op, it=it: op(*next(it)), cfg)
+                row.us[name] = wall_us(lambda op=op, it=it: op(*next(it)), cfg.min_ms)
                 if m <= cfg.graph_max_m and name in GRAPH_COLUMNS:
                     row.graph_us[name] = _graph_time(op, pairs, cfg)
             except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
                 row.us[name] = float("nan")
-                print(f"  {model}.{layer} M={m} {name}: failed: {str(e).splitlines()[0][:120]}")
+                print(f"  {model}.{layer} M={m} {name}: failed: {str(e).splitlines()[0][:160]}")
         rows.append(row)
         print(_fmt_row(row), flush=True)
         del xs, pairs
@@ -170,8 +200,8 @@ def _ratio(row: Row, col: str) -> str:
 def _fmt_row(row: Row) -> str:
     ratios = " ".join(f"{c}={_ratio(row, c)}" for c in COLUMNS if c != "bf16")
     graph = " ".join(f"g:{c}={_gratio(row, c)}" for c in GRAPH_COLUMNS if c != "bf16" and c in row.graph_us)
-    return (f"{row.model:7s} {row.layer:9s} M={row.m:6d} bf16={row.us['bf16']:9.1f}us {ratios} [{row.choice}]"
-            f" {graph}")
+    return (f"{row.model:7s} {row.layer:9s} M={row.m:6d} bf16={row.us['bf16']:9.1f}us {ratios} {graph}"
+            f" [{row.choice.split(':')[0]}]")
 
 
 def _gratio(row: Row, col: str) -> str:
@@ -187,12 +217,12 @@ def to_markdown(rows: list[Row], header: str) -> str:
     cols = [c for c in COLUMNS if c != "bf16"]
     gcols = [c for c in GRAPH_COLUMNS if c != "bf16"]
     lines = [header, "", "| model | layer | K→N | M | bf16 µs | " + " | ".join(f"{c} ×" for c in cols)
-             + " | auto | graph bf16 µs | " + " | ".join(f"graph {c} ×" for c in gcols) + " |",
+             + " | auto picks | graph bf16 µs | " + " | ".join(f"graph {c} ×" for c in gcols) + " |",
              "|" + "---|" * (7 + len(cols) + len(gcols))]
     for r in rows:
         g = r.graph_us.get("bf16")
         lines.append(f"| {r.model} | {r.layer} | {r.k}→{r.n} | {r.m} | {r.us['bf16']:.1f} | "
-                     + " | ".join(_ratio(r, c) for c in cols) + f" | {r.choice} | "
+                     + " | ".join(_ratio(r, c) for c in cols) + f" | {r.choice.split(':')[0]} | "
                      + (f"{g:.1f}" if g is not None else "-") + " | "
                      + " | ".join(_gratio(r, c) for c in gcols) + " |")
     return "\n".join(lines) + "\n"
@@ -252,16 +282,25 @@ def run(cfg: BenchConfig) -> list[Row]:
     (cfg.out_dir / "bench.md").write_text(to_markdown(rows, header))
     plot_bench(payload["rows"], cfg.out_dir / "bench.png",
                f"speed-up over bf16 F.linear, same run: {meta['device']} {meta['date_utc']} UTC")
+    if cfg.whole_models:
+        from comfyquant.runtime import bench_models
+
+        models = bench_models.run_models(cfg.whole_models, ck_fn)
+        (cfg.out_dir / "models.json").write_text(json.dumps({"meta": meta, "rows": models}, indent=1))
+        (cfg.out_dir / "models.md").write_text(header + "\n\n" + bench_models.models_markdown(models))
     return rows
 
 
 def _parse(argv: list[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(prog="comfyquant bench", description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="flux,wan14b,sdxl,t5xxl", help="comma list of flux,wan14b,sdxl,t5xxl")
+    p.add_argument("--models", default="flux,wan14b,sdxl,t5xxl,clip_l",
+                   help="comma list of flux,wan14b,sdxl,t5xxl,clip_l")
     p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma list of row counts (tokens)")
     p.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--no-ck", action="store_true", help="skip comfy-kitchen even if importable")
-    p.add_argument("--rep-ms", type=int, default=100)
+    p.add_argument("--min-ms", type=float, default=12.0, help="wall time per timing round")
+    p.add_argument("--whole", default="flux_1024,flux_512,wan_480p,sdxl_1024,t5xxl_256",
+                   help="whole-model runs after the sweep (comma list; 'none' to skip)")
     a = p.parse_args(argv)
     try:
         m_values = tuple(int(v) for v in a.m.split(","))
@@ -270,7 +309,8 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     if any(v < 1 for v in m_values):
         raise UserError(f"--m values must be >= 1, got {a.m!r}")
     return BenchConfig(models=tuple(a.models.split(",")), m_values=m_values, out_dir=Path(a.out),
-                       with_ck=not a.no_ck, rep_ms=a.rep_ms)
+                       with_ck=not a.no_ck, min_ms=a.min_ms,
+                       whole_models=() if a.whole == "none" else tuple(a.whole.split(",")))
 
 
 def main(argv: list[str] | None = None) -> int:

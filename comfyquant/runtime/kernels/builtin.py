@@ -18,7 +18,6 @@ from comfyquant.quant.hadamard import is_power_of_4
 from comfyquant.runtime.kernels import int4, reference
 from comfyquant.runtime.kernels.backends import BackendChoice, device_capability, triton_available
 from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind, needs_cuda, register_kernel_kind
-from comfyquant.runtime.kernels.thresholds import m_threshold
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _TRITON = needs_cuda((8, 0), triton=True)
@@ -34,8 +33,24 @@ def _int8_torch(x, w, scales, bias, opts, out_dtype):
     return reference.int8_linear_ref(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
 
 
+def _fast_dequant(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and triton_available() and device_capability(x.device) >= (8, 0)
+
+
 def _int8_dequant(x, w, scales, bias, opts, out_dtype):
+    if _fast_dequant(x):  # one dequantize kernel + cuBLAS
+        from comfyquant.runtime.kernels import triton_int8
+
+        return triton_int8.dequant_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
     return reference.dequant_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
+
+
+def _int8_fused(x, w, scales, bias, opts, out_dtype):
+    from comfyquant.runtime.kernels import triton_int8
+
+    if _opt(opts, 0):
+        raise UserError("backend 'triton_fused' has no rotation; rotated (convrot) int8 layers use 'triton'")
+    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype)
 
 
 def _int8_triton(x, w, scales, bias, opts, out_dtype):
@@ -74,18 +89,34 @@ def _m(x: torch.Tensor, k: int) -> int:
     return x.numel() // k if k else 0
 
 
+def cost_choice(x: torch.Tensor, n: int, k: int, group: int, policy, paths: tuple[tuple[str, str], ...]
+                ) -> BackendChoice:
+    """The cheapest of ``paths`` ((cost-model path, backend name) pairs) by the device's cost model."""
+    from comfyquant.runtime.kernels.calibrate import device_costs
+    from comfyquant.runtime.kernels.costs import decide
+
+    allow = policy.allow if policy is not None else ()
+    names = dict(paths)
+    cands = tuple(p for p, b in paths if not allow or b in allow) or tuple(names)
+    costs = policy.costs if policy is not None and policy.costs is not None else device_costs(x.device)
+    graph = (policy is not None and policy.mode == "graph") or torch.cuda.is_current_stream_capturing()
+    best, reason = decide(cands, _m(x, k), n, k, costs, "graph" if graph else "eager", group)
+    return BackendChoice(names[best], reason)
+
+
+_INT8_PATHS = (("triton", "triton"), ("triton_fused", "triton_fused"), ("triton_w8a16", "triton_w8a16"),
+               ("dequant", "dequant"))
+
+
 def _choose_int8(x, n, k, opts, policy) -> BackendChoice:
     cap = device_capability(x.device)
     if cap is None:
         return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
-    gen = f"sm_{cap[0]}{cap[1]}"
     if not triton_available() or cap < (8, 0):
-        return BackendChoice("torch", f"{gen}: no triton int8 path; torch._int_mm")
-    m = _m(x, k)
-    m_min = m_threshold("int8", n, k, cap[0])
-    if m < m_min:
-        return BackendChoice("triton_w8a16", f"M={m} < {m_min} (measured threshold): weight-only kernel")
-    return BackendChoice("triton", f"{gen}: triton W8A8, M={m} >= {m_min}")
+        return BackendChoice("torch", f"sm_{cap[0]}{cap[1]}: no triton int8 path; torch._int_mm")
+    group = _opt(opts, 0)
+    paths = _INT8_PATHS if not group else tuple(p for p in _INT8_PATHS if p[1] != "triton_fused")
+    return cost_choice(x, n, k, group, policy, paths)
 
 
 # ---- int8_block -----------------------------------------------------------------------------------------------
@@ -127,6 +158,10 @@ def _fp8_torch(x, w, scales, bias, opts, out_dtype):
 
 
 def _fp8_dequant(x, w, scales, bias, opts, out_dtype):
+    if _fast_dequant(x):
+        from comfyquant.runtime.kernels import triton_int8
+
+        return triton_int8.dequant_linear(x, w, scales[0], bias, None, out_dtype)
     return reference.dequant_linear(x, w, scales[0], bias, None, out_dtype)
 
 
@@ -161,11 +196,10 @@ def _choose_fp8(x, n, k, opts, policy) -> BackendChoice:
         return BackendChoice("dequant", f"{gen} has no fp8 matrix units")
     if k % 16 or n % 16:
         return BackendChoice("dequant", f"K={k}, N={n} not multiples of 16 (fp8 _scaled_mm needs them)")
-    m = _m(x, k)
-    m_min = m_threshold("fp8", n, k, cap[0])
-    if m < m_min and triton_available():
-        return BackendChoice("triton_w8a16", f"M={m} < {m_min} (measured threshold): weight-only kernel")
-    return BackendChoice("scaled_mm", f"{gen}: fp8 _scaled_mm, M={m}")
+    if not triton_available():
+        return BackendChoice("scaled_mm", f"{gen}: fp8 _scaled_mm (no triton for the other paths)")
+    return cost_choice(x, n, k, 0, policy, (("scaled_mm", "scaled_mm"), ("triton_w8a16", "triton_w8a16"),
+                                           ("dequant", "dequant")))
 
 
 # ---- int4_rot -------------------------------------------------------------------------------------------------
@@ -175,6 +209,12 @@ def _int4_torch(x, w, scales, bias, opts, out_dtype):
 
 def _int4_dequant(x, w, scales, bias, opts, out_dtype):
     return int4.w4_dequant_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype)
+
+
+def _int4_triton(x, w, scales, bias, opts, out_dtype):
+    from comfyquant.runtime.kernels import triton_int8
+
+    return triton_int8.w4a8_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype)
 
 
 def _check_int4(x, w, scales, opts) -> None:
@@ -189,13 +229,18 @@ def _check_int4(x, w, scales, opts) -> None:
 
 
 def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
-    return BackendChoice("torch", f"{x.device.type}: W4A8 reference (unpack, rotate, per-token int8, _int_mm)")
+    cap = device_capability(x.device)
+    if cap is None or cap < (8, 0) or not triton_available():
+        return BackendChoice("torch", f"{x.device.type}: W4A8 reference (unpack, rotate, per-token int8, _int_mm)")
+    if k % 128:
+        return BackendChoice("torch", f"K={k} is not a multiple of 128 (the W4A8 kernel's K block)")
+    return BackendChoice("triton", f"sm_{cap[0]}{cap[1]}: Triton W4A8 (int4 unpacked in the GEMM)")
 
 
 INT8 = register_kernel_kind(KernelKind(
     "int8",
     {"torch": _int8_torch, "dequant": _int8_dequant, "triton": KernelBackend(_int8_triton, _TRITON),
-     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON)},
+     "triton_fused": KernelBackend(_int8_fused, _TRITON), "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON)},
     choose=_choose_int8, check=_check_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(
     "int8_block", {"torch": _block_torch, "dequant": _block_dequant}, choose=_choose_block, check=_check_block))
@@ -205,5 +250,5 @@ FP8 = register_kernel_kind(KernelKind(
      "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON)},
     choose=_choose_fp8, check=_check_fp8))
 INT4_ROT = register_kernel_kind(KernelKind(
-    "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant},
+    "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))

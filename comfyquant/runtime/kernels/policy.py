@@ -11,6 +11,8 @@ import functools
 import json
 from dataclasses import dataclass
 
+from comfyquant.runtime.kernels.costs import DeviceCosts
+
 MODES = ("eager", "graph")
 
 
@@ -19,19 +21,23 @@ class DispatchPolicy:
     """How the automatic choice is made.
 
     ``mode``: ``"eager"`` counts each path's host launch cost (plain PyTorch / ComfyUI), ``"graph"`` only GPU
-    time (CUDA graphs, ``reduce-overhead``). ``allow``: if non-empty, only these backend names may be chosen.
+    time (CUDA graphs, ``reduce-overhead``; a capture in progress is detected without it). ``allow``: if
+    non-empty, only these backend names may be chosen. ``costs``: the cost table to decide with (None: this
+    device's measured table, ``calibrate.device_costs``).
     """
 
     mode: str = "eager"
     allow: tuple[str, ...] = ()
+    costs: DeviceCosts | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"DispatchPolicy.mode must be one of {MODES}, got {self.mode!r}")
         object.__setattr__(self, "allow", tuple(self.allow))
         # built once here, outside any trace: torch.compile reads it as a constant attribute
-        object.__setattr__(self, "_key", json.dumps({"mode": self.mode, "allow": list(self.allow)},
-                                                    separators=(",", ":"), sort_keys=True))
+        d = {"mode": self.mode, "allow": list(self.allow),
+             "costs": None if self.costs is None else self.costs.to_json()}
+        object.__setattr__(self, "_key", json.dumps(d, separators=(",", ":"), sort_keys=True))
 
     def key(self) -> str:
         """A compact string that :func:`policy_from_key` maps back to this policy (crosses the custom op)."""
@@ -42,4 +48,6 @@ class DispatchPolicy:
 def policy_from_key(key: str) -> DispatchPolicy:
     """Inverse of :meth:`DispatchPolicy.key`."""
     d = json.loads(key)
-    return DispatchPolicy(mode=d.get("mode", "eager"), allow=tuple(d.get("allow", ())))
+    costs = d.get("costs")
+    return DispatchPolicy(mode=d.get("mode", "eager"), allow=tuple(d.get("allow", ())),
+                          costs=None if costs is None else DeviceCosts.from_json(costs))

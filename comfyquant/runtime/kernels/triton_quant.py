@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from comfyquant.runtime.kernels.launch import FastKernel
+
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to the nearest integer, ties to even
 MODE_INT8, MODE_FP8, MODE_FP8_STATIC, MODE_FLOAT = 0, 1, 2, 3
 SINGLE_PASS_MAX = 8192  # rows up to this (padded) length are held in registers: one read of x
@@ -62,8 +64,18 @@ def _quantize(x, scale, qmax, MODE: tl.constexpr):
 
 
 @triton.jit
+def _dst(o, PERM: tl.constexpr):
+    """Store offset of element ``o``: identity, or evens-then-odds inside each ``PERM`` block (W4A8 order)."""
+    if PERM == 0:
+        return o
+    r = o % PERM
+    return o - r + (r % 2) * (PERM // 2) + r // 2
+
+
+@triton.jit
 def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qmax,
-                BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, STAGES: tl.constexpr, MODE: tl.constexpr):
+                BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, STAGES: tl.constexpr, MODE: tl.constexpr,
+                PERM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     x_row = x_ptr + row * stride_xm
@@ -83,7 +95,8 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
         x = _rotate(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32), BLOCK, STAGES)
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
-        tl.store(o_row + offs, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=offs < K)
+        tl.store(o_row + _dst(offs, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
+                 mask=offs < K)
         tl.store(s_ptr + row, scale)
     else:
         amax = tl.zeros((), dtype=tl.float32)
@@ -95,7 +108,8 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
             x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
-            tl.store(o_row + o, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=o < K)
+            tl.store(o_row + _dst(o, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
+                     mask=o < K)
         tl.store(s_ptr + row, scale)
 
 
@@ -103,8 +117,11 @@ def _stages(group: int | None) -> int:
     return 0 if group is None else (group.bit_length() - 1) // 2
 
 
+_ACT = FastKernel(_act_kernel)
+
+
 def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dtype, qmax: float,
-            static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            static_scale: torch.Tensor | None = None, perm: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape
@@ -115,15 +132,20 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
     static = static_scale if static_scale is not None else scale
     warps = 8 if block >= 4096 else 4
-    if m:
-        _act_kernel[(m,)](x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax,
-                          BLOCK=block, NUM_CHUNKS=chunks, STAGES=_stages(group), MODE=mode, num_warps=warps)
+    _ACT((m,), (x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax, block, chunks, _stages(group),
+                mode, perm), x2d.device, num_warps=warps, num_stages=3,
+         key=(block, chunks, _stages(group), mode, perm, x2d.dtype, out_dtype, k, x2d.stride(0),
+              x2d.data_ptr() % 16 == 0, static_scale is not None))
     return out, scale
 
 
-def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``."""
-    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0)
+def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None,
+                       perm: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``; ``perm`` > 0 stores each ``perm``-column
+    block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of ``perm``)."""
+    if perm and x2d.shape[-1] % perm:
+        raise ValueError(f"K={x2d.shape[-1]} is not a multiple of the permutation block {perm}")
+    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm)
 
 
 def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,

@@ -1,0 +1,195 @@
+# ruff: noqa: B023  (lambdas are timed inside the loop iteration that defines them)
+"""One GPU session: kernel accuracy checks, cost-model calibration, host overhead per path, the per-layer
+sweep and whole-model runs, each section under a time budget. JSON/markdown under --out; short table last.
+
+    PYTHONPATH=$PWD python3 benchmarks/gpu_session.py --out $OUT [--budget-s 300] [--sections ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+T0 = time.perf_counter()
+SUMMARY: list[str] = []
+
+
+def left(budget: float) -> float:
+    return budget - (time.perf_counter() - T0)
+
+
+def section_check(out: Path) -> None:
+    import check_kernels_gpu
+
+    rc = check_kernels_gpu.main(["--out", str(out)])
+    res = json.loads((out / "check_kernels.json").read_text())
+    bad = [r for r in res if not r["ok"]]
+    SUMMARY.append(f"checks: {len(res) - len(bad)}/{len(res)} passed" + (f"; FAILED: {[r['check'] for r in bad]}"
+                                                                         if bad else ""))
+    print("check rc", rc, flush=True)
+
+
+def section_calibrate(out: Path) -> None:
+    from comfyquant.runtime.kernels import calibrate
+
+    t = time.perf_counter()
+    c = calibrate.measure(torch.device("cuda"))
+    dt = time.perf_counter() - t
+    (out / "costs.json").write_text(json.dumps({**c.to_json(), "seconds": dt}, indent=1))
+    calibrate._LOADED[torch.cuda.current_device()] = c  # the sweep's auto uses this measurement
+    SUMMARY.append(f"calibration {dt:.1f}s: host_us {dict(c.host_us)} tflops "
+                   f"{ {k: round(v) for k, v in c.tflops} } bw {c.bw_gbs:.0f} GB/s")
+    print(SUMMARY[-1], flush=True)
+
+
+def section_host(out: Path) -> None:
+    """Host µs per call of the full module path (QuantLinear forward) vs nn.Linear, tiny layer."""
+    from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.bench import wall_us
+
+    res = {}
+    x = torch.randn(1, 256, device="cuda").bfloat16()
+    for fmt in ("bf16", "int8", "fp8"):
+        lin = nn.Sequential(nn.Linear(256, 256)).cuda().bfloat16()
+        if fmt != "bf16":
+            quantize_(lin, QuantizeConfig(format=fmt, min_features=1))
+        with torch.no_grad():
+            res[fmt] = wall_us(lambda lin=lin: lin(x), 20.0)
+    (out / "host.json").write_text(json.dumps(res, indent=1))
+    SUMMARY.append("module host µs/call (256x256, M=1): " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
+    print(SUMMARY[-1], flush=True)
+
+
+def section_tune(out: Path) -> None:
+    """GPU time (CUDA graph) of candidate tile configs on a few shapes: the data behind configs.py's table."""
+    from comfyquant.quant.int8 import quantize_rowwise
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.calibrate import _gpu_us
+    from comfyquant.runtime.kernels.configs import TileConfig
+
+    res = []
+    for n, k in ((9216, 3072), (3072, 3072), (3072, 12288), (13824, 5120)):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q, sc = quantize_rowwise(w)
+        wb = w.bfloat16()
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            for bn in (32, 64, 128):
+                for bk in (128, 256):
+                    for st in (3, 4):
+                        cfg = TileConfig(16, bn, bk, 4, st, 1)
+                        try:
+                            t = _gpu_us(lambda c=cfg: ti.w8a16_linear(x, q, sc, None, None, torch.bfloat16, cfg=c))
+                        except Exception as e:  # recorded
+                            t = str(e)[:80]
+                        res.append({"path": "w8a16", "m": m, "n": n, "k": k, "cfg": str(cfg), "us": t})
+            res.append({"path": "bf16", "m": m, "n": n, "k": k,
+                        "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
+        x = torch.randn(4096, k, device="cuda").bfloat16()
+        qa, sa = tq.quantize_rows_int8(x)
+        for bm, bn, w_, st in ((128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
+                               (128, 128, 8, 4), (128, 128, 4, 4)):
+            cfg = TileConfig(bm, bn, 128, w_, st, 8)
+            try:
+                t = _gpu_us(lambda c=cfg: ti.gemm_w8a8(qa, sa, q, sc, None, torch.bfloat16, cfg=c))
+            except Exception as e:  # recorded
+                t = str(e)[:80]
+            res.append({"path": "w8a8_gemm", "m": 4096, "n": n, "k": k, "cfg": str(cfg), "us": t})
+        res.append({"path": "bf16", "m": 4096, "n": n, "k": k,
+                    "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
+    (out / "tune.json").write_text(json.dumps(res, indent=1))
+    best = {}
+    for r in res:
+        if isinstance(r["us"], float) and r["path"] != "bf16":
+            kk = (r["path"], r["m"], r["n"], r["k"])
+            if kk not in best or r["us"] < best[kk][0]:
+                best[kk] = (r["us"], r["cfg"])
+    bf = {(r["m"], r["n"], r["k"]): r["us"] for r in res if r["path"] == "bf16"}
+    for kk, (t, c) in best.items():
+        SUMMARY.append(f"tune {kk}: best {t:.1f}us ({bf[kk[1:]] / t:.2f}x bf16) {c}")
+
+
+def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
+    from comfyquant.runtime import bench
+
+    cfg = bench._parse(["--models", models, "--m", m_values, "--out", str(out)])
+    ck_fn, ck_note = bench._load_ck()
+    rows = []
+    for model, layer, k, n in bench.SHAPES:
+        if model not in cfg.models:
+            continue
+        if left(budget) < 40:
+            SUMMARY.append(f"sweep: out of time before {model}.{layer}")
+            break
+        rows.extend(bench._bench_shape(model, layer, k, n, cfg, ck_fn))
+    (out / "bench.json").write_text(json.dumps({"ck": ck_note, "rows": [r.__dict__ for r in rows]}, indent=1))
+    (out / "bench.md").write_text(bench.to_markdown(rows, f"{torch.cuda.get_device_name()} comfy-kitchen: {ck_note}"))
+    targets = []
+    for r in rows:
+        b = r.us["bf16"]
+        a = r.us.get("auto", float("nan"))
+        targets.append(b / a >= 0.97)
+    SUMMARY.append(f"sweep: auto >= 0.97x bf16 eager on {sum(targets)}/{len(targets)} rows")
+
+
+def section_models(out: Path, names: str, budget: float) -> None:
+    from comfyquant.runtime import bench_models as bm
+    from comfyquant.runtime.bench import _load_ck
+
+    ck_fn, _ = _load_ck()
+    rows = bm.run_models(tuple(names.split(",")), ck_fn, deadline=T0 + budget - 20)
+    (out / "models.json").write_text(json.dumps(rows, indent=1))
+    table = bm.models_markdown(rows)
+    (out / "models.md").write_text(table)
+    SUMMARY.append(table)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget-s", type=float, default=300)
+    p.add_argument("--sections", default="check,calibrate,host,sweep,models")
+    p.add_argument("--sweep-models", default="flux,wan14b,sdxl,t5xxl,clip_l")
+    p.add_argument("--sweep-m", default="1,16,256,1024,4096,16384")
+    p.add_argument("--models", default="flux_1024,flux_512,wan_480p,sdxl_1024,t5xxl_256")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    for sec in a.sections.split(","):
+        t = time.perf_counter()
+        if left(a.budget_s) < 15:
+            SUMMARY.append(f"{sec}: skipped (time budget)")
+            continue
+        try:
+            if sec == "check":
+                section_check(out)
+            elif sec == "calibrate":
+                section_calibrate(out)
+            elif sec == "host":
+                section_host(out)
+            elif sec == "tune":
+                section_tune(out)
+            elif sec == "sweep":
+                section_sweep(out, a.sweep_models, a.sweep_m, a.budget_s)
+            elif sec == "models":
+                section_models(out, a.models, a.budget_s)
+        except Exception as e:  # reported in the summary with its traceback above; the next section still runs
+            traceback.print_exc()
+            SUMMARY.append(f"{sec}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        print(f"== section {sec}: {time.perf_counter() - t:.1f}s (total {time.perf_counter() - T0:.1f}s)", flush=True)
+    print("\n".join(SUMMARY))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Whole-model speed (GPU): stacks of real-width blocks, bf16 vs quantized, eager and with CUDA graphs.
+
+Minimal re-implementations with the real layer shapes (attention through ``F.scaled_dot_product_attention``,
+RoPE and convolutions omitted): Flux (2 double + 4 single blocks: Flux.1's 19:38 ratio) at 1024x1024 (4096 image
++ 512 text tokens) and 512x512 (1024 + 512); Wan 2.x 14B (2 blocks) at 480p, 81 frames (32760 tokens); SDXL's
+transformer stacks (4 blocks at 1280 wide / 1024 tokens, 2 at 640 / 4096 tokens, 77 text tokens); T5-XXL
+encoder (4 layers, 256 tokens). Every ``nn.Linear`` is quantized through the product path (``quantize_``,
+automatic per-layer backend); ``ck_int8`` swaps in comfy-kitchen's ``int8_linear`` on the same int8 weights.
+Time = wall time per forward over back-to-back calls (host and GPU overlap as in ComfyUI), median of rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comfyquant.quant.hadamard import rotate_weight
+from comfyquant.quant.int8 import quantize_rowwise
+from comfyquant.runtime.kernels import dispatch
+from comfyquant.runtime.kernels.int4 import pack_int4
+
+
+def _ln(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def _attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    b = q.shape[0]
+    q, k, v = (t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class FluxDouble(nn.Module):
+    def __init__(self, d: int = 3072, heads: int = 24) -> None:
+        super().__init__()
+        self.heads = heads
+        self.mod = nn.ModuleList(nn.Linear(d, 6 * d) for _ in range(2))
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.mlp0 = nn.ModuleList(nn.Linear(d, 4 * d) for _ in range(2))
+        self.mlp2 = nn.ModuleList(nn.Linear(4 * d, d) for _ in range(2))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, mods, qkvs = (txt, img), [], []
+        for i, x in enumerate(xs):
+            m = self.mod[i](F.silu(vec))[:, None, :].chunk(6, dim=-1)
+            mods.append(m)
+            qkvs.append(self.qkv[i]((1 + m[1]) * _ln(x) + m[0]).chunk(3, dim=-1))
+        q, k, v = (torch.cat([t[j] for t in qkvs], 1) for j in range(3))
+        att = _attn(q, k, v, self.heads)
+        n_txt, outs = txt.shape[1], []
+        for i, (x, a) in enumerate(((txt, att[:, :n_txt]), (img, att[:, n_txt:]))):
+            m = mods[i]
+            x = x + m[2] * self.proj[i](a)
+            x = x + m[5] * self.mlp2[i](F.gelu(self.mlp0[i]((1 + m[4]) * _ln(x) + m[3]), approximate="tanh"))
+            outs.append(x)
+        return outs[1], outs[0]
+
+
+class FluxSingle(nn.Module):
+    def __init__(self, d: int = 3072, heads: int = 24) -> None:
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.mod = nn.Linear(d, 3 * d)
+        self.linear1 = nn.Linear(d, 3 * d + 4 * d)
+        self.linear2 = nn.Linear(d + 4 * d, d)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        m = self.mod(F.silu(vec))[:, None, :].chunk(3, dim=-1)
+        h = self.linear1((1 + m[1]) * _ln(x) + m[0])
+        qkv, mlp = h.split([3 * self.d, 4 * self.d], dim=-1)
+        a = _attn(*qkv.chunk(3, dim=-1), self.heads)
+        return x + m[2] * self.linear2(torch.cat([a, F.gelu(mlp, approximate="tanh")], dim=-1))
+
+
+class Flux(nn.Module):
+    def __init__(self, double: int = 2, single: int = 4) -> None:
+        super().__init__()
+        self.doubles = nn.ModuleList(FluxDouble() for _ in range(double))  # not "double": nn.Module.double()
+        self.singles = nn.ModuleList(FluxSingle() for _ in range(single))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        for b in self.doubles:
+            img, txt = b(img, txt, vec)
+        x = torch.cat([txt, img], 1)
+        for b in self.singles:
+            x = b(x, vec)
+        return x[:, txt.shape[1]:]
+
+
+class WanBlock(nn.Module):
+    def __init__(self, d: int = 5120, heads: int = 40, ffn: int = 13824) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.cq, self.ck, self.cv, self.co = (nn.Linear(d, d) for _ in range(4))
+        self.ffn0, self.ffn2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        m = e.chunk(6, dim=1)
+        y = _ln(x) * (1 + m[1]) + m[0]
+        x = x + self.o(_attn(_rms(self.q(y)), _rms(self.k(y)), self.v(y), self.heads)) * m[2]
+        y = _ln(x)
+        x = x + self.co(_attn(_rms(self.cq(y)), _rms(self.ck(ctx)), self.cv(ctx), self.heads))
+        y = _ln(x) * (1 + m[4]) + m[3]
+        return x + self.ffn2(F.gelu(self.ffn0(y), approximate="tanh")) * m[5]
+
+
+class Wan(nn.Module):
+    def __init__(self, blocks: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(WanBlock() for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x, ctx, e)
+        return x
+
+
+class SdxlBlock(nn.Module):
+    """SDXL BasicTransformerBlock: self-attn, cross-attn to 2048-wide text, GEGLU feed-forward."""
+
+    def __init__(self, d: int, heads: int, ctx: int = 2048) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=i == 3) for i in range(4))
+        self.cq, self.co = nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        self.ck, self.cv = nn.Linear(ctx, d, bias=False), nn.Linear(ctx, d, bias=False)
+        self.ff0, self.ff2 = nn.Linear(d, 8 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        y = _ln(x)
+        x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
+        y = _ln(x)
+        x = x + self.co(_attn(self.cq(y), self.ck(ctx), self.cv(ctx), self.heads))
+        a, gate = self.ff0(_ln(x)).chunk(2, dim=-1)
+        return x + self.ff2(a * F.gelu(gate))
+
+
+class Sdxl(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hi = nn.ModuleList(SdxlBlock(640, 10) for _ in range(2))
+        self.lo = nn.ModuleList(SdxlBlock(1280, 20) for _ in range(4))
+
+    def forward(self, x640: torch.Tensor, x1280: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        for b in self.hi:
+            x640 = b(x640, ctx)
+        for b in self.lo:
+            x1280 = b(x1280, ctx)
+        return x640.mean() + x1280.mean()
+
+
+class T5Layer(nn.Module):
+    def __init__(self, d: int = 4096, heads: int = 64, ff: int = 10240) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.wi0, self.wi1, self.wo = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d,
+                                                                                                        bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _rms(x)
+        x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
+        y = _rms(x)
+        return x + self.wo(F.gelu(self.wi0(y), approximate="tanh") * self.wi1(y))
+
+
+class T5(nn.Module):
+    def __init__(self, layers: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(T5Layer() for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def build(name: str) -> tuple[nn.Module, tuple]:
+    """A fresh bf16 model and its inputs (batch 1), created and initialized on the GPU."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        if name in ("flux_1024", "flux_512"):
+            img = 4096 if name == "flux_1024" else 1024
+            model, args = Flux(), (torch.randn(1, img, 3072), torch.randn(1, 512, 3072), torch.randn(1, 3072))
+        elif name == "wan_480p":
+            model, args = Wan(), (torch.randn(1, 32760, 5120), torch.randn(1, 512, 5120),
+                                  torch.randn(1, 6, 5120) * 0.1)
+        elif name == "sdxl_1024":
+            model, args = Sdxl(), (torch.randn(1, 4096, 640), torch.randn(1, 1024, 1280), torch.randn(1, 77, 2048))
+        elif name == "t5xxl_256":
+            model, args = T5(), (torch.randn(1, 256, 4096),)
+        else:
+            raise ValueError(name)
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, std=mod.in_features**-0.5)
+    return model.to(torch.bfloat16).eval(), tuple(a.to(torch.bfloat16) for a in args)
+
+
+MODELS = ("flux_1024", "flux_512", "wan_480p", "sdxl_1024", "t5xxl_256")
+
+
+class _SwapLinear(nn.Module):
+    """int4_rot (our W4A8 kernel) or comfy-kitchen's int8_linear on a layer's quantized weight (bench only)."""
+
+    def __init__(self, lin: nn.Linear, fmt: str, ck_fn: Callable | None) -> None:
+        super().__init__()
+        w = lin.weight.detach().float()
+        self.fmt, self.ck_fn = fmt, ck_fn
+        self.bias = None if lin.bias is None else lin.bias.detach()
+        if fmt == "int4_rot":
+            self.group = 256 if w.shape[1] % 256 == 0 else 16
+            wr = rotate_weight(w, self.group)
+            s = (wr.abs().amax(dim=1, keepdim=True) / 7.0).clamp_min(1e-12)
+            self.q, self.s = pack_int4(torch.round(wr / s).clamp(-7, 7)), s.reshape(-1)
+        else:
+            self.q, self.s = quantize_rowwise(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "int4_rot":
+            return dispatch.int4_rot_linear(x, self.q, self.s, self.bias, convrot_group=self.group)
+        return self.ck_fn(x, self.q, self.s, self.bias, out_dtype=x.dtype)
+
+
+def _swap(model: nn.Module, fmt: str, ck_fn: Callable | None) -> nn.Module:
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, _SwapLinear(child, fmt, ck_fn))
+        else:
+            _swap(child, fmt, ck_fn)
+    return model
+
+
+def variants(name: str, ck_fn: Callable | None) -> Iterator[tuple[str, nn.Module, tuple]]:
+    """(variant, model, args) for one model; each built fresh."""
+    from comfyquant.runtime.quantize import QuantizeConfig, quantize_
+
+    yield "bf16", *build(name)
+    for fmt in ("int8", "fp8"):
+        model, args = build(name)
+        quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+        yield fmt, model, args
+    model, args = build(name)
+    yield "int4_rot", _swap(model, "int4_rot", None), args
+    if ck_fn is not None:
+        model, args = build(name)
+        yield "ck_int8", _swap(model, "ck", ck_fn), args
+
+
+def wall_ms(fn: Callable[[], object], rounds: int = 5, min_ms: float = 40.0) -> float:
+    """Median over rounds of (wall time of back-to-back calls, synchronized) / calls."""
+    with torch.no_grad():
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        calls = max(2, int(min_ms / max((time.perf_counter() - t) * 1e3, 1e-3)))
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def run_models(names: tuple[str, ...], ck_fn: Callable | None, deadline: float = float("inf")) -> list[dict]:
+    """Eager wall ms per forward for every variant (and with ``cuda_graphs.capture`` for bf16/int8/fp8), with
+    ratios to the same run's bf16 (eager and graphs). Stops before a variant once ``time.perf_counter()``
+    passes ``deadline``."""
+    from comfyquant.runtime.cuda_graphs import capture
+
+    rows: list[dict] = []
+    for name in names:
+        base: dict = {}
+        for variant, model, args in variants(name, ck_fn):
+            if time.perf_counter() > deadline:
+                print(f"models: out of time before {name}/{variant}", flush=True)
+                return rows
+            row: dict = {"model": name, "variant": variant}
+            try:
+                row["eager_ms"] = wall_ms(lambda m=model, a=args: m(*a))
+                if variant in ("bf16", "int8", "fp8"):
+                    g = capture(model)
+                    row["graph_ms"] = wall_ms(lambda g=g, a=args: g(*a))
+                    row["graphs"] = g.graphs
+                    del g
+            except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if variant == "bf16":
+                base = row
+            for key in ("eager_ms", "graph_ms"):
+                if key in row and key in base:
+                    row[key.replace("_ms", "_x")] = base[key] / row[key]
+            if "graph_ms" in row and "eager_ms" in base:
+                row["graph_vs_bf16_eager_x"] = base["eager_ms"] / row["graph_ms"]
+            rows.append(row)
+            print(row, flush=True)
+            del model, args
+            torch.cuda.empty_cache()
+    return rows
+
+
+def models_markdown(rows: list[dict]) -> str:
+    """Table of :func:`run_models` rows."""
+    def f(v: object) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["| model | variant | eager ms | × bf16 eager | graphs ms | × bf16 graphs | graphs × bf16 eager |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {f(r.get('eager_ms'))} | {f(r.get('eager_x'))} | "
+                     f"{f(r.get('graph_ms'))} | {f(r.get('graph_x'))} | {f(r.get('graph_vs_bf16_eager_x'))} |"
+                     + (f" error: {r['error']}" if "error" in r else ""))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""``describe_dispatch(model, *example_inputs)``: which kernel backend each quantized layer runs, and why.
+
+Runs one forward (no grad) with a pre-hook on every ``QuantLinear`` that asks the same choice the layer's call
+makes (the kernel kind's cost model for this device, input shape and the layer's pinned backend or policy),
+and returns one row per layer call. ``format_dispatch`` renders the rows as a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from comfyquant.runtime.kernels.backends import BackendChoice
+from comfyquant.runtime.kernels.dispatch import choose_backend
+from comfyquant.runtime.kernels.policy import DispatchPolicy
+from comfyquant.runtime.nn import QuantLinear
+
+
+@dataclass(frozen=True)
+class LayerDispatch:
+    """One layer call: its name, kernel kind, (M, N, K) and the backend chosen for it."""
+
+    layer: str
+    kind: str
+    m: int
+    n: int
+    k: int
+    backend: str
+    reason: str
+
+
+def _opts(params: Any) -> tuple[int, ...]:
+    if getattr(params, "convrot", False):
+        return (int(params.convrot_groupsize),)
+    if hasattr(params, "block_size"):
+        return (int(params.block_size),)
+    return (0,) if hasattr(params, "convrot") else ()
+
+
+def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> list[LayerDispatch]:
+    """Run ``model(*example_inputs, **example_kwargs)`` once and report each ``QuantLinear`` call's backend."""
+    rows: list[LayerDispatch] = []
+    hooks = []
+
+    def hook(name: str):
+        def pre(mod: QuantLinear, args: tuple) -> None:
+            x, w = args[0], mod.qweight
+            kind = w.layout_cls.kernel_kind
+            pinned = w.params.backend
+            policy = pinned if isinstance(pinned, DispatchPolicy) else None
+            override = None if policy is not None or pinned is None else pinned
+            n, k = mod.out_features, mod.in_features
+            choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override,
+                                                   opts=_opts(w.params), policy=policy)
+            rows.append(LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason))
+
+        return pre
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and mod.weight is not None:
+            hooks.append(mod.register_forward_pre_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(*example_inputs, **example_kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def format_dispatch(rows: list[LayerDispatch]) -> str:
+    """A markdown table of :func:`describe_dispatch` rows."""
+    lines = ["| layer | kind | M | K→N | backend | why |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.layer} | {r.kind} | {r.m} | {r.k}→{r.n} | {r.backend} | {r.reason} |" for r in rows]
+    return "\n".join(lines)

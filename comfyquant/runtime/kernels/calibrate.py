@@ -1,0 +1,173 @@
+"""Measure a device's :class:`DeviceCosts` once (a few seconds), cache it on disk, load it afterwards.
+
+``measure`` times, on the device: each path's host time per call (a tight loop of calls on a tiny layer, so
+the GPU is never the bottleneck: what the Python hops + launches cost), HBM bandwidth (a large copy), and each
+GEMM path's arithmetic rate on one GPU-bound shape, backed out through the same model ``costs`` predicts with.
+The file is ``~/.cache/comfyquant/dispatch-<gpu>-<torch>-<triton>.json`` (``cache_path``); delete it to
+re-measure, or pass your own ``DeviceCosts`` in a ``DispatchPolicy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from comfyquant.runtime.kernels import costs as cm
+from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
+
+HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
+
+
+def cache_path(device: torch.device, root: Path | None = None) -> Path:
+    """Where ``device``'s measured costs are cached (one file per GPU model, torch and triton version)."""
+    import triton
+
+    name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+    tv = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
+    base = root if root is not None else Path.home() / ".cache" / "comfyquant"
+    return base / f"dispatch-{name}-{tv}-{triton.__version__}.json"
+
+
+def _host_us(fn: Callable[[], object], n: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return dt
+
+
+def _gpu_us(fn: Callable[[], object], reps: int = 10) -> float:
+    """GPU time per call: ``reps`` calls captured in one CUDA graph and replayed (no host launch cost in it)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000.0 / (3 * reps)
+
+
+def _operands(m: int, n: int, k: int, dev: torch.device) -> dict:
+    from comfyquant.quant.fp8 import quantize_fp8
+    from comfyquant.quant.int8 import quantize_rowwise
+    from comfyquant.runtime.kernels.int4 import pack_int4
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    w = torch.randn(n, k, device=dev, generator=g) * 0.02
+    q, s = quantize_rowwise(w)
+    qf, sf = quantize_fp8(w)
+    v = torch.randint(-7, 8, (n, k), device=dev, generator=g)
+    return {"x": torch.randn(m, k, device=dev, generator=g).bfloat16(), "wb": w.bfloat16(), "q": q, "s": s,
+            "qf": qf, "sf": sf, "p": pack_int4(v), "ps": s.reshape(-1)}
+
+
+def _paths(o: dict) -> dict[str, Callable[[], object]]:
+    from comfyquant.runtime.kernels.dispatch import fp8_linear, int4_rot_linear, int8_linear
+
+    x = o["x"]
+    return {
+        "bf16": lambda: F.linear(x, o["wb"]),
+        "triton": lambda: int8_linear(x, o["q"], o["s"], backend="triton"),
+        "triton_fused": lambda: int8_linear(x, o["q"], o["s"], backend="triton_fused"),
+        "triton_w8a16": lambda: int8_linear(x, o["q"], o["s"], backend="triton_w8a16"),
+        "dequant": lambda: int8_linear(x, o["q"], o["s"], backend="dequant"),
+        "scaled_mm": lambda: fp8_linear(x, o["qf"], o["sf"], backend="scaled_mm"),
+        "w4a8": lambda: int4_rot_linear(x, o["p"], o["ps"], convrot_group=16, backend="triton"),
+        "torch": lambda: int8_linear(x, o["q"], o["s"], backend="torch"),
+    }
+
+
+def _bandwidth_gbs(dev: torch.device) -> float:
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / _gpu_us(lambda: dst.copy_(src), reps=4) / 1e3
+
+
+def measure(device: torch.device) -> DeviceCosts:
+    """Time this device (needs CUDA and triton); returns the measured :class:`DeviceCosts`."""
+    dev = torch.device(device)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    bw = _bandwidth_gbs(dev)
+    small = _operands(*HOST_SHAPE, dev)
+    host = {p: _host_us(fn) for p, fn in _paths(small).items()}
+    base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
+                       host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
+    rates = {}
+    for shape, paths in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "w4a8")),
+                         ((256, 8192, 8192), ("triton_fused", "triton_w8a16"))):
+        fns = _paths(_operands(*shape, dev))
+        for p in paths:
+            rates[p] = fit_rate(p, *shape, _gpu_us(fns[p]), base)
+    return DeviceCosts(device=base.device, sms=sms, bw_gbs=bw, launch_us=base.launch_us,
+                       host_us=base.host_us, tflops=tuple(rates.items()),
+                       measured=f"calibrate.measure {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
+                                f"torch {torch.__version__}")
+
+
+def fit_rate(path: str, m: int, n: int, k: int, t_us: float, base: DeviceCosts) -> float:
+    """The arithmetic rate (TFLOP/s) at which the model's ``gpu_us`` of ``path`` equals the measured ``t_us``
+    (bisection in log space; the model is monotone in the rate). Memory-bound results give the upper bound."""
+    lo, hi = 1.0, 1e5
+    for _ in range(60):
+        mid = (lo * hi) ** 0.5
+        if cm.gpu_us(path, m, n, k, _with_rate(base, path, mid)) > t_us:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _with_rate(c: DeviceCosts, path: str, rate: float) -> DeviceCosts:
+    r = dict(c.tflops)
+    r[path] = rate
+    return DeviceCosts(c.device, c.sms, c.bw_gbs, c.launch_us, c.host_us, tuple(r.items()), c.measured)
+
+
+def load_or_measure(device: torch.device, root: Path | None = None) -> DeviceCosts:
+    """The cached costs of ``device``, measuring and writing them first if there is no cache file."""
+    path = cache_path(device, root)
+    if path.is_file():
+        return DeviceCosts.from_json(json.loads(path.read_text()))
+    c = measure(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(c.to_json(), indent=1))
+    tmp.replace(path)
+    return c
+
+
+_LOADED: dict[int, DeviceCosts] = {}  # memo of a measured hardware fact (like an lru_cache), per device index
+
+
+def device_costs(device: torch.device) -> DeviceCosts:
+    """This process's costs for ``device``: cached file or a fresh measurement; the built-in H200 table off CUDA
+    or while a CUDA graph is being captured before anything was measured (no timing is possible then)."""
+    if device.type != "cuda":
+        return DEFAULT_COSTS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    c = _LOADED.get(index)
+    if c is None:
+        if torch.cuda.is_current_stream_capturing():
+            return DEFAULT_COSTS
+        c = _LOADED[index] = load_or_measure(torch.device("cuda", index))
+    return c

@@ -1,0 +1,100 @@
+"""Deterministic tile configurations for the Triton GEMMs: a pure function of (M, N, K, SM count), no autotuning.
+
+Run-time autotuning picked its config from one noisy timing per candidate, so the same model could get a
+different (sometimes 2x slower) tile shape from one process to the next; that is what made the Flux block's
+speed swing between runs (docs/KERNEL_NOTES.md). Here each candidate tile is scored by how well its tiles fill
+whole waves of the GPU (tile padding at the M/N edges and the last partial wave both count as idle SMs),
+weighted by the measured relative throughput of that tile shape, and the best score wins (ties: list order).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    group_m: int = 8
+
+
+# Large tiles for wgmma-class GEMMs; ``speed``: throughput of a full tile relative to 256x128 (H200, int8).
+# Measured 2026-12-01 (benchmarks/gpu_session.py tune section, GEMM alone, M=4096): 256x128 / 4 stages won on
+# 9216x3072 (1.50x bf16), 3072x12288 (1.73x) and 13824x5120 (1.62x); 128x256 / 3 stages on 3072x3072 (1.49x).
+_BIG = ((TileConfig(256, 128, 128, 8, 4), 1.0), (TileConfig(128, 256, 128, 8, 3), 1.0),
+        (TileConfig(128, 128, 128, 8, 4), 0.85), (TileConfig(64, 256, 128, 4, 4), 0.8),
+        (TileConfig(128, 64, 128, 4, 4), 0.62), (TileConfig(64, 128, 128, 4, 4), 0.7),
+        (TileConfig(64, 64, 128, 4, 4), 0.5))
+_AMPERE = ((TileConfig(128, 256, 64, 8, 3), 1.0), (TileConfig(256, 128, 64, 8, 3), 1.0),
+           (TileConfig(128, 128, 64, 4, 4), 0.85), (TileConfig(64, 128, 64, 4, 4), 0.7),
+           (TileConfig(128, 64, 64, 4, 4), 0.62), (TileConfig(64, 64, 64, 4, 4), 0.5))
+
+
+def wave_efficiency(m: int, n: int, bm: int, bn: int, sms: int) -> float:
+    """Useful fraction of the SM-time a grid of ``bm x bn`` tiles occupies (edge padding + last partial wave)."""
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+    waves = math.ceil(tiles / sms)
+    return (m * n) / (waves * sms * bm * bn)
+
+
+@functools.lru_cache(maxsize=4096)
+def gemm_config(m: int, n: int, k: int, sms: int, *, hopper: bool = True) -> TileConfig:
+    """The W8A8 GEMM tile for an ``[m, k] x [k, n]`` problem on a GPU with ``sms`` multiprocessors."""
+    best, best_score = None, -1.0
+    for cfg, speed in (_BIG if hopper else _AMPERE):
+        score = wave_efficiency(m, n, cfg.block_m, cfg.block_n, sms) * speed
+        if score > best_score + 1e-9:
+            best, best_score = cfg, score
+    assert best is not None
+    return best
+
+
+@functools.lru_cache(maxsize=4096)
+def small_m_config(m: int, n: int, k: int, sms: int, *, block_k: int = 128) -> TileConfig:
+    """Thin-M tiles (weight-only, fused-quant and W4A8 kernels at small M): enough column tiles to cover the
+    SMs, since at small M the weights' bytes are the cost and every SM must stream them."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    m_tiles = math.ceil(m / bm)
+    bn = 32
+    for cand in (128, 64):
+        if m_tiles * math.ceil(n / cand) >= sms:
+            bn = cand
+            break
+    bk = block_k if k % block_k == 0 or k > block_k else max(16, 1 << (k - 1).bit_length())
+    return TileConfig(bm, bn, bk, 4, 4, group_m=1)
+
+
+@functools.lru_cache(maxsize=4096)
+def w8a16_config(m: int, n: int, k: int, sms: int) -> TileConfig:
+    """Weight-only kernel (bf16 x, int8/fp8 W): thin M; wide K (256) at M <= 16 so each load moves 16+ bytes
+    per thread; pipeline depth bounded by shared memory (A bf16 + B int8 per stage; run 1 overflowed at 4 stages
+    of 64x128x256 tiles: 288 KB).
+
+    At M <= 16 the column tile follows the 2026-12-01 H200 tune data (GPU time, 24 configs per shape): 128
+    columns won for N >= 9216 (1.31-1.54x bf16), 32 columns for N = 3072 (0.78-1.11x)."""
+    if m <= 16:
+        bk = 256 if k % 256 == 0 else 128
+        cfg = TileConfig(16, 128 if n >= 8192 else 32, bk, 4, 4 if m == 1 else 3, 1)
+    else:
+        cfg = small_m_config(m, n, k, sms, block_k=128)
+    return fit_stages(cfg, a_bytes=2, b_bytes=1)
+
+
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program; the rest of ~227 KB for layout conversions
+
+
+@functools.lru_cache(maxsize=4096)
+def fit_stages(cfg: TileConfig, a_bytes: int, b_bytes: int) -> TileConfig:
+    """``cfg`` with ``stages`` cut so the pipelined A/B tiles fit the shared-memory budget."""
+    per_stage = cfg.block_m * cfg.block_k * a_bytes + cfg.block_k * cfg.block_n * b_bytes
+    stages = max(1, min(cfg.stages, SMEM_BUDGET // per_stage))
+    return cfg if stages == cfg.stages else TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, stages,
+                                                       cfg.group_m)

@@ -1,0 +1,144 @@
+"""The dispatch cost model: what each linear path costs on this device, host launch overhead included.
+
+A path's time is ``max(host, gpu)`` in eager mode (the host enqueues while the GPU runs; whichever is slower
+sets the pace) and ``gpu`` alone under CUDA graphs. ``gpu`` sums, per kernel of the path, a fixed launch
+latency plus the larger of its arithmetic time (FLOPs over the path's measured rate, divided by how well its
+tiles fill whole waves of SMs) and its memory time (bytes over measured bandwidth). The constants are a
+:class:`DeviceCosts`: measured once per device by ``calibrate.measure`` (a few seconds), cached on disk, or
+passed explicitly in a ``DispatchPolicy``; ``DEFAULT_COSTS`` (measured on an H200) is used where measuring is
+impossible (inside a CUDA-graph capture). Pure functions; the decision is memoized per (shape, costs, mode).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, field
+
+from comfyquant.runtime.kernels.configs import gemm_config, small_m_config, w8a16_config, wave_efficiency
+
+# paths the model knows: eager-host cost and GPU kernels of each
+PATHS = ("bf16", "triton", "triton_fused", "triton_w8a16", "dequant", "scaled_mm", "w4a8", "torch")
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    """Measured constants of one device (µs, GB/s, TFLOP/s); ``host_us`` / ``tflops`` are (path, value) pairs."""
+
+    device: str
+    sms: int
+    bw_gbs: float
+    launch_us: float
+    host_us: tuple[tuple[str, float], ...]
+    tflops: tuple[tuple[str, float], ...]
+    measured: str = ""
+    _host: dict = field(default=None, compare=False, hash=False, repr=False)
+    _rate: dict = field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # sorted pairs: equal tables compare (and hash) equal whatever order they were given in
+        object.__setattr__(self, "host_us", tuple(sorted((str(a), float(b)) for a, b in self.host_us)))
+        object.__setattr__(self, "tflops", tuple(sorted((str(a), float(b)) for a, b in self.tflops)))
+        object.__setattr__(self, "_host", dict(self.host_us))
+        object.__setattr__(self, "_rate", dict(self.tflops))
+
+    def host(self, path: str) -> float:
+        return self._host.get(path, max(self._host.values(), default=50.0))
+
+    def rate(self, path: str) -> float:
+        return self._rate.get(path, 100.0)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("_host")
+        d.pop("_rate")
+        d["host_us"], d["tflops"] = dict(self.host_us), dict(self.tflops)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> DeviceCosts:
+        return cls(device=d["device"], sms=int(d["sms"]), bw_gbs=float(d["bw_gbs"]),
+                   launch_us=float(d["launch_us"]), host_us=tuple(d["host_us"].items()),
+                   tflops=tuple(d["tflops"].items()), measured=d.get("measured", ""))
+
+
+# Measured on an NVIDIA H200 (torch 2.11+cu130, triton 3.6) by calibrate.measure, 2026-12-01 (run 3 of
+# benchmarks/gpu_session.py; benchmarks/results/costs_run3_h200_2026-12-01.json). Used where measuring is
+# impossible (a capture before anything was measured, off CUDA) and by the CPU tests.
+DEFAULT_COSTS = DeviceCosts(
+    device="NVIDIA H200 (default table)", sms=132, bw_gbs=4179.0, launch_us=2.5,
+    host_us=(("bf16", 22.0), ("dequant", 76.0), ("scaled_mm", 134.0), ("torch", 370.0), ("triton", 90.0), ("triton_fused", 57.0), ("triton_w8a16", 52.0), ("w4a8", 116.0)),
+    tflops=(("bf16", 819.0), ("scaled_mm", 1351.0), ("triton", 1237.0), ("triton_fused", 167.0), ("triton_w8a16", 356.0), ("w4a8", 390.0)),
+    measured="calibrate.measure on an H200, 2026-12-01; replaced by this device's own measurement on first use")
+
+
+def _kernel(flops: float, nbytes: float, rate: float, eff: float, c: DeviceCosts) -> float:
+    compute = flops / (rate * 1e6 * max(eff, 1e-3))
+    return c.launch_us + max(compute, nbytes / (c.bw_gbs * 1e3))
+
+
+def _bf16_gemm(m: int, n: int, k: int, c: DeviceCosts) -> float:
+    cfg = gemm_config(m, n, k, c.sms) if m >= 64 else small_m_config(m, n, k, c.sms)
+    eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms)
+    return _kernel(2.0 * m * n * k, 2.0 * (m * k + n * k + m * n), c.rate("bf16"), eff, c)
+
+
+def _quant_kernel(m: int, k: int, c: DeviceCosts, group: int) -> float:
+    slow = 1.0 if not group else 1.0 + 0.4 * math.log(group, 4)  # radix-4 rotation stages cost bandwidth
+    return c.launch_us + 3.0 * m * k * slow / (c.bw_gbs * 1e3)
+
+
+def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) -> float:
+    """Modeled GPU time of one call of ``path`` for ``[m, k] @ [k, n]``; inf for a path the model can't run."""
+    if m <= 0:
+        return 0.0
+    flops = 2.0 * m * n * k
+    out_b = 2.0 * m * n
+    if path == "bf16":
+        return _bf16_gemm(m, n, k, c)
+    if path in ("triton", "w4a8", "scaled_mm"):
+        wbytes = n * k * (0.5 if path == "w4a8" else 1.0)
+        if m < 64:
+            cfg = small_m_config(m, n, k, c.sms)
+            speed = 0.35
+        else:
+            cfg = gemm_config(m, n, k, c.sms)
+            speed = 1.0 if cfg.block_m * cfg.block_n >= 128 * 256 else 0.8
+        eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * speed
+        return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, c.rate(path), eff, c)
+    if path == "triton_fused":
+        if group:
+            return math.inf
+        cfg = small_m_config(m, n, k, c.sms)
+        eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms)
+        return _kernel(flops, 2.0 * m * k + n * k + out_b, c.rate(path), eff, c)
+    if path == "triton_w8a16":
+        cfg = w8a16_config(m, n, k, c.sms)
+        m_tiles = math.ceil(m / cfg.block_m)
+        eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms)
+        extra = _quant_kernel(m, k, c, group) if group else 0.0  # the rotation pass
+        reads = n * k * (1.0 + 0.25 * (m_tiles - 1))  # later M tiles mostly hit L2
+        return extra + _kernel(flops, 2.0 * m * k + reads + out_b, c.rate(path), eff, c)
+    if path == "dequant":
+        extra = _quant_kernel(m, k, c, group) if group else 0.0
+        return extra + c.launch_us + 3.0 * n * k / (c.bw_gbs * 1e3) + _bf16_gemm(m, n, k, c)
+    if path == "torch":
+        return 4 * c.launch_us + flops / (c.rate("torch") * 1e6) + 12.0 * m * k / (c.bw_gbs * 1e3)
+    return math.inf
+
+
+def path_us(path: str, m: int, n: int, k: int, c: DeviceCosts, mode: str, group: int = 0) -> float:
+    """Modeled wall time per call: ``max(host, gpu)`` in eager mode, ``gpu`` under CUDA graphs."""
+    g = gpu_us(path, m, n, k, c, group)
+    return g if mode == "graph" else max(c.host(path), g)
+
+
+@functools.lru_cache(maxsize=4096)
+def decide(candidates: tuple[str, ...], m: int, n: int, k: int, c: DeviceCosts, mode: str,
+           group: int = 0) -> tuple[str, str]:
+    """(cheapest candidate, reason) by the model; memoized (ComfyUI reuses a handful of shapes per run)."""
+    times = sorted((path_us(p, m, n, k, c, mode, group), p) for p in candidates)
+    t, best = times[0]
+    others = ", ".join(f"{p} {u:.0f}" for u, p in times[1:3])
+    bf16 = path_us("bf16", m, n, k, c, mode)
+    return best, f"cost model ({mode}, M={m}): {best} {t:.0f} µs vs bf16 {bf16:.0f} µs; next: {others}"

@@ -1,0 +1,223 @@
+"""Triton GEMM kernels (device code only; launches and configs live in ``triton_int8`` / ``configs``).
+
+- ``w8a8``: int8 x int8 -> int32 (pointer loads), epilogue ``acc * s_x * s_w + bias`` cast to the output dtype.
+- ``w8a8_tma``: the same on Hopper with A/B tiles through the tensor-copy engine (TMA), wgmma.
+- ``w8a16``: weight-only: int8/fp8 W converted to x's 16-bit dtype in registers, fp32 accumulate (small M).
+- ``fused``: ONE launch per W8A8 linear: each program takes its rows' absmax over K (bf16 x), then quantizes
+  the A tiles in registers inside the main loop (no int8 round trip through memory, no second launch).
+- ``w4a8``: int4 weights (two per byte, even column in the low nibble) against int8 activations whose K order
+  is permuted per 128-column block (evens first, then odds: ``triton_quant`` writes it so); each packed tile
+  is split with two shifts into the even-K and odd-K int8 halves, two int8 dots per K step, no interleave.
+- ``dequant``: W (int8/fp8) times its row/tensor scale into a bf16/fp16 copy (the dequantize + cuBLAS path).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to nearest, ties to even
+PERM_BLOCK = 128  # the W4A8 K-permutation block (= the W4A8 kernel's K step)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped ordering: GROUP_M row-tiles share each column sweep, so B tiles stay in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``out [BM, BN]`` fp32 (already times the row scale) * weight scale + bias -> C, masked at the edges."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if ROW_SB:
+        out = out * tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    else:
+        out = out * tl.load(sb_ptr)
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _row_scale(acc, sa_ptr, M, pid_m, BLOCK_M: tl.constexpr):
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return acc.to(tl.float32) * tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+
+
+@triton.jit
+def _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTYPE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              B_TO: tl.constexpr):
+    # rows/cols past the edge are clamped (wrapped) instead of masked: their results are never stored
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            rem = K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0)
+            if B_TO:  # fp8 loads take no integer `other`: zero the tail after the conversion
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < rem)
+                b = tl.where(offs_k[:, None] < rem, b.to(a.dtype), 0.0)
+            else:
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
+        if B_TO:
+            b = b.to(a.dtype)
+        acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def w8a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+         ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr,
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.int32,
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False)
+    if RAW:  # the int32 accumulator itself (exactness checks against torch._int_mm)
+        _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
+    else:
+        _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
+               pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["M"])
+def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+          ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.float32,
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True)
+    _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["M"])
+def w8a8_tma(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm, ROW_SB: tl.constexpr,
+             HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Hopper path: A and B tiles through the bulk tensor copy engine (TMA zero-fills the edges), wgmma."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, kk * BLOCK_K])
+        b = b_desc.load([off_n, kk * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    if RAW:
+        _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
+    else:
+        _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
+               pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["M"])
+def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, stride_cm,
+          ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, A_CHUNK: tl.constexpr):
+    """Per-token int8 quantization of x folded into the W8A8 GEMM (one launch, x read in bf16/fp16)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    # phase 1: the rows' absmax over all of K (re-read by every column tile; small M keeps it in L2)
+    offs_c = tl.arange(0, A_CHUNK)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, A_CHUNK):
+        xc = tl.load(x_rows + (k0 + offs_c)[None, :], mask=(k0 + offs_c)[None, :] < K, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(xc.to(tl.float32)), axis=1))
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+    inv = 1.0 / scale
+    # phase 2: quantize each A tile in registers, int8 dot
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_rows + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            xa = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            rem = K - kk * BLOCK_K
+            xa = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
+        y = xa.to(tl.float32) * inv[:, None]
+        a = ((y + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out = acc.to(tl.float32) * scale[:, None]
+    _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["M"])
+def w4a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+         ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """int8 A (K permuted per BLOCK_K block: evens then odds) x packed int4 B [N, K/2]; K % BLOCK_K == 0."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_h = tl.arange(0, HALF)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_h[None, :]
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_h[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for _kk in range(0, K // BLOCK_K):
+        a_even = tl.load(a_ptrs)
+        a_odd = tl.load(a_ptrs + HALF)
+        p = tl.load(b_ptrs)  # [HALF, BLOCK_N]: byte j holds columns 2j (low nibble) and 2j+1 (high)
+        lo = (p << 4) >> 4  # arithmetic shifts on int8: sign-extended low nibble
+        hi = p >> 4
+        acc = tl.dot(a_even, lo, acc, out_dtype=tl.int32)
+        acc = tl.dot(a_odd, hi, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += HALF
+    _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n,
+           BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+
+
+@triton.jit
+def dequant(w_ptr, s_ptr, out_ptr, N, K, stride_w, stride_o, ROW_SB: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """``out = w * s`` (row or tensor scale) in out's 16-bit dtype: the weight for a cuBLAS bf16 GEMM."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_k[None, :], mask=mask)
+    if ROW_SB:
+        s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
+    else:
+        s = tl.load(s_ptr)
+    out = w.to(tl.float32) * s
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_o + offs_k[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,108 @@
+"""The dispatch cost model, deterministic tile configs, DispatchPolicy, and the CUDA-graph wrapper's fallbacks (CPU)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from comfyquant.runtime.cuda_graphs import _signature, capture
+from comfyquant.runtime.kernels import costs as cm
+from comfyquant.runtime.kernels.configs import gemm_config, small_m_config, wave_efficiency
+from comfyquant.runtime.kernels.policy import DispatchPolicy, policy_from_key
+
+
+def test_wave_efficiency_and_deterministic_configs() -> None:
+    assert wave_efficiency(128 * 132, 256, 128, 256, 132) == pytest.approx(1.0)
+    assert wave_efficiency(128 * 133, 256, 128, 256, 132) == pytest.approx(133 / 264)
+    a = gemm_config(4096, 9216, 3072, 132)
+    assert a == gemm_config(4096, 9216, 3072, 132)  # a pure function: same shape, same tile, every process
+    assert (a.block_m, a.block_n) in ((128, 256), (256, 128))
+    # a shape whose 128x256 grid leaves most of a wave idle takes another tile
+    assert gemm_config(1024, 1280, 1280, 132).block_n <= 128
+    s = small_m_config(1, 3072, 3072, 132)
+    assert s.block_m == 16 and s.block_n * 132 <= 3072 * 4  # enough column tiles for the SMs
+
+
+def test_cost_model_prefers_host_cheap_paths_when_host_bound() -> None:
+    c = cm.DEFAULT_COSTS
+    # tiny layer, eager: host time decides, the single-launch paths beat the two-launch W8A8
+    best, reason = cm.decide(("triton", "triton_fused", "triton_w8a16", "dequant"), 16, 1280, 1280, c, "eager")
+    assert best in ("triton_fused", "triton_w8a16") and "eager" in reason
+    # huge layer: GPU time decides in both modes, the int8 tensor-core GEMM wins
+    for mode in ("eager", "graph"):
+        assert cm.decide(("triton", "triton_fused", "triton_w8a16", "dequant"), 16384, 9216, 3072, c, mode)[0] \
+            == "triton"
+    # model is monotone in M and in the rate
+    assert cm.gpu_us("triton", 4096, 3072, 3072, c) < cm.gpu_us("triton", 8192, 3072, 3072, c)
+    assert cm.path_us("bf16", 1, 64, 64, c, "eager") == c.host("bf16")
+    assert cm.gpu_us("triton_fused", 64, 64, 64, c, group=16) == float("inf")  # no rotation in the fused kernel
+
+
+def test_policy_key_round_trip_with_costs() -> None:
+    p = DispatchPolicy(mode="graph", allow=("triton", "dequant"), costs=cm.DEFAULT_COSTS)
+    q = policy_from_key(p.key())
+    assert q == p and q.costs == cm.DEFAULT_COSTS
+    assert cm.DeviceCosts.from_json(cm.DEFAULT_COSTS.to_json()) == cm.DEFAULT_COSTS
+    with pytest.raises(ValueError, match="mode"):
+        DispatchPolicy(mode="fast")
+
+
+def test_cuda_graphs_fall_back_on_cpu_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    net = nn.Linear(8, 4)
+    g = capture(net)
+    x = torch.randn(3, 8)
+    with caplog.at_level(logging.INFO, logger="comfyquant.runtime.cuda_graphs"), torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(g(x), net(x))
+    assert sum("not CUDA" in r.message for r in caplog.records) == 1
+    assert g.graphs == 0
+    # autograd recording is refused the same way
+    with caplog.at_level(logging.INFO, logger="comfyquant.runtime.cuda_graphs"):
+        g(x)
+    assert any("autograd" in r.message for r in caplog.records)
+
+
+def test_graph_signature_covers_shapes_and_values() -> None:
+    a = torch.empty(2, 3, device="meta")
+    s1 = _signature((a,), {"k": 1, "opts": {"x": 2}})
+    assert isinstance(s1, str)  # meta is not CUDA: refused with a reason
+
+
+def test_fast_launch_key_separates_constexpr_values_and_specializations() -> None:
+    pytest.importorskip("triton")  # launch.py is only imported with triton present (GPU backends)
+    from comfyquant.runtime.kernels.launch import FastKernel
+
+    class P:
+        def __init__(self, num: int, const: bool = False, free: bool = False) -> None:
+            self.num, self.is_constexpr, self.do_not_specialize = num, const, free
+
+    class Fn:
+        params = (P(0), P(1, free=True), P(2), P(3, const=True))
+
+    fk = FastKernel(Fn())
+    t = torch.zeros(8)
+    k = fk.key((t, 5, 32, 4096), 4, 3)
+    assert k != fk.key((t, 5, 32, 8192), 4, 3)  # constexpr by value (the bug the first GPU run caught)
+    assert k == fk.key((t, 7, 32, 4096), 4, 3)  # do_not_specialize: M may vary
+    assert k != fk.key((t, 5, 33, 4096), 4, 3)  # % 16 specialization
+    assert k != fk.key((t[1:], 5, 32, 4096), 4, 3)  # 16-byte alignment of a pointer
+    assert k != fk.key((t, 5, 32, 4096), 8, 3)
+
+
+def test_describe_dispatch_reports_each_quantized_layer() -> None:
+    from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.dispatch_report import describe_dispatch, format_dispatch
+
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    quantize_(net, QuantizeConfig(format="int8"))
+    net[2].set_backend("dequant")
+    rows = describe_dispatch(net, torch.randn(5, 64))
+    assert [(r.layer, r.m, r.k, r.n) for r in rows] == [("0", 5, 64, 32), ("2", 5, 32, 16)]
+    assert rows[0].backend == "torch" and "cpu" in rows[0].reason  # CPU: the reference path
+    assert rows[1].backend == "dequant" and rows[1].reason == "requested"
+    assert "| 0 | int8 | 5 | 64→32 | torch |" in format_dispatch(rows)
+    net[2].set_backend(DispatchPolicy(mode="graph"))  # a policy is accepted as a layer's backend
+    assert describe_dispatch(net, torch.randn(2, 64))[1].backend == "torch"
