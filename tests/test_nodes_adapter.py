@@ -141,12 +141,14 @@ def test_lora_reaches_every_layer_in_a_lowvram_load_and_weight_wrappers_apply(co
 
 
 def test_runtime_options_map_onto_backend_names_and_dispatch_policies() -> None:
-    from comfyquant.runtime.kernels.policy import DispatchPolicy
+    from comfyquant.runtime.kernels.registry import backends_for
 
     assert RuntimeOptions().backend_for("int8") is None
-    assert RuntimeOptions(small_batch_fallback=False).backend_for("int8") == DispatchPolicy(allow=("torch", "triton"))
-    assert RuntimeOptions(small_batch_fallback=False).backend_for("fp8") == DispatchPolicy(allow=("torch", "scaled_mm"))
-    assert RuntimeOptions(use_triton=False).backend_for("int8") == DispatchPolicy(allow=("torch", "dequant"))
+    for kind in ("int8", "fp8"):
+        no_small = RuntimeOptions(small_batch_fallback=False).backend_for(kind)
+        assert set(no_small.allow) == set(backends_for(kind)) - {"dequant", "triton_w8a16"} and no_small.mode == "eager"
+        assert "torch" in no_small.allow
+    assert RuntimeOptions(use_triton=False).backend_for("int8").allow == ("torch", "dequant")
     assert RuntimeOptions(cuda_graphs=True).backend_for("int8").mode == "graph"
     assert RuntimeOptions(backend="torch").backend_for("fp8") == "torch"
     with pytest.raises(UserError, match="no kernel for fp8"):
