@@ -72,11 +72,12 @@ class ComfyQuantLinear(QuantLinear):
                 wf = f(wf)
             for f in self.bias_function:
                 bias = f(bias)
-            return F.linear(x, wf, bias)
-        handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
-        if handler is None:
-            return F.linear(x, w, bias)
-        return handler(_LINEAR, (x, w, bias), {})
+            y = F.linear(x, wf, bias)
+        else:
+            handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
+            y = F.linear(x, w, bias) if handler is None else handler(_LINEAR, (x, w, bias), {})
+        side = getattr(self, "adapter", None)  # QuantLinear's optional side path (dynamic LoRAs)
+        return y if side is None else side(x, y)
 
 
 def is_plain_linear(mod: nn.Module) -> bool:
