@@ -51,8 +51,8 @@ def section_calibrate(out: Path) -> None:
 
 def section_host(out: Path) -> None:
     """Host µs per call of the full module path (QuantLinear forward) vs nn.Linear, tiny layer."""
+    from comfyquant.bench.layers import wall_us
     from comfyquant.runtime import QuantizeConfig, quantize_
-    from comfyquant.runtime.bench import wall_us
 
     res = {}
     x = torch.randn(1, 256, device="cuda").bfloat16()
@@ -118,7 +118,7 @@ def section_tune(out: Path) -> None:
 
 
 def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
-    from comfyquant.runtime import bench
+    from comfyquant.bench import layers as bench
 
     cfg = bench._parse(["--models", models, "--m", m_values, "--out", str(out)])
     ck_fn, ck_note = bench._load_ck()
@@ -141,8 +141,8 @@ def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
 
 
 def section_models(out: Path, names: str, budget: float) -> None:
-    from comfyquant.runtime import bench_models as bm
-    from comfyquant.runtime.bench import _load_ck
+    from comfyquant.bench import models as bm
+    from comfyquant.bench.layers import _load_ck
 
     ck_fn, _ = _load_ck()
     rows = bm.run_models(tuple(names.split(",")), ck_fn, deadline=T0 + budget - 20)

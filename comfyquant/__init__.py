@@ -3,7 +3,7 @@
 Public API (imported lazily so the CLI starts quickly):
 ``convert`` (checkpoint -> quantized checkpoint, returns a ``Report``), ``load_quantized`` (swap a model's
 ``nn.Linear`` layers for quantized ones from a file), ``quantize_`` (quantize a live model in place),
-``QuantizedTensor``.
+``QuantizedTensor``, ``calibrate`` (input statistics of any ``nn.Module`` on real data).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ _LAZY = {
     "quantize_": ("comfyquant.runtime.quantize", "quantize_"),
     "QuantizeConfig": ("comfyquant.runtime.quantize", "QuantizeConfig"),
     "QuantizedTensor": ("comfyquant.runtime.tensor", "QuantizedTensor"),
+    "calibrate": ("comfyquant.calibration.collector", "calibrate"),
+    "CalibrationStats": ("comfyquant.calibration.stats", "CalibrationStats"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -94,10 +94,12 @@ def test_without_comfy_quant_flag_says_it_is_implied(tmp_path, model, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--optimizer", "quip"], "not implemented yet in comfyquant: --optimizer (planned)"),
-    (["--smoothquant"], "not implemented yet in comfyquant: --smoothquant (planned)"),
     (["--merge-lora", "x.safetensors"], "not implemented yet in comfyquant: --merge-lora (planned)"),
-    (["--streaming-mode=balanced"], "not implemented yet in comfyquant: --streaming-mode (planned)"),
+    (["--merge-lora", "x", "--nvfp4", "--merge-loras", "y", "-fpmm"],
+     "not implemented yet in comfyquant: --merge-lora, --merge-loras (planned); not supported by comfyquant: "
+     "--nvfp4, -fpmm"),
+    (["--optimizer", "gptq", "--simple"], "--simple (round to nearest) cannot be combined with --optimizer"),
+    (["--quip-requant-scheme", "block"], "need --optimizer quip"),
     (["--nvfp4"], "not supported by comfyquant: --nvfp4"),
     (["-fpmm"], "not supported by comfyquant: -fpmm"),
     (["--visual"], "flag --visual is not supported yet"),
@@ -127,9 +129,23 @@ def test_bad_input_exit_2(tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "comfyquant.cli.convert_to_quant", "-i", str(tmp_path / "x"),
-                        "--optimizer", "gptq"], capture_output=True, text=True, timeout=120)
+                        "--merge-lora", "x"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == (
-        "convert_to_quant: error: not implemented yet in comfyquant: --optimizer (planned)")
+        "convert_to_quant: error: not implemented yet in comfyquant: --merge-lora (planned)")
+
+
+def test_optimizer_flags_map_onto_comfyquant(tmp_path, model, capsys):
+    out = tmp_path / "o.safetensors"
+    rc, stdout, err = _run(capsys, "-i", model, "-o", out, "--comfy_quant", "--optimizer", "quip",
+                           "--quip-requant-scheme", "tensor", "--smoothquant", "--streaming-mode=balanced",
+                           "--bf16-compute", "on", "--no-memory-limits", "--lr", "0.5", "--lr_schedule", "plateau")
+    assert rc == 0, err
+    assert "calibration: SYNTHETIC" in stdout and "optimizer: " in stdout and "on synthetic inputs" in err
+    assert "--streaming-mode accepted, no effect" in err and "--no-memory-limits accepted, no effect" in err
+    rc, stdout, err = _run(capsys, "-i", model, "-o", tmp_path / "p.safetensors", "--optimizer", "adamw",
+                           "--num_iter", "20", "--scaling-mode", "axis")
+    assert rc == 0, err
+    assert "optimizer: " in stdout and "learned" in stdout
 
 
 def test_dry_run_analyze_writes_nothing(tmp_path, model, capsys):

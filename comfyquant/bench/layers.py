@@ -283,7 +283,7 @@ def run(cfg: BenchConfig) -> list[Row]:
     plot_bench(payload["rows"], cfg.out_dir / "bench.png",
                f"speed-up over bf16 F.linear, same run: {meta['device']} {meta['date_utc']} UTC")
     if cfg.whole_models:
-        from comfyquant.runtime import bench_models
+        from comfyquant.bench import models as bench_models
 
         models = bench_models.run_models(cfg.whole_models, ck_fn)
         (cfg.out_dir / "models.json").write_text(json.dumps({"meta": meta, "rows": models}, indent=1))

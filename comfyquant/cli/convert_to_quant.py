@@ -114,22 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_alts("manual_seed"), type=int, dest="manual_seed",
                    help="accepted for compatibility; round-to-nearest uses no randomness")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    from comfyquant.cli import ctq_optimizer_flags
+
+    ctq_optimizer_flags.add_args(p)
     p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS)
     return p
 
 
 def refuse_later_flags(argv: Sequence[str]) -> None:
-    """One-line refusal for convert_to_quant flags of features comfyquant does not have."""
+    """One-line refusal naming every convert_to_quant flag of a feature comfyquant does not have."""
+    from comfyquant.cli.ctq_optimizer_flags import HANDLED
+
+    planned, unsupported = [], []
     for tok in argv:
         if not tok.startswith("-") or tok in ("-", "--"):
             continue
         flag = tok.split("=", 1)[0]
         key = flag.lstrip("-").replace("-", "_")
+        if key in HANDLED:
+            continue
         if key in PLANNED:
-            raise UserError(f"not implemented yet in comfyquant: {flag} (planned)")
-        if key in UNSUPPORTED:
-            raise UserError(f"not supported by comfyquant: {flag} (a convert_to_quant feature with no "
-                            "comfyquant equivalent)")
+            planned.append(flag)
+        elif key in UNSUPPORTED:
+            unsupported.append(flag)
+    parts = []
+    if planned:
+        parts.append(f"not implemented yet in comfyquant: {', '.join(planned)} (planned)")
+    if unsupported:
+        parts.append(f"not supported by comfyquant: {', '.join(unsupported)} (convert_to_quant features with no "
+                     "comfyquant equivalent)")
+    if parts:
+        raise UserError("; ".join(parts))
 
 
 def resolve_model(a: argparse.Namespace) -> tuple[str, list[str]]:
@@ -212,18 +227,24 @@ def run(argv: Sequence[str]) -> int:
     else:
         if not a.comfy_quant:
             notes.append("comfyquant always writes per-layer comfy_quant metadata (--comfy_quant is implied)")
+        from comfyquant.cli.ctq_optimizer_flags import resolve
+
+        opt, calibration, lora, fmt, opt_notes = resolve(a, fmt)
+        notes.extend(opt_notes)
         out = a.output or default_output(a.input, conversion_suffix(fmt, block, model != "auto"))
-        _run_convert(a, out, fmt, model, block)
+        _run_convert(a, out, fmt, model, block, opt, calibration, lora)
     for n in notes:  # after the work, so that a failure stays one line on stderr
         print(f"note: {n}", file=sys.stderr)
     return 0
 
 
-def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: int) -> None:
+def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: int, optimizer: object = None,
+                 calibration: str | None = None, lora: str | None = None) -> None:
     from comfyquant.convert.api import convert
 
     kwargs = {"format": fmt, "model": model, "layer_config": a.layer_config, "device": a.device,
-              "low_memory": a.low_memory, "block_size": block}
+              "low_memory": a.low_memory, "block_size": block, "optimizer": optimizer,
+              "calibration": calibration, "calibration_lora": lora}
     if not a.save_quant_metadata:
         report = convert(a.input, out, force=a.force, **kwargs)
     else:  # convert next to the output, then add the header entry while keeping the per-layer tensors

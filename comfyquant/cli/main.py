@@ -54,14 +54,21 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no report table (the bar is shown only when stderr is a terminal)")
+    from comfyquant.optimize.cli_flags import add_optimizer_args
+
+    add_optimizer_args(p)
 
 
 def _run_convert(a: argparse.Namespace) -> int:
     from comfyquant.convert.api import convert
+    from comfyquant.optimize.cli_flags import optimizer_config, resolve_requant
 
-    report = convert(a.input, a.output, format=a.format, model=a.model, layer_config=a.layer_config,
-                     report=a.report, plot=a.plot, device=a.device, low_memory=a.low_memory, force=a.force,
-                     block_size=a.block_size, progress=not a.quiet and sys.stderr.isatty(), fallback=a.fallback)
+    report = convert(a.input, a.output, format=resolve_requant(a.format, a), model=a.model,
+                     layer_config=a.layer_config, report=a.report, plot=a.plot, device=a.device,
+                     low_memory=a.low_memory, force=a.force, block_size=a.block_size,
+                     progress=not a.quiet and sys.stderr.isatty(), fallback=a.fallback,
+                     optimizer=optimizer_config(a, a.device), calibration=a.calibration,
+                     calibration_lora=a.calibration_lora)
     if not a.quiet:
         print(report.to_text())
         print(f"wrote {a.output}")
@@ -143,6 +150,7 @@ EXTERNAL: dict[str, tuple[str, str]] = {
     "bench": ("benchmark quantized kernels", "comfyquant.bench.layers:main"),
     "eval": ("evaluate a quantized model against its float original", "comfyquant.eval.cli:eval_main"),
     "demo": ("convert and run the built-in example model", "comfyquant.eval.cli:demo_main"),
+    "calibrate": ("run a model on real inputs and save per-layer statistics", "comfyquant.cli.calibrate:main"),
     "install-nodes": ("install the ComfyUI node pack into a ComfyUI folder", "comfyquant.nodes.install:main"),
 }
 

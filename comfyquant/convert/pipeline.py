@@ -23,13 +23,14 @@ import torch
 from tqdm import tqdm
 
 from comfyquant import __version__
-from comfyquant.convert.plan import CAST, DROP, KEEP, Plan, PlanEntry, PlanOptions, build_plan
+from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
 from comfyquant.convert.report import LayerReport, Report
 from comfyquant.errors import NonFiniteWeightError, UserError
 from comfyquant.formats import QuantFormat, get_format
 from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader, resolve_input
 from comfyquant.io.writer import StreamingWriter
+from comfyquant.optimize.hessian import LayerFallback as OptimizerFallback
 from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
 
 CHUNK_ELEMENTS = 2**20  # CPU row chunks: float32 temporaries of 4 MiB stay in cache (several times faster)
@@ -51,6 +52,9 @@ class ConvertOptions:
     block_size: int = 128
     progress: bool = True
     fallback: str | None = None
+    optimizer: Any = None  # comfyquant.optimize.OptimizerConfig (None: round to nearest)
+    calibration: Any = None  # calibration file, "synthetic", or in-memory statistics (``.get(layer)``)
+    calibration_lora: str | None = None
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(self.format, self.model, self.layer_config, self.block_size, self.fallback)
@@ -167,9 +171,11 @@ class _Streamer:
     precision instead, and the file's header, written last, describes what was actually written.
     """
 
-    def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device) -> None:
+    def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device,
+                 hooks: Any = None) -> None:
         self.reader, self.plan, self.opts, self.device = reader, plan, opts, device
         self.fallbacks: dict[str, str] = {}
+        self.hooks = hooks  # comfyquant.convert.optimizing.OptimizeHooks, or None for plain RTN
 
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
@@ -197,13 +203,15 @@ class _Streamer:
             return rep
         t = self.reader.get(e.name)
         if e.action == KEEP:
-            w.write(e.name, t)
+            w.write(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))
             return rep
         x = t.to(self.device)
+        if self.hooks is not None:
+            x = self.hooks.rewrite(e.name, x)
         fmt = get_format(e.format or self.plan.format)
         try:
             tensors = self.convert(e, fmt, x)
-        except LayerFallback as f:
+        except (LayerFallback, OptimizerFallback) as f:
             self.fallbacks[e.name] = f.reason
             w.write(e.name, t)
             return LayerReport(e.name, e.shape, KEEP, None, "fallback", f"kept in high precision: {f.reason}",
@@ -211,6 +219,10 @@ class _Streamer:
         stats, rows = weight_stats(x, fmt, e.params, tensors, self.opts.stats_limit)
         rep.sqnr_db, rep.rel_mse, rep.max_abs_err, rep.stats_rows = (stats.sqnr_db, stats.rel_mse,
                                                                      stats.max_abs_err, rows)
+        if self.hooks is not None and e.layer in self.hooks.results:
+            res = self.hooks.results[e.layer]
+            rep.optimizer, rep.optimizer_gain_db = res.method, res.gain_db
+            rep.notes = list(self.hooks.layer_notes.get(e.layer, []))
         if e.action == CAST:
             w.write(e.name, tensors["weight"])
             return rep
@@ -228,6 +240,8 @@ class _Streamer:
                 raise NonFiniteWeightError(f"layer '{e.name}' {why}; fix the checkpoint, or pass --force to "
                                            "keep it in high precision")
             raise LayerFallback(f"{why} (--force)")
+        if self.hooks is not None and e.action == QUANTIZE:
+            return self.hooks.quantize(e, x)
         return quantize_rows(x, fmt, e.params, CHUNK_ELEMENTS if self.device.type == "cpu" else None)
 
 
@@ -242,7 +256,13 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
                 "comfyquant.model": plan.preset}
     notes: list[str] = []
-    streamer = _Streamer(reader, plan, opts, device)
+    from comfyquant.convert.optimizing import make_hooks
+
+    hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora)
+    if hooks is not None:
+        notes.extend(hooks.notes)
+        metadata["comfyquant.optimizer"] = opts.optimizer.method
+    streamer = _Streamer(reader, plan, opts, device, hooks)
     layers = streamer.run(out, metadata)
     if streamer.fallbacks:
         notes.append(f"{len(streamer.fallbacks)} layer(s) kept in high precision: "

@@ -28,11 +28,14 @@ class LayerReport:
     bytes_in: int = 0
     bytes_out: int = 0
     stats_rows: int | None = None  # rows the stats were computed on when subsampled (None: all rows)
+    optimizer: str | None = None  # the rounding method that ran (None: plain round to nearest)
+    optimizer_gain_db: float | None = None  # calibration output error of RTN over the optimizer's, in dB
+    notes: list[str] = field(default_factory=list)  # per-layer fallbacks and refusals, with the reason
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
-        for k in ("sqnr_db", "rel_mse", "max_abs_err"):
+        for k in ("sqnr_db", "rel_mse", "max_abs_err", "optimizer_gain_db"):
             v = d[k]
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = "inf" if v > 0 else "-inf" if v < 0 else None
@@ -120,6 +123,14 @@ class Report:
         lines.append(f"size: {_mb(s['bytes_before'])} -> {_mb(s['bytes_after'])} ({ratio:.1%})"
                      + (f" in {self.seconds:.1f} s" if self.seconds else ""))
         lines.extend(f"note: {n}" for n in self.notes)
+        opt = [x for x in self.layers if x.optimizer is not None]
+        if opt:
+            gains = [x.optimizer_gain_db for x in opt if x.optimizer_gain_db is not None]
+            methods = ", ".join(f"{v} {k}" for k, v in sorted(Counter(x.optimizer for x in opt).items()))
+            lines.append(f"optimizer: {methods}" + (f"; calibration output error vs RTN: mean "
+                                                   f"{sum(gains) / len(gains):+.2f} dB" if gains else ""))
+        for x in self.layers:
+            lines.extend(f"note: {x.name}: {n}" for n in x.notes)
         return "\n".join(lines)
 
 

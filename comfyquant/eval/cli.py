@@ -20,7 +20,6 @@ def eval_parser() -> argparse.ArgumentParser:
                                 description="Measure a quantized reference model against its float original.")
     p.add_argument("--model", help="minilm | digits-dit | a .safetensors file (float reference or quantized)")
     p.add_argument("--format", help="comfyquant format to convert to (int8, int8-rot, int8-tensor, fp8, ...)")
-    p.add_argument("--optimizer", default="rtn", help="rounding: rtn (round to nearest; 'none' is the same)")
     p.add_argument("--peer", choices=("simple", "default"),
                    help="convert with convert_to_quant 1.3.4 instead (its --simple RTN or default optimizer)")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder (default: eval-out)")
@@ -31,6 +30,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", type=int, default=None, help="MiniLM: use only the first N sentences")
     p.add_argument("--compare", nargs="+", type=Path, metavar="REPORT.json",
                    help="print these reports side by side and exit")
+    from comfyquant.optimize.cli_flags import add_optimizer_args
+
+    add_optimizer_args(p)
     return p
 
 
@@ -50,9 +52,12 @@ def _eval(argv: list[str] | None) -> int:
         raise UserError("--model is required (minilm, digits-dit or a file), or use --compare")
     from comfyquant.eval.compare import side_by_side
     from comfyquant.eval.harness import EvalConfig, run_eval
+    from comfyquant.optimize.cli_flags import optimizer_config, resolve_requant
 
     argv_list = sys.argv[1:] if argv is None else argv
-    cfg = EvalConfig(model=args.model, format=args.format, out=args.out, optimizer=args.optimizer,
+    fmt = resolve_requant(args.format, args) if args.format else None
+    cfg = EvalConfig(model=args.model, format=fmt, out=args.out, optimizer=optimizer_config(args),
+                     calibration=args.calibration, calibration_lora=args.calibration_lora,
                      peer=args.peer, sentences=args.sentences,
                      sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
                      command="comfyquant eval " + shlex.join(argv_list))

@@ -21,17 +21,21 @@ from comfyquant.eval.layerstats import LayerStat, layer_stats
 from comfyquant.eval.sampling import SampleConfig
 from comfyquant.eval.workloads import resolve_workload
 
-OPTIMIZERS = ("none", "rtn")
-
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One eval run. ``peer`` set to a peer setting (``simple`` / ``default``) converts with convert_to_quant."""
+    """One eval run. ``peer`` set to a peer setting (``simple`` / ``default``) converts with convert_to_quant.
+
+    ``optimizer`` (an ``OptimizerConfig``; None = RTN) with ``calibration`` (a file, ``synthetic``, or None:
+    calibrate the workload on its held-out calibration data first, cached in ``out``).
+    """
 
     model: str
     format: str | None
     out: Path
-    optimizer: str = "rtn"
+    optimizer: Any = None
+    calibration: str | None = None
+    calibration_lora: str | None = None
     peer: str | None = None
     sampling: SampleConfig = field(default_factory=SampleConfig)
     sentences: int | None = None
@@ -40,9 +44,9 @@ class EvalConfig:
 
 
 def check_config(cfg: EvalConfig) -> None:
-    """Reject what the harness cannot do before any work starts (unknown optimizer, missing eval extra)."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer {cfg.optimizer}: not implemented yet (available: {', '.join(OPTIMIZERS)})")
+    """Reject what the harness cannot do before any work starts (missing eval extra, peer + optimizer)."""
+    if cfg.peer and cfg.optimizer is not None and cfg.optimizer.needs_calibration:
+        raise UserError("--peer runs convert_to_quant's own optimizer; drop the comfyquant optimizer flags")
     missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"the eval needs {', '.join(missing)}: pip install 'comfyquant[eval]'")
@@ -65,9 +69,37 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
     if workload.layer_config() is not None:
         layer_config = out / "layer_config.json"
         layer_config.write_text(json.dumps(workload.layer_config(), indent=1))
+    calibration = cfg.calibration
+    if cfg.optimizer is not None and cfg.optimizer.needs_calibration and calibration is None:
+        calibration = str(calibrate_workload(workload, out))
     convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
-            force=True, progress=cfg.progress)
-    return dst, f"comfyquant ({cfg.optimizer})"
+            force=True, progress=cfg.progress, optimizer=cfg.optimizer,
+            calibration=calibration if cfg.optimizer is not None and cfg.optimizer.needs_calibration else None,
+            calibration_lora=cfg.calibration_lora)
+    return dst, f"comfyquant ({method_label(cfg.optimizer)})"
+
+
+def method_label(opt: Any) -> str:
+    """``gptq+smoothquant+bias`` etc.: what the optimizer settings do, for reports and tables."""
+    if opt is None:
+        return "rtn"
+    parts = [opt.method if opt.method != "learned" else f"learned-{opt.learned.optimizer}"]
+    parts += [x for x, on in (("smoothquant", opt.smoothquant), ("bias", opt.bias_correction),
+                              ("actcal", opt.input_scale_percentile is not None)) if on]
+    return "+".join(parts)
+
+
+def calibrate_workload(workload: Any, out: Path) -> Path:
+    """Calibrate the workload's reference on its held-out calibration data (cached in ``out``)."""
+    path = out / "calibration.safetensors"
+    if path.exists():
+        return path
+    from comfyquant.calibration.collector import calibrate_to_file
+    from comfyquant.eval.calibration_sources import resolve_source
+
+    src = resolve_source(str(workload.reference_file()))
+    calibrate_to_file(src.model, src.run, path, meta=src.meta)
+    return path
 
 
 def summarize(stats: list[LayerStat]) -> dict[str, Any]:
@@ -111,7 +143,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "model": workload.name, "format": cfg.format or "/".join(formats), "quantizer": made_by,
         "reference": str(workload.reference_file()), "quantized_file": str(qfile),
         "file_bytes": qfile.stat().st_size, "reference_bytes": Path(workload.reference_file()).stat().st_size,
-        "command": cfg.command, "metrics": metrics, "summary": summarize(stats),
+        "command": cfg.command, "optimizer": None if cfg.peer else method_label(cfg.optimizer),
+        "metrics": metrics, "summary": summarize(stats),
         "layers": [s.to_dict() for s in stats], "seconds": round(time.time() - start, 1),
         "device": "cpu", "torch": torch.__version__,
     }

@@ -32,12 +32,12 @@ class LayerDispatch:
     reason: str
 
 
-def _opts(params: Any) -> tuple[int, ...]:
-    if getattr(params, "convrot", False):
-        return (int(params.convrot_groupsize),)
-    if hasattr(params, "block_size"):
-        return (int(params.block_size),)
-    return (0,) if hasattr(params, "convrot") else ()
+def _kind_and_opts(w: Any) -> tuple[str, tuple[int, ...]]:
+    """The kernel kind and static opts a quantized weight's format passes to the kernel table."""
+    p = w.params
+    spec = p.format
+    _, opts = spec.kernel_args(p.stored(w.qdata), p.layer_params)
+    return spec.kernel_kind, opts
 
 
 def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> list[LayerDispatch]:
@@ -48,13 +48,13 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
     def hook(name: str):
         def pre(mod: QuantLinear, args: tuple) -> None:
             x, w = args[0], mod.qweight
-            kind = w.layout_cls.kernel_kind
+            kind, opts = _kind_and_opts(w)
             pinned = w.params.backend
             policy = pinned if isinstance(pinned, DispatchPolicy) else None
             override = None if policy is not None or pinned is None else pinned
             n, k = mod.out_features, mod.in_features
             choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override,
-                                                   opts=_opts(w.params), policy=policy)
+                                                   opts=opts, policy=policy)
             rows.append(LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason))
 
         return pre

@@ -82,18 +82,20 @@ def _operands(m: int, n: int, k: int, dev: torch.device) -> dict:
 
 
 def _paths(o: dict) -> dict[str, Callable[[], object]]:
-    from comfyquant.runtime.kernels.dispatch import fp8_linear, int4_rot_linear, int8_linear
+    """Each path's call, straight to its backend in the kernel table (the host cost of picking a backend is
+    the same for every quantized path, so it is left out of the comparison)."""
+    from comfyquant.runtime.kernels.registry import kernel_kind
 
-    x = o["x"]
+    def impl(kind: str, backend: str) -> Callable[..., torch.Tensor]:
+        return kernel_kind(kind).backends[backend].impl
+
+    x, bf = o["x"], torch.bfloat16
+    i8 = {b: impl("int8", b) for b in ("triton", "triton_fused", "triton_w8a16", "dequant", "torch")}
     return {
         "bf16": lambda: F.linear(x, o["wb"]),
-        "triton": lambda: int8_linear(x, o["q"], o["s"], backend="triton"),
-        "triton_fused": lambda: int8_linear(x, o["q"], o["s"], backend="triton_fused"),
-        "triton_w8a16": lambda: int8_linear(x, o["q"], o["s"], backend="triton_w8a16"),
-        "dequant": lambda: int8_linear(x, o["q"], o["s"], backend="dequant"),
-        "scaled_mm": lambda: fp8_linear(x, o["qf"], o["sf"], backend="scaled_mm"),
-        "w4a8": lambda: int4_rot_linear(x, o["p"], o["ps"], convrot_group=16, backend="triton"),
-        "torch": lambda: int8_linear(x, o["q"], o["s"], backend="torch"),
+        **{b: (lambda f=f: f(x, o["q"], (o["s"],), None, (0,), bf)) for b, f in i8.items()},
+        "scaled_mm": lambda: impl("fp8", "scaled_mm")(x, o["qf"], (o["sf"], None), None, (), bf),
+        "w4a8": lambda: impl("int4_rot", "triton")(x, o["p"], (o["ps"],), None, (16,), bf),
     }
 
 

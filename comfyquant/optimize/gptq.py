@@ -1,0 +1,59 @@
+"""GPTQ / LDLQ: column-by-column rounding with inverse-Hessian error feedback (Frantar et al. 2022; QuIP's
+LDLQ is the same update). Pure math on one weight in the format's basis; the grid comes from the format
+registry (``LayerGrid.fake_quant``), so every registered format (per-row, per-tensor, block, rotated, fp8)
+works unchanged, with its scales fixed before the pass ("static groups").
+
+Each column ``j`` is rounded, and its error ``e = (w_j - q_j) / U_jj`` is spread over the not-yet-rounded
+columns through row ``j`` of ``U``, the upper Cholesky factor of ``H^-1``. Updates inside a block of
+``block`` columns are immediate; the rest of the matrix is updated once per block (one GEMM).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from comfyquant.formats.base import LayerGrid
+
+
+def act_order_perm(h: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing Hessian diagonal (the most active inputs are rounded first)."""
+    return torch.argsort(torch.diagonal(h), descending=True, stable=True)
+
+
+@torch.no_grad()
+def gptq_round(w: torch.Tensor, u: torch.Tensor, grid: LayerGrid, *, block: int = 128,
+               perm: torch.Tensor | None = None) -> torch.Tensor:
+    """On-grid weight (float32, same basis and column order as ``w``) minimizing ``tr(E H E^T)`` greedily.
+
+    ``u`` is the upper Cholesky factor of ``H^-1`` *in the permuted order* when ``perm`` is given (columns
+    are processed in the order ``perm``); ``grid`` rounds column ``c`` of the original order with its own
+    scale.
+    """
+    k = w.shape[1]
+    work = w.float().clone()
+    uf = u.to(device=w.device, dtype=torch.float32)
+    if perm is not None:
+        perm = perm.to(w.device)
+        work = work[:, perm]
+    cols = perm.tolist() if perm is not None else list(range(k))
+    q = torch.empty_like(work)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        w1 = work[:, b0:b1].clone()
+        err = torch.empty_like(w1)
+        u1 = uf[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            c = cols[b0 + i]
+            col = w1[:, i:i + 1]
+            qc = grid.fake_quant(col, slice(c, c + 1)).to(torch.float32)
+            q[:, b0 + i:b0 + i + 1] = qc
+            e = (col - qc) / u1[i, i]
+            w1[:, i:] -= e * u1[i:i + 1, i:]
+            err[:, i:i + 1] = e
+        if b1 < k:
+            work[:, b1:] -= err @ uf[b0:b1, b1:]
+    if perm is not None:
+        out = torch.empty_like(q)
+        out[:, perm] = q
+        return out
+    return q
