@@ -56,6 +56,8 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     loader = srv.object_info("LoadQuantizedDiffusionModel")
     assert loader["category"] == "comfyquant" and EXAMPLE_MODEL in loader["input"]["required"]["unet_name"][0]
     assert srv.object_info("SaveQuantizedModel")["output_node"] is True
+    capture = srv.object_info("ComfyQuantCaptureCalibration")
+    assert capture["display_name"] == "Capture Calibration" and capture["output"] == ["MODEL"]
     cond = srv.object_info("ComfyQuantDigitsConditioning")
     assert cond["input"]["required"]["digit"][0] == "INT" and cond["output"] == ["CONDITIONING", "CONDITIONING"]
 
@@ -178,3 +180,31 @@ def test_foreign_lora_leaves_the_quantized_model_unchanged(node_server: Any) -> 
                                             lora_after_adapter=True))
     assert torch.equal(node_server.latent(entry), base)
     assert "lora key not loaded" in node_server.server.log_text()
+
+
+def test_capture_calibration_writes_a_file_the_converter_reads(node_server: Any, float_latent: torch.Tensor,
+                                                               tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from comfyquant.calibration import CalibrationFile, check_compatible
+    from comfyquant.convert.api import convert
+    from comfyquant.eval.workloads import DIT_FIXTURE
+
+    wf = digits_workflow(prefix="calib_run")
+    wf["8"] = {"class_type": "ComfyQuantCaptureCalibration",
+               "inputs": {"model": ["1", 0], "filename_prefix": "calibration/digits", "reservoir": 64}}
+    wf["5"]["inputs"]["model"] = ["8", 0]
+    entry = node_server.run(wf)
+    assert torch.equal(node_server.latent(entry), float_latent)  # recording does not change the samples
+    files = sorted((node_server.base / "output" / "calibration").glob("digits_*.safetensors"))
+    assert len(files) == 1, files
+    calib = CalibrationFile(files[0])
+    with safe_open(str(DIT_FIXTURE), "pt") as f:
+        weights = {k[: -len(".weight")]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                   if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2}
+    assert set(calib) == set(weights)  # every linear layer of the DiT, under the checkpoint's names
+    check_compatible(calib, weights, "captured in ComfyUI")
+    assert all(calib.layer(n).count > 0 for n in calib)
+    report = convert(DIT_FIXTURE, tmp_path / "gptq.safetensors", format="int8", optimizer="gptq",
+                     calibration=files[0], progress=False)
+    assert (tmp_path / "gptq.safetensors").is_file() and report is not None

@@ -174,11 +174,43 @@ class ComfyQuantDigitsConditioning:
         return digits_conditioning(int(digit))
 
 
+class ComfyQuantCaptureCalibration:
+    """Capture Calibration: the next sampling runs of the returned MODEL record calibration statistics."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "wrap"
+    DESCRIPTION = ("Every sampling run of the returned MODEL writes output/<prefix>_NNNNN_.safetensors: per-layer "
+                   "input statistics for comfyquant convert --calibration (GPTQ, SmoothQuant, fp8 input scales).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL",),
+            "filename_prefix": ("STRING", {"default": "calibration/comfyquant"}),
+            "reservoir": ("INT", {"default": 512, "min": 16, "max": 65536,
+                                  "tooltip": "Input rows kept per layer (for the optimizers that need samples)."}),
+        }}
+
+    def wrap(self, model: Any, filename_prefix: str, reservoir: int) -> dict[str, Any]:
+        import folder_paths
+
+        from comfyquant.calibration import CalibrationConfig
+        from comfyquant.nodes.calibration import CaptureSettings, capture_calibration
+
+        settings = CaptureSettings(folder_paths.get_output_directory(), filename_prefix,
+                                   CalibrationConfig(reservoir=int(reservoir)))
+        out, _ = capture_calibration(model, settings)
+        text = f"the next sampling runs of this MODEL write calibration files to output/{filename_prefix}_NNNNN_"
+        return {"ui": {"text": [text]}, "result": (out,)}
+
+
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "INT8ModelAdapter": INT8ModelAdapter,
     "LoadQuantizedDiffusionModel": LoadQuantizedDiffusionModel,
     "SaveQuantizedModel": SaveQuantizedModel,
     "ComfyQuantDigitsConditioning": ComfyQuantDigitsConditioning,
+    "ComfyQuantCaptureCalibration": ComfyQuantCaptureCalibration,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -186,4 +218,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoadQuantizedDiffusionModel": "Load Quantized Diffusion Model",
     "SaveQuantizedModel": "Save Quantized Model",
     "ComfyQuantDigitsConditioning": "Digits DiT Conditioning",
+    "ComfyQuantCaptureCalibration": "Capture Calibration",
 }
