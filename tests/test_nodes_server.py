@@ -190,6 +190,9 @@ def test_capture_calibration_writes_a_file_the_converter_reads(node_server: Any,
     from comfyquant.convert.api import convert
     from comfyquant.eval.workloads import DIT_FIXTURE
 
+    # leave the shared model loaded with the adapter's layers swapped in: the capture must hook the float
+    # layers ComfyUI swaps back for this run (a hook registered before the load missed them)
+    node_server.run(digits_workflow(prefix="calib_before", adapter={}))
     wf = digits_workflow(prefix="calib_run")
     wf["8"] = {"class_type": "ComfyQuantCaptureCalibration",
                "inputs": {"model": ["1", 0], "filename_prefix": "calibration/digits", "reservoir": 64}}

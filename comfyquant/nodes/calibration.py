@@ -1,7 +1,7 @@
 """Capture Calibration: record calibration statistics while ComfyUI samples, for the converter's optimizers.
 
-The node returns a clone of the MODEL carrying an ``OUTER_SAMPLE`` wrapper. Every sampling run of that clone
-(KSampler, SamplerCustom ...) runs inside ``comfyquant.calibration.Collector``: forward pre-hooks on the
+The node returns a clone of the MODEL carrying ``OUTER_SAMPLE`` / ``APPLY_MODEL`` wrappers. Every sampling run of
+that clone (KSampler, SamplerCustom ...) runs inside ``comfyquant.calibration.Collector``: forward pre-hooks on the
 diffusion model's float linear layers accumulate their input statistics (Hessian, absmax, percentiles, a row
 sample), named as the checkpoint names them, and when the run ends they are written to
 ``output/<prefix>_NNNNN_.safetensors``, the file ``comfyquant convert --calibration`` reads. Hooks exist only
@@ -41,18 +41,32 @@ def _next_path(settings: CaptureSettings) -> str:
 
 
 class CaptureWrapper:
-    """The ``OUTER_SAMPLE`` wrapper: collect during the run, write the file after it."""
+    """Two wrappers sharing one run: ``outer`` (``OUTER_SAMPLE``) owns the collector and writes the file after the
+    run; ``step`` (``APPLY_MODEL``) registers the hooks at the first model call, once ComfyUI has loaded the
+    model (before that, another MODEL's object patches may still be swapped into the shared modules)."""
 
     def __init__(self, settings: CaptureSettings) -> None:
         self.settings = settings
         self.written: list[str] = []
+        self._armed = False  # inside a sampling run of this MODEL
+        self._collector: Collector | None = None
 
-    def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    def step(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._armed and self._collector is None:
+            self._collector = Collector(executor.class_obj, strip_prefix("diffusion_model."),
+                                        config=self.settings.config).__enter__()
+        return executor(*args, **kwargs)
+
+    def outer(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         patcher = executor.class_obj.model_patcher
-        collector = Collector(patcher.model, strip_prefix("diffusion_model."), config=self.settings.config)
-        with collector:
+        self._armed, self._collector = True, None
+        try:
             out = executor(*args, **kwargs)
-        if not collector.layers:
+        finally:
+            collector, self._armed, self._collector = self._collector, False, None
+            if collector is not None:
+                collector.__exit__(None, None, None)
+        if collector is None or not collector.layers:
             logger.warning(MSG_NO_FLOAT)
             return out
         stats = collector.stats({"source": "ComfyUI sampling", "model": type(patcher.model).__name__})
@@ -71,6 +85,7 @@ def capture_calibration(patcher: Any, settings: CaptureSettings) -> tuple[Any, C
 
     clone = patcher.clone()
     wrapper = CaptureWrapper(settings)
-    clone.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)  # one capture per MODEL
-    clone.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrapper)
+    for kind, fn in ((WrappersMP.OUTER_SAMPLE, wrapper.outer), (WrappersMP.APPLY_MODEL, wrapper.step)):
+        clone.remove_wrappers_with_key(kind, WRAPPER_KEY)  # one capture per MODEL
+        clone.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
     return clone, wrapper
