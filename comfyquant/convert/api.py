@@ -7,14 +7,15 @@ from typing import Any
 
 from comfyquant.convert.pipeline import ConvertOptions, run_conversion
 from comfyquant.convert.report import Report
+from comfyquant.progress import Progress, as_progress
 
 
 def convert(input: str | Path, output: str | Path, format: str = "int8", model: str = "auto",
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
-            force: bool = False, block_size: int = 128, progress: bool = True,
-            fallback: str | None = None, optimizer: Any = None, calibration: Any = None,
-            calibration_lora: str | Path | None = None) -> Report:
+            force: bool = False, block_size: int = 128, progress: bool | Progress = True,
+            fallback: str | None = None, strict_preset: bool = False, optimizer: Any = None,
+            calibration: Any = None, calibration_lora: str | Path | None = None) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
@@ -23,7 +24,10 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
     ``optimizer`` (an ``OptimizerConfig``, or a method name: rtn, gptq, learned, quip) with ``calibration``
     (a file from ``comfyquant calibrate``, or ``"synthetic"``) picks the rounding; ``calibration_lora``
     weights the Hessians toward a LoRA's input directions.
-    Raises :class:`comfyquant.errors.UserError` for bad input or usage.
+    ``progress``: True (a bar on a terminal, else lines on stderr), False (none) or a
+    :class:`comfyquant.progress.Progress`. An explicit ``model`` that does not fit the file is a warning (stderr
+    and the report's notes), or with ``strict_preset`` an error. Raises :class:`comfyquant.errors.UserError`
+    for bad input or usage.
     """
     if plot is not None:
         from comfyquant.convert.plot import require_matplotlib
@@ -34,8 +38,9 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
 
         optimizer = OptimizerConfig(method=optimizer)
     opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
-                          low_memory=low_memory, force=force, block_size=block_size, progress=progress,
-                          fallback=fallback, optimizer=optimizer,
+                          low_memory=low_memory, force=force, block_size=block_size,
+                          progress=as_progress(progress), fallback=fallback, strict_preset=strict_preset,
+                          optimizer=optimizer,
                           calibration=str(calibration) if isinstance(calibration, str | Path) else calibration,
                           calibration_lora=None if calibration_lora is None else str(calibration_lora))
     result = run_conversion(input, output, opts)
