@@ -46,8 +46,8 @@ class INT8ModelAdapter:
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model_patcher",)
     FUNCTION = "apply"
-    DESCRIPTION = ("Quantizes the diffusion model's linear layers (int8 W8A8, rotated int8, fp8) as object patches "
-                   "on a copy of the MODEL; the input MODEL is left unchanged.")
+    DESCRIPTION = ("Quantizes the diffusion model's linear layers (int8 W8A8, rotated int8, fp8, rotated int4) as "
+                   "object patches on a copy of the MODEL; the input MODEL is left unchanged.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
