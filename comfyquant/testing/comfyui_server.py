@@ -89,8 +89,11 @@ class ComfyServer:
         return env
 
     # ---- process ---------------------------------------------------------------------------------------
-    def start(self, timeout: float = 240.0) -> ComfyServer:
-        """Start the server and wait until ``/system_stats`` answers (ServerError with the log if it does not)."""
+    def start(self, timeout: float = 600.0) -> ComfyServer:
+        """Start the server and wait until ``/system_stats`` answers (ServerError with the log if it does not).
+
+        Startup takes ~15 s on an idle 2-core machine; importing all of ComfyUI took over 240 s on one shared by
+        a dozen busy processes, hence the generous limit (the wait ends as soon as the server answers)."""
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), cwd=comfyui_dir(self.cache_root), env=self.env(),
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
