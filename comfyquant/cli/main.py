@@ -271,6 +271,7 @@ EXTERNAL: dict[str, tuple[str, str]] = {
     "eval": ("evaluate a quantized model against its float original", "comfyquant.eval.cli:eval_main"),
     "demo": ("convert and run the built-in example model", "comfyquant.eval.cli:demo_main"),
     "calibrate": ("run a model on real inputs and save per-layer statistics", "comfyquant.cli.calibrate:main"),
+    "install-nodes": ("install the ComfyUI node pack into a ComfyUI folder", "comfyquant.nodes.install:main"),
 }
 
 
