@@ -14,15 +14,27 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from comfyquant.autoprec.cli_flags import add_auto_args
 from comfyquant.errors import UserError
 from comfyquant.exits import argv_or_sys, run_cli
 
 
 def format_choices() -> list[str]:
-    """Every registered format's CLI name (the registry decides what --format accepts)."""
+    """Every registered format's CLI name (the registry decides what --format accepts), and ``auto``."""
     from comfyquant.formats import REGISTRY
 
-    return REGISTRY.names()
+    return [*REGISTRY.names(), "auto"]
+
+
+def auto_probe(fmt: str, model: str) -> object | None:
+    """The workload probe of a reference model for ``--format auto`` (None for other models / formats)."""
+    if fmt != "auto":
+        return None
+    try:
+        from comfyquant.eval.autoprobe import probe_for
+    except ImportError:  # pragma: no cover - an installation without the eval extra
+        return None
+    return probe_for(model)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +66,7 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no report table (the bar is shown only when stderr is a terminal)")
+    add_auto_args(p)
     from comfyquant.optimize.cli_flags import add_optimizer_args
 
     add_optimizer_args(p)
@@ -68,7 +81,8 @@ def _run_convert(a: argparse.Namespace) -> int:
                      low_memory=a.low_memory, force=a.force, block_size=a.block_size,
                      progress=not a.quiet and sys.stderr.isatty(), fallback=a.fallback,
                      optimizer=optimizer_config(a, a.device), calibration=a.calibration,
-                     calibration_lora=a.calibration_lora)
+                     calibration_lora=a.calibration_lora, budget=a.budget, target_gpu=a.target_gpu,
+                     allow_comfyquant_formats=a.allow_comfyquant_formats, probe=auto_probe(a.format, a.input))
     if not a.quiet:
         print(report.to_text())
         print(f"wrote {a.output}")
@@ -76,9 +90,10 @@ def _run_convert(a: argparse.Namespace) -> int:
 
 
 # -- inspect / template / edit (thin wiring to comfyquant.convert.{inspect,template,edit}) -----------------
-def _add_plan_args(p: argparse.ArgumentParser) -> None:
+def _add_plan_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
     p.add_argument("--model", default="auto", help="model preset, or auto to detect it (default: auto)")
-    p.add_argument("--format", default="int8", choices=format_choices(), help="planned format (default: int8)")
+    choices = format_choices() if auto else [f for f in format_choices() if f != "auto"]
+    p.add_argument("--format", default="int8", choices=choices, help="planned format (default: int8)")
     p.add_argument("--layer-config", metavar="FILE", help="JSON of ordered regex rules -> format or skip")
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
 
@@ -87,13 +102,18 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help=".safetensors file or sharded index")
     _add_plan_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_auto_args(p)
+    p.add_argument("--calibration", metavar="FILE", help="--format auto: layer statistics from `comfyquant calibrate`")
+    p.add_argument("--device", default="cpu", help="--format auto: where the sensitivity math runs")
 
 
 def _run_inspect(a: argparse.Namespace) -> int:
     from comfyquant.convert.inspect import inspect_checkpoint
 
     result = inspect_checkpoint(a.file, model=a.model, fmt=a.format, block_size=a.block_size,
-                                layer_config=a.layer_config)
+                                layer_config=a.layer_config, budget=a.budget, target_gpu=a.target_gpu,
+                                allow_comfyquant_formats=a.allow_comfyquant_formats, calibration=a.calibration,
+                                device=a.device, probe=auto_probe(a.format, a.file))
     print(json.dumps(result.to_dict(), indent=1) if a.json else result.to_text())
     return 0
 
@@ -101,7 +121,7 @@ def _run_inspect(a: argparse.Namespace) -> int:
 def _add_template(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help=".safetensors file or sharded index")
     p.add_argument("-o", "--output", required=True, metavar="layers.json")
-    _add_plan_args(p)
+    _add_plan_args(p, auto=False)
     p.add_argument("--force", action="store_true", help="overwrite the output file")
 
 

@@ -14,7 +14,8 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
             force: bool = False, block_size: int = 128, progress: bool = True,
             fallback: str | None = None, optimizer: Any = None, calibration: Any = None,
-            calibration_lora: str | Path | None = None) -> Report:
+            calibration_lora: str | Path | None = None, budget: Any = None, target_gpu: str | None = None,
+            allow_comfyquant_formats: bool = False, probe: Any = None, verify_heldout: bool = True) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
@@ -23,6 +24,11 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
     ``optimizer`` (an ``OptimizerConfig``, or a method name: rtn, gptq, learned, quip) with ``calibration``
     (a file from ``comfyquant calibrate``, or ``"synthetic"``) picks the rounding; ``calibration_lora``
     weights the Hessians toward a LoRA's input directions.
+    ``format="auto"`` chooses every layer's format to meet ``budget`` (``"size=0.4"``, ``"psnr=45"``, ...; see
+    docs/AUTO_PRECISION.md) among the registry's formats for ``target_gpu`` (``allow_comfyquant_formats``: also
+    those stock ComfyUI cannot load); ``calibration`` gives the layer statistics, ``probe`` (an
+    ``autoprec.Probe``, e.g. ``comfyquant.eval.autoprobe.probe_for(input)``) the end-to-end weights and the
+    held-out check. The plan is in ``Report.auto`` and the file's ``__metadata__["comfyquant.auto"]``.
     Raises :class:`comfyquant.errors.UserError` for bad input or usage.
     """
     if plot is not None:
@@ -37,7 +43,9 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
                           low_memory=low_memory, force=force, block_size=block_size, progress=progress,
                           fallback=fallback, optimizer=optimizer,
                           calibration=str(calibration) if isinstance(calibration, str | Path) else calibration,
-                          calibration_lora=None if calibration_lora is None else str(calibration_lora))
+                          calibration_lora=None if calibration_lora is None else str(calibration_lora),
+                          budget=budget, target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
+                          probe=probe, verify_heldout=verify_heldout)
     result = run_conversion(input, output, opts)
     if report is not None:
         result.to_json(report)

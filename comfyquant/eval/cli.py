@@ -19,7 +19,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="comfyquant eval",
                                 description="Measure a quantized reference model against its float original.")
     p.add_argument("--model", help="minilm | digits-dit | a .safetensors file (float reference or quantized)")
-    p.add_argument("--format", help="comfyquant format to convert to (int8, int8-rot, int8-tensor, fp8, ...)")
+    p.add_argument("--format", help="comfyquant format to convert to (int8, int8-rot, int8-tensor, fp8, ..., or "
+                                    "auto with --budget)")
     p.add_argument("--peer", choices=("simple", "default"),
                    help="convert with convert_to_quant 1.3.4 instead (its --simple RTN or default optimizer)")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder (default: eval-out)")
@@ -30,8 +31,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", type=int, default=None, help="MiniLM: use only the first N sentences")
     p.add_argument("--compare", nargs="+", type=Path, metavar="REPORT.json",
                    help="print these reports side by side and exit")
+    from comfyquant.autoprec.cli_flags import add_auto_args
     from comfyquant.optimize.cli_flags import add_optimizer_args
 
+    add_auto_args(p)
     add_optimizer_args(p)
     return p
 
@@ -60,7 +63,8 @@ def _eval(argv: list[str] | None) -> int:
                      calibration=args.calibration, calibration_lora=args.calibration_lora,
                      peer=args.peer, sentences=args.sentences,
                      sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
-                     command="comfyquant eval " + shlex.join(argv_list))
+                     command="comfyquant eval " + shlex.join(argv_list), budget=args.budget,
+                     target_gpu=args.target_gpu, allow_comfyquant_formats=args.allow_comfyquant_formats)
     report = run_eval(cfg)
     print(side_by_side([report], [f"{report['model']} {report['format']}"]), end="")
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'layers.png'}")

@@ -41,6 +41,10 @@ class EvalConfig:
     sentences: int | None = None
     command: str = ""
     progress: bool = False
+    # format "auto": the budget, the target GPU and whether non-stock formats are candidates
+    budget: str | None = None
+    target_gpu: str | None = None
+    allow_comfyquant_formats: bool = False
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -52,17 +56,20 @@ def check_config(cfg: EvalConfig) -> None:
         raise UserError(f"the eval needs {', '.join(missing)}: pip install 'comfyquant[eval]'")
 
 
-def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path, str]:
-    """Convert the workload's float file with comfyquant (or the peer); returns the file and who made it."""
+def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path, str, dict[str, Any] | None]:
+    """Convert the workload's float file with comfyquant (or the peer); returns the file, who made it and, for
+    ``--format auto``, the automatic-precision plan (its summary, predictions and calibration measurements)."""
     if cfg.format is None:
         raise UserError("--format is required unless --model is an already-quantized file")
+    if cfg.format == "auto" and cfg.peer:
+        raise UserError("--peer converts with convert_to_quant, which has no automatic precision")
     src = workload.reference_file()
     dst = out / f"{workload.name}-{cfg.format}{'-peer-' + cfg.peer if cfg.peer else ''}.safetensors"
     if cfg.peer:
         from comfyquant.eval.peer import PEER_VERSION, peer_args, run_peer
 
         run_peer(peer_args(src, dst, cfg.format, cfg.peer, workload.peer_extra_args()))
-        return dst, f"convert_to_quant {PEER_VERSION} ({cfg.peer})"
+        return dst, f"convert_to_quant {PEER_VERSION} ({cfg.peer})", None
     from comfyquant.convert.api import convert
 
     layer_config = None
@@ -70,13 +77,25 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
         layer_config = out / "layer_config.json"
         layer_config.write_text(json.dumps(workload.layer_config(), indent=1))
     calibration = cfg.calibration
-    if cfg.optimizer is not None and cfg.optimizer.needs_calibration and calibration is None:
+    optimizing = cfg.optimizer is not None and cfg.optimizer.needs_calibration
+    if optimizing and calibration is None:
         calibration = str(calibrate_workload(workload, out))
-    convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
-            force=True, progress=cfg.progress, optimizer=cfg.optimizer,
-            calibration=calibration if cfg.optimizer is not None and cfg.optimizer.needs_calibration else None,
-            calibration_lora=cfg.calibration_lora)
-    return dst, f"comfyquant ({method_label(cfg.optimizer)})"
+    auto = cfg.format == "auto"
+    probe = None
+    if auto:
+        from comfyquant.eval.autoprobe import probe_for
+
+        probe = probe_for(src)
+    rep = convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
+                  force=True, progress=cfg.progress, optimizer=cfg.optimizer,
+                  calibration=calibration if optimizing or auto else None, calibration_lora=cfg.calibration_lora,
+                  budget=cfg.budget, target_gpu=cfg.target_gpu, allow_comfyquant_formats=cfg.allow_comfyquant_formats,
+                  probe=probe, verify_heldout=False)
+    plan = None
+    if rep.auto is not None:
+        plan = {k: v for k, v in rep.auto.to_dict().items() if k != "layers"}
+        plan["layers"] = rep.auto.formats()
+    return dst, f"comfyquant ({method_label(cfg.optimizer)})", plan
 
 
 def method_label(opt: Any) -> str:
@@ -100,6 +119,15 @@ def calibrate_workload(workload: Any, out: Path) -> Path:
     src = resolve_source(str(workload.reference_file()))
     calibrate_to_file(src.model, src.run, path, meta=src.meta)
     return path
+
+
+def heldout_quality(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The workload's auto-precision metric as the eval measured it on its held-out inputs."""
+    if "psnr_db" in metrics:
+        return {"psnr": metrics["psnr_db"]["mean"], "psnr_min": metrics["psnr_db"]["min"],
+                "items": metrics["samples"]}
+    return {"cosine": metrics["cosine"]["mean"], "cosine_min": metrics["cosine"]["min"],
+            "items": metrics["sentences"]}
 
 
 def summarize(stats: list[LayerStat]) -> dict[str, Any]:
@@ -127,9 +155,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     workload, qfile = resolve_workload(cfg.model, cfg.sampling, cfg.sentences)
-    made_by = "given file"
+    made_by, auto = "given file", None
     if qfile is None:
-        qfile, made_by = quantize_reference(workload, cfg, out)
+        qfile, made_by, auto = quantize_reference(workload, cfg, out)
     torch.manual_seed(0)
     ref = workload.float_model()
     quant, load = load_quantized_report(workload.empty_model(), qfile, compute_dtype=torch.float32)
@@ -148,6 +176,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "layers": [s.to_dict() for s in stats], "seconds": round(time.time() - start, 1),
         "device": "cpu", "torch": torch.__version__,
     }
+    if auto is not None:
+        auto["heldout"] = heldout_quality(metrics)
+        report["auto"] = auto
     from comfyquant.eval.compare import markdown_report, plot_layers
 
     (out / "report.json").write_text(json.dumps(report, indent=1))
