@@ -88,6 +88,17 @@ def test_default_output_names(tmp_path, model, capsys, flags, name):
         assert "note: --distillation_small: comfyquant's chroma preset" in err
 
 
+def test_fp16_casts_every_floating_tensor(tmp_path, model, capsys):
+    out = tmp_path / "o.safetensors"
+    rc, _, err = _run(capsys, "-i", model, "-o", out, "--fp16")
+    assert rc == 0, err
+    assert "comfy_quant" not in err  # a plain cast has no comfy_quant metadata to talk about
+    src, got = load_file(str(model)), load_file(str(out))
+    assert got.keys() == src.keys()
+    for k, v in src.items():  # biases, kept embedders and modulation too, not only the quantizable layers
+        assert got[k].dtype == torch.float16 and torch.equal(got[k], v.to(torch.float16)), k
+
+
 def test_without_comfy_quant_flag_says_it_is_implied(tmp_path, model, capsys):
     rc, _, err = _run(capsys, "-i", model, "-o", tmp_path / "o.safetensors")
     assert rc == 0 and "--comfy_quant is implied" in err

@@ -10,13 +10,11 @@ inputs, re-solving with the measured correction when a quality floor is missed t
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from comfyquant.autoprec.budget import Budget
 from comfyquant.autoprec.candidates import KEEP, CandidatePolicy, layer_params
@@ -26,6 +24,7 @@ from comfyquant.autoprec.solver import Frontier
 from comfyquant.calibration.stats import LayerStats
 from comfyquant.errors import UserError
 from comfyquant.formats import get_format
+from comfyquant.progress import QUIET, Progress
 
 AUTO = "auto"
 
@@ -48,13 +47,14 @@ class LayerSource:
 class AutoConfig:
     """``margin_db``: distortion headroom a quality floor is planned with (held-out inputs differ from the
     calibration ones); ``rounds``: re-solves after a floor is missed on the calibration inputs; ``device``:
-    where the sensitivity math runs; ``resolution``: the solver's byte grid."""
+    where the sensitivity math runs; ``resolution``: the solver's byte grid; ``progress``: where the per-layer
+    work reports itself."""
 
     margin_db: float = 0.5
     rounds: int = 3
     device: str | None = None
     resolution: int = 1 << 16
-    progress: bool = False
+    progress: Progress = QUIET
 
 
 @dataclass
@@ -155,15 +155,11 @@ def _kv(d: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, dynamic_ncols=True)
-
-
 def measure_layers(layers: Sequence[LayerSource], policy: CandidatePolicy,
                    stats_of: Callable[[str], LayerStats | None], config: AutoConfig) -> list[LayerSensitivity]:
     """Every layer's candidate options, one weight (and its statistics) in memory at a time."""
     out = []
-    with _bar(len(layers), "auto: layer sensitivity", config.progress) as bar:
+    with config.progress.task("auto precision: layer sensitivity", len(layers), "layers") as bar:
         for src in layers:
             w = src.load()
             out.append(layer_sensitivity(src.name, w, stats_of(src.name), policy.formats_for(src.dtype),
@@ -212,7 +208,7 @@ def plan_precision(layers: Sequence[LayerSource], budget: Budget, policy: Candid
                      + ", ".join(weight_only[:5]) + (" ..." if len(weight_only) > 5 else ""))
     gains = None
     if probe is not None:
-        with _bar(len(sens), f"auto: {probe.name} per-layer probes", config.progress) as bar:
+        with config.progress.task(f"auto precision: {probe.name} probes", len(sens), "layers") as bar:
             gains = measure_gains(probe, sens, bar)
     plan = AutoPlan(budget, policy.describe(), [], bytes_in, fixed_bytes, probe.metric if probe else None,
                     notes=notes)

@@ -16,6 +16,8 @@ from typing import NoReturn
 
 from comfyquant.errors import UserError
 from comfyquant.exits import argv_or_sys, run_cli
+from comfyquant.progress import HELP as PROGRESS_HELP
+from comfyquant.progress import Progress
 
 PROG = "convert_to_quant"
 
@@ -56,6 +58,8 @@ UNSUPPORTED = (
     "hl he hf ha hm hlr"
 ).split()
 
+PROGRESS = Progress(prog=PROG)  # a bar on a terminal, plain lines in a redirected stderr; warnings always
+
 SCALING = {"tensor": "int8-tensor", "axis": "int8", "row": "int8", "block": "int8-block", "block2d": "int8-block"}
 _SCALING_SUFFIX = {"int8-tensor": "_tensorwise", "int8": "_rowwise", "int8-rot": "_rowwise"}
 
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write per-layer comfy_quant metadata (always on in comfyquant)")
     p.add_argument("--int8", action="store_true", help="INT8 weights (the default)")
     p.add_argument("--simple", action="store_true", help="round to nearest (what comfyquant always does)")
-    p.add_argument("--fp16", action="store_true", help="cast the quantizable layers to float16 instead")
+    p.add_argument("--fp16", action="store_true", help="store every floating tensor as float16 instead")
     p.add_argument("--convrot", action="store_true",
                    help="INT8 per-row with group-wise Hadamard rotation (comfyquant format int8-rot)")
     p.add_argument(*_alts("scaling_mode"), dest="scaling_mode", choices=sorted(SCALING),
@@ -114,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_alts("manual_seed"), type=int, dest="manual_seed",
                    help="accepted for compatibility; round-to-nearest uses no randomness")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument(*_alts("strict_preset"), action="store_true", dest="strict_preset",
+                   help="make a model flag whose preset does not fit the file an error (exit 2) instead of a warning")
     from comfyquant.cli import ctq_optimizer_flags
 
     ctq_optimizer_flags.add_args(p)
-    p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS)
+    p.epilog = "model flags: " + " ".join(f"--{f}" for f in MODEL_FLAGS) + ". " + PROGRESS_HELP
     return p
 
 
@@ -214,18 +220,22 @@ def run(argv: Sequence[str]) -> int:
     block = a.block_size or 128
     if a.dry_run == "analyze":
         from comfyquant.convert.inspect import inspect_checkpoint
+        from comfyquant.convert.preset_check import preset_warning
 
-        print(inspect_checkpoint(a.input, model=model, fmt=fmt, block_size=block,
-                                 layer_config=a.layer_config).to_text())
+        result = inspect_checkpoint(a.input, model=model, fmt=fmt, block_size=block, layer_config=a.layer_config)
+        warning = preset_warning(a.input, model, a.strict_preset, PROGRESS)
+        if warning is not None:
+            result.notes.append(warning)
+        print(result.to_text())
     elif a.dry_run == "create-template":
         from comfyquant.convert.template import write_template
 
         out = a.output or default_output(a.input, "_layer_config_template.json")
         n = write_template(a.input, out, model=model, fmt=fmt, block_size=block, force=a.force,
-                           layer_config=a.layer_config)
+                           layer_config=a.layer_config, strict_preset=a.strict_preset, progress=PROGRESS)
         print(f"wrote {out} ({n} rules)")
     else:
-        if not a.comfy_quant:
+        if not a.comfy_quant and fmt != "fp16":  # a plain fp16 cast carries no comfy_quant metadata at all
             notes.append("comfyquant always writes per-layer comfy_quant metadata (--comfy_quant is implied)")
         from comfyquant.cli.ctq_optimizer_flags import resolve
 
@@ -243,8 +253,9 @@ def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: i
     from comfyquant.convert.api import convert
 
     kwargs = {"format": fmt, "model": model, "layer_config": a.layer_config, "device": a.device,
-              "low_memory": a.low_memory, "block_size": block, "optimizer": optimizer,
-              "calibration": calibration, "calibration_lora": lora}
+              "low_memory": a.low_memory, "block_size": block, "progress": PROGRESS,
+              "strict_preset": a.strict_preset, "optimizer": optimizer, "calibration": calibration,
+              "calibration_lora": lora}
     if not a.save_quant_metadata:
         report = convert(a.input, out, force=a.force, **kwargs)
     else:  # convert next to the output, then add the header entry while keeping the per-layer tensors
@@ -258,7 +269,8 @@ def _run_convert(a: argparse.Namespace, out: str, fmt: str, model: str, block: i
             report = convert(a.input, stage, force=True, **kwargs)
             edit_checkpoint(stage, target, to_header_metadata=True, keep_layer_metadata=True, force=a.force)
         finally:
-            stage.unlink(missing_ok=True)
+            if stage.exists():  # not created in a read-only folder, where even unlink(missing_ok) fails (EROFS)
+                stage.unlink()
     print(report.to_text())
     print(f"wrote {out}")
 

@@ -17,6 +17,9 @@ from typing import NoReturn
 from comfyquant.autoprec.cli_flags import add_auto_args
 from comfyquant.errors import UserError
 from comfyquant.exits import argv_or_sys, run_cli
+from comfyquant.presets.fit import STRICT_HELP
+from comfyquant.progress import HELP as PROGRESS_HELP
+from comfyquant.progress import Progress
 
 
 def format_choices() -> list[str]:
@@ -41,7 +44,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports usage mistakes as a UserError (one line, exit 2) instead of printing usage."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+        # run_cli prefixes "comfyquant: error: "; the command's name is in the --help hint
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 # -- convert ------------------------------------------------------------------------------------------------
@@ -64,12 +68,18 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="overwrite OUTPUT; keep NaN/Inf layers in high precision instead of failing")
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
+    p.add_argument("--strict-preset", action="store_true", help=STRICT_HELP)
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bar and no report table (the bar is shown only when stderr is a terminal)")
+                   help="no progress and no report table (warnings and errors are still printed)")
     add_auto_args(p)
     from comfyquant.optimize.cli_flags import add_optimizer_args
 
     add_optimizer_args(p)
+    p.epilog = PROGRESS_HELP
+
+
+def _progress(a: argparse.Namespace) -> Progress:
+    return Progress(mode="off" if getattr(a, "quiet", False) else "auto", prog="comfyquant")
 
 
 def _run_convert(a: argparse.Namespace) -> int:
@@ -79,13 +89,16 @@ def _run_convert(a: argparse.Namespace) -> int:
     report = convert(a.input, a.output, format=resolve_requant(a.format, a), model=a.model,
                      layer_config=a.layer_config, report=a.report, plot=a.plot, device=a.device,
                      low_memory=a.low_memory, force=a.force, block_size=a.block_size,
-                     progress=not a.quiet and sys.stderr.isatty(), fallback=a.fallback,
+                     progress=_progress(a), strict_preset=a.strict_preset, fallback=a.fallback,
                      optimizer=optimizer_config(a, a.device), calibration=a.calibration,
                      calibration_lora=a.calibration_lora, budget=a.budget, target_gpu=a.target_gpu,
                      allow_comfyquant_formats=a.allow_comfyquant_formats, probe=auto_probe(a.format, a.input))
     if not a.quiet:
         print(report.to_text())
         print(f"wrote {a.output}")
+        for what, path in (("report", a.report), ("plot", a.plot)):
+            if path:
+                print(f"wrote {what} {path}")
     return 0
 
 
@@ -96,6 +109,7 @@ def _add_plan_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
     p.add_argument("--format", default="int8", choices=choices, help="planned format (default: int8)")
     p.add_argument("--layer-config", metavar="FILE", help="JSON of ordered regex rules -> format or skip")
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
+    p.add_argument("--strict-preset", action="store_true", help=STRICT_HELP)
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
@@ -109,11 +123,16 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 def _run_inspect(a: argparse.Namespace) -> int:
     from comfyquant.convert.inspect import inspect_checkpoint
+    from comfyquant.convert.preset_check import preset_warning
 
     result = inspect_checkpoint(a.file, model=a.model, fmt=a.format, block_size=a.block_size,
                                 layer_config=a.layer_config, budget=a.budget, target_gpu=a.target_gpu,
                                 allow_comfyquant_formats=a.allow_comfyquant_formats, calibration=a.calibration,
                                 device=a.device, probe=auto_probe(a.format, a.file))
+    if result.kind == "float":  # a quantized file is described as it is; --model plays no part there
+        warning = preset_warning(a.file, a.model, a.strict_preset, _progress(a))
+        if warning is not None:
+            result.notes.append(warning)
     print(json.dumps(result.to_dict(), indent=1) if a.json else result.to_text())
     return 0
 
@@ -129,7 +148,8 @@ def _run_template(a: argparse.Namespace) -> int:
     from comfyquant.convert.template import write_template
 
     n = write_template(a.input, a.output, model=a.model, fmt=a.format, block_size=a.block_size,
-                       force=a.force, layer_config=a.layer_config)
+                       force=a.force, layer_config=a.layer_config, strict_preset=a.strict_preset,
+                       progress=_progress(a))
     print(f"wrote {a.output} ({n} rules)")
     return 0
 
@@ -144,7 +164,8 @@ def _add_edit(p: argparse.ArgumentParser) -> None:
                    help="move per-layer comfy_quant tensors into the legacy header entry")
     g.add_argument("--to-layer-metadata", action="store_true",
                    help="move legacy header / scaled_fp8 metadata into per-layer comfy_quant tensors")
-    p.add_argument("--force", action="store_true", help="overwrite OUT")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite OUT; also write a file whose removed keys leave a layer ComfyUI cannot load")
 
 
 def _run_edit(a: argparse.Namespace) -> int:
@@ -178,11 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     from comfyquant import __version__
 
     parser = _Parser(prog="comfyquant", description="Quantize diffusion-model checkpoints for ComfyUI.",
-                     epilog="more: " + ", ".join(f"{k} ({v[0]})" for k, v in EXTERNAL.items()))
+                     epilog="COMMAND --help shows the options of each command.")
     parser.add_argument("--version", action="version", version=f"comfyquant {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_, add, _run) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))
+    for name, (help_, _entry) in EXTERNAL.items():  # listed here; run() hands their arguments to their own parser
+        sub.add_parser(name, help=help_, add_help=False)
     return parser
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from comfyquant.errors import UserError
+from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.io.comfy_meta import (
     HEADER_KEY,
     QUANT_SUFFIX,
@@ -222,7 +223,7 @@ def edit_checkpoint(path: str | Path, output: str | Path, remove_keys: Iterable[
                      "none" if not st.layers else "header" if to_header_metadata else "layer",
                      removed_tensors=drop_tensors)
     changed = _remove_config_keys(st, [k for k in keys if k not in reader.infos], res, reader.path)
-    _check_layers(reader, st, set(drop_tensors), res)
+    _check_layers(reader, st, set(drop_tensors), res, force)
     specs, sources = _output_plan(reader, st, set(drop_tensors), changed, to_header_metadata and
                                   not keep_layer_metadata)
     metadata = dict(reader.metadata)
@@ -267,23 +268,51 @@ def _remove_config_keys(st: QuantState, keys: list[str], res: EditResult, path: 
     return changed
 
 
-def _check_layers(reader: CheckpointReader, st: QuantState, dropped: set[str], res: EditResult) -> None:
-    """Notes for layers the edit leaves in a state ComfyUI cannot load (the user asked for it)."""
-    present = {st.renames.get(n, n) for n in reader.infos if n not in dropped and n not in st.dropped}
-    needs_scale = ("int8_tensorwise", "int8_blockwise", "float8_e4m3fn", "float8_e5m2")
+def _check_layers(reader: CheckpointReader, st: QuantState, dropped: set[str], res: EditResult,
+                  force: bool) -> None:
+    """Refuse an edit that breaks a layer for ComfyUI's loader (a quantized weight left without its scale, a
+    config without its weight) unless ``force``; then, and for layers the input already had broken, a note."""
+    before = {st.renames.get(n, n) for n in reader.infos if n not in st.dropped}
+    shapes = {st.renames.get(n, n): tuple(t.shape) for n, t in reader.infos.items()}
+    after = {n for n in before if n not in {st.renames.get(d, d) for d in dropped}}
+    broken: list[str] = []
     for layer, conf in st.layers.items():
-        if f"{layer}.weight" not in present:
-            res.notes.append(f"'{layer}' has a comfy_quant config but no '{layer}.weight' tensor")
-        elif conf.get("format") in needs_scale and f"{layer}.weight_scale" not in present:
-            res.notes.append(f"'{layer}' ({conf['format']}) has no weight_scale; ComfyUI will fail to load it")
+        was, now = _load_problem(layer, conf, before, shapes), _load_problem(layer, conf, after, shapes)
+        if was is not None:
+            res.notes.append(f"'{layer}' has {was} in the input already: ComfyUI will fail to load it")
+        elif now is not None:
+            broken.append(f"'{layer}' would have {now}")
+    if broken and not force:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise UserError(f"{broken[0]}{more}: ComfyUI cannot load that file; keep those tensors, or pass --force "
+                        "to write it anyway")
+    res.notes += [f"{b}: ComfyUI will fail to load it (written because of --force)" for b in broken]
     for n in dropped:
-        if n.endswith(".weight") and n[: -len(".weight")] in st.layers:
-            res.notes.append(f"removed '{n}' but kept its comfy_quant config")
         if n.endswith(QUANT_SUFFIX):
             w = reader.infos.get(n[: -len(QUANT_SUFFIX)] + ".weight")
             if w is not None and w.dtype in (torch.int8, *_FP8_FORMATS):
                 res.notes.append(f"removed '{n}': its {str(w.dtype).removeprefix('torch.')} weight will load as "
                                  "a plain (unscaled) weight")
+
+
+def _load_problem(layer: str, conf: dict[str, Any], present: set[str],
+                  shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What ComfyUI's loader would miss for this layer among the ``present`` tensor names, or None: the
+    weight, and every tensor the format registry says a layer of that format stores (optional ones aside)."""
+    if f"{layer}.weight" not in present:
+        return f"a comfy_quant config but no '{layer}.weight' tensor"
+    fmts = FORMATS.for_comfy_format(str(conf.get("format")))
+    if not fmts:
+        return None  # an unknown format is reported by inspect/the loader with its own message
+    try:
+        fmt = FORMATS.identify(conf, {k[len(layer) + 1:]: v for k, v in shapes.items() if k.startswith(layer + ".")})
+        params = fmt.params_from_conf(conf)
+        logical = fmt.logical_shape(shapes[f"{layer}.weight"], params)
+        slots = fmt.slots(logical, {**params, **fmt.resolve(logical, params)}) if logical else []
+    except ValueError:  # FormatShapeError too: the file's own problem, reported elsewhere
+        return None
+    missing = [s.suffix for s in slots if s.suffix != "input_scale" and f"{layer}.{s.suffix}" not in present]
+    return f"no {', '.join(missing)} for its {conf['format']} weight" if missing else None
 
 
 def _output_plan(reader: CheckpointReader, st: QuantState, dropped: set[str], changed: set[str],

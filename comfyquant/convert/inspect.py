@@ -105,11 +105,12 @@ def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8",
     if fmt == "auto":
         from comfyquant.convert.auto import plan_auto_conversion
         from comfyquant.convert.pipeline import ConvertOptions
+        from comfyquant.progress import QUIET
 
         opts_auto = ConvertOptions(format=fmt, model=model, layer_config=layer_config, device=device,
                                    block_size=block_size, calibration=calibration, budget=budget,
                                    target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
-                                   probe=probe, progress=False)
+                                   probe=probe, progress=QUIET)
         plan, auto = plan_auto_conversion(reader, opts_auto)
     else:
         get_format(fmt)

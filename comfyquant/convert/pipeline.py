@@ -12,16 +12,15 @@ GPU memory after every tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
-import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from comfyquant import __version__
 from comfyquant.autoprec.plan import AUTO
@@ -33,6 +32,8 @@ from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader, resolve_input
 from comfyquant.io.writer import StreamingWriter
 from comfyquant.optimize.hessian import LayerFallback as OptimizerFallback
+from comfyquant.presets.fit import check_model_choice
+from comfyquant.progress import Progress
 from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
 
 CHUNK_ELEMENTS = 2**20  # CPU row chunks: float32 temporaries of 4 MiB stay in cache (several times faster)
@@ -53,11 +54,12 @@ class ConvertOptions:
     low_memory: bool = False
     force: bool = False
     block_size: int = 128
-    progress: bool = True
+    progress: Progress = field(default_factory=Progress)
     fallback: str | None = None
     optimizer: Any = None  # comfyquant.optimize.OptimizerConfig (None: round to nearest)
     calibration: Any = None  # calibration file, "synthetic", or in-memory statistics (``.get(layer)``)
     calibration_lora: str | None = None
+    strict_preset: bool = False
     # --format auto: the budget ("size=0.4", an autoprec.Budget), candidate policy, and the workload probe
     # (autoprec.Probe) of a reference model; ``verify_heldout`` checks the written file on held-out inputs
     budget: Any = None
@@ -189,19 +191,16 @@ class _Streamer:
 
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
-        n = len(self.plan.entries)
+        entries = self.plan.entries
         with StreamingWriter(output, self.plan.specs, metadata, overwrite=self.opts.force,
                              background=True, amendable=True) as w, \
-                tqdm(total=self.plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                     desc="converting", disable=not self.opts.progress, dynamic_ncols=True) as bar:
-            entries = self.plan.entries
+                self.opts.progress.task("convert", len(entries), "tensors", total_bytes=self.plan.bytes_in) as bar:
             for i, e in enumerate(entries):
                 nxt = next((x for x in entries[i + 1:i + 3] if x.action != DROP), None)
                 if nxt is not None:
                     self.reader.prefetch(nxt.name)
                 layers.append(self.process(e, w))
-                bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
-                bar.update(e.bytes_in)
+                bar.update(1, e.bytes_in)
                 if self.opts.low_memory and self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return layers
@@ -215,7 +214,8 @@ class _Streamer:
         if e.action == KEEP:
             w.write(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))
             return rep
-        x = t.to(self.device)
+        # a cast format casts 1-D / conv tensors too (convert/cast.py): the math sees a 2-D view of them
+        x = t.to(self.device).reshape(_matrix_shape(t.shape))
         if self.hooks is not None:
             x = self.hooks.rewrite(e.name, x)
         fmt = get_format(e.format or self.plan.format)
@@ -234,7 +234,7 @@ class _Streamer:
             rep.optimizer, rep.optimizer_gain_db = res.method, res.gain_db
             rep.notes = list(self.hooks.layer_notes.get(e.layer, []))
         if e.action == CAST:
-            w.write(e.name, tensors["weight"])
+            w.write(e.name, tensors["weight"].reshape(e.shape))
             return rep
         for spec in e.outputs:
             suffix = spec.name[len(e.layer) + 1:]
@@ -255,6 +255,13 @@ class _Streamer:
         return quantize_rows(x, fmt, e.params, CHUNK_ELEMENTS if self.device.type == "cpu" else None)
 
 
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view a tensor is converted as: itself, ``[n, 1]`` for a vector, ``[out, rest]`` for a kernel."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    return (shape[0] if shape else 1), (math.prod(shape[1:]) if len(shape) > 1 else 1)
+
+
 def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Report:
     """Convert ``input`` to ``output`` as ``opts`` say and return the report (the API and CLI call this)."""
     start = time.perf_counter()
@@ -262,6 +269,7 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     reader = CheckpointReader(resolve_input(input))
     check_paths(reader, out, opts.force)
     device = resolve_device(opts.device)
+    mismatch = check_model_choice(opts.model, reader.shapes(), opts.strict_preset)
     auto = None
     if opts.format == AUTO:
         from comfyquant.convert.auto import plan_auto_conversion
@@ -276,6 +284,9 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     if auto is not None:
         metadata[AUTO_METADATA] = json.dumps(auto.summary(), separators=(",", ":"))
     notes: list[str] = []
+    if mismatch is not None:
+        opts.progress.warn(mismatch)  # before the work starts, so a wrong --model can be stopped at once
+        notes.append(mismatch)
     from comfyquant.convert.optimizing import make_hooks
 
     hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora,

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from comfyquant.convert.cast import cast_kept_tensor
 from comfyquant.convert.layer_config import LayerConfig
 from comfyquant.errors import UserError
 from comfyquant.formats import FormatShapeError, QuantFormat, get_format
@@ -291,6 +292,10 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
                                                                      **c.options}, options.fallback)
         elif e.action == KEEP:
             e.outputs = [TensorSpec(name, info.dtype, info.shape)]
+            if name in overrides:  # --force keeps it as it is (NaN/Inf, beyond the float16 range)
+                e.rule, e.reason = "forced", overrides[name]
+            else:
+                cast_kept_tensor(e, options.format)
         entries.append(e)
     _check_collisions(entries)
     return Plan(entries, options.format, preset.name, options.block_size)

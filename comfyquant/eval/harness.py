@@ -20,6 +20,8 @@ from comfyquant.errors import UserError
 from comfyquant.eval.layerstats import LayerStat, layer_stats
 from comfyquant.eval.sampling import SampleConfig
 from comfyquant.eval.workloads import resolve_workload
+from comfyquant.io.writer import write_small_file
+from comfyquant.progress import QUIET, Progress
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class EvalConfig:
     sampling: SampleConfig = field(default_factory=SampleConfig)
     sentences: int | None = None
     command: str = ""
-    progress: bool = False
+    progress: Progress = QUIET  # the CLI passes a terminal bar / plain lines; tests and the API stay quiet
     # format "auto": the budget, the target GPU and whether non-stock formats are candidates
     budget: str | None = None
     target_gpu: str | None = None
@@ -65,6 +67,8 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
         raise UserError("--peer converts with convert_to_quant, which has no automatic precision")
     src = workload.reference_file()
     dst = out / f"{workload.name}-{cfg.format}{'-peer-' + cfg.peer if cfg.peer else ''}.safetensors"
+    cfg.progress.stage(f"quantizing {workload.name} to {cfg.format} with "
+                       f"{'convert_to_quant (' + cfg.peer + ')' if cfg.peer else 'comfyquant'} -> {dst}")
     if cfg.peer:
         from comfyquant.eval.peer import PEER_VERSION, peer_args, run_peer
 
@@ -147,25 +151,46 @@ def summarize(stats: list[LayerStat]) -> dict[str, Any]:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Run one eval and write ``report.json``, ``report.md``, ``layers.png`` (and ``samples.png``) to ``cfg.out``."""
+    """Run one eval and write ``report.json``, ``report.md``, ``layers.png`` (and ``samples.png``) to ``cfg.out``.
+
+    Everything that can be refused is checked before ``cfg.out`` is created, and an output folder this run
+    created is removed again when the run fails before writing anything into it.
+    """
+    check_config(cfg)
+    workload, qfile = resolve_workload(cfg.model, cfg.sampling, cfg.sentences)
+    if qfile is None and cfg.format is None:
+        raise UserError("--format is required unless --model is an already-quantized file")
+    created = not cfg.out.exists()
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {cfg.out}: {e.strerror or e}") from None
+    try:
+        return _run(cfg, workload, qfile)
+    except BaseException:
+        if created and cfg.out.is_dir() and not any(cfg.out.iterdir()):
+            cfg.out.rmdir()
+        raise
+
+
+def _run(cfg: EvalConfig, workload: Any, qfile: Path | None) -> dict[str, Any]:
     from comfyquant.runtime.loader import load_quantized_report
 
-    check_config(cfg)
     start = time.time()
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    workload, qfile = resolve_workload(cfg.model, cfg.sampling, cfg.sentences)
+    out, say = cfg.out, cfg.progress.stage
     made_by, auto = "given file", None
     if qfile is None:
         qfile, made_by, auto = quantize_reference(workload, cfg, out)
+    say(f"loading the float reference and {qfile.name}")
     torch.manual_seed(0)
     ref = workload.float_model()
     quant, load = load_quantized_report(workload.empty_model(), qfile, compute_dtype=torch.float32)
     quant.eval()
     if not load.quantized:
         raise UserError(f"{qfile}: no quantized layers were loaded; nothing to evaluate")
+    say(f"per-layer statistics: {len(load.quantized)} quantized layers, one forward pass through both models")
     stats = layer_stats(ref, quant, workload.stats_pass)
-    metrics = workload.evaluate(ref, quant, out)
+    metrics = workload.evaluate(ref, quant, out, cfg.progress)
     formats = sorted(set(load.quantized.values()))
     report = {
         "model": workload.name, "format": cfg.format or "/".join(formats), "quantizer": made_by,
@@ -179,9 +204,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if auto is not None:
         auto["heldout"] = heldout_quality(metrics)
         report["auto"] = auto
-    from comfyquant.eval.compare import markdown_report, plot_layers
+    from comfyquant.eval.compare import markdown_report
+    from comfyquant.eval.plots import plot_layers
 
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown_report(report))
+    say(f"writing report.json, report.md and layers.png to {out}")
+    write_small_file(out / "report.json", json.dumps(report, indent=1))
+    write_small_file(out / "report.md", markdown_report(report))
     plot_layers(stats, out / "layers.png", f"{workload.name} {report['format']} ({made_by})")
     return report
