@@ -28,21 +28,35 @@ def dit() -> ModelProbe:
 
 
 def test_fake_quantization_is_what_the_loader_runs(dit: ModelProbe, tmp_path: Path) -> None:
-    """The probe's fake-quantized model and the written file loaded by the runtime agree on held-out inputs."""
-    out = tmp_path / "int8.safetensors"
-    rep = convert(DIT_FIXTURE, out, format="int8", progress=False)
-    assign = {x.name.removesuffix(".weight"): (get_format("int8"), {}) for x in rep.layers if x.action == "quantize"}
-    loaded = dit.heldout(out)["psnr"]
-    from comfyquant.autoprec.probe import psnr_of
-    from comfyquant.eval.sampling import class_labels, initial_noise, sample
+    """The probe's fake-quantized model and the written file loaded by the runtime have the same error.
 
+    Not bit-identical: float32 accumulation order differs, and activations sitting on a rounding boundary
+    then round to neighbouring codes, so the two error patterns differ while their size agrees.
+    """
+    from comfyquant.eval.sampling import class_labels, initial_noise
+    from comfyquant.eval.workloads import DigitsWorkload
+    from comfyquant.runtime.loader import load_quantized
+
+    out = tmp_path / "int8-rot.safetensors"
+    rep = convert(DIT_FIXTURE, out, format="int8-rot", progress=False)
+    fmt = get_format("int8-rot")
+    assign = {x.name.removesuffix(".weight"): (fmt, fmt.resolve(tuple(x.shape))) for x in rep.layers
+              if x.action == "quantize"}
+    loaded = load_quantized(DigitsWorkload().empty_model(), out, compute_dtype=torch.float32).eval()
     m = dit.model
-    labels = class_labels(10, 3)
-    noise = initial_noise(len(labels), (16, 8, 8), 1234)
-    ref = sample(m.velocity, labels, 10, noise, 8, 3.0)
-    with torch.no_grad(), fake_quantized(m, assign):
-        fq = sample(m.velocity, labels, 10, noise, 8, 3.0)
-    assert psnr_of((ref.double() - fq.double()).square().flatten(1).mean(1)) == pytest.approx(loaded, abs=0.2)
+    labels = class_labels(10, 4)
+    x = initial_noise(len(labels), (16, 8, 8), 99)
+    errs = []
+    with torch.no_grad():
+        for t in (0.9, 0.5, 0.1):
+            tt = torch.full((len(labels),), t)
+            ref = m.velocity(x, tt, labels)
+            with fake_quantized(m, assign):
+                fq = m.velocity(x, tt, labels)
+            lq = loaded.velocity(x, tt, labels)
+            errs.append((float((fq - ref).square().mean()), float((lq - ref).square().mean())))
+    fake, real = sum(e[0] for e in errs), sum(e[1] for e in errs)
+    assert fake == pytest.approx(real, rel=0.05)
 
 
 def test_auto_beats_the_uniform_format_of_its_size(dit: ModelProbe, tmp_path: Path) -> None:
@@ -67,7 +81,7 @@ def test_psnr_floor_holds_on_heldout_samples(dit: ModelProbe, tmp_path: Path) ->
 
 
 def test_cosine_floor_holds_on_heldout_sentences(tmp_path: Path) -> None:
-    probe = minilm_probe(sentences=32)
+    probe = minilm_probe(sentences=16)
     cfg = tmp_path / "rules.json"
     cfg.write_text('{"rules": [{"pattern": "^embeddings\\\\.", "format": "skip"}]}')
     out = tmp_path / "auto.safetensors"
@@ -75,7 +89,7 @@ def test_cosine_floor_holds_on_heldout_sentences(tmp_path: Path) -> None:
                   progress=False)
     assert rep.auto.heldout["cosine"] >= 0.9993
     assert rep.auto.heldout["items"] == 213
-    assert rep.auto.size_ratio < 0.6  # float32 input: most layers quantized
+    assert rep.auto.size_ratio < 0.66  # float32 input (int8-rot everywhere: 0.646; embeddings stay float32)
 
 
 def probe_source() -> Path:

@@ -8,8 +8,9 @@ weigh layers by how far their error propagates end to end) and returns an :class
 
 from comfyquant.autoprec.budget import Budget, parse_budget
 from comfyquant.autoprec.candidates import KEEP, CandidatePolicy
-from comfyquant.autoprec.plan import AUTO, AutoConfig, AutoPlan, LayerChoice, LayerSource, plan_precision
+from comfyquant.autoprec.plan import AUTO, AutoConfig, LayerSource, plan_precision
 from comfyquant.autoprec.probe import Probe
+from comfyquant.autoprec.result import AutoPlan, LayerChoice
 from comfyquant.autoprec.sensitivity import LayerSensitivity, Option, layer_sensitivity
 from comfyquant.autoprec.solver import Frontier
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from comfyquant.autoprec.budget import Budget
 from comfyquant.autoprec.candidates import KEEP, CandidatePolicy, layer_params
 from comfyquant.autoprec.probe import Probe, measure_gains, with_margin
+from comfyquant.autoprec.result import AutoPlan, LayerChoice
 from comfyquant.autoprec.sensitivity import LayerSensitivity, Option, layer_sensitivity, option_bytes
 from comfyquant.autoprec.solver import Frontier
 from comfyquant.calibration.stats import LayerStats
@@ -46,113 +47,16 @@ class LayerSource:
 @dataclass(frozen=True)
 class AutoConfig:
     """``margin_db``: distortion headroom a quality floor is planned with (held-out inputs differ from the
-    calibration ones); ``rounds``: re-solves after a floor is missed on the calibration inputs; ``device``:
-    where the sensitivity math runs; ``resolution``: the solver's byte grid; ``progress``: where the per-layer
-    work reports itself."""
+    calibration ones); ``rounds``: re-solves after a floor is missed on the calibration inputs; ``refine``:
+    bisection steps toward a smaller plan once one meets it; ``device``: where the sensitivity math runs;
+    ``resolution``: the solver's byte grid; ``progress``: where the per-layer work reports itself."""
 
     margin_db: float = 0.5
     rounds: int = 3
+    refine: int = 3
     device: str | None = None
     resolution: int = 1 << 16
     progress: Progress = QUIET
-
-
-@dataclass
-class LayerChoice:
-    """One layer's chosen option, its error, and the reason in words."""
-
-    name: str
-    shape: tuple[int, int]
-    format: str
-    params: dict[str, Any]
-    nbytes: int
-    bytes_in: int
-    weight_err: float
-    act_err: float
-    gain: float | None
-    basis: str
-    reason: str = ""
-
-    @property
-    def sqnr_db(self) -> float:
-        e = self.weight_err + self.act_err
-        return math.inf if e <= 0 else -10 * math.log10(e)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "format": self.format, "params": self.params,
-                "bytes": self.nbytes, "bytes_in": self.bytes_in, "output_sqnr_db": _num(self.sqnr_db),
-                "weight_err": self.weight_err, "act_err": self.act_err, "gain": self.gain, "basis": self.basis,
-                "reason": self.reason}
-
-
-@dataclass
-class AutoPlan:
-    """The chosen format of every candidate layer, the sizes, predicted and measured quality, notes."""
-
-    budget: Budget
-    candidates: str
-    layers: list[LayerChoice]
-    bytes_in: int  # the whole input (tensor data)
-    fixed_bytes: int  # output bytes of everything automatic precision does not choose for
-    metric: str | None  # "psnr" / "cosine" with a probe, else None
-    predicted: dict[str, Any] = field(default_factory=dict)
-    measured: dict[str, Any] = field(default_factory=dict)  # on the calibration inputs, whole plan at once
-    heldout: dict[str, Any] = field(default_factory=dict)  # on held-out inputs, the written file
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def bytes_out(self) -> int:
-        return self.fixed_bytes + sum(x.nbytes for x in self.layers)
-
-    @property
-    def size_ratio(self) -> float:
-        return self.bytes_out / self.bytes_in if self.bytes_in else 1.0
-
-    def formats(self) -> dict[str, str]:
-        """Layer name -> chosen format (registry name, or ``keep``)."""
-        return {x.name: x.format for x in self.layers}
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for x in self.layers:
-            out[x.format] = out.get(x.format, 0) + 1
-        return dict(sorted(out.items()))
-
-    def summary(self) -> dict[str, Any]:
-        """Compact JSON-able summary (goes into the output file's ``__metadata__``)."""
-        return {"budget": self.budget.describe(), "candidates": self.candidates, "size": round(self.size_ratio, 6),
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "counts": self.counts(),
-                "metric": self.metric, "predicted": self.predicted, "measured_calibration": self.measured,
-                "layers": self.formats()}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self.summary()
-        d.update(heldout=self.heldout, rounds=self.rounds, notes=self.notes,
-                 layers=[x.to_dict() for x in self.layers])
-        return d
-
-    def to_text(self) -> str:
-        """A few lines for the converter's report."""
-        counts = ", ".join(f"{v} {k}" for k, v in self.counts().items())
-        lines = [f"auto precision: budget {self.budget.describe()}; {len(self.layers)} layers chosen ({counts}); "
-                 f"size {self.size_ratio:.1%} of the input"]
-        if self.predicted:
-            lines.append("  predicted (calibration): " + _kv(self.predicted))
-        if self.measured:
-            lines.append("  measured (calibration inputs, whole plan): " + _kv(self.measured))
-        if self.heldout:
-            lines.append("  measured (held-out inputs, written file): " + _kv(self.heldout))
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-def _num(v: float) -> float | str:
-    return "inf" if v == math.inf else v
-
-
-def _kv(d: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
 
 
 def measure_layers(layers: Sequence[LayerSource], policy: CandidatePolicy,
@@ -352,30 +256,67 @@ def _predicted(plan: AutoPlan) -> dict[str, Any]:
 
 def _verify(plan: AutoPlan, sens: list[LayerSensitivity], gains: list[torch.Tensor] | None, choice: list[int],
             budget: Budget, probe: Probe, config: AutoConfig) -> None:
-    """Measure the whole plan on the calibration inputs; a missed quality floor is re-solved with the measured
-    per-item correction (up to ``config.rounds`` times)."""
+    """Measure the whole plan on the calibration inputs (every chosen layer fake-quantized at once).
+
+    A quality floor missed there means the layers' errors did not add up as predicted (they can add
+    coherently): the gains are multiplied by the measured / predicted ratio per item and the plan re-solved,
+    up to ``config.rounds`` times; once a plan meets the floor, ``config.refine`` bisection steps between the
+    last failing and the first passing correction look for a smaller plan that still meets it."""
     assert gains is not None
     quality = budget.quality
-    for r in range(config.rounds + 1):
-        vecs = _vectors(sens, gains)
-        pred = _predict(vecs, choice)
-        measured = probe.distortion(_assignment(sens, choice)).double()
-        q_pred, q_meas = probe.quality(pred), probe.quality(measured)
-        plan.rounds.append({"round": r, "size": round(plan.size_ratio, 6), f"{probe.metric}_predicted": q_pred,
-                            f"{probe.metric}_measured": q_meas})
-        plan.predicted[probe.metric] = q_pred
-        plan.measured = {probe.metric: q_meas, "items": int(measured.numel())}
-        if quality is None or quality[0] == "sqnr" or q_meas >= with_margin(quality[0], quality[1],
-                                                                             config.margin_db):
-            return
-        if r == config.rounds:
-            plan.notes.append(f"{probe.metric} on the calibration inputs {q_meas:.6g} stays below the planned "
-                              f"floor after {config.rounds} corrections")
-            return
-        ratio = torch.where(pred > 0, measured / pred.clamp_min(1e-300), torch.ones_like(pred)).clamp_min(1.0)
-        gains = [g * ratio for g in gains]
-        choice = _solve(sens, gains, budget, plan, probe, config)
-        _fill_plan(plan, sens, gains, choice)
+    floor = None if quality is None or quality[0] == "sqnr" else with_margin(quality[0], quality[1],
+                                                                           config.margin_db)
+
+    def run(corr: torch.Tensor, fixed: list[int] | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        g = [x * corr for x in gains]
+        c = fixed if fixed is not None else _solve(sens, g, budget, plan, probe, config)
+        pred = _predict(_vectors(sens, g), c)
+        meas = probe.distortion(_assignment(sens, c)).double()
+        size = (plan.fixed_bytes + sum(x.options[j].nbytes for x, j in zip(sens, c, strict=True))) / plan.bytes_in
+        plan.rounds.append({"round": len(plan.rounds), "size": round(size, 6),
+                            f"{probe.metric}_predicted": probe.quality(pred),
+                            f"{probe.metric}_measured": probe.quality(meas)})
+        return c, pred, meas
+
+    def finish(c: list[int], corr: torch.Tensor, pred: torch.Tensor, meas: torch.Tensor) -> None:
+        _fill_plan(plan, sens, [x * corr for x in gains], c)
+        plan.predicted[probe.metric] = probe.quality(pred)
+        plan.measured = {probe.metric: probe.quality(meas), "items": int(meas.numel())}
+
+    corr = torch.ones_like(gains[0])
+    c, pred, meas = run(corr, choice)
+    if floor is None or probe.quality(meas) >= floor:
+        finish(c, corr, pred, meas)
+        return
+    failing = corr
+    best = None
+    for _ in range(config.rounds):
+        corr = corr * torch.where(pred > 0, meas / pred.clamp_min(1e-300), torch.ones_like(pred)).clamp_min(1.0)
+        c, pred, meas = run(corr)
+        if probe.quality(meas) >= floor:
+            best = (c, corr, pred, meas)
+            break
+        failing = corr
+    if best is None:
+        finish(c, corr, pred, meas)
+        plan.notes.append(f"{probe.metric} on the calibration inputs {probe.quality(meas):.6g} stays below the "
+                          f"planned floor {floor:.6g} after {config.rounds} corrections")
+        return
+    passing = best[1]
+    for _ in range(config.refine):
+        mid = ((failing.log() + passing.log()) / 2).exp()
+        c, pred, meas = run(mid)
+        if probe.quality(meas) >= floor:
+            passing = mid
+            if _bytes(sens, c) < _bytes(sens, best[0]):
+                best = (c, mid, pred, meas)
+        else:
+            failing = mid
+    finish(*best)
+
+
+def _bytes(sens: Sequence[LayerSensitivity], choice: Sequence[int]) -> int:
+    return sum(s.options[j].nbytes for s, j in zip(sens, choice, strict=True))
 
 
 def _assignment(sens: Iterable[LayerSensitivity], choice: Sequence[int]) -> dict[str, tuple[Any, Any]]:
