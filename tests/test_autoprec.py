@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from comfyquant.calibration.stats import LayerStats
 from comfyquant.errors import UserError
 from comfyquant.formats import REGISTRY, AffineFormat, get_format, quantize_weight
 from comfyquant.io.comfy_meta import encoded_size
-from comfyquant.runtime.kernels import reference
+from comfyquant.runtime.kernels.dispatch import quant_linear
 
 
 # ---- budgets --------------------------------------------------------------------------------------------------
@@ -66,6 +67,8 @@ def test_candidates_come_from_the_registry() -> None:
     fp32 = [f.name for f in CandidatePolicy().formats_for(torch.float32)]
     assert fp32 == [*stock, "fp16", "bf16"]
     assert "int8-block" not in fp32
+    assert "int4-rot" in fp32 and "nvfp4" not in fp32 and "mxfp8" not in fp32  # min_gpu "blackwell"
+    assert {"nvfp4", "mxfp8"} <= {f.name for f in CandidatePolicy(target_gpu="blackwell").formats_for(torch.bfloat16)}
     assert "int8-block" in [f.name for f in CandidatePolicy(allow_comfyquant_formats=True).formats_for(torch.float32)]
     fmt = _BlackwellOnly()
     assert not CandidatePolicy().eligible(fmt)
@@ -113,48 +116,55 @@ def test_weight_error_is_the_exact_output_error(layer: tuple[torch.Tensor, torch
             assert float(((e_t @ h_t) * e_t).sum()) / power == pytest.approx(want, rel=1e-6)
 
 
+def _kernel(fmt: Any, x: torch.Tensor, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> torch.Tensor:
+    """The runtime's own kernel for the stored tensors: the CPU path, or for Blackwell-only formats the
+    emulation of their native block-scaled GEMM (activations quantized as on SM >= 10)."""
+    if fmt.min_gpu == "blackwell":
+        from comfyquant.runtime.kernels import blockscaled
+
+        ops = (blockscaled.nvfp4_operands(x, tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"])
+               if fmt.name == "nvfp4" else blockscaled.mxfp8_operands(x, tensors["weight"], tensors["weight_scale"]))
+        return blockscaled.emulate_scaled_mm(ops).float()
+    scales, opts = fmt.kernel_args(tensors, params)
+    return quant_linear(x, fmt.kernel_kind, tensors["weight"], scales, None, opts=opts, out_dtype=torch.float32)
+
+
 def test_activation_error_matches_the_runtime_kernels(layer: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """weight + activation error ~ the output error of the runtime's own W8A8 / fp8 reference kernels."""
+    """weight + activation error ~ the output error of the runtime's own kernels, for every candidate."""
     w, x = layer
-    sens = layer_sensitivity("l", w, _stats(x, 128), CandidatePolicy().formats_for(torch.float32))
+    policy = CandidatePolicy(target_gpu="blackwell", allow_comfyquant_formats=True)
+    sens = layer_sensitivity("l", w, _stats(x, 128), policy.formats_for(torch.float32), {"block_size": 16})
     ref = x.double() @ w.double().T
+    checked = 0
     for opt in sens.options:
         fmt = get_format(opt.format) if opt.format != KEEP else None
-        if fmt is None or not fmt.is_quantized:
+        if fmt is None or not fmt.is_quantized or fmt.name.startswith("test-"):
             continue
         t = quantize_weight(w, fmt, **opt.params).tensors
-        if fmt.kernel_kind == "int8":
-            y = reference.int8_linear_ref(x, t["weight"], t["weight_scale"], None,
-                                          opt.params.get("convrot_groupsize"), torch.float32)
-        else:
-            y = reference.fp8_linear_ref(x, t["weight"], t["weight_scale"], None, None, torch.float32)
+        y = _kernel(fmt, x, t, dict(opt.params))
         got = float((y.double() - ref).square().sum() / ref.square().sum())
-        assert opt.act_err > 0
-        assert got == pytest.approx(opt.err, rel=0.2), opt.format  # cross terms of the two errors are small
+        assert opt.act_err > 0, fmt.name
+        assert got == pytest.approx(opt.err, rel=0.25), fmt.name  # the two errors' cross terms are small
+        checked += 1
+    assert checked >= 8
 
 
-def test_quantize_input_is_the_reference_kernels_activation_rounding() -> None:
-    """For every registered format with an input grid, fake-quantized activations times the stored weight equal
-    the runtime's reference kernel to float rounding."""
+def test_quantize_input_is_the_kernels_activation_rounding() -> None:
+    """For every registered format, fake-quantized activations times the stored weight equal the runtime's
+    kernel (``_kernel``) to float rounding: the activation model automatic precision charges is the real one."""
     gen = torch.Generator().manual_seed(2)
     x, w = torch.randn(5, 64, generator=gen) * 4, torch.randn(16, 64, generator=gen)
     checked = 0
     for fmt in REGISTRY.formats():
-        if getattr(fmt, "input_grid", None) is None or fmt.kernel_kind not in ("int8", "fp8", "int8_block"):
+        if not fmt.is_quantized or fmt.name.startswith("test-"):
             continue
         params = fmt.resolve((16, 64), {"block_size": 16})
         t = fmt.quantize(w, params)
         y = fmt.quantize_input(x, params) @ fmt.dequantize(t, params).T
-        if fmt.kernel_kind == "int8":
-            ref = reference.int8_linear_ref(x, t["weight"], t["weight_scale"], None,
-                                            params.get("convrot_groupsize"), torch.float32)
-        elif fmt.kernel_kind == "int8_block":
-            ref = reference.int8_block_linear_ref(x, t["weight"], t["weight_scale"], 16, None, torch.float32)
-        else:
-            ref = reference.fp8_linear_ref(x, t["weight"], t["weight_scale"], None, None, torch.float32)
-        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4), fmt.name
+        ref = _kernel(fmt, x, t, params)
+        assert torch.allclose(y, ref, rtol=1e-4, atol=2e-3 * float(ref.abs().max())), fmt.name
         checked += 1
-    assert checked >= 5
+    assert checked >= 8
 
 
 def test_bytes_are_the_stored_bytes() -> None:
@@ -260,7 +270,7 @@ def test_plan_refuses_an_impossible_size_with_the_smallest() -> None:
     layers = _layers()
     bytes_in = sum(x.nbytes for x in layers)
     with pytest.raises(UserError) as e:
-        plan_precision(layers, Budget(size=0.3), CandidatePolicy(), bytes_in=bytes_in, fixed_bytes=0)
+        plan_precision(layers, Budget(size=0.2), CandidatePolicy(), bytes_in=bytes_in, fixed_bytes=0)
     one = min(option_bytes(f, (32, 64), f.resolve((32, 64))) for f in CandidatePolicy().formats_for(torch.bfloat16))
     smallest = one * len(layers) / bytes_in
     assert f"{smallest:.4f}" in str(e.value) and "\n" not in str(e.value)

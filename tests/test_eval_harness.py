@@ -92,9 +92,10 @@ def test_compare_prints_reports_side_by_side(dit_int8: dict, tmp_path: Path,
 
 def test_user_mistakes_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    assert eval_main(["--model", "digits-dit", "--format", "int8", "--optimizer", "gptq",
-                      "--out", str(tmp_path)]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert eval_main(["--model", "digits-dit", "--format", "int8", "--optimizer", "magic",
+                      "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'magic'" in err and not (tmp_path / "o").exists()
     monkeypatch.chdir(tmp_path)  # the default --out is ./eval-out: a refused run must not create it
     assert eval_main(["--model", "missing.safetensors", "--format", "int8"]) == 2
     err = capsys.readouterr().err

@@ -31,6 +31,13 @@ from comfyquant.errors import UserError
 from comfyquant.io.reader import CheckpointReader
 
 
+def auto_options(block_size: int) -> tuple[tuple[str, Any], ...]:
+    """Layer options of every candidate: int4-rot written with ``linear_dtype`` "int8", so stock ComfyUI runs it
+    W4A8 as comfyquant's runtime does and as its sensitivity was measured (its default, W4A4, rounds the
+    activations to 4 bits)."""
+    return (("block_size", block_size), ("linear_dtype", "int8"))
+
+
 @dataclass(frozen=True)
 class _AutoRules:
     """The user's explicit rules first, then one exact rule per auto-chosen weight (a ``LayerConfigLike``)."""
@@ -93,8 +100,7 @@ def plan_auto_conversion(reader: CheckpointReader, opts: Any) -> tuple[Plan, Aut
     layers = [LayerSource(n.removesuffix(".weight"), (int(reader.infos[n].shape[0]), int(reader.infos[n].shape[1])),
                           reader.infos[n].dtype, _loader(reader, n)) for n in cands]
     stats_of, note = _stats_source(opts, reader, {x.name: x.shape for x in layers})
-    policy = CandidatePolicy(opts.target_gpu, opts.allow_comfyquant_formats,
-                             options=(("block_size", opts.block_size),))
+    policy = CandidatePolicy(opts.target_gpu, opts.allow_comfyquant_formats, options=auto_options(opts.block_size))
     config = AutoConfig(device=opts.device, progress=opts.progress)
     auto = plan_precision(layers, budget, policy, bytes_in=base.bytes_in, fixed_bytes=fixed, stats_of=stats_of,
                           probe=opts.probe, config=config)

@@ -202,6 +202,9 @@ def _layer(reader: CheckpointReader, layer: str, conf: Mapping[str, Any], source
         params = spec.params_from_conf(conf)
     except ValueError:
         params = {}
+    logical = spec.logical_shape(tuple(w.shape), params) if w else None
+    if logical is not None:
+        x.shape = list(logical)  # [out, in] of the layer (packed formats store K/2 bytes per row)
     x.convrot = spec.rotated
     x.convrot_groupsize = params.get("convrot_groupsize")
     x.group_size = params.get("block_size")

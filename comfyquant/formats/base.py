@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from comfyquant.formats import scaling
-from comfyquant.formats.grids import FloatGrid, IntGrid
+from comfyquant.formats.grids import FloatGrid, Fp4Grid, IntGrid
 
 Params = dict[str, Any]
 # comfy_quant keys every quantized format may carry (ComfyUI reads them at the top level or under "params").
@@ -221,8 +221,10 @@ def _dt(dtype: torch.dtype) -> str:
 
 
 def _dtype_ok(want: torch.dtype, got: torch.dtype) -> bool:
-    # older writers store fp8 bytes as uint8 and ComfyUI views them as fp8
-    return got == want or (got == torch.uint8 and want in (torch.float8_e4m3fn, torch.float8_e5m2))
+    # older writers store fp8 bytes as uint8 and ComfyUI views them as fp8; E8M0 scales are stored as uint8
+    # (safetensors cannot read F8_E8M0 back) and ComfyUI views them as float8_e8m0fnu
+    return (got == want or (got == torch.uint8 and want in (torch.float8_e4m3fn, torch.float8_e5m2))
+            or (got == torch.float8_e8m0fnu and want == torch.uint8))
 
 
 def _work(w: torch.Tensor) -> torch.Tensor:
@@ -248,15 +250,15 @@ class LayerGrid:
         return self.fmt.element_scale(self.scales, self.params, self.shape, cols)
 
     def codes(self, w: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
-        """Grid codes of ``w[:, cols]`` (unpacked: int8 values / fp8 values)."""
+        """Grid codes of ``w[:, cols]`` (unpacked: int8 values / fp8 values / E2M1 codes)."""
         s = self.scale_for(cols).to(w.dtype if w.dtype == torch.float64 else torch.float32)
-        return self.fmt.element_grid.round(w / s)
+        return self.fmt.element_grid.round(scaling.divide(w, s))
 
     def fake_quant(self, w: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
         """``values(round(w / s)) * s`` for the columns ``cols``, in w's float dtype."""
         work = w.dtype if w.dtype == torch.float64 else torch.float32
         s = self.scale_for(cols).to(work)
-        return self.fmt.element_grid.values(self.fmt.element_grid.round(w.to(work) / s), work) * s
+        return self.fmt.element_grid.values(self.fmt.element_grid.round(scaling.divide(w.to(work), s)), work) * s
 
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors for ``w`` (full ``[N, K]``, quantization basis) on this grid."""
@@ -272,7 +274,7 @@ class AffineFormat(QuantFormat):
     packed formats override the transform / pack hooks.
     """
 
-    element_grid: IntGrid | FloatGrid
+    element_grid: IntGrid | FloatGrid | Fp4Grid
     # The grid the reference kernel rounds activations onto, one absmax scale per row (token), in the
     # quantization basis (W8A8: ``INT8``); None: the kernel multiplies float activations.
     input_grid: IntGrid | FloatGrid | None = None

@@ -22,6 +22,7 @@ from torch import nn
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant, encode_comfy_quant, header_layers
 from comfyquant.io.reader import CheckpointReader
+from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.nn import QUANT_SUFFIXES, QuantLinear, check_backend
 from comfyquant.runtime.tensor import REGISTRY
 
@@ -213,11 +214,38 @@ def load_quantized_report(model: nn.Module, path: str | Path, *, device: torch.d
     report.plain = sum(1 for k in state if k not in quant_keys)
     if device is not None:
         model.to(device)
+    _note_reference_only(model, str(path))
     logger.info("comfyquant: loaded %s: %d quantized layers, %d plain tensors, prefix '%s'%s", path,
                 len(report.quantized), report.plain, report.prefix,
                 f", {len(report.other_components)} tensors of other components left out"
                 if report.other_components else "")
     return model, report
+
+
+def _note_reference_only(model: nn.Module, path: str) -> None:
+    """One log line for the layers whose kernel kind has accelerated backends of which none runs on their
+    device (nvfp4 / mxfp8 off Blackwell): they load and run, through the reference (dequantize + matmul)."""
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for mod in model.modules():
+        if not isinstance(mod, QuantLinear) or mod.weight is None:
+            continue
+        params = mod.qweight.params
+        fmt = getattr(params, "format", None)
+        if fmt is None or fmt.kernel_kind is None:
+            continue
+        kind = kernel_kind(fmt.kernel_kind)
+        device = mod.qweight.qdata.device
+        others = [name for name in kind.backends if name != kind.reference]
+        reasons = [kind.why_not(name, device) for name in others]
+        if others and all(reasons):
+            entry = groups.setdefault((fmt.name, str(device)), [0, reasons[0], params.orig_dtype])
+            entry[0] += 1
+    if groups:
+        logger.warning("comfyquant: %s: no accelerated kernel of these layers runs on their device, so they run "
+                       "through their reference kernel (nvfp4 / mxfp8: the weight dequantized to the compute dtype; "
+                       "correct, not faster): %s", path,
+                       "; ".join(f"{n} {fmt} layer(s) on {dev}, compute {str(dt).removeprefix('torch.')} ({why})"
+                                 for (fmt, dev), (n, why, dt) in groups.items()))
 
 
 def load_quantized(model: nn.Module, path: str | Path, *, device: torch.device | str | None = None,
