@@ -96,3 +96,20 @@ def probe_source() -> Path:
     from comfyquant.eval.minilm import weights_path
 
     return weights_path()
+
+
+def test_eval_harness_reports_the_auto_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``comfyquant eval --format auto``: the plan, its predictions and the held-out measurement in one report."""
+    import comfyquant.eval.autoprobe as autoprobe
+    from comfyquant.eval.harness import EvalConfig, run_eval
+
+    small = dit_probe(per_class=1, steps=4)
+    monkeypatch.setattr(autoprobe, "probe_for", lambda src: small)  # a shorter probe run, same code path
+    rep = run_eval(EvalConfig(model="digits-dit", format="auto", out=tmp_path / "e", budget="size=0.5",
+                              sampling=SampleConfig(steps=4, per_class=2)))
+    auto = rep["auto"]
+    assert rep["format"] == "auto" and auto["budget"] == "size=0.5" and auto["size"] <= 0.5
+    assert auto["heldout"]["psnr"] == rep["metrics"]["psnr_db"]["mean"] and auto["heldout"]["items"] == 20
+    assert "psnr" in auto["predicted"] and "psnr" in auto["measured_calibration"]
+    assert set(auto["layers"].values()) - {"keep"}
+    assert "auto budget" in (tmp_path / "e" / "report.md").read_text()
