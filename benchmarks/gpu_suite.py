@@ -43,7 +43,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                         str(work / "optimizers" / "bench_optimizers.json"),
                         *(s or ["--blocks", "2", "--methods", "rtn,gptq,quip,learned"])]],
         "comfyui": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *s]],
-        "autoprec": [[PY, "benchmarks/bench_autoprec.py", "--out", str(work / "autoprec"), *s]],
+        "autoprec": [[PY, "benchmarks/bench_autoprec.py", "--workdir", str(work / "auto_tmp"), "--json",
+                      str(work / "autoprec" / "bench_autoprec.json"), *(s or ["--blocks", "2"])]],
     }
 
 
@@ -116,7 +117,8 @@ def main() -> int:
         lines.append(f"\n== {name}: {', '.join(status)} in {time.perf_counter() - start:.0f}s")
         lines.extend(tail)
         print("\n".join(lines[-len(tail) - 1:]), flush=True)
-    shutil.rmtree(work / "opt_tmp", ignore_errors=True)
+    for tmp in ("opt_tmp", "auto_tmp"):
+        shutil.rmtree(work / tmp, ignore_errors=True)
     (a.out / "summary.txt").write_text("\n".join(lines) + "\n")
     with zipfile.ZipFile(a.out / "results.zip", "w", zipfile.ZIP_DEFLATED) as z:
         for f in sorted(work.rglob("*")):
