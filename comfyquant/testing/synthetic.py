@@ -62,9 +62,10 @@ class SyntheticInfo:
 
 
 def student_t4(n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` exact Student-t(df=4) samples: z / sqrt(chi2_4 / 4) with chi2_4 = -2 log(u1 u2)."""
-    z = torch.randn(n, generator=gen)
-    u = 1.0 - torch.rand(2, n, generator=gen)  # in (0, 1]
+    """``n`` exact Student-t(df=4) samples: z / sqrt(chi2_4 / 4) with chi2_4 = -2 log(u1 u2), on the
+    generator's device."""
+    z = torch.randn(n, generator=gen, device=gen.device)
+    u = 1.0 - torch.rand(2, n, generator=gen, device=gen.device)  # in (0, 1]
     chi2_over_4 = (-0.5 * torch.log(u[0] * u[1])).clamp_min(1e-12)
     return z * chi2_over_4.rsqrt()
 
