@@ -164,11 +164,23 @@ def weight_stats(x: torch.Tensor, fmt: QuantFormat, params: Mapping[str, Any], t
     return error_stats(x, fmt.dequantize(tensors, params)), None
 
 
-class _Streamer:
+@dataclass
+class Finished:
+    """One plan entry converted: its report, the tensors to write for it in file order, and the reason it
+    was kept in high precision instead (a ``LayerFallback``), if it was."""
+
+    report: LayerReport
+    tensors: list[tuple[str, torch.Tensor]]
+    fallback: str | None = None
+
+
+class Streamer:
     """Runs one plan against one reader and writer, producing the per-layer reports.
 
     Each layer commits on its own: a layer that cannot be converted (``LayerFallback``) is written in high
     precision instead, and the file's header, written last, describes what was actually written.
+    :meth:`compute` (one entry to its tensors) and :meth:`write` (those tensors to the file) are separate so
+    a distributed driver can compute entries on one process and write them on another.
     """
 
     def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device,
@@ -197,14 +209,26 @@ class _Streamer:
         return layers
 
     def process(self, e: PlanEntry, w: StreamingWriter) -> LayerReport:
+        """Convert one entry and write it."""
+        return self.write(e, self.compute(e), w)
+
+    def write(self, e: PlanEntry, done: Finished, w: StreamingWriter) -> LayerReport:
+        """Write one converted entry (computed here or elsewhere) and record its fallback."""
+        for name, t in done.tensors:
+            w.write(name, t)
+        if done.fallback is not None:
+            self.fallbacks[e.name] = done.fallback
+        return done.report
+
+    def compute(self, e: PlanEntry) -> Finished:
+        """The report and output tensors of one entry (nothing written)."""
         rep = LayerReport(e.name, e.shape, e.action, e.format, e.rule, e.reason, bytes_in=e.bytes_in,
                           bytes_out=e.bytes_out)
         if e.action == DROP:
-            return rep
+            return Finished(rep, [])
         t = self.reader.get(e.name)
         if e.action == KEEP:
-            w.write(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))
-            return rep
+            return Finished(rep, [(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))])
         x = t.to(self.device)
         if self.hooks is not None:
             x = self.hooks.rewrite(e.name, x)
@@ -212,10 +236,9 @@ class _Streamer:
         try:
             tensors = self.convert(e, fmt, x)
         except (LayerFallback, OptimizerFallback) as f:
-            self.fallbacks[e.name] = f.reason
-            w.write(e.name, t)
-            return LayerReport(e.name, e.shape, KEEP, None, "fallback", f"kept in high precision: {f.reason}",
-                               bytes_in=e.bytes_in, bytes_out=t.nbytes)
+            return Finished(LayerReport(e.name, e.shape, KEEP, None, "fallback",
+                                        f"kept in high precision: {f.reason}", bytes_in=e.bytes_in,
+                                        bytes_out=t.nbytes), [(e.name, t)], f.reason)
         stats, rows = weight_stats(x, fmt, e.params, tensors, self.opts.stats_limit)
         rep.sqnr_db, rep.rel_mse, rep.max_abs_err, rep.stats_rows = (stats.sqnr_db, stats.rel_mse,
                                                                      stats.max_abs_err, rows)
@@ -224,13 +247,13 @@ class _Streamer:
             rep.optimizer, rep.optimizer_gain_db = res.method, res.gain_db
             rep.notes = list(self.hooks.layer_notes.get(e.layer, []))
         if e.action == CAST:
-            w.write(e.name, tensors["weight"])
-            return rep
+            return Finished(rep, [(e.name, tensors["weight"])])
+        out = []
         for spec in e.outputs:
             suffix = spec.name[len(e.layer) + 1:]
-            w.write(spec.name, encode_comfy_quant(e.comfy_quant or {}) if suffix == "comfy_quant"
-                    else tensors[suffix])
-        return rep
+            out.append((spec.name, encode_comfy_quant(e.comfy_quant or {}) if suffix == "comfy_quant"
+                        else tensors[suffix]))
+        return Finished(rep, out)
 
     def convert(self, e: PlanEntry, fmt: QuantFormat, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors of one planned weight; LayerFallback when it must stay in high precision."""
@@ -245,9 +268,21 @@ class _Streamer:
         return quantize_rows(x, fmt, e.params, CHUNK_ELEMENTS if self.device.type == "cpu" else None)
 
 
-def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Report:
-    """Convert ``input`` to ``output`` as ``opts`` say and return the report (the API and CLI call this)."""
-    start = time.perf_counter()
+@dataclass
+class Conversion:
+    """Everything decided before the first tensor is read: input, output, device, plan, header, optimizer hooks."""
+
+    reader: CheckpointReader
+    output: Path
+    device: torch.device
+    plan: Plan
+    metadata: dict[str, str]
+    hooks: Any  # comfyquant.convert.optimizing.OptimizeHooks, or None for plain RTN
+    notes: list[str]
+
+
+def prepare_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Conversion:
+    """Open and check the input and output, plan the conversion and set up the optimizer hooks."""
     out = Path(output)
     reader = CheckpointReader(resolve_input(input))
     check_paths(reader, out, opts.force)
@@ -262,15 +297,29 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     if hooks is not None:
         notes.extend(hooks.notes)
         metadata["comfyquant.optimizer"] = opts.optimizer.method
-    streamer = _Streamer(reader, plan, opts, device, hooks)
-    layers = streamer.run(out, metadata)
-    if streamer.fallbacks:
-        notes.append(f"{len(streamer.fallbacks)} layer(s) kept in high precision: "
-                     + "; ".join(f"{k} ({v})" for k, v in streamer.fallbacks.items()))
+    return Conversion(reader, out, device, plan, metadata, hooks, notes)
+
+
+def conversion_report(c: Conversion, layers: list[LayerReport], fallbacks: Mapping[str, str],
+                      opts: ConvertOptions, start: float) -> Report:
+    """The report of a finished conversion (``start``: its ``time.perf_counter()`` at the beginning)."""
+    notes = list(c.notes)
+    if fallbacks:
+        notes.append(f"{len(fallbacks)} layer(s) kept in high precision: "
+                     + "; ".join(f"{k} ({v})" for k, v in fallbacks.items()))
     sampled = [x for x in layers if x.stats_rows is not None]
     if sampled:
         notes.append(f"error statistics of {len(sampled)} large layer(s) computed on a sample of evenly spaced "
                      f"rows (<= {opts.stats_limit} elements each)")
-    report = Report(str(reader.path), str(out), plan.format, plan.preset, layers, notes)
+    report = Report(str(c.reader.path), str(c.output), c.plan.format, c.plan.preset, layers, notes)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Report:
+    """Convert ``input`` to ``output`` as ``opts`` say and return the report (the API and CLI call this)."""
+    start = time.perf_counter()
+    c = prepare_conversion(input, output, opts)
+    streamer = Streamer(c.reader, c.plan, opts, c.device, c.hooks)
+    layers = streamer.run(c.output, c.metadata)
+    return conversion_report(c, layers, streamer.fallbacks, opts, start)
