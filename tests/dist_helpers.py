@@ -76,16 +76,23 @@ def _child(cfg: DistConfig, fn: Callable[..., Any], args: tuple[Any, ...]) -> No
     os._exit(0)
 
 
-def run_forked(world: int, fn: Callable[..., Any], *args: Any, timeout: float = TIMEOUT_S) -> None:
-    """Run ``fn(session, *args)`` on ``world`` forked ranks; every rank must succeed within ``timeout``."""
+def run_forked(world: int, fn: Callable[..., Any], *args: Any, timeout: float = TIMEOUT_S,
+               dist_timeout: float | None = None, expect: list[int] | None = None, resume: bool = False) -> None:
+    """Run ``fn(session, *args)`` on ``world`` forked ranks within ``timeout``; each rank's exit status must be
+    ``expect`` (default: all 0; a rank whose ``fn`` raises exits 1). ``dist_timeout``: the job's timeout;
+    ``resume``: once rank 0 has ended, send SIGCONT to every rank (for ranks that stopped themselves)."""
     port = free_port()
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_child, args=(DistConfig(r, world, master_port=port, timeout_s=timeout), fn, args))
-             for r in range(world)]
+    cfgs = [DistConfig(r, world, master_port=port, timeout_s=dist_timeout or timeout) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(cfg, fn, args)) for cfg in cfgs]
     for p in procs:
         p.start()
-    for p in procs:
+    for i, p in enumerate(procs):
         p.join(timeout)
+        if i == 0 and resume:
+            for q in procs:
+                if q.is_alive():
+                    os.kill(q.pid, signal.SIGCONT)
     alive = [i for i, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
@@ -93,4 +100,4 @@ def run_forked(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 
             p.join()
     assert not alive, f"rank(s) {alive} hung past {timeout} s"
     codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"exit codes {codes}"
+    assert codes == (expect or [0] * world), f"exit codes {codes}"

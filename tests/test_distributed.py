@@ -9,9 +9,11 @@ torchrun itself, by the same environment variables, or forked from this process 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from comfyquant.distributed.assign import greedy_owners, plan_owners
 from comfyquant.distributed.calibrate import SEED_STRIDE, calibrate_to_file_distributed
 from comfyquant.distributed.config import DistConfig, from_torchrun_env
 from comfyquant.distributed.convert import convert_distributed
+from comfyquant.distributed.session import PeerLost
+from comfyquant.distributed.transport import receive
 from comfyquant.errors import UserError
 from comfyquant.eval.calibration_sources import dit_source, shard_of
 from comfyquant.eval.dit import DigitsDiT, DiTConfig
@@ -232,6 +236,39 @@ def test_calibrate_cli_on_two_ranks_then_gptq_within_bound(dit_calibration, tmp_
         w1, w2 = (dequantize_weight({"weight": s[f"{layer}.weight"], "weight_scale": s[f"{layer}.weight_scale"]},
                                     conf) for s in (s1, s2))
         assert _output_error(w1, w2, a.layer(layer).hessian_mean()) <= 1e-3, layer
+
+
+def _hang_on_rank_1(session, stamp: str) -> None:
+    if session.rank == 1:
+        time.sleep(TIMEOUT_S)  # alive but silent: a hung rank (ended by rank 0's ABORT, not by this sleep)
+        return
+    start = time.monotonic()
+    with pytest.raises(PeerLost, match=r"receiving from rank 1: .*Timed out"):
+        receive(1)
+    Path(stamp).write_text(str(time.monotonic() - start))
+    raise RuntimeError("the job failed as it should")  # leave the session failing: ABORT to rank 1
+
+
+def test_a_hung_rank_fails_the_job_after_the_timeout(tmp_path):
+    stamp = tmp_path / "waited"
+    start = time.monotonic()
+    run_forked(2, _hang_on_rank_1, str(stamp), dist_timeout=3.0, expect=[1, 2])
+    assert 3.0 <= float(stamp.read_text()) < 60
+    assert time.monotonic() - start < TIMEOUT_S / 2  # rank 1 was ended by rank 0, not by its own sleep
+
+
+def _stop_rank_1(session) -> None:
+    if session.rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # every thread stopped, the connections open: nothing answers
+        time.sleep(TIMEOUT_S)
+        return
+    receive(1)  # times out; the failing session cannot settle with rank 1 and exits 2 itself
+
+
+def test_a_stopped_rank_fails_the_job_and_rank_0_still_exits_2(tmp_path):
+    """A rank whose watcher cannot answer either (SIGSTOP): rank 0 times out, reports and exits 2 instead of
+    waiting on it (or aborting in gloo at exit); once resumed, the stopped rank sees rank 0's ABORT."""
+    run_forked(2, _stop_rank_1, dist_timeout=3.0, expect=[2, 2], resume=True)
 
 
 # -- the real command lines -----------------------------------------------------------------------------------

@@ -32,11 +32,12 @@ import torch.distributed as dist
 
 from comfyquant.distributed.config import DistConfig
 from comfyquant.errors import UserError
-from comfyquant.exits import one_line
+from comfyquant.exits import one_line, report
 
 DONE, FAILED, OK, ABORT = 1, 2, 3, 4
 EXIT_FAILED = 2  # the CLI's exit status for a failed job (same as a user error or Ctrl-C)
-_FOREVER = datetime.timedelta(days=30)  # the watch group's receives wait for the whole job
+_FOREVER = datetime.timedelta(days=30)
+SETTLE_S = 30.0  # how long a failing rank waits for the other ranks' watchers to acknowledge  # the watch group's receives wait for the whole job
 
 
 class PeerLost(UserError):
@@ -106,6 +107,13 @@ class Session:
         try:
             if et is not None:
                 self._fail()
+                if any(t.is_alive() for t in self._threads):
+                    # a peer neither answered nor closed its connection (hung, or stopped): its watcher stays
+                    # blocked inside gloo, and a process ending with such a thread aborts; report and leave now
+                    code = report(f"{self.prog} [{self.cfg.label}]", ev)  # type: ignore[arg-type]
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
         finally:
             if self._old_term is not None:
                 signal.signal(signal.SIGTERM, self._old_term)  # type: ignore[arg-type]
@@ -138,7 +146,7 @@ class Session:
         """A rank other than 0, after its last result was sent: report DONE and wait for rank 0's verdict."""
         with self._lock:
             self._state = "finishing"
-        self._send(0, DONE)
+        watched(lambda: self._send(0, DONE), "reporting to rank 0")
         if not self._verdict.wait(self.cfg.timeout_s):
             raise PeerLost(f"rank 0 did not confirm the output within {self.cfg.timeout_s:g} s")
         with self._lock:
@@ -157,8 +165,8 @@ class Session:
                 self._tell(p, ABORT)
         else:
             self._tell(0, FAILED)
-        for t in self._threads:
-            t.join(self.cfg.timeout_s)
+        for t in self._threads:  # the peers answer ABORT/FAILED at once (or their connection closes)
+            t.join(min(self.cfg.timeout_s, SETTLE_S))
 
     def _tell(self, peer: int, code: int) -> None:
         if peer in self._told:
