@@ -146,7 +146,7 @@ def _role(pid: int) -> str:
 
 
 def run_measured(name: str, cmd: list[str], log_path: Path, output: Path | None = None,
-                 timeout: float | None = None, interval: float = 0.05) -> Measured:
+                 timeout: float | None = None, interval: float = 0.05, env: dict[str, str] | None = None) -> Measured:
     """Run ``cmd``, polling its process tree's memory; ``wait4`` gives the kernel's peak RSS of the child.
 
     Past ``timeout`` seconds the process is killed and the run is recorded as timed out. Each process of the
@@ -159,7 +159,7 @@ def run_measured(name: str, cmd: list[str], log_path: Path, output: Path | None 
     timed_out = False
     with open(log_path, "wb") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         last = t0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -347,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             name = f"torchrun --nproc-per-node {n} -m comfyquant convert --format int8"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr",
                    "127.0.0.1", "--master-port", str(_free_port()), "-m", "comfyquant", *conv]
-        m = run_measured(name, cmd, work / f"ours-{n}p.log", out, args.timeout)
+        # N processes share the cores: cores / N threads each (what torchrun's default of 1 is on 2 cores)
+        env = None if n == 1 else {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+        m = run_measured(name, cmd, work / f"ours-{n}p.log", out, args.timeout, env=env)
         runs.append(m)
         info: dict[str, object] = {}
         if m.returncode == 0:
