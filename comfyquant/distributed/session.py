@@ -196,7 +196,7 @@ class Session:
         elif code == OK:
             self._verdict.set()
         elif code == FAILED:
-            self._stop(f"rank {peer} failed (its error is above)")
+            self._stop(f"rank {peer} failed (see its error)")
         elif code == ABORT:
             self._stop("rank 0 ended the job without writing the output (the error is in rank 0's output or the "
                        "failed rank's)")
@@ -222,4 +222,11 @@ def watched(fn: Callable[[], object], what: str) -> object:
     try:
         return fn()
     except RuntimeError as e:
-        raise PeerLost(f"{what}: {one_line(e)[:200]}") from None
+        msg = str(e)
+        if "timed out" in msg.lower() or "timeout" in msg.lower():
+            why = "no answer within the --dist-timeout (a rank is hung or stopped)"
+        elif "closed" in msg.lower() or "reset by peer" in msg.lower():
+            why = "connection lost (a rank was killed or crashed)"
+        else:
+            why = one_line(msg)[:200]
+        raise PeerLost(f"{what}: {why}") from None
