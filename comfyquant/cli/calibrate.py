@@ -6,9 +6,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from comfyquant.errors import UserError
 from comfyquant.exits import run_cli
+
+if TYPE_CHECKING:
+    from comfyquant.distributed.config import DistConfig
+    from comfyquant.eval.calibration_sources import Source
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,7 +68,7 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def _main_distributed(a: argparse.Namespace, job: object) -> int:
+def _main_distributed(a: argparse.Namespace, job: DistConfig) -> int:
     """Under torchrun: every rank runs its part of the calibration inputs; rank 0 writes the file."""
     from comfyquant.calibration.collector import CalibrationConfig
     from comfyquant.distributed import Session
@@ -71,8 +76,8 @@ def _main_distributed(a: argparse.Namespace, job: object) -> int:
     from comfyquant.distributed.session import rank_device
     from comfyquant.eval.calibration_sources import resolve_source
 
-    device = rank_device(a.device, job) if a.device else None  # type: ignore[arg-type]
-    with Session(job, "comfyquant", "cuda" if device and device.startswith("cuda") else "cpu") as s:  # type: ignore[arg-type]
+    device = rank_device(a.device, job) if a.device else None
+    with Session(job, "comfyquant", "cuda" if device and device.startswith("cuda") else "cpu") as s:
         src = resolve_source(a.model, samples=a.samples, seed=a.seed, steps=a.steps,
                              shard=(s.rank, s.world))
         if device:
@@ -87,10 +92,10 @@ def _main_distributed(a: argparse.Namespace, job: object) -> int:
     return 0
 
 
-def _print_summary(a: argparse.Namespace, src: object, summary: dict, start: float) -> None:
+def _print_summary(a: argparse.Namespace, src: Source, summary: dict[str, Any], start: float) -> None:
     rows = summary["rows"]
     ranks = f" on {summary['processes']} processes" if summary.get("processes", 1) > 1 else ""
-    print(f"calibrated {summary['layers']} layers of {src.name} ({src.meta['source']}){ranks} in "  # type: ignore[attr-defined]
+    print(f"calibrated {summary['layers']} layers of {src.name} ({src.meta['source']}){ranks} in "
           f"{time.perf_counter() - start:.1f} s, {summary['groups']} run(s); rows per layer "
           f"{min(rows.values())}..{max(rows.values())}")
     if summary["not_run"]:

@@ -12,11 +12,14 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from comfyquant.errors import UserError
 from comfyquant.exits import argv_or_sys, run_cli
+
+if TYPE_CHECKING:
+    from comfyquant.distributed.config import DistConfig
 
 
 def format_choices() -> list[str]:
@@ -69,7 +72,7 @@ def add_dist_args(p: argparse.ArgumentParser) -> None:
                         "(default 1800; a killed rank ends the job at once)")
 
 
-def dist_config(a: argparse.Namespace):  # -> comfyquant.distributed.DistConfig | None
+def dist_config(a: argparse.Namespace) -> DistConfig | None:
     """The distributed job this process was launched in by torchrun (read from its environment variables
     here, at the edge), or None for a plain single-process run."""
     from comfyquant.distributed.config import from_torchrun_env
@@ -223,7 +226,7 @@ def run(argv: Sequence[str]) -> int:
     return COMMANDS[a.command][2](a)
 
 
-def prog_name(environ: dict[str, str] | os._Environ[str]) -> str:
+def prog_name(environ: Mapping[str, str]) -> str:
     """``comfyquant``, with the rank when torchrun started several processes (their errors interleave)."""
     world = environ.get("WORLD_SIZE")
     if world is None or world == "1":

@@ -43,11 +43,6 @@ class DistConfig:
             raise UserError(f"distributed: timeout {self.timeout_s} s must be positive")
 
     @property
-    def is_writer(self) -> bool:
-        """Rank 0 writes every output file; the other ranks send it what they computed."""
-        return self.rank == 0
-
-    @property
     def label(self) -> str:
         return f"rank {self.rank}/{self.world_size}"
 
