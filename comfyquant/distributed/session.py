@@ -82,6 +82,9 @@ class Session:
     # -- joining and leaving ------------------------------------------------------------------------------
     def __enter__(self) -> Session:
         if self.device_type == "cuda":
+            if not torch.cuda.is_available() or self.cfg.local_rank >= torch.cuda.device_count():
+                raise UserError(f"--device cuda needs GPU {self.cfg.local_rank} (LOCAL_RANK), "
+                                f"this machine has {torch.cuda.device_count()}")
             torch.cuda.set_device(self.cfg.local_rank)
         backend = "cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo"
         try:
@@ -91,7 +94,7 @@ class Session:
                                     timeout=self.timeout)
             self._watch = dist.new_group(backend="gloo", timeout=_FOREVER)
         except (RuntimeError, ValueError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
-            raise UserError(f"{self.cfg.label}: cannot join the job at {self.cfg.master_addr}:"
+            raise UserError(f"cannot join the job at {self.cfg.master_addr}:"
                             f"{self.cfg.master_port}: {one_line(e)[:300]}") from None
         if threading.current_thread() is threading.main_thread():
             self._old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
