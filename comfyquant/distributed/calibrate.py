@@ -77,6 +77,7 @@ def calibrate_to_file_distributed(model: nn.Module, data: Data, path: str | Path
                                   overwrite: bool = False, progress: bool = False) -> dict[str, Any] | None:
     """:func:`comfyquant.calibration.calibrate_to_file` with every rank of ``session`` running ``data``, its
     own share of the calibration inputs. Rank 0 writes ``path`` and returns the summary; other ranks None."""
+    session.claim()
     config = config or CalibrationConfig()
     rank, world = session.rank, session.world
     mods = linear_modules(model, name_map, layers)

@@ -57,6 +57,7 @@ def convert_distributed(input: str | Path, output: str | Path, opts: ConvertOpti
     converting its share; returns the report on rank 0 and None elsewhere. ``announce``: one line per rank
     on stderr when its work starts (what it owns, on which device)."""
     start = time.perf_counter()
+    session.claim()
     dev = rank_device(opts.device, session.cfg)
     opt = opts.optimizer
     if opt is not None and opt.device is not None:

@@ -77,6 +77,7 @@ class Session:
         self._verdict = threading.Event()
         self._told: set[int] = set()  # peers rank 0 sent its final word to
         self._watch: object = None
+        self._claimed = False
         self._old_term: object = None
 
     # -- joining and leaving ------------------------------------------------------------------------------
@@ -123,6 +124,12 @@ class Session:
                 self._old_term = None
         if et is None and dist.is_initialized():
             dist.destroy_process_group()
+
+    def claim(self) -> None:
+        """Start this session's one job (its watchers end with it): a second job needs a new Session."""
+        if self._claimed or self._state != "running":
+            raise RuntimeError("a distributed Session runs one job; open a new Session for the next")
+        self._claimed = True
 
     def on_abort(self, path: Path) -> None:
         """Remove ``path`` (a temporary output) if the job is ended from another rank."""
