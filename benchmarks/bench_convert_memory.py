@@ -136,7 +136,8 @@ def _children(pid: int) -> list[int]:
 
 
 def _role(pid: int) -> str:
-    """``rank N`` for a process torchrun started (its RANK variable), else ``launcher``."""
+    """``rank N`` for a process torchrun started (its RANK variable), else ``launcher`` (torchrun itself, or
+    the only process of a plain run)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
             env = dict(x.split(b"=", 1) for x in fh.read().split(b"\0") if b"=" in x)
@@ -186,8 +187,10 @@ def run_measured(name: str, cmd: list[str], log_path: Path, output: Path | None 
     proc.returncode = os.waitstatus_to_exitcode(status)
     tail = log_path.read_text(errors="replace").strip().splitlines()[-8:]
     per_role: dict[str, int] = {}
+    ranked = any(r != "launcher" for r in roles.values())
     for p, v in per_pid.items():
-        per_role[roles[p]] = max(per_role.get(roles[p], 0), v)
+        role = roles[p] if ranked else "process"  # a plain run: one process, no launcher
+        per_role[role] = max(per_role.get(role, 0), v)
     m = Measured(name, cmd, proc.returncode, round(wall, 2), usage.ru_maxrss * 1024, *peaks, tail,
                  output.stat().st_size if output is not None and output.exists() else None, timed_out,
                  dict(sorted(per_role.items())))
