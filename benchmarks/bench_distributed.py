@@ -70,7 +70,7 @@ def worker(a: argparse.Namespace) -> int:
     specs = flux_specs(a.blocks, a.smoke)
     features = {n[: -len(".weight")]: s[1] for n, s in specs if n.endswith(".weight") and len(s) == 2}
     calib = SyntheticHessians(features, a.rows or max(256, 2 * max(features.values())), device)
-    opts = convert_options(format="int8", model="flux", device=device, force=True, progress=False,
+    opts = convert_options(a.output, format="int8", model="flux", device=device, force=True, progress=False,
                            optimizer=OptimizerConfig(method="gptq", device=device), calibration=calib)
     t0 = time.perf_counter()
     if job is None:

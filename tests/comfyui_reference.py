@@ -24,6 +24,16 @@ Bounds (elementwise, for output ``[i, j]``; ``x~`` is ``x`` or, for convrot, ``x
   On int8_tensorwise ComfyUI 0.30 ignores it on the CPU path (``cast_bias_weight`` only dequantizes when the
   dtype changes, so the int8 weight reaches comfy-kitchen's ``int8_linear``): the int8 bounds apply unchanged.
 * int8_blockwise (comfyquant's own runtime; stock ComfyUI refuses it): the int8 bound above without rotation.
+* convrot_w4a4 (comfy-kitchen ``convrot_w4a4_linear``): the int8 reasoning with int4: each row of ``x~`` is
+  quantized with ``s_i = max|x~_i|/7``, round-to-nearest, nothing clipped, the int4 product exact. ``k = 1/2`` for
+  float32; in bfloat16 the rotation, ``s`` and the quotient ``x~/s`` (<= 7) are computed in bfloat16, which adds at
+  most ``7 * 2^-8`` units to the rounding (``s`` is the same bfloat16 value when quantizing and rescaling), so
+  ``k = 9/16``; the rotation's own rounding and the bfloat16 epilogue are in the slack.
+* nvfp4 / mxfp8: ComfyUI's ``pick_operations`` disables them on devices without SM >= 10 (the CPU included: its
+  quantized-activation path needs block-scaled ``_scaled_mm``, which the CPU refuses), so the layer dequantizes the
+  weight in the compute dtype and activations are unchanged: only slack. ``load_comfy_linear`` passes that same
+  disabled set. mxfp8 dequantizes exactly (power-of-two scales, fp8 values fit bfloat16); nvfp4 rounds
+  ``global * block`` once in float32, three times in bfloat16 (<= 2^-7 relative, inside the bfloat16 slack).
 
 Slack: ``(K + 16) * 2^-24`` times ``|x~| @ |W~|^T + |b|`` for float32 (a worst-case summation bound), and
 ``2^-6`` times the same for bfloat16 (weights, activations, output and bias each rounded to bfloat16).
@@ -32,6 +42,7 @@ Slack: ``(K + 16) * 2^-24`` times ``|x~| @ |W~|^T + |b|`` for float32 (a worst-c
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +54,7 @@ from comfyquant.formats import conf_value as layer_param
 from comfyquant.formats import dequantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant
 from comfyquant.quant.hadamard import hadamard_matrix
+from comfyquant.quant.int4 import unpack_int4
 
 F32_U = 2.0**-24
 FP8_ACT = {  # fp8 dtype -> (relative half-ulp, half the smallest subnormal)
@@ -50,6 +62,8 @@ FP8_ACT = {  # fp8 dtype -> (relative half-ulp, half the smallest subnormal)
     torch.float8_e5m2: (2.0**-3, 2.0**-17),
 }
 FORMAT_DTYPE = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+PACKED_K = ("convrot_w4a4", "nvfp4")  # two elements per stored byte along K
+BLOCK_SCALED = ("nvfp4", "mxfp8")
 
 
 def layer_tensors(sd: Mapping[str, torch.Tensor], layer: str) -> dict[str, torch.Tensor]:
@@ -63,10 +77,24 @@ def linear_layers(sd: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)
 
 
+def comfy_disabled_formats() -> list[str]:
+    """The block-scaled formats ComfyUI's ``pick_operations`` runs dequantized on the CPU (no SM >= 10 there)."""
+    mm = importlib.import_module("comfy.model_management")  # already imported by comfy.ops
+    cpu = torch.device("cpu")
+    return [f for f, native in (("nvfp4", mm.supports_nvfp4_compute(cpu)), ("mxfp8", mm.supports_mxfp8_compute(cpu)))
+            if not native]
+
+
 def load_comfy_linear(comfy: Any, tensors: Mapping[str, torch.Tensor], compute_dtype: torch.dtype) -> torch.nn.Module:
-    """Build ComfyUI's mixed-precision ``Linear`` for the layer and load it via ``load_state_dict`` (strict)."""
+    """Build ComfyUI's mixed-precision ``Linear`` for the layer and load it via ``load_state_dict`` (strict).
+
+    The op set disables the formats ``pick_operations`` disables on this device (:func:`comfy_disabled_formats`).
+    """
     out_f, in_f = tensors["weight"].shape
-    ops = comfy.ops.mixed_precision_ops({"mixed_ops": True}, compute_dtype)
+    conf = decode_comfy_quant(tensors["comfy_quant"]) if "comfy_quant" in tensors else {}
+    if conf.get("format") in PACKED_K:
+        in_f *= 2
+    ops = comfy.ops.mixed_precision_ops({"mixed_ops": True}, compute_dtype, disabled=comfy_disabled_formats())
     lin = ops.Linear(in_f, out_f, bias="bias" in tensors)
     res = lin.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
     assert not res.missing_keys and not res.unexpected_keys, res
@@ -151,6 +179,10 @@ def expectations(tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
         k_act = 0.5 if compute_dtype == torch.float32 else 1.5
         tol = k_act * s * w_deq.abs().sum(-1) + slack * (x64.abs() @ w_deq.abs().T + b64.abs())
         return [Expectation("int8 act bound", ref_a, tol)]
+    if fmt == "convrot_w4a4":
+        return _w4a4_expectations(tensors, conf, x64, b64, ref_a, compute_dtype, slack)
+    if fmt in BLOCK_SCALED:  # dequantized by ComfyUI where not native: activations untouched
+        return [Expectation("dequantized weight", ref_a, slack * (x64.abs() @ w_deq.abs().T + b64.abs()) + 1e-30)]
     if fmt in FORMAT_DTYPE:
         f8 = FORMAT_DTYPE[fmt]
         rel, sub = FP8_ACT[f8]
@@ -165,16 +197,36 @@ def expectations(tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
     raise AssertionError(f"no reference for format {fmt!r}")
 
 
+def _w4a4_expectations(tensors: Mapping[str, torch.Tensor], conf: Mapping[str, Any], x64: torch.Tensor,
+                       b64: torch.Tensor, ref_a: torch.Tensor, compute_dtype: torch.dtype,
+                       slack: float) -> list[Expectation]:
+    """convrot_w4a4: per-row int4 activations of the rotated input (see the module docstring)."""
+    group = int(layer_param(conf, "convrot_groupsize", 256))
+    xr, xr_bound = _rotate64(x64, group)
+    w_st = unpack_int4(tensors["weight"]).to(torch.float64) * tensors["weight_scale"].to(torch.float64).reshape(-1, 1)
+    s = xr.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 7.0
+    k_act = 0.5 if compute_dtype == torch.float32 else 9 / 16
+    base = xr_bound @ w_st.abs().T + b64.abs()
+    out = [Expectation("int4 act bound", ref_a, k_act * s * w_st.abs().sum(-1) + slack * base)]
+    if compute_dtype == torch.float32:
+        r = xr / s
+        q = r.round().clamp(-7, 7)
+        near_tie = ((r.abs() - r.abs().floor()) - 0.5).abs() < 2e-3
+        ref_b = (q * s) @ w_st.T + b64
+        out.append(Expectation("int4 emulated", ref_b, s * (near_tie.to(torch.float64) @ w_st.abs().T) + slack * base))
+    return out
+
+
 def run_layer(comfy: Any, tensors: Mapping[str, torch.Tensor], compute_dtype: torch.dtype, rows: int = 8,
               seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """Load the layer into ComfyUI, run it on ``[2, rows/2, K]`` random inputs; returns (module, x2d, y2d)."""
     lin = load_comfy_linear(comfy, tensors, compute_dtype)
-    k = tensors["weight"].shape[1]
+    k = lin.in_features
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(2, rows // 2, k, generator=g) * 1.5).to(compute_dtype)
     with torch.inference_mode():
         y = lin(x)
-    assert y.dtype == compute_dtype and y.shape == (2, rows // 2, tensors["weight"].shape[0])
+    assert y.dtype == compute_dtype and y.shape == (2, rows // 2, lin.out_features)
     return lin, x.reshape(rows, k), y.reshape(rows, -1)
 
 

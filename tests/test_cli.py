@@ -29,6 +29,7 @@ def test_convert_end_to_end(tmp_path, src):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # no progress bar when stderr is not a terminal
     assert "SQNR: mean" in r.stdout and f"wrote {out}" in r.stdout
+    assert f"wrote report {rep}" in r.stdout and f"wrote plot {png}" in r.stdout  # where the extra files went
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
         conf = json.loads(bytes(f.get_tensor("model.diffusion_model.single_blocks.0.linear1.comfy_quant").tolist()))
@@ -67,15 +68,20 @@ def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
     r = run_cli(tmp_path, *args)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("comfyquant: error: ") and message in r.stderr
+    assert r.stderr.count("comfyquant:") == 1 and "error: comfyquant" not in r.stderr  # the prefix once
 
 
 def test_help_and_version(tmp_path):
     r = run_cli(tmp_path, "--help")
-    assert r.returncode == 0 and all(c in r.stdout for c in ("convert", "inspect", "template", "edit"))
+    listed = [line.split()[0] for line in r.stdout.splitlines()  # a long name's help wraps to a deeper indent
+              if line.startswith("    ") and not line.startswith("      ") and line.split()]
+    assert r.returncode == 0 and listed == ["convert", "inspect", "template", "edit", "bench", "eval", "demo",
+                                            "calibrate", "install-nodes"]
     h = run_cli(tmp_path, "convert", "--help")
     assert h.returncode == 0 and all(f in h.stdout for f in ("--format", "--model", "--layer-config", "--report",
                                                             "--plot", "--device", "--low-memory", "--force",
-                                                            "--block-size", "--quiet"))
+                                                            "--block-size", "--quiet", "--strict-preset"))
+    assert "a bar on a terminal" in h.stdout and "one line per stage" in " ".join(h.stdout.split())
     v = run_cli(tmp_path, "--version")
     assert v.returncode == 0 and v.stdout.startswith("comfyquant ")
 

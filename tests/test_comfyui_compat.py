@@ -226,10 +226,12 @@ def test_scaled_fp8_upgrade_loads_identically(comfy: Any, conv: Conversions, mar
 
 # Relative MSE of the whole tiny model's prediction (float32 compute) against the float model, both run by ComfyUI.
 # Empirical sanity ceilings, ~4x above what these outlier-heavy weights give (Flux: int8 1.2e-2, int8-rot 3e-4,
-# fp8 2e-3; Wan: 1.3e-3, 7.5e-5, 2.7e-3); the per-layer tests above carry the rigorous bounds.
+# fp8 2e-3, int4-rot 0.23 (W4A4 on x20 outlier channels), nvfp4 2.4e-2, mxfp8 2.4e-3; Wan: 1.3e-3, 7.5e-5,
+# 2.7e-3, 1.8e-2, 4.4e-3, 1.8e-3); the per-layer tests above carry the rigorous bounds. ComfyUI's pick_operations
+# runs nvfp4 / mxfp8 dequantized on the CPU.
 E2E = {
-    "flux": ("Flux", {"int8": 0.05, "int8-rot": 2e-3, "fp8": 1e-2}),
-    "wan": ("WAN21", {"int8": 1e-2, "int8-rot": 1e-3, "fp8": 1e-2}),
+    "flux": ("Flux", {"int8": 0.05, "int8-rot": 2e-3, "fp8": 1e-2, "int4-rot": 0.9, "nvfp4": 0.1, "mxfp8": 1e-2}),
+    "wan": ("WAN21", {"int8": 1e-2, "int8-rot": 1e-3, "fp8": 1e-2, "int4-rot": 0.08, "nvfp4": 2e-2, "mxfp8": 1e-2}),
 }
 
 
@@ -277,19 +279,34 @@ def test_whole_model_loads_through_comfyui_model_detection(comfy: Any, conv: Con
         assert 0.0 < rel_mse < ceiling, (fmt, rel_mse)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8"])
+def _scale_off(fmt: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer with the scale every element goes through off by 1% (mxfp8: one block's E8M0 exponent +1)."""
+    if fmt == "nvfp4":
+        return {**tensors, "weight_scale_2": tensors["weight_scale_2"] * 1.01}
+    if fmt == "mxfp8":
+        bad = tensors["weight_scale"].clone()
+        bad[0, 0] += 1
+        return {**tensors, "weight_scale": bad}
+    return {**tensors, "weight_scale": tensors["weight_scale"] * 1.01}
+
+
+# the tight check of each format: activations emulated exactly, or (nvfp4 / mxfp8, dequantized by ComfyUI on the
+# CPU) the dequantized product itself
+TIGHT = {"int8": "int8 emulated", "int8-rot": "int8 emulated", "fp8": "fp8 emulated", "int4-rot": "int4 emulated",
+         "nvfp4": "dequantized weight", "mxfp8": "dequantized weight"}
+
+
+@pytest.mark.parametrize("fmt", list(TIGHT))
 def test_reference_check_catches_a_one_percent_scale_error(comfy: Any, conv: Conversions, fmt: str) -> None:
-    """The bounds are tight enough to matter: a weight scale off by 1% fails the float32 emulated check."""
+    """The bounds are tight enough to matter: a weight scale off by 1% fails the float32 tight check."""
     path, report = conv.get("flux", fmt)
     sd, _ = comfy_load(comfy, path)
     layer = sorted(converted_layers(report))[0]
     good = layer_tensors(sd, layer)
-    bad = {**good, "weight_scale": good["weight_scale"] * 1.01}
-    _, x, y = run_layer(comfy, bad, torch.float32)
+    _, x, y = run_layer(comfy, _scale_off(fmt, good), torch.float32)
     checks = {e.label: e for e in expectations(good, x, torch.float32)}
-    emulated = checks["int8 emulated" if fmt.startswith("int8") else "fp8 emulated"]
-    with pytest.raises(AssertionError, match="emulated"):
-        emulated.check(y, f"{fmt} scale x1.01")
+    with pytest.raises(AssertionError, match=TIGHT[fmt]):
+        checks[TIGHT[fmt]].check(y, f"{fmt} scale x1.01")
     _, x, y = run_layer(comfy, good, torch.float32)
     for e in expectations(good, x, torch.float32):
         e.check(y, f"{fmt} correct scale")

@@ -18,6 +18,7 @@ from comfyquant.errors import NonFiniteWeightError, UserError
 from comfyquant.formats import dequantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader
+from comfyquant.progress import Progress
 from comfyquant.quant import error_stats, hadamard
 from comfyquant.quant.int8 import expand_block_scale
 
@@ -85,15 +86,49 @@ def test_round_trip_every_format(tmp_path, src, fmt):
         tensors = {"weight": got[f"{key}.weight"], "weight_scale": got[f"{key}.weight_scale"]}
         assert got[f"{key}.weight_scale"].dtype == torch.float32
         _check_bound(fmt, w, tensors, conf, 32)
-    # everything the plan keeps is bit-identical, and no tensor went missing
+    # everything the plan keeps is bit-identical (under a cast format: cast like the rest of the file; other
+    # dtypes untouched), and no tensor went missing
+    cast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(fmt)
     for name in (f"{P}img_in.weight", f"{P}img_in.bias", f"{P}conv.weight", f"{P}steps", f"{P}tiny.weight",
                  f"{P}double_blocks.0.img_attn.qkv.bias", f"{P}final_layer.linear.weight"):
-        assert torch.equal(got[name], sd[name]) and got[name].dtype == sd[name].dtype
+        want = sd[name].to(cast) if cast is not None and sd[name].is_floating_point() else sd[name]
+        assert torch.equal(got[name], want) and got[name].dtype == want.dtype
     assert {k for k in got if not k.endswith((".weight_scale", ".comfy_quant"))} == set(sd)
     measured = {x.name: x for x in report.measured()}
     assert set(measured) >= {f"{P}{layer}.weight" for layer in QUANTIZED}
     if fmt not in ("fp16", "bf16"):
         assert report.bytes_after < report.bytes_before
+
+
+@pytest.mark.parametrize(("fmt", "misfit"), [("int4-rot", "int8"), ("nvfp4", "fp8"), ("mxfp8", "fp8")])
+def test_low_bit_formats_store_what_quantize_weight_gives_and_fall_back(tmp_path, src, fmt, misfit):
+    from comfyquant.formats import get_format, quantize_weight
+
+    path, sd = src
+    out = tmp_path / "out.safetensors"
+    report = comfyquant.convert(path, out, format=fmt, progress=False)
+    got, meta = _load(out)
+    assert meta["comfyquant.format"] == fmt
+    spec = get_format(fmt)
+    for layer in QUANTIZED:
+        key = f"{P}{layer}"
+        want = quantize_weight(sd[f"{key}.weight"], fmt)
+        assert decode_comfy_quant(got[f"{key}.comfy_quant"]) == want.comfy_quant
+        assert {k[len(key) + 1:] for k in got if k.startswith(key + ".") and k != f"{key}.comfy_quant"} \
+            == set(want.tensors) | ({"bias"} if f"{key}.bias" in sd else set())
+        for suffix, t in want.tensors.items():  # bit-identical to the API (the pipeline may chunk rows)
+            assert got[f"{key}.{suffix}"].dtype == t.dtype
+            a, b = got[f"{key}.{suffix}"].reshape(-1), t.reshape(-1)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (layer, suffix)
+        entry = next(x for x in report.layers if x.name == f"{key}.weight")
+        assert entry.format == fmt and entry.bytes_out < entry.bytes_in
+    # txt_mlp.0 has K = 40: int4-rot falls back through int8-rot (no power-of-4 group) to int8; the block formats
+    # (K % 16 / 32) to fp8 -- each reported with the reason
+    entry = next(x for x in report.layers if x.name.endswith("txt_mlp.0.weight"))
+    assert entry.format == misfit and "in_features 40 is not a multiple" in entry.reason, entry.reason
+    assert decode_comfy_quant(got[f"{P}double_blocks.0.txt_mlp.0.comfy_quant"])["format"] == \
+        get_format(misfit).comfy_format
+    assert spec.fallback is not None
 
 
 def test_int8_rot_metadata_and_fallback(tmp_path, src):
@@ -151,6 +186,28 @@ def test_layer_config_overrides_preset(tmp_path, src):
     got, _ = _load(out)
     assert got[f"{P}single_blocks.0.linear1.weight"].dtype == torch.float8_e4m3fn
     assert f"{P}double_blocks.0.img_attn.qkv.comfy_quant" not in got
+
+
+def test_layer_config_mixes_low_bit_formats_by_alias(tmp_path, src):
+    path, _ = src
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"rules": [
+        {"pattern": r"img_attn\.qkv", "format": "convrot_w4a4", "convrot_groupsize": 16},
+        {"pattern": r"linear1", "format": "nvfp4"},
+        {"pattern": r"linear2", "format": "mxfp8", "full_precision_matrix_mult": True},
+    ]}))
+    out = tmp_path / "o.safetensors"
+    report = comfyquant.convert(path, out, format="int8", layer_config=cfg, progress=False)
+    by = {x.name.removeprefix(P): x.format for x in report.layers}
+    assert (by["double_blocks.0.img_attn.qkv.weight"], by["single_blocks.0.linear1.weight"],
+            by["single_blocks.0.linear2.weight"], by["double_blocks.0.img_mlp.0.weight"]) == \
+        ("int4-rot", "nvfp4", "mxfp8", "int8")
+    got, _ = _load(out)
+    assert decode_comfy_quant(got[f"{P}double_blocks.0.img_attn.qkv.comfy_quant"]) == \
+        {"format": "convrot_w4a4", "convrot_groupsize": 16}
+    assert decode_comfy_quant(got[f"{P}single_blocks.0.linear2.comfy_quant"]) == \
+        {"format": "mxfp8", "full_precision_matrix_mult": True}
+    assert got[f"{P}single_blocks.0.linear1.weight"].shape == (320, 32)  # two E2M1 per byte
 
 
 def test_sharded_input_gives_one_file_equal_to_single_file(tmp_path, src):
@@ -257,7 +314,10 @@ def test_report_json_plot_and_progress(tmp_path, src, capfd):
     text = report.to_text()
     assert "SQNR: mean" in text and "worst" in text and layer["name"] in text
     comfyquant.convert(path, out, force=True, progress=True)
-    assert "converting" in capfd.readouterr().err
+    assert capfd.readouterr().err == ""  # stderr is no terminal and the work ends within 2 s: no output
+    comfyquant.convert(path, out, force=True, progress=Progress(mode="bar", delay=0))
+    err = capfd.readouterr().err
+    assert "convert: 100%" in err and f"{len(report.layers)}/{len(report.layers)} tensors" in err
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int8-block"])
@@ -318,7 +378,7 @@ def test_plot_without_matplotlib_fails_before_converting(tmp_path, src, monkeypa
     assert not out.exists() and not (tmp_path / "p.png").exists()
 
 
-@pytest.mark.parametrize(("fmt", "shape"), [("int8", (301, 96)), ("int8-rot", (257, 128)),
+@pytest.mark.parametrize(("fmt", "shape"), [("int8", (301, 96)), ("int8-rot", (257, 128)), ("int4-rot", (301, 128)),
                                             ("int8-block", (300, 100)), ("int8-block", (90, 4000)), ("int8-block", (20, 4000)),
                                             ("fp8", (200, 64))])
 def test_row_chunked_quantization_is_bit_identical(fmt, shape):

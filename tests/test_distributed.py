@@ -63,7 +63,7 @@ def dit_calibration(tmp_path_factory):
 
 
 def _convert_rank(session, inp: str, out: str, options: dict) -> None:
-    report = convert_distributed(inp, out, convert_options(**options), session, announce=False)
+    report = convert_distributed(inp, out, convert_options(out, **options), session, announce=False)
     assert (report is None) == (session.rank != 0)
     if report is not None:
         report.to_json(out + ".json")

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from comfyquant.cli.main import main as cli_main
 from comfyquant.convert.edit import edit_checkpoint
 from comfyquant.errors import UserError
 from comfyquant.formats import quantize_weight
@@ -198,12 +199,19 @@ def test_remove_tensor_and_config_keys(tmp_path):
     assert res.removed_config_keys == {"full_precision_matrix_mult": 2}
 
 
-def test_removing_a_scale_is_allowed_but_reported(tmp_path):
+def test_removing_a_required_scale_is_refused_unless_forced(tmp_path, capsys):
     src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     _int8_file(src)
-    res = edit_checkpoint(src, dst, remove_keys=["blocks.0.qkv.weight_scale"])
+    rc = cli_main(["edit", str(src), "-o", str(dst), "--remove-keys", "blocks.0.qkv.weight_scale"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "'blocks.0.qkv'" in err and "weight_scale" in err, err
+    assert not dst.exists()
+    for key in ("blocks.0.proj.weight", "blocks.0.proj.weight_scale"):  # a weight or scale of a quantized layer
+        with pytest.raises(UserError, match=r"'blocks\.0\.proj' would have"):
+            edit_checkpoint(src, dst, remove_keys=[key])
+    res = edit_checkpoint(src, dst, remove_keys=["blocks.0.qkv.weight_scale"], force=True)
     assert "blocks.0.qkv.weight_scale" not in load_file(str(dst))
-    assert any("blocks.0.qkv" in n and "no weight_scale" in n for n in res.notes)
+    assert any("'blocks.0.qkv'" in n and "no weight_scale" in n and "--force" in n for n in res.notes)
     dst2 = tmp_path / "c.safetensors"
     res = edit_checkpoint(src, dst2, remove_keys=["blocks.0.proj.comfy_quant"])
     assert "blocks.0.proj.comfy_quant" not in load_file(str(dst2))

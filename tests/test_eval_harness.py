@@ -3,6 +3,7 @@ asserting quality floors the int8 formats actually meet (measured values in comm
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from comfyquant.errors import UserError
 from comfyquant.eval.cli import eval_main
 from comfyquant.eval.harness import EvalConfig, run_eval
 from comfyquant.eval.sampling import SampleConfig
+from comfyquant.progress import Progress
 
 SMALL = SampleConfig(steps=8, cfg=3.0, per_class=2, seed=1234)
 
@@ -19,7 +21,21 @@ SMALL = SampleConfig(steps=8, cfg=3.0, per_class=2, seed=1234)
 @pytest.fixture(scope="module")
 def dit_int8(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dit-int8")
-    return run_eval(EvalConfig(model="digits-dit", format="int8", out=out, sampling=SMALL))
+    log = io.StringIO()  # what a redirected stderr receives (plain lines; every line on the sampling task)
+    progress = Progress(mode="lines", prog="comfyquant eval", stream=log, delay=0.0, interval=0.0)
+    report = run_eval(EvalConfig(model="digits-dit", format="int8", out=out, sampling=SMALL, progress=progress))
+    return {**report, "_log": log.getvalue()}
+
+
+def test_eval_says_where_it_is(dit_int8: dict) -> None:
+    lines = dit_int8["_log"].splitlines()
+    assert all(x.startswith("comfyquant eval: ") and "\r" not in x for x in lines)
+    order = ["quantizing digits-dit to int8", "loading the float reference", "per-layer statistics: 20",
+             "sampling 1/2: float reference, 20 images x 8 Euler steps", "sampling 1/2: 1/8 steps",
+             "sampling 1/2: 8/8 steps", "sampling 2/2: quantized model", "sampling 2/2: 8/8 steps",
+             "metrics: PSNR/SSIM", "writing report.json"]
+    at = [next(i for i, x in enumerate(lines) if x.startswith("comfyquant eval: " + o)) for o in order]
+    assert at == sorted(at), lines
 
 
 def test_dit_int8_samples_stay_close_to_bf16(dit_int8: dict) -> None:
@@ -74,13 +90,27 @@ def test_compare_prints_reports_side_by_side(dit_int8: dict, tmp_path: Path,
     assert "| sample PSNR dB mean | " in text and "(other)" in text
 
 
-def test_user_mistakes_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert eval_main(["--model", "digits-dit", "--format", "int8", "--optimizer", "gptq",
-                      "--out", str(tmp_path)]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
-    assert eval_main(["--model", str(tmp_path / "missing.safetensors"), "--format", "int8"]) == 2
+def test_user_mistakes_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    assert eval_main(["--model", "digits-dit", "--format", "int8", "--optimizer", "magic",
+                      "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'magic'" in err and not (tmp_path / "o").exists()
+    monkeypatch.chdir(tmp_path)  # the default --out is ./eval-out: a refused run must not create it
+    assert eval_main(["--model", "missing.safetensors", "--format", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("comfyquant eval: error: --model missing.safetensors: no such file (give minilm, digits-dit "
+                   "or a .safetensors file)\n")
+    assert eval_main(["--model", "digits-dit", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: --bogus" in err  # one line, no usage dump
+    assert eval_main(["--model", "digits-dit"]) == 2 and "--format is required" in capsys.readouterr().err
+    assert not (tmp_path / "eval-out").exists()
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert eval_main(["--compare", str(bad)]) == 2
     with pytest.raises(UserError, match="--format is required"):
         run_eval(EvalConfig(model="digits-dit", format=None, out=tmp_path))
+    with pytest.raises(UserError, match="unknown format 'int4'"):  # fails inside the conversion, after mkdir
+        run_eval(EvalConfig(model="digits-dit", format="int4", out=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

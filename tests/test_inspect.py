@@ -66,6 +66,9 @@ def test_float_plan_blockwise_says_stock_comfy_rejects_it(flux_file):
     ("int8-rot", "int8_tensorwise", [192, 1], {"convrot": True, "convrot_groupsize": 64}),
     ("int8-block", "int8_blockwise", [6, 2], {"group_size": 32}),
     ("fp8", "float8_e4m3fn", [], {}),
+    ("int4-rot", "convrot_w4a4", [192], {"convrot": True, "convrot_groupsize": 64}),
+    ("nvfp4", "nvfp4", [256, 4], {}),  # swizzled: [roundup(N, 128), roundup(K/16, 4)]
+    ("mxfp8", "mxfp8", [256, 4], {}),  # [roundup(N, 128), roundup(K/32, 4)]
 ])
 def test_converted_files(tmp_path, flux_file, fmt, cq, scale, extra):
     out = tmp_path / "q.safetensors"

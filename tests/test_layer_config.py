@@ -98,7 +98,7 @@ def test_format_spellings(entry, fmt):
     ({"rules": [{"pattern": "a(", "format": "int8"}]}, r"rule 1: invalid regex 'a\(' "),
     ({"rules": [{"pattern": "a"}, {"pattern": "b", "format": "int4"}]}, r"rule 1 \('a'\): missing 'format'"),
     ({"rules": [{"pattern": "b", "format": "int4"}]}, r"rule 1 \('b'\): unknown format 'int4'"),
-    ({"rules": [{"pattern": "b", "format": "nvfp4"}]}, "unknown format 'nvfp4'"),
+    ({"rules": [{"pattern": "b", "format": "mxfp4"}]}, "unknown format 'mxfp4'"),
     ({"rules": [{"pattern": "b", "format": "int8", "block_size": 64}]}, "block_size applies to int8-block"),
     ({"rules": [{"pattern": "b", "format": "int8-rot", "convrot_groupsize": 32}]}, "power of 4"),
     ({"rules": [{"pattern": "b", "format": "int8-block", "block_size": 0}]}, "positive integer"),

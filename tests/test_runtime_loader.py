@@ -4,6 +4,7 @@ refusals that name the layer, and the state-dict round trip back to the on-disk 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-# Relative output error of the whole tiny model vs float: int8 W8A8 measured ~0.5%, fp8 e4m3 ~2-3%.
-TOLERANCE = {"int8": 0.02, "int8-tensor": 0.02, "int8-rot": 0.02, "int8-block": 0.02, "fp8": 0.06}
+# Relative output error of the whole tiny model vs float: int8 W8A8 measured ~0.5%, fp8 e4m3 ~2-3%; int4-rot
+# (W4A8 reference) 4.6%, nvfp4 4.3% and mxfp8 1.2% (both dequantized on the CPU).
+TOLERANCE = {"int8": 0.02, "int8-tensor": 0.02, "int8-rot": 0.02, "int8-block": 0.02, "fp8": 0.06,
+             "int4-rot": 0.15, "nvfp4": 0.12, "mxfp8": 0.04}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +136,7 @@ def test_converter_files_load_and_match_the_float_model(flux_files: dict[str, Pa
     assert _rel(y, ref) > 0
 
 
-@pytest.mark.parametrize("fmt", ["int8-rot", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8-rot", "fp8", "int4-rot", "nvfp4", "mxfp8"])
 def test_state_dict_round_trip_writes_the_file_back(flux_files: dict[str, Path], fmt: str, tmp_path: Path) -> None:
     model = load_quantized(TinyFlux(), flux_files[fmt])
     sd = model.state_dict()
@@ -149,6 +152,29 @@ def test_state_dict_round_trip_writes_the_file_back(flux_files: dict[str, Path],
     again = load_quantized(TinyFlux(), tmp_path / "again.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(again(_x()), model(_x()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_block_scaled_files_load_dequantized_off_blackwell_with_one_log_line(
+        flux_files: dict[str, Path], fmt: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="comfyquant.runtime"):
+        model = load_quantized(TinyFlux(), flux_files[fmt], compute_dtype=torch.bfloat16)
+    notes = [r.getMessage() for r in caplog.records if "reference kernel" in r.getMessage()]
+    assert len(notes) == 1 and f"8 {fmt} layer(s) on cpu, compute bfloat16" in notes[0], notes
+    layer = model.double_blocks[0].img_attn.qkv
+    assert isinstance(layer, QuantLinear) and layer.qweight.layout_name == fmt
+    x = _x().bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+    # the weight dequantized exactly (float32, then bfloat16) and a bfloat16 matmul
+    w = layer.qweight.dequantize().double()
+    ref = x.double() @ w.T + layer.bias.double()
+    assert y.dtype == torch.bfloat16
+    assert bool(((y.double() - ref).abs() <= 2.0**-6 * (x.double().abs() @ w.abs().T + layer.bias.double().abs())).all())
+    with caplog.at_level(logging.WARNING, logger="comfyquant.runtime"):
+        caplog.clear()
+        load_quantized(TinyFlux(), flux_files["int4-rot"])
+    assert not [r for r in caplog.records if "reference kernel" in r.getMessage()]  # int4-rot has CPU kernels
 
 
 def test_diffusers_names_without_prefix(tmp_path: Path) -> None:

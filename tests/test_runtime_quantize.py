@@ -37,7 +37,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int8-tensor", "int8-rot", "int8-block", "fp8", "fp8-e5m2"])
+@pytest.mark.parametrize("fmt", ["int8", "int8-tensor", "int8-rot", "int8-block", "fp8", "fp8-e5m2", "int4-rot",
+                                 "nvfp4", "mxfp8"])
 def test_quantize_in_place_every_format(fmt: str) -> None:
     model = _net()
     x = torch.randn(3, 64)
@@ -51,8 +52,11 @@ def test_quantize_in_place_every_format(fmt: str) -> None:
     assert isinstance(model.blocks[1][2], QuantLinear) and isinstance(model.tiny, nn.Linear)
     with torch.no_grad():
         y = model(x)
-    # end to end through 5 chained layers; per-layer bounds are in test_runtime_tensor.py
-    assert 0 < _rel(y, ref) < {"fp8": 0.12, "fp8-e5m2": 0.25}.get(fmt, 0.03)
+    # end to end through 5 chained layers; per-layer bounds are in test_runtime_tensor.py (and, for the low-bit
+    # formats, test_formats_lowbit.py / test_kernels_blockscaled.py). Measured: int4-rot 0.13, nvfp4 0.24 (uniform
+    # nn.Linear init fills the coarse top of the E2M1 grid), mxfp8 0.05.
+    limits = {"fp8": 0.12, "fp8-e5m2": 0.25, "int4-rot": 0.3, "nvfp4": 0.5, "mxfp8": 0.12}
+    assert 0 < _rel(y, ref) < limits.get(fmt, 0.03)
     assert f"format={model.img_in.qweight.layout_name}" in repr(model.img_in)
 
 
@@ -138,7 +142,7 @@ def test_set_backend_is_per_module() -> None:
         lin.set_backend("triton_w8a16x")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "int8-block", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "int8-block", "fp8", "int4-rot", "nvfp4", "mxfp8"])
 def test_compile_fullgraph_no_graph_breaks(fmt: str) -> None:
     torch._dynamo.reset()
     model = _net()

@@ -13,15 +13,22 @@ from typing import Any
 
 import torch
 
-from comfyquant.convert.edit import QuantState, read_quant_state
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.plan import KEEP, Plan, PlanOptions, build_plan
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import STOCK_COMFY_0_30, conf_value, get_format
 from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, is_scaled_fp8
+from comfyquant.io.legacy import QuantState, read_quant_state
 from comfyquant.io.reader import CheckpointReader, TensorInfo
 
 BLOCKWISE_NOTE = ("stock ComfyUI 0.30 rejects int8_blockwise (its loader fails with KeyError: 'int8_blockwise', "
                   "the format is not in QUANT_ALGOS); load it with comfyquant's runtime (comfyquant.load_quantized)")
+LORA_NOTE = ("a quantized LoRA: stock ComfyUI 0.30's LoraLoader is NOT able to use it. It reads lora_up/lora_down "
+             "(lora_B/lora_A) as plain tensors and casts them to float, ignoring weight_scale and comfy_quant "
+             "('lora key not loaded'), so it would add the raw int8/fp8 codes, a difference off by the two scales. "
+             "Use it with comfyquant.lora.apply(model, FILE) or merge it with `comfyquant convert --merge-lora`, "
+             "which dequantize it on read")
+_LORA_LAYER = (".lora_up", ".lora_down", ".lora_A", ".lora_B", ".lora_mid", ".lora.up", ".lora.down")
 
 
 def _quant_dtypes() -> set[torch.dtype]:
@@ -67,10 +74,11 @@ class InspectResult:
     notes: list[str] = field(default_factory=list)
     stock_comfy: bool = True
     bytes_total: int = 0
+    lora: bool = False  # a LoRA file (stock_comfy then says whether ComfyUI's LoraLoader can use it)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": self.path, "kind": self.kind, "stock_comfyui_0_30_loads": self.stock_comfy,
-                             "problems": self.problems, "notes": self.notes}
+                             "lora": self.lora, "problems": self.problems, "notes": self.notes}
         if self.plan is not None:
             p = self.plan
             d.update(format=p.format, preset=p.preset, block_size=p.block_size, counts=p.counts(),
@@ -87,14 +95,15 @@ class InspectResult:
 
 
 def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8", block_size: int = 128,
-                       layer_config: str | Path | None = None) -> InspectResult:
+                       layer_config: str | Path | None = None, layers: LayerOptions | None = None) -> InspectResult:
     """Inspect one checkpoint (file or sharded index): the plan for ``fmt``/``model`` if it holds float
     weights, else its quantized layers and the problems ComfyUI would hit."""
     reader = CheckpointReader(path)
     if is_quantized(reader.infos, reader.metadata):
         return _inspect_quantized(reader)
     get_format(fmt)
-    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size)
+    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size,
+                       layers=layers or LayerOptions())
     plan = build_plan(reader.infos, opts, metadata=reader.metadata)
     res = InspectResult(str(reader.path), "float", plan.format, plan.preset, plan, bytes_total=reader.nbytes)
     unloadable = sorted({e.format for e in plan.entries if e.format and not get_format(e.format).stock_comfy})
@@ -103,6 +112,10 @@ def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8",
         res.notes.append(BLOCKWISE_NOTE if unloadable == ["int8-block"] else
                          f"stock ComfyUI 0.30 cannot load {', '.join(unloadable)}; load the file with comfyquant's "
                          "runtime or node pack")
+    res.lora = plan.preset == "lora"
+    if res.lora and any(e.action == "quantize" for e in plan.entries):
+        res.stock_comfy = False
+        res.notes.append(LORA_NOTE.replace("a quantized LoRA", "the converted LoRA will be a quantized LoRA"))
     return res
 
 
@@ -136,7 +149,10 @@ def _inspect_quantized(reader: CheckpointReader) -> InspectResult:
     blockwise = any(x.format == "int8_blockwise" for x in res.layers)
     if blockwise:
         res.notes.append(BLOCKWISE_NOTE)
-    res.stock_comfy = not res.problems and all(x.stock_comfy for x in res.layers)
+    res.lora = any(x.name.endswith(_LORA_LAYER) for x in res.layers)
+    if res.lora:
+        res.notes.append(LORA_NOTE)
+    res.stock_comfy = not res.problems and all(x.stock_comfy for x in res.layers) and not res.lora
     return res
 
 
@@ -169,6 +185,9 @@ def _layer(reader: CheckpointReader, layer: str, conf: Mapping[str, Any], source
         params = spec.params_from_conf(conf)
     except ValueError:
         params = {}
+    logical = spec.logical_shape(tuple(w.shape), params) if w else None
+    if logical is not None:
+        x.shape = list(logical)  # [out, in] of the layer (packed formats store K/2 bytes per row)
     x.convrot = spec.rotated
     x.convrot_groupsize = params.get("convrot_groupsize")
     x.group_size = params.get("block_size")
@@ -238,7 +257,8 @@ def _quant_text(r: InspectResult) -> str:
         lines.append(f"{x.name:<56} {x.format or '?':<16} {x.storage_dtype or '-':<14} {shape:>12} {scale:>10}  "
                      + ", ".join(det))
     verdict = "yes" if r.stock_comfy else "NO"
-    lines.append(f"stock ComfyUI 0.30 can load it: {verdict}")
+    what = "'s LoraLoader can use it" if r.lora else " can load it"
+    lines.append(f"stock ComfyUI 0.30{what}: {verdict}")
     lines += [f"problem: {p}" for p in r.problems]
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)

@@ -11,18 +11,19 @@ GPU memory after every tensor.
 
 from __future__ import annotations
 
+import math
 import os
-import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from comfyquant import __version__
+from comfyquant.convert.choices import LayerOptions
+from comfyquant.convert.hooks import QuantErrorSink, TransformedReader, WeightTransform
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
 from comfyquant.convert.report import LayerReport, Report
 from comfyquant.errors import NonFiniteWeightError, UserError
@@ -31,6 +32,8 @@ from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.io.reader import CheckpointReader, resolve_input
 from comfyquant.io.writer import StreamingWriter
 from comfyquant.optimize.hessian import LayerFallback as OptimizerFallback
+from comfyquant.presets.fit import check_model_choice
+from comfyquant.progress import Progress
 from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
 
 CHUNK_ELEMENTS = 2**20  # CPU row chunks: float32 temporaries of 4 MiB stay in cache (several times faster)
@@ -50,14 +53,19 @@ class ConvertOptions:
     low_memory: bool = False
     force: bool = False
     block_size: int = 128
-    progress: bool = True
+    progress: Progress = field(default_factory=Progress)
     fallback: str | None = None
     optimizer: Any = None  # comfyquant.optimize.OptimizerConfig (None: round to nearest)
     calibration: Any = None  # calibration file, "synthetic", or in-memory statistics (``.get(layer)``)
     calibration_lora: str | None = None
+    strict_preset: bool = False
+    layers: LayerOptions = field(default_factory=LayerOptions)
+    weight_transform: WeightTransform | None = None  # float weights changed before quantizing (--merge-lora)
+    quant_error_sink: QuantErrorSink | None = None  # sees each quantized layer's stored form (--extract-lora)
 
     def plan_options(self) -> PlanOptions:
-        return PlanOptions(self.format, self.model, self.layer_config, self.block_size, self.fallback)
+        return PlanOptions(format=self.format, model=self.model, layer_config=self.layer_config,
+                           block_size=self.block_size, fallback=self.fallback, layers=self.layers)
 
     @property
     def stats_limit(self) -> int:
@@ -191,19 +199,16 @@ class Streamer:
 
     def run(self, output: Path, metadata: dict[str, str]) -> list[LayerReport]:
         layers: list[LayerReport] = []
-        n = len(self.plan.entries)
+        entries = self.plan.entries
         with StreamingWriter(output, self.plan.specs, metadata, overwrite=self.opts.force,
                              background=True, amendable=True) as w, \
-                tqdm(total=self.plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                     desc="converting", disable=not self.opts.progress, dynamic_ncols=True) as bar:
-            entries = self.plan.entries
+                self.opts.progress.task("convert", len(entries), "tensors", total_bytes=self.plan.bytes_in) as bar:
             for i, e in enumerate(entries):
                 nxt = next((x for x in entries[i + 1:i + 3] if x.action != DROP), None)
                 if nxt is not None:
                     self.reader.prefetch(nxt.name)
                 layers.append(self.process(e, w))
-                bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
-                bar.update(e.bytes_in)
+                bar.update(1, e.bytes_in)
                 if self.opts.low_memory and self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return layers
@@ -226,19 +231,23 @@ class Streamer:
                           bytes_out=e.bytes_out)
         if e.action == DROP:
             return Finished(rep, [])
-        t = self.reader.get(e.name)
+        t = self.reader.get(e.name)  # float32 where a weight transform (LoRA merge) changed it
         if e.action == KEEP:
-            return Finished(rep, [(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))])
-        x = t.to(self.device)
+            return Finished(rep, [(e.name, (t if self.hooks is None else self.hooks.rewrite(e.name, t)).to(e.dtype))])
+        # a cast format casts 1-D / conv tensors too (convert/cast.py): the math sees a 2-D view of them
+        x = t.to(self.device).reshape(_matrix_shape(t.shape))
         if self.hooks is not None:
             x = self.hooks.rewrite(e.name, x)
         fmt = get_format(e.format or self.plan.format)
         try:
             tensors = self.convert(e, fmt, x)
         except (LayerFallback, OptimizerFallback) as f:
+            t = t.to(e.dtype)
             return Finished(LayerReport(e.name, e.shape, KEEP, None, "fallback",
                                         f"kept in high precision: {f.reason}", bytes_in=e.bytes_in,
                                         bytes_out=t.nbytes), [(e.name, t)], f.reason)
+        if self.opts.quant_error_sink is not None and e.action == QUANTIZE:
+            self.opts.quant_error_sink.add(e.name, x, tensors, e.comfy_quant)
         stats, rows = weight_stats(x, fmt, e.params, tensors, self.opts.stats_limit)
         rep.sqnr_db, rep.rel_mse, rep.max_abs_err, rep.stats_rows = (stats.sqnr_db, stats.rel_mse,
                                                                      stats.max_abs_err, rows)
@@ -247,7 +256,7 @@ class Streamer:
             rep.optimizer, rep.optimizer_gain_db = res.method, res.gain_db
             rep.notes = list(self.hooks.layer_notes.get(e.layer, []))
         if e.action == CAST:
-            return Finished(rep, [(e.name, tensors["weight"])])
+            return Finished(rep, [(e.name, tensors["weight"].reshape(e.shape))])
         out = []
         for spec in e.outputs:
             suffix = spec.name[len(e.layer) + 1:]
@@ -268,11 +277,18 @@ class Streamer:
         return quantize_rows(x, fmt, e.params, CHUNK_ELEMENTS if self.device.type == "cpu" else None)
 
 
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view a tensor is converted as: itself, ``[n, 1]`` for a vector, ``[out, rest]`` for a kernel."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    return (shape[0] if shape else 1), (math.prod(shape[1:]) if len(shape) > 1 else 1)
+
+
 @dataclass
 class Conversion:
     """Everything decided before the first tensor is read: input, output, device, plan, header, optimizer hooks."""
 
-    reader: CheckpointReader
+    reader: Any  # CheckpointReader, or a TransformedReader over one (--merge-lora)
     output: Path
     device: torch.device
     plan: Plan
@@ -282,15 +298,26 @@ class Conversion:
 
 
 def prepare_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Conversion:
-    """Open and check the input and output, plan the conversion and set up the optimizer hooks."""
+    """Open and check the input and output, plan the conversion, bind the weight transform and set up the
+    optimizer hooks (warnings are said here, before any work)."""
     out = Path(output)
     reader = CheckpointReader(resolve_input(input))
     check_paths(reader, out, opts.force)
     device = resolve_device(opts.device)
+    mismatch = check_model_choice(opts.model, reader.shapes(), opts.strict_preset)
     plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
     metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
                 "comfyquant.model": plan.preset}
     notes: list[str] = []
+    if mismatch is not None:
+        opts.progress.warn(mismatch)  # before the work starts, so a wrong --model can be stopped at once
+        notes.append(mismatch)
+    if opts.weight_transform is not None:  # bound before the output is opened: mismatches write nothing
+        transform = opts.weight_transform.bind(reader.infos, str(reader.path))
+        notes.extend(transform.notes)
+        for warning in transform.warnings:  # e.g. LoRA modules that match no layer: said before the work starts
+            opts.progress.warn(warning)
+        reader = TransformedReader(reader, transform)
     from comfyquant.convert.optimizing import make_hooks
 
     hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora)
@@ -304,6 +331,8 @@ def conversion_report(c: Conversion, layers: list[LayerReport], fallbacks: Mappi
                       opts: ConvertOptions, start: float) -> Report:
     """The report of a finished conversion (``start``: its ``time.perf_counter()`` at the beginning)."""
     notes = list(c.notes)
+    if opts.quant_error_sink is not None:
+        notes.extend(opts.quant_error_sink.finish())
     if fallbacks:
         notes.append(f"{len(fallbacks)} layer(s) kept in high precision: "
                      + "; ".join(f"{k} ({v})" for k, v in fallbacks.items()))

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comfyquant.errors import UserError
+from comfyquant.io.writer import write_small_file
 
 
 @dataclass
@@ -92,16 +92,14 @@ class Report:
 
     def to_json(self, path: str | Path) -> None:
         """Write the report as JSON (``inf`` SQNR of exact layers written as the string "inf")."""
-        try:
-            Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot write report {path}: {e.strerror or e}") from None
+        write_small_file(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     # -- text -----------------------------------------------------------------------------------------------
     def to_text(self) -> str:
         """The table printed after a conversion: every weight tensor, then the summary."""
-        rows = [x for x in self.layers if x.action != "keep" or x.name.endswith(".weight")]
-        other = len(self.layers) - len(rows)
+        rows = [x for x in self.layers if x.action == "quantize" or x.name.endswith(".weight")]
+        shown = {id(x) for x in rows}
+        other = Counter(x.action for x in self.layers if id(x) not in shown)
         w = max([len(x.name) for x in rows] + [5])
         lines = [f"{'layer':<{w}}  {'shape':<14} {'action':<8} {'format':<10} {'SQNR dB':>8} {'rel MSE':>9} "
                  f"{'max|err|':>9}  rule / reason"]
@@ -111,7 +109,8 @@ class Report:
                          f"{_num(x.rel_mse, 9, 2, sci=True)} {_num(x.max_abs_err, 9, 2, sci=True)}  "
                          f"{x.rule}: {x.reason}")
         if other:
-            lines.append(f"... and {other} other tensors (biases, norms, embeddings) kept unchanged")
+            what = ", ".join(f"{n} {_DONE.get(a, a)}" for a, n in sorted(other.items()))
+            lines.append(f"... and {sum(other.values())} other tensors (biases, norms, embeddings): {what}")
         s = self.summary()
         lines.append("")
         counts = ", ".join(f"{v} {k}" for k, v in s["counts"].items())
@@ -132,6 +131,9 @@ class Report:
         for x in self.layers:
             lines.extend(f"note: {x.name}: {n}" for n in x.notes)
         return "\n".join(lines)
+
+
+_DONE = {"keep": "kept unchanged", "cast": "cast", "drop": "dropped", "quantize": "quantized"}
 
 
 def _fmt(v: float | None) -> str:

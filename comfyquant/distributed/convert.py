@@ -9,13 +9,13 @@ round to nearest is bit-identical to one process, and an optimizer runs the same
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from comfyquant.convert.pipeline import (
     ConvertOptions,
@@ -29,6 +29,7 @@ from comfyquant.convert.report import LayerReport, Report
 from comfyquant.distributed.assign import plan_owners
 from comfyquant.distributed.session import Session, rank_device
 from comfyquant.distributed.transport import Outbox, receive
+from comfyquant.errors import UserError
 from comfyquant.io.writer import StreamingWriter, temp_path_for
 
 
@@ -58,11 +59,16 @@ def convert_distributed(input: str | Path, output: str | Path, opts: ConvertOpti
     on stderr when its work starts (what it owns, on which device)."""
     start = time.perf_counter()
     session.claim()
+    if opts.quant_error_sink is not None:
+        raise UserError("--extract-lora needs every layer's error in one process: run it without torchrun")
     dev = rank_device(opts.device, session.cfg)
     opt = opts.optimizer
     if opt is not None and opt.device is not None:
         opt = opt.with_(device=rank_device(opt.device, session.cfg))
-    opts = replace(opts, device=dev, optimizer=opt, progress=opts.progress and session.rank == 0)
+    progress = opts.progress
+    if session.rank != 0:  # every rank plans alike and would say the same warnings: rank 0 says them once
+        progress = replace(progress, mode="off", stream=io.StringIO())
+    opts = replace(opts, device=dev, optimizer=opt, progress=progress)
     c = prepare_conversion(input, output, opts)
     optimizing = c.hooks is not None and opts.optimizer is not None and opts.optimizer.method != "rtn"
     follow_bias = c.hooks is not None and bool(opts.optimizer.bias_correction)
@@ -104,8 +110,8 @@ def _write(streamer: Streamer, output: Path, metadata: dict[str, str], owners: l
     mine = [i for i, o in enumerate(owners) if o == 0]
     with StreamingWriter(output, plan.specs, metadata, overwrite=opts.force, background=True,
                          amendable=True) as w, \
-            tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                 desc=f"converting ({session.world} ranks)", disable=not opts.progress, dynamic_ncols=True) as bar:
+            opts.progress.task(f"convert ({session.world} ranks)", len(entries), "tensors",
+                               total_bytes=plan.bytes_in) as bar:
         if announce:
             _announce(session, plan, owners, streamer.device)
         k = 0
@@ -119,8 +125,7 @@ def _write(streamer: Streamer, output: Path, metadata: dict[str, str], owners: l
             else:
                 meta, tensors = receive(owners[i])
                 layers.append(streamer.write(e, _decode(meta, tensors), w))
-            bar.set_postfix_str(f"{i + 1}/{len(entries)} tensors", refresh=False)
-            bar.update(e.bytes_in)
+            bar.update(1, e.bytes_in)
             if opts.low_memory and streamer.device.type == "cuda":
                 torch.cuda.empty_cache()
         session.wait_peers_done()

@@ -9,15 +9,25 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from comfyquant.errors import UserError
 from comfyquant.eval.sampling import SampleConfig
 from comfyquant.exits import run_cli
+from comfyquant.progress import HELP as PROGRESS_HELP
+from comfyquant.progress import Progress
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line (exit 2) like every other comfyquant command, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="comfyquant eval",
-                                description="Measure a quantized reference model against its float original.")
+    p = _Parser(prog="comfyquant eval", epilog=PROGRESS_HELP,
+                description="Measure a quantized reference model against its float original.")
     p.add_argument("--model", help="minilm | digits-dit | a .safetensors file (float reference or quantized)")
     p.add_argument("--format", help="comfyquant format to convert to (int8, int8-rot, int8-tensor, fp8, ...)")
     p.add_argument("--peer", choices=("simple", "default"),
@@ -28,8 +38,17 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=SampleConfig.cfg, help="DiT classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=SampleConfig.seed, help="DiT sampling seed")
     p.add_argument("--sentences", type=int, default=None, help="MiniLM: use only the first N sentences")
+    p.add_argument("--lora", type=Path, metavar="FILE", help="evaluate with this LoRA: the reference is the float "
+                   "model with it merged (docs/LORA.md)")
+    p.add_argument("--lora-mode", default="merge", choices=("merge", "bake", "dynamic"),
+                   help="merge into the float weights before quantizing (default), or bake / run dynamically after")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--stochastic", action="store_true", help="--lora-mode bake: stochastic rounding")
+    p.add_argument("--extract-lora", type=int, default=0, metavar="RANK",
+                   help="also extract the quantization error at this rank and run it as a dynamic LoRA")
     p.add_argument("--compare", nargs="+", type=Path, metavar="REPORT.json",
                    help="print these reports side by side and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress (the result table is still printed)")
     from comfyquant.optimize.cli_flags import add_optimizer_args
 
     add_optimizer_args(p)
@@ -60,7 +79,9 @@ def _eval(argv: list[str] | None) -> int:
                      calibration=args.calibration, calibration_lora=args.calibration_lora,
                      peer=args.peer, sentences=args.sentences,
                      sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
-                     command="comfyquant eval " + shlex.join(argv_list))
+                     command="comfyquant eval " + shlex.join(argv_list), lora=args.lora, lora_mode=args.lora_mode,
+                     lora_strength=args.lora_strength, stochastic=args.stochastic, extract_lora=args.extract_lora,
+                     progress=Progress(mode="off" if args.quiet else "auto", prog="comfyquant eval"))
     report = run_eval(cfg)
     print(side_by_side([report], [f"{report['model']} {report['format']}"]), end="")
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'layers.png'}")
@@ -73,14 +94,16 @@ def demo_main(argv: list[str] | None = None) -> int:
 
 
 def _demo(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="comfyquant demo",
-                                description="Convert the bundled digits DiT to int8 and show what changed.")
+    p = _Parser(prog="comfyquant demo", epilog=PROGRESS_HELP,
+                description="Convert the bundled digits DiT to int8 and show what changed.")
     p.add_argument("--out", type=Path, default=Path("comfyquant-demo"), help="output folder")
     p.add_argument("--format", default="int8", help="format to demonstrate (default int8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress (the results are still printed)")
     args = p.parse_args(argv)
-    from comfyquant.eval.demo import run_demo
+    from comfyquant.eval.demo import DEMO_SAMPLING, run_demo
 
-    run_demo(args.out, args.format)
+    run_demo(args.out, args.format, DEMO_SAMPLING,
+             Progress(mode="off" if args.quiet else "auto", prog="comfyquant demo"))
     return 0
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from comfyquant.errors import UserError
-from comfyquant.eval.layerstats import LayerStat
 
 
 def _get(d: dict[str, Any], path: str) -> Any:
@@ -42,6 +41,11 @@ ROWS = (
     ("Frechet dist. vs real (reference)", "metrics.fd_reference_vs_real"),
     ("Frechet dist. vs real", "metrics.fd_vs_real"),
     ("Frechet dist. vs reference samples", "metrics.fd_vs_reference"),
+    ("LoRA mode", "lora.mode"),
+    ("LoRA strength", "lora.strength"),
+    ("LoRA effect: PSNR dB base vs base+LoRA (float)", "lora.effect_vs_base.psnr_db.mean"),
+    ("LoRA effect: class accuracy base+LoRA (float)", "lora.effect_vs_base.class_acc"),
+    ("quantization-error LoRA rank", "lora.extract_lora.rank"),
 )
 
 
@@ -101,28 +105,3 @@ def compare_files(paths: Sequence[Path]) -> str:
     """``comfyquant eval --compare A.json B.json ...``: the reports side by side."""
     reports = [load_report(p) for p in paths]
     return side_by_side(reports, [f"{r['model']} {r['format']} ({r['quantizer']})" for r in reports])
-
-
-def plot_layers(stats: Sequence[LayerStat], path: Path, title: str) -> None:
-    """Per-layer weight SQNR and output SQNR (layer alone, and inside the quantized model) as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    n = len(stats)
-    x = np.arange(n)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n + 2), 4.5))
-    clip = [(s.weight_sqnr_db, s.out_sqnr_db, s.out_sqnr_e2e_db) for s in stats]
-    vals = np.array([[min(v, 120.0) for v in row] for row in clip]) if n else np.zeros((0, 3))
-    for i, label in enumerate(("weight SQNR", "output SQNR (layer alone)", "output SQNR (in model)")):
-        ax.bar(x + (i - 1) * 0.27, vals[:, i] if n else [], width=0.27, label=label)
-    ax.set_xticks(x)
-    ax.set_xticklabels([s.name for s in stats], rotation=90, fontsize=6)
-    ax.set_ylabel("dB")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -8,15 +8,18 @@ from pathlib import Path
 from comfyquant.eval.compare import side_by_side
 from comfyquant.eval.harness import EvalConfig, run_eval
 from comfyquant.eval.sampling import SampleConfig
+from comfyquant.progress import QUIET, Progress
 
 DEMO_SAMPLING = SampleConfig(per_class=5)  # 50 samples, 20 Euler steps: well under two minutes on a CPU
 
 
-def run_demo(out: Path, fmt: str = "int8", sampling: SampleConfig = DEMO_SAMPLING) -> dict:
-    """Run the eval on the bundled DiT and print where everything went."""
-    print(f"comfyquant demo: converting the bundled digits DiT (Flux layout, bf16) to {fmt} ...", flush=True)
+def run_demo(out: Path, fmt: str = "int8", sampling: SampleConfig = DEMO_SAMPLING,
+             progress: Progress = QUIET) -> dict:
+    """Run the eval on the bundled DiT and print where everything went (the steps on ``progress``)."""
+    print(f"comfyquant demo: converting the bundled digits DiT (Flux layout, bf16) to {fmt}, then sampling "
+          f"{10 * sampling.per_class} digits with both models ({sampling.steps} steps each) ...", flush=True)
     cfg = EvalConfig(model="digits-dit", format=fmt, out=out, sampling=sampling,
-                     command=f"comfyquant demo --out {out} --format {fmt}")
+                     command=f"comfyquant demo --out {out} --format {fmt}", progress=progress)
     report = run_eval(cfg)
     print(side_by_side([report], [f"{fmt} vs bf16"]), end="")
     s = report["summary"]

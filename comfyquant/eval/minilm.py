@@ -8,6 +8,7 @@ Module names equal the checkpoint's keys, so ``load_quantized`` can swap its ``n
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,10 +201,13 @@ def empty_minilm() -> MiniLM:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, tok: Tokenizer, sentences: list[str], batch: int = 64) -> Tensor:
-    """Sentence embeddings ``[N, hidden]`` (float32, unit norm)."""
+def embed(model: nn.Module, tok: Tokenizer, sentences: list[str], batch: int = 64,
+          on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """Sentence embeddings ``[N, hidden]`` (float32, unit norm); ``on_batch(n)`` after each batch of n."""
     out = []
     for i in range(0, len(sentences), batch):
         ids, mask = tok(sentences[i: i + batch])
         out.append(mean_pool(model(ids, mask).float(), mask))
+        if on_batch is not None:
+            on_batch(len(ids))
     return torch.cat(out)

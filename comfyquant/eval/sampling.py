@@ -48,8 +48,10 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> Tensor:
 
 
 @torch.no_grad()
-def sample(velocity: Velocity, labels: Tensor, null_label: int, noise: Tensor, steps: int, cfg: float) -> Tensor:
-    """Euler integration from ``noise`` (t=1) to t=0 with CFG; returns images ``[B, 1, 32, 32]`` in [-1, 1]."""
+def sample(velocity: Velocity, labels: Tensor, null_label: int, noise: Tensor, steps: int, cfg: float,
+           on_step: Callable[[], None] | None = None) -> Tensor:
+    """Euler integration from ``noise`` (t=1) to t=0 with CFG; returns images ``[B, 1, 32, 32]`` in [-1, 1].
+    ``on_step`` is called after each step (progress)."""
     x = noise.clone()
     null = torch.full_like(labels, null_label)
     both = torch.cat((labels, null))
@@ -58,6 +60,8 @@ def sample(velocity: Velocity, labels: Tensor, null_label: int, noise: Tensor, s
         t = torch.full((2 * x.shape[0],), float(ts[i]), device=x.device)
         v_c, v_u = velocity(torch.cat((x, x)), t, both).float().chunk(2)
         x = x + (ts[i + 1] - ts[i]) * (v_u + cfg * (v_c - v_u))
+        if on_step is not None:
+            on_step()
     return from_latent(x).clamp(-1, 1)
 
 

@@ -19,7 +19,9 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.eval import metrics as M
+from comfyquant.eval.plots import save_grid
 from comfyquant.eval.sampling import SampleConfig, class_labels, initial_noise, sample
+from comfyquant.progress import QUIET, Progress
 
 DIT_FIXTURE = Path(__file__).parent / "assets" / "digits_dit.safetensors"
 
@@ -72,7 +74,7 @@ class DigitsWorkload:
         noise = torch.randn(x0.shape, generator=gen)
         model.velocity(0.5 * x0 + 0.5 * noise, torch.full((64,), 0.5), d.labels[idx])
 
-    def evaluate(self, ref: nn.Module, quant: nn.Module, out: Path) -> dict[str, Any]:
+    def evaluate(self, ref: nn.Module, quant: nn.Module, out: Path, progress: Progress = QUIET) -> dict[str, Any]:
         from comfyquant.eval.classifier import train_classifier
         from comfyquant.eval.data import load_digits
 
@@ -80,14 +82,19 @@ class DigitsWorkload:
         n_cls = ref.cfg.num_classes
         labels = class_labels(n_cls, s.per_class)
         noise = initial_noise(len(labels), (16, 8, 8), s.seed)
-        img_ref = sample(ref.velocity, labels, n_cls, noise, s.steps, s.cfg)
-        img_q = sample(quant.velocity, labels, n_cls, noise, s.steps, s.cfg)
+        images = []
+        for i, (what, model) in enumerate((("float reference", ref), ("quantized model", quant))):
+            progress.stage(f"sampling {i + 1}/2: {what}, {len(labels)} images x {s.steps} Euler steps")
+            with progress.task(f"sampling {i + 1}/2", s.steps, "steps") as bar:
+                images.append(sample(model.velocity, labels, n_cls, noise, s.steps, s.cfg, on_step=bar.update))
+        img_ref, img_q = images
+        progress.stage("metrics: PSNR/SSIM against the reference, digit classifier, Frechet distance")
         digits = load_digits()
         clf = train_classifier(digits)
         f_real, f_ref, f_q = clf.features(digits.images), clf.features(img_ref), clf.features(img_q)
         psnr = [M.psnr(a, b) for a, b in zip(img_ref, img_q, strict=True)]
         grid = out / "samples.png"
-        save_grid(img_ref, img_q, n_cls, s.per_class, grid)
+        save_grid(img_ref, img_q, n_cls, s.per_class, grid)  # eval/plots.py
         return {
             "samples": len(labels), "sampler": {"steps": s.steps, "cfg": s.cfg, "seed": s.seed},
             "psnr_db": _stats(np.minimum(psnr, 99.0)), "ssim": _stats(M.ssim(img_ref, img_q)),
@@ -142,37 +149,20 @@ class MiniLMWorkload:
         ids, mask = self._tok()(load_sentences(min(64, self.limit or 64)))
         model(ids, mask)
 
-    def evaluate(self, ref: nn.Module, quant: nn.Module, out: Path) -> dict[str, Any]:
+    def evaluate(self, ref: nn.Module, quant: nn.Module, out: Path, progress: Progress = QUIET) -> dict[str, Any]:
         from comfyquant.eval.minilm import embed, load_sentences
 
         sents = load_sentences(self.limit)
         tok = self._tok()
-        cos = M.cosine(embed(ref, tok, sents), embed(quant, tok, sents))
+        vectors = []
+        for i, (what, model) in enumerate((("float reference", ref), ("quantized model", quant))):
+            progress.stage(f"embedding {i + 1}/2: {len(sents)} sentences with the {what}")
+            with progress.task(f"embedding {i + 1}/2", len(sents), "sentences") as bar:
+                vectors.append(embed(model, tok, sents, on_batch=bar.update))
+        progress.stage("metrics: embedding cosine against the reference")
+        cos = M.cosine(*vectors)
         return {"sentences": len(sents), "cosine": _stats(cos),
                 "cosine_p01": round(float(torch.quantile(cos, 0.01)), 6)}
-
-
-def save_grid(ref: torch.Tensor, quant: torch.Tensor, n_cls: int, per_class: int, path: Path,
-              show: int = 5) -> None:
-    """One row per class: ``show`` reference samples, a gap, the same seeds quantized."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = min(show, per_class)
-    r = ref[:, 0].reshape(n_cls, per_class, 32, 32)[:, :k]
-    q = quant[:, 0].reshape(n_cls, per_class, 32, 32)[:, :k]
-    gap = torch.full((n_cls, 1, 32, 8), 1.0)
-    rows = torch.cat([r.permute(0, 2, 1, 3).reshape(n_cls, 32, k * 32)[:, None],
-                      gap, q.permute(0, 2, 1, 3).reshape(n_cls, 32, k * 32)[:, None]], dim=3)
-    img = rows[:, 0].reshape(n_cls * 32, -1).numpy()
-    fig, ax = plt.subplots(figsize=(img.shape[1] / 40, img.shape[0] / 40 + 0.5))
-    ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
-    ax.set_title("reference (left) vs quantized (right), same seeds", fontsize=8)
-    ax.axis("off")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _file_keys(path: Path) -> tuple[set[str], dict[str, str]]:
@@ -193,8 +183,10 @@ def resolve_workload(model: str, sampling: SampleConfig, limit: int | None) -> t
     if model == "minilm":
         return MiniLMWorkload(limit=limit), None
     path = Path(model)
+    if not path.exists():
+        raise UserError(f"--model {model}: no such file (give minilm, digits-dit or a .safetensors file)")
     if not path.is_file():
-        raise UserError(f"--model must be minilm, digits-dit or a .safetensors file; '{model}' is none of these")
+        raise UserError(f"--model {model}: not a file (give minilm, digits-dit or a .safetensors file)")
     keys, _ = _file_keys(path)
     quantized = is_quantized_file(path)
     if "conditioner.txt_table" in keys:

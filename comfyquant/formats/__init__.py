@@ -28,9 +28,12 @@ from comfyquant.formats.registry import (
 def _register_builtins() -> None:
     from comfyquant.formats.casts import BF16, FP16
     from comfyquant.formats.fp8 import FP8, FP8_E5M2_FORMAT
+    from comfyquant.formats.int4_rot import INT4_ROT
     from comfyquant.formats.int8 import INT8_BLOCK, INT8_ROT, INT8_ROW, INT8_TENSOR
+    from comfyquant.formats.mxfp8 import MXFP8
+    from comfyquant.formats.nvfp4 import NVFP4
 
-    for fmt in (INT8_ROW, INT8_TENSOR, INT8_ROT, INT8_BLOCK, FP8, FP8_E5M2_FORMAT, FP16, BF16):
+    for fmt in (INT8_ROW, INT8_TENSOR, INT8_ROT, INT8_BLOCK, FP8, FP8_E5M2_FORMAT, INT4_ROT, NVFP4, MXFP8, FP16, BF16):
         if fmt.name not in REGISTRY:
             register_format(fmt)
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from comfyquant.formats import scaling
-from comfyquant.formats.grids import FloatGrid, IntGrid
+from comfyquant.formats.grids import FloatGrid, Fp4Grid, IntGrid
 
 Params = dict[str, Any]
 # comfy_quant keys every quantized format may carry (ComfyUI reads them at the top level or under "params").
@@ -211,8 +211,10 @@ def _dt(dtype: torch.dtype) -> str:
 
 
 def _dtype_ok(want: torch.dtype, got: torch.dtype) -> bool:
-    # older writers store fp8 bytes as uint8 and ComfyUI views them as fp8
-    return got == want or (got == torch.uint8 and want in (torch.float8_e4m3fn, torch.float8_e5m2))
+    # older writers store fp8 bytes as uint8 and ComfyUI views them as fp8; E8M0 scales are stored as uint8
+    # (safetensors cannot read F8_E8M0 back) and ComfyUI views them as float8_e8m0fnu
+    return (got == want or (got == torch.uint8 and want in (torch.float8_e4m3fn, torch.float8_e5m2))
+            or (got == torch.float8_e8m0fnu and want == torch.uint8))
 
 
 def _work(w: torch.Tensor) -> torch.Tensor:
@@ -238,15 +240,15 @@ class LayerGrid:
         return self.fmt.element_scale(self.scales, self.params, self.shape, cols)
 
     def codes(self, w: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
-        """Grid codes of ``w[:, cols]`` (unpacked: int8 values / fp8 values)."""
+        """Grid codes of ``w[:, cols]`` (unpacked: int8 values / fp8 values / E2M1 codes)."""
         s = self.scale_for(cols).to(w.dtype if w.dtype == torch.float64 else torch.float32)
-        return self.fmt.element_grid.round(w / s)
+        return self.fmt.element_grid.round(scaling.divide(w, s))
 
     def fake_quant(self, w: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
         """``values(round(w / s)) * s`` for the columns ``cols``, in w's float dtype."""
         work = w.dtype if w.dtype == torch.float64 else torch.float32
         s = self.scale_for(cols).to(work)
-        return self.fmt.element_grid.values(self.fmt.element_grid.round(w.to(work) / s), work) * s
+        return self.fmt.element_grid.values(self.fmt.element_grid.round(scaling.divide(w.to(work), s)), work) * s
 
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors for ``w`` (full ``[N, K]``, quantization basis) on this grid."""
@@ -262,7 +264,7 @@ class AffineFormat(QuantFormat):
     packed formats override the transform / pack hooks.
     """
 
-    element_grid: IntGrid | FloatGrid
+    element_grid: IntGrid | FloatGrid | Fp4Grid
 
     # ---- scale granularity -------------------------------------------------------------------------------
     def block(self, shape: tuple[int, int], params: Mapping[str, Any]) -> scaling.Block:

@@ -1,8 +1,8 @@
 """Element grids: the set of values one stored element can take, and rounding onto it.
 
 A grid knows nothing about scales: ``round(y)`` takes values already divided by their scale and returns the
-codes (int8 values for integer grids, fp8 values for float grids), clamped to the grid's range; ``values``
-turns codes back into floats. Formats combine a grid with a scale granularity (``formats.scaling``).
+codes (int8 values for integer grids, fp8 values for float grids, uint8 E2M1 codes for FP4), clamped to the
+grid's range; ``values`` turns codes back into floats. Formats combine a grid with a scale granularity (``formats.scaling``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from comfyquant.quant import fp4
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,29 @@ class FloatGrid:
         return codes.to(dtype)
 
 
+@dataclass(frozen=True)
+class Fp4Grid:
+    """FP4 E2M1 (``0, +-0.5 .. +-6``), round half to even, saturating; codes are uint8 ``0 .. 15`` (unpacked)."""
+
+    name: str = "fp4_e2m1"
+
+    @property
+    def max(self) -> float:
+        return fp4.FP4_MAX
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def round(self, y: torch.Tensor) -> torch.Tensor:
+        return fp4.encode_e2m1(y)
+
+    def values(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return fp4.decode_e2m1(codes, dtype)
+
+
 INT8 = IntGrid("int8", 127)
 INT4 = IntGrid("int4", 7)
 FP8_E4M3 = FloatGrid("fp8_e4m3", torch.float8_e4m3fn)
 FP8_E5M2 = FloatGrid("fp8_e5m2", torch.float8_e5m2)
+FP4_E2M1 = Fp4Grid()

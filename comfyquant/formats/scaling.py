@@ -45,6 +45,14 @@ def safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def divide(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``w / scale``, with 0 where the scale is 0 (a block stored with a zero scale dequantizes to zeros)."""
+    y = w / scale
+    if bool((scale == 0).any()):
+        y = torch.where(scale == 0, torch.zeros_like(y), y)
+    return y
+
+
 def expand(scale: torch.Tensor, block: Block, shape: tuple[int, int], cols: slice = slice(None)) -> torch.Tensor:
     """The scale grid broadcast to the elements ``[:, cols]`` of a ``[N, K]`` weight (a view where possible)."""
     n, k = shape

@@ -134,6 +134,7 @@ class StreamingWriter:
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._created = False  # the temporary file exists and is ours to delete
 
     # -- context management -------------------------------------------------------------------------------
     def __enter__(self) -> StreamingWriter:
@@ -143,6 +144,7 @@ class StreamingWriter:
         self._install_sigterm()
         try:
             self._file = open(self.tmp, "wb", buffering=0)  # closed in finish() or abort()
+            self._created = True
             if self.amendable:
                 self._file.seek(self._reserve)  # type: ignore[attr-defined]
             self._write_all(header)
@@ -150,21 +152,32 @@ class StreamingWriter:
                 self._worker = threading.Thread(target=self._drain, name="comfyquant-writer", daemon=True)
                 self._worker.start()
         except BaseException as e:
-            self.abort()
-            if isinstance(e, OSError):
-                raise UserError(os_error_message(e, self.path)) from None
-            raise
+            err = UserError(os_error_message(e, self.path)) if isinstance(e, OSError) else e
+            self._abort_after(err)
+            if err is e:
+                raise
+            raise err from None
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        if et is not None:
-            self.abort()
+        if ev is not None:
+            self._abort_after(ev)
             return
         try:
             self.finish()
-        except BaseException:
-            self.abort()
+        except BaseException as e:
+            self._abort_after(e)
             raise
+
+    def _abort_after(self, err: BaseException) -> None:
+        """Abort because of ``err``; a temporary file that cannot be removed is added to a UserError's message
+        (still one line), else noted on ``err``: the first error is what the user must see, never masked."""
+        left = self.abort()
+        if left is None:
+            return
+        if isinstance(err, UserError):
+            raise type(err)(f"{err}; {left}") from None
+        err.add_note(left)
 
     # -- writing ----------------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -224,17 +237,22 @@ class StreamingWriter:
             self._queue.put(memoryview(data))  # type: ignore[arg-type]  # the view keeps the array alive
 
     def _drain(self) -> None:
-        """Worker thread: write queued buffers in order until the end marker or the first error."""
+        """Worker thread: write queued buffers in order until the end marker.
+
+        After the first error (kept for the main thread) or an abort it goes on taking buffers off the queue
+        without writing them, until the end marker: a worker that returned early would leave the main thread
+        blocked forever in ``put`` on the full queue (a full disk used to hang the converter that way).
+        """
         while True:
             item = self._queue.get()
-            if item is None or self._stop.is_set():
+            if item is None:
                 return
+            if self._error is not None or self._stop.is_set():
+                continue
             try:
                 self._write_all(item)
             except BaseException as e:  # handed to the main thread by _raise_worker_error
                 self._error = e
-                self._stop.set()
-                return
 
     def _raise_worker_error(self) -> None:
         if self._error is not None:
@@ -247,12 +265,12 @@ class StreamingWriter:
             return
         if stop:
             self._stop.set()
-            while True:  # make room for the end marker even if the worker is stuck behind a full queue
+            while True:  # drop what is queued: the worker would only skip it
                 try:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
-        self._queue.put(None)
+        self._queue.put(None)  # never blocks for good: the worker keeps taking items until this marker
         worker.join()
 
     def _write_all(self, data: bytes | memoryview) -> None:
@@ -291,8 +309,9 @@ class StreamingWriter:
         finally:
             self._restore_sigterm()
 
-    def abort(self) -> None:
-        """Close and delete the temporary file (idempotent)."""
+    def abort(self) -> str | None:
+        """Close and delete the temporary file (idempotent). Returns None, or why the temporary file could not
+        be deleted (the caller is already handling an error and must not lose it to a second one)."""
         self._join_worker(stop=True)
         f, self._file = self._file, None
         try:
@@ -301,8 +320,20 @@ class StreamingWriter:
         except OSError:
             pass  # the file is being deleted; a failed close of a doomed temp file changes nothing
         finally:
-            self.tmp.unlink(missing_ok=True)
             self._restore_sigterm()
+        return self._remove_temp()
+
+    def _remove_temp(self) -> str | None:
+        # Only a file this writer created: unlink() of a name that was never created still fails with EROFS on
+        # a read-only file system, and that second error used to replace the first one (a double traceback).
+        if not self._created:
+            return None
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError as e:
+            return f"the temporary file {self.tmp} could not be removed: {e.strerror or e}"
+        self._created = False
+        return None
 
     # -- signals ----------------------------------------------------------------------------------------------
     def _install_sigterm(self) -> None:
@@ -335,3 +366,33 @@ def save_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: M
     with StreamingWriter(path, specs, metadata, overwrite=overwrite) as w:
         for k, t in tensors.items():
             w.write(k, t)
+
+
+def write_small_file(path: str | Path, data: bytes | str) -> None:
+    """Write a small non-tensor output (JSON report, layer-config template, PNG) the way tensors are written:
+    a temporary file next to it, fsync, rename. OS errors become one-line ``UserError`` messages, and the
+    temporary file is removed only if it was created (so a read-only folder reports EROFS once)."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    created = False
+    try:
+        with open(tmp, "wb") as f:
+            created = True
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        msg = os_error_message(e, path) if isinstance(e, OSError) else None
+        if created:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError as e2:
+                left = f"the temporary file {tmp} could not be removed: {e2.strerror or e2}"
+                if msg is None:
+                    e.add_note(left)
+                msg = msg and f"{msg}; {left}"
+        if msg is None:
+            raise
+        raise UserError(msg) from None

@@ -75,6 +75,28 @@ class Signature:
         score += 0.25 * sum(_any_match(p, names) for p in self.bonus)
         return score
 
+    def why_not(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+        """The first fact that fails (what the file lacks or has too many of), or None when the score is > 0."""
+        names = list(shapes)
+        for pattern in self.required:
+            if not _any_match(pattern, names):
+                return f"it has no '{readable(pattern)}'"
+        for pattern in self.forbidden:
+            if _any_match(pattern, names):
+                return f"it has '{readable(pattern)}'"
+        for pattern, ndim in self.ndims:
+            hit = next((n for n in names if re.search(pattern, n)), None)
+            if hit is None:
+                return f"it has no '{readable(pattern)}'"
+            if len(shapes[hit]) != ndim:
+                return f"'{hit}' is {len(shapes[hit])}-D, not {ndim}-D"
+        return None
+
+
+def readable(pattern: str) -> str:
+    """A key regex as a user reads it: ``^img_in\\.weight$`` -> ``img_in.weight``."""
+    return pattern.removeprefix("^").removesuffix("$").replace("(^|\\.)", "").replace("\\.", ".")
+
 
 def _any_match(pattern: str, names: list[str]) -> bool:
     rx = re.compile(pattern)

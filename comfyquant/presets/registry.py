@@ -64,6 +64,16 @@ def detect_preset(shapes: Mapping[str, tuple[int, ...]]) -> Preset:
         return GENERIC
     if LORA.detect is not None and LORA.detect(shapes) > 0:
         return LORA
+    main, text = split_components(shapes)
+    best = _best(_DIFFUSION_FAMILIES + _TEXT_FAMILIES, main)
+    if best is None:
+        best = _best(_TEXT_FAMILIES, text)
+    return best if best is not None else GENERIC
+
+
+def split_components(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]],
+                                                                     dict[str, tuple[int, ...]]]:
+    """``(main, text)``: prefix-stripped shapes of the text encoders and of everything else but the VAE."""
     main: dict[str, tuple[int, ...]] = {}
     text: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
@@ -72,10 +82,12 @@ def detect_preset(shapes: Mapping[str, tuple[int, ...]]) -> Preset:
             continue
         target = text if parts.component == TEXT_ENCODER else main
         target[parts.rest] = tuple(shape)
-    best = _best(_DIFFUSION_FAMILIES + _TEXT_FAMILIES, main)
-    if best is None:
-        best = _best(_TEXT_FAMILIES, text)
-    return best if best is not None else GENERIC
+    return main, text
+
+
+def best_fit(shapes: Mapping[str, tuple[int, ...]]) -> Preset | None:
+    """The best-scoring diffusion or text family for already stripped ``shapes`` (None: nothing fits)."""
+    return _best(_DIFFUSION_FAMILIES + _TEXT_FAMILIES, shapes)
 
 
 def _best(candidates: Sequence[Preset], shapes: Mapping[str, tuple[int, ...]]) -> Preset | None:

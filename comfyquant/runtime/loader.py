@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from comfyquant.errors import UserError
-from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant, encode_comfy_quant, header_layers
+from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant, encode_comfy_quant
+from comfyquant.io.legacy import read_quant_state
 from comfyquant.io.reader import CheckpointReader
+from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.nn import QUANT_SUFFIXES, QuantLinear, check_backend
 from comfyquant.runtime.tensor import REGISTRY
 
@@ -64,56 +66,32 @@ def detect_prefix(file_keys: Iterable[str], model_keys: set[str]) -> str:
     return min((p for p, c in counts.items() if c == best), key=len)
 
 
-def _scaled_fp8_state(state: dict[str, torch.Tensor], marker: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """Rewrite an old ``scaled_fp8`` file in place to the ``weight_scale``/``input_scale`` form; return confs.
-
-    As ComfyUI reads it: a 2-element marker means full-precision matmul; a ``scale_input`` of exactly 1 is
-    the same as none.
-    """
-    confs: dict[str, dict[str, Any]] = {}
-    for key in [k for k in state if k.endswith(".scale_weight")]:
-        layer = key[: -len(".scale_weight")]
-        weight = state.get(layer + ".weight")
-        fmt = "float8_e5m2" if weight is not None and weight.dtype == torch.float8_e5m2 else "float8_e4m3fn"
-        conf: dict[str, Any] = {"format": fmt}
-        if marker.numel() == 2:
-            conf["full_precision_matrix_mult"] = True
-        confs[layer] = conf
-        state[layer + ".weight_scale"] = state.pop(key)
-        si = state.pop(layer + ".scale_input", None)
-        if si is not None and not (si.numel() == 1 and float(si) == 1.0):
-            state[layer + ".input_scale"] = si
-    return confs
-
-
 def read_for_model(path: str | Path, model_keys: set[str]) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """The file's tensors for this model, prefix stripped, with every quantized layer's ``comfy_quant`` tensor."""
+    """The file's tensors for this model, prefix stripped, with every quantized layer's ``comfy_quant`` tensor.
+
+    Quantization metadata is read the way ComfyUI reads it (``io.legacy.read_quant_state``): legacy header
+    configs and ``scaled_fp8`` scales become per-layer ``comfy_quant`` / ``weight_scale`` / ``input_scale``.
+    """
     reader = CheckpointReader(path)
-    keys = list(reader)
-    prefix = detect_prefix(keys, model_keys)
+    st = read_quant_state(reader)
+    names = {k: st.renames.get(k, k) for k in reader if k not in st.dropped}
+    prefix = detect_prefix(names.values(), model_keys)
     report = LoadReport(str(path), prefix)
     state: dict[str, torch.Tensor] = {}
-    for k in keys:
-        if k.startswith(prefix):
-            state[k[len(prefix):]] = reader.get(k)
+    for k, name in names.items():
+        if name.startswith(prefix):
+            state[name[len(prefix):]] = reader.get(k)
         else:
             report.other_components.append(k)
     if not any(k in model_keys for k in state):
         example = next(iter(sorted(model_keys)), "?")
+        first = next(iter(names.values()), "nothing")
         raise UserError(f"{path}: no tensor matches the model's parameter names (the model has e.g. "
-                        f"'{example}', the file has e.g. '{keys[0] if keys else 'nothing'}')")
-    legacy = header_layers(reader.metadata)
-    if legacy:
-        report.legacy = "header"
-        for name, conf in legacy.items():
-            layer = name[len(prefix):] if prefix and name.startswith(prefix) else name
-            if layer + QUANT_SUFFIX not in state:
-                state[layer + QUANT_SUFFIX] = encode_comfy_quant(conf)
-    elif "scaled_fp8" in state:
-        report.legacy = "scaled_fp8"
-        confs = _scaled_fp8_state(state, state.pop("scaled_fp8"))
-        for layer, conf in confs.items():
-            state[layer + QUANT_SUFFIX] = encode_comfy_quant(conf)
+                        f"'{example}', the file has e.g. '{first}')")
+    for layer, conf in st.layers.items():
+        if st.source[layer] != "layer" and layer.startswith(prefix):  # header / scaled_fp8 configs
+            state[layer[len(prefix):] + QUANT_SUFFIX] = encode_comfy_quant(conf)
+    report.legacy = "header" if "header" in st.legacy else "scaled_fp8" if "scaled_fp8" in st.legacy else None
     return state, report
 
 
@@ -213,11 +191,38 @@ def load_quantized_report(model: nn.Module, path: str | Path, *, device: torch.d
     report.plain = sum(1 for k in state if k not in quant_keys)
     if device is not None:
         model.to(device)
+    _note_reference_only(model, str(path))
     logger.info("comfyquant: loaded %s: %d quantized layers, %d plain tensors, prefix '%s'%s", path,
                 len(report.quantized), report.plain, report.prefix,
                 f", {len(report.other_components)} tensors of other components left out"
                 if report.other_components else "")
     return model, report
+
+
+def _note_reference_only(model: nn.Module, path: str) -> None:
+    """One log line for the layers whose kernel kind has accelerated backends of which none runs on their
+    device (nvfp4 / mxfp8 off Blackwell): they load and run, through the reference (dequantize + matmul)."""
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for mod in model.modules():
+        if not isinstance(mod, QuantLinear) or mod.weight is None:
+            continue
+        params = mod.qweight.params
+        fmt = getattr(params, "format", None)
+        if fmt is None or fmt.kernel_kind is None:
+            continue
+        kind = kernel_kind(fmt.kernel_kind)
+        device = mod.qweight.qdata.device
+        others = [name for name in kind.backends if name != kind.reference]
+        reasons = [kind.why_not(name, device) for name in others]
+        if others and all(reasons):
+            entry = groups.setdefault((fmt.name, str(device)), [0, reasons[0], params.orig_dtype])
+            entry[0] += 1
+    if groups:
+        logger.warning("comfyquant: %s: no accelerated kernel of these layers runs on their device, so they run "
+                       "through their reference kernel (nvfp4 / mxfp8: the weight dequantized to the compute dtype; "
+                       "correct, not faster): %s", path,
+                       "; ".join(f"{n} {fmt} layer(s) on {dev}, compute {str(dt).removeprefix('torch.')} ({why})"
+                                 for (fmt, dev), (n, why, dt) in groups.items()))
 
 
 def load_quantized(model: nn.Module, path: str | Path, *, device: torch.device | str | None = None,

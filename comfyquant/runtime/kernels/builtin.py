@@ -252,3 +252,6 @@ FP8 = register_kernel_kind(KernelKind(
 INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
+
+# the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels
+from comfyquant.runtime.kernels import blockscaled  # noqa: E402, F401

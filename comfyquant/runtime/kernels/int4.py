@@ -15,23 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from comfyquant.quant.hadamard import fast_hadamard
+from comfyquant.quant.int4 import pack_int4, unpack_int4
 from comfyquant.quant.int8 import quantize_rowwise
 
-
-def pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """``[..., K]`` integers in [-8, 7] -> ``[..., K/2]`` int8 (even column = low nibble)."""
-    if values.shape[-1] % 2:
-        raise ValueError(f"int4 packing needs an even last dim, got {values.shape[-1]}")
-    v = values.to(torch.int32)
-    return ((v[..., 0::2] & 0xF) | ((v[..., 1::2] & 0xF) << 4)).to(torch.uint8).view(torch.int8)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: ``[..., K/2]`` int8 -> ``[..., K]`` int8 in [-8, 7]."""
-    p = packed.view(torch.uint8).to(torch.int32) if packed.dtype == torch.int8 else packed.to(torch.int32)
-    lo = ((p & 0xF) ^ 8) - 8  # sign-extend a nibble: flip the sign bit, subtract it back
-    hi = (((p >> 4) & 0xF) ^ 8) - 8
-    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], -1).to(torch.int8)
+__all__ = ["pack_int4", "unpack_int4", "w4_dequant_linear", "w4a8_linear_ref"]  # the codec lives in quant.int4
 
 
 def _row_scale(w_scale: torch.Tensor) -> torch.Tensor:
