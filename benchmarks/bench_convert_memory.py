@@ -6,20 +6,24 @@ int8`` in a subprocess (wall time; peak RSS from ``wait4``'s ``ru_maxrss`` plus 
 RSS), and runs ``convert_to_quant==1.3.4`` from PyPI, installed in its own virtual environment, with its closest
 equivalent (``--int8 --scaling_mode row --comfy_quant --simple``: per-row int8_tensorwise, RTN without learned
 rounding; it still corrects biases from simulated calibration data and keeps fewer layers in bf16). Checks
-peak RSS < 2 GiB + 4 x the largest tensor and reports the copy ratio (target <= 2). Linux only.
+peak RSS < 2 GiB + 4 x the largest tensor and reports the copy ratio (target <= 2). With ``--processes 1,2``
+it also converts with ``torchrun --nproc-per-node 2 -m comfyquant convert`` (peak RSS per process, output
+checked byte-identical to one process). Linux only.
 
     python benchmarks/bench_convert_memory.py --size-gb 8 --workdir /tmp/cq-bench \\
-        --json docs/bench_convert_memory.json --markdown docs/bench_convert_memory.md
+        --json docs/bench_convert_memory.json --markdown docs/bench_convert_memory.md --processes 1,2
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +58,7 @@ class Measured:
     output_tail: list[str] = field(default_factory=list)
     output_bytes: int | None = None
     timed_out: bool = False
+    per_process_peak_rss_bytes: dict[str, int] = field(default_factory=dict)  # "rank N" / "launcher" -> peak
 
 
 def log(msg: str) -> None:
@@ -130,18 +135,32 @@ def _children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _children(k)]
 
 
+def _role(pid: int) -> str:
+    """``rank N`` for a process torchrun started (its RANK variable), else ``launcher`` (torchrun itself, or
+    the only process of a plain run)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            env = dict(x.split(b"=", 1) for x in fh.read().split(b"\0") if b"=" in x)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return "launcher"
+    return f"rank {env[b'RANK'].decode()}" if b"RANK" in env else "launcher"
+
+
 def run_measured(name: str, cmd: list[str], log_path: Path, output: Path | None = None,
-                 timeout: float | None = None, interval: float = 0.05) -> Measured:
+                 timeout: float | None = None, interval: float = 0.05, env: dict[str, str] | None = None) -> Measured:
     """Run ``cmd``, polling its process tree's memory; ``wait4`` gives the kernel's peak RSS of the child.
 
-    Past ``timeout`` seconds the process is killed and the run is recorded as timed out.
+    Past ``timeout`` seconds the process is killed and the run is recorded as timed out. Each process of the
+    tree is also tracked on its own (a torchrun job: the launcher and one process per rank).
     """
     log(f"{name}: {' '.join(cmd)}")
     peaks = [0, 0, 0]
+    per_pid: dict[int, int] = {}
+    roles: dict[int, str] = {}
     timed_out = False
     with open(log_path, "wb") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         last = t0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -149,8 +168,12 @@ def run_measured(name: str, cmd: list[str], log_path: Path, output: Path | None 
                 break
             sums = [0, 0, 0]
             for p in (proc.pid, *_children(proc.pid)):
-                for i, v in enumerate(_proc_mem(p)):
+                mem = _proc_mem(p)
+                for i, v in enumerate(mem):
                     sums[i] += v
+                if p not in roles:
+                    roles[p] = _role(p)
+                per_pid[p] = max(per_pid.get(p, 0), mem[0])
             peaks = [max(a, b) for a, b in zip(peaks, sums, strict=True)]
             if timeout is not None and not timed_out and time.perf_counter() - t0 > timeout:
                 log(f"  {name}: killed after {timeout:.0f} s (--timeout)")
@@ -163,8 +186,14 @@ def run_measured(name: str, cmd: list[str], log_path: Path, output: Path | None 
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     tail = log_path.read_text(errors="replace").strip().splitlines()[-8:]
+    per_role: dict[str, int] = {}
+    ranked = any(r != "launcher" for r in roles.values())
+    for p, v in per_pid.items():
+        role = roles[p] if ranked else "process"  # a plain run: one process, no launcher
+        per_role[role] = max(per_role.get(role, 0), v)
     m = Measured(name, cmd, proc.returncode, round(wall, 2), usage.ru_maxrss * 1024, *peaks, tail,
-                 output.stat().st_size if output is not None and output.exists() else None, timed_out)
+                 output.stat().st_size if output is not None and output.exists() else None, timed_out,
+                 dict(sorted(per_role.items())))
     log(f"{name}: exit {m.returncode}, {m.wall_s:.1f} s, peak RSS {m.ru_maxrss_bytes / GIB:.2f} GiB "
         f"(polled anon {m.polled_peak_anon_bytes / GIB:.2f}, file {m.polled_peak_file_bytes / GIB:.2f})")
     return m
@@ -203,6 +232,20 @@ def setup_peer(venv: Path) -> tuple[Path | None, str | None]:
     return script, None
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def quantized_layers(path: Path) -> int:
     """How many ``comfy_quant`` layers a written file holds (reads the header only)."""
     from safetensors import safe_open
@@ -214,9 +257,10 @@ def quantized_layers(path: Path) -> int:
 def to_markdown(res: dict[str, object]) -> str:
     inp = res["input"]
     rows = ["| run | wall s | x copy+fsync | peak RSS GiB (ru_maxrss) | polled anon GiB | polled file GiB | "
-            "output GiB | quantized layers | status |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            "peak RSS per process GiB | output GiB | quantized layers | status |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     copy = res["copy"]
-    rows.append(f"| plain copy (sendfile) + fsync | {copy['copy_fsync_s']:.1f} | 1.00 | - | - | - | "
+    rows.append(f"| plain copy (sendfile) + fsync | {copy['copy_fsync_s']:.1f} | 1.00 | - | - | - | - | "
                 f"{inp['bytes'] / GIB:.2f} | - | copy {copy['copy_s']:.1f} s + fsync {copy['fsync_s']:.1f} s |")
     for m in res["runs"]:
         ratio = m["wall_s"] / copy["copy_fsync_s"] if copy["copy_fsync_s"] else float("nan")
@@ -225,17 +269,23 @@ def to_markdown(res: dict[str, object]) -> str:
             status = f"killed after {m['wall_s']:.0f} s (timeout); time and memory are lower bounds"
         out = f"{m['output_bytes'] / GIB:.2f}" if m["output_bytes"] else "-"
         layers = m["quantized_layers"] if m["quantized_layers"] is not None else "-"
+        if m.get("identical_to_1_process") is not None:
+            status += "; output identical to 1 process" if m["identical_to_1_process"] else "; OUTPUT DIFFERS"
+        per = ", ".join(f"{k} {v / GIB:.2f}" for k, v in m.get("per_process_peak_rss_bytes", {}).items()) or "-"
         rows.append(f"| {m['name']} | {m['wall_s']:.1f} | {ratio:.2f} | {m['ru_maxrss_bytes'] / GIB:.2f} | "
-                    f"{m['polled_peak_anon_bytes'] / GIB:.2f} | {m['polled_peak_file_bytes'] / GIB:.2f} | {out} | "
-                    f"{layers} | {status} |")
+                    f"{m['polled_peak_anon_bytes'] / GIB:.2f} | {m['polled_peak_file_bytes'] / GIB:.2f} | {per} | "
+                    f"{out} | {layers} | {status} |")
     if res.get("peer_error"):
-        rows.append(f"| convert_to_quant 1.3.4 | - | - | - | - | - | - | - | not run: {res['peer_error']} |")
+        rows.append(f"| convert_to_quant 1.3.4 | - | - | - | - | - | - | - | - | not run: {res['peer_error']} |")
     checks = res["checks"]
+    load = res["machine"].get("loadavg_before")
     lines = [f"Input: {inp['bytes'] / GIB:.2f} GiB bf16, {inp['tensors']} full-size Flux.1-dev tensors, largest "
              f"{inp['largest_tensor_bytes'] / 2**20:.0f} MiB. Machine: {res['machine']['cpus']} CPUs, "
-             f"{res['machine']['ram_gib']:.0f} GiB RAM, torch {res['machine']['torch']}.", "", *rows, "",
+             f"{res['machine']['ram_gib']:.0f} GiB RAM, torch {res['machine']['torch']}"
+             + (f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} before the runs" if load else "")
+             + ".", "", *rows, "",
              f"- memory: peak RSS {checks['peak_rss_gib']:.2f} GiB vs limit {checks['rss_limit_gib']:.2f} GiB "
-             f"(2 GiB + 4 x largest tensor): {'PASS' if checks['rss_ok'] else 'FAIL'}",
+             f"(2 GiB + 4 x largest tensor, every comfyquant process): {'PASS' if checks['rss_ok'] else 'FAIL'}",
              f"- speed: convert / (copy + fsync) = {checks['copy_ratio']:.2f} (target <= 2; our writer fsyncs its "
              f"output): {'PASS' if checks['copy_ok'] else 'MISS'}; convert / copy alone = "
              f"{checks['copy_ratio_no_fsync']:.2f}"]
@@ -258,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="seconds after which a conversion is killed and recorded as timed out (default 600)")
     ap.add_argument("--keep", action="store_true", help="keep the input and outputs (default: keep input only)")
+    ap.add_argument("--processes", default="1",
+                    help="comma-separated process counts for comfyquant (default 1); N > 1 runs "
+                         "`torchrun --nproc-per-node N -m comfyquant convert ...` and checks the output is "
+                         "byte-identical to the 1-process one")
     args = ap.parse_args(argv)
     if not sys.platform.startswith("linux"):
         print("error: this benchmark reads /proc and needs Linux", file=sys.stderr)
@@ -273,22 +327,44 @@ def main(argv: list[str] | None = None) -> int:
         src = work / f"flux-{args.size_gb:g}gib.safetensors"
         inp = make_input(src, args.size_gb, args.seed)
 
+    load_before = list(os.getloadavg())
+    log(f"load average before the runs: {load_before}")
     copy_path = work / "copy.safetensors"
     copy = timed_copy(src, copy_path)
     copy_path.unlink()
 
     runs: list[Measured] = []
-    ours_out = work / "ours-int8.safetensors"
-    ours_out.unlink(missing_ok=True)
+    counts = sorted({int(x) for x in args.processes.split(",")})
+    if counts[0] != 1:
+        counts.insert(0, 1)  # the reference every multi-process output is compared with
     cli = Path(sys.executable).parent / "comfyquant"
-    ours = run_measured("comfyquant convert --format int8",
-                        [str(cli), "convert", str(src), "-o", str(ours_out), "--format", "int8", "--model", args.model],
-                        work / "ours.log", ours_out, args.timeout)
-    runs.append(ours)
-    extra: dict[str, int] = {}
-    if ours.returncode == 0:
-        extra[ours.name] = quantized_layers(ours_out)
-
+    extra: dict[str, dict[str, object]] = {}
+    ref_out = work / "ours-int8-1p.safetensors"
+    for n in counts:
+        out = work / f"ours-int8-{n}p.safetensors"
+        out.unlink(missing_ok=True)
+        conv = ["convert", str(src), "-o", str(out), "--format", "int8", "--model", args.model]
+        if n == 1:
+            name, cmd = "comfyquant convert --format int8", [str(cli), *conv]
+        else:
+            name = f"torchrun --nproc-per-node {n} -m comfyquant convert --format int8"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr",
+                   "127.0.0.1", "--master-port", str(_free_port()), "-m", "comfyquant", *conv]
+        # N processes share the cores: cores / N threads each (what torchrun's default of 1 is on 2 cores)
+        env = None if n == 1 else {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+        m = run_measured(name, cmd, work / f"ours-{n}p.log", out, args.timeout, env=env)
+        runs.append(m)
+        info: dict[str, object] = {}
+        if m.returncode == 0:
+            info["quantized_layers"] = quantized_layers(out)
+            if n > 1 and ref_out.exists():
+                info["identical_to_1_process"] = _sha256(out) == _sha256(ref_out)
+                log(f"{name}: output identical to 1 process: {info['identical_to_1_process']}")
+        extra[m.name] = info
+        if n > 1 and not args.keep:
+            out.unlink(missing_ok=True)
+    ours = runs[0]
+    ours_out = ref_out
     peer_error = None
     if not args.skip_peer:
         script, peer_error = setup_peer(work / "ctq-venv")
@@ -300,22 +376,26 @@ def main(argv: list[str] | None = None) -> int:
                                 work / "peer.log", peer_out, args.timeout)
             runs.append(peer)
             if peer.returncode == 0 and peer_out.exists():
-                extra[peer.name] = quantized_layers(peer_out)
+                extra[peer.name] = {"quantized_layers": quantized_layers(peer_out)}
             if not args.keep:
                 peer_out.unlink(missing_ok=True)
     if not args.keep:
         ours_out.unlink(missing_ok=True)
 
     limit = 2 * GIB + 4 * int(inp["largest_tensor_bytes"])
+    mine = [m for m in runs if "comfyquant" in m.name]
+    worst = max(max(m.per_process_peak_rss_bytes.values(), default=m.ru_maxrss_bytes) for m in mine)
     checks = {"peak_rss_gib": ours.ru_maxrss_bytes / GIB, "rss_limit_gib": limit / GIB,
-              "rss_ok": ours.returncode == 0 and ours.ru_maxrss_bytes < limit,
+              "worst_process_peak_rss_gib": worst / GIB,
+              "rss_ok": all(m.returncode == 0 for m in mine) and ours.ru_maxrss_bytes < limit and worst < limit,
               "copy_ratio": ours.wall_s / copy["copy_fsync_s"] if copy["copy_fsync_s"] else float("inf"),
               "copy_ratio_no_fsync": ours.wall_s / copy["copy_s"] if copy["copy_s"] else float("inf")}
     checks["copy_ok"] = ours.returncode == 0 and checks["copy_ratio"] <= 2.0
     res = {"input": inp, "copy": copy,
-           "runs": [{**asdict(m), "quantized_layers": extra.get(m.name)} for m in runs],
+           "runs": [{**asdict(m), "quantized_layers": None, "identical_to_1_process": None, **extra.get(m.name, {})}
+                    for m in runs],
            "peer_error": peer_error, "checks": checks,
-           "machine": {"cpus": os.cpu_count(), "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
+           "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
                        "platform": platform.platform(), "python": platform.python_version(),
                        "torch": torch.__version__},
            "note": "input written just before the runs, so copy and conversions read it from the page cache "

@@ -25,17 +25,25 @@ def run_cli(prog: str, run: Callable[[A], int], argv: A) -> int:
     """Call ``run(argv)`` and turn what it raises into the exit code and one-line message above."""
     try:
         return run(argv)
-    except UserError as e:
+    except (UserError, KeyboardInterrupt, BrokenPipeError, Exception) as e:
+        return report(prog, e)
+
+
+def report(prog: str, e: BaseException) -> int:
+    """Print what ``e`` means for the user (one line, or a traceback for a bug) and return the exit code.
+    Exceptions that are not errors of the run (``SystemExit``, ...) are raised again."""
+    if isinstance(e, UserError):
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    if isinstance(e, KeyboardInterrupt):
         print(f"{prog}: error: interrupted; no output written", file=sys.stderr)
         return 2
-    except BrokenPipeError:
+    if isinstance(e, BrokenPipeError):
         return 0
-    except Exception:
-        traceback.print_exc()
+    if isinstance(e, Exception):
+        traceback.print_exception(e)
         return 1
+    raise e
 
 
 def argv_or_sys(argv: Sequence[str] | None) -> list[str]:

@@ -147,6 +147,7 @@ def test_explicit_layer_config_rules_stay(flux_file: Path, tmp_path: Path) -> No
     (["--budget", "size=0.5", "--fallback", "int8"], "--fallback does not apply"),
     (["--budget", "size=0.5", "--smoothquant", "--optimizer", "gptq", "--calibration", "synthetic"],
      "--smoothquant with --format auto"),
+    (["--budget", "size=0.5", "--exclude", "img_in"], "per-layer options"),
 ])
 def test_bad_budgets_write_nothing(flux_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    args: list[str], needle: str) -> None:

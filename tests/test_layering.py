@@ -21,6 +21,7 @@ LAYERS = [
     {"runtime"},
     {"lora"},
     {"convert"},
+    {"distributed"},
     {"testing"},
     {"eval", "bench", "nodes"},
     {"cli", "__main__", "__init__"},

@@ -104,6 +104,13 @@ class LayerStats:
         self.keys, order = self.keys[:r].contiguous(), order[:r]
         self.sample = all_rows[order].contiguous()
 
+    def offer_sample(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Merge another reservoir's rows (``keys`` ``[R']``, inf = empty slot) into this one's sample: the
+        reservoir half of :meth:`merge`, for statistics whose sums were already added up elsewhere."""
+        valid = torch.isfinite(keys)
+        dev = self.keys.device
+        self._offer(keys[valid].to(dev), rows[valid].to(dev))
+
     def merge(self, other: LayerStats) -> LayerStats:
         """Statistics of both inputs together (sums, max, the smallest reservoir keys of both)."""
         if other.in_features != self.in_features:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from comfyquant.autoprec.cli_flags import add_auto_args
@@ -23,6 +24,7 @@ from comfyquant.progress import Progress
 
 if TYPE_CHECKING:
     from comfyquant.convert.choices import LayerOptions
+    from comfyquant.distributed.config import DistConfig
 
 
 def format_choices() -> list[str]:
@@ -93,6 +95,23 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     add_optimizer_args(p)
     _add_layer_args(p)
     p.epilog = PROGRESS_HELP
+    add_dist_args(p)
+
+
+def add_dist_args(p: argparse.ArgumentParser) -> None:
+    """Flags that matter only under ``torchrun --nproc-per-node N -m comfyquant ...``."""
+    g = p.add_argument_group("several processes / GPUs (under torchrun)")
+    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: longest wait on another rank before the job fails as hung "
+                        "(default 1800; a killed rank ends the job at once)")
+
+
+def dist_config(a: argparse.Namespace) -> DistConfig | None:
+    """The distributed job this process was launched in by torchrun (read from its environment variables
+    here, at the edge), or None for a plain single-process run."""
+    from comfyquant.distributed.config import from_torchrun_env
+
+    return from_torchrun_env(os.environ, a.dist_timeout)
 
 
 def _progress(a: argparse.Namespace) -> Progress:
@@ -144,19 +163,36 @@ def _layer_options(a: argparse.Namespace) -> LayerOptions:
 
 
 def _run_convert(a: argparse.Namespace) -> int:
-    from comfyquant.convert.api import convert
+    from comfyquant.convert.api import convert, convert_options, write_outputs
     from comfyquant.optimize.cli_flags import optimizer_config, resolve_requant
 
-    report = convert(a.input, a.output, format=resolve_requant(a.format, a), model=a.model,
-                     layer_config=a.layer_config, report=a.report, plot=a.plot, device=a.device,
-                     low_memory=a.low_memory, force=a.force, block_size=a.block_size,
-                     progress=_progress(a), strict_preset=a.strict_preset, fallback=a.fallback,
-                     optimizer=optimizer_config(a, a.device), calibration=a.calibration,
-                     calibration_lora=a.calibration_lora, layers=_layer_options(a), merge_loras=a.merge_lora,
-                     merge_lora_scale=a.merge_lora_scale, merge_lora_dampen=not a.no_dampen,
-                     extract_lora=a.extract_lora, extract_lora_output=a.extract_lora_output,
-                     extract_lora_target=a.extract_lora_target, budget=a.budget, target_gpu=a.target_gpu,
-                     allow_comfyquant_formats=a.allow_comfyquant_formats, probe=auto_probe(a.format, a.input))
+    kwargs = dict(format=resolve_requant(a.format, a), model=a.model, layer_config=a.layer_config,
+                  device=a.device, low_memory=a.low_memory, force=a.force, block_size=a.block_size,
+                  progress=_progress(a), strict_preset=a.strict_preset, fallback=a.fallback,
+                  optimizer=optimizer_config(a, a.device), calibration=a.calibration,
+                  calibration_lora=a.calibration_lora, layers=_layer_options(a), merge_loras=a.merge_lora,
+                  merge_lora_scale=a.merge_lora_scale, merge_lora_dampen=not a.no_dampen,
+                  extract_lora=a.extract_lora, extract_lora_output=a.extract_lora_output,
+                  extract_lora_target=a.extract_lora_target, budget=a.budget, target_gpu=a.target_gpu,
+                  allow_comfyquant_formats=a.allow_comfyquant_formats)
+    job = dist_config(a)
+    if job is None:
+        report = convert(a.input, a.output, report=a.report, plot=a.plot, probe=auto_probe(a.format, a.input),
+                         **kwargs)
+    else:
+        from comfyquant.distributed import Session
+        from comfyquant.distributed.convert import convert_distributed
+
+        if a.plot is not None:
+            from comfyquant.convert.plot import require_matplotlib
+
+            require_matplotlib()
+        with Session(job, "comfyquant", "cuda" if a.device.startswith("cuda") else "cpu") as s:
+            report = convert_distributed(a.input, a.output, convert_options(a.output, **kwargs), s,
+                                         announce=not a.quiet)
+        if report is None:  # not rank 0: rank 0 writes the file, the report and the table
+            return 0
+        write_outputs(report, a.report, a.plot)
     if not a.quiet:
         print(report.to_text())
         print(f"wrote {a.output}")
@@ -333,9 +369,17 @@ def run(argv: Sequence[str]) -> int:
     return COMMANDS[a.command][2](a)
 
 
+def prog_name(environ: Mapping[str, str]) -> str:
+    """``comfyquant``, with the rank when torchrun started several processes (their errors interleave)."""
+    world = environ.get("WORLD_SIZE")
+    if world is None or world == "1":
+        return "comfyquant"
+    return f"comfyquant [rank {environ.get('RANK', '?')}/{world}]"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point: maps UserError and Ctrl-C to exit 2, bugs to exit 1."""
-    return run_cli("comfyquant", run, argv_or_sys(argv))
+    return run_cli(prog_name(os.environ), run, argv_or_sys(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

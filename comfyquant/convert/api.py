@@ -12,6 +12,56 @@ from comfyquant.convert.report import Report
 from comfyquant.progress import Progress, as_progress
 
 
+def convert_options(output: str | Path, *, format: str = "int8", model: str = "auto",
+                    layer_config: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
+                    force: bool = False, block_size: int = 128, progress: bool | Progress = True,
+                    fallback: str | None = None, strict_preset: bool = False, optimizer: Any = None,
+                    calibration: Any = None, calibration_lora: str | Path | None = None,
+                    layers: LayerOptions | None = None, merge_loras: Sequence[str | Path] = (),
+                    merge_lora_scale: float = 1.0, merge_lora_dampen: bool = True, extract_lora: int = 0,
+                    extract_lora_output: str | Path | None = None,
+                    extract_lora_target: str | None = None, budget: Any = None, target_gpu: str | None = None,
+                    allow_comfyquant_formats: bool = False, probe: Any = None,
+                    verify_heldout: bool = True) -> ConvertOptions:
+    """The :class:`ConvertOptions` that :func:`convert`'s keyword arguments describe for a conversion to
+    ``output`` (a method name for ``optimizer`` becomes its default ``OptimizerConfig``; paths become strings;
+    LoRA merging and extraction become the pipeline's weight transform and error sink)."""
+    if isinstance(optimizer, str):
+        from comfyquant.optimize.config import OptimizerConfig
+
+        optimizer = OptimizerConfig(method=optimizer)
+    transform = sink = None
+    if merge_loras:
+        from comfyquant.lora.merge import LoRAMerge, LoraSpec, MergeConfig
+
+        transform = LoRAMerge(MergeConfig(tuple(LoraSpec.parse(x) for x in merge_loras), merge_lora_scale,
+                                          merge_lora_dampen))
+    if extract_lora:
+        from comfyquant.lora.extract import QuantErrorLoRA
+
+        sink = QuantErrorLoRA.for_output(output, extract_lora, extract_lora_output, force=force,
+                                         target=extract_lora_target)
+    return ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
+                          low_memory=low_memory, force=force, block_size=block_size,
+                          progress=as_progress(progress), fallback=fallback, strict_preset=strict_preset,
+                          optimizer=optimizer,
+                          calibration=str(calibration) if isinstance(calibration, str | Path) else calibration,
+                          calibration_lora=None if calibration_lora is None else str(calibration_lora),
+                          layers=layers or LayerOptions(), weight_transform=transform, quant_error_sink=sink,
+                          budget=budget, target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
+                          probe=probe, verify_heldout=verify_heldout)
+
+
+def write_outputs(result: Report, report: str | Path | None, plot: str | Path | None) -> None:
+    """Write the JSON report and the SQNR plot of a finished conversion, where asked for."""
+    if report is not None:
+        result.to_json(report)
+    if plot is not None:
+        from comfyquant.convert.plot import plot_sqnr
+
+        plot_sqnr(result, plot)
+
+
 def convert(input: str | Path, output: str | Path, format: str = "int8", model: str = "auto",
             layer_config: str | Path | None = None, report: str | Path | None = None,
             plot: str | Path | None = None, device: str = "cpu", low_memory: bool = False,
@@ -51,35 +101,15 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
         from comfyquant.convert.plot import require_matplotlib
 
         require_matplotlib()
-    if isinstance(optimizer, str):
-        from comfyquant.optimize.config import OptimizerConfig
-
-        optimizer = OptimizerConfig(method=optimizer)
-    transform = sink = None
-    if merge_loras:
-        from comfyquant.lora.merge import LoRAMerge, LoraSpec, MergeConfig
-
-        transform = LoRAMerge(MergeConfig(tuple(LoraSpec.parse(x) for x in merge_loras), merge_lora_scale,
-                                          merge_lora_dampen))
-    if extract_lora:
-        from comfyquant.lora.extract import QuantErrorLoRA
-
-        sink = QuantErrorLoRA.for_output(output, extract_lora, extract_lora_output, force=force,
-                                         target=extract_lora_target)
-    opts = ConvertOptions(format=format, model=model, layer_config=layer_config, device=device,
-                          low_memory=low_memory, force=force, block_size=block_size,
-                          progress=as_progress(progress), fallback=fallback, strict_preset=strict_preset,
-                          optimizer=optimizer,
-                          calibration=str(calibration) if isinstance(calibration, str | Path) else calibration,
-                          calibration_lora=None if calibration_lora is None else str(calibration_lora),
-                          layers=layers or LayerOptions(), weight_transform=transform, quant_error_sink=sink,
-                          budget=budget, target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
-                          probe=probe, verify_heldout=verify_heldout)
+    opts = convert_options(output, format=format, model=model, layer_config=layer_config, device=device,
+                           low_memory=low_memory, force=force, block_size=block_size, progress=progress,
+                           fallback=fallback, strict_preset=strict_preset, optimizer=optimizer,
+                           calibration=calibration, calibration_lora=calibration_lora, layers=layers,
+                           merge_loras=merge_loras, merge_lora_scale=merge_lora_scale,
+                           merge_lora_dampen=merge_lora_dampen, extract_lora=extract_lora,
+                           extract_lora_output=extract_lora_output, extract_lora_target=extract_lora_target,
+                           budget=budget, target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
+                           probe=probe, verify_heldout=verify_heldout)
     result = run_conversion(input, output, opts)
-    if report is not None:
-        result.to_json(report)
-    if plot is not None:
-        from comfyquant.convert.plot import plot_sqnr
-
-        plot_sqnr(result, plot)
+    write_outputs(result, report, plot)
     return result

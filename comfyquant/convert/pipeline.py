@@ -182,11 +182,23 @@ def weight_stats(x: torch.Tensor, fmt: QuantFormat, params: Mapping[str, Any], t
     return error_stats(x, fmt.dequantize(tensors, params)), None
 
 
-class _Streamer:
+@dataclass
+class Finished:
+    """One plan entry converted: its report, the tensors to write for it in file order, and the reason it
+    was kept in high precision instead (a ``LayerFallback``), if it was."""
+
+    report: LayerReport
+    tensors: list[tuple[str, torch.Tensor]]
+    fallback: str | None = None
+
+
+class Streamer:
     """Runs one plan against one reader and writer, producing the per-layer reports.
 
     Each layer commits on its own: a layer that cannot be converted (``LayerFallback``) is written in high
     precision instead, and the file's header, written last, describes what was actually written.
+    :meth:`compute` (one entry to its tensors) and :meth:`write` (those tensors to the file) are separate so
+    a distributed driver can compute entries on one process and write them on another.
     """
 
     def __init__(self, reader: CheckpointReader, plan: Plan, opts: ConvertOptions, device: torch.device,
@@ -212,14 +224,26 @@ class _Streamer:
         return layers
 
     def process(self, e: PlanEntry, w: StreamingWriter) -> LayerReport:
+        """Convert one entry and write it."""
+        return self.write(e, self.compute(e), w)
+
+    def write(self, e: PlanEntry, done: Finished, w: StreamingWriter) -> LayerReport:
+        """Write one converted entry (computed here or elsewhere) and record its fallback."""
+        for name, t in done.tensors:
+            w.write(name, t)
+        if done.fallback is not None:
+            self.fallbacks[e.name] = done.fallback
+        return done.report
+
+    def compute(self, e: PlanEntry) -> Finished:
+        """The report and output tensors of one entry (nothing written)."""
         rep = LayerReport(e.name, e.shape, e.action, e.format, e.rule, e.reason, bytes_in=e.bytes_in,
                           bytes_out=e.bytes_out)
         if e.action == DROP:
-            return rep
+            return Finished(rep, [])
         t = self.reader.get(e.name)  # float32 where a weight transform (LoRA merge) changed it
         if e.action == KEEP:
-            w.write(e.name, (t if self.hooks is None else self.hooks.rewrite(e.name, t)).to(e.dtype))
-            return rep
+            return Finished(rep, [(e.name, (t if self.hooks is None else self.hooks.rewrite(e.name, t)).to(e.dtype))])
         # a cast format casts 1-D / conv tensors too (convert/cast.py): the math sees a 2-D view of them
         x = t.to(self.device).reshape(_matrix_shape(t.shape))
         if self.hooks is not None:
@@ -228,11 +252,10 @@ class _Streamer:
         try:
             tensors = self.convert(e, fmt, x)
         except (LayerFallback, OptimizerFallback) as f:
-            self.fallbacks[e.name] = f.reason
             t = t.to(e.dtype)
-            w.write(e.name, t)
-            return LayerReport(e.name, e.shape, KEEP, None, "fallback", f"kept in high precision: {f.reason}",
-                               bytes_in=e.bytes_in, bytes_out=t.nbytes)
+            return Finished(LayerReport(e.name, e.shape, KEEP, None, "fallback",
+                                        f"kept in high precision: {f.reason}", bytes_in=e.bytes_in,
+                                        bytes_out=t.nbytes), [(e.name, t)], f.reason)
         if self.opts.quant_error_sink is not None and e.action == QUANTIZE:
             self.opts.quant_error_sink.add(e.name, x, tensors, e.comfy_quant)
         stats, rows = weight_stats(x, fmt, e.params, tensors, self.opts.stats_limit)
@@ -243,13 +266,13 @@ class _Streamer:
             rep.optimizer, rep.optimizer_gain_db = res.method, res.gain_db
             rep.notes = list(self.hooks.layer_notes.get(e.layer, []))
         if e.action == CAST:
-            w.write(e.name, tensors["weight"].reshape(e.shape))
-            return rep
+            return Finished(rep, [(e.name, tensors["weight"].reshape(e.shape))])
+        out = []
         for spec in e.outputs:
             suffix = spec.name[len(e.layer) + 1:]
-            w.write(spec.name, encode_comfy_quant(e.comfy_quant or {}) if suffix == "comfy_quant"
-                    else tensors[suffix])
-        return rep
+            out.append((spec.name, encode_comfy_quant(e.comfy_quant or {}) if suffix == "comfy_quant"
+                        else tensors[suffix]))
+        return Finished(rep, out)
 
     def convert(self, e: PlanEntry, fmt: QuantFormat, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors of one planned weight; LayerFallback when it must stay in high precision."""
@@ -271,9 +294,23 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return (shape[0] if shape else 1), (math.prod(shape[1:]) if len(shape) > 1 else 1)
 
 
-def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Report:
-    """Convert ``input`` to ``output`` as ``opts`` say and return the report (the API and CLI call this)."""
-    start = time.perf_counter()
+@dataclass
+class Conversion:
+    """Everything decided before the first tensor is read: input, output, device, plan, header, optimizer hooks."""
+
+    reader: Any  # CheckpointReader, or a TransformedReader over one (--merge-lora)
+    output: Path
+    device: torch.device
+    plan: Plan
+    metadata: dict[str, str]
+    hooks: Any  # comfyquant.convert.optimizing.OptimizeHooks, or None for plain RTN
+    notes: list[str]
+    auto: Any = None  # the AutoPlan behind a --format auto plan
+
+
+def prepare_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Conversion:
+    """Open and check the input and output, plan the conversion, bind the weight transform and set up the
+    optimizer hooks (warnings are said here, before any work)."""
     out = Path(output)
     reader = CheckpointReader(resolve_input(input))
     check_paths(reader, out, opts.force)
@@ -309,21 +346,26 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     if hooks is not None:
         notes.extend(hooks.notes)
         metadata["comfyquant.optimizer"] = opts.optimizer.method
-    streamer = _Streamer(reader, plan, opts, device, hooks)
-    layers = streamer.run(out, metadata)
+    return Conversion(reader, out, device, plan, metadata, hooks, notes, auto)
+
+
+def conversion_report(c: Conversion, layers: list[LayerReport], fallbacks: Mapping[str, str],
+                      opts: ConvertOptions, start: float) -> Report:
+    """The report of a finished conversion (``start``: its ``time.perf_counter()`` at the beginning)."""
+    notes = list(c.notes)
     if opts.quant_error_sink is not None:
         notes.extend(opts.quant_error_sink.finish())
-    if streamer.fallbacks:
-        notes.append(f"{len(streamer.fallbacks)} layer(s) kept in high precision: "
-                     + "; ".join(f"{k} ({v})" for k, v in streamer.fallbacks.items()))
+    if fallbacks:
+        notes.append(f"{len(fallbacks)} layer(s) kept in high precision: "
+                     + "; ".join(f"{k} ({v})" for k, v in fallbacks.items()))
     sampled = [x for x in layers if x.stats_rows is not None]
     if sampled:
         notes.append(f"error statistics of {len(sampled)} large layer(s) computed on a sample of evenly spaced "
                      f"rows (<= {opts.stats_limit} elements each)")
-    report = Report(str(reader.path), str(out), plan.format, plan.preset, layers, notes)
-    if auto is not None:
-        _check_heldout(auto, opts, out)
-        report.auto = auto
+    report = Report(str(c.reader.path), str(c.output), c.plan.format, c.plan.preset, layers, notes)
+    if c.auto is not None:
+        _check_heldout(c.auto, opts, c.output)
+        report.auto = c.auto
     report.seconds = time.perf_counter() - start
     return report
 
@@ -339,3 +381,12 @@ def _check_heldout(auto: Any, opts: ConvertOptions, out: Path) -> None:
         verdict = "met" if got >= quality[1] else "MISSED"
         auto.notes.append(f"{quality[0]} floor {quality[1]:g} {verdict} on held-out inputs: {got:.6g} "
                           f"({auto.heldout.get('inputs', '')})")
+
+
+def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) -> Report:
+    """Convert ``input`` to ``output`` as ``opts`` say and return the report (the API and CLI call this)."""
+    start = time.perf_counter()
+    c = prepare_conversion(input, output, opts)
+    streamer = Streamer(c.reader, c.plan, opts, c.device, c.hooks)
+    layers = streamer.run(c.output, c.metadata)
+    return conversion_report(c, layers, streamer.fallbacks, opts, start)

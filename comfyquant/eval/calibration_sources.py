@@ -8,11 +8,12 @@ disjoint from the eval's (``eval/assets/calibration_sentences.txt``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from comfyquant.errors import UserError
@@ -31,9 +32,24 @@ class Source:
     meta: dict[str, Any]
 
 
+Shard = tuple[int, int]  # (this process's index, number of processes): which part of the inputs to run
+
+
+def shard_of(items: Sequence[int], shard: Shard | None) -> list[int]:
+    """The contiguous part of ``items`` that process ``shard[0]`` of ``shard[1]`` runs (all when None).
+    Parts differ in length by at most one; together, in order, they are ``items``."""
+    if shard is None:
+        return list(items)
+    index, count = shard
+    n = len(items)
+    lo, hi = n * index // count, n * (index + 1) // count
+    return list(items[lo:hi])
+
+
 def dit_source(reference: Path | None = None, per_class: int = 2, steps: int = 20, cfg: float = 3.0,
-               seed: int = DIT_CALIBRATION_SEED) -> Source:
-    """The digits DiT sampling ``per_class`` images of every class with the eval's sampler settings."""
+               seed: int = DIT_CALIBRATION_SEED, shard: Shard | None = None) -> Source:
+    """The digits DiT sampling ``per_class`` images of every class with the eval's sampler settings; with
+    ``shard``, only that process's part of the images (same noise and labels per image as one process)."""
     from comfyquant.eval.sampling import SampleConfig, class_labels, initial_noise, sample
     from comfyquant.eval.workloads import DigitsWorkload
 
@@ -44,7 +60,12 @@ def dit_source(reference: Path | None = None, per_class: int = 2, steps: int = 2
     def run(m: nn.Module) -> None:
         n_cls = m.cfg.num_classes
         labels = class_labels(n_cls, s.per_class)
-        sample(m.velocity, labels, n_cls, initial_noise(len(labels), (16, 8, 8), s.seed), s.steps, s.cfg)
+        noise = initial_noise(len(labels), (16, 8, 8), s.seed)
+        if shard is not None:
+            part = torch.tensor(shard_of(range(len(labels)), shard), dtype=torch.long)
+            labels, noise = labels[part], noise[part]
+        if len(labels):
+            sample(m.velocity, labels, n_cls, noise, s.steps, s.cfg)
 
     meta = {"source": "digits-dit sampling", "model": "digits-dit", "classes": model.cfg.num_classes,
             "per_class": per_class, "steps": steps, "cfg": cfg, "seed": seed,
@@ -57,8 +78,10 @@ def load_calibration_sentences(limit: int | None = None) -> list[str]:
     return lines[:limit] if limit else lines
 
 
-def minilm_source(reference: Path | None = None, sentences: int | None = None, batch: int = 32) -> Source:
-    """MiniLM over the calibration sentences (none of them is in the eval set)."""
+def minilm_source(reference: Path | None = None, sentences: int | None = None, batch: int = 32,
+                  shard: Shard | None = None) -> Source:
+    """MiniLM over the calibration sentences (none of them is in the eval set); with ``shard``, only that
+    process's part of the batches (the same batches, so the same padded rows, as one process)."""
     from comfyquant.eval.minilm import Tokenizer, build_minilm, model_dir
 
     model = build_minilm(reference)
@@ -66,7 +89,7 @@ def minilm_source(reference: Path | None = None, sentences: int | None = None, b
     tok = Tokenizer(model_dir())
 
     def run(m: nn.Module) -> None:
-        for i in range(0, len(sents), batch):
+        for i in shard_of(range(0, len(sents), batch), shard):
             ids, mask = tok(sents[i:i + batch])
             m(ids, mask)
 
@@ -75,13 +98,19 @@ def minilm_source(reference: Path | None = None, sentences: int | None = None, b
     return Source("minilm", model, run, meta)
 
 
-def resolve_source(model: str, *, samples: int | None = None, seed: int | None = None) -> Source:
+def resolve_source(model: str, *, samples: int | None = None, seed: int | None = None,
+                   shard: Shard | None = None, steps: int | None = None) -> Source:
     """``digits-dit`` | ``minilm`` | a float file of one of them. Other checkpoints need model code to run:
-    use ``comfyquant.calibrate(model, data)`` or the ComfyUI node."""
+    use ``comfyquant.calibrate(model, data)`` or the ComfyUI node. ``shard``: run only that part of the data;
+    ``steps``: sampling steps per DiT trajectory (default 20, the eval's)."""
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps {steps}: must be >= 1")
+    dit = {"per_class": samples or 2, "seed": DIT_CALIBRATION_SEED if seed is None else seed, "shard": shard,
+           "steps": steps or 20}
     if model == "digits-dit":
-        return dit_source(per_class=samples or 2, seed=DIT_CALIBRATION_SEED if seed is None else seed)
+        return dit_source(**dit)
     if model == "minilm":
-        return minilm_source(sentences=samples)
+        return minilm_source(sentences=samples, shard=shard)
     path = Path(model)
     if not path.is_file():
         raise UserError(f"MODEL must be digits-dit, minilm or a float .safetensors of one of them; '{model}' "
@@ -91,9 +120,9 @@ def resolve_source(model: str, *, samples: int | None = None, seed: int | None =
 
     keys, _ = _file_keys(path)
     if "conditioner.txt_table" in keys:
-        return dit_source(path, per_class=samples or 2, seed=DIT_CALIBRATION_SEED if seed is None else seed)
+        return dit_source(path, **dit)
     if "encoder.layer.0.attention.self.query.weight" in keys:
-        return minilm_source(path, sentences=samples)
+        return minilm_source(path, sentences=samples, shard=shard)
     raise UserError(f"{path}: comfyquant cannot run this model by itself; calibrate it from Python with "
                     "comfyquant.calibrate(model, data) (any nn.Module) or in ComfyUI with the Capture "
                     "Calibration node")
