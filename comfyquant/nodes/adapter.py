@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from comfyquant.nodes.cache import CACHE, QuantCache
+from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import AdapterSettings
@@ -274,5 +275,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))
     clone.model_options.setdefault("transformer_options", {})["comfyquant"] = settings
     register_patch_callback(clone)
+    if settings.runtime.cuda_graphs:
+        enable_cuda_graphs(clone)
     logger.info(report.summary())
     return clone, report
