@@ -56,7 +56,10 @@ def _import_comfy(cache: str | None, device: str, dynamic: bool) -> Any:
     from comfyquant.testing.comfyui_env import ensure_comfyui, import_comfy
 
     root = ensure_comfyui(Path(cache) if cache else None)
-    args = ("--disable-dynamic-vram", "--highvram") if device == "cuda" and not dynamic else ()
+    # normal VRAM mode: unloading a variant moves it to the CPU (--highvram would keep every earlier variant on
+    # the GPU, and each variant's "peak VRAM" would include all the ones before it); each variant is still
+    # loaded fully (force_full_load), the GPU holds any one of them many times over
+    args = ("--disable-dynamic-vram",) if device == "cuda" and not dynamic else ()
     return import_comfy(root, args=args, installed_kitchen=device == "cuda")
 
 

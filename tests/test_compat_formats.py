@@ -178,10 +178,10 @@ def test_bad_format_flags_are_refused(tmp_path, src, capsys, flags, message):
 
 
 def test_every_problem_is_named_at_once(tmp_path, src, capsys):
-    rc = main(["-i", str(src[0]), "--make-hybrid-mxfp8", "--dynamic-convrot", "--extract-lora"])
+    rc = main(["-i", str(src[0]), "--make-hybrid-mxfp8", "--dynamic-convrot", "--verbose-pinned"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
-    assert all(f in err for f in ("--make-hybrid-mxfp8 (", "--dynamic-convrot (", "--extract-lora ("))
+    assert all(f in err for f in ("--make-hybrid-mxfp8 (", "--dynamic-convrot (", "--verbose-pinned ("))
     rc = main(["-i", str(src[0]), "--scaling-mode", "block", "--custom-type", "int8", "--hp-filter", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and "--hp-filter needs" in err

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
+from comfyquant.autoprec.cli_flags import add_auto_args
 from comfyquant.errors import UserError
 from comfyquant.exits import argv_or_sys, run_cli
 from comfyquant.presets.fit import STRICT_HELP
@@ -25,10 +26,21 @@ if TYPE_CHECKING:
 
 
 def format_choices() -> list[str]:
-    """Every registered format's CLI name (the registry decides what --format accepts)."""
+    """Every registered format's CLI name (the registry decides what --format accepts), and ``auto``."""
     from comfyquant.formats import REGISTRY
 
-    return REGISTRY.names()
+    return [*REGISTRY.names(), "auto"]
+
+
+def auto_probe(fmt: str, model: str) -> object | None:
+    """The workload probe of a reference model for ``--format auto`` (None for other models / formats)."""
+    if fmt != "auto":
+        return None
+    try:
+        from comfyquant.eval.autoprobe import probe_for
+    except ImportError:  # pragma: no cover - an installation without the eval extra
+        return None
+    return probe_for(model)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +87,7 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
                    help="--extract-lora only for quantized layers whose name matches this regex")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress and no report table (warnings and errors are still printed)")
+    add_auto_args(p)
     from comfyquant.optimize.cli_flags import add_optimizer_args
 
     add_optimizer_args(p)
@@ -142,7 +155,8 @@ def _run_convert(a: argparse.Namespace) -> int:
                      calibration_lora=a.calibration_lora, layers=_layer_options(a), merge_loras=a.merge_lora,
                      merge_lora_scale=a.merge_lora_scale, merge_lora_dampen=not a.no_dampen,
                      extract_lora=a.extract_lora, extract_lora_output=a.extract_lora_output,
-                     extract_lora_target=a.extract_lora_target)
+                     extract_lora_target=a.extract_lora_target, budget=a.budget, target_gpu=a.target_gpu,
+                     allow_comfyquant_formats=a.allow_comfyquant_formats, probe=auto_probe(a.format, a.input))
     if not a.quiet:
         print(report.to_text())
         print(f"wrote {a.output}")
@@ -153,9 +167,10 @@ def _run_convert(a: argparse.Namespace) -> int:
 
 
 # -- inspect / template / edit (thin wiring to comfyquant.convert.{inspect,template,edit}) -----------------
-def _add_plan_args(p: argparse.ArgumentParser) -> None:
+def _add_plan_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
     p.add_argument("--model", default="auto", help="model preset, or auto to detect it (default: auto)")
-    p.add_argument("--format", default="int8", choices=format_choices(), help="planned format (default: int8)")
+    choices = format_choices() if auto else [f for f in format_choices() if f != "auto"]
+    p.add_argument("--format", default="int8", choices=choices, help="planned format (default: int8)")
     p.add_argument("--layer-config", metavar="FILE", help="JSON of ordered regex rules -> format or skip")
     p.add_argument("--block-size", type=int, default=128, help="tile edge for int8-block (default: 128)")
     p.add_argument("--strict-preset", action="store_true", help=STRICT_HELP)
@@ -166,6 +181,9 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help=".safetensors file or sharded index")
     _add_plan_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_auto_args(p)
+    p.add_argument("--calibration", metavar="FILE", help="--format auto: layer statistics from `comfyquant calibrate`")
+    p.add_argument("--device", default="cpu", help="--format auto: where the sensitivity math runs")
 
 
 def _run_inspect(a: argparse.Namespace) -> int:
@@ -173,7 +191,9 @@ def _run_inspect(a: argparse.Namespace) -> int:
     from comfyquant.convert.preset_check import preset_warning
 
     result = inspect_checkpoint(a.file, model=a.model, fmt=a.format, block_size=a.block_size,
-                                layer_config=a.layer_config, layers=_layer_options(a))
+                                layer_config=a.layer_config, layers=_layer_options(a), budget=a.budget,
+                                target_gpu=a.target_gpu, allow_comfyquant_formats=a.allow_comfyquant_formats,
+                                calibration=a.calibration, device=a.device, probe=auto_probe(a.format, a.file))
     if result.kind == "float":  # a quantized file is described as it is; --model plays no part there
         warning = preset_warning(a.file, a.model, a.strict_preset, _progress(a))
         if warning is not None:
@@ -185,7 +205,7 @@ def _run_inspect(a: argparse.Namespace) -> int:
 def _add_template(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help=".safetensors file or sharded index")
     p.add_argument("-o", "--output", required=True, metavar="layers.json")
-    _add_plan_args(p)
+    _add_plan_args(p, auto=False)
     p.add_argument("--force", action="store_true", help="overwrite the output file")
 
 

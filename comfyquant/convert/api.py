@@ -20,7 +20,9 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
             calibration: Any = None, calibration_lora: str | Path | None = None,
             layers: LayerOptions | None = None, merge_loras: Sequence[str | Path] = (),
             merge_lora_scale: float = 1.0, merge_lora_dampen: bool = True, extract_lora: int = 0,
-            extract_lora_output: str | Path | None = None, extract_lora_target: str | None = None) -> Report:
+            extract_lora_output: str | Path | None = None, extract_lora_target: str | None = None,
+            budget: Any = None, target_gpu: str | None = None, allow_comfyquant_formats: bool = False,
+            probe: Any = None, verify_heldout: bool = True) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
@@ -35,6 +37,11 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
     ``merge_lora_dampen`` is False); the optimizers see the merged weights. ``extract_lora`` > 0 also writes the
     rank-r SVD of each quantized layer's error as a LoRA (``extract_lora_output``, default
     ``<output stem>_qerr_r<rank>.safetensors``; only layers matching the regex ``extract_lora_target``).
+    ``format="auto"`` chooses every layer's format to meet ``budget`` (``"size=0.4"``, ``"psnr=45"``, ...; see
+    docs/AUTO_PRECISION.md) among the registry's formats for ``target_gpu`` (``allow_comfyquant_formats``: also
+    those stock ComfyUI cannot load); ``calibration`` gives the layer statistics, ``probe`` (an
+    ``autoprec.Probe``, e.g. ``comfyquant.eval.autoprobe.probe_for(input)``) the end-to-end weights and the
+    held-out check. The plan is in ``Report.auto`` and the file's ``__metadata__["comfyquant.auto"]``.
     ``progress``: True (a bar on a terminal, else lines on stderr), False (none) or a
     :class:`comfyquant.progress.Progress`. An explicit ``model`` that does not fit the file is a warning (stderr
     and the report's notes), or with ``strict_preset`` an error. Raises :class:`comfyquant.errors.UserError`
@@ -65,7 +72,9 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
                           optimizer=optimizer,
                           calibration=str(calibration) if isinstance(calibration, str | Path) else calibration,
                           calibration_lora=None if calibration_lora is None else str(calibration_lora),
-                          layers=layers or LayerOptions(), weight_transform=transform, quant_error_sink=sink)
+                          layers=layers or LayerOptions(), weight_transform=transform, quant_error_sink=sink,
+                          budget=budget, target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
+                          probe=probe, verify_heldout=verify_heldout)
     result = run_conversion(input, output, opts)
     if report is not None:
         result.to_json(report)

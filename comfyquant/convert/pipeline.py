@@ -11,6 +11,7 @@ GPU memory after every tensor.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from comfyquant import __version__
+from comfyquant.autoprec.plan import AUTO
 from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.hooks import QuantErrorSink, TransformedReader, WeightTransform
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
@@ -37,6 +39,7 @@ from comfyquant.progress import Progress
 from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
 
 CHUNK_ELEMENTS = 2**20  # CPU row chunks: float32 temporaries of 4 MiB stay in cache (several times faster)
+AUTO_METADATA = "comfyquant.auto"  # the auto plan's summary (JSON) in the output's __metadata__
 STATS_MAX_ELEMENTS = 2**20
 STATS_MAX_ELEMENTS_LOW_MEMORY = 2**18
 FP16_MAX = 65504.0
@@ -62,6 +65,13 @@ class ConvertOptions:
     layers: LayerOptions = field(default_factory=LayerOptions)
     weight_transform: WeightTransform | None = None  # float weights changed before quantizing (--merge-lora)
     quant_error_sink: QuantErrorSink | None = None  # sees each quantized layer's stored form (--extract-lora)
+    # --format auto: the budget ("size=0.4", an autoprec.Budget), candidate policy, and the workload probe
+    # (autoprec.Probe) of a reference model; ``verify_heldout`` checks the written file on held-out inputs
+    budget: Any = None
+    target_gpu: str | None = None
+    allow_comfyquant_formats: bool = False
+    probe: Any = None
+    verify_heldout: bool = True
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(format=self.format, model=self.model, layer_config=self.layer_config,
@@ -269,9 +279,6 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     check_paths(reader, out, opts.force)
     device = resolve_device(opts.device)
     mismatch = check_model_choice(opts.model, reader.shapes(), opts.strict_preset)
-    plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
-    metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
-                "comfyquant.model": plan.preset}
     notes: list[str] = []
     if mismatch is not None:
         opts.progress.warn(mismatch)  # before the work starts, so a wrong --model can be stopped at once
@@ -282,9 +289,23 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
         for warning in transform.warnings:  # e.g. LoRA modules that match no layer: said before the work starts
             opts.progress.warn(warning)
         reader = TransformedReader(reader, transform)
+    auto = None  # planned after the transform: --format auto measures the merged weights
+    if opts.format == AUTO:
+        from comfyquant.convert.auto import plan_auto_conversion
+
+        plan, auto = plan_auto_conversion(reader, opts)
+    else:
+        if opts.budget is not None:
+            raise UserError("--budget applies to --format auto only")
+        plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
+    metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
+                "comfyquant.model": plan.preset}
+    if auto is not None:
+        metadata[AUTO_METADATA] = json.dumps(auto.summary(), separators=(",", ":"))
     from comfyquant.convert.optimizing import make_hooks
 
-    hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora)
+    hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora,
+                       calibration_used=auto is not None)
     if hooks is not None:
         notes.extend(hooks.notes)
         metadata["comfyquant.optimizer"] = opts.optimizer.method
@@ -300,5 +321,21 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
         notes.append(f"error statistics of {len(sampled)} large layer(s) computed on a sample of evenly spaced "
                      f"rows (<= {opts.stats_limit} elements each)")
     report = Report(str(reader.path), str(out), plan.format, plan.preset, layers, notes)
+    if auto is not None:
+        _check_heldout(auto, opts, out)
+        report.auto = auto
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_heldout(auto: Any, opts: ConvertOptions, out: Path) -> None:
+    """With a workload probe: the written file's quality on held-out inputs, and whether a floor holds."""
+    if opts.probe is None or not opts.verify_heldout:
+        return
+    auto.heldout = opts.probe.heldout(out)
+    quality = auto.budget.quality
+    if quality is not None and quality[0] in auto.heldout:
+        got = float(auto.heldout[quality[0]])
+        verdict = "met" if got >= quality[1] else "MISSED"
+        auto.notes.append(f"{quality[0]} floor {quality[1]:g} {verdict} on held-out inputs: {got:.6g} "
+                          f"({auto.heldout.get('inputs', '')})")

@@ -278,6 +278,25 @@ def _kept_dtype(fmt_name: str, layers: LayerOptions) -> str | None:
         raise UserError(f"--format {fmt.name} stores every floating tensor as {fmt.name}; --keep-dtype "
                         f"{layers.keep_dtype} contradicts it")
     return fmt.name
+def auto_candidates(infos: Mapping[str, TensorInfo], *, preset: Preset,
+                    layer_config: LayerConfigLike | None = None) -> dict[str, str]:
+    """The weights ``--format auto`` chooses a format for -> what the preset says about them.
+
+    Every 2-D float linear weight (``is_linear_weight``), including those a preset keeps in high precision by
+    its structural rules: automatic precision measures instead of assuming. Left as they are: explicit
+    ``--layer-config`` rules, prefix rules (other parts of a bundled checkpoint, the VAE), drops, embedding
+    tables and weights too small to quantize.
+    """
+    out: dict[str, str] = {}
+    for name, info in infos.items():
+        stripped = strip_prefix(name)
+        if info.dtype not in _FLOAT_DTYPES or not is_linear_weight(stripped, info.shape):
+            continue
+        c = _decide(name, info, stripped, preset, layer_config, "int8", LayerOptions())
+        if c.action == DROP or c.rule.startswith(("prefix:", "layer-config:")):
+            continue
+        out[name] = f"the preset would {'quantize' if c.action == QUANTIZE else 'keep'} it ({c.rule}: {c.reason})"
+    return out
 
 
 def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset: Preset | None = None,

@@ -51,6 +51,10 @@ class EvalConfig:
     stochastic: bool = False  # bake with stochastic rounding
     extract_lora: int = 0  # also extract the quantization error at this rank and run it as a dynamic LoRA
     lora_effect: bool = True  # also sample the float model without the LoRA (how far the LoRA moves samples)
+    # format "auto": the budget, the target GPU and whether non-stock formats are candidates
+    budget: str | None = None
+    target_gpu: str | None = None
+    allow_comfyquant_formats: bool = False
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -66,10 +70,13 @@ def check_config(cfg: EvalConfig) -> None:
         raise UserError(f"the eval needs {', '.join(missing)}: pip install 'comfyquant[eval]'")
 
 
-def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path, str]:
-    """Convert the workload's float file with comfyquant (or the peer); returns the file and who made it."""
+def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path, str, dict[str, Any] | None]:
+    """Convert the workload's float file with comfyquant (or the peer); returns the file, who made it and, for
+    ``--format auto``, the automatic-precision plan (its summary, predictions and calibration measurements)."""
     if cfg.format is None:
         raise UserError("--format is required unless --model is an already-quantized file")
+    if cfg.format == "auto" and cfg.peer:
+        raise UserError("--peer converts with convert_to_quant, which has no automatic precision")
     src = workload.reference_file()
     dst = out / f"{workload.name}-{cfg.format}{'-peer-' + cfg.peer if cfg.peer else ''}.safetensors"
     cfg.progress.stage(f"quantizing {workload.name} to {cfg.format} with "
@@ -78,7 +85,7 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
         from comfyquant.eval.peer import PEER_VERSION, peer_args, run_peer
 
         run_peer(peer_args(src, dst, cfg.format, cfg.peer, workload.peer_extra_args()))
-        return dst, f"convert_to_quant {PEER_VERSION} ({cfg.peer})"
+        return dst, f"convert_to_quant {PEER_VERSION} ({cfg.peer})", None
     from comfyquant.convert.api import convert
 
     layer_config = None
@@ -87,14 +94,27 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
         layer_config.write_text(json.dumps(workload.layer_config(), indent=1))
     merge = [f"{cfg.lora}:{cfg.lora_strength}"] if cfg.lora is not None and cfg.lora_mode == "merge" else []
     calibration = cfg.calibration
-    if cfg.optimizer is not None and cfg.optimizer.needs_calibration and calibration is None:
+    optimizing = cfg.optimizer is not None and cfg.optimizer.needs_calibration
+    if optimizing and calibration is None:
         calibration = str(calibrate_workload(workload, out))
-    convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
-            force=True, progress=cfg.progress, optimizer=cfg.optimizer,
-            calibration=calibration if cfg.optimizer is not None and cfg.optimizer.needs_calibration else None,
-            calibration_lora=cfg.calibration_lora, merge_loras=merge, extract_lora=cfg.extract_lora,
-            extract_lora_output=correction_file(out) if cfg.extract_lora else None)
-    return dst, f"comfyquant ({method_label(cfg.optimizer)})"
+    auto = cfg.format == "auto"
+    probe = None
+    if auto:
+        from comfyquant.eval.autoprobe import probe_for
+
+        probe = probe_for(src)
+    rep = convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
+                  force=True, progress=cfg.progress, optimizer=cfg.optimizer,
+                  calibration=calibration if optimizing or auto else None, calibration_lora=cfg.calibration_lora,
+                  merge_loras=merge, extract_lora=cfg.extract_lora,
+                  extract_lora_output=correction_file(out) if cfg.extract_lora else None,
+                  budget=cfg.budget, target_gpu=cfg.target_gpu, allow_comfyquant_formats=cfg.allow_comfyquant_formats,
+                  probe=probe, verify_heldout=False)
+    plan = None
+    if rep.auto is not None:
+        plan = {k: v for k, v in rep.auto.to_dict().items() if k != "layers"}
+        plan["layers"] = rep.auto.formats()
+    return dst, f"comfyquant ({method_label(cfg.optimizer)})", plan
 
 
 def method_label(opt: Any) -> str:
@@ -150,6 +170,13 @@ def lora_setup(cfg: EvalConfig, workload: Any, ref: Any, quant: Any, out: Path) 
         h = cql.apply(quant, correction_file(out), 1.0, "dynamic")
         info["extract_lora"] = {"rank": cfg.extract_lora, "layers": len(h.layers)}
     return info
+def heldout_quality(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The workload's auto-precision metric as the eval measured it on its held-out inputs."""
+    if "psnr_db" in metrics:
+        return {"psnr": metrics["psnr_db"]["mean"], "psnr_min": metrics["psnr_db"]["min"],
+                "items": metrics["samples"]}
+    return {"cosine": metrics["cosine"]["mean"], "cosine_min": metrics["cosine"]["min"],
+            "items": metrics["sentences"]}
 
 
 def summarize(stats: list[LayerStat]) -> dict[str, Any]:
@@ -196,9 +223,9 @@ def _run(cfg: EvalConfig, workload: Any, qfile: Path | None) -> dict[str, Any]:
 
     start = time.time()
     out, say = cfg.out, cfg.progress.stage
-    made_by = "given file"
+    made_by, auto = "given file", None
     if qfile is None:
-        qfile, made_by = quantize_reference(workload, cfg, out)
+        qfile, made_by, auto = quantize_reference(workload, cfg, out)
     say(f"loading the float reference and {qfile.name}")
     torch.manual_seed(0)
     ref = workload.float_model()
@@ -226,6 +253,9 @@ def _run(cfg: EvalConfig, workload: Any, qfile: Path | None) -> dict[str, Any]:
     }
     if lora is not None:
         report["lora"] = lora
+    if auto is not None:
+        auto["heldout"] = heldout_quality(metrics)
+        report["auto"] = auto
     from comfyquant.eval.compare import markdown_report
     from comfyquant.eval.plots import plot_layers
 

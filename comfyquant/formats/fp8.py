@@ -23,6 +23,7 @@ class Fp8Format(AffineFormat):
     def __init__(self, name: str, grid: FloatGrid, comfy_format: str, description: str,
                  aliases: tuple[str, ...]) -> None:
         self.name, self.element_grid, self.comfy_format = name, grid, comfy_format
+        self.input_grid = grid  # comfyquant's fp8 kernels: per-row dynamic fp8 activations (no input_scale)
         self.storage_dtype, self.description, self.aliases = grid.dtype, description, aliases
 
     def block(self, shape: tuple[int, int], params: Mapping[str, Any]) -> Block:
