@@ -52,7 +52,8 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     assert required["model_type"][0][0] == "auto" and "flux" in required["model_type"][0]
     assert required["outlier_method"][0] == ["none", "hadamard"]
     assert {"auto", "triton", "torch"} <= set(required["runtime_backend"][0])
-    assert required["format"][0] == ["int8", "int8-rot", "fp8", "int4-rot"]
+    assert required["format"][0] == ["int8", "int8-rot", "fp8", "int4-rot", "auto"]
+    assert optional["budget"][0] == "STRING" and optional["budget"][1]["default"] == "size=0.5"
     loader = srv.object_info("LoadQuantizedDiffusionModel")
     assert loader["category"] == "comfyquant" and EXAMPLE_MODEL in loader["input"]["required"]["unet_name"][0]
     assert srv.object_info("SaveQuantizedModel")["output_node"] is True
@@ -127,6 +128,15 @@ def test_int4_rot_adapter(node_server: Any, float_latent: torch.Tensor) -> None:
     assert 0 < rel_err(node_server.latent(entry), float_latent) < 0.25
 
 
+def test_auto_format_with_a_budget(node_server: Any, float_latent: torch.Tensor) -> None:
+    entry = node_server.run(digits_workflow(prefix="auto", adapter={"format": "auto", "budget": "size=0.45"}))
+    assert execution_error(entry) is None, execution_error(entry)
+    text = node_text(entry, "4")
+    assert text[0].startswith("comfyquant: auto (") and text[1].startswith("auto precision: budget size=0.45"), text
+    # the plan is mostly int8 on this model (0.29% output error on one forward, int8's 0.32%)
+    assert 0 < rel_err(node_server.latent(entry), float_latent) < INT8_BOUND
+
+
 def test_loader_node_runs_an_int8_blockwise_file(node_server: Any, float_latent: torch.Tensor) -> None:
     entry = node_server.run(digits_workflow(unet_name="dit-int8-block.safetensors", prefix="block",
                                             loader={}))
@@ -177,6 +187,8 @@ def test_save_node_writes_a_file_stock_comfyui_loads(node_server: Any, float_lat
      "outlier_method 'hadamard' needs an int8 format"),
     (lambda: digits_workflow(adapter={"format": "fp8", "runtime_backend": "triton"}), "4",
      "runtime_backend 'triton' has no kernel for fp8 layers"),
+    (lambda: digits_workflow(adapter={"format": "auto", "budget": "size=0.01"}), "4",
+     "--budget size=0.01 is below what this model allows"),
     (lambda: digits_lora_workflow(lora="other_model_lora.safetensors"), "7",
      "other_model_lora.safetensors: none of its 1 modules matches a layer of this MODEL's diffusion model"),
 ])

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from comfyquant.nodes.settings import (
+    DEFAULT_BUDGET,
     NODE_FORMATS,
     OUTLIER_METHODS,
     AdapterSettings,
@@ -76,13 +77,19 @@ class INT8ModelAdapter:
                                                  "before quantizing (one rounding instead of two)."),
                 "log_progress": _bool(False, "Log every layer's decision."),
             },
-            "optional": _optional_runtime_inputs(),
+            "optional": {
+                **_optional_runtime_inputs(),
+                "budget": ("STRING", {"default": DEFAULT_BUDGET,
+                                      "tooltip": "format auto only: the budget the per-layer plan meets. size=0.5: "
+                                                 "at most half the model's bytes; sqnr=30: every layer's output "
+                                                 "SQNR at least 30 dB; both: size=0.5,sqnr=30."}),
+            },
         }
 
     def apply(self, model: Any, enable_int8: bool, format: str, model_type: str, outlier_method: str,
               small_batch_fallback: bool, runtime_backend: str, prepack_int8_weights: bool,
               bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None,
-              cuda_graphs: bool | None = None) -> dict[str, Any]:
+              cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET) -> dict[str, Any]:
         import comfy.utils
 
         from comfyquant.nodes.adapter import MSG_NOT_CONVERTED, adapt_model
@@ -91,12 +98,11 @@ class INT8ModelAdapter:
             logger.warning(MSG_NOT_CONVERTED)
             return {"ui": {"text": [MSG_NOT_CONVERTED]}, "result": (model,)}
         settings = AdapterSettings(format=format, model_type=model_type, outlier_method=outlier_method,
-                                   bake_loaded_loras=bake_loaded_loras, log_progress=log_progress,
+                                   bake_loaded_loras=bake_loaded_loras, log_progress=log_progress, budget=budget,
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
                                                     prepack_int8_weights, cuda_graphs))
         out, report = adapt_model(model, settings, progress=comfy.utils.ProgressBar(1))
-        text = [*report.messages, report.summary()] if report.converted else report.messages
-        return {"ui": {"text": text}, "result": (out,)}
+        return {"ui": {"text": report.lines()}, "result": (out,)}
 
 
 class LoadQuantizedDiffusionModel:

@@ -24,7 +24,7 @@ ADAPTER_DEFAULTS: dict[str, Any] = {
 }
 
 
-ADAPTER_OPTIONAL = ("use_triton", "cuda_graphs")
+ADAPTER_OPTIONAL = ("use_triton", "cuda_graphs", "budget")
 EXAMPLE_LORA = "digits_example_lora.safetensors"
 
 
