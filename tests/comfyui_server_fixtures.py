@@ -20,9 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from comfyquant.eval.workloads import DIT_FIXTURE
 from comfyquant.io.comfy_meta import encode_comfy_quant
+from comfyquant.nodes.workflows import EXAMPLE_LORA
 from comfyquant.testing.comfyui_server import ComfyServer, ServerError, missing_requirements, prepare_base
 
 LORA_FILE = "digits_test_lora.safetensors"
+LORA_B_FILE = "digits_test_lora_b.safetensors"
 FOREIGN_LORA_FILE = "other_model_lora.safetensors"
 
 
@@ -101,6 +103,8 @@ def node_server(comfyui_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     assert proc.returncode == 0, proc.stderr
     _write_model_files(base / "models" / "diffusion_models")
     save_file(make_lora(), str(base / "models" / "loras" / LORA_FILE))
+    save_file(make_lora(), str(base / "models" / "loras" / EXAMPLE_LORA))
+    save_file(make_lora(seed=1), str(base / "models" / "loras" / LORA_B_FILE))
     save_file({"diffusion_model.some_other_net.to_q.lora_up.weight": torch.ones(8, 4),
                "diffusion_model.some_other_net.to_q.lora_down.weight": torch.ones(4, 8)},
               str(base / "models" / "loras" / FOREIGN_LORA_FILE))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from comfyui_server_fixtures import rel_err
 
-from comfyquant.nodes.workflows import EXAMPLE_MODEL, digits_workflow
+from comfyquant.nodes.workflows import EXAMPLE_MODEL, add_sampler, digits_lora_workflow, digits_workflow
 from comfyquant.testing.comfyui_server import execution_error, node_text
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -48,14 +48,21 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     assert info["display_name"] == "Enable INT8 on MODEL" and info["category"] == "comfyquant"
     required, optional = info["input"]["required"], info["input"]["optional"]
     assert all(name in required for name in SEED_INPUTS), sorted(required)
-    assert "use_triton" in optional and info["output"] == ["MODEL"]
+    assert {"use_triton", "cuda_graphs"} <= set(optional) and info["output"] == ["MODEL"]
     assert required["model_type"][0][0] == "auto" and "flux" in required["model_type"][0]
     assert required["outlier_method"][0] == ["none", "hadamard"]
     assert {"auto", "triton", "torch"} <= set(required["runtime_backend"][0])
-    assert required["format"][0] == ["int8", "int8-rot", "fp8", "int4-rot"]
+    assert required["format"][0] == ["int8", "int8-rot", "fp8", "int4-rot", "auto"]
+    assert optional["budget"][0] == "STRING" and optional["budget"][1]["default"] == "size=0.5"
     loader = srv.object_info("LoadQuantizedDiffusionModel")
     assert loader["category"] == "comfyquant" and EXAMPLE_MODEL in loader["input"]["required"]["unet_name"][0]
     assert srv.object_info("SaveQuantizedModel")["output_node"] is True
+    assert "cuda_graphs" in loader["input"]["optional"]
+    lora = srv.object_info("ComfyQuantLoraLoader")
+    assert lora["display_name"] == "Load LoRA (quantized model)" and lora["output"] == ["MODEL"]
+    assert lora["input"]["required"]["mode"][0] == ["dynamic", "bake"]
+    assert "digits_test_lora.safetensors" in lora["input"]["required"]["lora_name"][0]
+    assert lora["input"]["optional"]["lora_name_2"][0][0] == "None"
     capture = srv.object_info("ComfyQuantCaptureCalibration")
     assert capture["display_name"] == "Capture Calibration" and capture["output"] == ["MODEL"]
     cond = srv.object_info("ComfyQuantDigitsConditioning")
@@ -121,6 +128,15 @@ def test_int4_rot_adapter(node_server: Any, float_latent: torch.Tensor) -> None:
     assert 0 < rel_err(node_server.latent(entry), float_latent) < 0.25
 
 
+def test_auto_format_with_a_budget(node_server: Any, float_latent: torch.Tensor) -> None:
+    entry = node_server.run(digits_workflow(prefix="auto", adapter={"format": "auto", "budget": "size=0.45"}))
+    assert execution_error(entry) is None, execution_error(entry)
+    text = node_text(entry, "4")
+    assert text[0].startswith("comfyquant: auto (") and text[1].startswith("auto precision: budget size=0.45"), text
+    # the plan is mostly int8 on this model (0.29% output error on one forward, int8's 0.32%)
+    assert 0 < rel_err(node_server.latent(entry), float_latent) < INT8_BOUND
+
+
 def test_loader_node_runs_an_int8_blockwise_file(node_server: Any, float_latent: torch.Tensor) -> None:
     entry = node_server.run(digits_workflow(unet_name="dit-int8-block.safetensors", prefix="block",
                                             loader={}))
@@ -171,6 +187,10 @@ def test_save_node_writes_a_file_stock_comfyui_loads(node_server: Any, float_lat
      "outlier_method 'hadamard' needs an int8 format"),
     (lambda: digits_workflow(adapter={"format": "fp8", "runtime_backend": "triton"}), "4",
      "runtime_backend 'triton' has no kernel for fp8 layers"),
+    (lambda: digits_workflow(adapter={"format": "auto", "budget": "size=0.01"}), "4",
+     "--budget size=0.01 is below what this model allows"),
+    (lambda: digits_lora_workflow(lora="other_model_lora.safetensors"), "7",
+     "other_model_lora.safetensors: none of its 1 modules matches a layer of this MODEL's diffusion model"),
 ])
 def test_bad_input_is_a_comfyui_error_and_the_server_keeps_running(node_server: Any, workflow: Any, node: str,
                                                                    message: str) -> None:
@@ -219,3 +239,22 @@ def test_capture_calibration_writes_a_file_the_converter_reads(node_server: Any,
     report = convert(DIT_FIXTURE, tmp_path / "gptq.safetensors", format="int8", optimizer="gptq",
                      calibration=files[0], progress=False)
     assert (tmp_path / "gptq.safetensors").is_file() and report is not None
+
+
+def test_cuda_graphs_option_runs_eagerly_on_the_cpu_with_one_log_line(node_server: Any) -> None:
+    line = "cuda_graphs: running ApplyModel eagerly: an input tensor is on cpu, not CUDA"
+    before = node_server.server.log_text().count(line)
+    wf = digits_workflow(prefix="graphs_adapter", adapter={"cuda_graphs": True}, seed=31)
+    loader = {"unet_name": "dit-int8.safetensors", "compute_dtype": "default", "small_batch_fallback": True,
+              "runtime_backend": "auto"}
+    wf["30"] = {"class_type": "LoadQuantizedDiffusionModel", "inputs": {**loader, "cuda_graphs": True}}
+    wf["31"] = {"class_type": "LoadQuantizedDiffusionModel", "inputs": loader}
+    wf["32"] = {"class_type": "INT8ModelAdapter", "inputs": {**wf["4"]["inputs"], "cuda_graphs": False}}
+    saves = [add_sampler(wf, [src, 0], 100 + 2 * i, f"graphs_{src}", seed=31)
+             for i, src in enumerate(("30", "31", "32"))]
+    entry = node_server.run(wf)
+    assert execution_error(entry) is None, execution_error(entry)
+    # one line per node that enabled graphs, however many steps (8 steps x cond/uncond batches) ran
+    assert node_server.server.log_text().count(line) - before == 2
+    graphed, loader_graphed, loader_plain, plain = (node_server.latent(entry, s) for s in ("6", *saves))
+    assert torch.equal(graphed, plain) and torch.equal(loader_graphed, loader_plain)

@@ -37,6 +37,11 @@ MODES = ("dynamic", "bake")
 _IDS = itertools.count(1)
 
 
+def new_side_key() -> int:
+    """A fresh key for one LoRA's entries in side paths (unique in this process)."""
+    return next(_IDS)
+
+
 @dataclass
 class LoRAHandle:
     """What one ``apply`` did: the layers it changed and how to undo it (pass to :func:`remove`)."""
@@ -76,7 +81,7 @@ def apply(model: nn.Module, lora: str | Path | LoRAFile, strength: float = 1.0, 
     lf = lora if isinstance(lora, LoRAFile) else read_lora(lora)
     km = build_keymap(_shapes(model))
     bound = bind_loras([lf], [strength], km, f"the {type(model).__name__} model")
-    handle = LoRAHandle(next(_IDS), lf.name, strength, mode, bound.matches[0])
+    handle = LoRAHandle(new_side_key(), lf.name, strength, mode, bound.matches[0])
     if mode == "dynamic":
         _check_dynamic(model, bound.by_tensor)
     gen = torch.Generator().manual_seed(seed) if stochastic else None
@@ -113,23 +118,26 @@ def _check_dynamic(model: nn.Module, by_tensor: dict[str, list[Patch]]) -> None:
         if not isinstance(mod, (QuantLinear, nn.Linear)) or attr not in ("weight", "bias"):
             raise UserError(f"{where}: dynamic LoRAs run on linear layers only ({type(mod).__name__}); "
                             "use mode='bake'")
-        for p in patches:
-            if p.adapter.dora_key is not None or p.adapter.kind == "set":
-                raise UserError(f"{where}: {'DoRA' if p.adapter.dora_key else 'set_weight'} adapters rescale or "
-                                "replace the weight, which a side path cannot do; use mode='bake'")
+        why = dynamic_blocker(patches)
+        if why is not None:
+            raise UserError(f"{where}: {why}; use mode='bake'")
+
+
+def dynamic_blocker(patches: list[Patch]) -> str | None:
+    """Why these patches of one tensor cannot run as a side path (DoRA, ``set_weight``), or None."""
+    for p in patches:
+        if p.adapter.dora_key is not None or p.adapter.kind == "set":
+            return (f"{'DoRA' if p.adapter.dora_key else 'set_weight'} adapters rescale or replace the weight, "
+                    "which a side path cannot do")
+    return None
 
 
 def _bake(model: nn.Module, tensor: str, bound: Any, handle: LoRAHandle, stochastic: bool,
           gen: torch.Generator | None) -> None:
     mod, attr = _owner(model, tensor)
     old = getattr(mod, attr)
-    if isinstance(old, QuantizedTensor):
-        w = bound(tensor, dequantize_f32(old))
-        new: torch.Tensor = requantize(w, old, stochastic=stochastic, generator=gen)
-    else:
-        w = bound(tensor, old.detach().to(torch.float32, copy=True))
-        new = w.to(old.dtype)
-    param = nn.Parameter(new, requires_grad=False)
+    param = nn.Parameter(baked_tensor(old, tensor, bound, stochastic=stochastic, generator=gen),
+                         requires_grad=False)
     setattr(mod, attr, param)
 
     def restore() -> None:
@@ -142,11 +150,32 @@ def _bake(model: nn.Module, tensor: str, bound: Any, handle: LoRAHandle, stochas
     handle.layers.append(tensor)
 
 
+def baked_tensor(old: torch.Tensor, tensor: str, bound: Any, *, stochastic: bool = False,
+                 generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """``old`` (a quantized or float tensor) with ``bound``'s patches for ``tensor`` baked in: float32 merge,
+    then requantized into the same layout (or cast back to the float dtype). ``device``: where to compute
+    (the result is returned there); default: ``old``'s device."""
+    if isinstance(old, QuantizedTensor):
+        src = old if device is None else old.to(device)
+        return requantize(bound(tensor, dequantize_f32(src)), src, stochastic=stochastic, generator=generator)
+    w = old.detach().to(device=device or old.device, dtype=torch.float32, copy=True)
+    return bound(tensor, w).to(old.dtype)
+
+
 def _dynamic(model: nn.Module, tensor: str, patches: list[Patch], by_tensor: dict[str, list[Patch]],
              handle: LoRAHandle) -> None:
-    mod, attr = _owner(model, tensor)
-    weight = mod.weight
-    device, dtype = weight.device, weight.dtype
+    mod, _ = _owner(model, tensor)
+    _attach(mod, side_entry(mod.weight, tensor, patches, by_tensor), handle)
+    handle.layers.append(tensor[: tensor.rfind(".")])
+
+
+def side_entry(weight: torch.Tensor, tensor: str, patches: list[Patch], by_tensor: dict[str, list[Patch]],
+               device: torch.device | None = None) -> SideEntry:
+    """One layer's side-path part for ``patches`` of ``tensor`` (its weight, or its bias alone): low-rank
+    factors, dense differences of other adapters, and the bias patches of the layer, in ``weight``'s dtype,
+    on ``device`` (default: ``weight``'s)."""
+    device, dtype = device or weight.device, weight.dtype
+    attr = tensor[tensor.rfind(".") + 1:]
     out_f, in_f = weight.shape
     entry = SideEntry()
     if attr == "weight":
@@ -175,8 +204,7 @@ def _dynamic(model: nn.Module, tensor: str, patches: list[Patch], by_tensor: dic
         db = p.strength * bias_delta(p.adapter, p.lora, device)  # type: ignore[operator]
         _rows(full_b, p)[...] = swap_halves(db) if p.target.swap else db
         entry.bias = (full_b if entry.bias is None else entry.bias + full_b).to(dtype)
-    _attach(mod, entry, handle)
-    handle.layers.append(tensor[: tensor.rfind(".")])
+    return entry
 
 
 def _slice(p: Patch) -> slice:

@@ -11,7 +11,8 @@ This is a plain object, not a module, so it never shows up in the layer's state 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,39 @@ class LoRASidePath:
     @property
     def rank(self) -> int:
         return 0 if self.down is None else int(self.down.shape[0])
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the side path's tensors are (None: it holds none)."""
+        for t in (self.down, self.dense, self.bias):
+            if t is not None:
+                return t.device
+        return None
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LoRASidePath:
+        """A new side path holding ``fn`` of every tensor (``nn.Module._apply``'s moves and casts); this one is
+        left as it is, so a layer copy that shares it is unaffected."""
+        out = LoRASidePath()
+        for key, e in self.entries.items():
+            out.entries[key] = SideEntry(**{f.name: None if getattr(e, f.name) is None else fn(getattr(e, f.name))
+                                            for f in fields(SideEntry)})
+        out._rebuild()
+        return out
+
+    def copy(self) -> LoRASidePath:
+        """A new side path with the same entries (tensors shared): add to it without changing this one."""
+        return self.map_tensors(lambda t: t)
+
+    def weight_delta(self, out_features: int, in_features: int) -> torch.Tensor:
+        """Every LoRA's change to the layer's weight as one float32 ``[out, in]`` matrix (to bake the side path
+        into the weight, e.g. when the model is saved)."""
+        device = self.device or torch.device("cpu")
+        delta = torch.zeros(out_features, in_features, dtype=torch.float32, device=device)
+        if self.down is not None and self.up_t is not None:
+            delta += self.up_t.to(torch.float32).t() @ self.down.to(torch.float32)
+        if self.dense is not None:
+            delta += self.dense.to(torch.float32)
+        return delta
 
     def add(self, key: int, entry: SideEntry) -> None:
         self.entries[key] = entry

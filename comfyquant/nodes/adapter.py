@@ -6,6 +6,10 @@ carries one object patch per converted layer (a :class:`~comfyquant.nodes.ops.Co
 swaps in when it loads the clone and out again when it unloads it. Which layers convert is decided by
 ``comfyquant.quantize_`` (model preset, size rules) run on a shell that mirrors the model and holds views of the
 original weights; quantized weights are memoized (``nodes.cache``) so a re-run quantizes nothing.
+
+``format = auto`` plans first (``runtime.quantize.plan_auto`` on the shell: a format per layer for the budget,
+from weight error; preset keeps are candidates too) and then quantizes in the same single pass with the plan's
+``layer_formats``; each layer gets the runtime backend of its own format's kernel kind.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from comfyquant.autoprec.candidates import KEEP
 from comfyquant.nodes.cache import CACHE, QuantCache
+from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
-from comfyquant.nodes.settings import AdapterSettings
+from comfyquant.nodes.settings import AUTO, AdapterSettings
 from comfyquant.runtime.nn import QuantLinear
-from comfyquant.runtime.quantize import QuantizeConfig, layout_for, quantize_
+from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
 from comfyquant.runtime.tensor import QuantizedTensor
 
 logger = logging.getLogger("comfyquant.nodes")
@@ -51,13 +57,23 @@ class AdapterReport:
     bytes_before: int = 0
     bytes_after: int = 0
     messages: list[str] = field(default_factory=list)
+    auto: Any = None  # format auto: the plan (autoprec.AutoPlan)
+    formats: dict[str, int] = field(default_factory=dict)  # layout name -> converted layers
+
+    def lines(self) -> list[str]:
+        """The node's text output: the messages, then (when converted) the summary and the auto plan."""
+        if not self.converted:
+            return list(self.messages)
+        plan = self.auto.to_text().splitlines() if self.auto is not None else []
+        return [*self.messages, self.summary(), *plan]
 
     def summary(self) -> str:
         """The one log line: layers converted, kept, bytes saved."""
         saved = self.bytes_before - self.bytes_after
         preset = f", preset {self.preset}" if self.preset else ""
         lora = f", {len(self.baked_loras)} LoRA-patched weights baked in" if self.baked_loras else ""
-        return (f"comfyquant: {self.format}{preset}: {len(self.converted)} layers converted "
+        mix = f" ({', '.join(f'{n} {f}' for f, n in sorted(self.formats.items()))})" if self.auto else ""
+        return (f"comfyquant: {self.format}{mix}{preset}: {len(self.converted)} layers converted "
                 f"({len(self.cached)} from cache), {len(self.kept)} kept, {saved / 2**20:.1f} MiB saved "
                 f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){lora}")
 
@@ -129,7 +145,7 @@ def _collect(patcher: Any, dm: nn.Module, report: AdapterReport) -> tuple[dict[s
         mod = patcher.get_model_object(PREFIX + name)
         for pname, p in mod.named_parameters(recurse=False):
             if p is not None:
-                shapes[f"{name}.{pname}"] = torch.empty(p.shape, device="meta")
+                shapes[f"{name}.{pname}"] = torch.empty(p.shape, dtype=p.dtype, device="meta")
         if is_plain_linear(mod):
             linears[name] = mod
             continue
@@ -199,9 +215,9 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     if not isinstance(dm, nn.Module):
         _note(report, MSG_NO_DIFFUSION)
         return patcher, report
-    layout, _ = layout_for(QuantizeConfig(format=fmt))
+    auto = fmt == AUTO
     load_dev = torch.device(patcher.load_device)
-    backend = settings.runtime.backend_for(layout.kernel_kind)
+    backend = None if auto else settings.runtime.backend_for(layout_for(QuantizeConfig(format=fmt))[0].kernel_kind)
     # Put the shared model back to its unpatched state (other clones may have LoRAs or our layers patched in).
     comfy.model_management.unload_model_and_clones(patcher)
     shapes, linears = _collect(patcher, dm, report)
@@ -231,8 +247,11 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     device = load_dev if load_dev.type == "cuda" else torch.device("cpu")
     store = torch.device(patcher.offload_device)
     selector = _Selector(shell, sources, cache_keys, bake, cache, device, store, tick)
-    summary = quantize_(shell, QuantizeConfig(format=fmt, model=settings.model_type, backend=backend,
-                                              filter_fn=selector))
+    if auto:
+        config = _auto_config(shell, settings, cache_keys, selector, report)
+    else:
+        config = QuantizeConfig(format=fmt, model=settings.model_type, backend=backend, filter_fn=selector)
+    summary = quantize_(shell, config)
     selector.flush()
     if progress is not None:
         progress.update_absolute(total, total)
@@ -245,10 +264,11 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
             qt = shell.get_submodule(d.name).qweight.to(store)
             if d.name in cache_keys:
                 cache.put(sources[d.name], cache_keys[d.name], qt.with_parts(params=qt.params.replace(backend=None)))
-            new_layers[d.name] = qt
+            new_layers[d.name] = _with_backend(qt, settings) if auto else qt
         elif d.name in selector.hits:
             qt = selector.hits[d.name]
-            new_layers[d.name] = qt.with_parts(params=qt.params.replace(backend=backend))
+            new_layers[d.name] = _with_backend(qt, settings) if auto else qt.with_parts(
+                params=qt.params.replace(backend=backend))
             report.cached.append(d.name)
         else:
             report.kept.append((d.name, d.reason))
@@ -264,6 +284,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         report.converted.append(name)
         report.bytes_before += src.weight.nbytes
         report.bytes_after += qt.nbytes
+        report.formats[qt.layout_name] = report.formats.get(qt.layout_name, 0) + 1
         if settings.log_progress:
             logger.info("comfyquant: converted %s %s -> %s", name, list(qt.shape), qt.layout_name)
         key = f"{PREFIX}{name}.weight"
@@ -274,5 +295,31 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))
     clone.model_options.setdefault("transformer_options", {})["comfyquant"] = settings
     register_patch_callback(clone)
+    if settings.runtime.cuda_graphs:
+        enable_cuda_graphs(clone)
     logger.info(report.summary())
+    if report.auto is not None:
+        logger.info(report.auto.to_text())
     return clone, report
+
+
+def _auto_config(shell: _Shell, settings: AdapterSettings, cache_keys: dict[str, Any], selector: _Selector,
+                 report: AdapterReport) -> QuantizeConfig:
+    """Plan the formats for the budget (reads each source weight once), point the memo at each layer's chosen
+    format, and return the single-pass ``quantize_`` config with the plan's ``layer_formats``."""
+    plan = plan_auto(shell, QuantizeConfig(format=AUTO, budget=settings.budget))
+    report.auto = plan
+    formats = plan.formats()
+    for name in list(cache_keys):
+        chosen = formats.get(name)
+        if chosen is None or chosen == KEEP:
+            del cache_keys[name]
+        else:
+            cache_keys[name] = (chosen, AUTO)  # one memo entry per source weight and chosen format
+    return QuantizeConfig(format=AUTO, layer_formats=formats, filter_fn=selector)
+
+
+def _with_backend(qt: QuantizedTensor, settings: AdapterSettings) -> QuantizedTensor:
+    """``qt`` with the backend the runtime options choose for its own format's kernel kind (format auto mixes
+    kinds in one model)."""
+    return qt.with_parts(params=qt.params.replace(backend=settings.runtime.backend_for(qt.layout_cls.kernel_kind)))

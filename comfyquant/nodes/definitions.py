@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from comfyquant.nodes.settings import (
+    DEFAULT_BUDGET,
     NODE_FORMATS,
     OUTLIER_METHODS,
     AdapterSettings,
@@ -33,10 +34,18 @@ def _runtime_inputs() -> dict[str, Any]:
     }
 
 
+def _optional_runtime_inputs() -> dict[str, Any]:
+    return {
+        "use_triton": _bool(True, "Off: never use the Triton kernels (when runtime_backend is auto)."),
+        "cuda_graphs": _bool(False, "Replay the model's forward from CUDA graphs, one per input shape (GPU only; "
+                                    "the CPU runs eagerly). Cuts per-step launch overhead."),
+    }
+
+
 def _runtime(small_batch_fallback: bool, runtime_backend: str, use_triton: bool | None = None,
-             prepack: bool = True) -> RuntimeOptions:
+             prepack: bool = True, cuda_graphs: bool | None = None) -> RuntimeOptions:
     return RuntimeOptions(backend=runtime_backend, small_batch_fallback=small_batch_fallback, use_triton=use_triton,
-                          prepack=prepack)
+                          prepack=prepack, cuda_graphs=bool(cuda_graphs))
 
 
 class INT8ModelAdapter:
@@ -69,13 +78,18 @@ class INT8ModelAdapter:
                 "log_progress": _bool(False, "Log every layer's decision."),
             },
             "optional": {
-                "use_triton": _bool(True, "Off: never use the Triton kernels (when runtime_backend is auto)."),
+                **_optional_runtime_inputs(),
+                "budget": ("STRING", {"default": DEFAULT_BUDGET,
+                                      "tooltip": "format auto only: the budget the per-layer plan meets. size=0.5: "
+                                                 "at most half the model's bytes; sqnr=30: every layer's output "
+                                                 "SQNR at least 30 dB; both: size=0.5,sqnr=30."}),
             },
         }
 
     def apply(self, model: Any, enable_int8: bool, format: str, model_type: str, outlier_method: str,
               small_batch_fallback: bool, runtime_backend: str, prepack_int8_weights: bool,
-              bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None) -> dict[str, Any]:
+              bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None,
+              cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET) -> dict[str, Any]:
         import comfy.utils
 
         from comfyquant.nodes.adapter import MSG_NOT_CONVERTED, adapt_model
@@ -84,12 +98,11 @@ class INT8ModelAdapter:
             logger.warning(MSG_NOT_CONVERTED)
             return {"ui": {"text": [MSG_NOT_CONVERTED]}, "result": (model,)}
         settings = AdapterSettings(format=format, model_type=model_type, outlier_method=outlier_method,
-                                   bake_loaded_loras=bake_loaded_loras, log_progress=log_progress,
+                                   bake_loaded_loras=bake_loaded_loras, log_progress=log_progress, budget=budget,
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
-                                                    prepack_int8_weights))
+                                                    prepack_int8_weights, cuda_graphs))
         out, report = adapt_model(model, settings, progress=comfy.utils.ProgressBar(1))
-        text = [*report.messages, report.summary()] if report.converted else report.messages
-        return {"ui": {"text": text}, "result": (out,)}
+        return {"ui": {"text": report.lines()}, "result": (out,)}
 
 
 class LoadQuantizedDiffusionModel:
@@ -110,11 +123,11 @@ class LoadQuantizedDiffusionModel:
                 "compute_dtype": (list(COMPUTE_DTYPES), {"default": "default"}),
                 **_runtime_inputs(),
             },
-            "optional": {"use_triton": _bool(True, "Off: never use the Triton kernels (when runtime_backend is auto).")},
+            "optional": _optional_runtime_inputs(),
         }
 
     def load(self, unet_name: str, compute_dtype: str, small_batch_fallback: bool, runtime_backend: str,
-             use_triton: bool | None = None) -> dict[str, Any]:
+             use_triton: bool | None = None, cuda_graphs: bool | None = None) -> dict[str, Any]:
         import folder_paths
         import torch
 
@@ -123,9 +136,62 @@ class LoadQuantizedDiffusionModel:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         dtype_name = COMPUTE_DTYPES[compute_dtype]
         dtype = getattr(torch, dtype_name) if dtype_name else None
-        patcher, summary = load_quantized_model(path, _runtime(small_batch_fallback, runtime_backend, use_triton),
-                                                dtype)
+        runtime = _runtime(small_batch_fallback, runtime_backend, use_triton, cuda_graphs=cuda_graphs)
+        patcher, summary = load_quantized_model(path, runtime, dtype)
         return {"ui": {"text": [summary.line()]}, "result": (patcher,)}
+
+
+LORA_SLOTS = 3  # LoRAs one node takes (more: chain nodes)
+_STRENGTH = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
+
+
+class ComfyQuantLoraLoader:
+    """Load LoRA (quantized model): LoRAs on an INT8/FP8/int4 MODEL, as a low-rank side path or baked."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_lora"
+    DESCRIPTION = ("Applies up to three LoRA files (every format comfyquant reads) to a copy of the MODEL: on "
+                   "quantized layers as a low-rank side path (dynamic, the quantized weights untouched) or baked "
+                   "(dequantize, add, requantize); float layers are patched as ComfyUI patches them.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        import folder_paths
+
+        from comfyquant.nodes.loras import MODES
+
+        loras = folder_paths.get_filename_list("loras")
+        optional: dict[str, Any] = {}
+        for i in range(2, LORA_SLOTS + 1):
+            optional[f"lora_name_{i}"] = (["None", *loras], {"default": "None"})
+            optional[f"strength_model_{i}"] = _STRENGTH
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "lora_name": (loras,),
+                "strength_model": _STRENGTH,
+                "mode": (list(MODES), {"default": "dynamic",
+                                       "tooltip": "dynamic: a low-rank side path next to the quantized product "
+                                                  "(weights untouched, no requantization); bake: dequantize, add, "
+                                                  "requantize (no runtime cost, one more rounding)."}),
+            },
+            "optional": optional,
+        }
+
+    def load_lora(self, model: Any, lora_name: str, strength_model: float, mode: str,
+                  **more: Any) -> dict[str, Any]:
+        import folder_paths
+
+        from comfyquant.nodes.loras import LoraRequest, apply_loras
+
+        picks = [(lora_name, strength_model)]
+        picks += [(more.get(f"lora_name_{i}", "None"), more.get(f"strength_model_{i}", 1.0))
+                  for i in range(2, LORA_SLOTS + 1)]
+        requests = [LoraRequest(folder_paths.get_full_path_or_raise("loras", name), float(strength))
+                    for name, strength in picks if name and name != "None"]
+        out, report = apply_loras(model, requests, mode)
+        return {"ui": {"text": report.lines()}, "result": (out,)}
 
 
 class SaveQuantizedModel:
@@ -208,6 +274,7 @@ class ComfyQuantCaptureCalibration:
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "INT8ModelAdapter": INT8ModelAdapter,
     "LoadQuantizedDiffusionModel": LoadQuantizedDiffusionModel,
+    "ComfyQuantLoraLoader": ComfyQuantLoraLoader,
     "SaveQuantizedModel": SaveQuantizedModel,
     "ComfyQuantDigitsConditioning": ComfyQuantDigitsConditioning,
     "ComfyQuantCaptureCalibration": ComfyQuantCaptureCalibration,
@@ -216,6 +283,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "INT8ModelAdapter": "Enable INT8 on MODEL",
     "LoadQuantizedDiffusionModel": "Load Quantized Diffusion Model",
+    "ComfyQuantLoraLoader": "Load LoRA (quantized model)",
     "SaveQuantizedModel": "Save Quantized Model",
     "ComfyQuantDigitsConditioning": "Digits DiT Conditioning",
     "ComfyQuantCaptureCalibration": "Capture Calibration",

@@ -19,6 +19,7 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant
+from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, make_comfy_ops
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import RuntimeOptions
@@ -111,5 +112,7 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     summary = LoadSummary(path, Counter(done.values()))
     summary.plain_linears = sum(1 for m in dm.modules() if isinstance(m, nn.Linear))
     register_patch_callback(patcher)
+    if runtime.cuda_graphs:
+        enable_cuda_graphs(patcher)
     logger.info(summary.line())
     return patcher, summary

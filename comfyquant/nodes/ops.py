@@ -10,12 +10,14 @@ and the dynamic-VRAM loader alike, instead of staging them through buffers sized
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comfyquant.lora.sidepath import LoRASidePath
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.tensor import REGISTRY, QuantizedTensor
 
@@ -38,6 +40,26 @@ class ComfyQuantLinear(QuantLinear):
         if bias is not None:
             mod.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return mod
+
+    @classmethod
+    def derive(cls, layer: QuantLinear, weight: QuantizedTensor | None = None,
+               bias: torch.Tensor | None = None) -> ComfyQuantLinear:
+        """A new layer for a patched MODEL: ``layer``'s weight and bias (shared, or the given replacements) and
+        a copy of its side path, so adding LoRAs to the new layer leaves ``layer`` (the input MODEL's) as it is."""
+        old_bias = layer._parameters["bias"]
+        mod = cls.wrap(layer.qweight if weight is None else weight, old_bias if bias is None else bias)
+        side = layer.adapter
+        if side is not None:
+            mod.adapter = side.copy() if isinstance(side, LoRASidePath) else side
+        return mod
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ComfyQuantLinear:
+        """``.to()`` / ``.cuda()`` move the side path's tensors with the layer (ComfyUI loads a model by moving
+        its modules; the side path is a plain object that ``nn.Module`` would not see)."""
+        super()._apply(fn, recurse)
+        if isinstance(self.adapter, LoRASidePath):
+            self.adapter = self.adapter.map_tensors(fn)
+        return self
 
     # ---- ModelPatcher protocol -------------------------------------------------------------------------
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs: Any) -> torch.Tensor:
@@ -77,7 +99,11 @@ class ComfyQuantLinear(QuantLinear):
             handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
             y = F.linear(x, w, bias) if handler is None else handler(_LINEAR, (x, w, bias), {})
         side = getattr(self, "adapter", None)  # QuantLinear's optional side path (dynamic LoRAs)
-        return y if side is None else side(x, y)
+        if side is None:
+            return y
+        if isinstance(side, LoRASidePath) and side.device not in (None, x.device):  # left offloaded (lowvram)
+            side = side.map_tensors(lambda t: t.to(x.device, non_blocking=True))
+        return side(x, y)
 
 
 def is_plain_linear(mod: nn.Module) -> bool:

@@ -3,8 +3,9 @@
 Quantized layers are written as their on-disk form (``weight`` storage, ``weight_scale``, ``comfy_quant``),
 everything else as it is in the model, with LoRA patches applied: the model is loaded the way ComfyUI's own
 checkpoint save loads it (our layers get their patches from the load callback; ComfyUI's layers are patched
-lazily by ``model_state_dict_for_saving``), which works with the classic and the dynamic-VRAM loader. Keys
-carry no prefix, so ``UNETLoader`` (for the formats stock ComfyUI reads) and "Load Quantized Diffusion Model"
+lazily by ``model_state_dict_for_saving``), which works with the classic and the dynamic-VRAM loader. Layers
+with dynamic LoRAs (a side path from "Load LoRA (quantized model)") are written with the side path baked in
+(dequantize, add, requantize), since a file holds weights only. Keys carry no prefix, so ``UNETLoader`` (for the formats stock ComfyUI reads) and "Load Quantized Diffusion Model"
 both load the file.
 """
 
@@ -22,6 +23,9 @@ from comfyquant import __version__
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant
 from comfyquant.io.writer import save_file
+from comfyquant.lora.rounding import dequantize_f32, requantize
+from comfyquant.lora.sidepath import LoRASidePath
+from comfyquant.nodes.ops import ComfyQuantLinear
 
 logger = logging.getLogger("comfyquant.nodes")
 
@@ -35,8 +39,36 @@ def model_state_for_saving(patcher: Any) -> dict[str, torch.Tensor]:
     if not hasattr(patcher.model, "diffusion_model"):
         raise UserError("this MODEL has no diffusion_model to save")
     comfy.model_management.load_models_gpu([patcher])
-    sd = patcher.model_state_dict_for_saving(patcher.model.diffusion_model, "diffusion_model.")
+    dm = patcher.model.diffusion_model
+    sd = patcher.model_state_dict_for_saving(dm, "diffusion_model.")
+    baked = bake_side_paths(dm, sd, "")  # the keys carry no prefix
+    if baked:
+        logger.info("comfyquant: baked the dynamic LoRAs of %d layers into the saved weights", baked)
     return {k: v.to("cpu").detach().contiguous() for k, v in sd.items()}
+
+
+def bake_side_paths(dm: torch.nn.Module, sd: dict[str, torch.Tensor], prefix: str) -> int:
+    """Replace, in ``sd``, the weight (and bias) of every layer of ``dm`` that has a LoRA side path with the
+    side path baked in (float32 sum, requantized in the layer's format); returns how many layers."""
+    count = 0
+    for name, mod in dm.named_modules():
+        side = getattr(mod, "adapter", None)
+        if not isinstance(mod, ComfyQuantLinear) or not isinstance(side, LoRASidePath) or not side.entries:
+            continue
+        qt = mod.qweight
+        w = dequantize_f32(qt)
+        new = requantize(w + side.weight_delta(*w.shape).to(w.device), qt)
+        for suffix in qt.state_dict_tensors():
+            sd.pop(f"{prefix}{name}.{suffix}", None)
+        for suffix, t in new.state_dict_tensors().items():
+            sd[f"{prefix}{name}.{suffix}"] = t
+        if side.bias is not None:
+            key = f"{prefix}{name}.bias"
+            if key not in sd:
+                raise UserError(f"{name}: a LoRA adds a bias to a layer without one; save cannot bake it")
+            sd[key] = (sd[key].to(torch.float32) + side.bias.to(sd[key].device, torch.float32)).to(sd[key].dtype)
+        count += 1
+    return count
 
 
 def save_quantized_model(patcher: Any, path: str | Path) -> dict[str, int]:

@@ -13,8 +13,11 @@ from comfyquant.presets.registry import MODEL_CHOICES
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for, kinds
 
-# The node's format choices (CLI format names the runtime quantizes to), in menu order.
-NODE_FORMATS = ("int8", "int8-rot", "fp8", "int4-rot")
+# The node's format choices (CLI format names the runtime quantizes to), in menu order; ``auto``: a format per
+# layer, chosen for ``AdapterSettings.budget`` (docs/AUTO_PRECISION.md).
+AUTO = "auto"
+NODE_FORMATS = ("int8", "int8-rot", "fp8", "int4-rot", AUTO)
+DEFAULT_BUDGET = "size=0.5"
 OUTLIER_METHODS = ("none", "hadamard")
 KITCHEN = "comfy-kitchen"
 WEIGHT_ONLY = ("dequant", "triton_w8a16")  # backends that run small batches without quantizing activations
@@ -26,6 +29,9 @@ def available_formats() -> tuple[str, ...]:
 
     out = []
     for name in NODE_FORMATS:
+        if name == AUTO:  # one layout per chosen layer format, not one to probe
+            out.append(name)
+            continue
         try:
             layout_for(_probe_config(name))
         except (UserError, KeyError, ValueError):
@@ -102,6 +108,7 @@ class AdapterSettings:
     bake_loaded_loras: bool = True
     log_progress: bool = False
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    budget: str = DEFAULT_BUDGET  # format auto only: size / sqnr budget ("size=0.5", "sqnr=30", ...)
 
     def __post_init__(self) -> None:
         if self.format not in NODE_FORMATS:
@@ -110,9 +117,19 @@ class AdapterSettings:
             raise UserError(f"outlier_method {self.outlier_method!r} is not one of {', '.join(OUTLIER_METHODS)}")
         if self.model_type not in model_types():
             raise UserError(f"model_type {self.model_type!r} is not one of {', '.join(model_types())}")
+        if self.format == AUTO:
+            from comfyquant.autoprec.budget import parse_budget
+
+            parse_budget(self.budget)
 
     def quant_format(self) -> str:
-        """The runtime format: ``hadamard`` turns ``int8`` into ``int8-rot`` (the rotated formats have it built in)."""
+        """The runtime format: ``hadamard`` turns ``int8`` into ``int8-rot`` (the rotated formats have it built in);
+        ``auto`` stays ``auto`` (the plan chooses rotated formats where they pay)."""
+        if self.format == AUTO:
+            if self.outlier_method != "none":
+                raise UserError(f"outlier_method {self.outlier_method!r} does not apply to format auto: the plan "
+                                "chooses rotated formats (int8-rot, int4-rot) per layer itself; use none")
+            return AUTO
         if self.outlier_method == "hadamard":
             if self.format == "int8":
                 return "int8-rot"

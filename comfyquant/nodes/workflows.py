@@ -24,9 +24,13 @@ ADAPTER_DEFAULTS: dict[str, Any] = {
 }
 
 
+ADAPTER_OPTIONAL = ("use_triton", "cuda_graphs", "budget")
+EXAMPLE_LORA = "digits_example_lora.safetensors"
+
+
 def adapter_inputs(model: list, **overrides: Any) -> dict[str, Any]:
     """Inputs of an INT8ModelAdapter node fed by ``model`` (a ``[node_id, output_index]`` link)."""
-    unknown = set(overrides) - set(ADAPTER_DEFAULTS) - {"use_triton"}
+    unknown = set(overrides) - set(ADAPTER_DEFAULTS) - set(ADAPTER_OPTIONAL)
     if unknown:
         raise KeyError(f"unknown INT8ModelAdapter inputs: {sorted(unknown)}")
     return {"model": model, **ADAPTER_DEFAULTS, **overrides}
@@ -68,4 +72,31 @@ def digits_workflow(*, unet_name: str = EXAMPLE_MODEL, digit: int = 3, seed: int
                           "scheduler": "simple", "positive": ["2", 0], "negative": ["2", 1],
                           "latent_image": ["3", 0], "denoise": 1.0}}
     wf["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}}
+    return wf
+
+
+def lora_node(model: list, lora: str, strength: float = 1.0, mode: str = "dynamic",
+              **more: Any) -> dict[str, Any]:
+    """A "Load LoRA (quantized model)" node on ``model``; ``more``: ``lora_name_2``, ``strength_model_2`` ..."""
+    return {"class_type": "ComfyQuantLoraLoader",
+            "inputs": {"model": model, "lora_name": lora, "strength_model": strength, "mode": mode, **more}}
+
+
+def add_sampler(wf: dict[str, Any], model: list, node_id: int, prefix: str, *, seed: int = 7, steps: int = 8,
+                cfg: float = 3.0) -> str:
+    """Add a KSampler (id ``node_id``) on ``model`` with the workflow's conditioning and latent, and a SaveLatent
+    (id ``node_id + 1``) writing ``prefix``; returns the SaveLatent's id."""
+    sampler, save = str(node_id), str(node_id + 1)
+    wf[sampler] = {"class_type": "KSampler",
+                   "inputs": {**wf["5"]["inputs"], "model": model, "seed": seed, "steps": steps, "cfg": cfg}}
+    wf[save] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": prefix}}
+    return save
+
+
+def digits_lora_workflow(*, lora: str = EXAMPLE_LORA, strength: float = 1.0, mode: str = "dynamic",
+                         prefix: str = "comfyquant_digits_int8_lora") -> dict[str, Any]:
+    """The docs' LoRA example: UNETLoader -> Enable INT8 on MODEL -> Load LoRA (quantized model) -> KSampler."""
+    wf = digits_workflow(adapter={}, prefix=prefix)
+    wf["7"] = lora_node(["4", 0], lora, strength, mode)
+    wf["5"]["inputs"]["model"] = ["7", 0]
     return wf

@@ -73,6 +73,12 @@ class CudaGraphModule(nn.Module):
             log.info("cuda_graphs: running %s eagerly: %s", type(self.module).__name__, reason)
         return self.module(*args, **kwargs)
 
+    def reset(self) -> None:
+        """Drop every captured graph and warm-up count (the wrapped module's weights moved or were replaced:
+        a graph replays the addresses it recorded). The next calls warm up and capture again."""
+        self._entries.clear()
+        self._seen.clear()
+
     @property
     def graphs(self) -> int:
         """How many signatures have a captured graph."""
