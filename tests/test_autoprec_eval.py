@@ -113,3 +113,30 @@ def test_eval_harness_reports_the_auto_plan(tmp_path: Path, monkeypatch: pytest.
     assert "psnr" in auto["predicted"] and "psnr" in auto["measured_calibration"]
     assert set(auto["layers"].values()) - {"keep"}
     assert "auto budget" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_probe_runs_each_assignment_once() -> None:
+    """Planning several budgets with one probe (auto_frontier, a node re-planning) must not redo the per-layer
+    gain runs: a repeated assignment reuses its measured distortion, a different one is run."""
+    from comfyquant.autoprec.probe import cosine_of
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16))
+    x = torch.randn(8, 32)
+    runs = []
+
+    def run(m: torch.nn.Module) -> torch.Tensor:
+        runs.append(1)
+        return torch.nn.functional.normalize(m(x), dim=1)
+
+    probe = ModelProbe("tiny", "cosine", model, run, lambda a, b: (a - b).square().sum(1), cosine_of,
+                       lambda p: {})
+    int8, rot = get_format("int8"), get_format("int8-rot")
+    first = probe.distortion({"0": (int8, int8.resolve((32, 32)))})
+    assert len(runs) == 2 and float(first.sum()) > 0  # the reference run, then the quantized one
+    first.zero_()  # a caller changing its result does not change what is remembered
+    again = probe.distortion({"0": (int8, int8.resolve((32, 32)))})
+    assert len(runs) == 2 and float(again.sum()) > 0
+    probe.distortion({"0": (rot, rot.resolve((32, 32)))})
+    probe.distortion({"0": (int8, int8.resolve((32, 32))), "1": (int8, int8.resolve((16, 32)))})
+    assert len(runs) == 4

@@ -74,6 +74,7 @@ class ModelProbe:
     heldout_fn: Callable[[Path], dict[str, Any]]
     _ref: torch.Tensor | None = field(default=None, repr=False)
     _stats: CalibrationStats | None = field(default=None, repr=False)
+    _memo: dict[tuple[tuple[str, str, str], ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def _reference(self) -> torch.Tensor:
         if self._ref is None:
@@ -88,10 +89,17 @@ class ModelProbe:
         return self._stats
 
     def distortion(self, assign: Assignment) -> torch.Tensor:
-        ref = self._reference()
-        with torch.no_grad(), fake_quantized(self.model, assign):
-            out = self.run(self.model)
-        return self.per_item(ref, out).double()
+        """Per-item distortion of ``assign``; remembered, so the per-layer gain runs are paid once per probe
+        however many budgets are planned with it (each plan repeats all of them, one model run per layer)."""
+        key = tuple(sorted((name, fmt.name, repr(sorted(dict(params).items()))) for name, (fmt, params) in
+                           assign.items()))
+        d = self._memo.get(key)
+        if d is None:
+            ref = self._reference()
+            with torch.no_grad(), fake_quantized(self.model, assign):
+                out = self.run(self.model)
+            d = self._memo[key] = self.per_item(ref, out).double()
+        return d.clone()
 
     def quality(self, d: torch.Tensor) -> float:
         return self.quality_fn(d)
