@@ -50,7 +50,8 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     assert all(name in required for name in SEED_INPUTS), sorted(required)
     assert {"use_triton", "cuda_graphs"} <= set(optional) and info["output"] == ["MODEL"]
     assert required["model_type"][0][0] == "auto" and "flux" in required["model_type"][0]
-    assert required["outlier_method"][0] == ["none", "hadamard"]
+    assert required["outlier_method"][0] == ["none", "hadamard", "smoothquant"]
+    assert optional["calibration_file"][0] == "STRING" and optional["alpha"][1]["default"] == 0.5
     assert {"auto", "triton", "torch"} <= set(required["runtime_backend"][0])
     assert required["format"][0] == ["int8", "int8-rot", "fp8", "int4-rot", "auto"]
     assert optional["budget"][0] == "STRING" and optional["budget"][1]["default"] == "size=0.5"
@@ -189,6 +190,10 @@ def test_save_node_writes_a_file_stock_comfyui_loads(node_server: Any, float_lat
      "runtime_backend 'triton' has no kernel for fp8 layers"),
     (lambda: digits_workflow(adapter={"format": "auto", "budget": "size=0.01"}), "4",
      "--budget size=0.01 is below what this model allows"),
+    (lambda: digits_workflow(adapter={"outlier_method": "smoothquant"}), "4",
+     "outlier_method 'smoothquant' needs calibration statistics"),
+    (lambda: digits_workflow(adapter={"outlier_method": "smoothquant", "calibration_file": "nowhere.safetensors"}),
+     "4", "calibration_file 'nowhere.safetensors' not found"),
     (lambda: digits_lora_workflow(lora="other_model_lora.safetensors"), "7",
      "other_model_lora.safetensors: none of its 1 modules matches a layer of this MODEL's diffusion model"),
 ])
@@ -239,6 +244,13 @@ def test_capture_calibration_writes_a_file_the_converter_reads(node_server: Any,
     report = convert(DIT_FIXTURE, tmp_path / "gptq.safetensors", format="int8", optimizer="gptq",
                      calibration=files[0], progress=False)
     assert (tmp_path / "gptq.safetensors").is_file() and report is not None
+    # the same file drives Enable INT8 on MODEL's smoothquant (path relative to the output folder)
+    rel = str(files[0].relative_to(node_server.base / "output"))
+    smooth = node_server.run(digits_workflow(prefix="smoothquant", adapter={"outlier_method": "smoothquant",
+                                                                           "calibration_file": rel}))
+    assert execution_error(smooth) is None, execution_error(smooth)
+    assert "smoothquant (alpha 0.5" in node_text(smooth, "4")[-1]
+    assert 0 < rel_err(node_server.latent(smooth), float_latent) < INT8_BOUND
 
 
 def test_cuda_graphs_option_runs_eagerly_on_the_cpu_with_one_log_line(node_server: Any) -> None:

@@ -29,9 +29,12 @@ def requantize(w: torch.Tensor, like: QuantizedTensor, *, stochastic: bool = Fal
         fresh = QuantizedTensor.from_float(w, layout, **layout.requantize_kwargs(p))
         return fresh.with_parts(params=fresh.params.replace(orig_dtype=p.orig_dtype))
     fmt, lp = p.format, p.layer_params
-    stored = stochastic_tensors(w, fmt, lp, generator)
+    pre = getattr(p, "pre_quant_scale", None)  # smoothed layer: the grid holds w / p (see runtime.layouts.generic)
+    stored = stochastic_tensors(w if pre is None else w / pre.to(w)[None, :], fmt, lp, generator)
     if getattr(p, "input_scale", None) is not None:
         stored["input_scale"] = p.input_scale
+    if pre is not None:
+        stored["pre_quant_scale"] = pre
     qdata, params = layout.from_state_dict("(baked)", stored, fmt.comfy_quant(lp), shape=tuple(w.shape),
                                            dtype=p.orig_dtype)
     return QuantizedTensor(qdata, layout, params.replace(backend=p.backend)).to(w.device)

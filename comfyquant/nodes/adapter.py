@@ -29,6 +29,7 @@ from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import AUTO, AdapterSettings
+from comfyquant.nodes.smoothing import Smoothing, open_smoothing, resolve_calibration_path
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
 from comfyquant.runtime.tensor import QuantizedTensor
@@ -59,6 +60,8 @@ class AdapterReport:
     messages: list[str] = field(default_factory=list)
     auto: Any = None  # format auto: the plan (autoprec.AutoPlan)
     formats: dict[str, int] = field(default_factory=dict)  # layout name -> converted layers
+    smoothed: list[str] = field(default_factory=list)  # smoothquant: converted layers carrying a pre_quant_scale
+    smoothing: Smoothing | None = None
 
     def lines(self) -> list[str]:
         """The node's text output: the messages, then (when converted) the summary and the auto plan."""
@@ -73,9 +76,14 @@ class AdapterReport:
         preset = f", preset {self.preset}" if self.preset else ""
         lora = f", {len(self.baked_loras)} LoRA-patched weights baked in" if self.baked_loras else ""
         mix = f" ({', '.join(f'{n} {f}' for f, n in sorted(self.formats.items()))})" if self.auto else ""
+        smooth = ""
+        if self.smoothing is not None:
+            plain = len(self.converted) - len(self.smoothed)
+            smooth = (f", smoothquant (alpha {self.smoothing.alpha:g}, {self.smoothing.path.name}) on "
+                      f"{len(self.smoothed)} layers" + (f" ({plain} without statistics: unsmoothed)" if plain else ""))
         return (f"comfyquant: {self.format}{mix}{preset}: {len(self.converted)} layers converted "
                 f"({len(self.cached)} from cache), {len(self.kept)} kept, {saved / 2**20:.1f} MiB saved "
-                f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){lora}")
+                f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){smooth}{lora}")
 
 
 def _note(report: AdapterReport, message: str) -> None:
@@ -158,14 +166,17 @@ def _collect(patcher: Any, dm: nn.Module, report: AdapterReport) -> tuple[dict[s
 class _Selector:
     """``QuantizeConfig.filter_fn``: serves memo hits, bakes LoRA patches and moves one weight at a time to the
     compute device, moves each finished layer to the store device (so at most one float and one quantized
-    layer sit on the compute device), and ticks the progress bar."""
+    layer sit on the compute device), and ticks the progress bar. With ``smoothing`` it hands ``quantize_`` the
+    smoothed weight ``W diag(s)`` and keeps ``p = 1/s`` in ``pre`` for the quantized layer."""
 
     def __init__(self, shell: _Shell, sources: dict[str, torch.Tensor], cache_keys: dict[str, Any],
                  bake: dict[str, list], cache: QuantCache, device: torch.device, store: torch.device,
-                 tick: Callable[[], None]) -> None:
+                 tick: Callable[[], None], smoothing: Smoothing | None = None) -> None:
         self.shell, self.sources, self.cache_keys, self.bake = shell, sources, cache_keys, bake
         self.cache, self.device, self.store, self.tick = cache, device, store, tick
+        self.smoothing = smoothing
         self.hits: dict[str, QuantizedTensor] = {}
+        self.pre: dict[str, torch.Tensor] = {}
         self._last: str | None = None
 
     def flush(self) -> None:
@@ -193,6 +204,10 @@ class _Selector:
                                             PREFIX + name + ".weight").to(w.dtype)
         if w.device != self.device:
             w = w.to(self.device)
+        p = None if self.smoothing is None else self.smoothing.pre_quant_scale(name, w)
+        if p is not None:
+            w = (w.float() / p[None, :]).to(w.dtype)  # W diag(s), s = 1/p
+            self.pre[name] = p
         linear.weight = nn.Parameter(w, requires_grad=False)
         self._last = name
         return True
@@ -221,6 +236,11 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     # Put the shared model back to its unpatched state (other clones may have LoRAs or our layers patched in).
     comfy.model_management.unload_model_and_clones(patcher)
     shapes, linears = _collect(patcher, dm, report)
+    smoothing = None
+    if settings.outlier_method == "smoothquant":  # read (and check) the statistics before anything is built
+        smoothing = open_smoothing(resolve_calibration_path(settings.calibration_file),
+                                   {n: tuple(m.weight.shape) for n, m in linears.items()}, settings.alpha)
+        report.smoothing = smoothing
     sources: dict[str, torch.Tensor] = {}
     cache_keys: dict[str, Any] = {}
     bake: dict[str, list] = {}
@@ -235,6 +255,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         else:
             sources[name] = w
             cache_keys[name] = (fmt, settings.model_type)
+            if smoothing is not None and name in smoothing.act_absmax:
+                cache_keys[name] += smoothing.cache_key()
         shell.insert(name, _view_linear(w.detach(), None))
     total = max(1, len(linears))
     done = [0]
@@ -246,7 +268,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
 
     device = load_dev if load_dev.type == "cuda" else torch.device("cpu")
     store = torch.device(patcher.offload_device)
-    selector = _Selector(shell, sources, cache_keys, bake, cache, device, store, tick)
+    selector = _Selector(shell, sources, cache_keys, bake, cache, device, store, tick, smoothing)
     if auto:
         config = _auto_config(shell, settings, cache_keys, selector, report)
     else:
@@ -262,6 +284,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     for d in summary.layers:
         if d.action == "quantized":
             qt = shell.get_submodule(d.name).qweight.to(store)
+            if d.name in selector.pre:  # the stored weight is W diag(s); the layer scales its input by 1/s
+                qt = qt.with_parts(params=qt.params.replace(pre_quant_scale=selector.pre[d.name].to(store)))
             if d.name in cache_keys:
                 cache.put(sources[d.name], cache_keys[d.name], qt.with_parts(params=qt.params.replace(backend=None)))
             new_layers[d.name] = _with_backend(qt, settings) if auto else qt
@@ -285,6 +309,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         report.bytes_before += src.weight.nbytes
         report.bytes_after += qt.nbytes
         report.formats[qt.layout_name] = report.formats.get(qt.layout_name, 0) + 1
+        if getattr(qt.params, "pre_quant_scale", None) is not None:
+            report.smoothed.append(name)
         if settings.log_progress:
             logger.info("comfyquant: converted %s %s -> %s", name, list(qt.shape), qt.layout_name)
         key = f"{PREFIX}{name}.weight"

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from comfyquant.nodes.settings import (
+    DEFAULT_ALPHA,
     DEFAULT_BUDGET,
     NODE_FORMATS,
     OUTLIER_METHODS,
@@ -69,7 +70,9 @@ class INT8ModelAdapter:
                                                      "tooltip": "Model family whose preset keeps sensitive layers "
                                                                 "in high precision."}),
                 "outlier_method": (list(OUTLIER_METHODS), {"default": "none",
-                                                           "tooltip": "hadamard: rotated int8 (int8-rot)."}),
+                                                           "tooltip": "hadamard: rotated int8 (int8-rot). smoothquant "
+                                                                      "(int8, fp8): per-channel input smoothing from "
+                                                                      "calibration_file's statistics."}),
                 **_runtime_inputs(),
                 "prepack_int8_weights": _bool(True, "Kept for the runtime's prepacked layouts; today's kernels read the "
                                                     "[N, K] int8 weights as stored, so it changes nothing yet."),
@@ -83,22 +86,35 @@ class INT8ModelAdapter:
                                       "tooltip": "format auto only: the budget the per-layer plan meets. size=0.5: "
                                                  "at most half the model's bytes; sqnr=30: every layer's output "
                                                  "SQNR at least 30 dB; both: size=0.5,sqnr=30."}),
+                "calibration_file": ("STRING", {"default": "",
+                                                "tooltip": "outlier_method smoothquant: a calibration file from "
+                                                           "Capture Calibration or `comfyquant calibrate` (absolute, "
+                                                           "or relative to ComfyUI's output folder)."}),
+                "alpha": ("FLOAT", {"default": DEFAULT_ALPHA, "min": 0.0, "max": 1.0, "step": 0.05,
+                                    "tooltip": "outlier_method smoothquant: how much of the activation outliers "
+                                               "move into the weights (s = max|x|^alpha / max|W|^(1-alpha))."}),
             },
         }
 
     def apply(self, model: Any, enable_int8: bool, format: str, model_type: str, outlier_method: str,
               small_batch_fallback: bool, runtime_backend: str, prepack_int8_weights: bool,
               bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None,
-              cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET) -> dict[str, Any]:
+              cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET, calibration_file: str = "",
+              alpha: float = DEFAULT_ALPHA) -> dict[str, Any]:
         import comfy.utils
+        import folder_paths
 
         from comfyquant.nodes.adapter import MSG_NOT_CONVERTED, adapt_model
+        from comfyquant.nodes.smoothing import resolve_calibration_path
 
         if not enable_int8:
             logger.warning(MSG_NOT_CONVERTED)
             return {"ui": {"text": [MSG_NOT_CONVERTED]}, "result": (model,)}
+        if outlier_method == "smoothquant" and calibration_file.strip():  # Capture Calibration writes to output/
+            calibration_file = str(resolve_calibration_path(calibration_file, [folder_paths.get_output_directory()]))
         settings = AdapterSettings(format=format, model_type=model_type, outlier_method=outlier_method,
                                    bake_loaded_loras=bake_loaded_loras, log_progress=log_progress, budget=budget,
+                                   calibration_file=calibration_file, alpha=float(alpha),
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
                                                     prepack_int8_weights, cuda_graphs))
         out, report = adapt_model(model, settings, progress=comfy.utils.ProgressBar(1))

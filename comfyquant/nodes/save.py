@@ -30,6 +30,10 @@ from comfyquant.nodes.ops import ComfyQuantLinear
 logger = logging.getLogger("comfyquant.nodes")
 
 STOCK_FORMATS = frozenset({"int8_tensorwise", "float8_e4m3fn", "float8_e5m2", "mxfp8", "nvfp4", "convrot_w4a4"})
+# ComfyUI 0.30 loads (and multiplies inputs by) ``pre_quant_scale`` only where QUANT_ALGOS lists it: nvfp4. For
+# the others the key is left unread and the layer computes x @ (W diag(s))^T: wrong outputs, no error.
+STOCK_PRE_QUANT = frozenset({"nvfp4"})
+PRE_QUANT = ".pre_quant_scale"
 
 
 def model_state_for_saving(patcher: Any) -> dict[str, torch.Tensor]:
@@ -71,9 +75,28 @@ def bake_side_paths(dm: torch.nn.Module, sd: dict[str, torch.Tensor], prefix: st
     return count
 
 
+def check_pre_quant_scales(state: dict[str, torch.Tensor]) -> None:
+    """Refuse (one line) a state whose smoothed layers (SmoothQuant's ``pre_quant_scale``, from Enable INT8 on
+    MODEL's outlier_method smoothquant) stock ComfyUI would load without their smoothing."""
+    bad: Counter = Counter()
+    for key in state:
+        if key.endswith(PRE_QUANT):
+            conf = state.get(key[: -len(PRE_QUANT)] + QUANT_SUFFIX)
+            fmt = str(decode_comfy_quant(conf).get("format")) if conf is not None else "plain"
+            if fmt not in STOCK_PRE_QUANT:
+                bad[fmt] += 1
+    if bad:
+        what = ", ".join(f"{n} {f}" for f, n in sorted(bad.items()))
+        raise UserError(f"Save Quantized Model: this model's layers are smoothed (outlier_method smoothquant: {what} "
+                        "layers with a pre_quant_scale), which stock ComfyUI 0.30 ignores outside nvfp4 and "
+                        "there is no earlier layer to fold it into, so the file would load with wrong outputs; "
+                        "save a model quantized with outlier_method none or hadamard")
+
+
 def save_quantized_model(patcher: Any, path: str | Path) -> dict[str, int]:
     """Write the file; returns format -> layer count (``plain`` for unquantized tensors)."""
     state = model_state_for_saving(patcher)
+    check_pre_quant_scales(state)
     formats: Counter = Counter()
     for key, t in state.items():
         if key.endswith(QUANT_SUFFIX):

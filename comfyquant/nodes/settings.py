@@ -6,6 +6,7 @@ Nothing here imports ComfyUI. The runtime options pass through to ``QuantizeConf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from comfyquant.errors import UserError
@@ -18,7 +19,9 @@ from comfyquant.runtime.kernels.registry import backends_for, kinds
 AUTO = "auto"
 NODE_FORMATS = ("int8", "int8-rot", "fp8", "int4-rot", AUTO)
 DEFAULT_BUDGET = "size=0.5"
-OUTLIER_METHODS = ("none", "hadamard")
+OUTLIER_METHODS = ("none", "hadamard", "smoothquant")
+SMOOTH_FORMATS = ("int8", "fp8")  # formats whose layers take SmoothQuant's per-input-channel pre_quant_scale
+DEFAULT_ALPHA = 0.5
 KITCHEN = "comfy-kitchen"
 WEIGHT_ONLY = ("dequant", "triton_w8a16")  # backends that run small batches without quantizing activations
 
@@ -109,6 +112,8 @@ class AdapterSettings:
     log_progress: bool = False
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     budget: str = DEFAULT_BUDGET  # format auto only: size / sqnr budget ("size=0.5", "sqnr=30", ...)
+    calibration_file: str = ""  # smoothquant: a calibration file (Capture Calibration / comfyquant calibrate)
+    alpha: float = DEFAULT_ALPHA  # smoothquant's migration strength: s = max|x|^alpha / max|W|^(1 - alpha)
 
     def __post_init__(self) -> None:
         if self.format not in NODE_FORMATS:
@@ -121,6 +126,11 @@ class AdapterSettings:
             from comfyquant.autoprec.budget import parse_budget
 
             parse_budget(self.budget)
+        if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise UserError(f"alpha {self.alpha} must be between 0 and 1 (SmoothQuant's migration strength)")
+        if self.outlier_method == "smoothquant" and not self.calibration_file.strip():
+            raise UserError("outlier_method 'smoothquant' needs calibration statistics: set calibration_file to a "
+                            "file written by Capture Calibration or `comfyquant calibrate`")
 
     def quant_format(self) -> str:
         """The runtime format: ``hadamard`` turns ``int8`` into ``int8-rot`` (the rotated formats have it built in);
@@ -130,6 +140,9 @@ class AdapterSettings:
                 raise UserError(f"outlier_method {self.outlier_method!r} does not apply to format auto: the plan "
                                 "chooses rotated formats (int8-rot, int4-rot) per layer itself; use none")
             return AUTO
+        if self.outlier_method == "smoothquant" and self.format not in SMOOTH_FORMATS:
+            raise UserError(f"outlier_method 'smoothquant' applies to formats {' and '.join(SMOOTH_FORMATS)}; "
+                            f"{self.format} rotates outliers away itself (use outlier_method none)")
         if self.outlier_method == "hadamard":
             if self.format == "int8":
                 return "int8-rot"

@@ -38,6 +38,8 @@ from comfyquant.runtime.tensor import (
 )
 
 SCALE_SLOTS = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
+# ``pre_quant_scale`` (``p``, ``[K]``, as ComfyUI's AWQ/SmoothQuant-style smoothing): the layer computes
+# ``(x * p) @ W_stored^T``, so the logical weight (what ``dequantize`` returns) is ``W_stored * p[None, :]``.
 _FULL = "full_precision_matrix_mult"
 
 
@@ -113,8 +115,9 @@ class FormatLayout(Layout):
     def quantize(cls, tensor: torch.Tensor, *, fmt: str | None = None, backend: str | None = None,
                  full_precision: bool = False, input_scale: torch.Tensor | float | None = None,
                  per_row: bool | None = None, convrot: bool | None = None,
-                 **options: Any) -> tuple[torch.Tensor, FormatParams]:
-        """Round-to-nearest quantization of a 2-D float weight; ``options`` are the format's layer options."""
+                 pre_quant_scale: torch.Tensor | None = None, **options: Any) -> tuple[torch.Tensor, FormatParams]:
+        """Round-to-nearest quantization of a 2-D float weight; ``options`` are the format's layer options.
+        With ``pre_quant_scale`` ``p`` the stored weight is ``W / p`` (SmoothQuant's ``W diag(s)``, ``s = 1/p``)."""
         spec = _legacy_int8(get_format(fmt or cls.default_format), per_row, convrot)
         if spec.comfy_format not in {c.name for c in cls.__mro__ if issubclass(c, FormatLayout)}:
             raise ValueError(f"format {spec.name} is stored as {spec.comfy_format}, not {cls.name}")
@@ -124,7 +127,13 @@ class FormatLayout(Layout):
         if input_scale is not None:
             opts["input_scale"] = True
         params = spec.resolve((tensor.shape[0], tensor.shape[1]), opts)
-        stored = spec.quantize(tensor.detach(), params)
+        w = tensor.detach()
+        if pre_quant_scale is not None:
+            pre_quant_scale = pre_quant_scale.detach().to(device=tensor.device, dtype=torch.float32).reshape(-1)
+            w = (w.float() / pre_quant_scale[None, :]).to(w.dtype)
+        stored = spec.quantize(w, params)
+        if pre_quant_scale is not None:
+            stored["pre_quant_scale"] = pre_quant_scale
         if input_scale is not None:
             stored["input_scale"] = torch.as_tensor(input_scale, dtype=torch.float32,
                                                     device=tensor.device).reshape(())
@@ -141,6 +150,8 @@ class FormatLayout(Layout):
     @classmethod
     def dequantize(cls, qdata: torch.Tensor, params: FormatParams) -> torch.Tensor:
         out = params.format.dequantize(params.stored(qdata), params.layer_params, params.orig_dtype)
+        if params.pre_quant_scale is not None:
+            out = (out.float() * params.pre_quant_scale.to(out.device)[None, :]).to(out.dtype)
         return out.t() if params.transposed else out
 
     @classmethod
@@ -183,14 +194,14 @@ class FormatLayout(Layout):
     def requantize_kwargs(cls, params: FormatParams) -> dict[str, Any]:
         opts = {k: v for k, v in params.layer_params.items() if k != _FULL}
         return {"fmt": params.fmt, "backend": params.backend, "full_precision": params.full_precision,
-                "input_scale": params.input_scale, **opts}
+                "input_scale": params.input_scale, "pre_quant_scale": params.pre_quant_scale, **opts}
 
     @classmethod
     def _elementwise(cls, qdata: torch.Tensor, params: FormatParams) -> bool:
         """Storage maps 1:1 to logical elements with one scale: views and transposes act on the storage."""
         spec = params.format
         return (not params.transposed and not spec.rotated and tuple(qdata.shape) == tuple(params.orig_shape)
-                and params.weight_scale is not None and params.weight_scale.numel() == 1
+                and params.pre_quant_scale is None and params.weight_scale is not None and params.weight_scale.numel() == 1
                 and params.weight_scale_2 is None)
 
     @classmethod
@@ -208,6 +219,8 @@ class FormatLayout(Layout):
 
 def _kernel(x: torch.Tensor, w_q: torch.Tensor, params: FormatParams, bias: torch.Tensor | None) -> torch.Tensor:
     spec = params.format
+    if params.pre_quant_scale is not None:  # smoothing: the kernel quantizes x * p (outliers divided out)
+        x = x * params.pre_quant_scale.to(device=x.device, dtype=x.dtype)
     scales, opts = spec.kernel_args(params.stored(w_q), params.layer_params)
     return dispatch.quant_linear(x, spec.kernel_kind, w_q, scales, bias, opts=opts, out_dtype=x.dtype,
                                  backend=params.backend)
@@ -230,6 +243,8 @@ def _matmul_weight(b: Any) -> torch.Tensor | None:
     if b.params.transposed:
         return b.qdata
     spec = b.params.format
+    if b.params.pre_quant_scale is not None:
+        return None  # the smoothing scales x's columns before the kernel; dequantized matmul applies them itself
     if not spec.rotated and b.params.weight_scale is not None and b.params.weight_scale.numel() == 1 \
             and tuple(b.qdata.shape) == tuple(b.shape):
         return b.qdata.t()  # a storage-transposed scalar-scaled weight
