@@ -1,7 +1,7 @@
 """comfyquant: quantize diffusion-model checkpoints for ComfyUI and run them fast.
 
 Public API (imported lazily so the CLI starts quickly):
-``convert`` (checkpoint -> quantized checkpoint, returns a ``Report``), ``load_quantized`` (swap a model's
+``convert`` (checkpoint -> quantized checkpoint, returns a ``Report``; per-layer choices in ``LayerOptions``), ``load_quantized`` (swap a model's
 ``nn.Linear`` layers for quantized ones from a file), ``quantize_`` (quantize a live model in place),
 ``QuantizedTensor``, ``calibrate`` (input statistics of any ``nn.Module`` on real data).
 """
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "convert": ("comfyquant.convert.api", "convert"),
     "Report": ("comfyquant.convert.report", "Report"),
+    "LayerOptions": ("comfyquant.convert.choices", "LayerOptions"),
     "load_quantized": ("comfyquant.runtime.loader", "load_quantized"),
     "quantize_": ("comfyquant.runtime.quantize", "quantize_"),
     "QuantizeConfig": ("comfyquant.runtime.quantize", "QuantizeConfig"),

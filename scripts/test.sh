@@ -2,7 +2,8 @@
 # Run the test suite (sets up .venv first if needed). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import comfyquant, pytest" 2>/dev/null; then
+# aiohttp/torchsde: the ComfyUI server tests' requirements (test extra), missing from older .venv folders
+if ! .venv/bin/python -c "import comfyquant, pytest, aiohttp, torchsde" 2>/dev/null; then
   bash scripts/setup.sh
 fi
 .venv/bin/ruff check comfyquant tests benchmarks

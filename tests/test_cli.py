@@ -76,7 +76,7 @@ def test_help_and_version(tmp_path):
     listed = [line.split()[0] for line in r.stdout.splitlines()  # a long name's help wraps to a deeper indent
               if line.startswith("    ") and not line.startswith("      ") and line.split()]
     assert r.returncode == 0 and listed == ["convert", "inspect", "template", "edit", "bench", "eval", "demo",
-                                            "calibrate"]
+                                            "calibrate", "install-nodes"]
     h = run_cli(tmp_path, "convert", "--help")
     assert h.returncode == 0 and all(f in h.stdout for f in ("--format", "--model", "--layer-config", "--report",
                                                             "--plot", "--device", "--low-memory", "--force",

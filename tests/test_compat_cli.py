@@ -1,5 +1,6 @@
 """The ``convert_to_quant`` compatibility script: its flags give byte-identical files to the equivalent
-``comfyquant.convert`` call; dry-run, edit and legacy modes; one-line refusals with exit 2."""
+``comfyquant.convert`` call (FP8 without a format flag, as convert_to_quant 1.3.4); dry-run, edit and legacy
+modes; one-line refusals with exit 2. The format flags of issue 7 are in test_compat_formats.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import comfyquant
 from comfyquant.cli.convert_to_quant import main
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.layer_config import LayerConfig
 from comfyquant.io.comfy_meta import HEADER_KEY, decode_comfy_quant
 
@@ -49,35 +51,42 @@ def _run(capsys, *argv):
     return rc, out, err
 
 
+BF16 = LayerOptions(keep_dtype="bf16")  # --output-dtype's default: floats left unquantized are stored as bf16
+
+
 @pytest.mark.parametrize("flags,kwargs", [
-    ([], {"format": "int8-tensor"}),
+    ([], {"format": "fp8"}),
+    (["--int8"], {"format": "int8-tensor"}),
     (["--int8", "--scaling-mode", "tensor"], {"format": "int8-tensor"}),
-    (["--scaling_mode", "axis"], {"format": "int8"}),
-    (["--scaling-mode", "row"], {"format": "int8"}),
-    (["--scaling-mode", "block", "--block_size", "32"], {"format": "int8-block", "block_size": 32}),
-    (["--scaling-mode", "block"], {"format": "int8-block", "block_size": 128}),
+    (["--int8", "--scaling_mode", "axis"], {"format": "int8"}),
+    (["--int8", "--scaling-mode", "row"], {"format": "int8"}),
+    (["--int8", "--scaling-mode", "block", "--block_size", "32"], {"format": "int8-block", "block_size": 32}),
+    (["--int8", "--scaling-mode", "block"], {"format": "int8-block", "block_size": 128}),
     (["--convrot"], {"format": "int8-rot"}),
-    (["--fp16"], {"format": "fp16"}),
-    (["--distillation_large", "--low-memory"], {"format": "int8-tensor", "model": "chroma", "low_memory": True}),
-    (["--flux2"], {"format": "int8-tensor", "model": "flux2"}),
-    (["--verbose", "MINIMAL", "--manual_seed", "7", "--simple"], {"format": "int8-tensor"}),
+    (["--int8", "--convrot", "--scaling-mode", "row"], {"format": "int8-rot"}),
+    (["--fp16"], {"format": "fp16", "layers": None}),
+    (["--distillation_large", "--low-memory"], {"format": "fp8", "model": "chroma", "low_memory": True}),
+    (["--flux2", "--int8"], {"format": "int8-tensor", "model": "flux2"}),
+    (["--verbose", "MINIMAL", "--manual_seed", "7", "--simple", "--no-normalize-scales"], {"format": "fp8"}),
+    (["--ltxv2"], {"format": "fp8", "model": "ltxv"}),
 ])
 def test_flags_give_the_same_file_as_comfyquant_convert(tmp_path, model, capsys, flags, kwargs):
     a, b = tmp_path / "compat.safetensors", tmp_path / "api.safetensors"
     rc, out, err = _run(capsys, "-i", model, "-o", a, "--comfy_quant", *flags)
     assert rc == 0, err
     assert "SQNR" in out and f"wrote {a}" in out
-    comfyquant.convert(model, b, progress=False, **kwargs)
+    comfyquant.convert(model, b, progress=False, **{"layers": BF16, **kwargs})
     assert _sha(a) == _sha(b)
     with safe_open(str(a), "pt") as f:
         assert f.metadata()["comfyquant.format"] == kwargs["format"]
 
 
 @pytest.mark.parametrize("flags,name", [
-    ([], "model_simple_int8_tensorwise.safetensors"),
-    (["--scaling-mode", "axis"], "model_simple_int8_rowwise.safetensors"),
-    (["--scaling-mode", "block", "--block_size", "64"], "model_simple_int8_bs64.safetensors"),
-    (["--distillation_small"], "model_simple_int8mixed_tensorwise.safetensors"),
+    ([], "model_simple_fp8_tensor.safetensors"),
+    (["--int8"], "model_simple_int8_tensorwise.safetensors"),
+    (["--int8", "--scaling-mode", "axis"], "model_simple_int8_rowwise.safetensors"),
+    (["--int8", "--scaling-mode", "block", "--block_size", "64"], "model_simple_int8_bs64.safetensors"),
+    (["--distillation_small", "--int8"], "model_simple_int8mixed_tensorwise.safetensors"),
     (["--fp16"], "model_fp16.safetensors"),
 ])
 def test_default_output_names(tmp_path, model, capsys, flags, name):
@@ -105,19 +114,22 @@ def test_without_comfy_quant_flag_says_it_is_implied(tmp_path, model, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--merge-lora", "x.safetensors"], "not implemented yet in comfyquant: --merge-lora (planned)"),
-    (["--merge-lora", "x", "--nvfp4", "--merge-loras", "y", "-fpmm"],
-     "not implemented yet in comfyquant: --merge-lora, --merge-loras (planned); not supported by comfyquant: "
-     "--nvfp4, -fpmm"),
+    (["--merge-lora", "x.safetensors"], "input not found: x.safetensors"),  # implemented: the LoRA is read
+    (["--extract-lora", "--lora-depth", "2"], "not supported by comfyquant: --lora-depth"),
+    (["--merge-lora", "x", "--make-hybrid-mxfp8", "--merge-loras", "y", "--lora-ar-threshold", "1"],
+     "not supported by comfyquant: --make-hybrid-mxfp8 (hybrid_mxfp8 is"),
+    (["--merge-lora", "x", "--make-hybrid-mxfp8", "--lora-ar-threshold", "1"],
+     "which stock ComfyUI does not load), --lora-ar-threshold (a convert_to_quant feature"),  # all in one message
     (["--optimizer", "gptq", "--simple"], "--simple (round to nearest) cannot be combined with --optimizer"),
     (["--quip-requant-scheme", "block"], "need --optimizer quip"),
-    (["--nvfp4"], "not supported by comfyquant: --nvfp4"),
-    (["-fpmm"], "not supported by comfyquant: -fpmm"),
+    (["--make-hybrid-mxfp8"], "not supported by comfyquant: --make-hybrid-mxfp8 (hybrid_mxfp8 is"),
+    (["--dynamic_convrot"], "not supported by comfyquant: --dynamic_convrot (comfyquant picks"),
+    (["--gemma4"], "flag --gemma4 is not supported yet"),
     (["--visual"], "flag --visual is not supported yet"),
     (["--wan", "--qwen"], "select different presets"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--scaling-mode", "diagonal"], "invalid choice: 'diagonal'"),
-    (["--block_size", "64"], "--block_size applies to --scaling-mode block only"),
+    (["--block_size", "64"], "--block_size applies to --scaling-mode block (INT8) and --heur only"),
     (["--fp16", "--scaling-mode", "axis"], "--fp16 cannot be combined"),
     (["--remove-keys", "a"], "--remove-keys needs --edit-quant"),
     (["--fullmatch"], "--fullmatch is not supported"),
@@ -140,9 +152,10 @@ def test_bad_input_exit_2(tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "comfyquant.cli.convert_to_quant", "-i", str(tmp_path / "x"),
-                        "--merge-lora", "x"], capture_output=True, text=True, timeout=120)
+                        "--lora-depth", "2"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == (
-        "convert_to_quant: error: not implemented yet in comfyquant: --merge-lora (planned)")
+        "convert_to_quant: error: not supported by comfyquant: --lora-depth (a convert_to_quant feature with no "
+        "comfyquant equivalent)")
 
 
 def test_optimizer_flags_map_onto_comfyquant(tmp_path, model, capsys):
@@ -154,15 +167,16 @@ def test_optimizer_flags_map_onto_comfyquant(tmp_path, model, capsys):
     assert "calibration: SYNTHETIC" in stdout and "optimizer: " in stdout and "on synthetic inputs" in err
     assert "--streaming-mode accepted, no effect" in err and "--no-memory-limits accepted, no effect" in err
     rc, stdout, err = _run(capsys, "-i", model, "-o", tmp_path / "p.safetensors", "--optimizer", "adamw",
-                           "--num_iter", "20", "--scaling-mode", "axis")
+                           "--num_iter", "20", "--int8", "--scaling-mode", "axis")
     assert rc == 0, err
     assert "optimizer: " in stdout and "learned" in stdout
+    assert (tmp_path / "p.safetensors").is_file()
 
 
 def test_dry_run_analyze_writes_nothing(tmp_path, model, capsys):
     before = sorted(p.name for p in tmp_path.iterdir())
     rc, out, _ = _run(capsys, "-i", model, "--dry-run", "--flux2")
-    assert rc == 0 and "float checkpoint, preset flux2, format int8-tensor" in out
+    assert rc == 0 and "float checkpoint, preset flux2, format fp8" in out
     assert "double_blocks.0.img_attn.qkv.weight" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -172,7 +186,7 @@ def test_dry_run_create_template(tmp_path, model, capsys):
     tpl = tmp_path / "model_layer_config_template.json"
     assert rc == 0 and f"wrote {tpl}" in out
     cfg = LayerConfig.load(tpl)
-    assert cfg.match("double_blocks.0.img_attn.qkv.weight").format == "int8-tensor"
+    assert cfg.match("double_blocks.0.img_attn.qkv.weight").format == "fp8"
     # and the template drives a conversion that equals the plain one
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert _run(capsys, "-i", model, "-o", a, "--comfy_quant")[0] == 0

@@ -17,7 +17,7 @@ LAYERS = [
     {"quant"},
     {"formats", "io"},
     {"presets"},
-    {"calibration", "optimize"},
+    {"calibration", "optimize", "autoprec"},
     {"runtime"},
     {"lora"},
     {"convert"},

@@ -7,166 +7,27 @@ per-layer ``comfy_quant`` the way ComfyUI's own ``convert_old_quants`` reads the
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from comfyquant.convert.edit_ops import add_config_keys, check_high_precision, select_layers
+from comfyquant.convert.legacy import scaled_int8_layers
 from comfyquant.errors import UserError
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.io.comfy_meta import (
     HEADER_KEY,
     QUANT_SUFFIX,
-    decode_comfy_quant,
     encode_comfy_quant,
     make_header_metadata,
 )
+from comfyquant.io.legacy import FP8_FORMATS as _FP8_FORMATS
+from comfyquant.io.legacy import QuantState, read_quant_state
 from comfyquant.io.reader import CheckpointReader
 from comfyquant.io.writer import StreamingWriter, TensorSpec
-
-MARKER = "scaled_fp8"
-_FP8_FORMATS = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
-
-
-@dataclass
-class QuantState:
-    """How a file's quantization metadata reads, as ComfyUI would see it after its legacy upgrade.
-
-    ``layers`` maps layer name -> ``comfy_quant`` object; ``source`` says where each came from (``layer``,
-    ``header`` or ``scaled_fp8``); ``renames`` maps legacy input tensor names to their upgraded names and
-    ``dropped`` lists input tensors the upgrade leaves out (markers, unit ``scale_input``), with the reason.
-    """
-
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    source: dict[str, str] = field(default_factory=dict)
-    renames: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    legacy: list[str] = field(default_factory=list)
-    markers: dict[str, int] = field(default_factory=dict)  # scaled_fp8 prefix -> marker element count
-
-
-def read_quant_state(reader: CheckpointReader, drop: Iterable[str] = (),
-                     problems: list[str] | None = None) -> QuantState:
-    """Collect the per-layer configs of a checkpoint (reads only ``comfy_quant`` and legacy scale tensors).
-
-    ``drop`` names input tensors to ignore (``--remove-keys``). A malformed ``comfy_quant`` tensor or header
-    entry is a UserError naming it, or, when a ``problems`` list is given (``inspect``), a line appended to it
-    (the entry is then left out, and a legacy fp8 scale on a non-fp8 weight is read as ComfyUI reads it).
-    """
-    dropped = set(drop)
-    names = [n for n in reader.infos if n not in dropped]
-    st = QuantState()
-    for n in names:
-        if n.endswith(QUANT_SUFFIX):
-            layer = n[: -len(QUANT_SUFFIX)]
-            conf = _decode(reader, n, problems)
-            if conf is not None:
-                st.layers[layer] = conf
-                st.source[layer] = "layer"
-    if HEADER_KEY in reader.metadata:
-        st.legacy.append("header")
-        for layer, conf in _header_layers(reader, problems).items():
-            st.layers[layer] = conf  # ComfyUI writes the header's configs over per-layer ones
-            st.source[layer] = "header"
-        return st  # ComfyUI ignores scaled_fp8 markers when the header entry is present
-    markers = {n[: -len(MARKER)]: reader.infos[n].numel for n in names if n == MARKER or n.endswith("." + MARKER)}
-    if markers:
-        st.legacy.append("scaled_fp8")
-        st.markers = markers
-        _upgrade_scaled_fp8(reader, names, st, problems)
-    return st
-
-
-def _fail(problems: list[str] | None, message: str) -> None:
-    """Raise the UserError, or record it when collecting problems."""
-    if problems is None:
-        raise UserError(message)
-    problems.append(message)
-
-
-def _decode(reader: CheckpointReader, name: str, problems: list[str] | None) -> dict[str, Any] | None:
-    t = reader.get(name)
-    if t.dtype != torch.uint8 or t.dim() != 1:
-        _fail(problems, f"{reader.path}: '{name}' must be a 1-D uint8 tensor, is {t.dtype} {tuple(t.shape)}")
-        return None
-    try:
-        return decode_comfy_quant(t)
-    except (ValueError, UnicodeDecodeError) as e:
-        _fail(problems, f"{reader.path}: '{name}' does not hold a JSON object ({e})")
-        return None
-
-
-def _header_layers(reader: CheckpointReader, problems: list[str] | None) -> dict[str, dict[str, Any]]:
-    try:
-        obj = json.loads(reader.metadata[HEADER_KEY])
-    except ValueError as e:
-        _fail(problems, f"{reader.path}: header entry {HEADER_KEY} is not valid JSON ({e})")
-        return {}
-    layers = obj.get("layers") if isinstance(obj, dict) else None
-    if not isinstance(layers, dict):
-        _fail(problems, f"{reader.path}: header entry {HEADER_KEY} has no \"layers\" object")
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for layer, conf in layers.items():
-        if isinstance(conf, str):  # a bare format string; ComfyUI would store it as a JSON string and fail
-            _fail(problems, f"{reader.path}: {HEADER_KEY} layer '{layer}' is a bare string {conf!r}, "
-                  "not an object with a \"format\" key")
-        elif not isinstance(conf, dict):
-            _fail(problems, f"{reader.path}: {HEADER_KEY} layer '{layer}' is not a JSON object")
-        else:
-            out[layer] = dict(conf)
-    return out
-
-
-def _prefix_of(name: str, prefixes: Iterable[str]) -> str | None:
-    """The longest scaled_fp8 prefix ``name`` starts with (each marker governs the keys under its prefix)."""
-    best = None
-    for p in prefixes:
-        if name.startswith(p) and (best is None or len(p) > len(best)):
-            best = p
-    return best
-
-
-def _upgrade_scaled_fp8(reader: CheckpointReader, names: list[str], st: QuantState,
-                        problems: list[str] | None) -> None:
-    """ComfyUI's scaled_fp8 rules: ``L.scale_weight`` -> ``L.weight_scale`` plus a ``float8_e4m3fn`` config
-    (``full_precision_matrix_mult`` when the marker has 2 elements); ``L.scale_input`` -> ``L.input_scale``,
-    left out when it is exactly 1.0; the marker itself is left out.
-
-    One deliberate difference: a layer whose weight is stored as e5m2 gets ``float8_e5m2``.
-    """
-    for n in names:
-        prefix = _prefix_of(n, st.markers)
-        if prefix is None:
-            continue
-        if n == prefix + MARKER:
-            st.dropped[n] = "scaled_fp8 marker"
-            continue
-        if n.endswith(".scale_weight"):
-            layer = n[: -len(".scale_weight")]
-            st.renames[n] = f"{layer}.weight_scale"
-            weight = reader.infos.get(f"{layer}.weight")
-            wdtype = weight.dtype if weight is not None else None
-            if wdtype not in _FP8_FORMATS and problems is None:
-                raise UserError(
-                    f"{reader.path}: '{n}' scales '{layer}.weight', which is "
-                    f"{'missing' if weight is None else str(wdtype).removeprefix('torch.')}, not fp8; "
-                    f"remove it with --remove-keys {n}")
-            conf: dict[str, Any] = {"format": _FP8_FORMATS.get(wdtype, "float8_e4m3fn")}
-            if st.markers[prefix] == 2:
-                conf["full_precision_matrix_mult"] = True
-            st.layers[layer] = conf
-            st.source[layer] = "scaled_fp8"
-        elif n.endswith(".scale_input"):
-            layer = n[: -len(".scale_input")]
-            t = reader.get(n)
-            if t.numel() == 1 and float(t.float().reshape(())) == 1.0:
-                st.dropped[n] = "scale_input of 1.0 (ComfyUI drops it)"
-            else:
-                st.renames[n] = f"{layer}.input_scale"
 
 
 @dataclass
@@ -181,6 +42,7 @@ class EditResult:
     metadata_out: str
     removed_tensors: list[str] = field(default_factory=list)
     removed_config_keys: dict[str, int] = field(default_factory=dict)
+    added_config_keys: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
@@ -190,6 +52,8 @@ class EditResult:
             lines.append(f"removed tensors: {', '.join(self.removed_tensors)}")
         for k, n in self.removed_config_keys.items():
             lines.append(f"removed '{k}' from {n} layer configs")
+        for k, n in self.added_config_keys.items():
+            lines.append(f"set '{k}' in {n} layer configs")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -200,13 +64,18 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def edit_checkpoint(path: str | Path, output: str | Path, remove_keys: Iterable[str] = (),
                     to_header_metadata: bool = False, to_layer_metadata: bool = False, force: bool = False,
-                    keep_layer_metadata: bool = False) -> EditResult:
+                    keep_layer_metadata: bool = False, add_keys: Mapping[str, Any] | None = None,
+                    layer_filter: str | None = None, scaled_int8: bool = False, int8_block_size: int | None = None,
+                    add_input_scale: bool = False, high_precision: str | None = None) -> EditResult:
     """Write an edited copy of ``path`` to ``output`` (the input is never modified).
 
     ``remove_keys``: tensor names to drop, or ``comfy_quant`` keys (e.g. ``full_precision_matrix_mult``) to
-    delete from every layer config. The output carries per-layer ``comfy_quant`` tensors (legacy forms are
-    upgraded) unless ``to_header_metadata``, which moves them into the header (``keep_layer_metadata``
-    keeps the tensors too).
+    delete from every layer config; ``add_keys`` sets keys in them; ``layer_filter`` (a regex) limits both to
+    the layers it finds. The output carries per-layer ``comfy_quant`` tensors (legacy forms are upgraded;
+    ``scaled_int8`` also reads convert_to_quant's scaled INT8 form, ``int8_block_size`` choosing the tile when
+    a scale grid fits several) unless ``to_header_metadata``, which moves them into the header
+    (``keep_layer_metadata`` keeps the tensors too). ``add_input_scale`` gives fp8 layers without an
+    ``input_scale`` a scalar 1.0; ``high_precision`` (a regex) fails if any quantized layer matches it.
     """
     if to_header_metadata and to_layer_metadata:
         raise UserError("choose one of --to-header-metadata and --to-layer-metadata")
@@ -219,10 +88,20 @@ def edit_checkpoint(path: str | Path, output: str | Path, remove_keys: Iterable[
     keys = [k.strip() for k in remove_keys if k.strip()]
     drop_tensors = [k for k in keys if k in reader.infos]
     st = read_quant_state(reader, drop_tensors)
+    if scaled_int8:
+        _read_scaled_int8(reader, st, set(drop_tensors), int8_block_size)
+    if high_precision is not None:
+        check_high_precision(st.layers, high_precision)
     res = EditResult(out, len(reader.infos), 0, len(st.layers), _where(st.source.values()),
                      "none" if not st.layers else "header" if to_header_metadata else "layer",
                      removed_tensors=drop_tensors)
-    changed = _remove_config_keys(st, [k for k in keys if k not in reader.infos], res, reader.path)
+    chosen = select_layers(st.layers, layer_filter)
+    changed = _remove_config_keys(st, [k for k in keys if k not in reader.infos], res, reader.path, chosen)
+    if add_keys:
+        res.added_config_keys = add_config_keys(st.layers, add_keys, chosen)
+        changed |= set(chosen)
+    if add_input_scale:
+        _add_input_scales(reader, st, set(drop_tensors))
     _check_layers(reader, st, set(drop_tensors), res, force)
     specs, sources = _output_plan(reader, st, set(drop_tensors), changed, to_header_metadata and
                                   not keep_layer_metadata)
@@ -239,19 +118,46 @@ def edit_checkpoint(path: str | Path, output: str | Path, remove_keys: Iterable[
     return res
 
 
+def _read_scaled_int8(reader: CheckpointReader, st: QuantState, dropped: set[str], block: int | None) -> None:
+    """Fold convert_to_quant's scaled INT8 layers into ``st`` (layers already described are left alone)."""
+    infos = {n: i for n, i in reader.infos.items() if n not in dropped}
+    up = scaled_int8_layers(infos, set(st.layers), block)
+    if not up.layers and not st.layers:
+        raise UserError(f"{reader.path} has no int8 weight with a scale_weight: not a scaled INT8 checkpoint")
+    st.layers.update(up.layers)
+    st.source.update(dict.fromkeys(up.layers, "scaled_int8"))
+    st.renames.update(up.renames)
+    st.reshape.update(up.reshape)
+    st.dropped.update(up.dropped)
+    if up.layers:
+        st.legacy.append("scaled_int8")
+
+
+def _add_input_scales(reader: CheckpointReader, st: QuantState, dropped: set[str]) -> None:
+    """A scalar 1.0 ``input_scale`` for every fp8 layer without one (static activation scale of 1)."""
+    present = {st.renames.get(n, n) for n in reader.infos if n not in dropped and n not in st.dropped}
+    for layer, conf in st.layers.items():
+        name = f"{layer}.input_scale"
+        if str(conf.get("format", "")).startswith("float8") and name not in present:
+            st.added[name] = torch.ones((), dtype=torch.float32)
+
+
 def _where(sources: Iterable[str]) -> str:
     kinds = sorted(set(sources))
     return "none" if not kinds else kinds[0] if len(kinds) == 1 else "mixed (" + ", ".join(kinds) + ")"
 
 
-def _remove_config_keys(st: QuantState, keys: list[str], res: EditResult, path: Path) -> set[str]:
-    """Delete ``keys`` from every layer config (top level and under ``params``); returns changed layers."""
+def _remove_config_keys(st: QuantState, keys: list[str], res: EditResult, path: Path,
+                        chosen: list[str]) -> set[str]:
+    """Delete ``keys`` from the configs of ``chosen`` layers (top level and under ``params``); returns the
+    changed layers."""
     changed: set[str] = set()
     for key in keys:
         if key == "format":
             raise UserError("cannot remove 'format' from comfy_quant configs: ComfyUI needs it")
         n = 0
-        for layer, conf in st.layers.items():
+        for layer in chosen:
+            conf = st.layers[layer]
             hit = key in conf
             conf.pop(key, None)
             params = conf.get("params")
@@ -262,7 +168,8 @@ def _remove_config_keys(st: QuantState, keys: list[str], res: EditResult, path: 
                 n += 1
                 changed.add(layer)
         if n == 0:
-            raise UserError(f"--remove-keys: '{key}' is neither a tensor in {path} nor a key of any "
+            which = "any" if len(chosen) == len(st.layers) else "any selected"
+            raise UserError(f"--remove-keys: '{key}' is neither a tensor in {path} nor a key of {which} "
                             "comfy_quant config")
         res.removed_config_keys[key] = n
     return changed
@@ -324,9 +231,15 @@ def _output_plan(reader: CheckpointReader, st: QuantState, dropped: set[str], ch
     emitted: set[str] = set()
 
     def add_conf(layer: str) -> None:
-        if header_only or layer in emitted:
+        if layer in emitted:
             return
         emitted.add(layer)
+        for extra, t in st.added.items():
+            if extra.startswith(layer + ".") and "." not in extra[len(layer) + 1:]:
+                specs.append(TensorSpec(extra, t.dtype, tuple(t.shape)))
+                sources.append(t)
+        if header_only:
+            return
         name = f"{layer}{QUANT_SUFFIX}"
         if st.source[layer] == "layer" and layer not in changed and name in reader.infos:
             src: str | torch.Tensor = name  # unchanged: copy the original bytes
@@ -341,8 +254,9 @@ def _output_plan(reader: CheckpointReader, st: QuantState, dropped: set[str], ch
         if n in dropped or n in st.dropped or n.endswith(QUANT_SUFFIX):
             continue
         out_name = st.renames.get(n, n)
-        specs.append(TensorSpec(out_name, info.dtype, info.shape))
-        sources.append(n)
+        shape = st.reshape.get(n)
+        specs.append(TensorSpec(out_name, info.dtype, info.shape if shape is None else shape))
+        sources.append(n if shape is None else reader.get(n).reshape(shape))
         if out_name.endswith(".weight") and out_name[: -len(".weight")] in st.layers:
             add_conf(out_name[: -len(".weight")])
     for layer in st.layers:

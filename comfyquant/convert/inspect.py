@@ -5,6 +5,7 @@ small metadata/scale tensors only.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -13,15 +14,23 @@ from typing import Any
 
 import torch
 
-from comfyquant.convert.edit import QuantState, read_quant_state
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.plan import KEEP, Plan, PlanOptions, build_plan
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import STOCK_COMFY_0_30, conf_value, get_format
 from comfyquant.io.comfy_meta import HEADER_KEY, QUANT_SUFFIX, is_scaled_fp8
+from comfyquant.io.legacy import QuantState, read_quant_state
 from comfyquant.io.reader import CheckpointReader, TensorInfo
 
+AUTO_KEY = "comfyquant.auto"  # the --format auto summary in __metadata__ (convert.pipeline.AUTO_METADATA)
 BLOCKWISE_NOTE = ("stock ComfyUI 0.30 rejects int8_blockwise (its loader fails with KeyError: 'int8_blockwise', "
                   "the format is not in QUANT_ALGOS); load it with comfyquant's runtime (comfyquant.load_quantized)")
+LORA_NOTE = ("a quantized LoRA: stock ComfyUI 0.30's LoraLoader is NOT able to use it. It reads lora_up/lora_down "
+             "(lora_B/lora_A) as plain tensors and casts them to float, ignoring weight_scale and comfy_quant "
+             "('lora key not loaded'), so it would add the raw int8/fp8 codes, a difference off by the two scales. "
+             "Use it with comfyquant.lora.apply(model, FILE) or merge it with `comfyquant convert --merge-lora`, "
+             "which dequantize it on read")
+_LORA_LAYER = (".lora_up", ".lora_down", ".lora_A", ".lora_B", ".lora_mid", ".lora.up", ".lora.down")
 
 
 def _quant_dtypes() -> set[torch.dtype]:
@@ -67,10 +76,14 @@ class InspectResult:
     notes: list[str] = field(default_factory=list)
     stock_comfy: bool = True
     bytes_total: int = 0
+    lora: bool = False  # a LoRA file (stock_comfy then says whether ComfyUI's LoraLoader can use it)
+    auto: Any = None  # the automatic-precision plan: an AutoPlan (float input) or its stored summary (dict)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": self.path, "kind": self.kind, "stock_comfyui_0_30_loads": self.stock_comfy,
-                             "problems": self.problems, "notes": self.notes}
+                             "lora": self.lora, "problems": self.problems, "notes": self.notes}
+        if self.auto is not None:
+            d["auto"] = self.auto if isinstance(self.auto, dict) else self.auto.to_dict()
         if self.plan is not None:
             p = self.plan
             d.update(format=p.format, preset=p.preset, block_size=p.block_size, counts=p.counts(),
@@ -87,22 +100,43 @@ class InspectResult:
 
 
 def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8", block_size: int = 128,
-                       layer_config: str | Path | None = None) -> InspectResult:
+                       layer_config: str | Path | None = None, layers: LayerOptions | None = None,
+                       budget: Any = None, target_gpu: str | None = None, allow_comfyquant_formats: bool = False,
+                       calibration: Any = None, device: str = "cpu", probe: Any = None) -> InspectResult:
     """Inspect one checkpoint (file or sharded index): the plan for ``fmt``/``model`` if it holds float
-    weights, else its quantized layers and the problems ComfyUI would hit."""
+    weights, else its quantized layers and the problems ComfyUI would hit. ``fmt="auto"`` plans automatic
+    precision for ``budget`` (this reads the weights, and the ``calibration`` statistics when given)."""
     reader = CheckpointReader(path)
     if is_quantized(reader.infos, reader.metadata):
         return _inspect_quantized(reader)
-    get_format(fmt)
-    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size)
-    plan = build_plan(reader.infos, opts, metadata=reader.metadata)
-    res = InspectResult(str(reader.path), "float", plan.format, plan.preset, plan, bytes_total=reader.nbytes)
+    auto = None
+    if fmt == "auto":
+        from comfyquant.convert.auto import plan_auto_conversion
+        from comfyquant.convert.pipeline import ConvertOptions
+        from comfyquant.progress import QUIET
+
+        opts_auto = ConvertOptions(format=fmt, model=model, layer_config=layer_config, device=device,
+                                   block_size=block_size, calibration=calibration, budget=budget,
+                                   target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
+                                   probe=probe, progress=QUIET, layers=layers or LayerOptions())
+        plan, auto = plan_auto_conversion(reader, opts_auto)
+    else:
+        get_format(fmt)
+        opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size,
+                           layers=layers or LayerOptions())
+        plan = build_plan(reader.infos, opts, metadata=reader.metadata)
+    res = InspectResult(str(reader.path), "float", plan.format, plan.preset, plan, bytes_total=reader.nbytes,
+                        auto=auto)
     unloadable = sorted({e.format for e in plan.entries if e.format and not get_format(e.format).stock_comfy})
     if unloadable:
         res.stock_comfy = False
         res.notes.append(BLOCKWISE_NOTE if unloadable == ["int8-block"] else
                          f"stock ComfyUI 0.30 cannot load {', '.join(unloadable)}; load the file with comfyquant's "
                          "runtime or node pack")
+    res.lora = plan.preset == "lora"
+    if res.lora and any(e.action == "quantize" for e in plan.entries):
+        res.stock_comfy = False
+        res.notes.append(LORA_NOTE.replace("a quantized LoRA", "the converted LoRA will be a quantized LoRA"))
     return res
 
 
@@ -120,7 +154,7 @@ def _inspect_quantized(reader: CheckpointReader) -> InspectResult:
     problems: list[str] = []
     st = read_quant_state(reader, problems=problems)
     res = InspectResult(str(reader.path), "quantized", legacy=list(st.legacy), bytes_total=reader.nbytes,
-                        problems=problems)
+                        problems=problems, auto=_stored_auto(reader))
     infos = _upgraded_infos(reader, st)
     for layer, conf in st.layers.items():
         res.layers.append(_layer(reader, layer, conf, st.source[layer], infos))
@@ -136,8 +170,23 @@ def _inspect_quantized(reader: CheckpointReader) -> InspectResult:
     blockwise = any(x.format == "int8_blockwise" for x in res.layers)
     if blockwise:
         res.notes.append(BLOCKWISE_NOTE)
-    res.stock_comfy = not res.problems and all(x.stock_comfy for x in res.layers)
+    res.lora = any(x.name.endswith(_LORA_LAYER) for x in res.layers)
+    if res.lora:
+        res.notes.append(LORA_NOTE)
+    res.stock_comfy = not res.problems and all(x.stock_comfy for x in res.layers) and not res.lora
     return res
+
+
+def _stored_auto(reader: CheckpointReader) -> dict[str, Any] | None:
+    """The automatic-precision summary a ``--format auto`` conversion stored in the header, if any."""
+    raw = reader.metadata.get(AUTO_KEY)
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return {"error": f"unreadable {AUTO_KEY} metadata"}
+    return obj if isinstance(obj, dict) else {"error": f"unreadable {AUTO_KEY} metadata"}
 
 
 def _upgraded_infos(reader: CheckpointReader, st: QuantState) -> dict[str, TensorInfo]:
@@ -215,8 +264,28 @@ def _plan_text(r: InspectResult) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in p.counts().items() if v)
     ratio = p.bytes_out / p.bytes_in if p.bytes_in else 1.0
     lines.append(f"total: {counts}; {_mib(p.bytes_in)} -> {_mib(p.bytes_out)} ({ratio:.1%})")
+    if r.auto is not None:
+        lines.append(r.auto.to_text())
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def _auto_text(auto: dict[str, Any]) -> list[str]:
+    """The stored automatic-precision summary: budget, sizes, predicted / measured quality, kept layers."""
+    if "error" in auto:
+        return [f"auto precision: {auto['error']}"]
+    counts = ", ".join(f"{v} {k}" for k, v in (auto.get("counts") or {}).items())
+    lines = [f"auto precision: budget {auto.get('budget')}, size {float(auto.get('size', 0)):.1%} of the input; "
+             f"layers: {counts}"]
+    for key, label in (("predicted", "predicted"), ("measured_calibration", "measured on calibration inputs")):
+        vals = auto.get(key) or {}
+        if vals:
+            lines.append(f"  {label}: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in vals.items()))
+    kept = [n for n, f in (auto.get("layers") or {}).items() if f == "keep"]
+    if kept:
+        lines.append(f"  kept in high precision by the plan: {', '.join(kept)}")
+    return lines
 
 
 def _quant_text(r: InspectResult) -> str:
@@ -241,7 +310,10 @@ def _quant_text(r: InspectResult) -> str:
         lines.append(f"{x.name:<56} {x.format or '?':<16} {x.storage_dtype or '-':<14} {shape:>12} {scale:>10}  "
                      + ", ".join(det))
     verdict = "yes" if r.stock_comfy else "NO"
-    lines.append(f"stock ComfyUI 0.30 can load it: {verdict}")
+    what = "'s LoraLoader can use it" if r.lora else " can load it"
+    lines.append(f"stock ComfyUI 0.30{what}: {verdict}")
+    if r.auto is not None:
+        lines += _auto_text(r.auto)
     lines += [f"problem: {p}" for p in r.problems]
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)

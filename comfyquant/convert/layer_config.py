@@ -21,8 +21,12 @@ from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import get_format
 from comfyquant.presets.registry import strip_prefix
 
-# Options a rule may carry besides pattern/format/skip ("group_size" is read as "block_size").
-RULE_OPTIONS = ("block_size", "convrot_groupsize", "full_precision_matrix_mult")
+# Options a rule may carry besides pattern/format/skip ("group_size" is read as "block_size"). Format options
+# go to the format (each only to formats that take it); "align" keeps layers whose dimensions are not
+# multiples of it in high precision (0 switches off a global --align for the rule's layers).
+RULE_OPTIONS = ("block_size", "convrot_groupsize", "full_precision_matrix_mult", "input_scale", "align")
+_INT_OPTIONS = ("block_size", "convrot_groupsize", "align")
+_FORMAT_ONLY = ("block_size", "convrot_groupsize", "input_scale")
 # convert_to_quant rule keys that carry no meaning for round-to-nearest conversion.
 _IGNORED_KEYS = ("simple",)
 _SCALING_MODES = {"tensor": "int8-tensor", "axis": "int8", "row": "int8", "block": "int8-block",
@@ -159,15 +163,17 @@ def _options(entry: Mapping[str, Any], where: str, fmt: str | None) -> dict[str,
         if name not in RULE_OPTIONS:
             raise UserError(f"{where}: unknown option {key!r}; allowed: pattern, format, skip, "
                             f"scaling_mode, convrot, {', '.join(RULE_OPTIONS)}, group_size")
-        if name in ("block_size", "convrot_groupsize"):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise UserError(f"{where}: {key} must be a positive integer, got {val!r}")
+        if name in _INT_OPTIONS:
+            low = 0 if name == "align" else 1
+            if not isinstance(val, int) or isinstance(val, bool) or val < low:
+                kind = "a non-negative" if low == 0 else "a positive"
+                raise UserError(f"{where}: {key} must be {kind} integer, got {val!r}")
         elif not isinstance(val, bool):
             raise UserError(f"{where}: {key} must be true or false, got {val!r}")
         opts[name] = val
     if fmt is not None:
         takes = get_format(fmt).options
-        for name in ("block_size", "convrot_groupsize"):
+        for name in _FORMAT_ONLY:
             if name in opts and name not in takes:
                 users = [f.name for f in FORMATS.formats() if name in f.options]
                 raise UserError(f"{where}: {name} applies to {', '.join(users)} only, not {fmt}")
@@ -196,6 +202,49 @@ def _rule(pattern: Any, entry: Any, where: str) -> LayerRule:
     else:
         fmt, skip = normalize_format(entry["format"], entry, where)
     return LayerRule(pattern, fmt, skip, _options(entry, where, fmt), where)
+
+
+def make_rule(pattern: str, format: str, where: str, **options: Any) -> LayerRule:
+    """One validated rule built in code (the command line's ``--rule`` and the compat script's custom layers):
+    ``format`` is a format name or ``skip``, ``options`` rule options as in a layer-config file."""
+    return _rule(pattern, {"format": format, **options}, where)
+
+
+_RULE_TEXT = re.compile(r"^(?P<pattern>.+?)=(?P<format>[A-Za-z0-9_.\-]+)(?P<options>(?:,[a-z_]+=[^,=]+)*)$")
+
+
+def parse_rule(text: str, where: str = "--rule") -> LayerRule:
+    """``PATTERN=FORMAT[,option=value...]`` (e.g. ``attn=int8-block,block_size=64`` or ``^img_in$=skip``)."""
+    m = _RULE_TEXT.match(text.strip())
+    if m is None:
+        raise UserError(f"{where} {text!r}: expected PATTERN=FORMAT[,option=value...], e.g. 'mlp=int8-block,"
+                        "block_size=64' or 'img_in=skip'")
+    return make_rule(m["pattern"], m["format"], f"{where} {text!r}", **parse_options(m["options"], where))
+
+
+def parse_format_spec(text: str, where: str) -> LayerRule:
+    """``FORMAT[,option=value...]`` as a rule matching every layer (``--excluded-format``)."""
+    fmt, _, rest = text.strip().partition(",")
+    return make_rule(".*", fmt, f"{where} {text!r}", **parse_options("," + rest if rest else "", where))
+
+
+def parse_options(text: str, where: str) -> dict[str, Any]:
+    """``,key=value,...`` -> options (integers, true/false); each is validated by the rule it goes into."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"{where}: option {item!r} is not key=value")
+        v = value.strip()
+        out[key.strip()] = True if v.lower() == "true" else False if v.lower() == "false" else _int(v, key, where)
+    return out
+
+
+def _int(value: str, key: str, where: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{where}: option {key}={value!r} must be an integer, true or false") from None
 
 
 def _from_native(obj: Mapping[str, Any], source: str, fullmatch: bool) -> LayerConfig:

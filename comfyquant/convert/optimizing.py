@@ -115,11 +115,13 @@ def add_input_scales(plan: Plan) -> int:
 
 
 def make_hooks(reader: CheckpointReader, plan: Plan, config: OptimizerConfig | None,
-               calibration: Any, calibration_lora: str | None = None) -> OptimizeHooks | None:
+               calibration: Any, calibration_lora: str | None = None, calibration_used: bool = False
+               ) -> OptimizeHooks | None:
     """The optimizer hooks of one conversion, or None when nothing but RTN is asked for. ``calibration`` is a
-    file path, ``"synthetic"``, or an in-memory source with ``.get(layer) -> LayerStats | None``."""
+    file path, ``"synthetic"``, or an in-memory source with ``.get(layer) -> LayerStats | None``;
+    ``calibration_used``: something else (``--format auto``) reads it, so RTN with it is no mistake."""
     if config is None or (not config.needs_calibration and calibration_lora is None):
-        if calibration is not None:
+        if calibration is not None and not calibration_used:
             raise UserError("--calibration is given but nothing uses it: add --optimizer gptq|learned|quip, "
                             "--smoothquant, --bias-correction or --actcal")
         return None

@@ -11,6 +11,7 @@ GPU memory after every tensor.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -22,6 +23,9 @@ from typing import Any
 import torch
 
 from comfyquant import __version__
+from comfyquant.autoprec.plan import AUTO
+from comfyquant.convert.choices import LayerOptions
+from comfyquant.convert.hooks import QuantErrorSink, TransformedReader, WeightTransform
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, Plan, PlanEntry, PlanOptions, build_plan
 from comfyquant.convert.report import LayerReport, Report
 from comfyquant.errors import NonFiniteWeightError, UserError
@@ -35,6 +39,7 @@ from comfyquant.progress import Progress
 from comfyquant.quant.metrics import ErrorStats, all_finite, error_stats
 
 CHUNK_ELEMENTS = 2**20  # CPU row chunks: float32 temporaries of 4 MiB stay in cache (several times faster)
+AUTO_METADATA = "comfyquant.auto"  # the auto plan's summary (JSON) in the output's __metadata__
 STATS_MAX_ELEMENTS = 2**20
 STATS_MAX_ELEMENTS_LOW_MEMORY = 2**18
 FP16_MAX = 65504.0
@@ -57,9 +62,20 @@ class ConvertOptions:
     calibration: Any = None  # calibration file, "synthetic", or in-memory statistics (``.get(layer)``)
     calibration_lora: str | None = None
     strict_preset: bool = False
+    layers: LayerOptions = field(default_factory=LayerOptions)
+    weight_transform: WeightTransform | None = None  # float weights changed before quantizing (--merge-lora)
+    quant_error_sink: QuantErrorSink | None = None  # sees each quantized layer's stored form (--extract-lora)
+    # --format auto: the budget ("size=0.4", an autoprec.Budget), candidate policy, and the workload probe
+    # (autoprec.Probe) of a reference model; ``verify_heldout`` checks the written file on held-out inputs
+    budget: Any = None
+    target_gpu: str | None = None
+    allow_comfyquant_formats: bool = False
+    probe: Any = None
+    verify_heldout: bool = True
 
     def plan_options(self) -> PlanOptions:
-        return PlanOptions(self.format, self.model, self.layer_config, self.block_size, self.fallback)
+        return PlanOptions(format=self.format, model=self.model, layer_config=self.layer_config,
+                           block_size=self.block_size, fallback=self.fallback, layers=self.layers)
 
     @property
     def stats_limit(self) -> int:
@@ -200,9 +216,9 @@ class _Streamer:
                           bytes_out=e.bytes_out)
         if e.action == DROP:
             return rep
-        t = self.reader.get(e.name)
+        t = self.reader.get(e.name)  # float32 where a weight transform (LoRA merge) changed it
         if e.action == KEEP:
-            w.write(e.name, t if self.hooks is None else self.hooks.rewrite(e.name, t))
+            w.write(e.name, (t if self.hooks is None else self.hooks.rewrite(e.name, t)).to(e.dtype))
             return rep
         # a cast format casts 1-D / conv tensors too (convert/cast.py): the math sees a 2-D view of them
         x = t.to(self.device).reshape(_matrix_shape(t.shape))
@@ -213,9 +229,12 @@ class _Streamer:
             tensors = self.convert(e, fmt, x)
         except (LayerFallback, OptimizerFallback) as f:
             self.fallbacks[e.name] = f.reason
+            t = t.to(e.dtype)
             w.write(e.name, t)
             return LayerReport(e.name, e.shape, KEEP, None, "fallback", f"kept in high precision: {f.reason}",
                                bytes_in=e.bytes_in, bytes_out=t.nbytes)
+        if self.opts.quant_error_sink is not None and e.action == QUANTIZE:
+            self.opts.quant_error_sink.add(e.name, x, tensors, e.comfy_quant)
         stats, rows = weight_stats(x, fmt, e.params, tensors, self.opts.stats_limit)
         rep.sqnr_db, rep.rel_mse, rep.max_abs_err, rep.stats_rows = (stats.sqnr_db, stats.rel_mse,
                                                                      stats.max_abs_err, rows)
@@ -260,21 +279,40 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
     check_paths(reader, out, opts.force)
     device = resolve_device(opts.device)
     mismatch = check_model_choice(opts.model, reader.shapes(), opts.strict_preset)
-    plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
-    metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
-                "comfyquant.model": plan.preset}
     notes: list[str] = []
     if mismatch is not None:
         opts.progress.warn(mismatch)  # before the work starts, so a wrong --model can be stopped at once
         notes.append(mismatch)
+    if opts.weight_transform is not None:  # bound before the output is opened: mismatches write nothing
+        transform = opts.weight_transform.bind(reader.infos, str(reader.path))
+        notes.extend(transform.notes)
+        for warning in transform.warnings:  # e.g. LoRA modules that match no layer: said before the work starts
+            opts.progress.warn(warning)
+        reader = TransformedReader(reader, transform)
+    auto = None  # planned after the transform: --format auto measures the merged weights
+    if opts.format == AUTO:
+        from comfyquant.convert.auto import plan_auto_conversion
+
+        plan, auto = plan_auto_conversion(reader, opts)
+    else:
+        if opts.budget is not None:
+            raise UserError("--budget applies to --format auto only")
+        plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
+    metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
+                "comfyquant.model": plan.preset}
+    if auto is not None:
+        metadata[AUTO_METADATA] = json.dumps(auto.summary(), separators=(",", ":"))
     from comfyquant.convert.optimizing import make_hooks
 
-    hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora)
+    hooks = make_hooks(reader, plan, opts.optimizer, opts.calibration, opts.calibration_lora,
+                       calibration_used=auto is not None)
     if hooks is not None:
         notes.extend(hooks.notes)
         metadata["comfyquant.optimizer"] = opts.optimizer.method
     streamer = _Streamer(reader, plan, opts, device, hooks)
     layers = streamer.run(out, metadata)
+    if opts.quant_error_sink is not None:
+        notes.extend(opts.quant_error_sink.finish())
     if streamer.fallbacks:
         notes.append(f"{len(streamer.fallbacks)} layer(s) kept in high precision: "
                      + "; ".join(f"{k} ({v})" for k, v in streamer.fallbacks.items()))
@@ -283,5 +321,21 @@ def run_conversion(input: str | Path, output: str | Path, opts: ConvertOptions) 
         notes.append(f"error statistics of {len(sampled)} large layer(s) computed on a sample of evenly spaced "
                      f"rows (<= {opts.stats_limit} elements each)")
     report = Report(str(reader.path), str(out), plan.format, plan.preset, layers, notes)
+    if auto is not None:
+        _check_heldout(auto, opts, out)
+        report.auto = auto
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_heldout(auto: Any, opts: ConvertOptions, out: Path) -> None:
+    """With a workload probe: the written file's quality on held-out inputs, and whether a floor holds."""
+    if opts.probe is None or not opts.verify_heldout:
+        return
+    auto.heldout = opts.probe.heldout(out)
+    quality = auto.budget.quality
+    if quality is not None and quality[0] in auto.heldout:
+        got = float(auto.heldout[quality[0]])
+        verdict = "met" if got >= quality[1] else "MISSED"
+        auto.notes.append(f"{quality[0]} floor {quality[1]:g} {verdict} on held-out inputs: {got:.6g} "
+                          f"({auto.heldout.get('inputs', '')})")

@@ -2,7 +2,8 @@
 
 Computed from headers alone, so ``inspect`` shows exactly what ``convert`` will do and the streaming writer
 knows every output tensor's name, dtype and shape before the first byte of data is read. Priority: the
-``--layer-config`` rules, then the model preset, then the format (fp16/bf16 cast instead of quantize).
+``--layer-config`` rules, then command-line rules, then ``--exclude``, then the model preset, then the format
+(fp16/bf16 cast instead of quantize); ``convert.choices.LayerOptions`` holds the per-layer choices.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from comfyquant.convert.cast import cast_kept_tensor
+from comfyquant.convert.choices import LayerOptions, misaligned
 from comfyquant.convert.layer_config import LayerConfig
 from comfyquant.errors import UserError
 from comfyquant.formats import FormatShapeError, QuantFormat, get_format
@@ -61,6 +63,7 @@ class PlanOptions:
     # where a layer goes when its shape cannot take its format: a format name, "none" (keep it in high
     # precision), or None (the format's own fallback, e.g. int8-rot -> int8, else high precision)
     fallback: str | None = None
+    layers: LayerOptions = field(default_factory=LayerOptions)
 
 
 @dataclass
@@ -211,29 +214,89 @@ class _Choice:
 
 
 def _decide(name: str, info: TensorInfo, stripped: str, preset: Preset,
-            layer_config: LayerConfigLike | None, fmt_name: str) -> _Choice:
+            layer_config: LayerConfigLike | None, fmt_name: str, layers: LayerOptions) -> _Choice:
     """The decision for one tensor before format-specific adjustments.
 
-    An explicit ``--layer-config`` rule wins over the preset; its catch-all ``default`` only replaces the
-    format of weights the preset quantizes (so preset keeps and drops still hold).
+    An explicit ``--layer-config`` rule wins over everything, then a command-line rule, then the preset's
+    drops, then ``--exclude``; the layer config's catch-all ``default`` only replaces the format of weights the
+    preset quantizes (so preset keeps and drops still hold). Excluded linear layers (``--exclude`` and the
+    preset's high-precision rules) become ``layers.excluded`` when it is set.
     """
     linear = name.endswith(".weight") and len(info.shape) == 2 and min(info.shape) > 0
     d = decide_tensor(preset, name, info.shape)
     if d.rule.startswith("prefix:"):  # VAE, or a bundled part the preset does not cover: always kept
         return _Choice(KEEP, None, d.rule, d.reason)
-    preset_quant = d.action is Action.QUANTIZE and is_linear_weight(stripped, info.shape)
+    quantizable = is_linear_weight(stripped, info.shape)
+    preset_quant = d.action is Action.QUANTIZE and quantizable
     rule = layer_config.match(name) if layer_config is not None else None
-    if rule is not None and linear and (rule is not getattr(layer_config, "default", None) or preset_quant):
-        label = f"layer-config:{rule.pattern}"
-        opts = getattr(rule, "options", {}) or {}
-        if rule.skip:
-            return _Choice(KEEP, None, label, "skipped by --layer-config")
-        return _Choice(QUANTIZE, rule.format or fmt_name, label, "format chosen by --layer-config", opts)
+    default = getattr(layer_config, "default", None)
+    names = tuple(dict.fromkeys(n for full in (name, stripped)  # with and without .weight and the prefix
+                                for n in (full, full[: -len(".weight")] if full.endswith(".weight") else full)))
+    if linear and rule is not None and rule is not default:
+        return _from_rule(rule, "layer-config", fmt_name)
+    cli_rule = layers.rule_for(names) if linear else None
+    if cli_rule is not None:
+        return _from_rule(cli_rule, "rule", fmt_name)
     if d.action is Action.DROP:
         return _Choice(DROP, None, d.rule, d.reason)
+    pattern = layers.excluded_by(names) if quantizable else None
+    if pattern is not None:
+        return _excluded(layers, f"exclude:{pattern}", "excluded by --exclude")
+    if linear and rule is not None and preset_quant:
+        return _from_rule(rule, "layer-config", fmt_name)
     if preset_quant:
         return _Choice(QUANTIZE, fmt_name, d.rule, d.reason)
+    if quantizable and d.rule != "default":  # kept in high precision by one of the preset's rules
+        return _excluded(layers, d.rule, d.reason)
     return _Choice(KEEP, None, d.rule, d.reason)
+
+
+def _from_rule(rule: LayerRuleLike, kind: str, fmt_name: str) -> _Choice:
+    label, flag = f"{kind}:{rule.pattern}", f"--{kind}"
+    if rule.skip:
+        return _Choice(KEEP, None, label, f"skipped by {flag}")
+    return _Choice(QUANTIZE, rule.format or fmt_name, label, f"format chosen by {flag}",
+                   getattr(rule, "options", {}) or {})
+
+
+def _excluded(layers: LayerOptions, label: str, reason: str) -> _Choice:
+    """An excluded linear layer: kept, or stored as ``layers.excluded`` (``--excluded-format``)."""
+    ex = layers.excluded
+    if ex is None or ex.format is None:
+        return _Choice(KEEP, None, label, reason)
+    return _Choice(QUANTIZE, ex.format, label, f"{reason}; stored as {ex.format} (--excluded-format)",
+                   dict(ex.options))
+
+
+def _kept_dtype(fmt_name: str, layers: LayerOptions) -> str | None:
+    """The cast format of everything stored unquantized: a cast ``--format`` casts the whole file, else
+    ``--keep-dtype``; None keeps each tensor's own dtype."""
+    fmt = get_format(fmt_name)
+    if fmt.is_quantized:
+        return layers.keep_dtype
+    if layers.keep_dtype is not None and get_format(layers.keep_dtype) is not fmt:
+        raise UserError(f"--format {fmt.name} stores every floating tensor as {fmt.name}; --keep-dtype "
+                        f"{layers.keep_dtype} contradicts it")
+    return fmt.name
+def auto_candidates(infos: Mapping[str, TensorInfo], *, preset: Preset,
+                    layer_config: LayerConfigLike | None = None) -> dict[str, str]:
+    """The weights ``--format auto`` chooses a format for -> what the preset says about them.
+
+    Every 2-D float linear weight (``is_linear_weight``), including those a preset keeps in high precision by
+    its structural rules: automatic precision measures instead of assuming. Left as they are: explicit
+    ``--layer-config`` rules, prefix rules (other parts of a bundled checkpoint, the VAE), drops, embedding
+    tables and weights too small to quantize.
+    """
+    out: dict[str, str] = {}
+    for name, info in infos.items():
+        stripped = strip_prefix(name)
+        if info.dtype not in _FLOAT_DTYPES or not is_linear_weight(stripped, info.shape):
+            continue
+        c = _decide(name, info, stripped, preset, layer_config, "int8", LayerOptions())
+        if c.action == DROP or c.rule.startswith(("prefix:", "layer-config:")):
+            continue
+        out[name] = f"the preset would {'quantize' if c.action == QUANTIZE else 'keep'} it ({c.rule}: {c.reason})"
+    return out
 
 
 def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset: Preset | None = None,
@@ -249,6 +312,9 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
         get_format(options.fallback)
     if options.block_size < 1:
         raise UserError(f"--block-size must be a positive integer, got {options.block_size}")
+    layers = options.layers
+    layers.validate()
+    cast_to = _kept_dtype(options.format, layers)
     check_not_quantized(infos, metadata or {})
     if preset is None:
         preset = resolve_preset(options.model, {k: t.shape for k, t in infos.items()})
@@ -258,7 +324,7 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
     storage = _quant_storage()
     entries: list[PlanEntry] = []
     for name, info in infos.items():
-        c = _decide(name, info, strip_prefix(name), preset, layer_config, options.format)
+        c = _decide(name, info, strip_prefix(name), preset, layer_config, options.format, layers)
         e = PlanEntry(name, info.dtype, info.shape, c.action, c.rule, c.reason, bytes_in=info.nbytes)
         if c.action == QUANTIZE and info.dtype not in _FLOAT_DTYPES:
             dt = str(info.dtype).removeprefix("torch.")
@@ -267,14 +333,18 @@ def build_plan(infos: Mapping[str, TensorInfo], options: PlanOptions, *, preset:
         if e.action == QUANTIZE and name in overrides:
             e.action, e.rule, e.reason = KEEP, "forced", overrides[name]
         if e.action == QUANTIZE:
-            _quant_entry(e, get_format(c.format or options.format), {"block_size": options.block_size,
-                                                                     **c.options}, options.fallback)
-        elif e.action == KEEP:
+            opts = {**layers.format_options(options.block_size), **c.options}
+            why = misaligned(info.shape, opts.pop("align", layers.align))
+            if why is not None:
+                e.action, e.reason = KEEP, f"{e.reason}; {why}, so kept in high precision"
+            else:
+                _quant_entry(e, get_format(c.format or options.format), opts, options.fallback)
+        if e.action == KEEP:
             e.outputs = [TensorSpec(name, info.dtype, info.shape)]
             if name in overrides:  # --force keeps it as it is (NaN/Inf, beyond the float16 range)
                 e.rule, e.reason = "forced", overrides[name]
-            else:
-                cast_kept_tensor(e, options.format)
+            elif cast_to is not None and not layers.preserves(name):
+                cast_kept_tensor(e, cast_to)
         entries.append(e)
     _check_collisions(entries)
     return Plan(entries, options.format, preset.name, options.block_size)

@@ -53,6 +53,8 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    auto: Any = None  # comfyquant.autoprec.AutoPlan of a --format auto conversion
+
 
     # -- summary --------------------------------------------------------------------------------------------
     @property
@@ -88,6 +90,7 @@ class Report:
             "input": self.input, "output": self.output, "format": self.format, "model": self.model,
             "summary": self.summary(), "notes": list(self.notes),
             "layers": [x.to_dict() for x in self.layers],
+            **({"auto": self.auto.to_dict()} if self.auto is not None else {}),
         }
 
     def to_json(self, path: str | Path) -> None:
@@ -130,6 +133,8 @@ class Report:
                                                    f"{sum(gains) / len(gains):+.2f} dB" if gains else ""))
         for x in self.layers:
             lines.extend(f"note: {x.name}: {n}" for n in x.notes)
+        if self.auto is not None:
+            lines.append(self.auto.to_text())
         return "\n".join(lines)
 
 

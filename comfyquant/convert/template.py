@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from comfyquant.convert.cast import cast_of_kept
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.layer_config import rules_to_json
 from comfyquant.convert.plan import CAST, DROP, KEEP, QUANTIZE, PlanOptions, build_plan
 from comfyquant.convert.preset_check import preset_warning
@@ -27,11 +28,13 @@ COMMENT = ("comfyquant layer config: rules apply in order, first match wins; 'pa
 
 
 def template_rules(input: str | Path, model: str = "auto", fmt: str = "int8", block_size: int = 128,
-                   layer_config: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                   layer_config: str | Path | None = None, layers: LayerOptions | None = None,
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rules (one per 2-D linear weight, anchored to its exact name) and the template's comment fields;
-    ``layer_config`` folds an existing config's decisions in."""
+    ``layer_config`` and ``layers`` fold their decisions in (the formats they choose, not their options)."""
     reader = CheckpointReader(input)
-    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size)
+    opts = PlanOptions(format=fmt, model=model, layer_config=layer_config, block_size=block_size,
+                       layers=layers or LayerOptions())
     plan = build_plan(reader.infos, opts, metadata=reader.metadata)
     rules: list[dict[str, Any]] = []
     dropped = 0
@@ -55,7 +58,8 @@ def template_rules(input: str | Path, model: str = "auto", fmt: str = "int8", bl
 
 def write_template(input: str | Path, output: str | Path, model: str = "auto", fmt: str = "int8",
                    block_size: int = 128, force: bool = False, layer_config: str | Path | None = None,
-                   strict_preset: bool = False, progress: Progress | None = None) -> int:
+                   strict_preset: bool = False, progress: Progress | None = None,
+                   layers: LayerOptions | None = None) -> int:
     """Write the template JSON to ``output`` (atomically; an existing file only with ``force``); returns the
     number of rules written. An explicit ``model`` that does not fit the file is warned about (``progress``,
     and a ``_preset_warning`` field in the file), or with ``strict_preset`` refused."""
@@ -66,7 +70,7 @@ def write_template(input: str | Path, output: str | Path, model: str = "auto", f
     if out.exists() and not force:
         raise UserError(f"output exists: {out}; choose another path or delete it first")
     warning = preset_warning(input, model, strict_preset, progress or Progress())
-    rules, top = template_rules(input, model, fmt, block_size, layer_config)
+    rules, top = template_rules(input, model, fmt, block_size, layer_config, layers)
     if warning is not None:
         top["_preset_warning"] = warning
     if not rules:

@@ -29,7 +29,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="comfyquant eval", epilog=PROGRESS_HELP,
                 description="Measure a quantized reference model against its float original.")
     p.add_argument("--model", help="minilm | digits-dit | a .safetensors file (float reference or quantized)")
-    p.add_argument("--format", help="comfyquant format to convert to (int8, int8-rot, int8-tensor, fp8, ...)")
+    p.add_argument("--format", help="comfyquant format to convert to (int8, int8-rot, int8-tensor, fp8, ..., or "
+                                    "auto with --budget)")
     p.add_argument("--peer", choices=("simple", "default"),
                    help="convert with convert_to_quant 1.3.4 instead (its --simple RTN or default optimizer)")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder (default: eval-out)")
@@ -38,11 +39,21 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=SampleConfig.cfg, help="DiT classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=SampleConfig.seed, help="DiT sampling seed")
     p.add_argument("--sentences", type=int, default=None, help="MiniLM: use only the first N sentences")
+    p.add_argument("--lora", type=Path, metavar="FILE", help="evaluate with this LoRA: the reference is the float "
+                   "model with it merged (docs/LORA.md)")
+    p.add_argument("--lora-mode", default="merge", choices=("merge", "bake", "dynamic"),
+                   help="merge into the float weights before quantizing (default), or bake / run dynamically after")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--stochastic", action="store_true", help="--lora-mode bake: stochastic rounding")
+    p.add_argument("--extract-lora", type=int, default=0, metavar="RANK",
+                   help="also extract the quantization error at this rank and run it as a dynamic LoRA")
     p.add_argument("--compare", nargs="+", type=Path, metavar="REPORT.json",
                    help="print these reports side by side and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress (the result table is still printed)")
+    from comfyquant.autoprec.cli_flags import add_auto_args
     from comfyquant.optimize.cli_flags import add_optimizer_args
 
+    add_auto_args(p)
     add_optimizer_args(p)
     return p
 
@@ -71,8 +82,11 @@ def _eval(argv: list[str] | None) -> int:
                      calibration=args.calibration, calibration_lora=args.calibration_lora,
                      peer=args.peer, sentences=args.sentences,
                      sampling=SampleConfig(args.steps, args.cfg, args.per_class, args.seed),
-                     command="comfyquant eval " + shlex.join(argv_list),
-                     progress=Progress(mode="off" if args.quiet else "auto", prog="comfyquant eval"))
+                     command="comfyquant eval " + shlex.join(argv_list), lora=args.lora, lora_mode=args.lora_mode,
+                     lora_strength=args.lora_strength, stochastic=args.stochastic, extract_lora=args.extract_lora,
+                     progress=Progress(mode="off" if args.quiet else "auto", prog="comfyquant eval"),
+                     budget=args.budget, target_gpu=args.target_gpu,
+                     allow_comfyquant_formats=args.allow_comfyquant_formats)
     report = run_eval(cfg)
     print(side_by_side([report], [f"{report['model']} {report['format']}"]), end="")
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'layers.png'}")

@@ -25,6 +25,12 @@ ROWS = (
     ("format", "format"),
     ("quantized layers", "summary.layers"),
     ("file MB", "file_mb"),
+    ("auto budget", "auto.budget"),
+    ("auto size (of the input)", "auto.size"),
+    ("auto predicted PSNR dB (calibration)", "auto.predicted.psnr"),
+    ("auto measured PSNR dB (calibration)", "auto.measured_calibration.psnr"),
+    ("auto predicted cosine (calibration)", "auto.predicted.cosine"),
+    ("auto measured cosine (calibration)", "auto.measured_calibration.cosine"),
     ("weight SQNR dB mean", "summary.weight_sqnr_db.mean"),
     ("weight SQNR dB min", "summary.weight_sqnr_db.min"),
     ("output SQNR dB mean (layer alone)", "summary.out_sqnr_db.mean"),
@@ -41,6 +47,11 @@ ROWS = (
     ("Frechet dist. vs real (reference)", "metrics.fd_reference_vs_real"),
     ("Frechet dist. vs real", "metrics.fd_vs_real"),
     ("Frechet dist. vs reference samples", "metrics.fd_vs_reference"),
+    ("LoRA mode", "lora.mode"),
+    ("LoRA strength", "lora.strength"),
+    ("LoRA effect: PSNR dB base vs base+LoRA (float)", "lora.effect_vs_base.psnr_db.mean"),
+    ("LoRA effect: class accuracy base+LoRA (float)", "lora.effect_vs_base.class_acc"),
+    ("quantization-error LoRA rank", "lora.extract_lora.rank"),
 )
 
 

@@ -23,6 +23,8 @@ from comfyquant.eval.workloads import resolve_workload
 from comfyquant.io.writer import write_small_file
 from comfyquant.progress import QUIET, Progress
 
+LORA_MODES = ("merge", "bake", "dynamic")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -43,10 +45,24 @@ class EvalConfig:
     sentences: int | None = None
     command: str = ""
     progress: Progress = QUIET  # the CLI passes a terminal bar / plain lines; tests and the API stay quiet
+    lora: Path | None = None  # measure this LoRA: the reference is the float model with it merged
+    lora_mode: str = "merge"  # merge (into the float weights before quantizing), bake or dynamic (after)
+    lora_strength: float = 1.0
+    stochastic: bool = False  # bake with stochastic rounding
+    extract_lora: int = 0  # also extract the quantization error at this rank and run it as a dynamic LoRA
+    lora_effect: bool = True  # also sample the float model without the LoRA (how far the LoRA moves samples)
+    # format "auto": the budget, the target GPU and whether non-stock formats are candidates
+    budget: str | None = None
+    target_gpu: str | None = None
+    allow_comfyquant_formats: bool = False
 
 
 def check_config(cfg: EvalConfig) -> None:
     """Reject what the harness cannot do before any work starts (missing eval extra, peer + optimizer)."""
+    if cfg.lora_mode not in LORA_MODES:
+        raise UserError(f"--lora-mode must be one of {', '.join(LORA_MODES)}, got {cfg.lora_mode!r}")
+    if cfg.lora is not None and cfg.peer and cfg.lora_mode == "merge":
+        raise UserError("--lora-mode merge needs comfyquant's converter (the peer cannot merge LoRAs)")
     if cfg.peer and cfg.optimizer is not None and cfg.optimizer.needs_calibration:
         raise UserError("--peer runs convert_to_quant's own optimizer; drop the comfyquant optimizer flags")
     missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
@@ -54,10 +70,13 @@ def check_config(cfg: EvalConfig) -> None:
         raise UserError(f"the eval needs {', '.join(missing)}: pip install 'comfyquant[eval]'")
 
 
-def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path, str]:
-    """Convert the workload's float file with comfyquant (or the peer); returns the file and who made it."""
+def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path, str, dict[str, Any] | None]:
+    """Convert the workload's float file with comfyquant (or the peer); returns the file, who made it and, for
+    ``--format auto``, the automatic-precision plan (its summary, predictions and calibration measurements)."""
     if cfg.format is None:
         raise UserError("--format is required unless --model is an already-quantized file")
+    if cfg.format == "auto" and cfg.peer:
+        raise UserError("--peer converts with convert_to_quant, which has no automatic precision")
     src = workload.reference_file()
     dst = out / f"{workload.name}-{cfg.format}{'-peer-' + cfg.peer if cfg.peer else ''}.safetensors"
     cfg.progress.stage(f"quantizing {workload.name} to {cfg.format} with "
@@ -66,21 +85,36 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
         from comfyquant.eval.peer import PEER_VERSION, peer_args, run_peer
 
         run_peer(peer_args(src, dst, cfg.format, cfg.peer, workload.peer_extra_args()))
-        return dst, f"convert_to_quant {PEER_VERSION} ({cfg.peer})"
+        return dst, f"convert_to_quant {PEER_VERSION} ({cfg.peer})", None
     from comfyquant.convert.api import convert
 
     layer_config = None
     if workload.layer_config() is not None:
         layer_config = out / "layer_config.json"
         layer_config.write_text(json.dumps(workload.layer_config(), indent=1))
+    merge = [f"{cfg.lora}:{cfg.lora_strength}"] if cfg.lora is not None and cfg.lora_mode == "merge" else []
     calibration = cfg.calibration
-    if cfg.optimizer is not None and cfg.optimizer.needs_calibration and calibration is None:
+    optimizing = cfg.optimizer is not None and cfg.optimizer.needs_calibration
+    if optimizing and calibration is None:
         calibration = str(calibrate_workload(workload, out))
-    convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
-            force=True, progress=cfg.progress, optimizer=cfg.optimizer,
-            calibration=calibration if cfg.optimizer is not None and cfg.optimizer.needs_calibration else None,
-            calibration_lora=cfg.calibration_lora)
-    return dst, f"comfyquant ({method_label(cfg.optimizer)})"
+    auto = cfg.format == "auto"
+    probe = None
+    if auto:
+        from comfyquant.eval.autoprobe import probe_for
+
+        probe = probe_for(src)
+    rep = convert(src, dst, format=cfg.format, layer_config=layer_config, report=out / "convert_report.json",
+                  force=True, progress=cfg.progress, optimizer=cfg.optimizer,
+                  calibration=calibration if optimizing or auto else None, calibration_lora=cfg.calibration_lora,
+                  merge_loras=merge, extract_lora=cfg.extract_lora,
+                  extract_lora_output=correction_file(out) if cfg.extract_lora else None,
+                  budget=cfg.budget, target_gpu=cfg.target_gpu, allow_comfyquant_formats=cfg.allow_comfyquant_formats,
+                  probe=probe, verify_heldout=False)
+    plan = None
+    if rep.auto is not None:
+        plan = {k: v for k, v in rep.auto.to_dict().items() if k != "layers"}
+        plan["layers"] = rep.auto.formats()
+    return dst, f"comfyquant ({method_label(cfg.optimizer)})", plan
 
 
 def method_label(opt: Any) -> str:
@@ -104,6 +138,45 @@ def calibrate_workload(workload: Any, out: Path) -> Path:
     src = resolve_source(str(workload.reference_file()))
     calibrate_to_file(src.model, src.run, path, meta=src.meta)
     return path
+
+
+def correction_file(out: Path) -> Path:
+    """Where the eval's ``--extract-lora`` correction LoRA goes."""
+    return out / "quant_error_lora.safetensors"
+
+
+def lora_setup(cfg: EvalConfig, workload: Any, ref: Any, quant: Any, out: Path) -> dict[str, Any]:
+    """Put the LoRA into the float reference (merged in float32) and, for bake/dynamic, onto the quantized model;
+    add the ``--extract-lora`` correction; measure how far the LoRA moves the float model's own output."""
+    import copy
+
+    import comfyquant.lora as cql
+
+    info: dict[str, Any] = {}
+    if cfg.lora is not None:
+        base = copy.deepcopy(ref)
+        h = cql.apply(ref, cfg.lora, cfg.lora_strength, "bake")
+        info = {"file": str(cfg.lora), "mode": cfg.lora_mode, "strength": cfg.lora_strength,
+                "stochastic": cfg.stochastic, "match": h.match.line()}
+        if cfg.lora_mode != "merge":
+            q = cql.apply(quant, cfg.lora, cfg.lora_strength, cfg.lora_mode, stochastic=cfg.stochastic)
+            info["layers"] = len(q.layers)
+        if cfg.lora_effect:
+            effect = out / "lora_effect"
+            effect.mkdir(exist_ok=True)
+            cfg.progress.stage("sampling the float model without the LoRA, to measure the LoRA's own effect")
+            info["effect_vs_base"] = workload.evaluate(base, ref, effect, cfg.progress)  # base vs base+LoRA
+    if cfg.extract_lora:
+        h = cql.apply(quant, correction_file(out), 1.0, "dynamic")
+        info["extract_lora"] = {"rank": cfg.extract_lora, "layers": len(h.layers)}
+    return info
+def heldout_quality(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The workload's auto-precision metric as the eval measured it on its held-out inputs."""
+    if "psnr_db" in metrics:
+        return {"psnr": metrics["psnr_db"]["mean"], "psnr_min": metrics["psnr_db"]["min"],
+                "items": metrics["samples"]}
+    return {"cosine": metrics["cosine"]["mean"], "cosine_min": metrics["cosine"]["min"],
+            "items": metrics["sentences"]}
 
 
 def summarize(stats: list[LayerStat]) -> dict[str, Any]:
@@ -150,9 +223,9 @@ def _run(cfg: EvalConfig, workload: Any, qfile: Path | None) -> dict[str, Any]:
 
     start = time.time()
     out, say = cfg.out, cfg.progress.stage
-    made_by = "given file"
+    made_by, auto = "given file", None
     if qfile is None:
-        qfile, made_by = quantize_reference(workload, cfg, out)
+        qfile, made_by, auto = quantize_reference(workload, cfg, out)
     say(f"loading the float reference and {qfile.name}")
     torch.manual_seed(0)
     ref = workload.float_model()
@@ -160,6 +233,11 @@ def _run(cfg: EvalConfig, workload: Any, qfile: Path | None) -> dict[str, Any]:
     quant.eval()
     if not load.quantized:
         raise UserError(f"{qfile}: no quantized layers were loaded; nothing to evaluate")
+    if made_by == "given file" and (cfg.extract_lora or (cfg.lora is not None and cfg.lora_mode == "merge")):
+        what = "--extract-lora" if cfg.extract_lora else "--lora-mode merge"
+        raise UserError(f"{what} needs the eval to convert the model: give --model digits-dit or a float file (or "
+                        "use --lora-mode bake / dynamic on a quantized file)")
+    lora = lora_setup(cfg, workload, ref, quant, out) if cfg.lora is not None or cfg.extract_lora else None
     say(f"per-layer statistics: {len(load.quantized)} quantized layers, one forward pass through both models")
     stats = layer_stats(ref, quant, workload.stats_pass)
     metrics = workload.evaluate(ref, quant, out, cfg.progress)
@@ -173,6 +251,11 @@ def _run(cfg: EvalConfig, workload: Any, qfile: Path | None) -> dict[str, Any]:
         "layers": [s.to_dict() for s in stats], "seconds": round(time.time() - start, 1),
         "device": "cpu", "torch": torch.__version__,
     }
+    if lora is not None:
+        report["lora"] = lora
+    if auto is not None:
+        auto["heldout"] = heldout_quality(metrics)
+        report["auto"] = auto
     from comfyquant.eval.compare import markdown_report
     from comfyquant.eval.plots import plot_layers
 

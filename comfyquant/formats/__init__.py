@@ -17,10 +17,12 @@ from comfyquant.formats.base import (
     conf_value,
 )
 from comfyquant.formats.registry import (
+    GPU_GENERATIONS,
     REGISTRY,
     STOCK_COMFY_0_30,
     FormatRegistry,
     get_format,
+    gpu_at_least,
     register_format,
 )
 
@@ -41,6 +43,7 @@ def _register_builtins() -> None:
 _register_builtins()
 
 __all__ = [
+    "GPU_GENERATIONS",
     "REGISTRY",
     "STOCK_COMFY_0_30",
     "AffineFormat",
@@ -55,6 +58,7 @@ __all__ = [
     "conf_value",
     "dequantize_weight",
     "get_format",
+    "gpu_at_least",
     "identify",
     "quantize_weight",
     "register_format",

@@ -70,6 +70,10 @@ class QuantFormat:
     rotated: bool = False
     # Nominal storage cost, for the size budget of automatic precision (bits per weight element, scales aside).
     bits: float = 8.0
+    # Automatic precision (``comfyquant.autoprec``) offers this format only for a ``--target-gpu`` of this
+    # generation or newer (``registry.GPU_GENERATIONS``): formats whose kernels exist only there (nvfp4, mxfp8 on
+    # Blackwell). None: offered for every target.
+    min_gpu: str | None = None
     # Layer options ``resolve`` reads besides the common flags (``convrot_groupsize``, ``block_size``, ...).
     options: tuple[str, ...] = ()
     # The format a layer falls back to when its shape cannot take this one (None: keep it in high precision).
@@ -128,6 +132,12 @@ class QuantFormat:
     def grid(self, w_t: torch.Tensor, params: Mapping[str, Any]) -> LayerGrid:
         """Scales chosen for the (transformed) weight ``w_t``: the grid an optimizer rounds onto."""
         raise NotImplementedError
+
+    def quantize_input(self, x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """Activations ``x [M, K]`` as the format's reference kernel multiplies them, in the original basis
+        (float32): what automatic precision charges a layer for its activation rounding. Identity here (weight-only
+        kernels multiply float activations)."""
+        return x
 
     def quantize(self, w: torch.Tensor, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Round-to-nearest: the stored tensors (by suffix) of a float weight ``[N, K]``."""
@@ -247,8 +257,14 @@ class LayerGrid:
     def fake_quant(self, w: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
         """``values(round(w / s)) * s`` for the columns ``cols``, in w's float dtype."""
         work = w.dtype if w.dtype == torch.float64 else torch.float32
-        s = self.scale_for(cols).to(work)
-        return self.fmt.element_grid.values(self.fmt.element_grid.round(scaling.divide(w.to(work), s)), work) * s
+        return self.fake_quant_scaled(w, self.scale_for(cols).to(work))
+
+    def fake_quant_scaled(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """:meth:`fake_quant` with the elementwise scale ``s`` already looked up (optimizers that round column
+        by column fetch the scales once per layer instead of once per column)."""
+        work = w.dtype if w.dtype == torch.float64 else torch.float32
+        grid = self.fmt.element_grid
+        return grid.values(grid.round(scaling.divide(w.to(work), s)), work) * s
 
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors for ``w`` (full ``[N, K]``, quantization basis) on this grid."""
@@ -265,6 +281,9 @@ class AffineFormat(QuantFormat):
     """
 
     element_grid: IntGrid | FloatGrid | Fp4Grid
+    # The grid the reference kernel rounds activations onto, one absmax scale per row (token), in the
+    # quantization basis (W8A8: ``INT8``); None: the kernel multiplies float activations.
+    input_grid: IntGrid | FloatGrid | None = None
 
     # ---- scale granularity -------------------------------------------------------------------------------
     def block(self, shape: tuple[int, int], params: Mapping[str, Any]) -> scaling.Block:
@@ -319,6 +338,16 @@ class AffineFormat(QuantFormat):
     def grid(self, w_t: torch.Tensor, params: Mapping[str, Any]) -> LayerGrid:
         shape = (w_t.shape[0], w_t.shape[1])
         return LayerGrid(self, dict(params), shape, self.choose_scales(w_t, params))
+
+    def quantize_input(self, x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """Per-row (per-token) dynamic rounding onto ``input_grid`` in the quantization basis, as the reference
+        kernels do (``runtime.kernels.reference``); identity when the format has no ``input_grid``."""
+        grid = self.input_grid
+        if grid is None:
+            return x
+        x_t = self.transform(x.float(), params)
+        s = scaling.safe_scale(x_t.abs().amax(dim=1, keepdim=True), grid.max)
+        return self.untransform(grid.values(grid.round(x_t / s), torch.float32) * s, params)
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:

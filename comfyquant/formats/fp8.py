@@ -23,6 +23,7 @@ class Fp8Format(AffineFormat):
     def __init__(self, name: str, grid: FloatGrid, comfy_format: str, description: str,
                  aliases: tuple[str, ...]) -> None:
         self.name, self.element_grid, self.comfy_format = name, grid, comfy_format
+        self.input_grid = grid  # comfyquant's fp8 kernels: per-row dynamic fp8 activations (no input_scale)
         self.storage_dtype, self.description, self.aliases = grid.dtype, description, aliases
 
     def block(self, shape: tuple[int, int], params: Mapping[str, Any]) -> Block:
@@ -49,6 +50,14 @@ class Fp8Format(AffineFormat):
         if slot.suffix in ("weight_scale", "input_scale"):
             return "a scalar"
         return super().describe_shape(slot, params)
+
+    def choose_scales(self, w_t: torch.Tensor, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The absmax weight scale, plus a unit static activation scale when ``input_scale`` is asked for
+        (ComfyUI then casts activations to fp8 unscaled, as it does with no ``input_scale`` at all)."""
+        scales = super().choose_scales(w_t, params)
+        if params.get("input_scale"):
+            scales["input_scale"] = torch.ones((), dtype=torch.float32, device=w_t.device)
+        return scales
 
     def row_chunk(self, params: Mapping[str, Any]) -> int | None:
         return None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from comfyquant.formats.base import AffineFormat, FormatShapeError, Params, TensorSlot, conf_value
-from comfyquant.formats.grids import INT4
+from comfyquant.formats.grids import INT4, INT8
 from comfyquant.formats.int8 import resolve_rot_group, rotate_hessian
 from comfyquant.formats.scaling import Block
 from comfyquant.quant import hadamard, int4
@@ -33,6 +33,9 @@ class Int4RotFormat(AffineFormat):
     kernel_kind = "int4_rot"
     storage_dtype = torch.int8
     element_grid = INT4
+    # comfyquant's int4_rot kernel runs W4A8: rotated activations rounded per token to int8 (stock ComfyUI does
+    # the same with linear_dtype "int8", which automatic precision writes; its default "int4" is W4A4)
+    input_grid = INT8
     rotated = True
     bits = 4.0  # + 32 / K for the row scale
     options = ("convrot_groupsize", "linear_dtype", "scale_search")

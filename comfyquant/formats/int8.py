@@ -48,6 +48,7 @@ class Int8Format(AffineFormat):
     kernel_kind = "int8"
     storage_dtype = torch.int8
     element_grid = INT8
+    input_grid = INT8  # W8A8: per-token int8 activations (after the rotation for convrot)
     bits = 8.0
 
     def __init__(self, name: str, per_row: bool, rotated: bool, description: str,
@@ -123,6 +124,7 @@ class Int8BlockFormat(AffineFormat):
     kernel_kind = "int8_block"
     storage_dtype = torch.int8
     element_grid = INT8
+    input_grid = INT8
     bits = 8.0
     options = ("block_size",)
     description = "INT8 with one fp32 scale per (block x block) tile; not loadable by stock ComfyUI 0.30"

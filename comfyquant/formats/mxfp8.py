@@ -28,12 +28,18 @@ class Mxfp8Format(BlockScaledFormat):
     block_k = mx.BLOCK
     scale_dtype = torch.uint8
     bits = 8.0 + 8.0 / mx.BLOCK
+    min_gpu = "blackwell"  # native kernels on SM >= 10 only; elsewhere dequantized (no speed gain)
     fallback = "fp8"  # K not a multiple of 32
     description = ("MXFP8: fp8 e4m3 with one power-of-two (E8M0) scale per 32 along K, swizzled; "
                    "native on SM >= 10, dequantized elsewhere")
 
     def choose_scales(self, w_t: torch.Tensor, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return {"weight_scale": swizzle.swizzle(mx.block_scales(w_t))}
+
+    def quantize_input(self, x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """Activations as the native (Blackwell) kernel rounds them: mxfp8 blocks of 32."""
+        q, s = mx.quantize(x.float())
+        return mx.dequantize(q, s)
 
     def block_values(self, scales: Mapping[str, torch.Tensor], rows: int, cols: int) -> torch.Tensor:
         return mx.e8m0_to_float(swizzle.unswizzle(scales["weight_scale"].view(torch.uint8), rows, cols))

@@ -31,6 +31,7 @@ class Nvfp4Format(BlockScaledFormat):
     block_k = nvfp4.BLOCK
     scale_dtype = torch.float8_e4m3fn
     bits = 4.0 + 8.0 / nvfp4.BLOCK
+    min_gpu = "blackwell"  # native kernels on SM >= 10 only; elsewhere dequantized (no speed gain)
     options = ("scale_search",)
     fallback = "fp8"  # K not a multiple of 16
     description = ("NVFP4: E2M1 packed two per byte, one fp8 e4m3 scale per 16 along K (swizzled) and an fp32 "
@@ -68,6 +69,11 @@ class Nvfp4Format(BlockScaledFormat):
             raise ValueError("format nvfp4 needs a weight_scale_2 (global scale)")
         bs = swizzle.unswizzle(scales["weight_scale"].view(torch.float8_e4m3fn), rows, cols)
         return g.float().reshape(()) * bs.float()  # float32 product: comfy-kitchen's dequantization
+
+    def quantize_input(self, x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """Activations as the native (Blackwell) kernel rounds them: nvfp4 with a dynamic global scale."""
+        codes, bs, g = nvfp4.quantize(x.float())
+        return nvfp4.dequantize(codes, bs, g)
 
     def kernel_args(self, tensors: Mapping[str, torch.Tensor | None],
                     params: Mapping[str, Any]) -> tuple[tuple[torch.Tensor | None, ...], tuple[int, ...]]:

@@ -16,6 +16,18 @@ from comfyquant.formats.base import QuantFormat
 # ComfyUI, kept even for strings no registered format writes (``inspect`` judges other tools' files by it).
 STOCK_COMFY_0_30 = frozenset({"int8_tensorwise", "float8_e4m3fn", "float8_e5m2", "mxfp8", "nvfp4", "convrot_w4a4"})
 
+# NVIDIA GPU generations, oldest first: the values of ``QuantFormat.min_gpu`` and of ``--target-gpu``.
+GPU_GENERATIONS = ("turing", "ampere", "ada", "hopper", "blackwell")
+
+
+def gpu_at_least(target: str | None, required: str | None) -> bool:
+    """Whether a ``target`` GPU generation (None: unspecified, any GPU) is ``required`` or newer (None: any)."""
+    if required is None:
+        return True
+    if target is None:
+        return False
+    return GPU_GENERATIONS.index(target) >= GPU_GENERATIONS.index(required)
+
 
 class FormatRegistry:
     """Formats by CLI name, with aliases; stored layers identified by ``comfy_quant`` and tensor shapes."""

@@ -42,21 +42,6 @@ def quantized_layers(keys: Iterable[str]) -> list[str]:
     return sorted(k[: -len(QUANT_SUFFIX)] for k in keys if k.endswith(QUANT_SUFFIX))
 
 
-def header_layers(metadata: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
-    """Layer configs from a legacy ``_quantization_metadata`` header entry ({} if absent).
-
-    Accepts both ``{"L": "fmt"}`` and ``{"L": {"format": "fmt", ...}}`` layer values.
-    """
-    if not metadata or HEADER_KEY not in metadata:
-        return {}
-    obj = json.loads(metadata[HEADER_KEY])
-    layers = obj.get("layers", {}) if isinstance(obj, dict) else {}
-    out: dict[str, dict[str, Any]] = {}
-    for name, conf in layers.items():
-        out[name] = {"format": conf} if isinstance(conf, str) else dict(conf)
-    return out
-
-
 def make_header_metadata(layers: Mapping[str, Mapping[str, Any]]) -> str:
     """The legacy header value for ``layers`` (what ``edit --to-header-metadata`` writes)."""
     return json.dumps({"format_version": "1.0", "layers": {k: dict(v) for k, v in layers.items()}})

@@ -35,7 +35,11 @@ def gptq_round(w: torch.Tensor, u: torch.Tensor, grid: LayerGrid, *, block: int 
     if perm is not None:
         perm = perm.to(w.device)
         work = work[:, perm]
-    cols = perm.tolist() if perm is not None else list(range(k))
+    # the elementwise scales, looked up once: a column of them per column of w when scales vary along K
+    scale = grid.scale_for().to(device=w.device, dtype=torch.float32)
+    per_col = scale.dim() == 2 and scale.shape[1] == k and k > 1
+    if per_col and perm is not None:
+        scale = scale[:, perm]
     q = torch.empty_like(work)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
@@ -43,9 +47,9 @@ def gptq_round(w: torch.Tensor, u: torch.Tensor, grid: LayerGrid, *, block: int 
         err = torch.empty_like(w1)
         u1 = uf[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            c = cols[b0 + i]
             col = w1[:, i:i + 1]
-            qc = grid.fake_quant(col, slice(c, c + 1)).to(torch.float32)
+            s = scale[:, b0 + i:b0 + i + 1] if per_col else scale
+            qc = grid.fake_quant_scaled(col, s)
             q[:, b0 + i:b0 + i + 1] = qc
             e = (col - qc) / u1[i, i]
             w1[:, i:] -= e * u1[i:i + 1, i:]

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from comfyquant.errors import UserError
-from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant, encode_comfy_quant, header_layers
+from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant, encode_comfy_quant
+from comfyquant.io.legacy import read_quant_state
 from comfyquant.io.reader import CheckpointReader
 from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.nn import QUANT_SUFFIXES, QuantLinear, check_backend
@@ -65,56 +66,32 @@ def detect_prefix(file_keys: Iterable[str], model_keys: set[str]) -> str:
     return min((p for p, c in counts.items() if c == best), key=len)
 
 
-def _scaled_fp8_state(state: dict[str, torch.Tensor], marker: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """Rewrite an old ``scaled_fp8`` file in place to the ``weight_scale``/``input_scale`` form; return confs.
-
-    As ComfyUI reads it: a 2-element marker means full-precision matmul; a ``scale_input`` of exactly 1 is
-    the same as none.
-    """
-    confs: dict[str, dict[str, Any]] = {}
-    for key in [k for k in state if k.endswith(".scale_weight")]:
-        layer = key[: -len(".scale_weight")]
-        weight = state.get(layer + ".weight")
-        fmt = "float8_e5m2" if weight is not None and weight.dtype == torch.float8_e5m2 else "float8_e4m3fn"
-        conf: dict[str, Any] = {"format": fmt}
-        if marker.numel() == 2:
-            conf["full_precision_matrix_mult"] = True
-        confs[layer] = conf
-        state[layer + ".weight_scale"] = state.pop(key)
-        si = state.pop(layer + ".scale_input", None)
-        if si is not None and not (si.numel() == 1 and float(si) == 1.0):
-            state[layer + ".input_scale"] = si
-    return confs
-
-
 def read_for_model(path: str | Path, model_keys: set[str]) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """The file's tensors for this model, prefix stripped, with every quantized layer's ``comfy_quant`` tensor."""
+    """The file's tensors for this model, prefix stripped, with every quantized layer's ``comfy_quant`` tensor.
+
+    Quantization metadata is read the way ComfyUI reads it (``io.legacy.read_quant_state``): legacy header
+    configs and ``scaled_fp8`` scales become per-layer ``comfy_quant`` / ``weight_scale`` / ``input_scale``.
+    """
     reader = CheckpointReader(path)
-    keys = list(reader)
-    prefix = detect_prefix(keys, model_keys)
+    st = read_quant_state(reader)
+    names = {k: st.renames.get(k, k) for k in reader if k not in st.dropped}
+    prefix = detect_prefix(names.values(), model_keys)
     report = LoadReport(str(path), prefix)
     state: dict[str, torch.Tensor] = {}
-    for k in keys:
-        if k.startswith(prefix):
-            state[k[len(prefix):]] = reader.get(k)
+    for k, name in names.items():
+        if name.startswith(prefix):
+            state[name[len(prefix):]] = reader.get(k)
         else:
             report.other_components.append(k)
     if not any(k in model_keys for k in state):
         example = next(iter(sorted(model_keys)), "?")
+        first = next(iter(names.values()), "nothing")
         raise UserError(f"{path}: no tensor matches the model's parameter names (the model has e.g. "
-                        f"'{example}', the file has e.g. '{keys[0] if keys else 'nothing'}')")
-    legacy = header_layers(reader.metadata)
-    if legacy:
-        report.legacy = "header"
-        for name, conf in legacy.items():
-            layer = name[len(prefix):] if prefix and name.startswith(prefix) else name
-            if layer + QUANT_SUFFIX not in state:
-                state[layer + QUANT_SUFFIX] = encode_comfy_quant(conf)
-    elif "scaled_fp8" in state:
-        report.legacy = "scaled_fp8"
-        confs = _scaled_fp8_state(state, state.pop("scaled_fp8"))
-        for layer, conf in confs.items():
-            state[layer + QUANT_SUFFIX] = encode_comfy_quant(conf)
+                        f"'{example}', the file has e.g. '{first}')")
+    for layer, conf in st.layers.items():
+        if st.source[layer] != "layer" and layer.startswith(prefix):  # header / scaled_fp8 configs
+            state[layer[len(prefix):] + QUANT_SUFFIX] = encode_comfy_quant(conf)
+    report.legacy = "header" if "header" in st.legacy else "scaled_fp8" if "scaled_fp8" in st.legacy else None
     return state, report
 
 

@@ -8,6 +8,7 @@ so ``state_dict()`` writes back what ``load_quantized`` read and ``load_state_di
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,6 +79,9 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.quant_conf = dict(quant_conf) if quant_conf is not None else None
+        # Optional side path ``adapter(x, y) -> y`` run after the quantized product (dynamic LoRAs,
+        # ``comfyquant.lora.apply``); a plain object, never part of the state dict. None costs one attribute read.
+        self.adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         # Logical dtype / device a weight loaded into this (still empty) layer gets.
         self.load_dtype = weight.dtype if weight is not None else (dtype or torch.float32)
         self.load_device = torch.device(device) if device is not None else None
@@ -138,10 +142,14 @@ class QuantLinear(nn.Module):
         w = self.qweight
         handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
         if handler is None:
-            return F.linear(x, w, self._parameters["bias"])
-        # The same handler F.linear reaches through QuantizedTensor.__torch_function__, called directly: saves
-        # torch's override protocol on every call, and lets torch.compile trace into the layout's kernel call.
-        return handler(_LINEAR, (x, w, self._parameters["bias"]), {})
+            y = F.linear(x, w, self._parameters["bias"])
+        else:
+            # The same handler F.linear reaches through QuantizedTensor.__torch_function__, called directly: saves
+            # torch's override protocol on every call, and lets torch.compile trace into the layout's kernel call.
+            y = handler(_LINEAR, (x, w, self._parameters["bias"]), {})
+        if self.adapter is not None:
+            y = self.adapter(x, y)
+        return y
 
     # ---- serialization ---------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

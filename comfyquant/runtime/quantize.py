@@ -8,12 +8,15 @@ the returned summary with what happened and why.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from comfyquant.autoprec.budget import parse_budget
+from comfyquant.autoprec.candidates import KEEP
+from comfyquant.autoprec.plan import AUTO
 from comfyquant.errors import NonFiniteWeightError, UserError
 from comfyquant.formats import FormatShapeError, get_format
 from comfyquant.quant.metrics import all_finite
@@ -32,6 +35,12 @@ class QuantizeConfig:
     keeps a layer in float; layers with a dimension below ``min_features`` stay float. ``backend`` pins the
     kernel backend of every quantized layer. ``block_size`` / ``rot_group`` are the int8-block tile edge and the
     int8-rot Hadamard group (None: the largest power of 4 up to 256 dividing in_features).
+
+    ``format="auto"`` chooses each layer's format (docs/AUTO_PRECISION.md): from ``layer_formats`` (layer name ->
+    format or ``keep``, e.g. ``plan_auto(...).formats()``), else by planning for ``budget`` (``"size=0.4"``,
+    ``"sqnr=30"``; ``psnr``/``cosine`` with a ``probe``) with ``calibration`` statistics (anything with
+    ``.get(layer) -> LayerStats``; None: weight error only) among the quantized formats for ``target_gpu``.
+    The plan is ``QuantizeSummary.auto``. ``filter_fn`` is consulted when quantizing, not while planning.
     """
 
     format: str = "int8"
@@ -43,11 +52,32 @@ class QuantizeConfig:
     backend: str | None = None
     block_size: int = 128
     rot_group: int | None = None
+    budget: Any = None
+    calibration: Any = None
+    layer_formats: Mapping[str, str] | None = None
+    target_gpu: str | None = None
+    allow_comfyquant_formats: bool = False
+    probe: Any = None
 
     def __post_init__(self) -> None:
+        if self.format == AUTO:
+            if self.budget is None and self.layer_formats is None:
+                raise UserError("QuantizeConfig(format='auto') needs a budget (e.g. 'size=0.4') or layer_formats")
+            if self.budget is not None:
+                parse_budget(self.budget)
+            for name in (self.layer_formats or {}).values():
+                if name != KEEP and not get_format(name).is_quantized:
+                    raise UserError(f"layer_formats: '{name}' is a plain cast, not a quantized format")
+            self._check_regexes()
+            return
+        if self.budget is not None or self.layer_formats is not None:
+            raise UserError("QuantizeConfig: budget / layer_formats apply to format='auto' only")
         spec = get_format(self.format)
         if not spec.is_quantized:
             raise UserError(f"format '{self.format}' is a plain cast, not a quantized format; use model.to(dtype)")
+        self._check_regexes()
+
+    def _check_regexes(self) -> None:
         for name in ("include", "exclude"):
             pattern = getattr(self, name)
             if pattern is not None:
@@ -77,6 +107,7 @@ class QuantizeSummary:
     format: str
     preset: str | None = None  # the preset whose rules decided (after "auto" detection), None without one
     layers: list[LayerDecision] = field(default_factory=list)
+    auto: Any = None  # the AutoPlan of format="auto" (None when layer_formats were given)
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -98,6 +129,9 @@ class QuantizeSummary:
 
 def layout_for(config: QuantizeConfig) -> tuple[type[Layout], dict[str, Any]]:
     """The layout class and its ``quantize`` keyword arguments for ``config.format`` (from the registry)."""
+    if config.format == AUTO:
+        raise UserError("format 'auto' has one layout per layer: ask layout_for(QuantizeConfig(format=name)) for "
+                        "each chosen format (QuantizeSummary.layers[i].format)")
     spec = get_format(config.format)
     kwargs: dict[str, Any] = {"fmt": spec.name, "backend": config.backend}
     kwargs.update(_format_options(config))
@@ -128,7 +162,8 @@ def _preset_decider(model: nn.Module, preset_name: str
 
 
 def _decide(config: QuantizeConfig, name: str, linear: nn.Linear,
-            preset: Callable[[str, tuple[int, int]], tuple[bool, str]] | None) -> tuple[bool, str]:
+            preset: Callable[[str, tuple[int, int]], tuple[bool, str]] | None, *, resolve: bool = True,
+            use_filter: bool = True) -> tuple[bool, str]:
     shape = (linear.out_features, linear.in_features)
     reason = "linear layer"
     if preset is not None:
@@ -139,10 +174,12 @@ def _decide(config: QuantizeConfig, name: str, linear: nn.Linear,
         return False, f"not matched by include {config.include!r}"
     if config.exclude is not None and re.search(config.exclude, name) is not None:
         return False, f"matched exclude {config.exclude!r}"
-    if config.filter_fn is not None and not config.filter_fn(name, linear):
+    if use_filter and config.filter_fn is not None and not config.filter_fn(name, linear):
         return False, "filter_fn returned False"
     if min(shape) < config.min_features:
         return False, f"too small ({shape[0]}x{shape[1]}, min_features={config.min_features})"
+    if not resolve:
+        return True, reason
     try:
         get_format(config.format).resolve(shape, _format_options(config))
     except FormatShapeError as e:
@@ -155,6 +192,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
     config = config or QuantizeConfig()
     if isinstance(model, nn.Linear):
         raise UserError("quantize_ replaces layers inside a model; for a bare nn.Linear use QuantLinear.from_linear")
+    if config.format == AUTO:
+        return _quantize_auto(model, config)
     layout, kwargs = layout_for(config)
     check_backend(layout, config.backend)
     preset_name, preset = _preset_decider(model, config.model) if config.model else (None, None)
@@ -176,4 +215,80 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
         summary.layers.append(LayerDecision(name, shape, "quantized", reason, layout.name))
+    return summary
+
+
+# ---- format="auto" --------------------------------------------------------------------------------------------
+def _auto_scope(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[LayerDecision]]:
+    """Linear layers automatic precision chooses for (include / exclude / size; preset keeps are candidates
+    too), and the ones it leaves alone with the reason."""
+    scope, kept = [], []
+    for name, mod in model.named_modules():
+        if not name or not isinstance(mod, nn.Linear | QuantLinear):
+            continue
+        shape = (mod.out_features, mod.in_features)
+        if isinstance(mod, QuantLinear):
+            kept.append(LayerDecision(name, shape, "kept", f"already quantized ({mod.qweight.layout_name})"))
+            continue
+        ok, reason = _decide(config, name, mod, None, resolve=False, use_filter=False)
+        if ok:
+            scope.append((name, mod))
+        else:
+            kept.append(LayerDecision(name, shape, "kept", reason))
+    return scope, kept
+
+
+def plan_auto(model: nn.Module, config: QuantizeConfig) -> Any:
+    """The automatic-precision plan (``autoprec.AutoPlan``) of ``model``'s linear layers for ``config.budget``:
+    candidates are the quantized formats of the registry (casts are not: the model keeps one dtype); the size
+    counts the model's whole state dict."""
+    from comfyquant.autoprec import AutoConfig, CandidatePolicy, LayerSource, plan_precision
+    from comfyquant.formats import REGISTRY
+
+    scope, _ = _auto_scope(model, config)
+    base = CandidatePolicy(config.target_gpu, config.allow_comfyquant_formats)
+    names = tuple(f.name for f in REGISTRY.formats() if f.is_quantized and base.eligible(f))
+    policy = CandidatePolicy(config.target_gpu, config.allow_comfyquant_formats, names,
+                             tuple(_format_options(config).items()))
+    layers = [LayerSource(n, (m.out_features, m.in_features), m.weight.dtype, _weight_of(m)) for n, m in scope]
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    fixed = total - sum(x.nbytes for x in layers)
+    stats_of = config.calibration.get if config.calibration is not None else None
+    return plan_precision(layers, parse_budget(config.budget), policy, bytes_in=total, fixed_bytes=fixed,
+                          stats_of=stats_of, probe=config.probe, config=AutoConfig())
+
+
+def _weight_of(mod: nn.Linear) -> Callable[[], Any]:
+    return lambda: mod.weight.detach()
+
+
+def _quantize_auto(model: nn.Module, config: QuantizeConfig) -> QuantizeSummary:
+    """One pass over the model with each layer's chosen format (``layer_formats``, or a plan for the budget)."""
+    plan = None
+    formats = dict(config.layer_formats) if config.layer_formats is not None else None
+    if formats is None:
+        plan = plan_auto(model, config)
+        formats = plan.formats()
+    reasons = {x.name: x.reason for x in plan.layers} if plan is not None else {}
+    scope, kept = _auto_scope(model, config)
+    summary = QuantizeSummary(AUTO, None, list(kept), plan)
+    for name, mod in scope:
+        shape = (mod.out_features, mod.in_features)
+        fmt = formats.get(name)
+        if fmt is None or fmt == KEEP:
+            why = reasons.get(name, "not in layer_formats") if fmt is None else reasons.get(name, "layer_formats: keep")
+            summary.layers.append(LayerDecision(name, shape, "kept", why))
+            continue
+        if config.filter_fn is not None and not config.filter_fn(name, mod):
+            summary.layers.append(LayerDecision(name, shape, "kept", "filter_fn returned False"))
+            continue
+        if not all_finite(mod.weight.detach()):
+            raise NonFiniteWeightError(f"layer {name}: weight holds NaN or Inf values")
+        layer_cfg = QuantizeConfig(format=fmt, backend=config.backend, block_size=config.block_size,
+                                   rot_group=config.rot_group)
+        layout, kwargs = layout_for(layer_cfg)
+        q = QuantLinear.from_linear(mod, layout, **kwargs)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        summary.layers.append(LayerDecision(name, shape, "quantized", reasons.get(name, "layer_formats"), fmt))
     return summary

@@ -326,11 +326,13 @@ class ComfyModules:
     standins: tuple[str, ...]
 
 
-def import_comfy(root: Path) -> ComfyModules:
+def import_comfy(root: Path, *, args: Sequence[str] = (), installed_kitchen: bool = False) -> ComfyModules:
     """Put the cached ComfyUI and comfy-kitchen first on ``sys.path`` and import ComfyUI's loader modules.
 
-    ComfyUI parses ``sys.argv`` at import, so ``sys.argv`` is set to ``[argv0, "--cpu"]`` (no ``--cpu``
-    when CUDA is available) for the duration of the import and restored afterwards.
+    ComfyUI parses ``sys.argv`` at import, so ``sys.argv`` is set to ``[argv0, "--cpu", *args]`` (no ``--cpu``
+    when CUDA is available) for the duration of the import and restored afterwards. ``installed_kitchen``
+    prefers a comfy-kitchen installed in this Python (e.g. its CUDA build on a GPU machine) over the cache's
+    pure wheel, when there is one.
     """
     tree, site = comfyui_dir(root), kitchen_dir(root)
     loaded = sys.modules.get("comfy")
@@ -340,12 +342,13 @@ def import_comfy(root: Path) -> ComfyModules:
             raise ComfyUIFetchError(f"a different 'comfy' package is already imported from {where}")
     if importlib.util.find_spec("packaging") is None:
         raise ComfyUIFetchError("comfy-kitchen imports 'packaging'; install the test extra: pip install -e .[test]")
-    for p in (str(site), str(tree)):
+    own_kitchen = installed_kitchen and importlib.util.find_spec("comfy_kitchen") is not None
+    for p in (str(tree),) if own_kitchen else (str(site), str(tree)):
         if p not in sys.path:
             sys.path.insert(0, p)
     standins = install_standins()
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "comfyquant", *([] if torch.cuda.is_available() else ["--cpu"])]
+    sys.argv = [saved[0] if saved else "comfyquant", *([] if torch.cuda.is_available() else ["--cpu"]), *args]
     try:
         options = importlib.import_module("comfy.options")
         options.enable_args_parsing()
@@ -355,7 +358,7 @@ def import_comfy(root: Path) -> ComfyModules:
         sys.argv = saved
         remove_standins()
     kitchen = importlib.import_module("comfy_kitchen")
-    if Path(kitchen.__file__ or "").resolve().parent.parent != site.resolve():
+    if not own_kitchen and Path(kitchen.__file__ or "").resolve().parent.parent != site.resolve():
         raise ComfyUIFetchError(f"comfy_kitchen was imported from {kitchen.__file__}, not from {site}")
     return ComfyModules(root, read_comfyui_version(tree), mods["ops"], mods["utils"], mods["quant_ops"],
                         mods["model_detection"], mods["sd"], kitchen, standins)

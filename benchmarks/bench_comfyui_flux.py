@@ -1,0 +1,291 @@
+"""Step time and peak VRAM of a Flux.1-dev-shaped model in ComfyUI's own Flux class: bf16 against the
+"Enable INT8 on MODEL" adapter (int8, int8-rot, fp8), against ComfyUI's own int8 path (comfy-kitchen) on the
+converter's int8 file of the same weights, and against comfyquant's loader node on that file; one process.
+
+Real Flux.1-dev widths (hidden 3072, 24 heads, T5 context 4096 x 512 tokens, pooled 768, guidance embedding);
+``--depth`` / ``--depth-single`` pick how many double / single blocks (default 6 / 12, a third of Flux.1-dev:
+the blocks carry the time, the embedders are negligible). Weights are random with a 1/sqrt(fan_in) scale: speed
+and memory do not depend on their values. Eager mode, batch 1, one model forward per "step" (Flux-dev runs no
+CFG batch), at 1024x1024 (4096 image tokens) and 512x512 (1024). Results: ``--out``/bench_comfyui_flux.json and
+.md. ``--smoke``: tiny widths on the CPU in seconds (checks the mechanics, numbers mean nothing).
+
+    python benchmarks/bench_comfyui_flux.py --out bench_flux            # GPU
+    python benchmarks/bench_comfyui_flux.py --smoke --out /tmp/smoke    # CPU check
+
+On a GPU machine without network, pass ``--comfyui-cache DIR`` (a copy of ~/.cache/comfyquant/comfyui-0.30.0)
+and install ComfyUI's requirements and comfy-kitchen 0.2.40's CUDA wheel in this Python beforehand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FULL = {"hidden": 3072, "heads": 24, "context": 4096, "vec": 768, "txt_tokens": 512}
+SMOKE = {"hidden": 256, "heads": 2, "context": 64, "vec": 32, "txt_tokens": 8}
+
+
+@dataclass
+class Result:
+    """One variant at one resolution."""
+
+    variant: str
+    resolution: int
+    step_ms: float | None = None
+    step_ms_all: list[float] = field(default_factory=list)
+    peak_vram_gib: float | None = None
+    weights_gib: float | None = None
+    speedup_vs_bf16: float | None = None
+    note: str = ""
+
+
+def _import_comfy(cache: str | None, device: str, dynamic: bool) -> Any:
+    from comfyquant.testing.comfyui_env import ensure_comfyui, import_comfy
+
+    root = ensure_comfyui(Path(cache) if cache else None)
+    # normal VRAM mode: unloading a variant moves it to the CPU (--highvram would keep every earlier variant on
+    # the GPU, and each variant's "peak VRAM" would include all the ones before it); each variant is still
+    # loaded fully (force_full_load), the GPU holds any one of them many times over
+    args = ("--disable-dynamic-vram",) if device == "cuda" and not dynamic else ()
+    return import_comfy(root, args=args, installed_kitchen=device == "cuda")
+
+
+def flux_state_dict(dims: dict[str, int], depth: int, depth_single: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random bf16 weights with exactly ComfyUI's Flux key names and shapes (built on the meta device)."""
+    import comfy.ldm.flux.model
+    import comfy.model_detection
+    import comfy.ops
+
+    # ComfyUI's own detection turns the few keys it reads into the model config (version-proof)
+    h = dims["hidden"]
+    probe = {"img_in.weight": (h, 64), "txt_in.weight": (h, dims["context"]),
+             "vector_in.in_layer.weight": (h, dims["vec"]), "guidance_in.in_layer.weight": (h, 256),
+             **{f"double_blocks.{i}.img_attn.norm.key_norm.scale": (128,) for i in range(depth)},
+             **{f"single_blocks.{i}.norm.key_norm.scale": (128,) for i in range(depth_single)}}
+    config = comfy.model_detection.detect_unet_config({k: torch.empty(v, device="meta") for k, v in probe.items()},
+                                                      "")
+    with torch.device("meta"):
+        model = comfy.ldm.flux.model.Flux(**config, operations=comfy.ops.disable_weight_init, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.dim() == 2:
+            t = torch.randn(v.shape, generator=g) / math.sqrt(v.shape[1])
+        elif k.endswith(".bias"):
+            t = torch.randn(v.shape, generator=g) * 0.02
+        else:
+            t = torch.ones(v.shape)
+        out[k] = t.to(torch.bfloat16)
+    return out
+
+
+def _inputs(dims: dict[str, int], res: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    lat = res // 8
+    return {"x": torch.randn(1, 16, lat, lat, generator=g).to(device, dtype),
+            "timestep": torch.tensor([0.5], device=device, dtype=dtype),
+            "context": torch.randn(1, dims["txt_tokens"], dims["context"], generator=g).to(device, dtype),
+            "y": torch.randn(1, dims["vec"], generator=g).to(device, dtype),
+            "guidance": torch.tensor([3.5], device=device, dtype=dtype)}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> list[float]:
+    """Milliseconds per call (CUDA events on the GPU, wall clock on the CPU) after ``warmup`` calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        out = []
+        for _ in range(iters):
+            if device == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                out.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _free(device: str) -> None:
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(name: str, patcher: Any, dims: dict[str, int], resolutions: list[int], device: str, dtype: torch.dtype,
+            warmup: int, iters: int, dynamic: bool = False) -> list[Result]:
+    """Load ``patcher`` fully on the device and time one forward per resolution."""
+    import comfy.model_management
+
+    _free(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    comfy.model_management.load_models_gpu([patcher], force_full_load=not dynamic)  # dynamic VRAM refuses it
+    weights = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
+    dm = patcher.model.diffusion_model
+    out = []
+    for res in resolutions:
+        inp = _inputs(dims, res, device, dtype)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = time_steps(lambda inp=inp: dm(inp["x"], inp["timestep"], inp["context"], y=inp["y"],
+                                              guidance=inp["guidance"]), device, warmup, iters)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        out.append(Result(name, res, statistics.median(times), times, peak, weights))
+        print(f"  {name:28s} {res}px: {statistics.median(times):9.2f} ms/step"
+              + (f", peak {peak:.2f} GiB" if peak is not None else ""), file=sys.stderr, flush=True)
+    return out
+
+
+def kitchen_cuda_status() -> str | None:
+    """None when comfy-kitchen's CUDA backend is available here, else why not."""
+    try:
+        import comfy_kitchen
+    except ImportError as e:
+        return f"comfy_kitchen not importable: {e}"
+    info = comfy_kitchen.list_backends().get("cuda", {})
+    if info.get("available") and not info.get("disabled"):
+        return None
+    return f"comfy-kitchen CUDA backend unavailable: {info.get('unavailable_reason') or 'disabled'}"
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
+    dims = SMOKE if a.smoke else FULL
+    depth, depth_single = (1, 1) if a.smoke else (a.depth, a.depth_single)
+    resolutions = [64] if a.smoke else a.resolutions
+    warmup, iters = (1, 2) if a.smoke else (a.warmup, a.iters)
+    _import_comfy(a.comfyui_cache, device, a.dynamic_vram)
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    from comfyquant.convert.api import convert
+    from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.loader import load_quantized_model
+    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work) if a.work else out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    src, int8_file = work / "flux_shaped_bf16.safetensors", work / "flux_shaped_int8.safetensors"
+    t0 = time.perf_counter()
+    sd = flux_state_dict(dims, depth, depth_single)
+    n_params = sum(v.numel() for v in sd.values())
+    save_file(sd, str(src))
+    del sd
+    convert(src, int8_file, format="int8", model="flux", device=device, force=True, progress=False)
+    print(f"model: {n_params / 1e9:.2f} B parameters, files written in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    dtype = torch.bfloat16
+    results: list[Result] = []
+    base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
+    results += measure("bf16", base, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
+    for fmt in ("int8", "int8-rot", "fp8"):
+        _free(device)
+        t1 = time.perf_counter()
+        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux"))
+        quant_s = time.perf_counter() - t1
+        rows = measure(f"adapter {fmt}", patched, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
+        for r in rows:
+            r.note = f"{len(report.converted)} layers converted in {quant_s:.1f} s"
+        results += rows
+        del patched
+    why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
+    stock = comfy.sd.load_diffusion_model(str(int8_file))
+    rows = measure("ComfyUI int8 (same file)", stock, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
+    for r in rows:
+        r.note = why_not or "comfy-kitchen CUDA backend"
+    results += rows
+    del stock
+    ours, _ = load_quantized_model(int8_file, RuntimeOptions())
+    results += measure("comfyquant loader (same file)", ours, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
+    del ours, base
+    _free(device)
+    bf16 = {r.resolution: r.step_ms for r in results if r.variant == "bf16"}
+    for r in results:
+        if r.step_ms and bf16.get(r.resolution):
+            r.speedup_vs_bf16 = bf16[r.resolution] / r.step_ms
+    env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "smoke": bool(a.smoke),
+           "params_billion": n_params / 1e9, "depth": depth, "depth_single": depth_single, "dims": dims,
+           "warmup": warmup, "iters": iters, "comfy_kitchen_cuda": why_not or "available",
+           "dynamic_vram": bool(a.dynamic_vram)}
+    report = {"env": env, "results": [asdict(r) for r in results]}
+    (out_dir / "bench_comfyui_flux.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "bench_comfyui_flux.md").write_text(to_markdown(report))
+    return report
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    env = report["env"]
+    lines = [f"# Flux.1-dev-shaped model in ComfyUI: step time and peak VRAM ({env['date']})", "",
+             f"Device: {env['device']}; torch {env['torch']}; {env['params_billion']:.2f} B parameters "
+             f"({env['depth']} double + {env['depth_single']} single blocks, hidden {env['dims']['hidden']}, context "
+             f"{env['dims']['txt_tokens']} x {env['dims']['context']}){' SMOKE RUN: numbers mean nothing' if env['smoke'] else ''}; "
+             "eager, batch 1; "
+             f"median of {env['iters']} steps after {env['warmup']} warm-up. comfy-kitchen CUDA: "
+             f"{env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
+             "| variant | resolution | ms / step | x bf16 | peak VRAM GiB | weights GiB | note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["results"]:
+        def f(v: float | None, spec: str) -> str:
+            return "-" if v is None else format(v, spec)
+
+        lines.append(f"| {r['variant']} | {r['resolution']} | {f(r['step_ms'], '.2f')} | "
+                     f"{f(r['speedup_vs_bf16'], '.2f')} | {f(r['peak_vram_gib'], '.2f')} | "
+                     f"{f(r['weights_gib'], '.2f')} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for bench_comfyui_flux.json / .md")
+    p.add_argument("--work", default=None, help="folder for the generated model files (default OUT/work)")
+    p.add_argument("--depth", type=int, default=6, help="double blocks (Flux.1-dev: 19)")
+    p.add_argument("--depth-single", type=int, default=12, help="single blocks (Flux.1-dev: 38)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 512])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--comfyui-cache", default=None, help="ComfyUI 0.30.0 cache folder (see comfyui_env)")
+    p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, seconds: checks the mechanics")
+    p.add_argument("--dynamic-vram", action="store_true",
+                   help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Every GPU benchmark of the project in one time-boxed call (one lease of a device machine is short).
+
+Each step is one benchmark script run as its own process under its own time limit, so a crash or a hang in
+one step costs that step only. Logs and result files go under a scratch folder, zipped at the end into
+``--out``/results.zip (a device call returns few files); ``--out``/summary.txt holds each step's exit status,
+time and the tail of its output.
+
+    python3 benchmarks/gpu_suite.py --out $OUT --steps kernels:150,sweep:100,lora:45,optimizers:80,comfyui:120
+    python3 benchmarks/gpu_suite.py --out /tmp/s --smoke        # CPU: every step in its smoke mode
+
+Before the steps it unpacks what the device machine cannot download (files under the ignored ``.whl/``):
+comfy-kitchen's CUDA wheel repacked without its ROCm library (``ck.zip``), a copy of the ComfyUI 0.30.0 test
+cache (``comfyui.zip``), and wheels of ComfyUI's small pure dependencies (``wheels/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[list[str]]]:
+    """Step name -> the commands it runs, in order (paths under ``work``)."""
+    s = ["--smoke"] if smoke else []
+    cache = ["--comfyui-cache", str(comfy_cache)] if comfy_cache else []
+    return {
+        "kernels": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
+                     "--sections", "check,calibrate,host,models"]],
+        "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
+                   "--sections", "sweep"]],
+        "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
+        "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
+                        str(work / "optimizers" / "bench_optimizers.json"),
+                        *(s or ["--blocks", "2", "--methods", "rtn,gptq,quip,learned"])]],
+        "comfyui": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *s]],
+        "autoprec": [[PY, "benchmarks/bench_autoprec.py", "--workdir", str(work / "auto_tmp"), "--json",
+                      str(work / "autoprec" / "bench_autoprec.json"), *(s or ["--blocks", "2"])]],
+    }
+
+
+def unpack(scratch: Path) -> tuple[dict[str, str], Path | None]:
+    """Unpack the carried archives into ``scratch`` (outside --out: a device call returns what --out holds);
+    returns the environment for the steps and the ComfyUI cache folder."""
+    env = dict(os.environ)
+    extra = [str(ROOT)]
+    whl = ROOT / ".whl"
+    if (whl / "ck.zip").is_file():
+        ck = scratch / "ck"
+        zipfile.ZipFile(whl / "ck.zip").extractall(ck)
+        extra.append(str(ck))
+    cache = None
+    if (whl / "comfyui.zip").is_file():
+        zipfile.ZipFile(whl / "comfyui.zip").extractall(scratch / "cqcache")
+        cache = scratch / "cqcache" / "comfyui-0.30.0"
+    wheels = sorted((whl / "wheels").glob("*.whl")) if (whl / "wheels").is_dir() else []
+    if wheels:
+        subprocess.run([PY, "-m", "pip", "install", "--no-index", "--no-deps", "-q", *map(str, wheels)],
+                       check=False)
+    env["PYTHONPATH"] = os.pathsep.join([*extra, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env, cache
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", default="kernels:150,sweep:100,lora:45,optimizers:80,comfyui:120",
+                   help="comma-separated NAME:SECONDS, run in this order")
+    p.add_argument("--smoke", action="store_true", help="every step in its CPU smoke mode")
+    a = p.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
+    work = scratch / "work"  # only summary.txt and results.zip go under --out (a device call returns few files)
+    for sub in ("kernels", "sweep", "lora", "optimizers", "comfyui", "autoprec"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    env, cache = unpack(scratch)
+    table = steps(work, a.smoke, cache)
+    lines = [f"gpu_suite {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, python {sys.version.split()[0]}"]
+    try:
+        import torch
+
+        lines.append(f"torch {torch.__version__}, device "
+                     f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
+    except ImportError:
+        lines.append("torch not importable")
+    for item in a.steps.split(","):
+        name, _, secs = item.partition(":")
+        budget = float(secs or 60)
+        start = time.perf_counter()
+        log = work / f"{name}.log"
+        status = []
+        with open(log, "w") as fh:
+            for cmd in table[name]:
+                cmd = [c.replace("{budget}", str(int(max(30, budget - 15)))) for c in cmd]
+                left = budget - (time.perf_counter() - start)
+                if left < 5:
+                    status.append("skipped: no time left")
+                    break
+                fh.write("$ " + " ".join(cmd) + "\n")
+                fh.flush()
+                try:
+                    rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                        timeout=left).returncode
+                    status.append(f"rc={rc}")
+                except subprocess.TimeoutExpired:
+                    status.append(f"timeout after {left:.0f}s")
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        lines.append(f"\n== {name}: {', '.join(status)} in {time.perf_counter() - start:.0f}s")
+        lines.extend(tail)
+        print("\n".join(lines[-len(tail) - 1:]), flush=True)
+    for tmp in ("opt_tmp", "auto_tmp"):
+        shutil.rmtree(work / tmp, ignore_errors=True)
+    (a.out / "summary.txt").write_text("\n".join(lines) + "\n")
+    with zipfile.ZipFile(a.out / "results.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(work.rglob("*")):
+            if f.is_file() and f.stat().st_size < 8 << 20 and f.suffix not in (".safetensors", ".pt"):
+                z.write(f, f.relative_to(work))
+    print(f"wrote {a.out / 'summary.txt'} and {a.out / 'results.zip'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

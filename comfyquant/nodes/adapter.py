@@ -1,0 +1,278 @@
+"""Quantize a ComfyUI MODEL's linear layers on the fly, as object patches on a clone (the engine behind
+"Enable INT8 on MODEL").
+
+The input ModelPatcher is never changed: the original float layers stay in the shared model, and the clone
+carries one object patch per converted layer (a :class:`~comfyquant.nodes.ops.ComfyQuantLinear`), which ComfyUI
+swaps in when it loads the clone and out again when it unloads it. Which layers convert is decided by
+``comfyquant.quantize_`` (model preset, size rules) run on a shell that mirrors the model and holds views of the
+original weights; quantized weights are memoized (``nodes.cache``) so a re-run quantizes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from comfyquant.nodes.cache import CACHE, QuantCache
+from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
+from comfyquant.nodes.patching import register_patch_callback
+from comfyquant.nodes.settings import AdapterSettings
+from comfyquant.runtime.nn import QuantLinear
+from comfyquant.runtime.quantize import QuantizeConfig, layout_for, quantize_
+from comfyquant.runtime.tensor import QuantizedTensor
+
+logger = logging.getLogger("comfyquant.nodes")
+
+PREFIX = "diffusion_model."
+MSG_NO_DIFFUSION = "INT8 Model Adapter: model has no diffusion_model; returning unchanged model."
+MSG_AUTO_FAILED = ("INT8 Model Adapter: auto model_type could not identify this model; using conservative "
+                   "union exclusions.")
+MSG_NOT_CONVERTED = ("INT8 Model Adapter: This MODEL output is not INT8-converted; later dtype/runtime errors are "
+                     "likely outside the INT8 forward path.")
+_CACHED_REASON = "from cache"
+
+
+@dataclass
+class AdapterReport:
+    """What one adapter run did: converted layers (``cached`` of them reused), kept layers with reasons, bytes."""
+
+    format: str
+    preset: str | None = None
+    converted: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    baked_loras: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The one log line: layers converted, kept, bytes saved."""
+        saved = self.bytes_before - self.bytes_after
+        preset = f", preset {self.preset}" if self.preset else ""
+        lora = f", {len(self.baked_loras)} LoRA-patched weights baked in" if self.baked_loras else ""
+        return (f"comfyquant: {self.format}{preset}: {len(self.converted)} layers converted "
+                f"({len(self.cached)} from cache), {len(self.kept)} kept, {saved / 2**20:.1f} MiB saved "
+                f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){lora}")
+
+
+def _note(report: AdapterReport, message: str) -> None:
+    report.messages.append(message)
+    logger.warning(message)
+
+
+class _Shell(nn.Module):
+    """Mirrors the diffusion model's module names for ``quantize_``: holds ``nn.Linear`` views of the source
+    weights and reports the whole model's parameter shapes (meta tensors) for preset detection."""
+
+    def __init__(self, shapes: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._shapes = shapes
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return dict(self._shapes)
+
+    def insert(self, name: str, module: nn.Module) -> None:
+        parent: nn.Module = self
+        *path, leaf = name.split(".")
+        for part in path:
+            child = parent._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                parent.add_module(part, child)
+            parent = child
+        parent.add_module(leaf, module)
+
+
+def _view_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def _source_weight(patcher: Any, key: str, live: torch.Tensor) -> torch.Tensor:
+    """The unpatched float weight: ComfyUI's backup when a LoRA is patched into the live tensor."""
+    for table in (patcher.backup, patcher.hook_backup):
+        entry = table.get(key)
+        if entry is not None:
+            w = entry[0]
+            if type(w) in (torch.Tensor, nn.Parameter) and w.shape == live.shape:
+                return w
+    return live
+
+
+def _already_quantized(mod: nn.Module) -> str | None:
+    if isinstance(mod, QuantLinear):
+        return f"already quantized ({mod.qweight.layout_name if mod.weight is not None else 'empty'})"
+    w = getattr(mod, "weight", None)
+    if isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, nn.Parameter):
+        fmt = getattr(mod, "quant_format", None) or type(w).__name__
+        return f"already quantized by ComfyUI ({fmt})"
+    return None
+
+
+def _collect(patcher: Any, dm: nn.Module, report: AdapterReport) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """(meta shapes of every parameter, eligible linear layers by name) with object patches respected."""
+    shapes: dict[str, torch.Tensor] = {}
+    linears: dict[str, nn.Module] = {}
+    for name, live in dm.named_modules():
+        if not name or live._modules:
+            continue
+        mod = patcher.get_model_object(PREFIX + name)
+        for pname, p in mod.named_parameters(recurse=False):
+            if p is not None:
+                shapes[f"{name}.{pname}"] = torch.empty(p.shape, device="meta")
+        if is_plain_linear(mod):
+            linears[name] = mod
+            continue
+        why = _already_quantized(mod)
+        if why is not None:
+            report.kept.append((name, why))
+    return shapes, linears
+
+
+class _Selector:
+    """``QuantizeConfig.filter_fn``: serves memo hits, bakes LoRA patches and moves one weight at a time to the
+    compute device, moves each finished layer to the store device (so at most one float and one quantized
+    layer sit on the compute device), and ticks the progress bar."""
+
+    def __init__(self, shell: _Shell, sources: dict[str, torch.Tensor], cache_keys: dict[str, Any],
+                 bake: dict[str, list], cache: QuantCache, device: torch.device, store: torch.device,
+                 tick: Callable[[], None]) -> None:
+        self.shell, self.sources, self.cache_keys, self.bake = shell, sources, cache_keys, bake
+        self.cache, self.device, self.store, self.tick = cache, device, store, tick
+        self.hits: dict[str, QuantizedTensor] = {}
+        self._last: str | None = None
+
+    def flush(self) -> None:
+        """Move the layer quantized last (now a QuantLinear in the shell) to the store device."""
+        if self._last is not None:
+            mod = self.shell.get_submodule(self._last)
+            if isinstance(mod, QuantLinear) and mod.qweight.device != self.store:
+                mod.weight = nn.Parameter(mod.qweight.to(self.store), requires_grad=False)
+            self._last = None
+
+    def __call__(self, name: str, linear: nn.Linear) -> bool:
+        import comfy.lora
+
+        self.flush()
+        self.tick()
+        key = self.cache_keys.get(name)
+        if key is not None:
+            hit = self.cache.get(self.sources[name], key)
+            if hit is not None:
+                self.hits[name] = hit
+                return False
+        w = linear.weight.detach()
+        if name in self.bake:  # merge the LoRA in float32 on the compute device, then quantize once
+            w = comfy.lora.calculate_weight(self.bake[name], w.to(self.device, torch.float32, copy=True),
+                                            PREFIX + name + ".weight").to(w.dtype)
+        if w.device != self.device:
+            w = w.to(self.device)
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        self._last = name
+        return True
+
+
+def _lora_patches(patcher: Any, key: str) -> list | None:
+    patches = patcher.patches.get(key)
+    return list(patches) if patches else None
+
+
+def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None,
+                cache: QuantCache = CACHE) -> tuple[Any, AdapterReport]:
+    """Return (patched clone or the unchanged input, report). ``progress`` is a ComfyUI ``ProgressBar``-like
+    object (``update_absolute(value, total)``) or None."""
+    import comfy.model_management
+
+    fmt = settings.quant_format()
+    report = AdapterReport(fmt)
+    dm = getattr(patcher.model, "diffusion_model", None)
+    if not isinstance(dm, nn.Module):
+        _note(report, MSG_NO_DIFFUSION)
+        return patcher, report
+    layout, _ = layout_for(QuantizeConfig(format=fmt))
+    load_dev = torch.device(patcher.load_device)
+    backend = settings.runtime.backend_for(layout.kernel_kind)
+    # Put the shared model back to its unpatched state (other clones may have LoRAs or our layers patched in).
+    comfy.model_management.unload_model_and_clones(patcher)
+    shapes, linears = _collect(patcher, dm, report)
+    sources: dict[str, torch.Tensor] = {}
+    cache_keys: dict[str, Any] = {}
+    bake: dict[str, list] = {}
+    shell = _Shell(shapes)
+    for name, mod in linears.items():
+        key = f"{PREFIX}{name}.weight"
+        w = _source_weight(patcher, key, mod.weight)
+        patches = _lora_patches(patcher, key) if settings.bake_loaded_loras else None
+        if patches:
+            bake[name] = patches
+            report.baked_loras.append(key)
+        else:
+            sources[name] = w
+            cache_keys[name] = (fmt, settings.model_type)
+        shell.insert(name, _view_linear(w.detach(), None))
+    total = max(1, len(linears))
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress.update_absolute(min(done[0], total), total)
+
+    device = load_dev if load_dev.type == "cuda" else torch.device("cpu")
+    store = torch.device(patcher.offload_device)
+    selector = _Selector(shell, sources, cache_keys, bake, cache, device, store, tick)
+    summary = quantize_(shell, QuantizeConfig(format=fmt, model=settings.model_type, backend=backend,
+                                              filter_fn=selector))
+    selector.flush()
+    if progress is not None:
+        progress.update_absolute(total, total)
+    report.preset = summary.preset
+    if settings.model_type == "auto" and summary.preset == "generic":
+        _note(report, MSG_AUTO_FAILED)
+    new_layers: dict[str, QuantizedTensor] = {}
+    for d in summary.layers:
+        if d.action == "quantized":
+            qt = shell.get_submodule(d.name).qweight.to(store)
+            if d.name in cache_keys:
+                cache.put(sources[d.name], cache_keys[d.name], qt.with_parts(params=qt.params.replace(backend=None)))
+            new_layers[d.name] = qt
+        elif d.name in selector.hits:
+            qt = selector.hits[d.name]
+            new_layers[d.name] = qt.with_parts(params=qt.params.replace(backend=backend))
+            report.cached.append(d.name)
+        else:
+            report.kept.append((d.name, d.reason))
+            if settings.log_progress:
+                logger.info("comfyquant: kept %s %s: %s", d.name, list(d.shape), d.reason)
+    if not new_layers:
+        _note(report, MSG_NOT_CONVERTED)
+        return patcher, report
+    clone = patcher.clone()
+    for name, qt in new_layers.items():
+        src = linears[name]
+        clone.add_object_patch(PREFIX + name, ComfyQuantLinear.wrap(qt, src.bias))
+        report.converted.append(name)
+        report.bytes_before += src.weight.nbytes
+        report.bytes_after += qt.nbytes
+        if settings.log_progress:
+            logger.info("comfyquant: converted %s %s -> %s", name, list(qt.shape), qt.layout_name)
+        key = f"{PREFIX}{name}.weight"
+        if key in report.baked_loras:
+            clone.patches.pop(key, None)
+    report.baked_loras = [k for k in report.baked_loras if k[len(PREFIX):-len(".weight")] in new_layers]
+    clone.patches_uuid = uuid.uuid4()  # the clone's weights differ from its parent's
+    clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))
+    clone.model_options.setdefault("transformer_options", {})["comfyquant"] = settings
+    register_patch_callback(clone)
+    logger.info(report.summary())
+    return clone, report

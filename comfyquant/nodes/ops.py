@@ -1,0 +1,121 @@
+"""The linear layer the node pack puts into ComfyUI models, and the ComfyUI op set its loader builds models with.
+
+``ComfyQuantLinear`` is a :class:`~comfyquant.runtime.nn.QuantLinear` that also speaks the ModelPatcher's
+protocol: ``weight_function`` / ``bias_function`` lists (lowvram LoRA patches, weight wrappers), ``convert_weight``
+/ ``set_weight`` (ComfyUI bakes a LoRA patch by dequantizing, patching in float and requantizing), and a weight
+that may stay on the offload device (it is then moved per call). It has no ``comfy_cast_weights`` attribute on
+purpose: ComfyUI then treats it as a plain module and moves its (small) quantized weights whole, in the classic
+and the dynamic-VRAM loader alike, instead of staging them through buffers sized for ComfyUI's own tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comfyquant.runtime.nn import QuantLinear
+from comfyquant.runtime.tensor import REGISTRY, QuantizedTensor
+
+_LINEAR = torch.ops.aten.linear.default
+
+
+class ComfyQuantLinear(QuantLinear):
+    """A quantized linear layer inside a ComfyUI model (object-patched in by the adapter or built by the loader)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_function: list[Any] = []
+        self.bias_function: list[Any] = []
+
+    @classmethod
+    def wrap(cls, weight: QuantizedTensor, bias: torch.Tensor | None) -> ComfyQuantLinear:
+        """A layer around an already quantized weight (shared, not copied) and a float bias."""
+        out_f, in_f = weight.shape
+        mod = cls(in_f, out_f, bias is not None, weight=weight, device=weight.device, dtype=weight.dtype)
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return mod
+
+    # ---- ModelPatcher protocol -------------------------------------------------------------------------
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs: Any) -> torch.Tensor:
+        """What ComfyUI patches a LoRA into: the dequantized weight."""
+        return weight.dequantize() if isinstance(weight, QuantizedTensor) else weight
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed: int | None = None,
+                   return_weight: bool = False, **kwargs: Any) -> torch.Tensor | None:
+        """Requantize a patched float weight in this layer's format (scales recomputed; backend kept)."""
+        qt = self.qweight
+        layout = qt.layout_cls
+        new = QuantizedTensor.from_float(weight.to(device=qt.device, dtype=qt.dtype), layout,
+                                         **layout.requantize_kwargs(qt.params))
+        if return_weight:
+            return new
+        self.weight = nn.Parameter(new, requires_grad=False)
+        return None
+
+    # ---- compute ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight
+        bias = self._parameters["bias"]
+        if w.device != x.device:  # left on the offload device by a partial (lowvram) load
+            w = w.to(x.device, non_blocking=True)
+            bias = None if bias is None else bias.to(x.device, non_blocking=True)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if self.weight_function or self.bias_function:
+            # a patch ComfyUI applies on the fly (lowvram LoRA, weight wrapper): run it on the float weight
+            wf = w.dequantize().to(x.dtype)
+            for f in self.weight_function:
+                wf = f(wf)
+            for f in self.bias_function:
+                bias = f(bias)
+            y = F.linear(x, wf, bias)
+        else:
+            handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
+            y = F.linear(x, w, bias) if handler is None else handler(_LINEAR, (x, w, bias), {})
+        side = getattr(self, "adapter", None)  # QuantLinear's optional side path (dynamic LoRAs)
+        return y if side is None else side(x, y)
+
+
+def is_plain_linear(mod: nn.Module) -> bool:
+    """A linear layer with a plain float 2-D weight: ``nn.Linear`` or one of ComfyUI's op-set ``Linear`` classes."""
+    if isinstance(mod, QuantLinear):
+        return False
+    linear_like = isinstance(mod, nn.Linear) or (type(mod).__name__ == "Linear" and hasattr(mod, "in_features")
+                                                 and hasattr(mod, "out_features"))
+    w = getattr(mod, "weight", None)
+    return (linear_like and isinstance(w, torch.Tensor) and type(w) in (torch.Tensor, nn.Parameter)
+            and w.dim() == 2 and w.is_floating_point() and not w.is_meta)
+
+
+def make_comfy_ops() -> type:
+    """A ComfyUI op set (``model_options["custom_operations"]``) whose ``Linear`` defers quantized layers.
+
+    Plain layers behave exactly as ComfyUI's ``manual_cast.Linear``. A layer whose state dict carries
+    ``comfy_quant`` keeps its tensors aside (``pending_quant``) and holds no float weight;
+    :func:`comfyquant.nodes.loader.swap_pending` then replaces it by a :class:`ComfyQuantLinear`.
+    """
+    import comfy.ops
+
+    class ComfyQuantOps(comfy.ops.manual_cast):
+        class Linear(comfy.ops.manual_cast.Linear):
+            pending_quant: dict[str, torch.Tensor] | None = None
+
+            def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                                      missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+                if prefix + "comfy_quant" not in state_dict:
+                    return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                         unexpected_keys, error_msgs)
+                own = {k[len(prefix):]: v for k, v in state_dict.items()
+                       if k.startswith(prefix) and "." not in k[len(prefix):]}
+                self.pending_quant = own
+                self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, device="meta"),
+                                           requires_grad=False)
+                if "bias" in own and self.bias is not None:
+                    self.bias = nn.Parameter(own["bias"], requires_grad=False)
+                return None
+
+    return ComfyQuantOps

@@ -1,0 +1,28 @@
+"""The GPU benchmark's --smoke mode runs end to end on the CPU (every variant, json + md written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_comfyui_flux.py"
+
+
+def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path),
+                           "--comfyui-cache", str(comfyui_root)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_comfyui_flux.json").read_text())
+    variants = [r["variant"] for r in report["results"]]
+    assert variants == ["bf16", "adapter int8", "adapter int8-rot", "adapter fp8", "ComfyUI int8 (same file)",
+                        "comfyquant loader (same file)"]
+    assert all(r["step_ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in report["results"])
+    assert all("layers converted" in r["note"] for r in report["results"] if r["variant"].startswith("adapter"))
+    assert "| adapter int8 | 64 |" in (tmp_path / "bench_comfyui_flux.md").read_text()

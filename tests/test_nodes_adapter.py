@@ -1,0 +1,178 @@
+"""The node pack's engine driven in-process with ComfyUI 0.30's own ModelPatcher, Flux class and LoRA code:
+object patches on a clone, the memo, bad models, lowvram partial loads, weight wrappers, the install command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from comfyui_server_fixtures import make_lora, rel_err
+from safetensors.torch import load_file
+
+from comfyquant.errors import UserError
+from comfyquant.eval.workloads import DIT_FIXTURE
+from comfyquant.nodes.adapter import MSG_AUTO_FAILED, MSG_NO_DIFFUSION, adapt_model
+from comfyquant.nodes.cache import QuantCache
+from comfyquant.nodes.ops import ComfyQuantLinear
+from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def dit_sd() -> dict[str, torch.Tensor]:
+    return load_file(str(DIT_FIXTURE))
+
+
+def _patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
+
+
+def _forward(comfy: Any, patcher: Any, sd: dict[str, torch.Tensor], **load: Any) -> torch.Tensor:
+    import comfy.model_management
+
+    if load:
+        comfy.model_management.unload_all_models()
+        patcher.patch_model(**load)
+    else:
+        comfy.model_management.load_models_gpu([patcher])
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8])
+    ctx, y = sd["conditioner.txt_table"][[3, 10]].float(), sd["conditioner.vec_table"][[3, 10]].float()
+    try:
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, t, ctx, y=y).clone()
+    finally:
+        if load:
+            patcher.unpatch_model()
+
+
+def test_adapter_patches_a_clone_and_leaves_the_input_alone(comfy: Any, dit_sd: dict) -> None:
+    base = _patcher(comfy, dit_sd)
+    ref = _forward(comfy, base, dit_sd)
+    cache = QuantCache()
+    calls: list[tuple[int, int]] = []
+
+    class Progress:  # ComfyUI's ProgressBar interface
+        def update_absolute(self, value: int, total: int) -> None:
+            calls.append((value, total))
+
+    out, report = adapt_model(base, AdapterSettings(format="int8"), cache=cache, progress=Progress())
+    assert len(calls) > 20 and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert out is not base and not base.object_patches and len(out.object_patches) == len(report.converted) == 20
+    assert report.preset == "flux" and report.bytes_after < report.bytes_before / 3
+    assert all(isinstance(m, ComfyQuantLinear) for m in out.object_patches.values())
+    assert out.model_options["transformer_options"]["comfyquant"] == AdapterSettings(format="int8")
+    q = _forward(comfy, out, dit_sd)
+    assert 0 < rel_err(q, ref) < 0.01  # measured 0.0035
+    assert torch.equal(_forward(comfy, base, dit_sd), ref)  # the shared model is back to float after unloading ours
+    again, report2 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(backend="torch")),
+                                 cache=cache)
+    assert len(report2.cached) == 20 and len(cache) == 20
+    name = "diffusion_model.double_blocks.0.img_attn.qkv"
+    a, b = out.object_patches[name], again.object_patches[name]
+    assert a is not b and a.qweight.qdata.data_ptr() == b.qweight.qdata.data_ptr()  # shared storage
+    assert a.backend is None and b.backend == "torch"  # settings belong to each patched model
+    assert torch.equal(_forward(comfy, again, dit_sd), q)
+
+
+def test_model_without_diffusion_model_is_returned_unchanged(comfy: Any) -> None:
+    import comfy.model_patcher
+
+    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(32, 32), torch.device("cpu"), torch.device("cpu"))
+    out, report = adapt_model(patcher, AdapterSettings())
+    assert out is patcher and report.messages == [MSG_NO_DIFFUSION] and not report.converted
+
+
+def test_unknown_architecture_uses_the_conservative_union(comfy: Any) -> None:
+    import comfy.model_patcher
+
+    class Unknown(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.diffusion_model = torch.nn.ModuleDict({
+                "stem": torch.nn.Linear(64, 64), "blocks": torch.nn.Sequential(torch.nn.Linear(64, 128),
+                                                                                torch.nn.Linear(128, 64)),
+                "final_layer": torch.nn.ModuleDict({"linear": torch.nn.Linear(64, 64)}),
+                "norm": torch.nn.LayerNorm(64)})
+
+    model = Unknown()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    out, report = adapt_model(patcher, AdapterSettings())
+    assert MSG_AUTO_FAILED in report.messages and report.preset == "generic"
+    assert set(report.converted) == {"stem", "blocks.0", "blocks.1"}
+    assert ("final_layer.linear", next(r for n, r in report.kept if n == "final_layer.linear")) in report.kept
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = torch.randn(3, 64)
+    out.patch_model()
+    try:
+        with torch.no_grad():
+            got = out.model.diffusion_model["blocks"](x)
+        assert isinstance(out.model.diffusion_model["blocks"][0], ComfyQuantLinear)
+    finally:
+        out.unpatch_model()
+    with torch.no_grad():
+        assert 0 < rel_err(got, model.diffusion_model["blocks"](x)) < 0.02
+
+
+def test_lora_reaches_every_layer_in_a_lowvram_load_and_weight_wrappers_apply(comfy: Any, dit_sd: dict) -> None:
+    import comfy.lora
+    import comfy.sd
+
+    base = _patcher(comfy, dit_sd)
+    q, _ = adapt_model(base, AdapterSettings(format="int8"))
+    q_lora, _ = comfy.sd.load_lora_for_models(q, None, make_lora(), 1.0, 0.0)
+    f_lora, _ = comfy.sd.load_lora_for_models(base, None, make_lora(), 1.0, 0.0)
+    full = _forward(comfy, q_lora, dit_sd)
+    low = _forward(comfy, q_lora, dit_sd, device_to=torch.device("cpu"), lowvram_model_memory=1)
+    ref = _forward(comfy, f_lora, dit_sd)
+    plain = _forward(comfy, q, dit_sd)
+    assert rel_err(plain, ref) > 0.05  # the LoRA matters
+    assert rel_err(full, ref) < 0.02 and rel_err(low, ref) < 0.02, (rel_err(full, ref), rel_err(low, ref))
+    wrapped = q.clone()
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    wrapped.add_weight_wrapper(key, lambda w: w * 0)
+    zeroed = _forward(comfy, wrapped, dit_sd)
+    assert rel_err(zeroed, plain) > 0.01  # the wrapper ran on the quantized layer
+
+
+def test_runtime_options_map_onto_backend_names_and_dispatch_policies() -> None:
+    from comfyquant.runtime.kernels.registry import backends_for
+
+    assert RuntimeOptions().backend_for("int8") is None
+    for kind in ("int8", "fp8"):
+        no_small = RuntimeOptions(small_batch_fallback=False).backend_for(kind)
+        assert set(no_small.allow) == set(backends_for(kind)) - {"dequant", "triton_w8a16"} and no_small.mode == "eager"
+        assert "torch" in no_small.allow
+    assert RuntimeOptions(use_triton=False).backend_for("int8").allow == ("torch", "dequant")
+    assert RuntimeOptions(cuda_graphs=True).backend_for("int8").mode == "graph"
+    assert RuntimeOptions(backend="torch").backend_for("fp8") == "torch"
+    with pytest.raises(UserError, match="no kernel for fp8"):
+        RuntimeOptions(backend="triton").backend_for("fp8")
+    with pytest.raises(UserError, match="runtime_backend"):
+        RuntimeOptions(backend="tensorrt")
+    assert AdapterSettings(format="int8", outlier_method="hadamard").quant_format() == "int8-rot"
+
+
+def test_install_nodes_links_or_copies_and_refuses_foreign_folders(tmp_path: Path) -> None:
+    from comfyquant.cli.main import main
+    from comfyquant.nodes.install import ENTRY_FILE, MARKER
+
+    assert (Path(__file__).resolve().parent.parent / "__init__.py").read_text() == ENTRY_FILE
+    assert main(["install-nodes", str(tmp_path)]) == 2  # no custom_nodes/ folder
+    (tmp_path / "custom_nodes").mkdir()
+    assert main(["install-nodes", str(tmp_path), "--example-model"]) == 0
+    target = tmp_path / "custom_nodes" / "comfyquant"
+    assert (target / "comfyquant").is_symlink() and (target / "__init__.py").read_text() == ENTRY_FILE
+    assert (tmp_path / "models" / "diffusion_models" / "comfyquant_digits_dit.safetensors").exists()
+    assert main(["install-nodes", str(tmp_path), "--copy"]) == 0  # replaces its own earlier install
+    assert not (target / "comfyquant").is_symlink() and (target / "comfyquant" / "nodes" / "adapter.py").is_file()
+    assert json.loads((target / MARKER).read_text())["mode"] == "copy"
+    assert not list((target / "comfyquant").rglob("__pycache__"))
+    (target / MARKER).unlink()
+    assert main(["install-nodes", str(tmp_path)]) == 2  # not ours any more
+    assert main(["install-nodes", str(tmp_path), "--force"]) == 0
