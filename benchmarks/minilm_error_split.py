@@ -50,21 +50,27 @@ def fake_quant_tokens(x: torch.Tensor, group: int | None) -> torch.Tensor:
     return y.reshape(x.shape).to(x.dtype)
 
 
-def with_act_quant(model: nn.Module, layers: list[str], group: int | None) -> list:
-    """Forward pre-hooks that quantize the inputs of ``layers``; returns the handles (remove them after)."""
+def with_act_quant(model: nn.Module, layers: dict[str, int | None], rotate: bool) -> list:
+    """Forward pre-hooks that quantize the inputs of ``layers`` (name -> convrot group), rotated by each layer's
+    own group when ``rotate``; returns the handles (remove them after)."""
     mods = dict(model.named_modules())
-    return [mods[n].register_forward_pre_hook(lambda _m, a: (fake_quant_tokens(a[0], group), *a[1:]))
-            for n in layers]
+
+    def hook(group: int | None):
+        return lambda _m, a: (fake_quant_tokens(a[0], group), *a[1:])
+
+    return [mods[n].register_forward_pre_hook(hook(g if rotate else None)) for n, g in layers.items()]
 
 
-def quantized_layers(path: Path) -> tuple[list[str], str, int | None]:
-    """Names, ComfyUI format string and convrot group of the quantized layers of a file."""
+def quantized_layers(path: Path) -> tuple[dict[str, int | None], str]:
+    """Quantized layers of a file, each with its convrot group (None: not rotated), and the ComfyUI format(s).
+
+    int8-rot chooses the group per layer (it depends on K), so one file can hold several group sizes."""
     with safe_open(str(path), "pt") as f:
         keys = [k for k in f.keys() if k.endswith(".comfy_quant")]
         confs = {k[: -len(".comfy_quant")]: decode_comfy_quant(f.get_tensor(k)) for k in keys}
     fmts = {c["format"] for c in confs.values()}
-    groups = {c.get("convrot_groupsize") for c in confs.values()} - {None}
-    return sorted(confs), "/".join(sorted(fmts)), (groups.pop() if len(groups) == 1 else None)
+    groups = {n: (c.get("convrot_groupsize") if c.get("convrot") else None) for n, c in sorted(confs.items())}
+    return groups, "/".join(sorted(fmts))
 
 
 def cos_stats(vec: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -85,22 +91,23 @@ def main() -> None:
     out: dict = {"files": {}, "activation_only": {}}
     rows = []
     for path in args.files:
-        layers, fmt, group = quantized_layers(path)
+        layers, fmt = quantized_layers(path)
         full, _ = load_quantized_report(empty_minilm(), path, compute_dtype=torch.float32)
         wonly, _ = load_quantized_report(empty_minilm(), path, compute_dtype=torch.float32, backend="dequant")
         r = {"format": fmt, "layers": len(layers), "w8a8": cos_stats(run(full.eval()), ref),
              "weight_only": cos_stats(run(wonly.eval()), ref)}
         out["files"][str(path)] = r
         rows.append((path.parent.name, r["w8a8"], r["weight_only"]))
-        for label, g in (("per-token int8", None), ("rotated, per-token int8", group)):
-            if g is None and label != "per-token int8":
+        rotated = any(g is not None for g in layers.values())
+        for label, rotate in (("per-token int8", False), ("rotated, per-token int8", True)):
+            if rotate and not rotated:
                 continue
             for gname, pat in {"all quantized layers": ".", **GROUPS}.items():
                 key = f"{label}: {gname}"
                 if key in out["activation_only"]:
                     continue
-                sel = [n for n in layers if re.search(pat, n)]
-                hooks = with_act_quant(ref_model, sel, g)
+                sel = {n: g for n, g in layers.items() if re.search(pat, n)}
+                hooks = with_act_quant(ref_model, sel, rotate)
                 try:
                     out["activation_only"][key] = {"layers": len(sel), **cos_stats(run(ref_model), ref)}
                 finally:
