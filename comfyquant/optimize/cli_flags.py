@@ -38,7 +38,8 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                    help="optimizer of learned rounding (default adamw)")
     g.add_argument("--num-iter", type=int, default=LearnedConfig.iters, help="learned rounding steps per layer")
     g.add_argument("--lr", type=float, default=None, help="learned rounding learning rate")
-    g.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES, help="learned rounding LR schedule")
+    g.add_argument("--lr-schedule", default=LearnedConfig.schedule, choices=LR_SCHEDULES,
+                   help=f"learned rounding LR schedule (default {LearnedConfig.schedule})")
     g.add_argument("--quip-storage", default="auto", choices=("auto", "folded", "convrot"),
                    help="QuIP result: convrot (needs --format int8-rot), folded (plain file), auto")
     g.add_argument("--quip-requant-scheme", choices=sorted(REQUANT_FORMATS),

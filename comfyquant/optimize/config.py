@@ -17,15 +17,22 @@ QUIP_STORAGE = ("auto", "folded", "convrot")
 class LearnedConfig:
     """Learned rounding (AdaRound-style): the optimizer over the rounding variables and its LR schedule.
 
-    ``lr`` None = the optimizer's default (adamw/radam 0.05, original 1.0 on the normalized gradient,
+    ``lr`` None = the optimizer's default (adamw/radam 0.1, original 1.0 on the normalized gradient,
     prodigy 1.0 as Prodigy's multiplier). The plateau/exponential/adaptive knobs follow convert_to_quant's
     flags of the same names.
+
+    Defaults (measured on the digits DiT's calibration Hessians, docs/OPTIMIZERS.md): a constant LR, because
+    a decaying one freezes the rounding variables before the annealed regularizer has made them binary (the
+    soft loss ends far below the hard one); ``reg_weight`` 10, because the reconstruction loss is normalized
+    by RTN's error, so its per-weight curvature (~24/n) exceeds the regularizer's (~8/n at beta 2) unless the
+    regularizer is weighted above ~3; no warmup, because the rounding starts at the continuous optimum
+    (zero reconstruction gradient), so steps without the regularizer do nothing.
     """
 
     optimizer: str = "adamw"
     iters: int = 500
     lr: float | None = None
-    schedule: str = "cosine"
+    schedule: str = "constant"
     lr_gamma: float = 0.99
     lr_patience: int = 10
     lr_factor: float = 0.5
@@ -36,13 +43,13 @@ class LearnedConfig:
     early_stop_loss: float = 0.0
     early_stop_lr: float = 0.0
     early_stop_stall: int = 0  # 0: no stall stop
-    reg_weight: float = 1.0
+    reg_weight: float = 10.0
     beta_start: float = 20.0
     beta_end: float = 2.0
-    warmup: float = 0.2  # fraction of iterations without the rounding regularizer
+    warmup: float = 0.0  # fraction of iterations without the rounding regularizer
 
     def default_lr(self) -> float:
-        return self.lr if self.lr is not None else {"adamw": 0.05, "radam": 0.05}.get(self.optimizer, 1.0)
+        return self.lr if self.lr is not None else {"adamw": 0.1, "radam": 0.1}.get(self.optimizer, 1.0)
 
 
 @dataclass(frozen=True)
