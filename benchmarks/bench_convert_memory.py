@@ -283,6 +283,8 @@ def to_markdown(res: dict[str, object]) -> str:
              f"{inp['largest_tensor_bytes'] / 2**20:.0f} MiB. Machine: {res['machine']['cpus']} CPUs, "
              f"{res['machine']['ram_gib']:.0f} GiB RAM, torch {res['machine']['torch']}"
              + (f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} before the runs" if load else "")
+             + (". Page cache dropped before every run (the input read from disk)"
+                if res["machine"].get("cold_cache") else ". Input possibly in the page cache")
              + ".", "", *rows, "",
              f"- memory: peak RSS {checks['peak_rss_gib']:.2f} GiB vs limit {checks['rss_limit_gib']:.2f} GiB "
              f"(2 GiB + 4 x largest tensor, every comfyquant process): {'PASS' if checks['rss_ok'] else 'FAIL'}",
@@ -290,6 +292,15 @@ def to_markdown(res: dict[str, object]) -> str:
              f"output): {'PASS' if checks['copy_ok'] else 'MISS'}; convert / copy alone = "
              f"{checks['copy_ratio_no_fsync']:.2f}"]
     return "\n".join(lines) + "\n"
+
+
+def drop_page_cache() -> None:
+    """Write dirty pages and drop the page cache (Linux, root): the next read of the input comes from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        raise SystemExit(f"bench_convert_memory: --cold-cache needs root on Linux ({e.strerror})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated process counts for comfyquant (default 1); N > 1 runs "
                          "`torchrun --nproc-per-node N -m comfyquant convert ...` and checks the output is "
                          "byte-identical to the 1-process one")
+    ap.add_argument("--cold-cache", action="store_true",
+                    help="drop the page cache before the copy and before each conversion (needs root), so "
+                         "every run reads its input from disk, as a first conversion of a downloaded file does")
     args = ap.parse_args(argv)
     if not sys.platform.startswith("linux"):
         print("error: this benchmark reads /proc and needs Linux", file=sys.stderr)
@@ -329,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = list(os.getloadavg())
     log(f"load average before the runs: {load_before}")
+    cold = (lambda: drop_page_cache()) if args.cold_cache else (lambda: None)
     copy_path = work / "copy.safetensors"
+    cold()
     copy = timed_copy(src, copy_path)
     copy_path.unlink()
 
@@ -352,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                    "127.0.0.1", "--master-port", str(_free_port()), "-m", "comfyquant", *conv]
         # N processes share the cores: cores / N threads each (what torchrun's default of 1 is on 2 cores)
         env = None if n == 1 else {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+        cold()
         m = run_measured(name, cmd, work / f"ours-{n}p.log", out, args.timeout, env=env)
         runs.append(m)
         info: dict[str, object] = {}
@@ -371,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if script is not None:
             peer_out = work / "peer-int8.safetensors"
             peer_out.unlink(missing_ok=True)
+            cold()
             peer = run_measured("convert_to_quant 1.3.4 --int8 --scaling_mode row --simple",
                                 [str(script), "-i", str(src), "-o", str(peer_out), *PEER_ARGS],
                                 work / "peer.log", peer_out, args.timeout)
@@ -395,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
            "runs": [{**asdict(m), "quantized_layers": None, "identical_to_1_process": None, **extra.get(m.name, {})}
                     for m in runs],
            "peer_error": peer_error, "checks": checks,
-           "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
+           "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "cold_cache": args.cold_cache, "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
                        "platform": platform.platform(), "python": platform.python_version(),
                        "torch": torch.__version__},
            "note": "input written just before the runs, so copy and conversions read it from the page cache "
