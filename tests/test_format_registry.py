@@ -27,7 +27,7 @@ from comfyquant.formats import (
     quantize_weight,
     register_format,
 )
-from comfyquant.formats.grids import Fp4Grid, IntGrid
+from comfyquant.formats.grids import FP4_E2M1, FP8_E4M3, FP8_E5M2, INT4, INT8, Fp4Grid, IntGrid
 from comfyquant.formats.scaling import Block
 from comfyquant.io.comfy_meta import decode_comfy_quant
 from comfyquant.runtime import QuantLinear, load_quantized
@@ -212,3 +212,12 @@ def test_fallback_option_chooses_where_misfit_layers_go(tmp_path: Path) -> None:
     assert odd.action == "keep" and "kept in high precision" in odd.reason
     with pytest.raises(UserError, match="unknown format 'int3'"):
         comfyquant.convert(src, tmp_path / "c.safetensors", fallback="int3", progress=False)
+
+
+@pytest.mark.parametrize("grid", [INT8, INT4, FP8_E4M3, FP8_E5M2, FP4_E2M1], ids=lambda g: g.name)
+def test_snap_is_values_of_round(grid):
+    """``snap`` (GPTQ's per-column rounding) is ``values(round(y))`` exactly: ties, out-of-range values, zeros."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.randn(4096, generator=g) * grid.max * 0.6, torch.tensor([0.5, 1.5, -2.5, 0.0, -0.0]),
+                   torch.tensor([grid.max * 3, -grid.max * 3, grid.max + 0.25])])
+    torch.testing.assert_close(grid.snap(y), grid.values(grid.round(y), torch.float32), rtol=0, atol=0)

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -173,13 +174,11 @@ class Session:
             self._state = "failing"
         if already:
             return
-        if self.rank == 0:
-            for p in range(1, self.world):
-                self._tell(p, ABORT)
-        else:
-            self._tell(0, FAILED)
+        words = [(p, ABORT) for p in range(1, self.world)] if self.rank == 0 else [(0, FAILED)]
+        self._threads.append(self._tell_in_thread(words))
+        deadline = time.monotonic() + min(self.cfg.timeout_s, SETTLE_S)
         for t in self._threads:  # the peers answer ABORT/FAILED at once (or their connection closes)
-            t.join(min(self.cfg.timeout_s, SETTLE_S))
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _tell(self, peer: int, code: int) -> None:
         if peer in self._told:
@@ -189,6 +188,15 @@ class Session:
             self._send(peer, code)
         except RuntimeError:
             pass  # the peer is already gone: its connection error is what ended the job
+
+    def _tell_in_thread(self, words: list[tuple[int, int]]) -> threading.Thread:
+        """Send final status words from a daemon thread: a send to a peer that was stopped before it posted its
+        receive can block for good (the watch group has no timeout). Callers wait for it at most a bounded time
+        and leave with ``os._exit`` if it is still blocked."""
+        teller = threading.Thread(target=lambda: [self._tell(p, c) for p, c in words], name="comfyquant-tell",
+                                  daemon=True)
+        teller.start()
+        return teller
 
     def _send(self, peer: int, code: int) -> None:
         dist.send(torch.tensor([code], dtype=torch.int64), peer, group=self._watch)  # type: ignore[arg-type]
@@ -224,8 +232,7 @@ class Session:
         for path in self._cleanups:
             path.unlink(missing_ok=True)
         if self.rank == 0:
-            for p in range(1, self.world):
-                self._tell(p, ABORT)
+            self._tell_in_thread([(p, ABORT) for p in range(1, self.world)]).join(min(self.cfg.timeout_s, SETTLE_S))
         sys.stdout.flush()
         os._exit(EXIT_FAILED)
 

@@ -36,6 +36,10 @@ class IntGrid:
     def values(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return codes.to(dtype)
 
+    def snap(self, y: torch.Tensor) -> torch.Tensor:
+        """``values(round(y))`` in y's float dtype without the int8 round trip (two kernels instead of four)."""
+        return torch.round(y).clamp_(-self.qmax, self.qmax)
+
 
 @dataclass(frozen=True)
 class FloatGrid:
@@ -59,6 +63,10 @@ class FloatGrid:
     def values(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return codes.to(dtype)
 
+    def snap(self, y: torch.Tensor) -> torch.Tensor:
+        """``values(round(y))``: the nearest grid value of ``y``, in y's dtype."""
+        return self.round(y).to(y.dtype)
+
 
 @dataclass(frozen=True)
 class Fp4Grid:
@@ -79,6 +87,10 @@ class Fp4Grid:
 
     def values(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return fp4.decode_e2m1(codes, dtype)
+
+    def snap(self, y: torch.Tensor) -> torch.Tensor:
+        """``values(round(y))``: the nearest grid value of ``y``, in y's dtype."""
+        return self.values(self.round(y), y.dtype)
 
 
 INT8 = IntGrid("int8", 127)

@@ -40,6 +40,10 @@ def gptq_round(w: torch.Tensor, u: torch.Tensor, grid: LayerGrid, *, block: int 
     per_col = scale.dim() == 2 and scale.shape[1] == k and k > 1
     if per_col and perm is not None:
         scale = scale[:, perm]
+    # multiply by 1/s (0 where s is 0: a zero-scale block rounds to 0) instead of dividing and testing per column
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / torch.where(scale == 0, 1.0, scale))
+    eg = grid.fmt.element_grid
+    snap = getattr(eg, "snap", None) or (lambda y: eg.values(eg.round(y), y.dtype))  # grids outside grids.py
     q = torch.empty_like(work)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
@@ -48,8 +52,9 @@ def gptq_round(w: torch.Tensor, u: torch.Tensor, grid: LayerGrid, *, block: int 
         u1 = uf[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = w1[:, i:i + 1]
-            s = scale[:, b0 + i:b0 + i + 1] if per_col else scale
-            qc = grid.fake_quant_scaled(col, s)
+            c = slice(b0 + i, b0 + i + 1)
+            s, si = (scale[:, c], inv[:, c]) if per_col else (scale, inv)
+            qc = snap(col * si) * s
             q[:, b0 + i:b0 + i + 1] = qc
             e = (col - qc) / u1[i, i]
             w1[:, i:] -= e * u1[i:i + 1, i:]
