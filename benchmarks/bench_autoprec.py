@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import platform
-import re
 import sys
 import time
 import zlib
@@ -28,21 +27,12 @@ from pathlib import Path
 import torch
 
 from comfyquant.calibration.stats import CalibrationStats, LayerStats
-from comfyquant.testing.architectures import arch_tensors
 from comfyquant.testing.synthetic import ValueModel, write_streamed
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_optimizers import flux_specs
+
 ROWS = 2 * 28 * 4608  # 2 prompts x 28 steps x (4096 image + 512 text tokens) at 1024x1024
-
-
-def flux_specs(blocks: int | None, smoke: bool) -> list[tuple[str, tuple[int, ...]]]:
-    specs = [(n, tuple(s)) for n, s in arch_tensors("flux", "tiny" if smoke else "full")]
-    if blocks is None:
-        return specs
-
-    def keep(name: str) -> bool:
-        m = re.match(r"(double|single)_blocks\.(\d+)\.", name)
-        return m is None or int(m.group(2)) < blocks
-    return [(n, s) for n, s in specs if keep(n)]
 
 
 def _sync(device: str) -> None:

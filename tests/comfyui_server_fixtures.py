@@ -46,6 +46,28 @@ def make_lora(seed: int = 0, rank: int = 4, scale: float = 0.08) -> dict[str, to
     return out
 
 
+def dit_forward(patcher: Any, sd: dict[str, torch.Tensor], **load: Any) -> torch.Tensor:
+    """One digits-DiT denoiser call through a ComfyUI MODEL (fixed noise, timesteps and digits 3 and 0): loaded
+    by ``load_models_gpu``, or with ``load`` (``patch_model`` arguments, e.g. ``lowvram_model_memory``) patched
+    in directly and unpatched after."""
+    import comfy.model_management
+
+    if load:
+        comfy.model_management.unload_all_models()
+        patcher.patch_model(**load)
+    else:
+        comfy.model_management.load_models_gpu([patcher])
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8])
+    ctx, y = sd["conditioner.txt_table"][[3, 10]].float(), sd["conditioner.vec_table"][[3, 10]].float()
+    try:
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, t, ctx, y=y).clone()
+    finally:
+        if load:
+            patcher.unpatch_model()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """RMS of ``a - b`` relative to the RMS of ``b`` (float64)."""
     a64, b64 = a.to(torch.float64), b.to(torch.float64)

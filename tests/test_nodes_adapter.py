@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from comfyui_server_fixtures import make_lora, rel_err
+from comfyui_server_fixtures import dit_forward, make_lora, rel_err
 from safetensors.torch import load_file
 
 from comfyquant.errors import UserError
@@ -31,28 +31,10 @@ def _patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
     return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
 
 
-def _forward(comfy: Any, patcher: Any, sd: dict[str, torch.Tensor], **load: Any) -> torch.Tensor:
-    import comfy.model_management
-
-    if load:
-        comfy.model_management.unload_all_models()
-        patcher.patch_model(**load)
-    else:
-        comfy.model_management.load_models_gpu([patcher])
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8])
-    ctx, y = sd["conditioner.txt_table"][[3, 10]].float(), sd["conditioner.vec_table"][[3, 10]].float()
-    try:
-        with torch.no_grad():
-            return patcher.model.diffusion_model(x, t, ctx, y=y).clone()
-    finally:
-        if load:
-            patcher.unpatch_model()
-
 
 def test_adapter_patches_a_clone_and_leaves_the_input_alone(comfy: Any, dit_sd: dict) -> None:
     base = _patcher(comfy, dit_sd)
-    ref = _forward(comfy, base, dit_sd)
+    ref = dit_forward(base, dit_sd)
     cache = QuantCache()
     calls: list[tuple[int, int]] = []
 
@@ -66,9 +48,9 @@ def test_adapter_patches_a_clone_and_leaves_the_input_alone(comfy: Any, dit_sd: 
     assert report.preset == "flux" and report.bytes_after < report.bytes_before / 3
     assert all(isinstance(m, ComfyQuantLinear) for m in out.object_patches.values())
     assert out.model_options["transformer_options"]["comfyquant"] == AdapterSettings(format="int8")
-    q = _forward(comfy, out, dit_sd)
+    q = dit_forward(out, dit_sd)
     assert 0 < rel_err(q, ref) < 0.01  # measured 0.0035
-    assert torch.equal(_forward(comfy, base, dit_sd), ref)  # the shared model is back to float after unloading ours
+    assert torch.equal(dit_forward(base, dit_sd), ref)  # the shared model is back to float after unloading ours
     again, report2 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(backend="torch")),
                                  cache=cache)
     assert len(report2.cached) == 20 and len(cache) == 20
@@ -76,7 +58,7 @@ def test_adapter_patches_a_clone_and_leaves_the_input_alone(comfy: Any, dit_sd: 
     a, b = out.object_patches[name], again.object_patches[name]
     assert a is not b and a.qweight.qdata.data_ptr() == b.qweight.qdata.data_ptr()  # shared storage
     assert a.backend is None and b.backend == "torch"  # settings belong to each patched model
-    assert torch.equal(_forward(comfy, again, dit_sd), q)
+    assert torch.equal(dit_forward(again, dit_sd), q)
 
 
 def test_model_without_diffusion_model_is_returned_unchanged(comfy: Any) -> None:
@@ -127,16 +109,16 @@ def test_lora_reaches_every_layer_in_a_lowvram_load_and_weight_wrappers_apply(co
     q, _ = adapt_model(base, AdapterSettings(format="int8"))
     q_lora, _ = comfy.sd.load_lora_for_models(q, None, make_lora(), 1.0, 0.0)
     f_lora, _ = comfy.sd.load_lora_for_models(base, None, make_lora(), 1.0, 0.0)
-    full = _forward(comfy, q_lora, dit_sd)
-    low = _forward(comfy, q_lora, dit_sd, device_to=torch.device("cpu"), lowvram_model_memory=1)
-    ref = _forward(comfy, f_lora, dit_sd)
-    plain = _forward(comfy, q, dit_sd)
+    full = dit_forward(q_lora, dit_sd)
+    low = dit_forward(q_lora, dit_sd, device_to=torch.device("cpu"), lowvram_model_memory=1)
+    ref = dit_forward(f_lora, dit_sd)
+    plain = dit_forward(q, dit_sd)
     assert rel_err(plain, ref) > 0.05  # the LoRA matters
     assert rel_err(full, ref) < 0.02 and rel_err(low, ref) < 0.02, (rel_err(full, ref), rel_err(low, ref))
     wrapped = q.clone()
     key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     wrapped.add_weight_wrapper(key, lambda w: w * 0)
-    zeroed = _forward(comfy, wrapped, dit_sd)
+    zeroed = dit_forward(wrapped, dit_sd)
     assert rel_err(zeroed, plain) > 0.01  # the wrapper ran on the quantized layer
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from comfyui_server_fixtures import rel_err
+from comfyui_server_fixtures import dit_forward, rel_err
 from safetensors.torch import load_file
 
 from comfyquant.errors import UserError
@@ -32,16 +32,6 @@ def base(comfy: Any, dit_sd: dict) -> Any:
     return comfy.sd.load_diffusion_model_state_dict(dict(dit_sd), model_options={})
 
 
-def _forward(patcher: Any, sd: dict[str, torch.Tensor]) -> torch.Tensor:
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([patcher])
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8])
-    ctx, y = sd["conditioner.txt_table"][[3, 10]].float(), sd["conditioner.vec_table"][[3, 10]].float()
-    with torch.no_grad():
-        return patcher.model.diffusion_model(x, t, ctx, y=y).clone()
-
 
 def _model_bytes(patcher: Any) -> int:
     """Bytes of the diffusion model's tensors as the patched MODEL holds them (quantized layers at their size)."""
@@ -58,7 +48,7 @@ def _model_bytes(patcher: Any) -> int:
 def test_auto_meets_the_size_budget_and_beats_the_uniform_formats(base: Any, dit_sd: dict) -> None:
     """Measured on the digits DiT (float32 model bytes; the uniform formats keep the preset's layers):
     int8 0.515 of the bytes at 0.32% error, int4-rot 0.434 at 3.2%; auto 0.449 at 0.29%, 0.200 at 2.9%."""
-    ref = _forward(base, dit_sd)
+    ref = dit_forward(base, dit_sd)
     before = _model_bytes(base)
     cache = QuantCache()
     got = {}
@@ -66,7 +56,7 @@ def test_auto_meets_the_size_budget_and_beats_the_uniform_formats(base: Any, dit
                            ("auto45", AdapterSettings(format="auto", budget="size=0.45")),
                            ("auto20", AdapterSettings(format="auto", budget="size=0.2"))):
         model, report = adapt_model(base, settings, cache=cache)
-        got[name] = (model, report, _model_bytes(model) / before, rel_err(_forward(model, dit_sd), ref))
+        got[name] = (model, report, _model_bytes(model) / before, rel_err(dit_forward(model, dit_sd), ref))
     for name, budget in (("auto45", 0.45), ("auto20", 0.2)):
         model, report, size, _ = got[name]
         assert size <= budget and report.auto.size_ratio <= budget, (name, size)
@@ -81,7 +71,7 @@ def test_auto_meets_the_size_budget_and_beats_the_uniform_formats(base: Any, dit
     # a re-run quantizes nothing: the same plan, every layer from the memo, the same outputs
     again, rep2 = adapt_model(base, AdapterSettings(format="auto", budget="size=0.2"), cache=cache)
     assert sorted(rep2.cached) == sorted(report.converted)
-    assert torch.equal(_forward(again, dit_sd), _forward(auto, dit_sd))
+    assert torch.equal(dit_forward(again, dit_sd), dit_forward(auto, dit_sd))
 
 
 def test_auto_on_a_bf16_model_counts_its_real_bytes_and_pins_each_format_s_backend(comfy: Any,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from comfyui_server_fixtures import make_lora, rel_err
+from comfyui_server_fixtures import dit_forward, make_lora, rel_err
 from safetensors.torch import load_file, save_file
 
 from comfyquant.errors import UserError
@@ -44,24 +44,6 @@ def lora_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return a, b
 
 
-def _forward(patcher: Any, sd: dict[str, torch.Tensor], **load: Any) -> torch.Tensor:
-    import comfy.model_management
-
-    if load:
-        comfy.model_management.unload_all_models()
-        patcher.patch_model(**load)
-    else:
-        comfy.model_management.load_models_gpu([patcher])
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8])
-    ctx, y = sd["conditioner.txt_table"][[3, 10]].float(), sd["conditioner.vec_table"][[3, 10]].float()
-    try:
-        with torch.no_grad():
-            return patcher.model.diffusion_model(x, t, ctx, y=y).clone()
-    finally:
-        if load:
-            patcher.unpatch_model()
-
 
 @pytest.fixture(scope="module")
 def models(comfy: Any, dit_sd: dict) -> tuple[Any, Any]:
@@ -81,8 +63,8 @@ def test_dynamic_and_bake_match_the_lora_on_the_float_model(comfy: Any, dit_sd: 
                                                            lora_files: tuple) -> None:
     base, q = models
     a, _ = lora_files
-    plain = _forward(q, dit_sd)
-    ref = _forward(_stock(comfy, base, a), dit_sd)
+    plain = dit_forward(q, dit_sd)
+    ref = dit_forward(_stock(comfy, base, a), dit_sd)
     assert rel_err(plain, ref) > 10 * BOUND  # the LoRA matters
     before = {k: m for k, m in q.object_patches.items()}
     dyn, rep = apply_loras(q, [LoraRequest(str(a), 1.0)], "dynamic")
@@ -93,11 +75,11 @@ def test_dynamic_and_bake_match_the_lora_on_the_float_model(comfy: Any, dit_sd: 
     assert q.object_patches == before and all(m.adapter is None for m in q.object_patches.values())
     baked, rep_b = apply_loras(q, [LoraRequest(str(a), 1.0)], "bake")
     assert len(rep_b.baked) == 20 and baked.object_patches[QKV].adapter is None
-    got_d, got_b = _forward(dyn, dit_sd), _forward(baked, dit_sd)
+    got_d, got_b = dit_forward(dyn, dit_sd), dit_forward(baked, dit_sd)
     assert rel_err(got_d, ref) < BOUND and rel_err(got_b, ref) < BOUND, (rel_err(got_d, ref), rel_err(got_b, ref))
     assert rel_err(got_d, got_b) < BOUND
-    assert torch.equal(_forward(q, dit_sd), plain)  # the input MODEL is unchanged
-    low = _forward(dyn, dit_sd, device_to=torch.device("cpu"), lowvram_model_memory=1)
+    assert torch.equal(dit_forward(q, dit_sd), plain)  # the input MODEL is unchanged
+    low = dit_forward(dyn, dit_sd, device_to=torch.device("cpu"), lowvram_model_memory=1)
     assert rel_err(low, got_d) < 1e-5
 
 
@@ -105,15 +87,15 @@ def test_stacking_in_a_chain_or_in_one_node_gives_both_effects(comfy: Any, dit_s
                                                                lora_files: tuple) -> None:
     base, q = models
     a, b = lora_files
-    ref_ab = _forward(_stock(comfy, base, a, b), dit_sd)
-    ref_a = _forward(_stock(comfy, base, a), dit_sd)
-    ref_b = _forward(_stock(comfy, base, b), dit_sd)
+    ref_ab = dit_forward(_stock(comfy, base, a, b), dit_sd)
+    ref_a = dit_forward(_stock(comfy, base, a), dit_sd)
+    ref_b = dit_forward(_stock(comfy, base, b), dit_sd)
     first, _ = apply_loras(q, [LoraRequest(str(a), 1.0)])
     chain, _ = apply_loras(first, [LoraRequest(str(b), 1.0)])
     one, _ = apply_loras(q, [LoraRequest(str(a), 1.0), LoraRequest(str(b), 1.0)])
     mixed, _ = apply_loras(apply_loras(q, [LoraRequest(str(a), 1.0)], "bake")[0], [LoraRequest(str(b), 1.0)])
     assert chain.object_patches[QKV].adapter.rank == 8 and first.object_patches[QKV].adapter.rank == 4
-    got = {n: _forward(m, dit_sd) for n, m in (("chain", chain), ("one", one), ("mixed", mixed))}
+    got = {n: dit_forward(m, dit_sd) for n, m in (("chain", chain), ("one", one), ("mixed", mixed))}
     for name, out in got.items():
         assert rel_err(out, ref_ab) < BOUND, (name, rel_err(out, ref_ab))
         assert rel_err(out, ref_a) > 10 * BOUND and rel_err(out, ref_b) > 10 * BOUND
@@ -125,10 +107,10 @@ def test_strengths_scale_each_lora_as_stock_comfyui_does(comfy: Any, dit_sd: dic
                                                          lora_files: tuple, mode: str) -> None:
     base, q = models
     a, b = lora_files
-    ref = _forward(_stock(comfy, base, a, b, strengths=(0.5, -0.8)), dit_sd)
-    got = _forward(apply_loras(q, [LoraRequest(str(a), 0.5), LoraRequest(str(b), -0.8)], mode)[0], dit_sd)
+    ref = dit_forward(_stock(comfy, base, a, b, strengths=(0.5, -0.8)), dit_sd)
+    got = dit_forward(apply_loras(q, [LoraRequest(str(a), 0.5), LoraRequest(str(b), -0.8)], mode)[0], dit_sd)
     assert rel_err(got, ref) < BOUND, rel_err(got, ref)
-    full = _forward(_stock(comfy, base, a, b), dit_sd)
+    full = dit_forward(_stock(comfy, base, a, b), dit_sd)
     assert rel_err(got, full) > 10 * BOUND  # the strengths matter
 
 
@@ -136,11 +118,11 @@ def test_stock_lora_and_ours_on_one_model_apply_both(comfy: Any, dit_sd: dict, m
                                                      lora_files: tuple) -> None:
     base, q = models
     a, b = lora_files
-    ref_ab = _forward(_stock(comfy, base, a, b), dit_sd)
+    ref_ab = dit_forward(_stock(comfy, base, a, b), dit_sd)
     ours_then_stock = _stock(comfy, apply_loras(q, [LoraRequest(str(a), 1.0)])[0], b)
     stock_then_ours = apply_loras(_stock(comfy, q, b), [LoraRequest(str(a), 1.0)])[0]
     for m in (ours_then_stock, stock_then_ours):
-        assert rel_err(_forward(m, dit_sd), ref_ab) < BOUND
+        assert rel_err(dit_forward(m, dit_sd), ref_ab) < BOUND
 
 
 def test_on_the_float_model_it_patches_through_comfyui(comfy: Any, dit_sd: dict, models: tuple,
@@ -150,11 +132,11 @@ def test_on_the_float_model_it_patches_through_comfyui(comfy: Any, dit_sd: dict,
     ours, rep = apply_loras(base, [LoraRequest(str(a), 0.7)])
     assert not rep.dynamic and len(rep.float_patched) == 20 and not ours.object_patches
     stock, _ = comfy.sd.load_lora_for_models(base, None, load_file(str(a)), 0.7, 0.0)
-    assert rel_err(_forward(ours, dit_sd), _forward(stock, dit_sd)) < 1e-5
+    assert rel_err(dit_forward(ours, dit_sd), dit_forward(stock, dit_sd)) < 1e-5
     # the adapter bakes our patches into the float weights before quantizing, as it does stock ones
     q, report = adapt_model(ours, AdapterSettings(format="int8"))
     assert len(report.baked_loras) == 20 and not q.patches
-    assert rel_err(_forward(q, dit_sd), _forward(stock, dit_sd)) < BOUND
+    assert rel_err(dit_forward(q, dit_sd), dit_forward(stock, dit_sd)) < BOUND
 
 
 def test_dora_layers_are_baked_and_strength_zero_is_a_no_op(comfy: Any, dit_sd: dict, models: tuple,
@@ -169,8 +151,8 @@ def test_dora_layers_are_baked_and_strength_zero_is_a_no_op(comfy: Any, dit_sd: 
     out, rep = apply_loras(q, [LoraRequest(str(path), 1.0)], "dynamic")
     assert rep.baked == ["double_blocks.0.img_attn.qkv"] and len(rep.dynamic) == 19
     assert any("DoRA" in n for n in rep.notes)
-    ref = _forward(_stock(comfy, base, path), dit_sd)
-    assert rel_err(_forward(out, dit_sd), ref) < BOUND
+    ref = dit_forward(_stock(comfy, base, path), dit_sd)
+    assert rel_err(dit_forward(out, dit_sd), ref) < BOUND
     same, rep0 = apply_loras(q, [LoraRequest(str(path), 0.0)])
     assert same is q and not rep0.dynamic
 
@@ -216,15 +198,15 @@ def test_saving_a_model_with_dynamic_loras_bakes_them_into_the_file(comfy: Any, 
 
     base, q = models
     a, _ = lora_files
-    ref = _forward(_stock(comfy, base, a), dit_sd)
+    ref = dit_forward(_stock(comfy, base, a), dit_sd)
     dyn, _ = apply_loras(q, [LoraRequest(str(a), 1.0)], "dynamic")
     path = tmp_path / "dyn.safetensors"
     formats = save_quantized_model(dyn, path)
     assert formats.get("int8_tensorwise") == 20, formats
     loaded, _ = load_quantized_model(path, RuntimeOptions(), None)
-    got = _forward(loaded, dit_sd)
+    got = dit_forward(loaded, dit_sd)
     assert rel_err(got, ref) < BOUND, rel_err(got, ref)  # without the side path: 14% away
-    assert rel_err(got, _forward(dyn, dit_sd)) < BOUND
+    assert rel_err(got, dit_forward(dyn, dit_sd)) < BOUND
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "bake"])
@@ -234,9 +216,9 @@ def test_a_mixed_precision_auto_model_takes_loras_too(comfy: Any, dit_sd: dict, 
     a, _ = lora_files
     mixed, rep = adapt_model(base, AdapterSettings(format="auto", budget="size=0.2"))
     assert len(rep.formats) >= 2, rep.formats  # int8 and rotated int4 layers
-    ref = _forward(_stock(comfy, base, a), dit_sd)
-    plain = _forward(mixed, dit_sd)
-    got = _forward(apply_loras(mixed, [LoraRequest(str(a), 1.0)], mode)[0], dit_sd)
+    ref = dit_forward(_stock(comfy, base, a), dit_sd)
+    plain = dit_forward(mixed, dit_sd)
+    got = dit_forward(apply_loras(mixed, [LoraRequest(str(a), 1.0)], mode)[0], dit_sd)
     # measured on one forward: the plan alone is 2.9% from float, the LoRA 14%
     assert rel_err(got, ref) < 0.06 and rel_err(got, ref) < 0.4 * rel_err(plain, ref), (rel_err(got, ref),
                                                                                       rel_err(plain, ref))

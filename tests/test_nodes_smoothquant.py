@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from comfyui_server_fixtures import rel_err
+from comfyui_server_fixtures import dit_forward, rel_err
 from safetensors.torch import load_file
 
 from comfyquant.calibration import CalibrationConfig, calibrate, calibrate_to_file, save_stats
@@ -76,16 +76,6 @@ def _patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
     return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
 
 
-def _denoise(comfy: Any, patcher: Any, sd: dict[str, torch.Tensor]) -> torch.Tensor:
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([patcher])
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8])
-    ctx, y = sd["conditioner.txt_table"][[3, 10]].float(), sd["conditioner.vec_table"][[3, 10]].float()
-    with torch.no_grad():
-        return patcher.model.diffusion_model(x, t, ctx, y=y).clone()
-
 
 def _sq(calib: Path, **kw: Any) -> AdapterSettings:
     return AdapterSettings(**{"format": "int8", "outlier_method": "smoothquant", "calibration_file": str(calib),
@@ -108,7 +98,7 @@ def _layer_errors(clone: Any, names: list[str], sd: dict, held: dict) -> dict[st
 def test_smoothquant_beats_plain_int8_on_layers_with_outliers_and_stays_near_float(
         comfy: Any, dit_sd: dict, calib_file: Path, held_out: dict, torch_single_thread: None) -> None:
     base = _patcher(comfy, dit_sd)
-    float_out = _denoise(comfy, base, dit_sd)
+    float_out = dit_forward(base, dit_sd)
     plain, plain_rep = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
     smooth, rep = adapt_model(base, _sq(calib_file), cache=QuantCache())
     assert rep.converted == plain_rep.converted and len(rep.converted) == 20
@@ -131,19 +121,19 @@ def test_smoothquant_beats_plain_int8_on_layers_with_outliers_and_stays_near_flo
     assert mean(e_sq, outliers) < 0.85 * mean(e_plain, outliers), (mean(e_sq, outliers), mean(e_plain, outliers))
     assert mean(e_sq, rep.converted) < 0.9 * mean(e_plain, rep.converted)
     # the whole denoiser (ComfyQuantLinear.forward: smoothing applied to x inside the runtime's linear)
-    out_sq, out_plain = _denoise(comfy, smooth, dit_sd), _denoise(comfy, plain, dit_sd)
+    out_sq, out_plain = dit_forward(smooth, dit_sd), dit_forward(plain, dit_sd)
     err_sq, err_plain = rel_err(out_sq, float_out), rel_err(out_plain, float_out)
     assert 0 < err_sq < DENOISE_BOUND and err_sq < err_plain, (err_sq, err_plain)
-    assert torch.equal(_denoise(comfy, base, dit_sd), float_out)  # the input MODEL is unchanged
+    assert torch.equal(dit_forward(base, dit_sd), float_out)  # the input MODEL is unchanged
 
 
 def test_fp8_smoothquant_runs_within_the_bound_and_the_cache_key_holds_file_and_alpha(
         comfy: Any, dit_sd: dict, calib_file: Path, tmp_path: Path, torch_single_thread: None) -> None:
     base = _patcher(comfy, dit_sd)
-    float_out = _denoise(comfy, base, dit_sd)
+    float_out = dit_forward(base, dit_sd)
     fp8, rep = adapt_model(base, _sq(calib_file, format="fp8"), cache=QuantCache())
     assert rep.smoothed == rep.converted and rep.formats == {"float8_e4m3fn": 20}
-    assert 0 < rel_err(_denoise(comfy, fp8, dit_sd), float_out) < 2 * INT8_BOUND
+    assert 0 < rel_err(dit_forward(fp8, dit_sd), float_out) < 2 * INT8_BOUND
     cache = QuantCache()
     first, _ = adapt_model(base, _sq(calib_file), cache=cache)
     again, rep_again = adapt_model(base, _sq(calib_file), cache=cache)
@@ -174,7 +164,7 @@ def test_save_refuses_a_smoothed_model_that_stock_comfyui_would_load_wrongly(
     # why: the file Save would have written, loaded by stock ComfyUI, runs x @ (W diag(s))^T unsmoothed
     save_file(tmp_path / "unchecked.safetensors", model_state_for_saving(smooth), {})
     stock = _patcher(comfy, load_file(str(tmp_path / "unchecked.safetensors")))
-    assert rel_err(_denoise(comfy, stock, dit_sd), _denoise(comfy, smooth, dit_sd)) > 10 * INT8_BOUND
+    assert rel_err(dit_forward(stock, dit_sd), dit_forward(smooth, dit_sd)) > 10 * INT8_BOUND
 
 
 def test_bad_smoothquant_inputs_are_one_line_errors_and_leave_the_model_alone(
