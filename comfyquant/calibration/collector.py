@@ -176,6 +176,34 @@ def plan_groups(features: Mapping[str, int], config: CalibrationConfig, dtype: t
     return groups
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What a file-writing calibration decided before running any data: the layers and their widths, the
+    device and statistics dtype, and the groups of layers collected per run of the data."""
+
+    features: dict[str, int]
+    device: torch.device
+    dtype: torch.dtype
+    groups: list[list[str]]
+
+
+def plan_run(model: nn.Module, data: Data, name_map: NameMap | None, layers: Iterable[str] | None,
+             config: CalibrationConfig) -> RunPlan:
+    """The layers to calibrate and their groups under ``config.max_bytes``; UserError for a model with no
+    linear layer, or for several groups over data that can be run only once."""
+    mods = linear_modules(model, name_map, layers)
+    if not mods:
+        raise UserError("the model has no nn.Linear layer to calibrate (check the name mapping)")
+    features = {n: m.in_features for n, m in mods.items()}
+    dev = torch.device(config.device) if config.device else next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = config.dtype_for(dev)
+    groups = plan_groups(features, config, dtype)
+    if len(groups) > 1 and not callable(data) and iter(data) is data:  # type: ignore[arg-type]
+        raise UserError("calibration in several groups runs the data once per group: pass a callable or a list")
+    return RunPlan(features, dev, dtype, groups)
+
+
 def calibrate_to_file(model: nn.Module, data: Data, path: str | Path, *, name_map: NameMap | None = None,
                       layers: Iterable[str] | None = None, config: CalibrationConfig | None = None,
                       meta: Mapping[str, Any] | None = None, overwrite: bool = False,
@@ -189,16 +217,8 @@ def calibrate_to_file(model: nn.Module, data: Data, path: str | Path, *, name_ma
     from comfyquant.calibration.fileio import CalibrationWriter
 
     config = config or CalibrationConfig()
-    mods = linear_modules(model, name_map, layers)
-    if not mods:
-        raise UserError("the model has no nn.Linear layer to calibrate (check the name mapping)")
-    features = {n: m.in_features for n, m in mods.items()}
-    dev = torch.device(config.device) if config.device else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = config.dtype_for(dev)
-    groups = plan_groups(features, config, dtype)
-    if len(groups) > 1 and not callable(data) and iter(data) is data:  # type: ignore[arg-type]
-        raise UserError("calibration in several groups runs the data once per group: pass a callable or a list")
+    run = plan_run(model, data, name_map, layers, config)
+    features, dtype, groups = run.features, run.dtype, run.groups
     header = {"percentile": config.percentile, **(meta or {})}
     rows: dict[str, int] = {}
     with CalibrationWriter(path, features, header, reservoir=config.reservoir, hessian_dtype=dtype,

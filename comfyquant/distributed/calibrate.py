@@ -25,8 +25,7 @@ from comfyquant.calibration.collector import (
     Collector,
     Data,
     NameMap,
-    linear_modules,
-    plan_groups,
+    plan_run,
     run_data,
 )
 from comfyquant.calibration.fileio import CalibrationWriter
@@ -34,7 +33,6 @@ from comfyquant.calibration.stats import LayerStats
 from comfyquant.distributed.assign import hessian_owners
 from comfyquant.distributed.session import Session, watched
 from comfyquant.distributed.transport import Outbox, receive
-from comfyquant.errors import UserError
 from comfyquant.io.writer import temp_path_for
 
 SEED_STRIDE = 1_000_000_007  # rank r draws reservoir keys from seed + r * SEED_STRIDE (independent per rank)
@@ -80,16 +78,8 @@ def calibrate_to_file_distributed(model: nn.Module, data: Data, path: str | Path
     session.claim()
     config = config or CalibrationConfig()
     rank, world = session.rank, session.world
-    mods = linear_modules(model, name_map, layers)
-    if not mods:
-        raise UserError("the model has no nn.Linear layer to calibrate (check the name mapping)")
-    features = {n: m.in_features for n, m in mods.items()}
-    dev = torch.device(config.device) if config.device else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = config.dtype_for(dev)
-    groups = plan_groups(features, config, dtype)
-    if len(groups) > 1 and not callable(data) and iter(data) is data:  # type: ignore[arg-type]
-        raise UserError("calibration in several groups runs the data once per group: pass a callable or a list")
+    run = plan_run(model, data, name_map, layers, config)
+    features, dev, dtype, groups = run.features, run.device, run.dtype, run.groups
     names = list(features)
     owner = dict(zip(names, hessian_owners([features[n] for n in names], world), strict=True))
     local = replace(config, seed=config.seed + SEED_STRIDE * rank)
