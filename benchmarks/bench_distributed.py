@@ -16,13 +16,11 @@ difference of the dequantized weights).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -31,25 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert_memory import _free_port, _sha256
 from bench_optimizers import SyntheticHessians, flux_specs
 
 from comfyquant.testing.synthetic import ValueModel, write_streamed
 
 GIB = 1 << 30
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def worker(a: argparse.Namespace) -> int:
