@@ -257,14 +257,8 @@ class LayerGrid:
     def fake_quant(self, w: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
         """``values(round(w / s)) * s`` for the columns ``cols``, in w's float dtype."""
         work = w.dtype if w.dtype == torch.float64 else torch.float32
-        return self.fake_quant_scaled(w, self.scale_for(cols).to(work))
-
-    def fake_quant_scaled(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """:meth:`fake_quant` with the elementwise scale ``s`` already looked up (optimizers that round column
-        by column fetch the scales once per layer instead of once per column)."""
-        work = w.dtype if w.dtype == torch.float64 else torch.float32
-        grid = self.fmt.element_grid
-        return grid.values(grid.round(scaling.divide(w.to(work), s)), work) * s
+        s = self.scale_for(cols).to(work)
+        return self.fmt.element_grid.values(self.fmt.element_grid.round(scaling.divide(w.to(work), s)), work) * s
 
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors for ``w`` (full ``[N, K]``, quantization basis) on this grid."""

@@ -42,8 +42,7 @@ def gptq_round(w: torch.Tensor, u: torch.Tensor, grid: LayerGrid, *, block: int 
         scale = scale[:, perm]
     # multiply by 1/s (0 where s is 0: a zero-scale block rounds to 0) instead of dividing and testing per column
     inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / torch.where(scale == 0, 1.0, scale))
-    eg = grid.fmt.element_grid
-    snap = getattr(eg, "snap", None) or (lambda y: eg.values(eg.round(y), y.dtype))  # grids outside grids.py
+    snap = grid.fmt.element_grid.snap
     q = torch.empty_like(work)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
