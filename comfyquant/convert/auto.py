@@ -17,6 +17,7 @@ from typing import Any
 from comfyquant.autoprec import AUTO, KEEP, AutoConfig, AutoPlan, CandidatePolicy, LayerSource, parse_budget
 from comfyquant.autoprec.plan import plan_precision
 from comfyquant.calibration.stats import LayerStats
+from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.layer_config import LayerRule
 from comfyquant.convert.plan import (
     LayerConfigLike,
@@ -81,8 +82,7 @@ def plan_auto_conversion(reader: CheckpointReader, opts: Any) -> tuple[Plan, Aut
     if opts.fallback is not None:
         raise UserError("--fallback does not apply to --format auto: each layer's format is chosen among the "
                         "candidates its shape can take")
-    layers = getattr(opts, "layers", None)
-    if layers is not None and layers != type(layers)():
+    if opts.layers != LayerOptions():
         raise UserError("per-layer options (--rule, --exclude, --excluded-format, --keep-dtype, ...) do not combine "
                         "with --format auto yet: give rules for specific layers in a --layer-config instead")
     if opts.optimizer is not None and getattr(opts.optimizer, "smoothquant", False):
