@@ -116,6 +116,7 @@ class Session:
                     # a peer neither answered nor closed its connection (hung, or stopped): its watcher stays
                     # blocked inside gloo, and a process ending with such a thread aborts; report and leave now
                     code = report(f"{self.prog} [{self.cfg.label}]", ev)  # type: ignore[arg-type]
+                    self._remove_temp_outputs()  # os._exit skips the writers' own cleanup
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(code)
@@ -189,6 +190,11 @@ class Session:
         except RuntimeError:
             pass  # the peer is already gone: its connection error is what ended the job
 
+    def _remove_temp_outputs(self) -> None:
+        """Remove the temporary outputs registered with :meth:`on_abort` (before leaving with ``os._exit``)."""
+        for path in self._cleanups:
+            path.unlink(missing_ok=True)
+
     def _tell_in_thread(self, words: list[tuple[int, int]]) -> threading.Thread:
         """Send final status words from a daemon thread: a send to a peer that was stopped before it posted its
         receive can block for good (the watch group has no timeout). Callers wait for it at most a bounded time
@@ -229,10 +235,10 @@ class Session:
                 return
             self._state = "failing"
         print(f"{self.prog} [{self.cfg.label}]: error: {reason}; no output written", file=sys.stderr, flush=True)
-        for path in self._cleanups:
-            path.unlink(missing_ok=True)
         if self.rank == 0:
             self._tell_in_thread([(p, ABORT) for p in range(1, self.world)]).join(min(self.cfg.timeout_s, SETTLE_S))
+        # last, right before leaving: the main thread may still be opening its output while the peers are told
+        self._remove_temp_outputs()
         sys.stdout.flush()
         os._exit(EXIT_FAILED)
 
