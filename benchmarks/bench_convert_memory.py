@@ -171,7 +171,9 @@ def run_measured(name: str, cmd: list[str], log_path: Path, output: Path | None 
                 mem = _proc_mem(p)
                 for i, v in enumerate(mem):
                     sums[i] += v
-                if p not in roles:
+                if roles.get(p, "launcher") == "launcher":
+                    # read again until a rank shows: between fork and exec a worker still has the launcher's
+                    # environment (no RANK); caching that labelled rank 1 "launcher" (1 of 5 CI runs today)
                     roles[p] = _role(p)
                 per_pid[p] = max(per_pid.get(p, 0), mem[0])
             peaks = [max(a, b) for a, b in zip(peaks, sums, strict=True)]
