@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from convert_helpers import leftovers, sha256, write
-from dist_helpers import TIMEOUT_S, finish, free_port, launch_cli, run_forked
+from dist_helpers import TIMEOUT_S, finish, free_port, launch_cli, rank_env, run_forked
 from safetensors.torch import load_file
 
 from comfyquant.calibration import CalibrationConfig, CalibrationFile, calibrate, calibrate_to_file, merge_all
@@ -350,3 +350,13 @@ def test_torchrun_refuses_format_auto_in_one_line(tmp_path):
     for err in (e0, e1):
         assert "run it without torchrun" in err and "Traceback" not in err, err
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_refusals_come_before_joining_the_job(tmp_path):
+    """Rank 1 alone (no rank 0 will ever come): the refusal is said at once, without waiting to join a job,
+    so no rank can first see a faster rank's abort and say that instead (CI saw it once)."""
+    args = [sys.executable, "-m", "comfyquant", "convert", str(DIT), "-o", str(tmp_path / "a.safetensors"),
+            "--format", "auto", "--budget", "size=0.5"]
+    p = subprocess.run(args, cwd=tmp_path, env=rank_env(2, 1, free_port()), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "run it without torchrun" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert leftovers(tmp_path) == []

@@ -181,15 +181,16 @@ def _run_convert(a: argparse.Namespace) -> int:
                          **kwargs)
     else:
         from comfyquant.distributed import Session
-        from comfyquant.distributed.convert import convert_distributed
+        from comfyquant.distributed.convert import convert_distributed, refuse_in_job
 
         if a.plot is not None:
             from comfyquant.convert.plot import require_matplotlib
 
             require_matplotlib()
+        opts = convert_options(a.output, **kwargs)
+        refuse_in_job(opts)  # every rank says it, before any rank joins (and could end the others' job)
         with Session(job, "comfyquant", "cuda" if a.device.startswith("cuda") else "cpu") as s:
-            report = convert_distributed(a.input, a.output, convert_options(a.output, **kwargs), s,
-                                         announce=not a.quiet)
+            report = convert_distributed(a.input, a.output, opts, s, announce=not a.quiet)
         if report is None:  # not rank 0: rank 0 writes the file, the report and the table
             return 0
         write_outputs(report, a.report, a.plot)

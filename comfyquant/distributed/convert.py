@@ -52,18 +52,24 @@ def _announce(session: Session, plan: Plan, owners: list[int], device: torch.dev
           file=sys.stderr, flush=True)
 
 
+def refuse_in_job(opts: ConvertOptions) -> None:
+    """Refuse what needs every layer in one process. Call it before joining the job: a rank that refused
+    after joining could see a faster rank's ABORT before saying its own reason."""
+    if opts.quant_error_sink is not None:
+        raise UserError("--extract-lora needs every layer's error in one process: run it without torchrun")
+    if opts.format == "auto":
+        raise UserError("--format auto plans every layer against the others in one process: run it without "
+                        "torchrun (the plan's cost is a fraction of its calibration's, docs/PERFORMANCE.md)")
+
+
 def convert_distributed(input: str | Path, output: str | Path, opts: ConvertOptions, session: Session,
                         *, announce: bool = True) -> Report | None:
     """Convert as :func:`comfyquant.convert.pipeline.run_conversion` does, with every rank of ``session``
     converting its share; returns the report on rank 0 and None elsewhere. ``announce``: one line per rank
     on stderr when its work starts (what it owns, on which device)."""
     start = time.perf_counter()
+    refuse_in_job(opts)
     session.claim()
-    if opts.quant_error_sink is not None:
-        raise UserError("--extract-lora needs every layer's error in one process: run it without torchrun")
-    if opts.format == "auto":
-        raise UserError("--format auto plans every layer against the others in one process: run it without "
-                        "torchrun (the plan's cost is a fraction of its calibration's, docs/PERFORMANCE.md)")
     dev = rank_device(opts.device, session.cfg)
     opt = opts.optimizer
     if opt is not None and opt.device is not None:
