@@ -50,20 +50,42 @@ def section_calibrate(out: Path) -> None:
 
 
 def section_host(out: Path) -> None:
-    """Host µs per call of the full module path (QuantLinear forward) vs nn.Linear, tiny layer."""
+    """Host µs per call of the full module path (QuantLinear forward) vs nn.Linear, tiny layer and a Flux-sized
+    one; which backend each layer chose; and a cProfile of the int8 calls (where the host time goes)."""
+    import cProfile
+    import io
+    import pstats
+
     from comfyquant.bench.layers import wall_us
     from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.dispatch_report import describe_dispatch
 
-    res = {}
-    x = torch.randn(1, 256, device="cuda").bfloat16()
-    for fmt in ("bf16", "int8", "fp8"):
-        lin = nn.Sequential(nn.Linear(256, 256)).cuda().bfloat16()
-        if fmt != "bf16":
-            quantize_(lin, QuantizeConfig(format=fmt, min_features=1))
-        with torch.no_grad():
-            res[fmt] = wall_us(lambda lin=lin: lin(x), 20.0)
+    res: dict[str, float | str] = {}
+    prof_txt = []
+    for m, n in ((1, 256), (1024, 3072)):
+        x = torch.randn(m, n, device="cuda").bfloat16()
+        for fmt in ("bf16", "int8", "fp8"):
+            lin = nn.Sequential(nn.Linear(n, n)).cuda().bfloat16()
+            if fmt != "bf16":
+                quantize_(lin, QuantizeConfig(format=fmt, min_features=1))
+                res[f"{fmt}_{m}x{n}_backend"] = describe_dispatch(lin, x)[0].backend
+            with torch.no_grad():
+                res[f"{fmt}_{m}x{n}"] = wall_us(lambda lin=lin: lin(x), 20.0)
+                if fmt == "int8":
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(500):
+                        lin(x)
+                    prof.disable()
+                    torch.cuda.synchronize()
+                    buf = io.StringIO()
+                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+                    prof_txt.append(f"== int8 {m}x{n}, 500 calls\n{buf.getvalue()}")
+    res["bf16"], res["int8"], res["fp8"] = res["bf16_1x256"], res["int8_1x256"], res["fp8_1x256"]  # run 1-4 keys
     (out / "host.json").write_text(json.dumps(res, indent=1))
-    SUMMARY.append("module host µs/call (256x256, M=1): " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
+    (out / "host_profile.txt").write_text("\n".join(prof_txt))
+    SUMMARY.append("module host µs/call: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in res.items()))
     print(SUMMARY[-1], flush=True)
 
 

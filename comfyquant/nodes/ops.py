@@ -18,10 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfyquant.lora.sidepath import LoRASidePath
-from comfyquant.runtime.nn import QuantLinear
-from comfyquant.runtime.tensor import REGISTRY, QuantizedTensor
-
-_LINEAR = torch.ops.aten.linear.default
+from comfyquant.runtime.nn import QuantLinear, bound_linear, linear
+from comfyquant.runtime.tensor import QuantizedTensor
 
 
 class ComfyQuantLinear(QuantLinear):
@@ -31,6 +29,7 @@ class ComfyQuantLinear(QuantLinear):
         super().__init__(*args, **kwargs)
         self.weight_function: list[Any] = []
         self.bias_function: list[Any] = []
+        self._bias_cast: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     @classmethod
     def wrap(cls, weight: QuantizedTensor, bias: torch.Tensor | None) -> ComfyQuantLinear:
@@ -61,6 +60,17 @@ class ComfyQuantLinear(QuantLinear):
             self.adapter = self.adapter.map_tensors(fn)
         return self
 
+    def _bias_as(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``bias`` in ``dtype``, cast once and kept while the bias and its values stay the same (one cast
+        kernel per call saved, and a stable object for the bound fast path)."""
+        c = self._bias_cast
+        if c is not None and c[0] is bias and c[1] == bias._version and c[2].dtype == dtype:
+            return c[2]
+        cast = bias.to(dtype)
+        if not torch.compiler.is_compiling():
+            self._bias_cast = (bias, bias._version, cast)
+        return cast
+
     # ---- ModelPatcher protocol -------------------------------------------------------------------------
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs: Any) -> torch.Tensor:
         """What ComfyUI patches a LoRA into: the dequantized weight."""
@@ -86,7 +96,7 @@ class ComfyQuantLinear(QuantLinear):
             w = w.to(x.device, non_blocking=True)
             bias = None if bias is None else bias.to(x.device, non_blocking=True)
         if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+            bias = self._bias_as(bias, x.dtype)
         if self.weight_function or self.bias_function:
             # a patch ComfyUI applies on the fly (lowvram LoRA, weight wrapper): run it on the float weight
             wf = w.dequantize().to(x.dtype)
@@ -96,8 +106,9 @@ class ComfyQuantLinear(QuantLinear):
                 bias = f(bias)
             y = F.linear(x, wf, bias)
         else:
-            handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
-            y = F.linear(x, w, bias) if handler is None else handler(_LINEAR, (x, w, bias), {})
+            # the bound fast path for the layer's own weight (a copy moved here for this call is not bound)
+            fn = None if w is not self._parameters["weight"] or torch.compiler.is_compiling() else bound_linear(w, bias)
+            y = linear(x, w, bias) if fn is None else fn(x)
         side = getattr(self, "adapter", None)  # QuantLinear's optional side path (dynamic LoRAs)
         if side is None:
             return y

@@ -53,6 +53,30 @@ def layout_of(layer: str, conf: dict[str, Any]) -> type[Layout]:
                         f"this runtime reads {', '.join(sorted(REGISTRY.layouts))}") from None
 
 
+def linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` through the layout's linear handler, called directly: saves torch's override
+    protocol on every call, and lets torch.compile trace into the layout's kernel call."""
+    handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
+    return F.linear(x, w, bias) if handler is None else handler(_LINEAR, (x, w, bias), {})
+
+
+_BOUND_ATTR = "_comfyquant_bound"
+
+
+def bound_linear(w: QuantizedTensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> linear(x, w, bias)`` for eager calls, resolved once per (weight, bias) pair, or None where the
+    layout has no such fast path. The layout's ``bind_linear`` fixes the format's kernel arguments and backend
+    choice, which otherwise cost several µs of Python per call (host time is what small layers lose to bf16 in
+    eager mode). Kept on the weight tensor (it dies with it; a new weight or bias object binds again);
+    in-place updates of either are seen."""
+    b = getattr(w, _BOUND_ATTR, None)
+    if b is not None and b[0] is bias:
+        return b[1]
+    fn = w.layout_cls.bind_linear(w.qdata, w.params, bias)
+    setattr(w, _BOUND_ATTR, (bias, fn))
+    return fn
+
+
 class QuantLinear(nn.Module):
     """A linear layer with a quantized weight ``[out_features, in_features]`` and a float bias.
 
@@ -139,14 +163,10 @@ class QuantLinear(nn.Module):
 
     # ---- compute ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self._parameters["bias"]
         w = self.qweight
-        handler = REGISTRY.find_layout_op(_LINEAR, w.layout_cls)
-        if handler is None:
-            y = F.linear(x, w, self._parameters["bias"])
-        else:
-            # The same handler F.linear reaches through QuantizedTensor.__torch_function__, called directly: saves
-            # torch's override protocol on every call, and lets torch.compile trace into the layout's kernel call.
-            y = handler(_LINEAR, (x, w, self._parameters["bias"]), {})
+        fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)
+        y = linear(x, w, bias) if fn is None else fn(x)
         if self.adapter is not None:
             y = self.adapter(x, y)
         return y

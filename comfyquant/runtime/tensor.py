@@ -106,6 +106,13 @@ class Layout:
         """(storage, params) of the logical 2-D transpose, or None if the layout cannot express it."""
         return None
 
+    @classmethod
+    def bind_linear(cls, qdata: torch.Tensor, params: LayoutParams,
+                    bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``x -> F.linear(x, weight, bias)`` with everything but ``x`` resolved once (a layer's eager fast
+        path), or None where the layout has none (the layer then goes through its linear handler per call)."""
+        return None
+
 
 class Registry:
     """Append-only registration tables: layouts by name, generic ops, per-layout ops.

@@ -9,7 +9,7 @@ automatic choice for this device); nothing here is global.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,9 +17,9 @@ from comfyquant.errors import UserError
 from comfyquant.runtime.kernels import builtin, custom_ops
 from comfyquant.runtime.kernels.backends import AUTO, BackendChoice
 from comfyquant.runtime.kernels.policy import DispatchPolicy
-from comfyquant.runtime.kernels.registry import backends_for, kernel_kind, kinds, register_kernel_kind
+from comfyquant.runtime.kernels.registry import Impl, backends_for, kernel_kind, kinds, register_kernel_kind
 
-__all__ = ["BackendChoice", "DispatchPolicy", "backends_for", "choose_backend", "fp8_linear", "int8_block_linear",
+__all__ = ["BackendChoice", "DispatchPolicy", "backends_for", "bind_linear", "choose_backend", "fp8_linear", "int8_block_linear",
            "int8_linear", "kinds", "quant_linear", "register_kernel_kind"]
 
 FP8_DTYPES = builtin.FP8_DTYPES
@@ -86,28 +86,59 @@ def quant_linear(x: torch.Tensor, kind: str, w: torch.Tensor, scales: Sequence[t
             plan = plans.get(sig)
             if plan is not None:
                 return plan(x, w, tuple(scales), bias, tuple(opts), out_dtype or x.dtype)
-    kk = kernel_kind(kind)
-    sig = None if compiling else _signature(x, kind, scales, bias, opts, out_dtype, backend)
     scales, opts = tuple(scales), tuple(int(o) for o in opts)
-    n, k = _check(x, kk, w, scales, bias, opts)
-    out_dtype = out_dtype or x.dtype
-    policy = backend if isinstance(backend, DispatchPolicy) else None
-    name = backend.name if isinstance(backend, BackendChoice) else None if policy is not None else backend
     if compiling:
         # decided inside the op at run time: tracing torch.cuda / importlib queries would break the graph
+        _check(x, kernel_kind(kind), w, scales, bias, opts)
+        policy = backend if isinstance(backend, DispatchPolicy) else None
+        name = backend.name if isinstance(backend, BackendChoice) else None if policy is not None else backend
         if name is None:
             name = AUTO if policy is None else f"{AUTO}|{policy.key()}"
-        return custom_ops.quant_linear_op(x, w, list(scales), bias, kind, list(opts), out_dtype, name)
+        return custom_ops.quant_linear_op(x, w, list(scales), bias, kind, list(opts), out_dtype or x.dtype, name)
     # eager: skip the op dispatch (~10 µs per call, it matters at small M) and call the implementation
-    chosen = choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy).name
-    impl = kk.backends[chosen].impl
+    impl = _resolve(x, kind, w, scales, bias, opts, backend)
     plans = getattr(w, _PLANS_ATTR, None)
     if plans is None:
         plans = {}
         setattr(w, _PLANS_ATTR, plans)
     if len(plans) < 64:  # a layer sees a handful of signatures; past that, stop memoizing (no growth)
-        plans[sig] = impl
-    return impl(x, w, scales, bias, opts, out_dtype)
+        plans[_signature(x, kind, scales, bias, opts, out_dtype, backend)] = impl
+    return impl(x, w, scales, bias, opts, out_dtype or x.dtype)
+
+
+def _resolve(x: torch.Tensor, kind: str, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None, opts: tuple,
+             backend: Backend) -> Impl:
+    """The checked, chosen implementation of ``kind`` for eager calls with ``x``'s shape, dtype and device."""
+    kk = kernel_kind(kind)
+    n, k = _check(x, kk, w, scales, bias, opts)
+    policy = backend if isinstance(backend, DispatchPolicy) else None
+    name = backend.name if isinstance(backend, BackendChoice) else None if policy is not None else backend
+    return kk.backends[choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy).name].impl
+
+
+def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None], bias: torch.Tensor | None = None,
+                *, opts: Sequence[int] = (), backend: Backend = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> quant_linear(x, kind, w, scales, bias, ...)`` in ``x``'s dtype, with everything but ``x`` fixed.
+
+    For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device and
+    capture state (the memo is the returned function's own), so a call costs one small-tuple lookup besides
+    the kernel. The tensors are held by reference: in-place updates (``copy_``) are seen, replaced tensors are
+    not (bind again). Not for traced code: call :func:`quant_linear` there.
+    """
+    scales, opts = tuple(scales), tuple(int(o) for o in opts)
+    plans: dict[tuple, Impl] = {}
+    capturing = torch.cuda.is_current_stream_capturing
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        sig = (x.shape, x.dtype, x.device, x.is_cuda and capturing())
+        impl = plans.get(sig)
+        if impl is None:
+            impl = _resolve(x, kind, w, scales, bias, opts, backend)
+            if len(plans) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
+                plans[sig] = impl
+        return impl(x, w, scales, bias, opts, x.dtype)
+
+    return call
 
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,

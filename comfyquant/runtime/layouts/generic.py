@@ -10,7 +10,7 @@ gets its layout from :func:`layout_class` with no code here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -215,6 +215,24 @@ class FormatLayout(Layout):
         if cls._elementwise(qdata, params):
             return qdata.t(), params.replace(orig_shape=shape)
         return qdata, params.replace(orig_shape=shape, transposed=not params.transposed)
+
+
+    @classmethod
+    def bind_linear(cls, qdata: torch.Tensor, params: FormatParams,
+                    bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        spec = params.format
+        if params.transposed or params.full_precision or spec.kernel_kind is None:
+            return None  # the handler's other paths (fallback, weight-only) have no per-call setup to save
+        scales, opts = spec.kernel_args(params.stored(qdata), params.layer_params)
+        call = dispatch.bind_linear(spec.kernel_kind, qdata, scales, bias, opts=opts, backend=params.backend)
+        p = params.pre_quant_scale
+        if p is None:
+            return call
+
+        def smoothed(x: torch.Tensor) -> torch.Tensor:  # the kernel quantizes x * p (outliers divided out)
+            return call(x * p.to(device=x.device, dtype=x.dtype))
+
+        return smoothed
 
 
 def _kernel(x: torch.Tensor, w_q: torch.Tensor, params: FormatParams, bias: torch.Tensor | None) -> torch.Tensor:

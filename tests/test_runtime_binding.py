@@ -1,0 +1,112 @@
+"""QuantLinear's eager fast path (``nn.bound_linear``): resolved once per (weight, bias), exact, never stale.
+
+The binding fixes a layer's kernel arguments and backend choice at the first call; these tests change every
+thing it holds (weight values in place, the weight object, the bias, the backend, dtype and smoothing) and
+check each call still computes what the layout's own linear handler computes on the current tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from comfyquant.errors import UserError
+from comfyquant.runtime import QuantizeConfig, QuantLinear, quantize_
+from comfyquant.runtime.nn import bound_linear, linear
+
+FORMATS = ["int8", "int8-tensor", "int8-rot", "int8-block", "fp8", "int4-rot", "nvfp4", "mxfp8"]
+
+
+def _layer(fmt: str, bias: bool = True, seed: int = 0) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(128, 64, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 128, generator=g) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(64, generator=g))
+    net = nn.Sequential(lin)
+    quantize_(net, QuantizeConfig(format=fmt, min_features=1))
+    assert isinstance(net[0], QuantLinear)
+    return net[0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_bound_call_equals_the_layout_handler_bit_for_bit(fmt: str, bias: bool) -> None:
+    lin = _layer(fmt, bias)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = linear(x, lin.qweight, lin.bias)
+        for _ in range(2):  # the first call binds, the second uses the memo
+            assert torch.equal(lin(x), ref)
+        assert bound_linear(lin.qweight, lin.bias) is not None  # every registered format has the fast path
+        x3 = torch.randn(2, 3, 128)  # another signature: checked and chosen on its own
+        assert torch.equal(lin(x3), linear(x3, lin.qweight, lin.bias))
+
+
+def test_in_place_weight_update_is_seen() -> None:
+    lin = _layer("int8")
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        before = lin(x)
+        lin.qweight.copy_(torch.randn(64, 128) * 0.05)  # requantized in place: same storage objects
+        after = lin(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, linear(x, lin.qweight, lin.bias))
+
+
+def test_replaced_bias_weight_and_backend_bind_again() -> None:
+    lin = _layer("int8")
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        lin(x)
+        lin.bias = nn.Parameter(torch.full((64,), 3.0), requires_grad=False)
+        assert torch.equal(lin(x), linear(x, lin.qweight, lin.bias))
+        other = _layer("int8", seed=5)
+        lin.weight = other.weight
+        assert torch.equal(lin(x), linear(x, other.qweight, lin.bias))
+        lin.set_backend("dequant")  # a new weight object whose params name the backend
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.qweight.dequantize(), lin.bias))
+        lin.set_backend("triton")  # cannot run on the CPU: the next call says so instead of using the old choice
+        with pytest.raises(UserError, match="CUDA"):
+            lin(x)
+
+
+def test_dtype_moves_and_smoothing_scales() -> None:
+    lin = _layer("int8")
+    lin.to(torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = lin(x)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, linear(x, lin.qweight, lin.bias))
+        # a smoothed layer (pre_quant_scale p): the bound call multiplies x by p as the handler does
+        w = torch.randn(64, 128) * 0.05
+        p = torch.rand(128) + 0.5
+        from comfyquant.runtime import QuantizedTensor
+
+        qt = QuantizedTensor.from_float(w, "int8", pre_quant_scale=p)
+        sm = QuantLinear(128, 64, bias=False, weight=qt)
+        xf = torch.randn(6, 128)
+        ref = linear(xf, sm.qweight, None)
+        assert torch.equal(sm(xf), ref)
+        torch.testing.assert_close(ref, xf @ qt.dequantize().t(), rtol=0.05, atol=0.05)
+
+
+def test_node_layer_casts_its_bias_once_and_sees_in_place_updates() -> None:
+    from comfyquant.nodes.ops import ComfyQuantLinear
+
+    src = _layer("int8")
+    lin = ComfyQuantLinear.wrap(src.qweight, src.bias.detach().float())  # an fp32 bias beside bf16 inputs
+    lin.to(torch.bfloat16)
+    lin.bias = torch.nn.Parameter(lin.bias.float(), requires_grad=False)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y1 = lin(x)
+        cast = lin._bias_cast[2]
+        assert torch.equal(y1, linear(x, lin.qweight, lin.bias.to(torch.bfloat16)))
+        assert torch.equal(lin(x), y1) and lin._bias_cast[2] is cast  # cast once, reused
+        lin.bias.add_(1.0)  # in place: same object, new values (its version counter moves)
+        y2 = lin(x)
+    assert torch.equal(y2, linear(x, lin.qweight, lin.bias.to(torch.bfloat16)))
+    assert not torch.equal(y1, y2)
