@@ -234,13 +234,49 @@ def check_cuda_graphs() -> None:
             record("cuda_graphs_replay", e <= 0.03, m=m, graphs=g.graphs, rel=e)
 
 
+def check_low_rank_epilogue() -> None:
+    """Dynamic LoRAs added in the GEMM epilogue (every fusing backend, TMA and pointer W8A8 paths included):
+    the layer with its side path equals the same backend without it plus the float64 low-rank term."""
+    from comfyquant.lora.sidepath import LoRASidePath, SideEntry
+    from comfyquant.runtime import QuantizedTensor, QuantLinear
+    from comfyquant.runtime.nn import linear
+
+    cases = {"int8": ("triton", "triton_fused", "triton_w8a16", "dequant"), "int8-rot": ("triton", "triton_w8a16"),
+             "fp8": ("triton_w8a16", "scaled_mm"), "int4-rot": ("triton",)}
+    for m, k, n, rank in [(5, 3072, 3072, 32), (300, 3072, 9216, 20), (4096, 3072, 3072, 96), (70, 200, 70, 8)]:
+        w = torch.randn(n, k, device="cuda") * 0.03
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        bias = torch.randn(n, device="cuda").bfloat16()
+        side = LoRASidePath()
+        d = (torch.randn(rank, k, device="cuda") * 0.05).bfloat16()  # a term that is ~5-10% of the output
+        u = (torch.randn(n, rank, device="cuda") * 0.05).bfloat16()
+        side.add(1, SideEntry(down=d, up=u))
+        term = (x.double() @ d.double().t()) @ u.double().t()
+        for fmt, backends in cases.items():
+            if k % 128 and fmt in ("int8-rot", "int4-rot"):
+                continue
+            lin = QuantLinear(k, n, weight=QuantizedTensor.from_float(w.bfloat16(), fmt))
+            lin.bias = torch.nn.Parameter(bias, requires_grad=False)
+            for backend in backends:
+                lin.set_backend(backend)
+                with torch.no_grad():
+                    plain = linear(x, lin.qweight, lin.bias).double()
+                    lin.adapter = side
+                    y = lin(x)
+                    lin.adapter = None
+                e = rel(y, plain + term)
+                record(f"low_rank_{fmt}_{backend}", bool(torch.isfinite(y).all()) and e <= 2**-7, m=m, k=k, n=n,
+                       rank=rank, rel=e)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for check_kernels.json")
     a = p.parse_args(argv)
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_act_quant, check_int_mm_exact, check_linear, check_block, check_w4a8, check_cuda_graphs):
+    for fn in (check_act_quant, check_int_mm_exact, check_linear, check_block, check_w4a8, check_low_rank_epilogue,
+               check_cuda_graphs):
         try:
             fn()
         except Exception as e:  # a kernel that fails to compile or run is a failed check, and the rest still run

@@ -110,3 +110,69 @@ def test_node_layer_casts_its_bias_once_and_sees_in_place_updates() -> None:
         y2 = lin(x)
     assert torch.equal(y2, linear(x, lin.qweight, lin.bias.to(torch.bfloat16)))
     assert not torch.equal(y1, y2)
+
+
+def test_low_rank_goes_to_fusing_backends_and_is_added_otherwise() -> None:
+    """``bind_linear(...)(x, low_rank)``: a backend that fuses the term gets it (and computes it itself); any
+    other backend's output gets ``(x @ down[:r]^T) @ up[:r]`` added after; both equal the float64 formula."""
+    from comfyquant.runtime.kernels.dispatch import bind_linear
+    from comfyquant.runtime.kernels.registry import (
+        KernelBackend,
+        KernelKind,
+        register_kernel_kind,
+        unregister_kernel_kind,
+    )
+
+    seen: list[object] = []
+
+    def plain(x, w, scales, bias, opts, out_dtype):
+        return (x.double() @ (w.double() * scales[0].double()).t()).to(out_dtype)
+
+    def fusing(x, w, scales, bias, opts, out_dtype, low_rank=None):
+        seen.append(low_rank)
+        y = x.double() @ (w.double() * scales[0].double()).t()
+        if low_rank is not None:  # the padded operands, whole: rows past r are zero
+            y = y + (x.double() @ low_rank[0].double().t()) @ low_rank[1].double()
+        return y.to(out_dtype)
+
+    register_kernel_kind(KernelKind("test_lr", {"plain": plain, "fusing": KernelBackend(fusing, fuses_low_rank=True)}))
+    try:
+        g = torch.Generator().manual_seed(3)
+        w = torch.randint(-100, 100, (24, 40), dtype=torch.int8, generator=g)
+        s = torch.rand(24, 1, generator=g) * 0.01
+        x = torch.randn(6, 40, generator=g, dtype=torch.float64)
+        down = torch.zeros(16, 40, dtype=torch.float64)
+        up = torch.zeros(16, 24, dtype=torch.float64)
+        down[:5] = torch.randn(5, 40, generator=g, dtype=torch.float64)
+        up[:5] = torch.randn(5, 24, generator=g, dtype=torch.float64)
+        want = x @ (w.double() * s.double()).t() + (x @ down[:5].t()) @ up[:5]
+        for backend in ("plain", "fusing"):
+            call = bind_linear("test_lr", w, (s,), None, backend=backend)
+            torch.testing.assert_close(call(x, (down, up, 5)), want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(call(x), x @ (w.double() * s.double()).t(), rtol=1e-12, atol=1e-12)
+        assert [t is None for t in seen] == [False, True]  # the fusing backend got the term once, then none
+    finally:
+        unregister_kernel_kind("test_lr")
+
+
+def test_dynamic_lora_on_a_bound_layer_equals_the_side_path_formula() -> None:
+    """A dynamic LoRA (with a dense diff and a bias diff too) through QuantLinear's bound path, and a smoothed
+    layer whose LoRA must read x itself, not the smoothed x."""
+    from comfyquant.lora.sidepath import LoRASidePath, SideEntry
+    from comfyquant.runtime import QuantizedTensor
+
+    g = torch.Generator().manual_seed(4)
+    for pre in (None, torch.rand(128, generator=g) + 0.5):
+        qt = QuantizedTensor.from_float(torch.randn(64, 128, generator=g) * 0.05, "int8", pre_quant_scale=pre)
+        lin = QuantLinear(128, 64, bias=False, weight=qt)
+        side = LoRASidePath()
+        d, u = torch.randn(7, 128, generator=g) * 0.1, torch.randn(64, 7, generator=g) * 0.1
+        side.add(1, SideEntry(down=d, up=u))
+        side.add(2, SideEntry(dense=torch.randn(64, 128, generator=g) * 0.01, bias=torch.randn(64, generator=g)))
+        lin.adapter = side
+        x = torch.randn(5, 128, generator=g)
+        with torch.no_grad():
+            base = linear(x, lin.qweight, None)
+            want = base + (x @ d.t()) @ u.t() + x @ side.dense.t() + side.bias
+            torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+            assert side.fused_operands(x)[0].shape == (16, 128)  # padded to the kernels' 16-row steps

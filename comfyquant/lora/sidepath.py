@@ -37,6 +37,7 @@ class LoRASidePath:
         self.up_t: torch.Tensor | None = None  # [R, out]: addmm's right operand
         self.dense: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
+        self._padded: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def __repr__(self) -> str:
         rank = 0 if self.down is None else self.down.shape[0]
@@ -95,6 +96,32 @@ class LoRASidePath:
         self.dense = torch.stack(dense).sum(0) if dense else None
         bias = [e.bias for e in self.entries.values() if e.bias is not None]
         self.bias = torch.stack(bias).sum(0) if bias else None
+        self._padded = {}
+
+    def fused_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """``(down [R, in], up [R, out], r)`` in ``x``'s dtype with R the rank rounded up to 16 (zero rows past
+        ``r``): the low-rank part as a GEMM epilogue adds it (``runtime.kernels.dispatch.LowRank``); made once
+        per dtype and device. None when this side path has no low-rank part."""
+        if self.down is None or self.up_t is None:
+            return None
+        key = (x.dtype, x.device)
+        ops = self._padded.get(key)
+        if ops is None:
+            r = self.rank
+            pad = -r % 16
+            down = F.pad(self.down.to(device=x.device, dtype=x.dtype), (0, 0, 0, pad)).contiguous()
+            up = F.pad(self.up_t.to(device=x.device, dtype=x.dtype), (0, 0, 0, pad)).contiguous()
+            ops = self._padded[key] = (down, up, r)
+        return ops
+
+    def rest(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the parts that are not low-rank (dense diffs, bias diffs): what is left to add after a
+        kernel added :meth:`fused_operands`."""
+        if self.dense is not None:
+            y = y + F.linear(x, self.dense.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` plus every LoRA's contribution for input ``x`` (``[..., in]`` -> ``[..., out]``)."""
@@ -102,8 +129,4 @@ class LoRASidePath:
             h = F.linear(x, self.down.to(x.dtype))
             out = y.shape[-1]
             y = torch.addmm(y.reshape(-1, out), h.reshape(-1, h.shape[-1]), self.up_t.to(x.dtype)).view(y.shape)
-        if self.dense is not None:
-            y = y + F.linear(x, self.dense.to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return self.rest(x, y)

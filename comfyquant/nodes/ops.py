@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfyquant.lora.sidepath import LoRASidePath
-from comfyquant.runtime.nn import QuantLinear, bound_linear, linear
+from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
 from comfyquant.runtime.tensor import QuantizedTensor
 
 
@@ -97,6 +97,9 @@ class ComfyQuantLinear(QuantLinear):
             bias = None if bias is None else bias.to(x.device, non_blocking=True)
         if bias is not None and bias.dtype != x.dtype:
             bias = self._bias_as(bias, x.dtype)
+        side = getattr(self, "adapter", None)  # QuantLinear's optional side path (dynamic LoRAs)
+        if isinstance(side, LoRASidePath) and side.device not in (None, x.device):  # left offloaded (lowvram)
+            side = side.map_tensors(lambda t: t.to(x.device, non_blocking=True))
         if self.weight_function or self.bias_function:
             # a patch ComfyUI applies on the fly (lowvram LoRA, weight wrapper): run it on the float weight
             wf = w.dequantize().to(x.dtype)
@@ -105,16 +108,10 @@ class ComfyQuantLinear(QuantLinear):
             for f in self.bias_function:
                 bias = f(bias)
             y = F.linear(x, wf, bias)
-        else:
-            # the bound fast path for the layer's own weight (a copy moved here for this call is not bound)
-            fn = None if w is not self._parameters["weight"] or torch.compiler.is_compiling() else bound_linear(w, bias)
-            y = linear(x, w, bias) if fn is None else fn(x)
-        side = getattr(self, "adapter", None)  # QuantLinear's optional side path (dynamic LoRAs)
-        if side is None:
-            return y
-        if isinstance(side, LoRASidePath) and side.device not in (None, x.device):  # left offloaded (lowvram)
-            side = side.map_tensors(lambda t: t.to(x.device, non_blocking=True))
-        return side(x, y)
+            return y if side is None else side(x, y)
+        # the bound fast path for the layer's own weight (a copy moved here for this call is not bound)
+        fn = None if w is not self._parameters["weight"] or torch.compiler.is_compiling() else bound_linear(w, bias)
+        return run_linear(fn, x, w, bias, side)
 
 
 def is_plain_linear(mod: nn.Module) -> bool:

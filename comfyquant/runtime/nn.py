@@ -77,6 +77,24 @@ def bound_linear(w: QuantizedTensor, bias: torch.Tensor | None) -> Callable[[tor
     return fn
 
 
+def run_linear(fn: Callable[..., torch.Tensor] | None, x: torch.Tensor, w: QuantizedTensor,
+               bias: torch.Tensor | None, adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+               ) -> torch.Tensor:
+    """The layer's output: the bound call ``fn`` (None: the handler path) plus the ``adapter`` side path. An
+    adapter with ``fused_operands(x)`` (dynamic LoRAs) hands its low-rank part to the bound call, whose kernel
+    adds it in the GEMM epilogue where it can, and then adds the rest with ``adapter.rest(x, y)``."""
+    if fn is None:
+        y = linear(x, w, bias)
+        return y if adapter is None else adapter(x, y)
+    if adapter is None:
+        return fn(x)
+    operands = getattr(adapter, "fused_operands", None)
+    low_rank = None if operands is None else operands(x)
+    if low_rank is None:
+        return adapter(x, fn(x))
+    return adapter.rest(x, fn(x, low_rank))  # type: ignore[attr-defined]
+
+
 class QuantLinear(nn.Module):
     """A linear layer with a quantized weight ``[out_features, in_features]`` and a float bias.
 
@@ -166,10 +184,7 @@ class QuantLinear(nn.Module):
         bias = self._parameters["bias"]
         w = self.qweight
         fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)
-        y = linear(x, w, bias) if fn is None else fn(x)
-        if self.adapter is not None:
-            y = self.adapter(x, y)
-        return y
+        return run_linear(fn, x, w, bias, self.adapter)
 
     # ---- serialization ---------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

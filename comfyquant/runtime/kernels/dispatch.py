@@ -12,18 +12,27 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from comfyquant.errors import UserError
 from comfyquant.runtime.kernels import builtin, custom_ops
 from comfyquant.runtime.kernels.backends import AUTO, BackendChoice
 from comfyquant.runtime.kernels.policy import DispatchPolicy
-from comfyquant.runtime.kernels.registry import Impl, backends_for, kernel_kind, kinds, register_kernel_kind
+from comfyquant.runtime.kernels.registry import (
+    KernelBackend,
+    backends_for,
+    kernel_kind,
+    kinds,
+    register_kernel_kind,
+)
 
-__all__ = ["BackendChoice", "DispatchPolicy", "backends_for", "bind_linear", "choose_backend", "fp8_linear", "int8_block_linear",
-           "int8_linear", "kinds", "quant_linear", "register_kernel_kind"]
+__all__ = ["BackendChoice", "DispatchPolicy", "LowRank", "add_low_rank", "backends_for", "bind_linear",
+           "choose_backend", "fp8_linear", "int8_block_linear", "int8_linear", "kinds", "quant_linear",
+           "register_kernel_kind"]
 
 FP8_DTYPES = builtin.FP8_DTYPES
 Backend = str | BackendChoice | DispatchPolicy | None
+BoundLinear = Callable[..., torch.Tensor]  # (x, low_rank=None) -> y, from bind_linear
 
 
 def choose_backend(x: torch.Tensor, *, kind: str, n: int, k: int, override: str | None = None,
@@ -96,7 +105,7 @@ def quant_linear(x: torch.Tensor, kind: str, w: torch.Tensor, scales: Sequence[t
             name = AUTO if policy is None else f"{AUTO}|{policy.key()}"
         return custom_ops.quant_linear_op(x, w, list(scales), bias, kind, list(opts), out_dtype or x.dtype, name)
     # eager: skip the op dispatch (~10 µs per call, it matters at small M) and call the implementation
-    impl = _resolve(x, kind, w, scales, bias, opts, backend)
+    impl = _resolve(x, kind, w, scales, bias, opts, backend).impl
     plans = getattr(w, _PLANS_ATTR, None)
     if plans is None:
         plans = {}
@@ -107,18 +116,31 @@ def quant_linear(x: torch.Tensor, kind: str, w: torch.Tensor, scales: Sequence[t
 
 
 def _resolve(x: torch.Tensor, kind: str, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None, opts: tuple,
-             backend: Backend) -> Impl:
-    """The checked, chosen implementation of ``kind`` for eager calls with ``x``'s shape, dtype and device."""
+             backend: Backend) -> KernelBackend:
+    """The checked, chosen backend of ``kind`` for eager calls with ``x``'s shape, dtype and device."""
     kk = kernel_kind(kind)
     n, k = _check(x, kk, w, scales, bias, opts)
     policy = backend if isinstance(backend, DispatchPolicy) else None
     name = backend.name if isinstance(backend, BackendChoice) else None if policy is not None else backend
-    return kk.backends[choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy).name].impl
+    return kk.backends[choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy).name]
+
+
+LowRank = tuple[torch.Tensor, torch.Tensor, int]  # (down [R, K], up [R, N], r): x's dtype, R % 16 == 0, rows >= r zero
+
+
+def add_low_rank(x: torch.Tensor, y: torch.Tensor, low_rank: LowRank) -> torch.Tensor:
+    """``y + (x @ down[:r]^T) @ up[:r]`` by two GEMMs (backends that do not fuse the term)."""
+    down, up, r = low_rank
+    h = F.linear(x, down[:r])
+    n = y.shape[-1]
+    return torch.addmm(y.reshape(-1, n), h.reshape(-1, r), up[:r]).view(y.shape)
 
 
 def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None], bias: torch.Tensor | None = None,
-                *, opts: Sequence[int] = (), backend: Backend = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> quant_linear(x, kind, w, scales, bias, ...)`` in ``x``'s dtype, with everything but ``x`` fixed.
+                *, opts: Sequence[int] = (), backend: Backend = None) -> BoundLinear:
+    """``(x, low_rank=None) -> quant_linear(x, kind, w, scales, bias, ...)`` in ``x``'s dtype, everything but
+    ``x`` fixed; ``low_rank`` (:data:`LowRank`) adds ``(x @ down^T) @ up``, in the GEMM's epilogue where the
+    chosen backend fuses it, else by :func:`add_low_rank`.
 
     For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device and
     capture state (the memo is the returned function's own), so a call costs one small-tuple lookup besides
@@ -126,17 +148,21 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     not (bind again). Not for traced code: call :func:`quant_linear` there.
     """
     scales, opts = tuple(scales), tuple(int(o) for o in opts)
-    plans: dict[tuple, Impl] = {}
+    plans: dict[tuple, KernelBackend] = {}
     capturing = torch.cuda.is_current_stream_capturing
 
-    def call(x: torch.Tensor) -> torch.Tensor:
+    def call(x: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
         sig = (x.shape, x.dtype, x.device, x.is_cuda and capturing())
-        impl = plans.get(sig)
-        if impl is None:
-            impl = _resolve(x, kind, w, scales, bias, opts, backend)
+        b = plans.get(sig)
+        if b is None:
+            b = _resolve(x, kind, w, scales, bias, opts, backend)
             if len(plans) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
-                plans[sig] = impl
-        return impl(x, w, scales, bias, opts, x.dtype)
+                plans[sig] = b
+        if low_rank is None:
+            return b.impl(x, w, scales, bias, opts, x.dtype)
+        if b.fuses_low_rank:
+            return b.impl(x, w, scales, bias, opts, x.dtype, low_rank=low_rank)
+        return add_low_rank(x, b.impl(x, w, scales, bias, opts, x.dtype), low_rank)
 
     return call
 

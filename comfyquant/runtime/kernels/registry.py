@@ -52,10 +52,15 @@ def needs_cuda(min_cc: tuple[int, int] = (8, 0), *, triton: bool = False) -> Cal
 
 @dataclass(frozen=True)
 class KernelBackend:
-    """A backend: its implementation and a predicate saying why it cannot run on a device (None: it can)."""
+    """A backend: its implementation and a predicate saying why it cannot run on a device (None: it can).
+
+    ``fuses_low_rank``: ``impl`` also takes ``low_rank=(down [R, K], up [R, N], r)`` (x's dtype, R a multiple of
+    16, rows past ``r`` zero) and adds ``(x @ down^T) @ up`` in its GEMM epilogue (dynamic LoRAs at the cost
+    of one small extra GEMM, instead of a second pass over the output)."""
 
     impl: Impl
     requires: Callable[[torch.device], str | None] = runs_anywhere
+    fuses_low_rank: bool = False
 
 
 # choose(x, n, k, opts, policy) -> BackendChoice, with the logical N and K; policy: a DispatchPolicy or None.

@@ -1,6 +1,7 @@
 """Triton GEMM kernels (device code only; launches and configs live in ``triton_int8`` / ``configs``).
 
 - ``w8a8``: int8 x int8 -> int32 (pointer loads), epilogue ``acc * s_x * s_w + bias`` cast to the output dtype.
+  Every GEMM's epilogue can also add a low-rank term ``h @ u`` (dynamic LoRAs, see ``_store``).
 - ``w8a8_tma``: the same on Hopper with A/B tiles through the tensor-copy engine (TMA), wgmma.
 - ``w8a16``: weight-only: int8/fp8 W converted to x's 16-bit dtype in registers, fp32 accumulate (small M).
 - ``fused``: ONE launch per W8A8 linear: each program takes its rows' absmax over K (bf16 x), then quantizes
@@ -36,8 +37,12 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``out [BM, BN]`` fp32 (already times the row scale) * weight scale + bias -> C, masked at the edges."""
+           BLOCK_N: tl.constexpr, ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, h_ptr, u_ptr, R, stride_hm,
+           stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
+    """``out [BM, BN]`` fp32 (already times the row scale) * weight scale + bias (+ ``h @ u``) -> C, masked at
+    the edges. ``HAS_LR``: a low-rank side path (dynamic LoRAs) added here instead of by a second GEMM that
+    reads and writes all of C again: ``h [M, R]`` (x times the LoRA down-projections) and ``u [R, N]`` (the
+    up-projections), R a multiple of 16; ``LR_IEEE``: fp32 operands, multiplied exactly (no TF32)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -47,6 +52,18 @@ def _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M:
         out = out * tl.load(sb_ptr)
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_LR:
+        offs_r = tl.arange(0, 16)
+        h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
+        mask_m = (offs_m < M)[:, None]
+        for r0 in range(0, R, 16):
+            h = tl.load(h_rows + (r0 + offs_r)[None, :], mask=mask_m, other=0.0)
+            u = tl.load(u_ptr + (r0 + offs_r).to(tl.int64)[:, None] * stride_ur + offs_n[None, :],
+                        mask=mask_n[None, :], other=0.0)
+            if LR_IEEE:
+                out = tl.dot(h, u, out, input_precision="ieee")
+            else:
+                out = tl.dot(h, u, out)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
 
@@ -99,7 +116,8 @@ def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTY
 @triton.jit(do_not_specialize=["M"])
 def w8a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
          ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+         h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.int32,
                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False)
@@ -107,23 +125,26 @@ def w8a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
         _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
     else:
         _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
-               pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+               pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 
 
 @triton.jit(do_not_specialize=["M"])
 def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
           ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+          h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.float32,
                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True)
-    _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+    _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
+           h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 
 
 @triton.jit(do_not_specialize=["M"])
 def w8a8_tma(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm, ROW_SB: tl.constexpr,
              HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
+             HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
     """Hopper path: A and B tiles through the bulk tensor copy engine (TMA zero-fills the edges), wgmma."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
@@ -137,13 +158,14 @@ def w8a8_tma(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm
         _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
     else:
         _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
-               pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+               pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 
 
 @triton.jit(do_not_specialize=["M"])
 def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, stride_cm,
           ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, A_CHUNK: tl.constexpr):
+          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, A_CHUNK: tl.constexpr,
+          h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
     """Per-token int8 quantization of x folded into the W8A8 GEMM (one launch, x read in bf16/fp16)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
@@ -176,13 +198,15 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     out = acc.to(tl.float32) * scale[:, None]
-    _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+    _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
+           h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 
 
 @triton.jit(do_not_specialize=["M"])
 def w4a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
          ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
+         HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
     """int8 A (K permuted per BLOCK_K block: evens then odds) x packed int4 B [N, K/2]; K % BLOCK_K == 0."""
     HALF: tl.constexpr = BLOCK_K // 2
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -203,7 +227,7 @@ def w4a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
         a_ptrs += BLOCK_K
         b_ptrs += HALF
     _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n,
-           BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS)
+           BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 
 
 @triton.jit

@@ -62,6 +62,21 @@ def _contig_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+LowRank = tuple[torch.Tensor, torch.Tensor]  # (down [R, K], up [R, N]) in x's dtype, R a multiple of 16
+
+
+def _low_rank_args(low_rank: LowRank | None, x2d: torch.Tensor, dummy: torch.Tensor) -> tuple[tuple, tuple]:
+    """(kernel arguments, specialization key part) of the epilogue's low-rank term: ``h = x @ down^T`` by one
+    cuBLAS GEMM (it reads x once; the epilogue then adds ``h @ up`` with no second pass over the output)."""
+    if low_rank is None:
+        return (dummy, dummy, 0, 0, 0, False, False), (False,)
+    down, up = low_rank
+    h = F.linear(x2d, down)
+    ieee = h.dtype == torch.float32
+    return ((h, up, up.shape[0], h.stride(0), up.stride(0), True, ieee),
+            (True, ieee, h.dtype, up.dtype, _al(h), _al(up), up.stride(0) % 16 == 0))
+
+
 def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
     """TMA path: Hopper+, 16-byte aligned rows (K % 16 == 0) and base pointers."""
     return (a.device.type == "cuda" and _facts(a.device)[1] >= 9 and a.shape[1] % 16 == 0
@@ -80,8 +95,10 @@ def pick_w8a8(m: int, n: int, k: int, device: torch.device) -> tuple[TileConfig,
 
 def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype, *, raw: bool = False,
-              cfg: TileConfig | None = None, tma: bool | None = None) -> torch.Tensor:
-    """``q [M,K] int8 @ w_q[N,K]^T`` with the fused epilogue (``raw``: the int32 accumulator)."""
+              cfg: TileConfig | None = None, tma: bool | None = None,
+              lr: tuple[tuple, tuple] | None = None) -> torch.Tensor:
+    """``q [M,K] int8 @ w_q[N,K]^T`` with the fused epilogue (``raw``: the int32 accumulator; ``lr``: the
+    low-rank term's arguments from :func:`_low_rank_args`)."""
     m, k = q.shape
     n = w_q.shape[0]
     sb = _sb(w_scale)
@@ -94,21 +111,22 @@ def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: to
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     b_arg = bias if has_bias else sb
+    lr_args, lr_key = lr if lr is not None else _low_rank_args(None, q, sb)
     if (use_tma(q, w_q) if tma is None else tma) and not small:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
         _TMA(grid, (a_desc, b_desc, out, s_x, sb, b_arg, m, n, k, out.stride(0), sb.numel() > 1, has_bias, raw,
-                    cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m), q.device,
+                    cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, *lr_args), q.device,
              num_warps=cfg.warps, num_stages=cfg.stages,
-             key=(cfg, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg)))
+             key=(cfg, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg), lr_key))
     else:
         _W8A8(grid, (q, w_q, out, s_x, sb, b_arg, m, n, k, q.stride(0), w_q.stride(0), out.stride(0),
                      sb.numel() > 1, has_bias, raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
-                     k % cfg.block_k == 0), q.device, num_warps=cfg.warps, num_stages=cfg.stages,
+                     k % cfg.block_k == 0, *lr_args), q.device, num_warps=cfg.warps, num_stages=cfg.stages,
               key=(cfg, out.dtype, n, k, q.stride(0), w_q.stride(0), out.stride(0), sb.numel() > 1, has_bias, raw,
-                   _al(q), _al(w_q), _al(sb), _al(b_arg)))
+                   _al(q), _al(w_q), _al(sb), _al(b_arg), lr_key))
     return out
 
 
@@ -120,16 +138,21 @@ def int_mm(a: torch.Tensor, w_q: torch.Tensor, tma: bool | None = None,
 
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None) -> torch.Tensor:
-    """W8A8: fused (rotate +) per-token int8 quant kernel, then the int8 GEMM with the fused epilogue."""
+                group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
+                low_rank: LowRank | None = None) -> torch.Tensor:
+    """W8A8: fused (rotate +) per-token int8 quant kernel, then the int8 GEMM with the fused epilogue
+    (``low_rank``: plus ``(x @ down^T) @ up`` of unrotated x, added in the epilogue)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s_x = triton_quant.quantize_rows_int8(x.reshape(-1, k), group)
-    out = gemm_w8a8(q, s_x, _contig_rows(w_q), w_scale, bias, out_dtype, cfg=cfg)
+    x2d = x.reshape(-1, k)
+    q, s_x = triton_quant.quantize_rows_int8(x2d, group)
+    lr = None if low_rank is None else _low_rank_args(low_rank, x2d, s_x)
+    out = gemm_w8a8(q, s_x, _contig_rows(w_q), w_scale, bias, out_dtype, cfg=cfg, lr=lr)
     return out.reshape(*lead, w_q.shape[0])
 
 
 def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype, cfg: TileConfig | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype, cfg: TileConfig | None = None,
+                 low_rank: LowRank | None = None) -> torch.Tensor:
     """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = _contig_rows(x.reshape(-1, k))
@@ -141,20 +164,23 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
         cfg = cfg or fit_stages(small_m_config(m, n, k, _facts(x.device)[0]), a_bytes=2, b_bytes=1)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         chunk = min(8192 // cfg.block_m, triton.next_power_of_2(k))  # absmax pass: <= 8K elements in registers
+        lr_args, lr_key = _low_rank_args(low_rank, x2d, sb)
         _FUSED(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
                       out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-                      cfg.group_m, k % cfg.block_k == 0, chunk), x.device, num_warps=cfg.warps,
+                      cfg.group_m, k % cfg.block_k == 0, chunk, *lr_args), x.device, num_warps=cfg.warps,
                num_stages=cfg.stages, key=(cfg, chunk, x2d.dtype, out_dtype, n, k, x2d.stride(0), w_q.stride(0),
                                            sb.numel() > 1, bias is not None, _al(x2d), _al(w_q), _al(sb),
-                                           bias is None or _al(bias)))
+                                           bias is None or _al(bias), lr_key))
     return out.reshape(*lead, n)
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None) -> torch.Tensor:
+                 group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
+                 low_rank: LowRank | None = None) -> torch.Tensor:
     """Weight-only small-M GEMM: int8/fp8 weights converted to x's 16-bit dtype in registers, fp32 accumulate."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
+    x_lr = x2d  # the side path sees x as given (unrotated, its own dtype)
     if x2d.dtype not in (torch.bfloat16, torch.float16):
         x2d = x2d.to(torch.bfloat16)
     x2d = triton_quant.rotate_rows(x2d, group) if group is not None else _contig_rows(x2d)
@@ -165,11 +191,13 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     if m and n:
         cfg = cfg or w8a16_config(m, n, k, _facts(x.device)[0])
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        lr_args, lr_key = _low_rank_args(low_rank, x_lr, sb)
         _W8A16(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
                       out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-                      cfg.group_m, k % cfg.block_k == 0), x.device, num_warps=cfg.warps, num_stages=cfg.stages,
+                      cfg.group_m, k % cfg.block_k == 0, *lr_args), x.device, num_warps=cfg.warps,
+               num_stages=cfg.stages,
                key=(cfg, x2d.dtype, w_q.dtype, out_dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1,
-                    bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias)))
+                    bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key))
     return out.reshape(*lead, n)
 
 
@@ -199,10 +227,12 @@ def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
 
 
 def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                group: int, out_dtype: torch.dtype, cfg: TileConfig | None = None) -> torch.Tensor:
+                group: int, out_dtype: torch.dtype, cfg: TileConfig | None = None,
+                low_rank: LowRank | None = None) -> torch.Tensor:
     """int4_rot W4A8: rotate + per-token int8 quant (K permuted per 128 block), then the int4-weight GEMM."""
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s_x = triton_quant.quantize_rows_int8(x.reshape(-1, k), group, perm=kern.PERM_BLOCK)
+    x2d = x.reshape(-1, k)
+    q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=kern.PERM_BLOCK)
     w_packed = _contig_rows(w_packed)
     m, n = q.shape[0], w_packed.shape[0]
     sb = _sb(w_scale)
@@ -214,9 +244,10 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
             cfg = fit_stages(TileConfig(cfg.block_m, cfg.block_n, kern.PERM_BLOCK, cfg.warps, cfg.stages,
                                         cfg.group_m), 1, 1)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        lr_args, lr_key = _low_rank_args(low_rank, x2d, sb)
         _W4A8(grid, (q, w_packed, out, s_x, sb, bias if bias is not None else sb, m, n, k, q.stride(0),
                      w_packed.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n,
-                     cfg.block_k, cfg.group_m), x.device, num_warps=cfg.warps, num_stages=cfg.stages,
+                     cfg.block_k, cfg.group_m, *lr_args), x.device, num_warps=cfg.warps, num_stages=cfg.stages,
               key=(cfg, out_dtype, n, k, w_packed.stride(0), sb.numel() > 1, bias is not None, _al(w_packed), _al(sb),
-                   bias is None or _al(bias)))
+                   bias is None or _al(bias), lr_key))
     return out.reshape(*lead, n)

@@ -229,8 +229,10 @@ class FormatLayout(Layout):
         if p is None:
             return call
 
-        def smoothed(x: torch.Tensor) -> torch.Tensor:  # the kernel quantizes x * p (outliers divided out)
-            return call(x * p.to(device=x.device, dtype=x.dtype))
+        def smoothed(x: torch.Tensor, low_rank: dispatch.LowRank | None = None) -> torch.Tensor:
+            # the kernel quantizes x * p (outliers divided out); a LoRA side path reads x itself
+            y = call(x * p.to(device=x.device, dtype=x.dtype))
+            return y if low_rank is None else dispatch.add_low_rank(x, y, low_rank)
 
         return smoothed
 
