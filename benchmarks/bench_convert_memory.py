@@ -17,7 +17,6 @@ checked byte-identical to one process). Linux only.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from comfyquant.io.digest import file_sha256
 from comfyquant.testing.architectures import arch_tensors
 from comfyquant.testing.synthetic import ValueModel, write_streamed
 
@@ -240,14 +240,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def quantized_layers(path: Path) -> int:
     """How many ``comfy_quant`` layers a written file holds (reads the header only)."""
     from safetensors import safe_open
@@ -377,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if m.returncode == 0:
             info["quantized_layers"] = quantized_layers(out)
             if n > 1 and ref_out.exists():
-                info["identical_to_1_process"] = _sha256(out) == _sha256(ref_out)
+                info["identical_to_1_process"] = file_sha256(out) == file_sha256(ref_out)
                 log(f"{name}: output identical to 1 process: {info['identical_to_1_process']}")
         extra[m.name] = info
         if n > 1 and not args.keep:

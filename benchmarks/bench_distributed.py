@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from comfyquant.io.digest import file_sha256
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert_memory import _free_port, _sha256
+from bench_convert_memory import _free_port
 from bench_optimizers import SyntheticHessians, flux_specs
 
 from comfyquant.testing.synthetic import ValueModel, write_streamed
@@ -117,7 +119,7 @@ def to_markdown(res: dict) -> str:
 
 
 def _compare(a: Path, b: Path) -> dict:
-    if _sha256(a) == _sha256(b):
+    if file_sha256(a) == file_sha256(b):
         return {"identical": True}
     from safetensors.torch import load_file
 

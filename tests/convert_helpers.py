@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from comfyquant.io.digest import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def leftovers(directory: Path) -> list[str]:

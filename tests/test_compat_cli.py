@@ -4,7 +4,6 @@ modes; one-line refusals with exit 2. The format flags of issue 7 are in test_co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from comfyquant.cli.convert_to_quant import main
 from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.layer_config import LayerConfig
 from comfyquant.io.comfy_meta import HEADER_KEY, decode_comfy_quant
+from comfyquant.io.digest import file_sha256
 
 
 def _flux():
@@ -41,8 +41,6 @@ def model(tmp_path):
     return path
 
 
-def _sha(p):
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def _run(capsys, *argv):
@@ -76,7 +74,7 @@ def test_flags_give_the_same_file_as_comfyquant_convert(tmp_path, model, capsys,
     assert rc == 0, err
     assert "SQNR" in out and f"wrote {a}" in out
     comfyquant.convert(model, b, progress=False, **{"layers": BF16, **kwargs})
-    assert _sha(a) == _sha(b)
+    assert file_sha256(a) == file_sha256(b)
     with safe_open(str(a), "pt") as f:
         assert f.metadata()["comfyquant.format"] == kwargs["format"]
 
@@ -191,7 +189,7 @@ def test_dry_run_create_template(tmp_path, model, capsys):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert _run(capsys, "-i", model, "-o", a, "--comfy_quant")[0] == 0
     assert _run(capsys, "-i", model, "-o", b, "--comfy_quant", "--layer-config", tpl)[0] == 0
-    assert _sha(a) == _sha(b)
+    assert file_sha256(a) == file_sha256(b)
 
 
 def test_save_quant_metadata_on_conversion(tmp_path, model, capsys):

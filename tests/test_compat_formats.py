@@ -4,7 +4,6 @@ the ``comfyquant convert`` flags it maps onto."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from comfyquant.cli.convert_to_quant import main
 from comfyquant.cli.main import main as cq_main
 from comfyquant.formats import dequantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant
+from comfyquant.io.digest import file_sha256
 from comfyquant.quant.metrics import error_stats
 
 QUANTIZED = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mod.lin", "double_blocks.0.img_mlp.0",
@@ -48,8 +48,6 @@ def _sqnr(sd, src, layer):
     return error_stats(src[1][f"{layer}.weight"], dequantize_weight(tensors, conf)).sqnr_db
 
 
-def _sha(p):
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_default_is_fp8_and_kept_tensors_become_bf16(tmp_path, src):
@@ -124,7 +122,7 @@ def test_format_options_output_dtype_and_heur(tmp_path, src):
 def test_block2d_and_block3d_are_int8_block(tmp_path, src, mode):
     a, _ = _convert(tmp_path, src, "--int8", "--scaling_mode", mode, "--block_size", "32", name="a.safetensors")
     b, _ = _convert(tmp_path, src, "--int8", "--scaling_mode", "block", "--block_size", "32", name="b.safetensors")
-    assert _sha(a) == _sha(b)
+    assert file_sha256(a) == file_sha256(b)
     assert _conf(load_file(str(a)), "single_blocks.0.linear1") == {"format": "int8_blockwise", "group_size": 32}
 
 
@@ -136,7 +134,7 @@ def test_the_same_file_as_comfyquant_convert_flags(tmp_path, src):
     assert cq_main(["convert", str(src[0]), "-o", str(b), "-q", "--model", "flux2", "--format", "int8",
                     "--rule", "linear2=fp8,align=0", "--exclude", "img_mod", "--excluded-format", "fp8",
                     "--full-precision-matrix-mult", "--keep-dtype", "fp16", "--preserve-dtype", "final_layer"]) == 0
-    assert _sha(a) == _sha(b)
+    assert file_sha256(a) == file_sha256(b)
 
 
 def test_mixed_file_loads_in_comfyui(tmp_path, src, comfy: Any, torch_single_thread: None):

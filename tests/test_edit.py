@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -15,6 +14,7 @@ from comfyquant.convert.edit import edit_checkpoint
 from comfyquant.errors import UserError
 from comfyquant.formats import quantize_weight
 from comfyquant.io.comfy_meta import HEADER_KEY, decode_comfy_quant, encode_comfy_quant
+from comfyquant.io.digest import file_sha256
 
 E4 = torch.float8_e4m3fn
 
@@ -30,8 +30,6 @@ def _same(a, b):
                                                                       b.reshape(-1).view(torch.uint8))
 
 
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _meta(path):
@@ -83,9 +81,9 @@ def _expected_convert_old_quants(sd, prefix, metadata):
 def test_scaled_fp8_upgrade_matches_comfyui_semantics(tmp_path, marker_elems, prefix):
     src, dst = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
     sd = _scaled_fp8_file(src, marker_elems, prefix)
-    before = _sha(src)
+    before = file_sha256(src)
     res = edit_checkpoint(src, dst)
-    assert _sha(src) == before
+    assert file_sha256(src) == before
     exp_tensors, exp_layers = _expected_convert_old_quants(sd, prefix, {})
     got = load_file(str(dst))
     confs = {k[: -len(".comfy_quant")]: decode_comfy_quant(v) for k, v in got.items() if k.endswith(".comfy_quant")}
@@ -234,7 +232,7 @@ def test_bad_edit_requests(tmp_path, kwargs, match):
 def test_output_rules(tmp_path):
     src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     _int8_file(src)
-    before = _sha(src)
+    before = file_sha256(src)
     with pytest.raises(UserError, match="is the input"):
         edit_checkpoint(src, src)
     dst.write_bytes(b"existing")
@@ -243,7 +241,7 @@ def test_output_rules(tmp_path):
     assert dst.read_bytes() == b"existing"
     edit_checkpoint(src, dst, force=True, to_header_metadata=True)
     assert HEADER_KEY in _meta(dst)
-    assert _sha(src) == before
+    assert file_sha256(src) == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 

@@ -9,7 +9,6 @@ never see a half-built cache.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from comfyquant.io.digest import file_sha256
 
 COMFYUI_VERSION = "0.30.0"
 COMFY_KITCHEN_VERSION = "0.2.40"
@@ -167,18 +168,10 @@ def _download(art: _Artifact, dest: Path, python: str) -> Path:
     if proc.returncode != 0 or not path.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise ComfyUIFetchError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(tail)}")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != art.sha256:
         raise ComfyUIFetchError(f"{art.filename}: sha256 {digest} does not match the pinned {art.sha256}")
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _safe_relpath(name: str) -> bool:

@@ -38,6 +38,17 @@ _AMPERE = ((TileConfig(128, 256, 64, 8, 3), 1.0), (TileConfig(256, 128, 64, 8, 3
            (TileConfig(128, 64, 64, 4, 4), 0.62), (TileConfig(64, 64, 64, 4, 4), 0.5))
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code: ``triton.cdiv`` is a constexpr function in Triton 3.6 whose wrapper costs
+    ~2-5 µs per call, paid several times per launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0, as ``triton.next_power_of_2``); host-side, see :func:`cdiv`."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def wave_efficiency(m: int, n: int, bm: int, bn: int, sms: int) -> float:
     """Useful fraction of the SM-time a grid of ``bm x bn`` tiles occupies (edge padding + last partial wave)."""
     tiles = math.ceil(m / bm) * math.ceil(n / bn)

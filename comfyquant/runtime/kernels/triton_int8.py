@@ -15,14 +15,15 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels import triton_quant
 from comfyquant.runtime.kernels.configs import (
     TileConfig,
+    cdiv,
     fit_stages,
     gemm_config,
+    next_power_of_2,
     small_m_config,
     w8a16_config,
 )
@@ -108,7 +109,7 @@ def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: to
     small = False
     if cfg is None:
         cfg, small = pick_w8a8(m, n, k, q.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     b_arg = bias if has_bias else sb
     lr_args, lr_key = lr if lr is not None else _low_rank_args(None, q, sb)
@@ -162,8 +163,8 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         cfg = cfg or fit_stages(small_m_config(m, n, k, _facts(x.device)[0]), a_bytes=2, b_bytes=1)
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        chunk = min(8192 // cfg.block_m, triton.next_power_of_2(k))  # absmax pass: <= 8K elements in registers
+        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
+        chunk = min(8192 // cfg.block_m, next_power_of_2(k))  # absmax pass: <= 8K elements in registers
         lr_args, lr_key = _low_rank_args(low_rank, x2d, sb)
         _FUSED(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
                       out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
@@ -190,7 +191,7 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         cfg = cfg or w8a16_config(m, n, k, _facts(x.device)[0])
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
         lr_args, lr_key = _low_rank_args(low_rank, x_lr, sb)
         _W8A16(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
                       out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
@@ -208,7 +209,7 @@ def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dty
     sb = _sb(w_scale)
     out = torch.empty((n, k), dtype=dtype, device=w_q.device)
     bn, bk = 32, 256
-    _DEQUANT((triton.cdiv(n, bn), triton.cdiv(k, bk)), (w_q, sb, out, n, k, w_q.stride(0), out.stride(0),
+    _DEQUANT((cdiv(n, bn), cdiv(k, bk)), (w_q, sb, out, n, k, w_q.stride(0), out.stride(0),
                                                        sb.numel() > 1, bn, bk), w_q.device, num_warps=4,
              num_stages=1, key=(w_q.dtype, dtype, n, k, w_q.stride(0), sb.numel() > 1, _al(w_q), _al(sb)))
     return out
@@ -243,7 +244,7 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
             cfg = (small_m_config(m, n, k, sms) if m < SMALL_M else gemm_config(m, n, k, sms, hopper=major >= 9))
             cfg = fit_stages(TileConfig(cfg.block_m, cfg.block_n, kern.PERM_BLOCK, cfg.warps, cfg.stages,
                                         cfg.group_m), 1, 1)
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
         lr_args, lr_key = _low_rank_args(low_rank, x2d, sb)
         _W4A8(grid, (q, w_packed, out, s_x, sb, bias if bias is not None else sb, m, n, k, q.stride(0),
                      w_packed.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
 from comfyquant.runtime.kernels.launch import FastKernel
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to the nearest integer, ties to even
@@ -125,9 +126,9 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape
-    full = triton.next_power_of_2(max(k, 16))
+    full = next_power_of_2(max(k, 16))
     block = full if full <= SINGLE_PASS_MAX else max(CHUNK, group or 0)
-    chunks = triton.cdiv(k, block)
+    chunks = cdiv(k, block)
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
     static = static_scale if static_scale is not None else scale
