@@ -1,0 +1,90 @@
+# ruff: noqa: B023  (lambdas are timed inside the loop iteration that defines them)
+"""The Python part of the eager host time per quantized linear, on the CPU, with every kernel launch stubbed.
+
+What a layer costs the host besides the C launchers: the module call, the bound dispatch (checks and choice
+memoized), and each Triton path's own Python (output allocation, tile config, specialization key). Kernels
+are NOT launched (``FastKernel.__call__`` is replaced by a no-op), so this is a lower bound of the host time a
+GPU host pays per call, and a regression detector for the Python layers; needs the triton package (no GPU).
+
+    python benchmarks/host_python.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def best_us(fn: Callable[[], object], calls: int = 2000, rounds: int = 7) -> float:
+    for _ in range(100):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls * 1e6)
+    return best
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.launch import FastKernel
+
+    FastKernel.__call__ = lambda self, grid, args, device, **kw: None  # type: ignore[method-assign]
+    torch.set_num_threads(1)
+    res: dict[str, float] = {}
+    for m, k, n in ((1, 256, 256), (1024, 3072, 3072)):
+        x = torch.randn(m, k).bfloat16()
+        w = torch.randint(-127, 127, (n, k), dtype=torch.int8)
+        s = torch.rand(n, 1)
+        b = torch.randn(n).bfloat16()
+        q, sx = tq.quantize_rows_int8(x)
+        tag = f"{m}x{k}x{n}"
+        res[f"int8_linear {tag}"] = best_us(lambda: ti.int8_linear(x, w, s, b, None, torch.bfloat16))
+        res[f"  quantize_rows_int8 {tag}"] = best_us(lambda: tq.quantize_rows_int8(x))
+        res[f"  gemm_w8a8 {tag}"] = best_us(lambda: ti.gemm_w8a8(q, sx, w, s, b, torch.bfloat16))
+        res[f"fused_linear {tag}"] = best_us(lambda: ti.fused_linear(x, w, s, b, torch.bfloat16))
+        res[f"w8a16_linear {tag}"] = best_us(lambda: ti.w8a16_linear(x, w, s, b, None, torch.bfloat16))
+        res[f"torch.empty {tag}"] = best_us(lambda: torch.empty((m, n), dtype=torch.bfloat16))
+        # the module layers above the kernel: QuantLinear -> bound call -> impl (impl replaced by a constant)
+        try:
+            from comfyquant.runtime.nn import bound_linear
+        except ImportError:  # a tree from before the bound fast path (comparisons across commits)
+            continue
+        lin = nn.Linear(k, n).bfloat16()
+        net = nn.Sequential(lin)
+        quantize_(net, QuantizeConfig(format="int8", min_features=1))
+        out = torch.zeros(m, n, dtype=torch.bfloat16)
+        with torch.no_grad():
+            net(x)
+            fn = bound_linear(net[0].qweight, net[0].bias)
+            plans = next(c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, dict))
+            for key, backend in plans.items():
+                plans[key] = type(backend)(lambda *args, **kw: out)
+            res[f"QuantLinear above the kernel {tag}"] = best_us(lambda: net[0](x))
+    ident = nn.Identity()
+    res["an nn.Module call (nn.Identity), for scale"] = best_us(lambda: ident(x))
+    for key, v in res.items():
+        print(f"{key:55s} {v:7.2f} µs")
+    if a.json:
+        meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/host_python.py"}
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "us": res}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
