@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfyquant.lora.sidepath import LoRASidePath
+from comfyquant.runtime.kernels.acts import apply_input_act
 from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
 from comfyquant.runtime.tensor import QuantizedTensor
 
@@ -100,8 +101,10 @@ class ComfyQuantLinear(QuantLinear):
         side = getattr(self, "adapter", None)  # QuantLinear's optional side path (dynamic LoRAs)
         if isinstance(side, LoRASidePath) and side.device not in (None, x.device):  # left offloaded (lowvram)
             side = side.map_tensors(lambda t: t.to(x.device, non_blocking=True))
+        act = getattr(self, "input_act", None)
         if self.weight_function or self.bias_function:
             # a patch ComfyUI applies on the fly (lowvram LoRA, weight wrapper): run it on the float weight
+            x = apply_input_act(x, act)
             wf = w.dequantize().to(x.dtype)
             for f in self.weight_function:
                 wf = f(wf)
@@ -111,7 +114,7 @@ class ComfyQuantLinear(QuantLinear):
             return y if side is None else side(x, y)
         # the bound fast path for the layer's own weight (a copy moved here for this call is not bound)
         fn = None if w is not self._parameters["weight"] or torch.compiler.is_compiling() else bound_linear(w, bias)
-        return run_linear(fn, x, w, bias, side)
+        return run_linear(fn, x, w, bias, side, act)
 
 
 def is_plain_linear(mod: nn.Module) -> bool:

@@ -4,6 +4,7 @@
 # the generic op table and the layouts register into runtime.tensor's registry when imported
 from comfyquant.runtime import layouts as _layouts  # noqa: F401
 from comfyquant.runtime import ops as _ops  # noqa: F401
+from comfyquant.runtime.fold import fold_input_activations
 from comfyquant.runtime.loader import LoadReport, load_quantized, load_quantized_report
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, QuantizeSummary, quantize_
@@ -28,6 +29,7 @@ __all__ = [
     "QuantizeSummary",
     "QuantizedTensor",
     "dequantize_args",
+    "fold_input_activations",
     "load_quantized",
     "load_quantized_report",
     "quantize_",

@@ -23,6 +23,7 @@ from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant, encode_comfy_quant
 from comfyquant.io.legacy import read_quant_state
 from comfyquant.io.reader import CheckpointReader
+from comfyquant.runtime.fold import fold_input_activations
 from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.nn import QUANT_SUFFIXES, QuantLinear, check_backend
 from comfyquant.runtime.tensor import REGISTRY
@@ -45,6 +46,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)     # only non-empty after strict=False
     unexpected: list[str] = field(default_factory=list)  # only non-empty after strict=False
     legacy: str | None = None  # "header" or "scaled_fp8" when the file used a legacy metadata form
+    folded: list[str] = field(default_factory=list)  # activations folded into the layer they feed
 
 
 def _few(keys: Iterable[str]) -> str:
@@ -145,7 +147,7 @@ def _cast_assigned(model: nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
 
 def load_quantized_report(model: nn.Module, path: str | Path, *, device: torch.device | str | None = None,
                           compute_dtype: torch.dtype | None = None, backend: str | None = None,
-                          strict: bool = True) -> tuple[nn.Module, LoadReport]:
+                          strict: bool = True, fold_activations: bool = True) -> tuple[nn.Module, LoadReport]:
     """:func:`load_quantized`, also returning the :class:`LoadReport`."""
     if compute_dtype is not None:
         if not compute_dtype.is_floating_point:
@@ -189,6 +191,8 @@ def load_quantized_report(model: nn.Module, path: str | Path, *, device: torch.d
             if backend is not None:
                 mod.set_backend(backend)
     report.plain = sum(1 for k in state if k not in quant_keys)
+    if fold_activations:
+        report.folded = fold_input_activations(model)
     if device is not None:
         model.to(device)
     _note_reference_only(model, str(path))
@@ -227,13 +231,14 @@ def _note_reference_only(model: nn.Module, path: str) -> None:
 
 def load_quantized(model: nn.Module, path: str | Path, *, device: torch.device | str | None = None,
                    compute_dtype: torch.dtype | None = None, backend: str | None = None,
-                   strict: bool = True) -> nn.Module:
+                   strict: bool = True, fold_activations: bool = True) -> nn.Module:
     """Load ``path`` into ``model`` in place (quantized layers become ``QuantLinear``) and return the model.
 
     ``compute_dtype`` casts the model's float tensors and is the logical dtype of quantized weights;
     ``backend`` pins every quantized layer's kernel backend; ``strict`` (default) refuses files with missing
     or extra tensors for this model (``strict=False`` loads what matches and logs the rest). A file refused
     for a layer's contents or for missing/extra tensors may leave the model partly loaded.
+    ``fold_activations``: activation modules feeding a quantized layer are folded into it (``runtime.fold``).
     """
     return load_quantized_report(model, path, device=device, compute_dtype=compute_dtype, backend=backend,
-                                 strict=strict)[0]
+                                 strict=strict, fold_activations=fold_activations)[0]

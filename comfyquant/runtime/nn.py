@@ -17,6 +17,7 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
+from comfyquant.runtime.kernels.acts import apply_input_act
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for
 from comfyquant.runtime.tensor import REGISTRY, Layout, QuantizedTensor
@@ -78,16 +79,19 @@ def bound_linear(w: QuantizedTensor, bias: torch.Tensor | None) -> Callable[[tor
 
 
 def run_linear(fn: Callable[..., torch.Tensor] | None, x: torch.Tensor, w: QuantizedTensor,
-               bias: torch.Tensor | None, adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
-               ) -> torch.Tensor:
-    """The layer's output: the bound call ``fn`` (None: the handler path) plus the ``adapter`` side path. An
-    adapter with ``fused_operands(x)`` (dynamic LoRAs) hands its low-rank part to the bound call, whose kernel
-    adds it in the GEMM epilogue where it can, and then adds the rest with ``adapter.rest(x, y)``."""
+               bias: torch.Tensor | None, adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+               input_act: str | None = None) -> torch.Tensor:
+    """The layer's output for ``input_act(x)``: the bound call ``fn`` (None: the handler path) plus the
+    ``adapter`` side path. Without an adapter the bound call applies ``input_act`` itself (inside the kernel
+    where the backend can); an adapter reads the activated x, so it is computed first then. An adapter with
+    ``fused_operands(x)`` (dynamic LoRAs) hands its low-rank part to the bound call, whose kernel adds it in
+    the GEMM epilogue where it can, and then adds the rest with ``adapter.rest(x, y)``."""
+    if fn is not None and adapter is None:
+        return fn(x) if input_act is None else fn(x, None, input_act)
+    x = apply_input_act(x, input_act)
     if fn is None:
         y = linear(x, w, bias)
         return y if adapter is None else adapter(x, y)
-    if adapter is None:
-        return fn(x)
     operands = getattr(adapter, "fused_operands", None)
     low_rank = None if operands is None else operands(x)
     if low_rank is None:
@@ -124,6 +128,10 @@ class QuantLinear(nn.Module):
         # Optional side path ``adapter(x, y) -> y`` run after the quantized product (dynamic LoRAs,
         # ``comfyquant.lora.apply``); a plain object, never part of the state dict. None costs one attribute read.
         self.adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # The activation this layer applies to its input first (``acts.INPUT_ACTS`` name; None: none): set by
+        # ``fold_input_activations``, which replaces the model's separate activation module, so the kernels can
+        # apply it while they read x. Structural, like ``adapter``: not in the state dict.
+        self.input_act: str | None = None
         # Logical dtype / device a weight loaded into this (still empty) layer gets.
         self.load_dtype = weight.dtype if weight is not None else (dtype or torch.float32)
         self.load_device = torch.device(device) if device is not None else None
@@ -176,6 +184,8 @@ class QuantLinear(nn.Module):
             scale = getattr(p, "weight_scale", None)
             if scale is not None and not getattr(p, "block_size", None):
                 extra += ", scale=" + ("tensor" if scale.numel() == 1 else "row")
+        if getattr(self, "input_act", None) is not None:
+            extra += f", input_act={self.input_act}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={fmt}{extra}, backend={self.backend or 'auto'}")
 
@@ -184,7 +194,7 @@ class QuantLinear(nn.Module):
         bias = self._parameters["bias"]
         w = self.qweight
         fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)
-        return run_linear(fn, x, w, bias, self.adapter)
+        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None))  # (older pickles lack it)
 
     # ---- serialization ---------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

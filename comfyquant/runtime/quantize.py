@@ -20,6 +20,7 @@ from comfyquant.autoprec.plan import AUTO
 from comfyquant.errors import NonFiniteWeightError, UserError
 from comfyquant.formats import FormatShapeError, get_format
 from comfyquant.quant.metrics import all_finite
+from comfyquant.runtime.fold import fold_input_activations
 from comfyquant.runtime.layouts import layout_for_format
 from comfyquant.runtime.nn import QuantLinear, check_backend
 from comfyquant.runtime.tensor import Layout
@@ -41,6 +42,9 @@ class QuantizeConfig:
     ``"sqnr=30"``; ``psnr``/``cosine`` with a ``probe``) with ``calibration`` statistics (anything with
     ``.get(layer) -> LayerStats``; None: weight error only) among the quantized formats for ``target_gpu``.
     The plan is ``QuantizeSummary.auto``. ``filter_fn`` is consulted when quantizing, not while planning.
+
+    ``fold_activations``: an activation module right before a quantized layer in an ``nn.Sequential`` (GELU,
+    SiLU) is folded into that layer (``runtime.fold``), so the GPU kernels apply it as they read x.
     """
 
     format: str = "int8"
@@ -58,6 +62,7 @@ class QuantizeConfig:
     target_gpu: str | None = None
     allow_comfyquant_formats: bool = False
     probe: Any = None
+    fold_activations: bool = True
 
     def __post_init__(self) -> None:
         if self.format == AUTO:
@@ -108,6 +113,7 @@ class QuantizeSummary:
     preset: str | None = None  # the preset whose rules decided (after "auto" detection), None without one
     layers: list[LayerDecision] = field(default_factory=list)
     auto: Any = None  # the AutoPlan of format="auto" (None when layer_formats were given)
+    folded: list[str] = field(default_factory=list)  # activations folded into the layer they feed
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -118,12 +124,14 @@ class QuantizeSummary:
         return [d for d in self.layers if d.action == "kept"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "preset": self.preset, "layers": [dict(d.__dict__) for d in self.layers]}
+        return {"format": self.format, "preset": self.preset, "layers": [dict(d.__dict__) for d in self.layers],
+                "folded": list(self.folded)}
 
     def __str__(self) -> str:
         rules = f", preset {self.preset}" if self.preset else ""
         lines = [f"quantize_ ({self.format}{rules}): {len(self.quantized)} quantized, {len(self.kept)} kept"]
         lines += [f"  {d.action:9s} {d.name} {list(d.shape)}: {d.reason}" for d in self.layers]
+        lines += [f"  folded    {f} (activation applied by the layer)" for f in self.folded]
         return "\n".join(lines)
 
 
@@ -192,8 +200,13 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
     config = config or QuantizeConfig()
     if isinstance(model, nn.Linear):
         raise UserError("quantize_ replaces layers inside a model; for a bare nn.Linear use QuantLinear.from_linear")
-    if config.format == AUTO:
-        return _quantize_auto(model, config)
+    summary = _quantize_auto(model, config) if config.format == AUTO else _quantize_uniform(model, config)
+    if config.fold_activations:
+        summary.folded = fold_input_activations(model)
+    return summary
+
+
+def _quantize_uniform(model: nn.Module, config: QuantizeConfig) -> QuantizeSummary:
     layout, kwargs = layout_for(config)
     check_backend(layout, config.backend)
     preset_name, preset = _preset_decider(model, config.model) if config.model else (None, None)

@@ -50,25 +50,26 @@ def _lr(low_rank):
     return None if low_rank is None else low_rank[:2]
 
 
-def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None):
+def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
     if _opt(opts, 0):
         raise UserError("backend 'triton_fused' has no rotation; rotated (convrot) int8 layers use 'triton'")
-    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=_lr(low_rank))
+    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=_lr(low_rank), act=act)
 
 
-def _int8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None):
+def _int8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
-    return triton_int8.int8_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, low_rank=_lr(low_rank))
+    return triton_int8.int8_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, low_rank=_lr(low_rank),
+                                   act=act)
 
 
-def _int8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None):
+def _int8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
     return triton_int8.w8a16_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype,
-                                    low_rank=_lr(low_rank))
+                                    low_rank=_lr(low_rank), act=act)
 
 
 def check_row_scale(what: str, w_scale: torch.Tensor | None, n: int) -> None:
@@ -171,16 +172,17 @@ def _fp8_dequant(x, w, scales, bias, opts, out_dtype):
     return reference.dequant_linear(x, w, scales[0], bias, None, out_dtype)
 
 
-def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype):
+def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype, act=0):
     from comfyquant.runtime.kernels import fp8
 
-    return fp8.fp8_linear_scaled_mm(x, w, scales[0], bias, scales[1] if len(scales) > 1 else None, out_dtype)
+    return fp8.fp8_linear_scaled_mm(x, w, scales[0], bias, scales[1] if len(scales) > 1 else None, out_dtype,
+                                    act=act)
 
 
-def _fp8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None):
+def _fp8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
-    return triton_int8.w8a16_linear(x, w, scales[0], bias, None, out_dtype, low_rank=_lr(low_rank))
+    return triton_int8.w8a16_linear(x, w, scales[0], bias, None, out_dtype, low_rank=_lr(low_rank), act=act)
 
 
 def _check_fp8(x, w, scales, opts) -> None:
@@ -217,10 +219,11 @@ def _int4_dequant(x, w, scales, bias, opts, out_dtype):
     return int4.w4_dequant_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype)
 
 
-def _int4_triton(x, w, scales, bias, opts, out_dtype, low_rank=None):
+def _int4_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
-    return triton_int8.w4a8_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=_lr(low_rank))
+    return triton_int8.w4a8_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=_lr(low_rank),
+                                   act=act)
 
 
 def _check_int4(x, w, scales, opts) -> None:
@@ -245,19 +248,19 @@ def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
 
 INT8 = register_kernel_kind(KernelKind(
     "int8",
-    {"torch": _int8_torch, "dequant": _int8_dequant, "triton": KernelBackend(_int8_triton, _TRITON, True),
-     "triton_fused": KernelBackend(_int8_fused, _TRITON, True),
-     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True)},
+    {"torch": _int8_torch, "dequant": _int8_dequant, "triton": KernelBackend(_int8_triton, _TRITON, True, True),
+     "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True),
+     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True)},
     choose=_choose_int8, check=_check_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(
     "int8_block", {"torch": _block_torch, "dequant": _block_dequant}, choose=_choose_block, check=_check_block))
 FP8 = register_kernel_kind(KernelKind(
     "fp8",
-    {"torch": _fp8_torch, "dequant": _fp8_dequant, "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM),
-     "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True)},
+    {"torch": _fp8_torch, "dequant": _fp8_dequant, "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM, fuses_input_act=True),
+     "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True, True)},
     choose=_choose_fp8, check=_check_fp8))
 INT4_ROT = register_kernel_kind(KernelKind(
-    "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON, True)},
+    "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON, True, True)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
 
 # the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels

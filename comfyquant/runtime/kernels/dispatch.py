@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from comfyquant.errors import UserError
 from comfyquant.runtime.kernels import builtin, custom_ops
+from comfyquant.runtime.kernels.acts import act_code, apply_input_act
 from comfyquant.runtime.kernels.backends import AUTO, BackendChoice
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import (
@@ -138,9 +139,10 @@ def add_low_rank(x: torch.Tensor, y: torch.Tensor, low_rank: LowRank) -> torch.T
 
 def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None], bias: torch.Tensor | None = None,
                 *, opts: Sequence[int] = (), backend: Backend = None) -> BoundLinear:
-    """``(x, low_rank=None) -> quant_linear(x, kind, w, scales, bias, ...)`` in ``x``'s dtype, everything but
-    ``x`` fixed; ``low_rank`` (:data:`LowRank`) adds ``(x @ down^T) @ up``, in the GEMM's epilogue where the
-    chosen backend fuses it, else by :func:`add_low_rank`.
+    """``(x, low_rank=None, input_act=None) -> quant_linear(act(x), kind, w, scales, bias, ...)`` in ``x``'s
+    dtype, everything but ``x`` fixed; ``low_rank`` (:data:`LowRank`) adds ``(act(x) @ down^T) @ up``, in the
+    GEMM's epilogue where the chosen backend fuses it, else by :func:`add_low_rank`; ``input_act`` (a name of
+    ``acts.INPUT_ACTS``) is applied by the kernel as it reads x where the backend fuses it, else first in torch.
 
     For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device and
     capture state (the memo is the returned function's own), so a call costs one small-tuple lookup besides
@@ -151,13 +153,17 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     plans: dict[tuple, KernelBackend] = {}
     capturing = torch.cuda.is_current_stream_capturing
 
-    def call(x: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
+    def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None) -> torch.Tensor:
         sig = (x.shape, x.dtype, x.device, x.is_cuda and capturing())
         b = plans.get(sig)
         if b is None:
             b = _resolve(x, kind, w, scales, bias, opts, backend)
             if len(plans) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
                 plans[sig] = b
+        if input_act is not None:
+            if b.fuses_input_act and low_rank is None:
+                return b.impl(x, w, scales, bias, opts, x.dtype, act=act_code(input_act))
+            x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too
         if low_rank is None:
             return b.impl(x, w, scales, bias, opts, x.dtype)
         if b.fuses_low_rank:

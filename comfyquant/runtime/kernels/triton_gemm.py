@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from comfyquant.runtime.kernels.triton_quant import input_act
+
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to nearest, ties to even
 PERM_BLOCK = 128  # the W4A8 K-permutation block (= the W4A8 kernel's K step)
 
@@ -85,7 +87,7 @@ def _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M: tl.constexpr,
 @triton.jit
 def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTYPE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              B_TO: tl.constexpr):
+              B_TO: tl.constexpr, A_ACT: tl.constexpr):
     # rows/cols past the edge are clamped (wrapped) instead of masked: their results are never stored
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -105,6 +107,8 @@ def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTY
                 b = tl.where(offs_k[:, None] < rem, b.to(a.dtype), 0.0)
             else:
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
+        if A_ACT != 0:  # the layer's input activation, applied as x is read (zero padding stays zero)
+            a = input_act(a.to(tl.float32), A_ACT).to(a.dtype)
         if B_TO:
             b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
@@ -120,7 +124,7 @@ def w8a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
          h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.int32,
-                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False)
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, 0)
     if RAW:  # the int32 accumulator itself (exactness checks against torch._int_mm)
         _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
     else:
@@ -132,10 +136,11 @@ def w8a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
 def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
           ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-          h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
+          h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr,
+          A_ACT: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.float32,
-                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True)
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT)
     _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
            h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 
@@ -165,8 +170,10 @@ def w8a8_tma(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm
 def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, stride_cm,
           ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, A_CHUNK: tl.constexpr,
-          h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
-    """Per-token int8 quantization of x folded into the W8A8 GEMM (one launch, x read in bf16/fp16)."""
+          h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr,
+          A_ACT: tl.constexpr):
+    """Per-token int8 quantization of x folded into the W8A8 GEMM (one launch, x read in bf16/fp16), after the
+    layer's input activation ``A_ACT`` (0: none)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -175,7 +182,7 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, A_CHUNK):
         xc = tl.load(x_rows + (k0 + offs_c)[None, :], mask=(k0 + offs_c)[None, :] < K, other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(xc.to(tl.float32)), axis=1))
+        amax = tl.maximum(amax, tl.max(tl.abs(input_act(xc.to(tl.float32), A_ACT)), axis=1))
     scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
     inv = 1.0 / scale
     # phase 2: quantize each A tile in registers, int8 dot
@@ -192,7 +199,7 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
             rem = K - kk * BLOCK_K
             xa = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
-        y = xa.to(tl.float32) * inv[:, None]
+        y = input_act(xa.to(tl.float32), A_ACT) * inv[:, None]
         a = ((y + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K

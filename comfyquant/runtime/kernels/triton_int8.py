@@ -78,6 +78,12 @@ def _low_rank_args(low_rank: LowRank | None, x2d: torch.Tensor, dummy: torch.Ten
             (True, ieee, h.dtype, up.dtype, _al(h), _al(up), up.stride(0) % 16 == 0))
 
 
+def _no_act_with_low_rank(act: int, low_rank: LowRank | None) -> None:
+    if act and low_rank is not None:
+        raise ValueError("an input activation and a low-rank term in one call: the low-rank term reads x as "
+                         "given; apply the activation first (runtime.kernels.dispatch does)")
+
+
 def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
     """TMA path: Hopper+, 16-byte aligned rows (K % 16 == 0) and base pointers."""
     return (a.device.type == "cuda" and _facts(a.device)[1] >= 9 and a.shape[1] % 16 == 0
@@ -140,12 +146,14 @@ def int_mm(a: torch.Tensor, w_q: torch.Tensor, tma: bool | None = None,
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                low_rank: LowRank | None = None) -> torch.Tensor:
-    """W8A8: fused (rotate +) per-token int8 quant kernel, then the int8 GEMM with the fused epilogue
-    (``low_rank``: plus ``(x @ down^T) @ up`` of unrotated x, added in the epilogue)."""
+                low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
+    """W8A8: fused (activate +) (rotate +) per-token int8 quant kernel, then the int8 GEMM with the fused
+    epilogue (``low_rank``: plus ``(x @ down^T) @ up`` of unrotated x, added in the epilogue; ``act``: an
+    ``acts.INPUT_ACTS`` code, never together with ``low_rank``, whose ``h`` reads x as given)."""
+    _no_act_with_low_rank(act, low_rank)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
-    q, s_x = triton_quant.quantize_rows_int8(x2d, group)
+    q, s_x = triton_quant.quantize_rows_int8(x2d, group, act=act)
     lr = None if low_rank is None else _low_rank_args(low_rank, x2d, s_x)
     out = gemm_w8a8(q, s_x, _contig_rows(w_q), w_scale, bias, out_dtype, cfg=cfg, lr=lr)
     return out.reshape(*lead, w_q.shape[0])
@@ -153,8 +161,9 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
 
 def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                 low_rank: LowRank | None = None) -> torch.Tensor:
+                 low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
     """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation)."""
+    _no_act_with_low_rank(act, low_rank)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = _contig_rows(x.reshape(-1, k))
     w_q = _contig_rows(w_q)
@@ -168,23 +177,29 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
         lr_args, lr_key = _low_rank_args(low_rank, x2d, sb)
         _FUSED(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
                       out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-                      cfg.group_m, k % cfg.block_k == 0, chunk, *lr_args), x.device, num_warps=cfg.warps,
+                      cfg.group_m, k % cfg.block_k == 0, chunk, *lr_args, act), x.device, num_warps=cfg.warps,
                num_stages=cfg.stages, key=(cfg, chunk, x2d.dtype, out_dtype, n, k, x2d.stride(0), w_q.stride(0),
                                            sb.numel() > 1, bias is not None, _al(x2d), _al(w_q), _al(sb),
-                                           bias is None or _al(bias), lr_key))
+                                           bias is None or _al(bias), lr_key, act))
     return out.reshape(*lead, n)
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                 low_rank: LowRank | None = None) -> torch.Tensor:
-    """Weight-only small-M GEMM: int8/fp8 weights converted to x's 16-bit dtype in registers, fp32 accumulate."""
+                 low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
+    """Weight-only small-M GEMM: int8/fp8 weights converted to x's 16-bit dtype in registers, fp32 accumulate
+    (``act``: the input activation, in the rotation pass or on each A tile as it is loaded)."""
+    _no_act_with_low_rank(act, low_rank)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     x_lr = x2d  # the side path sees x as given (unrotated, its own dtype)
     if x2d.dtype not in (torch.bfloat16, torch.float16):
         x2d = x2d.to(torch.bfloat16)
-    x2d = triton_quant.rotate_rows(x2d, group) if group is not None else _contig_rows(x2d)
+    a_act = act
+    if group is not None:
+        x2d, a_act = triton_quant.rotate_rows(x2d, group, act=act), 0
+    else:
+        x2d = _contig_rows(x2d)
     w_q = _contig_rows(w_q)
     m, n = x2d.shape[0], w_q.shape[0]
     sb = _sb(w_scale)
@@ -195,10 +210,10 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
         lr_args, lr_key = _low_rank_args(low_rank, x_lr, sb)
         _W8A16(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
                       out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-                      cfg.group_m, k % cfg.block_k == 0, *lr_args), x.device, num_warps=cfg.warps,
+                      cfg.group_m, k % cfg.block_k == 0, *lr_args, a_act), x.device, num_warps=cfg.warps,
                num_stages=cfg.stages,
                key=(cfg, x2d.dtype, w_q.dtype, out_dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1,
-                    bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key))
+                    bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, a_act))
     return out.reshape(*lead, n)
 
 
@@ -229,11 +244,13 @@ def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
 
 def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 group: int, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                low_rank: LowRank | None = None) -> torch.Tensor:
-    """int4_rot W4A8: rotate + per-token int8 quant (K permuted per 128 block), then the int4-weight GEMM."""
+                low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
+    """int4_rot W4A8: (activate +) rotate + per-token int8 quant (K permuted per 128 block), then the
+    int4-weight GEMM."""
+    _no_act_with_low_rank(act, low_rank)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
-    q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=kern.PERM_BLOCK)
+    q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=kern.PERM_BLOCK, act=act)
     w_packed = _contig_rows(w_packed)
     m, n = q.shape[0], w_packed.shape[0]
     sb = _sb(w_scale)

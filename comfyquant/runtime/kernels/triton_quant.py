@@ -57,6 +57,20 @@ def _rotate(x, N: tl.constexpr, STAGES: tl.constexpr):
 
 
 @triton.jit
+def input_act(x, ACT: tl.constexpr):
+    """``acts.INPUT_ACTS`` on fp32 ``x``: 1 gelu (tanh approximation), 2 gelu (erf), 3 silu; 0 none."""
+    if ACT == 1:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return x * tl.sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(u)) == sigmoid(2u)
+    elif ACT == 2:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 3:
+        return x * tl.sigmoid(x)
+    else:
+        return x
+
+
+@triton.jit
 def _quantize(x, scale, qmax, MODE: tl.constexpr):
     y = tl.math.div_rn(x, scale)
     if MODE == 0:
@@ -76,7 +90,7 @@ def _dst(o, PERM: tl.constexpr):
 @triton.jit
 def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qmax,
                 BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, STAGES: tl.constexpr, MODE: tl.constexpr,
-                PERM: tl.constexpr):
+                PERM: tl.constexpr, ACT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     x_row = x_ptr + row * stride_xm
@@ -84,16 +98,16 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
     if MODE == 3:  # rotation only
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+            x = _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
             tl.store(o_row + o, x.to(out_ptr.dtype.element_ty), mask=o < K)
     elif MODE == 2:  # fp8 with a static scale
         scale = tl.load(static_s_ptr).to(tl.float32)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+            x = _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
             tl.store(o_row + o, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=o < K)
     elif NUM_CHUNKS == 1:
-        x = _rotate(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+        x = _rotate(input_act(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         tl.store(o_row + _dst(offs, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
@@ -103,12 +117,12 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
         amax = tl.zeros((), dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+            x = _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _rotate(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), BLOCK, STAGES)
+            x = _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
             tl.store(o_row + _dst(o, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
                      mask=o < K)
         tl.store(s_ptr + row, scale)
@@ -122,7 +136,7 @@ _ACT = FastKernel(_act_kernel)
 
 
 def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dtype, qmax: float,
-            static_scale: torch.Tensor | None = None, perm: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            static_scale: torch.Tensor | None = None, perm: int = 0, act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape
@@ -134,31 +148,33 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
     static = static_scale if static_scale is not None else scale
     warps = 8 if block >= 4096 else 4
     _ACT((m,), (x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax, block, chunks, _stages(group),
-                mode, perm), x2d.device, num_warps=warps, num_stages=3,
-         key=(block, chunks, _stages(group), mode, perm, x2d.dtype, out_dtype, k, x2d.stride(0),
+                mode, perm, act), x2d.device, num_warps=warps, num_stages=3,
+         key=(block, chunks, _stages(group), mode, perm, act, x2d.dtype, out_dtype, k, x2d.stride(0),
               x2d.data_ptr() % 16 == 0, static_scale is not None))
     return out, scale
 
 
-def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None,
-                       perm: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``; ``perm`` > 0 stores each ``perm``-column
-    block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of ``perm``)."""
+def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 0,
+                       act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Activate +) (rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``; ``perm`` > 0 stores each
+    ``perm``-column block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of
+    ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32)."""
     if perm and x2d.shape[-1] % perm:
         raise ValueError(f"K={x2d.shape[-1]} is not a multiple of the permutation block {perm}")
-    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm)
+    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act)
 
 
 def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
-                      static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      static_scale: torch.Tensor | None = None, act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row fp8 (dynamic) or saturating static-scale fp8: ``(q [M,K], scale fp32 [M,1])``."""
     qmax = float(torch.finfo(dtype).max)
     if static_scale is not None:
-        q, _ = _launch(x2d, None, MODE_FP8_STATIC, dtype, qmax, static_scale.float().reshape(1))
+        q, _ = _launch(x2d, None, MODE_FP8_STATIC, dtype, qmax, static_scale.float().reshape(1), act=act)
         return q, static_scale.float().reshape(1, 1).expand(x2d.shape[0], 1)
-    return _launch(x2d, None, MODE_FP8, dtype, qmax)
+    return _launch(x2d, None, MODE_FP8, dtype, qmax, act=act)
 
 
-def rotate_rows(x2d: torch.Tensor, group: int) -> torch.Tensor:
-    """Group-wise regular-Hadamard rotation only, output in x's dtype (the small-batch convrot path)."""
-    return _launch(x2d, group, MODE_FLOAT, x2d.dtype, 1.0)[0]
+def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0) -> torch.Tensor:
+    """(Activate +) group-wise regular-Hadamard rotation only, output in x's dtype (the small-batch convrot
+    path)."""
+    return _launch(x2d, group, MODE_FLOAT, x2d.dtype, 1.0, act=act)[0]

@@ -19,6 +19,7 @@ from comfyquant.errors import UserError
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import QuantFormat, get_format
 from comfyquant.runtime.kernels import dispatch
+from comfyquant.runtime.kernels.acts import apply_input_act
 from comfyquant.runtime.layouts.common import (
     aten,
     check_scale,
@@ -229,8 +230,10 @@ class FormatLayout(Layout):
         if p is None:
             return call
 
-        def smoothed(x: torch.Tensor, low_rank: dispatch.LowRank | None = None) -> torch.Tensor:
-            # the kernel quantizes x * p (outliers divided out); a LoRA side path reads x itself
+        def smoothed(x: torch.Tensor, low_rank: dispatch.LowRank | None = None,
+                     input_act: str | None = None) -> torch.Tensor:
+            # the kernel quantizes act(x) * p (outliers divided out); a LoRA side path reads act(x) itself
+            x = apply_input_act(x, input_act)
             y = call(x * p.to(device=x.device, dtype=x.dtype))
             return y if low_rank is None else dispatch.add_low_rank(x, y, low_rank)
 

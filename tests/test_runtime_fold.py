@@ -1,0 +1,117 @@
+"""Activation modules folded into the quantized layer they feed (``runtime.fold``, ``QuantLinear.input_act``).
+
+On the CPU every backend applies the folded activation with the same torch op the model ran, so a folded
+model must compute exactly what the unfolded one does: on a toy model, on the digits DiT (Flux layout: GELU
+tanh MLPs, SiLU-fed modulation), with a dynamic LoRA, under torch.compile, and after load_quantized.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from comfyquant.runtime import QuantizeConfig, QuantLinear, fold_input_activations, load_quantized, quantize_
+from comfyquant.runtime.kernels.acts import act_code, act_of_module, apply_input_act
+
+
+class _GELU(nn.GELU):
+    """A subclass: its forward may differ, so it is never folded."""
+
+
+def _toy() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(64, 128), nn.GELU(approximate="tanh"), nn.Linear(128, 64)),
+        nn.Sequential(nn.SiLU(), nn.Linear(64, 64)),
+        nn.Sequential(nn.GELU(), nn.Linear(64, 96), _GELU(), nn.Linear(96, 64)),
+        nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(64, 8)),  # 8 < min_features: stays float
+    )
+
+
+def test_fold_names_each_pair_and_keeps_outputs_and_keys() -> None:
+    ref, model = _toy(), _toy()
+    quantize_(ref, QuantizeConfig(format="int8", fold_activations=False))
+    summary = quantize_(model, QuantizeConfig(format="int8"))
+    assert summary.folded == ["0.2: gelu_tanh", "1.1: silu", "2.1: gelu"]
+    assert isinstance(model[0][1], nn.Identity) and isinstance(model[2][2], _GELU)  # the subclass stays
+    assert model[0][2].input_act == "gelu_tanh" and "input_act=gelu_tanh" in repr(model[0][2])
+    assert list(model.state_dict()) == list(ref.state_dict())
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+        xb = x.bfloat16()
+        assert torch.equal(model.bfloat16()(xb), ref.bfloat16()(xb))
+    assert fold_input_activations(model) == []  # idempotent
+
+
+def test_digits_dit_folded_equals_unfolded_and_survives_load_quantized(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from comfyquant.eval.workloads import DigitsWorkload
+
+    wl = DigitsWorkload()
+    models = []
+    for fold in (False, True):
+        m = wl.float_model()
+        s = quantize_(m, QuantizeConfig(format="int8", model="flux", fold_activations=fold))
+        models.append((m, s))
+    (ref, s0), (model, s1) = models
+    assert s0.folded == [] and any("mlp" in f and f.endswith("gelu_tanh") for f in s1.folded), s1.folded
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 16, 8, 8, generator=g)
+    t = torch.rand(3, generator=g)
+    labels = torch.tensor([1, 7, 10])
+    with torch.no_grad():
+        want = ref.velocity(x, t, labels)
+        assert torch.equal(model.velocity(x, t, labels), want)
+    # a file written from the quantized model loads folded (and computes the same)
+    path = tmp_path / "dit-int8.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    loaded = load_quantized(wl.empty_model(), path, compute_dtype=torch.float32).eval()
+    assert any(getattr(mod, "input_act", None) == "gelu_tanh" for mod in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded.velocity(x, t, labels), want)
+
+
+def test_folded_layer_with_a_dynamic_lora_reads_the_activated_input() -> None:
+    from comfyquant.lora.sidepath import LoRASidePath, SideEntry
+
+    ref, model = _toy(), _toy()
+    quantize_(ref, QuantizeConfig(format="int8-rot", fold_activations=False))
+    quantize_(model, QuantizeConfig(format="int8-rot"))
+    g = torch.Generator().manual_seed(1)
+    entry = SideEntry(down=torch.randn(4, 128, generator=g) * 0.1, up=torch.randn(64, 4, generator=g) * 0.1)
+    for net in (ref, model):
+        side = LoRASidePath()
+        side.add(1, entry)
+        net[0][2].adapter = side
+    x = torch.randn(7, 64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_folded_model_compiles_fullgraph() -> None:
+    model = _toy()
+    quantize_(model, QuantizeConfig(format="int8"))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_act_names_codes_and_modules() -> None:
+    x = torch.linspace(-4, 4, 33)
+    assert torch.equal(apply_input_act(x, "gelu_tanh"), nn.GELU(approximate="tanh")(x))
+    assert torch.equal(apply_input_act(x, "silu"), nn.SiLU()(x)) and apply_input_act(x, None) is x
+    assert [act_code(n) for n in (None, "gelu_tanh", "gelu", "silu")] == [0, 1, 2, 3]
+    assert act_of_module(nn.ReLU()) is None and act_of_module(_GELU()) is None
+    with pytest.raises(ValueError, match="unknown input activation"):
+        act_code("relu")
+    lin = QuantLinear.from_linear(nn.Linear(32, 16), "int8")
+    lin.input_act = "silu"
+    x2 = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x2), torch.nn.functional.linear(nn.SiLU()(x2), lin.weight, lin.bias),
+                                   rtol=0, atol=0)
