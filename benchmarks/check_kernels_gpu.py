@@ -269,6 +269,36 @@ def check_low_rank_epilogue() -> None:
                        rank=rank, rel=e)
 
 
+def check_input_act() -> None:
+    """Folded input activations (every fusing backend): the layer with ``input_act`` equals the same backend
+    on the activation computed by torch first (which rounds it to bf16; the kernels keep it in fp32)."""
+    from comfyquant.runtime import QuantizedTensor, QuantLinear
+    from comfyquant.runtime.kernels.acts import apply_input_act
+    from comfyquant.runtime.nn import linear
+
+    cases = {"int8": ("triton", "triton_fused", "triton_w8a16", "dequant"), "int8-rot": ("triton", "triton_w8a16"),
+             "fp8": ("triton_w8a16", "scaled_mm"), "int4-rot": ("triton",)}
+    for m, k, n in [(5, 3072, 3072), (300, 12288, 3072), (4096, 3072, 3072), (70, 200, 70)]:
+        w = torch.randn(n, k, device="cuda") * 0.03
+        x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
+        for act in ("gelu_tanh", "silu"):
+            xa = apply_input_act(x, act)
+            for fmt, backends in cases.items():
+                if k % 128 and fmt in ("int8-rot", "int4-rot"):
+                    continue
+                lin = QuantLinear(k, n, bias=False, weight=QuantizedTensor.from_float(w.bfloat16(), fmt))
+                for backend in backends:
+                    lin.set_backend(backend)
+                    with torch.no_grad():
+                        want = linear(xa, lin.qweight, None)
+                        lin.input_act = act
+                        y = lin(x)
+                        lin.input_act = None
+                    e = rel(y, want)
+                    record(f"input_act_{act}_{fmt}_{backend}", bool(torch.isfinite(y).all()) and e <= 2**-7, m=m,
+                           k=k, n=n, rel=e)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for check_kernels.json")
@@ -276,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     for fn in (check_act_quant, check_int_mm_exact, check_linear, check_block, check_w4a8, check_low_rank_epilogue,
-               check_cuda_graphs):
+               check_input_act, check_cuda_graphs):
         try:
             fn()
         except Exception as e:  # a kernel that fails to compile or run is a failed check, and the rest still run

@@ -45,8 +45,9 @@ class FluxDouble(nn.Module):
         self.mod = nn.ModuleList(nn.Linear(d, 6 * d) for _ in range(2))
         self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(2))
         self.proj = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
-        self.mlp0 = nn.ModuleList(nn.Linear(d, 4 * d) for _ in range(2))
-        self.mlp2 = nn.ModuleList(nn.Linear(4 * d, d) for _ in range(2))
+        # as ComfyUI's DoubleStreamBlock: Sequential(Linear, GELU(tanh), Linear) (quantize_ folds the GELU)
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+                                 for _ in range(2))
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xs, mods, qkvs = (txt, img), [], []
@@ -60,7 +61,7 @@ class FluxDouble(nn.Module):
         for i, (x, a) in enumerate(((txt, att[:, :n_txt]), (img, att[:, n_txt:]))):
             m = mods[i]
             x = x + m[2] * self.proj[i](a)
-            x = x + m[5] * self.mlp2[i](F.gelu(self.mlp0[i]((1 + m[4]) * _ln(x) + m[3]), approximate="tanh"))
+            x = x + m[5] * self.mlp[i]((1 + m[4]) * _ln(x) + m[3])
             outs.append(x)
         return outs[1], outs[0]
 
@@ -102,7 +103,7 @@ class WanBlock(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.cq, self.ck, self.cv, self.co = (nn.Linear(d, d) for _ in range(4))
-        self.ffn0, self.ffn2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, d))  # as ComfyUI's
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         m = e.chunk(6, dim=1)
@@ -111,7 +112,7 @@ class WanBlock(nn.Module):
         y = _ln(x)
         x = x + self.co(_attn(_rms(self.cq(y)), _rms(self.ck(ctx)), self.cv(ctx), self.heads))
         y = _ln(x) * (1 + m[4]) + m[3]
-        return x + self.ffn2(F.gelu(self.ffn0(y), approximate="tanh")) * m[5]
+        return x + self.ffn(y) * m[5]
 
 
 class Wan(nn.Module):
@@ -248,8 +249,12 @@ def variants(name: str, ck_fn: Callable | None) -> Iterator[tuple[str, nn.Module
     yield "bf16", *build(name)
     for fmt in ("int8", "fp8"):
         model, args = build(name)
-        quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+        summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
         yield fmt, model, args
+        if fmt == "int8" and summary.folded:  # the same without folding the MLP's GELU into its second linear
+            model, args = build(name)
+            quantize_(model, QuantizeConfig(format=fmt, min_features=1, fold_activations=False))
+            yield "int8_nofold", model, args
     model, args = build(name)
     yield "int4_rot", _swap(model, "int4_rot", None), args
     if ck_fn is not None:
