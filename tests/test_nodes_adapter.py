@@ -44,9 +44,10 @@ def test_adapter_patches_a_clone_and_leaves_the_input_alone(comfy: Any, dit_sd: 
 
     out, report = adapt_model(base, AdapterSettings(format="int8"), cache=cache, progress=Progress())
     assert len(calls) > 20 and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
-    assert out is not base and not base.object_patches and len(out.object_patches) == len(report.converted) == 20
+    assert out is not base and not base.object_patches and len(report.converted) == 20
+    assert len(out.object_patches) == 20 + len(report.folded) and len(report.folded) == 4  # the MLPs' GELUs
     assert report.preset == "flux" and report.bytes_after < report.bytes_before / 3
-    assert all(isinstance(m, ComfyQuantLinear) for m in out.object_patches.values())
+    assert all(isinstance(m, ComfyQuantLinear | torch.nn.Identity) for m in out.object_patches.values())
     assert out.model_options["transformer_options"]["comfyquant"] == AdapterSettings(format="int8")
     q = dit_forward(out, dit_sd)
     assert 0 < rel_err(q, ref) < 0.01  # measured 0.0035
@@ -158,3 +159,21 @@ def test_install_nodes_links_or_copies_and_refuses_foreign_folders(tmp_path: Pat
     (target / MARKER).unlink()
     assert main(["install-nodes", str(tmp_path)]) == 2  # not ours any more
     assert main(["install-nodes", str(tmp_path), "--force"]) == 0
+
+
+def test_folded_activations_compute_what_the_gelu_modules_did(comfy: Any, dit_sd: dict) -> None:
+    """The MLPs' GELU(tanh) modules are patched to Identity on the clone and applied by the next layer: same
+    output on the CPU as without folding, the shared model keeps its GELUs, a LoRA node's derived layer too."""
+    base = _patcher(comfy, dit_sd)
+    plain, r0 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_activations=False)),
+                            cache=QuantCache())
+    folded, r1 = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
+    assert r0.folded == [] and sorted(r1.folded) == sorted(
+        f"double_blocks.{i}.{s}_mlp.2: gelu_tanh" for i in range(2) for s in ("img", "txt"))
+    assert "4 activations folded" in r1.summary()
+    gelu = "diffusion_model.double_blocks.0.img_mlp.1"
+    assert isinstance(folded.object_patches[gelu], torch.nn.Identity)
+    assert isinstance(base.model.get_submodule(gelu), torch.nn.GELU)  # the input MODEL is untouched
+    assert torch.equal(dit_forward(folded, dit_sd), dit_forward(plain, dit_sd))
+    layer = folded.object_patches["diffusion_model.double_blocks.0.img_mlp.2"]
+    assert layer.input_act == "gelu_tanh" and ComfyQuantLinear.derive(layer).input_act == "gelu_tanh"

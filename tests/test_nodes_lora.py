@@ -72,7 +72,7 @@ def test_dynamic_and_bake_match_the_lora_on_the_float_model(comfy: Any, dit_sd: 
     layer = dyn.object_patches[QKV]
     assert isinstance(layer.adapter, LoRASidePath)
     assert layer.qweight.qdata.data_ptr() == q.object_patches[QKV].qweight.qdata.data_ptr()  # shared, not copied
-    assert q.object_patches == before and all(m.adapter is None for m in q.object_patches.values())
+    assert q.object_patches == before and all(getattr(m, "adapter", None) is None for m in q.object_patches.values())
     baked, rep_b = apply_loras(q, [LoraRequest(str(a), 1.0)], "bake")
     assert len(rep_b.baked) == 20 and baked.object_patches[QKV].adapter is None
     got_d, got_b = dit_forward(dyn, dit_sd), dit_forward(baked, dit_sd)
@@ -203,10 +203,13 @@ def test_saving_a_model_with_dynamic_loras_bakes_them_into_the_file(comfy: Any, 
     path = tmp_path / "dyn.safetensors"
     formats = save_quantized_model(dyn, path)
     assert formats.get("int8_tensorwise") == 20, formats
-    loaded, _ = load_quantized_model(path, RuntimeOptions(), None)
+    loaded, summary = load_quantized_model(path, RuntimeOptions(), None)
+    assert summary.folded == 4 and "4 activations folded" in summary.line()  # the MLPs' GELUs
     got = dit_forward(loaded, dit_sd)
     assert rel_err(got, ref) < BOUND, rel_err(got, ref)  # without the side path: 14% away
     assert rel_err(got, dit_forward(dyn, dit_sd)) < BOUND
+    unfolded, s2 = load_quantized_model(path, RuntimeOptions(fold_activations=False), None)
+    assert s2.folded == 0 and torch.equal(dit_forward(unfolded, dit_sd), got)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "bake"])

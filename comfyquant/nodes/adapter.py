@@ -30,6 +30,7 @@ from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import AUTO, AdapterSettings
 from comfyquant.nodes.smoothing import Smoothing, open_smoothing, resolve_calibration_path
+from comfyquant.runtime.fold import foldable_pairs
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
 from comfyquant.runtime.tensor import QuantizedTensor
@@ -55,6 +56,7 @@ class AdapterReport:
     cached: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)
     baked_loras: list[str] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)  # converted layers that apply the activation before them
     bytes_before: int = 0
     bytes_after: int = 0
     messages: list[str] = field(default_factory=list)
@@ -81,9 +83,10 @@ class AdapterReport:
             plain = len(self.converted) - len(self.smoothed)
             smooth = (f", smoothquant (alpha {self.smoothing.alpha:g}, {self.smoothing.path.name}) on "
                       f"{len(self.smoothed)} layers" + (f" ({plain} without statistics: unsmoothed)" if plain else ""))
+        folded = f", {len(self.folded)} activations folded into their layer" if self.folded else ""
         return (f"comfyquant: {self.format}{mix}{preset}: {len(self.converted)} layers converted "
                 f"({len(self.cached)} from cache), {len(self.kept)} kept, {saved / 2**20:.1f} MiB saved "
-                f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){smooth}{lora}")
+                f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){smooth}{lora}{folded}")
 
 
 def _note(report: AdapterReport, message: str) -> None:
@@ -302,9 +305,18 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         _note(report, MSG_NOT_CONVERTED)
         return patcher, report
     clone = patcher.clone()
+    folds = {}
+    if settings.runtime.fold_activations:  # GELU/SiLU modules before a converted layer: applied by its kernel
+        dm = patcher.model.diffusion_model
+        folds = {layer: (act_path, act) for act_path, layer, act in foldable_pairs(dm, lambda n, m: n in new_layers)}
     for name, qt in new_layers.items():
         src = linears[name]
-        clone.add_object_patch(PREFIX + name, ComfyQuantLinear.wrap(qt, src.bias))
+        layer = ComfyQuantLinear.wrap(qt, src.bias)
+        if name in folds:
+            act_path, layer.input_act = folds[name]
+            clone.add_object_patch(PREFIX + act_path, nn.Identity())
+            report.folded.append(f"{name}: {layer.input_act}")
+        clone.add_object_patch(PREFIX + name, layer)
         report.converted.append(name)
         report.bytes_before += src.weight.nbytes
         report.bytes_after += qt.nbytes

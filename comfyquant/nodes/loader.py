@@ -23,6 +23,7 @@ from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, make_comfy_ops
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import RuntimeOptions
+from comfyquant.runtime.fold import fold_input_activations
 from comfyquant.runtime.tensor import REGISTRY
 
 logger = logging.getLogger("comfyquant.nodes")
@@ -35,11 +36,13 @@ class LoadSummary:
     path: str
     formats: Counter = field(default_factory=Counter)
     plain_linears: int = 0
+    folded: int = 0  # activation modules folded into the quantized layer they feed
 
     def line(self) -> str:
         fmts = ", ".join(f"{n} {f}" for f, n in sorted(self.formats.items())) or "none"
+        folded = f"; {self.folded} activations folded into their layer" if self.folded else ""
         return (f"comfyquant: loaded {Path(self.path).name}: quantized layers: {fmts}; "
-                f"{self.plain_linears} plain linear layers")
+                f"{self.plain_linears} plain linear layers{folded}")
 
 
 def _quant_layers(sd: dict[str, torch.Tensor], prefix: str, path: str) -> dict[str, str]:
@@ -111,6 +114,8 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
                         f"{kind} there; only linear layers can be quantized ({len(missed)} such layers)")
     summary = LoadSummary(path, Counter(done.values()))
     summary.plain_linears = sum(1 for m in dm.modules() if isinstance(m, nn.Linear))
+    if runtime.fold_activations:
+        summary.folded = len(fold_input_activations(dm))
     register_patch_callback(patcher)
     if runtime.cuda_graphs:
         enable_cuda_graphs(patcher)

@@ -48,6 +48,7 @@ class ComfyQuantLinear(QuantLinear):
         a copy of its side path, so adding LoRAs to the new layer leaves ``layer`` (the input MODEL's) as it is."""
         old_bias = layer._parameters["bias"]
         mod = cls.wrap(layer.qweight if weight is None else weight, old_bias if bias is None else bias)
+        mod.input_act = getattr(layer, "input_act", None)  # its activation module was folded away
         side = layer.adapter
         if side is not None:
             mod.adapter = side.copy() if isinstance(side, LoRASidePath) else side

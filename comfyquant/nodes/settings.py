@@ -69,13 +69,15 @@ def model_types() -> tuple[str, ...]:
 class RuntimeOptions:
     """How quantized layers run: ``backend`` (``auto`` or a backend name), whether small batches may take a
     weight-only kernel, ``use_triton`` (False: never Triton), ``cuda_graphs`` (the runtime's dispatch policy for
-    graph-captured models) and ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today)."""
+    graph-captured models), ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today) and
+    ``fold_activations`` (a GELU/SiLU module right before a quantized layer is applied by that layer's kernel)."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True
     use_triton: bool | None = None
     prepack: bool = True
     cuda_graphs: bool = False
+    fold_activations: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in runtime_backends():

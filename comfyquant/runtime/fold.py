@@ -11,6 +11,7 @@ replaced module are gone with it).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 from torch import nn
 
@@ -18,19 +19,32 @@ from comfyquant.runtime.kernels.acts import act_of_module
 from comfyquant.runtime.nn import QuantLinear
 
 
+def foldable_pairs(model: nn.Module, is_target: Callable[[str, nn.Module], bool]) -> list[tuple[str, str, str]]:
+    """``(activation module path, layer path, activation name)`` for every ``nn.Sequential`` pair in ``model``
+    of an activation module followed by a layer ``is_target(path, module)`` accepts; nothing is changed."""
+    out = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        prefix = f"{name}." if name else ""
+        for (key_a, a), (key_b, b) in itertools.pairwise(seq._modules.items()):
+            act = act_of_module(a) if a is not None else None
+            if act is not None and b is not None and is_target(prefix + key_b, b):
+                out.append((prefix + key_a, prefix + key_b, act))
+    return out
+
+
+def _unfolded_quant_linear(path: str, mod: nn.Module) -> bool:
+    return isinstance(mod, QuantLinear) and getattr(mod, "input_act", None) is None
+
+
 def fold_input_activations(model: nn.Module) -> list[str]:
     """Fold every ``nn.Sequential`` pair (activation module, ``QuantLinear`` without an input activation yet)
     in ``model``; returns the folded layers' names (``"blocks.0.mlp.2: gelu_tanh"``)."""
     folded = []
-    for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        items = list(seq._modules.items())
-        for (key_a, a), (key_b, b) in itertools.pairwise(items):
-            act = act_of_module(a) if a is not None else None
-            if act is None or not isinstance(b, QuantLinear) or getattr(b, "input_act", None) is not None:
-                continue
-            b.input_act = act
-            seq._modules[key_a] = nn.Identity()
-            folded.append(f"{name + '.' if name else ''}{key_b}: {act}")
+    for act_path, layer_path, act in foldable_pairs(model, _unfolded_quant_linear):
+        model.get_submodule(layer_path).input_act = act
+        parent, _, key = act_path.rpartition(".")
+        (model.get_submodule(parent) if parent else model)._modules[key] = nn.Identity()
+        folded.append(f"{layer_path}: {act}")
     return folded
