@@ -96,3 +96,22 @@ def test_bad_budgets_and_settings_are_one_clear_error(base: Any) -> None:
     with pytest.raises(UserError, match=r"size=0\.01"):
         adapt_model(base, AdapterSettings(format="auto", budget="size=0.01"), cache=QuantCache())
     assert AdapterSettings(format="int8", budget="not read unless auto").budget  # other formats ignore it
+
+
+def test_auto_plans_for_the_gpu_it_runs_on_or_the_one_asked_for(base: Any) -> None:
+    """nvfp4 / mxfp8 run natively on Blackwell only: they are candidates when the target (the load device, or
+    the node's target_gpu) is Blackwell, and never on the CPU or an older GPU."""
+    from comfyquant.formats.registry import gpu_generation
+    from comfyquant.nodes.adapter import plan_target_gpu
+
+    assert [gpu_generation(c) for c in ((7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0))] == [
+        None, "turing", "ampere", "ampere", "ada", "hopper", "blackwell", "blackwell"]
+    assert plan_target_gpu("auto", torch.device("cpu")) is None
+    assert plan_target_gpu("hopper", torch.device("cpu")) == "hopper"
+    _, cpu = adapt_model(base, AdapterSettings(format="auto", budget="size=0.3"), cache=QuantCache())
+    _, bw = adapt_model(base, AdapterSettings(format="auto", budget="size=0.3", target_gpu="blackwell"),
+                        cache=QuantCache())
+    assert "nvfp4" not in cpu.auto.candidates and "nvfp4" in bw.auto.candidates, (cpu.auto.candidates,
+                                                                                    bw.auto.candidates)
+    with pytest.raises(UserError, match="target_gpu"):
+        AdapterSettings(format="auto", target_gpu="volta")

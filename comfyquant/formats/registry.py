@@ -20,6 +20,20 @@ STOCK_COMFY_0_30 = frozenset({"int8_tensorwise", "float8_e4m3fn", "float8_e5m2",
 GPU_GENERATIONS = ("turing", "ampere", "ada", "hopper", "blackwell")
 
 
+def gpu_generation(capability: tuple[int, int]) -> str | None:
+    """The ``GPU_GENERATIONS`` name of an NVIDIA compute capability (None for pre-Turing GPUs)."""
+    major, minor = capability
+    if major >= 10:
+        return "blackwell"
+    if major == 9:
+        return "hopper"
+    if major == 8:
+        return "ada" if minor >= 9 else "ampere"
+    if (major, minor) >= (7, 5):
+        return "turing"
+    return None
+
+
 def gpu_at_least(target: str | None, required: str | None) -> bool:
     """Whether a ``target`` GPU generation (None: unspecified, any GPU) is ``required`` or newer (None: any)."""
     if required is None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from comfyquant.autoprec.candidates import KEEP
+from comfyquant.formats.registry import gpu_generation
 from comfyquant.nodes.cache import CACHE, QuantCache
 from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
@@ -273,7 +274,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     store = torch.device(patcher.offload_device)
     selector = _Selector(shell, sources, cache_keys, bake, cache, device, store, tick, smoothing)
     if auto:
-        config = _auto_config(shell, settings, cache_keys, selector, report)
+        config = _auto_config(shell, settings, cache_keys, selector, report,
+                              plan_target_gpu(settings.target_gpu, load_dev))
     else:
         config = QuantizeConfig(format=fmt, model=settings.model_type, backend=backend, filter_fn=selector)
     summary = quantize_(shell, config)
@@ -341,11 +343,21 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     return clone, report
 
 
+def plan_target_gpu(setting: str, device: torch.device) -> str | None:
+    """The GPU generation format auto plans for: the setting, or for ``auto`` the load device's generation
+    (None on the CPU: formats that need a particular GPU, nvfp4 / mxfp8 on Blackwell, are then left out)."""
+    if setting != AUTO:
+        return setting
+    if device.type != "cuda":
+        return None
+    return gpu_generation(torch.cuda.get_device_capability(device))
+
+
 def _auto_config(shell: _Shell, settings: AdapterSettings, cache_keys: dict[str, Any], selector: _Selector,
-                 report: AdapterReport) -> QuantizeConfig:
+                 report: AdapterReport, target_gpu: str | None) -> QuantizeConfig:
     """Plan the formats for the budget (reads each source weight once), point the memo at each layer's chosen
     format, and return the single-pass ``quantize_`` config with the plan's ``layer_formats``."""
-    plan = plan_auto(shell, QuantizeConfig(format=AUTO, budget=settings.budget))
+    plan = plan_auto(shell, QuantizeConfig(format=AUTO, budget=settings.budget, target_gpu=target_gpu))
     report.auto = plan
     formats = plan.formats()
     for name in list(cache_keys):

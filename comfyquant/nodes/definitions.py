@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any
 
+from comfyquant.formats.registry import GPU_GENERATIONS
 from comfyquant.nodes.settings import (
     DEFAULT_ALPHA,
     DEFAULT_BUDGET,
@@ -90,6 +91,9 @@ class INT8ModelAdapter:
                                       "tooltip": "format auto only: the budget the per-layer plan meets. size=0.5: "
                                                  "at most half the model's bytes; sqnr=30: every layer's output "
                                                  "SQNR at least 30 dB; both: size=0.5,sqnr=30."}),
+                "target_gpu": (["auto", *GPU_GENERATIONS], {
+                    "default": "auto", "tooltip": "format auto only: the GPU generation to plan for (auto: the one "
+                                                  "this model runs on); nvfp4 / mxfp8 are candidates on blackwell."}),
                 "calibration_file": ("STRING", {"default": "",
                                                 "tooltip": "outlier_method smoothquant: a calibration file from "
                                                            "Capture Calibration or `comfyquant calibrate` (absolute, "
@@ -104,7 +108,8 @@ class INT8ModelAdapter:
               small_batch_fallback: bool, runtime_backend: str, prepack_int8_weights: bool,
               bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None,
               cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET, calibration_file: str = "",
-              alpha: float = DEFAULT_ALPHA, fold_activations: bool | None = None) -> dict[str, Any]:
+              alpha: float = DEFAULT_ALPHA, fold_activations: bool | None = None,
+              target_gpu: str = "auto") -> dict[str, Any]:
         import comfy.utils
         import folder_paths
 
@@ -118,7 +123,7 @@ class INT8ModelAdapter:
             calibration_file = str(resolve_calibration_path(calibration_file, [folder_paths.get_output_directory()]))
         settings = AdapterSettings(format=format, model_type=model_type, outlier_method=outlier_method,
                                    bake_loaded_loras=bake_loaded_loras, log_progress=log_progress, budget=budget,
-                                   calibration_file=calibration_file, alpha=float(alpha),
+                                   calibration_file=calibration_file, alpha=float(alpha), target_gpu=target_gpu,
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
                                                     prepack_int8_weights, cuda_graphs, fold_activations))
         out, report = adapt_model(model, settings, progress=comfy.utils.ProgressBar(1))

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from comfyquant.errors import UserError
+from comfyquant.formats.registry import GPU_GENERATIONS
 from comfyquant.presets.registry import MODEL_CHOICES
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for, kinds
@@ -116,6 +117,7 @@ class AdapterSettings:
     budget: str = DEFAULT_BUDGET  # format auto only: size / sqnr budget ("size=0.5", "sqnr=30", ...)
     calibration_file: str = ""  # smoothquant: a calibration file (Capture Calibration / comfyquant calibrate)
     alpha: float = DEFAULT_ALPHA  # smoothquant's migration strength: s = max|x|^alpha / max|W|^(1 - alpha)
+    target_gpu: str = "auto"  # format auto: the GPU generation to plan for ("auto": the model's load device)
 
     def __post_init__(self) -> None:
         if self.format not in NODE_FORMATS:
@@ -128,6 +130,8 @@ class AdapterSettings:
             from comfyquant.autoprec.budget import parse_budget
 
             parse_budget(self.budget)
+        if self.target_gpu != "auto" and self.target_gpu not in GPU_GENERATIONS:
+            raise UserError(f"target_gpu {self.target_gpu!r} is not one of auto, {', '.join(GPU_GENERATIONS)}")
         if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise UserError(f"alpha {self.alpha} must be between 0 and 1 (SmoothQuant's migration strength)")
         if self.outlier_method == "smoothquant" and not self.calibration_file.strip():
