@@ -105,7 +105,7 @@ def check_act_quant() -> None:
     from comfyquant.runtime.kernels import reference, triton_quant
 
     cases = [(1, 64, None), (5, 96, None), (70, 256, None), (3, 100, None), (2, 9000, None),
-             (5, 96, 16), (70, 256, 64), (3, 256, 256), (1, 4096, 4096), (2, 8320, 64)]
+             (5, 96, 16), (70, 256, 64), (3, 256, 256), (1, 4096, 4096), (2, 8320, 64), (1, 16384, 16384)]
     for i, (m, k, g) in enumerate(cases):
         for dt in (F32, BF16, F16) if k <= 256 else (BF16,):
             x = _x(m, k, dt, seed=i)
@@ -132,7 +132,8 @@ def check_act_quant() -> None:
         blocks = q.reshape(m, k // 128, 128)
         want = torch.cat((blocks[..., 0::2], blocks[..., 1::2]), dim=-1).reshape(m, k)
         record("int8_perm128_order", torch.equal(qp, want) and torch.equal(sp, s), m=m, k=k, convrot=g)
-    refusals = (("perm_ragged_k_refused", lambda: triton_quant.quantize_rows_int8(torch.zeros(2, 200), perm=128)),)
+    refusals = (("perm_ragged_k_refused", lambda: triton_quant.quantize_rows_int8(torch.zeros(2, 200), perm=128)),
+                ("group_past_4**8_refused", lambda: triton_quant.rotate_rows(torch.zeros(1, 4 ** 9), 4 ** 9)))
     for what, call in refusals:
         try:
             call()
@@ -146,7 +147,7 @@ def check_rotate_rows() -> None:
     from comfyquant.runtime.kernels import triton_quant
 
     for i, (m, k, g) in enumerate([(1, 64, 4), (5, 96, 16), (70, 256, 64), (3, 256, 256), (2, 1024, 1024),
-                                   (1, 4096, 4096), (2, 9216, 1024)]):
+                                   (1, 4096, 4096), (2, 9216, 1024), (1, 16384, 16384), (1, 65536, 65536)]):
         x32 = _x(m, k, F32, seed=100 + i)
         r32 = triton_quant.rotate_rows(x32, g)
         e = rel(r32, fast_hadamard(x32.double(), g))
