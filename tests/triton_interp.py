@@ -50,8 +50,9 @@ def run_interpreted(code: str, *, timeout_s: float = TIMEOUT_S) -> dict[str, Any
     """Execute ``code`` in a new Python process with ``TRITON_INTERPRET=1``; return its recorded checks.
 
     Returns ``{"checks": [...], "error": str | None, "workarounds": [...], "group_seconds": {...},
-    "seconds": float, "versions": {...}}``. Raises RuntimeError (with the child's output) if the process
-    dies or times out before writing its results.
+    "seconds": float, "versions": {...}, "returncode": int, "stderr_tail": str}``. Raises RuntimeError (with
+    the child's output) if the process dies before writing its results, subprocess.TimeoutExpired past
+    ``timeout_s``.
     """
     # MALLOC_PERTURB_: glibc fills every allocation with 0x5A bytes, so an output element a kernel never writes
     # (torch.empty) reads as 1.5e16 / 90 and fails the comparisons (the GPU checks fill free memory with NaN)
