@@ -74,7 +74,7 @@ def inputs(m: int, k: int, how: str, dtype: torch.dtype = torch.bfloat16) -> tor
 
 def check_act_quant() -> None:
     for m, k, g in [(1, 3072, None), (37, 3072, 256), (64, 15360, 256), (5, 15360, 1024), (9, 640, 16),
-                    (3, 100, None), (17, 12288, None), (4, 5120, 64)]:
+                    (3, 100, None), (17, 12288, None), (4, 5120, 64), (2, 16384, 16384)]:
         x = torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10
         x[0, min(7, k - 1)] = 60.0  # an outlier
         q, s = triton_quant.quantize_rows_int8(x, g)

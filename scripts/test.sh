@@ -2,8 +2,10 @@
 # Run the test suite (sets up .venv first if needed). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# aiohttp/torchsde: the ComfyUI server tests' requirements (test extra), missing from older .venv folders
-if ! .venv/bin/python -c "import comfyquant, pytest, aiohttp, torchsde" 2>/dev/null; then
+# aiohttp/torchsde: the ComfyUI server tests' requirements, triton (Linux x86_64): the interpreter tests' (all in
+# the test extra), missing from older .venv folders
+if ! .venv/bin/python -c "import platform, sys, comfyquant, pytest, aiohttp, torchsde
+sys.platform == 'linux' and platform.machine() == 'x86_64' and __import__('triton')" 2>/dev/null; then
   bash scripts/setup.sh
 fi
 .venv/bin/ruff check comfyquant tests benchmarks

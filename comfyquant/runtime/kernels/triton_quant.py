@@ -40,7 +40,8 @@ def _h4_stage(x, A: tl.constexpr, B: tl.constexpr):
 
 @triton.jit
 def _rotate(x, N: tl.constexpr, STAGES: tl.constexpr):
-    """Group-wise regular Hadamard (group ``4**STAGES``) on a 1-D block of ``N`` fp32 values."""
+    """Group-wise regular Hadamard (group ``4**STAGES``, ``STAGES <= MAX_STAGES``) on a 1-D block of ``N`` fp32
+    values."""
     if STAGES >= 1:
         x = _h4_stage(x, N // 4, 1)
     if STAGES >= 2:
@@ -53,6 +54,10 @@ def _rotate(x, N: tl.constexpr, STAGES: tl.constexpr):
         x = _h4_stage(x, N // 1024, 256)
     if STAGES >= 6:
         x = _h4_stage(x, N // 4096, 1024)
+    if STAGES >= 7:
+        x = _h4_stage(x, N // 16384, 4096)
+    if STAGES >= 8:
+        x = _h4_stage(x, N // 65536, 16384)
     return x
 
 
@@ -128,8 +133,14 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
         tl.store(s_ptr + row, scale)
 
 
+MAX_STAGES = 8  # _rotate's radix-4 stages: groups up to 4**8 = 65536 (the format allows any power of 4)
+
+
 def _stages(group: int | None) -> int:
-    return 0 if group is None else (group.bit_length() - 1) // 2
+    stages = 0 if group is None else (group.bit_length() - 1) // 2
+    if stages > MAX_STAGES:
+        raise ValueError(f"convrot group {group} is larger than the Triton rotation's {4 ** MAX_STAGES}")
+    return stages
 
 
 _ACT = FastKernel(_act_kernel)
