@@ -5,7 +5,9 @@ and ``nn.Sequential(nn.SiLU(), QuantLinear)`` (time / modulation embedders) run 
 kernel: one more launch and a full read and write of the activation. Folded, the linear applies it itself,
 inside its quantization pass or A-tile load on the GPU kernels, and with the same torch op as before on every
 other path. The activation module's slot becomes ``nn.Identity`` (state dict keys do not change; hooks on the
-replaced module are gone with it).
+replaced module are gone with it, and a forward pre-hook on the folded layer sees its input before the
+activation). It assumes the ``nn.Sequential`` runs its members in order, which its ``forward`` does; a model
+that calls the members one by one with other inputs in between needs ``fold_activations=False``.
 """
 
 from __future__ import annotations
