@@ -57,6 +57,9 @@ def test_dit_report_files_and_layer_stats(dit_int8: dict) -> None:
     s = dit_int8["summary"]
     assert s["layers"] == 20 and s["layers_not_run_by_workload"] == []
     assert s["weight_sqnr_db"]["min"] > 35.0  # measured 37.5 (int8 per-row, K = 128/512)
+    # "layer alone" feeds each layer the reference's own input; the double blocks' mlp.2 has the GELU folded
+    # into it (runtime.fold), and that input is already past the GELU: measured 35.6 (10.3 when applied twice)
+    assert s["out_sqnr_db"]["min"] > 30.0
     assert all(layer["format"] == "int8_tensorwise" for layer in dit_int8["layers"])
 
 

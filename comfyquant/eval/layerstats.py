@@ -51,6 +51,17 @@ def _record(model: nn.Module, names: set[str], store: dict[str, tuple[torch.Tens
     return handles
 
 
+def _alone(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """``q`` applied to the reference layer's own input ``x``. That input is already past any activation the
+    loader folded into ``q`` (``runtime.fold``: the GELU before Flux's mlp.2), so the fold is left out here."""
+    act = getattr(q, "input_act", None)
+    q.input_act = None
+    try:
+        return q(x)
+    finally:
+        q.input_act = act
+
+
 @torch.no_grad()
 def layer_stats(ref: nn.Module, quant: nn.Module, run: Callable[[nn.Module], object]) -> list[LayerStat]:
     """Run ``run(model)`` (one representative forward pass) on both models with hooks on the quantized layers.
@@ -78,7 +89,7 @@ def layer_stats(ref: nn.Module, quant: nn.Module, run: Callable[[nn.Module], obj
         iso = e2e = float("nan")  # a layer the workload never calls (e.g. BERT's pooler) has no output error
         if name in ref_io:
             x_ref, y_ref = ref_io[name]
-            iso = error_stats(y_ref, q(x_ref)).sqnr_db
+            iso = error_stats(y_ref, _alone(q, x_ref)).sqnr_db
             e2e = error_stats(y_ref, q_io[name][1]).sqnr_db
         stats.append(LayerStat(name, q.qweight.layout_name, (q.out_features, q.in_features), w_sq, iso, e2e))
     return stats
