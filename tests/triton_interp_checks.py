@@ -47,12 +47,10 @@ def _bias(n: int, dtype: torch.dtype, on: bool, seed: int) -> torch.Tensor | Non
 
 def _epilogue(acc: torch.Tensor, s_x: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
               out_dtype: torch.dtype) -> torch.Tensor:
-    """The kernels' float32 epilogue on an int32 accumulator, then the interpreter's store cast."""
-    s_w = w_scale.float().reshape(1, -1) if w_scale.numel() > 1 else w_scale.float().reshape(())
-    out = acc.float() * s_x * s_w
-    if bias is not None:
-        out = out + bias.float()
-    return interp_cast(out, out_dtype)
+    """The reference's float32 epilogue on an int32 accumulator, then the interpreter's store cast."""
+    from comfyquant.runtime.kernels import reference
+
+    return interp_cast(reference._epilogue(acc, s_x, w_scale, bias, torch.float32), out_dtype)
 
 
 def _bound64(y: torch.Tensor, x2d: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
