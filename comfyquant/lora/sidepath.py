@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from comfyquant.runtime.kernels.dispatch import add_low_rank
+
 
 @dataclass
 class SideEntry:
@@ -125,8 +127,6 @@ class LoRASidePath:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` plus every LoRA's contribution for input ``x`` (``[..., in]`` -> ``[..., out]``)."""
-        if self.down is not None and self.up_t is not None:
-            h = F.linear(x, self.down.to(x.dtype))
-            out = y.shape[-1]
-            y = torch.addmm(y.reshape(-1, out), h.reshape(-1, h.shape[-1]), self.up_t.to(x.dtype)).view(y.shape)
+        if self.down is not None and self.up_t is not None:  # unpadded, uncached: no copy when dtypes match
+            y = add_low_rank(x, y, (self.down.to(x.dtype), self.up_t.to(x.dtype), self.rank))
         return self.rest(x, y)

@@ -32,6 +32,7 @@ from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import AUTO, AdapterSettings
 from comfyquant.nodes.smoothing import Smoothing, open_smoothing, resolve_calibration_path
 from comfyquant.runtime.fold import foldable_pairs
+from comfyquant.runtime.kernels.backends import device_capability
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
 from comfyquant.runtime.tensor import QuantizedTensor
@@ -348,9 +349,8 @@ def plan_target_gpu(setting: str, device: torch.device) -> str | None:
     (None on the CPU: formats that need a particular GPU, nvfp4 / mxfp8 on Blackwell, are then left out)."""
     if setting != AUTO:
         return setting
-    if device.type != "cuda":
-        return None
-    return gpu_generation(torch.cuda.get_device_capability(device))
+    cap = device_capability(device)
+    return None if cap is None else gpu_generation(cap)
 
 
 def _auto_config(shell: _Shell, settings: AdapterSettings, cache_keys: dict[str, Any], selector: _Selector,

@@ -45,23 +45,18 @@ def _int8_dequant(x, w, scales, bias, opts, out_dtype):
     return reference.dequant_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
 
 
-def _lr(low_rank):
-    """The Triton kernels' ``(down, up)`` (padded to a multiple of 16 rows) of a backend's ``low_rank``."""
-    return None if low_rank is None else low_rank[:2]
-
-
 def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
     if _opt(opts, 0):
         raise UserError("backend 'triton_fused' has no rotation; rotated (convrot) int8 layers use 'triton'")
-    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=_lr(low_rank), act=act)
+    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=low_rank, act=act)
 
 
 def _int8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
-    return triton_int8.int8_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, low_rank=_lr(low_rank),
+    return triton_int8.int8_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, low_rank=low_rank,
                                    act=act)
 
 
@@ -69,7 +64,7 @@ def _int8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
     return triton_int8.w8a16_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype,
-                                    low_rank=_lr(low_rank), act=act)
+                                    low_rank=low_rank, act=act)
 
 
 def check_row_scale(what: str, w_scale: torch.Tensor | None, n: int) -> None:
@@ -182,7 +177,7 @@ def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype, act=0):
 def _fp8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
-    return triton_int8.w8a16_linear(x, w, scales[0], bias, None, out_dtype, low_rank=_lr(low_rank), act=act)
+    return triton_int8.w8a16_linear(x, w, scales[0], bias, None, out_dtype, low_rank=low_rank, act=act)
 
 
 def _check_fp8(x, w, scales, opts) -> None:
@@ -222,7 +217,7 @@ def _int4_dequant(x, w, scales, bias, opts, out_dtype):
 def _int4_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
-    return triton_int8.w4a8_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=_lr(low_rank),
+    return triton_int8.w4a8_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=low_rank,
                                    act=act)
 
 

@@ -63,7 +63,7 @@ def _contig_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-LowRank = tuple[torch.Tensor, torch.Tensor]  # (down [R, K], up [R, N]) in x's dtype, R a multiple of 16
+LowRank = tuple  # dispatch.LowRank (down [R, K], up [R, N], r): x's dtype, R a multiple of 16, rows >= r zero
 
 
 def _low_rank_args(low_rank: LowRank | None, x2d: torch.Tensor, dummy: torch.Tensor) -> tuple[tuple, tuple]:
@@ -71,7 +71,7 @@ def _low_rank_args(low_rank: LowRank | None, x2d: torch.Tensor, dummy: torch.Ten
     cuBLAS GEMM (it reads x once; the epilogue then adds ``h @ up`` with no second pass over the output)."""
     if low_rank is None:
         return (dummy, dummy, 0, 0, 0, False, False), (False,)
-    down, up = low_rank
+    down, up = low_rank[0], low_rank[1]  # the padded operands; the zero rows past r cost nothing to add
     h = F.linear(x2d, down)
     ieee = h.dtype == torch.float32
     return ((h, up, up.shape[0], h.stride(0), up.stride(0), True, ieee),

@@ -76,6 +76,12 @@ def input_act(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _read(x_row, o, K, BLOCK: tl.constexpr, STAGES: tl.constexpr, ACT: tl.constexpr):
+    """Elements ``o`` of one row in fp32 (zero past K), after the input activation and the rotation."""
+    return _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
+
+
+@triton.jit
 def _quantize(x, scale, qmax, MODE: tl.constexpr):
     y = tl.math.div_rn(x, scale)
     if MODE == 0:
@@ -103,16 +109,16 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
     if MODE == 3:  # rotation only
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
+            x = _read(x_row, o, K, BLOCK, STAGES, ACT)
             tl.store(o_row + o, x.to(out_ptr.dtype.element_ty), mask=o < K)
     elif MODE == 2:  # fp8 with a static scale
         scale = tl.load(static_s_ptr).to(tl.float32)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
+            x = _read(x_row, o, K, BLOCK, STAGES, ACT)
             tl.store(o_row + o, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=o < K)
     elif NUM_CHUNKS == 1:
-        x = _rotate(input_act(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
+        x = _read(x_row, offs, K, BLOCK, STAGES, ACT)
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         tl.store(o_row + _dst(offs, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
@@ -122,12 +128,12 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
         amax = tl.zeros((), dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
+            x = _read(x_row, o, K, BLOCK, STAGES, ACT)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
+            x = _read(x_row, o, K, BLOCK, STAGES, ACT)
             tl.store(o_row + _dst(o, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
                      mask=o < K)
         tl.store(s_ptr + row, scale)

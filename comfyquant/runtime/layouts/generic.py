@@ -217,7 +217,6 @@ class FormatLayout(Layout):
             return qdata.t(), params.replace(orig_shape=shape)
         return qdata, params.replace(orig_shape=shape, transposed=not params.transposed)
 
-
     @classmethod
     def bind_linear(cls, qdata: torch.Tensor, params: FormatParams,
                     bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -234,16 +233,21 @@ class FormatLayout(Layout):
                      input_act: str | None = None) -> torch.Tensor:
             # the kernel quantizes act(x) * p (outliers divided out); a LoRA side path reads act(x) itself
             x = apply_input_act(x, input_act)
-            y = call(x * p.to(device=x.device, dtype=x.dtype))
+            y = call(_smooth(x, p))
             return y if low_rank is None else dispatch.add_low_rank(x, y, low_rank)
 
         return smoothed
 
 
+def _smooth(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``x * p``: what a smoothed layer's kernel quantizes (its outlier channels divided out)."""
+    return x * p.to(device=x.device, dtype=x.dtype)
+
+
 def _kernel(x: torch.Tensor, w_q: torch.Tensor, params: FormatParams, bias: torch.Tensor | None) -> torch.Tensor:
     spec = params.format
-    if params.pre_quant_scale is not None:  # smoothing: the kernel quantizes x * p (outliers divided out)
-        x = x * params.pre_quant_scale.to(device=x.device, dtype=x.dtype)
+    if params.pre_quant_scale is not None:
+        x = _smooth(x, params.pre_quant_scale)
     scales, opts = spec.kernel_args(params.stored(w_q), params.layer_params)
     return dispatch.quant_linear(x, spec.kernel_kind, w_q, scales, bias, opts=opts, out_dtype=x.dtype,
                                  backend=params.backend)
