@@ -258,6 +258,8 @@ def check_low_rank_epilogue() -> None:
             lin = QuantLinear(k, n, weight=QuantizedTensor.from_float(w.bfloat16(), fmt))
             lin.bias = torch.nn.Parameter(bias, requires_grad=False)
             for backend in backends:
+                if backend == "scaled_mm" and (k % 16 or n % 16):  # refused with a UserError (its own test)
+                    continue
                 lin.set_backend(backend)
                 with torch.no_grad():
                     plain = linear(x, lin.qweight, lin.bias).double()
@@ -287,7 +289,10 @@ def check_input_act() -> None:
                 if k % 128 and fmt in ("int8-rot", "int4-rot"):
                     continue
                 lin = QuantLinear(k, n, bias=False, weight=QuantizedTensor.from_float(w.bfloat16(), fmt))
+                exact = apply_input_act(x.double(), act) @ lin.qweight.dequantize().double().t()
                 for backend in backends:
+                    if backend == "scaled_mm" and (k % 16 or n % 16):
+                        continue
                     lin.set_backend(backend)
                     with torch.no_grad():
                         want = linear(xa, lin.qweight, None)
@@ -295,8 +300,54 @@ def check_input_act() -> None:
                         y = lin(x)
                         lin.input_act = None
                     e = rel(y, want)
-                    record(f"input_act_{act}_{fmt}_{backend}", bool(torch.isfinite(y).all()) and e <= 2**-7, m=m,
-                           k=k, n=n, rel=e)
+                    # paths that quantize activations (fp8 W8A8): a bf16 rounding of act(x) moves some values
+                    # across fp8 rounding boundaries, so the two differ by about the format's own error; the
+                    # folded one must then be no worse against the float64 truth than the unfolded one
+                    e_fold, e_plain = rel(y, exact), rel(want, exact)
+                    ok = e <= 2**-7 or e_fold <= 1.05 * e_plain
+                    record(f"input_act_{act}_{fmt}_{backend}", bool(torch.isfinite(y).all()) and ok, m=m, k=k,
+                           n=n, rel=e, rel_folded_vs_f64=e_fold, rel_unfolded_vs_f64=e_plain)
+
+
+def check_plans() -> None:
+    """Eager fast paths (``triton_plans``): a layer's first call of a signature takes the general path, later
+    ones replay its kernels through the C launchers; the replay of the first input equals the first result bit
+    for bit (same kernels), after other inputs ran in between; with and without a dynamic LoRA."""
+    from comfyquant.lora.sidepath import LoRASidePath, SideEntry
+    from comfyquant.runtime import QuantizedTensor, QuantLinear
+    from comfyquant.runtime.nn import bound_linear
+
+    cases = {"int8": ("triton", "triton_fused", "triton_w8a16", "dequant"), "int8-rot": ("triton",),
+             "fp8": ("triton_w8a16", "dequant", "scaled_mm")}
+    for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (70, 200, 70)]:
+        w = torch.randn(n, k, device="cuda") * 0.03
+        bias = torch.randn(n, device="cuda").bfloat16()
+        xs = [torch.randn(m, k, device="cuda").bfloat16() for _ in range(2)]
+        side = LoRASidePath()
+        side.add(1, SideEntry(down=(torch.randn(24, k, device="cuda") * 0.05).bfloat16(),
+                              up=(torch.randn(n, 24, device="cuda") * 0.05).bfloat16()))
+        for fmt, backends in cases.items():
+            if k % 128 and fmt == "int8-rot":
+                continue
+            lin = QuantLinear(k, n, weight=QuantizedTensor.from_float(w.bfloat16(), fmt))
+            lin.bias = torch.nn.Parameter(bias, requires_grad=False)
+            for backend in backends:
+                if backend == "scaled_mm" and (k % 16 or n % 16):
+                    continue
+                lin.set_backend(backend)
+                for lora in (False, True):
+                    lin.adapter = side if lora else None
+                    with torch.no_grad():
+                        first = lin(xs[0])  # general path (compiles)
+                        lin(xs[1])
+                        again = lin(xs[0])  # the plan, when there is one
+                    lin.adapter = None
+                    memo = getattr(bound_linear(lin.qweight, lin.bias), "memo", {})
+                    planned = any(callable(e[3] if lora and len(e) > 3 else e[1]) for e in memo.values())
+                    fuses = backend not in ("dequant", "scaled_mm")
+                    same = torch.equal(first, again)
+                    record(f"plan_{fmt}_{backend}{'_lora' if lora else ''}", same and (planned or (lora and not fuses)),
+                           m=m, k=k, n=n, planned=planned, same=same)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     for fn in (check_act_quant, check_int_mm_exact, check_linear, check_block, check_w4a8, check_low_rank_epilogue,
-               check_input_act, check_cuda_graphs):
+               check_input_act, check_plans, check_cuda_graphs):
         try:
             fn()
         except Exception as e:  # a kernel that fails to compile or run is a failed check, and the rest still run

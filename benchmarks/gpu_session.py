@@ -81,6 +81,19 @@ def section_host(out: Path) -> None:
                     buf = io.StringIO()
                     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
                     prof_txt.append(f"== int8 {m}x{n}, 500 calls\n{buf.getvalue()}")
+        # every pinned backend through the module, and whether its calls replay a plan (triton_plans)
+        from comfyquant.runtime.nn import bound_linear
+
+        for fmt, backends in (("int8", ("triton", "triton_fused", "triton_w8a16", "dequant")),
+                              ("fp8", ("scaled_mm", "triton_w8a16", "dequant"))):
+            lin = nn.Sequential(nn.Linear(n, n)).cuda().bfloat16()
+            quantize_(lin, QuantizeConfig(format=fmt, min_features=1))
+            for backend in backends:
+                lin[0].set_backend(backend)
+                with torch.no_grad():
+                    res[f"{fmt}_{backend}_{m}x{n}"] = wall_us(lambda lin=lin: lin(x), 20.0)
+                memo = getattr(bound_linear(lin[0].qweight, lin[0].bias), "memo", {})
+                res[f"{fmt}_{backend}_{m}x{n}_planned"] = str(any(callable(e[1]) for e in memo.values()))
     res["bf16"], res["int8"], res["fp8"] = res["bf16_1x256"], res["int8_1x256"], res["fp8_1x256"]  # run 1-4 keys
     (out / "host.json").write_text(json.dumps(res, indent=1))
     (out / "host_profile.txt").write_text("\n".join(prof_txt))

@@ -176,3 +176,60 @@ def test_dynamic_lora_on_a_bound_layer_equals_the_side_path_formula() -> None:
             want = base + (x @ d.t()) @ u.t() + x @ side.dense.t() + side.bias
             torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
             assert side.fused_operands(x)[0].shape == (16, 128)  # padded to the kernels' 16-row steps
+
+
+def test_bound_calls_replay_a_backends_plan_from_the_second_call() -> None:
+    """``KernelBackend.plan`` (the eager fast path): made after a signature's first call, used for later calls of
+    that signature whose input is contiguous and aligned, remade for other low-rank operands; every result is
+    the float64 product (a plan that answered for another input or term would fail)."""
+    from comfyquant.runtime.kernels.dispatch import bind_linear
+    from comfyquant.runtime.kernels.registry import (
+        KernelBackend,
+        KernelKind,
+        register_kernel_kind,
+        unregister_kernel_kind,
+    )
+
+    log: list[str] = []
+
+    def product(x, w, s, low_rank=None):
+        y = x.double() @ (w.double() * s.double()).t()
+        if low_rank is not None:
+            y = y + (x.double() @ low_rank[0].double().t()) @ low_rank[1].double()
+        return y
+
+    def impl(x, w, scales, bias, opts, out_dtype, low_rank=None):
+        log.append("impl")
+        return product(x, w, scales[0], low_rank).to(out_dtype)
+
+    def plan(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+        log.append("plan made" + (" lr" if low_rank is not None else ""))
+
+        def run(x):
+            log.append("plan")
+            return product(x, w, scales[0], low_rank).to(out_dtype)
+        return run
+
+    register_kernel_kind(KernelKind("test_plan", {"p": KernelBackend(impl, fuses_low_rank=True, plan=plan)}))
+    try:
+        g = torch.Generator().manual_seed(4)
+        w = torch.randint(-100, 100, (24, 40), dtype=torch.int8, generator=g)
+        s = torch.rand(24, 1, generator=g) * 0.01
+        xs = [torch.randn(6, 40, generator=g, dtype=torch.float64) for _ in range(3)]
+        lr_a = (torch.randn(16, 40, generator=g, dtype=torch.float64), torch.randn(16, 24, generator=g,
+                                                                                dtype=torch.float64), 16)
+        lr_b = (lr_a[0] * 2, lr_a[1], 16)
+        call = bind_linear("test_plan", w, (s,), None)
+        for x in xs:
+            torch.testing.assert_close(call(x), product(x, w, s), rtol=1e-12, atol=1e-12)
+        assert log == ["impl", "plan made", "plan", "plan"]
+        wide = torch.randn(6, 80, generator=g, dtype=torch.float64)[:, ::2]  # same signature, strided
+        torch.testing.assert_close(call(wide), product(wide, w, s), rtol=1e-12, atol=1e-12)
+        assert log[-1] == "impl"
+        log.clear()
+        for lr in (lr_a, lr_a, lr_b, lr_b):
+            torch.testing.assert_close(call(xs[0], lr), product(xs[0], w, s, lr), rtol=1e-12, atol=1e-12)
+        assert log == ["impl", "plan made lr", "plan", "impl", "plan made lr", "plan"]
+        assert [callable(e[1]) and callable(e[3]) for e in call.memo.values()] == [True]
+    finally:
+        unregister_kernel_kind("test_plan")

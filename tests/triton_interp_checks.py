@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from triton_interp import group, interp_cast, record, rel
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
+from triton_interp_plans import GROUPS as PLAN_GROUPS
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -458,6 +459,7 @@ GROUPS: dict[str, Callable[[], None]] = {
     "dequant": check_dequant, "w4a8": check_w4a8, "fp8_scaled_mm": check_fp8_scaled_mm,
     "fast_kernel": check_fast_kernel, "interpreter_limitations": check_interpreter_limitations,
     **FUSION_GROUPS,  # the low-rank epilogue and input activations (triton_interp_fusions)
+    **PLAN_GROUPS,  # the eager fast paths (triton_interp_plans)
 }
 
 

@@ -135,6 +135,22 @@ def _int4_rot(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_int4(torch.round(wr / s).clamp(-7, 7)), s.reshape(-1)
 
 
+def _bound(kind: str, wi: int, si: tuple[int, ...], opts: tuple[int, ...] = (),
+           backend: str | None = None) -> Callable:
+    """``(x, weight set) -> y`` through ``dispatch.bind_linear``, bound once per weight set: the path a
+    quantized layer's eager forward takes (checks and choice memoized, launches replayed by plans)."""
+    bound: dict[int, Callable] = {}
+
+    def op(x: torch.Tensor, w: tuple) -> torch.Tensor:
+        f = bound.get(id(w))
+        if f is None:
+            f = bound[id(w)] = dispatch.bind_linear(kind, w[wi], tuple(w[i] for i in si), w[7], opts=opts,
+                                                    backend=backend)
+        return f(x)
+
+    return op
+
+
 def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn: Callable | None) -> list[Row]:
     dev = torch.device("cuda")
     group = choose_group_size(k)
@@ -160,17 +176,17 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         row.choice = f"{ch.name}: {ch.reason}"
         ops: dict[str, Callable] = {
             "bf16": lambda x, w: F.linear(x, w[0], w[7]),
-            "auto": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7]),
-            "w8a8_triton": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="triton"),
-            "w8a8_fused": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="triton_fused"),
-            "w8a16": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="triton_w8a16"),
-            "dequant": lambda x, w: dispatch.int8_linear(x, w[1], w[2], w[7], backend="dequant"),
-            "fp8": lambda x, w: dispatch.fp8_linear(x, w[5], w[6], w[7]),
+            "auto": _bound("int8", 1, (2,)),
+            "w8a8_triton": _bound("int8", 1, (2,), backend="triton"),
+            "w8a8_fused": _bound("int8", 1, (2,), backend="triton_fused"),
+            "w8a16": _bound("int8", 1, (2,), backend="triton_w8a16"),
+            "dequant": _bound("int8", 1, (2,), backend="dequant"),
+            "fp8": _bound("fp8", 5, (6,)),
         }
         if group:
-            ops["w8a8_convrot"] = lambda x, w: dispatch.int8_linear(x, w[3], w[4], w[7], convrot_group=group)
+            ops["w8a8_convrot"] = _bound("int8", 3, (4,), opts=(group,))
         if weights[0][8] is not None:
-            ops["w4a8"] = lambda x, w: dispatch.int4_rot_linear(x, w[8], w[9], w[7], convrot_group=group)
+            ops["w4a8"] = _bound("int4_rot", 8, (9,), opts=(group,))
         if ck_fn is not None:
             ops["ck_int8"] = lambda x, w: ck_fn(x, w[1], w[2], w[7], out_dtype=torch.bfloat16)
         for name, op in ops.items():

@@ -67,6 +67,40 @@ def _int8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
                                     low_rank=low_rank, act=act)
 
 
+def _plan_int8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    return triton_plans.plan_int8(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, act, low_rank)
+
+
+def _plan_int8_fused(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    return None if _opt(opts, 0) else triton_plans.plan_fused(x, w, scales[0], bias, out_dtype, act, low_rank)
+
+
+def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    return None if _opt(opts, 0) else triton_plans.plan_w8a16(x, w, scales[0], bias, out_dtype, act, low_rank)
+
+
+def _plan_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    if act or low_rank is not None or _opt(opts, 0) or not _fast_dequant(x):
+        return None
+    return triton_plans.plan_dequant(x, w, scales[0], bias, out_dtype)
+
+
+def _plan_scaled_mm(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    if low_rank is not None or (len(scales) > 1 and scales[1] is not None):  # static input scale: general path
+        return None
+    return triton_plans.plan_scaled_mm(x, w, scales[0], bias, out_dtype, act)
+
+
 def check_row_scale(what: str, w_scale: torch.Tensor | None, n: int) -> None:
     """A weight scale must be a scalar, ``[n, 1]`` or ``[n]``."""
     if w_scale is None or w_scale.numel() not in (1, n) or (
@@ -170,6 +204,10 @@ def _fp8_dequant(x, w, scales, bias, opts, out_dtype):
 def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype, act=0):
     from comfyquant.runtime.kernels import fp8
 
+    if w.shape[0] % 16 or w.shape[1] % 16:  # a pinned backend; the automatic choice never picks it then
+        raise UserError(f"backend 'scaled_mm' needs in and out features that are multiples of 16 "
+                        f"(torch._scaled_mm), got {w.shape[1]} -> {w.shape[0]}; use 'triton_w8a16' or 'dequant'")
+
     return fp8.fp8_linear_scaled_mm(x, w, scales[0], bias, scales[1] if len(scales) > 1 else None, out_dtype,
                                     act=act)
 
@@ -243,16 +281,20 @@ def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
 
 INT8 = register_kernel_kind(KernelKind(
     "int8",
-    {"torch": _int8_torch, "dequant": _int8_dequant, "triton": KernelBackend(_int8_triton, _TRITON, True, True),
-     "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True),
-     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True)},
+    {"torch": _int8_torch,
+     "dequant": KernelBackend(_int8_dequant, plan=_plan_dequant),
+     "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton),
+     "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused),
+     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16)},
     choose=_choose_int8, check=_check_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(
     "int8_block", {"torch": _block_torch, "dequant": _block_dequant}, choose=_choose_block, check=_check_block))
 FP8 = register_kernel_kind(KernelKind(
     "fp8",
-    {"torch": _fp8_torch, "dequant": _fp8_dequant, "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM, fuses_input_act=True),
-     "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True, True)},
+    {"torch": _fp8_torch,
+     "dequant": KernelBackend(_fp8_dequant, plan=_plan_dequant),
+     "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM, fuses_input_act=True, plan=_plan_scaled_mm),
+     "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True, True, _plan_w8a16)},
     choose=_choose_fp8, check=_check_fp8))
 INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON, True, True)},

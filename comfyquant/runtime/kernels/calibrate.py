@@ -3,7 +3,7 @@
 ``measure`` times, on the device: each path's host time per call (a tight loop of calls on a tiny layer, so
 the GPU is never the bottleneck: what the Python hops + launches cost), HBM bandwidth (a large copy), and each
 GEMM path's arithmetic rate on one GPU-bound shape, backed out through the same model ``costs`` predicts with.
-The file is ``~/.cache/comfyquant/dispatch-<gpu>-<torch>-<triton>.json`` (``cache_path``); delete it to
+The file is ``~/.cache/comfyquant/dispatch-v<N>-<gpu>-<torch>-<triton>.json`` (``cache_path``); delete it to
 re-measure, or pass your own ``DeviceCosts`` in a ``DispatchPolicy``.
 """
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
+CACHE_VERSION = 2  # bumped when what is measured changes (2: host time of the eager plans), so old files are not read
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -32,7 +33,7 @@ def cache_path(device: torch.device, root: Path | None = None) -> Path:
     name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
     tv = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
     base = root if root is not None else Path.home() / ".cache" / "comfyquant"
-    return base / f"dispatch-{name}-{tv}-{triton.__version__}.json"
+    return base / f"dispatch-v{CACHE_VERSION}-{name}-{tv}-{triton.__version__}.json"
 
 
 def _host_us(fn: Callable[[], object], n: int = 200) -> float:
@@ -86,16 +87,25 @@ def _paths(o: dict) -> dict[str, Callable[[], object]]:
     the same for every quantized path, so it is left out of the comparison)."""
     from comfyquant.runtime.kernels.registry import kernel_kind
 
-    def impl(kind: str, backend: str) -> Callable[..., torch.Tensor]:
-        return kernel_kind(kind).backends[backend].impl
-
     x, bf = o["x"], torch.bfloat16
-    i8 = {b: impl("int8", b) for b in ("triton", "triton_fused", "triton_w8a16", "dequant", "torch")}
+
+    def call(kind: str, backend: str, w: torch.Tensor, scales: tuple, opts: tuple) -> Callable[[], object]:
+        """The backend's eager steady state: its plan (``triton_plans``) where it has one, made after a first
+        call compiled the kernels, as a bound layer runs from its second call on; else the general path."""
+        b = kernel_kind(kind).backends[backend]
+        general = lambda: b.impl(x, w, scales, None, opts, bf)  # noqa: E731
+        if b.plan is None:
+            return general
+        general()
+        plan = b.plan(x, w, scales, None, opts, bf, 0)
+        return general if plan is None else (lambda: plan(x))
+
     return {
         "bf16": lambda: F.linear(x, o["wb"]),
-        **{b: (lambda f=f: f(x, o["q"], (o["s"],), None, (0,), bf)) for b, f in i8.items()},
-        "scaled_mm": lambda: impl("fp8", "scaled_mm")(x, o["qf"], (o["sf"], None), None, (), bf),
-        "w4a8": lambda: impl("int4_rot", "triton")(x, o["p"], (o["ps"],), None, (16,), bf),
+        **{b: call("int8", b, o["q"], (o["s"],), (0,))
+           for b in ("triton", "triton_fused", "triton_w8a16", "dequant", "torch")},
+        "scaled_mm": call("fp8", "scaled_mm", o["qf"], (o["sf"], None), ()),
+        "w4a8": call("int4_rot", "triton", o["p"], (o["ps"],), (16,)),
     }
 
 

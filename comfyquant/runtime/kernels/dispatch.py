@@ -144,32 +144,57 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     GEMM's epilogue where the chosen backend fuses it, else by :func:`add_low_rank`; ``input_act`` (a name of
     ``acts.INPUT_ACTS``) is applied by the kernel as it reads x where the backend fuses it, else first in torch.
 
-    For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device and
-    capture state (the memo is the returned function's own), so a call costs one small-tuple lookup besides
-    the kernel. The tensors are held by reference: in-place updates (``copy_``) are seen, replaced tensors are
-    not (bind again). Not for traced code: call :func:`quant_linear` there.
+    For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device,
+    capture state and ``input_act`` (the memo is the returned function's own, ``call.memo``); from the second
+    call of a signature on, calls replay the backend's plan (``KernelBackend.plan``: the compiled kernels'
+    launchers with every argument but x fixed) where it has one, with a LoRA's low-rank term too (the plan is
+    remade when the side path hands over other operands). The tensors are held by reference: in-place
+    updates (``copy_``) are seen, replaced tensors are not (bind again). Not for traced code: call
+    :func:`quant_linear` there.
     """
     scales, opts = tuple(scales), tuple(int(o) for o in opts)
-    plans: dict[tuple, KernelBackend] = {}
+    # signature -> [backend, fast path(, low-rank operands, their fast path)]: a fast path is None before the
+    # signature's first call, False where there is none (backend without plans, CUDA graph capture), else a
+    # triton_plans plan; the low-rank one is remade when the side path hands over other operands
+    memo: dict[tuple, list] = {}
     capturing = torch.cuda.is_current_stream_capturing
 
     def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None) -> torch.Tensor:
-        sig = (x.shape, x.dtype, x.device, x.is_cuda and capturing())
-        b = plans.get(sig)
-        if b is None:
-            b = _resolve(x, kind, w, scales, bias, opts, backend)
-            if len(plans) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
-                plans[sig] = b
-        if input_act is not None:
-            if b.fuses_input_act and low_rank is None:
-                return b.impl(x, w, scales, bias, opts, x.dtype, act=act_code(input_act))
-            x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too
+        capture = x.is_cuda and capturing()
+        sig = (x.shape, x.dtype, x.device, capture, input_act)
+        e = memo.get(sig)
+        if e is None:
+            e = [_resolve(x, kind, w, scales, bias, opts, backend), False if capture else None]
+            if len(memo) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
+                memo[sig] = e
+        b, fast = e[0], e[1]
         if low_rank is None:
-            return b.impl(x, w, scales, bias, opts, x.dtype)
-        if b.fuses_low_rank:
+            if fast and x.is_contiguous() and x.data_ptr() % 16 == 0:
+                return fast(x)
+            if input_act is None:
+                act, y = 0, b.impl(x, w, scales, bias, opts, x.dtype)
+            elif b.fuses_input_act:
+                act = act_code(input_act)
+                y = b.impl(x, w, scales, bias, opts, x.dtype, act=act)
+            else:
+                act, y = -1, b.impl(apply_input_act(x, input_act), w, scales, bias, opts, x.dtype)
+            if fast is None:  # the first call compiled the kernels: later calls of this signature replay them
+                e[1] = (act >= 0 and b.plan is not None and b.plan(x, w, scales, bias, opts, x.dtype, act)) or False
+            return y
+        if input_act is not None:
+            x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too
+        if not b.fuses_low_rank:
+            return add_low_rank(x, b.impl(x, w, scales, bias, opts, x.dtype), low_rank)
+        if len(e) > 2 and e[2] is low_rank:  # the side path's cached operands: the plan made for them
+            if e[3] and x.is_contiguous() and x.data_ptr() % 16 == 0:
+                return e[3](x)
             return b.impl(x, w, scales, bias, opts, x.dtype, low_rank=low_rank)
-        return add_low_rank(x, b.impl(x, w, scales, bias, opts, x.dtype), low_rank)
+        y = b.impl(x, w, scales, bias, opts, x.dtype, low_rank=low_rank)
+        lr_plan = (not capture and b.plan is not None and b.plan(x, w, scales, bias, opts, x.dtype, 0, low_rank))
+        e[2:] = [low_rank, lr_plan or False]
+        return y
 
+    call.memo = memo  # type: ignore[attr-defined]  # inspectable: which backend and whether a plan, per signature
     return call
 
 

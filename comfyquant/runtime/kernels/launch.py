@@ -13,7 +13,7 @@ and 16-byte alignment, and each int argument's ``== 1`` / ``% 16 == 0`` properti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,32 @@ def _param_kinds(fn: Any) -> tuple[frozenset[int], frozenset[int]]:
     return const, free
 
 
+Fire = Callable[..., None]  # fire(stream, *args): one prepared launch of a fixed grid
+
+
+def _direct(ck: Any, grid: tuple[int, int, int]) -> Fire:
+    """``fire(stream, *args)`` straight into the compiled kernel's C launcher, skipping the Python wrapper that
+    allocates scratch buffers per call (ours need none; kernels that do keep that wrapper)."""
+    g0, g1, g2 = grid
+    run, fn, meta = ck.run, ck.function, ck.packed_metadata
+    launch = getattr(run, "launch", None)
+    plain = (launch is not None and getattr(run, "global_scratch_size", 1) == 0
+             and getattr(run, "profile_scratch_size", 1) == 0)
+    if not plain:
+        return lambda stream, *args: run(g0, g1, g2, stream, fn, meta, None, None, None, *args)
+    coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    return lambda stream, *args: launch(g0, g1, g2, stream, fn, coop, pdl, None, None, meta, None, None, None,
+                                        *args)
+
+
+def _interpreted(fn: Any) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(fn, InterpretedFunction)
+
+
 class FastKernel:
     """Launch ``fn`` (a ``@triton.jit`` function) with every argument positional, constexprs included."""
 
@@ -61,6 +87,21 @@ class FastKernel:
         const, varying = self.const, self.varying
         return (num_warps, num_stages, *(a if i in const else None if i in varying else _spec(a)
                                          for i, a in enumerate(args)))
+
+    def prepared(self, grid: tuple[int, ...], args: Sequence[Any], *, num_warps: int, num_stages: int,
+                 key: tuple) -> Fire | None:
+        """``fire(stream, *args)`` for later launches with this grid and arguments that specialize as ``args``
+        do (same ``key``, as :meth:`__call__` takes it), or None until a launch compiled it. Under Triton's
+        interpreter (CPU development) ``fire`` runs the interpreter, so the callers' argument handling is
+        tested on the CPU too."""
+        g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        ck = self._compiled.get((num_warps, num_stages, key))
+        if ck is not None:
+            return _direct(ck, g)
+        if _interpreted(self.fn):
+            fn = self.fn
+            return lambda stream, *a: fn[g](*a, num_warps=num_warps, num_stages=num_stages)
+        return None
 
     def __call__(self, grid: tuple[int, ...], args: Sequence[Any], device: torch.device, *,
                  num_warps: int, num_stages: int, key: tuple | None = None) -> None:

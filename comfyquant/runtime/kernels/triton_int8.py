@@ -100,6 +100,32 @@ def pick_w8a8(m: int, n: int, k: int, device: torch.device) -> tuple[TileConfig,
     return fit_stages(gemm_config(m, n, k, sms, hopper=major >= 9), 1, 1), False
 
 
+def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.Tensor,
+                 bias: torch.Tensor | None, out: torch.Tensor, cfg: TileConfig, use_tma_path: bool, raw: bool,
+                 lr: tuple[tuple, tuple]) -> tuple[FastKernel, tuple, tuple, tuple]:
+    """(kernel, grid, args, key) of the W8A8 GEMM launch; on the TMA path ``args[0]`` and ``args[1]`` are the
+    host tensor descriptors of ``q`` and ``w_q``."""
+    m, k = q.shape
+    n = w_q.shape[0]
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
+    has_bias = bias is not None
+    b_arg = bias if has_bias else sb
+    lr_args, lr_key = lr
+    if use_tma_path:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_k])
+        b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
+        return _TMA, grid, (a_desc, b_desc, out, s_x, sb, b_arg, m, n, k, out.stride(0), sb.numel() > 1, has_bias,
+                            raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, *lr_args), \
+            (cfg, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg), lr_key)
+    return _W8A8, grid, (q, w_q, out, s_x, sb, b_arg, m, n, k, q.stride(0), w_q.stride(0), out.stride(0),
+                         sb.numel() > 1, has_bias, raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
+                         k % cfg.block_k == 0, *lr_args), \
+        (cfg, out.dtype, n, k, q.stride(0), w_q.stride(0), out.stride(0), sb.numel() > 1, has_bias, raw, _al(q),
+         _al(w_q), _al(sb), _al(b_arg), lr_key)
+
+
 def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype, *, raw: bool = False,
               cfg: TileConfig | None = None, tma: bool | None = None,
@@ -115,25 +141,10 @@ def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: to
     small = False
     if cfg is None:
         cfg, small = pick_w8a8(m, n, k, q.device)
-    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
-    has_bias = bias is not None
-    b_arg = bias if has_bias else sb
-    lr_args, lr_key = lr if lr is not None else _low_rank_args(None, q, sb)
-    if (use_tma(q, w_q) if tma is None else tma) and not small:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        a_desc = TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_k])
-        b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
-        _TMA(grid, (a_desc, b_desc, out, s_x, sb, b_arg, m, n, k, out.stride(0), sb.numel() > 1, has_bias, raw,
-                    cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, *lr_args), q.device,
-             num_warps=cfg.warps, num_stages=cfg.stages,
-             key=(cfg, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg), lr_key))
-    else:
-        _W8A8(grid, (q, w_q, out, s_x, sb, b_arg, m, n, k, q.stride(0), w_q.stride(0), out.stride(0),
-                     sb.numel() > 1, has_bias, raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
-                     k % cfg.block_k == 0, *lr_args), q.device, num_warps=cfg.warps, num_stages=cfg.stages,
-              key=(cfg, out.dtype, n, k, q.stride(0), w_q.stride(0), out.stride(0), sb.numel() > 1, has_bias, raw,
-                   _al(q), _al(w_q), _al(sb), _al(b_arg), lr_key))
+    on_tma = (use_tma(q, w_q) if tma is None else tma) and not small
+    fk, grid, args, key = _w8a8_launch(q, s_x, w_q, sb, bias, out, cfg, on_tma, raw,
+                                       lr if lr is not None else _low_rank_args(None, q, sb))
+    fk(grid, args, q.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out
 
 
@@ -171,17 +182,28 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
-        cfg = cfg or fit_stages(small_m_config(m, n, k, _facts(x.device)[0]), a_bytes=2, b_bytes=1)
-        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
-        chunk = min(8192 // cfg.block_m, next_power_of_2(k))  # absmax pass: <= 8K elements in registers
-        lr_args, lr_key = _low_rank_args(low_rank, x2d, sb)
-        _FUSED(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
-                      out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-                      cfg.group_m, k % cfg.block_k == 0, chunk, *lr_args, act), x.device, num_warps=cfg.warps,
-               num_stages=cfg.stages, key=(cfg, chunk, x2d.dtype, out_dtype, n, k, x2d.stride(0), w_q.stride(0),
-                                           sb.numel() > 1, bias is not None, _al(x2d), _al(w_q), _al(sb),
-                                           bias is None or _al(bias), lr_key, act))
+        cfg = cfg or fused_config(m, n, k, x.device)
+        grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x2d, sb), act)
+        _FUSED(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
+
+
+def fused_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
+    return fit_stages(small_m_config(m, n, k, _facts(device)[0]), a_bytes=2, b_bytes=1)
+
+
+def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
+                  bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int) -> tuple:
+    """(grid, args, key) of the one-launch W8A8 kernel (x at ``args[0]``, the output at ``args[2]``)."""
+    (m, k), n = x2d.shape, w_q.shape[0]
+    chunk = min(8192 // cfg.block_m, next_power_of_2(k))  # absmax pass: <= 8K elements in registers
+    lr_args, lr_key = lr
+    return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
+            (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
+             out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
+             k % cfg.block_k == 0, chunk, *lr_args, act),
+            (cfg, chunk, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
+             _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act))
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -206,28 +228,41 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         cfg = cfg or w8a16_config(m, n, k, _facts(x.device)[0])
-        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
-        lr_args, lr_key = _low_rank_args(low_rank, x_lr, sb)
-        _W8A16(grid, (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
-                      out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-                      cfg.group_m, k % cfg.block_k == 0, *lr_args, a_act), x.device, num_warps=cfg.warps,
-               num_stages=cfg.stages,
-               key=(cfg, x2d.dtype, w_q.dtype, out_dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1,
-                    bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, a_act))
+        grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act)
+        _W8A16(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
+
+
+def _w8a16_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
+                  bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int) -> tuple:
+    """(grid, args, key) of the weight-only kernel (x at ``args[0]``, the output at ``args[2]``)."""
+    (m, k), n = x2d.shape, w_q.shape[0]
+    lr_args, lr_key = lr
+    return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
+            (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
+             out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
+             k % cfg.block_k == 0, *lr_args, act),
+            (cfg, x2d.dtype, w_q.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1,
+             bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act))
 
 
 def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w_q * w_scale`` as a fresh ``dtype`` tensor in one kernel (int8 or fp8 storage)."""
     w_q = _contig_rows(w_q)
-    n, k = w_q.shape
     sb = _sb(w_scale)
-    out = torch.empty((n, k), dtype=dtype, device=w_q.device)
-    bn, bk = 32, 256
-    _DEQUANT((cdiv(n, bn), cdiv(k, bk)), (w_q, sb, out, n, k, w_q.stride(0), out.stride(0),
-                                                       sb.numel() > 1, bn, bk), w_q.device, num_warps=4,
-             num_stages=1, key=(w_q.dtype, dtype, n, k, w_q.stride(0), sb.numel() > 1, _al(w_q), _al(sb)))
+    out = torch.empty(w_q.shape, dtype=dtype, device=w_q.device)
+    grid, args, key = _dequant_launch(w_q, sb, out)
+    _DEQUANT(grid, args, w_q.device, num_warps=4, num_stages=1, key=key)
     return out
+
+
+def _dequant_launch(w_q: torch.Tensor, sb: torch.Tensor, out: torch.Tensor) -> tuple:
+    """(grid, args, key) of the dequantize kernel (its output at ``args[2]``)."""
+    n, k = w_q.shape
+    bn, bk = 32, 256
+    return ((cdiv(n, bn), cdiv(k, bk)),
+            (w_q, sb, out, n, k, w_q.stride(0), out.stride(0), sb.numel() > 1, bn, bk),
+            (w_q.dtype, out.dtype, n, k, w_q.stride(0), sb.numel() > 1, _al(w_q), _al(sb)))
 
 
 def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -157,18 +157,26 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape
-    full = next_power_of_2(max(k, 16))
-    block = full if full <= SINGLE_PASS_MAX else max(CHUNK, group or 0)
-    chunks = cdiv(k, block)
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
-    static = static_scale if static_scale is not None else scale
-    warps = 8 if block >= 4096 else 4
-    _ACT((m,), (x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax, block, chunks, _stages(group),
-                mode, perm, act), x2d.device, num_warps=warps, num_stages=3,
-         key=(block, chunks, _stages(group), mode, perm, act, x2d.dtype, out_dtype, k, x2d.stride(0),
-              x2d.data_ptr() % 16 == 0, static_scale is not None))
+    grid, args, key, warps = act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act)
+    _ACT(grid, args, x2d.device, num_warps=warps, num_stages=3, key=key)
     return out, scale
+
+
+def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
+               group: int | None, mode: int, qmax: float, perm: int, act: int) -> tuple:
+    """(grid, args, key, num_warps) of the activation kernel: x, output, scale and the scale it reads at
+    ``args[0:4]`` (the dynamic scale itself when there is no static one)."""
+    m, k = x2d.shape
+    full = next_power_of_2(max(k, 16))
+    block = full if full <= SINGLE_PASS_MAX else max(CHUNK, group or 0)
+    static = static_scale if static_scale is not None else scale
+    return ((m,), (x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax, block, cdiv(k, block),
+                   _stages(group), mode, perm, act),
+            (block, cdiv(k, block), _stages(group), mode, perm, act, x2d.dtype, out.dtype, k, x2d.stride(0),
+             x2d.data_ptr() % 16 == 0, static_scale is not None),
+            8 if block >= 4096 else 4)
 
 
 def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 0,

@@ -1,0 +1,256 @@
+"""Eager fast paths: a layer's Triton launches prepared once per input signature, then replayed.
+
+In eager mode (how ComfyUI runs) a small layer costs host time, not GPU time: ~15 µs per bf16 ``nn.Linear``
+call on the H200 host we measured, 27-60 µs per call for our paths through the generic host functions
+(configs, checks, argument tuples, specialization keys, Triton's Python launcher). A plan fixes everything but
+``x`` and the fresh outputs at the first call of a signature (tile config, grid, weight-side arguments, the
+compiled kernel); each later call allocates its outputs and calls the compiled kernels' C launchers. Plans
+cover dynamic LoRAs too: the side path's padded operands are fixed until it changes (the caller keys the
+plan on them); only ``h = x @ down^T`` is computed per call.
+
+A plan is valid only for inputs like the one it was made from: contiguous, 16-byte aligned, same shape,
+dtype and device (:func:`usable` checks the per-call part; the caller's memo key the rest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from comfyquant.runtime.kernels import triton_int8 as ti
+from comfyquant.runtime.kernels import triton_quant
+from comfyquant.runtime.kernels.configs import w8a16_config
+
+Plan = Callable[[torch.Tensor], torch.Tensor]
+LowRank = tuple  # dispatch.LowRank: (down [R, K], up [R, N], r), x's dtype
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether a plan made for ``x``'s signature may run ``x`` (its layout is what the plan assumed)."""
+    return x.is_contiguous() and x.data_ptr() % 16 == 0
+
+
+def _rows(x: torch.Tensor) -> tuple[tuple[int, ...], int, int] | None:
+    if not usable(x) or x.dim() < 1:
+        return None
+    k = int(x.shape[-1])
+    m = x.numel() // k if k else 0
+    return (tuple(x.shape[:-1]), m, k) if m and k else None
+
+
+def _scale(w_scale: torch.Tensor) -> torch.Tensor | None:
+    """The kernels' fp32 scale vector when it is ``w_scale``'s own storage (so in-place updates of the
+    weight are seen, as on the general path); None when it would be a copy (no plan then)."""
+    sb = ti._sb(w_scale)
+    return sb if sb.data_ptr() == w_scale.data_ptr() else None
+
+
+def _raw_stream(device: torch.device) -> Callable[[], int]:
+    if device.type != "cuda":
+        return lambda: 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    get = torch._C._cuda_getCurrentRawStream
+    return lambda: get(index)
+
+
+def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
+    """``x -> w8a16_linear(x, w_q, w_scale, bias, None, out_dtype, low_rank=low_rank, act=act)`` for ``x``'s
+    signature, or None (no rotation; x bf16/fp16; the kernel compiled by an earlier call)."""
+    rows = _rows(x)
+    if rows is None or x.dtype not in _HALF or w_q.stride(-1) != 1:
+        return None
+    lead, m, k = rows
+    n, dev = int(w_q.shape[0]), x.device
+    sb = _scale(w_scale)
+    if sb is None:
+        return None
+    cfg = w8a16_config(m, n, k, ti._facts(dev)[0])
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
+    grid, args, key = ti._w8a16_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act)
+    return _one_launch(ti._W8A16.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
+                       args, (m, n, k), (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
+
+
+def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
+    """``x -> fused_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act)`` for ``x``'s
+    signature, or None."""
+    rows = _rows(x)
+    if rows is None or w_q.stride(-1) != 1:
+        return None
+    lead, m, k = rows
+    n, dev = int(w_q.shape[0]), x.device
+    sb = _scale(w_scale)
+    if sb is None:
+        return None
+    cfg = ti.fused_config(m, n, k, dev)
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
+    grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act)
+    return _one_launch(ti._FUSED.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
+                       args, (m, n, k), (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
+
+
+def _h_slot(args: tuple, lr: tuple[tuple, tuple], low_rank: LowRank | None) -> tuple[int, torch.Tensor] | None:
+    """(position of the low-rank term's ``h = x @ down^T`` in ``args``, ``down``), None without a term: ``h``
+    is made per call, the rest of the term's arguments are fixed."""
+    if low_rank is None:
+        return None
+    h = lr[0][0]
+    return next(i for i, a in enumerate(args) if a is h), low_rank[0]
+
+
+def _one_launch(fire: Callable | None, args: tuple, mnk: tuple[int, int, int], shape: tuple[int, ...],
+                out_dtype: torch.dtype, dev: torch.device, h_slot: tuple[int, torch.Tensor] | None) -> Plan | None:
+    """The plan of a kernel that reads x at ``args[0]`` and writes its output at ``args[2]`` (and the low-rank
+    term's ``h`` at ``h_slot``)."""
+    if fire is None:
+        return None
+    m, n, k = mnk
+    stream, empty, template = _raw_stream(dev), torch.empty, list(args)
+    if h_slot is None:
+        w_arg, rest = args[1], args[3:]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = empty((m, n), dtype=out_dtype, device=dev)
+            fire(stream(), x.view(m, k), w_arg, out, *rest)
+            return out.view(shape)
+
+        return run
+    hi, down = h_slot
+    linear = torch.nn.functional.linear
+
+    def run_lr(x: torch.Tensor) -> torch.Tensor:
+        x2d = x.view(m, k)
+        a = template.copy()
+        a[0], a[2], a[hi] = x2d, empty((m, n), dtype=out_dtype, device=dev), linear(x2d, down)
+        fire(stream(), *a)
+        return a[2].view(shape)
+
+    return run_lr
+
+
+def plan_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+              group: int | None, out_dtype: torch.dtype, act: int = 0,
+              low_rank: LowRank | None = None) -> Plan | None:
+    """``x -> int8_linear(x, w_q, w_scale, bias, group, out_dtype, act=act)`` (quantize kernel, then the GEMM,
+    TMA where the general path takes it) for ``x``'s signature, or None."""
+    rows = _rows(x)
+    if rows is None or w_q.stride(-1) != 1:
+        return None
+    lead, m, k = rows
+    n, dev = int(w_q.shape[0]), x.device
+    sb = _scale(w_scale)
+    if sb is None:
+        return None
+    q = torch.empty((m, k), dtype=torch.int8, device=dev)
+    s = torch.empty((m, 1), dtype=torch.float32, device=dev)
+    qgrid, qargs, qkey, warps = triton_quant.act_launch(x.view(m, k), q, s, None, group, triton_quant.MODE_INT8,
+                                                        127.0, 0, act)
+    fire_q = triton_quant._ACT.prepared(qgrid, qargs, num_warps=warps, num_stages=3, key=qkey)
+    cfg, small = ti.pick_w8a8(m, n, k, dev)
+    tma = ti.use_tma(q, w_q) and not small
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    lr = ti._low_rank_args(low_rank, x.view(m, k), s)
+    fk, grid, args, key = ti._w8a8_launch(q, s, w_q, sb, bias, out, cfg, tma, False, lr)
+    fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+    if fire_q is None or fire_g is None:
+        return None
+    q_rest, template = qargs[4:], list(args)
+    shape, stream, empty, linear = (*lead, n), _raw_stream(dev), torch.empty, torch.nn.functional.linear
+    a_desc = _desc_maker(args[0]) if tma else None
+    hi, down = _h_slot(args, lr, low_rank) or (None, None)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        st, x2d = stream(), x.view(m, k)
+        q = empty((m, k), dtype=torch.int8, device=dev)
+        s = empty((m, 1), dtype=torch.float32, device=dev)
+        fire_q(st, x2d, q, s, s, *q_rest)
+        a = template.copy()
+        a[0], a[2], a[3] = q if a_desc is None else a_desc(q), empty((m, n), dtype=out_dtype, device=dev), s
+        if hi is not None:
+            a[hi] = linear(x2d, down)
+        fire_g(st, *a)
+        return a[2].view(shape)
+
+    return run
+
+
+def plan_dequant(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype) -> Plan | None:
+    """``x -> dequant_linear(x, w_q, w_scale, bias, None, out_dtype)`` (dequantize kernel + cuBLAS) for x
+    bf16/fp16 of ``x``'s signature, or None."""
+    if x.dtype not in _HALF or out_dtype != x.dtype or w_q.stride(-1) != 1 or _rows(x) is None:
+        return None
+    sb = _scale(w_scale)
+    if sb is None:
+        return None
+    dev, dt = x.device, x.dtype
+    wd = torch.empty(w_q.shape, dtype=dt, device=dev)
+    grid, args, key = ti._dequant_launch(w_q, sb, wd)
+    fire = ti._DEQUANT.prepared(grid, args, num_warps=4, num_stages=1, key=key)
+    if fire is None or (bias is not None and bias.dtype != dt):  # the general path casts a bias per call
+        return None
+    head, rest, stream, empty, shape = args[:2], args[3:], _raw_stream(dev), torch.empty, tuple(w_q.shape)
+    linear = torch.nn.functional.linear
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        wd = empty(shape, dtype=dt, device=dev)
+        fire(stream(), *head, wd, *rest)
+        return linear(x, wd, bias)
+
+    return run
+
+
+def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype, act: int = 0) -> Plan | None:
+    """``x -> fp8.fp8_linear_scaled_mm(x, w_q, w_scale, bias, None, out_dtype, act)`` (per-row fp8
+    activations, rowwise ``torch._scaled_mm``) for bf16 x and output of ``x``'s signature, or None. The
+    weight scale's rowwise copy is remade when the scale is updated in place (its version counter moves)."""
+    rows = _rows(x)
+    if (rows is None or x.dtype != torch.bfloat16 or out_dtype != torch.bfloat16
+            or (bias is not None and bias.dtype != torch.bfloat16)):
+        return None
+    lead, m, k = rows
+    n, dev, f8 = int(w_q.shape[0]), x.device, w_q.dtype
+    q = torch.empty((m, k), dtype=f8, device=dev)
+    s = torch.empty((m, 1), dtype=torch.float32, device=dev)
+    qgrid, qargs, qkey, warps = triton_quant.act_launch(x.view(m, k), q, s, None, None, triton_quant.MODE_FP8,
+                                                        float(torch.finfo(f8).max), 0, act)
+    fire_q = triton_quant._ACT.prepared(qgrid, qargs, num_warps=warps, num_stages=3, key=qkey)
+    if fire_q is None:
+        return None
+    q_rest, shape, stream, empty, wt = qargs[4:], (*lead, n), _raw_stream(dev), torch.empty, w_q.t()
+    mm = torch._scaled_mm
+    state = [-1, None]  # (w_scale's version, its rowwise [1, N] fp32 copy)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if state[0] != w_scale._version:
+            state[:] = [w_scale._version, w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
+        q = empty((m, k), dtype=f8, device=dev)
+        s = empty((m, 1), dtype=torch.float32, device=dev)
+        fire_q(stream(), x.view(m, k), q, s, s, *q_rest)
+        return mm(q, wt, scale_a=s, scale_b=state[1], bias=bias, out_dtype=torch.bfloat16).view(shape)
+
+    return run
+
+
+def _desc_maker(template: object) -> Callable[[torch.Tensor], object]:
+    """``q -> a host tensor descriptor like template over q``: the template's checks (alignment, strides) were
+    made on a tensor of the same shape and dtype, so the copies skip them (several µs per call)."""
+    cls, fields = type(template), dict(vars(template))
+
+    def make(base: torch.Tensor) -> object:
+        d = cls.__new__(cls)
+        d.__dict__.update(fields)
+        d.base = base
+        return d
+
+    return make
+
+
+__all__ = ["Plan", "plan_dequant", "plan_fused", "plan_int8", "plan_scaled_mm", "plan_w8a16", "usable"]

@@ -1,0 +1,134 @@
+# ruff: noqa: B023  (the lambdas run inside the loop iteration that defines them)
+"""Interpreter checks of the eager fast paths (``runtime.kernels.triton_plans``): a plan made from one input
+replays the same kernels with every later input's own pointers and fresh outputs.
+
+Oracle: the general host function on the same input (the same kernel and arguments, so bit-equal). Each plan
+runs on inputs other than the one it was made from, so a plan that reused its first input or output would
+fail; under the interpreter ``FastKernel.prepared`` runs the interpreter instead of a C launcher (the launcher
+call itself is covered by ``benchmarks/check_kernels_gpu.py``'s ``plan_*`` checks).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton_interp import record
+
+F32, F16 = torch.float32, torch.float16
+
+
+def _inputs(m: int, k: int, dtype: torch.dtype, seed: int, count: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(m, k, generator=g) * 2).to(dtype) for _ in range(count)]
+
+
+def check_plans() -> None:
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(5)
+    for m, k, n, dtype in [(5, 64, 96, F32), (70, 128, 80, F16), (3, 128, 48, F16)]:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-3
+        bias = torch.randn(n, generator=g).to(dtype)
+        cases = {
+            "int8": (lambda x, a=0: ti.int8_linear(x, w, s, bias, None, dtype, act=a),
+                     lambda x, a=0: tp.plan_int8(x, w, s, bias, None, dtype, a)),
+            "int8_rot16": (lambda x, a=0: ti.int8_linear(x, w, s, None, 16, dtype, act=a),
+                           lambda x, a=0: tp.plan_int8(x, w, s, None, 16, dtype, a)),
+            "fused": (lambda x, a=0: ti.fused_linear(x, w, s, bias, dtype, act=a),
+                      lambda x, a=0: tp.plan_fused(x, w, s, bias, dtype, a)),
+        }
+        if dtype == F16:  # bf16/fp32 x are not planned for W8A16 (and bf16 dot does not interpret)
+            cases["w8a16"] = (lambda x, a=0: ti.w8a16_linear(x, w, s, bias, None, dtype, act=a),
+                              lambda x, a=0: tp.plan_w8a16(x, w, s, bias, dtype, a))
+            cases["dequant"] = (lambda x, a=0: ti.dequant_linear(x, w, s, bias, None, dtype),
+                                lambda x, a=0: None if a else tp.plan_dequant(x, w, s, bias, dtype))
+        first, *later = _inputs(m, k, dtype, seed=m + k)
+        for name, (general, make) in cases.items():
+            for act in (0, 3) if name != "dequant" else (0,):  # none, silu (folded into the kernel's read of x)
+                plan = make(first, act)
+                if plan is None:
+                    record(f"plan_{name}_act{act}", False, why="no plan made")
+                    continue
+                outs = [plan(x) for x in later]
+                wants = [general(x, act) for x in later]
+                same = all(torch.equal(o, want) for o, want in zip(outs, wants, strict=True))
+                fresh = outs[0].data_ptr() != outs[1].data_ptr() and not torch.equal(outs[0], outs[1])
+                record(f"plan_{name}_act{act}", same and fresh, m=m, k=k, n=n, dtype=str(dtype))
+    x = _inputs(4, 64, F16, seed=1)[0]
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=g)
+    s16 = (torch.rand(32, generator=g) * 0.01).to(F16)  # the kernels would read an fp32 copy: no plan
+    record("plan_refuses_copied_scale", tp.plan_fused(x, w, s16, None, F16) is None)
+    s32 = torch.rand(32, generator=g) * 0.01
+    record("plan_takes_contiguous_x", tp.plan_fused(x, w, s32, None, F16) is not None)
+    record("plan_refuses_strided_x", tp.plan_fused(_inputs(4, 128, F16, 2)[0][:, :64], w, s32, None, F16) is None)
+
+
+def check_low_rank_plans() -> None:
+    """Plans with a dynamic LoRA's low-rank term: ``h = x @ down^T`` made per call from each input, the padded
+    operands fixed; equal to the general path with the same term, and different from the plan without it."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(11)
+    m, k, n, r = 6, 128, 64, 20
+    for dtype in (F32, F16):
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-3
+        down, up = torch.zeros(32, k), torch.zeros(32, n)
+        down[:r], up[:r] = torch.randn(r, k, generator=g) * 0.1, torch.randn(r, n, generator=g) * 0.1
+        lr = (down.to(dtype), up.to(dtype), r)
+        cases = {"int8": (lambda x, lr: ti.int8_linear(x, w, s, None, None, dtype, low_rank=lr),
+                          lambda x, lr: tp.plan_int8(x, w, s, None, None, dtype, 0, lr)),
+                 "fused": (lambda x, lr: ti.fused_linear(x, w, s, None, dtype, low_rank=lr),
+                           lambda x, lr: tp.plan_fused(x, w, s, None, dtype, 0, lr))}
+        if dtype == F16:
+            cases["w8a16"] = (lambda x, lr: ti.w8a16_linear(x, w, s, None, None, dtype, low_rank=lr),
+                              lambda x, lr: tp.plan_w8a16(x, w, s, None, dtype, 0, lr))
+        first, *later = _inputs(m, k, dtype, seed=12)
+        for name, (general, make) in cases.items():
+            plan, plain = make(first, lr), make(first, None)
+            ok = plan is not None and plain is not None and all(
+                torch.equal(plan(x), general(x, lr)) and not torch.equal(plan(x), plain(x)) for x in later)
+            record(f"plan_low_rank_{name}", ok, dtype=str(dtype))
+
+
+def check_scaled_mm_plan() -> None:
+    """The fp8 ``_scaled_mm`` plan (CPU torch has ``_scaled_mm``): equal to the general path, and a weight scale
+    updated in place after the plan was made is used (the plan's rowwise copy follows the version counter)."""
+    from comfyquant.quant.fp8 import quantize_fp8
+    from comfyquant.runtime.kernels import fp8
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(7)
+    m, k, n = 6, 96, 48
+    qw, sw = quantize_fp8(torch.randn(n, k, generator=g) * 0.03)
+    bias = torch.randn(n, generator=g).bfloat16()
+    first, *later = _inputs(m, k, torch.bfloat16, seed=8)
+    for act in (0, 1):
+        plan = tp.plan_scaled_mm(first, qw, sw, bias, torch.bfloat16, act)
+        same = plan is not None and all(
+            torch.equal(plan(x), fp8.fp8_linear_scaled_mm(x, qw, sw, bias, None, torch.bfloat16, act=act))
+            for x in later)
+        record(f"plan_scaled_mm_act{act}", same)
+    plan = tp.plan_scaled_mm(first, qw, sw, bias, torch.bfloat16)
+    before = plan(later[0])
+    sw.mul_(2.0)  # in place, as a re-quantization of the layer does
+    after, want = plan(later[0]), fp8.fp8_linear_scaled_mm(later[0], qw, sw, bias, None, torch.bfloat16)
+    record("plan_scaled_mm_sees_inplace_scale", torch.equal(after, want) and not torch.equal(after, before))
+
+
+def check_descriptor_copies() -> None:
+    """The TMA plan's per-call descriptors: a copy of a checked template over a new tensor equals what
+    ``TensorDescriptor.from_tensor`` makes for that tensor."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from comfyquant.runtime.kernels.triton_plans import _desc_maker
+
+    a, b = torch.zeros(64, 128, dtype=torch.int8), torch.ones(64, 128, dtype=torch.int8)
+    make = _desc_maker(TensorDescriptor.from_tensor(a, [32, 64]))
+    d, want = make(b), TensorDescriptor.from_tensor(b, [32, 64])
+    record("descriptor_copy", d.base is b and vars(d) == vars(want) and make(a).base is a and d.base is b)
+
+
+GROUPS = {"plans": check_plans, "low_rank_plans": check_low_rank_plans, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies}
