@@ -282,6 +282,48 @@ def wall_ms(fn: Callable[[], object], rounds: int = 5, min_ms: float = 40.0) -> 
     return sorted(times)[len(times) // 2]
 
 
+def dispatch_counts(model: nn.Module) -> dict[str, int]:
+    """``"backend planned|general M=.."`` -> number of quantized layers, from each layer's bound memo (what the
+    eager calls ran: the chosen backend per input signature, and whether a plan replays it)."""
+    from comfyquant.runtime.kernels.registry import kernel_kind, kinds
+    from comfyquant.runtime.nn import QuantLinear, bound_linear
+
+    names = {id(b): n for k in kinds() for n, b in kernel_kind(k).backends.items()}
+    counts: dict[str, int] = {}
+    for mod in model.modules():
+        if not isinstance(mod, QuantLinear):
+            continue
+        memo = getattr(bound_linear(mod.qweight, mod.bias), "memo", None)
+        if memo is None:
+            counts["unbound"] = counts.get("unbound", 0) + 1
+            continue
+        for sig, e in memo.items():
+            m = 1
+            for d in sig[0][:-1]:
+                m *= int(d)
+            key = f"{names.get(id(e[0]), '?')} {'planned' if callable(e[1]) else 'general'} M={m}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def host_profile(fn: Callable[[], object], calls: int = 5, top: int = 14) -> str:
+    """cProfile of ``calls`` eager forwards: the top functions by own time (where the host time goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()[-4000:]
+
+
 def run_models(names: tuple[str, ...], ck_fn: Callable | None, deadline: float = float("inf")) -> list[dict]:
     """Eager wall ms per forward for every variant (and with ``cuda_graphs.capture`` for bf16/int8/fp8), with
     ratios to the same run's bf16 (eager and graphs). Stops before a variant once ``time.perf_counter()``
@@ -305,6 +347,9 @@ def run_models(names: tuple[str, ...], ck_fn: Callable | None, deadline: float =
                     del g
             except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if variant in ("int8", "fp8") and "eager_ms" in row:
+                row["dispatch"] = dispatch_counts(model)
+                row["profile"] = host_profile(lambda m=model, a=args: m(*a))
             if variant == "bf16":
                 base = row
             for key in ("eager_ms", "graph_ms"):
