@@ -133,6 +133,9 @@ def test_runtime_options_map_onto_backend_names_and_dispatch_policies() -> None:
         assert "torch" in no_small.allow
     assert RuntimeOptions(use_triton=False).backend_for("int8").allow == ("torch", "dequant")
     assert RuntimeOptions(cuda_graphs=True).backend_for("int8").mode == "graph"
+    measured = RuntimeOptions(measure_backends=True).backend_for("int8")
+    assert measured.measure and measured.mode == "eager" and set(measured.allow) == set(backends_for("int8"))
+    assert not RuntimeOptions(measure_backends=True, cuda_graphs=True).backend_for("int8").measure  # graphs: model
     assert RuntimeOptions(backend="torch").backend_for("fp8") == "torch"
     with pytest.raises(UserError, match="no kernel for fp8"):
         RuntimeOptions(backend="triton").backend_for("fp8")

@@ -233,3 +233,60 @@ def test_bound_calls_replay_a_backends_plan_from_the_second_call() -> None:
         assert [callable(e[1]) and callable(e[3]) for e in call.memo.values()] == [True]
     finally:
         unregister_kernel_kind("test_plan")
+
+
+def test_measured_dispatch_picks_the_fastest_backend_and_caches_it(tmp_path) -> None:
+    """``DispatchPolicy(measure=True)``: the first call of a shape times every candidate (not the reference),
+    keeps the fastest, writes it to the cache file; a second binding of the same shape reads it without timing;
+    a backend that refuses the shape is skipped with its reason; results are the float64 product."""
+    import json
+
+    from comfyquant.errors import UserError
+    from comfyquant.runtime.kernels.dispatch import DispatchPolicy, bind_linear
+    from comfyquant.runtime.kernels.registry import (
+        KernelKind,
+        kernel_kind,
+        register_kernel_kind,
+        unregister_kernel_kind,
+    )
+
+    calls: dict[str, int] = {}
+
+    def product(x, w, s):
+        return x.double() @ (w.double() * s.double()).t()
+
+    def make(name, repeat):
+        def impl(x, w, scales, bias, opts, out_dtype):
+            calls[name] = calls.get(name, 0) + 1
+            for _ in range(repeat - 1):  # real extra work: the slow backend computes the product again
+                product(x, w, scales[0])
+            return product(x, w, scales[0]).to(out_dtype)
+        return impl
+
+    def refuses(x, w, scales, bias, opts, out_dtype):
+        raise UserError("needs K a multiple of 4096")
+
+    register_kernel_kind(KernelKind("test_measure", {"ref": make("ref", 1), "slow": make("slow", 40),
+                                                     "fast": make("fast", 1), "picky": refuses}))
+    try:
+        g = torch.Generator().manual_seed(5)
+        w = torch.randint(-100, 100, (96, 160), dtype=torch.int8, generator=g)
+        s = torch.rand(96, 1, generator=g) * 0.01
+        x = torch.randn(64, 160, generator=g, dtype=torch.float64)
+        policy = DispatchPolicy(measure=True, measure_cache=str(tmp_path))
+        call = bind_linear("test_measure", w, (s,), None, backend=policy)
+        torch.testing.assert_close(call(x), product(x, w, s), rtol=1e-12, atol=1e-12)
+        chosen = next(iter(call.memo.values()))[0]
+        assert chosen is kernel_kind("test_measure").backends["fast"] and calls["slow"] >= 5
+        assert "ref" not in calls  # the reference is not a candidate when others run here
+        files = list(tmp_path.glob("measured-v*.json"))
+        assert len(files) == 1
+        entry = next(iter(json.loads(files[0].read_text())["choices"].values()))
+        assert entry["backend"] == "fast" and entry["us"]["fast"] < entry["us"]["slow"]
+        assert "4096" in entry["skipped"]["picky"]
+        before = dict(calls)
+        call2 = bind_linear("test_measure", w, (s,), None, backend=policy)  # same shape: read from the cache
+        torch.testing.assert_close(call2(x), product(x, w, s), rtol=1e-12, atol=1e-12)
+        assert calls["slow"] == before["slow"] and calls["fast"] == before["fast"] + 1
+    finally:
+        unregister_kernel_kind("test_measure")

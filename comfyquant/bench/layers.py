@@ -38,7 +38,7 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
 )
 M_VALUES = (1, 16, 256, 1024, 4096, 16384)
 GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
-COLUMNS = ("bf16", "auto", "w8a8_triton", "w8a8_fused", "w8a16", "dequant", "fp8", "w4a8", "w8a8_convrot",
+COLUMNS = ("bf16", "auto", "measured", "w8a8_triton", "w8a8_fused", "w8a16", "dequant", "fp8", "w4a8", "w8a8_convrot",
            "ck_int8")
 
 
@@ -136,7 +136,7 @@ def _int4_rot(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _bound(kind: str, wi: int, si: tuple[int, ...], opts: tuple[int, ...] = (),
-           backend: str | None = None) -> Callable:
+           backend: str | dispatch.DispatchPolicy | None = None) -> Callable:
     """``(x, weight set) -> y`` through ``dispatch.bind_linear``, bound once per weight set: the path a
     quantized layer's eager forward takes (checks and choice memoized, launches replayed by plans)."""
     bound: dict[int, Callable] = {}
@@ -177,6 +177,7 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         ops: dict[str, Callable] = {
             "bf16": lambda x, w: F.linear(x, w[0], w[7]),
             "auto": _bound("int8", 1, (2,)),
+            "measured": _bound("int8", 1, (2,), backend=dispatch.DispatchPolicy(measure=True)),
             "w8a8_triton": _bound("int8", 1, (2,), backend="triton"),
             "w8a8_fused": _bound("int8", 1, (2,), backend="triton_fused"),
             "w8a16": _bound("int8", 1, (2,), backend="triton_w8a16"),

@@ -251,6 +251,11 @@ def variants(name: str, ck_fn: Callable | None) -> Iterator[tuple[str, nn.Module
         model, args = build(name)
         summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
         yield fmt, model, args
+        if fmt == "int8":  # the same with measured dispatch (every candidate timed once per layer shape)
+            model, args = build(name)
+            quantize_(model, QuantizeConfig(format=fmt, min_features=1,
+                                            backend=dispatch.DispatchPolicy(measure=True)))
+            yield "int8_measured", model, args
         if fmt == "int8" and summary.folded:  # the same without folding the MLP's GELU into its second linear
             model, args = build(name)
             quantize_(model, QuantizeConfig(format=fmt, min_features=1, fold_activations=False))
@@ -347,7 +352,7 @@ def run_models(names: tuple[str, ...], ck_fn: Callable | None, deadline: float =
                     del g
             except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            if variant in ("int8", "fp8") and "eager_ms" in row:
+            if variant in ("int8", "int8_measured", "fp8") and "eager_ms" in row:
                 row["dispatch"] = dispatch_counts(model)
                 row["profile"] = host_profile(lambda m=model, a=args: m(*a))
             if variant == "bf16":

@@ -43,15 +43,18 @@ def _optional_runtime_inputs() -> dict[str, Any]:
                                     "the CPU runs eagerly). Cuts per-step launch overhead."),
         "fold_activations": _bool(True, "Let a quantized layer apply the GELU/SiLU before it while reading its "
                                         "input (one kernel and one memory pass fewer per MLP)."),
+        "measure_backends": _bool(False, "Time each candidate kernel once per layer shape on this GPU and keep "
+                                         "the fastest (cached; the first run compiles and times them)."),
     }
 
 
 def _runtime(small_batch_fallback: bool, runtime_backend: str, use_triton: bool | None = None,
              prepack: bool = True, cuda_graphs: bool | None = None,
-             fold_activations: bool | None = None) -> RuntimeOptions:
+             fold_activations: bool | None = None, measure_backends: bool | None = None) -> RuntimeOptions:
     return RuntimeOptions(backend=runtime_backend, small_batch_fallback=small_batch_fallback, use_triton=use_triton,
                           prepack=prepack, cuda_graphs=bool(cuda_graphs),
-                          fold_activations=True if fold_activations is None else bool(fold_activations))
+                          fold_activations=True if fold_activations is None else bool(fold_activations),
+                          measure_backends=bool(measure_backends))
 
 
 class INT8ModelAdapter:
@@ -109,7 +112,7 @@ class INT8ModelAdapter:
               bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None,
               cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET, calibration_file: str = "",
               alpha: float = DEFAULT_ALPHA, fold_activations: bool | None = None,
-              target_gpu: str = "auto") -> dict[str, Any]:
+              target_gpu: str = "auto", measure_backends: bool | None = None) -> dict[str, Any]:
         import comfy.utils
         import folder_paths
 
@@ -125,7 +128,8 @@ class INT8ModelAdapter:
                                    bake_loaded_loras=bake_loaded_loras, log_progress=log_progress, budget=budget,
                                    calibration_file=calibration_file, alpha=float(alpha), target_gpu=target_gpu,
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
-                                                    prepack_int8_weights, cuda_graphs, fold_activations))
+                                                    prepack_int8_weights, cuda_graphs, fold_activations,
+                                                    measure_backends))
         out, report = adapt_model(model, settings, progress=comfy.utils.ProgressBar(1))
         return {"ui": {"text": report.lines()}, "result": (out,)}
 
@@ -153,7 +157,7 @@ class LoadQuantizedDiffusionModel:
 
     def load(self, unet_name: str, compute_dtype: str, small_batch_fallback: bool, runtime_backend: str,
              use_triton: bool | None = None, cuda_graphs: bool | None = None,
-             fold_activations: bool | None = None) -> dict[str, Any]:
+             fold_activations: bool | None = None, measure_backends: bool | None = None) -> dict[str, Any]:
         import folder_paths
         import torch
 
@@ -163,7 +167,7 @@ class LoadQuantizedDiffusionModel:
         dtype_name = COMPUTE_DTYPES[compute_dtype]
         dtype = getattr(torch, dtype_name) if dtype_name else None
         runtime = _runtime(small_batch_fallback, runtime_backend, use_triton, cuda_graphs=cuda_graphs,
-                           fold_activations=fold_activations)
+                           fold_activations=fold_activations, measure_backends=measure_backends)
         patcher, summary = load_quantized_model(path, runtime, dtype)
         return {"ui": {"text": [summary.line()]}, "result": (patcher,)}
 

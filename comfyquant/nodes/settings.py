@@ -71,7 +71,9 @@ class RuntimeOptions:
     """How quantized layers run: ``backend`` (``auto`` or a backend name), whether small batches may take a
     weight-only kernel, ``use_triton`` (False: never Triton), ``cuda_graphs`` (the runtime's dispatch policy for
     graph-captured models), ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today) and
-    ``fold_activations`` (a GELU/SiLU module right before a quantized layer is applied by that layer's kernel)."""
+    ``fold_activations`` (a GELU/SiLU module right before a quantized layer is applied by that layer's kernel)
+    and ``measure_backends`` (eager: time the candidate kernels once per layer shape and keep the fastest,
+    cached per GPU, instead of the cost model's prediction)."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True
@@ -79,6 +81,7 @@ class RuntimeOptions:
     prepack: bool = True
     cuda_graphs: bool = False
     fold_activations: bool = True
+    measure_backends: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in runtime_backends():
@@ -99,9 +102,10 @@ class RuntimeOptions:
         allow = [n for n in names if (self.small_batch_fallback or n not in WEIGHT_ONLY)
                  and (self.use_triton is not False or not n.startswith("triton"))]
         mode = "graph" if self.cuda_graphs else "eager"
-        if len(allow) == len(names) and mode == "eager":
+        measure = self.measure_backends and mode == "eager"
+        if len(allow) == len(names) and mode == "eager" and not measure:
             return None
-        return DispatchPolicy(mode=mode, allow=tuple(allow))
+        return DispatchPolicy(mode=mode, allow=tuple(allow), measure=measure)
 
 
 @dataclass(frozen=True)

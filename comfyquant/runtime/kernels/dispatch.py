@@ -10,6 +10,7 @@ automatic choice for this device); nothing here is global.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,12 @@ def _resolve(x: torch.Tensor, kind: str, w: torch.Tensor, scales: tuple, bias: t
     kk = kernel_kind(kind)
     n, k = _check(x, kk, w, scales, bias, opts)
     policy = backend if isinstance(backend, DispatchPolicy) else None
+    if (policy is not None and policy.measure and policy.mode == "eager"
+            and not (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+        from comfyquant.runtime.kernels.measured import measured_backend
+
+        root = None if policy.measure_cache is None else Path(policy.measure_cache)
+        return kk.backends[measured_backend(kk, x, w, scales, bias, opts, n, k, policy.allow, root)]
     name = backend.name if isinstance(backend, BackendChoice) else None if policy is not None else backend
     return kk.backends[choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy).name]
 

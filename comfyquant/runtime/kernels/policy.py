@@ -23,12 +23,17 @@ class DispatchPolicy:
     ``mode``: ``"eager"`` counts each path's host launch cost (plain PyTorch / ComfyUI), ``"graph"`` only GPU
     time (CUDA graphs, ``reduce-overhead``; a capture in progress is detected without it). ``allow``: if
     non-empty, only these backend names may be chosen. ``costs``: the cost table to decide with (None: this
-    device's measured table, ``calibrate.device_costs``).
+    device's measured table, ``calibrate.device_costs``). ``measure``: eager calls time every candidate
+    backend at the first call of each shape and keep the fastest (``measured.py``; a few ms per new shape plus
+    the candidates' compiles, then cached in ``measure_cache`` or ``~/.cache/comfyquant``); CUDA-graph
+    captures and torch.compile use the cost model.
     """
 
     mode: str = "eager"
     allow: tuple[str, ...] = ()
     costs: DeviceCosts | None = None
+    measure: bool = False
+    measure_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -36,7 +41,8 @@ class DispatchPolicy:
         object.__setattr__(self, "allow", tuple(self.allow))
         # built once here, outside any trace: torch.compile reads it as a constant attribute
         d = {"mode": self.mode, "allow": list(self.allow),
-             "costs": None if self.costs is None else self.costs.to_json()}
+             "costs": None if self.costs is None else self.costs.to_json(), "measure": self.measure,
+             "measure_cache": self.measure_cache}
         object.__setattr__(self, "_key", json.dumps(d, separators=(",", ":"), sort_keys=True))
 
     def key(self) -> str:
@@ -50,4 +56,5 @@ def policy_from_key(key: str) -> DispatchPolicy:
     d = json.loads(key)
     costs = d.get("costs")
     return DispatchPolicy(mode=d.get("mode", "eager"), allow=tuple(d.get("allow", ())),
-                          costs=None if costs is None else DeviceCosts.from_json(costs))
+                          costs=None if costs is None else DeviceCosts.from_json(costs),
+                          measure=bool(d.get("measure", False)), measure_cache=d.get("measure_cache"))

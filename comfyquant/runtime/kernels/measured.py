@@ -1,0 +1,162 @@
+"""Measured dispatch: time every candidate backend on a layer's first call of an input shape, keep the fastest.
+
+The cost model (``costs.py``) predicts each path from a few device constants; on shapes it models badly (narrow
+N, small K, the host-bound middle) it picks a path that measures up to 2x slower than another (the H200 sweep of
+2026-12-02). With ``DispatchPolicy(measure=True)`` the first eager call of each (kind, M, N, K, options, dtype,
+bias) instead runs each candidate backend the way a bound layer runs it from its second call on (its plan where
+it has one, else the general path): one call to compile, then the best of three rounds of back-to-back calls,
+synchronized, so the time per call is what eager mode pays (host and GPU overlapped). The winner is kept in a
+JSON file per GPU model, torch and triton version (``cache_path``), so later layers of the same shape and later
+processes reuse it without timing. Candidates that refuse the shape (a ``UserError``) are skipped with their
+reason; a backend that fails otherwise raises, as it would when called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comfyquant.errors import UserError
+from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Decision:
+    """One measured choice: the backend, each candidate's µs per call, and why others were not timed."""
+
+    backend: str
+    us: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def cache_path(device: torch.device, root: Path | None = None) -> Path:
+    """Where measured choices for ``device`` are kept (one file per GPU model, torch and triton version)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = device.type
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{name}-{torch.__version__}-{tv}").strip("_")
+    base = root if root is not None else Path.home() / ".cache" / "comfyquant"
+    return base / f"measured-v{CACHE_VERSION}-{tag}.json"
+
+
+class ChoiceCache:
+    """The measured choices of one device, read from and written back to its JSON file (atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as e:  # a broken cache is re-measured, never trusted
+                raise UserError(f"measured-dispatch cache {path} is unreadable ({e}); delete it to re-measure") from e
+            if isinstance(data, dict) and isinstance(data.get("choices"), dict):
+                self.entries = data["choices"]
+
+    def get(self, key: str) -> str | None:
+        e = self.entries.get(key)
+        return None if e is None else str(e["backend"])
+
+    def put(self, key: str, decision: Decision) -> None:
+        self.entries[key] = {"backend": decision.backend, "us": decision.us, "skipped": decision.skipped}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name, dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": CACHE_VERSION, "choices": self.entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+_CACHES: dict[Path, ChoiceCache] = {}  # one reader/writer per file in this process
+
+
+def _cache(device: torch.device, root: Path | None) -> ChoiceCache:
+    path = cache_path(device, root)
+    c = _CACHES.get(path)
+    if c is None:
+        c = _CACHES[path] = ChoiceCache(path)
+    return c
+
+
+def choice_key(kind: str, x: torch.Tensor, n: int, k: int, opts: tuple, bias: torch.Tensor | None,
+               scales: tuple) -> str:
+    """What a measured choice depends on: kind, rows, N, K, options, x's dtype, bias and scale layout."""
+    m = x.numel() // k if k else 0
+    sc = ",".join("-" if s is None else f"{s.numel()}:{str(s.dtype).removeprefix('torch.')}" for s in scales)
+    dt = str(x.dtype).removeprefix("torch.")
+    return f"{kind}|m={m}|n={n}|k={k}|opts={list(opts)}|x={dt}|bias={bias is not None}|scales={sc}"
+
+
+def _steady(b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
+            opts: tuple) -> Callable[[], object]:
+    """The backend's eager steady state on ``x``: its plan (made after one compiling call) or the general path."""
+    b.impl(x, w, scales, bias, opts, x.dtype)
+    plan = b.plan(x, w, scales, bias, opts, x.dtype, 0) if b.plan is not None else None
+    return (lambda: plan(x)) if plan else (lambda: b.impl(x, w, scales, bias, opts, x.dtype))
+
+
+def time_us(fn: Callable[[], object], device: torch.device, calls: int = 5, rounds: int = 3) -> float:
+    """Best of ``rounds`` rounds of ``calls`` back-to-back calls, µs per call (synchronized on CUDA)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t) / calls * 1e6)
+    return best
+
+
+def measure(kk: KernelKind, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
+            opts: tuple, allow: tuple[str, ...] = ()) -> Decision:
+    """Time every backend of ``kk`` that runs on x's device (the reference only when nothing else does; those
+    in ``allow`` only, if given) on this very call and return the fastest."""
+    names = [n for n, b in kk.backends.items() if b.requires(x.device) is None and (not allow or n in allow)]
+    fast = [n for n in names if n != kk.reference] or names
+    if len(fast) == 1:  # nothing to compare
+        return Decision(backend=fast[0])
+    d = Decision(backend="")
+    with torch.no_grad():
+        for name in fast:
+            try:
+                d.us[name] = time_us(_steady(kk.backends[name], x, w, scales, bias, opts), x.device)
+            except UserError as e:  # the backend refuses this shape (e.g. _scaled_mm with K % 16)
+                d.skipped[name] = str(e)
+    if not d.us:
+        raise UserError(f"{kk.name} linear: no backend runs this shape on {x.device}: {d.skipped}")
+    d.backend = min(d.us, key=d.us.__getitem__)
+    return d
+
+
+def measured_backend(kk: KernelKind, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
+                     opts: tuple, n: int, k: int, allow: tuple[str, ...] = (),
+                     root: Path | None = None) -> str:
+    """The measured choice for this call's shape: from the device's cache file, else measured now and saved."""
+    cache = _cache(x.device, root)
+    key = choice_key(kk.name, x, n, k, opts, bias, scales) + (f"|allow={list(allow)}" if allow else "")
+    name = cache.get(key)
+    if name is not None and name in kk.backends:
+        return name
+    decision = measure(kk, x, w, scales, bias, opts, allow)
+    cache.put(key, decision)
+    return decision.backend
