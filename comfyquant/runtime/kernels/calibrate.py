@@ -95,6 +95,7 @@ def _paths(o: dict) -> dict[str, Callable[[], object]]:
         "bf16": lambda: F.linear(x, o["wb"]),
         **{b: (lambda f=f: f(x, o["q"], (o["s"],), None, (0,), bf)) for b, f in i8.items()},
         "scaled_mm": lambda: impl("fp8", "scaled_mm")(x, o["qf"], (o["sf"], None), None, (), bf),
+        "triton_fp8": lambda: impl("fp8", "triton")(x, o["qf"], (o["sf"], None), None, (), bf),
         "w4a8": lambda: impl("int4_rot", "triton")(x, o["p"], (o["ps"],), None, (16,), bf),
     }
 
@@ -115,7 +116,7 @@ def measure(device: torch.device) -> DeviceCosts:
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
     rates = {}
-    for shape, paths in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "w4a8")),
+    for shape, paths in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "triton_fp8", "w4a8")),
                          ((256, 8192, 8192), ("triton_fused", "triton_w8a16"))):
         fns = _paths(_operands(*shape, dev))
         for p in paths:

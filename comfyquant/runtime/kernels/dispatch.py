@@ -37,15 +37,18 @@ BoundLinear = Callable[..., torch.Tensor]  # (x, low_rank=None) -> y, from bind_
 
 
 def choose_backend(x: torch.Tensor, *, kind: str, n: int, k: int, override: str | None = None,
-                   opts: Sequence[int] = (), policy: DispatchPolicy | None = None) -> BackendChoice:
+                   opts: Sequence[int] = (), policy: DispatchPolicy | None = None, low_rank: int = 0
+                   ) -> BackendChoice:
     """Pick the backend for ``x [..., k] @ W[n, k]^T`` of ``kind``; ``override`` forces one (UserError if it cannot
-    run on x's device)."""
+    run on x's device); ``low_rank``: the (padded) rank of a low-rank term the call adds, 0 for none."""
     kk = kernel_kind(kind)
     if override is not None:
         why_not = kk.why_not(override, x.device)
         if why_not is not None:
             raise UserError(why_not)
         return BackendChoice(override, "requested")
+    if low_rank and kk.choose_low_rank is not None:
+        return kk.choose_low_rank(x, n, k, tuple(opts), policy, low_rank)
     if kk.choose is None:
         return kk.first_available(x.device)
     return kk.choose(x, n, k, tuple(opts), policy)
@@ -117,13 +120,15 @@ def quant_linear(x: torch.Tensor, kind: str, w: torch.Tensor, scales: Sequence[t
 
 
 def _resolve(x: torch.Tensor, kind: str, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None, opts: tuple,
-             backend: Backend) -> KernelBackend:
-    """The checked, chosen backend of ``kind`` for eager calls with ``x``'s shape, dtype and device."""
+             backend: Backend, low_rank: int = 0) -> KernelBackend:
+    """The checked, chosen backend of ``kind`` for eager calls with ``x``'s shape, dtype and device (and a
+    low-rank term of rank ``low_rank``, 0: none)."""
     kk = kernel_kind(kind)
     n, k = _check(x, kk, w, scales, bias, opts)
     policy = backend if isinstance(backend, DispatchPolicy) else None
     name = backend.name if isinstance(backend, BackendChoice) else None if policy is not None else backend
-    return kk.backends[choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy).name]
+    return kk.backends[choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy,
+                                      low_rank=low_rank).name]
 
 
 LowRank = tuple[torch.Tensor, torch.Tensor, int]  # (down [R, K], up [R, N], r): x's dtype, R % 16 == 0, rows >= r zero
@@ -144,20 +149,21 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     GEMM's epilogue where the chosen backend fuses it, else by :func:`add_low_rank`; ``input_act`` (a name of
     ``acts.INPUT_ACTS``) is applied by the kernel as it reads x where the backend fuses it, else first in torch.
 
-    For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device and
-    capture state (the memo is the returned function's own), so a call costs one small-tuple lookup besides
-    the kernel. The tensors are held by reference: in-place updates (``copy_``) are seen, replaced tensors are
-    not (bind again). Not for traced code: call :func:`quant_linear` there.
+    For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device,
+    capture state and low-rank rank (the memo is the returned function's own), so a call costs one small-tuple
+    lookup besides the kernel. The tensors are held by reference: in-place updates (``copy_``) are seen,
+    replaced tensors are not (bind again). Not for traced code: call :func:`quant_linear` there.
     """
     scales, opts = tuple(scales), tuple(int(o) for o in opts)
     plans: dict[tuple, KernelBackend] = {}
     capturing = torch.cuda.is_current_stream_capturing
 
     def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None) -> torch.Tensor:
-        sig = (x.shape, x.dtype, x.device, x.is_cuda and capturing())
+        rank = 0 if low_rank is None else low_rank[0].shape[0]  # a low-rank term can change the best backend
+        sig = (x.shape, x.dtype, x.device, x.is_cuda and capturing(), rank)
         b = plans.get(sig)
         if b is None:
-            b = _resolve(x, kind, w, scales, bias, opts, backend)
+            b = _resolve(x, kind, w, scales, bias, opts, backend, rank)
             if len(plans) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
                 plans[sig] = b
         if input_act is not None:
