@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import comfyquant.lora as cql
+from comfyquant.runtime.dispatch_report import describe_dispatch
 from comfyquant.runtime.quantize import QuantizeConfig, quantize_
 
 
@@ -183,11 +185,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 for count in args.counts:
                     handles = [cql.apply(q, files[(rank, i)], 1.0, "dynamic") for i in range(count)]
                     t = timed(q) if count else base
+                    backends = backends_used(q, xs)
                     for h in handles:
                         cql.remove(q, h)
                     row = {"workload": wname, "format": fmt, "rank": rank, "loras": count,
                            "eager_ms": t[0], "graph_ms": t[1], "quant_eager_ms": base[0], "quant_graph_ms": base[1],
-                           "bf16_eager_ms": bf16[0], "bf16_graph_ms": bf16[1]}
+                           "bf16_eager_ms": bf16[0], "bf16_graph_ms": bf16[1], "backends": backends}
                     rows.append(row)
                     print(_line(row), flush=True)
             del q
@@ -195,6 +198,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def backends_used(model: nn.Module, xs: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """How many of ``model``'s quantized linear calls run on each kernel backend (the eager choice, LoRA low-rank
+    terms included: with one, fp8 layers should be on the fusing ``triton`` GEMM, not ``scaled_mm``)."""
+    rows = describe_dispatch(model, *xs)
+    return dict(sorted(Counter(r.backend for r in rows).items()))
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -205,13 +215,13 @@ def _line(r: dict) -> str:
     return (f"{r['workload']:<40} {r['format']:<5} r={r['rank']:<3} x{r['loras']} eager {r['eager_ms']:.3f} ms "
             f"(no-LoRA/this {_ratio(r['eager_ms'], r['quant_eager_ms'])}, bf16/this "
             f"{_ratio(r['eager_ms'], r['bf16_eager_ms'])}) graph {r['graph_ms'] or '-'} ms "
-            f"(no-LoRA/this {_ratio(r['graph_ms'], r['quant_graph_ms'])})")
+            f"(no-LoRA/this {_ratio(r['graph_ms'], r['quant_graph_ms'])}) backends {r['backends']}")
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
     lines = [header, "", "Overhead = this / (quantized, no LoRA) - 1. Speed-up vs bf16 = bf16 time / this time.", "",
              "| workload | format | LoRAs x rank | eager ms | eager overhead | eager vs bf16 | graph ms | "
-             "graph overhead | graph vs bf16 |", "|---|---|---|---|---|---|---|---|---|"]
+             "graph overhead | graph vs bf16 | backends (eager choice) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["loras"] == 0 and r["rank"] != rows[0]["rank"]:
             continue  # the no-LoRA row is the same for every rank
@@ -223,7 +233,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
         lines.append(f"| {r['workload']} | {r['format']} | {r['loras']} x {r['rank'] if r['loras'] else '-'} | "
                      f"{r['eager_ms']:.3f} | {over(r['eager_ms'], r['quant_eager_ms'])} | "
                      f"{_ratio(r['eager_ms'], r['bf16_eager_ms'])} | {g} | {over(r['graph_ms'], r['quant_graph_ms'])} | "
-                     f"{_ratio(r['graph_ms'], r['bf16_graph_ms'])} |")
+                     f"{_ratio(r['graph_ms'], r['bf16_graph_ms'])} | "
+                     f"{', '.join(f'{b} x{c}' for b, c in r['backends'].items())} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,9 @@ Bounds (stated, asserted):
   eps are the measured relative quantization errors of x (per row) and W; and ``rel <= 2^-7`` vs the torch
   reference path on the same inputs (bf16 output rounding).
 * W8A16 / fp8: vs float64 of the dequantized weight (bf16 output): ``rel <= 2^-7``; fp8 vs unquantized < 0.08.
+* Triton FP8 W8A8 (kind fp8, backend ``triton``): vs float64 of its own fp8 codes and scales ``rel <= 2^-7``
+  (bf16 output), vs the unquantized product the W8A8 bound; in fp32 output its accumulation error at most
+  twice ``_scaled_mm``'s (cuBLAS without fast accumulation) on the same codes.
 * fused W8A8 (quantization inside the GEMM, reciprocal multiply): the same bound as W8A8; dequant + cuBLAS:
   vs float64 of the dequantized weight ``rel <= 2^-7``.
 * W4A8 (int4_rot): vs the torch reference path on the same inputs ``rel <= 2^-7`` (identical integer math,
@@ -234,6 +237,59 @@ def check_cuda_graphs() -> None:
             record("cuda_graphs_replay", e <= 0.03, m=m, graphs=g.graphs, rel=e)
 
 
+def check_fp8_triton() -> None:
+    """The Triton FP8 W8A8 GEMM: e4m3fn and e5m2 weights, tensor and row weight scales, dynamic and static
+    activation scales, ragged K (pointer kernel, masked tails) and K % 16 == 0 (TMA kernel on Hopper)."""
+    for m, k, n, how in [(1, 3072, 3072, "contig"), (77, 100, 70, "row_stride"), (256, 5120, 13824, "3d"),
+                         (4096, 3072, 3072, "contig"), (1000, 12288, 3072, "transposed"), (33, 200, 640, "contig")]:
+        x = inputs(m, k, how)
+        x2d = x.reshape(-1, k)
+        w = torch.randn(n, k, device="cuda") * 0.03
+        bias = torch.randn(n, device="cuda").bfloat16()
+        for wdt in (torch.float8_e4m3fn, torch.float8_e5m2):
+            qf, sf = quantize_fp8(w, wdt)
+            for scale_kind in ("tensor", "row"):
+                sw = sf if scale_kind == "tensor" else (torch.rand(n, 1, device="cuda") + 0.5) * sf
+                w_deq = qf.double() * sw.double().reshape(-1, 1)
+                for static in (False, True):
+                    isc = (x.float().abs().amax() / torch.finfo(wdt).max).reshape(()) if static else None
+                    y = fp8_linear(x, qf, sw, bias, input_scale=isc, backend="triton")
+                    qx, sx = triton_quant.quantize_rows_fp8(x2d, wdt, isc)
+                    xq = qx.double() * sx.double()
+                    own = (xq @ w_deq.t() + bias.double()).reshape(y.shape)
+                    ref64 = x.double() @ (w.double() * sw.double().reshape(-1, 1) / sf.double()).t() + bias.double()
+                    bound = 1.5 * (rel(xq, x2d) + rel(w_deq, w * sw / sf)) + 2**-7
+                    e_own, e64 = rel(y, own), rel(y, ref64)
+                    record("fp8_triton_linear", bool(torch.isfinite(y).all()) and e_own <= 2**-7 and e64 <= bound,
+                           m=m, k=k, n=n, layout=how, weight=str(wdt), scale=scale_kind, static=static, rel=e64,
+                           bound=bound, rel_vs_own_codes=e_own)
+        if k % 16 == 0 and n % 16 == 0 and m > 16:  # accumulation precision vs cuBLAS on the same codes (fp32 out)
+            qf, sf = quantize_fp8(w)
+            isc = (x.float().abs().amax() / 448).reshape(())
+            qx, _ = triton_quant.quantize_rows_fp8(x2d, qf.dtype, isc)
+            exact = (qx.double() * isc.double()) @ (qf.double() * sf.double()).t()
+            y = triton_int8.fp8_linear(x2d, qf, sf, None, isc, torch.float32)
+            errs = {fast: rel(torch._scaled_mm(qx, qf.t(), scale_a=isc.float(), scale_b=sf.float(),
+                                               out_dtype=torch.float32, use_fast_accum=fast), exact)
+                    for fast in (False, True)}
+            e = rel(y, exact)
+            record("fp8_triton_fp32_accumulation", e <= 2 * errs[False] + 1e-6, m=m, k=k, n=n, rel=e,
+                   rel_scaled_mm=errs[False], rel_scaled_mm_fast_accum=errs[True])
+
+
+def check_fp8_low_rank_choice() -> None:
+    """The automatic fp8 choice on this device (its measured costs): a rank-32 low-rank term at M=4096 on the
+    Flux qkv / mlp0 shapes takes the fusing Triton GEMM, no term keeps ``_scaled_mm``."""
+    from comfyquant.runtime.kernels.dispatch import choose_backend
+
+    for k, n in ((3072, 9216), (3072, 12288)):
+        x = torch.randn(4096, k, device="cuda").bfloat16()
+        plain = choose_backend(x, kind="fp8", n=n, k=k)
+        lora = choose_backend(x, kind="fp8", n=n, k=k, low_rank=32)
+        record("fp8_low_rank_choice", plain.name == "scaled_mm" and lora.name == "triton", k=k, n=n,
+               plain=plain.name, with_low_rank=lora.name, reason=lora.reason)
+
+
 def check_low_rank_epilogue() -> None:
     """Dynamic LoRAs added in the GEMM epilogue (every fusing backend, TMA and pointer W8A8 paths included):
     the layer with its side path equals the same backend without it plus the float64 low-rank term."""
@@ -242,7 +298,7 @@ def check_low_rank_epilogue() -> None:
     from comfyquant.runtime.nn import linear
 
     cases = {"int8": ("triton", "triton_fused", "triton_w8a16", "dequant"), "int8-rot": ("triton", "triton_w8a16"),
-             "fp8": ("triton_w8a16", "scaled_mm"), "int4-rot": ("triton",)}
+             "fp8": ("triton", "triton_w8a16", "scaled_mm"), "int4-rot": ("triton",)}
     for m, k, n, rank in [(5, 3072, 3072, 32), (300, 3072, 9216, 20), (4096, 3072, 3072, 96), (70, 200, 70, 8)]:
         w = torch.randn(n, k, device="cuda") * 0.03
         x = torch.randn(m, k, device="cuda").bfloat16()
@@ -279,7 +335,7 @@ def check_input_act() -> None:
     from comfyquant.runtime.nn import linear
 
     cases = {"int8": ("triton", "triton_fused", "triton_w8a16", "dequant"), "int8-rot": ("triton", "triton_w8a16"),
-             "fp8": ("triton_w8a16", "scaled_mm"), "int4-rot": ("triton",)}
+             "fp8": ("triton", "triton_w8a16", "scaled_mm"), "int4-rot": ("triton",)}
     for m, k, n in [(5, 3072, 3072), (300, 12288, 3072), (4096, 3072, 3072), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03
         x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
@@ -318,7 +374,7 @@ def check_plans() -> None:
     from comfyquant.runtime.nn import bound_linear
 
     cases = {"int8": ("triton", "triton_fused", "triton_w8a16", "dequant"), "int8-rot": ("triton",),
-             "fp8": ("triton_w8a16", "dequant", "scaled_mm")}
+             "fp8": ("triton_w8a16", "dequant", "scaled_mm", "triton")}
     for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03
         bias = torch.randn(n, device="cuda").bfloat16()
@@ -343,7 +399,7 @@ def check_plans() -> None:
                         again = lin(xs[0])  # the plan, when there is one
                     lin.adapter = None
                     memo = getattr(bound_linear(lin.qweight, lin.bias), "memo", {})
-                    planned = any(callable(e[3] if lora and len(e) > 3 else e[1]) for e in memo.values())
+                    planned = any(callable(e[1]) for sig, e in memo.items() if (sig[-1] > 0) == lora)
                     fuses = backend not in ("dequant", "scaled_mm")
                     same = torch.equal(first, again)
                     record(f"plan_{fmt}_{backend}{'_lora' if lora else ''}", same and (planned or (lora and not fuses)),
@@ -356,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_act_quant, check_int_mm_exact, check_linear, check_block, check_w4a8, check_low_rank_epilogue,
-               check_input_act, check_plans, check_cuda_graphs):
+    for fn in (check_act_quant, check_int_mm_exact, check_linear, check_fp8_triton, check_fp8_low_rank_choice,
+               check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs):
         try:
             fn()
         except Exception as e:  # a kernel that fails to compile or run is a failed check, and the rest still run

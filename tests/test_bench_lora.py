@@ -24,5 +24,8 @@ def test_bench_lora_smoke(tmp_path: Path) -> None:
     rows = data["rows"]
     assert {(r["loras"], r["rank"]) for r in rows} == {(0, 16), (1, 16), (3, 16)}
     assert len({r["workload"] for r in rows}) == 4 and all(r["eager_ms"] > 0 and r["graph_ms"] is None for r in rows)
+    # every quantized linear call is counted on its backend (the CPU reference here; the GPU run shows which)
+    assert all(set(r["backends"]) == {"torch"} for r in rows)
+    assert {r["backends"]["torch"] for r in rows if r["workload"].startswith("flux double")} == {10}
     md = (tmp_path / "lora_bench.md").read_text()
     assert "| 3 x 16 |" in md and data["meta"]["device"] == "cpu"

@@ -137,8 +137,9 @@ def test_runtime_options_map_onto_backend_names_and_dispatch_policies() -> None:
     assert measured.measure and measured.mode == "eager" and set(measured.allow) == set(backends_for("int8"))
     assert not RuntimeOptions(measure_backends=True, cuda_graphs=True).backend_for("int8").measure  # graphs: model
     assert RuntimeOptions(backend="torch").backend_for("fp8") == "torch"
-    with pytest.raises(UserError, match="no kernel for fp8"):
-        RuntimeOptions(backend="triton").backend_for("fp8")
+    assert RuntimeOptions(backend="triton").backend_for("fp8") == "triton"  # the Triton FP8 W8A8 GEMM
+    with pytest.raises(UserError, match="no kernel for int8_block"):
+        RuntimeOptions(backend="triton").backend_for("int8_block")
     with pytest.raises(UserError, match="runtime_backend"):
         RuntimeOptions(backend="tensorrt")
     assert AdapterSettings(format="int8", outlier_method="hadamard").quant_format() == "int8-rot"

@@ -186,8 +186,6 @@ def test_save_node_writes_a_file_stock_comfyui_loads(node_server: Any, float_lat
      "only linear layers can be quantized"),
     (lambda: digits_workflow(adapter={"format": "fp8", "outlier_method": "hadamard"}), "4",
      "outlier_method 'hadamard' needs an int8 format"),
-    (lambda: digits_workflow(adapter={"format": "fp8", "runtime_backend": "triton"}), "4",
-     "runtime_backend 'triton' has no kernel for fp8 layers"),
     (lambda: digits_workflow(adapter={"format": "auto", "budget": "size=0.01"}), "4",
      "--budget size=0.01 is below what this model allows"),
     (lambda: digits_workflow(adapter={"outlier_method": "smoothquant"}), "4",

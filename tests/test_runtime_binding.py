@@ -230,7 +230,7 @@ def test_bound_calls_replay_a_backends_plan_from_the_second_call() -> None:
         for lr in (lr_a, lr_a, lr_b, lr_b):
             torch.testing.assert_close(call(xs[0], lr), product(xs[0], w, s, lr), rtol=1e-12, atol=1e-12)
         assert log == ["impl", "plan made lr", "plan", "impl", "plan made lr", "plan"]
-        assert [callable(e[1]) and callable(e[3]) for e in call.memo.values()] == [True]
+        assert len(call.memo) == 2 and all(callable(e[1]) for e in call.memo.values())  # without / with the term
     finally:
         unregister_kernel_kind("test_plan")
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 from triton_interp import group, interp_cast, record, rel
+from triton_interp_fp8 import GROUPS as FP8_GROUPS
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
 from triton_interp_plans import GROUPS as PLAN_GROUPS
 
@@ -458,6 +459,7 @@ GROUPS: dict[str, Callable[[], None]] = {
     "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "w8a16": check_w8a16,
     "dequant": check_dequant, "w4a8": check_w4a8, "fp8_scaled_mm": check_fp8_scaled_mm,
     "fast_kernel": check_fast_kernel, "interpreter_limitations": check_interpreter_limitations,
+    **FP8_GROUPS,  # the FP8 W8A8 Triton path (triton_interp_fp8)
     **FUSION_GROUPS,  # the low-rank epilogue and input activations (triton_interp_fusions)
     **PLAN_GROUPS,  # the eager fast paths (triton_interp_plans)
 }

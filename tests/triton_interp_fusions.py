@@ -1,4 +1,5 @@
-"""Interpreter checks of what the Triton kernels fuse: the low-rank (dynamic LoRA) epilogue and input activations.
+"""Interpreter checks of what the Triton kernels fuse: the low-rank (dynamic LoRA) epilogue and input activations
+(int8 and fp8 W8A8 paths: for fp8 the dynamic and static activation scales, pointer and TMA kernels).
 
 Oracle: the same kernel path without the fusion, fed what the fusion stands for, plus the fused term in float64:
 * low rank: ``y(x, low_rank) == y(x) + (x @ down^T) @ up`` (``h`` rounded to x's dtype, as the kernel takes it
@@ -54,11 +55,16 @@ def _paths(w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: t
     """name -> f(x, **fusion) for every Triton linear that fuses (W8A16 only in fp16: interpreter limits)."""
     from comfyquant.runtime.kernels import triton_int8 as ti
 
+    w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)  # the same weight in fp8
+    static = torch.tensor(0.02)  # saturates |x| > 8.96: a static scale (not the dynamic one) must be in use
     paths = {
         "w8a8": lambda x, **kw: ti.int8_linear(x, w, s, bias, None, dtype, **kw),
         "w8a8_rot16": lambda x, **kw: ti.int8_linear(x, w, s, bias, 16, dtype, **kw),
         "fused": lambda x, **kw: ti.fused_linear(x, w, s, bias, dtype, **kw),
         "w8a8_tma": lambda x, **kw: _tma(x, w, s, bias, dtype, **kw),
+        "fp8_w8a8": lambda x, **kw: ti.fp8_linear(x, w8, s8, bias, None, dtype, **kw),
+        "fp8_w8a8_static": lambda x, **kw: ti.fp8_linear(x, w8, s8, bias, static, dtype, **kw),
+        "fp8_w8a8_tma": lambda x, **kw: _tma(x, w8, s8, bias, dtype, **kw),
     }
     if k % 128 == 0:  # the W4A8 kernel's K block
         w4, s4, g4 = _int4_rot(n, k, seed)
@@ -71,11 +77,15 @@ def _paths(w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: t
 
 def _tma(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
          low_rank: tuple | None = None, act: int = 0) -> torch.Tensor:
-    """The Hopper TMA GEMM (host TensorDescriptors run in the 3.6 interpreter) with the same epilogue."""
+    """The Hopper TMA GEMM (host TensorDescriptors run in the 3.6 interpreter) with the same epilogue (int8 or
+    fp8 ``w``: the activations quantized to match)."""
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels import triton_quant
 
-    q, sx = triton_quant.quantize_rows_int8(x, None, act=act)
+    if w.dtype == torch.int8:
+        q, sx = triton_quant.quantize_rows_int8(x, None, act=act)
+    else:
+        q, sx = triton_quant.quantize_rows_fp8(x, w.dtype, act=act)
     lr = None if low_rank is None else ti._low_rank_args(low_rank, x, sx)
     return ti.gemm_w8a8(q, sx, w, s, bias, dtype, tma=True, lr=lr)
 
@@ -119,7 +129,9 @@ def check_input_act() -> None:
             record(f"act_rotate_{act}", rel(r, r_ref) <= bound, m=m, k=k, dtype=str(dtype), rel=rel(r, r_ref))
             for name, f in _paths(w, s, None, dtype, k, n, 50 + i).items():
                 y1 = f(x, act=code).double()
-                y0 = f(xa.to(dtype)).double()
+                # fp8 codes (3 mantissa bits) of act(x) rounded to fp16 first are another quantization of it
+                # (the row scale moves, ties flip: ~1e-2 apart): the fp8 paths' oracle reads fp32 act(x) itself
+                y0 = f(xa if name.startswith("fp8") else xa.to(dtype)).double()
                 e = rel(y1, y0)
                 # rotated int paths: the kernel's and torch's activation differ in the last fp32 bit, which the
                 # butterflies can carry across a rounding tie of an int code (the rotation checks' 1-code slack)

@@ -93,6 +93,28 @@ def check_low_rank_plans() -> None:
             record(f"plan_low_rank_{name}", ok, dtype=str(dtype))
 
 
+def check_fp8_w8a8_plan() -> None:
+    """The FP8 W8A8 Triton path's plan (fp8 activations, the W8A8 GEMM on fp8 operands), with and without a
+    low-rank term and a folded activation: equal to ``fp8_linear`` on inputs other than the one it was made from."""
+    from comfyquant.quant.fp8 import quantize_fp8
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(9)
+    m, k, n = 5, 128, 48
+    qw, sw = quantize_fp8(torch.randn(n, k, generator=g) * 0.03)
+    sw = sw.reshape(()).expand(n).contiguous()  # a per-row scale vector
+    bias = torch.randn(n, generator=g)
+    down, up = torch.zeros(16, k), torch.zeros(16, n)
+    down[:8], up[:8] = torch.randn(8, k, generator=g) * 0.1, torch.randn(8, n, generator=g) * 0.1
+    first, *later = _inputs(m, k, F32, seed=10)
+    for name, act, lr in (("plain", 0, None), ("silu", 3, None), ("lora", 0, (down, up, 8))):
+        plan = tp.plan_fp8(first, qw, sw, bias, F32, act, lr)
+        ok = plan is not None and all(
+            torch.equal(plan(x), ti.fp8_linear(x, qw, sw, bias, None, F32, low_rank=lr, act=act)) for x in later)
+        record(f"plan_fp8_w8a8_{name}", ok)
+
+
 def check_scaled_mm_plan() -> None:
     """The fp8 ``_scaled_mm`` plan (CPU torch has ``_scaled_mm``): equal to the general path, and a weight scale
     updated in place after the plan was made is used (the plan's rowwise copy follows the version counter)."""
@@ -131,4 +153,4 @@ def check_descriptor_copies() -> None:
     record("descriptor_copy", d.base is b and vars(d) == vars(want) and make(a).base is a and d.base is b)
 
 
-GROUPS = {"plans": check_plans, "low_rank_plans": check_low_rank_plans, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies}
+GROUPS = {"plans": check_plans, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies}

@@ -1,8 +1,8 @@
 """``describe_dispatch(model, *example_inputs)``: which kernel backend each quantized layer runs, and why.
 
 Runs one forward (no grad) with a pre-hook on every ``QuantLinear`` that asks the same choice the layer's call
-makes (the kernel kind's cost model for this device, input shape and the layer's pinned backend or policy),
-and returns one row per layer call. ``format_dispatch`` renders the rows as a table.
+makes (the kernel kind's cost model for this device, input shape, the layer's pinned backend or policy, and
+the rank of a dynamic LoRA's low-rank term it hands the kernel), and returns one row per layer call. ``format_dispatch`` renders the rows as a table.
 """
 
 from __future__ import annotations
@@ -53,8 +53,12 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
             policy = pinned if isinstance(pinned, DispatchPolicy) else None
             override = None if policy is not None or pinned is None else pinned
             n, k = mod.out_features, mod.in_features
-            choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override,
-                                                   opts=opts, policy=policy)
+            # a dynamic LoRA's low-rank part goes to the kernel (``nn.run_linear``) except on smoothed layers
+            ops = getattr(getattr(mod, "adapter", None), "fused_operands", None)
+            low_rank = ops(x) if ops is not None and getattr(w.params, "pre_quant_scale", None) is None else None
+            choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override, opts=opts,
+                                                   policy=policy, low_rank=0 if low_rank is None else
+                                                   int(low_rank[0].shape[0]))
             rows.append(LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason))
 
         return pre

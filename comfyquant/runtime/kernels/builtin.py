@@ -11,6 +11,8 @@ Backends import the Triton / fp8 modules lazily, so the CPU path never imports t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from comfyquant.errors import UserError
@@ -21,6 +23,7 @@ from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind, needs
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _TRITON = needs_cuda((8, 0), triton=True)
+_TRITON_FP8 = needs_cuda((8, 9), triton=True)  # fp8 x fp8 tl.dot: Ada / Hopper and later
 _FP8_MM = needs_cuda((8, 9))
 
 
@@ -93,6 +96,14 @@ def _plan_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     return triton_plans.plan_dequant(x, w, scales[0], bias, out_dtype)
 
 
+def _plan_fp8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    if len(scales) > 1 and scales[1] is not None:  # static input scale: general path
+        return None
+    return triton_plans.plan_fp8(x, w, scales[0], bias, out_dtype, act, low_rank)
+
+
 def _plan_scaled_mm(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     from comfyquant.runtime.kernels import triton_plans
 
@@ -125,19 +136,34 @@ def _m(x: torch.Tensor, k: int) -> int:
     return x.numel() // k if k else 0
 
 
-def cost_choice(x: torch.Tensor, n: int, k: int, group: int, policy, paths: tuple[tuple[str, str], ...]
-                ) -> BackendChoice:
-    """The cheapest of ``paths`` ((cost-model path, backend name) pairs) by the device's cost model."""
-    from comfyquant.runtime.kernels.calibrate import device_costs
+def decide_paths(m: int, n: int, k: int, group: int, policy, costs, graph: bool,
+                 paths: tuple[tuple[str, str], ...], rank: int = 0, fusing: tuple[str, ...] = ()) -> BackendChoice:
+    """The cheapest of ``paths`` ((cost-model path, backend name) pairs) by the cost table ``costs`` (a
+    ``costs.DeviceCosts``), among those ``policy`` allows; ``rank`` > 0: with a low-rank term, which the
+    ``fusing`` cost-model paths add in their epilogue. Pure: the device facts come in as arguments."""
     from comfyquant.runtime.kernels.costs import decide
 
     allow = policy.allow if policy is not None else ()
     names = dict(paths)
     cands = tuple(p for p, b in paths if not allow or b in allow) or tuple(names)
-    costs = policy.costs if policy is not None and policy.costs is not None else device_costs(x.device)
-    graph = (policy is not None and policy.mode == "graph") or torch.cuda.is_current_stream_capturing()
-    best, reason = decide(cands, _m(x, k), n, k, costs, "graph" if graph else "eager", group)
+    best, reason = decide(cands, m, n, k, costs, "graph" if graph else "eager", group, rank, fusing)
     return BackendChoice(names[best], reason)
+
+
+def _costs(x: torch.Tensor, policy):
+    from comfyquant.runtime.kernels.calibrate import device_costs
+
+    return policy.costs if policy is not None and policy.costs is not None else device_costs(x.device)
+
+
+def _graph(policy) -> bool:
+    return (policy is not None and policy.mode == "graph") or torch.cuda.is_current_stream_capturing()
+
+
+def cost_choice(x: torch.Tensor, n: int, k: int, group: int, policy, paths: tuple[tuple[str, str], ...]
+                ) -> BackendChoice:
+    """The cheapest of ``paths`` ((cost-model path, backend name) pairs) by the device's cost model."""
+    return decide_paths(_m(x, k), n, k, group, policy, _costs(x, policy), _graph(policy), paths)
 
 
 _INT8_PATHS = (("triton", "triton"), ("triton_fused", "triton_fused"), ("triton_w8a16", "triton_w8a16"),
@@ -212,6 +238,13 @@ def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype, act=0):
                                     act=act)
 
 
+def _fp8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+    from comfyquant.runtime.kernels import triton_int8
+
+    return triton_int8.fp8_linear(x, w, scales[0], bias, scales[1] if len(scales) > 1 else None, out_dtype,
+                                  low_rank=low_rank, act=act)
+
+
 def _fp8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
@@ -228,19 +261,36 @@ def _check_fp8(x, w, scales, opts) -> None:
         raise UserError(f"{what}: input_scale must be a scalar, got shape {tuple(input_scale.shape)}")
 
 
-def _choose_fp8(x, n, k, opts, policy) -> BackendChoice:
-    cap = device_capability(x.device)
+_FP8_PATHS = (("scaled_mm", "scaled_mm"), ("triton_w8a16", "triton_w8a16"), ("dequant", "dequant"))
+_FP8_FUSING = ("triton_w8a16", "triton_fp8")  # cost-model paths whose backend adds a low-rank term itself
+
+
+def fp8_choice(cap: tuple[int, int] | None, has_triton: bool, m: int, n: int, k: int, policy,
+               costs: Callable[[], object], graph: bool, rank: int = 0) -> BackendChoice:
+    """The fp8 kind's automatic choice on a device of compute capability ``cap`` (None: not CUDA), for ``m``
+    rows and a low-rank term of rank ``rank`` (0: none); ``costs()`` gives the cost table (called only when the
+    cost model decides). Without a low-rank term the Triton fp8 GEMM is no candidate (cuBLAS fp8 is faster:
+    ~1350 vs ~1240 TFLOP/s on the H200); with one it is, as it adds the term in its epilogue where
+    ``_scaled_mm`` needs a second GEMM and a pass over the output. Pure: the device facts are arguments."""
     if cap is None:
-        return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
+        return BackendChoice("torch", "not CUDA: pure-torch reference path")
     gen = f"sm_{cap[0]}{cap[1]}"
     if cap < (8, 9):
         return BackendChoice("dequant", f"{gen} has no fp8 matrix units")
     if k % 16 or n % 16:
         return BackendChoice("dequant", f"K={k}, N={n} not multiples of 16 (fp8 _scaled_mm needs them)")
-    if not triton_available():
+    if not has_triton:
         return BackendChoice("scaled_mm", f"{gen}: fp8 _scaled_mm (no triton for the other paths)")
-    return cost_choice(x, n, k, 0, policy, (("scaled_mm", "scaled_mm"), ("triton_w8a16", "triton_w8a16"),
-                                           ("dequant", "dequant")))
+    paths = _FP8_PATHS + ((("triton_fp8", "triton"),) if rank else ())
+    return decide_paths(m, n, k, 0, policy, costs(), graph, paths, rank, _FP8_FUSING)
+
+
+def _choose_fp8(x, n, k, opts, policy, rank: int = 0) -> BackendChoice:
+    cap = device_capability(x.device)
+    if cap is None:
+        return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
+    return fp8_choice(cap, triton_available(), _m(x, k), n, k, policy, lambda: _costs(x, policy), _graph(policy),
+                      rank)
 
 
 # ---- int4_rot -------------------------------------------------------------------------------------------------
@@ -294,8 +344,9 @@ FP8 = register_kernel_kind(KernelKind(
     {"torch": _fp8_torch,
      "dequant": KernelBackend(_fp8_dequant, plan=_plan_dequant),
      "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM, fuses_input_act=True, plan=_plan_scaled_mm),
-     "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True, True, _plan_w8a16)},
-    choose=_choose_fp8, check=_check_fp8))
+     "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True, True, _plan_w8a16),
+     "triton": KernelBackend(_fp8_triton, _TRITON_FP8, True, True, _plan_fp8_triton)},
+    choose=_choose_fp8, check=_check_fp8, choose_low_rank=_choose_fp8))
 INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON, True, True)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))

@@ -105,6 +105,7 @@ def _paths(o: dict) -> dict[str, Callable[[], object]]:
         **{b: call("int8", b, o["q"], (o["s"],), (0,))
            for b in ("triton", "triton_fused", "triton_w8a16", "dequant", "torch")},
         "scaled_mm": call("fp8", "scaled_mm", o["qf"], (o["sf"], None), ()),
+        "triton_fp8": call("fp8", "triton", o["qf"], (o["sf"], None), ()),
         "w4a8": call("int4_rot", "triton", o["p"], (o["ps"],), (16,)),
     }
 
@@ -125,7 +126,7 @@ def measure(device: torch.device) -> DeviceCosts:
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
     rates = {}
-    for shape, paths in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "w4a8")),
+    for shape, paths in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "triton_fp8", "w4a8")),
                          ((256, 8192, 8192), ("triton_fused", "triton_w8a16"))):
         fns = _paths(_operands(*shape, dev))
         for p in paths:

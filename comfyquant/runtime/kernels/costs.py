@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass, field
 from comfyquant.runtime.kernels.configs import gemm_config, small_m_config, w8a16_config, wave_efficiency
 
 # paths the model knows: eager-host cost and GPU kernels of each
-PATHS = ("bf16", "triton", "triton_fused", "triton_w8a16", "dequant", "scaled_mm", "w4a8", "torch")
+PATHS = ("bf16", "triton", "triton_fp8", "triton_fused", "triton_w8a16", "dequant", "scaled_mm", "w4a8", "torch")
+# a path missing from a table (measured before the path existed) takes its sibling's constants: the fp8 W8A8
+# Triton GEMM is the int8 one's kernel and launch sequence on fp8 codes
+_SIBLING = {"triton_fp8": "triton"}
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,13 @@ class DeviceCosts:
         object.__setattr__(self, "_rate", dict(self.tflops))
 
     def host(self, path: str) -> float:
+        if path not in self._host and path in _SIBLING:
+            path = _SIBLING[path]
         return self._host.get(path, max(self._host.values(), default=50.0))
 
     def rate(self, path: str) -> float:
+        if path not in self._rate and path in _SIBLING:
+            path = _SIBLING[path]
         return self._rate.get(path, 100.0)
 
     def to_json(self) -> dict:
@@ -96,7 +103,7 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
     out_b = 2.0 * m * n
     if path == "bf16":
         return _bf16_gemm(m, n, k, c)
-    if path in ("triton", "w4a8", "scaled_mm"):
+    if path in ("triton", "triton_fp8", "w4a8", "scaled_mm"):
         wbytes = n * k * (0.5 if path == "w4a8" else 1.0)
         if m < 64:
             cfg = small_m_config(m, n, k, c.sms)
@@ -127,18 +134,37 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
     return math.inf
 
 
-def path_us(path: str, m: int, n: int, k: int, c: DeviceCosts, mode: str, group: int = 0) -> float:
-    """Modeled wall time per call: ``max(host, gpu)`` in eager mode, ``gpu`` under CUDA graphs."""
-    g = gpu_us(path, m, n, k, c, group)
-    return g if mode == "graph" else max(c.host(path), g)
+def low_rank_us(m: int, n: int, k: int, rank: int, c: DeviceCosts, fused: bool) -> float:
+    """Modeled GPU time a rank-``rank`` low-rank term (dynamic LoRAs) adds to a call: ``h = x @ down^T`` (one
+    small cuBLAS GEMM that reads x) either way, then ``h @ up`` in the GEMM's epilogue (``fused``: its FLOPs at
+    a quarter of the bf16 rate: unpipelined 16-wide dots per tile) or ``dispatch.add_low_rank``'s addmm, which
+    reads and rewrites the whole output (three passes over it: the H200 measured +114 µs on Flux qkv at
+    M=4096, more than two passes' 36 µs)."""
+    if m <= 0 or rank <= 0:
+        return 0.0
+    h = _kernel(2.0 * m * k * rank, 2.0 * (m * k + rank * k + m * rank), c.rate("bf16"), 1.0, c)
+    if fused:
+        return h + 2.0 * m * n * rank / (0.25 * c.rate("bf16") * 1e6)
+    return h + _kernel(2.0 * m * n * rank, 2.0 * (3 * m * n + m * rank + rank * n), c.rate("bf16"), 1.0, c)
+
+
+def path_us(path: str, m: int, n: int, k: int, c: DeviceCosts, mode: str, group: int = 0, rank: int = 0,
+            fused: bool = False) -> float:
+    """Modeled wall time per call: ``max(host, gpu)`` in eager mode, ``gpu`` under CUDA graphs; ``rank`` > 0:
+    with a low-rank term, ``fused`` in the path's epilogue or added after (two more torch calls' host time)."""
+    g = gpu_us(path, m, n, k, c, group) + low_rank_us(m, n, k, rank, c, fused)
+    host = c.host(path) + (0 if not rank else (1 if fused else 2) * c.host("bf16"))
+    return g if mode == "graph" else max(host, g)
 
 
 @functools.lru_cache(maxsize=4096)
 def decide(candidates: tuple[str, ...], m: int, n: int, k: int, c: DeviceCosts, mode: str,
-           group: int = 0) -> tuple[str, str]:
-    """(cheapest candidate, reason) by the model; memoized (ComfyUI reuses a handful of shapes per run)."""
-    times = sorted((path_us(p, m, n, k, c, mode, group), p) for p in candidates)
+           group: int = 0, rank: int = 0, fusing: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(cheapest candidate, reason) by the model; memoized (ComfyUI reuses a handful of shapes per run).
+    ``rank`` > 0: the calls add a low-rank term, which the ``fusing`` paths add in their epilogue."""
+    times = sorted((path_us(p, m, n, k, c, mode, group, rank, p in fusing), p) for p in candidates)
     t, best = times[0]
     others = ", ".join(f"{p} {u:.0f}" for u, p in times[1:3])
-    bf16 = path_us("bf16", m, n, k, c, mode)
-    return best, f"cost model ({mode}, M={m}): {best} {t:.0f} µs vs bf16 {bf16:.0f} µs; next: {others}"
+    bf16 = path_us("bf16", m, n, k, c, mode, 0, rank)
+    lr = f", rank-{rank} low-rank term" if rank else ""
+    return best, f"cost model ({mode}, M={m}{lr}): {best} {t:.0f} µs vs bf16 {bf16:.0f} µs; next: {others}"

@@ -38,15 +38,18 @@ BoundLinear = Callable[..., torch.Tensor]  # (x, low_rank=None) -> y, from bind_
 
 
 def choose_backend(x: torch.Tensor, *, kind: str, n: int, k: int, override: str | None = None,
-                   opts: Sequence[int] = (), policy: DispatchPolicy | None = None) -> BackendChoice:
+                   opts: Sequence[int] = (), policy: DispatchPolicy | None = None, low_rank: int = 0
+                   ) -> BackendChoice:
     """Pick the backend for ``x [..., k] @ W[n, k]^T`` of ``kind``; ``override`` forces one (UserError if it cannot
-    run on x's device)."""
+    run on x's device); ``low_rank``: the (padded) rank of a low-rank term the call adds, 0 for none."""
     kk = kernel_kind(kind)
     if override is not None:
         why_not = kk.why_not(override, x.device)
         if why_not is not None:
             raise UserError(why_not)
         return BackendChoice(override, "requested")
+    if low_rank and kk.choose_low_rank is not None:
+        return kk.choose_low_rank(x, n, k, tuple(opts), policy, low_rank)
     if kk.choose is None:
         return kk.first_available(x.device)
     return kk.choose(x, n, k, tuple(opts), policy)
@@ -118,19 +121,21 @@ def quant_linear(x: torch.Tensor, kind: str, w: torch.Tensor, scales: Sequence[t
 
 
 def _resolve(x: torch.Tensor, kind: str, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None, opts: tuple,
-             backend: Backend) -> KernelBackend:
-    """The checked, chosen backend of ``kind`` for eager calls with ``x``'s shape, dtype and device."""
+             backend: Backend, low_rank: int = 0) -> KernelBackend:
+    """The checked, chosen backend of ``kind`` for eager calls with ``x``'s shape, dtype and device (and a
+    low-rank term of rank ``low_rank``, 0: none)."""
     kk = kernel_kind(kind)
     n, k = _check(x, kk, w, scales, bias, opts)
     policy = backend if isinstance(backend, DispatchPolicy) else None
-    if (policy is not None and policy.measure and policy.mode == "eager"
+    if (policy is not None and policy.measure and policy.mode == "eager" and not low_rank
             and not (x.is_cuda and torch.cuda.is_current_stream_capturing())):
         from comfyquant.runtime.kernels.measured import measured_backend
 
         root = None if policy.measure_cache is None else Path(policy.measure_cache)
         return kk.backends[measured_backend(kk, x, w, scales, bias, opts, n, k, policy.allow, root)]
     name = backend.name if isinstance(backend, BackendChoice) else None if policy is not None else backend
-    return kk.backends[choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy).name]
+    return kk.backends[choose_backend(x, kind=kind, n=n, k=k, override=name, opts=opts, policy=policy,
+                                      low_rank=low_rank).name]
 
 
 LowRank = tuple[torch.Tensor, torch.Tensor, int]  # (down [R, K], up [R, N], r): x's dtype, R % 16 == 0, rows >= r zero
@@ -152,7 +157,7 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     ``acts.INPUT_ACTS``) is applied by the kernel as it reads x where the backend fuses it, else first in torch.
 
     For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device,
-    capture state and ``input_act`` (the memo is the returned function's own, ``call.memo``); from the second
+    capture state, ``input_act`` and the low-rank term's rank (a term can change the best backend) (the memo is the returned function's own, ``call.memo``); from the second
     call of a signature on, calls replay the backend's plan (``KernelBackend.plan``: the compiled kernels'
     launchers with every argument but x fixed) where it has one, with a LoRA's low-rank term too (the plan is
     remade when the side path hands over other operands). The tensors are held by reference: in-place
@@ -160,18 +165,19 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     :func:`quant_linear` there.
     """
     scales, opts = tuple(scales), tuple(int(o) for o in opts)
-    # signature -> [backend, fast path(, low-rank operands, their fast path)]: a fast path is None before the
-    # signature's first call, False where there is none (backend without plans, CUDA graph capture), else a
-    # triton_plans plan; the low-rank one is remade when the side path hands over other operands
+    # signature -> [backend, fast path, low-rank operands]: the fast path is None before the signature's first
+    # call, False where there is none (backend without plans, CUDA graph capture), else a triton_plans plan; with
+    # a low-rank term it is made for the side path's operands and remade when the side path hands over others
     memo: dict[tuple, list] = {}
     capturing = torch.cuda.is_current_stream_capturing
 
     def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None) -> torch.Tensor:
         capture = x.is_cuda and capturing()
-        sig = (x.shape, x.dtype, x.device, capture, input_act)
+        rank = 0 if low_rank is None else low_rank[0].shape[0]
+        sig = (x.shape, x.dtype, x.device, capture, input_act, rank)
         e = memo.get(sig)
         if e is None:
-            e = [_resolve(x, kind, w, scales, bias, opts, backend), False if capture else None]
+            e = [_resolve(x, kind, w, scales, bias, opts, backend, rank), False if capture else None, None]
             if len(memo) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
                 memo[sig] = e
         b, fast = e[0], e[1]
@@ -192,13 +198,13 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
             x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too
         if not b.fuses_low_rank:
             return add_low_rank(x, b.impl(x, w, scales, bias, opts, x.dtype), low_rank)
-        if len(e) > 2 and e[2] is low_rank:  # the side path's cached operands: the plan made for them
-            if e[3] and x.is_contiguous() and x.data_ptr() % 16 == 0:
-                return e[3](x)
+        if e[2] is low_rank:  # the side path's cached operands: the plan (if any) was made for them
+            if fast and x.is_contiguous() and x.data_ptr() % 16 == 0:
+                return fast(x)
             return b.impl(x, w, scales, bias, opts, x.dtype, low_rank=low_rank)
         y = b.impl(x, w, scales, bias, opts, x.dtype, low_rank=low_rank)
-        lr_plan = (not capture and b.plan is not None and b.plan(x, w, scales, bias, opts, x.dtype, 0, low_rank))
-        e[2:] = [low_rank, lr_plan or False]
+        e[1] = (not capture and b.plan is not None and b.plan(x, w, scales, bias, opts, x.dtype, 0, low_rank)) or False
+        e[2] = low_rank
         return y
 
     call.memo = memo  # type: ignore[attr-defined]  # inspectable: which backend and whether a plan, per signature

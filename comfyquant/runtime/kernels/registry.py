@@ -70,6 +70,8 @@ class KernelBackend:
 
 # choose(x, n, k, opts, policy) -> BackendChoice, with the logical N and K; policy: a DispatchPolicy or None.
 Chooser = Callable[[torch.Tensor, int, int, tuple, Any], BackendChoice]
+# choose_low_rank(x, n, k, opts, policy, rank): the same for calls that add a rank-``rank`` low-rank term
+LowRankChooser = Callable[[torch.Tensor, int, int, tuple, Any, int], BackendChoice]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class KernelKind:
     is the caller's ``DispatchPolicy`` or None); None means "the first backend that can run on x's device".
     ``in_features(w, opts)`` gives the logical K when the storage packs it (int4: two values per byte);
     ``check(x, w, scales, opts)`` may raise ``UserError`` for inputs the kind cannot take.
+    ``choose_low_rank(x, n, k, opts, policy, rank)``: the choice for calls that add a rank-``rank`` low-rank
+    term (dynamic LoRAs), where a backend that fuses it can beat ``choose``'s plus a separate pass over the
+    output (``dispatch.add_low_rank``); None: ``choose``'s for those calls too.
     """
 
     name: str
@@ -87,6 +92,7 @@ class KernelKind:
     choose: Chooser | None = None
     in_features: Callable[[torch.Tensor, tuple], int] = field(default=lambda w, opts: int(w.shape[1]))
     check: Callable[[torch.Tensor, torch.Tensor, tuple, tuple], None] | None = None
+    choose_low_rank: LowRankChooser | None = None
 
     def __post_init__(self) -> None:
         if not self.backends:

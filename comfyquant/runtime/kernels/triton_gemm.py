@@ -1,8 +1,9 @@
 """Triton GEMM kernels (device code only; launches and configs live in ``triton_int8`` / ``configs``).
 
 - ``w8a8``: int8 x int8 -> int32 (pointer loads), epilogue ``acc * s_x * s_w + bias`` cast to the output dtype.
-  Every GEMM's epilogue can also add a low-rank term ``h @ u`` (dynamic LoRAs, see ``_store``).
-- ``w8a8_tma``: the same on Hopper with A/B tiles through the tensor-copy engine (TMA), wgmma.
+  Every GEMM's epilogue can also add a low-rank term ``h @ u`` (dynamic LoRAs, see ``_store``). The same kernel
+  takes fp8 x fp8 operands (both e4m3fn or both e5m2; sm_89+) and then accumulates in float32 (``_dot``).
+- ``w8a8_tma``: the same on Hopper with A/B tiles through the tensor-copy engine (TMA), wgmma (int8 or fp8).
 - ``w8a16``: weight-only: int8/fp8 W converted to x's 16-bit dtype in registers, fp32 accumulate (small M).
 - ``fused``: ONE launch per W8A8 linear: each program takes its rows' absmax over K (bf16 x), then quantizes
   the A tiles in registers inside the main loop (no int8 round trip through memory, no second launch).
@@ -85,6 +86,16 @@ def _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + a @ b``; fp8 x fp8 into float32 with wgmma's reduced-precision fp8 sums (Triton's sm_90 default
+    for all of K: ~14-bit sums, the error grows with K) promoted into the fp32 ``acc`` every ``BLOCK_K``, as
+    cuBLAS does without fast accumulation (``torch._scaled_mm``'s default)."""
+    if a.dtype.is_fp8():
+        return tl.dot(a, b, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
+    return tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTYPE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               B_TO: tl.constexpr, A_ACT: tl.constexpr):
@@ -101,17 +112,21 @@ def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTY
             b = tl.load(b_ptrs)
         else:
             rem = K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0)
-            if B_TO:  # fp8 loads take no integer `other`: zero the tail after the conversion
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < rem)
-                b = tl.where(offs_k[:, None] < rem, b.to(a.dtype), 0.0)
+            if a_ptr.dtype.element_ty.is_fp8():  # fp8 x fp8 (sm_89+): a float `other` (no int -> fp8 cast)
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0.0)
             else:
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0)
+                if B_TO:  # fp8 loads take no integer `other`: zero the tail after the conversion
+                    b = tl.load(b_ptrs, mask=offs_k[:, None] < rem)
+                    b = tl.where(offs_k[:, None] < rem, b.to(a.dtype), 0.0)
+                else:
+                    b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
         if A_ACT != 0:  # the layer's input activation, applied as x is read (zero padding stays zero)
             a = input_act(a.to(tl.float32), A_ACT).to(a.dtype)
         if B_TO:
             b = b.to(a.dtype)
-        acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
+        acc = _dot(a, b, acc, ACC_DTYPE, BLOCK_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     return acc
@@ -123,9 +138,10 @@ def w8a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
          h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.int32,
+    ACC: tl.constexpr = tl.float32 if a_ptr.dtype.element_ty.is_fp8() else tl.int32
+    acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC,
                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, 0)
-    if RAW:  # the int32 accumulator itself (exactness checks against torch._int_mm)
+    if RAW:  # the accumulator itself (exactness checks against torch._int_mm)
         _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
     else:
         _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
@@ -150,15 +166,17 @@ def w8a8_tma(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm
              HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
              HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
-    """Hopper path: A and B tiles through the bulk tensor copy engine (TMA zero-fills the edges), wgmma."""
+    """Hopper path: A and B tiles through the bulk tensor copy engine (TMA zero-fills the edges), wgmma; int8
+    operands accumulate in int32, fp8 ones in float32."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    ACC: tl.constexpr = tl.float32 if a_desc.dtype.is_fp8() else tl.int32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([off_m, kk * BLOCK_K])
         b = b_desc.load([off_n, kk * BLOCK_K])
-        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        acc = _dot(a, b.T, acc, ACC, BLOCK_K)
     if RAW:
         _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
     else:

@@ -2,6 +2,7 @@
 
 Paths (all return a fresh ``[..., N]`` tensor):
   ``int8_linear``   W8A8, two launches: (rotate +) per-token quant kernel, then the int8 GEMM (TMA on Hopper)
+  ``fp8_linear``    FP8 W8A8, the same two launches with fp8 codes and the same GEMM kernels (fp32 accumulate)
   ``fused_linear``  W8A8, one launch: quantization folded into the GEMM (no rotation)
   ``w8a16_linear``  weight-only: int8/fp8 W converted in registers against bf16/fp16 x (small M)
   ``dequant_linear`` dequantize W to x's dtype (one kernel) + cuBLAS ``F.linear``: bf16 speed, quantized memory
@@ -118,20 +119,21 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
         return _TMA, grid, (a_desc, b_desc, out, s_x, sb, b_arg, m, n, k, out.stride(0), sb.numel() > 1, has_bias,
                             raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, *lr_args), \
-            (cfg, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg), lr_key)
+            (cfg, q.dtype, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg),
+             lr_key)
     return _W8A8, grid, (q, w_q, out, s_x, sb, b_arg, m, n, k, q.stride(0), w_q.stride(0), out.stride(0),
                          sb.numel() > 1, has_bias, raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
                          k % cfg.block_k == 0, *lr_args), \
-        (cfg, out.dtype, n, k, q.stride(0), w_q.stride(0), out.stride(0), sb.numel() > 1, has_bias, raw, _al(q),
-         _al(w_q), _al(sb), _al(b_arg), lr_key)
+        (cfg, q.dtype, out.dtype, n, k, q.stride(0), w_q.stride(0), out.stride(0), sb.numel() > 1, has_bias, raw,
+         _al(q), _al(w_q), _al(sb), _al(b_arg), lr_key)
 
 
 def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype, *, raw: bool = False,
               cfg: TileConfig | None = None, tma: bool | None = None,
               lr: tuple[tuple, tuple] | None = None) -> torch.Tensor:
-    """``q [M,K] int8 @ w_q[N,K]^T`` with the fused epilogue (``raw``: the int32 accumulator; ``lr``: the
-    low-rank term's arguments from :func:`_low_rank_args`)."""
+    """``q [M,K] int8 @ w_q[N,K]^T`` (or fp8 x fp8 of one dtype, fp32 accumulate) with the fused epilogue
+    (``raw``: the int32 accumulator; ``lr``: the low-rank term's arguments from :func:`_low_rank_args`)."""
     m, k = q.shape
     n = w_q.shape[0]
     sb = _sb(w_scale)
@@ -165,6 +167,23 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     q, s_x = triton_quant.quantize_rows_int8(x2d, group, act=act)
+    lr = None if low_rank is None else _low_rank_args(low_rank, x2d, s_x)
+    out = gemm_w8a8(q, s_x, _contig_rows(w_q), w_scale, bias, out_dtype, cfg=cfg, lr=lr)
+    return out.reshape(*lead, w_q.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               input_scale: torch.Tensor | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
+               low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
+    """FP8 W8A8 (sm_89+): (activate +) per-row dynamic or static-``input_scale`` fp8 quant kernel in W's fp8
+    dtype, then the W8A8 GEMM on the fp8 operands (fp32 accumulate) with the same fused epilogue as
+    :func:`int8_linear` (``low_rank``, ``act`` as there): the fp8 path that can fuse a LoRA, unlike _scaled_mm."""
+    _no_act_with_low_rank(act, low_rank)
+    if w_q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"fp8_linear: weight must be float8_e4m3fn or float8_e5m2, got {w_q.dtype}")
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k)
+    q, s_x = triton_quant.quantize_rows_fp8(x2d, w_q.dtype, input_scale, act=act)
     lr = None if low_rank is None else _low_rank_args(low_rank, x2d, s_x)
     out = gemm_w8a8(q, s_x, _contig_rows(w_q), w_scale, bias, out_dtype, cfg=cfg, lr=lr)
     return out.reshape(*lead, w_q.shape[0])

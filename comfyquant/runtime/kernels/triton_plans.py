@@ -137,8 +137,23 @@ def _one_launch(fire: Callable | None, args: tuple, mnk: tuple[int, int, int], s
 def plan_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
               group: int | None, out_dtype: torch.dtype, act: int = 0,
               low_rank: LowRank | None = None) -> Plan | None:
-    """``x -> int8_linear(x, w_q, w_scale, bias, group, out_dtype, act=act)`` (quantize kernel, then the GEMM,
-    TMA where the general path takes it) for ``x``'s signature, or None."""
+    """``x -> int8_linear(x, w_q, w_scale, bias, group, out_dtype, low_rank=low_rank, act=act)`` (quantize
+    kernel, then the GEMM, TMA where the general path takes it) for ``x``'s signature, or None."""
+    return _plan_w8a8(x, w_q, w_scale, bias, group, out_dtype, act, low_rank, torch.int8,
+                      triton_quant.MODE_INT8, 127.0)
+
+
+def plan_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+             out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
+    """``x -> fp8_linear(x, w_q, w_scale, bias, None, out_dtype, low_rank=low_rank, act=act)`` (per-row fp8
+    activations in W's fp8 dtype, then the same W8A8 GEMM on fp8 operands) for ``x``'s signature, or None."""
+    return _plan_w8a8(x, w_q, w_scale, bias, None, out_dtype, act, low_rank, w_q.dtype, triton_quant.MODE_FP8,
+                      float(torch.finfo(w_q.dtype).max))
+
+
+def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               group: int | None, out_dtype: torch.dtype, act: int, low_rank: LowRank | None,
+               qdtype: torch.dtype, mode: int, qmax: float) -> Plan | None:
     rows = _rows(x)
     if rows is None or w_q.stride(-1) != 1:
         return None
@@ -147,10 +162,9 @@ def plan_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: t
     sb = _scale(w_scale)
     if sb is None:
         return None
-    q = torch.empty((m, k), dtype=torch.int8, device=dev)
+    q = torch.empty((m, k), dtype=qdtype, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
-    qgrid, qargs, qkey, warps = triton_quant.act_launch(x.view(m, k), q, s, None, group, triton_quant.MODE_INT8,
-                                                        127.0, 0, act)
+    qgrid, qargs, qkey, warps = triton_quant.act_launch(x.view(m, k), q, s, None, group, mode, qmax, 0, act)
     fire_q = triton_quant._ACT.prepared(qgrid, qargs, num_warps=warps, num_stages=3, key=qkey)
     cfg, small = ti.pick_w8a8(m, n, k, dev)
     tma = ti.use_tma(q, w_q) and not small
@@ -167,7 +181,7 @@ def plan_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: t
 
     def run(x: torch.Tensor) -> torch.Tensor:
         st, x2d = stream(), x.view(m, k)
-        q = empty((m, k), dtype=torch.int8, device=dev)
+        q = empty((m, k), dtype=qdtype, device=dev)
         s = empty((m, 1), dtype=torch.float32, device=dev)
         fire_q(st, x2d, q, s, s, *q_rest)
         a = template.copy()
@@ -253,4 +267,4 @@ def _desc_maker(template: object) -> Callable[[torch.Tensor], object]:
     return make
 
 
-__all__ = ["Plan", "plan_dequant", "plan_fused", "plan_int8", "plan_scaled_mm", "plan_w8a16", "usable"]
+__all__ = ["Plan", "plan_dequant", "plan_fp8", "plan_fused", "plan_int8", "plan_scaled_mm", "plan_w8a16", "usable"]

@@ -117,6 +117,7 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
             o = c * BLOCK + offs
             x = _read(x_row, o, K, BLOCK, STAGES, ACT)
             tl.store(o_row + o, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=o < K)
+        tl.store(s_ptr + row, scale)  # per row like the dynamic modes: a GEMM epilogue reads one layout
     elif NUM_CHUNKS == 1:
         x = _read(x_row, offs, K, BLOCK, STAGES, ACT)
         amax = tl.max(tl.abs(x), axis=0)
@@ -191,11 +192,11 @@ def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 
 
 def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
                       static_scale: torch.Tensor | None = None, act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row fp8 (dynamic) or saturating static-scale fp8: ``(q [M,K], scale fp32 [M,1])``."""
+    """Per-row fp8 (dynamic) or saturating static-scale fp8: ``(q [M,K], scale fp32 [M,1])`` (static: the
+    scalar written to every row, so GEMM epilogues read the same per-row layout either way)."""
     qmax = float(torch.finfo(dtype).max)
     if static_scale is not None:
-        q, _ = _launch(x2d, None, MODE_FP8_STATIC, dtype, qmax, static_scale.float().reshape(1), act=act)
-        return q, static_scale.float().reshape(1, 1).expand(x2d.shape[0], 1)
+        return _launch(x2d, None, MODE_FP8_STATIC, dtype, qmax, static_scale.float().reshape(1), act=act)
     return _launch(x2d, None, MODE_FP8, dtype, qmax, act=act)
 
 
