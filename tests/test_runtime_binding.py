@@ -290,3 +290,34 @@ def test_measured_dispatch_picks_the_fastest_backend_and_caches_it(tmp_path) -> 
         assert calls["slow"] == before["slow"] and calls["fast"] == before["fast"] + 1
     finally:
         unregister_kernel_kind("test_measure")
+
+
+def test_tma_direct_launch_passes_what_tritons_descriptor_wrapper_passes() -> None:
+    """``launch._tma_direct``: firing with descriptors expanded by the caller hands the C launcher exactly the
+    arguments Triton's own wrapper (``wrap_handle_tensordesc``, which expands them on every launch) hands it."""
+    pytest.importorskip("triton")
+    from triton.backends.nvidia.driver import wrap_handle_tensordesc
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from comfyquant.runtime.kernels.launch import _tma_direct
+
+    seen: list[tuple] = []
+    signature = {"a": "tensordesc<i8[64,64]>", "b": "tensordesc<i8[32,64]>", "out": "*bf16", "m": "i32", "k": "i32"}
+
+    class Run:
+        launch = staticmethod(wrap_handle_tensordesc(lambda *a: seen.append(a), signature, None))
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+
+    class Compiled:
+        run, function, packed_metadata = Run(), 77, ("meta",)
+
+    a, b = torch.zeros(128, 256, dtype=torch.int8), torch.zeros(96, 256, dtype=torch.int8)
+    out = torch.empty(128, 96, dtype=torch.bfloat16)
+    da, db = TensorDescriptor.from_tensor(a, [64, 64]), TensorDescriptor.from_tensor(b, [32, 64])
+    ck = Compiled()
+    ck.run.launch(4, 1, 1, 5, 77, False, False, None, None, ("meta",), None, None, None, da, db, out, 128, 256)
+    fire, expand = _tma_direct(ck, (4, 1, 1))
+    fire(5, *expand(da, 0), *expand(db, 1), out, 128, 256)
+    assert len(seen) == 2 and len(seen[0]) == len(seen[1])
+    assert all((x is y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(*seen, strict=True))

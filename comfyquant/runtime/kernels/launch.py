@@ -65,6 +65,48 @@ def _direct(ck: Any, grid: tuple[int, int, int]) -> Fire:
                                         *args)
 
 
+TmaFire = tuple[Callable[..., None], Callable[[Any, int], list]]
+
+
+def _tma_direct(ck: Any, grid: tuple[int, int, int]) -> TmaFire | None:
+    """For a kernel with host tensor-descriptor arguments: ``(fire(stream, *flat_args), expand(desc, i))``, where
+    ``expand`` turns the i-th descriptor argument into the launcher's flat form (Triton's
+    ``make_tensordesc_arg``: a ``CUtensorMap`` from ``fill_tma_descriptor`` plus shape and strides) and ``fire``
+    takes the kernel's arguments with every descriptor already expanded. Triton's own wrapper expands every
+    descriptor on every launch (the H200 profile: the larger part of a W8A8 layer's host time); a caller that
+    keeps the weight's expansion, and the activation's per buffer address, skips that. None where Triton's
+    launcher is not the shape this relies on (then the plain launch path is used)."""
+    import inspect
+
+    run = ck.run
+    launch = getattr(run, "launch", None)
+    if (launch is None or getattr(run, "global_scratch_size", 1) != 0
+            or getattr(run, "profile_scratch_size", 1) != 0):
+        return None
+    try:
+        free = inspect.getclosurevars(launch).nonlocals
+    except TypeError:  # a C function: no descriptor wrapper around it
+        return None
+    raw, meta, indices = free.get("launcher"), free.get("tensordesc_meta"), free.get("tensordesc_indices")
+    if raw is None or indices is None or meta is None:
+        return None
+    try:
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+    except ImportError:
+        return None
+    g0, g1, g2 = grid
+    fn, pm, coop, pdl = ck.function, ck.packed_metadata, run.launch_cooperative_grid, run.launch_pdl
+    order = sorted(indices)
+
+    def fire(stream: int, *flat: Any) -> None:
+        raw(g0, g1, g2, stream, fn, coop, pdl, None, None, pm, None, None, None, *flat)
+
+    def expand(desc: Any, i: int) -> list:
+        return make_tensordesc_arg(desc, meta[order.index(i)])
+
+    return fire, expand
+
+
 def _interpreted(fn: Any) -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
@@ -102,6 +144,14 @@ class FastKernel:
             fn = self.fn
             return lambda stream, *a: fn[g](*a, num_warps=num_warps, num_stages=num_stages)
         return None
+
+    def prepared_tma(self, grid: tuple[int, ...], *, num_warps: int, num_stages: int, key: tuple) -> TmaFire | None:
+        """:func:`_tma_direct` of the compiled kernel for ``key`` (None until a launch compiled it, and under
+        the interpreter)."""
+        ck = self._compiled.get((num_warps, num_stages, key))
+        if ck is None:
+            return None
+        return _tma_direct(ck, (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1))
 
     def __call__(self, grid: tuple[int, ...], args: Sequence[Any], device: torch.device, *,
                  num_warps: int, num_stages: int, key: tuple | None = None) -> None:
