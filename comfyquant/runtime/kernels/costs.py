@@ -138,14 +138,15 @@ def low_rank_us(m: int, n: int, k: int, rank: int, c: DeviceCosts, fused: bool) 
     """Modeled GPU time a rank-``rank`` low-rank term (dynamic LoRAs) adds to a call: ``h = x @ down^T`` (one
     small cuBLAS GEMM that reads x) either way, then ``h @ up`` in the GEMM's epilogue (``fused``: its FLOPs at
     a quarter of the bf16 rate: unpipelined 16-wide dots per tile) or ``dispatch.add_low_rank``'s addmm, which
-    reads and rewrites the whole output (three passes over it: the H200 measured +114 µs on Flux qkv at
-    M=4096, more than two passes' 36 µs)."""
+    reads and rewrites the whole output: modeled as 12 bytes per output element, fitted to the H200's
+    measured unfused cost at M=4096 (run 6, graph replay: Flux qkv +114 µs, mlp0 +146 µs, proj +41 µs; two
+    bare passes would be 36 / 48 / 12 µs: cuBLAS runs the K=r addmm far below bandwidth)."""
     if m <= 0 or rank <= 0:
         return 0.0
     h = _kernel(2.0 * m * k * rank, 2.0 * (m * k + rank * k + m * rank), c.rate("bf16"), 1.0, c)
     if fused:
         return h + 2.0 * m * n * rank / (0.25 * c.rate("bf16") * 1e6)
-    return h + _kernel(2.0 * m * n * rank, 2.0 * (3 * m * n + m * rank + rank * n), c.rate("bf16"), 1.0, c)
+    return h + _kernel(2.0 * m * n * rank, 12.0 * m * n + 2.0 * (m * rank + rank * n), c.rate("bf16"), 1.0, c)
 
 
 def path_us(path: str, m: int, n: int, k: int, c: DeviceCosts, mode: str, group: int = 0, rank: int = 0,
