@@ -49,6 +49,18 @@ def _scale(w_scale: torch.Tensor) -> torch.Tensor | None:
     return sb if sb.data_ptr() == w_scale.data_ptr() else None
 
 
+def _common(x: torch.Tensor, w_q: torch.Tensor,
+            w_scale: torch.Tensor) -> tuple[tuple[int, ...], int, int, int, torch.device, torch.Tensor] | None:
+    """(lead dims, M, N, K, device, the kernels' scale vector) when a plan can be made for x and this weight:
+    x contiguous and aligned, the weight's rows contiguous, its scale read in place; else None."""
+    rows = _rows(x)
+    sb = None if rows is None or w_q.stride(-1) != 1 else _scale(w_scale)
+    if sb is None:
+        return None
+    lead, m, k = rows
+    return lead, m, int(w_q.shape[0]), k, x.device, sb
+
+
 def _raw_stream(device: torch.device) -> Callable[[], int]:
     if device.type != "cuda":
         return lambda: 0
@@ -61,14 +73,10 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
                out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
     """``x -> w8a16_linear(x, w_q, w_scale, bias, None, out_dtype, low_rank=low_rank, act=act)`` for ``x``'s
     signature, or None (no rotation; x bf16/fp16; the kernel compiled by an earlier call)."""
-    rows = _rows(x)
-    if rows is None or x.dtype not in _HALF or w_q.stride(-1) != 1:
+    common = _common(x, w_q, w_scale) if x.dtype in _HALF else None
+    if common is None:
         return None
-    lead, m, k = rows
-    n, dev = int(w_q.shape[0]), x.device
-    sb = _scale(w_scale)
-    if sb is None:
-        return None
+    lead, m, n, k, dev, sb = common
     cfg = w8a16_config(m, n, k, ti._facts(dev)[0])
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
@@ -81,14 +89,10 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
                out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
     """``x -> fused_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act)`` for ``x``'s
     signature, or None."""
-    rows = _rows(x)
-    if rows is None or w_q.stride(-1) != 1:
+    common = _common(x, w_q, w_scale)
+    if common is None:
         return None
-    lead, m, k = rows
-    n, dev = int(w_q.shape[0]), x.device
-    sb = _scale(w_scale)
-    if sb is None:
-        return None
+    lead, m, n, k, dev, sb = common
     cfg = ti.fused_config(m, n, k, dev)
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
@@ -156,14 +160,10 @@ def plan_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: to
 def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                group: int | None, out_dtype: torch.dtype, act: int, low_rank: LowRank | None,
                qdtype: torch.dtype, mode: int, qmax: float) -> Plan | None:
-    rows = _rows(x)
-    if rows is None or w_q.stride(-1) != 1:
+    common = _common(x, w_q, w_scale)
+    if common is None:
         return None
-    lead, m, k = rows
-    n, dev = int(w_q.shape[0]), x.device
-    sb = _scale(w_scale)
-    if sb is None:
-        return None
+    lead, m, n, k, dev, sb = common
     q = torch.empty((m, k), dtype=qdtype, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
     qgrid, qargs, qkey, warps = triton_quant.act_launch(x.view(m, k), q, s, None, group, mode, qmax, 0, act)
