@@ -116,3 +116,19 @@ def test_host_cdiv_and_next_power_of_2_match_their_definitions() -> None:
     for n in range(1, 5000):
         p = next_power_of_2(n)
         assert p >= n and p & (p - 1) == 0 and (p == 1 or p // 2 < n)
+
+
+def test_calibration_measures_only_the_paths_that_run_on_the_device() -> None:
+    """``calibrate.measure`` times each cost-model path through its kernel-table backend, and only those whose
+    backend runs on the device: a GPU without fp8 matmul (sm_86) must not call ``_scaled_mm`` or the fp8 Triton
+    GEMM while calibrating (it would fail at the first quantized layer). The same predicate on the CPU leaves
+    the paths that need no CUDA."""
+    from comfyquant.runtime.kernels.calibrate import PATH_BACKENDS, measurable_paths
+    from comfyquant.runtime.kernels.costs import PATHS
+    from comfyquant.runtime.kernels.registry import kernel_kind
+
+    for path, (kind, backend, _, _) in PATH_BACKENDS.items():
+        assert backend in kernel_kind(kind).backends, path
+        assert path in PATHS, path
+    assert set(measurable_paths(torch.device("cpu"))) == {"bf16", "dequant", "torch"}
+    assert kernel_kind("fp8").backends["scaled_mm"].requires(torch.device("cpu")) is not None

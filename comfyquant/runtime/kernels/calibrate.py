@@ -82,7 +82,26 @@ def _operands(m: int, n: int, k: int, dev: torch.device) -> dict:
             "qf": qf, "sf": sf, "p": pack_int4(v), "ps": s.reshape(-1)}
 
 
-def _paths(o: dict) -> dict[str, Callable[[], object]]:
+# cost-model path -> (kernel kind, backend, operand keys of _operands, opts)
+PATH_BACKENDS: dict[str, tuple[str, str, tuple[str, ...], tuple[int, ...]]] = {
+    **{b: ("int8", b, ("q", "s"), (0,)) for b in ("triton", "triton_fused", "triton_w8a16", "dequant", "torch")},
+    "scaled_mm": ("fp8", "scaled_mm", ("qf", "sf", None), ()),
+    "triton_fp8": ("fp8", "triton", ("qf", "sf", None), ()),
+    "w4a8": ("int4_rot", "triton", ("p", "ps"), (16,)),
+}
+
+
+def measurable_paths(device: torch.device) -> tuple[str, ...]:
+    """The cost-model paths whose backend runs on ``device`` (bf16 always): an sm_86 GPU has no fp8 matmul,
+    so its calibration must not call ``_scaled_mm`` or the fp8 Triton GEMM (it would fail on the first
+    quantized layer); the table's missing entries are never chosen there (the kinds check capability first)."""
+    from comfyquant.runtime.kernels.registry import kernel_kind
+
+    return ("bf16", *(p for p, (kind, b, _, _) in PATH_BACKENDS.items()
+                      if kernel_kind(kind).backends[b].requires(device) is None))
+
+
+def _paths(o: dict, paths: tuple[str, ...]) -> dict[str, Callable[[], object]]:
     """Each path's call, straight to its backend in the kernel table (the host cost of picking a backend is
     the same for every quantized path, so it is left out of the comparison)."""
     from comfyquant.runtime.kernels.registry import kernel_kind
@@ -100,14 +119,13 @@ def _paths(o: dict) -> dict[str, Callable[[], object]]:
         plan = b.plan(x, w, scales, None, opts, bf, 0)
         return general if plan is None else (lambda: plan(x))
 
-    return {
-        "bf16": lambda: F.linear(x, o["wb"]),
-        **{b: call("int8", b, o["q"], (o["s"],), (0,))
-           for b in ("triton", "triton_fused", "triton_w8a16", "dequant", "torch")},
-        "scaled_mm": call("fp8", "scaled_mm", o["qf"], (o["sf"], None), ()),
-        "triton_fp8": call("fp8", "triton", o["qf"], (o["sf"], None), ()),
-        "w4a8": call("int4_rot", "triton", o["p"], (o["ps"],), (16,)),
-    }
+    out: dict[str, Callable[[], object]] = {"bf16": lambda: F.linear(x, o["wb"])}
+    for p in paths:
+        if p in PATH_BACKENDS:
+            kind, backend, keys, opts = PATH_BACKENDS[p]
+            out[p] = call(kind, backend, o[keys[0]], tuple(None if key is None else o[key] for key in keys[1:]),
+                          opts)
+    return out
 
 
 def _bandwidth_gbs(dev: torch.device) -> float:
@@ -121,16 +139,18 @@ def measure(device: torch.device) -> DeviceCosts:
     dev = torch.device(device)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     bw = _bandwidth_gbs(dev)
+    paths = measurable_paths(dev)
     small = _operands(*HOST_SHAPE, dev)
-    host = {p: _host_us(fn) for p, fn in _paths(small).items()}
+    host = {p: _host_us(fn) for p, fn in _paths(small, paths).items()}
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
     rates = {}
-    for shape, paths in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "triton_fp8", "w4a8")),
+    for shape, group in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "triton_fp8", "w4a8")),
                          ((256, 8192, 8192), ("triton_fused", "triton_w8a16"))):
-        fns = _paths(_operands(*shape, dev))
-        for p in paths:
-            rates[p] = fit_rate(p, *shape, _gpu_us(fns[p]), base)
+        fns = _paths(_operands(*shape, dev), tuple(p for p in group if p in paths))
+        for p in group:
+            if p in fns:
+                rates[p] = fit_rate(p, *shape, _gpu_us(fns[p]), base)
     return DeviceCosts(device=base.device, sms=sms, bw_gbs=bw, launch_us=base.launch_us,
                        host_us=base.host_us, tflops=tuple(rates.items()),
                        measured=f"calibrate.measure {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
