@@ -98,14 +98,14 @@ def run_method(src: Path, out: Path, method: str, device: str, calib: SyntheticH
             "layers": len(quant), "mean_gain_db_vs_rtn": round(sum(gains) / len(gains), 2) if gains else None}
 
 
-def run_peer(src: Path, out: Path, device: str) -> dict:
-    from comfyquant.eval.peer import PEER_VERSION
+def run_peer(src: Path, out: Path, device: str, here: bool = False) -> dict:
+    from comfyquant.eval.peer import PEER_VERSION, VENV
     from comfyquant.eval.peer import run_peer as peer
 
     t0 = time.perf_counter()
     try:
         peer(["-i", str(src), "-o", str(out), "--int8", "--scaling-mode", "row", "--comfy_quant", "--device",
-              device.split(":")[0], "--manual_seed", "0", "--verbose", "MINIMAL"])
+              device.split(":")[0], "--manual_seed", "0", "--verbose", "MINIMAL"], venv=None if here else VENV)
     except (subprocess.CalledProcessError, OSError) as e:
         return {"method": f"convert_to_quant {PEER_VERSION} learned rounding", "error": str(e)[-300:]}
     out.unlink(missing_ok=True)
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=None, help="calibration rows per layer (default 2 x in_features)")
     ap.add_argument("--smoke", action="store_true", help="tiny Flux shapes on the CPU (seconds)")
     ap.add_argument("--peer", action="store_true", help="also time convert_to_quant 1.3.4's learned rounding")
+    ap.add_argument("--peer-here", action="store_true",
+                    help="run the peer from this environment (installed from wheels; no venv, no network)")
     ap.add_argument("--json", type=Path, help="write the results here")
     a = ap.parse_args(argv)
     device = "cpu" if a.smoke else a.device
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r), flush=True)
         results["runs"].append(r)
     if a.peer:
-        r = run_peer(src, a.workdir / "out-peer.safetensors", device)
+        r = run_peer(src, a.workdir / "out-peer.safetensors", device, here=a.peer_here)
         print(json.dumps(r), flush=True)
         results["runs"].append(r)
     if a.json:

@@ -41,7 +41,11 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
         "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                         str(work / "optimizers" / "bench_optimizers.json"),
-                        *(s or ["--blocks", "2", "--methods", "rtn,gptq,quip,learned"])]],
+                        *(s or ["--blocks", "3", "--methods", "rtn,gptq,quip,learned"])]],
+        # the peer's default (learned rounding) on the same 3+3-block file, from carried wheels (.whl/wheels)
+        "optimizers_peer": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
+                             str(work / "optimizers" / "bench_optimizers_peer.json"),
+                             *(s or ["--blocks", "3", "--methods", "rtn", "--peer", "--peer-here"])]],
         # the whole Flux.1-dev-shaped checkpoint (12B; ~24 GB written first), GPTQ only: issue 9's cost target
         "optimizers_full": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                              str(work / "optimizers" / "bench_optimizers_full.json"), *(s or ["--methods", "gptq"])]],

@@ -6,8 +6,10 @@ pins what it does and that comfyquant does the right thing."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import peer_cli
 import pytest
 import torch
 from compat_model import SHAPES, save_flux_like
@@ -162,3 +164,19 @@ def test_edit_quant_keeps_convrot_in_the_header(runs):
                                if k.endswith(".comfy_quant")}
     assert headers["ours"]["blocks.0.mlp"]["convrot"] is True
     assert "convrot" not in headers["peer"]["blocks.0.mlp"]  # ... the peer's header, which ComfyUI reads, drops convrot
+
+
+def test_eval_peer_runs_from_this_environment_without_a_venv(tmp_path, monkeypatch) -> None:
+    """``eval.peer.run_peer(args, venv=None)`` (bench_optimizers --peer-here, an offline GPU machine with the
+    peer installed from carried wheels) runs the peer's CLI in this interpreter: a real RTN conversion whose
+    output holds the peer's int8 layer."""
+    from comfyquant.eval.peer import run_peer as eval_run_peer
+
+    src = peer_cli.peer_source()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(peer_cli._stubs(src)), str(src)]))
+    w = torch.randn(64, 64)
+    save_file({"model.diffusion_model.blocks.0.linear.weight": w.bfloat16()}, str(tmp_path / "in.safetensors"))
+    eval_run_peer(["-i", str(tmp_path / "in.safetensors"), "-o", str(tmp_path / "out.safetensors"),
+                   *peer_cli.COMMON, "--int8", "--scaling-mode", "row"], venv=None, timeout=600)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert out["model.diffusion_model.blocks.0.linear.weight"].dtype == torch.int8

@@ -50,11 +50,16 @@ def ensure_peer_venv(venv: Path = VENV) -> Path:
     return py
 
 
-def run_peer(args: Sequence[str], venv: Path = VENV, timeout: float | None = None,
+def run_peer(args: Sequence[str], venv: Path | None = VENV, timeout: float | None = None,
              ) -> subprocess.CompletedProcess[str]:
-    """Run ``convert_to_quant ARGS`` in the peer venv; raises ``CalledProcessError`` with its output on failure."""
-    py = ensure_peer_venv(venv)
-    cmd = [str(py.parent / "convert_to_quant"), *args]
+    """Run ``convert_to_quant ARGS`` in the peer venv (``venv=None``: in this interpreter's environment, where
+    the peer was installed from carried wheels, e.g. on an offline GPU machine); raises ``CalledProcessError``
+    with its output on failure."""
+    if venv is None:
+        cmd = [sys.executable, "-c", "import sys; from convert_to_quant.convert_to_quant import main; "
+                                     "sys.argv[0] = 'convert_to_quant'; sys.exit(main())", *args]
+    else:
+        cmd = [str(ensure_peer_venv(venv).parent / "convert_to_quant"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
