@@ -140,6 +140,50 @@ def check_scaled_mm_plan() -> None:
     record("plan_scaled_mm_sees_inplace_scale", torch.equal(after, want) and not torch.equal(after, before))
 
 
+def _reachable_tensors(root: object) -> list[torch.Tensor]:
+    """Every tensor a plan closure keeps alive (through cells, lists, tuples, dicts and object attributes)."""
+    seen, out, todo = set(), [], [root]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)):
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+            continue
+        if callable(o) and getattr(o, "__closure__", None):
+            todo.extend(c.cell_contents for c in o.__closure__ if c.cell_contents is not None)
+        if isinstance(o, (list, tuple, set)):
+            todo.extend(o)
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+        elif hasattr(o, "__dict__") and not isinstance(o, type) and not callable(o):
+            todo.extend(vars(o).values())
+    return out
+
+
+def check_plans_keep_no_buffers() -> None:
+    """A plan keeps the weight-side tensors only: never the first input, nor the sample output / quantized
+    activation / low-rank ``h`` it was built with (a plan lives as long as its layer; at Flux sizes those
+    buffers are 10-100 MB each, per layer and input shape)."""
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(13)
+    m, k, n = 5, 64, 96
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * 0.01 + 1e-3
+    lr = (torch.randn(16, k, generator=g).to(F16), torch.randn(16, n, generator=g).to(F16), 16)
+    x = _inputs(m, k, F16, seed=14, count=1)[0]
+    plans = {"int8": tp.plan_int8(x, w, s, None, None, F16), "int8_lr": tp.plan_int8(x, w, s, None, None, F16, 0, lr),
+             "fused_lr": tp.plan_fused(x, w, s, None, F16, 0, lr), "w8a16": tp.plan_w8a16(x, w, s, None, F16),
+             "w8a16_lr": tp.plan_w8a16(x, w, s, None, F16, 0, lr)}
+    for name, plan in plans.items():
+        held = _reachable_tensors(plan)
+        bad = [tuple(t.shape) for t in held if tuple(t.shape) in ((m, k), (m, n), (m, 1), (m, 16))]
+        record(f"plan_keeps_no_buffers_{name}", plan is not None and not bad and any(t is w for t in held),
+               held=[tuple(t.shape) for t in held], bad=bad)
+
+
 def check_descriptor_copies() -> None:
     """The TMA plan's per-call descriptors: a copy of a checked template over a new tensor equals what
     ``TensorDescriptor.from_tensor`` makes for that tensor."""
@@ -153,4 +197,5 @@ def check_descriptor_copies() -> None:
     record("descriptor_copy", d.base is b and vars(d) == vars(want) and make(a).base is a and d.base is b)
 
 
-GROUPS = {"plans": check_plans, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies}
+GROUPS = {"plans": check_plans, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies,
+          "plans_keep_no_buffers": check_plans_keep_no_buffers}

@@ -129,6 +129,7 @@ def _one_launch(fire: Callable | None, args: tuple, mnk: tuple[int, int, int], s
         return run
     hi, down = h_slot
     linear = torch.nn.functional.linear
+    template[0] = template[2] = template[hi] = None  # per-call slots: never keep the first call's buffers
 
     def run_lr(x: torch.Tensor) -> torch.Tensor:
         x2d = x.view(m, k)
@@ -171,7 +172,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     cfg, small = ti.pick_w8a8(m, n, k, dev)
     tma = ti.use_tma(q, w_q) and not small
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
-    lr = ti._low_rank_args(low_rank, x.view(m, k), s)
+    lr = ti._low_rank_args(low_rank, x.view(m, k), sb)  # no LoRA: the weight scale stands in (held anyway)
     fk, grid, args, key = ti._w8a8_launch(q, s, w_q, sb, bias, out, cfg, tma, False, lr)
     fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     if fire_q is None or fire_g is None:
@@ -180,6 +181,8 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     shape, stream, empty, linear = (*lead, n), _raw_stream(dev), torch.empty, torch.nn.functional.linear
     a_desc = _desc_maker(args[0]) if tma else None
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
+    for i in (0, 2, 3) if hi is None else (0, 2, 3, hi):  # per-call slots: never keep the sample buffers
+        template[i] = None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         st, x2d = stream(), x.view(m, k)
@@ -278,6 +281,8 @@ def _tma_run(direct: tuple, fire_q: Callable, q_rest: tuple, a_desc: Callable, a
     a_flats: dict[int, list] = {}
     stream, empty, linear = _raw_stream(dev), torch.empty, torch.nn.functional.linear
     hi_tail = None if hi is None else hi - 2
+    for i in (0, 1) if hi_tail is None else (0, 1, hi_tail):  # per-call slots: never keep the sample buffers
+        tail[i] = None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         st, x2d = stream(), x.view(m, k)
@@ -305,6 +310,7 @@ def _desc_maker(template: object) -> Callable[[torch.Tensor], object]:
     """``q -> a host tensor descriptor like template over q``: the template's checks (alignment, strides) were
     made on a tensor of the same shape and dtype, so the copies skip them (several µs per call)."""
     cls, fields = type(template), dict(vars(template))
+    fields.pop("base", None)  # the sample buffer it was checked on is not kept
 
     def make(base: torch.Tensor) -> object:
         d = cls.__new__(cls)
