@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 2  # bumped when what is measured changes (2: host time of the eager plans), so old files are not read
+CACHE_VERSION = 3  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
