@@ -50,15 +50,26 @@ def _param_kinds(fn: Any) -> tuple[frozenset[int], frozenset[int]]:
 Fire = Callable[..., None]  # fire(stream, *args): one prepared launch of a fixed grid
 
 
+def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    return grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+
+
+def _scratchless_launch(run: Any) -> Any | None:
+    """The launcher's ``launch`` (what ``CudaLauncher.__call__`` calls) when the kernel needs no per-launch
+    scratch buffers, so calling it directly skips only Python; None otherwise."""
+    launch = getattr(run, "launch", None)
+    if launch is None or getattr(run, "global_scratch_size", 1) != 0 or getattr(run, "profile_scratch_size", 1) != 0:
+        return None
+    return launch
+
+
 def _direct(ck: Any, grid: tuple[int, int, int]) -> Fire:
     """``fire(stream, *args)`` straight into the compiled kernel's C launcher, skipping the Python wrapper that
     allocates scratch buffers per call (ours need none; kernels that do keep that wrapper)."""
     g0, g1, g2 = grid
     run, fn, meta = ck.run, ck.function, ck.packed_metadata
-    launch = getattr(run, "launch", None)
-    plain = (launch is not None and getattr(run, "global_scratch_size", 1) == 0
-             and getattr(run, "profile_scratch_size", 1) == 0)
-    if not plain:
+    launch = _scratchless_launch(run)
+    if launch is None:
         return lambda stream, *args: run(g0, g1, g2, stream, fn, meta, None, None, None, *args)
     coop, pdl = run.launch_cooperative_grid, run.launch_pdl
     return lambda stream, *args: launch(g0, g1, g2, stream, fn, coop, pdl, None, None, meta, None, None, None,
@@ -79,9 +90,8 @@ def _tma_direct(ck: Any, grid: tuple[int, int, int]) -> TmaFire | None:
     import inspect
 
     run = ck.run
-    launch = getattr(run, "launch", None)
-    if (launch is None or getattr(run, "global_scratch_size", 1) != 0
-            or getattr(run, "profile_scratch_size", 1) != 0):
+    launch = _scratchless_launch(run)
+    if launch is None:
         return None
     try:
         free = inspect.getclosurevars(launch).nonlocals
@@ -136,7 +146,7 @@ class FastKernel:
         do (same ``key``, as :meth:`__call__` takes it), or None until a launch compiled it. Under Triton's
         interpreter (CPU development) ``fire`` runs the interpreter, so the callers' argument handling is
         tested on the CPU too."""
-        g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        g = _grid3(grid)
         ck = self._compiled.get((num_warps, num_stages, key))
         if ck is not None:
             return _direct(ck, g)
@@ -151,15 +161,13 @@ class FastKernel:
         ck = self._compiled.get((num_warps, num_stages, key))
         if ck is None:
             return None
-        return _tma_direct(ck, (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1))
+        return _tma_direct(ck, _grid3(grid))
 
     def __call__(self, grid: tuple[int, ...], args: Sequence[Any], device: torch.device, *,
                  num_warps: int, num_stages: int, key: tuple | None = None) -> None:
         """Launch; ``key``: the caller's own tuple of everything Triton specializes these args on (cheaper than
         the generic :meth:`key`, ~30 µs for 20 arguments on a slow host); None computes the generic one."""
-        g0 = grid[0]
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
+        g0, g1, g2 = _grid3(grid)
         if g0 * g1 * g2 == 0:
             return
         key = self.key(args, num_warps, num_stages) if key is None else (num_warps, num_stages, key)

@@ -101,6 +101,14 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
                        args, (m, n, k), (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
 
 
+def _without(seq: list, slots: tuple[int | None, ...]) -> list:
+    """``seq`` with the per-call slots emptied: a plan never keeps the buffers it was built with."""
+    for i in slots:
+        if i is not None:
+            seq[i] = None
+    return seq
+
+
 def _h_slot(args: tuple, lr: tuple[tuple, tuple], low_rank: LowRank | None) -> tuple[int, torch.Tensor] | None:
     """(position of the low-rank term's ``h = x @ down^T`` in ``args``, ``down``), None without a term: ``h``
     is made per call, the rest of the term's arguments are fixed."""
@@ -117,7 +125,7 @@ def _one_launch(fire: Callable | None, args: tuple, mnk: tuple[int, int, int], s
     if fire is None:
         return None
     m, n, k = mnk
-    stream, empty, template = _raw_stream(dev), torch.empty, list(args)
+    stream, empty = _raw_stream(dev), torch.empty
     if h_slot is None:
         w_arg, rest = args[1], args[3:]
 
@@ -129,7 +137,7 @@ def _one_launch(fire: Callable | None, args: tuple, mnk: tuple[int, int, int], s
         return run
     hi, down = h_slot
     linear = torch.nn.functional.linear
-    template[0] = template[2] = template[hi] = None  # per-call slots: never keep the first call's buffers
+    template = _without(list(args), (0, 2, hi))
 
     def run_lr(x: torch.Tensor) -> torch.Tensor:
         x2d = x.view(m, k)
@@ -177,18 +185,22 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     if fire_q is None or fire_g is None:
         return None
-    q_rest, template = qargs[4:], list(args)
+    q_rest = qargs[4:]
     shape, stream, empty, linear = (*lead, n), _raw_stream(dev), torch.empty, torch.nn.functional.linear
     a_desc = _desc_maker(args[0]) if tma else None
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
-    for i in (0, 2, 3) if hi is None else (0, 2, 3, hi):  # per-call slots: never keep the sample buffers
-        template[i] = None
+    template = _without(list(args), (0, 2, 3, hi))
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(stream, x as [M, K], its quantized copy, the row scales): the activation kernel's launch."""
         st, x2d = stream(), x.view(m, k)
         q = empty((m, k), dtype=qdtype, device=dev)
         s = empty((m, 1), dtype=torch.float32, device=dev)
         fire_q(st, x2d, q, s, s, *q_rest)
+        return st, x2d, q, s
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        st, x2d, q, s = quantize(x)
         a = template.copy()
         a[0], a[2], a[3] = q if a_desc is None else a_desc(q), empty((m, n), dtype=out_dtype, device=dev), s
         if hi is not None:
@@ -199,7 +211,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     direct = fk.prepared_tma(grid, num_warps=cfg.warps, num_stages=cfg.stages, key=key) if tma else None
     if direct is None:
         return run
-    fast = _tma_run(direct, fire_q, q_rest, a_desc, args, hi, down, (m, n, k), qdtype, out_dtype, shape, dev)
+    fast = _tma_run(direct, quantize, a_desc, args, hi, down, (m, n), out_dtype, shape, dev)
     # once per plan: the descriptor-expanding launch must give what Triton's own launch gives (same kernel,
     # same inputs: bit-equal); where it does not (a Triton whose launcher differs), keep Triton's launch
     if torch.equal(fast(x), run(x)):
@@ -268,27 +280,22 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     return run
 
 
-def _tma_run(direct: tuple, fire_q: Callable, q_rest: tuple, a_desc: Callable, args: tuple, hi: int | None,
-             down: torch.Tensor | None, mnk: tuple[int, int, int], qdtype: torch.dtype, out_dtype: torch.dtype,
-             shape: tuple[int, ...], dev: torch.device) -> Plan:
+def _tma_run(direct: tuple, quantize: Callable, a_desc: Callable, args: tuple, hi: int | None,
+             down: torch.Tensor | None, mn: tuple[int, int], out_dtype: torch.dtype, shape: tuple[int, ...],
+             dev: torch.device) -> Plan:
     """The W8A8 plan on the TMA kernel with the descriptors expanded by us: the weight's once, the quantized
     activation's once per buffer address (the caching allocator hands a layer the same few blocks every step;
     a CUtensorMap depends only on the address, shape and strides, all fixed here), instead of both on every
     launch inside Triton's wrapper."""
     fire, expand = direct
-    m, n, k = mnk
-    b_flat, tail = expand(args[1], 1), list(args[2:])  # tail: out, s_x, scales, ..., at args[2:]
-    a_flats: dict[int, list] = {}
-    stream, empty, linear = _raw_stream(dev), torch.empty, torch.nn.functional.linear
+    m, n = mn
     hi_tail = None if hi is None else hi - 2
-    for i in (0, 1) if hi_tail is None else (0, 1, hi_tail):  # per-call slots: never keep the sample buffers
-        tail[i] = None
+    b_flat, tail = expand(args[1], 1), _without(list(args[2:]), (0, 1, hi_tail))  # tail: args[2:] (out, s_x, ...)
+    a_flats: dict[int, list] = {}
+    empty, linear = torch.empty, torch.nn.functional.linear
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        st, x2d = stream(), x.view(m, k)
-        q = empty((m, k), dtype=qdtype, device=dev)
-        s = empty((m, 1), dtype=torch.float32, device=dev)
-        fire_q(st, x2d, q, s, s, *q_rest)
+        st, x2d, q, s = quantize(x)
         a_flat = a_flats.get(q.data_ptr())
         if a_flat is None:
             a_flat = expand(a_desc(q), 0)
