@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,3 +45,19 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     if device.type != "cuda":
         return None
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_cache_file(stem: str, version: int, device: torch.device, root: Path | None = None) -> Path:
+    """``<root or ~/.cache/comfyquant>/<stem>-v<version>-<device>-<torch>-<triton>.json``: one file of measured
+    facts per device model and software versions (a new torch or triton re-measures)."""
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    raw = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    name = re.sub(r"[^A-Za-z0-9]+", "_", raw).strip("_")
+    torch_v = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
+    base = root if root is not None else Path.home() / ".cache" / "comfyquant"
+    return base / f"{stem}-v{version}-{name}-{torch_v}-{tv}.json"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from comfyquant.runtime.kernels import costs as cm
+from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
 CACHE_VERSION = 3  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model)
@@ -28,12 +28,7 @@ HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of G
 
 def cache_path(device: torch.device, root: Path | None = None) -> Path:
     """Where ``device``'s measured costs are cached (one file per GPU model, torch and triton version)."""
-    import triton
-
-    name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
-    tv = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
-    base = root if root is not None else Path.home() / ".cache" / "comfyquant"
-    return base / f"dispatch-v{CACHE_VERSION}-{name}-{tv}-{triton.__version__}.json"
+    return device_cache_file("dispatch", CACHE_VERSION, device, root)
 
 
 def _host_us(fn: Callable[[], object], n: int = 200) -> float:

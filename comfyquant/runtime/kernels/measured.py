@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from comfyquant.errors import UserError
+from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind
 
 CACHE_VERSION = 1
@@ -42,19 +42,7 @@ class Decision:
 
 def cache_path(device: torch.device, root: Path | None = None) -> Path:
     """Where measured choices for ``device`` are kept (one file per GPU model, torch and triton version)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = device.type
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = "none"
-    tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{name}-{torch.__version__}-{tv}").strip("_")
-    base = root if root is not None else Path.home() / ".cache" / "comfyquant"
-    return base / f"measured-v{CACHE_VERSION}-{tag}.json"
+    return device_cache_file("measured", CACHE_VERSION, device, root)
 
 
 class ChoiceCache:
