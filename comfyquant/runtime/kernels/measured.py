@@ -100,18 +100,14 @@ def _steady(b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple, b
     return (lambda: plan(x)) if plan else (lambda: b.impl(x, w, scales, bias, opts, x.dtype))
 
 
-def time_us(fn: Callable[[], object], device: torch.device, calls: int = 5, rounds: int = 3) -> float:
-    """Eager cost per call, µs: best of ``rounds`` rounds of ``calls`` back-to-back calls (synchronized on
-    CUDA), which is max(host, GPU); on CUDA the GPU part is also timed with an L2-sized scratch write before each
-    call (its own time subtracted) and the larger is returned: in a model a layer's weight comes from HBM, while
-    a lone layer called again and again reads it from L2 and looks faster than it is (weight-only kernels most
-    of all: measured dispatch picked them for SDXL's 1280-wide layers on the H200 in run 7, 0.76x vs the cost
-    model's 1.04x)."""
-    flush: Callable[[], object] | None = None
-    if device.type == "cuda":
-        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20))
-        scratch = torch.empty(2 * l2, dtype=torch.uint8, device=device)
-        flush = scratch.zero_
+def timer(device: torch.device, calls: int = 5, rounds: int = 3) -> Callable[[Callable[[], object]], float]:
+    """``time_us(fn)``: eager cost per call, µs: best of ``rounds`` rounds of ``calls`` back-to-back calls
+    (synchronized on CUDA), which is max(host, GPU); on CUDA the GPU part is also timed with an L2-sized scratch
+    write before each call (the write's own time, measured once here, subtracted) and the larger is returned: in
+    a model a layer's weight comes from HBM, while a lone layer called again and again reads it from L2 and
+    looks faster than it is (weight-only kernels most of all: measured dispatch picked them for SDXL's
+    1280-wide layers on the H200 in run 7, 0.76x vs the cost model's 1.04x). One timer serves every candidate
+    of a measurement: one scratch buffer, one baseline."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def loop(body: Callable[[], object]) -> float:
@@ -124,18 +120,29 @@ def time_us(fn: Callable[[], object], device: torch.device, calls: int = 5, roun
             best = min(best, (time.perf_counter() - t) / calls * 1e6)
         return best
 
-    fn()
-    sync()
-    hot = loop(fn)  # max(host, GPU with the weight in L2): back-to-back calls overlap the two
-    if flush is None:
-        return hot
-
-    def flushed() -> None:
+    flush: Callable[[], object] | None = None
+    flush_us = 0.0
+    if device.type == "cuda":
+        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20))
+        flush = torch.empty(2 * l2, dtype=torch.uint8, device=device).zero_
         flush()
-        fn()
+        flush_us = loop(flush)
 
-    cold_gpu = loop(flushed) - loop(flush)  # the flush is GPU-bound: the difference is the layer's cold GPU time
-    return max(hot, cold_gpu)  # = max(host, cold GPU): what the layer costs inside a model in eager mode
+    def time_us(fn: Callable[[], object]) -> float:
+        fn()
+        sync()
+        hot = loop(fn)  # max(host, GPU with the weight in L2): back-to-back calls overlap the two
+        if flush is None:
+            return hot
+
+        def flushed() -> None:
+            flush()
+            fn()
+
+        cold_gpu = loop(flushed) - flush_us  # the flush is GPU-bound: the difference is the layer's cold GPU time
+        return max(hot, cold_gpu)  # = max(host, cold GPU): what the layer costs inside a model in eager mode
+
+    return time_us
 
 
 def measure(kk: KernelKind, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
@@ -147,10 +154,11 @@ def measure(kk: KernelKind, x: torch.Tensor, w: torch.Tensor, scales: tuple, bia
     if len(fast) == 1:  # nothing to compare
         return Decision(backend=fast[0])
     d = Decision(backend="")
+    time_us = timer(x.device)
     with torch.no_grad():
         for name in fast:
             try:
-                d.us[name] = time_us(_steady(kk.backends[name], x, w, scales, bias, opts), x.device)
+                d.us[name] = time_us(_steady(kk.backends[name], x, w, scales, bias, opts))
             except UserError as e:  # the backend refuses this shape (e.g. _scaled_mm with K % 16)
                 d.skipped[name] = str(e)
     if not d.us:
