@@ -33,10 +33,10 @@ def report(prog: str, e: BaseException) -> int:
     """Print what ``e`` means for the user (one line, or a traceback for a bug) and return the exit code.
     Exceptions that are not errors of the run (``SystemExit``, ...) are raised again."""
     if isinstance(e, UserError):
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        say(f"{prog}: error: {one_line(e)}")
         return 2
     if isinstance(e, KeyboardInterrupt):
-        print(f"{prog}: error: interrupted; no output written", file=sys.stderr)
+        say(f"{prog}: error: interrupted; no output written")
         _forget_handled_interrupt()
         return 2
     if isinstance(e, BrokenPipeError):
@@ -45,6 +45,13 @@ def report(prog: str, e: BaseException) -> int:
         traceback.print_exception(e)
         return 1
     raise e
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in one write (``print`` writes the text and the newline separately, so two
+    threads printing at once could join their lines)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _forget_handled_interrupt() -> None:

@@ -320,8 +320,47 @@ def test_ctrl_c_ends_every_rank(flux, tmp_path):
         p.send_signal(signal.SIGINT)
     codes = finish(procs)
     assert [c for c, _ in codes] == [2, 2], codes
-    assert all(e.strip().splitlines()[-1].count("error:") == 1 for _, e in codes)
+    assert all(e.strip().splitlines()[-1].count("error:") == 1 for _, e in codes), codes
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+class _SlowAfter:
+    """A stderr whose write pauses after a text containing ``marker``, so that another thread's line written
+    in that pause would join it (as a loaded machine may schedule the two threads)."""
+
+    def __init__(self, path: str, marker: str) -> None:
+        self.f, self.marker = open(path, "a"), marker  # closed by os._exit with the process
+
+    def write(self, s: str) -> int:
+        n = self.f.write(s)
+        self.f.flush()
+        if self.marker in s:
+            time.sleep(1.0)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _interrupted_while_ending(session, log: str) -> None:
+    """Rank 1 fails at once; rank 0 is interrupted while its watcher is printing why the job ends."""
+    if session.rank == 1:
+        raise RuntimeError("rank 1's own failure")
+    sys.stderr = _SlowAfter(log, "rank 1 failed")
+    deadline = time.monotonic() + 60
+    while session._state != "failing" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raise KeyboardInterrupt
+
+
+def test_an_interrupt_while_a_watcher_ends_the_job_prints_one_line(tmp_path):
+    """CI failure (stop 16): Ctrl-C reached rank 0 while its watcher was printing the peer's failure; both
+    threads printed, and their lines were joined into one with two "error:". A rank prints one error line."""
+    log = tmp_path / "rank0.err"
+    run_forked(2, _interrupted_while_ending, str(log), dist_timeout=20.0, expect=[2, 1])
+    lines = log.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].count("error:") == 1, lines
+    assert "rank 1 failed (see its error); no output written" in lines[0]
 
 
 def test_a_failing_rank_ends_every_rank(tmp_path):

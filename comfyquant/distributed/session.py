@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from comfyquant.distributed.config import DistConfig
 from comfyquant.errors import UserError
-from comfyquant.exits import one_line, report
+from comfyquant.exits import one_line, report, say
 
 DONE, FAILED, OK, ABORT = 1, 2, 3, 4
 EXIT_FAILED = 2  # the CLI's exit status for a failed job (same as a user error or Ctrl-C)
@@ -81,6 +81,7 @@ class Session:
         self._claimed = False
         self._old_term: object = None
         self._store: dist.Store | None = None
+        self._stopper: threading.Thread | None = None  # the watcher ending the job, once one is
 
     # -- joining and leaving ------------------------------------------------------------------------------
     def __enter__(self) -> Session:
@@ -114,6 +115,11 @@ class Session:
         try:
             if et is not None:
                 self._fail()
+                stopper = self._stopper
+                if stopper is not None and stopper is not threading.current_thread():
+                    # a watcher is already ending the job (its error line printed or being printed, then
+                    # os._exit): one error line per rank, so wait for it instead of reporting this one too
+                    stopper.join(min(self.cfg.timeout_s, SETTLE_S) + 5.0)
                 if any(t.is_alive() for t in self._threads):
                     # a peer neither answered nor closed its connection (hung, or stopped): its watcher stays
                     # blocked inside gloo, and a process ending with such a thread aborts; report and leave now
@@ -256,7 +262,8 @@ class Session:
             if self._state not in ("running", "finishing"):
                 return
             self._state = "failing"
-        print(f"{self.prog} [{self.cfg.label}]: error: {reason}; no output written", file=sys.stderr, flush=True)
+            self._stopper = threading.current_thread()
+        say(f"{self.prog} [{self.cfg.label}]: error: {reason}; no output written")
         if self.rank == 0:
             self._tell_in_thread([(p, ABORT) for p in range(1, self.world)]).join(min(self.cfg.timeout_s, SETTLE_S))
         # last, right before leaving: the main thread may still be opening its output while the peers are told
