@@ -288,8 +288,9 @@ def wall_ms(fn: Callable[[], object], rounds: int = 5, min_ms: float = 40.0) -> 
 
 
 def dispatch_counts(model: nn.Module) -> dict[str, int]:
-    """``"backend planned|general M=.."`` -> number of quantized layers, from each layer's bound memo (what the
-    eager calls ran: the chosen backend per input signature, and whether a plan replays it)."""
+    """``"backend planned|general|captured M=.."`` -> number of quantized layers, from each layer's bound memo
+    (what the eager calls ran: the chosen backend per input signature and whether a plan replays it; "captured":
+    the signature seen while a CUDA graph was captured, where plans never apply)."""
     from comfyquant.runtime.kernels.registry import kernel_kind, kinds
     from comfyquant.runtime.nn import QuantLinear, bound_linear
 
@@ -306,7 +307,8 @@ def dispatch_counts(model: nn.Module) -> dict[str, int]:
             m = 1
             for d in sig[0][:-1]:
                 m *= int(d)
-            key = f"{names.get(id(e[0]), '?')} {'planned' if callable(e[1]) else 'general'} M={m}"
+            how = "captured" if sig[3] else "planned" if callable(e[1]) else "general"  # sig[3]: CUDA graph capture
+            key = f"{names.get(id(e[0]), '?')} {how} M={m}"
             counts[key] = counts.get(key, 0) + 1
     return counts
 
