@@ -1,0 +1,84 @@
+"""Build ``.whl/``: what ``gpu_suite.py`` unpacks on the device machine, which cannot download anything.
+
+    python3 benchmarks/gpu_bundle.py            # then: run(..., carry=[".whl"])
+
+- ``ck.zip``: comfy-kitchen 0.2.40's CUDA wheel (cp312, manylinux) as a package tree for PYTHONPATH, without
+  its ROCm library (157 MB, which would not fit the 64 MiB a device call carries);
+- ``comfyui.zip``: the verified ComfyUI 0.30.0 + pure comfy-kitchen cache the tests use (fetched if absent);
+- ``wheels/``: pure wheels the device's Python lacks: ComfyUI's small module-level imports, and the peer
+  (convert_to_quant 1.3.4 with its optimizer package) for the optimizer comparison.
+
+Every fresh checkout lacks ``.whl/`` (it is ignored); the bundle is rebuilt in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from comfyquant.testing.comfyui_env import COMFY_KITCHEN_VERSION, ensure_comfyui  # noqa: E402
+
+DEVICE_PY = "3.12"  # the device machine's Python (torch 2.11, triton 3.6)
+DEVICE_PLATFORM = "manylinux_2_28_x86_64"
+WHEELS = ("packaging", "einops", "comfy-aimdo==0.4.11", "torchsde", "trampoline", "convert_to_quant==1.3.4",
+          "prodigy-plus-schedule-free==2.0.1")
+MAX_BYTES = 56 << 20  # the device call carries 64 MiB with the working tree (~8 MB)
+
+
+def _pip_download(reqs: list[str], dest: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), "--only-binary=:all:",
+           "--python-version", DEVICE_PY, *extra, *reqs]
+    subprocess.run(cmd, check=True)
+
+
+def kitchen_zip(out: Path, work: Path) -> None:
+    """The CUDA wheel's files minus the ROCm backend's shared library, zipped as a PYTHONPATH tree."""
+    _pip_download([f"comfy-kitchen=={COMFY_KITCHEN_VERSION}"], work, "--platform", DEVICE_PLATFORM)
+    wheel = next(work.glob("comfy_kitchen-*-cp312-*.whl"))
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename.startswith("comfy_kitchen/backends/hip/") and info.filename.endswith(".so"):
+                continue
+            dst.writestr(info, src.read(info))
+
+
+def comfyui_zip(out: Path) -> None:
+    """The test cache (``comfyui-0.30.0/...``) zipped with its folder name, as gpu_suite unpacks it."""
+    root = ensure_comfyui()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts:
+                z.write(p, Path(root.name) / p.relative_to(root))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / ".whl")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        kitchen_zip(a.out / "ck.zip", Path(tmp))
+    comfyui_zip(a.out / "comfyui.zip")
+    wheels = a.out / "wheels"
+    wheels.mkdir(exist_ok=True)
+    _pip_download(list(WHEELS), wheels, "--platform", "any")
+    total = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file())
+    for f in sorted(a.out.rglob("*")):
+        if f.is_file():
+            print(f"{f.stat().st_size / 2**20:8.1f} MiB  {f.relative_to(a.out)}")
+    print(f"{total / 2**20:8.1f} MiB  total (limit {MAX_BYTES / 2**20:.0f} MiB with the working tree)")
+    if total > MAX_BYTES:
+        print("gpu_bundle: error: the bundle is too large to carry", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
