@@ -152,6 +152,37 @@ def section_tune(out: Path) -> None:
         SUMMARY.append(f"tune {kk}: best {t:.1f}us ({bf[kk[1:]] / t:.2f}x bf16) {c}")
 
 
+def section_rotation(out: Path) -> None:
+    """The activation kernel alone at convrot group 256 (bf16 x, Flux/Wan/SDXL widths): the butterfly rotation,
+    the tensor-core one and no rotation, GPU time (CUDA graph) and eager wall time per call: the data that picks
+    the default rotation (triton_quant ROTATIONS)."""
+    from comfyquant.bench.layers import wall_us
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.calibrate import _gpu_us
+
+    res = []
+    for m in (256, 1024, 4096, 16384):
+        for k in (1280, 3072, 5120, 12288, 15360):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            row: dict = {"m": m, "k": k}
+            for name, fn in (("plain", lambda: tq.quantize_rows_int8(x)),
+                             ("butterfly", lambda: tq.quantize_rows_int8(x, 256, rotation="butterfly")),
+                             ("dot", lambda: tq.quantize_rows_int8(x, 256, rotation="dot"))):
+                try:
+                    row[f"{name}_gpu_us"], row[f"{name}_wall_us"] = _gpu_us(fn), wall_us(fn, 20.0)
+                except Exception as e:  # recorded
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            row["bytes"] = m * k * 3  # bf16 read + int8 write
+            res.append(row)
+            print(row, flush=True)
+    (out / "rotation.json").write_text(json.dumps(res, indent=1))
+    ok = [r for r in res if "dot_gpu_us" in r and "butterfly_gpu_us" in r]
+    wins = sum(r["dot_gpu_us"] < r["butterfly_gpu_us"] for r in ok)
+    SUMMARY.append(f"rotation: dot faster than butterfly (GPU time) on {wins}/{len(ok)} shapes; " + ", ".join(
+        f"{r['m']}x{r['k']} plain {r['plain_gpu_us']:.1f} bfly {r['butterfly_gpu_us']:.1f} dot {r['dot_gpu_us']:.1f}"
+        for r in ok if r["m"] == 4096))
+
+
 def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
     from comfyquant.bench import layers as bench
 
@@ -214,6 +245,8 @@ def main() -> int:
                 section_host(out)
             elif sec == "tune":
                 section_tune(out)
+            elif sec == "rotation":
+                section_rotation(out)
             elif sec == "sweep":
                 section_sweep(out, a.sweep_models, a.sweep_m, a.budget_s)
             elif sec == "models":

@@ -35,7 +35,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
     cache = ["--comfyui-cache", str(comfy_cache)] if comfy_cache else []
     return {
         "kernels": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
-                     "--sections", "check,calibrate,host,models"]],
+                     "--sections", "check,calibrate,host,rotation,models"]],
         "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                    "--sections", "sweep"]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],

@@ -8,10 +8,13 @@ Imported lazily: only GPU backends import this module.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from comfyquant.quant.hadamard import hadamard_matrix
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
 from comfyquant.runtime.kernels.launch import FastKernel
 
@@ -140,6 +143,44 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
         tl.store(s_ptr + row, scale)
 
 
+@triton.jit
+def _rot_tile(ptrs, rmask, h, ACT: tl.constexpr):
+    """One ``[BM, G]`` tile of rows (zero past M), activated in fp32 and rounded back to x's dtype (what the
+    model's own activation module returns), times the dense Hadamard ``h``: products of x and +-1/sqrt(G) are
+    exact in x's dtype, sums in fp32."""
+    x = tl.load(ptrs, mask=rmask[:, None], other=0.0)
+    if ACT != 0:
+        x = input_act(x.to(tl.float32), ACT).to(h.dtype)
+    return tl.dot(x, h)
+
+
+@triton.jit
+def _act_dot_kernel(x_ptr, h_ptr, out_ptr, s_ptr, M, K, stride_xm, stride_om, qmax,
+                    G: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr):
+    """The rotation as a tensor-core product: ``BM`` rows per program, one ``G``-column group at a time; per-row
+    int8 in two passes over the row (absmax, then codes; the second read hits L2), or the rotated values
+    (MODE_FLOAT, one pass)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    cols = tl.arange(0, G)
+    h = tl.load(h_ptr + cols[:, None] * G + cols[None, :])
+    x_tile = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_om
+    if MODE == 3:
+        for g0 in range(0, K, G):
+            y = _rot_tile(x_tile + g0, rmask, h, ACT)
+            tl.store(o_rows + (g0 + cols)[None, :], y.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        amax = tl.zeros((BM,), dtype=tl.float32)
+        for g0 in range(0, K, G):
+            amax = tl.maximum(amax, tl.max(tl.abs(_rot_tile(x_tile + g0, rmask, h, ACT)), axis=1))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        for g0 in range(0, K, G):
+            y = _quantize(_rot_tile(x_tile + g0, rmask, h, ACT), scale[:, None], qmax, MODE)
+            tl.store(o_rows + _dst(g0 + cols, PERM)[None, :], y.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        tl.store(s_ptr + rows, scale, mask=rmask)
+
+
 MAX_STAGES = 8  # _rotate's radix-4 stages: groups up to 4**8 = 65536 (the format allows any power of 4)
 
 
@@ -151,18 +192,53 @@ def _stages(group: int | None) -> int:
 
 
 _ACT = FastKernel(_act_kernel)
+_ACT_DOT = FastKernel(_act_dot_kernel)
+DOT_GROUPS = (16, 64, 256)  # a dense G x G operand up to 128 KB (fp16/bf16) of shared memory
+DOT_ROWS = 64  # rows per program: one warpgroup's wgmma M
+ROTATIONS = ("butterfly", "dot")
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard(group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The dense normalized regular Hadamard in ``dtype`` (entries +-1/sqrt(group): exact for groups <= 2^16)."""
+    return hadamard_matrix(group, torch.float64).to(device=device, dtype=dtype).contiguous()
+
+
+def dot_rotation_applies(x2d: torch.Tensor, group: int | None, mode: int) -> bool:
+    """Whether :data:`ROTATIONS` "dot" can rotate ``x2d``: fp16/bf16 rows, a group of :data:`DOT_GROUPS` that
+    divides K, int8 codes or rotation only."""
+    return (group in DOT_GROUPS and x2d.dtype in (torch.float16, torch.bfloat16)
+            and x2d.shape[1] % group == 0 and mode in (MODE_INT8, MODE_FLOAT))
 
 
 def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dtype, qmax: float,
-            static_scale: torch.Tensor | None = None, perm: int = 0, act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            static_scale: torch.Tensor | None = None, perm: int = 0, act: int = 0,
+            rotation: str = "butterfly") -> tuple[torch.Tensor, torch.Tensor]:
+    if rotation not in ROTATIONS:
+        raise ValueError(f"unknown rotation {rotation!r}; expected one of {ROTATIONS}")
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
+    if rotation == "dot" and dot_rotation_applies(x2d, group, mode):
+        grid, args, key, warps = act_dot_launch(x2d, out, scale, group, mode, qmax, perm, act)  # type: ignore[arg-type]
+        _ACT_DOT(grid, args, x2d.device, num_warps=warps, num_stages=2, key=key)
+        return out, scale
     grid, args, key, warps = act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act)
     _ACT(grid, args, x2d.device, num_warps=warps, num_stages=3, key=key)
     return out, scale
+
+
+def act_dot_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int, mode: int, qmax: float,
+                   perm: int, act: int) -> tuple:
+    """(grid, args, key, num_warps) of the tensor-core rotation kernel (see :func:`dot_rotation_applies`)."""
+    m, k = x2d.shape
+    h = _hadamard(group, x2d.dtype, x2d.device)
+    return ((cdiv(m, DOT_ROWS),), (x2d, h, out, scale, m, k, x2d.stride(0), out.stride(0), qmax, group, DOT_ROWS,
+                                   mode, perm, act),
+            (group, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
+             x2d.data_ptr() % 16 == 0), 4)
 
 
 def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
@@ -180,14 +256,15 @@ def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
             8 if block >= 4096 else 4)
 
 
-def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 0,
-                       act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 0, act: int = 0,
+                       rotation: str = "butterfly") -> tuple[torch.Tensor, torch.Tensor]:
     """(Activate +) (rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``; ``perm`` > 0 stores each
     ``perm``-column block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of
-    ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32)."""
+    ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``rotation``: "butterfly"
+    (registers, any group) or "dot" (tensor cores where :func:`dot_rotation_applies`, else the butterfly)."""
     if perm and x2d.shape[-1] % perm:
         raise ValueError(f"K={x2d.shape[-1]} is not a multiple of the permutation block {perm}")
-    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act)
+    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, rotation=rotation)
 
 
 def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
@@ -200,7 +277,7 @@ def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3f
     return _launch(x2d, None, MODE_FP8, dtype, qmax, act=act)
 
 
-def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0) -> torch.Tensor:
+def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0, rotation: str = "butterfly") -> torch.Tensor:
     """(Activate +) group-wise regular-Hadamard rotation only, output in x's dtype (the small-batch convrot
-    path)."""
-    return _launch(x2d, group, MODE_FLOAT, x2d.dtype, 1.0, act=act)[0]
+    path); ``rotation`` as for :func:`quantize_rows_int8`."""
+    return _launch(x2d, group, MODE_FLOAT, x2d.dtype, 1.0, act=act, rotation=rotation)[0]
