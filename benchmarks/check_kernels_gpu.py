@@ -92,23 +92,31 @@ def check_act_quant() -> None:
             r = triton_quant.rotate_rows(xb, g)
             e = rel(r, fast_hadamard(xb.double(), g))
             record("rotate_rows_bf16", e <= 2**-8, m=m, k=k, group=g, rel=e)
-    # the tensor-core rotation (rotation="dot"): bf16/fp16 rows, groups 16/64/256, ragged row tiles, an act
+    # the tile kernel (kernel="tiles"): unrotated codes bit-equal to the row kernel's (int8, fp8); the
+    # tensor-core rotation: bf16/fp16 rows, groups 16/64/256, ragged row tiles, a folded GELU
+    for m, k in [(1, 3072), (37, 3072), (4096, 3072), (300, 1280), (9, 15360), (5, 100), (2, 12288)]:
+        x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).bfloat16()
+        a, b = triton_quant.quantize_rows_int8(x, kernel="tiles"), triton_quant.quantize_rows_int8(x, kernel="rows")
+        record("act_quant_int8_tiles_plain", torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), m=m, k=k)
+        a, b = triton_quant.quantize_rows_fp8(x, kernel="tiles"), triton_quant.quantize_rows_fp8(x, kernel="rows")
+        record("act_quant_fp8_tiles_plain", torch.equal(a[0].float(), b[0].float()) and torch.equal(a[1], b[1]),
+               m=m, k=k)
     for m, k, g, act in [(1, 3072, 256, 0), (37, 3072, 256, 0), (300, 15360, 256, 0), (9, 640, 16, 0),
                          (70, 5120, 64, 1), (4096, 3072, 256, 0)]:
         for dt in (torch.bfloat16, torch.float16):
             x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(dt)
             x[0, 7] = 60.0
             xa = torch.nn.functional.gelu(x, approximate="tanh") if act else x
-            q, s = triton_quant.quantize_rows_int8(x, g, act=act, rotation="dot")
+            q, s = triton_quant.quantize_rows_int8(x, g, act=act, kernel="tiles")
             qr, sr = reference.quantize_rows_int8(fast_hadamard(xa.double(), g).float())
             diff = (q.int() - qr.int()).abs()
             frac = (diff > 0).float().mean().item()
             ok = diff.max().item() <= 1 and frac <= 1e-3 and rel(s, sr) < 1e-6
-            record("act_quant_int8_dot", ok, m=m, k=k, group=g, act=act, dtype=str(dt),
+            record("act_quant_int8_tiles", ok, m=m, k=k, group=g, act=act, dtype=str(dt),
                    max_code_diff=diff.max().item(), frac_diff=frac)
-            r = triton_quant.rotate_rows(x, g, rotation="dot")
+            r = triton_quant.rotate_rows(x, g, kernel="tiles")
             e = rel(r, fast_hadamard(x.double(), g))
-            record("rotate_rows_dot", e <= (2**-8 if dt == torch.bfloat16 else 2**-10), m=m, k=k, group=g,
+            record("rotate_rows_tiles", e <= (2**-8 if dt == torch.bfloat16 else 2**-10), m=m, k=k, group=g,
                    dtype=str(dt), rel=e)
     for m, k in [(1, 3072), (33, 5120), (8, 15360)]:
         x = torch.randn(m, k, device="cuda") * 3

@@ -153,9 +153,9 @@ def section_tune(out: Path) -> None:
 
 
 def section_rotation(out: Path) -> None:
-    """The activation kernel alone at convrot group 256 (bf16 x, Flux/Wan/SDXL widths): the butterfly rotation,
-    the tensor-core one and no rotation, GPU time (CUDA graph) and eager wall time per call: the data that picks
-    the default rotation (triton_quant ROTATIONS)."""
+    """The activation kernel alone (bf16 x, Flux/Wan/SDXL widths), the row kernel vs the tile kernel, without
+    rotation and with convrot group 256: GPU time (CUDA graph) and eager wall time per call. The data that
+    picks ``triton_quant.DEFAULT_KERNEL``."""
     from comfyquant.bench.layers import wall_us
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.calibrate import _gpu_us
@@ -164,23 +164,25 @@ def section_rotation(out: Path) -> None:
     for m in (256, 1024, 4096, 16384):
         for k in (1280, 3072, 5120, 12288, 15360):
             x = torch.randn(m, k, device="cuda").bfloat16()
-            row: dict = {"m": m, "k": k}
-            for name, fn in (("plain", lambda: tq.quantize_rows_int8(x)),
-                             ("butterfly", lambda: tq.quantize_rows_int8(x, 256, rotation="butterfly")),
-                             ("dot", lambda: tq.quantize_rows_int8(x, 256, rotation="dot"))):
+            row: dict = {"m": m, "k": k, "bytes": m * k * 3}  # bf16 read + int8 write
+            for name, g, kern in (("plain_rows", None, "rows"), ("plain_tiles", None, "tiles"),
+                                  ("rot_rows", 256, "rows"), ("rot_tiles", 256, "tiles")):
+                def fn() -> object:
+                    return tq.quantize_rows_int8(x, g, kernel=kern)
+
                 try:
                     row[f"{name}_gpu_us"], row[f"{name}_wall_us"] = _gpu_us(fn), wall_us(fn, 20.0)
                 except Exception as e:  # recorded
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
-            row["bytes"] = m * k * 3  # bf16 read + int8 write
             res.append(row)
             print(row, flush=True)
     (out / "rotation.json").write_text(json.dumps(res, indent=1))
-    ok = [r for r in res if "dot_gpu_us" in r and "butterfly_gpu_us" in r]
-    wins = sum(r["dot_gpu_us"] < r["butterfly_gpu_us"] for r in ok)
-    SUMMARY.append(f"rotation: dot faster than butterfly (GPU time) on {wins}/{len(ok)} shapes; " + ", ".join(
-        f"{r['m']}x{r['k']} plain {r['plain_gpu_us']:.1f} bfly {r['butterfly_gpu_us']:.1f} dot {r['dot_gpu_us']:.1f}"
-        for r in ok if r["m"] == 4096))
+    for what in ("plain", "rot"):
+        ok = [r for r in res if f"{what}_tiles_gpu_us" in r and f"{what}_rows_gpu_us" in r]
+        wins = sum(r[f"{what}_tiles_gpu_us"] < r[f"{what}_rows_gpu_us"] for r in ok)
+        SUMMARY.append(f"act kernel {what}: tiles faster than rows (GPU time) on {wins}/{len(ok)} shapes; M=4096: "
+                       + ", ".join(f"K={r['k']} rows {r[f'{what}_rows_gpu_us']:.1f} tiles "
+                                   f"{r[f'{what}_tiles_gpu_us']:.1f} us" for r in ok if r["m"] == 4096))
 
 
 def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:

@@ -22,7 +22,7 @@ from triton_interp import group, interp_cast, record, rel
 from triton_interp_fp8 import GROUPS as FP8_GROUPS
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
 from triton_interp_plans import GROUPS as PLAN_GROUPS
-from triton_interp_rotation import GROUPS as ROTATION_GROUPS
+from triton_interp_tiles import GROUPS as TILE_GROUPS
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -463,7 +463,7 @@ GROUPS: dict[str, Callable[[], None]] = {
     **FP8_GROUPS,  # the FP8 W8A8 Triton path (triton_interp_fp8)
     **FUSION_GROUPS,  # the low-rank epilogue and input activations (triton_interp_fusions)
     **PLAN_GROUPS,  # the eager fast paths (triton_interp_plans)
-    **ROTATION_GROUPS,  # the tensor-core rotation (triton_interp_rotation)
+    **TILE_GROUPS,  # the tile activation kernel and its tensor-core rotation (triton_interp_tiles)
 }
 
 

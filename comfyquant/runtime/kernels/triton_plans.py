@@ -175,8 +175,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     lead, m, n, k, dev, sb = common
     q = torch.empty((m, k), dtype=qdtype, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
-    qgrid, qargs, qkey, warps = triton_quant.act_launch(x.view(m, k), q, s, None, group, mode, qmax, 0, act)
-    fire_q = triton_quant._ACT.prepared(qgrid, qargs, num_warps=warps, num_stages=3, key=qkey)
+    fire_q, q_rest = _act_plan(x.view(m, k), q, s, group, mode, qmax, act)
     cfg, small = ti.pick_w8a8(m, n, k, dev)
     tma = ti.use_tma(q, w_q) and not small
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
@@ -185,7 +184,6 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     if fire_q is None or fire_g is None:
         return None
-    q_rest = qargs[4:]
     shape, stream, empty, linear = (*lead, n), _raw_stream(dev), torch.empty, torch.nn.functional.linear
     a_desc = _desc_maker(args[0]) if tma else None
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
@@ -196,7 +194,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         st, x2d = stream(), x.view(m, k)
         q = empty((m, k), dtype=qdtype, device=dev)
         s = empty((m, 1), dtype=torch.float32, device=dev)
-        fire_q(st, x2d, q, s, s, *q_rest)
+        fire_q(st, x2d, q, s, *q_rest(s))
         return st, x2d, q, s
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -219,6 +217,21 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     logger.warning("W8A8 plan for M=%d N=%d K=%d: the direct TMA launch disagreed with Triton's launch; using "
                    "Triton's (slower host path)", m, n, k)
     return run
+
+
+def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
+              act: int) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
+    """(the activation kernel's prepared launch or None, ``s -> the arguments after x, q, s``) for x's
+    signature, with the kernel the general path takes (``triton_quant.DEFAULT_KERNEL``): the row kernel reads
+    the call's own row scales at ``args[3]``, the tile kernel a fixed Hadamard."""
+    fk, grid, args, key, warps, stages = triton_quant.launch_for(x2d, q, s, None, group, mode, qmax, 0, act,
+                                                                 triton_quant.DEFAULT_KERNEL)
+    fire = fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
+    rest = args[4:]
+    if args[3] is s:
+        return fire, lambda s_call: (s_call, *rest)
+    fixed = (args[3], *rest)
+    return fire, lambda s_call: fixed
 
 
 def plan_dequant(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -260,12 +273,10 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     n, dev, f8 = int(w_q.shape[0]), x.device, w_q.dtype
     q = torch.empty((m, k), dtype=f8, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
-    qgrid, qargs, qkey, warps = triton_quant.act_launch(x.view(m, k), q, s, None, None, triton_quant.MODE_FP8,
-                                                        float(torch.finfo(f8).max), 0, act)
-    fire_q = triton_quant._ACT.prepared(qgrid, qargs, num_warps=warps, num_stages=3, key=qkey)
+    fire_q, q_rest = _act_plan(x.view(m, k), q, s, None, triton_quant.MODE_FP8, float(torch.finfo(f8).max), act)
     if fire_q is None:
         return None
-    q_rest, shape, stream, empty, wt = qargs[4:], (*lead, n), _raw_stream(dev), torch.empty, w_q.t()
+    shape, stream, empty, wt = (*lead, n), _raw_stream(dev), torch.empty, w_q.t()
     mm = torch._scaled_mm
     state = [-1, None]  # (w_scale's version, its rowwise [1, N] fp32 copy)
 
@@ -274,7 +285,7 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
             state[:] = [w_scale._version, w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
         q = empty((m, k), dtype=f8, device=dev)
         s = empty((m, 1), dtype=torch.float32, device=dev)
-        fire_q(stream(), x.view(m, k), q, s, s, *q_rest)
+        fire_q(stream(), x.view(m, k), q, s, *q_rest(s))
         return mm(q, wt, scale_a=s, scale_b=state[1], bias=bias, out_dtype=torch.bfloat16).view(shape)
 
     return run

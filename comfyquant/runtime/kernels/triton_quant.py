@@ -1,7 +1,10 @@
-"""Triton activation kernels: one pass per row of (group-wise regular-Hadamard rotation +) per-row quantization.
+"""Triton activation kernels: (group-wise regular-Hadamard rotation +) per-row quantization.
 
-The rotation is the radix-4 butterfly of ``quant.hadamard.fast_hadamard`` done in registers (H4/2 applied
-along each base-4 digit of the in-group index), never a dense ``g x g`` product. Modes:
+Two kernels. "rows": a row per program, the rotation the radix-4 butterfly of ``quant.hadamard.fast_hadamard``
+in registers (H4/2 along each base-4 digit of the in-group index); any group, fp32 rows, static fp8 scales.
+"tiles": tiles of rows, two passes (absmax, then codes), the rotation one tensor-core product per group with
+the dense group Hadamard (groups up to 256, fp16/bf16 rows). "rows" is the default until the H200 has timed
+both (``benchmarks/gpu_session.py``, section ``rotation``). Modes:
 ``int8`` (absmax/127, round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
 Imported lazily: only GPU backends import this module.
 """
@@ -144,40 +147,49 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
 
 
 @triton.jit
-def _rot_tile(ptrs, rmask, h, ACT: tl.constexpr):
-    """One ``[BM, G]`` tile of rows (zero past M), activated in fp32 and rounded back to x's dtype (what the
-    model's own activation module returns), times the dense Hadamard ``h``: products of x and +-1/sqrt(G) are
-    exact in x's dtype, sums in fp32."""
-    x = tl.load(ptrs, mask=rmask[:, None], other=0.0)
-    if ACT != 0:
-        x = input_act(x.to(tl.float32), ACT).to(h.dtype)
-    return tl.dot(x, h)
+def _tile(ptrs, rmask, cmask, h, ROT: tl.constexpr, ACT: tl.constexpr):
+    """One ``[BM, C]`` tile of rows (zero past M and K) in fp32, activated; with ``ROT``, activated in fp32 and
+    rounded back to x's dtype (what the model's own activation module returns), then times the dense Hadamard
+    ``h``: products of x and +-1/sqrt(C) are exact in x's dtype, sums in fp32."""
+    x = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    if ROT:
+        if ACT != 0:
+            x = input_act(x.to(tl.float32), ACT).to(h.dtype)
+        return tl.dot(x, h)
+    return input_act(x.to(tl.float32), ACT)
 
 
 @triton.jit
-def _act_dot_kernel(x_ptr, h_ptr, out_ptr, s_ptr, M, K, stride_xm, stride_om, qmax,
-                    G: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr):
-    """The rotation as a tensor-core product: ``BM`` rows per program, one ``G``-column group at a time; per-row
-    int8 in two passes over the row (absmax, then codes; the second read hits L2), or the rotated values
-    (MODE_FLOAT, one pass)."""
+def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax,
+                     C: tl.constexpr, BM: tl.constexpr, ROT: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
+                     ACT: tl.constexpr):
+    """``BM`` rows per program, ``C`` columns at a time: per-row int8/fp8 in two passes over the rows (absmax,
+    then codes; the second read hits L2), or, with ``ROT`` (the rotation as a tensor-core product with the
+    dense ``C x C`` group Hadamard), the rotated values (MODE_FLOAT, one pass)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
-    cols = tl.arange(0, G)
-    h = tl.load(h_ptr + cols[:, None] * G + cols[None, :])
+    cols = tl.arange(0, C)
+    if ROT:
+        h = tl.load(h_ptr + cols[:, None] * C + cols[None, :])
+    else:
+        h = 0
     x_tile = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_om
     if MODE == 3:
-        for g0 in range(0, K, G):
-            y = _rot_tile(x_tile + g0, rmask, h, ACT)
-            tl.store(o_rows + (g0 + cols)[None, :], y.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        for c0 in range(0, K, C):
+            y = _tile(x_tile + c0, rmask, c0 + cols < K, h, ROT, ACT)
+            tl.store(o_rows + (c0 + cols)[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & (c0 + cols < K)[None, :])
     else:
         amax = tl.zeros((BM,), dtype=tl.float32)
-        for g0 in range(0, K, G):
-            amax = tl.maximum(amax, tl.max(tl.abs(_rot_tile(x_tile + g0, rmask, h, ACT)), axis=1))
+        for c0 in range(0, K, C):
+            amax = tl.maximum(amax, tl.max(tl.abs(_tile(x_tile + c0, rmask, c0 + cols < K, h, ROT, ACT)), axis=1))
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
-        for g0 in range(0, K, G):
-            y = _quantize(_rot_tile(x_tile + g0, rmask, h, ACT), scale[:, None], qmax, MODE)
-            tl.store(o_rows + _dst(g0 + cols, PERM)[None, :], y.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        for c0 in range(0, K, C):
+            cmask = c0 + cols < K
+            y = _quantize(_tile(x_tile + c0, rmask, cmask, h, ROT, ACT), scale[:, None], qmax, MODE)
+            tl.store(o_rows + _dst(c0 + cols, PERM)[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & cmask[None, :])
         tl.store(s_ptr + rows, scale, mask=rmask)
 
 
@@ -192,10 +204,12 @@ def _stages(group: int | None) -> int:
 
 
 _ACT = FastKernel(_act_kernel)
-_ACT_DOT = FastKernel(_act_dot_kernel)
+_ACT_TILES = FastKernel(_act_tile_kernel)
+KERNELS = ("rows", "tiles")
+DEFAULT_KERNEL = "rows"  # what the linears and their plans run; "tiles" once the H200 shows it faster
 DOT_GROUPS = (16, 64, 256)  # a dense G x G operand up to 128 KB (fp16/bf16) of shared memory
-DOT_ROWS = 64  # rows per program: one warpgroup's wgmma M
-ROTATIONS = ("butterfly", "dot")
+DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
+TILE_ELEMS = 4096  # elements per tile of the plain tile kernel (rows x columns)
 
 
 @functools.lru_cache(maxsize=32)
@@ -204,40 +218,63 @@ def _hadamard(group: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return hadamard_matrix(group, torch.float64).to(device=device, dtype=dtype).contiguous()
 
 
-def dot_rotation_applies(x2d: torch.Tensor, group: int | None, mode: int) -> bool:
-    """Whether :data:`ROTATIONS` "dot" can rotate ``x2d``: fp16/bf16 rows, a group of :data:`DOT_GROUPS` that
-    divides K, int8 codes or rotation only."""
+def tiles_apply(x2d: torch.Tensor, group: int | None, mode: int) -> bool:
+    """Whether the tile kernel (``kernel="tiles"``) handles this call: unrotated int8/fp8 codes of any rows, or
+    the rotation (int8 codes or rotated values) of fp16/bf16 rows by a group of :data:`DOT_GROUPS` dividing K.
+    Elsewhere (larger groups, fp32 rows to rotate, static fp8 scales) the row kernel runs."""
+    if group is None:
+        return mode in (MODE_INT8, MODE_FP8)
     return (group in DOT_GROUPS and x2d.dtype in (torch.float16, torch.bfloat16)
             and x2d.shape[1] % group == 0 and mode in (MODE_INT8, MODE_FLOAT))
 
 
+def _tile_width(k: int) -> int:
+    """Columns per tile of the plain kernel: the largest power of two <= 1024 dividing K (no masked lanes), or
+    K's next power of two up to 1024 (masked tail) when that would be below 64."""
+    c = min(1024, k & -k)
+    return c if c >= 64 else min(1024, next_power_of_2(max(k, 16)))
+
+
 def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dtype, qmax: float,
             static_scale: torch.Tensor | None = None, perm: int = 0, act: int = 0,
-            rotation: str = "butterfly") -> tuple[torch.Tensor, torch.Tensor]:
-    if rotation not in ROTATIONS:
-        raise ValueError(f"unknown rotation {rotation!r}; expected one of {ROTATIONS}")
+            kernel: str = DEFAULT_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
-    if rotation == "dot" and dot_rotation_applies(x2d, group, mode):
-        grid, args, key, warps = act_dot_launch(x2d, out, scale, group, mode, qmax, perm, act)  # type: ignore[arg-type]
-        _ACT_DOT(grid, args, x2d.device, num_warps=warps, num_stages=2, key=key)
-        return out, scale
-    grid, args, key, warps = act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act)
-    _ACT(grid, args, x2d.device, num_warps=warps, num_stages=3, key=key)
+    fk, grid, args, key, warps, stages = launch_for(x2d, out, scale, static_scale, group, mode, qmax, perm, act,
+                                                    kernel)
+    fk(grid, args, x2d.device, num_warps=warps, num_stages=stages, key=key)
     return out, scale
 
 
-def act_dot_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int, mode: int, qmax: float,
-                   perm: int, act: int) -> tuple:
-    """(grid, args, key, num_warps) of the tensor-core rotation kernel (see :func:`dot_rotation_applies`)."""
+def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
+               group: int | None, mode: int, qmax: float, perm: int, act: int, kernel: str = DEFAULT_KERNEL) -> tuple:
+    """(FastKernel, grid, args, key, num_warps, num_stages) of the activation kernel ``kernel`` picks for this
+    call (:data:`KERNELS`; "tiles" where :func:`tiles_apply`, else "rows"). ``args[0:3]`` are x, the output and
+    the row scales; ``args[3]`` what the kernel reads beside them: the static scale, or the row scales again
+    (row kernel), or the group's Hadamard (tile kernel, fixed per device and dtype)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown activation kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel == "tiles" and static_scale is None and tiles_apply(x2d, group, mode):
+        return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act), 2)
+    return (_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act), 3)
+
+
+def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int | None, mode: int,
+                qmax: float, perm: int, act: int) -> tuple:
+    """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``DOT_ROWS``
+    rows x one group per tile and the group's Hadamard as the product's operand; without, ``TILE_ELEMS``."""
     m, k = x2d.shape
-    h = _hadamard(group, x2d.dtype, x2d.device)
-    return ((cdiv(m, DOT_ROWS),), (x2d, h, out, scale, m, k, x2d.stride(0), out.stride(0), qmax, group, DOT_ROWS,
-                                   mode, perm, act),
-            (group, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
+    if group is None:
+        c, h, rot = _tile_width(k), scale, False  # h: never read
+        bm = max(1, min(64, TILE_ELEMS // c))
+    else:
+        c, h, rot, bm = group, _hadamard(group, x2d.dtype, x2d.device), True, DOT_ROWS
+    return ((cdiv(m, bm),), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, bm, rot, mode, perm,
+                             act),
+            (c, bm, rot, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
              x2d.data_ptr() % 16 == 0), 4)
 
 
@@ -257,27 +294,31 @@ def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
 
 
 def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 0, act: int = 0,
-                       rotation: str = "butterfly") -> tuple[torch.Tensor, torch.Tensor]:
+                       kernel: str = DEFAULT_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
     """(Activate +) (rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``; ``perm`` > 0 stores each
     ``perm``-column block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of
-    ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``rotation``: "butterfly"
-    (registers, any group) or "dot" (tensor cores where :func:`dot_rotation_applies`, else the butterfly)."""
+    ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``kernel``: "rows" (a row
+    per program, the rotation as an in-register butterfly) or "tiles" (row tiles, the rotation a tensor-core
+    product, where :func:`tiles_apply`; else "rows")."""
     if perm and x2d.shape[-1] % perm:
         raise ValueError(f"K={x2d.shape[-1]} is not a multiple of the permutation block {perm}")
-    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, rotation=rotation)
+    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, kernel=kernel)
 
 
 def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
-                      static_scale: torch.Tensor | None = None, act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      static_scale: torch.Tensor | None = None, act: int = 0,
+                      kernel: str = DEFAULT_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row fp8 (dynamic) or saturating static-scale fp8: ``(q [M,K], scale fp32 [M,1])`` (static: the
-    scalar written to every row, so GEMM epilogues read the same per-row layout either way)."""
+    scalar written to every row, so GEMM epilogues read the same per-row layout either way); ``kernel`` as
+    for :func:`quantize_rows_int8` (static scales always take "rows")."""
     qmax = float(torch.finfo(dtype).max)
     if static_scale is not None:
-        return _launch(x2d, None, MODE_FP8_STATIC, dtype, qmax, static_scale.float().reshape(1), act=act)
-    return _launch(x2d, None, MODE_FP8, dtype, qmax, act=act)
+        return _launch(x2d, None, MODE_FP8_STATIC, dtype, qmax, static_scale.float().reshape(1), act=act,
+                       kernel=kernel)
+    return _launch(x2d, None, MODE_FP8, dtype, qmax, act=act, kernel=kernel)
 
 
-def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0, rotation: str = "butterfly") -> torch.Tensor:
+def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> torch.Tensor:
     """(Activate +) group-wise regular-Hadamard rotation only, output in x's dtype (the small-batch convrot
-    path); ``rotation`` as for :func:`quantize_rows_int8`."""
-    return _launch(x2d, group, MODE_FLOAT, x2d.dtype, 1.0, act=act, rotation=rotation)[0]
+    path); ``kernel`` as for :func:`quantize_rows_int8`."""
+    return _launch(x2d, group, MODE_FLOAT, x2d.dtype, 1.0, act=act, kernel=kernel)[0]

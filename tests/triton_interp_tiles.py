@@ -1,11 +1,12 @@
-"""Interpreter checks of the tensor-core rotation (``triton_quant`` rotation="dot"): the activation kernel that
-rotates ``BM``-row tiles by a product with the dense group Hadamard instead of the in-register butterfly.
+"""Interpreter checks of the tile activation kernel (``triton_quant`` kernel="tiles"): row tiles in two passes,
+the rotation a product with the dense group Hadamard instead of the in-register butterfly of kernel="rows".
 
-Oracles: int8 codes and row scales against ``reference.quantize_rows_int8`` of the float64 rotation of x (as x's
+Unrotated: int8 and fp8 codes and scales bit-equal to the row kernel's (the same fp32 math), ragged K and M.
+Rotated oracles: int8 codes and row scales against ``reference.quantize_rows_int8`` of the float64 rotation of x (as x's
 dtype holds it; with an input activation, of ``act(x)`` rounded to x's dtype, what the model's own module
 returns): a code may move by 1 at a .5 tie, on <= 0.1% of codes (+1), scales to 1e-6; rotation only (MODE_FLOAT)
 to x's dtype's rounding (fp16 2^-9). fp16 only here: bf16 ``tl.dot`` is wrong in Triton 3.6's interpreter
-(``check_interpreter_limitations``); ``benchmarks/check_kernels_gpu.py`` (``act_quant_int8_dot``) runs bf16.
+(``check_interpreter_limitations``); ``benchmarks/check_kernels_gpu.py`` (``act_quant_int8_tiles``) runs bf16.
 Each case also shows the butterfly kernel gives the same codes within that bound, and that an unrotated
 quantization would not pass (the check can fail).
 """
@@ -32,6 +33,29 @@ def _codes_close(q: torch.Tensor, qr: torch.Tensor) -> tuple[int, int, bool]:
     return int(d.max()), n, bool(d.max() <= 1 and n <= q.numel() // 1000 + 1)
 
 
+def check_plain_tiles() -> None:
+    from comfyquant.runtime.kernels import triton_quant
+
+    for i, (m, k) in enumerate([(1, 16), (5, 100), (70, 256), (3, 3072), (9, 1280), (2, 9000), (130, 64)]):
+        for dt in (F32, F16):
+            x = _x(m, k, seed=60 + i).to(dt)
+            if m > 2:
+                x[1] = 0
+            for act in (0, 3):
+                a = triton_quant.quantize_rows_int8(x, act=act, kernel="tiles")
+                b = triton_quant.quantize_rows_int8(x, act=act, kernel="rows")
+                record("tiles_int8_equals_rows", torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), m=m, k=k,
+                       dtype=str(dt), act=act, tile=triton_quant._tile_width(k))
+            a = triton_quant.quantize_rows_fp8(x, kernel="tiles")
+            b = triton_quant.quantize_rows_fp8(x, kernel="rows")
+            record("tiles_fp8_equals_rows", torch.equal(a[0].float(), b[0].float()) and torch.equal(a[1], b[1]),
+                   m=m, k=k, dtype=str(dt))
+    wide = _x(5, 300, seed=70)[:, 17:273]  # rows further apart than K
+    a = triton_quant.quantize_rows_int8(wide, kernel="tiles")
+    b = triton_quant.quantize_rows_int8(wide.contiguous(), kernel="rows")
+    record("tiles_strided_rows", torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
+
+
 def check_dot_rotation() -> None:
     from comfyquant.quant.hadamard import fast_hadamard
     from comfyquant.runtime.kernels import reference, triton_quant
@@ -46,33 +70,33 @@ def check_dot_rotation() -> None:
         for act in (0, 1):
             xa = apply_input_act(x, "gelu_tanh") if act else x
             qr, sr = reference.quantize_rows_int8(fast_hadamard(xa.double(), g).float())
-            q, s = triton_quant.quantize_rows_int8(x, g, act=act, rotation="dot")
+            q, s = triton_quant.quantize_rows_int8(x, g, act=act, kernel="tiles")
             mx, n, ok = _codes_close(q, qr)
-            qb, _ = triton_quant.quantize_rows_int8(xa, g, rotation="butterfly")
+            qb, _ = triton_quant.quantize_rows_int8(xa, g, kernel="rows")
             qn, _ = reference.quantize_rows_int8(xa.float())  # not rotated: must fail the bound
             record("dot_rotation_int8", ok and rel(s, sr) < 1e-6 and _codes_close(qb, qr)[2]
                    and not _codes_close(qn, qr)[2], m=m, k=k, convrot=g, act=act, max_code_diff=mx, codes_diff=n)
-        r = triton_quant.rotate_rows(x, g, rotation="dot")
+        r = triton_quant.rotate_rows(x, g, kernel="tiles")
         e = rel(r, fast_hadamard(x.double(), g))
         record("dot_rotation_float", r.dtype == F16 and e <= 2 ** -9, m=m, k=k, convrot=g, rel=e)
     # the W4A8 order (evens then odds per 128 columns) from the same kernel
     x = _x(5, 512, seed=40)
-    q, s = triton_quant.quantize_rows_int8(x, 256, rotation="dot")
-    qp, sp = triton_quant.quantize_rows_int8(x, 256, perm=128, rotation="dot")
+    q, s = triton_quant.quantize_rows_int8(x, 256, kernel="tiles")
+    qp, sp = triton_quant.quantize_rows_int8(x, 256, perm=128, kernel="tiles")
     blocks = q.reshape(5, 4, 128)
     want = torch.cat((blocks[..., 0::2], blocks[..., 1::2]), dim=-1).reshape(5, 512)
     record("dot_rotation_perm128_order", torch.equal(qp, want) and torch.equal(sp, s))
     # where the dot kernel does not apply it is the butterfly's result exactly (fp32 rows, a 1024 group)
     for x2, g in ((_x(3, 256, 41).float(), 64), (_x(2, 2048, 42), 1024)):
-        a = triton_quant.quantize_rows_int8(x2, g, rotation="dot")
-        b = triton_quant.quantize_rows_int8(x2, g, rotation="butterfly")
-        record("dot_rotation_falls_back", not triton_quant.dot_rotation_applies(x2, g, triton_quant.MODE_INT8)
+        a = triton_quant.quantize_rows_int8(x2, g, kernel="tiles")
+        b = triton_quant.quantize_rows_int8(x2, g, kernel="rows")
+        record("dot_rotation_falls_back", not triton_quant.tiles_apply(x2, g, triton_quant.MODE_INT8)
                and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), dtype=str(x2.dtype), convrot=g)
     try:
-        triton_quant.quantize_rows_int8(_x(1, 64, 43), 16, rotation="fast")
+        triton_quant.quantize_rows_int8(_x(1, 64, 43), 16, kernel="fast")
         record("unknown_rotation_refused", False)
     except ValueError:
         record("unknown_rotation_refused", True)
 
 
-GROUPS = {"dot_rotation": check_dot_rotation}
+GROUPS = {"act_tiles": check_plain_tiles, "dot_rotation": check_dot_rotation}
