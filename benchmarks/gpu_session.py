@@ -111,7 +111,7 @@ def section_tune(out: Path) -> None:
     from comfyquant.runtime.kernels.configs import TileConfig
 
     res = []
-    for n, k in ((9216, 3072), (3072, 3072), (3072, 12288), (13824, 5120)):
+    for n, k in ((9216, 3072), (3072, 3072), (3072, 12288), (13824, 5120), (1280, 1280), (1280, 5120)):
         w = torch.randn(n, k, device="cuda") * 0.02
         q, sc = quantize_rowwise(w)
         wb = w.bfloat16()
@@ -128,22 +128,30 @@ def section_tune(out: Path) -> None:
                         res.append({"path": "w8a16", "m": m, "n": n, "k": k, "cfg": str(cfg), "us": t})
             res.append({"path": "bf16", "m": m, "n": n, "k": k,
                         "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
-        x = torch.randn(4096, k, device="cuda").bfloat16()
-        qa, sa = tq.quantize_rows_int8(x)
-        for bm, bn, w_, st in ((128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
-                               (128, 128, 8, 4), (128, 128, 4, 4)):
-            cfg = TileConfig(bm, bn, 128, w_, st, 8)
-            try:
-                t = _gpu_us(lambda c=cfg: ti.gemm_w8a8(qa, sa, q, sc, None, torch.bfloat16, cfg=c))
-            except Exception as e:  # recorded
-                t = str(e)[:80]
-            res.append({"path": "w8a8_gemm", "m": 4096, "n": n, "k": k, "cfg": str(cfg), "us": t})
-        res.append({"path": "bf16", "m": 4096, "n": n, "k": k,
-                    "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
+        # SDXL's 1280-wide layers ran 3-4x slower than bf16 at M=16384 in the run-6 sweep (the N=1280 anomaly):
+        # both M there, and 64-row tiles and GROUP_M 1 as candidates
+        for m in ((4096, 16384) if n == 1280 else (4096,)):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            qa, sa = tq.quantize_rows_int8(x)
+            for bm, bn, w_, st, gm in ((128, 256, 8, 3, 8), (128, 256, 8, 4, 8), (256, 128, 8, 3, 8),
+                                       (256, 128, 8, 4, 8), (128, 128, 8, 4, 8), (128, 128, 4, 4, 8),
+                                       (128, 128, 8, 4, 1), (64, 128, 4, 4, 8), (128, 64, 4, 4, 8)):
+                cfg = TileConfig(bm, bn, 128, w_, st, gm)
+                try:
+                    t = _gpu_us(lambda c=cfg: ti.gemm_w8a8(qa, sa, q, sc, None, torch.bfloat16, cfg=c))
+                except Exception as e:  # recorded
+                    t = str(e)[:80]
+                res.append({"path": "w8a8_gemm", "m": m, "n": n, "k": k, "cfg": str(cfg), "us": t})
+            res.append({"path": "w8a8_gemm_default", "m": m, "n": n, "k": k,
+                        "cfg": str(ti.pick_w8a8(m, n, k, x.device)[0]),
+                        "us": _gpu_us(lambda: ti.gemm_w8a8(qa, sa, q, sc, None, torch.bfloat16))})
+            res.append({"path": "act_quant", "m": m, "n": n, "k": k, "us": _gpu_us(lambda: tq.quantize_rows_int8(x))})
+            res.append({"path": "bf16", "m": m, "n": n, "k": k,
+                        "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
     (out / "tune.json").write_text(json.dumps(res, indent=1))
     best = {}
     for r in res:
-        if isinstance(r["us"], float) and r["path"] != "bf16":
+        if isinstance(r["us"], float) and r["path"] in ("w8a16", "w8a8_gemm"):
             kk = (r["path"], r["m"], r["n"], r["k"])
             if kk not in best or r["us"] < best[kk][0]:
                 best[kk] = (r["us"], r["cfg"])

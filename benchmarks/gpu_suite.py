@@ -38,6 +38,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                      "--sections", "check,calibrate,host,rotation,models"]],
         "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                    "--sections", "sweep"]],
+        # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too
+        "tune": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "tune"), "--budget-s", "{budget}",
+                  "--sections", "tune"]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
         "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                         str(work / "optimizers" / "bench_optimizers.json"),
@@ -86,7 +89,7 @@ def main() -> int:
     a = p.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     work = scratch / "work"  # only summary.txt and results.zip go under --out (a device call returns few files)
-    for sub in ("kernels", "sweep", "lora", "optimizers", "comfyui", "autoprec"):
+    for sub in ("kernels", "sweep", "tune", "lora", "optimizers", "comfyui", "autoprec"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     env, cache = unpack(scratch)
