@@ -2,8 +2,9 @@
 
 Two kernels. "rows": a row per program, the rotation the radix-4 butterfly of ``quant.hadamard.fast_hadamard``
 in registers (H4/2 along each base-4 digit of the in-group index); any group, fp32 rows, static fp8 scales.
-"tiles": tiles of rows, two passes (absmax, then codes), the rotation one tensor-core product per group with
-the dense group Hadamard (groups up to 256, fp16/bf16 rows). "rows" is the default until the H200 has timed
+"tiles": tiles of rows, two passes (absmax, then codes), the rotation a tensor-core product with the dense
+Hadamard of groups up to 64 (256: each quarter by the 64-group's, then one radix-4 stage across the quarters,
+elementwise); fp16/bf16 rows. "rows" is the default until the H200 has timed
 both (``benchmarks/gpu_session.py``, section ``rotation``). Modes:
 ``int8`` (absmax/127, round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
 Imported lazily: only GPU backends import this module.
@@ -149,8 +150,8 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
 @triton.jit
 def _tile(ptrs, rmask, cmask, h, ROT: tl.constexpr, ACT: tl.constexpr):
     """One ``[BM, C]`` tile of rows (zero past M and K) in fp32, activated; with ``ROT``, activated in fp32 and
-    rounded back to x's dtype (what the model's own activation module returns), then times the dense Hadamard
-    ``h``: products of x and +-1/sqrt(C) are exact in x's dtype, sums in fp32."""
+    rounded back to x's dtype (what the model's own activation module returns), then times the ``C x C``
+    Hadamard ``h``: products of x and +-1/sqrt(C) are exact in x's dtype, sums in fp32."""
     x = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
     if ROT:
         if ACT != 0:
@@ -160,37 +161,71 @@ def _tile(ptrs, rmask, cmask, h, ROT: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
+def _quarters(ptrs, rmask, cmask, h, C: tl.constexpr, ACT: tl.constexpr):
+    """A ``4C``-column group rotated as four ``[BM, C]`` quarters: each quarter times the ``C x C`` Hadamard on
+    tensor cores, then the group's top radix-4 stage across the quarters, elementwise (H4/2: y_i = s - t_(3-i),
+    s = (t0 + t1 + t2 + t3) / 2). No layout conversion between the stages."""
+    t0 = _tile(ptrs, rmask, cmask, h, 1, ACT)
+    t1 = _tile(ptrs + C, rmask, cmask, h, 1, ACT)
+    t2 = _tile(ptrs + 2 * C, rmask, cmask, h, 1, ACT)
+    t3 = _tile(ptrs + 3 * C, rmask, cmask, h, 1, ACT)
+    s = (t0 + t1 + t2 + t3) * 0.5
+    return s - t3, s - t2, s - t1, s - t0
+
+
+@triton.jit
+def _rowmax(y):
+    return tl.max(tl.abs(y), axis=1)
+
+
+@triton.jit
+def _put(o_rows, offs, y, scale, qmax, rmask, cmask, MODE: tl.constexpr, PERM: tl.constexpr):
+    """Store one tile: its codes at ``scale`` (int8/fp8), or the values themselves (MODE_FLOAT)."""
+    if MODE != 3:
+        y = _quantize(y, scale[:, None], qmax, MODE)
+    tl.store(o_rows + _dst(offs, PERM)[None, :], y.to(o_rows.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax,
-                     C: tl.constexpr, BM: tl.constexpr, ROT: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
-                     ACT: tl.constexpr):
-    """``BM`` rows per program, ``C`` columns at a time: per-row int8/fp8 in two passes over the rows (absmax,
-    then codes; the second read hits L2), or, with ``ROT`` (the rotation as a tensor-core product with the
-    dense ``C x C`` group Hadamard), the rotated values (MODE_FLOAT, one pass)."""
+                     C: tl.constexpr, STEP: tl.constexpr, BM: tl.constexpr, ROT: tl.constexpr, MODE: tl.constexpr,
+                     PERM: tl.constexpr, ACT: tl.constexpr):
+    """``BM`` rows per program, ``STEP`` columns at a time (ROT 0: no rotation, STEP = C; 1: a group of ``C``
+    times its Hadamard, STEP = C; 2: a group of ``STEP = 4C`` as :func:`_quarters`): per-row int8/fp8 in two
+    passes over the rows (absmax, then codes; the second read hits L2), or the rotated values (MODE_FLOAT)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.arange(0, C)
-    if ROT:
+    if ROT != 0:
         h = tl.load(h_ptr + cols[:, None] * C + cols[None, :])
     else:
         h = 0
     x_tile = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_om
-    if MODE == 3:
-        for c0 in range(0, K, C):
-            y = _tile(x_tile + c0, rmask, c0 + cols < K, h, ROT, ACT)
-            tl.store(o_rows + (c0 + cols)[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & (c0 + cols < K)[None, :])
-    else:
+    scale = tl.full((BM,), 1.0, tl.float32)
+    if MODE != 3:
         amax = tl.zeros((BM,), dtype=tl.float32)
-        for c0 in range(0, K, C):
-            amax = tl.maximum(amax, tl.max(tl.abs(_tile(x_tile + c0, rmask, c0 + cols < K, h, ROT, ACT)), axis=1))
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
-        for c0 in range(0, K, C):
+        for c0 in range(0, K, STEP):
             cmask = c0 + cols < K
-            y = _quantize(_tile(x_tile + c0, rmask, cmask, h, ROT, ACT), scale[:, None], qmax, MODE)
-            tl.store(o_rows + _dst(c0 + cols, PERM)[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & cmask[None, :])
+            if ROT == 2:
+                y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, C, ACT)
+                a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+            else:
+                a = _rowmax(_tile(x_tile + c0, rmask, cmask, h, ROT, ACT))
+            amax = tl.maximum(amax, a)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         tl.store(s_ptr + rows, scale, mask=rmask)
+    for c0 in range(0, K, STEP):
+        cmask = c0 + cols < K
+        if ROT == 2:
+            y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, C, ACT)
+            _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cmask, MODE, PERM)
+            _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cmask, MODE, PERM)
+            _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cmask, MODE, PERM)
+            _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cmask, MODE, PERM)
+        else:
+            _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, ROT, ACT), scale, qmax, rmask, cmask, MODE,
+                 PERM)
 
 
 MAX_STAGES = 8  # _rotate's radix-4 stages: groups up to 4**8 = 65536 (the format allows any power of 4)
@@ -207,7 +242,7 @@ _ACT = FastKernel(_act_kernel)
 _ACT_TILES = FastKernel(_act_tile_kernel)
 KERNELS = ("rows", "tiles")
 DEFAULT_KERNEL = "rows"  # what the linears and their plans run; "tiles" once the H200 shows it faster
-DOT_GROUPS = (16, 64, 256)  # a dense G x G operand up to 128 KB (fp16/bf16) of shared memory
+DOT_GROUPS = (16, 64, 256)  # 256: four quarters times the 64-group's Hadamard (an 8 KB operand) + one H4 stage
 DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
 TILE_ELEMS = 4096  # elements per tile of the plain tile kernel (rows x columns)
 
@@ -265,15 +300,18 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
 def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int | None, mode: int,
                 qmax: float, perm: int, act: int) -> tuple:
     """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``DOT_ROWS``
-    rows x one group per tile and the group's Hadamard as the product's operand; without, ``TILE_ELEMS``."""
+    rows per program and the group's Hadamard (groups 16 and 64) or the 64-group's applied to each quarter
+    (group 256) as the product's operand; without, ``TILE_ELEMS`` per tile."""
     m, k = x2d.shape
     if group is None:
-        c, h, rot = _tile_width(k), scale, False  # h: never read
+        c, h, rot = _tile_width(k), scale, 0  # h: never read
         bm = max(1, min(64, TILE_ELEMS // c))
     else:
-        c, h, rot, bm = group, _hadamard(group, x2d.dtype, x2d.device), True, DOT_ROWS
-    return ((cdiv(m, bm),), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, bm, rot, mode, perm,
-                             act),
+        c, rot, bm = (64, 2, DOT_ROWS) if group == 256 else (group, 1, DOT_ROWS)
+        h = _hadamard(c, x2d.dtype, x2d.device)
+    step = 4 * c if rot == 2 else c
+    return ((cdiv(m, bm),), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, step, bm, rot, mode,
+                             perm, act),
             (c, bm, rot, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
              x2d.data_ptr() % 16 == 0), 4)
 
