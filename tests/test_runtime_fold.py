@@ -115,3 +115,71 @@ def test_act_names_codes_and_modules() -> None:
     with torch.no_grad():
         torch.testing.assert_close(lin(x2), torch.nn.functional.linear(nn.SiLU()(x2), lin.weight, lin.bias),
                                    rtol=0, atol=0)
+
+
+class SiLUActivation(nn.Module):
+    """Named as ComfyUI's Flux.2 MLP activation: ``silu(first half) * second half`` (SwiGLU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return nn.functional.silu(a) * b
+
+
+class _LookAlike(nn.Module):
+    """The same name, another computation (the halves swapped): never folded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return nn.functional.silu(b) * a
+
+
+_LookAlike.__name__ = "SiLUActivation"
+
+
+def _swiglu_mlp(act: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256, bias=False), act, nn.Linear(128, 64, bias=False))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8", "int4-rot"])
+def test_swiglu_module_folds_into_the_down_projection(fmt: str) -> None:
+    ref, model = _swiglu_mlp(SiLUActivation()), _swiglu_mlp(SiLUActivation())
+    quantize_(ref, QuantizeConfig(format=fmt, fold_activations=False))
+    assert quantize_(model, QuantizeConfig(format=fmt)).folded == ["2: swiglu"]
+    assert isinstance(model[1], nn.Identity) and model[2].input_act == "swiglu"
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+        xb = x.bfloat16()
+        assert torch.equal(model.bfloat16()(xb), ref.bfloat16()(xb))
+
+
+def test_swiglu_detection_needs_the_computation_not_just_the_name() -> None:
+    assert act_of_module(SiLUActivation()) == "swiglu" and act_of_module(_LookAlike()) is None
+    with_param = SiLUActivation()
+    with_param.w = nn.Parameter(torch.ones(1))
+    assert act_of_module(with_param) is None
+    model = _swiglu_mlp(_LookAlike())
+    assert quantize_(model, QuantizeConfig(format="int8")).folded == []
+    x = torch.randn(2, 10)
+    assert torch.equal(apply_input_act(x, "swiglu"), nn.functional.silu(x[:, :5]) * x[:, 5:])
+    assert act_code("swiglu") == 4
+
+
+@pytest.mark.comfyui
+def test_comfyui_flux2_mlp_swiglu_is_folded(comfy) -> None:
+    """ComfyUI 0.30's own Flux.2 MLP (``build_mlp(mlp_silu_act=True)``: Linear, its SiLUActivation, Linear):
+    the activation is recognized and folded, and the quantized MLP computes what the unfolded one does."""
+    import importlib
+
+    layers = importlib.import_module("comfy.ldm.flux.layers")
+    mlps = []
+    for fold in (False, True):
+        torch.manual_seed(1)
+        mlp = layers.build_mlp(64, 96, mlp_silu_act=True, operations=nn)
+        mlps.append((mlp, quantize_(mlp, QuantizeConfig(format="int8", fold_activations=fold))))
+    (ref, s0), (mlp, s1) = mlps
+    assert type(ref[1]).__module__ == "comfy.ldm.flux.layers" and s0.folded == [] and s1.folded == ["2: swiglu"]
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), ref(x))

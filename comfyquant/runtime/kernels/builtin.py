@@ -333,7 +333,7 @@ INT8 = register_kernel_kind(KernelKind(
     "int8",
     {"torch": _int8_torch,
      "dequant": KernelBackend(_int8_dequant, plan=_plan_dequant),
-     "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton),
+     "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton, fuses_gated_act=True),
      "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused),
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16)},
     choose=_choose_int8, check=_check_int8))
@@ -343,12 +343,14 @@ FP8 = register_kernel_kind(KernelKind(
     "fp8",
     {"torch": _fp8_torch,
      "dequant": KernelBackend(_fp8_dequant, plan=_plan_dequant),
-     "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM, fuses_input_act=True, plan=_plan_scaled_mm),
+     "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM, fuses_input_act=True, plan=_plan_scaled_mm,
+                                fuses_gated_act=True),
      "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True, True, _plan_w8a16),
-     "triton": KernelBackend(_fp8_triton, _TRITON_FP8, True, True, _plan_fp8_triton)},
+     "triton": KernelBackend(_fp8_triton, _TRITON_FP8, True, True, _plan_fp8_triton, fuses_gated_act=True)},
     choose=_choose_fp8, check=_check_fp8, choose_low_rank=_choose_fp8))
 INT4_ROT = register_kernel_kind(KernelKind(
-    "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON, True, True)},
+    "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON, True, True,
+                                                                           fuses_gated_act=True)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
 
 # the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels

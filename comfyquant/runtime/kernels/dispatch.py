@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from comfyquant.errors import UserError
 from comfyquant.runtime.kernels import builtin, custom_ops
-from comfyquant.runtime.kernels.acts import act_code, apply_input_act
+from comfyquant.runtime.kernels.acts import GATED, act_code, apply_input_act
 from comfyquant.runtime.kernels.backends import AUTO, BackendChoice
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import (
@@ -177,7 +177,9 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
         sig = (x.shape, x.dtype, x.device, capture, input_act, rank)
         e = memo.get(sig)
         if e is None:
-            e = [_resolve(x, kind, w, scales, bias, opts, backend, rank), False if capture else None, None]
+            # the checks and the choice see the activated input (half of x's width under a gated activation)
+            xa = x if input_act not in GATED else x.narrow(-1, 0, x.shape[-1] // 2)
+            e = [_resolve(xa, kind, w, scales, bias, opts, backend, rank), False if capture else None, None]
             if len(memo) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
                 memo[sig] = e
         b, fast = e[0], e[1]
@@ -186,7 +188,7 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
                 return fast(x)
             if input_act is None:
                 act, y = 0, b.impl(x, w, scales, bias, opts, x.dtype)
-            elif b.fuses_input_act:
+            elif b.fuses_input_act and (input_act not in GATED or b.fuses_gated_act):
                 act = act_code(input_act)
                 y = b.impl(x, w, scales, bias, opts, x.dtype, act=act)
             else:

@@ -57,7 +57,8 @@ class KernelBackend:
     ``fuses_low_rank``: ``impl`` also takes ``low_rank=(down [R, K], up [R, N], r)`` (x's dtype, R a multiple of
     16, rows past ``r`` zero) and adds ``(x @ down^T) @ up`` in its GEMM epilogue (dynamic LoRAs at the cost
     of one small extra GEMM, instead of a second pass over the output). ``fuses_input_act``: ``impl`` also takes
-    ``act=CODE`` (``acts.INPUT_ACTS``) and applies that activation to x as it reads it (no separate pass).
+    ``act=CODE`` (``acts.INPUT_ACTS``) and applies that activation to x as it reads it (no separate pass);
+    ``fuses_gated_act``: the gated ones too (``acts.GATED``: x holds 2K columns, gate then up).
     ``plan(x, w, scales, bias, opts, out_dtype, act)``: an eager fast path ``x -> y`` for inputs of ``x``'s
     signature and layout, made after a first call compiled the kernels, or None (see ``triton_plans``)."""
 
@@ -66,6 +67,7 @@ class KernelBackend:
     fuses_low_rank: bool = False
     fuses_input_act: bool = False
     plan: Callable[..., Callable[[torch.Tensor], torch.Tensor] | None] | None = None
+    fuses_gated_act: bool = False
 
 
 # choose(x, n, k, opts, policy) -> BackendChoice, with the logical N and K; policy: a DispatchPolicy or None.

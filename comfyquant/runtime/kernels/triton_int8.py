@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels import triton_quant
+from comfyquant.runtime.kernels.acts import SWIGLU
 from comfyquant.runtime.kernels.configs import (
     TileConfig,
     cdiv,
@@ -83,6 +84,13 @@ def _no_act_with_low_rank(act: int, low_rank: LowRank | None) -> None:
     if act and low_rank is not None:
         raise ValueError("an input activation and a low-rank term in one call: the low-rank term reads x as "
                          "given; apply the activation first (runtime.kernels.dispatch does)")
+
+
+def _no_gated_act(act: int, what: str) -> None:
+    """The GEMMs that apply the input activation on their A tiles take elementwise ones only."""
+    if act == SWIGLU:
+        raise ValueError(f"{what} applies elementwise input activations only; apply swiglu first "
+                         "(runtime.kernels.dispatch does for backends without fuses_gated_act)")
 
 
 def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
@@ -194,6 +202,7 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
                  low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
     """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation)."""
     _no_act_with_low_rank(act, low_rank)
+    _no_gated_act(act, "fused_linear")
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = _contig_rows(x.reshape(-1, k))
     w_q = _contig_rows(w_q)
@@ -231,6 +240,7 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     """Weight-only small-M GEMM: int8/fp8 weights converted to x's 16-bit dtype in registers, fp32 accumulate
     (``act``: the input activation, in the rotation pass or on each A tile as it is loaded)."""
     _no_act_with_low_rank(act, low_rank)
+    _no_gated_act(act, "w8a16_linear")
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     x_lr = x2d  # the side path sees x as given (unrotated, its own dtype)
@@ -306,7 +316,7 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     x2d = x.reshape(-1, k)
     q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=kern.PERM_BLOCK, act=act)
     w_packed = _contig_rows(w_packed)
-    m, n = q.shape[0], w_packed.shape[0]
+    m, n, k = q.shape[0], w_packed.shape[0], q.shape[1]  # k: the activated width (half of x's for swiglu)
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:

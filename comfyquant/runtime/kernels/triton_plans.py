@@ -21,6 +21,7 @@ import torch
 
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels import triton_quant
+from comfyquant.runtime.kernels.acts import SWIGLU
 from comfyquant.runtime.kernels.configs import w8a16_config
 
 logger = logging.getLogger("comfyquant.runtime")
@@ -172,14 +173,15 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     common = _common(x, w_q, w_scale)
     if common is None:
         return None
-    lead, m, n, k, dev, sb = common
+    lead, m, n, kx, dev, sb = common
+    k = kx // 2 if act == SWIGLU else kx  # x's width, and the activated one the GEMM reads
     q = torch.empty((m, k), dtype=qdtype, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
-    fire_q, q_rest = _act_plan(x.view(m, k), q, s, group, mode, qmax, act)
+    fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act)
     cfg, small = ti.pick_w8a8(m, n, k, dev)
     tma = ti.use_tma(q, w_q) and not small
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
-    lr = ti._low_rank_args(low_rank, x.view(m, k), sb)  # no LoRA: the weight scale stands in (held anyway)
+    lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
     fk, grid, args, key = ti._w8a8_launch(q, s, w_q, sb, bias, out, cfg, tma, False, lr)
     fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     if fire_q is None or fire_g is None:
@@ -191,7 +193,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
     def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(stream, x as [M, K], its quantized copy, the row scales): the activation kernel's launch."""
-        st, x2d = stream(), x.view(m, k)
+        st, x2d = stream(), x.view(m, kx)
         q = empty((m, k), dtype=qdtype, device=dev)
         s = empty((m, 1), dtype=torch.float32, device=dev)
         fire_q(st, x2d, q, s, *q_rest(s))
@@ -269,11 +271,12 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     if (rows is None or x.dtype != torch.bfloat16 or out_dtype != torch.bfloat16
             or (bias is not None and bias.dtype != torch.bfloat16)):
         return None
-    lead, m, k = rows
+    lead, m, kx = rows
+    k = kx // 2 if act == SWIGLU else kx  # x's width, and the activated one the GEMM reads
     n, dev, f8 = int(w_q.shape[0]), x.device, w_q.dtype
     q = torch.empty((m, k), dtype=f8, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
-    fire_q, q_rest = _act_plan(x.view(m, k), q, s, None, triton_quant.MODE_FP8, float(torch.finfo(f8).max), act)
+    fire_q, q_rest = _act_plan(x.view(m, kx), q, s, None, triton_quant.MODE_FP8, float(torch.finfo(f8).max), act)
     if fire_q is None:
         return None
     shape, stream, empty, wt = (*lead, n), _raw_stream(dev), torch.empty, w_q.t()
@@ -285,7 +288,7 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
             state[:] = [w_scale._version, w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
         q = empty((m, k), dtype=f8, device=dev)
         s = empty((m, 1), dtype=torch.float32, device=dev)
-        fire_q(stream(), x.view(m, k), q, s, *q_rest(s))
+        fire_q(stream(), x.view(m, kx), q, s, *q_rest(s))
         return mm(q, wt, scale_a=s, scale_b=state[1], bias=bias, out_dtype=torch.bfloat16).view(shape)
 
     return run

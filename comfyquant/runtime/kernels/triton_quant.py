@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from comfyquant.quant.hadamard import hadamard_matrix
+from comfyquant.runtime.kernels.acts import SWIGLU
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
 from comfyquant.runtime.kernels.launch import FastKernel
 
@@ -83,9 +84,20 @@ def input_act(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load_act(ptrs, mask, K, ACT: tl.constexpr):
+    """x at ``ptrs`` in fp32 (zero where masked) after the input activation; swiglu (4) multiplies
+    ``silu(x)`` by the up half, read ``K`` columns further on (the row holds 2K)."""
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 4:
+        up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        return x * tl.sigmoid(x) * up
+    return input_act(x, ACT)
+
+
+@triton.jit
 def _read(x_row, o, K, BLOCK: tl.constexpr, STAGES: tl.constexpr, ACT: tl.constexpr):
     """Elements ``o`` of one row in fp32 (zero past K), after the input activation and the rotation."""
-    return _rotate(input_act(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32), ACT), BLOCK, STAGES)
+    return _rotate(_load_act(x_row + o, o < K, K, ACT), BLOCK, STAGES)
 
 
 @triton.jit
@@ -148,27 +160,29 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
 
 
 @triton.jit
-def _tile(ptrs, rmask, cmask, h, ROT: tl.constexpr, ACT: tl.constexpr):
+def _tile(ptrs, rmask, cmask, h, K, ROT: tl.constexpr, ACT: tl.constexpr):
     """One ``[BM, C]`` tile of rows (zero past M and K) in fp32, activated; with ``ROT``, activated in fp32 and
     rounded back to x's dtype (what the model's own activation module returns), then times the ``C x C``
     Hadamard ``h``: products of x and +-1/sqrt(C) are exact in x's dtype, sums in fp32."""
-    x = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    mask = rmask[:, None] & cmask[None, :]
     if ROT:
         if ACT != 0:
-            x = input_act(x.to(tl.float32), ACT).to(h.dtype)
+            x = _load_act(ptrs, mask, K, ACT).to(h.dtype)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
         return tl.dot(x, h)
-    return input_act(x.to(tl.float32), ACT)
+    return _load_act(ptrs, mask, K, ACT)
 
 
 @triton.jit
-def _quarters(ptrs, rmask, cmask, h, C: tl.constexpr, ACT: tl.constexpr):
+def _quarters(ptrs, rmask, cmask, h, K, C: tl.constexpr, ACT: tl.constexpr):
     """A ``4C``-column group rotated as four ``[BM, C]`` quarters: each quarter times the ``C x C`` Hadamard on
     tensor cores, then the group's top radix-4 stage across the quarters, elementwise (H4/2: y_i = s - t_(3-i),
     s = (t0 + t1 + t2 + t3) / 2). No layout conversion between the stages."""
-    t0 = _tile(ptrs, rmask, cmask, h, 1, ACT)
-    t1 = _tile(ptrs + C, rmask, cmask, h, 1, ACT)
-    t2 = _tile(ptrs + 2 * C, rmask, cmask, h, 1, ACT)
-    t3 = _tile(ptrs + 3 * C, rmask, cmask, h, 1, ACT)
+    t0 = _tile(ptrs, rmask, cmask, h, K, 1, ACT)
+    t1 = _tile(ptrs + C, rmask, cmask, h, K, 1, ACT)
+    t2 = _tile(ptrs + 2 * C, rmask, cmask, h, K, 1, ACT)
+    t3 = _tile(ptrs + 3 * C, rmask, cmask, h, K, 1, ACT)
     s = (t0 + t1 + t2 + t3) * 0.5
     return s - t3, s - t2, s - t1, s - t0
 
@@ -208,23 +222,23 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
         for c0 in range(0, K, STEP):
             cmask = c0 + cols < K
             if ROT == 2:
-                y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, C, ACT)
+                y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
                 a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
             else:
-                a = _rowmax(_tile(x_tile + c0, rmask, cmask, h, ROT, ACT))
+                a = _rowmax(_tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT))
             amax = tl.maximum(amax, a)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         tl.store(s_ptr + rows, scale, mask=rmask)
     for c0 in range(0, K, STEP):
         cmask = c0 + cols < K
         if ROT == 2:
-            y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, C, ACT)
+            y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
             _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cmask, MODE, PERM)
             _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cmask, MODE, PERM)
             _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cmask, MODE, PERM)
             _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cmask, MODE, PERM)
         else:
-            _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, ROT, ACT), scale, qmax, rmask, cmask, MODE,
+            _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT), scale, qmax, rmask, cmask, MODE,
                  PERM)
 
 
@@ -253,14 +267,24 @@ def _hadamard(group: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return hadamard_matrix(group, torch.float64).to(device=device, dtype=dtype).contiguous()
 
 
-def tiles_apply(x2d: torch.Tensor, group: int | None, mode: int) -> bool:
+def _out_width(x2d: torch.Tensor, act: int) -> int:
+    """Columns of the output (K): x's, or half of them for the gated swiglu (its rows hold gate, then up)."""
+    k = int(x2d.shape[1])
+    if act == SWIGLU:
+        if k % 2:
+            raise ValueError(f"swiglu needs an even input width, got {k}")
+        return k // 2
+    return k
+
+
+def tiles_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> bool:
     """Whether the tile kernel (``kernel="tiles"``) handles this call: unrotated int8/fp8 codes of any rows, or
     the rotation (int8 codes or rotated values) of fp16/bf16 rows by a group of :data:`DOT_GROUPS` dividing K.
     Elsewhere (larger groups, fp32 rows to rotate, static fp8 scales) the row kernel runs."""
     if group is None:
         return mode in (MODE_INT8, MODE_FP8)
     return (group in DOT_GROUPS and x2d.dtype in (torch.float16, torch.bfloat16)
-            and x2d.shape[1] % group == 0 and mode in (MODE_INT8, MODE_FLOAT))
+            and _out_width(x2d, act) % group == 0 and mode in (MODE_INT8, MODE_FLOAT))
 
 
 def _tile_width(k: int) -> int:
@@ -275,7 +299,7 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
             kernel: str = DEFAULT_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    m, k = x2d.shape
+    m, k = x2d.shape[0], _out_width(x2d, act)
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
     fk, grid, args, key, warps, stages = launch_for(x2d, out, scale, static_scale, group, mode, qmax, perm, act,
@@ -292,7 +316,7 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
     (row kernel), or the group's Hadamard (tile kernel, fixed per device and dtype)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown activation kernel {kernel!r}; expected one of {KERNELS}")
-    if kernel == "tiles" and static_scale is None and tiles_apply(x2d, group, mode):
+    if kernel == "tiles" and static_scale is None and tiles_apply(x2d, group, mode, act):
         return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act), 2)
     return (_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act), 3)
 
@@ -302,7 +326,7 @@ def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group
     """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``DOT_ROWS``
     rows per program and the group's Hadamard (groups 16 and 64) or the 64-group's applied to each quarter
     (group 256) as the product's operand; without, ``TILE_ELEMS`` per tile."""
-    m, k = x2d.shape
+    m, k = x2d.shape[0], _out_width(x2d, act)
     if group is None:
         c, h, rot = _tile_width(k), scale, 0  # h: never read
         bm = max(1, min(64, TILE_ELEMS // c))
@@ -320,7 +344,7 @@ def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
                group: int | None, mode: int, qmax: float, perm: int, act: int) -> tuple:
     """(grid, args, key, num_warps) of the activation kernel: x, output, scale and the scale it reads at
     ``args[0:4]`` (the dynamic scale itself when there is no static one)."""
-    m, k = x2d.shape
+    m, k = x2d.shape[0], _out_width(x2d, act)
     full = next_power_of_2(max(k, 16))
     block = full if full <= SINGLE_PASS_MAX else max(CHUNK, group or 0)
     static = static_scale if static_scale is not None else scale
