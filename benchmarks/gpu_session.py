@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -102,6 +103,24 @@ def section_host(out: Path) -> None:
     print(SUMMARY[-1], flush=True)
 
 
+_GEMM_TILES = ((128, 256, 8, 3, 8), (128, 256, 8, 4, 8), (256, 128, 8, 3, 8), (256, 128, 8, 4, 8),
+               (128, 128, 8, 4, 8), (128, 128, 4, 4, 8), (128, 128, 8, 4, 1), (64, 128, 4, 4, 8),
+               (128, 64, 4, 4, 8))  # (BLOCK_M, BLOCK_N, warps, stages, GROUP_M); BLOCK_K 128
+
+
+def _time_tiles(res: list, path: str, mnk: tuple[int, int, int], configs: list, run: Callable) -> None:
+    """One row per tile config: ``run(cfg)``'s GPU time, or the error it raised (recorded, not raised)."""
+    from comfyquant.runtime.kernels.calibrate import _gpu_us
+
+    m, n, k = mnk
+    for cfg in configs:
+        try:
+            t = _gpu_us(lambda c=cfg: run(c))
+        except Exception as e:  # recorded
+            t = str(e)[:80]
+        res.append({"path": path, "m": m, "n": n, "k": k, "cfg": str(cfg), "us": t})
+
+
 def section_tune(out: Path) -> None:
     """GPU time (CUDA graph) of candidate tile configs on a few shapes: the data behind configs.py's table."""
     from comfyquant.quant.int8 import quantize_rowwise
@@ -110,57 +129,39 @@ def section_tune(out: Path) -> None:
     from comfyquant.runtime.kernels.calibrate import _gpu_us
     from comfyquant.runtime.kernels.configs import TileConfig
 
-    res = []
+    bf16 = torch.bfloat16
+    res: list = []
     for n, k in ((9216, 3072), (3072, 3072), (3072, 12288), (13824, 5120), (1280, 1280), (1280, 5120)):
         w = torch.randn(n, k, device="cuda") * 0.02
         q, sc = quantize_rowwise(w)
         wb = w.bfloat16()
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda").bfloat16()
-            for bn in (32, 64, 128):
-                for bk in (128, 256):
-                    for st in (3, 4):
-                        cfg = TileConfig(16, bn, bk, 4, st, 1)
-                        try:
-                            t = _gpu_us(lambda c=cfg: ti.w8a16_linear(x, q, sc, None, None, torch.bfloat16, cfg=c))
-                        except Exception as e:  # recorded
-                            t = str(e)[:80]
-                        res.append({"path": "w8a16", "m": m, "n": n, "k": k, "cfg": str(cfg), "us": t})
+            _time_tiles(res, "w8a16", (m, n, k), [TileConfig(16, bn, bk, 4, st, 1) for bn in (32, 64, 128)
+                                                  for bk in (128, 256) for st in (3, 4)],
+                        lambda c: ti.w8a16_linear(x, q, sc, None, None, bf16, cfg=c))
             res.append({"path": "bf16", "m": m, "n": n, "k": k,
                         "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
         # SDXL's 1280-wide layers ran 3-4x slower than bf16 at M=16384 in the run-6 sweep (the N=1280 anomaly):
         # both M there, and 64-row tiles and GROUP_M 1 as candidates
+        tiles = [TileConfig(bm, bn, 128, w_, st, gm) for bm, bn, w_, st, gm in _GEMM_TILES]
         for m in ((4096, 16384) if n == 1280 else (4096,)):
             x = torch.randn(m, k, device="cuda").bfloat16()
             qa, sa = tq.quantize_rows_int8(x)
-            for bm, bn, w_, st, gm in ((128, 256, 8, 3, 8), (128, 256, 8, 4, 8), (256, 128, 8, 3, 8),
-                                       (256, 128, 8, 4, 8), (128, 128, 8, 4, 8), (128, 128, 4, 4, 8),
-                                       (128, 128, 8, 4, 1), (64, 128, 4, 4, 8), (128, 64, 4, 4, 8)):
-                cfg = TileConfig(bm, bn, 128, w_, st, gm)
-                try:
-                    t = _gpu_us(lambda c=cfg: ti.gemm_w8a8(qa, sa, q, sc, None, torch.bfloat16, cfg=c))
-                except Exception as e:  # recorded
-                    t = str(e)[:80]
-                res.append({"path": "w8a8_gemm", "m": m, "n": n, "k": k, "cfg": str(cfg), "us": t})
+            _time_tiles(res, "w8a8_gemm", (m, n, k), tiles,
+                        lambda c: ti.gemm_w8a8(qa, sa, q, sc, None, bf16, cfg=c))
             # the fp8 W8A8 Triton GEMM (LoRA layers' fp8 path; 1114 vs _scaled_mm's 1391 TFLOP/s at 4096^3 in
             # run 7 on the int8 tile table): the same candidates on e4m3 operands, and _scaled_mm itself
             q8, s8 = tq.quantize_rows_fp8(x)
-            w8 = (w / (w.abs().amax(dim=1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
             ws8 = (w.abs().amax(dim=1) / 448).float()
-            for bm, bn, w_, st, gm in ((128, 256, 8, 3, 8), (128, 256, 8, 4, 8), (256, 128, 8, 3, 8),
-                                       (256, 128, 8, 4, 8), (128, 128, 8, 4, 8), (128, 128, 4, 4, 8)):
-                cfg = TileConfig(bm, bn, 128, w_, st, gm)
-                try:
-                    t = _gpu_us(lambda c=cfg: ti.gemm_w8a8(q8, s8, w8, ws8, None, torch.bfloat16, cfg=c))
-                except Exception as e:  # recorded
-                    t = str(e)[:80]
-                res.append({"path": "fp8_gemm", "m": m, "n": n, "k": k, "cfg": str(cfg), "us": t})
+            w8 = (w / ws8[:, None]).to(torch.float8_e4m3fn)
+            _time_tiles(res, "fp8_gemm", (m, n, k), tiles,
+                        lambda c: ti.gemm_w8a8(q8, s8, w8, ws8, None, bf16, cfg=c))
             res.append({"path": "fp8_scaled_mm", "m": m, "n": n, "k": k, "us": _gpu_us(
-                lambda: torch._scaled_mm(q8, w8.t(), scale_a=s8, scale_b=ws8.reshape(1, -1),
-                                         out_dtype=torch.bfloat16))})
+                lambda: torch._scaled_mm(q8, w8.t(), scale_a=s8, scale_b=ws8.reshape(1, -1), out_dtype=bf16))})
             res.append({"path": "w8a8_gemm_default", "m": m, "n": n, "k": k,
                         "cfg": str(ti.pick_w8a8(m, n, k, x.device)[0]),
-                        "us": _gpu_us(lambda: ti.gemm_w8a8(qa, sa, q, sc, None, torch.bfloat16))})
+                        "us": _gpu_us(lambda: ti.gemm_w8a8(qa, sa, q, sc, None, bf16))})
             res.append({"path": "act_quant", "m": m, "n": n, "k": k, "us": _gpu_us(lambda: tq.quantize_rows_int8(x))})
             res.append({"path": "bf16", "m": m, "n": n, "k": k,
                         "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
