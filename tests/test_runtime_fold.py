@@ -183,3 +183,13 @@ def test_comfyui_flux2_mlp_swiglu_is_folded(comfy) -> None:
     x = torch.randn(3, 7, 64)
     with torch.no_grad():
         assert torch.equal(mlp(x), ref(x))
+
+
+def test_dispatch_report_counts_the_rows_of_the_activated_input() -> None:
+    """A folded SwiGLU halves the width the kernel reads: the report's M is the token count, not twice it."""
+    from comfyquant.runtime.dispatch_report import describe_dispatch
+
+    model = _swiglu_mlp(SiLUActivation())
+    quantize_(model, QuantizeConfig(format="int8"))
+    rows = describe_dispatch(model, torch.randn(6, 64))
+    assert [(r.layer, r.m, r.k) for r in rows] == [("0", 6, 64), ("2", 6, 128)]

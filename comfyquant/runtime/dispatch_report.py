@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comfyquant.runtime.kernels.acts import apply_input_act
 from comfyquant.runtime.kernels.backends import BackendChoice
 from comfyquant.runtime.kernels.dispatch import choose_backend
 from comfyquant.runtime.kernels.policy import DispatchPolicy
@@ -47,7 +48,8 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
 
     def hook(name: str):
         def pre(mod: QuantLinear, args: tuple) -> None:
-            x, w = args[0], mod.qweight
+            # what the kernel sees: the input after a folded activation (a gated one halves its width)
+            x, w = apply_input_act(args[0], getattr(mod, "input_act", None)), mod.qweight
             kind, opts = _kind_and_opts(w)
             pinned = w.params.backend
             policy = pinned if isinstance(pinned, DispatchPolicy) else None
