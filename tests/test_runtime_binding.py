@@ -321,3 +321,62 @@ def test_tma_direct_launch_passes_what_tritons_descriptor_wrapper_passes() -> No
     fire(5, *expand(da, 0), *expand(db, 1), out, 128, 256)
     assert len(seen) == 2 and len(seen[0]) == len(seen[1])
     assert all((x is y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(*seen, strict=True))
+
+
+def test_input_activations_reach_only_backends_that_fuse_them_and_plans_replay_either_way() -> None:
+    """``bind_linear(...)(x, None, act)``: a backend fusing elementwise activations gets ``act=code`` for silu and
+    the activated x for the gated swiglu (x [M, 2K]); one fusing gated ones gets swiglu's code and the whole x;
+    one fusing none gets the activated x. Each replays a plan from the second call (built for what it is given:
+    the activated input behind a torch activation where it does not fuse). Every result is the float64
+    product of the activated input."""
+    from comfyquant.runtime.kernels.acts import act_code, apply_input_act
+    from comfyquant.runtime.kernels.dispatch import bind_linear
+    from comfyquant.runtime.kernels.registry import (
+        KernelBackend,
+        KernelKind,
+        register_kernel_kind,
+        unregister_kernel_kind,
+    )
+
+    log: list[tuple] = []
+
+    def product(x, w, s, act):
+        if act == act_code("swiglu"):
+            x = apply_input_act(x, "swiglu")
+        elif act:
+            x = apply_input_act(x, "silu")
+        return x.double() @ (w.double() * s.double()).t()
+
+    def impl(x, w, scales, bias, opts, out_dtype, act=0):
+        log.append(("impl", x.shape[-1], act))
+        return product(x, w, scales[0], act).to(out_dtype)
+
+    def plan(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+        log.append(("plan made", x.shape[-1], act))
+
+        def run(v):
+            log.append(("plan", v.shape[-1], act))
+            return product(v, w, scales[0], act).to(out_dtype)
+        return run
+
+    backends = {"none": KernelBackend(impl, plan=plan),
+                "elementwise": KernelBackend(impl, fuses_input_act=True, plan=plan),
+                "gated": KernelBackend(impl, fuses_input_act=True, plan=plan, fuses_gated_act=True)}
+    register_kernel_kind(KernelKind("test_act", backends))
+    try:
+        g = torch.Generator().manual_seed(5)
+        w = torch.randint(-100, 100, (24, 40), dtype=torch.int8, generator=g)
+        s = torch.rand(24, 1, generator=g) * 0.01
+        expect = {("none", "silu"): (40, 0), ("none", "swiglu"): (40, 0), ("elementwise", "silu"): (40, 3),
+                  ("elementwise", "swiglu"): (40, 0), ("gated", "silu"): (40, 3), ("gated", "swiglu"): (80, 4)}
+        for (backend, act), (width, code) in expect.items():
+            log.clear()
+            call = bind_linear("test_act", w, (s,), None, backend=backend)
+            for _ in range(3):
+                x = torch.randn(6, 80 if act == "swiglu" else 40, generator=g, dtype=torch.float64)
+                want = apply_input_act(x, act).double() @ (w.double() * s.double()).t()
+                torch.testing.assert_close(call(x, None, act), want, rtol=1e-12, atol=1e-12)
+            assert log == [("impl", width, code), ("plan made", width, code), ("plan", width, code),
+                           ("plan", width, code)], (backend, act, log)
+    finally:
+        unregister_kernel_kind("test_act")

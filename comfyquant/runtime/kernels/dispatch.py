@@ -194,7 +194,7 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
             else:
                 act, y = -1, b.impl(apply_input_act(x, input_act), w, scales, bias, opts, x.dtype)
             if fast is None:  # the first call compiled the kernels: later calls of this signature replay them
-                e[1] = (act >= 0 and b.plan is not None and b.plan(x, w, scales, bias, opts, x.dtype, act)) or False
+                e[1] = _plan(b, x, w, scales, bias, opts, act, input_act) or False
             return y
         if input_act is not None:
             x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too
@@ -211,6 +211,21 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
 
     call.memo = memo  # type: ignore[attr-defined]  # inspectable: which backend and whether a plan, per signature
     return call
+
+
+def _plan(b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
+          opts: tuple, act: int, input_act: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The backend's eager fast path for x's signature: its plan, taking ``act`` (>= 0) itself, or, where the
+    backend does not fuse the input activation (``act`` -1), its plan for the activated input behind the torch
+    activation (the first call just ran the kernels on that input's signature)."""
+    if b.plan is None:
+        return None
+    if act >= 0:
+        return b.plan(x, w, scales, bias, opts, x.dtype, act)
+    p = b.plan(apply_input_act(x, input_act), w, scales, bias, opts, x.dtype, 0)
+    if p is None:
+        return None
+    return lambda x: p(apply_input_act(x, input_act))
 
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
