@@ -134,6 +134,9 @@ class FastKernel:
         # specializes on (dtype, 16-byte alignment, == 1, % 16)
         self.const, self.varying = _param_kinds(fn)
         self._compiled: dict[tuple, Any] = {}
+        # launch key -> whether the descriptor-expanding direct launch (:meth:`prepared_tma`) was checked
+        # bit-equal to Triton's own launch of that compiled kernel (checked once per key, not per layer)
+        self.direct_checked: dict[tuple, bool] = {}
 
     def key(self, args: Sequence[Any], num_warps: int, num_stages: int) -> tuple:
         const, varying = self.const, self.varying
