@@ -193,3 +193,22 @@ def test_dispatch_report_counts_the_rows_of_the_activated_input() -> None:
     quantize_(model, QuantizeConfig(format="int8"))
     rows = describe_dispatch(model, torch.randn(6, 64))
     assert [(r.layer, r.m, r.k) for r in rows] == [("0", 6, 64), ("2", 6, 128)]
+
+
+def test_bench_flux2_blocks_fold_their_double_block_swiglu() -> None:
+    """The whole-model benchmark's Flux.2 (at a toy width): the double blocks' SwiGLU modules fold into their
+    down projections (the single blocks apply theirs in forward), and the quantized model tracks the float one."""
+    from comfyquant.bench import models as bm
+
+    torch.manual_seed(0)
+    model = bm.Flux2.__new__(bm.Flux2)
+    nn.Module.__init__(model)
+    model.doubles = nn.ModuleList([bm.Flux2Double(64, 4, 96)])
+    model.singles = nn.ModuleList([bm.Flux2Single(64, 4, 96) for _ in range(2)])
+    args = (torch.randn(1, 16, 64), torch.randn(1, 8, 64), torch.randn(1, 6 * 64) * 0.1)
+    with torch.no_grad():
+        ref = model(*args)
+        summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+        out = model(*args)
+    assert summary.folded == ["doubles.0.mlp.0.2: swiglu", "doubles.0.mlp.1.2: swiglu"]
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-3

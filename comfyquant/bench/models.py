@@ -2,7 +2,8 @@
 
 Minimal re-implementations with the real layer shapes (attention through ``F.scaled_dot_product_attention``,
 RoPE and convolutions omitted): Flux (2 double + 4 single blocks: Flux.1's 19:38 ratio) at 1024x1024 (4096 image
-+ 512 text tokens) and 512x512 (1024 + 512); Wan 2.x 14B (2 blocks) at 480p, 81 frames (32760 tokens); SDXL's
++ 512 text tokens) and 512x512 (1024 + 512); Flux.2 (1 double + 2 single blocks, 6144 wide, SwiGLU MLPs whose
+double-block activation module folds into the down projection) at 1024x1024; Wan 2.x 14B (2 blocks) at 480p, 81 frames (32760 tokens); SDXL's
 transformer stacks (4 blocks at 1280 wide / 1024 tokens, 2 at 640 / 4096 tokens, 77 text tokens); T5-XXL
 encoder (4 layers, 256 tokens). Every ``nn.Linear`` is quantized through the product path (``quantize_``,
 automatic per-layer backend); ``ck_int8`` swaps in comfy-kitchen's ``int8_linear`` on the same int8 weights.
@@ -94,6 +95,71 @@ class Flux(nn.Module):
         x = torch.cat([txt, img], 1)
         for b in self.singles:
             x = b(x, vec)
+        return x[:, txt.shape[1]:]
+
+
+class SiLUActivation(nn.Module):
+    """Flux.2's MLP activation (ComfyUI's class of this name): ``silu(first half) * second half`` (SwiGLU);
+    ``quantize_`` folds it into the next linear (``acts.act_of_module``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+class Flux2Double(nn.Module):
+    """Flux.2's double block: no biases, modulation computed outside the blocks, SwiGLU MLPs."""
+
+    def __init__(self, d: int = 6144, heads: int = 48, mlp: int = 18432) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d, bias=False) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(2))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * mlp, bias=False), SiLUActivation(),
+                                               nn.Linear(mlp, d, bias=False)) for _ in range(2))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, mods: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mods[:, None, :].chunk(6, dim=-1)
+        xs = (txt, img)
+        q, k, v = (torch.cat(t, 1) for t in zip(*(self.qkv[i]((1 + m[1]) * _ln(x) + m[0]).chunk(3, dim=-1)
+                                                    for i, x in enumerate(xs)), strict=True))
+        att = _attn(q, k, v, self.heads)
+        n_txt, outs = txt.shape[1], []
+        for i, (x, a) in enumerate(((txt, att[:, :n_txt]), (img, att[:, n_txt:]))):
+            x = x + m[2] * self.proj[i](a)
+            outs.append(x + m[5] * self.mlp[i]((1 + m[4]) * _ln(x) + m[3]))
+        return outs[1], outs[0]
+
+
+class Flux2Single(nn.Module):
+    """Flux.2's single block: one fused input linear (qkv + SwiGLU input), SwiGLU applied inside forward."""
+
+    def __init__(self, d: int = 6144, heads: int = 48, mlp: int = 18432) -> None:
+        super().__init__()
+        self.heads, self.d, self.mlp = heads, d, mlp
+        self.linear1 = nn.Linear(d, 3 * d + 2 * mlp, bias=False)
+        self.linear2 = nn.Linear(d + mlp, d, bias=False)
+
+    def forward(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        m = mods[:, None, :].chunk(3, dim=-1)
+        qkv, h = self.linear1((1 + m[1]) * _ln(x) + m[0]).split([3 * self.d, 2 * self.mlp], dim=-1)
+        a = _attn(*qkv.chunk(3, dim=-1), self.heads)
+        g, u = h.chunk(2, dim=-1)
+        return x + m[2] * self.linear2(torch.cat([a, F.silu(g) * u], dim=-1))
+
+
+class Flux2(nn.Module):
+    def __init__(self, double: int = 1, single: int = 2) -> None:
+        super().__init__()
+        self.doubles = nn.ModuleList(Flux2Double() for _ in range(double))
+        self.singles = nn.ModuleList(Flux2Single() for _ in range(single))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        for b in self.doubles:
+            img, txt = b(img, txt, mods)
+        x = torch.cat([txt, img], 1)
+        for b in self.singles:
+            x = b(x, mods[:, : 3 * x.shape[-1]])
         return x[:, txt.shape[1]:]
 
 
@@ -193,6 +259,9 @@ def build(name: str) -> tuple[nn.Module, tuple]:
         if name in ("flux_1024", "flux_512"):
             img = 4096 if name == "flux_1024" else 1024
             model, args = Flux(), (torch.randn(1, img, 3072), torch.randn(1, 512, 3072), torch.randn(1, 3072))
+        elif name == "flux2_1024":
+            model, args = Flux2(), (torch.randn(1, 4096, 6144), torch.randn(1, 512, 6144),
+                                    torch.randn(1, 6 * 6144) * 0.1)
         elif name == "wan_480p":
             model, args = Wan(), (torch.randn(1, 32760, 5120), torch.randn(1, 512, 5120),
                                   torch.randn(1, 6, 5120) * 0.1)
@@ -208,7 +277,7 @@ def build(name: str) -> tuple[nn.Module, tuple]:
     return model.to(torch.bfloat16).eval(), tuple(a.to(torch.bfloat16) for a in args)
 
 
-MODELS = ("flux_1024", "flux_512", "wan_480p", "sdxl_1024", "t5xxl_256")
+MODELS = ("flux_1024", "flux_512", "flux2_1024", "wan_480p", "sdxl_1024", "t5xxl_256")
 
 
 class _SwapLinear(nn.Module):
