@@ -177,8 +177,10 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
         sig = (x.shape, x.dtype, x.device, capture, input_act, rank)
         e = memo.get(sig)
         if e is None:
-            # the checks and the choice see the activated input (half of x's width under a gated activation)
+            # the checks and the choice see the activated input's shape (half of x's width under a gated
+            # activation; outside a capture contiguous, as measured dispatch times the candidates on it)
             xa = x if input_act not in GATED else x.narrow(-1, 0, x.shape[-1] // 2)
+            xa = xa if capture or xa.is_contiguous() else xa.contiguous()
             e = [_resolve(xa, kind, w, scales, bias, opts, backend, rank), False if capture else None, None]
             if len(memo) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
                 memo[sig] = e
