@@ -198,7 +198,7 @@ def test_dispatch_report_counts_the_rows_of_the_activated_input() -> None:
 def test_bench_flux2_blocks_fold_their_double_block_swiglu() -> None:
     """The whole-model benchmark's Flux.2 (at a toy width): the double blocks' SwiGLU modules fold into their
     down projections (the single blocks apply theirs in forward), and the quantized model tracks the float one."""
-    from comfyquant.bench import models as bm
+    from comfyquant.bench import blocks as bm
 
     torch.manual_seed(0)
     model = bm.Flux2.__new__(bm.Flux2)

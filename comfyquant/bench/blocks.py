@@ -1,0 +1,238 @@
+"""The whole-model benchmark's models: minimal re-implementations with the real layer shapes.
+
+Attention through ``F.scaled_dot_product_attention``; RoPE and convolutions omitted. Each is what
+``bench.models`` times in bf16 and quantized; ``build`` there sizes and initializes them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _ln(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def _attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    b = q.shape[0]
+    q, k, v = (t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class FluxDouble(nn.Module):
+    def __init__(self, d: int = 3072, heads: int = 24) -> None:
+        super().__init__()
+        self.heads = heads
+        self.mod = nn.ModuleList(nn.Linear(d, 6 * d) for _ in range(2))
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        # as ComfyUI's DoubleStreamBlock: Sequential(Linear, GELU(tanh), Linear) (quantize_ folds the GELU)
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+                                 for _ in range(2))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, mods, qkvs = (txt, img), [], []
+        for i, x in enumerate(xs):
+            m = self.mod[i](F.silu(vec))[:, None, :].chunk(6, dim=-1)
+            mods.append(m)
+            qkvs.append(self.qkv[i]((1 + m[1]) * _ln(x) + m[0]).chunk(3, dim=-1))
+        q, k, v = (torch.cat([t[j] for t in qkvs], 1) for j in range(3))
+        att = _attn(q, k, v, self.heads)
+        n_txt, outs = txt.shape[1], []
+        for i, (x, a) in enumerate(((txt, att[:, :n_txt]), (img, att[:, n_txt:]))):
+            m = mods[i]
+            x = x + m[2] * self.proj[i](a)
+            x = x + m[5] * self.mlp[i]((1 + m[4]) * _ln(x) + m[3])
+            outs.append(x)
+        return outs[1], outs[0]
+
+
+class FluxSingle(nn.Module):
+    def __init__(self, d: int = 3072, heads: int = 24) -> None:
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.mod = nn.Linear(d, 3 * d)
+        self.linear1 = nn.Linear(d, 3 * d + 4 * d)
+        self.linear2 = nn.Linear(d + 4 * d, d)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        m = self.mod(F.silu(vec))[:, None, :].chunk(3, dim=-1)
+        h = self.linear1((1 + m[1]) * _ln(x) + m[0])
+        qkv, mlp = h.split([3 * self.d, 4 * self.d], dim=-1)
+        a = _attn(*qkv.chunk(3, dim=-1), self.heads)
+        return x + m[2] * self.linear2(torch.cat([a, F.gelu(mlp, approximate="tanh")], dim=-1))
+
+
+class Flux(nn.Module):
+    def __init__(self, double: int = 2, single: int = 4) -> None:
+        super().__init__()
+        self.doubles = nn.ModuleList(FluxDouble() for _ in range(double))  # not "double": nn.Module.double()
+        self.singles = nn.ModuleList(FluxSingle() for _ in range(single))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        for b in self.doubles:
+            img, txt = b(img, txt, vec)
+        x = torch.cat([txt, img], 1)
+        for b in self.singles:
+            x = b(x, vec)
+        return x[:, txt.shape[1]:]
+
+
+class SiLUActivation(nn.Module):
+    """Flux.2's MLP activation (ComfyUI's class of this name): ``silu(first half) * second half`` (SwiGLU);
+    ``quantize_`` folds it into the next linear (``acts.act_of_module``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+class Flux2Double(nn.Module):
+    """Flux.2's double block: no biases, modulation computed outside the blocks, SwiGLU MLPs."""
+
+    def __init__(self, d: int = 6144, heads: int = 48, mlp: int = 18432) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d, bias=False) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(2))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * mlp, bias=False), SiLUActivation(),
+                                               nn.Linear(mlp, d, bias=False)) for _ in range(2))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, mods: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mods[:, None, :].chunk(6, dim=-1)
+        xs = (txt, img)
+        q, k, v = (torch.cat(t, 1) for t in zip(*(self.qkv[i]((1 + m[1]) * _ln(x) + m[0]).chunk(3, dim=-1)
+                                                    for i, x in enumerate(xs)), strict=True))
+        att = _attn(q, k, v, self.heads)
+        n_txt, outs = txt.shape[1], []
+        for i, (x, a) in enumerate(((txt, att[:, :n_txt]), (img, att[:, n_txt:]))):
+            x = x + m[2] * self.proj[i](a)
+            outs.append(x + m[5] * self.mlp[i]((1 + m[4]) * _ln(x) + m[3]))
+        return outs[1], outs[0]
+
+
+class Flux2Single(nn.Module):
+    """Flux.2's single block: one fused input linear (qkv + SwiGLU input), SwiGLU applied inside forward."""
+
+    def __init__(self, d: int = 6144, heads: int = 48, mlp: int = 18432) -> None:
+        super().__init__()
+        self.heads, self.d, self.mlp = heads, d, mlp
+        self.linear1 = nn.Linear(d, 3 * d + 2 * mlp, bias=False)
+        self.linear2 = nn.Linear(d + mlp, d, bias=False)
+
+    def forward(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        m = mods[:, None, :].chunk(3, dim=-1)
+        qkv, h = self.linear1((1 + m[1]) * _ln(x) + m[0]).split([3 * self.d, 2 * self.mlp], dim=-1)
+        a = _attn(*qkv.chunk(3, dim=-1), self.heads)
+        g, u = h.chunk(2, dim=-1)
+        return x + m[2] * self.linear2(torch.cat([a, F.silu(g) * u], dim=-1))
+
+
+class Flux2(nn.Module):
+    def __init__(self, double: int = 1, single: int = 2) -> None:
+        super().__init__()
+        self.doubles = nn.ModuleList(Flux2Double() for _ in range(double))
+        self.singles = nn.ModuleList(Flux2Single() for _ in range(single))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        for b in self.doubles:
+            img, txt = b(img, txt, mods)
+        x = torch.cat([txt, img], 1)
+        for b in self.singles:
+            x = b(x, mods[:, : 3 * x.shape[-1]])
+        return x[:, txt.shape[1]:]
+
+
+class WanBlock(nn.Module):
+    def __init__(self, d: int = 5120, heads: int = 40, ffn: int = 13824) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.cq, self.ck, self.cv, self.co = (nn.Linear(d, d) for _ in range(4))
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, d))  # as ComfyUI's
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        m = e.chunk(6, dim=1)
+        y = _ln(x) * (1 + m[1]) + m[0]
+        x = x + self.o(_attn(_rms(self.q(y)), _rms(self.k(y)), self.v(y), self.heads)) * m[2]
+        y = _ln(x)
+        x = x + self.co(_attn(_rms(self.cq(y)), _rms(self.ck(ctx)), self.cv(ctx), self.heads))
+        y = _ln(x) * (1 + m[4]) + m[3]
+        return x + self.ffn(y) * m[5]
+
+
+class Wan(nn.Module):
+    def __init__(self, blocks: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(WanBlock() for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x, ctx, e)
+        return x
+
+
+class SdxlBlock(nn.Module):
+    """SDXL BasicTransformerBlock: self-attn, cross-attn to 2048-wide text, GEGLU feed-forward."""
+
+    def __init__(self, d: int, heads: int, ctx: int = 2048) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=i == 3) for i in range(4))
+        self.cq, self.co = nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        self.ck, self.cv = nn.Linear(ctx, d, bias=False), nn.Linear(ctx, d, bias=False)
+        self.ff0, self.ff2 = nn.Linear(d, 8 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        y = _ln(x)
+        x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
+        y = _ln(x)
+        x = x + self.co(_attn(self.cq(y), self.ck(ctx), self.cv(ctx), self.heads))
+        a, gate = self.ff0(_ln(x)).chunk(2, dim=-1)
+        return x + self.ff2(a * F.gelu(gate))
+
+
+class Sdxl(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hi = nn.ModuleList(SdxlBlock(640, 10) for _ in range(2))
+        self.lo = nn.ModuleList(SdxlBlock(1280, 20) for _ in range(4))
+
+    def forward(self, x640: torch.Tensor, x1280: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        for b in self.hi:
+            x640 = b(x640, ctx)
+        for b in self.lo:
+            x1280 = b(x1280, ctx)
+        return x640.mean() + x1280.mean()
+
+
+class T5Layer(nn.Module):
+    def __init__(self, d: int = 4096, heads: int = 64, ff: int = 10240) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.wi0, self.wi1, self.wo = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d,
+                                                                                                        bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _rms(x)
+        x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
+        y = _rms(x)
+        return x + self.wo(F.gelu(self.wi0(y), approximate="tanh") * self.wi1(y))
+
+
+class T5(nn.Module):
+    def __init__(self, layers: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(T5Layer() for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
