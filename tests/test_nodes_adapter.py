@@ -181,3 +181,31 @@ def test_folded_activations_compute_what_the_gelu_modules_did(comfy: Any, dit_sd
     assert torch.equal(dit_forward(folded, dit_sd), dit_forward(plain, dit_sd))
     layer = folded.object_patches["diffusion_model.double_blocks.0.img_mlp.2"]
     assert layer.input_act == "gelu_tanh" and ComfyQuantLinear.derive(layer).input_act == "gelu_tanh"
+
+
+def test_flux2_swiglu_is_folded_in_comfyuis_own_model(comfy: Any, tmp_path: Path) -> None:
+    """A Flux.2-layout checkpoint loaded by ComfyUI 0.30 (its Flux class with ``mlp_silu_act``): the double
+    blocks' ``SiLUActivation`` modules are patched to Identity on the clone and applied by the down projection,
+    which computes on the CPU exactly what the unfolded layer does after the module."""
+    from comfyquant.testing.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(tmp_path / "flux2.safetensors", "flux2", "tiny", seed=1)
+    base = _patcher(comfy, load_file(str(tmp_path / "flux2.safetensors")))
+    plain, r0 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_activations=False)),
+                            cache=QuantCache())
+    folded, r1 = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
+    assert r1.preset == "flux2" and r0.folded == []
+    assert sorted(r1.folded) == sorted(f"double_blocks.{i}.{s}_mlp.2: swiglu" for i in range(2) for s in ("img", "txt"))
+    act = "diffusion_model.double_blocks.0.img_mlp.1"
+    assert isinstance(folded.object_patches[act], torch.nn.Identity)
+    assert type(base.model.get_submodule(act)).__name__ == "SiLUActivation"  # the input MODEL keeps its module
+    x = torch.randn(2, 5, base.model.get_submodule("diffusion_model.double_blocks.0.img_mlp.0").in_features)
+    outs = []
+    for patcher in (plain, folded):
+        patcher.patch_model()
+        try:
+            with torch.no_grad():
+                outs.append(patcher.model.get_submodule("diffusion_model.double_blocks.0.img_mlp")(x))
+        finally:
+            patcher.unpatch_model()
+    assert torch.equal(outs[0], outs[1])
