@@ -21,11 +21,6 @@ GATED = frozenset({"swiglu"})  # input [..., 2K] -> [..., K]
 SWIGLU = INPUT_ACTS["swiglu"]
 
 
-def input_width(name: str | None, k: int) -> int:
-    """The width of the input a layer with ``k`` in-features reads under input activation ``name``."""
-    return 2 * k if name in GATED else k
-
-
 def act_code(name: str | None) -> int:
     """The kernels' constexpr code of ``name`` (0 for None); ValueError for an unknown name."""
     if name is None:
