@@ -70,10 +70,13 @@ class FluxSingle(nn.Module):
 
 
 class Flux(nn.Module):
-    def __init__(self, double: int = 2, single: int = 4) -> None:
+    """Double blocks, then single blocks on the joined text + image tokens (``vec``: what every block gets)."""
+
+    def __init__(self, double: int = 2, single: int = 4, blocks: tuple[type, type] | None = None) -> None:
         super().__init__()
-        self.doubles = nn.ModuleList(FluxDouble() for _ in range(double))  # not "double": nn.Module.double()
-        self.singles = nn.ModuleList(FluxSingle() for _ in range(single))
+        double_cls, single_cls = blocks or (FluxDouble, FluxSingle)
+        self.doubles = nn.ModuleList(double_cls() for _ in range(double))  # not "double": nn.Module.double()
+        self.singles = nn.ModuleList(single_cls() for _ in range(single))
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         for b in self.doubles:
@@ -127,26 +130,16 @@ class Flux2Single(nn.Module):
         self.linear2 = nn.Linear(d + mlp, d, bias=False)
 
     def forward(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
-        m = mods[:, None, :].chunk(3, dim=-1)
+        m = mods[:, None, : 3 * self.d].chunk(3, dim=-1)  # the first three of the six modulation vectors
         qkv, h = self.linear1((1 + m[1]) * _ln(x) + m[0]).split([3 * self.d, 2 * self.mlp], dim=-1)
         a = _attn(*qkv.chunk(3, dim=-1), self.heads)
         g, u = h.chunk(2, dim=-1)
         return x + m[2] * self.linear2(torch.cat([a, F.silu(g) * u], dim=-1))
 
 
-class Flux2(nn.Module):
+class Flux2(Flux):
     def __init__(self, double: int = 1, single: int = 2) -> None:
-        super().__init__()
-        self.doubles = nn.ModuleList(Flux2Double() for _ in range(double))
-        self.singles = nn.ModuleList(Flux2Single() for _ in range(single))
-
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
-        for b in self.doubles:
-            img, txt = b(img, txt, mods)
-        x = torch.cat([txt, img], 1)
-        for b in self.singles:
-            x = b(x, mods[:, : 3 * x.shape[-1]])
-        return x[:, txt.shape[1]:]
+        super().__init__(double, single, (Flux2Double, Flux2Single))
 
 
 class WanBlock(nn.Module):
