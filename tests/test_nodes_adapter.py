@@ -209,3 +209,46 @@ def test_flux2_swiglu_is_folded_in_comfyuis_own_model(comfy: Any, tmp_path: Path
         finally:
             patcher.unpatch_model()
     assert torch.equal(outs[0], outs[1])
+
+
+def test_sdxl_geglu_is_folded_by_patching_the_gate_forward_only(comfy: Any) -> None:
+    """ComfyUI 0.30's own ``FeedForward(glu=True)`` (SD1.x / SDXL) in a model: the GEGLU module is kept (its
+    converted ``proj`` patched as any layer) and only its forward is patched, to the projection; the down
+    projection applies the gate. Same output as unfolded, and after unloading the shared model computes its
+    float output again (module, forward and proj restored)."""
+    import importlib
+
+    import comfy.model_patcher
+
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(3)
+            self.diffusion_model = torch.nn.ModuleDict({"ff": attention.FeedForward(64, glu=True,
+                                                                                    operations=torch.nn)})
+
+    model = Model()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        float_out = model.diffusion_model["ff"](x)
+    base = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    plain, r0 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_activations=False)),
+                            cache=QuantCache())
+    folded, r1 = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
+    assert r0.folded == [] and r1.folded == ["ff.net.2: geglu"]
+    assert "diffusion_model.ff.net.0.forward" in folded.object_patches
+    outs = []
+    for patcher in (plain, folded):
+        patcher.patch_model()
+        try:
+            with torch.no_grad():
+                outs.append(model.diffusion_model["ff"](x))
+        finally:
+            patcher.unpatch_model()
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], float_out)
+    gate = model.diffusion_model["ff"].net[0]
+    assert type(gate).__name__ == "GEGLU" and type(gate.proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(model.diffusion_model["ff"](x), float_out)

@@ -212,3 +212,67 @@ def test_bench_flux2_blocks_fold_their_double_block_swiglu() -> None:
         out = model(*args)
     assert summary.folded == ["doubles.0.mlp.0.2: swiglu", "doubles.0.mlp.1.2: swiglu"]
     assert ((out - ref).norm() / ref.norm()).item() < 2e-3
+
+
+class GEGLU(nn.Module):
+    """Named and computed as SD1.x / SDXL's gated projection: ``x * gelu(gate)`` of one doubled projection."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * nn.functional.gelu(gate)
+
+
+def _geglu_ff(gate: type = GEGLU, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(gate(64, 96), nn.Dropout(dropout), nn.Linear(96, 64))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8"])
+def test_geglu_projection_folds_into_the_next_layer_keeping_its_keys(fmt: str) -> None:
+    ref, model = _geglu_ff(), _geglu_ff()
+    quantize_(ref, QuantizeConfig(format=fmt, fold_activations=False))
+    assert quantize_(model, QuantizeConfig(format=fmt)).folded == ["2: geglu"]
+    assert type(model[0]).__name__ == "ProjectionOnly" and model[2].input_act == "geglu"
+    assert list(model.state_dict()) == list(ref.state_dict())  # 0.proj.* kept
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+
+
+def test_geglu_detection_needs_the_computation_and_no_live_dropout() -> None:
+    from comfyquant.runtime.kernels.acts import gate_of_module
+
+    class Swapped(GEGLU):  # the same name, gelu on the other half
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gate, x = self.proj(x).chunk(2, dim=-1)
+            return x * nn.functional.gelu(gate)
+
+    Swapped.__name__ = "GEGLU"
+    assert gate_of_module(GEGLU(8, 4)) == "geglu" and gate_of_module(Swapped(8, 4)) is None
+    assert quantize_(_geglu_ff(Swapped), QuantizeConfig(format="int8")).folded == []
+    assert quantize_(_geglu_ff(dropout=0.1), QuantizeConfig(format="int8")).folded == []
+    x = torch.randn(2, 10)
+    assert torch.equal(apply_input_act(x, "geglu"), x[:, :5] * nn.functional.gelu(x[:, 5:]))
+
+
+@pytest.mark.comfyui
+def test_comfyui_sdxl_feedforward_geglu_is_folded(comfy) -> None:
+    """ComfyUI 0.30's own ``FeedForward(glu=True)`` (SD1.x / SDXL transformer blocks: GEGLU, Dropout, Linear)."""
+    import importlib
+
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+    ffs = []
+    for fold in (False, True):
+        torch.manual_seed(2)
+        ff = attention.FeedForward(64, glu=True, operations=nn)
+        ffs.append((ff, quantize_(ff, QuantizeConfig(format="int8", fold_activations=fold))))
+    (ref, s0), (ff, s1) = ffs
+    assert type(ref.net[0]).__module__ == "comfy.ldm.modules.attention" and s0.folded == []
+    assert s1.folded == ["net.2: geglu"]
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        assert torch.equal(ff(x), ref(x))

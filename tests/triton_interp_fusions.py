@@ -143,8 +143,9 @@ def check_input_act() -> None:
                        rel_without_act=unfused)
 
 
-def check_swiglu() -> None:
-    """The gated swiglu (x [M, 2K] -> silu(gate) * up [M, K]) in the activation quantizers: int8 / fp8 codes of
+def _check_gated(gated: str) -> None:
+    """A gated activation (x [M, 2K] -> [M, K]: swiglu ``silu(first) * second``, geglu ``first * gelu(second)``)
+    in the activation quantizers: int8 / fp8 codes of
     both activation kernels against the reference quantization of fp32 act(x) (a code may flip at a tie: the
     kernel's sigmoid and torch's silu differ in the last fp32 bit), rotations within their bound, the fusing
     linears (W8A8 int8 / fp8, W4A8) against themselves on fp32 act(x), their plans bit-equal to the general
@@ -153,7 +154,9 @@ def check_swiglu() -> None:
     from comfyquant.runtime.kernels import reference, triton_quant
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels import triton_plans as tp
-    from comfyquant.runtime.kernels.acts import SWIGLU, apply_input_act
+    from comfyquant.runtime.kernels.acts import act_code, apply_input_act
+
+    code = act_code(gated)
 
     def close(q: torch.Tensor, qr: torch.Tensor) -> tuple[int, bool]:
         d = (q.float() - qr.float()).abs()
@@ -162,56 +165,61 @@ def check_swiglu() -> None:
 
     for i, (m, k, dtype) in enumerate([(5, 64, F32), (70, 256, F16), (3, 1280, F16), (2, 9000, F32)]):
         x2 = (torch.randn(m, 2 * k, generator=torch.Generator().manual_seed(60 + i)) * 2).to(dtype)
-        xa = apply_input_act(x2.float(), "swiglu")
+        xa = apply_input_act(x2.float(), gated)
         qr, sr = reference.quantize_rows_int8(xa)
         for kern in ("rows", "tiles"):
-            q, sx = triton_quant.quantize_rows_int8(x2, act=SWIGLU, kernel=kern)
+            q, sx = triton_quant.quantize_rows_int8(x2, act=code, kernel=kern)
             n, ok = close(q, qr)
-            qn, _ = triton_quant.quantize_rows_int8(x2[:, :k].contiguous(), kernel=kern)  # the gate alone
-            record("swiglu_int8_codes", ok and q.shape == (m, k) and rel(sx, sr) <= 1e-6 and not close(qn, qr)[1],
+            qn, _ = triton_quant.quantize_rows_int8(x2[:, :k].contiguous(), kernel=kern)  # the first half alone
+            record(f"{gated}_int8_codes", ok and q.shape == (m, k) and rel(sx, sr) <= 1e-6 and not close(qn, qr)[1],
                    m=m, k=k, dtype=str(dtype), kernel=kern, codes_differ=n)
             # fp8: against the same kernel on fp32 act(x) (the interpreter's fp8 cast is not torch's, see
             # check_interpreter_limitations): a last-bit difference of the activation may move a code one step
-            f8, s8 = triton_quant.quantize_rows_fp8(x2, act=SWIGLU, kernel=kern)
+            f8, s8 = triton_quant.quantize_rows_fp8(x2, act=code, kernel=kern)
             f8r, s8r = triton_quant.quantize_rows_fp8(xa, kernel=kern)
             e = rel(f8.double() * s8.double(), f8r.double() * s8r.double())
-            record("swiglu_fp8_codes", f8.shape == (m, k) and e <= 1e-3 and rel(s8, s8r) <= 1e-6, m=m, k=k,
+            record(f"{gated}_fp8_codes", f8.shape == (m, k) and e <= 1e-3 and rel(s8, s8r) <= 1e-6, m=m, k=k,
                    kernel=kern, rel=e)
             if k % 64 == 0:  # rotated: the tile kernel rounds act(x) to x's dtype first (its product's input)
-                qg, _ = triton_quant.quantize_rows_int8(x2, 64, act=SWIGLU, kernel=kern)
+                qg, _ = triton_quant.quantize_rows_int8(x2, 64, act=code, kernel=kern)
                 xr = xa.to(dtype) if kern == "tiles" else xa
                 n, ok = close(qg, reference.quantize_rows_int8(fast_hadamard(xr.double(), 64).float())[0])
-                record("swiglu_int8_rot64_codes", ok, m=m, k=k, dtype=str(dtype), kernel=kern, codes_differ=n)
+                record(f"{gated}_int8_rot64_codes", ok, m=m, k=k, dtype=str(dtype), kernel=kern, codes_differ=n)
     # the fusing linears, and their plans
     m, k, n = 9, 128, 48
     x, w, s = _case(m, 2 * k, n, 70)
     w = w[:, :k].contiguous()
     w4, s4, g4 = _int4_rot(n, k, 71)
     w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)
-    xa = apply_input_act(x.float(), "swiglu")
+    xa = apply_input_act(x.float(), gated)
     paths = {"w8a8": lambda v, **kw: ti.int8_linear(v, w, s, None, None, F32, **kw),
              "w8a8_rot16": lambda v, **kw: ti.int8_linear(v, w, s, None, 16, F32, **kw),
              "fp8_w8a8": lambda v, **kw: ti.fp8_linear(v, w8, s8, None, None, F32, **kw),
              "w4a8": lambda v, **kw: ti.w4a8_linear(v, w4, s4, None, g4, F32, **kw)}
     for name, f in paths.items():
-        y1, y0 = f(x, act=SWIGLU).double(), f(xa).double()
+        y1, y0 = f(x, act=code).double(), f(xa).double()
         e = rel(y1, y0)
         unfused = rel(f(x[:, :k].contiguous()).double(), y0)
-        record(f"swiglu_{name}", y1.shape == (m, n) and e <= 1e-3 < unfused, rel=e, rel_without_act=unfused)
+        record(f"{gated}_{name}", y1.shape == (m, n) and e <= 1e-3 < unfused, rel=e, rel_without_act=unfused)
     for name, plan, general in (
-            ("int8", tp.plan_int8(x, w, s, None, None, F32, SWIGLU), paths["w8a8"]),
-            ("int8_rot16", tp.plan_int8(x, w, s, None, 16, F32, SWIGLU), paths["w8a8_rot16"]),
-            ("fp8", tp.plan_fp8(x, w8, s8, None, F32, SWIGLU), paths["fp8_w8a8"])):
+            ("int8", tp.plan_int8(x, w, s, None, None, F32, code), paths["w8a8"]),
+            ("int8_rot16", tp.plan_int8(x, w, s, None, 16, F32, code), paths["w8a8_rot16"]),
+            ("fp8", tp.plan_fp8(x, w8, s8, None, F32, code), paths["fp8_w8a8"])):
         later = [torch.randn(m, 2 * k, generator=torch.Generator().manual_seed(80 + j)) for j in range(2)]
-        same = plan is not None and all(torch.equal(plan(v), general(v, act=SWIGLU)) for v in later)
-        record(f"swiglu_plan_{name}", same)
-    for name, call in (("w8a16", lambda: ti.w8a16_linear(x.half(), w, s, None, None, F16, act=SWIGLU)),
-                       ("fused", lambda: ti.fused_linear(x, w, s, None, F32, act=SWIGLU))):
+        same = plan is not None and all(torch.equal(plan(v), general(v, act=code)) for v in later)
+        record(f"{gated}_plan_{name}", same)
+    for name, call in (("w8a16", lambda: ti.w8a16_linear(x.half(), w, s, None, None, F16, act=code)),
+                       ("fused", lambda: ti.fused_linear(x, w, s, None, F32, act=code))):
         try:
             call()
-            record(f"swiglu_refused_{name}", False)
+            record(f"{gated}_refused_{name}", False)
         except ValueError:
-            record(f"swiglu_refused_{name}", True)
+            record(f"{gated}_refused_{name}", True)
 
 
-GROUPS = {"low_rank_epilogue": check_low_rank_epilogue, "input_act": check_input_act, "swiglu": check_swiglu}
+def check_gated() -> None:
+    for gated in ("swiglu", "geglu"):
+        _check_gated(gated)
+
+
+GROUPS = {"low_rank_epilogue": check_low_rank_epilogue, "input_act": check_input_act, "gated": check_gated}

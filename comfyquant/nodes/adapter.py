@@ -31,7 +31,7 @@ from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import AUTO, AdapterSettings
 from comfyquant.nodes.smoothing import Smoothing, open_smoothing, resolve_calibration_path
-from comfyquant.runtime.fold import foldable_pairs
+from comfyquant.runtime.fold import foldable_gates, foldable_pairs
 from comfyquant.runtime.kernels.backends import device_capability
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
@@ -223,6 +223,12 @@ def _lora_patches(patcher: Any, key: str) -> list | None:
     return list(patches) if patches else None
 
 
+def _projection_only(gate: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gated projection's forward without its activation: ``gate.proj`` read at call time (the converted layer
+    while the clone's patches are applied, the float one otherwise)."""
+    return lambda x: gate.proj(x)
+
+
 def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None,
                 cache: QuantCache = CACHE) -> tuple[Any, AdapterReport]:
     """Return (patched clone or the unchanged input, report). ``progress`` is a ComfyUI ``ProgressBar``-like
@@ -308,16 +314,24 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         _note(report, MSG_NOT_CONVERTED)
         return patcher, report
     clone = patcher.clone()
-    folds = {}
-    if settings.runtime.fold_activations:  # GELU/SiLU modules before a converted layer: applied by its kernel
+    folds: dict[str, tuple[str, Any, str]] = {}
+    if settings.runtime.fold_activations:  # activation modules before a converted layer: applied by its kernel
         dm = patcher.model.diffusion_model
-        folds = {layer: (act_path, act) for act_path, layer, act in foldable_pairs(dm, lambda n, m: n in new_layers)}
+
+        def targets(path: str, mod: nn.Module) -> bool:
+            return path in new_layers
+
+        folds = {layer: (path, nn.Identity(), act) for path, layer, act in foldable_pairs(dm, targets)}
+        # a gated projection (GEGLU) keeps its module and its converted proj; only its forward is patched, to the
+        # projection alone (patching the module itself and its proj child both would restore them out of order)
+        folds.update({layer: (f"{path}.forward", _projection_only(dm.get_submodule(path)), act)
+                      for path, layer, act in foldable_gates(dm, targets)})
     for name, qt in new_layers.items():
         src = linears[name]
         layer = ComfyQuantLinear.wrap(qt, src.bias)
         if name in folds:
-            act_path, layer.input_act = folds[name]
-            clone.add_object_patch(PREFIX + act_path, nn.Identity())
+            patch_path, patch, layer.input_act = folds[name]
+            clone.add_object_patch(PREFIX + patch_path, patch)
             report.folded.append(f"{name}: {layer.input_act}")
         clone.add_object_patch(PREFIX + name, layer)
         report.converted.append(name)

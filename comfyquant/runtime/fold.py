@@ -8,6 +8,10 @@ other path. The activation module's slot becomes ``nn.Identity`` (state dict key
 replaced module are gone with it, and a forward pre-hook on the folded layer sees its input before the
 activation). It assumes the ``nn.Sequential`` runs its members in order, which its ``forward`` does; a model
 that calls the members one by one with other inputs in between needs ``fold_activations=False``.
+
+A gated projection (SD1.x / SDXL's ``GEGLU``: ``x, gate = proj(x).chunk(2); x * gelu(gate)``) followed by the
+layer (past zero-probability dropouts) folds too: the module is replaced by :class:`ProjectionOnly` (its
+``proj`` alone, same keys) and the layer applies ``geglu`` to the doubled width.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
-from comfyquant.runtime.kernels.acts import act_of_module
+from comfyquant.runtime.kernels.acts import act_of_module, gate_of_module
 from comfyquant.runtime.nn import QuantLinear
 
 
@@ -36,6 +41,40 @@ def foldable_pairs(model: nn.Module, is_target: Callable[[str, nn.Module], bool]
     return out
 
 
+def foldable_gates(model: nn.Module, is_target: Callable[[str, nn.Module], bool]) -> list[tuple[str, str, str]]:
+    """``(gate module path, layer path, activation name)`` for every ``nn.Sequential`` member that is a gated
+    projection (``acts.gate_of_module``: SD1.x / SDXL's ``GEGLU``) followed, past ``nn.Dropout(p=0)`` members
+    only, by a layer ``is_target(path, module)`` accepts; nothing is changed."""
+    out = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        prefix = f"{name}." if name else ""
+        members = [(k, m) for k, m in seq._modules.items() if m is not None]
+        for i, (key, mod) in enumerate(members):
+            act = gate_of_module(mod)
+            if act is None:
+                continue
+            rest = members[i + 1:]
+            while rest and type(rest[0][1]) is nn.Dropout and rest[0][1].p == 0:
+                rest = rest[1:]
+            if rest and is_target(prefix + rest[0][0], rest[0][1]):
+                out.append((prefix + key, prefix + rest[0][0], act))
+    return out
+
+
+class ProjectionOnly(nn.Module):
+    """A folded gate module's stand-in: its ``proj`` child alone (same state-dict keys); the gated activation
+    is applied by the next layer."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
 def _unfolded_quant_linear(path: str, mod: nn.Module) -> bool:
     return isinstance(mod, QuantLinear) and getattr(mod, "input_act", None) is None
 
@@ -48,5 +87,11 @@ def fold_input_activations(model: nn.Module) -> list[str]:
         model.get_submodule(layer_path).input_act = act
         parent, _, key = act_path.rpartition(".")
         (model.get_submodule(parent) if parent else model)._modules[key] = nn.Identity()
+        folded.append(f"{layer_path}: {act}")
+    for gate_path, layer_path, act in foldable_gates(model, _unfolded_quant_linear):
+        model.get_submodule(layer_path).input_act = act
+        parent, _, key = gate_path.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        holder._modules[key] = ProjectionOnly(holder._modules[key].proj)
         folded.append(f"{layer_path}: {act}")
     return folded

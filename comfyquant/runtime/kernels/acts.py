@@ -6,19 +6,23 @@ GEMM's quantizer or A-tile load). Every backend that does not fuse it gets ``app
 x's dtype, exactly as the model computed it.
 
 Gated activations (:data:`GATED`) halve the width: ``swiglu`` is ``silu(x[..., :K]) * x[..., K:]`` on a
-``[..., 2K]`` input (Flux.2's MLP: ``Linear(d, 2h), SiLUActivation(), Linear(h, d)``); only the activation
-quantizers fuse those (they read the gate and the up half of each row).
+``[..., 2K]`` input (Flux.2's MLP: ``Linear(d, 2h), SiLUActivation(), Linear(h, d)``), ``geglu`` is
+``x[..., :K] * gelu(x[..., K:])`` (SD1.x / SDXL feed-forwards: ``GEGLU`` projects and gates in one module,
+:func:`gate_of_module`); only the activation quantizers fuse those (they read both halves of each row).
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 # name -> the code the Triton kernels take as a constexpr (0: none)
-INPUT_ACTS: dict[str, int] = {"gelu_tanh": 1, "gelu": 2, "silu": 3, "swiglu": 4}
-GATED = frozenset({"swiglu"})  # input [..., 2K] -> [..., K]
-SWIGLU = INPUT_ACTS["swiglu"]
+INPUT_ACTS: dict[str, int] = {"gelu_tanh": 1, "gelu": 2, "silu": 3, "swiglu": 4, "geglu": 5}
+GATED = frozenset({"swiglu", "geglu"})  # input [..., 2K] -> [..., K]
+SWIGLU, GEGLU = INPUT_ACTS["swiglu"], INPUT_ACTS["geglu"]
+GATED_CODES = frozenset(INPUT_ACTS[n] for n in GATED)
 
 
 def act_code(name: str | None) -> int:
@@ -44,6 +48,9 @@ def apply_input_act(x: torch.Tensor, name: str | None) -> torch.Tensor:
     if name == "swiglu":
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+    if name == "geglu":
+        value, gate = x.chunk(2, dim=-1)
+        return value * F.gelu(gate)
     raise ValueError(f"unknown input activation {name!r}; expected one of {sorted(INPUT_ACTS)}")
 
 
@@ -75,3 +82,26 @@ def _computes_swiglu(mod: torch.nn.Module) -> bool:
         except (RuntimeError, TypeError, ValueError):  # not a one-tensor elementwise module: not foldable
             return False
     return isinstance(y, torch.Tensor) and torch.equal(y, apply_input_act(x, "swiglu"))
+
+
+# classes of gated projections whose forward is ``act(self.proj(x))`` (ComfyUI's comfy.ldm.modules.attention.GEGLU)
+GATE_CLASS_NAMES = frozenset({"GEGLU"})
+
+
+def gate_of_module(mod: torch.nn.Module) -> str | None:
+    """The gated activation a projection module applies after its ``proj`` child (``"geglu"``), or None: a
+    module of :data:`GATE_CLASS_NAMES` with ``proj`` as its only child and no parameters of its own, whose
+    forward, run on a probe with ``proj`` standing for the identity (the module itself is not touched),
+    returns ``apply_input_act(x, "geglu")`` exactly."""
+    if type(mod).__name__ not in GATE_CLASS_NAMES or [n for n, _ in mod.named_children()] != ["proj"]:
+        return None
+    if any(True for _ in mod.named_parameters(recurse=False)) or any(True for _ in mod.named_buffers(recurse=False)):
+        return None
+    x = torch.linspace(-4.0, 4.0, 24).reshape(3, 8)
+    stand_in = SimpleNamespace(proj=torch.nn.Identity())
+    with torch.no_grad():
+        try:
+            y = type(mod).forward(stand_in, x)
+        except (AttributeError, RuntimeError, TypeError, ValueError):  # its forward needs more than proj
+            return None
+    return "geglu" if isinstance(y, torch.Tensor) and torch.equal(y, apply_input_act(x, "geglu")) else None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels import triton_quant
-from comfyquant.runtime.kernels.acts import SWIGLU
+from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import (
     TileConfig,
     cdiv,
@@ -88,8 +88,8 @@ def _no_act_with_low_rank(act: int, low_rank: LowRank | None) -> None:
 
 def _no_gated_act(act: int, what: str) -> None:
     """The GEMMs that apply the input activation on their A tiles take elementwise ones only."""
-    if act == SWIGLU:
-        raise ValueError(f"{what} applies elementwise input activations only; apply swiglu first "
+    if act in GATED_CODES:
+        raise ValueError(f"{what} applies elementwise input activations only; apply gated ones first "
                          "(runtime.kernels.dispatch does for backends without fuses_gated_act)")
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from comfyquant.quant.hadamard import hadamard_matrix
-from comfyquant.runtime.kernels.acts import SWIGLU
+from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
 from comfyquant.runtime.kernels.launch import FastKernel
 
@@ -85,12 +85,16 @@ def input_act(x, ACT: tl.constexpr):
 
 @triton.jit
 def _load_act(ptrs, mask, K, ACT: tl.constexpr):
-    """x at ``ptrs`` in fp32 (zero where masked) after the input activation; swiglu (4) multiplies
-    ``silu(x)`` by the up half, read ``K`` columns further on (the row holds 2K)."""
+    """x at ``ptrs`` in fp32 (zero where masked) after the input activation; the gated ones read the row's
+    second half ``K`` columns further on (the row holds 2K): swiglu (4) ``silu(x) * second``, geglu (5)
+    ``x * gelu(second)`` (erf)."""
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if ACT == 4:
         up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
         return x * tl.sigmoid(x) * up
+    if ACT == 5:
+        gate = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        return x * input_act(gate, 2)
     return input_act(x, ACT)
 
 
@@ -268,11 +272,11 @@ def _hadamard(group: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 
 def _out_width(x2d: torch.Tensor, act: int) -> int:
-    """Columns of the output (K): x's, or half of them for the gated swiglu (its rows hold gate, then up)."""
+    """Columns of the output (K): x's, or half of them for a gated activation (its rows hold both halves)."""
     k = int(x2d.shape[1])
-    if act == SWIGLU:
+    if act in GATED_CODES:
         if k % 2:
-            raise ValueError(f"swiglu needs an even input width, got {k}")
+            raise ValueError(f"a gated input activation needs an even input width, got {k}")
         return k // 2
     return k
 
