@@ -171,8 +171,22 @@ class Wan(nn.Module):
         return x
 
 
+class GEGLU(nn.Module):
+    """SD1.x / SDXL's gated projection (ComfyUI's class of this name): ``x * gelu(gate)`` of one doubled
+    projection; ``quantize_`` folds the gate into the next linear (``acts.gate_of_module``)."""
+
+    def __init__(self, d: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
 class SdxlBlock(nn.Module):
-    """SDXL BasicTransformerBlock: self-attn, cross-attn to 2048-wide text, GEGLU feed-forward."""
+    """SDXL BasicTransformerBlock: self-attn, cross-attn to 2048-wide text, GEGLU feed-forward (as ComfyUI's
+    ``FeedForward``: GEGLU, dropout, linear)."""
 
     def __init__(self, d: int, heads: int, ctx: int = 2048) -> None:
         super().__init__()
@@ -180,15 +194,14 @@ class SdxlBlock(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=i == 3) for i in range(4))
         self.cq, self.co = nn.Linear(d, d, bias=False), nn.Linear(d, d)
         self.ck, self.cv = nn.Linear(ctx, d, bias=False), nn.Linear(ctx, d, bias=False)
-        self.ff0, self.ff2 = nn.Linear(d, 8 * d), nn.Linear(4 * d, d)
+        self.ff = nn.Sequential(GEGLU(d, 4 * d), nn.Dropout(0.0), nn.Linear(4 * d, d))
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         y = _ln(x)
         x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
         y = _ln(x)
         x = x + self.co(_attn(self.cq(y), self.ck(ctx), self.cv(ctx), self.heads))
-        a, gate = self.ff0(_ln(x)).chunk(2, dim=-1)
-        return x + self.ff2(a * F.gelu(gate))
+        return x + self.ff(_ln(x))
 
 
 class Sdxl(nn.Module):
