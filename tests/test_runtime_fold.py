@@ -276,3 +276,30 @@ def test_comfyui_sdxl_feedforward_geglu_is_folded(comfy) -> None:
     x = torch.randn(3, 7, 64)
     with torch.no_grad():
         assert torch.equal(ff(x), ref(x))
+
+
+@pytest.mark.comfyui
+def test_comfyui_ltxv_feedforward_gelu_projection_is_folded(comfy) -> None:
+    """ComfyUI 0.30's LTXV ``FeedForward`` (``Sequential(GELU_approx(proj), Dropout, Linear)``): the projection's
+    tanh GELU folds into the next layer; Qwen-Image's ``GELU`` module is recognized too (its ``approximate``
+    attribute read from the module), but its feed-forward runs a ``ModuleList`` in its own loop: not folded."""
+    import importlib
+
+    from comfyquant.runtime.kernels.acts import gate_of_module
+
+    ltx = importlib.import_module("comfy.ldm.lightricks.model")
+    qwen = importlib.import_module("comfy.ldm.qwen_image.model")
+    ffs = []
+    for fold in (False, True):
+        torch.manual_seed(4)
+        ff = ltx.FeedForward(64, 64, operations=nn)
+        ffs.append((ff, quantize_(ff, QuantizeConfig(format="int8", fold_activations=fold))))
+    (ref, s0), (ff, s1) = ffs
+    assert s0.folded == [] and s1.folded == ["net.2: gelu_tanh"]
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        assert torch.equal(ff(x), ref(x))
+    assert gate_of_module(qwen.GELU(8, 8, approximate="tanh", operations=nn)) == "gelu_tanh"
+    assert gate_of_module(qwen.GELU(8, 8, operations=nn)) == "gelu"
+    qff = qwen.FeedForward(64, operations=nn)
+    assert quantize_(qff, QuantizeConfig(format="int8")).folded == []

@@ -9,9 +9,10 @@ replaced module are gone with it, and a forward pre-hook on the folded layer see
 activation). It assumes the ``nn.Sequential`` runs its members in order, which its ``forward`` does; a model
 that calls the members one by one with other inputs in between needs ``fold_activations=False``.
 
-A gated projection (SD1.x / SDXL's ``GEGLU``: ``x, gate = proj(x).chunk(2); x * gelu(gate)``) followed by the
-layer (past zero-probability dropouts) folds too: the module is replaced by :class:`ProjectionOnly` (its
-``proj`` alone, same keys) and the layer applies ``geglu`` to the doubled width.
+A projection module with its activation (SD1.x / SDXL's ``GEGLU``: ``x, gate = proj(x).chunk(2); x *
+gelu(gate)``; LTXV's ``GELU_approx``: ``gelu(proj(x), "tanh")``) followed by the layer (past zero-probability
+dropouts) folds too: the module is replaced by :class:`ProjectionOnly` (its ``proj`` alone, same keys) and the
+layer applies the activation (``geglu`` on the doubled width).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def foldable_pairs(model: nn.Module, is_target: Callable[[str, nn.Module], bool]
 
 
 def foldable_gates(model: nn.Module, is_target: Callable[[str, nn.Module], bool]) -> list[tuple[str, str, str]]:
-    """``(gate module path, layer path, activation name)`` for every ``nn.Sequential`` member that is a gated
-    projection (``acts.gate_of_module``: SD1.x / SDXL's ``GEGLU``) followed, past ``nn.Dropout(p=0)`` members
-    only, by a layer ``is_target(path, module)`` accepts; nothing is changed."""
+    """``(projection module path, layer path, activation name)`` for every ``nn.Sequential`` member that is a
+    projection with its activation (``acts.gate_of_module``: SD1.x / SDXL's ``GEGLU``, LTXV's ``GELU_approx``)
+    followed, past ``nn.Dropout(p=0)`` members only, by a layer ``is_target(path, module)`` accepts; nothing is
+    changed."""
     out = []
     for name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):

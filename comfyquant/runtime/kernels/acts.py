@@ -84,24 +84,30 @@ def _computes_swiglu(mod: torch.nn.Module) -> bool:
     return isinstance(y, torch.Tensor) and torch.equal(y, apply_input_act(x, "swiglu"))
 
 
-# classes of gated projections whose forward is ``act(self.proj(x))`` (ComfyUI's comfy.ldm.modules.attention.GEGLU)
-GATE_CLASS_NAMES = frozenset({"GEGLU"})
+# classes of projections whose forward is ``act(self.proj(x))``: ComfyUI's GEGLU (SD1.x / SDXL), GELU_approx
+# (LTXV) and GELU (Qwen-Image, Hunyuan3D: ``approximate`` an attribute)
+PROJECTION_CLASS_NAMES = frozenset({"GEGLU", "GELU_approx", "GELU"})
+_PROJECTED = ("geglu", "gelu_tanh", "gelu", "silu")
 
 
 def gate_of_module(mod: torch.nn.Module) -> str | None:
-    """The gated activation a projection module applies after its ``proj`` child (``"geglu"``), or None: a
-    module of :data:`GATE_CLASS_NAMES` with ``proj`` as its only child and no parameters of its own, whose
-    forward, run on a probe with ``proj`` standing for the identity (the module itself is not touched),
-    returns ``apply_input_act(x, "geglu")`` exactly."""
-    if type(mod).__name__ not in GATE_CLASS_NAMES or [n for n, _ in mod.named_children()] != ["proj"]:
+    """The activation a projection module applies after its ``proj`` child (``"geglu"``, ``"gelu_tanh"``, ...),
+    or None: a module of :data:`PROJECTION_CLASS_NAMES` with ``proj`` as its only child and no parameters of its
+    own, whose forward, run on a probe with ``proj`` standing for the identity (on a stand-in holding the
+    module's plain attributes: the module itself is not touched), returns exactly one of those activations."""
+    if type(mod).__name__ not in PROJECTION_CLASS_NAMES or [n for n, _ in mod.named_children()] != ["proj"]:
         return None
     if any(True for _ in mod.named_parameters(recurse=False)) or any(True for _ in mod.named_buffers(recurse=False)):
         return None
     x = torch.linspace(-4.0, 4.0, 24).reshape(3, 8)
-    stand_in = SimpleNamespace(proj=torch.nn.Identity())
+    plain = {k: v for k, v in vars(mod).items() if not k.startswith("_")}
+    stand_in = SimpleNamespace(**plain, proj=torch.nn.Identity())
     with torch.no_grad():
         try:
             y = type(mod).forward(stand_in, x)
         except (AttributeError, RuntimeError, TypeError, ValueError):  # its forward needs more than proj
             return None
-    return "geglu" if isinstance(y, torch.Tensor) and torch.equal(y, apply_input_act(x, "geglu")) else None
+    if not isinstance(y, torch.Tensor):
+        return None
+    return next((a for a in _PROJECTED if y.shape == apply_input_act(x, a).shape
+                 and torch.equal(y, apply_input_act(x, a))), None)
