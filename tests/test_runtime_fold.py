@@ -244,7 +244,7 @@ def test_geglu_projection_folds_into_the_next_layer_keeping_its_keys(fmt: str) -
 
 
 def test_geglu_detection_needs_the_computation_and_no_live_dropout() -> None:
-    from comfyquant.runtime.kernels.acts import gate_of_module
+    from comfyquant.runtime.kernels.acts import projected_act_of_module
 
     class Swapped(GEGLU):  # the same name, gelu on the other half
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +252,7 @@ def test_geglu_detection_needs_the_computation_and_no_live_dropout() -> None:
             return x * nn.functional.gelu(gate)
 
     Swapped.__name__ = "GEGLU"
-    assert gate_of_module(GEGLU(8, 4)) == "geglu" and gate_of_module(Swapped(8, 4)) is None
+    assert projected_act_of_module(GEGLU(8, 4)) == "geglu" and projected_act_of_module(Swapped(8, 4)) is None
     assert quantize_(_geglu_ff(Swapped), QuantizeConfig(format="int8")).folded == []
     assert quantize_(_geglu_ff(dropout=0.1), QuantizeConfig(format="int8")).folded == []
     x = torch.randn(2, 10)
@@ -285,7 +285,7 @@ def test_comfyui_ltxv_feedforward_gelu_projection_is_folded(comfy) -> None:
     attribute read from the module), but its feed-forward runs a ``ModuleList`` in its own loop: not folded."""
     import importlib
 
-    from comfyquant.runtime.kernels.acts import gate_of_module
+    from comfyquant.runtime.kernels.acts import projected_act_of_module
 
     ltx = importlib.import_module("comfy.ldm.lightricks.model")
     qwen = importlib.import_module("comfy.ldm.qwen_image.model")
@@ -299,7 +299,7 @@ def test_comfyui_ltxv_feedforward_gelu_projection_is_folded(comfy) -> None:
     x = torch.randn(3, 7, 64)
     with torch.no_grad():
         assert torch.equal(ff(x), ref(x))
-    assert gate_of_module(qwen.GELU(8, 8, approximate="tanh", operations=nn)) == "gelu_tanh"
-    assert gate_of_module(qwen.GELU(8, 8, operations=nn)) == "gelu"
+    assert projected_act_of_module(qwen.GELU(8, 8, approximate="tanh", operations=nn)) == "gelu_tanh"
+    assert projected_act_of_module(qwen.GELU(8, 8, operations=nn)) == "gelu"
     qff = qwen.FeedForward(64, operations=nn)
     assert quantize_(qff, QuantizeConfig(format="int8")).folded == []

@@ -173,7 +173,7 @@ class Wan(nn.Module):
 
 class GEGLU(nn.Module):
     """SD1.x / SDXL's gated projection (ComfyUI's class of this name): ``x * gelu(gate)`` of one doubled
-    projection; ``quantize_`` folds the gate into the next linear (``acts.gate_of_module``)."""
+    projection; ``quantize_`` folds the gate into the next linear (``acts.projected_act_of_module``)."""
 
     def __init__(self, d: int, inner: int) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import AUTO, AdapterSettings
 from comfyquant.nodes.smoothing import Smoothing, open_smoothing, resolve_calibration_path
-from comfyquant.runtime.fold import foldable_gates, foldable_pairs
+from comfyquant.runtime.fold import foldable_pairs, foldable_projections
 from comfyquant.runtime.kernels.backends import device_capability
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
@@ -223,10 +223,10 @@ def _lora_patches(patcher: Any, key: str) -> list | None:
     return list(patches) if patches else None
 
 
-def _projection_only(gate: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A gated projection's forward without its activation: ``gate.proj`` read at call time (the converted layer
+def _projection_only(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A projection module's forward without its activation: ``mod.proj`` read at call time (the converted layer
     while the clone's patches are applied, the float one otherwise)."""
-    return lambda x: gate.proj(x)
+    return lambda x: mod.proj(x)
 
 
 def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None,
@@ -322,10 +322,10 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
             return path in new_layers
 
         folds = {layer: (path, nn.Identity(), act) for path, layer, act in foldable_pairs(dm, targets)}
-        # a gated projection (GEGLU) keeps its module and its converted proj; only its forward is patched, to the
-        # projection alone (patching the module itself and its proj child both would restore them out of order)
+        # a projection module (GEGLU, GELU_approx) keeps itself and its converted proj; only its forward is patched,
+        # to the projection alone (patching the module itself and its proj child both would restore them out of order)
         folds.update({layer: (f"{path}.forward", _projection_only(dm.get_submodule(path)), act)
-                      for path, layer, act in foldable_gates(dm, targets)})
+                      for path, layer, act in foldable_projections(dm, targets)})
     for name, qt in new_layers.items():
         src = linears[name]
         layer = ComfyQuantLinear.wrap(qt, src.bias)

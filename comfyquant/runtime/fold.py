@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from comfyquant.runtime.kernels.acts import act_of_module, gate_of_module
+from comfyquant.runtime.kernels.acts import act_of_module, projected_act_of_module
 from comfyquant.runtime.nn import QuantLinear
 
 
@@ -42,9 +42,9 @@ def foldable_pairs(model: nn.Module, is_target: Callable[[str, nn.Module], bool]
     return out
 
 
-def foldable_gates(model: nn.Module, is_target: Callable[[str, nn.Module], bool]) -> list[tuple[str, str, str]]:
+def foldable_projections(model: nn.Module, is_target: Callable[[str, nn.Module], bool]) -> list[tuple[str, str, str]]:
     """``(projection module path, layer path, activation name)`` for every ``nn.Sequential`` member that is a
-    projection with its activation (``acts.gate_of_module``: SD1.x / SDXL's ``GEGLU``, LTXV's ``GELU_approx``)
+    projection with its activation (``acts.projected_act_of_module``: SD1.x / SDXL's ``GEGLU``, LTXV's ``GELU_approx``)
     followed, past ``nn.Dropout(p=0)`` members only, by a layer ``is_target(path, module)`` accepts; nothing is
     changed."""
     out = []
@@ -54,7 +54,7 @@ def foldable_gates(model: nn.Module, is_target: Callable[[str, nn.Module], bool]
         prefix = f"{name}." if name else ""
         members = [(k, m) for k, m in seq._modules.items() if m is not None]
         for i, (key, mod) in enumerate(members):
-            act = gate_of_module(mod)
+            act = projected_act_of_module(mod)
             if act is None:
                 continue
             rest = members[i + 1:]
@@ -66,7 +66,7 @@ def foldable_gates(model: nn.Module, is_target: Callable[[str, nn.Module], bool]
 
 
 class ProjectionOnly(nn.Module):
-    """A folded gate module's stand-in: its ``proj`` child alone (same state-dict keys); the gated activation
+    """A folded projection module's stand-in: its ``proj`` child alone (same state-dict keys); its activation
     is applied by the next layer."""
 
     def __init__(self, proj: nn.Module) -> None:
@@ -90,9 +90,9 @@ def fold_input_activations(model: nn.Module) -> list[str]:
         parent, _, key = act_path.rpartition(".")
         (model.get_submodule(parent) if parent else model)._modules[key] = nn.Identity()
         folded.append(f"{layer_path}: {act}")
-    for gate_path, layer_path, act in foldable_gates(model, _unfolded_quant_linear):
+    for proj_path, layer_path, act in foldable_projections(model, _unfolded_quant_linear):
         model.get_submodule(layer_path).input_act = act
-        parent, _, key = gate_path.rpartition(".")
+        parent, _, key = proj_path.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         holder._modules[key] = ProjectionOnly(holder._modules[key].proj)
         folded.append(f"{layer_path}: {act}")

@@ -8,11 +8,13 @@ x's dtype, exactly as the model computed it.
 Gated activations (:data:`GATED`) halve the width: ``swiglu`` is ``silu(x[..., :K]) * x[..., K:]`` on a
 ``[..., 2K]`` input (Flux.2's MLP: ``Linear(d, 2h), SiLUActivation(), Linear(h, d)``), ``geglu`` is
 ``x[..., :K] * gelu(x[..., K:])`` (SD1.x / SDXL feed-forwards: ``GEGLU`` projects and gates in one module,
-:func:`gate_of_module`); only the activation quantizers fuse those (they read both halves of each row).
+:func:`projected_act_of_module`); only the activation quantizers fuse those (they read both halves of each row).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -72,16 +74,11 @@ def act_of_module(mod: torch.nn.Module) -> str | None:
 
 
 def _computes_swiglu(mod: torch.nn.Module) -> bool:
-    """Whether a module without parameters or buffers maps a probe exactly as ``apply_input_act(x, "swiglu")``."""
-    if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+    """Whether a module without parameters or buffers maps the probe exactly as ``apply_input_act(x, "swiglu")``."""
+    if _has_state(mod, recurse=True):
         return False
-    x = torch.linspace(-4.0, 4.0, 24).reshape(3, 8)
-    with torch.no_grad():
-        try:
-            y = mod(x)
-        except (RuntimeError, TypeError, ValueError):  # not a one-tensor elementwise module: not foldable
-            return False
-    return isinstance(y, torch.Tensor) and torch.equal(y, apply_input_act(x, "swiglu"))
+    y = _probe(mod)
+    return y is not None and torch.equal(y, apply_input_act(_PROBE, "swiglu"))
 
 
 # classes of projections whose forward is ``act(self.proj(x))``: ComfyUI's GEGLU (SD1.x / SDXL), GELU_approx
@@ -90,24 +87,37 @@ PROJECTION_CLASS_NAMES = frozenset({"GEGLU", "GELU_approx", "GELU"})
 _PROJECTED = ("geglu", "gelu_tanh", "gelu", "silu")
 
 
-def gate_of_module(mod: torch.nn.Module) -> str | None:
+def projected_act_of_module(mod: torch.nn.Module) -> str | None:
     """The activation a projection module applies after its ``proj`` child (``"geglu"``, ``"gelu_tanh"``, ...),
     or None: a module of :data:`PROJECTION_CLASS_NAMES` with ``proj`` as its only child and no parameters of its
-    own, whose forward, run on a probe with ``proj`` standing for the identity (on a stand-in holding the
+    own, whose forward, run on the probe with ``proj`` standing for the identity (on a stand-in holding the
     module's plain attributes: the module itself is not touched), returns exactly one of those activations."""
     if type(mod).__name__ not in PROJECTION_CLASS_NAMES or [n for n, _ in mod.named_children()] != ["proj"]:
         return None
-    if any(True for _ in mod.named_parameters(recurse=False)) or any(True for _ in mod.named_buffers(recurse=False)):
+    if _has_state(mod, recurse=False):
         return None
-    x = torch.linspace(-4.0, 4.0, 24).reshape(3, 8)
     plain = {k: v for k, v in vars(mod).items() if not k.startswith("_")}
-    stand_in = SimpleNamespace(**plain, proj=torch.nn.Identity())
+    y = _probe(partial(type(mod).forward, SimpleNamespace(**plain, proj=torch.nn.Identity())))
+    if y is None:
+        return None
+    return next((a for a in _PROJECTED if y.shape == apply_input_act(_PROBE, a).shape
+                 and torch.equal(y, apply_input_act(_PROBE, a))), None)
+
+
+_PROBE = torch.linspace(-4.0, 4.0, 24).reshape(3, 8)  # what a candidate module is run on (never modified)
+
+
+def _has_state(mod: torch.nn.Module, recurse: bool) -> bool:
+    return any(True for _ in mod.named_parameters(recurse=recurse)) or any(
+        True for _ in mod.named_buffers(recurse=recurse))
+
+
+def _probe(fn: Callable[[torch.Tensor], object]) -> torch.Tensor | None:
+    """``fn(probe)`` when it returns a tensor; None when it raises an error an unsuitable module raises (it needs
+    other inputs or attributes: not foldable) or returns something else."""
     with torch.no_grad():
         try:
-            y = type(mod).forward(stand_in, x)
-        except (AttributeError, RuntimeError, TypeError, ValueError):  # its forward needs more than proj
+            y = fn(_PROBE)
+        except (AttributeError, RuntimeError, TypeError, ValueError):
             return None
-    if not isinstance(y, torch.Tensor):
-        return None
-    return next((a for a in _PROJECTED if y.shape == apply_input_act(x, a).shape
-                 and torch.equal(y, apply_input_act(x, a))), None)
+    return y if isinstance(y, torch.Tensor) else None

@@ -188,15 +188,18 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
         if low_rank is None:
             if fast and x.is_contiguous() and x.data_ptr() % 16 == 0:
                 return fast(x)
+            # xk: what the kernel is given; act: the activation code it applies itself (-1: applied before it)
             if input_act is None:
-                act, y = 0, b.impl(x, w, scales, bias, opts, x.dtype)
+                xk, act = x, 0
+                y = b.impl(x, w, scales, bias, opts, x.dtype)
             elif b.fuses_input_act and (input_act not in GATED or b.fuses_gated_act):
-                act = act_code(input_act)
+                xk, act = x, act_code(input_act)
                 y = b.impl(x, w, scales, bias, opts, x.dtype, act=act)
             else:
-                act, y = -1, b.impl(apply_input_act(x, input_act), w, scales, bias, opts, x.dtype)
+                xk, act = apply_input_act(x, input_act), -1
+                y = b.impl(xk, w, scales, bias, opts, x.dtype)
             if fast is None:  # the first call compiled the kernels: later calls of this signature replay them
-                e[1] = _plan(b, x, w, scales, bias, opts, act, input_act) or False
+                e[1] = _plan(b, xk, w, scales, bias, opts, act, input_act) or False
             return y
         if input_act is not None:
             x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too
@@ -215,16 +218,16 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     return call
 
 
-def _plan(b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
+def _plan(b: KernelBackend, xk: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
           opts: tuple, act: int, input_act: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The backend's eager fast path for x's signature: its plan, taking ``act`` (>= 0) itself, or, where the
-    backend does not fuse the input activation (``act`` -1), its plan for the activated input behind the torch
-    activation (the first call just ran the kernels on that input's signature)."""
+    """The backend's eager fast path for the signature of ``xk``, what the first call gave the kernel: its plan,
+    taking ``act`` (>= 0) itself, or, where the backend does not fuse the input activation (``act`` -1, ``xk``
+    the activated input), its plan for the activated input behind the torch activation."""
     if b.plan is None:
         return None
     if act >= 0:
-        return b.plan(x, w, scales, bias, opts, x.dtype, act)
-    p = b.plan(apply_input_act(x, input_act), w, scales, bias, opts, x.dtype, 0)
+        return b.plan(xk, w, scales, bias, opts, xk.dtype, act)
+    p = b.plan(xk, w, scales, bias, opts, xk.dtype, 0)
     if p is None:
         return None
     return lambda x: p(apply_input_act(x, input_act))
