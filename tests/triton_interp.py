@@ -101,6 +101,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def code_diff(q: torch.Tensor, qr: torch.Tensor) -> tuple[int, int, bool]:
+    """(largest |difference|, how many differ, within the rotation bound) of two int8 code tensors: fp32 sums in
+    another order may move a code by 1 at a .5 tie, on <= 0.1% of codes (+1)."""
+    d = (q.int() - qr.int()).abs()
+    n = int((d > 0).sum())
+    return int(d.max()), n, bool(d.max() <= 1 and n <= q.numel() // 1000 + 1)
+
+
 def interp_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What a kernel stores, under the interpreter, for the float32 values ``t`` cast to ``dtype``.
 

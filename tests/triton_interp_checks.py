@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from triton_interp import group, interp_cast, record, rel
+from triton_interp import code_diff, group, interp_cast, record, rel
 from triton_interp_fp8 import GROUPS as FP8_GROUPS
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
 from triton_interp_plans import GROUPS as PLAN_GROUPS
@@ -69,12 +69,6 @@ def _bound64(y: torch.Tensor, x2d: torch.Tensor, w: torch.Tensor, bias: torch.Te
     return rel(y, ref64), 1.5 * (eps_x + eps_w) + 2 ** -7
 
 
-def _code_diff(q: torch.Tensor, qr: torch.Tensor) -> tuple[int, int, bool]:
-    d = (q.int() - qr.int()).abs()
-    n = int((d > 0).sum())
-    return int(d.max()), n, bool(d.max() <= 1 and n <= q.numel() // 1000 + 1)
-
-
 # ---- the CPU path, in a fresh process with triton importable ---------------------------------------------------
 def check_cpu_dispatch() -> None:
     """Quantized layers on CPU tensors run the torch reference and never import the Triton kernel modules
@@ -119,7 +113,7 @@ def check_act_quant() -> None:
                 record("int8_codes", torch.equal(q, qr) and torch.equal(s, sr), m=m, k=k, dtype=str(dt))
             else:
                 qr, sr = reference.quantize_rows_int8(fast_hadamard(x.double(), g).float())
-                mx, n, ok = _code_diff(q, qr)
+                mx, n, ok = code_diff(q, qr)
                 record("int8_rot_codes", ok and rel(s, sr) < 1e-6, m=m, k=k, convrot=g, dtype=str(dt),
                        max_code_diff=mx, codes_diff=n)
     # a row stride wider than K (column slice), and the W4A8 K order (evens then odds per 128 block)

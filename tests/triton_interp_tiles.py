@@ -14,7 +14,7 @@ quantization would not pass (the check can fail).
 from __future__ import annotations
 
 import torch
-from triton_interp import record, rel
+from triton_interp import code_diff, record, rel
 
 F16, F32 = torch.float16, torch.float32
 
@@ -25,12 +25,6 @@ def _x(m: int, k: int, seed: int) -> torch.Tensor:
     x[0, 3] = 30.0
     x[-1, -1] = -40.0
     return x.to(F16)
-
-
-def _codes_close(q: torch.Tensor, qr: torch.Tensor) -> tuple[int, int, bool]:
-    d = (q.int() - qr.int()).abs()
-    n = int((d > 0).sum())
-    return int(d.max()), n, bool(d.max() <= 1 and n <= q.numel() // 1000 + 1)
 
 
 def check_plain_tiles() -> None:
@@ -71,11 +65,11 @@ def check_dot_rotation() -> None:
             xa = apply_input_act(x, "gelu_tanh") if act else x
             qr, sr = reference.quantize_rows_int8(fast_hadamard(xa.double(), g).float())
             q, s = triton_quant.quantize_rows_int8(x, g, act=act, kernel="tiles")
-            mx, n, ok = _codes_close(q, qr)
+            mx, n, ok = code_diff(q, qr)
             qb, _ = triton_quant.quantize_rows_int8(xa, g, kernel="rows")
             qn, _ = reference.quantize_rows_int8(xa.float())  # not rotated: must fail the bound
-            record("dot_rotation_int8", ok and rel(s, sr) < 1e-6 and _codes_close(qb, qr)[2]
-                   and not _codes_close(qn, qr)[2], m=m, k=k, convrot=g, act=act, max_code_diff=mx, codes_diff=n)
+            record("dot_rotation_int8", ok and rel(s, sr) < 1e-6 and code_diff(qb, qr)[2]
+                   and not code_diff(qn, qr)[2], m=m, k=k, convrot=g, act=act, max_code_diff=mx, codes_diff=n)
         r = triton_quant.rotate_rows(x, g, kernel="tiles")
         e = rel(r, fast_hadamard(x.double(), g))
         record("dot_rotation_float", r.dtype == F16 and e <= 2 ** -9, m=m, k=k, convrot=g, rel=e)
