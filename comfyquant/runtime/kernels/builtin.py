@@ -349,8 +349,9 @@ FP8 = register_kernel_kind(KernelKind(
      "triton": KernelBackend(_fp8_triton, _TRITON_FP8, True, True, _plan_fp8_triton, fuses_gated_act=True)},
     choose=_choose_fp8, check=_check_fp8, choose_low_rank=_choose_fp8))
 INT4_ROT = register_kernel_kind(KernelKind(
-    "int4_rot", {"torch": _int4_torch, "dequant": _int4_dequant, "triton": KernelBackend(_int4_triton, _TRITON, True, True,
-                                                                           fuses_gated_act=True)},
+    "int4_rot",
+    {"torch": _int4_torch, "dequant": _int4_dequant,
+     "triton": KernelBackend(_int4_triton, _TRITON, True, True, fuses_gated_act=True)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
 
 # the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels

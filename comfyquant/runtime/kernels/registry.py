@@ -58,7 +58,7 @@ class KernelBackend:
     16, rows past ``r`` zero) and adds ``(x @ down^T) @ up`` in its GEMM epilogue (dynamic LoRAs at the cost
     of one small extra GEMM, instead of a second pass over the output). ``fuses_input_act``: ``impl`` also takes
     ``act=CODE`` (``acts.INPUT_ACTS``) and applies that activation to x as it reads it (no separate pass);
-    ``fuses_gated_act``: the gated ones too (``acts.GATED``: x holds 2K columns, gate then up).
+    ``fuses_gated_act``: the gated ones too (``acts.GATED``: x holds 2K columns, both halves).
     ``plan(x, w, scales, bias, opts, out_dtype, act)``: an eager fast path ``x -> y`` for inputs of ``x``'s
     signature and layout, made after a first call compiled the kernels, or None (see ``triton_plans``)."""
 

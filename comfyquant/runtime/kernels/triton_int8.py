@@ -316,7 +316,7 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     x2d = x.reshape(-1, k)
     q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=kern.PERM_BLOCK, act=act)
     w_packed = _contig_rows(w_packed)
-    m, n, k = q.shape[0], w_packed.shape[0], q.shape[1]  # k: the activated width (half of x's for swiglu)
+    m, n, k = q.shape[0], w_packed.shape[0], q.shape[1]  # k: the activated width (half of x's when gated)
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:

@@ -366,8 +366,8 @@ def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 
     ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``kernel``: "rows" (a row
     per program, the rotation as an in-register butterfly) or "tiles" (row tiles, the rotation a tensor-core
     product, where :func:`tiles_apply`; else "rows")."""
-    if perm and x2d.shape[-1] % perm:
-        raise ValueError(f"K={x2d.shape[-1]} is not a multiple of the permutation block {perm}")
+    if perm and _out_width(x2d, act) % perm:
+        raise ValueError(f"K={_out_width(x2d, act)} is not a multiple of the permutation block {perm}")
     return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, kernel=kernel)
 
 
