@@ -1,6 +1,6 @@
 """Build ``.whl/``: what ``gpu_suite.py`` unpacks on the device machine, which cannot download anything.
 
-    python3 benchmarks/gpu_bundle.py            # then: run(..., carry=[".whl"])
+    .venv/bin/python benchmarks/gpu_bundle.py    # then: run(..., carry=[".whl"])
 
 - ``ck.zip``: comfy-kitchen 0.2.40's CUDA wheel (cp312, manylinux) as a package tree for PYTHONPATH, without
   its ROCm library (157 MB, which would not fit the 64 MiB a device call carries);
@@ -23,7 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from comfyquant.testing.comfyui_env import COMFY_KITCHEN_VERSION, ensure_comfyui  # noqa: E402
+try:
+    from comfyquant.testing.comfyui_env import COMFY_KITCHEN_VERSION, ensure_comfyui
+except ImportError as e:  # run outside the project's venv (torch missing)
+    print(f"gpu_bundle: error: {e}; run it with the project's venv: .venv/bin/python benchmarks/gpu_bundle.py",
+          file=sys.stderr)
+    sys.exit(2)
 
 DEVICE_PY = "3.12"  # the device machine's Python (torch 2.11, triton 3.6)
 DEVICE_PLATFORM = "manylinux_2_28_x86_64"
@@ -35,7 +40,10 @@ MAX_BYTES = 56 << 20  # the device call carries 64 MiB with the working tree (~8
 def _pip_download(reqs: list[str], dest: Path, *extra: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), "--only-binary=:all:",
            "--python-version", DEVICE_PY, *extra, *reqs]
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:
+        print(f"gpu_bundle: error: pip could not download {' '.join(reqs)} (network, or no wheel for "
+              f"Python {DEVICE_PY})", file=sys.stderr)
+        sys.exit(2)
 
 
 def kitchen_zip(out: Path, work: Path) -> None:
