@@ -410,7 +410,8 @@ def check_plans() -> None:
     for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03
         bias = torch.randn(n, device="cuda").bfloat16()
-        xs = [torch.randn(m, k, device="cuda").bfloat16() for _ in range(2)]
+        lead = (3, 100) if m == 300 else (m,)  # leading dims as models hand them over: plans make no views
+        xs = [torch.randn(*lead, k, device="cuda").bfloat16() for _ in range(2)]
         side = LoRASidePath()
         side.add(1, SideEntry(down=(torch.randn(24, k, device="cuda") * 0.05).bfloat16(),
                               up=(torch.randn(n, 24, device="cuda") * 0.05).bfloat16()))

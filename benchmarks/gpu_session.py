@@ -105,7 +105,7 @@ def section_host(out: Path) -> None:
 
 _GEMM_TILES = ((128, 256, 8, 3, 8), (128, 256, 8, 4, 8), (256, 128, 8, 3, 8), (256, 128, 8, 4, 8),
                (128, 128, 8, 4, 8), (128, 128, 4, 4, 8), (128, 128, 8, 4, 1), (64, 128, 4, 4, 8),
-               (128, 64, 4, 4, 8))  # (BLOCK_M, BLOCK_N, warps, stages, GROUP_M); BLOCK_K 128
+               (128, 64, 4, 4, 8), (64, 256, 4, 4, 8))  # (BLOCK_M, BLOCK_N, warps, stages, GROUP_M); BLOCK_K 128
 
 
 def _time_tiles(res: list, path: str, mnk: tuple[int, int, int], configs: list, run: Callable) -> None:
@@ -141,11 +141,11 @@ def section_tune(out: Path) -> None:
 
     bf16 = torch.bfloat16
     res: list = []
-    for n, k in ((9216, 3072), (3072, 3072), (3072, 12288), (13824, 5120), (1280, 1280), (1280, 5120)):
+    for n, k in ((9216, 3072), (3072, 3072), (3072, 12288), (13824, 5120), (1280, 1280), (1280, 5120), (640, 640)):
         w = torch.randn(n, k, device="cuda") * 0.02
         q, sc = quantize_rowwise(w)
         wb = w.bfloat16()
-        for m in (1, 16):
+        for m in (1, 16) if n != 640 else ():
             x = torch.randn(m, k, device="cuda").bfloat16()
             _time_tiles(res, "w8a16", (m, n, k), [TileConfig(16, bn, bk, 4, st, 1) for bn in (32, 64, 128)
                                                   for bk in (128, 256) for st in (3, 4)],
@@ -153,13 +153,23 @@ def section_tune(out: Path) -> None:
             res.append({"path": "bf16", "m": m, "n": n, "k": k,
                         "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
         # SDXL's 1280-wide layers ran 3-4x slower than bf16 at M=16384 in the run-6 sweep (the N=1280 anomaly):
-        # both M there, and 64-row tiles and GROUP_M 1 as candidates
+        # both M there, and 64-row tiles and GROUP_M 1 as candidates. Run 8: 64x128 tiles won the 1280-wide
+        # shapes at M=4096 (18.3 vs the pick's 23.0 us); M 256 / 1024 (Flux 512², SDXL's 1280-wide blocks, T5)
+        # test whether that holds where wave quantization decides too.
         tiles = [TileConfig(bm, bn, 128, w_, st, gm) for bm, bn, w_, st, gm in _GEMM_TILES]
-        for m in ((4096, 16384) if n == 1280 else (4096,)):
+        for m in ((1024, 4096, 16384) if n == 1280 else (4096,) if n == 640 else (256, 1024, 4096)):
             x = torch.randn(m, k, device="cuda").bfloat16()
             qa, sa = tq.quantize_rows_int8(x)
             _time_tiles(res, "w8a8_gemm", (m, n, k), tiles,
                         lambda c: ti.gemm_w8a8(qa, sa, q, sc, None, bf16, cfg=c))
+            res.append({"path": "w8a8_gemm_default", "m": m, "n": n, "k": k,
+                        "cfg": str(ti.pick_w8a8(m, n, k, x.device)[0]),
+                        "us": _gpu_us(lambda: ti.gemm_w8a8(qa, sa, q, sc, None, bf16))})
+            res.append({"path": "act_quant", "m": m, "n": n, "k": k, "us": _gpu_us(lambda: tq.quantize_rows_int8(x))})
+            res.append({"path": "bf16", "m": m, "n": n, "k": k,
+                        "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
+            if m < 4096 or n == 640:
+                continue
             # the fp8 W8A8 Triton GEMM (LoRA layers' fp8 path; 1114 vs _scaled_mm's 1391 TFLOP/s at 4096^3 in
             # run 7 on the int8 tile table): the same candidates on e4m3 operands, and _scaled_mm itself
             q8, s8 = tq.quantize_rows_fp8(x)
@@ -173,12 +183,6 @@ def section_tune(out: Path) -> None:
                 w4, s4, g4 = _int4_rot_weight(w)
                 _time_tiles(res, "w4a8", (m, n, k), tiles,
                             lambda c: ti.w4a8_linear(x, w4, s4, None, g4, bf16, cfg=c))
-            res.append({"path": "w8a8_gemm_default", "m": m, "n": n, "k": k,
-                        "cfg": str(ti.pick_w8a8(m, n, k, x.device)[0]),
-                        "us": _gpu_us(lambda: ti.gemm_w8a8(qa, sa, q, sc, None, bf16))})
-            res.append({"path": "act_quant", "m": m, "n": n, "k": k, "us": _gpu_us(lambda: tq.quantize_rows_int8(x))})
-            res.append({"path": "bf16", "m": m, "n": n, "k": k,
-                        "us": _gpu_us(lambda: torch.nn.functional.linear(x, wb))})
     (out / "tune.json").write_text(json.dumps(res, indent=1))
     best = {}
     for r in res:
@@ -187,14 +191,18 @@ def section_tune(out: Path) -> None:
             if kk not in best or r["us"] < best[kk][0]:
                 best[kk] = (r["us"], r["cfg"])
     bf = {(r["m"], r["n"], r["k"]): r["us"] for r in res if r["path"] == "bf16"}
+    default = {(r["m"], r["n"], r["k"]): r for r in res if r["path"] == "w8a8_gemm_default"}
     for kk, (t, c) in best.items():
-        SUMMARY.append(f"tune {kk}: best {t:.1f}us ({bf[kk[1:]] / t:.2f}x bf16) {c}")
+        d = default.get(kk[1:]) if kk[0] == "w8a8_gemm" else None
+        pick = f"; pick {d['us']:.1f}us {d['cfg']}" if d and isinstance(d["us"], float) else ""
+        SUMMARY.append(f"tune {kk}: best {t:.1f}us ({bf[kk[1:]] / t:.2f}x bf16) {c}{pick}")
 
 
 def section_rotation(out: Path) -> None:
     """The activation kernel alone (bf16 x, Flux/Wan/SDXL widths), the row kernel vs the tile kernel, without
-    rotation and with convrot group 256: GPU time (CUDA graph) and eager wall time per call. The data that
-    picks ``triton_quant.DEFAULT_KERNEL``."""
+    rotation and with convrot group 256: GPU time (CUDA graph) and eager wall time per call. The data behind
+    ``triton_quant.pick_kernel`` ("auto": what the linears run, timed too), and the rotating tile kernel with
+    16-row programs (4x the programs of the default 64 at the same M; codes compared with the 64-row ones)."""
     from comfyquant.bench.layers import wall_us
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.calibrate import _gpu_us
@@ -204,21 +212,37 @@ def section_rotation(out: Path) -> None:
         for k in (1280, 3072, 5120, 12288, 15360):
             x = torch.randn(m, k, device="cuda").bfloat16()
             row: dict = {"m": m, "k": k, "bytes": m * k * 3}  # bf16 read + int8 write
+            q16 = torch.empty((m, k), dtype=torch.int8, device="cuda")
+            s16 = torch.empty((m, 1), dtype=torch.float32, device="cuda")
+
+            def tiles16() -> object:
+                grid, args, key, warps = tq.tile_launch(x, q16, s16, 256, tq.MODE_INT8, 127.0, 0, 0, dot_rows=16)
+                tq._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
+                return q16
+
             for name, g, kern in (("plain_rows", None, "rows"), ("plain_tiles", None, "tiles"),
-                                  ("rot_rows", 256, "rows"), ("rot_tiles", 256, "tiles")):
+                                  ("plain_auto", None, "auto"), ("rot_rows", 256, "rows"),
+                                  ("rot_tiles", 256, "tiles"), ("rot_auto", 256, "auto"), ("rot_tiles16", 256, None)):
                 def fn() -> object:
-                    return tq.quantize_rows_int8(x, g, kernel=kern)
+                    return tiles16() if kern is None else tq.quantize_rows_int8(x, g, kernel=kern)
 
                 try:
                     row[f"{name}_gpu_us"], row[f"{name}_wall_us"] = _gpu_us(fn), wall_us(fn, 20.0)
                 except Exception as e:  # recorded
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            try:
+                row["rot_tiles16_equal"] = bool(torch.equal(tiles16(), tq.quantize_rows_int8(x, 256, kernel="tiles")[0]))
+            except Exception as e:  # recorded
+                row["rot_tiles16_error"] = f"{type(e).__name__}: {str(e)[:160]}"
             res.append(row)
             print(row, flush=True)
     (out / "rotation.json").write_text(json.dumps(res, indent=1))
     for what in ("plain", "rot"):
         ok = [r for r in res if f"{what}_tiles_gpu_us" in r and f"{what}_rows_gpu_us" in r]
         wins = sum(r[f"{what}_tiles_gpu_us"] < r[f"{what}_rows_gpu_us"] for r in ok)
+        auto = [r[f"{what}_auto_gpu_us"] / min(r[f"{what}_tiles_gpu_us"], r[f"{what}_rows_gpu_us"])
+                for r in ok if f"{what}_auto_gpu_us" in r]
+        SUMMARY.append(f"act kernel {what}: auto / the faster of rows and tiles: worst {max(auto, default=0):.2f}")
         SUMMARY.append(f"act kernel {what}: tiles faster than rows (GPU time) on {wins}/{len(ok)} shapes; M=4096: "
                        + ", ".join(f"K={r['k']} rows {r[f'{what}_rows_gpu_us']:.1f} tiles "
                                    f"{r[f'{what}_tiles_gpu_us']:.1f} us" for r in ok if r["m"] == 4096))

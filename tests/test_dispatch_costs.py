@@ -134,7 +134,7 @@ def test_calibration_measures_only_the_paths_that_run_on_the_device() -> None:
     assert kernel_kind("fp8").backends["scaled_mm"].requires(torch.device("cpu")) is not None
 
 
-@pytest.mark.parametrize("run", [6, 7])
+@pytest.mark.parametrize("run", [6, 7, 8])
 def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(run: int) -> None:
     """The eager int8 choice against two real H200 per-layer sweeps (benchmarks/results/sweep_run{6,7}_*: every
     backend of 90-114 Flux / Wan / SDXL / T5 / CLIP layer shapes timed at M = 1 .. 16384, bound path, weights
@@ -160,3 +160,32 @@ def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(r
     assert len(regrets) >= 90
     assert math.exp(sum(map(math.log, regrets)) / len(regrets)) <= 1.04
     assert max(regrets) <= 1.8 and sum(x > 1.15 for x in regrets) <= 0.1 * len(regrets)
+
+
+def test_activation_kernel_pick_is_the_faster_kernel_on_the_recorded_h200_timings() -> None:
+    """``triton_quant.pick_kernel`` ("auto", what the linears run) against the H200's timings of both activation
+    kernels (benchmarks/results/rotation_run8_*: bf16 rows, M 256 .. 16384, K 1280 .. 15360, unrotated and convrot
+    256): it must pick the faster one wherever they differ by more than 5%, and never one more than 10% slower.
+    The tile kernel alone (the run's trial default) was up to 27x slower than the row kernel."""
+    import json
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                       / "rotation_run8_h200_2026-12-02.json").read_text())
+    worst_tiles, regrets = 1.0, []
+    for r in rows:
+        x = torch.empty((r["m"], r["k"]), dtype=torch.bfloat16, device="meta")
+        for what, group in (("plain", None), ("rot", 256)):
+            us = {kern: r[f"{what}_{kern}_gpu_us"] for kern in ("rows", "tiles")}
+            pick = tq.pick_kernel(x, group, tq.MODE_INT8)
+            regrets.append(us[pick] / min(us.values()))
+            worst_tiles = max(worst_tiles, us["tiles"] / min(us.values()))
+            if max(us.values()) > 1.05 * min(us.values()):
+                assert us[pick] == min(us.values()), (what, r["m"], r["k"], pick, us)
+    assert len(regrets) == 40 and max(regrets) <= 1.10 and worst_tiles > 20
+    # fp32 rows and static scales are the row kernel's whatever the size
+    assert tq.pick_kernel(torch.empty((16384, 3072), device="meta"), 256, tq.MODE_INT8) == "rows"
+    assert tq.pick_kernel(torch.empty((16384, 3072), dtype=torch.bfloat16, device="meta"), None,
+                          tq.MODE_FP8_STATIC) == "rows"

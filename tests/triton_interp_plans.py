@@ -55,6 +55,19 @@ def check_plans() -> None:
                 same = all(torch.equal(o, want) for o, want in zip(outs, wants, strict=True))
                 fresh = outs[0].data_ptr() != outs[1].data_ptr() and not torch.equal(outs[0], outs[1])
                 record(f"plan_{name}_act{act}", same and fresh, m=m, k=k, n=n, dtype=str(dtype))
+    # inputs with leading dimensions ([B, T, K], as every model hands them over): the kernels read x and write
+    # the output [B, T, N] through pointers, no per-call views; same values and shape as the general path
+    w = torch.randint(-127, 128, (48, 128), dtype=torch.int8, generator=g)
+    s = torch.rand(48, generator=g) * 0.01 + 1e-3
+    first, *later = (x.view(2, 35, 128) for x in _inputs(70, 128, F16, seed=3))
+    for name, general, make in (
+            ("int8", lambda x: ti.int8_linear(x, w, s, None, None, F16), lambda x: tp.plan_int8(x, w, s, None, None, F16)),
+            ("fused", lambda x: ti.fused_linear(x, w, s, None, F16), lambda x: tp.plan_fused(x, w, s, None, F16)),
+            ("w8a16", lambda x: ti.w8a16_linear(x, w, s, None, None, F16), lambda x: tp.plan_w8a16(x, w, s, None, F16))):
+        plan = make(first)
+        outs = [plan(x) for x in later] if plan is not None else []
+        record(f"plan_{name}_3d_input", plan is not None and all(
+            o.shape == (2, 35, 48) and torch.equal(o, general(x)) for o, x in zip(outs, later, strict=True)))
     x = _inputs(4, 64, F16, seed=1)[0]
     w = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=g)
     s16 = (torch.rand(32, generator=g) * 0.01).to(F16)  # the kernels would read an fp32 copy: no plan

@@ -13,6 +13,7 @@ and 16-byte alignment, and each int argument's ``== 1`` / ``% 16 == 0`` properti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,20 @@ def _spec(a: Any) -> Any:
     if isinstance(base, torch.Tensor):
         return ("desc", base.dtype, tuple(a.block_shape), base.data_ptr() % 16 == 0)
     return a
+
+
+@functools.lru_cache(maxsize=16)
+def _device_facts(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
+
+
+def device_facts(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, compute capability major) of ``device``; off CUDA (the interpreter on the CPU, for
+    development) an H100/H200-sized grid."""
+    if device.type != "cuda":
+        return 132, 9
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _stream(device: torch.device) -> int:

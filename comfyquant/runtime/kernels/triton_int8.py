@@ -29,7 +29,7 @@ from comfyquant.runtime.kernels.configs import (
     small_m_config,
     w8a16_config,
 )
-from comfyquant.runtime.kernels.launch import FastKernel
+from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 
 _W8A8 = FastKernel(kern.w8a8)
 _W8A16 = FastKernel(kern.w8a16)
@@ -38,18 +38,6 @@ _FUSED = FastKernel(kern.fused)
 _W4A8 = FastKernel(kern.w4a8)
 _DEQUANT = FastKernel(kern.dequant)
 SMALL_M = 64  # below this many rows the thin-M tiles are used
-
-
-@functools.lru_cache(maxsize=16)
-def _device_facts(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, props.major
-
-
-def _facts(device: torch.device) -> tuple[int, int]:
-    if device.type != "cuda":  # the interpreter on CPU (development): an H100-sized grid
-        return 132, 9
-    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _sb(w_scale: torch.Tensor) -> torch.Tensor:
@@ -95,7 +83,7 @@ def _no_gated_act(act: int, what: str) -> None:
 
 def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
     """TMA path: Hopper+, 16-byte aligned rows (K % 16 == 0) and base pointers."""
-    return (a.device.type == "cuda" and _facts(a.device)[1] >= 9 and a.shape[1] % 16 == 0
+    return (a.device.type == "cuda" and device_facts(a.device)[1] >= 9 and a.shape[1] % 16 == 0
             and a.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 and a.stride(0) % 16 == 0
             and w_q.stride(0) % 16 == 0)
 
@@ -103,7 +91,7 @@ def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=4096)
 def pick_w8a8(m: int, n: int, k: int, device: torch.device) -> tuple[TileConfig, bool]:
     """(tile config, use small-M tiles) for the two-launch W8A8 GEMM."""
-    sms, major = _facts(device)
+    sms, major = device_facts(device)
     if m < SMALL_M:
         return fit_stages(small_m_config(m, n, k, sms), 1, 1), True
     return fit_stages(gemm_config(m, n, k, sms, hopper=major >= 9), 1, 1), False
@@ -217,7 +205,7 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
 
 
 def fused_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    return fit_stages(small_m_config(m, n, k, _facts(device)[0]), a_bytes=2, b_bytes=1)
+    return fit_stages(small_m_config(m, n, k, device_facts(device)[0]), a_bytes=2, b_bytes=1)
 
 
 def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
@@ -256,7 +244,7 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
-        cfg = cfg or w8a16_config(m, n, k, _facts(x.device)[0])
+        cfg = cfg or w8a16_config(m, n, k, device_facts(x.device)[0])
         grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act)
         _W8A16(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
@@ -320,7 +308,7 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
-        sms, major = _facts(x.device)
+        sms, major = device_facts(x.device)
         if cfg is None:
             cfg = (small_m_config(m, n, k, sms) if m < SMALL_M else gemm_config(m, n, k, sms, hopper=major >= 9))
             cfg = fit_stages(TileConfig(cfg.block_m, cfg.block_n, kern.PERM_BLOCK, cfg.warps, cfg.stages,

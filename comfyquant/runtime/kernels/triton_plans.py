@@ -23,6 +23,7 @@ from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels import triton_quant
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import w8a16_config
+from comfyquant.runtime.kernels.launch import device_facts
 
 logger = logging.getLogger("comfyquant.runtime")
 Plan = Callable[[torch.Tensor], torch.Tensor]
@@ -78,12 +79,12 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     if common is None:
         return None
     lead, m, n, k, dev, sb = common
-    cfg = w8a16_config(m, n, k, ti._facts(dev)[0])
+    cfg = w8a16_config(m, n, k, device_facts(dev)[0])
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
     grid, args, key = ti._w8a16_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act)
     return _one_launch(ti._W8A16.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
-                       args, (m, n, k), (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
+                       args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
 
 
 def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -99,7 +100,7 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
     grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act)
     return _one_launch(ti._FUSED.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
-                       args, (m, n, k), (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
+                       args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
 
 
 def _without(seq: list, slots: tuple[int | None, ...]) -> list:
@@ -119,21 +120,20 @@ def _h_slot(args: tuple, lr: tuple[tuple, tuple], low_rank: LowRank | None) -> t
     return next(i for i, a in enumerate(args) if a is h), low_rank[0]
 
 
-def _one_launch(fire: Callable | None, args: tuple, mnk: tuple[int, int, int], shape: tuple[int, ...],
-                out_dtype: torch.dtype, dev: torch.device, h_slot: tuple[int, torch.Tensor] | None) -> Plan | None:
+def _one_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_dtype: torch.dtype,
+                dev: torch.device, h_slot: tuple[int, torch.Tensor] | None) -> Plan | None:
     """The plan of a kernel that reads x at ``args[0]`` and writes its output at ``args[2]`` (and the low-rank
     term's ``h`` at ``h_slot``)."""
     if fire is None:
         return None
-    m, n, k = mnk
     stream, empty = _raw_stream(dev), torch.empty
     if h_slot is None:
         w_arg, rest = args[1], args[3:]
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            out = empty((m, n), dtype=out_dtype, device=dev)
-            fire(stream(), x.view(m, k), w_arg, out, *rest)
-            return out.view(shape)
+            out = empty(shape, dtype=out_dtype, device=dev)  # [..., N] is [M, N] in memory: no views per call
+            fire(stream(), x, w_arg, out, *rest)
+            return out
 
         return run
     hi, down = h_slot
@@ -141,11 +141,10 @@ def _one_launch(fire: Callable | None, args: tuple, mnk: tuple[int, int, int], s
     template = _without(list(args), (0, 2, hi))
 
     def run_lr(x: torch.Tensor) -> torch.Tensor:
-        x2d = x.view(m, k)
         a = template.copy()
-        a[0], a[2], a[hi] = x2d, empty((m, n), dtype=out_dtype, device=dev), linear(x2d, down)
+        a[0], a[2], a[hi] = x, empty(shape, dtype=out_dtype, device=dev), linear(x, down)
         fire(stream(), *a)
-        return a[2].view(shape)
+        return a[2]
 
     return run_lr
 
@@ -191,27 +190,29 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
     template = _without(list(args), (0, 2, 3, hi))
 
-    def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(stream, x as [M, K], its quantized copy, the row scales): the activation kernel's launch."""
-        st, x2d = stream(), x.view(m, kx)
+    def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(stream, x's quantized copy [M, K], the row scales): the activation kernel's launch. The kernels
+        read x [..., K] and write the output [..., N] through pointers and fixed strides: a contiguous
+        tensor's memory is its [M, K] view's, so no view is made per call."""
+        st = stream()
         q = empty((m, k), dtype=qdtype, device=dev)
         s = empty((m, 1), dtype=torch.float32, device=dev)
-        fire_q(st, x2d, q, s, *q_rest(s))
-        return st, x2d, q, s
+        fire_q(st, x, q, s, *q_rest(s))
+        return st, q, s
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        st, x2d, q, s = quantize(x)
+        st, q, s = quantize(x)
         a = template.copy()
-        a[0], a[2], a[3] = q if a_desc is None else a_desc(q), empty((m, n), dtype=out_dtype, device=dev), s
+        a[0], a[2], a[3] = q if a_desc is None else a_desc(q), empty(shape, dtype=out_dtype, device=dev), s
         if hi is not None:
-            a[hi] = linear(x2d, down)
+            a[hi] = linear(x, down)
         fire_g(st, *a)
-        return a[2].view(shape)
+        return a[2]
 
     direct = fk.prepared_tma(grid, num_warps=cfg.warps, num_stages=cfg.stages, key=key) if tma else None
     if direct is None:
         return run
-    fast = _tma_run(direct, quantize, a_desc, args, hi, down, (m, n), out_dtype, shape, dev)
+    fast = _tma_run(direct, quantize, a_desc, args, hi, down, out_dtype, shape, dev)
     # once per compiled kernel (launch key), not per layer: the descriptor-expanding launch must give what
     # Triton's own launch gives (same kernel, same inputs: bit-equal); where it does not (a Triton whose
     # launcher differs), keep Triton's launch
@@ -291,28 +292,27 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
             state[:] = [w_scale._version, w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
         q = empty((m, k), dtype=f8, device=dev)
         s = empty((m, 1), dtype=torch.float32, device=dev)
-        fire_q(stream(), x.view(m, kx), q, s, *q_rest(s))
+        fire_q(stream(), x, q, s, *q_rest(s))
         return mm(q, wt, scale_a=s, scale_b=state[1], bias=bias, out_dtype=torch.bfloat16).view(shape)
 
     return run
 
 
 def _tma_run(direct: tuple, quantize: Callable, a_desc: Callable, args: tuple, hi: int | None,
-             down: torch.Tensor | None, mn: tuple[int, int], out_dtype: torch.dtype, shape: tuple[int, ...],
+             down: torch.Tensor | None, out_dtype: torch.dtype, shape: tuple[int, ...],
              dev: torch.device) -> Plan:
     """The W8A8 plan on the TMA kernel with the descriptors expanded by us: the weight's once, the quantized
     activation's once per buffer address (the caching allocator hands a layer the same few blocks every step;
     a CUtensorMap depends only on the address, shape and strides, all fixed here), instead of both on every
     launch inside Triton's wrapper."""
     fire, expand = direct
-    m, n = mn
     hi_tail = None if hi is None else hi - 2
     b_flat, tail = expand(args[1], 1), _without(list(args[2:]), (0, 1, hi_tail))  # tail: args[2:] (out, s_x, ...)
     a_flats: dict[int, list] = {}
     empty, linear = torch.empty, torch.nn.functional.linear
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        st, x2d, q, s = quantize(x)
+        st, q, s = quantize(x)
         a_flat = a_flats.get(q.data_ptr())
         if a_flat is None:
             a_flat = expand(a_desc(q), 0)
@@ -321,11 +321,11 @@ def _tma_run(direct: tuple, quantize: Callable, a_desc: Callable, args: tuple, h
             if not any(isinstance(v, torch.Tensor) for v in a_flat):  # never keep a buffer alive
                 a_flats[q.data_ptr()] = a_flat
         t = tail.copy()
-        t[0], t[1] = empty((m, n), dtype=out_dtype, device=dev), s
+        t[0], t[1] = empty(shape, dtype=out_dtype, device=dev), s
         if hi_tail is not None:
-            t[hi_tail] = linear(x2d, down)
+            t[hi_tail] = linear(x, down)
         fire(st, *a_flat, *b_flat, *t)
-        return t[0].view(shape)
+        return t[0]
 
     return run
 

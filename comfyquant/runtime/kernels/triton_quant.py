@@ -4,8 +4,8 @@ Two kernels. "rows": a row per program, the rotation the radix-4 butterfly of ``
 in registers (H4/2 along each base-4 digit of the in-group index); any group, fp32 rows, static fp8 scales.
 "tiles": tiles of rows, two passes (absmax, then codes), the rotation a tensor-core product with the dense
 Hadamard of groups up to 64 (256: each quarter by the 64-group's, then one radix-4 stage across the quarters,
-elementwise); fp16/bf16 rows. "rows" is the default until the H200 has timed
-both (``benchmarks/gpu_session.py``, section ``rotation``). Modes:
+elementwise); fp16/bf16 rows. "auto" (the default) picks per call by the H200 timings of both
+(``benchmarks/gpu_session.py``, section ``rotation``; :func:`pick_kernel`). Modes:
 ``int8`` (absmax/127, round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
 Imported lazily: only GPU backends import this module.
 """
@@ -21,7 +21,7 @@ import triton.language as tl
 from comfyquant.quant.hadamard import hadamard_matrix
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
-from comfyquant.runtime.kernels.launch import FastKernel
+from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to the nearest integer, ties to even
 MODE_INT8, MODE_FP8, MODE_FP8_STATIC, MODE_FLOAT = 0, 1, 2, 3
@@ -258,11 +258,17 @@ def _stages(group: int | None) -> int:
 
 _ACT = FastKernel(_act_kernel)
 _ACT_TILES = FastKernel(_act_tile_kernel)
-KERNELS = ("rows", "tiles")
-DEFAULT_KERNEL = "rows"  # what the linears and their plans run; "tiles" once the H200 shows it faster
+KERNELS = ("rows", "tiles", "auto")
+DEFAULT_KERNEL = "auto"  # what the linears and their plans run: pick_kernel per call
 DOT_GROUPS = (16, 64, 256)  # 256: four quarters times the 64-group's Hadamard (an 8 KB operand) + one H4 stage
 DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
 TILE_ELEMS = 4096  # elements per tile of the plain tile kernel (rows x columns)
+# pick_kernel's bounds for the plain tile kernel, from the H200 rotation section (run 8, 2026-12-02): GPU time
+# tiles / rows 0.66-0.79 at M >= 1024 with K 3072-5120 and M >= 4096 with K = 1280 (2.3 vs 1.7 TB/s at 4096 x
+# 3072); 1.3-3.4x slower below ~2M elements (its M / 4 programs do not fill the GPU) and at K >= 12288
+# (tiles of 1024 columns, 12-15 per row and pass, against the row kernel's single-pass rows).
+TILES_MIN_ELEMS = 1 << 21
+TILES_MAX_K = 8192
 
 
 @functools.lru_cache(maxsize=32)
@@ -291,6 +297,19 @@ def tiles_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -
             and _out_width(x2d, act) % group == 0 and mode in (MODE_INT8, MODE_FLOAT))
 
 
+def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> str:
+    """The faster activation kernel for this call on the H200 (run 8's ``rotation`` section): "tiles" where
+    :func:`tiles_apply` and, unrotated, the rows are long enough to fill the GPU but no longer than
+    ``TILES_MAX_K``; rotated, where its ``DOT_ROWS``-row programs cover every SM at least once (below that the
+    tile kernel ran 2-27x slower than the row kernel; at M = 16384 it was 1.6-1.9x faster). Else "rows"."""
+    if not tiles_apply(x2d, group, mode, act):
+        return "rows"
+    m, k = int(x2d.shape[0]), _out_width(x2d, act)
+    if group is None:
+        return "tiles" if k <= TILES_MAX_K and m * k >= TILES_MIN_ELEMS else "rows"
+    return "tiles" if cdiv(m, DOT_ROWS) >= device_facts(x2d.device)[0] else "rows"
+
+
 def _tile_width(k: int) -> int:
     """Columns per tile of the plain kernel: the largest power of two <= 1024 dividing K (no masked lanes), or
     K's next power of two up to 1024 (masked tail) when that would be below 64."""
@@ -315,27 +334,30 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
 def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                group: int | None, mode: int, qmax: float, perm: int, act: int, kernel: str = DEFAULT_KERNEL) -> tuple:
     """(FastKernel, grid, args, key, num_warps, num_stages) of the activation kernel ``kernel`` picks for this
-    call (:data:`KERNELS`; "tiles" where :func:`tiles_apply`, else "rows"). ``args[0:3]`` are x, the output and
+    call (:data:`KERNELS`; "tiles" where :func:`tiles_apply`, else "rows"; "auto": :func:`pick_kernel`, the row
+    kernel for a static scale). ``args[0:3]`` are x, the output and
     the row scales; ``args[3]`` what the kernel reads beside them: the static scale, or the row scales again
     (row kernel), or the group's Hadamard (tile kernel, fixed per device and dtype)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown activation kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel == "auto":
+        kernel = "rows" if static_scale is not None else pick_kernel(x2d, group, mode, act)
     if kernel == "tiles" and static_scale is None and tiles_apply(x2d, group, mode, act):
         return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act), 2)
     return (_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act), 3)
 
 
 def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int | None, mode: int,
-                qmax: float, perm: int, act: int) -> tuple:
-    """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``DOT_ROWS``
-    rows per program and the group's Hadamard (groups 16 and 64) or the 64-group's applied to each quarter
-    (group 256) as the product's operand; without, ``TILE_ELEMS`` per tile."""
+                qmax: float, perm: int, act: int, dot_rows: int = DOT_ROWS) -> tuple:
+    """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``dot_rows``
+    rows per program (16 or more, a power of two) and the group's Hadamard (groups 16 and 64) or the
+    64-group's applied to each quarter (group 256) as the product's operand; without, ``TILE_ELEMS`` per tile."""
     m, k = x2d.shape[0], _out_width(x2d, act)
     if group is None:
         c, h, rot = _tile_width(k), scale, 0  # h: never read
         bm = max(1, min(64, TILE_ELEMS // c))
     else:
-        c, rot, bm = (64, 2, DOT_ROWS) if group == 256 else (group, 1, DOT_ROWS)
+        c, rot, bm = (64, 2, dot_rows) if group == 256 else (group, 1, dot_rows)
         h = _hadamard(c, x2d.dtype, x2d.device)
     step = 4 * c if rot == 2 else c
     return ((cdiv(m, bm),), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, step, bm, rot, mode,
@@ -365,7 +387,7 @@ def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 
     ``perm``-column block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of
     ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``kernel``: "rows" (a row
     per program, the rotation as an in-register butterfly) or "tiles" (row tiles, the rotation a tensor-core
-    product, where :func:`tiles_apply`; else "rows")."""
+    product, where :func:`tiles_apply`; else "rows") or "auto" (:func:`pick_kernel`)."""
     if perm and _out_width(x2d, act) % perm:
         raise ValueError(f"K={_out_width(x2d, act)} is not a multiple of the permutation block {perm}")
     return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, kernel=kernel)
