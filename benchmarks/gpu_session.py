@@ -201,8 +201,8 @@ def section_tune(out: Path) -> None:
 def section_rotation(out: Path) -> None:
     """The activation kernel alone (bf16 x, Flux/Wan/SDXL widths), the row kernel vs the tile kernel, without
     rotation and with convrot group 256: GPU time (CUDA graph) and eager wall time per call. The data behind
-    ``triton_quant.pick_kernel`` ("auto": what the linears run, timed too), and the rotating tile kernel with
-    16-row programs (4x the programs of the default 64 at the same M; codes compared with the 64-row ones)."""
+    ``triton_quant.pick_kernel`` ("auto": what the linears run, timed too); the rotating tile kernel with 64-
+    and 16-row programs (``triton_quant.dot_rows``; codes compared)."""
     from comfyquant.bench.layers import wall_us
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.calibrate import _gpu_us
@@ -212,26 +212,26 @@ def section_rotation(out: Path) -> None:
         for k in (1280, 3072, 5120, 12288, 15360):
             x = torch.randn(m, k, device="cuda").bfloat16()
             row: dict = {"m": m, "k": k, "bytes": m * k * 3}  # bf16 read + int8 write
-            q16 = torch.empty((m, k), dtype=torch.int8, device="cuda")
-            s16 = torch.empty((m, 1), dtype=torch.float32, device="cuda")
+            qt = torch.empty((m, k), dtype=torch.int8, device="cuda")
+            st = torch.empty((m, 1), dtype=torch.float32, device="cuda")
 
-            def tiles16() -> object:
-                grid, args, key, warps = tq.tile_launch(x, q16, s16, 256, tq.MODE_INT8, 127.0, 0, 0, dot_rows=16)
+            def tiles(rows: int) -> torch.Tensor:  # the rotating tile kernel with a given program height
+                grid, args, key, warps = tq.tile_launch(x, qt, st, 256, tq.MODE_INT8, 127.0, 0, 0, rows=rows)
                 tq._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
-                return q16
+                return qt
 
             for name, g, kern in (("plain_rows", None, "rows"), ("plain_tiles", None, "tiles"),
-                                  ("plain_auto", None, "auto"), ("rot_rows", 256, "rows"),
-                                  ("rot_tiles", 256, "tiles"), ("rot_auto", 256, "auto"), ("rot_tiles16", 256, None)):
+                                  ("plain_auto", None, "auto"), ("rot_rows", 256, "rows"), ("rot_tiles", 256, 64),
+                                  ("rot_tiles16", 256, 16), ("rot_auto", 256, "auto")):
                 def fn() -> object:
-                    return tiles16() if kern is None else tq.quantize_rows_int8(x, g, kernel=kern)
+                    return tiles(kern) if isinstance(kern, int) else tq.quantize_rows_int8(x, g, kernel=kern)
 
                 try:
                     row[f"{name}_gpu_us"], row[f"{name}_wall_us"] = _gpu_us(fn), wall_us(fn, 20.0)
                 except Exception as e:  # recorded
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
             try:
-                row["rot_tiles16_equal"] = bool(torch.equal(tiles16(), tq.quantize_rows_int8(x, 256, kernel="tiles")[0]))
+                row["rot_tiles16_equal"] = bool(torch.equal(tiles(16).clone(), tiles(64)))
             except Exception as e:  # recorded
                 row["rot_tiles16_error"] = f"{type(e).__name__}: {str(e)[:160]}"
             res.append(row)
@@ -240,7 +240,8 @@ def section_rotation(out: Path) -> None:
     for what in ("plain", "rot"):
         ok = [r for r in res if f"{what}_tiles_gpu_us" in r and f"{what}_rows_gpu_us" in r]
         wins = sum(r[f"{what}_tiles_gpu_us"] < r[f"{what}_rows_gpu_us"] for r in ok)
-        auto = [r[f"{what}_auto_gpu_us"] / min(r[f"{what}_tiles_gpu_us"], r[f"{what}_rows_gpu_us"])
+        kerns = ("rows", "tiles", "tiles16") if what == "rot" else ("rows", "tiles")
+        auto = [r[f"{what}_auto_gpu_us"] / min(r.get(f"{what}_{kn}_gpu_us", float("inf")) for kn in kerns)
                 for r in ok if f"{what}_auto_gpu_us" in r]
         SUMMARY.append(f"act kernel {what}: auto / the faster of rows and tiles: worst {max(auto, default=0):.2f}")
         SUMMARY.append(f"act kernel {what}: tiles faster than rows (GPU time) on {wins}/{len(ok)} shapes; M=4096: "

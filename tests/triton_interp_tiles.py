@@ -73,16 +73,21 @@ def check_dot_rotation() -> None:
         r = triton_quant.rotate_rows(x, g, kernel="tiles")
         e = rel(r, fast_hadamard(x.double(), g))
         record("dot_rotation_float", r.dtype == F16 and e <= 2 ** -9, m=m, k=k, convrot=g, rel=e)
-    # 16-row programs (4x the programs at the same M: the benchmark's candidate for M below one program per SM)
-    # give the 64-row programs' codes: rows are independent
+    # 16-row programs (dot_rows: where 64-row ones would leave SMs idle, 4x the programs) give the 64-row
+    # programs' codes: rows are independent
     for g in (16, 64, 256):
         x = _x(70, 512, seed=50 + g)
-        q16, s16 = torch.empty((70, 512), dtype=torch.int8), torch.empty((70, 1))
-        grid, args, key, warps = triton_quant.tile_launch(x, q16, s16, g, triton_quant.MODE_INT8, 127.0, 0, 0,
-                                                          dot_rows=16)
-        triton_quant._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
-        q, s = triton_quant.quantize_rows_int8(x, g, kernel="tiles")
-        record("dot_rotation_16_row_programs", grid == (5,) and torch.equal(q16, q) and torch.equal(s16, s), convrot=g)
+        got = {}
+        for rows in (16, 64):
+            q, s = torch.empty((70, 512), dtype=torch.int8), torch.empty((70, 1))
+            grid, args, key, warps = triton_quant.tile_launch(x, q, s, g, triton_quant.MODE_INT8, 127.0, 0, 0,
+                                                              rows=rows)
+            triton_quant._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
+            got[rows] = grid, q, s
+        (g16, q16, s16), (g64, q64, s64) = got[16], got[64]
+        record("dot_rotation_16_row_programs", g16 == (5,) and g64 == (2,) and torch.equal(q16, q64)
+               and torch.equal(s16, s64) and triton_quant.dot_rows(70, 132) == 16
+               and triton_quant.dot_rows(64 * 132, 132) == 64, convrot=g)
     # the W4A8 order (evens then odds per 128 columns) from the same kernel
     x = _x(5, 512, seed=40)
     q, s = triton_quant.quantize_rows_int8(x, 256, kernel="tiles")

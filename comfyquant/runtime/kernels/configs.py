@@ -27,11 +27,14 @@ class TileConfig:
 
 
 # Large tiles for wgmma-class GEMMs; ``speed``: throughput of a full tile relative to 256x128 (H200, int8).
-# Measured 2026-12-01 (benchmarks/gpu_session.py tune section, GEMM alone, M=4096): 256x128 / 4 stages won on
-# 9216x3072 (1.50x bf16), 3072x12288 (1.73x) and 13824x5120 (1.62x); 128x256 / 3 stages on 3072x3072 (1.49x).
+# Fitted on the H200 tune section of 2026-12-02 (run 9, GEMM alone under CUDA graphs, 10 tiles x 19 shapes of
+# Flux / Wan / SDXL at M 256-16384; benchmarks/results/tune_run9_*): the median over shapes of each tile's
+# time x wave efficiency against 256x128's. The 128x128 / 8-warp tile (0.85 before) measured 0.81, 4 warps
+# 0.83; 64x128 measured 0.83 (0.7 before: it lost the 1280-wide SDXL shapes and Flux at M 256-1024, up to 1.36x
+# slower than the best tile). Picked tile over the fastest: geometric mean 1.062 -> 1.004, worst 1.36 -> 1.05.
 _BIG = ((TileConfig(256, 128, 128, 8, 4), 1.0), (TileConfig(128, 256, 128, 8, 3), 1.0),
-        (TileConfig(128, 128, 128, 8, 4), 0.85), (TileConfig(64, 256, 128, 4, 4), 0.8),
-        (TileConfig(128, 64, 128, 4, 4), 0.62), (TileConfig(64, 128, 128, 4, 4), 0.7),
+        (TileConfig(64, 128, 128, 4, 4), 0.83), (TileConfig(128, 128, 128, 4, 4), 0.83),
+        (TileConfig(64, 256, 128, 4, 4), 0.82), (TileConfig(128, 64, 128, 4, 4), 0.76),
         (TileConfig(64, 64, 128, 4, 4), 0.5))
 _AMPERE = ((TileConfig(128, 256, 64, 8, 3), 1.0), (TileConfig(256, 128, 64, 8, 3), 1.0),
            (TileConfig(128, 128, 64, 4, 4), 0.85), (TileConfig(64, 128, 64, 4, 4), 0.7),

@@ -262,6 +262,7 @@ KERNELS = ("rows", "tiles", "auto")
 DEFAULT_KERNEL = "auto"  # what the linears and their plans run: pick_kernel per call
 DOT_GROUPS = (16, 64, 256)  # 256: four quarters times the 64-group's Hadamard (an 8 KB operand) + one H4 stage
 DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
+DOT_ROWS_MIN = 16  # tl.dot's least M: 4x the programs where 64-row ones would leave SMs idle
 TILE_ELEMS = 4096  # elements per tile of the plain tile kernel (rows x columns)
 # pick_kernel's bounds for the plain tile kernel, from the H200 rotation section (run 8, 2026-12-02): GPU time
 # tiles / rows 0.66-0.79 at M >= 1024 with K 3072-5120 and M >= 4096 with K = 1280 (2.3 vs 1.7 TB/s at 4096 x
@@ -297,17 +298,24 @@ def tiles_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -
             and _out_width(x2d, act) % group == 0 and mode in (MODE_INT8, MODE_FLOAT))
 
 
+def dot_rows(m: int, sms: int) -> int:
+    """Rows per program of the rotating tile kernel: ``DOT_ROWS`` where those programs cover every SM, else
+    ``DOT_ROWS_MIN`` (H200, runs 8-9: at M = 4096 the 64-row programs, 64 of them, ran 1.4-2.2x slower than
+    the row kernel, the 16-row ones 0.70-0.88x its time for K <= 5120; at M = 16384 64 rows were 2-5% faster)."""
+    return DOT_ROWS if cdiv(m, DOT_ROWS) >= sms else DOT_ROWS_MIN
+
+
 def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> str:
-    """The faster activation kernel for this call on the H200 (run 8's ``rotation`` section): "tiles" where
+    """The faster activation kernel for this call on the H200 (runs 8-9, ``rotation`` section): "tiles" where
     :func:`tiles_apply` and, unrotated, the rows are long enough to fill the GPU but no longer than
-    ``TILES_MAX_K``; rotated, where its ``DOT_ROWS``-row programs cover every SM at least once (below that the
-    tile kernel ran 2-27x slower than the row kernel; at M = 16384 it was 1.6-1.9x faster). Else "rows"."""
+    ``TILES_MAX_K``; rotated, where its programs (:func:`dot_rows`) cover every SM at least once (below that
+    the tile kernel ran 1.9-27x slower than the row kernel; at M = 16384 it was 1.6-2.3x faster). Else "rows"."""
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
     m, k = int(x2d.shape[0]), _out_width(x2d, act)
     if group is None:
         return "tiles" if k <= TILES_MAX_K and m * k >= TILES_MIN_ELEMS else "rows"
-    return "tiles" if cdiv(m, DOT_ROWS) >= device_facts(x2d.device)[0] else "rows"
+    return "tiles" if cdiv(m, DOT_ROWS_MIN) >= device_facts(x2d.device)[0] else "rows"
 
 
 def _tile_width(k: int) -> int:
@@ -348,16 +356,18 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
 
 
 def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int | None, mode: int,
-                qmax: float, perm: int, act: int, dot_rows: int = DOT_ROWS) -> tuple:
-    """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``dot_rows``
-    rows per program (16 or more, a power of two) and the group's Hadamard (groups 16 and 64) or the
-    64-group's applied to each quarter (group 256) as the product's operand; without, ``TILE_ELEMS`` per tile."""
+                qmax: float, perm: int, act: int, rows: int | None = None) -> tuple:
+    """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``rows`` rows
+    per program (16 or more, a power of two; None: :func:`dot_rows`) and the group's Hadamard (groups 16 and 64)
+    or the 64-group's applied to each quarter (group 256) as the product's operand; without, ``TILE_ELEMS`` per
+    tile."""
     m, k = x2d.shape[0], _out_width(x2d, act)
     if group is None:
         c, h, rot = _tile_width(k), scale, 0  # h: never read
         bm = max(1, min(64, TILE_ELEMS // c))
     else:
-        c, rot, bm = (64, 2, dot_rows) if group == 256 else (group, 1, dot_rows)
+        bm = rows or dot_rows(m, device_facts(x2d.device)[0])
+        c, rot = (64, 2) if group == 256 else (group, 1)
         h = _hadamard(c, x2d.dtype, x2d.device)
     step = 4 * c if rot == 2 else c
     return ((cdiv(m, bm),), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, step, bm, rot, mode,
