@@ -36,6 +36,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
     return {
         "kernels": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                      "--sections", "check,calibrate,host,rotation,models"]],
+        # whole models alone (a short call): the device's costs, the activation kernels, the model table
+        "models": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
+                    "--sections", "calibrate,rotation,models",
+                    "--models", "sdxl_1024,t5xxl_256,flux_512,flux_1024,flux2_1024,wan_480p"]],
         "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                    "--sections", "sweep"]],
         # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too

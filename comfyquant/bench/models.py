@@ -7,7 +7,8 @@ folds into the down projection) at 1024x1024; Wan 2.x 14B (2 blocks) at 480p, 81
 transformer stacks (4 blocks at 1280 wide / 1024 tokens, 2 at 640 / 4096 tokens, 77 text tokens); T5-XXL
 encoder (4 layers, 256 tokens). Every ``nn.Linear`` is quantized through the product path (``quantize_``,
 automatic per-layer backend); ``ck_int8`` swaps in comfy-kitchen's ``int8_linear`` on the same int8 weights.
-Time = wall time per forward over back-to-back calls (host and GPU overlap as in ComfyUI), median of rounds.
+Time = wall time per forward over back-to-back calls (host and GPU overlap as in ComfyUI), median of rounds in
+which every variant of a model takes its turn (a drift of the host's speed during the run hits them alike).
 """
 
 from __future__ import annotations
@@ -109,24 +110,39 @@ def variants(name: str, ck_fn: Callable | None) -> Iterator[tuple[str, nn.Module
         yield "ck_int8", _swap(model, "ck", ck_fn), args
 
 
-def wall_ms(fn: Callable[[], object], rounds: int = 5, min_ms: float = 40.0) -> float:
-    """Median over rounds of (wall time of back-to-back calls, synchronized) / calls."""
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = 7, min_ms: float = 40.0,
+                   sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, float | str]:
+    """Per function: the median over rounds of (wall time of back-to-back calls, synchronized) / calls, the
+    functions taking turns within each round (forward, then backward order). Timing one variant after another
+    let the host's speed drift between them: the same run once gave SDXL's bf16 5.4 ms and its unfolded int8
+    3.3 ms. A function that raises (RuntimeError / ValueError) gets its one-line error instead of a time.
+    ``sync`` waits for the device's queued work (CUDA's by default)."""
+    out: dict[str, float | str] = {}
+    calls: dict[str, int] = {}
     with torch.no_grad():
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        calls = max(2, int(min_ms / max((time.perf_counter() - t) * 1e3, 1e-3)))
-        times = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            for _ in range(calls):
+        for name, fn in fns.items():
+            try:
+                for _ in range(2):
+                    fn()
+                sync()
+                t = time.perf_counter()
                 fn()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+                sync()
+            except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
+                out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                continue
+            calls[name] = max(2, int(min_ms / max((time.perf_counter() - t) * 1e3, 1e-3)))
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for r in range(rounds):
+            for name in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+                fn, n = fns[name], calls[name]
+                t = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                sync()
+                times[name].append((time.perf_counter() - t) * 1e3 / n)
+    out.update({name: sorted(v)[len(v) // 2] for name, v in times.items()})
+    return out
 
 
 def dispatch_counts(model: nn.Module) -> dict[str, int]:
@@ -174,42 +190,51 @@ def host_profile(fn: Callable[[], object], calls: int = 5, top: int = 14) -> str
 
 
 def run_models(names: tuple[str, ...], ck_fn: Callable | None, deadline: float = float("inf")) -> list[dict]:
-    """Eager wall ms per forward for every variant (and with ``cuda_graphs.capture`` for bf16/int8/fp8), with
-    ratios to the same run's bf16 (eager and graphs). Stops before a variant once ``time.perf_counter()``
-    passes ``deadline``."""
+    """Eager wall ms per forward for every variant (and with ``cuda_graphs.capture`` for bf16/int8/fp8), all
+    variants of a model timed in turns (:func:`interleaved_ms`), with ratios to the same rounds' bf16 (eager and
+    graphs). Stops before a model once ``time.perf_counter()`` passes ``deadline``."""
     from comfyquant.runtime.cuda_graphs import capture
 
     rows: list[dict] = []
     for name in names:
-        base: dict = {}
-        for variant, model, args in variants(name, ck_fn):
-            if time.perf_counter() > deadline:
-                print(f"models: out of time before {name}/{variant}", flush=True)
-                return rows
+        if time.perf_counter() > deadline:
+            print(f"models: out of time before {name}", flush=True)
+            return rows
+        built = list(variants(name, ck_fn))
+        fns: dict[str, Callable[[], object]] = {}
+        graphs = {}
+        for variant, model, args in built:
+            fns[variant] = lambda m=model, a=args: m(*a)
+            if variant in ("bf16", "int8", "fp8"):
+                graphs[variant] = capture(model)
+                fns[variant + "@graphs"] = lambda g=graphs[variant], a=args: g(*a)
+        times = interleaved_ms(fns)
+        model_rows = []
+        for variant, model, args in built:
             row: dict = {"model": name, "variant": variant}
-            try:
-                row["eager_ms"] = wall_ms(lambda m=model, a=args: m(*a))
-                if variant in ("bf16", "int8", "fp8"):
-                    g = capture(model)
-                    row["graph_ms"] = wall_ms(lambda g=g, a=args: g(*a))
-                    row["graphs"] = g.graphs
-                    del g
-            except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            for key, fn_name in (("eager_ms", variant), ("graph_ms", variant + "@graphs")):
+                t = times.get(fn_name)
+                if isinstance(t, float):
+                    row[key] = t
+                elif t is not None:
+                    row["error"] = t
+            if variant in graphs:
+                row["graphs"] = graphs[variant].graphs
             if variant in ("int8", "int8_measured", "fp8") and "eager_ms" in row:
                 row["dispatch"] = dispatch_counts(model)
                 row["profile"] = host_profile(lambda m=model, a=args: m(*a))
-            if variant == "bf16":
-                base = row
+            model_rows.append(row)
+        base = model_rows[0]  # bf16
+        for row in model_rows:
             for key in ("eager_ms", "graph_ms"):
                 if key in row and key in base:
                     row[key.replace("_ms", "_x")] = base[key] / row[key]
             if "graph_ms" in row and "eager_ms" in base:
                 row["graph_vs_bf16_eager_x"] = base["eager_ms"] / row["graph_ms"]
-            rows.append(row)
             print(row, flush=True)
-            del model, args
-            torch.cuda.empty_cache()
+        rows.extend(model_rows)
+        del built, fns, graphs
+        torch.cuda.empty_cache()
     return rows
 
 
