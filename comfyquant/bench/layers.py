@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from comfyquant.bench.plot import plot_bench
+from comfyquant.bench.timing import interleaved_ms
 from comfyquant.errors import UserError
 from comfyquant.quant.fp8 import quantize_fp8
 from comfyquant.quant.hadamard import choose_group_size, rotate_weight
@@ -151,6 +152,12 @@ def _bound(kind: str, wi: int, si: tuple[int, ...], opts: tuple[int, ...] = (),
     return op
 
 
+def _cycling(op: Callable, pairs: list) -> Callable[[], object]:
+    """``op`` called on the next (input, weight set) pair each time: inputs and weights cycled past L2."""
+    it = itertools.cycle(pairs)
+    return lambda: op(*next(it))
+
+
 def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn: Callable | None) -> list[Row]:
     dev = torch.device("cuda")
     group = choose_group_size(k)
@@ -190,12 +197,17 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
             ops["w4a8"] = _bound("int4_rot", 8, (9,), opts=(group,))
         if ck_fn is not None:
             ops["ck_int8"] = lambda x, w: ck_fn(x, w[1], w[2], w[7], out_dtype=torch.bfloat16)
+        ops = {name: op for name, op in ops.items() if name in cfg.columns}
+        # eager wall time with the columns taking turns (a drift of the host's or the GPU's speed during the row
+        # hits every column alike; one after another, the first quantized column ran 10-20% behind a pinned
+        # column of the same backend at M = 16384 in run 9)
+        eager = interleaved_ms({name: _cycling(op, pairs) for name, op in ops.items()}, rounds=3, min_ms=cfg.min_ms)
         for name, op in ops.items():
-            if name not in cfg.columns:
-                continue
+            t = eager[name]
             try:
-                it = itertools.cycle(pairs)
-                row.us[name] = wall_us(lambda op=op, it=it: op(*next(it)), cfg.min_ms)
+                if isinstance(t, str):
+                    raise RuntimeError(t)
+                row.us[name] = t * 1e3
                 if m <= cfg.graph_max_m and name in GRAPH_COLUMNS:
                     row.graph_us[name] = _graph_time(op, pairs, cfg)
             except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from comfyquant.bench.blocks import T5, Flux, Flux2, Sdxl, Wan
+from comfyquant.bench.timing import interleaved_ms
 from comfyquant.quant.hadamard import rotate_weight
 from comfyquant.quant.int8 import quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
@@ -108,41 +109,6 @@ def variants(name: str, ck_fn: Callable | None) -> Iterator[tuple[str, nn.Module
     if ck_fn is not None:
         model, args = build(name)
         yield "ck_int8", _swap(model, "ck", ck_fn), args
-
-
-def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = 7, min_ms: float = 40.0,
-                   sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, float | str]:
-    """Per function: the median over rounds of (wall time of back-to-back calls, synchronized) / calls, the
-    functions taking turns within each round (forward, then backward order). Timing one variant after another
-    let the host's speed drift between them: the same run once gave SDXL's bf16 5.4 ms and its unfolded int8
-    3.3 ms. A function that raises (RuntimeError / ValueError) gets its one-line error instead of a time.
-    ``sync`` waits for the device's queued work (CUDA's by default)."""
-    out: dict[str, float | str] = {}
-    calls: dict[str, int] = {}
-    with torch.no_grad():
-        for name, fn in fns.items():
-            try:
-                for _ in range(2):
-                    fn()
-                sync()
-                t = time.perf_counter()
-                fn()
-                sync()
-            except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
-                out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                continue
-            calls[name] = max(2, int(min_ms / max((time.perf_counter() - t) * 1e3, 1e-3)))
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for r in range(rounds):
-            for name in (list(calls) if r % 2 == 0 else list(reversed(calls))):
-                fn, n = fns[name], calls[name]
-                t = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                sync()
-                times[name].append((time.perf_counter() - t) * 1e3 / n)
-    out.update({name: sorted(v)[len(v) // 2] for name, v in times.items()})
-    return out
 
 
 def dispatch_counts(model: nn.Module) -> dict[str, int]:

@@ -1,10 +1,10 @@
-"""The whole-model benchmark's timer (CPU): variants take turns, so a drift in the host's speed hits them alike."""
+"""The benchmarks' timer (CPU): candidates take turns, so a drift in the host's speed hits them alike."""
 
 from __future__ import annotations
 
 import time
 
-from comfyquant.bench.models import interleaved_ms
+from comfyquant.bench.timing import interleaved_ms
 
 
 def test_interleaved_timing_survives_a_host_that_slows_down_mid_run() -> None:
