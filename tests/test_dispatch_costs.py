@@ -134,9 +134,9 @@ def test_calibration_measures_only_the_paths_that_run_on_the_device() -> None:
     assert kernel_kind("fp8").backends["scaled_mm"].requires(torch.device("cpu")) is not None
 
 
-@pytest.mark.parametrize("run", [6, 7, 8])
+@pytest.mark.parametrize("run", [6, 7, 8, 9])
 def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(run: int) -> None:
-    """The eager int8 choice against two real H200 per-layer sweeps (benchmarks/results/sweep_run{6,7}_*: every
+    """The eager int8 choice against real H200 per-layer sweeps (benchmarks/results/sweep_run{6,7,8,9}_*: every
     backend of 90-114 Flux / Wan / SDXL / T5 / CLIP layer shapes timed at M = 1 .. 16384, bound path, weights
     rotated past L2), with that run's measured host costs: the picked backend's measured time over the fastest
     one's. Before the short-K / fused-prologue terms: geometric mean 1.07 / 1.22, worst 3.6x / 3.7x."""

@@ -91,9 +91,14 @@ def _bf16_gemm(m: int, n: int, k: int, c: DeviceCosts) -> float:
     return _kernel(2.0 * m * n * k, 2.0 * (m * k + n * k + m * n), c.rate("bf16"), eff, c)
 
 
+# The activation kernels move their bytes at about half the copy bandwidth (H200, run 10's rotation section,
+# "auto" kernel: median 0.48 of it unrotated, 0.18 with convrot 256, i.e. 2.6x the unrotated time again).
+QUANT_BW_FRACTION = 0.5
+
+
 def _quant_kernel(m: int, k: int, c: DeviceCosts, group: int) -> float:
     slow = 1.0 if not group else 1.0 + 0.4 * math.log(group, 4)  # radix-4 rotation stages cost bandwidth
-    return c.launch_us + 3.0 * m * k * slow / (c.bw_gbs * 1e3)
+    return c.launch_us + 3.0 * m * k * slow / (QUANT_BW_FRACTION * c.bw_gbs * 1e3)
 
 
 # Fitted on the H200 per-layer sweeps of 2026-12-02 (runs 6, 7: benchmarks/results/sweep_run{6,7}_*), where the
