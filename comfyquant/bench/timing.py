@@ -9,12 +9,13 @@ import torch
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = 7, min_ms: float = 40.0,
-                   sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, float | str]:
+                   sync: Callable[[], None] = torch.cuda.synchronize,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float | str]:
     """Per function: the median over rounds of (wall time of back-to-back calls, synchronized) / calls, the
     functions taking turns within each round (forward, then backward order). Timing one variant after another
     let the host's speed drift between them: the same run once gave SDXL's bf16 5.4 ms and its unfolded int8
     3.3 ms. A function that raises (RuntimeError / ValueError) gets its one-line error instead of a time.
-    ``sync`` waits for the device's queued work (CUDA's by default)."""
+    ``sync`` waits for the device's queued work (CUDA's by default); ``clock`` reads seconds."""
     out: dict[str, float | str] = {}
     calls: dict[str, int] = {}
     with torch.no_grad():
@@ -23,21 +24,21 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = 7, min_ms
                 for _ in range(2):
                     fn()
                 sync()
-                t = time.perf_counter()
+                t = clock()
                 fn()
                 sync()
             except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
                 out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 continue
-            calls[name] = max(2, int(min_ms / max((time.perf_counter() - t) * 1e3, 1e-3)))
+            calls[name] = max(2, int(min_ms / max((clock() - t) * 1e3, 1e-3)))
         times: dict[str, list[float]] = {name: [] for name in calls}
         for r in range(rounds):
             for name in (list(calls) if r % 2 == 0 else list(reversed(calls))):
                 fn, n = fns[name], calls[name]
-                t = time.perf_counter()
+                t = clock()
                 for _ in range(n):
                     fn()
                 sync()
-                times[name].append((time.perf_counter() - t) * 1e3 / n)
+                times[name].append((clock() - t) * 1e3 / n)
     out.update({name: sorted(v)[len(v) // 2] for name, v in times.items()})
     return out
