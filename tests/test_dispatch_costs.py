@@ -162,9 +162,10 @@ def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(r
     assert max(regrets) <= 1.8 and sum(x > 1.15 for x in regrets) <= 0.1 * len(regrets)
 
 
-def test_activation_kernel_pick_is_the_fastest_kernel_on_the_recorded_h200_timings() -> None:
+@pytest.mark.parametrize("run", [9, 10])
+def test_activation_kernel_pick_is_the_fastest_kernel_on_the_recorded_h200_timings(run: int) -> None:
     """``triton_quant.pick_kernel`` / ``dot_rows`` ("auto", what the linears run) against the H200's timings of
-    the activation kernels (benchmarks/results/rotation_run9_*: bf16 rows, M 256 .. 16384, K 1280 .. 15360,
+    the activation kernels (benchmarks/results/rotation_run{9,10}_*: bf16 rows, M 256 .. 16384, K 1280 .. 15360,
     unrotated and convrot 256; the row kernel, the tile kernel with 64- and 16-row programs): the pick must be
     the fastest wherever the candidates differ by more than 5%, and never more than 10% slower. The tile
     kernel with 64-row programs everywhere (run 8's trial) was up to 27x slower than the row kernel."""
@@ -174,7 +175,7 @@ def test_activation_kernel_pick_is_the_fastest_kernel_on_the_recorded_h200_timin
     from comfyquant.runtime.kernels import triton_quant as tq
 
     rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                       / "rotation_run9_h200_2026-12-02.json").read_text())
+                       / f"rotation_run{run}_h200_2026-12-02.json").read_text())
     worst_tiles, regrets = 1.0, []
     for r in rows:
         x = torch.empty((r["m"], r["k"]), dtype=torch.bfloat16, device="meta")
