@@ -164,10 +164,16 @@ def check_linear() -> None:
         qx, sx = reference.quantize_rows_int8(x2d)
         eps = rel(qx.double() * sx.double(), x2d) + rel(q.double() * s.double(), w)
         ref_path = int8_linear(x, q, s, bias, backend="torch")
-        for backend in ("triton", "triton_fused", "triton_w8a16", "dequant"):
+        for backend in ("triton", "triton_fused", "triton_fused_kblock", "triton_w8a16", "dequant"):
             y = int8_linear(x, q, s, bias, backend=backend)
             finite = bool(torch.isfinite(y).all())
-            if backend in ("triton", "triton_fused"):
+            if backend == "triton_fused_kblock":  # per-row-and-128-column activation scales: its own reference
+                want = reference.int8_linear_kblock_ref(x, q, s, bias, torch.float32)
+                e, e_ref = rel(y, ref64), rel(y, want)
+                ok = finite and e <= 1.5 * eps + 2**-7 and e_ref <= 2**-7
+                record(f"w8a8_linear_{backend}", ok, m=m, k=k, n=n, layout=how, scale=scale_kind, rel=e,
+                       bound=1.5 * eps + 2**-7, rel_vs_reference=e_ref)
+            elif backend in ("triton", "triton_fused"):
                 e, e_ref = rel(y, ref64), rel(y, ref_path)
                 ok = finite and e <= 1.5 * eps + 2**-7 and e_ref <= 2**-7
                 record(f"w8a8_linear_{backend}", ok, m=m, k=k, n=n, layout=how, scale=scale_kind, rel=e,
@@ -405,7 +411,8 @@ def check_plans() -> None:
     from comfyquant.runtime import QuantizedTensor, QuantLinear
     from comfyquant.runtime.nn import bound_linear
 
-    cases = {"int8": ("triton", "triton_fused", "triton_w8a16", "dequant"), "int8-rot": ("triton",),
+    cases = {"int8": ("triton", "triton_fused", "triton_fused_kblock", "triton_w8a16", "dequant"),
+             "int8-rot": ("triton",),
              "fp8": ("triton_w8a16", "dequant", "scaled_mm", "triton")}
     for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03

@@ -276,6 +276,35 @@ def check_fused() -> None:
                    cfg=str(cfg), **info)
 
 
+def check_fused_kblock() -> None:
+    """The one-launch kernel with activation scales per row and K block (``kblock``): against the float64-exact
+    reference of that scheme (``reference.int8_linear_kblock_ref``, the block the tile config's BLOCK_K), and
+    closer to the unquantized product than per-row scales wherever a row has an outlier (``_x`` puts one in the
+    first and the last row)."""
+    from comfyquant.runtime.kernels import reference, triton_int8
+
+    tol = {F32: 1e-5, F16: 2 ** -10, BF16: 2 ** -7}
+    cases = [c for c in _LINEAR_CASES if c[-1] is None] + [(3, 1000, 40, BF16, BF16, True, "row", None),
+                                                           (4, 300, 24, F32, F32, False, "row", None)]
+    for i, (m, k, n, dt, odt, has_b, sk, _) in enumerate(cases):
+        x = _x(m, k, dt, seed=540 + i)
+        if m > 2:
+            x[1] = 0
+        w, q, s = _weight(n, k, seed=550 + i, scale=sk)
+        b = _bias(n, BF16, has_b, seed=560 + i)
+        info = {"m": m, "k": k, "n": n, "x": str(dt), "out": str(odt), "bias": has_b, "scale": sk}
+        ref64 = x.double() @ w.double().t() + (0 if b is None else b.double())
+        for cfg in _cfgs():
+            block = cfg.block_k if cfg is not None else 128
+            want = reference.int8_linear_kblock_ref(x, q, s, b, F32, block=block)
+            y = triton_int8.fused_linear(x, q, s, b, odt, cfg=cfg, kblock=True)
+            d = (y.float() - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+            row = triton_int8.fused_linear(x, q, s, b, F32, cfg=cfg)
+            e_kb, e_row = rel(want, ref64), rel(row, ref64)
+            record("fused_kblock_linear", y.dtype == odt and d <= tol[odt] and e_kb <= e_row * 1.001, diff=d,
+                   rel_kblock=e_kb, rel_row=e_row, block=block, cfg=str(cfg), **info)
+
+
 def check_w8a16() -> None:
     """Weight-only GEMM with fp16 activations (bf16 ones hit interpreter limitations: see the limitations)."""
     from comfyquant.quant.fp8 import quantize_fp8
@@ -451,7 +480,8 @@ def check_interpreter_limitations() -> None:
 
 GROUPS: dict[str, Callable[[], None]] = {
     "cpu_dispatch": check_cpu_dispatch, "act_quant": check_act_quant, "rotate_rows": check_rotate_rows, "fp8_quant": check_fp8_quant,
-    "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "w8a16": check_w8a16,
+    "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "fused_kblock": check_fused_kblock,
+    "w8a16": check_w8a16,
     "dequant": check_dequant, "w4a8": check_w4a8, "fp8_scaled_mm": check_fp8_scaled_mm,
     "fast_kernel": check_fast_kernel, "interpreter_limitations": check_interpreter_limitations,
     **FP8_GROUPS,  # the FP8 W8A8 Triton path (triton_interp_fp8)

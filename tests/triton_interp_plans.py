@@ -37,6 +37,8 @@ def check_plans() -> None:
                            lambda x, a=0: tp.plan_int8(x, w, s, None, 16, dtype, a)),
             "fused": (lambda x, a=0: ti.fused_linear(x, w, s, bias, dtype, act=a),
                       lambda x, a=0: tp.plan_fused(x, w, s, bias, dtype, a)),
+            "fused_kblock": (lambda x, a=0: ti.fused_linear(x, w, s, bias, dtype, act=a, kblock=True),
+                             lambda x, a=0: tp.plan_fused(x, w, s, bias, dtype, a, kblock=True)),
         }
         if dtype == F16:  # bf16/fp32 x are not planned for W8A16 (and bf16 dot does not interpret)
             cases["w8a16"] = (lambda x, a=0: ti.w8a16_linear(x, w, s, bias, None, dtype, act=a),

@@ -69,6 +69,24 @@ def int8_linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, b
     return _epilogue(acc, s_x, w_scale, bias, out_dtype).reshape(*lead, w_q.shape[0])
 
 
+def int8_linear_kblock_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                           out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
+    """W8A8 with activation scales per row *and* per ``block`` columns (the one-launch fused kernel's
+    ``kblock`` mode): each block's codes at its own scale (``absmax / 127`` in float32, codes rounded half to
+    even from ``x * (1 / scale)``, the kernel's reciprocal multiply), its exact int32 product scaled into a
+    float32 sum."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k).float()
+    out = torch.zeros(x2d.shape[0], w_q.shape[0], dtype=torch.float32, device=x.device)
+    for k0 in range(0, k, block):
+        xb = x2d[:, k0:k0 + block]
+        amax = xb.abs().amax(dim=1, keepdim=True)
+        s_x = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q = torch.round(xb * (1.0 / s_x)).clamp(-127, 127).to(torch.int8)
+        out += int_mm(q, w_q[:, k0:k0 + block].t()).float() * s_x
+    return _epilogue(out, torch.ones((), device=x.device), w_scale, bias, out_dtype).reshape(*lead, w_q.shape[0])
+
+
 def int8_block_linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: int,
                           bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8 with block-wise weight scales ``[ceil(N/b), ceil(K/b)]``: one int32 GEMM per K block, scaled per tile."""

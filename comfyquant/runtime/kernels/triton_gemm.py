@@ -189,19 +189,23 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
           ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, A_CHUNK: tl.constexpr,
           h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr,
-          A_ACT: tl.constexpr):
+          A_ACT: tl.constexpr, KBLOCK: tl.constexpr):
     """Per-token int8 quantization of x folded into the W8A8 GEMM (one launch, x read in bf16/fp16), after the
-    layer's input activation ``A_ACT`` (0: none)."""
+    layer's input activation ``A_ACT`` (0: none). ``KBLOCK``: one activation scale per row and ``BLOCK_K``
+    columns instead of per row, taken from the A tile the loop loads anyway (no absmax pass over K first); each
+    block's exact int32 product is scaled into an fp32 accumulator."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    # phase 1: the rows' absmax over all of K (re-read by every column tile; small M keeps it in L2)
-    offs_c = tl.arange(0, A_CHUNK)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, A_CHUNK):
-        xc = tl.load(x_rows + (k0 + offs_c)[None, :], mask=(k0 + offs_c)[None, :] < K, other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(input_act(xc.to(tl.float32), A_ACT)), axis=1))
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+    scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if not KBLOCK:
+        # phase 1: the rows' absmax over all of K (re-read by every column tile; small M keeps it in L2)
+        offs_c = tl.arange(0, A_CHUNK)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, A_CHUNK):
+            xc = tl.load(x_rows + (k0 + offs_c)[None, :], mask=(k0 + offs_c)[None, :] < K, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(input_act(xc.to(tl.float32), A_ACT)), axis=1))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
     inv = 1.0 / scale
     # phase 2: quantize each A tile in registers, int8 dot
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -209,6 +213,7 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
     a_ptrs = x_rows + offs_k[None, :]
     b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             xa = tl.load(a_ptrs)
@@ -217,12 +222,21 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
             rem = K - kk * BLOCK_K
             xa = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
-        y = input_act(xa.to(tl.float32), A_ACT) * inv[:, None]
-        a = ((y + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        y = input_act(xa.to(tl.float32), A_ACT)
+        if KBLOCK:
+            amax_t = tl.max(tl.abs(y), axis=1)
+            s_t = tl.where(amax_t > 0, tl.math.div_rn(amax_t, 127.0), 1.0)
+            a = ((y * (1.0 / s_t)[:, None] + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
+            acc_f += tl.dot(a, b, out_dtype=tl.int32).to(tl.float32) * s_t[:, None]
+        else:
+            a = ((y * inv[:, None] + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    out = acc.to(tl.float32) * scale[:, None]
+    if KBLOCK:
+        out = acc_f
+    else:
+        out = acc.to(tl.float32) * scale[:, None]
     _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
            h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 

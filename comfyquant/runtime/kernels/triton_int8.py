@@ -187,8 +187,10 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                 low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
-    """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation)."""
+                 low_rank: LowRank | None = None, act: int = 0, kblock: bool = False) -> torch.Tensor:
+    """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation);
+    ``kblock``: one activation scale per row and K block of the tile config (``BLOCK_K``, 128 from K = 128 on:
+    ``reference.int8_linear_kblock_ref``) instead of one per row, so no absmax pass over K comes first."""
     _no_act_with_low_rank(act, low_rank)
     _no_gated_act(act, "fused_linear")
     lead, k = x.shape[:-1], x.shape[-1]
@@ -199,7 +201,8 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         cfg = cfg or fused_config(m, n, k, x.device)
-        grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x2d, sb), act)
+        grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x2d, sb), act,
+                                        kblock)
         _FUSED(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
 
@@ -209,7 +212,8 @@ def fused_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
 
 
 def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
-                  bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int) -> tuple:
+                  bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
+                  kblock: bool = False) -> tuple:
     """(grid, args, key) of the one-launch W8A8 kernel (x at ``args[0]``, the output at ``args[2]``)."""
     (m, k), n = x2d.shape, w_q.shape[0]
     chunk = min(8192 // cfg.block_m, next_power_of_2(k))  # absmax pass: <= 8K elements in registers
@@ -217,9 +221,9 @@ def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: t
     return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
             (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
              out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
-             k % cfg.block_k == 0, chunk, *lr_args, act),
+             k % cfg.block_k == 0, chunk, *lr_args, act, kblock),
             (cfg, chunk, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
-             _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act))
+             _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act, kblock))
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -88,9 +88,10 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 
 def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
-    """``x -> fused_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act)`` for ``x``'s
-    signature, or None."""
+               out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
+               kblock: bool = False) -> Plan | None:
+    """``x -> fused_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock)`` for
+    ``x``'s signature, or None."""
     common = _common(x, w_q, w_scale)
     if common is None:
         return None
@@ -98,7 +99,7 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     cfg = ti.fused_config(m, n, k, dev)
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
-    grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act)
+    grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, kblock)
     return _one_launch(ti._FUSED.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
                        args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
 
