@@ -252,23 +252,30 @@ def _requant_rotated(w: torch.Tensor, g: int, scale: str) -> tuple[torch.Tensor,
     return quantize_rowwise(wr) if scale == "row" else quantize_tensorwise(wr)
 
 
+def _fused_case(case: tuple, seed: int) -> tuple:
+    """(x with outliers and an all-zero row, w, its codes and scale, bias, the record's fields) of a linear case."""
+    m, k, n, dt, odt, has_b, sk, _ = case
+    x = _x(m, k, dt, seed=seed)
+    if m > 2:
+        x[1] = 0
+    w, q, s = _weight(n, k, seed=seed + 10, scale=sk)
+    b = _bias(n, BF16, has_b, seed=seed + 20)
+    return x, w, q, s, b, {"m": m, "k": k, "n": n, "x": str(dt), "out": str(odt), "bias": has_b, "scale": sk}
+
+
 def check_fused() -> None:
     from comfyquant.runtime.kernels import reference, triton_int8
 
     cases = [c for c in _LINEAR_CASES if c[-1] is None] + [(3, 1000, 40, BF16, BF16, True, "row", None)]
-    for i, (m, k, n, dt, odt, has_b, sk, _) in enumerate(cases):
-        x = _x(m, k, dt, seed=500 + i)
-        if m > 2:
-            x[1] = 0
-        w, q, s = _weight(n, k, seed=510 + i, scale=sk)
-        b = _bias(n, BF16, has_b, seed=520 + i)
+    for i, case in enumerate(cases):
+        x, w, q, s, b, info = _fused_case(case, seed=500 + i)
+        odt = case[4]
         # the fused kernel quantizes with a reciprocal multiply: round_half_even(x * (1 / (absmax / 127)))
         xf = x.float()
         amax = xf.abs().amax(dim=1, keepdim=True)
         sx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         qx = torch.round(xf * (1.0 / sx)).to(torch.int8)
         want = _epilogue(reference.int_mm(qx, q.t()), sx, s, b, odt)
-        info = {"m": m, "k": k, "n": n, "x": str(dt), "out": str(odt), "bias": has_b, "scale": sk}
         for cfg in _cfgs():
             y = triton_int8.fused_linear(x, q, s, b, odt, cfg=cfg)
             e, bound = _bound64(y, x, w, b, q.double() * s.double())
@@ -286,13 +293,9 @@ def check_fused_kblock() -> None:
     tol = {F32: 1e-5, F16: 2 ** -10, BF16: 2 ** -7}
     cases = [c for c in _LINEAR_CASES if c[-1] is None] + [(3, 1000, 40, BF16, BF16, True, "row", None),
                                                            (4, 300, 24, F32, F32, False, "row", None)]
-    for i, (m, k, n, dt, odt, has_b, sk, _) in enumerate(cases):
-        x = _x(m, k, dt, seed=540 + i)
-        if m > 2:
-            x[1] = 0
-        w, q, s = _weight(n, k, seed=550 + i, scale=sk)
-        b = _bias(n, BF16, has_b, seed=560 + i)
-        info = {"m": m, "k": k, "n": n, "x": str(dt), "out": str(odt), "bias": has_b, "scale": sk}
+    for i, case in enumerate(cases):
+        x, w, q, s, b, info = _fused_case(case, seed=540 + i)
+        odt = case[4]
         ref64 = x.double() @ w.double().t() + (0 if b is None else b.double())
         for cfg in _cfgs():
             block = cfg.block_k if cfg is not None else 128
