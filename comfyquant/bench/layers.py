@@ -204,16 +204,19 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         # column of the same backend at M = 16384 in run 9)
         eager = interleaved_ms({name: _cycling(op, pairs) for name, op in ops.items()}, rounds=3, min_ms=cfg.min_ms)
         for name, op in ops.items():
-            t = eager[name]
+            t = eager[name]  # ms, or the error line of a column that failed
             try:
                 if isinstance(t, str):
-                    raise RuntimeError(t)
-                row.us[name] = t * 1e3
-                if m <= cfg.graph_max_m and name in GRAPH_COLUMNS:
-                    row.graph_us[name] = _graph_time(op, pairs, cfg)
-            except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
+                    failed = t
+                else:
+                    row.us[name], failed = t * 1e3, None
+                    if m <= cfg.graph_max_m and name in GRAPH_COLUMNS:
+                        row.graph_us[name] = _graph_time(op, pairs, cfg)
+            except (RuntimeError, ValueError) as e:
+                failed = str(e).splitlines()[0]
+            if failed is not None:  # recorded in the table, never hidden
                 row.us[name] = float("nan")
-                print(f"  {model}.{layer} M={m} {name}: failed: {str(e).splitlines()[0][:160]}")
+                print(f"  {model}.{layer} M={m} {name}: failed: {failed[:160]}")
         rows.append(row)
         print(_fmt_row(row), flush=True)
         del xs, pairs

@@ -12,6 +12,7 @@ Backends import the Triton / fp8 modules lazily, so the CPU path never imports t
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -48,22 +49,15 @@ def _int8_dequant(x, w, scales, bias, opts, out_dtype):
     return reference.dequant_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
 
 
-def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, kblock=False):
+    """The one-launch W8A8 kernel; ``kblock`` (backend ``triton_fused_kblock``): activation scales per row and
+    128 columns, no absmax pass first; pinned only until its speed is measured on a GPU (docs/KERNEL_NOTES.md)."""
     from comfyquant.runtime.kernels import triton_int8
 
     if _opt(opts, 0):
-        raise UserError("backend 'triton_fused' has no rotation; rotated (convrot) int8 layers use 'triton'")
-    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=low_rank, act=act)
-
-
-def _int8_fused_kblock(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
-    """The one-launch kernel with activation scales per row and 128 columns (no absmax pass first); pinned only
-    (``set_backend("triton_fused_kblock")``) until its speed is measured on a GPU (docs/KERNEL_NOTES.md)."""
-    from comfyquant.runtime.kernels import triton_int8
-
-    if _opt(opts, 0):
-        raise UserError("backend 'triton_fused_kblock' has no rotation; rotated (convrot) int8 layers use 'triton'")
-    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=low_rank, act=act, kblock=True)
+        name = "triton_fused_kblock" if kblock else "triton_fused"
+        raise UserError(f"backend '{name}' has no rotation; rotated (convrot) int8 layers use 'triton'")
+    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock)
 
 
 def _int8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
@@ -86,17 +80,11 @@ def _plan_int8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     return triton_plans.plan_int8(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, act, low_rank)
 
 
-def _plan_int8_fused(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
-    from comfyquant.runtime.kernels import triton_plans
-
-    return None if _opt(opts, 0) else triton_plans.plan_fused(x, w, scales[0], bias, out_dtype, act, low_rank)
-
-
-def _plan_int8_fused_kblock(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+def _plan_int8_fused(x, w, scales, bias, opts, out_dtype, act, low_rank=None, kblock=False):
     from comfyquant.runtime.kernels import triton_plans
 
     return None if _opt(opts, 0) else triton_plans.plan_fused(x, w, scales[0], bias, out_dtype, act, low_rank,
-                                                              kblock=True)
+                                                              kblock=kblock)
 
 
 def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
@@ -352,7 +340,8 @@ INT8 = register_kernel_kind(KernelKind(
      "dequant": KernelBackend(_int8_dequant, plan=_plan_dequant),
      "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton, fuses_gated_act=True),
      "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused),
-     "triton_fused_kblock": KernelBackend(_int8_fused_kblock, _TRITON, True, True, _plan_int8_fused_kblock),
+     "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
+                                          partial(_plan_int8_fused, kblock=True)),
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16)},
     choose=_choose_int8, check=_check_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(

@@ -21,7 +21,6 @@ import torch
 
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels import triton_quant
-from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
 
@@ -174,7 +173,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     if common is None:
         return None
     lead, m, n, kx, dev, sb = common
-    k = kx // 2 if act in GATED_CODES else kx  # x's width, and the activated one the GEMM reads
+    k = triton_quant.out_width(x, act)  # x's width kx, and the activated one the GEMM reads
     q = torch.empty((m, k), dtype=qdtype, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
     fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act)
@@ -277,7 +276,7 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
             or (bias is not None and bias.dtype != torch.bfloat16)):
         return None
     lead, m, kx = rows
-    k = kx // 2 if act in GATED_CODES else kx  # x's width, and the activated one the GEMM reads
+    k = triton_quant.out_width(x, act)  # x's width kx, and the activated one the GEMM reads
     n, dev, f8 = int(w_q.shape[0]), x.device, w_q.dtype
     q = torch.empty((m, k), dtype=f8, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)

@@ -278,9 +278,9 @@ def _hadamard(group: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return hadamard_matrix(group, torch.float64).to(device=device, dtype=dtype).contiguous()
 
 
-def _out_width(x2d: torch.Tensor, act: int) -> int:
+def out_width(x: torch.Tensor, act: int) -> int:
     """Columns of the output (K): x's, or half of them for a gated activation (its rows hold both halves)."""
-    k = int(x2d.shape[1])
+    k = int(x.shape[-1])
     if act in GATED_CODES:
         if k % 2:
             raise ValueError(f"a gated input activation needs an even input width, got {k}")
@@ -295,7 +295,7 @@ def tiles_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -
     if group is None:
         return mode in (MODE_INT8, MODE_FP8)
     return (group in DOT_GROUPS and x2d.dtype in (torch.float16, torch.bfloat16)
-            and _out_width(x2d, act) % group == 0 and mode in (MODE_INT8, MODE_FLOAT))
+            and out_width(x2d, act) % group == 0 and mode in (MODE_INT8, MODE_FLOAT))
 
 
 def dot_rows(m: int, sms: int) -> int:
@@ -312,7 +312,7 @@ def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -
     the tile kernel ran 1.9-27x slower than the row kernel; at M = 16384 it was 1.6-2.3x faster). Else "rows"."""
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
-    m, k = int(x2d.shape[0]), _out_width(x2d, act)
+    m, k = int(x2d.shape[0]), out_width(x2d, act)
     if group is None:
         return "tiles" if k <= TILES_MAX_K and m * k >= TILES_MIN_ELEMS else "rows"
     return "tiles" if cdiv(m, DOT_ROWS_MIN) >= device_facts(x2d.device)[0] else "rows"
@@ -330,7 +330,7 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
             kernel: str = DEFAULT_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    m, k = x2d.shape[0], _out_width(x2d, act)
+    m, k = x2d.shape[0], out_width(x2d, act)
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
     fk, grid, args, key, warps, stages = launch_for(x2d, out, scale, static_scale, group, mode, qmax, perm, act,
@@ -361,7 +361,7 @@ def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group
     per program (16 or more, a power of two; None: :func:`dot_rows`) and the group's Hadamard (groups 16 and 64)
     or the 64-group's applied to each quarter (group 256) as the product's operand; without, ``TILE_ELEMS`` per
     tile."""
-    m, k = x2d.shape[0], _out_width(x2d, act)
+    m, k = x2d.shape[0], out_width(x2d, act)
     if group is None:
         c, h, rot = _tile_width(k), scale, 0  # h: never read
         bm = max(1, min(64, TILE_ELEMS // c))
@@ -380,7 +380,7 @@ def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
                group: int | None, mode: int, qmax: float, perm: int, act: int) -> tuple:
     """(grid, args, key, num_warps) of the activation kernel: x, output, scale and the scale it reads at
     ``args[0:4]`` (the dynamic scale itself when there is no static one)."""
-    m, k = x2d.shape[0], _out_width(x2d, act)
+    m, k = x2d.shape[0], out_width(x2d, act)
     full = next_power_of_2(max(k, 16))
     block = full if full <= SINGLE_PASS_MAX else max(CHUNK, group or 0)
     static = static_scale if static_scale is not None else scale
@@ -398,8 +398,8 @@ def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 
     ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``kernel``: "rows" (a row
     per program, the rotation as an in-register butterfly) or "tiles" (row tiles, the rotation a tensor-core
     product, where :func:`tiles_apply`; else "rows") or "auto" (:func:`pick_kernel`)."""
-    if perm and _out_width(x2d, act) % perm:
-        raise ValueError(f"K={_out_width(x2d, act)} is not a multiple of the permutation block {perm}")
+    if perm and out_width(x2d, act) % perm:
+        raise ValueError(f"K={out_width(x2d, act)} is not a multiple of the permutation block {perm}")
     return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, kernel=kernel)
 
 
