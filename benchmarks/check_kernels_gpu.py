@@ -5,6 +5,8 @@ Bounds (stated, asserted):
   plain path; with the rotation, fp32 butterflies in another order may move a code by 1 at a .5 tie
   (asserted: max |diff| <= 1, <= 0.1% of codes); fp8 codes equal the torch cast exactly.
 * int32 GEMM: bit-for-bit equal to ``torch._int_mm`` on random int8 inputs (any shape; padding handled).
+* persistent-grid W8A8 GEMM (``TileConfig.persistent`` 1, 2): the scaled bf16 output bit-equal to the
+  one-program-per-tile kernel's with the same tile (same per-tile arithmetic), and the pick uses it.
 * W8A8 linear: ``rel <= 1.5 * (eps_x + eps_w) + 2^-7`` vs the float64 product of the unquantized inputs, where
   eps are the measured relative quantization errors of x (per row) and W; and ``rel <= 2^-7`` vs the torch
   reference path on the same inputs (bf16 output rounding).
@@ -147,6 +149,32 @@ def check_int_mm_exact() -> None:
         for tma in (False, True) if k % 16 == 0 else (False,):
             got = triton_int8.int_mm(a, b, tma=tma)
             record("int32_gemm_bit_exact", torch.equal(got, want), m=m, k=k, n=n, tma=tma)
+
+
+def check_persistent() -> None:
+    import dataclasses
+
+    from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8
+
+    for m, k, n in [(4096, 3072, 9216), (4097, 5120, 5120), (1024, 3072, 21504), (16384, 1280, 1280),
+                    (300, 12288, 3072)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+        sa = torch.rand(m, 1, device="cuda") * 1e-3
+        sb = torch.rand(n, device="cuda") * 1e-3
+        bias = torch.randn(n, device="cuda").bfloat16()
+        pick = triton_int8.pick_w8a8(m, n, k, a.device, True)[0]
+        for base in {pick, PERSISTENT_W8A8}:
+            want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=dataclasses.replace(base, persistent=0))
+            for mode in (1, 2):
+                poison()
+                cfg = dataclasses.replace(base, persistent=mode)
+                got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=cfg)
+                record("w8a8_persistent_bit_equal", torch.equal(got, want), m=m, k=k, n=n, cfg=str(cfg))
+        auto = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16)  # the pick (persistent where it applies)
+        record("w8a8_pick_bit_equal", torch.equal(auto, triton_int8.gemm_w8a8(
+            a, sa, b, sb, bias, torch.bfloat16, cfg=dataclasses.replace(pick, persistent=0))), m=m, k=k, n=n,
+            pick=str(pick))
 
 
 def check_linear() -> None:
@@ -452,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_act_quant, check_int_mm_exact, check_linear, check_fp8_triton, check_fp8_low_rank_choice,
+    for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_linear, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs):
         try:
             fn()

@@ -131,6 +131,100 @@ def _int4_rot_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return qt.qdata, scale, group
 
 
+def _cycled_gpu_us(fns: list[Callable[[], object]], reps: int = 12) -> float:
+    """GPU time per call of ``fns`` called in turn (operand copies past L2) inside one CUDA graph, median of 5
+    replays."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+        for i in range(reps):
+            fns[i % len(fns)]()
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / reps)
+    return sorted(times)[2]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) of the persistent-grid trial; BLOCK_K 128, GROUP_M 8
+_PERSIST_TILES = ((256, 128, 8, 4), (128, 256, 8, 4), (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4))
+_PERSIST_SHAPES = (("flux qkv", 9216, 3072), ("flux proj", 3072, 3072), ("flux mlp0", 12288, 3072),
+                   ("flux mlp2", 3072, 12288), ("flux linear1", 21504, 3072), ("flux linear2", 3072, 15360),
+                   ("wan attn", 5120, 5120), ("wan ffn0", 13824, 5120), ("wan ffn2", 5120, 13824))
+
+
+def section_persist(out: Path, budget: float) -> None:
+    """The W8A8 GEMM alone (CUDA graph, 3 weight copies in turn) on the persistent grid (``TileConfig.persistent``
+    1 and 2) against the one-program-per-tile kernel (the table's pick) and bf16 cuBLAS, on the 9 Flux / Wan
+    layer shapes at M 1024, 4096, 16384; int32 results checked bit-equal to ``torch._int_mm`` first."""
+    import dataclasses
+
+    from comfyquant.quant.int8 import quantize_rowwise
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.configs import TileConfig
+
+    bf16 = torch.bfloat16
+    res: list = []
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for m, n, k in ((4097, 3000, 3072), (1000, 9216, 5120), (16384, 1280, 1280)):
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda", generator=g)
+        want = torch._int_mm(a, b.t())
+        for bm, bn, w_, st in _PERSIST_TILES:
+            for p in (1, 2):
+                cfg = TileConfig(bm, bn, 128, w_, st, 8, p)
+                try:
+                    ok, err = bool(torch.equal(ti.int_mm(a, b, tma=True, cfg=cfg), want)), ""
+                except Exception as e:  # recorded: a variant that does not compile is a result
+                    ok, err = False, str(e)[:200]
+                res.append({"path": "exact", "m": m, "n": n, "k": k, "cfg": str(cfg), "ok": ok, "error": err})
+    bad = [r for r in res if not r["ok"]]
+    SUMMARY.append(f"persist exactness: {len(res) - len(bad)}/{len(res)} bit-equal to torch._int_mm"
+                   + (f"; failed: {[(r['cfg'], r['error']) for r in bad][:4]}" if bad else ""))
+    print(SUMMARY[-1], flush=True)
+    for name, n, k in _PERSIST_SHAPES:
+        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(3)]
+        qs = [quantize_rowwise(w) for w in ws]
+        wbs = [w.bfloat16() for w in ws]
+        del ws
+        for m in (1024, 4096, 16384):
+            if left(budget) < 20:
+                break
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            qa, sa = tq.quantize_rows_int8(x)
+            row = {"path": "persist", "layer": name, "m": m, "n": n, "k": k, "us": {}}
+            row["us"]["bf16"] = _cycled_gpu_us([lambda w=w: torch.nn.functional.linear(x, w) for w in wbs])
+            row["us"]["act_quant"] = _cycled_gpu_us([lambda: tq.quantize_rows_int8(x)])
+            pick = ti.pick_w8a8(m, n, k, x.device)[0]
+            row["pick"] = str(pick)
+            cands = {"pick": pick, **{f"p{p}_{bm}x{bn}w{w_}s{st}": TileConfig(bm, bn, 128, w_, st, 8, p)
+                                      for bm, bn, w_, st in _PERSIST_TILES for p in (0, 1, 2)}}
+            cands["pick_p1"] = dataclasses.replace(pick, persistent=1)
+            cands["pick_p2"] = dataclasses.replace(pick, persistent=2)
+            for label, cfg in cands.items():
+                try:
+                    row["us"][label] = _cycled_gpu_us(
+                        [lambda q=q, s=s, c=cfg: ti.gemm_w8a8(qa, sa, q, s, None, bf16, cfg=c) for q, s in qs])
+                except Exception as e:  # recorded: a tile that does not fit or compile is a result
+                    row["us"][label] = str(e)[:80]
+            res.append(row)
+            us = {c: t for c, t in row["us"].items() if isinstance(t, float) and c not in ("bf16", "act_quant")}
+            best = min(us, key=us.get)
+            SUMMARY.append(f"persist {name} M={m}: bf16 {row['us']['bf16']:.1f}us pick {us['pick']:.1f} "
+                           f"({row['us']['bf16'] / us['pick']:.2f}x) best {best} {us[best]:.1f} "
+                           f"({row['us']['bf16'] / us[best]:.2f}x) quant {row['us']['act_quant']:.1f}")
+            print(SUMMARY[-1], flush=True)
+    (out / "persist.json").write_text(json.dumps(res, indent=1))
+
+
 def section_tune(out: Path) -> None:
     """GPU time (CUDA graph) of candidate tile configs on a few shapes: the data behind configs.py's table."""
     from comfyquant.quant.int8 import quantize_rowwise
@@ -311,6 +405,8 @@ def main() -> int:
                 section_host(out)
             elif sec == "tune":
                 section_tune(out)
+            elif sec == "persist":
+                section_persist(out, a.budget_s)
             elif sec == "rotation":
                 section_rotation(out)
             elif sec == "sweep":

@@ -45,6 +45,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too
         "tune": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "tune"), "--budget-s", "{budget}",
                   "--sections", "tune"]],
+        # the W8A8 GEMM on a persistent grid against the per-tile kernel and bf16 (Flux / Wan shapes, M >= 1024)
+        "persist": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "tune"), "--budget-s", "{budget}",
+                     "--sections", "persist"]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
         "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                         str(work / "optimizers" / "bench_optimizers.json"),

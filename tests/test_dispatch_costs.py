@@ -220,3 +220,33 @@ def test_gemm_tiles_are_near_the_fastest_on_the_recorded_h200_tune_data() -> Non
         regrets.append(times[(c.block_m, c.block_n, c.block_k, c.warps, c.stages, c.group_m)] / min(times.values()))
     assert len(regrets) == 19
     assert math.exp(sum(map(math.log, regrets)) / len(regrets)) <= 1.02 and max(regrets) <= 1.10
+
+
+def test_persistent_w8a8_tile_is_not_slower_on_the_recorded_h200_timings() -> None:
+    """``configs.hopper_w8a8_config`` against run 12's persist section (benchmarks/results/persist_run12_*: the
+    W8A8 GEMM alone, H200): where the table picks its full-size tile, the persistent flattened 128x256 tile's time
+    over that tile's (both timed after the row's first column, whose timing ran slow): faster on the geometric
+    mean, never more than 5% slower; where the table picks a smaller tile (M = 1024, narrow N) it is kept."""
+    import json
+    import math
+    import re
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, hopper_w8a8_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "persist_run12_h200_2026-12-02.json"
+    rows = [r for r in json.loads(path.read_text()) if r["path"] == "persist"]
+    ratios, kept = [], 0
+    for r in rows:
+        old = gemm_config(r["m"], r["n"], r["k"], 132)
+        assert str(old) == r["pick"]  # the table has not moved since the run
+        new = hopper_w8a8_config(old)
+        if new == old:
+            kept += 1
+            continue
+        assert new == PERSISTENT_W8A8
+        label = "p0_{}x{}w{}s{}".format(*(int(v) for v in re.findall(r"=(\d+)", r["pick"])[:2]), old.warps,
+                                        old.stages)
+        ratios.append(r["us"]["p2_128x256w8s3"] / r["us"][label])
+    assert len(ratios) == 21 and kept == 6
+    assert math.exp(sum(map(math.log, ratios)) / len(ratios)) <= 0.98 and max(ratios) <= 1.05

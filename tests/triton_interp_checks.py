@@ -15,6 +15,7 @@ Not run here (interpreter limitations, see ``check_interpreter_limitations``): W
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -190,6 +191,7 @@ def _cfgs():
 
 def check_int_mm() -> None:
     from comfyquant.runtime.kernels import reference, triton_int8
+    from comfyquant.runtime.kernels.configs import TileConfig
 
     for i, (m, k, n) in enumerate([(1, 64, 48), (5, 96, 70), (70, 256, 96), (17, 100, 70), (70, 160, 33)]):
         g = torch.Generator().manual_seed(300 + i)
@@ -202,6 +204,16 @@ def check_int_mm() -> None:
             if k % 16 == 0 and cfg is not None:  # host TensorDescriptors: the Hopper TMA kernel
                 got = triton_int8.int_mm(a, b, tma=True, cfg=cfg)
                 record("int32_gemm_tma_exact", torch.equal(got, want), m=m, k=k, n=n, cfg=str(cfg))
+    # the persistent grid with more tiles than programs (H200-sized: 132): 13 x 13 tiles of 16 x 16, each program
+    # walks two tiles or one, with edge tiles in both dimensions
+    g = torch.Generator().manual_seed(309)
+    a = torch.randint(-128, 128, (200, 48), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (199, 48), dtype=torch.int8, generator=g)
+    want = reference.int_mm(a, b.t())
+    for p in (1, 2):
+        cfg = TileConfig(16, 16, 16, 4, 2, group_m=4, persistent=p)
+        got = triton_int8.int_mm(a, b, tma=True, cfg=cfg)
+        record("int32_gemm_tma_persistent_exact", torch.equal(got, want), tiles=169, cfg=str(cfg))
 
 
 _LINEAR_CASES = (  # (m, k, n, x dtype, out dtype, bias, scale, group)
@@ -236,6 +248,10 @@ def check_w8a8() -> None:
             if k % 16 == 0:  # the Hopper kernel (host TensorDescriptors) on the same activations
                 y3 = triton_int8.gemm_w8a8(qx, sx, q, s, b, odt, cfg=cfg, tma=True)
                 record("w8a8_tma_linear", torch.equal(y3, want), cfg=str(cfg), **info)
+                for p in (1, 2):  # the persistent grid, plain and with flattened loops: the same bits
+                    pc = dataclasses.replace(cfg, persistent=p)
+                    y4 = triton_int8.gemm_w8a8(qx, sx, q, s, b, odt, cfg=pc, tma=True)
+                    record("w8a8_tma_persistent_linear", torch.equal(y4, want), cfg=str(pc), **info)
     # leading dims and a transposed (non-contiguous) input keep their meaning
     x = _x(96, 6, BF16, seed=430).t()  # [6, 96], stride (1, 6)
     w, q, s = _weight(40, 96, seed=431)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One launch configuration."""
+    """One launch configuration; ``persistent`` (the Hopper W8A8 GEMM): 0 one program per tile, 1 one program
+    per SM walking the tiles, 2 the same with the tile and K loops flattened into one pipeline."""
 
     block_m: int
     block_n: int
@@ -24,6 +25,7 @@ class TileConfig:
     warps: int
     stages: int
     group_m: int = 8
+    persistent: int = 0
 
 
 # Large tiles for wgmma-class GEMMs; ``speed``: throughput of a full tile relative to 256x128 (H200, int8).
@@ -39,6 +41,20 @@ _BIG = ((TileConfig(256, 128, 128, 8, 4), 1.0), (TileConfig(128, 256, 128, 8, 3)
 _AMPERE = ((TileConfig(128, 256, 64, 8, 3), 1.0), (TileConfig(256, 128, 64, 8, 3), 1.0),
            (TileConfig(128, 128, 64, 4, 4), 0.85), (TileConfig(64, 128, 64, 4, 4), 0.7),
            (TileConfig(128, 64, 64, 4, 4), 0.62), (TileConfig(64, 64, 64, 4, 4), 0.5))
+
+
+# Where the table picks a full-size tile on Hopper, the int8 W8A8 GEMM runs this one on a persistent grid with
+# flattened loops instead (H200, 2026-12-02, run 12's persist section, benchmarks/results/persist_run12_*: the
+# GEMM alone on 9 Flux / Wan shapes at M 1024-16384, 5 tiles x 3 grid modes). Against the table's 256x128 tile
+# timed in the same row: geometric mean 0.968 of its time (0.87-1.04) on the 21 rows where the table picks it.
+# Flattened persistent loops beat the same tile on one program per tile in 22/27 rows (geometric mean 0.971).
+# Read with the section's noise: one tile timed twice in a row differed by up to 24% (the first timing of a row).
+PERSISTENT_W8A8 = TileConfig(128, 256, 128, 8, 3, 8, persistent=2)
+
+
+def hopper_w8a8_config(cfg: TileConfig) -> TileConfig:
+    """``gemm_config``'s pick for the Hopper int8 W8A8 GEMM: :data:`PERSISTENT_W8A8` in place of a full-size tile."""
+    return PERSISTENT_W8A8 if cfg.block_m * cfg.block_n >= 128 * 256 else cfg
 
 
 def cdiv(a: int, b: int) -> int:
@@ -111,4 +127,4 @@ def fit_stages(cfg: TileConfig, a_bytes: int, b_bytes: int) -> TileConfig:
     per_stage = cfg.block_m * cfg.block_k * a_bytes + cfg.block_k * cfg.block_n * b_bytes
     stages = max(1, min(cfg.stages, SMEM_BUDGET // per_stage))
     return cfg if stages == cfg.stages else TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, stages,
-                                                       cfg.group_m)
+                                                       cfg.group_m, cfg.persistent)

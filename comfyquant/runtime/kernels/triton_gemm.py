@@ -26,8 +26,12 @@ PERM_BLOCK = 128  # the W4A8 K-permutation block (= the W4A8 kernel's K step)
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    return _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped ordering: GROUP_M row-tiles share each column sweep, so B tiles stay in L2
-    pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -182,6 +186,36 @@ def w8a8_tma(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm
     else:
         _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
                pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
+
+
+@triton.jit(do_not_specialize=["M"])
+def w8a8_tma_persistent(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm, ROW_SB: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
+                        HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr, PROGRAMS: tl.constexpr,
+                        FLATTEN: tl.constexpr):
+    """``w8a8_tma`` on a persistent grid: ``PROGRAMS`` programs (one per SM) walk the output tiles in the same
+    grouped order, so one tile's epilogue and the next tile's first loads need no new program; ``FLATTEN``: the
+    compiler flattens the tile and K loops into one software pipeline (loads of the next tile are issued while
+    this tile's last products and its epilogue run). Same arithmetic per tile as ``w8a8_tma``."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    ACC: tl.constexpr = tl.float32 if a_desc.dtype.is_fp8() else tl.int32
+    for tile in tl.range(tl.program_id(0), num_tiles, PROGRAMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for kk in range(0, k_tiles):
+            a = a_desc.load([off_m, kk * BLOCK_K])
+            b = b_desc.load([off_n, kk * BLOCK_K])
+            acc = _dot(a, b.T, acc, ACC, BLOCK_K)
+        if RAW:
+            _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
+        else:
+            _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
+                   pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR,
+                   LR_IEEE)
 
 
 @triton.jit(do_not_specialize=["M"])

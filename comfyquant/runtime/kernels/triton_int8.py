@@ -25,6 +25,7 @@ from comfyquant.runtime.kernels.configs import (
     cdiv,
     fit_stages,
     gemm_config,
+    hopper_w8a8_config,
     next_power_of_2,
     small_m_config,
     w8a16_config,
@@ -34,6 +35,7 @@ from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 _W8A8 = FastKernel(kern.w8a8)
 _W8A16 = FastKernel(kern.w8a16)
 _TMA = FastKernel(kern.w8a8_tma)
+_TMA_PERSISTENT = FastKernel(kern.w8a8_tma_persistent)
 _FUSED = FastKernel(kern.fused)
 _W4A8 = FastKernel(kern.w4a8)
 _DEQUANT = FastKernel(kern.dequant)
@@ -89,12 +91,17 @@ def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def pick_w8a8(m: int, n: int, k: int, device: torch.device) -> tuple[TileConfig, bool]:
-    """(tile config, use small-M tiles) for the two-launch W8A8 GEMM."""
+def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = False) -> tuple[TileConfig, bool]:
+    """(tile config, use small-M tiles) for the two-launch W8A8 GEMM; ``persistent``: the call may run the
+    persistent-grid kernel (int8 operands, scaled output, no low-rank term: what run 12 measured and the GPU
+    checks cover), which Hopper then takes for the full-size tiles (``configs.hopper_w8a8_config``)."""
     sms, major = device_facts(device)
     if m < SMALL_M:
         return fit_stages(small_m_config(m, n, k, sms), 1, 1), True
-    return fit_stages(gemm_config(m, n, k, sms, hopper=major >= 9), 1, 1), False
+    cfg = gemm_config(m, n, k, sms, hopper=major >= 9)
+    if persistent and major >= 9:
+        cfg = hopper_w8a8_config(cfg)
+    return fit_stages(cfg, 1, 1), False
 
 
 def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.Tensor,
@@ -113,10 +120,14 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
 
         a_desc = TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
-        return _TMA, grid, (a_desc, b_desc, out, s_x, sb, b_arg, m, n, k, out.stride(0), sb.numel() > 1, has_bias,
-                            raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, *lr_args), \
+        fk, tail = _TMA, ()
+        if cfg.persistent:  # one program per SM (at most one per tile), walking the tiles
+            programs = min(grid[0], device_facts(q.device)[0])
+            fk, grid, tail = _TMA_PERSISTENT, (programs,), (programs, cfg.persistent == 2)
+        return fk, grid, (a_desc, b_desc, out, s_x, sb, b_arg, m, n, k, out.stride(0), sb.numel() > 1, has_bias,
+                          raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, *lr_args, *tail), \
             (cfg, q.dtype, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg),
-             lr_key)
+             lr_key, *tail)
     return _W8A8, grid, (q, w_q, out, s_x, sb, b_arg, m, n, k, q.stride(0), w_q.stride(0), out.stride(0),
                          sb.numel() > 1, has_bias, raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
                          k % cfg.block_k == 0, *lr_args), \
@@ -137,11 +148,11 @@ def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: to
     if m == 0 or n == 0:
         return out
     small = False
+    lr = lr if lr is not None else _low_rank_args(None, q, sb)
     if cfg is None:
-        cfg, small = pick_w8a8(m, n, k, q.device)
+        cfg, small = pick_w8a8(m, n, k, q.device, q.dtype == torch.int8 and not raw and not lr[0][5])
     on_tma = (use_tma(q, w_q) if tma is None else tma) and not small
-    fk, grid, args, key = _w8a8_launch(q, s_x, w_q, sb, bias, out, cfg, on_tma, raw,
-                                       lr if lr is not None else _low_rank_args(None, q, sb))
+    fk, grid, args, key = _w8a8_launch(q, s_x, w_q, sb, bias, out, cfg, on_tma, raw, lr)
     fk(grid, args, q.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out
 
