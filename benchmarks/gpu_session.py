@@ -225,83 +225,6 @@ def section_persist(out: Path, budget: float) -> None:
     (out / "persist.json").write_text(json.dumps(res, indent=1))
 
 
-# (BLOCK_M: x rows, BLOCK_N: weight rows, BLOCK_K, warps, stages) of the swapped-operand weight-only trial
-_SWAP_TILES = ((64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 128, 128, 8, 4), (128, 64, 128, 4, 4),
-               (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 4), (256, 64, 128, 8, 3),
-               (256, 128, 128, 8, 3), (128, 256, 128, 8, 3))
-_SWAP_SHAPES = (("t5 attn", 4096, 4096), ("t5 ff0", 10240, 4096), ("t5 ff2", 4096, 10240),
-                ("flux qkv", 9216, 3072), ("flux proj", 3072, 3072), ("flux mlp2", 3072, 12288),
-                ("wan attn", 5120, 5120), ("sdxl attn1280", 1280, 1280), ("sdxl ff2_1280", 1280, 5120),
-                ("clip fc1", 3072, 768))
-
-
-def section_w8a16(out: Path, budget: float) -> None:
-    """The weight-only GEMM with swapped operands (``w8a16_swap``: the converted weight tile as wgmma's register
-    operand) against today's ``w8a16``, the two-launch W8A8 layer and bf16 cuBLAS at M 64 / 256 / 1024 (GPU time,
-    CUDA graph, 3 weight copies in turn); its accuracy first (vs float64 of the dequantized weight)."""
-    from comfyquant.quant.fp8 import quantize_fp8
-    from comfyquant.quant.int8 import quantize_rowwise
-    from comfyquant.runtime.kernels import triton_int8 as ti
-    from comfyquant.runtime.kernels.configs import TileConfig
-
-    bf16 = torch.bfloat16
-    res: list = []
-    for m, k, n in ((77, 100, 70), (256, 4096, 4096), (1000, 3072, 9216), (64, 1280, 1280), (300, 768, 3072)):
-        x = torch.randn(m, k, device="cuda").bfloat16()
-        w = torch.randn(n, k, device="cuda") * 0.02
-        bias = torch.randn(n, device="cuda").bfloat16()
-        q, sc = quantize_rowwise(w)
-        qf, sf = quantize_fp8(w)
-        for wq, ws, wname in ((q, sc, "int8"), (qf, sf, "fp8")):
-            ref = x.double() @ (wq.double() * ws.double().reshape(-1, 1)).t() + bias.double()
-            for bm, bn, bk, w_, st in _SWAP_TILES[:6]:
-                cfg = TileConfig(bm, bn, bk, w_, st, 8, swap_ab=True)
-                try:
-                    y = ti.w8a16_linear(x, wq, ws, bias, None, bf16, cfg=cfg)
-                    e, err = float((y.double() - ref).norm() / ref.norm()), ""
-                except Exception as ex:  # recorded: a tile that does not compile is a result
-                    e, err = float("inf"), str(ex)[:200]
-                res.append({"path": "accuracy", "m": m, "k": k, "n": n, "weight": wname, "cfg": str(cfg),
-                            "rel": e, "ok": e <= 2**-7, "error": err})
-    acc = [r for r in res if r["path"] == "accuracy"]
-    bad = [r for r in acc if not r["ok"]]
-    SUMMARY.append(f"w8a16 swap accuracy: {len(acc) - len(bad)}/{len(acc)} within 2^-7"
-                   + (f"; failed: {[(r['cfg'], r['rel'], r['error'][:80]) for r in bad][:3]}" if bad else ""))
-    print(SUMMARY[-1], flush=True)
-    for name, n, k in _SWAP_SHAPES:
-        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(3)]
-        qs = [quantize_rowwise(w) for w in ws]
-        wbs = [w.bfloat16() for w in ws]
-        del ws
-        for m in (64, 256, 1024):
-            if left(budget) < 15:
-                break
-            x = torch.randn(m, k, device="cuda").bfloat16()
-            row = {"path": "w8a16", "layer": name, "m": m, "n": n, "k": k, "us": {},
-                   "default": str(ti.w8a16_config(m, n, k, 132))}
-            row["us"]["bf16"] = _cycled_gpu_us([lambda w=w: torch.nn.functional.linear(x, w) for w in wbs])
-            row["us"]["w8a8_layer"] = _cycled_gpu_us(
-                [lambda q=q, s=s: ti.int8_linear(x, q, s, None, None, bf16) for q, s in qs])
-            row["us"]["w8a16_default"] = _cycled_gpu_us(
-                [lambda q=q, s=s: ti.w8a16_linear(x, q, s, None, None, bf16) for q, s in qs])
-            for bm, bn, bk, w_, st in _SWAP_TILES:
-                cfg = TileConfig(bm, bn, bk, w_, st, 8, swap_ab=True)
-                try:
-                    row["us"][f"swap_{bm}x{bn}x{bk}w{w_}s{st}"] = _cycled_gpu_us(
-                        [lambda q=q, s=s, c=cfg: ti.w8a16_linear(x, q, s, None, None, bf16, cfg=c) for q, s in qs])
-                except Exception as e:  # recorded
-                    row["us"][f"swap_{bm}x{bn}x{bk}w{w_}s{st}"] = str(e)[:80]
-            res.append(row)
-            us = {c: t for c, t in row["us"].items() if isinstance(t, float) and c.startswith("swap")}
-            best = min(us, key=us.get) if us else "-"
-            bf = row["us"]["bf16"]
-            SUMMARY.append(f"w8a16 {name} M={m}: bf16 {bf:.1f}us w8a8 {bf / row['us']['w8a8_layer']:.2f}x "
-                           f"w8a16 {bf / row['us']['w8a16_default']:.2f}x best swap {best} "
-                           f"{bf / us[best] if us else 0:.2f}x")
-            print(SUMMARY[-1], flush=True)
-    (out / "w8a16.json").write_text(json.dumps(res, indent=1))
-
-
 def section_tune(out: Path) -> None:
     """GPU time (CUDA graph) of candidate tile configs on a few shapes: the data behind configs.py's table."""
     from comfyquant.quant.int8 import quantize_rowwise
@@ -484,8 +407,6 @@ def main() -> int:
                 section_tune(out)
             elif sec == "persist":
                 section_persist(out, a.budget_s)
-            elif sec == "w8a16":
-                section_w8a16(out, a.budget_s)
             elif sec == "rotation":
                 section_rotation(out)
             elif sec == "sweep":

@@ -48,9 +48,6 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the W8A8 GEMM on a persistent grid against the per-tile kernel and bf16 (Flux / Wan shapes, M >= 1024)
         "persist": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "tune"), "--budget-s", "{budget}",
                      "--sections", "persist"]],
-        # the weight-only GEMM with swapped operands against today's, W8A8 and bf16 at M 64-1024
-        "w8a16": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "tune"), "--budget-s", "{budget}",
-                   "--sections", "w8a16"]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
         "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                         str(work / "optimizers" / "bench_optimizers.json"),

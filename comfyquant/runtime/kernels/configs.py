@@ -17,8 +17,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class TileConfig:
     """One launch configuration; ``persistent`` (the Hopper W8A8 GEMM): 0 one program per tile, 1 one program
-    per SM walking the tiles, 2 the same with the tile and K loops flattened into one pipeline; ``swap_ab`` (the
-    weight-only GEMM): the ``w8a16_swap`` kernel, ``out^T = W x^T``."""
+    per SM walking the tiles, 2 the same with the tile and K loops flattened into one pipeline."""
 
     block_m: int
     block_n: int
@@ -27,7 +26,6 @@ class TileConfig:
     stages: int
     group_m: int = 8
     persistent: int = 0
-    swap_ab: bool = False
 
 
 # Large tiles for wgmma-class GEMMs; ``speed``: throughput of a full tile relative to 256x128 (H200, int8).
@@ -129,4 +127,4 @@ def fit_stages(cfg: TileConfig, a_bytes: int, b_bytes: int) -> TileConfig:
     per_stage = cfg.block_m * cfg.block_k * a_bytes + cfg.block_k * cfg.block_n * b_bytes
     stages = max(1, min(cfg.stages, SMEM_BUDGET // per_stage))
     return cfg if stages == cfg.stages else TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, stages,
-                                                       cfg.group_m, cfg.persistent, cfg.swap_ab)
+                                                       cfg.group_m, cfg.persistent)

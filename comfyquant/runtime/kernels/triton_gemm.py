@@ -166,41 +166,6 @@ def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, 
 
 
 @triton.jit(do_not_specialize=["M"])
-def w8a16_swap(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
-               ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-               h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr,
-               A_ACT: tl.constexpr):
-    """``w8a16`` with the operands swapped: ``out^T = W x^T``. The weight tile, converted to x's dtype in
-    registers, is the MMA's first operand (which Hopper's wgmma reads from registers) and x^T its second (from
-    shared memory), where ``w8a16`` makes the converted weight the second operand, which wgmma must read from
-    shared memory. ``BLOCK_M`` (x's rows) is the MMA's N: 64-256 rows fill it at M >= 64."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = a_ptr + offs_m.to(tl.int64)[None, :] * stride_am + offs_k[:, None]  # x^T tile [BLOCK_K, BLOCK_M]
-    w_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_k[None, :]  # W tile [BLOCK_N, BLOCK_K]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            xt = tl.load(x_ptrs)
-            w = tl.load(w_ptrs).to(xt.dtype)
-        else:
-            rem = K - kk * BLOCK_K
-            xt = tl.load(x_ptrs, mask=offs_k[:, None] < rem, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[None, :] < rem)  # fp8 loads take no integer `other`
-            w = tl.where(offs_k[None, :] < rem, w.to(xt.dtype), 0.0)
-        if A_ACT != 0:  # the layer's input activation, applied as x is read (zero padding stays zero)
-            xt = input_act(xt.to(tl.float32), A_ACT).to(xt.dtype)
-        acc = tl.dot(w, xt, acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    _store(tl.trans(acc), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB,
-           HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
-
-
-@triton.jit(do_not_specialize=["M"])
 def w8a8_tma(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm, ROW_SB: tl.constexpr,
              HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,

@@ -34,7 +34,6 @@ from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 
 _W8A8 = FastKernel(kern.w8a8)
 _W8A16 = FastKernel(kern.w8a16)
-_W8A16_SWAP = FastKernel(kern.w8a16_swap)
 _TMA = FastKernel(kern.w8a8_tma)
 _TMA_PERSISTENT = FastKernel(kern.w8a8_tma_persistent)
 _FUSED = FastKernel(kern.fused)
@@ -262,13 +261,8 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     if m and n:
         cfg = cfg or w8a16_config(m, n, k, device_facts(x.device)[0])
         grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act)
-        w8a16_kernel(cfg)(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+        _W8A16(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
-
-
-def w8a16_kernel(cfg: TileConfig) -> FastKernel:
-    """The weight-only kernel a config runs (``swap_ab``: the weight tile as the MMA's register operand)."""
-    return _W8A16_SWAP if cfg.swap_ab else _W8A16
 
 
 def _w8a16_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,

@@ -82,7 +82,7 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
     grid, args, key = ti._w8a16_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act)
-    return _one_launch(ti.w8a16_kernel(cfg).prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
+    return _one_launch(ti._W8A16.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
                        args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
 
 
