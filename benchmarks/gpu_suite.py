@@ -40,6 +40,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "models": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                     "--sections", "calibrate,rotation,models",
                     "--models", "sdxl_1024,t5xxl_256,flux_512,flux_1024,flux2_1024,wan_480p"]],
+        # a short call for host-time changes: the checks, host per call, and the host-bound models
+        "hostbound": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
+                       "--sections", "check,calibrate,host,models", "--models", "t5xxl_256,sdxl_1024,flux_512"]],
         "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                    "--sections", "sweep"]],
         # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too

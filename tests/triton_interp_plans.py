@@ -199,6 +199,31 @@ def check_plans_keep_no_buffers() -> None:
                held=[tuple(t.shape) for t in held], bad=bad)
 
 
+def check_plans_share_scratch() -> None:
+    """Two-launch plans of one input shape share the stream's scratch pair (``kernels.scratch``): layers called
+    in turn (different weights, inputs, widths of the same K) still give the general path's bits, and the pair is
+    the same tensors on every call (no allocation, one TMA descriptor per shape)."""
+    from comfyquant.runtime.kernels import scratch
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(17)
+    m, k = 6, 64
+    layers = []
+    for n in (96, 48, 96):
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-3
+        layers.append((w, s))
+    xs = _inputs(m, k, F16, seed=18, count=6)
+    plans = [tp.plan_int8(xs[0], w, s, None, None, F16) for w, s in layers]
+    pair = scratch.pool(xs[0].device).pair(0, m, k, torch.int8)
+    outs = [plans[i % 3](xs[i]) for i in range(6)]
+    wants = [ti.int8_linear(xs[i], *layers[i % 3], None, None, F16) for i in range(6)]
+    again = scratch.pool(xs[0].device).pair(0, m, k, torch.int8)
+    record("plans_share_scratch", all(torch.equal(o, w) for o, w in zip(outs, wants, strict=True))
+           and again[0] is pair[0] and again[1] is pair[1])
+
+
 def check_descriptor_copies() -> None:
     """The TMA plan's per-call descriptors: a copy of a checked template over a new tensor equals what
     ``TensorDescriptor.from_tensor`` makes for that tensor."""
@@ -212,5 +237,5 @@ def check_descriptor_copies() -> None:
     record("descriptor_copy", d.base is b and vars(d) == vars(want) and make(a).base is a and d.base is b)
 
 
-GROUPS = {"plans": check_plans, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies,
+GROUPS = {"plans": check_plans, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies, "plans_share_scratch": check_plans_share_scratch,
           "plans_keep_no_buffers": check_plans_keep_no_buffers}

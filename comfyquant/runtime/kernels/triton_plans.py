@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
-from comfyquant.runtime.kernels import triton_quant
 from comfyquant.runtime.kernels.configs import w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
 
@@ -191,12 +191,12 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     template = _without(list(args), (0, 2, 3, hi))
 
     def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(stream, x's quantized copy [M, K], the row scales): the activation kernel's launch. The kernels
-        read x [..., K] and write the output [..., N] through pointers and fixed strides: a contiguous
-        tensor's memory is its [M, K] view's, so no view is made per call."""
+        """(stream, x's quantized copy [M, K], the row scales): the activation kernel's launch into the
+        stream's scratch pair for this shape (``scratch``). The kernels read x [..., K] and write the output
+        [..., N] through pointers and fixed strides: a contiguous tensor's memory is its [M, K] view's, so no
+        view is made per call."""
         st = stream()
-        q = empty((m, k), dtype=qdtype, device=dev)
-        s = empty((m, 1), dtype=torch.float32, device=dev)
+        q, s = scratch.pool(dev).pair(st, m, k, qdtype)
         fire_q(st, x, q, s, *q_rest(s))
         return st, q, s
 
@@ -283,16 +283,16 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     fire_q, q_rest = _act_plan(x.view(m, kx), q, s, None, triton_quant.MODE_FP8, float(torch.finfo(f8).max), act)
     if fire_q is None:
         return None
-    shape, stream, empty, wt = (*lead, n), _raw_stream(dev), torch.empty, w_q.t()
+    shape, stream, wt = (*lead, n), _raw_stream(dev), w_q.t()
     mm = torch._scaled_mm
     state = [-1, None]  # (w_scale's version, its rowwise [1, N] fp32 copy)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if state[0] != w_scale._version:
             state[:] = [w_scale._version, w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
-        q = empty((m, k), dtype=f8, device=dev)
-        s = empty((m, 1), dtype=torch.float32, device=dev)
-        fire_q(stream(), x, q, s, *q_rest(s))
+        st = stream()
+        q, s = scratch.pool(dev).pair(st, m, k, f8)
+        fire_q(st, x, q, s, *q_rest(s))
         return mm(q, wt, scale_a=s, scale_b=state[1], bias=bias, out_dtype=torch.bfloat16).view(shape)
 
     return run

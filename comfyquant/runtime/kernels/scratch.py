@@ -1,0 +1,60 @@
+"""Reused intermediates of the two-launch eager plans: the quantized activation and its row scales.
+
+A two-launch W8A8 layer writes x's int8 (or fp8) copy and its scales, which only its own GEMM reads, right after,
+on the same stream. Allocating them per call cost the eager host two ``torch.empty`` calls (~2 µs each), and a
+fresh address per call missed the plan's cache of TMA descriptors (one driver call to encode a new one). A pool
+hands every layer of one input shape the same buffers instead: kernels on one stream run in issue order, so the
+next layer's activation kernel starts only after this layer's GEMM has read them. Buffers are per CUDA stream
+and per Python thread (two threads issuing on one stream could interleave a layer's two launches), small ones
+only (``MAX_BYTES``: the host-bound sizes; larger calls are GPU-bound and allocate as before), at most
+``MAX_ENTRIES`` per device, oldest dropped first (a dropped buffer goes back to the caching allocator, which
+orders its reuse on the stream like any freed tensor). Plans never hold these buffers themselves.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+MAX_BYTES = 16 << 20  # per quantized activation: M x K bytes (M = 1024 at K = 15360 fits)
+MAX_ENTRIES = 16
+
+
+class ScratchPool:
+    """The (quantized activation, row scales) pairs of one device, keyed by stream, thread, shape and dtype."""
+
+    def __init__(self, device: torch.device, max_bytes: int = MAX_BYTES, max_entries: int = MAX_ENTRIES) -> None:
+        self.device = device
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pair(self, stream: int, m: int, k: int, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q [m, k] qdtype, s [m, 1] float32)`` for a call issued on ``stream`` by this thread: the same two
+        tensors on every call of this shape, or fresh ones when they are over ``max_bytes``."""
+        key = (stream, threading.get_ident(), m, k, qdtype)
+        got = self._pairs.get(key)
+        if got is not None:
+            return got
+        got = (torch.empty((m, k), dtype=qdtype, device=self.device),
+               torch.empty((m, 1), dtype=torch.float32, device=self.device))
+        if m * k * got[0].element_size() <= self.max_bytes:
+            if len(self._pairs) >= self.max_entries:
+                self._pairs.pop(next(iter(self._pairs)))
+            self._pairs[key] = got
+        return got
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+
+_POOLS: dict[torch.device, ScratchPool] = {}  # one per device, made on first use (like the allocator's own cache)
+
+
+def pool(device: torch.device) -> ScratchPool:
+    """The scratch pool of ``device``."""
+    p = _POOLS.get(device)
+    if p is None:
+        p = _POOLS[device] = ScratchPool(device)
+    return p

@@ -1,0 +1,35 @@
+"""The eager plans' scratch pool (``runtime.kernels.scratch``): one pair per stream, thread and shape, bounded."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from comfyquant.runtime.kernels.scratch import ScratchPool
+
+
+def test_same_key_gives_the_same_tensors_and_other_keys_do_not() -> None:
+    p = ScratchPool(torch.device("cpu"))
+    q, s = p.pair(7, 4, 64, torch.int8)
+    assert q.shape == (4, 64) and q.dtype == torch.int8 and s.shape == (4, 1) and s.dtype == torch.float32
+    again = p.pair(7, 4, 64, torch.int8)
+    assert again[0] is q and again[1] is s
+    for other in (p.pair(8, 4, 64, torch.int8), p.pair(7, 5, 64, torch.int8), p.pair(7, 4, 64, torch.float8_e4m3fn)):
+        assert other[0] is not q and other[0].data_ptr() != q.data_ptr()
+    # another thread issuing on the same stream gets its own pair: its two launches may interleave with ours
+    got = []
+    t = threading.Thread(target=lambda: got.append(p.pair(7, 4, 64, torch.int8)))
+    t.start()
+    t.join()
+    assert got[0][0] is not q and got[0][0].data_ptr() != q.data_ptr()
+
+
+def test_large_pairs_are_not_kept_and_the_pool_is_bounded() -> None:
+    p = ScratchPool(torch.device("cpu"), max_bytes=1024, max_entries=3)
+    big = p.pair(0, 2, 1024, torch.int8)  # 2048 bytes: over the limit, fresh every call
+    assert p.pair(0, 2, 1024, torch.int8)[0] is not big[0] and len(p) == 0
+    first = p.pair(0, 1, 16, torch.int8)
+    for m in (2, 3, 4):  # the fourth entry drops the oldest
+        p.pair(0, m, 16, torch.int8)
+    assert len(p) == 3 and p.pair(0, 1, 16, torch.int8)[0] is not first[0]
