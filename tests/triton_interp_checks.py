@@ -210,10 +210,15 @@ def check_int_mm() -> None:
     a = torch.randint(-128, 128, (200, 48), dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, (199, 48), dtype=torch.int8, generator=g)
     want = reference.int_mm(a, b.t())
+    sa, sb = torch.rand(200, 1, generator=g) * 1e-3, torch.rand(199, generator=g) * 1e-3
+    bias = torch.randn(199, generator=g).to(BF16)
+    per_tile = triton_int8.gemm_w8a8(a, sa, b, sb, bias, BF16, tma=True, cfg=TileConfig(16, 16, 16, 4, 2, group_m=4))
     for p in (1, 2):
         cfg = TileConfig(16, 16, 16, 4, 2, group_m=4, persistent=p)
         got = triton_int8.int_mm(a, b, tma=True, cfg=cfg)
         record("int32_gemm_tma_persistent_exact", torch.equal(got, want), tiles=169, cfg=str(cfg))
+        scaled = triton_int8.gemm_w8a8(a, sa, b, sb, bias, BF16, tma=True, cfg=cfg)  # the epilogue per tile too
+        record("w8a8_tma_persistent_scaled", torch.equal(scaled, per_tile), tiles=169, cfg=str(cfg))
 
 
 _LINEAR_CASES = (  # (m, k, n, x dtype, out dtype, bias, scale, group)

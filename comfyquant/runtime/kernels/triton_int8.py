@@ -121,9 +121,10 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
         a_desc = TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
         fk, tail = _TMA, ()
-        if cfg.persistent:  # one program per SM (at most one per tile), walking the tiles
-            programs = min(grid[0], device_facts(q.device)[0])
-            fk, grid, tail = _TMA_PERSISTENT, (programs,), (programs, cfg.persistent == 2)
+        sms = device_facts(q.device)[0]
+        if cfg.persistent and grid[0] > sms:  # one program per SM walking the tiles (one compile per device:
+            # with no more tiles than SMs each program would take one tile, as the per-tile kernel does)
+            fk, grid, tail = _TMA_PERSISTENT, (sms,), (sms, cfg.persistent == 2)
         return fk, grid, (a_desc, b_desc, out, s_x, sb, b_arg, m, n, k, out.stride(0), sb.numel() > 1, has_bias,
                           raw, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, *lr_args, *tail), \
             (cfg, q.dtype, out.dtype, n, k, out.stride(0), sb.numel() > 1, has_bias, raw, _al(sb), _al(b_arg),
