@@ -66,6 +66,9 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     assert lora["input"]["optional"]["lora_name_2"][0][0] == "None"
     capture = srv.object_info("ComfyQuantCaptureCalibration")
     assert capture["display_name"] == "Capture Calibration" and capture["output"] == ["MODEL"]
+    clip = srv.object_info("INT8ClipAdapter")
+    assert clip["display_name"] == "Enable INT8 on CLIP" and clip["output"] == ["CLIP"]
+    assert clip["input"]["required"]["clip"][0] == "CLIP" and "measure_backends" in clip["input"]["optional"]
     cond = srv.object_info("ComfyQuantDigitsConditioning")
     assert cond["input"]["required"]["digit"][0] == "INT" and cond["output"] == ["CONDITIONING", "CONDITIONING"]
 

@@ -40,6 +40,7 @@ from comfyquant.runtime.tensor import QuantizedTensor
 logger = logging.getLogger("comfyquant.nodes")
 
 PREFIX = "diffusion_model."
+MODEL_ROOT = "diffusion_model"  # a MODEL's converted tree; a CLIP's patcher converts its whole model ("")
 MSG_NO_DIFFUSION = "INT8 Model Adapter: model has no diffusion_model; returning unchanged model."
 MSG_AUTO_FAILED = ("INT8 Model Adapter: auto model_type could not identify this model; using conservative "
                    "union exclusions.")
@@ -148,14 +149,16 @@ def _already_quantized(mod: nn.Module) -> str | None:
     return None
 
 
-def _collect(patcher: Any, dm: nn.Module, report: AdapterReport) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
-    """(meta shapes of every parameter, eligible linear layers by name) with object patches respected."""
+def _collect(patcher: Any, dm: nn.Module, report: AdapterReport, prefix: str,
+             within: str = "") -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """(meta shapes of every parameter, eligible linear layers by name) with object patches respected; only
+    under the submodule ``within`` when it is given."""
     shapes: dict[str, torch.Tensor] = {}
     linears: dict[str, nn.Module] = {}
     for name, live in dm.named_modules():
-        if not name or live._modules:
+        if not name or live._modules or (within and not name.startswith(within + ".")):
             continue
-        mod = patcher.get_model_object(PREFIX + name)
+        mod = patcher.get_model_object(prefix + name)
         for pname, p in mod.named_parameters(recurse=False):
             if p is not None:
                 shapes[f"{name}.{pname}"] = torch.empty(p.shape, dtype=p.dtype, device="meta")
@@ -176,8 +179,9 @@ class _Selector:
 
     def __init__(self, shell: _Shell, sources: dict[str, torch.Tensor], cache_keys: dict[str, Any],
                  bake: dict[str, list], cache: QuantCache, device: torch.device, store: torch.device,
-                 tick: Callable[[], None], smoothing: Smoothing | None = None) -> None:
+                 tick: Callable[[], None], smoothing: Smoothing | None = None, prefix: str = PREFIX) -> None:
         self.shell, self.sources, self.cache_keys, self.bake = shell, sources, cache_keys, bake
+        self.prefix = prefix
         self.cache, self.device, self.store, self.tick = cache, device, store, tick
         self.smoothing = smoothing
         self.hits: dict[str, QuantizedTensor] = {}
@@ -206,7 +210,7 @@ class _Selector:
         w = linear.weight.detach()
         if name in self.bake:  # merge the LoRA in float32 on the compute device, then quantize once
             w = comfy.lora.calculate_weight(self.bake[name], w.to(self.device, torch.float32, copy=True),
-                                            PREFIX + name + ".weight").to(w.dtype)
+                                            self.prefix + name + ".weight").to(w.dtype)
         if w.device != self.device:
             w = w.to(self.device)
         p = None if self.smoothing is None else self.smoothing.pre_quant_scale(name, w)
@@ -230,23 +234,28 @@ def _projection_only(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None,
-                cache: QuantCache = CACHE) -> tuple[Any, AdapterReport]:
+                cache: QuantCache = CACHE, root: str = MODEL_ROOT, within: str = "") -> tuple[Any, AdapterReport]:
     """Return (patched clone or the unchanged input, report). ``progress`` is a ComfyUI ``ProgressBar``-like
-    object (``update_absolute(value, total)``) or None."""
+    object (``update_absolute(value, total)``) or None. ``root``: the attribute of ``patcher.model`` whose
+    linears convert (a MODEL's ``diffusion_model``; ``""`` for a CLIP's patcher, whose model is the text
+    encoder stack itself, keys like ``t5xxl.transformer.encoder...``); ``within``: only the layers under this
+    submodule of it (one text encoder of a CLIP's stack: the preset is detected from its layers alone)."""
     import comfy.model_management
 
     fmt = settings.quant_format()
     report = AdapterReport(fmt)
-    dm = getattr(patcher.model, "diffusion_model", None)
+    prefix = f"{root}." if root else ""
+    dm = getattr(patcher.model, root, None) if root else patcher.model
     if not isinstance(dm, nn.Module):
-        _note(report, MSG_NO_DIFFUSION)
+        _note(report, MSG_NO_DIFFUSION if root == MODEL_ROOT else f"INT8 adapter: model has no {root}; "
+              "returning it unchanged.")
         return patcher, report
     auto = fmt == AUTO
     load_dev = torch.device(patcher.load_device)
     backend = None if auto else settings.runtime.backend_for(layout_for(QuantizeConfig(format=fmt))[0].kernel_kind)
     # Put the shared model back to its unpatched state (other clones may have LoRAs or our layers patched in).
     comfy.model_management.unload_model_and_clones(patcher)
-    shapes, linears = _collect(patcher, dm, report)
+    shapes, linears = _collect(patcher, dm, report, prefix, within)
     smoothing = None
     if settings.outlier_method == "smoothquant":  # read (and check) the statistics before anything is built
         smoothing = open_smoothing(resolve_calibration_path(settings.calibration_file),
@@ -257,7 +266,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     bake: dict[str, list] = {}
     shell = _Shell(shapes)
     for name, mod in linears.items():
-        key = f"{PREFIX}{name}.weight"
+        key = f"{prefix}{name}.weight"
         w = _source_weight(patcher, key, mod.weight)
         patches = _lora_patches(patcher, key) if settings.bake_loaded_loras else None
         if patches:
@@ -279,7 +288,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
 
     device = load_dev if load_dev.type == "cuda" else torch.device("cpu")
     store = torch.device(patcher.offload_device)
-    selector = _Selector(shell, sources, cache_keys, bake, cache, device, store, tick, smoothing)
+    selector = _Selector(shell, sources, cache_keys, bake, cache, device, store, tick, smoothing, prefix)
     if auto:
         config = _auto_config(shell, settings, cache_keys, selector, report,
                               plan_target_gpu(settings.target_gpu, load_dev))
@@ -316,8 +325,6 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     clone = patcher.clone()
     folds: dict[str, tuple[str, Any, str]] = {}
     if settings.runtime.fold_activations:  # activation modules before a converted layer: applied by its kernel
-        dm = patcher.model.diffusion_model
-
         def targets(path: str, mod: nn.Module) -> bool:
             return path in new_layers
 
@@ -331,9 +338,9 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         layer = ComfyQuantLinear.wrap(qt, src.bias)
         if name in folds:
             patch_path, patch, layer.input_act = folds[name]
-            clone.add_object_patch(PREFIX + patch_path, patch)
+            clone.add_object_patch(prefix + patch_path, patch)
             report.folded.append(f"{name}: {layer.input_act}")
-        clone.add_object_patch(PREFIX + name, layer)
+        clone.add_object_patch(prefix + name, layer)
         report.converted.append(name)
         report.bytes_before += src.weight.nbytes
         report.bytes_after += qt.nbytes
@@ -342,15 +349,15 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
             report.smoothed.append(name)
         if settings.log_progress:
             logger.info("comfyquant: converted %s %s -> %s", name, list(qt.shape), qt.layout_name)
-        key = f"{PREFIX}{name}.weight"
+        key = f"{prefix}{name}.weight"
         if key in report.baked_loras:
             clone.patches.pop(key, None)
-    report.baked_loras = [k for k in report.baked_loras if k[len(PREFIX):-len(".weight")] in new_layers]
+    report.baked_loras = [k for k in report.baked_loras if k[len(prefix):-len(".weight")] in new_layers]
     clone.patches_uuid = uuid.uuid4()  # the clone's weights differ from its parent's
     clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))
     clone.model_options.setdefault("transformer_options", {})["comfyquant"] = settings
     register_patch_callback(clone)
-    if settings.runtime.cuda_graphs:
+    if settings.runtime.cuda_graphs and root == MODEL_ROOT:  # graphs wrap a diffusion model's apply_model
         enable_cuda_graphs(clone)
     logger.info(report.summary())
     if report.auto is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from comfyquant.formats.registry import GPU_GENERATIONS
 from comfyquant.nodes.settings import (
+    AUTO,
     DEFAULT_ALPHA,
     DEFAULT_BUDGET,
     NODE_FORMATS,
@@ -132,6 +133,58 @@ class INT8ModelAdapter:
                                                     measure_backends))
         out, report = adapt_model(model, settings, progress=comfy.utils.ProgressBar(1))
         return {"ui": {"text": report.lines()}, "result": (out,)}
+
+
+class INT8ClipAdapter:
+    """Enable INT8 on CLIP: quantize the loaded text encoders' linear layers on the fly (T5, CLIP-L/G, LLMs)."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP",)
+    RETURN_NAMES = ("clip",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Quantizes each text encoder of the CLIP (T5-XXL, CLIP-L/G, LLM encoders; each with its own "
+                   "preset) as object patches on a copy of the CLIP, and runs them on comfyquant's kernels; the "
+                   "input CLIP is left unchanged.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "clip": ("CLIP",),
+                "enable_int8": _bool(True, "Off: the CLIP passes through untouched."),
+                # no auto: a size budget counts a text encoder's large token embedding (kept in 16 bits)
+                "format": ([f for f in NODE_FORMATS if f != AUTO], {"default": "int8"}),
+                "outlier_method": ([m for m in OUTLIER_METHODS if m != "smoothquant"],
+                                   {"default": "none", "tooltip": "hadamard: rotated int8 (int8-rot)."}),
+                **_runtime_inputs(),
+                "bake_loaded_loras": _bool(True, "Merge LoRAs applied before this node into the float weights "
+                                                 "before quantizing (one rounding instead of two)."),
+                "log_progress": _bool(False, "Log every layer's decision."),
+            },
+            "optional": {
+                "use_triton": _optional_runtime_inputs()["use_triton"],
+                "measure_backends": _optional_runtime_inputs()["measure_backends"],
+            },
+        }
+
+    def apply(self, clip: Any, enable_int8: bool, format: str, outlier_method: str, small_batch_fallback: bool,
+              runtime_backend: str, bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None,
+              measure_backends: bool | None = None) -> dict[str, Any]:
+        import comfy.utils
+
+        from comfyquant.nodes.adapter import MSG_NOT_CONVERTED
+        from comfyquant.nodes.clip_adapter import MSG_NO_ENCODERS, adapt_clip
+
+        if not enable_int8:
+            logger.warning(MSG_NOT_CONVERTED)
+            return {"ui": {"text": [MSG_NOT_CONVERTED]}, "result": (clip,)}
+        settings = AdapterSettings(format=format, outlier_method=outlier_method, bake_loaded_loras=bake_loaded_loras,
+                                   log_progress=log_progress,
+                                   runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
+                                                    measure_backends=measure_backends))
+        out, reports = adapt_clip(clip, settings, progress=comfy.utils.ProgressBar(1))
+        lines = [f"{name}: {line}" for name, report in reports for line in report.lines()] or [MSG_NO_ENCODERS]
+        return {"ui": {"text": lines}, "result": (out,)}
 
 
 class LoadQuantizedDiffusionModel:
@@ -304,6 +357,7 @@ class ComfyQuantCaptureCalibration:
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "INT8ModelAdapter": INT8ModelAdapter,
+    "INT8ClipAdapter": INT8ClipAdapter,
     "LoadQuantizedDiffusionModel": LoadQuantizedDiffusionModel,
     "ComfyQuantLoraLoader": ComfyQuantLoraLoader,
     "SaveQuantizedModel": SaveQuantizedModel,
@@ -313,6 +367,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "INT8ModelAdapter": "Enable INT8 on MODEL",
+    "INT8ClipAdapter": "Enable INT8 on CLIP",
     "LoadQuantizedDiffusionModel": "Load Quantized Diffusion Model",
     "ComfyQuantLoraLoader": "Load LoRA (quantized model)",
     "SaveQuantizedModel": "Save Quantized Model",

@@ -1,0 +1,123 @@
+"""'Enable INT8 on CLIP' on a real ComfyUI CLIP object: ComfyUI 0.30's own ``comfy.sd.CLIP``, Flux's text-encoder
+stack class (``FluxClipModel``: CLIP-L + T5), ComfyUI's tokenizers and encode path, at a small width."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from comfyquant.nodes.clip_adapter import adapt_clip, encoders
+from comfyquant.nodes.definitions import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, INT8ClipAdapter
+from comfyquant.nodes.ops import ComfyQuantLinear
+from comfyquant.nodes.settings import AdapterSettings
+
+pytestmark = pytest.mark.comfyui
+
+# ComfyUI's config files at a small width (CLIP-L: 768 wide, 12 layers; T5-XXL: 4096 wide, 24 layers)
+CLIP_L = {"attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 49407, "hidden_act": "quick_gelu",
+          "hidden_size": 128, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 512,
+          "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+          "num_attention_heads": 4, "num_hidden_layers": 3, "pad_token_id": 1, "projection_dim": 128,
+          "torch_dtype": "float32", "vocab_size": 49408}
+T5 = {"d_ff": 512, "d_kv": 32, "d_model": 256, "decoder_start_token_id": 0, "dense_act_fn": "gelu_pytorch_tanh",
+      "dropout_rate": 0.1, "eos_token_id": 1, "is_encoder_decoder": True, "is_gated_act": True,
+      "layer_norm_epsilon": 1e-6, "model_type": "t5", "num_decoder_layers": 2, "num_heads": 8, "num_layers": 2,
+      "output_past": True, "pad_token_id": 0, "relative_attention_num_buckets": 32, "tie_word_embeddings": False,
+      "vocab_size": 32128}
+
+
+def _tiny_flux_clip(comfy: Any) -> Any:
+    """A ``comfy.sd.CLIP`` whose stack is ComfyUI's ``FluxClipModel`` with small CLIP-L and T5 encoders (random
+    weights, fixed seed) and whose tokenizer is ComfyUI's ``FluxTokenizer``."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.t5
+
+    class TinyFluxClip(comfy.text_encoders.flux.FluxClipModel):
+        def __init__(self, device: str = "cpu", dtype: Any = None, model_options: dict | None = None) -> None:
+            torch.nn.Module.__init__(self)
+            opts = model_options or {}
+            self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, return_projected_pooled=False,
+                                                     textmodel_json_config=CLIP_L, model_options=opts)
+            self.t5xxl = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=T5,
+                                                    special_tokens={"end": 1, "pad": 0},
+                                                    model_class=comfy.text_encoders.t5.T5,
+                                                    model_options={**opts, "model_name": "t5xxl"})
+            self.dtypes = {dtype}
+
+    class Target:
+        params: ClassVar[dict] = {}
+        clip = TinyFluxClip
+        tokenizer = comfy.text_encoders.flux.FluxTokenizer
+
+    clip = comfy.sd.CLIP(target=Target, model_options={"dtype": torch.float32})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():  # ComfyUI's ops leave weights uninitialized
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return clip
+
+
+def _encode(clip: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat riding a bicycle"), return_pooled=True)
+    return cond.float(), pooled.float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_clip_node_quantizes_each_encoder_with_its_preset_on_a_clone(comfy: Any) -> None:
+    clip = _tiny_flux_clip(comfy)
+    assert encoders(clip.cond_stage_model) == ["clip_l", "t5xxl"]
+    ref_cond, ref_pooled = _encode(clip)
+    before = dict(clip.patcher.object_patches)  # ComfyUI's own (the compute dtype)
+    out = INT8ClipAdapter().apply(clip, True, "int8", "none", True, "auto", True, False)
+    new = out["result"][0]
+    text = out["ui"]["text"]
+    assert new is not clip and clip.patcher.object_patches == before  # the input CLIP keeps its float layers
+    assert any(t.startswith("clip_l: ") and "preset clip: 18 layers converted" in t and "1 kept" in t for t in text)
+    assert any(t.startswith("t5xxl: ") and "preset t5xxl: 14 layers converted" in t for t in text)
+    patches = {k: v for k, v in new.patcher.object_patches.items() if k not in before}
+    assert len(patches) == 32 and all(isinstance(m, ComfyQuantLinear) for m in patches.values())
+    assert "clip_l.transformer.text_projection" not in patches  # CLIP's preset keeps the pooled projection
+    cond, pooled = _encode(new)
+    assert cond.shape == ref_cond.shape and pooled.shape == ref_pooled.shape
+    e_cond, e_pooled = _rel(cond, ref_cond), _rel(pooled, ref_pooled)
+    assert 0 < e_cond < 0.02 and 0 < e_pooled < 0.02, (e_cond, e_pooled)  # measured 0.004 / 0.003
+    again = _encode(clip)  # the shared stack is float again after the clone is unloaded
+    assert torch.equal(again[0], ref_cond) and torch.equal(again[1], ref_pooled)
+
+
+def test_clip_node_off_passes_the_clip_through(comfy: Any) -> None:
+    clip = _tiny_flux_clip(comfy)
+    off = INT8ClipAdapter().apply(clip, False, "int8", "none", True, "auto", True, False)
+    assert off["result"][0] is clip and off["ui"]["text"]
+
+
+def test_a_second_clip_adapter_after_the_first_was_used_converts_every_encoder(comfy: Any) -> None:
+    """Regression: with the first clone loaded, its converted layers sit in the shared stack; the second run took
+    T5 (every linear converted) for no encoder and left it float (cond error exactly 0)."""
+    clip = _tiny_flux_clip(comfy)
+    ref_cond, ref_pooled = _encode(clip)
+    plain, _ = adapt_clip(clip, AdapterSettings(format="int8"))
+    e_plain = _rel(_encode(plain)[0], ref_cond)  # loads the first clone: its layers are in the stack now
+    rot, reports = adapt_clip(clip, AdapterSettings(format="int8", outlier_method="hadamard"))
+    assert [name for name, _ in reports] == ["clip_l", "t5xxl"] and all(r.format == "int8-rot" for _, r in reports)
+    assert [len(r.converted) for _, r in reports] == [18, 14]
+    cond, pooled = _encode(rot)
+    e_rot = _rel(cond, ref_cond)
+    assert 0 < e_rot < 0.02 and 0 < e_plain < 0.02 and 0 < _rel(pooled, ref_pooled) < 0.02, (e_rot, e_plain)
+
+
+def test_clip_adapter_needs_auto_presets_and_registers_as_a_node() -> None:
+    with pytest.raises(ValueError, match="model_type must be 'auto'"):
+        adapt_clip(object(), AdapterSettings(format="int8", model_type="flux"))
+    assert NODE_CLASS_MAPPINGS["INT8ClipAdapter"] is INT8ClipAdapter
+    assert NODE_DISPLAY_NAME_MAPPINGS["INT8ClipAdapter"] == "Enable INT8 on CLIP"
+    inputs = INT8ClipAdapter.INPUT_TYPES()
+    assert inputs["required"]["clip"] == ("CLIP",) and INT8ClipAdapter.RETURN_TYPES == ("CLIP",)
+    assert inputs["required"]["outlier_method"][0] == ["none", "hadamard"]
+    assert inputs["required"]["format"][0] == ["int8", "int8-rot", "fp8", "int4-rot"]
