@@ -15,7 +15,6 @@ Not run here (interpreter limitations, see ``check_interpreter_limitations``): W
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -210,15 +209,21 @@ def check_int_mm() -> None:
     a = torch.randint(-128, 128, (200, 48), dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, (199, 48), dtype=torch.int8, generator=g)
     want = reference.int_mm(a, b.t())
-    sa, sb = torch.rand(200, 1, generator=g) * 1e-3, torch.rand(199, generator=g) * 1e-3
-    bias = torch.randn(199, generator=g).to(BF16)
-    per_tile = triton_int8.gemm_w8a8(a, sa, b, sb, bias, BF16, tma=True, cfg=TileConfig(16, 16, 16, 4, 2, group_m=4))
+    sa, bias = torch.rand(200, 1, generator=g) * 1e-3, torch.randn(199, generator=g).to(BF16)
     for p in (1, 2):
         cfg = TileConfig(16, 16, 16, 4, 2, group_m=4, persistent=p)
         got = triton_int8.int_mm(a, b, tma=True, cfg=cfg)
         record("int32_gemm_tma_persistent_exact", torch.equal(got, want), tiles=169, cfg=str(cfg))
-        scaled = triton_int8.gemm_w8a8(a, sa, b, sb, bias, BF16, tma=True, cfg=cfg)  # the epilogue per tile too
-        record("w8a8_tma_persistent_scaled", torch.equal(scaled, per_tile), tiles=169, cfg=str(cfg))
+    # the epilogue per tile too: row and tensor weight scales, 16- and 32-bit outputs, against the per-tile kernel
+    for sk, sb in (("row", torch.rand(199, generator=g) * 1e-3), ("tensor", torch.rand(1, generator=g) * 1e-3)):
+        for odt in (BF16, F32):
+            per_tile = triton_int8.gemm_w8a8(a, sa, b, sb, bias, odt, tma=True,
+                                             cfg=TileConfig(16, 16, 16, 4, 2, group_m=4))
+            for p in (1, 2):
+                cfg = TileConfig(16, 16, 16, 4, 2, group_m=4, persistent=p)
+                scaled = triton_int8.gemm_w8a8(a, sa, b, sb, bias, odt, tma=True, cfg=cfg)
+                record("w8a8_tma_persistent_scaled", torch.equal(scaled, per_tile), tiles=169, scale=sk,
+                       out=str(odt), cfg=str(cfg))
 
 
 _LINEAR_CASES = (  # (m, k, n, x dtype, out dtype, bias, scale, group)
@@ -253,10 +258,6 @@ def check_w8a8() -> None:
             if k % 16 == 0:  # the Hopper kernel (host TensorDescriptors) on the same activations
                 y3 = triton_int8.gemm_w8a8(qx, sx, q, s, b, odt, cfg=cfg, tma=True)
                 record("w8a8_tma_linear", torch.equal(y3, want), cfg=str(cfg), **info)
-                for p in (1, 2):  # the persistent grid, plain and with flattened loops: the same bits
-                    pc = dataclasses.replace(cfg, persistent=p)
-                    y4 = triton_int8.gemm_w8a8(qx, sx, q, s, b, odt, cfg=pc, tma=True)
-                    record("w8a8_tma_persistent_linear", torch.equal(y4, want), cfg=str(pc), **info)
     # leading dims and a transposed (non-contiguous) input keep their meaning
     x = _x(96, 6, BF16, seed=430).t()  # [6, 96], stride (1, 6)
     w, q, s = _weight(40, 96, seed=431)

@@ -93,8 +93,8 @@ def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=4096)
 def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = False) -> tuple[TileConfig, bool]:
     """(tile config, use small-M tiles) for the two-launch W8A8 GEMM; ``persistent``: the call may run the
-    persistent-grid kernel (int8 operands, scaled output, no low-rank term: what run 12 measured and the GPU
-    checks cover), which Hopper then takes for the full-size tiles (``configs.hopper_w8a8_config``)."""
+    persistent-grid kernel (:func:`persistent_eligible`), which Hopper then takes for the full-size tiles
+    (``configs.hopper_w8a8_config``)."""
     sms, major = device_facts(device)
     if m < SMALL_M:
         return fit_stages(small_m_config(m, n, k, sms), 1, 1), True
@@ -102,6 +102,13 @@ def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = F
     if persistent and major >= 9:
         cfg = hopper_w8a8_config(cfg)
     return fit_stages(cfg, 1, 1), False
+
+
+def persistent_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple]) -> bool:
+    """Whether a W8A8 call may take the persistent-grid kernel (:func:`pick_w8a8`'s ``persistent``): int8
+    operands, a scaled output and no low-rank term (``lr`` from :func:`_low_rank_args`), what run 12 measured
+    and the GPU checks cover (the raw int32 variants of its tile do not fit shared memory when flattened)."""
+    return qdtype == torch.int8 and not raw and not lr[0][5]
 
 
 def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.Tensor,
@@ -151,7 +158,7 @@ def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: to
     small = False
     lr = lr if lr is not None else _low_rank_args(None, q, sb)
     if cfg is None:
-        cfg, small = pick_w8a8(m, n, k, q.device, q.dtype == torch.int8 and not raw and not lr[0][5])
+        cfg, small = pick_w8a8(m, n, k, q.device, persistent_eligible(q.dtype, raw, lr))
     on_tma = (use_tma(q, w_q) if tma is None else tma) and not small
     fk, grid, args, key = _w8a8_launch(q, s_x, w_q, sb, bias, out, cfg, on_tma, raw, lr)
     fk(grid, args, q.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)

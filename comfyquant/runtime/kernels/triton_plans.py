@@ -177,10 +177,10 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     q = torch.empty((m, k), dtype=qdtype, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
     fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act)
-    cfg, small = ti.pick_w8a8(m, n, k, dev, qdtype == torch.int8 and low_rank is None)
+    lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
+    cfg, small = ti.pick_w8a8(m, n, k, dev, ti.persistent_eligible(qdtype, False, lr))
     tma = ti.use_tma(q, w_q) and not small
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
-    lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
     fk, grid, args, key = ti._w8a8_launch(q, s, w_q, sb, bias, out, cfg, tma, False, lr)
     fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     if fire_q is None or fire_g is None:
