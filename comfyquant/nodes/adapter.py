@@ -39,8 +39,8 @@ from comfyquant.runtime.tensor import QuantizedTensor
 
 logger = logging.getLogger("comfyquant.nodes")
 
-PREFIX = "diffusion_model."
 MODEL_ROOT = "diffusion_model"  # a MODEL's converted tree; a CLIP's patcher converts its whole model ("")
+PREFIX = f"{MODEL_ROOT}."  # a MODEL's keys: patches, object patches, LoRA keys
 MSG_NO_DIFFUSION = "INT8 Model Adapter: model has no diffusion_model; returning unchanged model."
 MSG_AUTO_FAILED = ("INT8 Model Adapter: auto model_type could not identify this model; using conservative "
                    "union exclusions.")
@@ -179,7 +179,7 @@ class _Selector:
 
     def __init__(self, shell: _Shell, sources: dict[str, torch.Tensor], cache_keys: dict[str, Any],
                  bake: dict[str, list], cache: QuantCache, device: torch.device, store: torch.device,
-                 tick: Callable[[], None], smoothing: Smoothing | None = None, prefix: str = PREFIX) -> None:
+                 tick: Callable[[], None], smoothing: Smoothing | None, prefix: str) -> None:
         self.shell, self.sources, self.cache_keys, self.bake = shell, sources, cache_keys, bake
         self.prefix = prefix
         self.cache, self.device, self.store, self.tick = cache, device, store, tick

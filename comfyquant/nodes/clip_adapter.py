@@ -26,8 +26,7 @@ MSG_NO_ENCODERS = "Enable INT8 on CLIP: the CLIP holds no text encoder with line
 
 def encoders(stack: nn.Module) -> list[str]:
     """The text encoders of a CLIP's model stack: its direct children that hold a float linear layer."""
-    return [name for name, child in stack.named_children()
-            if isinstance(child, nn.Module) and any(is_plain_linear(m) for m in child.modules())]
+    return [name for name, child in stack.named_children() if any(is_plain_linear(m) for m in child.modules())]
 
 
 def adapt_clip(clip: Any, settings: AdapterSettings, *, progress: Any = None,
