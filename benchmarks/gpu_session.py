@@ -131,26 +131,11 @@ def _int4_rot_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return qt.qdata, scale, group
 
 
-def _cycled_gpu_us(fns: list[Callable[[], object]], reps: int = 12) -> float:
-    """GPU time per call of ``fns`` called in turn (operand copies past L2) inside one CUDA graph, median of 5
-    replays."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
-        for i in range(reps):
-            fns[i % len(fns)]()
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / reps)
-    return sorted(times)[2]
+def _cycled_gpu_us(fns: list[Callable[[], object]]) -> float:
+    """GPU time per call of ``fns`` called in turn (operand copies past L2) in one CUDA graph."""
+    from comfyquant.bench.layers import graph_time_us
+
+    return graph_time_us(lambda f: f(), [(f,) for f in fns])
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) of the persistent-grid trial; BLOCK_K 128, GROUP_M 8

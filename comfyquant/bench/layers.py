@@ -90,7 +90,7 @@ def _ck_backend_for(fn_kwargs: dict) -> str:
     return registry.get_capable_backend("int8_linear", fn_kwargs)
 
 
-def _graph_time(op: Callable, pairs: list, cfg: BenchConfig) -> float:
+def graph_time_us(op: Callable, pairs: list) -> float:
     """GPU time per call without host launch overhead: one CUDA graph runs ``op`` over every rotating set."""
     import triton.testing
 
@@ -211,7 +211,7 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
                 else:
                     row.us[name], failed = t * 1e3, None
                     if m <= cfg.graph_max_m and name in GRAPH_COLUMNS:
-                        row.graph_us[name] = _graph_time(op, pairs, cfg)
+                        row.graph_us[name] = graph_time_us(op, pairs)
             except (RuntimeError, ValueError) as e:
                 failed = str(e).splitlines()[0]
             if failed is not None:  # recorded in the table, never hidden
