@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 T0 = time.perf_counter()
@@ -363,6 +364,106 @@ def section_models(out: Path, names: str, budget: float) -> None:
     SUMMARY.append(table)
 
 
+# (name, heads, query tokens, key tokens, head_dim): the self-attention of the whole-model benchmarks
+_ATTN_SHAPES = (("wan_480p", 40, 32760, 32760, 128), ("flux_1024", 24, 4608, 4608, 128),
+                ("flux_512", 24, 1536, 1536, 128), ("flux2_1024", 48, 4608, 4608, 128),
+                ("sdxl 640", 10, 4096, 4096, 64), ("sdxl 1280", 20, 1024, 1024, 64))
+# (block_m, block_n, warps, stages) of the int8 attention kernel
+_ATTN_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+               (64, 128, 4, 3))
+
+
+def section_attention(out: Path, budget: float) -> None:
+    """Attention alone (layout ``[B, T, H, D]`` viewed as ``[B, H, T, D]``, as the models call it): SDPA's
+    default and each of its backends against the int8 kernel (``triton_attention``) per tile, GPU time by
+    ``triton.testing.do_bench``; error of each against float32 SDPA."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from comfyquant.runtime.kernels import triton_attention as ta
+
+    rows = []
+    for name, h, t, tk, d in _ATTN_SHAPES:
+        if left(budget) < 30:
+            SUMMARY.append(f"attention: out of time before {name}")
+            break
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+        k = (torch.randn(1, tk, h, d, device="cuda", generator=g) + torch.randn(d, device="cuda", generator=g)
+             ).to(torch.bfloat16).transpose(1, 2)
+        v = torch.randn(1, tk, h, d, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        flops = 4.0 * t * tk * d * h
+        cands: dict[str, Callable[[], torch.Tensor]] = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+        for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            def run(be: SDPBackend = be) -> torch.Tensor:
+                with sdpa_kernel(be):
+                    return F.scaled_dot_product_attention(q, k, v)
+            cands[f"sdpa_{be.name.lower()}"] = run
+        for bm, bn, w, st in _ATTN_TILES:
+            cfg = ta.AttentionConfig(bm, bn, w, st)
+            cands[f"int8 {bm}x{bn} w{w} s{st}"] = lambda cfg=cfg: ta.int8_attention(q, k, v, cfg=cfg)
+            cands[f"int8+fp8pv {bm}x{bn} w{w} s{st}"] = lambda cfg=cfg: ta.int8_attention(q, k, v, cfg=cfg,
+                                                                                          pv_fp8=True)
+        row: dict = {"shape": name, "heads": h, "tokens": t, "head_dim": d, "us": {}, "rel_err": {}, "errors": {}}
+        for cname, fn in cands.items():
+            try:
+                y = fn()
+                row["rel_err"][cname] = float((y.float() - ref).norm() / ref.norm())
+                row["us"][cname] = 1000.0 * triton.testing.do_bench(fn, warmup=3, rep=30, return_mode="median")
+            except Exception as e:  # recorded per candidate (a backend refusing a shape, a tile out of resources)
+                row["errors"][cname] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        base = row["us"].get("sdpa")
+        row["tflops"] = {c: flops / u / 1e6 for c, u in row["us"].items()}
+        row["x_sdpa"] = {c: base / u for c, u in row["us"].items()} if base else {}
+        print(row, flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    (out / "attention.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| shape | candidate | µs | TFLOP/s | × sdpa | rel err vs fp32 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        for c, u in r["us"].items():
+            lines.append(f"| {r['shape']} | {c} | {u:.0f} | {r['tflops'][c]:.0f} | {r['x_sdpa'].get(c, 0):.2f} | "
+                         f"{r['rel_err'][c]:.4f} |")
+        for c, e in r["errors"].items():
+            lines.append(f"| {r['shape']} | {c} | error: {e} | | | |")
+    (out / "attention.md").write_text("\n".join(lines) + "\n")
+    SUMMARY.append("\n".join(lines))
+
+
+def section_breakdown(out: Path, names: str, budget: float) -> None:
+    """GPU kernel time per category (linear, activation quantization, attention, other) of bf16, int8 and fp8
+    whole models, and the Amdahl ceilings it implies (``bench.breakdown``)."""
+    from comfyquant.bench import breakdown as bd
+    from comfyquant.bench import models as bm
+
+    rows: list[dict] = []
+    for name in names.split(","):
+        if left(budget) < 40:
+            SUMMARY.append(f"breakdown: out of time before {name}")
+            break
+        base = None
+        for variant, model, args in bm.variants(name, None, only=("bf16", "int8", "fp8")):
+            b = bd.profile(lambda m=model, a=args: m(*a))
+            row = {"model": name, "variant": variant, "breakdown": b}
+            if base is None:
+                base = b
+                row.update({"ceil_1.6": bd.ceiling(b, 1.6), "ceil_2": bd.ceiling(b, 2.0)})
+            else:
+                row["linear_x"] = bd.linear_speedup(base, b)
+            rows.append(row)
+            print(name, variant, {k: round(v) for k, v in b.us.items()}, "wall", round(b.wall_us), b.top[:4],
+                  flush=True)
+            del model
+        torch.cuda.empty_cache()
+    (out / "breakdown.json").write_text(json.dumps(
+        [{**{k: v for k, v in r.items() if k != "breakdown"}, "us": r["breakdown"].us,
+          "wall_us": r["breakdown"].wall_us, "top": r["breakdown"].top} for r in rows], indent=1))
+    table = bd.markdown(rows)
+    (out / "breakdown.md").write_text(table)
+    SUMMARY.append(table)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -398,6 +499,10 @@ def main() -> int:
                 section_sweep(out, a.sweep_models, a.sweep_m, a.budget_s)
             elif sec == "models":
                 section_models(out, a.models, a.budget_s)
+            elif sec == "attention":
+                section_attention(out, a.budget_s)
+            elif sec == "breakdown":
+                section_breakdown(out, a.models, a.budget_s)
         except Exception as e:  # reported in the summary with its traceback above; the next section still runs
             traceback.print_exc()
             SUMMARY.append(f"{sec}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")

@@ -40,9 +40,18 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "models": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                     "--sections", "calibrate,rotation,models",
                     "--models", "sdxl_1024,t5xxl_256,flux_512,flux_1024,flux2_1024,wan_480p"]],
+        # Wan 2.x 480p alone: its variants, with int8 attention on its 32K-token self-attention ("int8_attn")
+        "models_wan": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
+                        "--sections", "models", "--models", "wan_480p"]],
         # a short call for host-time changes: the checks, host per call, and the host-bound models
         "hostbound": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                        "--sections", "check,calibrate,host,models", "--models", "t5xxl_256,sdxl_1024,flux_512"]],
+        # GPU kernel time per category of bf16 / int8 / fp8 whole models, and the Amdahl ceilings it implies
+        "breakdown": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "breakdown"), "--budget-s", "{budget}",
+                       "--sections", "breakdown"]],
+        # attention alone: SDPA's backends against the int8 attention kernel's tiles, the models' shapes
+        "attention": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "attention"), "--budget-s", "{budget}",
+                       "--sections", "attention"]],
         "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                    "--sections", "sweep"]],
         # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too
@@ -63,6 +72,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "optimizers_full": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                              str(work / "optimizers" / "bench_optimizers_full.json"), *(s or ["--methods", "gptq"])]],
         "comfyui": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *s]],
+        # T5-XXL-shaped text encoder in ComfyUI: bf16 vs "Enable INT8 on CLIP" vs ComfyUI's own int8 file path
+        "comfyui_t5": [[PY, "benchmarks/bench_comfyui_t5.py", "--out", str(work / "comfyui_t5"), *cache, *s]],
         "autoprec": [[PY, "benchmarks/bench_autoprec.py", "--workdir", str(work / "auto_tmp"), "--json",
                       str(work / "autoprec" / "bench_autoprec.json"), *(s or ["--blocks", "2"])]],
     }
@@ -99,7 +110,7 @@ def main() -> int:
     a = p.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     work = scratch / "work"  # only summary.txt and results.zip go under --out (a device call returns few files)
-    for sub in ("kernels", "sweep", "tune", "lora", "optimizers", "comfyui", "autoprec"):
+    for sub in ("kernels", "sweep", "tune", "lora", "optimizers", "comfyui", "comfyui_t5", "autoprec"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     env, cache = unpack(scratch)

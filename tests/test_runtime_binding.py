@@ -112,6 +112,24 @@ def test_node_layer_casts_its_bias_once_and_sees_in_place_updates() -> None:
     assert not torch.equal(y1, y2)
 
 
+def test_node_layer_under_inference_mode() -> None:
+    """ComfyUI executes nodes under ``torch.inference_mode``: a layer whose fp32 bias was made there (an
+    inference tensor, no version counter) casts it for bf16 inputs, inside and outside inference mode."""
+    from comfyquant.nodes.ops import ComfyQuantLinear
+
+    src = _layer("int8")
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    lin = ComfyQuantLinear.wrap(src.qweight, None)
+    with torch.inference_mode():
+        lin.bias = torch.nn.Parameter(src.bias.detach().float().clone(), requires_grad=False)
+        assert lin.bias.is_inference()
+        y_in = lin(x)
+    want = linear(x, lin.qweight, src.bias.detach().float().to(torch.bfloat16))
+    assert torch.equal(y_in, want)
+    with torch.no_grad():
+        assert torch.equal(lin(x), want)
+
+
 def test_low_rank_goes_to_fusing_backends_and_is_added_otherwise() -> None:
     """``bind_linear(...)(x, low_rank)``: a backend that fuses the term gets it (and computes it itself); any
     other backend's output gets ``(x @ down[:r]^T) @ up[:r]`` added after; both equal the float64 formula."""

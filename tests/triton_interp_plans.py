@@ -155,6 +155,49 @@ def check_scaled_mm_plan() -> None:
     record("plan_scaled_mm_sees_inplace_scale", torch.equal(after, want) and not torch.equal(after, before))
 
 
+def check_plans_inference_mode() -> None:
+    """Plans made and run under ``torch.inference_mode`` (ComfyUI executes nodes there, so the layers' weights
+    and scales are inference tensors, which have no version counter), then run outside it: equal to the
+    general path on ordinary tensors. The fp8 plan read ``w_scale._version`` and raised on the first GPU call
+    in ComfyUI (found by ``benchmarks/bench_comfyui_t5.py`` on the H200)."""
+    from comfyquant.quant.fp8 import quantize_fp8
+    from comfyquant.runtime.kernels import fp8
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(11)
+    m, k, n = 6, 96, 48
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * 0.01 + 1e-3
+    qw, sw = quantize_fp8(torch.randn(n, k, generator=g) * 0.03)
+    bias = torch.randn(n, generator=g)
+    cases = {  # name: (general path on ordinary tensors, plan maker, weights, x dtype)
+        "scaled_mm": (lambda x, w, s, b: fp8.fp8_linear_scaled_mm(x, w, s, b, None, torch.bfloat16),
+                      lambda x, w, s, b: tp.plan_scaled_mm(x, w, s, b, torch.bfloat16), (qw, sw), torch.bfloat16),
+        "int8": (lambda x, w, s, b: ti.int8_linear(x, w, s, b, None, F16),
+                 lambda x, w, s, b: tp.plan_int8(x, w, s, b, None, F16), (w, s), F16),
+        "fused": (lambda x, w, s, b: ti.fused_linear(x, w, s, b, F16),
+                  lambda x, w, s, b: tp.plan_fused(x, w, s, b, F16), (w, s), F16),
+        "w8a16": (lambda x, w, s, b: ti.w8a16_linear(x, w, s, b, None, F16),
+                  lambda x, w, s, b: tp.plan_w8a16(x, w, s, b, F16), (w, s), F16),
+    }
+    for name, (general, make, (wq, ws), dtype) in cases.items():
+        first, inside, outside = _inputs(m, k, dtype, seed=12)
+        b = bias.to(dtype)
+        error = None
+        try:
+            with torch.inference_mode():
+                wq_i, ws_i, b_i = wq.clone(), ws.clone(), b.clone()  # created here: inference tensors
+                plan = make(first.clone(), wq_i, ws_i, b_i)
+                got_inside = plan(inside.clone()) if plan is not None else None
+            got_outside = plan(outside) if plan is not None else None
+        except RuntimeError as e:
+            plan, error = None, str(e).splitlines()[0]
+        ok = (plan is not None and wq_i.is_inference() and torch.equal(got_inside, general(inside, wq, ws, b))
+              and torch.equal(got_outside, general(outside, wq, ws, b)))
+        record(f"plan_{name}_inference_mode", ok, error=error)
+
+
 def _reachable_tensors(root: object) -> list[torch.Tensor]:
     """Every tensor a plan closure keeps alive (through cells, lists, tuples, dicts and object attributes)."""
     seen, out, todo = set(), [], [root]
@@ -237,5 +280,5 @@ def check_descriptor_copies() -> None:
     record("descriptor_copy", d.base is b and vars(d) == vars(want) and make(a).base is a and d.base is b)
 
 
-GROUPS = {"plans": check_plans, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies, "plans_share_scratch": check_plans_share_scratch,
+GROUPS = {"plans": check_plans, "plans_inference_mode": check_plans_inference_mode, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies, "plans_share_scratch": check_plans_share_scratch,
           "plans_keep_no_buffers": check_plans_keep_no_buffers}

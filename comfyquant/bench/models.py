@@ -77,6 +77,20 @@ class _SwapLinear(nn.Module):
         return self.ck_fn(x, self.q, self.s, self.bias, out_dtype=x.dtype)
 
 
+class _WithAttention(nn.Module):
+    """A model run inside ``runtime.attention.QuantizedAttention`` (its long self-attention on the int8 kernel)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> object:
+        from comfyquant.runtime.attention import QuantizedAttention
+
+        with QuantizedAttention():
+            return self.model(*args)
+
+
 def _swap(model: nn.Module, fmt: str, ck_fn: Callable | None) -> nn.Module:
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
@@ -86,27 +100,40 @@ def _swap(model: nn.Module, fmt: str, ck_fn: Callable | None) -> nn.Module:
     return model
 
 
-def variants(name: str, ck_fn: Callable | None) -> Iterator[tuple[str, nn.Module, tuple]]:
-    """(variant, model, args) for one model; each built fresh."""
+def variants(name: str, ck_fn: Callable | None,
+             only: tuple[str, ...] | None = None) -> Iterator[tuple[str, nn.Module, tuple]]:
+    """(variant, model, args) for one model; each built fresh (``only``: just these variants)."""
     from comfyquant.runtime.quantize import QuantizeConfig, quantize_
 
-    yield "bf16", *build(name)
+    def want(v: str) -> bool:
+        return only is None or v in only
+
+    if want("bf16"):
+        yield "bf16", *build(name)
     for fmt in ("int8", "fp8"):
+        if not (want(fmt) or (fmt == "int8" and (want("int8_measured") or want("int8_nofold")))):
+            continue
         model, args = build(name)
         summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
-        yield fmt, model, args
-        if fmt == "int8":  # the same with measured dispatch (every candidate timed once per layer shape)
+        if want(fmt):
+            yield fmt, model, args
+        if fmt == "int8" and want("int8_measured"):  # measured dispatch (every candidate timed once per shape)
             model, args = build(name)
             quantize_(model, QuantizeConfig(format=fmt, min_features=1,
                                             backend=dispatch.DispatchPolicy(measure=True)))
             yield "int8_measured", model, args
-        if fmt == "int8" and summary.folded:  # the same without folding the MLP's GELU into its second linear
+        if fmt == "int8" and name == "wan_480p" and want("int8_attn"):  # the one model past min_tokens
+            model, args = build(name)
+            quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+            yield "int8_attn", _WithAttention(model), args
+        if fmt == "int8" and summary.folded and want("int8_nofold"):  # without folding the MLP's GELU
             model, args = build(name)
             quantize_(model, QuantizeConfig(format=fmt, min_features=1, fold_activations=False))
             yield "int8_nofold", model, args
-    model, args = build(name)
-    yield "int4_rot", _swap(model, "int4_rot", None), args
-    if ck_fn is not None:
+    if want("int4_rot"):
+        model, args = build(name)
+        yield "int4_rot", _swap(model, "int4_rot", None), args
+    if ck_fn is not None and want("ck_int8"):
         model, args = build(name)
         yield "ck_int8", _swap(model, "ck", ck_fn), args
 

@@ -16,6 +16,7 @@ from collections.abc import Hashable
 import torch
 
 from comfyquant.runtime.tensor import QuantizedTensor
+from comfyquant.runtime.versions import version
 
 
 class QuantCache:
@@ -46,9 +47,7 @@ class QuantCache:
 
     @staticmethod
     def _full_key(source: torch.Tensor, key: Hashable) -> Hashable:
-        # inference tensors (ComfyUI loads weights under inference_mode) have no version counter; ComfyUI never
-        # patches weights in place unless weight_inplace_update is set, and then restores them before we read
-        return (key, -1 if source.is_inference() else source._version)
+        return (key, version(source))  # -1 for inference tensors: see runtime.versions
 
     def get(self, source: torch.Tensor, key: Hashable) -> QuantizedTensor | None:
         with self._lock:

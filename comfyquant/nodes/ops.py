@@ -21,6 +21,7 @@ from comfyquant.lora.sidepath import LoRASidePath
 from comfyquant.runtime.kernels.acts import apply_input_act
 from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
 from comfyquant.runtime.tensor import QuantizedTensor
+from comfyquant.runtime.versions import version
 
 
 class ComfyQuantLinear(QuantLinear):
@@ -66,11 +67,11 @@ class ComfyQuantLinear(QuantLinear):
         """``bias`` in ``dtype``, cast once and kept while the bias and its values stay the same (one cast
         kernel per call saved, and a stable object for the bound fast path)."""
         c = self._bias_cast
-        if c is not None and c[0] is bias and c[1] == bias._version and c[2].dtype == dtype:
+        if c is not None and c[0] is bias and c[1] == version(bias) and c[2].dtype == dtype:
             return c[2]
         cast = bias.to(dtype)
         if not torch.compiler.is_compiling():
-            self._bias_cast = (bias, bias._version, cast)
+            self._bias_cast = (bias, version(bias), cast)
         return cast
 
     # ---- ModelPatcher protocol -------------------------------------------------------------------------

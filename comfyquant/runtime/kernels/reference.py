@@ -143,3 +143,38 @@ def fp8_linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
         qx, s_x = quantize_rows_fp8(x2d, w_q.dtype)
     acc = qx.float() @ w_q.float().t()
     return _epilogue(acc, s_x, w_scale, bias, out_dtype).reshape(*lead, w_q.shape[0])
+
+
+def quantize_token_blocks(x: torch.Tensor, block: int, scale_mul: float = 1.0,
+                          mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of ``x - mean`` (``[B, H, T, D]``; ``mean`` ``[B, H, D]``) with one scale per block of
+    ``block`` tokens (absmax / 127, round-half-even), as ``[B*H, T, D]`` codes and ``[B*H, ceil(T/block)]``
+    scales times ``scale_mul``: the attention kernel's quantizer, in float32 like the kernel."""
+    b, h, t, d = x.shape
+    x = x.float().reshape(b * h, t, d)
+    if mean is not None:
+        x = x - mean.float().reshape(b * h, 1, d)
+    nblk = -(-t // block)
+    pad = torch.zeros(b * h, nblk * block - t, d)
+    blocks = torch.cat([x, pad.to(x.device)], dim=1).reshape(b * h, nblk, block * d)
+    scale = blocks.abs().amax(dim=2).clamp_min(1e-12) / 127.0
+    codes = torch.round(blocks / scale[:, :, None]).reshape(b * h, nblk * block, d)[:, :t]
+    return codes.to(torch.int8), scale * scale_mul
+
+
+def int8_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
+                       sm_scale: float | None = None, smooth_k: bool = True) -> torch.Tensor:
+    """The int8 attention scheme in float64 from the kernel's own codes and scales (``[B, H, T, D]`` in and
+    out): q per block of ``block_m`` tokens, ``k - mean_tokens(k)`` per block of ``block_n`` (``smooth_k=False``:
+    k itself, to show what the mean subtraction buys), exact softmax."""
+    import math
+
+    b, h, t, d = q.shape
+    tk = k.shape[2]
+    log2_scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * 1.4426950408889634
+    qc, qs = quantize_token_blocks(q, block_m, log2_scale)
+    kc, ks = quantize_token_blocks(k, block_n, 1.0, mean=k.float().mean(dim=2) if smooth_k else None)
+    qd = qc.double() * qs.double().repeat_interleave(block_m, dim=1)[:, :t, None]
+    kd = kc.double() * ks.double().repeat_interleave(block_n, dim=1)[:, :tk, None]
+    p = torch.softmax((qd @ kd.transpose(1, 2)) * math.log(2.0), dim=-1)
+    return (p @ v.double().reshape(b * h, tk, d)).reshape(b, h, t, d)

@@ -23,6 +23,7 @@ from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels.configs import w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
+from comfyquant.runtime.versions import version
 
 logger = logging.getLogger("comfyquant.runtime")
 Plan = Callable[[torch.Tensor], torch.Tensor]
@@ -285,11 +286,11 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
         return None
     shape, stream, wt = (*lead, n), _raw_stream(dev), w_q.t()
     mm = torch._scaled_mm
-    state = [-1, None]  # (w_scale's version, its rowwise [1, N] fp32 copy)
+    state = [-2, None]  # (w_scale's version, -1 for an inference tensor; its rowwise [1, N] fp32 copy)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if state[0] != w_scale._version:
-            state[:] = [w_scale._version, w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
+        if state[0] != version(w_scale):
+            state[:] = [version(w_scale), w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
         st = stream()
         q, s = scratch.pool(dev).pair(st, m, k, f8)
         fire_q(st, x, q, s, *q_rest(s))
