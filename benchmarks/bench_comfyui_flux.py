@@ -49,6 +49,7 @@ class Result:
     peak_vram_gib: float | None = None
     weights_gib: float | None = None
     speedup_vs_bf16: float | None = None
+    rel_err_vs_bf16: float | None = None  # relative L2 error of one step's output against bf16's
     note: str = ""
 
 
@@ -139,8 +140,11 @@ def _free(device: str) -> None:
 
 
 def measure(name: str, patcher: Any, dims: dict[str, int], resolutions: list[int], device: str, dtype: torch.dtype,
-            warmup: int, iters: int, dynamic: bool = False) -> list[Result]:
-    """Load ``patcher`` fully on the device and time one forward per resolution."""
+            warmup: int, iters: int, dynamic: bool = False,
+            outputs: dict[tuple[str, int], torch.Tensor] | None = None) -> list[Result]:
+    """Load ``patcher`` fully on the device and time one forward per resolution (with the patcher's transformer
+    options, as ComfyUI's sampler passes them: attention overrides apply); one output per resolution goes to
+    ``outputs`` (on the CPU) and its error against bf16's, when bf16's is there, to the result."""
     import comfy.model_management
 
     _free(device)
@@ -149,15 +153,28 @@ def measure(name: str, patcher: Any, dims: dict[str, int], resolutions: list[int
     comfy.model_management.load_models_gpu([patcher], force_full_load=not dynamic)  # dynamic VRAM refuses it
     weights = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     dm = patcher.model.diffusion_model
+    opts = patcher.model_options.get("transformer_options", {})
     out = []
     for res in resolutions:
         inp = _inputs(dims, res, device, dtype)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = time_steps(lambda inp=inp: dm(inp["x"], inp["timestep"], inp["context"], y=inp["y"],
-                                              guidance=inp["guidance"]), device, warmup, iters)
+
+        def step(inp: dict[str, torch.Tensor] = inp) -> torch.Tensor:
+            return dm(inp["x"], inp["timestep"], inp["context"], y=inp["y"], guidance=inp["guidance"],
+                      transformer_options=opts)
+
+        times = time_steps(step, device, warmup, iters)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-        out.append(Result(name, res, statistics.median(times), times, peak, weights))
+        row = Result(name, res, statistics.median(times), times, peak, weights)
+        if outputs is not None:
+            with torch.inference_mode():
+                y = step().float().cpu()
+            outputs[(name, res)] = y
+            ref = outputs.get(("bf16", res))
+            if ref is not None:
+                row.rel_err_vs_bf16 = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+        out.append(row)
         print(f"  {name:28s} {res}px: {statistics.median(times):9.2f} ms/step"
               + (f", peak {peak:.2f} GiB" if peak is not None else ""), file=sys.stderr, flush=True)
     return out
@@ -206,26 +223,33 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.bfloat16
     results: list[Result] = []
     base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
-    results += measure("bf16", base, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
-    for fmt in ("int8", "int8-rot", "fp8"):
+    outputs: dict[tuple[str, int], torch.Tensor] = {}
+    results += measure("bf16", base, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram, outputs)
+    # (format, attention): the node's attention option on int8, both variants of the kernel
+    for fmt, attention in (("int8", "sdpa"), ("int8-rot", "sdpa"), ("fp8", "sdpa"), ("int8", "int8"),
+                           ("int8", "int8-fp8")):
         _free(device)
         t1 = time.perf_counter()
-        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux"))
+        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux",
+                                                            runtime=RuntimeOptions(attention=attention)))
         quant_s = time.perf_counter() - t1
-        rows = measure(f"adapter {fmt}", patched, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
+        name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}")
+        rows = measure(name, patched, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram, outputs)
         for r in rows:
             r.note = f"{len(report.converted)} layers converted in {quant_s:.1f} s"
         results += rows
         del patched
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
     stock = comfy.sd.load_diffusion_model(str(int8_file))
-    rows = measure("ComfyUI int8 (same file)", stock, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
+    rows = measure("ComfyUI int8 (same file)", stock, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram,
+                   outputs)
     for r in rows:
         r.note = why_not or "comfy-kitchen CUDA backend"
     results += rows
     del stock
     ours, _ = load_quantized_model(int8_file, RuntimeOptions())
-    results += measure("comfyquant loader (same file)", ours, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram)
+    results += measure("comfyquant loader (same file)", ours, dims, resolutions, device, dtype, warmup, iters,
+                       a.dynamic_vram, outputs)
     del ours, base
     _free(device)
     bf16 = {r.resolution: r.step_ms for r in results if r.variant == "bf16"}
@@ -254,29 +278,36 @@ def to_markdown(report: dict[str, Any]) -> str:
              "eager, batch 1; "
              f"median of {env['iters']} steps after {env['warmup']} warm-up. comfy-kitchen CUDA: "
              f"{env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
-             "| variant | resolution | ms / step | x bf16 | peak VRAM GiB | weights GiB | note |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | resolution | ms / step | x bf16 | peak VRAM GiB | weights GiB | rel err vs bf16 | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
-        def f(v: float | None, spec: str) -> str:
-            return "-" if v is None else format(v, spec)
-
-        lines.append(f"| {r['variant']} | {r['resolution']} | {f(r['step_ms'], '.2f')} | "
-                     f"{f(r['speedup_vs_bf16'], '.2f')} | {f(r['peak_vram_gib'], '.2f')} | "
-                     f"{f(r['weights_gib'], '.2f')} | {r['note']} |")
+        lines.append(f"| {r['variant']} | {r['resolution']} | {cell(r['step_ms'], '.2f')} | "
+                     f"{cell(r['speedup_vs_bf16'], '.2f')} | {cell(r['peak_vram_gib'], '.2f')} | "
+                     f"{cell(r['weights_gib'], '.2f')} | {cell(r.get('rel_err_vs_bf16'), '.4f')} | {r['note']} |")
     return "\n".join(lines) + "\n"
+
+
+def cell(v: float | None, spec: str) -> str:
+    """A markdown table cell: ``v`` formatted, or "-" for a missing value."""
+    return "-" if v is None else format(v, spec)
+
+
+def common_args(p: argparse.ArgumentParser, json_name: str) -> None:
+    """The arguments the ComfyUI benchmarks share: output and work folders, the ComfyUI cache, smoke mode."""
+    p.add_argument("--out", required=True, help=f"folder for {json_name}.json / .md")
+    p.add_argument("--work", default=None, help="folder for the generated model files (default OUT/work)")
+    p.add_argument("--comfyui-cache", default=None, help="ComfyUI 0.30.0 cache folder (see comfyui_env)")
+    p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, seconds: checks the mechanics")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for bench_comfyui_flux.json / .md")
-    p.add_argument("--work", default=None, help="folder for the generated model files (default OUT/work)")
+    common_args(p, "bench_comfyui_flux")
     p.add_argument("--depth", type=int, default=6, help="double blocks (Flux.1-dev: 19)")
     p.add_argument("--depth-single", type=int, default=12, help="single blocks (Flux.1-dev: 38)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 512])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--comfyui-cache", default=None, help="ComfyUI 0.30.0 cache folder (see comfyui_env)")
-    p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, seconds: checks the mechanics")
     p.add_argument("--dynamic-vram", action="store_true",
                    help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
     return p

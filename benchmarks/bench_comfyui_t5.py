@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_comfyui_flux import _free, _import_comfy, _sync, kitchen_cuda_status, time_steps
+from bench_comfyui_flux import _free, _import_comfy, _sync, cell, common_args, kitchen_cuda_status, time_steps
 
 TOKENS = 256
 PROMPT = "a photo of a cat riding a bicycle through a sunny park, highly detailed"
@@ -271,27 +271,21 @@ def to_markdown(report: dict[str, Any]) -> str:
              "| variant | ms / encode | x bf16 | peak VRAM GiB while loading | while encoding | weights GiB | "
              "max rel err | note |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
-    def f(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
     for r in report["results"]:
-        lines.append(f"| {r['variant']} | {f(r['encode_ms'], '.2f')} | {f(r['speedup_vs_bf16'], '.2f')} | "
-                     f"{f(r['load_peak_gib'], '.2f')} | {f(r['peak_vram_gib'], '.2f')} | {f(r['weights_gib'], '.2f')} | "
-                     f"{f(r['max_rel_err'], '.2e')} | {r['note']} |")
+        lines.append(f"| {r['variant']} | {cell(r['encode_ms'], '.2f')} | {cell(r['speedup_vs_bf16'], '.2f')} | "
+                     f"{cell(r['load_peak_gib'], '.2f')} | {cell(r['peak_vram_gib'], '.2f')} | "
+                     f"{cell(r['weights_gib'], '.2f')} | {cell(r['max_rel_err'], '.2e')} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for bench_comfyui_t5.json / .md")
-    p.add_argument("--work", default=None, help="folder for the generated model files (default OUT/work)")
+    common_args(p, "bench_comfyui_t5")
     p.add_argument("--layers", type=int, default=6, help="T5 encoder blocks (T5-XXL: 24)")
     p.add_argument("--rounds", type=int, default=5, help="rounds in which every variant takes one turn")
     p.add_argument("--warmup", type=int, default=2, help="untimed encodes at the start of each turn")
     p.add_argument("--iters", type=int, default=5, help="timed encodes per turn")
-    p.add_argument("--comfyui-cache", default=None, help="ComfyUI 0.30.0 cache folder (see comfyui_env)")
-    p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, seconds: checks the mechanics")
     return p
 
 

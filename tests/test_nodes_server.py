@@ -59,6 +59,8 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     assert loader["category"] == "comfyquant" and EXAMPLE_MODEL in loader["input"]["required"]["unet_name"][0]
     assert srv.object_info("SaveQuantizedModel")["output_node"] is True
     assert "cuda_graphs" in loader["input"]["optional"]
+    assert optional["attention"][0] == loader["input"]["optional"]["attention"][0] == ["sdpa", "int8", "int8-fp8"]
+    assert optional["attention"][1]["default"] == "sdpa"
     lora = srv.object_info("ComfyQuantLoraLoader")
     assert lora["display_name"] == "Load LoRA (quantized model)" and lora["output"] == ["MODEL"]
     assert lora["input"]["required"]["mode"][0] == ["dynamic", "bake"]
@@ -85,6 +87,10 @@ def test_disabled_adapter_is_bit_identical_and_int8_stays_within_the_bound(
     assert rel_err(q, stock_int8_latent) < INT8_BOUND
     same_file = node_server.run(digits_workflow(unet_name="dit-int8.safetensors", prefix="ours_int8", loader={}))
     assert rel_err(q, node_server.latent(same_file)) < 1e-4
+    # attention int8 on the CPU server: every call passes through its override to ComfyUI's own SDPA (the digits
+    # DiT's 80 tokens and head size 32 are never routed), so sampling is bit-identical
+    att = node_server.run(digits_workflow(prefix="int8_attn", adapter={"attention": "int8"}))
+    assert execution_error(att) is None and torch.equal(node_server.latent(att), q)
     summary = node_text(on, "4")[-1]
     assert "layers converted" in summary and "preset flux" in summary and "MiB saved" in summary
     # the input MODEL is unchanged: sampling it again gives the float latents bit for bit

@@ -25,6 +25,7 @@ from torch import nn
 
 from comfyquant.autoprec.candidates import KEEP
 from comfyquant.formats.registry import gpu_generation
+from comfyquant.nodes.attention import NODE_MIN_TOKENS, enable_quantized_attention
 from comfyquant.nodes.cache import CACHE, QuantCache
 from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
@@ -359,6 +360,10 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     register_patch_callback(clone)
     if settings.runtime.cuda_graphs and root == MODEL_ROOT:  # graphs wrap a diffusion model's apply_model
         enable_cuda_graphs(clone)
+    if settings.runtime.attention != "sdpa" and root == MODEL_ROOT:
+        enable_quantized_attention(clone, settings.runtime.attention)
+        logger.info("comfyquant: attention %s for head size 128 from %d keys", settings.runtime.attention,
+                    NODE_MIN_TOKENS)
     logger.info(report.summary())
     if report.auto is not None:
         logger.info(report.auto.to_text())

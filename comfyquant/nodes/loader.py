@@ -19,6 +19,7 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant
+from comfyquant.nodes.attention import enable_quantized_attention
 from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, make_comfy_ops
 from comfyquant.nodes.patching import register_patch_callback
@@ -119,5 +120,6 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     register_patch_callback(patcher)
     if runtime.cuda_graphs:
         enable_cuda_graphs(patcher)
+    enable_quantized_attention(patcher, runtime.attention)
     logger.info(summary.line())
     return patcher, summary

@@ -73,7 +73,8 @@ class RuntimeOptions:
     graph-captured models), ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today) and
     ``fold_activations`` (a GELU/SiLU module right before a quantized layer is applied by that layer's kernel)
     and ``measure_backends`` (eager: time the candidate kernels once per layer shape and keep the fastest,
-    cached per GPU, instead of the cost model's prediction)."""
+    cached per GPU, instead of the cost model's prediction) and ``attention`` (``sdpa``, or ``int8`` /
+    ``int8-fp8``: long self-attention on the int8 kernel, ``nodes.attention``)."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True
@@ -82,10 +83,15 @@ class RuntimeOptions:
     cuda_graphs: bool = False
     fold_activations: bool = True
     measure_backends: bool = False
+    attention: str = "sdpa"  # nodes.attention.MODES: the model's long self-attention on the int8 kernel
 
     def __post_init__(self) -> None:
+        from comfyquant.nodes.attention import MODES
+
         if self.backend not in runtime_backends():
             raise UserError(f"runtime_backend {self.backend!r} is not one of {', '.join(runtime_backends())}")
+        if self.attention not in MODES:
+            raise UserError(f"attention {self.attention!r} is not one of {', '.join(MODES)}")
 
     def backend_for(self, kind: str) -> str | DispatchPolicy | None:
         """What to pass as ``QuantizeConfig.backend`` / ``QuantLinear.set_backend`` for layers of kernel ``kind``:

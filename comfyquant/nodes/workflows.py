@@ -24,7 +24,7 @@ ADAPTER_DEFAULTS: dict[str, Any] = {
 }
 
 
-ADAPTER_OPTIONAL = ("use_triton", "cuda_graphs", "budget", "calibration_file", "alpha")
+ADAPTER_OPTIONAL = ("use_triton", "cuda_graphs", "budget", "calibration_file", "alpha", "attention")
 EXAMPLE_LORA = "digits_example_lora.safetensors"
 
 

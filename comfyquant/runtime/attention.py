@@ -26,10 +26,12 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 @dataclass(frozen=True)
 class AttentionPolicy:
     """Which SDPA calls run quantized: key sequences of at least ``min_tokens`` (below it cuDNN's bf16 kernel
-    is faster), p and v in fp8 (``pv_fp8``, the faster variant) or 16-bit."""
+    is faster; against FlashAttention-2, which ComfyUI puts first, from about 4,096), head sizes in
+    ``head_dims``, p and v in fp8 (``pv_fp8``, the faster variant) or 16-bit."""
 
     min_tokens: int = 16384
     pv_fp8: bool = True
+    head_dims: tuple[int, ...] = HEAD_DIMS  # head sizes to route (the kernel takes any of HEAD_DIMS)
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: AttentionPolicy,
@@ -44,7 +46,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: Attentio
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     b, h, _, d = q.shape
-    return (d in HEAD_DIMS and k.shape[0] == b and k.shape[1] == h and k.shape[3] == d and v.shape == k.shape
+    return (d in HEAD_DIMS and d in policy.head_dims and k.shape[0] == b and k.shape[1] == h and k.shape[3] == d and v.shape == k.shape
             and k.shape[2] >= policy.min_tokens and not torch.is_grad_enabled())
 
 
