@@ -57,3 +57,21 @@ def test_scope_passes_other_calls_through_bit_identical() -> None:
         got = F.scaled_dot_product_attention(q, k, v)  # CPU: not eligible, SDPA itself
         mm = q @ k.transpose(-1, -2)  # any other op untouched
     assert torch.equal(got, want) and torch.equal(mm, q @ k.transpose(-1, -2)) and mode.routed == 0
+
+
+def test_emulated_scope_runs_the_schemes_reference_on_the_cpu() -> None:
+    """``emulate``: CPU calls run ``reference.int8_attention_ref`` (the kernel's scheme, its default blocks): close
+    to exact attention, not equal to it (quantization happened), and the routed count says so."""
+    from comfyquant.runtime.kernels.reference import int8_attention_ref
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 150, 32, generator=g) for _ in range(3))
+    k = k + 2 * torch.randn(32, generator=g)  # a per-channel offset the scheme removes before quantizing
+    exact = F.scaled_dot_product_attention(q, k, v)
+    with torch.no_grad(), QuantizedAttention(AttentionPolicy(min_tokens=100, emulate=True)) as mode:
+        got = F.scaled_dot_product_attention(q, k, v)
+        short = F.scaled_dot_product_attention(q[:, :, :50], k[:, :, :50], v[:, :, :50])  # below min_tokens
+    assert mode.routed == 1 and torch.equal(got, int8_attention_ref(q, k, v, 128, 64).float())
+    err = float((got - exact).norm() / exact.norm())
+    assert 1e-4 < err < 2e-2, err
+    assert torch.equal(short, F.scaled_dot_product_attention(q[:, :, :50], k[:, :, :50], v[:, :, :50]))

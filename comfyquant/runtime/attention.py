@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
+EMULATED_BLOCKS = (128, 64)  # (q rows, k columns) per scale: triton_attention.DEFAULT's tile
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class AttentionPolicy:
     min_tokens: int = 16384
     pv_fp8: bool = True
     head_dims: tuple[int, ...] = HEAD_DIMS  # head sizes to route (the kernel takes any of HEAD_DIMS)
+    emulate: bool = False  # CPU tensors: the scheme's float64 reference (q k^T part; p v exact), for quality evals
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: AttentionPolicy,
@@ -41,9 +43,14 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: Attentio
         return False
     if kwargs.get("enable_gqa", False) or set(kwargs) - {"attn_mask", "dropout_p", "is_causal", "scale"}:
         return False
-    if not (q.is_cuda and k.is_cuda and v.is_cuda) or q.dim() != 4:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if policy.emulate and not (q.is_cuda or k.is_cuda or v.is_cuda):
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            return False
+    elif not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return False
+    elif q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     b, h, _, d = q.shape
     return (d in HEAD_DIMS and d in policy.head_dims and k.shape[0] == b and k.shape[1] == h and k.shape[3] == d and v.shape == k.shape
@@ -61,8 +68,14 @@ class QuantizedAttention(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and len(args) == 3 and eligible(*args, self.policy, kwargs):
+            self.routed += 1
+            q, k, v = args
+            if not q.is_cuda:  # policy.emulate: the scheme's reference, with the kernel's default blocks
+                from comfyquant.runtime.kernels.reference import int8_attention_ref
+
+                return int8_attention_ref(q, k, v, EMULATED_BLOCKS[0], EMULATED_BLOCKS[1],
+                                          kwargs.get("scale")).to(q.dtype)
             from comfyquant.runtime.kernels.triton_attention import int8_attention
 
-            self.routed += 1
-            return int8_attention(*args, sm_scale=kwargs.get("scale"), pv_fp8=self.policy.pv_fp8)
+            return int8_attention(q, k, v, sm_scale=kwargs.get("scale"), pv_fp8=self.policy.pv_fp8)
         return func(*args, **kwargs)
