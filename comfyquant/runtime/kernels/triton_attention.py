@@ -1,4 +1,4 @@
-"""INT8 attention (Triton): ``softmax(q k^T / sqrt(d)) v`` with q and k in int8, p and v in bf16/fp16.
+"""INT8 attention (Triton): ``softmax(q k^T / sqrt(d)) v`` with q and k in int8, p and v in bf16/fp16 or fp8.
 
 At Wan 2.x's 32K tokens attention is about half of a block's time; quantized linears cannot move that half. Here
 the q k^T product runs on int8 tensor cores (twice bf16's rate on Hopper) and the p v product and the online
@@ -6,6 +6,10 @@ softmax stay in 16-bit / fp32, as SageAttention does: q is quantized per block o
 owns), k per block of columns after subtracting its mean over tokens (a shift that leaves every softmax row
 unchanged, since it adds one constant per query, and that removes the per-channel offset that would otherwise
 set k's scale). The softmax scale and log2(e) are folded into q's scales so the kernel works in exp2.
+
+With ``pv_fp8`` p (times 448) and v (a scale per channel, stored transposed) go through fp8 tensor cores too.
+H200, against SDPA's cuDNN kernel (docs/PERFORMANCE.md, runs 16-17): 1.05x / 1.26x (fp8 p v) at 32,760 tokens,
+0.69-0.74x at 4,608; against FlashAttention-2, which ComfyUI puts first, ~1.45x at 4,608.
 
 Layout ``[batch, heads, tokens, head_dim]`` (``F.scaled_dot_product_attention``'s); no mask, no dropout, not
 causal (diffusion models' attention). Imported lazily: only GPU backends import this module.
@@ -33,18 +37,18 @@ class AttentionConfig:
 
     block_m: int = 128
     block_n: int = 64
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
 
 
 # the fastest tiles of each variant on the H200 at Wan 480p's 32,760 tokens (gpu_session.py section attention)
-DEFAULT = AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+DEFAULT = AttentionConfig()
 DEFAULT_PV_FP8 = AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
 @triton.jit
 def _attn_quant_blocks(X, MEAN, Q, S, stride_xb, stride_xh, stride_xs, H, T, scale_mul, HAS_MEAN: tl.constexpr,
-                  BLOCK: tl.constexpr, D: tl.constexpr):
+                       BLOCK: tl.constexpr, D: tl.constexpr):
     """One program per (batch*head, block of ``BLOCK`` tokens): ``(x - mean)`` to int8 codes with one scale."""
     bh = tl.program_id(0)
     blk = tl.program_id(1)
