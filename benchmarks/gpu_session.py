@@ -436,15 +436,21 @@ def section_breakdown(out: Path, names: str, budget: float) -> None:
     whole models, and the Amdahl ceilings it implies (``bench.breakdown``)."""
     from comfyquant.bench import breakdown as bd
     from comfyquant.bench import models as bm
+    from comfyquant.bench.timing import interleaved_ms
 
     rows: list[dict] = []
     for name in names.split(","):
         if left(budget) < 40:
             SUMMARY.append(f"breakdown: out of time before {name}")
             break
+        built = list(bm.variants(name, None, only=("bf16", "int8", "fp8")))
+        # wall time with the variants in turns (one after another, the host's drift would land on one of them)
+        walls = interleaved_ms({v: (lambda m=model, a=args: m(*a)) for v, model, args in built})
         base = None
-        for variant, model, args in bm.variants(name, None, only=("bf16", "int8", "fp8")):
+        for variant, model, args in built:
             b = bd.profile(lambda m=model, a=args: m(*a))
+            if isinstance(walls.get(variant), float):
+                b.wall_us = 1000.0 * walls[variant]
             row = {"model": name, "variant": variant, "breakdown": b}
             if base is None:
                 base = b
@@ -454,7 +460,7 @@ def section_breakdown(out: Path, names: str, budget: float) -> None:
             rows.append(row)
             print(name, variant, {k: round(v) for k, v in b.us.items()}, "wall", round(b.wall_us), b.top[:4],
                   flush=True)
-            del model
+        del built
         torch.cuda.empty_cache()
     (out / "breakdown.json").write_text(json.dumps(
         [{**{k: v for k, v in r.items() if k != "breakdown"}, "us": r["breakdown"].us,

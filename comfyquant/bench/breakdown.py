@@ -79,7 +79,8 @@ def linear_speedup(base: Breakdown, quant: Breakdown) -> float:
 
 
 def profile(fn: Callable[[], object], forwards: int = 5, warmup: int = 3) -> Breakdown:
-    """Run ``fn`` (one forward) under the CUDA profiler and sum its kernels by category (GPU only)."""
+    """Run ``fn`` (one forward) under the CUDA profiler and sum its kernels by category (GPU only); the wall
+    time is of ``forwards`` back-to-back calls alone (a benchmark comparing variants times them in turns)."""
     import time
 
     import torch
