@@ -360,8 +360,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     register_patch_callback(clone)
     if settings.runtime.cuda_graphs and root == MODEL_ROOT:  # graphs wrap a diffusion model's apply_model
         enable_cuda_graphs(clone)
-    if settings.runtime.attention != "sdpa" and root == MODEL_ROOT:
-        enable_quantized_attention(clone, settings.runtime.attention)
+    if root == MODEL_ROOT and enable_quantized_attention(clone, settings.runtime.attention) is not None:
         logger.info("comfyquant: attention %s for head size 128 from %d keys", settings.runtime.attention,
                     NODE_MIN_TOKENS)
     logger.info(report.summary())

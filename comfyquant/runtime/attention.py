@@ -7,7 +7,7 @@ SDPA 0.2%); at Flux 1024²'s 4,608 tokens it runs 0.74x. So only calls whose key
 ``min_tokens`` are routed; a shorter one, a mask, dropout, causal attention, a CPU tensor or an unsupported
 head size goes to SDPA.
 
-    with QuantizedAttention(pv_fp8=True):
+    with QuantizedAttention(AttentionPolicy(pv_fp8=True)):
         out = model(x)
 """
 
@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-HEAD_DIMS = (16, 32, 64, 128, 256)
-EMULATED_BLOCKS = (128, 64)  # (q rows, k columns) per scale: triton_attention.DEFAULT's tile
+from comfyquant.runtime.kernels.configs import ATTENTION_HEAD_DIMS, ATTENTION_TILE
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class AttentionPolicy:
 
     min_tokens: int = 16384
     pv_fp8: bool = True
-    head_dims: tuple[int, ...] = HEAD_DIMS  # head sizes to route (the kernel takes any of HEAD_DIMS)
+    head_dims: tuple[int, ...] = ATTENTION_HEAD_DIMS  # head sizes to route (the kernel takes any of these)
     emulate: bool = False  # CPU tensors: the scheme's float64 reference (q k^T part; p v exact), for quality evals
 
 
@@ -43,18 +42,15 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: Attentio
         return False
     if kwargs.get("enable_gqa", False) or set(kwargs) - {"attn_mask", "dropout_p", "is_causal", "scale"}:
         return False
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if policy.emulate and not (q.is_cuda or k.is_cuda or v.is_cuda):
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            return False
-    elif not (q.is_cuda and k.is_cuda and v.is_cuda):
-        return False
-    elif q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    on_gpu = q.is_cuda and k.is_cuda and v.is_cuda
+    emulated = policy.emulate and not (q.is_cuda or k.is_cuda or v.is_cuda)  # any float dtype: the reference
+    if not (emulated or (on_gpu and q.dtype in (torch.float16, torch.bfloat16))):
         return False
     b, h, _, d = q.shape
-    return (d in HEAD_DIMS and d in policy.head_dims and k.shape[0] == b and k.shape[1] == h and k.shape[3] == d and v.shape == k.shape
-            and k.shape[2] >= policy.min_tokens and not torch.is_grad_enabled())
+    return (d in ATTENTION_HEAD_DIMS and d in policy.head_dims and k.shape[:2] == (b, h) and k.shape[3] == d
+            and v.shape == k.shape and k.shape[2] >= policy.min_tokens and not torch.is_grad_enabled())
 
 
 class QuantizedAttention(TorchFunctionMode):
@@ -73,7 +69,7 @@ class QuantizedAttention(TorchFunctionMode):
             if not q.is_cuda:  # policy.emulate: the scheme's reference, with the kernel's default blocks
                 from comfyquant.runtime.kernels.reference import int8_attention_ref
 
-                return int8_attention_ref(q, k, v, EMULATED_BLOCKS[0], EMULATED_BLOCKS[1],
+                return int8_attention_ref(q, k, v, ATTENTION_TILE.block_m, ATTENTION_TILE.block_n,
                                           kwargs.get("scale")).to(q.dtype)
             from comfyquant.runtime.kernels.triton_attention import int8_attention
 

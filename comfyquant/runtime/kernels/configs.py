@@ -128,3 +128,20 @@ def fit_stages(cfg: TileConfig, a_bytes: int, b_bytes: int) -> TileConfig:
     stages = max(1, min(cfg.stages, SMEM_BUDGET // per_stage))
     return cfg if stages == cfg.stages else TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, stages,
                                                        cfg.group_m, cfg.persistent)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile of the int8 attention kernel (``triton_attention``): query rows per program (and per q scale), key
+    columns per step (and per k scale), warps, pipeline depth."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# the fastest tiles of each variant on the H200 at Wan 480p's 32,760 tokens (gpu_session.py section attention)
+ATTENTION_TILE = AttentionConfig()
+ATTENTION_TILE_PV_FP8 = AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)  # head sizes the attention kernel takes

@@ -6,6 +6,8 @@ and does the float epilogue in float32, so it is the definition the fast GPU ker
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -155,8 +157,8 @@ def quantize_token_blocks(x: torch.Tensor, block: int, scale_mul: float = 1.0,
     if mean is not None:
         x = x - mean.float().reshape(b * h, 1, d)
     nblk = -(-t // block)
-    pad = torch.zeros(b * h, nblk * block - t, d)
-    blocks = torch.cat([x, pad.to(x.device)], dim=1).reshape(b * h, nblk, block * d)
+    pad = torch.zeros(b * h, nblk * block - t, d, device=x.device)
+    blocks = torch.cat([x, pad], dim=1).reshape(b * h, nblk, block * d)
     scale = blocks.abs().amax(dim=2).clamp_min(1e-12) / 127.0
     codes = torch.round(blocks / scale[:, :, None]).reshape(b * h, nblk * block, d)[:, :t]
     return codes.to(torch.int8), scale * scale_mul
@@ -167,11 +169,9 @@ def int8_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     """The int8 attention scheme in float64 from the kernel's own codes and scales (``[B, H, T, D]`` in and
     out): q per block of ``block_m`` tokens, ``k - mean_tokens(k)`` per block of ``block_n`` (``smooth_k=False``:
     k itself, to show what the mean subtraction buys), exact softmax."""
-    import math
-
     b, h, t, d = q.shape
     tk = k.shape[2]
-    log2_scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * 1.4426950408889634
+    log2_scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * math.log2(math.e)
     qc, qs = quantize_token_blocks(q, block_m, log2_scale)
     kc, ks = quantize_token_blocks(k, block_n, 1.0, mean=k.float().mean(dim=2) if smooth_k else None)
     qd = qc.double() * qs.double().repeat_interleave(block_m, dim=1)[:, :t, None]

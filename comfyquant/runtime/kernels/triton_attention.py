@@ -18,32 +18,22 @@ causal (diffusion models' attention). Imported lazily: only GPU backends import 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from comfyquant.runtime.kernels.configs import cdiv
+from comfyquant.runtime.kernels.configs import (
+    ATTENTION_HEAD_DIMS,
+    ATTENTION_TILE,
+    ATTENTION_TILE_PV_FP8,
+    AttentionConfig,
+    cdiv,
+)
 from comfyquant.runtime.kernels.triton_quant import RNE_MAGIC
 
-LOG2E = 1.4426950408889634
+LOG2E = math.log2(math.e)
 FP8_MAX = 448.0  # e4m3fn: v's codes and p (in [0, 1], times 448) use the whole range
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    """Tile of the attention kernel: query rows per program, key columns per step, warps, pipeline depth."""
-
-    block_m: int = 128
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-# the fastest tiles of each variant on the H200 at Wan 480p's 32,760 tokens (gpu_session.py section attention)
-DEFAULT = AttentionConfig()
-DEFAULT_PV_FP8 = AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -155,7 +145,7 @@ def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(3) == 1 else x.contiguous()
 
 
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, cfg: AttentionConfig = DEFAULT,
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, cfg: AttentionConfig = ATTENTION_TILE,
                 sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q codes, q scales with the softmax scale and log2(e) folded in, k codes of ``k - mean_tokens(k)``, k
     scales): int8 ``[B*H, T, D]`` codes and fp32 scales per block of ``block_m`` / ``block_n`` tokens."""
@@ -169,9 +159,9 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, cfg: AttentionConfig = DEFAULT
     qsc = torch.empty((b * h, cdiv(t, cfg.block_m)), dtype=torch.float32, device=q.device)
     ksc = torch.empty((b * h, cdiv(tk, cfg.block_n)), dtype=torch.float32, device=q.device)
     _attn_quant_blocks[(b * h, qsc.shape[1])](q, k_mean, qc, qsc, q.stride(0), q.stride(1), q.stride(2), h, t, scale,
-                                         HAS_MEAN=False, BLOCK=cfg.block_m, D=d, num_warps=4)
+                                              HAS_MEAN=False, BLOCK=cfg.block_m, D=d, num_warps=4)
     _attn_quant_blocks[(b * h, ksc.shape[1])](k, k_mean, kc, ksc, k.stride(0), k.stride(1), k.stride(2), h, tk, 1.0,
-                                         HAS_MEAN=True, BLOCK=cfg.block_n, D=d, num_warps=4)
+                                              HAS_MEAN=True, BLOCK=cfg.block_n, D=d, num_warps=4)
     return qc, qsc, kc, ksc
 
 
@@ -197,9 +187,9 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: 
     tk = k.shape[2]
     if k.shape != (b, h, tk, d) or v.shape != (b, h, tk, d):
         raise ValueError(f"int8_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} differ")
-    if d not in (16, 32, 64, 128, 256):
+    if d not in ATTENTION_HEAD_DIMS:
         raise ValueError(f"int8_attention: head_dim {d} is not a power of two in 16..256")
-    cfg = cfg or (DEFAULT_PV_FP8 if pv_fp8 else DEFAULT)
+    cfg = cfg or (ATTENTION_TILE_PV_FP8 if pv_fp8 else ATTENTION_TILE)
     qc, qsc, kc, ksc = quantize_qk(q, k, cfg, sm_scale)
     v = _last_dim_dense(v)
     if q.stride(1) == d and q.stride(2) == h * d:  # q is [B, T, H, D] in memory: write the output that way

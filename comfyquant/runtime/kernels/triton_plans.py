@@ -286,11 +286,12 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
         return None
     shape, stream, wt = (*lead, n), _raw_stream(dev), w_q.t()
     mm = torch._scaled_mm
-    state = [-2, None]  # (w_scale's version, -1 for an inference tensor; its rowwise [1, N] fp32 copy)
+    state: list = [None, None]  # (w_scale's version, -1 for an inference tensor; its rowwise [1, N] fp32 copy)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if state[0] != version(w_scale):
-            state[:] = [version(w_scale), w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
+        ver = version(w_scale)
+        if state[0] != ver:
+            state[:] = [ver, w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
         st = stream()
         q, s = scratch.pool(dev).pair(st, m, k, f8)
         fire_q(st, x, q, s, *q_rest(s))
