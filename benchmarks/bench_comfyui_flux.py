@@ -204,6 +204,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     from comfyquant.convert.api import convert
     from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.attention import enable_quantized_attention
     from comfyquant.nodes.loader import load_quantized_model
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
@@ -225,9 +226,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
     outputs: dict[tuple[str, int], torch.Tensor] = {}
     results += measure("bf16", base, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram, outputs)
-    # (format, attention): the node's attention option on int8, both variants of the kernel
-    for fmt, attention in (("int8", "sdpa"), ("int8-rot", "sdpa"), ("fp8", "sdpa"), ("int8", "int8"),
-                           ("int8", "int8-fp8")):
+    # the attention option alone on the bf16 model: how much of a quantized row's speed is the attention backend
+    exact_attention = base.clone()
+    enable_quantized_attention(exact_attention, "cudnn")
+    results += measure("bf16 + attention cudnn", exact_attention, dims, resolutions, device, dtype, warmup, iters,
+                       a.dynamic_vram, outputs)
+    del exact_attention
+    # (format, attention): the node's attention option on the quantized models
+    for fmt, attention in (("int8", "sdpa"), ("int8-rot", "sdpa"), ("fp8", "sdpa"), ("int8", "cudnn"),
+                           ("int8", "int8-fp8"), ("fp8", "cudnn")):
         _free(device)
         t1 = time.perf_counter()
         patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux",

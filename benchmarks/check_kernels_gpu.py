@@ -525,6 +525,33 @@ def check_attention() -> None:
                    and y.shape == q.shape and y.transpose(1, 2).is_contiguous(), shape=(b, h, t, tk, d), err=err)
 
 
+def check_attention_cudnn() -> None:
+    """The ``cudnn_first`` scope inside ComfyUI-style backend ordering (FlashAttention-2 first, as ComfyUI 0.30
+    sets it): the call runs on cuDNN's kernel (profiler kernel names), is counted, and stays exact bf16 attention;
+    ``quantize=False`` routes nothing to the int8 kernel even for a long sequence."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    from comfyquant.runtime.attention import AttentionPolicy, QuantizedAttention
+
+    comfy_order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH]
+    q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda").bfloat16() for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    for cudnn_first in (False, True):
+        policy = AttentionPolicy(min_tokens=1024, quantize=False, cudnn_first=cudnn_first)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with QuantizedAttention(policy) as mode, sdpa_kernel(comfy_order, set_priority=True):
+                y = F.scaled_dot_product_attention(q, k, v)
+            torch.cuda.synchronize()
+        names = " ".join(e.key.lower() for e in prof.key_averages())
+        err = float((y.float() - ref).norm() / ref.norm())
+        on_cudnn = "cudnn" in names
+        record("attention_cudnn_first" if cudnn_first else "attention_comfy_order", err <= 1e-2 and mode.routed == 0
+               and on_cudnn is cudnn_first and mode.cudnn == int(cudnn_first), err=err, cudnn_kernel=on_cudnn)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for check_kernels.json")
@@ -533,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_linear, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
-               check_inference_mode, check_attention):
+               check_inference_mode, check_attention, check_attention_cudnn):
         try:
             fn()
         except Exception as e:  # a kernel that fails to compile or run is a failed check, and the rest still run

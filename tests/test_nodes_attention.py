@@ -32,11 +32,14 @@ def _qkv() -> tuple[torch.Tensor, ...]:
 def test_policies() -> None:
     assert policy_for("sdpa") is None
     p = policy_for("int8")
-    assert p is not None and p.min_tokens == 4096 and p.head_dims == (128,) and not p.pv_fp8
+    assert p is not None and p.min_tokens == 16384 and p.head_dims == (128,) and not p.pv_fp8
+    assert p.quantize and p.cudnn_first  # the calls the int8 kernel does not take: cuDNN first
     assert policy_for("int8-fp8").pv_fp8
+    c = policy_for("cudnn")
+    assert c is not None and c.cudnn_first and not c.quantize
     with pytest.raises(ValueError, match="not one of"):
         policy_for("sage")
-    with pytest.raises(UserError, match="attention 'sage' is not one of sdpa, int8, int8-fp8"):
+    with pytest.raises(UserError, match="attention 'sage' is not one of sdpa, cudnn, int8, int8-fp8"):
         RuntimeOptions(attention="sage")
 
 

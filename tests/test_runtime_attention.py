@@ -75,3 +75,16 @@ def test_emulated_scope_runs_the_schemes_reference_on_the_cpu() -> None:
     err = float((got - exact).norm() / exact.norm())
     assert 1e-4 < err < 2e-2, err
     assert torch.equal(short, F.scaled_dot_product_attention(q[:, :, :50], k[:, :, :50], v[:, :, :50]))
+
+
+def test_quantize_off_routes_nothing_and_cudnn_order_is_for_cuda_calls_only() -> None:
+    """``quantize=False``: even an emulated scope runs SDPA itself; ``cudnn_first`` changes SDPA's backend order
+    for CUDA calls only (checked on the GPU by ``check_kernels_gpu.check_attention_cudnn``), so CPU calls come
+    out bit-identical and uncounted."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 32, generator=g) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v)
+    policy = AttentionPolicy(min_tokens=1, emulate=True, quantize=False, cudnn_first=True)
+    with torch.no_grad(), QuantizedAttention(policy) as mode:
+        got = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(got, want) and mode.routed == 0 and mode.cudnn == 0

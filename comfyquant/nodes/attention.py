@@ -1,12 +1,17 @@
-"""The ``attention`` option of Enable INT8 on MODEL: the model's long self-attention on comfyquant's int8
-attention kernel (``runtime.attention``), through ComfyUI's ``optimized_attention_override`` hook.
+"""The ``attention`` option of Enable INT8 on MODEL: the model's self-attention on the fastest kernel for each
+call (cuDNN's bf16 kernel, or comfyquant's int8 kernel, ``runtime.attention``) through ComfyUI's
+``optimized_attention_override`` hook.
 
 ComfyUI calls ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` in place of its
 attention function ``func``; the override runs ``func`` (or an override another node set before, kept and
 called) inside a ``QuantizedAttention`` scope, so ComfyUI's own reshapes and masks stay as they are and only its
-``F.scaled_dot_product_attention`` call, when eligible, goes to the kernel. ComfyUI 0.30 orders SDPA's backends
-FlashAttention-2 first; on an H200 the int8 kernel beats that from ~4K tokens at head size 128 (Flux 1024²:
-~1.45x, Wan 480p: 2.1-2.4x; docs/PERFORMANCE.md runs 16-17), so the node routes head size 128 from 4,096 keys.
+``F.scaled_dot_product_attention`` call changes. ComfyUI 0.30 orders SDPA's backends FlashAttention-2 first, at
+0.48-0.60x cuDNN's speed on an H200 (docs/PERFORMANCE.md runs 16-17). Modes:
+
+- ``cudnn``: calls of 1,024+ keys run with cuDNN first (exact bf16 attention, no quantization);
+- ``int8`` / ``int8-fp8``: the same, and calls of 16,384+ keys at head size 128 (Wan 480p and longer video),
+  where the int8 kernel beats cuDNN too, run on it (``int8-fp8``: p and v in fp8 as well).
+
 Other attention backends (xformers, sage, flash-attn packages) do not call SDPA and pass through untouched.
 """
 
@@ -19,9 +24,11 @@ import torch
 
 from comfyquant.runtime.attention import AttentionPolicy, QuantizedAttention
 
-MODES = ("sdpa", "int8", "int8-fp8")  # sdpa: ComfyUI's own; int8: q k^T int8, p v bf16; int8-fp8: p v fp8 too
+MODES = ("sdpa", "cudnn", "int8", "int8-fp8")  # sdpa: ComfyUI's own; cudnn: exact, cuDNN first; int8: q k^T
+# int8 and p v bf16 on long sequences (cuDNN first on the rest); int8-fp8: p v fp8 too
 OVERRIDE_KEY = "optimized_attention_override"
-NODE_MIN_TOKENS = 4096
+NODE_MIN_TOKENS = 16384  # int8 kernel vs cuDNN: 0.74x at 4,608 keys, 1.05-1.26x at 32,760 (runs 16-17)
+NODE_CUDNN_MIN_TOKENS = 1024  # below this a call is short enough that the backend order's host cost is not paid
 NODE_HEAD_DIMS = (128,)
 
 
@@ -31,16 +38,18 @@ def policy_for(mode: str) -> AttentionPolicy | None:
         raise ValueError(f"attention {mode!r} is not one of {', '.join(MODES)}")
     if mode == "sdpa":
         return None
-    return AttentionPolicy(min_tokens=NODE_MIN_TOKENS, pv_fp8=mode == "int8-fp8", head_dims=NODE_HEAD_DIMS)
+    return AttentionPolicy(min_tokens=NODE_MIN_TOKENS, pv_fp8=mode == "int8-fp8", head_dims=NODE_HEAD_DIMS,
+                           quantize=mode != "cudnn", cudnn_first=True)
 
 
 class QuantizedAttentionOverride:
     """ComfyUI's attention override: ``func`` (or the override it replaced) inside a quantized-attention scope.
-    ``calls`` / ``routed`` count overridden calls and the SDPA calls that ran on the int8 kernel."""
+    ``calls`` / ``routed`` / ``cudnn`` count overridden calls, the SDPA calls that ran on the int8 kernel and
+    those that ran with cuDNN first."""
 
     def __init__(self, policy: AttentionPolicy, previous: Callable[..., Any] | None = None) -> None:
         self.policy, self.previous = policy, previous
-        self.calls = self.routed = 0
+        self.calls = self.routed = self.cudnn = 0
 
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -51,20 +60,24 @@ class QuantizedAttentionOverride:
         with QuantizedAttention(self.policy) as scope:
             out = run()
         self.routed += scope.routed
+        self.cudnn += scope.cudnn
         return out
 
     def may_route(self, q: Any = None, k: Any = None, v: Any = None, heads: int = 1, *args: Any,
                   mask: Any = None, skip_reshape: bool = False, **kwargs: Any) -> bool:
-        """Whether ComfyUI's attention call ``(q, k, v, heads, mask=..., skip_reshape=...)`` can reach the kernel:
-        CUDA tensors, no mask, a routed head size and enough keys (``[B, H, T, D]`` when ``skip_reshape``, else
-        ``[B, T, H * D]``). The scope's own check decides on the SDPA call itself."""
+        """Whether ComfyUI's attention call ``(q, k, v, heads, mask=..., skip_reshape=...)`` can reach a kernel of
+        the policy: CUDA tensors, no mask, and enough keys for cuDNN first or, at a routed head size, for the int8
+        kernel (``[B, H, T, D]`` when ``skip_reshape``, else ``[B, T, H * D]``). The scope decides on the SDPA
+        call itself."""
         if args or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or mask is not None:
             return False
         if not q.is_cuda or k.dim() not in (3, 4):
             return False
         tokens = k.shape[2] if skip_reshape else k.shape[1]
         head_dim = q.shape[-1] if skip_reshape else q.shape[-1] // max(int(heads), 1)
-        return tokens >= self.policy.min_tokens and head_dim in self.policy.head_dims
+        if self.policy.cudnn_first and tokens >= NODE_CUDNN_MIN_TOKENS:
+            return True
+        return self.policy.quantize and tokens >= self.policy.min_tokens and head_dim in self.policy.head_dims
 
     def __deepcopy__(self, memo: dict) -> QuantizedAttentionOverride:  # ComfyUI deep-copies model options
         return QuantizedAttentionOverride(self.policy, self.previous)
@@ -72,7 +85,7 @@ class QuantizedAttentionOverride:
 
 def enable_quantized_attention(patcher: Any, mode: str) -> QuantizedAttentionOverride | None:
     """Install the override for ``mode`` on ``patcher``'s model options (keeping an earlier override inside it);
-    returns it, or None for ``sdpa``."""
+    returns it, or None for ``sdpa``. Works on any model patcher: quantized or not."""
     policy = policy_for(mode)
     if policy is None:
         return None

@@ -52,10 +52,11 @@ def _optional_runtime_inputs() -> dict[str, Any]:
 
 def _attention_input() -> dict[str, Any]:
     return {"attention": (list(ATTENTION_MODES), {
-        "default": "sdpa", "tooltip": "int8: self-attention of 4,096+ tokens at head size 128 (Flux at 1024², "
-                                      "video models) with q and k in int8 (~1.4-2x ComfyUI's SDPA on an H200, "
-                                      "~1.3% error); int8-fp8: p and v in fp8 too (faster, ~3.9% error); sdpa: "
-                                      "ComfyUI's own attention."})}
+        "default": "sdpa", "tooltip": "cudnn: attention of 1,024+ tokens on cuDNN's kernel (exact; ComfyUI "
+                                      "puts FlashAttention-2 first, ~0.5x its speed on an H200). int8: that, and "
+                                      "self-attention of 16,384+ tokens at head size 128 (video models) with q "
+                                      "and k in int8 (~1.05x cuDNN, ~1.3% error); int8-fp8: p and v in fp8 too "
+                                      "(~1.26x cuDNN, ~3.9% error); sdpa: ComfyUI's own attention."})}
 
 
 def _runtime(small_batch_fallback: bool, runtime_backend: str, use_triton: bool | None = None,

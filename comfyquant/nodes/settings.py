@@ -73,8 +73,8 @@ class RuntimeOptions:
     graph-captured models), ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today) and
     ``fold_activations`` (a GELU/SiLU module right before a quantized layer is applied by that layer's kernel)
     and ``measure_backends`` (eager: time the candidate kernels once per layer shape and keep the fastest,
-    cached per GPU, instead of the cost model's prediction) and ``attention`` (``sdpa``, or ``int8`` /
-    ``int8-fp8``: long self-attention on the int8 kernel, ``nodes.attention``)."""
+    cached per GPU, instead of the cost model's prediction) and ``attention`` (``sdpa``; ``cudnn``: cuDNN's
+    kernel first; ``int8`` / ``int8-fp8``: that, and long self-attention on the int8 kernel, ``nodes.attention``)."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True
@@ -83,7 +83,7 @@ class RuntimeOptions:
     cuda_graphs: bool = False
     fold_activations: bool = True
     measure_backends: bool = False
-    attention: str = "sdpa"  # nodes.attention.MODES: the model's long self-attention on the int8 kernel
+    attention: str = "sdpa"  # nodes.attention.MODES: the attention kernel per call (cuDNN, int8)
 
     def __post_init__(self) -> None:
         from comfyquant.nodes.attention import MODES

@@ -9,6 +9,10 @@ head size goes to SDPA.
 
     with QuantizedAttention(AttentionPolicy(pv_fp8=True)):
         out = model(x)
+
+With ``cudnn_first`` the calls left to SDPA run with cuDNN's fused kernel first in SDPA's backend order (exact
+bf16 attention; ComfyUI 0.30 puts FlashAttention-2 first, 0.48-0.60x cuDNN's speed on an H200); with
+``quantize=False`` that backend order is all the scope changes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from comfyquant.runtime.kernels.configs import ATTENTION_HEAD_DIMS, ATTENTION_TILE
@@ -33,6 +38,12 @@ class AttentionPolicy:
     pv_fp8: bool = True
     head_dims: tuple[int, ...] = ATTENTION_HEAD_DIMS  # head sizes to route (the kernel takes any of these)
     emulate: bool = False  # CPU tensors: the scheme's float64 reference (q k^T part; p v exact), for quality evals
+    quantize: bool = True  # False: no call runs on the int8 kernel (with cudnn_first: only the backend order changes)
+    cudnn_first: bool = False  # CUDA calls left to SDPA: cuDNN's kernel first, then SDPA's others (exact bf16)
+
+
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]  # SDPA falls through to the next backend for a call cuDNN cannot run
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: AttentionPolicy,
@@ -60,10 +71,13 @@ class QuantizedAttention(TorchFunctionMode):
         super().__init__()
         self.policy = policy or AttentionPolicy()
         self.routed = 0  # calls that ran quantized (inspectable: a scope that routed nothing is visible)
+        self.cudnn = 0  # calls left to SDPA that ran with cuDNN first in its backend order
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and len(args) == 3 and eligible(*args, self.policy, kwargs):
+        if func is not F.scaled_dot_product_attention or len(args) != 3:
+            return func(*args, **kwargs)
+        if self.policy.quantize and eligible(*args, self.policy, kwargs):
             self.routed += 1
             q, k, v = args
             if not q.is_cuda:  # policy.emulate: the scheme's reference, with the kernel's default blocks
@@ -74,4 +88,8 @@ class QuantizedAttention(TorchFunctionMode):
             from comfyquant.runtime.kernels.triton_attention import int8_attention
 
             return int8_attention(q, k, v, sm_scale=kwargs.get("scale"), pv_fp8=self.policy.pv_fp8)
+        if self.policy.cudnn_first and all(isinstance(t, torch.Tensor) and t.is_cuda for t in args):
+            self.cudnn += 1
+            with sdpa_kernel(CUDNN_FIRST, set_priority=True):  # inner to ComfyUI's own order: this one applies
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
