@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -43,7 +44,7 @@ class Result:
     """One variant at one resolution."""
 
     variant: str
-    resolution: int
+    resolution: int | str  # image side in pixels (Flux), or a label: "832x480x81" (Wan: width x height x frames)
     step_ms: float | None = None
     step_ms_all: list[float] = field(default_factory=list)
     peak_vram_gib: float | None = None
@@ -80,11 +81,17 @@ def flux_state_dict(dims: dict[str, int], depth: int, depth_single: int, seed: i
                                                       "")
     with torch.device("meta"):
         model = comfy.ldm.flux.model.Flux(**config, operations=comfy.ops.disable_weight_init, dtype=torch.bfloat16)
+    return random_state_dict(model, seed)
+
+
+def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random bf16 weights for every entry of ``model``'s state dict (meta tensors will do): a 1/sqrt(fan_in) scale
+    for weights of 2+ dims (fan_in: all but the first), small biases, ones for norm scales; any shape works."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in model.state_dict().items():
-        if v.dim() == 2:
-            t = torch.randn(v.shape, generator=g) / math.sqrt(v.shape[1])
+        if v.dim() >= 2:
+            t = torch.randn(v.shape, generator=g) / math.sqrt(v[0].numel())
         elif k.endswith(".bias"):
             t = torch.randn(v.shape, generator=g) * 0.02
         else:
@@ -139,12 +146,13 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(name: str, patcher: Any, dims: dict[str, int], resolutions: list[int], device: str, dtype: torch.dtype,
-            warmup: int, iters: int, dynamic: bool = False,
-            outputs: dict[tuple[str, int], torch.Tensor] | None = None) -> list[Result]:
-    """Load ``patcher`` fully on the device and time one forward per resolution (with the patcher's transformer
-    options, as ComfyUI's sampler passes them: attention overrides apply); one output per resolution goes to
-    ``outputs`` (on the CPU) and its error against bf16's, when bf16's is there, to the result."""
+def measure(name: str, patcher: Any, inputs: Callable[[Any], dict[str, torch.Tensor]], resolutions: list[Any],
+            device: str, warmup: int, iters: int, dynamic: bool = False,
+            outputs: dict[tuple[str, Any], torch.Tensor] | None = None) -> list[Result]:
+    """Load ``patcher`` fully on the device and time one forward per resolution, ``diffusion_model(**inputs(res))``
+    (with the patcher's transformer options, as ComfyUI's sampler passes them: attention overrides apply); one
+    output per resolution goes to ``outputs`` (on the CPU) and its error against bf16's, when bf16's is there, to
+    the result."""
     import comfy.model_management
 
     _free(device)
@@ -156,13 +164,12 @@ def measure(name: str, patcher: Any, dims: dict[str, int], resolutions: list[int
     opts = patcher.model_options.get("transformer_options", {})
     out = []
     for res in resolutions:
-        inp = _inputs(dims, res, device, dtype)
+        inp = inputs(res)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
         def step(inp: dict[str, torch.Tensor] = inp) -> torch.Tensor:
-            return dm(inp["x"], inp["timestep"], inp["context"], y=inp["y"], guidance=inp["guidance"],
-                      transformer_options=opts)
+            return dm(**inp, transformer_options=opts)
 
         times = time_steps(step, device, warmup, iters)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
@@ -175,7 +182,7 @@ def measure(name: str, patcher: Any, dims: dict[str, int], resolutions: list[int
             if ref is not None:
                 row.rel_err_vs_bf16 = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
         out.append(row)
-        print(f"  {name:28s} {res}px: {statistics.median(times):9.2f} ms/step"
+        print(f"  {name:28s} {res}{'px' if isinstance(res, int) else ''}: {statistics.median(times):9.2f} ms/step"
               + (f", peak {peak:.2f} GiB" if peak is not None else ""), file=sys.stderr, flush=True)
     return out
 
@@ -225,11 +232,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     results: list[Result] = []
     base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
     outputs: dict[tuple[str, int], torch.Tensor] = {}
-    results += measure("bf16", base, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram, outputs)
+    inputs = functools.partial(_inputs, dims, device=device, dtype=dtype)
+    results += measure("bf16", base, inputs, resolutions, device, warmup, iters, a.dynamic_vram, outputs)
     # the attention option alone on the bf16 model: how much of a quantized row's speed is the attention backend
     exact_attention = base.clone()
     enable_quantized_attention(exact_attention, "cudnn")
-    results += measure("bf16 + attention cudnn", exact_attention, dims, resolutions, device, dtype, warmup, iters,
+    results += measure("bf16 + attention cudnn", exact_attention, inputs, resolutions, device, warmup, iters,
                        a.dynamic_vram, outputs)
     del exact_attention
     # (format, attention): the node's attention option on the quantized models
@@ -241,38 +249,53 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                                             runtime=RuntimeOptions(attention=attention)))
         quant_s = time.perf_counter() - t1
         name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}")
-        rows = measure(name, patched, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram, outputs)
+        rows = measure(name, patched, inputs, resolutions, device, warmup, iters, a.dynamic_vram, outputs)
         for r in rows:
             r.note = f"{len(report.converted)} layers converted in {quant_s:.1f} s"
         results += rows
         del patched
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
     stock = comfy.sd.load_diffusion_model(str(int8_file))
-    rows = measure("ComfyUI int8 (same file)", stock, dims, resolutions, device, dtype, warmup, iters, a.dynamic_vram,
+    rows = measure("ComfyUI int8 (same file)", stock, inputs, resolutions, device, warmup, iters, a.dynamic_vram,
                    outputs)
     for r in rows:
         r.note = why_not or "comfy-kitchen CUDA backend"
     results += rows
     del stock
     ours, _ = load_quantized_model(int8_file, RuntimeOptions())
-    results += measure("comfyquant loader (same file)", ours, dims, resolutions, device, dtype, warmup, iters,
+    results += measure("comfyquant loader (same file)", ours, inputs, resolutions, device, warmup, iters,
                        a.dynamic_vram, outputs)
     del ours, base
     _free(device)
+    add_speedups(results)
+    env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, "depth": depth, "depth_single": depth_single,
+           "dims": dims, "warmup": warmup, "iters": iters, "comfy_kitchen_cuda": why_not or "available",
+           "dynamic_vram": bool(a.dynamic_vram)}
+    return write_report(out_dir, "bench_comfyui_flux", env, results, to_markdown)
+
+
+def add_speedups(results: list[Result]) -> None:
+    """Fill each timed row's speed-up against the bf16 row of its resolution (the ratio every table reports)."""
     bf16 = {r.resolution: r.step_ms for r in results if r.variant == "bf16"}
     for r in results:
         if r.step_ms and bf16.get(r.resolution):
             r.speedup_vs_bf16 = bf16[r.resolution] / r.step_ms
-    env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "python": platform.python_version(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "smoke": bool(a.smoke),
-           "params_billion": n_params / 1e9, "depth": depth, "depth_single": depth_single, "dims": dims,
-           "warmup": warmup, "iters": iters, "comfy_kitchen_cuda": why_not or "available",
-           "dynamic_vram": bool(a.dynamic_vram)}
+
+
+def run_env(device: str, smoke: bool) -> dict[str, Any]:
+    """The run's setting every report starts with (device name, versions, date, command line), to read it later."""
+    return {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "smoke": bool(smoke)}
+
+
+def write_report(out_dir: Path, stem: str, env: dict[str, Any], results: list[Result],
+                 markdown: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Write ``stem``.json and ``stem``.md (``markdown`` of the report) under ``out_dir``; returns the report."""
     report = {"env": env, "results": [asdict(r) for r in results]}
-    (out_dir / "bench_comfyui_flux.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "bench_comfyui_flux.md").write_text(to_markdown(report))
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(report))
     return report
 
 
@@ -285,13 +308,19 @@ def to_markdown(report: dict[str, Any]) -> str:
              "eager, batch 1; "
              f"median of {env['iters']} steps after {env['warmup']} warm-up. comfy-kitchen CUDA: "
              f"{env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
-             "| variant | resolution | ms / step | x bf16 | peak VRAM GiB | weights GiB | rel err vs bf16 | note |",
+             *results_table(report["results"])]
+    return "\n".join(lines) + "\n"
+
+
+def results_table(results: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of a report's result rows (one line each, header first), shared by the model benches."""
+    lines = ["| variant | resolution | ms / step | x bf16 | peak VRAM GiB | weights GiB | rel err vs bf16 | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in report["results"]:
+    for r in results:
         lines.append(f"| {r['variant']} | {r['resolution']} | {cell(r['step_ms'], '.2f')} | "
                      f"{cell(r['speedup_vs_bf16'], '.2f')} | {cell(r['peak_vram_gib'], '.2f')} | "
                      f"{cell(r['weights_gib'], '.2f')} | {cell(r.get('rel_err_vs_bf16'), '.4f')} | {r['note']} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def cell(v: float | None, spec: str) -> str:

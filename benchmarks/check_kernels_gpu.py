@@ -177,6 +177,36 @@ def check_persistent() -> None:
             pick=str(pick))
 
 
+def check_ws_gemm() -> None:
+    """The warp-specialized Gluon GEMM (``configs.WS_W8A8``) bit-equal to the per-tile Triton TMA kernel with the
+    same tile: ragged M / N / K (K not a multiple of the 128-wide K step: TMA zero-fills), a scalar weight scale,
+    no bias, fp16 output; and the automatic pick at M >= ``WS_MIN_M`` is the Gluon kernel."""
+    import dataclasses
+
+    from comfyquant.runtime.kernels.configs import WS_MIN_M, WS_W8A8
+
+    for m, k, n, row_sb, has_bias, dt in [(4608, 3072, 3072, True, True, torch.bfloat16),
+                                          (1000, 15360, 520, True, False, torch.bfloat16),
+                                          (2049, 3136, 9216, False, True, torch.float16),
+                                          (16384, 5120, 13824, True, True, torch.bfloat16)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+        sa = torch.rand(m, 1, device="cuda") * 1e-3
+        sb = torch.rand(n if row_sb else 1, device="cuda") * 1e-3
+        bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
+        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=dataclasses.replace(WS_W8A8, persistent=0))
+        poison()
+        got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=WS_W8A8)
+        ref = (a.double() @ b.double().T) * sa.double() * sb.double().reshape(1, -1) + (
+            bias.double() if has_bias else 0)
+        err = float((got.double() - ref).norm() / ref.norm())
+        record("w8a8_ws_bit_equal", torch.equal(got, want) and err < 4e-3, m=m, k=k, n=n, row_sb=row_sb,
+               bias=has_bias, dtype=str(dt), err=err)
+        if m >= WS_MIN_M:
+            pick = triton_int8.pick_w8a8(m, n, k, a.device, True)[0]
+            record("w8a8_ws_picked", pick == WS_W8A8, m=m, k=k, n=n, pick=str(pick))
+
+
 def check_linear() -> None:
     for m, k, n, how, scale_kind in [
         (1, 3072, 3072, "contig", "row"), (16, 3072, 9216, "transposed", "row"), (77, 100, 70, "row_stride", "row"),
@@ -558,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_linear, check_fp8_triton, check_fp8_low_rank_choice,
+    for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_linear, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
                check_inference_mode, check_attention, check_attention_cudnn):
         try:

@@ -60,6 +60,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the W8A8 GEMM on a persistent grid against the per-tile kernel and bf16 (Flux / Wan shapes, M >= 1024)
         "persist": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "tune"), "--budget-s", "{budget}",
                      "--sections", "persist"]],
+        # the GPU kernel checks alone (accuracy of every kernel and plan; a failed check fails the step)
+        "checks": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels")]],
+        # the warp-specialized Gluon W8A8 GEMM against today's Triton kernel and cuBLAS (GEMM alone; Hopper only)
+        "gemm_ws": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws")]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
         "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                         str(work / "optimizers" / "bench_optimizers.json"),
@@ -72,6 +76,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "optimizers_full": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                              str(work / "optimizers" / "bench_optimizers_full.json"), *(s or ["--methods", "gptq"])]],
         "comfyui": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *s]],
+        # Wan 2.x 14B-shaped t2v (4 blocks) at 480p / 81 frames (32,760 tokens) in ComfyUI: the same variants
+        "comfyui_wan": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache, *s]],
         # T5-XXL-shaped text encoder in ComfyUI: bf16 vs "Enable INT8 on CLIP" vs ComfyUI's own int8 file path
         "comfyui_t5": [[PY, "benchmarks/bench_comfyui_t5.py", "--out", str(work / "comfyui_t5"), *cache, *s]],
         "autoprec": [[PY, "benchmarks/bench_autoprec.py", "--workdir", str(work / "auto_tmp"), "--json",
@@ -110,7 +116,7 @@ def main() -> int:
     a = p.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     work = scratch / "work"  # only summary.txt and results.zip go under --out (a device call returns few files)
-    for sub in ("kernels", "sweep", "tune", "lora", "optimizers", "comfyui", "comfyui_t5", "autoprec"):
+    for sub in ("kernels", "sweep", "tune", "lora", "optimizers", "comfyui", "comfyui_wan", "comfyui_t5", "autoprec"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     env, cache = unpack(scratch)

@@ -251,3 +251,35 @@ def test_persistent_w8a8_tile_is_not_slower_on_the_recorded_h200_timings() -> No
         ratios.append(r["us"]["p2_128x256w8s3"] / r["us"][label])
     assert len(ratios) == 21 and kept == 6
     assert math.exp(sum(map(math.log, ratios)) / len(ratios)) <= 0.98 and max(ratios) <= 1.05
+
+
+def test_warp_specialized_tile_against_the_recorded_h200_timings() -> None:
+    """``configs.hopper_w8a8_config`` picks the Gluon kernel's tile (``WS_W8A8``) on sm_90 from ``WS_MIN_M`` rows,
+    and not on other chips or below it. Against run 23's GEMM timings (benchmarks/results/gemm_ws_run23_*, GEMM
+    alone on an H200, every Gluon output bit-equal to the Triton kernel's): on the rows where the GEMM is not
+    host-bound (bf16 >= 60 µs), the picked tile is faster than today's Triton kernel on the geometric mean by
+    over 15%, never more than 5% slower, and within 7% of the best of the three Gluon tiles timed."""
+    import json
+    import math
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, WS_MIN_M, WS_W8A8, hopper_w8a8_config
+
+    big = gemm_config(4096, 9216, 3072, 132)
+    assert hopper_w8a8_config(big, 4096, 9) == WS_W8A8
+    assert hopper_w8a8_config(big, WS_MIN_M - 1, 9) == PERSISTENT_W8A8
+    assert hopper_w8a8_config(big, 4096, 10) == PERSISTENT_W8A8  # Blackwell: no Hopper wgmma code
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gemm_ws_run23_h200_2026-12-03.json"
+    rows = json.loads(path.read_text())["rows"]
+    label = f"ws {WS_W8A8.block_m}x{WS_W8A8.block_n} s{WS_W8A8.stages}"
+    ratios, off_best = [], []
+    for r in rows:
+        best = {name: min(t for t in ts if t) for name, ts in r["us"].items()}
+        assert r["checks"][label]["bit_equal_to_triton"]
+        if r["M"] < WS_MIN_M or best["bf16"] < 60:
+            continue
+        ratios.append(best[label] / best["triton (today)"])
+        off_best.append(best[label] / min(v for n, v in best.items() if n.startswith("ws ")))
+    assert len(ratios) >= 20
+    assert math.exp(sum(map(math.log, ratios)) / len(ratios)) < 0.85 and max(ratios) <= 1.05
+    assert max(off_best) <= 1.07  # 23 of 27 rows within 5%

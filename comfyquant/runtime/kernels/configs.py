@@ -17,7 +17,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class TileConfig:
     """One launch configuration; ``persistent`` (the Hopper W8A8 GEMM): 0 one program per tile, 1 one program
-    per SM walking the tiles, 2 the same with the tile and K loops flattened into one pipeline."""
+    per SM walking the tiles, 2 the same with the tile and K loops flattened into one pipeline, 3 the warp-
+    specialized Gluon kernel (``gluon_gemm``: ``warps`` is its default partition's, one consumer warp group)."""
 
     block_m: int
     block_n: int
@@ -52,8 +53,20 @@ _AMPERE = ((TileConfig(128, 256, 64, 8, 3), 1.0), (TileConfig(256, 128, 64, 8, 3
 PERSISTENT_W8A8 = TileConfig(128, 256, 128, 8, 3, 8, persistent=2)
 
 
-def hopper_w8a8_config(cfg: TileConfig) -> TileConfig:
-    """``gemm_config``'s pick for the Hopper int8 W8A8 GEMM: :data:`PERSISTENT_W8A8` in place of a full-size tile."""
+# The warp-specialized Gluon GEMM (one producer warp, two consumer warp groups, TMA-store epilogue): GEMM alone
+# on 9 Flux / Wan 14B shapes (H200, 2026-12-03, benchmarks/bench_gemm_ws.py, L2 cleared, median), bit-equal to the
+# Triton kernels: 1.72-1.86x bf16 at M = 4608 and 1.78-2.00x at 16384 where today's Triton kernel ran 1.26-1.54x
+# and 1.47-1.76x (cuBLAS fp8 1.50-1.84x / 1.57-2.04x); 128x128 with 5 stages was within 5% of the best of three
+# tiles on all but 4 of 27 rows. At M = 1024 1.26-1.92x on all shapes but the 3072-wide proj (host-bound there).
+WS_W8A8 = TileConfig(128, 128, 128, 4, 5, 8, persistent=3)
+WS_MIN_M = 1024  # rows from which the warp-specialized kernel runs (measured from 1024)
+
+
+def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9) -> TileConfig:
+    """``gemm_config``'s pick for the Hopper int8 W8A8 GEMM: :data:`WS_W8A8` from :data:`WS_MIN_M` rows on sm_90
+    (its wgmma code is Hopper's own), else :data:`PERSISTENT_W8A8` in place of a full-size tile."""
+    if major == 9 and m >= WS_MIN_M:
+        return WS_W8A8
     return PERSISTENT_W8A8 if cfg.block_m * cfg.block_n >= 128 * 256 else cfg
 
 

@@ -100,7 +100,7 @@ def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = F
         return fit_stages(small_m_config(m, n, k, sms), 1, 1), True
     cfg = gemm_config(m, n, k, sms, hopper=major >= 9)
     if persistent and major >= 9:
-        cfg = hopper_w8a8_config(cfg)
+        cfg = hopper_w8a8_config(cfg, m, major)
     return fit_stages(cfg, 1, 1), False
 
 
@@ -122,6 +122,8 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
     has_bias = bias is not None
     b_arg = bias if has_bias else sb
     lr_args, lr_key = lr
+    if use_tma_path and on_ws(cfg, out):
+        return _ws_launch(q, s_x, w_q, sb, bias, out, cfg)
     if use_tma_path:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -141,6 +143,36 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
                          k % cfg.block_k == 0, *lr_args), \
         (cfg, q.dtype, out.dtype, n, k, q.stride(0), w_q.stride(0), out.stride(0), sb.numel() > 1, has_bias, raw,
          _al(q), _al(w_q), _al(sb), _al(b_arg), lr_key)
+
+
+def on_ws(cfg: TileConfig, out: torch.Tensor) -> bool:
+    """Whether a TMA-path W8A8 launch of ``cfg`` runs the warp-specialized Gluon kernel: its config, and an output
+    whose rows TMA can store (16-byte aligned row stride; else the Triton kernel runs the same tile)."""
+    return cfg.persistent == 3 and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+
+
+@functools.cache
+def _ws_kernel() -> FastKernel:
+    from comfyquant.runtime.kernels.gluon_gemm import w8a8_ws  # Gluon: imported where a Hopper GPU runs it
+
+    return FastKernel(w8a8_ws)
+
+
+def _ws_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor | None,
+               out: torch.Tensor, cfg: TileConfig) -> tuple[FastKernel, tuple, tuple, tuple]:
+    """:func:`_w8a8_launch` for the warp-specialized Gluon kernel: ``args[0:3]`` are the Gluon descriptors of q,
+    w_q and out (its epilogue stores through TMA), one program per SM."""
+    from comfyquant.runtime.kernels import gluon_gemm as gg
+
+    m, k = q.shape
+    n = w_q.shape[0]
+    a_d, b_d, c_d = gg.descriptors(q, w_q, out, cfg.block_m, cfg.block_n, cfg.block_k)
+    has_bias = bias is not None
+    b_arg = bias if has_bias else sb
+    grid = (min(device_facts(q.device)[0], cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)),)
+    args = (a_d, b_d, c_d, s_x, sb, b_arg, m, n, k, sb.numel() > 1, has_bias, cfg.group_m, cfg.stages,
+            gg.CONSUMER_REGS, gg.PRODUCER_REGS)
+    return _ws_kernel(), grid, args, (cfg, out.dtype, n, k, sb.numel() > 1, has_bias, _al(sb), _al(b_arg), grid)
 
 
 def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

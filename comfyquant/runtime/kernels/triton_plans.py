@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -188,6 +189,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         return None
     shape, stream, empty, linear = (*lead, n), _raw_stream(dev), torch.empty, torch.nn.functional.linear
     a_desc = _desc_maker(args[0]) if tma else None
+    c_desc = _desc_maker(args[2]) if tma and ti.on_ws(cfg, out) else None  # the Gluon kernel stores through TMA
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
     template = _without(list(args), (0, 2, 3, hi))
 
@@ -204,16 +206,17 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     def run(x: torch.Tensor) -> torch.Tensor:
         st, q, s = quantize(x)
         a = template.copy()
-        a[0], a[2], a[3] = q if a_desc is None else a_desc(q), empty(shape, dtype=out_dtype, device=dev), s
+        out = empty(shape, dtype=out_dtype, device=dev)
+        a[0], a[2], a[3] = q if a_desc is None else a_desc(q), out if c_desc is None else c_desc(out), s
         if hi is not None:
             a[hi] = linear(x, down)
         fire_g(st, *a)
-        return a[2]
+        return out
 
     direct = fk.prepared_tma(grid, num_warps=cfg.warps, num_stages=cfg.stages, key=key) if tma else None
     if direct is None:
         return run
-    fast = _tma_run(direct, quantize, a_desc, args, hi, down, out_dtype, shape, dev)
+    fast = _tma_run(direct, quantize, a_desc, args, hi, down, out_dtype, shape, dev, c_desc)
     # once per compiled kernel (launch key), not per layer: the descriptor-expanding launch must give what
     # Triton's own launch gives (same kernel, same inputs: bit-equal); where it does not (a Triton whose
     # launcher differs), keep Triton's launch
@@ -300,34 +303,52 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     return run
 
 
+def _flat_cache(expand: Callable[[Any, int], list], make: Callable[[torch.Tensor], object],
+                i: int) -> Callable[[torch.Tensor], list]:
+    """``buf -> the launcher's flat form of descriptor argument i over buf``, kept per buffer address (the
+    caching allocator hands a layer the same few blocks every step; a CUtensorMap depends only on the address,
+    shape and strides, all fixed here)."""
+    flats: dict[int, list] = {}
+
+    def flat(buf: torch.Tensor) -> list:
+        f = flats.get(buf.data_ptr())
+        if f is None:
+            f = expand(make(buf), i)
+            if len(flats) >= 8:  # addresses keep changing (another allocator pattern): start over
+                flats.clear()
+            if not any(isinstance(v, torch.Tensor) for v in f):  # never keep a buffer alive
+                flats[buf.data_ptr()] = f
+        return f
+
+    return flat
+
+
 def _tma_run(direct: tuple, quantize: Callable, a_desc: Callable, args: tuple, hi: int | None,
              down: torch.Tensor | None, out_dtype: torch.dtype, shape: tuple[int, ...],
-             dev: torch.device) -> Plan:
+             dev: torch.device, c_desc: Callable | None = None) -> Plan:
     """The W8A8 plan on the TMA kernel with the descriptors expanded by us: the weight's once, the quantized
-    activation's once per buffer address (the caching allocator hands a layer the same few blocks every step;
-    a CUtensorMap depends only on the address, shape and strides, all fixed here), instead of both on every
-    launch inside Triton's wrapper."""
+    activation's (and, for the Gluon kernel, the output's: ``c_desc``) once per buffer address, instead of all
+    of them on every launch inside Triton's wrapper."""
     fire, expand = direct
     hi_tail = None if hi is None else hi - 2
     b_flat, tail = expand(args[1], 1), _without(list(args[2:]), (0, 1, hi_tail))  # tail: args[2:] (out, s_x, ...)
-    a_flats: dict[int, list] = {}
+    a_flat = _flat_cache(expand, a_desc, 0)
+    c_flat = None if c_desc is None else _flat_cache(expand, c_desc, 2)
     empty, linear = torch.empty, torch.nn.functional.linear
 
     def run(x: torch.Tensor) -> torch.Tensor:
         st, q, s = quantize(x)
-        a_flat = a_flats.get(q.data_ptr())
-        if a_flat is None:
-            a_flat = expand(a_desc(q), 0)
-            if len(a_flats) >= 8:  # addresses keep changing (another allocator pattern): start over
-                a_flats.clear()
-            if not any(isinstance(v, torch.Tensor) for v in a_flat):  # never keep a buffer alive
-                a_flats[q.data_ptr()] = a_flat
+        out = empty(shape, dtype=out_dtype, device=dev)
         t = tail.copy()
-        t[0], t[1] = empty(shape, dtype=out_dtype, device=dev), s
+        t[1] = s
         if hi_tail is not None:
             t[hi_tail] = linear(x, down)
-        fire(st, *a_flat, *b_flat, *t)
-        return t[0]
+        if c_flat is None:
+            t[0] = out
+            fire(st, *a_flat(q), *b_flat, *t)
+        else:
+            fire(st, *a_flat(q), *b_flat, *c_flat(out), *t[1:])
+        return out
 
     return run
 

@@ -1,0 +1,128 @@
+"""The warp-specialized Gluon W8A8 GEMM (``kernels.gluon_gemm``) against the Triton kernel the runtime picks today,
+cuBLAS bf16, cuBLASLt int8 (``torch._int_mm``) and cuBLAS fp8 (``torch._scaled_mm``), GEMM alone, on the Flux and
+Wan 14B linear shapes at M >= 1024 (GPU time by ``triton.testing.do_bench``, which clears L2 between runs;
+median). Accuracy first: every Gluon variant is compared bit for bit with the Triton kernel's output (same
+epilogue arithmetic) and with a float64 reference.
+
+    python benchmarks/bench_gemm_ws.py --out results/   # an H100/H200 with triton >= 3.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # (model, layer): (K, N)
+    ("flux", "qkv"): (3072, 9216), ("flux", "proj"): (3072, 3072), ("flux", "mlp0"): (3072, 12288),
+    ("flux", "mlp2"): (12288, 3072), ("flux", "linear1"): (3072, 21504), ("flux", "linear2"): (15360, 3072),
+    ("wan14b", "attn"): (5120, 5120), ("wan14b", "ffn0"): (5120, 13824), ("wan14b", "ffn2"): (13824, 5120),
+}
+GLUON = {"ws 128x256 s3": dict(block_n=256, stages=3), "ws 128x128 s4": dict(block_n=128, stages=4),
+         "ws 128x128 s5": dict(block_n=128, stages=5)}
+
+
+def _bench(fn, reps: int) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")) * 1e3  # µs
+
+
+def run_shape(m: int, k: int, n: int, reps: int) -> dict:
+    """Check and time every variant on one ``[M, K] x [N, K]^T`` problem."""
+    from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
+    from comfyquant.runtime.kernels.triton_int8 import gemm_w8a8
+
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    q = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
+    w_q = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
+    s_x = torch.rand(m, device=dev) * 1e-2 + 1e-3
+    s_w = torch.rand(n, device=dev) * 1e-3 + 1e-4
+    r = min(m, 512)  # float64 reference on the first rows (bit equality with the Triton kernel covers all)
+    ref = ((q[:r].double() @ w_q.double().T) * s_x[:r].double()[:, None] * s_w.double()[None, :] + bias.double())
+    base = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16)
+    row: dict = {"M": m, "K": k, "N": n, "checks": {}, "us": {}}
+    row["checks"]["triton"] = float((base[:r].double() - ref).norm() / ref.norm())
+    for name, kw in GLUON.items():
+        try:
+            out = gluon_w8a8(q, s_x, w_q, s_w, bias, **kw)
+            torch.cuda.synchronize()
+            row["checks"][name] = {"bit_equal_to_triton": bool(torch.equal(out, base)),
+                                   "max_abs_diff": float((out.float() - base.float()).abs().max()),
+                                   "rel_err_f64": float((out[:r].double() - ref).norm() / ref.norm())}
+        except Exception as e:  # a variant that fails to compile or run is reported and skipped in timing
+            row["checks"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    fp8_x, fp8_w = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    sx8, sw8 = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+    variants = {
+        "bf16": lambda: torch.nn.functional.linear(x, w, bias),
+        "triton (today)": lambda: gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16),
+        "cublas int8 (_int_mm, raw)": lambda: torch._int_mm(q, w_q.T),
+        "cublas fp8 (_scaled_mm rowwise)": lambda: torch._scaled_mm(fp8_x, fp8_w.T, sx8, sw8, bias=bias,
+                                                                   out_dtype=torch.bfloat16),
+    }
+    for name, kw in GLUON.items():
+        if "error" not in row["checks"][name]:
+            variants[name] = (lambda kw=kw: gluon_w8a8(q, s_x, w_q, s_w, bias, **kw))
+    for _ in range(2):  # two passes in turns: the spread between them is the noise
+        for name, fn in variants.items():
+            try:
+                row["us"].setdefault(name, []).append(_bench(fn, reps))
+            except Exception as e:
+                row["us"].setdefault(name, []).append(None)
+                row["checks"].setdefault("timing_errors", {})[name] = str(e).splitlines()[0][:200]
+    return row
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """One row per problem: each variant's best-of-two µs as a speed-up over bf16."""
+    names = list(rows[0]["us"]) if rows else []
+    head = "| model | layer | M | bf16 µs | " + " | ".join(f"{n} ×" for n in names[1:]) + " |"
+    lines = [head, "|" + "---|" * (4 + len(names) - 1)]
+    for r in rows:
+        best = {n: min((t for t in ts if t), default=None) for n, ts in r["us"].items()}
+        b = best["bf16"]
+        cells = [f"{b / best[n]:.2f}" if best.get(n) else "-" for n in names[1:]]
+        lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {b:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--m", default="1024,4608,16384", help="comma-separated row counts")
+    p.add_argument("--reps", type=int, default=60, help="do_bench repetition time per variant, ms")
+    p.add_argument("--only", default="", help="comma-separated model.layer names (default: all)")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("bench_gemm_ws: needs a Hopper GPU (the Gluon kernel is sm_90 code)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    only = {s for s in a.only.split(",") if s}
+    rows = []
+    for (model, layer), (k, n) in SHAPES.items():
+        if only and f"{model}.{layer}" not in only:
+            continue
+        for m in (int(v) for v in a.m.split(",")):
+            r = run_shape(m, k, n, a.reps)
+            r.update(model=model, layer=layer)
+            rows.append(r)
+            print(json.dumps({key: r[key] for key in ("model", "layer", "M", "checks")}), flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    (out / "gemm_ws.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    md = to_markdown(rows)
+    (out / "gemm_ws.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Warp-specialized persistent W8A8 GEMM for Hopper, in Gluon (Triton's lower-level dialect, triton >= 3.6).
+
+Plain Triton has no warp specialization on sm_90 (``tl.range(warp_specialize=True)`` is Blackwell-only in 3.6),
+so its pipelined W8A8 kernel issues the TMA loads, the wgmma and the epilogue from the same warps. Here the work
+is split as cuBLAS's cooperative kernels split it: one producer warp streams A/B tiles through a ring of shared-
+memory stages (``ready`` / ``empty`` mbarriers), two consumer warp groups each own half of the output tile's rows
+(wgmma on int8 operands into int32), and each writes its half through shared memory with a TMA store that
+overlaps the next tile's main loop. The epilogue is ``w8a8_tma``'s: ``acc * s_x[row] * s_w[col] + bias`` in
+float32, in that order, so both kernels produce bit-equal outputs.
+
+``configs.WS_W8A8`` picks it for int8 W8A8 layers from ``configs.WS_MIN_M`` rows on sm_90; the runtime launches it
+through ``triton_int8._ws_launch`` and the plans; ``gluon_w8a8`` is a plain launch for benchmarks and checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+WG_ROWS = gl.constexpr(64)  # rows of the output tile per consumer warp group (wgmma's M)
+CONSUMER_REGS = 232  # registers per thread of the second consumer warp group (setmaxnreg); the first gets the rest
+PRODUCER_REGS = 40  # the producer warp only issues TMA copies
+
+
+@gluon.jit
+def _tile_of(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    # the grouped order of triton_gemm._tile_of: GROUP_M row tiles share each column sweep (B stays in L2)
+    num_m = gl.cdiv(M, BLOCK_M)
+    num_n = gl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    size_m = gl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % size_m
+    pid_n = (tile % per_group) // size_m
+    return pid_m, pid_n
+
+
+@gluon.jit
+def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, CONFIG: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    GROUP_M: gl.constexpr = CONFIG[2]
+    STAGES: gl.constexpr = CONFIG[3]
+    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        for kk in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            mbarrier.expect(ready.index(s), nbytes)
+            tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, kk * BLOCK_K], ready.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, kk * BLOCK_K], ready.index(s), b_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K, WG: gl.constexpr,
+              CONFIG: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_bufs.shape[1]
+    BLOCK_K: gl.constexpr = a_bufs.shape[2]
+    BLOCK_N: gl.constexpr = b_bufs.shape[1]
+    ROW_SB: gl.constexpr = CONFIG[0]
+    HAS_BIAS: gl.constexpr = CONFIG[1]
+    GROUP_M: gl.constexpr = CONFIG[2]
+    STAGES: gl.constexpr = CONFIG[3]
+    INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N  # int8 wgmma: n <= 128 here (as Triton picks)
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, INSTR_N, 32])
+    rows_l: gl.constexpr = gl.SliceLayout(1, layout)
+    cols_l: gl.constexpr = gl.SliceLayout(0, layout)
+    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = gl.zeros((WG_ROWS, BLOCK_N), dtype=gl.int32, layout=layout)
+        for kk in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            a = a_bufs.index(s).slice(WG * WG_ROWS, WG_ROWS, dim=0)
+            b = b_bufs.index(s).permute((1, 0))
+            acc = warpgroup_mma(a, b, acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc, ))  # the previous step's wgmma is done: release its stage
+            if kk > 0:
+                mbarrier.arrive(empty.index((it - 1) % STAGES))
+            it += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((it - 1) % STAGES))
+
+        off_m = pid_m * BLOCK_M + WG * WG_ROWS
+        offs_m = off_m + gl.arange(0, WG_ROWS, layout=rows_l)
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols_l)
+        out = acc.to(gl.float32) * gl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        if ROW_SB:
+            out = out * gl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        else:
+            out = out * gl.load(sb_ptr)
+        if HAS_BIAS:
+            out = out + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+        tma.store_wait(0)  # the previous tile's store has left c_buf
+        c_buf.store(out.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_buf)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer_worker(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+                     CONFIG: gl.constexpr):
+    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(1), ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K, 1, CONFIG)
+
+
+@gluon.jit
+def _consumer_default(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+                      CONFIG: gl.constexpr):
+    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(0), ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K, 0, CONFIG)
+
+
+@gluon.jit(do_not_specialize=["M"])
+def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: gl.constexpr,
+            HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+            PRODUCER_REGS: gl.constexpr):
+    """``C = (A @ B^T) * s_x[:, None] * s_w + bias`` with A ``[M, K]`` int8 (per-row scales ``s_x``), B ``[N, K]``
+    int8 (``s_w`` per row of B when ``ROW_SB``, else one scalar), C bf16/fp16; one program per SM."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    gl.static_assert(BLOCK_M == 2 * WG_ROWS, "two consumer warp groups of 64 rows each")
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, WG_ROWS, BLOCK_N], c_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warp group
+    fence_async_shared()
+    config: gl.constexpr = (ROW_SB, HAS_BIAS, GROUP_M, STAGES)
+    consumer_args = (c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K, config)
+    gl.warp_specialize([
+        (_consumer_default, consumer_args),
+        (_consumer_worker, consumer_args),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, config)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def descriptors(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, block_m: int, block_n: int,
+                block_k: int) -> tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor]:
+    """TMA descriptors of A ``[M, K]``, B ``[N, K]`` and C ``[M, N]`` (C in 64-row halves, one per warp group)."""
+    a_l = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8)
+    b_l = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8)
+    c_dt = gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
+    c_l = gl.NVMMASharedLayout.get_default_for([WG_ROWS.value, block_n], c_dt)
+    return (TensorDescriptor.from_tensor(a, [block_m, block_k], a_l),
+            TensorDescriptor.from_tensor(w, [block_n, block_k], b_l),
+            TensorDescriptor.from_tensor(out, [WG_ROWS.value, block_n], c_l))
+
+
+def gluon_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16, block_n: int = 256,
+               block_k: int = 128, stages: int = 3, group_m: int = 8, programs: int | None = None,
+               consumer_regs: int = CONSUMER_REGS, producer_regs: int = PRODUCER_REGS) -> torch.Tensor:
+    """``(q @ w_q^T) * s_x * w_scale + bias`` on the warp-specialized kernel (int8 operands, 2-D ``q``)."""
+    m, k = q.shape
+    n = w_q.shape[0]
+    out = torch.empty((m, n), device=q.device, dtype=out_dtype)
+    a_d, b_d, c_d = descriptors(q, w_q, out, 2 * WG_ROWS.value, block_n, block_k)
+    sb = w_scale.reshape(-1).float()
+    if programs is None:
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count
+    tiles = triton.cdiv(m, 2 * WG_ROWS.value) * triton.cdiv(n, block_n)
+    w8a8_ws[(min(programs, tiles),)](
+        a_d, b_d, c_d, s_x.reshape(-1), sb, bias if bias is not None else sb, m, n, k, ROW_SB=sb.numel() > 1,
+        HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
+        PRODUCER_REGS=producer_regs, num_warps=4)
+    return out

@@ -1,0 +1,61 @@
+"""The warp-specialized Gluon W8A8 GEMM (``kernels.gluon_gemm``) compiled for sm_90 here, without a GPU: the
+launch arguments the runtime builds (``triton_int8._ws_launch``) match the kernel's parameters, the PTX has the
+int8 wgmma and the register hand-over between warp groups, and ptxas finds no spills at the picked tile. Its
+results are checked on an H200 (``check_kernels_gpu.check_ws_gemm``: bit-equal to the Triton kernels)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.experimental.gluon")
+
+
+def _compile(m: int, n: int, k: int, bias: bool) -> object:
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import WS_W8A8
+    from comfyquant.runtime.kernels.gluon_gemm import w8a8_ws
+
+    q, w_q = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
+    s_x, sb = torch.ones(m, 1), torch.ones(n)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    b = torch.zeros(n, dtype=torch.bfloat16) if bias else None
+    assert ti.on_ws(WS_W8A8, out)
+    fk, grid, args, _ = ti._ws_launch(q, s_x, w_q, sb, b, out, WS_W8A8)
+    assert fk.fn is w8a8_ws and grid == (min(132, -(-m // 128) * -(-n // 128)),)
+    names = list(w8a8_ws.arg_names)
+    assert len(args) == len(names)  # every parameter, constexprs included, in order
+    const = {p.name for p in w8a8_ws.params if p.is_constexpr}
+    sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
+    consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
+    return triton.compile(GluonASTSource(w8a8_ws, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": WS_W8A8.warps})
+
+
+@pytest.mark.parametrize(("m", "n", "k", "bias"), [(4608, 3072, 3072, True), (1000, 520, 15360, False)])
+def test_compiles_for_sm90_with_wgmma_and_no_spills(m: int, n: int, k: int, bias: bool) -> None:
+    kern = _compile(m, n, k, bias)
+    ptx = kern.asm["ptx"]
+    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.s32\.s8\.s8)", ptx)) == {"m64n128k32.s32.s8.s8"}
+    assert "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx  # register hand-over; TMA loads and stores
+    assert kern.metadata.shared <= 227 * 1024
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        rep = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    report = rep.stdout + rep.stderr
+    assert "0 bytes spill stores" in report and "0 bytes spill loads" in report, report[-500:]
