@@ -585,12 +585,16 @@ def check_attention_cudnn() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for check_kernels.json")
+    p.add_argument("--only", default="", help="comma-separated check function names (default: all)")
     a = p.parse_args(argv)
+    only = {n for n in a.only.split(",") if n}
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_linear, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
                check_inference_mode, check_attention, check_attention_cudnn):
+        if only and fn.__name__ not in only:
+            continue
         try:
             fn()
         except Exception as e:  # a kernel that fails to compile or run is a failed check, and the rest still run

@@ -62,6 +62,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                      "--sections", "persist"]],
         # the GPU kernel checks alone (accuracy of every kernel and plan; a failed check fails the step)
         "checks": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels")]],
+        # the checks of the W8A8 GEMM paths and plans and of the attention backend order only (a short call)
+        "checks_gemm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                         "check_persistent,check_ws_gemm,check_plans,check_attention_cudnn"]],
         # the warp-specialized Gluon W8A8 GEMM against today's Triton kernel and cuBLAS (GEMM alone; Hopper only)
         "gemm_ws": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws")]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
