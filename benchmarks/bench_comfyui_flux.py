@@ -210,10 +210,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from comfyquant.convert.api import convert
-    from comfyquant.nodes.adapter import adapt_model
-    from comfyquant.nodes.attention import enable_quantized_attention
-    from comfyquant.nodes.loader import load_quantized_model
-    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,11 +225,55 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     print(f"model: {n_params / 1e9:.2f} B parameters, files written in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
     dtype = torch.bfloat16
-    results: list[Result] = []
     base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
     outputs: dict[tuple[str, int], torch.Tensor] = {}
     inputs = functools.partial(_inputs, dims, device=device, dtype=dtype)
-    results += measure("bf16", base, inputs, resolutions, device, warmup, iters, a.dynamic_vram, outputs)
+    rounds = [one_round(a, base, inputs, resolutions, device, warmup, iters, outputs, int8_file)
+              for _ in range(max(1, a.rounds))]
+    results, why_not = merge_rounds([r for r, _ in rounds]), rounds[0][1]
+    del base
+    _free(device)
+    add_speedups(results)
+    env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, "depth": depth, "depth_single": depth_single,
+           "dims": dims, "warmup": warmup, "iters": iters, "rounds": max(1, a.rounds),
+           "comfy_kitchen_cuda": why_not or "available", "dynamic_vram": bool(a.dynamic_vram)}
+    return write_report(out_dir, "bench_comfyui_flux", env, results, to_markdown)
+
+
+def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
+    """One row per (variant, resolution) from several rounds of the whole variant list (each round measures every
+    variant once, so slow phases of a noisy host spread over all of them): every step time pooled, the median of
+    the pool reported, each round's median kept in the note."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged: dict[tuple[str, Any], Result] = {}
+    per_round: dict[tuple[str, Any], list[float]] = {}
+    for rows in rounds:
+        for r in rows:
+            key = (r.variant, r.resolution)
+            per_round.setdefault(key, []).append(r.step_ms)
+            m = merged.setdefault(key, r)
+            if m is not r:
+                m.step_ms_all = [*m.step_ms_all, *r.step_ms_all]
+                m.peak_vram_gib = max(m.peak_vram_gib or 0.0, r.peak_vram_gib or 0.0) or None
+    for key, m in merged.items():
+        m.step_ms = statistics.median(m.step_ms_all)
+        m.note = (m.note + "; " if m.note else "") + "round medians " + "/".join(f"{v:.1f}" for v in per_round[key])
+    return list(merged.values())
+
+
+def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str, torch.Tensor]],
+              resolutions: list[int], device: str, warmup: int, iters: int,
+              outputs: dict[tuple[str, Any], torch.Tensor], int8_file: Path) -> tuple[list[Result], str | None]:
+    """Every variant measured once, in the table's order: (rows, why comfy-kitchen's CUDA backend is not used)."""
+    import comfy.sd
+
+    from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.attention import enable_quantized_attention
+    from comfyquant.nodes.loader import load_quantized_model
+    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+    results = measure("bf16", base, inputs, resolutions, device, warmup, iters, a.dynamic_vram, outputs)
     # the attention option alone on the bf16 model: how much of a quantized row's speed is the attention backend
     exact_attention = base.clone()
     enable_quantized_attention(exact_attention, "cudnn")
@@ -265,13 +305,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     ours, _ = load_quantized_model(int8_file, RuntimeOptions())
     results += measure("comfyquant loader (same file)", ours, inputs, resolutions, device, warmup, iters,
                        a.dynamic_vram, outputs)
-    del ours, base
-    _free(device)
-    add_speedups(results)
-    env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, "depth": depth, "depth_single": depth_single,
-           "dims": dims, "warmup": warmup, "iters": iters, "comfy_kitchen_cuda": why_not or "available",
-           "dynamic_vram": bool(a.dynamic_vram)}
-    return write_report(out_dir, "bench_comfyui_flux", env, results, to_markdown)
+    del ours
+    return results, why_not
 
 
 def add_speedups(results: list[Result]) -> None:
@@ -301,12 +336,16 @@ def write_report(out_dir: Path, stem: str, env: dict[str, Any], results: list[Re
 
 def to_markdown(report: dict[str, Any]) -> str:
     env = report["env"]
+    rounds = env.get("rounds", 1)
+    pooled = "" if rounds == 1 else f", pooled over {rounds} rounds of all variants"
     lines = [f"# Flux.1-dev-shaped model in ComfyUI: step time and peak VRAM ({env['date']})", "",
              f"Device: {env['device']}; torch {env['torch']}; {env['params_billion']:.2f} B parameters "
              f"({env['depth']} double + {env['depth_single']} single blocks, hidden {env['dims']['hidden']}, context "
              f"{env['dims']['txt_tokens']} x {env['dims']['context']}){' SMOKE RUN: numbers mean nothing' if env['smoke'] else ''}; "
              "eager, batch 1; "
-             f"median of {env['iters']} steps after {env['warmup']} warm-up. comfy-kitchen CUDA: "
+             f"median of {env['iters']} steps after {env['warmup']} warm-up"
+             f"{pooled}"
+             ". comfy-kitchen CUDA: "
              f"{env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
              *results_table(report["results"])]
     return "\n".join(lines) + "\n"
@@ -342,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=6, help="double blocks (Flux.1-dev: 19)")
     p.add_argument("--depth-single", type=int, default=12, help="single blocks (Flux.1-dev: 38)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 512])
+    p.add_argument("--rounds", type=int, default=1, help="measure the whole variant list this many times, pooled")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--dynamic-vram", action="store_true",

@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_comfyui_
 
 
 def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--rounds", "2",
                            "--comfyui-cache", str(comfyui_root)], capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -25,7 +25,11 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
                         "adapter int8 + attention cudnn", "adapter int8 + attention int8-fp8",
                         "adapter fp8 + attention cudnn", "ComfyUI int8 (same file)", "comfyquant loader (same file)"]
     assert all(r["step_ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in report["results"])
+    # two rounds pooled: every row holds both rounds' steps (2 each in the smoke run) and their medians
+    assert all(len(r["step_ms_all"]) == 4 and r["note"].count("round medians") == 1 for r in report["results"])
+    assert report["env"]["rounds"] == 2
     assert all("layers converted" in r["note"] for r in report["results"] if r["variant"].startswith("adapter"))
+    assert "pooled over 2 rounds" in (tmp_path / "bench_comfyui_flux.md").read_text()
     assert "| adapter int8 | 64 |" in (tmp_path / "bench_comfyui_flux.md").read_text()
     err = {r["variant"]: r["rel_err_vs_bf16"] for r in report["results"]}
     assert err["bf16"] == err["bf16 + attention cudnn"] == 0.0, err
