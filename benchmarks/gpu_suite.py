@@ -81,7 +81,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "comfyui": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *s]],
         # the same, 3 rounds of all variants pooled (a noisy host's slow phases spread over every variant)
         "comfyui_rounds": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache,
-                            *(s or ["--rounds", "3", "--iters", "5", "--warmup", "2"])]],
+                            *(s or ["--rounds", "3", "--iters", "4", "--warmup", "2"])]],
         # Wan 2.x 14B-shaped t2v (4 blocks) at 480p / 81 frames (32,760 tokens) in ComfyUI: the same variants
         "comfyui_wan": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache, *s]],
         # T5-XXL-shaped text encoder in ComfyUI: bf16 vs "Enable INT8 on CLIP" vs ComfyUI's own int8 file path
