@@ -100,13 +100,20 @@ def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.
     return out
 
 
-def _inputs(dims: dict[str, int], res: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _inputs(dims: dict[str, int], res: int, device: str, dtype: torch.dtype,
+            apply_model: bool = False) -> dict[str, torch.Tensor]:
+    """One step's inputs: the diffusion model's keyword arguments, or ``BaseModel.apply_model``'s (``sigma`` 0.5
+    is timestep 0.5 of the direct call: Flux's flow sampling scales it by 1000 on the way, as the model's own
+    embedding expects)."""
     g = torch.Generator().manual_seed(1)
     lat = res // 8
-    return {"x": torch.randn(1, 16, lat, lat, generator=g).to(device, dtype),
-            "timestep": torch.tensor([0.5], device=device, dtype=dtype),
-            "context": torch.randn(1, dims["txt_tokens"], dims["context"], generator=g).to(device, dtype),
-            "y": torch.randn(1, dims["vec"], generator=g).to(device, dtype),
+    x = torch.randn(1, 16, lat, lat, generator=g).to(device, dtype)
+    context = torch.randn(1, dims["txt_tokens"], dims["context"], generator=g).to(device, dtype)
+    y = torch.randn(1, dims["vec"], generator=g).to(device, dtype)
+    if apply_model:
+        return {"x": x.float(), "sigma": torch.tensor([0.5], device=device), "context": context, "y": y,
+                "guidance": torch.tensor([3.5], device=device)}
+    return {"x": x, "timestep": torch.tensor([0.5], device=device, dtype=dtype), "context": context, "y": y,
             "guidance": torch.tensor([3.5], device=device, dtype=dtype)}
 
 
@@ -148,12 +155,15 @@ def _free(device: str) -> None:
 
 def measure(name: str, patcher: Any, inputs: Callable[[Any], dict[str, torch.Tensor]], resolutions: list[Any],
             device: str, warmup: int, iters: int, dynamic: bool = False,
-            outputs: dict[tuple[str, Any], torch.Tensor] | None = None) -> list[Result]:
+            outputs: dict[tuple[str, Any], torch.Tensor] | None = None, apply_model: bool = False) -> list[Result]:
     """Load ``patcher`` fully on the device and time one forward per resolution, ``diffusion_model(**inputs(res))``
     (with the patcher's transformer options, as ComfyUI's sampler passes them: attention overrides apply); one
     output per resolution goes to ``outputs`` (on the CPU) and its error against bf16's, when bf16's is there, to
-    the result."""
+    the result. ``apply_model``: one ``BaseModel.apply_model`` call per step instead, with the patcher's wrappers
+    merged into the transformer options as ComfyUI's sampler merges them (the node's CUDA graphs are such a
+    wrapper); ``inputs`` then holds ``x``, ``sigma``, ``context`` and the model's extra conditions."""
     import comfy.model_management
+    import comfy.patcher_extension
 
     _free(device)
     if device == "cuda":
@@ -162,6 +172,9 @@ def measure(name: str, patcher: Any, inputs: Callable[[Any], dict[str, torch.Ten
     weights = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     dm = patcher.model.diffusion_model
     opts = patcher.model_options.get("transformer_options", {})
+    if apply_model:
+        opts = dict(opts)
+        opts["wrappers"] = comfy.patcher_extension.merge_nested_dicts({}, patcher.wrappers)
     out = []
     for res in resolutions:
         inp = inputs(res)
@@ -169,6 +182,10 @@ def measure(name: str, patcher: Any, inputs: Callable[[Any], dict[str, torch.Ten
             torch.cuda.reset_peak_memory_stats()
 
         def step(inp: dict[str, torch.Tensor] = inp) -> torch.Tensor:
+            if apply_model:
+                rest = {k: v for k, v in inp.items() if k not in ("x", "sigma", "context")}
+                return patcher.model.apply_model(inp["x"], inp["sigma"], c_crossattn=inp["context"],
+                                                 transformer_options=opts, **rest)
             return dm(**inp, transformer_options=opts)
 
         times = time_steps(step, device, warmup, iters)
@@ -227,7 +244,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.bfloat16
     base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
     outputs: dict[tuple[str, int], torch.Tensor] = {}
-    inputs = functools.partial(_inputs, dims, device=device, dtype=dtype)
+    inputs = functools.partial(_inputs, dims, device=device, dtype=dtype, apply_model=a.graphs)
     rounds = [one_round(a, base, inputs, resolutions, device, warmup, iters, outputs, int8_file)
               for _ in range(max(1, a.rounds))]
     results, why_not = merge_rounds([r for r, _ in rounds]), rounds[0][1]
@@ -235,7 +252,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     _free(device)
     add_speedups(results)
     env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, "depth": depth, "depth_single": depth_single,
-           "dims": dims, "warmup": warmup, "iters": iters, "rounds": max(1, a.rounds),
+           "dims": dims, "warmup": warmup, "iters": iters, "rounds": max(1, a.rounds), "apply_model": bool(a.graphs),
            "comfy_kitchen_cuda": why_not or "available", "dynamic_vram": bool(a.dynamic_vram)}
     return write_report(out_dir, "bench_comfyui_flux", env, results, to_markdown)
 
@@ -265,47 +282,64 @@ def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
 def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str, torch.Tensor]],
               resolutions: list[int], device: str, warmup: int, iters: int,
               outputs: dict[tuple[str, Any], torch.Tensor], int8_file: Path) -> tuple[list[Result], str | None]:
-    """Every variant measured once, in the table's order: (rows, why comfy-kitchen's CUDA backend is not used)."""
+    """Every variant measured once, in the table's order: (rows, why comfy-kitchen's CUDA backend is not used).
+    ``a.graphs`` adds the node's CUDA-graph option on bf16 and on int8 with cuDNN attention (every variant then
+    steps through ``apply_model``, where the option's wrapper sits); ``a.only`` keeps the named variants."""
     import comfy.sd
 
     from comfyquant.nodes.adapter import adapt_model
     from comfyquant.nodes.attention import enable_quantized_attention
+    from comfyquant.nodes.graphs import enable_cuda_graphs
     from comfyquant.nodes.loader import load_quantized_model
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
-    results = measure("bf16", base, inputs, resolutions, device, warmup, iters, a.dynamic_vram, outputs)
-    # the attention option alone on the bf16 model: how much of a quantized row's speed is the attention backend
-    exact_attention = base.clone()
-    enable_quantized_attention(exact_attention, "cudnn")
-    results += measure("bf16 + attention cudnn", exact_attention, inputs, resolutions, device, warmup, iters,
-                       a.dynamic_vram, outputs)
-    del exact_attention
-    # (format, attention): the node's attention option on the quantized models
-    for fmt, attention in (("int8", "sdpa"), ("int8-rot", "sdpa"), ("fp8", "sdpa"), ("int8", "cudnn"),
-                           ("int8", "int8-fp8"), ("fp8", "cudnn")):
+    only = {v.strip() for v in (a.only or "").split(",") if v.strip()}
+    results: list[Result] = []
+
+    def run(name: str, patcher: Any, note: str = "") -> None:
+        rows = measure(name, patcher, inputs, resolutions, device, warmup, iters, a.dynamic_vram, outputs,
+                       apply_model=a.graphs)
+        for r in rows:
+            r.note = note
+        results.extend(rows)
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
+    run("bf16", base)  # always: every row's speed-up and error are against it
+    extra = [("bf16 + attention cudnn", "cudnn", False)] + ([("bf16 + cuda graphs", None, True)] if a.graphs else [])
+    for name, attention, graphs in extra:  # the options alone on the bf16 model: their share of any speed-up
+        if want(name):
+            clone = base.clone()
+            if attention:
+                enable_quantized_attention(clone, attention)
+            if graphs:
+                enable_cuda_graphs(clone)
+            run(name, clone)
+            del clone
+    # (format, attention, graphs): the node's options on the quantized models
+    variants = [("int8", "sdpa", False), ("int8-rot", "sdpa", False), ("fp8", "sdpa", False), ("int8", "cudnn", False),
+                ("int8", "int8-fp8", False), ("fp8", "cudnn", False)] + ([("int8", "cudnn", True)] if a.graphs else [])
+    for fmt, attention, graphs in variants:
+        name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}") + (
+            " + cuda graphs" if graphs else "")
+        if not want(name):
+            continue
         _free(device)
         t1 = time.perf_counter()
-        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux",
-                                                            runtime=RuntimeOptions(attention=attention)))
-        quant_s = time.perf_counter() - t1
-        name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}")
-        rows = measure(name, patched, inputs, resolutions, device, warmup, iters, a.dynamic_vram, outputs)
-        for r in rows:
-            r.note = f"{len(report.converted)} layers converted in {quant_s:.1f} s"
-        results += rows
+        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux", runtime=RuntimeOptions(
+            attention=attention, cuda_graphs=graphs)))
+        run(name, patched, f"{len(report.converted)} layers converted in {time.perf_counter() - t1:.1f} s")
         del patched
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
-    stock = comfy.sd.load_diffusion_model(str(int8_file))
-    rows = measure("ComfyUI int8 (same file)", stock, inputs, resolutions, device, warmup, iters, a.dynamic_vram,
-                   outputs)
-    for r in rows:
-        r.note = why_not or "comfy-kitchen CUDA backend"
-    results += rows
-    del stock
-    ours, _ = load_quantized_model(int8_file, RuntimeOptions())
-    results += measure("comfyquant loader (same file)", ours, inputs, resolutions, device, warmup, iters,
-                       a.dynamic_vram, outputs)
-    del ours
+    if want("ComfyUI int8 (same file)"):
+        stock = comfy.sd.load_diffusion_model(str(int8_file))
+        run("ComfyUI int8 (same file)", stock, why_not or "comfy-kitchen CUDA backend")
+        del stock
+    if want("comfyquant loader (same file)"):
+        ours, _ = load_quantized_model(int8_file, RuntimeOptions())
+        run("comfyquant loader (same file)", ours)
+        del ours
     return results, why_not
 
 
@@ -382,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth-single", type=int, default=12, help="single blocks (Flux.1-dev: 38)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 512])
     p.add_argument("--rounds", type=int, default=1, help="measure the whole variant list this many times, pooled")
+    p.add_argument("--graphs", action="store_true",
+                   help="add the node's cuda_graphs option (bf16; int8 + cuDNN attention); all variants via apply_model")
+    p.add_argument("--only", default="", help="comma-separated variant names to measure (default: all; bf16 always)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--dynamic-vram", action="store_true",

@@ -33,6 +33,7 @@ def _bench(fn, reps: int) -> float:
 
 def run_shape(m: int, k: int, n: int, reps: int) -> dict:
     """Check and time every variant on one ``[M, K] x [N, K]^T`` problem."""
+    from comfyquant.runtime.kernels.configs import fit_stages, gemm_config, hopper_w8a8_config
     from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
     from comfyquant.runtime.kernels.triton_int8 import gemm_w8a8
 
@@ -46,7 +47,10 @@ def run_shape(m: int, k: int, n: int, reps: int) -> dict:
     s_w = torch.rand(n, device=dev) * 1e-3 + 1e-4
     r = min(m, 512)  # float64 reference on the first rows (bit equality with the Triton kernel covers all)
     ref = ((q[:r].double() @ w_q.double().T) * s_x[:r].double()[:, None] * s_w.double()[None, :] + bias.double())
-    base = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16)
+    # the Triton kernel the runtime picked before the Gluon kernel (run 23's "today"; the persistent tile included)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    tri_cfg = fit_stages(hopper_w8a8_config(gemm_config(m, n, k, sms, hopper=True)), 1, 1)
+    base = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_cfg)
     row: dict = {"M": m, "K": k, "N": n, "checks": {}, "us": {}}
     row["checks"]["triton"] = float((base[:r].double() - ref).norm() / ref.norm())
     for name, kw in GLUON.items():
@@ -60,9 +64,13 @@ def run_shape(m: int, k: int, n: int, reps: int) -> dict:
             row["checks"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     fp8_x, fp8_w = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
     sx8, sw8 = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+    from comfyquant.runtime.kernels.triton_int8 import int8_linear
+
+    w_layer = w_q  # the whole W8A8 layer on bf16 x: activation quantization, then the GEMM the runtime picks
     variants = {
         "bf16": lambda: torch.nn.functional.linear(x, w, bias),
-        "triton (today)": lambda: gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16),
+        "triton (today)": lambda: gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_cfg),
+        "layer int8 (quant + picked GEMM)": lambda: int8_linear(x, w_layer, s_w, bias, None, torch.bfloat16),
         "cublas int8 (_int_mm, raw)": lambda: torch._int_mm(q, w_q.T),
         "cublas fp8 (_scaled_mm rowwise)": lambda: torch._scaled_mm(fp8_x, fp8_w.T, sx8, sw8, bias=bias,
                                                                    out_dtype=torch.bfloat16),

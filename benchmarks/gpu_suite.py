@@ -67,6 +67,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                          "check_persistent,check_ws_gemm,check_plans,check_attention_cudnn"]],
         # the warp-specialized Gluon W8A8 GEMM against today's Triton kernel and cuBLAS (GEMM alone; Hopper only)
         "gemm_ws": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws")]],
+        # the W8A8 rows: M 4096 / 16384, the whole layer (activation pass + picked GEMM) included
+        "gemm_layers": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--m", "4096,16384",
+                         "--reps", "40"]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
         "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                         str(work / "optimizers" / "bench_optimizers.json"),
@@ -80,6 +83,11 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                              str(work / "optimizers" / "bench_optimizers_full.json"), *(s or ["--methods", "gptq"])]],
         "comfyui": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *s]],
         # the same, 3 rounds of all variants pooled (a noisy host's slow phases spread over every variant)
+        # the node's cuda_graphs option in ComfyUI's Flux class (every variant through apply_model), 2 rounds
+        "comfyui_graphs": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
+            "--graphs", "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
+            "bf16 + attention cudnn,bf16 + cuda graphs,adapter int8 + attention cudnn,"
+            "adapter int8 + attention cudnn + cuda graphs"])]],
         "comfyui_rounds": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache,
                             *(s or ["--rounds", "3", "--iters", "4", "--warmup", "2"])]],
         # Wan 2.x 14B-shaped t2v (4 blocks) at 480p / 81 frames (32,760 tokens) in ComfyUI: the same variants

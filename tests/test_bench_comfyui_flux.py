@@ -37,3 +37,20 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     # on the CPU the attention override passes every call through to ComfyUI's own SDPA: same output as int8
     assert err["adapter int8 + attention int8-fp8"] == err["adapter int8 + attention cudnn"] == err["adapter int8"]
     assert err["adapter fp8 + attention cudnn"] == err["adapter fp8"]
+
+
+def test_graphs_mode_steps_through_apply_model_with_the_nodes_wrapper(comfyui_root: Path, tmp_path: Path) -> None:
+    """``--graphs --only``: the named variants and bf16, every step through ``BaseModel.apply_model`` (where the
+    node's CUDA-graph wrapper sits; on the CPU it runs the model eagerly, so the graph rows equal their eager
+    twins), errors against bf16's apply_model output."""
+    only = "bf16 + cuda graphs,adapter int8 + attention cudnn,adapter int8 + attention cudnn + cuda graphs"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--graphs", "--only", only,
+                           "--comfyui-cache", str(comfyui_root)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_comfyui_flux.json").read_text())
+    assert report["env"]["apply_model"] is True
+    err = {r["variant"]: r["rel_err_vs_bf16"] for r in report["results"]}
+    assert list(err) == ["bf16", *only.split(",")]
+    assert err["bf16"] == err["bf16 + cuda graphs"] == 0.0
+    assert 0 < err["adapter int8 + attention cudnn"] == err["adapter int8 + attention cudnn + cuda graphs"] < 0.1
