@@ -283,3 +283,23 @@ def test_warp_specialized_tile_against_the_recorded_h200_timings() -> None:
     assert len(ratios) >= 20
     assert math.exp(sum(map(math.log, ratios)) / len(ratios)) < 0.85 and max(ratios) <= 1.05
     assert max(off_best) <= 1.07  # 23 of 27 rows within 5%
+
+
+def test_calibration_operands_hold_only_what_the_timed_paths_read() -> None:
+    """The calibration runs at a model's first quantized call, beside its weights: its big shape (256 x 8192 x
+    8192, the fused and weight-only kernels) builds x and the int8 weight only (64 MiB + 32 KiB of scales, not the
+    ~1 GiB of fp8 / int4 / bf16 copies and int64 codes it made before), and every path's operands are there."""
+    from comfyquant.runtime.kernels.calibrate import PATH_BACKENDS, _keys, _operands, _paths
+
+    big = ("triton_fused", "triton_w8a16")
+    assert _keys(big) == {"q", "s"}
+    o = _operands(16, 1024, 512, torch.device("cpu"), _keys(big))
+    assert set(o) == {"x", "q", "s"} and o["q"].dtype == torch.int8 and o["q"].shape == (1024, 512)
+    every = ("bf16", *PATH_BACKENDS)
+    full = _operands(16, 256, 128, torch.device("cpu"), _keys(every))
+    assert set(full) == {"x", "wb", "q", "s", "qf", "sf", "p", "ps"}
+    assert full["p"].dtype == torch.int8 and full["p"].shape == (256, 64)  # int4 codes packed two per byte
+    fns = _paths(full, ("torch",))  # the CPU-runnable path: its call reads the operands it names
+    assert fns["torch"]().shape == (16, 256) and fns["bf16"]().shape == (16, 256)
+    # the same int8 weight whichever subset is built (one generator stream, weights drawn first)
+    assert torch.equal(_operands(16, 1024, 512, torch.device("cpu"))["q"], o["q"])

@@ -63,18 +63,42 @@ def _gpu_us(fn: Callable[[], object], reps: int = 10) -> float:
     return start.elapsed_time(end) * 1000.0 / (3 * reps)
 
 
-def _operands(m: int, n: int, k: int, dev: torch.device) -> dict:
+def _operands(m: int, n: int, k: int, dev: torch.device, keys: frozenset[str] | None = None) -> dict:
+    """The timed paths' operands for an ``m x k`` by ``n x k`` product: only ``keys`` (of ``x``, ``wb``, ``q``,
+    ``s``, ``qf``, ``sf``, ``p``, ``ps``; None: all). Calibration runs at a model's first quantized call, next to
+    its weights, so its transient is kept small: the float32 master weight is dropped as soon as its copies are
+    made, the int4 codes are drawn as int8 (int64 by default: 512 MiB at 8192²), and a shape builds only what its
+    paths read (the 256 x 8192 x 8192 shape: x, q, s)."""
     from comfyquant.quant.fp8 import quantize_fp8
+    from comfyquant.quant.int4 import pack_int4
     from comfyquant.quant.int8 import quantize_rowwise
-    from comfyquant.runtime.kernels.int4 import pack_int4
+
+    def want(key: str) -> bool:
+        return keys is None or key in keys
 
     g = torch.Generator(device=dev).manual_seed(0)
     w = torch.randn(n, k, device=dev, generator=g) * 0.02
-    q, s = quantize_rowwise(w)
-    qf, sf = quantize_fp8(w)
-    v = torch.randint(-7, 8, (n, k), device=dev, generator=g)
-    return {"x": torch.randn(m, k, device=dev, generator=g).bfloat16(), "wb": w.bfloat16(), "q": q, "s": s,
-            "qf": qf, "sf": sf, "p": pack_int4(v), "ps": s.reshape(-1)}
+    out: dict = {"x": torch.randn(m, k, device=dev, generator=g).bfloat16()}
+    if want("q") or want("s") or want("ps"):
+        out["q"], out["s"] = quantize_rowwise(w)
+        out["ps"] = out["s"].reshape(-1)
+    if want("qf") or want("sf"):
+        out["qf"], out["sf"] = quantize_fp8(w)
+    if want("wb"):
+        out["wb"] = w.bfloat16()
+    del w
+    if want("p"):
+        out["p"] = pack_int4(torch.randint(-7, 8, (n, k), device=dev, generator=g, dtype=torch.int8))
+    return {key: v for key, v in out.items() if want(key) or key == "x"}
+
+
+def _keys(paths: tuple[str, ...]) -> frozenset[str]:
+    """The operand keys the cost-model ``paths`` read (``bf16`` reads the bf16 weight)."""
+    keys = {"wb"} if "bf16" in paths else set()
+    for p in paths:
+        if p in PATH_BACKENDS:
+            keys.update(k for k in PATH_BACKENDS[p][2] if k is not None)
+    return frozenset(keys)
 
 
 # cost-model path -> (kernel kind, backend, operand keys of _operands, opts)
@@ -135,17 +159,21 @@ def measure(device: torch.device) -> DeviceCosts:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     bw = _bandwidth_gbs(dev)
     paths = measurable_paths(dev)
-    small = _operands(*HOST_SHAPE, dev)
+    small = _operands(*HOST_SHAPE, dev, _keys(paths))
     host = {p: _host_us(fn) for p, fn in _paths(small, paths).items()}
+    del small
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
     rates = {}
     for shape, group in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "triton_fp8", "w4a8")),
                          ((256, 8192, 8192), ("triton_fused", "triton_w8a16"))):
-        fns = _paths(_operands(*shape, dev), tuple(p for p in group if p in paths))
+        timed = tuple(p for p in group if p in paths)
+        fns = _paths(_operands(*shape, dev, _keys(timed)), timed)
         for p in group:
             if p in fns:
                 rates[p] = fit_rate(p, *shape, _gpu_us(fns[p]), base)
+        del fns
+    torch.cuda.empty_cache()  # hand the transient back: ComfyUI sizes its loads from the driver's free memory
     return DeviceCosts(device=base.device, sms=sms, bw_gbs=bw, launch_us=base.launch_us,
                        host_us=base.host_us, tflops=tuple(rates.items()),
                        measured=f"calibrate.measure {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
