@@ -274,8 +274,11 @@ def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
                 m.step_ms_all = [*m.step_ms_all, *r.step_ms_all]
                 m.peak_vram_gib = max(m.peak_vram_gib or 0.0, r.peak_vram_gib or 0.0) or None
     for key, m in merged.items():
+        if not m.step_ms_all:  # a row that was not timed (failed, or not run): its first round's note says why
+            continue
         m.step_ms = statistics.median(m.step_ms_all)
-        m.note = (m.note + "; " if m.note else "") + "round medians " + "/".join(f"{v:.1f}" for v in per_round[key])
+        m.note = (m.note + "; " if m.note else "") + "round medians " + "/".join(
+            "-" if v is None else f"{v:.1f}" for v in per_round[key])
     return list(merged.values())
 
 

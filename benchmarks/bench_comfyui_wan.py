@@ -43,6 +43,7 @@ from bench_comfyui_flux import (
     common_args,
     kitchen_cuda_status,
     measure,
+    merge_rounds,
     random_state_dict,
     results_table,
     run_env,
@@ -155,52 +156,59 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         return wan_inputs(dims, latent, device, dtype)
 
     outputs: dict[tuple[str, Any], torch.Tensor] = {}
-    results = measure("bf16", base, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
-    attentions = [m for m in MODES if m != "sdpa"]
-    # the attention options that do not quantize, alone on the bf16 model: the attention backend's share
-    for mode in (m for m in attentions if not policy_for(m).quantize):
-        name = f"bf16 + attention {mode}"
-        try:
-            patched = base.clone()
-            enable_quantized_attention(patched, mode)
-            results += measure(name, patched, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
-        except Exception as e:
-            results.append(_failed(name, label, e))
-        patched = None
-    # (format, attention): the node's formats, then each of its attention options on int8
-    for fmt, attention in (("int8", "sdpa"), ("fp8", "sdpa"), *(("int8", m) for m in attentions)):
-        name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}")
-        try:
-            _free(device)
-            t1 = time.perf_counter()
-            patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="wan",
-                                                                runtime=RuntimeOptions(attention=attention)))
-            quant_s = time.perf_counter() - t1
-            rows = measure(name, patched, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
-            for r in rows:
-                r.note = f"{len(report.converted)} layers converted in {quant_s:.1f} s"
-            results += rows
-        except Exception as e:
-            results.append(_failed(name, label, e))
-        patched = None
-    if run_stock:
-        try:
-            stock = comfy.sd.load_diffusion_model(str(int8_file))
-            rows = measure(STOCK, stock, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
-            for r in rows:
-                r.note = why_not or "comfy-kitchen CUDA backend"
-            results += rows
-        except Exception as e:
-            results.append(_failed(STOCK, label, e))
-        stock = None
-    else:
-        results.append(Result(STOCK, label, note=f"not run: {why_not}"))
-    del base
+
+    def one_round() -> list[Result]:
+        """Every variant timed once, in the table's order."""
+        stock = patched = None
+        results = measure("bf16", base, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
+        attentions = [m for m in MODES if m != "sdpa"]
+        # the attention options that do not quantize, alone on the bf16 model: the attention backend's share
+        for mode in (m for m in attentions if not policy_for(m).quantize):
+            name = f"bf16 + attention {mode}"
+            try:
+                patched = base.clone()
+                enable_quantized_attention(patched, mode)
+                results += measure(name, patched, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
+            except Exception as e:
+                results.append(_failed(name, label, e))
+            patched = None
+        # (format, attention): the node's formats, then each of its attention options on int8
+        for fmt, attention in (("int8", "sdpa"), ("fp8", "sdpa"), *(("int8", m) for m in attentions)):
+            name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}")
+            try:
+                _free(device)
+                t1 = time.perf_counter()
+                patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="wan",
+                                                                    runtime=RuntimeOptions(attention=attention)))
+                quant_s = time.perf_counter() - t1
+                rows = measure(name, patched, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
+                for r in rows:
+                    r.note = f"{len(report.converted)} layers converted in {quant_s:.1f} s"
+                results += rows
+            except Exception as e:
+                results.append(_failed(name, label, e))
+            patched = None
+        if run_stock:
+            try:
+                stock = comfy.sd.load_diffusion_model(str(int8_file))
+                rows = measure(STOCK, stock, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
+                for r in rows:
+                    r.note = why_not or "comfy-kitchen CUDA backend"
+                results += rows
+            except Exception as e:
+                results.append(_failed(STOCK, label, e))
+            stock = None
+        else:
+            results.append(Result(STOCK, label, note=f"not run: {why_not}"))
+        return results
+
+    results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
+    base = None  # the bf16 model leaves the device before the report
     _free(device)
     add_speedups(results)
     env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, **video, "latent": list(latent),
            "tokens": tokens(latent), "dims": {**dims, "heads": dims["dim"] // HEAD_DIM, "head_dim": HEAD_DIM},
-           "warmup": warmup, "iters": iters, "attention_modes": list(MODES),
+           "warmup": warmup, "iters": iters, "rounds": max(1, a.rounds), "attention_modes": list(MODES),
            "comfy_kitchen_cuda": why_not or "available", "dynamic_vram": bool(a.dynamic_vram),
            "output_shapes": {name: list(y.shape) for (name, _), y in outputs.items()}}
     return write_report(out_dir, "bench_comfyui_wan", env, results, to_markdown)
@@ -215,7 +223,7 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"context {d['text_tokens']} x {d['text_dim']}){' SMOKE RUN: numbers mean nothing' if env['smoke'] else ''}; "
              f"{env['width']}x{env['height']}, {env['frames']} frames -> latent {env['latent']} -> {env['tokens']} "
              f"tokens; eager, batch 1, one forward per step; median of {env['iters']} steps after {env['warmup']} "
-             f"warm-up. comfy-kitchen CUDA: {env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
+             f"warm-up{'' if env.get('rounds', 1) == 1 else ', pooled over ' + str(env['rounds']) + ' rounds'}. comfy-kitchen CUDA: {env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
              *results_table(report["results"])]
     return "\n".join(lines) + "\n"
 
@@ -230,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="video height in pixels (default 480, --smoke 48)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1, help="measure the whole variant list this many times, pooled")
     p.add_argument("--dynamic-vram", action="store_true",
                    help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
     return p

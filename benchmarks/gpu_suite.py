@@ -92,6 +92,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                             *(s or ["--rounds", "3", "--iters", "4", "--warmup", "2"])]],
         # Wan 2.x 14B-shaped t2v (4 blocks) at 480p / 81 frames (32,760 tokens) in ComfyUI: the same variants
         "comfyui_wan": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache, *s]],
+        "comfyui_wan_rounds": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache,
+                                *(s or ["--rounds", "2", "--iters", "5", "--warmup", "2"])]],
         # T5-XXL-shaped text encoder in ComfyUI: bf16 vs "Enable INT8 on CLIP" vs ComfyUI's own int8 file path
         "comfyui_t5": [[PY, "benchmarks/bench_comfyui_t5.py", "--out", str(work / "comfyui_t5"), *cache, *s]],
         "autoprec": [[PY, "benchmarks/bench_autoprec.py", "--workdir", str(work / "auto_tmp"), "--json",
