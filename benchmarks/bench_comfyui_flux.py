@@ -228,11 +228,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     from comfyquant.convert.api import convert
 
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work) if a.work else out_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    src, int8_file = work / "flux_shaped_bf16.safetensors", work / "flux_shaped_int8.safetensors"
+    out_dir, src, int8_file = work_files(a, "flux_shaped")
     t0 = time.perf_counter()
     sd = flux_state_dict(dims, depth, depth_single)
     n_params = sum(v.numel() for v in sd.values())
@@ -344,6 +340,16 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
         run("comfyquant loader (same file)", ours)
         del ours
     return results, why_not
+
+
+def work_files(a: argparse.Namespace, stem: str) -> tuple[Path, Path, Path]:
+    """(the report folder, the bf16 model file, the int8 file converted from it), folders made: ``--out`` and
+    ``--work`` (default ``OUT/work``)."""
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work) if a.work else out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    return out_dir, work / f"{stem}_bf16.safetensors", work / f"{stem}_int8.safetensors"
 
 
 def add_speedups(results: list[Result]) -> None:

@@ -47,6 +47,7 @@ from bench_comfyui_flux import (
     random_state_dict,
     results_table,
     run_env,
+    work_files,
     write_report,
 )
 
@@ -129,11 +130,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from comfyquant.nodes.attention import MODES, enable_quantized_attention, policy_for
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work) if a.work else out_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    src, int8_file = work / "wan_shaped_bf16.safetensors", work / "wan_shaped_int8.safetensors"
+    out_dir, src, int8_file = work_files(a, "wan_shaped")
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
     # stock ComfyUI's int8 only with kitchen's CUDA backend on a GPU (its eager fallback times nothing useful);
     # on the CPU smoke run, with the eager backend, to check the mechanics
