@@ -188,7 +188,8 @@ def check_ws_gemm() -> None:
     for m, k, n, row_sb, has_bias, dt in [(4608, 3072, 3072, True, True, torch.bfloat16),
                                           (1000, 15360, 520, True, False, torch.bfloat16),
                                           (2049, 3136, 9216, False, True, torch.float16),
-                                          (16384, 5120, 13824, True, True, torch.bfloat16)]:
+                                          (16384, 5120, 13824, True, True, torch.bfloat16),
+                                          (1024, 4096, 4096, True, True, torch.float32)]:  # T5 in ComfyUI: fp32
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
         b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
         sa = torch.rand(m, 1, device="cuda") * 1e-3

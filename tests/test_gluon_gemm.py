@@ -59,3 +59,17 @@ def test_compiles_for_sm90_with_wgmma_and_no_spills(m: int, n: int, k: int, bias
         os.unlink(f.name)
     report = rep.stdout + rep.stderr
     assert "0 bytes spill stores" in report and "0 bytes spill loads" in report, report[-500:]
+
+
+def test_the_gluon_kernel_takes_only_16_bit_outputs_with_aligned_rows() -> None:
+    """``on_ws``: its epilogue stores bf16 / fp16 tiles through TMA, so a float32 output (ComfyUI's T5 runs float32
+    activations: a batch of prompts reaches 1,024 rows) or a row stride TMA cannot store stays on the Triton
+    kernel; a non-Gluon config never takes it."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, WS_W8A8
+
+    assert ti.on_ws(WS_W8A8, torch.empty(1024, 4096, dtype=torch.bfloat16))
+    assert ti.on_ws(WS_W8A8, torch.empty(1024, 4096, dtype=torch.float16))
+    assert not ti.on_ws(WS_W8A8, torch.empty(1024, 4096, dtype=torch.float32))
+    assert not ti.on_ws(WS_W8A8, torch.empty(1024, 4100, dtype=torch.bfloat16)[:, :4093])  # 8200-byte rows
+    assert not ti.on_ws(PERSISTENT_W8A8, torch.empty(1024, 4096, dtype=torch.bfloat16))

@@ -146,9 +146,11 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
 
 
 def on_ws(cfg: TileConfig, out: torch.Tensor) -> bool:
-    """Whether a TMA-path W8A8 launch of ``cfg`` runs the warp-specialized Gluon kernel: its config, and an output
-    whose rows TMA can store (16-byte aligned row stride; else the Triton kernel runs the same tile)."""
-    return cfg.persistent == 3 and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+    """Whether a TMA-path W8A8 launch of ``cfg`` runs the warp-specialized Gluon kernel: its config, a 16-bit
+    output (its TMA-store epilogue is laid out for bf16 / fp16; ComfyUI's text encoders run float32 activations)
+    whose rows TMA can store (16-byte aligned row stride). Otherwise the Triton kernel runs the same tile."""
+    return (cfg.persistent == 3 and out.dtype in (torch.bfloat16, torch.float16)
+            and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
 
 
 @functools.cache
