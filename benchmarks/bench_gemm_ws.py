@@ -10,6 +10,7 @@ epilogue arithmetic) and with a float64 reference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -64,6 +65,20 @@ def run_shape(m: int, k: int, n: int, reps: int) -> dict:
             row["checks"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     fp8_x, fp8_w = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
     sx8, sw8 = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+    # the Gluon kernel on the same fp8 operands (not picked by the runtime yet): against the Triton fp8 GEMM
+    # (same promotion every K step) and a float64 reference
+    ones_n = torch.ones(n, device=dev)
+    tri8 = gemm_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, torch.bfloat16, cfg=dataclasses.replace(tri_cfg, persistent=0))
+    ref8 = fp8_x[:r].double() @ fp8_w.double().T + bias.double()
+    try:
+        g8 = gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
+        row["checks"]["ws fp8 128x128 s5"] = {
+            "bit_equal_to_triton": bool(torch.equal(g8, tri8)),
+            "max_abs_diff": float((g8.float() - tri8.float()).abs().max()),
+            "rel_err_f64": float((g8[:r].double() - ref8).norm() / ref8.norm()),
+            "triton_rel_err_f64": float((tri8[:r].double() - ref8).norm() / ref8.norm())}
+    except Exception as e:
+        row["checks"]["ws fp8 128x128 s5"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     from comfyquant.runtime.kernels.triton_int8 import int8_linear
 
     w_layer = w_q  # the whole W8A8 layer on bf16 x: activation quantization, then the GEMM the runtime picks
@@ -78,6 +93,8 @@ def run_shape(m: int, k: int, n: int, reps: int) -> dict:
     for name, kw in GLUON.items():
         if "error" not in row["checks"][name]:
             variants[name] = (lambda kw=kw: gluon_w8a8(q, s_x, w_q, s_w, bias, **kw))
+    if "error" not in row["checks"]["ws fp8 128x128 s5"]:
+        variants["ws fp8 128x128 s5"] = lambda: gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
     for _ in range(2):  # two passes in turns: the spread between them is the noise
         for name, fn in variants.items():
             try:

@@ -206,6 +206,23 @@ def check_ws_gemm() -> None:
         if m >= WS_MIN_M:
             pick = triton_int8.pick_w8a8(m, n, k, a.device, True)[0]
             record("w8a8_ws_picked", pick == WS_W8A8, m=m, k=k, n=n, pick=str(pick))
+    # fp8 operands (the kernel's float32-accumulator variant, not picked yet): against the Triton fp8 GEMM with the
+    # same tile and promotion, and float64
+    from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
+
+    for m, k, n in [(4608, 3072, 3072), (1000, 15360, 520)]:
+        a = (torch.randn(m, k, device="cuda") * 2).to(torch.float8_e4m3fn)
+        b = (torch.randn(n, k, device="cuda") * 2).to(torch.float8_e4m3fn)
+        sa, sb = torch.rand(m, 1, device="cuda") * 1e-2, torch.rand(n, device="cuda") * 1e-2
+        bias = torch.randn(n, device="cuda").bfloat16()
+        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=dataclasses.replace(WS_W8A8, persistent=0))
+        poison()
+        got = gluon_w8a8(a, sa, b, sb, bias, block_n=128, stages=5)
+        ref = (a.double() @ b.double().T) * sa.double() * sb.double() + bias.double()
+        err = float((got.double() - ref).norm() / ref.norm())
+        record("w8a8_ws_fp8", bool(torch.isfinite(got).all()) and err < 4e-3, m=m, k=k, n=n, err=err,
+               bit_equal_to_triton=bool(torch.equal(got, want)),
+               max_diff_vs_triton=float((got.float() - want.float()).abs().max()))
 
 
 def check_linear() -> None:

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
 
 
-def _compile(m: int, n: int, k: int, bias: bool) -> object:
+def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8) -> object:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -26,7 +26,7 @@ def _compile(m: int, n: int, k: int, bias: bool) -> object:
     from comfyquant.runtime.kernels.configs import WS_W8A8
     from comfyquant.runtime.kernels.gluon_gemm import w8a8_ws
 
-    q, w_q = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
+    q, w_q = torch.zeros(m, k, dtype=dtype), torch.zeros(n, k, dtype=dtype)
     s_x, sb = torch.ones(m, 1), torch.ones(n)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     b = torch.zeros(n, dtype=torch.bfloat16) if bias else None
@@ -49,6 +49,11 @@ def test_compiles_for_sm90_with_wgmma_and_no_spills(m: int, n: int, k: int, bias
     assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.s32\.s8\.s8)", ptx)) == {"m64n128k32.s32.s8.s8"}
     assert "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx  # register hand-over; TMA loads and stores
     assert kern.metadata.shared <= 227 * 1024
+    _assert_no_spills(ptx)
+
+
+def _assert_no_spills(ptx: str) -> None:
+    """ptxas (Triton's own, for sm_90a) reports no register spills for ``ptx``."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
@@ -73,3 +78,14 @@ def test_the_gluon_kernel_takes_only_16_bit_outputs_with_aligned_rows() -> None:
     assert not ti.on_ws(WS_W8A8, torch.empty(1024, 4096, dtype=torch.float32))
     assert not ti.on_ws(WS_W8A8, torch.empty(1024, 4100, dtype=torch.bfloat16)[:, :4093])  # 8200-byte rows
     assert not ti.on_ws(PERSISTENT_W8A8, torch.empty(1024, 4096, dtype=torch.bfloat16))
+
+
+def test_fp8_operands_compile_to_fp8_wgmma_with_float32_promotion() -> None:
+    """The same kernel on e4m3 operands (not picked by the runtime yet): fp8 wgmma into a float32 accumulator,
+    no spills."""
+    kern = _compile(4608, 3072, 3072, True, torch.float8_e4m3fn)
+    ptx = kern.asm["ptx"]
+    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.f32\.\w+\.\w+)", ptx)) == {
+        "m64n128k32.f32.e4m3.e4m3"}
+    assert "s32.s8.s8" not in ptx
+    _assert_no_spills(ptx)

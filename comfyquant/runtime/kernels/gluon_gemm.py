@@ -77,7 +77,12 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, sa_ptr, sb_ptr, bias_
     HAS_BIAS: gl.constexpr = CONFIG[1]
     GROUP_M: gl.constexpr = CONFIG[2]
     STAGES: gl.constexpr = CONFIG[3]
-    INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N  # int8 wgmma: n <= 128 here (as Triton picks)
+    FP8: gl.constexpr = a_bufs.dtype.is_fp8()
+    ACC: gl.constexpr = gl.float32 if FP8 else gl.int32
+    # fp8 x fp8: wgmma's reduced-precision sums promoted into the float32 accumulator every K step, as the Triton
+    # kernels and cuBLAS without fast accumulation do; int8 sums are exact in int32
+    IMPRECISE: gl.constexpr = BLOCK_K if FP8 else 0
+    INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N  # 8-bit wgmma: n <= 128 here (as Triton picks)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                      instr_shape=[16, INSTR_N, 32])
     rows_l: gl.constexpr = gl.SliceLayout(1, layout)
@@ -87,13 +92,13 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, sa_ptr, sb_ptr, bias_
     it = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = gl.zeros((WG_ROWS, BLOCK_N), dtype=gl.int32, layout=layout)
+        acc = gl.zeros((WG_ROWS, BLOCK_N), dtype=ACC, layout=layout)
         for kk in range(k_tiles):
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             a = a_bufs.index(s).slice(WG * WG_ROWS, WG_ROWS, dim=0)
             b = b_bufs.index(s).permute((1, 0))
-            acc = warpgroup_mma(a, b, acc, is_async=True)
+            acc = warpgroup_mma(a, b, acc, is_async=True, max_num_imprecise_acc=IMPRECISE)
             acc = warpgroup_mma_wait(1, deps=(acc, ))  # the previous step's wgmma is done: release its stage
             if kk > 0:
                 mbarrier.arrive(empty.index((it - 1) % STAGES))
@@ -135,7 +140,8 @@ def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: g
             HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
             PRODUCER_REGS: gl.constexpr):
     """``C = (A @ B^T) * s_x[:, None] * s_w + bias`` with A ``[M, K]`` int8 (per-row scales ``s_x``), B ``[N, K]``
-    int8 (``s_w`` per row of B when ``ROW_SB``, else one scalar), C bf16/fp16; one program per SM."""
+    int8 (``s_w`` per row of B when ``ROW_SB``, else one scalar), C bf16/fp16; one program per SM. Both operands
+    fp8 of one dtype: the same with a float32 accumulator (not picked by the runtime yet: unmeasured)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -158,11 +164,16 @@ def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: g
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+_GL_DTYPES = {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
+
+
 def descriptors(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, block_m: int, block_n: int,
                 block_k: int) -> tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor]:
-    """TMA descriptors of A ``[M, K]``, B ``[N, K]`` and C ``[M, N]`` (C in 64-row halves, one per warp group)."""
-    a_l = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8)
-    b_l = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8)
+    """TMA descriptors of A ``[M, K]``, B ``[N, K]`` (int8, or fp8 of one dtype) and C ``[M, N]`` (C in 64-row
+    halves, one per warp group)."""
+    op = _GL_DTYPES[a.dtype]
+    a_l = gl.NVMMASharedLayout.get_default_for([block_m, block_k], op)
+    b_l = gl.NVMMASharedLayout.get_default_for([block_n, block_k], op)
     c_dt = gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
     c_l = gl.NVMMASharedLayout.get_default_for([WG_ROWS.value, block_n], c_dt)
     return (TensorDescriptor.from_tensor(a, [block_m, block_k], a_l),
@@ -174,7 +185,7 @@ def gluon_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: t
                bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16, block_n: int = 256,
                block_k: int = 128, stages: int = 3, group_m: int = 8, programs: int | None = None,
                consumer_regs: int = CONSUMER_REGS, producer_regs: int = PRODUCER_REGS) -> torch.Tensor:
-    """``(q @ w_q^T) * s_x * w_scale + bias`` on the warp-specialized kernel (int8 operands, 2-D ``q``)."""
+    """``(q @ w_q^T) * s_x * w_scale + bias`` on the warp-specialized kernel (int8 or fp8 operands, 2-D ``q``)."""
     m, k = q.shape
     n = w_q.shape[0]
     out = torch.empty((m, n), device=q.device, dtype=out_dtype)
