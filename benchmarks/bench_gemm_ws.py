@@ -23,7 +23,8 @@ SHAPES = {  # (model, layer): (K, N)
     ("wan14b", "attn"): (5120, 5120), ("wan14b", "ffn0"): (5120, 13824), ("wan14b", "ffn2"): (13824, 5120),
 }
 GLUON = {"ws 128x256 s3": dict(block_n=256, stages=3), "ws 128x128 s4": dict(block_n=128, stages=4),
-         "ws 128x128 s5": dict(block_n=128, stages=5)}
+         "ws 128x128 s5": dict(block_n=128, stages=5),
+         "ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}
 
 
 def _bench(fn, reps: int) -> float:

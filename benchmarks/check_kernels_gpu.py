@@ -203,6 +203,12 @@ def check_ws_gemm() -> None:
         err = float((got.double() - ref).norm() / ref.norm())
         record("w8a8_ws_bit_equal", torch.equal(got, want) and err < 4e-3, m=m, k=k, n=n, row_sb=row_sb,
                bias=has_bias, dtype=str(dt), err=err)
+        if dt != torch.float32:  # the ping-pong variant (not picked yet) on the same problem
+            from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
+
+            poison()
+            pp = gluon_w8a8(a, sa, b, sb, bias, dt, block_n=128, stages=4, pingpong=True)
+            record("w8a8_ws_pingpong_bit_equal", torch.equal(pp, want), m=m, k=k, n=n, dtype=str(dt))
         if m >= WS_MIN_M:
             pick = triton_int8.pick_w8a8(m, n, k, a.device, True)[0]
             record("w8a8_ws_picked", pick == WS_W8A8, m=m, k=k, n=n, pick=str(pick))

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
 
 
-def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8) -> object:
+def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8, pingpong: bool = False) -> object:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -33,6 +33,11 @@ def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8
     assert ti.on_ws(WS_W8A8, out)
     fk, grid, args, _ = ti._ws_launch(q, s_x, w_q, sb, b, out, WS_W8A8)
     assert fk.fn is w8a8_ws and grid == (min(132, -(-m // 128) * -(-n // 128)),)
+    if pingpong:  # not a runtime pick yet: the C descriptor spans whole tiles, the last flag set
+        from comfyquant.runtime.kernels.gluon_gemm import descriptors
+
+        c_d = descriptors(q, w_q, out, 128, WS_W8A8.block_n, WS_W8A8.block_k, pingpong=True)[2]
+        args = (*args[:2], c_d, *args[3:-1], True)
     names = list(w8a8_ws.arg_names)
     assert len(args) == len(names)  # every parameter, constexprs included, in order
     const = {p.name for p in w8a8_ws.params if p.is_constexpr}
@@ -88,4 +93,13 @@ def test_fp8_operands_compile_to_fp8_wgmma_with_float32_promotion() -> None:
     assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.f32\.\w+\.\w+)", ptx)) == {
         "m64n128k32.f32.e4m3.e4m3"}
     assert "s32.s8.s8" not in ptx
+    _assert_no_spills(ptx)
+
+
+def test_ping_pong_variant_compiles_with_order_barriers_and_no_spills() -> None:
+    """The ping-pong variant (each consumer warp group whole 128-row tiles in turns; not picked yet): it compiles
+    for sm_90, both groups issue int8 wgmma, and a 128x128 int32 accumulator per group fits without spills."""
+    kern = _compile(4608, 3072, 3072, True, pingpong=True)
+    ptx = kern.asm["ptx"]
+    assert "m64n128k32.s32.s8.s8" in ptx and kern.metadata.shared <= 227 * 1024
     _assert_no_spills(ptx)

@@ -68,8 +68,11 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, CONFIG: gl.
 
 
 @gluon.jit
-def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K, WG: gl.constexpr,
-              CONFIG: gl.constexpr):
+def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+              WG: gl.constexpr, CONFIG: gl.constexpr):
+    """Warp group ``WG``'s share: cooperative (both groups on every tile, 64 rows each), or ping-pong (``CONFIG[4]``:
+    each group its own tiles, alternate ones, all 128 rows; ``turn`` barriers let one group's main loop start
+    only when the other's has ended, so that one's epilogue runs under the other's MMAs)."""
     BLOCK_M: gl.constexpr = a_bufs.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]
     BLOCK_N: gl.constexpr = b_bufs.shape[1]
@@ -77,6 +80,8 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, sa_ptr, sb_ptr, bias_
     HAS_BIAS: gl.constexpr = CONFIG[1]
     GROUP_M: gl.constexpr = CONFIG[2]
     STAGES: gl.constexpr = CONFIG[3]
+    PINGPONG: gl.constexpr = CONFIG[4]
+    ROWS: gl.constexpr = BLOCK_M if PINGPONG else WG_ROWS
     FP8: gl.constexpr = a_bufs.dtype.is_fp8()
     ACC: gl.constexpr = gl.float32 if FP8 else gl.int32
     # fp8 x fp8: wgmma's reduced-precision sums promoted into the float32 accumulator every K step, as the Triton
@@ -89,14 +94,25 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, sa_ptr, sb_ptr, bias_
     cols_l: gl.constexpr = gl.SliceLayout(0, layout)
     num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
+    first = gl.program_id(0)
+    step = gl.num_programs(0)
     it = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+    if PINGPONG:  # tiles WG, WG + 2, ... of this program's list; the ring runs through all of them in order
+        first = first + WG * step
+        step = 2 * step
+        it = WG * k_tiles
+    n = 0
+    for tile in range(first, num_tiles, step):
         pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = gl.zeros((WG_ROWS, BLOCK_N), dtype=ACC, layout=layout)
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), (n & 1) ^ (1 - WG))  # group 0 starts; then strictly in turns
+        acc = gl.zeros((ROWS, BLOCK_N), dtype=ACC, layout=layout)
         for kk in range(k_tiles):
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            a = a_bufs.index(s).slice(WG * WG_ROWS, WG_ROWS, dim=0)
+            a = a_bufs.index(s)
+            if not PINGPONG:
+                a = a.slice(WG * WG_ROWS, WG_ROWS, dim=0)
             b = b_bufs.index(s).permute((1, 0))
             acc = warpgroup_mma(a, b, acc, is_async=True, max_num_imprecise_acc=IMPRECISE)
             acc = warpgroup_mma_wait(1, deps=(acc, ))  # the previous step's wgmma is done: release its stage
@@ -105,9 +121,13 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, sa_ptr, sb_ptr, bias_
             it += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(empty.index((it - 1) % STAGES))
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG))  # the other group's main loop may start
+            it += k_tiles  # the other group's tile comes next in the ring
+        n += 1
 
-        off_m = pid_m * BLOCK_M + WG * WG_ROWS
-        offs_m = off_m + gl.arange(0, WG_ROWS, layout=rows_l)
+        off_m = pid_m * BLOCK_M + (0 if PINGPONG else WG * WG_ROWS)
+        offs_m = off_m + gl.arange(0, ROWS, layout=rows_l)
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols_l)
         out = acc.to(gl.float32) * gl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
         if ROW_SB:
@@ -124,39 +144,48 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, sa_ptr, sb_ptr, bias_
 
 
 @gluon.jit
-def _consumer_worker(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+def _consumer_worker(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K,
                      CONFIG: gl.constexpr):
-    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(1), ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K, 1, CONFIG)
+    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(1), ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, 1,
+              CONFIG)
 
 
 @gluon.jit
-def _consumer_default(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+def _consumer_default(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K,
                       CONFIG: gl.constexpr):
-    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(0), ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K, 0, CONFIG)
+    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(0), ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, 0,
+              CONFIG)
 
 
 @gluon.jit(do_not_specialize=["M"])
 def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: gl.constexpr,
             HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-            PRODUCER_REGS: gl.constexpr):
+            PRODUCER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
     """``C = (A @ B^T) * s_x[:, None] * s_w + bias`` with A ``[M, K]`` int8 (per-row scales ``s_x``), B ``[N, K]``
     int8 (``s_w`` per row of B when ``ROW_SB``, else one scalar), C bf16/fp16; one program per SM. Both operands
-    fp8 of one dtype: the same with a float32 accumulator (not picked by the runtime yet: unmeasured)."""
+    fp8 of one dtype: the same with a float32 accumulator. ``PINGPONG``: each consumer warp group takes whole
+    tiles in turns (C's descriptor then spans the tile's 128 rows). fp8 and ping-pong are not picked by the
+    runtime yet: unmeasured."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    gl.static_assert(BLOCK_M == 2 * WG_ROWS, "two consumer warp groups of 64 rows each")
+    ROWS: gl.constexpr = c_desc.block_type.shape[0]
+    gl.static_assert(BLOCK_M == 2 * WG_ROWS, "two consumer warp groups of 64 rows each, or 128-row tiles in turns")
+    gl.static_assert(ROWS == (BLOCK_M if PINGPONG else WG_ROWS), "C's block: a warp group's rows")
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, WG_ROWS, BLOCK_N], c_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, ROWS, BLOCK_N], c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warp group
+        mbarrier.init(empty.index(i), count=1 if PINGPONG else 2)  # one arrive per warp group reading the stage
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
     fence_async_shared()
-    config: gl.constexpr = (ROW_SB, HAS_BIAS, GROUP_M, STAGES)
-    consumer_args = (c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, M, N, K, config)
+    config: gl.constexpr = (ROW_SB, HAS_BIAS, GROUP_M, STAGES, PINGPONG)
+    consumer_args = (c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, config)
     gl.warp_specialize([
         (_consumer_default, consumer_args),
         (_consumer_worker, consumer_args),
@@ -168,28 +197,30 @@ _GL_DTYPES = {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv, torch.flo
 
 
 def descriptors(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, block_m: int, block_n: int,
-                block_k: int) -> tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor]:
+                block_k: int, pingpong: bool = False) -> tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor]:
     """TMA descriptors of A ``[M, K]``, B ``[N, K]`` (int8, or fp8 of one dtype) and C ``[M, N]`` (C in 64-row
-    halves, one per warp group)."""
+    halves, one per warp group; whole tiles with ``pingpong``)."""
     op = _GL_DTYPES[a.dtype]
     a_l = gl.NVMMASharedLayout.get_default_for([block_m, block_k], op)
     b_l = gl.NVMMASharedLayout.get_default_for([block_n, block_k], op)
     c_dt = gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
-    c_l = gl.NVMMASharedLayout.get_default_for([WG_ROWS.value, block_n], c_dt)
+    c_rows = block_m if pingpong else WG_ROWS.value
+    c_l = gl.NVMMASharedLayout.get_default_for([c_rows, block_n], c_dt)
     return (TensorDescriptor.from_tensor(a, [block_m, block_k], a_l),
             TensorDescriptor.from_tensor(w, [block_n, block_k], b_l),
-            TensorDescriptor.from_tensor(out, [WG_ROWS.value, block_n], c_l))
+            TensorDescriptor.from_tensor(out, [c_rows, block_n], c_l))
 
 
 def gluon_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16, block_n: int = 256,
                block_k: int = 128, stages: int = 3, group_m: int = 8, programs: int | None = None,
-               consumer_regs: int = CONSUMER_REGS, producer_regs: int = PRODUCER_REGS) -> torch.Tensor:
+               consumer_regs: int = CONSUMER_REGS, producer_regs: int = PRODUCER_REGS,
+               pingpong: bool = False) -> torch.Tensor:
     """``(q @ w_q^T) * s_x * w_scale + bias`` on the warp-specialized kernel (int8 or fp8 operands, 2-D ``q``)."""
     m, k = q.shape
     n = w_q.shape[0]
     out = torch.empty((m, n), device=q.device, dtype=out_dtype)
-    a_d, b_d, c_d = descriptors(q, w_q, out, 2 * WG_ROWS.value, block_n, block_k)
+    a_d, b_d, c_d = descriptors(q, w_q, out, 2 * WG_ROWS.value, block_n, block_k, pingpong)
     sb = w_scale.reshape(-1).float()
     if programs is None:
         programs = torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -197,5 +228,5 @@ def gluon_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: t
     w8a8_ws[(min(programs, tiles),)](
         a_d, b_d, c_d, s_x.reshape(-1), sb, bias if bias is not None else sb, m, n, k, ROW_SB=sb.numel() > 1,
         HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
-        PRODUCER_REGS=producer_regs, num_warps=4)
+        PRODUCER_REGS=producer_regs, PINGPONG=pingpong, num_warps=4)
     return out
