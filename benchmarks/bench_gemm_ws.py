@@ -23,8 +23,8 @@ SHAPES = {  # (model, layer): (K, N)
     ("wan14b", "attn"): (5120, 5120), ("wan14b", "ffn0"): (5120, 13824), ("wan14b", "ffn2"): (13824, 5120),
 }
 GLUON = {"ws 128x256 s3": dict(block_n=256, stages=3), "ws 128x128 s4": dict(block_n=128, stages=4),
-         "ws 128x128 s5": dict(block_n=128, stages=5),
-         "ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}
+         "ws 128x128 s5": dict(block_n=128, stages=5)}
+EXPERIMENTAL = {"ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}  # with --experimental
 
 
 def _bench(fn, reps: int) -> float:
@@ -33,8 +33,10 @@ def _bench(fn, reps: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")) * 1e3  # µs
 
 
-def run_shape(m: int, k: int, n: int, reps: int) -> dict:
-    """Check and time every variant on one ``[M, K] x [N, K]^T`` problem."""
+def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False) -> dict:
+    """Check and time every variant on one ``[M, K] x [N, K]^T`` problem (``experimental``: also the Gluon
+    kernel's variants the runtime does not pick: ping-pong, fp8 operands)."""
+    gluon = {**GLUON, **(EXPERIMENTAL if experimental else {})}
     from comfyquant.runtime.kernels.configs import fit_stages, gemm_config, hopper_w8a8_config
     from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
     from comfyquant.runtime.kernels.triton_int8 import gemm_w8a8
@@ -55,7 +57,7 @@ def run_shape(m: int, k: int, n: int, reps: int) -> dict:
     base = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_cfg)
     row: dict = {"M": m, "K": k, "N": n, "checks": {}, "us": {}}
     row["checks"]["triton"] = float((base[:r].double() - ref).norm() / ref.norm())
-    for name, kw in GLUON.items():
+    for name, kw in gluon.items():
         try:
             out = gluon_w8a8(q, s_x, w_q, s_w, bias, **kw)
             torch.cuda.synchronize()
@@ -69,17 +71,21 @@ def run_shape(m: int, k: int, n: int, reps: int) -> dict:
     # the Gluon kernel on the same fp8 operands (not picked by the runtime yet): against the Triton fp8 GEMM
     # (same promotion every K step) and a float64 reference
     ones_n = torch.ones(n, device=dev)
-    tri8 = gemm_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, torch.bfloat16, cfg=dataclasses.replace(tri_cfg, persistent=0))
-    ref8 = fp8_x[:r].double() @ fp8_w.double().T + bias.double()
+    fp8_label = "ws fp8 128x128 s5"
     try:
+        if not experimental:
+            raise RuntimeError("not run (--experimental)")
+        tri8 = gemm_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, torch.bfloat16,
+                         cfg=dataclasses.replace(tri_cfg, persistent=0))
+        ref8 = fp8_x[:r].double() @ fp8_w.double().T + bias.double()
         g8 = gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
-        row["checks"]["ws fp8 128x128 s5"] = {
+        row["checks"][fp8_label] = {
             "bit_equal_to_triton": bool(torch.equal(g8, tri8)),
             "max_abs_diff": float((g8.float() - tri8.float()).abs().max()),
             "rel_err_f64": float((g8[:r].double() - ref8).norm() / ref8.norm()),
             "triton_rel_err_f64": float((tri8[:r].double() - ref8).norm() / ref8.norm())}
     except Exception as e:
-        row["checks"]["ws fp8 128x128 s5"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        row["checks"][fp8_label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     from comfyquant.runtime.kernels.triton_int8 import int8_linear
 
     w_layer = w_q  # the whole W8A8 layer on bf16 x: activation quantization, then the GEMM the runtime picks
@@ -91,11 +97,11 @@ def run_shape(m: int, k: int, n: int, reps: int) -> dict:
         "cublas fp8 (_scaled_mm rowwise)": lambda: torch._scaled_mm(fp8_x, fp8_w.T, sx8, sw8, bias=bias,
                                                                    out_dtype=torch.bfloat16),
     }
-    for name, kw in GLUON.items():
+    for name, kw in gluon.items():
         if "error" not in row["checks"][name]:
             variants[name] = (lambda kw=kw: gluon_w8a8(q, s_x, w_q, s_w, bias, **kw))
-    if "error" not in row["checks"]["ws fp8 128x128 s5"]:
-        variants["ws fp8 128x128 s5"] = lambda: gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
+    if "error" not in row["checks"][fp8_label]:
+        variants[fp8_label] = lambda: gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
     for _ in range(2):  # two passes in turns: the spread between them is the noise
         for name, fn in variants.items():
             try:
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", default="1024,4608,16384", help="comma-separated row counts")
     p.add_argument("--reps", type=int, default=60, help="do_bench repetition time per variant, ms")
     p.add_argument("--only", default="", help="comma-separated model.layer names (default: all)")
+    p.add_argument("--experimental", action="store_true", help="also the Gluon variants not picked yet")
     a = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_gemm_ws: needs a Hopper GPU (the Gluon kernel is sm_90 code)", file=sys.stderr)
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if only and f"{model}.{layer}" not in only:
             continue
         for m in (int(v) for v in a.m.split(",")):
-            r = run_shape(m, k, n, a.reps)
+            r = run_shape(m, k, n, a.reps, a.experimental)
             r.update(model=model, layer=layer)
             rows.append(r)
             print(json.dumps({key: r[key] for key in ("model", "layer", "M", "checks")}), flush=True)

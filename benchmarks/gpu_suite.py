@@ -64,9 +64,12 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "checks": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels")]],
         # the checks of the W8A8 GEMM paths and plans and of the attention backend order only (a short call)
         "checks_gemm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
-                         "check_persistent,check_ws_gemm,check_plans,check_attention_cudnn"]],
+                         "check_persistent,check_ws_gemm,check_plans,check_attention_cudnn,check_ws_experimental"]],
         # the warp-specialized Gluon W8A8 GEMM against today's Triton kernel and cuBLAS (GEMM alone; Hopper only)
         "gemm_ws": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws")]],
+        # the same with the Gluon kernel's unpicked variants (fp8 operands, ping-pong): put it last in a call
+        "gemm_ws_exp": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--experimental",
+                         "--m", "4608,16384"]],
         # the W8A8 rows: M 4096 / 16384, the whole layer (activation pass + picked GEMM) included
         "gemm_layers": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--m", "4096,16384",
                          "--reps", "40"]],
