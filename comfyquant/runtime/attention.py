@@ -17,6 +17,7 @@ bf16 attention; ComfyUI 0.30 puts FlashAttention-2 first, 0.48-0.60x cuDNN's spe
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,9 @@ class AttentionPolicy:
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH]  # SDPA falls through to the next backend for a call cuDNN cannot run
+# backend order (``set_priority``) came after torch 2.4, which comfyquant supports: without it ``cudnn_first``
+# leaves SDPA's own choice (as ComfyUI does on such a torch)
+ORDER_SUPPORTED = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: AttentionPolicy,
@@ -88,7 +92,8 @@ class QuantizedAttention(TorchFunctionMode):
             from comfyquant.runtime.kernels.triton_attention import int8_attention
 
             return int8_attention(q, k, v, sm_scale=kwargs.get("scale"), pv_fp8=self.policy.pv_fp8)
-        if self.policy.cudnn_first and all(isinstance(t, torch.Tensor) and t.is_cuda for t in args):
+        if self.policy.cudnn_first and ORDER_SUPPORTED and all(isinstance(t, torch.Tensor) and t.is_cuda
+                                                               for t in args):
             self.cudnn += 1
             with sdpa_kernel(CUDNN_FIRST, set_priority=True):  # inner to ComfyUI's own order: this one applies
                 return func(*args, **kwargs)
