@@ -103,3 +103,12 @@ def test_ping_pong_variant_compiles_with_order_barriers_and_no_spills() -> None:
     ptx = kern.asm["ptx"]
     assert "m64n128k32.s32.s8.s8" in ptx and kern.metadata.shared <= 227 * 1024
     _assert_no_spills(ptx)
+
+
+def test_only_a_triton_with_the_gluon_api_it_was_written_for_picks_it() -> None:
+    """Triton 3.4 / 3.5 (torch 2.8-2.10) have an earlier Gluon: the Triton kernels keep those layers."""
+    from comfyquant.runtime.kernels.triton_int8 import ws_available, ws_supported
+
+    assert ws_supported("3.6.0") and ws_supported("3.7.1") and ws_supported("4.0.0+git1234")
+    assert not ws_supported("3.5.1") and not ws_supported("3.4.0") and not ws_supported("2.3.1")
+    assert ws_available() is ws_supported(triton.__version__)

@@ -100,8 +100,26 @@ def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = F
         return fit_stages(small_m_config(m, n, k, sms), 1, 1), True
     cfg = gemm_config(m, n, k, sms, hopper=major >= 9)
     if persistent and major >= 9:
-        cfg = hopper_w8a8_config(cfg, m, major)
+        cfg = hopper_w8a8_config(cfg, m, major if ws_available() else 0)
     return fit_stages(cfg, 1, 1), False
+
+
+def ws_supported(triton_version: str) -> bool:
+    """Whether a Triton of this version runs the Gluon kernel: 3.6 or later (Gluon's warp-specialization API,
+    as the kernel is written and checked against; torch 2.8-2.10 bring Triton 3.4-3.5, whose Gluon differs)."""
+    parts = []
+    for p in triton_version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= (3, 6)
+
+
+@functools.cache
+def ws_available() -> bool:
+    """:func:`ws_supported` for the installed Triton (else the Triton kernels take its layers)."""
+    import triton
+
+    return ws_supported(triton.__version__)
 
 
 def persistent_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple]) -> bool:
