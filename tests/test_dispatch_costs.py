@@ -254,8 +254,8 @@ def test_persistent_w8a8_tile_is_not_slower_on_the_recorded_h200_timings() -> No
 
 
 def test_warp_specialized_tile_against_the_recorded_h200_timings() -> None:
-    """``configs.hopper_w8a8_config`` picks the Gluon kernel's tile (``WS_W8A8``) on sm_90 from ``WS_MIN_M`` rows,
-    and not on other chips or below it. Against run 23's GEMM timings (benchmarks/results/gemm_ws_run23_*, GEMM
+    """``configs.hopper_w8a8_config`` picks the Gluon kernel's tile (``WS_W8A8``) on sm_90 from ``WS_MIN_M`` rows
+    for layers as wide as those it was timed on, and not on other chips, below it, or for narrower layers. Against run 23's GEMM timings (benchmarks/results/gemm_ws_run23_*, GEMM
     alone on an H200, every Gluon output bit-equal to the Triton kernel's): on the rows where the GEMM is not
     host-bound (bf16 >= 60 µs), the picked tile is faster than today's Triton kernel on the geometric mean by
     over 15%, never more than 5% slower, and within 7% of the best of the three Gluon tiles timed."""
@@ -266,9 +266,12 @@ def test_warp_specialized_tile_against_the_recorded_h200_timings() -> None:
     from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, WS_MIN_M, WS_W8A8, hopper_w8a8_config
 
     big = gemm_config(4096, 9216, 3072, 132)
-    assert hopper_w8a8_config(big, 4096, 9) == WS_W8A8
-    assert hopper_w8a8_config(big, WS_MIN_M - 1, 9) == PERSISTENT_W8A8
-    assert hopper_w8a8_config(big, 4096, 10) == PERSISTENT_W8A8  # Blackwell: no Hopper wgmma code
+    assert hopper_w8a8_config(big, 4096, 9, 9216, 3072) == WS_W8A8
+    assert hopper_w8a8_config(big, WS_MIN_M - 1, 9, 9216, 3072) == PERSISTENT_W8A8
+    assert hopper_w8a8_config(big, 4096, 10, 9216, 3072) == PERSISTENT_W8A8  # Blackwell: no Hopper wgmma code
+    for n, k in ((1280, 1280), (640, 640), (3072, 768), (768, 3072)):  # SDXL / CLIP widths: not timed, not taken
+        sdxl = gemm_config(4096, n, k, 132)
+        assert hopper_w8a8_config(sdxl, 4096, 9, n, k) != WS_W8A8
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gemm_ws_run23_h200_2026-12-03.json"
     rows = json.loads(path.read_text())["rows"]
     label = f"ws {WS_W8A8.block_m}x{WS_W8A8.block_n} s{WS_W8A8.stages}"

@@ -60,12 +60,16 @@ PERSISTENT_W8A8 = TileConfig(128, 256, 128, 8, 3, 8, persistent=2)
 # tiles on all but 4 of 27 rows. At M = 1024 1.26-1.92x on all shapes but the 3072-wide proj (host-bound there).
 WS_W8A8 = TileConfig(128, 128, 128, 4, 5, 8, persistent=3)
 WS_MIN_M = 1024  # rows from which the warp-specialized kernel runs (measured from 1024)
+# The shapes it was measured on had K and N of 3072 or more; narrower layers (SDXL's 640 / 1280, CLIP's 768:
+# few K steps per tile, where the tile table's narrow-N configs were tuned) keep the Triton kernels until timed.
+WS_MIN_NK = 3072
 
 
-def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9) -> TileConfig:
-    """``gemm_config``'s pick for the Hopper int8 W8A8 GEMM: :data:`WS_W8A8` from :data:`WS_MIN_M` rows on sm_90
-    (its wgmma code is Hopper's own), else :data:`PERSISTENT_W8A8` in place of a full-size tile."""
-    if major == 9 and m >= WS_MIN_M:
+def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, k: int = 0) -> TileConfig:
+    """``gemm_config``'s pick for the Hopper int8 W8A8 GEMM: :data:`WS_W8A8` on sm_90 (its wgmma code is Hopper's
+    own) from :data:`WS_MIN_M` rows for layers of at least :data:`WS_MIN_NK` in and out features, else
+    :data:`PERSISTENT_W8A8` in place of a full-size tile."""
+    if major == 9 and m >= WS_MIN_M and min(n, k) >= WS_MIN_NK:
         return WS_W8A8
     return PERSISTENT_W8A8 if cfg.block_m * cfg.block_n >= 128 * 256 else cfg
 

@@ -100,7 +100,7 @@ def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = F
         return fit_stages(small_m_config(m, n, k, sms), 1, 1), True
     cfg = gemm_config(m, n, k, sms, hopper=major >= 9)
     if persistent and major >= 9:
-        cfg = hopper_w8a8_config(cfg, m, major if ws_available() else 0)
+        cfg = hopper_w8a8_config(cfg, m, major if ws_available() else 0, n, k)
     return fit_stages(cfg, 1, 1), False
 
 
