@@ -210,8 +210,8 @@ def check_ws_gemm() -> None:
 
 def check_ws_experimental() -> None:
     """The Gluon GEMM's variants not picked yet (run last: a variant that hangs costs only the end of the step):
-    ping-pong (whole tiles per consumer warp group, in turns) bit-equal to the Triton kernel with the same tile, and
-    fp8 operands against the Triton fp8 GEMM and float64."""
+    ping-pong (whole tiles per consumer warp group, in turns) bit-equal to the Triton kernel with the same tile, a
+    LoRA's low-rank term in its epilogue, and fp8 operands, against the Triton kernels and float64."""
     import dataclasses
 
     from comfyquant.runtime.kernels.configs import WS_W8A8
@@ -227,6 +227,28 @@ def check_ws_experimental() -> None:
         poison()
         pp = gluon_w8a8(a, sa, b, sb, bias, dt, block_n=128, stages=4, pingpong=True)
         record("w8a8_ws_pingpong_bit_equal", torch.equal(pp, want), m=m, k=k, n=n, dtype=str(dt))
+    # a dynamic LoRA's low-rank term in the epilogue (ranks 16-64, padded to 16 as the runtime pads them; the box
+    # zero-fills past the rank), both schedules, against the Triton kernel's fused term (same tile) and float64
+    for m, k, n, r, pingpong in [(4608, 3072, 3072, 32, False), (2049, 3136, 9216, 64, False),
+                                 (1000, 5120, 520, 16, True), (4096, 3072, 3072, 48, True)]:
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        a, sa = triton_quant.quantize_rows_int8(x)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+        sb = torch.rand(n, device="cuda") * 1e-4
+        bias = torch.randn(n, device="cuda").bfloat16()
+        down = (torch.randn(r, k, device="cuda") * 0.05).bfloat16()
+        up = (torch.randn(r, n, device="cuda") * 0.05).bfloat16()
+        lr = triton_int8._low_rank_args((down, up), x, sb)
+        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=dataclasses.replace(WS_W8A8, persistent=0),
+                                     lr=lr)
+        h = lr[0][0]
+        poison()
+        got = gluon_w8a8(a, sa, b, sb, bias, block_n=128, stages=5, pingpong=pingpong, low_rank=(h, up))
+        ref = (a.double() @ b.double().T) * sa.double() * sb.double() + bias.double() + h.double() @ up.double()
+        err = float((got.double() - ref).norm() / ref.norm())
+        err_t = float((want.double() - ref).norm() / ref.norm())
+        record("w8a8_ws_low_rank", bool(torch.isfinite(got).all()) and err <= 1.5 * err_t + 1e-4, m=m, k=k, n=n,
+               r=r, pingpong=pingpong, err=err, triton_err=err_t, bit_equal_to_triton=bool(torch.equal(got, want)))
     # fp8 operands
     for m, k, n in [(4608, 3072, 3072), (1000, 15360, 520)]:
         a = (torch.randn(m, k, device="cuda") * 2).to(torch.float8_e4m3fn)

@@ -17,7 +17,8 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
 
 
-def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8, pingpong: bool = False) -> object:
+def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8, pingpong: bool = False,
+             low_rank: int = 0) -> object:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -33,12 +34,21 @@ def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8
     assert ti.on_ws(WS_W8A8, out)
     fk, grid, args, _ = ti._ws_launch(q, s_x, w_q, sb, b, out, WS_W8A8)
     assert fk.fn is w8a8_ws and grid == (min(132, -(-m // 128) * -(-n // 128)),)
-    if pingpong:  # not a runtime pick yet: the C descriptor spans whole tiles, the last flag set
-        from comfyquant.runtime.kernels.gluon_gemm import descriptors
-
-        c_d = descriptors(q, w_q, out, 128, WS_W8A8.block_n, WS_W8A8.block_k, pingpong=True)[2]
-        args = (*args[:2], c_d, *args[3:-1], True)
     names = list(w8a8_ws.arg_names)
+    if pingpong or low_rank:  # not runtime picks yet: the variant's own arguments in place of the runtime's
+        from comfyquant.runtime.kernels.gluon_gemm import descriptors, fit_stages, lr_descriptors
+
+        by_name = dict(zip(names, args, strict=True))
+        if pingpong:  # the C descriptor spans whole tiles
+            by_name["c_desc"] = descriptors(q, w_q, out, 128, WS_W8A8.block_n, WS_W8A8.block_k, pingpong=True)[2]
+            by_name["PINGPONG"] = True
+        if low_rank:
+            h, up = torch.zeros(m, low_rank, dtype=torch.bfloat16), torch.zeros(low_rank, n, dtype=torch.bfloat16)
+            rows = by_name["c_desc"].block_shape[0]
+            by_name["h_desc"], by_name["u_desc"] = lr_descriptors(h, up, rows, WS_W8A8.block_n)
+            by_name["HAS_LR"] = True
+        by_name["STAGES"] = fit_stages(WS_W8A8.stages, WS_W8A8.block_n, WS_W8A8.block_k, pingpong, bool(low_rank))
+        args = tuple(by_name[nm] for nm in names)
     assert len(args) == len(names)  # every parameter, constexprs included, in order
     const = {p.name for p in w8a8_ws.params if p.is_constexpr}
     sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
@@ -112,3 +122,29 @@ def test_only_a_triton_with_the_gluon_api_it_was_written_for_picks_it() -> None:
     assert ws_supported("3.6.0") and ws_supported("3.7.1") and ws_supported("4.0.0+git1234")
     assert not ws_supported("3.5.1") and not ws_supported("3.4.0") and not ws_supported("2.3.1")
     assert ws_available() is ws_supported(triton.__version__)
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_low_rank_epilogue_compiles_with_a_16_bit_wgmma_and_no_spills(pingpong: bool) -> None:
+    """A dynamic LoRA's ``h @ up`` in the Gluon epilogue (not picked yet): h and up tiles by TMA during the main
+    loop, one bf16 wgmma per tile into a float32 accumulator whose layout change to the int8 one is free (no
+    shared memory round trip); no spills; shared memory within the 227 KB a block gets (4 stages with it)."""
+    from comfyquant.runtime.kernels.configs import WS_W8A8
+
+    kern = _compile(4608, 3072, 3072, True, low_rank=32, pingpong=pingpong)
+    ptx = kern.asm["ptx"]
+    assert "m64n128k32.s32.s8.s8" in ptx and re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.bf16", ptx)
+    assert kern.metadata.shared <= 227 * 1024, (kern.metadata.shared, WS_W8A8.stages)
+    _assert_no_spills(ptx)
+
+
+def test_stages_fit_shared_memory_with_each_variant() -> None:
+    """``fit_stages`` keeps the picked tile's 5 stages where they fit (ping-pong's two 128-row output buffers
+    included) and cuts them where the variant's buffers need the room: 4 with a low-rank term, 3 for both."""
+    from comfyquant.runtime.kernels.gluon_gemm import fit_stages
+
+    assert fit_stages(5, 128, 128) == 5
+    assert fit_stages(5, 128, 128, low_rank=True) == 4
+    assert fit_stages(5, 128, 128, pingpong=True) == 5
+    assert fit_stages(5, 128, 128, pingpong=True, low_rank=True) == 3
+    assert fit_stages(3, 256, 128) == 3

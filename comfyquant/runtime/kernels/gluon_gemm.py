@@ -68,8 +68,8 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, CONFIG: gl.
 
 
 @gluon.jit
-def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K,
-              WG: gl.constexpr, CONFIG: gl.constexpr):
+def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, h_desc, u_desc,
+              h_buf, u_buf, lr_bar, WG: gl.constexpr, CONFIG: gl.constexpr):
     """Warp group ``WG``'s share: cooperative (both groups on every tile, 64 rows each), or ping-pong (``CONFIG[4]``:
     each group its own tiles, alternate ones, all 128 rows; ``turn`` barriers let one group's main loop start
     only when the other's has ended, so that one's epilogue runs under the other's MMAs)."""
@@ -81,6 +81,7 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr,
     GROUP_M: gl.constexpr = CONFIG[2]
     STAGES: gl.constexpr = CONFIG[3]
     PINGPONG: gl.constexpr = CONFIG[4]
+    HAS_LR: gl.constexpr = CONFIG[5]
     ROWS: gl.constexpr = BLOCK_M if PINGPONG else WG_ROWS
     FP8: gl.constexpr = a_bufs.dtype.is_fp8()
     ACC: gl.constexpr = gl.float32 if FP8 else gl.int32
@@ -90,6 +91,10 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr,
     INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N  # 8-bit wgmma: n <= 128 here (as Triton picks)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                      instr_shape=[16, INSTR_N, 32])
+    # the low-rank term's bf16 / fp16 wgmma (K 16 per instruction); its accumulator's registers map like the int8
+    # one's, so the layout change below moves nothing (checked on the compiled code: no shared memory)
+    lr_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, INSTR_N, 16])
     rows_l: gl.constexpr = gl.SliceLayout(1, layout)
     cols_l: gl.constexpr = gl.SliceLayout(0, layout)
     num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
@@ -104,6 +109,11 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr,
     n = 0
     for tile in range(first, num_tiles, step):
         pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M + (0 if PINGPONG else WG * WG_ROWS)
+        if HAS_LR:  # this tile's rows of h = x @ down^T and columns of up, arriving while the main loop runs
+            mbarrier.expect(lr_bar, h_desc.block_type.nbytes + u_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(h_desc, [off_m, 0], lr_bar, h_buf)
+            tma.async_copy_global_to_shared(u_desc, [0, pid_n * BLOCK_N], lr_bar, u_buf)
         if PINGPONG:
             mbarrier.wait(turn.index(WG), (n & 1) ^ (1 - WG))  # group 0 starts; then strictly in turns
         acc = gl.zeros((ROWS, BLOCK_N), dtype=ACC, layout=layout)
@@ -124,9 +134,9 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr,
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - WG))  # the other group's main loop may start
             it += k_tiles  # the other group's tile comes next in the ring
+        lr_phase = n & 1
         n += 1
 
-        off_m = pid_m * BLOCK_M + (0 if PINGPONG else WG * WG_ROWS)
         offs_m = off_m + gl.arange(0, ROWS, layout=rows_l)
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols_l)
         out = acc.to(gl.float32) * gl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
@@ -136,6 +146,10 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr,
             out = out * gl.load(sb_ptr)
         if HAS_BIAS:
             out = out + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+        if HAS_LR:  # + h @ up, ranks up to the 64-wide box (TMA zero-fills past the rank and past M)
+            mbarrier.wait(lr_bar, lr_phase)  # accumulated onto the scaled output itself, as the Triton epilogue's
+            # tl.dot(h, u, out) does: one float32 tile live, not two
+            out = gl.convert_layout(warpgroup_mma(h_buf, u_buf, gl.convert_layout(out, lr_layout)), layout)
         tma.store_wait(0)  # the previous tile's store has left c_buf
         c_buf.store(out.to(c_desc.dtype))
         fence_async_shared()
@@ -144,27 +158,29 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr,
 
 
 @gluon.jit
-def _consumer_worker(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K,
-                     CONFIG: gl.constexpr):
-    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(1), ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, 1,
-              CONFIG)
+def _consumer_worker(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, h_desc,
+                     u_desc, h_bufs, u_bufs, lr_bars, CONFIG: gl.constexpr):
+    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(1), ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, h_desc,
+              u_desc, h_bufs.index(1), u_bufs.index(1), lr_bars.index(1), 1, CONFIG)
 
 
 @gluon.jit
-def _consumer_default(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K,
-                      CONFIG: gl.constexpr):
-    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(0), ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, 0,
-              CONFIG)
+def _consumer_default(c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, h_desc,
+                      u_desc, h_bufs, u_bufs, lr_bars, CONFIG: gl.constexpr):
+    _consumer(c_desc, a_bufs, b_bufs, c_bufs.index(0), ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, h_desc,
+              u_desc, h_bufs.index(0), u_bufs.index(0), lr_bars.index(0), 0, CONFIG)
 
 
 @gluon.jit(do_not_specialize=["M"])
 def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: gl.constexpr,
             HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-            PRODUCER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
+            PRODUCER_REGS: gl.constexpr, PINGPONG: gl.constexpr, h_desc, u_desc, HAS_LR: gl.constexpr):
     """``C = (A @ B^T) * s_x[:, None] * s_w + bias`` with A ``[M, K]`` int8 (per-row scales ``s_x``), B ``[N, K]``
     int8 (``s_w`` per row of B when ``ROW_SB``, else one scalar), C bf16/fp16; one program per SM. Both operands
     fp8 of one dtype: the same with a float32 accumulator. ``PINGPONG``: each consumer warp group takes whole
-    tiles in turns (C's descriptor then spans the tile's 128 rows). fp8 and ping-pong are not picked by the
+    tiles in turns (C's descriptor then spans the tile's 128 rows). ``HAS_LR``: plus ``h @ up`` (a dynamic LoRA's
+    low-rank term: ``h = x @ down^T`` ``[M, R]`` and ``up`` ``[R, N]``, 16-bit, R <= 64, through ``h_desc`` /
+    ``u_desc``; otherwise None). fp8, ping-pong and the low-rank term are not picked by the
     runtime yet: unmeasured."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -178,14 +194,25 @@ def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: g
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    lr_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    if HAS_LR:  # one h tile and one up tile per consumer warp group
+        h_bufs = gl.allocate_shared_memory(h_desc.dtype, [2, h_desc.block_type.shape[0], h_desc.block_type.shape[1]],
+                                           h_desc.layout)
+        u_bufs = gl.allocate_shared_memory(u_desc.dtype, [2, u_desc.block_type.shape[0], u_desc.block_type.shape[1]],
+                                           u_desc.layout)
+    else:  # placeholders the partitions never touch
+        h_bufs = c_bufs
+        u_bufs = c_bufs
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1 if PINGPONG else 2)  # one arrive per warp group reading the stage
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
+        mbarrier.init(lr_bars.index(i), count=1)
     fence_async_shared()
-    config: gl.constexpr = (ROW_SB, HAS_BIAS, GROUP_M, STAGES, PINGPONG)
-    consumer_args = (c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, config)
+    config: gl.constexpr = (ROW_SB, HAS_BIAS, GROUP_M, STAGES, PINGPONG, HAS_LR)
+    consumer_args = (c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, M, N, K, h_desc,
+                     u_desc, h_bufs, u_bufs, lr_bars, config)
     gl.warp_specialize([
         (_consumer_default, consumer_args),
         (_consumer_worker, consumer_args),
@@ -193,7 +220,34 @@ def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: g
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-_GL_DTYPES = {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
+_GL_DTYPES = {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5,
+              torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+LR_MAX = 64  # the widest low-rank term the kernel's 64-wide h / up boxes hold
+SMEM_LIMIT = 227 * 1024  # shared memory a Hopper block may take
+
+
+def fit_stages(stages: int, block_n: int, block_k: int, pingpong: bool = False, low_rank: bool = False,
+               out_bytes: int = 2) -> int:
+    """``stages`` cut so the ring (128 x ``block_k`` A and ``block_n`` x ``block_k`` B, 8-bit), the two output
+    buffers and, with ``low_rank``, the two h / up tiles fit a block's shared memory (1 KB kept for barriers)."""
+    rows = 2 * WG_ROWS.value if pingpong else WG_ROWS.value
+    fixed = 2 * rows * block_n * out_bytes + (2 * (rows * LR_MAX + LR_MAX * block_n) * 2 if low_rank else 0)
+    per_stage = (2 * WG_ROWS.value + block_n) * block_k
+    return max(2, min(stages, (SMEM_LIMIT - 1024 - fixed) // per_stage))
+
+
+def lr_descriptors(h: torch.Tensor, up: torch.Tensor, rows: int, block_n: int) -> tuple[TensorDescriptor,
+                                                                                          TensorDescriptor]:
+    """TMA descriptors of a low-rank term's ``h`` ``[M, R]`` (``rows`` x 64 boxes) and ``up`` ``[R, N]`` (64 x
+    ``block_n``), 16-bit, R <= :data:`LR_MAX` (the boxes zero-fill past R)."""
+    if h.shape[1] > LR_MAX or up.shape[0] != h.shape[1] or h.dtype != up.dtype or h.dtype not in (
+            torch.bfloat16, torch.float16):
+        raise ValueError(f"low-rank term {tuple(h.shape)} x {tuple(up.shape)} {h.dtype}: needs 16-bit, R <= {LR_MAX}")
+    dt = _GL_DTYPES[h.dtype]
+    h_l = gl.NVMMASharedLayout.get_default_for([rows, LR_MAX], dt)
+    u_l = gl.NVMMASharedLayout.get_default_for([LR_MAX, block_n], dt)
+    return (TensorDescriptor.from_tensor(h, [rows, LR_MAX], h_l),
+            TensorDescriptor.from_tensor(up, [LR_MAX, block_n], u_l))
 
 
 def descriptors(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, block_m: int, block_n: int,
@@ -215,12 +269,15 @@ def gluon_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: t
                bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16, block_n: int = 256,
                block_k: int = 128, stages: int = 3, group_m: int = 8, programs: int | None = None,
                consumer_regs: int = CONSUMER_REGS, producer_regs: int = PRODUCER_REGS,
-               pingpong: bool = False) -> torch.Tensor:
-    """``(q @ w_q^T) * s_x * w_scale + bias`` on the warp-specialized kernel (int8 or fp8 operands, 2-D ``q``)."""
+               pingpong: bool = False, low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``(q @ w_q^T) * s_x * w_scale + bias`` on the warp-specialized kernel (int8 or fp8 operands, 2-D ``q``);
+    ``low_rank = (h, up)``: plus ``h @ up`` (16-bit ``[M, R]`` and ``[R, N]``, R <= :data:`LR_MAX`)."""
     m, k = q.shape
     n = w_q.shape[0]
     out = torch.empty((m, n), device=q.device, dtype=out_dtype)
+    stages = fit_stages(stages, block_n, block_k, pingpong, low_rank is not None, out.element_size())
     a_d, b_d, c_d = descriptors(q, w_q, out, 2 * WG_ROWS.value, block_n, block_k, pingpong)
+    h_d, u_d = (None, None) if low_rank is None else lr_descriptors(*low_rank, c_d.block_shape[0], block_n)
     sb = w_scale.reshape(-1).float()
     if programs is None:
         programs = torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -228,5 +285,6 @@ def gluon_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: t
     w8a8_ws[(min(programs, tiles),)](
         a_d, b_d, c_d, s_x.reshape(-1), sb, bias if bias is not None else sb, m, n, k, ROW_SB=sb.numel() > 1,
         HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
-        PRODUCER_REGS=producer_regs, PINGPONG=pingpong, num_warps=4)
+        PRODUCER_REGS=producer_regs, PINGPONG=pingpong, h_desc=h_d, u_desc=u_d, HAS_LR=low_rank is not None,
+        num_warps=4)
     return out

@@ -191,7 +191,7 @@ def _ws_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.
     b_arg = bias if has_bias else sb
     grid = (min(device_facts(q.device)[0], cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)),)
     args = (a_d, b_d, c_d, s_x, sb, b_arg, m, n, k, sb.numel() > 1, has_bias, cfg.group_m, cfg.stages,
-            gg.CONSUMER_REGS, gg.PRODUCER_REGS, False)
+            gg.CONSUMER_REGS, gg.PRODUCER_REGS, False, None, None, False)
     return _ws_kernel(), grid, args, (cfg, out.dtype, n, k, sb.numel() > 1, has_bias, _al(sb), _al(b_arg), grid)
 
 
