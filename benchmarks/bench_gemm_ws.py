@@ -102,6 +102,24 @@ def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False) -> 
             variants[name] = (lambda kw=kw: gluon_w8a8(q, s_x, w_q, s_w, bias, **kw))
     if "error" not in row["checks"][fp8_label]:
         variants[fp8_label] = lambda: gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
+    if experimental:  # a rank-32 LoRA's term in the epilogue: the Triton kernel's (today's path) and the Gluon one
+        from comfyquant.runtime.kernels.triton_int8 import _low_rank_args
+
+        down = (torch.randn(32, k, device=dev) * 0.05).bfloat16()
+        up = (torch.randn(32, n, device=dev) * 0.05).bfloat16()
+        lr = _low_rank_args((down, up), x, s_w)
+        h = lr[0][0]
+        tri_lr_cfg = dataclasses.replace(tri_cfg, persistent=0)
+        lr_want = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_lr_cfg, lr=lr)
+        try:
+            lr_got = gluon_w8a8(q, s_x, w_q, s_w, bias, block_n=128, stages=5, low_rank=(h, up))
+            row["checks"]["ws + lora r32"] = {"max_abs_diff_vs_triton": float((lr_got.float() - lr_want.float()).abs().max()),
+                                              "bit_equal_to_triton": bool(torch.equal(lr_got, lr_want))}
+            variants["ws + lora r32"] = lambda: gluon_w8a8(q, s_x, w_q, s_w, bias, block_n=128, stages=5,
+                                                           low_rank=(h, up))
+        except Exception as e:
+            row["checks"]["ws + lora r32"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        variants["triton + lora r32"] = lambda: gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_lr_cfg, lr=lr)
     for _ in range(2):  # two passes in turns: the spread between them is the noise
         for name, fn in variants.items():
             try:
