@@ -54,3 +54,21 @@ def test_graphs_mode_steps_through_apply_model_with_the_nodes_wrapper(comfyui_ro
     assert list(err) == ["bf16", *only.split(",")]
     assert err["bf16"] == err["bf16 + cuda graphs"] == 0.0
     assert 0 < err["adapter int8 + attention cudnn"] == err["adapter int8 + attention cudnn + cuda graphs"] < 0.1
+
+
+def test_merge_rounds_pools_each_rows_steps_and_keeps_untimed_rows() -> None:
+    """``merge_rounds``: one row per (variant, resolution), the median of every round's steps pooled (not the
+    median of medians), the peak VRAM the largest seen, each round's median in the note; a row that was not
+    timed in any round (a failure, a variant not run) stays as its first round left it."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from bench_comfyui_flux import Result, merge_rounds
+
+    r1 = [Result("bf16", 512, 10.0, [9.0, 10.0, 11.0], 2.0, 1.0), Result("x", 512, note="failed: boom")]
+    r2 = [Result("bf16", 512, 20.0, [20.0, 21.0, 19.0], 3.0, 1.0), Result("x", 512, note="failed: boom")]
+    rows = merge_rounds([r1, r2])
+    assert [(r.variant, r.resolution) for r in rows] == [("bf16", 512), ("x", 512)]
+    bf16, failed = rows
+    assert bf16.step_ms_all == [9.0, 10.0, 11.0, 20.0, 21.0, 19.0] and bf16.step_ms == 15.0  # median of all six
+    assert bf16.peak_vram_gib == 3.0 and bf16.note.endswith("round medians 10.0/20.0")
+    assert failed.step_ms is None and failed.note == "failed: boom"
+    assert merge_rounds([r1]) is r1  # one round: the rows as measured
