@@ -306,3 +306,31 @@ def test_calibration_operands_hold_only_what_the_timed_paths_read() -> None:
     assert fns["torch"]().shape == (16, 256) and fns["bf16"]().shape == (16, 256)
     # the same int8 weight whichever subset is built (one generator stream, weights drawn first)
     assert torch.equal(_operands(16, 1024, 512, torch.device("cpu"))["q"], o["q"])
+
+
+def test_the_gluon_kernels_speed_up_applies_to_its_shapes_only() -> None:
+    """``DeviceCosts.ws_speedup`` (the Gluon GEMM over the Triton kernel's rate) scales the int8 W8A8 path on the
+    shapes ``configs.hopper_w8a8_config`` sends to it and nowhere else: SDXL's 1280-wide layers, whose close
+    races between W8A8 and dequantize + cuBLAS were decided on the Triton kernel's rate, decide the same with
+    the speed-up in the table; the costs' JSON carries it (an older file without it reads 1.0)."""
+    import dataclasses
+
+    from comfyquant.runtime.kernels.calibrate import ws_ratio
+
+    base = dataclasses.replace(cm.DEFAULT_COSTS, ws_speedup=1.0)
+    fast = dataclasses.replace(cm.DEFAULT_COSTS, ws_speedup=1.25)
+    flux = (4608, 9216, 3072)
+    assert cm.gpu_us("triton", *flux, fast) < cm.gpu_us("triton", *flux, base)
+    for path in ("bf16", "dequant", "scaled_mm", "triton_fp8", "triton_w8a16"):
+        assert cm.gpu_us(path, *flux, fast) == cm.gpu_us(path, *flux, base)
+    candidates = ("triton", "triton_fused", "triton_w8a16", "dequant")
+    for m in (1024, 4096, 16384):
+        for n, k in ((1280, 1280), (10240, 1280), (1280, 5120), (640, 640)):
+            assert cm.gpu_us("triton", m, n, k, fast) == cm.gpu_us("triton", m, n, k, base)
+            assert cm.decide(candidates, m, n, k, fast, "eager")[0] == cm.decide(candidates, m, n, k, base, "eager")[0]
+    assert cm.gpu_us("triton", 512, 9216, 3072, fast) == cm.gpu_us("triton", 512, 9216, 3072, base)  # below 1024
+    assert cm.DeviceCosts.from_json(fast.to_json()) == fast
+    old = base.to_json()
+    old.pop("ws_speedup")
+    assert cm.DeviceCosts.from_json(old).ws_speedup == 1.0
+    assert ws_ratio(100.0, 80.0) == 1.25 and ws_ratio(100.0, 1.0) == 3.0 and ws_ratio(1.0, 100.0) == 0.5

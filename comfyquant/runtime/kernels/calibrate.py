@@ -22,7 +22,8 @@ from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 3  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model)
+CACHE_VERSION = 4  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
+# 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -165,7 +166,10 @@ def measure(device: torch.device) -> DeviceCosts:
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
     rates = {}
-    for shape, group in (((4096, 4096, 4096), ("bf16", "triton", "scaled_mm", "triton_fp8", "w4a8")),
+    # the int8 W8A8 path's Triton kernel on a shape the Gluon kernel does not take (N < WS_MIN_NK), so its rate
+    # stays the Triton kernel's; the Gluon kernel's speed-up is timed apart below
+    for shape, group in (((4096, 4096, 4096), ("bf16", "scaled_mm", "triton_fp8", "w4a8")),
+                         ((4096, 2048, 4096), ("triton",)),
                          ((256, 8192, 8192), ("triton_fused", "triton_w8a16"))):
         timed = tuple(p for p in group if p in paths)
         fns = _paths(_operands(*shape, dev, _keys(timed)), timed)
@@ -173,11 +177,33 @@ def measure(device: torch.device) -> DeviceCosts:
             if p in fns:
                 rates[p] = fit_rate(p, *shape, _gpu_us(fns[p]), base)
         del fns
+    ws = _ws_speedup(dev, paths, DeviceCosts(device=base.device, sms=sms, bw_gbs=bw, launch_us=base.launch_us,
+                                             host_us=base.host_us, tflops=tuple(rates.items())))
     torch.cuda.empty_cache()  # hand the transient back: ComfyUI sizes its loads from the driver's free memory
-    return DeviceCosts(device=base.device, sms=sms, bw_gbs=bw, launch_us=base.launch_us,
+    return DeviceCosts(device=base.device, sms=sms, bw_gbs=bw, launch_us=base.launch_us, ws_speedup=ws,
                        host_us=base.host_us, tflops=tuple(rates.items()),
                        measured=f"calibrate.measure {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
                                 f"torch {torch.__version__}")
+
+
+WS_SHAPE = (4096, 4096, 4096)  # a shape the Gluon kernel takes, where the speed-up over the Triton rate is timed
+
+
+def _ws_speedup(dev: torch.device, paths: tuple[str, ...], c: DeviceCosts) -> float:
+    """The int8 W8A8 path's time on :data:`WS_SHAPE` as the Triton rate predicts it, over its measured time there
+    (the Gluon kernel runs it on this device); 1.0 where the Gluon kernel does not run (not sm_90, older Triton)."""
+    from comfyquant.runtime.kernels import triton_int8
+
+    if "triton" not in paths or torch.cuda.get_device_capability(dev)[0] != 9 or not triton_int8.ws_available():
+        return 1.0
+    fns = _paths(_operands(*WS_SHAPE, dev, _keys(("triton",))), ("triton",))
+    return ws_ratio(cm.gpu_us("triton", *WS_SHAPE, c), _gpu_us(fns["triton"]))
+
+
+def ws_ratio(predicted_us: float, measured_us: float) -> float:
+    """The speed-up the model applies on the Gluon kernel's shapes: predicted over measured, kept within 0.5-3
+    (a timing gone wrong must not send every large layer to one path)."""
+    return min(3.0, max(0.5, predicted_us / measured_us))
 
 
 def fit_rate(path: str, m: int, n: int, k: int, t_us: float, base: DeviceCosts) -> float:

@@ -15,7 +15,14 @@ import functools
 import math
 from dataclasses import asdict, dataclass, field
 
-from comfyquant.runtime.kernels.configs import gemm_config, small_m_config, w8a16_config, wave_efficiency
+from comfyquant.runtime.kernels.configs import (
+    WS_MIN_M,
+    WS_MIN_NK,
+    gemm_config,
+    small_m_config,
+    w8a16_config,
+    wave_efficiency,
+)
 
 # paths the model knows: eager-host cost and GPU kernels of each
 PATHS = ("bf16", "triton", "triton_fp8", "triton_fused", "triton_w8a16", "dequant", "scaled_mm", "w4a8", "torch")
@@ -26,7 +33,9 @@ _SIBLING = {"triton_fp8": "triton"}
 
 @dataclass(frozen=True)
 class DeviceCosts:
-    """Measured constants of one device (µs, GB/s, TFLOP/s); ``host_us`` / ``tflops`` are (path, value) pairs."""
+    """Measured constants of one device (µs, GB/s, TFLOP/s); ``host_us`` / ``tflops`` are (path, value) pairs;
+    ``ws_speedup``: how much faster the int8 W8A8 GEMM runs on the shapes that take the warp-specialized Gluon
+    kernel (``configs.hopper_w8a8_config``) than the Triton kernel's rate says (1.0 where it does not run)."""
 
     device: str
     sms: int
@@ -35,6 +44,7 @@ class DeviceCosts:
     host_us: tuple[tuple[str, float], ...]
     tflops: tuple[tuple[str, float], ...]
     measured: str = ""
+    ws_speedup: float = 1.0
     _host: dict = field(default=None, compare=False, hash=False, repr=False)
     _rate: dict = field(default=None, compare=False, hash=False, repr=False)
 
@@ -66,7 +76,8 @@ class DeviceCosts:
     def from_json(cls, d: dict) -> DeviceCosts:
         return cls(device=d["device"], sms=int(d["sms"]), bw_gbs=float(d["bw_gbs"]),
                    launch_us=float(d["launch_us"]), host_us=tuple(d["host_us"].items()),
-                   tflops=tuple(d["tflops"].items()), measured=d.get("measured", ""))
+                   tflops=tuple(d["tflops"].items()), measured=d.get("measured", ""),
+                   ws_speedup=float(d.get("ws_speedup", 1.0)))
 
 
 # Measured on an NVIDIA H200 (torch 2.11+cu130, triton 3.6) by calibrate.measure, 2026-12-01 (run 3 of
@@ -77,7 +88,10 @@ DEFAULT_COSTS = DeviceCosts(
     host_us=(("bf16", 22.0), ("dequant", 76.0), ("scaled_mm", 134.0), ("torch", 370.0), ("triton", 90.0), ("triton_fused", 57.0), ("triton_w8a16", 52.0), ("w4a8", 116.0)),
     # rates re-fitted to the short-K / fused-prologue model (same measured times at the fit shapes)
     tflops=(("bf16", 819.0), ("scaled_mm", 1351.0), ("triton", 1546.0), ("triton_fused", 212.0), ("triton_w8a16", 356.0), ("w4a8", 487.0)),
-    measured="calibrate.measure on an H200, 2026-12-01; replaced by this device's own measurement on first use")
+    measured="calibrate.measure on an H200, 2026-12-01; replaced by this device's own measurement on first use",
+    # the Gluon GEMM over the Triton one on its shapes, H200 run 23 (benchmarks/results/gemm_ws_run23_*): the
+    # geometric mean of the Triton kernel's time over the picked Gluon tile's at M >= 1024, 1 / 0.80
+    ws_speedup=1.25)
 
 
 def _kernel(flops: float, nbytes: float, rate: float, eff: float, c: DeviceCosts) -> float:
@@ -136,6 +150,8 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
         eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * speed
         if path != "scaled_mm":  # cuBLAS does not show the short-K loss of our tiles
             eff *= _short_k(k, cfg.block_k)
+        if path == "triton" and m >= WS_MIN_M and min(n, k) >= WS_MIN_NK:  # the Gluon kernel's shapes
+            eff *= c.ws_speedup
         return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, c.rate(path), eff, c)
     if path == "triton_fused":
         if group:
