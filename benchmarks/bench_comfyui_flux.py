@@ -370,11 +370,34 @@ def run_env(device: str, smoke: bool) -> dict[str, Any]:
 
 def write_report(out_dir: Path, stem: str, env: dict[str, Any], results: list[Result],
                  markdown: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    """Write ``stem``.json and ``stem``.md (``markdown`` of the report) under ``out_dir``; returns the report."""
+    """Write ``stem``.json, ``stem``.md (``markdown`` of the report) and ``stem``.png (the speed-ups as bars)
+    under ``out_dir``; returns the report."""
     report = {"env": env, "results": [asdict(r) for r in results]}
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"{stem}.md").write_text(markdown(report))
+    plot_report(report, out_dir / f"{stem}.png")
     return report
+
+
+def plot_report(report: dict[str, Any], png: Path) -> Path | None:
+    """Each resolution's variants as bars of their speed-up over bf16 (PNG); without matplotlib, a line on stderr
+    says why there is no picture (the json and md are written either way)."""
+    from comfyquant.bench.plot import plot_bars
+    from comfyquant.errors import UserError
+
+    groups: dict[str, dict[str, float]] = {}
+    for r in report["results"]:
+        if r.get("speedup_vs_bf16"):
+            res = r["resolution"]
+            groups.setdefault(f"{res}²" if isinstance(res, int) else str(res), {})[r["variant"]] = r["speedup_vs_bf16"]
+    env = report["env"]
+    title = (f"{png.stem.replace('bench_', '')}: step time, x stock ComfyUI bf16 (same run; {env['device']}, "
+             f"{env['date'][:10]})")
+    try:
+        return plot_bars(groups, png, title, xlabel="x bf16 step time (higher is faster)")
+    except UserError as e:
+        print(f"no plot: {e}", file=sys.stderr)
+        return None
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -416,6 +439,16 @@ def common_args(p: argparse.ArgumentParser, json_name: str) -> None:
     p.add_argument("--work", default=None, help="folder for the generated model files (default OUT/work)")
     p.add_argument("--comfyui-cache", default=None, help="ComfyUI 0.30.0 cache folder (see comfyui_env)")
     p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, seconds: checks the mechanics")
+    p.add_argument("--plot-from", default=None, help=f"only draw OUT/{json_name}.png from this saved json")
+
+
+def plot_only(a: argparse.Namespace, stem: str) -> bool:
+    """``--plot-from``: draw the saved report's picture into ``--out`` and say so; False when not asked."""
+    if not a.plot_from:
+        return False
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    print(plot_report(json.loads(Path(a.plot_from).read_text()), Path(a.out) / f"{stem}.png"))
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
+    a = build_parser().parse_args(argv)
+    if not plot_only(a, "bench_comfyui_flux"):
+        run(a)
     return 0
 
 

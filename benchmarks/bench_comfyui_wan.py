@@ -44,6 +44,7 @@ from bench_comfyui_flux import (
     kitchen_cuda_status,
     measure,
     merge_rounds,
+    plot_only,
     random_state_dict,
     results_table,
     run_env,
@@ -242,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark from the command line."""
-    run(build_parser().parse_args(argv))
+    """Run the benchmark from the command line (or only draw a saved report's picture)."""
+    a = build_parser().parse_args(argv)
+    if not plot_only(a, "bench_comfyui_wan"):
+        run(a)
     return 0
 
 

@@ -143,6 +143,32 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PLOTTED = {"triton (today)": "Triton GEMM (before run 23)", "ws 128x128 s5": "Gluon GEMM (picked)",
+           "layer int8 (quant + picked GEMM)": "whole int8 layer (activation pass + picked GEMM)",
+           "cublas fp8 (_scaled_mm rowwise)": "cuBLAS fp8 GEMM", "ws fp8 128x128 s5": "Gluon fp8 GEMM",
+           "ws pingpong 128x128 s4": "Gluon ping-pong GEMM", "triton + lora r32": "Triton GEMM + LoRA r32",
+           "ws + lora r32": "Gluon GEMM + LoRA r32"}
+
+
+def bar_groups(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """``{"model layer K->N, M": {label: × bf16}}`` from the best-of-passes timings, for :data:`PLOTTED`."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        best = {n: min((t for t in ts if t), default=None) for n, ts in r["us"].items()}
+        b = best.get("bf16")
+        label = f"{r['model']} {r['layer']} {r['K']}->{r['N']}, M {r['M']}"
+        out[label] = {name: b / best[key] for key, name in PLOTTED.items() if b and best.get(key)}
+    return out
+
+
+def plot(payload: dict, png: Path) -> Path:
+    """The report's speed-ups as grouped bars (PNG beside the json)."""
+    from comfyquant.bench.plot import plot_bars
+
+    return plot_bars(bar_groups(payload["rows"]), png, f"int8 W8A8 on {payload['env']['device']}: x bf16 F.linear "
+                     "(same run, do_bench median, L2 cleared)", target=1.6)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -150,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=60, help="do_bench repetition time per variant, ms")
     p.add_argument("--only", default="", help="comma-separated model.layer names (default: all)")
     p.add_argument("--experimental", action="store_true", help="also the Gluon variants not picked yet")
+    p.add_argument("--plot-from", default=None, help="only draw --out/gemm_ws.png from this saved json (no GPU)")
     a = p.parse_args(argv)
+    if a.plot_from:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        print(plot(json.loads(Path(a.plot_from).read_text()), Path(a.out) / "gemm_ws.png"))
+        return 0
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_gemm_ws: needs a Hopper GPU (the Gluon kernel is sm_90 code)", file=sys.stderr)
         return 2
@@ -171,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "gemm_ws.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     md = to_markdown(rows)
     (out / "gemm_ws.md").write_text(md)
+    plot({"env": env, "rows": rows}, out / "gemm_ws.png")
     print(md)
     return 0
 

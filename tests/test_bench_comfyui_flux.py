@@ -30,6 +30,7 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     assert report["env"]["rounds"] == 2
     assert all("layers converted" in r["note"] for r in report["results"] if r["variant"].startswith("adapter"))
     assert "pooled over 2 rounds" in (tmp_path / "bench_comfyui_flux.md").read_text()
+    assert (tmp_path / "bench_comfyui_flux.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the bars, as a picture
     assert "| adapter int8 | 64 |" in (tmp_path / "bench_comfyui_flux.md").read_text()
     err = {r["variant"]: r["rel_err_vs_bf16"] for r in report["results"]}
     assert err["bf16"] == err["bf16 + attention cudnn"] == 0.0, err
@@ -72,3 +73,18 @@ def test_merge_rounds_pools_each_rows_steps_and_keeps_untimed_rows() -> None:
     assert bf16.peak_vram_gib == 3.0 and bf16.note.endswith("round medians 10.0/20.0")
     assert failed.step_ms is None and failed.note == "failed: boom"
     assert merge_rounds([r1]) is r1  # one round: the rows as measured
+
+
+def test_gemm_bench_draws_a_saved_report_without_a_gpu(tmp_path: Path) -> None:
+    """``bench_gemm_ws.py --plot-from``: run 26's saved timings as bars, each the bf16 time over the variant's
+    best pass (the table's numbers), the whole layers among them."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_gemm_ws
+
+    saved = SCRIPT.parent / "results" / "gemm_layers_run26_h200_2026-12-03.json"
+    assert bench_gemm_ws.main(["--out", str(tmp_path), "--plot-from", str(saved)]) == 0
+    assert (tmp_path / "gemm_ws.png").read_bytes()[:4] == b"\x89PNG"
+    groups = bench_gemm_ws.bar_groups(json.loads(saved.read_text())["rows"])
+    qkv = groups["flux qkv 3072->9216, M 4096"]
+    assert round(qkv["whole int8 layer (activation pass + picked GEMM)"], 2) == 1.58
+    assert round(qkv["Gluon GEMM (picked)"], 2) == 1.71 and len(groups) == 18

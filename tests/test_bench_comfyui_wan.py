@@ -47,5 +47,6 @@ def test_tiny_video_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     assert err["adapter int8"] < err["adapter fp8"], err  # int8 per-channel beats fp8 e4m3 on Gaussian weights
     # on the CPU the attention override passes every call through to ComfyUI's own attention: int8's output
     assert all(err[f"adapter int8 + attention {m}"] == err["adapter int8"] for m in attentions), err
+    assert (tmp_path / "bench_comfyui_wan.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "bench_comfyui_wan.md").read_text()
     assert "| adapter int8 | 80x48x9 |" in md and "-> 45 tokens" in md and "SMOKE RUN" in md

@@ -2,6 +2,7 @@
 
 Reads the ``rows`` of ``bench.json`` (each with ``us`` timings per path, ``bf16`` among them) and writes a PNG.
 Used by ``comfyquant bench`` and runnable on a saved result: ``python -m comfyquant.bench.plot IN OUT``.
+``plot_bars`` draws the grouped speed-up bars of the GEMM and whole-model benchmarks.
 """
 
 from __future__ import annotations
@@ -66,6 +67,55 @@ def plot_bench(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str =
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     fig.suptitle(title or "speed-up over bf16, same run (eager, do_bench median)")
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_bars(groups: Mapping[str, Mapping[str, float]], path: str | Path, title: str,
+              xlabel: str = "× bf16 in the same run", target: float | None = None) -> Path:
+    """Grouped horizontal bars: one group per ``groups`` key (a layer shape, a resolution), one bar per series
+    (a kernel, a variant) with its value printed, a line at 1.0 (bf16) and a dashed one at ``target``; writes a
+    PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install comfyquant[plot]") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not groups:
+        raise UserError("nothing to plot")
+    series = list(dict.fromkeys(name for g in groups.values() for name in g))
+    colors = plt.get_cmap("tab10").colors
+    height = 0.8 / len(series)
+    legend_in = 0.45 + 0.2 * -(-(len(series) + (target is not None)) // 2)  # two columns below the axes
+    height_in = 1.2 + legend_in + 0.26 * len(series) * len(groups)
+    fig, ax = plt.subplots(figsize=(9.0, height_in))
+    labelled: set[str] = set()
+    for gi, values in enumerate(groups.values()):
+        for si, name in enumerate(series):
+            v = values.get(name)
+            if v is None:
+                continue
+            y = gi + (si - (len(series) - 1) / 2) * height
+            ax.barh(y, v, height=height * 0.92, color=colors[si % len(colors)],
+                    label=None if name in labelled else name)
+            labelled.add(name)
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=7)
+    ax.axvline(1.0, color="black", lw=0.8)
+    if target is not None:
+        ax.axvline(target, color="gray", lw=0.8, ls="--", label=f"target {target:g}x")
+    ax.set_yticks(range(len(groups)), list(groups), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlim(0, max(max(g.values(), default=1.0) for g in groups.values()) * 1.12)  # room for the values
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, legend_in / height_in, 1, 1))  # the legend below the axes, never over a bar
     out = Path(path)
     fig.savefig(out, dpi=110)
     plt.close(fig)
