@@ -10,6 +10,8 @@ float32, in that order, so both kernels produce bit-equal outputs.
 
 ``configs.WS_W8A8`` picks it for int8 W8A8 layers from ``configs.WS_MIN_M`` rows on sm_90; the runtime launches it
 through ``triton_int8._ws_launch`` and the plans; ``gluon_w8a8`` is a plain launch for benchmarks and checks.
+Compiled and checked for sm_90 here but not yet run on a GPU, so never picked: fp8 operands, a ping-pong schedule
+(``PINGPONG``) and a LoRA's low-rank term in the epilogue (``HAS_LR``).
 """
 
 from __future__ import annotations
