@@ -1,0 +1,43 @@
+"""Every step of ``benchmarks/gpu_suite.py`` (the one command a device session runs) hands its script arguments
+that script accepts: a misspelt flag would otherwise cost a device call (minutes of a short lease) to find. Each
+script runs as ``__main__`` with the step's real arguments until its argument parser has parsed them."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_suite  # noqa: E402
+
+
+class Parsed(Exception):
+    """Raised by the patched parser once a script's arguments parsed: the script stops there."""
+
+
+def _step_commands() -> list[tuple[str, list[str]]]:
+    table = gpu_suite.steps(Path("/tmp/gpu_suite_work"), False, Path("/tmp/comfyui_cache"))
+    return [(f"{name}[{i}]", [c.replace("{budget}", "120") for c in cmd])
+            for name, cmds in table.items() for i, cmd in enumerate(cmds)]
+
+
+@pytest.mark.parametrize(("step", "cmd"), _step_commands(), ids=[s for s, _ in _step_commands()])
+def test_each_steps_arguments_parse(step: str, cmd: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        raise Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "argv", cmd[1:])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(Parsed) as got:
+        runpy.run_path(str(ROOT / cmd[1]), run_name="__main__")
+    assert isinstance(got.value.args[0], argparse.Namespace), step
