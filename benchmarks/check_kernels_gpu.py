@@ -151,6 +151,13 @@ def check_int_mm_exact() -> None:
             record("int32_gemm_bit_exact", torch.equal(got, want), m=m, k=k, n=n, tma=tma)
 
 
+def w8a8_operands(m: int, k: int, n: int, row_sb: bool = True) -> tuple[torch.Tensor, ...]:
+    """Random int8 A ``[m, k]`` and B ``[n, k]`` with per-row scales of A and per-row (or one) scales of B."""
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    return a, b, torch.rand(m, 1, device="cuda") * 1e-3, torch.rand(n if row_sb else 1, device="cuda") * 1e-3
+
+
 def check_persistent() -> None:
     import dataclasses
 
@@ -158,10 +165,7 @@ def check_persistent() -> None:
 
     for m, k, n in [(4096, 3072, 9216), (4097, 5120, 5120), (1024, 3072, 21504), (16384, 1280, 1280),
                     (300, 12288, 3072)]:
-        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
-        sa = torch.rand(m, 1, device="cuda") * 1e-3
-        sb = torch.rand(n, device="cuda") * 1e-3
+        a, b, sa, sb = w8a8_operands(m, k, n)
         bias = torch.randn(n, device="cuda").bfloat16()
         pick = triton_int8.pick_w8a8(m, n, k, a.device, True)[0]
         for base in {pick, PERSISTENT_W8A8}:
@@ -185,22 +189,20 @@ def check_ws_gemm() -> None:
 
     from comfyquant.runtime.kernels.configs import WS_MIN_M, WS_W8A8
 
+    per_tile = dataclasses.replace(WS_W8A8, persistent=0)  # the same tile on the per-tile Triton kernel
     for m, k, n, row_sb, has_bias, dt in [(4608, 3072, 3072, True, True, torch.bfloat16),
                                           (1000, 15360, 520, True, False, torch.bfloat16),
                                           (2049, 3136, 9216, False, True, torch.float16),
                                           (16384, 5120, 13824, True, True, torch.bfloat16),
                                           (1024, 4096, 4096, True, True, torch.float32)]:  # T5 in ComfyUI: fp32
-        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
-        sa = torch.rand(m, 1, device="cuda") * 1e-3
-        sb = torch.rand(n if row_sb else 1, device="cuda") * 1e-3
+        a, b, sa, sb = w8a8_operands(m, k, n, row_sb)
         bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
-        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=dataclasses.replace(WS_W8A8, persistent=0))
+        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=per_tile)
         poison()
         got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=WS_W8A8)
         ref = (a.double() @ b.double().T) * sa.double() * sb.double().reshape(1, -1) + (
             bias.double() if has_bias else 0)
-        err = float((got.double() - ref).norm() / ref.norm())
+        err = rel(got, ref)
         record("w8a8_ws_bit_equal", torch.equal(got, want) and err < 4e-3, m=m, k=k, n=n, row_sb=row_sb,
                bias=has_bias, dtype=str(dt), err=err)
         if m >= WS_MIN_M:
@@ -217,13 +219,12 @@ def check_ws_experimental() -> None:
     from comfyquant.runtime.kernels.configs import WS_W8A8
     from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
 
+    per_tile = dataclasses.replace(WS_W8A8, persistent=0)  # the same tile on the per-tile Triton kernel
     for m, k, n, dt in [(4608, 3072, 3072, torch.bfloat16), (1000, 15360, 520, torch.float16),
                         (2049, 3136, 9216, torch.bfloat16)]:
-        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
-        sa, sb = torch.rand(m, 1, device="cuda") * 1e-3, torch.rand(n, device="cuda") * 1e-3
+        a, b, sa, sb = w8a8_operands(m, k, n)
         bias = torch.randn(n, device="cuda").to(dt)
-        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=dataclasses.replace(WS_W8A8, persistent=0))
+        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=per_tile)
         poison()
         pp = gluon_w8a8(a, sa, b, sb, bias, dt, block_n=128, stages=4, pingpong=True)
         record("w8a8_ws_pingpong_bit_equal", torch.equal(pp, want), m=m, k=k, n=n, dtype=str(dt))
@@ -239,14 +240,12 @@ def check_ws_experimental() -> None:
         down = (torch.randn(r, k, device="cuda") * 0.05).bfloat16()
         up = (torch.randn(r, n, device="cuda") * 0.05).bfloat16()
         lr = triton_int8._low_rank_args((down, up), x, sb)
-        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=dataclasses.replace(WS_W8A8, persistent=0),
-                                     lr=lr)
+        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=per_tile, lr=lr)
         h = lr[0][0]
         poison()
         got = gluon_w8a8(a, sa, b, sb, bias, block_n=128, stages=5, pingpong=pingpong, low_rank=(h, up))
         ref = (a.double() @ b.double().T) * sa.double() * sb.double() + bias.double() + h.double() @ up.double()
-        err = float((got.double() - ref).norm() / ref.norm())
-        err_t = float((want.double() - ref).norm() / ref.norm())
+        err, err_t = rel(got, ref), rel(want, ref)
         record("w8a8_ws_low_rank", bool(torch.isfinite(got).all()) and err <= 1.5 * err_t + 1e-4, m=m, k=k, n=n,
                r=r, pingpong=pingpong, err=err, triton_err=err_t, bit_equal_to_triton=bool(torch.equal(got, want)))
     # fp8 operands
@@ -255,11 +254,11 @@ def check_ws_experimental() -> None:
         b = (torch.randn(n, k, device="cuda") * 2).to(torch.float8_e4m3fn)
         sa, sb = torch.rand(m, 1, device="cuda") * 1e-2, torch.rand(n, device="cuda") * 1e-2
         bias = torch.randn(n, device="cuda").bfloat16()
-        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=dataclasses.replace(WS_W8A8, persistent=0))
+        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=per_tile)
         poison()
         got = gluon_w8a8(a, sa, b, sb, bias, block_n=128, stages=5)
         ref = (a.double() @ b.double().T) * sa.double() * sb.double() + bias.double()
-        err = float((got.double() - ref).norm() / ref.norm())
+        err = rel(got, ref)
         record("w8a8_ws_fp8", bool(torch.isfinite(got).all()) and err < 4e-3, m=m, k=k, n=n, err=err,
                bit_equal_to_triton=bool(torch.equal(got, want)),
                max_diff_vs_triton=float((got.float() - want.float()).abs().max()))
@@ -634,7 +633,7 @@ def check_attention_cudnn() -> None:
                 y = F.scaled_dot_product_attention(q, k, v)
             torch.cuda.synchronize()
         names = " ".join(e.key.lower() for e in prof.key_averages())
-        err = float((y.float() - ref).norm() / ref.norm())
+        err = rel(y, ref)
         on_cudnn = "cudnn" in names
         record("attention_cudnn_first" if cudnn_first else "attention_comfy_order", err <= 1e-2 and mode.routed == 0
                and on_cudnn is cudnn_first and mode.cudnn == int(cudnn_first), err=err, cudnn_kernel=on_cudnn)
