@@ -33,13 +33,26 @@ def _bench(fn, reps: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")) * 1e3  # µs
 
 
+def _error(e: Exception) -> dict:
+    """A variant that failed to compile or run: reported in the checks, left out of the timing."""
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor, ref: torch.Tensor, r: int) -> dict:
+    """A Gluon output against the Triton kernel's (bit equality, largest difference) and the float64 reference
+    of its first ``r`` rows."""
+    return {"bit_equal_to_triton": bool(torch.equal(got, want)),
+            "max_abs_diff": float((got.float() - want.float()).abs().max()),
+            "rel_err_f64": float((got[:r].double() - ref).norm() / ref.norm())}
+
+
 def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False) -> dict:
     """Check and time every variant on one ``[M, K] x [N, K]^T`` problem (``experimental``: also the Gluon
-    kernel's variants the runtime does not pick: ping-pong, fp8 operands)."""
+    kernel's variants the runtime does not pick: ping-pong, fp8 operands, a LoRA term in the epilogue)."""
     gluon = {**GLUON, **(EXPERIMENTAL if experimental else {})}
     from comfyquant.runtime.kernels.configs import fit_stages, gemm_config, hopper_w8a8_config
     from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
-    from comfyquant.runtime.kernels.triton_int8 import gemm_w8a8
+    from comfyquant.runtime.kernels.triton_int8 import _low_rank_args, gemm_w8a8, int8_linear
 
     dev = "cuda"
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -54,72 +67,60 @@ def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False) -> 
     # the Triton kernel the runtime picked before the Gluon kernel (run 23's "today"; the persistent tile included)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     tri_cfg = fit_stages(hopper_w8a8_config(gemm_config(m, n, k, sms, hopper=True)), 1, 1)
+    per_tile = dataclasses.replace(tri_cfg, persistent=0)  # the Triton kernels with an fp8 or low-rank term
     base = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_cfg)
-    row: dict = {"M": m, "K": k, "N": n, "checks": {}, "us": {}}
-    row["checks"]["triton"] = float((base[:r].double() - ref).norm() / ref.norm())
-    for name, kw in gluon.items():
-        try:
-            out = gluon_w8a8(q, s_x, w_q, s_w, bias, **kw)
-            torch.cuda.synchronize()
-            row["checks"][name] = {"bit_equal_to_triton": bool(torch.equal(out, base)),
-                                   "max_abs_diff": float((out.float() - base.float()).abs().max()),
-                                   "rel_err_f64": float((out[:r].double() - ref).norm() / ref.norm())}
-        except Exception as e:  # a variant that fails to compile or run is reported and skipped in timing
-            row["checks"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    row: dict = {"M": m, "K": k, "N": n, "checks": {"triton": float((base[:r].double() - ref).norm() / ref.norm())},
+                 "us": {}}
     fp8_x, fp8_w = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
     sx8, sw8 = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
-    # the Gluon kernel on the same fp8 operands (not picked by the runtime yet): against the Triton fp8 GEMM
-    # (same promotion every K step) and a float64 reference
-    ones_n = torch.ones(n, device=dev)
-    fp8_label = "ws fp8 128x128 s5"
-    try:
-        if not experimental:
-            raise RuntimeError("not run (--experimental)")
-        tri8 = gemm_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, torch.bfloat16,
-                         cfg=dataclasses.replace(tri_cfg, persistent=0))
-        ref8 = fp8_x[:r].double() @ fp8_w.double().T + bias.double()
-        g8 = gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
-        row["checks"][fp8_label] = {
-            "bit_equal_to_triton": bool(torch.equal(g8, tri8)),
-            "max_abs_diff": float((g8.float() - tri8.float()).abs().max()),
-            "rel_err_f64": float((g8[:r].double() - ref8).norm() / ref8.norm()),
-            "triton_rel_err_f64": float((tri8[:r].double() - ref8).norm() / ref8.norm())}
-    except Exception as e:
-        row["checks"][fp8_label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-    from comfyquant.runtime.kernels.triton_int8 import int8_linear
-
-    w_layer = w_q  # the whole W8A8 layer on bf16 x: activation quantization, then the GEMM the runtime picks
     variants = {
         "bf16": lambda: torch.nn.functional.linear(x, w, bias),
         "triton (today)": lambda: gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_cfg),
-        "layer int8 (quant + picked GEMM)": lambda: int8_linear(x, w_layer, s_w, bias, None, torch.bfloat16),
+        # the whole W8A8 layer on bf16 x: activation quantization, then the GEMM the runtime picks
+        "layer int8 (quant + picked GEMM)": lambda: int8_linear(x, w_q, s_w, bias, None, torch.bfloat16),
         "cublas int8 (_int_mm, raw)": lambda: torch._int_mm(q, w_q.T),
         "cublas fp8 (_scaled_mm rowwise)": lambda: torch._scaled_mm(fp8_x, fp8_w.T, sx8, sw8, bias=bias,
                                                                    out_dtype=torch.bfloat16),
     }
     for name, kw in gluon.items():
-        if "error" not in row["checks"][name]:
+        try:
+            out = gluon_w8a8(q, s_x, w_q, s_w, bias, **kw)
+            torch.cuda.synchronize()
+            row["checks"][name] = _compare(out, base, ref, r)
             variants[name] = (lambda kw=kw: gluon_w8a8(q, s_x, w_q, s_w, bias, **kw))
-    if "error" not in row["checks"][fp8_label]:
-        variants[fp8_label] = lambda: gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
-    if experimental:  # a rank-32 LoRA's term in the epilogue: the Triton kernel's (today's path) and the Gluon one
-        from comfyquant.runtime.kernels.triton_int8 import _low_rank_args
-
+        except Exception as e:
+            row["checks"][name] = _error(e)
+    if experimental:
+        # the Gluon kernel on the same fp8 operands: against the Triton fp8 GEMM (same promotion every K step)
+        ones_n = torch.ones(n, device=dev)
+        try:
+            tri8 = gemm_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, torch.bfloat16, cfg=per_tile)
+            ref8 = fp8_x[:r].double() @ fp8_w.double().T + bias.double()
+            g8 = gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128, stages=5)
+            row["checks"]["ws fp8 128x128 s5"] = {
+                **_compare(g8, tri8, ref8, r), "triton_rel_err_f64": float((tri8[:r].double() - ref8).norm()
+                                                                           / ref8.norm())}
+            variants["ws fp8 128x128 s5"] = lambda: gluon_w8a8(fp8_x, sx8, fp8_w, ones_n, bias, block_n=128,
+                                                               stages=5)
+        except Exception as e:
+            row["checks"]["ws fp8 128x128 s5"] = _error(e)
+        # a rank-32 LoRA's term in the epilogue: the Triton kernel's (today's path) and the Gluon one
         down = (torch.randn(32, k, device=dev) * 0.05).bfloat16()
         up = (torch.randn(32, n, device=dev) * 0.05).bfloat16()
         lr = _low_rank_args((down, up), x, s_w)
         h = lr[0][0]
-        tri_lr_cfg = dataclasses.replace(tri_cfg, persistent=0)
-        lr_want = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_lr_cfg, lr=lr)
+        lr_want = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=per_tile, lr=lr)
         try:
             lr_got = gluon_w8a8(q, s_x, w_q, s_w, bias, block_n=128, stages=5, low_rank=(h, up))
-            row["checks"]["ws + lora r32"] = {"max_abs_diff_vs_triton": float((lr_got.float() - lr_want.float()).abs().max()),
-                                              "bit_equal_to_triton": bool(torch.equal(lr_got, lr_want))}
+            row["checks"]["ws + lora r32"] = {
+                "max_abs_diff_vs_triton": float((lr_got.float() - lr_want.float()).abs().max()),
+                "bit_equal_to_triton": bool(torch.equal(lr_got, lr_want))}
             variants["ws + lora r32"] = lambda: gluon_w8a8(q, s_x, w_q, s_w, bias, block_n=128, stages=5,
                                                            low_rank=(h, up))
         except Exception as e:
-            row["checks"]["ws + lora r32"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        variants["triton + lora r32"] = lambda: gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_lr_cfg, lr=lr)
+            row["checks"]["ws + lora r32"] = _error(e)
+        variants["triton + lora r32"] = lambda: gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=per_tile,
+                                                          lr=lr)
     for _ in range(2):  # two passes in turns: the spread between them is the noise
         for name, fn in variants.items():
             try:
