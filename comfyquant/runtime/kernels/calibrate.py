@@ -9,6 +9,7 @@ re-measure, or pass your own ``DeviceCosts`` in a ``DispatchPolicy``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -177,13 +178,12 @@ def measure(device: torch.device) -> DeviceCosts:
             if p in fns:
                 rates[p] = fit_rate(p, *shape, _gpu_us(fns[p]), base)
         del fns
-    ws = _ws_speedup(dev, paths, DeviceCosts(device=base.device, sms=sms, bw_gbs=bw, launch_us=base.launch_us,
-                                             host_us=base.host_us, tflops=tuple(rates.items())))
+    fitted = dataclasses.replace(base, tflops=tuple(rates.items()),
+                                 measured=f"calibrate.measure {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} "
+                                          f"UTC, torch {torch.__version__}")
+    ws = _ws_speedup(dev, paths, fitted)
     torch.cuda.empty_cache()  # hand the transient back: ComfyUI sizes its loads from the driver's free memory
-    return DeviceCosts(device=base.device, sms=sms, bw_gbs=bw, launch_us=base.launch_us, ws_speedup=ws,
-                       host_us=base.host_us, tflops=tuple(rates.items()),
-                       measured=f"calibrate.measure {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
-                                f"torch {torch.__version__}")
+    return dataclasses.replace(fitted, ws_speedup=ws)
 
 
 WS_SHAPE = (4096, 4096, 4096)  # a shape the Gluon kernel takes, where the speed-up over the Triton rate is timed
