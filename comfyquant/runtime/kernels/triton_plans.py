@@ -189,7 +189,8 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         return None
     shape, stream, empty, linear = (*lead, n), _raw_stream(dev), torch.empty, torch.nn.functional.linear
     a_desc = _desc_maker(args[0]) if tma else None
-    c_desc = _desc_maker(args[2]) if tma and ti.on_ws(cfg, out) else None  # the Gluon kernel stores through TMA
+    # the output as the launch passes it: a tensor, or (the Gluon kernel, which stores through TMA) a descriptor
+    c_desc = None if isinstance(args[2], torch.Tensor) else _desc_maker(args[2])
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
     template = _without(list(args), (0, 2, 3, hi))
 
