@@ -24,10 +24,8 @@ and install ComfyUI's requirements and comfy-kitchen 0.2.40's CUDA wheel in this
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +37,16 @@ from typing import Any, ClassVar
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_comfyui_flux import _free, _import_comfy, _sync, cell, common_args, kitchen_cuda_status, time_steps
+from bench_comfyui_flux import (
+    _free,
+    _import_comfy,
+    _sync,
+    cell,
+    common_args,
+    kitchen_cuda_status,
+    run_env,
+    time_steps,
+)
 
 TOKENS = 256
 PROMPT = "a photo of a cat riding a bicycle through a sunny park, highly detailed"
@@ -244,11 +251,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         r.encode_ms = statistics.median(r.round_ms) if r.round_ms else None
         if r.encode_ms and rows["bf16"].encode_ms:
             r.speedup_vs_bf16 = rows["bf16"].encode_ms / r.encode_ms
-    env = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "python": platform.python_version(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "smoke": bool(a.smoke),
-           "params_billion": n_params / 1e9, "layers": layers, "tokens": TOKENS,
+    env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, "layers": layers, "tokens": TOKENS,
            "dims": {k: config[k] for k in ("d_model", "d_ff", "num_heads", "d_kv", "vocab_size")},
            "rounds": rounds, "warmup": warmup, "iters": iters, "comfy_kitchen_cuda": why_not or "available"}
     report = {"env": env, "results": [asdict(r) for r in rows.values()]}
