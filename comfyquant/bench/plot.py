@@ -34,14 +34,21 @@ def speedups(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[tupl
     return out
 
 
-def plot_bench(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Draw the speed-up panels to ``path`` (PNG); needs matplotlib."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or a UserError that says how to install it."""
     try:
         import matplotlib
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install comfyquant[plot]") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bench(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Draw the speed-up panels to ``path`` (PNG); needs matplotlib."""
+    plt = _pyplot()
 
     data = speedups(rows)
     if not data:
@@ -78,12 +85,7 @@ def plot_bars(groups: Mapping[str, Mapping[str, float]], path: str | Path, title
     """Grouped horizontal bars: one group per ``groups`` key (a layer shape, a resolution), one bar per series
     (a kernel, a variant) with its value printed, a line at 1.0 (bf16) and a dashed one at ``target``; writes a
     PNG (needs matplotlib)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install comfyquant[plot]") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if not groups:
         raise UserError("nothing to plot")
