@@ -22,6 +22,12 @@ SHAPES = {  # (model, layer): (K, N)
     ("flux", "mlp2"): (12288, 3072), ("flux", "linear1"): (3072, 21504), ("flux", "linear2"): (15360, 3072),
     ("wan14b", "attn"): (5120, 5120), ("wan14b", "ffn0"): (5120, 13824), ("wan14b", "ffn2"): (13824, 5120),
 }
+# narrower layers where the runtime keeps the Triton kernels (``configs.WS_MIN_NK``) until this group is timed
+NARROW = {
+    ("sdxl", "attn"): (1280, 1280), ("sdxl", "ff0"): (1280, 10240), ("sdxl", "ff2"): (5120, 1280),
+    ("sdxl", "attn640"): (640, 640), ("clip_l", "mlp0"): (768, 3072), ("clip_l", "mlp2"): (3072, 768),
+    ("t5xxl", "ffn0"): (4096, 10240), ("t5xxl", "ffn2"): (10240, 4096),
+}
 GLUON = {"ws 128x256 s3": dict(block_n=256, stages=3), "ws 128x128 s4": dict(block_n=128, stages=4),
          "ws 128x128 s5": dict(block_n=128, stages=5)}
 EXPERIMENTAL = {"ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}  # with --experimental
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=60, help="do_bench repetition time per variant, ms")
     p.add_argument("--only", default="", help="comma-separated model.layer names (default: all)")
     p.add_argument("--experimental", action="store_true", help="also the Gluon variants not picked yet")
+    p.add_argument("--narrow", action="store_true", help="the SDXL / CLIP / T5 widths in place of Flux / Wan")
     p.add_argument("--plot-from", default=None, help="only draw --out/gemm_ws.png from this saved json (no GPU)")
     a = p.parse_args(argv)
     if a.plot_from:
@@ -189,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     only = {s for s in a.only.split(",") if s}
     rows = []
-    for (model, layer), (k, n) in SHAPES.items():
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for (model, layer), (k, n) in (NARROW if a.narrow else SHAPES).items():
         if only and f"{model}.{layer}" not in only:
             continue
         for m in (int(v) for v in a.m.split(",")):
@@ -197,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             r.update(model=model, layer=layer)
             rows.append(r)
             print(json.dumps({key: r[key] for key in ("model", "layer", "M", "checks")}), flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    (out / "gemm_ws.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+            (out / "gemm_ws.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))  # kept if cut short
     md = to_markdown(rows)
     (out / "gemm_ws.md").write_text(md)
     plot({"env": env, "rows": rows}, out / "gemm_ws.png")

@@ -70,6 +70,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the same with the Gluon kernel's unpicked variants (fp8 operands, ping-pong): put it last in a call
         "gemm_ws_exp": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--experimental",
                          "--m", "4608,16384"]],
+        # the same on SDXL / CLIP / T5 widths, where the runtime keeps the Triton kernels until this is timed
+        "gemm_ws_narrow": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_narrow"), "--narrow",
+                            "--m", "1024,4096,16384", "--reps", "30"]],
         # the W8A8 rows: M 4096 / 16384, the whole layer (activation pass + picked GEMM) included
         "gemm_layers": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--m", "4096,16384",
                          "--reps", "40"]],
