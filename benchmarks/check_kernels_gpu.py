@@ -210,6 +210,40 @@ def check_ws_gemm() -> None:
             record("w8a8_ws_picked", pick == WS_W8A8, m=m, k=k, n=n, pick=str(pick))
 
 
+def check_ws_lora_wired() -> None:
+    """A LoRA'd W8A8 layer as the runtime runs it (``int8_linear`` with a low-rank term, no config given): from
+    ``WS_MIN_M`` rows it picks the Gluon kernel with the term in its epilogue (``configs.WS_LOW_RANK``), as
+    accurate against float64 as the Triton kernel's fused term on the same tile; ranks past 64 and a float32
+    activation keep the Triton kernel."""
+    import dataclasses
+
+    from comfyquant.runtime.kernels.configs import WS_LOW_RANK, WS_W8A8
+
+    per_tile = dataclasses.replace(WS_W8A8, persistent=0)
+    for m, k, n, r, dt in [(4096, 3072, 3072, 32, torch.bfloat16), (16384, 3072, 12288, 64, torch.bfloat16),
+                           (2049, 5120, 13824, 16, torch.float16), (4096, 3072, 3072, 96, torch.bfloat16)]:
+        x = torch.randn(m, k, device="cuda").to(dt)
+        w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+        sb = torch.rand(n, device="cuda") * 1e-4
+        bias = torch.randn(n, device="cuda").to(dt)
+        down = (torch.randn(r, k, device="cuda") * 0.05).to(dt)
+        up = (torch.randn(r, n, device="cuda") * 0.05).to(dt)
+        lr = triton_int8._low_rank_args((down, up), x, sb)
+        picked = triton_int8.pick_w8a8(m, n, k, x.device, triton_int8.persistent_eligible(torch.int8, False, lr),
+                                       triton_int8.ws_eligible(torch.int8, False, lr))[0]
+        poison()
+        got = triton_int8.int8_linear(x, w_q, sb, bias, None, dt, low_rank=(down, up, r))
+        a, sa = triton_quant.quantize_rows_int8(x)
+        want = triton_int8.gemm_w8a8(a, sa, w_q, sb, bias, dt, cfg=per_tile, lr=lr)
+        h = lr[0][0]
+        ref = (a.double() @ w_q.double().T) * sa.double() * sb.double() + bias.double() + h.double() @ up.double()
+        err, err_t = rel(got, ref), rel(want, ref)
+        expect_ws = WS_LOW_RANK and r <= 64
+        record("w8a8_ws_lora_wired", (picked == WS_W8A8) == expect_ws and bool(torch.isfinite(got).all())
+               and err <= 1.5 * err_t + 1e-4, m=m, k=k, n=n, r=r, dtype=str(dt), picked=str(picked), err=err,
+               triton_err=err_t)
+
+
 def check_ws_experimental() -> None:
     """The Gluon GEMM's variants not picked yet (run last: a variant that hangs costs only the end of the step):
     ping-pong (whole tiles per consumer warp group, in turns) bit-equal to the Triton kernel with the same tile, a
@@ -647,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     only = {n for n in a.only.split(",") if n}
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_linear, check_fp8_triton, check_fp8_low_rank_choice,
+    for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_ws_lora_wired,
+               check_linear, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
                check_inference_mode, check_attention, check_attention_cudnn, check_ws_experimental):
         if only and fn.__name__ not in only:

@@ -31,22 +31,26 @@ def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8
     s_x, sb = torch.ones(m, 1), torch.ones(n)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     b = torch.zeros(n, dtype=torch.bfloat16) if bias else None
-    assert ti.on_ws(WS_W8A8, out)
-    fk, grid, args, _ = ti._ws_launch(q, s_x, w_q, sb, b, out, WS_W8A8)
+    lr = None
+    if low_rank:  # a LoRA's term as the runtime passes it: h = x @ down^T by cuBLAS, up [R, N]
+        x = torch.zeros(m, k, dtype=torch.bfloat16)
+        term = (torch.zeros(low_rank, k, dtype=torch.bfloat16), torch.zeros(low_rank, n, dtype=torch.bfloat16), 24)
+        lr = ti._low_rank_args(term, x, sb)
+    assert ti.on_ws(WS_W8A8, out, lr)
+    fk, grid, args, _ = ti._ws_launch(q, s_x, w_q, sb, b, out, WS_W8A8, lr)
     assert fk.fn is w8a8_ws and grid == (min(132, -(-m // 128) * -(-n // 128)),)
     names = list(w8a8_ws.arg_names)
-    if pingpong or low_rank:  # not runtime picks yet: the variant's own arguments in place of the runtime's
+    by_name = dict(zip(names, args, strict=True))
+    if low_rank:
+        assert by_name["HAS_LR"] and by_name["h_desc"].base is lr[0][0] and by_name["u_desc"].base is lr[0][1]
+    if pingpong:  # not a runtime pick yet: the variant's own arguments in place of the runtime's
         from comfyquant.runtime.kernels.gluon_gemm import descriptors, fit_stages, lr_descriptors
 
-        by_name = dict(zip(names, args, strict=True))
-        if pingpong:  # the C descriptor spans whole tiles
-            by_name["c_desc"] = descriptors(q, w_q, out, 128, WS_W8A8.block_n, WS_W8A8.block_k, pingpong=True)[2]
-            by_name["PINGPONG"] = True
+        # the C descriptor spans whole tiles, and so do the low-rank term's h boxes
+        by_name["c_desc"] = descriptors(q, w_q, out, 128, WS_W8A8.block_n, WS_W8A8.block_k, pingpong=True)[2]
+        by_name["PINGPONG"] = True
         if low_rank:
-            h, up = torch.zeros(m, low_rank, dtype=torch.bfloat16), torch.zeros(low_rank, n, dtype=torch.bfloat16)
-            rows = by_name["c_desc"].block_shape[0]
-            by_name["h_desc"], by_name["u_desc"] = lr_descriptors(h, up, rows, WS_W8A8.block_n)
-            by_name["HAS_LR"] = True
+            by_name["h_desc"], by_name["u_desc"] = lr_descriptors(*ti.ws_low_rank(lr), 128, WS_W8A8.block_n)
         by_name["STAGES"] = fit_stages(WS_W8A8.stages, WS_W8A8.block_n, WS_W8A8.block_k, pingpong, bool(low_rank))
         args = tuple(by_name[nm] for nm in names)
     assert len(args) == len(names)  # every parameter, constexprs included, in order
@@ -126,8 +130,8 @@ def test_only_a_triton_with_the_gluon_api_it_was_written_for_picks_it() -> None:
 
 @pytest.mark.parametrize("pingpong", [False, True])
 def test_low_rank_epilogue_compiles_with_a_16_bit_wgmma_and_no_spills(pingpong: bool) -> None:
-    """A dynamic LoRA's ``h @ up`` in the Gluon epilogue (not picked yet): h and up tiles by TMA during the main
-    loop, one bf16 wgmma per tile into a float32 accumulator whose layout change to the int8 one is free (no
+    """A dynamic LoRA's ``h @ up`` in the Gluon epilogue, with the launch arguments the runtime builds (ping-pong:
+    not picked yet): h and up tiles by TMA during the main loop, one bf16 wgmma per tile into a float32 accumulator whose layout change to the int8 one is free (no
     shared memory round trip); no spills; shared memory within the 227 KB a block gets (4 stages with it)."""
     from comfyquant.runtime.kernels.configs import WS_W8A8
 
@@ -148,3 +152,82 @@ def test_stages_fit_shared_memory_with_each_variant() -> None:
     assert fit_stages(5, 128, 128, pingpong=True) == 5
     assert fit_stages(5, 128, 128, pingpong=True, low_rank=True) == 3
     assert fit_stages(3, 256, 128) == 3
+
+
+def test_a_lora_term_takes_the_gluon_kernel_only_where_its_epilogue_holds_it() -> None:
+    """``ws_low_rank`` / ``on_ws`` / ``ws_eligible``: a 16-bit term of rank <= 64 runs in the Gluon epilogue; a
+    float32 one (ComfyUI's T5 runs float32 activations), a wider one, or mixed dtypes keep the Triton kernel's
+    fused term; and the automatic pick follows (the Gluon tile with an eligible term, the Triton one without)."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, WS_LOW_RANK, WS_W8A8
+
+    m, k, n = 4096, 3072, 3072
+    out, sb = torch.empty(m, n, dtype=torch.bfloat16), torch.ones(n)
+
+    def lr(r: int, dt: torch.dtype = torch.bfloat16, up_dt: torch.dtype | None = None) -> tuple:
+        term = (torch.zeros(r, k, dtype=dt), torch.zeros(r, n, dtype=up_dt or dt), r)
+        return ti._low_rank_args(term, torch.zeros(m, k, dtype=dt), sb)
+
+    assert WS_LOW_RANK
+    for r in (16, 32, 64):
+        assert ti.ws_low_rank(lr(r)) is not None and ti.on_ws(WS_W8A8, out, lr(r))
+        assert ti.ws_eligible(torch.int8, False, lr(r)) and not ti.persistent_eligible(torch.int8, False, lr(r))
+    for bad in (lr(80), lr(32, torch.float32), lr(32, torch.bfloat16, torch.float16)):
+        assert ti.ws_low_rank(bad) is None and not ti.on_ws(WS_W8A8, out, bad)
+        assert not ti.ws_eligible(torch.int8, False, bad)
+    assert not ti.ws_eligible(torch.float8_e4m3fn, False, lr(32)) and not ti.ws_eligible(torch.int8, True, lr(32))
+    cpu = torch.device("cpu")  # device_facts: an sm_90-sized grid off CUDA
+    if ti.ws_available():
+        assert ti.pick_w8a8(m, n, k, cpu, False, True)[0] == WS_W8A8
+    # not Gluon-eligible and not persistent-eligible (an fp8 or float32 term): the table's own tile, never the
+    # persistent Triton kernel (unchecked with a low-rank term)
+    plain = ti.pick_w8a8(m, n, k, cpu, False, False)[0]
+    assert plain.persistent == 0 and plain != PERSISTENT_W8A8
+    assert ti.pick_w8a8(m, n, k, cpu, True)[0] == (WS_W8A8 if ti.ws_available() else PERSISTENT_W8A8)
+
+
+def test_the_direct_plan_launch_lays_out_the_launchers_flat_arguments() -> None:
+    """``triton_plans._tma_run`` (the eager plan that expands TMA descriptors itself): the flat argument list it
+    hands the C launcher equals every argument of the launch expanded in place, per-call buffers (the
+    quantized activation, the output, the row scales, a LoRA's ``h = x @ down^T``) substituted, with and without
+    a term, whether the output and ``h`` are tensors (the Triton kernel) or descriptors (the Gluon kernel)."""
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    class Desc:  # a host tensor descriptor: what matters is its base tensor
+        def __init__(self, base: torch.Tensor) -> None:
+            self.base = base
+
+    def expand(d: Desc, i: int) -> list:  # the launcher's flat form of argument i: its base, then two fields
+        return [d.base, ("shape", i, tuple(d.base.shape)), ("strides", i)]
+
+    def flat_of(args: list) -> list:
+        return [v for i, a in enumerate(args) for v in (expand(a, i) if isinstance(a, Desc) else [a])]
+
+    x, down = torch.randn(4, 8), torch.randn(2, 8)
+    q, s, w, out0, h0, up = (torch.zeros(4, 8), torch.ones(4, 1), torch.zeros(6, 8), torch.empty(4, 6),
+                             torch.zeros(4, 2), torch.zeros(2, 6))
+    for gluon in (False, True):
+        for with_lr in (False, True):
+            wrap = Desc if gluon else (lambda t: t)
+            head = [Desc(q), Desc(w), wrap(out0), s, "sb", "bias", 4, 6, 8, True]
+            args = head + ([wrap(h0), wrap(up)] if with_lr else [None, None]) + [with_lr, "const"]
+            hi = len(head) if with_lr else None
+            fired: list = []
+            q2, s2 = torch.zeros(4, 8), torch.ones(4, 1)
+            makers = {0: Desc, 2: Desc if gluon else None, hi: Desc if gluon else None}
+            run = tp._tma_run((lambda st, *flat, fired=fired: fired.append(flat), expand),
+                              lambda xx, q2=q2, s2=s2: (7, q2, s2), makers, tuple(args), hi,
+                              down if with_lr else None, torch.float32, (4, 6))
+            got = run(x)
+            flat = list(fired[0])
+            want = list(args)
+            want[0], want[2], want[3] = Desc(q2), wrap(got), s2
+            if with_lr:
+                n_before = len(flat_of(want[:hi]))
+                h = flat[n_before]  # made per call: its value, then it stands in the expected list
+                assert torch.equal(h, torch.nn.functional.linear(x, down))
+                want[hi] = wrap(h)
+            want_flat = flat_of(want)
+            assert len(flat) == len(want_flat)
+            for a, b in zip(flat, want_flat, strict=True):
+                assert a is b if isinstance(b, torch.Tensor) else a == b, (gluon, with_lr, a, b)

@@ -63,15 +63,20 @@ WS_MIN_M = 1024  # rows from which the warp-specialized kernel runs (measured fr
 # The shapes it was measured on had K and N of 3072 or more; narrower layers (SDXL's 640 / 1280, CLIP's 768:
 # few K steps per tile, where the tile table's narrow-N configs were tuned) keep the Triton kernels until timed.
 WS_MIN_NK = 3072
+# A LoRA's low-rank term added in the Gluon kernel's epilogue (``h @ up``, R <= 64, 16-bit): LoRA'd layers keep
+# the Gluon kernel's speed instead of falling back to the Triton GEMM with its own fused term.
+WS_LOW_RANK = True
 
 
-def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, k: int = 0) -> TileConfig:
-    """``gemm_config``'s pick for the Hopper int8 W8A8 GEMM: :data:`WS_W8A8` on sm_90 (its wgmma code is Hopper's
-    own) from :data:`WS_MIN_M` rows for layers of at least :data:`WS_MIN_NK` in and out features, else
-    :data:`PERSISTENT_W8A8` in place of a full-size tile."""
+def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, k: int = 0,
+                       persistent: bool = True) -> TileConfig:
+    """``gemm_config``'s pick for the Hopper W8A8 GEMM: :data:`WS_W8A8` on sm_90 (its wgmma code is Hopper's
+    own) from :data:`WS_MIN_M` rows for layers of at least :data:`WS_MIN_NK` in and out features, else (with
+    ``persistent``: a call the persistent Triton kernel takes) :data:`PERSISTENT_W8A8` in place of a full-size
+    tile."""
     if major == 9 and m >= WS_MIN_M and min(n, k) >= WS_MIN_NK:
         return WS_W8A8
-    return PERSISTENT_W8A8 if cfg.block_m * cfg.block_n >= 128 * 256 else cfg
+    return PERSISTENT_W8A8 if persistent and cfg.block_m * cfg.block_n >= 128 * 256 else cfg
 
 
 def cdiv(a: int, b: int) -> int:

@@ -21,6 +21,7 @@ from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels import triton_quant
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import (
+    WS_LOW_RANK,
     TileConfig,
     cdiv,
     fit_stages,
@@ -91,16 +92,19 @@ def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = False) -> tuple[TileConfig, bool]:
+def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = False,
+              ws: bool | None = None) -> tuple[TileConfig, bool]:
     """(tile config, use small-M tiles) for the two-launch W8A8 GEMM; ``persistent``: the call may run the
-    persistent-grid kernel (:func:`persistent_eligible`), which Hopper then takes for the full-size tiles
-    (``configs.hopper_w8a8_config``)."""
+    persistent-grid kernel (:func:`persistent_eligible`), which Hopper then takes for the full-size tiles;
+    ``ws``: it may run the Gluon kernel (:func:`ws_eligible`; None: as ``persistent``), which sm_90 takes on
+    the shapes ``configs.hopper_w8a8_config`` gives it."""
     sms, major = device_facts(device)
     if m < SMALL_M:
         return fit_stages(small_m_config(m, n, k, sms), 1, 1), True
     cfg = gemm_config(m, n, k, sms, hopper=major >= 9)
-    if persistent and major >= 9:
-        cfg = hopper_w8a8_config(cfg, m, major if ws_available() else 0, n, k)
+    ws = persistent if ws is None else ws
+    if (persistent or ws) and major >= 9:
+        cfg = hopper_w8a8_config(cfg, m, major if ws and ws_available() else 0, n, k, persistent)
     return fit_stages(cfg, 1, 1), False
 
 
@@ -129,6 +133,23 @@ def persistent_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple])
     return qdtype == torch.int8 and not raw and not lr[0][5]
 
 
+def ws_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple]) -> bool:
+    """Whether a W8A8 call may take the Gluon kernel (:func:`pick_w8a8`'s ``ws``): int8 operands, a scaled
+    output, and no low-rank term or (``configs.WS_LOW_RANK``) one its epilogue holds (:func:`ws_low_rank`)."""
+    return qdtype == torch.int8 and not raw and (not lr[0][5] or (WS_LOW_RANK and ws_low_rank(lr) is not None))
+
+
+def ws_low_rank(lr: tuple[tuple, tuple]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(h, up)`` of a low-rank term (:func:`_low_rank_args`) the Gluon epilogue can add: 16-bit ``h [M, R]``
+    and ``up [R, N]`` of one dtype, R <= 64, rows TMA can read (16-byte aligned); None otherwise."""
+    h, up, r, h_stride, up_stride, has, _ieee = lr[0]
+    if not has or r > 64 or h.dtype != up.dtype or h.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if h.stride(1) != 1 or up.stride(1) != 1 or (h_stride * 2) % 16 or (up_stride * 2) % 16:
+        return None
+    return (h, up) if h.data_ptr() % 16 == 0 and up.data_ptr() % 16 == 0 else None
+
+
 def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor, cfg: TileConfig, use_tma_path: bool, raw: bool,
                  lr: tuple[tuple, tuple]) -> tuple[FastKernel, tuple, tuple, tuple]:
@@ -140,8 +161,8 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
     has_bias = bias is not None
     b_arg = bias if has_bias else sb
     lr_args, lr_key = lr
-    if use_tma_path and on_ws(cfg, out):
-        return _ws_launch(q, s_x, w_q, sb, bias, out, cfg)
+    if use_tma_path and on_ws(cfg, out, lr):
+        return _ws_launch(q, s_x, w_q, sb, bias, out, cfg, lr)
     if use_tma_path:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -163,10 +184,13 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
          _al(q), _al(w_q), _al(sb), _al(b_arg), lr_key)
 
 
-def on_ws(cfg: TileConfig, out: torch.Tensor) -> bool:
+def on_ws(cfg: TileConfig, out: torch.Tensor, lr: tuple[tuple, tuple] | None = None) -> bool:
     """Whether a TMA-path W8A8 launch of ``cfg`` runs the warp-specialized Gluon kernel: its config, a 16-bit
     output (its TMA-store epilogue is laid out for bf16 / fp16; ComfyUI's text encoders run float32 activations)
-    whose rows TMA can store (16-byte aligned row stride). Otherwise the Triton kernel runs the same tile."""
+    whose rows TMA can store (16-byte aligned row stride), and no low-rank term or one its epilogue adds
+    (:func:`ws_low_rank`, ``configs.WS_LOW_RANK``). Otherwise the Triton kernel runs the same tile."""
+    if lr is not None and lr[0][5] and not (WS_LOW_RANK and ws_low_rank(lr) is not None):
+        return False
     return (cfg.persistent == 3 and out.dtype in (torch.bfloat16, torch.float16)
             and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
 
@@ -179,9 +203,12 @@ def _ws_kernel() -> FastKernel:
 
 
 def _ws_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor | None,
-               out: torch.Tensor, cfg: TileConfig) -> tuple[FastKernel, tuple, tuple, tuple]:
+               out: torch.Tensor, cfg: TileConfig,
+               lr: tuple[tuple, tuple] | None = None) -> tuple[FastKernel, tuple, tuple, tuple]:
     """:func:`_w8a8_launch` for the warp-specialized Gluon kernel: ``args[0:3]`` are the Gluon descriptors of q,
-    w_q and out (its epilogue stores through TMA), one program per SM."""
+    w_q and out (its epilogue stores through TMA), one program per SM; with a low-rank term (``lr``, one
+    :func:`ws_low_rank` takes) ``args[16:18]`` are the descriptors of its ``h`` and ``up``, and the ring is cut
+    to leave shared memory for their tiles."""
     from comfyquant.runtime.kernels import gluon_gemm as gg
 
     m, k = q.shape
@@ -190,9 +217,16 @@ def _ws_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.
     has_bias = bias is not None
     b_arg = bias if has_bias else sb
     grid = (min(device_facts(q.device)[0], cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)),)
-    args = (a_d, b_d, c_d, s_x, sb, b_arg, m, n, k, sb.numel() > 1, has_bias, cfg.group_m, cfg.stages,
-            gg.CONSUMER_REGS, gg.PRODUCER_REGS, False, None, None, False)
-    return _ws_kernel(), grid, args, (cfg, out.dtype, n, k, sb.numel() > 1, has_bias, _al(sb), _al(b_arg), grid)
+    term = None if lr is None or not lr[0][5] else ws_low_rank(lr)
+    h_d, u_d, stages, lr_key = None, None, cfg.stages, None
+    if term is not None:
+        h_d, u_d = gg.lr_descriptors(*term, c_d.block_shape[0], cfg.block_n)
+        stages = gg.fit_stages(cfg.stages, cfg.block_n, cfg.block_k, low_rank=True, out_bytes=out.element_size())
+        lr_key = term[0].dtype
+    args = (a_d, b_d, c_d, s_x, sb, b_arg, m, n, k, sb.numel() > 1, has_bias, cfg.group_m, stages,
+            gg.CONSUMER_REGS, gg.PRODUCER_REGS, False, h_d, u_d, term is not None)
+    return _ws_kernel(), grid, args, (cfg, out.dtype, n, k, sb.numel() > 1, has_bias, _al(sb), _al(b_arg), grid,
+                                      lr_key)
 
 
 def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -210,7 +244,7 @@ def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: to
     small = False
     lr = lr if lr is not None else _low_rank_args(None, q, sb)
     if cfg is None:
-        cfg, small = pick_w8a8(m, n, k, q.device, persistent_eligible(q.dtype, raw, lr))
+        cfg, small = pick_w8a8(m, n, k, q.device, persistent_eligible(q.dtype, raw, lr), ws_eligible(q.dtype, raw, lr))
     on_tma = (use_tma(q, w_q) if tma is None else tma) and not small
     fk, grid, args, key = _w8a8_launch(q, s_x, w_q, sb, bias, out, cfg, on_tma, raw, lr)
     fk(grid, args, q.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)

@@ -118,8 +118,8 @@ def _h_slot(args: tuple, lr: tuple[tuple, tuple], low_rank: LowRank | None) -> t
     is made per call, the rest of the term's arguments are fixed."""
     if low_rank is None:
         return None
-    h = lr[0][0]
-    return next(i for i, a in enumerate(args) if a is h), low_rank[0]
+    h = lr[0][0]  # passed as itself, or (the Gluon kernel) as a descriptor over it
+    return next(i for i, a in enumerate(args) if a is h or getattr(a, "base", None) is h), low_rank[0]
 
 
 def _one_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_dtype: torch.dtype,
@@ -180,7 +180,8 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
     fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act)
     lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
-    cfg, small = ti.pick_w8a8(m, n, k, dev, ti.persistent_eligible(qdtype, False, lr))
+    cfg, small = ti.pick_w8a8(m, n, k, dev, ti.persistent_eligible(qdtype, False, lr),
+                              ti.ws_eligible(qdtype, False, lr))
     tma = ti.use_tma(q, w_q) and not small
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     fk, grid, args, key = ti._w8a8_launch(q, s, w_q, sb, bias, out, cfg, tma, False, lr)
@@ -192,6 +193,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     # the output as the launch passes it: a tensor, or (the Gluon kernel, which stores through TMA) a descriptor
     c_desc = None if isinstance(args[2], torch.Tensor) else _desc_maker(args[2])
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
+    h_desc = None if hi is None or isinstance(args[hi], torch.Tensor) else _desc_maker(args[hi])
     template = _without(list(args), (0, 2, 3, hi))
 
     def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -210,14 +212,15 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         out = empty(shape, dtype=out_dtype, device=dev)
         a[0], a[2], a[3] = q if a_desc is None else a_desc(q), out if c_desc is None else c_desc(out), s
         if hi is not None:
-            a[hi] = linear(x, down)
+            h = linear(x, down)
+            a[hi] = h if h_desc is None else h_desc(h)
         fire_g(st, *a)
         return out
 
     direct = fk.prepared_tma(grid, num_warps=cfg.warps, num_stages=cfg.stages, key=key) if tma else None
     if direct is None:
         return run
-    fast = _tma_run(direct, quantize, a_desc, args, hi, down, out_dtype, shape, dev, c_desc)
+    fast = _tma_run(direct, quantize, {0: a_desc, 2: c_desc, hi: h_desc}, args, hi, down, out_dtype, shape)
     # once per compiled kernel (launch key), not per layer: the descriptor-expanding launch must give what
     # Triton's own launch gives (same kernel, same inputs: bit-equal); where it does not (a Triton whose
     # launcher differs), keep Triton's launch
@@ -324,34 +327,48 @@ def _flat_cache(expand: Callable[[Any, int], list], make: Callable[[torch.Tensor
     return flat
 
 
-def _tma_run(direct: tuple, quantize: Callable, a_desc: Callable, args: tuple, hi: int | None,
-             down: torch.Tensor | None, out_dtype: torch.dtype, shape: tuple[int, ...],
-             dev: torch.device, c_desc: Callable | None = None) -> Plan:
-    """The W8A8 plan on the TMA kernel with the descriptors expanded by us: the weight's once, the quantized
-    activation's (and, for the Gluon kernel, the output's: ``c_desc``) once per buffer address, instead of all
-    of them on every launch inside Triton's wrapper."""
+def _tma_run(direct: tuple, quantize: Callable, makers: dict, args: tuple, hi: int | None,
+             down: torch.Tensor | None, out_dtype: torch.dtype, shape: tuple[int, ...]) -> Plan:
+    """The W8A8 plan on a TMA kernel with the descriptors expanded by us instead of on every launch inside
+    Triton's wrapper: the fixed ones (the weight's; a LoRA's ``up``) once, the per-call ones (the quantized
+    activation's at ``args[0]``; for the Gluon kernel, which stores through TMA, the output's at ``args[2]`` and
+    the low-rank ``h``'s at ``hi``; ``makers`` maps their slots to descriptor makers, None where the slot is a
+    plain tensor) once per buffer address. ``args[3]`` is the row scales'."""
     fire, expand = direct
-    hi_tail = None if hi is None else hi - 2
-    b_flat, tail = expand(args[1], 1), _without(list(args[2:]), (0, 1, hi_tail))  # tail: args[2:] (out, s_x, ...)
-    a_flat = _flat_cache(expand, a_desc, 0)
-    c_flat = None if c_desc is None else _flat_cache(expand, c_desc, 2)
-    empty, linear = torch.empty, torch.nn.functional.linear
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        st, q, s = quantize(x)
-        out = empty(shape, dtype=out_dtype, device=dev)
-        t = tail.copy()
-        t[1] = s
-        if hi_tail is not None:
-            t[hi_tail] = linear(x, down)
-        if c_flat is None:
-            t[0] = out
-            fire(st, *a_flat(q), *b_flat, *t)
-        else:
-            fire(st, *a_flat(q), *b_flat, *c_flat(out), *t[1:])
+    def flat(i: int) -> Callable[[torch.Tensor], Any]:
+        make = makers.get(i)
+        return _flat_cache(expand, make, i) if make is not None else (lambda buf: (buf,))
+
+    def fixed(lo: int, hi_: int) -> list:  # args[lo:hi_] in the launcher's flat form
+        out: list = []
+        for i in range(lo, hi_):
+            a = args[i]
+            out.extend(expand(a, i) if isinstance(getattr(a, "base", None), torch.Tensor) else (a,))
         return out
 
-    return run
+    a_flat, c_flat = flat(0), flat(2)
+    b_flat = fixed(1, 2)
+    empty, linear, dev = torch.empty, torch.nn.functional.linear, args[3].device
+    if hi is None:
+        tail = fixed(4, len(args))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            st, q, s = quantize(x)
+            out = empty(shape, dtype=out_dtype, device=dev)
+            fire(st, *a_flat(q), *b_flat, *c_flat(out), s, *tail)
+            return out
+
+        return run
+    mid, h_flat, tail = fixed(4, hi), flat(hi), fixed(hi + 1, len(args))
+
+    def run_lr(x: torch.Tensor) -> torch.Tensor:
+        st, q, s = quantize(x)
+        out = empty(shape, dtype=out_dtype, device=dev)
+        fire(st, *a_flat(q), *b_flat, *c_flat(out), s, *mid, *h_flat(linear(x, down)), *tail)
+        return out
+
+    return run_lr
 
 
 def _desc_maker(template: object) -> Callable[[torch.Tensor], object]:
