@@ -46,6 +46,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # a short call for host-time changes: the checks, host per call, and the host-bound models
         "hostbound": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                        "--sections", "check,calibrate,host,models", "--models", "t5xxl_256,sdxl_1024,flux_512"]],
+        # the same without the kernel checks (run them in a step of their own)
+        "hostbound_models": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s",
+                              "{budget}", "--sections", "calibrate,host,models", "--models",
+                              "t5xxl_256,sdxl_1024,flux_512"]],
         # GPU kernel time per category of bf16 / int8 / fp8 whole models, and the Amdahl ceilings it implies
         "breakdown": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "breakdown"), "--budget-s", "{budget}",
                        "--sections", "breakdown"]],
