@@ -104,6 +104,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
             "adapter int8 + attention cudnn + cuda graphs"])]],
         "comfyui_rounds": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache,
                             *(s or ["--rounds", "3", "--iters", "4", "--warmup", "2"])]],
+        # eager 512² (host-bound) in ComfyUI's Flux class, 3 pooled rounds of the variants that decide its target
+        "comfyui_512": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
+            "--resolutions", "512", "--rounds", "3", "--iters", "6", "--warmup", "3", "--only",
+            "bf16 + attention cudnn,adapter int8,adapter int8 + attention cudnn,ComfyUI int8 (same file)"])]],
         # Wan 2.x 14B-shaped t2v (4 blocks) at 480p / 81 frames (32,760 tokens) in ComfyUI: the same variants
         "comfyui_wan": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache, *s]],
         "comfyui_wan_rounds": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache,
