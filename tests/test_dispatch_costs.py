@@ -334,28 +334,3 @@ def test_the_gluon_kernels_speed_up_applies_to_its_shapes_only() -> None:
     old.pop("ws_speedup")
     assert cm.DeviceCosts.from_json(old).ws_speedup == 1.0
     assert ws_ratio(100.0, 80.0) == 1.25 and ws_ratio(100.0, 1.0) == 3.0 and ws_ratio(1.0, 100.0) == 0.5
-
-
-def test_the_cooperative_kernel_is_picked_where_the_host_sets_the_pace() -> None:
-    """``triton_coop`` (one launch: quantize, grid barrier, GEMM) costs the two-launch path's GPU time plus the
-    barrier less one launch; with its measured host time below the two-launch path's it takes the host-bound
-    eager calls (a small M on a narrow layer) and leaves the GPU-bound ones (the Gluon kernel's shapes) and
-    graph mode (no host time) to the two-launch path. A table measured before it existed has no host time for
-    it and never picks it (no sibling stands in: its one launch is the point)."""
-    import dataclasses
-
-    hosts = dict(cm.DEFAULT_COSTS.host_us)
-    assert "triton_coop" not in hosts and cm.DEFAULT_COSTS.host("triton_coop") == max(hosts.values())
-    c = dataclasses.replace(cm.DEFAULT_COSTS, host_us=tuple({**hosts, "bf16": 15.0, "triton": 19.0,
-                                                               "triton_coop": 12.0, "triton_w8a16": 16.0,
-                                                               "triton_fused": 11.0, "dequant": 30.0}.items()))
-    for shape in ((4096, 1280, 1280), (256, 1280, 1280), (1, 3072, 3072)):
-        two, one = cm.gpu_us("triton", *shape, c), cm.gpu_us("triton_coop", *shape, c)
-        assert one == pytest.approx(two + cm.COOP_BARRIER_US - c.launch_us)
-    # its GEMM phase is the Triton kernel's tiles: no Gluon speed-up where the two-launch path has it
-    assert cm.gpu_us("triton_coop", 4096, 3072, 3072, c) > cm.gpu_us("triton", 4096, 3072, 3072, c)
-    candidates = ("triton", "triton_fused", "triton_coop", "triton_w8a16", "dequant")
-    assert cm.decide(candidates, 256, 1280, 1280, c, "eager")[0] == "triton_coop"
-    assert cm.decide(candidates, 4096, 3072, 3072, c, "eager")[0] == "triton"  # GPU-bound: the Gluon GEMM
-    assert cm.decide(candidates, 256, 1280, 1280, c, "graph")[0] != "triton_coop"
-    assert cm.decide(candidates, 256, 1280, 1280, cm.DEFAULT_COSTS, "eager")[0] != "triton_coop"

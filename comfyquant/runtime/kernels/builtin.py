@@ -61,8 +61,8 @@ def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, kbloc
 
 
 def _int8_coop(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
-    """The cooperative one-launch W8A8 kernel (quantize, grid barrier, GEMM): one launch where the host sets a
-    layer's pace (docs/KERNEL_NOTES.md)."""
+    """The cooperative one-launch W8A8 kernel (quantize, grid barrier, GEMM); pinned only until its GPU
+    checks and the eager sweep judge it (docs/KERNEL_NOTES.md)."""
     from comfyquant.runtime.kernels import triton_int8
 
     if _opt(opts, 0):
@@ -187,9 +187,8 @@ def cost_choice(x: torch.Tensor, n: int, k: int, group: int, policy, paths: tupl
     return decide_paths(_m(x, k), n, k, group, policy, _costs(x, policy), _graph(policy), paths)
 
 
-_INT8_PATHS = (("triton", "triton"), ("triton_fused", "triton_fused"), ("triton_coop", "triton_coop"),
-               ("triton_w8a16", "triton_w8a16"), ("dequant", "dequant"))
-_NO_ROTATION = ("triton_fused", "triton_coop")  # backends that quantize x themselves, without a rotation
+_INT8_PATHS = (("triton", "triton"), ("triton_fused", "triton_fused"), ("triton_w8a16", "triton_w8a16"),
+               ("dequant", "dequant"))
 
 
 def _choose_int8(x, n, k, opts, policy) -> BackendChoice:
@@ -199,7 +198,7 @@ def _choose_int8(x, n, k, opts, policy) -> BackendChoice:
     if not triton_available() or cap < (8, 0):
         return BackendChoice("torch", f"sm_{cap[0]}{cap[1]}: no triton int8 path; torch._int_mm")
     group = _opt(opts, 0)
-    paths = _INT8_PATHS if not group else tuple(p for p in _INT8_PATHS if p[1] not in _NO_ROTATION)
+    paths = _INT8_PATHS if not group else tuple(p for p in _INT8_PATHS if p[1] != "triton_fused")
     return cost_choice(x, n, k, group, policy, paths)
 
 

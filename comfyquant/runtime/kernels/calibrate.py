@@ -23,9 +23,8 @@ from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 5  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
-# 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart; 5: the
-# cooperative one-launch kernel's host time)
+CACHE_VERSION = 4  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
+# 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -106,8 +105,7 @@ def _keys(paths: tuple[str, ...]) -> frozenset[str]:
 
 # cost-model path -> (kernel kind, backend, operand keys of _operands, opts)
 PATH_BACKENDS: dict[str, tuple[str, str, tuple[str, ...], tuple[int, ...]]] = {
-    **{b: ("int8", b, ("q", "s"), (0,)) for b in ("triton", "triton_fused", "triton_coop", "triton_w8a16",
-                                                   "dequant", "torch")},
+    **{b: ("int8", b, ("q", "s"), (0,)) for b in ("triton", "triton_fused", "triton_w8a16", "dequant", "torch")},
     "scaled_mm": ("fp8", "scaled_mm", ("qf", "sf", None), ()),
     "triton_fp8": ("fp8", "triton", ("qf", "sf", None), ()),
     "w4a8": ("int4_rot", "triton", ("p", "ps"), (16,)),

@@ -25,15 +25,10 @@ from comfyquant.runtime.kernels.configs import (
 )
 
 # paths the model knows: eager-host cost and GPU kernels of each
-PATHS = ("bf16", "triton", "triton_fp8", "triton_fused", "triton_coop", "triton_w8a16", "dequant", "scaled_mm", "w4a8",
-         "torch")
-# a path missing from a table (measured before the path existed) takes its sibling's rate: the fp8 W8A8 Triton
-# GEMM is the int8 one's kernel and launch sequence on fp8 codes, the cooperative kernel's GEMM phase the int8
-# one's Triton tiles (its host time has no sibling: one launch, measured or never picked)
-_SIBLING = {"triton_fp8": "triton", "triton_coop": "triton"}
-_NO_HOST_SIBLING = frozenset({"triton_coop"})
-# the cooperative kernel's grid barrier (all programs arrive at one counter in L2, then poll it), µs
-COOP_BARRIER_US = 3.0
+PATHS = ("bf16", "triton", "triton_fp8", "triton_fused", "triton_w8a16", "dequant", "scaled_mm", "w4a8", "torch")
+# a path missing from a table (measured before the path existed) takes its sibling's constants: the fp8 W8A8
+# Triton GEMM is the int8 one's kernel and launch sequence on fp8 codes
+_SIBLING = {"triton_fp8": "triton"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ class DeviceCosts:
         object.__setattr__(self, "_rate", dict(self.tflops))
 
     def host(self, path: str) -> float:
-        if path not in self._host and path in _SIBLING and path not in _NO_HOST_SIBLING:
+        if path not in self._host and path in _SIBLING:
             path = _SIBLING[path]
         return self._host.get(path, max(self._host.values(), default=50.0))
 
@@ -144,7 +139,7 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
     out_b = 2.0 * m * n
     if path == "bf16":
         return _bf16_gemm(m, n, k, c)
-    if path in ("triton", "triton_fp8", "w4a8", "scaled_mm", "triton_coop"):
+    if path in ("triton", "triton_fp8", "w4a8", "scaled_mm"):
         wbytes = n * k * (0.5 if path == "w4a8" else 1.0)
         if m < 64:
             cfg = small_m_config(m, n, k, c.sms)
@@ -157,10 +152,7 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
             eff *= _short_k(k, cfg.block_k)
         if path == "triton" and m >= WS_MIN_M and min(n, k) >= WS_MIN_NK:  # the Gluon kernel's shapes
             eff *= c.ws_speedup
-        gemm = _kernel(flops, m * k + wbytes + out_b, c.rate(path), eff, c)
-        if path == "triton_coop":  # one launch: the quantization phase, the barrier, the GEMM phase
-            return _quant_kernel(m, k, c, group) + COOP_BARRIER_US + gemm - c.launch_us
-        return _quant_kernel(m, k, c, group) + gemm
+        return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, c.rate(path), eff, c)
     if path == "triton_fused":
         if group:
             return math.inf
