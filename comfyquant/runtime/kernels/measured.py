@@ -28,7 +28,7 @@ from comfyquant.errors import UserError
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind
 
-CACHE_VERSION = 2  # 2: the cooperative one-launch kernel is a candidate (older files never timed it)
+CACHE_VERSION = 1
 
 
 @dataclass
