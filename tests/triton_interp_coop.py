@@ -20,8 +20,6 @@ def check_coop() -> None:
 
     from comfyquant.runtime.kernels import scratch, triton_int8
 
-    counter = scratch.pool(torch.device("cpu")).barrier(0)  # the CPU's "stream" 0: shared with other groups
-    gen0 = int(counter[1])
     cases = [c for c in _LINEAR_CASES if c[-1] is None] + [(3, 1000, 40, BF16, BF16, True, "row", None),
                                                             (37, 96, 130, F16, F16, False, "row", None)]
     for i, case in enumerate(cases):
@@ -35,8 +33,9 @@ def check_coop() -> None:
                    cfg=str(cfg), **info)
     # the barrier word pair after these launches: every arrival count reset, one generation per launch (no
     # host reset between launches, whatever their grid size)
-    record("coop_barrier_counter", int(counter[0]) == 0 and int(counter[1]) - gen0 == len(cases) * len(_cfgs()),
-           counter=counter.tolist(), before=gen0)
+    counter = scratch.pool(torch.device("cpu")).barrier(0)
+    record("coop_barrier_counter", int(counter[0]) == 0 and int(counter[1]) == len(cases) * len(_cfgs()),
+           counter=counter.tolist())
 
 
 def check_coop_fusions() -> None:
