@@ -298,67 +298,6 @@ def check_ws_experimental() -> None:
                max_diff_vs_triton=float((got.float() - want.float()).abs().max()))
 
 
-def check_coop() -> None:
-    """The cooperative one-launch W8A8 kernel (``triton_coop``: quantize, grid barrier, GEMM) bit-equal to the
-    two-launch path on the same input, across grid sizes that take turns on one barrier counter (1 to 132
-    programs, rows spread over programs or several per program), a LoRA term and an input activation; 200
-    launches in a row of alternating sizes (a lost or double arrival would hang or corrupt); CUDA-graph replay
-    bit-equal; its eager plan bit-equal."""
-    from comfyquant.runtime.kernels import scratch, triton_plans
-
-    cases = [(1, 3072, 3072), (16, 4096, 10240), (256, 3072, 3072), (300, 1280, 1280), (1024, 3072, 12288),
-             (4096, 1280, 1280), (77, 768, 3072), (5, 640, 640)]
-    mats = {}
-    for m, k, n in cases:
-        x = torch.randn(m, k, device="cuda").bfloat16() * 2
-        w = torch.randn(n, k, device="cuda") * 0.03
-        q, s = quantize_rowwise(w)
-        b = torch.randn(n, device="cuda").bfloat16()
-        mats[(m, k, n)] = (x, w, q, s, b)
-        want = triton_int8.int8_linear(x, q, s, b, None, torch.bfloat16)
-        poison()
-        got = triton_int8.coop_linear(x, q, s, b, torch.bfloat16)
-        ref64 = x.double() @ w.double().t() + b.double()
-        record("coop_linear", torch.equal(got, want), m=m, k=k, n=n, rel=rel(got, ref64),
-               max_diff=float((got.float() - want.float()).abs().max()))
-    ok = True
-    for i in range(200):
-        m, k, n = cases[i % len(cases)]
-        x, _, q, s, b = mats[(m, k, n)]
-        y = triton_int8.coop_linear(x, q, s, b, torch.bfloat16)
-        if i >= 200 - len(cases):
-            ok = ok and torch.equal(y, triton_int8.int8_linear(x, q, s, b, None, torch.bfloat16))
-    torch.cuda.synchronize()
-    counter = scratch.pool(torch.device("cuda", torch.cuda.current_device())).barrier(
-        torch.cuda.current_stream().cuda_stream)
-    record("coop_200_launches", ok and int(counter[0]) == 0, counter=counter.tolist())
-    x, w, q, s, b = mats[(256, 3072, 3072)]
-    down = (torch.randn(32, 3072, device="cuda") * 0.05).bfloat16()
-    up = (torch.randn(32, 3072, device="cuda") * 0.05).bfloat16()
-    for name, kw in (("lora", {"low_rank": (down, up, 32)}), ("gelu_tanh", {"act": 1})):
-        want = triton_int8.int8_linear(x, q, s, b, None, torch.bfloat16, **kw)
-        record(f"coop_{name}", torch.equal(triton_int8.coop_linear(x, q, s, b, torch.bfloat16, **kw), want))
-    # CUDA graphs: captured once, replayed on a new input copied into the captured one
-    xs = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        triton_int8.coop_linear(xs, q, s, b, torch.bfloat16)  # compile + this stream's scratch outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):  # the stream the warm-up ran on: its scratch and counter
-        yg = triton_int8.coop_linear(xs, q, s, b, torch.bfloat16)
-    x2 = torch.randn_like(x)
-    xs.copy_(x2)
-    graph.replay()
-    graph.replay()
-    torch.cuda.synchronize()
-    record("coop_cuda_graph", torch.equal(yg, triton_int8.int8_linear(x2, q, s, b, None, torch.bfloat16)))
-    plan = triton_plans.plan_coop(x, q, s, b, torch.bfloat16)
-    record("coop_plan", plan is not None and torch.equal(plan(x2), triton_int8.int8_linear(
-        x2, q, s, b, None, torch.bfloat16)))
-
-
 def check_linear() -> None:
     for m, k, n, how, scale_kind in [
         (1, 3072, 3072, "contig", "row"), (16, 3072, 9216, "transposed", "row"), (77, 100, 70, "row_stride", "row"),
@@ -745,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_ws_lora_wired,
                check_linear, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
-               check_inference_mode, check_attention, check_attention_cudnn, check_ws_experimental, check_coop):
+               check_inference_mode, check_attention, check_attention_cudnn, check_ws_experimental):
         if only and fn.__name__ not in only:
             continue
         try:

@@ -70,9 +70,6 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "checks_gemm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_persistent,check_ws_gemm,check_ws_lora_wired,check_plans,check_attention_cudnn,"
                          "check_ws_experimental"]],
-        # the cooperative one-launch W8A8 kernel (before a sweep that times it: a hang shows here first)
-        "checks_coop": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_coop"), "--only",
-                         "check_coop"]],
         # the warp-specialized Gluon W8A8 GEMM against today's Triton kernel and cuBLAS (GEMM alone; Hopper only)
         "gemm_ws": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws")]],
         # the same with the Gluon kernel's unpicked variants (fp8 operands, ping-pong): put it last in a call

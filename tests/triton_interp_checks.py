@@ -20,7 +20,6 @@ from collections.abc import Callable
 import torch
 from triton_interp import code_diff, group, interp_cast, record, rel
 from triton_interp_attention import GROUPS as ATTENTION_GROUPS
-from triton_interp_coop import GROUPS as COOP_GROUPS
 from triton_interp_fp8 import GROUPS as FP8_GROUPS
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
 from triton_interp_plans import GROUPS as PLAN_GROUPS
@@ -516,7 +515,6 @@ GROUPS: dict[str, Callable[[], None]] = {
     **PLAN_GROUPS,  # the eager fast paths (triton_interp_plans)
     **TILE_GROUPS,  # the tile activation kernel and its tensor-core rotation (triton_interp_tiles)
     **ATTENTION_GROUPS,  # the int8 attention kernel (triton_interp_attention)
-    **COOP_GROUPS,  # the cooperative one-launch W8A8 kernel (triton_interp_coop)
 }
 
 

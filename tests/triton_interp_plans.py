@@ -39,8 +39,6 @@ def check_plans() -> None:
                       lambda x, a=0: tp.plan_fused(x, w, s, bias, dtype, a)),
             "fused_kblock": (lambda x, a=0: ti.fused_linear(x, w, s, bias, dtype, act=a, kblock=True),
                              lambda x, a=0: tp.plan_fused(x, w, s, bias, dtype, a, kblock=True)),
-            "coop": (lambda x, a=0: ti.coop_linear(x, w, s, bias, dtype, act=a),
-                     lambda x, a=0: tp.plan_coop(x, w, s, bias, dtype, a)),
         }
         if dtype == F16:  # bf16/fp32 x are not planned for W8A16 (and bf16 dot does not interpret)
             cases["w8a16"] = (lambda x, a=0: ti.w8a16_linear(x, w, s, bias, None, dtype, act=a),
@@ -67,7 +65,6 @@ def check_plans() -> None:
     for name, general, make in (
             ("int8", lambda x: ti.int8_linear(x, w, s, None, None, F16), lambda x: tp.plan_int8(x, w, s, None, None, F16)),
             ("fused", lambda x: ti.fused_linear(x, w, s, None, F16), lambda x: tp.plan_fused(x, w, s, None, F16)),
-            ("coop", lambda x: ti.coop_linear(x, w, s, None, F16), lambda x: tp.plan_coop(x, w, s, None, F16)),
             ("w8a16", lambda x: ti.w8a16_linear(x, w, s, None, None, F16), lambda x: tp.plan_w8a16(x, w, s, None, F16))):
         plan = make(first)
         outs = [plan(x) for x in later] if plan is not None else []

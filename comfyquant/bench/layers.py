@@ -39,8 +39,7 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
 )
 M_VALUES = (1, 16, 256, 1024, 4096, 16384)
 GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
-# w8a8_fused_kb (judged in run 11: pinned only) is left out by default; w8a8_coop is being judged
-COLUMNS = ("bf16", "auto", "measured", "w8a8_triton", "w8a8_fused", "w8a8_coop", "w8a16", "dequant", "fp8", "w4a8",
+COLUMNS = ("bf16", "auto", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16", "dequant", "fp8", "w4a8",
            "w8a8_convrot", "ck_int8")
 
 
@@ -188,8 +187,7 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
             "measured": _bound("int8", 1, (2,), backend=dispatch.DispatchPolicy(measure=True)),
             "w8a8_triton": _bound("int8", 1, (2,), backend="triton"),
             "w8a8_fused": _bound("int8", 1, (2,), backend="triton_fused"),
-            "w8a8_fused_kb": _bound("int8", 1, (2,), backend="triton_fused_kblock"),  # pinned only (run 11)
-            "w8a8_coop": _bound("int8", 1, (2,), backend="triton_coop"),  # pinned only, to be judged
+            "w8a8_fused_kb": _bound("int8", 1, (2,), backend="triton_fused_kblock"),  # pinned-only, to be judged
             "w8a16": _bound("int8", 1, (2,), backend="triton_w8a16"),
             "dequant": _bound("int8", 1, (2,), backend="dequant"),
             "fp8": _bound("fp8", 5, (6,)),

@@ -60,16 +60,6 @@ def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, kbloc
     return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock)
 
 
-def _int8_coop(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
-    """The cooperative one-launch W8A8 kernel (quantize, grid barrier, GEMM); pinned only until its GPU
-    checks and the eager sweep judge it (docs/KERNEL_NOTES.md)."""
-    from comfyquant.runtime.kernels import triton_int8
-
-    if _opt(opts, 0):
-        raise UserError("backend 'triton_coop' has no rotation; rotated (convrot) int8 layers use 'triton'")
-    return triton_int8.coop_linear(x, w, scales[0], bias, out_dtype, low_rank=low_rank, act=act)
-
-
 def _int8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
@@ -95,12 +85,6 @@ def _plan_int8_fused(x, w, scales, bias, opts, out_dtype, act, low_rank=None, kb
 
     return None if _opt(opts, 0) else triton_plans.plan_fused(x, w, scales[0], bias, out_dtype, act, low_rank,
                                                               kblock=kblock)
-
-
-def _plan_int8_coop(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
-    from comfyquant.runtime.kernels import triton_plans
-
-    return None if _opt(opts, 0) else triton_plans.plan_coop(x, w, scales[0], bias, out_dtype, act, low_rank)
 
 
 def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
@@ -358,8 +342,7 @@ INT8 = register_kernel_kind(KernelKind(
      "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused),
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
-     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16),
-     "triton_coop": KernelBackend(_int8_coop, _TRITON, True, True, _plan_int8_coop)},
+     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16)},
     choose=_choose_int8, check=_check_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(
     "int8_block", {"torch": _block_torch, "dequant": _block_dequant}, choose=_choose_block, check=_check_block))

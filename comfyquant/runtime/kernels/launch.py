@@ -143,10 +143,8 @@ def _interpreted(fn: Any) -> bool:
 class FastKernel:
     """Launch ``fn`` (a ``@triton.jit`` function) with every argument positional, constexprs included."""
 
-    def __init__(self, fn: Any, **options: Any) -> None:
-        """``options``: Triton launch options the kernel is compiled with (``launch_cooperative_grid``)."""
+    def __init__(self, fn: Any) -> None:
         self.fn = fn
-        self.options = options
         # constexprs are keyed by value; do_not_specialize ints (M) not at all; the rest by what Triton
         # specializes on (dtype, 16-byte alignment, == 1, % 16)
         self.const, self.varying = _param_kinds(fn)
@@ -171,8 +169,8 @@ class FastKernel:
         if ck is not None:
             return _direct(ck, g)
         if _interpreted(self.fn):
-            fn, opts = self.fn, self.options
-            return lambda stream, *a: fn[g](*a, num_warps=num_warps, num_stages=num_stages, **opts)
+            fn = self.fn
+            return lambda stream, *a: fn[g](*a, num_warps=num_warps, num_stages=num_stages)
         return None
 
     def prepared_tma(self, grid: tuple[int, ...], *, num_warps: int, num_stages: int, key: tuple) -> TmaFire | None:
@@ -193,7 +191,7 @@ class FastKernel:
         key = self.key(args, num_warps, num_stages) if key is None else (num_warps, num_stages, key)
         ck = self._compiled.get(key)
         if ck is None:
-            ck = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **self.options)
+            ck = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
             if ck is not None and hasattr(ck, "run") and hasattr(ck, "packed_metadata"):
                 self._compiled[key] = ck  # interpreter mode returns None: stays on the slow path
             return

@@ -8,8 +8,7 @@ next layer's activation kernel starts only after this layer's GEMM has read them
 and per Python thread (two threads issuing on one stream could interleave a layer's two launches), small ones
 only (``MAX_BYTES``: the host-bound sizes; larger calls are GPU-bound and allocate as before), at most
 ``MAX_ENTRIES`` per device, oldest dropped first (a dropped buffer goes back to the caching allocator, which
-orders its reuse on the stream like any freed tensor). Plans never hold these buffers themselves. The cooperative one-launch kernel takes its pair from here too, and
-its grid-barrier counter (:meth:`ScratchPool.barrier`).
+orders its reuse on the stream like any freed tensor). Plans never hold these buffers themselves.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ class ScratchPool:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._barriers: dict[tuple, torch.Tensor] = {}  # never dropped: 8 bytes per stream and thread
 
     def pair(self, stream: int, m: int, k: int, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q [m, k] qdtype, s [m, 1] float32)`` for a call issued on ``stream`` by this thread: the same two
@@ -45,16 +43,6 @@ class ScratchPool:
             if len(self._pairs) >= self.max_entries:
                 self._pairs.pop(next(iter(self._pairs)))
             self._pairs[key] = got
-        return got
-
-    def barrier(self, stream: int) -> torch.Tensor:
-        """The grid-barrier counter (``int32 [2]``, zeroed once) of the cooperative W8A8 kernel for calls issued
-        on ``stream`` by this thread: its launches run in issue order, so one counter serves them all; another
-        stream gets its own (two launches running at once must never share one)."""
-        key = ("barrier", stream, threading.get_ident())
-        got = self._barriers.get(key)
-        if got is None:
-            got = self._barriers[key] = torch.zeros(2, dtype=torch.int32, device=self.device)
         return got
 
     def __len__(self) -> int:

@@ -102,9 +102,7 @@ def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTYPE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              B_TO: tl.constexpr, A_ACT: tl.constexpr, A_CACHE: tl.constexpr):
-    """``a [M, K] @ b [N, K]^T`` of one tile (``A_CACHE``: the A loads' cache modifier, ".cg" for an A written
-    earlier in the same launch)."""
+              B_TO: tl.constexpr, A_ACT: tl.constexpr):
     # rows/cols past the edge are clamped (wrapped) instead of masked: their results are never stored
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -114,15 +112,15 @@ def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTY
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(a_ptrs, cache_modifier=A_CACHE)
+            a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
             rem = K - kk * BLOCK_K
             if a_ptr.dtype.element_ty.is_fp8():  # fp8 x fp8 (sm_89+): a float `other` (no int -> fp8 cast)
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0, cache_modifier=A_CACHE)
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0.0)
             else:
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0, cache_modifier=A_CACHE)
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0)
                 if B_TO:  # fp8 loads take no integer `other`: zero the tail after the conversion
                     b = tl.load(b_ptrs, mask=offs_k[:, None] < rem)
                     b = tl.where(offs_k[:, None] < rem, b.to(a.dtype), 0.0)
@@ -146,7 +144,7 @@ def w8a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     ACC: tl.constexpr = tl.float32 if a_ptr.dtype.element_ty.is_fp8() else tl.int32
     acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC,
-                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, 0, "")
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, 0)
     if RAW:  # the accumulator itself (exactness checks against torch._int_mm)
         _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
     else:
@@ -162,7 +160,7 @@ def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, 
           A_ACT: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.float32,
-                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT, "")
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT)
     _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
            h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 

@@ -312,45 +312,6 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     return out.reshape(*lead, n)
 
 
-def coop_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype, cfg: TileConfig | None = None, low_rank: LowRank | None = None,
-                act: int = 0) -> torch.Tensor:
-    """W8A8 in one cooperative launch (``triton_coop``): x's rows quantized once each (as
-    :func:`int8_linear`'s activation pass does, so the codes and scales are the same), then the GEMM with the
-    same epilogue, one grid barrier between (x 16/32-bit, no rotation, elementwise input activations only)."""
-    from comfyquant.runtime.kernels import scratch, triton_coop
-
-    _no_act_with_low_rank(act, low_rank)
-    _no_gated_act(act, "coop_linear")
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2d = _contig_rows(x.reshape(-1, k))
-    w_q = _contig_rows(w_q)
-    m, n = x2d.shape[0], w_q.shape[0]
-    sb = _sb(w_scale)
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    if m and n:
-        cfg = cfg or coop_config(m, n, k, x.device)
-        pool = scratch.pool(x.device)
-        stream = _stream_of(x.device)
-        q, s = pool.pair(stream, m, k, torch.int8)
-        grid, args, key = triton_coop.launch_args(x2d, q, s, w_q, sb, bias, out, pool.barrier(stream), cfg,
-                                                  _low_rank_args(low_rank, x2d, sb), act)
-        triton_coop.kernel()(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
-    return out.reshape(*lead, n)
-
-
-def coop_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    """The cooperative kernel's GEMM tile: the two-launch path's Triton tile for this shape (pointer loads)."""
-    return pick_w8a8(m, n, k, device, False, False)[0]
-
-
-def _stream_of(device: torch.device) -> int:
-    """The current stream's handle on ``device`` (0 off CUDA: the interpreter)."""
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.current_stream(device).cuda_stream
-
-
 def fused_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
     return fit_stages(small_m_config(m, n, k, device_facts(device)[0]), a_bytes=2, b_bytes=1)
 

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from comfyquant.runtime.kernels import scratch, triton_coop, triton_quant
+from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
-from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
 from comfyquant.runtime.versions import version
@@ -104,43 +103,6 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, kblock)
     return _one_launch(ti._FUSED.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
                        args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
-
-
-def plan_coop(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-              out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
-    """``x -> coop_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act)`` (one cooperative
-    launch: quantize, grid barrier, GEMM) for ``x``'s signature, or None. The quantized activation, its scales
-    and the barrier counter come from the scratch pool per call (per stream and thread)."""
-    common = _common(x, w_q, w_scale)
-    if common is None or act in GATED_CODES:
-        return None
-    lead, m, n, k, dev, sb = common
-    cfg = ti.coop_config(m, n, k, dev)
-    pool = scratch.pool(dev)
-    st0 = ti._stream_of(dev)
-    q, s = pool.pair(st0, m, k, torch.int8)
-    out = torch.empty((m, n), dtype=out_dtype, device=dev)
-    lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
-    grid, args, key = triton_coop.launch_args(x.view(m, k), q, s, w_q, sb, bias, out, pool.barrier(st0), cfg, lr,
-                                              act)
-    fire = triton_coop.kernel().prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
-    if fire is None:
-        return None
-    stream, empty, shape, linear = _raw_stream(dev), torch.empty, (*lead, n), torch.nn.functional.linear
-    hi, down = _h_slot(args, lr, low_rank) or (None, None)
-    template = _without(list(args), (0, 1, 2, 4, 7, hi))
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        st = stream()
-        a = template.copy()
-        a[1], a[2] = pool.pair(st, m, k, torch.int8)
-        a[0], a[4], a[7] = x, empty(shape, dtype=out_dtype, device=dev), pool.barrier(st)
-        if hi is not None:
-            a[hi] = linear(x, down)
-        fire(st, *a)
-        return a[4]
-
-    return run
 
 
 def _without(seq: list, slots: tuple[int | None, ...]) -> list:
@@ -424,4 +386,4 @@ def _desc_maker(template: object) -> Callable[[torch.Tensor], object]:
     return make
 
 
-__all__ = ["Plan", "plan_coop", "plan_dequant", "plan_fp8", "plan_fused", "plan_int8", "plan_scaled_mm", "plan_w8a16", "usable"]
+__all__ = ["Plan", "plan_dequant", "plan_fp8", "plan_fused", "plan_int8", "plan_scaled_mm", "plan_w8a16", "usable"]
