@@ -33,9 +33,13 @@ GLUON = {"ws 128x256 s3": dict(block_n=256, stages=3), "ws 128x128 s4": dict(blo
 EXPERIMENTAL = {"ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}  # with --experimental
 
 
-def _bench(fn, reps: int) -> float:
+def _bench(fn, reps: int, graph: bool = False) -> float:
+    """µs per call: ``do_bench`` (L2 cleared between calls; a call shorter than its host time measures the host),
+    or with ``graph`` the GPU time of calls replayed from a CUDA graph (no host time; L2 not cleared)."""
     import triton.testing
 
+    if graph:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")) * 1e3
     return float(triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")) * 1e3  # µs
 
 
@@ -52,7 +56,7 @@ def _compare(got: torch.Tensor, want: torch.Tensor, ref: torch.Tensor, r: int) -
             "rel_err_f64": float((got[:r].double() - ref).norm() / ref.norm())}
 
 
-def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False) -> dict:
+def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False, graph: bool = False) -> dict:
     """Check and time every variant on one ``[M, K] x [N, K]^T`` problem (``experimental``: also the Gluon
     kernel's variants the runtime does not pick: ping-pong, fp8 operands, a LoRA term in the epilogue)."""
     gluon = {**GLUON, **(EXPERIMENTAL if experimental else {})}
@@ -130,7 +134,7 @@ def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False) -> 
     for _ in range(2):  # two passes in turns: the spread between them is the noise
         for name, fn in variants.items():
             try:
-                row["us"].setdefault(name, []).append(_bench(fn, reps))
+                row["us"].setdefault(name, []).append(_bench(fn, reps, graph))
             except Exception as e:
                 row["us"].setdefault(name, []).append(None)
                 row["checks"].setdefault("timing_errors", {})[name] = str(e).splitlines()[0][:200]
@@ -172,8 +176,9 @@ def plot(payload: dict, png: Path) -> Path:
     """The report's speed-ups as grouped bars (PNG beside the json)."""
     from comfyquant.bench.plot import plot_bars
 
+    timing = payload["env"].get("timing", "do_bench, L2 cleared")
     return plot_bars(bar_groups(payload["rows"]), png, f"int8 W8A8 on {payload['env']['device']}: x bf16 F.linear "
-                     "(same run, do_bench median, L2 cleared)", target=1.6)
+                     f"(same run, median; {timing})", target=1.6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=60, help="do_bench repetition time per variant, ms")
     p.add_argument("--only", default="", help="comma-separated model.layer names (default: all)")
     p.add_argument("--experimental", action="store_true", help="also the Gluon variants not picked yet")
+    p.add_argument("--graph", action="store_true", help="GPU time from CUDA-graph replays (the small shapes, whose "
+                   "plain timing measures the benchmark launcher's host time)")
     p.add_argument("--narrow", action="store_true", help="the SDXL / CLIP / T5 widths in place of Flux / Wan")
     p.add_argument("--plot-from", default=None, help="only draw --out/gemm_ws.png from this saved json (no GPU)")
     a = p.parse_args(argv)
@@ -198,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "timing": "CUDA-graph replay (GPU time)" if a.graph else "do_bench, L2 cleared"}
     for (model, layer), (k, n) in (NARROW if a.narrow else SHAPES).items():
         if only and f"{model}.{layer}" not in only:
             continue
         for m in (int(v) for v in a.m.split(",")):
-            r = run_shape(m, k, n, a.reps, a.experimental)
+            r = run_shape(m, k, n, a.reps, a.experimental, a.graph)
             r.update(model=model, layer=layer)
             rows.append(r)
             print(json.dumps({key: r[key] for key in ("model", "layer", "M", "checks")}), flush=True)

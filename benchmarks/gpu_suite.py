@@ -78,6 +78,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the same on SDXL / CLIP / T5 widths, where the runtime keeps the Triton kernels until this is timed
         "gemm_ws_narrow": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_narrow"), "--narrow",
                             "--m", "1024,4096,16384", "--reps", "30"]],
+        # the same as GPU time (CUDA-graph replays): the small shapes' plain timing is the launchers' host time
+        "gemm_ws_narrow_graph": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_narrow_graph"),
+                                  "--narrow", "--graph", "--m", "1024,4096,16384", "--reps", "30"]],
         # the W8A8 rows: M 4096 / 16384, the whole layer (activation pass + picked GEMM) included
         "gemm_layers": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--m", "4096,16384",
                          "--reps", "40"]],
