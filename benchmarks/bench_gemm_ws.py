@@ -22,7 +22,7 @@ SHAPES = {  # (model, layer): (K, N)
     ("flux", "mlp2"): (12288, 3072), ("flux", "linear1"): (3072, 21504), ("flux", "linear2"): (15360, 3072),
     ("wan14b", "attn"): (5120, 5120), ("wan14b", "ffn0"): (5120, 13824), ("wan14b", "ffn2"): (13824, 5120),
 }
-# narrower layers where the runtime keeps the Triton kernels (``configs.WS_MIN_NK``) until this group is timed
+# narrower layers: SDXL / CLIP / T5 widths (run 29 timed them: ``configs.ws_shape``)
 NARROW = {
     ("sdxl", "attn"): (1280, 1280), ("sdxl", "ff0"): (1280, 10240), ("sdxl", "ff2"): (5120, 1280),
     ("sdxl", "attn640"): (640, 640), ("clip_l", "mlp0"): (768, 3072), ("clip_l", "mlp2"): (3072, 768),

@@ -23,8 +23,9 @@ from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 4  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
-# 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart)
+CACHE_VERSION = 5  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
+# 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart; 5: the Gluon
+# kernel takes narrow layers too (configs.ws_shape), so the Triton rate is timed below its rows)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -167,10 +168,10 @@ def measure(device: torch.device) -> DeviceCosts:
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
     rates = {}
-    # the int8 W8A8 path's Triton kernel on a shape the Gluon kernel does not take (N < WS_MIN_NK), so its rate
+    # the int8 W8A8 path's Triton kernel on a shape the Gluon kernel does not take (M < WS_MIN_M), so its rate
     # stays the Triton kernel's; the Gluon kernel's speed-up is timed apart below
     for shape, group in (((4096, 4096, 4096), ("bf16", "scaled_mm", "triton_fp8", "w4a8")),
-                         ((4096, 2048, 4096), ("triton",)),
+                         (TRITON_SHAPE, ("triton",)),
                          ((256, 8192, 8192), ("triton_fused", "triton_w8a16"))):
         timed = tuple(p for p in group if p in paths)
         fns = _paths(_operands(*shape, dev, _keys(timed)), timed)
@@ -187,6 +188,7 @@ def measure(device: torch.device) -> DeviceCosts:
 
 
 WS_SHAPE = (4096, 4096, 4096)  # a shape the Gluon kernel takes, where the speed-up over the Triton rate is timed
+TRITON_SHAPE = (768, 8192, 8192)  # GPU-bound, below WS_MIN_M rows: the Triton W8A8 kernel's rate is fitted here
 
 
 def _ws_speedup(dev: torch.device, paths: tuple[str, ...], c: DeviceCosts) -> float:

@@ -60,21 +60,31 @@ PERSISTENT_W8A8 = TileConfig(128, 256, 128, 8, 3, 8, persistent=2)
 # tiles on all but 4 of 27 rows. At M = 1024 1.26-1.92x on all shapes but the 3072-wide proj (host-bound there).
 WS_W8A8 = TileConfig(128, 128, 128, 4, 5, 8, persistent=3)
 WS_MIN_M = 1024  # rows from which the warp-specialized kernel runs (measured from 1024)
-# The shapes it was measured on had K and N of 3072 or more; narrower layers (SDXL's 640 / 1280, CLIP's 768:
-# few K steps per tile, where the tile table's narrow-N configs were tuned) keep the Triton kernels until timed.
-WS_MIN_NK = 3072
+# ... and output tiles (of its 128x128): narrower layers too (run 29, GPU time of CUDA-graph replays on 7 SDXL /
+# CLIP / T5 shapes x M 1024-16384, benchmarks/results/gemm_ws_narrow_graph_run29_*): the Gluon kernel beat the
+# Triton one on every row from 64 tiles on (SDXL ff2 M = 4096: 1.83 vs 1.43x bf16; attn 1280 M = 4096: 1.28 vs
+# 1.11x; CLIP mlp2 M = 4096: 1.43 vs 1.26x) but at 1-2 tiles per SM it lost (SDXL attn 640 M = 1024, 40 tiles:
+# 0.80 vs 0.99x; CLIP mlp2 M = 1024, 48 tiles: 0.88 vs 0.97x). Run 27's do_bench figures of these shapes timed
+# the benchmark launcher's host time, not the kernel.
+WS_MIN_TILES = 64
+WS_MIN_K = 640  # the shortest K timed (SDXL attn 640); shorter layers (Flux img_in, K = 64) keep the Triton kernel
 # A LoRA's low-rank term added in the Gluon kernel's epilogue (``h @ up``, R <= 64, 16-bit): LoRA'd layers keep
 # the Gluon kernel's speed instead of falling back to the Triton GEMM with its own fused term.
 WS_LOW_RANK = True
 
 
+def ws_shape(m: int, n: int, k: int) -> bool:
+    """Whether an ``[m, k] x [k, n]`` W8A8 GEMM is one the Gluon kernel takes on sm_90: :data:`WS_MIN_M` rows,
+    :data:`WS_MIN_TILES` of its output tiles and :data:`WS_MIN_K` columns."""
+    return m >= WS_MIN_M and k >= WS_MIN_K and cdiv(m, WS_W8A8.block_m) * cdiv(n, WS_W8A8.block_n) >= WS_MIN_TILES
+
+
 def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, k: int = 0,
                        persistent: bool = True) -> TileConfig:
     """``gemm_config``'s pick for the Hopper W8A8 GEMM: :data:`WS_W8A8` on sm_90 (its wgmma code is Hopper's
-    own) from :data:`WS_MIN_M` rows for layers of at least :data:`WS_MIN_NK` in and out features, else (with
-    ``persistent``: a call the persistent Triton kernel takes) :data:`PERSISTENT_W8A8` in place of a full-size
-    tile."""
-    if major == 9 and m >= WS_MIN_M and min(n, k) >= WS_MIN_NK:
+    own) on the shapes :func:`ws_shape` gives it, else (with ``persistent``: a call the persistent Triton kernel
+    takes) :data:`PERSISTENT_W8A8` in place of a full-size tile."""
+    if major == 9 and ws_shape(m, n, k):
         return WS_W8A8
     return PERSISTENT_W8A8 if persistent and cfg.block_m * cfg.block_n >= 128 * 256 else cfg
 

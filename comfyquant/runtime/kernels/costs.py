@@ -16,12 +16,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from comfyquant.runtime.kernels.configs import (
-    WS_MIN_M,
-    WS_MIN_NK,
     gemm_config,
     small_m_config,
     w8a16_config,
     wave_efficiency,
+    ws_shape,
 )
 
 # paths the model knows: eager-host cost and GPU kernels of each
@@ -150,7 +149,7 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
         eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * speed
         if path != "scaled_mm":  # cuBLAS does not show the short-K loss of our tiles
             eff *= _short_k(k, cfg.block_k)
-        if path == "triton" and m >= WS_MIN_M and min(n, k) >= WS_MIN_NK:  # the Gluon kernel's shapes
+        if path == "triton" and ws_shape(m, n, k):  # the Gluon kernel's shapes
             eff *= c.ws_speedup
         return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, c.rate(path), eff, c)
     if path == "triton_fused":
