@@ -81,6 +81,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the same as GPU time (CUDA-graph replays): the small shapes' plain timing is the launchers' host time
         "gemm_ws_narrow_graph": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_narrow_graph"),
                                   "--narrow", "--graph", "--m", "1024,4096,16384", "--reps", "30"]],
+        # below WS_MIN_M as GPU time: whether the Gluon kernel should start under 1,024 rows (M = 256 rows of the
+        # sweep are GPU-bound at 0.73-0.90x on Flux / Wan / T5 on the Triton kernel)
+        "gemm_ws_small_m": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_small_m"), "--graph",
+                             "--m", "256,512,1024", "--reps", "30"]],
         # the W8A8 rows: M 4096 / 16384, the whole layer (activation pass + picked GEMM) included
         "gemm_layers": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--m", "4096,16384",
                          "--reps", "40"]],
