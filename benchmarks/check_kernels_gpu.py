@@ -184,17 +184,20 @@ def check_persistent() -> None:
 def check_ws_gemm() -> None:
     """The warp-specialized Gluon GEMM (``configs.WS_W8A8``) bit-equal to the per-tile Triton TMA kernel with the
     same tile: ragged M / N / K (K not a multiple of the 128-wide K step: TMA zero-fills), a scalar weight scale,
-    no bias, fp16 output; and the automatic pick at M >= ``WS_MIN_M`` is the Gluon kernel."""
+    no bias, fp16 output, SDXL widths; and the automatic pick at M >= ``WS_MIN_M`` is the Gluon kernel exactly on
+    the shapes ``configs.ws_shape`` gives it."""
     import dataclasses
 
-    from comfyquant.runtime.kernels.configs import WS_MIN_M, WS_W8A8
+    from comfyquant.runtime.kernels.configs import WS_MIN_M, WS_W8A8, ws_shape
 
     per_tile = dataclasses.replace(WS_W8A8, persistent=0)  # the same tile on the per-tile Triton kernel
     for m, k, n, row_sb, has_bias, dt in [(4608, 3072, 3072, True, True, torch.bfloat16),
                                           (1000, 15360, 520, True, False, torch.bfloat16),
                                           (2049, 3136, 9216, False, True, torch.float16),
                                           (16384, 5120, 13824, True, True, torch.bfloat16),
-                                          (1024, 4096, 4096, True, True, torch.float32)]:  # T5 in ComfyUI: fp32
+                                          (1024, 4096, 4096, True, True, torch.float32),  # T5 in ComfyUI: fp32
+                                          (4096, 1280, 1280, True, True, torch.bfloat16),  # SDXL widths (run 29)
+                                          (1024, 640, 640, True, False, torch.bfloat16)]:  # 40 tiles: Triton
         a, b, sa, sb = w8a8_operands(m, k, n, row_sb)
         bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
         want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=per_tile)
@@ -207,7 +210,7 @@ def check_ws_gemm() -> None:
                bias=has_bias, dtype=str(dt), err=err)
         if m >= WS_MIN_M:
             pick = triton_int8.pick_w8a8(m, n, k, a.device, True)[0]
-            record("w8a8_ws_picked", pick == WS_W8A8, m=m, k=k, n=n, pick=str(pick))
+            record("w8a8_ws_picked", (pick == WS_W8A8) == ws_shape(m, n, k), m=m, k=k, n=n, pick=str(pick))
 
 
 def check_ws_lora_wired() -> None:
