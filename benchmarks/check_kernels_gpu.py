@@ -596,6 +596,14 @@ def check_plans() -> None:
                     same = torch.equal(first, again)
                     record(f"plan_{fmt}_{backend}{'_lora' if lora else ''}", same and (planned or (lora and not fuses)),
                            m=m, k=k, n=n, planned=planned, same=same)
+    # every TMA plan made above took the direct launch (descriptors expanded by the plan, Triton's wrapper
+    # skipped): a disagreement falls back to Triton's launch silently but for one log line, and costs host time
+    kernels = {"w8a8_tma": triton_int8._TMA, "w8a8_tma_persistent": triton_int8._TMA_PERSISTENT}
+    if triton_int8.ws_available() and torch.cuda.get_device_capability()[0] == 9:
+        kernels["w8a8_ws"] = triton_int8._ws_kernel()
+    for name, fk in kernels.items():
+        record(f"plan_direct_launch_{name}", all(fk.direct_checked.values()), keys=len(fk.direct_checked),
+               disagreed=sum(not v for v in fk.direct_checked.values()))
 
 
 def check_inference_mode() -> None:
