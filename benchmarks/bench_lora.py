@@ -3,7 +3,8 @@ Flux linears, quantized (``comfyquant.runtime.quantize_``), with 0, 1 and 3 dyna
 through the product path (``comfyquant.lora.apply(..., mode="dynamic")`` on LoRA files), against the same
 quantized model without LoRA and against bf16 ``nn.Linear`` in the same run.
 
-Per variant: eager wall time per forward (host + GPU, synchronized, median of ``--iters``) and, on CUDA, the GPU
+Per variant: eager wall time per forward (``--iters`` forwards back to back, synchronized per round, median of 5
+rounds: host and GPU overlapped as in a model) and, on CUDA, the GPU
 time of one forward replayed from a CUDA graph (median over replays, CUDA events). Writes ``lora_bench.json``
 and ``lora_bench.md`` under ``--out``. Target (docs/PERFORMANCE.md): < 15% over the no-LoRA quantized block for
 one rank-32 LoRA at M = 4096.
@@ -102,17 +103,23 @@ def write_lora(model: nn.Module, rank: int, seed: int, folder: Path) -> Path:
     return path
 
 
-def eager_ms(fn: Callable[[], object], iters: int, device: torch.device) -> float:
-    """Median wall time of one synchronized call, in ms."""
+def eager_ms(fn: Callable[[], object], iters: int, device: torch.device, rounds: int = 5) -> float:
+    """Wall time per call in ms, as a model's layers run: ``iters`` calls back to back (the host queues the next
+    call's launches while the GPU runs the last), synchronized once per round; the median over ``rounds``.
+    Synchronizing around every single call (the earlier timing) added each call's whole host time to its GPU
+    time, which no model sees, and swung 0.32-0.42 ms on one row (run 28)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    for _ in range(rounds):
+        sync()
         t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
+        for _ in range(iters):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3 / iters)
     return statistics.median(times)
 
 
