@@ -136,7 +136,12 @@ def persistent_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple])
 def ws_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple]) -> bool:
     """Whether a W8A8 call may take the Gluon kernel (:func:`pick_w8a8`'s ``ws``): int8 operands, a scaled
     output, and no low-rank term or (``configs.WS_LOW_RANK``) one its epilogue holds (:func:`ws_low_rank`)."""
-    return qdtype == torch.int8 and not raw and (not lr[0][5] or (WS_LOW_RANK and ws_low_rank(lr) is not None))
+    return qdtype == torch.int8 and not raw and _ws_takes_term(lr)
+
+
+def _ws_takes_term(lr: tuple[tuple, tuple]) -> bool:
+    """No low-rank term, or (``configs.WS_LOW_RANK``) one the Gluon epilogue adds (:func:`ws_low_rank`)."""
+    return not lr[0][5] or (WS_LOW_RANK and ws_low_rank(lr) is not None)
 
 
 def ws_low_rank(lr: tuple[tuple, tuple]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -189,7 +194,7 @@ def on_ws(cfg: TileConfig, out: torch.Tensor, lr: tuple[tuple, tuple] | None = N
     output (its TMA-store epilogue is laid out for bf16 / fp16; ComfyUI's text encoders run float32 activations)
     whose rows TMA can store (16-byte aligned row stride), and no low-rank term or one its epilogue adds
     (:func:`ws_low_rank`, ``configs.WS_LOW_RANK``). Otherwise the Triton kernel runs the same tile."""
-    if lr is not None and lr[0][5] and not (WS_LOW_RANK and ws_low_rank(lr) is not None):
+    if lr is not None and not _ws_takes_term(lr):
         return False
     return (cfg.persistent == 3 and out.dtype in (torch.bfloat16, torch.float16)
             and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
