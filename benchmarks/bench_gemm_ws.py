@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", default="1024,4608,16384", help="comma-separated row counts")
     p.add_argument("--reps", type=int, default=60, help="do_bench repetition time per variant, ms")
     p.add_argument("--only", default="", help="comma-separated model.layer names (default: all)")
-    p.add_argument("--experimental", action="store_true", help="also the Gluon variants not picked yet")
+    p.add_argument("--experimental", action="store_true", help="also the Gluon variants the runtime does not pick (fp8, ping-pong) and the LoRA term")
     p.add_argument("--graph", action="store_true", help="GPU time from CUDA-graph replays (the small shapes, whose "
                    "plain timing measures the benchmark launcher's host time)")
     p.add_argument("--narrow", action="store_true", help="the SDXL / CLIP / T5 widths in place of Flux / Wan")

@@ -158,6 +158,29 @@ def w8a8_operands(m: int, k: int, n: int, row_sb: bool = True) -> tuple[torch.Te
     return a, b, torch.rand(m, 1, device="cuda") * 1e-3, torch.rand(n if row_sb else 1, device="cuda") * 1e-3
 
 
+def lora_case(m: int, k: int, n: int, r: int, dt: torch.dtype) -> dict:
+    """A LoRA'd int8 W8A8 problem: x, its per-row codes ``a`` / ``sa``, int8 weights, bias, a rank-``r`` term
+    (``down``, ``up``, the runtime's ``lr`` arguments with ``h = x @ down^T``), the Triton kernel's fused term on
+    the Gluon tile (``want``: the per-tile kernel, the reference path) and the float64 result of the same codes."""
+    import dataclasses
+
+    from comfyquant.runtime.kernels.configs import WS_W8A8
+
+    x = torch.randn(m, k, device="cuda").to(dt)
+    a, sa = triton_quant.quantize_rows_int8(x)
+    w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    sb = torch.rand(n, device="cuda") * 1e-4
+    bias = torch.randn(n, device="cuda").to(dt)
+    down = (torch.randn(r, k, device="cuda") * 0.05).to(dt)
+    up = (torch.randn(r, n, device="cuda") * 0.05).to(dt)
+    lr = triton_int8._low_rank_args((down, up), x, sb)
+    want = triton_int8.gemm_w8a8(a, sa, w_q, sb, bias, dt, cfg=dataclasses.replace(WS_W8A8, persistent=0), lr=lr)
+    h = lr[0][0]
+    ref = (a.double() @ w_q.double().T) * sa.double() * sb.double() + bias.double() + h.double() @ up.double()
+    return {"x": x, "a": a, "sa": sa, "w_q": w_q, "sb": sb, "bias": bias, "down": down, "up": up, "lr": lr,
+            "h": h, "want": want, "ref": ref}
+
+
 def check_persistent() -> None:
     import dataclasses
 
@@ -216,31 +239,19 @@ def check_ws_gemm() -> None:
 def check_ws_lora_wired() -> None:
     """A LoRA'd W8A8 layer as the runtime runs it (``int8_linear`` with a low-rank term, no config given): from
     ``WS_MIN_M`` rows it picks the Gluon kernel with the term in its epilogue (``configs.WS_LOW_RANK``), as
-    accurate against float64 as the Triton kernel's fused term on the same tile; ranks past 64 and a float32
-    activation keep the Triton kernel."""
-    import dataclasses
-
+    accurate against float64 as the Triton kernel's fused term on the same tile; a rank past 64 keeps the Triton
+    kernel (a float32 term does too: CPU test ``test_a_lora_term_takes_the_gluon_kernel_only_where...``)."""
     from comfyquant.runtime.kernels.configs import WS_LOW_RANK, WS_W8A8
 
-    per_tile = dataclasses.replace(WS_W8A8, persistent=0)
     for m, k, n, r, dt in [(4096, 3072, 3072, 32, torch.bfloat16), (16384, 3072, 12288, 64, torch.bfloat16),
                            (2049, 5120, 13824, 16, torch.float16), (4096, 3072, 3072, 96, torch.bfloat16)]:
-        x = torch.randn(m, k, device="cuda").to(dt)
-        w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
-        sb = torch.rand(n, device="cuda") * 1e-4
-        bias = torch.randn(n, device="cuda").to(dt)
-        down = (torch.randn(r, k, device="cuda") * 0.05).to(dt)
-        up = (torch.randn(r, n, device="cuda") * 0.05).to(dt)
-        lr = triton_int8._low_rank_args((down, up), x, sb)
-        picked = triton_int8.pick_w8a8(m, n, k, x.device, triton_int8.persistent_eligible(torch.int8, False, lr),
+        c = lora_case(m, k, n, r, dt)
+        lr = c["lr"]
+        picked = triton_int8.pick_w8a8(m, n, k, c["x"].device, triton_int8.persistent_eligible(torch.int8, False, lr),
                                        triton_int8.ws_eligible(torch.int8, False, lr))[0]
         poison()
-        got = triton_int8.int8_linear(x, w_q, sb, bias, None, dt, low_rank=(down, up, r))
-        a, sa = triton_quant.quantize_rows_int8(x)
-        want = triton_int8.gemm_w8a8(a, sa, w_q, sb, bias, dt, cfg=per_tile, lr=lr)
-        h = lr[0][0]
-        ref = (a.double() @ w_q.double().T) * sa.double() * sb.double() + bias.double() + h.double() @ up.double()
-        err, err_t = rel(got, ref), rel(want, ref)
+        got = triton_int8.int8_linear(c["x"], c["w_q"], c["sb"], c["bias"], None, dt, low_rank=(c["down"], c["up"], r))
+        err, err_t = rel(got, c["ref"]), rel(c["want"], c["ref"])
         expect_ws = WS_LOW_RANK and r <= 64
         record("w8a8_ws_lora_wired", (picked == WS_W8A8) == expect_ws and bool(torch.isfinite(got).all())
                and err <= 1.5 * err_t + 1e-4, m=m, k=k, n=n, r=r, dtype=str(dt), picked=str(picked), err=err,
@@ -248,9 +259,10 @@ def check_ws_lora_wired() -> None:
 
 
 def check_ws_experimental() -> None:
-    """The Gluon GEMM's variants not picked yet (run last: a variant that hangs costs only the end of the step):
-    ping-pong (whole tiles per consumer warp group, in turns) bit-equal to the Triton kernel with the same tile, a
-    LoRA's low-rank term in its epilogue, and fp8 operands, against the Triton kernels and float64."""
+    """The Gluon GEMM's variants the runtime does not pick, and its LoRA term launched directly (run last: a variant
+    that hangs costs only the end of the step): ping-pong (whole tiles per consumer warp group, in turns) bit-equal
+    to the Triton kernel with the same tile, a LoRA's low-rank term in its epilogue with both schedules, and fp8
+    operands, against the Triton kernels and float64."""
     import dataclasses
 
     from comfyquant.runtime.kernels.configs import WS_W8A8
@@ -269,22 +281,14 @@ def check_ws_experimental() -> None:
     # zero-fills past the rank), both schedules, against the Triton kernel's fused term (same tile) and float64
     for m, k, n, r, pingpong in [(4608, 3072, 3072, 32, False), (2049, 3136, 9216, 64, False),
                                  (1000, 5120, 520, 16, True), (4096, 3072, 3072, 48, True)]:
-        x = torch.randn(m, k, device="cuda").bfloat16()
-        a, sa = triton_quant.quantize_rows_int8(x)
-        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
-        sb = torch.rand(n, device="cuda") * 1e-4
-        bias = torch.randn(n, device="cuda").bfloat16()
-        down = (torch.randn(r, k, device="cuda") * 0.05).bfloat16()
-        up = (torch.randn(r, n, device="cuda") * 0.05).bfloat16()
-        lr = triton_int8._low_rank_args((down, up), x, sb)
-        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=per_tile, lr=lr)
-        h = lr[0][0]
+        c = lora_case(m, k, n, r, torch.bfloat16)
         poison()
-        got = gluon_w8a8(a, sa, b, sb, bias, block_n=128, stages=5, pingpong=pingpong, low_rank=(h, up))
-        ref = (a.double() @ b.double().T) * sa.double() * sb.double() + bias.double() + h.double() @ up.double()
-        err, err_t = rel(got, ref), rel(want, ref)
+        got = gluon_w8a8(c["a"], c["sa"], c["w_q"], c["sb"], c["bias"], block_n=128, stages=5, pingpong=pingpong,
+                         low_rank=(c["h"], c["up"]))
+        err, err_t = rel(got, c["ref"]), rel(c["want"], c["ref"])
         record("w8a8_ws_low_rank", bool(torch.isfinite(got).all()) and err <= 1.5 * err_t + 1e-4, m=m, k=k, n=n,
-               r=r, pingpong=pingpong, err=err, triton_err=err_t, bit_equal_to_triton=bool(torch.equal(got, want)))
+               r=r, pingpong=pingpong, err=err, triton_err=err_t,
+               bit_equal_to_triton=bool(torch.equal(got, c["want"])))
     # fp8 operands
     for m, k, n in [(4608, 3072, 3072), (1000, 15360, 520)]:
         a = (torch.randn(m, k, device="cuda") * 2).to(torch.float8_e4m3fn)

@@ -100,7 +100,7 @@ def test_the_gluon_kernel_takes_only_16_bit_outputs_with_aligned_rows() -> None:
 
 
 def test_fp8_operands_compile_to_fp8_wgmma_with_float32_promotion() -> None:
-    """The same kernel on e4m3 operands (not picked by the runtime yet): fp8 wgmma into a float32 accumulator,
+    """The same kernel on e4m3 operands (measured slower than cuBLAS fp8 in run 27: not picked): fp8 wgmma into a float32 accumulator,
     no spills."""
     kern = _compile(4608, 3072, 3072, True, torch.float8_e4m3fn)
     ptx = kern.asm["ptx"]
@@ -111,7 +111,7 @@ def test_fp8_operands_compile_to_fp8_wgmma_with_float32_promotion() -> None:
 
 
 def test_ping_pong_variant_compiles_with_order_barriers_and_no_spills() -> None:
-    """The ping-pong variant (each consumer warp group whole 128-row tiles in turns; not picked yet): it compiles
+    """The ping-pong variant (each consumer warp group whole 128-row tiles in turns; no faster in run 27: not picked): it compiles
     for sm_90, both groups issue int8 wgmma, and a 128x128 int32 accumulator per group fits without spills."""
     kern = _compile(4608, 3072, 3072, True, pingpong=True)
     ptx = kern.asm["ptx"]
@@ -131,8 +131,9 @@ def test_only_a_triton_with_the_gluon_api_it_was_written_for_picks_it() -> None:
 @pytest.mark.parametrize("pingpong", [False, True])
 def test_low_rank_epilogue_compiles_with_a_16_bit_wgmma_and_no_spills(pingpong: bool) -> None:
     """A dynamic LoRA's ``h @ up`` in the Gluon epilogue, with the launch arguments the runtime builds (ping-pong:
-    not picked yet): h and up tiles by TMA during the main loop, one bf16 wgmma per tile into a float32 accumulator whose layout change to the int8 one is free (no
-    shared memory round trip); no spills; shared memory within the 227 KB a block gets (4 stages with it)."""
+    not picked): h and up tiles by TMA during the main loop, one bf16 wgmma per tile into a float32 accumulator
+    whose layout change to the int8 one is free (no shared memory round trip); no spills; shared memory within the
+    227 KB a block gets (4 stages with it)."""
     from comfyquant.runtime.kernels.configs import WS_W8A8
 
     kern = _compile(4608, 3072, 3072, True, low_rank=32, pingpong=pingpong)

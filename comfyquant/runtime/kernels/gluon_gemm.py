@@ -8,10 +8,11 @@ memory stages (``ready`` / ``empty`` mbarriers), two consumer warp groups each o
 overlaps the next tile's main loop. The epilogue is ``w8a8_tma``'s: ``acc * s_x[row] * s_w[col] + bias`` in
 float32, in that order, so both kernels produce bit-equal outputs.
 
-``configs.WS_W8A8`` picks it for int8 W8A8 layers from ``configs.WS_MIN_M`` rows on sm_90; the runtime launches it
-through ``triton_int8._ws_launch`` and the plans; ``gluon_w8a8`` is a plain launch for benchmarks and checks.
-Compiled and checked for sm_90 here but not yet run on a GPU, so never picked: fp8 operands, a ping-pong schedule
-(``PINGPONG``) and a LoRA's low-rank term in the epilogue (``HAS_LR``).
+``configs.WS_W8A8`` picks it for int8 W8A8 layers on sm_90 on the shapes ``configs.ws_shape`` gives it, a LoRA's
+low-rank term in its epilogue included (``HAS_LR``, ``configs.WS_LOW_RANK``); the runtime launches it through
+``triton_int8._ws_launch`` and the plans; ``gluon_w8a8`` is a plain launch for benchmarks and checks. Measured on
+an H200 and not picked (run 27, docs/KERNEL_NOTES.md): fp8 operands (slower than cuBLAS fp8) and a ping-pong
+schedule (``PINGPONG``, within 3% of the cooperative one).
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: g
     fp8 of one dtype: the same with a float32 accumulator. ``PINGPONG``: each consumer warp group takes whole
     tiles in turns (C's descriptor then spans the tile's 128 rows). ``HAS_LR``: plus ``h @ up`` (a dynamic LoRA's
     low-rank term: ``h = x @ down^T`` ``[M, R]`` and ``up`` ``[R, N]``, 16-bit, R <= 64, through ``h_desc`` /
-    ``u_desc``; otherwise None). fp8, ping-pong and the low-rank term are not picked by the
-    runtime yet: unmeasured."""
+    ``u_desc``; otherwise None). The runtime picks int8 operands with or without the low-rank term; fp8 and
+    ping-pong were measured slower or no faster (run 27) and stay for benchmarks and checks."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
