@@ -30,6 +30,8 @@ NARROW = {
 }
 GLUON = {"ws 128x256 s3": dict(block_n=256, stages=3), "ws 128x128 s4": dict(block_n=128, stages=4),
          "ws 128x128 s5": dict(block_n=128, stages=5)}
+# below WS_MIN_M rows a 128x128 grid has few tiles per SM; narrower column tiles are the candidate there
+SMALL_M = {"ws 128x64 s6": dict(block_n=64, stages=6), "ws 128x64 s8": dict(block_n=64, stages=8)}
 EXPERIMENTAL = {"ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}  # with --experimental
 
 
@@ -59,7 +61,7 @@ def _compare(got: torch.Tensor, want: torch.Tensor, ref: torch.Tensor, r: int) -
 def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False, graph: bool = False) -> dict:
     """Check and time every variant on one ``[M, K] x [N, K]^T`` problem (``experimental``: also the Gluon
     kernel's variants the runtime does not pick: ping-pong, fp8 operands, a LoRA term in the epilogue)."""
-    gluon = {**GLUON, **(EXPERIMENTAL if experimental else {})}
+    gluon = {**GLUON, **(SMALL_M if m < 1024 else {}), **(EXPERIMENTAL if experimental else {})}
     from comfyquant.runtime.kernels.configs import fit_stages, gemm_config, hopper_w8a8_config
     from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
     from comfyquant.runtime.kernels.triton_int8 import _low_rank_args, gemm_w8a8, int8_linear

@@ -205,35 +205,45 @@ def check_persistent() -> None:
 
 
 def check_ws_gemm() -> None:
-    """The warp-specialized Gluon GEMM (``configs.WS_W8A8``) bit-equal to the per-tile Triton TMA kernel with the
-    same tile: ragged M / N / K (K not a multiple of the 128-wide K step: TMA zero-fills), a scalar weight scale,
-    no bias, fp16 output, SDXL widths; and the automatic pick at M >= ``WS_MIN_M`` is the Gluon kernel exactly on
-    the shapes ``configs.ws_shape`` gives it."""
+    """The warp-specialized Gluon GEMM (``configs.ws_config``'s tiles: 128x128, and 128x64 below 1,024 rows)
+    bit-equal to the per-tile Triton TMA kernel with the same tile: ragged M / N / K (K not a multiple of the
+    128-wide K step: TMA zero-fills), a scalar weight scale, no bias, fp16 output, SDXL widths; and the
+    automatic pick from ``WS_MIN_M`` rows is the Gluon kernel, with ``ws_config``'s tile, exactly on the shapes
+    ``configs.ws_shape`` gives it."""
     import dataclasses
 
-    from comfyquant.runtime.kernels.configs import WS_MIN_M, WS_W8A8, ws_shape
+    from comfyquant.runtime.kernels.configs import WS_MIN_M, WS_W8A8, ws_config, ws_shape
 
-    per_tile = dataclasses.replace(WS_W8A8, persistent=0)  # the same tile on the per-tile Triton kernel
     for m, k, n, row_sb, has_bias, dt in [(4608, 3072, 3072, True, True, torch.bfloat16),
                                           (1000, 15360, 520, True, False, torch.bfloat16),
                                           (2049, 3136, 9216, False, True, torch.float16),
                                           (16384, 5120, 13824, True, True, torch.bfloat16),
                                           (1024, 4096, 4096, True, True, torch.float32),  # T5 in ComfyUI: fp32
                                           (4096, 1280, 1280, True, True, torch.bfloat16),  # SDXL widths (run 29)
-                                          (1024, 640, 640, True, False, torch.bfloat16)]:  # 40 tiles: Triton
+                                          (1024, 640, 640, True, False, torch.bfloat16),  # 40 tiles: Triton
+                                          (256, 3072, 3072, True, True, torch.bfloat16),  # 128x64 (run 31)
+                                          (300, 12288, 3136, True, True, torch.bfloat16),  # ragged, 128x64
+                                          (512, 5120, 5120, False, False, torch.float16),  # 128x64
+                                          (256, 5120, 1280, True, True, torch.bfloat16),  # 40 tiles: Triton
+                                          (256, 4096, 4096, True, True, torch.float32)]:  # 128x64 on Triton
         a, b, sa, sb = w8a8_operands(m, k, n, row_sb)
         bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+        tile = ws_config(m, n, sms) if m < 1024 else WS_W8A8
+        per_tile = dataclasses.replace(tile, persistent=0, stages=triton_int8.launch_stages(tile))
         want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=per_tile)
         poison()
-        got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=WS_W8A8)
+        got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=tile)
         ref = (a.double() @ b.double().T) * sa.double() * sb.double().reshape(1, -1) + (
             bias.double() if has_bias else 0)
         err = rel(got, ref)
         record("w8a8_ws_bit_equal", torch.equal(got, want) and err < 4e-3, m=m, k=k, n=n, row_sb=row_sb,
-               bias=has_bias, dtype=str(dt), err=err)
+               bias=has_bias, dtype=str(dt), err=err, tile=f"{tile.block_m}x{tile.block_n} s{tile.stages}")
         if m >= WS_MIN_M:
             pick = triton_int8.pick_w8a8(m, n, k, a.device, True)[0]
-            record("w8a8_ws_picked", (pick == WS_W8A8) == ws_shape(m, n, k), m=m, k=k, n=n, pick=str(pick))
+            want_pick = ws_config(m, n, sms) if ws_shape(m, n, k, sms) else None
+            record("w8a8_ws_picked", pick == want_pick if want_pick else pick.persistent != 3, m=m, k=k, n=n,
+                   pick=str(pick))
 
 
 def check_ws_lora_wired() -> None:
@@ -241,10 +251,11 @@ def check_ws_lora_wired() -> None:
     ``WS_MIN_M`` rows it picks the Gluon kernel with the term in its epilogue (``configs.WS_LOW_RANK``), as
     accurate against float64 as the Triton kernel's fused term on the same tile; a rank past 64 keeps the Triton
     kernel (a float32 term does too: CPU test ``test_a_lora_term_takes_the_gluon_kernel_only_where...``)."""
-    from comfyquant.runtime.kernels.configs import WS_LOW_RANK, WS_W8A8
+    from comfyquant.runtime.kernels.configs import WS_LOW_RANK
 
     for m, k, n, r, dt in [(4096, 3072, 3072, 32, torch.bfloat16), (16384, 3072, 12288, 64, torch.bfloat16),
-                           (2049, 5120, 13824, 16, torch.float16), (4096, 3072, 3072, 96, torch.bfloat16)]:
+                           (2049, 5120, 13824, 16, torch.float16), (4096, 3072, 3072, 96, torch.bfloat16),
+                           (256, 3072, 9216, 32, torch.bfloat16)]:  # 128x64 with the term (run 31)
         c = lora_case(m, k, n, r, dt)
         lr = c["lr"]
         picked = triton_int8.pick_w8a8(m, n, k, c["x"].device, triton_int8.persistent_eligible(torch.int8, False, lr),
@@ -253,7 +264,7 @@ def check_ws_lora_wired() -> None:
         got = triton_int8.int8_linear(c["x"], c["w_q"], c["sb"], c["bias"], None, dt, low_rank=(c["down"], c["up"], r))
         err, err_t = rel(got, c["ref"]), rel(c["want"], c["ref"])
         expect_ws = WS_LOW_RANK and r <= 64
-        record("w8a8_ws_lora_wired", (picked == WS_W8A8) == expect_ws and bool(torch.isfinite(got).all())
+        record("w8a8_ws_lora_wired", (picked.persistent == 3) == expect_ws and bool(torch.isfinite(got).all())
                and err <= 1.5 * err_t + 1e-4, m=m, k=k, n=n, r=r, dtype=str(dt), picked=str(picked), err=err,
                triton_err=err_t)
 

@@ -85,6 +85,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # sweep are GPU-bound at 0.73-0.90x on Flux / Wan / T5 on the Triton kernel)
         "gemm_ws_small_m": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_small_m"), "--graph",
                              "--m", "256,512,1024", "--reps", "30"]],
+        # the same on the T5 / SDXL widths that have >= 64 tiles of 128x128 at 512 rows
+        "gemm_ws_small_m_narrow": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_small_m_narrow"),
+                                    "--graph", "--narrow", "--m", "256,512", "--reps", "30", "--only",
+                                    "t5xxl.ffn0,t5xxl.ffn2,sdxl.ff0,sdxl.ff2"]],
         # the W8A8 rows: M 4096 / 16384, the whole layer (activation pass + picked GEMM) included
         "gemm_layers": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--m", "4096,16384",
                          "--reps", "40"]],

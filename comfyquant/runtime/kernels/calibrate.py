@@ -23,9 +23,10 @@ from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 5  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
+CACHE_VERSION = 6  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
 # 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart; 5: the Gluon
-# kernel takes narrow layers too (configs.ws_shape), so the Triton rate is timed below its rows)
+# kernel takes narrow layers too (configs.ws_shape), so the Triton rate is timed below its rows; 6: the Gluon
+# kernel from 256 rows, the Triton rate timed below them)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -188,7 +189,7 @@ def measure(device: torch.device) -> DeviceCosts:
 
 
 WS_SHAPE = (4096, 4096, 4096)  # a shape the Gluon kernel takes, where the speed-up over the Triton rate is timed
-TRITON_SHAPE = (768, 8192, 8192)  # GPU-bound, below WS_MIN_M rows: the Triton W8A8 kernel's rate is fitted here
+TRITON_SHAPE = (192, 16384, 8192)  # GPU-bound, below WS_MIN_M rows: the Triton W8A8 kernel's rate is fitted here
 
 
 def _ws_speedup(dev: torch.device, paths: tuple[str, ...], c: DeviceCosts) -> float:

@@ -59,13 +59,21 @@ PERSISTENT_W8A8 = TileConfig(128, 256, 128, 8, 3, 8, persistent=2)
 # and 1.47-1.76x (cuBLAS fp8 1.50-1.84x / 1.57-2.04x); 128x128 with 5 stages was within 5% of the best of three
 # tiles on all but 4 of 27 rows. At M = 1024 1.26-1.92x on all shapes but the 3072-wide proj (host-bound there).
 WS_W8A8 = TileConfig(128, 128, 128, 4, 5, 8, persistent=3)
-WS_MIN_M = 1024  # rows from which the warp-specialized kernel runs (measured from 1024)
+# 64-wide column tiles where 128x128 ones leave whole SMs idle below 1,024 rows (H200, 2026-12-03, run 31's
+# gemm_ws_small_m sections, GPU time of CUDA-graph replays on 13 Flux / Wan / T5 / SDXL shapes x M 256-512,
+# benchmarks/results/gemm_ws_small_m*_run31_*): at M = 256 128x64 with 8 stages beat 128x128 on every row with
+# 48-64 or 144-192 tiles of 128x128 (Flux proj 1.29 vs 0.87x bf16, mlp2 1.93 vs 1.14x, T5 ffn2 2.31 vs 1.50x)
+# and lost on the rows where both fill the same waves (Wan attn 80 tiles: 1.37 vs 1.61x).
+WS_W8A8_N64 = TileConfig(128, 64, 128, 4, 8, 8, persistent=3)
+WS_N64_SPEED = 0.9  # a 128x64 tile's throughput relative to 128x128 at equal wave fill (ties go to 128x128)
+WS_MIN_M = 256  # rows from which the warp-specialized kernel runs (run 31: faster than the Triton kernel from 256;
+# below, one 128-row tile is mostly padding and the weight-only / thin-M kernels take the layers)
 # ... and output tiles (of its 128x128): narrower layers too (run 29, GPU time of CUDA-graph replays on 7 SDXL /
 # CLIP / T5 shapes x M 1024-16384, benchmarks/results/gemm_ws_narrow_graph_run29_*): the Gluon kernel beat the
 # Triton one on every row from 64 tiles on (SDXL ff2 M = 4096: 1.83 vs 1.43x bf16; attn 1280 M = 4096: 1.28 vs
 # 1.11x; CLIP mlp2 M = 4096: 1.43 vs 1.26x) but at 1-2 tiles per SM it lost (SDXL attn 640 M = 1024, 40 tiles:
 # 0.80 vs 0.99x; CLIP mlp2 M = 1024, 48 tiles: 0.88 vs 0.97x). Run 27's do_bench figures of these shapes timed
-# the benchmark launcher's host time, not the kernel.
+# the benchmark launcher's host time, not the kernel. Below 1,024 rows the count is of the picked tile's.
 WS_MIN_TILES = 64
 WS_MIN_K = 640  # the shortest K timed (SDXL attn 640); shorter layers (Flux img_in, K = 64) keep the Triton kernel
 # A LoRA's low-rank term added in the Gluon kernel's epilogue (``h @ up``, R <= 64, 16-bit): LoRA'd layers keep
@@ -73,19 +81,32 @@ WS_MIN_K = 640  # the shortest K timed (SDXL attn 640); shorter layers (Flux img
 WS_LOW_RANK = True
 
 
-def ws_shape(m: int, n: int, k: int) -> bool:
-    """Whether an ``[m, k] x [k, n]`` W8A8 GEMM is one the Gluon kernel takes on sm_90: :data:`WS_MIN_M` rows,
-    :data:`WS_MIN_TILES` of its output tiles and :data:`WS_MIN_K` columns."""
-    return m >= WS_MIN_M and k >= WS_MIN_K and cdiv(m, WS_W8A8.block_m) * cdiv(n, WS_W8A8.block_n) >= WS_MIN_TILES
+def ws_config(m: int, n: int, sms: int) -> TileConfig:
+    """The Gluon kernel's tile for ``m`` rows and ``n`` columns: :data:`WS_W8A8`, or below 1,024 rows and two
+    waves of it :data:`WS_W8A8_N64` where its waves are fuller by more than its lower per-tile speed."""
+    if m < 1024 and cdiv(m, 128) * cdiv(n, 128) < 2 * sms:
+        if wave_efficiency(m, n, 128, 64, sms) * WS_N64_SPEED > wave_efficiency(m, n, 128, 128, sms):
+            return WS_W8A8_N64
+    return WS_W8A8
+
+
+def ws_shape(m: int, n: int, k: int, sms: int) -> bool:
+    """Whether an ``[m, k] x [k, n]`` W8A8 GEMM is one the Gluon kernel takes on an sm_90 GPU of ``sms``
+    multiprocessors: :data:`WS_MIN_M` rows, :data:`WS_MIN_K` columns and :data:`WS_MIN_TILES` tiles of
+    :func:`ws_config`'s pick (of 128x128 from 1,024 rows)."""
+    if m < WS_MIN_M or k < WS_MIN_K:
+        return False
+    cfg = ws_config(m, n, sms) if m < 1024 else WS_W8A8
+    return cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n) >= WS_MIN_TILES
 
 
 def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, k: int = 0,
-                       persistent: bool = True) -> TileConfig:
-    """``gemm_config``'s pick for the Hopper W8A8 GEMM: :data:`WS_W8A8` on sm_90 (its wgmma code is Hopper's
-    own) on the shapes :func:`ws_shape` gives it, else (with ``persistent``: a call the persistent Triton kernel
-    takes) :data:`PERSISTENT_W8A8` in place of a full-size tile."""
-    if major == 9 and ws_shape(m, n, k):
-        return WS_W8A8
+                       persistent: bool = True, sms: int = 132) -> TileConfig:
+    """``gemm_config``'s pick for the Hopper W8A8 GEMM: :func:`ws_config`'s Gluon tile on sm_90 (its wgmma code
+    is Hopper's own) on the shapes :func:`ws_shape` gives it, else (with ``persistent``: a call the persistent
+    Triton kernel takes) :data:`PERSISTENT_W8A8` in place of a full-size tile."""
+    if major == 9 and ws_shape(m, n, k, sms):
+        return ws_config(m, n, sms)
     return PERSISTENT_W8A8 if persistent and cfg.block_m * cfg.block_n >= 128 * 256 else cfg
 
 

@@ -16,10 +16,13 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from comfyquant.runtime.kernels.configs import (
+    WS_N64_SPEED,
+    WS_W8A8,
     gemm_config,
     small_m_config,
     w8a16_config,
     wave_efficiency,
+    ws_config,
     ws_shape,
 )
 
@@ -140,7 +143,11 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
         return _bf16_gemm(m, n, k, c)
     if path in ("triton", "triton_fp8", "w4a8", "scaled_mm"):
         wbytes = n * k * (0.5 if path == "w4a8" else 1.0)
-        if m < 64:
+        gluon = path == "triton" and ws_shape(m, n, k, c.sms)  # the Gluon kernel's shapes: its own tiles
+        if gluon:
+            cfg = ws_config(m, n, c.sms)
+            speed = c.ws_speedup * (1.0 if cfg == WS_W8A8 else WS_N64_SPEED)
+        elif m < 64:
             cfg = small_m_config(m, n, k, c.sms)
             speed = 0.35
         else:
@@ -149,8 +156,6 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
         eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * speed
         if path != "scaled_mm":  # cuBLAS does not show the short-K loss of our tiles
             eff *= _short_k(k, cfg.block_k)
-        if path == "triton" and ws_shape(m, n, k):  # the Gluon kernel's shapes
-            eff *= c.ws_speedup
         return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, c.rate(path), eff, c)
     if path == "triton_fused":
         if group:

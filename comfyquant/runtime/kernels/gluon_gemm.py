@@ -8,7 +8,8 @@ memory stages (``ready`` / ``empty`` mbarriers), two consumer warp groups each o
 overlaps the next tile's main loop. The epilogue is ``w8a8_tma``'s: ``acc * s_x[row] * s_w[col] + bias`` in
 float32, in that order, so both kernels produce bit-equal outputs.
 
-``configs.WS_W8A8`` picks it for int8 W8A8 layers on sm_90 on the shapes ``configs.ws_shape`` gives it, a LoRA's
+``configs.ws_config`` picks its tile (128x128; 128x64 below 1,024 rows where that fills the SMs' waves better) for
+int8 W8A8 layers on sm_90 on the shapes ``configs.ws_shape`` gives it (from 256 rows), a LoRA's
 low-rank term in its epilogue included (``HAS_LR``, ``configs.WS_LOW_RANK``); the runtime launches it through
 ``triton_int8._ws_launch`` and the plans; ``gluon_w8a8`` is a plain launch for benchmarks and checks. Measured on
 an H200 and not picked (run 27, docs/KERNEL_NOTES.md): fp8 operands (slower than cuBLAS fp8) and a ping-pong

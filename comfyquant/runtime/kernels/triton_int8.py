@@ -104,7 +104,7 @@ def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = F
     cfg = gemm_config(m, n, k, sms, hopper=major >= 9)
     ws = persistent if ws is None else ws
     if (persistent or ws) and major >= 9:
-        cfg = hopper_w8a8_config(cfg, m, major if ws and ws_available() else 0, n, k, persistent)
+        cfg = hopper_w8a8_config(cfg, m, major if ws and ws_available() else 0, n, k, persistent, sms)
     return fit_stages(cfg, 1, 1), False
 
 
@@ -189,6 +189,13 @@ def _w8a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torc
          _al(q), _al(w_q), _al(sb), _al(b_arg), lr_key)
 
 
+def launch_stages(cfg: TileConfig) -> int:
+    """``num_stages`` of a W8A8 GEMM launch of ``cfg``: a Gluon tile's ring depth sizes the Gluon kernel's own
+    ring (its ``STAGES`` argument); where the Triton kernel runs that tile instead (:func:`on_ws` false), its
+    pipeline is held to 5 stages, which fit shared memory beside its epilogue for every Gluon tile."""
+    return min(cfg.stages, 5) if cfg.persistent == 3 else cfg.stages
+
+
 def on_ws(cfg: TileConfig, out: torch.Tensor, lr: tuple[tuple, tuple] | None = None) -> bool:
     """Whether a TMA-path W8A8 launch of ``cfg`` runs the warp-specialized Gluon kernel: its config, a 16-bit
     output (its TMA-store epilogue is laid out for bf16 / fp16; ComfyUI's text encoders run float32 activations)
@@ -252,7 +259,7 @@ def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: to
         cfg, small = pick_w8a8(m, n, k, q.device, persistent_eligible(q.dtype, raw, lr), ws_eligible(q.dtype, raw, lr))
     on_tma = (use_tma(q, w_q) if tma is None else tma) and not small
     fk, grid, args, key = _w8a8_launch(q, s_x, w_q, sb, bias, out, cfg, on_tma, raw, lr)
-    fk(grid, args, q.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+    fk(grid, args, q.device, num_warps=cfg.warps, num_stages=launch_stages(cfg), key=key)
     return out
 
 

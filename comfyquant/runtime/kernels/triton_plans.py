@@ -185,7 +185,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     tma = ti.use_tma(q, w_q) and not small
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     fk, grid, args, key = ti._w8a8_launch(q, s, w_q, sb, bias, out, cfg, tma, False, lr)
-    fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+    fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=ti.launch_stages(cfg), key=key)
     if fire_q is None or fire_g is None:
         return None
     shape, stream, empty, linear = (*lead, n), _raw_stream(dev), torch.empty, torch.nn.functional.linear
@@ -217,7 +217,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         fire_g(st, *a)
         return out
 
-    direct = fk.prepared_tma(grid, num_warps=cfg.warps, num_stages=cfg.stages, key=key) if tma else None
+    direct = fk.prepared_tma(grid, num_warps=cfg.warps, num_stages=ti.launch_stages(cfg), key=key) if tma else None
     if direct is None:
         return run
     fast = _tma_run(direct, quantize, {0: a_desc, 2: c_desc, hi: h_desc}, args, hi, down, out_dtype, shape)
