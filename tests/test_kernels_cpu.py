@@ -230,3 +230,29 @@ def test_bench_thresholds_and_cli_errors() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
             bench.main(["--models", "sdxl", "--m", "1"])
+
+
+def test_the_sweep_warms_every_weight_set_before_timing() -> None:
+    """Each column runs twice on every (input, weight set) pair before the timed rounds (a bound layer's first
+    call resolves its backend, its second builds the plan): a bound CPU layer per weight set has its backend
+    memoized for every pair afterwards, and a column that raises leaves the others warmed."""
+    from comfyquant.bench.layers import warm_every_pair
+    from comfyquant.runtime.kernels import dispatch
+
+    w = [(torch.randint(-127, 128, (8, 16), dtype=torch.int8), torch.rand(8, 1) * 0.01) for _ in range(5)]
+    xs = [torch.randn(3, 16) for _ in range(2)]
+    pairs = [(xs[i % 2], w[i]) for i in range(5)]
+    bound: dict[int, object] = {}
+    seen: list[int] = []
+
+    def op(x: torch.Tensor, ws: tuple) -> torch.Tensor:
+        seen.append(id(ws))
+        f = bound.setdefault(id(ws), dispatch.bind_linear("int8", ws[0], (ws[1],), None))
+        return f(x)
+
+    def broken(x: torch.Tensor, ws: tuple) -> torch.Tensor:
+        raise RuntimeError("no kernel")
+
+    warm_every_pair({"broken": broken, "int8": op}, pairs, sync=lambda: None)
+    assert sorted(seen) == sorted(2 * [id(p[1]) for p in pairs])
+    assert all(len(f.memo) == 1 for f in bound.values()) and len(bound) == 5
