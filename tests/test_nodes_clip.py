@@ -7,11 +7,13 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from gemm_counter import count_gemms
 
 from comfyquant.nodes.clip_adapter import adapt_clip, encoders
 from comfyquant.nodes.definitions import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, INT8ClipAdapter
 from comfyquant.nodes.ops import ComfyQuantLinear
 from comfyquant.nodes.settings import AdapterSettings
+from comfyquant.runtime.siblings import ArmedForward
 
 pytestmark = pytest.mark.comfyui
 
@@ -81,7 +83,10 @@ def test_clip_node_quantizes_each_encoder_with_its_preset_on_a_clone(comfy: Any)
     assert any(t.startswith("clip_l: ") and "preset clip: 18 layers converted" in t and "1 kept" in t for t in text)
     assert any(t.startswith("t5xxl: ") and "preset t5xxl: 14 layers converted" in t for t in text)
     patches = {k: v for k, v in new.patcher.object_patches.items() if k not in before}
-    assert len(patches) == 32 and all(isinstance(m, ComfyQuantLinear) for m in patches.values())
+    forwards = {k: v for k, v in patches.items() if k.endswith(".forward")}  # parents of fused projections
+    assert len(forwards) == 7 and all(isinstance(f, ArmedForward) for f in forwards.values())
+    layers = {k: v for k, v in patches.items() if k not in forwards}
+    assert len(layers) == 32 and all(isinstance(m, ComfyQuantLinear) for m in layers.values())
     assert "clip_l.transformer.text_projection" not in patches  # CLIP's preset keeps the pooled projection
     cond, pooled = _encode(new)
     assert cond.shape == ref_cond.shape and pooled.shape == ref_pooled.shape
@@ -121,3 +126,36 @@ def test_clip_adapter_needs_auto_presets_and_registers_as_a_node() -> None:
     assert inputs["required"]["clip"] == ("CLIP",) and INT8ClipAdapter.RETURN_TYPES == ("CLIP",)
     assert inputs["required"]["outlier_method"][0] == ["none", "hadamard"]
     assert inputs["required"]["format"][0] == ["int8", "int8-rot", "fp8", "int4-rot"]
+    assert inputs["optional"]["fuse_projections"][1]["default"] is True
+
+
+def test_t5_and_clip_projections_run_fused_with_the_same_numbers(comfy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the node and ComfyUI's encode path: T5Attention's q,k,v, T5DenseGatedActDense's wi_0/wi_1 and
+    CLIPAttention's q_proj/k_proj/v_proj each run as one GEMM (after one observed encode), and the conditioning
+    is the one without fusion bit for bit."""
+    clip = _tiny_flux_clip(comfy)
+    float_ref = _encode(clip)
+    node = INT8ClipAdapter()
+    off = node.apply(clip, True, "int8", "none", True, "auto", True, False, fuse_projections=False)["result"][0]
+    out = node.apply(clip, True, "int8", "none", True, "auto", True, False)
+    on, text = out["result"][0], out["ui"]["text"]
+    assert any(t.startswith("t5xxl: ") and "4 projection groups fused" in t for t in text), text
+    assert any(t.startswith("clip_l: ") and "3 projection groups fused" in t for t in text), text
+    assert not any(k.endswith(".forward") for k in off.patcher.object_patches)
+    widths = count_gemms(monkeypatch)
+    ref = [_encode(off) for _ in range(2)]
+    assert len(widths) == 2 * 32
+    widths.clear()
+    got = []
+    for i in range(2):
+        got.append(_encode(on))
+        if i == 0:
+            assert len(widths) == 32  # observed
+            widths.clear()
+    # per T5 block: q,k,v (3 x 256), o, wi_0/wi_1 (2 x 512), wo; per CLIP layer: q,k,v (3 x 128), out, fc1, fc2
+    assert widths == [768, 256, 1024, 256] * 2 + [384, 128, 512, 128] * 3, widths
+    assert all(torch.equal(a, b) for r, g in zip(ref, got, strict=True) for a, b in zip(r, g, strict=True))
+    again = _encode(clip)  # the clone unloaded: the shared stack's forwards and layers are float again
+    assert torch.equal(again[0], float_ref[0]) and torch.equal(again[1], float_ref[1])
+    attn = clip.patcher.model.t5xxl.transformer.encoder.block[0].layer[0].SelfAttention
+    assert type(attn.q).__name__ == "Linear" and not isinstance(attn.forward, ArmedForward)

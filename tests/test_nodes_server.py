@@ -59,6 +59,7 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     assert loader["category"] == "comfyquant" and EXAMPLE_MODEL in loader["input"]["required"]["unet_name"][0]
     assert srv.object_info("SaveQuantizedModel")["output_node"] is True
     assert "cuda_graphs" in loader["input"]["optional"]
+    assert optional["fuse_projections"][1]["default"] is True and "fuse_projections" in loader["input"]["optional"]
     assert optional["attention"][0] == loader["input"]["optional"]["attention"][0] == ["sdpa", "cudnn", "int8", "int8-fp8"]
     assert optional["attention"][1]["default"] == "sdpa"
     lora = srv.object_info("ComfyQuantLoraLoader")
@@ -71,6 +72,7 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     clip = srv.object_info("INT8ClipAdapter")
     assert clip["display_name"] == "Enable INT8 on CLIP" and clip["output"] == ["CLIP"]
     assert clip["input"]["required"]["clip"][0] == "CLIP" and "measure_backends" in clip["input"]["optional"]
+    assert clip["input"]["optional"]["fuse_projections"][1]["default"] is True
     cond = srv.object_info("ComfyQuantDigitsConditioning")
     assert cond["input"]["required"]["digit"][0] == "INT" and cond["output"] == ["CONDITIONING", "CONDITIONING"]
 

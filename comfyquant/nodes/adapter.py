@@ -36,6 +36,7 @@ from comfyquant.runtime.fold import foldable_pairs, foldable_projections
 from comfyquant.runtime.kernels.backends import device_capability
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
+from comfyquant.runtime.siblings import ArmedForward, SiblingGroup, sibling_groups
 from comfyquant.runtime.tensor import QuantizedTensor
 
 logger = logging.getLogger("comfyquant.nodes")
@@ -61,6 +62,7 @@ class AdapterReport:
     kept: list[tuple[str, str]] = field(default_factory=list)
     baked_loras: list[str] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)  # converted layers that apply the activation before them
+    fused: list[str] = field(default_factory=list)  # sibling projection groups sharing one GEMM ("attn: q,k,v")
     bytes_before: int = 0
     bytes_after: int = 0
     messages: list[str] = field(default_factory=list)
@@ -88,9 +90,11 @@ class AdapterReport:
             smooth = (f", smoothquant (alpha {self.smoothing.alpha:g}, {self.smoothing.path.name}) on "
                       f"{len(self.smoothed)} layers" + (f" ({plain} without statistics: unsmoothed)" if plain else ""))
         folded = f", {len(self.folded)} activations folded into their layer" if self.folded else ""
+        fused = f", {len(self.fused)} projection groups fused into one GEMM each" if self.fused else ""
         return (f"comfyquant: {self.format}{mix}{preset}: {len(self.converted)} layers converted "
                 f"({len(self.cached)} from cache), {len(self.kept)} kept, {saved / 2**20:.1f} MiB saved "
-                f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){smooth}{lora}{folded}")
+                f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){smooth}{lora}{folded}"
+                f"{fused}")
 
 
 def _note(report: AdapterReport, message: str) -> None:
@@ -228,6 +232,34 @@ def _lora_patches(patcher: Any, key: str) -> list | None:
     return list(patches) if patches else None
 
 
+def _fuse_projections(clone: Any, dm: nn.Module, new_layers: dict[str, QuantizedTensor], folds: dict[str, Any],
+                      prefix: str, max_bytes: int, report: AdapterReport) -> dict[str, tuple[SiblingGroup, int]]:
+    """Sibling projections among the converted layers (``runtime.siblings``): one group per set, the parent's
+    ``forward`` object-patched to arm its groups; returns ``layer name -> (group, index)`` for the layers. A
+    parent whose forward another node patched already, or that is itself replaced on the clone, is left alone."""
+    def target(path: str, mod: nn.Module) -> bool:
+        return path in new_layers and path not in folds  # a folded layer applies an activation first
+
+    by_parent: dict[str, list[tuple[str, ...]]] = {}
+    for path, names in sibling_groups(dm, target, lambda path, mod: new_layers[path]):
+        if path:  # (the converted tree's root itself is never a parent to patch)
+            by_parent.setdefault(path, []).append(names)
+    members: dict[str, tuple[SiblingGroup, int]] = {}
+    for path, groups in by_parent.items():
+        parent = dm.get_submodule(path)
+        key = f"{prefix}{path}.forward"
+        if key in clone.object_patches or clone.get_model_object(prefix + path) is not parent:
+            continue
+        made = []
+        for names in groups:
+            group = SiblingGroup(parent, names, max_bytes)
+            members.update({f"{path}.{name}": (group, i) for i, name in enumerate(names)})
+            made.append(group)
+            report.fused.append(f"{path}: {','.join(names)}")
+        clone.add_object_patch(key, ArmedForward(parent, *made))
+    return members
+
+
 def _projection_only(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A projection module's forward without its activation: ``mod.proj`` read at call time (the converted layer
     while the clone's patches are applied, the float one otherwise)."""
@@ -334,9 +366,13 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         # to the projection alone (patching the module itself and its proj child both would restore them out of order)
         folds.update({layer: (f"{path}.forward", _projection_only(dm.get_submodule(path)), act)
                       for path, layer, act in foldable_projections(dm, targets)})
+    siblings: dict[str, tuple[SiblingGroup, int]] = {}
+    if settings.runtime.fuse_projections:  # q/k/v-style siblings on one input: one GEMM per call
+        siblings = _fuse_projections(clone, dm, new_layers, folds, prefix, settings.runtime.fuse_max_bytes, report)
     for name, qt in new_layers.items():
         src = linears[name]
         layer = ComfyQuantLinear.wrap(qt, src.bias)
+        layer.sibling = siblings.get(name)
         if name in folds:
             patch_path, patch, layer.input_act = folds[name]
             clone.add_object_patch(prefix + patch_path, patch)

@@ -47,6 +47,9 @@ def _optional_runtime_inputs() -> dict[str, Any]:
                                         "input (one kernel and one memory pass fewer per MLP)."),
         "measure_backends": _bool(False, "Time each candidate kernel once per layer shape on this GPU and keep "
                                          "the fastest (cached; the first run compiles and times them)."),
+        "fuse_projections": _bool(True, "Run sibling projections that read one input (attention q/k/v, a gated "
+                                        "MLP's two halves) as one quantized GEMM: one activation quantization "
+                                        "and launch instead of two or three (same numbers)."),
     }
 
 
@@ -62,11 +65,12 @@ def _attention_input() -> dict[str, Any]:
 def _runtime(small_batch_fallback: bool, runtime_backend: str, use_triton: bool | None = None,
              prepack: bool = True, cuda_graphs: bool | None = None,
              fold_activations: bool | None = None, measure_backends: bool | None = None,
-             attention: str = "sdpa") -> RuntimeOptions:
+             attention: str = "sdpa", fuse_projections: bool | None = None) -> RuntimeOptions:
     return RuntimeOptions(backend=runtime_backend, small_batch_fallback=small_batch_fallback, use_triton=use_triton,
                           prepack=prepack, cuda_graphs=bool(cuda_graphs),
                           fold_activations=True if fold_activations is None else bool(fold_activations),
-                          measure_backends=bool(measure_backends), attention=attention)
+                          measure_backends=bool(measure_backends), attention=attention,
+                          fuse_projections=True if fuse_projections is None else bool(fuse_projections))
 
 
 class INT8ModelAdapter:
@@ -126,7 +130,7 @@ class INT8ModelAdapter:
               cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET, calibration_file: str = "",
               alpha: float = DEFAULT_ALPHA, fold_activations: bool | None = None,
               target_gpu: str = "auto", measure_backends: bool | None = None,
-              attention: str = "sdpa") -> dict[str, Any]:
+              attention: str = "sdpa", fuse_projections: bool | None = None) -> dict[str, Any]:
         import comfy.utils
         import folder_paths
 
@@ -143,7 +147,7 @@ class INT8ModelAdapter:
                                    calibration_file=calibration_file, alpha=float(alpha), target_gpu=target_gpu,
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
                                                     prepack_int8_weights, cuda_graphs, fold_activations,
-                                                    measure_backends, attention))
+                                                    measure_backends, attention, fuse_projections))
         out, report = adapt_model(model, settings, progress=comfy.utils.ProgressBar(1))
         return {"ui": {"text": report.lines()}, "result": (out,)}
 
@@ -177,12 +181,13 @@ class INT8ClipAdapter:
             "optional": {
                 "use_triton": _optional_runtime_inputs()["use_triton"],
                 "measure_backends": _optional_runtime_inputs()["measure_backends"],
+                "fuse_projections": _optional_runtime_inputs()["fuse_projections"],
             },
         }
 
     def apply(self, clip: Any, enable_int8: bool, format: str, outlier_method: str, small_batch_fallback: bool,
               runtime_backend: str, bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None,
-              measure_backends: bool | None = None) -> dict[str, Any]:
+              measure_backends: bool | None = None, fuse_projections: bool | None = None) -> dict[str, Any]:
         import comfy.utils
 
         from comfyquant.nodes.adapter import MSG_NOT_CONVERTED
@@ -194,7 +199,8 @@ class INT8ClipAdapter:
         settings = AdapterSettings(format=format, outlier_method=outlier_method, bake_loaded_loras=bake_loaded_loras,
                                    log_progress=log_progress,
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
-                                                    measure_backends=measure_backends))
+                                                    measure_backends=measure_backends,
+                                                    fuse_projections=fuse_projections))
         out, reports = adapt_clip(clip, settings, progress=comfy.utils.ProgressBar(1))
         lines = [f"{name}: {line}" for name, report in reports for line in report.lines()] or [MSG_NO_ENCODERS]
         return {"ui": {"text": lines}, "result": (out,)}
@@ -224,7 +230,7 @@ class LoadQuantizedDiffusionModel:
     def load(self, unet_name: str, compute_dtype: str, small_batch_fallback: bool, runtime_backend: str,
              use_triton: bool | None = None, cuda_graphs: bool | None = None,
              fold_activations: bool | None = None, measure_backends: bool | None = None,
-             attention: str = "sdpa") -> dict[str, Any]:
+             attention: str = "sdpa", fuse_projections: bool | None = None) -> dict[str, Any]:
         import folder_paths
         import torch
 
@@ -235,7 +241,7 @@ class LoadQuantizedDiffusionModel:
         dtype = getattr(torch, dtype_name) if dtype_name else None
         runtime = _runtime(small_batch_fallback, runtime_backend, use_triton, cuda_graphs=cuda_graphs,
                            fold_activations=fold_activations, measure_backends=measure_backends,
-                           attention=attention)
+                           attention=attention, fuse_projections=fuse_projections)
         patcher, summary = load_quantized_model(path, runtime, dtype)
         return {"ui": {"text": [summary.line()]}, "result": (patcher,)}
 

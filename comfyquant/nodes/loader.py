@@ -25,6 +25,7 @@ from comfyquant.nodes.ops import ComfyQuantLinear, make_comfy_ops
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import RuntimeOptions
 from comfyquant.runtime.fold import fold_input_activations
+from comfyquant.runtime.siblings import fuse_sibling_projections
 from comfyquant.runtime.tensor import REGISTRY
 
 logger = logging.getLogger("comfyquant.nodes")
@@ -38,12 +39,14 @@ class LoadSummary:
     formats: Counter = field(default_factory=Counter)
     plain_linears: int = 0
     folded: int = 0  # activation modules folded into the quantized layer they feed
+    fused: int = 0  # sibling projection groups (q/k/v, gate/up) sharing one GEMM
 
     def line(self) -> str:
         fmts = ", ".join(f"{n} {f}" for f, n in sorted(self.formats.items())) or "none"
         folded = f"; {self.folded} activations folded into their layer" if self.folded else ""
+        fused = f"; {self.fused} projection groups fused into one GEMM each" if self.fused else ""
         return (f"comfyquant: loaded {Path(self.path).name}: quantized layers: {fmts}; "
-                f"{self.plain_linears} plain linear layers{folded}")
+                f"{self.plain_linears} plain linear layers{folded}{fused}")
 
 
 def _quant_layers(sd: dict[str, torch.Tensor], prefix: str, path: str) -> dict[str, str]:
@@ -117,6 +120,8 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     summary.plain_linears = sum(1 for m in dm.modules() if isinstance(m, nn.Linear))
     if runtime.fold_activations:
         summary.folded = len(fold_input_activations(dm))
+    if runtime.fuse_projections:  # the loader owns this model: the parents' forwards are set on the instances
+        summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))
     register_patch_callback(patcher)
     if runtime.cuda_graphs:
         enable_cuda_graphs(patcher)

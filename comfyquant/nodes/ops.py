@@ -27,6 +27,8 @@ from comfyquant.runtime.versions import version
 class ComfyQuantLinear(QuantLinear):
     """A quantized linear layer inside a ComfyUI model (object-patched in by the adapter or built by the loader)."""
 
+    bias_in_input_dtype = True  # forward casts the bias (``_bias_as``); a fused sibling group does the same
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.weight_function: list[Any] = []
@@ -50,6 +52,7 @@ class ComfyQuantLinear(QuantLinear):
         old_bias = layer._parameters["bias"]
         mod = cls.wrap(layer.qweight if weight is None else weight, old_bias if bias is None else bias)
         mod.input_act = getattr(layer, "input_act", None)  # its activation module was folded away
+        mod.sibling = getattr(layer, "sibling", None)  # its group reads members live: the new layer fuses too
         side = layer.adapter
         if side is not None:
             mod.adapter = side.copy() if isinstance(side, LoRASidePath) else side
@@ -92,7 +95,20 @@ class ComfyQuantLinear(QuantLinear):
         return None
 
     # ---- compute ---------------------------------------------------------------------------------------
+    def _side_for(self, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """QuantLinear's optional side path (dynamic LoRAs), its tensors on ``x``'s device for this call."""
+        side = getattr(self, "adapter", None)
+        if isinstance(side, LoRASidePath) and side.device not in (None, x.device):  # left offloaded (lowvram)
+            side = side.map_tensors(lambda t: t.to(x.device, non_blocking=True))
+        return side
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sib = self.sibling
+        if sib is not None and sib[0].armed:  # a member of a fused group: its product may be stashed already
+            y = sib[0].product(sib[1], x)
+            if y is not None:
+                side = self._side_for(x)
+                return y if side is None else side(x, y)
         w = self.qweight
         bias = self._parameters["bias"]
         if w.device != x.device:  # left on the offload device by a partial (lowvram) load
@@ -100,9 +116,7 @@ class ComfyQuantLinear(QuantLinear):
             bias = None if bias is None else bias.to(x.device, non_blocking=True)
         if bias is not None and bias.dtype != x.dtype:
             bias = self._bias_as(bias, x.dtype)
-        side = getattr(self, "adapter", None)  # QuantLinear's optional side path (dynamic LoRAs)
-        if isinstance(side, LoRASidePath) and side.device not in (None, x.device):  # left offloaded (lowvram)
-            side = side.map_tensors(lambda t: t.to(x.device, non_blocking=True))
+        side = self._side_for(x)
         act = getattr(self, "input_act", None)
         if self.weight_function or self.bias_function:
             # a patch ComfyUI applies on the fly (lowvram LoRA, weight wrapper): run it on the float weight

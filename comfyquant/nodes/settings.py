@@ -14,6 +14,7 @@ from comfyquant.formats.registry import GPU_GENERATIONS
 from comfyquant.presets.registry import MODEL_CHOICES
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for, kinds
+from comfyquant.runtime.siblings import DEFAULT_MAX_BYTES as DEFAULT_FUSE_MAX_BYTES
 
 # The node's format choices (CLI format names the runtime quantizes to), in menu order; ``auto``: a format per
 # layer, chosen for ``AdapterSettings.budget`` (docs/AUTO_PRECISION.md).
@@ -72,6 +73,8 @@ class RuntimeOptions:
     weight-only kernel, ``use_triton`` (False: never Triton), ``cuda_graphs`` (the runtime's dispatch policy for
     graph-captured models), ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today) and
     ``fold_activations`` (a GELU/SiLU module right before a quantized layer is applied by that layer's kernel)
+    and ``fuse_projections`` (sibling projections that read one input, attention q/k/v or a gated MLP's two
+    halves, run as one GEMM per call whose fused output is at most ``fuse_max_bytes``; ``runtime.siblings``)
     and ``measure_backends`` (eager: time the candidate kernels once per layer shape and keep the fastest,
     cached per GPU, instead of the cost model's prediction) and ``attention`` (``sdpa``; ``cudnn``: cuDNN's
     kernel first; ``int8`` / ``int8-fp8``: that, and long self-attention on the int8 kernel, ``nodes.attention``)."""
@@ -84,6 +87,8 @@ class RuntimeOptions:
     fold_activations: bool = True
     measure_backends: bool = False
     attention: str = "sdpa"  # nodes.attention.MODES: the attention kernel per call (cuDNN, int8)
+    fuse_projections: bool = True
+    fuse_max_bytes: int = DEFAULT_FUSE_MAX_BYTES  # larger calls are GPU-bound: each member computes alone
 
     def __post_init__(self) -> None:
         from comfyquant.nodes.attention import MODES
@@ -92,6 +97,8 @@ class RuntimeOptions:
             raise UserError(f"runtime_backend {self.backend!r} is not one of {', '.join(runtime_backends())}")
         if self.attention not in MODES:
             raise UserError(f"attention {self.attention!r} is not one of {', '.join(MODES)}")
+        if self.fuse_max_bytes < 0:
+            raise UserError(f"fuse_max_bytes must be >= 0, got {self.fuse_max_bytes}")
 
     def backend_for(self, kind: str) -> str | DispatchPolicy | None:
         """What to pass as ``QuantizeConfig.backend`` / ``QuantLinear.set_backend`` for layers of kernel ``kind``:

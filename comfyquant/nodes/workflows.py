@@ -24,7 +24,8 @@ ADAPTER_DEFAULTS: dict[str, Any] = {
 }
 
 
-ADAPTER_OPTIONAL = ("use_triton", "cuda_graphs", "budget", "calibration_file", "alpha", "attention")
+ADAPTER_OPTIONAL = ("use_triton", "cuda_graphs", "budget", "calibration_file", "alpha", "attention",
+                    "fuse_projections")
 EXAMPLE_LORA = "digits_example_lora.safetensors"
 
 

@@ -8,6 +8,7 @@ from comfyquant.runtime.fold import fold_input_activations
 from comfyquant.runtime.loader import LoadReport, load_quantized, load_quantized_report
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, QuantizeSummary, quantize_
+from comfyquant.runtime.siblings import fuse_sibling_projections
 from comfyquant.runtime.tensor import (
     REGISTRY,
     Layout,
@@ -30,6 +31,7 @@ __all__ = [
     "QuantizedTensor",
     "dequantize_args",
     "fold_input_activations",
+    "fuse_sibling_projections",
     "load_quantized",
     "load_quantized_report",
     "quantize_",

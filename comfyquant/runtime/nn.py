@@ -106,6 +106,13 @@ class QuantLinear(nn.Module):
     round trip writes the same bytes); None means "derive it from the weight's layout".
     """
 
+    # ``(group, index)`` when the layer is a member of a ``runtime.siblings.SiblingGroup`` (its product may come
+    # from one GEMM shared with its sibling projections); a class default, so an unset layer pays one lookup.
+    sibling: tuple[Any, int] | None = None
+    # Whether ``forward`` casts the bias to the input's dtype before the kernel (a fused group does what its
+    # members do).
+    bias_in_input_dtype: bool = False
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight: QuantizedTensor | None = None, quant_conf: dict[str, Any] | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -191,6 +198,11 @@ class QuantLinear(nn.Module):
 
     # ---- compute ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sib = self.sibling
+        if sib is not None and sib[0].armed:
+            y = sib[0].product(sib[1], x)
+            if y is not None:
+                return y if self.adapter is None else self.adapter(x, y)
         bias = self._parameters["bias"]
         w = self.qweight
         fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)

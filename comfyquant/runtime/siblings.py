@@ -1,0 +1,411 @@
+"""One quantized GEMM for sibling projections: the q/k/v (or k/v, or a gated MLP's two halves) of one module,
+called one after another on the same input.
+
+T5, CLIP, SD1.x/SDXL ``CrossAttention``, Wan, Llama-style encoders and Qwen-Image compute ``q = self.q(x)``,
+``k = self.k(x)``, ``v = self.v(x)`` as separate linears: three activation quantizations, three launches and
+three reads of ``x``. With per-row (or per-tensor) scales the members' int8 / fp8 / int4 weights concatenate by
+rows exactly, so one GEMM over ``[sum N, K]`` gives every member's output bit for bit on the CPU reference.
+
+How a call runs, without changing the model's code:
+
+* :class:`ArmedForward` replaces the parent module's ``forward`` and arms its :class:`SiblingGroup` for the
+  duration of the call (the stash never outlives it).
+* The first member called while armed (the leader) runs the fused GEMM and stashes the other members' column
+  views of the output, keyed by the identity of ``x``; each member called next with that same ``x`` object takes
+  its view. Any other call (another ``x``, an unarmed call) computes alone as before.
+* Which members share ``x`` is learned from one unfused round (self-attention: q, k, v; cross-attention: k, v;
+  none: the group stays off); a call pattern that stops matching resets the plan a few times, then turns the group
+  off for good.
+* The members' weights are consolidated into one storage lazily, on the compute device, at the first fused call
+  (each member's weight becomes a row view of it, so no memory is duplicated); moves and weight replacements drop
+  the consolidation, and the next fused call builds it again.
+* A call whose fused output would exceed ``max_bytes`` computes alone: large calls are GPU-bound (fusion measured
+  0.99-1.06x at Wan's 32K tokens) and the fused output keeps every member's output alive until its last view dies.
+
+:func:`fuse_sibling_projections` sets this up on a model with ``QuantLinear`` children; the node pack does the
+same with object patches on a ComfyUI clone (``nodes.adapter``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from comfyquant.runtime.layouts.generic import FormatParams
+from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
+from comfyquant.runtime.tensor import QuantizedTensor
+from comfyquant.runtime.versions import version
+
+# Child names of sibling projections, longest first (a parent may hold several groups: Qwen-Image's to_q/k/v and
+# add_q/k/v_proj, Wan I2V's k/v and k_img/v_img).
+SIBLING_NAMES: tuple[tuple[str, ...], ...] = (
+    ("q", "k", "v"),
+    ("to_q", "to_k", "to_v"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("add_q_proj", "add_k_proj", "add_v_proj"),
+    ("k_img", "v_img"),
+    ("wi_0", "wi_1"),
+    ("gate_proj", "up_proj"),
+)
+FUSED_KINDS = ("int8", "fp8", "int4_rot")  # kernel kinds with scalar or per-row weight scales
+DEFAULT_MAX_BYTES = 256 << 20  # the largest fused output (M x sum N x element size) a call fuses
+MAX_RESETS = 3  # plans that stopped matching before a group is turned off for good
+_FUSED_ATTR = "_comfyquant_fused"  # on each member's weight tensor: its group's consolidated weight
+
+
+# ---- the weights ---------------------------------------------------------------------------------------------
+def fusion_blocker(weights: Sequence[torch.Tensor]) -> str | None:
+    """Why ``weights`` cannot be concatenated by rows into one quantized weight, or None when they can: the
+    same layout, format, format options, dtype, backend and device, scalar or per-row scales, no SmoothQuant
+    ``pre_quant_scale`` and equal static ``input_scale``."""
+    if len(weights) < 2:
+        return "fewer than two weights"
+    if not all(isinstance(w, QuantizedTensor) and isinstance(w.params, FormatParams) for w in weights):
+        return "not all are quantized weights of a registered format"
+    qts: list[QuantizedTensor] = list(weights)  # type: ignore[arg-type]
+    first, p0 = qts[0], qts[0].params
+    assert isinstance(p0, FormatParams)
+    if p0.format.kernel_kind not in FUSED_KINDS:
+        return f"format {p0.fmt} has block scales or no kernel (fusable: int8, int8-tensor, int8-rot, fp8, int4-rot)"
+    for w in qts:
+        p = w.params
+        assert isinstance(p, FormatParams)
+        if w.layout_cls is not first.layout_cls or p.fmt != p0.fmt or p.fmt_params != p0.fmt_params:
+            return "different formats or format options"
+        if w.dtype != first.dtype or p.backend != p0.backend or w.device != first.device:
+            return "different dtypes, backends or devices"
+        if p.transposed or p.full_precision or p.weight_scale_2 is not None:
+            return "a transposed, full-precision or two-level-scaled weight"
+        if p.pre_quant_scale is not None:
+            return "a pre_quant_scale (SmoothQuant's smoothing is per layer)"
+        if w.dim() != 2 or w.shape[1] != first.shape[1] or w.qdata.dim() != 2 \
+                or w.qdata.shape[0] != w.shape[0] or w.qdata.shape[1] != first.qdata.shape[1]:
+            return "different in_features or storage layouts"
+        s = p.weight_scale
+        if s is None or s.numel() not in (1, w.shape[0]) or s.dtype != p0.weight_scale.dtype:  # type: ignore[union-attr]
+            return "scales that are neither one per tensor nor one per row"
+        if not _same_input_scale(p.input_scale, p0.input_scale):
+            return "different static input scales"
+    return None
+
+
+def _same_input_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+
+def fusable(weights: Sequence[torch.Tensor]) -> bool:
+    """True when :func:`concat_rows` can fuse ``weights`` (see :func:`fusion_blocker`)."""
+    return fusion_blocker(weights) is None
+
+
+def _row_scales(s: torch.Tensor, rows: int) -> torch.Tensor:
+    """``s`` as ``[rows, 1]``: a per-row scale reshaped, a per-tensor one expanded (exact: the same value)."""
+    return s.reshape(1, 1).expand(rows, 1) if s.numel() == 1 else s.reshape(rows, 1)
+
+
+def concat_rows(qts: Sequence[QuantizedTensor]) -> QuantizedTensor:
+    """One quantized weight whose rows are ``qts``' rows in order (new storage): its linear equals the members'
+    linears concatenated along the output. Per-tensor scales become per-row. ValueError when not fusable."""
+    why = fusion_blocker(qts)
+    if why is not None:
+        raise ValueError(f"cannot concatenate these weights by rows: {why}")
+    p0 = qts[0].params
+    assert isinstance(p0, FormatParams)
+    rows = sum(int(q.shape[0]) for q in qts)
+    scales = [q.params.weight_scale for q in qts]  # type: ignore[attr-defined]
+    scale = torch.cat([_row_scales(s, int(q.shape[0])) for s, q in zip(scales, qts, strict=True)])
+    if all(s.dim() == 1 and s.numel() == q.shape[0] for s, q in zip(scales, qts, strict=True)):
+        scale = scale.reshape(rows)  # int4-rot keeps its [N] layout
+    params = p0.replace(orig_shape=(rows, int(qts[0].shape[1])), weight_scale=scale)
+    return QuantizedTensor(torch.cat([q.qdata for q in qts]), qts[0].layout_cls, params)
+
+
+def row_view(fused: QuantizedTensor, start: int, stop: int, like: QuantizedTensor) -> QuantizedTensor:
+    """Rows ``start:stop`` of ``fused`` as a weight with ``like``'s params (the member it was made from): the
+    storage is shared, and so are per-row scales (views of ``fused``'s); a per-tensor scale stays ``like``'s."""
+    if tuple(like.shape) != (stop - start, fused.shape[1]):
+        raise ValueError(f"rows {start}:{stop} of a {tuple(fused.shape)} weight cannot stand for a "
+                         f"{tuple(like.shape)} one")
+    params = like.params
+    own = getattr(params, "weight_scale", None)
+    if own is not None and own.numel() > 1:
+        params = params.replace(weight_scale=fused.params.weight_scale[start:stop].reshape(own.shape))  # type: ignore[attr-defined]
+    return QuantizedTensor(fused.qdata[start:stop], fused.layout_cls, params)
+
+
+class _Fused:
+    """A consolidated group (kept on each member's weight tensor, so it dies with the weights): the fused weight
+    and bias, the member widths, and what the next call checks to trust it."""
+
+    __slots__ = ("bias", "bias_ptrs", "cast", "plan", "sizes", "versions", "weight")
+
+    def __init__(self, plan: tuple[int, ...], weight: QuantizedTensor, bias: torch.Tensor | None,
+                 sizes: list[int], members: Sequence[nn.Module]) -> None:
+        self.plan, self.weight, self.bias, self.sizes = plan, weight, bias, sizes
+        params = [(m._parameters["weight"], m._parameters["bias"]) for m in members]
+        self.bias_ptrs = tuple(None if b is None else b.data_ptr() for _, b in params)
+        # an in-place write into a member's weight (copy_, a float load_state_dict) bumps its wrapper's version
+        # (not its storage's): the fused scales would be stale. Inference tensors have none (ComfyUI replaces
+        # weights instead of writing them)
+        self.versions = tuple(version(w) for w, _ in params)  # type: ignore[arg-type]
+        self.cast: tuple[torch.dtype, int, torch.Tensor] | None = None
+
+    def valid(self, members: Sequence[nn.Module]) -> bool:
+        """Every member still holds its row view (a move or a new weight drops the tag), unchanged in place, and
+        its bias view."""
+        for m, ptr, ver in zip(members, self.bias_ptrs, self.versions, strict=True):
+            w, b = m._parameters["weight"], m._parameters["bias"]
+            if getattr(w, _FUSED_ATTR, None) is not self or version(w) != ver:  # type: ignore[arg-type]
+                return False
+            if (None if b is None else b.data_ptr()) != ptr:
+                return False
+        return True
+
+    def bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The fused bias in ``dtype``, cast once while its values stay the same (a stable object for the
+        bound call's memo)."""
+        b = self.bias
+        if b is None or b.dtype == dtype:
+            return b
+        c = self.cast
+        if c is not None and c[0] == dtype and c[1] == version(b):
+            return c[2]
+        cast = b.to(dtype)
+        self.cast = (dtype, version(b), cast)
+        return cast
+
+
+def _consolidate(plan: tuple[int, ...], members: Sequence[nn.Module]) -> _Fused | None:
+    """Concatenate the members' weights (and biases) into one storage, point each member's parameters at its
+    rows, and tag the weights; None when they cannot be fused as they are now (the round computes alone)."""
+    qts = [m._parameters["weight"] for m in members]
+    biases = [m._parameters["bias"] for m in members]
+    if fusion_blocker(qts) is not None:  # type: ignore[arg-type]
+        return None
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    if biases[0] is not None and len({b.dtype for b in biases}) != 1:  # type: ignore[union-attr]
+        return None
+    fused = concat_rows(qts)  # type: ignore[arg-type]
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # type: ignore[union-attr]
+    sizes = [int(q.shape[0]) for q in qts]  # type: ignore[union-attr]
+    start = 0
+    for m, qt, n in zip(members, qts, sizes, strict=True):
+        m.weight = nn.Parameter(row_view(fused, start, start + n, qt), requires_grad=False)  # type: ignore[arg-type]
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    f = _Fused(plan, fused, bias, sizes, members)
+    for m in members:
+        setattr(m._parameters["weight"], _FUSED_ATTR, f)
+    return f
+
+
+# ---- the group -----------------------------------------------------------------------------------------------
+class SiblingGroup:
+    """The Python state of one group of sibling projections of ``parent`` (children ``names``): armed depth,
+    this round's stash, the learned plan and its misses. Members are read from ``parent`` at call time, so a
+    LoRA node's replacement layer (in another ComfyUI clone) is the one that runs."""
+
+    def __init__(self, parent: nn.Module, names: Sequence[str], max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if len(names) < 2:
+            raise ValueError(f"a sibling group needs two or more members, got {list(names)}")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.parent = parent
+        self.names = tuple(names)
+        self.max_bytes = int(max_bytes)
+        self.armed = 0
+        self.plan: tuple[int, ...] | None = None  # member indexes that share x; None: observing; (): off
+        self.resets = 0
+        self.fused_calls = 0  # fused GEMMs run (diagnostics)
+        self._x: torch.Tensor | None = None  # the stash: the input of the last fused call ...
+        self._slots: dict[int, torch.Tensor | None] = {}  # ... and the views not yet taken (None: compute alone)
+        self._seen: list[tuple[int, torch.Tensor]] = []  # an observed round's calls (the inputs kept alive)
+        self._skip = False  # a miss this round: the rest of it computes alone
+
+    def __repr__(self) -> str:
+        plan = "observing" if self.plan is None else ",".join(self.names[i] for i in self.plan) or "off"
+        return f"SiblingGroup({','.join(self.names)}; plan {plan}; {self.fused_calls} fused calls)"
+
+    def product(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member ``i``'s product ``x @ W_i^T + b_i`` (without its side path) from this round's fused GEMM, or
+        None: the member computes alone."""
+        if self._skip or torch.compiler.is_compiling():
+            return None
+        plan = self.plan
+        if plan is None:
+            self._seen.append((i, x))
+            return None
+        if i not in plan:
+            if x is self._x:
+                self._miss()  # a member outside the plan on the fused input: the plan is too small
+            return None
+        if x is self._x:
+            return self._slots.pop(i, None)  # not there: this member ran on this input already; alone
+        if self._slots:
+            self._miss()  # a plan member on another input while views wait for theirs
+            return None
+        return self._lead(i, x, plan)
+
+    def _lead(self, i: int, x: torch.Tensor, plan: tuple[int, ...]) -> torch.Tensor | None:
+        members = self._members(plan, x)
+        f = None if members is None else self._fused(plan, members, x)
+        if members is None or f is None:  # the members of this x compute alone
+            self._x, self._slots = x, {j: None for j in plan if j != i}
+            return None
+        bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
+        y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, None)
+        views = y.split(f.sizes, -1)
+        self.fused_calls += 1
+        self._x, self._slots = x, {j: v for j, v in zip(plan, views, strict=True) if j != i}
+        return views[plan.index(i)]
+
+    def _fused(self, plan: tuple[int, ...], members: list[nn.Module], x: torch.Tensor) -> _Fused | None:
+        """The members' consolidated weight for a call on ``x``: the tagged one while it is valid, else a new one;
+        None above the size cap, and while a CUDA graph is being captured (warm-up steps consolidate first)."""
+        rows = sum(int(m._parameters["weight"].shape[0]) for m in members)  # type: ignore[union-attr]
+        if x.numel() // max(1, x.shape[-1]) * rows * x.element_size() > self.max_bytes:
+            return None
+        f = getattr(members[0]._parameters["weight"], _FUSED_ATTR, None)
+        if f is not None and f.plan == plan and f.valid(members):
+            return f
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        return _consolidate(plan, members)
+
+    def _members(self, plan: tuple[int, ...], x: torch.Tensor) -> list[nn.Module] | None:
+        """The live plan members, or None when one of them must compute alone (not this group's member, a
+        ComfyUI weight / bias function, a folded input activation, a weight or bias on another device)."""
+        out = []
+        for j in plan:
+            m = self.parent._modules.get(self.names[j])
+            sib = getattr(m, "sibling", None)
+            if m is None or sib is None or sib[0] is not self or sib[1] != j:
+                return None
+            if getattr(m, "weight_function", None) or getattr(m, "bias_function", None) \
+                    or getattr(m, "input_act", None) is not None:
+                return None
+            w, b = m._parameters.get("weight"), m._parameters.get("bias")
+            if not isinstance(w, QuantizedTensor) or w.device != x.device or (b is not None and b.device != x.device):
+                return None
+            out.append(m)
+        return out
+
+    def _miss(self) -> None:
+        """The plan did not match a call: observe again from the next round (off for good after MAX_RESETS)."""
+        self._x, self._slots = None, {}
+        self.resets += 1
+        self.plan = () if self.resets >= MAX_RESETS else None
+        self._skip = True
+
+    def disarm(self) -> None:
+        """Leave one armed call; the outermost one ends the round."""
+        self.armed -= 1
+        if not self.armed:
+            self.end_round()
+
+    def end_round(self) -> None:
+        """Drop the stash (views left untaken count as a miss) and, after an observed round, learn the plan."""
+        if self._slots:
+            self._miss()
+        elif self.plan is None and not self._skip and self._seen:
+            self.plan = _learn(self._seen)
+        self._seen, self._slots, self._x, self._skip = [], {}, None, False
+
+
+def _learn(seen: Sequence[tuple[int, torch.Tensor]]) -> tuple[int, ...]:
+    """The largest set of (two or more) members an observed round called on one input object; () for none."""
+    by_input: dict[int, set[int]] = {}
+    for i, x in seen:  # the inputs are alive (``seen`` holds them), so their ids are distinct
+        by_input.setdefault(id(x), set()).add(i)
+    best = max(by_input.values(), key=len)
+    return tuple(sorted(best)) if len(best) >= 2 else ()
+
+
+class ArmedForward:
+    """A parent module's ``forward`` (set on the instance, or as a ComfyUI object patch) that arms its sibling
+    groups for the call: its class's ``forward`` runs with the groups armed, and the round ends with the call."""
+
+    def __init__(self, parent: nn.Module, *groups: SiblingGroup) -> None:
+        self.parent = parent
+        self.groups = groups
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        parent = self.parent
+        if torch.compiler.is_compiling():  # traced code computes each member alone
+            return type(parent).forward(parent, *args, **kwargs)
+        for g in self.groups:
+            g.armed += 1
+        try:
+            return type(parent).forward(parent, *args, **kwargs)
+        finally:
+            for g in self.groups:
+                g.disarm()
+
+
+# ---- detection and the library API ---------------------------------------------------------------------------
+def sibling_groups(model: nn.Module, is_target: Callable[[str, nn.Module], bool],
+                   weight_of: Callable[[str, nn.Module], torch.Tensor] | None = None,
+                   ) -> list[tuple[str, tuple[str, ...]]]:
+    """``(parent path, member names)`` for every module of ``model`` whose children match a name tuple of
+    :data:`SIBLING_NAMES` (two or more of them): the members ``is_target(path, module)`` accepts, with equal
+    in_features and bias presence (the largest such set) and weights (``weight_of(path, module)``, default the
+    module's ``weight``) that :func:`fusable` accepts. Nothing is changed."""
+    out = []
+    for path, parent in model.named_modules():
+        children = parent._modules
+        taken: set[str] = set()
+        for names in SIBLING_NAMES:
+            weights: dict[str, torch.Tensor] = {}
+            classes: dict[tuple[int, bool], list[str]] = {}
+            for name in names:
+                mod = children.get(name)
+                full = f"{path}.{name}" if path else name
+                if name in taken or mod is None or not is_target(full, mod):
+                    continue
+                w = weight_of(full, mod) if weight_of is not None else getattr(mod, "weight", None)
+                if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                    continue
+                weights[name] = w
+                classes.setdefault((int(w.shape[1]), getattr(mod, "bias", None) is not None), []).append(name)
+            best = max(classes.values(), key=len, default=[])
+            if len(best) >= 2 and fusable([weights[n] for n in best]):
+                out.append((path, tuple(best)))
+                taken.update(best)
+    return out
+
+
+def _free_quant_linear(path: str, mod: nn.Module) -> bool:
+    return (isinstance(mod, QuantLinear) and mod.weight is not None and getattr(mod, "input_act", None) is None
+            and getattr(mod, "sibling", None) is None)
+
+
+def fuse_sibling_projections(model: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
+    """Let the sibling ``QuantLinear`` projections of ``model`` (:func:`sibling_groups`) run as one GEMM per call
+    of their parent, for calls whose fused output is at most ``max_bytes``: sets ``layer.sibling`` and the
+    parent's ``forward`` (an :class:`ArmedForward` on the instance). A parent whose ``forward`` is already set
+    on the instance by something else is left alone. Returns the groups (``"blocks.0.attn: q,k,v"``)."""
+    by_parent: dict[str, list[tuple[str, ...]]] = {}
+    for path, names in sibling_groups(model, _free_quant_linear):
+        by_parent.setdefault(path, []).append(names)
+    done = []
+    for path, groups in by_parent.items():
+        parent = model.get_submodule(path) if path else model
+        before = parent.__dict__.get("forward")
+        if before is not None and not isinstance(before, ArmedForward):
+            continue
+        made = []
+        for names in groups:
+            group = SiblingGroup(parent, names, max_bytes)
+            for i, name in enumerate(names):
+                parent._modules[name].sibling = (group, i)  # type: ignore[union-attr]
+            made.append(group)
+            done.append(f"{path}: {','.join(names)}")
+        parent.forward = ArmedForward(parent, *(before.groups if before is not None else ()), *made)
+    return done
