@@ -223,14 +223,15 @@ class T5Layer(nn.Module):
         super().__init__()
         self.heads = heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.wi0, self.wi1, self.wo = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d,
-                                                                                                        bias=False)
+        # ComfyUI's T5DenseGatedActDense names (wi_0 / wi_1 read the same input: a sibling pair)
+        self.wi_0, self.wi_1, self.wo = (nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False),
+                                         nn.Linear(ff, d, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _rms(x)
         x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
         y = _rms(x)
-        return x + self.wo(F.gelu(self.wi0(y), approximate="tanh") * self.wi1(y))
+        return x + self.wo(F.gelu(self.wi_0(y), approximate="tanh") * self.wi_1(y))
 
 
 class T5(nn.Module):

@@ -111,7 +111,8 @@ def variants(name: str, ck_fn: Callable | None,
     if want("bf16"):
         yield "bf16", *build(name)
     for fmt in ("int8", "fp8"):
-        if not (want(fmt) or (fmt == "int8" and (want("int8_measured") or want("int8_nofold")))):
+        if not (want(fmt) or (fmt == "int8" and (want("int8_measured") or want("int8_nofold")
+                                                  or want("int8_fused")))):
             continue
         model, args = build(name)
         summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
@@ -126,6 +127,13 @@ def variants(name: str, ck_fn: Callable | None,
             model, args = build(name)
             quantize_(model, QuantizeConfig(format=fmt, min_features=1))
             yield "int8_attn", _WithAttention(model), args
+        if fmt == "int8" and want("int8_fused"):  # sibling projections (q / k / v, wi_0 / wi_1) as one GEMM
+            from comfyquant.runtime.siblings import fuse_sibling_projections
+
+            model, args = build(name)
+            quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+            if fuse_sibling_projections(model):
+                yield "int8_fused", model, args
         if fmt == "int8" and summary.folded and want("int8_nofold"):  # without folding the MLP's GELU
             model, args = build(name)
             quantize_(model, QuantizeConfig(format=fmt, min_features=1, fold_activations=False))
@@ -198,7 +206,7 @@ def run_models(names: tuple[str, ...], ck_fn: Callable | None, deadline: float =
         graphs = {}
         for variant, model, args in built:
             fns[variant] = lambda m=model, a=args: m(*a)
-            if variant in ("bf16", "int8", "fp8"):
+            if variant in ("bf16", "int8", "fp8", "int8_fused"):
                 graphs[variant] = capture(model)
                 fns[variant + "@graphs"] = lambda g=graphs[variant], a=args: g(*a)
         times = interleaved_ms(fns)
@@ -213,7 +221,7 @@ def run_models(names: tuple[str, ...], ck_fn: Callable | None, deadline: float =
                     row["error"] = t
             if variant in graphs:
                 row["graphs"] = graphs[variant].graphs
-            if variant in ("int8", "int8_measured", "fp8") and "eager_ms" in row:
+            if variant in ("int8", "int8_measured", "fp8", "int8_fused") and "eager_ms" in row:
                 row["dispatch"] = dispatch_counts(model)
                 row["profile"] = host_profile(lambda m=model, a=args: m(*a))
             model_rows.append(row)
