@@ -440,6 +440,56 @@ def check_cuda_graphs() -> None:
             record("cuda_graphs_replay", e <= 0.03, m=m, graphs=g.graphs, rel=e)
 
 
+def check_siblings() -> None:
+    """Sibling projections as one GEMM (``runtime.siblings``) on the GPU: a T5-width attention's q / k / v
+    (M 256 and 1024, int8 on the Triton / Gluon W8A8 path pinned, and the automatic backend) fused against the
+    same module unfused: bit-equal with the W8A8 backend pinned (int32 sums and one epilogue per element,
+    whichever tile runs), within int8 error of each other with the automatic choice (a wider N may pick
+    another backend); the fused GEMM ran; the weights share one storage; and a CUDA-graph capture after the
+    warm-up steps replays the fused module's output."""
+    from torch import nn
+
+    from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.cuda_graphs import capture
+    from comfyquant.runtime.siblings import fuse_sibling_projections
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(4096, 4096, bias=False) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.q(x), self.k(x) * 0.5, self.v(x)], -1)
+
+    for backend in ("triton", None):
+        torch.manual_seed(7)
+        plain = Attn().cuda().bfloat16()
+        fused = Attn().cuda().bfloat16()
+        fused.load_state_dict(plain.state_dict())
+        for net in (plain, fused):
+            quantize_(net, QuantizeConfig(format="int8", min_features=1, backend=backend))
+        groups = fuse_sibling_projections(fused)
+        with torch.no_grad():
+            for m in (256, 1024):
+                x = torch.randn(1, m, 4096, device="cuda").bfloat16()
+                want = plain(x)
+                for _ in range(3):  # an observed round, then fused rounds
+                    got = fused(x)
+                group = fused.q.sibling[0]
+                shared = fused.q.weight.qdata.untyped_storage().data_ptr() == \
+                    fused.v.weight.qdata.untyped_storage().data_ptr()
+                ok = (torch.equal(got, want) if backend else rel(got, want) < 0.02) and group.fused_calls >= 2
+                record("siblings_fused", ok and shared and groups == [": q,k,v"], m=m, backend=str(backend),
+                       fused_calls=group.fused_calls, shared=shared, rel=rel(got, want))
+            g = capture(fused)
+            x = torch.randn(1, 256, 4096, device="cuda").bfloat16()
+            outs = [g(x) for _ in range(4)]  # two eager warm-up calls, then capture and replay
+            want = fused(x)
+            e = max(rel(o, want) for o in outs)
+            record("siblings_cuda_graphs", e <= (0.0 if backend else 0.02), backend=str(backend), graphs=g.graphs,
+                   rel=e)
+
+
 def check_fp8_triton() -> None:
     """The Triton FP8 W8A8 GEMM: e4m3fn and e5m2 weights, tensor and row weight scales, dynamic and static
     activation scales, ragged K (pointer kernel, masked tails) and K % 16 == 0 (TMA kernel on Hopper)."""
@@ -710,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_ws_lora_wired,
                check_linear, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
-               check_inference_mode, check_attention, check_attention_cudnn, check_ws_experimental):
+               check_inference_mode, check_attention, check_attention_cudnn, check_ws_experimental, check_siblings):
         if only and fn.__name__ not in only:
             continue
         try:

@@ -69,7 +69,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the checks of the W8A8 GEMM paths and plans and of the attention backend order only (a short call)
         "checks_gemm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_persistent,check_ws_gemm,check_ws_lora_wired,check_plans,check_attention_cudnn,"
-                         "check_ws_experimental"]],
+                         "check_ws_experimental,check_siblings"]],
+        # sibling projections as one GEMM (runtime.siblings) against the unfused module, eager and graph-captured
+        "checks_siblings": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                             "check_siblings"]],
         # the warp-specialized Gluon W8A8 GEMM against today's Triton kernel and cuBLAS (GEMM alone; Hopper only)
         "gemm_ws": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws")]],
         # the same with the Gluon kernel's unpicked variants (fp8 operands, ping-pong): put it last in a call
