@@ -123,6 +123,25 @@ def test_lora_reaches_every_layer_in_a_lowvram_load_and_weight_wrappers_apply(co
     assert rel_err(zeroed, plain) > 0.01  # the wrapper ran on the quantized layer
 
 
+def test_weight_wrappers_do_not_pile_up_across_loads_or_leak_into_other_clones(comfy: Any, dit_sd: dict) -> None:
+    """ComfyUI's classic loader appends a clone's weight wrappers to each module's ``weight_function`` at every
+    load and clears the list only on modules with its cast machinery, which our layers lack: the same wrapper ran
+    once more per load (x0.5 twice on the second run), and ran in a sibling clone without it. Each load now gives
+    our layers exactly its own patcher's wrappers."""
+    base = _patcher(comfy, dit_sd)
+    q, _ = adapt_model(base, AdapterSettings(format="int8"))
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    layer = q.object_patches[key[:-len(".weight")]]
+    plain = dit_forward(q, dit_sd)
+    halved = q.clone()
+    halved.add_weight_wrapper(key, lambda w: w * 0.5)
+    first, second = dit_forward(halved, dit_sd), dit_forward(halved, dit_sd)
+    assert rel_err(first, plain) > 0.01 and torch.equal(first, second)
+    assert len(layer.weight_function) == 1
+    assert torch.equal(dit_forward(q, dit_sd), plain)  # the clone without the wrapper shares the layer
+    assert layer.weight_function == [] and layer.bias_function == []
+
+
 def test_runtime_options_map_onto_backend_names_and_dispatch_policies() -> None:
     from comfyquant.runtime.kernels.registry import backends_for
 

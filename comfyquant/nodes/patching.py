@@ -5,7 +5,8 @@ ComfyUI patches a weight when it loads the module that holds it: for a fully loa
 ``set_weight`` (dequantize, add the patch in float, requantize). Modules it leaves on the offload device
 (lowvram) and every module under the dynamic-VRAM loader are not patched by ComfyUI unless they carry
 ComfyUI's own cast machinery, which our layers do not. The ``ON_LOAD`` callback registered here patches
-exactly those, so a LoRA reaches every quantized layer in every load mode. "Already patched" is read from
+exactly those, so a LoRA reaches every quantized layer in every load mode, and resets our layers' weight
+wrappers to the loading clone's (ComfyUI appends them per load without clearing on our layers). "Already patched" is read from
 ComfyUI's own bookkeeping: the classic loader backs a weight up when it patches it and drops the backup when it
 restores it; the dynamic loader restores every backup at the start of each load, so there we always patch.
 """
@@ -28,8 +29,22 @@ def _module(model: Any, path: str) -> Any:
     return obj
 
 
+def reset_weight_functions(patcher: Any) -> None:
+    """Give every quantized layer of ``patcher``'s model exactly ``patcher``'s weight wrappers. ComfyUI's classic
+    loader appends a clone's wrappers to a module's ``weight_function`` / ``bias_function`` at each load and
+    clears them only on modules with its cast machinery: on our layers (shared by every clone of an adapted
+    model) a wrapper piled up once per load and ran in clones that never added it."""
+    wrappers = patcher.weight_wrapper_patches
+    for path, mod in patcher.model.named_modules():
+        if isinstance(mod, ComfyQuantLinear):
+            mod.weight_function = list(wrappers.get(f"{path}.weight", ()))
+            mod.bias_function = list(wrappers.get(f"{path}.bias", ()))
+
+
 def patch_quantized_layers(patcher: Any, *_args: Any, **_kwargs: Any) -> int:
-    """Apply pending patches of quantized layers that ComfyUI's load left unpatched; returns how many."""
+    """Reset the quantized layers' weight wrappers to this load's (:func:`reset_weight_functions`), then apply
+    pending patches of quantized layers that ComfyUI's load left unpatched; returns how many."""
+    reset_weight_functions(patcher)
     count = 0
     for key in list(patcher.patches):
         path, _, param = key.rpartition(".")
