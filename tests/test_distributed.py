@@ -343,10 +343,17 @@ class _SlowAfter:
 
 
 def _interrupted_while_ending(session, log: str) -> None:
-    """Rank 1 fails at once; rank 0 is interrupted while its watcher is printing why the job ends."""
+    """Rank 1 fails once rank 0's stderr is the slow one (before that, a loaded machine let rank 0's watcher
+    print the failure to the real stderr: CI, stop 22); rank 0 is interrupted while its watcher is printing why
+    the job ends."""
+    ready = Path(log + ".ready")
     if session.rank == 1:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         raise RuntimeError("rank 1's own failure")
     sys.stderr = _SlowAfter(log, "rank 1 failed")
+    ready.touch()
     deadline = time.monotonic() + 60
     while session._state != "failing" and time.monotonic() < deadline:
         time.sleep(0.01)
