@@ -481,6 +481,24 @@ def check_siblings() -> None:
                 ok = (torch.equal(got, want) if backend else rel(got, want) < 0.02) and group.fused_calls >= 2
                 record("siblings_fused", ok and shared and groups == [": q,k,v"], m=m, backend=str(backend),
                        fused_calls=group.fused_calls, shared=shared, rel=rel(got, want))
+            # dynamic LoRAs on q and v: one stacked low-rank term in the fused GEMM's epilogue (not yet run on
+            # a GPU when written: the tenth session's device time was spent)
+            from comfyquant.lora.sidepath import LoRASidePath, SideEntry
+
+            for name in ("q", "v"):
+                side = LoRASidePath()
+                side.add(1, SideEntry(down=(torch.randn(16, 4096, device="cuda") * 0.02).bfloat16(),
+                                      up=(torch.randn(4096, 16, device="cuda") * 0.02).bfloat16()))
+                getattr(fused, name).adapter, getattr(plain, name).adapter = side, side.copy()
+            x = torch.randn(1, 1024, 4096, device="cuda").bfloat16()
+            want = plain(x)
+            for _ in range(2):
+                got = fused(x)
+            term = getattr(fused.q.sibling[0], "_term", None)
+            record("siblings_lora_term", term is not None and rel(got, want) < 0.01, backend=str(backend),
+                   rel=rel(got, want))
+            for name in ("q", "v"):
+                getattr(fused, name).adapter = getattr(plain, name).adapter = None
             g = capture(fused)
             x = torch.randn(1, 256, 4096, device="cuda").bfloat16()
             outs = [g(x) for _ in range(4)]  # two eager warm-up calls, then capture and replay

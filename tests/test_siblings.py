@@ -170,6 +170,48 @@ def test_library_fuses_quantized_siblings_and_learns_which_share_the_input(monke
     assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
 
 
+def test_members_loras_go_into_the_fused_gemm_as_one_low_rank_term(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamic LoRAs on several members (q rank 4, v rank 20 plus a bias diff) become one term of the fused GEMM
+    (downs stacked, ups block-diagonal; the kernels add it in their epilogue): no member's side path runs its own
+    low-rank matmuls, the term is built once and reused while the operands stay, and every output matches the
+    unfused model's (a float64 reference of the LoRA'd layers bounds both to the same error)."""
+    model = _quantized()
+    ref = copy.deepcopy(model)
+    fuse_sibling_projections(model)
+    g = torch.Generator().manual_seed(5)
+    sides = {"q": LoRASidePath(), "v": LoRASidePath()}
+    sides["q"].add(1, SideEntry(down=torch.randn(4, 64, generator=g) * 0.3, up=torch.randn(64, 4, generator=g) * 0.3))
+    sides["v"].add(1, SideEntry(down=torch.randn(20, 64, generator=g) * 0.2, up=torch.randn(64, 20, generator=g) * 0.2,
+                                bias=torch.randn(64, generator=g)))
+    for name, side in sides.items():
+        model["self_attn"].get_submodule(name).adapter = side
+        ref["self_attn"].get_submodule(name).adapter = side.copy()
+    own_calls = []
+    monkeypatch.setattr(LoRASidePath, "__call__", lambda self, x, y: own_calls.append(self) or y)
+    x = torch.randn(2, 7, 64)
+    with torch.inference_mode():
+        outs = [model["self_attn"](x) for _ in range(3)]  # observe, fuse (build the term), fuse (reuse it)
+    monkeypatch.undo()
+    group = model["self_attn"].q.sibling[0]
+    assert group.fused_calls == 2 and own_calls == []  # (unfused, a member's own kernel takes its term too)
+    term = group._term[3]
+    down, up, r = term.operands
+    assert r == 24 and tuple(down.shape) == (32, 64) and tuple(up.shape) == (32, 192)
+    assert torch.count_nonzero(up[:4, 64:]) == 0 and torch.count_nonzero(up[4:24, :128]) == 0  # block-diagonal
+    with torch.inference_mode():
+        want = ref["self_attn"](x)
+        got = model["self_attn"](x)
+    assert group._term[3] is term
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and torch.allclose(outs[2], want, rtol=1e-5, atol=1e-5)
+    # past MAX_STACKED_RANK (the Gluon epilogue's 64) each member adds its own term on its slice again
+    wide = LoRASidePath()
+    wide.add(1, SideEntry(down=torch.randn(48, 64, generator=g) * 0.1, up=torch.randn(64, 48, generator=g) * 0.1))
+    model["self_attn"].k.adapter, ref["self_attn"].k.adapter = wide, wide.copy()
+    with torch.inference_mode():
+        got, want = model["self_attn"](x), ref["self_attn"](x)
+    assert group.fused_calls == 4 and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_in_place_weight_updates_after_consolidation_are_seen() -> None:
     """int8-tensor's per-tensor scales are expanded into the fused weight: an in-place requantization of one
     member (load_state_dict of a float weight) must rebuild it (outside inference mode, versions tell)."""

@@ -106,9 +106,8 @@ class ComfyQuantLinear(QuantLinear):
         sib = self.sibling
         if sib is not None and sib[0].armed:  # a member of a fused group: its product may be stashed already
             y = sib[0].product(sib[1], x)
-            if y is not None:
-                side = self._side_for(x)
-                return y if side is None else side(x, y)
+            if y is not None:  # its side path (dynamic LoRAs) included
+                return y
         w = self.qweight
         bias = self._parameters["bias"]
         if w.device != x.device:  # left on the offload device by a partial (lowvram) load

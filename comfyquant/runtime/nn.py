@@ -201,8 +201,8 @@ class QuantLinear(nn.Module):
         sib = self.sibling
         if sib is not None and sib[0].armed:
             y = sib[0].product(sib[1], x)
-            if y is not None:
-                return y if self.adapter is None else self.adapter(x, y)
+            if y is not None:  # its side path (dynamic LoRAs) included
+                return y
         bias = self._parameters["bias"]
         w = self.qweight
         fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)

@@ -52,6 +52,9 @@ SIBLING_NAMES: tuple[tuple[str, ...], ...] = (
 )
 FUSED_KINDS = ("int8", "fp8", "int4_rot")  # kernel kinds with scalar or per-row weight scales
 DEFAULT_MAX_BYTES = 256 << 20  # the largest fused output (M x sum N x element size) a call fuses
+# the largest stacked LoRA rank given to the fused GEMM: the Gluon kernel's epilogue holds 64 (``gluon_gemm.LR_MAX``);
+# past it the whole GEMM would fall back to the slower Triton kernel, so the members add their terms on their slices
+MAX_STACKED_RANK = 64
 MAX_RESETS = 3  # plans that stopped matching before a group is turned off for good
 _FUSED_ATTR = "_comfyquant_fused"  # on each member's weight tensor: its group's consolidated weight
 
@@ -206,6 +209,68 @@ def _consolidate(plan: tuple[int, ...], members: Sequence[nn.Module]) -> _Fused 
     return f
 
 
+# ---- the members' LoRAs --------------------------------------------------------------------------------------
+def _side_of(m: nn.Module, x: torch.Tensor) -> Any:
+    """A member's side path (dynamic LoRAs) for a call on ``x``: the node layer's, its tensors on ``x``'s device
+    (``_side_for``), or a plain layer's ``adapter``."""
+    side_for = getattr(type(m), "_side_for", None)
+    return side_for(m, x) if side_for is not None else m.__dict__.get("adapter")
+
+
+def _low_rank_of(side: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """A side path's low-rank operands for ``x`` (``LoRASidePath.fused_operands``: cached per dtype, so the same
+    objects call after call), or None (no side path, or none with a low-rank part)."""
+    operands = None if side is None else getattr(side, "fused_operands", None)
+    return None if operands is None else operands(x)
+
+
+def _stack_low_rank(parts: Sequence[tuple[torch.Tensor, torch.Tensor, int] | None], sizes: Sequence[int],
+                    x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(down [R, K], up [R, sum N], r)`` of several members' terms: their ``down`` rows stacked (R rounded up to
+    16, zero rows past r) and each ``up`` in its member's columns, zeros elsewhere, so ``(x @ down^T) @ up`` is each
+    member's term in its own columns."""
+    live = [(p, start, n) for p, start, n in zip(parts, _starts(sizes), sizes, strict=True) if p is not None]
+    r = sum(p[2] for p, _, _ in live)
+    rows = r + (-r % 16)
+    down = torch.zeros(rows, live[0][0][0].shape[1], dtype=x.dtype, device=x.device)
+    up = torch.zeros(rows, sum(sizes), dtype=x.dtype, device=x.device)
+    at = 0
+    for (d, u, k), start, n in live:
+        down[at:at + k] = d[:k]
+        up[at:at + k, start:start + n] = u[:k]
+        at += k
+    return down, up, r
+
+
+def _starts(sizes: Sequence[int]) -> list[int]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(at)
+        at += n
+    return out
+
+
+class _GroupTerm:
+    """The side path the fused GEMM is given (``run_linear``'s adapter protocol): the stacked low-rank term for
+    its epilogue, nothing else (each member adds its own dense / bias diffs on its slice)."""
+
+    __slots__ = ("operands",)
+
+    def __init__(self, operands: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        self.operands = operands
+
+    def fused_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.operands
+
+    def rest(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # only where the bound call is not used
+        from comfyquant.runtime.kernels.dispatch import add_low_rank
+
+        return add_low_rank(x, y, self.operands)
+
+
 # ---- the group -----------------------------------------------------------------------------------------------
 class SiblingGroup:
     """The Python state of one group of sibling projections of ``parent`` (children ``names``): armed depth,
@@ -228,14 +293,16 @@ class SiblingGroup:
         self._slots: dict[int, torch.Tensor | None] = {}  # ... and the views not yet taken (None: compute alone)
         self._seen: list[tuple[int, torch.Tensor]] = []  # an observed round's calls (the inputs kept alive)
         self._skip = False  # a miss this round: the rest of it computes alone
+        # the members' LoRA term for the fused GEMM and what it was made from (fused weight, dtype, operands)
+        self._term: tuple[_Fused, torch.dtype, list, _GroupTerm] | None = None
 
     def __repr__(self) -> str:
         plan = "observing" if self.plan is None else ",".join(self.names[i] for i in self.plan) or "off"
         return f"SiblingGroup({','.join(self.names)}; plan {plan}; {self.fused_calls} fused calls)"
 
     def product(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Member ``i``'s product ``x @ W_i^T + b_i`` (without its side path) from this round's fused GEMM, or
-        None: the member computes alone."""
+        """Member ``i``'s output ``x @ W_i^T + b_i`` plus its side path (dynamic LoRAs) from this round's fused
+        GEMM, or None: the member computes alone."""
         if self._skip or torch.compiler.is_compiling():
             return None
         plan = self.plan
@@ -265,11 +332,32 @@ class SiblingGroup:
             self._x, self._slots = x, {j: None for j in plan if j != i}
             return None
         bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
-        y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, None)
-        views = y.split(f.sizes, -1)
+        sides = [_side_of(m, x) for m in members]
+        term = self._low_rank(f, sides, x)
+        y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, term)
+        views = list(y.split(f.sizes, -1))
+        for k, side in enumerate(sides):  # what the kernel did not add: a member's dense / bias diffs, or all of it
+            if side is not None:
+                views[k] = side.rest(x, views[k]) if term is not None and _low_rank_of(side, x) else side(x, views[k])
         self.fused_calls += 1
         self._x, self._slots = x, {j: v for j, v in zip(plan, views, strict=True) if j != i}
         return views[plan.index(i)]
+
+    def _low_rank(self, f: _Fused, sides: list[Any], x: torch.Tensor) -> _GroupTerm | None:
+        """The members' LoRA low-rank parts as one term of the fused GEMM (``dispatch.LowRank``: their ``down``
+        rows stacked, ``up`` block-diagonal over the members' columns), so the kernel adds all of them in its
+        epilogue; remade when a member's operands change. None when no member has one or their ranks sum past
+        :data:`MAX_STACKED_RANK` (each member then adds its own on its slice)."""
+        parts = [_low_rank_of(side, x) for side in sides]
+        if not any(p is not None for p in parts) or sum(p[2] for p in parts if p is not None) > MAX_STACKED_RANK:
+            return None
+        cached = self._term
+        if cached is not None and cached[0] is f and cached[1] == x.dtype and len(cached[2]) == len(parts) \
+                and all(a is b for a, b in zip(cached[2], parts, strict=True)):
+            return cached[3]
+        term = _GroupTerm(_stack_low_rank(parts, f.sizes, x))
+        self._term = (f, x.dtype, parts, term)
+        return term
 
     @staticmethod
     def _tagged(plan: tuple[int, ...], members: list[nn.Module]) -> tuple[_Fused | None, int]:
