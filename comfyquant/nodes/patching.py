@@ -6,9 +6,10 @@ ComfyUI patches a weight when it loads the module that holds it: for a fully loa
 (lowvram) and every module under the dynamic-VRAM loader are not patched by ComfyUI unless they carry
 ComfyUI's own cast machinery, which our layers do not. The ``ON_LOAD`` callback registered here patches
 exactly those, so a LoRA reaches every quantized layer in every load mode, and resets our layers' weight
-wrappers to the loading clone's (ComfyUI appends them per load without clearing on our layers). "Already patched" is read from
-ComfyUI's own bookkeeping: the classic loader backs a weight up when it patches it and drops the backup when it
-restores it; the dynamic loader restores every backup at the start of each load, so there we always patch.
+wrappers to the loading clone's (ComfyUI appends them per load without clearing on our layers). "Already
+patched" is read from ComfyUI's own bookkeeping: the classic loader backs a weight up when it patches it and
+drops the backup when it restores it; the dynamic loader restores every backup at the start of each load, so
+there we always patch.
 """
 
 from __future__ import annotations

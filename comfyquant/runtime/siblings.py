@@ -29,6 +29,7 @@ same with object patches on a ComfyUI clone (``nodes.adapter``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -229,7 +230,8 @@ def _stack_low_rank(parts: Sequence[tuple[torch.Tensor, torch.Tensor, int] | Non
     """``(down [R, K], up [R, sum N], r)`` of several members' terms: their ``down`` rows stacked (R rounded up to
     16, zero rows past r) and each ``up`` in its member's columns, zeros elsewhere, so ``(x @ down^T) @ up`` is each
     member's term in its own columns."""
-    live = [(p, start, n) for p, start, n in zip(parts, _starts(sizes), sizes, strict=True) if p is not None]
+    starts = accumulate(sizes[:-1], initial=0)
+    live = [(p, start, n) for p, start, n in zip(parts, starts, sizes, strict=True) if p is not None]
     r = sum(p[2] for p, _, _ in live)
     rows = r + (-r % 16)
     down = torch.zeros(rows, live[0][0][0].shape[1], dtype=x.dtype, device=x.device)
@@ -240,14 +242,6 @@ def _stack_low_rank(parts: Sequence[tuple[torch.Tensor, torch.Tensor, int] | Non
         up[at:at + k, start:start + n] = u[:k]
         at += k
     return down, up, r
-
-
-def _starts(sizes: Sequence[int]) -> list[int]:
-    out, at = [], 0
-    for n in sizes:
-        out.append(at)
-        at += n
-    return out
 
 
 class _GroupTerm:
@@ -333,22 +327,23 @@ class SiblingGroup:
             return None
         bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
         sides = [_side_of(m, x) for m in members]
-        term = self._low_rank(f, sides, x)
+        parts = [_low_rank_of(side, x) for side in sides]
+        term = self._low_rank(f, parts, x)
         y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, term)
         views = list(y.split(f.sizes, -1))
         for k, side in enumerate(sides):  # what the kernel did not add: a member's dense / bias diffs, or all of it
             if side is not None:
-                views[k] = side.rest(x, views[k]) if term is not None and _low_rank_of(side, x) else side(x, views[k])
+                views[k] = side.rest(x, views[k]) if term is not None and parts[k] else side(x, views[k])
         self.fused_calls += 1
         self._x, self._slots = x, {j: v for j, v in zip(plan, views, strict=True) if j != i}
         return views[plan.index(i)]
 
-    def _low_rank(self, f: _Fused, sides: list[Any], x: torch.Tensor) -> _GroupTerm | None:
-        """The members' LoRA low-rank parts as one term of the fused GEMM (``dispatch.LowRank``: their ``down``
+    def _low_rank(self, f: _Fused, parts: list[tuple[torch.Tensor, torch.Tensor, int] | None],
+                  x: torch.Tensor) -> _GroupTerm | None:
+        """The members' LoRA low-rank parts (``parts``, :func:`_low_rank_of` of each) as one term of the fused GEMM (``dispatch.LowRank``: their ``down``
         rows stacked, ``up`` block-diagonal over the members' columns), so the kernel adds all of them in its
         epilogue; remade when a member's operands change. None when no member has one or their ranks sum past
         :data:`MAX_STACKED_RANK` (each member then adds its own on its slice)."""
-        parts = [_low_rank_of(side, x) for side in sides]
         if not any(p is not None for p in parts) or sum(p[2] for p in parts if p is not None) > MAX_STACKED_RANK:
             return None
         cached = self._term

@@ -96,7 +96,7 @@ def ws_shape(m: int, n: int, k: int, sms: int) -> bool:
     :func:`ws_config`'s pick (of 128x128 from 1,024 rows)."""
     if m < WS_MIN_M or k < WS_MIN_K:
         return False
-    cfg = ws_config(m, n, sms) if m < 1024 else WS_W8A8
+    cfg = ws_config(m, n, sms)
     return cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n) >= WS_MIN_TILES
 
 
