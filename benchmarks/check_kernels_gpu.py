@@ -109,6 +109,22 @@ def check_act_quant() -> None:
         a, b = triton_quant.quantize_rows_fp8(x, kernel="tiles"), triton_quant.quantize_rows_fp8(x, kernel="rows")
         record("act_quant_fp8_tiles_plain", torch.equal(a[0].float(), b[0].float()) and torch.equal(a[1], b[1]),
                m=m, k=k)
+    # the block kernel ("auto" without a rotation) in every configuration block_config picks, against the row
+    # kernel's div_rn per element: int8, fp8 and static fp8 codes, bf16 and fp32 rows, bit for bit
+    st = torch.tensor([0.02], device="cuda")
+    for m, k in [(4096, 1280), (1024, 768), (256, 5120), (4096, 3072), (16384, 5120), (2048, 12288),
+                 (300, 15360), (256, 10240), (1500, 10240), (2048, 13824), (1, 4096)]:
+        for dt in (torch.bfloat16, torch.float32):
+            x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(dt)
+            x[0, 7], x[-1, :16] = 60.0, -0.0
+            pairs = ((triton_quant.quantize_rows_int8(x, kernel="blocks"), triton_quant.quantize_rows_int8(x, kernel="rows")),
+                     (triton_quant.quantize_rows_fp8(x, kernel="blocks"), triton_quant.quantize_rows_fp8(x, kernel="rows")),
+                     (triton_quant.quantize_rows_fp8(x, static_scale=st, kernel="blocks"),
+                      triton_quant.quantize_rows_fp8(x, static_scale=st, kernel="rows")))
+            ok = all(torch.equal(a[0].view(torch.int8), b[0].view(torch.int8)) and torch.equal(a[1], b[1])
+                     for a, b in pairs)
+            record("act_quant_blocks_vs_rows", ok, m=m, k=k, dtype=str(dt),
+                   config=str(triton_quant.block_config(m, k)))
     for m, k, g, act in [(1, 3072, 256, 0), (37, 3072, 256, 0), (300, 15360, 256, 0), (9, 640, 16, 0),
                          (70, 5120, 64, 1), (4096, 3072, 256, 0)]:
         for dt in (torch.bfloat16, torch.float16):

@@ -95,6 +95,15 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the W8A8 rows: M 4096 / 16384, the whole layer (activation pass + picked GEMM) included
         "gemm_layers": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--m", "4096,16384",
                          "--reps", "40"]],
+        # the activation quantizer alone: row / tile kernels against the block kernel's configurations (GPU time)
+        "act_quant": [[PY, "benchmarks/bench_act_quant.py", "--out", str(work / "act_quant")]],
+        # the same on widths run 35 did not time (SDXL's 640, Wan's 13,824)
+        "act_quant_more": [[PY, "benchmarks/bench_act_quant.py", "--out", str(work / "act_quant_more"), "--k",
+                            "640,13824"]],
+        # the GPU checks of the activation kernels and of the paths that run them (linears, plans, fusions)
+        "checks_act": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                        "check_act_quant,check_linear,check_input_act,check_plans,check_fp8_triton,"
+                        "check_cuda_graphs"]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
         "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                         str(work / "optimizers" / "bench_optimizers.json"),

@@ -172,6 +172,41 @@ def _numpy_index_workaround() -> str | None:
     return "triton#9171: interpreter __index__ patched for numpy>=2.4 (int() of a 1-element array)"
 
 
+def _fused_fma_workaround() -> str | None:
+    """Triton's interpreter computes ``tl.fma(x, y, z)`` as ``x * y + z`` in the operands' dtype: two roundings,
+    where the GPU's FMA rounds once (the activation kernels' division correction relies on it). Probe it; if the
+    product is rounded, compute the float32 FMA in float64 (the product of two float32 values is exact there)
+    and round the sum once to float32 (a double rounding only when the float64 sum lands on a float32 tie)."""
+    import numpy as np
+    import triton
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    @triton.jit
+    def probe(a_ptr, out_ptr):
+        a = tl.load(a_ptr)
+        tl.store(out_ptr, tl.fma(a, a, -1.0))
+
+    a = torch.tensor([1.0 + 2.0 ** -12], dtype=torch.float32)  # a*a - 1 = 2^-11 + 2^-24: lost if a*a rounds
+    out = torch.zeros(1, dtype=torch.float32)
+    probe[(1,)](a, out)
+    if float(out) == 2.0 ** -11 + 2.0 ** -24:
+        return None
+    builder = interp.InterpreterBuilder
+
+    def create_fma(self, x, y, z):
+        if z.data.dtype != np.float32:
+            return interp.TensorHandle(x.data * y.data + z.data, z.dtype.scalar)
+        f64 = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data.astype(np.float64)
+        return interp.TensorHandle(f64.astype(np.float32), z.dtype.scalar)
+
+    builder.create_fma = create_fma
+    probe[(1,)](a, out)
+    if float(out) != 2.0 ** -11 + 2.0 ** -24:
+        raise RuntimeError(f"interpreter fma workaround: probe gave {float(out)!r}")
+    return "interpreter tl.fma rounds twice: patched to one rounding (float64 product and sum, then float32)"
+
+
 def _child_main(code: str, out_path: str) -> None:
     t0 = time.perf_counter()
     error = None
@@ -182,9 +217,10 @@ def _child_main(code: str, out_path: str) -> None:
         import triton
 
         _STATE["versions"] = {"triton": triton.__version__, "torch": torch.__version__, "numpy": np.__version__}
-        fix = _numpy_index_workaround()
-        if fix:
-            _STATE["workarounds"].append(fix)
+        for workaround in (_numpy_index_workaround, _fused_fma_workaround):
+            fix = workaround()
+            if fix:
+                _STATE["workarounds"].append(fix)
         torch.manual_seed(0)
         exec(compile(code, "<interpreted>", "exec"), {"__name__": "__interpreted__"})
     except Exception:

@@ -112,6 +112,8 @@ def check_act_quant() -> None:
             if g is None:
                 qr, sr = reference.quantize_rows_int8(x.float())
                 record("int8_codes", torch.equal(q, qr) and torch.equal(s, sr), m=m, k=k, dtype=str(dt))
+                q, s = triton_quant.quantize_rows_int8(x, kernel="rows")  # the row kernel (rotations run it)
+                record("int8_codes_rows", torch.equal(q, qr) and torch.equal(s, sr), m=m, k=k, dtype=str(dt))
             else:
                 qr, sr = reference.quantize_rows_int8(fast_hadamard(x.double(), g).float())
                 mx, n, ok = code_diff(q, qr)
@@ -137,6 +139,61 @@ def check_act_quant() -> None:
             record(what, False)
         except ValueError:
             record(what, True)
+
+
+def _blocks(src: torch.Tensor, mode: int, qdt: torch.dtype, qmax: float, rows: int, chunk: int | None,
+            static: torch.Tensor | None = None, perm: int = 0, act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block kernel with an explicit configuration: (codes, row scales)."""
+    from comfyquant.runtime.kernels import triton_quant
+
+    m, width = src.shape[0], triton_quant.out_width(src, act)
+    q, s = torch.empty((m, width), dtype=qdt), torch.empty((m, 1))
+    grid, args, key, warps = triton_quant.block_launch(src, q, s, static, mode, qmax, perm, act, rows, chunk)
+    triton_quant._ACT_BLOCKS(grid, args, src.device, num_warps=warps, num_stages=1, key=key)
+    return q, s
+
+
+def check_act_blocks() -> None:
+    """The block kernel in each configuration shape ``block_config`` can return (one pass, 1-4 rows; two passes
+    over chunks, ragged last chunk and rows past M), int8 / fp8 / static fp8 codes, the W4A8 column order and a
+    gated activation, bit-equal to the reference quantization (its division is a reciprocal and an FMA
+    correction; the interpreter's FMA is patched to round once, as the GPU's does: see ``triton_interp``)."""
+    from comfyquant.runtime.kernels import reference, triton_quant
+    from comfyquant.runtime.kernels.acts import SWIGLU
+
+    cases = [(5, 96, 1, None), (5, 96, 4, None), (70, 256, 4, 64), (3, 100, 2, 32), (2, 9000, 1, 1024),
+             (9, 1280, 4, 256), (4, 3072, 2, 2048)]
+    for i, (m, k, rows, chunk) in enumerate(cases):
+        for dt in (F32, BF16):
+            x = _x(m, k, dt, seed=400 + i)
+            if m > 2:
+                x[1] = 0
+            x[0, :8] = -0.0
+
+            info = {"m": m, "k": k, "rows": rows, "chunk": chunk, "dtype": str(dt)}
+            qr, sr = reference.quantize_rows_int8(x.float())
+            q, s = _blocks(x, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk)
+            record("blocks_int8_codes", torch.equal(q, qr) and torch.equal(s, sr), **info)
+            fmax = torch.finfo(E4M3).max
+            _, fsr = reference.quantize_rows_fp8(x, E4M3)
+            f, fs = _blocks(x, triton_quant.MODE_FP8, E4M3, fmax, rows, chunk)
+            want = interp_cast((x.float() / fsr).clamp(-fmax, fmax), E4M3)
+            record("blocks_fp8_codes", torch.equal(f.view(torch.int8), want.view(torch.int8))
+                   and torch.equal(fs, fsr), **info)
+            st = torch.tensor([0.004])
+            f, fs = _blocks(x, triton_quant.MODE_FP8_STATIC, E4M3, fmax, rows, chunk, st)
+            want = interp_cast((x.float() / st).clamp(-fmax, fmax), E4M3)
+            record("blocks_fp8_static_codes", torch.equal(f.view(torch.int8), want.view(torch.int8))
+                   and bool((fs == st).all()), **info)
+            if k % 128 == 0:
+                qp, _ = _blocks(x, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, perm=128)
+                blocks = qr.reshape(m, k // 128, 128)
+                record("blocks_int8_perm128", torch.equal(qp, torch.cat((blocks[..., 0::2], blocks[..., 1::2]),
+                                                                         dim=-1).reshape(m, k)), **info)
+        x2 = _x(m, 2 * k, F32, seed=450 + i)
+        q, s = _blocks(x2, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, act=SWIGLU)
+        q0, s0 = triton_quant.quantize_rows_int8(x2, act=SWIGLU, kernel="rows")
+        record("blocks_swiglu_codes", torch.equal(q, q0) and torch.equal(s, s0), m=m, k=k, rows=rows, chunk=chunk)
 
 
 def check_rotate_rows() -> None:
@@ -505,7 +562,7 @@ def check_interpreter_limitations() -> None:
 
 
 GROUPS: dict[str, Callable[[], None]] = {
-    "cpu_dispatch": check_cpu_dispatch, "act_quant": check_act_quant, "rotate_rows": check_rotate_rows, "fp8_quant": check_fp8_quant,
+    "cpu_dispatch": check_cpu_dispatch, "act_quant": check_act_quant, "act_blocks": check_act_blocks, "rotate_rows": check_rotate_rows, "fp8_quant": check_fp8_quant,
     "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "fused_kblock": check_fused_kblock,
     "w8a16": check_w8a16,
     "dequant": check_dequant, "w4a8": check_w4a8, "fp8_scaled_mm": check_fp8_scaled_mm,

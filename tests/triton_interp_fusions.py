@@ -162,7 +162,7 @@ def _check_gated(gated: str) -> None:
         x2 = (torch.randn(m, 2 * k, generator=torch.Generator().manual_seed(60 + i)) * 2).to(dtype)
         xa = apply_input_act(x2.float(), gated)
         qr, sr = reference.quantize_rows_int8(xa)
-        for kern in ("rows", "tiles"):
+        for kern in ("rows", "tiles", "blocks"):
             q, sx = triton_quant.quantize_rows_int8(x2, act=code, kernel=kern)
             _, n, ok = code_diff(q, qr)
             qn, _ = triton_quant.quantize_rows_int8(x2[:, :k].contiguous(), kernel=kern)  # the first half alone

@@ -107,14 +107,19 @@ def _bf16_gemm(m: int, n: int, k: int, c: DeviceCosts) -> float:
     return _kernel(2.0 * m * n * k, 2.0 * (m * k + n * k + m * n), c.rate("bf16"), eff, c)
 
 
-# The activation kernels move their bytes at about half the copy bandwidth (H200, run 10's rotation section,
-# "auto" kernel: median 0.48 of it unrotated, 0.18 with convrot 256, i.e. 2.6x the unrotated time again).
-QUANT_BW_FRACTION = 0.5
+# The unrotated activation pass (the block kernel) moves its bytes at ~0.75 of the copy bandwidth beside its
+# launch (H200, run 35, ``bench_act_quant.py``: 0.71-0.88 at M >= 1024); the rotating kernels at about half
+# (run 10's rotation section: median 0.48 unrotated on the older kernels, 0.18 with convrot 256, i.e. 2.6x
+# the unrotated time again).
+QUANT_BW_FRACTION = 0.75
+ROTATION_BW_FRACTION = 0.5
 
 
 def _quant_kernel(m: int, k: int, c: DeviceCosts, group: int) -> float:
-    slow = 1.0 if not group else 1.0 + 0.4 * math.log(group, 4)  # radix-4 rotation stages cost bandwidth
-    return c.launch_us + 3.0 * m * k * slow / (QUANT_BW_FRACTION * c.bw_gbs * 1e3)
+    if not group:
+        return c.launch_us + 3.0 * m * k / (QUANT_BW_FRACTION * c.bw_gbs * 1e3)
+    slow = 1.0 + 0.4 * math.log(group, 4)  # radix-4 rotation stages cost bandwidth
+    return c.launch_us + 3.0 * m * k * slow / (ROTATION_BW_FRACTION * c.bw_gbs * 1e3)
 
 
 # Fitted on the H200 per-layer sweeps of 2026-12-02 (runs 6, 7: benchmarks/results/sweep_run{6,7}_*), where the
@@ -199,7 +204,15 @@ def path_us(path: str, m: int, n: int, k: int, c: DeviceCosts, mode: str, group:
     with a low-rank term, ``fused`` in the path's epilogue or added after (two more torch calls' host time)."""
     g = gpu_us(path, m, n, k, c, group) + low_rank_us(m, n, k, rank, c, fused)
     host = c.host(path) + (0 if not rank else (1 if fused else 2) * c.host("bf16"))
-    return g if mode == "graph" else max(host, g)
+    if mode == "graph":
+        return g
+    return host + g if path in SERIAL_EAGER else max(host, g)
+
+
+# Paths whose eager wall time is host + GPU rather than the larger of the two: dequantize + cuBLAS ran 10-22 µs
+# over ``max(host, gpu)`` on every SDXL / CLIP row the model gave it (H200 sweep of run 36: CLIP fc1 at M = 4096
+# 53 µs against 31 modeled, the W8A8 path beside it 31 µs as modeled) and never beat W8A8 by 5% in runs 33-36.
+SERIAL_EAGER = frozenset({"dequant"})
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,11 +1,13 @@
 """Triton activation kernels: (group-wise regular-Hadamard rotation +) per-row quantization.
 
-Two kernels. "rows": a row per program, the rotation the radix-4 butterfly of ``quant.hadamard.fast_hadamard``
+Three kernels. "rows": a row per program, the rotation the radix-4 butterfly of ``quant.hadamard.fast_hadamard``
 in registers (H4/2 along each base-4 digit of the in-group index); any group, fp32 rows, static fp8 scales.
 "tiles": tiles of rows, two passes (absmax, then codes), the rotation a tensor-core product with the dense
 Hadamard of groups up to 64 (256: each quarter by the 64-group's, then one radix-4 stage across the quarters,
-elementwise); fp16/bf16 rows. "auto" (the default) picks per call by the H200 timings of both
-(``benchmarks/gpu_session.py``, section ``rotation``; :func:`pick_kernel`). Modes:
+elementwise); fp16/bf16 rows. "blocks": unrotated only, rows in registers or in two unrolled passes over
+chunks, the division a reciprocal and one FMA correction (bit-equal to ``div_rn``). "auto" (the default)
+picks per call by the H200 timings (``benchmarks/bench_act_quant.py``; ``benchmarks/gpu_session.py``, section
+``rotation``; :func:`pick_kernel`). Modes:
 ``int8`` (absmax/127, round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
 Imported lazily: only GPU backends import this module.
 """
@@ -246,6 +248,63 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
                  PERM)
 
 
+@triton.jit
+def _div(x, s, inv):
+    """``x / s`` rounded to nearest as ``div_rn`` rounds it, from ``inv = div_rn(1, s)``: a product and one FMA
+    correction (Markstein: exact where the quotient is a normal float32; a zero or underflowing product keeps
+    its own value, which rounds to the same code). ``div_rn`` per element is ~10 instructions, which at 2-3 bytes
+    per element made the row kernel compute-bound."""
+    q = x * inv
+    return tl.where(q == 0, q, tl.fma(tl.fma(-q, s, x), inv, q))
+
+
+@triton.jit
+def _codes(x, scale, inv, qmax, MODE: tl.constexpr):
+    y = _div(x, scale, inv)
+    if MODE == 0:
+        return (y + RNE_MAGIC) - RNE_MAGIC
+    return tl.clamp(y, -qmax, qmax)
+
+
+@triton.jit
+def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stride_om, qmax,
+                      R: tl.constexpr, BK: tl.constexpr, NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
+                      ACT: tl.constexpr):
+    """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program, ``BK`` columns at a time:
+    one pass with the rows in registers when ``NCH == 1``, else two unrolled passes over ``NCH`` chunks (absmax,
+    then codes; the re-read hits L2); :func:`_div` instead of a division per element."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    rmask = rows < M
+    cols = tl.arange(0, BK)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_om
+    if MODE == 2:
+        scale = tl.zeros((R,), dtype=tl.float32) + tl.load(static_s_ptr).to(tl.float32)
+    elif NCH == 1:
+        mask = rmask[:, None] & (cols < K)[None, :]
+        x = _load_act(x_rows + cols[None, :], mask, K, ACT)
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+    else:
+        amax = tl.zeros((R,), dtype=tl.float32)
+        for c in tl.static_range(NCH):
+            o = c * BK + cols
+            x = _load_act(x_rows + o[None, :], rmask[:, None] & (o < K)[None, :], K, ACT)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+    inv = tl.math.div_rn(tl.full((R,), 1.0, tl.float32), scale)
+    if NCH == 1 and MODE != 2:
+        y = _codes(x, scale[:, None], inv[:, None], qmax, MODE)
+        tl.store(o_rows + _dst(cols, PERM)[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        for c in tl.static_range(NCH):
+            o = c * BK + cols
+            mask = rmask[:, None] & (o < K)[None, :]
+            y = _codes(_load_act(x_rows + o[None, :], mask, K, ACT), scale[:, None], inv[:, None], qmax, MODE)
+            tl.store(o_rows + _dst(o, PERM)[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows, scale, mask=rmask)
+
+
 MAX_STAGES = 8  # _rotate's radix-4 stages: groups up to 4**8 = 65536 (the format allows any power of 4)
 
 
@@ -258,7 +317,8 @@ def _stages(group: int | None) -> int:
 
 _ACT = FastKernel(_act_kernel)
 _ACT_TILES = FastKernel(_act_tile_kernel)
-KERNELS = ("rows", "tiles", "auto")
+_ACT_BLOCKS = FastKernel(_act_block_kernel)
+KERNELS = ("rows", "tiles", "blocks", "auto")
 DEFAULT_KERNEL = "auto"  # what the linears and their plans run: pick_kernel per call
 DOT_GROUPS = (16, 64, 256)  # 256: four quarters times the 64-group's Hadamard (an 8 KB operand) + one H4 stage
 DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
@@ -305,17 +365,36 @@ def dot_rows(m: int, sms: int) -> int:
     return DOT_ROWS if cdiv(m, DOT_ROWS) >= sms else DOT_ROWS_MIN
 
 
+def block_config(m: int, k: int) -> tuple[int, int | None, int]:
+    """(rows per program, columns per step or None for one pass, warps) of the block kernel, from the H200's
+    timings of its configurations (run 35, ``bench_act_quant.py``: within 3% of the best of 12-24 on every
+    shape, 1.06-1.9x faster than the row / tile kernels). Rows up to 8,192 wide in one pass; wider ones too while
+    M <= 256 (latency-bound) or K is close to a power of two, else two passes over 4,096- or 2,048-column chunks
+    (less masked work than a padded row); rows under 2,048 wide four to a program from M = 1,024."""
+    full = next_power_of_2(max(k, 16))
+    if k < 2048:
+        chunk = min(256, k & -k)
+        return (4, chunk, 4) if m >= 1024 and chunk >= 128 else (1, None, 4)
+    if full <= 8192:
+        if m >= 8192 and 2 * full >= 3 * k:
+            return 1, 2048, 4
+        return 1, None, 8 if m <= 256 and full == 8192 else 4
+    if m <= 256 or 10 * full <= 11 * k:
+        return 1, None, 16 if m <= 1024 else 8
+    return 1, 4096 if k % 4096 == 0 else 2048, 4
+
+
 def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> str:
-    """The faster activation kernel for this call on the H200 (runs 8-9, ``rotation`` section): "tiles" where
-    :func:`tiles_apply` and, unrotated, the rows are long enough to fill the GPU but no longer than
-    ``TILES_MAX_K``; rotated, where its programs (:func:`dot_rows`) cover every SM at least once (below that
-    the tile kernel ran 1.9-27x slower than the row kernel; at M = 16384 it was 1.6-2.3x faster). Else "rows"."""
+    """The faster activation kernel for this call on the H200: unrotated, always the block kernel (run 35:
+    1.06-1.9x the faster of the row and tile kernels on every shape from 256 x 768 to 16,384 x 15,360);
+    rotated (runs 8-9, ``rotation`` section), "tiles" where :func:`tiles_apply` and its programs
+    (:func:`dot_rows`) cover every SM at least once (below that the tile kernel ran 1.9-27x slower than the row
+    kernel; at M = 16384 it was 1.6-2.3x faster), else "rows"."""
+    if group is None and mode in (MODE_INT8, MODE_FP8, MODE_FP8_STATIC):
+        return "blocks"
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
-    m, k = int(x2d.shape[0]), out_width(x2d, act)
-    if group is None:
-        return "tiles" if k <= TILES_MAX_K and m * k >= TILES_MIN_ELEMS else "rows"
-    return "tiles" if cdiv(m, DOT_ROWS_MIN) >= device_facts(x2d.device)[0] else "rows"
+    return "tiles" if cdiv(int(x2d.shape[0]), DOT_ROWS_MIN) >= device_facts(x2d.device)[0] else "rows"
 
 
 def _tile_width(k: int) -> int:
@@ -342,14 +421,18 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
 def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                group: int | None, mode: int, qmax: float, perm: int, act: int, kernel: str = DEFAULT_KERNEL) -> tuple:
     """(FastKernel, grid, args, key, num_warps, num_stages) of the activation kernel ``kernel`` picks for this
-    call (:data:`KERNELS`; "tiles" where :func:`tiles_apply`, else "rows"; "auto": :func:`pick_kernel`, the row
-    kernel for a static scale). ``args[0:3]`` are x, the output and
-    the row scales; ``args[3]`` what the kernel reads beside them: the static scale, or the row scales again
-    (row kernel), or the group's Hadamard (tile kernel, fixed per device and dtype)."""
+    call (:data:`KERNELS`; "blocks" without a rotation and "tiles" where :func:`tiles_apply`, else "rows";
+    "auto": :func:`pick_kernel`). ``args[0:3]`` are x, the output and the row scales; ``args[3]`` what the
+    kernel reads beside them: the static scale, or the row scales again (row and block kernels), or the group's
+    Hadamard (tile kernel, fixed per device and dtype)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown activation kernel {kernel!r}; expected one of {KERNELS}")
     if kernel == "auto":
-        kernel = "rows" if static_scale is not None else pick_kernel(x2d, group, mode, act)
+        kernel = pick_kernel(x2d, group, mode, act)
+    if kernel == "blocks" and group is None and mode != MODE_FLOAT:
+        rows, chunk, warps = block_config(int(x2d.shape[0]), out_width(x2d, act))
+        return (_ACT_BLOCKS, *block_launch(x2d, out, scale, static_scale, mode, qmax, perm, act, rows, chunk,
+                                           warps), 1)
     if kernel == "tiles" and static_scale is None and tiles_apply(x2d, group, mode, act):
         return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act), 2)
     return (_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act), 3)
@@ -376,6 +459,21 @@ def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group
              x2d.data_ptr() % 16 == 0), 4)
 
 
+def block_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
+                 mode: int, qmax: float, perm: int, act: int, rows: int = 1, chunk: int | None = None,
+                 warps: int = 4) -> tuple:
+    """(grid, args, key, num_warps) of the block kernel: ``rows`` rows per program, ``chunk`` columns per step
+    (a power of two; None: K's next power of two, one pass with the rows in registers)."""
+    m, k = x2d.shape[0], out_width(x2d, act)
+    bk = chunk or next_power_of_2(max(k, 16))
+    nch = cdiv(k, bk)
+    static = static_scale if static_scale is not None else scale
+    return ((cdiv(m, rows),), (x2d, out, scale, static, m, k, x2d.stride(0), out.stride(0), qmax, rows, bk, nch,
+                               mode, perm, act),
+            (rows, bk, nch, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
+             x2d.data_ptr() % 16 == 0, static_scale is not None), warps)
+
+
 def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                group: int | None, mode: int, qmax: float, perm: int, act: int) -> tuple:
     """(grid, args, key, num_warps) of the activation kernel: x, output, scale and the scale it reads at
@@ -397,7 +495,8 @@ def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 
     ``perm``-column block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of
     ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``kernel``: "rows" (a row
     per program, the rotation as an in-register butterfly) or "tiles" (row tiles, the rotation a tensor-core
-    product, where :func:`tiles_apply`; else "rows") or "auto" (:func:`pick_kernel`)."""
+    product, where :func:`tiles_apply`; else "rows") or "blocks" (unrotated: rows or chunks per program with a
+    cheaper exact division; else "rows") or "auto" (:func:`pick_kernel`)."""
     if perm and out_width(x2d, act) % perm:
         raise ValueError(f"K={out_width(x2d, act)} is not a multiple of the permutation block {perm}")
     return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, kernel=kernel)
