@@ -100,6 +100,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the same on widths run 35 did not time (SDXL's 640, Wan's 13,824)
         "act_quant_more": [[PY, "benchmarks/bench_act_quant.py", "--out", str(work / "act_quant_more"), "--k",
                             "640,13824"]],
+        # the weight-only GEMM at M = 1 / 16 with split K against unsplit and cuBLAS bf16 (thin-M down projections)
+        "w8a16_split": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split")]],
         # the GPU checks of the activation kernels and of the paths that run them (linears, plans, fusions)
         "checks_act": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                         "check_act_quant,check_linear,check_input_act,check_plans,check_fp8_triton,"

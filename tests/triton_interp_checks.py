@@ -415,6 +415,45 @@ def check_w8a16() -> None:
                            out=str(odt), bias=has_b, scale=sk, convrot=g, cfg=str(cfg), rel=e, bound=bound)
 
 
+def check_w8a16_split() -> None:
+    """The weight-only kernel with K in slices (``split_k``): against the unsplit kernel (fp32 output: the same
+    products summed per slice, 1e-6), deterministic (the last program sums the partials in slice order), the
+    tile counters left zeroed for the next launch, with a bias, a ragged K, fp8 weights, a folded input
+    activation and a low-rank term; and the plan of a shape ``w8a16_config`` splits, bit-equal to the general
+    path. fp16 activations (bf16 ones hit interpreter limitations)."""
+    import dataclasses
+
+    from comfyquant.quant.fp8 import quantize_fp8
+    from comfyquant.runtime.kernels import triton_int8, triton_plans
+    from comfyquant.runtime.kernels.configs import TileConfig, w8a16_config
+
+    for i, (m, k, n, split) in enumerate([(1, 1024, 48, 3), (5, 1000, 40, 4), (16, 768, 96, 2), (3, 512, 33, 8)]):
+        x = _x(m, k, F16, seed=650 + i)
+        w, q, s = _weight(n, k, seed=660 + i)
+        qf, sf = quantize_fp8(w)
+        b = _bias(n, F16, i % 2 == 0, seed=670 + i)
+        down = torch.randn(16, k, generator=torch.Generator().manual_seed(680 + i)).to(F16) * 0.05
+        up = torch.randn(16, n, generator=torch.Generator().manual_seed(690 + i)).to(F16) * 0.05
+        base = TileConfig(16, 16, 128, 4, 2, 1)
+        for wq, ws, wname in ((q, s, "int8"), (qf, sf.expand(n).contiguous(), "fp8")):
+            for extra, kw in (("", {}), ("_silu", {"act": 3}), ("_low_rank", {"low_rank": (down, up, 16)})):
+                ref = triton_int8.w8a16_linear(x, wq, ws, b, None, F32, cfg=base, **kw)
+                cfg = dataclasses.replace(base, split_k=split)
+                y = triton_int8.w8a16_linear(x, wq, ws, b, None, F32, cfg=cfg, **kw)
+                again = triton_int8.w8a16_linear(x, wq, ws, b, None, F32, cfg=cfg, **kw)
+                _, cnt = triton_int8.split_buffers(x.device, 0, cfg, m, n)
+                record(f"w8a16_split{extra}", rel(y, ref) <= 1e-6 and torch.equal(y, again)
+                       and int(cnt.abs().sum()) == 0, m=m, k=k, n=n, split=split, weight=wname, rel=rel(y, ref))
+    m, k, n = 1, 4096, 48
+    cfg = w8a16_config(m, n, k, 132)
+    w, q, s = _weight(n, k, seed=700)
+    first, *later = (_x(m, k, F16, seed=701 + j) for j in range(3))
+    plan = triton_plans.plan_w8a16(first, q, s, None, F16)
+    same = plan is not None and all(torch.equal(plan(x), triton_int8.w8a16_linear(x, q, s, None, None, F16))
+                                    for x in later)
+    record("w8a16_split_plan", cfg.split_k > 1 and same, split=cfg.split_k)
+
+
 def check_dequant() -> None:
     from comfyquant.quant.fp8 import quantize_fp8
     from comfyquant.quant.hadamard import fast_hadamard
@@ -564,7 +603,7 @@ def check_interpreter_limitations() -> None:
 GROUPS: dict[str, Callable[[], None]] = {
     "cpu_dispatch": check_cpu_dispatch, "act_quant": check_act_quant, "act_blocks": check_act_blocks, "rotate_rows": check_rotate_rows, "fp8_quant": check_fp8_quant,
     "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "fused_kblock": check_fused_kblock,
-    "w8a16": check_w8a16,
+    "w8a16": check_w8a16, "w8a16_split": check_w8a16_split,
     "dequant": check_dequant, "w4a8": check_w4a8, "fp8_scaled_mm": check_fp8_scaled_mm,
     "fast_kernel": check_fast_kernel, "interpreter_limitations": check_interpreter_limitations,
     **FP8_GROUPS,  # the FP8 W8A8 Triton path (triton_interp_fp8)

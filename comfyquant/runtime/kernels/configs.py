@@ -9,6 +9,7 @@ weighted by the measured relative throughput of that tile shape, and the best sc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class TileConfig:
     stages: int
     group_m: int = 8
     persistent: int = 0
+    split_k: int = 1  # the weight-only kernel: K cut into this many slices, one program each (see w8a16_config)
 
 
 # Large tiles for wgmma-class GEMMs; ``speed``: throughput of a full tile relative to 256x128 (H200, int8).
@@ -165,10 +167,25 @@ def w8a16_config(m: int, n: int, k: int, sms: int) -> TileConfig:
     columns won for N >= 9216 (1.31-1.54x bf16), 32 columns for N = 3072 (0.78-1.11x)."""
     if m <= 16:
         bk = 256 if k % 256 == 0 else 128
-        cfg = TileConfig(16, 128 if n >= 8192 else 32, bk, 4, 4 if m == 1 else 3, 1)
+        bn = 128 if n >= 8192 else 32
+        cfg = TileConfig(16, bn, bk, 4, 4 if m == 1 else 3, 1, split_k=w8a16_split(cdiv(n, bn), cdiv(k, bk), sms))
     else:
         cfg = small_m_config(m, n, k, sms, block_k=128)
     return fit_stages(cfg, a_bytes=2, b_bytes=1)
+
+
+SPLIT_MAX = 8  # K slices of the weight-only kernel
+SPLIT_MIN_ITERS = 4  # K steps per slice at least (its pipeline fills over the first few)
+
+
+def w8a16_split(tiles: int, iters: int, sms: int) -> int:
+    """K slices for a thin-M weight-only launch of ``tiles`` output tiles and ``iters`` K steps: enough for ~2
+    programs per SM where the tiles alone leave SMs idle, each slice at least ``SPLIT_MIN_ITERS`` steps, and no
+    empty slice (a single-token layer reads its whole weight: idle SMs are idle bandwidth)."""
+    if tiles >= sms:
+        return 1
+    split = max(1, min(SPLIT_MAX, (2 * sms) // tiles, iters // SPLIT_MIN_ITERS))
+    return cdiv(iters, cdiv(iters, split))
 
 
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program; the rest of ~227 KB for layout conversions
@@ -179,8 +196,7 @@ def fit_stages(cfg: TileConfig, a_bytes: int, b_bytes: int) -> TileConfig:
     """``cfg`` with ``stages`` cut so the pipelined A/B tiles fit the shared-memory budget."""
     per_stage = cfg.block_m * cfg.block_k * a_bytes + cfg.block_k * cfg.block_n * b_bytes
     stages = max(1, min(cfg.stages, SMEM_BUDGET // per_stage))
-    return cfg if stages == cfg.stages else TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, stages,
-                                                       cfg.group_m, cfg.persistent)
+    return cfg if stages == cfg.stages else dataclasses.replace(cfg, stages=stages)
 
 
 @dataclass(frozen=True)

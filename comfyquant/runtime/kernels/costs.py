@@ -171,7 +171,7 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
     if path == "triton_w8a16":
         cfg = w8a16_config(m, n, k, c.sms)
         m_tiles = math.ceil(m / cfg.block_m)
-        eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms)
+        eff = wave_efficiency(m, n * cfg.split_k, cfg.block_m, cfg.block_n, c.sms)  # K slices: more programs
         extra = _quant_kernel(m, k, c, group) if group else 0.0  # the rotation pass
         reads = n * k * (1.0 + 0.25 * (m_tiles - 1))  # later M tiles mostly hit L2
         return extra + _kernel(flops, 2.0 * m * k + reads + out_b, c.rate(path), eff, c)

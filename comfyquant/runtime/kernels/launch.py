@@ -54,6 +54,11 @@ def _stream(device: torch.device) -> int:
                                               torch.cuda.current_device())
 
 
+def stream_id(device: torch.device) -> int:
+    """The current stream's raw handle on ``device`` (what launches are issued on); 0 off CUDA."""
+    return _stream(device) if device.type == "cuda" else 0
+
+
 def _param_kinds(fn: Any) -> tuple[frozenset[int], frozenset[int]]:
     """(constexpr positions, do_not_specialize positions) of a JITFunction; empty under the interpreter."""
     params = getattr(fn, "params", None) or ()

@@ -58,3 +58,42 @@ def pool(device: torch.device) -> ScratchPool:
     if p is None:
         p = _POOLS[device] = ScratchPool(device)
     return p
+
+
+SPLIT_COUNTERS = 8192  # output tiles one split-K launch may have (each owns one counter)
+
+
+class SplitWorkspace:
+    """The split-K weight-only GEMM's state on one device: per stream, fp32 partial sums (grown as needed; a
+    replaced buffer is kept, since a captured CUDA graph may still point at it) and tile counters that every
+    launch leaves zeroed (so they are zeroed once, here). Launches on one stream run in issue order, so one
+    buffer serves every layer of that stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._ws: dict[int, torch.Tensor] = {}
+        self._counters: dict[int, torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
+
+    def buffers(self, stream: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(partials: >= numel float32, counters: SPLIT_COUNTERS zeroed int32)`` for launches on ``stream``."""
+        ws = self._ws.get(stream)
+        if ws is None or ws.numel() < numel:
+            if ws is not None:
+                self._retired.append(ws)
+            ws = self._ws[stream] = torch.empty(max(numel, 1 << 16), dtype=torch.float32, device=self.device)
+        cnt = self._counters.get(stream)
+        if cnt is None:
+            cnt = self._counters[stream] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=self.device)
+        return ws, cnt
+
+
+_SPLITS: dict[torch.device, SplitWorkspace] = {}
+
+
+def split_workspace(device: torch.device) -> SplitWorkspace:
+    """The split-K workspace of ``device``."""
+    w = _SPLITS.get(device)
+    if w is None:
+        w = _SPLITS[device] = SplitWorkspace(device)
+    return w

@@ -157,12 +157,37 @@ def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, 
           ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
           h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr,
-          A_ACT: tl.constexpr):
+          A_ACT: tl.constexpr, ws_ptr, cnt_ptr, K_PER, SPLIT: tl.constexpr):
+    """Weight-only GEMM. ``SPLIT`` > 1 (few output tiles, long K: a thin-M down projection leaves SMs idle):
+    program ``(tile, s)`` multiplies K slice ``s`` (``K_PER`` columns, a multiple of ``BLOCK_K``), stores its
+    fp32 partial in ``ws [SPLIT, M, N]`` and counts itself in ``cnt[tile]``; the last program of a tile sums
+    the partials in slice order (deterministic) and runs the epilogue, then resets the count for the next
+    launch (``cnt`` starts zeroed and is left zeroed)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.float32,
-                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT)
-    _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
-           h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
+    if SPLIT == 1:
+        acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.float32,
+                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT)
+        _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
+               h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
+    else:
+        s = tl.program_id(1)
+        k0 = s * K_PER
+        acc = _mainloop(a_ptr + k0, b_ptr + k0, M, N, tl.minimum(K - k0, K_PER), stride_am, stride_bn, pid_m,
+                        pid_n, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        part = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + s.to(tl.int64) * M * N + part, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the count is released
+        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for t in range(SPLIT):  # slice order, whichever program finished last
+                total += tl.load(ws_ptr + t * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            _store(total, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB,
+                   HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -17,8 +17,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
-from comfyquant.runtime.kernels import triton_quant
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import (
     WS_LOW_RANK,
@@ -31,7 +31,7 @@ from comfyquant.runtime.kernels.configs import (
     small_m_config,
     w8a16_config,
 )
-from comfyquant.runtime.kernels.launch import FastKernel, device_facts
+from comfyquant.runtime.kernels.launch import FastKernel, device_facts, stream_id
 
 _W8A8 = FastKernel(kern.w8a8)
 _W8A16 = FastKernel(kern.w8a16)
@@ -366,20 +366,39 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         cfg = cfg or w8a16_config(m, n, k, device_facts(x.device)[0])
-        grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act)
+        bufs = split_buffers(x.device, stream_id(x.device), cfg, m, n)
+        grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act,
+                                        bufs)
         _W8A16(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
 
 
+def split_buffers(device: torch.device, stream: int, cfg: TileConfig, m: int, n: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The split-K launch's (partials, counters) on ``stream``, or None for an unsplit config."""
+    if cfg.split_k == 1:
+        return None
+    if cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n) > scratch.SPLIT_COUNTERS:
+        raise ValueError(f"split-K weight-only GEMM: {m}x{n} has more tiles than {scratch.SPLIT_COUNTERS}")
+    return scratch.split_workspace(device).buffers(stream, cfg.split_k * m * n)
+
+
 def _w8a16_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
-                  bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int) -> tuple:
-    """(grid, args, key) of the weight-only kernel (x at ``args[0]``, the output at ``args[2]``)."""
+                  bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
+                  bufs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
+    """(grid, args, key) of the weight-only kernel (x at ``args[0]``, the output at ``args[2]``, with
+    ``cfg.split_k`` > 1 the partials and counters ``bufs`` at ``args[-4]`` and ``args[-3]``)."""
     (m, k), n = x2d.shape, w_q.shape[0]
     lr_args, lr_key = lr
-    return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
+    split = cfg.split_k
+    if split > 1 and bufs is None:
+        raise ValueError("a split-K config needs its workspace (split_buffers)")
+    ws, cnt = bufs if bufs is not None else (sb, sb)
+    k_per = cdiv(cdiv(k, cfg.block_k), split) * cfg.block_k
+    return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split),
             (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
              out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
-             k % cfg.block_k == 0, *lr_args, act),
+             k % cfg.block_k == 0, *lr_args, act, ws, cnt, k_per, split),
             (cfg, x2d.dtype, w_q.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1,
              bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act))
 

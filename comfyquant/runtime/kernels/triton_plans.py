@@ -22,7 +22,7 @@ import torch
 
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
-from comfyquant.runtime.kernels.configs import w8a16_config
+from comfyquant.runtime.kernels.configs import TileConfig, w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
 from comfyquant.runtime.versions import version
 
@@ -83,9 +83,37 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     cfg = w8a16_config(m, n, k, device_facts(dev)[0])
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
-    grid, args, key = ti._w8a16_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act)
-    return _one_launch(ti._W8A16.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
-                       args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
+    bufs = ti.split_buffers(dev, _raw_stream(dev)(), cfg, m, n)
+    grid, args, key = ti._w8a16_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, bufs)
+    fire = ti._W8A16.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+    if bufs is None:
+        return _one_launch(fire, args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
+    return _split_launch(fire, args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank), cfg, m, n)
+
+
+def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_dtype: torch.dtype,
+                  dev: torch.device, h_slot: tuple[int, torch.Tensor] | None, cfg: TileConfig, m: int,
+                  n: int) -> Plan | None:
+    """:func:`_one_launch` for the split-K weight-only kernel: its partials and counters (``args[-4:-2]``) are
+    the current stream's, looked up per call (a plan may run on any stream)."""
+    if fire is None:
+        return None
+    stream, empty, linear = _raw_stream(dev), torch.empty, torch.nn.functional.linear
+    hi, down = h_slot if h_slot is not None else (None, None)
+    template = _without(list(args), (0, 2, len(args) - 4, len(args) - 3, hi))
+    ws_i = len(args) - 4
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        s = stream()
+        a = template.copy()
+        a[0], a[2] = x, empty(shape, dtype=out_dtype, device=dev)
+        a[ws_i], a[ws_i + 1] = ti.split_buffers(dev, s, cfg, m, n)
+        if hi is not None:
+            a[hi] = linear(x, down)
+        fire(s, *a)
+        return a[2]
+
+    return run
 
 
 def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

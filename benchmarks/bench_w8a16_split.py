@@ -1,0 +1,92 @@
+"""The weight-only (W8A16) GEMM at M = 1 and 16 with its K cut into slices (``TileConfig.split_k``) against
+the unsplit kernel and cuBLAS bf16, on the thin-M shapes where the unsplit kernel leaves SMs idle (down
+projections: K 10,240-15,360 with N 3,072-5,120): GPU time of CUDA-graph replays with the weights cycled past
+L2 (a single-token layer reads its whole weight). Every split's output is compared with the unsplit one (float64
+reference distance) and with itself on a second launch (the partials are summed in slice order:
+deterministic).
+
+    python benchmarks/bench_w8a16_split.py --out results/      # a CUDA GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {"flux.mlp2": (12288, 3072), "flux.linear2": (15360, 3072), "flux.proj": (3072, 3072),
+          "wan.ffn2": (13824, 5120), "wan.attn": (5120, 5120), "t5.ff2": (10240, 4096), "t5.attn": (4096, 4096),
+          "flux.qkv": (3072, 9216)}
+L2_PAST = 200 << 20
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    from comfyquant.bench.layers import graph_time_us
+    from comfyquant.quant.int8 import quantize_rowwise
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import fit_stages, w8a16_config
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0, rows = time.perf_counter(), []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, (k, n) in SHAPES.items():
+        copies = max(2, min(32, L2_PAST // (n * k)))
+        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(copies)]
+        qs = [quantize_rowwise(w) for w in ws]
+        wb = [w.bfloat16() for w in ws]
+        del ws
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            ref = (x.double() @ (qs[0][0].double() * qs[0][1].double()).t())
+            base = w8a16_config(m, n, k, sms)
+            row: dict = {"shape": name, "m": m, "k": k, "n": n, "picked": str(base), "us": {}, "rel_f64": {}}
+            row["us"]["picked"] = graph_time_us(
+                lambda q, s, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16), qs)
+            row["us"]["bf16"] = graph_time_us(lambda w, x=x: torch.nn.functional.linear(x, w), [(w,) for w in wb])
+            unsplit = None
+            for bn in (32, 64):
+                for split in (1, 2, 4, 8):
+                    cfg = fit_stages(dataclasses.replace(base, block_n=bn, split_k=split), a_bytes=2, b_bytes=1)
+                    tag = f"bn{bn}_s{split}"
+                    try:
+                        y = ti.w8a16_linear(x, qs[0][0], qs[0][1], None, None, torch.bfloat16, cfg=cfg)
+                        again = ti.w8a16_linear(x, qs[0][0], qs[0][1], None, None, torch.bfloat16, cfg=cfg)
+                        if unsplit is None:
+                            unsplit = y
+                        row["rel_f64"][tag] = float((y.double() - ref).norm() / ref.norm())
+                        row.setdefault("deterministic", {})[tag] = bool(torch.equal(y, again))
+                        row.setdefault("max_diff_vs_unsplit", {})[tag] = float((y.float() - unsplit.float()).abs().max())
+                        row["us"][tag] = graph_time_us(
+                            lambda q, s, cfg=cfg, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16, cfg=cfg), qs)
+                    except Exception as e:  # recorded
+                        row.setdefault("errors", {})[tag] = f"{type(e).__name__}: {str(e)[:200]}"
+            best = min((v, c) for c, v in row["us"].items() if c not in ("bf16", "picked"))
+            row["best"], row["best_us"] = best[1], best[0]
+            rows.append(row)
+            print(f"{name:13} M={m:2} bf16 {row['us']['bf16']:6.1f} unsplit(bn32) {row['us'].get('bn32_s1', 0):6.1f} "
+                  f"best {best[1]} {best[0]:6.1f} us = {row['us']['bf16'] / best[0]:.2f}x bf16; picked {base} "
+                  f"{row['us']['picked']:6.1f} us = {row['us']['bf16'] / row['us']['picked']:.2f}x",
+                  flush=True)
+        del qs, wb
+        torch.cuda.empty_cache()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    (a.out / "w8a16_split.json").write_text(json.dumps(res, indent=1))
+    bad = [r["shape"] for r in rows if not all(r.get("deterministic", {}).values()) or r.get("errors")
+           or max(r["rel_f64"].values()) > 2 * min(r["rel_f64"].values()) + 1e-3]
+    print(f"done in {res['seconds']} s; shapes with a nondeterministic, failing or inaccurate split: {bad}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
