@@ -163,28 +163,31 @@ def w8a16_config(m: int, n: int, k: int, sms: int) -> TileConfig:
     per thread; pipeline depth bounded by shared memory (A bf16 + B int8 per stage; run 1 overflowed at 4 stages
     of 64x128x256 tiles: 288 KB).
 
-    At M <= 16 the column tile follows the 2026-12-01 H200 tune data (GPU time, 24 configs per shape): 128
-    columns won for N >= 9216 (1.31-1.54x bf16), 32 columns for N = 3072 (0.78-1.11x)."""
+    At M <= 16: 128 columns for N >= 8192 (2026-12-01 H200 tune data: 1.31-1.54x bf16); narrower layers (the
+    down projections, N 3,072-5,120 under K up to 15,360) left SMs idle with one program per 32 columns
+    (0.81-0.93x bf16), so K is cut in :func:`w8a16_split` slices over 64 columns (M = 1) or 32 (run 37,
+    ``bench_w8a16_split.py``, GPU time with weights past L2: 1.08-1.64x bf16, within 8% of the best of 8
+    configurations on 14 shapes)."""
     if m <= 16:
         bk = 256 if k % 256 == 0 else 128
-        bn = 128 if n >= 8192 else 32
-        cfg = TileConfig(16, bn, bk, 4, 4 if m == 1 else 3, 1, split_k=w8a16_split(cdiv(n, bn), cdiv(k, bk), sms))
+        if n >= 8192:
+            cfg = TileConfig(16, 128, bk, 4, 4 if m == 1 else 3, 1)
+        else:
+            cfg = TileConfig(16, 64 if m == 1 else 32, bk, 4, 4 if m == 1 else 3, 1,
+                             split_k=w8a16_split(cdiv(k, bk)))
     else:
         cfg = small_m_config(m, n, k, sms, block_k=128)
     return fit_stages(cfg, a_bytes=2, b_bytes=1)
 
 
-SPLIT_MAX = 8  # K slices of the weight-only kernel
-SPLIT_MIN_ITERS = 4  # K steps per slice at least (its pipeline fills over the first few)
+SPLIT_K = 4  # K slices of the weight-only kernel at M <= 16 below 8,192 columns
+SPLIT_MIN_ITERS = 3  # K steps per slice at least (its pipeline fills over the first few)
 
 
-def w8a16_split(tiles: int, iters: int, sms: int) -> int:
-    """K slices for a thin-M weight-only launch of ``tiles`` output tiles and ``iters`` K steps: enough for ~2
-    programs per SM where the tiles alone leave SMs idle, each slice at least ``SPLIT_MIN_ITERS`` steps, and no
-    empty slice (a single-token layer reads its whole weight: idle SMs are idle bandwidth)."""
-    if tiles >= sms:
-        return 1
-    split = max(1, min(SPLIT_MAX, (2 * sms) // tiles, iters // SPLIT_MIN_ITERS))
+def w8a16_split(iters: int) -> int:
+    """K slices of a thin-M weight-only launch with ``iters`` K steps: :data:`SPLIT_K`, fewer where a slice
+    would get under :data:`SPLIT_MIN_ITERS` steps, and no empty slice."""
+    split = max(1, min(SPLIT_K, iters // SPLIT_MIN_ITERS))
     return cdiv(iters, cdiv(iters, split))
 
 
