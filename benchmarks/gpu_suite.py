@@ -102,6 +102,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                             "640,13824"]],
         # the weight-only GEMM at M = 1 / 16 with split K against unsplit and cuBLAS bf16 (thin-M down projections)
         "w8a16_split": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split")]],
+        # the GPU checks of the weight-only GEMM's paths (split K at M <= 16): linears, plans, graphs, low-rank terms
+        "checks_split": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                          "check_linear,check_plans,check_cuda_graphs,check_low_rank_epilogue,check_fp8_triton,"
+                          "check_siblings"]],
         # the GPU checks of the activation kernels and of the paths that run them (linears, plans, fusions)
         "checks_act": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                         "check_act_quant,check_linear,check_input_act,check_plans,check_fp8_triton,"

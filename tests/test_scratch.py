@@ -33,3 +33,21 @@ def test_large_pairs_are_not_kept_and_the_pool_is_bounded() -> None:
     for m in (2, 3, 4):  # the fourth entry drops the oldest
         p.pair(0, m, 16, torch.int8)
     assert len(p) == 3 and p.pair(0, 1, 16, torch.int8)[0] is not first[0]
+
+
+def test_split_workspace_per_stream_grows_keeping_old_buffers_and_zeroed_counters() -> None:
+    """The split-K GEMM's partials and counters: one set per stream; a larger request replaces the partials but
+    keeps the old buffer alive (a captured CUDA graph may point at it); counters start zeroed and are never
+    replaced (every launch leaves them zeroed)."""
+    from comfyquant.runtime.kernels.scratch import SPLIT_COUNTERS, SplitWorkspace
+
+    w = SplitWorkspace(torch.device("cpu"))
+    ws, cnt = w.buffers(1, 100)
+    assert ws.dtype == torch.float32 and ws.numel() >= 100
+    assert cnt.dtype == torch.int32 and cnt.numel() == SPLIT_COUNTERS and int(cnt.abs().sum()) == 0
+    assert w.buffers(1, 50)[0] is ws and w.buffers(1, 50)[1] is cnt
+    other = w.buffers(2, 100)
+    assert other[0].data_ptr() != ws.data_ptr() and other[1].data_ptr() != cnt.data_ptr()
+    bigger, cnt_again = w.buffers(1, ws.numel() + 1)
+    assert bigger.numel() > ws.numel() and cnt_again is cnt
+    assert any(t is ws for t in w._retired)  # the replaced partials stay referenced
