@@ -452,6 +452,12 @@ def check_w8a16_split() -> None:
     same = plan is not None and all(torch.equal(plan(x), triton_int8.w8a16_linear(x, q, s, None, None, F16))
                                     for x in later)
     record("w8a16_split_plan", cfg.split_k > 1 and same, split=cfg.split_k)
+    lr = (torch.randn(16, k, generator=torch.Generator().manual_seed(705)).to(F16) * 0.05,
+          torch.randn(16, n, generator=torch.Generator().manual_seed(706)).to(F16) * 0.05, 16)
+    plan = triton_plans.plan_w8a16(first, q, s, None, F16, low_rank=lr)
+    same = plan is not None and all(
+        torch.equal(plan(x), triton_int8.w8a16_linear(x, q, s, None, None, F16, low_rank=lr)) for x in later)
+    record("w8a16_split_plan_low_rank", same, split=cfg.split_k)
 
 
 def check_dequant() -> None:

@@ -95,25 +95,42 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
                   dev: torch.device, h_slot: tuple[int, torch.Tensor] | None, cfg: TileConfig, m: int,
                   n: int) -> Plan | None:
     """:func:`_one_launch` for the split-K weight-only kernel: its partials and counters (``args[-4:-2]``) are
-    the current stream's, looked up per call (a plan may run on any stream)."""
+    the current stream's (a plan may run on any stream), looked up once per stream and kept (a workspace that
+    grows later keeps the old buffers alive)."""
     if fire is None:
         return None
     stream, empty, linear = _raw_stream(dev), torch.empty, torch.nn.functional.linear
-    hi, down = h_slot if h_slot is not None else (None, None)
-    template = _without(list(args), (0, 2, len(args) - 4, len(args) - 3, hi))
-    ws_i = len(args) - 4
+    per_stream: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def bufs(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        got = per_stream.get(s)
+        if got is None:
+            got = per_stream[s] = ti.split_buffers(dev, s, cfg, m, n)
+        return got
+
+    if h_slot is None:
+        w_arg, mid, tail = args[1], args[3:-4], args[-2:]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            s = stream()
+            out = empty(shape, dtype=out_dtype, device=dev)
+            fire(s, x, w_arg, out, *mid, *bufs(s), *tail)
+            return out
+
+        return run
+    hi, down = h_slot
+    ws_i = len(args) - 4
+    template = _without(list(args), (0, 2, ws_i, ws_i + 1, hi))
+
+    def run_lr(x: torch.Tensor) -> torch.Tensor:
         s = stream()
         a = template.copy()
-        a[0], a[2] = x, empty(shape, dtype=out_dtype, device=dev)
-        a[ws_i], a[ws_i + 1] = ti.split_buffers(dev, s, cfg, m, n)
-        if hi is not None:
-            a[hi] = linear(x, down)
+        a[0], a[2], a[hi] = x, empty(shape, dtype=out_dtype, device=dev), linear(x, down)
+        a[ws_i], a[ws_i + 1] = bufs(s)
         fire(s, *a)
         return a[2]
 
-    return run
+    return run_lr
 
 
 def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
