@@ -58,6 +58,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                        "--sections", "attention"]],
         "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                    "--sections", "sweep"]],
+        # the sweep's SDXL / T5 / CLIP rows alone (a short call; Flux / Wan take the other ~60% of the sweep)
+        "sweep_narrow": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
+                          "--sections", "sweep", "--sweep-models", "sdxl,t5xxl,clip_l"]],
         # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too
         "tune": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "tune"), "--budget-s", "{budget}",
                   "--sections", "tune"]],
