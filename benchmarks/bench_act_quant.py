@@ -93,7 +93,12 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--m", default=",".join(map(str, M_VALUES)))
     p.add_argument("--k", default=",".join(map(str, K_VALUES)))
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="the rows' dtype (fp32: ComfyUI's text encoders)")
+    p.add_argument("--configs", choices=("all", "picked"), default="all",
+                   help="time every block configuration, or only block_config's pick (a short call)")
     a = p.parse_args()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     from comfyquant.bench.layers import graph_time_us
     from comfyquant.runtime.kernels import triton_quant as tq
 
@@ -102,18 +107,21 @@ def main() -> int:
     rows_out, failures = [], {}
     ks = [int(v) for v in a.k.split(",")]
     for k in ks:
-        cfgs = configs(k)
-        bad = check(k, cfgs)
+        cfgs = configs(k) if a.configs == "all" else []
+        bad = check(k, cfgs or list(dict.fromkeys(tq.block_config(int(m), k) for m in a.m.split(","))))
         if bad:
             failures[k] = bad
             print(f"K={k}: NOT bit-equal: {bad}", flush=True)
         for m in (int(v) for v in a.m.split(",")):
-            n = max(2, min(64, L2_PAST // (m * k * 2)))
-            xs = [torch.randn(m, k, device="cuda").bfloat16() for _ in range(n)]
+            size = torch.tensor([], dtype=dtype).element_size()
+            n = max(2, min(64, L2_PAST // (m * k * size)))
+            xs = [torch.randn(m, k, device="cuda").to(dtype) for _ in range(n)]
             qs = [torch.empty((m, k), dtype=torch.int8, device="cuda") for _ in range(n)]
             ss = [torch.empty((m, 1), dtype=torch.float32, device="cuda") for _ in range(n)]
             pairs = list(zip(xs, qs, ss, strict=True))
-            row: dict = {"m": m, "k": k, "us": {}}
+            row: dict = {"m": m, "k": k, "dtype": a.dtype, "us": {}}
+            if a.configs == "picked":
+                cfgs = [tq.block_config(m, k)]
             for kern in ("rows", "tiles", "auto"):
                 row["us"][kern] = graph_time_us(lambda x, q, s, kern=kern: tq.quantize_rows_int8(x, kernel=kern),
                                                 pairs)
@@ -122,7 +130,7 @@ def main() -> int:
                     lambda x, q, s, cfg=cfg: run_block(x, q, s, cfg, tq.MODE_INT8, 127.0), pairs)
             best = min(((v, c) for c, v in row["us"].items() if c.startswith("(")), default=(float("nan"), ""))
             row["best_block"], row["best_block_us"] = best[1], best[0]
-            row["tb_s"] = {c: m * k * 3 / v / 1e6 for c, v in row["us"].items()}
+            row["tb_s"] = {c: m * k * (size + 1) / v / 1e6 for c, v in row["us"].items()}
             rows_out.append(row)
             print(f"M={m:5} K={k:5} rows {row['us']['rows']:7.1f} tiles {row['us']['tiles']:7.1f} auto "
                   f"{row['us']['auto']:7.1f} best block {best[1]} {best[0]:7.1f} us ({row['tb_s'][best[1]]:.2f} TB/s)"
