@@ -107,11 +107,29 @@ def _read(x_row, o, K, BLOCK: tl.constexpr, STAGES: tl.constexpr, ACT: tl.conste
 
 
 @triton.jit
-def _quantize(x, scale, qmax, MODE: tl.constexpr):
-    y = tl.math.div_rn(x, scale)
+def _div(x, s, inv):
+    """``x / s`` rounded to nearest as ``div_rn`` rounds it, from ``inv = div_rn(1, s)``: a product and one FMA
+    correction (Markstein: exact where the quotient is a normal float32; a zero or underflowing product keeps
+    its own value, which rounds to the same code). ``div_rn`` per element is ~10 instructions, which at 2-3 bytes
+    per element made the row kernel compute-bound."""
+    q = x * inv
+    return tl.where(q == 0, q, tl.fma(tl.fma(-q, s, x), inv, q))
+
+
+@triton.jit
+def _codes(x, scale, inv, qmax, MODE: tl.constexpr):
+    """int8 (MODE 0: round half to even) or fp8 (clamped; the store's cast rounds) codes of ``x`` at ``scale``,
+    ``inv = div_rn(1, scale)``."""
+    y = _div(x, scale, inv)
     if MODE == 0:
         return (y + RNE_MAGIC) - RNE_MAGIC  # integral-valued fp32; the store casts it exactly
     return tl.clamp(y, -qmax, qmax)
+
+
+@triton.jit
+def _quantize(x, scale, qmax, MODE: tl.constexpr):
+    """:func:`_codes` with the reciprocal taken here (one per row: ``scale`` is a row's scalar or a column)."""
+    return _codes(x, scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), qmax, MODE)
 
 
 @triton.jit
@@ -246,24 +264,6 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
         else:
             _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT), scale, qmax, rmask, cmask, MODE,
                  PERM)
-
-
-@triton.jit
-def _div(x, s, inv):
-    """``x / s`` rounded to nearest as ``div_rn`` rounds it, from ``inv = div_rn(1, s)``: a product and one FMA
-    correction (Markstein: exact where the quotient is a normal float32; a zero or underflowing product keeps
-    its own value, which rounds to the same code). ``div_rn`` per element is ~10 instructions, which at 2-3 bytes
-    per element made the row kernel compute-bound."""
-    q = x * inv
-    return tl.where(q == 0, q, tl.fma(tl.fma(-q, s, x), inv, q))
-
-
-@triton.jit
-def _codes(x, scale, inv, qmax, MODE: tl.constexpr):
-    y = _div(x, scale, inv)
-    if MODE == 0:
-        return (y + RNE_MAGIC) - RNE_MAGIC
-    return tl.clamp(y, -qmax, qmax)
 
 
 @triton.jit
