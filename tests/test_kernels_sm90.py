@@ -1,0 +1,73 @@
+"""The activation kernels and the split weight-only GEMM compiled for sm_90 here, without a GPU, from the
+arguments the runtime builds (``triton_quant.launch_for``, ``triton_int8._w8a16_launch``): every variant the
+runtime launches compiles, the quantizers divide once per row (a reciprocal; the per-element ``div.rn`` made
+the row kernel issue-bound: H200 run 35), and the split kernel releases its partials with an acq_rel atomic.
+Their results are checked on an H200 (``check_kernels_gpu``)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+
+def _compile(fk: object, args: tuple, warps: int) -> object:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+
+    fn = fk.fn
+    names = list(fn.arg_names)
+    assert len(args) == len(names)  # every parameter, constexprs included, in order
+    const = {p.name for p in fn.params if p.is_constexpr}
+    sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
+    consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+
+
+def _divisions(ptx: str) -> int:
+    return len(re.findall(r"\bdiv\.rn\.f32\b", ptx))
+
+
+# (M, K, rotation group, mode): the block kernel's one-pass, chunked and 4-row shapes, the rotating row and tile
+# kernels (convrot 256), static fp8
+CASES = [(256, 3072, None, "int8"), (4096, 12288, None, "int8"), (4096, 1280, None, "fp8"), (300, 15360, None, "int8"),
+         (16, 3072, 256, "int8"), (4096, 3072, 256, "int8"), (64, 5120, None, "fp8_static")]
+
+
+@pytest.mark.parametrize(("m", "k", "group", "mode"), CASES)
+def test_activation_kernels_compile_and_divide_once_per_row(m: int, k: int, group: int | None, mode: str) -> None:
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    fp8 = mode != "int8"
+    out = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    scale = torch.empty(m, 1)
+    static = torch.ones(1) if mode == "fp8_static" else None
+    code = {"int8": tq.MODE_INT8, "fp8": tq.MODE_FP8, "fp8_static": tq.MODE_FP8_STATIC}[mode]
+    fk, _, args, _, warps, _ = tq.launch_for(x, out, scale, static, group, code, 448.0 if fp8 else 127.0, 0, 0)
+    assert (fk is tq._ACT_BLOCKS) == (group is None)
+    ptx = _compile(fk, args, warps).asm["ptx"]
+    # the row's scale and its reciprocal (per chunk or tile at most): never one per element (16-32 a thread)
+    assert _divisions(ptx) <= 8, (m, k, group, mode, _divisions(ptx))
+
+
+def test_split_weight_only_gemm_compiles_with_an_acq_rel_counter() -> None:
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import w8a16_config
+
+    m, k, n = 1, 12288, 3072
+    cfg = w8a16_config(m, n, k, 132)
+    assert cfg.split_k == 4 and cfg.block_n == 64
+    x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    bufs = (torch.empty(cfg.split_k * m * n), torch.zeros(64, dtype=torch.int32))
+    grid, args, _ = ti._w8a16_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs)
+    assert grid == (n // 64, 4)
+    ptx = _compile(ti._W8A16, args, cfg.warps).asm["ptx"]
+    assert re.search(r"atom\.[a-z.]*acq_rel[a-z.]*\.add", ptx), "the tile counter's atomic is not acq_rel"
+    assert "ld.global.cg" in ptx  # the partials are read from L2, not a stale L1
