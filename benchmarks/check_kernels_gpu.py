@@ -14,7 +14,7 @@ Bounds (stated, asserted):
 * Triton FP8 W8A8 (kind fp8, backend ``triton``): vs float64 of its own fp8 codes and scales ``rel <= 2^-7``
   (bf16 output), vs the unquantized product the W8A8 bound; in fp32 output its accumulation error at most
   twice ``_scaled_mm``'s (cuBLAS without fast accumulation) on the same codes.
-* fused W8A8 (quantization inside the GEMM, reciprocal multiply): the same bound as W8A8; dequant + cuBLAS:
+* fused W8A8 (quantization inside the GEMM, the two-launch path's codes): the same bound as W8A8; dequant + cuBLAS:
   vs float64 of the dequantized weight ``rel <= 2^-7``.
 * W4A8 (int4_rot): vs the torch reference path on the same inputs ``rel <= 2^-7`` (identical integer math,
   bf16 output), and vs comfy-kitchen's CUDA ``convrot_w4a4_linear(linear_dtype="int8")`` ``rel <= 2^-6``.
@@ -347,6 +347,10 @@ def check_linear() -> None:
         qx, sx = reference.quantize_rows_int8(x2d)
         eps = rel(qx.double() * sx.double(), x2d) + rel(q.double() * s.double(), w)
         ref_path = int8_linear(x, q, s, bias, backend="torch")
+        # the one-launch kernel quantizes x as the activation kernel does: the two-launch output, bit for bit
+        fused, two = int8_linear(x, q, s, bias, backend="triton_fused"), int8_linear(x, q, s, bias, backend="triton")
+        record("w8a8_fused_equals_two_launch", torch.equal(fused, two), m=m, k=k, n=n, layout=how,
+               max_diff=float((fused.float() - two.float()).abs().max()))
         for backend in ("triton", "triton_fused", "triton_fused_kblock", "triton_w8a16", "dequant"):
             y = int8_linear(x, q, s, bias, backend=backend)
             finite = bool(torch.isfinite(y).all())

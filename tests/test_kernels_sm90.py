@@ -71,3 +71,19 @@ def test_split_weight_only_gemm_compiles_with_an_acq_rel_counter() -> None:
     ptx = _compile(ti._W8A16, args, cfg.warps).asm["ptx"]
     assert re.search(r"atom\.[a-z.]*acq_rel[a-z.]*\.add", ptx), "the tile counter's atomic is not acq_rel"
     assert "ld.global.cg" in ptx  # the partials are read from L2, not a stale L1
+
+
+def test_one_launch_w8a8_compiles_and_divides_once_per_row() -> None:
+    """The one-launch W8A8 kernel quantizes its A tiles with the activation quantizer's codes (so its output is
+    the two-launch path's, bit for bit: ``check_fused`` under the interpreter, ``check_linear`` on the GPU):
+    a reciprocal per row and an FMA correction, not a division per element."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+
+    m, k, n = 16, 3072, 3072
+    x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    cfg = ti.fused_config(m, n, k, x.device)
+    _, args, _ = ti._fused_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0)
+    ptx = _compile(ti._FUSED, args, cfg.warps).asm["ptx"]
+    # the tile's row scales and their reciprocals (a [BLOCK_M] vector each, at most every row in every thread)
+    assert "fma.rn.f32" in ptx and _divisions(ptx) <= 2 * cfg.block_m, (_divisions(ptx), cfg)

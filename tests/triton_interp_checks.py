@@ -350,17 +350,16 @@ def check_fused() -> None:
     for i, case in enumerate(cases):
         x, w, q, s, b, info = _fused_case(case, seed=500 + i)
         odt = case[4]
-        # the fused kernel quantizes with a reciprocal multiply: round_half_even(x * (1 / (absmax / 127)))
-        xf = x.float()
-        amax = xf.abs().amax(dim=1, keepdim=True)
-        sx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        qx = torch.round(xf * (1.0 / sx)).to(torch.int8)
+        # the fused kernel quantizes as the activation quantizer does (x / scale rounded as div_rn, half to even),
+        # so it equals the two-launch path bit for bit
+        qx, sx = reference.quantize_rows_int8(x.float())
         want = _epilogue(reference.int_mm(qx, q.t()), sx, s, b, odt)
+        two_launch = triton_int8.int8_linear(x, q, s, b, None, odt)
         for cfg in _cfgs():
             y = triton_int8.fused_linear(x, q, s, b, odt, cfg=cfg)
             e, bound = _bound64(y, x, w, b, q.double() * s.double())
-            record("fused_linear", y.dtype == odt and torch.equal(y, want) and e <= bound, rel=e, bound=bound,
-                   cfg=str(cfg), **info)
+            record("fused_linear", y.dtype == odt and torch.equal(y, want) and torch.equal(y, two_launch)
+                   and e <= bound, rel=e, bound=bound, cfg=str(cfg), **info)
 
 
 def check_fused_kblock() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from comfyquant.runtime.kernels.triton_quant import input_act
+from comfyquant.runtime.kernels.triton_quant import input_act, quant_codes
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to nearest, ties to even
 PERM_BLOCK = 128  # the W4A8 K-permutation block (= the W4A8 kernel's K step)
@@ -265,7 +265,7 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
             xc = tl.load(x_rows + (k0 + offs_c)[None, :], mask=(k0 + offs_c)[None, :] < K, other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(input_act(xc.to(tl.float32), A_ACT)), axis=1))
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
-    inv = 1.0 / scale
+    inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
     # phase 2: quantize each A tile in registers, int8 dot
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_K)
@@ -287,8 +287,8 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
             s_t = tl.where(amax_t > 0, tl.math.div_rn(amax_t, 127.0), 1.0)
             a = ((y * (1.0 / s_t)[:, None] + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
             acc_f += tl.dot(a, b, out_dtype=tl.int32).to(tl.float32) * s_t[:, None]
-        else:
-            a = ((y * inv[:, None] + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
+        else:  # the activation quantizer's codes (x / scale rounded as div_rn): the two-launch path's, bit for bit
+            a = quant_codes(y, scale[:, None], inv[:, None], 127.0, 0).to(tl.int8)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K

@@ -117,7 +117,7 @@ def _div(x, s, inv):
 
 
 @triton.jit
-def _codes(x, scale, inv, qmax, MODE: tl.constexpr):
+def quant_codes(x, scale, inv, qmax, MODE: tl.constexpr):
     """int8 (MODE 0: round half to even) or fp8 (clamped; the store's cast rounds) codes of ``x`` at ``scale``,
     ``inv = div_rn(1, scale)``."""
     y = _div(x, scale, inv)
@@ -128,8 +128,8 @@ def _codes(x, scale, inv, qmax, MODE: tl.constexpr):
 
 @triton.jit
 def _quantize(x, scale, qmax, MODE: tl.constexpr):
-    """:func:`_codes` with the reciprocal taken here (one per row: ``scale`` is a row's scalar or a column)."""
-    return _codes(x, scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), qmax, MODE)
+    """:func:`quant_codes` with the reciprocal taken here (one per row: ``scale`` is a row's scalar or a column)."""
+    return quant_codes(x, scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), qmax, MODE)
 
 
 @triton.jit
@@ -294,13 +294,13 @@ def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stri
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
     inv = tl.math.div_rn(tl.full((R,), 1.0, tl.float32), scale)
     if NCH == 1 and MODE != 2:
-        y = _codes(x, scale[:, None], inv[:, None], qmax, MODE)
+        y = quant_codes(x, scale[:, None], inv[:, None], qmax, MODE)
         tl.store(o_rows + _dst(cols, PERM)[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         for c in tl.static_range(NCH):
             o = c * BK + cols
             mask = rmask[:, None] & (o < K)[None, :]
-            y = _codes(_load_act(x_rows + o[None, :], mask, K, ACT), scale[:, None], inv[:, None], qmax, MODE)
+            y = quant_codes(_load_act(x_rows + o[None, :], mask, K, ACT), scale[:, None], inv[:, None], qmax, MODE)
             tl.store(o_rows + _dst(o, PERM)[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, scale, mask=rmask)
 
