@@ -1,4 +1,4 @@
-"""The unrotated activation quantizer alone (per-row int8 of bf16 rows, what every W8A8 layer runs first): the
+"""The unrotated activation quantizer alone (per-row int8 of bf16 or fp32 rows, what every W8A8 layer runs first): the
 row kernel, the tile kernel and "auto" (``triton_quant.pick_kernel``) against the block kernel's configurations
 (rows per program, columns per step, warps), GPU time of CUDA-graph replays with the inputs cycled past L2,
 and as achieved bandwidth (2 bytes read + 1 written per element). Every block configuration's codes and scales
