@@ -1,5 +1,5 @@
-"""Dynamic-LoRA overhead (GPU; ``--smoke`` runs tiny sizes on the CPU): a Flux-shaped double block and single
-Flux linears, quantized (``comfyquant.runtime.quantize_``), with 0, 1 and 3 dynamic LoRAs of rank 16-64 applied
+"""Dynamic-LoRA overhead (GPU; ``--smoke`` runs tiny sizes on the CPU): a Flux-shaped double block, single Flux
+linears and a Wan-shaped self-attention (also with its q / k / v fused: ``runtime.siblings``), quantized (``comfyquant.runtime.quantize_``), with 0, 1 and 3 dynamic LoRAs of rank 16-64 applied
 through the product path (``comfyquant.lora.apply(..., mode="dynamic")`` on LoRA files), against the same
 quantized model without LoRA and against bf16 ``nn.Linear`` in the same run.
 
@@ -34,6 +34,7 @@ from torch import nn
 import comfyquant.lora as cql
 from comfyquant.runtime.dispatch_report import describe_dispatch
 from comfyquant.runtime.quantize import QuantizeConfig, quantize_
+from comfyquant.runtime.siblings import fuse_sibling_projections
 
 
 def _ln(x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,21 @@ class FluxDoubleBlock(nn.Module):
             x = x + m[5] * s.mlp2(F.gelu(s.mlp0((1 + m[4]) * _ln(x) + m[3]), approximate="tanh"))
             outs.append(x)
         return outs[1], outs[0]
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with separate q / k / v / o projections (Wan's, SD's attn1, T5's layout): sibling
+    projections that ``fuse_sibling_projections`` runs as one GEMM, their LoRAs as one low-rank term."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape[0], x.shape[1], self.heads
+        q, k, v = (p(x).view(b, t, h, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
 
 
 class OneLinear(nn.Module):
@@ -157,7 +173,12 @@ def workloads(smoke: bool, m: int) -> list[tuple[str, nn.Module, tuple[torch.Ten
          (torch.randn(1, m, d, generator=g), torch.randn(1, txt, d, generator=g), torch.randn(1, d, generator=g)))]
     for name, k, n in (("flux qkv", d, 3 * d), ("flux mlp0", d, 4 * d), ("flux proj", d, d)):
         out.append((f"{name} {k}->{n} M={m}", OneLinear(k, n), (torch.randn(1, m, k, generator=g),)))
+    wd, wheads = (256, 2) if smoke else (5120, 40)
+    out.append((f"{SIBLINGS} d={wd} M={m}", SelfAttention(wd, wheads), (torch.randn(1, m, wd, generator=g),)))
     return out
+
+
+SIBLINGS = "wan self-attention q/k/v/o"  # the workload also timed with its q / k / v fused (runtime.siblings)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -184,9 +205,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             return eager, graph
 
         bf16 = timed(ref)
-        for fmt in args.formats:
+        for fmt, fused in ((f, u) for f in args.formats for u in ((False, True) if wname.startswith(SIBLINGS)
+                                                                   else (False,))):
             q = copy.deepcopy(ref)
             quantize_(q, QuantizeConfig(format=fmt, min_features=1))
+            groups = fuse_sibling_projections(q) if fused else []
+            if fused and not groups:
+                raise RuntimeError(f"{wname}: no sibling projections to fuse")
             base = timed(q)
             for rank in args.ranks:
                 for count in args.counts:
@@ -195,9 +220,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     backends = backends_used(q, xs)
                     for h in handles:
                         cql.remove(q, h)
-                    row = {"workload": wname, "format": fmt, "rank": rank, "loras": count,
-                           "eager_ms": t[0], "graph_ms": t[1], "quant_eager_ms": base[0], "quant_graph_ms": base[1],
-                           "bf16_eager_ms": bf16[0], "bf16_graph_ms": bf16[1], "backends": backends}
+                    row = {"workload": wname + (" (q/k/v fused)" if fused else ""), "format": fmt, "rank": rank,
+                           "loras": count, "eager_ms": t[0], "graph_ms": t[1], "quant_eager_ms": base[0],
+                           "quant_graph_ms": base[1], "bf16_eager_ms": bf16[0], "bf16_graph_ms": bf16[1],
+                           "backends": backends, "fused_groups": groups}
                     rows.append(row)
                     print(_line(row), flush=True)
             del q

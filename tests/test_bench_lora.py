@@ -23,7 +23,10 @@ def test_bench_lora_smoke(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "lora_bench.json").read_text())
     rows = data["rows"]
     assert {(r["loras"], r["rank"]) for r in rows} == {(0, 16), (1, 16), (3, 16)}
-    assert len({r["workload"] for r in rows}) == 4 and all(r["eager_ms"] > 0 and r["graph_ms"] is None for r in rows)
+    assert len({r["workload"] for r in rows}) == 6 and all(r["eager_ms"] > 0 and r["graph_ms"] is None for r in rows)
+    # the self-attention workload twice: as is, and with its q / k / v fused into one GEMM (LoRAs included)
+    fused = [r for r in rows if r["workload"].endswith("(q/k/v fused)")]
+    assert len(fused) == 3 and all(r["fused_groups"] == [": q,k,v"] for r in fused)
     # every quantized linear call is counted on its backend (the CPU reference here; the GPU run shows which)
     assert all(set(r["backends"]) == {"torch"} for r in rows)
     assert {r["backends"]["torch"] for r in rows if r["workload"].startswith("flux double")} == {10}
