@@ -35,12 +35,15 @@ def _divisions(ptx: str) -> int:
 
 # (M, K, rotation group, mode): the block kernel's one-pass, chunked and 4-row shapes, the rotating row and tile
 # kernels (convrot 256), static fp8
-CASES = [(256, 3072, None, "int8"), (4096, 12288, None, "int8"), (4096, 1280, None, "fp8"), (300, 15360, None, "int8"),
-         (16, 3072, 256, "int8"), (4096, 3072, 256, "int8"), (64, 5120, None, "fp8_static")]
+CASES = [(256, 3072, None, "int8", "auto"), (4096, 12288, None, "int8", "auto"), (4096, 1280, None, "fp8", "auto"),
+         (300, 15360, None, "int8", "auto"), (16, 3072, 256, "int8", "auto"), (4096, 3072, 256, "int8", "auto"),
+         (64, 5120, None, "fp8_static", "auto"), (64, 5120, None, "fp8_static", "rows"), (8, 12288, None, "fp8", "rows"),
+         (4096, 3072, None, "int8", "tiles")]
 
 
-@pytest.mark.parametrize(("m", "k", "group", "mode"), CASES)
-def test_activation_kernels_compile_and_divide_once_per_row(m: int, k: int, group: int | None, mode: str) -> None:
+@pytest.mark.parametrize(("m", "k", "group", "mode", "kernel"), CASES)
+def test_activation_kernels_compile_and_divide_once_per_row(m: int, k: int, group: int | None, mode: str,
+                                                            kernel: str) -> None:
     from comfyquant.runtime.kernels import triton_quant as tq
 
     x = torch.zeros(m, k, dtype=torch.bfloat16)
@@ -49,8 +52,9 @@ def test_activation_kernels_compile_and_divide_once_per_row(m: int, k: int, grou
     scale = torch.empty(m, 1)
     static = torch.ones(1) if mode == "fp8_static" else None
     code = {"int8": tq.MODE_INT8, "fp8": tq.MODE_FP8, "fp8_static": tq.MODE_FP8_STATIC}[mode]
-    fk, _, args, _, warps, _ = tq.launch_for(x, out, scale, static, group, code, 448.0 if fp8 else 127.0, 0, 0)
-    assert (fk is tq._ACT_BLOCKS) == (group is None)
+    fk, _, args, _, warps, _ = tq.launch_for(x, out, scale, static, group, code, 448.0 if fp8 else 127.0, 0, 0,
+                                             kernel)
+    assert (fk is tq._ACT_BLOCKS) == (group is None and kernel == "auto")
     ptx = _compile(fk, args, warps).asm["ptx"]
     # the row's scale and its reciprocal (per chunk or tile at most): never one per element (16-32 a thread)
     assert _divisions(ptx) <= 8, (m, k, group, mode, _divisions(ptx))

@@ -231,12 +231,16 @@ def check_fp8_quant() -> None:
             record("fp8_rows_codes", q.dtype == fdt and torch.equal(q.view(torch.int8), want.view(torch.int8))
                    and torch.equal(s, sr), m=m, k=k, dtype=str(fdt), codes_off_gpu_cast=off)
             st = torch.tensor(0.004)  # saturates the outlier (and more): the clamp is exercised
-            qs, ss = triton_quant.quantize_rows_fp8(x, fdt, static_scale=st)
             want = interp_cast((x.float() / st).clamp(-fmax, fmax), fdt)
-            ok = torch.equal(qs.view(torch.int8), want.view(torch.int8)) and ss.shape == (m, 1) and bool(
-                (ss == st).all())
-            record("fp8_static_codes", ok, m=m, k=k, dtype=str(fdt),
-                   saturated=int((x.float().abs() / st >= fmax).sum()))
+            for kern in ("auto", "rows"):  # the block kernel (auto) and the row kernel's static mode
+                qs, ss = triton_quant.quantize_rows_fp8(x, fdt, static_scale=st, kernel=kern)
+                ok = torch.equal(qs.view(torch.int8), want.view(torch.int8)) and ss.shape == (m, 1) and bool(
+                    (ss == st).all())
+                record("fp8_static_codes", ok, m=m, k=k, dtype=str(fdt), kernel=kern,
+                       saturated=int((x.float().abs() / st >= fmax).sum()))
+            qr8, sr8 = triton_quant.quantize_rows_fp8(x, fdt, kernel="rows")
+            record("fp8_rows_kernel_equals_auto", torch.equal(qr8.view(torch.int8), q.view(torch.int8))
+                   and torch.equal(sr8, s), m=m, k=k, dtype=str(fdt))
 
 
 # ---- GEMMs (triton_gemm through triton_int8) -------------------------------------------------------------------
