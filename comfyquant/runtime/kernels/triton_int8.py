@@ -366,18 +366,21 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         cfg = cfg or w8a16_config(m, n, k, device_facts(x.device)[0])
-        bufs = split_buffers(x.device, stream_id(x.device), cfg, m, n)
+        bufs = split_buffers(x.device, None, cfg, m, n)
         grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act,
                                         bufs)
         _W8A16(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
 
 
-def split_buffers(device: torch.device, stream: int, cfg: TileConfig, m: int, n: int
+def split_buffers(device: torch.device, stream: int | None, cfg: TileConfig, m: int, n: int
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The split-K launch's (partials, counters) on ``stream``, or None for an unsplit config."""
+    """The split-K launch's (partials, counters) on ``stream`` (None: the current one), or None for an unsplit
+    config."""
     if cfg.split_k == 1:
         return None
+    if stream is None:
+        stream = stream_id(device)
     if cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n) > scratch.SPLIT_COUNTERS:
         raise ValueError(f"split-K weight-only GEMM: {m}x{n} has more tiles than {scratch.SPLIT_COUNTERS}")
     return scratch.split_workspace(device).buffers(stream, cfg.split_k * m * n)

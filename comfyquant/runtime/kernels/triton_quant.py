@@ -324,12 +324,6 @@ DOT_GROUPS = (16, 64, 256)  # 256: four quarters times the 64-group's Hadamard (
 DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
 DOT_ROWS_MIN = 16  # tl.dot's least M: 4x the programs where 64-row ones would leave SMs idle
 TILE_ELEMS = 4096  # elements per tile of the plain tile kernel (rows x columns)
-# pick_kernel's bounds for the plain tile kernel, from the H200 rotation section (run 8, 2026-12-02): GPU time
-# tiles / rows 0.66-0.79 at M >= 1024 with K 3072-5120 and M >= 4096 with K = 1280 (2.3 vs 1.7 TB/s at 4096 x
-# 3072); 1.3-3.4x slower below ~2M elements (its M / 4 programs do not fill the GPU) and at K >= 12288
-# (tiles of 1024 columns, 12-15 per row and pass, against the row kernel's single-pass rows).
-TILES_MIN_ELEMS = 1 << 21
-TILES_MAX_K = 8192
 
 
 @functools.lru_cache(maxsize=32)
