@@ -88,6 +88,20 @@ def check_dot_rotation() -> None:
         record("dot_rotation_16_row_programs", g16 == (5,) and g64 == (2,) and torch.equal(q16, q64)
                and torch.equal(s16, s64) and triton_quant.dot_rows(70, 132) == 16
                and triton_quant.dot_rows(64 * 132, 132) == 64, convrot=g)
+    # steps unrolled per loop iteration (their loads in flight together) and other warp counts: the same codes,
+    # also where the unrolled steps overrun K (5 groups of 256 in steps of 2 and 4) and on an unrotated tile
+    for g, k in ((256, 1280), (64, 448), (None, 1000)):
+        x = _x(37, k, seed=80 + k)
+        got = []
+        for rows, warps, unroll in ((16, 4, 1), (16, 8, 2), (32, 4, 4)):
+            q, s = torch.empty((37, k), dtype=torch.int8), torch.empty((37, 1))
+            grid, args, key, w = triton_quant.tile_launch(x, q, s, g, triton_quant.MODE_INT8, 127.0, 0, 0,
+                                                          rows=rows if g else None, warps=warps, unroll=unroll)
+            triton_quant._ACT_TILES(grid, args, x.device, num_warps=w, num_stages=2, key=key)
+            got.append((q, s))
+        want_q, want_s = triton_quant.quantize_rows_int8(x, g, kernel="tiles")
+        record("dot_rotation_unrolled", all(torch.equal(q, want_q) and torch.equal(s, want_s) for q, s in got)
+               and bool((want_q != 0).any()), convrot=g, k=k)
     # the W4A8 order (evens then odds per 128 columns) from the same kernel
     x = _x(5, 512, seed=40)
     q, s = triton_quant.quantize_rows_int8(x, 256, kernel="tiles")

@@ -227,10 +227,12 @@ def _put(o_rows, offs, y, scale, qmax, rmask, cmask, MODE: tl.constexpr, PERM: t
 @triton.jit
 def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax,
                      C: tl.constexpr, STEP: tl.constexpr, BM: tl.constexpr, ROT: tl.constexpr, MODE: tl.constexpr,
-                     PERM: tl.constexpr, ACT: tl.constexpr):
+                     PERM: tl.constexpr, ACT: tl.constexpr, UNROLL: tl.constexpr = 1):
     """``BM`` rows per program, ``STEP`` columns at a time (ROT 0: no rotation, STEP = C; 1: a group of ``C``
-    times its Hadamard, STEP = C; 2: a group of ``STEP = 4C`` as :func:`_quarters`): per-row int8/fp8 in two
-    passes over the rows (absmax, then codes; the second read hits L2), or the rotated values (MODE_FLOAT)."""
+    times its Hadamard, STEP = C; 2: a group of ``STEP = 4C`` as :func:`_quarters`), ``UNROLL`` steps per loop
+    iteration (their loads in flight together: short programs are latency-bound): per-row int8/fp8 in two
+    passes over the rows (absmax, then codes; the second read hits L2), or the rotated values (MODE_FLOAT). The
+    codes do not depend on ``UNROLL``: each step's arithmetic is the same and a maximum is order-free."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.arange(0, C)
@@ -243,27 +245,31 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
     scale = tl.full((BM,), 1.0, tl.float32)
     if MODE != 3:
         amax = tl.zeros((BM,), dtype=tl.float32)
-        for c0 in range(0, K, STEP):
+        for c00 in range(0, K, STEP * UNROLL):
+            for u in tl.static_range(UNROLL):
+                c0 = c00 + u * STEP
+                cmask = c0 + cols < K
+                if ROT == 2:
+                    y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
+                    a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+                else:
+                    a = _rowmax(_tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT))
+                amax = tl.maximum(amax, a)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        tl.store(s_ptr + rows, scale, mask=rmask)
+    for c00 in range(0, K, STEP * UNROLL):
+        for u in tl.static_range(UNROLL):
+            c0 = c00 + u * STEP
             cmask = c0 + cols < K
             if ROT == 2:
                 y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
-                a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+                _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cmask, MODE, PERM)
+                _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cmask, MODE, PERM)
+                _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cmask, MODE, PERM)
+                _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cmask, MODE, PERM)
             else:
-                a = _rowmax(_tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT))
-            amax = tl.maximum(amax, a)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
-        tl.store(s_ptr + rows, scale, mask=rmask)
-    for c0 in range(0, K, STEP):
-        cmask = c0 + cols < K
-        if ROT == 2:
-            y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
-            _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cmask, MODE, PERM)
-            _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cmask, MODE, PERM)
-            _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cmask, MODE, PERM)
-            _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cmask, MODE, PERM)
-        else:
-            _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT), scale, qmax, rmask, cmask, MODE,
-                 PERM)
+                _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT), scale, qmax, rmask, cmask,
+                     MODE, PERM)
 
 
 @triton.jit
@@ -433,11 +439,12 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
 
 
 def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int | None, mode: int,
-                qmax: float, perm: int, act: int, rows: int | None = None) -> tuple:
+                qmax: float, perm: int, act: int, rows: int | None = None, warps: int = 4,
+                unroll: int = 1) -> tuple:
     """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``rows`` rows
     per program (16 or more, a power of two; None: :func:`dot_rows`) and the group's Hadamard (groups 16 and 64)
     or the 64-group's applied to each quarter (group 256) as the product's operand; without, ``TILE_ELEMS`` per
-    tile."""
+    tile; ``unroll`` steps per loop iteration."""
     m, k = x2d.shape[0], out_width(x2d, act)
     if group is None:
         c, h, rot = _tile_width(k), scale, 0  # h: never read
@@ -448,9 +455,9 @@ def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group
         h = _hadamard(c, x2d.dtype, x2d.device)
     step = 4 * c if rot == 2 else c
     return ((cdiv(m, bm),), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, step, bm, rot, mode,
-                             perm, act),
+                             perm, act, unroll),
             (c, bm, rot, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
-             x2d.data_ptr() % 16 == 0), 4)
+             x2d.data_ptr() % 16 == 0, unroll), warps)
 
 
 def block_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
