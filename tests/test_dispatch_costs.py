@@ -223,6 +223,31 @@ def test_block_activation_kernel_config_is_near_the_best_on_the_recorded_h200_ti
                                                                           tq.MODE_FP8_STATIC))
 
 
+def test_rotating_tile_kernel_config_is_the_best_on_the_recorded_h200_timings() -> None:
+    """Rotated rows (convrot 256) on the tile kernel take ``rot_tile_config``'s configuration: on the H200's
+    timings (benchmarks/results/rotation_tiles_run41_*: 54 configurations of rows, warps, stages and unroll, all
+    giving the default's codes) the pick is within 3% of the best wherever ``pick_kernel`` runs the tile kernel,
+    at least 1.15x faster than the configuration it replaced there, and where it picks the row kernel (M = 1024:
+    16-row programs leave SMs idle) the best tile configuration is slower than the row kernel."""
+    import json
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                      / "rotation_tiles_run41_h200_2026-12-03.json").read_text())
+    assert not res["mismatches"] and len(res["rows"]) == 12
+    for r in res["rows"]:
+        us, m = r["us"], r["m"]
+        kernel = tq.pick_kernel(torch.empty((m, r["k"]), dtype=torch.bfloat16, device="meta"), 256, tq.MODE_INT8)
+        if kernel == "tiles":
+            picked = us[str(tq.rot_tile_config(m, 132))]
+            assert picked <= 1.03 * r["best_us"], (m, r["k"], tq.rot_tile_config(m, 132), r["best"])
+            assert picked * 1.15 <= us[r["default"]], (m, r["k"], picked, us[r["default"]])
+        else:
+            assert kernel == "rows" and us["rows"] < r["best_us"], (m, r["k"], us["rows"], r["best_us"])
+
+
 def test_gemm_tiles_are_near_the_fastest_on_the_recorded_h200_tune_data() -> None:
     """``configs.gemm_config`` against the H200 tune section (benchmarks/results/tune_run9_*: the W8A8 GEMM alone,
     10 tile configs x 19 Flux / Wan / SDXL shapes, M 256 .. 16384): the picked tile's time over the fastest

@@ -14,7 +14,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 
-def _compile(fk: object, args: tuple, warps: int) -> object:
+def _compile(fk: object, args: tuple, warps: int, stages: int = 3) -> object:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
@@ -26,7 +26,7 @@ def _compile(fk: object, args: tuple, warps: int) -> object:
     sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
     consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps})
+                          options={"num_warps": warps, "num_stages": stages})
 
 
 def _divisions(ptx: str) -> int:
@@ -52,10 +52,10 @@ def test_activation_kernels_compile_and_divide_once_per_row(m: int, k: int, grou
     scale = torch.empty(m, 1)
     static = torch.ones(1) if mode == "fp8_static" else None
     code = {"int8": tq.MODE_INT8, "fp8": tq.MODE_FP8, "fp8_static": tq.MODE_FP8_STATIC}[mode]
-    fk, _, args, _, warps, _ = tq.launch_for(x, out, scale, static, group, code, 448.0 if fp8 else 127.0, 0, 0,
-                                             kernel)
+    fk, _, args, _, warps, stages = tq.launch_for(x, out, scale, static, group, code, 448.0 if fp8 else 127.0, 0,
+                                                  0, kernel)
     assert (fk is tq._ACT_BLOCKS) == (group is None and kernel == "auto")
-    ptx = _compile(fk, args, warps).asm["ptx"]
+    ptx = _compile(fk, args, warps, stages).asm["ptx"]
     # the row's scale and its reciprocal (per chunk or tile at most): never one per element (16-32 a thread)
     assert _divisions(ptx) <= 8, (m, k, group, mode, _divisions(ptx))
 

@@ -89,7 +89,7 @@ def input_act(x, ACT: tl.constexpr):
 def _load_act(ptrs, mask, K, ACT: tl.constexpr):
     """x at ``ptrs`` in fp32 (zero where masked) after the input activation; the gated ones read the row's
     second half ``K`` columns further on (the row holds 2K): swiglu (4) ``silu(x) * second``, geglu (5)
-    ``x * gelu(second)`` (erf)."""
+    ``x * gelu(second)`` (erf), gated_gelu_tanh (6) ``gelu_tanh(x) * second`` (code 1's gelu)."""
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if ACT == 4:
         up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
@@ -97,6 +97,9 @@ def _load_act(ptrs, mask, K, ACT: tl.constexpr):
     if ACT == 5:
         gate = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
         return x * input_act(gate, 2)
+    if ACT == 6:
+        up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        return input_act(x, 1) * up
     return input_act(x, ACT)
 
 
@@ -365,6 +368,18 @@ def dot_rows(m: int, sms: int) -> int:
     return DOT_ROWS if cdiv(m, DOT_ROWS) >= sms else DOT_ROWS_MIN
 
 
+ROT_STAGES = 3  # pipeline depth of the rotating tile kernel (run 41: 1.13-1.25x faster than 2 on every shape)
+ROT_UNROLL = 2  # its steps per loop iteration in 16-row programs (run 41: 1.05-1.10x over 1 at M = 4096)
+
+
+def rot_tile_config(m: int, sms: int) -> tuple[int, int, int, int]:
+    """(rows, warps, stages, unroll) of the rotating tile kernel at ``m`` rows (H200, run 41,
+    ``bench_rotation.py``, convrot 256, 54 configurations x 12 shapes: the best on every shape at M = 4096 /
+    16384, where it runs 1.2-1.6x faster than the run 8-9 configuration (16 or 64 rows, 2 stages, no unroll))."""
+    rows = dot_rows(m, sms)
+    return rows, 4, ROT_STAGES, ROT_UNROLL if rows == DOT_ROWS_MIN else 1
+
+
 def block_config(m: int, k: int) -> tuple[int, int | None, int]:
     """(rows per program, columns per step or None for one pass, warps) of the block kernel, from the H200's
     timings of its configurations (run 35, ``bench_act_quant.py``: within 3% of the best of 12-24 on every
@@ -434,7 +449,11 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
         return (_ACT_BLOCKS, *block_launch(x2d, out, scale, static_scale, mode, qmax, perm, act, rows, chunk,
                                            warps), 1)
     if kernel == "tiles" and static_scale is None and tiles_apply(x2d, group, mode, act):
-        return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act), 2)
+        if group is None:
+            return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act), 2)
+        rows, warps, stages, unroll = rot_tile_config(int(x2d.shape[0]), device_facts(x2d.device)[0])
+        return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act, rows, warps, unroll),
+                stages)
     return (_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act), 3)
 
 
