@@ -619,11 +619,11 @@ def check_low_rank_epilogue() -> None:
 
 
 def check_input_act() -> None:
-    """Folded input activations (every fusing backend; the gated swiglu / geglu: the quantizers fuse them, the
-    others apply them first): the layer with ``input_act`` equals the same backend on the activation computed
-    by torch first (which rounds it to bf16; the kernels keep it in fp32)."""
+    """Folded input activations (every fusing backend; the gated swiglu / geglu / gated_gelu_tanh: the quantizers
+    fuse them, the others apply them first): the layer with ``input_act`` equals the same backend on the
+    activation computed by torch first (which rounds it to bf16; the kernels keep it in fp32)."""
     from comfyquant.runtime import QuantizedTensor, QuantLinear
-    from comfyquant.runtime.kernels.acts import apply_input_act
+    from comfyquant.runtime.kernels.acts import GATED, apply_input_act
     from comfyquant.runtime.nn import linear
 
     cases = {"int8": ("triton", "triton_fused", "triton_w8a16", "dequant"), "int8-rot": ("triton", "triton_w8a16"),
@@ -631,8 +631,8 @@ def check_input_act() -> None:
     for m, k, n in [(5, 3072, 3072), (300, 12288, 3072), (4096, 3072, 3072), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03
         x2 = (torch.randn(m, 2 * k, device="cuda") * 2).bfloat16()  # a gated activation reads both halves
-        for act in ("gelu_tanh", "silu", "swiglu", "geglu"):
-            x = x2 if act in ("swiglu", "geglu") else x2[:, :k].contiguous()
+        for act in ("gelu_tanh", "silu", "swiglu", "geglu", "gated_gelu_tanh"):
+            x = x2 if act in GATED else x2[:, :k].contiguous()
             xa = apply_input_act(x, act)
             for fmt, backends in cases.items():
                 if k % 128 and fmt in ("int8-rot", "int4-rot"):

@@ -12,7 +12,8 @@ from gemm_counter import count_gemms
 from comfyquant.nodes.clip_adapter import adapt_clip, encoders
 from comfyquant.nodes.definitions import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, INT8ClipAdapter
 from comfyquant.nodes.ops import ComfyQuantLinear
-from comfyquant.nodes.settings import AdapterSettings
+from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+from comfyquant.runtime.gated import GatedForward
 from comfyquant.runtime.siblings import ArmedForward
 
 pytestmark = pytest.mark.comfyui
@@ -84,7 +85,10 @@ def test_clip_node_quantizes_each_encoder_with_its_preset_on_a_clone(comfy: Any)
     assert any(t.startswith("t5xxl: ") and "preset t5xxl: 14 layers converted" in t for t in text)
     patches = {k: v for k, v in new.patcher.object_patches.items() if k not in before}
     forwards = {k: v for k, v in patches.items() if k.endswith(".forward")}  # parents of fused projections
-    assert len(forwards) == 7 and all(isinstance(f, ArmedForward) for f in forwards.values())
+    # T5's gated feed-forwards: folded (wo applies gelu_tanh(wi_0) * wi_1; wi_0 / wi_1 one GEMM)
+    gated = {k for k, f in forwards.items() if isinstance(f, GatedForward)}
+    assert gated == {f"t5xxl.transformer.encoder.block.{i}.layer.1.DenseReluDense.forward" for i in range(2)}
+    assert len(forwards) == 7 and all(isinstance(f, ArmedForward) for k, f in forwards.items() if k not in gated)
     layers = {k: v for k, v in patches.items() if k not in forwards}
     assert len(layers) == 32 and all(isinstance(m, ComfyQuantLinear) for m in layers.values())
     assert "clip_l.transformer.text_projection" not in patches  # CLIP's preset keeps the pooled projection
@@ -131,8 +135,8 @@ def test_clip_adapter_needs_auto_presets_and_registers_as_a_node() -> None:
 
 def test_t5_and_clip_projections_run_fused_with_the_same_numbers(comfy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the node and ComfyUI's encode path: T5Attention's q,k,v, T5DenseGatedActDense's wi_0/wi_1 and
-    CLIPAttention's q_proj/k_proj/v_proj each run as one GEMM (after one observed encode), and the conditioning
-    is the one without fusion bit for bit."""
+    CLIPAttention's q_proj/k_proj/v_proj each run as one GEMM (after one observed encode; T5's gated feed-forward,
+    folded into wo, from the first), and the conditioning is the one without fusion bit for bit."""
     clip = _tiny_flux_clip(comfy)
     float_ref = _encode(clip)
     node = INT8ClipAdapter()
@@ -150,7 +154,7 @@ def test_t5_and_clip_projections_run_fused_with_the_same_numbers(comfy: Any, mon
     for i in range(2):
         got.append(_encode(on))
         if i == 0:
-            assert len(widths) == 32  # observed
+            assert len(widths) == 30 and widths[4:6] == [1024, 256]  # observed (the gated MLPs fused already)
             widths.clear()
     # per T5 block: q,k,v (3 x 256), o, wi_0/wi_1 (2 x 512), wo; per CLIP layer: q,k,v (3 x 128), out, fc1, fc2
     assert widths == [768, 256, 1024, 256] * 2 + [384, 128, 512, 128] * 3, widths
@@ -159,3 +163,26 @@ def test_t5_and_clip_projections_run_fused_with_the_same_numbers(comfy: Any, mon
     assert torch.equal(again[0], float_ref[0]) and torch.equal(again[1], float_ref[1])
     attn = clip.patcher.model.t5xxl.transformer.encoder.block[0].layer[0].SelfAttention
     assert type(attn.q).__name__ == "Linear" and not isinstance(attn.forward, ArmedForward)
+
+
+def test_t5_gated_feed_forward_is_folded_into_wo(comfy: Any) -> None:
+    """ComfyUI's own ``T5DenseGatedActDense`` (``wo(gelu_tanh(wi_0(x)) * wi_1(x))``): the node patches its forward
+    on the clone so that ``wo`` applies ``gated_gelu_tanh`` to wi_0 / wi_1's one GEMM. The conditioning is the one
+    with folds off (wi_0 / wi_1 then a plain sibling pair) bit for bit, and close to the float CLIP's."""
+    clip = _tiny_flux_clip(comfy)
+    float_cond, _ = _encode(clip)
+    folded, reports = adapt_clip(clip, AdapterSettings(format="int8"))
+    plain, plain_reports = adapt_clip(clip, AdapterSettings(format="int8",
+                                                           runtime=RuntimeOptions(fold_activations=False)))
+    ffs = [f"t5xxl.transformer.encoder.block.{i}.layer.1.DenseReluDense" for i in range(2)]
+    t5, t5_plain = dict(reports)["t5xxl"], dict(plain_reports)["t5xxl"]
+    assert t5.folded == [f"{p}.wo: gated_gelu_tanh" for p in ffs] and t5_plain.folded == []
+    for report in (t5, t5_plain):
+        assert [f for f in report.fused if "DenseReluDense" in f] == [f"{p}: wi_0,wi_1" for p in ffs]
+    patches = folded.patcher.object_patches
+    assert all(isinstance(patches[f"{p}.forward"], GatedForward) for p in ffs)
+    assert patches[f"{ffs[0]}.wo"].input_act == "gated_gelu_tanh" and patches[f"{ffs[0]}.wi_0"].input_act is None
+    assert isinstance(plain.patcher.object_patches[f"{ffs[0]}.forward"], ArmedForward)
+    cond, cond_plain = _encode(folded)[0], _encode(plain)[0]
+    assert torch.equal(cond, cond_plain) and 0 < _rel(cond, float_cond) < 0.02
+    assert patches[f"{ffs[0]}.forward"].group.fused_calls == 1

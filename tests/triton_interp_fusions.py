@@ -144,8 +144,8 @@ def check_input_act() -> None:
 
 
 def _check_gated(gated: str) -> None:
-    """A gated activation (x [M, 2K] -> [M, K]: swiglu ``silu(first) * second``, geglu ``first * gelu(second)``)
-    in the activation quantizers: int8 / fp8 codes of
+    """A gated activation (x [M, 2K] -> [M, K]: swiglu ``silu(first) * second``, geglu ``first * gelu(second)``,
+    gated_gelu_tanh ``gelu_tanh(first) * second``) in the activation quantizers: int8 / fp8 codes of
     both activation kernels against the reference quantization of fp32 act(x) (a code may flip at a tie: the
     kernel's sigmoid and torch's silu differ in the last fp32 bit), rotations within their bound, the fusing
     linears (W8A8 int8 / fp8, W4A8) against themselves on fp32 act(x), their plans bit-equal to the general
@@ -213,7 +213,7 @@ def _check_gated(gated: str) -> None:
 
 
 def check_gated() -> None:
-    for gated in ("swiglu", "geglu"):
+    for gated in ("swiglu", "geglu", "gated_gelu_tanh"):
         _check_gated(gated)
 
 

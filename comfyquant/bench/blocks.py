@@ -218,26 +218,41 @@ class Sdxl(nn.Module):
         return x640.mean() + x1280.mean()
 
 
+def _gelu_tanh(a: torch.Tensor) -> torch.Tensor:
+    return F.gelu(a, approximate="tanh")
+
+
+class T5DenseGatedActDense(nn.Module):
+    """T5 v1.1's gated feed-forward as ComfyUI's class of this name: ``wo(act(wi_0(x)) * wi_1(x))``, ``act`` a
+    plain attribute (wi_0 / wi_1 read the same input; the gated fold, ``runtime.gated``, applies to it)."""
+
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.wi_0, self.wi_1, self.wo = (nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False),
+                                         nn.Linear(ff, d, bias=False))
+        self.act = _gelu_tanh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
+
+
 class T5Layer(nn.Module):
     def __init__(self, d: int = 4096, heads: int = 64, ff: int = 10240) -> None:
         super().__init__()
         self.heads = heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
-        # ComfyUI's T5DenseGatedActDense names (wi_0 / wi_1 read the same input: a sibling pair)
-        self.wi_0, self.wi_1, self.wo = (nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False),
-                                         nn.Linear(ff, d, bias=False))
+        self.DenseReluDense = T5DenseGatedActDense(d, ff)  # ComfyUI's child name (keys ...DenseReluDense.wi_0...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _rms(x)
         x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
-        y = _rms(x)
-        return x + self.wo(F.gelu(self.wi_0(y), approximate="tanh") * self.wi_1(y))
+        return x + self.DenseReluDense(_rms(x))
 
 
 class T5(nn.Module):
-    def __init__(self, layers: int = 4) -> None:
+    def __init__(self, layers: int = 4, d: int = 4096, heads: int = 64, ff: int = 10240) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(T5Layer() for _ in range(layers))
+        self.layers = nn.ModuleList(T5Layer(d, heads, ff) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

@@ -33,6 +33,7 @@ from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import AUTO, AdapterSettings
 from comfyquant.nodes.smoothing import Smoothing, open_smoothing, resolve_calibration_path
 from comfyquant.runtime.fold import foldable_pairs, foldable_projections
+from comfyquant.runtime.gated import gated_group, gated_mlps, inputs_fuse
 from comfyquant.runtime.kernels.backends import device_capability
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
@@ -232,23 +233,54 @@ def _lora_patches(patcher: Any, key: str) -> list | None:
     return list(patches) if patches else None
 
 
-def _fuse_projections(clone: Any, dm: nn.Module, new_layers: dict[str, QuantizedTensor], folds: dict[str, Any],
-                      prefix: str, max_bytes: int, report: AdapterReport) -> dict[str, tuple[SiblingGroup, int]]:
-    """Sibling projections among the converted layers (``runtime.siblings``): one group per set, the parent's
-    ``forward`` object-patched to arm its groups; returns ``layer name -> (group, index)`` for the layers. A
-    parent whose forward another node patched already, or that is itself replaced on the clone, is left alone."""
+def _fold_gated(clone: Any, dm: nn.Module, new_layers: dict[str, QuantizedTensor], linears: dict[str, nn.Module],
+                folds: dict[str, Any], prefix: str, report: AdapterReport) -> dict[str, tuple[SiblingGroup, int]]:
+    """Gated MLPs whose three layers converted (``runtime.gated``): the module's forward, patched through
+    ``folds`` (keyed by its down projection, which gets the gated activation), runs the input projections as one
+    GEMM; returns ``layer name -> (group, index)`` for those. A module whose forward another node patched
+    already, or that is itself replaced on the clone, is left alone."""
     def target(path: str, mod: nn.Module) -> bool:
-        return path in new_layers and path not in folds  # a folded layer applies an activation first
+        return path in new_layers and path not in folds
+
+    members: dict[str, tuple[SiblingGroup, int]] = {}
+    for path, names, act in gated_mlps(dm, target):
+        if not path:  # (the converted tree's root itself is never a module to patch)
+            continue
+        parent = dm.get_submodule(path)
+        if f"{prefix}{path}.forward" in clone.object_patches or clone.get_model_object(prefix + path) is not parent:
+            continue
+        first, second, down = (f"{path}.{n}" for n in names)
+        if not inputs_fuse(new_layers[first], new_layers[second], new_layers[down],
+                           (linears[first].bias is not None, linears[second].bias is not None)):  # type: ignore[union-attr]
+            continue
+        group, forward = gated_group(parent, names)
+        members.update({first: (group, 0), second: (group, 1)})
+        folds[down] = (f"{path}.forward", forward, act)
+        report.fused.append(f"{path}: {names[0]},{names[1]}")
+    return members
+
+
+def _fuse_projections(clone: Any, dm: nn.Module, new_layers: dict[str, QuantizedTensor], folds: dict[str, Any],
+                      prefix: str, max_bytes: int, report: AdapterReport,
+                      taken: dict[str, Any]) -> dict[str, tuple[SiblingGroup, int]]:
+    """Sibling projections among the converted layers (``runtime.siblings``) not ``taken`` by a gated fold: one
+    group per set, the parent's ``forward`` object-patched to arm its groups; returns ``layer name -> (group,
+    index)`` for the layers. A parent whose forward another node or a fold patched already, or that is itself
+    replaced on the clone, is left alone."""
+    def target(path: str, mod: nn.Module) -> bool:
+        return path in new_layers and path not in folds and path not in taken  # a folded layer applies an act first
 
     by_parent: dict[str, list[tuple[str, ...]]] = {}
     for path, names in sibling_groups(dm, target, lambda path, mod: new_layers[path]):
         if path:  # (the converted tree's root itself is never a parent to patch)
             by_parent.setdefault(path, []).append(names)
     members: dict[str, tuple[SiblingGroup, int]] = {}
+    patched = {patch_path for patch_path, _, _ in folds.values()}
     for path, groups in by_parent.items():
         parent = dm.get_submodule(path)
         key = f"{prefix}{path}.forward"
-        if key in clone.object_patches or clone.get_model_object(prefix + path) is not parent:
+        if key in clone.object_patches or f"{path}.forward" in patched \
+                or clone.get_model_object(prefix + path) is not parent:
             continue
         made = []
         for names in groups:
@@ -367,8 +399,11 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         folds.update({layer: (f"{path}.forward", _projection_only(dm.get_submodule(path)), act)
                       for path, layer, act in foldable_projections(dm, targets)})
     siblings: dict[str, tuple[SiblingGroup, int]] = {}
+    if settings.runtime.fold_activations and settings.runtime.fuse_projections:  # gated MLPs: act(first) * second
+        siblings = _fold_gated(clone, dm, new_layers, linears, folds, prefix, report)  # applied by the down proj
     if settings.runtime.fuse_projections:  # q/k/v-style siblings on one input: one GEMM per call
-        siblings = _fuse_projections(clone, dm, new_layers, folds, prefix, settings.runtime.fuse_max_bytes, report)
+        siblings.update(_fuse_projections(clone, dm, new_layers, folds, prefix, settings.runtime.fuse_max_bytes,
+                                          report, siblings))
     for name, qt in new_layers.items():
         src = linears[name]
         layer = ComfyQuantLinear.wrap(qt, src.bias)

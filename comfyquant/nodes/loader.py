@@ -118,8 +118,8 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
                         f"{kind} there; only linear layers can be quantized ({len(missed)} such layers)")
     summary = LoadSummary(path, Counter(done.values()))
     summary.plain_linears = sum(1 for m in dm.modules() if isinstance(m, nn.Linear))
-    if runtime.fold_activations:
-        summary.folded = len(fold_input_activations(dm))
+    if runtime.fold_activations:  # gated MLPs too when fusion is on (their input projections run as one GEMM)
+        summary.folded = len(fold_input_activations(dm, gated=runtime.fuse_projections))
     if runtime.fuse_projections:  # the loader owns this model: the parents' forwards are set on the instances
         summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))
     register_patch_callback(patcher)

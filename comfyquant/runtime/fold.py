@@ -13,6 +13,10 @@ A projection module with its activation (SD1.x / SDXL's ``GEGLU``: ``x, gate = p
 gelu(gate)``; LTXV's ``GELU_approx``: ``gelu(proj(x), "tanh")``) followed by the layer (past zero-probability
 dropouts) folds too: the module is replaced by :class:`ProjectionOnly` (its ``proj`` alone, same keys) and the
 layer applies the activation (``geglu`` on the doubled width).
+
+A gated MLP module (T5's ``wo(gelu_tanh(wi_0(x)) * wi_1(x))``, Llama-style ``down_proj(silu(gate_proj(x)) *
+up_proj(x))``) folds its activation and product into the down projection and runs its two input projections as
+one GEMM (``runtime.gated``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from comfyquant.runtime.gated import fold_gated_mlps
 from comfyquant.runtime.kernels.acts import act_of_module, projected_act_of_module
 from comfyquant.runtime.nn import QuantLinear
 
@@ -81,9 +86,10 @@ def _unfolded_quant_linear(path: str, mod: nn.Module) -> bool:
     return isinstance(mod, QuantLinear) and getattr(mod, "input_act", None) is None
 
 
-def fold_input_activations(model: nn.Module) -> list[str]:
+def fold_input_activations(model: nn.Module, gated: bool = True) -> list[str]:
     """Fold every ``nn.Sequential`` pair (activation module, ``QuantLinear`` without an input activation yet)
-    in ``model``; returns the folded layers' names (``"blocks.0.mlp.2: gelu_tanh"``)."""
+    in ``model``, and with ``gated`` every gated MLP (``runtime.gated.fold_gated_mlps``: its input projections
+    then run as one GEMM); returns the folded layers' names (``"blocks.0.mlp.2: gelu_tanh"``)."""
     folded = []
     for act_path, layer_path, act in foldable_pairs(model, _unfolded_quant_linear):
         model.get_submodule(layer_path).input_act = act
@@ -96,4 +102,6 @@ def fold_input_activations(model: nn.Module) -> list[str]:
         holder = model.get_submodule(parent) if parent else model
         holder._modules[key] = ProjectionOnly(holder._modules[key].proj)
         folded.append(f"{layer_path}: {act}")
+    if gated:
+        folded += fold_gated_mlps(model)
     return folded

@@ -325,6 +325,32 @@ class SiblingGroup:
         if members is None or f is None:  # this x's members compute alone
             self._x, self._slots = x, {j: None for j in plan if j != i}
             return None
+        _, views = self._run(f, members, x)
+        self._x, self._slots = x, {j: v for j, v in zip(plan, views, strict=True) if j != i}
+        return views[plan.index(i)]
+
+    def fused_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every member's output (plus its side path) side by side, ``[..., sum N]`` in member order, from one
+        GEMM on ``x``; None where they cannot fuse now (traced, a member that must compute alone, above
+        ``max_bytes``): the caller computes them alone. Needs no arming or plan (``runtime.gated``'s fold)."""
+        if torch.compiler.is_compiling():
+            return None
+        plan = tuple(range(len(self.names)))
+        with torch._C.DisableTorchFunctionSubclass():  # plain attribute reads (see _lead)
+            members = self._members(plan, x)
+            f, rows = (None, 0) if members is None else self._tagged(plan, members)
+        f = None if members is None else self._fused(plan, members, x, f, rows)
+        if members is None or f is None:
+            return None
+        y, views = self._run(f, members, x)
+        for view, out in zip(y.split(f.sizes, -1), views, strict=True):
+            if out.data_ptr() != view.data_ptr():  # a side path's dense / bias diff (or its whole term) added
+                view.copy_(out)
+        return y
+
+    def _run(self, f: _Fused, members: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The fused GEMM on ``x`` (the members' LoRA low-rank terms in its epilogue) and each member's output:
+        its column view of it, plus what its side path adds that the kernel did not."""
         bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
         sides = [_side_of(m, x) for m in members]
         parts = [_low_rank_of(side, x) for side in sides]
@@ -335,8 +361,7 @@ class SiblingGroup:
             if side is not None:
                 views[k] = side.rest(x, views[k]) if term is not None and parts[k] else side(x, views[k])
         self.fused_calls += 1
-        self._x, self._slots = x, {j: v for j, v in zip(plan, views, strict=True) if j != i}
-        return views[plan.index(i)]
+        return y, views
 
     def _low_rank(self, f: _Fused, parts: list[tuple[torch.Tensor, torch.Tensor, int] | None],
                   x: torch.Tensor) -> _GroupTerm | None:

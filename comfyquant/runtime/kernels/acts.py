@@ -6,9 +6,11 @@ GEMM's quantizer or A-tile load). Every backend that does not fuse it gets ``app
 x's dtype, exactly as the model computed it.
 
 Gated activations (:data:`GATED`) halve the width: ``swiglu`` is ``silu(x[..., :K]) * x[..., K:]`` on a
-``[..., 2K]`` input (Flux.2's MLP: ``Linear(d, 2h), SiLUActivation(), Linear(h, d)``), ``geglu`` is
-``x[..., :K] * gelu(x[..., K:])`` (SD1.x / SDXL feed-forwards: ``GEGLU`` projects and gates in one module,
-:func:`projected_act_of_module`); only the activation quantizers fuse those (they read both halves of each row).
+``[..., 2K]`` input (Flux.2's MLP: ``Linear(d, 2h), SiLUActivation(), Linear(h, d)``; Llama-style MLPs,
+``runtime.gated``), ``geglu`` is ``x[..., :K] * gelu(x[..., K:])`` (SD1.x / SDXL feed-forwards: ``GEGLU``
+projects and gates in one module, :func:`projected_act_of_module`), ``gated_gelu_tanh`` is
+``gelu_tanh(x[..., :K]) * x[..., K:]`` (T5 v1.1's ``T5DenseGatedActDense``, Gemma-style MLPs:
+``runtime.gated``); only the activation quantizers fuse those (they read both halves of each row).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 # name -> the code the Triton kernels take as a constexpr (0: none)
-INPUT_ACTS: dict[str, int] = {"gelu_tanh": 1, "gelu": 2, "silu": 3, "swiglu": 4, "geglu": 5}
-GATED = frozenset({"swiglu", "geglu"})  # input [..., 2K] -> [..., K]
-SWIGLU, GEGLU = INPUT_ACTS["swiglu"], INPUT_ACTS["geglu"]
+INPUT_ACTS: dict[str, int] = {"gelu_tanh": 1, "gelu": 2, "silu": 3, "swiglu": 4, "geglu": 5, "gated_gelu_tanh": 6}
+GATED = frozenset({"swiglu", "geglu", "gated_gelu_tanh"})  # input [..., 2K] -> [..., K]
+SWIGLU, GEGLU, GATED_GELU_TANH = INPUT_ACTS["swiglu"], INPUT_ACTS["geglu"], INPUT_ACTS["gated_gelu_tanh"]
 GATED_CODES = frozenset(INPUT_ACTS[n] for n in GATED)
 
 
@@ -53,6 +55,9 @@ def apply_input_act(x: torch.Tensor, name: str | None) -> torch.Tensor:
     if name == "geglu":
         value, gate = x.chunk(2, dim=-1)
         return value * F.gelu(gate)
+    if name == "gated_gelu_tanh":
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
     raise ValueError(f"unknown input activation {name!r}; expected one of {sorted(INPUT_ACTS)}")
 
 
