@@ -41,13 +41,79 @@ def configs(m: int) -> list[tuple[int, int, int, int]]:
     return [c for c in itertools.product(ROWS, WARPS, STAGES, UNROLL) if 3 * c[0] <= m]
 
 
+SPLIT_M = (64, 256, 1024, 2048)
+SPLIT_PROGRAMS = (1, 2, 4, 8)  # programs per SM the split form's chunks aim at
+
+
+def run_split(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, chunks: int) -> None:
+    """The split form's two launches with ``chunks`` column chunks (``s`` a view of (1 + chunks) M floats)."""
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    for phase in (1, 2):
+        grid, args, key, w = tq.tile_launch(x, q, s, group, tq.MODE_INT8, 127.0, 0, 0, tq.DOT_ROWS_MIN, 4,
+                                            tq.ROT_UNROLL, chunks, phase)
+        tq._ACT_TILES(grid, args, x.device, num_warps=w, num_stages=tq.ROT_STAGES, key=key)
+
+
+def split_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
+    """Rows too few for the tile kernel: the row kernel, "auto" and the split form at several chunk counts
+    (codes and scales compared with the tile kernel's), GPU time."""
+    from comfyquant.bench.layers import graph_time_us
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    out, mismatches = [], {}
+    for k in ks:
+        for m in ms:
+            n = max(2, min(64, L2_PAST // (m * k * 2)))
+            xs = [torch.randn(m, k, device="cuda").bfloat16() * (1 + 10 * (i == 0)) for i in range(n)]
+            chunk_set = sorted({tq.split_chunks(m, k, g, 132, p) for p in SPLIT_PROGRAMS})
+            most = max(chunk_set)
+            qs = [torch.empty((m, k), dtype=torch.int8, device="cuda") for _ in range(n)]
+            ss = [torch.empty(m * (1 + most), device="cuda")[:m].view(m, 1) for _ in range(n)]
+            pairs = list(zip(xs, qs, ss, strict=True))
+            want_q, want_s = tq.quantize_rows_int8(xs[0], g, kernel="tiles")
+            row: dict = {"m": m, "k": k, "group": g, "pick": tq.pick_kernel(xs[0], g, tq.MODE_INT8),
+                         "chunks": tq.split_chunks(m, k, g, 132), "us": {}}
+            for name, grp, kern in (("plain_blocks", None, "blocks"), ("rows", g, "rows"), ("auto", g, "auto")):
+                row["us"][name] = graph_time_us(
+                    lambda x, q, s, grp=grp, kern=kern: tq.quantize_rows_int8(x, grp, kernel=kern), pairs)
+            for c in chunk_set:
+                q, s = torch.empty_like(want_q), torch.empty(m * (1 + c), device="cuda")[:m].view(m, 1)
+                run_split(xs[0], q, s, g, c)
+                off = int((q != want_q).sum()) + int((s != want_s).sum())
+                if off:
+                    mismatches[f"{m}x{k} split {c}"] = off
+                row["us"][f"split{c}"] = graph_time_us(lambda x, q, s, c=c: run_split(x, q, s, g, c), pairs)
+            out.append(row)
+            best = min((v, c) for c, v in row["us"].items() if c.startswith("split"))
+            print(f"M={m:5} K={k:5} plain {row['us']['plain_blocks']:6.1f} rows {row['us']['rows']:7.1f} auto "
+                  f"{row['us']['auto']:7.1f} ({row['pick']}, {row['chunks']} chunks) best {best[1]} {best[0]:7.1f} us "
+                  f"= {row['us']['rows'] / best[0]:.2f}x rows, {best[0] / row['us']['plain_blocks']:.2f}x plain",
+                  flush=True)
+            del xs, qs, ss, pairs
+            torch.cuda.empty_cache()
+    return out, mismatches
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--m", default=",".join(map(str, M_VALUES)))
     p.add_argument("--k", default=",".join(map(str, K_VALUES)))
     p.add_argument("--group", type=int, default=256)
+    p.add_argument("--split", action="store_true", help="the split form at M = 64 .. 2048 instead (one call)")
     a = p.parse_args()
+    if a.split:
+        a.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        rows, bad = split_rows(list(SPLIT_M), [int(v) for v in a.k.split(",")], a.group)
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "mismatches": bad,
+               "rows": rows}
+        (a.out / "rotation_split.json").write_text(json.dumps(res, indent=1))
+        print(f"done in {res['seconds']} s; split configurations whose codes differ from the tile kernel's: "
+              f"{len(bad)}", flush=True)
+        return 1 if bad else 0
     from comfyquant.bench.layers import graph_time_us
     from comfyquant.runtime.kernels import triton_quant as tq
 

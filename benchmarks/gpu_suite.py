@@ -108,6 +108,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                             "fp32", "--configs", "picked", "--k", "768,1280,3072,4096,5120,10240"]],
         # the rotating activation kernel's launch configurations (convrot 256) against the row kernel and "auto"
         "rotation_tiles": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_tiles")]],
+        # its split form (two launches over column chunks) where rows are too few for it, against the row kernel
+        "rotation_split": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_split"), "--split"]],
         # the weight-only GEMM at M = 1 / 16 with split K against unsplit and cuBLAS bf16 (thin-M down projections)
         "w8a16_split": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split")]],
         # the GPU checks of the weight-only GEMM's paths (split K at M <= 16): linears, plans, graphs, low-rank terms

@@ -188,6 +188,9 @@ def test_rotating_activation_kernel_pick_is_the_fastest_kernel_on_the_recorded_h
         us = {"rows": r["rot_rows_gpu_us"], "tiles": r["rot_tiles_gpu_us"], "tiles16": r["rot_tiles16_gpu_us"]}
         assert r["rot_tiles16_equal"]  # the same codes from either program height
         pick = tq.pick_kernel(x, 256, tq.MODE_INT8)
+        if pick == "split":  # the tile kernel's split form replaced the row kernel there (judged on run 42 below)
+            assert r["m"] < 16 * 132
+            pick = "rows"
         if pick == "tiles" and tq.dot_rows(r["m"], 132) == 16:
             pick = "tiles16"
         regrets.append(us[pick] / min(us.values()))
@@ -227,8 +230,8 @@ def test_rotating_tile_kernel_config_is_the_best_on_the_recorded_h200_timings() 
     """Rotated rows (convrot 256) on the tile kernel take ``rot_tile_config``'s configuration: on the H200's
     timings (benchmarks/results/rotation_tiles_run41_*: 54 configurations of rows, warps, stages and unroll, all
     giving the default's codes) the pick is within 3% of the best wherever ``pick_kernel`` runs the tile kernel,
-    at least 1.15x faster than the configuration it replaced there, and where it picks the row kernel (M = 1024:
-    16-row programs leave SMs idle) the best tile configuration is slower than the row kernel."""
+    at least 1.15x faster than the configuration it replaced there, and where it does not (M = 1024: 16-row
+    programs leave SMs idle) the best unsplit configuration is slower than the row kernel."""
     import json
     from pathlib import Path
 
@@ -244,8 +247,8 @@ def test_rotating_tile_kernel_config_is_the_best_on_the_recorded_h200_timings() 
             picked = us[str(tq.rot_tile_config(m, 132))]
             assert picked <= 1.03 * r["best_us"], (m, r["k"], tq.rot_tile_config(m, 132), r["best"])
             assert picked * 1.15 <= us[r["default"]], (m, r["k"], picked, us[r["default"]])
-        else:
-            assert kernel == "rows" and us["rows"] < r["best_us"], (m, r["k"], us["rows"], r["best_us"])
+        else:  # rows too few for the unsplit kernel: the row kernel beat it (its split form: run 42's test)
+            assert kernel in ("rows", "split") and us["rows"] < r["best_us"], (m, r["k"], us["rows"], r["best_us"])
 
 
 def test_gemm_tiles_are_near_the_fastest_on_the_recorded_h200_tune_data() -> None:

@@ -38,7 +38,7 @@ def _divisions(ptx: str) -> int:
 CASES = [(256, 3072, None, "int8", "auto"), (4096, 12288, None, "int8", "auto"), (4096, 1280, None, "fp8", "auto"),
          (300, 15360, None, "int8", "auto"), (16, 3072, 256, "int8", "auto"), (4096, 3072, 256, "int8", "auto"),
          (64, 5120, None, "fp8_static", "auto"), (64, 5120, None, "fp8_static", "rows"), (8, 12288, None, "fp8", "rows"),
-         (4096, 3072, None, "int8", "tiles")]
+         (4096, 3072, None, "int8", "tiles"), (1024, 12288, 256, "int8", "split"), (300, 5120, 64, "int8", "split")]
 
 
 @pytest.mark.parametrize(("m", "k", "group", "mode", "kernel"), CASES)
@@ -52,12 +52,13 @@ def test_activation_kernels_compile_and_divide_once_per_row(m: int, k: int, grou
     scale = torch.empty(m, 1)
     static = torch.ones(1) if mode == "fp8_static" else None
     code = {"int8": tq.MODE_INT8, "fp8": tq.MODE_FP8, "fp8_static": tq.MODE_FP8_STATIC}[mode]
-    fk, _, args, _, warps, stages = tq.launch_for(x, out, scale, static, group, code, 448.0 if fp8 else 127.0, 0,
-                                                  0, kernel)
-    assert (fk is tq._ACT_BLOCKS) == (group is None and kernel == "auto")
-    ptx = _compile(fk, args, warps, stages).asm["ptx"]
-    # the row's scale and its reciprocal (per chunk or tile at most): never one per element (16-32 a thread)
-    assert _divisions(ptx) <= 8, (m, k, group, mode, _divisions(ptx))
+    launches = tq.launch_for(x, out, scale, static, group, code, 448.0 if fp8 else 127.0, 0, 0, kernel)
+    assert len(launches) == (2 if kernel == "split" else 1)
+    for fk, _, args, _, warps, stages in launches:
+        assert (fk is tq._ACT_BLOCKS) == (group is None and kernel == "auto")
+        ptx = _compile(fk, args, warps, stages).asm["ptx"]
+        # the row's scale and its reciprocal (per chunk or tile at most): never one per element (16-32 a thread)
+        assert _divisions(ptx) <= 8, (m, k, group, mode, _divisions(ptx))
 
 
 def test_split_weight_only_gemm_compiles_with_an_acq_rel_counter() -> None:

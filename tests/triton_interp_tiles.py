@@ -102,6 +102,18 @@ def check_dot_rotation() -> None:
         want_q, want_s = triton_quant.quantize_rows_int8(x, g, kernel="tiles")
         record("dot_rotation_unrolled", all(torch.equal(q, want_q) and torch.equal(s, want_s) for q, s in got)
                and bool((want_q != 0).any()), convrot=g, k=k)
+    # the split form (rows too few to fill the GPU: two launches over column chunks, absmax parts then codes):
+    # the tile kernel's codes and scales, with an activation and in the W4A8 order too, and picked by "auto"
+    for m, k, g, act, perm in ((70, 1280, 256, 0, 0), (100, 448, 64, 1, 0), (65, 512, 16, 0, 0),
+                               (64, 1024, 256, 0, 128)):
+        x = _x(m, k, seed=90 + g)
+        chunks = triton_quant.split_chunks(m, k, g, 132)
+        a = triton_quant.quantize_rows_int8(x, g, perm=perm, act=act, kernel="split")
+        b = triton_quant.quantize_rows_int8(x, g, perm=perm, act=act, kernel="tiles")
+        record("dot_rotation_split", chunks > 1 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               and triton_quant.pick_kernel(x, g, triton_quant.MODE_INT8, act) == "split"
+               and triton_quant.scale_floats(x, g, triton_quant.MODE_INT8, act) == m * (1 + chunks),
+               m=m, k=k, convrot=g, act=act, perm=perm, chunks=chunks)
     # the W4A8 order (evens then odds per 128 columns) from the same kernel
     x = _x(5, 512, seed=40)
     q, s = triton_quant.quantize_rows_int8(x, 256, kernel="tiles")

@@ -30,15 +30,17 @@ class ScratchPool:
         self.max_entries = max_entries
         self._pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def pair(self, stream: int, m: int, k: int, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, stream: int, m: int, k: int, qdtype: torch.dtype,
+             extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q [m, k] qdtype, s [m, 1] float32)`` for a call issued on ``stream`` by this thread: the same two
-        tensors on every call of this shape, or fresh ones when they are over ``max_bytes``."""
-        key = (stream, threading.get_ident(), m, k, qdtype)
+        tensors on every call of this shape, or fresh ones when they are over ``max_bytes``; ``extra`` floats
+        after s's (the split rotation's absmax parts)."""
+        key = (stream, threading.get_ident(), m, k, qdtype, extra)
         got = self._pairs.get(key)
         if got is not None:
             return got
         got = (torch.empty((m, k), dtype=qdtype, device=self.device),
-               torch.empty((m, 1), dtype=torch.float32, device=self.device))
+               torch.empty(m + extra, dtype=torch.float32, device=self.device)[:m].view(m, 1))
         if m * k * got[0].element_size() <= self.max_bytes:
             if len(self._pairs) >= self.max_entries:
                 self._pairs.pop(next(iter(self._pairs)))

@@ -222,7 +222,8 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     lead, m, n, kx, dev, sb = common
     k = triton_quant.out_width(x, act)  # x's width kx, and the activated one the GEMM reads
     q = torch.empty((m, k), dtype=qdtype, device=dev)
-    s = torch.empty((m, 1), dtype=torch.float32, device=dev)
+    extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m  # the split rotation's absmax parts
+    s = torch.empty(m + extra, dtype=torch.float32, device=dev)[:m].view(m, 1)
     fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act)
     lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
     cfg, small = ti.pick_w8a8(m, n, k, dev, ti.persistent_eligible(qdtype, False, lr),
@@ -247,7 +248,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         [..., N] through pointers and fixed strides: a contiguous tensor's memory is its [M, K] view's, so no
         view is made per call."""
         st = stream()
-        q, s = scratch.pool(dev).pair(st, m, k, qdtype)
+        q, s = scratch.pool(dev).pair(st, m, k, qdtype, extra)
         fire_q(st, x, q, s, *q_rest(s))
         return st, q, s
 
@@ -282,9 +283,22 @@ def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | 
               act: int) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
     """(the activation kernel's prepared launch or None, ``s -> the arguments after x, q, s``) for x's
     signature, with the kernel the general path takes (``triton_quant.DEFAULT_KERNEL``): the row kernel reads
-    the call's own row scales at ``args[3]``, the tile kernel a fixed Hadamard."""
-    fk, grid, args, key, warps, stages = triton_quant.launch_for(x2d, q, s, None, group, mode, qmax, 0, act,
-                                                                 triton_quant.DEFAULT_KERNEL)
+    the call's own row scales at ``args[3]``, the tile kernel a fixed Hadamard. The split rotating kernel's two
+    launches (absmax parts, then codes: ``s`` is a view of ``triton_quant.scale_floats`` floats) fire as one."""
+    launches = triton_quant.launch_for(x2d, q, s, None, group, mode, qmax, 0, act, triton_quant.DEFAULT_KERNEL)
+    if len(launches) == 2:
+        fires = [fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
+                 for fk, grid, args, key, warps, stages in launches]
+        if None in fires:
+            return None, lambda s_call: ()
+        (fire_a, fire_b), rest_a, rest_b = fires, launches[0][2][3:], launches[1][2][3:]
+
+        def fire_split(st: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+            fire_a(st, x, q, s, *rest_a)
+            fire_b(st, x, q, s, *rest_b)
+
+        return fire_split, lambda s_call: ()
+    fk, grid, args, key, warps, stages = launches[0]
     fire = fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
     rest = args[4:]
     if args[3] is s:

@@ -228,14 +228,38 @@ def _put(o_rows, offs, y, scale, qmax, rmask, cmask, MODE: tl.constexpr, PERM: t
 
 
 @triton.jit
+def _tile_amax(x_tile, rmask, cols, h, K, k_lo, k_end, STEP: tl.constexpr, UNROLL: tl.constexpr, C: tl.constexpr,
+               BM: tl.constexpr, ROT: tl.constexpr, ACT: tl.constexpr):
+    """The rows' absmax over columns ``[k_lo, k_end)`` after the activation and rotation, ``UNROLL`` steps per
+    iteration (their loads in flight together)."""
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for c00 in range(k_lo, k_end, STEP * UNROLL):
+        for u in tl.static_range(UNROLL):
+            c0 = c00 + u * STEP
+            cmask = c0 + cols < K
+            if ROT == 2:
+                y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
+                a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+            else:
+                a = _rowmax(_tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT))
+            amax = tl.maximum(amax, a)
+    return amax
+
+
+@triton.jit
 def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax,
                      C: tl.constexpr, STEP: tl.constexpr, BM: tl.constexpr, ROT: tl.constexpr, MODE: tl.constexpr,
-                     PERM: tl.constexpr, ACT: tl.constexpr, UNROLL: tl.constexpr = 1):
+                     PERM: tl.constexpr, ACT: tl.constexpr, UNROLL: tl.constexpr, KC, P, SPLIT: tl.constexpr):
     """``BM`` rows per program, ``STEP`` columns at a time (ROT 0: no rotation, STEP = C; 1: a group of ``C``
     times its Hadamard, STEP = C; 2: a group of ``STEP = 4C`` as :func:`_quarters`), ``UNROLL`` steps per loop
     iteration (their loads in flight together: short programs are latency-bound): per-row int8/fp8 in two
-    passes over the rows (absmax, then codes; the second read hits L2), or the rotated values (MODE_FLOAT). The
-    codes do not depend on ``UNROLL``: each step's arithmetic is the same and a maximum is order-free."""
+    passes over the rows (absmax, then codes; the second read hits L2), or the rotated values (MODE_FLOAT).
+
+    ``SPLIT`` (int8/fp8 only; too few row blocks to fill the GPU): program ``(rows, p)`` takes columns
+    ``[p KC, (p + 1) KC)``, in two launches: SPLIT 1 writes its part of the rows' absmax to ``s[M + p M + r]``
+    (the scales' buffer holds ``(1 + P) M`` floats), SPLIT 2 takes the maximum of the ``P`` parts, scales and
+    quantizes its columns (program 0 stores the scales). The codes do not depend on ``UNROLL`` or the split:
+    each step's arithmetic is the same and a maximum is order-free."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.arange(0, C)
@@ -245,34 +269,36 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
         h = 0
     x_tile = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_om
-    scale = tl.full((BM,), 1.0, tl.float32)
-    if MODE != 3:
-        amax = tl.zeros((BM,), dtype=tl.float32)
-        for c00 in range(0, K, STEP * UNROLL):
+    p = tl.program_id(1)
+    k_lo = p * KC
+    k_end = tl.minimum(K, k_lo + KC)
+    if SPLIT == 1:
+        amax = _tile_amax(x_tile, rmask, cols, h, K, k_lo, k_end, STEP, UNROLL, C, BM, ROT, ACT)
+        tl.store(s_ptr + M + p * M + rows, amax, mask=rmask)
+    else:
+        scale = tl.full((BM,), 1.0, tl.float32)
+        if MODE != 3:
+            if SPLIT == 2:
+                amax = tl.zeros((BM,), dtype=tl.float32)
+                for t in range(P):
+                    amax = tl.maximum(amax, tl.load(s_ptr + M + t * M + rows, mask=rmask, other=0.0))
+            else:
+                amax = _tile_amax(x_tile, rmask, cols, h, K, k_lo, k_end, STEP, UNROLL, C, BM, ROT, ACT)
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+            tl.store(s_ptr + rows, scale, mask=rmask & (p == 0))
+        for c00 in range(k_lo, k_end, STEP * UNROLL):
             for u in tl.static_range(UNROLL):
                 c0 = c00 + u * STEP
                 cmask = c0 + cols < K
                 if ROT == 2:
                     y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
-                    a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+                    _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cmask, MODE, PERM)
+                    _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cmask, MODE, PERM)
+                    _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cmask, MODE, PERM)
+                    _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cmask, MODE, PERM)
                 else:
-                    a = _rowmax(_tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT))
-                amax = tl.maximum(amax, a)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
-        tl.store(s_ptr + rows, scale, mask=rmask)
-    for c00 in range(0, K, STEP * UNROLL):
-        for u in tl.static_range(UNROLL):
-            c0 = c00 + u * STEP
-            cmask = c0 + cols < K
-            if ROT == 2:
-                y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
-                _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cmask, MODE, PERM)
-                _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cmask, MODE, PERM)
-                _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cmask, MODE, PERM)
-                _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cmask, MODE, PERM)
-            else:
-                _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT), scale, qmax, rmask, cmask,
-                     MODE, PERM)
+                    _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT), scale, qmax, rmask,
+                         cmask, MODE, PERM)
 
 
 @triton.jit
@@ -327,7 +353,7 @@ def _stages(group: int | None) -> int:
 _ACT = FastKernel(_act_kernel)
 _ACT_TILES = FastKernel(_act_tile_kernel)
 _ACT_BLOCKS = FastKernel(_act_block_kernel)
-KERNELS = ("rows", "tiles", "blocks", "auto")
+KERNELS = ("rows", "tiles", "split", "blocks", "auto")
 DEFAULT_KERNEL = "auto"  # what the linears and their plans run: pick_kernel per call
 DOT_GROUPS = (16, 64, 256)  # 256: four quarters times the 64-group's Hadamard (an 8 KB operand) + one H4 stage
 DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
@@ -380,6 +406,37 @@ def rot_tile_config(m: int, sms: int) -> tuple[int, int, int, int]:
     return rows, 4, ROT_STAGES, ROT_UNROLL if rows == DOT_ROWS_MIN else 1
 
 
+ROT_SPLIT_MIN_M = 64  # rows from which rotated int8 rows too few for the tile kernel take its split form
+ROT_SPLIT_PROGRAMS = 2  # programs per SM the split form aims at
+
+
+def split_chunks(m: int, k: int, group: int, sms: int, programs: int = ROT_SPLIT_PROGRAMS) -> int:
+    """Column chunks of the split rotating tile kernel (see :func:`_act_tile_kernel`) for ``m`` x ``k`` rows:
+    enough 16-row programs for ``programs`` per SM, each chunk a whole number of its unrolled steps
+    (``ROT_UNROLL`` groups of 256, or of ``group`` below)."""
+    steps = cdiv(k, _rot_step(group) * ROT_UNROLL)
+    want = cdiv(programs * sms, cdiv(m, DOT_ROWS_MIN))
+    return cdiv(steps, cdiv(steps, max(1, min(want, steps))))
+
+
+def _rot_step(group: int) -> int:
+    return 256 if group == 256 else group
+
+
+def scale_floats(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> int:
+    """Floats the row-scale buffer of this call needs: M, or ``(1 + chunks) M`` where the split rotating kernel
+    runs (its absmax parts follow the scales)."""
+    m = int(x2d.shape[0])
+    if (pick_kernel(x2d, group, mode, act) if kernel == "auto" else kernel) != "split" or not _splits(x2d, group,
+                                                                                                   mode, act):
+        return m
+    return m * (1 + split_chunks(m, out_width(x2d, act), group, device_facts(x2d.device)[0]))
+
+
+def _splits(x2d: torch.Tensor, group: int | None, mode: int, act: int) -> bool:
+    return group is not None and mode == MODE_INT8 and tiles_apply(x2d, group, mode, act)
+
+
 def block_config(m: int, k: int) -> tuple[int, int | None, int]:
     """(rows per program, columns per step or None for one pass, warps) of the block kernel, from the H200's
     timings of its configurations (run 35, ``bench_act_quant.py``: within 3% of the best of 12-24 on every
@@ -404,12 +461,16 @@ def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -
     1.06-1.9x the faster of the row and tile kernels on every shape from 256 x 768 to 16,384 x 15,360);
     rotated (runs 8-9, ``rotation`` section), "tiles" where :func:`tiles_apply` and its programs
     (:func:`dot_rows`) cover every SM at least once (below that the tile kernel ran 1.9-27x slower than the row
-    kernel; at M = 16384 it was 1.6-2.3x faster), else "rows"."""
+    kernel; at M = 16384 it was 1.6-2.3x faster); below that, int8 codes of :data:`ROT_SPLIT_MIN_M` rows or
+    more its split form (two launches over column chunks), else "rows"."""
     if group is None and mode in (MODE_INT8, MODE_FP8, MODE_FP8_STATIC):
         return "blocks"
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
-    return "tiles" if cdiv(int(x2d.shape[0]), DOT_ROWS_MIN) >= device_facts(x2d.device)[0] else "rows"
+    m = int(x2d.shape[0])
+    if cdiv(m, DOT_ROWS_MIN) >= device_facts(x2d.device)[0]:
+        return "tiles"
+    return "split" if m >= ROT_SPLIT_MIN_M and mode == MODE_INT8 else "rows"
 
 
 def _tile_width(k: int) -> int:
@@ -426,44 +487,54 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
         x2d = x2d.contiguous()
     m, k = x2d.shape[0], out_width(x2d, act)
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
-    fk, grid, args, key, warps, stages = launch_for(x2d, out, scale, static_scale, group, mode, qmax, perm, act,
-                                                    kernel)
-    fk(grid, args, x2d.device, num_warps=warps, num_stages=stages, key=key)
+    floats = scale_floats(x2d, group, mode, act, kernel) if static_scale is None else m
+    scale = torch.empty(floats, dtype=torch.float32, device=x2d.device)[:m].view(m, 1)
+    for fk, grid, args, key, warps, stages in launch_for(x2d, out, scale, static_scale, group, mode, qmax, perm,
+                                                         act, kernel):
+        fk(grid, args, x2d.device, num_warps=warps, num_stages=stages, key=key)
     return out, scale
 
 
 def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
-               group: int | None, mode: int, qmax: float, perm: int, act: int, kernel: str = DEFAULT_KERNEL) -> tuple:
-    """(FastKernel, grid, args, key, num_warps, num_stages) of the activation kernel ``kernel`` picks for this
-    call (:data:`KERNELS`; "blocks" without a rotation and "tiles" where :func:`tiles_apply`, else "rows";
-    "auto": :func:`pick_kernel`). ``args[0:3]`` are x, the output and the row scales; ``args[3]`` what the
-    kernel reads beside them: the static scale, or the row scales again (row and block kernels), or the group's
-    Hadamard (tile kernel, fixed per device and dtype)."""
+               group: int | None, mode: int, qmax: float, perm: int, act: int,
+               kernel: str = DEFAULT_KERNEL) -> list[tuple]:
+    """The launches, in order, of the activation kernel ``kernel`` picks for this call, each (FastKernel, grid,
+    args, key, num_warps, num_stages) (:data:`KERNELS`; "blocks" without a rotation, "tiles" and "split" where
+    :func:`tiles_apply`, else "rows"; "auto": :func:`pick_kernel`). ``args[0:3]`` are x, the output and the row
+    scales (for "split" a view of a buffer of :func:`scale_floats` floats); ``args[3]`` what the kernel reads
+    beside them: the static scale, or the row scales again (row and block kernels), or the group's Hadamard
+    (tile kernel, fixed per device and dtype). One launch, or two for "split" (absmax parts, then codes)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown activation kernel {kernel!r}; expected one of {KERNELS}")
     if kernel == "auto":
         kernel = pick_kernel(x2d, group, mode, act)
     if kernel == "blocks" and group is None and mode != MODE_FLOAT:
         rows, chunk, warps = block_config(int(x2d.shape[0]), out_width(x2d, act))
-        return (_ACT_BLOCKS, *block_launch(x2d, out, scale, static_scale, mode, qmax, perm, act, rows, chunk,
-                                           warps), 1)
-    if kernel == "tiles" and static_scale is None and tiles_apply(x2d, group, mode, act):
+        return [(_ACT_BLOCKS, *block_launch(x2d, out, scale, static_scale, mode, qmax, perm, act, rows, chunk,
+                                            warps), 1)]
+    if kernel == "split" and static_scale is None and _splits(x2d, group, mode, act):
+        assert group is not None
+        m, sms = int(x2d.shape[0]), device_facts(x2d.device)[0]
+        chunks = split_chunks(m, out_width(x2d, act), group, sms)
+        return [(_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act, DOT_ROWS_MIN, 4,
+                                          ROT_UNROLL, chunks, phase), ROT_STAGES) for phase in (1, 2)]
+    if kernel in ("tiles", "split") and static_scale is None and tiles_apply(x2d, group, mode, act):
         if group is None:
-            return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act), 2)
+            return [(_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act), 2)]
         rows, warps, stages, unroll = rot_tile_config(int(x2d.shape[0]), device_facts(x2d.device)[0])
-        return (_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act, rows, warps, unroll),
-                stages)
-    return (_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act), 3)
+        return [(_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act, rows, warps, unroll),
+                 stages)]
+    return [(_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act), 3)]
 
 
 def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int | None, mode: int,
                 qmax: float, perm: int, act: int, rows: int | None = None, warps: int = 4,
-                unroll: int = 1) -> tuple:
+                unroll: int = 1, chunks: int = 1, phase: int = 0) -> tuple:
     """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``rows`` rows
     per program (16 or more, a power of two; None: :func:`dot_rows`) and the group's Hadamard (groups 16 and 64)
     or the 64-group's applied to each quarter (group 256) as the product's operand; without, ``TILE_ELEMS`` per
-    tile; ``unroll`` steps per loop iteration."""
+    tile; ``unroll`` steps per loop iteration; ``phase`` 1 / 2 (``chunks`` > 1): one launch of the split form,
+    ``chunks`` column chunks of whole unrolled steps (the scales' buffer holds ``(1 + chunks) M`` floats)."""
     m, k = x2d.shape[0], out_width(x2d, act)
     if group is None:
         c, h, rot = _tile_width(k), scale, 0  # h: never read
@@ -473,10 +544,17 @@ def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group
         c, rot = (64, 2) if group == 256 else (group, 1)
         h = _hadamard(c, x2d.dtype, x2d.device)
     step = 4 * c if rot == 2 else c
-    return ((cdiv(m, bm),), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, step, bm, rot, mode,
-                             perm, act, unroll),
+    kc, parts = k, 1
+    if phase:
+        kc = cdiv(cdiv(k, step * unroll), chunks) * step * unroll
+        parts = cdiv(k, kc)
+        if parts != chunks:
+            raise ValueError(f"{chunks} chunks of whole {step * unroll}-column steps do not cover K = {k}")
+    grid = (cdiv(m, bm), parts) if phase else (cdiv(m, bm),)
+    return (grid, (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, step, bm, rot, mode, perm, act,
+                   unroll, kc, parts, phase),
             (c, bm, rot, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
-             x2d.data_ptr() % 16 == 0, unroll), warps)
+             x2d.data_ptr() % 16 == 0, unroll, kc % 16 == 0, parts == 1, parts % 16 == 0, phase), warps)
 
 
 def block_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
