@@ -53,8 +53,10 @@ SIBLING_NAMES: tuple[tuple[str, ...], ...] = (
 )
 FUSED_KINDS = ("int8", "fp8", "int4_rot")  # kernel kinds with scalar or per-row weight scales
 DEFAULT_MAX_BYTES = 256 << 20  # the largest fused output (M x sum N x element size) a call fuses
-# the largest stacked LoRA rank given to the fused GEMM: the Gluon kernel's epilogue holds 64 (``gluon_gemm.LR_MAX``);
-# past it the whole GEMM would fall back to the slower Triton kernel, so the members add their terms on their slices
+# the largest stacked LoRA rank given to the fused GEMM: the Gluon kernel's epilogue holds 64 (``gluon_gemm.LR_MAX``).
+# Past it the members compute alone, each with its own term in its own kernel's epilogue: adding the terms on
+# the fused output's slices with torch ran Wan's q / k / v at 4,096 tokens 10% slower than unfused (H200, run 40,
+# bench_lora: one rank-32 LoRA on each, eager 1.62 ms fused vs 1.46 unfused; rank 16 stacked to 48: 1.36 vs 1.46)
 MAX_STACKED_RANK = 64
 MAX_RESETS = 3  # plans that stopped matching before a group is turned off for good
 _FUSED_ATTR = "_comfyquant_fused"  # on each member's weight tensor: its group's consolidated weight
@@ -325,7 +327,11 @@ class SiblingGroup:
         if members is None or f is None:  # this x's members compute alone
             self._x, self._slots = x, {j: None for j in plan if j != i}
             return None
-        _, views = self._run(f, members, x)
+        ran = self._run(f, members, x)
+        if ran is None:  # LoRAs past the stacked rank: this x's members compute alone
+            self._x, self._slots = x, {j: None for j in plan if j != i}
+            return None
+        views = ran[1]
         self._x, self._slots = x, {j: v for j, v in zip(plan, views, strict=True) if j != i}
         return views[plan.index(i)]
 
@@ -340,20 +346,25 @@ class SiblingGroup:
             members = self._members(plan, x)
             f, rows = (None, 0) if members is None else self._tagged(plan, members)
         f = None if members is None else self._fused(plan, members, x, f, rows)
-        if members is None or f is None:
+        ran = None if members is None or f is None else self._run(f, members, x)
+        if ran is None:
             return None
-        y, views = self._run(f, members, x)
+        y, views = ran
         for view, out in zip(y.split(f.sizes, -1), views, strict=True):
             if out.data_ptr() != view.data_ptr():  # a side path's dense / bias diff (or its whole term) added
                 view.copy_(out)
         return y
 
-    def _run(self, f: _Fused, members: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _run(self, f: _Fused, members: list[nn.Module],
+             x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """The fused GEMM on ``x`` (the members' LoRA low-rank terms in its epilogue) and each member's output:
-        its column view of it, plus what its side path adds that the kernel did not."""
-        bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
+        its column view of it, plus what its side path adds that the kernel did not; None where the members'
+        LoRA ranks sum past :data:`MAX_STACKED_RANK` (they compute alone)."""
         sides = [_side_of(m, x) for m in members]
         parts = [_low_rank_of(side, x) for side in sides]
+        if sum(p[2] for p in parts if p is not None) > MAX_STACKED_RANK:
+            return None
+        bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
         term = self._low_rank(f, parts, x)
         y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, term)
         views = list(y.split(f.sizes, -1))
@@ -367,9 +378,9 @@ class SiblingGroup:
                   x: torch.Tensor) -> _GroupTerm | None:
         """The members' LoRA low-rank parts (``parts``, :func:`_low_rank_of` of each) as one term of the fused GEMM (``dispatch.LowRank``: their ``down``
         rows stacked, ``up`` block-diagonal over the members' columns), so the kernel adds all of them in its
-        epilogue; remade when a member's operands change. None when no member has one or their ranks sum past
-        :data:`MAX_STACKED_RANK` (each member then adds its own on its slice)."""
-        if not any(p is not None for p in parts) or sum(p[2] for p in parts if p is not None) > MAX_STACKED_RANK:
+        epilogue; remade when a member's operands change. None when no member has one (``_run`` does not fuse
+        past :data:`MAX_STACKED_RANK`)."""
+        if not any(p is not None for p in parts):
             return None
         cached = self._term
         if cached is not None and cached[0] is f and cached[1] == x.dtype and len(cached[2]) == len(parts) \
