@@ -251,6 +251,33 @@ def test_rotating_tile_kernel_config_is_the_best_on_the_recorded_h200_timings() 
             assert kernel in ("rows", "split") and us["rows"] < r["best_us"], (m, r["k"], us["rows"], r["best_us"])
 
 
+def test_split_rotation_pick_is_near_the_fastest_on_the_recorded_h200_timings() -> None:
+    """Rotated rows too few for the tile kernel (M 64 .. 2048, convrot 256): ``pick_kernel`` chooses between the
+    row kernel and the split form, ``split_chunks`` the split form's chunks. On the H200's timings
+    (benchmarks/results/rotation_split_run42_*: the row kernel and the split form at chunk counts for 1-8
+    programs per SM, every one giving the tile kernel's codes) the pick is within 5% of the faster of the row
+    kernel and the picked split on every shape and within 12% of the best timed; picking the split form
+    everywhere (what a5f6648 did) was up to 2.5x slower than the row kernel on short rows."""
+    import json
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                      / "rotation_split_run42_h200_2026-12-03.json").read_text())
+    assert not res["mismatches"] and len(res["rows"]) == 16
+    worst_always_split = 1.0
+    for r in res["rows"]:
+        us, m, k = r["us"], r["m"], r["k"]
+        kernel = tq.pick_kernel(torch.empty((m, k), dtype=torch.bfloat16, device="meta"), 256, tq.MODE_INT8)
+        split = us[f"split{tq.split_chunks(m, k, 256, 132)}"]
+        picked = split if kernel == "split" else us["rows"]
+        assert kernel in ("rows", "split") and picked <= 1.05 * min(split, us["rows"]), (m, k, kernel, us)
+        assert picked <= 1.12 * min(v for c, v in us.items() if c == "rows" or c.startswith("split")), (m, k, us)
+        worst_always_split = max(worst_always_split, split / us["rows"])
+    assert worst_always_split > 2.0
+
+
 def test_gemm_tiles_are_near_the_fastest_on_the_recorded_h200_tune_data() -> None:
     """``configs.gemm_config`` against the H200 tune section (benchmarks/results/tune_run9_*: the W8A8 GEMM alone,
     10 tile configs x 19 Flux / Wan / SDXL shapes, M 256 .. 16384): the picked tile's time over the fastest

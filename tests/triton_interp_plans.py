@@ -57,11 +57,16 @@ def check_plans() -> None:
                 same = all(torch.equal(o, want) for o, want in zip(outs, wants, strict=True))
                 fresh = outs[0].data_ptr() != outs[1].data_ptr() and not torch.equal(outs[0], outs[1])
                 record(f"plan_{name}_act{act}", same and fresh, m=m, k=k, n=n, dtype=str(dtype))
-    # the rotated case at 70 rows ran the split rotation (two launches, its absmax parts after the scales) in
-    # both the plan and the general path
+    # long rotated rows too few for the tile kernel: the split rotation (two launches, its absmax parts after the
+    # scales) in both the plan and the general path
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    record("plan_int8_rot16_split", tq.pick_kernel(_inputs(70, 128, F16, 0, 1)[0], 16, tq.MODE_INT8) == "split")
+    w = torch.randint(-127, 128, (32, 12288), dtype=torch.int8, generator=g)
+    s = torch.rand(32, generator=g) * 0.001 + 1e-4
+    first, *later = _inputs(64, 12288, F16, seed=7)
+    plan = tp.plan_int8(first, w, s, None, 256, F16)
+    same = plan is not None and all(torch.equal(plan(x), ti.int8_linear(x, w, s, None, 256, F16)) for x in later)
+    record("plan_int8_rot256_split", same and tq.pick_kernel(first, 256, tq.MODE_INT8) == "split")
     # inputs with leading dimensions ([B, T, K], as every model hands them over): the kernels read x and write
     # the output [B, T, N] through pointers, no per-call views; same values and shape as the general path
     w = torch.randint(-127, 128, (48, 128), dtype=torch.int8, generator=g)

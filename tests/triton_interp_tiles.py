@@ -111,9 +111,13 @@ def check_dot_rotation() -> None:
         a = triton_quant.quantize_rows_int8(x, g, perm=perm, act=act, kernel="split")
         b = triton_quant.quantize_rows_int8(x, g, perm=perm, act=act, kernel="tiles")
         record("dot_rotation_split", chunks > 1 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-               and triton_quant.pick_kernel(x, g, triton_quant.MODE_INT8, act) == "split"
-               and triton_quant.scale_floats(x, g, triton_quant.MODE_INT8, act) == m * (1 + chunks),
+               and triton_quant.scale_floats(x, g, triton_quant.MODE_INT8, act, "split") == m * (1 + chunks),
                m=m, k=k, convrot=g, act=act, perm=perm, chunks=chunks)
+    # "auto" takes it for long rows only (the row kernel is faster on short ones: run 42)
+    picks = {(m, k): triton_quant.pick_kernel(torch.empty((m, k), dtype=F16), 256, triton_quant.MODE_INT8)
+             for m, k in ((64, 12288), (1024, 5120), (256, 5120), (63, 12288), (2112, 3072))}
+    record("dot_rotation_split_picked", picks == {(64, 12288): "split", (1024, 5120): "split", (256, 5120): "rows",
+                                                  (63, 12288): "rows", (2112, 3072): "tiles"}, picks=str(picks))
     # the W4A8 order (evens then odds per 128 columns) from the same kernel
     x = _x(5, 512, seed=40)
     q, s = triton_quant.quantize_rows_int8(x, 256, kernel="tiles")

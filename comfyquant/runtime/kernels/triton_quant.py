@@ -406,8 +406,14 @@ def rot_tile_config(m: int, sms: int) -> tuple[int, int, int, int]:
     return rows, 4, ROT_STAGES, ROT_UNROLL if rows == DOT_ROWS_MIN else 1
 
 
-ROT_SPLIT_MIN_M = 64  # rows from which rotated int8 rows too few for the tile kernel take its split form
-ROT_SPLIT_PROGRAMS = 2  # programs per SM the split form aims at
+# Rotated int8 rows too few for the tile kernel take its split form from ROT_SPLIT_MIN_M rows where each row is
+# long (ROT_SPLIT_MIN_K) or the pass is large (ROT_SPLIT_MIN_ELEMS); shorter ones stay on the row kernel (H200,
+# run 42, ``bench_rotation.py --split``, convrot 256: the split form 1.0-1.8x the row kernel's speed there, and
+# 0.4-0.7x on 64-1,024 rows of 3,072-5,120 columns, where the row kernel's one pass in registers is short)
+ROT_SPLIT_MIN_M = 64
+ROT_SPLIT_MIN_K = 12288
+ROT_SPLIT_MIN_ELEMS = 4 << 20
+ROT_SPLIT_PROGRAMS = 4  # programs per SM its chunks aim at (run 42: 1.0-1.2x faster than 2 from 1,024 rows)
 
 
 def split_chunks(m: int, k: int, group: int, sms: int, programs: int = ROT_SPLIT_PROGRAMS) -> int:
@@ -461,16 +467,17 @@ def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -
     1.06-1.9x the faster of the row and tile kernels on every shape from 256 x 768 to 16,384 x 15,360);
     rotated (runs 8-9, ``rotation`` section), "tiles" where :func:`tiles_apply` and its programs
     (:func:`dot_rows`) cover every SM at least once (below that the tile kernel ran 1.9-27x slower than the row
-    kernel; at M = 16384 it was 1.6-2.3x faster); below that, int8 codes of :data:`ROT_SPLIT_MIN_M` rows or
-    more its split form (two launches over column chunks), else "rows"."""
+    kernel; at M = 16384 it was 1.6-2.3x faster); below that its split form (two launches over column chunks)
+    for int8 codes of long rows (:data:`ROT_SPLIT_MIN_K`, :data:`ROT_SPLIT_MIN_ELEMS`), else "rows"."""
     if group is None and mode in (MODE_INT8, MODE_FP8, MODE_FP8_STATIC):
         return "blocks"
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
-    m = int(x2d.shape[0])
+    m, k = int(x2d.shape[0]), out_width(x2d, act)
     if cdiv(m, DOT_ROWS_MIN) >= device_facts(x2d.device)[0]:
         return "tiles"
-    return "split" if m >= ROT_SPLIT_MIN_M and mode == MODE_INT8 else "rows"
+    long_rows = k >= ROT_SPLIT_MIN_K or m * k >= ROT_SPLIT_MIN_ELEMS
+    return "split" if m >= ROT_SPLIT_MIN_M and long_rows and mode == MODE_INT8 else "rows"
 
 
 def _tile_width(k: int) -> int:
