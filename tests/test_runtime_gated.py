@@ -238,9 +238,15 @@ def test_a_forward_that_computes_anything_else_is_not_folded(cls: type) -> None:
         assert torch.equal(mlp(x), want)
 
 
-def test_a_dropout_in_eval_mode_folds_and_a_float_down_projection_does_not() -> None:
+def test_a_dropout_folds_only_at_zero_probability_and_a_float_down_projection_does_not() -> None:
+    """A dropout with p > 0 blocks the fold even in eval mode (the folded forward has no place for it: a later
+    ``train()`` would skip it silently); at p = 0 the module folds."""
     torch.manual_seed(1)
-    flt = nn.ModuleDict({"mlp": _Dropout()}).eval()
+    live = nn.ModuleDict({"mlp": _Dropout()}).eval()
+    assert gated_act_of_module(live["mlp"], LLAMA) is None
+    assert quantize_(copy.deepcopy(live), QuantizeConfig(format="int8", min_features=1)).folded == []
+    flt = copy.deepcopy(live)
+    flt["mlp"].dropout.p = 0.0
     assert gated_act_of_module(flt["mlp"], LLAMA) == "swiglu"
     model = copy.deepcopy(flt)
     assert quantize_(model, QuantizeConfig(format="int8", min_features=1)).folded == ["mlp.down_proj: swiglu"]

@@ -78,6 +78,10 @@ def gated_act_of_module(mod: nn.Module, names: tuple[str, str, str]) -> str | No
     if any(m is None or any(True for _ in m.parameters()) or any(True for _ in m.buffers())
            for m in others.values()):
         return None
+    # a dropout that would drop anything in training mode: the folded forward has no place for it, so a later
+    # ``train()`` would skip it silently (ComfyUI's T5 and Llama MLPs hold none)
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in others.values()):
+        return None
     first, second, down = _Recorder(_FIRST), _Recorder(_SECOND), _Recorder(None)
     plain = {k: v for k, v in vars(mod).items() if not k.startswith("_")}
     stand_in = SimpleNamespace(**plain, **others, **dict(zip(names, (first, second, down), strict=True)))
