@@ -253,9 +253,10 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
     """``BM`` rows per program, ``STEP`` columns at a time (ROT 0: no rotation, STEP = C; 1: a group of ``C``
     times its Hadamard, STEP = C; 2: a group of ``STEP = 4C`` as :func:`_quarters`), ``UNROLL`` steps per loop
     iteration (their loads in flight together: short programs are latency-bound): per-row int8/fp8 in two
-    passes over the rows (absmax, then codes; the second read hits L2), or the rotated values (MODE_FLOAT).
+    passes over the rows (absmax, then codes; the second read hits L2 only while the resident programs' rows
+    fit it: not at 16 rows x 12,288 columns), or the rotated values (MODE_FLOAT).
 
-    ``SPLIT`` (int8/fp8 only; too few row blocks to fill the GPU): program ``(rows, p)`` takes columns
+    ``SPLIT`` (launched for int8 codes; too few row blocks to fill the GPU): program ``(rows, p)`` takes columns
     ``[p KC, (p + 1) KC)``, in two launches: SPLIT 1 writes its part of the rows' absmax to ``s[M + p M + r]``
     (the scales' buffer holds ``(1 + P) M`` floats), SPLIT 2 takes the maximum of the ``P`` parts, scales and
     quantizes its columns (program 0 stores the scales). The codes do not depend on ``UNROLL`` or the split:
