@@ -187,6 +187,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
     for wname, model, inputs in workloads(args.smoke, args.m):
+        if not wname.startswith(args.only):
+            continue
         for mod in model.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.normal_(mod.weight, std=mod.in_features ** -0.5)
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", nargs="+", default=["int8", "fp8"])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timing")
+    p.add_argument("--only", default="", help="time only the workloads whose name starts with this")
     args = p.parse_args(argv)
     if args.smoke:
         args.iters = min(args.iters, 3)

@@ -124,6 +124,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                         "check_act_quant,check_linear,check_input_act,check_plans,check_fp8_triton,"
                         "check_cuda_graphs"]],
         "lora": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), *s]],
+        # the Wan self-attention alone, int8, as is and with q / k / v fused (a short call: sibling groups' LoRAs)
+        "lora_siblings": [[PY, "benchmarks/bench_lora.py", "--out", str(work / "lora"), "--only", "wan self-attention",
+                           "--formats", "int8", *(s or ["--ranks", "16", "32"])]],
         "optimizers": [[PY, "benchmarks/bench_optimizers.py", "--workdir", str(work / "opt_tmp"), "--json",
                         str(work / "optimizers" / "bench_optimizers.json"),
                         *(s or ["--blocks", "3", "--methods", "rtn,gptq,quip,learned"])]],
