@@ -28,7 +28,9 @@ from comfyquant.errors import UserError
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bumped when a candidate's kernels change speed, so kept choices are timed again (2: the
+# rotating activation kernels' configurations and split form, runs 41-42: convrot W8A8 up to 1.6x faster against
+# candidates that did not change)
 
 
 @dataclass
