@@ -317,21 +317,11 @@ class SiblingGroup:
         return self._lead(i, x, plan)
 
     def _lead(self, i: int, x: torch.Tensor, plan: tuple[int, ...]) -> torch.Tensor | None:
-        # the checks read the members' weights' devices, shapes and versions: with the subclass's
-        # __torch_function__ off, each read is a plain attribute (through it, ~20 reads a round cost more host
-        # time than the two launches fusion saves: run 33's T5 bench model ran 0.65x fused vs 0.82x unfused)
-        with torch._C.DisableTorchFunctionSubclass():
-            members = self._members(plan, x)
-            f, rows = (None, 0) if members is None else self._tagged(plan, members)
-        f = None if members is None else self._fused(plan, members, x, f, rows)
-        if members is None or f is None:  # this x's members compute alone
+        ran = self._fused_run(plan, x)
+        if ran is None:  # this x's members compute alone
             self._x, self._slots = x, {j: None for j in plan if j != i}
             return None
-        ran = self._run(f, members, x)
-        if ran is None:  # LoRAs past the stacked rank: this x's members compute alone
-            self._x, self._slots = x, {j: None for j in plan if j != i}
-            return None
-        views = ran[1]
+        views = ran[2]
         self._x, self._slots = x, {j: v for j, v in zip(plan, views, strict=True) if j != i}
         return views[plan.index(i)]
 
@@ -341,19 +331,30 @@ class SiblingGroup:
         ``max_bytes``): the caller computes them alone. Needs no arming or plan (``runtime.gated``'s fold)."""
         if torch.compiler.is_compiling():
             return None
-        plan = tuple(range(len(self.names)))
-        with torch._C.DisableTorchFunctionSubclass():  # plain attribute reads (see _lead)
-            members = self._members(plan, x)
-            f, rows = (None, 0) if members is None else self._tagged(plan, members)
-        f = None if members is None else self._fused(plan, members, x, f, rows)
-        ran = None if members is None or f is None else self._run(f, members, x)
+        ran = self._fused_run(tuple(range(len(self.names))), x)
         if ran is None:
             return None
-        y, views = ran
+        f, y, views = ran
         for view, out in zip(y.split(f.sizes, -1), views, strict=True):
             if out.data_ptr() != view.data_ptr():  # a side path's dense / bias diff (or its whole term) added
                 view.copy_(out)
         return y
+
+    def _fused_run(self, plan: tuple[int, ...],
+                   x: torch.Tensor) -> tuple[_Fused, torch.Tensor, list[torch.Tensor]] | None:
+        """(consolidated weight, fused output, each member's output) of ``plan``'s members on ``x``, or None
+        where they compute alone (:meth:`_members`, :meth:`_fused` and :meth:`_run` decline)."""
+        # the checks read the members' weights' devices, shapes and versions: with the subclass's
+        # __torch_function__ off, each read is a plain attribute (through it, ~20 reads a round cost more host
+        # time than the two launches fusion saves: run 33's T5 bench model ran 0.65x fused vs 0.82x unfused)
+        with torch._C.DisableTorchFunctionSubclass():
+            members = self._members(plan, x)
+            f, rows = (None, 0) if members is None else self._tagged(plan, members)
+        f = None if members is None else self._fused(plan, members, x, f, rows)
+        if members is None or f is None:
+            return None
+        ran = self._run(f, members, x)
+        return None if ran is None else (f, *ran)
 
     def _run(self, f: _Fused, members: list[nn.Module],
              x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
