@@ -21,6 +21,12 @@ MAX_BYTES = 16 << 20  # per quantized activation: M x K bytes (M = 1024 at K = 1
 MAX_ENTRIES = 16
 
 
+def row_scales(m: int, extra: int, device: torch.device | str) -> torch.Tensor:
+    """A fresh ``[m, 1]`` float32 row-scale tensor followed in its storage by ``extra`` floats (the split
+    rotation's absmax parts, ``triton_quant.scale_floats``): the kernels write past the view, its users see m."""
+    return torch.empty(m + extra, dtype=torch.float32, device=device)[:m].view(m, 1)
+
+
 class ScratchPool:
     """The (quantized activation, row scales) pairs of one device, keyed by stream, thread, shape and dtype."""
 
@@ -40,7 +46,7 @@ class ScratchPool:
         if got is not None:
             return got
         got = (torch.empty((m, k), dtype=qdtype, device=self.device),
-               torch.empty(m + extra, dtype=torch.float32, device=self.device)[:m].view(m, 1))
+               row_scales(m, extra, self.device))
         if m * k * got[0].element_size() <= self.max_bytes:
             if len(self._pairs) >= self.max_entries:
                 self._pairs.pop(next(iter(self._pairs)))

@@ -223,7 +223,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     k = triton_quant.out_width(x, act)  # x's width kx, and the activated one the GEMM reads
     q = torch.empty((m, k), dtype=qdtype, device=dev)
     extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m  # the split rotation's absmax parts
-    s = torch.empty(m + extra, dtype=torch.float32, device=dev)[:m].view(m, 1)
+    s = scratch.row_scales(m, extra, dev)
     fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act)
     lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
     cfg, small = ti.pick_w8a8(m, n, k, dev, ti.persistent_eligible(qdtype, False, lr),

@@ -24,6 +24,7 @@ from comfyquant.quant.hadamard import hadamard_matrix
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts
+from comfyquant.runtime.kernels.scratch import row_scales
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to the nearest integer, ties to even
 MODE_INT8, MODE_FP8, MODE_FP8_STATIC, MODE_FLOAT = 0, 1, 2, 3
@@ -496,7 +497,7 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
     m, k = x2d.shape[0], out_width(x2d, act)
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
     floats = scale_floats(x2d, group, mode, act, kernel) if static_scale is None else m
-    scale = torch.empty(floats, dtype=torch.float32, device=x2d.device)[:m].view(m, 1)
+    scale = row_scales(m, floats - m, x2d.device)
     for fk, grid, args, key, warps, stages in launch_for(x2d, out, scale, static_scale, group, mode, qmax, perm,
                                                          act, kernel):
         fk(grid, args, x2d.device, num_warps=warps, num_stages=stages, key=key)
