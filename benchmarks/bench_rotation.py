@@ -55,31 +55,44 @@ def run_split(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, chu
         tq._ACT_TILES(grid, args, x.device, num_warps=w, num_stages=tq.ROT_STAGES, key=key)
 
 
+def _pairs(m: int, k: int, extra: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(bf16 rows, int8 codes, row scales with ``extra`` floats after them) sets cycled past L2; the first rows
+    10x larger (outliers against the others' scale)."""
+    from comfyquant.runtime.kernels.scratch import row_scales
+
+    n = max(2, min(64, L2_PAST // (m * k * 2)))
+    return [(torch.randn(m, k, device="cuda").bfloat16() * (1 + 10 * (i == 0)),
+             torch.empty((m, k), dtype=torch.int8, device="cuda"), row_scales(m, extra, "cuda")) for i in range(n)]
+
+
+def _baselines(pairs: list, g: int) -> dict[str, float]:
+    """GPU µs of the unrotated block kernel, the row kernel and today's pick ("auto") on ``pairs``."""
+    from comfyquant.bench.layers import graph_time_us
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    return {name: graph_time_us(lambda x, q, s, grp=grp, kern=kern: tq.quantize_rows_int8(x, grp, kernel=kern),
+                                pairs)
+            for name, grp, kern in (("plain_blocks", None, "blocks"), ("rows", g, "rows"), ("auto", g, "auto"))}
+
+
 def split_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
     """Rows too few for the tile kernel: the row kernel, "auto" and the split form at several chunk counts
     (codes and scales compared with the tile kernel's), GPU time."""
     from comfyquant.bench.layers import graph_time_us
     from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.scratch import row_scales
 
     out, mismatches = [], {}
     for k in ks:
         for m in ms:
-            n = max(2, min(64, L2_PAST // (m * k * 2)))
-            xs = [torch.randn(m, k, device="cuda").bfloat16() * (1 + 10 * (i == 0)) for i in range(n)]
             chunk_set = sorted({tq.split_chunks(m, k, g, 132, p) for p in SPLIT_PROGRAMS})
-            most = max(chunk_set)
-            qs = [torch.empty((m, k), dtype=torch.int8, device="cuda") for _ in range(n)]
-            ss = [torch.empty(m * (1 + most), device="cuda")[:m].view(m, 1) for _ in range(n)]
-            pairs = list(zip(xs, qs, ss, strict=True))
-            want_q, want_s = tq.quantize_rows_int8(xs[0], g, kernel="tiles")
-            row: dict = {"m": m, "k": k, "group": g, "pick": tq.pick_kernel(xs[0], g, tq.MODE_INT8),
-                         "chunks": tq.split_chunks(m, k, g, 132), "us": {}}
-            for name, grp, kern in (("plain_blocks", None, "blocks"), ("rows", g, "rows"), ("auto", g, "auto")):
-                row["us"][name] = graph_time_us(
-                    lambda x, q, s, grp=grp, kern=kern: tq.quantize_rows_int8(x, grp, kernel=kern), pairs)
+            pairs = _pairs(m, k, m * max(chunk_set))
+            want_q, want_s = tq.quantize_rows_int8(pairs[0][0], g, kernel="tiles")
+            row: dict = {"m": m, "k": k, "group": g, "pick": tq.pick_kernel(pairs[0][0], g, tq.MODE_INT8),
+                         "chunks": tq.split_chunks(m, k, g, 132), "us": _baselines(pairs, g)}
             for c in chunk_set:
-                q, s = torch.empty_like(want_q), torch.empty(m * (1 + c), device="cuda")[:m].view(m, 1)
-                run_split(xs[0], q, s, g, c)
+                q, s = torch.empty_like(want_q), row_scales(m, m * c, "cuda")
+                run_split(pairs[0][0], q, s, g, c)
                 off = int((q != want_q).sum()) + int((s != want_s).sum())
                 if off:
                     mismatches[f"{m}x{k} split {c}"] = off
@@ -90,53 +103,28 @@ def split_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
                   f"{row['us']['auto']:7.1f} ({row['pick']}, {row['chunks']} chunks) best {best[1]} {best[0]:7.1f} us "
                   f"= {row['us']['rows'] / best[0]:.2f}x rows, {best[0] / row['us']['plain_blocks']:.2f}x plain",
                   flush=True)
-            del xs, qs, ss, pairs
+            del pairs
             torch.cuda.empty_cache()
     return out, mismatches
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--m", default=",".join(map(str, M_VALUES)))
-    p.add_argument("--k", default=",".join(map(str, K_VALUES)))
-    p.add_argument("--group", type=int, default=256)
-    p.add_argument("--split", action="store_true", help="the split form at M = 64 .. 2048 instead (one call)")
-    a = p.parse_args()
-    if a.split:
-        a.out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        rows, bad = split_rows(list(SPLIT_M), [int(v) for v in a.k.split(",")], a.group)
-        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "mismatches": bad,
-               "rows": rows}
-        (a.out / "rotation_split.json").write_text(json.dumps(res, indent=1))
-        print(f"done in {res['seconds']} s; split configurations whose codes differ from the tile kernel's: "
-              f"{len(bad)}", flush=True)
-        return 1 if bad else 0
+def tile_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
+    """The unsplit tile kernel's launch configurations (:func:`configs`) against the baselines (codes and
+    scales compared with the default configuration's), GPU time."""
     from comfyquant.bench.layers import graph_time_us
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    a.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    g = a.group
-    rows_out, mismatches = [], {}
-    for k in (int(v) for v in a.k.split(",")):
-        for m in (int(v) for v in a.m.split(",")):
-            n = max(2, min(64, L2_PAST // (m * k * 2)))
-            xs = [torch.randn(m, k, device="cuda").bfloat16() * (1 + 10 * (i == 0)) for i in range(n)]
-            qs = [torch.empty((m, k), dtype=torch.int8, device="cuda") for _ in range(n)]
-            ss = [torch.empty((m, 1), dtype=torch.float32, device="cuda") for _ in range(n)]
-            pairs = list(zip(xs, qs, ss, strict=True))
-            want_q, want_s = tq.quantize_rows_int8(xs[0], g, kernel="tiles")
-            row: dict = {"m": m, "k": k, "group": g, "us": {}, "default": str((tq.dot_rows(m, 132), 4, 2, 1))}
-            for name, grp, kern in (("plain_blocks", None, "blocks"), ("rows", g, "rows"), ("auto", g, "auto")):
-                row["us"][name] = graph_time_us(
-                    lambda x, q, s, grp=grp, kern=kern: tq.quantize_rows_int8(x, grp, kernel=kern), pairs)
+    out, mismatches = [], {}
+    for k in ks:
+        for m in ms:
+            pairs = _pairs(m, k, 0)
+            want_q, want_s = tq.quantize_rows_int8(pairs[0][0], g, kernel="tiles")
+            row: dict = {"m": m, "k": k, "group": g, "us": _baselines(pairs, g),
+                         "default": str((tq.dot_rows(m, 132), 4, 2, 1))}
             for cfg in configs(m):
                 q, s = torch.empty_like(want_q), torch.empty_like(want_s)
                 try:
-                    run_tiles(xs[0], q, s, g, cfg)
+                    run_tiles(pairs[0][0], q, s, g, cfg)
                 except Exception as e:  # recorded: a configuration that does not compile (shared memory)
                     row["us"][str(cfg)] = None
                     print(f"M={m} K={k} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -149,20 +137,39 @@ def main() -> int:
             best = min(timed, default=(float("nan"), ""))
             row["best"], row["best_us"] = best[1], best[0]
             row["tb_s"] = {c: m * k * 3 / v / 1e6 for c, v in row["us"].items() if v}
-            rows_out.append(row)
+            out.append(row)
             print(f"M={m:5} K={k:5} plain {row['us']['plain_blocks']:7.1f} rows {row['us']['rows']:7.1f} auto "
                   f"{row['us']['auto']:7.1f} best {best[1]} {best[0]:7.1f} us ({row['tb_s'].get(best[1], 0):.2f} "
                   f"TB/s) = {row['us']['auto'] / best[0]:.2f}x auto, {best[0] / row['us']['plain_blocks']:.2f}x plain",
                   flush=True)
-            del xs, qs, ss, pairs
+            del pairs
             torch.cuda.empty_cache()
+    return out, mismatches
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--m", default=",".join(map(str, M_VALUES)))
+    p.add_argument("--k", default=",".join(map(str, K_VALUES)))
+    p.add_argument("--group", type=int, default=256)
+    p.add_argument("--split", action="store_true", help="the split form at M = 64 .. 2048 instead (one call)")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ks = [int(v) for v in a.k.split(",")]
+    if a.split:
+        rows, bad = split_rows(list(SPLIT_M), ks, a.group)
+    else:
+        rows, bad = tile_rows([int(v) for v in a.m.split(",")], ks, a.group)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "mismatches": mismatches,
-           "rows": rows_out}
-    (a.out / "rotation_tiles.json").write_text(json.dumps(res, indent=1))
-    print(f"done in {res['seconds']} s; configurations whose codes differ from the default's: {len(mismatches)}",
-          flush=True)
-    return 0
+           "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "mismatches": bad,
+           "rows": rows}
+    (a.out / ("rotation_split.json" if a.split else "rotation_tiles.json")).write_text(json.dumps(res, indent=1))
+    what = "split configurations whose codes differ from the tile kernel's" if a.split else \
+        "configurations whose codes differ from the default's"
+    print(f"done in {res['seconds']} s; {what}: {len(bad)}", flush=True)
+    return 1 if bad and a.split else 0
 
 
 if __name__ == "__main__":
