@@ -496,6 +496,8 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
         x2d = x2d.contiguous()
     m, k = x2d.shape[0], out_width(x2d, act)
     out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
+    if kernel == "auto":  # picked once for the scales' size and the launches
+        kernel = pick_kernel(x2d, group, mode, act)
     floats = scale_floats(x2d, group, mode, act, kernel) if static_scale is None else m
     scale = row_scales(m, floats - m, x2d.device)
     for fk, grid, args, key, warps, stages in launch_for(x2d, out, scale, static_scale, group, mode, qmax, perm,
