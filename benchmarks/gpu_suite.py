@@ -112,6 +112,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "rotation_split": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_split"), "--split"]],
         # the weight-only GEMM at M = 1 / 16 with split K against unsplit and cuBLAS bf16 (thin-M down projections)
         "w8a16_split": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split")]],
+        # the one-launch W8A8 path from 64 rows (row-block kernel) against two launches and bf16 on 640-4,096-wide
+        # layers: eager wall, GPU time, tile configurations, bit-equality with the two-launch path
+        "fused_rows": [[PY, "benchmarks/bench_fused_rows.py", "--out", str(work / "fused_rows"), "--budget-s",
+                        "{budget}"]],
         # the GPU checks of the weight-only GEMM's paths (split K at M <= 16): linears, plans, graphs, low-rank terms
         "checks_split": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                           "check_linear,check_plans,check_cuda_graphs,check_low_rank_epilogue,check_fp8_triton,"

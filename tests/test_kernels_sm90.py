@@ -14,7 +14,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 
-def _compile(fk: object, args: tuple, warps: int, stages: int = 3) -> object:
+def _compile(fk: object, args: tuple, warps: int, stages: int = 3, aligned: bool = False) -> object:
+    """``fk``'s kernel compiled for sm_90 from ``args``; ``aligned``: with the 16-byte divisibility hints a launch
+    on a GPU gives aligned tensors and ints that are multiples of 16 (without them loads are not vectorized, so
+    nothing is pipelined through cp.async)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
@@ -23,10 +26,14 @@ def _compile(fk: object, args: tuple, warps: int, stages: int = 3) -> object:
     names = list(fn.arg_names)
     assert len(args) == len(names)  # every parameter, constexprs included, in order
     const = {p.name for p in fn.params if p.is_constexpr}
+    free = {p.name for p in fn.params if getattr(p, "do_not_specialize", False)}
     sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
     consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (nm, a) in enumerate(zip(names, args, strict=True))
+             if aligned and nm not in const and nm not in free
+             and (isinstance(a, torch.Tensor) or (type(a) is int and a % 16 == 0))}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def _divisions(ptx: str) -> int:
@@ -92,3 +99,27 @@ def test_one_launch_w8a8_compiles_and_divides_once_per_row() -> None:
     ptx = _compile(ti._FUSED, args, cfg.warps).asm["ptx"]
     # the tile's row scales and their reciprocals (a [BLOCK_M] vector each, at most every row in every thread)
     assert "fma.rn.f32" in ptx and _divisions(ptx) <= 2 * cfg.block_m, (_divisions(ptx), cfg)
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(1024, 1280, 1280), (256, 5120, 1280), (4096, 640, 640), (300, 15360, 3072)])
+def test_row_block_w8a8_compiles_with_release_acquire_counters(m: int, k: int, n: int) -> None:
+    """The row-block one-launch W8A8 kernel (``fused_rows``), as the runtime launches it on a GPU (phase 0:
+    quantization and GEMM synchronized): its arrival is released and its wait acquires, at GPU scope, and the
+    int8 rows other programs wrote are read from L2 (a stale L1 line would give old codes)."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+
+    x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    cfg = ti.rows_config(m, n, k, x.device)
+    assert ti.rows_apply(m, n, k, x.device, cfg)
+    bufs = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(64, dtype=torch.int32))
+    _, args, _ = ti._rows_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs)
+    ck = _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True)
+    ptx = ck.asm["ptx"]
+    assert re.search(r"atom\.global\.gpu\.release\.add", ptx), "the arrival is not a release"
+    assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "the wait does not acquire"
+    # the int8 rows come from L2 (cp.async.cg), pipelined over the config's stages, multiplied by wgmma
+    assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async" in ptx and ".s32.s8.s8" in ptx
+    stage = cfg.block_k * (cfg.block_m + cfg.block_n)
+    assert ck.metadata.shared >= (cfg.stages - 1) * stage, (ck.metadata.shared, cfg)
+    assert "fma.rn.f32" in ptx and _divisions(ptx) <= 8  # the activation kernel's codes: a reciprocal per row

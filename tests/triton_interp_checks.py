@@ -370,6 +370,36 @@ def check_fused() -> None:
                    and e <= bound, rel=e, bound=bound, cfg=str(cfg), **info)
 
 
+def check_fused_rows() -> None:
+    """The one-launch path from 64 rows (the row-block kernel, ``triton_gemm.fused_rows``; its quantization, then
+    its GEMM, as two launches here: the interpreter runs programs one after another): the two-launch path's
+    output bit for bit, with edge row blocks, K off the tile (masked steps), rows past 8,192 columns (chunked
+    passes), an input activation, tensor scales, a low-rank term, and every row of a block quantized once."""
+    from comfyquant.runtime.kernels import triton_int8
+    from comfyquant.runtime.kernels.configs import TileConfig
+
+    cases = [(64, 256, 96, F32, F32, True, "row", 0), (130, 300, 70, BF16, BF16, False, "tensor", 0),
+             (70, 1000, 40, F16, F16, True, "row", 3), (200, 96, 300, F32, BF16, True, "row", 1),
+             (65, 8320, 24, BF16, F32, False, "row", 0)]
+    for i, (m, k, n, dt, odt, has_b, sk, act) in enumerate(cases):
+        x, _w, q, s, b, info = _fused_case((m, k, n, dt, odt, has_b, sk, None), seed=560 + i)
+        assert triton_int8.rows_apply(m, n, k, x.device), (m, n, k)
+        two = triton_int8.int8_linear(x, q, s, b, None, odt, act=act)
+        for cfg in (None, TileConfig(16, 32, 32, 4, 1), TileConfig(64, 64, 64, 4, 2)):
+            y = triton_int8.fused_linear(x, q, s, b, odt, cfg=cfg, act=act)
+            record("fused_rows_equals_two_launch", y.dtype == odt and torch.equal(y, two), act=act, cfg=str(cfg),
+                   max_diff=float((y.float() - two.float()).abs().max()), **info)
+    m, k, n = 96, 128, 48  # a low-rank term in the epilogue, as the two-launch GEMM adds it
+    x, _w, q, s, b, info = _fused_case((m, k, n, F32, F32, True, "row", None), seed=590)
+    g = torch.Generator().manual_seed(591)
+    down, up = torch.randn(16, k, generator=g) * 0.1, torch.randn(16, n, generator=g) * 0.1
+    lr = (down, up, 16)
+    y = triton_int8.fused_linear(x, q, s, b, F32, low_rank=lr)
+    want = triton_int8.int8_linear(x, q, s, b, None, F32, low_rank=lr)
+    record("fused_rows_low_rank", torch.allclose(y, want, rtol=1e-5, atol=1e-5),
+           max_diff=float((y - want).abs().max()), **info)
+
+
 def check_fused_kblock() -> None:
     """The one-launch kernel with activation scales per row and K block (``kblock``): against the float64-exact
     reference of that scheme (``reference.int8_linear_kblock_ref``, the block the tile config's BLOCK_K), and
@@ -615,7 +645,7 @@ def check_interpreter_limitations() -> None:
 
 GROUPS: dict[str, Callable[[], None]] = {
     "cpu_dispatch": check_cpu_dispatch, "act_quant": check_act_quant, "act_blocks": check_act_blocks, "rotate_rows": check_rotate_rows, "fp8_quant": check_fp8_quant,
-    "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "fused_kblock": check_fused_kblock,
+    "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "fused_rows": check_fused_rows, "fused_kblock": check_fused_kblock,
     "w8a16": check_w8a16, "w8a16_split": check_w8a16_split,
     "dequant": check_dequant, "w4a8": check_w4a8, "fp8_scaled_mm": check_fp8_scaled_mm,
     "fast_kernel": check_fast_kernel, "interpreter_limitations": check_interpreter_limitations,

@@ -112,6 +112,40 @@ def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, 
     return PERSISTENT_W8A8 if persistent and cfg.block_m * cfg.block_n >= 128 * 256 else cfg
 
 
+# The one-launch W8A8 path from 64 rows (``triton_gemm.fused_rows``): a row block's programs quantize its rows
+# between them, wait for each other, then multiply. They must be resident together: a launch holds at most
+# ``ROWS_MAX_COL_TILES - 1`` waiting programs, so four launches on four streams at once still leave SMs free.
+ROWS_MIN_M = 64
+ROWS_MAX_COL_TILES = 32
+ROWS_MAX_ROW_BLOCKS = 8191  # a counter each (the split-K workspace's 8,192, one for the tickets)
+
+
+# Its GEMM tiles (H200 run 44, ``bench_fused_rows.py``: GPU time of CUDA-graph replays, 9 SDXL / CLIP / Flux /
+# T5 shapes x M 256-4096, 2-5 tiles each): 64x64 from 256 to 1,024 rows where the layer is <= 2,048 wide (the best
+# tile on all 8 such rows, up to 1.4x faster than 64x128: more programs share the row block's quantization), 64x128
+# below 1,024 rows on wider layers, 128x128 on 8 warps from 1,024 rows (the best on 11 of 13 rows there, up to
+# 1.7x faster than the wave-scored table's pick, whose 256x128 / 64x128 tiles starve on pointer loads).
+ROWS_SMALL = TileConfig(64, 64, 128, 4, 4, 8)
+ROWS_MID = TileConfig(64, 128, 128, 4, 4, 8)
+ROWS_LARGE = TileConfig(128, 128, 128, 8, 3, 8)
+
+
+def rows_config(m: int, n: int) -> TileConfig:
+    """The row-block kernel's GEMM tile for ``m`` rows of an ``n``-wide layer (see :data:`ROWS_SMALL`)."""
+    if m <= 1024 and cdiv(n, ROWS_SMALL.block_n) <= ROWS_MAX_COL_TILES:
+        return ROWS_SMALL
+    return ROWS_MID if m < 1024 else ROWS_LARGE
+
+
+def rows_shape(m: int, n: int, k: int) -> bool:
+    """Whether the one-launch W8A8 path runs the row-block kernel for ``[m, k] x [k, n]``: from
+    :data:`ROWS_MIN_M` rows, at most :data:`ROWS_MAX_COL_TILES` column tiles of :func:`rows_config`'s tile."""
+    if m < ROWS_MIN_M:
+        return False
+    cfg = rows_config(m, n)
+    return cdiv(n, cfg.block_n) <= ROWS_MAX_COL_TILES and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host code: ``triton.cdiv`` is a constexpr function in Triton 3.6 whose wrapper costs
     ~2-5 µs per call, paid several times per launch."""

@@ -19,6 +19,8 @@ from comfyquant.runtime.kernels.configs import (
     WS_N64_SPEED,
     WS_W8A8,
     gemm_config,
+    rows_config,
+    rows_shape,
     small_m_config,
     w8a16_config,
     wave_efficiency,
@@ -130,6 +132,14 @@ def _quant_kernel(m: int, k: int, c: DeviceCosts, group: int) -> float:
 #   a serial prologue of ~5.5 ns per K element (M <= 16: fused - W8A16 = 16 µs at K = 3072, 80 at 15360).
 TILE_OVERHEAD_ITERS = 8.0
 FUSED_PROLOGUE_US_PER_K = 5.5e-3
+# The row-block one-launch kernel (``configs.rows_shape``): its quantization at the activation pass's bandwidth,
+# a row block's wait, then the Triton GEMM's model on pointer loads (cp.async rather than TMA), at least a
+# latency per K step and wave. Fitted to H200 run 44 (``bench_fused_rows.py``, GPU time of the picked tile on 27
+# rows of 9 SDXL / CLIP / Flux / T5 shapes at M 256-4096): within 25% on the host-bound rows (M <= 1,024,
+# <= 1,280 wide), the geometric-mean error 18% over all.
+ROWS_SPEED = 1.2
+ROWS_SYNC_US = 4.0
+ROWS_STEP_US = 0.36
 
 
 def _short_k(k: int, block_k: int) -> float:
@@ -165,6 +175,14 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
     if path == "triton_fused":
         if group:
             return math.inf
+        if rows_shape(m, n, k):  # the row-block kernel: the activation pass and the GEMM in one launch
+            cfg = rows_config(m, n)
+            eff = (wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * ROWS_SPEED * _short_k(k, cfg.block_k)
+                   * (1.0 if cfg.block_m * cfg.block_n >= 128 * 256 else 0.8))
+            quant = 3.0 * m * k / (QUANT_BW_FRACTION * c.bw_gbs * 1e3)
+            waves = math.ceil(math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n) / c.sms)
+            loop = waves * math.ceil(k / cfg.block_k) * ROWS_STEP_US
+            return ROWS_SYNC_US + quant + max(_kernel(flops, m * k + n * k + out_b, c.rate("triton"), eff, c), loop)
         cfg = small_m_config(m, n, k, c.sms)
         eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms)
         return k * FUSED_PROLOGUE_US_PER_K + _kernel(flops, 2.0 * m * k + n * k + out_b, c.rate(path), eff, c)

@@ -7,6 +7,8 @@
 - ``w8a16``: weight-only: int8/fp8 W converted to x's 16-bit dtype in registers, fp32 accumulate (small M).
 - ``fused``: ONE launch per W8A8 linear: each program takes its rows' absmax over K (bf16 x), then quantizes
   the A tiles in registers inside the main loop (no int8 round trip through memory, no second launch).
+- ``fused_rows``: one launch from 64 rows: a row block's programs quantize its rows between them into an int8
+  scratch, wait for each other (counters, tiles handed out in row-block order), then run the int8 GEMM.
 - ``w4a8``: int4 weights (two per byte, even column in the low nibble) against int8 activations whose K order
   is permuted per 128-column block (evens first, then odds: ``triton_quant`` writes it so); each packed tile
   is split with two shifts into the even-K and odd-K int8 halves, two int8 dots per K step, no interleave.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from comfyquant.runtime.kernels.triton_quant import input_act, quant_codes
+from comfyquant.runtime.kernels.triton_quant import input_act, quant_codes, quantize_rows
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to nearest, ties to even
 PERM_BLOCK = 128  # the W4A8 K-permutation block (= the W4A8 kernel's K step)
@@ -102,8 +104,9 @@ def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTYPE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              B_TO: tl.constexpr, A_ACT: tl.constexpr):
-    # rows/cols past the edge are clamped (wrapped) instead of masked: their results are never stored
+              B_TO: tl.constexpr, A_ACT: tl.constexpr, A_CACHE: tl.constexpr):
+    # rows/cols past the edge are clamped (wrapped) instead of masked: their results are never stored;
+    # ``A_CACHE``: A's load cache modifier (".cg": from L2, past a stale L1, for A written by other programs)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_K)
@@ -112,7 +115,7 @@ def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTY
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(a_ptrs)
+            a = tl.load(a_ptrs, cache_modifier=A_CACHE)
             b = tl.load(b_ptrs)
         else:
             rem = K - kk * BLOCK_K
@@ -120,7 +123,7 @@ def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTY
                 a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0.0)
             else:
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0)
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0, cache_modifier=A_CACHE)
                 if B_TO:  # fp8 loads take no integer `other`: zero the tail after the conversion
                     b = tl.load(b_ptrs, mask=offs_k[:, None] < rem)
                     b = tl.where(offs_k[:, None] < rem, b.to(a.dtype), 0.0)
@@ -144,7 +147,7 @@ def w8a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     ACC: tl.constexpr = tl.float32 if a_ptr.dtype.element_ty.is_fp8() else tl.int32
     acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC,
-                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, 0)
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, 0, "")
     if RAW:  # the accumulator itself (exactness checks against torch._int_mm)
         _store_raw(acc, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N)
     else:
@@ -166,14 +169,14 @@ def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, 
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SPLIT == 1:
         acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.float32,
-                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT)
+                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT, "")
         _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
                h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
     else:
         s = tl.program_id(1)
         k0 = s * K_PER
         acc = _mainloop(a_ptr + k0, b_ptr + k0, M, N, tl.minimum(K - k0, K_PER), stride_am, stride_bn, pid_m,
-                        pid_n, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT)
+                        pid_n, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT, "")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -298,6 +301,49 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
         out = acc.to(tl.float32) * scale[:, None]
     _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
            h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
+
+
+@triton.jit(do_not_specialize=["M"])
+def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M, N, K, stride_xm, stride_bn,
+               stride_cm, ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
+               HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr, A_ACT: tl.constexpr, QR: tl.constexpr,
+               BK: tl.constexpr, NCH: tl.constexpr, PHASE: tl.constexpr):
+    """W8A8 in one launch from 64 rows: the programs of a row block quantize its rows between them (x's codes and
+    scales into ``q`` / ``sa``, :func:`triton_quant.quantize_rows`: the activation kernel's, bit for bit), wait
+    for each other, then each multiplies its output tile from the int8 rows (L2 loads: other programs wrote
+    them). Tiles go out in row-block order by a ticket taken at program start (``sync[0]``), so every program a
+    waiting one needs has started: no co-residency is assumed past a row block's ``cdiv(N, BLOCK_N)`` programs.
+    ``sync[1 + row block]`` counts arrivals, then departures; the last ticket and the last departure reset them,
+    so the counters start and end zeroed. ``PHASE`` 1 / 2: the quantization / the GEMM alone, for Triton's CPU
+    interpreter (it runs programs one after another, so a wait would never end); 0: both, synchronized."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    if PHASE == 0:
+        t = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+        if t == tl.cdiv(M, BLOCK_M) * num_n - 1:  # every ticket is out: the next launch starts from zero
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+    else:
+        t = tl.program_id(0)
+    pid_m = t // num_n
+    pid_n = t % num_n
+    if PHASE != 2:
+        for g in range(pid_n, BLOCK_M // QR, num_n):  # this program's groups of QR rows
+            quantize_rows(x_ptr, q_ptr, sa_ptr, sa_ptr, pid_m * BLOCK_M + g * QR + tl.arange(0, QR), M, K, stride_xm,
+                          K, 127.0, BK, NCH, 0, 0, A_ACT)
+    if PHASE == 0:
+        flag = sync_ptr + 1 + pid_m
+        tl.debug_barrier()  # every thread's codes are written before the arrival is released
+        tl.atomic_add(flag, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+        while seen < num_n:
+            seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+        if tl.atomic_add(flag, 1, sem="relaxed", scope="gpu") == 2 * num_n - 1:  # the row block's last departure
+            tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
+    if PHASE != 1:
+        acc = _mainloop(q_ptr, b_ptr, M, N, K, K, stride_bn, pid_m, pid_n, tl.int32, BLOCK_M, BLOCK_N, BLOCK_K,
+                        EVEN_K, False, 0, ".cg")
+        _store(_row_scale(acc, sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n,
+               BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -17,10 +17,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from comfyquant.runtime.kernels import scratch, triton_quant
+from comfyquant.runtime.kernels import configs, scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import (
+    ROWS_MAX_COL_TILES,
+    ROWS_MAX_ROW_BLOCKS,
+    ROWS_MIN_M,
     WS_LOW_RANK,
     TileConfig,
     cdiv,
@@ -28,6 +31,7 @@ from comfyquant.runtime.kernels.configs import (
     gemm_config,
     hopper_w8a8_config,
     next_power_of_2,
+    rows_shape,
     small_m_config,
     w8a16_config,
 )
@@ -38,6 +42,7 @@ _W8A16 = FastKernel(kern.w8a16)
 _TMA = FastKernel(kern.w8a8_tma)
 _TMA_PERSISTENT = FastKernel(kern.w8a8_tma_persistent)
 _FUSED = FastKernel(kern.fused)
+_FUSED_ROWS = FastKernel(kern.fused_rows)
 _W4A8 = FastKernel(kern.w4a8)
 _DEQUANT = FastKernel(kern.dequant)
 SMALL_M = 64  # below this many rows the thin-M tiles are used
@@ -307,7 +312,8 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
                  low_rank: LowRank | None = None, act: int = 0, kblock: bool = False) -> torch.Tensor:
     """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation);
     ``kblock``: one activation scale per row and K block of the tile config (``BLOCK_K``, 128 from K = 128 on:
-    ``reference.int8_linear_kblock_ref``) instead of one per row, so no absmax pass over K comes first."""
+    ``reference.int8_linear_kblock_ref``) instead of one per row, so no absmax pass over K comes first. From
+    :data:`ROWS_MIN_M` rows (:func:`rows_apply`) the row-block kernel (``fused_rows``) runs it."""
     _no_act_with_low_rank(act, low_rank)
     _no_gated_act(act, "fused_linear")
     lead, k = x.shape[:-1], x.shape[-1]
@@ -317,9 +323,13 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
+        lr = _low_rank_args(low_rank, x2d, sb)
+        if not kblock and rows_apply(m, n, k, x.device):
+            cfg = cfg or rows_config(m, n, k, x.device)
+            _fused_rows(x2d, w_q, out, sb, bias, cfg, lr, act)
+            return out.reshape(*lead, n)
         cfg = cfg or fused_config(m, n, k, x.device)
-        grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x2d, sb), act,
-                                        kblock)
+        grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, lr, act, kblock)
         _FUSED(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
 
@@ -341,6 +351,70 @@ def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: t
              k % cfg.block_k == 0, chunk, *lr_args, act, kblock),
             (cfg, chunk, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
              _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act, kblock))
+
+
+def rows_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
+    """The row-block kernel's GEMM tile (``configs.rows_config``), its stages fitted to int8 operands."""
+    return fit_stages(configs.rows_config(m, n), 1, 1)
+
+
+def rows_apply(m: int, n: int, k: int, device: torch.device, cfg: TileConfig | None = None) -> bool:
+    """Whether the one-launch path runs the row-block kernel for ``[m, k] x [k, n]`` (``configs.rows_shape``;
+    with ``cfg``, that tile's column and row blocks)."""
+    if cfg is None:
+        return rows_shape(m, n, k)
+    return (m >= ROWS_MIN_M and cdiv(n, cfg.block_n) <= ROWS_MAX_COL_TILES
+            and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS)
+
+
+def rows_quant_config(k: int) -> tuple[int, int, int]:
+    """(rows per step, columns per step, chunks) of the row-block kernel's quantization: up to 8K fp32 values
+    in registers (4 rows of up to 2,048 columns, 1 row up to 8,192), longer rows in two passes over 4,096- or
+    2,048-column chunks, as the activation kernel's block configurations do."""
+    full = next_power_of_2(max(k, 16))
+    if full <= 8192:
+        return min(4, 8192 // full), full, 1
+    chunk = 4096 if k % 4096 == 0 else 2048
+    return 1, chunk, cdiv(k, chunk)
+
+
+def rows_buffers(device: torch.device, stream: int, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    """(int8 codes [m, k], row scales [m, 1], counters) of a row-block launch on ``stream``: the stream's
+    scratch pair of the two-launch path and the split-K workspace's counters (kernels on one stream run in
+    order, and every launch leaves the counters zeroed)."""
+    q, s = scratch.pool(device).pair(stream, m, k, torch.int8)
+    return q, s, scratch.split_workspace(device).buffers(stream, 1)[1]
+
+
+def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
+                 bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
+                 bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], phase: int = 0) -> tuple:
+    """(grid, args, key) of the row-block kernel: x, w, out, then the codes, scales and counters ``bufs`` at
+    ``args[0:6]`` and ``args[7]``; ``phase`` 1 / 2 (quantization / GEMM alone) for the CPU interpreter."""
+    (m, k), n = x2d.shape, w_q.shape[0]
+    q, s, sync = bufs
+    qr, bk, nch = rows_quant_config(k)
+    qr = min(qr, cfg.block_m)
+    lr_args, lr_key = lr
+    return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
+            (x2d, w_q, out, q, s, sb, bias if bias is not None else sb, sync, m, n, k, x2d.stride(0),
+             w_q.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
+             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, phase),
+            (cfg, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
+             _al(x2d), _al(w_q), _al(q), _al(sb), bias is None or _al(bias), lr_key, act, phase))
+
+
+def _fused_rows(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
+                bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int) -> None:
+    """Launch the row-block kernel: one synchronized launch on a GPU; under Triton's CPU interpreter (which runs
+    programs one after another) its quantization, then its GEMM, as two launches of the same kernel."""
+    dev = x2d.device
+    m, k = x2d.shape
+    bufs = rows_buffers(dev, stream_id(dev), m, k)
+    for phase in ((0,) if dev.type == "cuda" else (1, 2)):
+        grid, args, key = _rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
+        _FUSED_ROWS(grid, args, dev, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -142,12 +142,55 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     if common is None:
         return None
     lead, m, n, k, dev, sb = common
-    cfg = ti.fused_config(m, n, k, dev)
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
+    if not kblock and ti.rows_apply(m, n, k, dev):
+        return _rows_plan(x.view(m, k), w_q, out, sb, bias, lr, act, (*lead, n), _h_slot_of(lr, low_rank))
+    cfg = ti.fused_config(m, n, k, dev)
     grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, kblock)
     return _one_launch(ti._FUSED.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
                        args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
+
+
+def _h_slot_of(lr: tuple[tuple, tuple], low_rank: LowRank | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if low_rank is None else (lr[0][0], low_rank[0])
+
+
+def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
+               bias: torch.Tensor | None, lr: tuple[tuple, tuple], act: int, shape: tuple[int, ...],
+               h: tuple[torch.Tensor, torch.Tensor] | None) -> Plan | None:
+    """The plan of the row-block one-launch kernel (``triton_int8.fused_rows``): per call, x, a fresh output, the
+    stream's scratch codes / scales / counters (``rows_buffers``: a plan may run on any stream) and the low-rank
+    term's ``h``; the rest fixed. GPU only (the interpreter runs it as two launches: the general path)."""
+    dev = x2d.device
+    if dev.type != "cuda":
+        return None
+    (m, k), n = x2d.shape, w_q.shape[0]
+    cfg = ti.rows_config(m, n, k, dev)
+    st0 = _raw_stream(dev)()
+    grid, args, key = ti._rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, ti.rows_buffers(dev, st0, m, k))
+    fire = ti._FUSED_ROWS.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+    if fire is None:
+        return None
+    stream, empty, linear, out_dtype = _raw_stream(dev), torch.empty, torch.nn.functional.linear, out.dtype
+    hi = None if h is None else next(i for i, a in enumerate(args) if a is h[0])
+    template = _without(list(args), (0, 2, 3, 4, 7, hi))
+    sync: dict[int, torch.Tensor] = {}
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        st = stream()
+        a = template.copy()
+        q, s = scratch.pool(dev).pair(st, m, k, torch.int8)
+        c = sync.get(st)
+        if c is None:
+            c = sync[st] = scratch.split_workspace(dev).buffers(st, 1)[1]
+        a[0], a[2], a[3], a[4], a[7] = x, empty(shape, dtype=out_dtype, device=dev), q, s, c
+        if hi is not None:
+            a[hi] = linear(x, h[1])
+        fire(st, *a)
+        return a[2]
+
+    return run
 
 
 def _without(seq: list, slots: tuple[int | None, ...]) -> list:

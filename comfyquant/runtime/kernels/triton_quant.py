@@ -307,10 +307,19 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
 def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stride_om, qmax,
                       R: tl.constexpr, BK: tl.constexpr, NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
                       ACT: tl.constexpr):
-    """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program, ``BK`` columns at a time:
-    one pass with the rows in registers when ``NCH == 1``, else two unrolled passes over ``NCH`` chunks (absmax,
-    then codes; the re-read hits L2); :func:`_div` instead of a division per element."""
-    rows = tl.program_id(0) * R + tl.arange(0, R)
+    """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program: :func:`quantize_rows`."""
+    quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, tl.program_id(0) * R + tl.arange(0, R), M, K, stride_xm,
+                  stride_om, qmax, BK, NCH, MODE, PERM, ACT)
+
+
+@triton.jit
+def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, stride_om, qmax, BK: tl.constexpr,
+                  NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr):
+    """Codes and scales of the rows ``rows`` (those < M), ``BK`` columns at a time: one pass with the rows in
+    registers when ``NCH == 1``, else two unrolled passes over ``NCH`` chunks (absmax, then codes; the re-read
+    hits L2); :func:`_div` instead of a division per element. The block kernel's body, and the one-launch W8A8
+    kernel's (``triton_gemm.fused_rows``) share of its row block: the same codes from either."""
+    R: tl.constexpr = rows.shape[0]
     rmask = rows < M
     cols = tl.arange(0, BK)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
