@@ -122,8 +122,8 @@ ROWS_MAX_ROW_BLOCKS = 8191  # a counter each (the split-K workspace's 8,192, one
 
 # Its GEMM tiles (H200 run 44, ``bench_fused_rows.py``: GPU time of CUDA-graph replays, 9 SDXL / CLIP / Flux /
 # T5 shapes x M 256-4096, 2-5 tiles each): 64x64 from 256 to 1,024 rows where the layer is <= 2,048 wide (the best
-# tile on all 8 such rows, up to 1.4x faster than 64x128: more programs share the row block's quantization), 64x128
-# below 1,024 rows on wider layers, 128x128 on 8 warps from 1,024 rows (the best on 11 of 13 rows there, up to
+# tile on all 10 such rows, up to 1.4x faster than 64x128: more programs share the row block's quantization), 64x128
+# below 1,024 rows on wider layers, 128x128 on 8 warps from 1,024 rows (the best on all 13 rows there, up to
 # 1.7x faster than the wave-scored table's pick, whose 256x128 / 64x128 tiles starve on pointer loads).
 ROWS_SMALL = TileConfig(64, 64, 128, 4, 4, 8)
 ROWS_MID = TileConfig(64, 128, 128, 4, 4, 8)
