@@ -161,17 +161,19 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
                h: tuple[torch.Tensor, torch.Tensor] | None) -> Plan | None:
     """The plan of the row-block one-launch kernel (``triton_int8.fused_rows``): per call, x, a fresh output, the
     stream's scratch codes / scales / counters (``rows_buffers``: a plan may run on any stream) and the low-rank
-    term's ``h``; the rest fixed. GPU only (the interpreter runs it as two launches: the general path)."""
+    term's ``h``; the rest fixed. Under the CPU interpreter its two phases fire one after the other, as the
+    general path runs them."""
     dev = x2d.device
-    if dev.type != "cuda":
-        return None
     (m, k), n = x2d.shape, w_q.shape[0]
     cfg = ti.rows_config(m, n, k, dev)
-    st0 = _raw_stream(dev)()
-    grid, args, key = ti._rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, ti.rows_buffers(dev, st0, m, k))
-    fire = ti._FUSED_ROWS.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
-    if fire is None:
-        return None
+    bufs = ti.rows_buffers(dev, _raw_stream(dev)(), m, k)
+    fires = []
+    for phase in ((0,) if dev.type == "cuda" else (1, 2)):
+        grid, args, key = ti._rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
+        fire = ti._FUSED_ROWS.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+        if fire is None:
+            return None
+        fires.append((fire, phase))
     stream, empty, linear, out_dtype = _raw_stream(dev), torch.empty, torch.nn.functional.linear, out.dtype
     hi = None if h is None else next(i for i, a in enumerate(args) if a is h[0])
     template = _without(list(args), (0, 2, 3, 4, 7, hi))
@@ -187,7 +189,9 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
         a[0], a[2], a[3], a[4], a[7] = x, empty(shape, dtype=out_dtype, device=dev), q, s, c
         if hi is not None:
             a[hi] = linear(x, h[1])
-        fire(st, *a)
+        for fire, phase in fires:
+            a[-1] = phase
+            fire(st, *a)
         return a[2]
 
     return run
