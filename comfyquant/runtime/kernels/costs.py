@@ -134,12 +134,13 @@ TILE_OVERHEAD_ITERS = 8.0
 FUSED_PROLOGUE_US_PER_K = 5.5e-3
 # The row-block one-launch kernel (``configs.rows_shape``): its quantization at the activation pass's bandwidth,
 # a row block's wait, then the Triton GEMM's model on pointer loads (cp.async rather than TMA), at least a
-# latency per K step and wave. Fitted to H200 run 44 (``bench_fused_rows.py``, GPU time of the picked tile on 27
-# rows of 9 SDXL / CLIP / Flux / T5 shapes at M 256-4096): within 25% on the host-bound rows (M <= 1,024,
-# <= 1,280 wide), the geometric-mean error 18% over all.
+# latency per K step and wave (of the programs an SM holds at once: shared memory allows 2-3). Fitted to H200 run
+# 45 (``bench_fused_rows.py``, GPU time of the picked tile, 36 rows of 9 SDXL / CLIP / Flux / T5 shapes at M
+# 64-4096): geometric-mean error 7%, within 15% on every row up to 1,024 rows but CLIP fc1 at 1,024 (+27%).
 ROWS_SPEED = 1.2
 ROWS_SYNC_US = 4.0
-ROWS_STEP_US = 0.36
+ROWS_STEP_US = 0.5
+ROWS_SMEM = 228 * 1024  # shared memory per SM (H100 / H200) for the residency estimate
 
 
 def _short_k(k: int, block_k: int) -> float:
@@ -180,7 +181,8 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
             eff = (wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * ROWS_SPEED * _short_k(k, cfg.block_k)
                    * (1.0 if cfg.block_m * cfg.block_n >= 128 * 256 else 0.8))
             quant = 3.0 * m * k / (QUANT_BW_FRACTION * c.bw_gbs * 1e3)
-            waves = math.ceil(math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n) / c.sms)
+            resident = max(1, min(4, ROWS_SMEM // (cfg.stages * cfg.block_k * (cfg.block_m + cfg.block_n))))
+            waves = math.ceil(math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n) / (c.sms * resident))
             loop = waves * math.ceil(k / cfg.block_k) * ROWS_STEP_US
             return ROWS_SYNC_US + quant + max(_kernel(flops, m * k + n * k + out_b, c.rate("triton"), eff, c), loop)
         cfg = small_m_config(m, n, k, c.sms)
