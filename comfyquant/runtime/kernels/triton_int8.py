@@ -367,15 +367,24 @@ def rows_apply(m: int, n: int, k: int, device: torch.device, cfg: TileConfig | N
             and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS)
 
 
-def rows_quant_config(k: int) -> tuple[int, int, int]:
-    """(rows per step, columns per step, chunks) of the row-block kernel's quantization: up to 8K fp32 values
-    in registers (4 rows of up to 2,048 columns, 1 row up to 8,192), longer rows in two passes over 4,096- or
-    2,048-column chunks, as the activation kernel's block configurations do."""
+ROWS_QUANT_PER_THREAD = 64  # fp32 values of x per thread in the quantization share (16K on 8 warps)
+
+
+def rows_quant_config(k: int, cfg: TileConfig, n: int) -> tuple[int, int, int]:
+    """(rows per step, columns per step, chunks) of the row-block kernel's quantization share: rows up to 8,192
+    wide in registers, longer ones in two passes over 4,096- or 2,048-column chunks (as the activation kernel's
+    block configurations); as many rows per step as give each of the row block's ``cdiv(n, BLOCK_N)`` programs
+    one step, within :data:`ROWS_QUANT_PER_THREAD` values a thread (each step waits on its loads: a program of
+    a narrow layer that took 4 rows at a time made 7 dependent steps at 640 columns)."""
     full = next_power_of_2(max(k, 16))
     if full <= 8192:
-        return min(4, 8192 // full), full, 1
-    chunk = 4096 if k % 4096 == 0 else 2048
-    return 1, chunk, cdiv(k, chunk)
+        bk, nch = full, 1
+    else:
+        bk = 4096 if k % 4096 == 0 else 2048
+        nch = cdiv(k, bk)
+    fits = max(1, ROWS_QUANT_PER_THREAD * 32 * cfg.warps // bk)
+    want = next_power_of_2(cdiv(cfg.block_m, cdiv(n, cfg.block_n)))
+    return max(1, min(fits, want, cfg.block_m)), bk, nch
 
 
 def rows_buffers(device: torch.device, stream: int, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -394,8 +403,7 @@ def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: to
     ``args[0:6]`` and ``args[7]``; ``phase`` 1 / 2 (quantization / GEMM alone) for the CPU interpreter."""
     (m, k), n = x2d.shape, w_q.shape[0]
     q, s, sync = bufs
-    qr, bk, nch = rows_quant_config(k)
-    qr = min(qr, cfg.block_m)
+    qr, bk, nch = rows_quant_config(k, cfg, n)
     lr_args, lr_key = lr
     return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
             (x2d, w_q, out, q, s, sb, bias if bias is not None else sb, sync, m, n, k, x2d.stride(0),
