@@ -56,12 +56,13 @@ def _row(name: str, m: int, k: int, n: int, qs: list, wb: list, bias: torch.Tens
     from comfyquant.bench.timing import interleaved_ms
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels import triton_plans as tp
+    from comfyquant.runtime.kernels.configs import rows_config, rows_shape
 
     bf = torch.bfloat16
     xs = [torch.randn(m, k, device="cuda").to(bf) for _ in range(max(2, min(8, L2_PAST // (2 * m * k))))]
     for x in xs:
         x[0, 0] = 40.0  # an outlier entry, as activations have
-    row: dict = {"shape": name, "m": m, "k": k, "n": n, "rows_apply": ti.rows_apply(m, n, k, xs[0].device)}
+    row: dict = {"shape": name, "m": m, "k": k, "n": n, "rows_apply": rows_shape(m, n, k)}
     if not row["rows_apply"]:
         return row
     q0, s0 = qs[0]
@@ -93,11 +94,11 @@ def _row(name: str, m: int, k: int, n: int, qs: list, wb: list, bias: torch.Tens
         "two_launch": graph_time_us(lambda x, q, s: ti.int8_linear(x, q, s, bias, None, bf), pairs),
         "one_launch": graph_time_us(lambda x, q, s: ti.fused_linear(x, q, s, bias, bf), pairs)}
     if m in CONFIG_MS:
-        picked = ti.rows_config(m, n, k, xs[0].device)
+        picked = rows_config(m, n)
         row["picked"] = str(picked)
         row["configs_us"] = {}
         for tag, cfg in _configs(picked).items():
-            if not ti.rows_apply(m, n, k, xs[0].device, cfg):
+            if not rows_shape(m, n, k, cfg):
                 continue
             try:
                 row["configs_us"][tag] = graph_time_us(

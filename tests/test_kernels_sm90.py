@@ -107,11 +107,12 @@ def test_row_block_w8a8_compiles_with_release_acquire_counters(m: int, k: int, n
     quantization and GEMM synchronized): its arrival is released and its wait acquires, at GPU scope, and the
     int8 rows other programs wrote are read from L2 (a stale L1 line would give old codes)."""
     from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import rows_config, rows_shape
 
     x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    cfg = ti.rows_config(m, n, k, x.device)
-    assert ti.rows_apply(m, n, k, x.device, cfg)
+    cfg = rows_config(m, n)
+    assert rows_shape(m, n, k, cfg)
     bufs = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(64, dtype=torch.int32))
     _, args, _ = ti._rows_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs)
     ck = _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True)

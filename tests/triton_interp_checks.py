@@ -376,14 +376,14 @@ def check_fused_rows() -> None:
     output bit for bit, with edge row blocks, K off the tile (masked steps), rows past 8,192 columns (chunked
     passes), an input activation, tensor scales, a low-rank term, and every row of a block quantized once."""
     from comfyquant.runtime.kernels import triton_int8
-    from comfyquant.runtime.kernels.configs import TileConfig
+    from comfyquant.runtime.kernels.configs import TileConfig, rows_shape
 
     cases = [(64, 256, 96, F32, F32, True, "row", 0), (130, 300, 70, BF16, BF16, False, "tensor", 0),
              (70, 1000, 40, F16, F16, True, "row", 3), (200, 96, 300, F32, BF16, True, "row", 1),
              (65, 8320, 24, BF16, F32, False, "row", 0)]
     for i, (m, k, n, dt, odt, has_b, sk, act) in enumerate(cases):
         x, _w, q, s, b, info = _fused_case((m, k, n, dt, odt, has_b, sk, None), seed=560 + i)
-        assert triton_int8.rows_apply(m, n, k, x.device), (m, n, k)
+        assert rows_shape(m, n, k), (m, n, k)
         two = triton_int8.int8_linear(x, q, s, b, None, odt, act=act)
         for cfg in (None, TileConfig(16, 32, 32, 4, 1), TileConfig(64, 64, 64, 4, 2)):
             y = triton_int8.fused_linear(x, q, s, b, odt, cfg=cfg, act=act)

@@ -137,12 +137,13 @@ def rows_config(m: int, n: int) -> TileConfig:
     return ROWS_MID if m < 1024 else ROWS_LARGE
 
 
-def rows_shape(m: int, n: int, k: int) -> bool:
-    """Whether the one-launch W8A8 path runs the row-block kernel for ``[m, k] x [k, n]``: from
-    :data:`ROWS_MIN_M` rows, at most :data:`ROWS_MAX_COL_TILES` column tiles of :func:`rows_config`'s tile."""
+def rows_shape(m: int, n: int, k: int, cfg: TileConfig | None = None) -> bool:
+    """Whether the one-launch W8A8 path runs the row-block kernel for ``[m, k] x [k, n]`` on tile ``cfg``
+    (None: :func:`rows_config`'s): from :data:`ROWS_MIN_M` rows, at most :data:`ROWS_MAX_COL_TILES` column tiles
+    and :data:`ROWS_MAX_ROW_BLOCKS` row blocks."""
     if m < ROWS_MIN_M:
         return False
-    cfg = rows_config(m, n)
+    cfg = cfg or rows_config(m, n)
     return cdiv(n, cfg.block_n) <= ROWS_MAX_COL_TILES and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS
 
 

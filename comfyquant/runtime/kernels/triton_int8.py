@@ -17,13 +17,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from comfyquant.runtime.kernels import configs, scratch, triton_quant
+from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import (
-    ROWS_MAX_COL_TILES,
-    ROWS_MAX_ROW_BLOCKS,
-    ROWS_MIN_M,
     WS_LOW_RANK,
     TileConfig,
     cdiv,
@@ -31,6 +28,7 @@ from comfyquant.runtime.kernels.configs import (
     gemm_config,
     hopper_w8a8_config,
     next_power_of_2,
+    rows_config,
     rows_shape,
     small_m_config,
     w8a16_config,
@@ -313,7 +311,7 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation);
     ``kblock``: one activation scale per row and K block of the tile config (``BLOCK_K``, 128 from K = 128 on:
     ``reference.int8_linear_kblock_ref``) instead of one per row, so no absmax pass over K comes first. From
-    :data:`ROWS_MIN_M` rows (:func:`rows_apply`) the row-block kernel (``fused_rows``) runs it."""
+    ``configs.ROWS_MIN_M`` rows (``configs.rows_shape``) the row-block kernel (``fused_rows``) runs it."""
     _no_act_with_low_rank(act, low_rank)
     _no_gated_act(act, "fused_linear")
     lead, k = x.shape[:-1], x.shape[-1]
@@ -324,8 +322,8 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         lr = _low_rank_args(low_rank, x2d, sb)
-        if not kblock and rows_apply(m, n, k, x.device):
-            cfg = cfg or rows_config(m, n, k, x.device)
+        if not kblock and rows_shape(m, n, k, cfg):
+            cfg = cfg or rows_config(m, n)
             _fused_rows(x2d, w_q, out, sb, bias, cfg, lr, act)
             return out.reshape(*lead, n)
         cfg = cfg or fused_config(m, n, k, x.device)
@@ -353,20 +351,6 @@ def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: t
              _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act, kblock))
 
 
-def rows_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    """The row-block kernel's GEMM tile (``configs.rows_config``), its stages fitted to int8 operands."""
-    return fit_stages(configs.rows_config(m, n), 1, 1)
-
-
-def rows_apply(m: int, n: int, k: int, device: torch.device, cfg: TileConfig | None = None) -> bool:
-    """Whether the one-launch path runs the row-block kernel for ``[m, k] x [k, n]`` (``configs.rows_shape``;
-    with ``cfg``, that tile's column and row blocks)."""
-    if cfg is None:
-        return rows_shape(m, n, k)
-    return (m >= ROWS_MIN_M and cdiv(n, cfg.block_n) <= ROWS_MAX_COL_TILES
-            and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS)
-
-
 ROWS_QUANT_PER_THREAD = 64  # fp32 values of x per thread in the quantization share (16K on 8 warps)
 
 
@@ -381,10 +365,9 @@ def rows_quant_config(k: int, cfg: TileConfig, n: int) -> tuple[int, int, int]:
     if full > 8192:
         bk = 4096 if k % 4096 == 0 else 2048
         return 1, bk, cdiv(k, bk)
-    bk, nch = full, 1
-    fits = max(1, ROWS_QUANT_PER_THREAD * 32 * cfg.warps // bk)
+    fits = max(1, ROWS_QUANT_PER_THREAD * 32 * cfg.warps // full)
     want = next_power_of_2(cdiv(cfg.block_m, cdiv(n, cfg.block_n)))
-    return max(1, min(fits, want, cfg.block_m)), bk, nch
+    return max(1, min(fits, want, cfg.block_m)), full, 1
 
 
 def rows_buffers(device: torch.device, stream: int, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -413,14 +396,20 @@ def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: to
              _al(x2d), _al(w_q), _al(q), _al(sb), bias is None or _al(bias), lr_key, act, phase))
 
 
+def rows_phases(device: torch.device) -> tuple[int, ...]:
+    """The row-block kernel's launches on ``device``: one synchronized (phase 0) on a GPU; under Triton's CPU
+    interpreter, which runs programs one after another (a wait would never end), its quantization, then its
+    GEMM (phases 1, 2)."""
+    return (0,) if device.type == "cuda" else (1, 2)
+
+
 def _fused_rows(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                 bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int) -> None:
-    """Launch the row-block kernel: one synchronized launch on a GPU; under Triton's CPU interpreter (which runs
-    programs one after another) its quantization, then its GEMM, as two launches of the same kernel."""
+    """Launch the row-block kernel (:func:`rows_phases`)."""
     dev = x2d.device
     m, k = x2d.shape
     bufs = rows_buffers(dev, stream_id(dev), m, k)
-    for phase in ((0,) if dev.type == "cuda" else (1, 2)):
+    for phase in rows_phases(dev):
         grid, args, key = _rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
         _FUSED_ROWS(grid, args, dev, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
 

@@ -22,7 +22,7 @@ import torch
 
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
-from comfyquant.runtime.kernels.configs import TileConfig, w8a16_config
+from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape, w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
 from comfyquant.runtime.versions import version
 
@@ -144,38 +144,34 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     lead, m, n, k, dev, sb = common
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
-    if not kblock and ti.rows_apply(m, n, k, dev):
-        return _rows_plan(x.view(m, k), w_q, out, sb, bias, lr, act, (*lead, n), _h_slot_of(lr, low_rank))
+    if not kblock and rows_shape(m, n, k):
+        return _rows_plan(x.view(m, k), w_q, out, sb, bias, lr, act, (*lead, n), low_rank)
     cfg = ti.fused_config(m, n, k, dev)
     grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, kblock)
     return _one_launch(ti._FUSED.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
                        args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
 
 
-def _h_slot_of(lr: tuple[tuple, tuple], low_rank: LowRank | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return None if low_rank is None else (lr[0][0], low_rank[0])
-
-
 def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                bias: torch.Tensor | None, lr: tuple[tuple, tuple], act: int, shape: tuple[int, ...],
-               h: tuple[torch.Tensor, torch.Tensor] | None) -> Plan | None:
+               low_rank: LowRank | None) -> Plan | None:
     """The plan of the row-block one-launch kernel (``triton_int8.fused_rows``): per call, x, a fresh output, the
     stream's scratch codes / scales / counters (``rows_buffers``: a plan may run on any stream) and the low-rank
     term's ``h``; the rest fixed. Under the CPU interpreter its two phases fire one after the other, as the
     general path runs them."""
     dev = x2d.device
     (m, k), n = x2d.shape, w_q.shape[0]
-    cfg = ti.rows_config(m, n, k, dev)
+    cfg = rows_config(m, n)
     bufs = ti.rows_buffers(dev, _raw_stream(dev)(), m, k)
     fires = []
-    for phase in ((0,) if dev.type == "cuda" else (1, 2)):
+    for phase in ti.rows_phases(dev):
         grid, args, key = ti._rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
         fire = ti._FUSED_ROWS.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
         if fire is None:
             return None
         fires.append((fire, phase))
     stream, empty, linear, out_dtype = _raw_stream(dev), torch.empty, torch.nn.functional.linear, out.dtype
-    hi = None if h is None else next(i for i, a in enumerate(args) if a is h[0])
+    hi, down = _h_slot(args, lr, low_rank) or (None, None)
     template = _without(list(args), (0, 2, 3, 4, 7, hi))
     sync: dict[int, torch.Tensor] = {}
 
@@ -188,7 +184,7 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
             c = sync[st] = scratch.split_workspace(dev).buffers(st, 1)[1]
         a[0], a[2], a[3], a[4], a[7] = x, empty(shape, dtype=out_dtype, device=dev), q, s, c
         if hi is not None:
-            a[hi] = linear(x, h[1])
+            a[hi] = linear(x, down)
         for fire, phase in fires:
             a[-1] = phase
             fire(st, *a)
