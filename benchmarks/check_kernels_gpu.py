@@ -407,6 +407,41 @@ def check_linear() -> None:
         record("auto_backend", e_auto <= 1.5 * eps + 2**-7, m=m, k=k, n=n, rel=e_auto, **info)
 
 
+def check_fused_rows() -> None:
+    """The one-launch path from 64 rows (the row-block kernel, ``triton_gemm.fused_rows``) on fp32 and fp16
+    activations too (ComfyUI runs T5 in fp32), with and without an input activation: the two-launch path's output
+    bit for bit on the first launch, a second launch (on the counters the first left), its plan and a CUDA-graph
+    replay of the plan; the error against float64 (activated x times the dequantized weight) is recorded."""
+    import torch.nn.functional as F
+
+    from comfyquant.runtime.kernels import triton_plans
+
+    acts = {0: lambda x: x, 1: lambda x: F.gelu(x, approximate="tanh"), 3: F.silu}
+    for m, k, n, dt, act in [(256, 4096, 4096, torch.float32, 0), (77, 4096, 4096, torch.float32, 0),
+                             (256, 4096, 4096, torch.float32, 1), (1000, 768, 3072, torch.float32, 0),
+                             (300, 15360, 3072, torch.float32, 0), (256, 1280, 1280, torch.float16, 3),
+                             (64, 640, 640, torch.float32, 0)]:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q, s = quantize_rowwise(w)
+        bias = torch.randn(n, device="cuda").bfloat16()
+        x = (torch.randn(m, k, device="cuda") * 3).to(dt)
+        x[0, 5] = 50.0
+        two = triton_int8.int8_linear(x, q, s, bias, None, dt, act=act)
+        one, again = (triton_int8.fused_linear(x, q, s, bias, dt, act=act) for _ in range(2))
+        plan = triton_plans.plan_fused(x, q, s, bias, dt, act)
+        planned = plan(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graphed = plan(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = acts[act](x.double()) @ (q.double() * s.double().reshape(-1, 1)).t() + bias.double()
+        same = {"first": torch.equal(one, two), "second": torch.equal(again, two),
+                "plan": torch.equal(planned, two), "graph": torch.equal(graphed, two)}
+        record("fused_rows_equals_two_launch", all(same.values()), m=m, k=k, n=n, dtype=str(dt), act=act,
+               rel=rel(one, ref), **same)
+
+
 def check_block() -> None:
     for m, k, n, b in [(300, 3072, 1000, 128), (5, 200, 70, 64)]:
         x = torch.randn(m, k, device="cuda").bfloat16()
@@ -796,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_ws_lora_wired,
-               check_linear, check_fp8_triton, check_fp8_low_rank_choice,
+               check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
                check_inference_mode, check_attention, check_attention_cudnn, check_ws_experimental, check_siblings):
         if only and fn.__name__ not in only:

@@ -122,7 +122,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                           "check_siblings"]],
         # the GPU checks of the rotating activation kernels (convrot, W4A8) and the one-launch W8A8 kernel
         "checks_rot": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
-                        "check_act_quant,check_linear,check_w4a8,check_low_rank_epilogue,check_input_act"]],
+                        "check_act_quant,check_linear,check_fused_rows,check_w4a8,check_low_rank_epilogue,"
+                        "check_input_act"]],
         # the GPU checks of the activation kernels and of the paths that run them (linears, plans, fusions)
         "checks_act": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                         "check_act_quant,check_linear,check_input_act,check_plans,check_fp8_triton,"
