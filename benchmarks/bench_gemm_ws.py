@@ -133,6 +133,14 @@ def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False, gra
             row["checks"]["ws + lora r32"] = _error(e)
         variants["triton + lora r32"] = lambda: gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=per_tile,
                                                           lr=lr)
+        # the whole fp8 layer on bf16 x (per-row fp8 activations, then the GEMM): the runtime's Triton-kernel path
+        # (the Gluon kernel where ws_shape takes the shape, configs.WS_FP8) against the same pass + cuBLAS fp8
+        from comfyquant.runtime.kernels.fp8 import fp8_linear_scaled_mm
+        from comfyquant.runtime.kernels.triton_int8 import fp8_linear
+
+        variants["layer fp8 (quant + picked GEMM)"] = lambda: fp8_linear(x, fp8_w, s_w, bias, None, torch.bfloat16)
+        variants["layer fp8 (quant + cuBLAS)"] = lambda: fp8_linear_scaled_mm(x, fp8_w, s_w, bias, None,
+                                                                              torch.bfloat16)
     for _ in range(2):  # two passes in turns: the spread between them is the noise
         for name, fn in variants.items():
             try:
@@ -160,7 +168,8 @@ PLOTTED = {"triton (today)": "Triton GEMM (before run 23)", "ws 128x128 s5": "Gl
            "layer int8 (quant + picked GEMM)": "whole int8 layer (activation pass + picked GEMM)",
            "cublas fp8 (_scaled_mm rowwise)": "cuBLAS fp8 GEMM", "ws fp8 128x128 s5": "Gluon fp8 GEMM",
            "ws pingpong 128x128 s4": "Gluon ping-pong GEMM", "triton + lora r32": "Triton GEMM + LoRA r32",
-           "ws + lora r32": "Gluon GEMM + LoRA r32"}
+           "ws + lora r32": "Gluon GEMM + LoRA r32", "layer fp8 (quant + picked GEMM)": "whole fp8 layer (Gluon)",
+           "layer fp8 (quant + cuBLAS)": "whole fp8 layer (cuBLAS)"}
 
 
 def bar_groups(rows: list[dict]) -> dict[str, dict[str, float]]:

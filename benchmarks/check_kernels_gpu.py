@@ -288,8 +288,8 @@ def check_ws_lora_wired() -> None:
 def check_ws_experimental() -> None:
     """The Gluon GEMM's variants the runtime does not pick, and its LoRA term launched directly (run last: a variant
     that hangs costs only the end of the step): ping-pong (whole tiles per consumer warp group, in turns) bit-equal
-    to the Triton kernel with the same tile, a LoRA's low-rank term in its epilogue with both schedules, and fp8
-    operands, against the Triton kernels and float64."""
+    to the Triton kernel with the same tile, and a LoRA's low-rank term in its epilogue with both schedules, against
+    the Triton kernels and float64 (fp8 operands, a runtime pick since ``configs.WS_FP8``: :func:`check_ws_fp8`)."""
     import dataclasses
 
     from comfyquant.runtime.kernels.configs import WS_W8A8
@@ -316,20 +316,70 @@ def check_ws_experimental() -> None:
         record("w8a8_ws_low_rank", bool(torch.isfinite(got).all()) and err <= 1.5 * err_t + 1e-4, m=m, k=k, n=n,
                r=r, pingpong=pingpong, err=err, triton_err=err_t,
                bit_equal_to_triton=bool(torch.equal(got, c["want"])))
-    # fp8 operands
-    for m, k, n in [(4608, 3072, 3072), (1000, 15360, 520)]:
-        a = (torch.randn(m, k, device="cuda") * 2).to(torch.float8_e4m3fn)
-        b = (torch.randn(n, k, device="cuda") * 2).to(torch.float8_e4m3fn)
-        sa, sb = torch.rand(m, 1, device="cuda") * 1e-2, torch.rand(n, device="cuda") * 1e-2
-        bias = torch.randn(n, device="cuda").bfloat16()
-        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, torch.bfloat16, cfg=per_tile)
+
+
+def check_ws_fp8() -> None:
+    """fp8 operands on the Gluon GEMM (``configs.WS_FP8``: each K step's wgmma sums promoted into float32 by the
+    kernel, ``gluon_gemm._mainloop_promoted``) bit-equal to the per-tile Triton fp8 kernel on the same tile (its
+    ``max_num_imprecise_acc = BLOCK_K`` promotes the same sums in the same order): e4m3 and e5m2, one / two /
+    three K steps and ragged K, 128x64 tiles below 1,024 rows, a scalar weight scale, fp16 output; a LoRA's term
+    in its epilogue against float64; and ``fp8_linear`` as the runtime calls it picks it where ``ws_shape`` says."""
+    import dataclasses
+
+    from comfyquant.runtime.kernels.configs import WS_FP8, WS_W8A8, ws_config, ws_shape
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for m, k, n, fp8, row_sb, has_bias, dt in [
+            (4608, 3072, 3072, torch.float8_e4m3fn, True, True, torch.bfloat16),
+            (1000, 15360, 520, torch.float8_e4m3fn, True, False, torch.float16),
+            (2049, 3136, 9216, torch.float8_e5m2, False, True, torch.bfloat16),  # 24.5 K steps, one scale
+            (256, 3072, 3072, torch.float8_e4m3fn, True, True, torch.bfloat16),  # 128x64
+            (1024, 128, 1024, torch.float8_e4m3fn, True, True, torch.bfloat16),  # one K step
+            (1024, 256, 1024, torch.float8_e5m2, True, True, torch.bfloat16),  # two
+            (1100, 384, 1040, torch.float8_e4m3fn, True, False, torch.bfloat16)]:  # three, ragged M / N
+        a = (torch.randn(m, k, device="cuda") * 2).to(fp8)
+        b = (torch.randn(n, k, device="cuda") * 2).to(fp8)
+        sa, sb = torch.rand(m, 1, device="cuda") * 1e-2, torch.rand(n if row_sb else 1, device="cuda") * 1e-2
+        bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
+        tile = ws_config(m, n, sms) if m < 1024 else WS_W8A8
+        per_tile = dataclasses.replace(tile, persistent=0, stages=triton_int8.launch_stages(tile))
+        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=per_tile)
         poison()
-        got = gluon_w8a8(a, sa, b, sb, bias, block_n=128, stages=5)
-        ref = (a.double() @ b.double().T) * sa.double() * sb.double() + bias.double()
+        got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=tile)
+        ref = (a.double() @ b.double().T) * sa.double() * sb.double().reshape(1, -1) + (
+            bias.double() if has_bias else 0)
         err = rel(got, ref)
-        record("w8a8_ws_fp8", bool(torch.isfinite(got).all()) and err < 4e-3, m=m, k=k, n=n, err=err,
-               bit_equal_to_triton=bool(torch.equal(got, want)),
-               max_diff_vs_triton=float((got.float() - want.float()).abs().max()))
+        record("w8a8_ws_fp8_bit_equal", torch.equal(got, want) and err < 4e-3, m=m, k=k, n=n, dtype=str(fp8),
+               row_sb=row_sb, out=str(dt), err=err, max_diff=float((got.float() - want.float()).abs().max()),
+               tile=f"{tile.block_m}x{tile.block_n} s{tile.stages}")
+    # the runtime's own call: per-row fp8 activations, then the Gluon kernel where ws_shape gives it the shape
+    for m, k, n, r in [(4096, 3072, 3072, 0), (4096, 3072, 12288, 0), (300, 5120, 5120, 0), (4096, 3072, 3072, 32),
+                       (1024, 640, 640, 0)]:  # 40 tiles: the Triton kernel
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        w = torch.randn(n, k, device="cuda") * 0.02
+        sw = w.abs().amax() / 448.0
+        w8 = (w / sw).to(torch.float8_e4m3fn)
+        bias = torch.randn(n, device="cuda").bfloat16()
+        term = None
+        if r:
+            down = (torch.randn(r, k, device="cuda") * 0.02).bfloat16()
+            up = (torch.randn(r, n, device="cuda") * 0.02).bfloat16()
+            term = (down, up, r)
+        q, s_x = triton_quant.quantize_rows_fp8(x, w8.dtype, None)
+        lr = triton_int8._low_rank_args(term, x, sw.reshape(1))
+        pick = triton_int8.pick_w8a8(m, n, k, x.device, False, triton_int8.ws_eligible(w8.dtype, False, lr))[0]
+        poison()
+        got = triton_int8.fp8_linear(x, w8, sw, bias, None, torch.bfloat16, low_rank=term)
+        per_tile = dataclasses.replace(pick, persistent=0, stages=triton_int8.launch_stages(pick))
+        want = triton_int8.fp8_linear(x, w8, sw, bias, None, torch.bfloat16, cfg=per_tile, low_rank=term)
+        ref = (q.double() @ w8.double().T) * s_x.double() * sw.double() + bias.double()
+        if r:
+            ref = ref + (x.double() @ down.double().T) @ up.double()
+        err, err_t = rel(got, ref), rel(want, ref)
+        expect = WS_FP8 and ws_shape(m, n, k, sms)
+        record("fp8_linear_ws_picked", (pick.persistent == 3) == expect and bool(torch.isfinite(got).all())
+               and (torch.equal(got, want) if not r else err <= 1.5 * err_t + 1e-4), m=m, k=k, n=n, r=r,
+               pick=f"{pick.block_m}x{pick.block_n} p{pick.persistent}", err=err, triton_err=err_t)
 
 
 def check_linear() -> None:
@@ -833,7 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_ws_lora_wired,
                check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
-               check_inference_mode, check_attention, check_attention_cudnn, check_ws_experimental, check_siblings):
+               check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
+               check_siblings):
         if only and fn.__name__ not in only:
             continue
         try:

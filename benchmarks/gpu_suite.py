@@ -72,7 +72,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the checks of the W8A8 GEMM paths and plans and of the attention backend order only (a short call)
         "checks_gemm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_persistent,check_ws_gemm,check_ws_lora_wired,check_plans,check_attention_cudnn,"
-                         "check_ws_experimental,check_siblings"]],
+                         "check_fp8_triton,check_ws_fp8,check_ws_experimental,check_siblings"]],
         # sibling projections as one GEMM (runtime.siblings) against the unfused module, eager and graph-captured
         "checks_siblings": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                              "check_siblings"]],
@@ -81,6 +81,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the same with the Gluon kernel's unpicked variants (fp8 operands, ping-pong): put it last in a call
         "gemm_ws_exp": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws"), "--experimental",
                          "--m", "4608,16384"]],
+        # fp8 on the Gluon kernel (configs.WS_FP8) against cuBLAS fp8, GEMM alone and whole layers, at the issue's
+        # M >= 4096 rows and at 1,024 (Flux / Wan shapes)
+        "gemm_fp8": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_fp8"), "--experimental",
+                      "--m", "1024,4096,16384", "--reps", "40"]],
         # the same on SDXL / CLIP / T5 widths, where the runtime keeps the Triton kernels until this is timed
         "gemm_ws_narrow": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_narrow"), "--narrow",
                             "--m", "1024,4096,16384", "--reps", "30"]],

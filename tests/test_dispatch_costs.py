@@ -429,9 +429,10 @@ def test_the_gluon_kernel_on_narrow_layers_against_the_recorded_h200_gpu_times()
 
 
 def test_the_gluon_kernels_speed_up_applies_to_its_shapes_only() -> None:
-    """``DeviceCosts.ws_speedup`` (the Gluon GEMM over the Triton kernel's rate) scales the int8 W8A8 path on the
-    shapes ``configs.hopper_w8a8_config`` sends to it (``configs.ws_shape``) and nowhere else; the costs' JSON
-    carries it (an older file without it reads 1.0)."""
+    """``DeviceCosts.ws_speedup`` (the Gluon GEMM over the Triton kernel's rate) scales the int8 W8A8 path, and
+    the fp8 one with ``configs.WS_FP8`` (times ``WS_FP8_SPEED``), on the shapes ``configs.hopper_w8a8_config``
+    sends to it (``configs.ws_shape``) and nowhere else; the costs' JSON carries it (an older file without it
+    reads 1.0)."""
     import dataclasses
 
     from comfyquant.runtime.kernels.calibrate import ws_ratio
@@ -439,15 +440,22 @@ def test_the_gluon_kernels_speed_up_applies_to_its_shapes_only() -> None:
     base = dataclasses.replace(cm.DEFAULT_COSTS, ws_speedup=1.0)
     fast = dataclasses.replace(cm.DEFAULT_COSTS, ws_speedup=1.25)
     flux = (4608, 9216, 3072)
-    assert cm.gpu_us("triton", *flux, fast) < cm.gpu_us("triton", *flux, base)
-    for path in ("bf16", "dequant", "scaled_mm", "triton_fp8", "triton_w8a16"):
-        assert cm.gpu_us(path, *flux, fast) == cm.gpu_us(path, *flux, base)
-    from comfyquant.runtime.kernels.configs import ws_shape
+    from comfyquant.runtime.kernels.configs import WS_FP8, WS_FP8_SPEED, ws_shape
 
+    assert cm.gpu_us("triton", *flux, fast) < cm.gpu_us("triton", *flux, base)
+    assert (cm.gpu_us("triton_fp8", *flux, fast) < cm.gpu_us("triton_fp8", *flux, base)) == WS_FP8
+    for path in ("bf16", "dequant", "scaled_mm", "triton_w8a16"):
+        assert cm.gpu_us(path, *flux, fast) == cm.gpu_us(path, *flux, base)
     for m in (128, 256, 512, 1024, 4096, 16384):
         for n, k in ((1280, 1280), (10240, 1280), (1280, 5120), (640, 640), (9216, 3072)):
-            faster = cm.gpu_us("triton", m, n, k, fast) < cm.gpu_us("triton", m, n, k, base)
-            assert faster == ws_shape(m, n, k, 132), (m, n, k)
+            for path in ("triton", "triton_fp8"):
+                faster = cm.gpu_us(path, m, n, k, fast) < cm.gpu_us(path, m, n, k, base)
+                assert faster == (ws_shape(m, n, k, 132) and (path == "triton" or WS_FP8)), (path, m, n, k)
+                assert cm.gluon_path(path, m, n, k, 132) == faster
+            if ws_shape(m, n, k, 132) and WS_FP8:  # the same tile, its throughput times WS_FP8_SPEED
+                gemm = [cm.gpu_us(p, m, n, k, fast) - cm._quant_kernel(m, k, fast, 0) - fast.launch_us
+                        for p in ("triton", "triton_fp8")]
+                assert gemm[1] >= gemm[0] * min(1.0, 1 / WS_FP8_SPEED) * 0.999
     assert not ws_shape(128, 9216, 3072, 132) and ws_shape(256, 9216, 3072, 132)
     assert not ws_shape(1024, 640, 640, 132) and ws_shape(4096, 640, 640, 132)
     assert not ws_shape(4096, 3072, 64, 132)  # Flux img_in: K below the shortest timed

@@ -74,7 +74,7 @@ def test_cost_model_low_rank_terms() -> None:
     assert c.rate("triton_fp8") == c.rate("triton") and c.host("triton_fp8") == c.host("triton")
     faster = 1.2 * c.rate("triton")  # a measured fp8 rate above the int8 one it would otherwise borrow
     own = cm.DeviceCosts(c.device, c.sms, c.bw_gbs, c.launch_us, (*c.host_us, ("triton_fp8", 70.0)),
-                         (*c.tflops, ("triton_fp8", faster)))
+                         (*c.tflops, ("triton_fp8", faster)), ws_speedup=c.ws_speedup)
     assert own.rate("triton_fp8") == faster and own.host("triton_fp8") == 70.0
     assert cm.gpu_us("triton_fp8", m, n, k, own) < cm.gpu_us("triton_fp8", m, n, k, c)
 

@@ -71,8 +71,45 @@ def test_compiles_for_sm90_with_wgmma_and_no_spills(m: int, n: int, k: int, bias
     _assert_no_spills(ptx)
 
 
-def _assert_no_spills(ptx: str) -> None:
-    """ptxas (Triton's own, for sm_90a) reports no register spills for ``ptx``."""
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_operands_keep_the_wgmma_pipeline(dtype: torch.dtype) -> None:
+    """fp8 x fp8 (``configs.WS_FP8``): fp8 wgmma into float32 partials, and ptxas keeps the wgmma pipeline. The
+    compiler's own promotion (``max_num_imprecise_acc`` across the K step) read partial sums still in flight, so
+    ptxas serialized every wgmma of the kernel (its C7514 note; run 27 ran 1.14-1.35x bf16 for 1.44-1.97x of
+    cuBLAS fp8); ``_mainloop_promoted`` reads a step's sums once its wgmma is waited for."""
+    kern = _compile(4608, 3072, 3072, True, dtype=dtype)
+    ptx = kern.asm["ptx"]
+    op = "e4m3" if dtype == torch.float8_e4m3fn else "e5m2"
+    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.\S+)", ptx)) == {f"m64n128k32.f32.{op}.{op}"}
+    report = _assert_no_spills(ptx)
+    assert "serialized" not in report and "C7514" not in report, report[-800:]
+
+
+def test_the_launch_key_tells_the_operand_dtypes_apart() -> None:
+    """The Gluon launch's specialization key (``triton_int8._ws_launch``: the compiled kernel is looked up by it)
+    differs between int8, e4m3 and e5m2 operands of one shape. H200 run 49 caught it without the dtype: a layer's
+    fp8 call ran the int8 kernel an earlier int8 layer of the same shape had compiled (errors of 0.9-11x)."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import WS_W8A8
+
+    m, k, n = 4096, 3072, 3072
+    out, sb, s_x = torch.empty(m, n, dtype=torch.bfloat16), torch.ones(n), torch.ones(m, 1)
+    keys = set()
+    for dt in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
+        q, w_q = torch.zeros(m, k, dtype=dt), torch.zeros(n, k, dtype=dt)
+        key = ti._ws_launch(q, s_x, w_q, sb, None, out, WS_W8A8, ti._low_rank_args(None, q, sb))[3]
+        keys.add(key)
+    assert len(keys) == 3
+
+
+def test_int8_operands_keep_the_wgmma_pipeline() -> None:
+    """The int8 kernel, the runtime's pick since run 23: no wgmma serialized either."""
+    report = _assert_no_spills(_compile(4608, 3072, 3072, True).asm["ptx"])
+    assert "serialized" not in report and "C7514" not in report, report[-800:]
+
+
+def _assert_no_spills(ptx: str) -> str:
+    """ptxas (Triton's own, for sm_90a) reports no register spills for ``ptx``; returns its report."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
@@ -83,6 +120,7 @@ def _assert_no_spills(ptx: str) -> None:
         os.unlink(f.name)
     report = rep.stdout + rep.stderr
     assert "0 bytes spill stores" in report and "0 bytes spill loads" in report, report[-500:]
+    return report
 
 
 def test_the_gluon_kernel_takes_only_16_bit_outputs_with_aligned_rows() -> None:
@@ -160,7 +198,7 @@ def test_a_lora_term_takes_the_gluon_kernel_only_where_its_epilogue_holds_it() -
     float32 one (ComfyUI's T5 runs float32 activations), a wider one, or mixed dtypes keep the Triton kernel's
     fused term; and the automatic pick follows (the Gluon tile with an eligible term, the Triton one without)."""
     from comfyquant.runtime.kernels import triton_int8 as ti
-    from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, WS_LOW_RANK, WS_W8A8
+    from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, WS_FP8, WS_LOW_RANK, WS_W8A8
 
     m, k, n = 4096, 3072, 3072
     out, sb = torch.empty(m, n, dtype=torch.bfloat16), torch.ones(n)
@@ -176,7 +214,12 @@ def test_a_lora_term_takes_the_gluon_kernel_only_where_its_epilogue_holds_it() -
     for bad in (lr(80), lr(32, torch.float32), lr(32, torch.bfloat16, torch.float16)):
         assert ti.ws_low_rank(bad) is None and not ti.on_ws(WS_W8A8, out, bad)
         assert not ti.ws_eligible(torch.int8, False, bad)
-    assert not ti.ws_eligible(torch.float8_e4m3fn, False, lr(32)) and not ti.ws_eligible(torch.int8, True, lr(32))
+    assert not ti.ws_eligible(torch.int8, True, lr(32))  # the raw int32 accumulator: the Triton kernels
+    # fp8 operands take it too (configs.WS_FP8: the kernel promotes each K step's sums itself), a term included
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        assert ti.ws_eligible(fp8, False, lr(32)) == WS_FP8 and not ti.ws_eligible(fp8, False, lr(80))
+        none = ti._low_rank_args(None, torch.zeros(m, k), sb)
+        assert ti.ws_eligible(fp8, False, none) == WS_FP8 and not ti.persistent_eligible(fp8, False, none)
     cpu = torch.device("cpu")  # device_facts: an sm_90-sized grid off CUDA
     if ti.ws_available():
         assert ti.pick_w8a8(m, n, k, cpu, False, True)[0] == WS_W8A8

@@ -39,8 +39,8 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
 )
 M_VALUES = (1, 16, 256, 1024, 4096, 16384)
 GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
-COLUMNS = ("bf16", "auto", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16", "dequant", "fp8", "w4a8",
-           "w8a8_convrot", "ck_int8")
+COLUMNS = ("bf16", "auto", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16", "dequant", "fp8",
+           "fp8_cublas", "w4a8", "w8a8_convrot", "ck_int8")
 
 
 @dataclass
@@ -208,6 +208,7 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
             "w8a16": _bound("int8", 1, (2,), backend="triton_w8a16"),
             "dequant": _bound("int8", 1, (2,), backend="dequant"),
             "fp8": _bound("fp8", 5, (6,)),
+            "fp8_cublas": _bound("fp8", 5, (6,), backend="scaled_mm"),  # the fp8 baseline: cuBLAS _scaled_mm
         }
         if group:
             ops["w8a8_convrot"] = _bound("int8", 3, (4,), opts=(group,))

@@ -271,12 +271,13 @@ _FP8_FUSING = ("triton_w8a16", "triton_fp8")  # cost-model paths whose backend a
 
 
 def fp8_choice(cap: tuple[int, int] | None, has_triton: bool, m: int, n: int, k: int, policy,
-               costs: Callable[[], object], graph: bool, rank: int = 0) -> BackendChoice:
+               costs: Callable[[], object], graph: bool, rank: int = 0, gluon: bool = False) -> BackendChoice:
     """The fp8 kind's automatic choice on a device of compute capability ``cap`` (None: not CUDA), for ``m``
     rows and a low-rank term of rank ``rank`` (0: none); ``costs()`` gives the cost table (called only when the
-    cost model decides). Without a low-rank term the Triton fp8 GEMM is no candidate (cuBLAS fp8 is faster:
-    ~1350 vs ~1240 TFLOP/s on the H200); with one it is, as it adds the term in its epilogue where
-    ``_scaled_mm`` needs a second GEMM and a pass over the output. Pure: the device facts are arguments."""
+    cost model decides). The Triton fp8 GEMM is a candidate with a low-rank term (it adds the term in its
+    epilogue where ``_scaled_mm`` needs a second GEMM and a pass over the output) and, with ``gluon`` (an sm_90
+    device whose Triton runs the Gluon kernel), on the shapes the Gluon kernel takes (``costs.gluon_path``);
+    elsewhere cuBLAS fp8 is faster (~1350 vs ~1240 TFLOP/s on the H200). Pure: the device facts are arguments."""
     if cap is None:
         return BackendChoice("torch", "not CUDA: pure-torch reference path")
     gen = f"sm_{cap[0]}{cap[1]}"
@@ -286,8 +287,18 @@ def fp8_choice(cap: tuple[int, int] | None, has_triton: bool, m: int, n: int, k:
         return BackendChoice("dequant", f"K={k}, N={n} not multiples of 16 (fp8 _scaled_mm needs them)")
     if not has_triton:
         return BackendChoice("scaled_mm", f"{gen}: fp8 _scaled_mm (no triton for the other paths)")
-    paths = _FP8_PATHS + ((("triton_fp8", "triton"),) if rank else ())
-    return decide_paths(m, n, k, 0, policy, costs(), graph, paths, rank, _FP8_FUSING)
+    from comfyquant.runtime.kernels.costs import gluon_path
+
+    table = costs()
+    own = rank or (gluon and gluon_path("triton_fp8", m, n, k, table.sms))
+    paths = _FP8_PATHS + ((("triton_fp8", "triton"),) if own else ())
+    return decide_paths(m, n, k, 0, policy, table, graph, paths, rank, _FP8_FUSING)
+
+
+def _ws_available() -> bool:
+    from comfyquant.runtime.kernels.triton_int8 import ws_available  # imports triton: GPU backends only
+
+    return ws_available()
 
 
 def _choose_fp8(x, n, k, opts, policy, rank: int = 0) -> BackendChoice:
@@ -295,7 +306,7 @@ def _choose_fp8(x, n, k, opts, policy, rank: int = 0) -> BackendChoice:
     if cap is None:
         return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
     return fp8_choice(cap, triton_available(), _m(x, k), n, k, policy, lambda: _costs(x, policy), _graph(policy),
-                      rank)
+                      rank, gluon=cap[0] == 9 and triton_available() and _ws_available())
 
 
 # ---- int4_rot -------------------------------------------------------------------------------------------------

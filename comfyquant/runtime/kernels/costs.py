@@ -16,6 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from comfyquant.runtime.kernels.configs import (
+    WS_FP8,
+    WS_FP8_SPEED,
     WS_N64_SPEED,
     WS_W8A8,
     gemm_config,
@@ -149,6 +151,12 @@ def _short_k(k: int, block_k: int) -> float:
     return iters / (iters + TILE_OVERHEAD_ITERS)
 
 
+def gluon_path(path: str, m: int, n: int, k: int, sms: int) -> bool:
+    """Whether the cost model's ``path`` runs on the warp-specialized Gluon GEMM for ``[m, k] x [k, n]``: the
+    W8A8 GEMMs (int8, and fp8 with ``configs.WS_FP8``) on the shapes ``configs.ws_shape`` gives it."""
+    return (path == "triton" or (path == "triton_fp8" and WS_FP8)) and ws_shape(m, n, k, sms)
+
+
 def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) -> float:
     """Modeled GPU time of one call of ``path`` for ``[m, k] @ [k, n]``; inf for a path the model can't run."""
     if m <= 0:
@@ -159,10 +167,10 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
         return _bf16_gemm(m, n, k, c)
     if path in ("triton", "triton_fp8", "w4a8", "scaled_mm"):
         wbytes = n * k * (0.5 if path == "w4a8" else 1.0)
-        gluon = path == "triton" and ws_shape(m, n, k, c.sms)  # the Gluon kernel's shapes: its own tiles
-        if gluon:
+        if gluon_path(path, m, n, k, c.sms):  # the Gluon kernel's shapes: its own tiles
             cfg = ws_config(m, n, c.sms)
-            speed = c.ws_speedup * (1.0 if cfg == WS_W8A8 else WS_N64_SPEED)
+            speed = c.ws_speedup * (1.0 if cfg == WS_W8A8 else WS_N64_SPEED) * (
+                WS_FP8_SPEED if path == "triton_fp8" else 1.0)
         elif m < 64:
             cfg = small_m_config(m, n, k, c.sms)
             speed = 0.35

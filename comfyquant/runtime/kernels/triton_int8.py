@@ -21,6 +21,7 @@ from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import (
+    WS_FP8,
     WS_LOW_RANK,
     TileConfig,
     cdiv,
@@ -137,9 +138,11 @@ def persistent_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple])
 
 
 def ws_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple]) -> bool:
-    """Whether a W8A8 call may take the Gluon kernel (:func:`pick_w8a8`'s ``ws``): int8 operands, a scaled
-    output, and no low-rank term or (``configs.WS_LOW_RANK``) one its epilogue holds (:func:`ws_low_rank`)."""
-    return qdtype == torch.int8 and not raw and _ws_takes_term(lr)
+    """Whether a W8A8 call may take the Gluon kernel (:func:`pick_w8a8`'s ``ws``): int8 operands or
+    (``configs.WS_FP8``) fp8 ones, a scaled output, and no low-rank term or (``configs.WS_LOW_RANK``) one its
+    epilogue holds (:func:`ws_low_rank`)."""
+    ops = qdtype == torch.int8 or (WS_FP8 and qdtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+    return ops and not raw and _ws_takes_term(lr)
 
 
 def _ws_takes_term(lr: tuple[tuple, tuple]) -> bool:
@@ -240,8 +243,9 @@ def _ws_launch(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, sb: torch.
         lr_key = term[0].dtype
     args = (a_d, b_d, c_d, s_x, sb, b_arg, m, n, k, sb.numel() > 1, has_bias, cfg.group_m, stages,
             gg.CONSUMER_REGS, gg.PRODUCER_REGS, False, h_d, u_d, term is not None)
-    return _ws_kernel(), grid, args, (cfg, out.dtype, n, k, sb.numel() > 1, has_bias, _al(sb), _al(b_arg), grid,
-                                      lr_key)
+    # the operands' dtype keys the compile: an int8 kernel run on fp8 codes (or the reverse) is garbage
+    return _ws_kernel(), grid, args, (cfg, q.dtype, out.dtype, n, k, sb.numel() > 1, has_bias, _al(sb), _al(b_arg),
+                                      grid, lr_key)
 
 
 def gemm_w8a8(q: torch.Tensor, s_x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
