@@ -595,3 +595,19 @@ def test_row_block_model_and_pick_on_the_recorded_h200_timings() -> None:
                     (1024, 4096, 4096)]:
         assert cm.decide(cands, m, n, k, c, "eager")[0] == "triton", (m, k, n)
     assert not rows_shape(1024, 9216, 3072) and not rows_shape(63, 640, 640) and rows_shape(64, 640, 640)
+
+
+def test_the_triton_rates_are_fitted_where_the_gluon_kernel_does_not_run() -> None:
+    """``calibrate.RATE_SHAPES``: the int8 and fp8 W8A8 paths' rates are the Triton kernels' (fitted on a shape
+    ``configs.ws_shape`` keeps off the Gluon kernel), since the model scales them by ``ws_speedup`` on the Gluon
+    kernel's shapes; H200 run 51 fitted fp8 at 4096^3, on the Gluon kernel since ``WS_FP8``, and the model sped
+    the fitted 2002 TFLOP/s up by 1.5 again. The speed-up itself is timed on a Gluon shape."""
+    from comfyquant.runtime.kernels.calibrate import RATE_SHAPES, WS_SHAPE
+    from comfyquant.runtime.kernels.configs import ws_shape
+
+    fitted = {p: shape for shape, group in RATE_SHAPES for p in group}
+    assert {"bf16", "scaled_mm", "triton", "triton_fp8", "triton_fused", "triton_w8a16", "w4a8"} <= set(fitted)
+    for path in ("triton", "triton_fp8"):
+        m, n, k = fitted[path]
+        assert not ws_shape(m, n, k, 132) and not cm.gluon_path(path, m, n, k, 132), path
+    assert ws_shape(*WS_SHAPE, 132)

@@ -23,11 +23,11 @@ from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 7  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
+CACHE_VERSION = 8  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
 # 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart; 5: the Gluon
 # kernel takes narrow layers too (configs.ws_shape), so the Triton rate is timed below its rows; 6: the Gluon
 # kernel from 256 rows, the Triton rate timed below them; 7: the block activation kernel, modeled at 0.75 of the
-# copy bandwidth)
+# copy bandwidth; 8: fp8 on the Gluon kernel (configs.WS_FP8), so the fp8 Triton rate is timed below its rows too)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -170,11 +170,7 @@ def measure(device: torch.device) -> DeviceCosts:
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
     rates = {}
-    # the int8 W8A8 path's Triton kernel on a shape the Gluon kernel does not take (M < WS_MIN_M), so its rate
-    # stays the Triton kernel's; the Gluon kernel's speed-up is timed apart below
-    for shape, group in (((4096, 4096, 4096), ("bf16", "scaled_mm", "triton_fp8", "w4a8")),
-                         (TRITON_SHAPE, ("triton",)),
-                         ((256, 8192, 8192), ("triton_fused", "triton_w8a16"))):
+    for shape, group in RATE_SHAPES:
         timed = tuple(p for p in group if p in paths)
         fns = _paths(_operands(*shape, dev, _keys(timed)), timed)
         for p in group:
@@ -189,8 +185,15 @@ def measure(device: torch.device) -> DeviceCosts:
     return dataclasses.replace(fitted, ws_speedup=ws)
 
 
+# (M, N, K) -> the cost-model paths whose rate is fitted there. The W8A8 paths' Triton kernels (int8, fp8) on a
+# shape the Gluon kernel does not take (M < WS_MIN_M), so their rates stay the Triton kernels'; the Gluon kernel's
+# speed-up is timed apart (:func:`_ws_speedup`). H200 run 51 fitted the fp8 rate at 4096^3, on the Gluon kernel
+# since configs.WS_FP8: 2002 TFLOP/s, which the model then sped up by ws_speedup again.
+RATE_SHAPES: tuple[tuple[tuple[int, int, int], tuple[str, ...]], ...] = (
+    ((4096, 4096, 4096), ("bf16", "scaled_mm", "w4a8")),
+    ((192, 16384, 8192), ("triton", "triton_fp8")),
+    ((256, 8192, 8192), ("triton_fused", "triton_w8a16")))
 WS_SHAPE = (4096, 4096, 4096)  # a shape the Gluon kernel takes, where the speed-up over the Triton rate is timed
-TRITON_SHAPE = (192, 16384, 8192)  # GPU-bound, below WS_MIN_M rows: the Triton W8A8 kernel's rate is fitted here
 
 
 def _ws_speedup(dev: torch.device, paths: tuple[str, ...], c: DeviceCosts) -> float:
