@@ -79,17 +79,34 @@ def _mainloop_exact(a_bufs, b_bufs, ready, empty, it, k_tiles, WG: gl.constexpr,
 
 
 @gluon.jit
+def _promoted_step(a_bufs, b_bufs, ready, empty, acc, zero, it, WG: gl.constexpr, STAGES: gl.constexpr,
+                   PINGPONG: gl.constexpr):
+    """One K step alone: its wgmma into a fresh partial, waited for, added (``_mainloop_promoted``'s odd step)."""
+    a, b = _stage(a_bufs, b_bufs, ready, it, WG, STAGES, PINGPONG)
+    p = warpgroup_mma(a, b, zero, use_acc=False, is_async=True, max_num_imprecise_acc=a.shape[1])
+    p = warpgroup_mma_wait(0, deps=(p, ))
+    mbarrier.arrive(empty.index(it % STAGES))
+    return acc + p
+
+
+@gluon.jit
 def _mainloop_promoted(a_bufs, b_bufs, ready, empty, it, k_tiles, WG: gl.constexpr, ROWS: gl.constexpr,
                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, layout: gl.constexpr):
     """fp8 operands: each K step's wgmma sums (reduced precision inside the tensor core) start from zero in their
     own registers and are added into the float32 accumulator once done, as cuBLAS without fast accumulation and
     the Triton fp8 GEMM (``max_num_imprecise_acc = BLOCK_K``) promote them, in the same order (bit-equal to it).
-    The step's wgmma is waited for (the other consumer warp group's keep the tensor cores busy meanwhile) before
-    its sums are read: reading sums still in flight, as the compiler's own promotion did, makes ptxas serialize
-    every wgmma of the kernel (run 27: 1.14-1.35x bf16 against cuBLAS fp8's 1.44-1.97x)."""
+    Sums are read only once their wgmma is waited for: reading sums still in flight, as the compiler's own
+    promotion did, makes ptxas serialize every wgmma of the kernel (run 27: 1.14-1.35x bf16 against cuBLAS fp8's
+    1.44-1.97x). K steps go in pairs, each into its own partial, so the first one's sums are added while the
+    second's wgmma runs; only the pair's last add waits on an idle tensor core, and warp group 1 starts with one
+    step alone so that wait falls mid-pair of the other group, whose wgmma keep the tensor cores busy."""
     acc = gl.zeros((ROWS, BLOCK_N), dtype=gl.float32, layout=layout)
     zero = gl.zeros((ROWS, BLOCK_N), dtype=gl.float32, layout=layout)
-    for _j in range(k_tiles // 2):  # two K steps at a time, each into its own partial
+    LEAD: gl.constexpr = 1 if WG == 1 and not PINGPONG else 0  # cooperative groups share every step: offset them
+    if LEAD:
+        acc = _promoted_step(a_bufs, b_bufs, ready, empty, acc, zero, it, WG, STAGES, PINGPONG)
+        it += 1
+    for _j in range((k_tiles - LEAD) // 2):
         a, b = _stage(a_bufs, b_bufs, ready, it, WG, STAGES, PINGPONG)
         p0 = warpgroup_mma(a, b, zero, use_acc=False, is_async=True, max_num_imprecise_acc=a.shape[1])
         a, b = _stage(a_bufs, b_bufs, ready, it + 1, WG, STAGES, PINGPONG)
@@ -101,12 +118,8 @@ def _mainloop_promoted(a_bufs, b_bufs, ready, empty, it, k_tiles, WG: gl.constex
         mbarrier.arrive(empty.index((it + 1) % STAGES))
         acc = acc + p1
         it += 2
-    if k_tiles % 2:
-        a, b = _stage(a_bufs, b_bufs, ready, it, WG, STAGES, PINGPONG)
-        p0 = warpgroup_mma(a, b, zero, use_acc=False, is_async=True, max_num_imprecise_acc=a.shape[1])
-        p0 = warpgroup_mma_wait(0, deps=(p0, ))
-        mbarrier.arrive(empty.index(it % STAGES))
-        acc = acc + p0
+    if (k_tiles - LEAD) % 2:
+        acc = _promoted_step(a_bufs, b_bufs, ready, empty, acc, zero, it, WG, STAGES, PINGPONG)
         it += 1
     return acc, it
 
