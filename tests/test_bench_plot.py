@@ -37,3 +37,17 @@ def test_plot_refuses_rows_without_timings(tmp_path):
     src.write_text(json.dumps({"rows": [{"model": "x", "layer": "y", "k": 1, "n": 1, "m": 1, "us": {}}]}))
     with pytest.raises(UserError, match="no benchmark rows"):
         main([str(src), str(tmp_path / "o.png")])
+
+
+def test_the_fp8_baseline_column_is_plotted_and_a_title_can_be_given(tmp_path):
+    """The sweep's pinned cuBLAS fp8 column (``fp8_cublas``, beside fp8 auto since run 51) is one of the plotted
+    paths; ``gpu_session``'s sweep json has no meta, so its plot takes the title from the command line."""
+    rows = [{"model": "flux", "layer": "qkv", "k": 3072, "n": 9216, "m": m,
+             "us": {"bf16": 100.0, "fp8": 60.0, "fp8_cublas": 64.0}} for m in (4096, 16384)]
+    assert speedups(rows)["flux qkv 3072→9216"]["fp8_cublas"] == [(4096, 100 / 64), (16384, 100 / 64)]
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps({"rows": rows}))
+    assert main([str(src), str(tmp_path / "o.png"), "run 53"]) == 0
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError, match="usage"):
+        main([str(src)])

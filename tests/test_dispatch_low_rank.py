@@ -76,7 +76,11 @@ def test_cost_model_low_rank_terms() -> None:
     own = cm.DeviceCosts(c.device, c.sms, c.bw_gbs, c.launch_us, (*c.host_us, ("triton_fp8", 70.0)),
                          (*c.tflops, ("triton_fp8", faster)), ws_speedup=c.ws_speedup)
     assert own.rate("triton_fp8") == faster and own.host("triton_fp8") == 70.0
-    assert cm.gpu_us("triton_fp8", m, n, k, own) < cm.gpu_us("triton_fp8", m, n, k, c)
+    # its rate is the Triton fp8 kernel's (below the Gluon kernel's rows); on the Gluon kernel's shapes the fp8
+    # path is the int8 Gluon kernel's model times configs.WS_FP8_SPEED, whatever the Triton fp8 rate
+    assert cm.gpu_us("triton_fp8", 192, n, k, own) < cm.gpu_us("triton_fp8", 192, n, k, c)
+    assert cm.gluon_path("triton_fp8", m, n, k, c.sms)
+    assert cm.gpu_us("triton_fp8", m, n, k, own) == cm.gpu_us("triton_fp8", m, n, k, c)
 
 
 def test_bind_linear_memo_is_keyed_on_the_low_rank_term() -> None:
@@ -126,3 +130,26 @@ def test_bind_linear_memo_is_keyed_on_the_low_rank_term() -> None:
         assert choose_backend(x, kind="test_lr_choice", n=24, k=40, low_rank=16).name == "fusing"
     finally:
         unregister_kernel_kind("test_lr_choice")
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_fp8_takes_the_gluon_kernel_in_place_of_cublas_on_its_shapes(graph: bool) -> None:
+    """On sm_90 with the Gluon kernel (``gluon=True``; ``configs.WS_FP8``) an fp8 layer on a shape it takes runs
+    it, never ``_scaled_mm`` (H200 run 51: the whole layer faster on 66 of 68 such rows, the others within 0.7%);
+    off its shapes (fewer rows, narrow layers) the choice is the one before; a policy that allows only
+    ``_scaled_mm`` still gets it; without the Gluon kernel (sm_89, older Triton) nothing changes."""
+    from comfyquant.runtime.kernels.configs import WS_FP8, ws_shape
+
+    def pick(m: int, k: int, n: int, gluon: bool, policy: DispatchPolicy | None = None) -> str:
+        return builtin.fp8_choice(H200, True, m, n, k, policy, lambda: cm.DEFAULT_COSTS, graph, 0, gluon=gluon).name
+
+    for m in (1, 16, 256, 1024, 4096, 16384):
+        for k, n in (*FLUX.values(), (1280, 1280), (5120, 1280), (640, 640)):
+            got, before = pick(m, k, n, True), pick(m, k, n, False)
+            if WS_FP8 and ws_shape(m, n, k, cm.DEFAULT_COSTS.sms):
+                assert got != "scaled_mm", (m, k, n)
+                if m >= 4096 and (k, n) in FLUX.values():  # GPU-bound: the W8A8 GEMM
+                    assert got == "triton", (m, k, n, got)
+            else:
+                assert got == before, (m, k, n, got, before)
+            assert pick(m, k, n, True, DispatchPolicy(allow=("scaled_mm",))) == "scaled_mm"

@@ -17,7 +17,7 @@ from comfyquant.errors import UserError
 
 # (column, label); "w8a8" / "fp8_rowwise": the 2026-11-22 JSON's names, "auto" / "fp8": this session's
 PATHS = (("w8a8", "W8A8 (ours, auto)"), ("fp8_rowwise", "FP8 rowwise (ours)"), ("auto", "int8 (ours, auto)"),
-         ("fp8", "FP8 (ours, auto)"), ("w4a8", "int4_rot W4A8 (ours)"),
+         ("fp8", "FP8 (ours, auto)"), ("fp8_cublas", "FP8 cuBLAS _scaled_mm"), ("w4a8", "int4_rot W4A8 (ours)"),
          ("w8a8_convrot", "W8A8 convrot (ours)"), ("ck_int8", "comfy-kitchen int8_linear"),
          ("int_mm_torch", "torch._int_mm + torch quant"))
 
@@ -125,14 +125,15 @@ def plot_bars(groups: Mapping[str, Mapping[str, float]], path: str | Path, title
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m comfyquant.bench.plot bench.json out.png``."""
+    """``python -m comfyquant.bench.plot bench.json out.png [title]`` (the title defaults to the json's device and
+    date; ``gpu_session``'s sweep json records neither, so its plots are titled on the command line)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        raise UserError("usage: python -m comfyquant.bench.plot BENCH.json OUT.png")
+    if len(args) not in (2, 3):
+        raise UserError("usage: python -m comfyquant.bench.plot BENCH.json OUT.png [TITLE]")
     payload = json.loads(Path(args[0]).read_text())
     meta = payload.get("meta", {})
     title = f"speed-up over bf16 F.linear, same run: {meta.get('device', '')} {meta.get('date_utc', '')} UTC".strip()
-    print(plot_bench(payload["rows"], args[1], title))
+    print(plot_bench(payload["rows"], args[1], args[2] if len(args) == 3 else title))
     return 0
 
 

@@ -274,10 +274,14 @@ def fp8_choice(cap: tuple[int, int] | None, has_triton: bool, m: int, n: int, k:
                costs: Callable[[], object], graph: bool, rank: int = 0, gluon: bool = False) -> BackendChoice:
     """The fp8 kind's automatic choice on a device of compute capability ``cap`` (None: not CUDA), for ``m``
     rows and a low-rank term of rank ``rank`` (0: none); ``costs()`` gives the cost table (called only when the
-    cost model decides). The Triton fp8 GEMM is a candidate with a low-rank term (it adds the term in its
-    epilogue where ``_scaled_mm`` needs a second GEMM and a pass over the output) and, with ``gluon`` (an sm_90
-    device whose Triton runs the Gluon kernel), on the shapes the Gluon kernel takes (``costs.gluon_path``);
-    elsewhere cuBLAS fp8 is faster (~1350 vs ~1240 TFLOP/s on the H200). Pure: the device facts are arguments."""
+    cost model decides). With ``gluon`` (an sm_90 device whose Triton runs the Gluon kernel), on the shapes the
+    Gluon kernel takes (``costs.gluon_path``) it replaces ``_scaled_mm``: the whole fp8 layer on it was faster than
+    the same activation pass + cuBLAS fp8 on 66 of 68 such sweep rows of H200 run 51 (geometric mean 1.21x; the
+    two others 0.993 / 0.998), before the warp-group lead made its GEMM 5% faster (run 52), while the cost model,
+    fitted at one K per path, ranks the two within its ~5% error. Elsewhere the Triton fp8 GEMM is a candidate
+    with a low-rank term only (it adds the term in its epilogue where ``_scaled_mm`` needs a second GEMM and a
+    pass over the output; without one cuBLAS fp8 is faster, ~1350 vs ~1240 TFLOP/s on the H200). Pure: the device
+    facts are arguments."""
     if cap is None:
         return BackendChoice("torch", "not CUDA: pure-torch reference path")
     gen = f"sm_{cap[0]}{cap[1]}"
@@ -290,8 +294,11 @@ def fp8_choice(cap: tuple[int, int] | None, has_triton: bool, m: int, n: int, k:
     from comfyquant.runtime.kernels.costs import gluon_path
 
     table = costs()
-    own = rank or (gluon and gluon_path("triton_fp8", m, n, k, table.sms))
-    paths = _FP8_PATHS + ((("triton_fp8", "triton"),) if own else ())
+    allow = policy.allow if policy is not None else ()
+    if gluon and gluon_path("triton_fp8", m, n, k, table.sms) and (not allow or "triton" in allow):
+        paths = (("triton_fp8", "triton"), *(p for p in _FP8_PATHS if p[0] != "scaled_mm"))
+    else:
+        paths = _FP8_PATHS + ((("triton_fp8", "triton"),) if rank else ())
     return decide_paths(m, n, k, 0, policy, table, graph, paths, rank, _FP8_FUSING)
 
 

@@ -167,10 +167,12 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
         return _bf16_gemm(m, n, k, c)
     if path in ("triton", "triton_fp8", "w4a8", "scaled_mm"):
         wbytes = n * k * (0.5 if path == "w4a8" else 1.0)
-        if gluon_path(path, m, n, k, c.sms):  # the Gluon kernel's shapes: its own tiles
-            cfg = ws_config(m, n, c.sms)
+        rate = c.rate(path)
+        if gluon_path(path, m, n, k, c.sms):  # the Gluon kernel's shapes: its own tiles, the int8 kernel's rate
+            cfg = ws_config(m, n, c.sms)  # times its speed-up (fp8 operands: times WS_FP8_SPEED of it)
             speed = c.ws_speedup * (1.0 if cfg == WS_W8A8 else WS_N64_SPEED) * (
                 WS_FP8_SPEED if path == "triton_fp8" else 1.0)
+            rate = c.rate("triton")
         elif m < 64:
             cfg = small_m_config(m, n, k, c.sms)
             speed = 0.35
@@ -180,7 +182,7 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
         eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * speed
         if path != "scaled_mm":  # cuBLAS does not show the short-K loss of our tiles
             eff *= _short_k(k, cfg.block_k)
-        return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, c.rate(path), eff, c)
+        return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, rate, eff, c)
     if path == "triton_fused":
         if group:
             return math.inf
