@@ -4,16 +4,18 @@ Plain Triton has no warp specialization on sm_90 (``tl.range(warp_specialize=Tru
 so its pipelined W8A8 kernel issues the TMA loads, the wgmma and the epilogue from the same warps. Here the work
 is split as cuBLAS's cooperative kernels split it: one producer warp streams A/B tiles through a ring of shared-
 memory stages (``ready`` / ``empty`` mbarriers), two consumer warp groups each own half of the output tile's rows
-(wgmma on int8 operands into int32), and each writes its half through shared memory with a TMA store that
-overlaps the next tile's main loop. The epilogue is ``w8a8_tma``'s: ``acc * s_x[row] * s_w[col] + bias`` in
-float32, in that order, so both kernels produce bit-equal outputs.
+(wgmma on int8 operands into int32, or on fp8 ones into float32 partials promoted per K step), and each writes its
+half through shared memory with a TMA store that overlaps the next tile's main loop. The epilogue is
+``w8a8_tma``'s: ``acc * s_x[row] * s_w[col] + bias`` in float32, in that order, so both kernels produce bit-equal
+outputs.
 
 ``configs.ws_config`` picks its tile (128x128; 128x64 below 1,024 rows where that fills the SMs' waves better) for
 int8 W8A8 layers on sm_90 on the shapes ``configs.ws_shape`` gives it (from 256 rows), a LoRA's
 low-rank term in its epilogue included (``HAS_LR``, ``configs.WS_LOW_RANK``); the runtime launches it through
-``triton_int8._ws_launch`` and the plans; ``gluon_w8a8`` is a plain launch for benchmarks and checks. Measured on
-an H200 and not picked (run 27, docs/KERNEL_NOTES.md): fp8 operands (slower than cuBLAS fp8) and a ping-pong
-schedule (``PINGPONG``, within 3% of the cooperative one).
+``triton_int8._ws_launch`` and the plans; ``gluon_w8a8`` is a plain launch for benchmarks and checks. fp8
+layers take it too since ``configs.WS_FP8`` (run 52: 1.77x bf16 GEMM alone on Flux / Wan at M >= 4096, cuBLAS fp8
+1.76x; run 27's form, which let ptxas serialize its wgmma, 1.14-1.35x). Measured and not picked: a ping-pong
+schedule (``PINGPONG``, within 3% of the cooperative one; run 27, docs/KERNEL_NOTES.md).
 """
 
 from __future__ import annotations
@@ -246,8 +248,8 @@ def w8a8_ws(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K, ROW_SB: g
     fp8 of one dtype: the same with a float32 accumulator. ``PINGPONG``: each consumer warp group takes whole
     tiles in turns (C's descriptor then spans the tile's 128 rows). ``HAS_LR``: plus ``h @ up`` (a dynamic LoRA's
     low-rank term: ``h = x @ down^T`` ``[M, R]`` and ``up`` ``[R, N]``, 16-bit, R <= 64, through ``h_desc`` /
-    ``u_desc``; otherwise None). The runtime picks int8 operands with or without the low-rank term; fp8 and
-    ping-pong were measured slower or no faster (run 27) and stay for benchmarks and checks."""
+    ``u_desc``; otherwise None). The runtime picks int8 and fp8 operands with or without the low-rank term; ping-
+    pong was measured no faster (run 27) and stays for benchmarks and checks."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
