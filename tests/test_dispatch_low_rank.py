@@ -153,3 +153,19 @@ def test_fp8_takes_the_gluon_kernel_in_place_of_cublas_on_its_shapes(graph: bool
             else:
                 assert got == before, (m, k, n, got, before)
             assert pick(m, k, n, True, DispatchPolicy(allow=("scaled_mm",))) == "scaled_mm"
+
+
+def test_fp8_keeps_cublas_for_float32_activations_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Gluon kernel's epilogue stores bf16 / fp16 tiles; a float32 call (ComfyUI runs T5 in float32) would
+    run the per-tile Triton fp8 kernel instead, slower than cuBLAS fp8, so ``_choose_fp8`` offers the Gluon kernel
+    in place of ``_scaled_mm`` for 16-bit activations only (the device facts patched: no GPU here)."""
+    monkeypatch.setattr(builtin, "device_capability", lambda dev: H200)
+    monkeypatch.setattr(builtin, "triton_available", lambda: True)
+    monkeypatch.setattr(builtin, "_ws_available", lambda: True)
+    monkeypatch.setattr(builtin, "_costs", lambda x, policy: cm.DEFAULT_COSTS)
+    monkeypatch.setattr(builtin, "_graph", lambda policy: False)
+    k, n = FLUX["qkv"]
+    got = {dt: builtin._choose_fp8(torch.empty(4096, k, dtype=dt), n, k, (), None).name
+           for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    assert got[torch.bfloat16] == got[torch.float16] == "triton"
+    assert got[torch.float32] == _fp8(4096, k, n, 0) == "scaled_mm"

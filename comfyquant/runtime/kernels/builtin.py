@@ -274,7 +274,8 @@ def fp8_choice(cap: tuple[int, int] | None, has_triton: bool, m: int, n: int, k:
                costs: Callable[[], object], graph: bool, rank: int = 0, gluon: bool = False) -> BackendChoice:
     """The fp8 kind's automatic choice on a device of compute capability ``cap`` (None: not CUDA), for ``m``
     rows and a low-rank term of rank ``rank`` (0: none); ``costs()`` gives the cost table (called only when the
-    cost model decides). With ``gluon`` (an sm_90 device whose Triton runs the Gluon kernel), on the shapes the
+    cost model decides). With ``gluon`` (an sm_90 device whose Triton runs the Gluon kernel, 16-bit activations:
+    its epilogue stores 16-bit tiles), on the shapes the
     Gluon kernel takes (``costs.gluon_path``) it replaces ``_scaled_mm``: the whole fp8 layer on it was faster than
     the same activation pass + cuBLAS fp8 on 66 of 68 such sweep rows of H200 run 51 (geometric mean 1.21x; the
     two others 0.993 / 0.998), before the warp-group lead made its GEMM 5% faster (run 52), while the cost model,
@@ -312,8 +313,10 @@ def _choose_fp8(x, n, k, opts, policy, rank: int = 0) -> BackendChoice:
     cap = device_capability(x.device)
     if cap is None:
         return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
+    # the Gluon kernel stores 16-bit tiles: float32 activations (ComfyUI's T5) keep the choice without it
+    gluon = cap[0] == 9 and x.dtype in (torch.bfloat16, torch.float16) and triton_available() and _ws_available()
     return fp8_choice(cap, triton_available(), _m(x, k), n, k, policy, lambda: _costs(x, policy), _graph(policy),
-                      rank, gluon=cap[0] == 9 and triton_available() and _ws_available())
+                      rank, gluon=gluon)
 
 
 # ---- int4_rot -------------------------------------------------------------------------------------------------
