@@ -3,9 +3,13 @@ the unsplit kernel and cuBLAS bf16, on the thin-M shapes where the unsplit kerne
 projections: K 10,240-15,360 with N 3,072-5,120): GPU time of CUDA-graph replays with the weights cycled past
 L2 (a single-token layer reads its whole weight). Every split's output is compared with the unsplit one (float64
 reference distance) and with itself on a second launch (the partials are summed in slice order:
-deterministic).
+deterministic). ``--fp8``: fp8 e4m3 weights (per-row scales) instead of int8, cuBLAS ``_scaled_mm`` (the same
+per-row fp8 activation pass) timed beside; ``--wide``: the >= 8,192-wide layers (run 53: fp8 weight-only ran
+0.72-0.97x bf16 there on the unsplit 128-column tiles where int8 ran 1.14-1.45x), 128-column tiles among the
+candidates.
 
     python benchmarks/bench_w8a16_split.py --out results/      # a CUDA GPU
+    python benchmarks/bench_w8a16_split.py --out results/ --fp8 --wide
 """
 
 from __future__ import annotations
@@ -24,25 +28,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHAPES = {"flux.mlp2": (12288, 3072), "flux.linear2": (15360, 3072), "flux.proj": (3072, 3072),
           "wan.ffn2": (13824, 5120), "wan.attn": (5120, 5120), "t5.ff2": (10240, 4096), "t5.attn": (4096, 4096),
           "flux.qkv": (3072, 9216)}
+WIDE = {"flux.qkv": (3072, 9216), "flux.mlp0": (3072, 12288), "flux.linear1": (3072, 21504),
+        "wan.ffn0": (5120, 13824), "t5.ff0": (4096, 10240), "sdxl.ff0": (1280, 10240)}
 L2_PAST = 200 << 20
+
+
+def _weights(w: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-row scales) of ``w``: int8 (``quantize_rowwise``) or fp8 e4m3 (amax / 448 per row)."""
+    if not fp8:
+        from comfyquant.quant.int8 import quantize_rowwise
+
+        return quantize_rowwise(w)
+    s = (w.abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)
+    return (w / s).to(torch.float8_e4m3fn), s.float()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fp8", action="store_true", help="fp8 e4m3 weights; cuBLAS _scaled_mm timed beside")
+    p.add_argument("--wide", action="store_true", help="the >= 8,192-wide layers, 128-column tiles too")
     a = p.parse_args()
     from comfyquant.bench.layers import graph_time_us
-    from comfyquant.quant.int8 import quantize_rowwise
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels.configs import fit_stages, w8a16_config
+    from comfyquant.runtime.kernels.fp8 import fp8_linear_scaled_mm
 
     a.out.mkdir(parents=True, exist_ok=True)
     t0, rows = time.perf_counter(), []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in (WIDE if a.wide else SHAPES).items():
         copies = max(2, min(32, L2_PAST // (n * k)))
         ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(copies)]
-        qs = [quantize_rowwise(w) for w in ws]
+        qs = [_weights(w, a.fp8) for w in ws]
         wb = [w.bfloat16() for w in ws]
         del ws
         for m in (1, 16):
@@ -53,8 +71,11 @@ def main() -> int:
             row["us"]["picked"] = graph_time_us(
                 lambda q, s, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16), qs)
             row["us"]["bf16"] = graph_time_us(lambda w, x=x: torch.nn.functional.linear(x, w), [(w,) for w in wb])
+            if a.fp8 and k % 16 == 0 and n % 16 == 0:  # the fp8 kind's other candidate
+                row["us"]["scaled_mm"] = graph_time_us(
+                    lambda q, s, x=x: fp8_linear_scaled_mm(x, q, s.reshape(-1), None, None, torch.bfloat16), qs)
             unsplit = None
-            for bn in (32, 64):
+            for bn in (32, 64, 128) if a.wide else (32, 64):
                 for split in (1, 2, 4, 8):
                     cfg = fit_stages(dataclasses.replace(base, block_n=bn, split_k=split), a_bytes=2, b_bytes=1)
                     tag = f"bn{bn}_s{split}"
@@ -70,7 +91,7 @@ def main() -> int:
                             lambda q, s, cfg=cfg, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16, cfg=cfg), qs)
                     except Exception as e:  # recorded
                         row.setdefault("errors", {})[tag] = f"{type(e).__name__}: {str(e)[:200]}"
-            best = min((v, c) for c, v in row["us"].items() if c not in ("bf16", "picked"))
+            best = min((v, c) for c, v in row["us"].items() if c not in ("bf16", "picked", "scaled_mm"))
             row["best"], row["best_us"] = best[1], best[0]
             rows.append(row)
             print(f"{name:13} M={m:2} bf16 {row['us']['bf16']:6.1f} unsplit(bn32) {row['us'].get('bn32_s1', 0):6.1f} "
@@ -81,7 +102,8 @@ def main() -> int:
         torch.cuda.empty_cache()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    (a.out / "w8a16_split.json").write_text(json.dumps(res, indent=1))
+    stem = "w8a16_split" + ("_fp8" if a.fp8 else "") + ("_wide" if a.wide else "")
+    (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     bad = [r["shape"] for r in rows if not all(r.get("deterministic", {}).values()) or r.get("errors")
            or max(r["rel_f64"].values()) > 2 * min(r["rel_f64"].values()) + 1e-3]
     print(f"done in {res['seconds']} s; shapes with a nondeterministic, failing or inaccurate split: {bad}", flush=True)

@@ -116,6 +116,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "rotation_split": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_split"), "--split"]],
         # the weight-only GEMM at M = 1 / 16 with split K against unsplit and cuBLAS bf16 (thin-M down projections)
         "w8a16_split": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split")]],
+        # fp8 weight-only on the >= 8,192-wide layers at M = 1 / 16 (run 53: 0.72-0.97x bf16 on the unsplit
+        # 128-column tiles, int8 1.14-1.45x): which tile / split, against cuBLAS fp8
+        "w8a16_fp8_wide": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split"), "--fp8",
+                            "--wide"]],
         # the one-launch W8A8 path from 64 rows (row-block kernel) against two launches and bf16 on 640-4,096-wide
         # layers: eager wall, GPU time, tile configurations, bit-equality with the two-launch path
         "fused_rows": [[PY, "benchmarks/bench_fused_rows.py", "--out", str(work / "fused_rows"), "--budget-s",
