@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels.acts import GATED_CODES
@@ -141,7 +142,7 @@ def ws_eligible(qdtype: torch.dtype, raw: bool, lr: tuple[tuple, tuple]) -> bool
     """Whether a W8A8 call may take the Gluon kernel (:func:`pick_w8a8`'s ``ws``): int8 operands or
     (``configs.WS_FP8``) fp8 ones, a scaled output, and no low-rank term or (``configs.WS_LOW_RANK``) one its
     epilogue holds (:func:`ws_low_rank`)."""
-    ops = qdtype == torch.int8 or (WS_FP8 and qdtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+    ops = qdtype == torch.int8 or (WS_FP8 and qdtype in FP8_DTYPES)
     return ops and not raw and _ws_takes_term(lr)
 
 
@@ -299,7 +300,7 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     dtype, then the W8A8 GEMM on the fp8 operands (fp32 accumulate) with the same fused epilogue as
     :func:`int8_linear` (``low_rank``, ``act`` as there): the fp8 path that can fuse a LoRA, unlike _scaled_mm."""
     _no_act_with_low_rank(act, low_rank)
-    if w_q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if w_q.dtype not in FP8_DTYPES:
         raise ValueError(f"fp8_linear: weight must be float8_e4m3fn or float8_e5m2, got {w_q.dtype}")
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
