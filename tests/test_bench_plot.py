@@ -51,3 +51,26 @@ def test_the_fp8_baseline_column_is_plotted_and_a_title_can_be_given(tmp_path):
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="usage"):
         main([str(src)])
+
+
+def test_bad_input_and_unwritable_output_are_one_user_error_and_leave_nothing(tmp_path):
+    """An unreadable or row-less json, or an output folder that is not there, is a ``UserError`` (one line, exit
+    2 through ``exits.run_cli`` as ``python -m comfyquant.bench.plot`` runs it) and leaves no file; the PNG is
+    written through a temporary file renamed when complete."""
+    from comfyquant.exits import run_cli
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    rowless = tmp_path / "rowless.json"
+    rowless.write_text(json.dumps({"meta": {}}))
+    good = tmp_path / "bench.json"
+    good.write_text(json.dumps({"rows": _rows()}))
+    for src, out, match in ((tmp_path / "missing.json", tmp_path / "a.png", "not a readable benchmark json"),
+                            (bad, tmp_path / "b.png", "not a readable benchmark json"),
+                            (rowless, tmp_path / "c.png", "no 'rows' list"),
+                            (good, tmp_path / "no_such_dir" / "d.png", "d.png")):
+        with pytest.raises(UserError, match=match):
+            main([str(src), str(out)])
+        assert run_cli("plot", main, [str(src), str(out)]) == 2
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "bench.json", "rowless.json"]

@@ -74,10 +74,7 @@ def plot_bench(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str =
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     fig.suptitle(title or "speed-up over bf16, same run (eager, do_bench median)")
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_bars(groups: Mapping[str, Mapping[str, float]], path: str | Path, title: str,
@@ -118,9 +115,23 @@ def plot_bars(groups: Mapping[str, Mapping[str, float]], path: str | Path, title
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
     fig.tight_layout(rect=(0, legend_in / height_in, 1, 1))  # the legend below the axes, never over a bar
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """``fig`` as a PNG at ``path`` through ``io.writer.write_small_file`` (a temporary file renamed when complete;
+    a full disk or read-only folder is one ``UserError`` line and leaves nothing), then closed."""
+    import io
+
+    from comfyquant.io.writer import write_small_file
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        _pyplot().close(fig)
     out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    write_small_file(out, buf.getvalue())
     return out
 
 
@@ -130,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3):
         raise UserError("usage: python -m comfyquant.bench.plot BENCH.json OUT.png [TITLE]")
-    payload = json.loads(Path(args[0]).read_text())
+    try:
+        payload = json.loads(Path(args[0]).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{args[0]}: not a readable benchmark json ({e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
+        raise UserError(f"{args[0]}: no 'rows' list (a comfyquant bench json has one)")
     meta = payload.get("meta", {})
     title = f"speed-up over bf16 F.linear, same run: {meta.get('device', '')} {meta.get('date_utc', '')} UTC".strip()
     print(plot_bench(payload["rows"], args[1], args[2] if len(args) == 3 else title))
@@ -138,4 +154,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from comfyquant.exits import run_cli
+
+    raise SystemExit(run_cli("python -m comfyquant.bench.plot", main, None))
