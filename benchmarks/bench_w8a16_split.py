@@ -66,7 +66,7 @@ def main() -> int:
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda").bfloat16()
             ref = (x.double() @ (qs[0][0].double() * qs[0][1].double()).t())
-            base = w8a16_config(m, n, k, sms)
+            base = w8a16_config(m, n, k, sms, fp8=a.fp8)
             row: dict = {"shape": name, "m": m, "k": k, "n": n, "picked": str(base), "us": {}, "rel_f64": {}}
             row["us"]["picked"] = graph_time_us(
                 lambda q, s, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16), qs)

@@ -144,7 +144,8 @@ def test_calibration_measures_only_the_paths_that_run_on_the_device() -> None:
                                                ("run9_h200_2026-12-02", "run9_h200_2026-12-02"),
                                                ("run33_h200_2026-12-03", "run32_h200_2026-12-03"),
                                                ("run36_h200_2026-12-03", "run32_h200_2026-12-03"),
-                                               ("run45_h200_2026-12-03", "run45_h200_2026-12-03")])
+                                               ("run45_h200_2026-12-03", "run45_h200_2026-12-03"),
+                                               ("run54_h200_2026-12-03", "run54_h200_2026-12-03")])
 def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(sweep: str, costs: str) -> None:
     """The eager int8 choice against real H200 per-layer sweeps (benchmarks/results/sweep_*: every backend of
     90-114 Flux / Wan / SDXL / T5 / CLIP layer shapes timed at M = 1 .. 16384, bound path, weights rotated past
@@ -176,6 +177,44 @@ def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(s
     assert len(regrets) >= 90
     assert math.exp(sum(map(math.log, regrets)) / len(regrets)) <= 1.04
     assert max(regrets) <= 1.8 and sum(x > 1.15 for x in regrets) <= 0.1 * len(regrets)
+
+
+def test_weight_only_model_tracks_short_k_on_the_recorded_h200_sweep() -> None:
+    """The weight-only path's modeled GPU time against H200 run 54's measured eager time where the GPU sets the
+    pace (M >= 1,024, model > 1.2x its host time), its rate fitted as ``calibrate`` fits it: on the SDXL / CLIP
+    layers with K <= 1,280 within 10% (geometric mean; 1.21x under before ``W8A16_OVERHEAD_ITERS``), no further off
+    than on the long-K layers; and the eager pick at 4,096 rows of SDXL attn 640 / CLIP attn is no longer the
+    weight-only path (measured 0.62 / 0.59x bf16 there) under run 54's table, or with the two-launch path's host
+    time at the sweep process's 24 µs."""
+    import dataclasses
+    import json
+    import math
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels import calibrate
+    from comfyquant.runtime.kernels import costs as cm
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    day = cm.DeviceCosts.from_json(json.loads((results / "costs_run54_h200_2026-12-03.json").read_text()))
+    # run 54 fitted the weight-only rate under the model without the term: its time at the fit shape, refitted
+    fit = (256, 8192, 8192)
+    t_fit = (cm.gpu_us("triton_w8a16", *fit, day) - day.launch_us) * cm._short_k(8192, 128, cm.W8A16_OVERHEAD_ITERS)
+    c = calibrate._with_rate(day, "triton_w8a16", calibrate.fit_rate("triton_w8a16", *fit, t_fit + day.launch_us,
+                                                                     day))
+    ratios: dict[bool, list[float]] = {True: [], False: []}
+    rows = json.loads((results / "sweep_run54_h200_2026-12-03.json").read_text())["rows"]
+    for r in rows:
+        g = cm.gpu_us("triton_w8a16", r["m"], r["n"], r["k"], c)
+        if r["m"] >= 1024 and g > 1.2 * c.host("triton_w8a16"):
+            ratios[r["k"] <= 1280].append(r["us"]["w8a16"] / g)
+    gm = {short: math.exp(sum(map(math.log, v)) / len(v)) for short, v in ratios.items()}
+    assert len(ratios[True]) >= 10 and len(ratios[False]) >= 30
+    assert 0.9 <= gm[True] <= 1.1 and gm[True] <= gm[False] * 1.02, gm
+    slow_two = dataclasses.replace(c, host_us=tuple((p, 24.0 if p == "triton" else u) for p, u in c.host_us))
+    for table in (c, slow_two):
+        for n, k in ((640, 640), (768, 768)):
+            pick = cm.decide(("triton", "triton_fused", "triton_w8a16", "dequant"), 4096, n, k, table, "eager")[0]
+            assert pick != "triton_w8a16", (n, table.host("triton"))
 
 
 @pytest.mark.parametrize("run", [9, 10])
@@ -529,6 +568,35 @@ def test_w8a16_split_rule_is_near_the_best_on_the_recorded_h200_timings() -> Non
     assert narrow == 14 and unsplit_losses == 9
 
 
+def test_w8a16_fp8_rule_on_wide_layers_is_near_the_best_on_the_recorded_h200_timings() -> None:
+    """fp8 weights on >= 8,192-wide layers at M = 1 / 16 (H200 run 54, ``bench_w8a16_split.py --fp8 --wide``: 6
+    shapes, 32 / 64 / 128 columns x 1-8 slices): the fp8 pick within 6% of the best configuration on every row,
+    its geometric mean over bf16 up from the 128-column tiles' (which int8 weights keep), every configuration
+    deterministic and as accurate as the unsplit one."""
+    import dataclasses
+    import json
+    import math
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels.configs import w8a16_config
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                      / "w8a16_split_fp8_wide_run54_h200_2026-12-03.json").read_text())
+    gains: dict[int, list[float]] = {1: [], 16: []}
+    for r in res["rows"]:
+        assert all(r["deterministic"].values()) and not r.get("errors")
+        assert max(r["rel_f64"].values()) <= 1.01 * min(r["rel_f64"].values()) + 1e-6
+        old = w8a16_config(r["m"], r["n"], r["k"], 132)
+        cfg = w8a16_config(r["m"], r["n"], r["k"], 132, fp8=True)
+        assert (old.block_n, old.split_k) == (128, 1) and dataclasses.replace(cfg, block_n=128, split_k=1) == old
+        picked = r["us"][f"bn{cfg.block_n}_s{cfg.split_k}"]
+        best = min(v for c, v in r["us"].items() if c.startswith("bn"))
+        assert picked <= 1.06 * best, (r["shape"], r["m"], cfg)
+        gains[r["m"]].append(r["us"]["bn128_s1"] / picked)
+    for m, g in gains.items():
+        assert len(g) == 6 and math.exp(sum(map(math.log, g)) / len(g)) > 1.1, (m, g)
+
+
 def _rows_run44() -> list[dict]:
     import json
     from pathlib import Path
@@ -614,10 +682,12 @@ def test_the_triton_rates_are_fitted_where_the_gluon_kernel_does_not_run() -> No
 
 
 def test_near_ties_go_to_the_path_with_less_gpu_time_on_the_recorded_h200_sweeps() -> None:
-    """``costs.NEAR_TIE``: replayed on the sweeps of runs 45, 51 and 53 with each day's own measured table (the
+    """``costs.NEAR_TIE``: replayed on the sweeps of runs 45, 51, 53 and 54 with each day's own measured table (the
     runtime's), the eager picks' regret against the fastest measured path is lower with the GPU-time tie-break
-    than without it on every run (geometric mean 1.019 / 1.019 / 1.029 -> 1.015 / 1.008 / 1.010), and the rows
-    more than 15% off drop from 19 to 7; the tie-break only ever moves picks within the band."""
+    than without it on every run (geometric mean 1.019 / 1.016 / 1.025 / 1.017 -> 1.016 / 1.008 / 1.010 / 1.013
+    with the weight-only short-K term; without that term 45 / 51 / 53 went 1.019 / 1.019 / 1.029 -> 1.015 / 1.008
+    / 1.010), and the rows more than 15% off drop from 20 to 11; the tie-break only ever moves picks within the
+    band."""
     import dataclasses
     import json
     import math
@@ -628,7 +698,7 @@ def test_near_ties_go_to_the_path_with_less_gpu_time_on_the_recorded_h200_sweeps
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     cols = {"triton": "w8a8_triton", "triton_fused": "w8a8_fused", "triton_w8a16": "w8a16", "dequant": "dequant"}
     far = {True: 0, False: 0}
-    for run in (45, 51, 53):
+    for run in (45, 51, 53, 54):
         c = cm.DeviceCosts.from_json(json.loads((results / f"costs_run{run}_h200_2026-12-03.json").read_text()))
         untied = dataclasses.replace(c, measured=c.measured + " (no tie-break)")  # a distinct memo key
         rows = json.loads((results / f"sweep_run{run}_h200_2026-12-03.json").read_text())["rows"]
@@ -646,5 +716,5 @@ def test_near_ties_go_to_the_path_with_less_gpu_time_on_the_recorded_h200_sweeps
                 regrets.append(us[pick] / min(us.values()))
             gm[tied] = math.exp(sum(map(math.log, regrets)) / len(regrets))
             far[tied] += sum(x > 1.15 for x in regrets)
-        assert gm[True] < gm[False] and gm[True] <= 1.016, (run, gm)
-    assert far[True] <= 8 and far[False] >= 15, far
+        assert gm[True] < gm[False] and gm[True] <= 1.017, (run, gm)
+    assert far[True] <= 12 and far[False] >= 18, far

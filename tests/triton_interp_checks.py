@@ -495,6 +495,20 @@ def check_w8a16_split() -> None:
     same = plan is not None and all(
         torch.equal(plan(x), triton_int8.w8a16_linear(x, q, s, None, None, F16, low_rank=lr)) for x in later)
     record("w8a16_split_plan_low_rank", same, split=cfg.split_k)
+    # fp8 weights on a >= 8,192-wide layer: the plan takes w8a16_config's fp8 split (two K slices), the same bits
+    # as the general path, near float64
+    for m in (1, 16):
+        k, n = 512, 8192
+        cfg = w8a16_config(m, n, k, 132, fp8=True)
+        qf, sf = quantize_fp8(_weight(n, k, seed=710 + m)[0])
+        sf = sf.expand(n).contiguous()
+        xs = [_x(m, k, F16, seed=712 + m + j) for j in range(2)]
+        plan = triton_plans.plan_w8a16(xs[0], qf, sf, None, F16)
+        ys = [triton_int8.w8a16_linear(x, qf, sf, None, None, F16) for x in xs]
+        e = max(rel(y, x.double() @ (qf.double() * sf.double()[:, None]).t()) for x, y in zip(xs, ys, strict=True))
+        record("w8a16_split_plan_fp8_wide", cfg.split_k == 2 and plan is not None
+               and all(torch.equal(plan(x), y) for x, y in zip(xs, ys, strict=True)) and e <= 2 ** -9, m=m, rel=e,
+               cfg=str(cfg))
 
 
 def check_dequant() -> None:

@@ -202,7 +202,7 @@ def small_m_config(m: int, n: int, k: int, sms: int, *, block_k: int = 128) -> T
 
 
 @functools.lru_cache(maxsize=4096)
-def w8a16_config(m: int, n: int, k: int, sms: int) -> TileConfig:
+def w8a16_config(m: int, n: int, k: int, sms: int, fp8: bool = False) -> TileConfig:
     """Weight-only kernel (bf16 x, int8/fp8 W): thin M; wide K (256) at M <= 16 so each load moves 16+ bytes
     per thread; pipeline depth bounded by shared memory (A bf16 + B int8 per stage; run 1 overflowed at 4 stages
     of 64x128x256 tiles: 288 KB).
@@ -211,10 +211,15 @@ def w8a16_config(m: int, n: int, k: int, sms: int) -> TileConfig:
     down projections, N 3,072-5,120 under K up to 15,360) left SMs idle with one program per 32 columns
     (0.81-0.93x bf16), so K is cut in :func:`w8a16_split` slices over 64 columns (M = 1) or 32 (run 37,
     ``bench_w8a16_split.py``, GPU time with weights past L2: 1.08-1.64x bf16, within 8% of the best of 8
-    configurations on 14 shapes)."""
+    configurations on 14 shapes). ``fp8`` weights on N >= 8192 take two K slices over 64 columns (M = 1) or 32
+    (H200 run 54, ``--fp8 --wide``, 6 shapes: geometric mean 0.83 -> 0.99x bf16 at M = 1, 0.88 -> 1.18x at 16,
+    within 6% of the best of 12 configurations on every row): converting fp8 to 16 bits costs more registers
+    and issue slots than int8's, which the 128-column tiles' 72-168 programs could not hide."""
     if m <= 16:
         bk = 256 if k % 256 == 0 else 128
-        if n >= 8192:
+        if n >= 8192 and fp8:
+            cfg = TileConfig(16, 64 if m == 1 else 32, bk, 4, 4 if m == 1 else 3, 1, split_k=min(2, cdiv(k, bk)))
+        elif n >= 8192:
             cfg = TileConfig(16, 128, bk, 4, 4 if m == 1 else 3, 1)
         else:
             cfg = TileConfig(16, 64 if m == 1 else 32, bk, 4, 4 if m == 1 else 3, 1,

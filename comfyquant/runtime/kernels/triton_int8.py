@@ -441,7 +441,7 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
-        cfg = cfg or w8a16_config(m, n, k, device_facts(x.device)[0])
+        cfg = cfg or w8a16_config(m, n, k, device_facts(x.device)[0], fp8=w_q.dtype in FP8_DTYPES)
         bufs = split_buffers(x.device, None, cfg, m, n)
         grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act,
                                         bufs)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape, w8a16_config
@@ -80,7 +81,7 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     if common is None:
         return None
     lead, m, n, k, dev, sb = common
-    cfg = w8a16_config(m, n, k, device_facts(dev)[0])
+    cfg = w8a16_config(m, n, k, device_facts(dev)[0], fp8=w_q.dtype in FP8_DTYPES)
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
     bufs = ti.split_buffers(dev, _raw_stream(dev)(), cfg, m, n)
