@@ -2,9 +2,12 @@
 layer runs first): the tile kernel's launch configurations (rows per program, warps, pipeline stages, steps
 unrolled per loop iteration) against the row kernel, today's pick ("auto") and the unrotated block kernel,
 GPU time of CUDA-graph replays with the inputs cycled past L2. Every configuration's codes and scales are
-compared with the default configuration's before it is timed.
+compared with the default configuration's before it is timed. ``--split``: the split form on rows too few for
+the tile kernel; ``--held``: the one-read kernel (programs hold their chunk rotated in registers and share their
+rows' absmax parts) in its configurations, M 64 .. 16,384, its codes compared with the tile kernel's.
 
     python benchmarks/bench_rotation.py --out results/      # a CUDA GPU
+    python benchmarks/bench_rotation.py --out results/ --held
 """
 
 from __future__ import annotations
@@ -108,6 +111,61 @@ def split_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
     return out, mismatches
 
 
+HELD_M = (64, 256, 1024, 2048, 4096, 16384)
+HELD_K = (1280, 3072, 5120, 12288, 15360)
+HELD_CONFIGS = ((16, 1, 4), (16, 2, 4), (16, 2, 8), (64, 1, 4), (64, 1, 8), (64, 2, 8))  # (rows, groups, warps)
+
+
+def run_held(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, int, int]) -> None:
+    """One launch of the one-read rotating kernel (group 256) with ``cfg`` = (rows, groups held, warps)."""
+    from comfyquant.runtime.kernels import scratch
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.launch import stream_id
+
+    rows, held, warps = cfg
+    sync = scratch.split_workspace(x.device).buffers(stream_id(x.device), 1)[1]
+    grid, args, key, w = tq.held_launch(x, q, s, sync, 127.0, 0, 0, rows, held, warps)
+    tq._ACT_HELD(grid, args, x.device, num_warps=w, num_stages=1, key=key)
+
+
+def held_rows(ms: list[int], ks: list[int]) -> tuple[list[dict], dict]:
+    """The one-read kernel's configurations against the baselines and the tile kernel at 16 / 64 rows per
+    program (codes and scales compared with the tile kernel's), GPU time."""
+    from comfyquant.bench.layers import graph_time_us
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.scratch import row_scales
+
+    out, mismatches = [], {}
+    for k in ks:
+        for m in ms:
+            pairs = _pairs(m, k, m * tq.held_parts(k, 1))
+            want_q, want_s = tq.quantize_rows_int8(pairs[0][0], 256, kernel="tiles")
+            row: dict = {"m": m, "k": k, "group": 256, "pick": tq.pick_kernel(pairs[0][0], 256, tq.MODE_INT8),
+                         "us": _baselines(pairs, 256)}
+            for rows in (16, 64):
+                if 2 * rows <= m:
+                    row["us"][f"tiles{rows}"] = graph_time_us(
+                        lambda x, q, s, r=rows: run_tiles(x, q, s, 256, (r, 4, tq.ROT_STAGES, tq.ROT_UNROLL)), pairs)
+            for cfg in HELD_CONFIGS:
+                if cfg[0] > 2 * m:
+                    continue
+                q, s = torch.empty_like(want_q), row_scales(m, m * tq.held_parts(k, cfg[1]), "cuda")
+                run_held(pairs[0][0], q, s, cfg)
+                off = int((q != want_q).sum()) + int((s != want_s).sum())
+                if off:
+                    mismatches[f"{m}x{k} held {cfg}"] = off
+                row["us"][f"held{cfg}"] = graph_time_us(lambda x, q, s, cfg=cfg: run_held(x, q, s, cfg), pairs)
+            out.append(row)
+            best = min((v, c) for c, v in row["us"].items() if c.startswith("held"))
+            print(f"M={m:5} K={k:5} plain {row['us']['plain_blocks']:6.1f} auto {row['us']['auto']:7.1f} "
+                  f"({row['pick']}) tiles16 {row['us'].get('tiles16', 0):7.1f} tiles64 {row['us'].get('tiles64', 0):7.1f}"
+                  f" best {best[1]} {best[0]:7.1f} us = {row['us']['auto'] / best[0]:.2f}x auto, "
+                  f"{best[0] / row['us']['plain_blocks']:.2f}x plain", flush=True)
+            del pairs
+            torch.cuda.empty_cache()
+    return out, mismatches
+
+
 def tile_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
     """The unsplit tile kernel's launch configurations (:func:`configs`) against the baselines (codes and
     scales compared with the default configuration's), GPU time."""
@@ -154,22 +212,27 @@ def main() -> int:
     p.add_argument("--k", default=",".join(map(str, K_VALUES)))
     p.add_argument("--group", type=int, default=256)
     p.add_argument("--split", action="store_true", help="the split form at M = 64 .. 2048 instead (one call)")
+    p.add_argument("--held", action="store_true", help="the one-read kernel at M = 64 .. 16,384 instead")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ks = [int(v) for v in a.k.split(",")]
-    if a.split:
+    if a.held:
+        rows, bad = held_rows(list(HELD_M), [int(v) for v in a.k.split(",")] if a.k != p.get_default("k")
+                              else list(HELD_K))
+    elif a.split:
         rows, bad = split_rows(list(SPLIT_M), ks, a.group)
     else:
         rows, bad = tile_rows([int(v) for v in a.m.split(",")], ks, a.group)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "mismatches": bad,
            "rows": rows}
-    (a.out / ("rotation_split.json" if a.split else "rotation_tiles.json")).write_text(json.dumps(res, indent=1))
-    what = "split configurations whose codes differ from the tile kernel's" if a.split else \
-        "configurations whose codes differ from the default's"
+    name = "rotation_held.json" if a.held else "rotation_split.json" if a.split else "rotation_tiles.json"
+    (a.out / name).write_text(json.dumps(res, indent=1))
+    what = "configurations whose codes differ from the default's" if not (a.split or a.held) else \
+        "configurations whose codes differ from the tile kernel's"
     print(f"done in {res['seconds']} s; {what}: {len(bad)}", flush=True)
-    return 1 if bad and a.split else 0
+    return 1 if bad and (a.split or a.held) else 0
 
 
 if __name__ == "__main__":

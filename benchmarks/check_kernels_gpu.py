@@ -156,6 +156,43 @@ def check_act_quant() -> None:
         record("act_quant_fp8_static", torch.equal(q.float(), qr.float()), m=m, k=k)
 
 
+def check_held_rotation() -> None:
+    """The one-read rotating kernel (kernel="held", convrot 256, int8): the tile kernel's codes and scales bit for
+    bit on bf16 / fp16 rows, from one row to 16,391 (30,000+ programs waiting on their row blocks), K 1,280-15,360
+    (a half-empty last chunk at 1,280), in each launch configuration, with a folded GELU and the W4A8 column
+    order; the shared counters zeroed after every launch; twice in a row the same; near the float64 rotation."""
+    from comfyquant.runtime.kernels import scratch
+    from comfyquant.runtime.kernels.launch import stream_id
+
+    tq = triton_quant
+    sync = scratch.split_workspace(torch.device("cuda")).buffers(stream_id(torch.device("cuda")), 1)[1]
+    for m, k, act, perm in [(1, 3072, 0, 0), (16, 1280, 0, 0), (300, 15360, 0, 0), (2048, 12288, 0, 0),
+                            (4096, 3072, 0, 0), (4096, 12288, 1, 0), (16391, 15360, 0, 0), (1000, 5120, 0, 128)]:
+        for dt in (torch.bfloat16, torch.float16):
+            x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(dt)
+            x[0, 7] = 60.0
+            if m > 2:
+                x[1] = 0
+            want = tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="tiles")
+            got = [tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="held") for _ in range(2)]
+            for rows, held, warps in ((16, 1, 4), (64, 2, 8), (16, 2, 8)):
+                q = torch.empty_like(want[0])
+                s = scratch.row_scales(m, m * tq.held_parts(k, held), "cuda")
+                grid, args, key, w = tq.held_launch(x, q, s, sync, 127.0, perm, act, rows, held, warps)
+                tq._ACT_HELD(grid, args, x.device, num_warps=w, num_stages=1, key=key)
+                got.append((q, s))
+            torch.cuda.synchronize()
+            same = all(torch.equal(q, want[0]) and torch.equal(s, want[1]) for q, s in got)
+            record("held_rotation_vs_tiles", same and int(sync.abs().sum()) == 0
+                   and tq.held_apply(x, 256, tq.MODE_INT8, act), m=m, k=k, act=act, perm=perm, dtype=str(dt))
+            if perm == 0 and m <= 4096:
+                xa = torch.nn.functional.gelu(x, approximate="tanh") if act else x
+                qr, sr = reference.quantize_rows_int8(fast_hadamard(xa.double(), 256).float())
+                ok, mx, frac = codes_within(got[0][0], qr, 1)
+                record("held_rotation_f64", ok and rel(got[0][1], sr) < 1e-6, m=m, k=k, act=act, dtype=str(dt),
+                       max_code_diff=mx, frac_diff=frac)
+
+
 def check_int_mm_exact() -> None:
     for m, k, n in [(1, 3072, 3072), (16, 64, 48), (17, 100, 70), (300, 5120, 1280), (4096, 3072, 3072),
                     (129, 13824, 520), (2, 15360, 3072)]:
@@ -754,7 +791,8 @@ def check_plans() -> None:
     cases = {"int8": ("triton", "triton_fused", "triton_fused_kblock", "triton_w8a16", "dequant"),
              "int8-rot": ("triton",),
              "fp8": ("triton_w8a16", "dequant", "scaled_mm", "triton")}
-    for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (70, 200, 70)]:
+    # (4,096 and 2,048 rows: the convrot layers' activation pass on the one-read rotating kernel)
+    for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (2048, 1280, 1280), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03
         bias = torch.randn(n, device="cuda").bfloat16()
         lead = (3, 100) if m == 300 else (m,)  # leading dims as models hand them over: plans make no views
@@ -880,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     only = {n for n in a.only.split(",") if n}
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_act_quant, check_int_mm_exact, check_persistent, check_ws_gemm, check_ws_lora_wired,
+    for fn in (check_act_quant, check_held_rotation, check_int_mm_exact, check_persistent, check_ws_gemm, check_ws_lora_wired,
                check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
                check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,

@@ -114,6 +114,12 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "rotation_tiles": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_tiles")]],
         # its split form (two launches over column chunks) where rows are too few for it, against the row kernel
         "rotation_split": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_split"), "--split"]],
+        # the one-read rotating kernel (its chunk held in registers, row blocks synchronized) in its configurations
+        # against the tile kernel, the row kernel, "auto" and the unrotated pass, M 64 .. 16,384 (GPU time)
+        "rotation_held": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_held"), "--held"]],
+        # its GPU checks (bit-equal to the tile kernel, counters, float64) and the paths that run convrot layers
+        "checks_held": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                         "check_held_rotation,check_act_quant,check_linear,check_plans,check_cuda_graphs"]],
         # the weight-only GEMM at M = 1 / 16 with split K against unsplit and cuBLAS bf16 (thin-M down projections)
         "w8a16_split": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split")]],
         # fp8 weight-only on the >= 8,192-wide layers at M = 1 / 16 (run 53: 0.72-0.97x bf16 on the unsplit

@@ -124,3 +124,27 @@ def test_row_block_w8a8_compiles_with_release_acquire_counters(m: int, k: int, n
     stage = cfg.block_k * (cfg.block_m + cfg.block_n)
     assert ck.metadata.shared >= (cfg.stages - 1) * stage, (ck.metadata.shared, cfg)
     assert "fma.rn.f32" in ptx and _divisions(ptx) <= 8  # the activation kernel's codes: a reciprocal per row
+
+
+@pytest.mark.parametrize(("rows", "held", "warps"), [(16, 2, 4), (16, 1, 4), (64, 1, 8), (64, 2, 8)])
+def test_one_read_rotating_kernel_compiles_without_spills_and_waits_with_acquire(rows: int, held: int,
+                                                                                  warps: int) -> None:
+    """The one-read rotating kernel (``triton_quant.held_launch``, the form a GPU launches: synchronized) for
+    sm_90 in the configurations ``bench_rotation.py --held`` times: its chunk held in registers without spills
+    (64 rows x 2 groups on 4 warps spill: not among them), its part released before the wait, the wait's reads
+    acquire, the parts read past L1, a counter reset by the last ticket and the last departure."""
+    from test_gluon_gemm import _assert_no_spills
+
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    m, k = 4096, 12288
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    out, scale, sync = torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(8192, dtype=torch.int32)
+    grid, args, _, w = tq.held_launch(x, out, scale, sync, 127.0, 0, 0, rows, held, warps, phase=0)
+    assert grid == (m // rows * tq.held_parts(k, held),) and args[4] is sync
+    ptx = _compile(tq._ACT_HELD, args, w, 1, aligned=True).asm["ptx"]
+    _assert_no_spills(ptx)
+    release = ptx.index("atom.global.gpu.release.add")
+    assert "ld.global.gpu.acquire" in ptx[release:] and "ld.global.cg" in ptx[release:]
+    assert len(re.findall(r"atom\.global\.gpu\.relaxed\.exch", ptx)) == 2
+    assert _divisions(ptx) <= 8

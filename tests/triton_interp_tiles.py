@@ -115,9 +115,11 @@ def check_dot_rotation() -> None:
                m=m, k=k, convrot=g, act=act, perm=perm, chunks=chunks)
     # "auto" takes it for long rows only (the row kernel is faster on short ones: run 42)
     picks = {(m, k): triton_quant.pick_kernel(torch.empty((m, k), dtype=F16), 256, triton_quant.MODE_INT8)
-             for m, k in ((64, 12288), (1024, 5120), (256, 5120), (63, 12288), (2112, 3072))}
-    record("dot_rotation_split_picked", picks == {(64, 12288): "split", (1024, 5120): "split", (256, 5120): "rows",
-                                                  (63, 12288): "rows", (2112, 3072): "tiles"}, picks=str(picks))
+             for m, k in ((64, 12288), (1024, 5120), (256, 5120), (63, 12288), (2112, 3072), (1024, 1280),
+                          (4096, 5120), (1024, 15360))}
+    record("dot_rotation_split_picked", picks == {(64, 12288): "split", (1024, 5120): "held", (256, 5120): "rows",
+                                                  (63, 12288): "rows", (2112, 3072): "held", (1024, 1280): "rows",
+                                                  (4096, 5120): "tiles", (1024, 15360): "split"}, picks=str(picks))
     # the W4A8 order (evens then odds per 128 columns) from the same kernel
     x = _x(5, 512, seed=40)
     q, s = triton_quant.quantize_rows_int8(x, 256, kernel="tiles")
@@ -138,4 +140,55 @@ def check_dot_rotation() -> None:
         record("unknown_rotation_refused", True)
 
 
-GROUPS = {"act_tiles": check_plain_tiles, "dot_rotation": check_dot_rotation}
+def check_held_rotation() -> None:
+    """The one-read rotating kernel (kernel="held": programs hold their chunk of 256-column groups rotated in
+    registers and share their rows' absmax parts; on the CPU its parts and codes launch apart): the tile
+    kernel's codes and scales bit for bit, with ragged M, a K that leaves the last chunk half empty, a zero row,
+    an input activation, the W4A8 column order, one and two groups held and 64-row programs; the scales'
+    buffer sized for its parts; its launch leaves the shared counters zeroed; the calls it does not take."""
+    from comfyquant.runtime.kernels import scratch, triton_quant
+    from comfyquant.runtime.kernels.launch import stream_id
+
+    tq = triton_quant
+    for m, k, act, perm in ((37, 1280, 0, 0), (16, 512, 0, 0), (70, 768, 1, 0), (5, 1024, 0, 128), (1, 256, 0, 0)):
+        x = _x(m, k, seed=300 + m)
+        if m > 2:
+            x[1] = 0
+        # the tile kernel's programs of as many rows (the interpreter's fp16 products of 64-row tiles may round an
+        # activated row's absmax 1 ulp apart from 16-row ones; the GPU's do not: check_held_rotation)
+        want_q, want_s = torch.empty((m, k), dtype=torch.int8), torch.empty((m, 1))
+        grid, args, key, warps = tq.tile_launch(x, want_q, want_s, 256, tq.MODE_INT8, 127.0, perm, act,
+                                                rows=tq.HELD_ROWS)
+        tq._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
+        q, s = tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="held")
+        record("held_rotation", tq.held_apply(x, 256, tq.MODE_INT8, act) and torch.equal(q, want_q)
+               and torch.equal(s, want_s) and bool((q != 0).any())
+               and tq.scale_floats(x, 256, tq.MODE_INT8, act, "held") == m * (1 + tq.held_parts(k)),
+               m=m, k=k, act=act, perm=perm, parts=tq.held_parts(k))
+        for rows, held in ((16, 1), (64, 1), (64, 2)):
+            # against the tile kernel's programs of as many rows (the interpreter's fp16 products of 64-row tiles
+            # may round an activated row's absmax 1 ulp apart from 16-row ones; the GPU's do not)
+            tq_, ts_ = torch.empty_like(q), torch.empty((m, 1))
+            grid, args, key, warps = tq.tile_launch(x, tq_, ts_, 256, tq.MODE_INT8, 127.0, perm, act, rows=rows)
+            tq._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
+            parts = tq.held_parts(k, held)
+            q2, s2 = torch.empty_like(q), torch.empty(m * (1 + parts))[:m].view(m, 1)
+            sync = scratch.split_workspace(x.device).buffers(stream_id(x.device), 1)[1]
+            for phase in (1, 2):
+                grid, args, key, warps = tq.held_launch(x, q2, s2, sync, 127.0, perm, act, rows, held, phase=phase)
+                tq._ACT_HELD(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
+            record("held_rotation_config", torch.equal(q2, tq_) and torch.equal(s2, ts_)
+                   and int(sync.abs().sum()) == 0, m=m, k=k, rows=rows, held=held)
+    # calls it does not take: other groups, fp32 rows, fp8 / rotation-only modes; they fall back to the tile
+    # kernel's result (or the row kernel's) unchanged
+    x = _x(20, 512, seed=320)
+    refused = {"group64": tq.held_apply(x, 64, tq.MODE_INT8), "fp32": tq.held_apply(x.float(), 256, tq.MODE_INT8),
+               "float": tq.held_apply(x, 256, tq.MODE_FLOAT), "fp8": tq.held_apply(x, 256, tq.MODE_FP8),
+               "none": tq.held_apply(x, None, tq.MODE_INT8)}
+    a = tq.quantize_rows_int8(x, 64, kernel="held")
+    b = tq.quantize_rows_int8(x, 64, kernel="tiles")
+    record("held_rotation_refusals", not any(refused.values()) and torch.equal(a[0], b[0])
+           and torch.equal(a[1], b[1]), refused=str(refused))
+
+
+GROUPS = {"act_tiles": check_plain_tiles, "dot_rotation": check_dot_rotation, "held_rotation": check_held_rotation}

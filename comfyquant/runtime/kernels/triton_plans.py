@@ -347,6 +347,18 @@ def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | 
     rest = args[4:]
     if args[3] is s:
         return fire, lambda s_call: (s_call, *rest)
+    if fk is triton_quant._ACT_HELD:  # the one-read rotating kernel: the current stream's counters at args[4]
+        h, tail, dev, stream = args[3], args[5:], x2d.device, _raw_stream(x2d.device)
+        sync: dict[int, torch.Tensor] = {}
+
+        def held_rest(s_call: torch.Tensor) -> tuple:
+            st = stream()
+            c = sync.get(st)
+            if c is None:
+                c = sync[st] = scratch.split_workspace(dev).buffers(st, 1)[1]
+            return (h, c, *tail)
+
+        return fire, held_rest
     fixed = (args[3], *rest)
     return fire, lambda s_call: fixed
 

@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from comfyquant.quant.hadamard import hadamard_matrix
+from comfyquant.runtime.kernels import scratch
 from comfyquant.runtime.kernels.acts import GATED_CODES
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
-from comfyquant.runtime.kernels.launch import FastKernel, device_facts
+from comfyquant.runtime.kernels.launch import FastKernel, device_facts, stream_id
 from comfyquant.runtime.kernels.scratch import row_scales
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to the nearest integer, ties to even
@@ -304,6 +305,74 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
 
 
 @triton.jit
+def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, stride_om, qmax, P,
+                     BM: tl.constexpr, HELD: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
+                     ACT: tl.constexpr, PHASE: tl.constexpr):
+    """Rotated (group 256) per-row int8 codes with x read once: program (row block, chunk ``p``) rotates its
+    ``HELD`` groups of 256 columns into registers (:func:`_quarters`), writes its rows' absmax part to
+    ``s[M + p M + r]`` (the scales' buffer holds ``(1 + P) M`` floats), waits for the row block's ``P`` programs,
+    takes the maximum of the parts and stores its codes from registers (chunk 0 the scales). The tile kernel
+    rotates every group twice and reads x twice (from HBM once its programs' rows outgrow L2); the codes are its
+    own: the same arithmetic per group, and a maximum is order-free. Programs take tickets in row-block order
+    (``sync[0]``) and wait only on their block's ``P`` (at most one per SM, :func:`held_apply`);
+    ``sync[1 + block]`` counts arrivals, then departures, and the last of each resets its counter, as in
+    ``triton_gemm.fused_rows``. ``PHASE`` 1 / 2: the parts / the codes alone, for Triton's CPU interpreter (it
+    runs programs one after another, so a wait would never end); 0: both, synchronized."""
+    C: tl.constexpr = 64
+    STEP: tl.constexpr = 256
+    if PHASE == 0:
+        t = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+        if t == tl.cdiv(M, BM) * P - 1:  # every ticket is out: the next launch starts from zero
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+    else:
+        t = tl.program_id(0)
+    pid_m = t // P
+    p = t % P
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
+    cols = tl.arange(0, C)
+    h = tl.load(h_ptr + cols[:, None] * C + cols[None, :])
+    x_tile = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_om
+    c0 = p * (STEP * HELD)
+    cm0 = c0 + cols < K
+    y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cm0, h, K, C, ACT)
+    amax = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+    if HELD == 2:
+        c1 = c0 + STEP
+        cm1 = c1 + cols < K
+        z0, z1, z2, z3 = _quarters(x_tile + c1, rmask, cm1, h, K, C, ACT)
+        amax = tl.maximum(amax, tl.maximum(tl.maximum(_rowmax(z0), _rowmax(z1)),
+                                           tl.maximum(_rowmax(z2), _rowmax(z3))))
+    if PHASE != 2:
+        tl.store(s_ptr + M + p * M + rows, amax, mask=rmask)
+    if PHASE == 0:
+        flag = sync_ptr + 1 + pid_m
+        tl.debug_barrier()  # every thread's part is written before the arrival is released
+        tl.atomic_add(flag, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+        while seen < P:
+            seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+        if tl.atomic_add(flag, 1, sem="relaxed", scope="gpu") == 2 * P - 1:  # the row block's last departure
+            tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
+    if PHASE != 1:
+        amax = tl.zeros((BM,), dtype=tl.float32)
+        for j in range(P):  # L2 loads: the other programs wrote them
+            amax = tl.maximum(amax, tl.load(s_ptr + M + j * M + rows, mask=rmask, other=0.0, cache_modifier=".cg"))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        tl.store(s_ptr + rows, scale, mask=rmask & (p == 0))
+        _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cm0, MODE, PERM)
+        _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cm0, MODE, PERM)
+        _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cm0, MODE, PERM)
+        _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cm0, MODE, PERM)
+        if HELD == 2:
+            _put(o_rows, c1 + cols, z0, scale, qmax, rmask, cm1, MODE, PERM)
+            _put(o_rows, c1 + C + cols, z1, scale, qmax, rmask, cm1, MODE, PERM)
+            _put(o_rows, c1 + 2 * C + cols, z2, scale, qmax, rmask, cm1, MODE, PERM)
+            _put(o_rows, c1 + 3 * C + cols, z3, scale, qmax, rmask, cm1, MODE, PERM)
+
+
+@triton.jit
 def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stride_om, qmax,
                       R: tl.constexpr, BK: tl.constexpr, NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
                       ACT: tl.constexpr):
@@ -364,7 +433,8 @@ def _stages(group: int | None) -> int:
 _ACT = FastKernel(_act_kernel)
 _ACT_TILES = FastKernel(_act_tile_kernel)
 _ACT_BLOCKS = FastKernel(_act_block_kernel)
-KERNELS = ("rows", "tiles", "split", "blocks", "auto")
+_ACT_HELD = FastKernel(_act_held_kernel)
+KERNELS = ("rows", "tiles", "split", "held", "blocks", "auto")
 DEFAULT_KERNEL = "auto"  # what the linears and their plans run: pick_kernel per call
 DOT_GROUPS = (16, 64, 256)  # 256: four quarters times the 64-group's Hadamard (an 8 KB operand) + one H4 stage
 DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
@@ -440,12 +510,42 @@ def _rot_step(group: int) -> int:
     return 256 if group == 256 else group
 
 
+# The one-read rotating kernel's launch: 64 rows x one group of 256 per program, 4 warps (H200 run 55,
+# ``bench_rotation.py --held``: the fastest of 6 configurations on 17 of the 20 shapes from 1,024 rows)
+HELD_ROWS = 64
+HELD_GROUPS = 1
+# ... and where "auto" takes it: from 1,024 rows, 2-16 M elements, rows up to 12,288 wide (run 55: 1.06-1.46x
+# faster than the kernel picked before on 8 shapes there, e.g. 4,096 x 3,072 25.9 vs 30.5 µs; it scales worse
+# than the pipelined tile kernel beyond: 4,096 x 15,360 1.18x slower, 16,384 rows 1.2-1.8x slower)
+HELD_MIN_M = 1024
+HELD_MAX_K = 12288
+HELD_ELEMS = (2 << 20, 16 << 20)
+
+
+def held_parts(k: int, held: int = HELD_GROUPS) -> int:
+    """Column chunks (programs per row block) of the one-read rotating kernel for rows ``k`` wide."""
+    return cdiv(k, 256 * held)
+
+
+def held_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, rows: int = HELD_ROWS,
+               held: int = HELD_GROUPS) -> bool:
+    """Whether the one-read rotating kernel (:func:`_act_held_kernel`) takes this call: int8 codes of fp16/bf16
+    rows rotated by groups of 256 (:func:`tiles_apply`), a counter per row block within the shared counters, and
+    a row block's programs no more than the SMs (a waiting program needs its block's others resident)."""
+    if group != 256 or mode != MODE_INT8 or not tiles_apply(x2d, group, mode, act):
+        return False
+    m, k = int(x2d.shape[0]), out_width(x2d, act)
+    return 1 + cdiv(m, rows) <= scratch.SPLIT_COUNTERS and held_parts(k, held) <= device_facts(x2d.device)[0]
+
+
 def scale_floats(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> int:
-    """Floats the row-scale buffer of this call needs: M, or ``(1 + chunks) M`` where the split rotating kernel
-    runs (its absmax parts follow the scales)."""
+    """Floats the row-scale buffer of this call needs: M, or ``(1 + chunks) M`` where the split or the one-read
+    rotating kernel runs (its absmax parts follow the scales)."""
     m = int(x2d.shape[0])
-    if (pick_kernel(x2d, group, mode, act) if kernel == "auto" else kernel) != "split" or not _splits(x2d, group,
-                                                                                                   mode, act):
+    kernel = pick_kernel(x2d, group, mode, act) if kernel == "auto" else kernel
+    if kernel == "held" and held_apply(x2d, group, mode, act):
+        return m * (1 + held_parts(out_width(x2d, act)))
+    if kernel != "split" or not _splits(x2d, group, mode, act):
         return m
     return m * (1 + split_chunks(m, out_width(x2d, act), group, device_facts(x2d.device)[0]))
 
@@ -473,18 +573,23 @@ def block_config(m: int, k: int) -> tuple[int, int | None, int]:
     return 1, 4096 if k % 4096 == 0 else 2048, 4
 
 
-def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> str:
+def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, held: bool = True) -> str:
     """The faster activation kernel for this call on the H200: unrotated, always the block kernel (run 35:
     1.06-1.9x the faster of the row and tile kernels on every shape from 256 x 768 to 16,384 x 15,360);
     rotated (runs 8-9, ``rotation`` section), "tiles" where :func:`tiles_apply` and its programs
     (:func:`dot_rows`) cover every SM at least once (below that the tile kernel ran 1.9-27x slower than the row
     kernel; at M = 16384 it was 1.6-2.3x faster); below that its split form (two launches over column chunks)
-    for int8 codes of long rows (:data:`ROT_SPLIT_MIN_K`, :data:`ROT_SPLIT_MIN_ELEMS`), else "rows"."""
+    for int8 codes of long rows (:data:`ROT_SPLIT_MIN_K`, :data:`ROT_SPLIT_MIN_ELEMS`), else "rows"; int8 codes
+    by groups of 256 on mid-sized calls (:data:`HELD_MIN_M`, :data:`HELD_MAX_K`, :data:`HELD_ELEMS`): "held"
+    (``held=False``: the choice among the others, which the timings recorded before that kernel judge)."""
     if group is None and mode in (MODE_INT8, MODE_FP8, MODE_FP8_STATIC):
         return "blocks"
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
     m, k = int(x2d.shape[0]), out_width(x2d, act)
+    if (held and m >= HELD_MIN_M and k <= HELD_MAX_K and HELD_ELEMS[0] <= m * k <= HELD_ELEMS[1]
+            and held_apply(x2d, group, mode, act)):
+        return "held"
     if cdiv(m, DOT_ROWS_MIN) >= device_facts(x2d.device)[0]:
         return "tiles"
     long_rows = k >= ROT_SPLIT_MIN_K or m * k >= ROT_SPLIT_MIN_ELEMS
@@ -532,6 +637,11 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
         rows, chunk, warps = block_config(int(x2d.shape[0]), out_width(x2d, act))
         return [(_ACT_BLOCKS, *block_launch(x2d, out, scale, static_scale, mode, qmax, perm, act, rows, chunk,
                                             warps), 1)]
+    if kernel == "held" and static_scale is None and held_apply(x2d, group, mode, act):
+        phases = (0,) if x2d.device.type == "cuda" else (1, 2)  # the CPU interpreter: parts, then codes
+        sync = scratch.split_workspace(x2d.device).buffers(stream_id(x2d.device), 1)[1]
+        return [(_ACT_HELD, *held_launch(x2d, out, scale, sync, qmax, perm, act, phase=phase), 1)
+                for phase in phases]
     if kernel == "split" and static_scale is None and _splits(x2d, group, mode, act):
         assert group is not None
         m, sms = int(x2d.shape[0]), device_facts(x2d.device)[0]
@@ -575,6 +685,22 @@ def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group
                    unroll, kc, parts, phase),
             (c, bm, rot, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
              x2d.data_ptr() % 16 == 0, unroll, kc % 16 == 0, parts == 1, parts % 16 == 0, phase), warps)
+
+
+def held_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, sync: torch.Tensor, qmax: float,
+                perm: int, act: int, rows: int = HELD_ROWS, held: int = HELD_GROUPS, warps: int = 4,
+                phase: int = 0) -> tuple:
+    """(grid, args, key, num_warps) of the one-read rotating kernel (group 256, int8; see :func:`held_apply`):
+    x, the codes, the scales (a view of ``(1 + held_parts) M`` floats) and the 64-group's Hadamard at
+    ``args[0:4]``, the shared counters ``sync`` (zeroed; the launch leaves them so) at ``args[4]``."""
+    m, k = x2d.shape[0], out_width(x2d, act)
+    parts = held_parts(k, held)
+    h = _hadamard(64, x2d.dtype, x2d.device)
+    return ((cdiv(m, rows) * parts,),
+            (x2d, out, scale, h, sync, m, k, x2d.stride(0), out.stride(0), qmax, parts, rows, held, MODE_INT8, perm,
+             act, phase),
+            (rows, held, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
+             x2d.data_ptr() % 16 == 0, parts, phase), warps)
 
 
 def block_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
