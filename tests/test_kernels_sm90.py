@@ -60,9 +60,11 @@ def test_activation_kernels_compile_and_divide_once_per_row(m: int, k: int, grou
     static = torch.ones(1) if mode == "fp8_static" else None
     code = {"int8": tq.MODE_INT8, "fp8": tq.MODE_FP8, "fp8_static": tq.MODE_FP8_STATIC}[mode]
     launches = tq.launch_for(x, out, scale, static, group, code, 448.0 if fp8 else 127.0, 0, 0, kernel)
-    assert len(launches) == (2 if kernel == "split" else 1)
+    # the one-read rotating kernel launches its two halves apart off a GPU (its synchronized form: the test below)
+    held = kernel == "auto" and tq.pick_kernel(x, group, code) == "held"
+    assert len(launches) == (2 if kernel == "split" or held else 1)
     for fk, _, args, _, warps, stages in launches:
-        assert (fk is tq._ACT_BLOCKS) == (group is None and kernel == "auto")
+        assert (fk is tq._ACT_BLOCKS) == (group is None and kernel == "auto") and (fk is tq._ACT_HELD) == held
         ptx = _compile(fk, args, warps, stages).asm["ptx"]
         # the row's scale and its reciprocal (per chunk or tile at most): never one per element (16-32 a thread)
         assert _divisions(ptx) <= 8, (m, k, group, mode, _divisions(ptx))
