@@ -342,7 +342,14 @@ def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
             SUMMARY.append(f"sweep: out of time before {model}.{layer}")
             break
         rows.extend(bench._bench_shape(model, layer, k, n, cfg, ck_fn))
-    (out / "bench.json").write_text(json.dumps({"ck": ck_note, "rows": [r.__dict__ for r in rows]}, indent=1))
+    from comfyquant.runtime.kernels.calibrate import device_costs
+
+    # the device, the date and the cost table this process picked with (each process measures its own host times)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "costs": device_costs(torch.device("cuda")).to_json()}
+    (out / "bench.json").write_text(json.dumps({"ck": ck_note, "meta": meta, "rows": [r.__dict__ for r in rows]},
+                                               indent=1))
     (out / "bench.md").write_text(bench.to_markdown(rows, f"{torch.cuda.get_device_name()} comfy-kitchen: {ck_note}"))
     targets = []
     for r in rows:

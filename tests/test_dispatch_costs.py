@@ -776,3 +776,29 @@ def test_near_ties_go_to_the_path_with_less_gpu_time_on_the_recorded_h200_sweeps
         assert gm[True] < gm[False] and gm[True] <= 1.017, (run, gm)
     assert far[True] <= 12 and far[False] >= 18, far
 
+
+def test_host_table_times_paths_in_interleaved_rounds_so_a_host_phase_change_moves_all_alike() -> None:
+    """``calibrate.host_table`` on a simulated host whose calls get 1.5x slower a third of the way through the
+    table (what H200 runs show between and within processes): two paths of equal cost keep equal times (each
+    path's median round), where timing one path after another (one round of all its calls, the table before)
+    reports the one timed after the change 1.26x slower than the other."""
+    from comfyquant.runtime.kernels import calibrate
+
+    now, calls = [0.0], [0]
+
+    def clock() -> float:
+        return now[0]
+
+    def call() -> None:  # 10 µs a call, 15 once the phase changes (after a third of the table's calls)
+        calls[0] += 1
+        now[0] += (10e-6 if calls[0] <= total // 3 else 15e-6)
+
+    fns = {"bf16": call, "triton_w8a16": call}
+    total = 2 * (10 + calibrate.HOST_ROUNDS * calibrate.HOST_CALLS)
+    t = calibrate.host_table(fns, clock=clock, sync=lambda: None)
+    assert abs(t["triton_w8a16"] / t["bf16"] - 1.0) < 0.05, t
+    now[0], calls[0] = 0.0, 0
+    total = 2 * (10 + calibrate.HOST_ROUNDS * calibrate.HOST_CALLS)
+    seq = calibrate.host_table(fns, rounds=1, n=calibrate.HOST_ROUNDS * calibrate.HOST_CALLS, clock=clock,
+                               sync=lambda: None)
+    assert seq["triton_w8a16"] / seq["bf16"] > 1.2, seq

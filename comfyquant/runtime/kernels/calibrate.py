@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +24,12 @@ from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 8  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
+CACHE_VERSION = 9  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
 # 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart; 5: the Gluon
 # kernel takes narrow layers too (configs.ws_shape), so the Triton rate is timed below its rows; 6: the Gluon
 # kernel from 256 rows, the Triton rate timed below them; 7: the block activation kernel, modeled at 0.75 of the
-# copy bandwidth; 8: fp8 on the Gluon kernel (configs.WS_FP8), so the fp8 Triton rate is timed below its rows too)
+# copy bandwidth; 8: fp8 on the Gluon kernel (configs.WS_FP8), so the fp8 Triton rate is timed below its rows too;
+# 9: host times in interleaved rounds, the weight-only path's short-K term)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -36,16 +38,30 @@ def cache_path(device: torch.device, root: Path | None = None) -> Path:
     return device_cache_file("dispatch", CACHE_VERSION, device, root)
 
 
-def _host_us(fn: Callable[[], object], n: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return dt
+HOST_ROUNDS = 9  # rounds of the host-time table: every path's calls once per round, in turn
+HOST_CALLS = 40  # calls of one path per round
+
+
+def host_table(fns: dict[str, Callable[[], object]], rounds: int = HOST_ROUNDS, n: int = HOST_CALLS,
+               clock: Callable[[], float] = time.perf_counter,
+               sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, float]:
+    """Host µs per call of each path: ``rounds`` rounds of ``n`` calls of every path in turn, each path's median
+    round. Timed one path after another (200 calls each, as before), a host phase that changed during the table
+    moved the paths timed in it alone: between two H200 sweeps (runs 54 and 56) the eager pick flipped from the
+    weight-only to the one-launch W8A8 path on SDXL rows at M = 1 / 16, measured 1.4-1.65x slower there."""
+    for fn in fns.values():
+        for _ in range(10):
+            fn()
+    sync()
+    per: dict[str, list[float]] = {p: [] for p in fns}
+    for _ in range(rounds):
+        for p, fn in fns.items():
+            t = clock()
+            for _ in range(n):
+                fn()
+            per[p].append((clock() - t) / n * 1e6)
+        sync()  # the queue drained between rounds: no round waits on the one before
+    return {p: statistics.median(v) for p, v in per.items()}
 
 
 def _gpu_us(fn: Callable[[], object], reps: int = 10) -> float:
@@ -165,7 +181,7 @@ def measure(device: torch.device) -> DeviceCosts:
     bw = _bandwidth_gbs(dev)
     paths = measurable_paths(dev)
     small = _operands(*HOST_SHAPE, dev, _keys(paths))
-    host = {p: _host_us(fn) for p, fn in _paths(small, paths).items()}
+    host = host_table(_paths(small, paths))
     del small
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
