@@ -20,7 +20,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from comfyquant.runtime.kernels.triton_quant import input_act, quant_codes, quantize_rows
+from comfyquant.runtime.kernels.triton_quant import (
+    block_barrier,
+    input_act,
+    quant_codes,
+    quantize_rows,
+    take_ticket,
+)
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to nearest, ties to even
 PERM_BLOCK = 128  # the W4A8 K-permutation block (= the W4A8 kernel's K step)
@@ -319,9 +325,7 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
     interpreter (it runs programs one after another, so a wait would never end); 0: both, synchronized."""
     num_n = tl.cdiv(N, BLOCK_N)
     if PHASE == 0:
-        t = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-        if t == tl.cdiv(M, BLOCK_M) * num_n - 1:  # every ticket is out: the next launch starts from zero
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+        t = take_ticket(sync_ptr, tl.cdiv(M, BLOCK_M) * num_n)
     else:
         t = tl.program_id(0)
     pid_m = t // num_n
@@ -331,14 +335,7 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
             quantize_rows(x_ptr, q_ptr, sa_ptr, sa_ptr, pid_m * BLOCK_M + g * QR + tl.arange(0, QR), M, K, stride_xm,
                           K, 127.0, BK, NCH, 0, 0, A_ACT)
     if PHASE == 0:
-        flag = sync_ptr + 1 + pid_m
-        tl.debug_barrier()  # every thread's codes are written before the arrival is released
-        tl.atomic_add(flag, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
-        while seen < num_n:
-            seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
-        if tl.atomic_add(flag, 1, sem="relaxed", scope="gpu") == 2 * num_n - 1:  # the row block's last departure
-            tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
+        block_barrier(sync_ptr + 1 + pid_m, num_n)  # the row block's codes written, by all of its programs
     if PHASE != 1:
         acc = _mainloop(q_ptr, b_ptr, M, N, K, K, stride_bn, pid_m, pid_n, tl.int32, BLOCK_M, BLOCK_N, BLOCK_K,
                         EVEN_K, False, 0, ".cg")

@@ -305,6 +305,30 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
 
 
 @triton.jit
+def take_ticket(sync_ptr, total):
+    """This program's place in launch order (``sync[0]`` counts them out; the last of ``total`` resets it, so the
+    next launch starts from zero): programs that hand work out in this order wait only on ones already started."""
+    t = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+    if t == total - 1:
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+    return t
+
+
+@triton.jit
+def block_barrier(flag, n):
+    """Wait until the ``n`` programs sharing ``flag`` have arrived: every thread's stores are made before the
+    arrival is released, the wait acquires; the counter counts arrivals, then departures, and the last departure
+    resets it (zero before and after a launch)."""
+    tl.debug_barrier()
+    tl.atomic_add(flag, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+    while seen < n:
+        seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+    if tl.atomic_add(flag, 1, sem="relaxed", scope="gpu") == 2 * n - 1:
+        tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, stride_om, qmax, P,
                      BM: tl.constexpr, HELD: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
                      ACT: tl.constexpr, PHASE: tl.constexpr):
@@ -314,16 +338,13 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
     takes the maximum of the parts and stores its codes from registers (chunk 0 the scales). The tile kernel
     rotates every group twice and reads x twice (from HBM once its programs' rows outgrow L2); the codes are its
     own: the same arithmetic per group, and a maximum is order-free. Programs take tickets in row-block order
-    (``sync[0]``) and wait only on their block's ``P`` (at most one per SM, :func:`held_apply`);
-    ``sync[1 + block]`` counts arrivals, then departures, and the last of each resets its counter, as in
-    ``triton_gemm.fused_rows``. ``PHASE`` 1 / 2: the parts / the codes alone, for Triton's CPU interpreter (it
+    (:func:`take_ticket`) and wait only on their block's ``P`` (at most one per SM, :func:`held_apply`) at
+    ``sync[1 + block]`` (:func:`block_barrier`), as ``triton_gemm.fused_rows`` does. ``PHASE`` 1 / 2: the parts / the codes alone, for Triton's CPU interpreter (it
     runs programs one after another, so a wait would never end); 0: both, synchronized."""
     C: tl.constexpr = 64
     STEP: tl.constexpr = 256
     if PHASE == 0:
-        t = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-        if t == tl.cdiv(M, BM) * P - 1:  # every ticket is out: the next launch starts from zero
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+        t = take_ticket(sync_ptr, tl.cdiv(M, BM) * P)
     else:
         t = tl.program_id(0)
     pid_m = t // P
@@ -347,14 +368,7 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
     if PHASE != 2:
         tl.store(s_ptr + M + p * M + rows, amax, mask=rmask)
     if PHASE == 0:
-        flag = sync_ptr + 1 + pid_m
-        tl.debug_barrier()  # every thread's part is written before the arrival is released
-        tl.atomic_add(flag, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
-        while seen < P:
-            seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
-        if tl.atomic_add(flag, 1, sem="relaxed", scope="gpu") == 2 * P - 1:  # the row block's last departure
-            tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
+        block_barrier(sync_ptr + 1 + pid_m, P)
     if PHASE != 1:
         amax = tl.zeros((BM,), dtype=tl.float32)
         for j in range(P):  # L2 loads: the other programs wrote them
