@@ -22,10 +22,10 @@ import triton.language as tl
 
 from comfyquant.runtime.kernels.triton_quant import (
     block_barrier,
+    block_place,
     input_act,
     quant_codes,
     quantize_rows,
-    take_ticket,
 )
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to nearest, ties to even
@@ -324,12 +324,7 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
     so the counters start and end zeroed. ``PHASE`` 1 / 2: the quantization / the GEMM alone, for Triton's CPU
     interpreter (it runs programs one after another, so a wait would never end); 0: both, synchronized."""
     num_n = tl.cdiv(N, BLOCK_N)
-    if PHASE == 0:
-        t = take_ticket(sync_ptr, tl.cdiv(M, BLOCK_M) * num_n)
-    else:
-        t = tl.program_id(0)
-    pid_m = t // num_n
-    pid_n = t % num_n
+    pid_m, pid_n = block_place(sync_ptr, tl.cdiv(M, BLOCK_M), num_n, PHASE == 0)
     if PHASE != 2:
         for g in range(pid_n, BLOCK_M // QR, num_n):  # this program's groups of QR rows
             quantize_rows(x_ptr, q_ptr, sa_ptr, sa_ptr, pid_m * BLOCK_M + g * QR + tl.arange(0, QR), M, K, stride_xm,

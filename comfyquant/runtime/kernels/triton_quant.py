@@ -315,6 +315,17 @@ def take_ticket(sync_ptr, total):
 
 
 @triton.jit
+def block_place(sync_ptr, blocks, per_block, SYNC: tl.constexpr):
+    """(block, index within it) of this program: by :func:`take_ticket` when the programs of a block wait for each
+    other (``SYNC``), else by program id (Triton's CPU interpreter runs them one after another)."""
+    if SYNC:
+        t = take_ticket(sync_ptr, blocks * per_block)
+    else:
+        t = tl.program_id(0)
+    return t // per_block, t % per_block
+
+
+@triton.jit
 def block_barrier(flag, n):
     """Wait until the ``n`` programs sharing ``flag`` have arrived: every thread's stores are made before the
     arrival is released, the wait acquires; the counter counts arrivals, then departures, and the last departure
@@ -338,17 +349,13 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
     takes the maximum of the parts and stores its codes from registers (chunk 0 the scales). The tile kernel
     rotates every group twice and reads x twice (from HBM once its programs' rows outgrow L2); the codes are its
     own: the same arithmetic per group, and a maximum is order-free. Programs take tickets in row-block order
-    (:func:`take_ticket`) and wait only on their block's ``P`` (at most one per SM, :func:`held_apply`) at
-    ``sync[1 + block]`` (:func:`block_barrier`), as ``triton_gemm.fused_rows`` does. ``PHASE`` 1 / 2: the parts / the codes alone, for Triton's CPU interpreter (it
-    runs programs one after another, so a wait would never end); 0: both, synchronized."""
+    (:func:`block_place`) and wait only on their block's ``P`` (at most one per SM, :func:`held_apply`) at
+    ``sync[1 + block]`` (:func:`block_barrier`), as ``triton_gemm.fused_rows`` does. ``PHASE`` 1 / 2: the parts /
+    the codes alone, for Triton's CPU interpreter (it runs programs one after another, so a wait would never
+    end); 0: both, synchronized."""
     C: tl.constexpr = 64
     STEP: tl.constexpr = 256
-    if PHASE == 0:
-        t = take_ticket(sync_ptr, tl.cdiv(M, BM) * P)
-    else:
-        t = tl.program_id(0)
-    pid_m = t // P
-    p = t % P
+    pid_m, p = block_place(sync_ptr, tl.cdiv(M, BM), P, PHASE == 0)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.arange(0, C)
