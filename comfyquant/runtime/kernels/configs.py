@@ -215,8 +215,8 @@ def w8a16_config(m: int, n: int, k: int, sms: int, fp8: bool = False) -> TileCon
     (H200 run 54, ``--fp8 --wide``, 6 shapes: geometric mean 0.83 -> 0.99x bf16 at M = 1, 0.88 -> 1.18x at 16,
     within 6% of the best of 12 configurations on every row): converting fp8 to 16 bits costs more registers
     and issue slots than int8's, which the 128-column tiles' 72-168 programs could not hide; int8 weights there
-    at M = 2-16 take 32 columns unsplit (run 55: 1.31 -> 1.39x bf16, within 6% of the best on every row; at
-    M = 1 the 128-column tiles stay the best of the 12)."""
+    take 32 columns unsplit from M = 2 (timed at 16, run 55: 1.31 -> 1.39x bf16, within 6% of the best on every
+    row; at M = 1 the 128-column tiles stay the best of the 12)."""
     if m <= 16:
         bk = 256 if k % 256 == 0 else 128
         if n >= 8192 and fp8:

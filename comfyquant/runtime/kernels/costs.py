@@ -155,7 +155,8 @@ def _short_k(k: int, block_k: int, overhead: float = TILE_OVERHEAD_ITERS) -> flo
 # The weight-only kernel's per-tile cost in K steps: its model (rate fitted at K = 8,192) ran 1.12-1.33x under
 # the measured time of every SDXL / CLIP layer with K <= 1,280 at M >= 1,024 (H200 run 54's sweep), and picked it
 # at 4,096 rows of SDXL attn 640 / CLIP attn (measured 0.62 / 0.59x bf16, the one-launch W8A8 path 0.81 / 0.84x).
-# Replayed on the recorded sweeps (runs 9-54) the picks' regret is unchanged or lower with 2 (1 - 3 tried).
+# Replayed on the recorded sweeps with each day's table, the picks' geometric-mean regret moves by 0.2 points at
+# most on runs 9-54 (run 8, older kernels: +0.9) with 2 (1 - 3 tried); the mispicks above go.
 W8A16_OVERHEAD_ITERS = 2.0
 
 

@@ -328,7 +328,8 @@ def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | 
     """(the activation kernel's prepared launch or None, ``s -> the arguments after x, q, s``) for x's
     signature, with the kernel the general path takes (``triton_quant.DEFAULT_KERNEL``): the row kernel reads
     the call's own row scales at ``args[3]``, the tile kernel a fixed Hadamard. The split rotating kernel's two
-    launches (absmax parts, then codes: ``s`` is a view of ``triton_quant.scale_floats`` floats) fire as one."""
+    launches (absmax parts, then codes: ``s`` is a view of ``triton_quant.scale_floats`` floats) fire as one; the
+    one-read rotating kernel takes the counters of the stream it runs on (looked up once per stream)."""
     launches = triton_quant.launch_for(x2d, q, s, None, group, mode, qmax, 0, act, triton_quant.DEFAULT_KERNEL)
     if len(launches) == 2:
         fires = [fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
