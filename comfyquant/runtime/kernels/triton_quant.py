@@ -532,7 +532,7 @@ def _rot_step(group: int) -> int:
 
 
 # The one-read rotating kernel's launch: 64 rows x one group of 256 per program, 4 warps (H200 run 55,
-# ``bench_rotation.py --held``: the fastest of 6 configurations on 17 of the 20 shapes from 1,024 rows)
+# ``bench_rotation.py --held``: the fastest of 6 configurations on 18 of the 20 shapes from 1,024 rows)
 HELD_ROWS = 64
 HELD_GROUPS = 1
 # ... and where "auto" takes it: from 1,024 rows, 2-16 M elements, rows up to 12,288 wide (run 55: 1.06-1.46x
