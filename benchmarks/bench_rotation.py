@@ -123,7 +123,7 @@ def run_held(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, 
     from comfyquant.runtime.kernels.launch import stream_id
 
     rows, held, warps = cfg
-    sync = scratch.split_workspace(x.device).buffers(stream_id(x.device), 1)[1]
+    sync = scratch.split_workspace(x.device).counters(stream_id(x.device))
     grid, args, key, w = tq.held_launch(x, q, s, sync, 127.0, 0, 0, rows, held, warps)
     tq._ACT_HELD(grid, args, x.device, num_warps=w, num_stages=1, key=key)
 
@@ -218,8 +218,7 @@ def main() -> int:
     t0 = time.perf_counter()
     ks = [int(v) for v in a.k.split(",")]
     if a.held:
-        rows, bad = held_rows(list(HELD_M), [int(v) for v in a.k.split(",")] if a.k != p.get_default("k")
-                              else list(HELD_K))
+        rows, bad = held_rows(list(HELD_M), ks if a.k != p.get_default("k") else list(HELD_K))
     elif a.split:
         rows, bad = split_rows(list(SPLIT_M), ks, a.group)
     else:

@@ -165,7 +165,7 @@ def check_held_rotation() -> None:
     from comfyquant.runtime.kernels.launch import stream_id
 
     tq = triton_quant
-    sync = scratch.split_workspace(torch.device("cuda")).buffers(stream_id(torch.device("cuda")), 1)[1]
+    sync = scratch.split_workspace(torch.device("cuda")).counters(stream_id(torch.device("cuda")))
     for m, k, act, perm in [(1, 3072, 0, 0), (16, 1280, 0, 0), (300, 15360, 0, 0), (2048, 12288, 0, 0),
                             (4096, 3072, 0, 0), (4096, 12288, 1, 0), (16391, 15360, 0, 0), (1000, 5120, 0, 128)]:
         for dt in (torch.bfloat16, torch.float16):
@@ -918,8 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     only = {n for n in a.only.split(",") if n}
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_act_quant, check_held_rotation, check_int_mm_exact, check_persistent, check_ws_gemm, check_ws_lora_wired,
-               check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
+    for fn in (check_act_quant, check_held_rotation, check_int_mm_exact, check_persistent, check_ws_gemm,
+               check_ws_lora_wired, check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
                check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
                check_siblings):

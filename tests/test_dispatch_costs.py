@@ -569,31 +569,42 @@ def test_the_gluon_kernel_below_1024_rows_against_the_recorded_h200_gpu_times() 
     assert max(ratios) < 1.0 and math.exp(sum(map(math.log, ratios)) / len(ratios)) < 0.85
 
 
+def _w8a16_timings(name: str) -> list[dict]:
+    """The rows of a recorded ``bench_w8a16_split.py`` run (benchmarks/results/``name``), each checked as every
+    such test needs: every configuration deterministic, none failed, all as accurate as one another."""
+    import json
+    from pathlib import Path
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())
+    for r in res["rows"]:
+        assert all(r["deterministic"].values()) and not r.get("errors")
+        assert max(r["rel_f64"].values()) <= 1.01 * min(r["rel_f64"].values()) + 1e-6
+    return res["rows"]
+
+
+def _best_bn(r: dict) -> float:
+    """The fastest timed tile configuration of a ``_w8a16_timings`` row."""
+    return min(v for c, v in r["us"].items() if c.startswith("bn"))
+
+
 def test_w8a16_split_rule_is_near_the_best_on_the_recorded_h200_timings() -> None:
     """``configs.w8a16_config`` at M = 1 / 16 against the H200's timings of the weight-only GEMM with split K
     (benchmarks/results/w8a16_split_run37_*: 8 shapes, 64 / 32 columns x 1-8 slices, weights past L2): within 8%
     of the best configuration below 8,192 columns and faster than bf16 on every such row (the unsplit kernel
     lost to bf16 on 9 of those 14 rows); every configuration deterministic and as accurate as unsplit."""
     import dataclasses
-    import json
-    from pathlib import Path
 
     from comfyquant.runtime.kernels.configs import w8a16_config
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "w8a16_split_run37_h200_2026-12-03.json").read_text())
     narrow, unsplit_losses = 0, 0
-    for r in res["rows"]:
-        assert all(r["deterministic"].values()) and not r.get("errors")
-        assert max(r["rel_f64"].values()) <= 1.01 * min(r["rel_f64"].values()) + 1e-6
+    for r in _w8a16_timings("w8a16_split_run37_h200_2026-12-03.json"):
         cfg = w8a16_config(r["m"], r["n"], r["k"], 132)
         if r["n"] >= 8192:  # the wide layers' own rule (run 55's timings, below)
             assert cfg.split_k == 1 and cfg.block_n == (128 if r["m"] == 1 else 32)
             continue
         narrow += 1
         picked = r["us"][f"bn{cfg.block_n}_s{cfg.split_k}"]
-        best = min(v for c, v in r["us"].items() if c.startswith("bn"))
-        assert picked <= 1.08 * best and picked < r["us"]["bf16"], (r["shape"], r["m"], cfg)
+        assert picked <= 1.08 * _best_bn(r) and picked < r["us"]["bf16"], (r["shape"], r["m"], cfg)
         assert dataclasses.replace(cfg, split_k=1) != cfg
         unsplit_losses += r["us"]["bn32_s1"] >= r["us"]["bf16"]
     assert narrow == 14 and unsplit_losses == 9
@@ -605,24 +616,17 @@ def test_w8a16_fp8_rule_on_wide_layers_is_near_the_best_on_the_recorded_h200_tim
     its geometric mean over bf16 up from the 128-column tiles' (which int8 weights keep), every configuration
     deterministic and as accurate as the unsplit one."""
     import dataclasses
-    import json
     import math
-    from pathlib import Path
 
     from comfyquant.runtime.kernels.configs import w8a16_config
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "w8a16_split_fp8_wide_run54_h200_2026-12-03.json").read_text())
     gains: dict[int, list[float]] = {1: [], 16: []}
-    for r in res["rows"]:
-        assert all(r["deterministic"].values()) and not r.get("errors")
-        assert max(r["rel_f64"].values()) <= 1.01 * min(r["rel_f64"].values()) + 1e-6
+    for r in _w8a16_timings("w8a16_split_fp8_wide_run54_h200_2026-12-03.json"):
         old = dataclasses.replace(w8a16_config(r["m"], r["n"], r["k"], 132), block_n=128)  # int8's before run 55
         cfg = w8a16_config(r["m"], r["n"], r["k"], 132, fp8=True)
         assert old.split_k == 1 and dataclasses.replace(cfg, block_n=128, split_k=1) == old
         picked = r["us"][f"bn{cfg.block_n}_s{cfg.split_k}"]
-        best = min(v for c, v in r["us"].items() if c.startswith("bn"))
-        assert picked <= 1.06 * best, (r["shape"], r["m"], cfg)
+        assert picked <= 1.06 * _best_bn(r), (r["shape"], r["m"], cfg)
         gains[r["m"]].append(r["us"]["bn128_s1"] / picked)
     for m, g in gains.items():
         assert len(g) == 6 and math.exp(sum(map(math.log, g)) / len(g)) > 1.1, (m, g)
@@ -633,22 +637,16 @@ def test_w8a16_int8_rule_on_wide_layers_is_near_the_best_on_the_recorded_h200_ti
     configurations): 128 columns unsplit at M = 1, 32 at M = 16, each within 6% of the best configuration on every
     row; at M = 16 the geometric mean over bf16 up from the 128-column tiles' (1.31x) to 1.39x; deterministic and
     as accurate as unsplit. fp8 weights there (run 55's repeat of run 54): the fp8 rule's pick within 6% again."""
-    import json
     import math
-    from pathlib import Path
 
     from comfyquant.runtime.kernels.configs import w8a16_config
 
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     for name, fp8, tol in (("int8", False, 1.06), ("fp8", True, 1.06)):
-        res = json.loads((results / f"w8a16_split_{name}_wide_run55_h200_2026-12-03.json").read_text())
         gains = []
-        for r in res["rows"]:
-            assert all(r["deterministic"].values()) and not r.get("errors")
-            assert max(r["rel_f64"].values()) <= 1.01 * min(r["rel_f64"].values()) + 1e-6
+        for r in _w8a16_timings(f"w8a16_split_{name}_wide_run55_h200_2026-12-03.json"):
             cfg = w8a16_config(r["m"], r["n"], r["k"], 132, fp8=fp8)
             picked = r["us"][f"bn{cfg.block_n}_s{cfg.split_k}"]
-            assert picked <= tol * min(v for c, v in r["us"].items() if c.startswith("bn")), (name, r["shape"], cfg)
+            assert picked <= tol * _best_bn(r), (name, r["shape"], cfg)
             if r["m"] == 16:
                 gains.append(r["us"]["bn128_s1"] / picked)
         assert len(gains) == 6 and math.exp(sum(map(math.log, gains)) / len(gains)) > 1.04, (name, gains)

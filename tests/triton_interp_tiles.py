@@ -173,7 +173,7 @@ def check_held_rotation() -> None:
             tq._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
             parts = tq.held_parts(k, held)
             q2, s2 = torch.empty_like(q), torch.empty(m * (1 + parts))[:m].view(m, 1)
-            sync = scratch.split_workspace(x.device).buffers(stream_id(x.device), 1)[1]
+            sync = scratch.split_workspace(x.device).counters(stream_id(x.device))
             for phase in (1, 2):
                 grid, args, key, warps = tq.held_launch(x, q2, s2, sync, 127.0, perm, act, rows, held, phase=phase)
                 tq._ACT_HELD(grid, args, x.device, num_warps=warps, num_stages=1, key=key)

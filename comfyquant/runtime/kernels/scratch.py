@@ -90,10 +90,15 @@ class SplitWorkspace:
             if ws is not None:
                 self._retired.append(ws)
             ws = self._ws[stream] = torch.empty(max(numel, 1 << 16), dtype=torch.float32, device=self.device)
+        return ws, self.counters(stream)
+
+    def counters(self, stream: int) -> torch.Tensor:
+        """The ``SPLIT_COUNTERS`` zeroed int32 counters of ``stream`` (the split-K GEMM's tiles; the row-block
+        W8A8 kernel's and the one-read rotation's tickets and row blocks), without a partials buffer."""
         cnt = self._counters.get(stream)
         if cnt is None:
             cnt = self._counters[stream] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=self.device)
-        return ws, cnt
+        return cnt
 
 
 _SPLITS: dict[torch.device, SplitWorkspace] = {}

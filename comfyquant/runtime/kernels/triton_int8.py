@@ -381,7 +381,7 @@ def rows_buffers(device: torch.device, stream: int, m: int, k: int) -> tuple[tor
     scratch pair of the two-launch path and the split-K workspace's counters (kernels on one stream run in
     order, and every launch leaves the counters zeroed)."""
     q, s = scratch.pool(device).pair(stream, m, k, torch.int8)
-    return q, s, scratch.split_workspace(device).buffers(stream, 1)[1]
+    return q, s, scratch.split_workspace(device).counters(stream)
 
 
 def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
@@ -401,20 +401,14 @@ def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: to
              _al(x2d), _al(w_q), _al(q), _al(sb), bias is None or _al(bias), lr_key, act, phase))
 
 
-def rows_phases(device: torch.device) -> tuple[int, ...]:
-    """The row-block kernel's launches on ``device``: one synchronized (phase 0) on a GPU; under Triton's CPU
-    interpreter, which runs programs one after another (a wait would never end), its quantization, then its
-    GEMM (phases 1, 2)."""
-    return (0,) if device.type == "cuda" else (1, 2)
-
-
 def _fused_rows(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                 bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int) -> None:
-    """Launch the row-block kernel (:func:`rows_phases`)."""
+    """Launch the row-block kernel (``triton_quant.sync_phases``: its quantization, then its GEMM, apart off a
+    GPU)."""
     dev = x2d.device
     m, k = x2d.shape
     bufs = rows_buffers(dev, stream_id(dev), m, k)
-    for phase in rows_phases(dev):
+    for phase in triton_quant.sync_phases(dev):
         grid, args, key = _rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
         _FUSED_ROWS(grid, args, dev, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
 

@@ -165,7 +165,7 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
     cfg = rows_config(m, n)
     bufs = ti.rows_buffers(dev, _raw_stream(dev)(), m, k)
     fires = []
-    for phase in ti.rows_phases(dev):
+    for phase in triton_quant.sync_phases(dev):
         grid, args, key = ti._rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
         fire = ti._FUSED_ROWS.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
         if fire is None:
@@ -174,16 +174,13 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
     stream, empty, linear, out_dtype = _raw_stream(dev), torch.empty, torch.nn.functional.linear, out.dtype
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
     template = _without(list(args), (0, 2, 3, 4, 7, hi))
-    sync: dict[int, torch.Tensor] = {}
+    ws = scratch.split_workspace(dev)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         st = stream()
         a = template.copy()
         q, s = scratch.pool(dev).pair(st, m, k, torch.int8)
-        c = sync.get(st)
-        if c is None:
-            c = sync[st] = scratch.split_workspace(dev).buffers(st, 1)[1]
-        a[0], a[2], a[3], a[4], a[7] = x, empty(shape, dtype=out_dtype, device=dev), q, s, c
+        a[0], a[2], a[3], a[4], a[7] = x, empty(shape, dtype=out_dtype, device=dev), q, s, ws.counters(st)
         if hi is not None:
             a[hi] = linear(x, down)
         for fire, phase in fires:
@@ -293,7 +290,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         view is made per call."""
         st = stream()
         q, s = scratch.pool(dev).pair(st, m, k, qdtype, extra)
-        fire_q(st, x, q, s, *q_rest(s))
+        fire_q(st, x, q, s, *q_rest(st, s))
         return st, q, s
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -325,43 +322,34 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
               act: int) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
-    """(the activation kernel's prepared launch or None, ``s -> the arguments after x, q, s``) for x's
+    """(the activation kernel's prepared launch or None, ``(stream, s) -> the arguments after x, q, s``) for x's
     signature, with the kernel the general path takes (``triton_quant.DEFAULT_KERNEL``): the row kernel reads
     the call's own row scales at ``args[3]``, the tile kernel a fixed Hadamard. The split rotating kernel's two
     launches (absmax parts, then codes: ``s`` is a view of ``triton_quant.scale_floats`` floats) fire as one; the
-    one-read rotating kernel takes the counters of the stream it runs on (looked up once per stream)."""
+    one-read rotating kernel takes the counters of the stream it runs on."""
     launches = triton_quant.launch_for(x2d, q, s, None, group, mode, qmax, 0, act, triton_quant.DEFAULT_KERNEL)
     if len(launches) == 2:
         fires = [fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
                  for fk, grid, args, key, warps, stages in launches]
         if None in fires:
-            return None, lambda s_call: ()
+            return None, lambda st, s_call: ()
         (fire_a, fire_b), rest_a, rest_b = fires, launches[0][2][3:], launches[1][2][3:]
 
         def fire_split(st: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
             fire_a(st, x, q, s, *rest_a)
             fire_b(st, x, q, s, *rest_b)
 
-        return fire_split, lambda s_call: ()
+        return fire_split, lambda st, s_call: ()
     fk, grid, args, key, warps, stages = launches[0]
     fire = fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
     rest = args[4:]
     if args[3] is s:
-        return fire, lambda s_call: (s_call, *rest)
-    if fk is triton_quant._ACT_HELD:  # the one-read rotating kernel: the current stream's counters at args[4]
-        h, tail, dev, stream = args[3], args[5:], x2d.device, _raw_stream(x2d.device)
-        sync: dict[int, torch.Tensor] = {}
-
-        def held_rest(s_call: torch.Tensor) -> tuple:
-            st = stream()
-            c = sync.get(st)
-            if c is None:
-                c = sync[st] = scratch.split_workspace(dev).buffers(st, 1)[1]
-            return (h, c, *tail)
-
-        return fire, held_rest
+        return fire, lambda st, s_call: (s_call, *rest)
+    if fk is triton_quant._ACT_HELD:  # the one-read rotating kernel: the stream's counters at args[4]
+        h, tail, ws = args[3], args[5:], scratch.split_workspace(x2d.device)
+        return fire, lambda st, s_call: (h, ws.counters(st), *tail)
     fixed = (args[3], *rest)
-    return fire, lambda s_call: fixed
+    return fire, lambda st, s_call: fixed
 
 
 def plan_dequant(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -417,7 +405,7 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
             state[:] = [ver, w_scale.float().reshape(1, -1).expand(1, n).contiguous()]
         st = stream()
         q, s = scratch.pool(dev).pair(st, m, k, f8)
-        fire_q(st, x, q, s, *q_rest(s))
+        fire_q(st, x, q, s, *q_rest(st, s))
         return mm(q, wt, scale_a=s, scale_b=state[1], bias=bias, out_dtype=torch.bfloat16).view(shape)
 
     return run

@@ -659,10 +659,9 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
         return [(_ACT_BLOCKS, *block_launch(x2d, out, scale, static_scale, mode, qmax, perm, act, rows, chunk,
                                             warps), 1)]
     if kernel == "held" and static_scale is None and held_apply(x2d, group, mode, act):
-        phases = (0,) if x2d.device.type == "cuda" else (1, 2)  # the CPU interpreter: parts, then codes
-        sync = scratch.split_workspace(x2d.device).buffers(stream_id(x2d.device), 1)[1]
+        sync = scratch.split_workspace(x2d.device).counters(stream_id(x2d.device))
         return [(_ACT_HELD, *held_launch(x2d, out, scale, sync, qmax, perm, act, phase=phase), 1)
-                for phase in phases]
+                for phase in sync_phases(x2d.device)]
     if kernel == "split" and static_scale is None and _splits(x2d, group, mode, act):
         assert group is not None
         m, sms = int(x2d.shape[0]), device_facts(x2d.device)[0]
@@ -706,6 +705,13 @@ def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group
                    unroll, kc, parts, phase),
             (c, bm, rot, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
              x2d.data_ptr() % 16 == 0, unroll, kc % 16 == 0, parts == 1, parts % 16 == 0, phase), warps)
+
+
+def sync_phases(device: torch.device) -> tuple[int, ...]:
+    """The launches of a kernel whose programs wait for each other (the one-read rotation, the row-block W8A8
+    kernel): one synchronized (phase 0) on a GPU; under Triton's CPU interpreter, which runs programs one after
+    another (a wait would never end), its first half, then its second (phases 1, 2)."""
+    return (0,) if device.type == "cuda" else (1, 2)
 
 
 def held_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, sync: torch.Tensor, qmax: float,
