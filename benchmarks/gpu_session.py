@@ -332,7 +332,8 @@ def section_rotation(out: Path) -> None:
 def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
     from comfyquant.bench import layers as bench
 
-    cfg = bench._parse(["--models", models, "--m", m_values, "--out", str(out)])
+    # every path's GPU time too: sweeps carrying their own cost table and both times per path fit the eager form
+    cfg = bench._parse(["--models", models, "--m", m_values, "--out", str(out), "--graph-all"])
     ck_fn, ck_note = bench._load_ck()
     rows = []
     for model, layer, k, n in bench.SHAPES:

@@ -39,6 +39,8 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
 )
 M_VALUES = (1, 16, 256, 1024, 4096, 16384)
 GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
+# every pinned path's GPU time as well (``--graph-all``): what a fit of the eager form ``f(host, gpu)`` needs
+GRAPH_ALL = (*GRAPH_COLUMNS, "w8a8_triton", "w8a8_fused", "w8a16", "dequant", "fp8_cublas", "w8a8_convrot")
 COLUMNS = ("bf16", "auto", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16", "dequant", "fp8",
            "fp8_cublas", "w4a8", "w8a8_convrot", "ck_int8")
 
@@ -55,6 +57,7 @@ class BenchConfig:
     min_ms: float = 12.0  # wall time per measurement round
     with_ck: bool = True
     graph_max_m: int = 1024
+    graph_columns: tuple[str, ...] = GRAPH_COLUMNS
     columns: tuple[str, ...] = COLUMNS
     whole_models: tuple[str, ...] = ()  # bench_models.MODELS names to run after the sweep
 
@@ -229,7 +232,7 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
                     failed = t
                 else:
                     row.us[name], failed = t * 1e3, None
-                    if m <= cfg.graph_max_m and name in GRAPH_COLUMNS:
+                    if m <= cfg.graph_max_m and name in cfg.graph_columns:
                         row.graph_us[name] = graph_time_us(op, pairs)
             except (RuntimeError, ValueError) as e:
                 failed = str(e).splitlines()[0]
@@ -353,6 +356,8 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--min-ms", type=float, default=12.0, help="wall time per timing round")
     p.add_argument("--whole", default="flux_1024,flux_512,flux2_1024,wan_480p,sdxl_1024,t5xxl_256",
                    help="whole-model runs after the sweep (comma list; 'none' to skip)")
+    p.add_argument("--graph-all", action="store_true",
+                   help="CUDA-graph GPU time of every path column up to M=4096 (to fit the eager cost model)")
     a = p.parse_args(argv)
     try:
         m_values = tuple(int(v) for v in a.m.split(","))
@@ -362,6 +367,8 @@ def _parse(argv: list[str] | None) -> BenchConfig:
         raise UserError(f"--m values must be >= 1, got {a.m!r}")
     return BenchConfig(models=tuple(a.models.split(",")), m_values=m_values, out_dir=Path(a.out),
                        with_ck=not a.no_ck, min_ms=a.min_ms,
+                       graph_columns=GRAPH_ALL if a.graph_all else GRAPH_COLUMNS,
+                       graph_max_m=4096 if a.graph_all else 1024,
                        whole_models=() if a.whole == "none" else tuple(a.whole.split(",")))
 
 
