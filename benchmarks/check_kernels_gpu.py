@@ -789,8 +789,9 @@ def check_plans() -> None:
     from comfyquant.runtime.nn import bound_linear
 
     cases = {"int8": ("triton", "triton_fused", "triton_fused_kblock", "triton_w8a16", "dequant"),
-             "int8-rot": ("triton",),
-             "fp8": ("triton_w8a16", "dequant", "scaled_mm", "triton")}
+             "int8-rot": ("triton", "triton_w8a16", "dequant"),
+             "fp8": ("triton_w8a16", "dequant", "scaled_mm", "triton"),
+             "int4-rot": ("triton",)}
     # (4,096 and 2,048 rows: the convrot layers' activation pass on the one-read rotating kernel)
     for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (2048, 1280, 1280), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03
@@ -801,7 +802,7 @@ def check_plans() -> None:
         side.add(1, SideEntry(down=(torch.randn(24, k, device="cuda") * 0.05).bfloat16(),
                               up=(torch.randn(n, 24, device="cuda") * 0.05).bfloat16()))
         for fmt, backends in cases.items():
-            if k % 128 and fmt == "int8-rot":
+            if k % 128 and fmt in ("int8-rot", "int4-rot"):
                 continue
             lin = QuantLinear(k, n, weight=QuantizedTensor.from_float(w.bfloat16(), fmt))
             lin.bias = torch.nn.Parameter(bias, requires_grad=False)
@@ -818,7 +819,9 @@ def check_plans() -> None:
                     lin.adapter = None
                     memo = getattr(bound_linear(lin.qweight, lin.bias), "memo", {})
                     planned = any(callable(e[1]) for sig, e in memo.items() if (sig[-1] > 0) == lora)
-                    fuses = backend not in ("dequant", "scaled_mm")
+                    # (a rotated layer's weight-only / dequantizing plan carries no low-rank term: general path)
+                    fuses = (backend not in ("dequant", "scaled_mm") and not (fmt == "int8-rot" and backend != "triton")
+                             and fmt != "int4-rot")
                     same = torch.equal(first, again)
                     record(f"plan_{fmt}_{backend}{'_lora' if lora else ''}", same and (planned or (lora and not fuses)),
                            m=m, k=k, n=n, planned=planned, same=same)

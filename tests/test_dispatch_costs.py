@@ -800,3 +800,21 @@ def test_host_table_times_paths_in_interleaved_rounds_so_a_host_phase_change_mov
     seq = calibrate.host_table(fns, rounds=1, n=calibrate.HOST_ROUNDS * calibrate.HOST_CALLS, clock=clock,
                                sync=lambda: None)
     assert seq["triton_w8a16"] / seq["bf16"] > 1.2, seq
+
+
+def test_rotated_weight_only_and_dequant_paths_pay_their_rotation_launch() -> None:
+    """A convrot layer's weight-only / dequantizing path rotates x in a launch of its own: its eager host time
+    is at least the two-launch W8A8 plan's. H200 run 59 (benchmarks/results/sweep_run59_*): the model had it at
+    the one-launch plan's 12.6 µs, picked it on every rotated layer at M <= 16 (and CLIP's to 1,024 rows), and
+    the general path it then ran took 80-220 µs a call (bf16: 18-44); the W8A8 path beside it 23-48."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    c = cm.DeviceCosts.from_json(json.loads((results / "sweep_run59_h200_2026-12-04.json").read_text())["meta"]["costs"])
+    for path in ("triton_w8a16", "dequant"):
+        rotated = cm.path_us(path, 1, 3072, 3072, c, "eager", group=256)
+        assert rotated >= cm.path_us(path, 1, 3072, 3072, c, "eager") + c.host("triton") - c.host("triton_w8a16")
+    assert cm.path_us("triton_w8a16", 1, 3072, 3072, c, "eager", group=256) >= c.host("triton")
+    # the unrotated paths and the W8A8 path (rotating in its activation pass) keep their host time
+    assert cm.path_us("triton", 1, 3072, 3072, c, "eager", group=256) == pytest.approx(c.host("triton"))

@@ -90,14 +90,24 @@ def _plan_int8_fused(x, w, scales, bias, opts, out_dtype, act, low_rank=None, kb
 def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     from comfyquant.runtime.kernels import triton_plans
 
-    return None if _opt(opts, 0) else triton_plans.plan_w8a16(x, w, scales[0], bias, out_dtype, act, low_rank)
+    group = _opt(opts, 0)
+    if not group:
+        return triton_plans.plan_w8a16(x, w, scales[0], bias, out_dtype, act, low_rank)
+    if low_rank is not None:
+        return None
+    # convrot: the rotation pass (with the input activation), then the unrotated plan on its output
+    return triton_plans.plan_rotated(x, group, act,
+                                     lambda r: triton_plans.plan_w8a16(r, w, scales[0], bias, out_dtype, 0, None))
 
 
 def _plan_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     from comfyquant.runtime.kernels import triton_plans
 
-    if act or low_rank is not None or _opt(opts, 0) or not _fast_dequant(x):
+    if act or low_rank is not None or not _fast_dequant(x):
         return None
+    if _opt(opts, 0):  # convrot: the rotation pass, then the unrotated plan on its output
+        return triton_plans.plan_rotated(x, _opt(opts, 0), 0,
+                                         lambda r: triton_plans.plan_dequant(r, w, scales[0], bias, out_dtype))
     return triton_plans.plan_dequant(x, w, scales[0], bias, out_dtype)
 
 
@@ -335,6 +345,12 @@ def _int4_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
                                    act=act)
 
 
+def _plan_int4_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    return triton_plans.plan_w4a8(x, w, scales[0], bias, _opt(opts, 0), out_dtype, act, low_rank)
+
+
 def _check_int4(x, w, scales, opts) -> None:
     what = "int4_rot linear"
     if w.dtype != torch.int8:
@@ -379,7 +395,7 @@ FP8 = register_kernel_kind(KernelKind(
 INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot",
     {"torch": _int4_torch, "dequant": _int4_dequant,
-     "triton": KernelBackend(_int4_triton, _TRITON, True, True, fuses_gated_act=True)},
+     "triton": KernelBackend(_int4_triton, _TRITON, True, True, _plan_int4_triton, fuses_gated_act=True)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
 
 # the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels

@@ -243,9 +243,23 @@ def path_us(path: str, m: int, n: int, k: int, c: DeviceCosts, mode: str, group:
     with a low-rank term, ``fused`` in the path's epilogue or added after (two more torch calls' host time)."""
     g = gpu_us(path, m, n, k, c, group) + low_rank_us(m, n, k, rank, c, fused)
     host = c.host(path) + (0 if not rank else (1 if fused else 2) * c.host("bf16"))
+    if group and path in ROTATES_APART:
+        host += rotation_launch_host(c)
     if mode == "graph":
         return g
     return host + g if path in SERIAL_EAGER else max(host, g)
+
+
+# Paths that rotate a convrot layer's input in a launch of its own before their GEMM (the W8A8 paths rotate in
+# their activation pass): their plan fires the rotation pass, then the unrotated path's launches.
+ROTATES_APART = frozenset({"triton_w8a16", "dequant"})
+
+
+def rotation_launch_host(c: DeviceCosts) -> float:
+    """Host time of one more prepared launch: the two-launch W8A8 plan's over the one-launch weight-only plan's
+    (both measured; 6.8-7.7 µs on the H200's host, runs 57-60). Without the rotated plans (before 2026-12-04)
+    these paths ran the general path: 80-220 µs a call where the model said 13 (H200 run 59)."""
+    return max(c.launch_us, c.host("triton") - c.host("triton_w8a16"))
 
 
 # Paths whose eager wall time is host + GPU rather than the larger of the two: dequantize + cuBLAS ran 10-22 µs

@@ -476,6 +476,28 @@ def _w8a16_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: t
              bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act))
 
 
+def w4a8_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
+    """The W4A8 GEMM's tile for ``[m, k] x [k, n]`` (k: the activated width): the W8A8 tile shapes, K steps of
+    one permutation block (``PERM_BLOCK`` columns)."""
+    sms, major = device_facts(device)
+    cfg = small_m_config(m, n, k, sms) if m < SMALL_M else gemm_config(m, n, k, sms, hopper=major >= 9)
+    return fit_stages(TileConfig(cfg.block_m, cfg.block_n, kern.PERM_BLOCK, cfg.warps, cfg.stages, cfg.group_m), 1, 1)
+
+
+def _w4a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_packed: torch.Tensor, sb: torch.Tensor,
+                 bias: torch.Tensor | None, out: torch.Tensor, cfg: TileConfig, lr: tuple[tuple, tuple]) -> tuple:
+    """(grid, args, key) of the W4A8 GEMM (the quantized x at ``args[0]``, the output at ``args[2]``, x's row
+    scales at ``args[3]``)."""
+    (m, k), n = q.shape, w_packed.shape[0]
+    lr_args, lr_key = lr
+    return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
+            (q, w_packed, out, s_x, sb, bias if bias is not None else sb, m, n, k, q.stride(0), w_packed.stride(0),
+             out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
+             *lr_args),
+            (cfg, out.dtype, n, k, w_packed.stride(0), sb.numel() > 1, bias is not None, _al(w_packed), _al(sb),
+             bias is None or _al(bias), lr_key))
+
+
 def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w_q * w_scale`` as a fresh ``dtype`` tensor in one kernel (int8 or fp8 storage)."""
     w_q = _contig_rows(w_q)
@@ -517,20 +539,11 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     x2d = x.reshape(-1, k)
     q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=kern.PERM_BLOCK, act=act)
     w_packed = _contig_rows(w_packed)
-    m, n, k = q.shape[0], w_packed.shape[0], q.shape[1]  # k: the activated width (half of x's when gated)
+    m, n = q.shape[0], w_packed.shape[0]
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
-        sms, major = device_facts(x.device)
-        if cfg is None:
-            cfg = (small_m_config(m, n, k, sms) if m < SMALL_M else gemm_config(m, n, k, sms, hopper=major >= 9))
-            cfg = fit_stages(TileConfig(cfg.block_m, cfg.block_n, kern.PERM_BLOCK, cfg.warps, cfg.stages,
-                                        cfg.group_m), 1, 1)
-        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
-        lr_args, lr_key = _low_rank_args(low_rank, x2d, sb)
-        _W4A8(grid, (q, w_packed, out, s_x, sb, bias if bias is not None else sb, m, n, k, q.stride(0),
-                     w_packed.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n,
-                     cfg.block_k, cfg.group_m, *lr_args), x.device, num_warps=cfg.warps, num_stages=cfg.stages,
-              key=(cfg, out_dtype, n, k, w_packed.stride(0), sb.numel() > 1, bias is not None, _al(w_packed), _al(sb),
-                   bias is None or _al(bias), lr_key))
+        cfg = cfg or w4a8_config(m, n, q.shape[1], x.device)
+        grid, args, key = _w4a8_launch(q, s_x, w_packed, sb, bias, out, cfg, _low_rank_args(low_rank, x2d, sb))
+        _W4A8(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)

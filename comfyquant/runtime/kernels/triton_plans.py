@@ -25,6 +25,7 @@ from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape, w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
+from comfyquant.runtime.kernels.triton_gemm import PERM_BLOCK
 from comfyquant.runtime.versions import version
 
 logger = logging.getLogger("comfyquant.runtime")
@@ -90,6 +91,39 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     if bufs is None:
         return _one_launch(fire, args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
     return _split_launch(fire, args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank), cfg, m, n)
+
+
+def plan_rotated(x: torch.Tensor, group: int, act: int, inner: Callable[[torch.Tensor], Plan | None]
+                 ) -> Plan | None:
+    """The plan of a path that rotates x apart (weight-only and dequantize + cuBLAS on a convrot layer): the
+    rotation pass (``act`` applied as it reads x), as ``triton_quant.rotate_rows`` launches it, into the stream's
+    scratch buffer, then ``inner``'s plan for the rotated input; None where either has none. No low-rank term:
+    it reads the unrotated x (such calls take the general path)."""
+    rows = _rows(x) if x.dtype in _HALF else None
+    if rows is None:
+        return None
+    lead, m, kx = rows
+    dev, dt, mode = x.device, x.dtype, triton_quant.MODE_FLOAT
+    k = triton_quant.out_width(x, act)
+    extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
+    stream, pair = _raw_stream(dev), scratch.pool(dev).pair
+    r0, s0 = pair(stream(), m, k, dt, extra)
+    fire, rest = _act_plan(x.view(m, kx), r0, s0, group, mode, 1.0, act)
+    p = None if fire is None else inner(r0.view(*lead, k))
+    if p is None:
+        return None
+    per_stream: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        st = stream()
+        got = per_stream.get(st)
+        if got is None:  # the stream's pair, kept (with its [..., K] view) once looked up
+            r, s = pair(st, m, k, dt, extra)
+            got = per_stream[st] = (r, s, r.view(*lead, k))
+        fire(st, x, got[0], got[1], *rest(st, got[1]))
+        return p(got[2])
+
+    return run
 
 
 def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_dtype: torch.dtype,
@@ -320,14 +354,47 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     return fast if ok else run
 
 
+def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+              group: int, out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
+    """``x -> w4a8_linear(x, w_packed, w_scale, bias, group, out_dtype, act=act)`` (rotate + quantize with K
+    permuted per block into the stream's scratch pair, then the int4-weight GEMM) for ``x``'s signature, or None
+    (a low-rank term takes the general path)."""
+    common = None if low_rank is not None else _common(x, w_packed, w_scale)
+    if common is None:
+        return None
+    lead, m, n, kx, dev, sb = common
+    k, mode, perm = triton_quant.out_width(x, act), triton_quant.MODE_INT8, PERM_BLOCK
+    extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
+    stream, pair = _raw_stream(dev), scratch.pool(dev).pair
+    q0, s0 = pair(stream(), m, k, torch.int8, extra)
+    fire_q, q_rest = _act_plan(x.view(m, kx), q0, s0, group, mode, 127.0, act, perm)
+    cfg = ti.w4a8_config(m, n, k, dev)
+    out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
+    grid, args, key = ti._w4a8_launch(q0, s0, w_packed, sb, bias, out0, cfg, ti._low_rank_args(None, x, sb))
+    fire_g = ti._W4A8.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+    if fire_q is None or fire_g is None:
+        return None
+    w_arg, rest, shape, empty = args[1], args[4:], (*lead, n), torch.empty
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        st = stream()
+        q, s = pair(st, m, k, torch.int8, extra)
+        fire_q(st, x, q, s, *q_rest(st, s))
+        out = empty(shape, dtype=out_dtype, device=dev)
+        fire_g(st, q, w_arg, out, s, *rest)
+        return out
+
+    return run
+
+
 def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
-              act: int) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
+              act: int, perm: int = 0) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
     """(the activation kernel's prepared launch or None, ``(stream, s) -> the arguments after x, q, s``) for x's
     signature, with the kernel the general path takes (``triton_quant.DEFAULT_KERNEL``): the row kernel reads
     the call's own row scales at ``args[3]``, the tile kernel a fixed Hadamard. The split rotating kernel's two
     launches (absmax parts, then codes: ``s`` is a view of ``triton_quant.scale_floats`` floats) fire as one; the
     one-read rotating kernel takes the counters of the stream it runs on."""
-    launches = triton_quant.launch_for(x2d, q, s, None, group, mode, qmax, 0, act, triton_quant.DEFAULT_KERNEL)
+    launches = triton_quant.launch_for(x2d, q, s, None, group, mode, qmax, perm, act, triton_quant.DEFAULT_KERNEL)
     if len(launches) == 2:
         fires = [fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
                  for fk, grid, args, key, warps, stages in launches]
