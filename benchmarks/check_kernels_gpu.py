@@ -791,7 +791,7 @@ def check_plans() -> None:
     cases = {"int8": ("triton", "triton_fused", "triton_fused_kblock", "triton_w8a16", "dequant"),
              "int8-rot": ("triton", "triton_w8a16", "dequant"),
              "fp8": ("triton_w8a16", "dequant", "scaled_mm", "triton"),
-             "int4-rot": ("triton",)}
+             "int4-rot": ("triton",), "fp8-static": ("triton",)}
     # (4,096 and 2,048 rows: the convrot layers' activation pass on the one-read rotating kernel)
     for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (2048, 1280, 1280), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03
@@ -804,7 +804,10 @@ def check_plans() -> None:
         for fmt, backends in cases.items():
             if k % 128 and fmt in ("int8-rot", "int4-rot"):
                 continue
-            lin = QuantLinear(k, n, weight=QuantizedTensor.from_float(w.bfloat16(), fmt))
+            # (fp8-static: a stored static activation scale, as calibrated fp8 checkpoints carry)
+            qw = (QuantizedTensor.from_float(w.bfloat16(), "fp8", input_scale=0.02) if fmt == "fp8-static"
+                  else QuantizedTensor.from_float(w.bfloat16(), fmt))
+            lin = QuantLinear(k, n, weight=qw)
             lin.bias = torch.nn.Parameter(bias, requires_grad=False)
             for backend in backends:
                 if backend == "scaled_mm" and (k % 16 or n % 16):

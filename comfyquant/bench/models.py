@@ -21,10 +21,8 @@ from torch import nn
 
 from comfyquant.bench.blocks import T5, Flux, Flux2, Sdxl, Wan
 from comfyquant.bench.timing import interleaved_ms
-from comfyquant.quant.hadamard import rotate_weight
 from comfyquant.quant.int8 import quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
-from comfyquant.runtime.kernels.int4 import pack_int4
 
 
 def build(name: str) -> tuple[nn.Module, tuple]:
@@ -56,24 +54,15 @@ MODELS = ("flux_1024", "flux_512", "flux2_1024", "wan_480p", "sdxl_1024", "t5xxl
 
 
 class _SwapLinear(nn.Module):
-    """int4_rot (our W4A8 kernel) or comfy-kitchen's int8_linear on a layer's quantized weight (bench only)."""
+    """comfy-kitchen's int8_linear on a layer's per-row int8 weight (bench only: the peer's kernel, same weights)."""
 
-    def __init__(self, lin: nn.Linear, fmt: str, ck_fn: Callable | None) -> None:
+    def __init__(self, lin: nn.Linear, ck_fn: Callable) -> None:
         super().__init__()
-        w = lin.weight.detach().float()
-        self.fmt, self.ck_fn = fmt, ck_fn
+        self.ck_fn = ck_fn
         self.bias = None if lin.bias is None else lin.bias.detach()
-        if fmt == "int4_rot":
-            self.group = 256 if w.shape[1] % 256 == 0 else 16
-            wr = rotate_weight(w, self.group)
-            s = (wr.abs().amax(dim=1, keepdim=True) / 7.0).clamp_min(1e-12)
-            self.q, self.s = pack_int4(torch.round(wr / s).clamp(-7, 7)), s.reshape(-1)
-        else:
-            self.q, self.s = quantize_rowwise(w)
+        self.q, self.s = quantize_rowwise(lin.weight.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "int4_rot":
-            return dispatch.int4_rot_linear(x, self.q, self.s, self.bias, convrot_group=self.group)
         return self.ck_fn(x, self.q, self.s, self.bias, out_dtype=x.dtype)
 
 
@@ -91,12 +80,12 @@ class _WithAttention(nn.Module):
             return self.model(*args)
 
 
-def _swap(model: nn.Module, fmt: str, ck_fn: Callable | None) -> nn.Module:
+def _swap(model: nn.Module, ck_fn: Callable) -> nn.Module:
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, _SwapLinear(child, fmt, ck_fn))
+            setattr(model, name, _SwapLinear(child, ck_fn))
         else:
-            _swap(child, fmt, ck_fn)
+            _swap(child, ck_fn)
     return model
 
 
@@ -138,12 +127,16 @@ def variants(name: str, ck_fn: Callable | None,
             model, args = build(name)
             quantize_(model, QuantizeConfig(format=fmt, min_features=1, fold_activations=False))
             yield "int8_nofold", model, args
-    if want("int4_rot"):
-        model, args = build(name)
-        yield "int4_rot", _swap(model, "int4_rot", None), args
+    # the rotated formats through the product's path (QuantLinear, bound calls, eager plans): int8 convrot and
+    # the W4A8 kernel (before 2026-12-04 the W4A8 variant called the kernel directly, without plans)
+    for variant, fmt in (("int8_rot", "int8-rot"), ("int4_rot", "int4-rot")):
+        if want(variant):
+            model, args = build(name)
+            quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+            yield variant, model, args
     if ck_fn is not None and want("ck_int8"):
         model, args = build(name)
-        yield "ck_int8", _swap(model, "ck", ck_fn), args
+        yield "ck_int8", _swap(model, ck_fn), args
 
 
 def dispatch_counts(model: nn.Module) -> dict[str, int]:

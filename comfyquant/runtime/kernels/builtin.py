@@ -114,9 +114,8 @@ def _plan_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
 def _plan_fp8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     from comfyquant.runtime.kernels import triton_plans
 
-    if len(scales) > 1 and scales[1] is not None:  # static input scale: general path
-        return None
-    return triton_plans.plan_fp8(x, w, scales[0], bias, out_dtype, act, low_rank)
+    return triton_plans.plan_fp8(x, w, scales[0], bias, out_dtype, act, low_rank,
+                                 scales[1] if len(scales) > 1 else None)
 
 
 def _plan_scaled_mm(x, w, scales, bias, opts, out_dtype, act, low_rank=None):

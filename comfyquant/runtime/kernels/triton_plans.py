@@ -281,25 +281,33 @@ def plan_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: t
 
 
 def plan_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-             out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
-    """``x -> fp8_linear(x, w_q, w_scale, bias, None, out_dtype, low_rank=low_rank, act=act)`` (per-row fp8
-    activations in W's fp8 dtype, then the same W8A8 GEMM on fp8 operands) for ``x``'s signature, or None."""
-    return _plan_w8a8(x, w_q, w_scale, bias, None, out_dtype, act, low_rank, w_q.dtype, triton_quant.MODE_FP8,
-                      float(torch.finfo(w_q.dtype).max))
+             out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
+             input_scale: torch.Tensor | None = None) -> Plan | None:
+    """``x -> fp8_linear(x, w_q, w_scale, bias, input_scale, out_dtype, low_rank=low_rank, act=act)`` (per-row
+    dynamic, or static ``input_scale``, fp8 activations in W's fp8 dtype, then the same W8A8 GEMM on fp8
+    operands) for ``x``'s signature, or None. A static scale is read in place (updates are seen)."""
+    if input_scale is not None and (input_scale.device != x.device or input_scale.dtype != torch.float32
+                                    or input_scale.numel() != 1):
+        return None  # the general path converts it per call
+    static = None if input_scale is None else input_scale.reshape(1)  # a view: the same storage
+    mode = triton_quant.MODE_FP8 if static is None else triton_quant.MODE_FP8_STATIC
+    return _plan_w8a8(x, w_q, w_scale, bias, None, out_dtype, act, low_rank, w_q.dtype, mode,
+                      float(torch.finfo(w_q.dtype).max), static)
 
 
 def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                group: int | None, out_dtype: torch.dtype, act: int, low_rank: LowRank | None,
-               qdtype: torch.dtype, mode: int, qmax: float) -> Plan | None:
+               qdtype: torch.dtype, mode: int, qmax: float, static: torch.Tensor | None = None) -> Plan | None:
     common = _common(x, w_q, w_scale)
     if common is None:
         return None
     lead, m, n, kx, dev, sb = common
     k = triton_quant.out_width(x, act)  # x's width kx, and the activated one the GEMM reads
     q = torch.empty((m, k), dtype=qdtype, device=dev)
-    extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m  # the split rotation's absmax parts
+    # the split rotation's absmax parts (a static scale: the row scales alone, as the general path sizes them)
+    extra = 0 if static is not None else triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
     s = scratch.row_scales(m, extra, dev)
-    fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act)
+    fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act, static=static)
     lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
     cfg, small = ti.pick_w8a8(m, n, k, dev, ti.persistent_eligible(qdtype, False, lr),
                               ti.ws_eligible(qdtype, False, lr))
@@ -388,13 +396,14 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
 
 
 def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
-              act: int, perm: int = 0) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
+              act: int, perm: int = 0, static: torch.Tensor | None = None
+              ) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
     """(the activation kernel's prepared launch or None, ``(stream, s) -> the arguments after x, q, s``) for x's
     signature, with the kernel the general path takes (``triton_quant.DEFAULT_KERNEL``): the row kernel reads
     the call's own row scales at ``args[3]``, the tile kernel a fixed Hadamard. The split rotating kernel's two
     launches (absmax parts, then codes: ``s`` is a view of ``triton_quant.scale_floats`` floats) fire as one; the
     one-read rotating kernel takes the counters of the stream it runs on."""
-    launches = triton_quant.launch_for(x2d, q, s, None, group, mode, qmax, perm, act, triton_quant.DEFAULT_KERNEL)
+    launches = triton_quant.launch_for(x2d, q, s, static, group, mode, qmax, perm, act, triton_quant.DEFAULT_KERNEL)
     if len(launches) == 2:
         fires = [fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
                  for fk, grid, args, key, warps, stages in launches]
