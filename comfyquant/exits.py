@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from comfyquant import interrupt
 from comfyquant.errors import UserError
 
 A = TypeVar("A")
@@ -24,7 +25,8 @@ def one_line(msg: object) -> str:
 def run_cli(prog: str, run: Callable[[A], int], argv: A) -> int:
     """Call ``run(argv)`` and turn what it raises into the exit code and one-line message above."""
     try:
-        return run(argv)
+        with interrupt.sigint_handler():  # a Ctrl-C swallowed by a finalizer still stops the long loops
+            return run(argv)
     except (UserError, KeyboardInterrupt, BrokenPipeError, Exception) as e:
         return report(prog, e)
 

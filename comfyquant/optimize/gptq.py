@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from comfyquant import interrupt
 from comfyquant.formats.base import LayerGrid
 
 
@@ -45,6 +46,7 @@ def gptq_round(w: torch.Tensor, u: torch.Tensor, grid: LayerGrid, *, block: int 
     snap = grid.fmt.element_grid.snap
     q = torch.empty_like(work)
     for b0 in range(0, k, block):
+        interrupt.check()
         b1 = min(b0 + block, k)
         w1 = work[:, b0:b1].clone()
         err = torch.empty_like(w1)

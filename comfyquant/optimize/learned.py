@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from comfyquant import interrupt
 from comfyquant.formats.base import LayerGrid
 from comfyquant.optimize.config import LearnedConfig
 from comfyquant.optimize.hessian import NonFiniteError
@@ -80,6 +81,7 @@ def learned_round(w: torch.Tensor, h: torch.Tensor, grid: LayerGrid, cfg: Learne
     n_mov = max(1, int(movable.sum()))
     it, rec_val = 0, math.nan
     for it in range(cfg.iters):
+        interrupt.check()  # a Ctrl-C whose KeyboardInterrupt a finalizer swallowed (the step frees tensors)
         opt.zero_grad(set_to_none=True)
         soft = lo + gap * rect_sigmoid(v)
         e = soft - w
