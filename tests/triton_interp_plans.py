@@ -140,6 +140,58 @@ def check_fp8_w8a8_plan() -> None:
         record(f"plan_fp8_w8a8_{name}", ok)
 
 
+def check_rotated_and_w4a8_plans() -> None:
+    """Plans of the paths a convrot layer rotates apart (weight-only, dequantize + cuBLAS: the rotation pass into
+    the stream's scratch buffer, then the unrotated plan on it), of W4A8 (rotating quantizer with the K permutation,
+    int4 GEMM) and of the fp8 W8A8 path with a static input scale: equal to the general path on inputs other than
+    the one each was made from, with fresh outputs. Before 2026-12-04 none of them had a plan: every call took the
+    general path (80-220 µs of host a call on the H200 where the cost model assumed 13)."""
+    from comfyquant.quant.fp8 import quantize_fp8
+    from comfyquant.quant.int4 import pack_int4
+    from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(13)
+    m, k, n = 5, 128, 48
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g).to(F16)
+    packed = pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g))
+    qw, sw = quantize_fp8(torch.randn(n, k, generator=g) * 0.03)
+    static = torch.tensor(0.05)
+    down, up = torch.zeros(16, k), torch.zeros(16, n)
+    down[:8], up[:8] = torch.randn(8, k, generator=g) * 0.1, torch.randn(8, n, generator=g) * 0.1
+    first, *later = _inputs(m, k, F16, seed=11)
+    first32, *later32 = _inputs(m, k, F32, seed=12)
+    cases = (
+        ("w8a16_rot16", first, later, lambda x: ti.w8a16_linear(x, w, s, bias, 16, F16),
+         lambda x: builtin._plan_w8a16(x, w, (s,), bias, (16,), F16, 0)),
+        ("w8a16_rot16_silu", first, later, lambda x: ti.w8a16_linear(x, w, s, bias, 16, F16, act=3),
+         lambda x: builtin._plan_w8a16(x, w, (s,), bias, (16,), F16, 3)),
+        ("dequant_rot16", first, later, lambda x: ti.dequant_linear(x, w, s, bias, 16, F16),
+         lambda x: tp.plan_rotated(x, 16, 0, lambda r: tp.plan_dequant(r, w, s, bias, F16))),
+        ("w4a8_rot16", first, later, lambda x: ti.w4a8_linear(x, packed, s, bias, 16, F16),
+         lambda x: builtin._plan_int4_triton(x, packed, (s,), bias, (16,), F16, 0)),
+        ("w4a8_rot16_silu", first, later, lambda x: ti.w4a8_linear(x, packed, s, bias, 16, F16, act=3),
+         lambda x: builtin._plan_int4_triton(x, packed, (s,), bias, (16,), F16, 3)),
+        ("fp8_static", first32, later32, lambda x: ti.fp8_linear(x, qw, sw, None, static, F32),
+         lambda x: builtin._plan_fp8_triton(x, qw, (sw, static), None, (), F32, 0)),
+        ("fp8_static_lora", first32, later32,
+         lambda x: ti.fp8_linear(x, qw, sw, None, static, F32, low_rank=(down, up, 8)),
+         lambda x: builtin._plan_fp8_triton(x, qw, (sw, static), None, (), F32, 0, (down, up, 8))),
+    )
+    for name, x0, xs, general, make in cases:
+        plan = make(x0)
+        outs = [plan(x) for x in xs] if plan is not None else []
+        same = plan is not None and all(torch.equal(o, general(x)) for o, x in zip(outs, xs, strict=True))
+        fresh = bool(outs) and outs[0].data_ptr() != outs[1].data_ptr() and not torch.equal(outs[0], outs[1])
+        record(f"plan_{name}", same and fresh, planned=plan is not None)
+    # a rotated layer's weight-only plan with a LoRA: none (the side path reads the unrotated x), general path
+    record("plan_w8a16_rot16_lora_none", builtin._plan_w8a16(first, w, (s,), bias, (16,), F16, 0,
+                                                             (down.half(), up.half(), 8)) is None)
+
+
 def check_scaled_mm_plan() -> None:
     """The fp8 ``_scaled_mm`` plan (CPU torch has ``_scaled_mm``): equal to the general path, and a weight scale
     updated in place after the plan was made is used (the plan's rowwise copy follows the version counter)."""
@@ -290,5 +342,5 @@ def check_descriptor_copies() -> None:
     record("descriptor_copy", d.base is b and vars(d) == vars(want) and make(a).base is a and d.base is b)
 
 
-GROUPS = {"plans": check_plans, "plans_inference_mode": check_plans_inference_mode, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "descriptor_copies": check_descriptor_copies, "plans_share_scratch": check_plans_share_scratch,
+GROUPS = {"plans": check_plans, "plans_inference_mode": check_plans_inference_mode, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "rotated_and_w4a8_plans": check_rotated_and_w4a8_plans, "descriptor_copies": check_descriptor_copies, "plans_share_scratch": check_plans_share_scratch,
           "plans_keep_no_buffers": check_plans_keep_no_buffers}
