@@ -818,3 +818,17 @@ def test_rotated_weight_only_and_dequant_paths_pay_their_rotation_launch() -> No
     assert cm.path_us("triton_w8a16", 1, 3072, 3072, c, "eager", group=256) >= c.host("triton")
     # the unrotated paths and the W8A8 path (rotating in its activation pass) keep their host time
     assert cm.path_us("triton", 1, 3072, 3072, c, "eager", group=256) == pytest.approx(c.host("triton"))
+
+
+def test_rotated_layer_with_a_lora_keeps_to_the_planned_w8a8_path() -> None:
+    """A convrot layer's weight-only / dequantizing plans carry no low-rank term (the side path reads the unrotated
+    x; ``plan_w8a16_rot16_lora_none`` in the interpreter checks), so with a LoRA those paths would run their general
+    path every call (80-220 µs a call on the H200). The int8 kind's low-rank choice keeps such a layer on the W8A8
+    path, whose plan fuses the term; unrotated layers and rotated ones without a term keep every candidate."""
+    from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels.registry import kernel_kind
+
+    assert kernel_kind("int8").choose_low_rank is not None
+    assert builtin.int8_paths(256, 16) == (("triton", "triton"),)
+    assert {b for _, b in builtin.int8_paths(256)} == {"triton", "triton_w8a16", "dequant"}
+    assert builtin.int8_paths(0, 16) == builtin.int8_paths(0)

@@ -184,15 +184,25 @@ _INT8_PATHS = (("triton", "triton"), ("triton_fused", "triton_fused"), ("triton_
                ("dequant", "dequant"))
 
 
-def _choose_int8(x, n, k, opts, policy) -> BackendChoice:
+def int8_paths(group: int, rank: int = 0) -> tuple[tuple[str, str], ...]:
+    """The int8 kind's candidate (cost-model path, backend) pairs: no one-launch W8A8 kernel for a rotated layer
+    (it has no rotation); a rotated layer with a LoRA's low-rank term keeps to the W8A8 path, whose plan carries
+    the term: the paths that rotate apart have no plan with one, so every call would run their general path."""
+    if not group:
+        return _INT8_PATHS
+    if rank:
+        return (("triton", "triton"),)
+    return tuple(p for p in _INT8_PATHS if p[1] != "triton_fused")
+
+
+def _choose_int8(x, n, k, opts, policy, rank: int = 0) -> BackendChoice:
     cap = device_capability(x.device)
     if cap is None:
         return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
     if not triton_available() or cap < (8, 0):
         return BackendChoice("torch", f"sm_{cap[0]}{cap[1]}: no triton int8 path; torch._int_mm")
     group = _opt(opts, 0)
-    paths = _INT8_PATHS if not group else tuple(p for p in _INT8_PATHS if p[1] != "triton_fused")
-    return cost_choice(x, n, k, group, policy, paths)
+    return cost_choice(x, n, k, group, policy, int8_paths(group, rank))
 
 
 # ---- int8_block -----------------------------------------------------------------------------------------------
@@ -379,7 +389,7 @@ INT8 = register_kernel_kind(KernelKind(
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16)},
-    choose=_choose_int8, check=_check_int8))
+    choose=_choose_int8, check=_check_int8, choose_low_rank=_choose_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(
     "int8_block", {"torch": _block_torch, "dequant": _block_dequant}, choose=_choose_block, check=_check_block))
 FP8 = register_kernel_kind(KernelKind(
