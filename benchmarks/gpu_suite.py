@@ -120,6 +120,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # its GPU checks (bit-equal to the tile kernel, counters, float64) and the paths that run convrot layers
         "checks_held": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_held_rotation,check_act_quant,check_linear,check_plans,check_cuda_graphs"]],
+        # the W4A8 GEMM in both operand orders (the weight as wgmma's register operand: w4a8_swapped) against cuBLAS
+        # bf16 and the int8 W8A8 GEMM, GPU time, tiles, bit-equality of the two orders (W4A8 ran 0.27-0.40x bf16
+        # from 256 rows in run 61)
+        "w4a8": [[PY, "benchmarks/bench_w4a8.py", "--out", str(work / "w4a8"), "--budget-s", "{budget}"]],
         # the weight-only GEMM at M = 1 / 16 with split K against unsplit and cuBLAS bf16 (thin-M down projections)
         "w8a16_split": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split")]],
         # fp8 weight-only on the >= 8,192-wide layers at M = 1 / 16 (run 53: 0.72-0.97x bf16 on the unsplit

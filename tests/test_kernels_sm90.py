@@ -150,3 +150,32 @@ def test_one_read_rotating_kernel_compiles_without_spills_and_waits_with_acquire
     assert "ld.global.gpu.acquire" in ptx[release:] and "ld.global.cg" in ptx[release:]
     assert len(re.findall(r"atom\.global\.gpu\.relaxed\.exch", ptx)) == 2
     assert _divisions(ptx) <= 8
+
+
+@pytest.mark.parametrize(("m", "bm", "bn", "warps", "stages"), [(4096, 128, 128, 8, 3), (16, 16, 128, 4, 4)])
+def test_swapped_w4a8_feeds_the_unpacked_weight_to_wgmma_from_registers(m: int, bm: int, bn: int, warps: int,
+                                                                       stages: int) -> None:
+    """The W4A8 GEMM with the operands swapped (``triton_gemm.w4a8_swapped``, from the runtime's launch arguments):
+    Hopper's wgmma takes the unpacked int4 weight as its register operand, so no shared-memory store of the weight
+    remains (the other order writes it every K step: st.shared, then a descriptor operand), and at 16 rows it still
+    runs wgmma (m64n16) where the other order falls back to mma.sync. No spills."""
+    from test_gluon_gemm import _assert_no_spills
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import TileConfig
+
+    n, k = 3072, 3072
+    q, p = torch.empty(m, k, dtype=torch.int8), torch.empty(n, k // 2, dtype=torch.int8)
+    out, sa, sb = torch.empty(m, n, dtype=torch.bfloat16), torch.empty(m, 1), torch.empty(n)
+    cfg = TileConfig(bm, bn, 128, warps, stages, 8)
+    _, args, _ = ti._w4a8_launch(q, sa, p, sb, None, out, cfg, ti._low_rank_args(None, q, sb))
+    ptx = {}
+    for name, fk in (("swapped", ti._W4A8_SWAPPED), ("plain", ti._W4A8)):
+        ptx[name] = _compile(fk, args, warps, stages, aligned=True).asm["ptx"]
+    first = next(line for line in ptx["swapped"].splitlines() if "wgmma.mma_async" in line)
+    assert first.split("}", 1)[1].lstrip().startswith(", {"), first  # the first operand: registers
+    if bm == 16:  # the other order on mma.sync (both operands from registers, Ampere's instruction)
+        assert "mma.sync" in ptx["plain"] and "wgmma" not in ptx["plain"] and "m64n16k32" in ptx["swapped"]
+    else:  # the other order stores the unpacked weight to shared memory for wgmma's descriptor operand
+        assert not re.search(r"\bst\.shared", ptx["swapped"]) and re.search(r"\bst\.shared", ptx["plain"])
+    _assert_no_spills(ptx["swapped"])

@@ -564,6 +564,9 @@ def check_w4a8() -> None:
             y = triton_int8.w4a8_linear(x, packed, sw, b, g, odt, cfg=cfg)
             record("w4a8_linear", y.dtype == odt and torch.equal(y, want) and e_ref <= 2 ** -7, cfg=str(cfg),
                    rel_vs_torch_path=e_ref, **info)
+            # the swapped-operand kernel (weight as the MMA's register operand): the same integer sums, same bits
+            ys = triton_int8.w4a8_linear(x, packed, sw, b, g, odt, cfg=cfg, swapped=True)
+            record("w4a8_linear_swapped", torch.equal(ys, want), cfg=str(cfg), **info)
 
 
 def check_fp8_scaled_mm() -> None:

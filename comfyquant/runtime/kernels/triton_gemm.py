@@ -367,6 +367,38 @@ def w4a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
 
 
 @triton.jit
+def w4a8_swapped(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                 ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
+                 HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
+    """:func:`w4a8` with the operands swapped: ``acc^T [BLOCK_N, BLOCK_M] = unpack(B) @ A^T``, transposed back
+    for the epilogue. Hopper's wgmma reads its first operand from registers, so the int4 weight unpacked in
+    registers feeds the MMA directly while the activation tiles (K-major, as 8-bit wgmma wants its second operand)
+    stream into shared memory through the pipeline; in :func:`w4a8`'s order the computed weight is the second
+    operand and goes through shared memory every K step. Same integer sums: bit-equal outputs."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_h = tl.arange(0, HALF)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[None, :] * stride_am + offs_h[:, None]  # [HALF, BLOCK_M]: A^T
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_h[None, :]  # [BLOCK_N, HALF] packed
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for _kk in range(0, K // BLOCK_K):
+        a_even = tl.load(a_ptrs)
+        a_odd = tl.load(a_ptrs + HALF)
+        p = tl.load(b_ptrs)  # byte j of a row holds columns 2j (low nibble) and 2j+1 (high)
+        lo = (p << 4) >> 4
+        hi = p >> 4
+        acc = tl.dot(lo, a_even, acc, out_dtype=tl.int32)
+        acc = tl.dot(hi, a_odd, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += HALF
+    _store(_row_scale(tl.trans(acc), sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
+           pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
+
+
+@triton.jit
 def dequant(w_ptr, s_ptr, out_ptr, N, K, stride_w, stride_o, ROW_SB: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr):
     """``out = w * s`` (row or tensor scale) in out's 16-bit dtype: the weight for a cuBLAS bf16 GEMM."""

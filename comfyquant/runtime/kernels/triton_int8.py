@@ -44,6 +44,10 @@ _TMA_PERSISTENT = FastKernel(kern.w8a8_tma_persistent)
 _FUSED = FastKernel(kern.fused)
 _FUSED_ROWS = FastKernel(kern.fused_rows)
 _W4A8 = FastKernel(kern.w4a8)
+# the weight as the MMA's register operand (wgmma reads it from registers: no shared-memory round trip of the
+# unpacked weight per K step; wgmma from 16 rows, where the other order falls back to mma.sync): pinned-only
+# (``w4a8_linear(..., swapped=True)``) until a GPU run times it against _W4A8 (bit-equal by construction)
+_W4A8_SWAPPED = FastKernel(kern.w4a8_swapped)
 _DEQUANT = FastKernel(kern.dequant)
 SMALL_M = 64  # below this many rows the thin-M tiles are used
 
@@ -531,9 +535,9 @@ def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
 
 def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 group: int, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
+                low_rank: LowRank | None = None, act: int = 0, swapped: bool = False) -> torch.Tensor:
     """int4_rot W4A8: (activate +) rotate + per-token int8 quant (K permuted per 128 block), then the
-    int4-weight GEMM."""
+    int4-weight GEMM (``swapped``: the kernel with the weight as the MMA's register operand, same bits)."""
     _no_act_with_low_rank(act, low_rank)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
@@ -545,5 +549,6 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     if m and n:
         cfg = cfg or w4a8_config(m, n, q.shape[1], x.device)
         grid, args, key = _w4a8_launch(q, s_x, w_packed, sb, bias, out, cfg, _low_rank_args(low_rank, x2d, sb))
-        _W4A8(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+        (_W4A8_SWAPPED if swapped else _W4A8)(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages,
+                                               key=key)
     return out.reshape(*lead, n)
