@@ -41,7 +41,13 @@ from comfyquant.quant.int8 import (
     quantize_tensorwise,
 )
 from comfyquant.runtime.kernels import reference, triton_int8, triton_quant
-from comfyquant.runtime.kernels.dispatch import fp8_linear, int4_rot_linear, int8_block_linear, int8_linear
+from comfyquant.runtime.kernels.dispatch import (
+    choose_backend,
+    fp8_linear,
+    int4_rot_linear,
+    int8_block_linear,
+    int8_linear,
+)
 from comfyquant.runtime.kernels.int4 import pack_int4
 
 RESULTS: list[dict] = []
@@ -534,11 +540,18 @@ def check_block() -> None:
         x = torch.randn(m, k, device="cuda").bfloat16()
         w = torch.randn(n, k, device="cuda")
         q, s = quantize_blockwise(w, b)
-        y = int8_block_linear(x, q, s, block=b, out_dtype=torch.float32)
         wd = dequantize_blockwise(q, s, b, dtype=torch.float64)
+        # the reference (one _int_mm per K block, per-row int8 activations): exact up to float32 sums
+        y = int8_block_linear(x, q, s, block=b, out_dtype=torch.float32, backend="torch")
         qx, sx = reference.quantize_rows_int8(x.float())
         e = rel(y, (qx.double() * sx.double()) @ wd.t())
         record("int8_block_linear", e < 1e-5, m=m, k=k, n=n, block=b, rel=e)
+        # what auto runs on a GPU since 2026-12-04: the block dequantize kernel + cuBLAS bf16 (weight-only)
+        choice = choose_backend(x, kind="int8_block", n=n, k=k, opts=(b,)).name
+        y = int8_block_linear(x, q, s, block=b, out_dtype=torch.float32)
+        e = rel(y, x.double() @ wd.t())
+        record("int8_block_linear_auto", choice == "dequant" and e <= 2 ** -7, m=m, k=k, n=n, block=b, rel=e,
+               backend=choice)
 
 
 def check_w4a8() -> None:

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "comfyquant"
 
 # Lower layers never import higher ones. Within one row, packages may use each other only without cycles.
 LAYERS = [
-    {"errors", "exits", "progress"},
+    {"errors", "exits", "interrupt", "progress"},
     {"quant"},
     {"formats", "io"},
     {"presets"},

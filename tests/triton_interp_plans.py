@@ -192,6 +192,35 @@ def check_rotated_and_w4a8_plans() -> None:
                                                              (down.half(), up.half(), 8)) is None)
 
 
+def check_block_dequant() -> None:
+    """Block-wise int8 (``int8_block``, a scale per square tile) on the GPU path: one dequantize kernel reading the
+    tile's scale, then the 16-bit GEMM: within fp16 rounding of the float64 product, the weight it builds equal to
+    ``w * s`` rounded once, and its plan bit-equal to it on inputs other than the one it was made from. Before
+    2026-12-04 the GPU ran the reference (one ``torch._int_mm`` per K block, 24 GEMMs a call at K = 3,072)."""
+    from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+
+    g = torch.Generator().manual_seed(17)
+    for n, k, block in ((70, 100, 32), (64, 256, 64), (33, 300, 128)):
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(-(-n // block), -(-k // block), generator=g) * 0.01 + 1e-3
+        bias = torch.randn(n, generator=g).to(F16)
+        full = s.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+        wd = torch.empty(n, k, dtype=F16)
+        grid, args, key = ti._dequant_launch(w, s, wd, block)
+        ti._DEQUANT(grid, args, w.device, num_warps=4, num_stages=1, key=key)
+        record("block_dequant_weight", torch.equal(wd, (w.float() * full).to(F16)), n=n, k=k, block=block)
+        first, *later = _inputs(5, k, F16, seed=n + k)
+        ys = [ti.dequant_block_linear(x, w, s, block, bias, F16) for x in later]
+        want = [x.double() @ (w.double() * full.double()).t() + bias.double() for x in later]
+        e = max(float((y.double() - r).abs().max() / r.abs().max()) for y, r in zip(ys, want, strict=True))
+        plan = builtin._plan_block_dequant(first, w, (s,), bias, (block,), F16, 0)  # CPU: None (no fast path)
+        plan = tp.plan_dequant(first, w, s, bias, F16, block) if plan is None else plan
+        same = plan is not None and all(torch.equal(plan(x), y) for x, y in zip(later, ys, strict=True))
+        record("block_dequant_linear", e <= 2 ** -9 and same, n=n, k=k, block=block, rel=e, planned=plan is not None)
+
+
 def check_scaled_mm_plan() -> None:
     """The fp8 ``_scaled_mm`` plan (CPU torch has ``_scaled_mm``): equal to the general path, and a weight scale
     updated in place after the plan was made is used (the plan's rowwise copy follows the version counter)."""
@@ -342,5 +371,5 @@ def check_descriptor_copies() -> None:
     record("descriptor_copy", d.base is b and vars(d) == vars(want) and make(a).base is a and d.base is b)
 
 
-GROUPS = {"plans": check_plans, "plans_inference_mode": check_plans_inference_mode, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "rotated_and_w4a8_plans": check_rotated_and_w4a8_plans, "descriptor_copies": check_descriptor_copies, "plans_share_scratch": check_plans_share_scratch,
+GROUPS = {"plans": check_plans, "plans_inference_mode": check_plans_inference_mode, "low_rank_plans": check_low_rank_plans, "fp8_w8a8_plan": check_fp8_w8a8_plan, "scaled_mm_plan": check_scaled_mm_plan, "rotated_and_w4a8_plans": check_rotated_and_w4a8_plans, "block_dequant": check_block_dequant, "descriptor_copies": check_descriptor_copies, "plans_share_scratch": check_plans_share_scratch,
           "plans_keep_no_buffers": check_plans_keep_no_buffers}

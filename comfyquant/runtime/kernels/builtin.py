@@ -212,10 +212,22 @@ def _block_torch(x, w, scales, bias, opts, out_dtype):
 
 def _block_dequant(x, w, scales, bias, opts, out_dtype):
     block = _opt(opts, 0)
+    if _fast_dequant(x):  # one dequantize kernel + cuBLAS
+        from comfyquant.runtime.kernels import triton_int8
+
+        return triton_int8.dequant_block_linear(x, w, scales[0], block, bias, out_dtype)
     n, k = w.shape
     dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     s = scales[0].to(dt).repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
     return torch.nn.functional.linear(x.to(dt), w.to(dt) * s, None if bias is None else bias.to(dt)).to(out_dtype)
+
+
+def _plan_block_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    if act or low_rank is not None or not _fast_dequant(x):
+        return None
+    return triton_plans.plan_dequant(x, w, scales[0], bias, out_dtype, _opt(opts, 0))
 
 
 def _check_block(x, w, scales, opts) -> None:
@@ -235,6 +247,9 @@ def _check_block(x, w, scales, opts) -> None:
 def _choose_block(x, n, k, opts, policy) -> BackendChoice:
     if device_capability(x.device) is None:
         return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
+    if _fast_dequant(x):
+        return BackendChoice("dequant", "int8 block-wise: dequantize kernel (a scale per tile) + cuBLAS; the "
+                                        "reference runs one torch._int_mm per K block")
     return BackendChoice("torch", "int8 block-wise: per-K-block torch._int_mm")
 
 
@@ -391,7 +406,8 @@ INT8 = register_kernel_kind(KernelKind(
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16)},
     choose=_choose_int8, check=_check_int8, choose_low_rank=_choose_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(
-    "int8_block", {"torch": _block_torch, "dequant": _block_dequant}, choose=_choose_block, check=_check_block))
+    "int8_block", {"torch": _block_torch, "dequant": KernelBackend(_block_dequant, plan=_plan_block_dequant)},
+    choose=_choose_block, check=_check_block))
 FP8 = register_kernel_kind(KernelKind(
     "fp8",
     {"torch": _fp8_torch,

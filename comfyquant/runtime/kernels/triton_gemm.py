@@ -400,13 +400,17 @@ def w4a8_swapped(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_
 
 @triton.jit
 def dequant(w_ptr, s_ptr, out_ptr, N, K, stride_w, stride_o, ROW_SB: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr):
-    """``out = w * s`` (row or tensor scale) in out's 16-bit dtype: the weight for a cuBLAS bf16 GEMM."""
+            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr = 0, stride_s=0):
+    """``out = w * s`` (row or tensor scale; ``SCALE_BLOCK`` > 0: one scale per ``SCALE_BLOCK`` square tile, ``s``
+    ``[ceil(N/b), ceil(K/b)]`` with row stride ``stride_s``) in out's 16-bit dtype: the weight for a cuBLAS GEMM."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_k[None, :], mask=mask)
-    if ROW_SB:
+    if SCALE_BLOCK > 0:
+        s = tl.load(s_ptr + (offs_n // SCALE_BLOCK)[:, None] * stride_s + (offs_k // SCALE_BLOCK)[None, :],
+                    mask=mask, other=0.0)
+    elif ROW_SB:
         s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
     else:
         s = tl.load(s_ptr)

@@ -512,13 +512,29 @@ def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dty
     return out
 
 
-def _dequant_launch(w_q: torch.Tensor, sb: torch.Tensor, out: torch.Tensor) -> tuple:
-    """(grid, args, key) of the dequantize kernel (its output at ``args[2]``)."""
+def _dequant_launch(w_q: torch.Tensor, sb: torch.Tensor, out: torch.Tensor, block: int = 0) -> tuple:
+    """(grid, args, key) of the dequantize kernel (its output at ``args[2]``); ``block`` > 0: ``sb`` holds one
+    scale per ``block`` x ``block`` tile (``[ceil(N/b), ceil(K/b)]``, rows contiguous)."""
     n, k = w_q.shape
     bn, bk = 32, 256
     return ((cdiv(n, bn), cdiv(k, bk)),
-            (w_q, sb, out, n, k, w_q.stride(0), out.stride(0), sb.numel() > 1, bn, bk),
-            (w_q.dtype, out.dtype, n, k, w_q.stride(0), sb.numel() > 1, _al(w_q), _al(sb)))
+            (w_q, sb, out, n, k, w_q.stride(0), out.stride(0), sb.numel() > 1, bn, bk, block,
+             sb.stride(0) if block else 0),
+            (w_q.dtype, out.dtype, n, k, w_q.stride(0), sb.numel() > 1, _al(w_q), _al(sb), block,
+             sb.stride(0) if block else 0))
+
+
+def dequant_block_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: int,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Block-wise int8 (``int8_block``): W dequantized in one kernel (a scale per ``block`` square tile), then
+    cuBLAS in x's 16-bit dtype (bf16 for others): weight-only, as the row-scaled dequantize path."""
+    dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    w_q, sb = _contig_rows(w_q), w_scale.float().contiguous()
+    wd = torch.empty(w_q.shape, dtype=dt, device=w_q.device)
+    grid, args, key = _dequant_launch(w_q, sb, wd, block)
+    _DEQUANT(grid, args, w_q.device, num_warps=4, num_stages=1, key=key)
+    out = F.linear(x.to(dt), wd, None if bias is None else bias.to(dt))
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -429,17 +429,21 @@ def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | 
 
 
 def plan_dequant(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> Plan | None:
+                 out_dtype: torch.dtype, block: int = 0) -> Plan | None:
     """``x -> dequant_linear(x, w_q, w_scale, bias, None, out_dtype)`` (dequantize kernel + cuBLAS) for x
-    bf16/fp16 of ``x``'s signature, or None."""
+    bf16/fp16 of ``x``'s signature, or None; ``block`` > 0: ``dequant_block_linear`` (a scale per square tile,
+    read in place when it is fp32 and contiguous)."""
     if x.dtype not in _HALF or out_dtype != x.dtype or w_q.stride(-1) != 1 or _rows(x) is None:
         return None
-    sb = _scale(w_scale)
+    if block:
+        sb = w_scale if w_scale.dtype == torch.float32 and w_scale.is_contiguous() else None
+    else:
+        sb = _scale(w_scale)
     if sb is None:
         return None
     dev, dt = x.device, x.dtype
     wd = torch.empty(w_q.shape, dtype=dt, device=dev)
-    grid, args, key = ti._dequant_launch(w_q, sb, wd)
+    grid, args, key = ti._dequant_launch(w_q, sb, wd, block)
     fire = ti._DEQUANT.prepared(grid, args, num_warps=4, num_stages=1, key=key)
     if fire is None or (bias is not None and bias.dtype != dt):  # the general path casts a bias per call
         return None
