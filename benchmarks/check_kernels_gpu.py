@@ -810,7 +810,7 @@ def check_plans() -> None:
     cases = {"int8": ("triton", "triton_fused", "triton_fused_kblock", "triton_w8a16", "dequant"),
              "int8-rot": ("triton", "triton_w8a16", "dequant"),
              "fp8": ("triton_w8a16", "dequant", "scaled_mm", "triton"),
-             "int4-rot": ("triton",), "fp8-static": ("triton",)}
+             "int4-rot": ("triton",), "fp8-static": ("triton",), "int8-block": ("dequant",)}
     # (4,096 and 2,048 rows: the convrot layers' activation pass on the one-read rotating kernel)
     for m, k, n in [(1, 3072, 3072), (300, 3072, 9216), (4096, 3072, 3072), (2048, 1280, 1280), (70, 200, 70)]:
         w = torch.randn(n, k, device="cuda") * 0.03
