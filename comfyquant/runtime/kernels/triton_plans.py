@@ -106,20 +106,24 @@ def plan_rotated(x: torch.Tensor, group: int, act: int, inner: Callable[[torch.T
     dev, dt, mode = x.device, x.dtype, triton_quant.MODE_FLOAT
     k = triton_quant.out_width(x, act)
     extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
-    stream, pair = _raw_stream(dev), scratch.pool(dev).pair
+    pool = scratch.pool(dev)
+    stream, pair = _raw_stream(dev), pool.pair
     r0, s0 = pair(stream(), m, k, dt, extra)
     fire, rest = _act_plan(x.view(m, kx), r0, s0, group, mode, 1.0, act)
     p = None if fire is None else inner(r0.view(*lead, k))
     if p is None:
         return None
     per_stream: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    keep = m * k * x.element_size() <= pool.max_bytes  # what the pool shares; a larger pair is made per call
 
     def run(x: torch.Tensor) -> torch.Tensor:
         st = stream()
         got = per_stream.get(st)
         if got is None:  # the stream's pair, kept (with its [..., K] view) once looked up
             r, s = pair(st, m, k, dt, extra)
-            got = per_stream[st] = (r, s, r.view(*lead, k))
+            got = (r, s, r.view(*lead, k))
+            if keep:
+                per_stream[st] = got
         fire(st, x, got[0], got[1], *rest(st, got[1]))
         return p(got[2])
 
