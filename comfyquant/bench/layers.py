@@ -24,7 +24,7 @@ from comfyquant.bench.timing import interleaved_ms
 from comfyquant.errors import UserError
 from comfyquant.quant.fp8 import quantize_fp8
 from comfyquant.quant.hadamard import choose_group_size, rotate_weight
-from comfyquant.quant.int8 import quantize_rowwise
+from comfyquant.quant.int8 import quantize_blockwise, quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
 
 # (model, layer, K=in_features, N=out_features)
@@ -42,7 +42,8 @@ GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
 # every pinned path's GPU time as well (``--graph-all``): what a fit of the eager form ``f(host, gpu)`` needs
 GRAPH_ALL = (*GRAPH_COLUMNS, "w8a8_triton", "w8a8_fused", "w8a16", "dequant", "fp8_cublas", "w8a8_convrot")
 COLUMNS = ("bf16", "auto", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16", "dequant", "fp8",
-           "fp8_cublas", "w4a8", "w8a8_convrot", "ck_int8")
+           "fp8_cublas", "fp8_static", "w4a8", "w8a8_convrot", "int8_block", "ck_int8")
+BLOCK = 128  # the int8_block column's scale tile
 
 
 @dataclass
@@ -181,7 +182,7 @@ def _cycling(op: Callable, pairs: list) -> Callable[[], object]:
 def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn: Callable | None) -> list[Row]:
     dev = torch.device("cuda")
     group = choose_group_size(k)
-    per_set = n * k * (2 + 1 + 1 + 1 + 0.5)  # bf16 + int8 + rotated int8 + fp8 + int4 weights
+    per_set = n * k * (2 + 1 + 1 + 1 + 0.5 + 1)  # bf16 + int8 + rotated int8 + fp8 + int4 + block int8 weights
     sets = max(2, min(cfg.max_sets, math.ceil(cfg.rotate_bytes / per_set)))
     gen = torch.Generator(device=dev).manual_seed(k * 131 + n)
     weights = []
@@ -191,7 +192,10 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         qr, sr = quantize_rowwise(rotate_weight(w, group)) if group else (q, s)
         qf, sf = quantize_fp8(w)
         q4, s4 = _int4_rot(w, group) if group and k % 128 == 0 else (None, None)
-        weights.append((w.to(torch.bfloat16), q, s, qr, sr, qf, sf, torch.randn(n, device=dev).bfloat16(), q4, s4))
+        qb, sb = quantize_blockwise(w, BLOCK)
+        # 10: a static fp8 activation scale (calibrated checkpoints carry one; the inputs are N(0, 1)); 11-12: block
+        weights.append((w.to(torch.bfloat16), q, s, qr, sr, qf, sf, torch.randn(n, device=dev).bfloat16(), q4, s4,
+                        torch.tensor(6.0 / 448.0, device=dev), qb, sb))
         del w
     rows = []
     for m in cfg.m_values:
@@ -212,6 +216,8 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
             "dequant": _bound("int8", 1, (2,), backend="dequant"),
             "fp8": _bound("fp8", 5, (6,)),
             "fp8_cublas": _bound("fp8", 5, (6,), backend="scaled_mm"),  # the fp8 baseline: cuBLAS _scaled_mm
+            "fp8_static": _bound("fp8", 5, (6, 10)),  # auto, with a static input scale
+            "int8_block": _bound("int8_block", 11, (12,), opts=(BLOCK,)),  # auto (dequantize kernel + cuBLAS)
         }
         if group:
             ops["w8a8_convrot"] = _bound("int8", 3, (4,), opts=(group,))
