@@ -712,7 +712,6 @@ def check_fp8_triton() -> None:
 def check_fp8_low_rank_choice() -> None:
     """The automatic fp8 choice on this device (its measured costs): a rank-32 low-rank term at M=4096 on the
     Flux qkv / mlp0 shapes takes the fusing Triton GEMM, no term keeps ``_scaled_mm``."""
-    from comfyquant.runtime.kernels.dispatch import choose_backend
 
     for k, n in ((3072, 9216), (3072, 12288)):
         x = torch.randn(4096, k, device="cuda").bfloat16()

@@ -207,9 +207,7 @@ def check_block_dequant() -> None:
         s = torch.rand(-(-n // block), -(-k // block), generator=g) * 0.01 + 1e-3
         bias = torch.randn(n, generator=g).to(F16)
         full = s.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
-        wd = torch.empty(n, k, dtype=F16)
-        grid, args, key = ti._dequant_launch(w, s, wd, block)
-        ti._DEQUANT(grid, args, w.device, num_warps=4, num_stages=1, key=key)
+        wd = ti.dequantize_weight(w, s, F16, block)
         record("block_dequant_weight", torch.equal(wd, (w.float() * full).to(F16)), n=n, k=k, block=block)
         first, *later = _inputs(5, k, F16, seed=n + k)
         ys = [ti.dequant_block_linear(x, w, s, block, bias, F16) for x in later]

@@ -502,12 +502,13 @@ def _w4a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_packed: torch.Tensor, sb:
              bias is None or _al(bias), lr_key))
 
 
-def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``w_q * w_scale`` as a fresh ``dtype`` tensor in one kernel (int8 or fp8 storage)."""
+def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype, block: int = 0) -> torch.Tensor:
+    """``w_q * w_scale`` as a fresh ``dtype`` tensor in one kernel (int8 or fp8 storage); ``block`` > 0: a scale
+    per ``block`` square tile (``w_scale [ceil(N/b), ceil(K/b)]``)."""
     w_q = _contig_rows(w_q)
-    sb = _sb(w_scale)
+    sb = w_scale.float().contiguous() if block else _sb(w_scale)
     out = torch.empty(w_q.shape, dtype=dtype, device=w_q.device)
-    grid, args, key = _dequant_launch(w_q, sb, out)
+    grid, args, key = _dequant_launch(w_q, sb, out, block)
     _DEQUANT(grid, args, w_q.device, num_warps=4, num_stages=1, key=key)
     return out
 
@@ -529,11 +530,7 @@ def dequant_block_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tens
     """Block-wise int8 (``int8_block``): W dequantized in one kernel (a scale per ``block`` square tile), then
     cuBLAS in x's 16-bit dtype (bf16 for others): weight-only, as the row-scaled dequantize path."""
     dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    w_q, sb = _contig_rows(w_q), w_scale.float().contiguous()
-    wd = torch.empty(w_q.shape, dtype=dt, device=w_q.device)
-    grid, args, key = _dequant_launch(w_q, sb, wd, block)
-    _DEQUANT(grid, args, w_q.device, num_warps=4, num_stages=1, key=key)
-    out = F.linear(x.to(dt), wd, None if bias is None else bias.to(dt))
+    out = F.linear(x.to(dt), dequantize_weight(w_q, w_scale, dt, block), None if bias is None else bias.to(dt))
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
