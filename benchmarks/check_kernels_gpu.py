@@ -575,12 +575,14 @@ def check_w4a8() -> None:
             info["rel_vs_comfy_kitchen_cuda"] = rel(y, yc)
         ok = bool(torch.isfinite(y).all()) and e <= 2**-7 and info.get("rel_vs_comfy_kitchen_cuda", 0) <= 2**-6
         record("w4a8_linear", ok, m=m, k=k, n=n, group=g, rel_vs_torch_path=e, **info)
-        # the swapped-operand kernel (the weight as wgmma's register operand): the same integer sums, same bits
+        # every operand order (the weight as wgmma's register operand, both nibbles per MMA): the same integer
+        # sums, so the same bits as the plain order
         from comfyquant.runtime.kernels import triton_int8 as ti
 
-        same = torch.equal(ti.w4a8_linear(x, packed, sw, bias, g, torch.bfloat16, swapped=True),
-                           ti.w4a8_linear(x, packed, sw, bias, g, torch.bfloat16))
-        record("w4a8_linear_swapped", same, m=m, k=k, n=n, group=g)
+        plain = ti.w4a8_linear(x, packed, sw, bias, g, torch.bfloat16, order="plain")
+        for order in ("swapped", "joined"):
+            same = torch.equal(ti.w4a8_linear(x, packed, sw, bias, g, torch.bfloat16, order=order), plain)
+            record(f"w4a8_linear_{order}", same, m=m, k=k, n=n, group=g)
 
 
 def check_cuda_graphs() -> None:

@@ -179,3 +179,31 @@ def test_swapped_w4a8_feeds_the_unpacked_weight_to_wgmma_from_registers(m: int, 
     else:  # the other order stores the unpacked weight to shared memory for wgmma's descriptor operand
         assert not re.search(r"\bst\.shared", ptx["swapped"]) and re.search(r"\bst\.shared", ptx["plain"])
     _assert_no_spills(ptx["swapped"])
+
+
+@pytest.mark.parametrize(("m", "n"), [(4096, 9216), (256, 3072), (256, 1280)])
+def test_joined_w4a8_runs_one_register_operand_mma_per_k_step(m: int, n: int) -> None:
+    """The W4A8 kernel the runtime takes from 64 rows (``triton_gemm.w4a8_joined`` on ``w4a8_config``'s tile):
+    the two nibble planes joined and reshaped are wgmma's register operand as loaded (no layout conversion or
+    shared-memory store in the K loop) and one MMA group covers the whole K step, where the swapped order issues
+    two (Triton waits on each wgmma whose operand is in registers, so the joined order halves the waits). No
+    spills on the 64-weight-row tiles the rule picks."""
+    from test_gluon_gemm import _assert_no_spills
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+
+    k = 3072
+    q, p = torch.empty(m, k, dtype=torch.int8), torch.empty(n, k // 2, dtype=torch.int8)
+    out, sa, sb = torch.empty(m, n, dtype=torch.bfloat16), torch.empty(m, 1), torch.empty(n)
+    cfg = ti.w4a8_config(m, n, k, torch.device("cpu"))  # off CUDA: an H100/H200-sized grid
+    assert ti.w4a8_order(m) == "joined" and cfg.block_n == 64 and cfg.warps == 4
+    _, args, _ = ti._w4a8_launch(q, sa, p, sb, None, out, cfg, ti._low_rank_args(None, q, sb))
+    asm = {name: _compile(fk, args, cfg.warps, cfg.stages, aligned=True).asm
+           for name, fk in (("joined", ti._W4A8_JOINED), ("swapped", ti._W4A8_SWAPPED))}
+    loops = {name: a["ttgir"][a["ttgir"].index("scf.for"):a["ttgir"].index("scf.yield")] for name, a in asm.items()}
+    assert loops["joined"].count("ttng.warp_group_dot ") == 1 and loops["swapped"].count("ttng.warp_group_dot ") == 2
+    assert "convert_layout" not in loops["joined"] and "local_store" not in loops["joined"]
+    ptx = asm["joined"]["ptx"]
+    first = next(line for line in ptx.splitlines() if "wgmma.mma_async" in line)
+    assert first.split("}", 1)[1].lstrip().startswith(", {"), first  # the first operand: registers
+    _assert_no_spills(ptx)  # (the epilogue may still convert the output through shared memory, outside the loop)

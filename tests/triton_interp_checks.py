@@ -561,12 +561,17 @@ def check_w4a8() -> None:
                 from comfyquant.runtime.kernels.configs import TileConfig
 
                 cfg = TileConfig(cfg.block_m, cfg.block_n, 128, cfg.warps, cfg.stages, cfg.group_m)
-            y = triton_int8.w4a8_linear(x, packed, sw, b, g, odt, cfg=cfg)
+            y = triton_int8.w4a8_linear(x, packed, sw, b, g, odt, cfg=cfg, order="plain")
             record("w4a8_linear", y.dtype == odt and torch.equal(y, want) and e_ref <= 2 ** -7, cfg=str(cfg),
                    rel_vs_torch_path=e_ref, **info)
-            # the swapped-operand kernel (weight as the MMA's register operand): the same integer sums, same bits
-            ys = triton_int8.w4a8_linear(x, packed, sw, b, g, odt, cfg=cfg, swapped=True)
-            record("w4a8_linear_swapped", torch.equal(ys, want), cfg=str(cfg), **info)
+            # the weight as the MMA's register operand, and both nibbles in one MMA on unpermuted codes: the same
+            # integer sums, the same bits
+            for order in ("swapped", "joined"):
+                ys = triton_int8.w4a8_linear(x, packed, sw, b, g, odt, cfg=cfg, order=order)
+                record(f"w4a8_linear_{order}", torch.equal(ys, want), cfg=str(cfg), **info)
+            # the default (the rule's order, the rule's tile where cfg is None): the same bits again
+            record("w4a8_linear_default", torch.equal(triton_int8.w4a8_linear(x, packed, sw, b, g, odt), want),
+                   order=triton_int8.w4a8_order(x.numel() // k), **info)
 
 
 def check_fp8_scaled_mm() -> None:

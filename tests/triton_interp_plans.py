@@ -164,6 +164,7 @@ def check_rotated_and_w4a8_plans() -> None:
     down[:8], up[:8] = torch.randn(8, k, generator=g) * 0.1, torch.randn(8, n, generator=g) * 0.1
     first, *later = _inputs(m, k, F16, seed=11)
     first32, *later32 = _inputs(m, k, F32, seed=12)
+    first70, *later70 = _inputs(70, k, F16, seed=14)  # W4A8 from SMALL_M rows: the swapped-operand kernel
     cases = (
         ("w8a16_rot16", first, later, lambda x: ti.w8a16_linear(x, w, s, bias, 16, F16),
          lambda x: builtin._plan_w8a16(x, w, (s,), bias, (16,), F16, 0)),
@@ -172,6 +173,8 @@ def check_rotated_and_w4a8_plans() -> None:
         ("dequant_rot16", first, later, lambda x: ti.dequant_linear(x, w, s, bias, 16, F16),
          lambda x: tp.plan_rotated(x, 16, 0, lambda r: tp.plan_dequant(r, w, s, bias, F16))),
         ("w4a8_rot16", first, later, lambda x: ti.w4a8_linear(x, packed, s, bias, 16, F16),
+         lambda x: builtin._plan_int4_triton(x, packed, (s,), bias, (16,), F16, 0)),
+        ("w4a8_rot16_rows70", first70, later70, lambda x: ti.w4a8_linear(x, packed, s, bias, 16, F16),
          lambda x: builtin._plan_int4_triton(x, packed, (s,), bias, (16,), F16, 0)),
         ("w4a8_rot16_silu", first, later, lambda x: ti.w4a8_linear(x, packed, s, bias, 16, F16, act=3),
          lambda x: builtin._plan_int4_triton(x, packed, (s,), bias, (16,), F16, 3)),

@@ -366,7 +366,7 @@ def w4a8(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stri
            BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def w4a8_swapped(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                  ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
@@ -392,6 +392,34 @@ def w4a8_swapped(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_
         hi = p >> 4
         acc = tl.dot(lo, a_even, acc, out_dtype=tl.int32)
         acc = tl.dot(hi, a_odd, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += HALF
+    _store(_row_scale(tl.trans(acc), sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,
+           pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS, h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
+
+
+@triton.jit(do_not_specialize=["M"])
+def w4a8_joined(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
+                HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr):
+    """:func:`w4a8_swapped` with both nibbles in one MMA per K step, on A in its natural column order (no K
+    permutation): ``join(low, high)`` reshaped to ``[BLOCK_N, BLOCK_K]`` is byte j's columns 2j, 2j+1 in place,
+    which is already wgmma's register-operand layout (4 consecutive K a thread: two packed bytes), so no layout
+    conversion. Triton waits on every wgmma whose operand is in registers, so one MMA of K = BLOCK_K per step
+    instead of two of half that halves the waits. K % BLOCK_K == 0. Same integer sums: bit-equal."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[None, :] * stride_am + tl.arange(0, BLOCK_K)[:, None]  # [BLOCK_K, BLOCK_M]
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + tl.arange(0, HALF)[None, :]  # [BLOCK_N, HALF]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for _kk in range(0, K // BLOCK_K):
+        a = tl.load(a_ptrs)
+        p = tl.load(b_ptrs)
+        w = tl.reshape(tl.join((p << 4) >> 4, p >> 4), (BLOCK_N, BLOCK_K))
+        acc = tl.dot(w, a, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += HALF
     _store(_row_scale(tl.trans(acc), sa_ptr, M, pid_m, BLOCK_M), sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m,

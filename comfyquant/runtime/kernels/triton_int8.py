@@ -45,9 +45,12 @@ _FUSED = FastKernel(kern.fused)
 _FUSED_ROWS = FastKernel(kern.fused_rows)
 _W4A8 = FastKernel(kern.w4a8)
 # the weight as the MMA's register operand (wgmma reads it from registers: no shared-memory round trip of the
-# unpacked weight per K step; wgmma from 16 rows, where the other order falls back to mma.sync): pinned-only
-# (``w4a8_linear(..., swapped=True)``) until a GPU run times it against _W4A8 (bit-equal by construction)
+# unpacked weight per K step): from SMALL_M rows (run 65: 1.0-1.35x the other order's GPU time on 6 layers at
+# 256-16,384 rows, 0.68-0.74x of it on <= 3,072-wide layers at 1-16 rows); bit-equal to _W4A8
 _W4A8_SWAPPED = FastKernel(kern.w4a8_swapped)
+# the swapped order with both nibbles in one MMA per K step, on unpermuted activations (half the waits)
+_W4A8_JOINED = FastKernel(kern.w4a8_joined)
+W4A8_KERNELS = {"plain": _W4A8, "swapped": _W4A8_SWAPPED, "joined": _W4A8_JOINED}  # operand order -> kernel
 _DEQUANT = FastKernel(kern.dequant)
 SMALL_M = 64  # below this many rows the thin-M tiles are used
 
@@ -480,12 +483,35 @@ def _w8a16_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: t
              bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act))
 
 
+def w4a8_order(m: int) -> str:
+    """The W4A8 GEMM's operand order for ``m`` rows (a key of :data:`W4A8_KERNELS`): the weight as wgmma's
+    register operand from ``SMALL_M`` rows (run 65: the swapped order 1.0-1.35x the plain one's GPU time on 6
+    layers at 256-16,384 rows, 0.68-0.74x of it on <= 3,072-wide layers at 1-16 rows), both nibbles per MMA."""
+    return "joined" if m >= SMALL_M else "plain"
+
+
+def w4a8_perm(order: str) -> int:
+    """The K permutation block the activations are quantized with for ``order`` (0: natural order)."""
+    return 0 if order == "joined" else kern.PERM_BLOCK
+
+
 def w4a8_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    """The W4A8 GEMM's tile for ``[m, k] x [k, n]`` (k: the activated width): the W8A8 tile shapes, K steps of
-    one permutation block (``PERM_BLOCK`` columns)."""
+    """The W4A8 GEMM's tile for ``[m, k] x [k, n]`` (k: the activated width), K steps of one permutation block
+    (``PERM_BLOCK`` columns). Below ``SMALL_M`` rows the W8A8 thin-M tiles. From there (the register-operand
+    order) 64 weight rows on 4 warps: the accumulator stays at 64 registers a thread, so several programs share an
+    SM and one's unpacking overlaps another's MMA (Triton waits on every wgmma whose operand is in registers);
+    the most activation rows (256, 128, 64, at most M's next power of two) that still give half the SMs a program
+    each. Run 67 (GPU time, 12 tiles on 6 layers at 256-16,384 rows): 256 x 64 best on 21 of 24 rows, 128 x 64 on
+    Flux proj / mlp2 at 256 (48 programs of 256), 64 x 64 on SDXL's 1,280 at 256; the W8A8 rule's tiles 0.76x of
+    the best (geometric mean)."""
     sms, major = device_facts(device)
-    cfg = small_m_config(m, n, k, sms) if m < SMALL_M else gemm_config(m, n, k, sms, hopper=major >= 9)
-    return fit_stages(TileConfig(cfg.block_m, cfg.block_n, kern.PERM_BLOCK, cfg.warps, cfg.stages, cfg.group_m), 1, 1)
+    if w4a8_order(m) == "plain":
+        cfg = small_m_config(m, n, k, sms) if m < SMALL_M else gemm_config(m, n, k, sms, hopper=major >= 9)
+        return fit_stages(TileConfig(cfg.block_m, cfg.block_n, kern.PERM_BLOCK, cfg.warps, cfg.stages, cfg.group_m),
+                          1, 1)
+    cap = max(64, next_power_of_2(m))
+    bm = next((b for b in (256, 128) if b <= cap and cdiv(m, b) * cdiv(n, 64) >= sms // 2), 64)
+    return fit_stages(TileConfig(bm, 64, kern.PERM_BLOCK, 4, 3 if bm == 256 else 4, 8), 1, 1)
 
 
 def _w4a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_packed: torch.Tensor, sb: torch.Tensor,
@@ -548,13 +574,15 @@ def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
 
 def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 group: int, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                low_rank: LowRank | None = None, act: int = 0, swapped: bool = False) -> torch.Tensor:
-    """int4_rot W4A8: (activate +) rotate + per-token int8 quant (K permuted per 128 block), then the
-    int4-weight GEMM (``swapped``: the kernel with the weight as the MMA's register operand, same bits)."""
+                low_rank: LowRank | None = None, act: int = 0, order: str | None = None) -> torch.Tensor:
+    """int4_rot W4A8: (activate +) rotate + per-token int8 quant (K permuted per 128 block for the orders that
+    split nibbles), then the int4-weight GEMM in ``order`` (a key of :data:`W4A8_KERNELS`, all bit-equal; None:
+    :func:`w4a8_order`'s rule)."""
     _no_act_with_low_rank(act, low_rank)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
-    q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=kern.PERM_BLOCK, act=act)
+    order = order or w4a8_order(x2d.shape[0])
+    q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=w4a8_perm(order), act=act)
     w_packed = _contig_rows(w_packed)
     m, n = q.shape[0], w_packed.shape[0]
     sb = _sb(w_scale)
@@ -562,6 +590,5 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     if m and n:
         cfg = cfg or w4a8_config(m, n, q.shape[1], x.device)
         grid, args, key = _w4a8_launch(q, s_x, w_packed, sb, bias, out, cfg, _low_rank_args(low_rank, x2d, sb))
-        (_W4A8_SWAPPED if swapped else _W4A8)(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages,
-                                               key=key)
+        W4A8_KERNELS[order](grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)

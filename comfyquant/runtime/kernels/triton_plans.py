@@ -25,7 +25,6 @@ from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape, w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
-from comfyquant.runtime.kernels.triton_gemm import PERM_BLOCK
 from comfyquant.runtime.versions import version
 
 logger = logging.getLogger("comfyquant.runtime")
@@ -375,7 +374,8 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
     if common is None:
         return None
     lead, m, n, kx, dev, sb = common
-    k, mode, perm = triton_quant.out_width(x, act), triton_quant.MODE_INT8, PERM_BLOCK
+    order = ti.w4a8_order(m)
+    k, mode, perm = triton_quant.out_width(x, act), triton_quant.MODE_INT8, ti.w4a8_perm(order)
     extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
     stream, pair = _raw_stream(dev), scratch.pool(dev).pair
     q0, s0 = pair(stream(), m, k, torch.int8, extra)
@@ -383,7 +383,7 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
     cfg = ti.w4a8_config(m, n, k, dev)
     out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
     grid, args, key = ti._w4a8_launch(q0, s0, w_packed, sb, bias, out0, cfg, ti._low_rank_args(None, x, sb))
-    fire_g = ti._W4A8.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
+    fire_g = ti.W4A8_KERNELS[order].prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     if fire_q is None or fire_g is None:
         return None
     w_arg, rest, shape, empty = args[1], args[4:], (*lead, n), torch.empty
