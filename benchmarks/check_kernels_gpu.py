@@ -580,7 +580,8 @@ def check_w4a8() -> None:
         from comfyquant.runtime.kernels import triton_int8 as ti
 
         plain = ti.w4a8_linear(x, packed, sw, bias, g, torch.bfloat16, order="plain")
-        for order in ("swapped", "joined"):
+        hopper = torch.cuda.get_device_capability()[0] == 9
+        for order in ("swapped", "joined", *(("ws",) if hopper and k % 128 == 0 else ())):
             same = torch.equal(ti.w4a8_linear(x, packed, sw, bias, g, torch.bfloat16, order=order), plain)
             record(f"w4a8_linear_{order}", same, m=m, k=k, n=n, group=g)
 

@@ -120,9 +120,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # its GPU checks (bit-equal to the tile kernel, counters, float64) and the paths that run convrot layers
         "checks_held": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_held_rotation,check_act_quant,check_linear,check_plans,check_cuda_graphs"]],
-        # the W4A8 GEMM in both operand orders (the weight as wgmma's register operand: w4a8_swapped) against cuBLAS
-        # bf16 and the int8 W8A8 GEMM, GPU time, tiles, bit-equality of the two orders (W4A8 ran 0.27-0.40x bf16
-        # from 256 rows in run 61)
+        # the W4A8 GEMM's kernels (plain order, the weight as wgmma's register operand, both nibbles per MMA, the
+        # warp-specialized Gluon kernel) on 12 tiles against cuBLAS bf16 and the int8 W8A8 GEMM, GPU time, each
+        # checked against a float64 product before it is timed, bit-equality across all (run 67: joined on
+        # 64-weight-row tiles 0.65-1.05x bf16 from 256 rows, about half the int8 GEMM)
         "w4a8": [[PY, "benchmarks/bench_w4a8.py", "--out", str(work / "w4a8"), "--budget-s", "{budget}"]],
         # the weight-only GEMM at M = 1 / 16 with split K against unsplit and cuBLAS bf16 (thin-M down projections)
         "w8a16_split": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split")]],

@@ -275,3 +275,52 @@ def test_the_direct_plan_launch_lays_out_the_launchers_flat_arguments() -> None:
             assert len(flat) == len(want_flat)
             for a, b in zip(flat, want_flat, strict=True):
                 assert a is b if isinstance(b, torch.Tensor) else a == b, (gluon, with_lr, a, b)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "bias"), [(4096, 9216, 3072, False), (300, 1280, 1280, True)])
+def test_w4a8_unpacks_in_its_own_partition_and_runs_the_int8_pipeline(m: int, n: int, k: int, bias: bool) -> None:
+    """The warp-specialized W4A8 kernel (``gluon_w4a8``, from the runtime's launch arguments,
+    ``triton_int8._w4a8_ws_launch``): int8 wgmma with both operands in shared memory (the unpacking warp group
+    writes the weight's int8 tile, then arrives: one predicated arrive after the group's named barrier), the
+    register hand-over, no spills, no serialized wgmma, the ring inside a block's shared memory. Its results are
+    checked on a GPU (``check_kernels_gpu.check_w4a8``: bit-equal to the Triton W4A8 kernels)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.gluon_w4a8 import w4a8_ws
+
+    q, packed = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k // 2, dtype=torch.int8)
+    out, s_x, sb = torch.empty(m, n, dtype=torch.bfloat16), torch.ones(m, 1), torch.ones(n)
+    fk, grid, args, _ = ti._w4a8_ws_launch(q, s_x, packed, sb, torch.zeros(n) if bias else None, out)
+    assert fk.fn is w4a8_ws and grid == (min(132, -(-m // 128) * -(-n // 128)),)
+    names = list(w4a8_ws.arg_names)
+    const = {p.name for p in w4a8_ws.params if p.is_constexpr}
+    sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
+    consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
+    kern = triton.compile(GluonASTSource(w4a8_ws, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
+    ptx = kern.asm["ptx"]
+    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.\S+)", ptx)) == {"m64n128k32.s32.s8.s8"}
+    first = next(line for line in ptx.splitlines() if "wgmma.mma_async" in line)
+    assert not first.split("}", 1)[1].lstrip().startswith(", {"), first  # the first operand: a descriptor
+    assert "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx and kern.metadata.shared <= 227 * 1024
+    unpack = ptx[ptx.index("fence.proxy.async.shared::cta", ptx.index("st.shared.v4.b32")):]
+    assert re.match(r"fence\.proxy\.async\.shared::cta;.*?bar\.sync\s+\d+, 128;.*?mbarrier\.arrive", unpack, re.S)
+    report = _assert_no_spills(ptx)
+    assert "serialized" not in report and "C7514" not in report, report[-800:]
+
+
+def test_w4a8_ws_refuses_what_it_cannot_run() -> None:
+    """One clear error for a shape or output the kernel cannot take (K not a multiple of its 128-column step, a
+    float32 output): the pinned order never runs a wrong launch."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+
+    q, packed, s_x, sb = torch.zeros(64, 192, dtype=torch.int8), torch.zeros(64, 96, dtype=torch.int8), \
+        torch.ones(64, 1), torch.ones(64)
+    with pytest.raises(ValueError, match="K % 128"):
+        ti._w4a8_ws_launch(q, s_x, packed, sb, None, torch.empty(64, 64, dtype=torch.bfloat16))
+    q, packed = torch.zeros(64, 256, dtype=torch.int8), torch.zeros(64, 128, dtype=torch.int8)
+    with pytest.raises(ValueError, match="16-bit outputs"):
+        ti._w4a8_ws_launch(q, s_x, packed, sb, None, torch.empty(64, 64, dtype=torch.float32))
