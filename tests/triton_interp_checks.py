@@ -545,7 +545,9 @@ def check_w4a8() -> None:
 
     cases = [(1, 128, 48, BF16, BF16, True, "row", 16), (5, 256, 70, F16, F32, False, "row", 64),
              (70, 384, 96, F32, F32, True, "tensor", 16), (5, 256, 33, BF16, F16, True, "row", 256),
-             (2, 8320, 40, BF16, F32, True, "row", 64)]
+             (2, 8320, 40, BF16, F32, True, "row", 64),
+             # K a multiple of 64 but not of 128 (Flux's img_in, SD 1.5's 320 / 960): 64-column K steps
+             (5, 192, 40, BF16, BF16, True, "row", 64), (70, 320, 48, F16, F32, False, "row", 64)]
     for i, (m, k, n, dt, odt, has_b, sk, g) in enumerate(cases):
         x = _x(m, k, dt, seed=800 + i)
         gen = torch.Generator().manual_seed(810 + i)
@@ -560,7 +562,8 @@ def check_w4a8() -> None:
             if cfg is not None:
                 from comfyquant.runtime.kernels.configs import TileConfig
 
-                cfg = TileConfig(cfg.block_m, cfg.block_n, 128, cfg.warps, cfg.stages, cfg.group_m)
+                cfg = TileConfig(cfg.block_m, cfg.block_n, triton_int8.w4a8_block_k(k), cfg.warps, cfg.stages,
+                                 cfg.group_m)
             y = triton_int8.w4a8_linear(x, packed, sw, b, g, odt, cfg=cfg, order="plain")
             record("w4a8_linear", y.dtype == odt and torch.equal(y, want) and e_ref <= 2 ** -7, cfg=str(cfg),
                    rel_vs_torch_path=e_ref, **info)

@@ -390,8 +390,8 @@ def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
     cap = device_capability(x.device)
     if cap is None or cap < (8, 0) or not triton_available():
         return BackendChoice("torch", f"{x.device.type}: W4A8 reference (unpack, rotate, per-token int8, _int_mm)")
-    if k % 128:
-        return BackendChoice("torch", f"K={k} is not a multiple of 128 (the W4A8 kernel's K block)")
+    if k % 64:
+        return BackendChoice("torch", f"K={k} is not a multiple of 64 (the W4A8 kernel's K step)")
     return BackendChoice("triton", f"sm_{cap[0]}{cap[1]}: Triton W4A8 (int4 unpacked in the GEMM)")
 
 

@@ -490,9 +490,16 @@ def w4a8_order(m: int) -> str:
     return "joined" if m >= SMALL_M else "plain"
 
 
-def w4a8_perm(order: str) -> int:
-    """The K permutation block the activations are quantized with for ``order`` (0: natural order)."""
-    return kern.PERM_BLOCK if order in ("plain", "swapped") else 0
+def w4a8_block_k(k: int) -> int:
+    """The W4A8 GEMM's K step for an activated width ``k``: ``PERM_BLOCK`` (128) where it divides K, else 64 (the
+    format allows any multiple of 64: Flux's 64-wide ``img_in``, SD 1.5's 320 / 960)."""
+    return kern.PERM_BLOCK if k % kern.PERM_BLOCK == 0 else kern.PERM_BLOCK // 2
+
+
+def w4a8_perm(order: str, k: int) -> int:
+    """The K permutation block the activations are quantized with for ``order`` at width ``k`` (0: natural
+    order: the orders that take both nibbles in one MMA)."""
+    return w4a8_block_k(k) if order in ("plain", "swapped") else 0
 
 
 def _w4a8_ws_launch(q: torch.Tensor, s_x: torch.Tensor, w_packed: torch.Tensor, sb: torch.Tensor,
@@ -521,7 +528,7 @@ def _w4a8_ws_kernel() -> FastKernel:
 
 def w4a8_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
     """The W4A8 GEMM's tile for ``[m, k] x [k, n]`` (k: the activated width), K steps of one permutation block
-    (``PERM_BLOCK`` columns). Below ``SMALL_M`` rows the W8A8 thin-M tiles. From there (the register-operand
+    (:func:`w4a8_block_k` columns). Below ``SMALL_M`` rows the W8A8 thin-M tiles. From there (the register-operand
     order) 64 weight rows on 4 warps: the accumulator stays at 64 registers a thread, so several programs share an
     SM and one's unpacking overlaps another's MMA (Triton waits on every wgmma whose operand is in registers);
     the most activation rows (256, 128, 64, at most M's next power of two) that still give half the SMs a program
@@ -531,11 +538,11 @@ def w4a8_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
     sms, major = device_facts(device)
     if w4a8_order(m) == "plain":
         cfg = small_m_config(m, n, k, sms) if m < SMALL_M else gemm_config(m, n, k, sms, hopper=major >= 9)
-        return fit_stages(TileConfig(cfg.block_m, cfg.block_n, kern.PERM_BLOCK, cfg.warps, cfg.stages, cfg.group_m),
+        return fit_stages(TileConfig(cfg.block_m, cfg.block_n, w4a8_block_k(k), cfg.warps, cfg.stages, cfg.group_m),
                           1, 1)
     cap = max(64, next_power_of_2(m))
     bm = next((b for b in (256, 128) if b <= cap and cdiv(m, b) * cdiv(n, 64) >= sms // 2), 64)
-    return fit_stages(TileConfig(bm, 64, kern.PERM_BLOCK, 4, 3 if bm == 256 else 4, 8), 1, 1)
+    return fit_stages(TileConfig(bm, 64, w4a8_block_k(k), 4, 3 if bm == 256 else 4, 8), 1, 1)
 
 
 def _w4a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_packed: torch.Tensor, sb: torch.Tensor,
@@ -606,7 +613,8 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     order = order or w4a8_order(x2d.shape[0])
-    q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=w4a8_perm(order), act=act)
+    q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=w4a8_perm(order, triton_quant.out_width(x2d, act)),
+                                             act=act)
     w_packed = _contig_rows(w_packed)
     m, n = q.shape[0], w_packed.shape[0]
     sb = _sb(w_scale)

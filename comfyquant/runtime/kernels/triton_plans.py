@@ -375,7 +375,8 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
         return None
     lead, m, n, kx, dev, sb = common
     order = ti.w4a8_order(m)
-    k, mode, perm = triton_quant.out_width(x, act), triton_quant.MODE_INT8, ti.w4a8_perm(order)
+    k, mode = triton_quant.out_width(x, act), triton_quant.MODE_INT8
+    perm = ti.w4a8_perm(order, k)
     extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
     stream, pair = _raw_stream(dev), scratch.pool(dev).pair
     q0, s0 = pair(stream(), m, k, torch.int8, extra)
