@@ -207,3 +207,21 @@ def test_joined_w4a8_runs_one_register_operand_mma_per_k_step(m: int, n: int) ->
     first = next(line for line in ptx.splitlines() if "wgmma.mma_async" in line)
     assert first.split("}", 1)[1].lstrip().startswith(", {"), first  # the first operand: registers
     _assert_no_spills(ptx)  # (the epilogue may still convert the output through shared memory, outside the loop)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(4096, 3072, 64), (16, 3072, 64), (300, 1280, 320)])
+def test_w4a8_takes_64_column_k_steps(m: int, n: int, k: int) -> None:
+    """K a multiple of 64 but not of 128 (Flux's img_in, SD 1.5's 320 / 960): the runtime's order and tile for it
+    (``w4a8_block_k`` 64) compile for sm_90 without spills, on wgmma from 64 rows and mma.sync below."""
+    from test_gluon_gemm import _assert_no_spills
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+
+    q, p = torch.empty(m, k, dtype=torch.int8), torch.empty(n, k // 2, dtype=torch.int8)
+    out, sa, sb = torch.empty(m, n, dtype=torch.bfloat16), torch.empty(m, 1), torch.empty(n)
+    cfg = ti.w4a8_config(m, n, k, torch.device("cpu"))
+    assert cfg.block_k == 64
+    _, args, _ = ti._w4a8_launch(q, sa, p, sb, None, out, cfg, ti._low_rank_args(None, q, sb))
+    ptx = _compile(ti.W4A8_KERNELS[ti.w4a8_order(m)], args, cfg.warps, cfg.stages, aligned=True).asm["ptx"]
+    assert ("wgmma.mma_async" in ptx) == (m >= ti.SMALL_M) and ("mma.sync" in ptx) == (m < ti.SMALL_M)
+    _assert_no_spills(ptx)
