@@ -19,9 +19,6 @@ pytest.importorskip("triton.experimental.gluon")
 
 def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8, pingpong: bool = False,
              low_rank: int = 0) -> object:
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
 
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels.configs import WS_W8A8
@@ -53,12 +50,22 @@ def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8
             by_name["h_desc"], by_name["u_desc"] = lr_descriptors(*ti.ws_low_rank(lr), 128, WS_W8A8.block_n)
         by_name["STAGES"] = fit_stages(WS_W8A8.stages, WS_W8A8.block_n, WS_W8A8.block_k, pingpong, bool(low_rank))
         args = tuple(by_name[nm] for nm in names)
-    assert len(args) == len(names)  # every parameter, constexprs included, in order
-    const = {p.name for p in w8a8_ws.params if p.is_constexpr}
+    return _gluon_compile(w8a8_ws, args, WS_W8A8.warps)
+
+
+def _gluon_compile(fn: object, args: tuple, warps: int) -> object:
+    """Gluon kernel ``fn`` compiled for sm_90 from every argument of a launch, constexprs included, in order."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    names = list(fn.arg_names)
+    assert len(args) == len(names)
+    const = {p.name for p in fn.params if p.is_constexpr}
     sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
     consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
-    return triton.compile(GluonASTSource(w8a8_ws, sig, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": WS_W8A8.warps})
+    return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
 
 
 @pytest.mark.parametrize(("m", "n", "k", "bias"), [(4608, 3072, 3072, True), (1000, 520, 15360, False)])
@@ -284,10 +291,6 @@ def test_w4a8_unpacks_in_its_own_partition_and_runs_the_int8_pipeline(m: int, n:
     writes the weight's int8 tile, then arrives: one predicated arrive after the group's named barrier), the
     register hand-over, no spills, no serialized wgmma, the ring inside a block's shared memory. Its results are
     checked on a GPU (``check_kernels_gpu.check_w4a8``: bit-equal to the Triton W4A8 kernels)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels.gluon_w4a8 import w4a8_ws
 
@@ -295,12 +298,7 @@ def test_w4a8_unpacks_in_its_own_partition_and_runs_the_int8_pipeline(m: int, n:
     out, s_x, sb = torch.empty(m, n, dtype=torch.bfloat16), torch.ones(m, 1), torch.ones(n)
     fk, grid, args, _ = ti._w4a8_ws_launch(q, s_x, packed, sb, torch.zeros(n) if bias else None, out)
     assert fk.fn is w4a8_ws and grid == (min(132, -(-m // 128) * -(-n // 128)),)
-    names = list(w4a8_ws.arg_names)
-    const = {p.name for p in w4a8_ws.params if p.is_constexpr}
-    sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
-    consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
-    kern = triton.compile(GluonASTSource(w4a8_ws, sig, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4})
+    kern = _gluon_compile(w4a8_ws, args, 4)
     ptx = kern.asm["ptx"]
     assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.\S+)", ptx)) == {"m64n128k32.s32.s8.s8"}
     first = next(line for line in ptx.splitlines() if "wgmma.mma_async" in line)
