@@ -310,7 +310,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     # the split rotation's absmax parts (a static scale: the row scales alone, as the general path sizes them)
     extra = 0 if static is not None else triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
     s = scratch.row_scales(m, extra, dev)
-    fire_q, q_rest = _act_plan(x.view(m, kx), q, s, group, mode, qmax, act, static=static)
+    quantize = _quantize_plan(x.view(m, kx), q, s, group, mode, qmax, act, extra, static=static)
     lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
     cfg, small = ti.pick_w8a8(m, n, k, dev, ti.persistent_eligible(qdtype, False, lr),
                               ti.ws_eligible(qdtype, False, lr))
@@ -318,25 +318,15 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     fk, grid, args, key = ti._w8a8_launch(q, s, w_q, sb, bias, out, cfg, tma, False, lr)
     fire_g = fk.prepared(grid, args, num_warps=cfg.warps, num_stages=ti.launch_stages(cfg), key=key)
-    if fire_q is None or fire_g is None:
+    if quantize is None or fire_g is None:
         return None
-    shape, stream, empty, linear = (*lead, n), _raw_stream(dev), torch.empty, torch.nn.functional.linear
+    shape, empty, linear = (*lead, n), torch.empty, torch.nn.functional.linear
     a_desc = _desc_maker(args[0]) if tma else None
     # the output as the launch passes it: a tensor, or (the Gluon kernel, which stores through TMA) a descriptor
     c_desc = None if isinstance(args[2], torch.Tensor) else _desc_maker(args[2])
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
     h_desc = None if hi is None or isinstance(args[hi], torch.Tensor) else _desc_maker(args[hi])
     template = _without(list(args), (0, 2, 3, hi))
-
-    def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(stream, x's quantized copy [M, K], the row scales): the activation kernel's launch into the
-        stream's scratch pair for this shape (``scratch``). The kernels read x [..., K] and write the output
-        [..., N] through pointers and fixed strides: a contiguous tensor's memory is its [M, K] view's, so no
-        view is made per call."""
-        st = stream()
-        q, s = scratch.pool(dev).pair(st, m, k, qdtype, extra)
-        fire_q(st, x, q, s, *q_rest(st, s))
-        return st, q, s
 
     def run(x: torch.Tensor) -> torch.Tensor:
         st, q, s = quantize(x)
@@ -378,26 +368,46 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
     k, mode = triton_quant.out_width(x, act), triton_quant.MODE_INT8
     perm = ti.w4a8_perm(order, k)
     extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
-    stream, pair = _raw_stream(dev), scratch.pool(dev).pair
-    q0, s0 = pair(stream(), m, k, torch.int8, extra)
-    fire_q, q_rest = _act_plan(x.view(m, kx), q0, s0, group, mode, 127.0, act, perm)
+    q0, s0 = torch.empty((m, k), dtype=torch.int8, device=dev), scratch.row_scales(m, extra, dev)
+    quantize = _quantize_plan(x.view(m, kx), q0, s0, group, mode, 127.0, act, extra, perm)
     cfg = ti.w4a8_config(m, n, k, dev)
     out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
     grid, args, key = ti._w4a8_launch(q0, s0, w_packed, sb, bias, out0, cfg, ti._low_rank_args(None, x, sb))
     fire_g = ti.W4A8_KERNELS[order].prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
-    if fire_q is None or fire_g is None:
+    if quantize is None or fire_g is None:
         return None
     w_arg, rest, shape, empty = args[1], args[4:], (*lead, n), torch.empty
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        st = stream()
-        q, s = pair(st, m, k, torch.int8, extra)
-        fire_q(st, x, q, s, *q_rest(st, s))
+        st, q, s = quantize(x)
         out = empty(shape, dtype=out_dtype, device=dev)
         fire_g(st, q, w_arg, out, s, *rest)
         return out
 
     return run
+
+
+def _quantize_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
+                   act: int, extra: int, perm: int = 0, static: torch.Tensor | None = None
+                   ) -> Callable[[torch.Tensor], tuple[int, torch.Tensor, torch.Tensor]] | None:
+    """``x -> (stream, x's quantized copy [M, K], its row scales)`` for the W8A8 / W4A8 plans: the activation
+    kernel's prepared launch (:func:`_act_plan`, built on ``q`` / ``s``) into the stream's scratch pair for this
+    shape (``scratch``, with ``extra`` floats after the scales); None where the launch has no prepared form. The
+    kernels read x [..., K] and write the output through pointers and fixed strides: a contiguous tensor's memory
+    is its [M, K] view's, so no view is made per call."""
+    fire, rest = _act_plan(x2d, q, s, group, mode, qmax, act, perm, static)
+    if fire is None:
+        return None
+    m, k, qdtype, stream, pair = q.shape[0], q.shape[1], q.dtype, _raw_stream(x2d.device), \
+        scratch.pool(x2d.device).pair
+
+    def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        st = stream()
+        q, s = pair(st, m, k, qdtype, extra)
+        fire(st, x, q, s, *rest(st, s))
+        return st, q, s
+
+    return quantize
 
 
 def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
