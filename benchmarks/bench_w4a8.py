@@ -2,7 +2,9 @@
 CUDA-graph replays with the weights cycled past L2, on Flux / Wan / SDXL / T5 layers at M 1 .. 16,384, each
 kernel on the runtime's tile and on others. ``w4a8_swapped`` takes the unpacked weight as wgmma's register
 operand (no shared-memory round trip per K step); ``w4a8_joined`` does too with both nibbles in one MMA per K step
-on unpermuted codes (K steps of 128 or 256). All must equal each other bit for bit (the same integer sums). Every
+on unpermuted codes (K steps of 128 or 256); ``unpacked`` writes the int8 codes out and runs the W8A8 GEMM on
+them (the runtime's path from 256 rows, ``triton_unpack``). All must equal each other bit for bit (the same
+integer sums). Every
 (tile, kernel) is first run once and checked against an exact float64 product of the same codes before it is
 timed; ``--isolate`` runs that first check of each tile in a subprocess of its own (a kernel that faults leaves
 the CUDA context unusable, so a faulting tile is recorded and left out instead of ending the run).
@@ -61,6 +63,16 @@ def _w8a8(qx: torch.Tensor, sx: torch.Tensor, w: tuple) -> torch.Tensor:
     from comfyquant.runtime.kernels import triton_int8 as ti
 
     return ti.gemm_w8a8(qx, sx, w[3], w[4], None, torch.bfloat16)
+
+
+def _unpacked(qx: torch.Tensor, sx: torch.Tensor, w: tuple) -> torch.Tensor:
+    """int4_rot as the runtime runs it from 256 rows (``triton_unpack``): the codes unpacked into the stream's
+    workspace, then the W8A8 GEMM on them (natural-order activation codes)."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_unpack as tu
+
+    w8 = tu.unpack_int4_into(w[1], tu._workspace_codes(w[1], torch.cuda.current_stream().cuda_stream))
+    return ti.gemm_w8a8(qx, sx, w8, w[2], None, torch.bfloat16)
 
 
 def _reference(qx: torch.Tensor, sx: torch.Tensor, w: tuple) -> torch.Tensor:
@@ -165,6 +177,8 @@ def plot(rows: list[dict], path: Path, title: str, tile: object = None) -> Path:
             at = us.get(f"{kern}@{'runtime' if own else label}")
             if at:
                 g[f"W4A8 {name}" + ("" if own else ", rule's tile")] = us["bf16"] / at
+        if us.get("unpacked@runtime"):
+            g["int4 unpacked + W8A8 GEMM (the runtime's path)"] = us["bf16"] / us["unpacked@runtime"]
         best = [v for c, v in us.items() if c.split("@")[0] in ("w4a8_swapped", "w4a8_joined", "w4a8_ws")]
         if best:
             g["W4A8 best measured"] = us["bf16"] / min(best)
@@ -225,6 +239,13 @@ def main() -> int:
                         continue
                     row["us"][key] = graph_time_us(functools.partial(_w4a8, cfg=c, order=order),
                                                    [(*q_in, w) for w in ws])
+            y = _unpacked(q8x, s8x, ws[0])
+            torch.cuda.synchronize()
+            outs["unpacked@runtime"] = y
+            if _close(y, ref):
+                row["us"]["unpacked@runtime"] = graph_time_us(_unpacked, [(q8x, s8x, w) for w in ws])
+            else:
+                row["wrong"].append("unpacked@runtime")
             same = all(torch.equal(y, outs["w4a8@runtime"]) for y in outs.values()) if "w4a8@runtime" in outs \
                 else False
             row["bit_equal"] = same
@@ -234,7 +255,8 @@ def main() -> int:
                   f"w4a8 runtime {_ratio(us, 'w4a8', 'runtime')} best {_ratio(us, 'w4a8')}  swapped runtime "
                   f"{_ratio(us, 'w4a8_swapped', 'runtime')} best {_ratio(us, 'w4a8_swapped')}  joined runtime "
                   f"{_ratio(us, 'w4a8_joined', 'runtime')} best {_ratio(us, 'w4a8_joined')}  k256 best "
-                  f"{_ratio(us, 'w4a8_joined_k256')}  ws {_ratio(us, 'w4a8_ws')}  bit-equal {same}"
+                  f"{_ratio(us, 'w4a8_joined_k256')}  ws {_ratio(us, 'w4a8_ws')}  unpacked {_ratio(us, 'unpacked')}  "
+                  f"bit-equal {same}"
                   + (f"  WRONG {row['wrong']}" if row["wrong"] else ""), flush=True)
             rows.append(row)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

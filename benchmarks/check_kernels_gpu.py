@@ -584,6 +584,17 @@ def check_w4a8() -> None:
         for order in ("swapped", "joined", *(("ws",) if hopper and k % 128 == 0 else ())):
             same = torch.equal(ti.w4a8_linear(x, packed, sw, bias, g, torch.bfloat16, order=order), plain)
             record(f"w4a8_linear_{order}", same, m=m, k=k, n=n, group=g)
+        # int4 unpacked per call onto the W8A8 GEMM (the automatic path from 256 rows): the same bits again,
+        # the general path, its plan (on another input, after the first call compiled it) and the dispatcher's
+        from comfyquant.runtime.kernels import triton_unpack as tu
+
+        unp = tu.w4_unpacked_linear(x, packed, sw, bias, g, torch.bfloat16)
+        x2 = torch.randn(m, k, device="cuda").bfloat16()
+        plan = tu.plan_w4_unpacked(x, packed, sw, bias, g, torch.bfloat16)
+        want2 = ti.w4a8_linear(x2, packed, sw, bias, g, torch.bfloat16, order="plain")
+        auto = int4_rot_linear(x2, packed, sw, bias, convrot_group=g)
+        record("w4_unpacked_linear", torch.equal(unp, plain) and plan is not None and torch.equal(plan(x2), want2)
+               and torch.equal(auto, want2), m=m, k=k, n=n, group=g, planned=plan is not None)
 
 
 def check_cuda_graphs() -> None:

@@ -40,6 +40,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "models": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                     "--sections", "calibrate,rotation,models",
                     "--models", "sdxl_1024,t5xxl_256,flux_512,flux_1024,flux2_1024,wan_480p"]],
+        # the two large whole models alone (the kernels' share of step time is largest there)
+        "models_large": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
+                          "--sections", "calibrate,rotation,models", "--models", "flux_1024,wan_480p"]],
         # Wan 2.x 480p alone: its variants, with int8 attention on its 32K-token self-attention ("int8_attn")
         "models_wan": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                         "--sections", "models", "--models", "wan_480p"]],
@@ -59,6 +62,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                    "--sections", "sweep"]],
         # the sweep's SDXL / T5 / CLIP rows alone (a short call; Flux / Wan take the other ~60% of the sweep)
+        # the Flux / Wan rows at 16,384 alone (the convrot column against the plain one)
+        "sweep_16k": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
+                       "--sections", "sweep", "--sweep-models", "flux,wan14b", "--sweep-m", "16384"]],
         "sweep_narrow": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                           "--sections", "sweep", "--sweep-models", "sdxl,t5xxl,clip_l"]],
         # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too

@@ -34,3 +34,18 @@ def test_interleaved_timing_survives_a_host_that_slows_down_mid_run() -> None:
     for _ in range(300):
         work()
     assert first == pytest.approx(1.0) and timed({"b": work}, rounds=3)["b"] == pytest.approx(3.0)
+
+
+def test_a_round_makes_at_least_min_calls_calls() -> None:
+    """A slow call (50 ms against ``min_ms`` 12) still gets ``min_calls`` calls a round, so a per-round cost
+    (the first call after a sync) is spread over as many calls as on fast layers."""
+    state = {"calls": 0, "now": 0.0}
+
+    def slow() -> None:
+        state["calls"] += 1
+        state["now"] += 0.05
+
+    out = interleaved_ms({"slow": slow}, rounds=3, min_ms=12.0, sync=lambda: None, clock=lambda: state["now"],
+                         min_calls=24)
+    assert out["slow"] == pytest.approx(50.0)
+    assert state["calls"] == 2 + 1 + 3 * 24  # warm-up, the sizing call, three rounds of 24

@@ -24,6 +24,7 @@ from triton_interp_fp8 import GROUPS as FP8_GROUPS
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
 from triton_interp_plans import GROUPS as PLAN_GROUPS
 from triton_interp_tiles import GROUPS as TILE_GROUPS
+from triton_interp_unpack import GROUPS as UNPACK_GROUPS
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -679,6 +680,7 @@ GROUPS: dict[str, Callable[[], None]] = {
     **PLAN_GROUPS,  # the eager fast paths (triton_interp_plans)
     **TILE_GROUPS,  # the tile activation kernel and its tensor-core rotation (triton_interp_tiles)
     **ATTENTION_GROUPS,  # the int8 attention kernel (triton_interp_attention)
+    **UNPACK_GROUPS,  # int4_rot unpacked per call onto the W8A8 GEMM (triton_interp_unpack)
 }
 
 

@@ -56,6 +56,7 @@ class BenchConfig:
     rotate_bytes: int = 256 << 20  # total bytes cycled per column: several times a 50-60 MB L2
     max_sets: int = 32
     min_ms: float = 12.0  # wall time per measurement round
+    min_calls: int = 24  # and calls per round (rounds of 7-13 slow calls read rotated columns 0.84x, run 70)
     with_ck: bool = True
     graph_max_m: int = 1024
     graph_columns: tuple[str, ...] = GRAPH_COLUMNS
@@ -230,7 +231,8 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         # eager wall time with the columns taking turns (a drift of the host's or the GPU's speed during the row
         # hits every column alike; one after another, the first quantized column ran 10-20% behind a pinned
         # column of the same backend at M = 16384 in run 9)
-        eager = interleaved_ms({name: _cycling(op, pairs) for name, op in ops.items()}, rounds=3, min_ms=cfg.min_ms)
+        eager = interleaved_ms({name: _cycling(op, pairs) for name, op in ops.items()}, rounds=3, min_ms=cfg.min_ms,
+                               min_calls=cfg.min_calls)
         for name, op in ops.items():
             t = eager[name]  # ms, or the error line of a column that failed
             try:

@@ -10,12 +10,17 @@ import torch
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = 7, min_ms: float = 40.0,
                    sync: Callable[[], None] = torch.cuda.synchronize,
-                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float | str]:
+                   clock: Callable[[], float] = time.perf_counter,
+                   min_calls: int = 2) -> dict[str, float | str]:
     """Per function: the median over rounds of (wall time of back-to-back calls, synchronized) / calls, the
     functions taking turns within each round (forward, then backward order). Timing one variant after another
     let the host's speed drift between them: the same run once gave SDXL's bf16 5.4 ms and its unfolded int8
     3.3 ms. A function that raises (RuntimeError / ValueError) gets its one-line error instead of a time.
-    ``sync`` waits for the device's queued work (CUDA's by default); ``clock`` reads seconds."""
+    ``sync`` waits for the device's queued work (CUDA's by default); ``clock`` reads seconds.
+
+    A round makes at least ``min_calls`` calls (the layer sweep asks for 24): at 16,384 rows a layer call takes
+    0.7-1.7 ms, so ``min_ms`` = 12 gave rounds of 7-13 calls, and the rotated and int4 columns read 0.84x / 0.86x of what rounds of 35-66 calls
+    (and a profiler's GPU time) gave on the same machine (H200, 2026-12-04, run 70)."""
     out: dict[str, float | str] = {}
     calls: dict[str, int] = {}
     with torch.no_grad():
@@ -30,7 +35,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = 7, min_ms
             except (RuntimeError, ValueError) as e:  # recorded in the table, never hidden
                 out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 continue
-            calls[name] = max(2, int(min_ms / max((clock() - t) * 1e3, 1e-3)))
+            calls[name] = max(2, min_calls, int(min_ms / max((clock() - t) * 1e3, 1e-3)))
         times: dict[str, list[float]] = {name: [] for name in calls}
         for r in range(rounds):
             for name in (list(calls) if r % 2 == 0 else list(reversed(calls))):

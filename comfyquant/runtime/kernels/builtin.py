@@ -375,6 +375,19 @@ def _plan_int4_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     return triton_plans.plan_w4a8(x, w, scales[0], bias, _opt(opts, 0), out_dtype, act, low_rank)
 
 
+def _int4_unpacked(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+    from comfyquant.runtime.kernels import triton_unpack
+
+    return triton_unpack.w4_unpacked_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=low_rank,
+                                            act=act)
+
+
+def _plan_int4_unpacked(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_unpack
+
+    return triton_unpack.plan_w4_unpacked(x, w, scales[0], bias, _opt(opts, 0), out_dtype, act, low_rank)
+
+
 def _check_int4(x, w, scales, opts) -> None:
     what = "int4_rot linear"
     if w.dtype != torch.int8:
@@ -386,10 +399,20 @@ def _check_int4(x, w, scales, opts) -> None:
     _check_rot_group(what, group, 2 * w.shape[1])
 
 
+# from this many rows int4_rot runs as int8 codes unpacked per call + the W8A8 GEMM (``triton_unpack``): at 256
+# rows the W4A8 kernel ran 0.42-0.97x bf16 on the H200 (runs 65-69), the W8A8 GEMM 1.24-1.58x with an unpack
+# pass of ~1/3 of its weight read; below, the weight read dominates and the W4A8 kernel reads a third as much
+W4_UNPACK_MIN_ROWS = 256
+
+
 def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
     cap = device_capability(x.device)
     if cap is None or cap < (8, 0) or not triton_available():
         return BackendChoice("torch", f"{x.device.type}: W4A8 reference (unpack, rotate, per-token int8, _int_mm)")
+    rows = x.numel() // max(int(x.shape[-1]), 1)
+    if rows >= W4_UNPACK_MIN_ROWS:
+        return BackendChoice("triton_unpacked", f"M={rows} >= {W4_UNPACK_MIN_ROWS}: int4 unpacked to int8 codes "
+                                                "(one pass), then the W8A8 GEMM (bit-equal to W4A8, faster)")
     if k % 64:
         return BackendChoice("torch", f"K={k} is not a multiple of 64 (the W4A8 kernel's K step)")
     return BackendChoice("triton", f"sm_{cap[0]}{cap[1]}: Triton W4A8 (int4 unpacked in the GEMM)")
@@ -420,7 +443,9 @@ FP8 = register_kernel_kind(KernelKind(
 INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot",
     {"torch": _int4_torch, "dequant": _int4_dequant,
-     "triton": KernelBackend(_int4_triton, _TRITON, True, True, _plan_int4_triton, fuses_gated_act=True)},
+     "triton": KernelBackend(_int4_triton, _TRITON, True, True, _plan_int4_triton, fuses_gated_act=True),
+     "triton_unpacked": KernelBackend(_int4_unpacked, _TRITON, True, True, _plan_int4_unpacked,
+                                      fuses_gated_act=True)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
 
 # the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels

@@ -9,6 +9,9 @@ and per Python thread (two threads issuing on one stream could interleave a laye
 only (``MAX_BYTES``: the host-bound sizes; larger calls are GPU-bound and allocate as before), at most
 ``MAX_ENTRIES`` per device, oldest dropped first (a dropped buffer goes back to the caching allocator, which
 orders its reuse on the stream like any freed tensor). Plans never hold these buffers themselves.
+
+Also here: the split-K weight-only GEMM's partials and counters (:class:`SplitWorkspace`) and the buffer a
+per-call unpacked weight is written to (:class:`WeightWorkspace`).
 """
 
 from __future__ import annotations
@@ -109,4 +112,41 @@ def split_workspace(device: torch.device) -> SplitWorkspace:
     w = _SPLITS.get(device)
     if w is None:
         w = _SPLITS[device] = SplitWorkspace(device)
+    return w
+
+
+class WeightWorkspace:
+    """Per stream and Python thread (as :class:`ScratchPool`), one int8 buffer for a weight unpacked per call
+    (``int4_rot`` on the W8A8 GEMM, ``triton_unpack``), grown to the largest layer that asked. A replaced buffer is kept: plans and captured CUDA
+    graphs point at the one they were made with (the growth happens in a model's first steps, so this costs at
+    most the few sizes below the largest)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._bufs: dict[tuple[int, int], torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
+
+    def codes(self, stream: int, n: int, k: int) -> torch.Tensor:
+        """An int8 ``[n, k]`` view (rows contiguous, at the buffer's start) for launches on ``stream``."""
+        key = (stream, threading.get_ident())
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n * k:
+            if buf is not None:
+                self._retired.append(buf)
+            buf = self._bufs[key] = torch.empty(n * k, dtype=torch.int8, device=self.device)
+        return buf[: n * k].view(n, k)
+
+    def retired_bytes(self) -> int:
+        """Bytes held by replaced buffers."""
+        return sum(b.numel() for b in self._retired)
+
+
+_WEIGHTS: dict[torch.device, WeightWorkspace] = {}
+
+
+def weight_workspace(device: torch.device) -> WeightWorkspace:
+    """The unpacked-weight workspace of ``device``."""
+    w = _WEIGHTS.get(device)
+    if w is None:
+        w = _WEIGHTS[device] = WeightWorkspace(device)
     return w

@@ -65,7 +65,8 @@ def _common(x: torch.Tensor, w_q: torch.Tensor,
     return lead, m, int(w_q.shape[0]), k, x.device, sb
 
 
-def _raw_stream(device: torch.device) -> Callable[[], int]:
+def raw_stream(device: torch.device) -> Callable[[], int]:
+    """``() -> the current stream's raw handle on device`` (0 off CUDA), with the device index resolved once."""
     if device.type != "cuda":
         return lambda: 0
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -84,7 +85,7 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     cfg = w8a16_config(m, n, k, device_facts(dev)[0], fp8=w_q.dtype in FP8_DTYPES)
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
-    bufs = ti.split_buffers(dev, _raw_stream(dev)(), cfg, m, n)
+    bufs = ti.split_buffers(dev, raw_stream(dev)(), cfg, m, n)
     grid, args, key = ti._w8a16_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, bufs)
     fire = ti._W8A16.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     if bufs is None:
@@ -106,7 +107,7 @@ def plan_rotated(x: torch.Tensor, group: int, act: int, inner: Callable[[torch.T
     k = triton_quant.out_width(x, act)
     extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
     pool = scratch.pool(dev)
-    stream, pair = _raw_stream(dev), pool.pair
+    stream, pair = raw_stream(dev), pool.pair
     r0, s0 = pair(stream(), m, k, dt, extra)
     fire, rest = _act_plan(x.view(m, kx), r0, s0, group, mode, 1.0, act)
     p = None if fire is None else inner(r0.view(*lead, k))
@@ -137,7 +138,7 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
     grows later keeps the old buffers alive)."""
     if fire is None:
         return None
-    stream, empty, linear = _raw_stream(dev), torch.empty, torch.nn.functional.linear
+    stream, empty, linear = raw_stream(dev), torch.empty, torch.nn.functional.linear
     per_stream: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def bufs(s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +201,7 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
     dev = x2d.device
     (m, k), n = x2d.shape, w_q.shape[0]
     cfg = rows_config(m, n)
-    bufs = ti.rows_buffers(dev, _raw_stream(dev)(), m, k)
+    bufs = ti.rows_buffers(dev, raw_stream(dev)(), m, k)
     fires = []
     for phase in triton_quant.sync_phases(dev):
         grid, args, key = ti._rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
@@ -208,7 +209,7 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
         if fire is None:
             return None
         fires.append((fire, phase))
-    stream, empty, linear, out_dtype = _raw_stream(dev), torch.empty, torch.nn.functional.linear, out.dtype
+    stream, empty, linear, out_dtype = raw_stream(dev), torch.empty, torch.nn.functional.linear, out.dtype
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
     template = _without(list(args), (0, 2, 3, 4, 7, hi))
     ws = scratch.split_workspace(dev)
@@ -251,7 +252,7 @@ def _one_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_
     term's ``h`` at ``h_slot``)."""
     if fire is None:
         return None
-    stream, empty = _raw_stream(dev), torch.empty
+    stream, empty = raw_stream(dev), torch.empty
     if h_slot is None:
         w_arg, rest = args[1], args[3:]
 
@@ -398,7 +399,7 @@ def _quantize_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: i
     fire, rest = _act_plan(x2d, q, s, group, mode, qmax, act, perm, static)
     if fire is None:
         return None
-    m, k, qdtype, stream, pair = q.shape[0], q.shape[1], q.dtype, _raw_stream(x2d.device), \
+    m, k, qdtype, stream, pair = q.shape[0], q.shape[1], q.dtype, raw_stream(x2d.device), \
         scratch.pool(x2d.device).pair
 
     def quantize(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -462,7 +463,7 @@ def plan_dequant(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     fire = ti._DEQUANT.prepared(grid, args, num_warps=4, num_stages=1, key=key)
     if fire is None or (bias is not None and bias.dtype != dt):  # the general path casts a bias per call
         return None
-    head, rest, stream, empty, shape = args[:2], args[3:], _raw_stream(dev), torch.empty, tuple(w_q.shape)
+    head, rest, stream, empty, shape = args[:2], args[3:], raw_stream(dev), torch.empty, tuple(w_q.shape)
     linear = torch.nn.functional.linear
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -490,7 +491,7 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     fire_q, q_rest = _act_plan(x.view(m, kx), q, s, None, triton_quant.MODE_FP8, float(torch.finfo(f8).max), act)
     if fire_q is None:
         return None
-    shape, stream, wt = (*lead, n), _raw_stream(dev), w_q.t()
+    shape, stream, wt = (*lead, n), raw_stream(dev), w_q.t()
     mm = torch._scaled_mm
     state: list = [None, None]  # (w_scale's version, -1 for an inference tensor; its rowwise [1, N] fp32 copy)
 

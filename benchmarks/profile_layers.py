@@ -1,0 +1,109 @@
+"""Where a quantized layer's GPU time goes: every CUDA kernel each sweep column launches, with its time per call.
+
+The sweep (``comfyquant bench``) gives a column's eager wall time and its graph time; when two columns that
+should share a GEMM differ (run 69: convrot at 16,384 rows 1.08-1.25x the plain W8A8 layer's time, where its
+rotating activation pass alone accounts for 3-5% of it), this names the kernels each one ran and their times
+(``torch.profiler``, CUDA activity, the same bound layers and cycled weight sets as the sweep).
+
+    python benchmarks/profile_layers.py --out /tmp/prof --shapes flux.qkv,flux.mlp2 --m 4096,16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from comfyquant.bench.layers import SHAPES, _bound, _cycling, _int4_rot, wall_us
+from comfyquant.quant.hadamard import choose_group_size, rotate_weight
+from comfyquant.quant.int8 import quantize_rowwise
+
+
+def _ops(group: int) -> dict:
+    return {
+        "bf16": lambda x, w: F.linear(x, w[0], w[7]),
+        "auto": _bound("int8", 1, (2,)),
+        "w8a8_triton": _bound("int8", 1, (2,), backend="triton"),
+        "w8a8_convrot": _bound("int8", 3, (4,), opts=(group,)),
+        "w4a8": _bound("int4_rot", 8, (9,), opts=(group,)),
+    }
+
+
+def _weights(k: int, n: int, sets: int, group: int) -> list[tuple]:
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(k * 131 + n)
+    out = []
+    for _ in range(sets):
+        w = torch.randn(n, k, device=dev, generator=gen) * 0.02
+        q, s = quantize_rowwise(w)
+        qr, sr = quantize_rowwise(rotate_weight(w, group))
+        q4, s4 = _int4_rot(w, group)
+        out.append((w.bfloat16(), q, s, qr, sr, None, None, torch.randn(n, device=dev).bfloat16(), q4, s4))
+    return out
+
+
+def profile_shape(k: int, n: int, m: int, calls: int) -> dict[str, list[dict]]:
+    """Column -> eager wall µs per call (weights cycled), its kernels [{kernel, µs and launches per call}] in
+    order of their total time, and the CUDA runtime calls other than launches (count and host µs per call)."""
+    group = choose_group_size(k)
+    sets = 4
+    weights = _weights(k, n, sets, group)
+    xs = [torch.randn(m, k, device="cuda").bfloat16() for _ in range(2)]
+    pairs = [(xs[i % 2], weights[i % sets]) for i in range(sets)]
+    res = {}
+    for name, op in _ops(group).items():
+        for _ in range(3):
+            for p in pairs:
+                op(*p)
+        torch.cuda.synchronize()
+        wall = wall_us(_cycling(op, pairs), min_ms=30.0)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for i in range(calls):
+                op(*pairs[i % len(pairs)])
+            torch.cuda.synchronize()
+        per: dict[str, list[float]] = defaultdict(list)
+        host: dict[str, list[float]] = defaultdict(list)  # CUDA runtime / driver calls: syncs, copies, mallocs
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                per[ev.name].append(ev.device_time)
+            elif ev.name.startswith(("cuda", "cu")) and "LaunchKernel" not in ev.name:
+                host[ev.name].append(ev.cpu_time)
+        rows = [{"kernel": kname[:120], "us": sum(v) / calls, "launches": len(v) / calls} for kname, v in per.items()]
+        res[name] = {"wall_us": wall, "kernels": sorted(rows, key=lambda r: -r["us"]),
+                     "runtime_calls": {h: [len(v) / calls, sum(v) / calls] for h, v in host.items()}}
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--shapes", default="flux.qkv,flux.proj,flux.mlp2")
+    p.add_argument("--m", default="1024,4096,16384")
+    p.add_argument("--calls", type=int, default=20)
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = []
+    for spec in a.shapes.split(","):
+        k, n = next((k, n) for mo, la, k, n in SHAPES if f"{mo}.{la}" == spec)
+        for m in (int(v) for v in a.m.split(",")):
+            cols = profile_shape(k, n, m, a.calls)
+            result.append({"shape": spec, "k": k, "n": n, "m": m, "columns": cols})
+            for name, col in cols.items():
+                rows = col["kernels"]
+                total = sum(r["us"] for r in rows)
+                parts = "; ".join(f"{r['kernel'][:40]} {r['us']:.1f}us x{r['launches']:.0f}" for r in rows[:3])
+                rt = " ".join(f"{h}x{c:.1f}:{t:.0f}us" for h, (c, t) in col["runtime_calls"].items())
+                print(f"{spec:10s} M={m:6d} {name:13s} wall {col['wall_us']:7.1f} gpu {total:7.1f}us  {parts} | {rt}",
+                      flush=True)
+    (out / "profile_layers.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""Which ``int4_rot`` path a GPU call takes by its row count (the device facts patched: no GPU here; the paths
+themselves are checked bit-equal under Triton's interpreter, ``triton_interp_unpack``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyquant.runtime.kernels import builtin
+from comfyquant.runtime.kernels.registry import kernel_kind
+
+
+@pytest.fixture
+def on_h200(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(builtin, "device_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(builtin, "triton_available", lambda: True)
+
+
+@pytest.mark.parametrize("rows,k,want", [
+    (1, 3072, "triton"), (16, 3072, "triton"), (255, 3072, "triton"),  # weight-bound: W4A8 reads a third
+    (256, 3072, "triton_unpacked"), (4096, 12288, "triton_unpacked"), (16384, 3072, "triton_unpacked"),
+    (1024, 320, "triton_unpacked"),  # K a multiple of 64 only
+    (1024, 1296, "triton_unpacked"),  # K not a multiple of 64: the W8A8 GEMM takes any K (W4A8 does not)
+    (16, 1296, "torch"),
+])
+def test_int4_rot_unpacks_from_256_rows(on_h200: None, rows: int, k: int, want: str) -> None:
+    x = torch.empty(1, rows, k, dtype=torch.bfloat16)
+    got = builtin._choose_int4(x, 3072, k, (16,), None)
+    assert got.name == want, got
+    assert got.name in kernel_kind("int4_rot").backends
+
+
+def test_the_unpacked_backend_fuses_what_the_w4a8_one_does() -> None:
+    """The dispatcher hands input activations and low-rank terms to a backend by these flags: the two int4
+    paths must take the same ones, or a model's layers would change behaviour at 256 rows."""
+    backends = kernel_kind("int4_rot").backends
+    a, b = backends["triton"], backends["triton_unpacked"]
+    assert (a.fuses_low_rank, a.fuses_input_act, a.fuses_gated_act) == (b.fuses_low_rank, b.fuses_input_act,
+                                                                         b.fuses_gated_act) == (True, True, True)
+    assert b.plan is not None
