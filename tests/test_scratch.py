@@ -1,4 +1,5 @@
-"""The eager plans' scratch pool (``runtime.kernels.scratch``): one pair per stream, thread and shape, bounded."""
+"""The eager plans' scratch pool (``runtime.kernels.scratch``): one pair per stream, thread and shape, bounded;
+the unpacked-weight workspace: one buffer per stream and thread, grown, replaced buffers kept."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 
 import torch
 
-from comfyquant.runtime.kernels.scratch import ScratchPool
+from comfyquant.runtime.kernels.scratch import ScratchPool, WeightWorkspace
 
 
 def test_same_key_gives_the_same_tensors_and_other_keys_do_not() -> None:
@@ -51,3 +52,22 @@ def test_split_workspace_per_stream_grows_keeping_old_buffers_and_zeroed_counter
     bigger, cnt_again = w.buffers(1, ws.numel() + 1)
     assert bigger.numel() > ws.numel() and cnt_again is cnt
     assert any(t is ws for t in w._retired)  # the replaced partials stay referenced
+
+
+def test_weight_workspace_shares_one_buffer_per_stream_and_keeps_what_it_replaced() -> None:
+    """Layers of one stream and thread write their codes to one buffer (stream order makes that safe); a larger
+    layer grows it, and the old buffer stays alive (a plan's TMA descriptor or a captured graph points at it)."""
+    ws = WeightWorkspace(torch.device("cpu"))
+    a = ws.codes(3, 48, 128)
+    b = ws.codes(3, 16, 64)  # smaller: the same storage, its start
+    assert a.shape == (48, 128) and b.shape == (16, 64) and b.dtype == torch.int8 and b.is_contiguous()
+    assert b.data_ptr() == a.data_ptr() and ws.retired_bytes() == 0
+    assert ws.codes(4, 16, 64).data_ptr() != a.data_ptr()  # another stream: its own buffer
+    got = []
+    t = threading.Thread(target=lambda: got.append(ws.codes(3, 16, 64)))
+    t.start()
+    t.join()
+    assert got[0].data_ptr() != a.data_ptr()  # another thread on the same stream: its own buffer too
+    c = ws.codes(3, 96, 128)  # larger: a new buffer, the old one retired and kept
+    assert c.data_ptr() != a.data_ptr() and ws.retired_bytes() == 48 * 128
+    assert ws.codes(3, 48, 128).data_ptr() == c.data_ptr()

@@ -17,6 +17,7 @@ per-call unpacked weight is written to (:class:`WeightWorkspace`).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
@@ -63,12 +64,17 @@ class ScratchPool:
 _POOLS: dict[torch.device, ScratchPool] = {}  # one per device, made on first use (like the allocator's own cache)
 
 
+def _for_device(cache: dict, device: torch.device, make: type) -> Any:
+    """``cache[device]``, made by ``make(device)`` on first use."""
+    got = cache.get(device)
+    if got is None:
+        got = cache[device] = make(device)
+    return got
+
+
 def pool(device: torch.device) -> ScratchPool:
     """The scratch pool of ``device``."""
-    p = _POOLS.get(device)
-    if p is None:
-        p = _POOLS[device] = ScratchPool(device)
-    return p
+    return _for_device(_POOLS, device, ScratchPool)
 
 
 SPLIT_COUNTERS = 8192  # output tiles one split-K launch may have (each owns one counter)
@@ -109,17 +115,14 @@ _SPLITS: dict[torch.device, SplitWorkspace] = {}
 
 def split_workspace(device: torch.device) -> SplitWorkspace:
     """The split-K workspace of ``device``."""
-    w = _SPLITS.get(device)
-    if w is None:
-        w = _SPLITS[device] = SplitWorkspace(device)
-    return w
+    return _for_device(_SPLITS, device, SplitWorkspace)
 
 
 class WeightWorkspace:
     """Per stream and Python thread (as :class:`ScratchPool`), one int8 buffer for a weight unpacked per call
-    (``int4_rot`` on the W8A8 GEMM, ``triton_unpack``), grown to the largest layer that asked. A replaced buffer is kept: plans and captured CUDA
-    graphs point at the one they were made with (the growth happens in a model's first steps, so this costs at
-    most the few sizes below the largest)."""
+    (``int4_rot`` on the W8A8 GEMM, ``triton_unpack``), grown to the largest layer that asked. A replaced buffer
+    is kept: plans and captured CUDA graphs point at the one they were made with (the growth happens in a
+    model's first steps, so this costs at most the few sizes below the largest)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -146,7 +149,4 @@ _WEIGHTS: dict[torch.device, WeightWorkspace] = {}
 
 def weight_workspace(device: torch.device) -> WeightWorkspace:
     """The unpacked-weight workspace of ``device``."""
-    w = _WEIGHTS.get(device)
-    if w is None:
-        w = _WEIGHTS[device] = WeightWorkspace(device)
-    return w
+    return _for_device(_WEIGHTS, device, WeightWorkspace)
