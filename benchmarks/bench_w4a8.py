@@ -75,6 +75,13 @@ def _unpacked(qx: torch.Tensor, sx: torch.Tensor, w: tuple) -> torch.Tensor:
     return ti.gemm_w8a8(qx, sx, w8, w[2], None, torch.bfloat16)
 
 
+def _w4a16(x: torch.Tensor, w: tuple) -> torch.Tensor:
+    """int4_rot's weight-only path at 1-16 rows (the GEMM alone: x as given, no rotation pass)."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+
+    return ti.w8a16_linear(x, w[1], w[2], None, None, torch.bfloat16, packed=True)
+
+
 def _reference(qx: torch.Tensor, sx: torch.Tensor, w: tuple) -> torch.Tensor:
     """The W4A8 product from the unpermuted codes in float64 (exact integer sums, then both scales)."""
     from comfyquant.quant.int4 import unpack_int4
@@ -191,6 +198,7 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--budget-s", type=float, default=240.0)
     p.add_argument("--isolate", action="store_true", help="probe every tile in a subprocess first")
+    p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma list of row counts")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # layer,m,label,kernel: one checked launch (for --isolate)
     a = p.parse_args()
     if a.probe:
@@ -207,7 +215,7 @@ def main() -> int:
     rows = []
     for name, (k, n) in SHAPES.items():
         sets = max(2, min(16, L2_PAST // (n * k)))
-        for m in M_VALUES:
+        for m in (int(v) for v in a.m.split(",")):
             if time.perf_counter() - t0 > a.budget_s:
                 print(f"out of time before {name} M={m}", flush=True)
                 break
@@ -239,6 +247,15 @@ def main() -> int:
                         continue
                     row["us"][key] = graph_time_us(functools.partial(_w4a8, cfg=c, order=order),
                                                    [(*q_in, w) for w in ws])
+            if m <= 16:  # weight-only on the packed codes: bf16 x against the dequantized weight
+                from comfyquant.quant.int4 import unpack_int4
+
+                y16 = _w4a16(x, ws[0])
+                ref16 = x.double() @ (unpack_int4(ws[0][1]).double() * ws[0][2].double()[:, None]).T
+                if _close(y16, ref16):
+                    row["us"]["w4a16@runtime"] = graph_time_us(_w4a16, [(x, w) for w in ws])
+                else:
+                    row["wrong"].append("w4a16@runtime")
             y = _unpacked(q8x, s8x, ws[0])
             torch.cuda.synchronize()
             outs["unpacked@runtime"] = y
@@ -256,6 +273,7 @@ def main() -> int:
                   f"{_ratio(us, 'w4a8_swapped', 'runtime')} best {_ratio(us, 'w4a8_swapped')}  joined runtime "
                   f"{_ratio(us, 'w4a8_joined', 'runtime')} best {_ratio(us, 'w4a8_joined')}  k256 best "
                   f"{_ratio(us, 'w4a8_joined_k256')}  ws {_ratio(us, 'w4a8_ws')}  unpacked {_ratio(us, 'unpacked')}  "
+                  f"w4a16 {_ratio(us, 'w4a16')}  "
                   f"bit-equal {same}"
                   + (f"  WRONG {row['wrong']}" if row["wrong"] else ""), flush=True)
             rows.append(row)

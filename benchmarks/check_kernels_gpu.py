@@ -592,9 +592,24 @@ def check_w4a8() -> None:
         x2 = torch.randn(m, k, device="cuda").bfloat16()
         plan = tu.plan_w4_unpacked(x, packed, sw, bias, g, torch.bfloat16)
         want2 = ti.w4a8_linear(x2, packed, sw, bias, g, torch.bfloat16, order="plain")
-        auto = int4_rot_linear(x2, packed, sw, bias, convrot_group=g)
+        # the dispatcher: W4A8 or unpacked (bit-equal) above W4A16_MAX_ROWS; weight-only below (checked next)
+        from comfyquant.runtime.kernels.builtin import W4A16_MAX_ROWS
+
+        auto_ok = m <= W4A16_MAX_ROWS or torch.equal(int4_rot_linear(x2, packed, sw, bias, convrot_group=g), want2)
         record("w4_unpacked_linear", torch.equal(unp, plain) and plan is not None and torch.equal(plan(x2), want2)
-               and torch.equal(auto, want2), m=m, k=k, n=n, group=g, planned=plan is not None)
+               and auto_ok, m=m, k=k, n=n, group=g, planned=plan is not None)
+        # weight-only on the packed codes (the automatic path at 1-16 rows): bit-equal to the weight-only kernel
+        # on the unpacked int8 codes (same tiles and sums), and within bf16 rounding of the W4A8 result
+        from comfyquant.quant.int4 import unpack_int4
+
+        for rows in (1, 16):
+            xs = x[:rows]
+            y16 = ti.w8a16_linear(xs, packed, sw, bias, g, torch.bfloat16, packed=True)
+            same = torch.equal(y16, ti.w8a16_linear(xs, unpack_int4(packed), sw, bias, g, torch.bfloat16))
+            e16 = rel(y16, int4_rot_linear(xs, packed, sw, bias, convrot_group=g, backend="torch"))
+            auto16 = int4_rot_linear(xs, packed, sw, bias, convrot_group=g)
+            record("w4a16_linear", same and e16 <= 2**-6 and torch.equal(auto16, y16), m=rows, k=k, n=n, group=g,
+                   rel_vs_w4a8_reference=e16)
 
 
 def check_cuda_graphs() -> None:

@@ -16,15 +16,18 @@ def on_h200(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builtin, "triton_available", lambda: True)
 
 
-@pytest.mark.parametrize("rows,k,want", [
-    (1, 3072, "triton"), (16, 3072, "triton"), (255, 3072, "triton"),  # weight-bound: W4A8 reads a third
-    (256, 3072, "triton_unpacked"), (4096, 12288, "triton_unpacked"), (16384, 3072, "triton_unpacked"),
-    (1024, 320, "triton_unpacked"),  # K a multiple of 64 only
-    (1024, 1296, "triton_unpacked"),  # K not a multiple of 64: the W8A8 GEMM takes any K (W4A8 does not)
-    (16, 1296, "torch"),
+@pytest.mark.parametrize("rows,k,dtype,want", [
+    (1, 3072, torch.bfloat16, "triton_w4a16"), (16, 3072, torch.float16, "triton_w4a16"),  # weight-bound
+    (1, 3072, torch.float32, "triton"),  # ComfyUI's fp32 text encoders: W4A8 (weight-only would round x to bf16)
+    (17, 3072, torch.bfloat16, "triton"), (255, 3072, torch.bfloat16, "triton"),
+    (256, 3072, torch.bfloat16, "triton_unpacked"), (4096, 12288, torch.bfloat16, "triton_unpacked"),
+    (16384, 3072, torch.bfloat16, "triton_unpacked"),
+    (1024, 320, torch.bfloat16, "triton_unpacked"),  # K a multiple of 64 only
+    (1024, 1296, torch.bfloat16, "triton_unpacked"),  # K not a multiple of 64: the W8A8 GEMM takes any K
+    (32, 1296, torch.bfloat16, "torch"),  # ... W4A8 does not
 ])
-def test_int4_rot_unpacks_from_256_rows(on_h200: None, rows: int, k: int, want: str) -> None:
-    x = torch.empty(1, rows, k, dtype=torch.bfloat16)
+def test_int4_rot_path_by_rows(on_h200: None, rows: int, k: int, dtype: torch.dtype, want: str) -> None:
+    x = torch.empty(1, rows, k, dtype=dtype)
     got = builtin._choose_int4(x, 3072, k, (16,), None)
     assert got.name == want, got
     assert got.name in kernel_kind("int4_rot").backends

@@ -87,6 +87,24 @@ def test_split_weight_only_gemm_compiles_with_an_acq_rel_counter() -> None:
     assert "ld.global.cg" in ptx  # the partials are read from L2, not a stale L1
 
 
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 12288, 3072), (16, 3072, 9216), (1, 3072, 21504), (16, 5120, 13824)])
+def test_weight_only_gemm_on_packed_int4_compiles_without_spills(m: int, k: int, n: int) -> None:
+    """``int4_rot``'s weight-only path (``packed=True``) on the configurations ``w8a16_config`` gives at 1-16 rows
+    (split K on the narrow down projections, 32-128 columns on wide layers): compiles for sm_90, no spills."""
+    from test_gluon_gemm import _assert_no_spills
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import w8a16_config
+
+    cfg = w8a16_config(m, n, k, 132)
+    x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k // 2, dtype=torch.int8), torch.ones(n)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    bufs = (torch.empty(cfg.split_k * m * n), torch.zeros(64, dtype=torch.int32)) if cfg.split_k > 1 else None
+    _, args, _ = ti._w8a16_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs, packed=True)
+    ptx = _compile(ti._W8A16, args, cfg.warps, cfg.stages, aligned=True).asm["ptx"]
+    _assert_no_spills(ptx)
+
+
 def test_one_launch_w8a8_compiles_and_divides_once_per_row() -> None:
     """The one-launch W8A8 kernel quantizes its A tiles with the activation quantizer's codes (so its output is
     the two-launch path's, bit for bit: ``check_fused`` under the interpreter, ``check_linear`` on the GPU):

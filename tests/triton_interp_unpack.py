@@ -101,5 +101,49 @@ def check_unpacked_plan() -> None:
            retired=ws.retired_bytes())
 
 
+def check_w4a16() -> None:
+    """The weight-only kernel on packed int4 (``packed=True``): the same tiles, K steps and float sums as on the
+    unpacked int8 codes, so bit-equal to that path (rotation, split K, a folded activation, a low-rank term),
+    and its plan (the rotation pass into scratch, then the packed weight-only launch) equal to the general path."""
+    from comfyquant.quant.int4 import unpack_int4
+    from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import TileConfig
+
+    cases = [(1, 256, 48, 16, 0, None), (5, 512, 40, 64, 0, None), (16, 384, 33, 16, 3, None),
+             (1, 1024, 64, 256, 0, TileConfig(16, 32, 128, 4, 2, 1, split_k=4)),  # K split over 4 programs
+             (3, 320, 40, 64, 0, TileConfig(16, 32, 128, 4, 2, 1))]  # K not a multiple of the K step
+    for i, (m, k, n, g, act, cfg) in enumerate(cases):
+        packed, sw = _packed(n, k, seed=100 + i)
+        b = torch.randn(n, generator=torch.Generator().manual_seed(110 + i)).to(F16)
+        x = _x(m, k, F16, seed=120 + i)
+        y = ti.w8a16_linear(x, packed, sw, b, g, F16, cfg=cfg, act=act, packed=True)
+        want = ti.w8a16_linear(x, unpack_int4(packed), sw, b, g, F16, cfg=cfg, act=act)
+        record("w4a16_equals_w8a16_on_codes", torch.equal(y, want), m=m, k=k, n=n, convrot=g, act=act, cfg=str(cfg))
+    m, k, n, g = 2, 256, 48, 16
+    packed, sw = _packed(n, k, seed=130)
+    gen = torch.Generator().manual_seed(131)
+    down, up = torch.zeros(16, k), torch.zeros(16, n)
+    down[:8], up[:8] = torch.randn(8, k, generator=gen) * 0.1, torch.randn(8, n, generator=gen) * 0.1
+    lr = (down.to(F16), up.to(F16), 8)
+    x = _x(m, k, F16, seed=132)
+    record("w4a16_low_rank", torch.equal(ti.w8a16_linear(x, packed, sw, None, g, F16, low_rank=lr, packed=True),
+                                         ti.w8a16_linear(x, unpack_int4(packed), sw, None, g, F16, low_rank=lr)))
+    # the plan through the backend table: made from one input, equal to the general path on others
+    xs = [_x(4, k, F16, seed=140 + j) for j in range(3)]
+    for act in (0, 3):
+        general = builtin._int4_w4a16(xs[0], packed, (sw,), None, (g,), F16, act=act)
+        plan = builtin._plan_int4_w4a16(xs[0], packed, (sw,), None, (g,), F16, act)
+        outs = [plan(x) for x in xs[1:]] if plan is not None else []
+        same = plan is not None and all(torch.equal(o, builtin._int4_w4a16(x, packed, (sw,), None, (g,), F16, act=act))
+                                        for o, x in zip(outs, xs[1:], strict=True))
+        record("w4a16_plan", same and general.shape == (4, n), act=act, planned=plan is not None)
+    try:
+        ti.w8a16_linear(xs[0], packed[:, :-1], sw, None, None, F16, packed=True)
+        record("w4a16_wrong_width_refused", False)
+    except ValueError as e:
+        record("w4a16_wrong_width_refused", "does not hold" in str(e))
+
+
 GROUPS = {"unpack_kernel": check_unpack_kernel, "unpacked_linear": check_unpacked_linear,
-          "unpacked_plan": check_unpacked_plan}
+          "unpacked_plan": check_unpacked_plan, "w4a16": check_w4a16}

@@ -388,6 +388,22 @@ def _plan_int4_unpacked(x, w, scales, bias, opts, out_dtype, act, low_rank=None)
     return triton_unpack.plan_w4_unpacked(x, w, scales[0], bias, _opt(opts, 0), out_dtype, act, low_rank)
 
 
+def _int4_w4a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+    from comfyquant.runtime.kernels import triton_int8
+
+    return triton_int8.w8a16_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=low_rank, act=act,
+                                    packed=True)
+
+
+def _plan_int4_w4a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels import triton_plans
+
+    if low_rank is not None:  # the side path reads the unrotated x: the general path
+        return None
+    return triton_plans.plan_rotated(x, _opt(opts, 0), act, lambda r: triton_plans.plan_w8a16(
+        r, w, scales[0], bias, out_dtype, 0, None, packed=True))
+
+
 def _check_int4(x, w, scales, opts) -> None:
     what = "int4_rot linear"
     if w.dtype != torch.int8:
@@ -403,6 +419,9 @@ def _check_int4(x, w, scales, opts) -> None:
 # rows the W4A8 kernel ran 0.42-0.97x bf16 on the H200 (runs 65-69), the W8A8 GEMM 1.24-1.58x with an unpack
 # pass of ~1/3 of its weight read; below, the weight read dominates and the W4A8 kernel reads a third as much
 W4_UNPACK_MIN_ROWS = 256
+# up to this many rows of 16-bit activations, weight-only (``triton_w4a16``): the rows are weight-bound, and the
+# weight-only kernel reads the packed bytes once without quantizing x
+W4A16_MAX_ROWS = 16
 
 
 def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
@@ -410,6 +429,9 @@ def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
     if cap is None or cap < (8, 0) or not triton_available():
         return BackendChoice("torch", f"{x.device.type}: W4A8 reference (unpack, rotate, per-token int8, _int_mm)")
     rows = x.numel() // max(int(x.shape[-1]), 1)
+    if rows <= W4A16_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16):
+        return BackendChoice("triton_w4a16", f"M={rows} <= {W4A16_MAX_ROWS}: weight-only (x rotated, int4 "
+                                             "unpacked in registers; a quarter of bf16's weight bytes)")
     if rows >= W4_UNPACK_MIN_ROWS:
         return BackendChoice("triton_unpacked", f"M={rows} >= {W4_UNPACK_MIN_ROWS}: int4 unpacked to int8 codes "
                                                 "(one pass), then the W8A8 GEMM (bit-equal to W4A8, faster)")
@@ -445,7 +467,8 @@ INT4_ROT = register_kernel_kind(KernelKind(
     {"torch": _int4_torch, "dequant": _int4_dequant,
      "triton": KernelBackend(_int4_triton, _TRITON, True, True, _plan_int4_triton, fuses_gated_act=True),
      "triton_unpacked": KernelBackend(_int4_unpacked, _TRITON, True, True, _plan_int4_unpacked,
-                                      fuses_gated_act=True)},
+                                      fuses_gated_act=True),
+     "triton_w4a16": KernelBackend(_int4_w4a16, _TRITON, True, True, _plan_int4_w4a16)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
 
 # the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels

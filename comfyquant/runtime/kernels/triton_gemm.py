@@ -108,17 +108,41 @@ def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _packed_tile(p_ptrs, mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """A ``[BLOCK_K, BLOCK_N]`` weight tile in ``DTYPE`` from ``[BLOCK_N, BLOCK_K / 2]`` packed bytes (``int4_rot``:
+    byte j's low nibble is column 2j, its high nibble 2j + 1, two's complement): the two nibble planes joined on
+    the last axis are the natural column order, then transposed for the MMA."""
+    p = tl.load(p_ptrs, mask=mask, other=0).to(tl.int32)  # the byte, sign-extended
+    codes = tl.reshape(tl.join(((p & 15) ^ 8) - 8, p >> 4), (BLOCK_N, BLOCK_K))
+    return tl.trans(codes.to(DTYPE))
+
+
+@triton.jit
 def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, ACC_DTYPE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              B_TO: tl.constexpr, A_ACT: tl.constexpr, A_CACHE: tl.constexpr):
+              B_TO: tl.constexpr, A_ACT: tl.constexpr, A_CACHE: tl.constexpr, PACKED: tl.constexpr = False):
     # rows/cols past the edge are clamped (wrapped) instead of masked: their results are never stored;
-    # ``A_CACHE``: A's load cache modifier (".cg": from L2, past a stale L1, for A written by other programs)
+    # ``A_CACHE``: A's load cache modifier (".cg": from L2, past a stale L1, for A written by other programs);
+    # ``PACKED``: B is int4 packed two per byte along K (``b_ptr`` / ``stride_bn`` in bytes; weight-only only)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if PACKED:
+        offs_kh = tl.arange(0, BLOCK_K // 2)
+        p_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_kh[None, :]
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            rem = K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0, cache_modifier=A_CACHE)
+            if A_ACT != 0:
+                a = input_act(a.to(tl.float32), A_ACT).to(a.dtype)
+            b = _packed_tile(p_ptrs, offs_kh[None, :] < rem // 2, BLOCK_N, BLOCK_K, a.dtype)
+            acc = _dot(a, b, acc, ACC_DTYPE, BLOCK_K)
+            a_ptrs += BLOCK_K
+            p_ptrs += BLOCK_K // 2
+        return acc
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, cache_modifier=A_CACHE)
@@ -166,8 +190,8 @@ def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, 
           ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
           h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr,
-          A_ACT: tl.constexpr, ws_ptr, cnt_ptr, K_PER, SPLIT: tl.constexpr):
-    """Weight-only GEMM. ``SPLIT`` > 1 (few output tiles, long K: a thin-M down projection leaves SMs idle):
+          A_ACT: tl.constexpr, ws_ptr, cnt_ptr, K_PER, SPLIT: tl.constexpr, PACKED: tl.constexpr):
+    """Weight-only GEMM (``PACKED``: int4 weights, two per byte along K, ``stride_bn`` in bytes). ``SPLIT`` > 1 (few output tiles, long K: a thin-M down projection leaves SMs idle):
     program ``(tile, s)`` multiplies K slice ``s`` (``K_PER`` columns, a multiple of ``BLOCK_K``), stores its
     fp32 partial in ``ws [SPLIT, M, N]`` and counts itself in ``cnt[tile]``; the last program of a tile sums
     the partials in slice order (deterministic) and runs the epilogue, then resets the count for the next
@@ -175,14 +199,15 @@ def w8a16(a_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, 
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SPLIT == 1:
         acc = _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, pid_m, pid_n, tl.float32,
-                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT, "")
+                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT, "", PACKED)
         _store(acc, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
                h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
     else:
         s = tl.program_id(1)
         k0 = s * K_PER
-        acc = _mainloop(a_ptr + k0, b_ptr + k0, M, N, tl.minimum(K - k0, K_PER), stride_am, stride_bn, pid_m,
-                        pid_n, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT, "")
+        acc = _mainloop(a_ptr + k0, b_ptr + (k0 // 2 if PACKED else k0), M, N, tl.minimum(K - k0, K_PER), stride_am,
+                        stride_bn, pid_m, pid_n, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, A_ACT, "",
+                        PACKED)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]

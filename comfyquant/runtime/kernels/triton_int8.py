@@ -422,9 +422,10 @@ def _fused_rows(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: tor
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                 low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
+                 low_rank: LowRank | None = None, act: int = 0, packed: bool = False) -> torch.Tensor:
     """Weight-only small-M GEMM: int8/fp8 weights converted to x's 16-bit dtype in registers, fp32 accumulate
-    (``act``: the input activation, in the rotation pass or on each A tile as it is loaded)."""
+    (``act``: the input activation, in the rotation pass or on each A tile as it is loaded); ``packed``: ``w_q``
+    is int4 two per byte along K (``int4_rot``'s int8 ``[N, K/2]``), unpacked in registers as well."""
     _no_act_with_low_rank(act, low_rank)
     _no_gated_act(act, "w8a16_linear")
     lead, k = x.shape[:-1], x.shape[-1]
@@ -445,7 +446,7 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
         cfg = cfg or w8a16_config(m, n, k, device_facts(x.device)[0], fp8=w_q.dtype in FP8_DTYPES)
         bufs = split_buffers(x.device, None, cfg, m, n)
         grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act,
-                                        bufs)
+                                        bufs, packed)
         _W8A16(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
 
@@ -465,10 +466,14 @@ def split_buffers(device: torch.device, stream: int | None, cfg: TileConfig, m: 
 
 def _w8a16_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                   bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
-                  bufs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
+                  bufs: tuple[torch.Tensor, torch.Tensor] | None = None, packed: bool = False) -> tuple:
     """(grid, args, key) of the weight-only kernel (x at ``args[0]``, the output at ``args[2]``, with
-    ``cfg.split_k`` > 1 the partials and counters ``bufs`` at ``args[-4]`` and ``args[-3]``)."""
+    ``cfg.split_k`` > 1 the partials and counters ``bufs`` at ``args[-5]`` and ``args[-4]``); ``packed``: int4
+    weights ``[N, K/2]``."""
     (m, k), n = x2d.shape, w_q.shape[0]
+    if w_q.shape[1] * (2 if packed else 1) != k or (packed and (w_q.dtype != torch.int8 or cfg.block_k % 32)):
+        raise ValueError(f"weight-only GEMM: weight {tuple(w_q.shape)} {w_q.dtype} does not hold {k} columns"
+                         + (" packed two per byte (int8, BLOCK_K a multiple of 32)" if packed else ""))
     lr_args, lr_key = lr
     split = cfg.split_k
     if split > 1 and bufs is None:
@@ -478,9 +483,9 @@ def _w8a16_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: t
     return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split),
             (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
              out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
-             k % cfg.block_k == 0, *lr_args, act, ws, cnt, k_per, split),
+             k % cfg.block_k == 0, *lr_args, act, ws, cnt, k_per, split, packed),
             (cfg, x2d.dtype, w_q.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1,
-             bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act))
+             bias is not None, _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act, packed))
 
 
 def w4a8_order(m: int) -> str:

@@ -75,9 +75,10 @@ def raw_stream(device: torch.device) -> Callable[[], int]:
 
 
 def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
-    """``x -> w8a16_linear(x, w_q, w_scale, bias, None, out_dtype, low_rank=low_rank, act=act)`` for ``x``'s
-    signature, or None (no rotation; x bf16/fp16; the kernel compiled by an earlier call)."""
+               out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
+               packed: bool = False) -> Plan | None:
+    """``x -> w8a16_linear(x, w_q, w_scale, bias, None, out_dtype, low_rank=low_rank, act=act, packed=packed)``
+    for ``x``'s signature, or None (no rotation; x bf16/fp16; the kernel compiled by an earlier call)."""
     common = _common(x, w_q, w_scale) if x.dtype in _HALF else None
     if common is None:
         return None
@@ -86,7 +87,7 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
     bufs = ti.split_buffers(dev, raw_stream(dev)(), cfg, m, n)
-    grid, args, key = ti._w8a16_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, bufs)
+    grid, args, key = ti._w8a16_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, bufs, packed)
     fire = ti._W8A16.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     if bufs is None:
         return _one_launch(fire, args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
@@ -133,7 +134,7 @@ def plan_rotated(x: torch.Tensor, group: int, act: int, inner: Callable[[torch.T
 def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_dtype: torch.dtype,
                   dev: torch.device, h_slot: tuple[int, torch.Tensor] | None, cfg: TileConfig, m: int,
                   n: int) -> Plan | None:
-    """:func:`_one_launch` for the split-K weight-only kernel: its partials and counters (``args[-4:-2]``) are
+    """:func:`_one_launch` for the split-K weight-only kernel: its partials and counters (``args[-5:-3]``) are
     the current stream's (a plan may run on any stream), looked up once per stream and kept (a workspace that
     grows later keeps the old buffers alive)."""
     if fire is None:
@@ -148,7 +149,7 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
         return got
 
     if h_slot is None:
-        w_arg, mid, tail = args[1], args[3:-4], args[-2:]
+        w_arg, mid, tail = args[1], args[3:-5], args[-3:]
 
         def run(x: torch.Tensor) -> torch.Tensor:
             s = stream()
@@ -158,7 +159,7 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
 
         return run
     hi, down = h_slot
-    ws_i = len(args) - 4
+    ws_i = len(args) - 5
     template = _without(list(args), (0, 2, ws_i, ws_i + 1, hi))
 
     def run_lr(x: torch.Tensor) -> torch.Tensor:
