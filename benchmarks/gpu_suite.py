@@ -62,6 +62,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "sweep": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                    "--sections", "sweep"]],
         # the sweep's SDXL / T5 / CLIP rows alone (a short call; Flux / Wan take the other ~60% of the sweep)
+        # each sweep column's CUDA kernels, GPU time and runtime calls per call (where a column's time goes)
+        "profile_layers": [[PY, "benchmarks/profile_layers.py", "--out", str(work / "profile")]],
         # the Flux / Wan rows at 16,384 alone (the convrot column against the plain one)
         "sweep_16k": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                        "--sections", "sweep", "--sweep-models", "flux,wan14b", "--sweep-m", "16384"]],
