@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from comfyquant.runtime.kernels.act_kernels import RNE_MAGIC
 from comfyquant.runtime.kernels.configs import (
     ATTENTION_HEAD_DIMS,
     ATTENTION_TILE,
@@ -30,7 +31,6 @@ from comfyquant.runtime.kernels.configs import (
     AttentionConfig,
     cdiv,
 )
-from comfyquant.runtime.kernels.triton_quant import RNE_MAGIC
 
 LOG2E = math.log2(math.e)
 FP8_MAX = 448.0  # e4m3fn: v's codes and p (in [0, 1], times 448) use the whole range

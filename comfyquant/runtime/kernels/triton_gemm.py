@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from comfyquant.runtime.kernels.triton_quant import (
+from comfyquant.runtime.kernels.act_kernels import (
     block_barrier,
     block_place,
     input_act,
@@ -341,7 +341,7 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
                HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr, A_ACT: tl.constexpr, QR: tl.constexpr,
                BK: tl.constexpr, NCH: tl.constexpr, PHASE: tl.constexpr):
     """W8A8 in one launch from 64 rows: the programs of a row block quantize its rows between them (x's codes and
-    scales into ``q`` / ``sa``, :func:`triton_quant.quantize_rows`: the activation kernel's, bit for bit), wait
+    scales into ``q`` / ``sa``, :func:`act_kernels.quantize_rows`: the activation kernel's, bit for bit), wait
     for each other, then each multiplies its output tile from the int8 rows (L2 loads: other programs wrote
     them). Tiles go out in row-block order by a ticket taken at program start (``sync[0]``), so every program a
     waiting one needs has started: no co-residency is assumed past a row block's ``cdiv(N, BLOCK_N)`` programs.
