@@ -223,8 +223,12 @@ def test_bench_thresholds_and_cli_errors() -> None:
     rows = [bench.Row("flux", "proj", m, 3072, 3072, us={"bf16": 10.0, "w8a8_triton": t8, "w8a16": t16})
             for m, t8, t16 in ((1, 30.0, 20.0), (16, 25.0, 20.0), (256, 15.0, 40.0), (4096, 50.0, 300.0))]
     assert bench.measured_thresholds(rows) == [(3072, 3072, 256)]
+    rows[0].choice = "triton_w8a16: cost model"
+    rows[0].choices = {"fp8": "triton: cost model", "w4a8": "triton_w4a16: M=1 <= 16"}
     table = bench.to_markdown(rows, "hdr")
     assert table.count("\n| flux | proj |") == 4 and "| 256 |" in table
+    # the picks column names every automatic column's backend, the int8 one first
+    assert "| triton_w8a16 (fp8 triton, w4a8 triton_w4a16) |" in table
     with pytest.raises(UserError, match="--m"):
         bench.main(["--m", "1,x"])
     if not torch.cuda.is_available():

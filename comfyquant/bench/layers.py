@@ -66,7 +66,8 @@ class BenchConfig:
 
 @dataclass
 class Row:
-    """One (shape, M) measurement: eager wall µs per call and CUDA-graph µs per column; ``auto``'s choice."""
+    """One (shape, M) measurement: eager wall µs per call and CUDA-graph µs per column; ``auto``'s choice, and
+    the dispatcher's choice for the other automatic columns (``choices``: fp8, convrot, int4)."""
 
     model: str
     layer: str
@@ -76,6 +77,7 @@ class Row:
     us: dict[str, float] = field(default_factory=dict)
     graph_us: dict[str, float] = field(default_factory=dict)
     choice: str = ""
+    choices: dict[str, str] = field(default_factory=dict)
 
 
 def _load_ck() -> tuple[Callable | None, str]:
@@ -206,6 +208,11 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         row = Row(model, layer, m, k, n)
         ch = dispatch.choose_backend(xs[0], kind="int8", n=n, k=k)
         row.choice = f"{ch.name}: {ch.reason}"
+        for col, kind, opts in (("fp8", "fp8", ()), ("w8a8_convrot", "int8", (group,) if group else None),
+                                ("w4a8", "int4_rot", (group,) if weights[0][8] is not None else None)):
+            if opts is not None and col in cfg.columns:
+                c = dispatch.choose_backend(xs[0], kind=kind, n=n, k=k, opts=opts)
+                row.choices[col] = f"{c.name}: {c.reason}"
         ops: dict[str, Callable] = {
             "bf16": lambda x, w: F.linear(x, w[0], w[7]),
             "auto": _bound("int8", 1, (2,)),
@@ -260,11 +267,17 @@ def _ratio(row: Row, col: str) -> str:
     return f"{row.us['bf16'] / t:.2f}"
 
 
+def _picks(row: Row) -> str:
+    """The int8 choice's backend name, then the other automatic columns' ("fp8 triton, w4a8 triton_unpacked")."""
+    others = ", ".join(f"{c} {v.split(':')[0]}" for c, v in row.choices.items())
+    return row.choice.split(":")[0] + (f" ({others})" if others else "")
+
+
 def _fmt_row(row: Row) -> str:
     ratios = " ".join(f"{c}={_ratio(row, c)}" for c in COLUMNS if c != "bf16")
     graph = " ".join(f"g:{c}={_gratio(row, c)}" for c in GRAPH_COLUMNS if c != "bf16" and c in row.graph_us)
     return (f"{row.model:7s} {row.layer:9s} M={row.m:6d} bf16={row.us['bf16']:9.1f}us {ratios} {graph}"
-            f" [{row.choice.split(':')[0]}]")
+            f" [{_picks(row)}]")
 
 
 def _gratio(row: Row, col: str) -> str:
@@ -285,7 +298,7 @@ def to_markdown(rows: list[Row], header: str) -> str:
     for r in rows:
         g = r.graph_us.get("bf16")
         lines.append(f"| {r.model} | {r.layer} | {r.k}→{r.n} | {r.m} | {r.us['bf16']:.1f} | "
-                     + " | ".join(_ratio(r, c) for c in cols) + f" | {r.choice.split(':')[0]} | "
+                     + " | ".join(_ratio(r, c) for c in cols) + f" | {_picks(r)} | "
                      + (f"{g:.1f}" if g is not None else "-") + " | "
                      + " | ".join(_gratio(r, c) for c in gcols) + " |")
     return "\n".join(lines) + "\n"
