@@ -40,8 +40,7 @@ TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (16, 128, 4, 4), (
 
 # timed kernels: name -> (operand order, K step, activation codes: "perm" K-permuted per block or "natural")
 KERNELS = {"w4a8": ("plain", 128, "perm"), "w4a8_swapped": ("swapped", 128, "perm"),
-           "w4a8_joined": ("joined", 128, "natural"), "w4a8_joined_k256": ("joined", 256, "natural"),
-           "w4a8_ws": ("ws", 128, "natural")}  # ws: the warp-specialized Gluon kernel, its own 128 x 128 tile
+           "w4a8_joined": ("joined", 128, "natural"), "w4a8_joined_k256": ("joined", 256, "natural")}
 
 
 def _w4a8(qx: torch.Tensor, sx: torch.Tensor, w: tuple, cfg: object, order: str) -> torch.Tensor:
@@ -50,10 +49,6 @@ def _w4a8(qx: torch.Tensor, sx: torch.Tensor, w: tuple, cfg: object, order: str)
     from comfyquant.runtime.kernels import triton_int8 as ti
 
     out = torch.empty(qx.shape[0], w[1].shape[0], dtype=torch.bfloat16, device=qx.device)
-    if order == "ws":
-        fk, grid, args, key = ti._w4a8_ws_launch(qx, sx, w[1], w[2], None, out)
-        fk(grid, args, qx.device, num_warps=4, num_stages=1, key=key)
-        return out
     grid, args, key = ti._w4a8_launch(qx, sx, w[1], w[2], None, out, cfg, ti._low_rank_args(None, qx, w[2]))
     ti.W4A8_KERNELS[order](grid, args, qx.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out
@@ -152,7 +147,7 @@ def _isolated(labels: list[str]) -> dict[str, str]:
     verdict = {}
     for label in labels:
         for kern in KERNELS:
-            if kern in ("w4a8", "w4a8_ws") and label != "runtime":
+            if kern == "w4a8" and label != "runtime":
                 continue  # timed on their own tile only
             why = "ok"
             for m in (16, 256):
@@ -179,14 +174,14 @@ def plot(rows: list[dict], path: Path, title: str, tile: object = None) -> Path:
         us, label = r["us"], tile(r["m"], r["n"], r["k"]) if tile else "runtime"
         g = {"int8 W8A8 GEMM": us["bf16"] / us["w8a8_gemm"]}
         for kern, name in (("w4a8", "plain order (the run's runtime tile)"), ("w4a8_swapped", "swapped"),
-                           ("w4a8_joined", "joined"), ("w4a8_ws", "warp-specialized (Gluon)")):
-            own = kern in ("w4a8", "w4a8_ws")  # timed on their own tile only
+                           ("w4a8_joined", "joined")):
+            own = kern == "w4a8"  # timed on its own tile only
             at = us.get(f"{kern}@{'runtime' if own else label}")
             if at:
                 g[f"W4A8 {name}" + ("" if own else ", rule's tile")] = us["bf16"] / at
         if us.get("unpacked@runtime"):
             g["int4 unpacked + W8A8 GEMM (the runtime's path)"] = us["bf16"] / us["unpacked@runtime"]
-        best = [v for c, v in us.items() if c.split("@")[0] in ("w4a8_swapped", "w4a8_joined", "w4a8_ws")]
+        best = [v for c, v in us.items() if c.split("@")[0] in ("w4a8_swapped", "w4a8_joined")]
         if best:
             g["W4A8 best measured"] = us["bf16"] / min(best)
         groups[f"{r['layer']} M={r['m']}"] = g
@@ -228,7 +223,7 @@ def main() -> int:
             for label, cfg in _tiles(m, n, k).items():
                 for kern, (order, bk, codes) in KERNELS.items():
                     key = f"{kern}@{label}"
-                    if ((m < 256 or kern in ("w4a8", "w4a8_ws")) and label != "runtime") or k % bk:
+                    if ((m < 256 or kern == "w4a8") and label != "runtime") or k % bk:
                         continue  # thin M and the plain order: the runtime's tile only (known from run 65)
                     if probed.get(key, "ok") != "ok":
                         row["left_out"][key] = probed[key]
@@ -272,7 +267,7 @@ def main() -> int:
                   f"w4a8 runtime {_ratio(us, 'w4a8', 'runtime')} best {_ratio(us, 'w4a8')}  swapped runtime "
                   f"{_ratio(us, 'w4a8_swapped', 'runtime')} best {_ratio(us, 'w4a8_swapped')}  joined runtime "
                   f"{_ratio(us, 'w4a8_joined', 'runtime')} best {_ratio(us, 'w4a8_joined')}  k256 best "
-                  f"{_ratio(us, 'w4a8_joined_k256')}  ws {_ratio(us, 'w4a8_ws')}  unpacked {_ratio(us, 'unpacked')}  "
+                  f"{_ratio(us, 'w4a8_joined_k256')}  unpacked {_ratio(us, 'unpacked')}  "
                   f"w4a16 {_ratio(us, 'w4a16')}  "
                   f"bit-equal {same}"
                   + (f"  WRONG {row['wrong']}" if row["wrong"] else ""), flush=True)

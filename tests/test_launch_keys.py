@@ -30,13 +30,6 @@ def _w4a8(fk: object) -> object:
     return build
 
 
-def _w4a8_ws(m: int) -> tuple:
-    q, p = torch.empty(m, K, dtype=torch.int8), torch.empty(N, K // 2, dtype=torch.int8)
-    out, sa, sb = torch.empty(m, N, dtype=torch.bfloat16), torch.empty(m, 1), torch.empty(N)
-    fk, _, args, key = ti._w4a8_ws_launch(q, sa, p, sb, None, out)
-    return fk, args, key
-
-
 def _w8a8(m: int) -> tuple:
     q, w = torch.empty(m, K, dtype=torch.int8), torch.empty(N, K, dtype=torch.int8)
     out, sa, sb = torch.empty(m, N, dtype=torch.bfloat16), torch.empty(m, 1), torch.empty(N)
@@ -74,7 +67,7 @@ def _act(m: int) -> tuple:
 
 
 BUILDERS = {"w4a8": _w4a8(ti._W4A8), "w4a8_swapped": _w4a8(ti._W4A8_SWAPPED), "w4a8_joined": _w4a8(ti._W4A8_JOINED),
-            "w4a8_ws": _w4a8_ws, "w8a8": _w8a8, "fused": _fused, "w8a16": _w8a16, "act_blocks": _blocks,
+            "w8a8": _w8a8, "fused": _fused, "w8a16": _w8a16, "act_blocks": _blocks,
             "act": _act}
 
 

@@ -507,30 +507,6 @@ def w4a8_perm(order: str, k: int) -> int:
     return w4a8_block_k(k) if order in ("plain", "swapped") else 0
 
 
-def _w4a8_ws_launch(q: torch.Tensor, s_x: torch.Tensor, w_packed: torch.Tensor, sb: torch.Tensor,
-                    bias: torch.Tensor | None, out: torch.Tensor) -> tuple[FastKernel, tuple, tuple, tuple]:
-    """(kernel, grid, args, key) of the warp-specialized Gluon W4A8 kernel (``gluon_w4a8``: an unpacking warp
-    group fills int8 tiles in shared memory for the int8 W8A8 main loop); ``q``: unpermuted codes. Hopper, 16-bit
-    outputs with rows TMA can store, K % 128 == 0, no low-rank term (ValueError otherwise)."""
-    from comfyquant.runtime.kernels import gluon_w4a8 as gw  # Gluon: imported where a Hopper GPU runs it
-
-    k, n = q.shape[1], w_packed.shape[0]
-    if device_facts(q.device)[1] != 9 or out.dtype not in (torch.bfloat16, torch.float16) or k % gw.BLOCK_K or (
-            out.stride(0) * out.element_size()) % 16:
-        raise ValueError(f"the warp-specialized W4A8 kernel takes sm_90, 16-bit outputs with 16-byte rows and "
-                         f"K % {gw.BLOCK_K} == 0; got {out.dtype}, N = {n}, K = {k}")
-    grid, args = gw.launch_args(q, s_x, w_packed, sb, bias, out, programs=device_facts(q.device)[0])
-    return _w4a8_ws_kernel(), grid, args, (q.dtype, out.dtype, n, k, sb.numel() > 1, bias is not None, _al(sb),
-                                           bias is None or _al(bias), grid)
-
-
-@functools.cache
-def _w4a8_ws_kernel() -> FastKernel:
-    from comfyquant.runtime.kernels.gluon_w4a8 import w4a8_ws
-
-    return FastKernel(w4a8_ws)
-
-
 def w4a8_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
     """The W4A8 GEMM's tile for ``[m, k] x [k, n]`` (k: the activated width), K steps of one permutation block
     (:func:`w4a8_block_k` columns). Below ``SMALL_M`` rows the W8A8 thin-M tiles. From there (the register-operand
@@ -612,8 +588,8 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
                 group: int, out_dtype: torch.dtype, cfg: TileConfig | None = None,
                 low_rank: LowRank | None = None, act: int = 0, order: str | None = None) -> torch.Tensor:
     """int4_rot W4A8: (activate +) rotate + per-token int8 quant (K permuted per 128 block for the orders that
-    split nibbles), then the int4-weight GEMM in ``order`` (a key of :data:`W4A8_KERNELS`, or "ws": the
-    warp-specialized Gluon kernel, pinned-only until timed; all bit-equal; None: :func:`w4a8_order`'s rule)."""
+    split nibbles), then the int4-weight GEMM in ``order`` (a key of :data:`W4A8_KERNELS`; all bit-equal; None:
+    :func:`w4a8_order`'s rule)."""
     _no_act_with_low_rank(act, low_rank)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
@@ -625,12 +601,6 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
-        if order == "ws":
-            if low_rank is not None:
-                raise ValueError("the warp-specialized W4A8 kernel has no low-rank term")
-            fk, grid, args, key = _w4a8_ws_launch(q, s_x, w_packed, sb, bias, out)
-            fk(grid, args, x.device, num_warps=4, num_stages=1, key=key)
-            return out.reshape(*lead, n)
         cfg = cfg or w4a8_config(m, n, q.shape[1], x.device)
         grid, args, key = _w4a8_launch(q, s_x, w_packed, sb, bias, out, cfg, _low_rank_args(low_rank, x2d, sb))
         W4A8_KERNELS[order](grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
