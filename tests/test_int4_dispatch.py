@@ -18,6 +18,7 @@ def on_h200(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("rows,k,dtype,want", [
     (1, 3072, torch.bfloat16, "triton_w4a16"), (16, 3072, torch.float16, "triton_w4a16"),  # weight-bound
+    (1, 1280, torch.bfloat16, "triton"), (2, 1280, torch.bfloat16, "triton_w4a16"),  # one row: long K only
     (1, 3072, torch.float32, "triton"),  # ComfyUI's fp32 text encoders: W4A8 (weight-only would round x to bf16)
     (17, 3072, torch.bfloat16, "triton"), (255, 3072, torch.bfloat16, "triton"),
     (256, 3072, torch.bfloat16, "triton_unpacked"), (4096, 12288, torch.bfloat16, "triton_unpacked"),
@@ -31,6 +32,17 @@ def test_int4_rot_path_by_rows(on_h200: None, rows: int, k: int, dtype: torch.dt
     got = builtin._choose_int4(x, 3072, k, (16,), None)
     assert got.name == want, got
     assert got.name in kernel_kind("int4_rot").backends
+
+
+@pytest.mark.parametrize("n,want", [(3072, "triton_w4a16"), (8191, "triton_w4a16"), (8192, "triton"),
+                                    (21504, "triton")])
+def test_one_row_goes_weight_only_where_its_tiles_split_k(on_h200: None, n: int, want: str) -> None:
+    """At one row the weight-only kernel beat W4A8 only on the narrow, long-K layers (run 73); wide ones keep
+    W4A8, and from two rows every layer takes the weight-only kernel."""
+    x = torch.empty(1, 12288, dtype=torch.bfloat16)
+    assert builtin._choose_int4(x, n, 12288, (256,), None).name == want
+    assert builtin._choose_int4(torch.empty(2, 12288, dtype=torch.bfloat16), n, 12288, (256,), None).name == \
+        "triton_w4a16"
 
 
 def test_the_unpacked_backend_fuses_what_the_w4a8_one_does() -> None:

@@ -420,8 +420,12 @@ def _check_int4(x, w, scales, opts) -> None:
 # pass of ~1/3 of its weight read; below, the weight read dominates and the W4A8 kernel reads a third as much
 W4_UNPACK_MIN_ROWS = 256
 # up to this many rows of 16-bit activations, weight-only (``triton_w4a16``): the rows are weight-bound, and the
-# weight-only kernel reads the packed bytes once without quantizing x
+# weight-only kernel reads the packed bytes once without quantizing x (H200 run 73, GEMM alone: 0.90-1.31x bf16
+# at 16 rows against W4A8's 0.53-0.99x on 6 layers). At one row only where its tiles split K (N < 8,192) over a
+# long K: Flux proj / mlp2 1.00-1.01x against 0.51-0.72x; on the wide layers and SDXL's 1,280 it ran 0.02-0.07
+# below W4A8 (the unpacking, not the bytes, bounds one row on 128-column tiles)
 W4A16_MAX_ROWS = 16
+W4A16_ONE_ROW = (3072, 8192)  # (least K, N below which) one row takes the weight-only kernel
 
 
 def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
@@ -429,7 +433,8 @@ def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
     if cap is None or cap < (8, 0) or not triton_available():
         return BackendChoice("torch", f"{x.device.type}: W4A8 reference (unpack, rotate, per-token int8, _int_mm)")
     rows = x.numel() // max(int(x.shape[-1]), 1)
-    if rows <= W4A16_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16):
+    one_row_ok = k >= W4A16_ONE_ROW[0] and n < W4A16_ONE_ROW[1]
+    if rows <= W4A16_MAX_ROWS and (rows > 1 or one_row_ok) and x.dtype in (torch.float16, torch.bfloat16):
         return BackendChoice("triton_w4a16", f"M={rows} <= {W4A16_MAX_ROWS}: weight-only (x rotated, int4 "
                                              "unpacked in registers; a quarter of bf16's weight bytes)")
     if rows >= W4_UNPACK_MIN_ROWS:
