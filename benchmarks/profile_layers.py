@@ -6,6 +6,9 @@ rotating activation pass alone accounts for 3-5% of it), this names the kernels 
 (``torch.profiler``, CUDA activity, the same bound layers and cycled weight sets as the sweep).
 
     python benchmarks/profile_layers.py --out /tmp/prof --shapes flux.qkv,flux.mlp2 --m 4096,16384
+
+Columns: bf16, the int8 layer (auto and the W8A8 backend pinned), convrot, and int4_rot as dispatched and on
+each of its three paths pinned (W4A8, unpacked + W8A8, weight-only).
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ def _ops(group: int) -> dict:
         "auto": _bound("int8", 1, (2,)),
         "w8a8_triton": _bound("int8", 1, (2,), backend="triton"),
         "w8a8_convrot": _bound("int8", 3, (4,), opts=(group,)),
-        "w4a8": _bound("int4_rot", 8, (9,), opts=(group,)),
+        "w4a8": _bound("int4_rot", 8, (9,), opts=(group,)),  # the dispatcher's int4 path, and each pinned:
+        "int4_w4a8": _bound("int4_rot", 8, (9,), opts=(group,), backend="triton"),
+        "int4_unpacked": _bound("int4_rot", 8, (9,), opts=(group,), backend="triton_unpacked"),
+        "int4_w4a16": _bound("int4_rot", 8, (9,), opts=(group,), backend="triton_w4a16"),
     }
 
 
