@@ -25,7 +25,7 @@ def on_h200(monkeypatch: pytest.MonkeyPatch) -> None:
     (16384, 3072, torch.bfloat16, "triton_unpacked"),
     (1024, 320, torch.bfloat16, "triton_unpacked"),  # K a multiple of 64 only
     (1024, 1296, torch.bfloat16, "triton_unpacked"),  # K not a multiple of 64: the W8A8 GEMM takes any K
-    (32, 1296, torch.bfloat16, "torch"),  # ... W4A8 does not
+    (32, 1296, torch.bfloat16, "triton_unpacked"),  # ... W4A8 does not (the reference took these before)
 ])
 def test_int4_rot_path_by_rows(on_h200: None, rows: int, k: int, dtype: torch.dtype, want: str) -> None:
     x = torch.empty(1, rows, k, dtype=dtype)
@@ -53,3 +53,24 @@ def test_the_unpacked_backend_fuses_what_the_w4a8_one_does() -> None:
     assert (a.fuses_low_rank, a.fuses_input_act, a.fuses_gated_act) == (b.fuses_low_rank, b.fuses_input_act,
                                                                          b.fuses_gated_act) == (True, True, True)
     assert b.plan is not None
+
+
+@pytest.mark.parametrize("rows,allow,want", [
+    (4096, ("triton",), "triton"), (4096, ("triton_w4a16", "torch"), "triton_w4a16"), (1, ("dequant",), "dequant"),
+    (16, ("triton_unpacked", "triton"), "triton"), (4096, ("scaled_mm",), "triton_unpacked"),
+])
+def test_a_policy_allow_list_is_honoured(on_h200: None, rows: int, allow: tuple, want: str) -> None:
+    """``DispatchPolicy.allow`` names the backends a choice may take (the node pack's backend option): the first
+    allowed path in the rule's order; an allow list naming none of the kind's backends leaves the rule's pick."""
+    from comfyquant.runtime.kernels.policy import DispatchPolicy
+
+    x = torch.empty(rows, 3072, dtype=torch.bfloat16)
+    assert builtin._choose_int4(x, 3072, 3072, (256,), DispatchPolicy(allow=allow)).name == want
+
+
+def test_k_not_a_multiple_of_64_never_gets_the_w4a8_kernel(on_h200: None) -> None:
+    from comfyquant.runtime.kernels.policy import DispatchPolicy
+
+    x = torch.empty(32, 1296, dtype=torch.bfloat16)
+    got = builtin._choose_int4(x, 3072, 1296, (16,), DispatchPolicy(allow=("triton", "torch")))
+    assert got.name == "torch"

@@ -151,6 +151,10 @@ def test_runtime_options_map_onto_backend_names_and_dispatch_policies() -> None:
         assert set(no_small.allow) == set(backends_for(kind)) - {"dequant", "triton_w8a16"} and no_small.mode == "eager"
         assert "torch" in no_small.allow
     assert RuntimeOptions(use_triton=False).backend_for("int8").allow == ("torch", "dequant")
+    # int4_rot: the weight-only kernel is left out with the others, and the choice honours the allow list
+    int4 = RuntimeOptions(small_batch_fallback=False).backend_for("int4_rot")
+    assert set(int4.allow) == set(backends_for("int4_rot")) - {"dequant", "triton_w4a16"}
+    assert RuntimeOptions(use_triton=False).backend_for("int4_rot").allow == ("torch", "dequant")
     assert RuntimeOptions(cuda_graphs=True).backend_for("int8").mode == "graph"
     measured = RuntimeOptions(measure_backends=True).backend_for("int8")
     assert measured.measure and measured.mode == "eager" and set(measured.allow) == set(backends_for("int8"))

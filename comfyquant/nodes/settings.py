@@ -25,7 +25,8 @@ OUTLIER_METHODS = ("none", "hadamard", "smoothquant")
 SMOOTH_FORMATS = ("int8", "fp8")  # formats whose layers take SmoothQuant's per-input-channel pre_quant_scale
 DEFAULT_ALPHA = 0.5
 KITCHEN = "comfy-kitchen"
-WEIGHT_ONLY = ("dequant", "triton_w8a16")  # backends that run small batches without quantizing activations
+WEIGHT_ONLY = ("dequant", "triton_w8a16", "triton_w4a16")  # backends that run small batches without quantizing
+# activations
 
 
 def available_formats() -> tuple[str, ...]:

@@ -429,20 +429,32 @@ W4A16_ONE_ROW = (3072, 8192)  # (least K, N below which) one row takes the weigh
 
 
 def _choose_int4(x, n, k, opts, policy) -> BackendChoice:
+    """By rows: weight-only up to 16 (one row on narrow long-K layers only), W4A8 to 255, unpacked + W8A8 from 256
+    (and for any K the W4A8 kernel's 64-column step does not divide); the first of those ``policy.allow``s, then
+    the other backends in that order (none allowed: the rule's pick, as the int8 kind does)."""
     cap = device_capability(x.device)
     if cap is None or cap < (8, 0) or not triton_available():
         return BackendChoice("torch", f"{x.device.type}: W4A8 reference (unpack, rotate, per-token int8, _int_mm)")
     rows = x.numel() // max(int(x.shape[-1]), 1)
+    prefs: list[tuple[str, str]] = []
     one_row_ok = k >= W4A16_ONE_ROW[0] and n < W4A16_ONE_ROW[1]
     if rows <= W4A16_MAX_ROWS and (rows > 1 or one_row_ok) and x.dtype in (torch.float16, torch.bfloat16):
-        return BackendChoice("triton_w4a16", f"M={rows} <= {W4A16_MAX_ROWS}: weight-only (x rotated, int4 "
-                                             "unpacked in registers; a quarter of bf16's weight bytes)")
+        prefs.append(("triton_w4a16", f"M={rows} <= {W4A16_MAX_ROWS}: weight-only (x rotated, int4 unpacked in "
+                                      "registers; a quarter of bf16's weight bytes)"))
     if rows >= W4_UNPACK_MIN_ROWS:
-        return BackendChoice("triton_unpacked", f"M={rows} >= {W4_UNPACK_MIN_ROWS}: int4 unpacked to int8 codes "
-                                                "(one pass), then the W8A8 GEMM (bit-equal to W4A8, faster)")
-    if k % 64:
-        return BackendChoice("torch", f"K={k} is not a multiple of 64 (the W4A8 kernel's K step)")
-    return BackendChoice("triton", f"sm_{cap[0]}{cap[1]}: Triton W4A8 (int4 unpacked in the GEMM)")
+        prefs.append(("triton_unpacked", f"M={rows} >= {W4_UNPACK_MIN_ROWS}: int4 unpacked to int8 codes (one "
+                                         "pass), then the W8A8 GEMM (bit-equal to W4A8, faster)"))
+    if k % 64 == 0:
+        prefs.append(("triton", f"sm_{cap[0]}{cap[1]}: Triton W4A8 (int4 unpacked in the GEMM)"))
+    prefs += [("triton_unpacked", f"K={k}: not a multiple of the W4A8 kernel's 64-column step; int4 unpacked to "
+                                  "int8 codes, then the W8A8 GEMM (any K)"),
+              ("triton_w4a16", "allowed by the policy: weight-only"),
+              *((("triton", "allowed by the policy: W4A8"),) if k % 64 == 0 else ()),
+              ("dequant", "allowed by the policy: dequantized weight + F.linear"),
+              ("torch", "allowed by the policy: the reference")]
+    allow = policy.allow if policy is not None else ()
+    name, reason = next((p for p in prefs if p[0] in allow), prefs[0]) if allow else prefs[0]
+    return BackendChoice(name, reason)
 
 
 INT8 = register_kernel_kind(KernelKind(
