@@ -6,10 +6,13 @@ reference distance) and with itself on a second launch (the partials are summed 
 deterministic). ``--fp8``: fp8 e4m3 weights (per-row scales) instead of int8, cuBLAS ``_scaled_mm`` (the same
 per-row fp8 activation pass) timed beside; ``--wide``: the >= 8,192-wide layers (run 53: fp8 weight-only ran
 0.72-0.97x bf16 there on the unsplit 128-column tiles where int8 ran 1.14-1.45x), 128-column tiles among the
-candidates.
+candidates. ``--int4``: int4_rot's packed weights (two per byte along K, ``w8a16_linear(..., packed=True)``, the
+runtime's path at 1-16 rows): run 73 had them at 0.65-1.01x bf16 at one row on the int8 tiles, the unpacking
+bounding them as fp8's conversion did.
 
     python benchmarks/bench_w8a16_split.py --out results/      # a CUDA GPU
     python benchmarks/bench_w8a16_split.py --out results/ --fp8 --wide
+    python benchmarks/bench_w8a16_split.py --out results/ --int4 --wide
 """
 
 from __future__ import annotations
@@ -33,14 +36,26 @@ WIDE = {"flux.qkv": (3072, 9216), "flux.mlp0": (3072, 12288), "flux.linear1": (3
 L2_PAST = 200 << 20
 
 
-def _weights(w: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, per-row scales) of ``w``: int8 (``quantize_rowwise``) or fp8 e4m3 (amax / 448 per row)."""
-    if not fp8:
+def _weights(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-row scales) of ``w``: int8 (``quantize_rowwise``), fp8 e4m3 (amax / 448 per row) or int4 packed
+    two per byte (amax / 7 per row)."""
+    if fmt == "int8":
         from comfyquant.quant.int8 import quantize_rowwise
 
         return quantize_rowwise(w)
+    if fmt == "int4":
+        from comfyquant.quant.int4 import pack_int4
+
+        s = (w.abs().amax(dim=1, keepdim=True) / 7.0).clamp_min(1e-12)
+        return pack_int4(torch.round(w / s).clamp(-7, 7).to(torch.int8)), s.float()
     s = (w.abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)
     return (w / s).to(torch.float8_e4m3fn), s.float()
+
+
+def _dequant(q: torch.Tensor, s: torch.Tensor, fmt: str) -> torch.Tensor:
+    from comfyquant.quant.int4 import unpack_int4
+
+    return (unpack_int4(q) if fmt == "int4" else q).double() * s.double()
 
 
 def main() -> int:
@@ -48,7 +63,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--fp8", action="store_true", help="fp8 e4m3 weights; cuBLAS _scaled_mm timed beside")
     p.add_argument("--wide", action="store_true", help="the >= 8,192-wide layers, 128-column tiles too")
+    p.add_argument("--int4", action="store_true", help="int4_rot's packed weights (the runtime's 1-16-row path)")
     a = p.parse_args()
+    if a.fp8 and a.int4:
+        p.error("--fp8 and --int4 are two weight formats: one at a time")
+    fmt = "fp8" if a.fp8 else "int4" if a.int4 else "int8"
     from comfyquant.bench.layers import graph_time_us
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels.configs import fit_stages, w8a16_config
@@ -60,16 +79,16 @@ def main() -> int:
     for name, (k, n) in (WIDE if a.wide else SHAPES).items():
         copies = max(2, min(32, L2_PAST // (n * k)))
         ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(copies)]
-        qs = [_weights(w, a.fp8) for w in ws]
+        qs = [_weights(w, fmt) for w in ws]
         wb = [w.bfloat16() for w in ws]
         del ws
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda").bfloat16()
-            ref = (x.double() @ (qs[0][0].double() * qs[0][1].double()).t())
+            ref = x.double() @ _dequant(*qs[0], fmt).t()
             base = w8a16_config(m, n, k, sms, fp8=a.fp8)
             row: dict = {"shape": name, "m": m, "k": k, "n": n, "picked": str(base), "us": {}, "rel_f64": {}}
             row["us"]["picked"] = graph_time_us(
-                lambda q, s, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16), qs)
+                lambda q, s, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16, packed=a.int4), qs)
             row["us"]["bf16"] = graph_time_us(lambda w, x=x: torch.nn.functional.linear(x, w), [(w,) for w in wb])
             if a.fp8 and k % 16 == 0 and n % 16 == 0:  # the fp8 kind's other candidate
                 row["us"]["scaled_mm"] = graph_time_us(
@@ -80,15 +99,17 @@ def main() -> int:
                     cfg = fit_stages(dataclasses.replace(base, block_n=bn, split_k=split), a_bytes=2, b_bytes=1)
                     tag = f"bn{bn}_s{split}"
                     try:
-                        y = ti.w8a16_linear(x, qs[0][0], qs[0][1], None, None, torch.bfloat16, cfg=cfg)
-                        again = ti.w8a16_linear(x, qs[0][0], qs[0][1], None, None, torch.bfloat16, cfg=cfg)
+                        y = ti.w8a16_linear(x, qs[0][0], qs[0][1], None, None, torch.bfloat16, cfg=cfg, packed=a.int4)
+                        again = ti.w8a16_linear(x, qs[0][0], qs[0][1], None, None, torch.bfloat16, cfg=cfg,
+                                                packed=a.int4)
                         if unsplit is None:
                             unsplit = y
                         row["rel_f64"][tag] = float((y.double() - ref).norm() / ref.norm())
                         row.setdefault("deterministic", {})[tag] = bool(torch.equal(y, again))
                         row.setdefault("max_diff_vs_unsplit", {})[tag] = float((y.float() - unsplit.float()).abs().max())
                         row["us"][tag] = graph_time_us(
-                            lambda q, s, cfg=cfg, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16, cfg=cfg), qs)
+                            lambda q, s, cfg=cfg, x=x: ti.w8a16_linear(x, q, s, None, None, torch.bfloat16, cfg=cfg,
+                                                                       packed=a.int4), qs)
                     except Exception as e:  # recorded
                         row.setdefault("errors", {})[tag] = f"{type(e).__name__}: {str(e)[:200]}"
             best = min((v, c) for c, v in row["us"].items() if c not in ("bf16", "picked", "scaled_mm"))
@@ -102,7 +123,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    stem = "w8a16_split" + ("_fp8" if a.fp8 else "") + ("_wide" if a.wide else "")
+    stem = "w8a16_split" + ("" if fmt == "int8" else f"_{fmt}") + ("_wide" if a.wide else "")
     (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     bad = [r["shape"] for r in rows if not all(r.get("deterministic", {}).values()) or r.get("errors")
            or max(r["rel_f64"].values()) > 2 * min(r["rel_f64"].values()) + 1e-3]

@@ -139,6 +139,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # 128-column tiles, int8 1.14-1.45x): which tile / split, against cuBLAS fp8
         "w8a16_fp8_wide": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split"), "--fp8",
                             "--wide"]],
+        # int4_rot's packed weight-only path at 1 / 16 rows: its tiles and K slices, wide and narrow layers
+        "w8a16_int4": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split"), "--int4"],
+                       [PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split"), "--int4",
+                        "--wide"]],
         # the one-launch W8A8 path from 64 rows (row-block kernel) against two launches and bf16 on 640-4,096-wide
         # layers: eager wall, GPU time, tile configurations, bit-equality with the two-launch path
         "fused_rows": [[PY, "benchmarks/bench_fused_rows.py", "--out", str(work / "fused_rows"), "--budget-s",
