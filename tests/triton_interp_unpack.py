@@ -25,6 +25,14 @@ def _packed(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)), torch.rand(n, generator=g) * 0.01 + 1e-3
 
 
+def _low_rank(k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A rank-8 low-rank term padded to 16 rows (a dynamic LoRA as the kernels take it), fp16."""
+    gen = torch.Generator().manual_seed(seed)
+    down, up = torch.zeros(16, k), torch.zeros(16, n)
+    down[:8], up[:8] = torch.randn(8, k, generator=gen) * 0.1, torch.randn(8, n, generator=gen) * 0.1
+    return down.to(F16), up.to(F16), 8
+
+
 def check_unpack_kernel() -> None:
     from comfyquant.quant.int4 import unpack_int4
     from comfyquant.runtime.kernels import triton_unpack as tu
@@ -60,10 +68,7 @@ def check_unpacked_linear() -> None:
     # a low-rank term (a dynamic LoRA) in the GEMM epilogue, as the W4A8 kernel adds it
     m, k, n, g = 5, 128, 48, 16
     packed, sw = _packed(n, k, seed=70)
-    gen = torch.Generator().manual_seed(71)
-    down, up = torch.zeros(16, k), torch.zeros(16, n)
-    down[:8], up[:8] = torch.randn(8, k, generator=gen) * 0.1, torch.randn(8, n, generator=gen) * 0.1
-    lr = (down.to(F16), up.to(F16), 8)
+    lr = _low_rank(k, n, seed=71)
     x = _x(m, k, F16, seed=72)
     y = tu.w4_unpacked_linear(x, packed, sw, None, g, F16, low_rank=lr)
     record("w4_unpacked_low_rank_equals_w4a8", torch.equal(y, ti.w4a8_linear(x, packed, sw, None, g, F16,
@@ -122,10 +127,7 @@ def check_w4a16() -> None:
         record("w4a16_equals_w8a16_on_codes", torch.equal(y, want), m=m, k=k, n=n, convrot=g, act=act, cfg=str(cfg))
     m, k, n, g = 2, 256, 48, 16
     packed, sw = _packed(n, k, seed=130)
-    gen = torch.Generator().manual_seed(131)
-    down, up = torch.zeros(16, k), torch.zeros(16, n)
-    down[:8], up[:8] = torch.randn(8, k, generator=gen) * 0.1, torch.randn(8, n, generator=gen) * 0.1
-    lr = (down.to(F16), up.to(F16), 8)
+    lr = _low_rank(k, n, seed=131)
     x = _x(m, k, F16, seed=132)
     record("w4a16_low_rank", torch.equal(ti.w8a16_linear(x, packed, sw, None, g, F16, low_rank=lr, packed=True),
                                          ti.w8a16_linear(x, unpack_int4(packed), sw, None, g, F16, low_rank=lr)))

@@ -108,13 +108,18 @@ def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def nibble_codes(p, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The int8 codes ``[ROWS, COLS]`` of int4 bytes ``p`` (int8 ``[ROWS, COLS / 2]``, ``int4_rot``'s packing: byte
+    j's low nibble is column 2j, its high nibble 2j + 1, two's complement): arithmetic shifts on int8 sign-extend
+    each nibble, and the two planes joined on the last axis are the natural column order."""
+    return tl.reshape(tl.join((p << 4) >> 4, p >> 4), (ROWS, COLS))
+
+
+@triton.jit
 def _packed_tile(p_ptrs, mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
-    """A ``[BLOCK_K, BLOCK_N]`` weight tile in ``DTYPE`` from ``[BLOCK_N, BLOCK_K / 2]`` packed bytes (``int4_rot``:
-    byte j's low nibble is column 2j, its high nibble 2j + 1, two's complement): the two nibble planes joined on
-    the last axis are the natural column order, then transposed for the MMA."""
-    p = tl.load(p_ptrs, mask=mask, other=0).to(tl.int32)  # the byte, sign-extended
-    codes = tl.reshape(tl.join(((p & 15) ^ 8) - 8, p >> 4), (BLOCK_N, BLOCK_K))
-    return tl.trans(codes.to(DTYPE))
+    """A ``[BLOCK_K, BLOCK_N]`` weight tile in ``DTYPE`` from ``[BLOCK_N, BLOCK_K / 2]`` packed bytes, transposed
+    for the MMA."""
+    return tl.trans(nibble_codes(tl.load(p_ptrs, mask=mask, other=0), BLOCK_N, BLOCK_K).to(DTYPE))
 
 
 @triton.jit
@@ -443,7 +448,7 @@ def w4a8_joined(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_a
     for _kk in range(0, K // BLOCK_K):
         a = tl.load(a_ptrs)
         p = tl.load(b_ptrs)
-        w = tl.reshape(tl.join((p << 4) >> 4, p >> 4), (BLOCK_N, BLOCK_K))
+        w = nibble_codes(p, BLOCK_N, BLOCK_K)
         acc = tl.dot(w, a, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += HALF

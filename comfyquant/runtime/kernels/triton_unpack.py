@@ -25,6 +25,7 @@ import triton.language as tl
 from comfyquant.runtime.kernels import scratch, triton_int8, triton_plans
 from comfyquant.runtime.kernels.configs import cdiv
 from comfyquant.runtime.kernels.launch import FastKernel, stream_id
+from comfyquant.runtime.kernels.triton_gemm import nibble_codes
 
 BLOCK_N, BLOCK_KH = 32, 128  # rows x packed bytes per program: 4 KB read, 8 KB written
 
@@ -37,10 +38,8 @@ def unpack_int4_kernel(w_ptr, out_ptr, N, KH, stride_w, stride_o, BLOCK_N: tl.co
     offs_k = tl.program_id(1) * BLOCK_KH + tl.arange(0, BLOCK_KH)
     rows = offs_n.to(tl.int64)[:, None]
     mask = (offs_n < N)[:, None] & (offs_k < KH)[None, :]
-    p = tl.load(w_ptr + rows * stride_w + offs_k[None, :], mask=mask, other=0).to(tl.int32)  # sign-extended byte
-    lo = ((p & 15) ^ 8) - 8
-    hi = p >> 4  # arithmetic shift of the sign-extended byte: the signed high nibble
-    codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_KH))  # [.., j, 2] -> columns 2j, 2j + 1
+    codes = nibble_codes(tl.load(w_ptr + rows * stride_w + offs_k[None, :], mask=mask, other=0), BLOCK_N,
+                         2 * BLOCK_KH)
     offs_o = tl.program_id(1) * (2 * BLOCK_KH) + tl.arange(0, 2 * BLOCK_KH)
     omask = (offs_n < N)[:, None] & (offs_o < 2 * KH)[None, :]
     tl.store(out_ptr + rows * stride_o + offs_o[None, :], codes.to(tl.int8), mask=omask)
@@ -60,13 +59,9 @@ def _key(args: tuple) -> tuple:
     return _UNPACK.key(args, 4, 1)
 
 
-def _rows_contiguous(w: torch.Tensor) -> torch.Tensor:
-    return w if w.stride(-1) == 1 else w.contiguous()
-
-
 def unpack_int4_into(w_packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` (int8 ``[N, K]``, rows contiguous) filled with the codes of ``w_packed`` (int8 ``[N, K/2]``)."""
-    w_packed = _rows_contiguous(w_packed)
+    w_packed = triton_int8._contig_rows(w_packed)
     grid, args = _launch(w_packed, out)
     _UNPACK(grid, args, w_packed.device, num_warps=4, num_stages=1, key=_key(args))
     return out
@@ -92,7 +87,7 @@ def plan_w4_unpacked(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Ten
     """The eager plan of :func:`w4_unpacked_linear` for ``x``'s signature, or None: the unpack launch into this
     stream's workspace buffer, then the W8A8 plan made on that buffer. It keeps the buffer (a grown workspace
     retires it, the plan still owns it); a call on another stream takes the general path."""
-    w_packed = _rows_contiguous(w_packed)
+    w_packed = triton_int8._contig_rows(w_packed)
     stream = triton_plans.raw_stream(x.device)
     st0 = stream()
     w8 = _workspace_codes(w_packed, st0)
