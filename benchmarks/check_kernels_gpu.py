@@ -611,8 +611,11 @@ def check_w4a8() -> None:
             pick = choose_backend(xs, kind="int4_rot", n=n, k=k, opts=(g,)).name  # one row: long K, N < 8192 only
             want_auto = y16 if pick == "triton_w4a16" else ti.w4a8_linear(xs, packed, sw, bias, g, torch.bfloat16)
             auto16 = int4_rot_linear(xs, packed, sw, bias, convrot_group=g)
+            again = torch.equal(y16, ti.w8a16_linear(xs, packed, sw, bias, g, torch.bfloat16, packed=True))
             record("w4a16_linear", same and e16 <= 2**-6 and torch.equal(auto16, want_auto), m=rows, k=k, n=n,
-                   group=g, rel_vs_w4a8_reference=e16, auto=pick)
+                   group=g, rel_vs_w4a8_reference=e16, auto=pick, packed_equals_unpacked=same,
+                   auto_equals_pick=torch.equal(auto16, want_auto), repeat_equal=again,
+                   auto_rel=rel(auto16, want_auto))
 
 
 def check_cuda_graphs() -> None:
@@ -743,13 +746,14 @@ def check_fp8_triton() -> None:
 
 def check_fp8_low_rank_choice() -> None:
     """The automatic fp8 choice on this device (its measured costs): a rank-32 low-rank term at M=4096 on the
-    Flux qkv / mlp0 shapes takes the fusing Triton GEMM, no term keeps ``_scaled_mm``."""
+    Flux qkv / mlp0 shapes takes the fusing Triton GEMM (without a term the Gluon fp8 GEMM, also "triton", has
+    been the choice since the fifteenth session; ``_scaled_mm`` before)."""
 
     for k, n in ((3072, 9216), (3072, 12288)):
         x = torch.randn(4096, k, device="cuda").bfloat16()
         plain = choose_backend(x, kind="fp8", n=n, k=k)
         lora = choose_backend(x, kind="fp8", n=n, k=k, low_rank=32)
-        record("fp8_low_rank_choice", plain.name == "scaled_mm" and lora.name == "triton", k=k, n=n,
+        record("fp8_low_rank_choice", plain.name in ("scaled_mm", "triton") and lora.name == "triton", k=k, n=n,
                plain=plain.name, with_low_rank=lora.name, reason=lora.reason)
 
 
@@ -966,6 +970,51 @@ def check_attention_cudnn() -> None:
                and on_cudnn is cudnn_first and mode.cudnn == int(cudnn_first), err=err, cudnn_kernel=on_cudnn)
 
 
+def check_norm_fold() -> None:
+    """An RMSNorm folded into the activation quantizer (``acts.RowNorm``): the block kernel's codes bit-equal to
+    the same fp32 arithmetic in torch (codes of ``x * w``, the row factor in the scale), and ``QuantLinear``s with
+    ``input_norm`` at every M on a T5 / Flux width (each path the dispatcher picks: folding ones in their
+    quantizer, the rest after ``acts.rms_norm``) against the layer fed the norm in torch, first call and plan."""
+    from torch import nn
+
+    from comfyquant.runtime import QuantizedTensor
+    from comfyquant.runtime.kernels.acts import RowNorm, rms_norm
+    from comfyquant.runtime.kernels.dispatch import choose_backend
+    from comfyquant.runtime.nn import NormSource, QuantLinear
+
+    for m, k in ((1, 4096), (256, 4096), (4096, 4096), (77, 10240), (1024, 3072)):
+        x = (torch.randn(m, k, device="cuda") * (torch.rand(m, 1, device="cuda") * 4 + 0.1)).bfloat16()
+        w = (torch.rand(k, device="cuda") * 1.5 + 0.25).bfloat16()
+        q, s = triton_quant.quantize_rows_int8(x, norm=RowNorm(w, 1e-6))
+        xw = x.float() * w.float()
+        sc = (xw.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-30)
+        codes = (xw / sc).round().to(torch.int8)
+        want_s = sc * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        d = (q.int() - codes.int()).abs()
+        record("norm_block_quantizer", int(d.max()) == 0 and ((s - want_s).abs() / want_s).max().item() < 1e-5,
+               m=m, k=k, max_code_diff=int(d.max()), scale_rel=((s - want_s).abs() / want_s).max().item())
+    torch.manual_seed(7)
+    for fmt in ("int8", "fp8"):
+        for k, n in ((4096, 4096), (3072, 9216)):
+            lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+            holder = nn.Module()
+            holder.weight = nn.Parameter((torch.rand(k, device="cuda") * 1.5 + 0.25).bfloat16(), requires_grad=False)
+            layer = QuantLinear.from_linear(lin, fmt)
+            plain = QuantLinear.from_linear(lin, fmt)
+            layer.input_norm = NormSource(holder, 1e-6)
+            for m in (1, 16, 77, 256, 1024, 4096):
+                x = torch.randn(1, m, k, device="cuda").bfloat16() * 3
+                y, again = layer(x), layer(x)
+                ref = plain(rms_norm(x, RowNorm(holder.weight, 1e-6)))
+                qt = QuantizedTensor.from_float(lin.weight.detach().float(), fmt)
+                f64 = rms_norm(x.double(), RowNorm(holder.weight.double(), 1e-6)) @ qt.dequantize().double().t() \
+                    + lin.bias.double()
+                pick = choose_backend(x.view(m, k), kind=fmt, n=n, k=k).name
+                e, e_ref = rel(y, f64), rel(ref, f64)
+                record("norm_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again), fmt=fmt, m=m, k=k, n=n,
+                       backend=pick, rel=e, rel_unfolded=e_ref)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for check_kernels.json")
@@ -978,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
                check_ws_lora_wired, check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
                check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
                check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
-               check_siblings):
+               check_siblings, check_norm_fold):
         if only and fn.__name__ not in only:
             continue
         try:

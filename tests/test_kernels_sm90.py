@@ -243,3 +243,32 @@ def test_w4a8_takes_64_column_k_steps(m: int, n: int, k: int) -> None:
     ptx = _compile(ti.W4A8_KERNELS[ti.w4a8_order(m)], args, cfg.warps, cfg.stages, aligned=True).asm["ptx"]
     assert ("wgmma.mma_async" in ptx) == (m >= ti.SMALL_M) and ("mma.sync" in ptx) == (m < ti.SMALL_M)
     _assert_no_spills(ptx)
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(256, 4096, 12288), (300, 15360, 3072)])
+def test_a_folded_norm_compiles_into_the_row_block_and_block_kernels_without_spills(m: int, k: int, n: int) -> None:
+    """An RMSNorm folded into the quantizer (``acts.RowNorm``): the row-block W8A8 kernel and the block activation
+    kernel compile for sm_90 with the norm's weight load and sum of squares, no register spills, and one
+    reciprocal square root per row (the rest of the norm is in the row scale the epilogue applies)."""
+    from test_gluon_gemm import _assert_no_spills
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.acts import RowNorm
+    from comfyquant.runtime.kernels.configs import rows_config
+
+    x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
+    norm = RowNorm(torch.ones(k, dtype=torch.bfloat16), 1e-6)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    cfg = rows_config(m, n)
+    bufs = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(64, dtype=torch.int32))
+    _, args, _ = ti._rows_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs, 0, norm)
+    ptx = _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True).asm["ptx"]
+    _assert_no_spills(ptx)
+    assert "rsqrt.approx" in ptx and "wgmma.mma_async" in ptx
+    q, s = torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1)
+    rows, chunk, warps = tq.block_config(m, k)
+    _, args, _, warps = tq.block_launch(x, q, s, None, tq.MODE_INT8, 127.0, 0, 0, rows, chunk, warps, norm)
+    ptx = _compile(tq._ACT_BLOCKS, args, warps).asm["ptx"]
+    _assert_no_spills(ptx)
+    assert "rsqrt.approx" in ptx

@@ -14,6 +14,7 @@ from comfyquant.nodes.definitions import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_
 from comfyquant.nodes.ops import ComfyQuantLinear
 from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 from comfyquant.runtime.gated import GatedForward
+from comfyquant.runtime.norms import FoldedNorm
 from comfyquant.runtime.siblings import ArmedForward
 
 pytestmark = pytest.mark.comfyui
@@ -89,8 +90,13 @@ def test_clip_node_quantizes_each_encoder_with_its_preset_on_a_clone(comfy: Any)
     gated = {k for k, f in forwards.items() if isinstance(f, GatedForward)}
     assert gated == {f"t5xxl.transformer.encoder.block.{i}.layer.1.DenseReluDense.forward" for i in range(2)}
     assert len(forwards) == 7 and all(isinstance(f, ArmedForward) for k, f in forwards.items() if k not in gated)
-    layers = {k: v for k, v in patches.items() if k not in forwards}
+    # T5's RMSNorms before q,k,v and wi_0 / wi_1: folded into those layers' quantizer (runtime.norms)
+    norms = {k for k, v in patches.items() if isinstance(v, FoldedNorm)}
+    assert norms == {f"t5xxl.transformer.encoder.block.{i}.layer.{j}.layer_norm" for i in range(2) for j in range(2)}
+    layers = {k: v for k, v in patches.items() if k not in forwards and k not in norms}
     assert len(layers) == 32 and all(isinstance(m, ComfyQuantLinear) for m in layers.values())
+    q = layers["t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"]
+    assert q.input_norm.holder is patches["t5xxl.transformer.encoder.block.0.layer.0.layer_norm"]
     assert "clip_l.transformer.text_projection" not in patches  # CLIP's preset keeps the pooled projection
     cond, pooled = _encode(new)
     assert cond.shape == ref_cond.shape and pooled.shape == ref_pooled.shape
@@ -176,7 +182,11 @@ def test_t5_gated_feed_forward_is_folded_into_wo(comfy: Any) -> None:
                                                            runtime=RuntimeOptions(fold_activations=False)))
     ffs = [f"t5xxl.transformer.encoder.block.{i}.layer.1.DenseReluDense" for i in range(2)]
     t5, t5_plain = dict(reports)["t5xxl"], dict(plain_reports)["t5xxl"]
-    assert t5.folded == [f"{p}.wo: gated_gelu_tanh" for p in ffs] and t5_plain.folded == []
+    assert [f for f in t5.folded if "->" not in f] == [f"{p}.wo: gated_gelu_tanh" for p in ffs]
+    assert [f for f in t5.folded if "->" in f] == [  # the RMSNorms before them too (runtime.norms)
+        f"t5xxl.transformer.encoder.block.{i}.layer.{j}.layer_norm -> {c}" for i in range(2)
+        for j, c in ((0, "SelfAttention.q,k,v"), (1, "DenseReluDense.wi_0,wi_1"))]
+    assert t5_plain.folded == []
     for report in (t5, t5_plain):
         assert [f for f in report.fused if "DenseReluDense" in f] == [f"{p}: wi_0,wi_1" for p in ffs]
     patches = folded.patcher.object_patches

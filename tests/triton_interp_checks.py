@@ -22,6 +22,7 @@ from triton_interp import code_diff, group, interp_cast, record, rel
 from triton_interp_attention import GROUPS as ATTENTION_GROUPS
 from triton_interp_fp8 import GROUPS as FP8_GROUPS
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
+from triton_interp_norm import GROUPS as NORM_GROUPS
 from triton_interp_plans import GROUPS as PLAN_GROUPS
 from triton_interp_tiles import GROUPS as TILE_GROUPS
 from triton_interp_unpack import GROUPS as UNPACK_GROUPS
@@ -680,6 +681,7 @@ GROUPS: dict[str, Callable[[], None]] = {
     **PLAN_GROUPS,  # the eager fast paths (triton_interp_plans)
     **TILE_GROUPS,  # the tile activation kernel and its tensor-core rotation (triton_interp_tiles)
     **ATTENTION_GROUPS,  # the int8 attention kernel (triton_interp_attention)
+    **NORM_GROUPS,  # an RMSNorm folded into the activation quantizer (triton_interp_norm)
     **UNPACK_GROUPS,  # int4_rot unpacked per call onto the W8A8 GEMM (triton_interp_unpack)
 }
 

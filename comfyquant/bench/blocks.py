@@ -236,17 +236,63 @@ class T5DenseGatedActDense(nn.Module):
         return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
 
 
-class T5Layer(nn.Module):
-    def __init__(self, d: int = 4096, heads: int = 64, ff: int = 10240) -> None:
+class T5LayerNorm(nn.Module):
+    """ComfyUI's T5 norm (class, attribute names and forward as ``comfy.text_encoders.t5``'s): an RMSNorm in five
+    elementwise ops; ``runtime.norms`` folds it into the quantized linears it feeds."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight.to(x.dtype) * x
+
+
+class T5Attention(nn.Module):
+    """T5's self-attention as ComfyUI's class of this name reads its input: through q / k / v only."""
+
+    def __init__(self, d: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.DenseReluDense = T5DenseGatedActDense(d, ff)  # ComfyUI's child name (keys ...DenseReluDense.wi_0...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _rms(x)
-        x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
-        return x + self.DenseReluDense(_rms(x))
+        return self.o(_attn(self.q(x), self.k(x), self.v(x), self.heads))
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.SelfAttention = T5Attention(d, heads)
+        self.layer_norm = T5LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.SelfAttention(self.layer_norm(x))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.DenseReluDense = T5DenseGatedActDense(d, ff)
+        self.layer_norm = T5LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class T5Layer(nn.Module):
+    """One T5 v1.1 block with ComfyUI's module tree (``layer.0.SelfAttention.q``, ``layer.1.DenseReluDense.wi_0``,
+    their ``layer_norm``s): the structure the node pack and ``quantize_`` see in ComfyUI's T5."""
+
+    def __init__(self, d: int = 4096, heads: int = 64, ff: int = 10240) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([T5LayerSelfAttention(d, heads), T5LayerFF(d, ff)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer[1](self.layer[0](x))
 
 
 class T5(nn.Module):

@@ -127,6 +127,15 @@ def variants(name: str, ck_fn: Callable | None,
             model, args = build(name)
             quantize_(model, QuantizeConfig(format=fmt, min_features=1, fold_activations=False))
             yield "int8_nofold", model, args
+        if fmt == "int8" and any("->" in f for f in summary.folded):  # RMSNorms folded: the same without them
+            for variant, fuse in (("int8_nonorm", False), ("int8_fused_nonorm", True)):
+                if want(variant):
+                    from comfyquant.runtime.siblings import fuse_sibling_projections
+
+                    model, args = build(name)
+                    quantize_(model, QuantizeConfig(format=fmt, min_features=1, fold_norms=False))
+                    if not fuse or fuse_sibling_projections(model):
+                        yield variant, model, args
     # the rotated formats through the product's path (QuantLinear, bound calls, eager plans): int8 convrot and
     # the W4A8 kernel (before 2026-12-04 the W4A8 variant called the kernel directly, without plans)
     for variant, fmt in (("int8_rot", "int8-rot"), ("int4_rot", "int4-rot")):

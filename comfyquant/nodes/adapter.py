@@ -35,7 +35,8 @@ from comfyquant.nodes.smoothing import Smoothing, open_smoothing, resolve_calibr
 from comfyquant.runtime.fold import foldable_pairs, foldable_projections
 from comfyquant.runtime.gated import gated_group, gated_mlps, inputs_fuse
 from comfyquant.runtime.kernels.backends import device_capability
-from comfyquant.runtime.nn import QuantLinear
+from comfyquant.runtime.nn import NormSource, QuantLinear
+from comfyquant.runtime.norms import FoldedNorm, foldable_norms, weight_folds_norm
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
 from comfyquant.runtime.siblings import ArmedForward, SiblingGroup, sibling_groups
 from comfyquant.runtime.tensor import QuantizedTensor
@@ -398,6 +399,18 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         # to the projection alone (patching the module itself and its proj child both would restore them out of order)
         folds.update({layer: (f"{path}.forward", _projection_only(dm.get_submodule(path)), act)
                       for path, layer, act in foldable_projections(dm, targets)})
+    norms: dict[str, NormSource] = {}
+    if settings.runtime.fold_activations:  # RMSNorms before converted layers (runtime.norms): in their quantizer
+        def norm_fits(path: str, mod: nn.Module | None) -> bool:
+            return path in new_layers and path not in folds and weight_folds_norm(new_layers[path])
+
+        for path, norm_name, consumer_name, names, eps in foldable_norms(dm, norm_fits):
+            norm_path = f"{path}.{norm_name}" if path else norm_name
+            holder = FoldedNorm(dm.get_submodule(norm_path), eps)  # the norm's own weight Parameter, same key
+            clone.add_object_patch(prefix + norm_path, holder)
+            base = f"{path}.{consumer_name}" if path else consumer_name
+            norms.update({f"{base}.{n}": NormSource(holder, eps) for n in names})
+            report.folded.append(f"{norm_path} -> {consumer_name}.{','.join(names)}")
     siblings: dict[str, tuple[SiblingGroup, int]] = {}
     if settings.runtime.fold_activations and settings.runtime.fuse_projections:  # gated MLPs: act(first) * second
         siblings = _fold_gated(clone, dm, new_layers, linears, folds, prefix, report)  # applied by the down proj
@@ -408,6 +421,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         src = linears[name]
         layer = ComfyQuantLinear.wrap(qt, src.bias)
         layer.sibling = siblings.get(name)
+        layer.input_norm = norms.get(name)
         if name in folds:
             patch_path, patch, layer.input_act = folds[name]
             clone.add_object_patch(prefix + patch_path, patch)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfyquant.lora.sidepath import LoRASidePath
-from comfyquant.runtime.kernels.acts import apply_input_act
+from comfyquant.runtime.kernels.acts import apply_input_act, rms_norm
 from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
 from comfyquant.runtime.tensor import QuantizedTensor
 from comfyquant.runtime.versions import version
@@ -52,6 +52,7 @@ class ComfyQuantLinear(QuantLinear):
         old_bias = layer._parameters["bias"]
         mod = cls.wrap(layer.qweight if weight is None else weight, old_bias if bias is None else bias)
         mod.input_act = getattr(layer, "input_act", None)  # its activation module was folded away
+        mod.input_norm = layer.__dict__.get("input_norm")  # its norm module was folded away
         mod.sibling = getattr(layer, "sibling", None)  # its group reads members live: the new layer fuses too
         side = layer.adapter
         if side is not None:
@@ -117,9 +118,11 @@ class ComfyQuantLinear(QuantLinear):
             bias = self._bias_as(bias, x.dtype)
         side = self._side_for(x)
         act = getattr(self, "input_act", None)
+        src = self.__dict__.get("input_norm")
+        norm = None if src is None else src.row_norm()
         if self.weight_function or self.bias_function:
             # a patch ComfyUI applies on the fly (lowvram LoRA, weight wrapper): run it on the float weight
-            x = apply_input_act(x, act)
+            x = apply_input_act(x if norm is None else rms_norm(x, norm), act)
             wf = w.dequantize().to(x.dtype)
             for f in self.weight_function:
                 wf = f(wf)
@@ -129,7 +132,7 @@ class ComfyQuantLinear(QuantLinear):
             return y if side is None else side(x, y)
         # the bound fast path for the layer's own weight (a copy moved here for this call is not bound)
         fn = None if w is not self._parameters["weight"] or torch.compiler.is_compiling() else bound_linear(w, bias)
-        return run_linear(fn, x, w, bias, side, act)
+        return run_linear(fn, x, w, bias, side, act, norm)
 
 
 def is_plain_linear(mod: nn.Module) -> bool:

@@ -30,6 +30,7 @@ from torch import nn
 from comfyquant.runtime.gated import fold_gated_mlps
 from comfyquant.runtime.kernels.acts import act_of_module, projected_act_of_module
 from comfyquant.runtime.nn import QuantLinear
+from comfyquant.runtime.norms import fold_norms
 
 
 def foldable_pairs(model: nn.Module, is_target: Callable[[str, nn.Module], bool]) -> list[tuple[str, str, str]]:
@@ -86,11 +87,12 @@ def _unfolded_quant_linear(path: str, mod: nn.Module) -> bool:
     return isinstance(mod, QuantLinear) and getattr(mod, "input_act", None) is None
 
 
-def fold_input_activations(model: nn.Module, gated: bool = True) -> list[str]:
+def fold_input_activations(model: nn.Module, gated: bool = True, norms: bool = True) -> list[str]:
     """Fold every ``nn.Sequential`` pair (activation module, ``QuantLinear`` without an input activation yet)
-    in ``model``, and with ``gated`` every gated MLP (``runtime.gated.fold_gated_mlps``: its input projections
-    then run as one GEMM); returns the folded layers' names (``"blocks.0.mlp.2: gelu_tanh"``)."""
-    folded = []
+    in ``model``, with ``gated`` every gated MLP (``runtime.gated.fold_gated_mlps``: its input projections
+    then run as one GEMM) and with ``norms`` every RMSNorm ``runtime.norms`` knows before quantized linears;
+    returns what was folded (``"blocks.0.mlp.2: gelu_tanh"``, ``"layer.0.layer_norm -> SelfAttention.q,k,v"``)."""
+    folded = fold_norms(model) if norms else []
     for act_path, layer_path, act in foldable_pairs(model, _unfolded_quant_linear):
         model.get_submodule(layer_path).input_act = act
         parent, _, key = act_path.rpartition(".")

@@ -17,7 +17,7 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
-from comfyquant.runtime.kernels.acts import apply_input_act
+from comfyquant.runtime.kernels.acts import RowNorm, apply_input_act, rms_norm
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for
 from comfyquant.runtime.tensor import REGISTRY, Layout, QuantizedTensor
@@ -80,14 +80,19 @@ def bound_linear(w: QuantizedTensor, bias: torch.Tensor | None) -> Callable[[tor
 
 def run_linear(fn: Callable[..., torch.Tensor] | None, x: torch.Tensor, w: QuantizedTensor,
                bias: torch.Tensor | None, adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-               input_act: str | None = None) -> torch.Tensor:
-    """The layer's output for ``input_act(x)``: the bound call ``fn`` (None: the handler path) plus the
-    ``adapter`` side path. Without an adapter the bound call applies ``input_act`` itself (inside the kernel
-    where the backend can); an adapter reads the activated x, so it is computed first then. An adapter with
-    ``fused_operands(x)`` (dynamic LoRAs) hands its low-rank part to the bound call, whose kernel adds it in
-    the GEMM epilogue where it can, and then adds the rest with ``adapter.rest(x, y)``."""
+               input_act: str | None = None, norm: RowNorm | None = None) -> torch.Tensor:
+    """The layer's output for ``input_act(x)`` (or ``rms_norm(x)``, ``norm``: a folded RMSNorm): the bound call
+    ``fn`` (None: the handler path) plus the ``adapter`` side path. Without an adapter the bound call applies
+    ``input_act`` / ``norm`` itself (inside the kernel where the backend can); an adapter reads the activated
+    x, so it is computed first then. An adapter with ``fused_operands(x)`` (dynamic LoRAs) hands its low-rank
+    part to the bound call, whose kernel adds it in the GEMM epilogue where it can, and then adds the rest with
+    ``adapter.rest(x, y)``."""
     if fn is not None and adapter is None:
+        if norm is not None:
+            return fn(x, None, input_act, norm)
         return fn(x) if input_act is None else fn(x, None, input_act)
+    if norm is not None:
+        x = rms_norm(x, norm)
     x = apply_input_act(x, input_act)
     if fn is None:
         y = linear(x, w, bias)
@@ -97,6 +102,20 @@ def run_linear(fn: Callable[..., torch.Tensor] | None, x: torch.Tensor, w: Quant
     if low_rank is None:
         return adapter(x, fn(x))
     return adapter.rest(x, fn(x, low_rank))  # type: ignore[attr-defined]
+
+
+class NormSource:
+    """A folded RMSNorm as a layer reads it per call: the module holding its weight (``runtime.norms``'s stand-in,
+    under the norm's own state-dict key, so a loaded or patched weight is the one used) and its eps."""
+
+    __slots__ = ("eps", "holder")
+
+    def __init__(self, holder: nn.Module, eps: float) -> None:
+        self.holder = holder
+        self.eps = float(eps)
+
+    def row_norm(self) -> RowNorm:
+        return RowNorm(self.holder._parameters.get("weight"), self.eps)
 
 
 class QuantLinear(nn.Module):
@@ -139,6 +158,9 @@ class QuantLinear(nn.Module):
         # ``fold_input_activations``, which replaces the model's separate activation module, so the kernels can
         # apply it while they read x. Structural, like ``adapter``: not in the state dict.
         self.input_act: str | None = None
+        # An RMSNorm this layer applies to its input first (``runtime.norms``: the model's norm module, folded;
+        # ``NormSource.row_norm()`` reads its weight at call time). Structural, not in the state dict.
+        self.input_norm: NormSource | None = None
         # Logical dtype / device a weight loaded into this (still empty) layer gets.
         self.load_dtype = weight.dtype if weight is not None else (dtype or torch.float32)
         self.load_device = torch.device(device) if device is not None else None
@@ -193,6 +215,8 @@ class QuantLinear(nn.Module):
                 extra += ", scale=" + ("tensor" if scale.numel() == 1 else "row")
         if getattr(self, "input_act", None) is not None:
             extra += f", input_act={self.input_act}"
+        if getattr(self, "input_norm", None) is not None:
+            extra += ", input_norm=rms_norm"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={fmt}{extra}, backend={self.backend or 'auto'}")
 
@@ -206,7 +230,9 @@ class QuantLinear(nn.Module):
         bias = self._parameters["bias"]
         w = self.qweight
         fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)
-        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None))  # (older pickles lack it)
+        src = self.__dict__.get("input_norm")  # (older pickles lack it and input_act)
+        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None),
+                          None if src is None else src.row_norm())
 
     # ---- serialization ---------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

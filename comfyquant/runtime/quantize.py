@@ -44,7 +44,8 @@ class QuantizeConfig:
     The plan is ``QuantizeSummary.auto``. ``filter_fn`` is consulted when quantizing, not while planning.
 
     ``fold_activations``: an activation module right before a quantized layer in an ``nn.Sequential`` (GELU,
-    SiLU) is folded into that layer (``runtime.fold``), so the GPU kernels apply it as they read x.
+    SiLU) is folded into that layer (``runtime.fold``), so the GPU kernels apply it as they read x; with
+    ``fold_norms`` too an RMSNorm before quantized linears, in the classes ``runtime.norms`` knows (T5, Llama).
     """
 
     format: str = "int8"
@@ -63,6 +64,7 @@ class QuantizeConfig:
     allow_comfyquant_formats: bool = False
     probe: Any = None
     fold_activations: bool = True
+    fold_norms: bool = True
 
     def __post_init__(self) -> None:
         if self.format == AUTO:
@@ -202,7 +204,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None) -> Quantiz
         raise UserError("quantize_ replaces layers inside a model; for a bare nn.Linear use QuantLinear.from_linear")
     summary = _quantize_auto(model, config) if config.format == AUTO else _quantize_uniform(model, config)
     if config.fold_activations:
-        summary.folded = fold_input_activations(model)
+        summary.folded = fold_input_activations(model, norms=config.fold_norms)
     return summary
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comfyquant.runtime.kernels.acts import rms_norm
 from comfyquant.runtime.layouts.generic import FormatParams
 from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
 from comfyquant.runtime.tensor import QuantizedTensor
@@ -361,13 +362,17 @@ class SiblingGroup:
         """The fused GEMM on ``x`` (the members' LoRA low-rank terms in its epilogue) and each member's output:
         its column view of it, plus what its side path adds that the kernel did not; None where the members'
         LoRA ranks sum past :data:`MAX_STACKED_RANK` (they compute alone)."""
+        src = members[0].__dict__.get("input_norm")  # a folded RMSNorm, the same for every member (_members)
+        norm = None if src is None else src.row_norm()
         sides = [_side_of(m, x) for m in members]
+        if norm is not None and any(side is not None for side in sides):
+            x, norm = rms_norm(x, norm), None  # side paths read the normed x
         parts = [_low_rank_of(side, x) for side in sides]
         if sum(p[2] for p in parts if p is not None) > MAX_STACKED_RANK:
             return None
         bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
         term = self._low_rank(f, parts, x)
-        y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, term)
+        y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, term, norm=norm)
         views = list(y.split(f.sizes, -1))
         for k, side in enumerate(sides):  # what the kernel did not add: a member's dense / bias diffs, or all of it
             if side is not None:
@@ -413,8 +418,11 @@ class SiblingGroup:
 
     def _members(self, plan: tuple[int, ...], x: torch.Tensor) -> list[nn.Module] | None:
         """The live plan members, or None when one of them must compute alone (not this group's member, a
-        ComfyUI weight / bias function, a folded input activation, a weight or bias on another device)."""
+        ComfyUI weight / bias function, a folded input activation, a folded norm not the others', a weight or
+        bias on another device)."""
         out = []
+        first = self.parent._modules.get(self.names[plan[0]]) if plan else None
+        norm = None if first is None else first.__dict__.get("input_norm")
         for j in plan:
             m = self.parent._modules.get(self.names[j])
             sib = getattr(m, "sibling", None)
@@ -422,6 +430,9 @@ class SiblingGroup:
                 return None
             own = m.__dict__  # instance attributes (nn.Module.__getattr__ raises, slowly, for missing ones)
             if own.get("weight_function") or own.get("bias_function") or own.get("input_act") is not None:
+                return None
+            src = own.get("input_norm")
+            if src is not norm and (src is None or norm is None or src.holder is not norm.holder):
                 return None
             w, b = m._parameters.get("weight"), m._parameters.get("bias")
             if not isinstance(w, QuantizedTensor) or w.device != x.device or (b is not None and b.device != x.device):

@@ -387,36 +387,61 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
 @triton.jit
 def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stride_om, qmax,
                       R: tl.constexpr, BK: tl.constexpr, NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
-                      ACT: tl.constexpr):
+                      ACT: tl.constexpr, nw_ptr, eps, NORM: tl.constexpr):
     """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program: :func:`quantize_rows`."""
     quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, tl.program_id(0) * R + tl.arange(0, R), M, K, stride_xm,
-                  stride_om, qmax, BK, NCH, MODE, PERM, ACT)
+                  stride_om, qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, NORM)
+
+
+@triton.jit
+def rms_weighted(x, nw_ptr, o, K, NORM: tl.constexpr):
+    """``x`` times a folded RMSNorm's weight at columns ``o`` (``NORM`` 2), else x."""
+    if NORM == 2:
+        x = x * tl.load(nw_ptr + o, mask=o < K, other=0.0).to(tl.float32)[None, :]
+    return x
+
+
+@triton.jit
+def rms_part(x, ss, nw_ptr, o, K, NORM: tl.constexpr):
+    """(x times the folded RMSNorm's weight, the rows' sum of squares of x so far plus this chunk's) for
+    ``NORM`` 1 (no weight) / 2 (a weight); ``NORM`` 0: x and ``ss`` as they are."""
+    if NORM != 0:
+        ss = ss + tl.sum(x * x, axis=1)
+    return rms_weighted(x, nw_ptr, o, K, NORM), ss
 
 
 @triton.jit
 def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, stride_om, qmax, BK: tl.constexpr,
-                  NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr):
+                  NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr, nw_ptr, eps,
+                  NORM: tl.constexpr):
     """Codes and scales of the rows ``rows`` (those < M), ``BK`` columns at a time: one pass with the rows in
     registers when ``NCH == 1``, else two unrolled passes over ``NCH`` chunks (absmax, then codes; the re-read
     hits L2); :func:`_div` instead of a division per element. The block kernel's body, and the one-launch W8A8
-    kernel's (``triton_gemm.fused_rows``) share of its row block: the same codes from either."""
+    kernel's (``triton_gemm.fused_rows``) share of its row block: the same codes from either.
+
+    ``NORM`` (dynamic scales, no input activation): an RMSNorm ``x * rsqrt(mean(x²) + eps) * w`` folded in. Its
+    per-row factor cancels out of per-row codes, so the codes are those of ``x * w`` and the stored scale is
+    their absmax / qmax times ``rsqrt(mean(x²) + eps)``, the sum of squares taken in the absmax pass: the GEMM
+    epilogue, which multiplies by the row scale anyway, applies the norm."""
     R: tl.constexpr = rows.shape[0]
     rmask = rows < M
     cols = tl.arange(0, BK)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_om
+    ss = tl.zeros((R,), dtype=tl.float32)
     if MODE == 2:
         scale = tl.zeros((R,), dtype=tl.float32) + tl.load(static_s_ptr).to(tl.float32)
     elif NCH == 1:
         mask = rmask[:, None] & (cols < K)[None, :]
-        x = _load_act(x_rows + cols[None, :], mask, K, ACT)
+        x, ss = rms_part(_load_act(x_rows + cols[None, :], mask, K, ACT), ss, nw_ptr, cols, K, NORM)
         amax = tl.max(tl.abs(x), axis=1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
     else:
         amax = tl.zeros((R,), dtype=tl.float32)
         for c in tl.static_range(NCH):
             o = c * BK + cols
-            x = _load_act(x_rows + o[None, :], rmask[:, None] & (o < K)[None, :], K, ACT)
+            x, ss = rms_part(_load_act(x_rows + o[None, :], rmask[:, None] & (o < K)[None, :], K, ACT), ss, nw_ptr,
+                            o, K, NORM)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
     inv = tl.math.div_rn(tl.full((R,), 1.0, tl.float32), scale)
@@ -427,6 +452,9 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
         for c in tl.static_range(NCH):
             o = c * BK + cols
             mask = rmask[:, None] & (o < K)[None, :]
-            y = quant_codes(_load_act(x_rows + o[None, :], mask, K, ACT), scale[:, None], inv[:, None], qmax, MODE)
+            x = rms_weighted(_load_act(x_rows + o[None, :], mask, K, ACT), nw_ptr, o, K, NORM)
+            y = quant_codes(x, scale[:, None], inv[:, None], qmax, MODE)
             tl.store(o_rows + _dst(o, PERM)[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    if NORM != 0:
+        scale = scale * tl.math.rsqrt(ss / K + eps)
     tl.store(s_ptr + rows, scale, mask=rmask)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,35 @@ def apply_input_act(x: torch.Tensor, name: str | None) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
     raise ValueError(f"unknown input activation {name!r}; expected one of {sorted(INPUT_ACTS)}")
+
+
+class RowNorm(NamedTuple):
+    """An RMSNorm ``x * rsqrt(mean(x²) + eps) * weight`` (``weight`` None: without one) that the unrotated
+    int8 / fp8 activation quantizers apply as they read x (``act_kernels.quantize_rows``): per-row codes do not
+    see the norm's per-row factor, so the codes are those of ``x * weight`` and the factor goes into the row
+    scale. The weight is read as stored, in fp32 (a model's ``weight.to(x.dtype) * x`` rounds an fp32 weight to
+    a 16-bit x's dtype first)."""
+
+    weight: torch.Tensor | None
+    eps: float
+
+
+def norm_code(norm: RowNorm | None) -> int:
+    """The kernels' ``NORM`` constexpr: 0 none, 1 without a weight, 2 with one."""
+    return 0 if norm is None else 1 if norm.weight is None else 2
+
+
+def norm_args(norm: RowNorm | None, dummy: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(the weight pointer's tensor, eps, ``NORM``) a kernel launch takes; ``dummy`` where nothing is read."""
+    if norm is None:
+        return dummy, 0.0, 0
+    return (dummy if norm.weight is None else norm.weight), float(norm.eps), norm_code(norm)
+
+
+def rms_norm(x: torch.Tensor, norm: RowNorm) -> torch.Tensor:
+    """``norm`` applied to ``x`` in torch, in x's dtype (what the paths that do not fold it compute)."""
+    w = None if norm.weight is None else norm.weight.to(device=x.device, dtype=x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), w, norm.eps)
 
 
 # classes of parameterless SwiGLU modules (ComfyUI's comfy.ldm.flux.layers.SiLUActivation: Flux.2's MLP)

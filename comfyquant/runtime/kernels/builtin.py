@@ -49,7 +49,7 @@ def _int8_dequant(x, w, scales, bias, opts, out_dtype):
     return reference.dequant_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
 
 
-def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, kblock=False):
+def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, kblock=False, norm=None):
     """The one-launch W8A8 kernel; ``kblock`` (backend ``triton_fused_kblock``): activation scales per row and
     128 columns, no absmax pass first; pinned only until its speed is measured on a GPU (docs/KERNEL_NOTES.md)."""
     from comfyquant.runtime.kernels import triton_int8
@@ -57,14 +57,15 @@ def _int8_fused(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, kbloc
     if _opt(opts, 0):
         name = "triton_fused_kblock" if kblock else "triton_fused"
         raise UserError(f"backend '{name}' has no rotation; rotated (convrot) int8 layers use 'triton'")
-    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock)
+    return triton_int8.fused_linear(x, w, scales[0], bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock,
+                                    norm=norm)
 
 
-def _int8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+def _int8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, norm=None):
     from comfyquant.runtime.kernels import triton_int8
 
     return triton_int8.int8_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, low_rank=low_rank,
-                                   act=act)
+                                   act=act, norm=norm)
 
 
 def _int8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
@@ -74,17 +75,27 @@ def _int8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
                                     low_rank=low_rank, act=act)
 
 
-def _plan_int8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+def _plan_int8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
     from comfyquant.runtime.kernels import triton_plans
 
-    return triton_plans.plan_int8(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, act, low_rank)
+    return triton_plans.plan_int8(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype, act, low_rank, norm)
 
 
-def _plan_int8_fused(x, w, scales, bias, opts, out_dtype, act, low_rank=None, kblock=False):
+def _plan_int8_fused(x, w, scales, bias, opts, out_dtype, act, low_rank=None, kblock=False, norm=None):
     from comfyquant.runtime.kernels import triton_plans
 
     return None if _opt(opts, 0) else triton_plans.plan_fused(x, w, scales[0], bias, out_dtype, act, low_rank,
-                                                              kblock=kblock)
+                                                              kblock=kblock, norm=norm)
+
+
+def _unrotated(scales: tuple, opts: tuple) -> bool:
+    """An int8 weight stored unrotated: its activation quantizer is the block kernel, which folds a norm."""
+    return not _opt(opts, 0)
+
+
+def _dynamic(scales: tuple, opts: tuple) -> bool:
+    """An fp8 weight without a static input scale: per-row activation scales, which fold a norm."""
+    return len(scales) < 2 or scales[1] is None
 
 
 def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
@@ -111,19 +122,19 @@ def _plan_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     return triton_plans.plan_dequant(x, w, scales[0], bias, out_dtype)
 
 
-def _plan_fp8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+def _plan_fp8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
     from comfyquant.runtime.kernels import triton_plans
 
     return triton_plans.plan_fp8(x, w, scales[0], bias, out_dtype, act, low_rank,
-                                 scales[1] if len(scales) > 1 else None)
+                                 scales[1] if len(scales) > 1 else None, norm)
 
 
-def _plan_scaled_mm(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+def _plan_scaled_mm(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
     from comfyquant.runtime.kernels import triton_plans
 
     if low_rank is not None or (len(scales) > 1 and scales[1] is not None):  # static input scale: general path
         return None
-    return triton_plans.plan_scaled_mm(x, w, scales[0], bias, out_dtype, act)
+    return triton_plans.plan_scaled_mm(x, w, scales[0], bias, out_dtype, act, norm)
 
 
 def check_row_scale(what: str, w_scale: torch.Tensor | None, n: int) -> None:
@@ -266,7 +277,7 @@ def _fp8_dequant(x, w, scales, bias, opts, out_dtype):
     return reference.dequant_linear(x, w, scales[0], bias, None, out_dtype)
 
 
-def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype, act=0):
+def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype, act=0, norm=None):
     from comfyquant.runtime.kernels import fp8
 
     if w.shape[0] % 16 or w.shape[1] % 16:  # a pinned backend; the automatic choice never picks it then
@@ -274,14 +285,14 @@ def _fp8_scaled_mm(x, w, scales, bias, opts, out_dtype, act=0):
                         f"(torch._scaled_mm), got {w.shape[1]} -> {w.shape[0]}; use 'triton_w8a16' or 'dequant'")
 
     return fp8.fp8_linear_scaled_mm(x, w, scales[0], bias, scales[1] if len(scales) > 1 else None, out_dtype,
-                                    act=act)
+                                    act=act, norm=norm)
 
 
-def _fp8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+def _fp8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, norm=None):
     from comfyquant.runtime.kernels import triton_int8
 
     return triton_int8.fp8_linear(x, w, scales[0], bias, scales[1] if len(scales) > 1 else None, out_dtype,
-                                  low_rank=low_rank, act=act)
+                                  low_rank=low_rank, act=act, norm=norm)
 
 
 def _fp8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
@@ -461,8 +472,9 @@ INT8 = register_kernel_kind(KernelKind(
     "int8",
     {"torch": _int8_torch,
      "dequant": KernelBackend(_int8_dequant, plan=_plan_dequant),
-     "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton, fuses_gated_act=True),
-     "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused),
+     "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton, fuses_gated_act=True,
+                             fuses_norm=_unrotated),
+     "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused, fuses_norm=_unrotated),
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16)},
@@ -475,9 +487,10 @@ FP8 = register_kernel_kind(KernelKind(
     {"torch": _fp8_torch,
      "dequant": KernelBackend(_fp8_dequant, plan=_plan_dequant),
      "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM, fuses_input_act=True, plan=_plan_scaled_mm,
-                                fuses_gated_act=True),
+                                fuses_gated_act=True, fuses_norm=_dynamic),
      "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True, True, _plan_w8a16),
-     "triton": KernelBackend(_fp8_triton, _TRITON_FP8, True, True, _plan_fp8_triton, fuses_gated_act=True)},
+     "triton": KernelBackend(_fp8_triton, _TRITON_FP8, True, True, _plan_fp8_triton, fuses_gated_act=True,
+                             fuses_norm=_dynamic)},
     choose=_choose_fp8, check=_check_fp8, choose_low_rank=_choose_fp8))
 INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot",

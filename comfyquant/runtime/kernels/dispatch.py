@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from comfyquant.errors import UserError
 from comfyquant.runtime.kernels import builtin, custom_ops
-from comfyquant.runtime.kernels.acts import GATED, act_code, apply_input_act
+from comfyquant.runtime.kernels.acts import GATED, RowNorm, act_code, apply_input_act, rms_norm
 from comfyquant.runtime.kernels.backends import AUTO, BackendChoice
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import (
@@ -154,7 +154,10 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     """``(x, low_rank=None, input_act=None) -> quant_linear(act(x), kind, w, scales, bias, ...)`` in ``x``'s
     dtype, everything but ``x`` fixed; ``low_rank`` (:data:`LowRank`) adds ``(act(x) @ down^T) @ up``, in the
     GEMM's epilogue where the chosen backend fuses it, else by :func:`add_low_rank`; ``input_act`` (a name of
-    ``acts.INPUT_ACTS``) is applied by the kernel as it reads x where the backend fuses it, else first in torch.
+    ``acts.INPUT_ACTS``) is applied by the kernel as it reads x where the backend fuses it, else first in torch;
+    ``norm`` (an ``acts.RowNorm``, not with ``input_act``): an RMSNorm of x, folded into the activation quantizer
+    where the backend does (``KernelBackend.fuses_norm``) and its weight is on x's device, else
+    ``acts.rms_norm`` first (the low-rank term reads the normed x either way).
 
     For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device,
     capture state, ``input_act`` and the low-rank term's rank (a term can change the best backend) (the memo is the returned function's own, ``call.memo``); from the second
@@ -171,10 +174,13 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     memo: dict[tuple, list] = {}
     capturing = torch.cuda.is_current_stream_capturing
 
-    def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None) -> torch.Tensor:
+    def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None,
+             norm: RowNorm | None = None) -> torch.Tensor:
         capture = x.is_cuda and capturing()
         rank = 0 if low_rank is None else low_rank[0].shape[0]
-        sig = (x.shape, x.dtype, x.device, capture, input_act, rank)
+        # a norm's weight by identity: a plan holds it (so its id is not reused while the entry lives)
+        sig = (x.shape, x.dtype, x.device, capture, input_act, rank,
+               None if norm is None else (id(norm.weight), norm.eps))
         e = memo.get(sig)
         if e is None:
             # the checks and the choice see the activated input's shape (half of x's width under a gated
@@ -185,9 +191,20 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
             if len(memo) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
                 memo[sig] = e
         b, fast = e[0], e[1]
+        if norm is not None:
+            if input_act is not None:
+                raise ValueError("a folded RMSNorm and an input activation on one layer: fold one of them only")
+            if low_rank is not None or not _folds_norm(b, scales, opts, x, norm):
+                x = rms_norm(x, norm)  # the general path: the norm in torch, the rest as without one
+                norm = None
         if low_rank is None:
             if fast and x.is_contiguous() and x.data_ptr() % 16 == 0:
                 return fast(x)
+            if norm is not None:
+                y = b.impl(x, w, scales, bias, opts, x.dtype, norm=norm)
+                if fast is None:
+                    e[1] = (b.plan is not None and b.plan(x, w, scales, bias, opts, x.dtype, 0, norm=norm)) or False
+                return y
             # xk: what the kernel is given; act: the activation code it applies itself (-1: applied before it)
             if input_act is None:
                 xk, act = x, 0
@@ -216,6 +233,16 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
 
     call.memo = memo  # type: ignore[attr-defined]  # inspectable: which backend and whether a plan, per signature
     return call
+
+
+def _folds_norm(b: KernelBackend, scales: tuple, opts: tuple, x: torch.Tensor, norm: RowNorm) -> bool:
+    """Whether backend ``b`` applies ``norm`` in its quantizer on this call: it folds norms for this weight, and
+    the norm's weight (if any) is a contiguous vector of x's width on x's device."""
+    if b.fuses_norm is None or not b.fuses_norm(scales, opts):
+        return False
+    nw = norm.weight
+    return nw is None or (nw.device == x.device and nw.dim() == 1 and nw.numel() == x.shape[-1]
+                          and nw.is_contiguous() and nw.is_floating_point())
 
 
 def _plan(b: KernelBackend, xk: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,

@@ -10,16 +10,19 @@ from __future__ import annotations
 import torch
 
 from comfyquant.runtime.kernels import triton_quant
+from comfyquant.runtime.kernels.acts import RowNorm
 
 
 def fp8_linear_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                         input_scale: torch.Tensor | None, out_dtype: torch.dtype, act: int = 0) -> torch.Tensor:
+                         input_scale: torch.Tensor | None, out_dtype: torch.dtype, act: int = 0,
+                         norm: RowNorm | None = None) -> torch.Tensor:
     """``act(x) @ (w_q * w_scale)^T + bias`` through ``torch._scaled_mm`` (``act``: an ``acts.INPUT_ACTS``
-    code applied in the quantization kernel); K and N must be multiples of 16."""
+    code applied in the quantization kernel; ``norm``: an RMSNorm folded into it, dynamic scales only); K and N
+    must be multiples of 16."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = w_q.shape[0]
     x2d = x.reshape(-1, k)
-    q, s_x = triton_quant.quantize_rows_fp8(x2d, w_q.dtype, input_scale, act=act)
+    q, s_x = triton_quant.quantize_rows_fp8(x2d, w_q.dtype, input_scale, act=act, norm=norm)
     mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
     if input_scale is not None and w_scale.numel() == 1:
         sa, sb = input_scale.float().reshape(()), w_scale.float().reshape(())

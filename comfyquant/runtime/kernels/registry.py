@@ -60,7 +60,9 @@ class KernelBackend:
     ``act=CODE`` (``acts.INPUT_ACTS``) and applies that activation to x as it reads it (no separate pass);
     ``fuses_gated_act``: the gated ones too (``acts.GATED``: x holds 2K columns, both halves).
     ``plan(x, w, scales, bias, opts, out_dtype, act)``: an eager fast path ``x -> y`` for inputs of ``x``'s
-    signature and layout, made after a first call compiled the kernels, or None (see ``triton_plans``)."""
+    signature and layout, made after a first call compiled the kernels, or None (see ``triton_plans``).
+    ``fuses_norm(scales, opts)``: whether ``impl`` and ``plan`` take ``norm=acts.RowNorm`` for this weight and
+    apply that RMSNorm to x in their quantizer (None: never; the caller applies it first)."""
 
     impl: Impl
     requires: Callable[[torch.device], str | None] = runs_anywhere
@@ -68,6 +70,7 @@ class KernelBackend:
     fuses_input_act: bool = False
     plan: Callable[..., Callable[[torch.Tensor], torch.Tensor] | None] | None = None
     fuses_gated_act: bool = False
+    fuses_norm: Callable[[tuple, tuple], bool] | None = None
 
 
 # choose(x, n, k, opts, policy) -> BackendChoice, with the logical N and K; policy: a DispatchPolicy or None.

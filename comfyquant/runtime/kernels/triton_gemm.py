@@ -26,6 +26,8 @@ from comfyquant.runtime.kernels.act_kernels import (
     input_act,
     quant_codes,
     quantize_rows,
+    rms_part,
+    rms_weighted,
 )
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to nearest, ties to even
@@ -287,11 +289,13 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
           ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, A_CHUNK: tl.constexpr,
           h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr,
-          A_ACT: tl.constexpr, KBLOCK: tl.constexpr):
+          A_ACT: tl.constexpr, KBLOCK: tl.constexpr, nw_ptr, eps, NORM: tl.constexpr):
     """Per-token int8 quantization of x folded into the W8A8 GEMM (one launch, x read in bf16/fp16), after the
     layer's input activation ``A_ACT`` (0: none). ``KBLOCK``: one activation scale per row and ``BLOCK_K``
     columns instead of per row, taken from the A tile the loop loads anyway (no absmax pass over K first); each
-    block's exact int32 product is scaled into an fp32 accumulator."""
+    block's exact int32 product is scaled into an fp32 accumulator. ``NORM`` (not with ``KBLOCK``): a folded
+    RMSNorm, as :func:`act_kernels.quantize_rows` applies it (codes of x times its weight, the row's factor in
+    the scale)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -300,9 +304,11 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
         # phase 1: the rows' absmax over all of K (re-read by every column tile; small M keeps it in L2)
         offs_c = tl.arange(0, A_CHUNK)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, A_CHUNK):
             xc = tl.load(x_rows + (k0 + offs_c)[None, :], mask=(k0 + offs_c)[None, :] < K, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(input_act(xc.to(tl.float32), A_ACT)), axis=1))
+            yc, ss = rms_part(input_act(xc.to(tl.float32), A_ACT), ss, nw_ptr, k0 + offs_c, K, NORM)
+            amax = tl.maximum(amax, tl.max(tl.abs(yc), axis=1))
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
     inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
     # phase 2: quantize each A tile in registers, int8 dot
@@ -320,7 +326,7 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
             rem = K - kk * BLOCK_K
             xa = tl.load(a_ptrs, mask=offs_k[None, :] < rem, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < rem, other=0)
-        y = input_act(xa.to(tl.float32), A_ACT)
+        y = rms_weighted(input_act(xa.to(tl.float32), A_ACT), nw_ptr, kk * BLOCK_K + offs_k, K, NORM)
         if KBLOCK:
             amax_t = tl.max(tl.abs(y), axis=1)
             s_t = tl.where(amax_t > 0, tl.math.div_rn(amax_t, 127.0), 1.0)
@@ -334,6 +340,8 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
     if KBLOCK:
         out = acc_f
     else:
+        if NORM != 0:
+            scale = scale * tl.math.rsqrt(ss / K + eps)
         out = acc.to(tl.float32) * scale[:, None]
     _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,
            h_ptr, u_ptr, R, stride_hm, stride_ur, HAS_LR, LR_IEEE)
@@ -344,7 +352,7 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
                stride_cm, ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
                HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr, A_ACT: tl.constexpr, QR: tl.constexpr,
-               BK: tl.constexpr, NCH: tl.constexpr, PHASE: tl.constexpr):
+               BK: tl.constexpr, NCH: tl.constexpr, nw_ptr, eps, NORM: tl.constexpr, PHASE: tl.constexpr):
     """W8A8 in one launch from 64 rows: the programs of a row block quantize its rows between them (x's codes and
     scales into ``q`` / ``sa``, :func:`act_kernels.quantize_rows`: the activation kernel's, bit for bit), wait
     for each other, then each multiplies its output tile from the int8 rows (L2 loads: other programs wrote
@@ -352,13 +360,14 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
     waiting one needs has started: no co-residency is assumed past a row block's ``cdiv(N, BLOCK_N)`` programs.
     ``sync[1 + row block]`` counts arrivals, then departures; the last ticket and the last departure reset them,
     so the counters start and end zeroed. ``PHASE`` 1 / 2: the quantization / the GEMM alone, for Triton's CPU
-    interpreter (it runs programs one after another, so a wait would never end); 0: both, synchronized."""
+    interpreter (it runs programs one after another, so a wait would never end); 0: both, synchronized.
+    ``NORM``: a folded RMSNorm (:func:`act_kernels.quantize_rows`)."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = block_place(sync_ptr, tl.cdiv(M, BLOCK_M), num_n, PHASE == 0)
     if PHASE != 2:
         for g in range(pid_n, BLOCK_M // QR, num_n):  # this program's groups of QR rows
             quantize_rows(x_ptr, q_ptr, sa_ptr, sa_ptr, pid_m * BLOCK_M + g * QR + tl.arange(0, QR), M, K, stride_xm,
-                          K, 127.0, BK, NCH, 0, 0, A_ACT)
+                          K, 127.0, BK, NCH, 0, 0, A_ACT, nw_ptr, eps, NORM)
     if PHASE == 0:
         block_barrier(sync_ptr + 1 + pid_m, num_n)  # the row block's codes written, by all of its programs
     if PHASE != 1:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
-from comfyquant.runtime.kernels.acts import GATED_CODES
+from comfyquant.runtime.kernels.acts import GATED_CODES, RowNorm, norm_args
 from comfyquant.runtime.kernels.configs import (
     WS_FP8,
     WS_LOW_RANK,
@@ -287,14 +287,15 @@ def int_mm(a: torch.Tensor, w_q: torch.Tensor, tma: bool | None = None,
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
+                low_rank: LowRank | None = None, act: int = 0, norm: RowNorm | None = None) -> torch.Tensor:
     """W8A8: fused (activate +) (rotate +) per-token int8 quant kernel, then the int8 GEMM with the fused
     epilogue (``low_rank``: plus ``(x @ down^T) @ up`` of unrotated x, added in the epilogue; ``act``: an
-    ``acts.INPUT_ACTS`` code, never together with ``low_rank``, whose ``h`` reads x as given)."""
-    _no_act_with_low_rank(act, low_rank)
+    ``acts.INPUT_ACTS`` code, never together with ``low_rank``, whose ``h`` reads x as given; ``norm``: an
+    RMSNorm of x folded into the quantizer, unrotated and without ``act`` or ``low_rank``)."""
+    _no_act_with_low_rank(act or norm is not None, low_rank)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
-    q, s_x = triton_quant.quantize_rows_int8(x2d, group, act=act)
+    q, s_x = triton_quant.quantize_rows_int8(x2d, group, act=act, norm=norm)
     lr = None if low_rank is None else _low_rank_args(low_rank, x2d, s_x)
     out = gemm_w8a8(q, s_x, _contig_rows(w_q), w_scale, bias, out_dtype, cfg=cfg, lr=lr)
     return out.reshape(*lead, w_q.shape[0])
@@ -302,16 +303,17 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
 
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                input_scale: torch.Tensor | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-               low_rank: LowRank | None = None, act: int = 0) -> torch.Tensor:
+               low_rank: LowRank | None = None, act: int = 0, norm: RowNorm | None = None) -> torch.Tensor:
     """FP8 W8A8 (sm_89+): (activate +) per-row dynamic or static-``input_scale`` fp8 quant kernel in W's fp8
     dtype, then the W8A8 GEMM on the fp8 operands (fp32 accumulate) with the same fused epilogue as
-    :func:`int8_linear` (``low_rank``, ``act`` as there): the fp8 path that can fuse a LoRA, unlike _scaled_mm."""
-    _no_act_with_low_rank(act, low_rank)
+    :func:`int8_linear` (``low_rank``, ``act``, ``norm`` as there, ``norm`` with dynamic scales): the fp8 path
+    that can fuse a LoRA, unlike _scaled_mm."""
+    _no_act_with_low_rank(act or norm is not None, low_rank)
     if w_q.dtype not in FP8_DTYPES:
         raise ValueError(f"fp8_linear: weight must be float8_e4m3fn or float8_e5m2, got {w_q.dtype}")
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
-    q, s_x = triton_quant.quantize_rows_fp8(x2d, w_q.dtype, input_scale, act=act)
+    q, s_x = triton_quant.quantize_rows_fp8(x2d, w_q.dtype, input_scale, act=act, norm=norm)
     lr = None if low_rank is None else _low_rank_args(low_rank, x2d, s_x)
     out = gemm_w8a8(q, s_x, _contig_rows(w_q), w_scale, bias, out_dtype, cfg=cfg, lr=lr)
     return out.reshape(*lead, w_q.shape[0])
@@ -319,13 +321,16 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                 low_rank: LowRank | None = None, act: int = 0, kblock: bool = False) -> torch.Tensor:
+                 low_rank: LowRank | None = None, act: int = 0, kblock: bool = False,
+                 norm: RowNorm | None = None) -> torch.Tensor:
     """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation);
     ``kblock``: one activation scale per row and K block of the tile config (``BLOCK_K``, 128 from K = 128 on:
     ``reference.int8_linear_kblock_ref``) instead of one per row, so no absmax pass over K comes first. From
-    ``configs.ROWS_MIN_M`` rows (``configs.rows_shape``) the row-block kernel (``fused_rows``) runs it."""
-    _no_act_with_low_rank(act, low_rank)
+    ``configs.ROWS_MIN_M`` rows (``configs.rows_shape``) the row-block kernel (``fused_rows``) runs it.
+    ``norm``: an RMSNorm of x folded into the quantization (not with ``act``, ``low_rank`` or ``kblock``)."""
+    _no_act_with_low_rank(act or norm is not None, low_rank)
     _no_gated_act(act, "fused_linear")
+    _norm_alone(norm, act, kblock)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = _contig_rows(x.reshape(-1, k))
     w_q = _contig_rows(w_q)
@@ -336,10 +341,10 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
         lr = _low_rank_args(low_rank, x2d, sb)
         if not kblock and rows_shape(m, n, k, cfg):
             cfg = cfg or rows_config(m, n)
-            _fused_rows(x2d, w_q, out, sb, bias, cfg, lr, act)
+            _fused_rows(x2d, w_q, out, sb, bias, cfg, lr, act, norm)
             return out.reshape(*lead, n)
         cfg = cfg or fused_config(m, n, k, x.device)
-        grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, lr, act, kblock)
+        grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, lr, act, kblock, norm)
         _FUSED(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
 
@@ -350,17 +355,26 @@ def fused_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
 
 def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                   bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
-                  kblock: bool = False) -> tuple:
-    """(grid, args, key) of the one-launch W8A8 kernel (x at ``args[0]``, the output at ``args[2]``)."""
+                  kblock: bool = False, norm: RowNorm | None = None) -> tuple:
+    """(grid, args, key) of the one-launch W8A8 kernel (x at ``args[0]``, the output at ``args[2]``, a folded
+    norm's weight at ``args[-3]``)."""
     (m, k), n = x2d.shape, w_q.shape[0]
     chunk = min(8192 // cfg.block_m, next_power_of_2(k))  # absmax pass: <= 8K elements in registers
     lr_args, lr_key = lr
+    nw, eps, code = norm_args(norm, sb)
     return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
             (x2d, w_q, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), w_q.stride(0),
              out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,
-             k % cfg.block_k == 0, chunk, *lr_args, act, kblock),
+             k % cfg.block_k == 0, chunk, *lr_args, act, kblock, nw, eps, code),
             (cfg, chunk, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
-             _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act, kblock))
+             _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act, kblock, code, nw.dtype, _al(nw)))
+
+
+def _norm_alone(norm: RowNorm | None, act: int, kblock: bool = False) -> None:
+    """A folded norm takes the quantizer to itself: no input activation, no per-block scales."""
+    if norm is not None and (act or kblock):
+        raise ValueError("a folded RMSNorm and an input activation (or per-block activation scales) in one call: "
+                         "apply one of them first")
 
 
 ROWS_QUANT_PER_THREAD = 64  # fp32 values of x per thread in the quantization share (16K on 8 warps)
@@ -393,30 +407,35 @@ def rows_buffers(device: torch.device, stream: int, m: int, k: int) -> tuple[tor
 
 def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                  bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
-                 bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], phase: int = 0) -> tuple:
+                 bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], phase: int = 0,
+                 norm: RowNorm | None = None) -> tuple:
     """(grid, args, key) of the row-block kernel: x, w, out, then the codes, scales and counters ``bufs`` at
-    ``args[0:6]`` and ``args[7]``; ``phase`` 1 / 2 (quantization / GEMM alone) for the CPU interpreter."""
+    ``args[0:6]`` and ``args[7]``, a folded norm's weight at ``args[-4]``, ``phase`` last (1 / 2: quantization /
+    GEMM alone, for the CPU interpreter)."""
     (m, k), n = x2d.shape, w_q.shape[0]
     q, s, sync = bufs
     qr, bk, nch = rows_quant_config(k, cfg, n)
     lr_args, lr_key = lr
+    nw, eps, code = norm_args(norm, sb)
     return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
             (x2d, w_q, out, q, s, sb, bias if bias is not None else sb, sync, m, n, k, x2d.stride(0),
              w_q.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, phase),
+             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, nw, eps, code, phase),
             (cfg, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
-             _al(x2d), _al(w_q), _al(q), _al(sb), bias is None or _al(bias), lr_key, act, phase))
+             _al(x2d), _al(w_q), _al(q), _al(sb), bias is None or _al(bias), lr_key, act, phase, code, nw.dtype,
+             _al(nw)))
 
 
 def _fused_rows(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
-                bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int) -> None:
+                bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
+                norm: RowNorm | None = None) -> None:
     """Launch the row-block kernel (``triton_quant.sync_phases``: its quantization, then its GEMM, apart off a
     GPU)."""
     dev = x2d.device
     m, k = x2d.shape
     bufs = rows_buffers(dev, stream_id(dev), m, k)
     for phase in triton_quant.sync_phases(dev):
-        grid, args, key = _rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
+        grid, args, key = _rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase, norm)
         _FUSED_ROWS(grid, args, dev, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
 
 

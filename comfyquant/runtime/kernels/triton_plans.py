@@ -23,6 +23,7 @@ import torch
 from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
+from comfyquant.runtime.kernels.acts import RowNorm
 from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape, w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
 from comfyquant.runtime.versions import version
@@ -175,9 +176,10 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
 
 def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
-               kblock: bool = False) -> Plan | None:
-    """``x -> fused_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock)`` for
-    ``x``'s signature, or None."""
+               kblock: bool = False, norm: RowNorm | None = None) -> Plan | None:
+    """``x -> fused_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock,
+    norm=norm)`` for ``x``'s signature, or None (the norm's weight is held: in-place updates are seen)."""
+    ti._norm_alone(norm, act, kblock)
     common = _common(x, w_q, w_scale)
     if common is None:
         return None
@@ -185,16 +187,16 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
     if not kblock and rows_shape(m, n, k):
-        return _rows_plan(x.view(m, k), w_q, out, sb, bias, lr, act, (*lead, n), low_rank)
+        return _rows_plan(x.view(m, k), w_q, out, sb, bias, lr, act, (*lead, n), low_rank, norm)
     cfg = ti.fused_config(m, n, k, dev)
-    grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, kblock)
+    grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, kblock, norm)
     return _one_launch(ti._FUSED.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
                        args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank))
 
 
 def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                bias: torch.Tensor | None, lr: tuple[tuple, tuple], act: int, shape: tuple[int, ...],
-               low_rank: LowRank | None) -> Plan | None:
+               low_rank: LowRank | None, norm: RowNorm | None = None) -> Plan | None:
     """The plan of the row-block one-launch kernel (``triton_int8.fused_rows``): per call, x, a fresh output, the
     stream's scratch codes / scales / counters (``rows_buffers``: a plan may run on any stream) and the low-rank
     term's ``h``; the rest fixed. Under the CPU interpreter its two phases fire one after the other, as the
@@ -205,7 +207,7 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
     bufs = ti.rows_buffers(dev, raw_stream(dev)(), m, k)
     fires = []
     for phase in triton_quant.sync_phases(dev):
-        grid, args, key = ti._rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase)
+        grid, args, key = ti._rows_launch(x2d, w_q, out, sb, bias, cfg, lr, act, bufs, phase, norm)
         fire = ti._FUSED_ROWS.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
         if fire is None:
             return None
@@ -278,16 +280,16 @@ def _one_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_
 
 def plan_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
               group: int | None, out_dtype: torch.dtype, act: int = 0,
-              low_rank: LowRank | None = None) -> Plan | None:
-    """``x -> int8_linear(x, w_q, w_scale, bias, group, out_dtype, low_rank=low_rank, act=act)`` (quantize
-    kernel, then the GEMM, TMA where the general path takes it) for ``x``'s signature, or None."""
+              low_rank: LowRank | None = None, norm: RowNorm | None = None) -> Plan | None:
+    """``x -> int8_linear(x, w_q, w_scale, bias, group, out_dtype, low_rank=low_rank, act=act, norm=norm)``
+    (quantize kernel, then the GEMM, TMA where the general path takes it) for ``x``'s signature, or None."""
     return _plan_w8a8(x, w_q, w_scale, bias, group, out_dtype, act, low_rank, torch.int8,
-                      triton_quant.MODE_INT8, 127.0)
+                      triton_quant.MODE_INT8, 127.0, norm=norm)
 
 
 def plan_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
              out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
-             input_scale: torch.Tensor | None = None) -> Plan | None:
+             input_scale: torch.Tensor | None = None, norm: RowNorm | None = None) -> Plan | None:
     """``x -> fp8_linear(x, w_q, w_scale, bias, input_scale, out_dtype, low_rank=low_rank, act=act)`` (per-row
     dynamic, or static ``input_scale``, fp8 activations in W's fp8 dtype, then the same W8A8 GEMM on fp8
     operands) for ``x``'s signature, or None. A static scale is read in place (updates are seen)."""
@@ -297,12 +299,13 @@ def plan_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: to
     static = None if input_scale is None else input_scale.reshape(1)  # a view: the same storage
     mode = triton_quant.MODE_FP8 if static is None else triton_quant.MODE_FP8_STATIC
     return _plan_w8a8(x, w_q, w_scale, bias, None, out_dtype, act, low_rank, w_q.dtype, mode,
-                      float(torch.finfo(w_q.dtype).max), static)
+                      float(torch.finfo(w_q.dtype).max), static, norm)
 
 
 def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                group: int | None, out_dtype: torch.dtype, act: int, low_rank: LowRank | None,
-               qdtype: torch.dtype, mode: int, qmax: float, static: torch.Tensor | None = None) -> Plan | None:
+               qdtype: torch.dtype, mode: int, qmax: float, static: torch.Tensor | None = None,
+               norm: RowNorm | None = None) -> Plan | None:
     common = _common(x, w_q, w_scale)
     if common is None:
         return None
@@ -312,7 +315,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     # the split rotation's absmax parts (a static scale: the row scales alone, as the general path sizes them)
     extra = 0 if static is not None else triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
     s = scratch.row_scales(m, extra, dev)
-    quantize = _quantize_plan(x.view(m, kx), q, s, group, mode, qmax, act, extra, static=static)
+    quantize = _quantize_plan(x.view(m, kx), q, s, group, mode, qmax, act, extra, static=static, norm=norm)
     lr = ti._low_rank_args(low_rank, x.view(m, kx), sb)  # no LoRA: the weight scale stands in (held anyway)
     cfg, small = ti.pick_w8a8(m, n, k, dev, ti.persistent_eligible(qdtype, False, lr),
                               ti.ws_eligible(qdtype, False, lr))
@@ -390,14 +393,14 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
 
 
 def _quantize_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
-                   act: int, extra: int, perm: int = 0, static: torch.Tensor | None = None
-                   ) -> Callable[[torch.Tensor], tuple[int, torch.Tensor, torch.Tensor]] | None:
+                   act: int, extra: int, perm: int = 0, static: torch.Tensor | None = None,
+                   norm: RowNorm | None = None) -> Callable[[torch.Tensor], tuple[int, torch.Tensor, torch.Tensor]] | None:
     """``x -> (stream, x's quantized copy [M, K], its row scales)`` for the W8A8 / W4A8 plans: the activation
     kernel's prepared launch (:func:`_act_plan`, built on ``q`` / ``s``) into the stream's scratch pair for this
     shape (``scratch``, with ``extra`` floats after the scales); None where the launch has no prepared form. The
     kernels read x [..., K] and write the output through pointers and fixed strides: a contiguous tensor's memory
     is its [M, K] view's, so no view is made per call."""
-    fire, rest = _act_plan(x2d, q, s, group, mode, qmax, act, perm, static)
+    fire, rest = _act_plan(x2d, q, s, group, mode, qmax, act, perm, static, norm)
     if fire is None:
         return None
     m, k, qdtype, stream, pair = q.shape[0], q.shape[1], q.dtype, raw_stream(x2d.device), \
@@ -413,14 +416,15 @@ def _quantize_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: i
 
 
 def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
-              act: int, perm: int = 0, static: torch.Tensor | None = None
+              act: int, perm: int = 0, static: torch.Tensor | None = None, norm: RowNorm | None = None
               ) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
     """(the activation kernel's prepared launch or None, ``(stream, s) -> the arguments after x, q, s``) for x's
     signature, with the kernel the general path takes (``triton_quant.DEFAULT_KERNEL``): the row kernel reads
     the call's own row scales at ``args[3]``, the tile kernel a fixed Hadamard. The split rotating kernel's two
     launches (absmax parts, then codes: ``s`` is a view of ``triton_quant.scale_floats`` floats) fire as one; the
     one-read rotating kernel takes the counters of the stream it runs on."""
-    launches = triton_quant.launch_for(x2d, q, s, static, group, mode, qmax, perm, act, triton_quant.DEFAULT_KERNEL)
+    launches = triton_quant.launch_for(x2d, q, s, static, group, mode, qmax, perm, act, triton_quant.DEFAULT_KERNEL,
+                                       norm)
     if len(launches) == 2:
         fires = [fk.prepared(grid, args, num_warps=warps, num_stages=stages, key=key)
                  for fk, grid, args, key, warps, stages in launches]
@@ -476,8 +480,8 @@ def plan_dequant(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
 
 
 def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype, act: int = 0) -> Plan | None:
-    """``x -> fp8.fp8_linear_scaled_mm(x, w_q, w_scale, bias, None, out_dtype, act)`` (per-row fp8
+                   out_dtype: torch.dtype, act: int = 0, norm: RowNorm | None = None) -> Plan | None:
+    """``x -> fp8.fp8_linear_scaled_mm(x, w_q, w_scale, bias, None, out_dtype, act, norm)`` (per-row fp8
     activations, rowwise ``torch._scaled_mm``) for bf16 x and output of ``x``'s signature, or None. The
     weight scale's rowwise copy is remade when the scale is updated in place (its version counter moves)."""
     rows = _rows(x)
@@ -489,7 +493,8 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     n, dev, f8 = int(w_q.shape[0]), x.device, w_q.dtype
     q = torch.empty((m, k), dtype=f8, device=dev)
     s = torch.empty((m, 1), dtype=torch.float32, device=dev)
-    fire_q, q_rest = _act_plan(x.view(m, kx), q, s, None, triton_quant.MODE_FP8, float(torch.finfo(f8).max), act)
+    fire_q, q_rest = _act_plan(x.view(m, kx), q, s, None, triton_quant.MODE_FP8, float(torch.finfo(f8).max), act,
+                               norm=norm)
     if fire_q is None:
         return None
     shape, stream, wt = (*lead, n), raw_stream(dev), w_q.t()

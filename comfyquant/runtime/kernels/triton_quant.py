@@ -27,7 +27,7 @@ from comfyquant.runtime.kernels.act_kernels import (
     _act_kernel,
     _act_tile_kernel,
 )
-from comfyquant.runtime.kernels.acts import GATED_CODES
+from comfyquant.runtime.kernels.acts import GATED_CODES, RowNorm, norm_args
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts, stream_id
 from comfyquant.runtime.kernels.scratch import row_scales
@@ -217,7 +217,7 @@ def _tile_width(k: int) -> int:
 
 def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dtype, qmax: float,
             static_scale: torch.Tensor | None = None, perm: int = 0, act: int = 0,
-            kernel: str = DEFAULT_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
+            kernel: str = DEFAULT_KERNEL, norm: RowNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape[0], out_width(x2d, act)
@@ -227,28 +227,34 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
     floats = scale_floats(x2d, group, mode, act, kernel) if static_scale is None else m
     scale = row_scales(m, floats - m, x2d.device)
     for fk, grid, args, key, warps, stages in launch_for(x2d, out, scale, static_scale, group, mode, qmax, perm,
-                                                         act, kernel):
+                                                         act, kernel, norm):
         fk(grid, args, x2d.device, num_warps=warps, num_stages=stages, key=key)
     return out, scale
 
 
 def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                group: int | None, mode: int, qmax: float, perm: int, act: int,
-               kernel: str = DEFAULT_KERNEL) -> list[tuple]:
+               kernel: str = DEFAULT_KERNEL, norm: RowNorm | None = None) -> list[tuple]:
     """The launches, in order, of the activation kernel ``kernel`` picks for this call, each (FastKernel, grid,
     args, key, num_warps, num_stages) (:data:`KERNELS`; "blocks" without a rotation, "tiles" and "split" where
     :func:`tiles_apply`, else "rows"; "auto": :func:`pick_kernel`). ``args[0:3]`` are x, the output and the row
     scales (for "split" a view of a buffer of :func:`scale_floats` floats); ``args[3]`` what the kernel reads
     beside them: the static scale, or the row scales again (row and block kernels), or the group's Hadamard
-    (tile kernel, fixed per device and dtype). One launch, or two for "split" (absmax parts, then codes)."""
+    (tile kernel, fixed per device and dtype). One launch, or two for "split" (absmax parts, then codes).
+    ``norm``: an RMSNorm folded into the block kernel (:func:`norm_applies`; ValueError elsewhere)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown activation kernel {kernel!r}; expected one of {KERNELS}")
+    if norm is not None:
+        if not norm_applies(group, mode, act, static_scale):
+            raise ValueError("an RMSNorm folds into unrotated dynamic int8 / fp8 codes without an input activation "
+                             f"only (group {group}, mode {mode}, act {act}, static scale {static_scale is not None})")
+        kernel = "blocks"
     if kernel == "auto":
         kernel = pick_kernel(x2d, group, mode, act)
     if kernel == "blocks" and group is None and mode != MODE_FLOAT:
         rows, chunk, warps = block_config(int(x2d.shape[0]), out_width(x2d, act))
         return [(_ACT_BLOCKS, *block_launch(x2d, out, scale, static_scale, mode, qmax, perm, act, rows, chunk,
-                                            warps), 1)]
+                                            warps, norm), 1)]
     if kernel == "held" and static_scale is None and held_apply(x2d, group, mode, act):
         sync = scratch.split_workspace(x2d.device).counters(stream_id(x2d.device))
         return [(_ACT_HELD, *held_launch(x2d, out, scale, sync, qmax, perm, act, phase=phase), 1)
@@ -323,17 +329,32 @@ def held_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, sync:
 
 def block_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                  mode: int, qmax: float, perm: int, act: int, rows: int = 1, chunk: int | None = None,
-                 warps: int = 4) -> tuple:
+                 warps: int = 4, norm: RowNorm | None = None) -> tuple:
     """(grid, args, key, num_warps) of the block kernel: ``rows`` rows per program, ``chunk`` columns per step
-    (a power of two; None: K's next power of two, one pass with the rows in registers)."""
+    (a power of two; None: K's next power of two, one pass with the rows in registers); ``norm``: a folded
+    RMSNorm (its weight at ``args[15]``)."""
     m, k = x2d.shape[0], out_width(x2d, act)
     bk = chunk or next_power_of_2(max(k, 16))
     nch = cdiv(k, bk)
     static = static_scale if static_scale is not None else scale
+    nw, eps, code = norm_args(norm, _no_norm(x2d.device))
     return ((cdiv(m, rows),), (x2d, out, scale, static, m, k, x2d.stride(0), out.stride(0), qmax, rows, bk, nch,
-                               mode, perm, act),
+                               mode, perm, act, nw, eps, code),
             (rows, bk, nch, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
-             x2d.data_ptr() % 16 == 0, static_scale is not None), warps)
+             x2d.data_ptr() % 16 == 0, static_scale is not None, code, nw.dtype, nw.data_ptr() % 16 == 0), warps)
+
+
+@functools.cache
+def _no_norm(device: torch.device) -> torch.Tensor:
+    """The block kernel's norm-weight argument without a norm (never read): one float per device, so a plan holds
+    no per-call buffer through it."""
+    return torch.zeros(1, device=device)
+
+
+def norm_applies(group: int | None, mode: int, act: int, static_scale: torch.Tensor | None = None) -> bool:
+    """Whether an RMSNorm folds into this quantization (the block kernel's): unrotated, dynamic int8 / fp8
+    scales (a static scale would need the norm's factor before the codes), no input activation."""
+    return group is None and mode in (MODE_INT8, MODE_FP8) and act == 0 and static_scale is None
 
 
 def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
@@ -352,29 +373,30 @@ def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
 
 
 def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 0, act: int = 0,
-                       kernel: str = DEFAULT_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
+                       kernel: str = DEFAULT_KERNEL, norm: RowNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Activate +) (rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``; ``perm`` > 0 stores each
     ``perm``-column block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of
     ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``kernel``: "rows" (a row
     per program, the rotation as an in-register butterfly) or "tiles" (row tiles, the rotation a tensor-core
     product, where :func:`tiles_apply`; else "rows") or "blocks" (unrotated: rows or chunks per program with a
-    cheaper exact division; else "rows") or "auto" (:func:`pick_kernel`)."""
+    cheaper exact division; else "rows") or "auto" (:func:`pick_kernel`); ``norm``: an RMSNorm applied first,
+    folded into the block kernel (unrotated, no ``act``: :func:`norm_applies`)."""
     if perm and out_width(x2d, act) % perm:
         raise ValueError(f"K={out_width(x2d, act)} is not a multiple of the permutation block {perm}")
-    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, kernel=kernel)
+    return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, kernel=kernel, norm=norm)
 
 
 def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
                       static_scale: torch.Tensor | None = None, act: int = 0,
-                      kernel: str = DEFAULT_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
+                      kernel: str = DEFAULT_KERNEL, norm: RowNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row fp8 (dynamic) or saturating static-scale fp8: ``(q [M,K], scale fp32 [M,1])`` (static: the
     scalar written to every row, so GEMM epilogues read the same per-row layout either way); ``kernel`` as
-    for :func:`quantize_rows_int8` (static scales always take "rows")."""
+    for :func:`quantize_rows_int8` (static scales always take "rows"); ``norm`` as there (dynamic scales only)."""
     qmax = float(torch.finfo(dtype).max)
     if static_scale is not None:
         return _launch(x2d, None, MODE_FP8_STATIC, dtype, qmax, static_scale.float().reshape(1), act=act,
-                       kernel=kernel)
-    return _launch(x2d, None, MODE_FP8, dtype, qmax, act=act, kernel=kernel)
+                       kernel=kernel, norm=norm)
+    return _launch(x2d, None, MODE_FP8, dtype, qmax, act=act, kernel=kernel, norm=norm)
 
 
 def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> torch.Tensor:

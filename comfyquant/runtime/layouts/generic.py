@@ -19,7 +19,7 @@ from comfyquant.errors import UserError
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import QuantFormat, get_format
 from comfyquant.runtime.kernels import dispatch
-from comfyquant.runtime.kernels.acts import apply_input_act
+from comfyquant.runtime.kernels.acts import RowNorm, apply_input_act, rms_norm
 from comfyquant.runtime.layouts.common import (
     aten,
     check_scale,
@@ -230,9 +230,9 @@ class FormatLayout(Layout):
             return call
 
         def smoothed(x: torch.Tensor, low_rank: dispatch.LowRank | None = None,
-                     input_act: str | None = None) -> torch.Tensor:
+                     input_act: str | None = None, norm: RowNorm | None = None) -> torch.Tensor:
             # the kernel quantizes act(x) * p (outliers divided out); a LoRA side path reads act(x) itself
-            x = apply_input_act(x, input_act)
+            x = apply_input_act(x if norm is None else rms_norm(x, norm), input_act)
             y = call(_smooth(x, p))
             return y if low_rank is None else dispatch.add_low_rank(x, y, low_rank)
 

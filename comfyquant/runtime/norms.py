@@ -1,0 +1,155 @@
+"""Fold an RMSNorm into the quantized linears it feeds (``QuantLinear.input_norm``).
+
+T5's ``layer_norm -> SelfAttention (q, k, v)`` / ``-> DenseReluDense (wi_0, wi_1)`` and Llama-style
+``input_layernorm -> self_attn`` / ``post_attention_layernorm -> mlp`` run the norm as its own kernels (ComfyUI's
+``T5LayerNorm``: five elementwise launches) and write the normed activation, which the quantized linears read
+again. Per-row activation quantization cancels the norm's row factor, so the int8 / fp8 activation quantizer
+applies the norm for the cost of a sum of squares in the pass it makes anyway (``act_kernels.quantize_rows``):
+codes of ``x * weight``, the factor ``rsqrt(mean(x²) + eps)`` in the row scale the GEMM epilogue multiplies by.
+
+Which modules fold is a table of known classes (:data:`NORM_FOLDS`, :data:`CONSUMER_INPUTS`), each with the
+module it is defined in: folding is only right where the consumer reads its input through the listed linears
+alone (and its shape), which a class's code says and a name does not. The norm module itself is checked on a
+probe (its output must be ``acts.rms_norm`` of its weight and eps: a Gemma-style ``1 + weight`` norm is not).
+The norm's slot gets :class:`FoldedNorm` (the input passes through; the same weight Parameter under the same
+state-dict key, so loads and weight patches reach the layers, which read it per call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from comfyquant.runtime.kernels.acts import RowNorm, rms_norm
+from comfyquant.runtime.kernels.registry import kernel_kind
+from comfyquant.runtime.layouts.generic import FormatParams
+from comfyquant.runtime.nn import NormSource, QuantLinear
+
+_T5 = ("comfy.text_encoders.t5", "comfyquant.bench.blocks")
+_LLAMA = ("comfy.text_encoders.llama",)
+# parent class -> (modules it may be defined in, ((norm child, consumer child), ...))
+NORM_FOLDS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
+    "T5LayerSelfAttention": (_T5, (("layer_norm", "SelfAttention"),)),
+    "T5LayerFF": (_T5, (("layer_norm", "DenseReluDense"),)),
+    "TransformerBlock": (_LLAMA, (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))),
+}
+# consumer class -> (modules, the linears that read its input: every use of it besides its shape)
+CONSUMER_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "T5Attention": (_T5, ("q", "k", "v")),
+    "T5DenseGatedActDense": (_T5, ("wi_0", "wi_1")),
+    "T5DenseActDense": (_T5, ("wi",)),
+    "Attention": (_LLAMA, ("q_proj", "k_proj", "v_proj")),
+    "MLP": (_LLAMA, ("gate_proj", "up_proj")),
+}
+# norm class -> (modules, the attribute holding its eps)
+NORM_CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
+    "T5LayerNorm": (_T5, "variance_epsilon"),
+    "RMSNorm": (_LLAMA, "eps"),
+}
+
+
+class FoldedNorm(nn.Module):
+    """A folded RMSNorm's stand-in: ``forward`` returns its input (the linears it fed apply the norm); it holds
+    the norm's own weight Parameter under the same key, for state dicts, loads and weight patches."""
+
+    def __init__(self, norm: nn.Module, eps: float) -> None:
+        super().__init__()
+        w = norm._parameters.get("weight")
+        if w is None:
+            self.register_parameter("weight", None)
+        else:
+            self.weight = w
+        self.eps = float(eps)
+        self.folded_from = type(norm).__name__
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.folded_from}, eps={self.eps}: applied by the linears it feeds"
+
+
+def _known(mod: nn.Module, table: dict) -> tuple | None:
+    entry = table.get(type(mod).__name__)
+    return entry if entry is not None and type(mod).__module__ in entry[0] else None
+
+
+def norm_eps(norm: nn.Module) -> float | None:
+    """The eps of a known RMSNorm class whose output on a probe is ``acts.rms_norm`` of its weight and eps, else
+    None (another class, a ``1 + weight`` norm, a weight not a vector)."""
+    entry = _known(norm, NORM_CLASSES)
+    w = norm._parameters.get("weight")
+    if entry is None or w is None or w.dim() != 1 or w.device.type == "meta" or getattr(norm, "add", False):
+        return None
+    eps = getattr(norm, entry[1], None)
+    if not isinstance(eps, float | int):
+        return None
+    probe = torch.linspace(-3.0, 5.0, 2 * w.numel(), device=w.device).reshape(2, -1).to(w.dtype)
+    with torch.no_grad():
+        got = norm(probe).float()
+    want = rms_norm(probe.float(), RowNorm(w.float(), float(eps)))
+    return float(eps) if torch.allclose(got, want, rtol=2e-2, atol=2e-2) else None
+
+
+def weight_folds_norm(qt: torch.Tensor) -> bool:
+    """Whether a quantized weight's activation quantizer can apply a norm: a registered format whose Triton
+    backend folds norms for it (unrotated int8, fp8 without a static input scale)."""
+    p = getattr(qt, "params", None)
+    if not isinstance(p, FormatParams) or p.format.kernel_kind is None:
+        return False
+    backend = kernel_kind(p.format.kernel_kind).backends.get("triton")
+    if backend is None or backend.fuses_norm is None:
+        return False
+    scales, opts = p.format.kernel_args(p.stored(qt.qdata), p.layer_params)
+    return backend.fuses_norm(tuple(scales), tuple(opts))
+
+
+def folds_into(path: str, layer: nn.Module | None) -> bool:
+    """Whether ``layer``'s activation quantizer can apply a norm: a ``QuantLinear`` with no input activation or
+    norm yet whose weight :func:`weight_folds_norm`."""
+    if not isinstance(layer, QuantLinear) or layer.weight is None:
+        return False
+    if getattr(layer, "input_act", None) is not None or layer.__dict__.get("input_norm") is not None:
+        return False
+    return weight_folds_norm(layer.qweight)
+
+
+def foldable_norms(model: nn.Module, fits: Callable[[str, nn.Module | None], bool] = folds_into
+                   ) -> list[tuple[str, str, str, tuple[str, ...], float]]:
+    """``(parent path, norm child, consumer child, consumer's linears, eps)`` for every known norm whose consumer's
+    input linears all ``fits(path, module)`` (default :func:`folds_into`); nothing is changed."""
+    out = []
+    for path, parent in model.named_modules():
+        spec = _known(parent, NORM_FOLDS)
+        if spec is None:
+            continue
+        for norm_name, consumer_name in spec[1]:
+            norm, consumer = parent._modules.get(norm_name), parent._modules.get(consumer_name)
+            inputs = None if consumer is None else _known(consumer, CONSUMER_INPUTS)
+            if norm is None or inputs is None:
+                continue
+            prefix = f"{path}.{consumer_name}." if path else f"{consumer_name}."
+            if not all(fits(prefix + n, consumer._modules.get(n)) for n in inputs[1]):
+                continue
+            eps = norm_eps(norm)
+            if eps is not None:
+                out.append((path, norm_name, consumer_name, inputs[1], eps))
+    return out
+
+
+def fold_norms(model: nn.Module) -> list[str]:
+    """Fold every :func:`foldable_norms` norm of ``model`` into its consumer's input linears; returns what was
+    folded (``"encoder.block.0.layer.0.layer_norm -> SelfAttention.q,k,v"``)."""
+    done = []
+    for path, norm_name, consumer_name, names, eps in foldable_norms(model):
+        parent = model.get_submodule(path) if path else model
+        holder = FoldedNorm(parent._modules[norm_name], eps)
+        parent._modules[norm_name] = holder
+        consumer = parent._modules[consumer_name]
+        for n in names:
+            consumer._modules[n].input_norm = NormSource(holder, eps)
+        prefix = f"{path}." if path else ""
+        done.append(f"{prefix}{norm_name} -> {consumer_name}.{','.join(names)}")
+    return done

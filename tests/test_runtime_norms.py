@@ -1,0 +1,145 @@
+"""RMSNorms folded into the quantized linears they feed (``runtime.norms``): which modules fold, that the folded
+model computes what the unfolded one does (on the CPU the dispatcher applies ``acts.rms_norm`` first; the Triton
+quantizer's fold is checked under the interpreter, ``triton_interp_norm``, and on the GPU), that the norm's
+weight stays under its key and is read per call, and ComfyUI's own T5 classes."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comfyquant.bench.blocks import T5, T5LayerNorm
+from comfyquant.runtime import QuantizeConfig, QuantLinear, quantize_
+from comfyquant.runtime.kernels.acts import RowNorm, rms_norm
+from comfyquant.runtime.nn import NormSource
+from comfyquant.runtime.norms import FoldedNorm, fold_norms, norm_eps
+from comfyquant.runtime.siblings import fuse_sibling_projections
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _t5(seed: int = 0) -> T5:
+    torch.manual_seed(seed)
+    model = T5(2, 64, 4, 160)
+    for m in model.modules():  # norm weights away from 1, so a fold that drops them is seen
+        if isinstance(m, T5LayerNorm):
+            m.weight.data = torch.rand(64) * 1.5 + 0.25
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_bench_t5_folds_its_norms_and_computes_what_it_did(fmt: str) -> None:
+    flt = _t5()
+    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
+    quantize_(ref, QuantizeConfig(format=fmt, min_features=1, fold_norms=False))
+    summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+    norms = [f for f in summary.folded if "->" in f]
+    assert norms == [f"layers.{i}.layer.{j}.layer_norm -> {c}" for i in range(2)
+                     for j, c in ((0, "SelfAttention.q,k,v"), (1, "DenseReluDense.wi_0,wi_1"))]
+    att = model.layers[0].layer[0]
+    assert isinstance(att.layer_norm, FoldedNorm) and isinstance(att.SelfAttention.q.input_norm, NormSource)
+    assert att.SelfAttention.q.input_norm.holder is att.layer_norm and att.SelfAttention.o.input_norm is None
+    assert "input_norm=rms_norm" in repr(att.SelfAttention.k)
+    assert list(model.state_dict()) == list(ref.state_dict())  # the norm's weight under its own key
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        want, got = ref(x), model(x)
+        assert _rel(got, want) < 1e-5 and 0 < _rel(got, flt(x)) < (0.03 if fmt == "fp8" else 0.01)
+        # sibling fusion after the fold: q,k,v as one GEMM, the norm passed to it once
+        assert fuse_sibling_projections(model) == [f"layers.{i}.layer.0.SelfAttention: q,k,v" for i in range(2)]
+        assert _rel(model(x), want) < 1e-5 and _rel(model(x), want) < 1e-5
+        # a loaded norm weight reaches the layers (they read it per call, from the key's Parameter)
+        sd = {k: v * 3 if k.endswith("layer_norm.weight") else v for k, v in ref.state_dict().items()}
+        ref.load_state_dict(sd)
+        model.load_state_dict(sd)
+        assert _rel(model(x), ref(x)) < 1e-5 and _rel(model(x), want) > 1e-3
+    assert fold_norms(model) == []  # idempotent
+
+
+def test_rotated_weights_do_not_fold_a_norm() -> None:
+    """A rotated int8 layer's activation pass rotates first: no quantizer there folds the norm, so folding would
+    cost a torch norm per layer instead of one for all: not folded."""
+    model = _t5()
+    summary = quantize_(model, QuantizeConfig(format="int8-rot", min_features=1))
+    assert not [f for f in summary.folded if "->" in f]
+    assert isinstance(model.layers[0].layer[0].layer_norm, T5LayerNorm)
+
+
+def test_a_norm_that_is_not_rms_norm_of_its_weight_is_not_folded() -> None:
+    norm = T5LayerNorm(32)
+    norm.weight.data = torch.rand(32) + 0.5
+    assert norm_eps(norm) == pytest.approx(1e-6)
+    norm.forward = lambda x: F.rms_norm(x, (32,), 1.0 + norm.weight, 1e-6)  # Gemma-style: 1 + weight
+    assert norm_eps(norm) is None
+    other = _t5()
+    ln = other.layers[1].layer[1].layer_norm
+    ln.forward = lambda x: F.layer_norm(x, (64,), ln.weight, None, 1e-6)  # a LayerNorm: the mean subtracted
+    summary = quantize_(other, QuantizeConfig(format="int8", min_features=1))
+    assert "layers.1.layer.1.layer_norm -> DenseReluDense.wi_0,wi_1" not in summary.folded
+    assert "layers.1.layer.0.layer_norm -> SelfAttention.q,k,v" in summary.folded
+
+
+def test_a_class_of_another_module_is_not_folded() -> None:
+    """The table names classes with the module that defines them: a look-alike elsewhere is not trusted."""
+    model = _t5()
+    look_alike = type("T5LayerFF", (nn.Module,), {"forward": lambda self, x: x + self.DenseReluDense(x)})
+    ff = model.layers[0].layer[1]
+    ff.__class__ = type("T5LayerFF", (look_alike, type(ff)), {"__module__": "somewhere.else"})
+    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    assert "layers.0.layer.1.layer_norm -> DenseReluDense.wi_0,wi_1" not in summary.folded
+    assert "layers.1.layer.1.layer_norm -> DenseReluDense.wi_0,wi_1" in summary.folded
+
+
+def test_a_layer_with_a_norm_computes_the_norm_then_itself() -> None:
+    """The dispatcher's general path (CPU: the torch reference does not fold): ``rms_norm`` first, then the layer;
+    a dynamic LoRA side path reads the normed input too."""
+    torch.manual_seed(3)
+    lin = nn.Linear(48, 40)
+    layer = QuantLinear.from_linear(lin, "int8")
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.rand(48) + 0.5, requires_grad=False)
+    x = torch.randn(5, 48) * 4
+    plain = layer(rms_norm(x, RowNorm(holder.weight, 1e-5)))
+    layer.input_norm = NormSource(holder, 1e-5)
+    assert torch.equal(layer(x), plain) and torch.equal(layer(x), plain)
+    seen: list[torch.Tensor] = []
+    layer.adapter = lambda xa, y: (seen.append(xa), y + 1)[1]
+    assert torch.equal(layer(x), plain + 1)
+    assert torch.equal(seen[0], rms_norm(x, RowNorm(holder.weight, 1e-5)))
+
+
+@pytest.mark.comfyui
+def test_comfyuis_t5_folds_its_norms(comfy: Any) -> None:
+    """ComfyUI 0.30's own ``comfy.text_encoders.t5.T5`` (its T5LayerNorm, T5Attention, gated feed-forward): both
+    norms of every block fold, the state dict keys stay, and the encoder computes what the unfolded one does."""
+    t5 = importlib.import_module("comfy.text_encoders.t5")
+    config = {"num_layers": 2, "d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 160, "vocab_size": 50,
+              "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "model_type": "t5"}
+    torch.manual_seed(5)
+    ops = importlib.import_module("comfy.ops").disable_weight_init  # its Embedding takes out_dtype
+    flt = t5.T5(config, torch.float32, "cpu", ops)
+    for m in flt.modules():
+        if type(m).__name__ == "T5LayerNorm":
+            m.weight.data = torch.rand(64) * 1.5 + 0.25
+        elif isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.1)
+    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
+    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
+    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    assert [f for f in summary.folded if "->" in f] == [
+        f"encoder.block.{i}.layer.{j}.layer_norm -> {c}" for i in range(2)
+        for j, c in ((0, "SelfAttention.q,k,v"), (1, "DenseReluDense.wi_0,wi_1"))]
+    assert list(model.state_dict()) == list(ref.state_dict())
+    embeds = torch.randn(1, 9, 64)
+    with torch.no_grad():  # (ComfyUI's T5 adds into its input in place: each call gets a copy)
+        want = ref(None, None, embeds=embeds.clone())[0]
+        got = model(None, None, embeds=embeds.clone())[0]
+    assert _rel(got, want) < 1e-5

@@ -1,0 +1,171 @@
+# ruff: noqa: B023  (the lambdas run inside the loop iteration that defines them)
+"""Interpreter checks of an RMSNorm folded into the activation quantizer (``acts.RowNorm``,
+``act_kernels.quantize_rows``): the block kernel, the two-launch int8 / fp8 linears, the one-launch kernels
+(per-tile and row-block) and their eager plans.
+
+Oracle: the codes are those of ``x * w`` in fp32 with its own per-row absmax (the norm's row factor cancels),
+so they are compared bit for bit with the same arithmetic in torch (fp32 division rounds as ``div_rn``, ties
+to even); the row scale is that absmax / qmax times ``rsqrt(mean(x²) + eps)`` (to 2e-6: the kernel's sum runs
+in another order); dequantized, the codes stand for the float64 norm within half a code step. A linear with the
+norm folded matches the same path fed the float64-normed x (rounded to fp32) to 1e-4, and reads ~1 off the
+path without the norm (so a fold that does nothing fails). Plans replay their general path bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton_interp import interp_cast, record, rel
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+EPS = 1e-6
+
+
+def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * (torch.rand(m, 1, generator=g) * 8 + 0.1)
+    x[0, min(7, k - 1)] = 40.0  # an outlier column in row 0
+    return x.to(dtype)
+
+
+def _weight(k: int, seed: int, dtype: torch.dtype = F32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(k, generator=g) * 1.5 + 0.25).to(dtype)
+
+
+def _normed64(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    x64 = x.double()
+    y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS)
+    return y if w is None else y * w.double()
+
+
+def _quant_ref(x: torch.Tensor, w: torch.Tensor | None, qmax: float, fp8: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, row scales) the folded quantizer must give: codes of ``x * w`` in fp32, scale times the norm's
+    row factor."""
+    xf = x.float()
+    xw = xf if w is None else xf * w.float()
+    amax = xw.abs().amax(-1, keepdim=True)
+    sc = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    y = xw / sc
+    codes = interp_cast(y.clamp(-qmax, qmax), torch.float8_e4m3fn) if fp8 else y.round().to(torch.int8)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+    return codes, sc * r
+
+
+def check_norm_quantizer() -> None:
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.acts import RowNorm
+
+    cases = [(3, 96, F32, None), (5, 300, F16, 128), (9, 1000, BF16, 256), (70, 640, F16, None),
+             (4, 200, BF16, None)]
+    for i, (m, k, dt, chunk) in enumerate(cases):
+        x = _x(m, k, dt, seed=i)
+        for weighted in (True, False):
+            w = _weight(k, seed=10 + i) if weighted else None
+            norm = RowNorm(w, EPS)
+            for mode, fp8 in ((tq.MODE_INT8, False), (tq.MODE_FP8, True)):
+                qdt, qmax = (torch.float8_e4m3fn, 448.0) if fp8 else (torch.int8, 127.0)
+                q = torch.empty(m, k, dtype=qdt)
+                s = torch.empty(m, 1)
+                grid, args, key, warps = tq.block_launch(x, q, s, None, mode, qmax, 0, 0, rows=2 if m > 8 else 1,
+                                                         chunk=chunk, norm=norm)
+                tq._ACT_BLOCKS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
+                cr, sr = _quant_ref(x, w, qmax, fp8)
+                codes_ok = torch.equal(q.float(), cr.float())
+                scale_rel = ((s - sr).abs() / sr).max().item()
+                # dequantized int8: the float64 norm within half a step (fp8 codes carry the interpreter's own
+                # cast, the oracle's too; the GPU checks bound the fp8 error)
+                err = 0.0 if fp8 else ((q.double() * s.double() - _normed64(x, w)).abs() / sr.double()).max().item()
+                plain_q, _ = (tq.quantize_rows_fp8(x, qdt) if fp8 else tq.quantize_rows_int8(x))
+                record("norm_block_quantizer", codes_ok and scale_rel < 2e-6 and err <= (0.5 + 1e-3),
+                       codes_ok=codes_ok,
+                       m=m, k=k, dtype=str(dt), chunk=chunk, weighted=weighted, fp8=fp8, scale_rel=scale_rel,
+                       err_steps=err, differs_from_plain=not torch.equal(plain_q.float(), q.float()) or not weighted)
+    # the public function takes the same norm; a rotation, a static scale or an input activation refuse it
+    x = _x(6, 128, F16, seed=40)
+    norm = RowNorm(_weight(128, seed=41), EPS)
+    q, s = tq.quantize_rows_int8(x, norm=norm)
+    cr, sr = _quant_ref(x, norm.weight, 127.0, False)
+    record("norm_quantize_rows_int8", torch.equal(q, cr) and ((s - sr).abs() / sr).max().item() < 2e-6)
+    for what, call in (("rotated", lambda: tq.quantize_rows_int8(x, 16, norm=norm)),
+                       ("act", lambda: tq.quantize_rows_int8(x, act=3, norm=norm)),
+                       ("static", lambda: tq.quantize_rows_fp8(x, static_scale=torch.tensor(0.1), norm=norm))):
+        try:
+            call()
+            record(f"norm_refused_{what}", False)
+        except ValueError:
+            record(f"norm_refused_{what}", True)
+
+
+def _paths(w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict:
+    from comfyquant.runtime.kernels import triton_int8 as ti
+
+    w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)
+    return {"w8a8": lambda x, **kw: ti.int8_linear(x, w, s, bias, None, dtype, **kw),
+            "fused": lambda x, **kw: ti.fused_linear(x, w, s, bias, dtype, **kw),
+            "fp8_w8a8": lambda x, **kw: ti.fp8_linear(x, w8, s8, bias, None, dtype, **kw)}
+
+
+def check_norm_linear() -> None:
+    from comfyquant.runtime.kernels.acts import RowNorm
+
+    g = torch.Generator().manual_seed(3)
+    for m, k, n, dt in [(5, 256, 48, F32), (70, 128, 80, F16), (3, 640, 32, F16)]:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-3
+        bias = torch.randn(n, generator=g)
+        x = _x(m, k, dt, seed=m + k)
+        for weighted in (True, False):
+            nw = _weight(k, seed=k, dtype=dt) if weighted else None
+            norm = RowNorm(nw, EPS)
+            xn = _normed64(x, nw).float()  # the norm in float64, handed over in fp32
+            for name, path in _paths(w, s, bias, dt).items():
+                y = path(x, norm=norm).float()
+                ref = path(xn).float()
+                without = rel(path(x).float(), ref)
+                tol = 1e-4 if dt == F32 and name != "fp8_w8a8" else 3e-3
+                record(f"norm_linear_{name}", rel(y, ref) < tol and without > 0.05, m=m, k=k, n=n, dtype=str(dt),
+                       weighted=weighted, rel=rel(y, ref), without=without)
+    x = _x(4, 128, F16, seed=9)
+    w = torch.randint(-127, 128, (16, 128), dtype=torch.int8, generator=g)
+    paths = _paths(w, torch.ones(16) * 1e-3, None, F16)
+    for what, call in (("act", lambda: paths["w8a8"](x, act=3, norm=RowNorm(None, EPS))),
+                       ("kblock", lambda: paths["fused"](x, kblock=True, norm=RowNorm(None, EPS)))):
+        try:
+            call()
+            record(f"norm_linear_refused_{what}", False)
+        except ValueError:
+            record(f"norm_linear_refused_{what}", True)
+
+
+def check_norm_plans() -> None:
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+    from comfyquant.runtime.kernels.acts import RowNorm
+
+    g = torch.Generator().manual_seed(8)
+    for m, k, n, dt in [(5, 64, 96, F32), (70, 128, 80, F16)]:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-3
+        w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)
+        norm = RowNorm(_weight(k, seed=n, dtype=dt), EPS)
+        xs = [_x(m, k, dt, seed=j) for j in range(3)]
+        pairs = {"int8": (lambda x: ti.int8_linear(x, w, s, None, None, dt, norm=norm),
+                          lambda x: tp.plan_int8(x, w, s, None, None, dt, 0, None, norm)),
+                 "fused": (lambda x: ti.fused_linear(x, w, s, None, dt, norm=norm),
+                           lambda x: tp.plan_fused(x, w, s, None, dt, 0, None, norm=norm)),
+                 "fp8": (lambda x: ti.fp8_linear(x, w8, s8, None, None, dt, norm=norm),
+                         lambda x: tp.plan_fp8(x, w8, s8, None, dt, 0, None, None, norm))}
+        for name, (general, make) in pairs.items():
+            plan = make(xs[0])
+            same = plan is not None and all(torch.equal(plan(x), general(x)) for x in xs[1:])
+            # an in-place update of the norm's weight is seen (the plan holds the tensor, not a copy)
+            if plan is not None:
+                before = general(xs[1])
+                norm.weight.mul_(2.0)  # doubles x*w: the codes stay, the row scale doubles
+                same = same and torch.equal(plan(xs[1]), general(xs[1])) and not torch.equal(before, general(xs[1]))
+                norm.weight.div_(2.0)
+            record(f"norm_plan_{name}", same, m=m, k=k, n=n, dtype=str(dt), planned=plan is not None)
+
+
+GROUPS = {"norm_quantizer": check_norm_quantizer, "norm_linear": check_norm_linear, "norm_plans": check_norm_plans}
