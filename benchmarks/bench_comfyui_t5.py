@@ -211,21 +211,24 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     del sd
     print(f"model: {n_params / 1e9:.2f} B parameters, bf16 file in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
-    rows = {n: Result(n) for n in ("bf16", "comfyquant_int8", "comfyquant_int8_unfused", "comfyquant_fp8",
-                                    "stock_ck_int8")}
+    rows = {n: Result(n) for n in ("bf16", "comfyquant_int8", "comfyquant_int8_unfused", "comfyquant_int8_nonorm",
+                                    "comfyquant_fp8", "stock_ck_int8")}
     clips: dict[str, Any] = {}
     base = clips["bf16"] = load_t5(src, config)
     tokens = base.tokenize(PROMPT)
     if len(tokens["t5xxl"][0]) != TOKENS:
         raise RuntimeError(f"ComfyUI's T5 tokenizer gave {len(tokens['t5xxl'][0])} tokens, not {TOKENS}")
-    # the node's default (q / k / v and wi_0 / wi_1 as one GEMM each), and without that sibling fusion
-    for variant, fmt, fuse in (("comfyquant_int8", "int8", True), ("comfyquant_int8_unfused", "int8", False),
-                               ("comfyquant_fp8", "fp8", True)):
+    # the node's default (q / k / v and wi_0 / wi_1 as one GEMM each, the RMSNorms folded into them), without
+    # that sibling fusion, and without the norms' fold (runtime.norms)
+    for variant, fmt, fuse, norms in (("comfyquant_int8", "int8", True, True),
+                                      ("comfyquant_int8_unfused", "int8", False, True),
+                                      ("comfyquant_int8_nonorm", "int8", True, False),
+                                      ("comfyquant_fp8", "fp8", True, True)):
         row = rows[variant]
         try:
             _free(device)
             t1 = time.perf_counter()
-            settings = AdapterSettings(format=fmt, runtime=RuntimeOptions(fuse_projections=fuse))
+            settings = AdapterSettings(format=fmt, runtime=RuntimeOptions(fuse_projections=fuse, fold_norms=norms))
             clips[row.variant], reports = adapt_clip(base, settings)
             row.note = (f"{sum(len(r.converted) for _, r in reports)} layers converted in "
                         f"{time.perf_counter() - t1:.1f} s")

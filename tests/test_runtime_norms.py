@@ -143,3 +143,36 @@ def test_comfyuis_t5_folds_its_norms(comfy: Any) -> None:
         want = ref(None, None, embeds=embeds.clone())[0]
         got = model(None, None, embeds=embeds.clone())[0]
     assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.comfyui
+def test_comfyuis_llama_block_folds_both_norms(comfy: Any) -> None:
+    """ComfyUI 0.30's ``comfy.text_encoders.llama.TransformerBlock`` (Qwen / Llama / Mistral text encoders): its
+    ``input_layernorm`` folds into ``self_attn``'s q / k / v and ``post_attention_layernorm`` into the MLP's
+    gate / up projections, and the block computes what the unfolded one does (rotary embedding, grouped kv)."""
+    llama = importlib.import_module("comfy.text_encoders.llama")
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+    ops = importlib.import_module("comfy.ops").disable_weight_init
+    config = llama.Llama2Config(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    config.head_dim = 16
+    torch.manual_seed(6)
+    flt = nn.ModuleDict({"block": llama.TransformerBlock(config, 0, ops=ops)})
+    for m in flt.modules():
+        if type(m).__name__ == "RMSNorm":
+            m.weight.data = torch.rand(64) * 1.5 + 0.25
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.1)
+    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
+    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
+    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    assert [f for f in summary.folded if "->" in f] == ["block.input_layernorm -> self_attn.q_proj,k_proj,v_proj",
+                                                        "block.post_attention_layernorm -> mlp.gate_proj,up_proj"]
+    assert list(model.state_dict()) == list(ref.state_dict())
+    x = torch.randn(1, 7, 64)
+    freqs = llama.precompute_freqs_cis(16, torch.arange(7).unsqueeze(0), config.rope_theta)
+    attn = attention.optimized_attention_for_device(x.device, mask=False, small_input=True)
+    with torch.no_grad():
+        want = ref["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
+        got = model["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
+        flt_out = flt["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
+    assert _rel(got, want) < 1e-5 and 0 < _rel(got, flt_out) < 0.02

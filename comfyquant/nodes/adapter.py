@@ -400,7 +400,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         folds.update({layer: (f"{path}.forward", _projection_only(dm.get_submodule(path)), act)
                       for path, layer, act in foldable_projections(dm, targets)})
     norms: dict[str, NormSource] = {}
-    if settings.runtime.fold_activations:  # RMSNorms before converted layers (runtime.norms): in their quantizer
+    if settings.runtime.fold_activations and settings.runtime.fold_norms:  # RMSNorms before converted layers
+        # (runtime.norms): applied in their quantizer
         def norm_fits(path: str, mod: nn.Module | None) -> bool:
             return path in new_layers and path not in folds and weight_folds_norm(new_layers[path])
 

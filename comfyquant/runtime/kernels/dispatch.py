@@ -160,7 +160,8 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     ``acts.rms_norm`` first (the low-rank term reads the normed x either way).
 
     For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device,
-    capture state, ``input_act`` and the low-rank term's rank (a term can change the best backend) (the memo is the returned function's own, ``call.memo``); from the second
+    capture state, ``input_act``, ``norm`` and the low-rank term's rank (a term can change the best backend) (the
+    memo is the returned function's own, ``call.memo``; its keys end with the rank); from the second
     call of a signature on, calls replay the backend's plan (``KernelBackend.plan``: the compiled kernels'
     launchers with every argument but x fixed) where it has one, with a LoRA's low-rank term too (the plan is
     remade when the side path hands over other operands). The tensors are held by reference: in-place
@@ -178,9 +179,10 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
              norm: RowNorm | None = None) -> torch.Tensor:
         capture = x.is_cuda and capturing()
         rank = 0 if low_rank is None else low_rank[0].shape[0]
-        # a norm's weight by identity: a plan holds it (so its id is not reused while the entry lives)
-        sig = (x.shape, x.dtype, x.device, capture, input_act, rank,
-               None if norm is None else (id(norm.weight), norm.eps))
+        # a norm's weight by identity: a plan holds it (so its id is not reused while the entry lives); the rank
+        # last (``call.memo``'s readers take it from there)
+        sig = (x.shape, x.dtype, x.device, capture, input_act,
+               None if norm is None else (id(norm.weight), norm.eps), rank)
         e = memo.get(sig)
         if e is None:
             # the checks and the choice see the activated input's shape (half of x's width under a gated
