@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comfyquant.bench.blocks import T5, T5LayerNorm
+from comfyquant.bench.blocks import T5, Qwen3, T5LayerNorm
 from comfyquant.runtime import QuantizeConfig, QuantLinear, quantize_
 from comfyquant.runtime.kernels.acts import RowNorm, rms_norm
 from comfyquant.runtime.nn import NormSource
@@ -53,6 +53,8 @@ def test_bench_t5_folds_its_norms_and_computes_what_it_did(fmt: str) -> None:
     with torch.no_grad():
         want, got = ref(x), model(x)
         assert _rel(got, want) < 1e-5 and 0 < _rel(got, flt(x)) < (0.03 if fmt == "fp8" else 0.01)
+        # traced whole (the issue's torch.compile(fullgraph=True)): the folded norm is applied in the graph
+        assert _rel(torch.compile(model, backend="aot_eager", fullgraph=True)(x), want) < 1e-5
         # sibling fusion after the fold: q,k,v as one GEMM, the norm passed to it once
         assert fuse_sibling_projections(model) == [f"layers.{i}.layer.0.SelfAttention: q,k,v" for i in range(2)]
         assert _rel(model(x), want) < 1e-5 and _rel(model(x), want) < 1e-5
@@ -176,3 +178,42 @@ def test_comfyuis_llama_block_folds_both_norms(comfy: Any) -> None:
         got = model["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
         flt_out = flt["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
     assert _rel(got, want) < 1e-5 and 0 < _rel(got, flt_out) < 0.02
+
+
+def test_bench_llm_encoder_folds_its_block_norms_not_the_per_head_ones() -> None:
+    """The Qwen3-shaped bench encoder (ComfyUI's Llama module tree): each block's two norms fold into q / k / v
+    and gate / up, its MLP's SwiGLU into the down projection; the per-head q / k norms, which act on the
+    projections' outputs, stay; the output is the unfolded model's."""
+    torch.manual_seed(2)
+    flt = Qwen3(layers=2, d=64, heads=4, kv_heads=2, head_dim=16, ff=96)
+    for name, p in flt.named_parameters():
+        if name.endswith("layernorm.weight"):
+            p.data = torch.rand_like(p) * 1.5 + 0.25
+    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
+    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
+    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    assert summary.folded == [
+        f"layers.{i}.{n}" for i in range(2) for n in ("input_layernorm -> self_attn.q_proj,k_proj,v_proj",
+                                                      "post_attention_layernorm -> mlp.gate_proj,up_proj")
+    ] + [f"layers.{i}.mlp.down_proj: swiglu" for i in range(2)]
+    assert type(model.layers[0].self_attn.q_norm).__name__ == "RMSNorm"
+    x = torch.randn(1, 9, 64)
+    with torch.no_grad():
+        assert _rel(model(x), ref(x)) < 1e-5 and 0 < _rel(model(x), flt(x)) < 0.02
+
+
+def test_a_file_written_from_the_unfolded_model_loads_folded(tmp_path: Any) -> None:
+    """``load_quantized`` folds the norms as ``quantize_`` does (the file is the same with or without the fold)."""
+    from safetensors.torch import save_file
+
+    from comfyquant.runtime import load_quantized
+
+    ref = _t5()
+    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "t5.safetensors"))
+    loaded = load_quantized(_t5(seed=9), tmp_path / "t5.safetensors")
+    assert isinstance(loaded.layers[1].layer[1].layer_norm, FoldedNorm)
+    assert loaded.layers[1].layer[1].DenseReluDense.wi_1.input_norm is not None
+    x = torch.randn(1, 6, 64)
+    with torch.no_grad():
+        assert _rel(loaded(x), ref(x)) < 1e-5

@@ -304,3 +304,80 @@ class T5(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class RMSNorm(nn.Module):
+    """ComfyUI's Llama-family norm (``comfy.text_encoders.llama.RMSNorm``: weight, ``eps``, one ``rms_norm``)."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+class Attention(nn.Module):
+    """ComfyUI's Llama attention as it reads its input (q / k / v_proj only; grouped kv heads, Qwen3's per-head
+    q / k norms; RoPE omitted as in the other bench models)."""
+
+    def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(d, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, d, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, n, _ = hidden_states.shape
+        q = self.q_norm(self.q_proj(hidden_states).view(b, n, self.heads, -1)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(hidden_states).view(b, n, self.kv_heads, -1)).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, n, self.kv_heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    """ComfyUI's Llama MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (the gated fold applies)."""
+
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False)
+        self.down_proj = nn.Linear(ff, d, bias=False)
+        self.activation = F.silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """ComfyUI's Llama block (``comfy.text_encoders.llama.TransformerBlock``): norm, attention, residual; norm,
+    MLP, residual."""
+
+    def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, ff: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(d, heads, kv_heads, head_dim)
+        self.mlp = MLP(d, ff)
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(d), RMSNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(hidden_states=self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3(nn.Module):
+    """Qwen3-4B-shaped text encoder (Z-Image's; Qwen-Image's Qwen2.5-VL-7B and Flux.2's Mistral have the same
+    block): hidden 2560, 32 query / 8 kv heads of 128, MLP 9728; ``layers`` of its 36 blocks."""
+
+    def __init__(self, layers: int = 4, d: int = 2560, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
+                 ff: int = 9728) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerBlock(d, heads, kv_heads, head_dim, ff) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x

@@ -5,7 +5,8 @@ Flux (2 double + 4 single blocks: Flux.1's 19:38 ratio) at 1024x1024 (4096 image
 (1024 + 512); Flux.2 (1 double + 2 single blocks, 6144 wide, SwiGLU MLPs whose double-block activation module
 folds into the down projection) at 1024x1024; Wan 2.x 14B (2 blocks) at 480p, 81 frames (32760 tokens); SDXL's
 transformer stacks (4 blocks at 1280 wide / 1024 tokens, 2 at 640 / 4096 tokens, 77 text tokens); T5-XXL
-encoder (4 layers, 256 tokens). Every ``nn.Linear`` is quantized through the product path (``quantize_``,
+encoder (4 layers, 256 tokens; ComfyUI's T5 module tree); a Qwen3-4B-shaped LLM text encoder (Z-Image's; 4 of
+its 36 blocks, 256 tokens; ComfyUI's Llama module tree). Every ``nn.Linear`` is quantized through the product path (``quantize_``,
 automatic per-layer backend); ``ck_int8`` swaps in comfy-kitchen's ``int8_linear`` on the same int8 weights.
 Time = wall time per forward over back-to-back calls (host and GPU overlap as in ComfyUI), median of rounds in
 which every variant of a model takes its turn (a drift of the host's speed during the run hits them alike).
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from comfyquant.bench.blocks import T5, Flux, Flux2, Sdxl, Wan
+from comfyquant.bench.blocks import T5, Flux, Flux2, Qwen3, Sdxl, Wan
 from comfyquant.bench.timing import interleaved_ms
 from comfyquant.quant.int8 import quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
@@ -42,6 +43,8 @@ def build(name: str) -> tuple[nn.Module, tuple]:
             model, args = Sdxl(), (torch.randn(1, 4096, 640), torch.randn(1, 1024, 1280), torch.randn(1, 77, 2048))
         elif name == "t5xxl_256":
             model, args = T5(), (torch.randn(1, 256, 4096),)
+        elif name == "qwen3_4b_256":
+            model, args = Qwen3(), (torch.randn(1, 256, 2560),)
         else:
             raise ValueError(name)
         for mod in model.modules():
@@ -50,7 +53,7 @@ def build(name: str) -> tuple[nn.Module, tuple]:
     return model.to(torch.bfloat16).eval(), tuple(a.to(torch.bfloat16) for a in args)
 
 
-MODELS = ("flux_1024", "flux_512", "flux2_1024", "wan_480p", "sdxl_1024", "t5xxl_256")
+MODELS = ("flux_1024", "flux_512", "flux2_1024", "wan_480p", "sdxl_1024", "t5xxl_256", "qwen3_4b_256")
 
 
 class _SwapLinear(nn.Module):

@@ -28,7 +28,7 @@ from comfyquant.runtime.layouts.generic import FormatParams
 from comfyquant.runtime.nn import NormSource, QuantLinear
 
 _T5 = ("comfy.text_encoders.t5", "comfyquant.bench.blocks")
-_LLAMA = ("comfy.text_encoders.llama",)
+_LLAMA = ("comfy.text_encoders.llama", "comfyquant.bench.blocks")
 # parent class -> (modules it may be defined in, ((norm child, consumer child), ...))
 NORM_FOLDS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
     "T5LayerSelfAttention": (_T5, (("layer_norm", "SelfAttention"),)),
