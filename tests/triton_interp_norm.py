@@ -129,8 +129,10 @@ def check_norm_linear() -> None:
     x = _x(4, 128, F16, seed=9)
     w = torch.randint(-127, 128, (16, 128), dtype=torch.int8, generator=g)
     paths = _paths(w, torch.ones(16) * 1e-3, None, F16)
+    lr = (torch.zeros(16, 128, dtype=F16), torch.zeros(16, 16, dtype=F16), 8)
     for what, call in (("act", lambda: paths["w8a8"](x, act=3, norm=RowNorm(None, EPS))),
-                       ("kblock", lambda: paths["fused"](x, kblock=True, norm=RowNorm(None, EPS)))):
+                       ("kblock", lambda: paths["fused"](x, kblock=True, norm=RowNorm(None, EPS))),
+                       ("low_rank", lambda: paths["w8a8"](x, low_rank=lr, norm=RowNorm(None, EPS)))):
         try:
             call()
             record(f"norm_linear_refused_{what}", False)

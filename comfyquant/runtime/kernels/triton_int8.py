@@ -83,10 +83,15 @@ def _low_rank_args(low_rank: LowRank | None, x2d: torch.Tensor, dummy: torch.Ten
             (True, ieee, h.dtype, up.dtype, _al(h), _al(up), up.stride(0) % 16 == 0))
 
 
-def _no_act_with_low_rank(act: int, low_rank: LowRank | None) -> None:
-    if act and low_rank is not None:
+def _no_act_with_low_rank(act: int, low_rank: LowRank | None, norm: RowNorm | None = None) -> None:
+    if low_rank is None:
+        return
+    if act:
         raise ValueError("an input activation and a low-rank term in one call: the low-rank term reads x as "
                          "given; apply the activation first (runtime.kernels.dispatch does)")
+    if norm is not None:
+        raise ValueError("a folded RMSNorm and a low-rank term in one call: the low-rank term reads x as given; "
+                         "apply the norm first (runtime.kernels.dispatch does)")
 
 
 def _no_gated_act(act: int, what: str) -> None:
@@ -292,7 +297,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     epilogue (``low_rank``: plus ``(x @ down^T) @ up`` of unrotated x, added in the epilogue; ``act``: an
     ``acts.INPUT_ACTS`` code, never together with ``low_rank``, whose ``h`` reads x as given; ``norm``: an
     RMSNorm of x folded into the quantizer, unrotated and without ``act`` or ``low_rank``)."""
-    _no_act_with_low_rank(act or norm is not None, low_rank)
+    _no_act_with_low_rank(act, low_rank, norm)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     q, s_x = triton_quant.quantize_rows_int8(x2d, group, act=act, norm=norm)
@@ -308,7 +313,7 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     dtype, then the W8A8 GEMM on the fp8 operands (fp32 accumulate) with the same fused epilogue as
     :func:`int8_linear` (``low_rank``, ``act``, ``norm`` as there, ``norm`` with dynamic scales): the fp8 path
     that can fuse a LoRA, unlike _scaled_mm."""
-    _no_act_with_low_rank(act or norm is not None, low_rank)
+    _no_act_with_low_rank(act, low_rank, norm)
     if w_q.dtype not in FP8_DTYPES:
         raise ValueError(f"fp8_linear: weight must be float8_e4m3fn or float8_e5m2, got {w_q.dtype}")
     lead, k = x.shape[:-1], x.shape[-1]
@@ -328,7 +333,7 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     ``reference.int8_linear_kblock_ref``) instead of one per row, so no absmax pass over K comes first. From
     ``configs.ROWS_MIN_M`` rows (``configs.rows_shape``) the row-block kernel (``fused_rows``) runs it.
     ``norm``: an RMSNorm of x folded into the quantization (not with ``act``, ``low_rank`` or ``kblock``)."""
-    _no_act_with_low_rank(act or norm is not None, low_rank)
+    _no_act_with_low_rank(act, low_rank, norm)
     _no_gated_act(act, "fused_linear")
     _norm_alone(norm, act, kblock)
     lead, k = x.shape[:-1], x.shape[-1]
