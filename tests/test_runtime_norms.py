@@ -18,7 +18,7 @@ from comfyquant.bench.blocks import T5, Qwen3, T5LayerNorm
 from comfyquant.runtime import QuantizeConfig, QuantLinear, quantize_
 from comfyquant.runtime.kernels.acts import RowNorm, rms_norm
 from comfyquant.runtime.nn import NormSource
-from comfyquant.runtime.norms import FoldedNorm, fold_norms, norm_eps
+from comfyquant.runtime.norms import FoldedNorm, fold_norms, norm_spec
 from comfyquant.runtime.siblings import fuse_sibling_projections
 
 
@@ -78,9 +78,10 @@ def test_rotated_weights_do_not_fold_a_norm() -> None:
 def test_a_norm_that_is_not_rms_norm_of_its_weight_is_not_folded() -> None:
     norm = T5LayerNorm(32)
     norm.weight.data = torch.rand(32) + 0.5
-    assert norm_eps(norm) == pytest.approx(1e-6)
-    norm.forward = lambda x: F.rms_norm(x, (32,), 1.0 + norm.weight, 1e-6)  # Gemma-style: 1 + weight
-    assert norm_eps(norm) is None
+    assert norm_spec(norm) == (pytest.approx(1e-6), 0.0)
+    # 1 + weight (Gemma's computation) from a class that does not say so (no ``add``): not this norm
+    norm.forward = lambda x: F.rms_norm(x, (32,), 1.0 + norm.weight, 1e-6)
+    assert norm_spec(norm) is None
     other = _t5()
     ln = other.layers[1].layer[1].layer_norm
     ln.forward = lambda x: F.layer_norm(x, (64,), ln.weight, None, 1e-6)  # a LayerNorm: the mean subtracted
@@ -217,3 +218,45 @@ def test_a_file_written_from_the_unfolded_model_loads_folded(tmp_path: Any) -> N
     x = torch.randn(1, 6, 64)
     with torch.no_grad():
         assert _rel(loaded(x), ref(x)) < 1e-5
+
+
+@pytest.mark.comfyui
+def test_comfyuis_gemma_block_folds_its_pre_norms_with_one_plus_weight(comfy: Any) -> None:
+    """ComfyUI 0.30's ``TransformerBlockGemma2`` (Gemma 2 / 3 text encoders: Lumina 2, LTX-2): its input and
+    pre-feed-forward norms scale by ``1 + weight`` (``add``) and fold with that offset; the post-attention and
+    post-feed-forward norms act on outputs and stay; the block computes what the unfolded one does, also after
+    the norm's weight changes in place (the cached ``1 + weight`` follows its version)."""
+    llama = importlib.import_module("comfy.text_encoders.llama")
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+    ops = importlib.import_module("comfy.ops").disable_weight_init
+    config = llama.Llama2Config(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    config.head_dim, config.rms_norm_add, config.transformer_type = 16, True, "gemma2"
+    config.sliding_attention, config.mlp_activation = None, "gelu_pytorch_tanh"
+    torch.manual_seed(8)
+    flt = nn.ModuleDict({"block": llama.TransformerBlockGemma2(config, 0, ops=ops)})
+    for m in flt.modules():
+        if type(m).__name__ == "RMSNorm":
+            m.weight.data = torch.rand(m.weight.numel()) - 0.5  # Gemma's weights sit around 0 (scale 1 + w)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.1)
+    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
+    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
+    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    assert [f for f in summary.folded if "->" in f] == ["block.input_layernorm -> self_attn.q_proj,k_proj,v_proj",
+                                                        "block.pre_feedforward_layernorm -> mlp.gate_proj,up_proj"]
+    block = model["block"]
+    assert isinstance(block.input_layernorm, FoldedNorm) and block.input_layernorm.offset == 1.0
+    assert type(block.post_attention_layernorm).__name__ == "RMSNorm"
+    x = torch.randn(1, 7, 64)
+    freqs = llama.precompute_freqs_cis(16, torch.arange(7).unsqueeze(0), config.rope_theta)
+    attn = attention.optimized_attention_for_device(x.device, mask=False, small_input=True)
+
+    def run(m: nn.ModuleDict) -> torch.Tensor:
+        return m["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
+
+    with torch.no_grad():
+        want = run(ref)
+        assert _rel(run(model), want) < 1e-5 and 0 < _rel(run(model), run(flt)) < 0.02
+        for m in (ref, model):  # an in-place update of the norm's weight (a patch applied in place)
+            m["block"].input_layernorm.weight.mul_(-1.0)
+        assert _rel(run(model), run(ref)) < 1e-5 and _rel(run(model), want) > 1e-3

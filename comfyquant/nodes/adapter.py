@@ -405,12 +405,13 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         def norm_fits(path: str, mod: nn.Module | None) -> bool:
             return path in new_layers and path not in folds and weight_folds_norm(new_layers[path])
 
-        for path, norm_name, consumer_name, names, eps in foldable_norms(dm, norm_fits):
+        for path, norm_name, consumer_name, names, (eps, offset) in foldable_norms(dm, norm_fits):
             norm_path = f"{path}.{norm_name}" if path else norm_name
-            holder = FoldedNorm(dm.get_submodule(norm_path), eps)  # the norm's own weight Parameter, same key
+            holder = FoldedNorm(dm.get_submodule(norm_path), eps, offset)  # the norm's own weight, same key
             clone.add_object_patch(prefix + norm_path, holder)
             base = f"{path}.{consumer_name}" if path else consumer_name
-            norms.update({f"{base}.{n}": NormSource(holder, eps) for n in names})
+            source = holder.source()  # one per norm: a sibling group fuses members that share it
+            norms.update({f"{base}.{n}": source for n in names})
             report.folded.append(f"{norm_path} -> {consumer_name}.{','.join(names)}")
     siblings: dict[str, tuple[SiblingGroup, int]] = {}
     if settings.runtime.fold_activations and settings.runtime.fuse_projections:  # gated MLPs: act(first) * second

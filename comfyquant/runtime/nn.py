@@ -21,6 +21,7 @@ from comfyquant.runtime.kernels.acts import RowNorm, apply_input_act, rms_norm
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for
 from comfyquant.runtime.tensor import REGISTRY, Layout, QuantizedTensor
+from comfyquant.runtime.versions import version
 
 _LINEAR = torch.ops.aten.linear.default
 
@@ -106,16 +107,26 @@ def run_linear(fn: Callable[..., torch.Tensor] | None, x: torch.Tensor, w: Quant
 
 class NormSource:
     """A folded RMSNorm as a layer reads it per call: the module holding its weight (``runtime.norms``'s stand-in,
-    under the norm's own state-dict key, so a loaded or patched weight is the one used) and its eps."""
+    under the norm's own state-dict key, so a loaded or patched weight is the one used), its eps, and ``offset``
+    (Gemma's norms scale by ``1 + weight``: the sum is kept while the weight and its version stay the same)."""
 
-    __slots__ = ("eps", "holder")
+    __slots__ = ("_sum", "eps", "holder", "offset")
 
-    def __init__(self, holder: nn.Module, eps: float) -> None:
+    def __init__(self, holder: nn.Module, eps: float, offset: float = 0.0) -> None:
         self.holder = holder
         self.eps = float(eps)
+        self.offset = float(offset)
+        self._sum: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def row_norm(self) -> RowNorm:
-        return RowNorm(self.holder._parameters.get("weight"), self.eps)
+        w = self.holder._parameters.get("weight")
+        if not self.offset or w is None:
+            return RowNorm(w, self.eps)
+        s = self._sum
+        ver = version(w)
+        if s is None or s[0] is not w or s[1] != ver or ver < 0:  # an inference tensor has no counter: redo
+            s = self._sum = (w, ver, w.detach() + self.offset)  # in the weight's dtype, as the model adds it
+        return RowNorm(s[2], self.eps)
 
 
 class QuantLinear(nn.Module):

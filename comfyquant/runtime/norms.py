@@ -34,6 +34,9 @@ NORM_FOLDS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
     "T5LayerSelfAttention": (_T5, (("layer_norm", "SelfAttention"),)),
     "T5LayerFF": (_T5, (("layer_norm", "DenseReluDense"),)),
     "TransformerBlock": (_LLAMA, (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))),
+    # Gemma 2 / 3 (Lumina 2's and LTX-2's text encoders): its post-attention / post-feed-forward norms act on
+    # outputs and stay; its norms scale by 1 + weight (``NormSource.offset``)
+    "TransformerBlockGemma2": (_LLAMA, (("input_layernorm", "self_attn"), ("pre_feedforward_layernorm", "mlp"))),
 }
 # consumer class -> (modules, the linears that read its input: every use of it besides its shape)
 CONSUMER_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -54,7 +57,7 @@ class FoldedNorm(nn.Module):
     """A folded RMSNorm's stand-in: ``forward`` returns its input (the linears it fed apply the norm); it holds
     the norm's own weight Parameter under the same key, for state dicts, loads and weight patches."""
 
-    def __init__(self, norm: nn.Module, eps: float) -> None:
+    def __init__(self, norm: nn.Module, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         w = norm._parameters.get("weight")
         if w is None:
@@ -62,13 +65,19 @@ class FoldedNorm(nn.Module):
         else:
             self.weight = w
         self.eps = float(eps)
+        self.offset = float(offset)
         self.folded_from = type(norm).__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def source(self) -> NormSource:
+        """What the layers it fed read per call."""
+        return NormSource(self, self.eps, self.offset)
+
     def extra_repr(self) -> str:
-        return f"{self.folded_from}, eps={self.eps}: applied by the linears it feeds"
+        scale = f"{self.offset:g} + weight" if self.offset else "weight"
+        return f"{self.folded_from}, eps={self.eps}, scale {scale}: applied by the linears it feeds"
 
 
 def _known(mod: nn.Module, table: dict) -> tuple | None:
@@ -76,21 +85,23 @@ def _known(mod: nn.Module, table: dict) -> tuple | None:
     return entry if entry is not None and type(mod).__module__ in entry[0] else None
 
 
-def norm_eps(norm: nn.Module) -> float | None:
-    """The eps of a known RMSNorm class whose output on a probe is ``acts.rms_norm`` of its weight and eps, else
-    None (another class, a ``1 + weight`` norm, a weight not a vector)."""
+def norm_spec(norm: nn.Module) -> tuple[float, float] | None:
+    """``(eps, offset)`` of a known RMSNorm class whose output on a probe is ``acts.rms_norm`` with its weight
+    (plus ``offset``: 1 for Gemma's ``add`` norms, which scale by ``1 + weight``) and eps, else None (another
+    class or computation, a weight not a vector)."""
     entry = _known(norm, NORM_CLASSES)
     w = norm._parameters.get("weight")
-    if entry is None or w is None or w.dim() != 1 or w.device.type == "meta" or getattr(norm, "add", False):
+    if entry is None or w is None or w.dim() != 1 or w.device.type == "meta":
         return None
     eps = getattr(norm, entry[1], None)
     if not isinstance(eps, float | int):
         return None
+    offset = 1.0 if getattr(norm, "add", False) is True else 0.0
     probe = torch.linspace(-3.0, 5.0, 2 * w.numel(), device=w.device).reshape(2, -1).to(w.dtype)
     with torch.no_grad():
         got = norm(probe).float()
-    want = rms_norm(probe.float(), RowNorm(w.float(), float(eps)))
-    return float(eps) if torch.allclose(got, want, rtol=2e-2, atol=2e-2) else None
+        want = rms_norm(probe.float(), RowNorm(w.float() + offset, float(eps)))
+    return (float(eps), offset) if torch.allclose(got, want, rtol=2e-2, atol=2e-2) else None
 
 
 def weight_folds_norm(qt: torch.Tensor) -> bool:
@@ -117,9 +128,9 @@ def folds_into(path: str, layer: nn.Module | None) -> bool:
 
 
 def foldable_norms(model: nn.Module, fits: Callable[[str, nn.Module | None], bool] = folds_into
-                   ) -> list[tuple[str, str, str, tuple[str, ...], float]]:
-    """``(parent path, norm child, consumer child, consumer's linears, eps)`` for every known norm whose consumer's
-    input linears all ``fits(path, module)`` (default :func:`folds_into`); nothing is changed."""
+                   ) -> list[tuple[str, str, str, tuple[str, ...], tuple[float, float]]]:
+    """``(parent path, norm child, consumer child, consumer's linears, (eps, offset))`` for every known norm whose
+    consumer's input linears all ``fits(path, module)`` (default :func:`folds_into`); nothing is changed."""
     out = []
     for path, parent in model.named_modules():
         spec = _known(parent, NORM_FOLDS)
@@ -133,9 +144,9 @@ def foldable_norms(model: nn.Module, fits: Callable[[str, nn.Module | None], boo
             prefix = f"{path}.{consumer_name}." if path else f"{consumer_name}."
             if not all(fits(prefix + n, consumer._modules.get(n)) for n in inputs[1]):
                 continue
-            eps = norm_eps(norm)
-            if eps is not None:
-                out.append((path, norm_name, consumer_name, inputs[1], eps))
+            spec = norm_spec(norm)
+            if spec is not None:
+                out.append((path, norm_name, consumer_name, inputs[1], spec))
     return out
 
 
@@ -143,13 +154,13 @@ def fold_norms(model: nn.Module) -> list[str]:
     """Fold every :func:`foldable_norms` norm of ``model`` into its consumer's input linears; returns what was
     folded (``"encoder.block.0.layer.0.layer_norm -> SelfAttention.q,k,v"``)."""
     done = []
-    for path, norm_name, consumer_name, names, eps in foldable_norms(model):
+    for path, norm_name, consumer_name, names, (eps, offset) in foldable_norms(model):
         parent = model.get_submodule(path) if path else model
-        holder = FoldedNorm(parent._modules[norm_name], eps)
+        holder = FoldedNorm(parent._modules[norm_name], eps, offset)
         parent._modules[norm_name] = holder
         consumer = parent._modules[consumer_name]
         for n in names:
-            consumer._modules[n].input_norm = NormSource(holder, eps)
+            consumer._modules[n].input_norm = holder.source()
         prefix = f"{path}." if path else ""
         done.append(f"{prefix}{norm_name} -> {consumer_name}.{','.join(names)}")
     return done
