@@ -260,3 +260,70 @@ def test_comfyuis_gemma_block_folds_its_pre_norms_with_one_plus_weight(comfy: An
         for m in (ref, model):  # an in-place update of the norm's weight (a patch applied in place)
             m["block"].input_layernorm.weight.mul_(-1.0)
         assert _rel(run(model), run(ref)) < 1e-5 and _rel(run(model), want) > 1e-3
+
+
+@pytest.mark.comfyui
+def test_node_pack_folds_a_llama_blocks_norms_on_the_clone(comfy: Any) -> None:
+    """The node pack on ComfyUI's Llama ``TransformerBlock`` under its ModelPatcher: the norms become object patches
+    on the clone (the shared model keeps its RMSNorm modules), the converted q / k / v share one norm source, the
+    clone computes what the adapter without the norm fold computes, a weight wrapper on a member runs it in float
+    after the norm, and the shared block computes its float output again once the clone is unpatched."""
+    import comfy.model_patcher
+
+    from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.cache import QuantCache
+    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+    llama = importlib.import_module("comfy.text_encoders.llama")
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+    ops = importlib.import_module("comfy.ops").disable_weight_init
+    config = llama.Llama2Config(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    config.head_dim = 16
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(10)
+            self.diffusion_model = nn.ModuleDict({"block": llama.TransformerBlock(config, 0, ops=ops)})
+            for m in self.modules():
+                if type(m).__name__ == "RMSNorm":
+                    m.weight.data = torch.rand(64) * 1.5 + 0.25
+                elif isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.1)
+
+    model = Model()
+    block = model.diffusion_model["block"]
+    x = torch.randn(1, 7, 64)
+    freqs = llama.precompute_freqs_cis(16, torch.arange(7).unsqueeze(0), config.rope_theta)
+    attn = attention.optimized_attention_for_device(x.device, mask=False, small_input=True)
+    with torch.no_grad():
+        float_out = block(x, freqs_cis=freqs, optimized_attention=attn)[0]
+    base = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    plain, r0 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_norms=False)),
+                            cache=QuantCache())
+    folded, r1 = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
+    assert not [f for f in r0.folded if "->" in f]
+    assert [f for f in r1.folded if "->" in f] == ["block.input_layernorm -> self_attn.q_proj,k_proj,v_proj",
+                                                   "block.post_attention_layernorm -> mlp.gate_proj,up_proj"]
+    patches = folded.object_patches
+    assert isinstance(patches["diffusion_model.block.input_layernorm"], FoldedNorm)
+    q, k = patches["diffusion_model.block.self_attn.q_proj"], patches["diffusion_model.block.self_attn.k_proj"]
+    assert q.input_norm is k.input_norm and q.input_norm.holder is patches["diffusion_model.block.input_layernorm"]
+
+    def run(patcher: Any) -> torch.Tensor:
+        patcher.patch_model()
+        try:
+            with torch.inference_mode():
+                return block(x, freqs_cis=freqs, optimized_attention=attn)[0]
+        finally:
+            patcher.unpatch_model()
+
+    want, got = run(plain), run(folded)
+    assert _rel(got, want) < 1e-5 and 0 < _rel(got, float_out) < 0.03
+    for p in (plain, folded):  # ComfyUI's weight wrapper on a member: that layer runs in float, after the norm
+        p.add_weight_wrapper("diffusion_model.block.self_attn.k_proj.weight", lambda w: w * 0.5)
+    wrapped = [run(p) for p in (plain, folded)]
+    assert _rel(wrapped[1], wrapped[0]) < 1e-5 and _rel(wrapped[1], got) > 1e-3
+    assert type(block.input_layernorm).__name__ == "RMSNorm"
+    with torch.no_grad():
+        assert torch.equal(block(x, freqs_cis=freqs, optimized_attention=attn)[0], float_out)
