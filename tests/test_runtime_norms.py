@@ -260,6 +260,8 @@ def test_comfyuis_gemma_block_folds_its_pre_norms_with_one_plus_weight(comfy: An
         for m in (ref, model):  # an in-place update of the norm's weight (a patch applied in place)
             m["block"].input_layernorm.weight.mul_(-1.0)
         assert _rel(run(model), run(ref)) < 1e-5 and _rel(run(model), want) > 1e-3
+        traced = torch.compile(model["block"], backend="aot_eager", fullgraph=True)
+        assert _rel(traced(x, freqs_cis=freqs, optimized_attention=attn)[0], run(ref)) < 1e-5
 
 
 @pytest.mark.comfyui

@@ -122,6 +122,8 @@ class NormSource:
         w = self.holder._parameters.get("weight")
         if not self.offset or w is None:
             return RowNorm(w, self.eps)
+        if torch.compiler.is_compiling():  # traced: the sum in the graph (no cache to mutate)
+            return RowNorm(w + self.offset, self.eps)
         s = self._sum
         ver = version(w)
         if s is None or s[0] is not w or s[1] != ver or ver < 0:  # an inference tensor has no counter: redo
