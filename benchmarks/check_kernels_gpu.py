@@ -1025,6 +1025,18 @@ def check_norm_fold() -> None:
                 e, e_ref = rel(y, f64), rel(ref, f64)
                 record("norm_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again), fmt=fmt, m=m, k=k, n=n,
                        backend=pick, rel=e, rel_unfolded=e_ref)
+    # a SmoothQuant layer's pre_quant_scale as the quantizer's column scale (NORM 3): the layer fed x * p
+    w = torch.randn(3072, 4096, device="cuda") * 0.02
+    p = torch.rand(4096, device="cuda") + 0.5
+    qt = QuantizedTensor.from_float(w, "int8", pre_quant_scale=p)
+    smoothed = QuantLinear(4096, 3072, bias=False, weight=qt)
+    plain = QuantLinear(4096, 3072, bias=False, weight=qt.with_parts(params=qt.params.replace(pre_quant_scale=None)))
+    for m in (16, 256, 4096):
+        x = torch.randn(1, m, 4096, device="cuda").bfloat16()
+        y, again = smoothed(x), smoothed(x)
+        want = plain(x * p.bfloat16())
+        record("column_scale_linear", rel(y, want) < 2**-8 and torch.equal(y, again), m=m,
+               backend=choose_backend(x.view(m, 4096), kind="int8", n=3072, k=4096).name, rel=rel(y, want))
 
 
 def main(argv: list[str] | None = None) -> int:

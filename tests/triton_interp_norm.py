@@ -97,6 +97,36 @@ def check_norm_quantizer() -> None:
             record(f"norm_refused_{what}", True)
 
 
+def check_column_scale() -> None:
+    """``RowNorm(p, rms=False)`` (a SmoothQuant layer's ``x * pre_quant_scale``, ``NORM`` 3): the block kernel's
+    codes and scales are those of ``x * p`` (no row factor), and the int8 / fp8 linears and the one-launch
+    kernel on fp32 x give what they give fed ``x * p`` (fp32: the same products, bit for bit)."""
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.acts import RowNorm
+
+    for i, (m, k, dt, chunk) in enumerate([(3, 96, F32, None), (5, 300, F16, 128), (70, 640, BF16, None)]):
+        x = _x(m, k, dt, seed=50 + i)
+        p = _weight(k, seed=60 + i)
+        q, s = torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1)
+        grid, args, key, warps = tq.block_launch(x, q, s, None, tq.MODE_INT8, 127.0, 0, 0, rows=1, chunk=chunk,
+                                                 norm=RowNorm(p, 0.0, rms=False))
+        tq._ACT_BLOCKS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
+        xp = x.float() * p
+        sc = xp.abs().amax(-1, keepdim=True) / 127.0
+        record("column_scale_quantizer", torch.equal(q, (xp / sc).round().to(torch.int8)) and torch.equal(s, sc),
+               m=m, k=k, dtype=str(dt), chunk=chunk)
+    g = torch.Generator().manual_seed(21)
+    w = torch.randint(-127, 128, (40, 256), dtype=torch.int8, generator=g)
+    sw = torch.rand(40, generator=g) * 0.01 + 1e-3
+    p = _weight(256, seed=22)
+    for m in (5, 70):
+        x = _x(m, 256, F32, seed=m)
+        for name, path in _paths(w, sw, None, F32).items():
+            y, want = path(x, norm=RowNorm(p, 0.0, rms=False)), path(x * p)
+            record(f"column_scale_linear_{name}", torch.equal(y, want) and rel(path(x), want) > 0.05, m=m,
+                   rel=rel(y, want))
+
+
 def _paths(w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict:
     from comfyquant.runtime.kernels import triton_int8 as ti
 
@@ -170,4 +200,5 @@ def check_norm_plans() -> None:
             record(f"norm_plan_{name}", same, m=m, k=k, n=n, dtype=str(dt), planned=plan is not None)
 
 
-GROUPS = {"norm_quantizer": check_norm_quantizer, "norm_linear": check_norm_linear, "norm_plans": check_norm_plans}
+GROUPS = {"norm_quantizer": check_norm_quantizer, "norm_linear": check_norm_linear, "norm_plans": check_norm_plans,
+          "column_scale": check_column_scale}

@@ -395,8 +395,8 @@ def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stri
 
 @triton.jit
 def rms_weighted(x, nw_ptr, o, K, NORM: tl.constexpr):
-    """``x`` times a folded RMSNorm's weight at columns ``o`` (``NORM`` 2), else x."""
-    if NORM == 2:
+    """``x`` times a folded RMSNorm's weight at columns ``o`` (``NORM`` 2), or a column scale's (3), else x."""
+    if NORM == 2 or NORM == 3:
         x = x * tl.load(nw_ptr + o, mask=o < K, other=0.0).to(tl.float32)[None, :]
     return x
 
@@ -404,8 +404,8 @@ def rms_weighted(x, nw_ptr, o, K, NORM: tl.constexpr):
 @triton.jit
 def rms_part(x, ss, nw_ptr, o, K, NORM: tl.constexpr):
     """(x times the folded RMSNorm's weight, the rows' sum of squares of x so far plus this chunk's) for
-    ``NORM`` 1 (no weight) / 2 (a weight); ``NORM`` 0: x and ``ss`` as they are."""
-    if NORM != 0:
+    ``NORM`` 1 (no weight) / 2 (a weight); 3 (a column scale): x times it, ``ss`` as it is; 0: both as they are."""
+    if NORM == 1 or NORM == 2:
         ss = ss + tl.sum(x * x, axis=1)
     return rms_weighted(x, nw_ptr, o, K, NORM), ss
 
@@ -422,7 +422,8 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
     ``NORM`` (dynamic scales, no input activation): an RMSNorm ``x * rsqrt(mean(x²) + eps) * w`` folded in. Its
     per-row factor cancels out of per-row codes, so the codes are those of ``x * w`` and the stored scale is
     their absmax / qmax times ``rsqrt(mean(x²) + eps)``, the sum of squares taken in the absmax pass: the GEMM
-    epilogue, which multiplies by the row scale anyway, applies the norm."""
+    epilogue, which multiplies by the row scale anyway, applies the norm. ``NORM`` 3: a column scale alone (a
+    SmoothQuant layer's ``x * pre_quant_scale``), codes of ``x * w`` with their own scale."""
     R: tl.constexpr = rows.shape[0]
     rmask = rows < M
     cols = tl.arange(0, BK)
@@ -455,6 +456,6 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
             x = rms_weighted(_load_act(x_rows + o[None, :], mask, K, ACT), nw_ptr, o, K, NORM)
             y = quant_codes(x, scale[:, None], inv[:, None], qmax, MODE)
             tl.store(o_rows + _dst(o, PERM)[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-    if NORM != 0:
+    if NORM == 1 or NORM == 2:
         scale = scale * tl.math.rsqrt(ss / K + eps)
     tl.store(s_ptr + rows, scale, mask=rmask)

@@ -67,15 +67,24 @@ class RowNorm(NamedTuple):
     int8 / fp8 activation quantizers apply as they read x (``act_kernels.quantize_rows``): per-row codes do not
     see the norm's per-row factor, so the codes are those of ``x * weight`` and the factor goes into the row
     scale. The weight is read as stored, in fp32 (a model's ``weight.to(x.dtype) * x`` rounds an fp32 weight to
-    a 16-bit x's dtype first)."""
+    a 16-bit x's dtype first). ``rms`` False: the per-column scale ``x * weight`` alone (a SmoothQuant layer's
+    ``pre_quant_scale``), no row factor."""
 
     weight: torch.Tensor | None
     eps: float
+    rms: bool = True
 
 
 def norm_code(norm: RowNorm | None) -> int:
-    """The kernels' ``NORM`` constexpr: 0 none, 1 without a weight, 2 with one."""
-    return 0 if norm is None else 1 if norm.weight is None else 2
+    """The kernels' ``NORM`` constexpr: 0 none, 1 an RMSNorm without a weight, 2 with one, 3 the column scale
+    alone."""
+    if norm is None:
+        return 0
+    if not norm.rms:
+        if norm.weight is None:
+            raise ValueError("a column scale without its vector")
+        return 3
+    return 1 if norm.weight is None else 2
 
 
 def norm_args(norm: RowNorm | None, dummy: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -86,8 +95,11 @@ def norm_args(norm: RowNorm | None, dummy: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def rms_norm(x: torch.Tensor, norm: RowNorm) -> torch.Tensor:
-    """``norm`` applied to ``x`` in torch, in x's dtype (what the paths that do not fold it compute)."""
+    """``norm`` applied to ``x`` in torch, in x's dtype (what the paths that do not fold it compute): the RMSNorm,
+    or (``rms`` False) ``x * weight``."""
     w = None if norm.weight is None else norm.weight.to(device=x.device, dtype=x.dtype)
+    if not norm.rms:
+        return x * w
     return F.rms_norm(x, (x.shape[-1],), w, norm.eps)
 
 

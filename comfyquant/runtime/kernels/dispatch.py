@@ -182,7 +182,7 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
         # a norm's weight by identity: a plan holds it (so its id is not reused while the entry lives); the rank
         # last (``call.memo``'s readers take it from there)
         sig = (x.shape, x.dtype, x.device, capture, input_act,
-               None if norm is None else (id(norm.weight), norm.eps), rank)
+               None if norm is None else (id(norm.weight), norm.eps, norm.rms), rank)
         e = memo.get(sig)
         if e is None:
             # the checks and the choice see the activated input's shape (half of x's width under a gated

@@ -340,7 +340,7 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
     if KBLOCK:
         out = acc_f
     else:
-        if NORM != 0:
+        if NORM == 1 or NORM == 2:
             scale = scale * tl.math.rsqrt(ss / K + eps)
         out = acc.to(tl.float32) * scale[:, None]
     _store(out, sb_ptr, bias_ptr, c_ptr, M, N, stride_cm, pid_m, pid_n, BLOCK_M, BLOCK_N, ROW_SB, HAS_BIAS,

@@ -229,12 +229,21 @@ class FormatLayout(Layout):
         if p is None:
             return call
 
+        scales_by: dict[tuple, RowNorm] = {}  # p in each (dtype, device) a call came in
+
         def smoothed(x: torch.Tensor, low_rank: dispatch.LowRank | None = None,
                      input_act: str | None = None, norm: RowNorm | None = None) -> torch.Tensor:
             # the kernel quantizes act(x) * p (outliers divided out); a LoRA side path reads act(x) itself
             x = apply_input_act(x if norm is None else rms_norm(x, norm), input_act)
-            y = call(_smooth(x, p))
-            return y if low_rank is None else dispatch.add_low_rank(x, y, low_rank)
+            if low_rank is not None:
+                return dispatch.add_low_rank(x, call(_smooth(x, p)), low_rank)
+            # p as a column scale the activation quantizer applies where the backend folds it (else x * p first,
+            # in the dispatcher): p rounded to x's dtype, as _smooth multiplies
+            col = scales_by.get((x.dtype, x.device))
+            if col is None:
+                col = scales_by[(x.dtype, x.device)] = RowNorm(p.to(device=x.device, dtype=x.dtype).contiguous(),
+                                                                0.0, rms=False)
+            return call(x, None, None, col)
 
         return smoothed
 
