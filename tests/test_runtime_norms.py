@@ -329,3 +329,18 @@ def test_node_pack_folds_a_llama_blocks_norms_on_the_clone(comfy: Any) -> None:
     assert type(block.input_layernorm).__name__ == "RMSNorm"
     with torch.no_grad():
         assert torch.equal(block(x, freqs_cis=freqs, optimized_attention=attn)[0], float_out)
+
+
+def test_the_dispatch_report_says_what_each_layer_applies_first_and_where() -> None:
+    """``describe_dispatch`` names a layer's folded norm or activation and whether the chosen backend's kernel
+    applies it (on the CPU the torch reference does not: "torch first"). The gated MLP's wi_0 / wi_1 run as one
+    GEMM outside their modules' forward, so the report has no row for them."""
+    from comfyquant.runtime.dispatch_report import describe_dispatch, format_dispatch
+
+    model = _t5()
+    quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    rows = {r.layer: r for r in describe_dispatch(model, torch.randn(1, 5, 64))}
+    assert rows["layers.0.layer.0.SelfAttention.q"].folded == "rms_norm: torch first"
+    assert rows["layers.0.layer.1.DenseReluDense.wo"].folded == "gated_gelu_tanh: torch first"
+    assert rows["layers.0.layer.0.SelfAttention.o"].folded == ""
+    assert "| rms_norm: torch first |" in format_dispatch(list(rows.values()))

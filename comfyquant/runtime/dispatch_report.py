@@ -13,16 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from comfyquant.runtime.kernels.acts import apply_input_act
+from comfyquant.runtime.kernels.acts import GATED, apply_input_act
 from comfyquant.runtime.kernels.backends import BackendChoice
 from comfyquant.runtime.kernels.dispatch import choose_backend
 from comfyquant.runtime.kernels.policy import DispatchPolicy
+from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.nn import QuantLinear
 
 
 @dataclass(frozen=True)
 class LayerDispatch:
-    """One layer call: its name, kernel kind, (M, N, K) and the backend chosen for it."""
+    """One layer call: its name, kernel kind, (M, N, K), the backend chosen for it, and what it applies to its
+    input first (``folded``: a folded activation or RMSNorm, and whether that backend's kernel applies it or torch
+    does before it; empty for none)."""
 
     layer: str
     kind: str
@@ -31,6 +34,21 @@ class LayerDispatch:
     k: int
     backend: str
     reason: str
+    folded: str = ""
+
+
+def _folded(mod: QuantLinear, kind: str, backend: str, opts: tuple, w: Any) -> str:
+    """``"rms_norm: in the kernel"`` / ``"gelu_tanh: torch first"`` / ``""`` for a layer call on ``backend``."""
+    act, src = getattr(mod, "input_act", None), mod.__dict__.get("input_norm")
+    if act is None and src is None:
+        return ""
+    b = kernel_kind(kind).backends.get(backend)
+    if src is not None:
+        scales, _ = w.params.format.kernel_args(w.params.stored(w.qdata), w.params.layer_params)
+        inside = b is not None and b.fuses_norm is not None and b.fuses_norm(tuple(scales), tuple(opts))
+        return f"rms_norm: {'in the kernel' if inside else 'torch first'}"
+    inside = b is not None and b.fuses_input_act and (act not in GATED or b.fuses_gated_act)
+    return f"{act}: {'in the kernel' if inside else 'torch first'}"
 
 
 def _kind_and_opts(w: Any) -> tuple[str, tuple[int, ...]]:
@@ -61,7 +79,8 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
             choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override, opts=opts,
                                                    policy=policy, low_rank=0 if low_rank is None else
                                                    int(low_rank[0].shape[0]))
-            rows.append(LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason))
+            rows.append(LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason,
+                                      _folded(mod, kind, choice.name, opts, w)))
 
         return pre
 
@@ -79,6 +98,7 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
 
 def format_dispatch(rows: list[LayerDispatch]) -> str:
     """A markdown table of :func:`describe_dispatch` rows."""
-    lines = ["| layer | kind | M | K→N | backend | why |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.layer} | {r.kind} | {r.m} | {r.k}→{r.n} | {r.backend} | {r.reason} |" for r in rows]
+    lines = ["| layer | kind | M | K→N | backend | input first | why |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.layer} | {r.kind} | {r.m} | {r.k}→{r.n} | {r.backend} | {r.folded or '-'} | {r.reason} |"
+              for r in rows]
     return "\n".join(lines)
