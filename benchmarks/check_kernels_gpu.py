@@ -1039,19 +1039,33 @@ def check_norm_fold() -> None:
                backend=choose_backend(x.view(m, 4096), kind="int8", n=3072, k=4096).name, rel=rel(y, want))
 
 
+def _checks() -> tuple:
+    """Every check, in the order they run."""
+    return (check_act_quant, check_held_rotation, check_int_mm_exact, check_persistent, check_ws_gemm,
+            check_ws_lora_wired, check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
+            check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
+            check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
+            check_siblings, check_norm_fold)
+
+
+def _only(value: str) -> set[str]:
+    """``--only``'s names, each a check of :func:`_checks` (a misspelt one would silently run nothing)."""
+    names = {n for n in value.split(",") if n}
+    unknown = sorted(names - {fn.__name__ for fn in _checks()})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown check(s) {', '.join(unknown)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for check_kernels.json")
-    p.add_argument("--only", default="", help="comma-separated check function names (default: all)")
+    p.add_argument("--only", type=_only, default=set(), help="comma-separated check function names (default: all)")
     a = p.parse_args(argv)
-    only = {n for n in a.only.split(",") if n}
+    only = a.only
     torch.manual_seed(1234)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_act_quant, check_held_rotation, check_int_mm_exact, check_persistent, check_ws_gemm,
-               check_ws_lora_wired, check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
-               check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
-               check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
-               check_siblings, check_norm_fold):
+    for fn in _checks():
         if only and fn.__name__ not in only:
             continue
         try:

@@ -41,3 +41,13 @@ def test_each_steps_arguments_parse(step: str, cmd: list[str], monkeypatch: pyte
     with pytest.raises(Parsed) as got:
         runpy.run_path(str(ROOT / cmd[1]), run_name="__main__")
     assert isinstance(got.value.args[0], argparse.Namespace), step
+
+
+def test_a_misspelt_check_name_is_refused_before_any_device_work() -> None:
+    """``check_kernels_gpu.py --only`` takes check names only: a misspelt one (which would run nothing and pass)
+    stops the parser with exit code 2, so the step tests above catch it on the CPU."""
+    import check_kernels_gpu
+
+    with pytest.raises(SystemExit) as e:
+        check_kernels_gpu.main(["--only", "check_norm_fold,check_nope"])
+    assert e.value.code == 2
