@@ -10,8 +10,8 @@ codes of ``x * weight``, the factor ``rsqrt(mean(x²) + eps)`` in the row scale 
 Which modules fold is a table of known classes (:data:`NORM_FOLDS`, :data:`CONSUMER_INPUTS`), each with the
 module it is defined in: folding is only right where the consumer reads its input through the listed linears
 alone (and its shape), which a class's code says and a name does not. The norm module itself is checked on a
-probe (its output must be ``acts.rms_norm`` of its weight and eps: a Gemma-style ``1 + weight`` norm is not).
-The norm's slot gets :class:`FoldedNorm` (the input passes through; the same weight Parameter under the same
+probe (its output must be ``acts.rms_norm`` of its weight and eps; of ``1 + weight`` where the class says ``add``,
+Gemma's norms). The norm's slot gets :class:`FoldedNorm` (the input passes through; the same weight Parameter under the same
 state-dict key, so loads and weight patches reach the layers, which read it per call).
 """
 
