@@ -485,7 +485,7 @@ def main() -> int:
     p.add_argument("--sections", default="check,calibrate,host,sweep,models")
     p.add_argument("--sweep-models", default="flux,wan14b,sdxl,t5xxl,clip_l")
     p.add_argument("--sweep-m", default="1,16,256,1024,4096,16384")
-    p.add_argument("--models", default="flux_1024,flux_512,flux2_1024,wan_480p,sdxl_1024,t5xxl_256")
+    p.add_argument("--models", default="flux_1024,flux_512,flux2_1024,wan_480p,sdxl_1024,t5xxl_256,qwen3_4b_256")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # whole models alone (a short call): the device's costs, the activation kernels, the model table
         "models": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                     "--sections", "calibrate,rotation,models",
-                    "--models", "sdxl_1024,t5xxl_256,flux_512,flux_1024,flux2_1024,wan_480p"]],
+                    "--models", "sdxl_1024,t5xxl_256,qwen3_4b_256,flux_512,flux_1024,flux2_1024,wan_480p"]],
         # the two large whole models alone (the kernels' share of step time is largest there)
         "models_large": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                           "--sections", "calibrate,rotation,models", "--models", "flux_1024,wan_480p"]],

@@ -375,7 +375,7 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--no-ck", action="store_true", help="skip comfy-kitchen even if importable")
     p.add_argument("--min-ms", type=float, default=12.0, help="wall time per timing round")
-    p.add_argument("--whole", default="flux_1024,flux_512,flux2_1024,wan_480p,sdxl_1024,t5xxl_256",
+    p.add_argument("--whole", default="flux_1024,flux_512,flux2_1024,wan_480p,sdxl_1024,t5xxl_256,qwen3_4b_256",
                    help="whole-model runs after the sweep (comma list; 'none' to skip)")
     p.add_argument("--graph-all", action="store_true",
                    help="CUDA-graph GPU time of every path column up to M=4096 (to fit the eager cost model)")
