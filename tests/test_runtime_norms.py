@@ -344,3 +344,16 @@ def test_the_dispatch_report_says_what_each_layer_applies_first_and_where() -> N
     assert rows["layers.0.layer.1.DenseReluDense.wo"].folded == "gated_gelu_tanh: torch first"
     assert rows["layers.0.layer.0.SelfAttention.o"].folded == ""
     assert "| rms_norm: torch first |" in format_dispatch(list(rows.values()))
+
+
+def test_a_layer_pinned_to_a_backend_that_cannot_fold_keeps_the_norm_module() -> None:
+    """Pinned to ``dequant`` (or a policy allowing no folding backend) every layer would apply the norm in torch,
+    three times for q / k / v: the model's own norm module stays."""
+    from comfyquant.runtime.kernels.policy import DispatchPolicy
+
+    for backend, folds in (("dequant", False), (DispatchPolicy(allow=("dequant", "triton_w8a16")), False),
+                           (DispatchPolicy(allow=("triton_fused",)), True), ("triton", True)):
+        model = _t5()
+        summary = quantize_(model, QuantizeConfig(format="int8", min_features=1, backend=backend))
+        assert bool([f for f in summary.folded if "->" in f]) is folds, backend
+        assert isinstance(model.layers[0].layer[0].layer_norm, FoldedNorm) is folds

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from comfyquant.runtime.kernels.acts import RowNorm, rms_norm
+from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.layouts.generic import FormatParams
 from comfyquant.runtime.nn import NormSource, QuantLinear
@@ -105,16 +106,22 @@ def norm_spec(norm: nn.Module) -> tuple[float, float] | None:
 
 
 def weight_folds_norm(qt: torch.Tensor) -> bool:
-    """Whether a quantized weight's activation quantizer can apply a norm: a registered format whose Triton
-    backend folds norms for it (unrotated int8, fp8 without a static input scale)."""
+    """Whether a quantized weight's activation quantizer can apply a norm: a registered format with a backend that
+    folds norms for it (unrotated int8, fp8 without a static input scale) among those its pinned backend or
+    policy allows (a layer pinned to ``dequant``, or the node pack's ``use_triton`` off, would apply the norm in
+    torch per layer: more launches than the model's one norm for several layers)."""
     p = getattr(qt, "params", None)
     if not isinstance(p, FormatParams) or p.format.kernel_kind is None:
         return False
-    backend = kernel_kind(p.format.kernel_kind).backends.get("triton")
-    if backend is None or backend.fuses_norm is None:
-        return False
     scales, opts = p.format.kernel_args(p.stored(qt.qdata), p.layer_params)
-    return backend.fuses_norm(tuple(scales), tuple(opts))
+    folding = [name for name, b in kernel_kind(p.format.kernel_kind).backends.items()
+               if b.fuses_norm is not None and b.fuses_norm(tuple(scales), tuple(opts))]
+    pinned = p.backend
+    if isinstance(pinned, str):
+        return pinned in folding
+    if isinstance(pinned, DispatchPolicy) and pinned.allow:
+        return any(name in pinned.allow for name in folding)
+    return bool(folding)
 
 
 def folds_into(path: str, layer: nn.Module | None) -> bool:
