@@ -179,10 +179,12 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
              norm: RowNorm | None = None) -> torch.Tensor:
         capture = x.is_cuda and capturing()
         rank = 0 if low_rank is None else low_rank[0].shape[0]
-        # a norm's weight by identity: a plan holds it (so its id is not reused while the entry lives); the rank
-        # last (``call.memo``'s readers take it from there)
+        # a norm's weight by identity and storage: a plan holds its pointer (a ``.data`` swap or a move makes a new
+        # entry; the object is held, so its id is not reused while the entry lives); the rank last (``call.memo``'s
+        # readers take it from there)
+        nw = None if norm is None else norm.weight
         sig = (x.shape, x.dtype, x.device, capture, input_act,
-               None if norm is None else (id(norm.weight), norm.eps, norm.rms), rank)
+               None if norm is None else (id(nw), 0 if nw is None else nw.data_ptr(), norm.eps, norm.rms), rank)
         e = memo.get(sig)
         if e is None:
             # the checks and the choice see the activated input's shape (half of x's width under a gated
