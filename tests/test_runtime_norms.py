@@ -357,3 +357,16 @@ def test_a_layer_pinned_to_a_backend_that_cannot_fold_keeps_the_norm_module() ->
         summary = quantize_(model, QuantizeConfig(format="int8", min_features=1, backend=backend))
         assert bool([f for f in summary.folded if "->" in f]) is folds, backend
         assert isinstance(model.layers[0].layer[0].layer_norm, FoldedNorm) is folds
+
+
+def test_gemmas_one_plus_weight_follows_a_data_swap() -> None:
+    """``NormSource`` keeps ``1 + weight`` per weight object, version and storage: a ``.data`` swap (what a module
+    move or dtype change does, without a version bump) is seen."""
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.zeros(8), requires_grad=False)
+    src = NormSource(holder, 1e-6, offset=1.0)
+    assert torch.equal(src.row_norm().weight, torch.ones(8))
+    assert src.row_norm().weight is src.row_norm().weight  # kept while nothing changed
+    holder.weight.data = torch.full((8,), 2.0, dtype=torch.float64)
+    got = src.row_norm().weight
+    assert got.dtype == torch.float64 and torch.equal(got, torch.full((8,), 3.0, dtype=torch.float64))

@@ -116,7 +116,7 @@ class NormSource:
         self.holder = holder
         self.eps = float(eps)
         self.offset = float(offset)
-        self._sum: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._sum: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
 
     def row_norm(self) -> RowNorm:
         w = self.holder._parameters.get("weight")
@@ -126,9 +126,11 @@ class NormSource:
             return RowNorm(w + self.offset, self.eps)
         s = self._sum
         ver = version(w)
-        if s is None or s[0] is not w or s[1] != ver or ver < 0:  # an inference tensor has no counter: redo
-            s = self._sum = (w, ver, w.detach() + self.offset)  # in the weight's dtype, as the model adds it
-        return RowNorm(s[2], self.eps)
+        # redone for another weight object, version or storage (a move swaps ``.data``); an inference tensor has
+        # no counter: every call
+        if s is None or s[0] is not w or s[1] != ver or s[2] != w.data_ptr() or ver < 0:
+            s = self._sum = (w, ver, w.data_ptr(), w.detach() + self.offset)  # in the weight's dtype, as the model
+        return RowNorm(s[3], self.eps)
 
 
 class QuantLinear(nn.Module):
