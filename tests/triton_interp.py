@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,17 @@ def record(check: str, ok: bool, **info: Any) -> None:
     if clash:
         raise ValueError(f"record({check!r}): info keys {sorted(clash)} are reserved")
     _STATE["checks"].append({"group": _STATE["group"], "check": check, "ok": bool(ok), **info})
+
+
+def record_refused(check: str, call: Callable[[], object]) -> None:
+    """Record ``check`` as passed when ``call()`` raises ValueError (an input the function must refuse), failed
+    when it returns; any other exception propagates (the group records it)."""
+    try:
+        call()
+    except ValueError:
+        record(check, True)
+        return
+    record(check, False)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from triton_interp import code_diff, group, interp_cast, record, rel
+from triton_interp import code_diff, group, interp_cast, record, record_refused, rel
 from triton_interp_attention import GROUPS as ATTENTION_GROUPS
 from triton_interp_fp8 import GROUPS as FP8_GROUPS
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
@@ -138,11 +138,7 @@ def check_act_quant() -> None:
     refusals = (("perm_ragged_k_refused", lambda: triton_quant.quantize_rows_int8(torch.zeros(2, 200), perm=128)),
                 ("group_past_4**8_refused", lambda: triton_quant.rotate_rows(torch.zeros(1, 4 ** 9), 4 ** 9)))
     for what, call in refusals:
-        try:
-            call()
-            record(what, False)
-        except ValueError:
-            record(what, True)
+        record_refused(what, call)
 
 
 def _blocks(src: torch.Tensor, mode: int, qdt: torch.dtype, qmax: float, rows: int, chunk: int | None,

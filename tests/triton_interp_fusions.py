@@ -16,7 +16,7 @@ the GPU checks (``benchmarks/check_kernels_gpu.py``: ``low_rank_*``, ``input_act
 from __future__ import annotations
 
 import torch
-from triton_interp import code_diff, record, rel
+from triton_interp import code_diff, record, record_refused, rel
 
 F32, F16 = torch.float32, torch.float16
 ACTS = ("gelu_tanh", "gelu", "silu")
@@ -205,11 +205,7 @@ def _check_gated(gated: str) -> None:
         record(f"{gated}_plan_{name}", same)
     for name, call in (("w8a16", lambda: ti.w8a16_linear(x.half(), w, s, None, None, F16, act=code)),
                        ("fused", lambda: ti.fused_linear(x, w, s, None, F32, act=code))):
-        try:
-            call()
-            record(f"{gated}_refused_{name}", False)
-        except ValueError:
-            record(f"{gated}_refused_{name}", True)
+        record_refused(f"{gated}_refused_{name}", call)
 
 
 def check_gated() -> None:

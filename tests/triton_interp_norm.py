@@ -14,7 +14,7 @@ path without the norm (so a fold that does nothing fails). Plans replay their ge
 from __future__ import annotations
 
 import torch
-from triton_interp import interp_cast, record, rel
+from triton_interp import interp_cast, record, record_refused, rel
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 EPS = 1e-6
@@ -90,11 +90,7 @@ def check_norm_quantizer() -> None:
     for what, call in (("rotated", lambda: tq.quantize_rows_int8(x, 16, norm=norm)),
                        ("act", lambda: tq.quantize_rows_int8(x, act=3, norm=norm)),
                        ("static", lambda: tq.quantize_rows_fp8(x, static_scale=torch.tensor(0.1), norm=norm))):
-        try:
-            call()
-            record(f"norm_refused_{what}", False)
-        except ValueError:
-            record(f"norm_refused_{what}", True)
+        record_refused(f"norm_refused_{what}", call)
 
 
 def check_column_scale() -> None:
@@ -163,11 +159,7 @@ def check_norm_linear() -> None:
     for what, call in (("act", lambda: paths["w8a8"](x, act=3, norm=RowNorm(None, EPS))),
                        ("kblock", lambda: paths["fused"](x, kblock=True, norm=RowNorm(None, EPS))),
                        ("low_rank", lambda: paths["w8a8"](x, low_rank=lr, norm=RowNorm(None, EPS)))):
-        try:
-            call()
-            record(f"norm_linear_refused_{what}", False)
-        except ValueError:
-            record(f"norm_linear_refused_{what}", True)
+        record_refused(f"norm_linear_refused_{what}", call)
 
 
 def check_norm_plans() -> None:

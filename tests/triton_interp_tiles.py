@@ -14,7 +14,7 @@ quantization would not pass (the check can fail).
 from __future__ import annotations
 
 import torch
-from triton_interp import code_diff, record, rel
+from triton_interp import code_diff, record, record_refused, rel
 
 F16, F32 = torch.float16, torch.float32
 
@@ -133,11 +133,7 @@ def check_dot_rotation() -> None:
         b = triton_quant.quantize_rows_int8(x2, g, kernel="rows")
         record("dot_rotation_falls_back", not triton_quant.tiles_apply(x2, g, triton_quant.MODE_INT8)
                and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), dtype=str(x2.dtype), convrot=g)
-    try:
-        triton_quant.quantize_rows_int8(_x(1, 64, 43), 16, kernel="fast")
-        record("unknown_rotation_refused", False)
-    except ValueError:
-        record("unknown_rotation_refused", True)
+    record_refused("unknown_rotation_refused", lambda: triton_quant.quantize_rows_int8(_x(1, 64, 43), 16, kernel="fast"))
 
 
 def check_held_rotation() -> None:
