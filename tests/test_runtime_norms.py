@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -148,36 +149,55 @@ def test_comfyuis_t5_folds_its_norms(comfy: Any) -> None:
     assert _rel(got, want) < 1e-5
 
 
+def _comfy_block(cls: str, seed: int, norm_weight: Callable[[int], torch.Tensor],
+                 **config: Any) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    """One of ComfyUI 0.30's Llama-family blocks (``comfy.text_encoders.llama.<cls>``, 64 wide, 4 query / 2 kv
+    heads of 16, 160-wide MLP; ``config`` sets further config attributes) with its RMSNorms' weights from
+    ``norm_weight(width)`` and its linears N(0, 0.1); and ``run(block) -> output`` on a fixed 7-token input with
+    the rotary embedding and attention function ComfyUI hands the block."""
+    llama = importlib.import_module("comfy.text_encoders.llama")
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+    ops = importlib.import_module("comfy.ops").disable_weight_init
+    cfg = llama.Llama2Config(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    cfg.head_dim = 16
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    block = getattr(llama, cls)(cfg, 0, ops=ops)
+    for m in block.modules():
+        if type(m).__name__ == "RMSNorm":
+            m.weight.data = norm_weight(m.weight.numel())
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.1)
+    x = torch.randn(1, 7, 64)
+    freqs = llama.precompute_freqs_cis(16, torch.arange(7).unsqueeze(0), cfg.rope_theta)
+    attn = attention.optimized_attention_for_device(x.device, mask=False, small_input=True)
+
+    def run(b: nn.Module) -> torch.Tensor:
+        return b(x, freqs_cis=freqs, optimized_attention=attn)[0]
+
+    return block, run
+
+
+def _spread(width: int) -> torch.Tensor:
+    return torch.rand(width) * 1.5 + 0.25
+
+
 @pytest.mark.comfyui
 def test_comfyuis_llama_block_folds_both_norms(comfy: Any) -> None:
     """ComfyUI 0.30's ``comfy.text_encoders.llama.TransformerBlock`` (Qwen / Llama / Mistral text encoders): its
     ``input_layernorm`` folds into ``self_attn``'s q / k / v and ``post_attention_layernorm`` into the MLP's
     gate / up projections, and the block computes what the unfolded one does (rotary embedding, grouped kv)."""
-    llama = importlib.import_module("comfy.text_encoders.llama")
-    attention = importlib.import_module("comfy.ldm.modules.attention")
-    ops = importlib.import_module("comfy.ops").disable_weight_init
-    config = llama.Llama2Config(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
-    config.head_dim = 16
-    torch.manual_seed(6)
-    flt = nn.ModuleDict({"block": llama.TransformerBlock(config, 0, ops=ops)})
-    for m in flt.modules():
-        if type(m).__name__ == "RMSNorm":
-            m.weight.data = torch.rand(64) * 1.5 + 0.25
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.1)
+    block, run = _comfy_block("TransformerBlock", 6, _spread)
+    flt = nn.ModuleDict({"block": block})
     ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
     quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
     summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
     assert [f for f in summary.folded if "->" in f] == ["block.input_layernorm -> self_attn.q_proj,k_proj,v_proj",
                                                         "block.post_attention_layernorm -> mlp.gate_proj,up_proj"]
     assert list(model.state_dict()) == list(ref.state_dict())
-    x = torch.randn(1, 7, 64)
-    freqs = llama.precompute_freqs_cis(16, torch.arange(7).unsqueeze(0), config.rope_theta)
-    attn = attention.optimized_attention_for_device(x.device, mask=False, small_input=True)
     with torch.no_grad():
-        want = ref["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
-        got = model["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
-        flt_out = flt["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
+        want, got, flt_out = run(ref["block"]), run(model["block"]), run(flt["block"])
     assert _rel(got, want) < 1e-5 and 0 < _rel(got, flt_out) < 0.02
 
 
@@ -226,19 +246,10 @@ def test_comfyuis_gemma_block_folds_its_pre_norms_with_one_plus_weight(comfy: An
     pre-feed-forward norms scale by ``1 + weight`` (``add``) and fold with that offset; the post-attention and
     post-feed-forward norms act on outputs and stay; the block computes what the unfolded one does, also after
     the norm's weight changes in place (the cached ``1 + weight`` follows its version)."""
-    llama = importlib.import_module("comfy.text_encoders.llama")
-    attention = importlib.import_module("comfy.ldm.modules.attention")
-    ops = importlib.import_module("comfy.ops").disable_weight_init
-    config = llama.Llama2Config(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
-    config.head_dim, config.rms_norm_add, config.transformer_type = 16, True, "gemma2"
-    config.sliding_attention, config.mlp_activation = None, "gelu_pytorch_tanh"
-    torch.manual_seed(8)
-    flt = nn.ModuleDict({"block": llama.TransformerBlockGemma2(config, 0, ops=ops)})
-    for m in flt.modules():
-        if type(m).__name__ == "RMSNorm":
-            m.weight.data = torch.rand(m.weight.numel()) - 0.5  # Gemma's weights sit around 0 (scale 1 + w)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.1)
+    block, run_block = _comfy_block(  # Gemma's norm weights sit around 0 (scale 1 + w)
+        "TransformerBlockGemma2", 8, lambda width: torch.rand(width) - 0.5, rms_norm_add=True,
+        transformer_type="gemma2", sliding_attention=None, mlp_activation="gelu_pytorch_tanh")
+    flt = nn.ModuleDict({"block": block})
     ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
     quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
     summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
@@ -247,12 +258,9 @@ def test_comfyuis_gemma_block_folds_its_pre_norms_with_one_plus_weight(comfy: An
     block = model["block"]
     assert isinstance(block.input_layernorm, FoldedNorm) and block.input_layernorm.offset == 1.0
     assert type(block.post_attention_layernorm).__name__ == "RMSNorm"
-    x = torch.randn(1, 7, 64)
-    freqs = llama.precompute_freqs_cis(16, torch.arange(7).unsqueeze(0), config.rope_theta)
-    attn = attention.optimized_attention_for_device(x.device, mask=False, small_input=True)
 
     def run(m: nn.ModuleDict) -> torch.Tensor:
-        return m["block"](x, freqs_cis=freqs, optimized_attention=attn)[0]
+        return run_block(m["block"])
 
     with torch.no_grad():
         want = run(ref)
@@ -261,7 +269,7 @@ def test_comfyuis_gemma_block_folds_its_pre_norms_with_one_plus_weight(comfy: An
             m["block"].input_layernorm.weight.mul_(-1.0)
         assert _rel(run(model), run(ref)) < 1e-5 and _rel(run(model), want) > 1e-3
         traced = torch.compile(model["block"], backend="aot_eager", fullgraph=True)
-        assert _rel(traced(x, freqs_cis=freqs, optimized_attention=attn)[0], run(ref)) < 1e-5
+        assert _rel(run_block(traced), run(ref)) < 1e-5
 
 
 @pytest.mark.comfyui
@@ -276,30 +284,16 @@ def test_node_pack_folds_a_llama_blocks_norms_on_the_clone(comfy: Any) -> None:
     from comfyquant.nodes.cache import QuantCache
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
-    llama = importlib.import_module("comfy.text_encoders.llama")
-    attention = importlib.import_module("comfy.ldm.modules.attention")
-    ops = importlib.import_module("comfy.ops").disable_weight_init
-    config = llama.Llama2Config(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
-    config.head_dim = 16
+    block, run_block = _comfy_block("TransformerBlock", 10, _spread)
 
     class Model(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            torch.manual_seed(10)
-            self.diffusion_model = nn.ModuleDict({"block": llama.TransformerBlock(config, 0, ops=ops)})
-            for m in self.modules():
-                if type(m).__name__ == "RMSNorm":
-                    m.weight.data = torch.rand(64) * 1.5 + 0.25
-                elif isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.1)
+            self.diffusion_model = nn.ModuleDict({"block": block})
 
     model = Model()
-    block = model.diffusion_model["block"]
-    x = torch.randn(1, 7, 64)
-    freqs = llama.precompute_freqs_cis(16, torch.arange(7).unsqueeze(0), config.rope_theta)
-    attn = attention.optimized_attention_for_device(x.device, mask=False, small_input=True)
     with torch.no_grad():
-        float_out = block(x, freqs_cis=freqs, optimized_attention=attn)[0]
+        float_out = run_block(block)
     base = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
     plain, r0 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_norms=False)),
                             cache=QuantCache())
@@ -316,7 +310,7 @@ def test_node_pack_folds_a_llama_blocks_norms_on_the_clone(comfy: Any) -> None:
         patcher.patch_model()
         try:
             with torch.inference_mode():
-                return block(x, freqs_cis=freqs, optimized_attention=attn)[0]
+                return run_block(block)
         finally:
             patcher.unpatch_model()
 
@@ -328,7 +322,7 @@ def test_node_pack_folds_a_llama_blocks_norms_on_the_clone(comfy: Any) -> None:
     assert _rel(wrapped[1], wrapped[0]) < 1e-5 and _rel(wrapped[1], got) > 1e-3
     assert type(block.input_layernorm).__name__ == "RMSNorm"
     with torch.no_grad():
-        assert torch.equal(block(x, freqs_cis=freqs, optimized_attention=attn)[0], float_out)
+        assert torch.equal(run_block(block), float_out)
 
 
 def test_the_dispatch_report_says_what_each_layer_applies_first_and_where() -> None:
