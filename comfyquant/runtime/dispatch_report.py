@@ -37,26 +37,25 @@ class LayerDispatch:
     folded: str = ""
 
 
-def _folded(mod: QuantLinear, kind: str, backend: str, opts: tuple, w: Any) -> str:
+def _folded(mod: QuantLinear, kind: str, backend: str, scales: tuple, opts: tuple) -> str:
     """``"rms_norm: in the kernel"`` / ``"gelu_tanh: torch first"`` / ``""`` for a layer call on ``backend``."""
     act, src = getattr(mod, "input_act", None), mod.__dict__.get("input_norm")
     if act is None and src is None:
         return ""
     b = kernel_kind(kind).backends.get(backend)
     if src is not None:
-        scales, _ = w.params.format.kernel_args(w.params.stored(w.qdata), w.params.layer_params)
-        inside = b is not None and b.fuses_norm is not None and b.fuses_norm(tuple(scales), tuple(opts))
+        inside = b is not None and b.fuses_norm is not None and b.fuses_norm(scales, opts)
         return f"rms_norm: {'in the kernel' if inside else 'torch first'}"
     inside = b is not None and b.fuses_input_act and (act not in GATED or b.fuses_gated_act)
     return f"{act}: {'in the kernel' if inside else 'torch first'}"
 
 
-def _kind_and_opts(w: Any) -> tuple[str, tuple[int, ...]]:
-    """The kernel kind and static opts a quantized weight's format passes to the kernel table."""
+def _kind_and_args(w: Any) -> tuple[str, tuple, tuple[int, ...]]:
+    """The kernel kind, scales and static opts a quantized weight's format passes to the kernel table."""
     p = w.params
     spec = p.format
-    _, opts = spec.kernel_args(p.stored(w.qdata), p.layer_params)
-    return spec.kernel_kind, opts
+    scales, opts = spec.kernel_args(p.stored(w.qdata), p.layer_params)
+    return spec.kernel_kind, tuple(scales), tuple(opts)
 
 
 def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> list[LayerDispatch]:
@@ -68,7 +67,7 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
         def pre(mod: QuantLinear, args: tuple) -> None:
             # what the kernel sees: the input after a folded activation (a gated one halves its width)
             x, w = apply_input_act(args[0], getattr(mod, "input_act", None)), mod.qweight
-            kind, opts = _kind_and_opts(w)
+            kind, scales, opts = _kind_and_args(w)
             pinned = w.params.backend
             policy = pinned if isinstance(pinned, DispatchPolicy) else None
             override = None if policy is not None or pinned is None else pinned
@@ -80,7 +79,7 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
                                                    policy=policy, low_rank=0 if low_rank is None else
                                                    int(low_rank[0].shape[0]))
             rows.append(LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason,
-                                      _folded(mod, kind, choice.name, opts, w)))
+                                      _folded(mod, kind, choice.name, scales, opts)))
 
         return pre
 
