@@ -179,6 +179,53 @@ def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(s
     assert max(regrets) <= 1.8 and sum(x > 1.15 for x in regrets) <= 0.1 * len(regrets)
 
 
+_INT8_COLUMNS = {"triton": "w8a8_triton", "triton_fused": "w8a8_fused", "triton_w8a16": "w8a16", "dequant": "dequant"}
+
+
+def _replay(run: str) -> tuple[list[float], dict[tuple[str, str, int], str]]:
+    """(picked over fastest measured, per row; the pick per (model, layer, M)) of the eager int8 choice on a
+    recorded H200 sweep under the cost table that sweep's process measured and decided with (its ``meta``)."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    d = json.loads((results / f"sweep_{run}.json").read_text())
+    c = cm.DeviceCosts.from_json(d["meta"]["costs"])
+    regrets, picks = [], {}
+    for r in d["rows"]:
+        us = {p: r["us"][col] for p, col in _INT8_COLUMNS.items()}
+        pick = cm.decide(tuple(us), r["m"], r["n"], r["k"], c, "eager")[0]
+        regrets.append(us[pick] / min(us.values()))
+        picks[(r["model"], r["layer"], r["m"])] = pick
+    return regrets, picks
+
+
+@pytest.mark.parametrize("run", ["run58_h200_2026-12-04", "run59_h200_2026-12-04", "run60_h200_2026-12-04",
+                                 "run61_h200_2026-12-04", "run65_h200_2026-12-04", "run72_h200_2026-12-04"])
+def test_cost_model_with_each_sweeps_own_table_picks_near_the_fastest(run: str) -> None:
+    """The runtime's eager int8 choice replayed on the recorded H200 sweeps that saved the table their process
+    decided with (runs 58-72; the choice under the 5.5 ns thin-tile prologue reproduced every recorded pick): the
+    picked path's measured time over the fastest's. Before the thin tiles' 10.9 ns prologue run 72 had geometric
+    mean 1.020, worst 1.81x (SDXL ff0 at M = 1 / 16 on the one-launch kernel, 0.64x bf16); after: 1.008, 1.14x;
+    runs 58-65 within 0.002 of before."""
+    import math
+
+    regrets, _ = _replay(run)
+    assert len(regrets) == 114
+    assert math.exp(sum(map(math.log, regrets)) / len(regrets)) <= 1.025
+    assert max(regrets) <= 1.6 and sum(x > 1.15 for x in regrets) <= 8
+
+
+def test_thin_one_launch_tiles_lose_their_eager_ties_to_the_weight_only_kernel() -> None:
+    """H200 run 72: at M = 1 / 16 of SDXL's ff0 (1,280 -> 10,240) and attn 1,280 the one-launch W8A8 kernel's GPU
+    time (17.8-20.6 µs) exceeded its host time and the weight-only kernel's (5.7-9.6 µs) by far; the model with the
+    5.5 ns prologue priced it at 10.7-14.0 µs and picked it (0.64x / 0.96x bf16 eager). Its 16-row tiles' prologue
+    as measured sends these rows to the weight-only kernel (1.17-1.23x there)."""
+    regrets, picks = _replay("run72_h200_2026-12-04")
+    for layer, m in (("ff0_1280", 1), ("ff0_1280", 16), ("attn1280", 16)):
+        assert picks[("sdxl", layer, m)] == "triton_w8a16", (layer, m)
+    assert max(regrets) < 1.15
+
 def test_weight_only_model_tracks_short_k_on_the_recorded_h200_sweep() -> None:
     """The weight-only path's modeled GPU time against H200 run 54's measured eager time where the GPU sets the
     pace (M >= 1,024, model > 1.2x its host time), its rate fitted as ``calibrate`` fits it: on the SDXL / CLIP

@@ -132,9 +132,15 @@ def _quant_kernel(m: int, k: int, c: DeviceCosts, group: int) -> float:
 # - our Triton GEMMs pay a fixed per-tile cost (pipeline fill, epilogue) worth ~8 iterations of their K loop,
 #   so short K loops run far below the rate measured at K = 4096 (K = 1280: 1.6-1.8x the plain model);
 # - the fused W8A8 kernel computes each row's absmax over the whole of K before its GEMM loop, in every N tile:
-#   a serial prologue of ~5.5 ns per K element (M <= 16: fused - W8A16 = 16 µs at K = 3072, 80 at 15360).
+#   a serial prologue of ~5.5 ns per K element (M <= 16: fused - W8A16 = 16 µs at K = 3072, 80 at 15360);
+# - its 16-row tiles (M <= 16) twice that: on the GPU times of the H200 sweeps since they were recorded (runs
+#   58-72, 228 rows at M = 1 / 16, CUDA-graph replays) their prologue took 10.8-11.1 ns per K element on every
+#   run, and the 5.5 ns model put the kernel 1.3-1.9x under its time, so it won eager ties it loses on the GPU
+#   (run 72: SDXL ff0 at M = 1 / 16 ran it at 0.64x bf16 where the weight-only kernel ran 1.18x). The 64-row tiles
+#   keep 5.5 ns: the rate ``calibrate`` fits for the path is timed on them (M = 256), with this term subtracted.
 TILE_OVERHEAD_ITERS = 8.0
 FUSED_PROLOGUE_US_PER_K = 5.5e-3
+FUSED_PROLOGUE_THIN_US_PER_K = 1.09e-2
 # The row-block one-launch kernel (``configs.rows_shape``): its quantization at the activation pass's bandwidth,
 # a row block's wait, then the Triton GEMM's model on pointer loads (cp.async rather than TMA), at least a
 # latency per K step and wave (of the programs an SM holds at once: shared memory allows 2-3). Fitted to H200 run
@@ -205,7 +211,8 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
             return ROWS_SYNC_US + quant + max(_kernel(flops, m * k + n * k + out_b, c.rate("triton"), eff, c), loop)
         cfg = small_m_config(m, n, k, c.sms)
         eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms)
-        return k * FUSED_PROLOGUE_US_PER_K + _kernel(flops, 2.0 * m * k + n * k + out_b, c.rate(path), eff, c)
+        prologue = FUSED_PROLOGUE_THIN_US_PER_K if cfg.block_m <= 16 else FUSED_PROLOGUE_US_PER_K
+        return k * prologue + _kernel(flops, 2.0 * m * k + n * k + out_b, c.rate(path), eff, c)
     if path == "triton_w8a16":
         cfg = w8a16_config(m, n, k, c.sms)
         m_tiles = math.ceil(m / cfg.block_m)
