@@ -212,17 +212,21 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     print(f"model: {n_params / 1e9:.2f} B parameters, bf16 file in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
     rows = {n: Result(n) for n in ("bf16", "comfyquant_int8", "comfyquant_int8_unfused", "comfyquant_int8_nonorm",
-                                    "comfyquant_fp8", "stock_ck_int8")}
+                                    "comfyquant_int8_rot", "comfyquant_int8_rot_nonorm", "comfyquant_fp8",
+                                    "stock_ck_int8")}
     clips: dict[str, Any] = {}
     base = clips["bf16"] = load_t5(src, config)
     tokens = base.tokenize(PROMPT)
     if len(tokens["t5xxl"][0]) != TOKENS:
         raise RuntimeError(f"ComfyUI's T5 tokenizer gave {len(tokens['t5xxl'][0])} tokens, not {TOKENS}")
     # the node's default (q / k / v and wi_0 / wi_1 as one GEMM each, the RMSNorms folded into them), without
-    # that sibling fusion, and without the norms' fold (runtime.norms)
+    # that sibling fusion, and without the norms' fold (runtime.norms); rotated int8 (the node's hadamard option)
+    # with the norms in its rotating quantizer and without
     for variant, fmt, fuse, norms in (("comfyquant_int8", "int8", True, True),
                                       ("comfyquant_int8_unfused", "int8", False, True),
                                       ("comfyquant_int8_nonorm", "int8", True, False),
+                                      ("comfyquant_int8_rot", "int8-rot", True, True),
+                                      ("comfyquant_int8_rot_nonorm", "int8-rot", True, False),
                                       ("comfyquant_fp8", "fp8", True, True)):
         row = rows[variant]
         try:

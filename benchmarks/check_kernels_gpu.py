@@ -1006,25 +1006,30 @@ def check_norm_fold() -> None:
                and ((s - want_s).abs() / want_s).max().item() < 1e-5, m=m, k=k, max_code_diff=int(d.max()),
                codes_differing=differ, scale_rel=((s - want_s).abs() / want_s).max().item())
     torch.manual_seed(7)
-    for fmt in ("int8", "fp8"):
-        for k, n in ((4096, 4096), (3072, 9216)):
-            lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+    # int8-rot: the norm folded into the rotating row kernel (the W8A8 path's codes, the weight-only path's
+    # rotation pass); fp32 x as ComfyUI runs its text encoders
+    for fmt, dt in (("int8", torch.bfloat16), ("fp8", torch.bfloat16), ("int8-rot", torch.bfloat16),
+                    ("int8-rot", torch.float32)):
+        for k, n in ((4096, 4096), (3072, 9216)) if dt == torch.bfloat16 else ((4096, 10240), (10240, 4096)):
+            lin = nn.Linear(k, n, device="cuda", dtype=dt)
             holder = nn.Module()
-            holder.weight = nn.Parameter((torch.rand(k, device="cuda") * 1.5 + 0.25).bfloat16(), requires_grad=False)
+            holder.weight = nn.Parameter((torch.rand(k, device="cuda") * 1.5 + 0.25).to(dt), requires_grad=False)
             layer = QuantLinear.from_linear(lin, fmt)
             plain = QuantLinear.from_linear(lin, fmt)
             layer.input_norm = NormSource(holder, 1e-6)
+            qt = layer.qweight
+            kp = qt.params
+            _, opts = kp.format.kernel_args(kp.stored(qt.qdata), kp.layer_params)
             for m in (1, 16, 77, 256, 1024, 4096):
-                x = torch.randn(1, m, k, device="cuda").bfloat16() * 3
+                x = (torch.randn(1, m, k, device="cuda") * 3).to(dt)
                 y, again = layer(x), layer(x)
                 ref = plain(rms_norm(x, RowNorm(holder.weight, 1e-6)))
-                qt = QuantizedTensor.from_float(lin.weight.detach().float(), fmt)
                 f64 = rms_norm(x.double(), RowNorm(holder.weight.double(), 1e-6)) @ qt.dequantize().double().t() \
                     + lin.bias.double()
-                pick = choose_backend(x.view(m, k), kind=fmt, n=n, k=k).name
+                pick = choose_backend(x.view(m, k), kind=kp.format.kernel_kind, n=n, k=k, opts=tuple(opts)).name
                 e, e_ref = rel(y, f64), rel(ref, f64)
-                record("norm_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again), fmt=fmt, m=m, k=k, n=n,
-                       backend=pick, rel=e, rel_unfolded=e_ref)
+                record("norm_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again), fmt=fmt, dtype=str(dt),
+                       m=m, k=k, n=n, backend=pick, rel=e, rel_unfolded=e_ref)
     # a SmoothQuant layer's pre_quant_scale as the quantizer's column scale (NORM 3): the layer fed x * p
     w = torch.randn(3072, 4096, device="cuda") * 0.02
     p = torch.rand(4096, device="cuda") + 0.5

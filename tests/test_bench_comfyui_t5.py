@@ -23,7 +23,7 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     report = json.loads((tmp_path / "bench_comfyui_t5.json").read_text())
     rows = {r["variant"]: r for r in report["results"]}
     assert list(rows) == ["bf16", "comfyquant_int8", "comfyquant_int8_unfused", "comfyquant_int8_nonorm",
-                          "comfyquant_fp8", "stock_ck_int8"]
+                          "comfyquant_int8_rot", "comfyquant_int8_rot_nonorm", "comfyquant_fp8", "stock_ck_int8"]
     assert all(r["encode_ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in rows.values()), rows
     assert rows["bf16"]["max_rel_err"] == 0.0
     # per-token relative error of the conditioning against bf16: int8 within a few percent, fp8 within ~10%
@@ -32,6 +32,9 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     assert rows["comfyquant_int8_unfused"]["max_rel_err"] == rows["comfyquant_int8"]["max_rel_err"]
     # nor the RMSNorms' fold (the CPU reference applies the norm in float32 first, as T5LayerNorm computes it)
     assert 0 < rows["comfyquant_int8_nonorm"]["max_rel_err"] < 0.08
+    # rotated int8 (its norms folded into the rotating quantizer on a GPU; on the CPU reference first in torch)
+    assert 0 < rows["comfyquant_int8_rot"]["max_rel_err"] < 0.08
+    assert 0 < rows["comfyquant_int8_rot_nonorm"]["max_rel_err"] < 0.08
     assert 0 < rows["stock_ck_int8"]["max_rel_err"] < 0.08
     assert 0 < rows["comfyquant_fp8"]["max_rel_err"] < 0.2
     assert "layers converted" in rows["comfyquant_int8"]["note"]

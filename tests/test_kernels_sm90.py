@@ -298,3 +298,30 @@ def test_a_folded_norm_compiles_into_the_row_block_and_block_kernels_without_spi
     ptx = _compile(tq._ACT_BLOCKS, args, warps).asm["ptx"]
     _assert_no_spills(ptx)
     assert "rsqrt.approx" in ptx
+
+
+@pytest.mark.parametrize(("m", "k", "group", "mode", "dtype"), [(256, 4096, 256, "int8", torch.bfloat16),
+                                                                  (256, 10240, 256, "int8", torch.float32),
+                                                                  (16, 4096, 256, "float", torch.bfloat16),
+                                                                  (8, 10240, 64, "float", torch.float32)])
+def test_a_folded_norm_compiles_into_the_rotating_row_kernel_without_spills(m: int, k: int, group: int, mode: str,
+                                                                           dtype: torch.dtype) -> None:
+    """A convrot layer's norm folded into the row kernel (what ``launch_for`` runs for a rotation with a norm, in
+    place of the tile / split / one-read kernels): its codes (the W8A8 path) and the rotation alone (the
+    weight-only path's pass), rows in registers (K <= 8,192) and in chunks (T5's 10,240-wide down projection,
+    fp32 rows as ComfyUI runs its text encoders): sm_90, no spills, one reciprocal square root per row."""
+    from test_gluon_gemm import _assert_no_spills
+
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.acts import RowNorm
+
+    x = torch.zeros(m, k, dtype=dtype)
+    code = tq.MODE_INT8 if mode == "int8" else tq.MODE_FLOAT
+    out = torch.empty(m, k, dtype=torch.int8 if mode == "int8" else torch.bfloat16)
+    norm = RowNorm(torch.ones(k, dtype=dtype), 1e-6)
+    launches = tq.launch_for(x, out, torch.empty(m, 1), None, group, code, 127.0, 0, 0, "auto", norm)
+    assert len(launches) == 1 and launches[0][0] is tq._ACT
+    fk, _, args, _, warps, stages = launches[0]
+    ptx = _compile(fk, args, warps, stages).asm["ptx"]
+    _assert_no_spills(ptx)
+    assert len(re.findall(r"\brsqrt\.approx", ptx)) >= 1 and _divisions(ptx) <= 8

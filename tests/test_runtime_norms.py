@@ -36,7 +36,7 @@ def _t5(seed: int = 0) -> T5:
     return model
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8"])
 def test_bench_t5_folds_its_norms_and_computes_what_it_did(fmt: str) -> None:
     flt = _t5()
     ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
@@ -65,15 +65,6 @@ def test_bench_t5_folds_its_norms_and_computes_what_it_did(fmt: str) -> None:
         model.load_state_dict(sd)
         assert _rel(model(x), ref(x)) < 1e-5 and _rel(model(x), want) > 1e-3
     assert fold_norms(model) == []  # idempotent
-
-
-def test_rotated_weights_do_not_fold_a_norm() -> None:
-    """A rotated int8 layer's activation pass rotates first: no quantizer there folds the norm, so folding would
-    cost a torch norm per layer instead of one for all: not folded."""
-    model = _t5()
-    summary = quantize_(model, QuantizeConfig(format="int8-rot", min_features=1))
-    assert not [f for f in summary.folded if "->" in f]
-    assert isinstance(model.layers[0].layer[0].layer_norm, T5LayerNorm)
 
 
 def test_a_norm_that_is_not_rms_norm_of_its_weight_is_not_folded() -> None:
@@ -364,3 +355,21 @@ def test_gemmas_one_plus_weight_follows_a_data_swap() -> None:
     holder.weight.data = torch.full((8,), 2.0, dtype=torch.float64)
     got = src.row_norm().weight
     assert got.dtype == torch.float64 and torch.equal(got, torch.full((8,), 3.0, dtype=torch.float64))
+
+
+def test_bench_variants_time_int8_rot_with_and_without_the_norm_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``comfyquant bench``'s whole-model variants: ``int8_rot`` folds the T5 norms into its rotating quantizer,
+    ``int8_rot_nonorm`` is the same without (timed beside it), and a model without foldable norms gets no
+    ``int8_rot_nonorm`` (it would time ``int8_rot`` twice)."""
+    from comfyquant.bench import models
+
+    def build(name: str) -> tuple[nn.Module, tuple]:
+        model = _t5() if name == "t5" else nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+        return model, (torch.randn(1, 5, 64),)
+
+    monkeypatch.setattr(models, "build", build)
+    got = {v: m for v, m, _ in models.variants("t5", None, only=("int8_rot", "int8_rot_nonorm"))}
+    assert list(got) == ["int8_rot", "int8_rot_nonorm"]
+    assert isinstance(got["int8_rot"].layers[0].layer[0].layer_norm, FoldedNorm)
+    assert isinstance(got["int8_rot_nonorm"].layers[0].layer[0].layer_norm, T5LayerNorm)
+    assert [v for v, _, _ in models.variants("mlp", None, only=("int8_rot", "int8_rot_nonorm"))] == ["int8_rot"]

@@ -87,7 +87,7 @@ def check_norm_quantizer() -> None:
     q, s = tq.quantize_rows_int8(x, norm=norm)
     cr, sr = _quant_ref(x, norm.weight, 127.0, False)
     record("norm_quantize_rows_int8", torch.equal(q, cr) and ((s - sr).abs() / sr).max().item() < 2e-6)
-    for what, call in (("rotated", lambda: tq.quantize_rows_int8(x, 16, norm=norm)),
+    for what, call in (("rotated_act", lambda: tq.quantize_rows_int8(x, 16, act=3, norm=norm)),
                        ("act", lambda: tq.quantize_rows_int8(x, act=3, norm=norm)),
                        ("static", lambda: tq.quantize_rows_fp8(x, static_scale=torch.tensor(0.1), norm=norm))):
         record_refused(f"norm_refused_{what}", call)
@@ -192,5 +192,100 @@ def check_norm_plans() -> None:
             record(f"norm_plan_{name}", same, m=m, k=k, n=n, dtype=str(dt), planned=plan is not None)
 
 
+def _hadamard64(x: torch.Tensor, group: int) -> torch.Tensor:
+    from comfyquant.quant.hadamard import hadamard_matrix
+
+    h = hadamard_matrix(group, torch.float64)
+    return (x.double().reshape(*x.shape[:-1], -1, group) @ h.T).reshape(x.shape)
+
+
+def check_norm_rotated() -> None:
+    """The rotating row kernel with a folded norm (convrot int8 layers: the W8A8 path's quantizer and the
+    weight-only path's rotation pass). The rotation acts within the row, so ``H(x * w * r) = r * H(x * w)``: the
+    codes are the same kernel's on ``x * w`` (fp32 products, the kernel's own: bit for bit) and the scale is
+    that call's times ``rsqrt(mean(x²) + eps)`` (to 2e-6); dequantized, the float64 reference within half a code
+    step (plus the rotation's fp32 sums). The rotation alone writes ``r * H(x * w)``: the same call's values on
+    ``x * w`` times the torch factor, to 2e-6 before the output cast; one read for rows in registers, a first pass
+    for the factor over chunked rows (K > 8,192)."""
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.acts import RowNorm
+
+    cases = [(3, 96, F32, 16), (5, 320, F16, 64), (4, 512, BF16, 256), (2, 9216, F16, 256), (3, 8320, F32, 64)]
+    for i, (m, k, dt, group) in enumerate(cases):
+        x = _x(m, k, dt, seed=70 + i)
+        for weighted in (True, False):
+            w = _weight(k, seed=80 + i) if weighted else None
+            norm = RowNorm(w, EPS)
+            xw = x.float() if w is None else x.float() * w.float()
+            r = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EPS)
+            q, sc = tq.quantize_rows_int8(x, group, norm=norm)
+            q0, s0 = tq.quantize_rows_int8(xw, group, kernel="rows")
+            scale_rel = ((sc - s0 * r).abs() / (s0 * r)).max().item()
+            want = _hadamard64(_normed64(x, w), group)
+            err = ((q.double() * sc.double() - want).abs() / sc.double()).max().item()
+            record("norm_rotated_codes", torch.equal(q, q0) and scale_rel < 2e-6 and err <= 0.5 + 1e-3, m=m, k=k,
+                   dtype=str(dt), rot=group, weighted=weighted, scale_rel=scale_rel, err_steps=err)
+            y = tq.rotate_rows(x, group, norm=norm)
+            y32 = tq.rotate_rows(x, group, norm=norm, out_dtype=F32)
+            y0 = tq.rotate_rows(xw, group, kernel="rows") * r
+            ok = rel(y32, y0) < 2e-6 and torch.equal(y, interp_cast(y32, dt)) and rel(y32, want) < 1e-5
+            record("norm_rotated_float", ok, m=m, k=k, dtype=str(dt), rot=group, weighted=weighted,
+                   rel=rel(y32, y0), rel64=rel(y32, want))
+    x = _x(4, 128, F16, seed=90)
+    norm = RowNorm(_weight(128, seed=91), EPS)
+    record_refused("norm_rotated_refused_act", lambda: tq.rotate_rows(x, 16, act=1, norm=norm))
+
+
+def check_norm_rotated_linear() -> None:
+    """Rotated int8 linears with a folded norm: the two-launch W8A8 path and the weight-only path (its rotation
+    pass) against the same paths fed the float64-normed x, ~1 off without the norm; their plans replay the general
+    path bit for bit and see an in-place weight update; the unrotated weight-only path refuses a norm (it has no
+    pass to fold it into). The weight-only kernel on fp16 x only: bf16 (and fp32 x, which it reads as bf16) hit
+    an interpreter limitation (``check_w8a16``); the GPU checks run those."""
+    from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+    from comfyquant.runtime.kernels.acts import RowNorm
+
+    g = torch.Generator().manual_seed(31)
+    for m, k, n, dt, group in [(5, 256, 48, F32, 16), (3, 512, 40, BF16, 256), (70, 192, 32, F16, 64),
+                               (4, 512, 40, F16, 256)]:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-3
+        bias = torch.randn(n, generator=g)
+        x = _x(m, k, dt, seed=m * k)
+        nw = _weight(k, seed=k + 1, dtype=dt)
+        norm = RowNorm(nw, EPS)
+        xn = _normed64(x, nw).float()
+        paths = {"w8a8": lambda x, **kw: ti.int8_linear(x, w, s, bias, group, dt, **kw)}
+        if dt == F16:
+            paths["w8a16"] = lambda x, **kw: ti.w8a16_linear(x, w, s, bias, group, dt, **kw)
+        for name, path in paths.items():
+            y, ref = path(x, norm=norm).float(), path(xn if name == "w8a8" else xn.to(dt)).float()
+            without = rel(path(x).float(), ref)
+            record(f"norm_rotated_linear_{name}", rel(y, ref) < 3e-3 and without > 0.05, m=m, k=k, n=n,
+                   dtype=str(dt), rot=group, rel=rel(y, ref), without=without)
+        if dt == F32:
+            continue  # the plans take 16-bit x (fp32 x runs the general path)
+        xs = [_x(m, k, dt, seed=j) for j in range(3)]
+        plans = {"w8a8": (paths["w8a8"], tp.plan_int8(xs[0], w, s, bias, group, dt, 0, None, norm))}
+        if "w8a16" in paths:
+            plans["w8a16"] = (paths["w8a16"], builtin._plan_w8a16(xs[0], w, (s,), bias, (group,), dt, 0, norm=norm))
+        for name, (general, plan) in plans.items():
+            same = plan is not None and all(torch.equal(plan(x), general(x, norm=norm)) for x in xs[1:])
+            if plan is not None:
+                before = general(xs[1], norm=norm)
+                nw.mul_(2.0)
+                same = same and torch.equal(plan(xs[1]), general(xs[1], norm=norm)) and not torch.equal(
+                    before, general(xs[1], norm=norm))
+                nw.div_(2.0)
+            record(f"norm_rotated_plan_{name}", same, m=m, k=k, n=n, dtype=str(dt), planned=plan is not None)
+    w = torch.randint(-127, 128, (16, 128), dtype=torch.int8, generator=g)
+    x = _x(4, 128, F16, seed=92)
+    record_refused("norm_w8a16_unrotated_refused",
+                   lambda: ti.w8a16_linear(x, w, torch.ones(16) * 1e-3, None, None, F16, norm=RowNorm(None, EPS)))
+
+
 GROUPS = {"norm_quantizer": check_norm_quantizer, "norm_linear": check_norm_linear, "norm_plans": check_norm_plans,
-          "column_scale": check_column_scale}
+          "column_scale": check_column_scale, "norm_rotated": check_norm_rotated,
+          "norm_rotated_linear": check_norm_rotated_linear}

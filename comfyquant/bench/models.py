@@ -24,6 +24,7 @@ from comfyquant.bench.blocks import T5, Flux, Flux2, Qwen3, Sdxl, Wan
 from comfyquant.bench.timing import interleaved_ms
 from comfyquant.quant.int8 import quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
+from comfyquant.runtime.norms import foldable_norms
 
 
 def build(name: str) -> tuple[nn.Module, tuple]:
@@ -141,11 +142,14 @@ def variants(name: str, ck_fn: Callable | None,
                         yield variant, model, args
     # the rotated formats through the product's path (QuantLinear, bound calls, eager plans): int8 convrot and
     # the W4A8 kernel (before 2026-12-04 the W4A8 variant called the kernel directly, without plans)
-    for variant, fmt in (("int8_rot", "int8-rot"), ("int4_rot", "int4-rot")):
+    # (int8-rot folds RMSNorms into its rotating quantizer since 2026-12-04: ``int8_rot_nonorm`` is without that)
+    for variant, fmt, fold in (("int8_rot", "int8-rot", True), ("int8_rot_nonorm", "int8-rot", False),
+                               ("int4_rot", "int4-rot", True)):
         if want(variant):
             model, args = build(name)
-            quantize_(model, QuantizeConfig(format=fmt, min_features=1))
-            yield variant, model, args
+            quantize_(model, QuantizeConfig(format=fmt, min_features=1, fold_norms=fold))
+            if fold or foldable_norms(model):  # the no-fold variant only where there are norms to fold
+                yield variant, model, args
     if ck_fn is not None and want("ck_int8"):
         model, args = build(name)
         yield "ck_int8", _swap(model, ck_fn), args

@@ -68,11 +68,11 @@ def _int8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, norm
                                    act=act, norm=norm)
 
 
-def _int8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+def _int8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, norm=None):
     from comfyquant.runtime.kernels import triton_int8
 
     return triton_int8.w8a16_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype,
-                                    low_rank=low_rank, act=act)
+                                    low_rank=low_rank, act=act, norm=norm)
 
 
 def _plan_int8_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
@@ -93,22 +93,36 @@ def _unrotated(scales: tuple, opts: tuple) -> bool:
     return not _opt(opts, 0)
 
 
+def _rotated(scales: tuple, opts: tuple) -> bool:
+    """An int8 weight stored rotated: the weight-only path's rotation pass (the row kernel) folds a norm; an
+    unrotated weight-only call reads x as given."""
+    return bool(_opt(opts, 0))
+
+
+def _any_int8(scales: tuple, opts: tuple) -> bool:
+    """The W8A8 path's quantizer folds a norm either way: the block kernel unrotated, the row kernel rotated."""
+    return True
+
+
 def _dynamic(scales: tuple, opts: tuple) -> bool:
     """An fp8 weight without a static input scale: per-row activation scales, which fold a norm."""
     return len(scales) < 2 or scales[1] is None
 
 
-def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
     from comfyquant.runtime.kernels import triton_plans
 
     group = _opt(opts, 0)
     if not group:
+        if norm is not None:
+            raise ValueError("an unrotated weight-only plan has no pass to fold a norm into")
         return triton_plans.plan_w8a16(x, w, scales[0], bias, out_dtype, act, low_rank)
     if low_rank is not None:
         return None
-    # convrot: the rotation pass (with the input activation), then the unrotated plan on its output
+    # convrot: the rotation pass (with the input activation or norm), then the unrotated plan on its output
     return triton_plans.plan_rotated(x, group, act,
-                                     lambda r: triton_plans.plan_w8a16(r, w, scales[0], bias, out_dtype, 0, None))
+                                     lambda r: triton_plans.plan_w8a16(r, w, scales[0], bias, out_dtype, 0, None),
+                                     norm)
 
 
 def _plan_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
@@ -473,11 +487,11 @@ INT8 = register_kernel_kind(KernelKind(
     {"torch": _int8_torch,
      "dequant": KernelBackend(_int8_dequant, plan=_plan_dequant),
      "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton, fuses_gated_act=True,
-                             fuses_norm=_unrotated),
+                             fuses_norm=_any_int8),
      "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused, fuses_norm=_unrotated),
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
-     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16)},
+     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16, fuses_norm=_rotated)},
     choose=_choose_int8, check=_check_int8, choose_low_rank=_choose_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(
     "int8_block", {"torch": _block_torch, "dequant": KernelBackend(_block_dequant, plan=_plan_block_dequant)},

@@ -296,7 +296,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     """W8A8: fused (activate +) (rotate +) per-token int8 quant kernel, then the int8 GEMM with the fused
     epilogue (``low_rank``: plus ``(x @ down^T) @ up`` of unrotated x, added in the epilogue; ``act``: an
     ``acts.INPUT_ACTS`` code, never together with ``low_rank``, whose ``h`` reads x as given; ``norm``: an
-    RMSNorm of x folded into the quantizer, unrotated and without ``act`` or ``low_rank``)."""
+    RMSNorm of x folded into the quantizer (rotated or not), without ``act`` or ``low_rank``)."""
     _no_act_with_low_rank(act, low_rank, norm)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
@@ -446,20 +446,27 @@ def _fused_rows(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: tor
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                 low_rank: LowRank | None = None, act: int = 0, packed: bool = False) -> torch.Tensor:
+                 low_rank: LowRank | None = None, act: int = 0, packed: bool = False,
+                 norm: RowNorm | None = None) -> torch.Tensor:
     """Weight-only small-M GEMM: int8/fp8 weights converted to x's 16-bit dtype in registers, fp32 accumulate
     (``act``: the input activation, in the rotation pass or on each A tile as it is loaded); ``packed``: ``w_q``
-    is int4 two per byte along K (``int4_rot``'s int8 ``[N, K/2]``), unpacked in registers as well."""
-    _no_act_with_low_rank(act, low_rank)
+    is int4 two per byte along K (``int4_rot``'s int8 ``[N, K/2]``), unpacked in registers as well; ``norm``
+    (rotated weights, without ``act`` or ``low_rank``): an RMSNorm of x applied in the rotation pass, which then
+    reads x in its own dtype and writes bf16 (an fp32 x is not rounded before the norm)."""
+    _no_act_with_low_rank(act, low_rank, norm)
     _no_gated_act(act, "w8a16_linear")
+    if norm is not None and group is None:
+        raise ValueError("w8a16_linear folds a norm into the rotation pass: an unrotated weight has none")
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     x_lr = x2d  # the side path sees x as given (unrotated, its own dtype)
-    if x2d.dtype not in (torch.bfloat16, torch.float16):
+    half = x2d.dtype in (torch.bfloat16, torch.float16)
+    if not half and norm is None:
         x2d = x2d.to(torch.bfloat16)
     a_act = act
     if group is not None:
-        x2d, a_act = triton_quant.rotate_rows(x2d, group, act=act), 0
+        x2d = triton_quant.rotate_rows(x2d, group, act=act, norm=norm, out_dtype=None if half else torch.bfloat16)
+        a_act = 0
     else:
         x2d = _contig_rows(x2d)
     w_q = _contig_rows(w_q)

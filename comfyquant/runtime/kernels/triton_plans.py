@@ -95,12 +95,12 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     return _split_launch(fire, args, (*lead, n), out_dtype, dev, _h_slot(args, lr, low_rank), cfg, m, n)
 
 
-def plan_rotated(x: torch.Tensor, group: int, act: int, inner: Callable[[torch.Tensor], Plan | None]
-                 ) -> Plan | None:
+def plan_rotated(x: torch.Tensor, group: int, act: int, inner: Callable[[torch.Tensor], Plan | None],
+                 norm: RowNorm | None = None) -> Plan | None:
     """The plan of a path that rotates x apart (weight-only and dequantize + cuBLAS on a convrot layer): the
-    rotation pass (``act`` applied as it reads x), as ``triton_quant.rotate_rows`` launches it, into the stream's
-    scratch buffer, then ``inner``'s plan for the rotated input; None where either has none. No low-rank term:
-    it reads the unrotated x (such calls take the general path)."""
+    rotation pass (``act`` applied as it reads x, or ``norm``), as ``triton_quant.rotate_rows`` launches it, into
+    the stream's scratch buffer, then ``inner``'s plan for the rotated input; None where either has none. No
+    low-rank term: it reads the unrotated x (such calls take the general path)."""
     rows = _rows(x) if x.dtype in _HALF else None
     if rows is None:
         return None
@@ -111,7 +111,7 @@ def plan_rotated(x: torch.Tensor, group: int, act: int, inner: Callable[[torch.T
     pool = scratch.pool(dev)
     stream, pair = raw_stream(dev), pool.pair
     r0, s0 = pair(stream(), m, k, dt, extra)
-    fire, rest = _act_plan(x.view(m, kx), r0, s0, group, mode, 1.0, act)
+    fire, rest = _act_plan(x.view(m, kx), r0, s0, group, mode, 1.0, act, norm=norm)
     p = None if fire is None else inner(r0.view(*lead, k))
     if p is None:
         return None

@@ -241,14 +241,16 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
     scales (for "split" a view of a buffer of :func:`scale_floats` floats); ``args[3]`` what the kernel reads
     beside them: the static scale, or the row scales again (row and block kernels), or the group's Hadamard
     (tile kernel, fixed per device and dtype). One launch, or two for "split" (absmax parts, then codes).
-    ``norm``: an RMSNorm folded into the block kernel (:func:`norm_applies`; ValueError elsewhere)."""
+    ``norm``: an RMSNorm folded into the block kernel, or with a rotation into the row kernel
+    (:func:`norm_applies`; ValueError elsewhere)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown activation kernel {kernel!r}; expected one of {KERNELS}")
     if norm is not None:
         if not norm_applies(group, mode, act, static_scale):
-            raise ValueError("an RMSNorm folds into unrotated dynamic int8 / fp8 codes without an input activation "
-                             f"only (group {group}, mode {mode}, act {act}, static scale {static_scale is not None})")
-        kernel = "blocks"
+            raise ValueError("an RMSNorm folds into dynamic int8 / fp8 codes (int8 rotated too) or a rotation "
+                             f"without an input activation only (group {group}, mode {mode}, act {act}, static "
+                             f"scale {static_scale is not None})")
+        kernel = "blocks" if group is None else "rows"
     if kernel == "auto":
         kernel = pick_kernel(x2d, group, mode, act)
     if kernel == "blocks" and group is None and mode != MODE_FLOAT:
@@ -271,7 +273,7 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
         rows, warps, stages, unroll = rot_tile_config(int(x2d.shape[0]), device_facts(x2d.device)[0])
         return [(_ACT_TILES, *tile_launch(x2d, out, scale, group, mode, qmax, perm, act, rows, warps, unroll),
                  stages)]
-    return [(_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act), 3)]
+    return [(_ACT, *act_launch(x2d, out, scale, static_scale, group, mode, qmax, perm, act, norm), 3)]
 
 
 def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int | None, mode: int,
@@ -352,23 +354,31 @@ def _no_norm(device: torch.device) -> torch.Tensor:
 
 
 def norm_applies(group: int | None, mode: int, act: int, static_scale: torch.Tensor | None = None) -> bool:
-    """Whether an RMSNorm folds into this quantization (the block kernel's): unrotated, dynamic int8 / fp8
-    scales (a static scale would need the norm's factor before the codes), no input activation."""
-    return group is None and mode in (MODE_INT8, MODE_FP8) and act == 0 and static_scale is None
+    """Whether an RMSNorm folds into this quantization: unrotated dynamic int8 / fp8 codes (the block kernel),
+    rotated int8 codes or the rotation alone (the row kernel); no static scale (it would need the norm's factor
+    before the codes), no input activation. The other rotating kernels (tile, split, one-read) have no norm: a
+    call with one takes the row kernel."""
+    if act != 0 or static_scale is not None:
+        return False
+    if group is None:
+        return mode in (MODE_INT8, MODE_FP8)
+    return mode in (MODE_INT8, MODE_FLOAT)
 
 
 def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
-               group: int | None, mode: int, qmax: float, perm: int, act: int) -> tuple:
+               group: int | None, mode: int, qmax: float, perm: int, act: int, norm: RowNorm | None = None) -> tuple:
     """(grid, args, key, num_warps) of the activation kernel: x, output, scale and the scale it reads at
-    ``args[0:4]`` (the dynamic scale itself when there is no static one)."""
+    ``args[0:4]`` (the dynamic scale itself when there is no static one); ``norm``: a folded RMSNorm (its weight
+    at ``args[-3]``)."""
     m, k = x2d.shape[0], out_width(x2d, act)
     full = next_power_of_2(max(k, 16))
     block = full if full <= SINGLE_PASS_MAX else max(CHUNK, group or 0)
     static = static_scale if static_scale is not None else scale
+    nw, eps, code = norm_args(norm, _no_norm(x2d.device))
     return ((m,), (x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax, block, cdiv(k, block),
-                   _stages(group), mode, perm, act),
+                   _stages(group), mode, perm, act, nw, eps, code),
             (block, cdiv(k, block), _stages(group), mode, perm, act, x2d.dtype, out.dtype, k, x2d.stride(0),
-             x2d.data_ptr() % 16 == 0, static_scale is not None),
+             x2d.data_ptr() % 16 == 0, static_scale is not None, code, nw.dtype, nw.data_ptr() % 16 == 0),
             8 if block >= 4096 else 4)
 
 
@@ -380,7 +390,7 @@ def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 
     per program, the rotation as an in-register butterfly) or "tiles" (row tiles, the rotation a tensor-core
     product, where :func:`tiles_apply`; else "rows") or "blocks" (unrotated: rows or chunks per program with a
     cheaper exact division; else "rows") or "auto" (:func:`pick_kernel`); ``norm``: an RMSNorm applied first,
-    folded into the block kernel (unrotated, no ``act``: :func:`norm_applies`)."""
+    folded into the block kernel, or with a rotation into the row kernel (no ``act``: :func:`norm_applies`)."""
     if perm and out_width(x2d, act) % perm:
         raise ValueError(f"K={out_width(x2d, act)} is not a multiple of the permutation block {perm}")
     return _launch(x2d, group, MODE_INT8, torch.int8, 127.0, perm=perm, act=act, kernel=kernel, norm=norm)
@@ -399,7 +409,9 @@ def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3f
     return _launch(x2d, None, MODE_FP8, dtype, qmax, act=act, kernel=kernel, norm=norm)
 
 
-def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> torch.Tensor:
-    """(Activate +) group-wise regular-Hadamard rotation only, output in x's dtype (the small-batch convrot
-    path); ``kernel`` as for :func:`quantize_rows_int8`."""
-    return _launch(x2d, group, MODE_FLOAT, x2d.dtype, 1.0, act=act, kernel=kernel)[0]
+def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0, kernel: str = DEFAULT_KERNEL,
+                norm: RowNorm | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(Activate or RMSNorm +) group-wise regular-Hadamard rotation only, output in ``out_dtype`` (None: x's;
+    the small-batch convrot path); ``kernel`` as for :func:`quantize_rows_int8`; ``norm`` (not with ``act``): the
+    norm applied first, in the row kernel's pass (:func:`norm_applies`)."""
+    return _launch(x2d, group, MODE_FLOAT, out_dtype or x2d.dtype, 1.0, act=act, kernel=kernel, norm=norm)[0]
