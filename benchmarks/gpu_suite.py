@@ -90,6 +90,16 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the folded RMSNorm and column scale (runtime.norms, acts.RowNorm) alone
         "checks_norm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_norm_fold,check_siblings"]],
+        # the same with the activation kernels' checks and the plans' (the rotating row kernel's norm, 2026-12-04)
+        "checks_norm_act": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                             "check_norm_fold,check_act_quant,check_plans"]],
+        # the text encoders alone (T5-XXL- and Qwen3-4B-shaped at 256 tokens: every variant, int8-rot's too)
+        "encoders": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
+                      "--sections", "calibrate,models", "--models", "t5xxl_256,qwen3_4b_256"]],
+        # the SDXL / CLIP rows at 1 and 16 rows (where the one-launch kernel's thin tiles were mispriced)
+        "sweep_narrow_small_m": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s",
+                                  "{budget}", "--sections", "sweep", "--sweep-models", "sdxl,clip_l", "--sweep-m",
+                                  "1,16"]],
         # the checks of the W8A8 GEMM paths and plans and of the attention backend order only (a short call)
         "checks_gemm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_persistent,check_ws_gemm,check_ws_lora_wired,check_plans,check_attention_cudnn,"
