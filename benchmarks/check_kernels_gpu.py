@@ -1009,7 +1009,7 @@ def check_norm_fold() -> None:
     # int8-rot: the norm folded into the rotating row kernel (the W8A8 path's codes, the weight-only path's
     # rotation pass); fp32 x as ComfyUI runs its text encoders
     for fmt, dt in (("int8", torch.bfloat16), ("fp8", torch.bfloat16), ("int8-rot", torch.bfloat16),
-                    ("int8-rot", torch.float32)):
+                    ("int8-rot", torch.float32), ("int4-rot", torch.bfloat16)):
         for k, n in ((4096, 4096), (3072, 9216)) if dt == torch.bfloat16 else ((4096, 10240), (10240, 4096)):
             lin = nn.Linear(k, n, device="cuda", dtype=dt)
             holder = nn.Module()

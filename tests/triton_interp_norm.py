@@ -239,8 +239,9 @@ def check_norm_rotated() -> None:
 def check_norm_rotated_linear() -> None:
     """Rotated int8 linears with a folded norm: the two-launch W8A8 path and the weight-only path (its rotation
     pass) against the same paths fed the float64-normed x, ~1 off without the norm; their plans replay the general
-    path bit for bit and see an in-place weight update; the unrotated weight-only path refuses a norm (it has no
-    pass to fold it into). The weight-only kernel on fp16 x only: bf16 (and fp32 x, which it reads as bf16) hit
+    path bit for bit and see an in-place weight update; int4_rot's three paths (W4A8, unpacked onto W8A8,
+    weight-only on the packed bytes) and their plans the same way; the unrotated weight-only path refuses a norm
+    (it has no pass to fold it into). The weight-only kernel on fp16 x only: bf16 (and fp32 x, which it reads as bf16) hit
     an interpreter limitation (``check_w8a16``); the GPU checks run those."""
     from comfyquant.runtime.kernels import builtin
     from comfyquant.runtime.kernels import triton_int8 as ti
@@ -279,6 +280,36 @@ def check_norm_rotated_linear() -> None:
                 same = same and torch.equal(plan(xs[1]), general(xs[1], norm=norm)) and not torch.equal(
                     before, general(xs[1], norm=norm))
                 nw.div_(2.0)
+            record(f"norm_rotated_plan_{name}", same, m=m, k=k, n=n, dtype=str(dt), planned=plan is not None)
+    # int4_rot's three paths (W4A8 with K permuted per block, int4 unpacked onto the W8A8 path, weight-only on
+    # the packed bytes): the same rotating quantizer or rotation pass with the norm
+    from triton_interp_fusions import _int4_rot
+
+    from comfyquant.runtime.kernels import triton_unpack as tu
+
+    for m, k, n, dt in [(5, 256, 48, F16), (70, 512, 32, F32)]:
+        w4, s4, g4 = _int4_rot(n, k, seed=m + n)
+        x = _x(m, k, dt, seed=m + k)
+        nw = _weight(k, seed=k + 2, dtype=dt)
+        norm = RowNorm(nw, EPS)
+        xn = _normed64(x, nw).float()
+        paths = {"w4a8": lambda x, **kw: ti.w4a8_linear(x, w4, s4, None, g4, dt, **kw),
+                 "w4_unpacked": lambda x, **kw: tu.w4_unpacked_linear(x, w4, s4, None, g4, dt, **kw)}
+        if dt == F16:
+            paths["w4a16"] = lambda x, **kw: ti.w8a16_linear(x, w4, s4, None, g4, dt, packed=True, **kw)
+        for name, path in paths.items():
+            y, ref = path(x, norm=norm).float(), path(xn if name != "w4a16" else xn.to(dt)).float()
+            without = rel(path(x).float(), ref)
+            record(f"norm_rotated_linear_{name}", rel(y, ref) < 3e-3 and without > 0.05, m=m, k=k, n=n,
+                   dtype=str(dt), rot=g4, rel=rel(y, ref), without=without)
+        if dt != F16:
+            continue
+        xs = [_x(m, k, dt, seed=200 + j) for j in range(3)]
+        plans = {"w4a8": tp.plan_w4a8(xs[0], w4, s4, None, g4, dt, 0, None, norm),
+                 "w4_unpacked": tu.plan_w4_unpacked(xs[0], w4, s4, None, g4, dt, 0, None, norm),
+                 "w4a16": builtin._plan_int4_w4a16(xs[0], w4, (s4,), None, (g4,), dt, 0, norm=norm)}
+        for name, plan in plans.items():
+            same = plan is not None and all(torch.equal(plan(x), paths[name](x, norm=norm)) for x in xs[1:])
             record(f"norm_rotated_plan_{name}", same, m=m, k=k, n=n, dtype=str(dt), planned=plan is not None)
     w = torch.randint(-127, 128, (16, 128), dtype=torch.int8, generator=g)
     x = _x(4, 128, F16, seed=92)

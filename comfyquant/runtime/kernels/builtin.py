@@ -100,7 +100,8 @@ def _rotated(scales: tuple, opts: tuple) -> bool:
 
 
 def _any_int8(scales: tuple, opts: tuple) -> bool:
-    """The W8A8 path's quantizer folds a norm either way: the block kernel unrotated, the row kernel rotated."""
+    """The W8A8 / W4A8 paths' quantizers fold a norm either way (the block kernel unrotated, the row kernel
+    rotated), and int4_rot's weight-only path in its rotation pass."""
     return True
 
 
@@ -387,46 +388,46 @@ def _int4_dequant(x, w, scales, bias, opts, out_dtype):
     return int4.w4_dequant_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype)
 
 
-def _int4_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+def _int4_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, norm=None):
     from comfyquant.runtime.kernels import triton_int8
 
     return triton_int8.w4a8_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=low_rank,
-                                   act=act)
+                                   act=act, norm=norm)
 
 
-def _plan_int4_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+def _plan_int4_triton(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
     from comfyquant.runtime.kernels import triton_plans
 
-    return triton_plans.plan_w4a8(x, w, scales[0], bias, _opt(opts, 0), out_dtype, act, low_rank)
+    return triton_plans.plan_w4a8(x, w, scales[0], bias, _opt(opts, 0), out_dtype, act, low_rank, norm)
 
 
-def _int4_unpacked(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+def _int4_unpacked(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, norm=None):
     from comfyquant.runtime.kernels import triton_unpack
 
     return triton_unpack.w4_unpacked_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=low_rank,
-                                            act=act)
+                                            act=act, norm=norm)
 
 
-def _plan_int4_unpacked(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+def _plan_int4_unpacked(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
     from comfyquant.runtime.kernels import triton_unpack
 
-    return triton_unpack.plan_w4_unpacked(x, w, scales[0], bias, _opt(opts, 0), out_dtype, act, low_rank)
+    return triton_unpack.plan_w4_unpacked(x, w, scales[0], bias, _opt(opts, 0), out_dtype, act, low_rank, norm)
 
 
-def _int4_w4a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
+def _int4_w4a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, norm=None):
     from comfyquant.runtime.kernels import triton_int8
 
     return triton_int8.w8a16_linear(x, w, scales[0], bias, _opt(opts, 0), out_dtype, low_rank=low_rank, act=act,
-                                    packed=True)
+                                    packed=True, norm=norm)
 
 
-def _plan_int4_w4a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+def _plan_int4_w4a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
     from comfyquant.runtime.kernels import triton_plans
 
     if low_rank is not None:  # the side path reads the unrotated x: the general path
         return None
     return triton_plans.plan_rotated(x, _opt(opts, 0), act, lambda r: triton_plans.plan_w8a16(
-        r, w, scales[0], bias, out_dtype, 0, None, packed=True))
+        r, w, scales[0], bias, out_dtype, 0, None, packed=True), norm)
 
 
 def _check_int4(x, w, scales, opts) -> None:
@@ -509,10 +510,11 @@ FP8 = register_kernel_kind(KernelKind(
 INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot",
     {"torch": _int4_torch, "dequant": _int4_dequant,
-     "triton": KernelBackend(_int4_triton, _TRITON, True, True, _plan_int4_triton, fuses_gated_act=True),
+     "triton": KernelBackend(_int4_triton, _TRITON, True, True, _plan_int4_triton, fuses_gated_act=True,
+                             fuses_norm=_any_int8),
      "triton_unpacked": KernelBackend(_int4_unpacked, _TRITON, True, True, _plan_int4_unpacked,
-                                      fuses_gated_act=True),
-     "triton_w4a16": KernelBackend(_int4_w4a16, _TRITON, True, True, _plan_int4_w4a16)},
+                                      fuses_gated_act=True, fuses_norm=_any_int8),
+     "triton_w4a16": KernelBackend(_int4_w4a16, _TRITON, True, True, _plan_int4_w4a16, fuses_norm=_any_int8)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
 
 # the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels

@@ -617,16 +617,17 @@ def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
 
 def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 group: int, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                low_rank: LowRank | None = None, act: int = 0, order: str | None = None) -> torch.Tensor:
-    """int4_rot W4A8: (activate +) rotate + per-token int8 quant (K permuted per 128 block for the orders that
-    split nibbles), then the int4-weight GEMM in ``order`` (a key of :data:`W4A8_KERNELS`; all bit-equal; None:
-    :func:`w4a8_order`'s rule)."""
-    _no_act_with_low_rank(act, low_rank)
+                low_rank: LowRank | None = None, act: int = 0, order: str | None = None,
+                norm: RowNorm | None = None) -> torch.Tensor:
+    """int4_rot W4A8: (activate or RMSNorm +) rotate + per-token int8 quant (K permuted per 128 block for the
+    orders that split nibbles), then the int4-weight GEMM in ``order`` (a key of :data:`W4A8_KERNELS`; all
+    bit-equal; None: :func:`w4a8_order`'s rule); ``norm`` as :func:`int8_linear` takes it."""
+    _no_act_with_low_rank(act, low_rank, norm)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     order = order or w4a8_order(x2d.shape[0])
     q, s_x = triton_quant.quantize_rows_int8(x2d, group, perm=w4a8_perm(order, triton_quant.out_width(x2d, act)),
-                                             act=act)
+                                             act=act, norm=norm)
     w_packed = _contig_rows(w_packed)
     m, n = q.shape[0], w_packed.shape[0]
     sb = _sb(w_scale)

@@ -361,10 +361,11 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 
 def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-              group: int, out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None) -> Plan | None:
-    """``x -> w4a8_linear(x, w_packed, w_scale, bias, group, out_dtype, act=act)`` (rotate + quantize with K
-    permuted per block into the stream's scratch pair, then the int4-weight GEMM) for ``x``'s signature, or None
-    (a low-rank term takes the general path)."""
+              group: int, out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
+              norm: RowNorm | None = None) -> Plan | None:
+    """``x -> w4a8_linear(x, w_packed, w_scale, bias, group, out_dtype, act=act, norm=norm)`` (rotate + quantize
+    with K permuted per block into the stream's scratch pair, then the int4-weight GEMM) for ``x``'s signature,
+    or None (a low-rank term takes the general path)."""
     common = None if low_rank is not None else _common(x, w_packed, w_scale)
     if common is None:
         return None
@@ -374,7 +375,7 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
     perm = ti.w4a8_perm(order, k)
     extra = triton_quant.scale_floats(x.view(m, kx), group, mode, act) - m
     q0, s0 = torch.empty((m, k), dtype=torch.int8, device=dev), scratch.row_scales(m, extra, dev)
-    quantize = _quantize_plan(x.view(m, kx), q0, s0, group, mode, 127.0, act, extra, perm)
+    quantize = _quantize_plan(x.view(m, kx), q0, s0, group, mode, 127.0, act, extra, perm, norm=norm)
     cfg = ti.w4a8_config(m, n, k, dev)
     out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
     grid, args, key = ti._w4a8_launch(q0, s0, w_packed, sb, bias, out0, cfg, ti._low_rank_args(None, x, sb))

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from comfyquant.runtime.kernels import scratch, triton_int8, triton_plans
+from comfyquant.runtime.kernels.acts import RowNorm
 from comfyquant.runtime.kernels.configs import cdiv
 from comfyquant.runtime.kernels.launch import FastKernel, stream_id
 from comfyquant.runtime.kernels.triton_gemm import nibble_codes
@@ -74,16 +75,18 @@ def _workspace_codes(w_packed: torch.Tensor, stream: int) -> torch.Tensor:
 
 def w4_unpacked_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                        group: int, out_dtype: torch.dtype, low_rank: triton_int8.LowRank | None = None,
-                       act: int = 0) -> torch.Tensor:
+                       act: int = 0, norm: RowNorm | None = None) -> torch.Tensor:
     """``w4a8_linear``'s result (bit-equal) by unpacking W into the stream's workspace and running
-    ``int8_linear`` on the codes (rotation ``group``, input activation ``act``, low-rank term as it takes them)."""
+    ``int8_linear`` on the codes (rotation ``group``, input activation ``act`` or folded ``norm``, low-rank term
+    as it takes them)."""
     w8 = unpack_int4_into(w_packed, _workspace_codes(w_packed, stream_id(x.device)))
-    return triton_int8.int8_linear(x, w8, w_scale, bias, group, out_dtype, low_rank=low_rank, act=act)
+    return triton_int8.int8_linear(x, w8, w_scale, bias, group, out_dtype, low_rank=low_rank, act=act, norm=norm)
 
 
 def plan_w4_unpacked(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                      group: int, out_dtype: torch.dtype, act: int = 0,
-                     low_rank: triton_int8.LowRank | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                     low_rank: triton_int8.LowRank | None = None,
+                     norm: RowNorm | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The eager plan of :func:`w4_unpacked_linear` for ``x``'s signature, or None: the unpack launch into this
     stream's workspace buffer, then the W8A8 plan made on that buffer. It keeps the buffer (a grown workspace
     retires it, the plan still owns it); a call on another stream takes the general path."""
@@ -93,14 +96,14 @@ def plan_w4_unpacked(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Ten
     w8 = _workspace_codes(w_packed, st0)
     grid, args = _launch(w_packed, w8)
     fire_u = _UNPACK.prepared(grid, args, num_warps=4, num_stages=1, key=_key(args))
-    inner = triton_plans.plan_int8(x, w8, w_scale, bias, group, out_dtype, act, low_rank)
+    inner = triton_plans.plan_int8(x, w8, w_scale, bias, group, out_dtype, act, low_rank, norm)
     if fire_u is None or inner is None:
         return None
 
     def run(xc: torch.Tensor) -> torch.Tensor:
         st = stream()
         if st != st0:
-            return w4_unpacked_linear(xc, w_packed, w_scale, bias, group, out_dtype, low_rank, act)
+            return w4_unpacked_linear(xc, w_packed, w_scale, bias, group, out_dtype, low_rank, act, norm)
         fire_u(st, *args)
         return inner(xc)
 
