@@ -318,17 +318,30 @@ def test_node_pack_folds_a_llama_blocks_norms_on_the_clone(comfy: Any) -> None:
 
 def test_the_dispatch_report_says_what_each_layer_applies_first_and_where() -> None:
     """``describe_dispatch`` names a layer's folded norm or activation and whether the chosen backend's kernel
-    applies it (on the CPU the torch reference does not: "torch first"). The gated MLP's wi_0 / wi_1 run as one
-    GEMM outside their modules' forward, so the report has no row for them."""
+    applies it (on the CPU the torch reference does not: "torch first"), and reports the GEMMs that run for
+    several layers at once: the gated MLP's wi_0 / wi_1 (one GEMM outside their modules' forward) and, once the
+    sibling groups have learned their plan, q / k / v, each as one row in place of its members'."""
     from comfyquant.runtime.dispatch_report import describe_dispatch, format_dispatch
 
     model = _t5()
     quantize_(model, QuantizeConfig(format="int8", min_features=1))
-    rows = {r.layer: r for r in describe_dispatch(model, torch.randn(1, 5, 64))}
+    x = torch.randn(1, 5, 64)
+    rows = {r.layer: r for r in describe_dispatch(model, x)}
     assert rows["layers.0.layer.0.SelfAttention.q"].folded == "rms_norm: torch first"
     assert rows["layers.0.layer.1.DenseReluDense.wo"].folded == "gated_gelu_tanh: torch first"
     assert rows["layers.0.layer.0.SelfAttention.o"].folded == ""
+    gated = rows["layers.0.layer.1.DenseReluDense.wi_0+wi_1"]
+    assert (gated.m, gated.k, gated.n, gated.folded) == (5, 64, 320, "rms_norm: torch first")
+    assert "layers.0.layer.1.DenseReluDense.wi_0" not in rows and len(rows) == 2 * 6  # q, k, v, o, wi_0+wi_1, wo
     assert "| rms_norm: torch first |" in format_dispatch(list(rows.values()))
+    fuse_sibling_projections(model)
+    with torch.no_grad():
+        model(x)  # the groups' first round learns which members share an input
+    rows = {r.layer: r for r in describe_dispatch(model, x)}
+    qkv = rows["layers.1.layer.0.SelfAttention.q+k+v"]
+    assert (qkv.n, qkv.k, qkv.folded) == (192, 64, "rms_norm: torch first")
+    assert not {"layers.1.layer.0.SelfAttention.q", "layers.1.layer.0.SelfAttention.v"} & set(rows)
+    assert len(rows) == 2 * 4  # per block: q+k+v, o, wi_0+wi_1, wo
 
 
 def test_a_layer_pinned_to_a_backend_that_cannot_fold_keeps_the_norm_module() -> None:

@@ -2,7 +2,9 @@
 
 Runs one forward (no grad) with a pre-hook on every ``QuantLinear`` that asks the same choice the layer's call
 makes (the kernel kind's cost model for this device, input shape, the layer's pinned backend or policy, and
-the rank of a dynamic LoRA's low-rank term it hands the kernel), and returns one row per layer call. ``format_dispatch`` renders the rows as a table.
+the rank of a dynamic LoRA's low-rank term it hands the kernel), and an observer on every sibling / gated group
+for the GEMMs it runs for its members; returns one row per GEMM call. ``format_dispatch`` renders the rows as a
+table.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from comfyquant.runtime.gated import GatedForward
 from comfyquant.runtime.kernels.acts import GATED, apply_input_act
 from comfyquant.runtime.kernels.backends import BackendChoice
 from comfyquant.runtime.kernels.dispatch import choose_backend
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.nn import QuantLinear
+from comfyquant.runtime.siblings import ArmedForward, SiblingGroup
 
 
 @dataclass(frozen=True)
@@ -37,14 +41,15 @@ class LayerDispatch:
     folded: str = ""
 
 
-def _folded(mod: QuantLinear, kind: str, backend: str, scales: tuple, opts: tuple) -> str:
-    """``"rms_norm: in the kernel"`` / ``"gelu_tanh: torch first"`` / ``""`` for a layer call on ``backend``."""
-    act, src = getattr(mod, "input_act", None), mod.__dict__.get("input_norm")
-    if act is None and src is None:
+def _folded(kind: str, backend: str, scales: tuple, opts: tuple, act: str | None, has_norm: bool,
+            low_rank: bool) -> str:
+    """``"rms_norm: in the kernel"`` / ``"gelu_tanh: torch first"`` / ``""`` for a call on ``backend`` with input
+    activation ``act`` or a folded norm (a low-rank term reads the normed x: the norm is applied in torch)."""
+    if act is None and not has_norm:
         return ""
     b = kernel_kind(kind).backends.get(backend)
-    if src is not None:
-        inside = b is not None and b.fuses_norm is not None and b.fuses_norm(scales, opts)
+    if has_norm:
+        inside = not low_rank and b is not None and b.fuses_norm is not None and b.fuses_norm(scales, opts)
         return f"rms_norm: {'in the kernel' if inside else 'torch first'}"
     inside = b is not None and b.fuses_input_act and (act not in GATED or b.fuses_gated_act)
     return f"{act}: {'in the kernel' if inside else 'torch first'}"
@@ -58,41 +63,85 @@ def _kind_and_args(w: Any) -> tuple[str, tuple, tuple[int, ...]]:
     return spec.kernel_kind, tuple(scales), tuple(opts)
 
 
+def _choice(name: str, x: torch.Tensor, w: Any, n: int, k: int, low_rank: Any, act: str | None,
+            has_norm: bool) -> LayerDispatch:
+    """The row of one GEMM call: ``x`` as the kernel is handed it (after a folded activation), weight ``w``
+    (its pinned backend or policy), the low-rank term's operands (None: none), what it applies first."""
+    kind, scales, opts = _kind_and_args(w)
+    pinned = w.params.backend
+    policy = pinned if isinstance(pinned, DispatchPolicy) else None
+    override = None if policy is not None or pinned is None else pinned
+    choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override, opts=opts, policy=policy,
+                                           low_rank=0 if low_rank is None else int(low_rank[0].shape[0]))
+    return LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason,
+                         _folded(kind, choice.name, scales, opts, act, has_norm, low_rank is not None))
+
+
+def _groups(model: nn.Module) -> dict[int, tuple[str, SiblingGroup]]:
+    """id -> (parent path, group) of every sibling or gated group whose parent's forward runs it."""
+    out = {}
+    for path, mod in model.named_modules():
+        fwd = mod.__dict__.get("forward")
+        groups = fwd.groups if isinstance(fwd, ArmedForward) else (fwd.group,) if isinstance(fwd, GatedForward) \
+            else ()
+        for g in groups:
+            out[id(g)] = (path, g)
+    return out
+
+
 def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> list[LayerDispatch]:
-    """Run ``model(*example_inputs, **example_kwargs)`` once and report each ``QuantLinear`` call's backend."""
-    rows: list[LayerDispatch] = []
+    """Run ``model(*example_inputs, **example_kwargs)`` once and report each quantized GEMM call's backend: one row
+    per ``QuantLinear`` call, and one per fused GEMM of sibling projections (``runtime.siblings``: named
+    ``parent.q+k+v``) or of a gated MLP's input projections (``runtime.gated``), which replaces the rows of the
+    members it computed."""
+    rows: list[LayerDispatch | None] = []
     hooks = []
+    groups = _groups(model)
 
     def hook(name: str):
         def pre(mod: QuantLinear, args: tuple) -> None:
             # what the kernel sees: the input after a folded activation (a gated one halves its width)
-            x, w = apply_input_act(args[0], getattr(mod, "input_act", None)), mod.qweight
-            kind, scales, opts = _kind_and_args(w)
-            pinned = w.params.backend
-            policy = pinned if isinstance(pinned, DispatchPolicy) else None
-            override = None if policy is not None or pinned is None else pinned
-            n, k = mod.out_features, mod.in_features
+            act = getattr(mod, "input_act", None)
+            x, w = apply_input_act(args[0], act), mod.qweight
             # a dynamic LoRA's low-rank part goes to the kernel (``nn.run_linear``) except on smoothed layers
             ops = getattr(getattr(mod, "adapter", None), "fused_operands", None)
             low_rank = ops(x) if ops is not None and getattr(w.params, "pre_quant_scale", None) is None else None
-            choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override, opts=opts,
-                                                   policy=policy, low_rank=0 if low_rank is None else
-                                                   int(low_rank[0].shape[0]))
-            rows.append(LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason,
-                                      _folded(mod, kind, choice.name, scales, opts)))
+            rows.append(_choice(name, x, w, mod.out_features, mod.in_features, low_rank, act,
+                                mod.__dict__.get("input_norm") is not None))
+            sib = getattr(mod, "sibling", None)
+            if sib is not None and sib[0].armed:  # served by a fused GEMM: its view waits, or it leads one now
+                g, i = sib
+                mod._cq_report = (len(rows) - 1, g.fused_calls, args[0] is g._x and g._slots.get(i) is not None)
 
-        return pre
+        def post(mod: QuantLinear, args: tuple, out: Any) -> None:
+            mark = mod.__dict__.pop("_cq_report", None)
+            if mark is not None and (mark[2] or mod.sibling[0].fused_calls > mark[1]):
+                rows[mark[0]] = None  # the fused GEMM's row stands for it
+
+        return pre, post
+
+    def observe(g: SiblingGroup, plan: tuple[int, ...], w: Any, bias: Any, x: torch.Tensor, term: Any,
+                norm: Any) -> None:
+        path = groups[id(g)][0]
+        name = f"{path}.{'+'.join(g.names[i] for i in plan)}" if path else "+".join(g.names[i] for i in plan)
+        low_rank = None if term is None else term.fused_operands(x)
+        rows.append(_choice(name, x, w, int(w.shape[0]), int(x.shape[-1]), low_rank, None, norm is not None))
 
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear) and mod.weight is not None:
-            hooks.append(mod.register_forward_pre_hook(hook(name)))
+            pre, post = hook(name)
+            hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    for _, g in groups.values():
+        g.observer = observe
     try:
         with torch.no_grad():
             model(*example_inputs, **example_kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return rows
+        for _, g in groups.values():
+            g.observer = None
+    return [r for r in rows if r is not None]
 
 
 def format_dispatch(rows: list[LayerDispatch]) -> str:

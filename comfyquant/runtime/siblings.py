@@ -292,6 +292,9 @@ class SiblingGroup:
         self._skip = False  # a miss this round: the rest of it computes alone
         # the members' LoRA term for the fused GEMM and what it was made from (fused weight, dtype, operands)
         self._term: tuple[_Fused, torch.dtype, list, _GroupTerm] | None = None
+        # ``(group, plan, fused weight, bias, x, low-rank term, norm) -> None`` called after each fused GEMM
+        # (``dispatch_report.describe_dispatch`` sets it for one forward and clears it); None: nothing is told
+        self.observer: Callable[..., None] | None = None
 
     def __repr__(self) -> str:
         plan = "observing" if self.plan is None else ",".join(self.names[i] for i in self.plan) or "off"
@@ -373,6 +376,8 @@ class SiblingGroup:
         bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
         term = self._low_rank(f, parts, x)
         y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, term, norm=norm)
+        if self.observer is not None:
+            self.observer(self, f.plan, f.weight, bias, x, term, norm)
         views = list(y.split(f.sizes, -1))
         for k, side in enumerate(sides):  # what the kernel did not add: a member's dense / bias diffs, or all of it
             if side is not None:
