@@ -93,6 +93,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the same with the activation kernels' checks and the plans' (the rotating row kernel's norm, 2026-12-04)
         "checks_norm_act": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                              "check_norm_fold,check_act_quant,check_plans"]],
+        # the norm folded into the quantizer against the norm in torch first, the quantizer alone (rotated too)
+        "norm_fold": [[PY, "benchmarks/bench_norm_fold.py", "--out", str(work / "kernels")]],
         # the text encoders alone (T5-XXL- and Qwen3-4B-shaped at 256 tokens: every variant, int8-rot's too)
         "encoders": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                       "--sections", "calibrate,models", "--models", "t5xxl_256,qwen3_4b_256"]],
