@@ -1036,12 +1036,19 @@ def check_norm_fold() -> None:
     qt = QuantizedTensor.from_float(w, "int8", pre_quant_scale=p)
     smoothed = QuantLinear(4096, 3072, bias=False, weight=qt)
     plain = QuantLinear(4096, 3072, bias=False, weight=qt.with_parts(params=qt.params.replace(pre_quant_scale=None)))
+    # against float64: the fold quantizes x * p in fp32 where the unfolded layer is fed bf16(x * p), so the two
+    # int8 results differ by a code here and there (run 81: 0.0084 apart at 256 / 4,096 rows, each ~0.009 off
+    # the reference); the fold must be as close to float64 as the layer fed x * p
+    wd = qt.dequantize().double()
     for m in (16, 256, 4096):
         x = torch.randn(1, m, 4096, device="cuda").bfloat16()
         y, again = smoothed(x), smoothed(x)
         want = plain(x * p.bfloat16())
-        record("column_scale_linear", rel(y, want) < 2**-8 and torch.equal(y, again), m=m,
-               backend=choose_backend(x.view(m, 4096), kind="int8", n=3072, k=4096).name, rel=rel(y, want))
+        f64 = x.double() @ wd.t()  # dequantize() is W: the smoothed layer computes (x * p) @ (W / p)^T
+        e, e_ref = rel(y, f64), rel(want, f64)
+        record("column_scale_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again), m=m,
+               backend=choose_backend(x.view(m, 4096), kind="int8", n=3072, k=4096).name, rel=e,
+               rel_unfolded=e_ref, apart=rel(y, want))
 
 
 def _checks() -> tuple:
