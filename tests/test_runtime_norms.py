@@ -112,9 +112,11 @@ def test_a_layer_with_a_norm_computes_the_norm_then_itself() -> None:
 
 
 @pytest.mark.comfyui
-def test_comfyuis_t5_folds_its_norms(comfy: Any) -> None:
+@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "int4-rot"])
+def test_comfyuis_t5_folds_its_norms(comfy: Any, fmt: str) -> None:
     """ComfyUI 0.30's own ``comfy.text_encoders.t5.T5`` (its T5LayerNorm, T5Attention, gated feed-forward): both
-    norms of every block fold, the state dict keys stay, and the encoder computes what the unfolded one does."""
+    norms of every block fold, for rotated weights too (their quantizer takes the norm since 2026-12-04), the state
+    dict keys stay, and the encoder computes what the unfolded one does."""
     t5 = importlib.import_module("comfy.text_encoders.t5")
     config = {"num_layers": 2, "d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 160, "vocab_size": 50,
               "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "model_type": "t5"}
@@ -127,8 +129,8 @@ def test_comfyuis_t5_folds_its_norms(comfy: Any) -> None:
         elif isinstance(m, nn.Linear | nn.Embedding):
             nn.init.normal_(m.weight, std=0.1)
     ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
-    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
-    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    quantize_(ref, QuantizeConfig(format=fmt, min_features=1, fold_norms=False))
+    summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
     assert [f for f in summary.folded if "->" in f] == [
         f"encoder.block.{i}.layer.{j}.layer_norm -> {c}" for i in range(2)
         for j, c in ((0, "SelfAttention.q,k,v"), (1, "DenseReluDense.wi_0,wi_1"))]
