@@ -97,6 +97,8 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
     rows: list[LayerDispatch | None] = []
     hooks = []
     groups = _groups(model)
+    # id(member) -> (its row, its group's fused GEMMs before its call, whether its output waited in the stash)
+    marks: dict[int, tuple[int, int, bool]] = {}
 
     def hook(name: str):
         def pre(mod: QuantLinear, args: tuple) -> None:
@@ -110,11 +112,10 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
                                 mod.__dict__.get("input_norm") is not None))
             sib = getattr(mod, "sibling", None)
             if sib is not None and sib[0].armed:  # served by a fused GEMM: its view waits, or it leads one now
-                g, i = sib
-                mod._cq_report = (len(rows) - 1, g.fused_calls, args[0] is g._x and g._slots.get(i) is not None)
+                marks[id(mod)] = (len(rows) - 1, sib[0].fused_calls, sib[0].waiting(sib[1], args[0]))
 
         def post(mod: QuantLinear, args: tuple, out: Any) -> None:
-            mark = mod.__dict__.pop("_cq_report", None)
+            mark = marks.pop(id(mod), None)
             if mark is not None and (mark[2] or mod.sibling[0].fused_calls > mark[1]):
                 rows[mark[0]] = None  # the fused GEMM's row stands for it
 

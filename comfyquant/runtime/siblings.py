@@ -320,6 +320,10 @@ class SiblingGroup:
             return None
         return self._lead(i, x, plan)
 
+    def waiting(self, i: int, x: torch.Tensor) -> bool:
+        """Whether member ``i``'s output on ``x`` waits in this round's stash: a fused GEMM computed it already."""
+        return x is self._x and self._slots.get(i) is not None
+
     def _lead(self, i: int, x: torch.Tensor, plan: tuple[int, ...]) -> torch.Tensor | None:
         ran = self._fused_run(plan, x)
         if ran is None:  # this x's members compute alone
