@@ -21,6 +21,8 @@ _LAZY = {
     "quantize_": ("comfyquant.runtime.quantize", "quantize_"),
     "QuantizeConfig": ("comfyquant.runtime.quantize", "QuantizeConfig"),
     "QuantizedTensor": ("comfyquant.runtime.tensor", "QuantizedTensor"),
+    "describe_dispatch": ("comfyquant.runtime.dispatch_report", "describe_dispatch"),
+    "format_dispatch": ("comfyquant.runtime.dispatch_report", "format_dispatch"),
     "calibrate": ("comfyquant.calibration.collector", "calibrate"),
     "CalibrationStats": ("comfyquant.calibration.stats", "CalibrationStats"),
 }

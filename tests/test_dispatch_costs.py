@@ -98,8 +98,9 @@ def test_fast_launch_key_separates_constexpr_values_and_specializations() -> Non
 
 
 def test_describe_dispatch_reports_each_quantized_layer() -> None:
+    """Through the package's public names (``comfyquant.describe_dispatch`` / ``format_dispatch``)."""
+    from comfyquant import describe_dispatch, format_dispatch
     from comfyquant.runtime import QuantizeConfig, quantize_
-    from comfyquant.runtime.dispatch_report import describe_dispatch, format_dispatch
 
     net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     quantize_(net, QuantizeConfig(format="int8"))

@@ -4,6 +4,7 @@
 # the generic op table and the layouts register into runtime.tensor's registry when imported
 from comfyquant.runtime import layouts as _layouts  # noqa: F401
 from comfyquant.runtime import ops as _ops  # noqa: F401
+from comfyquant.runtime.dispatch_report import LayerDispatch, describe_dispatch, format_dispatch
 from comfyquant.runtime.fold import fold_input_activations
 from comfyquant.runtime.loader import LoadReport, load_quantized, load_quantized_report
 from comfyquant.runtime.nn import QuantLinear
@@ -22,6 +23,7 @@ from comfyquant.runtime.tensor import (
 
 __all__ = [
     "REGISTRY",
+    "LayerDispatch",
     "Layout",
     "LayoutParams",
     "LoadReport",
@@ -30,7 +32,9 @@ __all__ = [
     "QuantizeSummary",
     "QuantizedTensor",
     "dequantize_args",
+    "describe_dispatch",
     "fold_input_activations",
+    "format_dispatch",
     "fuse_sibling_projections",
     "load_quantized",
     "load_quantized_report",
