@@ -7,7 +7,9 @@ once per machine (see ``comfyquant.testing.comfyui_env``) and imports ComfyUI's 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,3 +48,15 @@ def torch_single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def patched(patcher: Any, **load: Any) -> Iterator[Any]:
+    """A ComfyUI ``ModelPatcher`` with its patches applied (``load``: ``patch_model``'s arguments, e.g. a lowvram
+    budget) for the block's duration, unpatched after it however it ends; yields the patcher."""
+    patcher.patch_model(**load)
+    try:
+        yield patcher
+    finally:
+        patcher.unpatch_model()
+

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from comfyui_fixtures import patched
 from comfyui_server_fixtures import dit_forward, make_lora, rel_err
 from safetensors.torch import load_file
 
@@ -91,13 +92,9 @@ def test_unknown_architecture_uses_the_conservative_union(comfy: Any) -> None:
     assert ("final_layer.linear", next(r for n, r in report.kept if n == "final_layer.linear")) in report.kept
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     x = torch.randn(3, 64)
-    out.patch_model()
-    try:
-        with torch.no_grad():
-            got = out.model.diffusion_model["blocks"](x)
+    with patched(out), torch.no_grad():
+        got = out.model.diffusion_model["blocks"](x)
         assert isinstance(out.model.diffusion_model["blocks"][0], ComfyQuantLinear)
-    finally:
-        out.unpatch_model()
     with torch.no_grad():
         assert 0 < rel_err(got, model.diffusion_model["blocks"](x)) < 0.02
 
@@ -225,12 +222,8 @@ def test_flux2_swiglu_is_folded_in_comfyuis_own_model(comfy: Any, tmp_path: Path
     x = torch.randn(2, 5, base.model.get_submodule("diffusion_model.double_blocks.0.img_mlp.0").in_features)
     outs = []
     for patcher in (plain, folded):
-        patcher.patch_model()
-        try:
-            with torch.no_grad():
-                outs.append(patcher.model.get_submodule("diffusion_model.double_blocks.0.img_mlp")(x))
-        finally:
-            patcher.unpatch_model()
+        with patched(patcher), torch.no_grad():
+            outs.append(patcher.model.get_submodule("diffusion_model.double_blocks.0.img_mlp")(x))
     assert torch.equal(outs[0], outs[1])
 
 
@@ -264,12 +257,8 @@ def test_sdxl_geglu_is_folded_by_patching_the_gate_forward_only(comfy: Any) -> N
     assert "diffusion_model.ff.net.0.forward" in folded.object_patches
     outs = []
     for patcher in (plain, folded):
-        patcher.patch_model()
-        try:
-            with torch.no_grad():
-                outs.append(model.diffusion_model["ff"](x))
-        finally:
-            patcher.unpatch_model()
+        with patched(patcher), torch.no_grad():
+            outs.append(model.diffusion_model["ff"](x))
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], float_out)
     gate = model.diffusion_model["ff"].net[0]
     assert type(gate).__name__ == "GEGLU" and type(gate.proj) is torch.nn.Linear

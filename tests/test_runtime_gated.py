@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from comfyui_fixtures import patched
 from gemm_counter import count_gemms
 from torch import nn
 
@@ -301,12 +302,8 @@ def test_node_pack_folds_comfyuis_llama_mlp(comfy: Any, act: str, name: str) -> 
     assert ComfyQuantLinear.derive(down).input_act == name  # a LoRA node's replacement layer keeps it
 
     def run(patcher: Any) -> torch.Tensor:
-        patcher.patch_model()
-        try:
-            with torch.inference_mode():
-                return mlp(x)
-        finally:
-            patcher.unpatch_model()
+        with patched(patcher), torch.inference_mode():
+            return mlp(x)
 
     outs = [run(p) for p in (plain, folded, folded)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

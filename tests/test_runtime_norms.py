@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from comfyui_fixtures import patched
 from torch import nn
 
 from comfyquant.bench.blocks import T5, Qwen3, T5LayerNorm
@@ -27,6 +28,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _with_and_without_fold(flt: nn.Module, fmt: str = "int8") -> tuple[nn.Module, nn.Module, Any]:
+    """(a copy of ``flt`` quantized without folding its norms, a copy quantized with, the latter's summary)."""
+    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
+    quantize_(ref, QuantizeConfig(format=fmt, min_features=1, fold_norms=False))
+    return ref, model, quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+
+
 def _t5(seed: int = 0) -> T5:
     torch.manual_seed(seed)
     model = T5(2, 64, 4, 160)
@@ -39,9 +47,7 @@ def _t5(seed: int = 0) -> T5:
 @pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8"])
 def test_bench_t5_folds_its_norms_and_computes_what_it_did(fmt: str) -> None:
     flt = _t5()
-    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
-    quantize_(ref, QuantizeConfig(format=fmt, min_features=1, fold_norms=False))
-    summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+    ref, model, summary = _with_and_without_fold(flt, fmt)
     norms = [f for f in summary.folded if "->" in f]
     assert norms == [f"layers.{i}.layer.{j}.layer_norm -> {c}" for i in range(2)
                      for j, c in ((0, "SelfAttention.q,k,v"), (1, "DenseReluDense.wi_0,wi_1"))]
@@ -128,9 +134,7 @@ def test_comfyuis_t5_folds_its_norms(comfy: Any, fmt: str) -> None:
             m.weight.data = torch.rand(64) * 1.5 + 0.25
         elif isinstance(m, nn.Linear | nn.Embedding):
             nn.init.normal_(m.weight, std=0.1)
-    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
-    quantize_(ref, QuantizeConfig(format=fmt, min_features=1, fold_norms=False))
-    summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+    ref, model, summary = _with_and_without_fold(flt, fmt)
     assert [f for f in summary.folded if "->" in f] == [
         f"encoder.block.{i}.layer.{j}.layer_norm -> {c}" for i in range(2)
         for j, c in ((0, "SelfAttention.q,k,v"), (1, "DenseReluDense.wi_0,wi_1"))]
@@ -183,9 +187,7 @@ def test_comfyuis_llama_block_folds_both_norms(comfy: Any) -> None:
     gate / up projections, and the block computes what the unfolded one does (rotary embedding, grouped kv)."""
     block, run = _comfy_block("TransformerBlock", 6, _spread)
     flt = nn.ModuleDict({"block": block})
-    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
-    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
-    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    ref, model, summary = _with_and_without_fold(flt)
     assert [f for f in summary.folded if "->" in f] == ["block.input_layernorm -> self_attn.q_proj,k_proj,v_proj",
                                                         "block.post_attention_layernorm -> mlp.gate_proj,up_proj"]
     assert list(model.state_dict()) == list(ref.state_dict())
@@ -203,9 +205,7 @@ def test_bench_llm_encoder_folds_its_block_norms_not_the_per_head_ones() -> None
     for name, p in flt.named_parameters():
         if name.endswith("layernorm.weight"):
             p.data = torch.rand_like(p) * 1.5 + 0.25
-    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
-    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
-    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    ref, model, summary = _with_and_without_fold(flt)
     assert summary.folded == [
         f"layers.{i}.{n}" for i in range(2) for n in ("input_layernorm -> self_attn.q_proj,k_proj,v_proj",
                                                       "post_attention_layernorm -> mlp.gate_proj,up_proj")
@@ -243,9 +243,7 @@ def test_comfyuis_gemma_block_folds_its_pre_norms_with_one_plus_weight(comfy: An
         "TransformerBlockGemma2", 8, lambda width: torch.rand(width) - 0.5, rms_norm_add=True,
         transformer_type="gemma2", sliding_attention=None, mlp_activation="gelu_pytorch_tanh")
     flt = nn.ModuleDict({"block": block})
-    ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
-    quantize_(ref, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
-    summary = quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    ref, model, summary = _with_and_without_fold(flt)
     assert [f for f in summary.folded if "->" in f] == ["block.input_layernorm -> self_attn.q_proj,k_proj,v_proj",
                                                         "block.pre_feedforward_layernorm -> mlp.gate_proj,up_proj"]
     block = model["block"]
@@ -300,12 +298,8 @@ def test_node_pack_folds_a_llama_blocks_norms_on_the_clone(comfy: Any) -> None:
     assert q.input_norm is k.input_norm and q.input_norm.holder is patches["diffusion_model.block.input_layernorm"]
 
     def run(patcher: Any) -> torch.Tensor:
-        patcher.patch_model()
-        try:
-            with torch.inference_mode():
-                return run_block(block)
-        finally:
-            patcher.unpatch_model()
+        with patched(patcher), torch.inference_mode():
+            return run_block(block)
 
     want, got = run(plain), run(folded)
     assert _rel(got, want) < 1e-5 and 0 < _rel(got, float_out) < 0.03

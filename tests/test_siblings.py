@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from comfyui_fixtures import patched
 from gemm_counter import count_gemms
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -316,13 +317,9 @@ def _run(patcher: Any, model: nn.Module, rounds: int = 3, load: dict | None = No
     arguments, e.g. a lowvram budget) and unpatched after."""
     x, c64, c32 = _inputs()
     dm = model.diffusion_model
-    patcher.patch_model(**(load or {}))
-    try:
-        with torch.inference_mode():  # as ComfyUI runs nodes
-            return [(dm["attn1"](x, **attn1), dm["attn2"](x, context=c64), dm["xattn"](x, context=c32))
-                    for _ in range(rounds)]
-    finally:
-        patcher.unpatch_model()
+    with patched(patcher, **(load or {})), torch.inference_mode():  # as ComfyUI runs nodes
+        return [(dm["attn1"](x, **attn1), dm["attn2"](x, context=c64), dm["xattn"](x, context=c32))
+                for _ in range(rounds)]
 
 
 def _same(a: list[tuple[torch.Tensor, ...]], b: list[tuple[torch.Tensor, ...]]) -> bool:
@@ -361,23 +358,19 @@ def test_sd_cross_attention_runs_one_gemm_per_shared_input(sd: tuple, monkeypatc
     ref = _run(plain, model)
     assert widths == [64] * 36
     widths.clear()
-    fused.patch_model()
-    try:
-        with torch.inference_mode():
-            got = []
-            for r in range(3):
-                got.append((dm["attn1"](x), dm["attn2"](x, context=c64), dm["xattn"](x, context=c32)))
-                if r == 0:
-                    assert widths == [64] * 12  # the observed round computes every member alone
-                    widths.clear()
-            assert widths == [192, 64, 64, 128, 64, 64, 128, 64] * 2
-            members = [dm["attn1"].to_q, dm["attn1"].to_k, dm["attn1"].to_v]
-            assert all(isinstance(m, ComfyQuantLinear) for m in members)
-            assert len({_storage(m.qweight) for m in members}) == 1
-            plans = [dm[n].to_k.sibling[0].plan for n in ("attn1", "attn2", "xattn")]
-            assert plans == [(0, 1, 2), (1, 2), (0, 1)]
-    finally:
-        fused.unpatch_model()
+    with patched(fused), torch.inference_mode():
+        got = []
+        for r in range(3):
+            got.append((dm["attn1"](x), dm["attn2"](x, context=c64), dm["xattn"](x, context=c32)))
+            if r == 0:
+                assert widths == [64] * 12  # the observed round computes every member alone
+                widths.clear()
+        assert widths == [192, 64, 64, 128, 64, 64, 128, 64] * 2
+        members = [dm["attn1"].to_q, dm["attn1"].to_k, dm["attn1"].to_v]
+        assert all(isinstance(m, ComfyQuantLinear) for m in members)
+        assert len({_storage(m.qweight) for m in members}) == 1
+        plans = [dm[n].to_k.sibling[0].plan for n in ("attn1", "attn2", "xattn")]
+        assert plans == [(0, 1, 2), (1, 2), (0, 1)]
     assert _same(ref, got)
     assert type(dm["attn1"].to_q) is nn.Linear and not isinstance(dm["attn1"].forward, ArmedForward)
     with torch.no_grad():
