@@ -316,18 +316,21 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
                 enable_cuda_graphs(clone)
             run(name, clone)
             del clone
-    # (format, attention, graphs): the node's options on the quantized models
-    variants = [("int8", "sdpa", False), ("int8-rot", "sdpa", False), ("fp8", "sdpa", False), ("int8", "cudnn", False),
-                ("int8", "int8-fp8", False), ("fp8", "cudnn", False)] + ([("int8", "cudnn", True)] if a.graphs else [])
-    for fmt, attention, graphs in variants:
+    # (format, attention, graphs, fold_norms): the node's options on the quantized models; the blocks' modulated
+    # LayerNorms are folded into the quantized layers (nodes.flux_blocks) unless fold_norms is off
+    variants = [("int8", "sdpa", False, True), ("int8", "sdpa", False, False), ("int8-rot", "sdpa", False, True),
+                ("fp8", "sdpa", False, True), ("fp8", "sdpa", False, False), ("int8", "cudnn", False, True),
+                ("int8", "int8-fp8", False, True), ("fp8", "cudnn", False, True)] + (
+        [("int8", "cudnn", True, True)] if a.graphs else [])
+    for fmt, attention, graphs, fold in variants:
         name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}") + (
-            " + cuda graphs" if graphs else "")
+            " + cuda graphs" if graphs else "") + ("" if fold else " (norms in torch)")
         if not want(name):
             continue
         _free(device)
         t1 = time.perf_counter()
         patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux", runtime=RuntimeOptions(
-            attention=attention, cuda_graphs=graphs)))
+            attention=attention, cuda_graphs=graphs, fold_norms=fold)))
         run(name, patched, f"{len(report.converted)} layers converted in {time.perf_counter() - t1:.1f} s")
         del patched
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"

@@ -1051,13 +1051,64 @@ def check_norm_fold() -> None:
                rel_unfolded=e_ref, apart=rel(y, want))
 
 
+def check_modulated_fold() -> None:
+    """A modulated LayerNorm folded into the quantizer (``acts.ModulatedNorm``, ``runtime.modulation``): int8 /
+    fp8 / int8-rot ``QuantLinear``s on Flux / Wan / SD3 widths, two batch items of 8-2,304 tokens, through the
+    dispatcher's own choice (folding paths in their quantizer, the rest after the norm in torch) against the
+    layer fed ``layer_mod`` in torch and float64; first call, plan, and the next step's modulation refilled into
+    the same buffer; then the quantizer's codes against float64 (half a step)."""
+    from torch import nn
+
+    from comfyquant.runtime.kernels.acts import ModulatedNorm, layer_mod
+    from comfyquant.runtime.kernels.dispatch import choose_backend
+    from comfyquant.runtime.modulation import ModulationSite, modulated_linear
+    from comfyquant.runtime.nn import QuantLinear
+
+    torch.manual_seed(11)
+    for fmt in ("int8", "fp8", "int8-rot"):
+        for k, n in ((3072, 9216), (5120, 5120), (1536, 6144)):
+            lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+            layer = QuantLinear.from_linear(lin, fmt)
+            qt = layer.qweight
+            kp = qt.params
+            _, opts = kp.format.kernel_args(kp.stored(qt.qdata), kp.layer_params)
+            wd = qt.dequantize().double()
+            site = ModulationSite(1e-6)
+            for t in (8, 512, 2304):
+                outs = []
+                for step in range(2):  # the second step refills the site's buffer: the plan must read it
+                    x = (torch.randn(2, t, k, device="cuda") * 2 + torch.randn(2, t, 1, device="cuda")).bfloat16()
+                    mod = (torch.randn(2, 1, 6 * k, device="cuda") * 0.5).bfloat16()
+                    shift, scale = mod[..., :k], mod[..., k:2 * k]
+                    y, again = (modulated_linear(layer, x, shift, scale, 1e-6, site) for _ in range(2))
+                    ref = layer(layer_mod(x, shift, scale, 1e-6))
+                    f64 = layer_mod(x.double(), shift.double(), scale.double(), 1e-6) @ wd.t() + lin.bias.double()
+                    outs.append(y)
+                    pick = choose_backend(x.view(2 * t, k), kind=kp.format.kernel_kind, n=n, k=k,
+                                          opts=tuple(opts)).name
+                    e, e_ref = rel(y, f64), rel(ref, f64)
+                    record("modulated_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again), fmt=fmt, m=2 * t,
+                           k=k, n=n, step=step, backend=pick, rel=e, rel_unfolded=e_ref)
+    for m, k, rows in ((4608, 3072, 2304), (1024, 5120, 512), (300, 8192, 150)):
+        x = (torch.randn(m, k, device="cuda") * 3 + torch.randn(m, 1, device="cuda")).bfloat16()
+        mod = (torch.randn(m // rows, 2 * k, device="cuda") * 0.5).bfloat16()
+        q, s = triton_quant.quantize_rows_int8(x, norm=ModulatedNorm(mod, 1e-6, rows))
+        x64, m64 = x.double().view(-1, rows, k), mod.double()[:, None, :]
+        y64 = (layer_mod(x64, m64[..., :k], m64[..., k:], 1e-6)).view(m, k)
+        sc = y64.abs().amax(-1, keepdim=True) / 127
+        steps = ((q.double() * s.double() - y64).abs() / sc).max().item()
+        scale_rel = ((s.double() - sc).abs() / sc).max().item()
+        record("modulated_quantizer", steps <= 0.5 + 1e-3 and scale_rel < 1e-5, m=m, k=k, err_steps=steps,
+               scale_rel=scale_rel)
+
+
 def _checks() -> tuple:
     """Every check, in the order they run."""
     return (check_act_quant, check_held_rotation, check_int_mm_exact, check_persistent, check_ws_gemm,
             check_ws_lora_wired, check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
             check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
             check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
-            check_siblings, check_norm_fold)
+            check_siblings, check_norm_fold, check_modulated_fold)
 
 
 def _only(value: str) -> set[str]:

@@ -21,7 +21,8 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench_comfyui_flux.json").read_text())
     variants = [r["variant"] for r in report["results"]]
-    assert variants == ["bf16", "bf16 + attention cudnn", "adapter int8", "adapter int8-rot", "adapter fp8",
+    assert variants == ["bf16", "bf16 + attention cudnn", "adapter int8", "adapter int8 (norms in torch)",
+                        "adapter int8-rot", "adapter fp8", "adapter fp8 (norms in torch)",
                         "adapter int8 + attention cudnn", "adapter int8 + attention int8-fp8",
                         "adapter fp8 + attention cudnn", "ComfyUI int8 (same file)", "comfyquant loader (same file)"]
     assert all(r["step_ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in report["results"])
@@ -38,6 +39,10 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     # on the CPU the attention override passes every call through to ComfyUI's own SDPA: same output as int8
     assert err["adapter int8 + attention int8-fp8"] == err["adapter int8 + attention cudnn"] == err["adapter int8"]
     assert err["adapter fp8 + attention cudnn"] == err["adapter fp8"]
+    # the norms folded into the quantized layers (torch on the CPU, from the block replacements) or not: the same
+    # model within the rounding of the gated residual add
+    for fmt in ("int8", "fp8"):
+        assert abs(err[f"adapter {fmt}"] - err[f"adapter {fmt} (norms in torch)"]) < 0.02 * err[f"adapter {fmt}"]
 
 
 def test_graphs_mode_steps_through_apply_model_with_the_nodes_wrapper(comfyui_root: Path, tmp_path: Path) -> None:

@@ -300,6 +300,42 @@ def test_a_folded_norm_compiles_into_the_row_block_and_block_kernels_without_spi
     assert "rsqrt.approx" in ptx
 
 
+@pytest.mark.parametrize(("m", "k", "n", "mode"), [(4608, 3072, 9216, "int8"), (1536, 5120, 15360, "fp8"),
+                                                   (512, 1536, 6144, "int8"), (300, 8192, 4096, "int8")])
+def test_a_modulated_norm_compiles_into_the_block_and_row_block_kernels_without_spills(m: int, k: int, n: int,
+                                                                                        mode: str) -> None:
+    """A DiT block's modulated LayerNorm folded into the quantizer (``acts.ModulatedNorm``: Flux's 3,072-wide,
+    Wan's 5,120, SD3's 1,536 rows, and the widest a quantizer holds): the block activation kernel (one pass, rows in
+    registers, whatever chunk its configuration would take) and the row-block one-launch W8A8 kernel compile for
+    sm_90 without register spills, with one reciprocal square root per row and the division once per row."""
+    from test_gluon_gemm import _assert_no_spills
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.acts import ModulatedNorm
+    from comfyquant.runtime.kernels.configs import rows_config
+
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    norm = ModulatedNorm(torch.zeros(2, 2 * k, dtype=torch.bfloat16), 1e-6, m // 2)
+    fp8 = mode == "fp8"
+    q, s = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8), torch.empty(m, 1)
+    (fk, _, args, _, warps, stages), = tq.launch_for(x, q, s, None, None, tq.MODE_FP8 if fp8 else tq.MODE_INT8,
+                                                   448.0 if fp8 else 127.0, 0, 0, "auto", norm)
+    assert fk is tq._ACT_BLOCKS and args[11] == 1  # the block kernel, one pass
+    ptx = _compile(fk, args, warps, stages).asm["ptx"]
+    _assert_no_spills(ptx)
+    assert "rsqrt.approx" in ptx and _divisions(ptx) <= 8
+    if fp8:
+        return
+    w, sb, out = torch.zeros(n, k, dtype=torch.int8), torch.ones(n), torch.empty(m, n, dtype=torch.bfloat16)
+    cfg = rows_config(m, n)
+    bufs = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(256, dtype=torch.int32))
+    _, args, _ = ti._rows_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs, 0, norm)
+    ptx = _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True).asm["ptx"]
+    _assert_no_spills(ptx)
+    assert "rsqrt.approx" in ptx and "wgmma.mma_async" in ptx
+
+
 @pytest.mark.parametrize(("m", "k", "group", "mode", "dtype"), [(256, 4096, 256, "int8", torch.bfloat16),
                                                                   (256, 10240, 256, "int8", torch.float32),
                                                                   (16, 4096, 256, "float", torch.bfloat16),

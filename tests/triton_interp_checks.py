@@ -22,6 +22,7 @@ from triton_interp import code_diff, group, interp_cast, record, record_refused,
 from triton_interp_attention import GROUPS as ATTENTION_GROUPS
 from triton_interp_fp8 import GROUPS as FP8_GROUPS
 from triton_interp_fusions import GROUPS as FUSION_GROUPS
+from triton_interp_modulated import GROUPS as MODULATED_GROUPS
 from triton_interp_norm import GROUPS as NORM_GROUPS
 from triton_interp_plans import GROUPS as PLAN_GROUPS
 from triton_interp_tiles import GROUPS as TILE_GROUPS
@@ -678,6 +679,7 @@ GROUPS: dict[str, Callable[[], None]] = {
     **TILE_GROUPS,  # the tile activation kernel and its tensor-core rotation (triton_interp_tiles)
     **ATTENTION_GROUPS,  # the int8 attention kernel (triton_interp_attention)
     **NORM_GROUPS,  # an RMSNorm folded into the activation quantizer (triton_interp_norm)
+    **MODULATED_GROUPS,  # a modulated LayerNorm folded into it (triton_interp_modulated)
     **UNPACK_GROUPS,  # int4_rot unpacked per call onto the W8A8 GEMM (triton_interp_unpack)
 }
 

@@ -27,6 +27,7 @@ from comfyquant.autoprec.candidates import KEEP
 from comfyquant.formats.registry import gpu_generation
 from comfyquant.nodes.attention import NODE_MIN_TOKENS, enable_quantized_attention
 from comfyquant.nodes.cache import CACHE, QuantCache
+from comfyquant.nodes.flux_blocks import fold_flux_blocks
 from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
@@ -65,6 +66,7 @@ class AdapterReport:
     baked_loras: list[str] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)  # converted layers that apply the activation before them
     fused: list[str] = field(default_factory=list)  # sibling projection groups sharing one GEMM ("attn: q,k,v")
+    modulated: list[str] = field(default_factory=list)  # DiT blocks whose modulated norms their layers apply
     bytes_before: int = 0
     bytes_after: int = 0
     messages: list[str] = field(default_factory=list)
@@ -93,6 +95,8 @@ class AdapterReport:
                       f"{len(self.smoothed)} layers" + (f" ({plain} without statistics: unsmoothed)" if plain else ""))
         folded = f", {len(self.folded)} activations folded into their layer" if self.folded else ""
         fused = f", {len(self.fused)} projection groups fused into one GEMM each" if self.fused else ""
+        if self.modulated:
+            fused += f", {len(self.modulated)} blocks' modulated norms folded into their layers"
         return (f"comfyquant: {self.format}{mix}{preset}: {len(self.converted)} layers converted "
                 f"({len(self.cached)} from cache), {len(self.kept)} kept, {saved / 2**20:.1f} MiB saved "
                 f"({self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB){smooth}{lora}{folded}"
@@ -441,6 +445,9 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         if key in report.baked_loras:
             clone.patches.pop(key, None)
     report.baked_loras = [k for k in report.baked_loras if k[len(prefix):-len(".weight")] in new_layers]
+    if root == MODEL_ROOT and settings.runtime.fold_activations and settings.runtime.fold_norms:
+        # Flux's modulated LayerNorms: applied by the quantized layers they feed (block replacements on the clone)
+        report.modulated = fold_flux_blocks(clone, dm, new_layers.__contains__)
     clone.patches_uuid = uuid.uuid4()  # the clone's weights differ from its parent's
     clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))
     clone.model_options.setdefault("transformer_options", {})["comfyquant"] = settings

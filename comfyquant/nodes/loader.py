@@ -20,6 +20,7 @@ from torch import nn
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant
 from comfyquant.nodes.attention import enable_quantized_attention
+from comfyquant.nodes.flux_blocks import fold_flux_blocks
 from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, make_comfy_ops
 from comfyquant.nodes.patching import register_patch_callback
@@ -40,11 +41,14 @@ class LoadSummary:
     plain_linears: int = 0
     folded: int = 0  # activation modules folded into the quantized layer they feed
     fused: int = 0  # sibling projection groups (q/k/v, gate/up) sharing one GEMM
+    modulated: int = 0  # DiT blocks whose modulated norms their quantized layers apply (nodes.flux_blocks)
 
     def line(self) -> str:
         fmts = ", ".join(f"{n} {f}" for f, n in sorted(self.formats.items())) or "none"
         folded = f"; {self.folded} activations folded into their layer" if self.folded else ""
         fused = f"; {self.fused} projection groups fused into one GEMM each" if self.fused else ""
+        if self.modulated:
+            fused += f"; {self.modulated} blocks' modulated norms folded into their layers"
         return (f"comfyquant: loaded {Path(self.path).name}: quantized layers: {fmts}; "
                 f"{self.plain_linears} plain linear layers{folded}{fused}")
 
@@ -122,6 +126,8 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
         summary.folded = len(fold_input_activations(dm, gated=runtime.fuse_projections))
     if runtime.fuse_projections:  # the loader owns this model: the parents' forwards are set on the instances
         summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))
+    if runtime.fold_activations and runtime.fold_norms:  # Flux's modulated norms, as the adapter folds them
+        summary.modulated = len(fold_flux_blocks(patcher, dm, lambda name: name in done))
     register_patch_callback(patcher)
     if runtime.cuda_graphs:
         enable_cuda_graphs(patcher)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfyquant.lora.sidepath import LoRASidePath
-from comfyquant.runtime.kernels.acts import apply_input_act, rms_norm
+from comfyquant.runtime.kernels.acts import Norm, apply_input_act, rms_norm
 from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
 from comfyquant.runtime.tensor import QuantizedTensor
 from comfyquant.runtime.versions import version
@@ -109,6 +109,16 @@ class ComfyQuantLinear(QuantLinear):
             y = sib[0].product(sib[1], x)
             if y is not None:  # its side path (dynamic LoRAs) included
                 return y
+        src = self.__dict__.get("input_norm")
+        return self._compute(x, None if src is None else src.row_norm())
+
+    def normed(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
+        """``QuantLinear.normed``, with this class's per-call handling (offloaded weights, weight functions)."""
+        if not self.takes_norm():
+            return self(rms_norm(x, norm))
+        return self._compute(x, norm)
+
+    def _compute(self, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
         w = self.qweight
         bias = self._parameters["bias"]
         if w.device != x.device:  # left on the offload device by a partial (lowvram) load
@@ -118,8 +128,6 @@ class ComfyQuantLinear(QuantLinear):
             bias = self._bias_as(bias, x.dtype)
         side = self._side_for(x)
         act = getattr(self, "input_act", None)
-        src = self.__dict__.get("input_norm")
-        norm = None if src is None else src.row_norm()
         if self.weight_function or self.bias_function:
             # a patch ComfyUI applies on the fly (lowvram LoRA, weight wrapper): run it on the float weight
             x = apply_input_act(x if norm is None else rms_norm(x, norm), act)

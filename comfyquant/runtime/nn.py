@@ -17,7 +17,7 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
-from comfyquant.runtime.kernels.acts import RowNorm, apply_input_act, rms_norm
+from comfyquant.runtime.kernels.acts import Norm, RowNorm, apply_input_act, rms_norm
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for
 from comfyquant.runtime.tensor import REGISTRY, Layout, QuantizedTensor
@@ -81,8 +81,8 @@ def bound_linear(w: QuantizedTensor, bias: torch.Tensor | None) -> Callable[[tor
 
 def run_linear(fn: Callable[..., torch.Tensor] | None, x: torch.Tensor, w: QuantizedTensor,
                bias: torch.Tensor | None, adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-               input_act: str | None = None, norm: RowNorm | None = None) -> torch.Tensor:
-    """The layer's output for ``input_act(x)`` (or ``rms_norm(x)``, ``norm``: a folded RMSNorm): the bound call
+               input_act: str | None = None, norm: Norm | None = None) -> torch.Tensor:
+    """The layer's output for ``input_act(x)`` (or ``rms_norm(x)``, ``norm``: a folded norm): the bound call
     ``fn`` (None: the handler path) plus the ``adapter`` side path. Without an adapter the bound call applies
     ``input_act`` / ``norm`` itself (inside the kernel where the backend can); an adapter reads the activated
     x, so it is computed first then. An adapter with ``fused_operands(x)`` (dynamic LoRAs) hands its low-rank
@@ -248,6 +248,22 @@ class QuantLinear(nn.Module):
         src = self.__dict__.get("input_norm")  # (older pickles lack it and input_act)
         return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None),
                           None if src is None else src.row_norm())
+
+    def takes_norm(self) -> bool:
+        """Whether :meth:`normed` can hand a norm to this layer's quantizer: no input activation or folded norm of
+        its own, not a member of a fused sibling group (the group's GEMM reads the input as given)."""
+        return (self.sibling is None and getattr(self, "input_act", None) is None
+                and self.__dict__.get("input_norm") is None)
+
+    def normed(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
+        """The layer's output for ``norm`` applied to ``x`` (``acts.RowNorm`` / ``acts.ModulatedNorm``): in the
+        activation quantizer where the chosen kernel folds it, else in torch first (``acts.rms_norm``)."""
+        if not self.takes_norm():
+            return self(rms_norm(x, norm))
+        bias = self._parameters["bias"]
+        w = self.qweight
+        fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)
+        return run_linear(fn, x, w, bias, self.adapter, None, norm)
 
     # ---- serialization ---------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

@@ -424,10 +424,25 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
 @triton.jit
 def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stride_om, qmax,
                       R: tl.constexpr, BK: tl.constexpr, NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
-                      ACT: tl.constexpr, nw_ptr, eps, NORM: tl.constexpr):
+                      ACT: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr):
     """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program: :func:`quantize_rows`."""
     quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, tl.program_id(0) * R + tl.arange(0, R), M, K, stride_xm,
-                  stride_om, qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, NORM)
+                  stride_om, qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, GR, NORM)
+
+
+@triton.jit
+def layer_mod(x, rows, cols, mask, K, mod_ptr, eps, GR):
+    """Rows ``x [R, BK]`` (zero past K) as ``layer_norm(x, eps) * (1 + scale[g]) + shift[g]``, ``g = row // GR``,
+    the group's shift and scale the two halves of ``mod_ptr``'s ``[G, 2K]`` row (``acts.ModulatedNorm``): mean,
+    then the variance of the centred values (two passes over registers, as torch's layer_norm takes them), zero
+    past K."""
+    mean = tl.sum(x, axis=1) / K
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / K + eps)
+    m_rows = mod_ptr + (rows // GR).to(tl.int64)[:, None] * (2 * K) + cols[None, :]
+    shift = tl.load(m_rows, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(m_rows + K, mask=mask, other=0.0).to(tl.float32)
+    return xc * rstd[:, None] * (1.0 + scale) + shift
 
 
 @triton.jit
@@ -449,7 +464,7 @@ def rms_part(x, ss, nw_ptr, o, K, NORM: tl.constexpr):
 
 @triton.jit
 def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, stride_om, qmax, BK: tl.constexpr,
-                  NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr, nw_ptr, eps,
+                  NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr, nw_ptr, eps, GR,
                   NORM: tl.constexpr):
     """Codes and scales of the rows ``rows`` (those < M), ``BK`` columns at a time: one pass with the rows in
     registers when ``NCH == 1``, else two unrolled passes over ``NCH`` chunks (absmax, then codes; the re-read
@@ -460,7 +475,10 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
     per-row factor cancels out of per-row codes, so the codes are those of ``x * w`` and the stored scale is
     their absmax / qmax times ``rsqrt(mean(x²) + eps)``, the sum of squares taken in the absmax pass: the GEMM
     epilogue, which multiplies by the row scale anyway, applies the norm. ``NORM`` 3: a column scale alone (a
-    SmoothQuant layer's ``x * pre_quant_scale``), codes of ``x * w`` with their own scale."""
+    SmoothQuant layer's ``x * pre_quant_scale``), codes of ``x * w`` with their own scale. ``NORM`` 4 (rows in
+    registers, ``NCH == 1``): a modulated LayerNorm (:func:`layer_mod`, groups of ``GR`` rows), applied to the
+    values before their absmax: codes and scales of the normed rows."""
+    tl.static_assert(NORM != 4 or (NCH == 1 and MODE != 2), "a modulated LayerNorm needs the rows in registers")
     R: tl.constexpr = rows.shape[0]
     rmask = rows < M
     cols = tl.arange(0, BK)
@@ -471,7 +489,10 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
         scale = tl.zeros((R,), dtype=tl.float32) + tl.load(static_s_ptr).to(tl.float32)
     elif NCH == 1:
         mask = rmask[:, None] & (cols < K)[None, :]
-        x, ss = rms_part(_load_act(x_rows + cols[None, :], mask, K, ACT), ss, nw_ptr, cols, K, NORM)
+        if NORM == 4:
+            x = layer_mod(_load_act(x_rows + cols[None, :], mask, K, ACT), rows, cols, mask, K, nw_ptr, eps, GR)
+        else:
+            x, ss = rms_part(_load_act(x_rows + cols[None, :], mask, K, ACT), ss, nw_ptr, cols, K, NORM)
         amax = tl.max(tl.abs(x), axis=1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
     else:

@@ -75,11 +75,37 @@ class RowNorm(NamedTuple):
     rms: bool = True
 
 
-def norm_code(norm: RowNorm | None) -> int:
+MODULATED_MAX_K = 8192  # rows a quantizer holds in registers (act_kernels.SINGLE_PASS_MAX): a modulated norm's limit
+
+
+class ModulatedNorm(NamedTuple):
+    """A modulated LayerNorm ``layer_norm(x, eps) * (1 + scale[g]) + shift[g]`` (DiT blocks: Flux's ``apply_mod``
+    of its affine-free norms), ``g`` the row's group of ``rows`` consecutive rows (a batch item's tokens).
+    ``mod`` is ``[G, 2K]``, contiguous: each group's shift, then its scale. The shift makes it no row factor, so
+    it folds only where a quantizer holds a whole row in registers (``act_kernels.quantize_rows`` in one pass:
+    mean, variance, then the modulated values, before their absmax); a kernel reads ``mod`` by pointer, so
+    callers keep it in one buffer they refill per call (``runtime.modulation``) and a plan stays valid."""
+
+    mod: torch.Tensor
+    eps: float
+    rows: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The tensor a kernel reads beside x (:func:`norm_args`)."""
+        return self.mod
+
+
+Norm = RowNorm | ModulatedNorm  # what the quantizers' ``norm=`` takes
+
+
+def norm_code(norm: Norm | None) -> int:
     """The kernels' ``NORM`` constexpr: 0 none, 1 an RMSNorm without a weight, 2 with one, 3 the column scale
-    alone."""
+    alone, 4 a modulated LayerNorm (:class:`ModulatedNorm`)."""
     if norm is None:
         return 0
+    if isinstance(norm, ModulatedNorm):
+        return 4
     if not norm.rms:
         if norm.weight is None:
             raise ValueError("a column scale without its vector")
@@ -87,16 +113,59 @@ def norm_code(norm: RowNorm | None) -> int:
     return 1 if norm.weight is None else 2
 
 
-def norm_args(norm: RowNorm | None, dummy: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+def norm_args(norm: Norm | None, dummy: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """(the weight pointer's tensor, eps, ``NORM``) a kernel launch takes; ``dummy`` where nothing is read."""
     if norm is None:
         return dummy, 0.0, 0
     return (dummy if norm.weight is None else norm.weight), float(norm.eps), norm_code(norm)
 
 
-def rms_norm(x: torch.Tensor, norm: RowNorm) -> torch.Tensor:
+def norm_rows(norm: Norm | None) -> int:
+    """Rows per modulation group a kernel launch takes beside :func:`norm_args` (1 where there is none)."""
+    return norm.rows if isinstance(norm, ModulatedNorm) else 1
+
+
+def norm_key(norm: Norm | None) -> tuple | None:
+    """What identifies ``norm`` for a memo of kernel launches: the tensor a kernel reads by object and storage (a
+    plan holds its pointer; a ``.data`` swap or a move makes another key), eps and the kind."""
+    if norm is None:
+        return None
+    w = norm.weight
+    head = (id(w), 0 if w is None else w.data_ptr(), norm.eps)
+    if isinstance(norm, ModulatedNorm):
+        return (*head, "mod", norm.rows, tuple(norm.mod.shape))
+    return (*head, norm.rms)
+
+
+def norm_fits(norm: Norm, x: torch.Tensor) -> bool:
+    """Whether a quantizer may read ``norm``'s tensor for ``x [..., K]``: on x's device, floating point,
+    contiguous, and a ``[K]`` vector (RMSNorm weight, column scale) or ``[M / rows, 2K]`` (a modulation)."""
+    w = norm.weight
+    if w is None:
+        return True
+    if w.device != x.device or not w.is_contiguous() or not w.is_floating_point():
+        return False
+    k = x.shape[-1]
+    if isinstance(norm, ModulatedNorm):
+        m = x.numel() // k if k else 0
+        return norm.rows > 0 and m % norm.rows == 0 and tuple(w.shape) == (m // norm.rows, 2 * k)
+    return w.dim() == 1 and w.numel() == k
+
+
+def layer_mod(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``layer_norm(x) * (1 + scale) + shift`` as a DiT block computes it in torch, in x's dtype (ComfyUI's Flux:
+    ``apply_mod(norm(x), 1 + scale, shift)``, i.e. ``addcmul``): shift and scale broadcast against x."""
+    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
+
+
+def rms_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     """``norm`` applied to ``x`` in torch, in x's dtype (what the paths that do not fold it compute): the RMSNorm,
-    or (``rms`` False) ``x * weight``."""
+    or (``rms`` False) ``x * weight``, or the modulated LayerNorm."""
+    if isinstance(norm, ModulatedNorm):
+        k = x.shape[-1]
+        mod = norm.mod.to(device=x.device, dtype=x.dtype)
+        x3 = x.reshape(mod.shape[0], -1, k)
+        return layer_mod(x3, mod[:, None, :k], mod[:, None, k:], norm.eps).view(x.shape)
     w = None if norm.weight is None else norm.weight.to(device=x.device, dtype=x.dtype)
     if not norm.rms:
         return x * w

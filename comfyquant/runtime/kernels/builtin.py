@@ -19,7 +19,9 @@ import torch
 from comfyquant.errors import UserError
 from comfyquant.quant.hadamard import is_power_of_4
 from comfyquant.runtime.kernels import int4, reference
+from comfyquant.runtime.kernels.acts import MODULATED_MAX_K
 from comfyquant.runtime.kernels.backends import BackendChoice, device_capability, triton_available
+from comfyquant.runtime.kernels.configs import rows_shape
 from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind, needs_cuda, register_kernel_kind
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -108,6 +110,23 @@ def _any_int8(scales: tuple, opts: tuple) -> bool:
 def _dynamic(scales: tuple, opts: tuple) -> bool:
     """An fp8 weight without a static input scale: per-row activation scales, which fold a norm."""
     return len(scales) < 2 or scales[1] is None
+
+
+def _mod_unrotated(scales: tuple, opts: tuple, m: int, n: int, k: int) -> bool:
+    """The two-launch int8 path folds a modulated LayerNorm into its block kernel for an unrotated weight and
+    rows it holds in registers."""
+    return not _opt(opts, 0) and k <= MODULATED_MAX_K
+
+
+def _mod_rows(scales: tuple, opts: tuple, m: int, n: int, k: int) -> bool:
+    """The one-launch int8 path folds it where the row-block kernel runs (its quantization share is the block
+    kernel's), not the per-tile kernel of fewer rows."""
+    return _mod_unrotated(scales, opts, m, n, k) and rows_shape(m, n, k)
+
+
+def _mod_dynamic(scales: tuple, opts: tuple, m: int, n: int, k: int) -> bool:
+    """fp8 with per-row activation scales (the block kernel) on rows held in registers."""
+    return _dynamic(scales, opts) and k <= MODULATED_MAX_K
 
 
 def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=None):
@@ -488,8 +507,9 @@ INT8 = register_kernel_kind(KernelKind(
     {"torch": _int8_torch,
      "dequant": KernelBackend(_int8_dequant, plan=_plan_dequant),
      "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton, fuses_gated_act=True,
-                             fuses_norm=_any_int8),
-     "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused, fuses_norm=_unrotated),
+                             fuses_norm=_any_int8, fuses_mod=_mod_unrotated),
+     "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused, fuses_norm=_unrotated,
+                                   fuses_mod=_mod_rows),
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16, fuses_norm=_rotated)},
@@ -502,10 +522,10 @@ FP8 = register_kernel_kind(KernelKind(
     {"torch": _fp8_torch,
      "dequant": KernelBackend(_fp8_dequant, plan=_plan_dequant),
      "scaled_mm": KernelBackend(_fp8_scaled_mm, _FP8_MM, fuses_input_act=True, plan=_plan_scaled_mm,
-                                fuses_gated_act=True, fuses_norm=_dynamic),
+                                fuses_gated_act=True, fuses_norm=_dynamic, fuses_mod=_mod_dynamic),
      "triton_w8a16": KernelBackend(_fp8_w8a16, _TRITON, True, True, _plan_w8a16),
      "triton": KernelBackend(_fp8_triton, _TRITON_FP8, True, True, _plan_fp8_triton, fuses_gated_act=True,
-                             fuses_norm=_dynamic)},
+                             fuses_norm=_dynamic, fuses_mod=_mod_dynamic)},
     choose=_choose_fp8, check=_check_fp8, choose_low_rank=_choose_fp8))
 INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot",

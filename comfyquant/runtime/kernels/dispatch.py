@@ -17,7 +17,16 @@ import torch.nn.functional as F
 
 from comfyquant.errors import UserError
 from comfyquant.runtime.kernels import builtin, custom_ops
-from comfyquant.runtime.kernels.acts import GATED, RowNorm, act_code, apply_input_act, rms_norm
+from comfyquant.runtime.kernels.acts import (
+    GATED,
+    ModulatedNorm,
+    Norm,
+    act_code,
+    apply_input_act,
+    norm_fits,
+    norm_key,
+    rms_norm,
+)
 from comfyquant.runtime.kernels.backends import AUTO, BackendChoice
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import (
@@ -157,7 +166,8 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     ``acts.INPUT_ACTS``) is applied by the kernel as it reads x where the backend fuses it, else first in torch;
     ``norm`` (an ``acts.RowNorm``, not with ``input_act``): an RMSNorm of x, folded into the activation quantizer
     where the backend does (``KernelBackend.fuses_norm``) and its weight is on x's device, else
-    ``acts.rms_norm`` first (the low-rank term reads the normed x either way).
+    ``acts.rms_norm`` first (the low-rank term reads the normed x either way); an ``acts.ModulatedNorm`` (a DiT
+    block's modulated LayerNorm) likewise, where ``KernelBackend.fuses_mod`` says so for the call's shape.
 
     For a layer's eager forward: checks and the backend choice run once per input shape, dtype, device,
     capture state, ``input_act``, ``norm`` and the low-rank term's rank (a term can change the best backend) (the
@@ -176,15 +186,13 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     capturing = torch.cuda.is_current_stream_capturing
 
     def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None,
-             norm: RowNorm | None = None) -> torch.Tensor:
+             norm: Norm | None = None) -> torch.Tensor:
         capture = x.is_cuda and capturing()
         rank = 0 if low_rank is None else low_rank[0].shape[0]
-        # a norm's weight by identity and storage: a plan holds its pointer (a ``.data`` swap or a move makes a new
+        # a norm's tensor by identity and storage: a plan holds its pointer (a ``.data`` swap or a move makes a new
         # entry; the object is held, so its id is not reused while the entry lives); the rank last (``call.memo``'s
         # readers take it from there)
-        nw = None if norm is None else norm.weight
-        sig = (x.shape, x.dtype, x.device, capture, input_act,
-               None if norm is None else (id(nw), 0 if nw is None else nw.data_ptr(), norm.eps, norm.rms), rank)
+        sig = (x.shape, x.dtype, x.device, capture, input_act, norm_key(norm), rank)
         e = memo.get(sig)
         if e is None:
             # the checks and the choice see the activated input's shape (half of x's width under a gated
@@ -198,7 +206,7 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
         if norm is not None:
             if input_act is not None:
                 raise ValueError("a folded RMSNorm and an input activation on one layer: fold one of them only")
-            if low_rank is not None or not _folds_norm(b, scales, opts, x, norm):
+            if low_rank is not None or not _folds_norm(b, scales, opts, x, w, norm):
                 x = rms_norm(x, norm)  # the general path: the norm in torch, the rest as without one
                 norm = None
         if low_rank is None:
@@ -239,14 +247,17 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     return call
 
 
-def _folds_norm(b: KernelBackend, scales: tuple, opts: tuple, x: torch.Tensor, norm: RowNorm) -> bool:
-    """Whether backend ``b`` applies ``norm`` in its quantizer on this call: it folds norms for this weight, and
-    the norm's weight (if any) is a contiguous vector of x's width on x's device."""
-    if b.fuses_norm is None or not b.fuses_norm(scales, opts):
+def _folds_norm(b: KernelBackend, scales: tuple, opts: tuple, x: torch.Tensor, w: torch.Tensor,
+                norm: Norm) -> bool:
+    """Whether backend ``b`` applies ``norm`` in its quantizer on this call: it folds norms of that kind for this
+    weight (a modulated one: for this call's shape too), and the norm's tensor fits x (``acts.norm_fits``)."""
+    if isinstance(norm, ModulatedNorm):
+        k = x.shape[-1]
+        if b.fuses_mod is None or not b.fuses_mod(scales, opts, x.numel() // max(k, 1), int(w.shape[0]), k):
+            return False
+    elif b.fuses_norm is None or not b.fuses_norm(scales, opts):
         return False
-    nw = norm.weight
-    return nw is None or (nw.device == x.device and nw.dim() == 1 and nw.numel() == x.shape[-1]
-                          and nw.is_contiguous() and nw.is_floating_point())
+    return norm_fits(norm, x)
 
 
 def _plan(b: KernelBackend, xk: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from comfyquant.runtime.kernels import triton_quant
-from comfyquant.runtime.kernels.acts import RowNorm
+from comfyquant.runtime.kernels.acts import Norm
 
 
 def fp8_linear_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                          input_scale: torch.Tensor | None, out_dtype: torch.dtype, act: int = 0,
-                         norm: RowNorm | None = None) -> torch.Tensor:
+                         norm: Norm | None = None) -> torch.Tensor:
     """``act(x) @ (w_q * w_scale)^T + bias`` through ``torch._scaled_mm`` (``act``: an ``acts.INPUT_ACTS``
     code applied in the quantization kernel; ``norm``: an RMSNorm folded into it, dynamic scales only); K and N
     must be multiples of 16."""

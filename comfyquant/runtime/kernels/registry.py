@@ -62,7 +62,9 @@ class KernelBackend:
     ``plan(x, w, scales, bias, opts, out_dtype, act)``: an eager fast path ``x -> y`` for inputs of ``x``'s
     signature and layout, made after a first call compiled the kernels, or None (see ``triton_plans``).
     ``fuses_norm(scales, opts)``: whether ``impl`` and ``plan`` take ``norm=acts.RowNorm`` for this weight and
-    apply that RMSNorm to x in their quantizer (None: never; the caller applies it first)."""
+    apply that RMSNorm to x in their quantizer (None: never; the caller applies it first).
+    ``fuses_mod(scales, opts, m, n, k)``: the same for ``norm=acts.ModulatedNorm`` on ``[m, k]`` rows of this
+    ``[n, k]`` weight (a modulated LayerNorm needs a quantizer that holds whole rows)."""
 
     impl: Impl
     requires: Callable[[torch.device], str | None] = runs_anywhere
@@ -71,6 +73,7 @@ class KernelBackend:
     plan: Callable[..., Callable[[torch.Tensor], torch.Tensor] | None] | None = None
     fuses_gated_act: bool = False
     fuses_norm: Callable[[tuple, tuple], bool] | None = None
+    fuses_mod: Callable[[tuple, tuple, int, int, int], bool] | None = None
 
 
 # choose(x, n, k, opts, policy) -> BackendChoice, with the logical N and K; policy: a DispatchPolicy or None.

@@ -352,7 +352,7 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
                stride_cm, ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
                HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr, A_ACT: tl.constexpr, QR: tl.constexpr,
-               BK: tl.constexpr, NCH: tl.constexpr, nw_ptr, eps, NORM: tl.constexpr, PHASE: tl.constexpr):
+               BK: tl.constexpr, NCH: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr, PHASE: tl.constexpr):
     """W8A8 in one launch from 64 rows: the programs of a row block quantize its rows between them (x's codes and
     scales into ``q`` / ``sa``, :func:`act_kernels.quantize_rows`: the activation kernel's, bit for bit), wait
     for each other, then each multiplies its output tile from the int8 rows (L2 loads: other programs wrote
@@ -361,13 +361,14 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
     ``sync[1 + row block]`` counts arrivals, then departures; the last ticket and the last departure reset them,
     so the counters start and end zeroed. ``PHASE`` 1 / 2: the quantization / the GEMM alone, for Triton's CPU
     interpreter (it runs programs one after another, so a wait would never end); 0: both, synchronized.
-    ``NORM``: a folded RMSNorm (:func:`act_kernels.quantize_rows`)."""
+    ``NORM``: a folded RMSNorm or modulated LayerNorm (:func:`act_kernels.quantize_rows`; ``GR`` rows per
+    modulation group)."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = block_place(sync_ptr, tl.cdiv(M, BLOCK_M), num_n, PHASE == 0)
     if PHASE != 2:
         for g in range(pid_n, BLOCK_M // QR, num_n):  # this program's groups of QR rows
             quantize_rows(x_ptr, q_ptr, sa_ptr, sa_ptr, pid_m * BLOCK_M + g * QR + tl.arange(0, QR), M, K, stride_xm,
-                          K, 127.0, BK, NCH, 0, 0, A_ACT, nw_ptr, eps, NORM)
+                          K, 127.0, BK, NCH, 0, 0, A_ACT, nw_ptr, eps, GR, NORM)
     if PHASE == 0:
         block_barrier(sync_ptr + 1 + pid_m, num_n)  # the row block's codes written, by all of its programs
     if PHASE != 1:

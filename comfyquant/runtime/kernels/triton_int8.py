@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
-from comfyquant.runtime.kernels.acts import GATED_CODES, RowNorm, norm_args
+from comfyquant.runtime.kernels.acts import GATED_CODES, ModulatedNorm, Norm, norm_args, norm_rows
 from comfyquant.runtime.kernels.configs import (
     WS_FP8,
     WS_LOW_RANK,
@@ -83,7 +83,7 @@ def _low_rank_args(low_rank: LowRank | None, x2d: torch.Tensor, dummy: torch.Ten
             (True, ieee, h.dtype, up.dtype, _al(h), _al(up), up.stride(0) % 16 == 0))
 
 
-def _no_act_with_low_rank(act: int, low_rank: LowRank | None, norm: RowNorm | None = None) -> None:
+def _no_act_with_low_rank(act: int, low_rank: LowRank | None, norm: Norm | None = None) -> None:
     if low_rank is None:
         return
     if act:
@@ -292,7 +292,7 @@ def int_mm(a: torch.Tensor, w_q: torch.Tensor, tma: bool | None = None,
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-                low_rank: LowRank | None = None, act: int = 0, norm: RowNorm | None = None) -> torch.Tensor:
+                low_rank: LowRank | None = None, act: int = 0, norm: Norm | None = None) -> torch.Tensor:
     """W8A8: fused (activate +) (rotate +) per-token int8 quant kernel, then the int8 GEMM with the fused
     epilogue (``low_rank``: plus ``(x @ down^T) @ up`` of unrotated x, added in the epilogue; ``act``: an
     ``acts.INPUT_ACTS`` code, never together with ``low_rank``, whose ``h`` reads x as given; ``norm``: an
@@ -308,7 +308,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
 
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                input_scale: torch.Tensor | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
-               low_rank: LowRank | None = None, act: int = 0, norm: RowNorm | None = None) -> torch.Tensor:
+               low_rank: LowRank | None = None, act: int = 0, norm: Norm | None = None) -> torch.Tensor:
     """FP8 W8A8 (sm_89+): (activate +) per-row dynamic or static-``input_scale`` fp8 quant kernel in W's fp8
     dtype, then the W8A8 GEMM on the fp8 operands (fp32 accumulate) with the same fused epilogue as
     :func:`int8_linear` (``low_rank``, ``act``, ``norm`` as there, ``norm`` with dynamic scales): the fp8 path
@@ -327,7 +327,7 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, cfg: TileConfig | None = None,
                  low_rank: LowRank | None = None, act: int = 0, kblock: bool = False,
-                 norm: RowNorm | None = None) -> torch.Tensor:
+                 norm: Norm | None = None) -> torch.Tensor:
     """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation);
     ``kblock``: one activation scale per row and K block of the tile config (``BLOCK_K``, 128 from K = 128 on:
     ``reference.int8_linear_kblock_ref``) instead of one per row, so no absmax pass over K comes first. From
@@ -348,6 +348,9 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
             cfg = cfg or rows_config(m, n)
             _fused_rows(x2d, w_q, out, sb, bias, cfg, lr, act, norm)
             return out.reshape(*lead, n)
+        if isinstance(norm, ModulatedNorm):
+            raise ValueError("a modulated LayerNorm folds into the row-block one-launch kernel only "
+                             "(configs.rows_shape), not the per-tile one")
         cfg = cfg or fused_config(m, n, k, x.device)
         grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, lr, act, kblock, norm)
         _FUSED(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
@@ -360,7 +363,7 @@ def fused_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
 
 def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                   bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
-                  kblock: bool = False, norm: RowNorm | None = None) -> tuple:
+                  kblock: bool = False, norm: Norm | None = None) -> tuple:
     """(grid, args, key) of the one-launch W8A8 kernel (x at ``args[0]``, the output at ``args[2]``, a folded
     norm's weight at ``args[-3]``)."""
     (m, k), n = x2d.shape, w_q.shape[0]
@@ -375,7 +378,7 @@ def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: t
              _al(x2d), _al(w_q), _al(sb), bias is None or _al(bias), lr_key, act, kblock, code, nw.dtype, _al(nw)))
 
 
-def _norm_alone(norm: RowNorm | None, act: int, kblock: bool = False) -> None:
+def _norm_alone(norm: Norm | None, act: int, kblock: bool = False) -> None:
     """A folded norm takes the quantizer to itself: no input activation, no per-block scales."""
     if norm is not None and (act or kblock):
         raise ValueError("a folded RMSNorm and an input activation (or per-block activation scales) in one call: "
@@ -413,19 +416,21 @@ def rows_buffers(device: torch.device, stream: int, m: int, k: int) -> tuple[tor
 def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                  bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
                  bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], phase: int = 0,
-                 norm: RowNorm | None = None) -> tuple:
+                 norm: Norm | None = None) -> tuple:
     """(grid, args, key) of the row-block kernel: x, w, out, then the codes, scales and counters ``bufs`` at
-    ``args[0:6]`` and ``args[7]``, a folded norm's weight at ``args[-4]``, ``phase`` last (1 / 2: quantization /
+    ``args[0:6]`` and ``args[7]``, a folded norm's tensor at ``args[-5]``, ``phase`` last (1 / 2: quantization /
     GEMM alone, for the CPU interpreter)."""
     (m, k), n = x2d.shape, w_q.shape[0]
     q, s, sync = bufs
     qr, bk, nch = rows_quant_config(k, cfg, n)
     lr_args, lr_key = lr
     nw, eps, code = norm_args(norm, sb)
+    if isinstance(norm, ModulatedNorm) and nch != 1:
+        raise ValueError(f"a modulated LayerNorm needs rows in registers: K = {k} is over 8,192")
     return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
             (x2d, w_q, out, q, s, sb, bias if bias is not None else sb, sync, m, n, k, x2d.stride(0),
              w_q.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, nw, eps, code, phase),
+             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, nw, eps, norm_rows(norm), code, phase),
             (cfg, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
              _al(x2d), _al(w_q), _al(q), _al(sb), bias is None or _al(bias), lr_key, act, phase, code, nw.dtype,
              _al(nw)))
@@ -433,7 +438,7 @@ def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: to
 
 def _fused_rows(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                 bias: torch.Tensor | None, cfg: TileConfig, lr: tuple[tuple, tuple], act: int,
-                norm: RowNorm | None = None) -> None:
+                norm: Norm | None = None) -> None:
     """Launch the row-block kernel (``triton_quant.sync_phases``: its quantization, then its GEMM, apart off a
     GPU)."""
     dev = x2d.device
@@ -447,7 +452,7 @@ def _fused_rows(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: tor
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  group: int | None, out_dtype: torch.dtype, cfg: TileConfig | None = None,
                  low_rank: LowRank | None = None, act: int = 0, packed: bool = False,
-                 norm: RowNorm | None = None) -> torch.Tensor:
+                 norm: Norm | None = None) -> torch.Tensor:
     """Weight-only small-M GEMM: int8/fp8 weights converted to x's 16-bit dtype in registers, fp32 accumulate
     (``act``: the input activation, in the rotation pass or on each A tile as it is loaded); ``packed``: ``w_q``
     is int4 two per byte along K (``int4_rot``'s int8 ``[N, K/2]``), unpacked in registers as well; ``norm``
@@ -618,7 +623,7 @@ def dequant_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
 def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 group: int, out_dtype: torch.dtype, cfg: TileConfig | None = None,
                 low_rank: LowRank | None = None, act: int = 0, order: str | None = None,
-                norm: RowNorm | None = None) -> torch.Tensor:
+                norm: Norm | None = None) -> torch.Tensor:
     """int4_rot W4A8: (activate or RMSNorm +) rotate + per-token int8 quant (K permuted per 128 block for the
     orders that split nibbles), then the int4-weight GEMM in ``order`` (a key of :data:`W4A8_KERNELS`; all
     bit-equal; None: :func:`w4a8_order`'s rule); ``norm`` as :func:`int8_linear` takes it."""

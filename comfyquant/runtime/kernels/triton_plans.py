@@ -23,7 +23,7 @@ import torch
 from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
-from comfyquant.runtime.kernels.acts import RowNorm
+from comfyquant.runtime.kernels.acts import Norm
 from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape, w8a16_config
 from comfyquant.runtime.kernels.launch import device_facts
 from comfyquant.runtime.versions import version
@@ -96,7 +96,7 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 
 def plan_rotated(x: torch.Tensor, group: int, act: int, inner: Callable[[torch.Tensor], Plan | None],
-                 norm: RowNorm | None = None) -> Plan | None:
+                 norm: Norm | None = None) -> Plan | None:
     """The plan of a path that rotates x apart (weight-only and dequantize + cuBLAS on a convrot layer): the
     rotation pass (``act`` applied as it reads x, or ``norm``), as ``triton_quant.rotate_rows`` launches it, into
     the stream's scratch buffer, then ``inner``'s plan for the rotated input; None where either has none. No
@@ -176,7 +176,7 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
 
 def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
-               kblock: bool = False, norm: RowNorm | None = None) -> Plan | None:
+               kblock: bool = False, norm: Norm | None = None) -> Plan | None:
     """``x -> fused_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock,
     norm=norm)`` for ``x``'s signature, or None (the norm's weight is held: in-place updates are seen)."""
     ti._norm_alone(norm, act, kblock)
@@ -196,7 +196,7 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
                bias: torch.Tensor | None, lr: tuple[tuple, tuple], act: int, shape: tuple[int, ...],
-               low_rank: LowRank | None, norm: RowNorm | None = None) -> Plan | None:
+               low_rank: LowRank | None, norm: Norm | None = None) -> Plan | None:
     """The plan of the row-block one-launch kernel (``triton_int8.fused_rows``): per call, x, a fresh output, the
     stream's scratch codes / scales / counters (``rows_buffers``: a plan may run on any stream) and the low-rank
     term's ``h``; the rest fixed. Under the CPU interpreter its two phases fire one after the other, as the
@@ -280,7 +280,7 @@ def _one_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_
 
 def plan_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
               group: int | None, out_dtype: torch.dtype, act: int = 0,
-              low_rank: LowRank | None = None, norm: RowNorm | None = None) -> Plan | None:
+              low_rank: LowRank | None = None, norm: Norm | None = None) -> Plan | None:
     """``x -> int8_linear(x, w_q, w_scale, bias, group, out_dtype, low_rank=low_rank, act=act, norm=norm)``
     (quantize kernel, then the GEMM, TMA where the general path takes it) for ``x``'s signature, or None."""
     return _plan_w8a8(x, w_q, w_scale, bias, group, out_dtype, act, low_rank, torch.int8,
@@ -289,7 +289,7 @@ def plan_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: t
 
 def plan_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
              out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
-             input_scale: torch.Tensor | None = None, norm: RowNorm | None = None) -> Plan | None:
+             input_scale: torch.Tensor | None = None, norm: Norm | None = None) -> Plan | None:
     """``x -> fp8_linear(x, w_q, w_scale, bias, input_scale, out_dtype, low_rank=low_rank, act=act)`` (per-row
     dynamic, or static ``input_scale``, fp8 activations in W's fp8 dtype, then the same W8A8 GEMM on fp8
     operands) for ``x``'s signature, or None. A static scale is read in place (updates are seen)."""
@@ -305,7 +305,7 @@ def plan_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: to
 def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                group: int | None, out_dtype: torch.dtype, act: int, low_rank: LowRank | None,
                qdtype: torch.dtype, mode: int, qmax: float, static: torch.Tensor | None = None,
-               norm: RowNorm | None = None) -> Plan | None:
+               norm: Norm | None = None) -> Plan | None:
     common = _common(x, w_q, w_scale)
     if common is None:
         return None
@@ -362,7 +362,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
               group: int, out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
-              norm: RowNorm | None = None) -> Plan | None:
+              norm: Norm | None = None) -> Plan | None:
     """``x -> w4a8_linear(x, w_packed, w_scale, bias, group, out_dtype, act=act, norm=norm)`` (rotate + quantize
     with K permuted per block into the stream's scratch pair, then the int4-weight GEMM) for ``x``'s signature,
     or None (a low-rank term takes the general path)."""
@@ -395,7 +395,7 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
 
 def _quantize_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
                    act: int, extra: int, perm: int = 0, static: torch.Tensor | None = None,
-                   norm: RowNorm | None = None) -> Callable[[torch.Tensor], tuple[int, torch.Tensor, torch.Tensor]] | None:
+                   norm: Norm | None = None) -> Callable[[torch.Tensor], tuple[int, torch.Tensor, torch.Tensor]] | None:
     """``x -> (stream, x's quantized copy [M, K], its row scales)`` for the W8A8 / W4A8 plans: the activation
     kernel's prepared launch (:func:`_act_plan`, built on ``q`` / ``s``) into the stream's scratch pair for this
     shape (``scratch``, with ``extra`` floats after the scales); None where the launch has no prepared form. The
@@ -417,7 +417,7 @@ def _quantize_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: i
 
 
 def _act_plan(x2d: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int | None, mode: int, qmax: float,
-              act: int, perm: int = 0, static: torch.Tensor | None = None, norm: RowNorm | None = None
+              act: int, perm: int = 0, static: torch.Tensor | None = None, norm: Norm | None = None
               ) -> tuple[Callable | None, Callable[[torch.Tensor], tuple]]:
     """(the activation kernel's prepared launch or None, ``(stream, s) -> the arguments after x, q, s``) for x's
     signature, with the kernel the general path takes (``triton_quant.DEFAULT_KERNEL``): the row kernel reads
@@ -481,7 +481,7 @@ def plan_dequant(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
 
 
 def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype, act: int = 0, norm: RowNorm | None = None) -> Plan | None:
+                   out_dtype: torch.dtype, act: int = 0, norm: Norm | None = None) -> Plan | None:
     """``x -> fp8.fp8_linear_scaled_mm(x, w_q, w_scale, bias, None, out_dtype, act, norm)`` (per-row fp8
     activations, rowwise ``torch._scaled_mm``) for bf16 x and output of ``x``'s signature, or None. The
     weight scale's rowwise copy is remade when the scale is updated in place (its version counter moves)."""

@@ -27,7 +27,7 @@ from comfyquant.runtime.kernels.act_kernels import (
     _act_kernel,
     _act_tile_kernel,
 )
-from comfyquant.runtime.kernels.acts import GATED_CODES, RowNorm, norm_args
+from comfyquant.runtime.kernels.acts import GATED_CODES, ModulatedNorm, Norm, norm_args, norm_rows
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts, stream_id
 from comfyquant.runtime.kernels.scratch import row_scales
@@ -217,7 +217,7 @@ def _tile_width(k: int) -> int:
 
 def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dtype, qmax: float,
             static_scale: torch.Tensor | None = None, perm: int = 0, act: int = 0,
-            kernel: str = DEFAULT_KERNEL, norm: RowNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            kernel: str = DEFAULT_KERNEL, norm: Norm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape[0], out_width(x2d, act)
@@ -234,7 +234,7 @@ def _launch(x2d: torch.Tensor, group: int | None, mode: int, out_dtype: torch.dt
 
 def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                group: int | None, mode: int, qmax: float, perm: int, act: int,
-               kernel: str = DEFAULT_KERNEL, norm: RowNorm | None = None) -> list[tuple]:
+               kernel: str = DEFAULT_KERNEL, norm: Norm | None = None) -> list[tuple]:
     """The launches, in order, of the activation kernel ``kernel`` picks for this call, each (FastKernel, grid,
     args, key, num_warps, num_stages) (:data:`KERNELS`; "blocks" without a rotation, "tiles" and "split" where
     :func:`tiles_apply`, else "rows"; "auto": :func:`pick_kernel`). ``args[0:3]`` are x, the output and the row
@@ -246,15 +246,18 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
     if kernel not in KERNELS:
         raise ValueError(f"unknown activation kernel {kernel!r}; expected one of {KERNELS}")
     if norm is not None:
-        if not norm_applies(group, mode, act, static_scale):
+        if not norm_applies(group, mode, act, static_scale, norm, out_width(x2d, act)):
             raise ValueError("an RMSNorm folds into dynamic int8 / fp8 codes (int8 rotated too) or a rotation "
-                             f"without an input activation only (group {group}, mode {mode}, act {act}, static "
-                             f"scale {static_scale is not None})")
+                             "without an input activation only, a modulated LayerNorm into unrotated ones of rows "
+                             f"up to {SINGLE_PASS_MAX} wide (group {group}, mode {mode}, act {act}, static scale "
+                             f"{static_scale is not None}, {type(norm).__name__})")
         kernel = "blocks" if group is None else "rows"
     if kernel == "auto":
         kernel = pick_kernel(x2d, group, mode, act)
     if kernel == "blocks" and group is None and mode != MODE_FLOAT:
         rows, chunk, warps = block_config(int(x2d.shape[0]), out_width(x2d, act))
+        if isinstance(norm, ModulatedNorm):  # rows in registers whatever the chunk: <= 32 values a thread
+            warps = min(16, max(warps, rows * next_power_of_2(max(out_width(x2d, act), 16)) // 1024))
         return [(_ACT_BLOCKS, *block_launch(x2d, out, scale, static_scale, mode, qmax, perm, act, rows, chunk,
                                             warps, norm), 1)]
     if kernel == "held" and static_scale is None and held_apply(x2d, group, mode, act):
@@ -331,17 +334,18 @@ def held_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, sync:
 
 def block_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                  mode: int, qmax: float, perm: int, act: int, rows: int = 1, chunk: int | None = None,
-                 warps: int = 4, norm: RowNorm | None = None) -> tuple:
+                 warps: int = 4, norm: Norm | None = None) -> tuple:
     """(grid, args, key, num_warps) of the block kernel: ``rows`` rows per program, ``chunk`` columns per step
     (a power of two; None: K's next power of two, one pass with the rows in registers); ``norm``: a folded
-    RMSNorm (its weight at ``args[15]``)."""
+    RMSNorm or modulated LayerNorm (its tensor at ``args[15]``; a modulated one takes one pass, whatever
+    ``chunk`` says)."""
     m, k = x2d.shape[0], out_width(x2d, act)
-    bk = chunk or next_power_of_2(max(k, 16))
+    bk = next_power_of_2(max(k, 16)) if chunk is None or isinstance(norm, ModulatedNorm) else chunk
     nch = cdiv(k, bk)
     static = static_scale if static_scale is not None else scale
     nw, eps, code = norm_args(norm, _no_norm(x2d.device))
     return ((cdiv(m, rows),), (x2d, out, scale, static, m, k, x2d.stride(0), out.stride(0), qmax, rows, bk, nch,
-                               mode, perm, act, nw, eps, code),
+                               mode, perm, act, nw, eps, norm_rows(norm), code),
             (rows, bk, nch, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
              x2d.data_ptr() % 16 == 0, static_scale is not None, code, nw.dtype, nw.data_ptr() % 16 == 0), warps)
 
@@ -353,20 +357,24 @@ def _no_norm(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, device=device)
 
 
-def norm_applies(group: int | None, mode: int, act: int, static_scale: torch.Tensor | None = None) -> bool:
-    """Whether an RMSNorm folds into this quantization: unrotated dynamic int8 / fp8 codes (the block kernel),
+def norm_applies(group: int | None, mode: int, act: int, static_scale: torch.Tensor | None = None,
+                 norm: Norm | None = None, k: int = 0) -> bool:
+    """Whether a norm folds into this quantization: unrotated dynamic int8 / fp8 codes (the block kernel),
     rotated int8 codes or the rotation alone (the row kernel); no static scale (it would need the norm's factor
     before the codes), no input activation. The other rotating kernels (tile, split, one-read) have no norm: a
-    call with one takes the row kernel."""
+    call with one takes the row kernel. A modulated LayerNorm (``norm`` a ``ModulatedNorm``, rows ``k`` wide):
+    unrotated codes of rows the block kernel holds in registers (``k <= SINGLE_PASS_MAX``) only."""
     if act != 0 or static_scale is not None:
         return False
+    if isinstance(norm, ModulatedNorm):
+        return group is None and mode in (MODE_INT8, MODE_FP8) and 0 < k <= SINGLE_PASS_MAX
     if group is None:
         return mode in (MODE_INT8, MODE_FP8)
     return mode in (MODE_INT8, MODE_FLOAT)
 
 
 def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
-               group: int | None, mode: int, qmax: float, perm: int, act: int, norm: RowNorm | None = None) -> tuple:
+               group: int | None, mode: int, qmax: float, perm: int, act: int, norm: Norm | None = None) -> tuple:
     """(grid, args, key, num_warps) of the activation kernel: x, output, scale and the scale it reads at
     ``args[0:4]`` (the dynamic scale itself when there is no static one); ``norm``: a folded RMSNorm (its weight
     at ``args[-3]``)."""
@@ -383,7 +391,7 @@ def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
 
 
 def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 0, act: int = 0,
-                       kernel: str = DEFAULT_KERNEL, norm: RowNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       kernel: str = DEFAULT_KERNEL, norm: Norm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Activate +) (rotate +) per-row int8: ``(q int8 [M,K], scale fp32 [M,1])``; ``perm`` > 0 stores each
     ``perm``-column block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of
     ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``kernel``: "rows" (a row
@@ -398,7 +406,7 @@ def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 
 
 def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
                       static_scale: torch.Tensor | None = None, act: int = 0,
-                      kernel: str = DEFAULT_KERNEL, norm: RowNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      kernel: str = DEFAULT_KERNEL, norm: Norm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row fp8 (dynamic) or saturating static-scale fp8: ``(q [M,K], scale fp32 [M,1])`` (static: the
     scalar written to every row, so GEMM epilogues read the same per-row layout either way); ``kernel`` as
     for :func:`quantize_rows_int8` (static scales always take "rows"); ``norm`` as there (dynamic scales only)."""
@@ -410,7 +418,7 @@ def quantize_rows_fp8(x2d: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3f
 
 
 def rotate_rows(x2d: torch.Tensor, group: int, act: int = 0, kernel: str = DEFAULT_KERNEL,
-                norm: RowNorm | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                norm: Norm | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(Activate or RMSNorm +) group-wise regular-Hadamard rotation only, output in ``out_dtype`` (None: x's;
     the small-batch convrot path); ``kernel`` as for :func:`quantize_rows_int8`; ``norm`` (not with ``act``): the
     norm applied first, in the row kernel's pass (:func:`norm_applies`)."""

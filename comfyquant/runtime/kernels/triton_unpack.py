@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from comfyquant.runtime.kernels import scratch, triton_int8, triton_plans
-from comfyquant.runtime.kernels.acts import RowNorm
+from comfyquant.runtime.kernels.acts import Norm
 from comfyquant.runtime.kernels.configs import cdiv
 from comfyquant.runtime.kernels.launch import FastKernel, stream_id
 from comfyquant.runtime.kernels.triton_gemm import nibble_codes
@@ -75,7 +75,7 @@ def _workspace_codes(w_packed: torch.Tensor, stream: int) -> torch.Tensor:
 
 def w4_unpacked_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                        group: int, out_dtype: torch.dtype, low_rank: triton_int8.LowRank | None = None,
-                       act: int = 0, norm: RowNorm | None = None) -> torch.Tensor:
+                       act: int = 0, norm: Norm | None = None) -> torch.Tensor:
     """``w4a8_linear``'s result (bit-equal) by unpacking W into the stream's workspace and running
     ``int8_linear`` on the codes (rotation ``group``, input activation ``act`` or folded ``norm``, low-rank term
     as it takes them)."""
@@ -86,7 +86,7 @@ def w4_unpacked_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.T
 def plan_w4_unpacked(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                      group: int, out_dtype: torch.dtype, act: int = 0,
                      low_rank: triton_int8.LowRank | None = None,
-                     norm: RowNorm | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                     norm: Norm | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The eager plan of :func:`w4_unpacked_linear` for ``x``'s signature, or None: the unpack launch into this
     stream's workspace buffer, then the W8A8 plan made on that buffer. It keeps the buffer (a grown workspace
     retires it, the plan still owns it); a call on another stream takes the general path."""

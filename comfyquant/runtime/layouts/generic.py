@@ -19,7 +19,7 @@ from comfyquant.errors import UserError
 from comfyquant.formats import REGISTRY as FORMATS
 from comfyquant.formats import QuantFormat, get_format
 from comfyquant.runtime.kernels import dispatch
-from comfyquant.runtime.kernels.acts import RowNorm, apply_input_act, rms_norm
+from comfyquant.runtime.kernels.acts import Norm, RowNorm, apply_input_act, rms_norm
 from comfyquant.runtime.layouts.common import (
     aten,
     check_scale,
@@ -232,7 +232,7 @@ class FormatLayout(Layout):
         scales_by: dict[tuple, RowNorm] = {}  # p in each (dtype, device) a call came in
 
         def smoothed(x: torch.Tensor, low_rank: dispatch.LowRank | None = None,
-                     input_act: str | None = None, norm: RowNorm | None = None) -> torch.Tensor:
+                     input_act: str | None = None, norm: Norm | None = None) -> torch.Tensor:
             # the kernel quantizes act(x) * p (outliers divided out); a LoRA side path reads act(x) itself
             x = apply_input_act(x if norm is None else rms_norm(x, norm), input_act)
             if low_rank is not None:

@@ -1,0 +1,199 @@
+"""Flux's double- and single-stream blocks with their modulated LayerNorms folded into the quantized linears.
+
+ComfyUI's ``DoubleStreamBlock`` / ``SingleStreamBlock`` (``comfy.ldm.flux.layers``) compute each norm as
+``apply_mod(layer_norm(x), 1 + scale, shift)`` inline in ``forward`` (no module the adapter could fold), then
+``x += apply_mod(out, gate)``. These forwards compute the same block with ``runtime.modulation``: the norm
+applied by the quantized ``qkv`` / ``mlp[0]`` / ``linear1`` as they quantize their input, the gated residual add
+as one ``addcmul_``. They are installed as ComfyUI's own block replacements (``patches_replace["dit"]``,
+``ModelPatcher.set_model_patch_replace``), so they belong to the patched clone only and compose with other
+nodes: a block that another node replaced already is left alone, and a call this forward does not reproduce
+(attention patches, per-token modulation for reference-image models, an fp16 text stream's clamp aside) goes to
+``original_block``. Each forward reads the block's modules per call: the clone's patched layers while it runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from comfyquant.runtime.modulation import ModulationSite, gated_add_, modulated_linear, per_item
+
+FLUX_LAYERS = "comfy.ldm.flux.layers"
+MODELS = {("comfy.ldm.flux.model", "Flux")}  # diffusion models whose forward calls "dit" block replacements
+ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")  # what the stock forward applies and these do not
+
+
+def _is(mod: nn.Module, name: str) -> bool:
+    return type(mod).__name__ == name and type(mod).__module__ == FLUX_LAYERS
+
+
+def _affine_free_eps(norm: nn.Module, width: int) -> float | None:
+    """The eps of a LayerNorm over ``width`` without weight or bias (Flux's), else None."""
+    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (width,):
+        return None
+    if norm.weight is not None or norm.bias is not None:
+        return None
+    return float(norm.eps)
+
+
+def _mods_fit(mods: tuple, x: torch.Tensor) -> bool:
+    return all(per_item(t, x) for m in mods for t in (m.shift, m.scale, m.gate))
+
+
+def _patched_attention(options: dict) -> bool:
+    patches = options.get("patches", {}) if isinstance(options, dict) else {}
+    return any(patches.get(name) for name in ATTENTION_PATCHES)
+
+
+class FoldedDoubleBlock:
+    """A ``DoubleStreamBlock``'s forward with its four modulated norms folded (a ComfyUI "dit" block
+    replacement: ``(args, {"original_block": fn}) -> {"img", "txt"}``)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.eps = _affine_free_eps(block.img_norm1, block.hidden_size)
+        self.sites = {name: ModulationSite(self.eps or 0.0) for name in ("img1", "img2", "txt1", "txt2")}
+        self.attention = sys.modules[type(block).__module__].attention
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        out = self.forward(args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
+                           args.get("transformer_options") or {})
+        if out is None:
+            return extra["original_block"](args)
+        return {"img": out[0], "txt": out[1]}
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: Any, pe: torch.Tensor, attn_mask: Any,
+                options: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The block's ``(img, txt)``, or None where the stock forward must run (see the module docstring)."""
+        b = self.block
+        if self.eps is None or _patched_attention(options) or img.dim() != 3 or txt.dim() != 3:
+            return None
+        if b.modulation:
+            if not isinstance(vec, torch.Tensor) or vec.shape[0] != img.shape[0]:
+                return None  # per-token modulation (modulation_dims): vec holds two rows per item
+            img_mod1, img_mod2 = b.img_mod(vec)
+            txt_mod1, txt_mod2 = b.txt_mod(vec)
+        else:
+            (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
+        if not (_mods_fit((img_mod1, img_mod2), img) and _mods_fit((txt_mod1, txt_mod2), txt)):
+            return None
+        img_q, img_k, img_v = self._qkv(b.img_attn, img, img_mod1, self.sites["img1"])
+        txt_q, txt_k, txt_v = self._qkv(b.txt_attn, txt, txt_mod1, self.sites["txt1"])
+        q = torch.cat((txt_q, img_q), dim=2)
+        k = torch.cat((txt_k, img_k), dim=2)
+        v = torch.cat((txt_v, img_v), dim=2)
+        del txt_q, img_q, txt_k, img_k, txt_v, img_v
+        attn = self.attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=options)
+        del q, k, v
+        txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
+        gated_add_(img, b.img_attn.proj(img_attn), img_mod1.gate)
+        gated_add_(img, _mlp(b.img_mlp, img, img_mod2, self.eps, self.sites["img2"]), img_mod2.gate)
+        gated_add_(txt, b.txt_attn.proj(txt_attn), txt_mod1.gate)
+        gated_add_(txt, _mlp(b.txt_mlp, txt, txt_mod2, self.eps, self.sites["txt2"]), txt_mod2.gate)
+        if txt.dtype == torch.float16:
+            txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+        return img, txt
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor, mod: Any,
+             site: ModulationSite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv = modulated_linear(attn.qkv, x, mod.shift, mod.scale, self.eps, site)
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.block.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.norm(q, k, v)
+        return q, k, v
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, mod: Any, eps: float, site: ModulationSite) -> torch.Tensor:
+    """A block MLP on the modulated norm of x: an ``nn.Sequential`` takes it in its first layer, any other module
+    (Flux.2's ``YakMLP``) after the norm in torch."""
+    if isinstance(mlp, nn.Sequential) and len(mlp) > 0:
+        members = list(mlp)
+        h = modulated_linear(members[0], x, mod.shift, mod.scale, eps, site)
+        for m in members[1:]:
+            h = m(h)
+        return h
+    return modulated_linear(mlp, x, mod.shift, mod.scale, eps, None)
+
+
+class FoldedSingleBlock:
+    """A ``SingleStreamBlock``'s forward with its modulated pre-norm folded into ``linear1`` (a ComfyUI "dit"
+    block replacement: ``(args, {"original_block": fn}) -> {"img"}``)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.eps = _affine_free_eps(block.pre_norm, block.hidden_size)
+        self.site = ModulationSite(self.eps or 0.0)
+        self.attention = sys.modules[type(block).__module__].attention
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        out = self.forward(args["img"], args["vec"], args["pe"], args.get("attn_mask"),
+                           args.get("transformer_options") or {})
+        if out is None:
+            return extra["original_block"](args)
+        return {"img": out}
+
+    def forward(self, x: torch.Tensor, vec: Any, pe: torch.Tensor, attn_mask: Any,
+                options: dict) -> torch.Tensor | None:
+        """The block's output, or None where the stock forward must run."""
+        b = self.block
+        if self.eps is None or _patched_attention(options) or x.dim() != 3:
+            return None
+        if b.modulation:
+            if not isinstance(vec, torch.Tensor) or vec.shape[0] != x.shape[0]:
+                return None
+            mod = b.modulation(vec)[0]
+        else:
+            mod = vec
+        if not _mods_fit((mod,), x):
+            return None
+        h = modulated_linear(b.linear1, x, mod.shift, mod.scale, self.eps, self.site)
+        qkv, mlp = torch.split(h, [3 * b.hidden_size, b.mlp_hidden_dim_first], dim=-1)
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, b.num_heads, -1).permute(2, 0, 3, 1, 4)
+        del qkv
+        q, k = b.norm(q, k, v)
+        attn = self.attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=options)
+        del q, k, v
+        if b.yak_mlp:
+            half = b.mlp_hidden_dim_first // 2
+            mlp = b.mlp_act(mlp[..., half:]) * mlp[..., :half]
+        else:
+            mlp = b.mlp_act(mlp)
+        gated_add_(x, b.linear2(torch.cat((attn, mlp), 2)), mod.gate)
+        if x.dtype == torch.float16:
+            x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+        return x
+
+
+def _replaced(patcher: Any, key: tuple[str, int]) -> bool:
+    options = patcher.model_options.get("transformer_options", {})
+    return key in options.get("patches_replace", {}).get("dit", {})
+
+
+def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool]) -> list[str]:
+    """Install :class:`FoldedDoubleBlock` / :class:`FoldedSingleBlock` on ``patcher`` (a clone) for every block of
+    a Flux diffusion model ``dm`` whose norm-fed layers ``converted(path)`` says were quantized and that no other
+    node replaced; returns what was folded (``"double_blocks.0: img_norm1, img_norm2, txt_norm1, txt_norm2"``)."""
+    if (type(dm).__module__, type(dm).__name__) not in MODELS:
+        return []
+    done = []
+    for i, block in enumerate(getattr(dm, "double_blocks", ())):
+        path = f"double_blocks.{i}"
+        fed = [f"{path}.{s}_attn.qkv" for s in ("img", "txt")] + [f"{path}.{s}_mlp.0" for s in ("img", "txt")]
+        if (_is(block, "DoubleStreamBlock") and any(converted(p) for p in fed)
+                and not _replaced(patcher, ("double_block", i))):
+            folded = FoldedDoubleBlock(block)
+            if folded.eps is not None:
+                patcher.set_model_patch_replace(folded, "dit", "double_block", i)
+                done.append(f"{path}: img_norm1, img_norm2, txt_norm1, txt_norm2")
+    for i, block in enumerate(getattr(dm, "single_blocks", ())):
+        path = f"single_blocks.{i}"
+        if (_is(block, "SingleStreamBlock") and converted(f"{path}.linear1")
+                and not _replaced(patcher, ("single_block", i))):
+            folded = FoldedSingleBlock(block)
+            if folded.eps is not None:
+                patcher.set_model_patch_replace(folded, "dit", "single_block", i)
+                done.append(f"{path}: pre_norm")
+    return done

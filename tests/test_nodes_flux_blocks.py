@@ -1,0 +1,161 @@
+"""Flux's modulated LayerNorms folded into the quantized layers they feed (``nodes.flux_blocks``), in ComfyUI
+0.30's own Flux class on the CPU: the block replacements run, give what the stock blocks give (the gated
+residual add rounds once instead of twice), leave other nodes' patches alone and hand back to the stock block
+where they do not reproduce it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from comfyui_server_fixtures import rel_err
+from safetensors.torch import load_file
+
+from comfyquant.eval.workloads import DIT_FIXTURE
+from comfyquant.nodes.adapter import adapt_model
+from comfyquant.nodes.cache import QuantCache
+from comfyquant.nodes.flux_blocks import FoldedDoubleBlock, FoldedSingleBlock
+from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def dit_sd() -> dict[str, torch.Tensor]:
+    return load_file(str(DIT_FIXTURE))
+
+
+def _patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
+
+
+def _forward(patcher: Any, seed: int = 0) -> torch.Tensor:
+    """One call of the diffusion model as ComfyUI's ``apply_model`` makes it (with the patcher's
+    ``transformer_options``: where block replacements live), on inputs sized from the model."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    dm = patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(seed)
+    p = dm.params
+    x = torch.randn(2, dm.img_in.in_features // dm.patch_size ** 2, 8, 8, generator=g)
+    ctx = torch.randn(2, 6, dm.txt_in.in_features, generator=g)
+    kw: dict[str, Any] = {"transformer_options": dict(patcher.model_options.get("transformer_options", {}))}
+    if dm.vector_in is not None:
+        kw["y"] = torch.randn(2, dm.vector_in.in_layer.in_features, generator=g)
+    if p.guidance_embed:
+        kw["guidance"] = torch.tensor([3.5, 2.0])
+    with torch.no_grad():
+        return dm(x, torch.tensor([0.3, 0.8]), ctx, **kw).clone()
+
+
+def _replacements(patcher: Any) -> dict:
+    return patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+
+
+def _plain_and_folded(base: Any, fmt: str = "int8") -> tuple[Any, Any, Any]:
+    plain, _ = adapt_model(base, AdapterSettings(format=fmt, runtime=RuntimeOptions(fold_norms=False)),
+                           cache=QuantCache())
+    folded, report = adapt_model(base, AdapterSettings(format=fmt), cache=QuantCache())
+    return plain, folded, report
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_folded_blocks_compute_the_stock_blocks(comfy: Any, dit_sd: dict, fmt: str) -> None:
+    base = _patcher(comfy, dit_sd)
+    plain, folded, report = _plain_and_folded(base, fmt)
+    assert report.modulated == ["double_blocks.0: img_norm1, img_norm2, txt_norm1, txt_norm2",
+                                "double_blocks.1: img_norm1, img_norm2, txt_norm1, txt_norm2",
+                                "single_blocks.0: pre_norm", "single_blocks.1: pre_norm"]
+    assert "4 blocks' modulated norms folded" in report.summary()
+    reps = _replacements(folded)
+    assert sorted(reps) == [("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)]
+    assert not _replacements(base) and not _replacements(plain)  # the input MODEL and the unfolded clone
+    ref, want = _forward(base), _forward(plain)
+    got = _forward(folded)
+    assert rel_err(got, want) < 2e-5  # measured 2.5e-6-2.5e-5: addcmul_ rounds once where += x * gate rounds twice
+    assert abs(rel_err(got, ref) - rel_err(want, ref)) < 0.1 * rel_err(want, ref)
+    # the replacements ran: every site holds its buffer, refilled in place on the next call
+    sites = [s for r in reps.values() for s in (r.sites.values() if isinstance(r, FoldedDoubleBlock) else [r.site])]
+    width = 2 * folded.model.diffusion_model.hidden_size
+    assert len(sites) == 10 and all(s._buf is not None and tuple(s._buf.shape) == (2, width) for s in sites), [
+        None if s._buf is None else tuple(s._buf.shape) for s in sites]
+    ptrs = [s._buf.data_ptr() for s in sites]
+    again = _forward(folded, seed=1)
+    assert [s._buf.data_ptr() for s in sites] == ptrs and rel_err(again, _forward(plain, seed=1)) < 2e-5
+
+
+def test_an_attention_patch_hands_the_block_back_to_comfyui(comfy: Any, dit_sd: dict) -> None:
+    """ComfyUI applies ``attn1_patch`` inside the stock forward only: with one set, every block runs stock
+    (bit for bit the unfolded clone's output) and the replacements' buffers are never made."""
+    base = _patcher(comfy, dit_sd)
+    plain, folded, _ = _plain_and_folded(base)
+    seen = []
+
+    def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> dict:
+        seen.append(q.shape)
+        return {"q": q * 1.01}
+
+    for p in (plain, folded):
+        p.set_model_attn1_patch(patch)
+    assert torch.equal(_forward(folded), _forward(plain)) and len(seen) == 8
+    reps = _replacements(folded)
+    assert all(s._buf is None for r in reps.values()
+               for s in (r.sites.values() if isinstance(r, FoldedDoubleBlock) else [r.site]))
+
+
+def test_another_nodes_block_replacement_is_kept(comfy: Any, dit_sd: dict) -> None:
+    base = _patcher(comfy, dit_sd).clone()
+    calls = []
+
+    def theirs(args: dict, extra: dict) -> dict:
+        calls.append(1)
+        return extra["original_block"](args)
+
+    base.set_model_patch_replace(theirs, "dit", "double_block", 0)
+    folded, report = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
+    assert len(report.modulated) == 3 and not report.modulated[0].startswith("double_blocks.0")
+    reps = _replacements(folded)
+    assert reps[("double_block", 0)] is theirs and isinstance(reps[("double_block", 1)], FoldedDoubleBlock)
+    _forward(folded)
+    assert calls == [1]
+
+
+def test_per_token_modulation_runs_the_stock_block(comfy: Any, dit_sd: dict) -> None:
+    """Reference-image models (``timestep_zero_index``) modulate per token: ``vec`` holds two rows per item, so
+    the replacement hands the call to ``original_block`` (which ComfyUI gives the per-token dims)."""
+    base = _patcher(comfy, dit_sd)
+    _, folded, _ = _plain_and_folded(base)
+    rep = _replacements(folded)[("double_block", 0)]
+    ran = []
+    img, txt = torch.randn(1, 4, 64), torch.randn(1, 3, 64)
+    out = rep({"img": img, "txt": txt, "vec": torch.randn(2, 64), "pe": None, "transformer_options": {}},
+              {"original_block": lambda args: ran.append(args) or {"img": "stock", "txt": "stock"}})
+    assert out == {"img": "stock", "txt": "stock"} and len(ran) == 1
+    single = _replacements(folded)[("single_block", 0)]
+    assert isinstance(single, FoldedSingleBlock)
+    out = single({"img": img, "vec": torch.randn(2, 64), "pe": None, "transformer_options": {}},
+                 {"original_block": lambda args: {"img": "stock"}})
+    assert out == {"img": "stock"}
+
+
+def test_flux2_blocks_with_global_modulation_fold(comfy: Any, tmp_path: Path) -> None:
+    """A Flux.2-layout checkpoint (global modulation: the blocks get their modulations in ``vec``; SwiGLU MLPs
+    without biases): every block folds and computes what the stock blocks do."""
+    from comfyquant.testing.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(tmp_path / "flux2.safetensors", "flux2", "tiny", seed=1)
+    base = _patcher(comfy, load_file(str(tmp_path / "flux2.safetensors")))
+    assert not base.model.diffusion_model.double_blocks[0].modulation
+    plain, folded, report = _plain_and_folded(base)
+    assert report.preset == "flux2" and len(report.modulated) == len(_replacements(folded)) > 0
+    assert rel_err(_forward(folded), _forward(plain)) < 2e-5
+
+
+def test_no_fold_without_fold_norms(comfy: Any, dit_sd: dict) -> None:
+    base = _patcher(comfy, dit_sd)
+    clone, report = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_norms=False)),
+                                cache=QuantCache())
+    assert report.modulated == [] and not _replacements(clone)

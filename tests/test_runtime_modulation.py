@@ -1,0 +1,160 @@
+"""A DiT block's modulated LayerNorm handed to the quantized linear it feeds (``acts.ModulatedNorm``,
+``runtime.modulation``), on the CPU: the torch path against float64, the per-site buffer, which backends fold it
+(the kernels themselves: ``triton_interp_modulated`` under the interpreter, ``test_kernels_sm90`` compiled)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from comfyquant.runtime.kernels import builtin, dispatch
+from comfyquant.runtime.kernels.acts import (
+    MODULATED_MAX_K,
+    ModulatedNorm,
+    layer_mod,
+    norm_fits,
+    norm_key,
+    rms_norm,
+)
+from comfyquant.runtime.modulation import ModulationSite, gated_add_, modulated_linear, per_item
+from comfyquant.runtime.nn import QuantLinear
+
+EPS = 1e-6
+
+
+def _inputs(b: int, t: int, k: int, seed: int, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, t, k, generator=g) * 3 + torch.randn(b, t, 1, generator=g)).to(dtype)
+    mod = torch.randn(b, 1, 6 * k, generator=g).to(dtype)  # ComfyUI's Modulation output: chunks of one tensor
+    shift, scale, gate = mod[..., :k], mod[..., k:2 * k], mod[..., 2 * k:3 * k]
+    return x, shift, scale, gate
+
+
+def _ref64(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x64 = x.double()
+    mean = x64.mean(-1, keepdim=True)
+    y = (x64 - mean) / torch.sqrt((x64 - mean).pow(2).mean(-1, keepdim=True) + EPS)
+    return y * (1 + scale.double()) + shift.double()
+
+
+def test_modulated_norm_in_torch_is_the_blocks_arithmetic_and_float64_within_rounding() -> None:
+    x, shift, scale, _ = _inputs(3, 7, 64, seed=0)
+    site = ModulationSite(EPS)
+    norm = site.norm(shift, scale, 7)
+    assert norm.mod.shape == (3, 128) and norm.mod.is_contiguous()
+    assert torch.equal(norm.mod[:, :64], shift[:, 0]) and torch.equal(norm.mod[:, 64:], scale[:, 0])
+    y = rms_norm(x, norm)
+    assert torch.equal(y, layer_mod(x, shift, scale, EPS))  # what ComfyUI's apply_mod(norm(x), 1 + scale, shift) is
+    assert torch.equal(y, torch.addcmul(shift, nn.functional.layer_norm(x, (64,), eps=EPS), 1 + scale))
+    err = (y.double() - _ref64(x, shift, scale)).abs().max().item()
+    assert err < 1e-5 * _ref64(x, shift, scale).abs().max().item()
+    # a [B*T, K] view of x reads the same rows per group
+    assert torch.equal(rms_norm(x.reshape(21, 64), norm), y.reshape(21, 64))
+
+
+def test_a_site_keeps_one_buffer_per_shape_so_kernel_plans_stay_valid() -> None:
+    _, shift, scale, _ = _inputs(2, 5, 32, seed=1)
+    site = ModulationSite(EPS)
+    a = site.norm(shift, scale, 5)
+    ptr = a.mod.data_ptr()
+    _, shift2, scale2, _ = _inputs(2, 5, 32, seed=2)
+    b = site.norm(shift2, scale2, 5)
+    assert b.mod.data_ptr() == ptr and torch.equal(b.mod[:, 32:], scale2[:, 0])  # refilled in place
+    assert norm_key(a) == norm_key(b)  # one memo entry (and plan) for every step
+    c = site.norm(shift2[:1], scale2[:1], 5)  # another batch size: another buffer
+    assert c.mod.shape == (1, 64) and c.mod.data_ptr() != ptr
+    assert norm_key(c) != norm_key(b)
+
+
+def test_norm_fits_checks_the_buffer_against_the_rows() -> None:
+    x, shift, scale, _ = _inputs(2, 4, 16, seed=3)
+    norm = ModulationSite(EPS).norm(shift, scale, 4)
+    assert norm_fits(norm, x) and norm_fits(norm, x.reshape(8, 16))
+    assert not norm_fits(ModulatedNorm(norm.mod, EPS, 3), x)  # 8 rows are not groups of 3
+    assert not norm_fits(ModulatedNorm(norm.mod, EPS, 2), x)  # 4 groups of 2, the buffer holds 2
+    assert not norm_fits(ModulatedNorm(norm.mod[:, ::2], EPS, 4), x)  # not contiguous
+    assert per_item(shift, x) and per_item(shift[:, 0], x)
+    assert not per_item(shift[:1], x) and not per_item(torch.zeros(2, 4, 16), x)  # per token: not folded
+
+
+def test_which_backends_fold_it() -> None:
+    """The quantizers that hold whole rows: int8's two-launch path unrotated, its one-launch path where the
+    row-block kernel runs (64 rows up), fp8 with dynamic scales (Triton and cuBLAS); rows up to 8,192 wide."""
+    int8, fp8 = builtin.INT8.backends, builtin.FP8.backends
+    assert int8["triton"].fuses_mod((None,), (0,), 16, 3072, 3072)
+    assert not int8["triton"].fuses_mod((None,), (256,), 4096, 3072, 3072)  # convrot: the row kernel has no LN
+    assert not int8["triton"].fuses_mod((None,), (0,), 4096, 3072, MODULATED_MAX_K + 16)
+    assert int8["triton_fused"].fuses_mod((None,), (0,), 1024, 3072, 3072)
+    assert not int8["triton_fused"].fuses_mod((None,), (0,), 16, 3072, 3072)  # per-tile kernel
+    assert fp8["triton"].fuses_mod((None,), (), 4096, 3072, 3072)
+    assert fp8["scaled_mm"].fuses_mod((None, None), (), 4096, 3072, 3072)
+    assert not fp8["triton"].fuses_mod((None, torch.ones(())), (), 4096, 3072, 3072)  # static input scale
+    for kind in (builtin.INT8, builtin.FP8, builtin.INT4_ROT):
+        for name, b in kind.backends.items():
+            if name in ("torch", "dequant", "triton_w8a16", "triton_w4a16", "triton_fused_kblock", "triton_unpacked"):
+                assert b.fuses_mod is None, (kind.name, name)
+
+
+def test_act_kernels_hold_what_the_predicates_promise() -> None:
+    pytest.importorskip("triton")
+    from comfyquant.runtime.kernels.act_kernels import SINGLE_PASS_MAX
+
+    assert MODULATED_MAX_K == SINGLE_PASS_MAX
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8"])
+def test_modulated_linear_on_a_quantized_layer_computes_the_unfolded_block(fmt: str) -> None:
+    """The CPU path (torch backend: the norm in torch, from the site's buffer): bit for bit what the layer gives
+    fed ``layer_mod`` of x, for a plain ``nn.Linear`` too; the dispatcher memoizes one entry for every step."""
+    from comfyquant.runtime.quantize import QuantizeConfig, quantize_
+
+    model = nn.Sequential(nn.Linear(64, 96))
+    plain = nn.Linear(64, 96)
+    plain.load_state_dict(model[0].state_dict())
+    quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+    layer = model[0]
+    assert isinstance(layer, QuantLinear) and layer.takes_norm()
+    site = ModulationSite(EPS)
+    for step in range(3):
+        x, shift, scale, _ = _inputs(2, 6, 64, seed=10 + step)
+        got = modulated_linear(layer, x, shift, scale, EPS, site)
+        assert torch.equal(got, layer(layer_mod(x, shift, scale, EPS)))
+        assert torch.equal(modulated_linear(plain, x, shift, scale, EPS, site),
+                           plain(layer_mod(x, shift, scale, EPS)))
+    memo = layer.qweight.__dict__.get("_comfyquant_bound")
+    # one entry for the three steps' normed calls (one buffer), one for the comparison's plain calls
+    assert memo is not None and sorted(sig[5] is None for sig in memo[1].memo) == [False, True]
+    base = torch.randn(got.shape, generator=torch.Generator().manual_seed(9))
+    gate = torch.randn(2, 1, 96, generator=torch.Generator().manual_seed(8))
+    res = base.clone()
+    out = gated_add_(res, got, gate)
+    assert out is res and torch.allclose(res, base + got * gate, rtol=1e-6, atol=1e-6)  # in place
+
+
+def test_a_layer_that_applies_something_else_first_gets_the_norm_in_torch() -> None:
+    from comfyquant.runtime.quantize import QuantizeConfig, quantize_
+
+    model = nn.Sequential(nn.Linear(32, 48))
+    quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    layer = model[0]
+    layer.input_act = "gelu_tanh"
+    assert not layer.takes_norm()
+    x, shift, scale, _ = _inputs(1, 4, 32, seed=5)
+    got = modulated_linear(layer, x, shift, scale, EPS, ModulationSite(EPS))
+    assert torch.equal(got, layer(layer_mod(x, shift, scale, EPS)))
+
+
+def test_the_dispatcher_folds_it_only_where_the_backend_says_so() -> None:
+    """``bind_linear`` with a modulated norm on a backend that does not fold it (the CPU's torch reference) applies
+    it in torch first; a buffer that does not fit x is refused by ``norm_fits`` and applied in torch too."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randint(-127, 128, (24, 32), dtype=torch.int8, generator=g)
+    s = torch.rand(24, generator=g) * 0.01
+    call = dispatch.bind_linear("int8", w, (s,), None, opts=(0,))
+    x, shift, scale, _ = _inputs(2, 3, 32, seed=7)
+    norm = ModulationSite(EPS).norm(shift, scale, 3)
+    want = dispatch.quant_linear(layer_mod(x, shift, scale, EPS), "int8", w, (s,), None, opts=(0,))
+    assert torch.equal(call(x, None, None, norm), want)
+    with pytest.raises(ValueError, match="input activation"):
+        call(x, None, "gelu_tanh", norm)
