@@ -216,6 +216,11 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "comfyui_512": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
             "--resolutions", "512", "--rounds", "3", "--iters", "6", "--warmup", "3", "--only",
             "bf16 + attention cudnn,adapter int8,adapter int8 + attention cudnn,ComfyUI int8 (same file)"])]],
+        # the modulated-LayerNorm fold (nodes.flux_blocks) against the norms in torch, ComfyUI's Flux class, both
+        # resolutions, 2 pooled rounds
+        "comfyui_modfold": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
+            "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
+            "adapter int8,adapter int8 (norms in torch),adapter fp8,adapter fp8 (norms in torch)"])]],
         # Wan 2.x 14B-shaped t2v (4 blocks) at 480p / 81 frames (32,760 tokens) in ComfyUI: the same variants
         "comfyui_wan": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache, *s]],
         "comfyui_wan_rounds": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache,

@@ -31,6 +31,22 @@ def _patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
     return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
 
 
+def _chroma_patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
+    """ComfyUI's own Chroma model and ModelPatcher for a tiny Chroma file: its detection fixes the approximator's
+    sizes to the real model's (5,120 wide, out 3,072), so those two come from the file instead."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    assert cfg["image_model"] == "chroma"
+    cfg.update(hidden_dim=sd["distilled_guidance_layer.in_proj.weight"].shape[0], out_dim=cfg["hidden_size"])
+    config = comfy.supported_models.Chroma(cfg)
+    model = config.get_model(sd)
+    model.diffusion_model.load_state_dict(config.process_unet_state_dict(sd), strict=True)
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
 def _forward(patcher: Any, seed: int = 0) -> torch.Tensor:
     """One call of the diffusion model as ComfyUI's ``apply_model`` makes it (with the patcher's
     ``transformer_options``: where block replacements live), on inputs sized from the model."""
@@ -39,14 +55,12 @@ def _forward(patcher: Any, seed: int = 0) -> torch.Tensor:
     comfy.model_management.load_models_gpu([patcher])
     dm = patcher.model.diffusion_model
     g = torch.Generator().manual_seed(seed)
-    p = dm.params
     x = torch.randn(2, dm.img_in.in_features // dm.patch_size ** 2, 8, 8, generator=g)
     ctx = torch.randn(2, 6, dm.txt_in.in_features, generator=g)
-    kw: dict[str, Any] = {"transformer_options": dict(patcher.model_options.get("transformer_options", {}))}
-    if dm.vector_in is not None:
+    kw: dict[str, Any] = {"transformer_options": dict(patcher.model_options.get("transformer_options", {})),
+                          "guidance": torch.tensor([3.5, 2.0])}  # (ignored by a model without the embedding)
+    if getattr(dm, "vector_in", None) is not None:
         kw["y"] = torch.randn(2, dm.vector_in.in_layer.in_features, generator=g)
-    if p.guidance_embed:
-        kw["guidance"] = torch.tensor([3.5, 2.0])
     with torch.no_grad():
         return dm(x, torch.tensor([0.3, 0.8]), ctx, **kw).clone()
 
@@ -141,17 +155,25 @@ def test_per_token_modulation_runs_the_stock_block(comfy: Any, dit_sd: dict) -> 
     assert out == {"img": "stock"}
 
 
-def test_flux2_blocks_with_global_modulation_fold(comfy: Any, tmp_path: Path) -> None:
-    """A Flux.2-layout checkpoint (global modulation: the blocks get their modulations in ``vec``; SwiGLU MLPs
-    without biases): every block folds and computes what the stock blocks do."""
+@pytest.mark.parametrize("arch", ["flux2", "chroma"])
+def test_blocks_that_get_their_modulation_in_vec_fold(comfy: Any, tmp_path: Path, arch: str) -> None:
+    """A Flux.2-layout checkpoint (global modulation; SwiGLU MLPs without biases) and a Chroma one (modulations
+    from its approximator): the blocks get their modulations in ``vec``; every block folds and computes what the
+    stock blocks do."""
     from comfyquant.testing.synthetic import write_synthetic_checkpoint
 
-    write_synthetic_checkpoint(tmp_path / "flux2.safetensors", "flux2", "tiny", seed=1)
-    base = _patcher(comfy, load_file(str(tmp_path / "flux2.safetensors")))
-    assert not base.model.diffusion_model.double_blocks[0].modulation
+    write_synthetic_checkpoint(tmp_path / f"{arch}.safetensors", arch, "tiny", seed=1)
+    sd = load_file(str(tmp_path / f"{arch}.safetensors"))
+    base = _patcher(comfy, sd) if arch == "flux2" else _chroma_patcher(comfy, sd)
+    dm = base.model.diffusion_model
+    assert not dm.double_blocks[0].modulation
     plain, folded, report = _plain_and_folded(base)
-    assert report.preset == "flux2" and len(report.modulated) == len(_replacements(folded)) > 0
-    assert rel_err(_forward(folded), _forward(plain)) < 2e-5
+    assert report.preset == arch and len(report.modulated) == len(dm.double_blocks) + len(dm.single_blocks)
+    assert len(_replacements(folded)) == len(report.modulated)
+    got, want = _forward(folded), _forward(plain)
+    assert rel_err(got, want) < 2e-5
+    reps = _replacements(folded)
+    assert reps[("double_block", 0)].sites["img1"]._buf is not None  # the replacement ran
 
 
 def test_no_fold_without_fold_norms(comfy: Any, dit_sd: dict) -> None:

@@ -23,7 +23,9 @@ from torch import nn
 from comfyquant.runtime.modulation import ModulationSite, gated_add_, modulated_linear, per_item
 
 FLUX_LAYERS = "comfy.ldm.flux.layers"
-MODELS = {("comfy.ldm.flux.model", "Flux")}  # diffusion models whose forward calls "dit" block replacements
+# diffusion models whose forward calls "dit" block replacements with Flux's blocks: Flux.1 / Flux.2 / Kontext,
+# Chroma (its blocks take their modulations in ``vec``)
+MODELS = {("comfy.ldm.flux.model", "Flux"), ("comfy.ldm.chroma.model", "Chroma")}
 ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")  # what the stock forward applies and these do not
 
 
