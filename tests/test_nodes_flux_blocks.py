@@ -55,8 +55,12 @@ def _forward(patcher: Any, seed: int = 0) -> torch.Tensor:
     comfy.model_management.load_models_gpu([patcher])
     dm = patcher.model.diffusion_model
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, dm.img_in.in_features // dm.patch_size ** 2, 8, 8, generator=g)
-    ctx = torch.randn(2, 6, dm.txt_in.in_features, generator=g)
+    if type(dm).__name__ == "HunyuanVideo":  # video latents [B, C, frames, H, W], a token-refiner text input
+        x = torch.randn(2, dm.params.in_channels, 2, 8, 8, generator=g)
+        ctx = torch.randn(2, 6, dm.params.context_in_dim, generator=g)
+    else:
+        x = torch.randn(2, dm.img_in.in_features // dm.patch_size ** 2, 8, 8, generator=g)
+        ctx = torch.randn(2, 6, dm.txt_in.in_features, generator=g)
     kw: dict[str, Any] = {"transformer_options": dict(patcher.model_options.get("transformer_options", {})),
                           "guidance": torch.tensor([3.5, 2.0])}  # (ignored by a model without the embedding)
     if getattr(dm, "vector_in", None) is not None:
@@ -155,23 +159,25 @@ def test_per_token_modulation_runs_the_stock_block(comfy: Any, dit_sd: dict) -> 
     assert out == {"img": "stock"}
 
 
-@pytest.mark.parametrize("arch", ["flux2", "chroma"])
-def test_blocks_that_get_their_modulation_in_vec_fold(comfy: Any, tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize("arch", ["flux2", "chroma", "hunyuan"])
+def test_other_models_with_flux_blocks_fold(comfy: Any, tmp_path: Path, arch: str) -> None:
     """A Flux.2-layout checkpoint (global modulation; SwiGLU MLPs without biases) and a Chroma one (modulations
-    from its approximator): the blocks get their modulations in ``vec``; every block folds and computes what the
-    stock blocks do."""
+    from its approximator), whose blocks get their modulations in ``vec``, and a HunyuanVideo one (its own block
+    arguments: ``attention_mask``, modulation dims): every block folds and computes what the stock blocks do."""
     from comfyquant.testing.synthetic import write_synthetic_checkpoint
 
     write_synthetic_checkpoint(tmp_path / f"{arch}.safetensors", arch, "tiny", seed=1)
     sd = load_file(str(tmp_path / f"{arch}.safetensors"))
-    base = _patcher(comfy, sd) if arch == "flux2" else _chroma_patcher(comfy, sd)
+    base = _chroma_patcher(comfy, sd) if arch == "chroma" else _patcher(comfy, sd)
     dm = base.model.diffusion_model
-    assert not dm.double_blocks[0].modulation
+    assert dm.double_blocks[0].modulation == (arch == "hunyuan")
     plain, folded, report = _plain_and_folded(base)
     assert report.preset == arch and len(report.modulated) == len(dm.double_blocks) + len(dm.single_blocks)
     assert len(_replacements(folded)) == len(report.modulated)
-    got, want = _forward(folded), _forward(plain)
-    assert rel_err(got, want) < 2e-5
+    got, want, ref = _forward(folded), _forward(plain), _forward(base)
+    # apart by a rounding here and there (the gated add's; an int8 code at a tie after it): far inside the
+    # quantization's own error (measured 3e-6 / 3e-6 / 7e-4 of it)
+    assert rel_err(got, want) < 0.005 * rel_err(want, ref), (rel_err(got, want), rel_err(want, ref))
     reps = _replacements(folded)
     assert reps[("double_block", 0)].sites["img1"]._buf is not None  # the replacement ran
 

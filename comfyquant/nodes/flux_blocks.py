@@ -7,8 +7,7 @@ applied by the quantized ``qkv`` / ``mlp[0]`` / ``linear1`` as they quantize the
 as one ``addcmul_``. They are installed as ComfyUI's own block replacements (``patches_replace["dit"]``,
 ``ModelPatcher.set_model_patch_replace``), so they belong to the patched clone only and compose with other
 nodes: a block that another node replaced already is left alone, and a call this forward does not reproduce
-(attention patches, per-token modulation for reference-image models, an fp16 text stream's clamp aside) goes to
-``original_block``. Each forward reads the block's modules per call: the clone's patched layers while it runs.
+(attention patches, per-token modulation for reference-image models) goes to ``original_block``. Each forward reads the block's modules per call: the clone's patched layers while it runs.
 """
 
 from __future__ import annotations
@@ -24,8 +23,19 @@ from comfyquant.runtime.modulation import ModulationSite, gated_add_, modulated_
 
 FLUX_LAYERS = "comfy.ldm.flux.layers"
 # diffusion models whose forward calls "dit" block replacements with Flux's blocks: Flux.1 / Flux.2 / Kontext,
-# Chroma (its blocks take their modulations in ``vec``)
-MODELS = {("comfy.ldm.flux.model", "Flux"), ("comfy.ldm.chroma.model", "Chroma")}
+# Chroma (its blocks take their modulations in ``vec``), HunyuanVideo 1.0 (its mask as ``attention_mask``, its
+# per-token modulation dims in the arguments)
+MODELS = {("comfy.ldm.flux.model", "Flux"), ("comfy.ldm.chroma.model", "Chroma"),
+          ("comfy.ldm.hunyuan_video.model", "HunyuanVideo")}
+
+
+def _mask(args: dict) -> Any:
+    return args["attn_mask"] if "attn_mask" in args else args.get("attention_mask")
+
+
+def _per_token(args: dict, *keys: str) -> bool:
+    """Whether the model passed per-token modulation dims (the stock block applies them; these forwards do not)."""
+    return any(args.get(k) is not None for k in keys)
 ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")  # what the stock forward applies and these do not
 
 
@@ -62,8 +72,10 @@ class FoldedDoubleBlock:
         self.attention = sys.modules[type(block).__module__].attention
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        out = self.forward(args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
-                           args.get("transformer_options") or {})
+        out = None
+        if not _per_token(args, "modulation_dims_img", "modulation_dims_txt"):
+            out = self.forward(args["img"], args["txt"], args["vec"], args["pe"], _mask(args),
+                               args.get("transformer_options") or {})
         if out is None:
             return extra["original_block"](args)
         return {"img": out[0], "txt": out[1]}
@@ -131,8 +143,9 @@ class FoldedSingleBlock:
         self.attention = sys.modules[type(block).__module__].attention
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        out = self.forward(args["img"], args["vec"], args["pe"], args.get("attn_mask"),
-                           args.get("transformer_options") or {})
+        out = None
+        if not _per_token(args, "modulation_dims"):
+            out = self.forward(args["img"], args["vec"], args["pe"], _mask(args), args.get("transformer_options") or {})
         if out is None:
             return extra["original_block"](args)
         return {"img": out}
