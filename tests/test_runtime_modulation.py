@@ -158,3 +158,40 @@ def test_the_dispatcher_folds_it_only_where_the_backend_says_so() -> None:
     assert torch.equal(call(x, None, None, norm), want)
     with pytest.raises(ValueError, match="input activation"):
         call(x, None, "gelu_tanh", norm)
+
+
+@pytest.mark.parametrize("arch", ["flux", "flux2"])
+def test_bench_flux_variants_time_the_fold_beside_the_torch_norms(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``comfyquant bench``'s ``int8_modfold`` / ``fp8_modfold``: the bench model's Flux / Flux.2 blocks with their
+    modulated norms handed to the quantized layers (every site used), the same model as ``int8`` / ``fp8`` up to
+    the torch norm's roundings."""
+    from functools import partial
+
+    from comfyquant.bench import blocks, models
+
+    def build(name: str) -> tuple[nn.Module, tuple]:
+        torch.manual_seed(0)
+        if arch == "flux":
+            model = blocks.Flux(1, 1, (partial(blocks.FluxDouble, 64, 2), partial(blocks.FluxSingle, 64, 2)))
+            args = (torch.randn(2, 12, 64), torch.randn(2, 5, 64), torch.randn(2, 64))
+        else:  # Flux2 is Flux with these block classes
+            model = blocks.Flux(1, 1, (partial(blocks.Flux2Double, 64, 2, 96), partial(blocks.Flux2Single, 64, 2, 96)))
+            args = (torch.randn(2, 12, 64), torch.randn(2, 5, 64), torch.randn(2, 6 * 64) * 0.1)
+        return model, args
+
+    monkeypatch.setattr(models, "build", build)
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    for fmt in ("int8", "fp8"):
+        got = {v: (m, a) for v, m, a in models.variants(f"{arch}_small", None, only=("bf16", fmt, f"{fmt}_modfold"))}
+        assert list(got) == ["bf16", fmt, f"{fmt}_modfold"]
+        (ref, args), (plain, _), (folded, _) = got["bf16"], got[fmt], got[f"{fmt}_modfold"]
+        with torch.no_grad():
+            base, want, out = ref(*args), plain(*args), folded(*args)
+        sites = [s for b in folded.modules() if isinstance(b, blocks.FLUX_BLOCKS) for s in b.sites]
+        assert len(sites) == 5 and all(s._buf is not None for s in sites)
+        # the torch norm's roundings (addcmul against (1 + scale) * ln + shift): measured <= 0.3% of the
+        # quantization's own error
+        assert rel(out, want) < 0.02 * rel(want, base), (rel(out, want), rel(want, base))
+    assert [v for v, _, _ in models.variants("sdxl_small", None, only=("int8_modfold",))] == []

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comfyquant.runtime.modulation import ModulationSite, modulated_linear
+
 
 def _ln(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
@@ -17,6 +19,38 @@ def _ln(x: torch.Tensor) -> torch.Tensor:
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def _mod_in(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+            site: ModulationSite | None) -> torch.Tensor:
+    """``layer((1 + scale) * ln(x) + shift)``: in torch as written (the bf16 baseline's arithmetic), or with a
+    ``site`` through ``runtime.modulation`` (the quantized layer's quantizer applies it: :func:`fold_modulation`).
+    An ``nn.Sequential`` hands it to its first layer."""
+    if site is None:
+        return layer((1 + scale) * _ln(x) + shift)
+    if isinstance(layer, nn.Sequential):
+        first, *rest = list(layer)
+        h = modulated_linear(first, x, shift, scale, 1e-6, site)
+        for m in rest:
+            h = m(h)
+        return h
+    return modulated_linear(layer, x, shift, scale, 1e-6, site)
+
+
+def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, folded: bool) -> torch.Tensor:
+    """``x + gate * y`` (two launches), or one ``addcmul`` where the block's norms are folded."""
+    return torch.addcmul(x, y, gate) if folded else x + gate * y
+
+
+def fold_modulation(model: nn.Module) -> int:
+    """Give every Flux / Flux.2 block of ``model`` its norm sites, so its modulated LayerNorms go to the quantized
+    layers they feed (``runtime.modulation``) and its residual adds are one ``addcmul``; returns the blocks."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, FLUX_BLOCKS):
+            mod.sites = [ModulationSite(1e-6) for _ in range(4 if isinstance(mod, FluxDouble | Flux2Double) else 1)]
+            n += 1
+    return n
 
 
 def _attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -35,20 +69,21 @@ class FluxDouble(nn.Module):
         # as ComfyUI's DoubleStreamBlock: Sequential(Linear, GELU(tanh), Linear) (quantize_ folds the GELU)
         self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
                                  for _ in range(2))
+        self.sites: list[ModulationSite] | None = None  # fold_modulation: (txt, img) x (attention, MLP)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, mods, qkvs = (txt, img), [], []
+        xs, mods, qkvs, sites = (txt, img), [], [], self.sites or [None] * 4
         for i, x in enumerate(xs):
             m = self.mod[i](F.silu(vec))[:, None, :].chunk(6, dim=-1)
             mods.append(m)
-            qkvs.append(self.qkv[i]((1 + m[1]) * _ln(x) + m[0]).chunk(3, dim=-1))
+            qkvs.append(_mod_in(self.qkv[i], x, m[0], m[1], sites[2 * i]).chunk(3, dim=-1))
         q, k, v = (torch.cat([t[j] for t in qkvs], 1) for j in range(3))
         att = _attn(q, k, v, self.heads)
-        n_txt, outs = txt.shape[1], []
+        n_txt, outs, folded = txt.shape[1], [], self.sites is not None
         for i, (x, a) in enumerate(((txt, att[:, :n_txt]), (img, att[:, n_txt:]))):
             m = mods[i]
-            x = x + m[2] * self.proj[i](a)
-            x = x + m[5] * self.mlp[i]((1 + m[4]) * _ln(x) + m[3])
+            x = _gated(x, self.proj[i](a), m[2], folded)
+            x = _gated(x, _mod_in(self.mlp[i], x, m[3], m[4], sites[2 * i + 1]), m[5], folded)
             outs.append(x)
         return outs[1], outs[0]
 
@@ -60,13 +95,15 @@ class FluxSingle(nn.Module):
         self.mod = nn.Linear(d, 3 * d)
         self.linear1 = nn.Linear(d, 3 * d + 4 * d)
         self.linear2 = nn.Linear(d + 4 * d, d)
+        self.sites: list[ModulationSite] | None = None  # fold_modulation
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         m = self.mod(F.silu(vec))[:, None, :].chunk(3, dim=-1)
-        h = self.linear1((1 + m[1]) * _ln(x) + m[0])
+        h = _mod_in(self.linear1, x, m[0], m[1], self.sites and self.sites[0])
         qkv, mlp = h.split([3 * self.d, 4 * self.d], dim=-1)
         a = _attn(*qkv.chunk(3, dim=-1), self.heads)
-        return x + m[2] * self.linear2(torch.cat([a, F.gelu(mlp, approximate="tanh")], dim=-1))
+        y = self.linear2(torch.cat([a, F.gelu(mlp, approximate="tanh")], dim=-1))
+        return _gated(x, y, m[2], self.sites is not None)
 
 
 class Flux(nn.Module):
@@ -106,17 +143,18 @@ class Flux2Double(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(2))
         self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * mlp, bias=False), SiLUActivation(),
                                                nn.Linear(mlp, d, bias=False)) for _ in range(2))
+        self.sites: list[ModulationSite] | None = None  # fold_modulation: (txt, img) x (attention, MLP)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, mods: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = mods[:, None, :].chunk(6, dim=-1)
-        xs = (txt, img)
-        q, k, v = (torch.cat(t, 1) for t in zip(*(self.qkv[i]((1 + m[1]) * _ln(x) + m[0]).chunk(3, dim=-1)
+        xs, sites, folded = (txt, img), self.sites or [None] * 4, self.sites is not None
+        q, k, v = (torch.cat(t, 1) for t in zip(*(_mod_in(self.qkv[i], x, m[0], m[1], sites[2 * i]).chunk(3, dim=-1)
                                                     for i, x in enumerate(xs)), strict=True))
         att = _attn(q, k, v, self.heads)
         n_txt, outs = txt.shape[1], []
         for i, (x, a) in enumerate(((txt, att[:, :n_txt]), (img, att[:, n_txt:]))):
-            x = x + m[2] * self.proj[i](a)
-            outs.append(x + m[5] * self.mlp[i]((1 + m[4]) * _ln(x) + m[3]))
+            x = _gated(x, self.proj[i](a), m[2], folded)
+            outs.append(_gated(x, _mod_in(self.mlp[i], x, m[3], m[4], sites[2 * i + 1]), m[5], folded))
         return outs[1], outs[0]
 
 
@@ -128,18 +166,23 @@ class Flux2Single(nn.Module):
         self.heads, self.d, self.mlp = heads, d, mlp
         self.linear1 = nn.Linear(d, 3 * d + 2 * mlp, bias=False)
         self.linear2 = nn.Linear(d + mlp, d, bias=False)
+        self.sites: list[ModulationSite] | None = None  # fold_modulation
 
     def forward(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
         m = mods[:, None, : 3 * self.d].chunk(3, dim=-1)  # the first three of the six modulation vectors
-        qkv, h = self.linear1((1 + m[1]) * _ln(x) + m[0]).split([3 * self.d, 2 * self.mlp], dim=-1)
+        h = _mod_in(self.linear1, x, m[0], m[1], self.sites and self.sites[0])
+        qkv, h = h.split([3 * self.d, 2 * self.mlp], dim=-1)
         a = _attn(*qkv.chunk(3, dim=-1), self.heads)
         g, u = h.chunk(2, dim=-1)
-        return x + m[2] * self.linear2(torch.cat([a, F.silu(g) * u], dim=-1))
+        return _gated(x, self.linear2(torch.cat([a, F.silu(g) * u], dim=-1)), m[2], self.sites is not None)
 
 
 class Flux2(Flux):
     def __init__(self, double: int = 1, single: int = 2) -> None:
         super().__init__(double, single, (Flux2Double, Flux2Single))
+
+
+FLUX_BLOCKS = (FluxDouble, FluxSingle, Flux2Double, Flux2Single)
 
 
 class WanBlock(nn.Module):

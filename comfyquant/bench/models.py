@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from comfyquant.bench.blocks import T5, Flux, Flux2, Qwen3, Sdxl, Wan
+from comfyquant.bench.blocks import T5, Flux, Flux2, Qwen3, Sdxl, Wan, fold_modulation
 from comfyquant.bench.timing import interleaved_ms
 from comfyquant.quant.int8 import quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
@@ -103,14 +103,19 @@ def variants(name: str, ck_fn: Callable | None,
 
     if want("bf16"):
         yield "bf16", *build(name)
+    derived = {"int8": ("int8_measured", "int8_nofold", "int8_fused", "int8_modfold"), "fp8": ("fp8_modfold",)}
     for fmt in ("int8", "fp8"):
-        if not (want(fmt) or (fmt == "int8" and (want("int8_measured") or want("int8_nofold")
-                                                  or want("int8_fused")))):
+        if not (want(fmt) or any(want(v) for v in derived[fmt])):
             continue
         model, args = build(name)
         summary = quantize_(model, QuantizeConfig(format=fmt, min_features=1))
         if want(fmt):
             yield fmt, model, args
+        if want(f"{fmt}_modfold") and name.startswith("flux"):  # the blocks' modulated norms in the quantizers
+            model, args = build(name)
+            quantize_(model, QuantizeConfig(format=fmt, min_features=1))
+            if fold_modulation(model):
+                yield f"{fmt}_modfold", model, args
         if fmt == "int8" and want("int8_measured"):  # measured dispatch (every candidate timed once per shape)
             model, args = build(name)
             quantize_(model, QuantizeConfig(format=fmt, min_features=1,
