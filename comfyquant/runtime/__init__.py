@@ -7,6 +7,7 @@ from comfyquant.runtime import ops as _ops  # noqa: F401
 from comfyquant.runtime.dispatch_report import LayerDispatch, describe_dispatch, format_dispatch
 from comfyquant.runtime.fold import fold_input_activations
 from comfyquant.runtime.loader import LoadReport, load_quantized, load_quantized_report
+from comfyquant.runtime.modulation import ModulationSite, gated_add_, modulated_linear
 from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, QuantizeSummary, quantize_
 from comfyquant.runtime.siblings import fuse_sibling_projections
@@ -27,6 +28,7 @@ __all__ = [
     "Layout",
     "LayoutParams",
     "LoadReport",
+    "ModulationSite",
     "QuantLinear",
     "QuantizeConfig",
     "QuantizeSummary",
@@ -36,8 +38,10 @@ __all__ = [
     "fold_input_activations",
     "format_dispatch",
     "fuse_sibling_projections",
+    "gated_add_",
     "load_quantized",
     "load_quantized_report",
+    "modulated_linear",
     "quantize_",
     "register_generic_op",
     "register_layout",
