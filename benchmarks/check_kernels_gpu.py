@@ -263,15 +263,35 @@ def check_persistent() -> None:
             pick=str(pick))
 
 
+def _ws_against_per_tile(check: str, a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                         bias: torch.Tensor | None, dt: torch.dtype, sms: int, **info: object) -> None:
+    """Record ``check``: the Gluon GEMM on ``ws_config``'s tile (``WS_W8A8`` from 1,024 rows) bit-equal to the
+    per-tile Triton TMA kernel on the same tile, and within 4e-3 of float64 (int8 or fp8 operands)."""
+    import dataclasses
+
+    from comfyquant.runtime.kernels.configs import WS_W8A8, ws_config
+
+    m, k, n = a.shape[0], a.shape[1], b.shape[0]
+    tile = ws_config(m, n, sms) if m < 1024 else WS_W8A8
+    per_tile = dataclasses.replace(tile, persistent=0, stages=triton_int8.launch_stages(tile))
+    want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=per_tile)
+    poison()
+    got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=tile)
+    ref = (a.double() @ b.double().T) * sa.double() * sb.double().reshape(1, -1) + (
+        bias.double() if bias is not None else 0)
+    err = rel(got, ref)
+    record(check, torch.equal(got, want) and err < 4e-3, m=m, k=k, n=n, err=err,
+           max_diff=float((got.float() - want.float()).abs().max()),
+           tile=f"{tile.block_m}x{tile.block_n} s{tile.stages}", **info)
+
+
 def check_ws_gemm() -> None:
     """The warp-specialized Gluon GEMM (``configs.ws_config``'s tiles: 128x128, and 128x64 below 1,024 rows)
     bit-equal to the per-tile Triton TMA kernel with the same tile: ragged M / N / K (K not a multiple of the
     128-wide K step: TMA zero-fills), a scalar weight scale, no bias, fp16 output, SDXL widths; and the
     automatic pick from ``WS_MIN_M`` rows is the Gluon kernel, with ``ws_config``'s tile, exactly on the shapes
     ``configs.ws_shape`` gives it."""
-    import dataclasses
-
-    from comfyquant.runtime.kernels.configs import WS_MIN_M, WS_W8A8, ws_config, ws_shape
+    from comfyquant.runtime.kernels.configs import WS_MIN_M, ws_config, ws_shape
 
     for m, k, n, row_sb, has_bias, dt in [(4608, 3072, 3072, True, True, torch.bfloat16),
                                           (1000, 15360, 520, True, False, torch.bfloat16),
@@ -288,16 +308,8 @@ def check_ws_gemm() -> None:
         a, b, sa, sb = w8a8_operands(m, k, n, row_sb)
         bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-        tile = ws_config(m, n, sms) if m < 1024 else WS_W8A8
-        per_tile = dataclasses.replace(tile, persistent=0, stages=triton_int8.launch_stages(tile))
-        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=per_tile)
-        poison()
-        got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=tile)
-        ref = (a.double() @ b.double().T) * sa.double() * sb.double().reshape(1, -1) + (
-            bias.double() if has_bias else 0)
-        err = rel(got, ref)
-        record("w8a8_ws_bit_equal", torch.equal(got, want) and err < 4e-3, m=m, k=k, n=n, row_sb=row_sb,
-               bias=has_bias, dtype=str(dt), err=err, tile=f"{tile.block_m}x{tile.block_n} s{tile.stages}")
+        _ws_against_per_tile("w8a8_ws_bit_equal", a, sa, b, sb, bias, dt, sms, row_sb=row_sb, bias=has_bias,
+                             dtype=str(dt))
         if m >= WS_MIN_M:
             pick = triton_int8.pick_w8a8(m, n, k, a.device, True)[0]
             want_pick = ws_config(m, n, sms) if ws_shape(m, n, k, sms) else None
@@ -369,7 +381,7 @@ def check_ws_fp8() -> None:
     in its epilogue against float64; and ``fp8_linear`` as the runtime calls it picks it where ``ws_shape`` says."""
     import dataclasses
 
-    from comfyquant.runtime.kernels.configs import WS_FP8, WS_W8A8, ws_config, ws_shape
+    from comfyquant.runtime.kernels.configs import WS_FP8, ws_shape
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m, k, n, fp8, row_sb, has_bias, dt in [
@@ -384,17 +396,8 @@ def check_ws_fp8() -> None:
         b = (torch.randn(n, k, device="cuda") * 2).to(fp8)
         sa, sb = torch.rand(m, 1, device="cuda") * 1e-2, torch.rand(n if row_sb else 1, device="cuda") * 1e-2
         bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
-        tile = ws_config(m, n, sms) if m < 1024 else WS_W8A8
-        per_tile = dataclasses.replace(tile, persistent=0, stages=triton_int8.launch_stages(tile))
-        want = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=per_tile)
-        poison()
-        got = triton_int8.gemm_w8a8(a, sa, b, sb, bias, dt, cfg=tile)
-        ref = (a.double() @ b.double().T) * sa.double() * sb.double().reshape(1, -1) + (
-            bias.double() if has_bias else 0)
-        err = rel(got, ref)
-        record("w8a8_ws_fp8_bit_equal", torch.equal(got, want) and err < 4e-3, m=m, k=k, n=n, dtype=str(fp8),
-               row_sb=row_sb, out=str(dt), err=err, max_diff=float((got.float() - want.float()).abs().max()),
-               tile=f"{tile.block_m}x{tile.block_n} s{tile.stages}")
+        _ws_against_per_tile("w8a8_ws_fp8_bit_equal", a, sa, b, sb, bias, dt, sms, dtype=str(fp8), row_sb=row_sb,
+                             out=str(dt))
     # the runtime's own call: per-row fp8 activations, then the Gluon kernel where ws_shape gives it the shape
     for m, k, n, r in [(4096, 3072, 3072, 0), (4096, 3072, 12288, 0), (300, 5120, 5120, 0), (4096, 3072, 3072, 32),
                        (1024, 640, 640, 0)]:  # 40 tiles: the Triton kernel
