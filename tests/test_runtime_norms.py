@@ -382,3 +382,31 @@ def test_bench_variants_time_int8_rot_with_and_without_the_norm_fold(monkeypatch
     assert isinstance(got["int8_rot"].layers[0].layer[0].layer_norm, FoldedNorm)
     assert isinstance(got["int8_rot_nonorm"].layers[0].layer[0].layer_norm, T5LayerNorm)
     assert [v for v, _, _ in models.variants("mlp", None, only=("int8_rot", "int8_rot_nonorm"))] == ["int8_rot"]
+
+
+def test_bench_gemma_model_folds_its_pre_norms_with_one_plus_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``comfyquant bench``'s Gemma-3-shaped encoder (``gemma3_12b_256``, here narrow): its input and
+    pre-feed-forward norms fold into the quantizers with ``1 + weight`` (``NormSource.offset``), its post-norms
+    stay, and the folded model computes what ``int8_nonorm`` (the same layers, norms in torch) computes."""
+    from comfyquant.bench import blocks, models
+
+    def build(name: str) -> tuple[nn.Module, tuple]:
+        torch.manual_seed(0)
+        model = blocks.Gemma3(layers=2, d=64, heads=2, kv_heads=1, head_dim=32, ff=96)
+        for mod in model.modules():
+            if getattr(mod, "add", False) is True:
+                nn.init.uniform_(mod.weight, -0.5, 0.5)
+        return model, (torch.randn(1, 7, 64),)
+
+    monkeypatch.setattr(models, "build", build)
+    got = {v: (m, a) for v, m, a in models.variants("gemma", None, only=("bf16", "int8", "int8_nonorm"))}
+    assert list(got) == ["bf16", "int8", "int8_nonorm"]
+    folded = got["int8"][0].layers[0]
+    assert isinstance(folded.input_layernorm, FoldedNorm) and isinstance(folded.pre_feedforward_layernorm, FoldedNorm)
+    assert folded.input_layernorm.offset == 1.0
+    assert isinstance(folded.post_attention_layernorm, blocks.RMSNorm)  # acts on an output: stays
+    assert folded.mlp.down_proj.input_act == "gated_gelu_tanh"
+    with torch.no_grad():
+        base, want, out = (got[v][0](*got[v][1]) for v in ("bf16", "int8_nonorm", "int8"))
+    # on the CPU the folded norm is the same torch arithmetic, bit for bit; both are int8 (not the bf16 model)
+    assert torch.equal(out, want) and float((want - base).norm() / base.norm()) > 1e-3

@@ -350,15 +350,18 @@ class T5(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """ComfyUI's Llama-family norm (``comfy.text_encoders.llama.RMSNorm``: weight, ``eps``, one ``rms_norm``)."""
+    """ComfyUI's Llama-family norm (``comfy.text_encoders.llama.RMSNorm``: weight, ``eps``, one ``rms_norm``;
+    ``add``: Gemma's, which scales by ``1 + weight``, its weight around 0)."""
 
-    def __init__(self, d: int, eps: float = 1e-6) -> None:
+    def __init__(self, d: int, eps: float = 1e-6, add: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
+        self.weight = nn.Parameter(torch.zeros(d) if add else torch.ones(d))
         self.eps = eps
+        self.add = add
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        w = self.weight + 1.0 if self.add else self.weight
+        return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), self.eps)
 
 
 class Attention(nn.Module):
@@ -383,14 +386,19 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
-class MLP(nn.Module):
-    """ComfyUI's Llama MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (the gated fold applies)."""
+def _gelu_tanh_act(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, d: int, ff: int) -> None:
+
+class MLP(nn.Module):
+    """ComfyUI's Llama MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))``, ``act`` silu (Llama / Qwen) or gelu
+    with the tanh approximation (Gemma); the gated fold applies."""
+
+    def __init__(self, d: int, ff: int, gelu: bool = False) -> None:
         super().__init__()
         self.gate_proj, self.up_proj = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False)
         self.down_proj = nn.Linear(ff, d, bias=False)
-        self.activation = F.silu
+        self.activation = _gelu_tanh_act if gelu else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
@@ -409,6 +417,38 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(hidden_states=self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TransformerBlockGemma2(nn.Module):
+    """ComfyUI's Gemma 2 / 3 block (``comfy.text_encoders.llama.TransformerBlockGemma2``): ``1 + weight`` norms
+    before and after attention and the MLP (the pre-norms fold into the quantizers, the post-norms act on outputs
+    and stay), a gelu-tanh gated MLP; sliding-window masks and RoPE omitted."""
+
+    def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, ff: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(d, heads, kv_heads, head_dim)
+        self.mlp = MLP(d, ff, gelu=True)
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(d, add=True), RMSNorm(d, add=True)
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = RMSNorm(d, add=True), RMSNorm(d, add=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(hidden_states=self.input_layernorm(x)))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3(nn.Module):
+    """Gemma-3-12B-shaped text encoder (LTX-2's; Lumina 2's Gemma-2-2B has the same block): hidden 3840, 16 query
+    / 8 kv heads of 256, MLP 15360; ``layers`` of its 48 blocks."""
+
+    def __init__(self, layers: int = 4, d: int = 3840, heads: int = 16, kv_heads: int = 8, head_dim: int = 256,
+                 ff: int = 15360) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerBlockGemma2(d, heads, kv_heads, head_dim, ff) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class Qwen3(nn.Module):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from comfyquant.bench.blocks import T5, Flux, Flux2, Qwen3, Sdxl, Wan, fold_modulation
+from comfyquant.bench.blocks import T5, Flux, Flux2, Gemma3, Qwen3, Sdxl, Wan, fold_modulation
 from comfyquant.bench.timing import interleaved_ms
 from comfyquant.quant.int8 import quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
@@ -46,15 +46,20 @@ def build(name: str) -> tuple[nn.Module, tuple]:
             model, args = T5(), (torch.randn(1, 256, 4096),)
         elif name == "qwen3_4b_256":
             model, args = Qwen3(), (torch.randn(1, 256, 2560),)
+        elif name == "gemma3_12b_256":
+            model, args = Gemma3(), (torch.randn(1, 256, 3840),)
         else:
             raise ValueError(name)
         for mod in model.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.normal_(mod.weight, std=mod.in_features**-0.5)
+            elif getattr(mod, "add", False) is True:  # Gemma's 1 + weight norms: weights around 0
+                nn.init.uniform_(mod.weight, -0.5, 0.5)
     return model.to(torch.bfloat16).eval(), tuple(a.to(torch.bfloat16) for a in args)
 
 
-MODELS = ("flux_1024", "flux_512", "flux2_1024", "wan_480p", "sdxl_1024", "t5xxl_256", "qwen3_4b_256")
+MODELS = ("flux_1024", "flux_512", "flux2_1024", "wan_480p", "sdxl_1024", "t5xxl_256", "qwen3_4b_256",
+          "gemma3_12b_256")
 
 
 class _SwapLinear(nn.Module):
