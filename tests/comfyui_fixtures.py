@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from comfyquant.eval.workloads import DIT_FIXTURE
 from comfyquant.testing.comfyui_env import ComfyModules, default_cache_dir, ensure_comfyui, import_comfy
 
 
@@ -48,6 +49,19 @@ def torch_single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dit_sd() -> dict[str, torch.Tensor]:
+    """The digits DiT's tensors (Flux layout, ComfyUI loads it: ``comfyquant.eval.workloads.DIT_FIXTURE``)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(DIT_FIXTURE))
+
+
+def model_patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
+    """ComfyUI's own ModelPatcher for a diffusion-model state dict (given a copy: ComfyUI's loader pops keys)."""
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
 
 
 @contextmanager

@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from comfyui_fixtures import patched
+from comfyui_fixtures import model_patcher, patched
 from comfyui_server_fixtures import dit_forward, make_lora, rel_err
 from safetensors.torch import load_file
 
 from comfyquant.errors import UserError
-from comfyquant.eval.workloads import DIT_FIXTURE
 from comfyquant.nodes.adapter import MSG_AUTO_FAILED, MSG_NO_DIFFUSION, adapt_model
 from comfyquant.nodes.cache import QuantCache
 from comfyquant.nodes.ops import ComfyQuantLinear
@@ -23,18 +22,8 @@ from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def dit_sd() -> dict[str, torch.Tensor]:
-    return load_file(str(DIT_FIXTURE))
-
-
-def _patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
-    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
-
-
-
 def test_adapter_patches_a_clone_and_leaves_the_input_alone(comfy: Any, dit_sd: dict) -> None:
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     ref = dit_forward(base, dit_sd)
     cache = QuantCache()
     calls: list[tuple[int, int]] = []
@@ -103,7 +92,7 @@ def test_lora_reaches_every_layer_in_a_lowvram_load_and_weight_wrappers_apply(co
     import comfy.lora
     import comfy.sd
 
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     q, _ = adapt_model(base, AdapterSettings(format="int8"))
     q_lora, _ = comfy.sd.load_lora_for_models(q, None, make_lora(), 1.0, 0.0)
     f_lora, _ = comfy.sd.load_lora_for_models(base, None, make_lora(), 1.0, 0.0)
@@ -125,7 +114,7 @@ def test_weight_wrappers_do_not_pile_up_across_loads_or_leak_into_other_clones(c
     load and clears the list only on modules with its cast machinery, which our layers lack: the same wrapper ran
     once more per load (x0.5 twice on the second run), and ran in a sibling clone without it. Each load now gives
     our layers exactly its own patcher's wrappers."""
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     q, _ = adapt_model(base, AdapterSettings(format="int8"))
     key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     layer = q.object_patches[key[:-len(".weight")]]
@@ -188,7 +177,7 @@ def test_install_nodes_links_or_copies_and_refuses_foreign_folders(tmp_path: Pat
 def test_folded_activations_compute_what_the_gelu_modules_did(comfy: Any, dit_sd: dict) -> None:
     """The MLPs' GELU(tanh) modules are patched to Identity on the clone and applied by the next layer: same
     output on the CPU as without folding, the shared model keeps its GELUs, a LoRA node's derived layer too."""
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     plain, r0 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_activations=False)),
                             cache=QuantCache())
     folded, r1 = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
@@ -210,7 +199,7 @@ def test_flux2_swiglu_is_folded_in_comfyuis_own_model(comfy: Any, tmp_path: Path
     from comfyquant.testing.synthetic import write_synthetic_checkpoint
 
     write_synthetic_checkpoint(tmp_path / "flux2.safetensors", "flux2", "tiny", seed=1)
-    base = _patcher(comfy, load_file(str(tmp_path / "flux2.safetensors")))
+    base = model_patcher(comfy, load_file(str(tmp_path / "flux2.safetensors")))
     plain, r0 = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_activations=False)),
                             cache=QuantCache())
     folded, r1 = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())

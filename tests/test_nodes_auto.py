@@ -10,10 +10,8 @@ from typing import Any
 import pytest
 import torch
 from comfyui_server_fixtures import dit_forward, rel_err
-from safetensors.torch import load_file
 
 from comfyquant.errors import UserError
-from comfyquant.eval.workloads import DIT_FIXTURE
 from comfyquant.nodes.adapter import adapt_model
 from comfyquant.nodes.cache import QuantCache
 from comfyquant.nodes.ops import ComfyQuantLinear
@@ -23,14 +21,8 @@ pytestmark = pytest.mark.comfyui
 
 
 @pytest.fixture(scope="module")
-def dit_sd() -> dict[str, torch.Tensor]:
-    return load_file(str(DIT_FIXTURE))
-
-
-@pytest.fixture(scope="module")
 def base(comfy: Any, dit_sd: dict) -> Any:
     return comfy.sd.load_diffusion_model_state_dict(dict(dit_sd), model_options={})
-
 
 
 def _model_bytes(patcher: Any) -> int:

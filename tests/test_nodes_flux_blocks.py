@@ -10,25 +10,16 @@ from typing import Any
 
 import pytest
 import torch
+from comfyui_fixtures import model_patcher
 from comfyui_server_fixtures import rel_err
 from safetensors.torch import load_file
 
-from comfyquant.eval.workloads import DIT_FIXTURE
 from comfyquant.nodes.adapter import adapt_model
 from comfyquant.nodes.cache import QuantCache
 from comfyquant.nodes.flux_blocks import FoldedDoubleBlock, FoldedSingleBlock
 from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
 pytestmark = pytest.mark.comfyui
-
-
-@pytest.fixture(scope="module")
-def dit_sd() -> dict[str, torch.Tensor]:
-    return load_file(str(DIT_FIXTURE))
-
-
-def _patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
-    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
 
 
 def _chroma_patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
@@ -82,7 +73,7 @@ def _plain_and_folded(base: Any, fmt: str = "int8") -> tuple[Any, Any, Any]:
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_folded_blocks_compute_the_stock_blocks(comfy: Any, dit_sd: dict, fmt: str) -> None:
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     plain, folded, report = _plain_and_folded(base, fmt)
     assert report.modulated == ["double_blocks.0: img_norm1, img_norm2, txt_norm1, txt_norm2",
                                 "double_blocks.1: img_norm1, img_norm2, txt_norm1, txt_norm2",
@@ -108,7 +99,7 @@ def test_folded_blocks_compute_the_stock_blocks(comfy: Any, dit_sd: dict, fmt: s
 def test_an_attention_patch_hands_the_block_back_to_comfyui(comfy: Any, dit_sd: dict) -> None:
     """ComfyUI applies ``attn1_patch`` inside the stock forward only: with one set, every block runs stock
     (bit for bit the unfolded clone's output) and the replacements' buffers are never made."""
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     plain, folded, _ = _plain_and_folded(base)
     seen = []
 
@@ -125,7 +116,7 @@ def test_an_attention_patch_hands_the_block_back_to_comfyui(comfy: Any, dit_sd: 
 
 
 def test_another_nodes_block_replacement_is_kept(comfy: Any, dit_sd: dict) -> None:
-    base = _patcher(comfy, dit_sd).clone()
+    base = model_patcher(comfy, dit_sd).clone()
     calls = []
 
     def theirs(args: dict, extra: dict) -> dict:
@@ -144,7 +135,7 @@ def test_another_nodes_block_replacement_is_kept(comfy: Any, dit_sd: dict) -> No
 def test_per_token_modulation_runs_the_stock_block(comfy: Any, dit_sd: dict) -> None:
     """Reference-image models (``timestep_zero_index``) modulate per token: ``vec`` holds two rows per item, so
     the replacement hands the call to ``original_block`` (which ComfyUI gives the per-token dims)."""
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     _, folded, _ = _plain_and_folded(base)
     rep = _replacements(folded)[("double_block", 0)]
     ran = []
@@ -168,7 +159,7 @@ def test_other_models_with_flux_blocks_fold(comfy: Any, tmp_path: Path, arch: st
 
     write_synthetic_checkpoint(tmp_path / f"{arch}.safetensors", arch, "tiny", seed=1)
     sd = load_file(str(tmp_path / f"{arch}.safetensors"))
-    base = _chroma_patcher(comfy, sd) if arch == "chroma" else _patcher(comfy, sd)
+    base = _chroma_patcher(comfy, sd) if arch == "chroma" else model_patcher(comfy, sd)
     dm = base.model.diffusion_model
     assert dm.double_blocks[0].modulation == (arch == "hunyuan")
     plain, folded, report = _plain_and_folded(base)
@@ -183,7 +174,7 @@ def test_other_models_with_flux_blocks_fold(comfy: Any, tmp_path: Path, arch: st
 
 
 def test_no_fold_without_fold_norms(comfy: Any, dit_sd: dict) -> None:
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     clone, report = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_norms=False)),
                                 cache=QuantCache())
     assert report.modulated == [] and not _replacements(clone)

@@ -31,18 +31,12 @@ SCALE = 0.12  # make_lora's factor scale: a clear effect on one forward
 
 
 @pytest.fixture(scope="module")
-def dit_sd() -> dict[str, torch.Tensor]:
-    return load_file(str(DIT_FIXTURE))
-
-
-@pytest.fixture(scope="module")
 def lora_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("loras")
     a, b = folder / "a.safetensors", folder / "b.safetensors"
     save_file(make_lora(seed=0, scale=SCALE), str(a))
     save_file(make_lora(seed=1, scale=SCALE), str(b))
     return a, b
-
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from comfyui_fixtures import model_patcher
 from comfyui_server_fixtures import dit_forward, rel_err
 from safetensors.torch import load_file
 
@@ -37,11 +38,6 @@ pytestmark = pytest.mark.comfyui
 INT8_BOUND = 0.05  # sampled latents of an int8 model against float (as the node server tests)
 DENOISE_BOUND = 0.01  # one denoiser call of an int8 model against float (measured 0.0028 smoothquant, 0.0032 plain)
 OUTLIER_RATIO = 4.0  # a layer "has activation outliers" when max/median of its input channels' absmax >= this
-
-
-@pytest.fixture(scope="module")
-def dit_sd() -> dict[str, torch.Tensor]:
-    return load_file(str(DIT_FIXTURE))
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +68,6 @@ def held_out() -> dict[str, torch.Tensor]:
     return {n: torch.cat(v)[:1024] for n, v in rows.items()}
 
 
-def _patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:
-    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={})
-
-
-
 def _sq(calib: Path, **kw: Any) -> AdapterSettings:
     return AdapterSettings(**{"format": "int8", "outlier_method": "smoothquant", "calibration_file": str(calib),
                               **kw})
@@ -97,7 +88,7 @@ def _layer_errors(clone: Any, names: list[str], sd: dict, held: dict) -> dict[st
 
 def test_smoothquant_beats_plain_int8_on_layers_with_outliers_and_stays_near_float(
         comfy: Any, dit_sd: dict, calib_file: Path, held_out: dict, torch_single_thread: None) -> None:
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     float_out = dit_forward(base, dit_sd)
     plain, plain_rep = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
     smooth, rep = adapt_model(base, _sq(calib_file), cache=QuantCache())
@@ -129,7 +120,7 @@ def test_smoothquant_beats_plain_int8_on_layers_with_outliers_and_stays_near_flo
 
 def test_fp8_smoothquant_runs_within_the_bound_and_the_cache_key_holds_file_and_alpha(
         comfy: Any, dit_sd: dict, calib_file: Path, tmp_path: Path, torch_single_thread: None) -> None:
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     float_out = dit_forward(base, dit_sd)
     fp8, rep = adapt_model(base, _sq(calib_file, format="fp8"), cache=QuantCache())
     assert rep.smoothed == rep.converted and rep.formats == {"float8_e4m3fn": 20}
@@ -155,7 +146,7 @@ def test_save_refuses_a_smoothed_model_that_stock_comfyui_would_load_wrongly(
         comfy: Any, dit_sd: dict, calib_file: Path, tmp_path: Path, torch_single_thread: None) -> None:
     from comfyquant.io.writer import save_file
 
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     smooth, _ = adapt_model(base, _sq(calib_file), cache=QuantCache())
     out = tmp_path / "sq.safetensors"
     with pytest.raises(UserError, match=r"smoothed .* stock ComfyUI 0\.30 ignores outside nvfp4"):
@@ -163,7 +154,7 @@ def test_save_refuses_a_smoothed_model_that_stock_comfyui_would_load_wrongly(
     assert not out.exists()
     # why: the file Save would have written, loaded by stock ComfyUI, runs x @ (W diag(s))^T unsmoothed
     save_file(tmp_path / "unchecked.safetensors", model_state_for_saving(smooth), {})
-    stock = _patcher(comfy, load_file(str(tmp_path / "unchecked.safetensors")))
+    stock = model_patcher(comfy, load_file(str(tmp_path / "unchecked.safetensors")))
     assert rel_err(dit_forward(stock, dit_sd), dit_forward(smooth, dit_sd)) > 10 * INT8_BOUND
 
 
@@ -173,7 +164,7 @@ def test_bad_smoothquant_inputs_are_one_line_errors_and_leave_the_model_alone(
         AdapterSettings(outlier_method="smoothquant")
     with pytest.raises(UserError, match=r"alpha 1\.5 must be between 0 and 1"):
         _sq(calib_file, alpha=1.5)
-    base = _patcher(comfy, dit_sd)
+    base = model_patcher(comfy, dit_sd)
     other = tmp_path / "other.safetensors"  # statistics of another model
     save_stats(calibrate(torch.nn.Sequential(torch.nn.Linear(8, 4)), [torch.randn(3, 8)]), other)
     cases = [(_sq(calib_file, format="int4-rot"), "applies to formats int8 and fp8; int4-rot"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from triton_interp import interp_cast, record, record_refused, rel
+from triton_interp_norm import linear_paths, plan_pairs
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 EPS = 1e-6
@@ -92,15 +93,6 @@ def check_modulated_quantizer() -> None:
         record_refused(f"modulated_refused_{what}", call)
 
 
-def _paths(w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict:
-    from comfyquant.runtime.kernels import triton_int8 as ti
-
-    w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)
-    return {"w8a8": lambda x, **kw: ti.int8_linear(x, w, s, bias, None, dtype, **kw),
-            "fused_rows": lambda x, **kw: ti.fused_linear(x, w, s, bias, dtype, **kw),
-            "fp8_w8a8": lambda x, **kw: ti.fp8_linear(x, w8, s8, bias, None, dtype, **kw)}
-
-
 def check_modulated_linear() -> None:
     from comfyquant.runtime.kernels.acts import ModulatedNorm
 
@@ -113,7 +105,7 @@ def check_modulated_linear() -> None:
         mod = _mod(m // gr, k, seed=k, dtype=dt)
         norm = ModulatedNorm(mod, EPS, gr)
         xn = _normed64(x, mod, gr).float()
-        for name, path in _paths(w, s, bias, dt).items():
+        for name, path in linear_paths(w, s, bias, dt).items():
             y = path(x, norm=norm).float()
             ref = path(xn).float()
             without = rel(path(x).float(), ref)
@@ -122,33 +114,24 @@ def check_modulated_linear() -> None:
     # the one-launch path's per-tile kernel (under 64 rows) has no modulated norm: refused, not ignored
     w = torch.randint(-127, 128, (16, 128), dtype=torch.int8, generator=g)
     x = _x(8, 128, F16, seed=9)
-    paths = _paths(w, torch.ones(16) * 1e-3, None, F16)
+    paths = linear_paths(w, torch.ones(16) * 1e-3, None, F16)
     norm = ModulatedNorm(_mod(2, 128, 5, F16), EPS, 4)
-    for what, call in (("per_tile", lambda: paths["fused_rows"](x, norm=norm)),
+    for what, call in (("per_tile", lambda: paths["fused"](x, norm=norm)),
                        ("act", lambda: paths["w8a8"](x, act=3, norm=norm))):
         record_refused(f"modulated_linear_refused_{what}", call)
 
 
 def check_modulated_plans() -> None:
-    from comfyquant.runtime.kernels import triton_int8 as ti
-    from comfyquant.runtime.kernels import triton_plans as tp
     from comfyquant.runtime.kernels.acts import ModulatedNorm
 
     g = torch.Generator().manual_seed(8)
     m, k, n, dt, gr = 64, 128, 80, F16, 32
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     s = torch.rand(n, generator=g) * 0.01 + 1e-3
-    w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)
     buf = _mod(m // gr, k, seed=1, dtype=dt)
     norm = ModulatedNorm(buf, EPS, gr)
     xs = [_x(m, k, dt, seed=j) for j in range(3)]
-    pairs = {"int8": (lambda x: ti.int8_linear(x, w, s, None, None, dt, norm=norm),
-                      lambda x: tp.plan_int8(x, w, s, None, None, dt, 0, None, norm)),
-             "fused_rows": (lambda x: ti.fused_linear(x, w, s, None, dt, norm=norm),
-                            lambda x: tp.plan_fused(x, w, s, None, dt, 0, None, norm=norm)),
-             "fp8": (lambda x: ti.fp8_linear(x, w8, s8, None, None, dt, norm=norm),
-                     lambda x: tp.plan_fp8(x, w8, s8, None, dt, 0, None, None, norm))}
-    for name, (general, make) in pairs.items():
+    for name, (general, make) in plan_pairs(w, s, dt, norm).items():  # "fused": the row-block kernel at 64 rows
         plan = make(xs[0])
         same = plan is not None and all(torch.equal(plan(x), general(x)) for x in xs[1:])
         if plan is not None:  # the next step's modulation, written into the same buffer, is what the plan reads

@@ -117,13 +117,15 @@ def check_column_scale() -> None:
     p = _weight(256, seed=22)
     for m in (5, 70):
         x = _x(m, 256, F32, seed=m)
-        for name, path in _paths(w, sw, None, F32).items():
+        for name, path in linear_paths(w, sw, None, F32).items():
             y, want = path(x, norm=RowNorm(p, 0.0, rms=False)), path(x * p)
             record(f"column_scale_linear_{name}", torch.equal(y, want) and rel(path(x), want) > 0.05, m=m,
                    rel=rel(y, want))
 
 
-def _paths(w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict:
+def linear_paths(w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict:
+    """The int8 two-launch, one-launch and fp8 linears on int8 codes ``w`` (fp8: the same values rescaled), each
+    ``(x, **kw) -> y``."""
     from comfyquant.runtime.kernels import triton_int8 as ti
 
     w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)
@@ -145,7 +147,7 @@ def check_norm_linear() -> None:
             nw = _weight(k, seed=k, dtype=dt) if weighted else None
             norm = RowNorm(nw, EPS)
             xn = _normed64(x, nw).float()  # the norm in float64, handed over in fp32
-            for name, path in _paths(w, s, bias, dt).items():
+            for name, path in linear_paths(w, s, bias, dt).items():
                 y = path(x, norm=norm).float()
                 ref = path(xn).float()
                 without = rel(path(x).float(), ref)
@@ -154,7 +156,7 @@ def check_norm_linear() -> None:
                        weighted=weighted, rel=rel(y, ref), without=without)
     x = _x(4, 128, F16, seed=9)
     w = torch.randint(-127, 128, (16, 128), dtype=torch.int8, generator=g)
-    paths = _paths(w, torch.ones(16) * 1e-3, None, F16)
+    paths = linear_paths(w, torch.ones(16) * 1e-3, None, F16)
     lr = (torch.zeros(16, 128, dtype=F16), torch.zeros(16, 16, dtype=F16), 8)
     for what, call in (("act", lambda: paths["w8a8"](x, act=3, norm=RowNorm(None, EPS))),
                        ("kblock", lambda: paths["fused"](x, kblock=True, norm=RowNorm(None, EPS))),
@@ -162,25 +164,31 @@ def check_norm_linear() -> None:
         record_refused(f"norm_linear_refused_{what}", call)
 
 
-def check_norm_plans() -> None:
+def plan_pairs(w: torch.Tensor, s: torch.Tensor, dt: torch.dtype, norm: object) -> dict:
+    """``name -> (general path, plan maker)`` of the int8 two-launch, one-launch and fp8 linears on int8 codes
+    ``w`` (fp8: the same values rescaled) with ``norm`` folded, each ``x -> y`` / ``x -> plan or None``."""
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels import triton_plans as tp
+
+    w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)
+    return {"int8": (lambda x: ti.int8_linear(x, w, s, None, None, dt, norm=norm),
+                     lambda x: tp.plan_int8(x, w, s, None, None, dt, 0, None, norm)),
+            "fused": (lambda x: ti.fused_linear(x, w, s, None, dt, norm=norm),
+                      lambda x: tp.plan_fused(x, w, s, None, dt, 0, None, norm=norm)),
+            "fp8": (lambda x: ti.fp8_linear(x, w8, s8, None, None, dt, norm=norm),
+                    lambda x: tp.plan_fp8(x, w8, s8, None, dt, 0, None, None, norm))}
+
+
+def check_norm_plans() -> None:
     from comfyquant.runtime.kernels.acts import RowNorm
 
     g = torch.Generator().manual_seed(8)
     for m, k, n, dt in [(5, 64, 96, F32), (70, 128, 80, F16)]:
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
         s = torch.rand(n, generator=g) * 0.01 + 1e-3
-        w8, s8 = (w.float() * (448 / 127)).to(torch.float8_e4m3fn), s * (127 / 448)
         norm = RowNorm(_weight(k, seed=n, dtype=dt), EPS)
         xs = [_x(m, k, dt, seed=j) for j in range(3)]
-        pairs = {"int8": (lambda x: ti.int8_linear(x, w, s, None, None, dt, norm=norm),
-                          lambda x: tp.plan_int8(x, w, s, None, None, dt, 0, None, norm)),
-                 "fused": (lambda x: ti.fused_linear(x, w, s, None, dt, norm=norm),
-                           lambda x: tp.plan_fused(x, w, s, None, dt, 0, None, norm=norm)),
-                 "fp8": (lambda x: ti.fp8_linear(x, w8, s8, None, None, dt, norm=norm),
-                         lambda x: tp.plan_fp8(x, w8, s8, None, dt, 0, None, None, norm))}
-        for name, (general, make) in pairs.items():
+        for name, (general, make) in plan_pairs(w, s, dt, norm).items():
             plan = make(xs[0])
             same = plan is not None and all(torch.equal(plan(x), general(x)) for x in xs[1:])
             # an in-place update of the norm's weight is seen (the plan holds the tensor, not a copy)
