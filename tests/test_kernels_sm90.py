@@ -306,8 +306,9 @@ def test_a_modulated_norm_compiles_into_the_block_and_row_block_kernels_without_
                                                                                         mode: str) -> None:
     """A DiT block's modulated LayerNorm folded into the quantizer (``acts.ModulatedNorm``: Flux's 3,072-wide,
     Wan's 5,120, SD3's 1,536 rows, and the widest a quantizer holds): the block activation kernel (one pass, rows in
-    registers, whatever chunk its configuration would take) and the row-block one-launch W8A8 kernel compile for
-    sm_90 without register spills, with one reciprocal square root per row and the division once per row."""
+    registers, whatever chunk its configuration would take), the row-block one-launch W8A8 kernel and the rotating
+    row kernel compile for sm_90 without register spills, with one reciprocal square root per row and the
+    division once per row."""
     from test_gluon_gemm import _assert_no_spills
 
     from comfyquant.runtime.kernels import triton_int8 as ti
@@ -334,6 +335,15 @@ def test_a_modulated_norm_compiles_into_the_block_and_row_block_kernels_without_
     ptx = _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True).asm["ptx"]
     _assert_no_spills(ptx)
     assert "rsqrt.approx" in ptx and "wgmma.mma_async" in ptx
+    # rotated (int8-rot, int4-rot): the row kernel normalizes and modulates the row, then rotates it (convrot 256),
+    # int8 codes and the weight-only paths' rotation alone
+    for code, dt in ((tq.MODE_INT8, torch.int8), (tq.MODE_FLOAT, torch.bfloat16)):
+        (fk, _, args, _, warps, stages), = tq.launch_for(x, torch.empty(m, k, dtype=dt), s, None, 256, code, 127.0,
+                                                       0, 0, "auto", norm)
+        assert fk is tq._ACT and args[9] == 1  # the row kernel, the row in one block
+        ptx = _compile(fk, args, warps, stages).asm["ptx"]
+        _assert_no_spills(ptx)
+        assert "rsqrt.approx" in ptx
 
 
 @pytest.mark.parametrize(("m", "k", "group", "mode", "dtype"), [(256, 4096, 256, "int8", torch.bfloat16),

@@ -71,7 +71,7 @@ def _plain_and_folded(base: Any, fmt: str = "int8") -> tuple[Any, Any, Any]:
     return plain, folded, report
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int8-rot"])
 def test_folded_blocks_compute_the_stock_blocks(comfy: Any, dit_sd: dict, fmt: str) -> None:
     base = model_patcher(comfy, dit_sd)
     plain, folded, report = _plain_and_folded(base, fmt)

@@ -79,20 +79,26 @@ def test_norm_fits_checks_the_buffer_against_the_rows() -> None:
 
 
 def test_which_backends_fold_it() -> None:
-    """The quantizers that hold whole rows: int8's two-launch path unrotated, its one-launch path where the
-    row-block kernel runs (64 rows up), fp8 with dynamic scales (Triton and cuBLAS); rows up to 8,192 wide."""
-    int8, fp8 = builtin.INT8.backends, builtin.FP8.backends
+    """The quantizers that hold whole rows (up to 8,192 wide): int8's two-launch path (the block kernel, or before
+    its rotation the row kernel), its one-launch path where the row-block kernel runs (64 rows up, unrotated),
+    its weight-only path's rotation pass (rotated weights), int4_rot's three paths, fp8 with dynamic scales."""
+    int8, fp8, int4 = builtin.INT8.backends, builtin.FP8.backends, builtin.INT4_ROT.backends
     assert int8["triton"].fuses_mod((None,), (0,), 16, 3072, 3072)
-    assert not int8["triton"].fuses_mod((None,), (256,), 4096, 3072, 3072)  # convrot: the row kernel has no LN
+    assert int8["triton"].fuses_mod((None,), (256,), 4096, 3072, 3072)  # convrot: the row kernel
     assert not int8["triton"].fuses_mod((None,), (0,), 4096, 3072, MODULATED_MAX_K + 16)
     assert int8["triton_fused"].fuses_mod((None,), (0,), 1024, 3072, 3072)
     assert not int8["triton_fused"].fuses_mod((None,), (0,), 16, 3072, 3072)  # per-tile kernel
+    assert not int8["triton_fused"].fuses_mod((None,), (256,), 1024, 3072, 3072)  # it takes no rotated weight
+    assert int8["triton_w8a16"].fuses_mod((None,), (256,), 1, 3072, 3072)  # its rotation pass
+    assert not int8["triton_w8a16"].fuses_mod((None,), (0,), 1, 3072, 3072)  # no pass to fold it into
+    assert all(int4[b].fuses_mod((None,), (256,), 16, 3072, 3072) for b in ("triton", "triton_unpacked",
+                                                                            "triton_w4a16"))
     assert fp8["triton"].fuses_mod((None,), (), 4096, 3072, 3072)
     assert fp8["scaled_mm"].fuses_mod((None, None), (), 4096, 3072, 3072)
     assert not fp8["triton"].fuses_mod((None, torch.ones(())), (), 4096, 3072, 3072)  # static input scale
     for kind in (builtin.INT8, builtin.FP8, builtin.INT4_ROT):
         for name, b in kind.backends.items():
-            if name in ("torch", "dequant", "triton_w8a16", "triton_w4a16", "triton_fused_kblock", "triton_unpacked"):
+            if name in ("torch", "dequant", "triton_fused_kblock") or (kind is builtin.FP8 and name == "triton_w8a16"):
                 assert b.fuses_mod is None, (kind.name, name)
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (the lambdas run inside the loop iteration that defines them)
 """Interpreter checks of a modulated LayerNorm folded into the activation quantizer (``acts.ModulatedNorm``,
 ``act_kernels.layer_mod``): the block kernel, the two-launch int8 / fp8 linears, the row-block one-launch
 kernel and their eager plans.
@@ -83,9 +84,10 @@ def check_modulated_quantizer() -> None:
     y64 = _normed64(x, norm.mod, 3)
     record("modulated_quantize_rows_int8",
            ((q.double() * s.double() - y64).abs() / s.double()).max().item() <= 0.5 + 1e-3)
-    # rows past the limit a quantizer holds in registers, a rotation, a static scale, an input activation: refused
+    # rows past the limit a quantizer holds in registers, a static scale, an input activation: refused
     wide = _x(2, 8200, F16, seed=42)
-    for what, call in (("rotated", lambda: tq.quantize_rows_int8(x, 16, norm=norm)),
+    for what, call in (("rotated_wide", lambda: tq.quantize_rows_int8(wide, 64, norm=ModulatedNorm(
+                            _mod(1, 8200, 44, F16), EPS, 2))),
                        ("act", lambda: tq.quantize_rows_int8(x, act=3, norm=norm)),
                        ("static", lambda: tq.quantize_rows_fp8(x, static_scale=torch.tensor(0.1), norm=norm)),
                        ("wide", lambda: tq.quantize_rows_int8(wide, norm=ModulatedNorm(_mod(1, 8200, 43, F16), EPS,
@@ -143,5 +145,81 @@ def check_modulated_plans() -> None:
         record(f"modulated_plan_{name}", same, planned=plan is not None)
 
 
+def check_modulated_rotated() -> None:
+    """Rotated layers (int8 convrot, int4_rot) with a modulated norm: the rotating row kernel holds the row, normalizes
+    and modulates it, then rotates. Codes within half a step of the float64 rotation of the float64 rows (plus the
+    rotation's fp32 sums), scales to 1e-5; the rotation alone (the weight-only paths' pass) within 1e-5 of it in
+    fp32 and its cast in x's dtype; every rotated linear (int8 W8A8, int8 weight-only, int4 W4A8 / unpacked /
+    weight-only) against the same path fed the float64 rows to 3e-3 and ~1 off without the norm; their plans
+    replay the general path bit for bit and read the refilled buffer. Weight-only kernels on fp16 x only (the
+    interpreter's bf16 limitation, ``check_w8a16``)."""
+    from triton_interp_fusions import _int4_rot
+    from triton_interp_norm import _hadamard64
+
+    from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans as tp
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels import triton_unpack as tu
+    from comfyquant.runtime.kernels.acts import ModulatedNorm
+
+    for i, (m, k, dt, gr, group) in enumerate([(6, 96, F32, 3, 16), (8, 320, F16, 4, 64), (4, 512, BF16, 2, 256)]):
+        x = _x(m, k, dt, seed=60 + i)
+        mod = _mod(m // gr, k, seed=70 + i, dtype=dt)
+        norm = ModulatedNorm(mod, EPS, gr)
+        want = _hadamard64(_normed64(x, mod, gr), group)
+        q, sc = tq.quantize_rows_int8(x, group, norm=norm)
+        sr = want.abs().amax(-1, keepdim=True) / 127
+        steps = ((q.double() * sc.double() - want).abs() / sr).max().item()
+        scale_rel = ((sc.double() - sr).abs() / sr).max().item()
+        record("modulated_rotated_codes", steps <= 0.5 + 1e-3 and scale_rel < 1e-5, m=m, k=k, dtype=str(dt),
+               rot=group, err_steps=steps, scale_rel=scale_rel)
+        y32 = tq.rotate_rows(x, group, norm=norm, out_dtype=F32)
+        y = tq.rotate_rows(x, group, norm=norm)
+        record("modulated_rotated_float", rel(y32, want) < 1e-5 and torch.equal(y, interp_cast(y32, dt)), m=m, k=k,
+               dtype=str(dt), rot=group, rel64=rel(y32, want))
+    g = torch.Generator().manual_seed(41)
+    for m, k, n, dt, gr, group in [(6, 256, 48, F32, 3, 16), (8, 512, 40, F16, 4, 256), (64, 192, 32, F16, 32, 64)]:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-3
+        bias = torch.randn(n, generator=g)
+        x = _x(m, k, dt, seed=m * k)
+        buf = _mod(m // gr, k, seed=k, dtype=dt)
+        norm = ModulatedNorm(buf, EPS, gr)
+        xn = _normed64(x, buf, gr).float()
+        paths = {"w8a8": lambda x, **kw: ti.int8_linear(x, w, s, bias, group, dt, **kw)}
+        w4, s4, g4 = _int4_rot(n, k, seed=m + n)
+        paths["w4a8"] = lambda x, **kw: ti.w4a8_linear(x, w4, s4, None, g4, dt, **kw)
+        paths["w4_unpacked"] = lambda x, **kw: tu.w4_unpacked_linear(x, w4, s4, None, g4, dt, **kw)
+        if dt == F16:
+            paths["w8a16"] = lambda x, **kw: ti.w8a16_linear(x, w, s, bias, group, dt, **kw)
+            paths["w4a16"] = lambda x, **kw: ti.w8a16_linear(x, w4, s4, None, g4, dt, packed=True, **kw)
+        for name, path in paths.items():
+            fed = xn.to(dt) if name in ("w8a16", "w4a16") else xn
+            y, ref = path(x, norm=norm).float(), path(fed).float()
+            without = rel(path(x).float(), ref)
+            record(f"modulated_rotated_linear_{name}", rel(y, ref) < 3e-3 and without > 0.3, m=m, k=k, n=n,
+                   dtype=str(dt), rel=rel(y, ref), without=without)
+        if dt != F16:
+            continue  # the plans take 16-bit x
+        xs = [_x(m, k, dt, seed=300 + j) for j in range(3)]
+        plans = {"w8a8": tp.plan_int8(xs[0], w, s, bias, group, dt, 0, None, norm),
+                 "w8a16": builtin._plan_w8a16(xs[0], w, (s,), bias, (group,), dt, 0, norm=norm),
+                 "w4a8": tp.plan_w4a8(xs[0], w4, s4, None, g4, dt, 0, None, norm),
+                 "w4_unpacked": tu.plan_w4_unpacked(xs[0], w4, s4, None, g4, dt, 0, None, norm),
+                 "w4a16": builtin._plan_int4_w4a16(xs[0], w4, (s4,), None, (g4,), dt, 0, norm=norm)}
+        for name, plan in plans.items():
+            general = paths[name]
+            same = plan is not None and all(torch.equal(plan(x), general(x, norm=norm)) for x in xs[1:])
+            if plan is not None:
+                before = general(xs[1], norm=norm)
+                saved = buf.clone()
+                buf.copy_(_mod(m // gr, k, seed=k + 1, dtype=dt))
+                same = same and torch.equal(plan(xs[1]), general(xs[1], norm=norm)) and not torch.equal(
+                    before, general(xs[1], norm=norm))
+                buf.copy_(saved)
+            record(f"modulated_rotated_plan_{name}", same, m=m, k=k, n=n, planned=plan is not None)
+
+
 GROUPS = {"modulated_quantizer": check_modulated_quantizer, "modulated_linear": check_modulated_linear,
-          "modulated_plans": check_modulated_plans}
+          "modulated_plans": check_modulated_plans, "modulated_rotated": check_modulated_rotated}

@@ -139,27 +139,34 @@ def _dst(o, PERM: tl.constexpr):
 
 @triton.jit
 def _read_norm(x_row, o, K, BLOCK: tl.constexpr, STAGES: tl.constexpr, ACT: tl.constexpr, nw_ptr,
-               NORM: tl.constexpr):
+               NORM: tl.constexpr, row, eps, GR):
     """:func:`_read` with a folded norm: (elements ``o`` times the norm's weight (``NORM`` 2) or column scale (3),
-    then rotated; the sum of squares of the elements before the weight (``NORM`` 1 / 2, else 0))."""
+    or (4, the whole row in ``o``) the modulated LayerNorm of row ``row`` (:func:`layer_mod`'s arithmetic), then
+    rotated; the sum of squares of the elements before the weight (``NORM`` 1 / 2, else 0))."""
     x = _load_act(x_row + o, o < K, K, ACT)
     ss = tl.zeros((), dtype=tl.float32)
     if NORM == 1 or NORM == 2:
         ss = tl.sum(x * x, axis=0)
     if NORM == 2 or NORM == 3:
         x = x * tl.load(nw_ptr + o, mask=o < K, other=0.0).to(tl.float32)
+    if NORM == 4:
+        x = tl.reshape(layer_mod(tl.reshape(x, (1, BLOCK)), row + tl.zeros((1,), tl.int64), o, (o < K)[None, :], K,
+                                 nw_ptr, eps, GR), (BLOCK,))
     return _rotate(x, BLOCK, STAGES), ss
 
 
 @triton.jit
 def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qmax,
                 BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, STAGES: tl.constexpr, MODE: tl.constexpr,
-                PERM: tl.constexpr, ACT: tl.constexpr, nw_ptr, eps, NORM: tl.constexpr):
+                PERM: tl.constexpr, ACT: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr):
     """A row per program. ``NORM`` (dynamic scales or the rotation alone, no input activation): an RMSNorm (1: no
     weight, 2: with one) or a column scale (3) folded in as :func:`quantize_rows` folds it into the block kernel.
     The rotation is linear and acts within the row, so ``H(x * w * r) = r * H(x * w)`` for the row's factor ``r``:
     the codes are those of ``H(x * w)`` and the stored scale takes ``r``; the rotation alone (``MODE`` 3) writes
-    ``r * H(x * w)``, with ``r`` from a first pass over the row when it is read in chunks."""
+    ``r * H(x * w)``, with ``r`` from a first pass over the row when it is read in chunks. ``NORM`` 4 (the row in
+    one block): a modulated LayerNorm (groups of ``GR`` rows) applied before the rotation, which then rotates the
+    normed row (the shift leaves no factor to move past it)."""
+    tl.static_assert(NORM != 4 or NUM_CHUNKS == 1, "a modulated LayerNorm needs the row in one block")
     RMS: tl.constexpr = NORM == 1 or NORM == 2
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -171,11 +178,11 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
             ss = tl.zeros((), dtype=tl.float32)
             for c in range(NUM_CHUNKS):
                 o = c * BLOCK + offs
-                ss += _read_norm(x_row, o, K, BLOCK, 0, ACT, nw_ptr, 1)[1]
+                ss += _read_norm(x_row, o, K, BLOCK, 0, ACT, nw_ptr, 1, row, eps, GR)[1]
             r = tl.math.rsqrt(ss / K + eps)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x, ss_c = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, NORM)
+            x, ss_c = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, NORM, row, eps, GR)
             if RMS:
                 if NUM_CHUNKS == 1:
                     r = tl.math.rsqrt(ss_c / K + eps)
@@ -189,7 +196,7 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
             tl.store(o_row + o, _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty), mask=o < K)
         tl.store(s_ptr + row, scale)  # per row like the dynamic modes: a GEMM epilogue reads one layout
     elif NUM_CHUNKS == 1:
-        x, ss = _read_norm(x_row, offs, K, BLOCK, STAGES, ACT, nw_ptr, NORM)
+        x, ss = _read_norm(x_row, offs, K, BLOCK, STAGES, ACT, nw_ptr, NORM, row, eps, GR)
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         tl.store(o_row + _dst(offs, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
@@ -202,13 +209,13 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
         ss = tl.zeros((), dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x, ss_c = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, NORM)
+            x, ss_c = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, NORM, row, eps, GR)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
             ss += ss_c
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
-            x = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, 3 if NORM >= 2 else 0)[0]  # weight, no sum
+            x = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, 3 if NORM >= 2 else 0, row, eps, GR)[0]  # no sum
             tl.store(o_row + _dst(o, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
                      mask=o < K)
         if RMS:

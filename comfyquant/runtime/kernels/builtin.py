@@ -112,16 +112,23 @@ def _dynamic(scales: tuple, opts: tuple) -> bool:
     return len(scales) < 2 or scales[1] is None
 
 
-def _mod_unrotated(scales: tuple, opts: tuple, m: int, n: int, k: int) -> bool:
-    """The two-launch int8 path folds a modulated LayerNorm into its block kernel for an unrotated weight and
-    rows it holds in registers."""
-    return not _opt(opts, 0) and k <= MODULATED_MAX_K
+def _mod_any(scales: tuple, opts: tuple, m: int, n: int, k: int) -> bool:
+    """The W8A8 / W4A8 paths fold a modulated LayerNorm into their quantizer (the block kernel unrotated, the row
+    kernel before its rotation), and int4_rot's weight-only path into its rotation pass, on rows a kernel holds
+    whole."""
+    return k <= MODULATED_MAX_K
+
+
+def _mod_rotated(scales: tuple, opts: tuple, m: int, n: int, k: int) -> bool:
+    """int8's weight-only path on a rotated weight folds it into its rotation pass (an unrotated one reads x as
+    given)."""
+    return bool(_opt(opts, 0)) and k <= MODULATED_MAX_K
 
 
 def _mod_rows(scales: tuple, opts: tuple, m: int, n: int, k: int) -> bool:
-    """The one-launch int8 path folds it where the row-block kernel runs (its quantization share is the block
-    kernel's), not the per-tile kernel of fewer rows."""
-    return _mod_unrotated(scales, opts, m, n, k) and rows_shape(m, n, k)
+    """The one-launch int8 path (unrotated weights) folds it where the row-block kernel runs (its quantization
+    share is the block kernel's), not the per-tile kernel of fewer rows."""
+    return not _opt(opts, 0) and k <= MODULATED_MAX_K and rows_shape(m, n, k)
 
 
 def _mod_dynamic(scales: tuple, opts: tuple, m: int, n: int, k: int) -> bool:
@@ -507,12 +514,13 @@ INT8 = register_kernel_kind(KernelKind(
     {"torch": _int8_torch,
      "dequant": KernelBackend(_int8_dequant, plan=_plan_dequant),
      "triton": KernelBackend(_int8_triton, _TRITON, True, True, _plan_int8_triton, fuses_gated_act=True,
-                             fuses_norm=_any_int8, fuses_mod=_mod_unrotated),
+                             fuses_norm=_any_int8, fuses_mod=_mod_any),
      "triton_fused": KernelBackend(_int8_fused, _TRITON, True, True, _plan_int8_fused, fuses_norm=_unrotated,
                                    fuses_mod=_mod_rows),
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
-     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16, fuses_norm=_rotated)},
+     "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16, fuses_norm=_rotated,
+                                   fuses_mod=_mod_rotated)},
     choose=_choose_int8, check=_check_int8, choose_low_rank=_choose_int8))
 INT8_BLOCK = register_kernel_kind(KernelKind(
     "int8_block", {"torch": _block_torch, "dequant": KernelBackend(_block_dequant, plan=_plan_block_dequant)},
@@ -531,10 +539,11 @@ INT4_ROT = register_kernel_kind(KernelKind(
     "int4_rot",
     {"torch": _int4_torch, "dequant": _int4_dequant,
      "triton": KernelBackend(_int4_triton, _TRITON, True, True, _plan_int4_triton, fuses_gated_act=True,
-                             fuses_norm=_any_int8),
+                             fuses_norm=_any_int8, fuses_mod=_mod_any),
      "triton_unpacked": KernelBackend(_int4_unpacked, _TRITON, True, True, _plan_int4_unpacked,
-                                      fuses_gated_act=True, fuses_norm=_any_int8),
-     "triton_w4a16": KernelBackend(_int4_w4a16, _TRITON, True, True, _plan_int4_w4a16, fuses_norm=_any_int8)},
+                                      fuses_gated_act=True, fuses_norm=_any_int8, fuses_mod=_mod_any),
+     "triton_w4a16": KernelBackend(_int4_w4a16, _TRITON, True, True, _plan_int4_w4a16, fuses_norm=_any_int8,
+                                   fuses_mod=_mod_any)},
     choose=_choose_int4, in_features=lambda w, opts: 2 * int(w.shape[1]), check=_check_int4))
 
 # the block-scaled kinds (nvfp4, mxfp8) register themselves next to their kernels

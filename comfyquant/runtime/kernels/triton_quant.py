@@ -248,8 +248,8 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
     if norm is not None:
         if not norm_applies(group, mode, act, static_scale, norm, out_width(x2d, act)):
             raise ValueError("an RMSNorm folds into dynamic int8 / fp8 codes (int8 rotated too) or a rotation "
-                             "without an input activation only, a modulated LayerNorm into unrotated ones of rows "
-                             f"up to {SINGLE_PASS_MAX} wide (group {group}, mode {mode}, act {act}, static scale "
+                             "without an input activation only, a modulated LayerNorm into those of rows up to "
+                             f"{SINGLE_PASS_MAX} wide (group {group}, mode {mode}, act {act}, static scale "
                              f"{static_scale is not None}, {type(norm).__name__})")
         kernel = "blocks" if group is None else "rows"
     if kernel == "auto":
@@ -362,12 +362,13 @@ def norm_applies(group: int | None, mode: int, act: int, static_scale: torch.Ten
     """Whether a norm folds into this quantization: unrotated dynamic int8 / fp8 codes (the block kernel),
     rotated int8 codes or the rotation alone (the row kernel); no static scale (it would need the norm's factor
     before the codes), no input activation. The other rotating kernels (tile, split, one-read) have no norm: a
-    call with one takes the row kernel. A modulated LayerNorm (``norm`` a ``ModulatedNorm``, rows ``k`` wide):
-    unrotated codes of rows the block kernel holds in registers (``k <= SINGLE_PASS_MAX``) only."""
+    call with one takes the row kernel. A modulated LayerNorm (``norm`` a ``ModulatedNorm``, rows ``k`` wide): the
+    same, on rows a kernel holds whole (``k <= SINGLE_PASS_MAX``)."""
     if act != 0 or static_scale is not None:
         return False
     if isinstance(norm, ModulatedNorm):
-        return group is None and mode in (MODE_INT8, MODE_FP8) and 0 < k <= SINGLE_PASS_MAX
+        modes = (MODE_INT8, MODE_FP8) if group is None else (MODE_INT8, MODE_FLOAT)
+        return mode in modes and 0 < k <= SINGLE_PASS_MAX
     if group is None:
         return mode in (MODE_INT8, MODE_FP8)
     return mode in (MODE_INT8, MODE_FLOAT)
@@ -376,18 +377,20 @@ def norm_applies(group: int | None, mode: int, act: int, static_scale: torch.Ten
 def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                group: int | None, mode: int, qmax: float, perm: int, act: int, norm: Norm | None = None) -> tuple:
     """(grid, args, key, num_warps) of the activation kernel: x, output, scale and the scale it reads at
-    ``args[0:4]`` (the dynamic scale itself when there is no static one); ``norm``: a folded RMSNorm (its weight
-    at ``args[-3]``)."""
+    ``args[0:4]`` (the dynamic scale itself when there is no static one); ``norm``: a folded RMSNorm or modulated
+    LayerNorm (its tensor at ``args[-4]``). Warps: 8 from 4,096-wide blocks, 4 below; a modulated norm's 4,096-wide
+    block keeps 4 (8 spilled 4 bytes in the rotation-only mode at Flux's 3,072, sm_90 compile)."""
     m, k = x2d.shape[0], out_width(x2d, act)
     full = next_power_of_2(max(k, 16))
     block = full if full <= SINGLE_PASS_MAX else max(CHUNK, group or 0)
     static = static_scale if static_scale is not None else scale
     nw, eps, code = norm_args(norm, _no_norm(x2d.device))
+    wide = block > 4096 if isinstance(norm, ModulatedNorm) else block >= 4096
     return ((m,), (x2d, out, scale, static, k, x2d.stride(0), out.stride(0), qmax, block, cdiv(k, block),
-                   _stages(group), mode, perm, act, nw, eps, code),
+                   _stages(group), mode, perm, act, nw, eps, norm_rows(norm), code),
             (block, cdiv(k, block), _stages(group), mode, perm, act, x2d.dtype, out.dtype, k, x2d.stride(0),
              x2d.data_ptr() % 16 == 0, static_scale is not None, code, nw.dtype, nw.data_ptr() % 16 == 0),
-            8 if block >= 4096 else 4)
+            8 if wide else 4)
 
 
 def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 0, act: int = 0,
