@@ -67,6 +67,21 @@ def test_a_site_keeps_one_buffer_per_shape_so_kernel_plans_stay_valid() -> None:
     assert norm_key(c) != norm_key(b)
 
 
+def test_a_site_made_under_inference_mode_serves_calls_outside_it() -> None:
+    """ComfyUI samples under ``torch.inference_mode``: a buffer made there is an inference tensor, which torch
+    will not write in place outside it (a model then run under ``no_grad`` only); the site makes a new one."""
+    _, shift, scale, _ = _inputs(2, 3, 16, seed=11)
+    site = ModulationSite(EPS)
+    with torch.inference_mode():
+        inside = site.norm(shift, scale, 3).mod
+    assert inside.is_inference()
+    with torch.no_grad():
+        outside = site.norm(shift, scale, 3).mod
+    assert not outside.is_inference() and torch.equal(outside, inside)
+    with torch.inference_mode():  # a normal tensor is written in place inside it: kept
+        assert site.norm(shift, scale, 3).mod.data_ptr() == outside.data_ptr()
+
+
 def test_norm_fits_checks_the_buffer_against_the_rows() -> None:
     x, shift, scale, _ = _inputs(2, 4, 16, seed=3)
     norm = ModulationSite(EPS).norm(shift, scale, 4)

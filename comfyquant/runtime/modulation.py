@@ -37,8 +37,10 @@ class ModulationSite:
         into the site's buffer (one launch), ``rows`` rows per batch item."""
         g, k = shift.shape[0], shift.shape[-1]
         buf = self._buf
+        # remade for another shape, dtype or device, and where a buffer made under inference_mode (ComfyUI samples
+        # in it) would be written outside it (torch refuses in-place writes to inference tensors there)
         if (buf is None or buf.shape[0] != g or buf.shape[1] != 2 * k or buf.dtype != shift.dtype
-                or buf.device != shift.device):
+                or buf.device != shift.device or (buf.is_inference() and not torch.is_inference_mode_enabled())):
             buf = self._buf = torch.empty((g, 2 * k), dtype=shift.dtype, device=shift.device)
         torch.cat((shift.reshape(g, k), scale.reshape(g, k)), dim=-1, out=buf)
         return ModulatedNorm(buf, self.eps, rows)
