@@ -216,3 +216,31 @@ def test_bench_flux_variants_time_the_fold_beside_the_torch_norms(arch: str, mon
         # quantization's own error
         assert rel(out, want) < 0.02 * rel(want, base), (rel(out, want), rel(want, base))
     assert [v for v, _, _ in models.variants("sdxl_small", None, only=("int8_modfold",))] == []
+
+
+def test_a_normed_call_goes_through_the_module_and_shows_in_describe_dispatch() -> None:
+    """``QuantLinear.normed`` calls the module (its forward hooks run, seeing x before the norm, as on a layer with
+    a folded norm), so ``describe_dispatch`` has a row for each modulated layer, naming the norm and where it is
+    applied (on the CPU's torch reference: "torch first"); the norm is the call's only."""
+    from functools import partial
+
+    from comfyquant.bench import blocks
+    from comfyquant.runtime import describe_dispatch, quantize_
+    from comfyquant.runtime.quantize import QuantizeConfig
+
+    torch.manual_seed(0)
+    model = blocks.Flux(1, 1, (partial(blocks.FluxDouble, 64, 2), partial(blocks.FluxSingle, 64, 2)))
+    quantize_(model, QuantizeConfig(format="int8", min_features=1))
+    assert blocks.fold_modulation(model) == 2
+    args = (torch.randn(2, 12, 64), torch.randn(2, 5, 64), torch.randn(2, 64))
+    seen = []
+    qkv = model.doubles[0].qkv[1]
+    handle = qkv.register_forward_pre_hook(lambda mod, a: seen.append((a[0].shape, mod.call_norm is not None)))
+    with torch.no_grad():
+        model(*args)
+    handle.remove()
+    assert seen == [(torch.Size([2, 12, 64]), True)] and qkv.call_norm is None
+    rows = {r.layer: r for r in describe_dispatch(model, *args)}
+    for name in ("doubles.0.qkv.0", "doubles.0.qkv.1", "doubles.0.mlp.0.0", "singles.0.linear1"):
+        assert rows[name].folded == "layer_mod: torch first", (name, rows[name])
+    assert rows["doubles.0.proj.0"].folded == "" and rows["doubles.0.mlp.1.2"].folded == "gelu_tanh: torch first"

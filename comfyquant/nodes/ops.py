@@ -109,14 +109,7 @@ class ComfyQuantLinear(QuantLinear):
             y = sib[0].product(sib[1], x)
             if y is not None:  # its side path (dynamic LoRAs) included
                 return y
-        src = self.__dict__.get("input_norm")
-        return self._compute(x, None if src is None else src.row_norm())
-
-    def normed(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
-        """``QuantLinear.normed``, with this class's per-call handling (offloaded weights, weight functions)."""
-        if not self.takes_norm():
-            return self(rms_norm(x, norm))
-        return self._compute(x, norm)
+        return self._compute(x, self.norm_for_call())
 
     def _compute(self, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
         w = self.qweight

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from comfyquant.runtime.gated import GatedForward
-from comfyquant.runtime.kernels.acts import GATED, apply_input_act
+from comfyquant.runtime.kernels.acts import GATED, ModulatedNorm, apply_input_act
 from comfyquant.runtime.kernels.backends import BackendChoice
 from comfyquant.runtime.kernels.dispatch import choose_backend
 from comfyquant.runtime.kernels.policy import DispatchPolicy
@@ -41,14 +41,18 @@ class LayerDispatch:
     folded: str = ""
 
 
-def _folded(kind: str, backend: str, scales: tuple, opts: tuple, act: str | None, has_norm: bool,
-            low_rank: bool) -> str:
-    """``"rms_norm: in the kernel"`` / ``"gelu_tanh: torch first"`` / ``""`` for a call on ``backend`` with input
-    activation ``act`` or a folded norm (a low-rank term reads the normed x: the norm is applied in torch)."""
-    if act is None and not has_norm:
+def _folded(kind: str, backend: str, scales: tuple, opts: tuple, act: str | None, norm: Any, low_rank: bool,
+            mnk: tuple[int, int, int] = (0, 0, 0)) -> str:
+    """``"rms_norm: in the kernel"`` / ``"layer_mod: torch first"`` / ``"gelu_tanh: torch first"`` / ``""`` for a
+    call on ``backend`` with input activation ``act`` or a norm (``acts.RowNorm``, ``acts.ModulatedNorm`` for a
+    ``[m, k] x [k, n]`` call ``mnk``; a low-rank term reads the normed x: the norm is applied in torch)."""
+    if act is None and norm is None:
         return ""
     b = kernel_kind(kind).backends.get(backend)
-    if has_norm:
+    if isinstance(norm, ModulatedNorm):
+        inside = not low_rank and b is not None and b.fuses_mod is not None and b.fuses_mod(scales, opts, *mnk)
+        return f"layer_mod: {'in the kernel' if inside else 'torch first'}"
+    if norm is not None:
         inside = not low_rank and b is not None and b.fuses_norm is not None and b.fuses_norm(scales, opts)
         return f"rms_norm: {'in the kernel' if inside else 'torch first'}"
     inside = b is not None and b.fuses_input_act and (act not in GATED or b.fuses_gated_act)
@@ -64,7 +68,7 @@ def _kind_and_args(w: Any) -> tuple[str, tuple, tuple[int, ...]]:
 
 
 def _choice(name: str, x: torch.Tensor, w: Any, n: int, k: int, low_rank: Any, act: str | None,
-            has_norm: bool) -> LayerDispatch:
+            norm: Any) -> LayerDispatch:
     """The row of one GEMM call: ``x`` as the kernel is handed it (after a folded activation), weight ``w``
     (its pinned backend or policy), the low-rank term's operands (None: none), what it applies first."""
     kind, scales, opts = _kind_and_args(w)
@@ -73,8 +77,9 @@ def _choice(name: str, x: torch.Tensor, w: Any, n: int, k: int, low_rank: Any, a
     override = None if policy is not None or pinned is None else pinned
     choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override, opts=opts, policy=policy,
                                            low_rank=0 if low_rank is None else int(low_rank[0].shape[0]))
-    return LayerDispatch(name, kind, x.numel() // k, n, k, choice.name, choice.reason,
-                         _folded(kind, choice.name, scales, opts, act, has_norm, low_rank is not None))
+    m = x.numel() // k
+    return LayerDispatch(name, kind, m, n, k, choice.name, choice.reason,
+                         _folded(kind, choice.name, scales, opts, act, norm, low_rank is not None, (m, n, k)))
 
 
 def _groups(model: nn.Module) -> dict[int, tuple[str, SiblingGroup]]:
@@ -108,8 +113,7 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
             # a dynamic LoRA's low-rank part goes to the kernel (``nn.run_linear``) except on smoothed layers
             ops = getattr(getattr(mod, "adapter", None), "fused_operands", None)
             low_rank = ops(x) if ops is not None and getattr(w.params, "pre_quant_scale", None) is None else None
-            rows.append(_choice(name, x, w, mod.out_features, mod.in_features, low_rank, act,
-                                mod.__dict__.get("input_norm") is not None))
+            rows.append(_choice(name, x, w, mod.out_features, mod.in_features, low_rank, act, mod.norm_for_call()))
             sib = getattr(mod, "sibling", None)
             if sib is not None and sib[0].armed:  # served by a fused GEMM: its view waits, or it leads one now
                 marks[id(mod)] = (len(rows) - 1, sib[0].fused_calls, sib[0].waiting(sib[1], args[0]))
@@ -126,7 +130,7 @@ def describe_dispatch(model: nn.Module, *example_inputs: Any, **example_kwargs: 
         path = groups[id(g)][0]
         name = f"{path}.{'+'.join(g.names[i] for i in plan)}" if path else "+".join(g.names[i] for i in plan)
         low_rank = None if term is None else term.fused_operands(x)
-        rows.append(_choice(name, x, w, int(w.shape[0]), int(x.shape[-1]), low_rank, None, norm is not None))
+        rows.append(_choice(name, x, w, int(w.shape[0]), int(x.shape[-1]), low_rank, None, norm))
 
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear) and mod.weight is not None:

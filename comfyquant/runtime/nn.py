@@ -176,6 +176,9 @@ class QuantLinear(nn.Module):
         # An RMSNorm this layer applies to its input first (``runtime.norms``: the model's norm module, folded;
         # ``NormSource.row_norm()`` reads its weight at call time). Structural, not in the state dict.
         self.input_norm: NormSource | None = None
+        # The norm the current call applies first, handed over by ``normed`` for that call only (a DiT block's
+        # modulated LayerNorm, ``runtime.modulation``); None between calls.
+        self.call_norm: Norm | None = None
         # Logical dtype / device a weight loaded into this (still empty) layer gets.
         self.load_dtype = weight.dtype if weight is not None else (dtype or torch.float32)
         self.load_device = torch.device(device) if device is not None else None
@@ -245,9 +248,16 @@ class QuantLinear(nn.Module):
         bias = self._parameters["bias"]
         w = self.qweight
         fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)
-        src = self.__dict__.get("input_norm")  # (older pickles lack it and input_act)
-        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None),
-                          None if src is None else src.row_norm())
+        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None), self.norm_for_call())
+
+    def norm_for_call(self) -> Norm | None:
+        """The norm this call applies first: the one :meth:`normed` handed over, else the layer's folded RMSNorm
+        (``input_norm``), else None."""
+        d = self.__dict__  # (older pickles lack input_norm)
+        if d.get("call_norm") is not None:
+            return d["call_norm"]
+        src = d.get("input_norm")
+        return None if src is None else src.row_norm()
 
     def takes_norm(self) -> bool:
         """Whether :meth:`normed` can hand a norm to this layer's quantizer: no input activation or folded norm of
@@ -257,13 +267,15 @@ class QuantLinear(nn.Module):
 
     def normed(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
         """The layer's output for ``norm`` applied to ``x`` (``acts.RowNorm`` / ``acts.ModulatedNorm``): in the
-        activation quantizer where the chosen kernel folds it, else in torch first (``acts.rms_norm``)."""
+        activation quantizer where the chosen kernel folds it, else in torch first (``acts.rms_norm``). The call
+        goes through the module (its hooks run, seeing x before the norm, as on a layer with a folded norm)."""
         if not self.takes_norm():
             return self(rms_norm(x, norm))
-        bias = self._parameters["bias"]
-        w = self.qweight
-        fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)
-        return run_linear(fn, x, w, bias, self.adapter, None, norm)
+        self.call_norm = norm
+        try:
+            return self(x)
+        finally:
+            self.call_norm = None
 
     # ---- serialization ---------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
