@@ -1064,6 +1064,7 @@ def check_modulated_fold() -> None:
 
     from comfyquant.runtime.kernels.acts import ModulatedNorm, layer_mod
     from comfyquant.runtime.kernels.dispatch import choose_backend
+    from comfyquant.runtime.kernels.registry import kernel_kind
     from comfyquant.runtime.modulation import ModulationSite, modulated_linear
     from comfyquant.runtime.nn import QuantLinear
 
@@ -1074,7 +1075,7 @@ def check_modulated_fold() -> None:
             layer = QuantLinear.from_linear(lin, fmt)
             qt = layer.qweight
             kp = qt.params
-            _, opts = kp.format.kernel_args(kp.stored(qt.qdata), kp.layer_params)
+            scales, opts = kp.format.kernel_args(kp.stored(qt.qdata), kp.layer_params)
             wd = qt.dequantize().double()
             site = ModulationSite(1e-6)
             for t in (8, 512, 2304):
@@ -1090,8 +1091,15 @@ def check_modulated_fold() -> None:
                     pick = choose_backend(x.view(2 * t, k), kind=kp.format.kernel_kind, n=n, k=k,
                                           opts=tuple(opts)).name
                     e, e_ref = rel(y, f64), rel(ref, f64)
-                    record("modulated_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again), fmt=fmt, m=2 * t,
-                           k=k, n=n, step=step, backend=pick, rel=e, rel_unfolded=e_ref)
+                    # where the picked backend folds it, its first-call check (dispatch._mod_verified) passed: the
+                    # kernel ran the norm (a failed check would fall back to torch and still match)
+                    b = kernel_kind(kp.format.kernel_kind).backends[pick]
+                    folds = b.fuses_mod is not None and b.fuses_mod(tuple(scales), tuple(opts), 2 * t, n, k)
+                    memo = layer.qweight._comfyquant_bound[1].memo
+                    verdicts = [v[3] for sig, v in memo.items() if sig[5] is not None and len(v) > 3]
+                    record("modulated_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again)
+                           and (not folds or (verdicts and all(verdicts))), fmt=fmt, m=2 * t, k=k, n=n, step=step,
+                           backend=pick, folds=folds, verdicts=verdicts, rel=e, rel_unfolded=e_ref)
     for m, k, rows in ((4608, 3072, 2304), (1024, 5120, 512), (300, 8192, 150)):
         x = (torch.randn(m, k, device="cuda") * 3 + torch.randn(m, 1, device="cuda")).bfloat16()
         mod = (torch.randn(m // rows, 2 * k, device="cuda") * 0.5).bfloat16()

@@ -244,3 +244,51 @@ def test_a_normed_call_goes_through_the_module_and_shows_in_describe_dispatch() 
     for name in ("doubles.0.qkv.0", "doubles.0.qkv.1", "doubles.0.mlp.0.0", "singles.0.linear1"):
         assert rows[name].folded == "layer_mod: torch first", (name, rows[name])
     assert rows["doubles.0.proj.0"].folded == "" and rows["doubles.0.mlp.1.2"].folded == "gelu_tanh: torch first"
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_folding_kernel_is_checked_against_the_norm_in_torch_at_its_first_call(
+        broken: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A backend that says it folds the modulated norm is compared, at a layer's first call, with itself fed the
+    norm in torch: one that agrees keeps the fold (its kernel sees the norm from then on); one that computes
+    something else (here: ignores the norm) is not used for it, with one warning, and every call gives the torch
+    norm's result."""
+    from comfyquant.runtime.kernels.registry import (
+        KernelBackend,
+        KernelKind,
+        register_kernel_kind,
+        unregister_kernel_kind,
+    )
+
+    seen: list[bool] = []
+
+    def impl(x, w, scales, bias, opts, out_dtype, norm=None):
+        seen.append(norm is not None)
+        if norm is not None and not broken:
+            x = rms_norm(x, norm)
+        return (x.double() @ w.t()).to(out_dtype)
+
+    def choose(x, n, k, opts, policy):
+        return dispatch.BackendChoice("folding", "test")
+
+    register_kernel_kind(KernelKind("test_mod_check", {
+        "reference": lambda x, w, scales, bias, opts, out_dtype: (x.double() @ w.t()).to(out_dtype),
+        "folding": KernelBackend(impl, fuses_mod=lambda scales, opts, m, n, k: True)}, choose=choose))
+    try:
+        g = torch.Generator().manual_seed(12)
+        w = torch.randn(24, 32, generator=g, dtype=torch.float64)
+        call = dispatch.bind_linear("test_mod_check", w, (None,))
+        x, shift, scale, _ = _inputs(2, 3, 32, seed=13)
+        norm = ModulationSite(EPS).norm(shift, scale, 3)
+        want = (layer_mod(x, shift, scale, EPS).double() @ w.t()).float()
+        with caplog.at_level("WARNING", logger="comfyquant.runtime"):
+            for _ in range(3):
+                torch.testing.assert_close(call(x, None, None, norm), want, rtol=1e-6, atol=1e-6)
+        (entry,) = call.memo.values()
+        assert entry[3] is not broken
+        warned = [r for r in caplog.records if "folded modulated norm" in r.getMessage()]
+        assert len(warned) == (1 if broken else 0)
+        # the check's two calls (with the norm, then fed it), then the kernel with the norm, or without it
+        assert seen == [True, False, True, True, True] if not broken else seen == [True, False, False, False, False]
+    finally:
+        unregister_kernel_kind("test_mod_check")

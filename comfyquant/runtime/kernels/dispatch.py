@@ -9,6 +9,7 @@ automatic choice for this device); nothing here is global.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from comfyquant.runtime.kernels.registry import (
     kinds,
     register_kernel_kind,
 )
+
+logger = logging.getLogger("comfyquant.runtime")
 
 __all__ = ["BackendChoice", "DispatchPolicy", "LowRank", "add_low_rank", "backends_for", "bind_linear",
            "choose_backend", "fp8_linear", "int8_block_linear", "int8_linear", "kinds", "quant_linear",
@@ -206,7 +209,10 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
         if norm is not None:
             if input_act is not None:
                 raise ValueError("a folded RMSNorm and an input activation on one layer: fold one of them only")
-            if low_rank is not None or not _folds_norm(b, scales, opts, x, w, norm):
+            checked = memo.get((*sig[:3], False, *sig[4:])) if capture else e  # the eager call's verdict
+            if (low_rank is not None or not _folds_norm(b, scales, opts, x, w, norm)
+                    or (isinstance(norm, ModulatedNorm) and not _mod_verified(checked, b, x, w, scales, bias, opts,
+                                                                             norm, capture))):
                 x = rms_norm(x, norm)  # the general path: the norm in torch, the rest as without one
                 norm = None
         if low_rank is None:
@@ -245,6 +251,35 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
 
     call.memo = memo  # type: ignore[attr-defined]  # inspectable: which backend and whether a plan, per signature
     return call
+
+
+# How far a folded modulated norm's first output may sit from the same backend fed the norm in torch (relative L2):
+# the two differ by the int8 / fp8 codes the torch path's rounding of the normed values to x's dtype moves (well
+# under 1%); a kernel that computed something else would be off by ~1.
+MOD_CHECK_TOL = 0.1
+
+
+def _mod_verified(e: list | None, b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple,
+                  bias: torch.Tensor | None, opts: tuple, norm: ModulatedNorm, capture: bool) -> bool:
+    """Whether the folded modulated norm may run for memo entry ``e`` (under a CUDA-graph capture: the same
+    signature's eager entry, None if there was none): checked at its first eager call (the kernel's output against
+    the same backend fed the norm in torch, within :data:`MOD_CHECK_TOL`, and finite), the verdict kept as
+    ``e[3]``; a kernel that disagrees is not used (one warning) and the norm runs in torch. A capture cannot read a
+    comparison: without an eager verdict the norm runs in torch there."""
+    if e is not None and len(e) > 3:
+        return e[3] and e[0] is b
+    if capture or e is None:
+        return False
+    y = b.impl(x, w, scales, bias, opts, x.dtype, norm=norm)
+    ref = b.impl(rms_norm(x, norm), w, scales, bias, opts, x.dtype)
+    off = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+    ok = bool(torch.isfinite(y).all()) and off <= MOD_CHECK_TOL
+    if not ok:
+        logger.warning("comfyquant: %s's folded modulated norm gave %.3g relative error against the norm in torch "
+                       "for K=%d, N=%d; applying the norm in torch for this layer",
+                       getattr(b.impl, "__name__", "the backend"), off, x.shape[-1], int(w.shape[0]))
+    e.append(ok)
+    return ok
 
 
 def _folds_norm(b: KernelBackend, scales: tuple, opts: tuple, x: torch.Tensor, w: torch.Tensor,
