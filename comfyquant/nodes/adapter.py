@@ -27,7 +27,7 @@ from comfyquant.autoprec.candidates import KEEP
 from comfyquant.formats.registry import gpu_generation
 from comfyquant.nodes.attention import NODE_MIN_TOKENS, enable_quantized_attention
 from comfyquant.nodes.cache import CACHE, QuantCache
-from comfyquant.nodes.flux_blocks import fold_flux_blocks
+from comfyquant.nodes.dit_blocks import fold_dit_blocks
 from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
@@ -447,7 +447,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     report.baked_loras = [k for k in report.baked_loras if k[len(prefix):-len(".weight")] in new_layers]
     if root == MODEL_ROOT and settings.runtime.fold_activations and settings.runtime.fold_norms:
         # Flux's modulated LayerNorms: applied by the quantized layers they feed (block replacements on the clone)
-        report.modulated = fold_flux_blocks(clone, dm, new_layers.__contains__)
+        report.modulated = fold_dit_blocks(clone, dm, new_layers.__contains__)
     clone.patches_uuid = uuid.uuid4()  # the clone's weights differ from its parent's
     clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))
     clone.model_options.setdefault("transformer_options", {})["comfyquant"] = settings

@@ -20,7 +20,7 @@ from torch import nn
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import QUANT_SUFFIX, decode_comfy_quant
 from comfyquant.nodes.attention import enable_quantized_attention
-from comfyquant.nodes.flux_blocks import fold_flux_blocks
+from comfyquant.nodes.dit_blocks import fold_dit_blocks
 from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, make_comfy_ops
 from comfyquant.nodes.patching import register_patch_callback
@@ -127,7 +127,7 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     if runtime.fuse_projections:  # the loader owns this model: the parents' forwards are set on the instances
         summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))
     if runtime.fold_activations and runtime.fold_norms:  # Flux's modulated norms, as the adapter folds them
-        summary.modulated = len(fold_flux_blocks(patcher, dm, lambda name: name in done))
+        summary.modulated = len(fold_dit_blocks(patcher, dm, lambda name: name in done))
     register_patch_callback(patcher)
     if runtime.cuda_graphs:
         enable_cuda_graphs(patcher)

@@ -1,7 +1,7 @@
-"""Flux's modulated LayerNorms folded into the quantized layers they feed (``nodes.flux_blocks``), in ComfyUI
-0.30's own Flux class on the CPU: the block replacements run, give what the stock blocks give (the gated
-residual add rounds once instead of twice), leave other nodes' patches alone and hand back to the stock block
-where they do not reproduce it."""
+"""DiT blocks' modulated LayerNorms folded into the quantized layers they feed (``nodes.flux_blocks``,
+``nodes.sd3_blocks``), in ComfyUI 0.30's own Flux, Chroma, HunyuanVideo and MMDiT (SD3) classes on the CPU: the
+block replacements run, give what the stock blocks give (the gated residual add rounds once instead of twice),
+leave other nodes' patches alone and hand back to the stock block where they do not reproduce it."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def _forward(patcher: Any, seed: int = 0) -> torch.Tensor:
     if type(dm).__name__ == "HunyuanVideo":  # video latents [B, C, frames, H, W], a token-refiner text input
         x = torch.randn(2, dm.params.in_channels, 2, 8, 8, generator=g)
         ctx = torch.randn(2, 6, dm.params.context_in_dim, generator=g)
+    elif type(dm).__name__ == "OpenAISignatureMMDITWrapper":  # SD3: pooled text in y
+        x = torch.randn(2, dm.x_embedder.proj.in_channels, 8, 8, generator=g)
+        ctx = torch.randn(2, 6, dm.context_embedder.in_features, generator=g)
+        with torch.no_grad():
+            return dm(x, torch.tensor([0.3, 0.8]), ctx, y=torch.randn(2, dm.y_embedder.mlp[0].in_features, generator=g),
+                      transformer_options=dict(patcher.model_options.get("transformer_options", {}))).clone()
     else:
         x = torch.randn(2, dm.img_in.in_features // dm.patch_size ** 2, 8, 8, generator=g)
         ctx = torch.randn(2, 6, dm.txt_in.in_features, generator=g)
@@ -178,3 +184,25 @@ def test_no_fold_without_fold_norms(comfy: Any, dit_sd: dict) -> None:
     clone, report = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_norms=False)),
                                 cache=QuantCache())
     assert report.modulated == [] and not _replacements(clone)
+
+
+def test_sd3_joint_blocks_fold(comfy: Any, tmp_path: Path) -> None:
+    """An SD3-layout checkpoint in ComfyUI's own MMDiT (``OpenAISignatureMMDITWrapper``): every joint block folds
+    (its context and x streams' two norms each; the last block's pre-only context stream its one), computes what
+    the stock ``block_mixing`` does, and uses every site it has."""
+    from comfyquant.nodes.sd3_blocks import FoldedJointBlock
+    from comfyquant.testing.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(tmp_path / "sd3.safetensors", "sd3", "tiny", seed=1)
+    base = model_patcher(comfy, load_file(str(tmp_path / "sd3.safetensors")))
+    dm = base.model.diffusion_model
+    plain, folded, report = _plain_and_folded(base)
+    assert report.preset == "sd3" and report.modulated == [f"joint_blocks.{i}: context_block, x_block"
+                                                           for i in range(len(dm.joint_blocks))]
+    reps = _replacements(folded)
+    assert all(isinstance(r, FoldedJointBlock) for r in reps.values())
+    got, want, ref = _forward(folded), _forward(plain), _forward(base)
+    assert rel_err(got, want) < 0.005 * rel_err(want, ref), (rel_err(got, want), rel_err(want, ref))
+    last = reps[("double_block", len(dm.joint_blocks) - 1)]
+    assert dm.joint_blocks[-1].context_block.pre_only and last.sites["txt2"]._buf is None
+    assert all(s._buf is not None for r in reps.values() for n, s in r.sites.items() if r is not last or n != "txt2")
