@@ -206,3 +206,22 @@ def test_sd3_joint_blocks_fold(comfy: Any, tmp_path: Path) -> None:
     last = reps[("double_block", len(dm.joint_blocks) - 1)]
     assert dm.joint_blocks[-1].context_block.pre_only and last.sites["txt2"]._buf is None
     assert all(s._buf is not None for r in reps.values() for n, s in r.sites.items() if r is not last or n != "txt2")
+
+
+def test_a_block_another_node_swaps_in_runs_stock(comfy: Any, dit_sd: dict) -> None:
+    """A later node that object-patches a whole block (its own module in the model's list) gets that module run
+    by ComfyUI's stock call: the replacement installed for the block it replaced hands the call back."""
+    import copy
+
+    base = model_patcher(comfy, dit_sd)
+    _, folded, _ = _plain_and_folded(base)
+    theirs = folded.clone()
+    block = base.model.diffusion_model.double_blocks[0]
+    swapped = copy.deepcopy(block)
+    ran = []
+    swapped.register_forward_pre_hook(lambda mod, args: ran.append(1))
+    theirs.add_object_patch("diffusion_model.double_blocks.0", swapped)
+    _forward(theirs)
+    reps = _replacements(theirs)
+    assert ran == [1] and all(s._buf is None for s in reps[("double_block", 0)].sites.values())
+    assert all(s._buf is not None for s in reps[("double_block", 1)].sites.values())

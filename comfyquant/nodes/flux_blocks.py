@@ -65,8 +65,9 @@ class FoldedDoubleBlock:
     """A ``DoubleStreamBlock``'s forward with its four modulated norms folded (a ComfyUI "dit" block
     replacement: ``(args, {"original_block": fn}) -> {"img", "txt"}``)."""
 
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
+    def __init__(self, blocks: nn.ModuleList, index: int) -> None:
+        self.blocks, self.index = blocks, index  # the model's list: a block another patch swapped in runs stock
+        self.block = block = blocks[index]
         self.eps = _affine_free_eps(block.img_norm1, block.hidden_size)
         self.sites = {name: ModulationSite(self.eps or 0.0) for name in ("img1", "img2", "txt1", "txt2")}
         self.attention = sys.modules[type(block).__module__].attention
@@ -84,7 +85,8 @@ class FoldedDoubleBlock:
                 options: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The block's ``(img, txt)``, or None where the stock forward must run (see the module docstring)."""
         b = self.block
-        if self.eps is None or _patched_attention(options) or img.dim() != 3 or txt.dim() != 3:
+        if (self.eps is None or self.blocks[self.index] is not b or _patched_attention(options) or img.dim() != 3
+                or txt.dim() != 3):
             return None
         if b.modulation:
             if not isinstance(vec, torch.Tensor) or vec.shape[0] != img.shape[0]:
@@ -136,8 +138,9 @@ class FoldedSingleBlock:
     """A ``SingleStreamBlock``'s forward with its modulated pre-norm folded into ``linear1`` (a ComfyUI "dit"
     block replacement: ``(args, {"original_block": fn}) -> {"img"}``)."""
 
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
+    def __init__(self, blocks: nn.ModuleList, index: int) -> None:
+        self.blocks, self.index = blocks, index
+        self.block = block = blocks[index]
         self.eps = _affine_free_eps(block.pre_norm, block.hidden_size)
         self.site = ModulationSite(self.eps or 0.0)
         self.attention = sys.modules[type(block).__module__].attention
@@ -154,7 +157,7 @@ class FoldedSingleBlock:
                 options: dict) -> torch.Tensor | None:
         """The block's output, or None where the stock forward must run."""
         b = self.block
-        if self.eps is None or _patched_attention(options) or x.dim() != 3:
+        if self.eps is None or self.blocks[self.index] is not b or _patched_attention(options) or x.dim() != 3:
             return None
         if b.modulation:
             if not isinstance(vec, torch.Tensor) or vec.shape[0] != x.shape[0]:
@@ -199,7 +202,7 @@ def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], boo
         fed = [f"{path}.{s}_attn.qkv" for s in ("img", "txt")] + [f"{path}.{s}_mlp.0" for s in ("img", "txt")]
         if (_is(block, "DoubleStreamBlock") and any(converted(p) for p in fed)
                 and not _replaced(patcher, ("double_block", i))):
-            folded = FoldedDoubleBlock(block)
+            folded = FoldedDoubleBlock(dm.double_blocks, i)
             if folded.eps is not None:
                 patcher.set_model_patch_replace(folded, "dit", "double_block", i)
                 done.append(f"{path}: img_norm1, img_norm2, txt_norm1, txt_norm2")
@@ -207,7 +210,7 @@ def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], boo
         path = f"single_blocks.{i}"
         if (_is(block, "SingleStreamBlock") and converted(f"{path}.linear1")
                 and not _replaced(patcher, ("single_block", i))):
-            folded = FoldedSingleBlock(block)
+            folded = FoldedSingleBlock(dm.single_blocks, i)
             if folded.eps is not None:
                 patcher.set_model_patch_replace(folded, "dit", "single_block", i)
                 done.append(f"{path}: pre_norm")

@@ -40,8 +40,9 @@ class FoldedJointBlock:
     """A ``JointBlock``'s forward with its modulated norms folded (a ComfyUI "dit" block replacement:
     ``(args, {"original_block": fn}) -> {"txt", "img"}``)."""
 
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
+    def __init__(self, blocks: nn.ModuleList, index: int) -> None:
+        self.blocks, self.index = blocks, index  # the model's list: a block another patch swapped in runs stock
+        self.block = block = blocks[index]
         cb, xb = block.context_block, block.x_block
         width = xb.attn.qkv.in_features
         norms = [cb.norm1, xb.norm1, xb.norm2] + ([] if cb.pre_only else [cb.norm2])
@@ -62,7 +63,7 @@ class FoldedJointBlock:
         """The block's ``(context, x)`` (context None after a last, pre-only context block), or None where the
         stock forward must run."""
         cb, xb = self.block.context_block, self.block.x_block
-        if self.eps is None or not (_plain(cb) and _plain(xb)):
+        if self.eps is None or self.blocks[self.index] is not self.block or not (_plain(cb) and _plain(xb)):
             return None
         if not isinstance(c, torch.Tensor) or c.dim() != 2 or x.dim() != 3 or context.dim() != 3 \
                 or not c.shape[0] == x.shape[0] == context.shape[0]:
@@ -122,7 +123,7 @@ def fold_sd3_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool
             continue
         if not any(converted(p) for p in fed) or not (_plain(block.context_block) and _plain(block.x_block)):
             continue
-        folded = FoldedJointBlock(block)
+        folded = FoldedJointBlock(dm.joint_blocks, i)
         if folded.eps is not None:
             patcher.set_model_patch_replace(folded, "dit", "double_block", i)
             done.append(f"{path}: context_block, x_block")
