@@ -1091,7 +1091,7 @@ def check_modulated_fold() -> None:
                     pick = choose_backend(x.view(2 * t, k), kind=kp.format.kernel_kind, n=n, k=k,
                                           opts=tuple(opts)).name
                     e, e_ref = rel(y, f64), rel(ref, f64)
-                    # where the picked backend folds it, its first-call check (dispatch._mod_verified) passed: the
+                    # where the picked backend folds it, its first-call check (dispatch._mod_check, kept by _norm_verdict) passed: the
                     # kernel ran the norm (a failed check would fall back to torch and still match)
                     b = kernel_kind(kp.format.kernel_kind).backends[pick]
                     folds = b.fuses_mod is not None and b.fuses_mod(tuple(scales), tuple(opts), 2 * t, n, k)

@@ -252,7 +252,7 @@ def test_a_folding_kernel_is_checked_against_the_norm_in_torch_at_its_first_call
     """A backend that says it folds the modulated norm is compared, at a layer's first call, with itself fed the
     norm in torch: one that agrees keeps the fold (its kernel sees the norm from then on); one that computes
     something else (here: ignores the norm) is not used for it, with one warning, and every call gives the torch
-    norm's result."""
+    norm's result. The decision is made once per input signature (later calls read it from the memo)."""
     from comfyquant.runtime.kernels.registry import (
         KernelBackend,
         KernelKind,
@@ -261,6 +261,7 @@ def test_a_folding_kernel_is_checked_against_the_norm_in_torch_at_its_first_call
     )
 
     seen: list[bool] = []
+    asked: list[int] = []
 
     def impl(x, w, scales, bias, opts, out_dtype, norm=None):
         seen.append(norm is not None)
@@ -273,7 +274,8 @@ def test_a_folding_kernel_is_checked_against_the_norm_in_torch_at_its_first_call
 
     register_kernel_kind(KernelKind("test_mod_check", {
         "reference": lambda x, w, scales, bias, opts, out_dtype: (x.double() @ w.t()).to(out_dtype),
-        "folding": KernelBackend(impl, fuses_mod=lambda scales, opts, m, n, k: True)}, choose=choose))
+        "folding": KernelBackend(impl, fuses_mod=lambda scales, opts, m, n, k: asked.append(m) or True)},
+        choose=choose))
     try:
         g = torch.Generator().manual_seed(12)
         w = torch.randn(24, 32, generator=g, dtype=torch.float64)
@@ -285,7 +287,7 @@ def test_a_folding_kernel_is_checked_against_the_norm_in_torch_at_its_first_call
             for _ in range(3):
                 torch.testing.assert_close(call(x, None, None, norm), want, rtol=1e-6, atol=1e-6)
         (entry,) = call.memo.values()
-        assert entry[3] is not broken
+        assert entry[3] is not broken and asked == [6]  # decided at the first call, kept in the memo entry
         warned = [r for r in caplog.records if "folded modulated norm" in r.getMessage()]
         assert len(warned) == (1 if broken else 0)
         # the check's two calls (with the norm, then fed it), then the kernel with the norm, or without it

@@ -209,10 +209,8 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
         if norm is not None:
             if input_act is not None:
                 raise ValueError("a folded RMSNorm and an input activation on one layer: fold one of them only")
-            checked = memo.get((*sig[:3], False, *sig[4:])) if capture else e  # the eager call's verdict
-            if (low_rank is not None or not _folds_norm(b, scales, opts, x, w, norm)
-                    or (isinstance(norm, ModulatedNorm) and not _mod_verified(checked, b, x, w, scales, bias, opts,
-                                                                             norm, capture))):
+            eager = memo.get((*sig[:3], False, *sig[4:])) if capture else e  # the eager call's entry
+            if low_rank is not None or not _norm_verdict(e, eager, b, x, w, scales, bias, opts, norm, capture):
                 x = rms_norm(x, norm)  # the general path: the norm in torch, the rest as without one
                 norm = None
         if low_rank is None:
@@ -259,17 +257,32 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
 MOD_CHECK_TOL = 0.1
 
 
-def _mod_verified(e: list | None, b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple,
-                  bias: torch.Tensor | None, opts: tuple, norm: ModulatedNorm, capture: bool) -> bool:
-    """Whether the folded modulated norm may run for memo entry ``e`` (under a CUDA-graph capture: the same
-    signature's eager entry, None if there was none): checked at its first eager call (the kernel's output against
-    the same backend fed the norm in torch, within :data:`MOD_CHECK_TOL`, and finite), the verdict kept as
-    ``e[3]``; a kernel that disagrees is not used (one warning) and the norm runs in torch. A capture cannot read a
-    comparison: without an eager verdict the norm runs in torch there."""
-    if e is not None and len(e) > 3:
-        return e[3] and e[0] is b
-    if capture or e is None:
-        return False
+def _norm_verdict(e: list, eager: list | None, b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple,
+                  bias: torch.Tensor | None, opts: tuple, norm: Norm, capture: bool) -> bool:
+    """Whether ``norm`` runs in backend ``b``'s quantizer for memo entry ``e``: decided at the entry's first call and
+    kept as ``e[3]`` (the signature fixes everything it depends on; per call it is one list read, eager host time
+    being what small layers lose). The backend must fold it for this weight and shape with a tensor that fits x
+    (:func:`_folds_norm`); a modulated norm must also pass :func:`_mod_check` at its first eager call. Under a
+    CUDA-graph capture (no comparison can be read there) the eager entry ``eager`` of the same signature decides;
+    without its verdict yet the norm runs in torch and nothing is kept."""
+    if len(e) > 3:
+        return e[3]
+    ok = _folds_norm(b, scales, opts, x, w, norm)
+    if ok and isinstance(norm, ModulatedNorm):
+        if capture:
+            if eager is None or len(eager) <= 3:
+                return False
+            ok = eager[3] and eager[0] is b
+        else:
+            ok = _mod_check(b, x, w, scales, bias, opts, norm)
+    e.append(ok)
+    return ok
+
+
+def _mod_check(b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
+               opts: tuple, norm: ModulatedNorm) -> bool:
+    """The folded modulated norm's output against the same backend fed the norm in torch: within
+    :data:`MOD_CHECK_TOL` and finite; a kernel that disagrees is reported (one warning) and not used."""
     y = b.impl(x, w, scales, bias, opts, x.dtype, norm=norm)
     ref = b.impl(rms_norm(x, norm), w, scales, bias, opts, x.dtype)
     off = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
@@ -278,7 +291,6 @@ def _mod_verified(e: list | None, b: KernelBackend, x: torch.Tensor, w: torch.Te
         logger.warning("comfyquant: %s's folded modulated norm gave %.3g relative error against the norm in torch "
                        "for K=%d, N=%d; applying the norm in torch for this layer",
                        getattr(b.impl, "__name__", "the backend"), off, x.shape[-1], int(w.shape[0]))
-    e.append(ok)
     return ok
 
 
