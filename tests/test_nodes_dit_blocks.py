@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from comfyquant.nodes.adapter import adapt_model
 from comfyquant.nodes.cache import QuantCache
+from comfyquant.nodes.dit_blocks import block_replacements
 from comfyquant.nodes.flux_blocks import FoldedDoubleBlock, FoldedSingleBlock
 from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
@@ -66,10 +67,6 @@ def _forward(patcher: Any, seed: int = 0) -> torch.Tensor:
         return dm(x, torch.tensor([0.3, 0.8]), ctx, **kw).clone()
 
 
-def _replacements(patcher: Any) -> dict:
-    return patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-
-
 def _plain_and_folded(base: Any, fmt: str = "int8") -> tuple[Any, Any, Any]:
     plain, _ = adapt_model(base, AdapterSettings(format=fmt, runtime=RuntimeOptions(fold_norms=False)),
                            cache=QuantCache())
@@ -85,9 +82,9 @@ def test_folded_blocks_compute_the_stock_blocks(comfy: Any, dit_sd: dict, fmt: s
                                 "double_blocks.1: img_norm1, img_norm2, txt_norm1, txt_norm2",
                                 "single_blocks.0: pre_norm", "single_blocks.1: pre_norm"]
     assert "4 blocks' modulated norms folded" in report.summary()
-    reps = _replacements(folded)
+    reps = block_replacements(folded)
     assert sorted(reps) == [("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)]
-    assert not _replacements(base) and not _replacements(plain)  # the input MODEL and the unfolded clone
+    assert not block_replacements(base) and not block_replacements(plain)  # the input MODEL and the unfolded clone
     ref, want = _forward(base), _forward(plain)
     got = _forward(folded)
     assert rel_err(got, want) < 2e-5  # measured 2.5e-6-2.5e-5: addcmul_ rounds once where += x * gate rounds twice
@@ -116,7 +113,7 @@ def test_an_attention_patch_hands_the_block_back_to_comfyui(comfy: Any, dit_sd: 
     for p in (plain, folded):
         p.set_model_attn1_patch(patch)
     assert torch.equal(_forward(folded), _forward(plain)) and len(seen) == 8
-    reps = _replacements(folded)
+    reps = block_replacements(folded)
     assert all(s._buf is None for r in reps.values()
                for s in (r.sites.values() if isinstance(r, FoldedDoubleBlock) else [r.site]))
 
@@ -132,7 +129,7 @@ def test_another_nodes_block_replacement_is_kept(comfy: Any, dit_sd: dict) -> No
     base.set_model_patch_replace(theirs, "dit", "double_block", 0)
     folded, report = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
     assert len(report.modulated) == 3 and not report.modulated[0].startswith("double_blocks.0")
-    reps = _replacements(folded)
+    reps = block_replacements(folded)
     assert reps[("double_block", 0)] is theirs and isinstance(reps[("double_block", 1)], FoldedDoubleBlock)
     _forward(folded)
     assert calls == [1]
@@ -143,13 +140,13 @@ def test_per_token_modulation_runs_the_stock_block(comfy: Any, dit_sd: dict) -> 
     the replacement hands the call to ``original_block`` (which ComfyUI gives the per-token dims)."""
     base = model_patcher(comfy, dit_sd)
     _, folded, _ = _plain_and_folded(base)
-    rep = _replacements(folded)[("double_block", 0)]
+    rep = block_replacements(folded)[("double_block", 0)]
     ran = []
     img, txt = torch.randn(1, 4, 64), torch.randn(1, 3, 64)
     out = rep({"img": img, "txt": txt, "vec": torch.randn(2, 64), "pe": None, "transformer_options": {}},
               {"original_block": lambda args: ran.append(args) or {"img": "stock", "txt": "stock"}})
     assert out == {"img": "stock", "txt": "stock"} and len(ran) == 1
-    single = _replacements(folded)[("single_block", 0)]
+    single = block_replacements(folded)[("single_block", 0)]
     assert isinstance(single, FoldedSingleBlock)
     out = single({"img": img, "vec": torch.randn(2, 64), "pe": None, "transformer_options": {}},
                  {"original_block": lambda args: {"img": "stock"}})
@@ -170,12 +167,12 @@ def test_other_models_with_flux_blocks_fold(comfy: Any, tmp_path: Path, arch: st
     assert dm.double_blocks[0].modulation == (arch == "hunyuan")
     plain, folded, report = _plain_and_folded(base)
     assert report.preset == arch and len(report.modulated) == len(dm.double_blocks) + len(dm.single_blocks)
-    assert len(_replacements(folded)) == len(report.modulated)
+    assert len(block_replacements(folded)) == len(report.modulated)
     got, want, ref = _forward(folded), _forward(plain), _forward(base)
     # apart by a rounding here and there (the gated add's; an int8 code at a tie after it): far inside the
     # quantization's own error (measured 3e-6 / 3e-6 / 7e-4 of it)
     assert rel_err(got, want) < 0.005 * rel_err(want, ref), (rel_err(got, want), rel_err(want, ref))
-    reps = _replacements(folded)
+    reps = block_replacements(folded)
     assert reps[("double_block", 0)].sites["img1"]._buf is not None  # the replacement ran
 
 
@@ -183,7 +180,7 @@ def test_no_fold_without_fold_norms(comfy: Any, dit_sd: dict) -> None:
     base = model_patcher(comfy, dit_sd)
     clone, report = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_norms=False)),
                                 cache=QuantCache())
-    assert report.modulated == [] and not _replacements(clone)
+    assert report.modulated == [] and not block_replacements(clone)
 
 
 def test_sd3_joint_blocks_fold(comfy: Any, tmp_path: Path) -> None:
@@ -199,7 +196,7 @@ def test_sd3_joint_blocks_fold(comfy: Any, tmp_path: Path) -> None:
     plain, folded, report = _plain_and_folded(base)
     assert report.preset == "sd3" and report.modulated == [f"joint_blocks.{i}: context_block, x_block"
                                                            for i in range(len(dm.joint_blocks))]
-    reps = _replacements(folded)
+    reps = block_replacements(folded)
     assert all(isinstance(r, FoldedJointBlock) for r in reps.values())
     got, want, ref = _forward(folded), _forward(plain), _forward(base)
     assert rel_err(got, want) < 0.005 * rel_err(want, ref), (rel_err(got, want), rel_err(want, ref))
@@ -222,6 +219,6 @@ def test_a_block_another_node_swaps_in_runs_stock(comfy: Any, dit_sd: dict) -> N
     swapped.register_forward_pre_hook(lambda mod, args: ran.append(1))
     theirs.add_object_patch("diffusion_model.double_blocks.0", swapped)
     _forward(theirs)
-    reps = _replacements(theirs)
+    reps = block_replacements(theirs)
     assert ran == [1] and all(s._buf is None for s in reps[("double_block", 0)].sites.values())
     assert all(s._buf is not None for s in reps[("double_block", 1)].sites.values())

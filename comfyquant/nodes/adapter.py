@@ -446,7 +446,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
             clone.patches.pop(key, None)
     report.baked_loras = [k for k in report.baked_loras if k[len(prefix):-len(".weight")] in new_layers]
     if root == MODEL_ROOT and settings.runtime.fold_activations and settings.runtime.fold_norms:
-        # Flux's modulated LayerNorms: applied by the quantized layers they feed (block replacements on the clone)
+        # DiT blocks' modulated LayerNorms: applied by the quantized layers they feed (block replacements, clone)
         report.modulated = fold_dit_blocks(clone, dm, new_layers.__contains__)
     clone.patches_uuid = uuid.uuid4()  # the clone's weights differ from its parent's
     clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))

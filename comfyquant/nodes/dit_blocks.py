@@ -13,7 +13,13 @@ from comfyquant.nodes.flux_blocks import fold_flux_blocks
 from comfyquant.nodes.sd3_blocks import fold_sd3_blocks
 
 
+def block_replacements(patcher: Any) -> dict:
+    """ComfyUI's "dit" block replacements on ``patcher``: ``(block kind, index) -> replacement``."""
+    return patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+
+
 def fold_dit_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool]) -> list[str]:
     """Install the folded block forwards on ``patcher`` for the diffusion model ``dm`` (nothing for a family this
-    does not know); returns what was folded, a line per block."""
-    return fold_flux_blocks(patcher, dm, converted) + fold_sd3_blocks(patcher, dm, converted)
+    does not know), leaving blocks another node replaced already; returns what was folded, a line per block."""
+    taken = set(block_replacements(patcher))
+    return fold_flux_blocks(patcher, dm, converted, taken) + fold_sd3_blocks(patcher, dm, converted, taken)

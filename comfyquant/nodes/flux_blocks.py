@@ -7,21 +7,29 @@ applied by the quantized ``qkv`` / ``mlp[0]`` / ``linear1`` as they quantize the
 as one ``addcmul_``. They are installed as ComfyUI's own block replacements (``patches_replace["dit"]``,
 ``ModelPatcher.set_model_patch_replace``), so they belong to the patched clone only and compose with other
 nodes: a block that another node replaced already is left alone, and a call this forward does not reproduce
-(attention patches, per-token modulation for reference-image models) goes to ``original_block``. Each forward reads the block's modules per call: the clone's patched layers while it runs.
+(attention patches, per-token modulation for reference-image models) goes to ``original_block``. Each forward
+reads the block's modules per call: the clone's patched layers while it runs.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from torch import nn
 
-from comfyquant.runtime.modulation import ModulationSite, gated_add_, modulated_linear, per_item
+from comfyquant.runtime.modulation import (
+    ModulationSite,
+    affine_free_eps,
+    gated_add_,
+    modulated_linear,
+    per_item,
+)
 
 FLUX_LAYERS = "comfy.ldm.flux.layers"
+ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")  # what the stock forward applies and these do not
 # diffusion models whose forward calls "dit" block replacements with Flux's blocks: Flux.1 / Flux.2 / Kontext,
 # Chroma (its blocks take their modulations in ``vec``), HunyuanVideo 1.0 (its mask as ``attention_mask``, its
 # per-token modulation dims in the arguments)
@@ -36,20 +44,10 @@ def _mask(args: dict) -> Any:
 def _per_token(args: dict, *keys: str) -> bool:
     """Whether the model passed per-token modulation dims (the stock block applies them; these forwards do not)."""
     return any(args.get(k) is not None for k in keys)
-ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")  # what the stock forward applies and these do not
 
 
 def _is(mod: nn.Module, name: str) -> bool:
     return type(mod).__name__ == name and type(mod).__module__ == FLUX_LAYERS
-
-
-def _affine_free_eps(norm: nn.Module, width: int) -> float | None:
-    """The eps of a LayerNorm over ``width`` without weight or bias (Flux's), else None."""
-    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (width,):
-        return None
-    if norm.weight is not None or norm.bias is not None:
-        return None
-    return float(norm.eps)
 
 
 def _mods_fit(mods: tuple, x: torch.Tensor) -> bool:
@@ -68,7 +66,7 @@ class FoldedDoubleBlock:
     def __init__(self, blocks: nn.ModuleList, index: int) -> None:
         self.blocks, self.index = blocks, index  # the model's list: a block another patch swapped in runs stock
         self.block = block = blocks[index]
-        self.eps = _affine_free_eps(block.img_norm1, block.hidden_size)
+        self.eps = affine_free_eps(block.img_norm1, block.hidden_size)
         self.sites = {name: ModulationSite(self.eps or 0.0) for name in ("img1", "img2", "txt1", "txt2")}
         self.attention = sys.modules[type(block).__module__].attention
 
@@ -141,7 +139,7 @@ class FoldedSingleBlock:
     def __init__(self, blocks: nn.ModuleList, index: int) -> None:
         self.blocks, self.index = blocks, index
         self.block = block = blocks[index]
-        self.eps = _affine_free_eps(block.pre_norm, block.hidden_size)
+        self.eps = affine_free_eps(block.pre_norm, block.hidden_size)
         self.site = ModulationSite(self.eps or 0.0)
         self.attention = sys.modules[type(block).__module__].attention
 
@@ -185,15 +183,12 @@ class FoldedSingleBlock:
         return x
 
 
-def _replaced(patcher: Any, key: tuple[str, int]) -> bool:
-    options = patcher.model_options.get("transformer_options", {})
-    return key in options.get("patches_replace", {}).get("dit", {})
-
-
-def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool]) -> list[str]:
+def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool],
+                     taken: Collection[tuple[str, int]]) -> list[str]:
     """Install :class:`FoldedDoubleBlock` / :class:`FoldedSingleBlock` on ``patcher`` (a clone) for every block of
-    a Flux diffusion model ``dm`` whose norm-fed layers ``converted(path)`` says were quantized and that no other
-    node replaced; returns what was folded (``"double_blocks.0: img_norm1, img_norm2, txt_norm1, txt_norm2"``)."""
+    a Flux diffusion model ``dm`` whose norm-fed layers ``converted(path)`` says were quantized and that another
+    node did not replace (``taken``: its "dit" replacement keys); returns what was folded
+    (``"double_blocks.0: img_norm1, img_norm2, txt_norm1, txt_norm2"``)."""
     if (type(dm).__module__, type(dm).__name__) not in MODELS:
         return []
     done = []
@@ -201,7 +196,7 @@ def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], boo
         path = f"double_blocks.{i}"
         fed = [f"{path}.{s}_attn.qkv" for s in ("img", "txt")] + [f"{path}.{s}_mlp.0" for s in ("img", "txt")]
         if (_is(block, "DoubleStreamBlock") and any(converted(p) for p in fed)
-                and not _replaced(patcher, ("double_block", i))):
+                and ("double_block", i) not in taken):
             folded = FoldedDoubleBlock(dm.double_blocks, i)
             if folded.eps is not None:
                 patcher.set_model_patch_replace(folded, "dit", "double_block", i)
@@ -209,7 +204,7 @@ def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], boo
     for i, block in enumerate(getattr(dm, "single_blocks", ())):
         path = f"single_blocks.{i}"
         if (_is(block, "SingleStreamBlock") and converted(f"{path}.linear1")
-                and not _replaced(patcher, ("single_block", i))):
+                and ("single_block", i) not in taken):
             folded = FoldedSingleBlock(dm.single_blocks, i)
             if folded.eps is not None:
                 patcher.set_model_patch_replace(folded, "dit", "single_block", i)

@@ -41,7 +41,7 @@ class LoadSummary:
     plain_linears: int = 0
     folded: int = 0  # activation modules folded into the quantized layer they feed
     fused: int = 0  # sibling projection groups (q/k/v, gate/up) sharing one GEMM
-    modulated: int = 0  # DiT blocks whose modulated norms their quantized layers apply (nodes.flux_blocks)
+    modulated: int = 0  # DiT blocks whose modulated norms their quantized layers apply (nodes.dit_blocks)
 
     def line(self) -> str:
         fmts = ", ".join(f"{n} {f}" for f, n in sorted(self.formats.items())) or "none"
@@ -126,7 +126,7 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
         summary.folded = len(fold_input_activations(dm, gated=runtime.fuse_projections))
     if runtime.fuse_projections:  # the loader owns this model: the parents' forwards are set on the instances
         summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))
-    if runtime.fold_activations and runtime.fold_norms:  # Flux's modulated norms, as the adapter folds them
+    if runtime.fold_activations and runtime.fold_norms:  # DiT blocks' modulated norms, as the adapter folds
         summary.modulated = len(fold_dit_blocks(patcher, dm, lambda name: name in done))
     register_patch_callback(patcher)
     if runtime.cuda_graphs:

@@ -13,22 +13,15 @@ scale-only modulation, RMSNorm blocks, per-token conditioning.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from torch import nn
 
-from comfyquant.runtime.modulation import ModulationSite, modulated_linear
+from comfyquant.runtime.modulation import ModulationSite, affine_free_eps, modulated_linear
 
 MMDIT = "comfy.ldm.modules.diffusionmodules.mmdit"
-
-
-def _eps(norm: nn.Module | None, width: int) -> float | None:
-    """The eps of an affine-free LayerNorm over ``width`` (SD3's norm1 / norm2), else None."""
-    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (width,):
-        return None
-    return None if norm.weight is not None or norm.bias is not None else float(norm.eps)
 
 
 def _plain(blk: nn.Module) -> bool:
@@ -46,7 +39,7 @@ class FoldedJointBlock:
         cb, xb = block.context_block, block.x_block
         width = xb.attn.qkv.in_features
         norms = [cb.norm1, xb.norm1, xb.norm2] + ([] if cb.pre_only else [cb.norm2])
-        eps = {_eps(n, width) for n in norms}
+        eps = {affine_free_eps(n, width) for n in norms}
         self.eps = eps.pop() if len(eps) == 1 else None  # one eps for all, or no fold
         self.sites = {name: ModulationSite(self.eps or 0.0) for name in ("txt1", "txt2", "img1", "img2")}
         mod = sys.modules[type(block).__module__]
@@ -108,18 +101,18 @@ def _is_mmdit(dm: nn.Module) -> bool:
     return any(t.__module__ == MMDIT and t.__name__ == "MMDiT" for t in type(dm).__mro__)
 
 
-def fold_sd3_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool]) -> list[str]:
+def fold_sd3_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool],
+                    taken: Collection[tuple[str, int]]) -> list[str]:
     """Install :class:`FoldedJointBlock` on ``patcher`` for every joint block of an MMDiT ``dm`` whose qkv layers
-    ``converted(path)`` says were quantized and that no other node replaced; returns what was folded
-    (``"joint_blocks.0: context_block, x_block"``)."""
+    ``converted(path)`` says were quantized and that another node did not replace (``taken``: its "dit"
+    replacement keys); returns what was folded (``"joint_blocks.0: context_block, x_block"``)."""
     if not _is_mmdit(dm):
         return []
-    replaced = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     done = []
     for i, block in enumerate(getattr(dm, "joint_blocks", ())):
         path = f"joint_blocks.{i}"
         fed = [f"{path}.{s}.attn.qkv" for s in ("context_block", "x_block")]
-        if type(block).__name__ != "JointBlock" or type(block).__module__ != MMDIT or ("double_block", i) in replaced:
+        if type(block).__name__ != "JointBlock" or type(block).__module__ != MMDIT or ("double_block", i) in taken:
             continue
         if not any(converted(p) for p in fed) or not (_plain(block.context_block) and _plain(block.x_block)):
             continue

@@ -46,6 +46,14 @@ class ModulationSite:
         return ModulatedNorm(buf, self.eps, rows)
 
 
+def affine_free_eps(norm: nn.Module | None, width: int) -> float | None:
+    """The eps of an ``nn.LayerNorm`` over ``width`` without weight or bias (the norm a modulated DiT block
+    modulates: Flux's, SD3's), else None (another norm: not foldable as a modulated LayerNorm)."""
+    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (width,):
+        return None
+    return None if norm.weight is not None or norm.bias is not None else float(norm.eps)
+
+
 def per_item(t: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether a modulation tensor holds one vector per batch item of ``x [B, T, K]`` (``[B, 1, K]`` or
     ``[B, K]``): what the fold assumes (ComfyUI's per-token modulation, ``modulation_dims``, is not that)."""
