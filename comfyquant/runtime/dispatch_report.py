@@ -18,7 +18,7 @@ from torch import nn
 from comfyquant.runtime.gated import GatedForward
 from comfyquant.runtime.kernels.acts import GATED, ModulatedNorm, apply_input_act
 from comfyquant.runtime.kernels.backends import BackendChoice
-from comfyquant.runtime.kernels.dispatch import choose_backend
+from comfyquant.runtime.kernels.dispatch import choose_backend, folds_norm
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.nn import QuantLinear
@@ -42,19 +42,18 @@ class LayerDispatch:
 
 
 def _folded(kind: str, backend: str, scales: tuple, opts: tuple, act: str | None, norm: Any, low_rank: bool,
-            mnk: tuple[int, int, int] = (0, 0, 0)) -> str:
+            x: torch.Tensor, w: Any) -> str:
     """``"rms_norm: in the kernel"`` / ``"layer_mod: torch first"`` / ``"gelu_tanh: torch first"`` / ``""`` for a
-    call on ``backend`` with input activation ``act`` or a norm (``acts.RowNorm``, ``acts.ModulatedNorm`` for a
-    ``[m, k] x [k, n]`` call ``mnk``; a low-rank term reads the normed x: the norm is applied in torch)."""
+    call of ``x`` on weight ``w`` by ``backend`` with input activation ``act`` or a norm (``acts.RowNorm``,
+    ``acts.ModulatedNorm``: in the kernel where ``dispatch.folds_norm`` says so; a low-rank term reads the normed
+    x: the norm is applied in torch)."""
     if act is None and norm is None:
         return ""
     b = kernel_kind(kind).backends.get(backend)
-    if isinstance(norm, ModulatedNorm):
-        inside = not low_rank and b is not None and b.fuses_mod is not None and b.fuses_mod(scales, opts, *mnk)
-        return f"layer_mod: {'in the kernel' if inside else 'torch first'}"
     if norm is not None:
-        inside = not low_rank and b is not None and b.fuses_norm is not None and b.fuses_norm(scales, opts)
-        return f"rms_norm: {'in the kernel' if inside else 'torch first'}"
+        inside = not low_rank and b is not None and folds_norm(b, scales, opts, x, w, norm)
+        what = "layer_mod" if isinstance(norm, ModulatedNorm) else "rms_norm"
+        return f"{what}: {'in the kernel' if inside else 'torch first'}"
     inside = b is not None and b.fuses_input_act and (act not in GATED or b.fuses_gated_act)
     return f"{act}: {'in the kernel' if inside else 'torch first'}"
 
@@ -79,7 +78,7 @@ def _choice(name: str, x: torch.Tensor, w: Any, n: int, k: int, low_rank: Any, a
                                            low_rank=0 if low_rank is None else int(low_rank[0].shape[0]))
     m = x.numel() // k
     return LayerDispatch(name, kind, m, n, k, choice.name, choice.reason,
-                         _folded(kind, choice.name, scales, opts, act, norm, low_rank is not None, (m, n, k)))
+                         _folded(kind, choice.name, scales, opts, act, norm, low_rank is not None, x, w))
 
 
 def _groups(model: nn.Module) -> dict[int, tuple[str, SiblingGroup]]:

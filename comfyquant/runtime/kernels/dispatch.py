@@ -262,12 +262,12 @@ def _norm_verdict(e: list, eager: list | None, b: KernelBackend, x: torch.Tensor
     """Whether ``norm`` runs in backend ``b``'s quantizer for memo entry ``e``: decided at the entry's first call and
     kept as ``e[3]`` (the signature fixes everything it depends on; per call it is one list read, eager host time
     being what small layers lose). The backend must fold it for this weight and shape with a tensor that fits x
-    (:func:`_folds_norm`); a modulated norm must also pass :func:`_mod_check` at its first eager call. Under a
+    (:func:`folds_norm`); a modulated norm must also pass :func:`_mod_check` at its first eager call. Under a
     CUDA-graph capture (no comparison can be read there) the eager entry ``eager`` of the same signature decides;
     without its verdict yet the norm runs in torch and nothing is kept."""
     if len(e) > 3:
         return e[3]
-    ok = _folds_norm(b, scales, opts, x, w, norm)
+    ok = folds_norm(b, scales, opts, x, w, norm)
     if ok and isinstance(norm, ModulatedNorm):
         if capture:
             if eager is None or len(eager) <= 3:
@@ -294,7 +294,7 @@ def _mod_check(b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple
     return ok
 
 
-def _folds_norm(b: KernelBackend, scales: tuple, opts: tuple, x: torch.Tensor, w: torch.Tensor,
+def folds_norm(b: KernelBackend, scales: tuple, opts: tuple, x: torch.Tensor, w: torch.Tensor,
                 norm: Norm) -> bool:
     """Whether backend ``b`` applies ``norm`` in its quantizer on this call: it folds norms of that kind for this
     weight (a modulated one: for this call's shape too), and the norm's tensor fits x (``acts.norm_fits``)."""
