@@ -126,16 +126,12 @@ def test_row_block_w8a8_compiles_with_release_acquire_counters(m: int, k: int, n
     """The row-block one-launch W8A8 kernel (``fused_rows``), as the runtime launches it on a GPU (phase 0:
     quantization and GEMM synchronized): its arrival is released and its wait acquires, at GPU scope, and the
     int8 rows other programs wrote are read from L2 (a stale L1 line would give old codes)."""
-    from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels.configs import rows_config, rows_shape
 
     x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
-    out = torch.empty(m, n, dtype=torch.bfloat16)
     cfg = rows_config(m, n)
     assert rows_shape(m, n, k, cfg)
-    bufs = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(64, dtype=torch.int32))
-    _, args, _ = ti._rows_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs)
-    ck = _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True)
+    ck = _rows_kernel(x, w, sb)
     ptx = ck.asm["ptx"]
     assert re.search(r"atom\.global\.gpu\.release\.add", ptx), "the arrival is not a release"
     assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "the wait does not acquire"
@@ -258,6 +254,21 @@ def _spill_bytes(ptx: str) -> int:
     return 0
 
 
+def _rows_kernel(x: torch.Tensor, w: torch.Tensor, sb: torch.Tensor, norm: object = None,
+                 counters: int = 64) -> object:
+    """The row-block one-launch W8A8 kernel compiled for sm_90 (aligned) as the runtime launches it on a GPU for
+    ``x`` against ``w`` (phase 0), ``norm`` folded; its tile config is ``rows_config``'s."""
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import rows_config
+
+    (m, k), n = x.shape, w.shape[0]
+    cfg = rows_config(m, n)
+    bufs = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(counters, dtype=torch.int32))
+    _, args, _ = ti._rows_launch(x, w, torch.empty(m, n, dtype=torch.bfloat16), sb, None, cfg,
+                                 ti._low_rank_args(None, x, sb), 0, bufs, 0, norm)
+    return _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True)
+
+
 @pytest.mark.parametrize(("m", "k", "n"), [(256, 4096, 12288), (300, 15360, 3072)])
 def test_a_folded_norm_compiles_into_the_row_block_and_block_kernels_without_spills(m: int, k: int, n: int) -> None:
     """An RMSNorm folded into the quantizer (``acts.RowNorm``): the row-block one-launch W8A8 kernel and the block
@@ -269,15 +280,10 @@ def test_a_folded_norm_compiles_into_the_row_block_and_block_kernels_without_spi
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.acts import RowNorm
-    from comfyquant.runtime.kernels.configs import rows_config
 
     x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
     norm = RowNorm(torch.ones(k, dtype=torch.bfloat16), 1e-6)
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    cfg = rows_config(m, n)
-    bufs = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(64, dtype=torch.int32))
-    _, args, _ = ti._rows_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs, 0, norm)
-    ptx = _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True).asm["ptx"]
+    ptx = _rows_kernel(x, w, sb, norm).asm["ptx"]
     _assert_no_spills(ptx)
     assert "rsqrt.approx" in ptx and "wgmma.mma_async" in ptx
     # the per-tile one-launch kernel (under 64 rows) with the norm in both of its passes: it spills on some of its
@@ -311,10 +317,8 @@ def test_a_modulated_norm_compiles_into_the_block_and_row_block_kernels_without_
     division once per row."""
     from test_gluon_gemm import _assert_no_spills
 
-    from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.acts import ModulatedNorm
-    from comfyquant.runtime.kernels.configs import rows_config
 
     x = torch.zeros(m, k, dtype=torch.bfloat16)
     norm = ModulatedNorm(torch.zeros(2, 2 * k, dtype=torch.bfloat16), 1e-6, m // 2)
@@ -328,11 +332,7 @@ def test_a_modulated_norm_compiles_into_the_block_and_row_block_kernels_without_
     assert "rsqrt.approx" in ptx and _divisions(ptx) <= 8
     if fp8:
         return
-    w, sb, out = torch.zeros(n, k, dtype=torch.int8), torch.ones(n), torch.empty(m, n, dtype=torch.bfloat16)
-    cfg = rows_config(m, n)
-    bufs = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1), torch.zeros(256, dtype=torch.int32))
-    _, args, _ = ti._rows_launch(x, w, out, sb, None, cfg, ti._low_rank_args(None, x, sb), 0, bufs, 0, norm)
-    ptx = _compile(ti._FUSED_ROWS, args, cfg.warps, cfg.stages, aligned=True).asm["ptx"]
+    ptx = _rows_kernel(x, torch.zeros(n, k, dtype=torch.int8), torch.ones(n), norm, 256).asm["ptx"]
     _assert_no_spills(ptx)
     assert "rsqrt.approx" in ptx and "wgmma.mma_async" in ptx
     # rotated (int8-rot, int4-rot): the row kernel normalizes and modulates the row, then rotates it (convrot 256),

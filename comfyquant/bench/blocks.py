@@ -436,31 +436,25 @@ class TransformerBlockGemma2(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class Gemma3(nn.Module):
-    """Gemma-3-12B-shaped text encoder (LTX-2's; Lumina 2's Gemma-2-2B has the same block): hidden 3840, 16 query
-    / 8 kv heads of 256, MLP 15360; ``layers`` of its 48 blocks."""
-
-    def __init__(self, layers: int = 4, d: int = 3840, heads: int = 16, kv_heads: int = 8, head_dim: int = 256,
-                 ff: int = 15360) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(TransformerBlockGemma2(d, heads, kv_heads, head_dim, ff) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 class Qwen3(nn.Module):
     """Qwen3-4B-shaped text encoder (Z-Image's; Qwen-Image's Qwen2.5-VL-7B and Flux.2's Mistral have the same
     block): hidden 2560, 32 query / 8 kv heads of 128, MLP 9728; ``layers`` of its 36 blocks."""
 
     def __init__(self, layers: int = 4, d: int = 2560, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
-                 ff: int = 9728) -> None:
+                 ff: int = 9728, block: type[nn.Module] = TransformerBlock) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(TransformerBlock(d, heads, kv_heads, head_dim, ff) for _ in range(layers))
+        self.layers = nn.ModuleList(block(d, heads, kv_heads, head_dim, ff) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class Gemma3(Qwen3):
+    """Gemma-3-12B-shaped text encoder (LTX-2's; Lumina 2's Gemma-2-2B has the same block): hidden 3840, 16 query
+    / 8 kv heads of 256, MLP 15360; ``layers`` of its 48 blocks."""
+
+    def __init__(self, layers: int = 4, d: int = 3840, heads: int = 16, kv_heads: int = 8, head_dim: int = 256,
+                 ff: int = 15360) -> None:
+        super().__init__(layers, d, heads, kv_heads, head_dim, ff, TransformerBlockGemma2)
