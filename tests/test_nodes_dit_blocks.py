@@ -87,7 +87,7 @@ def test_folded_blocks_compute_the_stock_blocks(comfy: Any, dit_sd: dict, fmt: s
     assert not block_replacements(base) and not block_replacements(plain)  # the input MODEL and the unfolded clone
     ref, want = _forward(base), _forward(plain)
     got = _forward(folded)
-    assert rel_err(got, want) < 2e-5  # measured 2.5e-6-2.5e-5: addcmul_ rounds once where += x * gate rounds twice
+    assert rel_err(got, want) < 1e-6  # measured 1.1e-7-1.7e-7: addcmul_ rounds once where += x * gate rounds twice
     assert abs(rel_err(got, ref) - rel_err(want, ref)) < 0.1 * rel_err(want, ref)
     # the replacements ran: every site holds its buffer, refilled in place on the next call
     sites = [s for r in reps.values() for s in (r.sites.values() if isinstance(r, FoldedDoubleBlock) else [r.site])]
@@ -96,7 +96,7 @@ def test_folded_blocks_compute_the_stock_blocks(comfy: Any, dit_sd: dict, fmt: s
         None if s._buf is None else tuple(s._buf.shape) for s in sites]
     ptrs = [s._buf.data_ptr() for s in sites]
     again = _forward(folded, seed=1)
-    assert [s._buf.data_ptr() for s in sites] == ptrs and rel_err(again, _forward(plain, seed=1)) < 2e-5
+    assert [s._buf.data_ptr() for s in sites] == ptrs and rel_err(again, _forward(plain, seed=1)) < 1e-6
 
 
 def test_an_attention_patch_hands_the_block_back_to_comfyui(comfy: Any, dit_sd: dict) -> None:
