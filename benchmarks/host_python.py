@@ -33,6 +33,40 @@ def best_us(fn: Callable[[], object], calls: int = 2000, rounds: int = 7) -> flo
     return best
 
 
+def _modulated_site() -> dict[str, float]:
+    """A DiT block's modulated-norm site (``runtime.modulation``) above the kernel: the folded call (buffer refill,
+    ``normed``, the dispatch with its kept verdict, a plan returning a constant) against ComfyUI's torch norm
+    (``layer_norm``, ``1 + scale``, ``addcmul``) before the same stubbed layer. The torch ops run on the CPU on
+    tiny tensors, so each costs about its dispatch: what the fold saves per site, in host time, less its Python."""
+    try:
+        from comfyquant.runtime.modulation import ModulationSite, modulated_linear
+    except ImportError:  # a tree from before the fold
+        return {}
+    from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.kernels.acts import layer_mod
+    from comfyquant.runtime.nn import bound_linear
+
+    k = n = 64
+    x = torch.randn(1, 16, k).bfloat16()
+    shift, scale = torch.randn(1, 1, k).bfloat16(), torch.randn(1, 1, k).bfloat16()
+    net = nn.Sequential(nn.Linear(k, n).bfloat16())
+    quantize_(net, QuantizeConfig(format="int8", min_features=1))
+    layer, site, out = net[0], ModulationSite(1e-6), torch.zeros(1, 16, n, dtype=torch.bfloat16)
+    with torch.no_grad():
+        modulated_linear(layer, x, shift, scale, 1e-6, site)
+        layer(layer_mod(x, shift, scale, 1e-6))
+        for e in bound_linear(layer.qweight, layer.bias).memo.values():
+            e[1] = lambda x: out  # a plan returning a constant
+            if len(e) > 3:
+                e[3] = True  # the verdict a folding kernel gets (the CPU's reference backend folds nothing)
+        return {
+            "modulated site, folded (above the kernel)": best_us(
+                lambda: modulated_linear(layer, x, shift, scale, 1e-6, site, checked=True)),
+            "modulated site, torch norm first (above the kernel)": best_us(
+                lambda: layer(layer_mod(x, shift, scale, 1e-6))),
+        }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None)
@@ -90,6 +124,16 @@ def main() -> int:
                 for key, backend in plans.items():
                     plans[key] = type(backend)(lambda *args, **kw: out)
             res[f"QuantLinear above the kernel {tag}"] = best_us(lambda: net[0](x))
+            try:  # the node pack's layer (the ModelPatcher protocol on top), the same weight, bias and stub
+                from comfyquant.nodes.ops import ComfyQuantLinear
+            except ImportError:
+                continue
+            node_layer = ComfyQuantLinear.wrap(net[0].qweight, net[0].bias)  # (its own bias Parameter: bound anew)
+            node_layer(x)
+            for e in bound_linear(node_layer.qweight, node_layer.bias).memo.values():
+                e[1] = lambda x: out
+            res[f"ComfyQuantLinear above the kernel {tag}"] = best_us(lambda: node_layer(x))
+    res.update(_modulated_site())
     ident = nn.Identity()
     res["an nn.Module call (nn.Identity), for scale"] = best_us(lambda: ident(x))
     for key, v in res.items():

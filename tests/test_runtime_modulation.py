@@ -62,6 +62,9 @@ def test_a_site_keeps_one_buffer_per_shape_so_kernel_plans_stay_valid() -> None:
     b = site.norm(shift2, scale2, 5)
     assert b.mod.data_ptr() == ptr and torch.equal(b.mod[:, 32:], scale2[:, 0])  # refilled in place
     assert norm_key(a) == norm_key(b)  # one memo entry (and plan) for every step
+    d = site.norm(shift[:, 0], scale, 5)  # [G, K] and [G, 1, K] (per_item takes either): the same buffer
+    assert d.mod.data_ptr() == ptr and norm_key(d) == norm_key(a)
+    assert torch.equal(d.mod, torch.cat((shift[:, 0], scale[:, 0]), -1))
     c = site.norm(shift2[:1], scale2[:1], 5)  # another batch size: another buffer
     assert c.mod.shape == (1, 64) and c.mod.data_ptr() != ptr
     assert norm_key(c) != norm_key(b)

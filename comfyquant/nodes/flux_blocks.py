@@ -51,7 +51,10 @@ def _is(mod: nn.Module, name: str) -> bool:
 
 
 def _mods_fit(mods: tuple, x: torch.Tensor) -> bool:
-    return all(per_item(t, x) for m in mods for t in (m.shift, m.scale, m.gate))
+    for m in mods:
+        if not (per_item(m.shift, x) and per_item(m.scale, x) and per_item(m.gate, x)):
+            return False
+    return True
 
 
 def _patched_attention(options: dict) -> bool:
@@ -64,7 +67,9 @@ class FoldedDoubleBlock:
     replacement: ``(args, {"original_block": fn}) -> {"img", "txt"}``)."""
 
     def __init__(self, blocks: nn.ModuleList, index: int) -> None:
-        self.blocks, self.index = blocks, index  # the model's list: a block another patch swapped in runs stock
+        # the model's list: a block another patch swapped in runs stock (read by its key: ModuleList's indexing
+        # costs a few microseconds per call)
+        self.blocks, self.slot = blocks, str(index)
         self.block = block = blocks[index]
         self.eps = affine_free_eps(block.img_norm1, block.hidden_size)
         self.sites = {name: ModulationSite(self.eps or 0.0) for name in ("img1", "img2", "txt1", "txt2")}
@@ -83,7 +88,7 @@ class FoldedDoubleBlock:
                 options: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The block's ``(img, txt)``, or None where the stock forward must run (see the module docstring)."""
         b = self.block
-        if (self.eps is None or self.blocks[self.index] is not b or _patched_attention(options) or img.dim() != 3
+        if (self.eps is None or self.blocks._modules.get(self.slot) is not b or _patched_attention(options) or img.dim() != 3
                 or txt.dim() != 3):
             return None
         if b.modulation:
@@ -114,7 +119,7 @@ class FoldedDoubleBlock:
 
     def _qkv(self, attn: nn.Module, x: torch.Tensor, mod: Any,
              site: ModulationSite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = modulated_linear(attn.qkv, x, mod.shift, mod.scale, self.eps, site)
+        qkv = modulated_linear(attn.qkv, x, mod.shift, mod.scale, self.eps, site, checked=True)
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.block.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = attn.norm(q, k, v)
         return q, k, v
@@ -125,7 +130,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, mod: Any, eps: float, site: Modulation
     (Flux.2's ``YakMLP``) after the norm in torch."""
     if isinstance(mlp, nn.Sequential) and len(mlp) > 0:
         members = list(mlp)
-        h = modulated_linear(members[0], x, mod.shift, mod.scale, eps, site)
+        h = modulated_linear(members[0], x, mod.shift, mod.scale, eps, site, checked=True)
         for m in members[1:]:
             h = m(h)
         return h
@@ -137,7 +142,7 @@ class FoldedSingleBlock:
     block replacement: ``(args, {"original_block": fn}) -> {"img"}``)."""
 
     def __init__(self, blocks: nn.ModuleList, index: int) -> None:
-        self.blocks, self.index = blocks, index
+        self.blocks, self.slot = blocks, str(index)
         self.block = block = blocks[index]
         self.eps = affine_free_eps(block.pre_norm, block.hidden_size)
         self.site = ModulationSite(self.eps or 0.0)
@@ -155,7 +160,7 @@ class FoldedSingleBlock:
                 options: dict) -> torch.Tensor | None:
         """The block's output, or None where the stock forward must run."""
         b = self.block
-        if self.eps is None or self.blocks[self.index] is not b or _patched_attention(options) or x.dim() != 3:
+        if self.eps is None or self.blocks._modules.get(self.slot) is not b or _patched_attention(options) or x.dim() != 3:
             return None
         if b.modulation:
             if not isinstance(vec, torch.Tensor) or vec.shape[0] != x.shape[0]:
@@ -165,7 +170,7 @@ class FoldedSingleBlock:
             mod = vec
         if not _mods_fit((mod,), x):
             return None
-        h = modulated_linear(b.linear1, x, mod.shift, mod.scale, self.eps, self.site)
+        h = modulated_linear(b.linear1, x, mod.shift, mod.scale, self.eps, self.site, checked=True)
         qkv, mlp = torch.split(h, [3 * b.hidden_size, b.mlp_hidden_dim_first], dim=-1)
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, b.num_heads, -1).permute(2, 0, 3, 1, 4)
         del qkv

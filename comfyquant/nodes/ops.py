@@ -114,7 +114,9 @@ class ComfyQuantLinear(QuantLinear):
     def _compute(self, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
         w = self.qweight
         bias = self._parameters["bias"]
-        if w.device != x.device:  # left on the offload device by a partial (lowvram) load
+        # left on the offload device by a partial (lowvram) load; read on the codes (a torch attribute of the
+        # QuantizedTensor itself goes through its __torch_function__: about 1.3 µs a read, every call)
+        if w.qdata.device != x.device:
             w = w.to(x.device, non_blocking=True)
             bias = None if bias is None else bias.to(x.device, non_blocking=True)
         if bias is not None and bias.dtype != x.dtype:

@@ -34,7 +34,9 @@ class FoldedJointBlock:
     ``(args, {"original_block": fn}) -> {"txt", "img"}``)."""
 
     def __init__(self, blocks: nn.ModuleList, index: int) -> None:
-        self.blocks, self.index = blocks, index  # the model's list: a block another patch swapped in runs stock
+        # the model's list: a block another patch swapped in runs stock (read by its key: ModuleList's indexing
+        # costs a few microseconds per call)
+        self.blocks, self.slot = blocks, str(index)
         self.block = block = blocks[index]
         cb, xb = block.context_block, block.x_block
         width = xb.attn.qkv.in_features
@@ -56,7 +58,7 @@ class FoldedJointBlock:
         """The block's ``(context, x)`` (context None after a last, pre-only context block), or None where the
         stock forward must run."""
         cb, xb = self.block.context_block, self.block.x_block
-        if self.eps is None or self.blocks[self.index] is not self.block or not (_plain(cb) and _plain(xb)):
+        if self.eps is None or self.blocks._modules.get(self.slot) is not self.block or not (_plain(cb) and _plain(xb)):
             return None
         if not isinstance(c, torch.Tensor) or c.dim() != 2 or x.dim() != 3 or context.dim() != 3 \
                 or not c.shape[0] == x.shape[0] == context.shape[0]:
@@ -73,7 +75,7 @@ class FoldedJointBlock:
 
     def _qkv(self, attn: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
              site: ModulationSite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = modulated_linear(attn.qkv, x, shift[:, None], scale[:, None], self.eps, site)
+        qkv = modulated_linear(attn.qkv, x, shift[:, None], scale[:, None], self.eps, site, checked=True)
         q, k, v = self.split_qkv(qkv, attn.head_dim)
         q = attn.ln_q(q).reshape(q.shape[0], q.shape[1], -1)
         k = attn.ln_k(k).reshape(q.shape[0], q.shape[1], -1)
@@ -91,7 +93,7 @@ class FoldedJointBlock:
         (a SwiGLU feed-forward) after the norm in torch."""
         if type(mlp).__name__ != "Mlp" or type(mlp).__module__ != MMDIT:
             return modulated_linear(mlp, x, shift, scale, self.eps, None)
-        h = modulated_linear(mlp.fc1, x, shift, scale, self.eps, site)
+        h = modulated_linear(mlp.fc1, x, shift, scale, self.eps, site, checked=True)
         for m in (mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2):
             h = m(h)
         return h

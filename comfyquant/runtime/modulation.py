@@ -26,23 +26,27 @@ class ModulationSite:
     """One modulated norm's buffer: ``[G, 2K]`` (each batch item's shift, then its scale) in the modulation's
     dtype, remade when the batch size, width, dtype or device changes."""
 
-    __slots__ = ("_buf", "eps")
+    __slots__ = ("_buf", "_buf3", "eps")
 
     def __init__(self, eps: float) -> None:
         self.eps = float(eps)
-        self._buf: torch.Tensor | None = None
+        self._buf: torch.Tensor | None = None  # [G, 2K], what the kernels read
+        self._buf3: torch.Tensor | None = None  # the same memory as [G, 1, 2K], for [G, 1, K] inputs
 
     def norm(self, shift: torch.Tensor, scale: torch.Tensor, rows: int) -> ModulatedNorm:
         """The ``acts.ModulatedNorm`` for this call: ``shift`` and ``scale`` (``[G, 1, K]`` or ``[G, K]``) copied
         into the site's buffer (one launch), ``rows`` rows per batch item."""
-        g, k = shift.shape[0], shift.shape[-1]
-        buf = self._buf
+        buf, ss = self._buf, shift.shape
         # remade for another shape, dtype or device, and where a buffer made under inference_mode (ComfyUI samples
         # in it) would be written outside it (torch refuses in-place writes to inference tensors there)
-        if (buf is None or buf.shape[0] != g or buf.shape[1] != 2 * k or buf.dtype != shift.dtype
+        if (buf is None or buf.shape[0] != ss[0] or buf.shape[1] != 2 * ss[-1] or buf.dtype != shift.dtype
                 or buf.device != shift.device or (buf.is_inference() and not torch.is_inference_mode_enabled())):
-            buf = self._buf = torch.empty((g, 2 * k), dtype=shift.dtype, device=shift.device)
-        torch.cat((shift.reshape(g, k), scale.reshape(g, k)), dim=-1, out=buf)
+            buf = self._buf = torch.empty((ss[0], 2 * ss[-1]), dtype=shift.dtype, device=shift.device)
+            self._buf3 = buf.view(ss[0], 1, 2 * ss[-1])
+        # one cat into a view shaped as the inputs (each reshape would be another call into torch, every step)
+        if scale.dim() != len(ss):  # ([G, 1, K] with [G, K]: per_item takes either for each)
+            scale = scale.view(ss)
+        torch.cat((shift, scale), dim=-1, out=self._buf3 if len(ss) == 3 else buf)
         return ModulatedNorm(buf, self.eps, rows)
 
 
@@ -57,19 +61,22 @@ def affine_free_eps(norm: nn.Module | None, width: int) -> float | None:
 def per_item(t: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether a modulation tensor holds one vector per batch item of ``x [B, T, K]`` (``[B, 1, K]`` or
     ``[B, K]``): what the fold assumes (ComfyUI's per-token modulation, ``modulation_dims``, is not that)."""
-    if x.dim() != 3 or t.shape[-1] != x.shape[-1] or t.shape[0] != x.shape[0]:
+    ts, xs = t.shape, x.shape  # (read once: each tensor attribute is a call into torch, on every block's call)
+    if len(xs) != 3 or ts[-1] != xs[-1] or ts[0] != xs[0]:
         return False
-    return t.dim() == 2 or (t.dim() == 3 and t.shape[1] == 1)
+    return len(ts) == 2 or (len(ts) == 3 and ts[1] == 1)
 
 
 def modulated_linear(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                     site: ModulationSite | None) -> torch.Tensor:
+                     site: ModulationSite | None, *, checked: bool = False) -> torch.Tensor:
     """``layer(layer_norm(x, eps) * (1 + scale) + shift)`` for ``x [B, T, K]`` and per-item ``shift`` / ``scale``
     (:func:`per_item`). A quantized layer that takes a norm (``QuantLinear.takes_norm``) gets it through
     ``site`` and applies it in its quantizer where the chosen kernel can (else in torch, the same values); any
-    other layer, or a traced call, gets :func:`acts.layer_mod` first."""
-    if (site is not None and isinstance(layer, QuantLinear) and layer.weight is not None and layer.takes_norm()
-            and not torch.compiler.is_compiling() and per_item(shift, x) and per_item(scale, x)):
+    other layer, or a traced call, gets :func:`acts.layer_mod` first. ``checked``: the caller has verified
+    :func:`per_item` for both (a block forward that checks its modulations once, before it computes anything)."""
+    # (``normed`` asks ``takes_norm`` itself: a layer that takes none gets the norm in torch there, the same values)
+    if (site is not None and isinstance(layer, QuantLinear) and layer.weight is not None
+            and not torch.compiler.is_compiling() and (checked or (per_item(shift, x) and per_item(scale, x)))):
         return layer.normed(x, site.norm(shift, scale, int(x.shape[1])))
     return layer(layer_mod(x, shift, scale, eps))
 

@@ -271,11 +271,12 @@ class QuantLinear(nn.Module):
         goes through the module (its hooks run, seeing x before the norm, as on a layer with a folded norm)."""
         if not self.takes_norm():
             return self(rms_norm(x, norm))
-        self.call_norm = norm
+        d = self.__dict__  # (not nn.Module.__setattr__: its type checks cost more than the rest of this method)
+        d["call_norm"] = norm
         try:
             return self(x)
         finally:
-            self.call_norm = None
+            d["call_norm"] = None
 
     # ---- serialization ---------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

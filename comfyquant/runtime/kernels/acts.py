@@ -133,7 +133,7 @@ def norm_key(norm: Norm | None) -> tuple | None:
     w = norm.weight
     head = (id(w), 0 if w is None else w.data_ptr(), norm.eps)
     if isinstance(norm, ModulatedNorm):
-        return (*head, "mod", norm.rows, tuple(norm.mod.shape))
+        return (*head, "mod", norm.rows, norm.mod.shape)
     return (*head, norm.rms)
 
 
