@@ -86,17 +86,18 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "checks_b": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_b"), "--only",
                       "check_low_rank_epilogue,check_input_act,check_plans,check_cuda_graphs,check_inference_mode,"
                       "check_attention,check_attention_cudnn,check_ws_fp8,check_ws_experimental,check_siblings,"
-                      "check_norm_fold,check_modulated_fold"]],
+                      "check_norm_fold,check_modulated_fold,check_layer_norm_fold"]],
         # the folded RMSNorm and column scale (runtime.norms, acts.RowNorm) alone
         "checks_norm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_norm_fold,check_siblings"]],
         # the same with the activation kernels' checks and the plans' (the rotating row kernel's norm, 2026-12-04)
         "checks_norm_act": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                              "check_norm_fold,check_act_quant,check_plans"]],
-        # the modulated LayerNorm folded into the quantizer (nodes.flux_blocks, 2026-12-04, not yet run on a GPU):
+        # the modulated LayerNorm folded into the quantizer (nodes.flux_blocks, 2026-12-04, not yet run on a GPU),
+        # and the affine LayerNorm as one shared row of it (runtime.norms: CLIP, the bench SDXL block, 2026-12-05):
         # its checks, then its bench (quantizer and whole layer against layer_norm + addcmul first)
         "checks_modulated": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
-                              "check_modulated_fold,check_norm_fold"]],
+                              "check_modulated_fold,check_layer_norm_fold,check_norm_fold"]],
         "modulated_fold": [[PY, "benchmarks/bench_modulated_fold.py", "--out", str(work / "kernels")]],
         # the norm folded into the quantizer against the norm in torch first, the quantizer alone (rotated too)
         "norm_fold": [[PY, "benchmarks/bench_norm_fold.py", "--out", str(work / "kernels")]],

@@ -227,24 +227,64 @@ class GEGLU(nn.Module):
         return x * F.gelu(gate)
 
 
-class SdxlBlock(nn.Module):
-    """SDXL BasicTransformerBlock: self-attn, cross-attn to 2048-wide text, GEGLU feed-forward (as ComfyUI's
-    ``FeedForward``: GEGLU, dropout, linear)."""
+class SelfAttention(nn.Module):
+    """SDXL's ``attn1`` (ComfyUI's ``CrossAttention`` without a context): to_q / to_k / to_v read x, no bias."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.to_out = nn.Sequential(nn.Linear(d, d), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_out(_attn(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
+
+
+class CrossAttention(nn.Module):
+    """SDXL's ``attn2``: to_q reads x, to_k / to_v the 2048-wide text context."""
+
+    def __init__(self, d: int, heads: int, ctx: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(d, d, bias=False)
+        self.to_k, self.to_v = nn.Linear(ctx, d, bias=False), nn.Linear(ctx, d, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(d, d), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return self.to_out(_attn(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads))
+
+
+class FeedForward(nn.Module):
+    """ComfyUI's ``FeedForward(glu=True)``: GEGLU, dropout, linear."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(d, 4 * d), nn.Dropout(0.0), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """SDXL's transformer block with ComfyUI's layout: affine LayerNorms (``norm1`` / ``norm2`` / ``norm3``, as
+    SDXL's weights have them) before self-attention, cross-attention to 2048-wide text and the GEGLU
+    feed-forward. Each norm is read only by the listed linears (``runtime.norms`` folds them); ComfyUI's own
+    block also hands them to attention patches, so only this one is in its table."""
 
     def __init__(self, d: int, heads: int, ctx: int = 2048) -> None:
         super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=i == 3) for i in range(4))
-        self.cq, self.co = nn.Linear(d, d, bias=False), nn.Linear(d, d)
-        self.ck, self.cv = nn.Linear(ctx, d, bias=False), nn.Linear(ctx, d, bias=False)
-        self.ff = nn.Sequential(GEGLU(d, 4 * d), nn.Dropout(0.0), nn.Linear(4 * d, d))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d) for _ in range(3))
+        self.attn1 = SelfAttention(d, heads)
+        self.attn2 = CrossAttention(d, heads, ctx)
+        self.ff = FeedForward(d)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        y = _ln(x)
-        x = x + self.o(_attn(self.q(y), self.k(y), self.v(y), self.heads))
-        y = _ln(x)
-        x = x + self.co(_attn(self.cq(y), self.ck(ctx), self.cv(ctx), self.heads))
-        return x + self.ff(_ln(x))
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), ctx)
+        return x + self.ff(self.norm3(x))
+
+
+SdxlBlock = BasicTransformerBlock
 
 
 class Sdxl(nn.Module):

@@ -37,7 +37,7 @@ from comfyquant.runtime.fold import foldable_pairs, foldable_projections
 from comfyquant.runtime.gated import gated_group, gated_mlps, inputs_fuse
 from comfyquant.runtime.kernels.backends import device_capability
 from comfyquant.runtime.nn import NormSource, QuantLinear
-from comfyquant.runtime.norms import FoldedNorm, foldable_norms, weight_folds_norm
+from comfyquant.runtime.norms import FoldedNorm, NormSpec, foldable_norms, weight_folds_norm
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
 from comfyquant.runtime.siblings import ArmedForward, SiblingGroup, sibling_groups
 from comfyquant.runtime.tensor import QuantizedTensor
@@ -404,14 +404,14 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         folds.update({layer: (f"{path}.forward", _projection_only(dm.get_submodule(path)), act)
                       for path, layer, act in foldable_projections(dm, targets)})
     norms: dict[str, NormSource] = {}
-    if settings.runtime.fold_activations and settings.runtime.fold_norms:  # RMSNorms before converted layers
+    if settings.runtime.fold_activations and settings.runtime.fold_norms:  # norms before converted layers
         # (runtime.norms): applied in their quantizer
-        def norm_fits(path: str, mod: nn.Module | None) -> bool:
-            return path in new_layers and path not in folds and weight_folds_norm(new_layers[path])
+        def norm_fits(path: str, mod: nn.Module | None, spec: NormSpec) -> bool:
+            return path in new_layers and path not in folds and weight_folds_norm(new_layers[path], spec.layer)
 
-        for path, norm_name, consumer_name, names, (eps, offset) in foldable_norms(dm, norm_fits):
+        for path, norm_name, consumer_name, names, spec in foldable_norms(dm, norm_fits):
             norm_path = f"{path}.{norm_name}" if path else norm_name
-            holder = FoldedNorm(dm.get_submodule(norm_path), eps, offset)  # the norm's own weight, same key
+            holder = FoldedNorm(dm.get_submodule(norm_path), spec)  # the norm's own Parameters, same keys
             clone.add_object_patch(prefix + norm_path, holder)
             base = f"{path}.{consumer_name}" if path else consumer_name
             source = holder.source()  # one per norm: a sibling group fuses members that share it

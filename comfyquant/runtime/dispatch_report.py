@@ -43,7 +43,8 @@ class LayerDispatch:
 
 def _folded(kind: str, backend: str, scales: tuple, opts: tuple, act: str | None, norm: Any, low_rank: bool,
             x: torch.Tensor, w: Any) -> str:
-    """``"rms_norm: in the kernel"`` / ``"layer_mod: torch first"`` / ``"gelu_tanh: torch first"`` / ``""`` for a
+    """``"rms_norm: in the kernel"`` / ``"layer_mod: torch first"`` (a DiT block's modulated LayerNorm;
+    ``"layer_norm"`` a folded affine one) / ``"gelu_tanh: torch first"`` / ``""`` for a
     call of ``x`` on weight ``w`` by ``backend`` with input activation ``act`` or a norm (``acts.RowNorm``,
     ``acts.ModulatedNorm``: in the kernel where ``dispatch.folds_norm`` says so; a low-rank term reads the normed
     x: the norm is applied in torch)."""
@@ -52,7 +53,8 @@ def _folded(kind: str, backend: str, scales: tuple, opts: tuple, act: str | None
     b = kernel_kind(kind).backends.get(backend)
     if norm is not None:
         inside = not low_rank and b is not None and folds_norm(b, scales, opts, x, w, norm)
-        what = "layer_mod" if isinstance(norm, ModulatedNorm) else "rms_norm"
+        what = (("layer_norm" if norm.rows == 0 else "layer_mod") if isinstance(norm, ModulatedNorm)
+                else "rms_norm")
         return f"{what}: {'in the kernel' if inside else 'torch first'}"
     inside = b is not None and b.fuses_input_act and (act not in GATED or b.fuses_gated_act)
     return f"{act}: {'in the kernel' if inside else 'torch first'}"

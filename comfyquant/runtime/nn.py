@@ -17,7 +17,7 @@ from torch import nn
 
 from comfyquant.errors import UserError
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant
-from comfyquant.runtime.kernels.acts import Norm, RowNorm, apply_input_act, rms_norm
+from comfyquant.runtime.kernels.acts import Norm, RowNorm, apply_input_act, rms_norm, shared_layer_norm
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for
 from comfyquant.runtime.tensor import REGISTRY, Layout, QuantizedTensor
@@ -106,31 +106,55 @@ def run_linear(fn: Callable[..., torch.Tensor] | None, x: torch.Tensor, w: Quant
 
 
 class NormSource:
-    """A folded RMSNorm as a layer reads it per call: the module holding its weight (``runtime.norms``'s stand-in,
-    under the norm's own state-dict key, so a loaded or patched weight is the one used), its eps, and ``offset``
-    (Gemma's norms scale by ``1 + weight``: the sum is kept while the weight and its version stay the same)."""
+    """A folded norm as a layer reads it per call: the module holding its weight (``runtime.norms``'s stand-in,
+    under the norm's own state-dict key, so a loaded or patched weight is the one used) and its eps. An RMSNorm,
+    or with ``offset`` Gemma's, which scales by ``1 + weight``; or (``layer``) an affine LayerNorm, its weight
+    and bias as one shared ``acts.ModulatedNorm`` row. A tensor derived from the weights is kept while they stay
+    the same objects, storage and versions; an inference tensor (ComfyUI's weights) has no version counter, so
+    there the objects and storage decide: ComfyUI patches a weight by setting a new one, and only its
+    ``weight_inplace_update`` option (no core node sets it) writes one in place, which the kept tensor misses."""
 
-    __slots__ = ("_sum", "eps", "holder", "offset")
+    __slots__ = ("_sum", "eps", "holder", "layer", "offset")
 
-    def __init__(self, holder: nn.Module, eps: float, offset: float = 0.0) -> None:
+    def __init__(self, holder: nn.Module, eps: float, offset: float = 0.0, *, layer: bool = False) -> None:
         self.holder = holder
         self.eps = float(eps)
         self.offset = float(offset)
-        self._sum: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
+        self.layer = layer
+        self._sum: tuple[tuple, tuple, Norm] | None = None  # (weight's state, bias's state, derived norm)
 
-    def row_norm(self) -> RowNorm:
-        w = self.holder._parameters.get("weight")
-        if not self.offset or w is None:
-            return RowNorm(w, self.eps)
-        if torch.compiler.is_compiling():  # traced: the sum in the graph (no cache to mutate)
-            return RowNorm(w + self.offset, self.eps)
+    def row_norm(self) -> Norm:
+        """The norm for this call: an ``acts.RowNorm``, or for a LayerNorm the shared ``acts.ModulatedNorm``."""
+        params = self.holder._parameters
+        w = params.get("weight")
+        if not self.layer and (not self.offset or w is None):
+            return RowNorm(w, self.eps)  # read as it is: nothing derived
+        b = params.get("bias") if self.layer else None
+        if torch.compiler.is_compiling():  # traced: derived in the graph (no cache to mutate)
+            return self._derive(w, b)
         s = self._sum
-        ver = version(w)
-        # redone for another weight object, version or storage (a move swaps ``.data``); an inference tensor has
-        # no counter: every call
-        if s is None or s[0] is not w or s[1] != ver or s[2] != w.data_ptr() or ver < 0:
-            s = self._sum = (w, ver, w.data_ptr(), w.detach() + self.offset)  # in the weight's dtype, as the model
-        return RowNorm(s[3], self.eps)
+        if s is None or not (_same(s[0], w) and _same(s[1], b)):
+            s = self._sum = (_state(w), _state(b), self._derive(w, b))
+        return s[2]
+
+    def _derive(self, w: torch.Tensor | None, b: torch.Tensor | None) -> Norm:
+        if self.layer:
+            k = next(t for t in (w, b) if t is not None).shape[0]
+            return shared_layer_norm(w, b, k, self.eps)
+        return RowNorm(w.detach() + self.offset, self.eps)  # in the weight's dtype, as the model
+
+
+def _state(t: torch.Tensor | None) -> tuple:
+    """What a tensor derived from ``t`` depends on: the object (held, so its id is not reused), its storage (a
+    move swaps ``.data``) and its version (-1 for an inference tensor: see :class:`NormSource`)."""
+    return (None, 0, 0) if t is None else (t, t.data_ptr(), version(t))
+
+
+def _same(state: tuple, t: torch.Tensor | None) -> bool:
+    """Whether ``t`` is still what :func:`_state` recorded (by identity: tensors' ``==`` is elementwise)."""
+    if t is None:
+        return state[0] is None
+    return state[0] is t and state[1] == t.data_ptr() and state[2] == version(t)
 
 
 class QuantLinear(nn.Module):

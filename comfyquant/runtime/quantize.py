@@ -45,7 +45,8 @@ class QuantizeConfig:
 
     ``fold_activations``: an activation module right before a quantized layer in an ``nn.Sequential`` (GELU,
     SiLU) is folded into that layer (``runtime.fold``), so the GPU kernels apply it as they read x; with
-    ``fold_norms`` too an RMSNorm before quantized linears, in the classes ``runtime.norms`` knows (T5, Llama).
+    ``fold_norms`` too a norm before quantized linears, in the classes ``runtime.norms`` knows (T5's and Llama's
+    RMSNorms, CLIP's LayerNorms).
     """
 
     format: str = "int8"

@@ -84,7 +84,11 @@ class ModulatedNorm(NamedTuple):
     ``mod`` is ``[G, 2K]``, contiguous: each group's shift, then its scale. The shift makes it no row factor, so
     it folds only where a quantizer holds a whole row in registers (``act_kernels.quantize_rows`` in one pass:
     mean, variance, then the modulated values, before their absmax); a kernel reads ``mod`` by pointer, so
-    callers keep it in one buffer they refill per call (``runtime.modulation``) and a plan stays valid."""
+    callers keep it in one buffer they refill per call (``runtime.modulation``) and a plan stays valid.
+
+    ``rows`` 0: one ``[1, 2K]`` row that every row reads, i.e. an affine LayerNorm (``layer_norm(x, weight, bias)``
+    before CLIP's / SDXL's attention and MLP) as ``shift = bias``, ``scale = weight - 1``, kept in fp32 so that
+    ``1 + scale`` is the weight again exactly (:func:`shared_layer_norm`)."""
 
     mod: torch.Tensor
     eps: float
@@ -97,6 +101,23 @@ class ModulatedNorm(NamedTuple):
 
 
 Norm = RowNorm | ModulatedNorm  # what the quantizers' ``norm=`` takes
+
+# The kernels' rows per group for a shared modulation (``ModulatedNorm.rows`` 0): every row index is below it, so
+# every row reads group 0.
+SHARED_ROWS = 1 << 30
+
+
+def shared_layer_norm(weight: torch.Tensor | None, bias: torch.Tensor | None, k: int, eps: float,
+                      device: torch.device | None = None) -> ModulatedNorm:
+    """An affine LayerNorm over ``k`` columns as the shared :class:`ModulatedNorm` the quantizers fold: one fp32
+    ``[1, 2K]`` row ``[bias, weight - 1]`` (a missing weight is ones, a missing bias zeros)."""
+    dev = weight.device if weight is not None else bias.device if bias is not None else device
+    mod = torch.zeros((1, 2 * k), dtype=torch.float32, device=dev)
+    if bias is not None:
+        mod[0, :k] = bias.detach().float()
+    if weight is not None:
+        torch.sub(weight.detach().float(), 1.0, out=mod[0, k:])
+    return ModulatedNorm(mod, float(eps), 0)
 
 
 def norm_code(norm: Norm | None) -> int:
@@ -122,7 +143,9 @@ def norm_args(norm: Norm | None, dummy: torch.Tensor) -> tuple[torch.Tensor, flo
 
 def norm_rows(norm: Norm | None) -> int:
     """Rows per modulation group a kernel launch takes beside :func:`norm_args` (1 where there is none)."""
-    return norm.rows if isinstance(norm, ModulatedNorm) else 1
+    if isinstance(norm, ModulatedNorm):
+        return norm.rows if norm.rows > 0 else SHARED_ROWS
+    return 1
 
 
 def norm_key(norm: Norm | None) -> tuple | None:
@@ -147,6 +170,8 @@ def norm_fits(norm: Norm, x: torch.Tensor) -> bool:
         return False
     k = x.shape[-1]
     if isinstance(norm, ModulatedNorm):
+        if norm.rows == 0:  # one row for all
+            return tuple(w.shape) == (1, 2 * k)
         m = x.numel() // k if k else 0
         return norm.rows > 0 and m % norm.rows == 0 and tuple(w.shape) == (m // norm.rows, 2 * k)
     return w.dim() == 1 and w.numel() == k
@@ -163,6 +188,9 @@ def rms_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     or (``rms`` False) ``x * weight``, or the modulated LayerNorm."""
     if isinstance(norm, ModulatedNorm):
         k = x.shape[-1]
+        if norm.rows == 0:  # an affine LayerNorm: the module's own call (its weight is 1 + scale exactly)
+            mod = norm.mod.to(device=x.device)
+            return F.layer_norm(x, (k,), (1 + mod[0, k:]).to(x.dtype), mod[0, :k].to(x.dtype), norm.eps)
         mod = norm.mod.to(device=x.device, dtype=x.dtype)
         x3 = x.reshape(mod.shape[0], -1, k)
         return layer_mod(x3, mod[:, None, :k], mod[:, None, k:], norm.eps).view(x.shape)
