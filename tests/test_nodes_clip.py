@@ -90,9 +90,15 @@ def test_clip_node_quantizes_each_encoder_with_its_preset_on_a_clone(comfy: Any)
     gated = {k for k, f in forwards.items() if isinstance(f, GatedForward)}
     assert gated == {f"t5xxl.transformer.encoder.block.{i}.layer.1.DenseReluDense.forward" for i in range(2)}
     assert len(forwards) == 7 and all(isinstance(f, ArmedForward) for k, f in forwards.items() if k not in gated)
-    # T5's RMSNorms before q,k,v and wi_0 / wi_1: folded into those layers' quantizer (runtime.norms)
+    # T5's RMSNorms before q,k,v and wi_0 / wi_1, CLIP-L's LayerNorms before q,k,v and fc1: folded into those
+    # layers' quantizer (runtime.norms); CLIP's final norm feeds no linear and stays
     norms = {k for k, v in patches.items() if isinstance(v, FoldedNorm)}
-    assert norms == {f"t5xxl.transformer.encoder.block.{i}.layer.{j}.layer_norm" for i in range(2) for j in range(2)}
+    clip_norms = {f"clip_l.transformer.text_model.encoder.layers.{i}.layer_norm{j}" for i in range(3) for j in (1, 2)}
+    assert norms == clip_norms | {f"t5xxl.transformer.encoder.block.{i}.layer.{j}.layer_norm" for i in range(2)
+                                  for j in range(2)}
+    assert all(patches[k].layer for k in clip_norms) and not any(patches[k].layer for k in norms - clip_norms)
+    clip_q = patches["clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"]
+    assert clip_q.input_norm.holder is patches["clip_l.transformer.text_model.encoder.layers.0.layer_norm1"]
     layers = {k: v for k, v in patches.items() if k not in forwards and k not in norms}
     assert len(layers) == 32 and all(isinstance(m, ComfyQuantLinear) for m in layers.values())
     q = layers["t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"]
