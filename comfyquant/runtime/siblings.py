@@ -145,6 +145,9 @@ def row_view(fused: QuantizedTensor, start: int, stop: int, like: QuantizedTenso
     return QuantizedTensor(fused.qdata[start:stop], fused.layout_cls, params)
 
 
+_UNSET = object()  # (``_members``: no member read yet)
+
+
 class _Fused:
     """A consolidated group (kept on each member's weight tensor, so it dies with the weights): the fused weight
     and bias, the member widths, and what the next call checks to trust it."""
@@ -217,8 +220,11 @@ def _consolidate(plan: tuple[int, ...], members: Sequence[nn.Module]) -> _Fused 
 def _side_of(m: nn.Module, x: torch.Tensor) -> Any:
     """A member's side path (dynamic LoRAs) for a call on ``x``: the node layer's, its tensors on ``x``'s device
     (``_side_for``), or a plain layer's ``adapter``."""
+    side = m.__dict__.get("adapter")
+    if side is None:  # (most calls: no LoRA on the member)
+        return None
     side_for = getattr(type(m), "_side_for", None)
-    return side_for(m, x) if side_for is not None else m.__dict__.get("adapter")
+    return side_for(m, x) if side_for is not None else side
 
 
 def _low_rank_of(side: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -343,7 +349,7 @@ class SiblingGroup:
         if ran is None:
             return None
         f, y, views = ran
-        for view, out in zip(y.split(f.sizes, -1), views, strict=True):
+        for view, out in zip(y.split_with_sizes(f.sizes, -1), views, strict=True):
             if out.data_ptr() != view.data_ptr():  # a side path's dense / bias diff (or its whole term) added
                 view.copy_(out)
         return y
@@ -372,20 +378,22 @@ class SiblingGroup:
         src = members[0].__dict__.get("input_norm")  # a folded RMSNorm, the same for every member (_members)
         norm = None if src is None else src.row_norm()
         sides = [_side_of(m, x) for m in members]
-        if norm is not None and any(side is not None for side in sides):
+        lora = any(side is not None for side in sides)  # (without one, none of the LoRA bookkeeping runs)
+        if norm is not None and lora:
             x, norm = rms_norm(x, norm), None  # side paths read the normed x
-        parts = [_low_rank_of(side, x) for side in sides]
-        if sum(p[2] for p in parts if p is not None) > MAX_STACKED_RANK:
+        parts = [_low_rank_of(side, x) for side in sides] if lora else []
+        if lora and sum(p[2] for p in parts if p is not None) > MAX_STACKED_RANK:
             return None
         bias = f.bias_as(x.dtype) if getattr(members[0], "bias_in_input_dtype", False) else f.bias
-        term = self._low_rank(f, parts, x)
+        term = self._low_rank(f, parts, x) if lora else None
         y = run_linear(bound_linear(f.weight, bias), x, f.weight, bias, term, norm=norm)
         if self.observer is not None:
             self.observer(self, f.plan, f.weight, bias, x, term, norm)
-        views = list(y.split(f.sizes, -1))
-        for k, side in enumerate(sides):  # what the kernel did not add: a member's dense / bias diffs, or all of it
-            if side is not None:
-                views[k] = side.rest(x, views[k]) if term is not None and parts[k] else side(x, views[k])
+        views = list(y.split_with_sizes(f.sizes, -1))  # (Tensor.split's Python wrapper costs a µs a call)
+        if lora:  # what the kernel did not add: a member's dense / bias diffs, or all of it
+            for k, side in enumerate(sides):
+                if side is not None:
+                    views[k] = side.rest(x, views[k]) if term is not None and parts[k] else side(x, views[k])
         self.fused_calls += 1
         return y, views
 
@@ -428,23 +436,29 @@ class SiblingGroup:
     def _members(self, plan: tuple[int, ...], x: torch.Tensor) -> list[nn.Module] | None:
         """The live plan members, or None when one of them must compute alone (not this group's member, a
         ComfyUI weight / bias function, a folded input activation, a folded norm not the others', a weight or
-        bias on another device)."""
+        bias on another device). Every call of the group runs this: instance attributes are read from
+        ``__dict__`` (``nn.Module.__getattr__`` raises, slowly, for missing ones), each member once."""
         out = []
-        first = self.parent._modules.get(self.names[plan[0]]) if plan else None
-        norm = None if first is None else first.__dict__.get("input_norm")
+        mods, names, dev = self.parent._modules, self.names, x.device
+        norm: Any = _UNSET
         for j in plan:
-            m = self.parent._modules.get(self.names[j])
-            sib = getattr(m, "sibling", None)
-            if m is None or sib is None or sib[0] is not self or sib[1] != j:
+            m = mods.get(names[j])
+            if m is None:
                 return None
-            own = m.__dict__  # instance attributes (nn.Module.__getattr__ raises, slowly, for missing ones)
+            own = m.__dict__
+            sib = own.get("sibling")
+            if sib is None or sib[0] is not self or sib[1] != j:
+                return None
             if own.get("weight_function") or own.get("bias_function") or own.get("input_act") is not None:
                 return None
             src = own.get("input_norm")
-            if src is not norm and (src is None or norm is None or src.holder is not norm.holder):
+            if norm is _UNSET:
+                norm = src  # the first member's: every member must have the same
+            elif src is not norm and (src is None or norm is None or src.holder is not norm.holder):
                 return None
-            w, b = m._parameters.get("weight"), m._parameters.get("bias")
-            if not isinstance(w, QuantizedTensor) or w.device != x.device or (b is not None and b.device != x.device):
+            params = m._parameters
+            w, b = params.get("weight"), params.get("bias")
+            if not isinstance(w, QuantizedTensor) or w.device != dev or (b is not None and b.device != dev):
                 return None
             out.append(m)
         return out
