@@ -99,6 +99,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "checks_modulated": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                               "check_modulated_fold,check_layer_norm_fold,check_norm_fold"]],
         "modulated_fold": [[PY, "benchmarks/bench_modulated_fold.py", "--out", str(work / "kernels")]],
+        # the Python part of the eager host time (kernel launches stubbed) on the device's own host: the DiT norm
+        # site, the node layer and a sibling group against their alternatives (CPU figures 2026-12-05)
+        "host_python": [[PY, "benchmarks/host_python.py", "--json", str(work / "kernels" / "host_python.json")]],
         # the norm folded into the quantizer against the norm in torch first, the quantizer alone (rotated too)
         "norm_fold": [[PY, "benchmarks/bench_norm_fold.py", "--out", str(work / "kernels")]],
         # the text encoders alone (T5-XXL-, Qwen3-4B- and Gemma-3-12B-shaped at 256 tokens: every variant, int8-rot's
