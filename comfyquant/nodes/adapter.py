@@ -33,6 +33,7 @@ from comfyquant.nodes.ops import ComfyQuantLinear, is_plain_linear
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import AUTO, AdapterSettings
 from comfyquant.nodes.smoothing import Smoothing, open_smoothing, resolve_calibration_path
+from comfyquant.nodes.unet_blocks import fold_unet_blocks
 from comfyquant.runtime.fold import foldable_pairs, foldable_projections
 from comfyquant.runtime.gated import gated_group, gated_mlps, inputs_fuse
 from comfyquant.runtime.kernels.backends import device_capability
@@ -300,7 +301,7 @@ def _fuse_projections(clone: Any, dm: nn.Module, new_layers: dict[str, Quantized
 def _projection_only(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A projection module's forward without its activation: ``mod.proj`` read at call time (the converted layer
     while the clone's patches are applied, the float one otherwise)."""
-    return lambda x: mod.proj(x)
+    return lambda x: mod._modules["proj"](x)  # (by key: nn.Module.__getattr__ costs a lookup chain per call)
 
 
 def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None,
@@ -417,6 +418,12 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
             source = holder.source()  # one per norm: a sibling group fuses members that share it
             norms.update({f"{base}.{n}": source for n in names})
             report.folded.append(f"{norm_path} -> {consumer_name}.{','.join(names)}")
+        if root == MODEL_ROOT:  # SD1.x / SDXL transformer blocks' LayerNorms (their forward unfolds under patches)
+            lines, sources = fold_unet_blocks(dm, lambda path, spec: norm_fits(path, None, spec),
+                                              lambda path, obj: clone.add_object_patch(prefix + path, obj),
+                                              lambda path: prefix + path in clone.object_patches)
+            report.folded += lines
+            norms.update(sources)
     siblings: dict[str, tuple[SiblingGroup, int]] = {}
     if settings.runtime.fold_activations and settings.runtime.fuse_projections:  # gated MLPs: act(first) * second
         siblings = _fold_gated(clone, dm, new_layers, linears, folds, prefix, report)  # applied by the down proj

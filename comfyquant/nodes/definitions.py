@@ -44,7 +44,8 @@ def _optional_runtime_inputs() -> dict[str, Any]:
         "cuda_graphs": _bool(False, "Replay the model's forward from CUDA graphs, one per input shape (GPU only; "
                                     "the CPU runs eagerly). Cuts per-step launch overhead."),
         "fold_activations": _bool(True, "Let a quantized layer apply the GELU/SiLU (and, in T5 / Llama-style text "
-                                        "encoders, the RMSNorm; in Flux blocks, the modulated LayerNorm) before it "
+                                        "encoders, the RMSNorm; in CLIP and SDXL blocks, the LayerNorm; in Flux / SD3 "
+                                        "blocks, the modulated LayerNorm) before it "
                                         "while reading its input (fewer kernels and memory passes per block)."),
         "measure_backends": _bool(False, "Time each candidate kernel once per layer shape on this GPU and keep "
                                          "the fastest (cached; the first run compiles and times them)."),

@@ -25,7 +25,9 @@ from comfyquant.nodes.graphs import enable_cuda_graphs
 from comfyquant.nodes.ops import ComfyQuantLinear, make_comfy_ops
 from comfyquant.nodes.patching import register_patch_callback
 from comfyquant.nodes.settings import RuntimeOptions
+from comfyquant.nodes.unet_blocks import fold_unet_blocks
 from comfyquant.runtime.fold import fold_input_activations
+from comfyquant.runtime.norms import NormSpec, folds_into
 from comfyquant.runtime.siblings import fuse_sibling_projections
 from comfyquant.runtime.tensor import REGISTRY
 
@@ -123,7 +125,9 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     summary = LoadSummary(path, Counter(done.values()))
     summary.plain_linears = sum(1 for m in dm.modules() if isinstance(m, nn.Linear))
     if runtime.fold_activations:  # gated MLPs too when fusion is on (their input projections run as one GEMM)
-        summary.folded = len(fold_input_activations(dm, gated=runtime.fuse_projections))
+        summary.folded = len(fold_input_activations(dm, gated=runtime.fuse_projections, norms=runtime.fold_norms))
+        if runtime.fold_norms:  # SD1.x / SDXL transformer blocks' LayerNorms, in place (the loader owns the model)
+            summary.folded += len(_fold_unet_in_place(dm, done))
     if runtime.fuse_projections:  # the loader owns this model: the parents' forwards are set on the instances
         summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))
     if runtime.fold_activations and runtime.fold_norms:  # DiT blocks' modulated norms, as the adapter folds
@@ -134,3 +138,19 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     enable_quantized_attention(patcher, runtime.attention)
     logger.info(summary.line())
     return patcher, summary
+
+
+def _fold_unet_in_place(dm: nn.Module, done: dict[str, Any]) -> list[str]:
+    """``nodes.unet_blocks``' fold on the loader's own model: norms and block forwards set in place, the
+    consumer layers' ``input_norm`` with them (layers the file quantized, whose quantizer folds the norm)."""
+    def fits(path: str, spec: NormSpec) -> bool:
+        return path in done and folds_into(path, dm.get_submodule(path), spec)
+
+    def install(path: str, obj: Any) -> None:
+        parent, _, name = path.rpartition(".")
+        setattr(dm.get_submodule(parent) if parent else dm, name, obj)
+
+    lines, sources = fold_unet_blocks(dm, fits, install, lambda path: False)
+    for path, source in sources.items():
+        dm.get_submodule(path).input_norm = source
+    return lines

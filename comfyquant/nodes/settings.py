@@ -75,7 +75,7 @@ class RuntimeOptions:
     graph-captured models), ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today) and
     ``fold_activations`` (a GELU/SiLU module right before a quantized layer is applied by that layer's kernel;
     with ``fold_norms`` too the norms ``runtime.norms`` knows: T5's and Llama-style text encoders' RMSNorms, CLIP's
-    LayerNorms) and ``fuse_projections`` (sibling projections that read one input, attention q/k/v or a gated MLP's two
+    and SD1.x / SDXL transformer blocks' LayerNorms, DiT blocks' modulated LayerNorms) and ``fuse_projections`` (sibling projections that read one input, attention q/k/v or a gated MLP's two
     halves, run as one GEMM per call whose fused output is at most ``fuse_max_bytes``; ``runtime.siblings``)
     and ``measure_backends`` (eager: time the candidate kernels once per layer shape and keep the fastest,
     cached per GPU, instead of the cost model's prediction) and ``attention`` (``sdpa``; ``cudnn``: cuDNN's

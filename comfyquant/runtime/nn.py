@@ -123,8 +123,13 @@ class NormSource:
         self.layer = layer
         self._sum: tuple[tuple, tuple, Norm] | None = None  # (weight's state, bias's state, derived norm)
 
+    def for_call(self) -> Norm | None:
+        """The norm a layer applies on this call: :meth:`row_norm`, or None while the holder computes the norm
+        itself (``FoldedNorm.unfolded``: a call whose patches read the normed input)."""
+        return None if self.holder.__dict__.get("unfolded") else self.row_norm()
+
     def row_norm(self) -> Norm:
-        """The norm for this call: an ``acts.RowNorm``, or for a LayerNorm the shared ``acts.ModulatedNorm``."""
+        """The norm: an ``acts.RowNorm``, or for a LayerNorm the shared ``acts.ModulatedNorm``."""
         params = self.holder._parameters
         w = params.get("weight")
         if not self.layer and (not self.offset or w is None):
@@ -281,7 +286,7 @@ class QuantLinear(nn.Module):
         if d.get("call_norm") is not None:
             return d["call_norm"]
         src = d.get("input_norm")
-        return None if src is None else src.row_norm()
+        return None if src is None else src.for_call()
 
     def takes_norm(self) -> bool:
         """Whether :meth:`normed` can hand a norm to this layer's quantizer: no input activation or folded norm of

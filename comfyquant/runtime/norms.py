@@ -21,7 +21,8 @@ weight patches reach the layers, which read them per call).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -100,9 +101,16 @@ class FoldedNorm(nn.Module):
         self.layer = spec.layer
         self.folded_from = type(norm).__name__
         self._source = NormSource(self, self.eps, self.offset, layer=self.layer)
+        self.unfolded = 0  # > 0: for the calls inside :func:`unfolded`, the norm runs here and the layers skip it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        if not self.unfolded:
+            return x
+        if self.layer:  # the module's own call (ComfyUI's LayerNorm casts its weight and bias to x's dtype)
+            w, b = self.weight, self.bias
+            return F.layer_norm(x, (x.shape[-1],), None if w is None else w.to(x.dtype),
+                                None if b is None else b.to(x.dtype), self.eps)
+        return rms_norm(x, self._source.row_norm())
 
     def source(self) -> NormSource:
         """What the layers it fed read per call (one object for all of them)."""
@@ -114,6 +122,20 @@ class FoldedNorm(nn.Module):
         else:
             scale = f"{self.offset:g} + weight" if self.offset else "weight"
         return f"{self.folded_from}, eps={self.eps}, scale {scale}: applied by the linears it feeds"
+
+
+@contextmanager
+def unfolded(holders: Iterable[FoldedNorm]) -> Iterator[None]:
+    """Within the block, each of ``holders`` computes its norm in torch as the module did and the layers it feeds
+    apply none: for a call whose patches read the normed activation itself (ComfyUI's ``attn1_patch``)."""
+    held = list(holders)
+    for h in held:
+        h.unfolded += 1
+    try:
+        yield
+    finally:
+        for h in held:
+            h.unfolded -= 1
 
 
 def _known(mod: nn.Module, table: dict) -> tuple | None:

@@ -376,7 +376,7 @@ class SiblingGroup:
         its column view of it, plus what its side path adds that the kernel did not; None where the members'
         LoRA ranks sum past :data:`MAX_STACKED_RANK` (they compute alone)."""
         src = members[0].__dict__.get("input_norm")  # a folded RMSNorm, the same for every member (_members)
-        norm = None if src is None else src.row_norm()
+        norm = None if src is None else src.for_call()
         sides = [_side_of(m, x) for m in members]
         lora = any(side is not None for side in sides)  # (without one, none of the LoRA bookkeeping runs)
         if norm is not None and lora:

@@ -1,0 +1,203 @@
+"""Step time and peak VRAM of SDXL's UNet in ComfyUI's own class: bf16 against the "Enable INT8 on MODEL" adapter
+(int8 with its transformer blocks' LayerNorms folded into the layers they feed, the same without that fold, fp8)
+and against ComfyUI's own int8 path (comfy-kitchen) on the converter's int8 file of the same weights; one process.
+
+The whole SDXL base UNet (2.57 B parameters, ComfyUI's ``UNetModel`` with SDXL's config, built on the meta device
+and given random bf16 weights with a 1/sqrt(fan_in) scale: speed and memory do not depend on their values),
+loaded by ``comfy.sd.load_diffusion_model`` as ComfyUI loads an SDXL UNet file. Eager mode, one UNet forward per
+step at batch 2 (a CFG sampler's positive and negative prompt, as ComfyUI batches them), 1024x1024 (latent
+128x128; ``--res`` for others), 77 tokens of 2,048-wide text context and SDXL's 2,816-wide pooled / size vector.
+Results: ``--out``/bench_comfyui_sdxl.json, .md and .png. ``--smoke``: a tiny UNet on the CPU (built from its
+detected config: ComfyUI's detection matches only SDXL's real sizes) and no stock row, to check the mechanics.
+
+    python benchmarks/bench_comfyui_sdxl.py --out bench_sdxl              # GPU, 1024x1024
+    python benchmarks/bench_comfyui_sdxl.py --smoke --out /tmp/xsmoke     # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_comfyui_flux import (
+    Result,
+    _free,
+    _import_comfy,
+    add_speedups,
+    common_args,
+    kitchen_cuda_status,
+    measure,
+    merge_rounds,
+    plot_only,
+    random_state_dict,
+    results_table,
+    run_env,
+    work_files,
+    write_report,
+)
+from bench_comfyui_wan import _failed
+
+# SDXL base's UNet as ComfyUI's model detection configures it (comfy/model_detection.py, its SDXL entry)
+SDXL = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
+        "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "context_dim": 2048, "num_head_channels": 64,
+        "adm_in_channels": 2816, "use_linear_in_transformer": True, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "use_checkpoint": False,
+        "use_temporal_attention": False, "use_temporal_resblock": False}
+SMOKE = {**SDXL, "model_channels": 64, "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
+         "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "context_dim": 256, "num_head_channels": 32,
+         "adm_in_channels": 256}
+STOCK = "ComfyUI int8 (same file)"
+VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
+            ("adapter fp8", "fp8", True))
+
+
+def sdxl_state_dict(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random bf16 weights with exactly the key names and shapes of ComfyUI's UNetModel built from ``config``."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ops
+
+    with torch.device("meta"):
+        model = openaimodel.UNetModel(**config, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+    return random_state_dict(model, seed)
+
+
+def _smoke_patcher(sd: dict[str, torch.Tensor]) -> Any:
+    """The tiny UNet as ComfyUI's SDXL model class, from its detected config (no file detection: see above)."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model = comfy.supported_models.SDXL(comfy.model_detection.detect_unet_config(sd, "")).get_model(sd)
+    model.diffusion_model.load_state_dict(sd, strict=True)
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def sdxl_inputs(config: dict[str, Any], res: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One step's keyword inputs of ``UNetModel.forward`` at batch 2: latent, timesteps, text context, the
+    pooled text / size vector ``y``."""
+    g = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(2, 4, res // 8, res // 8, generator=g).to(device, dtype),
+            "timesteps": torch.tensor([500.0, 500.0], device=device),
+            "context": torch.randn(2, 77, config["context_dim"], generator=g).to(device, dtype),
+            "y": torch.randn(2, config["adm_in_channels"], generator=g).to(device, dtype)}
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """Write the files, time every variant in turn against bf16 (a failure becomes its row's note), report."""
+    device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
+    config = SMOKE if a.smoke else SDXL
+    res = 64 if a.smoke else a.res
+    dtype = torch.float32 if a.smoke else torch.bfloat16  # (the smoke UNet is ComfyUI's fp32 build)
+    warmup, iters = (1, 2) if a.smoke else (a.warmup, a.iters)
+    _import_comfy(a.comfyui_cache, device, a.dynamic_vram)
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    from comfyquant.convert.api import convert
+    from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+    out_dir, src, int8_file = work_files(a, "sdxl_unet")
+    why_not = "CPU smoke run" if device == "cpu" else kitchen_cuda_status()
+    t0 = time.perf_counter()
+    sd = sdxl_state_dict(config)
+    n_params = sum(v.numel() for v in sd.values())
+    if a.smoke:
+        base = _smoke_patcher(sd)
+    else:
+        save_file(sd, str(src))
+        if why_not is None:
+            convert(src, int8_file, format="int8", model="sdxl", device=device, force=True, progress=False)
+        base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
+    del sd
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in base.model.diffusion_model.modules())
+    print(f"model: {n_params / 1e9:.2f} B parameters, {blocks} transformer blocks, ready in "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    outputs: dict[tuple[str, Any], torch.Tensor] = {}
+
+    def inputs(r: int) -> dict[str, torch.Tensor]:
+        return sdxl_inputs(config, r, device, dtype)
+
+    def one_round() -> list[Result]:
+        """Every variant timed once, in the table's order."""
+        results = measure("bf16", base, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
+        for name, fmt, fold in VARIANTS:
+            patched = None
+            try:
+                _free(device)
+                patched, report = adapt_model(base, AdapterSettings(
+                    format=fmt, model_type="sdxl", runtime=RuntimeOptions(fold_norms=fold)))
+                rows = measure(name, patched, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
+                norms = sum("->" in f for f in report.folded)
+                for r in rows:
+                    r.note = f"{len(report.converted)} layers converted, {norms} norms folded"
+                results += rows
+            except Exception as e:
+                results.append(_failed(name, res, e))
+            patched = None
+        if why_not is None:
+            stock = None
+            try:
+                stock = comfy.sd.load_diffusion_model(str(int8_file))
+                results += measure(STOCK, stock, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
+            except Exception as e:
+                results.append(_failed(STOCK, res, e))
+            stock = None
+        else:
+            results.append(Result(STOCK, res, note=f"not run: {why_not}"))
+        return results
+
+    results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
+    base = None  # the bf16 model leaves the device before the report
+    _free(device)
+    add_speedups(results)
+    env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, "transformer_blocks": blocks,
+           "resolution": res, "batch": 2, "warmup": warmup, "iters": iters, "rounds": max(1, a.rounds),
+           "comfy_kitchen_cuda": why_not or "available", "dynamic_vram": bool(a.dynamic_vram)}
+    return write_report(out_dir, "bench_comfyui_sdxl", env, results, to_markdown)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The results as a markdown table with the run's setup above it."""
+    env = report["env"]
+    lines = [f"# SDXL UNet in ComfyUI: step time and peak VRAM ({env['date']})", "",
+             f"Device: {env['device']}; torch {env['torch']}; {env['params_billion']:.2f} B parameters, "
+             f"{env['transformer_blocks']} transformer blocks{' SMOKE RUN: numbers mean nothing' if env['smoke'] else ''}; "
+             f"{env['resolution']}x{env['resolution']}, batch {env['batch']} (CFG); eager, one UNet forward per step; "
+             f"median of {env['iters']} steps after {env['warmup']} warm-up"
+             f"{'' if env.get('rounds', 1) == 1 else ', pooled over ' + str(env['rounds']) + ' rounds'}. "
+             f"comfy-kitchen CUDA: {env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
+             *results_table(report["results"])]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_args(p, "bench_comfyui_sdxl")
+    p.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1, help="measure the whole variant list this many times, pooled")
+    p.add_argument("--dynamic-vram", action="store_true",
+                   help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark from the command line (or only draw a saved report's picture)."""
+    a = build_parser().parse_args(argv)
+    if not plot_only(a, "bench_comfyui_sdxl"):
+        run(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The SDXL GPU benchmark runs end to end on the CPU on a tiny UNet (every variant, json + md + png written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_comfyui_sdxl.py"
+
+
+def test_tiny_unet_measures_every_variant(comfyui_root: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--comfyui-cache",
+                           str(comfyui_root)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_comfyui_sdxl.json").read_text())
+    env, rows = report["env"], {r["variant"]: r for r in report["results"]}
+    assert list(rows) == ["bf16", "adapter int8", "adapter int8 (norms in torch)", "adapter fp8",
+                          "ComfyUI int8 (same file)"]
+    blocks = env["transformer_blocks"]
+    assert blocks == 11 and env["batch"] == 2 and env["resolution"] == 64
+    # every transformer block's three LayerNorms folded, or none (the same layers converted either way)
+    assert rows["adapter int8"]["note"].endswith(f"{3 * blocks} norms folded"), rows["adapter int8"]
+    assert rows["adapter int8 (norms in torch)"]["note"].endswith(" 0 norms folded")
+    err = {v: r["rel_err_vs_bf16"] for v, r in rows.items() if v != "ComfyUI int8 (same file)"}
+    assert err["bf16"] == 0.0 and all(0 < e < 0.15 for v, e in err.items() if v != "bf16"), err
+    # the fold changes where the norm is computed, not the numbers (on the CPU it runs in torch either way)
+    assert abs(err["adapter int8"] - err["adapter int8 (norms in torch)"]) < 1e-4, err
+    assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"
+    assert (tmp_path / "bench_comfyui_sdxl.png").read_bytes()[:4] == b"\x89PNG"
+    assert "SMOKE RUN" in (tmp_path / "bench_comfyui_sdxl.md").read_text()
