@@ -194,3 +194,27 @@ def test_sdxl_unet_folds_on_the_adapters_clone_and_in_the_loaders_model(comfy: A
     assert len(lines) == 3 * len(blocks), lines
     assert sum(isinstance(m, FoldedNorm) for m in own.modules()) == len(lines)
     assert _rel(forward(mine), before) < 1e-5
+
+
+def test_dynamic_loras_on_folded_layers_read_the_normed_activation(comfy: Any) -> None:
+    """A dynamic LoRA's side path on a member of the fused q / k / v group and on the feed-forward's projection
+    reads the normed activation (the norm then runs in torch for that GEMM): the folded clone gives what the
+    unfolded one gives with the same LoRAs, and the LoRAs change the output."""
+    from comfyquant.lora.sidepath import LoRASidePath, SideEntry
+
+    model = _model()
+    plain, folded, _ = _adapted(model)
+    ctx = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(6))
+    before = _run(model, plain, ctx, {})
+    g = torch.Generator().manual_seed(9)
+    loras = {}
+    for name, (n, k) in {"attn1.to_k": (64, 64), "ff.net.0.proj": (512, 64)}.items():
+        side = LoRASidePath()
+        side.add(1, SideEntry(down=torch.randn(8, k, generator=g) * 0.3, up=torch.randn(n, 8, generator=g) * 0.3))
+        loras[name] = side
+    for patcher in (plain, folded):
+        for i in range(2):
+            for name, side in loras.items():
+                patcher.object_patches[f"diffusion_model.blocks.{i}.{name}"].adapter = side
+    want, got = _run(model, plain, ctx, {}), _run(model, folded, ctx, {})
+    assert _rel(got, want) < 1e-5 and _rel(want, before) > 1e-2
