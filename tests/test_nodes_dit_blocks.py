@@ -205,6 +205,34 @@ def test_sd3_joint_blocks_fold(comfy: Any, tmp_path: Path) -> None:
     assert all(s._buf is not None for r in reps.values() for n, s in r.sites.items() if r is not last or n != "txt2")
 
 
+def test_sd35_medium_blocks_with_a_second_self_attention_fold(comfy: Any, tmp_path: Path) -> None:
+    """SD3.5 Medium's first joint blocks (``x_block_self_attn``: the image stream's own self-attention ``attn2`` on
+    a second modulation of ``norm1``, nine modulation chunks): they fold too, ``attn2.qkv`` taking the norm in its
+    quantizer, and compute what the stock ``block_mixing`` does."""
+    from comfyquant.nodes.sd3_blocks import FoldedJointBlock
+    from comfyquant.testing.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(tmp_path / "sd3.safetensors", "sd3", "tiny", seed=1)
+    sd = load_file(str(tmp_path / "sd3.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    h = sd["joint_blocks.0.x_block.attn.qkv.weight"].shape[1]
+    for i in (0, 1):  # ComfyUI's detection reads x_block_self_attn_layers from attn2's keys
+        p = f"joint_blocks.{i}.x_block"
+        for name, shape in ((f"{p}.attn2.qkv", (3 * h, h)), (f"{p}.attn2.proj", (h, h)),
+                            (f"{p}.adaLN_modulation.1", (9 * h, h))):
+            sd[f"{name}.weight"] = (torch.randn(shape, generator=g) / h ** 0.5).to(sd[f"{p}.attn.qkv.weight"].dtype)
+            sd[f"{name}.bias"] = (torch.randn(shape[0], generator=g) * 0.02).to(sd[f"{name}.weight"].dtype)
+    base = model_patcher(comfy, sd)
+    dm = base.model.diffusion_model
+    assert [b.x_block.x_block_self_attn for b in dm.joint_blocks][:3] == [True, True, False]
+    plain, folded, report = _plain_and_folded(base)
+    assert report.modulated == [f"joint_blocks.{i}: context_block, x_block" for i in range(len(dm.joint_blocks))]
+    got, want, ref = _forward(folded), _forward(plain), _forward(base)
+    assert rel_err(got, want) < 0.005 * rel_err(want, ref), (rel_err(got, want), rel_err(want, ref))
+    first = block_replacements(folded)[("double_block", 0)]
+    assert isinstance(first, FoldedJointBlock) and first.sites["img1b"]._buf is not None  # attn2's site used
+
+
 def test_a_block_another_node_swaps_in_runs_stock(comfy: Any, dit_sd: dict) -> None:
     """A later node that object-patches a whole block (its own module in the model's list) gets that module run
     by ComfyUI's stock call: the replacement installed for the block it replaced hands the call back."""

@@ -2,12 +2,13 @@
 
 ComfyUI's MMDiT (``comfy.ldm.modules.diffusionmodules.mmdit``: SD3 / SD3.5) runs each ``JointBlock`` as
 ``block_mixing``: per stream ``attn.qkv(modulate(norm1(x), shift_msa, scale_msa))``, joint attention, then
-``x + gate_msa * proj(attn)`` and ``x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))``. This forward
-computes the same with the norms applied by ``qkv`` / ``mlp.fc1`` as they quantize their input and each gated
+``x + gate_msa * proj(attn)`` and ``x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))``; SD3.5
+Medium's first blocks (``x_block_self_attn``) also run ``attn2.qkv(modulate(norm1(x), shift_msa2, scale_msa2))``,
+a self-attention of the image stream alone, and add ``gate_msa2 * attn2.proj(...)``. This forward computes the
+same with the norms applied by ``qkv`` / ``attn2.qkv`` / ``mlp.fc1`` as they quantize their input and each gated
 residual add as one ``addcmul`` (out of place, as the stock block adds), installed as ComfyUI's own block
 replacement (``patches_replace["dit"][("double_block", i)]``) on the patched clone. The variants it does not
-reproduce go to ``original_block``: SD3.5 Medium's blocks with a second self-attention (``x_block_self_attn``),
-scale-only modulation, RMSNorm blocks, per-token conditioning.
+reproduce go to ``original_block``: scale-only modulation, RMSNorm blocks, per-token conditioning.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from comfyquant.runtime.modulation import ModulationSite, affine_free_eps, modul
 MMDIT = "comfy.ldm.modules.diffusionmodules.mmdit"
 
 
-def _plain(blk: nn.Module) -> bool:
-    """A ``DismantledBlock`` this forward reproduces: shift-and-scale modulation, no second self-attention."""
-    return not getattr(blk, "x_block_self_attn", True) and not getattr(blk, "scale_mod_only", True)
+def _plain(blk: nn.Module, second_attention: bool = False) -> bool:
+    """A ``DismantledBlock`` this forward reproduces: shift-and-scale modulation, no second self-attention
+    (``second_attention``: or one, SD3.5 Medium's image-stream blocks)."""
+    second = getattr(blk, "x_block_self_attn", True)
+    return (not second or (second_attention and getattr(blk, "attn2", None) is not None)) \
+        and not getattr(blk, "scale_mod_only", True)
 
 
 class FoldedJointBlock:
@@ -43,7 +47,8 @@ class FoldedJointBlock:
         norms = [cb.norm1, xb.norm1, xb.norm2] + ([] if cb.pre_only else [cb.norm2])
         eps = {affine_free_eps(n, width) for n in norms}
         self.eps = eps.pop() if len(eps) == 1 else None  # one eps for all, or no fold
-        self.sites = {name: ModulationSite(self.eps or 0.0) for name in ("txt1", "txt2", "img1", "img2")}
+        names = ("txt1", "txt2", "img1", "img2") + (("img1b",) if getattr(xb, "x_block_self_attn", False) else ())
+        self.sites = {name: ModulationSite(self.eps or 0.0) for name in names}  # img1b: a second attention's
         mod = sys.modules[type(block).__module__]
         self.attention, self.split_qkv = mod.optimized_attention, mod.split_qkv
 
@@ -58,20 +63,27 @@ class FoldedJointBlock:
         """The block's ``(context, x)`` (context None after a last, pre-only context block), or None where the
         stock forward must run."""
         cb, xb = self.block.context_block, self.block.x_block
-        if self.eps is None or self.blocks._modules.get(self.slot) is not self.block or not (_plain(cb) and _plain(xb)):
+        if (self.eps is None or self.blocks._modules.get(self.slot) is not self.block
+                or not (_plain(cb) and _plain(xb, second_attention=True))):
             return None
         if not isinstance(c, torch.Tensor) or c.dim() != 2 or x.dim() != 3 or context.dim() != 3 \
                 or not c.shape[0] == x.shape[0] == context.shape[0]:
             return None
+        second = xb.x_block_self_attn
         c_mods = cb.adaLN_modulation(c).chunk(2 if cb.pre_only else 6, dim=1)
-        x_mods = xb.adaLN_modulation(c).chunk(6, dim=1)
+        # (shift, scale, gate) of attn, (shift, scale, gate) of the MLP, then with a second attention its three
+        x_mods = xb.adaLN_modulation(c).chunk(9 if second else 6, dim=1)
         cq = self._qkv(cb.attn, context, c_mods[0], c_mods[1], self.sites["txt1"])
         xq = self._qkv(xb.attn, x, x_mods[0], x_mods[1], self.sites["img1"])
         q, k, v = (torch.cat((cq[t], xq[t]), dim=1) for t in range(3))
         attn = self.attention(q, k, v, heads=xb.attn.num_heads, transformer_options=options)
         n_txt = cq[0].shape[1]
         out_c = None if cb.pre_only else self._post(cb, attn[:, :n_txt], context, c_mods[2:], self.sites["txt2"])
-        return out_c, self._post(xb, attn[:, n_txt:], x, x_mods[2:], self.sites["img2"])
+        if second:  # the image stream's own self-attention on its second modulation of the same norm
+            q2, k2, v2 = self._qkv(xb.attn2, x, x_mods[6], x_mods[7], self.sites["img1b"])
+            attn2 = self.attention(q2, k2, v2, heads=xb.attn2.num_heads, transformer_options=options)
+            x = torch.addcmul(x, xb.attn2.post_attention(attn2), x_mods[8][:, None])
+        return out_c, self._post(xb, attn[:, n_txt:], x, x_mods[2:6], self.sites["img2"])
 
     def _qkv(self, attn: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
              site: ModulationSite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,7 +128,8 @@ def fold_sd3_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool
         fed = [f"{path}.{s}.attn.qkv" for s in ("context_block", "x_block")]
         if type(block).__name__ != "JointBlock" or type(block).__module__ != MMDIT or ("double_block", i) in taken:
             continue
-        if not any(converted(p) for p in fed) or not (_plain(block.context_block) and _plain(block.x_block)):
+        if not any(converted(p) for p in fed) or not (_plain(block.context_block)
+                                                      and _plain(block.x_block, second_attention=True)):
             continue
         folded = FoldedJointBlock(dm.joint_blocks, i)
         if folded.eps is not None:
