@@ -104,10 +104,11 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "host_python": [[PY, "benchmarks/host_python.py", "--json", str(work / "kernels" / "host_python.json")]],
         # the norm folded into the quantizer against the norm in torch first, the quantizer alone (rotated too)
         "norm_fold": [[PY, "benchmarks/bench_norm_fold.py", "--out", str(work / "kernels")]],
-        # the text encoders alone (T5-XXL-, Qwen3-4B- and Gemma-3-12B-shaped at 256 tokens: every variant, int8-rot's
-        # too; Gemma's 1 + weight norms fold since 2026-12-04)
+        # the text encoders alone (T5-XXL-, Qwen3-4B- and Gemma-3-12B-shaped at 256 tokens, CLIP-L at 77: every
+        # variant, int8-rot's too; Gemma's 1 + weight norms fold since 2026-12-04, CLIP's LayerNorms since 12-05)
         "encoders": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
-                      "--sections", "calibrate,models", "--models", "t5xxl_256,qwen3_4b_256,gemma3_12b_256"]],
+                      "--sections", "calibrate,models", "--models",
+                      "t5xxl_256,qwen3_4b_256,gemma3_12b_256,clip_l_77"]],
         # the SDXL / CLIP rows at 1 and 16 rows (where the one-launch kernel's thin tiles were mispriced)
         "sweep_narrow_small_m": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s",
                                   "{budget}", "--sections", "sweep", "--sweep-models", "sdxl,clip_l", "--sweep-m",

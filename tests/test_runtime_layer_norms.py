@@ -217,3 +217,27 @@ def test_node_pack_folds_clip_layer_norms_on_the_clone(comfy: Any) -> None:
     want, got = through(plain), through(folded)
     assert _rel(got, want) < 1e-5 and 0 < _rel(got, float_out) < 0.05
     assert type(enc.encoder.layers[0].layer_norm1).__name__ == "LayerNorm" and torch.equal(run(enc), float_out)
+
+
+def test_bench_clip_model_folds_its_layer_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``comfyquant bench``'s CLIP-L-shaped encoder (``clip_l_77``, here narrow): each layer's two LayerNorms
+    fold (the final one feeds no linear and stays), and the folded model computes what ``int8_nonorm`` (the
+    same layers, norms in torch) computes."""
+    from comfyquant.bench import blocks, models
+
+    def build(name: str) -> tuple[nn.Module, tuple]:
+        torch.manual_seed(0)
+        model = blocks.ClipL(layers=2, d=64, heads=2, ff=128)
+        _affine(model, seed=5)
+        return model, (torch.randn(1, 7, 64),)
+
+    monkeypatch.setattr(models, "build", build)
+    got = {v: (m, a) for v, m, a in models.variants("clip", None, only=("bf16", "int8", "int8_nonorm"))}
+    assert list(got) == ["bf16", "int8", "int8_nonorm"]
+    folded = got["int8"][0]
+    assert all(isinstance(getattr(layer, n), FoldedNorm) for layer in folded.layers for n in ("layer_norm1",
+                                                                                              "layer_norm2"))
+    assert isinstance(folded.final_layer_norm, nn.LayerNorm)
+    with torch.no_grad():
+        base, want, out = (got[v][0](*got[v][1]) for v in ("bf16", "int8_nonorm", "int8"))
+    assert _rel(out, want) < 1e-6 and _rel(want, base) > 1e-3

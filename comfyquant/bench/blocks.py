@@ -498,3 +498,60 @@ class Gemma3(Qwen3):
     def __init__(self, layers: int = 4, d: int = 3840, heads: int = 16, kv_heads: int = 8, head_dim: int = 256,
                  ff: int = 15360) -> None:
         super().__init__(layers, d, heads, kv_heads, head_dim, ff, TransformerBlockGemma2)
+
+
+def _quick_gelu(a: torch.Tensor) -> torch.Tensor:
+    return a * torch.sigmoid(1.702 * a)
+
+
+class CLIPAttention(nn.Module):
+    """CLIP's attention as ComfyUI's class of this name reads its input: through q / k / v only (causal mask
+    omitted)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(_attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+
+
+class CLIPMLP(nn.Module):
+    """ComfyUI's ``CLIPMLP``: fc1, quick_gelu (a plain function, as ComfyUI's), fc2."""
+
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.activation = _quick_gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class CLIPLayer(nn.Module):
+    """ComfyUI's ``CLIPLayer``: affine LayerNorms before attention and the MLP (``runtime.norms`` folds them)."""
+
+    def __init__(self, d: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = CLIPAttention(d, heads)
+        self.mlp = CLIPMLP(d, ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipL(nn.Module):
+    """CLIP-L's text encoder (SD1.x / SDXL / SD3 / Flux): 12 layers of 768 wide, 12 heads, MLP 3,072."""
+
+    def __init__(self, layers: int = 12, d: int = 768, heads: int = 12, ff: int = 3072) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPLayer(d, heads, ff) for _ in range(layers))
+        self.final_layer_norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from comfyquant.bench.blocks import T5, Flux, Flux2, Gemma3, Qwen3, Sdxl, Wan, fold_modulation
+from comfyquant.bench.blocks import T5, ClipL, Flux, Flux2, Gemma3, Qwen3, Sdxl, Wan, fold_modulation
 from comfyquant.bench.timing import interleaved_ms
 from comfyquant.quant.int8 import quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
@@ -48,6 +48,8 @@ def build(name: str) -> tuple[nn.Module, tuple]:
             model, args = Qwen3(), (torch.randn(1, 256, 2560),)
         elif name == "gemma3_12b_256":
             model, args = Gemma3(), (torch.randn(1, 256, 3840),)
+        elif name == "clip_l_77":
+            model, args = ClipL(), (torch.randn(1, 77, 768),)
         else:
             raise ValueError(name)
         for mod in model.modules():
@@ -59,7 +61,7 @@ def build(name: str) -> tuple[nn.Module, tuple]:
 
 
 MODELS = ("flux_1024", "flux_512", "flux2_1024", "wan_480p", "sdxl_1024", "t5xxl_256", "qwen3_4b_256",
-          "gemma3_12b_256")
+          "gemma3_12b_256", "clip_l_77")
 
 
 class _SwapLinear(nn.Module):
