@@ -445,6 +445,15 @@ def common_args(p: argparse.ArgumentParser, json_name: str) -> None:
     p.add_argument("--plot-from", default=None, help=f"only draw OUT/{json_name}.png from this saved json")
 
 
+def timing_args(p: argparse.ArgumentParser) -> None:
+    """The timing arguments the model benchmarks share: warm-up and timed steps, pooled rounds, the loader."""
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1, help="measure the whole variant list this many times, pooled")
+    p.add_argument("--dynamic-vram", action="store_true",
+                   help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
+
+
 def plot_only(a: argparse.Namespace, stem: str) -> bool:
     """``--plot-from``: draw the saved report's picture into ``--out`` and say so; False when not asked."""
     if not a.plot_from:
@@ -460,14 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=6, help="double blocks (Flux.1-dev: 19)")
     p.add_argument("--depth-single", type=int, default=12, help="single blocks (Flux.1-dev: 38)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 512])
-    p.add_argument("--rounds", type=int, default=1, help="measure the whole variant list this many times, pooled")
     p.add_argument("--graphs", action="store_true",
                    help="add the node's cuda_graphs option (bf16; int8 + cuDNN attention); all variants via apply_model")
     p.add_argument("--only", default="", help="comma-separated variant names to measure (default: all; bf16 always)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dynamic-vram", action="store_true",
-                   help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
+    timing_args(p)
     return p
 
 

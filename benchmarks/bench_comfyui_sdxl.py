@@ -38,6 +38,7 @@ from bench_comfyui_flux import (
     random_state_dict,
     results_table,
     run_env,
+    timing_args,
     work_files,
     write_report,
 )
@@ -183,11 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_args(p, "bench_comfyui_sdxl")
     p.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=1, help="measure the whole variant list this many times, pooled")
-    p.add_argument("--dynamic-vram", action="store_true",
-                   help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
+    timing_args(p)
     return p
 
 

@@ -48,6 +48,7 @@ from bench_comfyui_flux import (
     random_state_dict,
     results_table,
     run_env,
+    timing_args,
     work_files,
     write_report,
 )
@@ -234,11 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="video frames (default 81, --smoke 5)")
     p.add_argument("--width", type=int, default=None, help="video width in pixels (default 832, --smoke 64)")
     p.add_argument("--height", type=int, default=None, help="video height in pixels (default 480, --smoke 48)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=1, help="measure the whole variant list this many times, pooled")
-    p.add_argument("--dynamic-vram", action="store_true",
-                   help="keep ComfyUI's default dynamic-VRAM loader on the GPU (default: classic loader, full load)")
+    timing_args(p)
     return p
 
 
