@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -334,15 +335,47 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
         run(name, patched, f"{len(report.converted)} layers converted in {time.perf_counter() - t1:.1f} s")
         del patched
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"
-    if want("ComfyUI int8 (same file)"):
+    if want(STOCK):
         stock = comfy.sd.load_diffusion_model(str(int8_file))
-        run("ComfyUI int8 (same file)", stock, why_not or "comfy-kitchen CUDA backend")
+        run(STOCK, stock, why_not or "comfy-kitchen CUDA backend")
         del stock
     if want("comfyquant loader (same file)"):
         ours, _ = load_quantized_model(int8_file, RuntimeOptions())
         run("comfyquant loader (same file)", ours)
         del ours
     return results, why_not
+
+
+STOCK = "ComfyUI int8 (same file)"  # ComfyUI's own int8 path (comfy-kitchen) on the converter's file
+
+
+def failed_row(name: str, label: Any, e: BaseException) -> Result:
+    """A row for a variant that raised (its error's first line as the note), so the other rows still report."""
+    traceback.print_exc()
+    first = (str(e).strip().splitlines() or [""])[0]
+    print(f"  {name}: failed: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+    return Result(name, label, note=f"failed: {type(e).__name__}: {first}")
+
+
+def guarded_rows(name: str, label: Any, timed: Callable[[], list[Result]]) -> list[Result]:
+    """``timed()``'s rows, or the variant's :func:`failed_row` where it raised."""
+    try:
+        return timed()
+    except Exception as e:  # a variant that fails to build or run is a row of the report, not its end
+        return [failed_row(name, label, e)]
+
+
+def stock_rows(int8_file: Path, label: Any, why_not: str | None, run: bool,
+               timed: Callable[[str, Any, str], list[Result]]) -> list[Result]:
+    """The :data:`STOCK` rows: ComfyUI's loader on ``int8_file``, timed by ``timed(name, patcher, note)`` (the note:
+    ``why_not`` comfy-kitchen's CUDA backend is not used, else that it is), or one row saying ``why_not`` it
+    did not run."""
+    if not run:
+        return [Result(STOCK, label, note=f"not run: {why_not}")]
+    import comfy.sd
+
+    return guarded_rows(STOCK, label, lambda: timed(STOCK, comfy.sd.load_diffusion_model(str(int8_file)),
+                                                    why_not or "comfy-kitchen CUDA backend"))
 
 
 def work_files(a: argparse.Namespace, stem: str) -> tuple[Path, Path, Path]:

@@ -17,6 +17,7 @@ detected config: ComfyUI's detection matches only SDXL's real sizes) and no stoc
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from bench_comfyui_flux import (
     _import_comfy,
     add_speedups,
     common_args,
+    guarded_rows,
     kitchen_cuda_status,
     measure,
     merge_rounds,
@@ -38,11 +40,11 @@ from bench_comfyui_flux import (
     random_state_dict,
     results_table,
     run_env,
+    stock_rows,
     timing_args,
     work_files,
     write_report,
 )
-from bench_comfyui_wan import _failed
 
 # SDXL base's UNet as ComfyUI's model detection configures it (comfy/model_detection.py, its SDXL entry)
 SDXL = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
@@ -54,7 +56,6 @@ SDXL = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels":
 SMOKE = {**SDXL, "model_channels": 64, "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
          "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "context_dim": 256, "num_head_channels": 32,
          "adm_in_channels": 256}
-STOCK = "ComfyUI int8 (same file)"
 VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
             ("adapter fp8", "fp8", True))
 
@@ -126,34 +127,26 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     def inputs(r: int) -> dict[str, torch.Tensor]:
         return sdxl_inputs(config, r, device, dtype)
 
+    def timed(name: str, patcher: Any, note: str = "") -> list[Result]:
+        rows = measure(name, patcher, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
+        for r in rows:
+            r.note = note
+        return rows
+
+    def adapter(name: str, fmt: str, fold: bool) -> list[Result]:
+        _free(device)
+        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="sdxl",
+                                                            runtime=RuntimeOptions(fold_norms=fold)))
+        norms = sum("->" in f for f in report.folded)
+        return timed(name, patched, f"{len(report.converted)} layers converted, {norms} norms folded")
+
     def one_round() -> list[Result]:
         """Every variant timed once, in the table's order."""
-        results = measure("bf16", base, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
+        results = timed("bf16", base)
         for name, fmt, fold in VARIANTS:
-            patched = None
-            try:
-                _free(device)
-                patched, report = adapt_model(base, AdapterSettings(
-                    format=fmt, model_type="sdxl", runtime=RuntimeOptions(fold_norms=fold)))
-                rows = measure(name, patched, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
-                norms = sum("->" in f for f in report.folded)
-                for r in rows:
-                    r.note = f"{len(report.converted)} layers converted, {norms} norms folded"
-                results += rows
-            except Exception as e:
-                results.append(_failed(name, res, e))
-            patched = None
-        if why_not is None:
-            stock = None
-            try:
-                stock = comfy.sd.load_diffusion_model(str(int8_file))
-                results += measure(STOCK, stock, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
-            except Exception as e:
-                results.append(_failed(STOCK, res, e))
-            stock = None
-        else:
-            results.append(Result(STOCK, res, note=f"not run: {why_not}"))
-        return results
+            results += guarded_rows(name, res, functools.partial(adapter, name, fmt, fold))
+        # (the smoke UNet is not a file ComfyUI's loader detects: no stock row there)
+        return results + stock_rows(int8_file, res, why_not, why_not is None, timed)
 
     results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
     base = None  # the bf16 model leaves the device before the report

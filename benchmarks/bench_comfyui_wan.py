@@ -25,10 +25,10 @@ and install ComfyUI's requirements and comfy-kitchen 0.2.40's CUDA wheel in this
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from bench_comfyui_flux import (
     _import_comfy,
     add_speedups,
     common_args,
+    guarded_rows,
     kitchen_cuda_status,
     measure,
     merge_rounds,
@@ -48,6 +49,7 @@ from bench_comfyui_flux import (
     random_state_dict,
     results_table,
     run_env,
+    stock_rows,
     timing_args,
     work_files,
     write_report,
@@ -60,7 +62,6 @@ FULL = {"dim": 5120, "ffn": 13824, "text_dim": 4096, "text_tokens": 512}
 SMOKE = {"dim": 256, "ffn": 512, "text_dim": 4096, "text_tokens": 8}
 FULL_VIDEO = {"depth": 4, "frames": 81, "width": 832, "height": 480}
 SMOKE_VIDEO = {"depth": 1, "frames": 5, "width": 64, "height": 48}
-STOCK = "ComfyUI int8 (same file)"
 
 
 def latent_shape(frames: int, width: int, height: int) -> tuple[int, int, int, int, int]:
@@ -103,14 +104,6 @@ def wan_inputs(dims: dict[str, int], latent: tuple[int, ...], device: str,
     return {"x": torch.randn(latent, generator=g).to(device, dtype),
             "timestep": torch.tensor([500.0], device=device),
             "context": torch.randn(1, dims["text_tokens"], dims["text_dim"], generator=g).to(device, dtype)}
-
-
-def _failed(name: str, label: str, e: BaseException) -> Result:
-    """A row for a variant that raised (its error's first line as the note), so the other rows still report."""
-    traceback.print_exc()
-    first = (str(e).strip().splitlines() or [""])[0]
-    print(f"  {name}: failed: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
-    return Result(name, label, note=f"failed: {type(e).__name__}: {first}")
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -156,50 +149,37 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     outputs: dict[tuple[str, Any], torch.Tensor] = {}
 
+    def timed(name: str, patcher: Any, note: str = "") -> list[Result]:
+        rows = measure(name, patcher, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
+        for r in rows:
+            r.note = note
+        return rows
+
+    def with_attention(name: str, mode: str) -> list[Result]:
+        patched = base.clone()
+        enable_quantized_attention(patched, mode)
+        return timed(name, patched)
+
+    def adapter(name: str, fmt: str, attention: str) -> list[Result]:
+        _free(device)
+        t1 = time.perf_counter()
+        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="wan",
+                                                            runtime=RuntimeOptions(attention=attention)))
+        return timed(name, patched, f"{len(report.converted)} layers converted in {time.perf_counter() - t1:.1f} s")
+
     def one_round() -> list[Result]:
         """Every variant timed once, in the table's order."""
-        stock = patched = None
-        results = measure("bf16", base, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
+        results = timed("bf16", base)
         attentions = [m for m in MODES if m != "sdpa"]
         # the attention options that do not quantize, alone on the bf16 model: the attention backend's share
         for mode in (m for m in attentions if not policy_for(m).quantize):
             name = f"bf16 + attention {mode}"
-            try:
-                patched = base.clone()
-                enable_quantized_attention(patched, mode)
-                results += measure(name, patched, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
-            except Exception as e:
-                results.append(_failed(name, label, e))
-            patched = None
+            results += guarded_rows(name, label, functools.partial(with_attention, name, mode))
         # (format, attention): the node's formats, then each of its attention options on int8
         for fmt, attention in (("int8", "sdpa"), ("fp8", "sdpa"), *(("int8", m) for m in attentions)):
             name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}")
-            try:
-                _free(device)
-                t1 = time.perf_counter()
-                patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="wan",
-                                                                    runtime=RuntimeOptions(attention=attention)))
-                quant_s = time.perf_counter() - t1
-                rows = measure(name, patched, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
-                for r in rows:
-                    r.note = f"{len(report.converted)} layers converted in {quant_s:.1f} s"
-                results += rows
-            except Exception as e:
-                results.append(_failed(name, label, e))
-            patched = None
-        if run_stock:
-            try:
-                stock = comfy.sd.load_diffusion_model(str(int8_file))
-                rows = measure(STOCK, stock, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
-                for r in rows:
-                    r.note = why_not or "comfy-kitchen CUDA backend"
-                results += rows
-            except Exception as e:
-                results.append(_failed(STOCK, label, e))
-            stock = None
-        else:
-            results.append(Result(STOCK, label, note=f"not run: {why_not}"))
-        return results
+            results += guarded_rows(name, label, functools.partial(adapter, name, fmt, attention))
+        return results + stock_rows(int8_file, label, why_not, run_stock, timed)
 
     results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
     base = None  # the bf16 model leaves the device before the report
