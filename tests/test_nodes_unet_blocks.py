@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from comfyui_fixtures import patched
+from comfyui_server_fixtures import rel_err
 from torch import nn
 
 from comfyquant.nodes.adapter import adapt_model
@@ -22,10 +23,6 @@ from comfyquant.runtime.norms import FoldedNorm
 pytestmark = pytest.mark.comfyui
 
 KEY = ("input", 4)  # the block key ComfyUI's UNet passes in transformer_options["block"]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _model(context_dim: int | None = 96, **block: Any) -> nn.Module:
@@ -84,7 +81,7 @@ def test_sdxl_blocks_fold_their_three_norms_and_compute_the_stock_blocks(comfy: 
     assert q.input_norm is k.input_norm and q.input_norm.holder is holder
     assert patches["diffusion_model.blocks.0.attn2.to_k"].input_norm is None  # reads the text context
     want, got = _run(model, plain, ctx, {}), _run(model, folded, ctx, {})
-    assert _rel(got, want) < 1e-5 and 0 < _rel(got, float_out) < 0.05
+    assert rel_err(got, want) < 1e-5 and 0 < rel_err(got, float_out) < 0.05
     block = model.diffusion_model["blocks"][0]  # unpatched: the model's own block again (ComfyUI restores the
     # forward it read, a bound method of the class's)
     assert type(block.norm1) is nn.LayerNorm and not isinstance(block.__dict__.get("forward"), UnfoldingForward)
@@ -117,7 +114,7 @@ def test_calls_whose_patches_read_the_normed_activation_unfold(comfy: Any) -> No
     stock = _run(model, plain, ctx, {})
     for name, (context, options) in cases.items():
         want, got = _run(model, plain, context, options), _run(model, folded, context, options)
-        assert _rel(got, want) < 1e-5 and _rel(want, stock) > 1e-3, name
+        assert rel_err(got, want) < 1e-5 and rel_err(want, stock) > 1e-3, name
     holders = [v for v in folded.object_patches.values() if isinstance(v, FoldedNorm)]
     assert holders and all(h.unfolded == 0 for h in holders)  # restored after each call
     # a block whose cross-attention reads x itself when it gets no context (its context width is x's)
@@ -125,7 +122,7 @@ def test_calls_whose_patches_read_the_normed_activation_unfold(comfy: Any) -> No
     plain, folded, _ = _adapted(own)
     x_ctx = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(7))
     for context in (None, x_ctx):
-        assert _rel(_run(own, folded, context, {}), _run(own, plain, context, {})) < 1e-5
+        assert rel_err(_run(own, folded, context, {}), _run(own, plain, context, {})) < 1e-5
 
 
 @pytest.mark.parametrize("block", [{"disable_self_attn": True}, {"inner_dim": 64, "ff_in": True}])
@@ -137,7 +134,7 @@ def test_blocks_whose_norms_feed_other_inputs_are_not_folded(comfy: Any, block: 
     assert not [f for f in report.folded if "->" in f]
     assert not any(isinstance(v, FoldedNorm | UnfoldingForward) for v in folded.object_patches.values())
     ctx = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(6))
-    assert _rel(_run(model, folded, ctx, {}), _run(model, plain, ctx, {})) < 1e-6
+    assert rel_err(_run(model, folded, ctx, {}), _run(model, plain, ctx, {})) < 1e-6
 
 
 def test_sdxl_unet_folds_on_the_adapters_clone_and_in_the_loaders_model(comfy: Any, tmp_path: Any) -> None:
@@ -184,7 +181,7 @@ def test_sdxl_unet_folds_on_the_adapters_clone_and_in_the_loaders_model(comfy: A
     norms = [f for f in report.folded if "->" in f]
     assert len(norms) == 3 * len(blocks), norms
     want = forward(plain)
-    assert _rel(forward(folded), want) < 1e-5 and 0 < _rel(want, float_out) < 0.05
+    assert rel_err(forward(folded), want) < 1e-5 and 0 < rel_err(want, float_out) < 0.05
     # the loader's path: its model's layers quantized in place, then the norms folded in place
     own = build()
     summary = quantize_(own.diffusion_model, QuantizeConfig(format="int8", min_features=1, fold_norms=False))
@@ -193,7 +190,7 @@ def test_sdxl_unet_folds_on_the_adapters_clone_and_in_the_loaders_model(comfy: A
     lines = _fold_unet_in_place(own.diffusion_model, {d.name: "int8" for d in summary.quantized})
     assert len(lines) == 3 * len(blocks), lines
     assert sum(isinstance(m, FoldedNorm) for m in own.modules()) == len(lines)
-    assert _rel(forward(mine), before) < 1e-5
+    assert rel_err(forward(mine), before) < 1e-5
 
 
 def test_dynamic_loras_on_folded_layers_read_the_normed_activation(comfy: Any) -> None:
@@ -217,4 +214,4 @@ def test_dynamic_loras_on_folded_layers_read_the_normed_activation(comfy: Any) -
             for name, side in loras.items():
                 patcher.object_patches[f"diffusion_model.blocks.{i}.{name}"].adapter = side
     want, got = _run(model, plain, ctx, {}), _run(model, folded, ctx, {})
-    assert _rel(got, want) < 1e-5 and _rel(want, before) > 1e-2
+    assert rel_err(got, want) < 1e-5 and rel_err(want, before) > 1e-2

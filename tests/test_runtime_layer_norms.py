@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comfyui_fixtures import patched
+from comfyui_server_fixtures import rel_err
 from torch import nn
 
 from comfyquant.bench.blocks import Sdxl
@@ -30,10 +31,6 @@ from comfyquant.runtime.kernels.acts import (
 )
 from comfyquant.runtime.nn import NormSource
 from comfyquant.runtime.norms import FoldedNorm, fold_norms, norm_spec
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _affine(mod: nn.Module, seed: int) -> None:
@@ -86,11 +83,11 @@ def test_bench_sdxl_folds_its_layer_norms_and_computes_what_it_did(fmt: str) -> 
     x = (torch.randn(1, 24, 640), torch.randn(1, 12, 1280), torch.randn(1, 7, 2048))
     with torch.no_grad():
         want, got = ref.hi[0](x[0], x[2]), model.hi[0](x[0], x[2])
-        assert _rel(got, want) < 1e-5 and 0 < _rel(got, flt.hi[0](x[0], x[2])) < 0.05
+        assert rel_err(got, want) < 1e-5 and 0 < rel_err(got, flt.hi[0](x[0], x[2])) < 0.05
         # the norm's weight is read per call: a patched weight reaches the layers it feeds
         for m in (ref, model):
             m.lo[0].norm3.weight.data = m.lo[0].norm3.weight.data * 0.5
-        assert _rel(model.lo[0](x[1], x[2]), ref.lo[0](x[1], x[2])) < 1e-5
+        assert rel_err(model.lo[0](x[1], x[2]), ref.lo[0](x[1], x[2])) < 1e-5
     assert fold_norms(model) == []  # idempotent
 
 
@@ -180,7 +177,7 @@ def test_comfyuis_clip_folds_its_layer_norms(comfy: Any, fmt: str) -> None:
     assert type(model.final_layer_norm).__name__ == "LayerNorm"
     assert list(model.state_dict()) == list(ref.state_dict())
     want, got = run(ref), run(model)
-    assert _rel(got, want) < 1e-5 and 0 < _rel(got, run(flt)) < 0.05
+    assert rel_err(got, want) < 1e-5 and 0 < rel_err(got, run(flt)) < 0.05
 
 
 @pytest.mark.comfyui
@@ -215,7 +212,7 @@ def test_node_pack_folds_clip_layer_norms_on_the_clone(comfy: Any) -> None:
             return run(enc)
 
     want, got = through(plain), through(folded)
-    assert _rel(got, want) < 1e-5 and 0 < _rel(got, float_out) < 0.05
+    assert rel_err(got, want) < 1e-5 and 0 < rel_err(got, float_out) < 0.05
     assert type(enc.encoder.layers[0].layer_norm1).__name__ == "LayerNorm" and torch.equal(run(enc), float_out)
 
 
@@ -240,4 +237,4 @@ def test_bench_clip_model_folds_its_layer_norms(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(folded.final_layer_norm, nn.LayerNorm)
     with torch.no_grad():
         base, want, out = (got[v][0](*got[v][1]) for v in ("bf16", "int8_nonorm", "int8"))
-    assert _rel(out, want) < 1e-6 and _rel(want, base) > 1e-3
+    assert rel_err(out, want) < 1e-6 and rel_err(want, base) > 1e-3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from comfyui_server_fixtures import rel_err
 from torch import nn
 
 from comfyquant.runtime.kernels import builtin, dispatch
@@ -204,9 +205,6 @@ def test_bench_flux_variants_time_the_fold_beside_the_torch_norms(arch: str, mon
         return model, args
 
     monkeypatch.setattr(models, "build", build)
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).norm() / b.norm())
-
     for fmt in ("int8", "fp8"):
         got = {v: (m, a) for v, m, a in models.variants(f"{arch}_small", None, only=("bf16", fmt, f"{fmt}_modfold"))}
         assert list(got) == ["bf16", fmt, f"{fmt}_modfold"]
@@ -217,7 +215,7 @@ def test_bench_flux_variants_time_the_fold_beside_the_torch_norms(arch: str, mon
         assert len(sites) == 5 and all(s._buf is not None for s in sites)
         # the torch norm's roundings (addcmul against (1 + scale) * ln + shift): measured <= 0.3% of the
         # quantization's own error
-        assert rel(out, want) < 0.02 * rel(want, base), (rel(out, want), rel(want, base))
+        assert rel_err(out, want) < 0.02 * rel_err(want, base), (rel_err(out, want), rel_err(want, base))
     assert [v for v, _, _ in models.variants("sdxl_small", None, only=("int8_modfold",))] == []
 
 
