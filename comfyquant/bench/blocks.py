@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comfyquant.runtime.modulation import ModulationSite, modulated_linear
+from comfyquant.runtime.modulation import ModulationSite, modulated_module
 
 
 def _ln(x: torch.Tensor) -> torch.Tensor:
@@ -28,13 +28,7 @@ def _mod_in(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch
     An ``nn.Sequential`` hands it to its first layer."""
     if site is None:
         return layer((1 + scale) * _ln(x) + shift)
-    if isinstance(layer, nn.Sequential):
-        first, *rest = list(layer)
-        h = modulated_linear(first, x, shift, scale, 1e-6, site)
-        for m in rest:
-            h = m(h)
-        return h
-    return modulated_linear(layer, x, shift, scale, 1e-6, site)
+    return modulated_module(layer, x, shift, scale, 1e-6, site)
 
 
 def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, folded: bool) -> torch.Tensor:
@@ -284,14 +278,11 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-SdxlBlock = BasicTransformerBlock
-
-
 class Sdxl(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.hi = nn.ModuleList(SdxlBlock(640, 10) for _ in range(2))
-        self.lo = nn.ModuleList(SdxlBlock(1280, 20) for _ in range(4))
+        self.hi = nn.ModuleList(BasicTransformerBlock(640, 10) for _ in range(2))
+        self.lo = nn.ModuleList(BasicTransformerBlock(1280, 20) for _ in range(4))
 
     def forward(self, x640: torch.Tensor, x1280: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         for b in self.hi:

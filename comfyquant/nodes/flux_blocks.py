@@ -25,6 +25,7 @@ from comfyquant.runtime.modulation import (
     affine_free_eps,
     gated_add_,
     modulated_linear,
+    modulated_module,
     per_item,
 )
 
@@ -110,9 +111,9 @@ class FoldedDoubleBlock:
         del q, k, v
         txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
         gated_add_(img, b.img_attn.proj(img_attn), img_mod1.gate)
-        gated_add_(img, _mlp(b.img_mlp, img, img_mod2, self.eps, self.sites["img2"]), img_mod2.gate)
+        gated_add_(img, self._mlp(b.img_mlp, img, img_mod2, self.sites["img2"]), img_mod2.gate)
         gated_add_(txt, b.txt_attn.proj(txt_attn), txt_mod1.gate)
-        gated_add_(txt, _mlp(b.txt_mlp, txt, txt_mod2, self.eps, self.sites["txt2"]), txt_mod2.gate)
+        gated_add_(txt, self._mlp(b.txt_mlp, txt, txt_mod2, self.sites["txt2"]), txt_mod2.gate)
         if txt.dtype == torch.float16:
             txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
         return img, txt
@@ -124,17 +125,10 @@ class FoldedDoubleBlock:
         q, k = attn.norm(q, k, v)
         return q, k, v
 
-
-def _mlp(mlp: nn.Module, x: torch.Tensor, mod: Any, eps: float, site: ModulationSite) -> torch.Tensor:
-    """A block MLP on the modulated norm of x: an ``nn.Sequential`` takes it in its first layer, any other module
-    (Flux.2's ``YakMLP``) after the norm in torch."""
-    if isinstance(mlp, nn.Sequential) and len(mlp) > 0:
-        members = list(mlp)
-        h = modulated_linear(members[0], x, mod.shift, mod.scale, eps, site, checked=True)
-        for m in members[1:]:
-            h = m(h)
-        return h
-    return modulated_linear(mlp, x, mod.shift, mod.scale, eps, None)
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor, mod: Any, site: ModulationSite) -> torch.Tensor:
+        """A block MLP on the modulated norm of x: an ``nn.Sequential`` takes it in its first layer, any other
+        module (Flux.2's ``YakMLP``) after the norm in torch."""
+        return modulated_module(mlp, x, mod.shift, mod.scale, self.eps, site, checked=True)
 
 
 class FoldedSingleBlock:

@@ -81,6 +81,20 @@ def modulated_linear(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, sca
     return layer(layer_mod(x, shift, scale, eps))
 
 
+def modulated_module(module: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                     site: ModulationSite | None, *, checked: bool = False) -> torch.Tensor:
+    """``module`` on the modulated norm of ``x``, as :func:`modulated_linear` computes it: an ``nn.Sequential``
+    (a block's MLP) hands the norm to its first layer and runs the rest after it; any other module gets it as a
+    layer does (a quantized linear in its quantizer, anything else after the norm in torch)."""
+    if isinstance(module, nn.Sequential) and len(module) > 0:
+        first, *rest = list(module)
+        h = modulated_linear(first, x, shift, scale, eps, site, checked=checked)
+        for m in rest:
+            h = m(h)
+        return h
+    return modulated_linear(module, x, shift, scale, eps, site, checked=checked)
+
+
 def gated_add_(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``residual += y * gate`` in place, one launch (a block's ``x += apply_mod(out, gate)``: two)."""
     return residual.addcmul_(y, gate)

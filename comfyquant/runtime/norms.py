@@ -39,8 +39,9 @@ _T5 = ("comfy.text_encoders.t5", "comfyquant.bench.blocks")
 _LLAMA = ("comfy.text_encoders.llama", "comfyquant.bench.blocks")
 _CLIP = ("comfy.clip_model", "comfyquant.bench.blocks")
 # ComfyUI's SDXL transformer block (comfy.ldm.modules.attention) is not listed: it hands the normed input to
-# attention patches (IPAdapter's ...) and, with disable_self_attn, attn1 reads the context in to_k / to_v; the
-# bench model's block of the same name and layout reads its norms through the listed linears only
+# attention patches and, with disable_self_attn, attn1 reads the context in to_k / to_v (the node pack folds it
+# with a fallback for such calls, nodes.unet_blocks); the bench model's block of the same name and layout reads
+# its norms through the listed linears only
 _BENCH = ("comfyquant.bench.blocks",)
 # parent class -> (modules it may be defined in, ((norm child, consumer child), ...))
 NORM_FOLDS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
