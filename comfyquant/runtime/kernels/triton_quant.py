@@ -366,12 +366,9 @@ def norm_applies(group: int | None, mode: int, act: int, static_scale: torch.Ten
     same, on rows a kernel holds whole (``k <= SINGLE_PASS_MAX``)."""
     if act != 0 or static_scale is not None:
         return False
-    if isinstance(norm, ModulatedNorm):
-        modes = (MODE_INT8, MODE_FP8) if group is None else (MODE_INT8, MODE_FLOAT)
-        return mode in modes and 0 < k <= SINGLE_PASS_MAX
-    if group is None:
-        return mode in (MODE_INT8, MODE_FP8)
-    return mode in (MODE_INT8, MODE_FLOAT)
+    if mode not in ((MODE_INT8, MODE_FP8) if group is None else (MODE_INT8, MODE_FLOAT)):
+        return False
+    return not isinstance(norm, ModulatedNorm) or 0 < k <= SINGLE_PASS_MAX
 
 
 def act_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
