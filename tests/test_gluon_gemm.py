@@ -1,7 +1,7 @@
 """The warp-specialized Gluon W8A8 GEMM (``kernels.gluon_gemm``) compiled for sm_90 here, without a GPU: the
 launch arguments the runtime builds (``triton_int8._ws_launch``) match the kernel's parameters, the PTX has the
 int8 wgmma and the register hand-over between warp groups, and ptxas finds no spills at the picked tile. Its
-results are checked on an H200 (``check_kernels_gpu.check_ws_gemm``: bit-equal to the Triton kernels)."""
+results are checked on an H200 (``check_gemm_gpu.check_ws_gemm``: bit-equal to the Triton kernels)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The ``attention`` option of Enable INT8 on MODEL / the loader node, in ComfyUI 0.30's own attention code:
 the override sits on the clone only, ComfyUI's attention function calls it, it keeps an override installed
 before it, and calls the kernel cannot take (the CPU here) come out bit-identical to ComfyUI's own. The kernel
-itself: ``triton_interp_attention`` (interpreter) and ``check_kernels_gpu.check_attention`` (H200)."""
+itself: ``triton_interp_attention`` (interpreter) and ``check_paths_gpu.check_attention`` (H200)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``runtime.attention``: which SDPA calls the int8 attention scope routes (the kernel itself is checked under
-the interpreter, ``triton_interp_attention``, and on the GPU, ``check_kernels_gpu.check_attention``), and that
+the interpreter, ``triton_interp_attention``, and on the GPU, ``check_paths_gpu.check_attention``), and that
 everything else passes through to SDPA unchanged."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_emulated_scope_runs_the_schemes_reference_on_the_cpu() -> None:
 
 def test_quantize_off_routes_nothing_and_cudnn_order_is_for_cuda_calls_only() -> None:
     """``quantize=False``: even an emulated scope runs SDPA itself; ``cudnn_first`` changes SDPA's backend order
-    for CUDA calls only (checked on the GPU by ``check_kernels_gpu.check_attention_cudnn``), so CPU calls come
+    for CUDA calls only (checked on the GPU by ``check_paths_gpu.check_attention_cudnn``), so CPU calls come
     out bit-identical and uncounted."""
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 300, 32, generator=g) for _ in range(3))

@@ -3,7 +3,7 @@
 the same codes (``reference.int8_attention_ref``: what is left is p's 16-bit rounding and the online softmax) and
 against exact float64 attention (the quantization error itself, which a kernel without k's mean subtraction
 misses on keys with a per-channel offset). fp16 v only: bf16 ``tl.dot`` is wrong in Triton 3.6's interpreter
-(``check_interpreter_limitations``); ``benchmarks/check_kernels_gpu.py`` runs bf16."""
+(``check_interpreter_limitations``); ``benchmarks/check_paths_gpu.py`` runs bf16."""
 
 from __future__ import annotations
 

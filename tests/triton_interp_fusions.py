@@ -10,7 +10,7 @@ Oracle: the same kernel path without the fusion, fed what the fusion stands for,
   to at least 1e-3 (one int code may flip at a tie, as in the rotation checks).
 Every check also records what it would read without the fusion (~1), so a fusion that does nothing fails.
 bf16 ``tl.dot`` does not run in the interpreter (``check_interpreter_limitations``), so W8A16 is fp16 here;
-the GPU checks (``benchmarks/check_kernels_gpu.py``: ``low_rank_*``, ``input_act_*``) cover bf16 and TMA.
+the GPU checks (``benchmarks/check_paths_gpu.py``: ``low_rank_*``, ``input_act_*``) cover bf16 and TMA.
 """
 
 from __future__ import annotations

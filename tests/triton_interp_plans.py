@@ -5,7 +5,7 @@ replays the same kernels with every later input's own pointers and fresh outputs
 Oracle: the general host function on the same input (the same kernel and arguments, so bit-equal). Each plan
 runs on inputs other than the one it was made from, so a plan that reused its first input or output would
 fail; under the interpreter ``FastKernel.prepared`` runs the interpreter instead of a C launcher (the launcher
-call itself is covered by ``benchmarks/check_kernels_gpu.py``'s ``plan_*`` checks).
+call itself is covered by ``benchmarks/check_paths_gpu.py``'s ``plan_*`` checks).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Rotated oracles: int8 codes and row scales against ``reference.quantize_rows_int
 dtype holds it; with an input activation, of ``act(x)`` rounded to x's dtype, what the model's own module
 returns): a code may move by 1 at a .5 tie, on <= 0.1% of codes (+1), scales to 1e-6; rotation only (MODE_FLOAT)
 to x's dtype's rounding (fp16 2^-9). fp16 only here: bf16 ``tl.dot`` is wrong in Triton 3.6's interpreter
-(``check_interpreter_limitations``); ``benchmarks/check_kernels_gpu.py`` (``act_quant_int8_tiles``) runs bf16.
+(``check_interpreter_limitations``); ``benchmarks/check_acts_gpu.py`` (``act_quant_int8_tiles``) runs bf16.
 Each case also shows the butterfly kernel gives the same codes within that bound, and that an unrotated
 quantization would not pass (the check can fail).
 """
