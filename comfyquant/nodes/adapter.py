@@ -454,7 +454,9 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     report.baked_loras = [k for k in report.baked_loras if k[len(prefix):-len(".weight")] in new_layers]
     if root == MODEL_ROOT and settings.runtime.fold_activations and settings.runtime.fold_norms:
         # DiT blocks' modulated LayerNorms: applied by the quantized layers they feed (block replacements, clone)
-        report.modulated = fold_dit_blocks(clone, dm, new_layers.__contains__)
+        report.modulated = fold_dit_blocks(clone, dm, new_layers.__contains__,
+                                           lambda path, obj: clone.add_object_patch(prefix + path, obj),
+                                           lambda path: prefix + path in clone.object_patches)
     clone.patches_uuid = uuid.uuid4()  # the clone's weights differ from its parent's
     clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))
     clone.model_options.setdefault("transformer_options", {})["comfyquant"] = settings

@@ -1,6 +1,7 @@
 """The DiT families whose blocks' modulated LayerNorms the node pack folds into their quantized layers
 (``runtime.modulation``), one entry point for the adapter and the loader: Flux-style double / single blocks
-(``flux_blocks``: Flux.1, Flux.2, Chroma, HunyuanVideo) and SD3's joint blocks (``sd3_blocks``)."""
+(``flux_blocks``: Flux.1, Flux.2, Chroma, HunyuanVideo) and SD3's joint blocks (``sd3_blocks``), as ComfyUI's
+"dit" block replacements; Wan 2.x's and Qwen-Image's blocks (``wan_blocks``), as their blocks' ``forward``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from comfyquant.nodes.flux_blocks import fold_flux_blocks
 from comfyquant.nodes.sd3_blocks import fold_sd3_blocks
+from comfyquant.nodes.wan_blocks import fold_wan_qwen_blocks
 
 
 def block_replacements(patcher: Any) -> dict:
@@ -18,8 +20,12 @@ def block_replacements(patcher: Any) -> dict:
     return patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
 
 
-def fold_dit_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool]) -> list[str]:
+def fold_dit_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool],
+                    install: Callable[[str, Any], None], taken: Callable[[str], bool]) -> list[str]:
     """Install the folded block forwards on ``patcher`` for the diffusion model ``dm`` (nothing for a family this
-    does not know), leaving blocks another node replaced already; returns what was folded, a line per block."""
-    taken = set(block_replacements(patcher))
-    return fold_flux_blocks(patcher, dm, converted, taken) + fold_sd3_blocks(patcher, dm, converted, taken)
+    does not know), leaving blocks another node replaced already; ``install(path, obj)`` / ``taken(path)`` set
+    and test a block's ``forward`` below ``dm`` (the adapter's object patches, the loader's own model). Returns
+    what was folded, a line per block."""
+    replaced = set(block_replacements(patcher))
+    return (fold_flux_blocks(patcher, dm, converted, replaced) + fold_sd3_blocks(patcher, dm, converted, replaced)
+            + fold_wan_qwen_blocks(dm, converted, install, taken))

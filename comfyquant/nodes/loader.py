@@ -8,6 +8,7 @@ float copy of their weight.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -131,7 +132,8 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     if runtime.fuse_projections:  # the loader owns this model: the parents' forwards are set on the instances
         summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))
     if runtime.fold_activations and runtime.fold_norms:  # DiT blocks' modulated norms, as the adapter folds
-        summary.modulated = len(fold_dit_blocks(patcher, dm, lambda name: name in done))
+        summary.modulated = len(fold_dit_blocks(patcher, dm, lambda name: name in done,
+                                                functools.partial(_set_in_place, dm), lambda path: False))
     register_patch_callback(patcher)
     if runtime.cuda_graphs:
         enable_cuda_graphs(patcher)
@@ -146,11 +148,14 @@ def _fold_unet_in_place(dm: nn.Module, done: dict[str, Any]) -> list[str]:
     def fits(path: str, spec: NormSpec) -> bool:
         return path in done and folds_into(path, dm.get_submodule(path), spec)
 
-    def install(path: str, obj: Any) -> None:
-        parent, _, name = path.rpartition(".")
-        setattr(dm.get_submodule(parent) if parent else dm, name, obj)
-
-    lines, sources = fold_unet_blocks(dm, fits, install, lambda path: False)
+    lines, sources = fold_unet_blocks(dm, fits, functools.partial(_set_in_place, dm), lambda path: False)
     for path, source in sources.items():
         dm.get_submodule(path).input_norm = source
     return lines
+
+
+def _set_in_place(dm: nn.Module, path: str, obj: Any) -> None:
+    """Set attribute ``path`` (dotted, below ``dm``) to ``obj``: a fold's module or ``forward`` on the loader's
+    own model."""
+    parent, _, name = path.rpartition(".")
+    setattr(dm.get_submodule(parent) if parent else dm, name, obj)

@@ -15,10 +15,13 @@ step, and CUDA-graph capture sees a fixed address.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-from comfyquant.runtime.kernels.acts import ModulatedNorm, layer_mod
+from comfyquant.runtime.kernels.acts import ModulatedNorm, Norm, layer_mod
 from comfyquant.runtime.nn import QuantLinear
 
 
@@ -93,6 +96,43 @@ def modulated_module(module: nn.Module, x: torch.Tensor, shift: torch.Tensor, sc
             h = m(h)
         return h
     return modulated_linear(module, x, shift, scale, eps, site, checked=checked)
+
+
+def accepts_call_norm(layer: nn.Module) -> bool:
+    """Whether a norm can be handed to ``layer`` for one call (``QuantLinear.call_norm``): a quantized linear with
+    a weight and no input activation or folded norm of its own (a member of a fused sibling group may: the
+    group's GEMM applies its members' common call norm)."""
+    d = layer.__dict__
+    return (isinstance(layer, QuantLinear) and layer.weight is not None and d.get("input_act") is None
+            and d.get("input_norm") is None)
+
+
+def with_call_norms(module: nn.Module, norms: Sequence[tuple[Sequence[nn.Module], Norm]], *args: Any,
+                    **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)`` with each ``(layers, norm)`` pair's norm handed to its layers for the call: the
+    caller passes an input un-normed, and every layer that reads it applies the norm first (in its quantizer
+    where the kernel can, else in torch: the same values). Each pair's layers must be all the module reads that
+    input through, each :func:`accepts_call_norm` (a module's attention projections on one stream, say)."""
+    held = [(m.__dict__, norm) for layers, norm in norms for m in layers]
+    for d, norm in held:
+        d["call_norm"] = norm
+    try:
+        return module(*args, **kwargs)
+    finally:
+        for d, _ in held:
+            d["call_norm"] = None
+
+
+def modulated_call(module: nn.Module, layers: Sequence[nn.Module], x: torch.Tensor, shift: torch.Tensor,
+                   scale: torch.Tensor, eps: float, site: ModulationSite | None, *args: Any, **kwargs: Any) -> Any:
+    """``module(layer_norm(x, eps) * (1 + scale) + shift, *args, **kwargs)`` where ``module`` reads its first
+    argument only through ``layers`` (a block's attention and its q / k / v, an MLP and its first linear): the
+    norm is handed to them (:func:`with_call_norms`) and the normed input never made. In torch first where a
+    layer cannot take it, in a traced call, or for a modulation that is not one vector per batch item."""
+    if (site is not None and not torch.compiler.is_compiling() and per_item(shift, x) and per_item(scale, x)
+            and len(layers) > 0 and all(accepts_call_norm(m) for m in layers)):
+        return with_call_norms(module, ((layers, site.norm(shift, scale, int(x.shape[1]))),), x, *args, **kwargs)
+    return module(layer_mod(x, shift, scale, eps), *args, **kwargs)
 
 
 def gated_add_(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

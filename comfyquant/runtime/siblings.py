@@ -375,8 +375,11 @@ class SiblingGroup:
         """The fused GEMM on ``x`` (the members' LoRA low-rank terms in its epilogue) and each member's output:
         its column view of it, plus what its side path adds that the kernel did not; None where the members'
         LoRA ranks sum past :data:`MAX_STACKED_RANK` (they compute alone)."""
-        src = members[0].__dict__.get("input_norm")  # a folded RMSNorm, the same for every member (_members)
-        norm = None if src is None else src.for_call()
+        lead = members[0].__dict__  # a norm handed over for this call, else the folded one (the same for every member)
+        norm = lead.get("call_norm")
+        if norm is None:
+            src = lead.get("input_norm")
+            norm = None if src is None else src.for_call()
         sides = [_side_of(m, x) for m in members]
         lora = any(side is not None for side in sides)  # (without one, none of the LoRA bookkeeping runs)
         if norm is not None and lora:
@@ -435,12 +438,14 @@ class SiblingGroup:
 
     def _members(self, plan: tuple[int, ...], x: torch.Tensor) -> list[nn.Module] | None:
         """The live plan members, or None when one of them must compute alone (not this group's member, a
-        ComfyUI weight / bias function, a folded input activation, a folded norm not the others', a weight or
-        bias on another device). Every call of the group runs this: instance attributes are read from
-        ``__dict__`` (``nn.Module.__getattr__`` raises, slowly, for missing ones), each member once."""
+        ComfyUI weight / bias function, a folded input activation, a folded norm or a norm handed over for the
+        call (``QuantLinear.call_norm``) not the others', a weight or bias on another device). Every call of the
+        group runs this: instance attributes are read from ``__dict__`` (``nn.Module.__getattr__`` raises,
+        slowly, for missing ones), each member once."""
         out = []
         mods, names, dev = self.parent._modules, self.names, x.device
         norm: Any = _UNSET
+        call = None
         for j in plan:
             m = mods.get(names[j])
             if m is None:
@@ -453,8 +458,9 @@ class SiblingGroup:
                 return None
             src = own.get("input_norm")
             if norm is _UNSET:
-                norm = src  # the first member's: every member must have the same
-            elif src is not norm and (src is None or norm is None or src.holder is not norm.holder):
+                norm, call = src, own.get("call_norm")  # the first member's: every member must have the same
+            elif (src is not norm and (src is None or norm is None or src.holder is not norm.holder)) \
+                    or own.get("call_norm") is not call:
                 return None
             params = m._parameters
             w, b = params.get("weight"), params.get("bias")

@@ -1,0 +1,168 @@
+"""Wan 2.x's and Qwen-Image's modulated LayerNorms handed to the quantized layers they feed (``nodes.wan_blocks``),
+in ComfyUI 0.30's own ``WanModel`` and ``QwenImageTransformer2DModel`` on the CPU: the folded clone computes what
+the clone without the fold computes, the norm reaches the fused q / k / v group and the MLPs' first linears (the
+normed activation is never made), and calls the fold does not reproduce (per-frame modulation, reference images
+at timestep zero) run the stock block."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+import torch
+from comfyui_fixtures import patched
+from comfyui_server_fixtures import rel_err
+from torch import nn
+
+from comfyquant.nodes.adapter import adapt_model
+from comfyquant.nodes.cache import QuantCache
+from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+from comfyquant.nodes.wan_blocks import FoldedQwenBlock, FoldedWanBlock
+
+pytestmark = pytest.mark.comfyui
+
+
+class _Holder(nn.Module):
+    def __init__(self, dm: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = dm
+        g = torch.Generator().manual_seed(7)
+        for name, p in self.named_parameters():  # modulations are torch.empty in ComfyUI; norms away from 1 / 0
+            if p.dim() >= 2:
+                p.data = torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5
+            elif name.endswith("weight"):
+                p.data = 1 + 0.3 * torch.randn(p.shape, generator=g)
+            else:
+                p.data = 0.2 * torch.randn(p.shape, generator=g)
+
+
+def _wan() -> nn.Module:
+    wan = importlib.import_module("comfy.ldm.wan.model")
+    return _Holder(wan.WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=4, dim=64, ffn_dim=128,
+                                freq_dim=32, text_dim=48, out_dim=4, num_heads=2, num_layers=2, operations=nn))
+
+
+def _qwen() -> nn.Module:
+    qwen = importlib.import_module("comfy.ldm.qwen_image.model")
+    return _Holder(qwen.QwenImageTransformer2DModel(in_channels=16, out_channels=4, num_layers=2,
+                                                    attention_head_dim=32, num_attention_heads=2,
+                                                    joint_attention_dim=48, axes_dims_rope=(8, 12, 12),
+                                                    operations=nn))
+
+
+def _run(model: nn.Module, patcher: Any, **kw: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    dm = model.diffusion_model
+    options = dict(patcher.model_options.get("transformer_options", {}))
+    with patched(patcher), torch.inference_mode():
+        if type(dm).__name__ == "WanModel":
+            x, ctx = torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 16, 48, generator=g)
+            t = kw.pop("t", torch.tensor([300.0, 700.0]))
+            return dm(x, t, ctx, transformer_options=options, **kw).clone()
+        x, ctx = torch.randn(2, 4, 1, 8, 8, generator=g), torch.randn(2, 6, 48, generator=g)
+        return dm(x, torch.tensor([0.3, 0.7]), ctx, transformer_options=options, **kw).clone()
+
+
+def _adapted(model: nn.Module, fmt: str = "int8") -> tuple[Any, Any, Any, Any]:
+    import comfy.model_patcher
+
+    base = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    plain, _ = adapt_model(base, AdapterSettings(format=fmt, runtime=RuntimeOptions(fold_norms=False)),
+                           cache=QuantCache())
+    folded, report = adapt_model(base, AdapterSettings(format=fmt), cache=QuantCache())
+    return base, plain, folded, report
+
+
+def _forwards(patcher: Any) -> dict[str, Any]:
+    return {k: v for k, v in patcher.object_patches.items() if isinstance(v, FoldedWanBlock | FoldedQwenBlock)}
+
+
+def _spy_norms(model: nn.Module, paths: list[str], seen: dict[str, list]) -> list[Any]:
+    """Forward pre-hooks recording each layer's ``call_norm`` (the layers are the clone's, read while patched)."""
+    def hook(path: str) -> Any:
+        return lambda mod, args: seen.setdefault(path, []).append(mod.__dict__.get("call_norm"))
+
+    dm = model.diffusion_model
+    return [dm.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_wan_blocks_hand_both_norms_to_their_layers(comfy: Any, fmt: str) -> None:
+    model = _wan()
+    base, plain, folded, report = _adapted(model, fmt)
+    assert report.modulated == ["blocks.0: norm1, norm2", "blocks.1: norm1, norm2"]
+    assert sorted(_forwards(folded)) == ["diffusion_model.blocks.0.forward", "diffusion_model.blocks.1.forward"]
+    assert not _forwards(plain)
+    ref, want = _run(model, base), _run(model, plain)
+    seen: dict[str, list] = {}
+    with patched(folded):
+        hooks = _spy_norms(model, ["blocks.0.self_attn.q", "blocks.0.self_attn.v", "blocks.0.ffn.0",
+                                   "blocks.0.cross_attn.q", "blocks.0.self_attn.o"], seen)
+    try:
+        got = _run(model, folded)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    assert rel_err(want, ref) < 0.05  # (the quantization's own error, against float)
+    # the norm reached q / k / v (one shared ModulatedNorm per call, per item) and the MLP, and nothing else
+    q, v, ffn = seen["blocks.0.self_attn.q"], seen["blocks.0.self_attn.v"], seen["blocks.0.ffn.0"]
+    assert q and all(n is not None and n.rows == 32 for n in q + ffn) and [id(n) for n in v] == [id(n) for n in q]
+    assert all(n is None for n in seen["blocks.0.cross_attn.q"] + seen["blocks.0.self_attn.o"])
+    # q / k / v run as one GEMM with the norm in it once the group has learned its plan (the first call)
+    with patched(folded):
+        group = model.diffusion_model.blocks[0].self_attn.q.sibling[0]
+    assert group.fused_calls == 0
+    again = _run(model, folded)
+    assert group.fused_calls == 1 and rel_err(again, want) < 1e-5, (group, rel_err(again, want))
+    for f in _forwards(folded).values():
+        assert all(s._buf is not None and tuple(s._buf.shape) == (2, 128) for s in f.sites)
+
+
+def test_wan_per_frame_modulation_runs_the_stock_block(comfy: Any) -> None:
+    """Timesteps per frame (Wan 2.2's TI2V) give a modulation per frame, repeated over its tokens: the folded
+    forward hands the call to the block's own forward, bit for bit the unfolded clone's output."""
+    model = _wan()
+    _, plain, folded, _ = _adapted(model)
+    t = torch.tensor([[300.0, 500.0], [700.0, 100.0]])
+    assert torch.equal(_run(model, folded, t=t.clone()), _run(model, plain, t=t.clone()))
+    assert all(s._buf is None for f in _forwards(folded).values() for s in f.sites)
+
+
+def test_qwen_image_blocks_hand_four_norms_to_their_layers(comfy: Any) -> None:
+    model = _qwen()
+    base, plain, folded, report = _adapted(model)
+    names = "img_norm1, img_norm2, txt_norm1, txt_norm2"
+    assert report.modulated == [f"transformer_blocks.{i}: {names}" for i in range(2)]
+    ref, want = _run(model, base), _run(model, plain)
+    seen: dict[str, list] = {}
+    paths = ["transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.add_v_proj",
+             "transformer_blocks.1.img_mlp.net.0.proj", "transformer_blocks.1.txt_mlp.net.0.proj",
+             "transformer_blocks.1.attn.to_out.0"]
+    with patched(folded):
+        hooks = _spy_norms(model, paths, seen)
+    try:
+        got = _run(model, folded)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    assert rel_err(want, ref) < 0.05
+    img_q, txt_v = seen[paths[0]], seen[paths[1]]
+    assert img_q and txt_v and img_q[0] is not txt_v[0]  # each stream its own norm
+    assert [n.rows for n in img_q + seen[paths[2]]] == [16, 16] and [n.rows for n in txt_v + seen[paths[3]]] == [6, 6]
+    assert seen[paths[4]] == [None]
+    for f in _forwards(folded).values():
+        assert all(s._buf is not None for s in f.sites.values())
+
+
+def test_qwen_image_reference_at_timestep_zero_runs_the_stock_block(comfy: Any) -> None:
+    """``index_timestep_zero`` reference images give the reference tokens their own modulation: the stock
+    block computes that call."""
+    model = _qwen()
+    _, plain, folded, _ = _adapted(model)
+    ref = torch.randn(2, 4, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    kw = {"ref_latents": [ref], "ref_latents_method": "index_timestep_zero"}
+    assert torch.equal(_run(model, folded, **kw), _run(model, plain, **kw))
+    assert all(s._buf is None for f in _forwards(folded).values() for s in f.sites.values())
