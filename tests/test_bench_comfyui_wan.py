@@ -31,7 +31,8 @@ def test_tiny_video_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     exact = [m for m in attentions if not policy_for(m).quantize]
     variants = [r["variant"] for r in report["results"]]
     assert variants == ["bf16", *(f"bf16 + attention {m}" for m in exact), "adapter int8", "adapter fp8",
-                        *(f"adapter int8 + attention {m}" for m in attentions), "ComfyUI int8 (same file)"]
+                        *(f"adapter int8 + attention {m}" for m in attentions), "adapter int8 (norms in torch)",
+                        "ComfyUI int8 (same file)"]
     assert all(r["resolution"] == "80x48x9" for r in report["results"])
     # two rounds pooled (2 smoke steps each), each round's median in the note
     assert env["rounds"] == 2 and "pooled over 2 rounds" in (tmp_path / "bench_comfyui_wan.md").read_text()
@@ -40,6 +41,10 @@ def test_tiny_video_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     # one block: self- and cross-attention q, k, v, o and the two ffn linears
     assert all(r["note"].startswith("10 layers converted") for r in report["results"]
                if r["variant"].startswith("adapter")), report["results"]
+    # its two modulated norms handed to self_attn's q / k / v and ffn.0, except where the fold is off
+    notes = {r["variant"]: r["note"] for r in report["results"]}
+    assert all(("0 blocks'" if v.endswith("(norms in torch)") else "1 blocks'") in n
+               for v, n in notes.items() if v.startswith("adapter")), notes
     assert env["output_shapes"] == {v: [1, 16, 3, 6, 10] for v in variants}
     err = {r["variant"]: r["rel_err_vs_bf16"] for r in report["results"]}
     assert all(err[f"bf16 + attention {m}"] == 0.0 for m in exact) and err["bf16"] == 0.0, err
@@ -47,6 +52,7 @@ def test_tiny_video_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     assert err["adapter int8"] < err["adapter fp8"], err  # int8 per-channel beats fp8 e4m3 on Gaussian weights
     # on the CPU the attention override passes every call through to ComfyUI's own attention: int8's output
     assert all(err[f"adapter int8 + attention {m}"] == err["adapter int8"] for m in attentions), err
+    assert abs(err["adapter int8 (norms in torch)"] - err["adapter int8"]) < 0.05 * err["adapter int8"], err
     assert (tmp_path / "bench_comfyui_wan.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "bench_comfyui_wan.md").read_text()
     assert "| adapter int8 | 80x48x9 |" in md and "-> 45 tokens" in md and "SMOKE RUN" in md
