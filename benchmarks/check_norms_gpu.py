@@ -196,3 +196,50 @@ def check_layer_norm_fold() -> None:
         sc = y64.abs().amax(-1, keepdim=True) / 127
         steps = ((q.double() * s.double() - y64).abs() / sc).max().item()
         record("layer_norm_quantizer", steps <= 0.5 + 1e-3, m=m, k=k, err_steps=steps)
+
+
+def check_call_norms() -> None:
+    """A modulated norm handed to a fused q / k / v group for one call (``modulation.modulated_call``: Wan's and
+    Qwen-Image's blocks, ``nodes.wan_blocks``): int8 / fp8 sibling groups on Wan / Qwen-Image widths, two batch
+    items of 8-4,096 tokens, against the same layers fed ``layer_mod`` in torch and float64; the group fused
+    (one GEMM, the norm in its quantizer where the pick folds it) from the call after it learned its plan."""
+    from torch import nn
+
+    from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.kernels.acts import layer_mod
+    from comfyquant.runtime.modulation import ModulationSite, modulated_call
+    from comfyquant.runtime.siblings import fuse_sibling_projections
+
+    class Attention(nn.Module):
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(k, k, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat((self.q(x), self.k(x), self.v(x)), -1)
+
+    torch.manual_seed(13)
+    for fmt in ("int8", "fp8"):
+        for k in (5120, 3072):
+            attn = Attention(k)
+            plain = Attention(k)
+            plain.load_state_dict(attn.state_dict())
+            w64 = torch.cat([m.weight for m in (attn.q, attn.k, attn.v)]).double()
+            b64 = torch.cat([m.bias for m in (attn.q, attn.k, attn.v)]).double()
+            for net in (attn, plain):
+                quantize_(net, QuantizeConfig(format=fmt))
+            fuse_sibling_projections(attn)
+            layers, site, group = [attn.q, attn.k, attn.v], ModulationSite(1e-6), attn.q.sibling[0]
+            for t in (8, 1024, 4096):
+                for step in range(3):  # the first call observes, then the group fuses
+                    x = (torch.randn(2, t, k, device="cuda") * 2 + torch.randn(2, t, 1, device="cuda")).bfloat16()
+                    mod = (torch.randn(2, 1, 2 * k, device="cuda") * 0.5).bfloat16()
+                    shift, scale = mod[..., :k], mod[..., k:]
+                    before = group.fused_calls
+                    y = modulated_call(attn, layers, x, shift, scale, 1e-6, site)
+                    ref = plain(layer_mod(x, shift, scale, 1e-6))
+                    f64 = layer_mod(x.double(), shift.double(), scale.double(), 1e-6) @ w64.t() + b64
+                    e, e_ref = rel(y, f64), rel(ref, f64)
+                    fused = group.fused_calls > before
+                    record("call_norm_group", e <= 1.2 * e_ref + 2**-9 and (step == 0 or fused), fmt=fmt, m=2 * t,
+                           k=k, step=step, fused=fused, rel=e, rel_unfolded=e_ref)

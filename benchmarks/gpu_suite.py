@@ -86,7 +86,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "checks_b": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_b"), "--only",
                       "check_low_rank_epilogue,check_input_act,check_plans,check_cuda_graphs,check_inference_mode,"
                       "check_attention,check_attention_cudnn,check_ws_fp8,check_ws_experimental,check_siblings,"
-                      "check_norm_fold,check_modulated_fold,check_layer_norm_fold"]],
+                      "check_norm_fold,check_modulated_fold,check_layer_norm_fold,check_call_norms"]],
         # the folded RMSNorm and column scale (runtime.norms, acts.RowNorm) alone
         "checks_norm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_norm_fold,check_siblings"]],
@@ -97,7 +97,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # and the affine LayerNorm as one shared row of it (runtime.norms: CLIP, the bench SDXL block, 2026-12-05):
         # its checks, then its bench (quantizer and whole layer against layer_norm + addcmul first)
         "checks_modulated": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
-                              "check_modulated_fold,check_layer_norm_fold,check_norm_fold"]],
+                              "check_modulated_fold,check_layer_norm_fold,check_norm_fold,check_call_norms"]],
         "modulated_fold": [[PY, "benchmarks/bench_modulated_fold.py", "--out", str(work / "kernels")]],
         # the Python part of the eager host time (kernel launches stubbed) on the device's own host: the DiT norm
         # site, the node layer and a sibling group against their alternatives (CPU figures 2026-12-05)
