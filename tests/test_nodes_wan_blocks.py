@@ -166,3 +166,33 @@ def test_qwen_image_reference_at_timestep_zero_runs_the_stock_block(comfy: Any) 
     kw = {"ref_latents": [ref], "ref_latents_method": "index_timestep_zero"}
     assert torch.equal(_run(model, folded, **kw), _run(model, plain, **kw))
     assert all(s._buf is None for f in _forwards(folded).values() for s in f.sites.values())
+
+
+def test_the_loader_folds_a_wan_file_it_loads(comfy: Any, tmp_path: Any) -> None:
+    """"Load Quantized Diffusion Model" on a converted Wan file (a tiny WanModel at Wan's head size, which
+    ComfyUI's detection needs): its own model's blocks get the folded forward in place, which computes what the
+    same file loaded without the fold computes."""
+    import comfy.model_management
+    from safetensors.torch import save_file
+
+    from comfyquant.convert.api import convert
+    from comfyquant.nodes.loader import load_quantized_model
+
+    wan = importlib.import_module("comfy.ldm.wan.model")
+    holder = _Holder(wan.WanModel(model_type="t2v", in_dim=16, dim=256, ffn_dim=512, freq_dim=256, out_dim=16,
+                                  num_heads=2, num_layers=2, operations=nn))
+    src, dst = tmp_path / "wan.safetensors", tmp_path / "wan_int8.safetensors"
+    save_file({k: v.contiguous() for k, v in holder.diffusion_model.state_dict().items()}, str(src))
+    convert(src, dst, format="int8", model="wan", device="cpu", force=True, progress=False)
+    outs = []
+    for fold in (True, False):
+        patcher, summary = load_quantized_model(dst, RuntimeOptions(fold_norms=fold))
+        dm = patcher.model.diffusion_model
+        assert type(dm).__name__ == "WanModel" and summary.modulated == (2 if fold else 0)
+        assert [isinstance(b.__dict__.get("forward"), FoldedWanBlock) for b in dm.blocks] == [fold, fold]
+        comfy.model_management.load_models_gpu([patcher])
+        g = torch.Generator().manual_seed(3)
+        x, ctx = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 12, 4096, generator=g)
+        with torch.inference_mode():
+            outs.append(dm(x.to(dm.dtype), torch.tensor([400.0]), ctx.to(dm.dtype)).float())
+    assert rel_err(outs[0], outs[1]) < 1e-6, rel_err(outs[0], outs[1])  # (on the CPU: the same torch ops)
