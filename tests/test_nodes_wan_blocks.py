@@ -196,3 +196,52 @@ def test_the_loader_folds_a_wan_file_it_loads(comfy: Any, tmp_path: Any) -> None
         with torch.inference_mode():
             outs.append(dm(x.to(dm.dtype), torch.tensor([400.0]), ctx.to(dm.dtype)).float())
     assert rel_err(outs[0], outs[1]) < 1e-6, rel_err(outs[0], outs[1])  # (on the CPU: the same torch ops)
+
+
+def _zimage() -> nn.Module:
+    lumina = importlib.import_module("comfy.ldm.lumina.model")
+    ops = importlib.import_module("comfy.ops").disable_weight_init  # (its blocks call ComfyUI's RMSNorm; _Holder inits)
+    # (256 wide: Z-Image's timestep embedding is min(dim, 256) wide, its adaLN input 256 wide)
+    return _Holder(lumina.NextDiT(patch_size=2, in_channels=4, dim=256, n_layers=2, n_refiner_layers=1, n_heads=2,
+                                  n_kv_heads=2, multiple_of=64, ffn_dim_multiplier=1.0, qk_norm=True, cap_feat_dim=48,
+                                  axes_dims=(32, 48, 48), axes_lens=(16, 64, 64), z_image_modulation=True,
+                                  operations=ops))
+
+
+def test_zimage_blocks_hand_their_modulated_rms_norms_to_their_layers(comfy: Any) -> None:
+    """Z-Image's NextDiT (``z_image_modulation``): every modulated block (the noise refiner's and the main layers,
+    which read the 6 text tokens and 16 image tokens joined;
+    the context refiner has no modulation) gets the folded forward; ``qkv`` and ``w1`` / ``w3`` read one
+    modulated RMSNorm per item, and the clone computes what the unfolded clone computes."""
+    from comfyquant.nodes.lumina_blocks import FoldedLuminaBlock
+
+    model = _zimage()
+    base, plain, folded, report = _adapted(model)
+    names = "attention_norm1, ffn_norm1"
+    assert report.modulated == [f"noise_refiner.0: {names}", f"layers.0: {names}", f"layers.1: {names}"]
+    assert sum(isinstance(v, FoldedLuminaBlock) for v in folded.object_patches.values()) == 3
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 48, generator=g)
+
+    def run(patcher: Any) -> torch.Tensor:
+        with patched(patcher), torch.inference_mode():
+            return model.diffusion_model(x, torch.tensor([0.3, 0.7]), ctx, 6,
+                                         transformer_options=dict(patcher.model_options.get("transformer_options",
+                                                                                             {}))).clone()
+
+    ref, want = run(base), run(plain)
+    seen: dict[str, list] = {}
+    paths = ["layers.1.attention.qkv", "layers.1.feed_forward.w1", "layers.1.feed_forward.w3",
+             "layers.1.feed_forward.w2", "layers.1.attention.out"]
+    with patched(folded):
+        hooks = _spy_norms(model, paths, seen)
+    try:
+        got = run(folded)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    assert 0 < rel_err(want, ref) < 0.05
+    qkv, w1, w3 = (seen[p] for p in paths[:3])
+    assert qkv[0].rms and qkv[0].rows == 6 + 16 and w1[0] is w3[0] and w1[0] is not qkv[0] and w1[0].rms
+    assert seen[paths[3]] == [None] and seen[paths[4]] == [None]

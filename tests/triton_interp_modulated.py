@@ -309,6 +309,96 @@ def check_shared_layer_norm() -> None:
                                                                         for x in xs[1:]), m=m, k=k)
 
 
+def _rms_normed64(x: torch.Tensor, mod: torch.Tensor, rows: int) -> torch.Tensor:
+    k = x.shape[-1]
+    x64 = x.double().reshape(-1, rows, k)
+    m64 = mod.double()[:, None, :]
+    y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS) * (1 + m64[..., k:]) + m64[..., :k]
+    return y.reshape(x.shape)
+
+
+def check_modulated_rms() -> None:
+    """A modulated RMSNorm (``ModulatedNorm(rms=True)``, ``NORM`` 5: Z-Image's ``rms_norm(x) * w * (1 + scale)``
+    as a scale of ``w * (1 + scale) - 1`` in an fp32 buffer, no shift; 16-bit buffers with a shift too): the block
+    quantizer's codes within half a step of the float64 rows (fp8: the interpreter's cast, ties apart), scales to
+    1e-5; the torch path (``acts.rms_norm``) within its rounding of them; every int8 / fp8 linear path, the
+    row-block kernel at 64 rows and the rotating row kernel against the same path fed the float64 rows, ~1 off
+    without the norm; the eager plans replay their general path bit for bit and read the refilled buffer."""
+    from triton_interp_norm import _hadamard64
+
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.acts import ModulatedNorm, norm_code, rms_norm
+
+    def zimage(groups: int, k: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        w, scale = torch.rand(k, generator=g) * 1.5 + 0.05, torch.randn(groups, k, generator=g) * 0.3
+        return torch.cat((torch.zeros(groups, k), w * (1 + scale) - 1), dim=-1)  # fp32, no shift
+
+    for i, (m, k, dt, gr, mod_dt) in enumerate([(6, 96, F32, 3, F32), (8, 300, F16, 4, F32), (10, 1000, BF16, 5, F32),
+                                                 (6, 256, BF16, 2, BF16)]):
+        x = _x(m, k, dt, seed=100 + i)
+        mod = zimage(m // gr, k, seed=110 + i) if mod_dt == F32 else _mod(m // gr, k, seed=110 + i, dtype=mod_dt)
+        norm = ModulatedNorm(mod, EPS, gr, rms=True)
+        y64 = _rms_normed64(x, mod, gr)
+        torch_path = rel(rms_norm(x, norm).double(), y64)
+        record("modulated_rms_torch_path", norm_code(norm) == 5 and torch_path < (1e-6 if dt == F32 else 1e-2),
+               m=m, k=k, dtype=str(dt), rel=torch_path)
+        amax = y64.abs().amax(-1, keepdim=True)
+        for mode, fp8 in ((tq.MODE_INT8, False), (tq.MODE_FP8, True)):
+            qdt, qmax = (torch.float8_e4m3fn, 448.0) if fp8 else (torch.int8, 127.0)
+            q, sc = torch.empty(m, k, dtype=qdt), torch.empty(m, 1)
+            grid, args, key, warps = tq.block_launch(x, q, sc, None, mode, qmax, 0, 0, rows=2, chunk=None, norm=norm)
+            tq._ACT_BLOCKS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
+            sr = amax / qmax
+            scale_rel = ((sc.double() - sr).abs() / sr).max().item()
+            if fp8:
+                ref = interp_cast((y64 / sc.double()).float().clamp(-qmax, qmax), qdt)
+                off = (q.float() != ref.float()).float().mean().item()
+                ok = scale_rel < 1e-5 and off <= 0.01
+            else:
+                off = ((q.double() * sc.double() - y64).abs() / sr).max().item()
+                ok = scale_rel < 1e-5 and off <= 0.5 + 1e-3
+            record("modulated_rms_block_quantizer", ok, m=m, k=k, dtype=str(dt), fp8=fp8, scale_rel=scale_rel, off=off)
+        group = 16 if k % 16 == 0 else 4
+        want = _hadamard64(y64, group)
+        q, sc = tq.quantize_rows_int8(x, group, norm=norm)
+        sr = want.abs().amax(-1, keepdim=True) / 127
+        steps = ((q.double() * sc.double() - want).abs() / sr).max().item()
+        record("modulated_rms_rotated_codes", steps <= 0.5 + 1e-3, m=m, k=k, dtype=str(dt), rot=group,
+               err_steps=steps)
+    g = torch.Generator().manual_seed(14)
+    for m, k, n, dt, gr in [(64, 256, 48, F32, 32), (128, 128, 80, F16, 64), (64, 192, 32, BF16, 16)]:
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-3
+        bias = torch.randn(n, generator=g)
+        x = _x(m, k, dt, seed=m + k + 7)
+        buf = zimage(m // gr, k, seed=k + 3)
+        norm = ModulatedNorm(buf, EPS, gr, rms=True)
+        xn = _rms_normed64(x, buf, gr).float()
+        paths = dict(linear_paths(wq, s, bias, dt))
+        paths["w8a8_rot"] = lambda x, **kw: ti.int8_linear(x, wq, s, bias, 64, dt, **kw)
+        for name, path in paths.items():
+            y, ref = path(x, norm=norm).float(), path(xn).float()
+            without = rel(path(x).float(), ref)
+            tol = 3e-3 if name == "w8a8_rot" else 5e-4
+            record(f"modulated_rms_linear_{name}", rel(y, ref) < tol and without > 0.3, m=m, k=k, n=n, dtype=str(dt),
+                   rel=rel(y, ref), without=without)
+        if dt != F16:
+            continue
+        xs = [_x(m, k, dt, seed=700 + j) for j in range(3)]
+        for name, (general, make) in plan_pairs(wq, s, dt, norm).items():
+            plan = make(xs[0])
+            same = plan is not None and all(torch.equal(plan(x), general(x)) for x in xs[1:])
+            if plan is not None:  # the next step's modulation, written into the same buffer
+                before = general(xs[1])
+                saved = buf.clone()
+                buf.copy_(zimage(m // gr, k, seed=k + 4))
+                same = same and torch.equal(plan(xs[1]), general(xs[1])) and not torch.equal(before, general(xs[1]))
+                buf.copy_(saved)
+            record(f"modulated_rms_plan_{name}", same, m=m, k=k, planned=plan is not None)
+
+
 GROUPS = {"modulated_quantizer": check_modulated_quantizer, "modulated_linear": check_modulated_linear,
           "modulated_plans": check_modulated_plans, "modulated_rotated": check_modulated_rotated,
-          "shared_layer_norm": check_shared_layer_norm}
+          "shared_layer_norm": check_shared_layer_norm, "modulated_rms": check_modulated_rms}

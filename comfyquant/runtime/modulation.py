@@ -53,6 +53,28 @@ class ModulationSite:
         return ModulatedNorm(buf, self.eps, rows)
 
 
+class RmsModulationSite:
+    """One modulated RMSNorm's buffer (Z-Image's / Lumina 2's ``rms_norm(x) * w * (1 + scale)``): fp32 ``[G, 2K]``,
+    each batch item's shift (zeros) then ``w * (1 + scale) - 1`` (``acts.ModulatedNorm`` with ``rms``), so the
+    kernel's ``1 + scale`` is the norm's weight times the item's modulation in fp32."""
+
+    __slots__ = ("_buf", "eps")
+
+    def __init__(self, eps: float) -> None:
+        self.eps = float(eps)
+        self._buf: torch.Tensor | None = None
+
+    def norm(self, weight: torch.Tensor, scale: torch.Tensor, rows: int) -> ModulatedNorm:
+        """The norm for this call: ``weight [K]`` times ``1 + scale [G, K]`` into the buffer's scale half."""
+        buf, (g, k) = self._buf, scale.shape
+        if (buf is None or buf.shape[0] != g or buf.shape[1] != 2 * k or buf.device != scale.device
+                or (buf.is_inference() and not torch.is_inference_mode_enabled())):
+            buf = self._buf = torch.zeros((g, 2 * k), dtype=torch.float32, device=scale.device)
+        w = weight.float()
+        torch.addcmul(w - 1, w, scale.float(), out=buf[:, k:])  # w * (1 + scale) - 1
+        return ModulatedNorm(buf, self.eps, rows, rms=True)
+
+
 def affine_free_eps(norm: nn.Module | None, width: int) -> float | None:
     """The eps of an ``nn.LayerNorm`` over ``width`` without weight or bias (the norm a modulated DiT block
     modulates: Flux's, SD3's), else None (another norm: not foldable as a modulated LayerNorm)."""

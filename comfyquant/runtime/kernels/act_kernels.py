@@ -141,7 +141,7 @@ def _dst(o, PERM: tl.constexpr):
 def _read_norm(x_row, o, K, BLOCK: tl.constexpr, STAGES: tl.constexpr, ACT: tl.constexpr, nw_ptr,
                NORM: tl.constexpr, row, eps, GR):
     """:func:`_read` with a folded norm: (elements ``o`` times the norm's weight (``NORM`` 2) or column scale (3),
-    or (4, the whole row in ``o``) the modulated LayerNorm of row ``row`` (:func:`layer_mod`'s arithmetic), then
+    or (4 / 5, the whole row in ``o``) the modulated LayerNorm / RMSNorm of row ``row`` (:func:`layer_mod`), then
     rotated; the sum of squares of the elements before the weight (``NORM`` 1 / 2, else 0))."""
     x = _load_act(x_row + o, o < K, K, ACT)
     ss = tl.zeros((), dtype=tl.float32)
@@ -149,9 +149,9 @@ def _read_norm(x_row, o, K, BLOCK: tl.constexpr, STAGES: tl.constexpr, ACT: tl.c
         ss = tl.sum(x * x, axis=0)
     if NORM == 2 or NORM == 3:
         x = x * tl.load(nw_ptr + o, mask=o < K, other=0.0).to(tl.float32)
-    if NORM == 4:
+    if NORM >= 4:
         x = tl.reshape(layer_mod(tl.reshape(x, (1, BLOCK)), row + tl.zeros((1,), tl.int64), o, (o < K)[None, :], K,
-                                 nw_ptr, eps, GR), (BLOCK,))
+                                 nw_ptr, eps, GR, NORM == 5), (BLOCK,))
     return _rotate(x, BLOCK, STAGES), ss
 
 
@@ -163,10 +163,10 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
     weight, 2: with one) or a column scale (3) folded in as :func:`quantize_rows` folds it into the block kernel.
     The rotation is linear and acts within the row, so ``H(x * w * r) = r * H(x * w)`` for the row's factor ``r``:
     the codes are those of ``H(x * w)`` and the stored scale takes ``r``; the rotation alone (``MODE`` 3) writes
-    ``r * H(x * w)``, with ``r`` from a first pass over the row when it is read in chunks. ``NORM`` 4 (the row in
+    ``r * H(x * w)``, with ``r`` from a first pass over the row when it is read in chunks. ``NORM`` 4 / 5 (the row in
     one block): a modulated LayerNorm (groups of ``GR`` rows) applied before the rotation, which then rotates the
     normed row (the shift leaves no factor to move past it)."""
-    tl.static_assert(NORM != 4 or NUM_CHUNKS == 1, "a modulated LayerNorm needs the row in one block")
+    tl.static_assert(NORM < 4 or NUM_CHUNKS == 1, "a modulated norm needs the row in one block")
     RMS: tl.constexpr = NORM == 1 or NORM == 2
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -438,13 +438,16 @@ def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stri
 
 
 @triton.jit
-def layer_mod(x, rows, cols, mask, K, mod_ptr, eps, GR):
+def layer_mod(x, rows, cols, mask, K, mod_ptr, eps, GR, RMS: tl.constexpr):
     """Rows ``x [R, BK]`` (zero past K) as ``layer_norm(x, eps) * (1 + scale[g]) + shift[g]``, ``g = row // GR``,
     the group's shift and scale the two halves of ``mod_ptr``'s ``[G, 2K]`` row (``acts.ModulatedNorm``): mean,
     then the variance of the centred values (two passes over registers, as torch's layer_norm takes them), zero
-    past K."""
-    mean = tl.sum(x, axis=1) / K
-    xc = tl.where(mask, x - mean[:, None], 0.0)
+    past K. ``RMS``: ``rms_norm(x, eps)`` in place of the LayerNorm (no mean taken out)."""
+    if RMS:
+        xc = tl.where(mask, x, 0.0)
+    else:
+        mean = tl.sum(x, axis=1) / K
+        xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / K + eps)
     m_rows = mod_ptr + (rows // GR).to(tl.int64)[:, None] * (2 * K) + cols[None, :]
     shift = tl.load(m_rows, mask=mask, other=0.0).to(tl.float32)
@@ -482,10 +485,10 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
     per-row factor cancels out of per-row codes, so the codes are those of ``x * w`` and the stored scale is
     their absmax / qmax times ``rsqrt(mean(x²) + eps)``, the sum of squares taken in the absmax pass: the GEMM
     epilogue, which multiplies by the row scale anyway, applies the norm. ``NORM`` 3: a column scale alone (a
-    SmoothQuant layer's ``x * pre_quant_scale``), codes of ``x * w`` with their own scale. ``NORM`` 4 (rows in
+    SmoothQuant layer's ``x * pre_quant_scale``), codes of ``x * w`` with their own scale. ``NORM`` 4 / 5 (rows in
     registers, ``NCH == 1``): a modulated LayerNorm (:func:`layer_mod`, groups of ``GR`` rows), applied to the
     values before their absmax: codes and scales of the normed rows."""
-    tl.static_assert(NORM != 4 or (NCH == 1 and MODE != 2), "a modulated LayerNorm needs the rows in registers")
+    tl.static_assert(NORM < 4 or (NCH == 1 and MODE != 2), "a modulated norm needs the rows in registers")
     R: tl.constexpr = rows.shape[0]
     rmask = rows < M
     cols = tl.arange(0, BK)
@@ -496,8 +499,9 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
         scale = tl.zeros((R,), dtype=tl.float32) + tl.load(static_s_ptr).to(tl.float32)
     elif NCH == 1:
         mask = rmask[:, None] & (cols < K)[None, :]
-        if NORM == 4:
-            x = layer_mod(_load_act(x_rows + cols[None, :], mask, K, ACT), rows, cols, mask, K, nw_ptr, eps, GR)
+        if NORM >= 4:
+            x = layer_mod(_load_act(x_rows + cols[None, :], mask, K, ACT), rows, cols, mask, K, nw_ptr, eps, GR,
+                          NORM == 5)
         else:
             x, ss = rms_part(_load_act(x_rows + cols[None, :], mask, K, ACT), ss, nw_ptr, cols, K, NORM)
         amax = tl.max(tl.abs(x), axis=1)

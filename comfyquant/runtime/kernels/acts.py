@@ -88,11 +88,15 @@ class ModulatedNorm(NamedTuple):
 
     ``rows`` 0: one ``[1, 2K]`` row that every row reads, i.e. an affine LayerNorm (``layer_norm(x, weight, bias)``
     before CLIP's / SDXL's attention and MLP) as ``shift = bias``, ``scale = weight - 1``, kept in fp32 so that
-    ``1 + scale`` is the weight again exactly (:func:`shared_layer_norm`)."""
+    ``1 + scale`` is the weight again exactly (:func:`shared_layer_norm`).
+
+    ``rms``: ``rms_norm(x, eps)`` in place of the LayerNorm (a modulated RMSNorm: Z-Image's / Lumina 2's
+    ``rms_norm(x) * w * (1 + scale[g])`` is ``scale = w * (1 + scale[g]) - 1`` and no shift)."""
 
     mod: torch.Tensor
     eps: float
     rows: int
+    rms: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -122,11 +126,11 @@ def shared_layer_norm(weight: torch.Tensor | None, bias: torch.Tensor | None, k:
 
 def norm_code(norm: Norm | None) -> int:
     """The kernels' ``NORM`` constexpr: 0 none, 1 an RMSNorm without a weight, 2 with one, 3 the column scale
-    alone, 4 a modulated LayerNorm (:class:`ModulatedNorm`)."""
+    alone, 4 a modulated LayerNorm, 5 a modulated RMSNorm (:class:`ModulatedNorm`)."""
     if norm is None:
         return 0
     if isinstance(norm, ModulatedNorm):
-        return 4
+        return 5 if norm.rms else 4
     if not norm.rms:
         if norm.weight is None:
             raise ValueError("a column scale without its vector")
@@ -156,7 +160,7 @@ def norm_key(norm: Norm | None) -> tuple | None:
     w = norm.weight
     head = (id(w), 0 if w is None else w.data_ptr(), norm.eps)
     if isinstance(norm, ModulatedNorm):
-        return (*head, "mod", norm.rows, norm.mod.shape)
+        return (*head, "mod", norm.rows, norm.mod.shape, norm.rms)
     return (*head, norm.rms)
 
 
@@ -185,14 +189,18 @@ def layer_mod(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
 
 def rms_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     """``norm`` applied to ``x`` in torch, in x's dtype (what the paths that do not fold it compute): the RMSNorm,
-    or (``rms`` False) ``x * weight``, or the modulated LayerNorm."""
+    or (``rms`` False) ``x * weight``, or the modulated LayerNorm / RMSNorm."""
     if isinstance(norm, ModulatedNorm):
         k = x.shape[-1]
         if norm.rows == 0:  # an affine LayerNorm: the module's own call (its weight is 1 + scale exactly)
             mod = norm.mod.to(device=x.device)
             return F.layer_norm(x, (k,), (1 + mod[0, k:]).to(x.dtype), mod[0, :k].to(x.dtype), norm.eps)
+        x3 = x.reshape(norm.mod.shape[0], -1, k)
+        if norm.rms:  # (1 + scale) from the buffer's own precision: an fp32 one holds w * (1 + scale) - 1 exactly
+            mod = norm.mod.to(device=x.device)
+            return torch.addcmul(mod[:, None, :k].to(x.dtype), F.rms_norm(x3, (k,), eps=norm.eps),
+                                 (1 + mod[:, None, k:]).to(x.dtype)).view(x.shape)
         mod = norm.mod.to(device=x.device, dtype=x.dtype)
-        x3 = x.reshape(mod.shape[0], -1, k)
         return layer_mod(x3, mod[:, None, :k], mod[:, None, k:], norm.eps).view(x.shape)
     w = None if norm.weight is None else norm.weight.to(device=x.device, dtype=x.dtype)
     if not norm.rms:

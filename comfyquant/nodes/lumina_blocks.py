@@ -1,0 +1,92 @@
+"""Z-Image's and Lumina 2's blocks with their modulated RMSNorms handed to the quantized layers they feed.
+
+ComfyUI's ``JointTransformerBlock`` (``comfy.ldm.lumina.model``, NextDiT) with modulation computes
+``attention_norm1(x) * (1 + scale_msa)`` before ``attention`` (read only through its fused ``qkv``) and
+``ffn_norm1(x) * (1 + scale_mlp)`` before ``feed_forward`` (read through ``w1`` and ``w3``): an RMSNorm with a
+weight, then a per-item scale, each a pass over the activation and its launches. Both are one modulated RMSNorm
+(``acts.ModulatedNorm`` with ``rms``: scale ``w * (1 + scale) - 1``, no shift, ``modulation.RmsModulationSite``),
+handed to those layers for the call (``modulation.with_call_norms``) by the block's ``forward`` (an object patch
+on the clone, or set on the loader's own model). The post-norms, gates and residual adds are ComfyUI's. Calls it
+does not reproduce run the class's own forward: reference images at timestep zero (``timestep_zero_index``),
+blocks without modulation (the context refiner), norms without an eps of their own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from comfyquant.runtime.modulation import RmsModulationSite, accepts_call_norm, per_item, with_call_norms
+
+LUMINA = ("comfy.ldm.lumina.model", "JointTransformerBlock")
+
+
+def _eps(norm: nn.Module | None, width: int) -> float | None:
+    """The eps of an RMSNorm over ``width`` with a weight (the norm a Lumina block modulates), else None."""
+    if (type(norm).__name__ != "RMSNorm" or tuple(getattr(norm, "normalized_shape", ())) != (width,)
+            or getattr(norm, "weight", None) is None or getattr(norm, "eps", None) is None):
+        return None
+    return float(norm.eps)
+
+
+class FoldedLuminaBlock:
+    """A modulated ``JointTransformerBlock``'s ``forward`` with ``attention_norm1`` handed to ``attention.qkv`` and
+    ``ffn_norm1`` to ``feed_forward.w1`` / ``w3`` (the block's own forward where it does not reproduce it)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        dim = block.attention_norm1.normalized_shape[0]
+        eps = {_eps(block.attention_norm1, dim), _eps(block.ffn_norm1, dim)}
+        self.eps = eps.pop() if len(eps) == 1 and getattr(block, "modulation", False) else None
+        self.sites = (RmsModulationSite(self.eps or 0.0), RmsModulationSite(self.eps or 0.0))
+        self.cast_to = importlib.import_module("comfy.model_management").cast_to
+        self.clamp_fp16 = sys.modules[type(block).__module__].clamp_fp16
+
+    def __call__(self, x: torch.Tensor, x_mask: Any, freqs_cis: Any, adaln_input: Any = None,
+                 timestep_zero_index: Any = None, transformer_options: dict | None = None) -> torch.Tensor:
+        b, options = self.block, transformer_options if transformer_options is not None else {}
+        attn, ffn = b.attention, b.feed_forward
+        qkv, w1, w3 = attn._modules.get("qkv"), ffn._modules.get("w1"), ffn._modules.get("w3")
+        if (self.eps is None or timestep_zero_index is not None or adaln_input is None or x.dim() != 3
+                or torch.compiler.is_compiling()
+                or not all(m is not None and accepts_call_norm(m) for m in (qkv, w1, w3))):
+            return type(b).forward(b, x, x_mask, freqs_cis, adaln_input, timestep_zero_index,
+                                   transformer_options=options)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = b.adaLN_modulation(adaln_input).chunk(4, dim=1)
+        if not per_item(scale_msa, x):
+            return type(b).forward(b, x, x_mask, freqs_cis, adaln_input, timestep_zero_index,
+                                   transformer_options=options)
+        rows = int(x.shape[1])
+        norm = self.sites[0].norm(self._weight(b.attention_norm1, x), scale_msa, rows)
+        h = with_call_norms(attn, (([qkv], norm),), x, x_mask, freqs_cis, transformer_options=options)
+        x = x + gate_msa.unsqueeze(1).tanh() * b.attention_norm2(self.clamp_fp16(h))
+        norm = self.sites[1].norm(self._weight(b.ffn_norm1, x), scale_mlp, rows)
+        h = with_call_norms(ffn, (([w1, w3], norm),), x)
+        return x + gate_mlp.unsqueeze(1).tanh() * b.ffn_norm2(self.clamp_fp16(h))
+
+    def _weight(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.cast_to(norm.weight, dtype=torch.float32, device=x.device)
+
+
+def fold_lumina_blocks(dm: nn.Module, converted: Callable[[str], bool], install: Callable[[str, Any], None],
+                       taken: Callable[[str], bool]) -> list[str]:
+    """Install :class:`FoldedLuminaBlock` as the ``forward`` of every modulated ``JointTransformerBlock`` of ``dm``
+    whose ``attention.qkv`` or ``feed_forward.w1`` ``converted(path)`` says was quantized (``install`` / ``taken``:
+    as ``wan_blocks.fold_wan_qwen_blocks``); returns what was folded (``"layers.0: attention_norm1, ffn_norm1"``)."""
+    done = []
+    for path, block in dm.named_modules():
+        if (type(block).__module__, type(block).__name__) != LUMINA or not getattr(block, "modulation", False):
+            continue
+        key = f"{path}.forward"
+        if not any(converted(f"{path}.{f}") for f in ("attention.qkv", "feed_forward.w1")) or taken(key):
+            continue
+        forward = FoldedLuminaBlock(block)
+        if forward.eps is not None:
+            install(key, forward)
+            done.append(f"{path}: attention_norm1, ffn_norm1")
+    return done
