@@ -202,7 +202,8 @@ def check_call_norms() -> None:
     """A modulated norm handed to a fused q / k / v group for one call (``modulation.modulated_call``: Wan's and
     Qwen-Image's blocks, ``nodes.wan_blocks``): int8 / fp8 sibling groups on Wan / Qwen-Image widths, two batch
     items of 8-4,096 tokens, against the same layers fed ``layer_mod`` in torch and float64; the group fused
-    (one GEMM, the norm in its quantizer where the pick folds it) from the call after it learned its plan."""
+    (one GEMM, the norm in its quantizer where the pick folds it) from the call after it learned its plan; then a
+    modulated RMSNorm (Z-Image's) handed to one int8 / fp8 / int8-rot layer on its widths."""
     from torch import nn
 
     from comfyquant.runtime import QuantizeConfig, quantize_
@@ -243,3 +244,24 @@ def check_call_norms() -> None:
                     fused = group.fused_calls > before
                     record("call_norm_group", e <= 1.2 * e_ref + 2**-9 and (step == 0 or fused), fmt=fmt, m=2 * t,
                            k=k, step=step, fused=fused, rel=e, rel_unfolded=e_ref)
+    # a modulated RMSNorm (Z-Image's rms_norm(x) * w * (1 + scale), nodes.lumina_blocks) handed to one layer
+    from comfyquant.runtime.modulation import RmsModulationSite, with_call_norms
+
+    for fmt in ("int8", "fp8", "int8-rot"):
+        k, n = 3840, 11520
+        net = nn.Sequential(nn.Linear(k, n, device="cuda", dtype=torch.bfloat16))
+        w64, b64 = net[0].weight.double(), net[0].bias.double()
+        quantize_(net, QuantizeConfig(format=fmt))
+        layer, site = net[0], RmsModulationSite(1e-5)
+        nw = torch.rand(k, device="cuda") * 1.5 + 0.05
+        for t in (22, 1024, 4096):
+            x = (torch.randn(2, t, k, device="cuda") * 2).bfloat16()
+            scale = (torch.randn(2, k, device="cuda") * 0.3).bfloat16()
+            norm = site.norm(nw, scale, t)
+            y = with_call_norms(layer, (([layer], norm),), x)
+            xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double() * (
+                1 + scale.double()[:, None, :])
+            ref = layer(xn.bfloat16())
+            f64 = xn @ w64.t() + b64
+            e, e_ref = rel(y, f64), rel(ref, f64)
+            record("call_norm_rms", e <= 1.2 * e_ref + 2**-9, fmt=fmt, m=2 * t, k=k, rel=e, rel_unfolded=e_ref)
