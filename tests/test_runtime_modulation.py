@@ -295,3 +295,27 @@ def test_a_folding_kernel_is_checked_against_the_norm_in_torch_at_its_first_call
         assert seen == [True, False, True, True, True] if not broken else seen == [True, False, False, False, False]
     finally:
         unregister_kernel_kind("test_mod_check")
+
+
+def test_rms_site_keeps_the_weight_while_it_stays_the_same_tensor() -> None:
+    """``RmsModulationSite``: ``w * (1 + scale) - 1`` in fp32 per item, the weight's fp32 copy kept across calls
+    and remade for a new weight object or an in-place write (a LoRA patch, a load)."""
+    from comfyquant.runtime.modulation import RmsModulationSite
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter((torch.rand(8, generator=g) + 0.5).bfloat16(), requires_grad=False)
+    scale = torch.randn(2, 8, generator=g).bfloat16()
+    site = RmsModulationSite(1e-6)
+    norm = site.norm(w, scale, 5)
+    want = w.double() * (1 + scale.double()) - 1
+    assert norm.rms and norm.rows == 5 and norm.mod.dtype == torch.float32 and norm.mod.shape == (2, 16)
+    assert torch.equal(norm.mod[:, :8], torch.zeros(2, 8)) and (norm.mod[:, 8:].double() - want).abs().max() < 1e-6
+    kept = site._weight
+    assert site.norm(w, scale, 5).mod.data_ptr() == norm.mod.data_ptr() and site._weight is kept
+    with torch.no_grad():
+        w.mul_(2)  # in place: its version moves
+    again = site.norm(w, scale, 5)
+    assert site._weight is not kept
+    assert (again.mod[:, 8:].double() - (w.double() * (1 + scale.double()) - 1)).abs().max() < 1e-6
+    other = torch.nn.Parameter(torch.ones(8).bfloat16(), requires_grad=False)  # a new object (ComfyUI's patches)
+    assert torch.allclose(site.norm(other, scale, 5).mod[:, 8:], scale.float())

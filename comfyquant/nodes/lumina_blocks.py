@@ -13,7 +13,6 @@ blocks without modulation (the context refiner), norms without an eps of their o
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +43,6 @@ class FoldedLuminaBlock:
         eps = {_eps(block.attention_norm1, dim), _eps(block.ffn_norm1, dim)}
         self.eps = eps.pop() if len(eps) == 1 and getattr(block, "modulation", False) else None
         self.sites = (RmsModulationSite(self.eps or 0.0), RmsModulationSite(self.eps or 0.0))
-        self.cast_to = importlib.import_module("comfy.model_management").cast_to
         self.clamp_fp16 = sys.modules[type(block).__module__].clamp_fp16
 
     def __call__(self, x: torch.Tensor, x_mask: Any, freqs_cis: Any, adaln_input: Any = None,
@@ -62,15 +60,12 @@ class FoldedLuminaBlock:
             return type(b).forward(b, x, x_mask, freqs_cis, adaln_input, timestep_zero_index,
                                    transformer_options=options)
         rows = int(x.shape[1])
-        norm = self.sites[0].norm(self._weight(b.attention_norm1, x), scale_msa, rows)
+        norm = self.sites[0].norm(b.attention_norm1.weight, scale_msa, rows)
         h = with_call_norms(attn, (([qkv], norm),), x, x_mask, freqs_cis, transformer_options=options)
         x = x + gate_msa.unsqueeze(1).tanh() * b.attention_norm2(self.clamp_fp16(h))
-        norm = self.sites[1].norm(self._weight(b.ffn_norm1, x), scale_mlp, rows)
+        norm = self.sites[1].norm(b.ffn_norm1.weight, scale_mlp, rows)
         h = with_call_norms(ffn, (([w1, w3], norm),), x)
         return x + gate_mlp.unsqueeze(1).tanh() * b.ffn_norm2(self.clamp_fp16(h))
-
-    def _weight(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.cast_to(norm.weight, dtype=torch.float32, device=x.device)
 
 
 def fold_lumina_blocks(dm: nn.Module, converted: Callable[[str], bool], install: Callable[[str, Any], None],

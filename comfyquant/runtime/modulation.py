@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from comfyquant.runtime.kernels.acts import ModulatedNorm, Norm, layer_mod
-from comfyquant.runtime.nn import QuantLinear
+from comfyquant.runtime.nn import QuantLinear, _same, _state
 
 
 class ModulationSite:
@@ -58,20 +58,25 @@ class RmsModulationSite:
     each batch item's shift (zeros) then ``w * (1 + scale) - 1`` (``acts.ModulatedNorm`` with ``rms``), so the
     kernel's ``1 + scale`` is the norm's weight times the item's modulation in fp32."""
 
-    __slots__ = ("_buf", "eps")
+    __slots__ = ("_buf", "_weight", "eps")
 
     def __init__(self, eps: float) -> None:
         self.eps = float(eps)
         self._buf: torch.Tensor | None = None
+        self._weight: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (state, w in fp32, w - 1)
 
     def norm(self, weight: torch.Tensor, scale: torch.Tensor, rows: int) -> ModulatedNorm:
-        """The norm for this call: ``weight [K]`` times ``1 + scale [G, K]`` into the buffer's scale half."""
+        """The norm for this call: the norm's ``weight [K]`` times ``1 + scale [G, K]`` into the buffer's scale
+        half (one launch; ``weight`` in fp32 and ``weight - 1`` are kept while it stays the same tensor)."""
         buf, (g, k) = self._buf, scale.shape
         if (buf is None or buf.shape[0] != g or buf.shape[1] != 2 * k or buf.device != scale.device
                 or (buf.is_inference() and not torch.is_inference_mode_enabled())):
             buf = self._buf = torch.zeros((g, 2 * k), dtype=torch.float32, device=scale.device)
-        w = weight.float()
-        torch.addcmul(w - 1, w, scale.float(), out=buf[:, k:])  # w * (1 + scale) - 1
+        kept = self._weight
+        if kept is None or not _same(kept[0], weight) or kept[1].device != scale.device:
+            w = weight.detach().to(device=scale.device, dtype=torch.float32)
+            kept = self._weight = (_state(weight), w, w - 1)
+        torch.addcmul(kept[2], kept[1], scale, out=buf[:, k:])  # w * (1 + scale) - 1, in fp32
         return ModulatedNorm(buf, self.eps, rows, rms=True)
 
 
