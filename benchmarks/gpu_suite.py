@@ -234,10 +234,14 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # SDXL's whole UNet in ComfyUI's class at 1024², batch 2: bf16 vs the adapter (int8 with its transformer
         # blocks' LayerNorms folded, without, fp8) vs ComfyUI's own int8 file path
         "comfyui_sdxl": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache, *s]],
-        # Z-Image's NextDiT (8 of 30 layers) in ComfyUI's class at 1024²: bf16 vs the adapter (int8 with its blocks'
-        # modulated RMSNorms handed to the layers they feed, without, fp8) vs ComfyUI's own int8 file path
-        "comfyui_zimage": [[PY, "benchmarks/bench_comfyui_zimage.py", "--out", str(work / "comfyui_zimage"), *cache,
-                            *(s or ["--rounds", "2", "--iters", "5", "--warmup", "3"])]],
+        # Z-Image's NextDiT (8 of 30 layers) / Qwen-Image's MMDiT (8 of 60 blocks) in ComfyUI's classes at 1024²: bf16
+        # vs the adapter (int8 with the blocks' modulated norms handed to the layers they feed, without, fp8) vs
+        # ComfyUI's own int8 file path
+        "comfyui_zimage": [[PY, "benchmarks/bench_comfyui_dit.py", "--family", "zimage", "--out",
+                            str(work / "comfyui_dit"), *cache, *(s or ["--rounds", "2", "--iters", "5", "--warmup", "3"])]],
+        "comfyui_qwen_image": [[PY, "benchmarks/bench_comfyui_dit.py", "--family", "qwen_image", "--out",
+                                str(work / "comfyui_dit"), *cache,
+                                *(s or ["--rounds", "2", "--iters", "5", "--warmup", "3"])]],
         # T5-XXL-shaped text encoder in ComfyUI: bf16 vs "Enable INT8 on CLIP" vs ComfyUI's own int8 file path
         "comfyui_t5": [[PY, "benchmarks/bench_comfyui_t5.py", "--out", str(work / "comfyui_t5"), *cache, *s]],
         "autoprec": [[PY, "benchmarks/bench_autoprec.py", "--workdir", str(work / "auto_tmp"), "--json",
@@ -277,7 +281,7 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     work = scratch / "work"  # only summary.txt and results.zip go under --out (a device call returns few files)
     for sub in ("kernels", "sweep", "tune", "lora", "optimizers", "comfyui", "comfyui_wan", "comfyui_t5", "comfyui_sdxl",
-                "comfyui_zimage",
+                "comfyui_dit",
                 "autoprec"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,44 @@
+"""The Z-Image / Qwen-Image GPU benchmark runs end to end on the CPU on tiny models (every variant, json + md + png
+written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_comfyui_dit.py"
+# converted layers and folded blocks of the two-block smoke models: Z-Image's 2 main + 2 noise-refiner + 2
+# context-refiner blocks, 5 linears each (qkv, out, w1, w2, w3; the preset keeps embedders, adaLN and the final
+# layer), the modulated ones (not the context refiner) folded; Qwen-Image's 2 blocks, 12 linears each (both
+# streams' q / k / v, out and MLP pairs; the preset keeps img_mod / txt_mod), both folded
+EXPECTED = {"zimage": (30, 4), "qwen_image": (24, 2)}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, family: str) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--family", family, "--smoke", "--out", str(tmp_path),
+                           "--comfyui-cache", str(comfyui_root)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / f"bench_comfyui_{family}.json").read_text())
+    env, rows = report["env"], {r["variant"]: r for r in report["results"]}
+    assert list(rows) == ["bf16", "adapter int8", "adapter int8 (norms in torch)", "adapter fp8",
+                          "ComfyUI int8 (same file)"]
+    assert env["family"] == family and env["blocks"] == 2 and env["batch"] == 1 and env["resolution"] == 64
+    layers, folded = EXPECTED[family]
+    notes = {v: r["note"] for v, r in rows.items()}
+    assert notes["adapter int8"] == f"{layers} layers converted, {folded} blocks' modulated norms folded", notes
+    assert notes["adapter int8 (norms in torch)"] == f"{layers} layers converted, 0 blocks' modulated norms folded"
+    err = {v: r["rel_err_vs_bf16"] for v, r in rows.items() if v != "ComfyUI int8 (same file)"}
+    assert err["bf16"] == 0.0 and all(0 < e < 0.1 for v, e in err.items() if v != "bf16"), err
+    # the fold moves the norm, not the numbers (on the CPU the quantizer applies it in torch either way)
+    assert abs(err["adapter int8"] - err["adapter int8 (norms in torch)"]) < 1e-3 * err["adapter int8"], err
+    assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"
+    assert (tmp_path / f"bench_comfyui_{family}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "SMOKE RUN" in (tmp_path / f"bench_comfyui_{family}.md").read_text()
