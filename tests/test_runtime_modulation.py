@@ -319,3 +319,46 @@ def test_rms_site_keeps_the_weight_while_it_stays_the_same_tensor() -> None:
     assert (again.mod[:, 8:].double() - (w.double() * (1 + scale.double()) - 1)).abs().max() < 1e-6
     other = torch.nn.Parameter(torch.ones(8).bfloat16(), requires_grad=False)  # a new object (ComfyUI's patches)
     assert torch.allclose(site.norm(other, scale, 5).mod[:, 8:], scale.float())
+
+
+def test_a_call_norm_on_some_members_of_a_fused_group_makes_them_compute_alone() -> None:
+    """``with_call_norms``: the members of a fused q / k / v group that got the norm read the normed input and the
+    one that did not reads x as given; a group whose members hold different call norms does not fuse (one GEMM
+    applies one norm), and one whose members hold the same does, with the float64 result."""
+    from comfyquant.runtime import QuantizeConfig, quantize_
+    from comfyquant.runtime.modulation import with_call_norms
+    from comfyquant.runtime.siblings import fuse_sibling_projections
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return self.q(x), self.k(x), self.v(x)
+
+    torch.manual_seed(0)
+    attn = Attention()
+    w64 = {n: (getattr(attn, n).weight.double(), getattr(attn, n).bias.double()) for n in "qkv"}
+    quantize_(attn, QuantizeConfig(format="int8", min_features=1))
+    assert fuse_sibling_projections(attn) == [": q,k,v"]
+    group = attn.q.sibling[0]
+    x, shift, scale, _ = _inputs(2, 5, 32, seed=1)
+    site = ModulationSite(EPS)
+    xn = _ref64(x, shift, scale)
+    with torch.no_grad():
+        attn(x)  # the group learns its plan
+        attn(x)
+        fused = group.fused_calls
+        assert fused == 1
+        outs = with_call_norms(attn, (([attn.q, attn.k], site.norm(shift, scale, 5)),), x)
+        assert group.fused_calls == fused  # q / k hold the norm, v none: each computed alone
+        for n, y, fed in zip("qkv", outs, (xn, xn, x.double()), strict=True):
+            w, b = w64[n]
+            assert rel_err(y, fed @ w.t() + b) < 0.02, n
+        outs = with_call_norms(attn, (([attn.q, attn.k, attn.v], site.norm(shift, scale, 5)),), x)
+        assert group.fused_calls == fused + 1
+        for n, y in zip("qkv", outs, strict=True):
+            w, b = w64[n]
+            assert rel_err(y, xn @ w.t() + b) < 0.02, n
+        assert all(m.__dict__.get("call_norm") is None for m in (attn.q, attn.k, attn.v))  # handed back
