@@ -22,7 +22,6 @@ config with small widths: detection fixes the real ones), no stock row, to check
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from collections.abc import Callable
@@ -34,20 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comfyui_flux import (
-    Result,
     _free,
     _import_comfy,
-    add_speedups,
+    adapter_rounds,
     common_args,
-    guarded_rows,
     kitchen_cuda_status,
-    measure,
-    merge_rounds,
     plot_only,
     random_state_dict,
     results_table,
     run_env,
-    stock_rows,
     timing_args,
     work_files,
     write_report,
@@ -55,8 +49,6 @@ from bench_comfyui_flux import (
 
 LATENT_CHANNELS = 16  # Flux's VAE (Z-Image), Wan 2.1's (Qwen-Image)
 TEXT_TOKENS = {"full": 128, "smoke": 8}
-VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
-            ("adapter fp8", "fp8", True))
 
 
 @dataclass(frozen=True)
@@ -155,8 +147,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from comfyquant.convert.api import convert
-    from comfyquant.nodes.adapter import adapt_model
-    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
     out_dir, src, int8_file = work_files(a, a.family)
     why_not = "CPU smoke run" if device == "cpu" else kitchen_cuda_status()
@@ -176,35 +166,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"ComfyUI loaded {type(base.model.diffusion_model).__name__}, not {fam.cls}")
     print(f"model: {n_params / 1e9:.2f} B parameters, {depth} blocks, ready in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
-    outputs: dict[tuple[str, Any], torch.Tensor] = {}
-
-    def inputs(r: int) -> dict[str, Any]:
-        return family_inputs(fam, a.smoke, r, device, dtype)
-
-    def timed(name: str, patcher: Any, note: str = "") -> list[Result]:
-        rows = measure(name, patcher, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
-        for r in rows:
-            r.note = note
-        return rows
-
-    def adapter(name: str, fmt: str, fold: bool) -> list[Result]:
-        _free(device)
-        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type=fam.preset,
-                                                            runtime=RuntimeOptions(fold_norms=fold)))
-        return timed(name, patched, f"{len(report.converted)} layers converted, {len(report.modulated)} blocks' "
-                                    f"modulated norms folded")
-
-    def one_round() -> list[Result]:
-        """Every variant timed once, in the table's order."""
-        results = timed("bf16", base)
-        for name, fmt, fold in VARIANTS:
-            results += guarded_rows(name, res, functools.partial(adapter, name, fmt, fold))
-        return results + stock_rows(int8_file, res, why_not, why_not is None, timed)
-
-    results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
+    results = adapter_rounds(a, base, lambda r: family_inputs(fam, a.smoke, r, device, dtype), res, device,
+                             fam.preset, lambda rep: f"{len(rep.converted)} layers converted, {len(rep.modulated)} "
+                                                     f"blocks' modulated norms folded", int8_file, why_not)
     base = None  # the bf16 model leaves the device before the report
     _free(device)
-    add_speedups(results)
     env = {**run_env(device, a.smoke), "family": a.family, "title": fam.title, "params_billion": n_params / 1e9,
            "blocks": depth, "total_blocks": fam.total, "resolution": res, "batch": 1,
            "text_tokens": TEXT_TOKENS["smoke" if a.smoke else "full"], "warmup": warmup, "iters": iters,

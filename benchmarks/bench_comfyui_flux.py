@@ -378,6 +378,43 @@ def stock_rows(int8_file: Path, label: Any, why_not: str | None, run: bool,
                                                     why_not or "comfy-kitchen CUDA backend"))
 
 
+FOLD_VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
+                 ("adapter fp8", "fp8", True))  # (row, format, fold_norms): the fold's rows of the model benches
+
+
+def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str, Any]], label: Any,
+                   device: str, model_type: str, note: Callable[[Any], str], int8_file: Path,
+                   why_not: str | None, variants: tuple = FOLD_VARIANTS) -> list[Result]:
+    """bf16, the adapter's ``variants`` on ``base`` (``note(report)`` in each row) and the stock row, timed in
+    ``a.rounds`` pooled rounds at one resolution ``label``, with speed-ups; ``base`` stays loaded."""
+    warmup, iters = (1, 2) if a.smoke else (a.warmup, a.iters)
+    outputs: dict[tuple[str, Any], torch.Tensor] = {}
+    from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+    def timed(name: str, patcher: Any, text: str = "") -> list[Result]:
+        rows = measure(name, patcher, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
+        for r in rows:
+            r.note = text
+        return rows
+
+    def adapter(name: str, fmt: str, fold: bool) -> list[Result]:
+        _free(device)
+        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type=model_type,
+                                                            runtime=RuntimeOptions(fold_norms=fold)))
+        return timed(name, patched, note(report))
+
+    def one_round() -> list[Result]:
+        results = timed("bf16", base)
+        for name, fmt, fold in variants:
+            results += guarded_rows(name, label, functools.partial(adapter, name, fmt, fold))
+        return results + stock_rows(int8_file, label, why_not, why_not is None, timed)
+
+    results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
+    add_speedups(results)
+    return results
+
+
 def work_files(a: argparse.Namespace, stem: str) -> tuple[Path, Path, Path]:
     """(the report folder, the bf16 model file, the int8 file converted from it), folders made: ``--out`` and
     ``--work`` (default ``OUT/work``)."""

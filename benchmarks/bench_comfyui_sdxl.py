@@ -17,7 +17,6 @@ detected config: ComfyUI's detection matches only SDXL's real sizes) and no stoc
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -27,20 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comfyui_flux import (
-    Result,
     _free,
     _import_comfy,
-    add_speedups,
+    adapter_rounds,
     common_args,
-    guarded_rows,
     kitchen_cuda_status,
-    measure,
-    merge_rounds,
     plot_only,
     random_state_dict,
     results_table,
     run_env,
-    stock_rows,
     timing_args,
     work_files,
     write_report,
@@ -56,8 +50,6 @@ SDXL = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels":
 SMOKE = {**SDXL, "model_channels": 64, "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
          "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "context_dim": 256, "num_head_channels": 32,
          "adm_in_channels": 256}
-VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
-            ("adapter fp8", "fp8", True))
 
 
 def sdxl_state_dict(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -103,8 +95,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from comfyquant.convert.api import convert
-    from comfyquant.nodes.adapter import adapt_model
-    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
     out_dir, src, int8_file = work_files(a, "sdxl_unet")
     why_not = "CPU smoke run" if device == "cpu" else kitchen_cuda_status()
@@ -122,36 +112,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in base.model.diffusion_model.modules())
     print(f"model: {n_params / 1e9:.2f} B parameters, {blocks} transformer blocks, ready in "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    outputs: dict[tuple[str, Any], torch.Tensor] = {}
-
-    def inputs(r: int) -> dict[str, torch.Tensor]:
-        return sdxl_inputs(config, r, device, dtype)
-
-    def timed(name: str, patcher: Any, note: str = "") -> list[Result]:
-        rows = measure(name, patcher, inputs, [res], device, warmup, iters, a.dynamic_vram, outputs)
-        for r in rows:
-            r.note = note
-        return rows
-
-    def adapter(name: str, fmt: str, fold: bool) -> list[Result]:
-        _free(device)
-        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="sdxl",
-                                                            runtime=RuntimeOptions(fold_norms=fold)))
-        norms = sum("->" in f for f in report.folded)
-        return timed(name, patched, f"{len(report.converted)} layers converted, {norms} norms folded")
-
-    def one_round() -> list[Result]:
-        """Every variant timed once, in the table's order."""
-        results = timed("bf16", base)
-        for name, fmt, fold in VARIANTS:
-            results += guarded_rows(name, res, functools.partial(adapter, name, fmt, fold))
-        # (the smoke UNet is not a file ComfyUI's loader detects: no stock row there)
-        return results + stock_rows(int8_file, res, why_not, why_not is None, timed)
-
-    results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
+    results = adapter_rounds(a, base, lambda r: sdxl_inputs(config, r, device, dtype), res, device, "sdxl",
+                             lambda rep: f"{len(rep.converted)} layers converted, "
+                                         f"{sum('->' in f for f in rep.folded)} norms folded", int8_file, why_not)
     base = None  # the bf16 model leaves the device before the report
     _free(device)
-    add_speedups(results)
     env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, "transformer_blocks": blocks,
            "resolution": res, "batch": 2, "warmup": warmup, "iters": iters, "rounds": max(1, a.rounds),
            "comfy_kitchen_cuda": why_not or "available", "dynamic_vram": bool(a.dynamic_vram)}
