@@ -125,7 +125,8 @@ def check_modulated_fold() -> None:
                     b = kernel_kind(kp.format.kernel_kind).backends[pick]
                     folds = b.fuses_mod is not None and b.fuses_mod(tuple(scales), tuple(opts), 2 * t, n, k)
                     memo = layer.qweight._comfyquant_bound[1].memo
-                    verdicts = [v[3] for sig, v in memo.items() if sig[5] is not None and len(v) > 3]
+                    verdicts = [v[3] for sig, v in memo.items()
+                                if sig[5] is not None and len(v) > 3 and tuple(sig[0]) == tuple(x.shape)]
                     record("modulated_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again)
                            and (not folds or (verdicts and all(verdicts))), fmt=fmt, m=2 * t, k=k, n=n, step=step,
                            backend=pick, folds=folds, verdicts=verdicts, rel=e, rel_unfolded=e_ref)
@@ -182,7 +183,8 @@ def check_layer_norm_fold() -> None:
                 b = kernel_kind(kp.format.kernel_kind).backends[pick]
                 folds = b.fuses_mod is not None and b.fuses_mod(tuple(scales), tuple(opts), m, n, k)
                 memo = layer.qweight._comfyquant_bound[1].memo
-                verdicts = [v[3] for sig, v in memo.items() if sig[5] is not None and len(v) > 3]
+                verdicts = [v[3] for sig, v in memo.items()  # (this call's shape: a smaller one's pick may not fold)
+                            if sig[5] is not None and len(v) > 3 and tuple(sig[0]) == tuple(x.shape)]
                 e, e_ref = rel(y, f64), rel(ref, f64)
                 record("layer_norm_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again)
                        and (not folds or (verdicts and all(verdicts))), fmt=fmt, m=m, k=k, n=n, backend=pick,
