@@ -10,6 +10,14 @@ from gpu_check_record import record, rel
 from comfyquant.runtime.kernels import triton_quant
 
 
+def _rows(shape: tuple) -> int:
+    """Rows of an activation of this shape (a memo signature's x shape may be 2-D or 3-D)."""
+    n = 1
+    for d in shape[:-1]:
+        n *= int(d)
+    return n
+
+
 def check_norm_fold() -> None:
     """An RMSNorm folded into the activation quantizer (``acts.RowNorm``): the block kernel's codes bit-equal to
     the same fp32 arithmetic in torch (codes of ``x * w``, the row factor in the scale), and ``QuantLinear``s with
@@ -126,7 +134,7 @@ def check_modulated_fold() -> None:
                     folds = b.fuses_mod is not None and b.fuses_mod(tuple(scales), tuple(opts), 2 * t, n, k)
                     memo = layer.qweight._comfyquant_bound[1].memo
                     verdicts = [v[3] for sig, v in memo.items()
-                                if sig[5] is not None and len(v) > 3 and tuple(sig[0]) == tuple(x.shape)]
+                                if sig[5] is not None and len(v) > 3 and _rows(sig[0]) == _rows(x.shape)]
                     record("modulated_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again)
                            and (not folds or (verdicts and all(verdicts))), fmt=fmt, m=2 * t, k=k, n=n, step=step,
                            backend=pick, folds=folds, verdicts=verdicts, rel=e, rel_unfolded=e_ref)
@@ -184,7 +192,7 @@ def check_layer_norm_fold() -> None:
                 folds = b.fuses_mod is not None and b.fuses_mod(tuple(scales), tuple(opts), m, n, k)
                 memo = layer.qweight._comfyquant_bound[1].memo
                 verdicts = [v[3] for sig, v in memo.items()  # (this call's shape: a smaller one's pick may not fold)
-                            if sig[5] is not None and len(v) > 3 and tuple(sig[0]) == tuple(x.shape)]
+                            if sig[5] is not None and len(v) > 3 and _rows(sig[0]) == _rows(x.shape)]
                 e, e_ref = rel(y, f64), rel(ref, f64)
                 record("layer_norm_linear", e <= 1.2 * e_ref + 2**-9 and torch.equal(y, again)
                        and (not folds or (verdicts and all(verdicts))), fmt=fmt, m=m, k=k, n=n, backend=pick,
