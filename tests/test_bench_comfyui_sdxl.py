@@ -34,3 +34,19 @@ def test_tiny_unet_measures_every_variant(comfyui_root: Path, tmp_path: Path) ->
     assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"
     assert (tmp_path / "bench_comfyui_sdxl.png").read_bytes()[:4] == b"\x89PNG"
     assert "SMOKE RUN" in (tmp_path / "bench_comfyui_sdxl.md").read_text()
+
+
+def test_profile_of_the_tiny_unet_counts_ops_and_the_folds_work(comfyui_root: Path, tmp_path: Path) -> None:
+    """``profile_comfyui_sdxl.py --smoke``: both variants profiled; the fold derives each norm's row once (in the
+    warm-up), adds no memo entries from step to step and makes no syncs, and the unfolded adapter derives none."""
+    script = SCRIPT.parent / "profile_comfyui_sdxl.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--comfyui-cache",
+                           str(comfyui_root)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "profile_comfyui_sdxl.json").read_text())
+    folded, plain = report["results"]
+    assert folded["variant"] == "adapter int8" and plain["variant"] == "adapter int8 (norms in torch)"
+    assert folded["norm_rows_derived_in_warmup"] == 3 * 11 and plain["norm_rows_derived_in_warmup"] == 0
+    assert folded["norm_rows_derived_while_profiled"] == 0 and folded["memo_entries_added_while_profiled"] == 0
+    assert folded["syncs_per_step"] == {} and folded["top_by_count"][0]["count"] > 0
+    assert plain["top_by_device"][0]["device_us"] > 0  # (on the CPU: its host time)

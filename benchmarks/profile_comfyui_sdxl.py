@@ -1,0 +1,145 @@
+"""Where the SDXL UNet's step time goes in ComfyUI's class with the transformer blocks' LayerNorms folded, against
+the same adapter without the fold: torch's profiler over a few eager steps of each (ops by count and by device
+time, host-to-device syncs), and how often the fold re-derived its norm rows or added dispatch memo entries.
+
+Run 86 (H200, 2026-12-05) timed the folded int8 adapter at 0.73x bf16 against 0.94x without the fold (+20 ms a
+step, ~95 µs per folded norm); this says which ops, syncs or re-derivations carry that. Writes
+``--out``/profile_comfyui_sdxl.txt and .json. ``--smoke``: the tiny UNet on the CPU.
+
+    python benchmarks/profile_comfyui_sdxl.py --out prof_sdxl [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_comfyui_flux import _free, _import_comfy, work_files
+from bench_comfyui_sdxl import SDXL, SMOKE, _smoke_patcher, sdxl_inputs, sdxl_state_dict
+
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+            "aten::is_nonzero")
+
+
+def _memo_entries(dm: torch.nn.Module) -> int:
+    """Entries of every quantized weight's bound-call memo (one per call signature: a growing count is a key
+    that changes from call to call)."""
+    seen, n = set(), 0
+    for m in dm.modules():
+        for p in m.__dict__.get("_parameters", {}).values():
+            bound = getattr(p, "_comfyquant_bound", None)
+            if bound is not None and id(bound) not in seen:
+                seen.add(id(bound))
+                n += len(getattr(bound[1], "memo", {}))
+            fused = getattr(p, "_comfyquant_fused", None)
+            fb = getattr(getattr(fused, "weight", None), "_comfyquant_bound", None)
+            if fb is not None and id(fb) not in seen:
+                seen.add(id(fb))
+                n += len(getattr(fb[1], "memo", {}))
+    return n
+
+
+def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> dict[str, Any]:
+    """Warm-up steps, then ``steps`` profiled ones: the top ops by device and by host time, sync counts."""
+    import comfy.model_management
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from comfyquant.runtime import nn as rnn
+
+    derived = {"n": 0}
+    original = rnn.NormSource._derive
+
+    def counting(self: Any, w: Any, b: Any) -> Any:
+        derived["n"] += 1
+        return original(self, w, b)
+
+    rnn.NormSource._derive = counting  # type: ignore[method-assign]
+    try:
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        dm = patcher.model.diffusion_model
+        opts = patcher.model_options.get("transformer_options", {})
+        with torch.inference_mode():
+            for _ in range(3):
+                dm(**inputs, transformer_options=opts)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            memo0, derived0 = _memo_entries(dm), derived["n"]
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with torch_profile(activities=acts) as prof:
+                for _ in range(steps):
+                    dm(**inputs, transformer_options=opts)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            memo1, derived1 = _memo_entries(dm), derived["n"]
+    finally:
+        rnn.NormSource._derive = original  # type: ignore[method-assign]
+    events = prof.key_averages()
+    dev_attr = "device_time_total" if device == "cuda" else "cpu_time_total"
+    rows = [{"op": e.key, "count": e.count // steps, "host_us": e.self_cpu_time_total / steps,
+             "device_us": (getattr(e, "self_device_time_total", 0.0) if device == "cuda"
+                           else e.self_cpu_time_total) / steps} for e in events]
+    by_device = sorted(rows, key=lambda r: -r["device_us"])[:25]
+    by_count = sorted(rows, key=lambda r: -r["count"])[:25]
+    syncs = {r["op"]: r["count"] for r in rows if r["op"] in SYNC_OPS}
+    table = events.table(sort_by=f"self_{dev_attr}" if device == "cuda" else "self_cpu_time_total", row_limit=30)
+    return {"variant": name, "memo_entries_after_warmup": memo0, "memo_entries_added_while_profiled": memo1 - memo0,
+            "norm_rows_derived_while_profiled": derived1 - derived0, "norm_rows_derived_in_warmup": derived0,
+            "syncs_per_step": syncs, "top_by_device": by_device, "top_by_count": by_count, "table": table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", default=None)
+    p.add_argument("--comfyui-cache", default=None)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--steps", type=int, default=2)
+    a = p.parse_args(argv)
+    device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
+    config = SMOKE if a.smoke else SDXL
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    _import_comfy(a.comfyui_cache, device, False)
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+    out_dir, src, _ = work_files(a, "sdxl_unet")
+    sd = sdxl_state_dict(config)
+    if a.smoke:
+        base = _smoke_patcher(sd)
+    else:
+        save_file(sd, str(src))
+        base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
+    del sd
+    inputs = sdxl_inputs(config, 64 if a.smoke else 1024, device, dtype)
+    results = []
+    for name, fold in (("adapter int8", True), ("adapter int8 (norms in torch)", False)):
+        _free(device)
+        patched, _ = adapt_model(base, AdapterSettings(format="int8", model_type="sdxl",
+                                                       runtime=RuntimeOptions(fold_norms=fold)))
+        results.append(profile(name, patched, inputs, device, a.steps))
+        patched = None
+    text = []
+    for r in results:
+        text += [f"== {r['variant']}: memo entries {r['memo_entries_after_warmup']} (+{r['memo_entries_added_while_profiled']}"
+                 f" while profiled), norm rows derived {r['norm_rows_derived_in_warmup']} in warm-up, "
+                 f"{r['norm_rows_derived_while_profiled']} while profiled; syncs per step {r['syncs_per_step']}",
+                 r.pop("table"), ""]
+    Path(out_dir, "profile_comfyui_sdxl.txt").write_text("\n".join(text))
+    Path(out_dir, "profile_comfyui_sdxl.json").write_text(json.dumps({"device": device, "results": results},
+                                                                     indent=1))
+    print("\n".join(line for line in text if line.startswith("==")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
