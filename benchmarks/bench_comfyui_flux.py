@@ -400,8 +400,8 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
 
     def adapter(name: str, fmt: str, fold: bool) -> list[Result]:
         _free(device)
-        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type=model_type,
-                                                            runtime=RuntimeOptions(fold_norms=fold)))
+        runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold)  # (the affine LayerNorm fold is opt-in)
+        patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type=model_type, runtime=runtime))
         return timed(name, patched, note(report))
 
     def one_round() -> list[Result]:

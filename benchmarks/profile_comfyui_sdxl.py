@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fold in (("adapter int8", True), ("adapter int8 (norms in torch)", False)):
         _free(device)
         patched, _ = adapt_model(base, AdapterSettings(format="int8", model_type="sdxl",
-                                                       runtime=RuntimeOptions(fold_norms=fold)))
+                                                       runtime=RuntimeOptions(fold_norms=fold, fold_layer_norms=fold)))
         results.append(profile(name, patched, inputs, device, a.steps))
         patched = None
     text = []

@@ -197,7 +197,8 @@ def test_node_pack_folds_clip_layer_norms_on_the_clone(comfy: Any) -> None:
     base = comfy.model_patcher.ModelPatcher(Model(), torch.device("cpu"), torch.device("cpu"))
     plain, _ = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_norms=False)),
                            cache=QuantCache())
-    folded, report = adapt_model(base, AdapterSettings(format="int8"), cache=QuantCache())
+    folded, report = adapt_model(base, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_layer_norms=True)),
+                                 cache=QuantCache())
     assert [f for f in report.folded if "->" in f] == [
         f"encoder.layers.{i}.{n}" for i in range(2)
         for n in ("layer_norm1 -> self_attn.q_proj,k_proj,v_proj", "layer_norm2 -> mlp.fc1")]

@@ -408,7 +408,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     if settings.runtime.fold_activations and settings.runtime.fold_norms:  # norms before converted layers
         # (runtime.norms): applied in their quantizer
         def norm_fits(path: str, mod: nn.Module | None, spec: NormSpec) -> bool:
-            return path in new_layers and path not in folds and weight_folds_norm(new_layers[path], spec.layer)
+            return (path in new_layers and path not in folds and (settings.runtime.fold_layer_norms or not spec.layer)
+                    and weight_folds_norm(new_layers[path], spec.layer))
 
         for path, norm_name, consumer_name, names, spec in foldable_norms(dm, norm_fits):
             norm_path = f"{path}.{norm_name}" if path else norm_name
@@ -418,7 +419,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
             source = holder.source()  # one per norm: a sibling group fuses members that share it
             norms.update({f"{base}.{n}": source for n in names})
             report.folded.append(f"{norm_path} -> {consumer_name}.{','.join(names)}")
-        if root == MODEL_ROOT:  # SD1.x / SDXL transformer blocks' LayerNorms (their forward unfolds under patches)
+        if root == MODEL_ROOT and settings.runtime.fold_layer_norms:  # SD1.x / SDXL blocks' LayerNorms (their
+            # forward unfolds under patches)
             lines, sources = fold_unet_blocks(dm, lambda path, spec: norm_fits(path, None, spec),
                                               lambda path, obj: clone.add_object_patch(prefix + path, obj),
                                               lambda path: prefix + path in clone.object_patches)

@@ -126,8 +126,10 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
     summary = LoadSummary(path, Counter(done.values()))
     summary.plain_linears = sum(1 for m in dm.modules() if isinstance(m, nn.Linear))
     if runtime.fold_activations:  # gated MLPs too when fusion is on (their input projections run as one GEMM)
-        summary.folded = len(fold_input_activations(dm, gated=runtime.fuse_projections, norms=runtime.fold_norms))
-        if runtime.fold_norms:  # SD1.x / SDXL transformer blocks' LayerNorms, in place (the loader owns the model)
+        summary.folded = len(fold_input_activations(dm, gated=runtime.fuse_projections, norms=runtime.fold_norms,
+                                                    layer_norms=runtime.fold_layer_norms))
+        if runtime.fold_norms and runtime.fold_layer_norms:  # SD1.x / SDXL blocks' LayerNorms, in place (the loader
+            # owns the model)
             summary.folded += len(_fold_unet_in_place(dm, done))
     if runtime.fuse_projections:  # the loader owns this model: the parents' forwards are set on the instances
         summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))

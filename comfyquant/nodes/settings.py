@@ -74,8 +74,9 @@ class RuntimeOptions:
     weight-only kernel, ``use_triton`` (False: never Triton), ``cuda_graphs`` (the runtime's dispatch policy for
     graph-captured models), ``prepack`` (reserved for prepacked weight layouts; recorded, no effect today) and
     ``fold_activations`` (a GELU/SiLU module right before a quantized layer is applied by that layer's kernel;
-    with ``fold_norms`` too the norms ``runtime.norms`` knows: T5's and Llama-style text encoders' RMSNorms, CLIP's
-    and SD1.x / SDXL transformer blocks' LayerNorms, DiT blocks' modulated LayerNorms) and ``fuse_projections`` (sibling projections that read one input, attention q/k/v or a gated MLP's two
+    with ``fold_norms`` too the norms ``runtime.norms`` knows: T5's and Llama-style text encoders' RMSNorms, DiT
+    blocks' modulated LayerNorms / RMSNorms, and with ``fold_layer_norms`` CLIP's and SD1.x / SDXL transformer
+    blocks' affine LayerNorms) and ``fuse_projections`` (sibling projections that read one input, attention q/k/v or a gated MLP's two
     halves, run as one GEMM per call whose fused output is at most ``fuse_max_bytes``; ``runtime.siblings``)
     and ``measure_backends`` (eager: time the candidate kernels once per layer shape and keep the fastest,
     cached per GPU, instead of the cost model's prediction) and ``attention`` (``sdpa``; ``cudnn``: cuDNN's
@@ -88,6 +89,9 @@ class RuntimeOptions:
     cuda_graphs: bool = False
     fold_activations: bool = True
     fold_norms: bool = True
+    # affine LayerNorms (CLIP's, SD1.x / SDXL transformer blocks') as one shared modulation row: off until measured
+    # faster (run 86, H200: SDXL's UNet in ComfyUI's class 0.73x bf16 folded against 0.94x unfolded)
+    fold_layer_norms: bool = False
     measure_backends: bool = False
     attention: str = "sdpa"  # nodes.attention.MODES: the attention kernel per call (cuDNN, int8)
     fuse_projections: bool = True

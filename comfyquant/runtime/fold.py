@@ -87,12 +87,14 @@ def _unfolded_quant_linear(path: str, mod: nn.Module) -> bool:
     return isinstance(mod, QuantLinear) and getattr(mod, "input_act", None) is None
 
 
-def fold_input_activations(model: nn.Module, gated: bool = True, norms: bool = True) -> list[str]:
+def fold_input_activations(model: nn.Module, gated: bool = True, norms: bool = True,
+                           layer_norms: bool = True) -> list[str]:
     """Fold every ``nn.Sequential`` pair (activation module, ``QuantLinear`` without an input activation yet)
     in ``model``, with ``gated`` every gated MLP (``runtime.gated.fold_gated_mlps``: its input projections
-    then run as one GEMM) and with ``norms`` every RMSNorm ``runtime.norms`` knows before quantized linears;
+    then run as one GEMM) and with ``norms`` every norm ``runtime.norms`` knows before quantized linears (its
+    affine LayerNorms only with ``layer_norms``);
     returns what was folded (``"blocks.0.mlp.2: gelu_tanh"``, ``"layer.0.layer_norm -> SelfAttention.q,k,v"``)."""
-    folded = fold_norms(model) if norms else []
+    folded = fold_norms(model, layer_norms) if norms else []
     for act_path, layer_path, act in foldable_pairs(model, _unfolded_quant_linear):
         model.get_submodule(layer_path).input_act = act
         parent, _, key = act_path.rpartition(".")

@@ -254,11 +254,14 @@ def foldable_norms(model: nn.Module, fits: Callable[[str, nn.Module | None, Norm
     return out
 
 
-def fold_norms(model: nn.Module) -> list[str]:
-    """Fold every :func:`foldable_norms` norm of ``model`` into its consumer's input linears; returns what was
-    folded (``"encoder.block.0.layer.0.layer_norm -> SelfAttention.q,k,v"``)."""
+def fold_norms(model: nn.Module, layer_norms: bool = True) -> list[str]:
+    """Fold every :func:`foldable_norms` norm of ``model`` (affine LayerNorms only with ``layer_norms``) into its
+    consumer's input linears; returns what was folded (``"encoder.block.0.layer.0.layer_norm -> SelfAttention.q,k,v"``)."""
+    def fits(path: str, mod: nn.Module | None, spec: NormSpec) -> bool:
+        return (layer_norms or not spec.layer) and folds_into(path, mod, spec)
+
     done = []
-    for path, norm_name, consumer_name, names, spec in foldable_norms(model):
+    for path, norm_name, consumer_name, names, spec in foldable_norms(model, fits):
         parent = model.get_submodule(path) if path else model
         holder = FoldedNorm(parent._modules[norm_name], spec)
         parent._modules[norm_name] = holder
