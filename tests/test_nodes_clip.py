@@ -90,12 +90,15 @@ def test_clip_node_quantizes_each_encoder_with_its_preset_on_a_clone(comfy: Any)
     gated = {k for k, f in forwards.items() if isinstance(f, GatedForward)}
     assert gated == {f"t5xxl.transformer.encoder.block.{i}.layer.1.DenseReluDense.forward" for i in range(2)}
     assert len(forwards) == 7 and all(isinstance(f, ArmedForward) for k, f in forwards.items() if k not in gated)
-    # T5's RMSNorms before q,k,v and wi_0 / wi_1: folded into those layers' quantizer (runtime.norms); CLIP-L's
-    # affine LayerNorms only with fold_layer_norms (off by default: test_clip_layer_norms_fold_when_asked)
+    # T5's RMSNorms before q,k,v and wi_0 / wi_1, CLIP-L's LayerNorms before q,k,v and fc1: folded into those
+    # layers' quantizer (runtime.norms); CLIP's final norm feeds no linear and stays
     norms = {k for k, v in patches.items() if isinstance(v, FoldedNorm)}
-    assert norms == {f"t5xxl.transformer.encoder.block.{i}.layer.{j}.layer_norm" for i in range(2) for j in range(2)}
-    assert not any(patches[k].layer for k in norms)
-    assert patches["clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"].input_norm is None
+    clip_norms = {f"clip_l.transformer.text_model.encoder.layers.{i}.layer_norm{j}" for i in range(3) for j in (1, 2)}
+    assert norms == clip_norms | {f"t5xxl.transformer.encoder.block.{i}.layer.{j}.layer_norm" for i in range(2)
+                                  for j in range(2)}
+    assert all(patches[k].layer for k in clip_norms) and not any(patches[k].layer for k in norms - clip_norms)
+    clip_q = patches["clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"]
+    assert clip_q.input_norm.holder is patches["clip_l.transformer.text_model.encoder.layers.0.layer_norm1"]
     layers = {k: v for k, v in patches.items() if k not in forwards and k not in norms}
     assert len(layers) == 32 and all(isinstance(m, ComfyQuantLinear) for m in layers.values())
     q = layers["t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"]
@@ -109,20 +112,16 @@ def test_clip_node_quantizes_each_encoder_with_its_preset_on_a_clone(comfy: Any)
     assert torch.equal(again[0], ref_cond) and torch.equal(again[1], ref_pooled)
 
 
-def test_clip_layer_norms_fold_when_asked(comfy: Any) -> None:
-    """``fold_layer_norms``: CLIP-L's LayerNorms before q,k,v and fc1 are applied by those layers' quantizer (one
-    shared modulation row, ``runtime.norms``); CLIP's final norm feeds no linear and stays; the encode stays within
-    the unfolded one's error of float."""
+def test_clip_layer_norms_stay_with_fold_layer_norms_off(comfy: Any) -> None:
+    """``fold_layer_norms=False``: CLIP-L's LayerNorms run as ComfyUI's modules (T5's RMSNorms still fold)."""
     clip = _tiny_flux_clip(comfy)
     ref_cond, _ = _encode(clip)
-    folded, _ = adapt_clip(clip, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_layer_norms=True)))
-    patches = folded.patcher.object_patches
-    clip_norms = {f"clip_l.transformer.text_model.encoder.layers.{i}.layer_norm{j}" for i in range(3) for j in (1, 2)}
-    norms = {k for k, v in patches.items() if isinstance(v, FoldedNorm) and k.startswith("clip_l.")}
-    assert norms == clip_norms and all(patches[k].layer for k in clip_norms)
-    clip_q = patches["clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"]
-    assert clip_q.input_norm.holder is patches["clip_l.transformer.text_model.encoder.layers.0.layer_norm1"]
-    assert 0 < _rel(_encode(folded)[0], ref_cond) < 0.02
+    plain, _ = adapt_clip(clip, AdapterSettings(format="int8", runtime=RuntimeOptions(fold_layer_norms=False)))
+    patches = plain.patcher.object_patches
+    norms = {k for k, v in patches.items() if isinstance(v, FoldedNorm)}
+    assert norms and all(k.startswith("t5xxl.") for k in norms)
+    assert patches["clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"].input_norm is None
+    assert 0 < _rel(_encode(plain)[0], ref_cond) < 0.02
 
 
 def test_clip_node_off_passes_the_clip_through(comfy: Any) -> None:
