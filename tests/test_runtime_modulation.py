@@ -262,10 +262,12 @@ def test_a_folding_kernel_is_checked_against_the_norm_in_torch_at_its_first_call
     )
 
     seen: list[bool] = []
+    shapes: list[tuple] = []
     asked: list[int] = []
 
     def impl(x, w, scales, bias, opts, out_dtype, norm=None):
         seen.append(norm is not None)
+        shapes.append(tuple(x.shape))
         if norm is not None and not broken:
             x = rms_norm(x, norm)
         return (x.double() @ w.t()).to(out_dtype)
@@ -293,6 +295,8 @@ def test_a_folding_kernel_is_checked_against_the_norm_in_torch_at_its_first_call
         assert len(warned) == (1 if broken else 0)
         # the check's two calls (with the norm, then fed it), then the kernel with the norm, or without it
         assert seen == [True, False, True, True, True] if not broken else seen == [True, False, False, False, False]
+        # the reference ran on the first modulation group's rows only (3 of 6): the check holds one whole output
+        assert shapes[0] == (2, 3, 32) and shapes[1] == (3, 32)
     finally:
         unregister_kernel_kind("test_mod_check")
 
