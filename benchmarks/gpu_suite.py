@@ -233,7 +233,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                                 *(s or ["--rounds", "2", "--iters", "5", "--warmup", "2"])]],
         # SDXL's whole UNet in ComfyUI's class at 1024², batch 2: bf16 vs the adapter (int8 with its transformer
         # blocks' LayerNorms folded, without, fp8) vs ComfyUI's own int8 file path
-        "comfyui_sdxl": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache, *s]],
+        "comfyui_sdxl": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
+                          *(s or ["--rounds", "3", "--iters", "6", "--warmup", "4"])]],  # (run 86's one round: noise)
         # the same UNet under torch's profiler, folded against norms in torch: ops by device time and count, syncs,
         # norm-row re-derivations and memo growth (run 86: the fold 0.73x against 0.94x)
         "profile_sdxl": [[PY, "benchmarks/profile_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
