@@ -165,17 +165,6 @@ class _Fused:
         self.versions = tuple(version(w) for w, _ in params)  # type: ignore[arg-type]
         self.cast: tuple[torch.dtype, int, torch.Tensor] | None = None
 
-    def valid(self, members: Sequence[nn.Module]) -> bool:
-        """Every member still holds its row view (a move or a new weight drops the tag), unchanged in place, and
-        its bias view."""
-        for m, ptr, ver in zip(members, self.bias_ptrs, self.versions, strict=True):
-            w, b = m._parameters["weight"], m._parameters["bias"]
-            if getattr(w, _FUSED_ATTR, None) is not self or version(w) != ver:  # type: ignore[arg-type]
-                return False
-            if (None if b is None else b.data_ptr()) != ptr:
-                return False
-        return True
-
     def bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The fused bias in ``dtype``, cast once while its values stay the same (a stable object for the
         bound call's memo)."""
@@ -362,10 +351,12 @@ class SiblingGroup:
         # __torch_function__ off, each read is a plain attribute (through it, ~20 reads a round cost more host
         # time than the two launches fusion saves: run 33's T5 bench model ran 0.65x fused vs 0.82x unfused)
         with torch._C.DisableTorchFunctionSubclass():
-            members = self._members(plan, x)
-            f, rows = (None, 0) if members is None else self._tagged(plan, members)
-        f = None if members is None else self._fused(plan, members, x, f, rows)
-        if members is None or f is None:
+            scanned = self._members(plan, x)
+        if scanned is None:
+            return None
+        members, f, rows = scanned
+        f = self._fused(plan, members, x, f, rows)
+        if f is None:
             return None
         ran = self._run(f, members, x)
         return None if ran is None else (f, *ran)
@@ -416,14 +407,6 @@ class SiblingGroup:
         self._term = (f, x.dtype, parts, term)
         return term
 
-    @staticmethod
-    def _tagged(plan: tuple[int, ...], members: list[nn.Module]) -> tuple[_Fused | None, int]:
-        """(the members' consolidated weight while it is valid, else None; the members' rows)."""
-        f = getattr(members[0]._parameters["weight"], _FUSED_ATTR, None)
-        if f is not None and f.plan == plan and f.valid(members):
-            return f, sum(f.sizes)
-        return None, sum(int(m._parameters["weight"].shape[0]) for m in members)  # type: ignore[union-attr]
-
     def _fused(self, plan: tuple[int, ...], members: list[nn.Module], x: torch.Tensor, f: _Fused | None,
                rows: int) -> _Fused | None:
         """The members' consolidated weight for a call on ``x``: ``f`` (the valid tagged one), else a new one;
@@ -436,17 +419,22 @@ class SiblingGroup:
             return None
         return _consolidate(plan, members)
 
-    def _members(self, plan: tuple[int, ...], x: torch.Tensor) -> list[nn.Module] | None:
-        """The live plan members, or None when one of them must compute alone (not this group's member, a
-        ComfyUI weight / bias function, a folded input activation, a folded norm or a norm handed over for the
-        call (``QuantLinear.call_norm``) not the others', a weight or bias on another device). Every call of the
-        group runs this: instance attributes are read from ``__dict__`` (``nn.Module.__getattr__`` raises,
-        slowly, for missing ones), each member once."""
+    def _members(self, plan: tuple[int, ...], x: torch.Tensor
+                 ) -> tuple[list[nn.Module], _Fused | None, int] | None:
+        """(the live plan members, their consolidated weight while it is valid else None, their rows), or None when
+        one of them must compute alone (not this group's member, a ComfyUI weight / bias function, a folded input
+        activation, a folded norm or a norm handed over for the call (``QuantLinear.call_norm``) not the others', a
+        weight or bias on another device). Every call of the group runs this, in one pass over the members:
+        instance attributes are read from ``__dict__`` (``nn.Module.__getattr__`` raises, slowly, for missing
+        ones); the consolidated weight is valid while every member's weight holds its tag, unchanged in place,
+        and its bias view (``_Fused.valid``)."""
         out = []
         mods, names, dev = self.parent._modules, self.names, x.device
         norm: Any = _UNSET
         call = None
-        for j in plan:
+        f: Any = _UNSET  # the first member's tag, then None once a member does not match it
+        rows = 0
+        for k, j in enumerate(plan):
             m = mods.get(names[j])
             if m is None:
                 return None
@@ -466,8 +454,16 @@ class SiblingGroup:
             w, b = params.get("weight"), params.get("bias")
             if not isinstance(w, QuantizedTensor) or w.device != dev or (b is not None and b.device != dev):
                 return None
+            rows += int(w.shape[0])
+            if f is _UNSET:
+                f = getattr(w, _FUSED_ATTR, None)
+                if f is not None and f.plan != plan:
+                    f = None
+            if f is not None and (getattr(w, _FUSED_ATTR, None) is not f or version(w) != f.versions[k]
+                                  or (None if b is None else b.data_ptr()) != f.bias_ptrs[k]):
+                f = None
             out.append(m)
-        return out
+        return out, (None if f is _UNSET else f), rows
 
     def _miss(self) -> None:
         """The plan did not match a call: observe again from the next round (off for good after MAX_RESETS)."""
