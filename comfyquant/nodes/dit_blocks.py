@@ -12,9 +12,20 @@ from typing import Any
 from torch import nn
 
 from comfyquant.nodes.flux_blocks import fold_flux_blocks
-from comfyquant.nodes.lumina_blocks import fold_lumina_blocks
+from comfyquant.nodes.lumina_blocks import FoldedLuminaBlock
 from comfyquant.nodes.sd3_blocks import fold_sd3_blocks
-from comfyquant.nodes.wan_blocks import fold_wan_qwen_blocks
+from comfyquant.nodes.wan_blocks import FoldedQwenBlock, FoldedWanBlock
+
+# ComfyUI's (module, class) of a block folded through its ``forward`` -> (layers its norms feed, at least one of which
+# must be converted; the norms, as reported; the forward, whose ``eps`` is None where the block does not fold)
+BLOCK_FORWARDS: dict[tuple[str, str], tuple[tuple[str, ...], str, Callable[[nn.Module], Any]]] = {
+    ("comfy.ldm.wan.model", "WanAttentionBlock"): (("self_attn.q", "ffn.0"), "norm1, norm2", FoldedWanBlock),
+    ("comfy.ldm.qwen_image.model", "QwenImageTransformerBlock"): (
+        ("attn.to_q", "attn.add_q_proj", "img_mlp.net.0.proj", "txt_mlp.net.0.proj"),
+        "img_norm1, img_norm2, txt_norm1, txt_norm2", FoldedQwenBlock),
+    ("comfy.ldm.lumina.model", "JointTransformerBlock"): (("attention.qkv", "feed_forward.w1"),
+                                                          "attention_norm1, ffn_norm1", FoldedLuminaBlock),
+}
 
 
 def block_replacements(patcher: Any) -> dict:
@@ -30,4 +41,25 @@ def fold_dit_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool
     what was folded, a line per block."""
     replaced = set(block_replacements(patcher))
     return (fold_flux_blocks(patcher, dm, converted, replaced) + fold_sd3_blocks(patcher, dm, converted, replaced)
-            + fold_wan_qwen_blocks(dm, converted, install, taken) + fold_lumina_blocks(dm, converted, install, taken))
+            + fold_block_forwards(dm, converted, install, taken))
+
+
+def fold_block_forwards(dm: nn.Module, converted: Callable[[str], bool], install: Callable[[str, Any], None],
+                        taken: Callable[[str], bool]) -> list[str]:
+    """Install the :data:`BLOCK_FORWARDS` forward of every such block of ``dm`` whose norm-fed layers
+    ``converted(path)`` says were quantized, except where ``taken(path)`` says another patch set it; returns what
+    was folded (``"blocks.0: norm1, norm2"``)."""
+    done = []
+    for path, block in dm.named_modules():
+        entry = BLOCK_FORWARDS.get((type(block).__module__, type(block).__name__))
+        if entry is None:
+            continue
+        fed, names, make = entry
+        key = f"{path}.forward"
+        if not any(converted(f"{path}.{f}") for f in fed) or taken(key):
+            continue
+        forward = make(block)
+        if forward.eps is not None:
+            install(key, forward)
+            done.append(f"{path}: {names}")
+    return done

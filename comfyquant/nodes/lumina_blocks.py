@@ -14,15 +14,12 @@ blocks without modulation (the context refiner), norms without an eps of their o
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from comfyquant.runtime.modulation import RmsModulationSite, accepts_call_norm, per_item, with_call_norms
-
-LUMINA = ("comfy.ldm.lumina.model", "JointTransformerBlock")
+from comfyquant.runtime.modulation import RmsModulationSite, hands_norm, per_item, with_call_norms
 
 
 def _eps(norm: nn.Module | None, width: int) -> float | None:
@@ -51,8 +48,7 @@ class FoldedLuminaBlock:
         attn, ffn = b.attention, b.feed_forward
         qkv, w1, w3 = attn._modules.get("qkv"), ffn._modules.get("w1"), ffn._modules.get("w3")
         if (self.eps is None or timestep_zero_index is not None or adaln_input is None or x.dim() != 3
-                or torch.compiler.is_compiling()
-                or not all(m is not None and accepts_call_norm(m) for m in (qkv, w1, w3))):
+                or any(m is None for m in (qkv, w1, w3)) or not hands_norm((qkv, w1, w3), x)):
             return type(b).forward(b, x, x_mask, freqs_cis, adaln_input, timestep_zero_index,
                                    transformer_options=options)
         scale_msa, gate_msa, scale_mlp, gate_mlp = b.adaLN_modulation(adaln_input).chunk(4, dim=1)
@@ -67,21 +63,3 @@ class FoldedLuminaBlock:
         h = with_call_norms(ffn, (([w1, w3], norm),), x)
         return x + gate_mlp.unsqueeze(1).tanh() * b.ffn_norm2(self.clamp_fp16(h))
 
-
-def fold_lumina_blocks(dm: nn.Module, converted: Callable[[str], bool], install: Callable[[str, Any], None],
-                       taken: Callable[[str], bool]) -> list[str]:
-    """Install :class:`FoldedLuminaBlock` as the ``forward`` of every modulated ``JointTransformerBlock`` of ``dm``
-    whose ``attention.qkv`` or ``feed_forward.w1`` ``converted(path)`` says was quantized (``install`` / ``taken``:
-    as ``wan_blocks.fold_wan_qwen_blocks``); returns what was folded (``"layers.0: attention_norm1, ffn_norm1"``)."""
-    done = []
-    for path, block in dm.named_modules():
-        if (type(block).__module__, type(block).__name__) != LUMINA or not getattr(block, "modulation", False):
-            continue
-        key = f"{path}.forward"
-        if not any(converted(f"{path}.{f}") for f in ("attention.qkv", "feed_forward.w1")) or taken(key):
-            continue
-        forward = FoldedLuminaBlock(block)
-        if forward.eps is not None:
-            install(key, forward)
-            done.append(f"{path}: attention_norm1, ffn_norm1")
-    return done

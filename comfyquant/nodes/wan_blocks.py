@@ -17,7 +17,6 @@ of other classes (Wan's VACE / audio / animate blocks subclass the block and ove
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,32 +25,18 @@ from torch import nn
 from comfyquant.runtime.kernels.acts import layer_mod
 from comfyquant.runtime.modulation import (
     ModulationSite,
-    accepts_call_norm,
     affine_free_eps,
+    hands_norm,
     modulated_call,
-    per_item,
     with_call_norms,
 )
-
-WAN = ("comfy.ldm.wan.model", "WanAttentionBlock")
-QWEN = ("comfy.ldm.qwen_image.model", "QwenImageTransformerBlock")
-
-
-def _is(block: nn.Module, kind: tuple[str, str]) -> bool:
-    return (type(block).__module__, type(block).__name__) == kind
+from comfyquant.runtime.norms import child_module
 
 
 def _layers(module: nn.Module, names: tuple[str, ...]) -> list[nn.Module] | None:
-    """``module``'s children ``names`` (dotted), or None where one is missing."""
-    out = []
-    for name in names:
-        m: Any = module
-        for part in name.split("."):
-            m = m._modules.get(part) if isinstance(m, nn.Module) else None
-        if m is None:
-            return None
-        out.append(m)
-    return out
+    """``module``'s submodules ``names`` (dotted), or None where one is missing."""
+    out = [child_module(module, n) for n in names]
+    return None if any(m is None for m in out) else out  # type: ignore[return-value]
 
 
 class FoldedWanBlock:
@@ -81,14 +66,14 @@ class FoldedWanBlock:
         e = mods
         attn, ffn = _layers(b.self_attn, self.ATTN), _layers(b.ffn, self.FFN)
         x = x.contiguous()
-        y = modulated_call(b.self_attn, attn or [], x, e[0], e[1], self.eps, self.sites[0] if attn else None,
-                           freqs, transformer_options=options)
+        y = modulated_call(b.self_attn, attn or (), x, e[0], e[1], self.eps, self.sites[0], freqs,
+                           transformer_options=options)
         x = torch.addcmul(x, y, e[2])
         del y
         x = x + b.cross_attn(b.norm3(x), context, context_img_len=context_img_len, transformer_options=options)
         for p in (options.get("patches") or {}).get("attn2_patch", ()):
             x = p({"x": x, "transformer_options": options})
-        y = modulated_call(b.ffn, ffn or [], x, e[3], e[4], self.eps, self.sites[1] if ffn else None)
+        y = modulated_call(b.ffn, ffn or (), x, e[3], e[4], self.eps, self.sites[1])
         return torch.addcmul(x, y, e[5])
 
 
@@ -133,9 +118,7 @@ class FoldedQwenBlock:
         both normed in torch first where either stream's projections cannot take it."""
         attn = self.block.attn
         img_layers, txt_layers = _layers(attn, self.IMG), _layers(attn, self.TXT)
-        if (img_layers is None or txt_layers is None or torch.compiler.is_compiling()
-                or not all(accepts_call_norm(m) for m in (*img_layers, *txt_layers))
-                or not all(per_item(t, img) for t in img_mod) or not all(per_item(t, txt) for t in txt_mod)):
+        if not (hands_norm(img_layers or (), img, *img_mod) and hands_norm(txt_layers or (), txt, *txt_mod)):
             return attn(hidden_states=layer_mod(img, *img_mod, self.eps),
                         encoder_hidden_states=layer_mod(txt, *txt_mod, self.eps), encoder_hidden_states_mask=mask,
                         image_rotary_emb=pe, transformer_options=options)
@@ -148,30 +131,6 @@ class FoldedQwenBlock:
         """``x + gate * mlp(modulated norm of x)``, the norm handed to the MLP's first linear."""
         shift, scale, gate = (t.unsqueeze(1) for t in mod.chunk(3, dim=-1))
         first = _layers(mlp, self.MLP)
-        y = modulated_call(mlp, first or [], x, shift, scale, self.eps, site if first else None)
+        y = modulated_call(mlp, first or (), x, shift, scale, self.eps, site)
         return torch.addcmul(x, gate, y)
 
-
-def fold_wan_qwen_blocks(dm: nn.Module, converted: Callable[[str], bool], install: Callable[[str, Any], None],
-                         taken: Callable[[str], bool]) -> list[str]:
-    """Install :class:`FoldedWanBlock` / :class:`FoldedQwenBlock` as the ``forward`` of every such block of ``dm``
-    whose norm-fed layers ``converted(path)`` says were quantized (``install(path, obj)``: the adapter's object
-    patches, the loader's own model), except where ``taken(path)`` says another patch set it; returns what was
-    folded (``"blocks.0: norm1, norm2"``)."""
-    done = []
-    for path, block in dm.named_modules():
-        if _is(block, WAN):
-            fed, names, folded = ("self_attn.q", "ffn.0"), "norm1, norm2", FoldedWanBlock
-        elif _is(block, QWEN):
-            fed = ("attn.to_q", "attn.add_q_proj", "img_mlp.net.0.proj", "txt_mlp.net.0.proj")
-            names, folded = "img_norm1, img_norm2, txt_norm1, txt_norm2", FoldedQwenBlock
-        else:
-            continue
-        key = f"{path}.forward"
-        if not any(converted(f"{path}.{f}") for f in fed) or taken(key):
-            continue
-        forward = folded(block)
-        if forward.eps is not None:
-            install(key, forward)
-            done.append(f"{path}: {names}")
-    return done

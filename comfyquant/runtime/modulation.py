@@ -134,6 +134,13 @@ def accepts_call_norm(layer: nn.Module) -> bool:
             and d.get("input_norm") is None)
 
 
+def hands_norm(layers: Sequence[nn.Module], x: torch.Tensor, *mods: torch.Tensor) -> bool:
+    """Whether a norm can be handed to ``layers`` for an eager call on ``x`` (:func:`with_call_norms`): some layers,
+    each :func:`accepts_call_norm`, and each modulation tensor in ``mods`` one vector per batch item of x."""
+    return (len(layers) > 0 and not torch.compiler.is_compiling() and all(per_item(t, x) for t in mods)
+            and all(accepts_call_norm(m) for m in layers))
+
+
 def with_call_norms(module: nn.Module, norms: Sequence[tuple[Sequence[nn.Module], Norm]], *args: Any,
                     **kwargs: Any) -> Any:
     """``module(*args, **kwargs)`` with each ``(layers, norm)`` pair's norm handed to its layers for the call: the
@@ -156,8 +163,7 @@ def modulated_call(module: nn.Module, layers: Sequence[nn.Module], x: torch.Tens
     argument only through ``layers`` (a block's attention and its q / k / v, an MLP and its first linear): the
     norm is handed to them (:func:`with_call_norms`) and the normed input never made. In torch first where a
     layer cannot take it, in a traced call, or for a modulation that is not one vector per batch item."""
-    if (site is not None and not torch.compiler.is_compiling() and per_item(shift, x) and per_item(scale, x)
-            and len(layers) > 0 and all(accepts_call_norm(m) for m in layers)):
+    if site is not None and hands_norm(layers, x, shift, scale):
         return with_call_norms(module, ((layers, site.norm(shift, scale, int(x.shape[1]))),), x, *args, **kwargs)
     return module(layer_mod(x, shift, scale, eps), *args, **kwargs)
 

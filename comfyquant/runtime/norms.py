@@ -225,7 +225,9 @@ def folds_into(path: str, layer: nn.Module | None, spec: NormSpec) -> bool:
     return weight_folds_norm(layer.qweight, spec.layer)
 
 
-def _child(mod: nn.Module, dotted: str) -> nn.Module | None:
+def child_module(mod: nn.Module | None, dotted: str) -> nn.Module | None:
+    """``mod``'s submodule at the dotted path ``dotted`` (``"net.0.proj"``), read from ``_modules``; None where one
+    part is missing."""
     for part in dotted.split("."):
         mod = mod._modules.get(part) if mod is not None else None
     return mod
@@ -249,7 +251,7 @@ def foldable_norms(model: nn.Module, fits: Callable[[str, nn.Module | None, Norm
             if spec is None:
                 continue
             prefix = f"{path}.{consumer_name}." if path else f"{consumer_name}."
-            if all(fits(prefix + n, _child(consumer, n), spec) for n in inputs[1]):
+            if all(fits(prefix + n, child_module(consumer, n), spec) for n in inputs[1]):
                 out.append((path, norm_name, consumer_name, inputs[1], spec))
     return out
 
@@ -267,7 +269,7 @@ def fold_norms(model: nn.Module, layer_norms: bool = True) -> list[str]:
         parent._modules[norm_name] = holder
         consumer = parent._modules[consumer_name]
         for n in names:
-            _child(consumer, n).input_norm = holder.source()
+            child_module(consumer, n).input_norm = holder.source()
         prefix = f"{path}." if path else ""
         done.append(f"{prefix}{norm_name} -> {consumer_name}.{','.join(names)}")
     return done
