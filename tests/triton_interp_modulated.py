@@ -236,6 +236,40 @@ def _affine(k: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return w.to(dtype), (torch.randn(k, generator=g) * 0.2).to(dtype)
 
 
+def _quantizer_checks(name: str, x: torch.Tensor, norm: object, y64: torch.Tensor, rows: int, **fields: object) -> None:
+    """``{name}_block_quantizer``: the block kernel's int8 / fp8 codes of ``x`` with ``norm`` (``rows`` rows a
+    program) within half a step of the float64 normed rows ``y64`` (fp8: the interpreter's cast of them, ties
+    apart), scales to 1e-5; ``{name}_rotated_codes``: the rotating quantizer's int8 codes against the float64
+    rotation of ``y64``, half a step."""
+    from triton_interp_norm import _hadamard64
+
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    m, k = x.shape
+    amax = y64.abs().amax(-1, keepdim=True)
+    for mode, fp8 in ((tq.MODE_INT8, False), (tq.MODE_FP8, True)):
+        qdt, qmax = (torch.float8_e4m3fn, 448.0) if fp8 else (torch.int8, 127.0)
+        q, sc = torch.empty(m, k, dtype=qdt), torch.empty(m, 1)
+        grid, args, key, warps = tq.block_launch(x, q, sc, None, mode, qmax, 0, 0, rows=rows, chunk=None, norm=norm)
+        tq._ACT_BLOCKS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
+        sr = amax / qmax
+        scale_rel = ((sc.double() - sr).abs() / sr).max().item()
+        if fp8:
+            ref = interp_cast((y64 / sc.double()).float().clamp(-qmax, qmax), qdt)
+            off = (q.float() != ref.float()).float().mean().item()
+            ok = scale_rel < 1e-5 and off <= 0.01
+        else:
+            off = ((q.double() * sc.double() - y64).abs() / sr).max().item()
+            ok = scale_rel < 1e-5 and off <= 0.5 + 1e-3
+        record(f"{name}_block_quantizer", ok, **fields, fp8=fp8, scale_rel=scale_rel, off=off)
+    group = 16 if k % 16 == 0 else 4
+    want = _hadamard64(y64, group)
+    q, sc = tq.quantize_rows_int8(x, group, norm=norm)
+    sr = want.abs().amax(-1, keepdim=True) / 127
+    steps = ((q.double() * sc.double() - want).abs() / sr).max().item()
+    record(f"{name}_rotated_codes", steps <= 0.5 + 1e-3, **fields, rot=group, err_steps=steps)
+
+
 def check_shared_layer_norm() -> None:
     """An affine LayerNorm (CLIP's, SDXL's) as one shared modulation row (``acts.shared_layer_norm``: rows 0, fp32
     ``[bias, weight - 1]``): the block quantizer's codes within half a step of the float64 ``layer_norm(x, w, b)``
@@ -243,7 +277,6 @@ def check_shared_layer_norm() -> None:
     one-launch kernel at 64 rows and the rotating row kernel against the same path fed the float64 rows; the
     eager plans replay their general path bit for bit."""
     from comfyquant.runtime.kernels import triton_int8 as ti
-    from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.acts import norm_fits, rms_norm, shared_layer_norm
 
     for i, (m, k, dt) in enumerate([(6, 96, F32), (9, 300, F16), (5, 1000, BF16)]):
@@ -257,30 +290,7 @@ def check_shared_layer_norm() -> None:
         same = torch.equal(rms_norm(x, norm), module) if dt != F32 else rel(rms_norm(x, norm), module) < 1e-6
         record("shared_norm_torch_path", norm_fits(norm, x) and same and rel(module.float(), y64.float()) < 1e-2,
                m=m, k=k, dtype=str(dt))
-        amax = y64.abs().amax(-1, keepdim=True)
-        for mode, fp8 in ((tq.MODE_INT8, False), (tq.MODE_FP8, True)):
-            qdt, qmax = (torch.float8_e4m3fn, 448.0) if fp8 else (torch.int8, 127.0)
-            q, sc = torch.empty(m, k, dtype=qdt), torch.empty(m, 1)
-            grid, args, key, warps = tq.block_launch(x, q, sc, None, mode, qmax, 0, 0, rows=1, chunk=None, norm=norm)
-            tq._ACT_BLOCKS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
-            sr = amax / qmax
-            scale_rel = ((sc.double() - sr).abs() / sr).max().item()
-            if fp8:
-                ref = interp_cast((y64 / sc.double()).float().clamp(-qmax, qmax), qdt)
-                off = (q.float() != ref.float()).float().mean().item()
-                ok = scale_rel < 1e-5 and off <= 0.01
-            else:
-                off = ((q.double() * sc.double() - y64).abs() / sr).max().item()
-                ok = scale_rel < 1e-5 and off <= 0.5 + 1e-3
-            record("shared_norm_block_quantizer", ok, m=m, k=k, dtype=str(dt), fp8=fp8, scale_rel=scale_rel, off=off)
-        group = 16 if k % 16 == 0 else 4
-        from triton_interp_norm import _hadamard64
-
-        want = _hadamard64(y64, group)
-        q, sc = tq.quantize_rows_int8(x, group, norm=norm)
-        sr = want.abs().amax(-1, keepdim=True) / 127
-        steps = ((q.double() * sc.double() - want).abs() / sr).max().item()
-        record("shared_norm_rotated_codes", steps <= 0.5 + 1e-3, m=m, k=k, dtype=str(dt), rot=group, err_steps=steps)
+        _quantizer_checks("shared_norm", x, norm, y64, 1, m=m, k=k, dtype=str(dt))
     g = torch.Generator().manual_seed(12)
     for m, k, n, dt in [(64, 256, 48, F32), (70, 128, 80, F16), (64, 192, 32, BF16)]:
         wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
@@ -324,10 +334,8 @@ def check_modulated_rms() -> None:
     1e-5; the torch path (``acts.rms_norm``) within its rounding of them; every int8 / fp8 linear path, the
     row-block kernel at 64 rows and the rotating row kernel against the same path fed the float64 rows, ~1 off
     without the norm; the eager plans replay their general path bit for bit and read the refilled buffer."""
-    from triton_interp_norm import _hadamard64
 
     from comfyquant.runtime.kernels import triton_int8 as ti
-    from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.acts import ModulatedNorm, norm_code, rms_norm
 
     def zimage(groups: int, k: int, seed: int) -> torch.Tensor:
@@ -344,29 +352,7 @@ def check_modulated_rms() -> None:
         torch_path = rel(rms_norm(x, norm).double(), y64)
         record("modulated_rms_torch_path", norm_code(norm) == 5 and torch_path < (1e-6 if dt == F32 else 1e-2),
                m=m, k=k, dtype=str(dt), rel=torch_path)
-        amax = y64.abs().amax(-1, keepdim=True)
-        for mode, fp8 in ((tq.MODE_INT8, False), (tq.MODE_FP8, True)):
-            qdt, qmax = (torch.float8_e4m3fn, 448.0) if fp8 else (torch.int8, 127.0)
-            q, sc = torch.empty(m, k, dtype=qdt), torch.empty(m, 1)
-            grid, args, key, warps = tq.block_launch(x, q, sc, None, mode, qmax, 0, 0, rows=2, chunk=None, norm=norm)
-            tq._ACT_BLOCKS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
-            sr = amax / qmax
-            scale_rel = ((sc.double() - sr).abs() / sr).max().item()
-            if fp8:
-                ref = interp_cast((y64 / sc.double()).float().clamp(-qmax, qmax), qdt)
-                off = (q.float() != ref.float()).float().mean().item()
-                ok = scale_rel < 1e-5 and off <= 0.01
-            else:
-                off = ((q.double() * sc.double() - y64).abs() / sr).max().item()
-                ok = scale_rel < 1e-5 and off <= 0.5 + 1e-3
-            record("modulated_rms_block_quantizer", ok, m=m, k=k, dtype=str(dt), fp8=fp8, scale_rel=scale_rel, off=off)
-        group = 16 if k % 16 == 0 else 4
-        want = _hadamard64(y64, group)
-        q, sc = tq.quantize_rows_int8(x, group, norm=norm)
-        sr = want.abs().amax(-1, keepdim=True) / 127
-        steps = ((q.double() * sc.double() - want).abs() / sr).max().item()
-        record("modulated_rms_rotated_codes", steps <= 0.5 + 1e-3, m=m, k=k, dtype=str(dt), rot=group,
-               err_steps=steps)
+        _quantizer_checks("modulated_rms", x, norm, y64, 2, m=m, k=k, dtype=str(dt))
     g = torch.Generator().manual_seed(14)
     for m, k, n, dt, gr in [(64, 256, 48, F32, 32), (128, 128, 80, F16, 64), (64, 192, 32, BF16, 16)]:
         wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
