@@ -78,13 +78,22 @@ def _forwards(patcher: Any) -> dict[str, Any]:
     return {k: v for k, v in patcher.object_patches.items() if isinstance(v, FoldedWanBlock | FoldedQwenBlock)}
 
 
-def _spy_norms(model: nn.Module, paths: list[str], seen: dict[str, list]) -> list[Any]:
-    """Forward pre-hooks recording each layer's ``call_norm`` (the layers are the clone's, read while patched)."""
+def _spied(model: nn.Module, patcher: Any, paths: list[str], run: Any) -> tuple[Any, dict[str, list]]:
+    """``run()``'s result and each layer's ``call_norm`` at each of its calls (forward pre-hooks on the clone's
+    layers, read while it is patched; removed afterwards)."""
+    seen: dict[str, list] = {}
+
     def hook(path: str) -> Any:
         return lambda mod, args: seen.setdefault(path, []).append(mod.__dict__.get("call_norm"))
 
-    dm = model.diffusion_model
-    return [dm.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+    with patched(patcher):
+        dm = model.diffusion_model
+        hooks = [dm.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+    try:
+        return run(), seen
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -95,15 +104,8 @@ def test_wan_blocks_hand_both_norms_to_their_layers(comfy: Any, fmt: str) -> Non
     assert sorted(_forwards(folded)) == ["diffusion_model.blocks.0.forward", "diffusion_model.blocks.1.forward"]
     assert not _forwards(plain)
     ref, want = _run(model, base), _run(model, plain)
-    seen: dict[str, list] = {}
-    with patched(folded):
-        hooks = _spy_norms(model, ["blocks.0.self_attn.q", "blocks.0.self_attn.v", "blocks.0.ffn.0",
-                                   "blocks.0.cross_attn.q", "blocks.0.self_attn.o"], seen)
-    try:
-        got = _run(model, folded)
-    finally:
-        for h in hooks:
-            h.remove()
+    got, seen = _spied(model, folded, ["blocks.0.self_attn.q", "blocks.0.self_attn.v", "blocks.0.ffn.0",
+                                       "blocks.0.cross_attn.q", "blocks.0.self_attn.o"], lambda: _run(model, folded))
     assert rel_err(got, want) < 1e-5, rel_err(got, want)
     assert rel_err(want, ref) < 0.05  # (the quantization's own error, against float)
     # the norm reached q / k / v (one shared ModulatedNorm per call, per item) and the MLP, and nothing else
@@ -136,17 +138,10 @@ def test_qwen_image_blocks_hand_four_norms_to_their_layers(comfy: Any) -> None:
     names = "img_norm1, img_norm2, txt_norm1, txt_norm2"
     assert report.modulated == [f"transformer_blocks.{i}: {names}" for i in range(2)]
     ref, want = _run(model, base), _run(model, plain)
-    seen: dict[str, list] = {}
     paths = ["transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.add_v_proj",
              "transformer_blocks.1.img_mlp.net.0.proj", "transformer_blocks.1.txt_mlp.net.0.proj",
              "transformer_blocks.1.attn.to_out.0"]
-    with patched(folded):
-        hooks = _spy_norms(model, paths, seen)
-    try:
-        got = _run(model, folded)
-    finally:
-        for h in hooks:
-            h.remove()
+    got, seen = _spied(model, folded, paths, lambda: _run(model, folded))
     assert rel_err(got, want) < 1e-5, rel_err(got, want)
     assert rel_err(want, ref) < 0.05
     img_q, txt_v = seen[paths[0]], seen[paths[1]]
@@ -230,16 +225,9 @@ def test_zimage_blocks_hand_their_modulated_rms_norms_to_their_layers(comfy: Any
                                                                                              {}))).clone()
 
     ref, want = run(base), run(plain)
-    seen: dict[str, list] = {}
     paths = ["layers.1.attention.qkv", "layers.1.feed_forward.w1", "layers.1.feed_forward.w3",
              "layers.1.feed_forward.w2", "layers.1.attention.out"]
-    with patched(folded):
-        hooks = _spy_norms(model, paths, seen)
-    try:
-        got = run(folded)
-    finally:
-        for h in hooks:
-            h.remove()
+    got, seen = _spied(model, folded, paths, lambda: run(folded))
     assert rel_err(got, want) < 1e-5, rel_err(got, want)
     assert 0 < rel_err(want, ref) < 0.05
     qkv, w1, w3 = (seen[p] for p in paths[:3])
