@@ -232,3 +232,26 @@ def test_the_layer_norm_fold_can_be_turned_off(comfy: Any) -> None:
     assert not any(isinstance(v, FoldedNorm | UnfoldingForward) for v in patched.object_patches.values())
     _, folded, _ = _adapted(model)  # the default folds them
     assert any(isinstance(v, FoldedNorm) for v in folded.object_patches.values())
+
+
+def test_norm_weights_patched_in_place_reach_the_folded_layers(comfy: Any) -> None:
+    """A weight patch on a folded LayerNorm's weight written in place (ModelPatcher ``weight_inplace_update``:
+    ``copy_to_param`` on ComfyUI's inference-mode weights, which have no version counter) is what the folded
+    layers apply, and the restore after it too: the folded clone computes what the unfolded one does with the
+    same patch, before, during and after it."""
+    with torch.inference_mode():  # ComfyUI builds and loads models inside a node's execution: inference tensors
+        model = _model()
+    assert model.diffusion_model["blocks"][0].norm1.weight.is_inference()
+    plain, folded, _ = _adapted(model)
+    ctx = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(6))
+    before = _run(model, folded, ctx, {})  # derives the folded rows from the unpatched weights
+    key = "diffusion_model.blocks.0.norm1.weight"
+    delta = torch.linspace(-0.8, 0.8, 64)
+    outs = []
+    for patcher in (plain, folded):
+        c = patcher.clone()
+        c.weight_inplace_update = True
+        assert c.add_patches({key: (delta,)}, 1.0) == [key]
+        outs.append(_run(model, c, ctx, {}))
+    assert rel_err(outs[1], outs[0]) < 1e-5 and rel_err(outs[1], before) > 1e-2
+    assert torch.equal(_run(model, folded, ctx, {}), before)  # restored in place: the rows follow

@@ -233,3 +233,29 @@ def test_zimage_blocks_hand_their_modulated_rms_norms_to_their_layers(comfy: Any
     qkv, w1, w3 = (seen[p] for p in paths[:3])
     assert qkv[0].rms and qkv[0].rows == 6 + 16 and w1[0] is w3[0] and w1[0] is not qkv[0] and w1[0].rms
     assert seen[paths[3]] == [None] and seen[paths[4]] == [None]
+
+
+def test_zimage_norm_weights_patched_in_place_reach_the_folded_sites(comfy: Any) -> None:
+    """A patch on a modulated RMSNorm's weight written in place (``weight_inplace_update`` on inference-mode
+    weights, no version counter) and its restore reach the site's kept copy of the weight: the folded clone
+    computes what the unfolded one does with the same patch, and after it what it did before."""
+    with torch.inference_mode():
+        model = _zimage()
+    _, plain, folded, _ = _adapted(model)
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 48, generator=g)
+
+    def run(patcher: Any) -> torch.Tensor:
+        with patched(patcher), torch.inference_mode():
+            return model.diffusion_model(x, torch.tensor([0.3, 0.7]), ctx, 6, transformer_options={}).clone()
+
+    before = run(folded)
+    key = "diffusion_model.layers.1.ffn_norm1.weight"
+    outs = []
+    for patcher in (plain, folded):
+        c = patcher.clone()
+        c.weight_inplace_update = True
+        assert c.add_patches({key: (torch.linspace(-0.6, 0.6, 256),)}, 1.0) == [key]
+        outs.append(run(c))
+    assert rel_err(outs[1], outs[0]) < 1e-5 and rel_err(outs[1], before) > 1e-3
+    assert torch.equal(run(folded), before)

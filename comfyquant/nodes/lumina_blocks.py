@@ -42,6 +42,11 @@ class FoldedLuminaBlock:
         self.sites = (RmsModulationSite(self.eps or 0.0), RmsModulationSite(self.eps or 0.0))
         self.clamp_fp16 = sys.modules[type(block).__module__].clamp_fp16
 
+    def forget_derived(self) -> None:
+        """Drop the sites' kept copies of the norms' weights (``nodes.patching.forget_derived``)."""
+        for site in self.sites:
+            site.forget()
+
     def __call__(self, x: torch.Tensor, x_mask: Any, freqs_cis: Any, adaln_input: Any = None,
                  timestep_zero_index: Any = None, transformer_options: dict | None = None) -> torch.Tensor:
         b, options = self.block, transformer_options if transformer_options is not None else {}

@@ -9,7 +9,9 @@ exactly those, so a LoRA reaches every quantized layer in every load mode, and r
 wrappers to the loading clone's (ComfyUI appends them per load without clearing on our layers). "Already
 patched" is read from ComfyUI's own bookkeeping: the classic loader backs a weight up when it patches it and
 drops the backup when it restores it; the dynamic loader restores every backup at the start of each load, so
-there we always patch.
+there we always patch. Each load also drops what folded norms derived from their weights
+(:func:`forget_derived`): under ``weight_inplace_update`` ComfyUI writes a patched weight, and its restore, into
+the same inference tensor, which keeps no version counter to tell.
 """
 
 from __future__ import annotations
@@ -42,10 +44,26 @@ def reset_weight_functions(patcher: Any) -> None:
             mod.bias_function = list(wrappers.get(f"{path}.bias", ()))
 
 
+def forget_derived(model: Any) -> int:
+    """Call ``forget_derived()`` on every module of ``model`` that has one (``runtime.norms.FoldedNorm``) and on
+    every module's instance ``forward`` that has one (a block forward holding modulation sites, set by an object
+    patch or in place): the next call derives the norms' rows from the weights as loaded. Returns how many."""
+    count = 0
+    for mod in model.modules():
+        for obj in (mod, mod.__dict__.get("forward")):
+            forget = getattr(obj, "forget_derived", None)
+            if forget is not None:
+                forget()
+                count += 1
+    return count
+
+
 def patch_quantized_layers(patcher: Any, *_args: Any, **_kwargs: Any) -> int:
-    """Reset the quantized layers' weight wrappers to this load's (:func:`reset_weight_functions`), then apply
-    pending patches of quantized layers that ComfyUI's load left unpatched; returns how many."""
+    """Reset the quantized layers' weight wrappers to this load's (:func:`reset_weight_functions`), drop the
+    folded norms' derived rows (:func:`forget_derived`), then apply pending patches of quantized layers that
+    ComfyUI's load left unpatched; returns how many."""
     reset_weight_functions(patcher)
+    forget_derived(patcher.model)
     count = 0
     for key in list(patcher.patches):
         path, _, param = key.rpartition(".")

@@ -79,6 +79,11 @@ class RmsModulationSite:
         torch.addcmul(kept[2], kept[1], scale, out=buf[:, k:])  # w * (1 + scale) - 1, in fp32
         return ModulatedNorm(buf, self.eps, rows, rms=True)
 
+    def forget(self) -> None:
+        """Drop the kept copies of the weight (an in-place write to an inference tensor changes neither its
+        object, storage nor a version counter)."""
+        self._weight = None
+
 
 def affine_free_eps(norm: nn.Module | None, width: int) -> float | None:
     """The eps of an ``nn.LayerNorm`` over ``width`` without weight or bias (the norm a modulated DiT block

@@ -111,8 +111,9 @@ class NormSource:
     or with ``offset`` Gemma's, which scales by ``1 + weight``; or (``layer``) an affine LayerNorm, its weight
     and bias as one shared ``acts.ModulatedNorm`` row. A tensor derived from the weights is kept while they stay
     the same objects, storage and versions; an inference tensor (ComfyUI's weights) has no version counter, so
-    there the objects and storage decide: ComfyUI patches a weight by setting a new one, and only its
-    ``weight_inplace_update`` option (no core node sets it) writes one in place, which the kept tensor misses."""
+    there the objects and storage decide: ComfyUI patches a weight by setting a new one, except under its
+    ``weight_inplace_update`` option, which writes one in place; the node pack calls :meth:`forget` at each
+    load for that (``nodes.patching``)."""
 
     __slots__ = ("_sum", "eps", "holder", "layer", "offset")
 
@@ -141,6 +142,11 @@ class NormSource:
         if s is None or not (_same(s[0], w) and _same(s[1], b)):
             s = self._sum = (_state(w), _state(b), self._derive(w, b))
         return s[2]
+
+    def forget(self) -> None:
+        """Drop the derived tensor: the next call derives it from the weights as they are (after an in-place
+        write its checks cannot see)."""
+        self._sum = None
 
     def _derive(self, w: torch.Tensor | None, b: torch.Tensor | None) -> Norm:
         if self.layer:

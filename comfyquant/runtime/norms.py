@@ -117,6 +117,10 @@ class FoldedNorm(nn.Module):
         """What the layers it fed read per call (one object for all of them)."""
         return self._source
 
+    def forget_derived(self) -> None:
+        """Drop what its layers derived from the weights (:meth:`NormSource.forget`)."""
+        self._source.forget()
+
     def extra_repr(self) -> str:
         if self.layer:
             scale = "layer_norm(weight, bias)"
