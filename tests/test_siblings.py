@@ -25,6 +25,7 @@ from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 from comfyquant.runtime import QuantizeConfig, quantize_
 from comfyquant.runtime.nn import QuantLinear, linear
 from comfyquant.runtime.siblings import (
+    _FUSED_ATTR,
     MAX_RESETS,
     ArmedForward,
     concat_rows,
@@ -235,6 +236,27 @@ def test_in_place_weight_updates_after_consolidation_are_seen() -> None:
             m["self_attn"].v.load_state_dict({"weight": new, "bias": torch.zeros(64)})
         assert torch.equal(model["self_attn"](x), ref["self_attn"](x))
     assert model["self_attn"].q.sibling[0].fused_calls == 2
+
+
+def test_a_moved_member_weight_ends_the_consolidation() -> None:
+    """``Module._apply`` (what ``.to(device)`` runs) swaps a quantized weight's contents, its consolidation tag
+    included: the next fused call consolidates the members' new weights again (the group trusts a tagged weight's
+    device and rows), and computes what the unfused model does with the same weights."""
+    model = _quantized()
+    ref = copy.deepcopy(model)
+    fuse_sibling_projections(model)
+    x = torch.randn(2, 7, 64)
+    attn = model["self_attn"]
+    with torch.no_grad():
+        for _ in range(2):
+            attn(x)
+        before = getattr(attn.q.weight, _FUSED_ATTR)
+        for m in (model, ref):
+            m._apply(lambda t: t * 2 if t.is_floating_point() and not isinstance(t, QuantizedTensor) else t.clone())
+        assert getattr(attn.q.weight, _FUSED_ATTR, None) is None  # the contents were swapped, the tag with them
+        assert torch.equal(attn(x), ref["self_attn"](x))
+        after = getattr(attn.q.weight, _FUSED_ATTR)
+    assert after is not before and attn.q.sibling[0].fused_calls == 2
 
 
 def test_a_call_pattern_that_stops_matching_falls_back_and_finally_turns_the_group_off() -> None:

@@ -152,11 +152,11 @@ class _Fused:
     """A consolidated group (kept on each member's weight tensor, so it dies with the weights): the fused weight
     and bias, the member widths, and what the next call checks to trust it."""
 
-    __slots__ = ("bias", "bias_ptrs", "cast", "plan", "sizes", "versions", "weight")
+    __slots__ = ("bias", "bias_ptrs", "cast", "plan", "rows", "sizes", "versions", "weight")
 
     def __init__(self, plan: tuple[int, ...], weight: QuantizedTensor, bias: torch.Tensor | None,
                  sizes: list[int], members: Sequence[nn.Module]) -> None:
-        self.plan, self.weight, self.bias, self.sizes = plan, weight, bias, sizes
+        self.plan, self.weight, self.bias, self.sizes, self.rows = plan, weight, bias, sizes, sum(sizes)
         params = [(m._parameters["weight"], m._parameters["bias"]) for m in members]
         self.bias_ptrs = tuple(None if b is None else b.data_ptr() for _, b in params)
         # an in-place write into a member's weight (copy_, a float load_state_dict) bumps its wrapper's version
@@ -298,7 +298,7 @@ class SiblingGroup:
     def product(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``i``'s output ``x @ W_i^T + b_i`` plus its side path (dynamic LoRAs) from this round's fused
         GEMM, or None: the member computes alone."""
-        if self._skip or torch.compiler.is_compiling():
+        if self._skip:  # (never traced: ArmedForward does not arm while compiling, and only armed calls get here)
             return None
         plan = self.plan
         if plan is None:
@@ -354,25 +354,26 @@ class SiblingGroup:
             scanned = self._members(plan, x)
         if scanned is None:
             return None
-        members, f, rows = scanned
+        members, f, rows, lora = scanned
         f = self._fused(plan, members, x, f, rows)
         if f is None:
             return None
-        ran = self._run(f, members, x)
+        ran = self._run(f, members, x, lora)
         return None if ran is None else (f, *ran)
 
-    def _run(self, f: _Fused, members: list[nn.Module],
-             x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    def _run(self, f: _Fused, members: list[nn.Module], x: torch.Tensor,
+             lora: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """The fused GEMM on ``x`` (the members' LoRA low-rank terms in its epilogue) and each member's output:
         its column view of it, plus what its side path adds that the kernel did not; None where the members'
-        LoRA ranks sum past :data:`MAX_STACKED_RANK` (they compute alone)."""
+        LoRA ranks sum past :data:`MAX_STACKED_RANK` (they compute alone). ``lora`` False: no member has a side
+        path (``adapter``), so none of the LoRA bookkeeping runs."""
         lead = members[0].__dict__  # a norm handed over for this call, else the folded one (the same for every member)
         norm = lead.get("call_norm")
         if norm is None:
             src = lead.get("input_norm")
             norm = None if src is None else src.for_call()
-        sides = [_side_of(m, x) for m in members]
-        lora = any(side is not None for side in sides)  # (without one, none of the LoRA bookkeeping runs)
+        sides = [_side_of(m, x) for m in members] if lora else []
+        lora = any(side is not None for side in sides)
         if norm is not None and lora:
             x, norm = rms_norm(x, norm), None  # side paths read the normed x
         parts = [_low_rank_of(side, x) for side in sides] if lora else []
@@ -420,20 +421,22 @@ class SiblingGroup:
         return _consolidate(plan, members)
 
     def _members(self, plan: tuple[int, ...], x: torch.Tensor
-                 ) -> tuple[list[nn.Module], _Fused | None, int] | None:
-        """(the live plan members, their consolidated weight while it is valid else None, their rows), or None when
-        one of them must compute alone (not this group's member, a ComfyUI weight / bias function, a folded input
-        activation, a folded norm or a norm handed over for the call (``QuantLinear.call_norm``) not the others', a
-        weight or bias on another device). Every call of the group runs this, in one pass over the members:
-        instance attributes are read from ``__dict__`` (``nn.Module.__getattr__`` raises, slowly, for missing
-        ones); the consolidated weight is valid while every member's weight holds its tag, unchanged in place,
-        and its bias view (``_Fused.valid``)."""
+                 ) -> tuple[list[nn.Module], _Fused | None, int, bool] | None:
+        """(the live plan members, their consolidated weight while it is valid else None, their rows, whether one
+        has a side path), or None when one of them must compute alone (not this group's member, a ComfyUI weight /
+        bias function, a folded input activation, a folded norm or a norm handed over for the call
+        (``QuantLinear.call_norm``) not the others', a weight or bias on another device). Every call of the group
+        runs this, in one pass over the members: instance attributes are read from ``__dict__``
+        (``nn.Module.__getattr__`` raises, slowly, for missing ones). The consolidated weight is valid while every
+        member's weight holds its tag (a move replaces the weight's contents, tag included), unchanged in place,
+        and its bias view; then its device and rows stand for the members' (a moved bias has another address), and
+        only a call that consolidates reads each member's."""
         out = []
-        mods, names, dev = self.parent._modules, self.names, x.device
+        mods, names = self.parent._modules, self.names
         norm: Any = _UNSET
         call = None
         f: Any = _UNSET  # the first member's tag, then None once a member does not match it
-        rows = 0
+        lora = False
         for k, j in enumerate(plan):
             m = mods.get(names[j])
             if m is None:
@@ -450,11 +453,10 @@ class SiblingGroup:
             elif (src is not norm and (src is None or norm is None or src.holder is not norm.holder)) \
                     or own.get("call_norm") is not call:
                 return None
+            if own.get("adapter") is not None:
+                lora = True
             params = m._parameters
             w, b = params.get("weight"), params.get("bias")
-            if not isinstance(w, QuantizedTensor) or w.device != dev or (b is not None and b.device != dev):
-                return None
-            rows += int(w.shape[0])
             if f is _UNSET:
                 f = getattr(w, _FUSED_ATTR, None)
                 if f is not None and f.plan != plan:
@@ -463,7 +465,17 @@ class SiblingGroup:
                                   or (None if b is None else b.data_ptr()) != f.bias_ptrs[k]):
                 f = None
             out.append(m)
-        return out, (None if f is _UNSET else f), rows
+        dev = x.device
+        if f is not None and f is not _UNSET:
+            return (out, f, f.rows, lora) if f.weight.device == dev else None
+        rows = 0
+        for m in out:  # (no valid consolidation: each member's weight is checked as it is)
+            params = m._parameters
+            w, b = params.get("weight"), params.get("bias")
+            if not isinstance(w, QuantizedTensor) or w.device != dev or (b is not None and b.device != dev):
+                return None
+            rows += int(w.shape[0])
+        return out, None, rows, lora
 
     def _miss(self) -> None:
         """The plan did not match a call: observe again from the next round (off for good after MAX_RESETS)."""
