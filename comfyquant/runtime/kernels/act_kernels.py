@@ -20,7 +20,6 @@ import triton.language as tl
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to the nearest integer, ties to even
 MODE_INT8, MODE_FP8, MODE_FP8_STATIC, MODE_FLOAT = 0, 1, 2, 3
-SINGLE_PASS_MAX = 8192  # rows up to this (padded) length are held in registers: one read of x
 CHUNK = 4096  # longer rows: two passes over chunks (absmax, then quantize; the re-read hits L2)
 
 

@@ -75,7 +75,10 @@ class RowNorm(NamedTuple):
     rms: bool = True
 
 
-MODULATED_MAX_K = 8192  # rows a quantizer holds in registers (act_kernels.SINGLE_PASS_MAX): a modulated norm's limit
+# rows up to this (padded) length the quantizers hold in registers (one read of x; ``triton_quant`` launches so):
+# the widest row a modulated or shared-row norm folds into them
+SINGLE_PASS_MAX = 8192
+MODULATED_MAX_K = SINGLE_PASS_MAX
 
 
 class ModulatedNorm(NamedTuple):

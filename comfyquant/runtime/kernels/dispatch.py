@@ -206,18 +206,25 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
             if len(memo) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
                 memo[sig] = e
         b, fast = e[0], e[1]
+        checked = None  # the first call's output, where its norm check computed it
         if norm is not None:
             if input_act is not None:
                 raise ValueError("a folded RMSNorm and an input activation on one layer: fold one of them only")
-            eager = memo.get((*sig[:3], False, *sig[4:])) if capture else e  # the eager call's entry
-            if low_rank is not None or not _norm_verdict(e, eager, b, x, w, scales, bias, opts, norm, capture):
+            if low_rank is None and len(e) > 3:
+                folds = e[3]  # (every call after a signature's first)
+            elif low_rank is None:
+                eager = memo.get((*sig[:3], False, *sig[4:])) if capture else e  # the eager call's entry
+                folds, checked = _norm_verdict(e, eager, b, x, w, scales, bias, opts, norm, capture)
+            else:
+                folds = False
+            if not folds:
                 x = rms_norm(x, norm)  # the general path: the norm in torch, the rest as without one
                 norm = None
         if low_rank is None:
             if fast and x.is_contiguous() and x.data_ptr() % 16 == 0:
                 return fast(x)
             if norm is not None:
-                y = b.impl(x, w, scales, bias, opts, x.dtype, norm=norm)
+                y = checked if checked is not None else b.impl(x, w, scales, bias, opts, x.dtype, norm=norm)
                 if fast is None:
                     e[1] = (b.plan is not None and b.plan(x, w, scales, bias, opts, x.dtype, 0, norm=norm)) or False
                 return y
@@ -259,49 +266,53 @@ MOD_CHECK_ROWS = 1024  # the reference's rows in the check (see _mod_check)
 
 
 def _norm_verdict(e: list, eager: list | None, b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple,
-                  bias: torch.Tensor | None, opts: tuple, norm: Norm, capture: bool) -> bool:
-    """Whether ``norm`` runs in backend ``b``'s quantizer for memo entry ``e``: decided at the entry's first call and
-    kept as ``e[3]`` (the signature fixes everything it depends on; per call it is one list read, eager host time
-    being what small layers lose). The backend must fold it for this weight and shape with a tensor that fits x
-    (:func:`folds_norm`); a modulated norm must also pass :func:`_mod_check` at its first eager call. Under a
-    CUDA-graph capture (no comparison can be read there) the eager entry ``eager`` of the same signature decides;
-    without its verdict yet the norm runs in torch and nothing is kept."""
+                  bias: torch.Tensor | None, opts: tuple, norm: Norm, capture: bool
+                  ) -> tuple[bool, torch.Tensor | None]:
+    """Whether ``norm`` runs in backend ``b``'s quantizer for memo entry ``e``, decided at the entry's first call and
+    kept as ``e[3]`` (the signature fixes everything it depends on; later calls read it from the entry, eager host
+    time being what small layers lose), and the call's output where deciding computed it (else None). The backend
+    must fold it for this weight and shape with a tensor that fits x (:func:`folds_norm`); a modulated norm must
+    also pass :func:`_mod_check` at its first eager call, whose kernel output is the call's. Under a CUDA-graph
+    capture (no comparison can be read there) the eager entry ``eager`` of the same signature decides; without
+    its verdict yet the norm runs in torch and nothing is kept."""
     if len(e) > 3:
-        return e[3]
-    ok = folds_norm(b, scales, opts, x, w, norm)
+        return e[3], None
+    ok, y = folds_norm(b, scales, opts, x, w, norm), None
     if ok and isinstance(norm, ModulatedNorm):
         if capture:
             if eager is None or len(eager) <= 3:
-                return False
+                return False, None
             ok = eager[3] and eager[0] is b
         else:
-            ok = _mod_check(b, x, w, scales, bias, opts, norm)
+            y = _mod_check(b, x, w, scales, bias, opts, norm)
+            ok = y is not None
     e.append(ok)
-    return ok
+    return ok, y
 
 
 def _mod_check(b: KernelBackend, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
-               opts: tuple, norm: ModulatedNorm) -> bool:
-    """The folded modulated norm's output against the same backend fed the norm in torch: within
-    :data:`MOD_CHECK_TOL` and finite; a kernel that disagrees is reported (one warning) and not used. The kernel
-    runs on the whole call (its shape picks its launch); the reference on its first rows only, up to
-    :data:`MOD_CHECK_ROWS` of the first modulation group (activations are quantized per row, so those rows of
-    both agree): the check's extra memory is one output, not two plus a normed copy of x (run 86: +0.4-0.5 GiB
-    peak at a first SDXL / Z-Image / Qwen-Image step with the whole reference)."""
-    y = b.impl(x, w, scales, bias, opts, x.dtype, norm=norm)
+               opts: tuple, norm: ModulatedNorm) -> torch.Tensor | None:
+    """The folded modulated norm's output (the call's), or None where it is off from the same backend fed the norm
+    in torch by more than :data:`MOD_CHECK_TOL` or not finite: a kernel that disagrees is reported (one warning)
+    and not used. The kernel runs on the whole call (its shape picks its launch); the reference on its first rows
+    only, up to :data:`MOD_CHECK_ROWS` of the first modulation group (activations are quantized per row, so those
+    rows of both agree): the check's extra memory is one output for those rows, not a second whole one and a
+    normed copy of x (run 86: +0.4-0.5 GiB peak at a first SDXL / Z-Image / Qwen-Image step with the whole
+    reference)."""
+    out = b.impl(x, w, scales, bias, opts, x.dtype, norm=norm)
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
     r = min(rows, MOD_CHECK_ROWS, norm.rows if norm.rows > 0 else rows)
     head = norm._replace(mod=norm.mod[:1]) if norm.rows > 0 else norm
     ref = b.impl(rms_norm(x.reshape(rows, k)[:r], head), w, scales, bias, opts, x.dtype)
-    y = y.reshape(rows, -1)[:r]
+    y = out.reshape(rows, -1)[:r]
     off = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-    ok = bool(torch.isfinite(y).all()) and off <= MOD_CHECK_TOL
-    if not ok:
-        logger.warning("comfyquant: %s's folded modulated norm gave %.3g relative error against the norm in torch "
-                       "for K=%d, N=%d; applying the norm in torch for this layer",
-                       getattr(b.impl, "__name__", "the backend"), off, x.shape[-1], int(w.shape[0]))
-    return ok
+    if bool(torch.isfinite(y).all()) and off <= MOD_CHECK_TOL:
+        return out
+    logger.warning("comfyquant: %s's folded modulated norm gave %.3g relative error against the norm in torch "
+                   "for K=%d, N=%d; applying the norm in torch for this layer",
+                   getattr(b.impl, "__name__", "the backend"), off, x.shape[-1], int(w.shape[0]))
+    return None
 
 
 def folds_norm(b: KernelBackend, scales: tuple, opts: tuple, x: torch.Tensor, w: torch.Tensor,

@@ -21,13 +21,19 @@ from comfyquant.runtime.kernels.act_kernels import (
     MODE_FP8,
     MODE_FP8_STATIC,
     MODE_INT8,
-    SINGLE_PASS_MAX,
     _act_block_kernel,
     _act_held_kernel,
     _act_kernel,
     _act_tile_kernel,
 )
-from comfyquant.runtime.kernels.acts import GATED_CODES, ModulatedNorm, Norm, norm_args, norm_rows
+from comfyquant.runtime.kernels.acts import (
+    GATED_CODES,
+    SINGLE_PASS_MAX,
+    ModulatedNorm,
+    Norm,
+    norm_args,
+    norm_rows,
+)
 from comfyquant.runtime.kernels.configs import cdiv, next_power_of_2
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts, stream_id
 from comfyquant.runtime.kernels.scratch import row_scales
