@@ -36,11 +36,11 @@ from bench_comfyui_flux import (
     _free,
     _import_comfy,
     adapter_rounds,
+    bench_main,
     common_args,
     kitchen_cuda_status,
-    plot_only,
+    model_markdown,
     random_state_dict,
-    results_table,
     run_env,
     timing_args,
     work_files,
@@ -182,16 +182,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 def to_markdown(report: dict[str, Any]) -> str:
     """The results as a markdown table with the run's setup above it."""
     env = report["env"]
-    lines = [f"# {env['title']} in ComfyUI: step time and peak VRAM ({env['date']})", "",
-             f"Device: {env['device']}; torch {env['torch']}; {env['params_billion']:.2f} B parameters "
-             f"({env['blocks']} of the model's {env['total_blocks']} blocks, {env['text_tokens']} text tokens)"
-             f"{' SMOKE RUN: numbers mean nothing' if env['smoke'] else ''}; "
-             f"{env['resolution']}x{env['resolution']}, batch 1; eager, one forward per step; median of "
-             f"{env['iters']} steps after {env['warmup']} warm-up"
-             f"{'' if env.get('rounds', 1) == 1 else ', pooled over ' + str(env['rounds']) + ' rounds'}. "
-             f"comfy-kitchen CUDA: {env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
-             *results_table(report["results"])]
-    return "\n".join(lines) + "\n"
+    return model_markdown(report, f"{env['title']} in ComfyUI: step time and peak VRAM",
+                          f"{env['params_billion']:.2f} B parameters ({env['blocks']} of the model's "
+                          f"{env['total_blocks']} blocks, {env['text_tokens']} text tokens); "
+                          f"{env['resolution']}x{env['resolution']}, batch 1; eager, one forward per step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,10 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark from the command line (or only draw a saved report's picture)."""
-    a = build_parser().parse_args(argv)
-    if not plot_only(a, f"bench_comfyui_{a.family}"):
-        run(a)
-    return 0
+    return bench_main(argv, build_parser(), lambda a: f"bench_comfyui_{a.family}", run)
 
 
 if __name__ == "__main__":

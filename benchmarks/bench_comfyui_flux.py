@@ -474,20 +474,37 @@ def plot_report(report: dict[str, Any], png: Path) -> Path | None:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
+    """The results as a markdown table with the run's setup above it."""
+    env = report["env"]
+    return model_markdown(report, "Flux.1-dev-shaped model in ComfyUI: step time and peak VRAM",
+                          f"{env['params_billion']:.2f} B parameters ({env['depth']} double + {env['depth_single']} "
+                          f"single blocks, hidden {env['dims']['hidden']}, context {env['dims']['txt_tokens']} x "
+                          f"{env['dims']['context']}); eager, batch 1")
+
+
+def model_markdown(report: dict[str, Any], title: str, setup: str) -> str:
+    """A model benchmark's report: ``title`` and the date, the device, ``setup`` (the model and the call), the timing
+    the benches share (median steps after warm-up, pooled rounds), comfy-kitchen's state, the command and
+    :func:`results_table`."""
     env = report["env"]
     rounds = env.get("rounds", 1)
     pooled = "" if rounds == 1 else f", pooled over {rounds} rounds of all variants"
-    lines = [f"# Flux.1-dev-shaped model in ComfyUI: step time and peak VRAM ({env['date']})", "",
-             f"Device: {env['device']}; torch {env['torch']}; {env['params_billion']:.2f} B parameters "
-             f"({env['depth']} double + {env['depth_single']} single blocks, hidden {env['dims']['hidden']}, context "
-             f"{env['dims']['txt_tokens']} x {env['dims']['context']}){' SMOKE RUN: numbers mean nothing' if env['smoke'] else ''}; "
-             "eager, batch 1; "
-             f"median of {env['iters']} steps after {env['warmup']} warm-up"
-             f"{pooled}"
-             ". comfy-kitchen CUDA: "
-             f"{env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
-             *results_table(report["results"])]
+    smoke = " SMOKE RUN: numbers mean nothing;" if env["smoke"] else ""
+    lines = [f"# {title} ({env['date']})", "",
+             f"Device: {env['device']}; torch {env['torch']};{smoke} {setup}; median of {env['iters']} steps after "
+             f"{env['warmup']} warm-up{pooled}. comfy-kitchen CUDA: {env['comfy_kitchen_cuda']}.", "",
+             f"Command: `{env['command']}`", "", *results_table(report["results"])]
     return "\n".join(lines) + "\n"
+
+
+def bench_main(argv: list[str] | None, parser: argparse.ArgumentParser, stem: Callable[[argparse.Namespace], str],
+               run: Callable[[argparse.Namespace], Any]) -> int:
+    """A model benchmark's command line: parse ``argv``, then draw a saved report's picture (``--plot-from``, into
+    ``--out``/``stem(args)``.png) or ``run`` the benchmark."""
+    a = parser.parse_args(argv)
+    if not plot_only(a, stem(a)):
+        run(a)
+    return 0
 
 
 def results_table(results: list[dict[str, Any]]) -> list[str]:
@@ -547,10 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    if not plot_only(a, "bench_comfyui_flux"):
-        run(a)
-    return 0
+    """Run the benchmark from the command line (or only draw a saved report's picture)."""
+    return bench_main(argv, build_parser(), lambda a: "bench_comfyui_flux", run)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ from bench_comfyui_flux import (
     _free,
     _import_comfy,
     adapter_rounds,
+    bench_main,
     common_args,
     kitchen_cuda_status,
-    plot_only,
+    model_markdown,
     random_state_dict,
-    results_table,
     run_env,
     timing_args,
     work_files,
@@ -126,15 +126,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 def to_markdown(report: dict[str, Any]) -> str:
     """The results as a markdown table with the run's setup above it."""
     env = report["env"]
-    lines = [f"# SDXL UNet in ComfyUI: step time and peak VRAM ({env['date']})", "",
-             f"Device: {env['device']}; torch {env['torch']}; {env['params_billion']:.2f} B parameters, "
-             f"{env['transformer_blocks']} transformer blocks{' SMOKE RUN: numbers mean nothing' if env['smoke'] else ''}; "
-             f"{env['resolution']}x{env['resolution']}, batch {env['batch']} (CFG); eager, one UNet forward per step; "
-             f"median of {env['iters']} steps after {env['warmup']} warm-up"
-             f"{'' if env.get('rounds', 1) == 1 else ', pooled over ' + str(env['rounds']) + ' rounds'}. "
-             f"comfy-kitchen CUDA: {env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
-             *results_table(report["results"])]
-    return "\n".join(lines) + "\n"
+    return model_markdown(report, "SDXL UNet in ComfyUI: step time and peak VRAM",
+                          f"{env['params_billion']:.2f} B parameters, {env['transformer_blocks']} transformer blocks; "
+                          f"{env['resolution']}x{env['resolution']}, batch {env['batch']} (CFG); eager, one UNet "
+                          "forward per step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,10 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark from the command line (or only draw a saved report's picture)."""
-    a = build_parser().parse_args(argv)
-    if not plot_only(a, "bench_comfyui_sdxl"):
-        run(a)
-    return 0
+    return bench_main(argv, build_parser(), lambda a: "bench_comfyui_sdxl", run)
 
 
 if __name__ == "__main__":

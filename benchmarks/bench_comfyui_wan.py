@@ -40,14 +40,14 @@ from bench_comfyui_flux import (
     _free,
     _import_comfy,
     add_speedups,
+    bench_main,
     common_args,
     guarded_rows,
     kitchen_cuda_status,
     measure,
     merge_rounds,
-    plot_only,
+    model_markdown,
     random_state_dict,
-    results_table,
     run_env,
     stock_rows,
     timing_args,
@@ -200,15 +200,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 def to_markdown(report: dict[str, Any]) -> str:
     """The results as a markdown table with the run's setup above it."""
     env, d = report["env"], report["env"]["dims"]
-    lines = [f"# Wan 2.x 14B-shaped text-to-video model in ComfyUI: step time and peak VRAM ({env['date']})", "",
-             f"Device: {env['device']}; torch {env['torch']}; {env['params_billion']:.2f} B parameters "
-             f"({env['depth']} of Wan 14B's 40 blocks, hidden {d['dim']}, {d['heads']} heads x {d['head_dim']}, ffn {d['ffn']}, "
-             f"context {d['text_tokens']} x {d['text_dim']}){' SMOKE RUN: numbers mean nothing' if env['smoke'] else ''}; "
-             f"{env['width']}x{env['height']}, {env['frames']} frames -> latent {env['latent']} -> {env['tokens']} "
-             f"tokens; eager, batch 1, one forward per step; median of {env['iters']} steps after {env['warmup']} "
-             f"warm-up{'' if env.get('rounds', 1) == 1 else ', pooled over ' + str(env['rounds']) + ' rounds'}. comfy-kitchen CUDA: {env['comfy_kitchen_cuda']}.", "", f"Command: `{env['command']}`", "",
-             *results_table(report["results"])]
-    return "\n".join(lines) + "\n"
+    return model_markdown(report, "Wan 2.x 14B-shaped text-to-video model in ComfyUI: step time and peak VRAM",
+                          f"{env['params_billion']:.2f} B parameters ({env['depth']} of Wan 14B's 40 blocks, hidden "
+                          f"{d['dim']}, {d['heads']} heads x {d['head_dim']}, ffn {d['ffn']}, context "
+                          f"{d['text_tokens']} x {d['text_dim']}); {env['width']}x{env['height']}, {env['frames']} "
+                          f"frames -> latent {env['latent']} -> {env['tokens']} tokens; eager, batch 1, one forward "
+                          "per step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,10 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark from the command line (or only draw a saved report's picture)."""
-    a = build_parser().parse_args(argv)
-    if not plot_only(a, "bench_comfyui_wan"):
-        run(a)
-    return 0
+    return bench_main(argv, build_parser(), lambda a: "bench_comfyui_wan", run)
 
 
 if __name__ == "__main__":
