@@ -6,7 +6,8 @@ ComfyUI's ``JointTransformerBlock`` (``comfy.ldm.lumina.model``, NextDiT) with m
 weight, then a per-item scale, each a pass over the activation and its launches. Both are one modulated RMSNorm
 (``acts.ModulatedNorm`` with ``rms``: scale ``w * (1 + scale) - 1``, no shift, ``modulation.RmsModulationSite``),
 handed to those layers for the call (``modulation.with_call_norms``) by the block's ``forward`` (an object patch
-on the clone, or set on the loader's own model). The post-norms, gates and residual adds are ComfyUI's. Calls it
+on the clone, or set on the loader's own model). The post-norms and gates are ComfyUI's; each gated residual add
+is one ``addcmul`` (ComfyUI's ``x + gate * y``: two launches and passes). Calls it
 does not reproduce run the class's own forward: reference images at timestep zero (``timestep_zero_index``),
 blocks without modulation (the context refiner), norms without an eps of their own.
 """
@@ -63,8 +64,8 @@ class FoldedLuminaBlock:
         rows = int(x.shape[1])
         norm = self.sites[0].norm(b.attention_norm1.weight, scale_msa, rows)
         h = with_call_norms(attn, (([qkv], norm),), x, x_mask, freqs_cis, transformer_options=options)
-        x = x + gate_msa.unsqueeze(1).tanh() * b.attention_norm2(self.clamp_fp16(h))
+        x = torch.addcmul(x, gate_msa.unsqueeze(1).tanh(), b.attention_norm2(self.clamp_fp16(h)))
         norm = self.sites[1].norm(b.ffn_norm1.weight, scale_mlp, rows)
         h = with_call_norms(ffn, (([w1, w3], norm),), x)
-        return x + gate_mlp.unsqueeze(1).tanh() * b.ffn_norm2(self.clamp_fp16(h))
+        return torch.addcmul(x, gate_mlp.unsqueeze(1).tanh(), b.ffn_norm2(self.clamp_fp16(h)))
 

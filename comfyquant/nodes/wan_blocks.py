@@ -106,7 +106,7 @@ class FoldedQwenBlock:
                                              (img_shift, img_scale), (txt_shift, txt_scale), image_rotary_emb,
                                              options)
         hidden_states = torch.addcmul(hidden_states, img_gate, img_attn)
-        encoder_hidden_states = encoder_hidden_states + txt_gate * txt_attn
+        encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_gate, txt_attn)
         del img_attn, txt_attn
         hidden_states = self._mlp(b.img_mlp, hidden_states, img_mod2, self.sites["img2"])
         encoder_hidden_states = self._mlp(b.txt_mlp, encoder_hidden_states, txt_mod2, self.sites["txt2"])
