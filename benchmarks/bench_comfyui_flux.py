@@ -379,35 +379,46 @@ def stock_rows(int8_file: Path, label: Any, why_not: str | None, run: bool,
 
 
 FOLD_VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
-                 ("adapter fp8", "fp8", True))  # (row, format, fold_norms): the fold's rows of the model benches
+                 ("adapter fp8", "fp8", True))  # (row, format, fold_norms[, cuda_graphs]): the model benches' rows
+BF16_GRAPHS = "bf16 + cuda graphs"
 
 
 def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str, Any]], label: Any,
                    device: str, model_type: str, note: Callable[[Any], str], int8_file: Path,
-                   why_not: str | None, variants: tuple = FOLD_VARIANTS) -> list[Result]:
+                   why_not: str | None, variants: tuple = FOLD_VARIANTS, apply_model: bool = False) -> list[Result]:
     """bf16, the adapter's ``variants`` on ``base`` (``note(report)`` in each row) and the stock row, timed in
-    ``a.rounds`` pooled rounds at one resolution ``label``, with speed-ups; ``base`` stays loaded."""
+    ``a.rounds`` pooled rounds at one resolution ``label``, with speed-ups; ``base`` stays loaded. A variant with
+    the node's ``cuda_graphs`` (a fourth item, True) adds bf16 with the same option; ``apply_model``: every row
+    steps through ``BaseModel.apply_model`` (where that option's wrapper sits; ``inputs`` gives its arguments)."""
     warmup, iters = (1, 2) if a.smoke else (a.warmup, a.iters)
     outputs: dict[tuple[str, Any], torch.Tensor] = {}
     from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.graphs import enable_cuda_graphs
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
     def timed(name: str, patcher: Any, text: str = "") -> list[Result]:
-        rows = measure(name, patcher, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs)
+        rows = measure(name, patcher, inputs, [label], device, warmup, iters, a.dynamic_vram, outputs, apply_model)
         for r in rows:
             r.note = text
         return rows
 
-    def adapter(name: str, fmt: str, fold: bool) -> list[Result]:
+    def adapter(name: str, fmt: str, fold: bool, graphs: bool = False) -> list[Result]:
         _free(device)
-        runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold)  # (the affine LayerNorm fold is opt-in)
+        runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold, cuda_graphs=graphs)
         patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type=model_type, runtime=runtime))
         return timed(name, patched, note(report))
 
+    def bf16_graphs() -> list[Result]:
+        clone = base.clone()
+        enable_cuda_graphs(clone)
+        return timed(BF16_GRAPHS, clone, "the node's cuda_graphs option on the bf16 model")
+
     def one_round() -> list[Result]:
         results = timed("bf16", base)
-        for name, fmt, fold in variants:
-            results += guarded_rows(name, label, functools.partial(adapter, name, fmt, fold))
+        if any(v[3:] and v[3] for v in variants):
+            results += guarded_rows(BF16_GRAPHS, label, bf16_graphs)
+        for name, fmt, fold, *graphs in variants:
+            results += guarded_rows(name, label, functools.partial(adapter, name, fmt, fold, *graphs))
         return results + stock_rows(int8_file, label, why_not, why_not is None, timed)
 
     results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])

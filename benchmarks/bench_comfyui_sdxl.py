@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comfyui_flux import (
+    FOLD_VARIANTS,
     _free,
     _import_comfy,
     adapter_rounds,
@@ -73,14 +74,19 @@ def _smoke_patcher(sd: dict[str, torch.Tensor]) -> Any:
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
-def sdxl_inputs(config: dict[str, Any], res: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def sdxl_inputs(config: dict[str, Any], res: int, device: str, dtype: torch.dtype,
+                apply_model: bool = False) -> dict[str, torch.Tensor]:
     """One step's keyword inputs of ``UNetModel.forward`` at batch 2: latent, timesteps, text context, the
-    pooled text / size vector ``y``."""
+    pooled text / size vector ``y``; ``apply_model``: ``BaseModel.apply_model``'s (a float32 latent as samplers
+    keep it, and sigmas, which SDXL's EPS sampling turns into timesteps on the way)."""
     g = torch.Generator().manual_seed(1)
-    return {"x": torch.randn(2, 4, res // 8, res // 8, generator=g).to(device, dtype),
-            "timesteps": torch.tensor([500.0, 500.0], device=device),
-            "context": torch.randn(2, 77, config["context_dim"], generator=g).to(device, dtype),
-            "y": torch.randn(2, config["adm_in_channels"], generator=g).to(device, dtype)}
+    x = torch.randn(2, 4, res // 8, res // 8, generator=g)
+    context = torch.randn(2, 77, config["context_dim"], generator=g).to(device, dtype)
+    y = torch.randn(2, config["adm_in_channels"], generator=g).to(device, dtype)
+    if apply_model:
+        return {"x": x.to(device), "sigma": torch.tensor([1.0, 1.0], device=device), "context": context, "y": y}
+    return {"x": x.to(device, dtype), "timesteps": torch.tensor([500.0, 500.0], device=device), "context": context,
+            "y": y}
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -112,14 +118,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in base.model.diffusion_model.modules())
     print(f"model: {n_params / 1e9:.2f} B parameters, {blocks} transformer blocks, ready in "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    results = adapter_rounds(a, base, lambda r: sdxl_inputs(config, r, device, dtype), res, device, "sdxl",
+    variants = FOLD_VARIANTS + ((("adapter int8 + cuda graphs", "int8", True, True),) if a.graphs else ())
+    results = adapter_rounds(a, base, lambda r: sdxl_inputs(config, r, device, dtype, a.graphs), res, device, "sdxl",
                              lambda rep: f"{len(rep.converted)} layers converted, "
-                                         f"{sum('->' in f for f in rep.folded)} norms folded", int8_file, why_not)
+                                         f"{sum('->' in f for f in rep.folded)} norms folded", int8_file, why_not,
+                             variants, apply_model=a.graphs)
     base = None  # the bf16 model leaves the device before the report
     _free(device)
     env = {**run_env(device, a.smoke), "params_billion": n_params / 1e9, "transformer_blocks": blocks,
            "resolution": res, "batch": 2, "warmup": warmup, "iters": iters, "rounds": max(1, a.rounds),
-           "comfy_kitchen_cuda": why_not or "available", "dynamic_vram": bool(a.dynamic_vram)}
+           "comfy_kitchen_cuda": why_not or "available", "dynamic_vram": bool(a.dynamic_vram),
+           "apply_model": bool(a.graphs)}
     return write_report(out_dir, "bench_comfyui_sdxl", env, results, to_markdown)
 
 
@@ -137,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_args(p, "bench_comfyui_sdxl")
     p.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
+    p.add_argument("--graphs", action="store_true",
+                   help="add the node's cuda_graphs option (bf16; adapter int8); every row steps through apply_model")
     timing_args(p)
     return p
 

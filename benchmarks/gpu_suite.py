@@ -235,6 +235,11 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # blocks' LayerNorms folded, without, fp8) vs ComfyUI's own int8 file path
         "comfyui_sdxl": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
                           *(s or ["--rounds", "3", "--iters", "6", "--warmup", "4"])]],  # (run 86's one round: noise)
+        # the same through apply_model, with the node's cuda_graphs option on bf16 and on the folded int8 adapter
+        # (SDXL in ComfyUI's class is host-bound: 90 ms of host per 41 ms of GPU a step under the profiler, run 87)
+        "comfyui_sdxl_graphs": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--graphs", "--out",
+                                 str(work / "comfyui_sdxl_graphs"), *cache,
+                                 *(s or ["--rounds", "2", "--iters", "6", "--warmup", "4"])]],
         # the same UNet under torch's profiler, folded against norms in torch: ops by device time and count, syncs,
         # norm-row re-derivations and memo growth (run 86: the fold 0.73x against 0.94x)
         "profile_sdxl": [[PY, "benchmarks/profile_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
@@ -286,8 +291,7 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     work = scratch / "work"  # only summary.txt and results.zip go under --out (a device call returns few files)
     for sub in ("kernels", "sweep", "tune", "lora", "optimizers", "comfyui", "comfyui_wan", "comfyui_t5", "comfyui_sdxl",
-                "comfyui_dit",
-                "autoprec"):
+                "comfyui_sdxl_graphs", "comfyui_dit", "autoprec"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     env, cache = unpack(scratch)

@@ -36,6 +36,25 @@ def test_tiny_unet_measures_every_variant(comfyui_root: Path, tmp_path: Path) ->
     assert "SMOKE RUN" in (tmp_path / "bench_comfyui_sdxl.md").read_text()
 
 
+def test_graphs_rows_step_through_apply_model(comfyui_root: Path, tmp_path: Path) -> None:
+    """``--graphs``: every row steps through ``BaseModel.apply_model`` (sigmas, a float32 latent), with the node's
+    cuda_graphs option on bf16 and on the folded int8 adapter; on the CPU the option runs eagerly (its wrapper
+    says why), so each graph row computes its eager row's output."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--graphs", "--out", str(tmp_path),
+                           "--comfyui-cache", str(comfyui_root)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_comfyui_sdxl.json").read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == ["bf16", "bf16 + cuda graphs", "adapter int8", "adapter int8 (norms in torch)", "adapter fp8",
+                          "adapter int8 + cuda graphs", "ComfyUI int8 (same file)"]
+    assert report["env"]["apply_model"] is True
+    assert rows["bf16 + cuda graphs"]["rel_err_vs_bf16"] == 0.0
+    graphs, eager = rows["adapter int8 + cuda graphs"], rows["adapter int8"]
+    assert 0 < eager["rel_err_vs_bf16"] < 0.15 and graphs["rel_err_vs_bf16"] == eager["rel_err_vs_bf16"]
+    assert graphs["note"] == eager["note"] and graphs["step_ms"] > 0
+
+
 def test_profile_of_the_tiny_unet_counts_ops_and_the_folds_work(comfyui_root: Path, tmp_path: Path) -> None:
     """``profile_comfyui_sdxl.py --smoke``: both variants profiled; the fold derives each norm's row once (in the
     warm-up), adds no memo entries from step to step and makes no syncs, and the unfolded adapter derives none."""
