@@ -259,3 +259,60 @@ def test_zimage_norm_weights_patched_in_place_reach_the_folded_sites(comfy: Any)
         outs.append(run(c))
     assert rel_err(outs[1], outs[0]) < 1e-5 and rel_err(outs[1], before) > 1e-3
     assert torch.equal(run(folded), before)
+
+
+def _ltx() -> nn.Module:
+    ltx = importlib.import_module("comfy.ldm.lightricks.model")
+    ops = importlib.import_module("comfy.ops").disable_weight_init  # (its attention norms are ComfyUI's RMSNorm)
+    return _Holder(ltx.LTXVModel(in_channels=8, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
+                                 caption_channels=48, num_layers=2, operations=ops))
+
+
+def _run_ltx(model: nn.Module, patcher: Any, t: torch.Tensor | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 8, 2, 4, 4, generator=g), torch.randn(2, 6, 48, generator=g)  # 32 tokens an item
+    with patched(patcher), torch.inference_mode():
+        return model.diffusion_model(x, torch.tensor([0.3, 0.7]) if t is None else t, ctx, None,
+                                     transformer_options={}).clone()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_ltx_blocks_hand_both_modulated_rms_norms_to_their_layers(comfy: Any, fmt: str) -> None:
+    """LTX-Video's blocks (``comfy.ldm.lightricks``): ``rms_norm(x) * (1 + scale) + shift`` reaches attn1's fused
+    q / k / v and the feed-forward's projection as one modulated RMSNorm per item (the normed activation is
+    never made), and the clone computes what the unfolded clone computes."""
+    from comfyquant.nodes.ltx_blocks import FoldedLtxBlock
+
+    model = _ltx()
+    base, plain, folded, report = _adapted(model, fmt)
+    names = "attn1's norm, ff's norm"
+    assert report.modulated == [f"transformer_blocks.{i}: {names}" for i in range(2)]
+    assert sum(isinstance(v, FoldedLtxBlock) for v in folded.object_patches.values()) == 2
+    assert not any(isinstance(v, FoldedLtxBlock) for v in plain.object_patches.values())
+    ref, want = _run_ltx(model, base), _run_ltx(model, plain)
+    paths = [f"transformer_blocks.0.{p}" for p in ("attn1.to_q", "attn1.to_v", "ff.net.0.proj", "attn2.to_q",
+                                                   "attn1.to_out.0", "ff.net.2")]
+    got, seen = _spied(model, folded, paths, lambda: _run_ltx(model, folded))
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    assert 0 < rel_err(want, ref) < 0.05
+    q, v, proj = (seen[p] for p in paths[:3])
+    assert q and all(n is not None and n.rms and n.rows == 32 for n in q + proj)
+    assert [id(n) for n in v] == [id(n) for n in q] and proj[0] is not q[0]
+    assert all(n is None for p in paths[3:] for n in seen[p])
+    with patched(folded):
+        group = model.diffusion_model.transformer_blocks[0].attn1.to_q.sibling[0]
+    again = _run_ltx(model, folded)  # q / k / v as one GEMM with the norm in it, from the second call
+    assert group.fused_calls == 1 and rel_err(again, want) < 1e-5
+
+
+def test_ltx_timesteps_per_token_run_the_stock_block(comfy: Any) -> None:
+    """A timestep per token (image-to-video conditioning) gives each token its own modulation: the folded forward
+    hands the call to the block's own forward, bit for bit the unfolded clone's output, its sites unused."""
+    from comfyquant.nodes.ltx_blocks import FoldedLtxBlock
+
+    model = _ltx()
+    _, plain, folded, _ = _adapted(model)
+    t = torch.rand(2, 32, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_run_ltx(model, folded, t), _run_ltx(model, plain, t))
+    forwards = [v for v in folded.object_patches.values() if isinstance(v, FoldedLtxBlock)]
+    assert forwards and all(s._buf is None for f in forwards for s in f.sites)

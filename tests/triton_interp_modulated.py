@@ -329,7 +329,8 @@ def _rms_normed64(x: torch.Tensor, mod: torch.Tensor, rows: int) -> torch.Tensor
 
 def check_modulated_rms() -> None:
     """A modulated RMSNorm (``ModulatedNorm(rms=True)``, ``NORM`` 5: Z-Image's ``rms_norm(x) * w * (1 + scale)``
-    as a scale of ``w * (1 + scale) - 1`` in an fp32 buffer, no shift; 16-bit buffers with a shift too): the block
+    as a scale of ``w * (1 + scale) - 1`` in an fp32 buffer, no shift; 16-bit buffers with a shift too, LTX-Video's
+    ``rms_norm(x) * (1 + scale) + shift``): the block
     quantizer's codes within half a step of the float64 rows (fp8: the interpreter's cast, ties apart), scales to
     1e-5; the torch path (``acts.rms_norm``) within its rounding of them; every int8 / fp8 linear path, the
     row-block kernel at 64 rows and the rotating row kernel against the same path fed the float64 rows, ~1 off
@@ -354,12 +355,14 @@ def check_modulated_rms() -> None:
                m=m, k=k, dtype=str(dt), rel=torch_path)
         _quantizer_checks("modulated_rms", x, norm, y64, 2, m=m, k=k, dtype=str(dt))
     g = torch.Generator().manual_seed(14)
-    for m, k, n, dt, gr in [(64, 256, 48, F32, 32), (128, 128, 80, F16, 64), (64, 192, 32, BF16, 16)]:
+    # (the last: LTX-Video's, a shift and scale per item in the model's bf16, no weight)
+    for m, k, n, dt, gr, mod_dt in [(64, 256, 48, F32, 32, F32), (128, 128, 80, F16, 64, F32),
+                                    (64, 192, 32, BF16, 16, F32), (64, 160, 48, BF16, 32, BF16)]:
         wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
         s = torch.rand(n, generator=g) * 0.01 + 1e-3
         bias = torch.randn(n, generator=g)
         x = _x(m, k, dt, seed=m + k + 7)
-        buf = zimage(m // gr, k, seed=k + 3)
+        buf = zimage(m // gr, k, seed=k + 3) if mod_dt == F32 else _mod(m // gr, k, seed=k + 3, dtype=mod_dt)
         norm = ModulatedNorm(buf, EPS, gr, rms=True)
         xn = _rms_normed64(x, buf, gr).float()
         paths = dict(linear_paths(wq, s, bias, dt))

@@ -2,7 +2,7 @@
 (``runtime.modulation``), one entry point for the adapter and the loader: Flux-style double / single blocks
 (``flux_blocks``: Flux.1, Flux.2, Chroma, HunyuanVideo) and SD3's joint blocks (``sd3_blocks``), as ComfyUI's
 "dit" block replacements; Wan 2.x's, Qwen-Image's (``wan_blocks``) and Z-Image's / Lumina 2's
-(``lumina_blocks``) blocks, as their blocks' ``forward``."""
+(``lumina_blocks``) and LTX-Video's (``ltx_blocks``) blocks, as their blocks' ``forward``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from comfyquant.nodes.flux_blocks import fold_flux_blocks
+from comfyquant.nodes.ltx_blocks import FoldedLtxBlock
 from comfyquant.nodes.lumina_blocks import FoldedLuminaBlock
 from comfyquant.nodes.sd3_blocks import fold_sd3_blocks
 from comfyquant.nodes.wan_blocks import FoldedQwenBlock, FoldedWanBlock
@@ -25,6 +26,8 @@ BLOCK_FORWARDS: dict[tuple[str, str], tuple[tuple[str, ...], str, Callable[[nn.M
         "img_norm1, img_norm2, txt_norm1, txt_norm2", FoldedQwenBlock),
     ("comfy.ldm.lumina.model", "JointTransformerBlock"): (("attention.qkv", "feed_forward.w1"),
                                                           "attention_norm1, ffn_norm1", FoldedLuminaBlock),
+    ("comfy.ldm.lightricks.model", "BasicTransformerBlock"): (("attn1.to_q", "ff.net.0.proj"),
+                                                              "attn1's norm, ff's norm", FoldedLtxBlock),
 }
 
 

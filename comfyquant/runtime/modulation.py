@@ -27,12 +27,14 @@ from comfyquant.runtime.nn import QuantLinear, _same, _state
 
 class ModulationSite:
     """One modulated norm's buffer: ``[G, 2K]`` (each batch item's shift, then its scale) in the modulation's
-    dtype, remade when the batch size, width, dtype or device changes."""
+    dtype, remade when the batch size, width, dtype or device changes. ``rms``: the norm is an RMSNorm without a
+    weight (LTX-Video's), not a LayerNorm."""
 
-    __slots__ = ("_buf", "_buf3", "eps")
+    __slots__ = ("_buf", "_buf3", "eps", "rms")
 
-    def __init__(self, eps: float) -> None:
+    def __init__(self, eps: float, rms: bool = False) -> None:
         self.eps = float(eps)
+        self.rms = rms
         self._buf: torch.Tensor | None = None  # [G, 2K], what the kernels read
         self._buf3: torch.Tensor | None = None  # the same memory as [G, 1, 2K], for [G, 1, K] inputs
 
@@ -50,7 +52,7 @@ class ModulationSite:
         if scale.dim() != len(ss):  # ([G, 1, K] with [G, K]: per_item takes either for each)
             scale = scale.view(ss)
         torch.cat((shift, scale), dim=-1, out=self._buf3 if len(ss) == 3 else buf)
-        return ModulatedNorm(buf, self.eps, rows)
+        return ModulatedNorm(buf, self.eps, rows, rms=self.rms)
 
 
 class RmsModulationSite:
