@@ -1,4 +1,4 @@
-"""Step time and peak VRAM of Z-Image- and Qwen-Image-shaped models in ComfyUI's own classes: bf16 against the
+"""Step time and peak VRAM of Z-Image-, Qwen-Image- and LTX-Video-shaped models in ComfyUI's own classes: bf16 against the
 "Enable INT8 on MODEL" adapter (int8 with the blocks' modulated norms handed to the layers they feed, the same
 without that fold, fp8) and against ComfyUI's own int8 path (comfy-kitchen) on the converter's int8 file of the
 same weights; one family a run (``--family``).
@@ -8,10 +8,13 @@ same weights; one family a run (``--family``).
   parameters a layer); one forward a step (Z-Image Turbo samples without CFG), 128 text tokens.
 - ``qwen_image``: Qwen-Image's MMDiT (``comfy.ldm.qwen_image.model``): hidden 3072, 24 heads of 128, Qwen2.5-VL
   context 3,584 wide; ``--depth`` blocks (default 8 of 60, ~0.34 B parameters a block); 128 text tokens.
+- ``ltxv``: LTX-Video 2B's DiT (``comfy.ldm.lightricks.model``): hidden 2048, 32 heads of 64, T5-XXL context 4,096
+  wide; ``--depth`` blocks (default 8 of 28); a square video of 97 frames, ``--res`` pixels a side (latent
+  128 x 13 x res/32 x res/32: 7,488 tokens at 768), 128 text tokens.
 
 Each model is ComfyUI's class as ``comfy.sd.load_diffusion_model`` builds it from a state dict whose keys ComfyUI
 detects as that family; random weights with a 1/sqrt(fan_in) scale (speed and memory do not depend on their
-values). Eager mode, batch 1, 1024x1024 (latent 16 x 128 x 128 -> 4,096 image tokens). Results:
+values). Eager mode, batch 1, 1024x1024 (latent 16 x 128 x 128 -> 4,096 image tokens; LTX-Video: see above). Results:
 ``--out``/bench_comfyui_<family>.json, .md and .png. ``--smoke``: a tiny model on the CPU (built from the family's
 config with small widths: detection fixes the real ones), no stock row, to check the mechanics.
 
@@ -78,6 +81,11 @@ def _qwen_probe(depth: int) -> dict[str, tuple[int, ...]]:
             **{f"transformer_blocks.{i}.img_mod.1.weight": (6 * 3072, 3072) for i in range(depth)}}
 
 
+def _ltxv_probe(depth: int) -> dict[str, tuple[int, ...]]:
+    return {"adaln_single.emb.timestep_embedder.linear_1.bias": (2048,),  # (32 heads of to_k's width / 32)
+            **{f"transformer_blocks.{i}.attn2.to_k.weight": (2048, 2048) for i in range(depth)}}
+
+
 FAMILIES = {
     "zimage": Family("Z-Image-shaped NextDiT", "zimage", "lumina2", "comfy.ldm.lumina.model", "NextDiT", "ZImage", 30,
                      _zimage_probe, {"dim": 256, "cap_feat_dim": 64, "n_heads": 2, "n_kv_heads": 2},
@@ -85,7 +93,11 @@ FAMILIES = {
     "qwen_image": Family("Qwen-Image-shaped MMDiT", "qwen-image", "qwen_image", "comfy.ldm.qwen_image.model",
                          "QwenImageTransformer2DModel", "QwenImage", 60, _qwen_probe,
                          {"num_attention_heads": 2, "joint_attention_dim": 64}, (3584, 64), "context"),
+    "ltxv": Family("LTX-Video-2B-shaped DiT", "ltxv", "ltxv", "comfy.ldm.lightricks.model", "LTXVModel", "LTXV", 28,
+                   _ltxv_probe, {"num_attention_heads": 2, "attention_head_dim": 32, "cross_attention_dim": 64,
+                                 "caption_channels": 64}, (4096, 64), "context"),
 }
+LTXV_CHANNELS, LTXV_FRAMES = 128, {"full": 13, "smoke": 2}  # LTXV's VAE: 128 channels, 97 frames -> 13 latent
 
 
 def family_config(fam: Family, depth: int, smoke: bool) -> dict[str, Any]:
@@ -127,6 +139,10 @@ def family_inputs(fam: Family, smoke: bool, res: int, device: str, dtype: torch.
     g = torch.Generator().manual_seed(1)
     n, width = TEXT_TOKENS["smoke" if smoke else "full"], fam.context[1 if smoke else 0]
     ctx = torch.randn(1, n, width, generator=g).to(device, dtype)
+    if fam.preset == "ltxv":  # a square video of 97 frames (LTXV's VAE: 32x32 pixels and 8 frames a latent cell)
+        frames = LTXV_FRAMES["smoke" if smoke else "full"]
+        return {"x": torch.randn(1, LTXV_CHANNELS, frames, res // 32, res // 32, generator=g).to(device, dtype),
+                "timestep": torch.tensor([0.5], device=device), "context": ctx, "attention_mask": None}
     if fam.preset == "zimage":
         return {"x": torch.randn(1, LATENT_CHANNELS, res // 8, res // 8, generator=g).to(device, dtype),
                 "timesteps": torch.tensor([0.5], device=device), "context": ctx, "num_tokens": n}

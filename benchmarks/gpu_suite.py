@@ -252,6 +252,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "comfyui_qwen_image": [[PY, "benchmarks/bench_comfyui_dit.py", "--family", "qwen_image", "--out",
                                 str(work / "comfyui_dit"), *cache,
                                 *(s or ["--rounds", "2", "--iters", "5", "--warmup", "3"])]],
+        # LTX-Video 2B's DiT (8 of 28 blocks), a 768 x 768 x 97-frame video (7,488 tokens): its modulated RMSNorms
+        # handed to attn1's q / k / v and the feed-forward (twenty-fourth session, built without a device)
+        "comfyui_ltxv": [[PY, "benchmarks/bench_comfyui_dit.py", "--family", "ltxv", "--res", "768", "--out",
+                          str(work / "comfyui_dit"), *cache, *(s or ["--rounds", "2", "--iters", "5", "--warmup", "3"])]],
         # T5-XXL-shaped text encoder in ComfyUI: bf16 vs "Enable INT8 on CLIP" vs ComfyUI's own int8 file path
         "comfyui_t5": [[PY, "benchmarks/bench_comfyui_t5.py", "--out", str(work / "comfyui_t5"), *cache, *s]],
         "autoprec": [[PY, "benchmarks/bench_autoprec.py", "--workdir", str(work / "auto_tmp"), "--json",

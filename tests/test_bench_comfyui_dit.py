@@ -1,4 +1,4 @@
-"""The Z-Image / Qwen-Image GPU benchmark runs end to end on the CPU on tiny models (every variant, json + md + png
+"""The Z-Image / Qwen-Image / LTX-Video GPU benchmark runs end to end on the CPU on tiny models (every variant, json + md + png
 written)."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_comfyui_
 # converted layers and folded blocks of the two-block smoke models: Z-Image's 2 main + 2 noise-refiner + 2
 # context-refiner blocks, 5 linears each (qkv, out, w1, w2, w3; the preset keeps embedders, adaLN and the final
 # layer), the modulated ones (not the context refiner) folded; Qwen-Image's 2 blocks, 12 linears each (both
-# streams' q / k / v, out and MLP pairs; the preset keeps img_mod / txt_mod), both folded
-EXPECTED = {"zimage": (30, 4), "qwen_image": (24, 2)}
+# streams' q / k / v, out and MLP pairs; the preset keeps img_mod / txt_mod), both folded; LTX-Video's 2 blocks,
+# 10 linears each (both attentions' q / k / v / out, the feed-forward's two), both folded
+EXPECTED = {"zimage": (30, 4), "qwen_image": (24, 2), "ltxv": (20, 2)}
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
