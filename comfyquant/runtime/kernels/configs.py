@@ -31,12 +31,26 @@ class TileConfig:
     split_k: int = 1  # the weight-only kernel: K cut into this many slices, one program each (see w8a16_config)
 
 
+HOPPER_SMEM = 232448  # shared memory a block may take on sm_90 / sm_100 (227 KB, opt-in)
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program there; the rest for layout conversions
+SMEM_RESERVE = HOPPER_SMEM - SMEM_BUDGET
+# Shared memory a block may take (opt-in) by compute capability where the driver is not asked (the CPU checks of
+# ``tests/test_kernel_targets.py``): A100 163 KB; RTX 30 / 40 / 50 series (sm_86 / 89 / 120) 99 KB.
+SMEM_BY_CC = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): HOPPER_SMEM,
+              (10, 0): HOPPER_SMEM, (12, 0): 101376}
+# Compute-capability majors whose Triton (3.6) pipelines keep stages - 1 tiles in shared memory (cp.async: the
+# offline compiles of the W8A8, weight-only and one-launch kernels for sm_80 / 86 / 89 / 120 measured 2 / 3
+# tiles at 3 / 4 stages); on sm_90 every stage's tiles are resident.
+ASYNC_COPY_MAJORS = (8, 12)
+
+
 # Large tiles for wgmma-class GEMMs; ``speed``: throughput of a full tile relative to 256x128 (H200, int8).
 # Fitted on the H200 tune section of 2026-12-02 (run 9, GEMM alone under CUDA graphs, 10 tiles x 19 shapes of
 # Flux / Wan / SDXL at M 256-16384; benchmarks/results/tune_run9_*): the median over shapes of each tile's
 # time x wave efficiency against 256x128's. The 128x128 / 8-warp tile (0.85 before) measured 0.81, 4 warps
 # 0.83; 64x128 measured 0.83 (0.7 before: it lost the 1280-wide SDXL shapes and Flux at M 256-1024, up to 1.36x
 # slower than the best tile). Picked tile over the fastest: geometric mean 1.062 -> 1.004, worst 1.36 -> 1.05.
+# Devices with less shared memory than HOPPER_SMEM (A100, RTX 30 / 40 / 50 series) take _AMPERE's.
 _BIG = ((TileConfig(256, 128, 128, 8, 4), 1.0), (TileConfig(128, 256, 128, 8, 3), 1.0),
         (TileConfig(64, 128, 128, 4, 4), 0.83), (TileConfig(128, 128, 128, 4, 4), 0.83),
         (TileConfig(64, 256, 128, 4, 4), 0.82), (TileConfig(128, 64, 128, 4, 4), 0.76),
@@ -202,7 +216,8 @@ def small_m_config(m: int, n: int, k: int, sms: int, *, block_k: int = 128) -> T
 
 
 @functools.lru_cache(maxsize=4096)
-def w8a16_config(m: int, n: int, k: int, sms: int, fp8: bool = False) -> TileConfig:
+def w8a16_config(m: int, n: int, k: int, sms: int, fp8: bool = False, smem: int = HOPPER_SMEM,
+                 major: int = 9) -> TileConfig:
     """Weight-only kernel (bf16 x, int8/fp8 W): thin M; wide K (256) at M <= 16 so each load moves 16+ bytes
     per thread; pipeline depth bounded by shared memory (A bf16 + B int8 per stage; run 1 overflowed at 4 stages
     of 64x128x256 tiles: 288 KB).
@@ -230,7 +245,7 @@ def w8a16_config(m: int, n: int, k: int, sms: int, fp8: bool = False) -> TileCon
                              split_k=w8a16_split(cdiv(k, bk)))
     else:
         cfg = small_m_config(m, n, k, sms, block_k=128)
-    return fit_stages(cfg, a_bytes=2, b_bytes=1)
+    return fit_stages(cfg, a_bytes=2, b_bytes=1, smem=smem, major=major)
 
 
 SPLIT_K = 4  # K slices of the weight-only kernel at M <= 16 below 8,192 columns
@@ -244,14 +259,15 @@ def w8a16_split(iters: int) -> int:
     return cdiv(iters, cdiv(iters, split))
 
 
-SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program; the rest of ~227 KB for layout conversions
-
-
 @functools.lru_cache(maxsize=4096)
-def fit_stages(cfg: TileConfig, a_bytes: int, b_bytes: int) -> TileConfig:
-    """``cfg`` with ``stages`` cut so the pipelined A/B tiles fit the shared-memory budget."""
+def fit_stages(cfg: TileConfig, a_bytes: int, b_bytes: int, smem: int = HOPPER_SMEM, major: int = 9) -> TileConfig:
+    """``cfg`` with ``stages`` cut so the pipelined A/B tiles fit a device's ``smem`` bytes a block less
+    :data:`SMEM_RESERVE` (:data:`SMEM_BUDGET` on Hopper), counting the tiles a pipeline of compute-capability
+    ``major`` keeps resident (:data:`ASYNC_COPY_MAJORS`: one fewer than its stages). An RTX 4090's 99 KB took 4
+    stages of the weight-only kernel's 16 x 128 x 256 tile (120 KB): Triton refuses such a launch."""
     per_stage = cfg.block_m * cfg.block_k * a_bytes + cfg.block_k * cfg.block_n * b_bytes
-    stages = max(1, min(cfg.stages, SMEM_BUDGET // per_stage))
+    tiles = max(0, smem - SMEM_RESERVE) // per_stage
+    stages = max(1, min(cfg.stages, tiles + 1 if major in ASYNC_COPY_MAJORS else tiles))
     return cfg if stages == cfg.stages else dataclasses.replace(cfg, stages=stages)
 
 

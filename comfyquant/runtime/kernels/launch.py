@@ -14,10 +14,15 @@ and 16-byte alignment, and each int argument's ``== 1`` / ``% 16 == 0`` properti
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from comfyquant.runtime.kernels.configs import HOPPER_SMEM, SMEM_BY_CC
+
+logger = logging.getLogger("comfyquant.runtime")
 
 
 def _spec(a: Any) -> Any:
@@ -39,6 +44,34 @@ def _spec(a: Any) -> Any:
 def _device_facts(index: int) -> tuple[int, int]:
     props = torch.cuda.get_device_properties(index)
     return props.multi_processor_count, props.major
+
+
+@functools.lru_cache(maxsize=16)
+def _device_smem(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
+    try:  # (a torch without the property) what Triton itself checks a launch against
+        import triton
+
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except (ImportError, AttributeError, KeyError, RuntimeError):
+        return SMEM_BY_CC.get((props.major, props.minor), min(SMEM_BY_CC.values()))
+
+
+def device_smem(device: torch.device) -> int:
+    """Bytes of shared memory a block may take on ``device`` (opt-in: what Triton refuses launches beyond; 227 KB
+    on an H100 / H200, 99 KB on RTX 30 / 40 / 50 series cards); off CUDA (the interpreter) an H100's."""
+    if device.type != "cuda":
+        return HOPPER_SMEM
+    return _device_smem(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def hopper_class(device: torch.device) -> bool:
+    """Whether ``device`` takes the tiles, persistent grids and TMA paths tuned on the H200: compute capability 9+
+    with a Hopper's shared memory (not the 99 KB of consumer Blackwell, sm_120)."""
+    return device_facts(device)[1] >= 9 and device_smem(device) >= HOPPER_SMEM
 
 
 def device_facts(device: torch.device) -> tuple[int, int]:
@@ -186,6 +219,28 @@ class FastKernel:
             return None
         return _tma_direct(ck, _grid3(grid))
 
+    def _first_launch(self, grid: tuple[int, ...], args: Sequence[Any], num_warps: int, num_stages: int) -> Any:
+        """Compile and launch through Triton; where the device's shared memory cannot hold ``num_stages`` stages
+        of the tile (Triton's ``OutOfResources``: a GPU whose limit the tile tables did not foresee), the same
+        tile with fewer stages, said once per kernel and tile. The compiled kernel is kept under the requested
+        stages (the callers' keys), so later launches and plans take it."""
+        from triton.runtime.errors import OutOfResources
+
+        stages, refused = num_stages, None
+        while True:
+            try:
+                ck = self.fn[grid](*args, num_warps=num_warps, num_stages=stages)
+            except OutOfResources as e:
+                if stages <= 1:
+                    raise
+                stages, refused = stages - 1, e
+                continue
+            if refused is not None:
+                logger.warning("comfyquant: %s runs with %d pipeline stages, not its tile table's %d, on this GPU "
+                               "(%s); perhaps slower than a tile made for it",
+                               getattr(self.fn, "__name__", "a kernel"), stages, num_stages, refused)
+            return ck
+
     def __call__(self, grid: tuple[int, ...], args: Sequence[Any], device: torch.device, *,
                  num_warps: int, num_stages: int, key: tuple | None = None) -> None:
         """Launch; ``key``: the caller's own tuple of everything Triton specializes these args on (cheaper than
@@ -196,7 +251,7 @@ class FastKernel:
         key = self.key(args, num_warps, num_stages) if key is None else (num_warps, num_stages, key)
         ck = self._compiled.get(key)
         if ck is None:
-            ck = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
+            ck = self._first_launch(grid, args, num_warps, num_stages)
             if ck is not None and hasattr(ck, "run") and hasattr(ck, "packed_metadata"):
                 self._compiled[key] = ck  # interpreter mode returns None: stays on the slow path
             return

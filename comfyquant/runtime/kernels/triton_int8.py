@@ -35,7 +35,7 @@ from comfyquant.runtime.kernels.configs import (
     small_m_config,
     w8a16_config,
 )
-from comfyquant.runtime.kernels.launch import FastKernel, device_facts, stream_id
+from comfyquant.runtime.kernels.launch import FastKernel, device_facts, device_smem, hopper_class, stream_id
 
 _W8A8 = FastKernel(kern.w8a8)
 _W8A16 = FastKernel(kern.w8a16)
@@ -102,8 +102,9 @@ def _no_gated_act(act: int, what: str) -> None:
 
 
 def use_tma(a: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """TMA path: Hopper+, 16-byte aligned rows (K % 16 == 0) and base pointers."""
-    return (a.device.type == "cuda" and device_facts(a.device)[1] >= 9 and a.shape[1] % 16 == 0
+    """TMA path: a Hopper-class GPU (``launch.hopper_class``), 16-byte aligned rows (K % 16 == 0) and base
+    pointers."""
+    return (a.device.type == "cuda" and hopper_class(a.device) and a.shape[1] % 16 == 0
             and a.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 and a.stride(0) % 16 == 0
             and w_q.stride(0) % 16 == 0)
 
@@ -114,15 +115,17 @@ def pick_w8a8(m: int, n: int, k: int, device: torch.device, persistent: bool = F
     """(tile config, use small-M tiles) for the two-launch W8A8 GEMM; ``persistent``: the call may run the
     persistent-grid kernel (:func:`persistent_eligible`), which Hopper then takes for the full-size tiles;
     ``ws``: it may run the Gluon kernel (:func:`ws_eligible`; None: as ``persistent``), which sm_90 takes on
-    the shapes ``configs.hopper_w8a8_config`` gives it."""
+    the shapes ``configs.hopper_w8a8_config`` gives it. Other GPUs (A100, RTX 30 / 40 / 50 series) take the
+    Ampere tiles, with the stages their shared memory holds."""
     sms, major = device_facts(device)
+    smem, hopper = device_smem(device), hopper_class(device)
     if m < SMALL_M:
-        return fit_stages(small_m_config(m, n, k, sms), 1, 1), True
-    cfg = gemm_config(m, n, k, sms, hopper=major >= 9)
+        return fit_stages(small_m_config(m, n, k, sms), 1, 1, smem, major), True
+    cfg = gemm_config(m, n, k, sms, hopper=hopper)
     ws = persistent if ws is None else ws
-    if (persistent or ws) and major >= 9:
+    if (persistent or ws) and hopper:
         cfg = hopper_w8a8_config(cfg, m, major if ws and ws_available() else 0, n, k, persistent, sms)
-    return fit_stages(cfg, 1, 1), False
+    return fit_stages(cfg, 1, 1, smem, major), False
 
 
 def ws_supported(triton_version: str) -> bool:
@@ -358,7 +361,9 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
 
 
 def fused_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    return fit_stages(small_m_config(m, n, k, device_facts(device)[0]), a_bytes=2, b_bytes=1)
+    """The per-tile one-launch kernel's tile (x 16-bit, W int8), with the stages ``device``'s shared memory holds."""
+    sms, major = device_facts(device)
+    return fit_stages(small_m_config(m, n, k, sms), a_bytes=2, b_bytes=1, smem=device_smem(device), major=major)
 
 
 def _fused_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torch.Tensor,
@@ -479,12 +484,18 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     sb = _sb(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
-        cfg = cfg or w8a16_config(m, n, k, device_facts(x.device)[0], fp8=w_q.dtype in FP8_DTYPES)
+        cfg = cfg or w8a16_config_for(m, n, k, x.device, w_q.dtype in FP8_DTYPES)
         bufs = split_buffers(x.device, None, cfg, m, n)
         grid, args, key = _w8a16_launch(x2d, w_q, out, sb, bias, cfg, _low_rank_args(low_rank, x_lr, sb), a_act,
                                         bufs, packed)
         _W8A16(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)
     return out.reshape(*lead, n)
+
+
+def w8a16_config_for(m: int, n: int, k: int, device: torch.device, fp8: bool) -> TileConfig:
+    """``configs.w8a16_config`` for ``device``: its multiprocessors, shared memory and pipeline kind."""
+    sms, major = device_facts(device)
+    return w8a16_config(m, n, k, sms, fp8=fp8, smem=device_smem(device), major=major)
 
 
 def split_buffers(device: torch.device, stream: int | None, cfg: TileConfig, m: int, n: int
@@ -553,13 +564,15 @@ def w4a8_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
     Flux proj / mlp2 at 256 (48 programs of 256), 64 x 64 on SDXL's 1,280 at 256; the W8A8 rule's tiles 0.76x of
     the best (geometric mean)."""
     sms, major = device_facts(device)
+    smem = device_smem(device)
     if w4a8_order(m) == "plain":
-        cfg = small_m_config(m, n, k, sms) if m < SMALL_M else gemm_config(m, n, k, sms, hopper=major >= 9)
+        cfg = (small_m_config(m, n, k, sms) if m < SMALL_M
+               else gemm_config(m, n, k, sms, hopper=hopper_class(device)))
         return fit_stages(TileConfig(cfg.block_m, cfg.block_n, w4a8_block_k(k), cfg.warps, cfg.stages, cfg.group_m),
-                          1, 1)
+                          1, 1, smem, major)
     cap = max(64, next_power_of_2(m))
     bm = next((b for b in (256, 128) if b <= cap and cdiv(m, b) * cdiv(n, 64) >= sms // 2), 64)
-    return fit_stages(TileConfig(bm, 64, w4a8_block_k(k), 4, 3 if bm == 256 else 4, 8), 1, 1)
+    return fit_stages(TileConfig(bm, 64, w4a8_block_k(k), 4, 3 if bm == 256 else 4, 8), 1, 1, smem, major)
 
 
 def _w4a8_launch(q: torch.Tensor, s_x: torch.Tensor, w_packed: torch.Tensor, sb: torch.Tensor,

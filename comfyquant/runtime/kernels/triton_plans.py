@@ -24,8 +24,7 @@ from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels.acts import Norm
-from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape, w8a16_config
-from comfyquant.runtime.kernels.launch import device_facts
+from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape
 from comfyquant.runtime.versions import version
 
 logger = logging.getLogger("comfyquant.runtime")
@@ -84,7 +83,7 @@ def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     if common is None:
         return None
     lead, m, n, k, dev, sb = common
-    cfg = w8a16_config(m, n, k, device_facts(dev)[0], fp8=w_q.dtype in FP8_DTYPES)
+    cfg = ti.w8a16_config_for(m, n, k, dev, w_q.dtype in FP8_DTYPES)
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
     bufs = ti.split_buffers(dev, raw_stream(dev)(), cfg, m, n)

@@ -1,0 +1,83 @@
+"""The kernels the runtime launches fit the shared memory of the GPUs ComfyUI users run, checked on the CPU:
+every W8A8 / weight-only / one-launch / rotated / fp8 launch of Flux, SDXL, Wan, T5 and CLIP layers at 1-4,096 rows
+is compiled by Triton for an A100 and for RTX 3090 / 4090 / 5090 cards (``kernel_targets``). Before the tile tables
+read the device's shared memory, the RTX cards' 99 KB were exceeded by the weight-only kernel's 16 x 128 x 256 tile
+at 4 stages (120 KB), the per-tile one-launch kernel's 64 x 128 x 128 (104 KB) and, on the RTX 5090, the W8A8 GEMM's
+Hopper tile 256 x 128 x 128 (144 KB): Triton refuses such launches (``OutOfResources``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernel_targets as kt
+
+from comfyquant.runtime.kernels import triton_int8 as ti
+from comfyquant.runtime.kernels.configs import TileConfig, fit_stages
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", list(kt.TARGETS))
+def test_every_launch_fits_the_shared_memory_of_the_gpu(name: str) -> None:
+    target = kt.TARGETS[name]
+    with kt.recorded_launches(target) as launches:
+        kt.drive(target)
+    kernels = {la.fn.__name__ for la in launches}
+    assert {"w8a8", "w8a16", "fused", "fused_rows"} <= kernels, kernels  # (every GEMM path was reached)
+    over = [(kt.describe(la), b) for la in kt.distinct(launches)
+            if (b := kt.shared_bytes(la, target.cc)) > target.smem]
+    assert not over, f"{name}: {over} over {target.smem} bytes"
+
+
+def test_consumer_gpus_take_the_ampere_tiles_and_hopper_keeps_its_own() -> None:
+    """The RTX 5090 (compute capability 12, 99 KB) takes the Ampere tile table and no persistent grid; the H100 /
+    H200 (and the CPU interpreter, which stands for one) keep the Hopper tiles and their stages."""
+    with kt.recorded_launches(kt.TARGETS["RTX 5090 (sm_120)"]):
+        cfg, small = ti.pick_w8a8(4096, 3072, 3072, torch.device("cpu"), True)
+        assert not small and cfg.block_k == 64 and not cfg.persistent
+    hopper, _ = ti.pick_w8a8(4096, 3072, 3072, torch.device("cpu"), True)
+    assert hopper.block_k == 128
+    tile = TileConfig(16, 128, 256, 4, 4, 1)
+    assert fit_stages(tile, 2, 1).stages == 4  # Hopper: 4 x 40 KB within 200 KB
+    assert fit_stages(tile, 2, 1, smem=101376, major=8).stages == 2  # 99 KB, cp.async: stages - 1 tiles resident
+    assert fit_stages(tile, 2, 1, smem=166912, major=8).stages == 4
+
+
+def test_a_launch_the_gpu_refuses_for_shared_memory_runs_with_fewer_stages(caplog: pytest.LogCaptureFixture) -> None:
+    """A GPU whose limit the tables did not foresee: Triton's ``OutOfResources`` at the first launch makes
+    ``FastKernel`` launch the same tile with fewer stages (said once), keep that kernel under the requested stages
+    for later launches and plans, and re-raise where even one stage does not fit."""
+    from triton.runtime.errors import OutOfResources
+
+    from comfyquant.runtime.kernels.launch import FastKernel
+
+    class Compiled:
+        def __init__(self, stages: int) -> None:
+            self.stages, self.run, self.function, self.packed_metadata = stages, lambda *a: None, None, None
+
+    class Jit:
+        __name__, params = "toy", []
+
+        def __init__(self, fits: int) -> None:
+            self.fits, self.tried = fits, []
+
+        def __getitem__(self, grid: tuple) -> object:
+            def launch(*args: object, num_warps: int, num_stages: int) -> Compiled:
+                self.tried.append(num_stages)
+                if num_stages > self.fits:
+                    raise OutOfResources(40960 * num_stages, 101376, "shared memory")
+                return Compiled(num_stages)
+            return launch
+
+    fn = Jit(fits=2)
+    fk = FastKernel(fn)
+    with caplog.at_level("WARNING", logger="comfyquant.runtime"):
+        fk((4,), (1.5,), torch.device("cpu"), num_warps=4, num_stages=4, key=("k",))
+    assert fn.tried == [4, 3, 2] and fk._compiled[(4, 4, ("k",))].stages == 2
+    assert fk.prepared((4,), (1.5,), num_warps=4, num_stages=4, key=("k",)) is not None
+    assert len([r for r in caplog.records if "2 pipeline stages, not its tile table's 4" in r.getMessage()]) == 1
+    with pytest.raises(OutOfResources):
+        FastKernel(Jit(fits=0))((4,), (1.5,), torch.device("cpu"), num_warps=4, num_stages=3, key=("k",))
