@@ -6,7 +6,8 @@ with the device's facts faked (multiprocessors, compute capability, shared memor
 instead of run (:func:`recorded_launches`); each distinct launch is then compiled by Triton for that compute
 capability, as its JIT would specialize it (dtypes, 16-byte alignment, ints equal to 1 or multiples of 16), with
 the ptxas Triton ships (:func:`shared_bytes`), and its shared memory read from the compiled kernel's metadata,
-which is what Triton checks a launch against. Gluon and TMA-descriptor launches (Hopper only) are not covered.
+which is what Triton checks a launch against. The int8 attention's kernels, launched through Triton's own JIT
+call, are recorded the same way. Gluon and TMA-descriptor launches (Hopper only) are not covered.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from comfyquant.runtime.kernels import launch
+from comfyquant.runtime.kernels import triton_attention as ta
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels import triton_quant as tq
 from comfyquant.runtime.kernels.configs import SMEM_BY_CC
@@ -52,6 +54,22 @@ _TYPES = {torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: 
           torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 
 
+class _JitRecorder:
+    """Stands for a ``@triton.jit`` function called as ``kernel[grid](*args, **kwargs)``: records the launch."""
+
+    def __init__(self, fn: Any, record: list[Launch]) -> None:
+        self.fn, self.record = fn, record
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        def launch_(*args: Any, num_warps: int = 4, num_stages: int = 3, **kwargs: Any) -> None:
+            full = (*args, *(kwargs[n] for n in self.fn.arg_names[len(args):]))
+            self.record.append(Launch(self.fn, full, num_warps, num_stages))
+        return launch_
+
+
+ATTENTION_KERNELS = ("_attn_int8", "_attn_quant_blocks", "_attn_quant_v")
+
+
 @contextlib.contextmanager
 def recorded_launches(target: Target) -> Iterator[list[Launch]]:
     """Within the block the runtime's kernel modules see ``target``'s facts and every ``FastKernel`` launch is
@@ -67,6 +85,9 @@ def recorded_launches(target: Target) -> Iterator[list[Launch]]:
 
     for mod, name, _ in saved:
         setattr(mod, name, facts[name])
+    jits = [(name, getattr(ta, name)) for name in ATTENTION_KERNELS]
+    for name, fn in jits:
+        setattr(ta, name, _JitRecorder(fn, record))
     FastKernel.__call__ = recording  # type: ignore[method-assign]
     ti.pick_w8a8.cache_clear()  # (keyed by device, not by its facts)
     try:
@@ -75,6 +96,8 @@ def recorded_launches(target: Target) -> Iterator[list[Launch]]:
         FastKernel.__call__ = call  # type: ignore[method-assign]
         for mod, name, f in saved:
             setattr(mod, name, f)
+        for name, fn in jits:
+            setattr(ta, name, fn)
         ti.pick_w8a8.cache_clear()
 
 
@@ -154,8 +177,9 @@ ROWS = (1, 16, 64, 256, 1024, 4096)
 
 
 def drive(target: Target, layers: list[tuple[int, int]] | None = None, rows: tuple[int, ...] = ROWS) -> None:
-    """Call every W8A8 / weight-only / one-launch / rotated / fp8 host function on every layer and row count (inside
-    :func:`recorded_launches`: nothing runs)."""
+    """Call every W8A8 / weight-only / one-launch / rotated / W4A8 / fp8 host function on every layer and row count,
+    and the int8 attention (head sizes 64 and 128, p v in bf16 and fp8), inside :func:`recorded_launches`: nothing
+    runs."""
     dt = torch.bfloat16
     calls: list[Callable[..., Any]] = [
         lambda x, w, s, b: ti.int8_linear(x, w, s, b, None, dt),
@@ -165,6 +189,7 @@ def drive(target: Target, layers: list[tuple[int, int]] | None = None, rows: tup
     ]
     if target.cc >= (8, 9):
         calls.append(lambda x, w, s, b: ti.fp8_linear(x, w.to(torch.float8_e4m3fn), s, b, None, dt))
+    calls.append(lambda x, w, s, b: ti.w4a8_linear(x, w[:, : w.shape[1] // 2].contiguous(), s, b, 128, dt))
     for n, k in layers or model_layers():
         g = torch.Generator().manual_seed(n + k)
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
@@ -173,3 +198,7 @@ def drive(target: Target, layers: list[tuple[int, int]] | None = None, rows: tup
             x = torch.randn(m, k, generator=g).to(dt)
             for call in calls:
                 call(x, w, s, b)
+    for d in (64, 128):
+        q, k, v = (torch.randn(1, 2, 2048, d).to(dt) for _ in range(3))
+        for pv_fp8 in (False, True) if target.cc >= (8, 9) else (False,):
+            ta.int8_attention(q, k, v, pv_fp8=pv_fp8)

@@ -1,6 +1,6 @@
 """The kernels the runtime launches fit the shared memory of the GPUs ComfyUI users run, checked on the CPU:
-every W8A8 / weight-only / one-launch / rotated / fp8 launch of Flux, SDXL, Wan, T5 and CLIP layers at 1-4,096 rows
-is compiled by Triton for an A100 and for RTX 3090 / 4090 / 5090 cards (``kernel_targets``). Before the tile tables
+every W8A8 / weight-only / one-launch / rotated / W4A8 / fp8 launch of Flux, SDXL, Wan, T5 and CLIP layers at
+1-4,096 rows, and the int8 attention's, is compiled by Triton for an A100 and for RTX 3090 / 4090 / 5090 cards (``kernel_targets``). Before the tile tables
 read the device's shared memory, the RTX cards' 99 KB were exceeded by the weight-only kernel's 16 x 128 x 256 tile
 at 4 stages (120 KB), the per-tile one-launch kernel's 64 x 128 x 128 (104 KB) and, on the RTX 5090, the W8A8 GEMM's
 Hopper tile 256 x 128 x 128 (144 KB): Triton refuses such launches (``OutOfResources``)."""
@@ -26,7 +26,8 @@ def test_every_launch_fits_the_shared_memory_of_the_gpu(name: str) -> None:
     with kt.recorded_launches(target) as launches:
         kt.drive(target)
     kernels = {la.fn.__name__ for la in launches}
-    assert {"w8a8", "w8a16", "fused", "fused_rows"} <= kernels, kernels  # (every GEMM path was reached)
+    # (every GEMM path and the attention were reached)
+    assert {"w8a8", "w8a16", "fused", "fused_rows", "w4a8", "_attn_int8"} <= kernels, kernels
     over = [(kt.describe(la), b) for la in kt.distinct(launches)
             if (b := kt.shared_bytes(la, target.cc)) > target.smem]
     assert not over, f"{name}: {over} over {target.smem} bytes"
