@@ -40,6 +40,7 @@ TARGETS = {
     "RTX 3090 (sm_86)": Target((8, 6), 82, SMEM_BY_CC[(8, 6)]),
     "RTX 4090 (sm_89)": Target((8, 9), 128, SMEM_BY_CC[(8, 9)]),
     "RTX 5090 (sm_120)": Target((12, 0), 170, SMEM_BY_CC[(12, 0)]),
+    "RTX 4060 (sm_89, 24 SMs)": Target((8, 9), 24, SMEM_BY_CC[(8, 9)]),
 }
 
 
@@ -48,6 +49,7 @@ class Launch(NamedTuple):
     args: tuple
     warps: int
     stages: int
+    grid: tuple = ()
 
 
 _TYPES = {torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.float32: "fp32",
@@ -63,7 +65,7 @@ class _JitRecorder:
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def launch_(*args: Any, num_warps: int = 4, num_stages: int = 3, **kwargs: Any) -> None:
             full = (*args, *(kwargs[n] for n in self.fn.arg_names[len(args):]))
-            self.record.append(Launch(self.fn, full, num_warps, num_stages))
+            self.record.append(Launch(self.fn, full, num_warps, num_stages, tuple(grid)))
         return launch_
 
 
@@ -81,7 +83,7 @@ def recorded_launches(target: Target) -> Iterator[list[Launch]]:
 
     def recording(self: FastKernel, grid: Any, args: Any, device: Any, *, num_warps: int, num_stages: int,
                   key: Any = None) -> None:
-        record.append(Launch(self.fn, tuple(args), num_warps, num_stages))
+        record.append(Launch(self.fn, tuple(args), num_warps, num_stages, tuple(grid)))
 
     for mod, name, _ in saved:
         setattr(mod, name, facts[name])

@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 import kernel_targets as kt
 
 from comfyquant.runtime.kernels import triton_int8 as ti
-from comfyquant.runtime.kernels.configs import TileConfig, fit_stages
+from comfyquant.runtime.kernels.acts import ModulatedNorm
+from comfyquant.runtime.kernels.configs import TileConfig, cdiv, fit_stages, rows_shape
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +83,26 @@ def test_a_launch_the_gpu_refuses_for_shared_memory_runs_with_fewer_stages(caplo
     assert len([r for r in caplog.records if "2 pipeline stages, not its tile table's 4" in r.getMessage()]) == 1
     with pytest.raises(OutOfResources):
         FastKernel(Jit(fits=0))((4,), (1.5,), torch.device("cpu"), num_warps=4, num_stages=3, key=("k",))
+
+
+def test_a_row_blocks_programs_fit_a_small_gpu_at_once() -> None:
+    """The row-block one-launch kernel's programs of a row block wait for each other, so all must be resident at
+    once: on a 24-SM card (RTX 4060) no launch has more than a quarter of the SMs' column tiles (32 of them would
+    spin forever), while an H200 keeps its 32. A modulated norm meant for that kernel runs in torch before the
+    per-tile kernel there, instead of refusing the call."""
+    small = kt.TARGETS["RTX 4060 (sm_89, 24 SMs)"]
+    assert rows_shape(1024, 4096, 4096) and not rows_shape(1024, 4096, 4096, sms=small.sms)
+    with kt.recorded_launches(small) as launches:
+        kt.drive(small, layers=[(4096, 4096), (3072, 3072), (1280, 1280), (640, 640)], rows=(64, 256, 1024, 4096))
+    rows = [la for la in launches if la.fn.__name__ == "fused_rows"]
+    assert rows
+    names = rows[0].fn.arg_names
+    tiles = {cdiv(la.args[names.index("N")], la.args[names.index("BLOCK_N")]) for la in rows}
+    assert max(tiles) <= small.sms // 4, tiles
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 4096, generator=g).bfloat16(), torch.randint(-127, 128, (4096, 4096), dtype=torch.int8)
+    mod = torch.randn(2, 2 * 4096, generator=g).bfloat16()
+    with kt.recorded_launches(small) as launches:
+        ti.fused_linear(x, w, torch.rand(4096) + 1e-3, None, torch.bfloat16, norm=ModulatedNorm(mod, 1e-6, 128))
+    assert [la.fn.__name__ for la in launches] == ["fused"]
+    assert launches[0].args[launches[0].fn.arg_names.index("NORM")] == 0  # (applied in torch first)

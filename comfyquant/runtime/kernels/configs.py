@@ -137,9 +137,13 @@ def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, 
 
 # The one-launch W8A8 path from 64 rows (``triton_gemm.fused_rows``): a row block's programs quantize its rows
 # between them, wait for each other, then multiply. They must be resident together: a launch holds at most
-# ``ROWS_MAX_COL_TILES - 1`` waiting programs, so four launches on four streams at once still leave SMs free.
+# ``ROWS_MAX_COL_TILES - 1`` waiting programs, so four launches on four streams at once still leave SMs free on an
+# H200's 132; a GPU with fewer SMs takes at most a quarter of them (:func:`rows_shape`: an RTX 4060's 24 would
+# otherwise wait forever for programs of a 32-tile row block that cannot start).
 ROWS_MIN_M = 64
 ROWS_MAX_COL_TILES = 32
+ROWS_STREAMS = 4
+H200_SMS = 132
 ROWS_MAX_ROW_BLOCKS = 8191  # a counter each (the split-K workspace's 8,192, one for the tickets)
 
 
@@ -160,14 +164,16 @@ def rows_config(m: int, n: int) -> TileConfig:
     return ROWS_MID if m < 1024 else ROWS_LARGE
 
 
-def rows_shape(m: int, n: int, k: int, cfg: TileConfig | None = None) -> bool:
+def rows_shape(m: int, n: int, k: int, cfg: TileConfig | None = None, sms: int = H200_SMS) -> bool:
     """Whether the one-launch W8A8 path runs the row-block kernel for ``[m, k] x [k, n]`` on tile ``cfg``
-    (None: :func:`rows_config`'s): from :data:`ROWS_MIN_M` rows, at most :data:`ROWS_MAX_COL_TILES` column tiles
-    and :data:`ROWS_MAX_ROW_BLOCKS` row blocks."""
+    (None: :func:`rows_config`'s) on a GPU of ``sms`` multiprocessors: from :data:`ROWS_MIN_M` rows, at most
+    :data:`ROWS_MAX_COL_TILES` column tiles and a :data:`ROWS_STREAMS`-th of the SMs (a row block's programs must
+    all be resident at once), at most :data:`ROWS_MAX_ROW_BLOCKS` row blocks."""
     if m < ROWS_MIN_M:
         return False
     cfg = cfg or rows_config(m, n)
-    return cdiv(n, cfg.block_n) <= ROWS_MAX_COL_TILES and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS
+    return (cdiv(n, cfg.block_n) <= min(ROWS_MAX_COL_TILES, sms // ROWS_STREAMS)
+            and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS)
 
 
 def cdiv(a: int, b: int) -> int:

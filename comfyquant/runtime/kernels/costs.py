@@ -201,7 +201,7 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
     if path == "triton_fused":
         if group:
             return math.inf
-        if rows_shape(m, n, k):  # the row-block kernel: the activation pass and the GEMM in one launch
+        if rows_shape(m, n, k, None, c.sms):  # the row-block kernel: the activation pass and the GEMM in one launch
             cfg = rows_config(m, n)
             eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * ROWS_SPEED * _short_k(k, cfg.block_k)
             quant = 3.0 * m * k / (QUANT_BW_FRACTION * c.bw_gbs * 1e3)

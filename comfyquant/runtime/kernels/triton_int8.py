@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
-from comfyquant.runtime.kernels.acts import GATED_CODES, ModulatedNorm, Norm, norm_args, norm_rows
+from comfyquant.runtime.kernels.acts import GATED_CODES, ModulatedNorm, Norm, norm_args, norm_rows, rms_norm
 from comfyquant.runtime.kernels.configs import (
     WS_FP8,
     WS_LOW_RANK,
@@ -347,13 +347,15 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         lr = _low_rank_args(low_rank, x2d, sb)
-        if not kblock and rows_shape(m, n, k, cfg):
+        if not kblock and rows_shape(m, n, k, cfg, device_facts(x.device)[0]):
             cfg = cfg or rows_config(m, n)
             _fused_rows(x2d, w_q, out, sb, bias, cfg, lr, act, norm)
             return out.reshape(*lead, n)
         if isinstance(norm, ModulatedNorm):
-            raise ValueError("a modulated LayerNorm folds into the row-block one-launch kernel only "
-                             "(configs.rows_shape), not the per-tile one")
+            if kblock or not rows_shape(m, n, k, cfg):
+                raise ValueError("a modulated LayerNorm folds into the row-block one-launch kernel only "
+                                 "(configs.rows_shape), not the per-tile one")
+            x2d, norm = rms_norm(x2d, norm), None  # a GPU too small for the row block's programs at once
         cfg = cfg or fused_config(m, n, k, x.device)
         grid, args, key = _fused_launch(x2d, w_q, out, sb, bias, cfg, lr, act, kblock, norm)
         _FUSED(grid, args, x.device, num_warps=cfg.warps, num_stages=cfg.stages, key=key)

@@ -23,7 +23,7 @@ import torch
 from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
-from comfyquant.runtime.kernels.acts import Norm
+from comfyquant.runtime.kernels.acts import ModulatedNorm, Norm
 from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape
 from comfyquant.runtime.versions import version
 
@@ -185,8 +185,10 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     lead, m, n, k, dev, sb = common
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
-    if not kblock and rows_shape(m, n, k):
+    if not kblock and rows_shape(m, n, k, None, ti.device_facts(dev)[0]):
         return _rows_plan(x.view(m, k), w_q, out, sb, bias, lr, act, (*lead, n), low_rank, norm)
+    if isinstance(norm, ModulatedNorm):  # (the general path applies it in torch on a GPU too small for the rows)
+        return None
     cfg = ti.fused_config(m, n, k, dev)
     grid, args, key = ti._fused_launch(x.view(m, k), w_q, out, sb, bias, cfg, lr, act, kblock, norm)
     return _one_launch(ti._FUSED.prepared(grid, args, num_warps=cfg.warps, num_stages=cfg.stages, key=key),
