@@ -41,6 +41,7 @@ TARGETS = {
     "RTX 4090 (sm_89)": Target((8, 9), 128, SMEM_BY_CC[(8, 9)]),
     "RTX 5090 (sm_120)": Target((12, 0), 170, SMEM_BY_CC[(12, 0)]),
     "RTX 4060 (sm_89, 24 SMs)": Target((8, 9), 24, SMEM_BY_CC[(8, 9)]),
+    "B200 (sm_100)": Target((10, 0), 148, SMEM_BY_CC[(10, 0)]),
 }
 
 
