@@ -1,10 +1,10 @@
 """The kernels the runtime launches fit the shared memory of the GPUs ComfyUI users run, checked on the CPU:
 every W8A8 / weight-only / one-launch / rotated / W4A8 / fp8 launch of Flux, SDXL, Wan, T5 and CLIP layers at
-1-4,096 rows, and the int8 attention's, is compiled by Triton for an A100, a B200 and RTX 3090 / 4090 / 4060 / 5090 cards
-(``kernel_targets``). Before the tile tables
-read the device's shared memory, the RTX cards' 99 KB were exceeded by the weight-only kernel's 16 x 128 x 256 tile
-at 4 stages (120 KB), the per-tile one-launch kernel's 64 x 128 x 128 (104 KB) and, on the RTX 5090, the W8A8 GEMM's
-Hopper tile 256 x 128 x 128 (144 KB): Triton refuses such launches (``OutOfResources``)."""
+1-4,096 rows, and the int8 attention's, is compiled by Triton for an A100, a B200 and RTX 3090 / 4090 / 4060 /
+5090 cards (``kernel_targets``). Before the tile tables read the device's shared memory, the RTX cards' 99 KB
+were exceeded by the weight-only kernel's 16 x 128 x 256 tile at 4 stages (120 KB), the per-tile one-launch
+kernel's 64 x 128 x 128 (104 KB) and, on the RTX 5090, the W8A8 GEMM's Hopper tile 256 x 128 x 128 (144 KB):
+Triton refuses such launches (``OutOfResources``)."""
 
 from __future__ import annotations
 
