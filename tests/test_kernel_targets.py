@@ -1,7 +1,7 @@
 """The kernels the runtime launches fit the shared memory of the GPUs ComfyUI users run, checked on the CPU:
 every W8A8 / weight-only / one-launch / rotated / W4A8 / fp8 launch of Flux, SDXL, Wan, T5 and CLIP layers at
 1-4,096 rows, and the int8 attention's, is compiled by Triton for an A100, a B200 and RTX 3090 / 4090 / 4060 /
-5090 cards (``kernel_targets``). Before the tile tables read the device's shared memory, the RTX cards' 99 KB
+5090 cards (``comfyquant.testing.kernel_targets``). Before the tile tables read the device's shared memory, the RTX cards' 99 KB
 were exceeded by the weight-only kernel's 16 x 128 x 256 tile at 4 stages (120 KB), the per-tile one-launch
 kernel's 64 x 128 x 128 (104 KB) and, on the RTX 5090, the W8A8 GEMM's Hopper tile 256 x 128 x 128 (144 KB):
 Triton refuses such launches (``OutOfResources``)."""
@@ -13,11 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernel_targets as kt
-
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels.acts import ModulatedNorm
 from comfyquant.runtime.kernels.configs import TileConfig, cdiv, fit_stages, rows_shape
+from comfyquant.testing import kernel_targets as kt
 
 pytestmark = pytest.mark.slow
 
@@ -107,3 +106,21 @@ def test_a_row_blocks_programs_fit_a_small_gpu_at_once() -> None:
         ti.fused_linear(x, w, torch.rand(4096) + 1e-3, None, torch.bfloat16, norm=ModulatedNorm(mod, 1e-6, 128))
     assert [la.fn.__name__ for la in launches] == ["fused"]
     assert launches[0].args[launches[0].fn.arg_names.index("NORM")] == 0  # (applied in torch first)
+
+
+def test_the_report_tables_and_plots_each_kernels_largest_launch(tmp_path: object) -> None:
+    """``benchmarks/kernel_targets_report.py`` writes its table (KB per kernel and target, the limits) and plot from
+    the measured dict (measured by the same functions as the tests above)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import kernel_targets_report as rep
+
+    report = {"date": "2026-12-05", "triton": "3.6.0", "command": "x", "targets": {
+        "RTX 4090 (sm_89)": {"limit": 101376, "kernels": {"w8a16": 73728, "_attn_int8": 81920}},
+        "B200 (sm_100)": {"limit": 232448, "kernels": {"w8a16": 147456, "w8a8": 196608}}}}
+    md = rep.to_markdown(report)
+    assert "| w8a16 | 72 | 144 |" in md and "| w8a8 | - | 192 |" in md and "| **limit** | **99** | **227** |" in md
+    png = rep.plot(report, Path(str(tmp_path)) / "t.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

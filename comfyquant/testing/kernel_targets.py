@@ -1,4 +1,5 @@
-"""Compile the Triton launches the runtime makes for a GPU we do not have, on the CPU, and read what they need.
+"""Compile the Triton launches the runtime makes for a GPU we do not have, on the CPU, and read what they need
+(needs the triton package; used by ``tests/test_kernel_targets.py`` and ``benchmarks/kernel_targets_report.py``).
 
 The device sessions run on H100 / H200 only, while most ComfyUI users run RTX 30 / 40 / 50 series cards (99 KB of
 shared memory a block against Hopper's 227 KB). Here the host functions of ``triton_int8`` run on CPU tensors
@@ -105,7 +106,8 @@ def recorded_launches(target: Target) -> Iterator[list[Launch]]:
 
 
 def specialization(fn: Any, args: tuple) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
-    """(signature, constexprs, attributes) Triton's JIT gives ``fn`` for ``args``."""
+    """(signature, constexprs, attributes) Triton's JIT gives ``fn`` for ``args``: constexprs and None by value,
+    ints equal to 1 (unless ``do_not_specialize``) as constants, pointers and ints divisible by 16 marked so."""
     const = {p.num for p in fn.params if p.is_constexpr}
     free = {p.num for p in fn.params if getattr(p, "do_not_specialize", False)}
     sig: dict[str, str] = {}
