@@ -213,7 +213,8 @@ def check_call_norms() -> None:
     Qwen-Image's blocks, ``nodes.wan_blocks``): int8 / fp8 sibling groups on Wan / Qwen-Image widths, two batch
     items of 8-4,096 tokens, against the same layers fed ``layer_mod`` in torch and float64; the group fused
     (one GEMM, the norm in its quantizer where the pick folds it) from the call after it learned its plan; then a
-    modulated RMSNorm (Z-Image's) handed to one int8 / fp8 / int8-rot layer on its widths."""
+    modulated RMSNorm (Z-Image's) handed to one int8 / fp8 / int8-rot layer on its widths, and LTX-Video's (a
+    shift, no weight, a bf16 buffer) to a fused q / k / v group."""
     from torch import nn
 
     from comfyquant.runtime import QuantizeConfig, quantize_
@@ -275,3 +276,26 @@ def check_call_norms() -> None:
             f64 = xn @ w64.t() + b64
             e, e_ref = rel(y, f64), rel(ref, f64)
             record("call_norm_rms", e <= 1.2 * e_ref + 2**-9, fmt=fmt, m=2 * t, k=k, rel=e, rel_unfolded=e_ref)
+    # LTX-Video's rms_norm(x) * (1 + scale) + shift (no weight; the shift and scale per item in the model's bf16,
+    # ModulationSite(rms=True), nodes.ltx_blocks) handed to a fused q / k / v group on LTXV 2B's width
+    for fmt in ("int8", "fp8"):
+        k = 2048
+        attn, plain = Attention(k), Attention(k)
+        plain.load_state_dict(attn.state_dict())
+        w64 = torch.cat([m.weight for m in (attn.q, attn.k, attn.v)]).double()
+        b64 = torch.cat([m.bias for m in (attn.q, attn.k, attn.v)]).double()
+        for net in (attn, plain):
+            quantize_(net, QuantizeConfig(format=fmt))
+        fuse_sibling_projections(attn)
+        layers, site = [attn.q, attn.k, attn.v], ModulationSite(1e-6, rms=True)
+        for t in (8, 1024, 7488):
+            for step in range(2):
+                x = (torch.randn(2, t, k, device="cuda") * 2).bfloat16()
+                shift, scale = ((torch.randn(2, 1, k, device="cuda") * s).bfloat16() for s in (0.5, 0.3))
+                y = with_call_norms(attn, ((layers, site.norm(shift, scale, t)),), x)
+                xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * (
+                    1 + scale.double()) + shift.double()
+                ref, f64 = plain(xn.bfloat16()), xn @ w64.t() + b64
+                e, e_ref = rel(y, f64), rel(ref, f64)
+                record("call_norm_ltx", e <= 1.2 * e_ref + 2**-9, fmt=fmt, m=2 * t, k=k, step=step, rel=e,
+                       rel_unfolded=e_ref)
