@@ -28,7 +28,7 @@ def test_every_launch_fits_the_shared_memory_of_the_gpu(name: str) -> None:
         kt.drive(target)
     kernels = {la.fn.__name__ for la in launches}
     # (every GEMM path and the attention were reached)
-    assert {"w8a8", "w8a16", "fused", "fused_rows", "w4a8", "_attn_int8"} <= kernels, kernels
+    assert {"w8a8", "w8a16", "fused", "fused_rows", "w4a8", "dequant", "_attn_int8"} <= kernels, kernels
     over = [(kt.describe(la), b) for la in kt.distinct(launches)
             if (b := kt.shared_bytes(la, target.cc)) > target.smem]
     assert not over, f"{name}: {over} over {target.smem} bytes"
@@ -124,3 +124,30 @@ def test_the_report_tables_and_plots_each_kernels_largest_launch(tmp_path: objec
     assert "| w8a16 | 72 | 144 |" in md and "| w8a8 | - | 192 |" in md and "| **limit** | **99** | **227** |" in md
     png = rep.plot(report, Path(str(tmp_path)) / "t.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fp8_e4m3_is_never_handed_to_triton_on_gpus_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton 3.6 has no fp8 e4m3 type before sm_89 (the compile for an RTX 3090 / A100 fails: "fp8e4nv not
+    supported in this architecture"). There an fp8 layer's dequantize runs in torch and the int8 attention keeps p
+    and v in 16 bits; int8 storage and e5m2 keep Triton's kernel; sm_89+ takes e4m3 as before."""
+    from types import SimpleNamespace
+
+    from triton.compiler.errors import CompilationError
+
+    from comfyquant.runtime import attention
+    from comfyquant.runtime.kernels import builtin
+
+    t = kt.TARGETS["RTX 3090 (sm_86)"]
+    with kt.recorded_launches(t) as launches:
+        ti.dequantize_weight(torch.randn(64, 256).to(torch.float8_e4m3fn), torch.rand(64), torch.bfloat16)
+    with pytest.raises(CompilationError, match="fp8e4nv not supported"):
+        kt.shared_bytes(launches[0], t.cc)  # (what the runtime must not launch there)
+    cuda = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(builtin, "triton_available", lambda: True)
+    for cap, e4m3 in (((8, 6), False), ((8, 0), False), ((8, 9), True), ((12, 0), True)):
+        monkeypatch.setattr(builtin, "device_capability", lambda device, cap=cap: cap)
+        monkeypatch.setattr(attention, "device_capability", lambda device, cap=cap: cap)
+        assert builtin._fast_dequant(cuda, torch.float8_e4m3fn) is e4m3
+        assert builtin._fast_dequant(cuda, torch.int8) and builtin._fast_dequant(cuda, torch.float8_e5m2)
+        assert attention.pv_fp8(attention.AttentionPolicy(pv_fp8=True), cuda.device) is e4m3
+        assert not attention.pv_fp8(attention.AttentionPolicy(pv_fp8=False), cuda.device)

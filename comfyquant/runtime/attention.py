@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from comfyquant.runtime.kernels.backends import device_capability
 from comfyquant.runtime.kernels.configs import ATTENTION_HEAD_DIMS, ATTENTION_TILE
 
 
@@ -68,6 +69,13 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: Attentio
             and v.shape == k.shape and k.shape[2] >= policy.min_tokens and not torch.is_grad_enabled())
 
 
+def pv_fp8(policy: AttentionPolicy, device: torch.device) -> bool:
+    """Whether a routed call takes p and v in fp8: the policy asks and the GPU has fp8 (sm_89+; Triton has no e4m3
+    type on an A100 or RTX 30 series card, so there the call takes them in 16 bits)."""
+    cap = device_capability(device)
+    return policy.pv_fp8 and cap is not None and cap >= (8, 9)
+
+
 class QuantizedAttention(TorchFunctionMode):
     """A scope in which eligible ``F.scaled_dot_product_attention`` calls run on the int8 attention kernel."""
 
@@ -91,7 +99,7 @@ class QuantizedAttention(TorchFunctionMode):
                                           kwargs.get("scale")).to(q.dtype)
             from comfyquant.runtime.kernels.triton_attention import int8_attention
 
-            return int8_attention(q, k, v, sm_scale=kwargs.get("scale"), pv_fp8=self.policy.pv_fp8)
+            return int8_attention(q, k, v, sm_scale=kwargs.get("scale"), pv_fp8=pv_fp8(self.policy, q.device))
         if self.policy.cudnn_first and ORDER_SUPPORTED and all(isinstance(t, torch.Tensor) and t.is_cuda
                                                                for t in args):
             self.cudnn += 1

@@ -195,6 +195,9 @@ def drive(target: Target, layers: list[tuple[int, int]] | None = None, rows: tup
     if target.cc >= (8, 9):
         calls.append(lambda x, w, s, b: ti.fp8_linear(x, w.to(torch.float8_e4m3fn), s, b, None, dt))
     calls.append(lambda x, w, s, b: ti.w4a8_linear(x, w[:, : w.shape[1] // 2].contiguous(), s, b, 128, dt))
+    calls.append(lambda x, w, s, b: ti.dequantize_weight(w, s, dt))  # (the dequant backend's kernel)
+    if target.cc >= (8, 9):  # (before sm_89 fp8 e4m3 dequantizes in torch: Triton has no e4m3 type there)
+        calls.append(lambda x, w, s, b: ti.dequantize_weight(w.to(torch.float8_e4m3fn), s, dt))
     for n, k in layers or model_layers():
         g = torch.Generator().manual_seed(n + k)
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)

@@ -39,12 +39,18 @@ def _int8_torch(x, w, scales, bias, opts, out_dtype):
     return reference.int8_linear_ref(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
 
 
-def _fast_dequant(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and triton_available() and device_capability(x.device) >= (8, 0)
+def _fast_dequant(x: torch.Tensor, wdtype: torch.dtype) -> bool:
+    """Whether the Triton dequantize kernel runs weights stored as ``wdtype`` for ``x``'s device: CUDA sm_80+, and for fp8 e4m3 storage
+    sm_89+ (Triton 3.6 has no e4m3 type before Ada: "fp8e4nv not supported in this architecture", found by the
+    offline compiles of ``tests/test_kernel_targets.py``); elsewhere torch dequantizes (any GPU converts fp8)."""
+    if x.device.type != "cuda" or not triton_available():
+        return False
+    cap = device_capability(x.device)
+    return cap is not None and cap >= ((8, 9) if wdtype == torch.float8_e4m3fn else (8, 0))
 
 
 def _int8_dequant(x, w, scales, bias, opts, out_dtype):
-    if _fast_dequant(x):  # one dequantize kernel + cuBLAS
+    if _fast_dequant(x, w.dtype):  # one dequantize kernel + cuBLAS
         from comfyquant.runtime.kernels import triton_int8
 
         return triton_int8.dequant_linear(x, w, scales[0], bias, _opt(opts, 0) or None, out_dtype)
@@ -155,7 +161,7 @@ def _plan_w8a16(x, w, scales, bias, opts, out_dtype, act, low_rank=None, norm=No
 def _plan_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     from comfyquant.runtime.kernels import triton_plans
 
-    if act or low_rank is not None or not _fast_dequant(x):
+    if act or low_rank is not None or not _fast_dequant(x, w.dtype):
         return None
     if _opt(opts, 0):  # convrot: the rotation pass, then the unrotated plan on its output
         return triton_plans.plan_rotated(x, _opt(opts, 0), 0,
@@ -264,7 +270,7 @@ def _block_torch(x, w, scales, bias, opts, out_dtype):
 
 def _block_dequant(x, w, scales, bias, opts, out_dtype):
     block = _opt(opts, 0)
-    if _fast_dequant(x):  # one dequantize kernel + cuBLAS
+    if _fast_dequant(x, w.dtype):  # one dequantize kernel + cuBLAS
         from comfyquant.runtime.kernels import triton_int8
 
         return triton_int8.dequant_block_linear(x, w, scales[0], block, bias, out_dtype)
@@ -277,7 +283,7 @@ def _block_dequant(x, w, scales, bias, opts, out_dtype):
 def _plan_block_dequant(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
     from comfyquant.runtime.kernels import triton_plans
 
-    if act or low_rank is not None or not _fast_dequant(x):
+    if act or low_rank is not None or not _fast_dequant(x, w.dtype):
         return None
     return triton_plans.plan_dequant(x, w, scales[0], bias, out_dtype, _opt(opts, 0))
 
@@ -299,7 +305,7 @@ def _check_block(x, w, scales, opts) -> None:
 def _choose_block(x, n, k, opts, policy) -> BackendChoice:
     if device_capability(x.device) is None:
         return BackendChoice("torch", f"{x.device.type}: pure-torch reference path")
-    if _fast_dequant(x):
+    if _fast_dequant(x, torch.int8):
         return BackendChoice("dequant", "int8 block-wise: dequantize kernel (a scale per tile) + cuBLAS; the "
                                         "reference runs one torch._int_mm per K block")
     return BackendChoice("torch", "int8 block-wise: per-K-block torch._int_mm")
@@ -311,7 +317,7 @@ def _fp8_torch(x, w, scales, bias, opts, out_dtype):
 
 
 def _fp8_dequant(x, w, scales, bias, opts, out_dtype):
-    if _fast_dequant(x):
+    if _fast_dequant(x, w.dtype):
         from comfyquant.runtime.kernels import triton_int8
 
         return triton_int8.dequant_linear(x, w, scales[0], bias, None, out_dtype)
