@@ -134,6 +134,7 @@ def test_fp8_e4m3_is_never_handed_to_triton_on_gpus_without_it(monkeypatch: pyte
 
     from triton.compiler.errors import CompilationError
 
+    from comfyquant.errors import UserError
     from comfyquant.runtime import attention
     from comfyquant.runtime.kernels import builtin
 
@@ -151,3 +152,6 @@ def test_fp8_e4m3_is_never_handed_to_triton_on_gpus_without_it(monkeypatch: pyte
         assert builtin._fast_dequant(cuda, torch.int8) and builtin._fast_dequant(cuda, torch.float8_e5m2)
         assert attention.pv_fp8(attention.AttentionPolicy(pv_fp8=True), cuda.device) is e4m3
         assert not attention.pv_fp8(attention.AttentionPolicy(pv_fp8=False), cuda.device)
+        if not e4m3:  # a pinned (or measured) weight-only backend refuses with a reason instead of failing to compile
+            with pytest.raises(UserError, match="no e4m3 type before sm_89"):
+                builtin._fp8_w8a16(cuda, torch.empty(8, 16, dtype=torch.float8_e4m3fn), (None,), None, (), None)

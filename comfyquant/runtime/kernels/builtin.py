@@ -345,6 +345,12 @@ def _fp8_triton(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0, norm=
 def _fp8_w8a16(x, w, scales, bias, opts, out_dtype, low_rank=None, act=0):
     from comfyquant.runtime.kernels import triton_int8
 
+    if not _fast_dequant(x, w.dtype):  # (measured dispatch skips a backend that refuses; a pinned one says why)
+        cap = device_capability(x.device)
+        raise UserError(f"backend 'triton_w8a16' cannot read fp8 e4m3 weights on this GPU (sm_{cap[0]}{cap[1]}: "
+                        "Triton has no e4m3 type before sm_89); use 'dequant'" if cap else
+                        "backend 'triton_w8a16' needs a CUDA GPU")
+
     return triton_int8.w8a16_linear(x, w, scales[0], bias, None, out_dtype, low_rank=low_rank, act=act)
 
 
