@@ -155,3 +155,28 @@ def test_fp8_e4m3_is_never_handed_to_triton_on_gpus_without_it(monkeypatch: pyte
         if not e4m3:  # a pinned (or measured) weight-only backend refuses with a reason instead of failing to compile
             with pytest.raises(UserError, match="no e4m3 type before sm_89"):
                 builtin._fp8_w8a16(cuda, torch.empty(8, 16, dtype=torch.float8_e4m3fn), (None,), None, (), None)
+
+
+def test_the_devices_shared_memory_is_read_from_torch_else_triton_else_the_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``launch.device_smem`` on a CUDA device (faked here): torch's ``shared_memory_per_block_optin`` where it has
+    one, else what Triton's driver reports, else the compute capability's entry of ``configs.SMEM_BY_CC``; and
+    ``hopper_class`` only with Hopper's 227 KB at sm_90+."""
+    from types import SimpleNamespace
+
+    from comfyquant.runtime.kernels import launch
+
+    def props(**kw: int) -> SimpleNamespace:
+        return SimpleNamespace(multi_processor_count=128, major=kw.pop("major", 8), minor=kw.pop("minor", 9), **kw)
+
+    cuda = torch.device("cuda", 0)
+    for p, want in ((props(shared_memory_per_block_optin=101376), 101376),
+                    (props(major=12, minor=0), 101376),  # (Triton's driver raises here: no GPU) -> the table
+                    (props(major=9, minor=0), 232448)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, p=p: p)
+        launch._device_smem.cache_clear()
+        launch._device_facts.cache_clear()
+        assert launch.device_smem(cuda) == want
+        assert launch.hopper_class(cuda) is (p.major >= 9 and want >= 232448)
+    launch._device_smem.cache_clear()
+    launch._device_facts.cache_clear()
