@@ -190,11 +190,12 @@ def drive(target: Target, layers: list[tuple[int, int]] | None = None, rows: tup
         lambda x, w, s, b: ti.int8_linear(x, w, s, b, None, dt),
         lambda x, w, s, b: ti.fused_linear(x, w, s, b, dt),
         lambda x, w, s, b: ti.w8a16_linear(x, w, s, b, None, dt),
-        lambda x, w, s, b: ti.int8_linear(x, w, s, b, 128, dt),
+        lambda x, w, s, b: ti.int8_linear(x, w, s, b, 256, dt),  # int8-rot's default rotation group
+        lambda x, w, s, b: ti.int8_linear(x, w, s, b, 64, dt),
     ]
     if target.cc >= (8, 9):
         calls.append(lambda x, w, s, b: ti.fp8_linear(x, w.to(torch.float8_e4m3fn), s, b, None, dt))
-    calls.append(lambda x, w, s, b: ti.w4a8_linear(x, w[:, : w.shape[1] // 2].contiguous(), s, b, 128, dt))
+    calls.append(lambda x, w, s, b: ti.w4a8_linear(x, w[:, : w.shape[1] // 2].contiguous(), s, b, 256, dt))
     calls.append(lambda x, w, s, b: ti.dequantize_weight(w, s, dt))  # (the dequant backend's kernel)
     if target.cc >= (8, 9):  # (before sm_89 fp8 e4m3 dequantizes in torch: Triton has no e4m3 type there)
         calls.append(lambda x, w, s, b: ti.dequantize_weight(w.to(torch.float8_e4m3fn), s, dt))
