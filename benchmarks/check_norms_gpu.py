@@ -230,17 +230,21 @@ def check_call_norms() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.cat((self.q(x), self.k(x), self.v(x)), -1)
 
+    def pair(k: int, fmt: str) -> tuple[Attention, Attention, torch.Tensor, torch.Tensor]:
+        """(q / k / v quantized and fused, the same unfused, their float64 weight and bias stacked)."""
+        attn, plain = Attention(k), Attention(k)
+        plain.load_state_dict(attn.state_dict())
+        w64 = torch.cat([m.weight for m in (attn.q, attn.k, attn.v)]).double()
+        b64 = torch.cat([m.bias for m in (attn.q, attn.k, attn.v)]).double()
+        for net in (attn, plain):
+            quantize_(net, QuantizeConfig(format=fmt))
+        fuse_sibling_projections(attn)
+        return attn, plain, w64, b64
+
     torch.manual_seed(13)
     for fmt in ("int8", "fp8"):
         for k in (5120, 3072):
-            attn = Attention(k)
-            plain = Attention(k)
-            plain.load_state_dict(attn.state_dict())
-            w64 = torch.cat([m.weight for m in (attn.q, attn.k, attn.v)]).double()
-            b64 = torch.cat([m.bias for m in (attn.q, attn.k, attn.v)]).double()
-            for net in (attn, plain):
-                quantize_(net, QuantizeConfig(format=fmt))
-            fuse_sibling_projections(attn)
+            attn, plain, w64, b64 = pair(k, fmt)
             layers, site, group = [attn.q, attn.k, attn.v], ModulationSite(1e-6), attn.q.sibling[0]
             for t in (8, 1024, 4096):
                 for step in range(3):  # the first call observes, then the group fuses
@@ -280,13 +284,7 @@ def check_call_norms() -> None:
     # ModulationSite(rms=True), nodes.ltx_blocks) handed to a fused q / k / v group on LTXV 2B's width
     for fmt in ("int8", "fp8"):
         k = 2048
-        attn, plain = Attention(k), Attention(k)
-        plain.load_state_dict(attn.state_dict())
-        w64 = torch.cat([m.weight for m in (attn.q, attn.k, attn.v)]).double()
-        b64 = torch.cat([m.bias for m in (attn.q, attn.k, attn.v)]).double()
-        for net in (attn, plain):
-            quantize_(net, QuantizeConfig(format=fmt))
-        fuse_sibling_projections(attn)
+        attn, plain, w64, b64 = pair(k, fmt)
         layers, site = [attn.q, attn.k, attn.v], ModulationSite(1e-6, rms=True)
         for t in (8, 1024, 7488):
             for step in range(2):
