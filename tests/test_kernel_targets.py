@@ -180,3 +180,28 @@ def test_the_devices_shared_memory_is_read_from_torch_else_triton_else_the_table
         assert launch.hopper_class(cuda) is (p.major >= 9 and want >= 232448)
     launch._device_smem.cache_clear()
     launch._device_facts.cache_clear()
+
+
+def test_the_device_line_says_which_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``launch.describe_device`` (logged by the adapter for a CUDA model): an RTX 4090 gets the Ampere tiles with
+    fp8, an RTX 3090 the Ampere tiles without fp8, an H200 the Hopper tiles and the Gluon GEMM."""
+    from types import SimpleNamespace
+
+    from comfyquant.runtime.kernels import launch
+
+    cuda = torch.device("cuda", 0)
+    lines = {}
+    for name, major, minor, smem in (("RTX 4090", 8, 9, 101376), ("RTX 3090", 8, 6, 101376), ("H200", 9, 0, 232448)):
+        p = SimpleNamespace(name=name, major=major, minor=minor, multi_processor_count=128,
+                            shared_memory_per_block_optin=smem)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, p=p: p)
+        launch._device_smem.cache_clear()
+        launch._device_facts.cache_clear()
+        lines[name] = launch.describe_device(cuda)
+    launch._device_smem.cache_clear()
+    launch._device_facts.cache_clear()
+    assert lines["RTX 4090"] == ("RTX 4090: sm_89, 128 SMs, 99 KB shared memory a block: Ampere tiles with the stages "
+                                 "that fit, fp8 matrix units")
+    assert lines["RTX 3090"].endswith("no fp8 (fp8 weights dequantize in torch)")
+    assert lines["H200"].endswith("Hopper tiles, persistent grid, TMA, Gluon GEMM")
+    assert launch.describe_device(torch.device("cpu")).startswith("cpu: reference kernels")

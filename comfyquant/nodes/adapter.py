@@ -37,6 +37,7 @@ from comfyquant.nodes.unet_blocks import fold_unet_blocks
 from comfyquant.runtime.fold import foldable_pairs, foldable_projections
 from comfyquant.runtime.gated import gated_group, gated_mlps, inputs_fuse
 from comfyquant.runtime.kernels.backends import device_capability
+from comfyquant.runtime.kernels.launch import describe_device
 from comfyquant.runtime.nn import NormSource, QuantLinear
 from comfyquant.runtime.norms import FoldedNorm, NormSpec, foldable_norms, weight_folds_norm
 from comfyquant.runtime.quantize import QuantizeConfig, layout_for, plan_auto, quantize_
@@ -469,6 +470,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         logger.info("comfyquant: attention %s for head size 128 from %d keys", settings.runtime.attention,
                     NODE_MIN_TOKENS)
     logger.info(report.summary())
+    if load_dev.type == "cuda" and report.converted:
+        logger.info("comfyquant: kernels on %s", describe_device(load_dev))
     if report.auto is not None:
         logger.info(report.auto.to_text())
     return clone, report

@@ -74,6 +74,21 @@ def hopper_class(device: torch.device) -> bool:
     return device_facts(device)[1] >= 9 and device_smem(device) >= HOPPER_SMEM
 
 
+def describe_device(device: torch.device) -> str:
+    """One line on what the kernels do on ``device`` (for logs and bug reports): its compute capability, SMs and
+    shared memory, and which tile family runs there."""
+    if device.type != "cuda":
+        return f"{device.type}: reference kernels (no Triton launches)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    smem = device_smem(device)
+    head = f"{props.name}: sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, {smem // 1024} KB shared"
+    if hopper_class(device):
+        return f"{head} memory a block: Hopper tiles, persistent grid, TMA" + (", Gluon GEMM" if props.major == 9 else "")
+    fp8 = "fp8 matrix units" if (props.major, props.minor) >= (8, 9) else "no fp8 (fp8 weights dequantize in torch)"
+    return f"{head} memory a block: Ampere tiles with the stages that fit, {fp8}"
+
+
 def device_facts(device: torch.device) -> tuple[int, int]:
     """(multiprocessors, compute capability major) of ``device``; off CUDA (the interpreter on the CPU, for
     development) an H100/H200-sized grid."""
