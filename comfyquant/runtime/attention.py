@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from comfyquant.runtime.kernels.backends import device_capability
+from comfyquant.runtime.kernels.backends import FP8_CC, device_capability
 from comfyquant.runtime.kernels.configs import ATTENTION_HEAD_DIMS, ATTENTION_TILE
 
 
@@ -73,7 +73,7 @@ def pv_fp8(policy: AttentionPolicy, device: torch.device) -> bool:
     """Whether a routed call takes p and v in fp8: the policy asks and the GPU has fp8 (sm_89+; Triton has no e4m3
     type on an A100 or RTX 30 series card, so there the call takes them in 16 bits)."""
     cap = device_capability(device)
-    return policy.pv_fp8 and cap is not None and cap >= (8, 9)
+    return policy.pv_fp8 and cap is not None and cap >= FP8_CC
 
 
 class QuantizedAttention(TorchFunctionMode):

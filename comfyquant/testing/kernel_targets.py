@@ -24,6 +24,7 @@ from comfyquant.runtime.kernels import launch
 from comfyquant.runtime.kernels import triton_attention as ta
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels import triton_quant as tq
+from comfyquant.runtime.kernels.backends import FP8_CC
 from comfyquant.runtime.kernels.configs import SMEM_BY_CC
 from comfyquant.runtime.kernels.launch import FastKernel
 
@@ -193,11 +194,11 @@ def drive(target: Target, layers: list[tuple[int, int]] | None = None, rows: tup
         lambda x, w, s, b: ti.int8_linear(x, w, s, b, 256, dt),  # int8-rot's default rotation group
         lambda x, w, s, b: ti.int8_linear(x, w, s, b, 64, dt),
     ]
-    if target.cc >= (8, 9):
+    if target.cc >= FP8_CC:
         calls.append(lambda x, w, s, b: ti.fp8_linear(x, w.to(torch.float8_e4m3fn), s, b, None, dt))
     calls.append(lambda x, w, s, b: ti.w4a8_linear(x, w[:, : w.shape[1] // 2].contiguous(), s, b, 256, dt))
     calls.append(lambda x, w, s, b: ti.dequantize_weight(w, s, dt))  # (the dequant backend's kernel)
-    if target.cc >= (8, 9):  # (before sm_89 fp8 e4m3 dequantizes in torch: Triton has no e4m3 type there)
+    if target.cc >= FP8_CC:  # (before sm_89 fp8 e4m3 dequantizes in torch: Triton has no e4m3 type there)
         calls.append(lambda x, w, s, b: ti.dequantize_weight(w.to(torch.float8_e4m3fn), s, dt))
     for n, k in layers or model_layers():
         g = torch.Generator().manual_seed(n + k)
@@ -209,5 +210,5 @@ def drive(target: Target, layers: list[tuple[int, int]] | None = None, rows: tup
                 call(x, w, s, b)
     for d in (64, 128):
         q, k, v = (torch.randn(1, 2, 2048, d).to(dt) for _ in range(3))
-        for pv_fp8 in (False, True) if target.cc >= (8, 9) else (False,):
+        for pv_fp8 in (False, True) if target.cc >= FP8_CC else (False,):
             ta.int8_attention(q, k, v, pv_fp8=pv_fp8)

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 
 AUTO = "auto"  # placeholder a traced call passes to the op; resolved inside the op at run time
+# Compute capability from which GPUs have fp8 matrix units and Triton (3.6) an fp8 e4m3 type (Ada, Hopper and
+# later): before it fp8 weights dequantize in torch and the int8 attention keeps p v in 16 bits
+FP8_CC = (8, 9)
 
 
 @dataclass(frozen=True)

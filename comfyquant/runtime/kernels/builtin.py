@@ -20,14 +20,14 @@ from comfyquant.errors import UserError
 from comfyquant.quant.hadamard import is_power_of_4
 from comfyquant.runtime.kernels import int4, reference
 from comfyquant.runtime.kernels.acts import MODULATED_MAX_K
-from comfyquant.runtime.kernels.backends import BackendChoice, device_capability, triton_available
+from comfyquant.runtime.kernels.backends import FP8_CC, BackendChoice, device_capability, triton_available
 from comfyquant.runtime.kernels.configs import rows_shape
 from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind, needs_cuda, register_kernel_kind
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _TRITON = needs_cuda((8, 0), triton=True)
-_TRITON_FP8 = needs_cuda((8, 9), triton=True)  # fp8 x fp8 tl.dot: Ada / Hopper and later
-_FP8_MM = needs_cuda((8, 9))
+_TRITON_FP8 = needs_cuda(FP8_CC, triton=True)  # fp8 x fp8 tl.dot: Ada / Hopper and later
+_FP8_MM = needs_cuda(FP8_CC)
 
 
 def _opt(opts: tuple, i: int) -> int:
@@ -46,7 +46,7 @@ def _fast_dequant(x: torch.Tensor, wdtype: torch.dtype) -> bool:
     if x.device.type != "cuda" or not triton_available():
         return False
     cap = device_capability(x.device)
-    return cap is not None and cap >= ((8, 9) if wdtype == torch.float8_e4m3fn else (8, 0))
+    return cap is not None and cap >= (FP8_CC if wdtype == torch.float8_e4m3fn else (8, 0))
 
 
 def _int8_dequant(x, w, scales, bias, opts, out_dtype):
@@ -384,7 +384,7 @@ def fp8_choice(cap: tuple[int, int] | None, has_triton: bool, m: int, n: int, k:
     if cap is None:
         return BackendChoice("torch", "not CUDA: pure-torch reference path")
     gen = f"sm_{cap[0]}{cap[1]}"
-    if cap < (8, 9):
+    if cap < FP8_CC:
         return BackendChoice("dequant", f"{gen} has no fp8 matrix units")
     if k % 16 or n % 16:
         return BackendChoice("dequant", f"K={k}, N={n} not multiples of 16 (fp8 _scaled_mm needs them)")

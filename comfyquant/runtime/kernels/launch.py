@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from comfyquant.runtime.kernels.backends import FP8_CC
 from comfyquant.runtime.kernels.configs import HOPPER_SMEM, SMEM_BY_CC
 
 logger = logging.getLogger("comfyquant.runtime")
@@ -85,7 +86,7 @@ def describe_device(device: torch.device) -> str:
     head = f"{props.name}: sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, {smem // 1024} KB shared"
     if hopper_class(device):
         return f"{head} memory a block: Hopper tiles, persistent grid, TMA" + (", Gluon GEMM" if props.major == 9 else "")
-    fp8 = "fp8 matrix units" if (props.major, props.minor) >= (8, 9) else "no fp8 (fp8 weights dequantize in torch)"
+    fp8 = "fp8 matrix units" if (props.major, props.minor) >= FP8_CC else "no fp8 (fp8 weights dequantize in torch)"
     return f"{head} memory a block: Ampere tiles with the stages that fit, {fp8}"
 
 
