@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from comfyquant.runtime.modulation import ModulationSite, hands_norm, with_call_norms
-from comfyquant.runtime.norms import child_module
+from comfyquant.runtime.norms import child_modules
 
 ATTN = ("to_q", "to_k", "to_v")  # what attn1 reads its input through (self-attention: k / v read it as context)
 FF_INPUT = "net.0.proj"  # the feed-forward's GELU_approx projection (or the activation fold's ProjectionOnly's)
@@ -52,11 +52,9 @@ class FoldedLtxBlock:
                  pe: Any = None, transformer_options: dict | None = None, self_attention_mask: Any = None,
                  prompt_timestep: Any = None) -> torch.Tensor:
         b, options = self.block, transformer_options if transformer_options is not None else {}
-        attn = [child_module(b.attn1, n) for n in ATTN]
-        proj = child_module(b.ff, FF_INPUT)
-        layers = [*attn, proj]
+        attn, ff = child_modules(b.attn1, ATTN), child_modules(b.ff, (FF_INPUT,))
         if (self.eps is None or not isinstance(timestep, torch.Tensor) or timestep.dim() != 3 or x.dim() != 3
-                or timestep.shape[1] != 1 or any(m is None for m in layers) or not hands_norm(layers, x)):
+                or timestep.shape[1] != 1 or attn is None or ff is None or not hands_norm([*attn, *ff], x)):
             return type(b).forward(b, x, context, attention_mask, timestep, pe, options, self_attention_mask,
                                    prompt_timestep)
         table = b.scale_shift_table
@@ -71,5 +69,5 @@ class FoldedLtxBlock:
         del y
         x += b.attn2(x, context=context, mask=attention_mask, transformer_options=options)
         norm = self.sites[1].norm(shift_mlp, scale_mlp, rows)
-        x.addcmul_(with_call_norms(b.ff, (([proj], norm),), x), gate_mlp)
+        x.addcmul_(with_call_norms(b.ff, ((ff, norm),), x), gate_mlp)
         return x

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from comfyquant.runtime.modulation import RmsModulationSite, hands_norm, per_item, with_call_norms
+from comfyquant.runtime.norms import child_modules
 
 
 def _eps(norm: nn.Module | None, width: int) -> float | None:
@@ -52,9 +53,9 @@ class FoldedLuminaBlock:
                  timestep_zero_index: Any = None, transformer_options: dict | None = None) -> torch.Tensor:
         b, options = self.block, transformer_options if transformer_options is not None else {}
         attn, ffn = b.attention, b.feed_forward
-        qkv, w1, w3 = attn._modules.get("qkv"), ffn._modules.get("w1"), ffn._modules.get("w3")
+        qkv, mlp = child_modules(attn, ("qkv",)), child_modules(ffn, ("w1", "w3"))
         if (self.eps is None or timestep_zero_index is not None or adaln_input is None or x.dim() != 3
-                or any(m is None for m in (qkv, w1, w3)) or not hands_norm((qkv, w1, w3), x)):
+                or qkv is None or mlp is None or not hands_norm([*qkv, *mlp], x)):
             return type(b).forward(b, x, x_mask, freqs_cis, adaln_input, timestep_zero_index,
                                    transformer_options=options)
         scale_msa, gate_msa, scale_mlp, gate_mlp = b.adaLN_modulation(adaln_input).chunk(4, dim=1)
@@ -63,9 +64,9 @@ class FoldedLuminaBlock:
                                    transformer_options=options)
         rows = int(x.shape[1])
         norm = self.sites[0].norm(b.attention_norm1.weight, scale_msa, rows)
-        h = with_call_norms(attn, (([qkv], norm),), x, x_mask, freqs_cis, transformer_options=options)
+        h = with_call_norms(attn, ((qkv, norm),), x, x_mask, freqs_cis, transformer_options=options)
         x = torch.addcmul(x, gate_msa.unsqueeze(1).tanh(), b.attention_norm2(self.clamp_fp16(h)))
         norm = self.sites[1].norm(b.ffn_norm1.weight, scale_mlp, rows)
-        h = with_call_norms(ffn, (([w1, w3], norm),), x)
+        h = with_call_norms(ffn, ((mlp, norm),), x)
         return torch.addcmul(x, gate_mlp.unsqueeze(1).tanh(), b.ffn_norm2(self.clamp_fp16(h)))
 

@@ -30,13 +30,7 @@ from comfyquant.runtime.modulation import (
     modulated_call,
     with_call_norms,
 )
-from comfyquant.runtime.norms import child_module
-
-
-def _layers(module: nn.Module, names: tuple[str, ...]) -> list[nn.Module] | None:
-    """``module``'s submodules ``names`` (dotted), or None where one is missing."""
-    out = [child_module(module, n) for n in names]
-    return None if any(m is None for m in out) else out  # type: ignore[return-value]
+from comfyquant.runtime.norms import child_modules
 
 
 class FoldedWanBlock:
@@ -64,7 +58,7 @@ class FoldedWanBlock:
             return type(b).forward(b, x, e, freqs, context, context_img_len=context_img_len,
                                    transformer_options=options)
         e = mods
-        attn, ffn = _layers(b.self_attn, self.ATTN), _layers(b.ffn, self.FFN)
+        attn, ffn = child_modules(b.self_attn, self.ATTN), child_modules(b.ffn, self.FFN)
         x = x.contiguous()
         y = modulated_call(b.self_attn, attn or (), x, e[0], e[1], self.eps, self.sites[0], freqs,
                            transformer_options=options)
@@ -117,7 +111,7 @@ class FoldedQwenBlock:
         """The stock attention on both streams' un-normed inputs, each stream's norm handed to its projections;
         both normed in torch first where either stream's projections cannot take it."""
         attn = self.block.attn
-        img_layers, txt_layers = _layers(attn, self.IMG), _layers(attn, self.TXT)
+        img_layers, txt_layers = child_modules(attn, self.IMG), child_modules(attn, self.TXT)
         if not (hands_norm(img_layers or (), img, *img_mod) and hands_norm(txt_layers or (), txt, *txt_mod)):
             return attn(hidden_states=layer_mod(img, *img_mod, self.eps),
                         encoder_hidden_states=layer_mod(txt, *txt_mod, self.eps), encoder_hidden_states_mask=mask,
@@ -130,7 +124,7 @@ class FoldedQwenBlock:
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, mod: torch.Tensor, site: ModulationSite) -> torch.Tensor:
         """``x + gate * mlp(modulated norm of x)``, the norm handed to the MLP's first linear."""
         shift, scale, gate = (t.unsqueeze(1) for t in mod.chunk(3, dim=-1))
-        first = _layers(mlp, self.MLP)
+        first = child_modules(mlp, self.MLP)
         y = modulated_call(mlp, first or (), x, shift, scale, self.eps, site)
         return torch.addcmul(x, gate, y)
 

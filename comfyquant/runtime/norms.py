@@ -237,6 +237,12 @@ def child_module(mod: nn.Module | None, dotted: str) -> nn.Module | None:
     return mod
 
 
+def child_modules(mod: nn.Module, names: Iterable[str]) -> list[nn.Module] | None:
+    """``mod``'s submodules at the dotted paths ``names`` (:func:`child_module`), or None where one is missing."""
+    out = [child_module(mod, n) for n in names]
+    return None if any(m is None for m in out) else out  # type: ignore[return-value]
+
+
 def foldable_norms(model: nn.Module, fits: Callable[[str, nn.Module | None, NormSpec], bool] = folds_into
                    ) -> list[tuple[str, str, str, tuple[str, ...], NormSpec]]:
     """``(parent path, norm child, consumer child, consumer's linears, spec)`` for every known norm whose
