@@ -3,8 +3,11 @@ the same adapter without the fold: torch's profiler over a few eager steps of ea
 time, host-to-device syncs), and how often the fold re-derived its norm rows or added dispatch memo entries.
 
 Run 86 (H200, 2026-12-05) timed the folded int8 adapter at 0.73x bf16 against 0.94x without the fold (+20 ms a
-step, ~95 µs per folded norm); this says which ops, syncs or re-derivations carry that. Writes
-``--out``/profile_comfyui_sdxl.txt and .json. ``--smoke``: the tiny UNet on the CPU.
+step, ~95 µs per folded norm); this says which ops, syncs or re-derivations carry that. Run 87 found the step
+host-bound (90 ms of host per 41 ms of GPU), so each variant, bf16 too, also gets its host time a step (the
+forward's wall time without a sync, the GPU keeping up) and Python's own profile (cProfile: which of our functions
+and ComfyUI's take the host time, by self time). Writes ``--out``/profile_comfyui_sdxl.txt and .json.
+``--smoke``: the tiny UNet on the CPU.
 
     python benchmarks/profile_comfyui_sdxl.py --out prof_sdxl [--smoke]
 """
@@ -12,8 +15,12 @@ step, ~95 µs per folded norm); this says which ops, syncs or re-derivations car
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,42 @@ def _memo_entries(dm: torch.nn.Module) -> int:
                 seen.add(id(fb))
                 n += len(getattr(fb[1], "memo", {}))
     return n
+
+
+def host_profile(dm: torch.nn.Module, inputs: dict, opts: dict, device: str, steps: int) -> dict[str, Any]:
+    """Host time a step (the forward's wall time, no sync inside; GPU-bound steps would show the GPU's time) and
+    with a sync, then Python's profile over ``steps`` more steps: the top functions by self time, a step's share."""
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    host, wall = [], []
+    with torch.inference_mode():
+        for _ in range(max(3, steps)):
+            sync()
+            t0 = time.perf_counter()
+            dm(**inputs, transformer_options=opts)
+            t1 = time.perf_counter()
+            sync()
+            host.append((t1 - t0) * 1e3)
+            wall.append((time.perf_counter() - t0) * 1e3)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            dm(**inputs, transformer_options=opts)
+        prof.disable()
+        sync()
+    stats = pstats.Stats(prof)
+    rows = []
+    for (path, line, fn), (_cc, calls, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        short = "/".join(Path(path).parts[-2:]) if path != "~" else ""
+        rows.append({"function": f"{short}:{line}({fn})" if short else fn, "calls": calls // steps,
+                     "self_ms": tt * 1e3 / steps, "cum_ms": ct * 1e3 / steps})
+    rows.sort(key=lambda r: -r["self_ms"])
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+    return {"host_ms": sorted(host)[len(host) // 2], "wall_ms": sorted(wall)[len(wall) // 2],
+            "cprofile_top": rows[:40], "cprofile_ms": sum(r["self_ms"] for r in rows), "cprofile_text": buf.getvalue()}
 
 
 def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> dict[str, Any]:
@@ -78,6 +121,7 @@ def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> d
                 if device == "cuda":
                     torch.cuda.synchronize()
             memo1, derived1 = _memo_entries(dm), derived["n"]
+        hosted = host_profile(dm, inputs, opts, device, steps)
     finally:
         rnn.NormSource._derive = original  # type: ignore[method-assign]
     events = prof.key_averages()
@@ -91,7 +135,8 @@ def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> d
     table = events.table(sort_by=f"self_{dev_attr}" if device == "cuda" else "self_cpu_time_total", row_limit=30)
     return {"variant": name, "memo_entries_after_warmup": memo0, "memo_entries_added_while_profiled": memo1 - memo0,
             "norm_rows_derived_while_profiled": derived1 - derived0, "norm_rows_derived_in_warmup": derived0,
-            "syncs_per_step": syncs, "top_by_device": by_device, "top_by_count": by_count, "table": table}
+            "syncs_per_step": syncs, "top_by_device": by_device, "top_by_count": by_count, "table": table,
+            **hosted}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
     del sd
     inputs = sdxl_inputs(config, 64 if a.smoke else 1024, device, dtype)
-    results = []
+    results = [profile("bf16", base, inputs, device, a.steps)]
     for name, fold in (("adapter int8", True), ("adapter int8 (norms in torch)", False)):
         _free(device)
         patched, _ = adapt_model(base, AdapterSettings(format="int8", model_type="sdxl",
@@ -132,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         text += [f"== {r['variant']}: memo entries {r['memo_entries_after_warmup']} (+{r['memo_entries_added_while_profiled']}"
                  f" while profiled), norm rows derived {r['norm_rows_derived_in_warmup']} in warm-up, "
-                 f"{r['norm_rows_derived_while_profiled']} while profiled; syncs per step {r['syncs_per_step']}",
-                 r.pop("table"), ""]
+                 f"{r['norm_rows_derived_while_profiled']} while profiled; syncs per step {r['syncs_per_step']}; "
+                 f"host {r['host_ms']:.1f} ms a step, with a sync {r['wall_ms']:.1f} ms",
+                 r.pop("table"), "", f"-- Python's profile ({r['variant']}, per {a.steps} steps)",
+                 r.pop("cprofile_text"), ""]
     Path(out_dir, "profile_comfyui_sdxl.txt").write_text("\n".join(text))
     Path(out_dir, "profile_comfyui_sdxl.json").write_text(json.dumps({"device": device, "results": results},
                                                                      indent=1))
