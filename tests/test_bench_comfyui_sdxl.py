@@ -56,16 +56,26 @@ def test_graphs_rows_step_through_apply_model(comfyui_root: Path, tmp_path: Path
 
 
 def test_profile_of_the_tiny_unet_counts_ops_and_the_folds_work(comfyui_root: Path, tmp_path: Path) -> None:
-    """``profile_comfyui_sdxl.py --smoke``: both variants profiled; the fold derives each norm's row once (in the
-    warm-up), adds no memo entries from step to step and makes no syncs, and the unfolded adapter derives none."""
+    """``profile_comfyui_sdxl.py --smoke``: bf16 and both adapter variants profiled; the fold derives each norm's
+    row once (in the warm-up), adds no memo entries from step to step and makes no syncs, and the unfolded adapter
+    derives none; each variant's host time a step and Python's profile name the functions that carry it."""
     script = SCRIPT.parent / "profile_comfyui_sdxl.py"
     proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--comfyui-cache",
                            str(comfyui_root)], capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "profile_comfyui_sdxl.json").read_text())
-    folded, plain = report["results"]
+    bf16, folded, plain = report["results"]
+    assert bf16["variant"] == "bf16" and bf16["memo_entries_after_warmup"] == 0
     assert folded["variant"] == "adapter int8" and plain["variant"] == "adapter int8 (norms in torch)"
     assert folded["norm_rows_derived_in_warmup"] == 3 * 11 and plain["norm_rows_derived_in_warmup"] == 0
     assert folded["norm_rows_derived_while_profiled"] == 0 and folded["memo_entries_added_while_profiled"] == 0
     assert folded["syncs_per_step"] == {} and folded["top_by_count"][0]["count"] > 0
     assert plain["top_by_device"][0]["device_us"] > 0  # (on the CPU: its host time)
+    for r in (bf16, folded, plain):
+        assert 0 < r["host_ms"] <= r["wall_ms"] * 1.5 and r["cprofile_ms"] > 0
+        assert r["cprofile_top"][0]["self_ms"] >= r["cprofile_top"][-1]["self_ms"]
+    # the adapter's layers run the quantized path: our dispatch is in its profile, not in bf16's
+    def ours(r: dict) -> bool:
+        return any("kernels/dispatch.py" in f["function"] for f in r["cprofile_top"])
+
+    assert ours(plain) and not ours(bf16)
