@@ -307,7 +307,8 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
         return not only or name in only
 
     run("bf16", base)  # always: every row's speed-up and error are against it
-    extra = [("bf16 + attention cudnn", "cudnn", False)] + ([("bf16 + cuda graphs", None, True)] if a.graphs else [])
+    extra = [(BF16_LEAN, "sdpa", False), ("bf16 + attention cudnn", "cudnn", False)] + (
+        [("bf16 + cuda graphs", None, True)] if a.graphs else [])
     for name, attention, graphs in extra:  # the options alone on the bf16 model: their share of any speed-up
         if want(name):
             clone = base.clone()
@@ -319,7 +320,8 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
             del clone
     # (format, attention, graphs, fold_norms): the node's options on the quantized models; the blocks' modulated
     # LayerNorms are folded into the quantized layers (nodes.flux_blocks) unless fold_norms is off
-    variants = [("int8", "sdpa", False, True), ("int8", "sdpa", False, False), ("int8-rot", "sdpa", False, True),
+    variants = [("int8", "sdpa", False, True), ("int8", "comfyui", False, True), ("int8", "sdpa", False, False),
+                ("int8-rot", "sdpa", False, True),
                 ("fp8", "sdpa", False, True), ("fp8", "sdpa", False, False), ("int8", "cudnn", False, True),
                 ("int8", "int8-fp8", False, True), ("fp8", "cudnn", False, True)] + (
         [("int8", "cudnn", True, True)] if a.graphs else [])
@@ -378,9 +380,12 @@ def stock_rows(int8_file: Path, label: Any, why_not: str | None, run: bool,
                                                     why_not or "comfy-kitchen CUDA backend"))
 
 
+# (row, format, fold_norms[, cuda_graphs[, attention]]): the model benches' rows; the default attention is the
+# node's "sdpa" (ComfyUI's kernel choice without its per-call backend-order scope), "comfyui" ComfyUI's own
 FOLD_VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
-                 ("adapter fp8", "fp8", True))  # (row, format, fold_norms[, cuda_graphs]): the model benches' rows
+                 ("adapter fp8", "fp8", True), ("adapter int8 + attention comfyui", "int8", True, False, "comfyui"))
 BF16_GRAPHS = "bf16 + cuda graphs"
+BF16_LEAN = "bf16 + attention sdpa"  # the node's default attention alone on the bf16 model: its share of a speed-up
 
 
 def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str, Any]], label: Any,
@@ -388,11 +393,13 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
                    why_not: str | None, variants: tuple = FOLD_VARIANTS, apply_model: bool = False) -> list[Result]:
     """bf16, the adapter's ``variants`` on ``base`` (``note(report)`` in each row) and the stock row, timed in
     ``a.rounds`` pooled rounds at one resolution ``label``, with speed-ups; ``base`` stays loaded. A variant with
-    the node's ``cuda_graphs`` (a fourth item, True) adds bf16 with the same option; ``apply_model``: every row
-    steps through ``BaseModel.apply_model`` (where that option's wrapper sits; ``inputs`` gives its arguments)."""
+    the node's ``cuda_graphs`` (a fourth item, True) adds bf16 with the same option; a fifth item names the
+    ``attention`` mode (default ``sdpa``, which bf16 gets a row with too); ``apply_model``: every row steps through
+    ``BaseModel.apply_model`` (where the graphs option's wrapper sits; ``inputs`` gives its arguments)."""
     warmup, iters = (1, 2) if a.smoke else (a.warmup, a.iters)
     outputs: dict[tuple[str, Any], torch.Tensor] = {}
     from comfyquant.nodes.adapter import adapt_model
+    from comfyquant.nodes.attention import enable_quantized_attention
     from comfyquant.nodes.graphs import enable_cuda_graphs
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
@@ -402,9 +409,9 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
             r.note = text
         return rows
 
-    def adapter(name: str, fmt: str, fold: bool, graphs: bool = False) -> list[Result]:
+    def adapter(name: str, fmt: str, fold: bool, graphs: bool = False, attention: str = "sdpa") -> list[Result]:
         _free(device)
-        runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold, cuda_graphs=graphs)
+        runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold, cuda_graphs=graphs, attention=attention)
         patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type=model_type, runtime=runtime))
         return timed(name, patched, note(report))
 
@@ -413,8 +420,13 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
         enable_cuda_graphs(clone)
         return timed(BF16_GRAPHS, clone, "the node's cuda_graphs option on the bf16 model")
 
+    def bf16_lean() -> list[Result]:
+        clone = base.clone()
+        enable_quantized_attention(clone, "sdpa")
+        return timed(BF16_LEAN, clone, "the node's default attention on the bf16 model")
+
     def one_round() -> list[Result]:
-        results = timed("bf16", base)
+        results = timed("bf16", base) + guarded_rows(BF16_LEAN, label, bf16_lean)
         if any(v[3:] and v[3] for v in variants):
             results += guarded_rows(BF16_GRAPHS, label, bf16_graphs)
         for name, fmt, fold, *graphs in variants:

@@ -172,8 +172,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         """Every variant timed once, in the table's order."""
         results = timed("bf16", base)
         attentions = [m for m in MODES if m != "sdpa"]
-        # the attention options that do not quantize, alone on the bf16 model: the attention backend's share
-        for mode in (m for m in attentions if not policy_for(m).quantize):
+        # the attention options that do not quantize (ComfyUI's own aside: the bf16 row), alone on the bf16 model:
+        # the attention backend's share
+        for mode in (m for m in MODES if m != "comfyui" and not getattr(policy_for(m), "quantize", False)):
             name = f"bf16 + attention {mode}"
             results += guarded_rows(name, label, functools.partial(with_attention, name, mode))
         # (format, attention): the node's formats, then each of its attention options on int8

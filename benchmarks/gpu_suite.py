@@ -227,6 +227,14 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "comfyui_modfold": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
             "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
             "adapter int8,adapter int8 (norms in torch),adapter fp8,adapter fp8 (norms in torch)"])]],
+        # the node's default attention (ComfyUI's kernel choice without its per-call backend-order scope) in Flux's
+        # class: alone on bf16, on int8 against ComfyUI's own attention, 2 pooled rounds at both resolutions
+        "comfyui_lean": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
+            "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
+            "bf16 + attention sdpa,adapter int8,adapter int8 + attention comfyui"])]],
+        # the same default attention's GPU check: bit-equal to ComfyUI's calls, declined where flash cannot run
+        "check_lean_attention": [[PY, "benchmarks/check_lean_attention_gpu.py", "--out", str(work / "kernels"),
+                                  *cache]],
         # Wan 2.x 14B-shaped t2v (4 blocks) at 480p / 81 frames (32,760 tokens) in ComfyUI: the same variants
         "comfyui_wan": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache, *s]],
         "comfyui_wan_rounds": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan"), *cache,

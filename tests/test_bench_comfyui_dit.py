@@ -29,17 +29,18 @@ def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, f
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / f"bench_comfyui_{family}.json").read_text())
     env, rows = report["env"], {r["variant"]: r for r in report["results"]}
-    assert list(rows) == ["bf16", "adapter int8", "adapter int8 (norms in torch)", "adapter fp8",
-                          "ComfyUI int8 (same file)"]
+    assert list(rows) == ["bf16", "bf16 + attention sdpa", "adapter int8", "adapter int8 (norms in torch)",
+                          "adapter fp8", "adapter int8 + attention comfyui", "ComfyUI int8 (same file)"]
     assert env["family"] == family and env["blocks"] == 2 and env["batch"] == 1 and env["resolution"] == 64
     layers, folded = EXPECTED[family]
     notes = {v: r["note"] for v, r in rows.items()}
     assert notes["adapter int8"] == f"{layers} layers converted, {folded} blocks' modulated norms folded", notes
     assert notes["adapter int8 (norms in torch)"] == f"{layers} layers converted, 0 blocks' modulated norms folded"
     err = {v: r["rel_err_vs_bf16"] for v, r in rows.items() if v != "ComfyUI int8 (same file)"}
-    assert err["bf16"] == 0.0 and all(0 < e < 0.1 for v, e in err.items() if v != "bf16"), err
+    assert err["bf16"] == 0.0 and all(0 < e < 0.1 for v, e in err.items() if not v.startswith("bf16")), err
     # the fold moves the norm, not the numbers (on the CPU the quantizer applies it in torch either way)
     assert abs(err["adapter int8"] - err["adapter int8 (norms in torch)"]) < 1e-3 * err["adapter int8"], err
+    assert err["bf16 + attention sdpa"] == 0.0 and err["adapter int8 + attention comfyui"] == err["adapter int8"]
     assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"
     assert (tmp_path / f"bench_comfyui_{family}.png").read_bytes()[:4] == b"\x89PNG"
     assert "SMOKE RUN" in (tmp_path / f"bench_comfyui_{family}.md").read_text()

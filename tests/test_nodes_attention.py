@@ -1,7 +1,10 @@
 """The ``attention`` option of Enable INT8 on MODEL / the loader node, in ComfyUI 0.30's own attention code:
 the override sits on the clone only, ComfyUI's attention function calls it, it keeps an override installed
-before it, and calls the kernel cannot take (the CPU here) come out bit-identical to ComfyUI's own. The kernel
-itself: ``triton_interp_attention`` (interpreter) and ``check_paths_gpu.check_attention`` (H200)."""
+before it, and calls the kernel cannot take (the CPU here) come out bit-identical to ComfyUI's own. The default
+(``sdpa``) computes ComfyUI's ``attention_pytorch`` calls without its backend-order scope where SDPA picks the
+same kernel anyway: bit-identical outputs here, the declined calls run ComfyUI's function. The kernel itself:
+``triton_interp_attention`` (interpreter) and ``check_paths_gpu.check_attention`` (H200); the lean path's CUDA
+decision: ``check_lean_attention_gpu.py``."""
 
 from __future__ import annotations
 
@@ -14,7 +17,13 @@ from safetensors.torch import load_file
 from comfyquant.errors import UserError
 from comfyquant.eval.workloads import DIT_FIXTURE
 from comfyquant.nodes.adapter import adapt_model
-from comfyquant.nodes.attention import OVERRIDE_KEY, QuantizedAttentionOverride, policy_for
+from comfyquant.nodes.attention import (
+    OVERRIDE_KEY,
+    QuantizedAttentionOverride,
+    enable_quantized_attention,
+    policy_for,
+)
+from comfyquant.nodes.lean_attention import ComfyAttention, LeanSdpa, same_kernel
 from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
 pytestmark = pytest.mark.comfyui
@@ -30,7 +39,7 @@ def _qkv() -> tuple[torch.Tensor, ...]:
 
 
 def test_policies() -> None:
-    assert policy_for("sdpa") is None
+    assert policy_for("sdpa") is None and policy_for("comfyui") is None
     p = policy_for("int8")
     assert p is not None and p.min_tokens == 16384 and p.head_dims == (128,) and not p.pv_fp8
     assert p.quantize and p.cudnn_first  # the calls the int8 kernel does not take: cuDNN first
@@ -39,7 +48,7 @@ def test_policies() -> None:
     assert c is not None and c.cudnn_first and not c.quantize
     with pytest.raises(ValueError, match="not one of"):
         policy_for("sage")
-    with pytest.raises(UserError, match="attention 'sage' is not one of sdpa, cudnn, int8, int8-fp8"):
+    with pytest.raises(UserError, match="attention 'sage' is not one of sdpa, comfyui, cudnn, int8, int8-fp8"):
         RuntimeOptions(attention="sage")
 
 
@@ -70,6 +79,92 @@ def test_override_on_the_clone_runs_inside_comfyuis_attention(comfy: Any) -> Non
     assert again.previous is earlier
 
 
-def test_sdpa_mode_installs_nothing(comfy: Any) -> None:
-    clone, _ = adapt_model(_patcher(comfy), AdapterSettings())
+def test_comfyui_mode_installs_nothing_and_sdpa_keeps_an_earlier_override_alone(comfy: Any) -> None:
+    clone, _ = adapt_model(_patcher(comfy), AdapterSettings(runtime=RuntimeOptions(attention="comfyui")))
     assert OVERRIDE_KEY not in clone.model_options.get("transformer_options", {})
+    base = _patcher(comfy)
+
+    def earlier(func: Any, *args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    base.model_options.setdefault("transformer_options", {})[OVERRIDE_KEY] = earlier
+    assert enable_quantized_attention(base, "sdpa") is None  # another node's override must run: nothing to add
+    assert base.model_options["transformer_options"][OVERRIDE_KEY] is earlier
+
+
+def _flux_forward(patcher: Any) -> torch.Tensor:
+    """One call of the Flux-layout fixture's diffusion model with the patcher's transformer options."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    dm = patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, dm.img_in.in_features // dm.patch_size ** 2, 8, 8, generator=g)
+    ctx = torch.randn(2, 6, dm.txt_in.in_features, generator=g)
+    kw: dict[str, Any] = {"transformer_options": dict(patcher.model_options.get("transformer_options", {}))}
+    if getattr(dm, "vector_in", None) is not None:
+        kw["y"] = torch.randn(2, dm.vector_in.in_layer.in_features, generator=g)
+    if getattr(dm, "guidance_in", None) is not None:
+        kw["guidance"] = torch.tensor([3.5, 2.0])
+    with torch.no_grad():
+        return dm(x, torch.tensor([0.3, 0.8]), ctx, **kw).clone()
+
+
+def test_default_attention_is_comfyuis_own_without_its_scope(comfy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default override computes ComfyUI's attention_pytorch calls itself: every call form bit-identical to
+    ComfyUI's function, the ones it cannot reproduce (a mask, another attention function, a batch past the split
+    limit) passed to ComfyUI's function, and a whole model's output unchanged. (ComfyUI picks its PyTorch attention
+    on a CUDA machine; on this CPU it picks sub-quadratic attention, so the test calls and patches in the former.)"""
+    from comfy.ldm.flux import math as flux_math
+    from comfy.ldm.modules.attention import attention_basic
+    from comfy.ldm.modules.attention import attention_pytorch as optimized_attention
+
+    assert optimized_attention.__wrapped__ is ComfyAttention.load().function
+    clone, _ = adapt_model(_patcher(comfy), AdapterSettings())
+    opts = clone.model_options["transformer_options"]
+    override = opts[OVERRIDE_KEY]
+    assert isinstance(override, QuantizedAttentionOverride) and override.policy is None
+    assert override.lean is not None and override.previous is None
+    q, k, v = _qkv()
+    g = torch.Generator().manual_seed(3)
+    q4, k4, v4 = (torch.randn(2, 4, 64, 32, generator=g) for _ in range(3))  # [B, H, T, D]
+    kv77 = tuple(torch.randn(2, 77, 4 * 32, generator=g) for _ in range(2))  # cross-attention: other keys
+    lean = [((q, k, v, 4), {}), ((q, k, v, 2), {}), ((q, *kv77, 4), {}), ((q, k, v, 4), {"scale": 0.3}),
+            ((q4, k4, v4, 4), {"skip_reshape": True}),
+            ((q4, k4, v4, 4), {"skip_reshape": True, "skip_output_reshape": True}),
+            ((q, k, v), {"heads": 4, "attn_precision": torch.float32})]
+    for args, kw in lean:
+        want = optimized_attention(*args, **kw)
+        before = override.lean.calls
+        got = optimized_attention(*args, **kw, transformer_options=opts)
+        assert torch.equal(got, want) and override.lean.calls == before + 1, (args[3:], kw)
+    mask = torch.zeros(64, 64)
+    mask[:, 40:] = -torch.inf
+    declined = [(optimized_attention, {"mask": mask}), (attention_basic, {})]
+    for fn, kw in declined:
+        want = fn(q, k, v, 4, **kw)
+        before = override.lean.calls
+        assert torch.equal(fn(q, k, v, 4, **kw, transformer_options=opts), want) and override.lean.calls == before
+    small = LeanSdpa(ComfyAttention(optimized_attention.__wrapped__, 1, None))  # ComfyUI splits a batch of 2
+    assert small(optimized_attention.__wrapped__, q, k, v, 4) is None and small.calls == 0
+    # a whole model: the Flux-layout fixture, adapted with the default attention and with ComfyUI's own
+    monkeypatch.setattr(flux_math, "optimized_attention", optimized_attention)
+    plain, _ = adapt_model(_patcher(comfy), AdapterSettings(runtime=RuntimeOptions(attention="comfyui")))
+    assert torch.equal(_flux_forward(clone), _flux_forward(plain))
+    assert override.lean.calls >= len(lean) + 1
+
+
+def test_same_kernel_reads_sdpas_state() -> None:
+    """Without ComfyUI's backend order any call is SDPA's plain one; on the CPU, SDPA's choice is the same as inside
+    ComfyUI's scope while its flash and math backends are both enabled (the scope enables them)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 8, 16)
+    comfy_order = [int(b) for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)]
+    assert same_kernel(None, q, q, q) and same_kernel(comfy_order, q, q, q)
+    with sdpa_kernel([SDPBackend.MATH]):  # another node turned flash off: ComfyUI's scope would turn it back on
+        assert not same_kernel(comfy_order, q, q, q) and same_kernel(None, q, q, q)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        assert not same_kernel(comfy_order, q, q, q)
+    assert same_kernel(comfy_order, q, q, q)

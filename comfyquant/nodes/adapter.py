@@ -466,7 +466,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     register_patch_callback(clone)
     if settings.runtime.cuda_graphs and root == MODEL_ROOT:  # graphs wrap a diffusion model's apply_model
         enable_cuda_graphs(clone)
-    if root == MODEL_ROOT and enable_quantized_attention(clone, settings.runtime.attention) is not None:
+    if root == MODEL_ROOT and enable_quantized_attention(clone, settings.runtime.attention) is not None \
+            and settings.runtime.attention not in ("sdpa", "comfyui"):
         logger.info("comfyquant: attention %s for head size 128 from %d keys", settings.runtime.attention,
                     NODE_MIN_TOKENS)
     logger.info(report.summary())

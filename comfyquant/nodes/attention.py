@@ -1,6 +1,6 @@
 """The ``attention`` option of Enable INT8 on MODEL: the model's self-attention on the fastest kernel for each
-call (cuDNN's bf16 kernel, or comfyquant's int8 kernel, ``runtime.attention``) through ComfyUI's
-``optimized_attention_override`` hook.
+call (cuDNN's bf16 kernel, or comfyquant's int8 kernel, ``runtime.attention``), and at the least host time,
+through ComfyUI's ``optimized_attention_override`` hook.
 
 ComfyUI calls ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` in place of its
 attention function ``func``; the override runs ``func`` (or an override another node set before, kept and
@@ -8,6 +8,9 @@ called) inside a ``QuantizedAttention`` scope, so ComfyUI's own reshapes and mas
 ``F.scaled_dot_product_attention`` call changes. ComfyUI 0.30 orders SDPA's backends FlashAttention-2 first, at
 0.48-0.60x cuDNN's speed on an H200 (docs/PERFORMANCE.md runs 16-17). Modes:
 
+- ``sdpa`` (the default): ComfyUI's own choice of kernel, without its per-call backend-order scope where the
+  scope would not change that choice (``nodes.lean_attention``: the same kernel, ~30 µs less host time a call);
+- ``comfyui``: ComfyUI's attention function untouched (no override);
 - ``cudnn``: calls of 1,024+ keys run with cuDNN first (exact bf16 attention, no quantization);
 - ``int8`` / ``int8-fp8``: the same, and calls of 16,384+ keys at head size 128 (Wan 480p and longer video),
   where the int8 kernel beats cuDNN too, run on it (``int8-fp8``: p and v in fp8 as well).
@@ -22,10 +25,12 @@ from typing import Any
 
 import torch
 
+from comfyquant.nodes.lean_attention import ComfyAttention, LeanSdpa
 from comfyquant.runtime.attention import AttentionPolicy, QuantizedAttention
 
-MODES = ("sdpa", "cudnn", "int8", "int8-fp8")  # sdpa: ComfyUI's own; cudnn: exact, cuDNN first; int8: q k^T
-# int8 and p v bf16 on long sequences (cuDNN first on the rest); int8-fp8: p v fp8 too
+# sdpa: ComfyUI's kernel choice at less host time; comfyui: its attention untouched; cudnn: exact, cuDNN first;
+# int8: q k^T int8 and p v bf16 on long sequences (cuDNN first on the rest); int8-fp8: p v fp8 too
+MODES = ("sdpa", "comfyui", "cudnn", "int8", "int8-fp8")
 OVERRIDE_KEY = "optimized_attention_override"
 NODE_MIN_TOKENS = 16384  # int8 kernel vs cuDNN: 0.74x at 4,608 keys, 1.05-1.26x at 32,760 (runs 16-17)
 NODE_CUDNN_MIN_TOKENS = 1024  # below this a call is short enough that the backend order's host cost is not paid
@@ -33,22 +38,26 @@ NODE_HEAD_DIMS = (128,)
 
 
 def policy_for(mode: str) -> AttentionPolicy | None:
-    """The routing policy of a node ``attention`` mode (None for ``sdpa``)."""
+    """The routing policy of a node ``attention`` mode (None for ``sdpa`` and ``comfyui``: nothing is routed)."""
     if mode not in MODES:
         raise ValueError(f"attention {mode!r} is not one of {', '.join(MODES)}")
-    if mode == "sdpa":
+    if mode in ("sdpa", "comfyui"):
         return None
     return AttentionPolicy(min_tokens=NODE_MIN_TOKENS, pv_fp8=mode == "int8-fp8", head_dims=NODE_HEAD_DIMS,
                            quantize=mode != "cudnn", cudnn_first=True)
 
 
 class QuantizedAttentionOverride:
-    """ComfyUI's attention override: ``func`` (or the override it replaced) inside a quantized-attention scope.
+    """ComfyUI's attention override: ``func`` (or the override it replaced) inside a quantized-attention scope
+    where the ``policy`` may route the call (None: never), else ComfyUI's kernel choice at less host time
+    (``lean``, :class:`~comfyquant.nodes.lean_attention.LeanSdpa`; not past an earlier override, which must run).
     ``calls`` / ``routed`` / ``cudnn`` count overridden calls, the SDPA calls that ran on the int8 kernel and
-    those that ran with cuDNN first."""
+    those that ran with cuDNN first; ``lean.calls`` those computed without ComfyUI's backend-order scope."""
 
-    def __init__(self, policy: AttentionPolicy, previous: Callable[..., Any] | None = None) -> None:
-        self.policy, self.previous = policy, previous
+    def __init__(self, policy: AttentionPolicy | None, previous: Callable[..., Any] | None = None,
+                 comfy: ComfyAttention | None = None) -> None:
+        self.policy, self.previous, self.comfy = policy, previous, comfy
+        self.lean = LeanSdpa(comfy) if comfy is not None and previous is None else None
         self.calls = self.routed = self.cudnn = 0
 
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -56,7 +65,8 @@ class QuantizedAttentionOverride:
         run = (lambda: self.previous(func, *args, **kwargs)) if self.previous is not None else (
             lambda: func(*args, **kwargs))
         if not self.may_route(*args, **kwargs):  # no scope: a TorchFunctionMode costs every op in it host time
-            return run()
+            out = None if self.lean is None else self.lean(func, *args, **kwargs)
+            return run() if out is None else out
         with QuantizedAttention(self.policy) as scope:
             out = run()
         self.routed += scope.routed
@@ -69,6 +79,8 @@ class QuantizedAttentionOverride:
         the policy: CUDA tensors, no mask, and enough keys for cuDNN first or, at a routed head size, for the int8
         kernel (``[B, H, T, D]`` when ``skip_reshape``, else ``[B, T, H * D]``). The scope decides on the SDPA
         call itself."""
+        if self.policy is None:
+            return False
         if args or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or mask is not None:
             return False
         if not q.is_cuda or k.dim() not in (3, 4):
@@ -80,16 +92,18 @@ class QuantizedAttentionOverride:
         return self.policy.quantize and tokens >= self.policy.min_tokens and head_dim in self.policy.head_dims
 
     def __deepcopy__(self, memo: dict) -> QuantizedAttentionOverride:  # ComfyUI deep-copies model options
-        return QuantizedAttentionOverride(self.policy, self.previous)
+        return QuantizedAttentionOverride(self.policy, self.previous, self.comfy)
 
 
 def enable_quantized_attention(patcher: Any, mode: str) -> QuantizedAttentionOverride | None:
     """Install the override for ``mode`` on ``patcher``'s model options (keeping an earlier override inside it);
-    returns it, or None for ``sdpa``. Works on any model patcher: quantized or not."""
+    returns it, or None where it would change nothing (``comfyui``; ``sdpa`` over another node's override, which
+    must run). Works on any model patcher: quantized or not."""
     policy = policy_for(mode)
-    if policy is None:
-        return None
     opts = patcher.model_options.setdefault("transformer_options", {})
-    override = QuantizedAttentionOverride(policy, opts.get(OVERRIDE_KEY))
+    previous = opts.get(OVERRIDE_KEY)
+    if mode == "comfyui" or (policy is None and previous is not None):
+        return None
+    override = QuantizedAttentionOverride(policy, previous, ComfyAttention.load())
     opts[OVERRIDE_KEY] = override
     return override

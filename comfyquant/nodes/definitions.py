@@ -61,7 +61,9 @@ def _attention_input() -> dict[str, Any]:
                                       "puts FlashAttention-2 first, ~0.5x its speed on an H200). int8: that, and "
                                       "self-attention of 16,384+ tokens at head size 128 (video models) with q "
                                       "and k in int8 (~1.05x cuDNN, ~1.3% error); int8-fp8: p and v in fp8 too "
-                                      "(~1.26x cuDNN, ~3.9% error); sdpa: ComfyUI's own attention."})}
+                                      "(~1.26x cuDNN, ~3.9% error); sdpa: ComfyUI's own choice of kernel, without "
+                                      "its per-call backend setup where it picks the same kernel (same output, "
+                                      "less host time); comfyui: ComfyUI's attention untouched."})}
 
 
 def _runtime(small_batch_fallback: bool, runtime_backend: str, use_triton: bool | None = None,

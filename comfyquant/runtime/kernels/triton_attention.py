@@ -154,10 +154,10 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, cfg: AttentionConfig = ATTENTI
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     q, k = _last_dim_dense(q), _last_dim_dense(k)
     k_mean = k.float().mean(dim=2).reshape(b * h, d).contiguous()
-    qc = torch.empty((b * h, t, d), dtype=torch.int8, device=q.device)
-    kc = torch.empty((b * h, tk, d), dtype=torch.int8, device=q.device)
-    qsc = torch.empty((b * h, cdiv(t, cfg.block_m)), dtype=torch.float32, device=q.device)
-    ksc = torch.empty((b * h, cdiv(tk, cfg.block_n)), dtype=torch.float32, device=q.device)
+    qc = torch.empty(b * h, t, d, dtype=torch.int8, device=q.device)
+    kc = torch.empty(b * h, tk, d, dtype=torch.int8, device=q.device)
+    qsc = torch.empty(b * h, cdiv(t, cfg.block_m), dtype=torch.float32, device=q.device)
+    ksc = torch.empty(b * h, cdiv(tk, cfg.block_n), dtype=torch.float32, device=q.device)
     _attn_quant_blocks[(b * h, qsc.shape[1])](q, k_mean, qc, qsc, q.stride(0), q.stride(1), q.stride(2), h, t, scale,
                                               HAS_MEAN=False, BLOCK=cfg.block_m, D=d, num_warps=4)
     _attn_quant_blocks[(b * h, ksc.shape[1])](k, k_mean, kc, ksc, k.stride(0), k.stride(1), k.stride(2), h, tk, 1.0,
@@ -171,7 +171,7 @@ def quantize_v_fp8(v: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.T
     b, h, tk, d = v.shape
     sv = (v.abs().amax(dim=2).float().clamp_min(1e-12) / FP8_MAX).reshape(b * h, d).contiguous()
     t_pad = cdiv(tk, block_n) * block_n
-    vt = torch.empty((b * h, d, t_pad), dtype=torch.float8_e4m3fn, device=v.device)
+    vt = torch.empty(b * h, d, t_pad, dtype=torch.float8_e4m3fn, device=v.device)
     _attn_quant_v[(b * h, cdiv(t_pad, 64))](v, sv, vt, v.stride(0), v.stride(1), v.stride(2), h, tk, t_pad,
                                              BLOCK=64, D=d, num_warps=4)
     return vt, sv / FP8_MAX
@@ -193,9 +193,9 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: 
     qc, qsc, kc, ksc = quantize_qk(q, k, cfg, sm_scale)
     v = _last_dim_dense(v)
     if q.stride(1) == d and q.stride(2) == h * d:  # q is [B, T, H, D] in memory: write the output that way
-        out = torch.empty((b, t, h, d), dtype=v.dtype, device=q.device).transpose(1, 2)
+        out = torch.empty(b, t, h, d, dtype=v.dtype, device=q.device).transpose(1, 2)
     else:
-        out = torch.empty((b, h, t, d), dtype=v.dtype, device=q.device)
+        out = torch.empty(b, h, t, d, dtype=v.dtype, device=q.device)
     if pv_fp8:
         vt, sv = quantize_v_fp8(v, cfg.block_n)
         vargs = (vt, qsc, ksc, sv, out, vt.stride(0), 0, vt.stride(1))

@@ -153,7 +153,7 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
 
         def run(x: torch.Tensor) -> torch.Tensor:
             s = stream()
-            out = empty(shape, dtype=out_dtype, device=dev)
+            out = empty(*shape, dtype=out_dtype, device=dev)
             fire(s, x, w_arg, out, *mid, *bufs(s), *tail)
             return out
 
@@ -165,7 +165,7 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
     def run_lr(x: torch.Tensor) -> torch.Tensor:
         s = stream()
         a = template.copy()
-        a[0], a[2], a[hi] = x, empty(shape, dtype=out_dtype, device=dev), linear(x, down)
+        a[0], a[2], a[hi] = x, empty(*shape, dtype=out_dtype, device=dev), linear(x, down)
         a[ws_i], a[ws_i + 1] = bufs(s)
         fire(s, *a)
         return a[2]
@@ -222,7 +222,7 @@ def _rows_plan(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: torc
         st = stream()
         a = template.copy()
         q, s = scratch.pool(dev).pair(st, m, k, torch.int8)
-        a[0], a[2], a[3], a[4], a[7] = x, empty(shape, dtype=out_dtype, device=dev), q, s, ws.counters(st)
+        a[0], a[2], a[3], a[4], a[7] = x, empty(*shape, dtype=out_dtype, device=dev), q, s, ws.counters(st)
         if hi is not None:
             a[hi] = linear(x, down)
         for fire, phase in fires:
@@ -261,7 +261,7 @@ def _one_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_
         w_arg, rest = args[1], args[3:]
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            out = empty(shape, dtype=out_dtype, device=dev)  # [..., N] is [M, N] in memory: no views per call
+            out = empty(*shape, dtype=out_dtype, device=dev)  # [..., N] is [M, N] in memory: no views per call
             fire(stream(), x, w_arg, out, *rest)
             return out
 
@@ -272,7 +272,7 @@ def _one_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], out_
 
     def run_lr(x: torch.Tensor) -> torch.Tensor:
         a = template.copy()
-        a[0], a[2], a[hi] = x, empty(shape, dtype=out_dtype, device=dev), linear(x, down)
+        a[0], a[2], a[hi] = x, empty(*shape, dtype=out_dtype, device=dev), linear(x, down)
         fire(stream(), *a)
         return a[2]
 
@@ -337,7 +337,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     def run(x: torch.Tensor) -> torch.Tensor:
         st, q, s = quantize(x)
         a = template.copy()
-        out = empty(shape, dtype=out_dtype, device=dev)
+        out = empty(*shape, dtype=out_dtype, device=dev)
         a[0], a[2], a[3] = q if a_desc is None else a_desc(q), out if c_desc is None else c_desc(out), s
         if hi is not None:
             h = linear(x, down)
@@ -387,7 +387,7 @@ def plan_w4a8(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bi
 
     def run(x: torch.Tensor) -> torch.Tensor:
         st, q, s = quantize(x)
-        out = empty(shape, dtype=out_dtype, device=dev)
+        out = empty(*shape, dtype=out_dtype, device=dev)
         fire_g(st, q, w_arg, out, s, *rest)
         return out
 
@@ -474,7 +474,7 @@ def plan_dequant(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     linear = torch.nn.functional.linear
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        wd = empty(shape, dtype=dt, device=dev)
+        wd = empty(*shape, dtype=dt, device=dev)
         fire(stream(), *head, wd, *rest)
         return linear(x, wd, bias)
 
@@ -563,7 +563,7 @@ def _tma_run(direct: tuple, quantize: Callable, makers: dict, args: tuple, hi: i
 
         def run(x: torch.Tensor) -> torch.Tensor:
             st, q, s = quantize(x)
-            out = empty(shape, dtype=out_dtype, device=dev)
+            out = empty(*shape, dtype=out_dtype, device=dev)
             fire(st, *a_flat(q), *b_flat, *c_flat(out), s, *tail)
             return out
 
@@ -572,7 +572,7 @@ def _tma_run(direct: tuple, quantize: Callable, makers: dict, args: tuple, hi: i
 
     def run_lr(x: torch.Tensor) -> torch.Tensor:
         st, q, s = quantize(x)
-        out = empty(shape, dtype=out_dtype, device=dev)
+        out = empty(*shape, dtype=out_dtype, device=dev)
         fire(st, *a_flat(q), *b_flat, *c_flat(out), s, *mid, *h_flat(linear(x, down)), *tail)
         return out
 

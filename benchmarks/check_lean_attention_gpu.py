@@ -1,0 +1,103 @@
+"""GPU check and host timing of the node's default attention (``nodes.lean_attention``): ComfyUI's own
+``attention_pytorch`` calls computed without its per-call backend-order scope where SDPA picks the same kernel.
+
+For the attention shapes of SDXL (self- and cross-attention at both levels), Flux (``skip_reshape``), Wan 2.x,
+an fp32 call (a text encoder's) and a masked one, in bf16 / fp16: ComfyUI's function against the same call
+through the override (``transformer_options``): outputs bit-equal, and whether the lean path took the call
+(it must decline the fp32 and masked ones where FlashAttention cannot run them). Then each call's host time
+(the call's wall time without a sync, many calls, the GPU keeping up on the small shapes) both ways. Writes
+``--out``/check_lean_attention.json and prints a line per shape.
+
+    python benchmarks/check_lean_attention_gpu.py --out DIR [--comfyui-cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_comfyui_flux import _import_comfy
+
+# (name, q shape, k shape, heads, call kwargs, dtype); [B, T, H * D] unless skip_reshape ([B, H, T, D])
+SHAPES = [
+    ("sdxl self 4096x640", (2, 4096, 640), (2, 4096, 640), 10, {}, torch.bfloat16),
+    ("sdxl cross 4096x77", (2, 4096, 640), (2, 77, 640), 10, {}, torch.bfloat16),
+    ("sdxl self 1024x1280", (2, 1024, 1280), (2, 1024, 1280), 20, {}, torch.bfloat16),
+    ("sdxl cross 1024x77 fp16", (2, 1024, 1280), (2, 77, 1280), 20, {}, torch.float16),
+    ("flux 4608 skip_reshape", (1, 24, 4608, 128), (1, 24, 4608, 128), 24, {"skip_reshape": True}, torch.bfloat16),
+    ("wan self 8190", (1, 8190, 5120), (1, 8190, 5120), 40, {}, torch.bfloat16),
+    ("t5 fp32 256", (1, 256, 4096), (1, 256, 4096), 64, {}, torch.float32),
+    ("masked 1024", (2, 1024, 1280), (2, 1024, 1280), 20, {"mask": True}, torch.bfloat16),
+]
+MUST_DECLINE = ("t5 fp32 256", "masked 1024")
+
+
+def host_us(fn: Any, n: int) -> float:
+    """Median of 5 rounds of ``n`` calls' wall time per call, no sync inside a round (host time where the GPU
+    keeps up)."""
+    rounds = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return sorted(rounds)[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--comfyui-cache", default=None)
+    a = p.parse_args(argv)
+    _import_comfy(a.comfyui_cache, "cuda", False)
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    from comfyquant.nodes.attention import OVERRIDE_KEY, QuantizedAttentionOverride
+    from comfyquant.nodes.lean_attention import ComfyAttention
+
+    comfy = ComfyAttention.load()
+    override = QuantizedAttentionOverride(None, None, comfy)
+    opts = {OVERRIDE_KEY: override}
+    rows, ok = [], True
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.inference_mode():
+        for name, qs, ks, heads, kw, dt in SHAPES:
+            q = torch.randn(qs, device="cuda", dtype=dt, generator=g)
+            k, v = (torch.randn(ks, device="cuda", dtype=dt, generator=g) for _ in range(2))
+            kw = dict(kw)
+            if kw.pop("mask", False):
+                kw["mask"] = torch.zeros(qs[1], ks[1], device="cuda", dtype=dt)
+            want = attention_pytorch(q, k, v, heads, **kw)
+            before = override.lean.calls  # type: ignore[union-attr]
+            got = attention_pytorch(q, k, v, heads, **kw, transformer_options=opts)
+            took = override.lean.calls > before  # type: ignore[union-attr]
+            equal = bool(torch.equal(got, want))
+            good = equal and (not took if name in MUST_DECLINE else took)
+            ok &= good
+            n = 200 if q.numel() <= 4 << 20 else 20
+            comfy_us = host_us(lambda: attention_pytorch(q, k, v, heads, **kw), n)  # noqa: B023
+            lean_us = host_us(lambda: attention_pytorch(q, k, v, heads, **kw, transformer_options=opts), n)  # noqa: B023
+            rows.append({"shape": name, "equal": equal, "lean": took, "pass": good, "comfyui_us": comfy_us,
+                         "lean_us": lean_us})
+            print(f"{'PASS' if good else 'FAIL'} {name:26s} equal={equal} lean={took} host/call: ComfyUI "
+                  f"{comfy_us:7.1f} µs, lean {lean_us:7.1f} µs", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "check_lean_attention.json").write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "comfy_order": comfy.order,
+        "rows": rows}, indent=1))
+    print(f"{sum(r['pass'] for r in rows)}/{len(rows)} checks passed")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
