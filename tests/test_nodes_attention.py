@@ -168,3 +168,40 @@ def test_same_kernel_reads_sdpas_state() -> None:
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         assert not same_kernel(comfy_order, q, q, q)
     assert same_kernel(comfy_order, q, q, q)
+
+
+def test_sdxl_style_blocks_compute_the_same_with_the_default_attention(comfy: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """SD1.x / SDXL ``BasicTransformerBlock``s (self-attention, cross-attention on 7 context tokens, its
+    ``attn_precision`` keyword) in ComfyUI's classes, adapted to int8 with the default attention and with
+    ComfyUI's own: the same output, every attention call taken by the lean path (ComfyUI's PyTorch attention
+    patched in, as ComfyUI picks it on a CUDA machine)."""
+    import comfy.model_patcher
+    from comfy.ldm.modules import attention as comfy_attention
+    from torch import nn
+
+    monkeypatch.setattr(comfy_attention, "optimized_attention", comfy_attention.attention_pytorch)
+    torch.manual_seed(3)
+    blocks = nn.ModuleList(comfy_attention.BasicTransformerBlock(64, 4, 16, context_dim=96, gated_ff=True,
+                                                                 operations=nn) for _ in range(2))
+    model = nn.Module()
+    model.diffusion_model = nn.ModuleDict({"blocks": blocks})
+    base = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    x0, ctx = torch.randn(2, 9, 64, generator=g), torch.randn(2, 7, 96, generator=g)
+    outs = {}
+    for mode in ("sdpa", "comfyui"):
+        clone, _ = adapt_model(base, AdapterSettings(runtime=RuntimeOptions(attention=mode)))
+        opts = clone.model_options.get("transformer_options", {})
+        clone.patch_model()
+        try:
+            with torch.inference_mode():
+                x = x0
+                for i, block in enumerate(model.diffusion_model["blocks"]):
+                    x = block(x, context=ctx, transformer_options={**opts, "block_index": i})
+        finally:
+            clone.unpatch_model()
+        outs[mode] = x
+        if mode == "sdpa":
+            assert opts[OVERRIDE_KEY].lean.calls == 2 * len(blocks)  # each block's self- and cross-attention
+    assert torch.equal(outs["sdpa"], outs["comfyui"])
