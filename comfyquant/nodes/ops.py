@@ -112,8 +112,11 @@ class ComfyQuantLinear(QuantLinear):
         return self._compute(x, self.norm_for_call())
 
     def _compute(self, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
-        w = self.qweight
-        bias = self._parameters["bias"]
+        params = self._parameters
+        w = params["weight"]
+        if w is None:
+            w = self.qweight  # (raises: no weight loaded yet)
+        bias = params["bias"]
         # left on the offload device by a partial (lowvram) load; read on the codes (a torch attribute of the
         # QuantizedTensor itself goes through its __torch_function__: about 1.3 µs a read, every call)
         if w.qdata.device != x.device:
@@ -121,7 +124,7 @@ class ComfyQuantLinear(QuantLinear):
             bias = None if bias is None else bias.to(x.device, non_blocking=True)
         if bias is not None and bias.dtype != x.dtype:
             bias = self._bias_as(bias, x.dtype)
-        side = self._side_for(x)
+        side = None if self.adapter is None else self._side_for(x)  # (most layers have no side path)
         act = getattr(self, "input_act", None)
         if self.weight_function or self.bias_function:
             # a patch ComfyUI applies on the fly (lowvram LoRA, weight wrapper): run it on the float weight
@@ -134,7 +137,7 @@ class ComfyQuantLinear(QuantLinear):
             y = F.linear(x, wf, bias)
             return y if side is None else side(x, y)
         # the bound fast path for the layer's own weight (a copy moved here for this call is not bound)
-        fn = None if w is not self._parameters["weight"] or torch.compiler.is_compiling() else bound_linear(w, bias)
+        fn = None if w is not params["weight"] or torch.compiler.is_compiling() else bound_linear(w, bias)
         return run_linear(fn, x, w, bias, side, act, norm)
 
 
