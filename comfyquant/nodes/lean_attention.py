@@ -5,14 +5,16 @@ ComfyUI 0.30 wraps every ``F.scaled_dot_product_attention`` call of ``attention_
 SDXL's UNet, Flux, Wan, SD3 ...) in ``torch.nn.attention.sdpa_kernel(order, set_priority=True)``: about twenty
 calls into torch to set and restore SDPA's enabled backends and their order, 16.7 µs a call on the CPU we build
 on and about twice that on the H100 / H200 hosts (the SDXL profile, run 90: 140 such calls a step, ~10% of a
-host-bound step's host time under the profiler). When the first backend of ComfyUI's order can run the call and
-is also first and enabled in SDPA's current state, SDPA picks it with or without the scope: the same kernel on
-the same inputs, so the same output, for a read of two flags and one eligibility check (~1 µs).
+host-bound step's host time under the profiler). SDPA runs a call on the first backend of its order that is
+enabled and can run it; when that is the same backend under ComfyUI's order (FlashAttention for most image and
+video models' calls, the memory-efficient kernel for an fp32 one), the scope changes nothing: the same kernel on
+the same inputs, so the same output, for a few flag reads and eligibility checks (~1-2 µs).
 
-:class:`LeanSdpa` does ``attention_pytorch``'s own work (the heads reshape, SDPA, the output reshape) for such
-calls and declines every other one (a mask, grouped-query attention, a batch over ComfyUI's split limit, another
-attention function, a backend SDPA would pick differently, tracing), which then runs ComfyUI's function as
-before. Read once from ComfyUI: the undecorated ``attention_pytorch``, its batch limit and its backend order.
+:class:`LeanSdpa` does ``attention_pytorch``'s own work (the heads reshape, the mask's broadcast dims, SDPA, the
+output reshape) for such calls and declines every other one (grouped-query attention, a batch over ComfyUI's
+split limit, another attention function, a backend SDPA would pick differently, tracing), which then runs
+ComfyUI's function as before. Read once from ComfyUI: the undecorated ``attention_pytorch``, its batch limit and
+its backend order.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-# SDPA's backends and the checks that say whether one can run a call (the enabled flag's getter, the eligibility
-# test on ``SDPAParams``); the math backend runs anything, so a call it would take is left to ComfyUI's scope
+# SDPA's fused backends and the checks that say whether one can run a call (the enabled flag's getter, the
+# eligibility test on ``SDPAParams``: what SDPA's own selection asks); the math backend runs anything
+# (a torch without one's test leaves it out: a call whose choice depends on it is declined)
+_MATH = int(SDPBackend.MATH)
+_OTHER_DEVICES = int(getattr(SDPBackend, "OVERRIDEABLE", -1))  # other device types' backends: never a CUDA call's
 _BACKENDS: dict[int, tuple[Callable[[], bool], Callable[[Any], bool]]] = {
-    int(SDPBackend.FLASH_ATTENTION): (torch._C._get_flash_sdp_enabled, torch.backends.cuda.can_use_flash_attention),
-    int(SDPBackend.EFFICIENT_ATTENTION): (torch._C._get_mem_efficient_sdp_enabled,
-                                          torch.backends.cuda.can_use_efficient_attention),
-    int(SDPBackend.CUDNN_ATTENTION): (torch._C._get_cudnn_sdp_enabled,
-                                      getattr(torch.backends.cuda, "can_use_cudnn_attention", lambda p: False)),
-}
+    int(getattr(SDPBackend, name)): (getattr(torch._C, flag), getattr(torch.backends.cuda, test))
+    for name, flag, test in (("FLASH_ATTENTION", "_get_flash_sdp_enabled", "can_use_flash_attention"),
+                             ("EFFICIENT_ATTENTION", "_get_mem_efficient_sdp_enabled", "can_use_efficient_attention"),
+                             ("CUDNN_ATTENTION", "_get_cudnn_sdp_enabled", "can_use_cudnn_attention"))
+    if hasattr(SDPBackend, name) and hasattr(torch._C, flag) and hasattr(torch.backends.cuda, test)}
 
 
 class ComfyAttention:
@@ -54,21 +58,48 @@ class ComfyAttention:
                    None if order is None else [int(b) for b in order])
 
 
-def same_kernel(order: list[int] | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether SDPA, in its current state, runs ``(q, k, v)`` (no mask, no dropout, not causal) on the kernel it
-    would run inside ``sdpa_kernel(order, set_priority=True)``: ``order`` None (no scope); on a CUDA tensor, the
-    first backend of ``order`` can run the call and is enabled and first in the current order; on the CPU (whose
-    SDPA picks its flash kernel where it can, else math, by the same enabled flags) both flags set, as the scope
-    sets them."""
+def _enabled(backend: int) -> bool | None:
+    """Whether ``backend`` is enabled in SDPA's state; None for one this does not know."""
+    if backend == _MATH:
+        return torch._C._get_math_sdp_enabled()
+    checks = _BACKENDS.get(backend)
+    return None if checks is None else checks[0]()
+
+
+def _first(order: list[int], params: Any) -> int | None:
+    """The first backend of ``order`` that can run the call ``params`` (SDPA's own test, the enabled flag included;
+    math runs anything it is given); None where a backend this does not know comes first."""
+    for b in order:
+        if b == _MATH:
+            if torch._C._get_math_sdp_enabled():
+                return b
+            continue
+        if b == _OTHER_DEVICES:
+            continue
+        checks = _BACKENDS.get(b)
+        if checks is None:
+            return None
+        if checks[1](params):
+            return b
+    return None
+
+
+def same_kernel(order: list[int] | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> bool:
+    """Whether SDPA, in its current state, runs ``(q, k, v, mask)`` (no dropout, not causal) on the kernel it would
+    run inside ``sdpa_kernel(order, set_priority=True)``: ``order`` None (no scope); on a CUDA tensor, every
+    backend of ``order`` is enabled now (the scope enables them) and the first backend that can run the call is
+    the same under the current order as under ``order``; on the CPU (whose SDPA picks its flash kernel where it
+    can, else math, by the same flags) those two flags set."""
     if order is None:
         return True
     if not q.is_cuda:
         return torch._C._get_flash_sdp_enabled() and torch._C._get_math_sdp_enabled()
-    first = order[0]
-    checks = _BACKENDS.get(first)
-    if checks is None or torch._C._get_sdp_priority_order()[0] != first or not checks[0]():
+    if not all(_enabled(b) for b in order):
         return False
-    return bool(checks[1](torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)))
+    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False, False)
+    want = _first(order, params)
+    return want is not None and want == _first(list(torch._C._get_sdp_priority_order()), params)
 
 
 class LeanSdpa:
@@ -85,7 +116,7 @@ class LeanSdpa:
         """ComfyUI's ``func(q, k, v, heads, mask=..., ...)`` output, or None where this declines (the caller then
         runs ``func``)."""
         c = self.comfy
-        if (func is not c.function or args or mask is not None or kwargs.get("enable_gqa", False)
+        if (func is not c.function or args or kwargs.get("enable_gqa", False)
                 or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor)
                 or not isinstance(v, torch.Tensor) or q.dim() != (4 if skip_reshape else 3)
                 or torch.compiler.is_compiling()):
@@ -98,10 +129,17 @@ class LeanSdpa:
         else:  # [B, T, heads * D] -> [B, heads, T, D], as attention_pytorch reshapes
             dim_head = int(q.shape[-1]) // heads
             q, k, v = (t.reshape(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
-        if not same_kernel(c.order, q, k, v):
+        if isinstance(mask, torch.Tensor):  # a batch dim, then a heads dim, where it has none (as ComfyUI adds them)
+            if mask.dim() == 2:
+                mask = mask.unsqueeze(0)
+            if mask.dim() == 3:
+                mask = mask.unsqueeze(1)
+        elif mask is not None:
+            return None
+        if not same_kernel(c.order, q, k, v, mask):
             return None
         scale = kwargs.get("scale")
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                              **({} if scale is None else {"scale": scale}))
         self.calls += 1
         return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, heads * dim_head)
