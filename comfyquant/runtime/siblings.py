@@ -152,7 +152,7 @@ class _Fused:
     """A consolidated group (kept on each member's weight tensor, so it dies with the weights): the fused weight
     and bias, the member widths, and what the next call checks to trust it."""
 
-    __slots__ = ("bias", "bias_ptrs", "cast", "plan", "rows", "sizes", "versions", "weight")
+    __slots__ = ("bias", "bias_ptrs", "cast", "plan", "rows", "sizes", "versioned", "versions", "weight")
 
     def __init__(self, plan: tuple[int, ...], weight: QuantizedTensor, bias: torch.Tensor | None,
                  sizes: list[int], members: Sequence[nn.Module]) -> None:
@@ -163,6 +163,9 @@ class _Fused:
         # (not its storage's): the fused scales would be stale. Inference tensors have none (ComfyUI replaces
         # weights instead of writing them)
         self.versions = tuple(version(w) for w, _ in params)  # type: ignore[arg-type]
+        # whether any member has a counter to watch: an inference tensor's reads -1 for as long as it lives (the
+        # tag check stands for its identity), so a group of them skips the reads on every call
+        self.versioned = any(v != -1 for v in self.versions)
         self.cast: tuple[torch.dtype, int, torch.Tensor] | None = None
 
     def bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -461,7 +464,8 @@ class SiblingGroup:
                 f = getattr(w, _FUSED_ATTR, None)
                 if f is not None and f.plan != plan:
                     f = None
-            if f is not None and (getattr(w, _FUSED_ATTR, None) is not f or version(w) != f.versions[k]
+            if f is not None and (getattr(w, _FUSED_ATTR, None) is not f
+                                  or (f.versioned and version(w) != f.versions[k])
                                   or (None if b is None else b.data_ptr()) != f.bias_ptrs[k]):
                 f = None
             out.append(m)
