@@ -87,6 +87,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                       "check_low_rank_epilogue,check_input_act,check_plans,check_cuda_graphs,check_inference_mode,"
                       "check_attention,check_attention_cudnn,check_ws_fp8,check_ws_experimental,check_siblings,"
                       "check_norm_fold,check_modulated_fold,check_layer_norm_fold,check_call_norms"]],
+        # the twenty-fifth session's host-time changes (dispatch.capturing's stream-handle read, plans' allocations,
+        # the int8 attention's): capture and replay, eager plans bit for bit, fused siblings, the attention kernel
+        "checks_capture": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                            "check_cuda_graphs,check_plans,check_siblings,check_attention"]],
         # the folded RMSNorm and column scale (runtime.norms, acts.RowNorm) alone
         "checks_norm": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_norm_fold,check_siblings"]],
