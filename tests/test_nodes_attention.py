@@ -205,3 +205,20 @@ def test_sdxl_style_blocks_compute_the_same_with_the_default_attention(comfy: An
         if mode == "sdpa":
             assert opts[OVERRIDE_KEY].lean.calls == 2 * len(blocks)  # each block's self- and cross-attention
     assert torch.equal(outs["sdpa"], outs["comfyui"])
+
+
+def test_a_comfyui_whose_attention_pytorch_changed_signature_gets_no_lean_path(
+        comfy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean path reproduces ComfyUI 0.30's ``attention_pytorch``; a ComfyUI whose function takes other
+    parameters keeps its own attention for every call."""
+    import functools
+
+    from comfy.ldm.modules import attention as comfy_attention
+
+    assert ComfyAttention.load().function is comfy_attention.attention_pytorch.__wrapped__
+
+    def changed(q: Any, k: Any, v: Any, heads: int, mask: Any = None, new_option: bool = False, **kwargs: Any) -> Any:
+        return q
+
+    monkeypatch.setattr(comfy_attention, "attention_pytorch", functools.wraps(changed)(lambda *a, **kw: changed(*a, **kw)))
+    assert ComfyAttention.load().function is None

@@ -20,6 +20,7 @@ its backend order.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,10 @@ _BACKENDS: dict[int, tuple[Callable[[], bool], Callable[[Any], bool]]] = {
     if hasattr(SDPBackend, name) and hasattr(torch._C, flag) and hasattr(torch.backends.cuda, test)}
 
 
+# ComfyUI 0.30's ``attention_pytorch`` parameters, which LeanSdpa's call reproduces
+SIGNATURE = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape", "kwargs")
+
+
 class ComfyAttention:
     """What :class:`LeanSdpa` reads from ComfyUI once: its undecorated ``attention_pytorch``, the batch size above
     which it splits SDPA calls, and the backend order its SDPA wrapper sets (None: it sets none, so its call is
@@ -50,9 +55,13 @@ class ComfyAttention:
 
     @classmethod
     def load(cls) -> ComfyAttention:
+        """Read from the imported ComfyUI; ``function`` None (nothing is taken) where ``attention_pytorch`` has
+        another signature than the one :class:`LeanSdpa` reproduces (a ComfyUI that changed it)."""
         attention = importlib.import_module("comfy.ldm.modules.attention")
         ops = importlib.import_module("comfy.ops")
         fn = getattr(getattr(attention, "attention_pytorch", None), "__wrapped__", None)
+        if fn is not None and tuple(inspect.signature(fn).parameters) != SIGNATURE:
+            fn = None
         order = getattr(ops, "SDPA_BACKEND_PRIORITY", None)
         return cls(fn, int(getattr(attention, "SDP_BATCH_LIMIT", 0)),
                    None if order is None else [int(b) for b in order])
