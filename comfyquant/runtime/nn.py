@@ -280,10 +280,17 @@ class QuantLinear(nn.Module):
             y = sib[0].product(sib[1], x)
             if y is not None:  # its side path (dynamic LoRAs) included
                 return y
-        bias = self._parameters["bias"]
-        w = self.qweight
-        fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)
-        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None), self.norm_for_call())
+        params = self._parameters
+        w, bias = params["weight"], params["bias"]
+        if w is None:
+            w = self.qweight  # (raises: no weight loaded yet)
+        fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)  # type: ignore[arg-type]
+        d = self.__dict__  # norm_for_call, inline (older pickles lack the norm attributes)
+        norm = d.get("call_norm")
+        if norm is None:
+            src = d.get("input_norm")
+            norm = None if src is None else src.for_call()
+        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None), norm)  # type: ignore[arg-type]
 
     def norm_for_call(self) -> Norm | None:
         """The norm this call applies first: the one :meth:`normed` handed over, else the layer's folded RMSNorm
