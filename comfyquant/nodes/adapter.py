@@ -466,10 +466,11 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     register_patch_callback(clone)
     if settings.runtime.cuda_graphs and root == MODEL_ROOT:  # graphs wrap a diffusion model's apply_model
         enable_cuda_graphs(clone)
-    if root == MODEL_ROOT and enable_quantized_attention(clone, settings.runtime.attention) is not None \
-            and settings.runtime.attention not in ("sdpa", "comfyui"):
-        logger.info("comfyquant: attention %s for head size 128 from %d keys", settings.runtime.attention,
-                    NODE_MIN_TOKENS)
+    mode = settings.runtime.attention
+    if root == MODEL_ROOT and enable_quantized_attention(clone, mode) is not None:
+        logger.info("comfyquant: attention %s", "sdpa: ComfyUI's kernel choice without its per-call backend setup "
+                    "(attention comfyui: ComfyUI's own)" if mode == "sdpa" else
+                    f"{mode} for head size 128 from {NODE_MIN_TOKENS} keys")
     logger.info(report.summary())
     if load_dev.type == "cuda" and report.converted:
         logger.info("comfyquant: kernels on %s", describe_device(load_dev))
