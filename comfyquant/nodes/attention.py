@@ -62,11 +62,15 @@ class QuantizedAttentionOverride:
 
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
+        routes = self.may_route(*args, **kwargs)
+        if not routes and self.lean is not None:
+            out = self.lean(func, *args, **kwargs)
+            if out is not None:
+                return out
         run = (lambda: self.previous(func, *args, **kwargs)) if self.previous is not None else (
             lambda: func(*args, **kwargs))
-        if not self.may_route(*args, **kwargs):  # no scope: a TorchFunctionMode costs every op in it host time
-            out = None if self.lean is None else self.lean(func, *args, **kwargs)
-            return run() if out is None else out
+        if not routes:  # no scope: a TorchFunctionMode costs every op in it host time
+            return run()
         with QuantizedAttention(self.policy) as scope:
             out = run()
         self.routed += scope.routed

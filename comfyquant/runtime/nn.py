@@ -285,12 +285,8 @@ class QuantLinear(nn.Module):
         if w is None:
             w = self.qweight  # (raises: no weight loaded yet)
         fn = None if torch.compiler.is_compiling() else bound_linear(w, bias)  # type: ignore[arg-type]
-        d = self.__dict__  # norm_for_call, inline (older pickles lack the norm attributes)
-        norm = d.get("call_norm")
-        if norm is None:
-            src = d.get("input_norm")
-            norm = None if src is None else src.for_call()
-        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None), norm)  # type: ignore[arg-type]
+        return run_linear(fn, x, w, bias, self.adapter, getattr(self, "input_act", None),  # type: ignore[arg-type]
+                          self.norm_for_call())
 
     def norm_for_call(self) -> Norm | None:
         """The norm this call applies first: the one :meth:`normed` handed over, else the layer's folded RMSNorm

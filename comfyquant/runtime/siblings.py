@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from comfyquant.runtime.kernels.acts import rms_norm
+from comfyquant.runtime.kernels.dispatch import capturing
 from comfyquant.runtime.layouts.generic import FormatParams
 from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
 from comfyquant.runtime.tensor import QuantizedTensor
@@ -419,7 +420,7 @@ class SiblingGroup:
             return None
         if f is not None:
             return f
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        if capturing(x):
             return None
         return _consolidate(plan, members)
 
