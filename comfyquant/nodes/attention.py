@@ -9,7 +9,7 @@ called) inside a ``QuantizedAttention`` scope, so ComfyUI's own reshapes and mas
 0.48-0.60x cuDNN's speed on an H200 (docs/PERFORMANCE.md runs 16-17). Modes:
 
 - ``sdpa`` (the default): ComfyUI's own choice of kernel, without its per-call backend-order scope where the
-  scope would not change that choice (``nodes.lean_attention``: the same kernel, ~30 µs less host time a call);
+  scope would not change that choice (``nodes.lean_attention``: the same kernel, without the scope's host time);
 - ``comfyui``: ComfyUI's attention function untouched (no override);
 - ``cudnn``: calls of 1,024+ keys run with cuDNN first (exact bf16 attention, no quantization);
 - ``int8`` / ``int8-fp8``: the same, and calls of 16,384+ keys at head size 128 (Wan 480p and longer video),

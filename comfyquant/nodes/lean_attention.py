@@ -4,11 +4,11 @@ kernel SDPA runs.
 ComfyUI 0.30 wraps every ``F.scaled_dot_product_attention`` call of ``attention_pytorch`` (the attention of
 SDXL's UNet, Flux, Wan, SD3 ...) in ``torch.nn.attention.sdpa_kernel(order, set_priority=True)``: about twenty
 calls into torch to set and restore SDPA's enabled backends and their order, 16.7 µs a call on the CPU we build
-on and about twice that on the H100 / H200 hosts (the SDXL profile, run 90: 140 such calls a step, ~10% of a
-host-bound step's host time under the profiler). SDPA runs a call on the first backend of its order that is
+on (the SDXL profile on an H100 host, run 90: 140 such calls a step, 9.7 ms of a host-bound step's host time
+under the profiler). SDPA runs a call on the first backend of its order that is
 enabled and can run it; when that is the same backend under ComfyUI's order (FlashAttention for most image and
 video models' calls, the memory-efficient kernel for an fp32 one), the scope changes nothing: the same kernel on
-the same inputs, so the same output, for a few flag reads and eligibility checks (~1-2 µs).
+the same inputs, so the same output, for a few flag reads and eligibility checks (~1 µs on the build CPU).
 
 :class:`LeanSdpa` does ``attention_pytorch``'s own work (the heads reshape, the mask's broadcast dims, SDPA, the
 output reshape) for such calls and declines every other one (grouped-query attention, a batch over ComfyUI's
