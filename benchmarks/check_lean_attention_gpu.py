@@ -56,6 +56,33 @@ def host_us(fn: Any, n: int) -> float:
     return sorted(rounds)[2]
 
 
+def sdpa_choices(order: list[int] | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                 kw: dict) -> dict:
+    """The backend SDPA itself selects for the call (``torch._fused_sdp_choice``) inside ComfyUI's scope and in
+    the current state, and what ``lean_attention`` predicts for each (its ``_first``), as ``SDPBackend`` ints."""
+    from torch.nn.attention import sdpa_kernel
+
+    from comfyquant.nodes.lean_attention import _first
+
+    if kw.get("skip_reshape"):
+        q4, k4, v4 = q, k, v
+    else:
+        b, d = q.shape[0], q.shape[-1] // heads
+        q4, k4, v4 = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    mask = kw.get("mask")
+    if mask is not None:
+        mask = mask.reshape(1, 1, *mask.shape[-2:])
+    params = torch.backends.cuda.SDPAParams(q4, k4, v4, mask, 0.0, False, False)
+    now = int(torch._fused_sdp_choice(q4, k4, v4, mask))
+    out = {"choice_now": now, "predicted_now": _first(list(torch._C._get_sdp_priority_order()), params),
+           "priority_now": list(torch._C._get_sdp_priority_order())}
+    if order is not None:
+        with sdpa_kernel([torch.nn.attention.SDPBackend(b) for b in order], set_priority=True):
+            out["choice_comfyui"] = int(torch._fused_sdp_choice(q4, k4, v4, mask))
+        out["predicted_comfyui"] = _first(order, params)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -73,26 +100,30 @@ def main(argv: list[str] | None = None) -> int:
     rows, ok = [], True
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.inference_mode():
-        for name, qs, ks, heads, kw, dt in SHAPES:
+        # the first shape again last: a difference on the process's first SDPA call only would show here
+        for name, qs, ks, heads, kw, dt in [*SHAPES, (SHAPES[0][0] + " again", *SHAPES[0][1:])]:
             q = torch.randn(qs, device="cuda", dtype=dt, generator=g)
             k, v = (torch.randn(ks, device="cuda", dtype=dt, generator=g) for _ in range(2))
             kw = dict(kw)
             if kw.pop("mask", False):
                 kw["mask"] = torch.zeros(qs[1], ks[1], device="cuda", dtype=dt)
             want = attention_pytorch(q, k, v, heads, **kw)
+            again = attention_pytorch(q, k, v, heads, **kw)  # ComfyUI against itself: is the kernel deterministic
             before = override.lean.calls  # type: ignore[union-attr]
             got = attention_pytorch(q, k, v, heads, **kw, transformer_options=opts)
             took = override.lean.calls > before  # type: ignore[union-attr]
             equal = bool(torch.equal(got, want))
+            choices = sdpa_choices(comfy.order, q, k, v, heads, kw)
             good = equal and (took or name in EITHER)
             ok &= good
             n = 200 if q.numel() <= 4 << 20 else 20
             comfy_us = host_us(lambda: attention_pytorch(q, k, v, heads, **kw), n)  # noqa: B023
             lean_us = host_us(lambda: attention_pytorch(q, k, v, heads, **kw, transformer_options=opts), n)  # noqa: B023
             rows.append({"shape": name, "equal": equal, "lean": took, "pass": good, "comfyui_us": comfy_us,
-                         "lean_us": lean_us})
+                         "lean_us": lean_us, "comfyui_deterministic": bool(torch.equal(again, want)), **choices})
             print(f"{'PASS' if good else 'FAIL'} {name:26s} equal={equal} lean={took} host/call: ComfyUI "
-                  f"{comfy_us:7.1f} µs, lean {lean_us:7.1f} µs", flush=True)
+                  f"{comfy_us:7.1f} µs, lean {lean_us:7.1f} µs; {choices}, ComfyUI deterministic "
+                  f"{rows[-1]['comfyui_deterministic']}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "check_lean_attention.json").write_text(json.dumps({

@@ -8,7 +8,9 @@ on (the SDXL profile on an H100 host, run 90: 140 such calls a step, 9.7 ms of a
 under the profiler). SDPA runs a call on the first backend of its order that is
 enabled and can run it; when that is the same backend under ComfyUI's order (FlashAttention for most image and
 video models' calls, the memory-efficient kernel for an fp32 one), the scope changes nothing: the same kernel on
-the same inputs, so the same output, for a few flag reads and eligibility checks (~1 µs on the build CPU).
+the same inputs, so the same output, for a few flag reads, one eligibility test and SDPA's own selection
+(``torch._fused_sdp_choice``). :func:`settle_priority` first lets torch set its lazily chosen order up inside
+ComfyUI's scope, as ComfyUI's first call would.
 
 :class:`LeanSdpa` does ``attention_pytorch``'s own work (the heads reshape, the mask's broadcast dims, SDPA, the
 output reshape) for such calls and declines every other one (grouped-query attention, a batch over ComfyUI's
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # SDPA's fused backends and the checks that say whether one can run a call (the enabled flag's getter, the
 # eligibility test on ``SDPAParams``: what SDPA's own selection asks); the math backend runs anything
@@ -97,18 +99,34 @@ def same_kernel(order: list[int] | None, q: torch.Tensor, k: torch.Tensor, v: to
                 mask: torch.Tensor | None = None) -> bool:
     """Whether SDPA, in its current state, runs ``(q, k, v, mask)`` (no dropout, not causal) on the kernel it would
     run inside ``sdpa_kernel(order, set_priority=True)``: ``order`` None (no scope); on a CUDA tensor, every
-    backend of ``order`` is enabled now (the scope enables them) and the first backend that can run the call is
-    the same under the current order as under ``order``; on the CPU (whose SDPA picks its flash kernel where it
-    can, else math, by the same flags) those two flags set."""
+    backend of ``order`` is enabled now (the scope enables them) and the backend SDPA selects now
+    (``torch._fused_sdp_choice``: its own selection, whatever order it keeps) is the first of ``order`` that can
+    run the call; on the CPU (whose SDPA picks its flash kernel where it can, else math, by the same flags)
+    those two flags set."""
     if order is None:
         return True
     if not q.is_cuda:
         return torch._C._get_flash_sdp_enabled() and torch._C._get_math_sdp_enabled()
     if not all(_enabled(b) for b in order):
         return False
-    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False, False)
-    want = _first(order, params)
-    return want is not None and want == _first(list(torch._C._get_sdp_priority_order()), params)
+    want = _first(order, torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False, False))
+    return want is not None and want == int(torch._fused_sdp_choice(q, k, v, mask))
+
+
+def settle_priority(order: list[int] | None) -> None:
+    """Let SDPA set up its backend order inside ComfyUI's scope, as ComfyUI's first attention call does.
+
+    torch (2.9+) picks its default order lazily, at the process's first SDPA selection: on Hopper / Blackwell with
+    cuDNN > 9.15 it puts cuDNN first then, even inside a ``set_priority`` scope, whose exit restores the order it
+    found (torch's). So the first call ran cuDNN where ComfyUI's order says FlashAttention (the H100 check of
+    2026-12-06: only the process's first call differed), and a first selection outside any scope (this module's
+    :func:`same_kernel`) would leave cuDNN first for good. Settled here, inside the scope, the first call follows
+    ComfyUI's order and the order outside it stays torch's."""
+    if order is None or not torch.cuda.is_available():
+        return
+    t = torch.zeros((1, 1, 128, 64), device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel([SDPBackend(b) for b in order], set_priority=True):
+        torch._fused_sdp_choice(t, t, t)
 
 
 class LeanSdpa:
@@ -118,6 +136,8 @@ class LeanSdpa:
     def __init__(self, comfy: ComfyAttention) -> None:
         self.comfy = comfy
         self.calls = 0
+        if comfy.function is not None:
+            settle_priority(comfy.order)
 
     def __call__(self, func: Callable[..., Any], q: Any = None, k: Any = None, v: Any = None, heads: int = 1,
                  *args: Any, mask: Any = None, skip_reshape: bool = False, skip_output_reshape: bool = False,
