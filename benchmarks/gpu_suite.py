@@ -183,6 +183,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "w8a16_int4": [[PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split"), "--int4"],
                        [PY, "benchmarks/bench_w8a16_split.py", "--out", str(work / "w8a16_split"), "--int4",
                         "--wide"]],
+        # the weight-only GEMM's tiles at 256-16,384 rows of the narrow layers every W8A8 path loses (no activation
+        # pass, one launch): today's thin-M config against wider tiles and cuBLAS bf16
+        "w8a16_large_m": [[PY, "benchmarks/bench_w8a16_large_m.py", "--out", str(work / "w8a16_large_m")]],
         # the one-launch W8A8 path from 64 rows (row-block kernel) against two launches and bf16 on 640-4,096-wide
         # layers: eager wall, GPU time, tile configurations, bit-equality with the two-launch path
         "fused_rows": [[PY, "benchmarks/bench_fused_rows.py", "--out", str(work / "fused_rows"), "--budget-s",
