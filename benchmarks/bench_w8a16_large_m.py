@@ -92,9 +92,9 @@ def main() -> int:
               f"({e['bf16'] / e.get(best, float('inf')):.2f}x)", flush=True)
         del qs, wb, xs, pairs, bf16_pairs
         torch.cuda.empty_cache()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    (a.out / "w8a16_large_m.json").write_text(json.dumps(res, indent=1))
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+        (a.out / "w8a16_large_m.json").write_text(json.dumps(res, indent=1))  # each row: a time cap keeps the rest
     worst = max(max(r["rel_f64"].values(), default=0.0) for r in rows)
     print(f"done in {res['seconds']} s; worst error against float64 {worst:.2e}", flush=True)
     return 0 if worst < 5e-3 else 1
