@@ -24,13 +24,14 @@ from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 11  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
+CACHE_VERSION = 12  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
 # 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart; 5: the Gluon
 # kernel takes narrow layers too (configs.ws_shape), so the Triton rate is timed below its rows; 6: the Gluon
 # kernel from 256 rows, the Triton rate timed below them; 7: the block activation kernel, modeled at 0.75 of the
 # copy bandwidth; 8: fp8 on the Gluon kernel (configs.WS_FP8), so the fp8 Triton rate is timed below its rows too;
 # 9: host times in interleaved rounds, the weight-only path's short-K term; 10: the W4A8 plan; 11: the W4A8 GEMM
-# with the weight as the register operand on 64-weight-row tiles, 1.2-2x faster from 64 rows)
+# with the weight as the register operand on 64-weight-row tiles, 1.2-2x faster from 64 rows; 12: a 128 MiB
+# bandwidth copy, operands made in row chunks: a smaller transient at the first quantized call)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -85,12 +86,19 @@ def _gpu_us(fn: Callable[[], object], reps: int = 10) -> float:
     return start.elapsed_time(end) * 1000.0 / (3 * reps)
 
 
+# fp32 bytes of the master weight's rows made at a time (see _operands)
+CHUNK_BYTES = 32 << 20
+
+
 def _operands(m: int, n: int, k: int, dev: torch.device, keys: frozenset[str] | None = None) -> dict:
     """The timed paths' operands for an ``m x k`` by ``n x k`` product: only ``keys`` (of ``x``, ``wb``, ``q``,
     ``s``, ``qf``, ``sf``, ``p``, ``ps``; None: all). Calibration runs at a model's first quantized call, next to
-    its weights, so its transient is kept small: the float32 master weight is dropped as soon as its copies are
-    made, the int4 codes are drawn as int8 (int64 by default: 512 MiB at 8192²), and a shape builds only what its
-    paths read (the 256 x 8192 x 8192 shape: x, q, s)."""
+    its weights, so its transient is kept small: the float32 master weight is made :data:`CHUNK_BYTES` of rows at
+    a time and each chunk's copies written into the outputs (the whole fp32 weight and the quantizers' fp32
+    temporaries cost ~1 GiB above the outputs at 16,384 x 8,192: run 97's first int8 SDXL round peaked 0.96 GiB
+    over its later ones), the int4 codes are drawn as int8 (int64 by default), and a shape builds only what its
+    paths read (the 192 x 16,384 x 8,192 shape: x, q, s, qf, sf). Timing operands: fp8 codes take the first
+    chunk's scale (the values only need the weight's distribution)."""
     from comfyquant.quant.fp8 import quantize_fp8
     from comfyquant.quant.int4 import pack_int4
     from comfyquant.quant.int8 import quantize_rowwise
@@ -99,18 +107,33 @@ def _operands(m: int, n: int, k: int, dev: torch.device, keys: frozenset[str] | 
         return keys is None or key in keys
 
     g = torch.Generator(device=dev).manual_seed(0)
-    w = torch.randn(n, k, device=dev, generator=g) * 0.02
     out: dict = {"x": torch.randn(m, k, device=dev, generator=g).bfloat16()}
     if want("q") or want("s") or want("ps"):
-        out["q"], out["s"] = quantize_rowwise(w)
-        out["ps"] = out["s"].reshape(-1)
+        out["q"] = torch.empty((n, k), dtype=torch.int8, device=dev)
+        out["s"] = torch.empty((n, 1), dtype=torch.float32, device=dev)
     if want("qf") or want("sf"):
-        out["qf"], out["sf"] = quantize_fp8(w)
+        out["qf"] = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=dev)
     if want("wb"):
-        out["wb"] = w.bfloat16()
-    del w
+        out["wb"] = torch.empty((n, k), dtype=torch.bfloat16, device=dev)
     if want("p"):
-        out["p"] = pack_int4(torch.randint(-7, 8, (n, k), device=dev, generator=g, dtype=torch.int8))
+        out["p"] = torch.empty((n, k // 2), dtype=torch.int8, device=dev)
+    rows = max(1, CHUNK_BYTES // (4 * k))
+    for i in range(0, n, rows):
+        j = min(n, i + rows)
+        w = torch.randn(j - i, k, device=dev, generator=g) * 0.02
+        if "q" in out:
+            out["q"][i:j], out["s"][i:j] = quantize_rowwise(w)
+        if "qf" in out:
+            if "sf" not in out:
+                out["sf"] = quantize_fp8(w)[1]
+            out["qf"][i:j] = (w / out["sf"]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+        if "wb" in out:
+            out["wb"][i:j] = w
+        del w
+        if "p" in out:
+            out["p"][i:j] = pack_int4(torch.randint(-7, 8, (j - i, k), device=dev, generator=g, dtype=torch.int8))
+    if "s" in out:
+        out["ps"] = out["s"].reshape(-1)
     return {key: v for key, v in out.items() if want(key) or key == "x"}
 
 
@@ -170,7 +193,9 @@ def _paths(o: dict, paths: tuple[str, ...]) -> dict[str, Callable[[], object]]:
 
 
 def _bandwidth_gbs(dev: torch.device) -> float:
-    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    """HBM copy bandwidth: 128 MiB copied (a 256 MiB working set, past the L2 of every GPU of today: H100 / H200
+    50-60 MB, B200 126 MB; 512 MiB before cache version 12, the calibration's largest transient then)."""
+    src = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     return 2 * src.numel() / _gpu_us(lambda: dst.copy_(src), reps=4) / 1e3
 
