@@ -122,11 +122,18 @@ def settle_priority(order: list[int] | None) -> None:
     2026-12-06: only the process's first call differed), and a first selection outside any scope (this module's
     :func:`same_kernel`) would leave cuDNN first for good. Settled here, inside the scope, the first call follows
     ComfyUI's order and the order outside it stays torch's."""
-    if order is None or not torch.cuda.is_available():
+    global _settled
+    if _settled or order is None or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
         return
-    t = torch.zeros((1, 1, 128, 64), device="cuda", dtype=torch.bfloat16)
+    t = torch.empty((1, 1, 128, 64), device="cuda", dtype=torch.bfloat16)  # the selection reads metadata only
     with sdpa_kernel([SDPBackend(b) for b in order], set_priority=True):
         torch._fused_sdp_choice(t, t, t)
+    _settled = True
+
+
+# whether settle_priority ran in this process: torch's lazy setup happens once, and ComfyUI deep-copies model
+# options (and this override with them) per sampling call (a memo of a process fact, like torch's own flag)
+_settled = False
 
 
 class LeanSdpa:
