@@ -31,7 +31,8 @@ CACHE_VERSION = 12  # bumped when what is measured or modeled changes (2: plans'
 # copy bandwidth; 8: fp8 on the Gluon kernel (configs.WS_FP8), so the fp8 Triton rate is timed below its rows too;
 # 9: host times in interleaved rounds, the weight-only path's short-K term; 10: the W4A8 plan; 11: the W4A8 GEMM
 # with the weight as the register operand on 64-weight-row tiles, 1.2-2x faster from 64 rows; 12: a 128 MiB
-# bandwidth copy, operands made in row chunks: a smaller transient at the first quantized call)
+# bandwidth copy, operands made in row chunks: a smaller transient at the first quantized call; the Gluon
+# kernel's own short-K term, costs.WS_OVERHEAD_ITERS, so its speed-up is re-fitted)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
