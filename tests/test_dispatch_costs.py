@@ -179,17 +179,21 @@ def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(s
     assert max(regrets) <= 1.8 and sum(x > 1.15 for x in regrets) <= 0.1 * len(regrets)
 
 
+def _results(name: str) -> dict:
+    """A recorded benchmark result of ``benchmarks/results``."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())
+
+
 _INT8_COLUMNS = {"triton": "w8a8_triton", "triton_fused": "w8a8_fused", "triton_w8a16": "w8a16", "dequant": "dequant"}
 
 
 def _replay(run: str) -> tuple[list[float], dict[tuple[str, str, int], str]]:
     """(picked over fastest measured, per row; the pick per (model, layer, M)) of the eager int8 choice on a
     recorded H200 sweep under the cost table that sweep's process measured and decided with (its ``meta``)."""
-    import json
-    from pathlib import Path
-
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    d = json.loads((results / f"sweep_{run}.json").read_text())
+    d = _results(f"sweep_{run}.json")
     c = cm.DeviceCosts.from_json(d["meta"]["costs"])
     regrets, picks = [], {}
     for r in d["rows"]:
@@ -378,11 +382,13 @@ def test_rotated_layer_with_a_lora_keeps_to_the_planned_w8a8_path() -> None:
     assert builtin.int8_paths(0, 16) == builtin.int8_paths(0)
 
 
-def _results(name: str) -> dict:
-    import json
-    from pathlib import Path
+def _refit(table: cm.DeviceCosts) -> cm.DeviceCosts:
+    """A recorded table with its Gluon speed-up re-fitted at K = 4,096 under the Gluon kernel's own short-K term,
+    as calibration fits it (the tables up to cache version 11 were fitted under the Triton kernel's)."""
+    import dataclasses
 
-    return json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())
+    return dataclasses.replace(table, ws_speedup=table.ws_speedup * cm._short_k(4096, 128, cm.TILE_OVERHEAD_ITERS)
+                               / cm._short_k(4096, 128, cm.WS_OVERHEAD_ITERS))
 
 
 def test_gluon_gemm_short_k_term_fits_the_measured_gemm() -> None:
@@ -391,26 +397,16 @@ def test_gluon_gemm_short_k_term_fits_the_measured_gemm() -> None:
     and K 640-10,240 (H100 run 94, graph replays, 128 x 128 tiles), under that H100's cost table with its speed-up
     re-fitted at K = 4,096 as calibration does. With the Triton kernel's 8 K steps a tile the model ran 11% slow
     on average and 24% on the short-K rows (CLIP mlp0 at 16,384 rows: 105 µs modeled, 85 measured)."""
-    import dataclasses
     import math
 
-    from comfyquant.runtime.kernels.configs import WS_N64_SPEED, WS_W8A8, ws_config
-
-    table = cm.DeviceCosts.from_json(_results("sweep_run93_h100_2026-12-05.json")["meta"]["costs"])
-    c = dataclasses.replace(table, ws_speedup=table.ws_speedup * cm._short_k(4096, 128, cm.TILE_OVERHEAD_ITERS)
-                            / cm._short_k(4096, 128, cm.WS_OVERHEAD_ITERS))  # the calibration's K = 4,096 fit
+    c = _refit(cm.DeviceCosts.from_json(_results("sweep_run93_h100_2026-12-05.json")["meta"]["costs"]))
     narrow = {("sdxl", "attn"): (1280, 1280), ("sdxl", "ff0"): (1280, 10240), ("sdxl", "ff2"): (5120, 1280),
               ("sdxl", "attn640"): (640, 640), ("clip_l", "mlp0"): (768, 3072), ("clip_l", "mlp2"): (3072, 768),
               ("t5xxl", "ffn0"): (4096, 10240)}
     errs = []
     for r in _results("gemm_ws_narrow_graph_run94_h100_2026-12-06.json")["rows"]:
         k, n = narrow[(r["model"], r["layer"])]
-        m = r["M"]
-        cfg = ws_config(m, n, c.sms)
-        eff = (wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * c.ws_speedup
-               * (1.0 if cfg == WS_W8A8 else WS_N64_SPEED) * cm._short_k(k, cfg.block_k, cm.WS_OVERHEAD_ITERS))
-        model = cm._kernel(2.0 * m * n * k, m * k + n * k + 2.0 * m * n, c.rate("triton"), eff, c)
-        errs.append(math.log(model / min(r["us"]["ws 128x128 s5"])))
+        errs.append(math.log(cm.gluon_gemm_us(r["M"], n, k, c) / min(r["us"]["ws 128x128 s5"])))
     assert len(errs) == 20
     assert abs(sum(errs) / len(errs)) < math.log(1.05) and math.sqrt(sum(e * e for e in errs) / len(errs)) < 0.1
 
@@ -420,12 +416,8 @@ def test_h100_sweep_replay_picks_the_gluon_gemm_at_short_k() -> None:
     cuBLAS 0.93x (126.9 µs); with the Triton kernel's short-K term on the Gluon kernel the model priced the W8A8
     path at 124 µs and its near-tie rule took dequantize + cuBLAS. Replayed with the run's table (speed-up
     re-fitted as calibration would), every other pick of the sweep stays."""
-    import dataclasses
-
     d = _results("sweep_run93_h100_2026-12-05.json")
-    table = cm.DeviceCosts.from_json(d["meta"]["costs"])
-    c = dataclasses.replace(table, ws_speedup=table.ws_speedup * cm._short_k(4096, 128, cm.TILE_OVERHEAD_ITERS)
-                            / cm._short_k(4096, 128, cm.WS_OVERHEAD_ITERS))
+    c = _refit(cm.DeviceCosts.from_json(d["meta"]["costs"]))
     row = next(r for r in d["rows"] if (r["model"], r["layer"], r["m"]) == ("clip_l", "fc1", 16384))
     assert cm.decide(tuple(_INT8_COLUMNS), row["m"], row["n"], row["k"], c, "eager")[0] == "triton"
     regrets = []

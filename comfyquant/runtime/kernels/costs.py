@@ -146,7 +146,7 @@ TILE_OVERHEAD_ITERS = 8.0
 # the model 1.109 with the Triton kernel's 8, 1.004 with 4 (rms of the log error 0.139 -> 0.060). Replayed on every
 # recorded sweep with its own table (ws_speedup rescaled as a re-calibration at K = 4,096 would): the H200 sweeps'
 # picks unchanged (runs 57-83), the H100's regret 1.0091 -> 1.0076, worst 1.19 -> 1.14 (CLIP fc1 at 16,384 rows:
-# the W8A8 path, 1.11x bf16, in place of dequantize + cuBLAS, 0.91x).
+# the W8A8 path, 1.11x bf16, in place of dequantize + cuBLAS, 0.93x).
 WS_OVERHEAD_ITERS = 4.0
 FUSED_PROLOGUE_US_PER_K = 5.5e-3
 FUSED_PROLOGUE_THIN_US_PER_K = 1.09e-2
@@ -181,6 +181,17 @@ def gluon_path(path: str, m: int, n: int, k: int, sms: int) -> bool:
     return (path == "triton" or (path == "triton_fp8" and WS_FP8)) and ws_shape(m, n, k, sms)
 
 
+def gluon_gemm_us(m: int, n: int, k: int, c: DeviceCosts, fp8: bool = False) -> float:
+    """Modeled GPU time of the warp-specialized Gluon W8A8 GEMM alone (no activation pass) on ``[m, k] x [k, n]``:
+    the int8 Triton rate times ``c.ws_speedup`` (fp8 operands: times :data:`WS_FP8_SPEED`), its tile's wave fill
+    and its own short-K term (:data:`WS_OVERHEAD_ITERS`)."""
+    cfg = ws_config(m, n, c.sms)
+    speed = c.ws_speedup * (1.0 if cfg == WS_W8A8 else WS_N64_SPEED) * (WS_FP8_SPEED if fp8 else 1.0)
+    eff = (wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * speed
+           * _short_k(k, cfg.block_k, WS_OVERHEAD_ITERS))
+    return _kernel(2.0 * m * n * k, m * k + n * k + 2.0 * m * n, c.rate("triton"), eff, c)
+
+
 def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) -> float:
     """Modeled GPU time of one call of ``path`` for ``[m, k] @ [k, n]``; inf for a path the model can't run."""
     if m <= 0:
@@ -190,14 +201,10 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
     if path == "bf16":
         return _bf16_gemm(m, n, k, c)
     if path in ("triton", "triton_fp8", "w4a8", "scaled_mm"):
+        if gluon_path(path, m, n, k, c.sms):  # the Gluon kernel's shapes: its own tiles and short-K term
+            return _quant_kernel(m, k, c, group) + gluon_gemm_us(m, n, k, c, fp8=path == "triton_fp8")
         wbytes = n * k * (0.5 if path == "w4a8" else 1.0)
-        rate = c.rate(path)
-        if gluon_path(path, m, n, k, c.sms):  # the Gluon kernel's shapes: its own tiles, the int8 kernel's rate
-            cfg = ws_config(m, n, c.sms)  # times its speed-up (fp8 operands: times WS_FP8_SPEED of it)
-            speed = c.ws_speedup * (1.0 if cfg == WS_W8A8 else WS_N64_SPEED) * (
-                WS_FP8_SPEED if path == "triton_fp8" else 1.0)
-            rate = c.rate("triton")
-        elif m < 64:
+        if m < 64:
             cfg = small_m_config(m, n, k, c.sms)
             speed = 0.35
         else:
@@ -205,9 +212,8 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
             speed = 1.0 if cfg.block_m * cfg.block_n >= 128 * 256 else 0.8
         eff = wave_efficiency(m, n, cfg.block_m, cfg.block_n, c.sms) * speed
         if path != "scaled_mm":  # cuBLAS does not show the short-K loss of our tiles
-            eff *= _short_k(k, cfg.block_k, WS_OVERHEAD_ITERS if gluon_path(path, m, n, k, c.sms)
-                            else TILE_OVERHEAD_ITERS)
-        return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, rate, eff, c)
+            eff *= _short_k(k, cfg.block_k)
+        return _quant_kernel(m, k, c, group) + _kernel(flops, m * k + wbytes + out_b, c.rate(path), eff, c)
     if path == "triton_fused":
         if group:
             return math.inf
