@@ -15,11 +15,9 @@ candidate's output against a float64 reference.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,17 +35,11 @@ TILES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128
 L2_PAST = 200 << 20
 
 
-def _cycling(op: Callable[..., object], pairs: list) -> Callable[[], object]:
-    """``op`` called on the next pair of ``pairs`` each time (inputs and weights cycled past L2)."""
-    it = itertools.cycle(pairs)
-    return lambda: op(*next(it))
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    from comfyquant.bench.layers import graph_time_us, wall_us
+    from comfyquant.bench.layers import _cycling, graph_time_us, wall_us
     from comfyquant.quant.int8 import quantize_rowwise
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels.configs import TileConfig, fit_stages, w8a16_config
