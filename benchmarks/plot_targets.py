@@ -24,16 +24,16 @@ def plot(data: dict, out: Path) -> None:
 
     models, counts = data["whole_models"], data["counts"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1.15, 1]})
-    for ax, rows, key in ((left, models, "value"), (right, counts, "value")):
+    for ax, rows in ((left, models), (right, counts)):
         y = list(range(len(rows)))[::-1]
-        ratio = [r[key] / r["of"] for r in rows] if ax is right else [r[key] for r in rows]
+        ratio = [r["value"] / r["of"] for r in rows] if ax is right else [r["value"] for r in rows]
         bars = [r["bar"] / r["of"] for r in rows] if ax is right else [r["bar"] for r in rows]
-        colors = [MET if r[key] >= r["bar"] else MISSED for r in rows]
+        colors = [MET if r["value"] >= r["bar"] else MISSED for r in rows]
         ax.barh(y, ratio, color=colors, height=0.6)
         for yi, b in zip(y, bars, strict=True):
             ax.plot([b, b], [yi - 0.4, yi + 0.4], color=BAR, linewidth=2.5)
         for yi, r, v, b in zip(y, rows, ratio, bars, strict=True):  # the label past the bar and its mark
-            text = (f"{r[key]}/{r['of']}" if ax is right else f"{r[key]:.2f}x") + f"  run {r['run']}, {r['device']}"
+            text = (f"{r['value']}/{r['of']}" if ax is right else f"{r['value']:.2f}x") + f"  run {r['run']}, {r['device']}"
             ax.text(max(v, b) + 0.015 * (max(ratio) + 0.2), yi, text, va="center", fontsize=9)
         labels = [r["target"] + ("" if ax is right else f"\n({r['where']})") for r in rows]
         ax.set_yticks(y, labels, fontsize=9)
