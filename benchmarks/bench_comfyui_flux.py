@@ -318,22 +318,25 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
                 enable_cuda_graphs(clone)
             run(name, clone)
             del clone
-    # (format, attention, graphs, fold_norms): the node's options on the quantized models; the blocks' modulated
-    # LayerNorms are folded into the quantized layers (nodes.flux_blocks) unless fold_norms is off
-    variants = [("int8", "sdpa", False, True), ("int8", "comfyui", False, True), ("int8", "sdpa", False, False),
-                ("int8-rot", "sdpa", False, True),
-                ("fp8", "sdpa", False, True), ("fp8", "sdpa", False, False), ("int8", "cudnn", False, True),
-                ("int8", "int8-fp8", False, True), ("fp8", "cudnn", False, True)] + (
-        [("int8", "cudnn", True, True)] if a.graphs else [])
-    for fmt, attention, graphs, fold in variants:
+    # (format, attention, graphs, fold_norms, fuse_rope): the node's options on the quantized models; the blocks'
+    # modulated LayerNorms are folded into the quantized layers (nodes.flux_blocks) unless fold_norms is off, their
+    # q / k norms and RoPE one kernel (nodes.flux_rope) unless fuse_rope is
+    variants = [("int8", "sdpa", False, True, True), ("int8", "comfyui", False, True, True),
+                ("int8", "sdpa", False, True, False), ("int8", "sdpa", False, False, True),
+                ("int8-rot", "sdpa", False, True, True), ("fp8", "sdpa", False, True, True),
+                ("fp8", "sdpa", False, False, True), ("int8", "cudnn", False, True, True),
+                ("int8", "int8-fp8", False, True, True), ("fp8", "cudnn", False, True, True)] + (
+        [("int8", "cudnn", True, True, True)] if a.graphs else [])
+    for fmt, attention, graphs, fold, rope in variants:
         name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}") + (
-            " + cuda graphs" if graphs else "") + ("" if fold else " (norms in torch)")
+            " + cuda graphs" if graphs else "") + ("" if fold else " (norms in torch)") + (
+            "" if rope or not fold else " (stock RoPE)")
         if not want(name):
             continue
         _free(device)
         t1 = time.perf_counter()
         patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type="flux", runtime=RuntimeOptions(
-            attention=attention, cuda_graphs=graphs, fold_norms=fold)))
+            attention=attention, cuda_graphs=graphs, fold_norms=fold, fuse_rope=rope)))
         run(name, patched, f"{len(report.converted)} layers converted in {time.perf_counter() - t1:.1f} s")
         del patched
     why_not = kitchen_cuda_status() if device == "cuda" else "CPU smoke run: comfy-kitchen eager backend"

@@ -297,3 +297,53 @@ def check_call_norms() -> None:
                 e, e_ref = rel(y, f64), rel(ref, f64)
                 record("call_norm_ltx", e <= 1.2 * e_ref + 2**-9, fmt=fmt, m=2 * t, k=k, step=step, rel=e,
                        rel_unfolded=e_ref)
+
+
+def check_flux_rope() -> None:
+    """The q / k RMSNorm + RoPE kernel (``runtime.rope.norm_rope_heads`` on CUDA) against the stock ops on the same
+    GPU tensors (``F.rms_norm`` per head, the join of the streams, comfy-kitchen's eager RoPE formula) at Flux's
+    widths: a double block's text (512) and image (4,096) streams into the joint q / k / v, a single block's strided
+    ``linear1`` rows. Bound: within two bf16 steps of each element's pair magnitude (the norm's and the store's
+    roundings); v bit-equal; most elements bit-equal (same fp32 formulas, another summation order)."""
+    import torch.nn.functional as F
+
+    from comfyquant.runtime.rope import kernel_applies, norm_rope_heads, rope_reference
+
+    heads, d, eps = 24, 128, 1e-6
+    g = torch.Generator(device="cuda").manual_seed(7)
+
+    def pe_rows(n: int) -> torch.Tensor:
+        pos = torch.randint(0, 128, (1, n), device="cuda", generator=g).double()
+        a = pos[..., None] / (10000 ** (torch.arange(0, d, 2, device="cuda", dtype=torch.float64) / d))
+        return torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], -1).reshape(1, 1, n, d // 2, 2, 2).float()
+
+    def within(got: torch.Tensor, want: torch.Tensor) -> tuple[bool, float, float]:
+        err = (got.double() - want.double()).abs()
+        pair = want.double().reshape(*want.shape[:-1], -1, 2).norm(dim=-1, keepdim=True)
+        bound = 2 * 2.0 ** -8 * pair.expand(*pair.shape[:-1], 2).reshape(want.shape) + 1e-6
+        return bool((err <= bound).all()), float(err.max()), float((got == want).float().mean())
+
+    lt, li = 512, 4096
+    pe = pe_rows(lt + li)
+    streams = [torch.randn(1, n, 3 * heads * d, device="cuda", generator=g).bfloat16() * 3 for n in (lt, li)]
+    ws = [tuple((1 + 0.3 * torch.randn(d, device="cuda", generator=g)).bfloat16() for _ in range(2)) for _ in range(2)]
+    record("flux_rope_kernel_applies", all(kernel_applies(streams[j], heads, d, ws[j], pe, lt + li) for j in (0, 1)))
+    out = tuple(torch.empty(1, heads, lt + li, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for j, start in ((0, 0), (1, lt)):
+        norm_rope_heads(streams[j], heads, d, *ws[j], eps, pe, out, start)
+    parts = [s.view(1, s.shape[1], 3, heads, d).permute(2, 0, 3, 1, 4) for s in streams]
+    for i, name in ((0, "q"), (1, "k")):
+        normed = [F.rms_norm(parts[j][i], (d,), ws[j][i], eps) for j in range(2)]
+        want = rope_reference(torch.cat(normed, dim=2), pe)
+        ok, err, same = within(out[i], want)
+        record(f"flux_rope_double_{name}", ok and same > 0.9, max_err=err, bit_equal=same)
+    record("flux_rope_double_v", torch.equal(out[2], torch.cat((parts[0][2], parts[1][2]), dim=2)))
+    n = lt + li
+    h = torch.randn(1, n, 3 * heads * d + 4 * heads * d, device="cuda", generator=g).bfloat16() * 3
+    qw, kw = ws[0]
+    q, k, v = norm_rope_heads(h, heads, d, qw, kw, eps, pe, write_v=False)
+    view = h[..., :3 * heads * d].view(1, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    for got, src, w, name in ((q, view[0], qw, "q"), (k, view[1], kw, "k")):
+        ok, err, same = within(got, rope_reference(F.rms_norm(src, (d,), w, eps), pe))
+        record(f"flux_rope_single_{name}", ok and same > 0.9, max_err=err, bit_equal=same)
+    record("flux_rope_single_v_view", v.data_ptr() == view[2].data_ptr())

@@ -8,7 +8,10 @@
 - ``wheels/``: pure wheels the device's Python lacks: ComfyUI's small module-level imports, and the peer
   (convert_to_quant 1.3.4 with its optimizer package) for the optimizer comparison.
 
-Every fresh checkout lacks ``.whl/`` (it is ignored); the bundle is rebuilt in about a minute.
+Every fresh checkout lacks ``.whl/`` (it is ignored); the bundle is rebuilt in about a minute. ``--slim``: both
+archives LZMA-compressed (ck.zip 36 -> 34 MB, comfyui.zip 13 -> 4 MB) and ComfyUI's tokenizer files left out (the
+diffusion-model benches tokenize nothing), so ComfyUI and comfy-kitchen's CUDA kernels fit one call together: the
+stock rows then run on the kernels users have (RoPE, int8), not comfy-kitchen's eager fallbacks.
 """
 
 from __future__ import annotations
@@ -52,23 +55,29 @@ def _pip_download(reqs: list[str], dest: Path, *extra: str) -> None:
         sys.exit(2)
 
 
-def kitchen_zip(out: Path, work: Path) -> None:
-    """The CUDA wheel's files minus the ROCm backend's shared library, zipped as a PYTHONPATH tree."""
+def kitchen_zip(out: Path, work: Path, slim: bool = False) -> None:
+    """The CUDA wheel's files minus the ROCm backend's shared library, zipped as a PYTHONPATH tree (``slim``: LZMA)."""
     _pip_download([f"comfy-kitchen=={COMFY_KITCHEN_VERSION}"], work, "--platform", DEVICE_PLATFORM)
     wheel = next(work.glob("comfy_kitchen-*-cp312-*.whl"))
-    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+    method = zipfile.ZIP_LZMA if slim else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", method) as dst:
         for info in src.infolist():
             if info.filename.startswith("comfy_kitchen/backends/hip/") and info.filename.endswith(".so"):
                 continue
-            dst.writestr(info, src.read(info))
+            dst.writestr(info.filename, src.read(info))
 
 
-def comfyui_zip(out: Path) -> None:
-    """The test cache (``comfyui-0.30.0/...``) zipped with its folder name, as gpu_suite unpacks it."""
+def _tokenizer_file(p: Path) -> bool:
+    return any(part.endswith("tokenizer") for part in p.parts)
+
+
+def comfyui_zip(out: Path, slim: bool = False) -> None:
+    """The test cache (``comfyui-0.30.0/...``) zipped with its folder name, as gpu_suite unpacks it (``slim``: LZMA,
+    without the text encoders' tokenizer files)."""
     root = ensure_comfyui()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_LZMA if slim else zipfile.ZIP_DEFLATED) as z:
         for p in sorted(root.rglob("*")):
-            if p.is_file() and "__pycache__" not in p.parts:
+            if p.is_file() and "__pycache__" not in p.parts and not (slim and _tokenizer_file(p.relative_to(root))):
                 z.write(p, Path(root.name) / p.relative_to(root))
 
 
@@ -77,14 +86,16 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / ".whl")
     p.add_argument("--no-comfyui", action="store_true",
                    help="leave out ComfyUI's copy (12 MiB) for calls without a comfyui step")
+    p.add_argument("--slim", action="store_true",
+                   help="LZMA archives, no tokenizers: ComfyUI with comfy-kitchen's CUDA kernels in one call")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        kitchen_zip(a.out / "ck.zip", Path(tmp))
+        kitchen_zip(a.out / "ck.zip", Path(tmp), a.slim)
     if a.no_comfyui:
         (a.out / "comfyui.zip").unlink(missing_ok=True)
     else:
-        comfyui_zip(a.out / "comfyui.zip")
+        comfyui_zip(a.out / "comfyui.zip", a.slim)
     wheels = a.out / "wheels"
     wheels.mkdir(exist_ok=True)
     _pip_download(list(WHEELS), wheels, "--platform", "any")

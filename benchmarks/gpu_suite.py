@@ -239,6 +239,12 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "comfyui_lean": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
             "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
             "bf16 + attention sdpa,adapter int8,adapter int8 + attention comfyui"])]],
+        # the fused q / k norm + RoPE (nodes.flux_rope) in Flux's class against the stock ops, with the stock rows on
+        # comfy-kitchen's CUDA kernels (the bundle built --slim: ComfyUI and ck.zip in one call), 2 pooled rounds
+        "comfyui_rope": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
+            "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
+            "bf16 + attention sdpa,adapter int8,adapter int8 (stock RoPE),adapter int8 + attention cudnn,"
+            "ComfyUI int8 (same file)"])]],
         # the same default attention's GPU check: bit-equal to ComfyUI's calls, declined where flash cannot run
         "check_lean_attention": [[PY, "benchmarks/check_lean_attention_gpu.py", "--out", str(work / "kernels"),
                                   *cache]],
@@ -259,6 +265,13 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # norm-row re-derivations and memo growth (run 86: the fold 0.73x against 0.94x)
         "profile_sdxl": [[PY, "benchmarks/profile_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
                           *s]],
+        # ComfyUI's Flux class (6 + 12 blocks, 1024²) the same way, bf16 against the adapter's int8: the share of the
+        # step outside the GEMMs (RoPE, q / k norms, stream joins) that the bench's own Flux class leaves out
+        # the fused q / k norm + RoPE kernel against the stock ops (nodes.flux_rope, 2026-12-06)
+        "checks_rope": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                         "check_flux_rope,check_modulated_fold"]],
+        "profile_flux": [[PY, "benchmarks/profile_comfyui_sdxl.py", "--family", "flux", "--out",
+                          str(work / "comfyui_flux"), *cache, *s]],
         # Z-Image's NextDiT (8 of 30 layers) / Qwen-Image's MMDiT (8 of 60 blocks) in ComfyUI's classes at 1024²: bf16
         # vs the adapter (int8 with the blocks' modulated norms handed to the layers they feed, without, fp8) vs
         # ComfyUI's own int8 file path

@@ -7,9 +7,12 @@ step, ~95 µs per folded norm); this says which ops, syncs or re-derivations car
 host-bound (90 ms of host per 41 ms of GPU), so each variant, bf16 too, also gets its host time a step (the
 forward's wall time without a sync, the GPU keeping up) and Python's own profile (cProfile: which of our functions
 and ComfyUI's take the host time, by self time). Writes ``--out``/profile_comfyui_sdxl.txt and .json.
-``--smoke``: the tiny UNet on the CPU.
+``--smoke``: the tiny UNet on the CPU. ``--family flux``: ComfyUI's Flux class instead (6 double + 12 single
+blocks of Flux.1-dev's widths at 1024², bf16 against the adapter's int8 with its defaults): where the step time
+goes besides the GEMMs (RoPE, the q / k norms, the joins of the two streams), which the bench's own Flux class
+leaves out. Writes ``profile_comfyui_flux.txt`` / ``.json`` then.
 
-    python benchmarks/profile_comfyui_sdxl.py --out prof_sdxl [--smoke]
+    python benchmarks/profile_comfyui_sdxl.py --out prof_sdxl [--smoke] [--family flux]
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_comfyui_flux import _free, _import_comfy, work_files
+from bench_comfyui_flux import FULL, _free, _import_comfy, _inputs, flux_state_dict, work_files
+from bench_comfyui_flux import SMOKE as FLUX_SMOKE
 from bench_comfyui_sdxl import SDXL, SMOKE, _smoke_patcher, sdxl_inputs, sdxl_state_dict
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
@@ -135,8 +139,42 @@ def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> d
     table = events.table(sort_by=f"self_{dev_attr}" if device == "cuda" else "self_cpu_time_total", row_limit=30)
     return {"variant": name, "memo_entries_after_warmup": memo0, "memo_entries_added_while_profiled": memo1 - memo0,
             "norm_rows_derived_while_profiled": derived1 - derived0, "norm_rows_derived_in_warmup": derived0,
-            "syncs_per_step": syncs, "top_by_device": by_device, "top_by_count": by_count, "table": table,
+            "syncs_per_step": syncs, "device_total_us": sum(r["device_us"] for r in rows), "top_by_device": by_device, "top_by_count": by_count, "table": table,
             **hosted}
+
+
+def _sdxl(a: argparse.Namespace, device: str, dtype: torch.dtype, src: Path) -> tuple[Any, dict, list]:
+    """(bf16 patcher, inputs, [(variant, settings)]) of the SDXL UNet: the fold against norms in torch."""
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+    config = SMOKE if a.smoke else SDXL
+    sd = sdxl_state_dict(config)
+    if a.smoke:
+        base = _smoke_patcher(sd)
+    else:
+        save_file(sd, str(src))
+        base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
+    variants = [(name, AdapterSettings(format="int8", model_type="sdxl",
+                                       runtime=RuntimeOptions(fold_norms=fold, fold_layer_norms=fold)))
+                for name, fold in (("adapter int8", True), ("adapter int8 (norms in torch)", False))]
+    return base, sdxl_inputs(config, 64 if a.smoke else 1024, device, dtype), variants
+
+
+def _flux(a: argparse.Namespace, device: str, dtype: torch.dtype, src: Path) -> tuple[Any, dict, list]:
+    """(bf16 patcher, inputs, [(variant, settings)]) of ComfyUI's Flux class: the adapter's int8 defaults."""
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    from comfyquant.nodes.settings import AdapterSettings
+
+    dims = FLUX_SMOKE if a.smoke else FULL
+    save_file(flux_state_dict(dims, 1 if a.smoke else 6, 1 if a.smoke else 12), str(src))
+    base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
+    inputs = _inputs(dims, 64 if a.smoke else 1024, device, dtype)
+    return base, inputs, [("adapter int8", AdapterSettings(format="int8", model_type="flux"))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,32 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None)
     p.add_argument("--comfyui-cache", default=None)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--family", choices=("sdxl", "flux"), default="sdxl")
     p.add_argument("--steps", type=int, default=2)
     a = p.parse_args(argv)
     device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
-    config = SMOKE if a.smoke else SDXL
     dtype = torch.float32 if a.smoke else torch.bfloat16
     _import_comfy(a.comfyui_cache, device, False)
-    import comfy.sd
-    from safetensors.torch import save_file
-
     from comfyquant.nodes.adapter import adapt_model
-    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
-    out_dir, src, _ = work_files(a, "sdxl_unet")
-    sd = sdxl_state_dict(config)
-    if a.smoke:
-        base = _smoke_patcher(sd)
-    else:
-        save_file(sd, str(src))
-        base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
-    del sd
-    inputs = sdxl_inputs(config, 64 if a.smoke else 1024, device, dtype)
+    stem = "profile_comfyui_sdxl" if a.family == "sdxl" else "profile_comfyui_flux"
+    out_dir, src, _ = work_files(a, f"{a.family}_model")
+    base, inputs, variants = (_sdxl if a.family == "sdxl" else _flux)(a, device, dtype, src)
     results = [profile("bf16", base, inputs, device, a.steps)]
-    for name, fold in (("adapter int8", True), ("adapter int8 (norms in torch)", False)):
+    for name, settings in variants:
         _free(device)
-        patched, _ = adapt_model(base, AdapterSettings(format="int8", model_type="sdxl",
-                                                       runtime=RuntimeOptions(fold_norms=fold, fold_layer_norms=fold)))
+        patched, _ = adapt_model(base, settings)
         results.append(profile(name, patched, inputs, device, a.steps))
         patched = None
     text = []
@@ -178,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         text += [f"== {r['variant']}: memo entries {r['memo_entries_after_warmup']} (+{r['memo_entries_added_while_profiled']}"
                  f" while profiled), norm rows derived {r['norm_rows_derived_in_warmup']} in warm-up, "
                  f"{r['norm_rows_derived_while_profiled']} while profiled; syncs per step {r['syncs_per_step']}; "
-                 f"host {r['host_ms']:.1f} ms a step, with a sync {r['wall_ms']:.1f} ms",
+                 f"host {r['host_ms']:.1f} ms a step, with a sync {r['wall_ms']:.1f} ms, device "
+                 f"{r['device_total_us'] / 1e3:.1f} ms",
                  r.pop("table"), "", f"-- Python's profile ({r['variant']}, per {a.steps} steps)",
                  r.pop("cprofile_text"), ""]
-    Path(out_dir, "profile_comfyui_sdxl.txt").write_text("\n".join(text))
-    Path(out_dir, "profile_comfyui_sdxl.json").write_text(json.dumps({"device": device, "results": results},
-                                                                     indent=1))
+    Path(out_dir, f"{stem}.txt").write_text("\n".join(text))
+    Path(out_dir, f"{stem}.json").write_text(json.dumps({"device": device, "family": a.family, "results": results},
+                                                        indent=1))
     print("\n".join(line for line in text if line.startswith("==")))
     return 0
 

@@ -22,7 +22,8 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     report = json.loads((tmp_path / "bench_comfyui_flux.json").read_text())
     variants = [r["variant"] for r in report["results"]]
     assert variants == ["bf16", "bf16 + attention sdpa", "bf16 + attention cudnn", "adapter int8",
-                        "adapter int8 + attention comfyui", "adapter int8 (norms in torch)", "adapter int8-rot", "adapter fp8", "adapter fp8 (norms in torch)",
+                        "adapter int8 + attention comfyui", "adapter int8 (stock RoPE)", "adapter int8 (norms in torch)",
+                        "adapter int8-rot", "adapter fp8", "adapter fp8 (norms in torch)",
                         "adapter int8 + attention cudnn", "adapter int8 + attention int8-fp8",
                         "adapter fp8 + attention cudnn", "ComfyUI int8 (same file)", "comfyquant loader (same file)"]
     assert all(r["step_ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in report["results"])
@@ -39,6 +40,7 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     # on the CPU the attention override passes every call through to ComfyUI's own SDPA: same output as int8
     assert err["adapter int8 + attention int8-fp8"] == err["adapter int8 + attention cudnn"] == err["adapter int8"]
     assert err["adapter int8 + attention comfyui"] == err["adapter int8"]  # the default attention: the same kernel
+    assert err["adapter int8 (stock RoPE)"] == err["adapter int8"]  # the fused RoPE runs on CUDA only
     assert err["adapter fp8 + attention cudnn"] == err["adapter fp8"]
     # the norms folded into the quantized layers (torch on the CPU, from the block replacements) or not: the same
     # model within the rounding of the gated residual add

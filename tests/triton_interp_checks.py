@@ -25,6 +25,7 @@ from triton_interp_fusions import GROUPS as FUSION_GROUPS
 from triton_interp_modulated import GROUPS as MODULATED_GROUPS
 from triton_interp_norm import GROUPS as NORM_GROUPS
 from triton_interp_plans import GROUPS as PLAN_GROUPS
+from triton_interp_rope import GROUPS as ROPE_GROUPS
 from triton_interp_tiles import GROUPS as TILE_GROUPS
 from triton_interp_unpack import GROUPS as UNPACK_GROUPS
 
@@ -681,6 +682,7 @@ GROUPS: dict[str, Callable[[], None]] = {
     **NORM_GROUPS,  # an RMSNorm folded into the activation quantizer (triton_interp_norm)
     **MODULATED_GROUPS,  # a modulated LayerNorm folded into it (triton_interp_modulated)
     **UNPACK_GROUPS,  # int4_rot unpacked per call onto the W8A8 GEMM (triton_interp_unpack)
+    **ROPE_GROUPS,  # a DiT's q / k RMSNorm + RoPE in one pass (triton_interp_rope)
 }
 
 

@@ -459,7 +459,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         # DiT blocks' modulated LayerNorms: applied by the quantized layers they feed (block replacements, clone)
         report.modulated = fold_dit_blocks(clone, dm, new_layers.__contains__,
                                            lambda path, obj: clone.add_object_patch(prefix + path, obj),
-                                           lambda path: prefix + path in clone.object_patches)
+                                           lambda path: prefix + path in clone.object_patches,
+                                           settings.runtime.fuse_rope)
     clone.patches_uuid = uuid.uuid4()  # the clone's weights differ from its parent's
     clone.size = max(0, patcher.model_size() - (report.bytes_before - report.bytes_after))
     clone.model_options.setdefault("transformer_options", {})["comfyquant"] = settings

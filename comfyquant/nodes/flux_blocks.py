@@ -4,22 +4,24 @@ ComfyUI's ``DoubleStreamBlock`` / ``SingleStreamBlock`` (``comfy.ldm.flux.layers
 ``apply_mod(layer_norm(x), 1 + scale, shift)`` inline in ``forward`` (no module the adapter could fold), then
 ``x += apply_mod(out, gate)``. These forwards compute the same block with ``runtime.modulation``: the norm
 applied by the quantized ``qkv`` / ``mlp[0]`` / ``linear1`` as they quantize their input, the gated residual add
-as one ``addcmul_``. They are installed as ComfyUI's own block replacements (``patches_replace["dit"]``,
+as one ``addcmul_``, and on CUDA the q / k norms, RoPE and a double block's join of its two streams as one launch
+per stream (``nodes.flux_rope``). They are installed as ComfyUI's own block replacements (``patches_replace["dit"]``,
 ``ModelPatcher.set_model_patch_replace``), so they belong to the patched clone only and compose with other
 nodes: a block that another node replaced already is left alone, and a call this forward does not reproduce
 (attention patches, per-token modulation for reference-image models) goes to ``original_block``. Each forward
-reads the block's modules per call: the clone's patched layers while it runs.
+reads the block's modules per call (the clone's patched layers while it runs), and its module's ``attention``
+function as it is then (another node may have replaced it since).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from torch import nn
 
+from comfyquant.nodes.flux_rope import FusedQKRope
 from comfyquant.runtime.modulation import (
     ModulationSite,
     affine_free_eps,
@@ -67,14 +69,14 @@ class FoldedDoubleBlock:
     """A ``DoubleStreamBlock``'s forward with its four modulated norms folded (a ComfyUI "dit" block
     replacement: ``(args, {"original_block": fn}) -> {"img", "txt"}``)."""
 
-    def __init__(self, blocks: nn.ModuleList, index: int) -> None:
+    def __init__(self, blocks: nn.ModuleList, index: int, fuse_rope: bool = True) -> None:
         # the model's list: a block another patch swapped in runs stock (read by its key: ModuleList's indexing
         # costs a few microseconds per call)
         self.blocks, self.slot = blocks, str(index)
         self.block = block = blocks[index]
         self.eps = affine_free_eps(block.img_norm1, block.hidden_size)
         self.sites = {name: ModulationSite(self.eps or 0.0) for name in ("img1", "img2", "txt1", "txt2")}
-        self.attention = sys.modules[type(block).__module__].attention
+        self.rope = FusedQKRope(block, block.num_heads, block.hidden_size, fuse_rope)
 
     def __call__(self, args: dict, extra: dict) -> dict:
         out = None
@@ -101,14 +103,12 @@ class FoldedDoubleBlock:
             (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
         if not (_mods_fit((img_mod1, img_mod2), img) and _mods_fit((txt_mod1, txt_mod2), txt)):
             return None
-        img_q, img_k, img_v = self._qkv(b.img_attn, img, img_mod1, self.sites["img1"])
-        txt_q, txt_k, txt_v = self._qkv(b.txt_attn, txt, txt_mod1, self.sites["txt1"])
-        q = torch.cat((txt_q, img_q), dim=2)
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((txt_v, img_v), dim=2)
-        del txt_q, img_q, txt_k, img_k, txt_v, img_v
-        attn = self.attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=options)
-        del q, k, v
+        img_qkv = modulated_linear(b.img_attn.qkv, img, img_mod1.shift, img_mod1.scale, self.eps, self.sites["img1"],
+                                   checked=True)
+        txt_qkv = modulated_linear(b.txt_attn.qkv, txt, txt_mod1.shift, txt_mod1.scale, self.eps, self.sites["txt1"],
+                                   checked=True)
+        attn = self._attention(img_qkv, txt_qkv, pe, attn_mask, options)
+        del img_qkv, txt_qkv
         txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
         gated_add_(img, b.img_attn.proj(img_attn), img_mod1.gate)
         gated_add_(img, self._mlp(b.img_mlp, img, img_mod2, self.sites["img2"]), img_mod2.gate)
@@ -118,9 +118,25 @@ class FoldedDoubleBlock:
             txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
         return img, txt
 
-    def _qkv(self, attn: nn.Module, x: torch.Tensor, mod: Any,
-             site: ModulationSite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = modulated_linear(attn.qkv, x, mod.shift, mod.scale, self.eps, site, checked=True)
+    def _attention(self, img_qkv: torch.Tensor, txt_qkv: torch.Tensor, pe: Any, attn_mask: Any,
+                   options: dict) -> torch.Tensor:
+        """Attention over the joined streams (text first): q / k normed and rotated with the streams' joins in
+        one launch each where the fused path applies, else the stock block's ops."""
+        b, rope = self.block, self.rope
+        total = txt_qkv.shape[1] + img_qkv.shape[1]
+        tw, iw = rope.weights(b.txt_attn.norm), rope.weights(b.img_attn.norm)
+        if rope.applies(txt_qkv, tw, pe, total) and rope.applies(img_qkv, iw, pe, total):
+            q, k, v = rope.joint(((txt_qkv, tw), (img_qkv, iw)), pe)
+            return rope.attend(q, k, v, attn_mask, options)
+        txt_q, txt_k, txt_v = self._heads(b.txt_attn, txt_qkv)
+        img_q, img_k, img_v = self._heads(b.img_attn, img_qkv)
+        q = torch.cat((txt_q, img_q), dim=2)
+        k = torch.cat((txt_k, img_k), dim=2)
+        v = torch.cat((txt_v, img_v), dim=2)
+        del txt_q, img_q, txt_k, img_k, txt_v, img_v
+        return rope.layers.attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=options)
+
+    def _heads(self, attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.block.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = attn.norm(q, k, v)
         return q, k, v
@@ -135,12 +151,12 @@ class FoldedSingleBlock:
     """A ``SingleStreamBlock``'s forward with its modulated pre-norm folded into ``linear1`` (a ComfyUI "dit"
     block replacement: ``(args, {"original_block": fn}) -> {"img"}``)."""
 
-    def __init__(self, blocks: nn.ModuleList, index: int) -> None:
+    def __init__(self, blocks: nn.ModuleList, index: int, fuse_rope: bool = True) -> None:
         self.blocks, self.slot = blocks, str(index)
         self.block = block = blocks[index]
         self.eps = affine_free_eps(block.pre_norm, block.hidden_size)
         self.site = ModulationSite(self.eps or 0.0)
-        self.attention = sys.modules[type(block).__module__].attention
+        self.rope = FusedQKRope(block, block.num_heads, block.hidden_size, fuse_rope)
 
     def __call__(self, args: dict, extra: dict) -> dict:
         out = None
@@ -166,11 +182,15 @@ class FoldedSingleBlock:
             return None
         h = modulated_linear(b.linear1, x, mod.shift, mod.scale, self.eps, self.site, checked=True)
         qkv, mlp = torch.split(h, [3 * b.hidden_size, b.mlp_hidden_dim_first], dim=-1)
-        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, b.num_heads, -1).permute(2, 0, 3, 1, 4)
-        del qkv
-        q, k = b.norm(q, k, v)
-        attn = self.attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=options)
-        del q, k, v
+        w = self.rope.weights(b.norm)
+        if self.rope.applies(h, w, pe, h.shape[1]):
+            q, k, v = self.rope.single(h, w, pe)
+            attn = self.rope.attend(q, k, v, attn_mask, options)
+        else:
+            q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, b.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = b.norm(q, k, v)
+            attn = self.rope.layers.attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=options)
+        del qkv, q, k, v
         if b.yak_mlp:
             half = b.mlp_hidden_dim_first // 2
             mlp = b.mlp_act(mlp[..., half:]) * mlp[..., :half]
@@ -183,7 +203,7 @@ class FoldedSingleBlock:
 
 
 def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool],
-                     taken: Collection[tuple[str, int]]) -> list[str]:
+                     taken: Collection[tuple[str, int]], fuse_rope: bool = True) -> list[str]:
     """Install :class:`FoldedDoubleBlock` / :class:`FoldedSingleBlock` on ``patcher`` (a clone) for every block of
     a Flux diffusion model ``dm`` whose norm-fed layers ``converted(path)`` says were quantized and that another
     node did not replace (``taken``: its "dit" replacement keys); returns what was folded
@@ -196,7 +216,7 @@ def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], boo
         fed = [f"{path}.{s}_attn.qkv" for s in ("img", "txt")] + [f"{path}.{s}_mlp.0" for s in ("img", "txt")]
         if (_is(block, "DoubleStreamBlock") and any(converted(p) for p in fed)
                 and ("double_block", i) not in taken):
-            folded = FoldedDoubleBlock(dm.double_blocks, i)
+            folded = FoldedDoubleBlock(dm.double_blocks, i, fuse_rope)
             if folded.eps is not None:
                 patcher.set_model_patch_replace(folded, "dit", "double_block", i)
                 done.append(f"{path}: img_norm1, img_norm2, txt_norm1, txt_norm2")
@@ -204,7 +224,7 @@ def fold_flux_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], boo
         path = f"single_blocks.{i}"
         if (_is(block, "SingleStreamBlock") and converted(f"{path}.linear1")
                 and ("single_block", i) not in taken):
-            folded = FoldedSingleBlock(dm.single_blocks, i)
+            folded = FoldedSingleBlock(dm.single_blocks, i, fuse_rope)
             if folded.eps is not None:
                 patcher.set_model_patch_replace(folded, "dit", "single_block", i)
                 done.append(f"{path}: pre_norm")

@@ -135,7 +135,8 @@ def load_quantized_model(path: str | Path, runtime: RuntimeOptions,
         summary.fused = len(fuse_sibling_projections(dm, runtime.fuse_max_bytes))
     if runtime.fold_activations and runtime.fold_norms:  # DiT blocks' modulated norms, as the adapter folds
         summary.modulated = len(fold_dit_blocks(patcher, dm, lambda name: name in done,
-                                                functools.partial(_set_in_place, dm), lambda path: False))
+                                                functools.partial(_set_in_place, dm), lambda path: False,
+                                                runtime.fuse_rope))
     register_patch_callback(patcher)
     if runtime.cuda_graphs:
         enable_cuda_graphs(patcher)
