@@ -68,7 +68,8 @@ def kitchen_zip(out: Path, work: Path, slim: bool = False) -> None:
 
 
 def _tokenizer_file(p: Path) -> bool:
-    return any(part.endswith("tokenizer") for part in p.parts)
+    """A text encoder's tokenizer data (vocabularies, merges), not code: ``cosmos_tokenizer`` is a package."""
+    return p.suffix != ".py" and any(part.endswith("tokenizer") for part in p.parts[:-1])
 
 
 def comfyui_zip(out: Path, slim: bool = False) -> None:

@@ -69,14 +69,15 @@ class FusedQKRope:
         shape = (first.shape[0], self.heads, total, self.head_dim)
         out = tuple(torch.empty(shape, dtype=first.dtype, device=first.device) for _ in range(3))
         start = 0
-        for qkv, (qw, kw, eps) in streams:
-            norm_rope_heads(qkv, self.heads, self.head_dim, qw, kw, eps, pe, out, start)
+        for qkv, (qw, kw, eps) in streams:  # (applies() checked the kernel takes them: on CUDA it runs)
+            norm_rope_heads(qkv, self.heads, self.head_dim, qw, kw, eps, pe, out, start, kernel=qkv.is_cuda)
             start += qkv.shape[1]
         return out
 
     def single(self, h: torch.Tensor, w: Weights, pe: torch.Tensor | None) -> QKV:
         """q, k (normed and rotated) and v (a view) of a single block's ``linear1`` output."""
-        return norm_rope_heads(h, self.heads, self.head_dim, w[0], w[1], w[2], pe, None, 0, write_v=False)
+        return norm_rope_heads(h, self.heads, self.head_dim, w[0], w[1], w[2], pe, None, 0, write_v=False,
+                               kernel=h.is_cuda)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, options: dict) -> torch.Tensor:
         """What ``flux.math.attention`` does after RoPE: ComfyUI's ``optimized_attention`` on ``[B, H, L, D]``."""

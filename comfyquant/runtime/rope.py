@@ -60,13 +60,14 @@ def kernel_applies(qkv: torch.Tensor, heads: int, head_dim: int,
 
 def norm_rope_heads(qkv: torch.Tensor, heads: int, head_dim: int, q_weight: torch.Tensor | None,
                     k_weight: torch.Tensor | None, eps: float | None, pe: torch.Tensor | None,
-                    out: QKV | None = None, start: int = 0, write_v: bool = True) -> QKV:
+                    out: QKV | None = None, start: int = 0, write_v: bool = True, kernel: bool | None = None) -> QKV:
     """q, k, v of one stream's projection ``qkv`` (``[B, L, 3 H D]``, or a view whose first ``3 H D`` columns
     are it): q and k each ``F.rms_norm`` over the head dim with their weight (None: no norm; ``eps`` None: the
     norm's default), then rotated by ``pe`` (None: not rotated), all ``[B, H, L_OUT, D]``. ``out``: the joint
     buffers to write rows ``[start, start + L)`` of (a double block's streams share them; ``pe`` then covers
     the joint sequence); None: new tensors of ``L`` tokens. ``write_v`` False leaves v as the view of ``qkv``
-    (``out`` must be None then)."""
+    (``out`` must be None then). ``kernel``: whether to launch the Triton kernel, as a caller that checked
+    :func:`kernel_applies` itself knows (None: checked here)."""
     b, length = qkv.shape[0], qkv.shape[1]
     width = 3 * heads * head_dim
     if out is None:
@@ -78,7 +79,9 @@ def norm_rope_heads(qkv: torch.Tensor, heads: int, head_dim: int, q_weight: torc
         raise ValueError("norm_rope_heads: joint buffers need v written (write_v=True)")
     q, k, v = out
     view = qkv[..., :width] if qkv.shape[-1] != width else qkv
-    if kernel_applies(qkv, heads, head_dim, (q_weight, k_weight), pe, start + length):
+    if kernel is None:
+        kernel = kernel_applies(qkv, heads, head_dim, (q_weight, k_weight), pe, start + length)
+    if kernel:
         from comfyquant.runtime.kernels.triton_rope import norm_rope_launch
 
         norm_eps = torch.finfo(torch.float32).eps if eps is None else eps  # F.rms_norm's default below fp64

@@ -41,7 +41,7 @@ def _norm_rope_head(src, w_ptr, f00, f01, f10, f11, dst, toks, tmask, cols, eps,
     tl.store(dst + cols[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "H", "L_OUT", "start", "s_b", "s_l", "pe_b", "pe_l"])
 def _norm_rope_kernel(src_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr, L, H, L_OUT, start,
                       s_b, s_l, pe_b, pe_l, eps, D: tl.constexpr, BT: tl.constexpr, HG: tl.constexpr,
                       NORM: tl.constexpr, ROPE: tl.constexpr, WRITE_V: tl.constexpr):
@@ -95,9 +95,14 @@ def norm_rope_launch(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor | Non
     else:
         pe_b = pe_l = 0
     norm = q_weight is not None
-    args = (qkv, q_weight if norm else qkv, k_weight if norm else qkv, pe if pe is not None else qkv, q, k,
-            v if v is not None else q, length, heads, q.shape[2], start, qkv.stride(0), qkv.stride(1), pe_b, pe_l,
-            float(eps), d, TOKENS, HEADS, norm, pe is not None, v is not None)
+    ptrs = (qkv, q_weight if norm else qkv, k_weight if norm else qkv, pe if pe is not None else qkv, q, k,
+            v if v is not None else q)
+    args = (*ptrs, length, heads, q.shape[2], start, qkv.stride(0), qkv.stride(1), pe_b, pe_l, float(eps), d, TOKENS,
+            HEADS, norm, pe is not None, v is not None)
+    # what Triton specializes on (the ints are not specialized): the pointers' dtypes and 16-byte alignment, the
+    # constexprs; cheaper than FastKernel's generic key over 22 arguments on every call
+    key = (d, norm, pe is not None, v is not None,
+           *((t.dtype, t.data_ptr() % 16 == 0) for t in ptrs))
     grid = (cdiv(length, TOKENS), cdiv(heads, HEADS), b)
-    _KERNEL(grid, args, qkv.device, num_warps=WARPS, num_stages=1)
+    _KERNEL(grid, args, qkv.device, num_warps=WARPS, num_stages=1, key=key)
 
