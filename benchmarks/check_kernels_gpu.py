@@ -202,6 +202,7 @@ def _checks() -> tuple:
     )
     from check_norms_gpu import (
         check_call_norms,
+        check_flux_join,
         check_flux_rope,
         check_layer_norm_fold,
         check_modulated_fold,
@@ -223,7 +224,7 @@ def _checks() -> tuple:
             check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
             check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
             check_siblings, check_norm_fold, check_modulated_fold, check_layer_norm_fold, check_call_norms,
-            check_flux_rope)
+            check_flux_rope, check_flux_join)
 
 
 def _only(value: str) -> set[str]:

@@ -347,3 +347,25 @@ def check_flux_rope() -> None:
         ok, err, same = within(got, rope_reference(F.rms_norm(src, (d,), w, eps), pe))
         record(f"flux_rope_single_{name}", ok and same > 0.9, max_err=err, bit_equal=same)
     record("flux_rope_single_v_view", v.data_ptr() == view[2].data_ptr())
+
+
+def check_flux_join() -> None:
+    """A Flux single block's ``linear2`` input in one pass (``runtime.join.join_act``) against the stock ops on the
+    same GPU tensors (GELU of ``linear1``'s strided MLP half, then ``torch.cat``): the attention half bit-equal, the
+    GELU half within a bf16 step (the kernel's tanh is a sigmoid), the kernel taken."""
+    import torch.nn.functional as F
+
+    from comfyquant.runtime.join import join_act
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    n, d = 4608, 3072
+    attn = torch.randn(1, n, d, device="cuda", generator=g).bfloat16()
+    h = torch.randn(1, n, 3 * d + 4 * d, device="cuda", generator=g).bfloat16() * 3
+    mlp = h[..., 3 * d:]
+    for act, fn in (("gelu_tanh", lambda t: F.gelu(t, approximate="tanh")), ("gelu", F.gelu)):
+        got, want = join_act(attn, mlp, act), torch.cat((attn, fn(mlp)), -1)
+        err = (got[..., d:].double() - want[..., d:].double()).abs()
+        ok = bool((err <= 2.0 ** -7 * want[..., d:].double().abs() + 1e-6).all())
+        same = float((got == want).float().mean())
+        record(f"flux_join_{act}", ok and torch.equal(got[..., :d], attn) and same > 0.9, max_err=float(err.max()),
+               bit_equal=same)

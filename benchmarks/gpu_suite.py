@@ -269,7 +269,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # step outside the GEMMs (RoPE, q / k norms, stream joins) that the bench's own Flux class leaves out
         # the fused q / k norm + RoPE kernel against the stock ops (nodes.flux_rope, 2026-12-06)
         "checks_rope": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
-                         "check_flux_rope,check_modulated_fold"]],
+                         "check_flux_rope,check_flux_join,check_modulated_fold"]],
         "profile_flux": [[PY, "benchmarks/profile_comfyui_sdxl.py", "--family", "flux", "--out",
                           str(work / "comfyui_flux"), *cache, *s]],
         # Z-Image's NextDiT (8 of 30 layers) / Qwen-Image's MMDiT (8 of 60 blocks) in ComfyUI's classes at 1024²: bf16

@@ -1,4 +1,5 @@
-"""Interpreter checks of the fused q / k RMSNorm + RoPE kernel (``kernels.triton_rope``).
+"""Interpreter checks of the fused q / k RMSNorm + RoPE kernel (``kernels.triton_rope``) and of the joined
+activation (``kernels.triton_join``: a Flux single block's ``cat((attn, gelu(mlp)))``).
 
 Oracle: the stock ops in float64 (``F.rms_norm`` per head with its weight, then ComfyUI's interleaved rotation
 ``out[2i + r] = pe[i, r, 0] x[2i] + pe[i, r, 1] x[2i + 1]``), with the norm's output rounded to the stream's dtype
@@ -120,4 +121,30 @@ def check_norm_rope_single_block() -> None:
            max_err=float((pairs_in - pairs_out).abs().max()), unit=math.isfinite(float(pairs_out.sum())))
 
 
-GROUPS = {"norm_rope": check_norm_rope, "norm_rope_single": check_norm_rope_single_block}
+def check_join_act() -> None:
+    """``cat((a, act(b)))`` rows: ``a``'s columns copied bit for bit, ``b``'s through the activation within a step
+    of the float64 value (the interpreter's bf16 store truncates), both halves strided, the boundary inside a
+    program's block or on it, every output element written."""
+    import torch.nn.functional as F
+
+    from comfyquant.runtime.kernels.acts import INPUT_ACTS
+    from comfyquant.runtime.kernels.triton_join import BLOCK, join_act_launch
+
+    g = torch.Generator().manual_seed(21)
+    for dtype, ka, kb, act in ((BF16, 100, 1500, "gelu_tanh"), (F16, BLOCK, 2 * BLOCK + 7, "gelu"),
+                               (BF16, 64, 64, "silu")):
+        m = 9
+        wide = (torch.randn(m, ka + kb + 40, generator=g) * 3).to(dtype)
+        a, b = wide[:, 3:3 + ka], wide[:, 40:40 + kb]  # strided rows, unaligned starts
+        out = torch.full((m, ka + kb), float("nan"), dtype=dtype)
+        join_act_launch(a, b, INPUT_ACTS[act], out)
+        fn = {"gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu, "silu": F.silu}[act]
+        want = fn(b.double())
+        err = (out[:, ka:].double() - want).abs()
+        step = 2.0 ** -(7 if dtype == BF16 else 10)  # the spacing of the dtype's values, relative
+        record(f"join_{act}_{dtype}_a", torch.equal(out[:, :ka], a), ka=ka)
+        record(f"join_{act}_{dtype}_b", bool((err <= step * want.abs() + 1e-3 * step).all()) and not out.isnan().any(),
+               max_err=float(err.max()), kb=kb)
+
+
+GROUPS = {"norm_rope": check_norm_rope, "norm_rope_single": check_norm_rope_single_block, "join_act": check_join_act}
