@@ -26,7 +26,7 @@ def join_act(a: torch.Tensor, b: torch.Tensor, act: str) -> torch.Tensor:
     ra, rb = _rows(a), _rows(b)
     if (ra is None or rb is None or not a.is_cuda or not triton_available() or a.dtype != b.dtype
             or a.dtype not in (torch.float16, torch.bfloat16) or a.shape[:2] != b.shape[:2] or b.device != a.device
-            or torch.is_grad_enabled()):
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
         return torch.cat((a, apply_input_act(b, act)), -1)
     from comfyquant.runtime.kernels.triton_join import join_act_launch
 
