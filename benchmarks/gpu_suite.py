@@ -241,7 +241,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
             "bf16 + attention sdpa,adapter int8,adapter int8 + attention comfyui"])]],
         # the fused q / k norm + RoPE (nodes.flux_rope) in Flux's class against the stock ops, with the stock rows on
         # comfy-kitchen's CUDA kernels (the bundle built --slim: ComfyUI and ck.zip in one call), 2 pooled rounds
-        "comfyui_rope": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
+        "comfyui_rope": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui_rope"), *cache, *(s or [
             "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
             "bf16 + attention sdpa,adapter int8,adapter int8 (stock RoPE),adapter int8 + attention cudnn,"
             "ComfyUI int8 (same file)"])]],
