@@ -327,7 +327,8 @@ def check_flux_rope() -> None:
     pe = pe_rows(lt + li)
     streams = [torch.randn(1, n, 3 * heads * d, device="cuda", generator=g).bfloat16() * 3 for n in (lt, li)]
     ws = [tuple((1 + 0.3 * torch.randn(d, device="cuda", generator=g)).bfloat16() for _ in range(2)) for _ in range(2)]
-    record("flux_rope_kernel_applies", all(kernel_applies(streams[j], heads, d, ws[j], pe, lt + li) for j in (0, 1)))
+    record("flux_rope_kernel_applies", all(kernel_applies((streams[j],) * 3, heads, d, ws[j], pe, lt + li)
+                                           for j in (0, 1)))
     out = tuple(torch.empty(1, heads, lt + li, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for j, start in ((0, 0), (1, lt)):
         norm_rope_heads(streams[j], heads, d, *ws[j], eps, pe, out, start)

@@ -74,7 +74,8 @@ def check_norm_rope() -> None:
         shape = (batch, heads, total, d)
         q, k, v = (torch.full(shape, float("nan"), dtype=dtype) for _ in range(3))
         for name, start in (("txt", 0), ("img", lt)):
-            norm_rope_launch(streams[name], heads, *qw[name], eps, pe, q, k, v, start)
+            s = streams[name]
+            norm_rope_launch((s, s, s), (0, heads * d, 2 * heads * d), heads, *qw[name], eps, pe, q, k, v, start)
         for name, start, length in (("txt", 0, lt), ("img", lt, li)):
             src = streams[name].reshape(batch, length, 3, heads, d).permute(2, 0, 3, 1, 4)
             rows = pe[:, :, start:start + length]
@@ -100,7 +101,7 @@ def check_norm_rope_single_block() -> None:
     for label, weights, rot in (("norm_rope", (qw, kw), pe), ("norm_only", (qw, kw), None),
                                 ("rope_only", (None, None), pe)):
         q, k = (torch.full((batch, heads, length, d), float("nan"), dtype=BF16) for _ in range(2))
-        norm_rope_launch(h, heads, *weights, eps, rot, q, k, None, 0)
+        norm_rope_launch((h, h, h), (0, heads * d, 2 * heads * d), heads, *weights, eps, rot, q, k, None, 0)
         for part, got, w in (("q", q, weights[0]), ("k", k, weights[1])):
             want = _want(src[0 if part == "q" else 1], w, rot.expand(batch, *rot.shape[1:]) if rot is not None else None,
                          eps)
@@ -109,16 +110,41 @@ def check_norm_rope_single_block() -> None:
     # a one-token pe row for every token (pe.shape[2] == 1)
     one = _pe(1, 1, d, seed=11)
     q, k = (torch.empty((batch, heads, length, d), dtype=BF16) for _ in range(2))
-    norm_rope_launch(h, heads, qw, kw, eps, one, q, k, None, 0)
+    norm_rope_launch((h, h, h), (0, heads * d, 2 * heads * d), heads, qw, kw, eps, one, q, k, None, 0)
     ok, err = _close(q, _want(src[0], qw, one.expand(batch, 1, length, d // 2, 2, 2), eps))
     record("single_pe_one_row", ok, max_err=err)
     # the rotation keeps each pair's norm: a check the oracle could share a mistake with
     rot_only = torch.empty((batch, heads, length, d), dtype=torch.float16)
-    norm_rope_launch(h.half(), heads, None, None, eps, pe, rot_only, torch.empty_like(rot_only), None, 0)
+    hh = h.half()
+    norm_rope_launch((hh, hh, hh), (0, heads * d, 2 * heads * d), heads, None, None, eps, pe, rot_only,
+                     torch.empty_like(rot_only), None, 0)
     pairs_in = src[0].double().reshape(batch, heads, length, -1, 2).norm(dim=-1)
     pairs_out = rot_only.double().reshape(batch, heads, length, -1, 2).norm(dim=-1)
     record("rotation_keeps_pair_norms", bool(torch.allclose(pairs_in, pairs_out, rtol=2e-3, atol=1e-3)),
            max_err=float((pairs_in - pairs_out).abs().max()), unit=math.isfinite(float(pairs_out.sum())))
+
+
+def check_norm_rope_parts() -> None:
+    """q, k, v from three projections (Qwen-Image's ``to_q`` / ``to_k`` / ``to_v``): the same rows as one
+    projection holding all three."""
+    from comfyquant.runtime.kernels.triton_rope import norm_rope_launch
+
+    heads, d, length, eps = 3, 64, 21, 1e-6
+    g = torch.Generator().manual_seed(17)
+    parts = [(torch.randn(1, length, heads * d, generator=g) * 2).to(BF16) for _ in range(3)]
+    joint = torch.cat(parts, -1)
+    pe = _pe(1, length + 4, d, seed=2)
+    qw, kw = _weights(d, BF16, seed=4)
+    outs = []
+    for srcs, offs in ((tuple(parts), (0, 0, 0)), ((joint,) * 3, (0, heads * d, 2 * heads * d))):
+        q, k, v = (torch.full((1, heads, length + 4, d), float("nan"), dtype=BF16) for _ in range(3))
+        norm_rope_launch(srcs, offs, heads, qw, kw, eps, pe, q, k, v, 4)
+        outs.append((q[:, :, 4:], k[:, :, 4:], v[:, :, 4:]))
+    same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
+    src = parts[0].reshape(1, length, heads, d).transpose(1, 2)
+    ok, err = _close(outs[0][0], _want(src, qw, pe[:, :, 4:], eps))
+    record("parts_equal_one_projection", same)
+    record("parts_q_vs_float64", ok, max_err=err)
 
 
 def check_join_act() -> None:
@@ -147,4 +173,5 @@ def check_join_act() -> None:
                max_err=float(err.max()), kb=kb)
 
 
-GROUPS = {"norm_rope": check_norm_rope, "norm_rope_single": check_norm_rope_single_block, "join_act": check_join_act}
+GROUPS = {"norm_rope": check_norm_rope, "norm_rope_single": check_norm_rope_single_block,
+          "norm_rope_parts": check_norm_rope_parts, "join_act": check_join_act}

@@ -61,7 +61,7 @@ class FusedQKRope:
     def applies(self, qkv: torch.Tensor, w: Weights | None, pe: torch.Tensor | None, tokens: int) -> bool:
         """Whether the kernel takes this stream's projection (``tokens``: the joint sequence it is part of)."""
         return (w is not None and not torch.compiler.is_compiling()  # traced: the stock ops, which compile
-                and kernel_applies(qkv, self.heads, self.head_dim, w[:2], pe, tokens))
+                and kernel_applies((qkv, qkv, qkv), self.heads, self.head_dim, w[:2], pe, tokens))
 
     def joint(self, streams: tuple[tuple[torch.Tensor, Weights], ...], pe: torch.Tensor | None) -> QKV:
         """q, k, v of the streams joined in order (each ``(projection, weights)``), normed and rotated."""

@@ -41,13 +41,14 @@ def _norm_rope_head(src, w_ptr, f00, f01, f10, f11, dst, toks, tmask, cols, eps,
     tl.store(dst + cols[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
 
 
-@triton.jit(do_not_specialize=["L", "H", "L_OUT", "start", "s_b", "s_l", "pe_b", "pe_l"])
-def _norm_rope_kernel(src_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr, L, H, L_OUT, start,
-                      s_b, s_l, pe_b, pe_l, eps, D: tl.constexpr, BT: tl.constexpr, HG: tl.constexpr,
+@triton.jit(do_not_specialize=["q_off", "k_off", "v_off", "L", "H", "L_OUT", "start", "s_b", "s_l", "pe_b", "pe_l"])
+def _norm_rope_kernel(qs_ptr, ks_ptr, vs_ptr, q_off, k_off, v_off, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr, L, H,
+                      L_OUT, start, s_b, s_l, pe_b, pe_l, eps, D: tl.constexpr, BT: tl.constexpr, HG: tl.constexpr,
                       NORM: tl.constexpr, ROPE: tl.constexpr, WRITE_V: tl.constexpr):
-    """Program (token block, head group, batch item). ``src``: the projection's rows, q's heads then k's then v's
-    (``H * D`` columns each) at ``s_l`` elements a token, ``s_b`` a batch item; ``pe``: fp32 ``[., Lj, D/2, 2, 2]``
-    rows at ``pe_l`` floats a token (``pe_b`` a batch item, 0 broadcast); q / k / v: ``[B, H, L_OUT, D]``."""
+    """Program (token block, head group, batch item). q's / k's / v's heads (``H * D`` columns each) start at
+    column ``*_off`` of their source rows (one projection's output for all three, or three projections'), rows
+    ``s_l`` elements apart a token, ``s_b`` a batch item; ``pe``: fp32 ``[., Lj, D/2, 2, 2]`` rows at ``pe_l``
+    floats a token (``pe_b`` a batch item, 0 broadcast); q / k / v: ``[B, H, L_OUT, D]``."""
     b = tl.program_id(2)
     toks = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = toks < L
@@ -63,31 +64,35 @@ def _norm_rope_kernel(src_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr, L, H
         f01 = tl.load(pe + 1, mask=tmask[:, None], other=0.0)
         f10 = tl.load(pe + 2, mask=tmask[:, None], other=0.0)
         f11 = tl.load(pe + 3, mask=tmask[:, None], other=0.0)
-    rows = src_ptr + b.to(tl.int64) * s_b + toks.to(tl.int64)[:, None] * s_l
+    rows = b.to(tl.int64) * s_b + toks.to(tl.int64)[:, None] * s_l
     for j in tl.static_range(HG):
         h = tl.program_id(1) * HG + j
         if h < H:
             out_rows = ((b * H + h).to(tl.int64) * L_OUT + start + toks.to(tl.int64))[:, None] * D
-            _norm_rope_head(rows + h * D, qw_ptr, f00, f01, f10, f11, q_ptr + out_rows, toks, tmask, cols, eps, D,
-                            NORM, ROPE)
-            _norm_rope_head(rows + (H + h) * D, kw_ptr, f00, f01, f10, f11, k_ptr + out_rows, toks, tmask, cols,
-                            eps, D, NORM, ROPE)
+            _norm_rope_head(qs_ptr + rows + q_off + h * D, qw_ptr, f00, f01, f10, f11, q_ptr + out_rows, toks, tmask,
+                            cols, eps, D, NORM, ROPE)
+            _norm_rope_head(ks_ptr + rows + k_off + h * D, kw_ptr, f00, f01, f10, f11, k_ptr + out_rows, toks, tmask,
+                            cols, eps, D, NORM, ROPE)
             if WRITE_V:
-                v = tl.load(rows + (2 * H + h) * D + cols[None, :], mask=tmask[:, None], other=0.0)
+                v = tl.load(vs_ptr + rows + v_off + h * D + cols[None, :], mask=tmask[:, None], other=0.0)
                 tl.store(v_ptr + out_rows + cols[None, :], v, mask=tmask[:, None])
 
 
 _KERNEL = FastKernel(_norm_rope_kernel)
 
 
-def norm_rope_launch(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                     eps: float, pe: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+def norm_rope_launch(srcs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], offsets: tuple[int, int, int],
+                     heads: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                     pe: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
                      start: int = 0) -> None:
-    """Write the normed, rotated q / k (and v, where given) of ``qkv`` (``[B, L, >= 3 H D]``, unit stride along its
-    last dim) into rows ``[start, start + L)`` of ``q`` / ``k`` / ``v`` (``[B, H, L_OUT, D]``, contiguous). ``pe``:
-    fp32 ``[B or 1, 1, >= start + L, D/2, 2, 2]`` with its last three dims contiguous, or None (no rotation);
-    weights None: no norm. The caller checks shapes (:func:`runtime.rope.norm_rope_heads`)."""
-    b, length = qkv.shape[0], qkv.shape[1]
+    """Write the normed, rotated q / k (and v, where given) of one stream into rows ``[start, start + L)`` of ``q`` /
+    ``k`` / ``v`` (``[B, H, L_OUT, D]``, contiguous). ``srcs``: q's, k's and v's source (``[B, L, .]`` with one
+    set of strides and a unit last stride; the same projection output three times, or three projections), their
+    heads at columns ``offsets``. ``pe``: fp32 ``[B or 1, 1, >= start + L, D/2, 2, 2]`` with its last three dims
+    contiguous, or None (no rotation); weights None: no norm. The caller checks shapes
+    (:func:`runtime.rope.kernel_applies`)."""
+    src = srcs[0]
+    b, length = src.shape[0], src.shape[1]
     d = q.shape[-1]
     if pe is not None:
         pe_b = pe.stride(0) if pe.shape[0] > 1 else 0
@@ -95,14 +100,12 @@ def norm_rope_launch(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor | Non
     else:
         pe_b = pe_l = 0
     norm = q_weight is not None
-    ptrs = (qkv, q_weight if norm else qkv, k_weight if norm else qkv, pe if pe is not None else qkv, q, k,
+    ptrs = (*srcs, q_weight if norm else src, k_weight if norm else src, pe if pe is not None else src, q, k,
             v if v is not None else q)
-    args = (*ptrs, length, heads, q.shape[2], start, qkv.stride(0), qkv.stride(1), pe_b, pe_l, float(eps), d, TOKENS,
-            HEADS, norm, pe is not None, v is not None)
+    args = (*ptrs[:3], *offsets, *ptrs[3:], length, heads, q.shape[2], start, src.stride(0), src.stride(1), pe_b,
+            pe_l, float(eps), d, TOKENS, HEADS, norm, pe is not None, v is not None)
     # what Triton specializes on (the ints are not specialized): the pointers' dtypes and 16-byte alignment, the
-    # constexprs; cheaper than FastKernel's generic key over 22 arguments on every call
-    key = (d, norm, pe is not None, v is not None,
-           *((t.dtype, t.data_ptr() % 16 == 0) for t in ptrs))
+    # constexprs; cheaper than FastKernel's generic key over 25 arguments on every call
+    key = (d, norm, pe is not None, v is not None, *((t.dtype, t.data_ptr() % 16 == 0) for t in ptrs))
     grid = (cdiv(length, TOKENS), cdiv(heads, HEADS), b)
-    _KERNEL(grid, args, qkv.device, num_warps=WARPS, num_stages=1, key=key)
-
+    _KERNEL(grid, args, src.device, num_warps=WARPS, num_stages=1, key=key)
