@@ -383,10 +383,11 @@ def stock_rows(int8_file: Path, label: Any, why_not: str | None, run: bool,
                                                     why_not or "comfy-kitchen CUDA backend"))
 
 
-# (row, format, fold_norms[, cuda_graphs[, attention]]): the model benches' rows; the default attention is the
-# node's "sdpa" (ComfyUI's kernel choice without its per-call backend-order scope), "comfyui" ComfyUI's own
+# (row, format, fold_norms[, cuda_graphs[, attention[, fuse_rope]]]): the model benches' rows; the default attention
+# is the node's "sdpa" (ComfyUI's kernel choice without its per-call backend-order scope), "comfyui" ComfyUI's own
 FOLD_VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
                  ("adapter fp8", "fp8", True), ("adapter int8 + attention comfyui", "int8", True, False, "comfyui"))
+STOCK_ROPE = ("adapter int8 (stock RoPE)", "int8", True, False, "sdpa", False)  # the fused q / k norm + RoPE off
 BF16_GRAPHS = "bf16 + cuda graphs"
 BF16_LEAN = "bf16 + attention sdpa"  # the node's default attention alone on the bf16 model: its share of a speed-up
 
@@ -412,9 +413,11 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
             r.note = text
         return rows
 
-    def adapter(name: str, fmt: str, fold: bool, graphs: bool = False, attention: str = "sdpa") -> list[Result]:
+    def adapter(name: str, fmt: str, fold: bool, graphs: bool = False, attention: str = "sdpa",
+                rope: bool = True) -> list[Result]:
         _free(device)
-        runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold, cuda_graphs=graphs, attention=attention)
+        runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold, cuda_graphs=graphs, attention=attention,
+                                 fuse_rope=rope)
         patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type=model_type, runtime=runtime))
         return timed(name, patched, note(report))
 

@@ -41,15 +41,15 @@ def fold_dit_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool
     """Install the folded block forwards on ``patcher`` for the diffusion model ``dm`` (nothing for a family this
     does not know), leaving blocks another node replaced already; ``install(path, obj)`` / ``taken(path)`` set
     and test a block's ``forward`` below ``dm`` (the adapter's object patches, the loader's own model). Returns
-    what was folded, a line per block. ``fuse_rope``: the Flux-family blocks' q / k norms and RoPE in one kernel
-    (``nodes.flux_rope``)."""
+    what was folded, a line per block. ``fuse_rope``: the Flux-family and Qwen-Image blocks' q / k norms and RoPE
+    in one kernel (``nodes.flux_rope``, ``nodes.qwen_rope``)."""
     replaced = set(block_replacements(patcher))
     return (fold_flux_blocks(patcher, dm, converted, replaced, fuse_rope) + fold_sd3_blocks(patcher, dm, converted, replaced)
-            + fold_block_forwards(dm, converted, install, taken))
+            + fold_block_forwards(dm, converted, install, taken, fuse_rope))
 
 
 def fold_block_forwards(dm: nn.Module, converted: Callable[[str], bool], install: Callable[[str, Any], None],
-                        taken: Callable[[str], bool]) -> list[str]:
+                        taken: Callable[[str], bool], fuse_rope: bool = True) -> list[str]:
     """Install the :data:`BLOCK_FORWARDS` forward of every such block of ``dm`` whose norm-fed layers
     ``converted(path)`` says were quantized, except where ``taken(path)`` says another patch set it; returns what
     was folded (``"blocks.0: norm1, norm2"``)."""
@@ -62,7 +62,7 @@ def fold_block_forwards(dm: nn.Module, converted: Callable[[str], bool], install
         key = f"{path}.forward"
         if not any(converted(f"{path}.{f}") for f in fed) or taken(key):
             continue
-        forward = make(block)
+        forward = make(block, fuse_rope) if make is FoldedQwenBlock else make(block)  # (Qwen: its fused RoPE)
         if forward.eps is not None:
             install(key, forward)
             done.append(f"{path}: {names}")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comfyquant.nodes.qwen_rope import FusedQwenAttention
 from comfyquant.runtime.kernels.acts import layer_mod
 from comfyquant.runtime.modulation import (
     ModulationSite,
@@ -77,8 +78,10 @@ class FoldedQwenBlock:
 
     IMG, TXT, MLP = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"), ("net.0.proj",)
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, fuse_rope: bool = True) -> None:
         self.block = block
+        # its attention's q / k norms, RoPE and joins in one launch per stream on CUDA (nodes.qwen_rope)
+        self.fused = FusedQwenAttention(block.attn, fuse_rope)
         eps = {affine_free_eps(block._modules[n], block.dim)
                for n in ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2")}
         self.eps = eps.pop() if len(eps) == 1 else None
@@ -118,6 +121,9 @@ class FoldedQwenBlock:
                         image_rotary_emb=pe, transformer_options=options)
         norms = ((img_layers, self.sites["img1"].norm(*img_mod, int(img.shape[1]))),
                  (txt_layers, self.sites["txt1"].norm(*txt_mod, int(txt.shape[1]))))
+        fused = with_call_norms(self.fused, norms, img, txt, mask, pe, options)
+        if fused is not None:
+            return fused
         return with_call_norms(attn, norms, hidden_states=img, encoder_hidden_states=txt,
                                encoder_hidden_states_mask=mask, image_rotary_emb=pe, transformer_options=options)
 
