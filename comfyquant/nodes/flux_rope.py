@@ -28,7 +28,7 @@ def _is_stock_attention(fn: Any) -> bool:
     return getattr(fn, "__module__", None) == FLUX_MATH and getattr(fn, "__name__", None) == "attention"
 
 
-def _plain_rms(norm: nn.Module, d: int) -> bool:
+def plain_rms(norm: nn.Module, d: int) -> bool:
     """An ``nn.RMSNorm`` over ``[d]`` with its weight, and no per-call weight patches (ComfyUI's lowvram / LoRA
     ``weight_function``) or per-call weight casts."""
     return (isinstance(norm, nn.RMSNorm) and tuple(norm.normalized_shape) == (d,) and norm.weight is not None
@@ -54,7 +54,7 @@ class FusedQKRope:
         if self.stock is None or self.math is None or getattr(self.layers, "attention", None) is not self.stock:
             return None
         qn, kn = getattr(qk_norm, "query_norm", None), getattr(qk_norm, "key_norm", None)
-        if not (_plain_rms(qn, self.head_dim) and _plain_rms(kn, self.head_dim)) or qn.eps != kn.eps:
+        if not (plain_rms(qn, self.head_dim) and plain_rms(kn, self.head_dim)) or qn.eps != kn.eps:
             return None
         return qn.weight, kn.weight, qn.eps
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from comfyquant.nodes.flux_rope import _plain_rms
+from comfyquant.nodes.flux_rope import plain_rms
 from comfyquant.runtime.rope import kernel_applies, norm_rope_parts
 from comfyquant.runtime.siblings import ArmedForward
 
@@ -55,7 +55,7 @@ class FusedQwenAttention:
         if self.module is None:
             return None
         norms = [getattr(self.attn, n, None) for n in NORMS]
-        if not all(_plain_rms(n, self.head_dim) for n in norms) or len({n.eps for n in norms}) != 1:
+        if not all(plain_rms(n, self.head_dim) for n in norms) or len({n.eps for n in norms}) != 1:
             return None
         return (*(n.weight for n in norms), norms[0].eps)
 
