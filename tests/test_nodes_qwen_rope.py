@@ -1,8 +1,8 @@
 """Qwen-Image's fused attention path (``nodes.qwen_rope``) in ComfyUI 0.30's own ``QwenImageTransformer2DModel`` on
-the CPU: with the kernel's device test forced (its torch fallback runs the same ops), each stream's rows of the
-joint q / k / v and the output projections give the unfolded clone's output, the sibling q / k / v group still
-runs as one GEMM, and the path declines for an ``attn1_patch`` or a norm patched per call. Without forcing, the
-CPU takes the stock ops after the projections (``_stock_rest``) and gives the same output."""
+the CPU, where ``runtime.rope.norm_rope_parts`` runs its torch fallback (the same ops as the stock forward; the
+kernel is checked under the interpreter and on the GPU): each stream's rows of the joint q / k / v and the output
+projections give the unfolded clone's output, the sibling q / k / v group still runs as one GEMM, and the path
+declines for an ``attn1_patch`` or a norm patched per call."""
 
 from __future__ import annotations
 
@@ -22,31 +22,24 @@ pytestmark = pytest.mark.comfyui
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Calls of the joint path (``norm_rope_parts``) and of the stock rest (``_stock_rest``)."""
-    calls = {"parts": 0, "stock": 0}
-    parts, rest = qwen_rope.norm_rope_parts, qwen_rope.FusedQwenAttention._stock_rest
+    """Calls of the joint path (``norm_rope_parts``, one per stream)."""
+    calls = {"parts": 0}
+    parts = qwen_rope.norm_rope_parts
 
     def counted_parts(*a: Any, **k: Any) -> Any:
         calls["parts"] += 1
         return parts(*a, **k)
 
-    def counted_rest(self: Any, *a: Any, **k: Any) -> Any:
-        calls["stock"] += 1
-        return rest(self, *a, **k)
-
     monkeypatch.setattr(qwen_rope, "norm_rope_parts", counted_parts)
-    monkeypatch.setattr(qwen_rope.FusedQwenAttention, "_stock_rest", counted_rest)
     return calls
 
 
-def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[str, int],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[str, int]) -> None:
     model = _qwen()
     _, plain, folded, _ = _adapted(model)
     want = _run(model, plain)
-    monkeypatch.setattr(qwen_rope, "kernel_applies", lambda *a, **k: True)
     got = _run(model, folded)
-    assert counted == {"parts": 4, "stock": 0}  # two blocks, two streams each
+    assert counted == {"parts": 4}  # two blocks, two streams each
     assert rel_err(got, want) < 1e-5, rel_err(got, want)
     with patched(folded):
         group = model.diffusion_model.transformer_blocks[0].attn.to_q.sibling[0]
@@ -55,19 +48,9 @@ def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[s
     assert group.fused_calls > fused and rel_err(again, want) < 1e-5
 
 
-def test_on_the_cpu_the_stock_ops_follow_the_projections(comfy: Any, counted: dict[str, int]) -> None:
+def test_the_path_declines_an_attention_patch_and_a_patched_norm(comfy: Any, counted: dict[str, int]) -> None:
     model = _qwen()
     _, plain, folded, _ = _adapted(model)
-    got = _run(model, folded)
-    assert counted == {"parts": 0, "stock": 2}
-    assert rel_err(got, _run(model, plain)) < 1e-5
-
-
-def test_the_path_declines_an_attention_patch_and_a_patched_norm(comfy: Any, counted: dict[str, int],
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _qwen()
-    _, plain, folded, _ = _adapted(model)
-    monkeypatch.setattr(qwen_rope, "kernel_applies", lambda *a, **k: True)
     seen = []
 
     def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> dict:
@@ -77,7 +60,7 @@ def test_the_path_declines_an_attention_patch_and_a_patched_norm(comfy: Any, cou
     for p in (plain, folded):
         p.set_model_attn1_patch(patch)
     got, want = _run(model, folded), _run(model, plain)
-    assert counted == {"parts": 0, "stock": 0} and len(seen) == 4 and rel_err(got, want) < 1e-5
+    assert counted == {"parts": 0} and len(seen) == 4 and rel_err(got, want) < 1e-5
     forward = next(f for f in _forwards(folded).values() if isinstance(f, FoldedQwenBlock))
     assert forward.fused.weights() is not None
     forward.block.attn.norm_added_k.weight_function = [lambda t: t]

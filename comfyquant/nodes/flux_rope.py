@@ -51,7 +51,7 @@ class FusedQKRope:
     def weights(self, qk_norm: nn.Module) -> Weights | None:
         """(q weight, k weight, eps) of a ``QKNorm``, or None where the fused path must leave it to the stock call
         (also when the stock attention was replaced since the block was folded)."""
-        if self.stock is None or self.math is None or getattr(self.layers, "attention", None) is not self.stock:
+        if self.stock is None or getattr(self.layers, "attention", None) is not self.stock:
             return None
         qn, kn = getattr(qk_norm, "query_norm", None), getattr(qk_norm, "key_norm", None)
         if not (plain_rms(qn, self.head_dim) and plain_rms(kn, self.head_dim)) or qn.eps != kn.eps:

@@ -6,9 +6,9 @@ ComfyUI's ``comfy.ldm.qwen_image.model.Attention`` projects each stream (``to_q`
 first) with three ``torch.cat``, rotates the joint q and k with ``flux.math.apply_rope1`` (``EmbedND``'s rotations)
 and calls ``optimized_attention_masked``. :class:`FusedQwenAttention` computes the same with the projections as the
 stock forward calls them (in its order, with the block's sibling q / k / v group armed, so they still run as one
-GEMM) and ``runtime.rope.norm_rope_parts`` writing each stream's rows of the joint q / k / v. It declines (the stock
-forward runs) where the attention is not ComfyUI's own class, an ``attn1_patch`` is set, a norm is patched per call,
-or the kernel does not take the tensors.
+GEMM) and ``runtime.rope.norm_rope_parts`` writing each stream's rows of the joint q / k / v (on CUDA the kernel; where
+it does not take the tensors, the same norm, rotation and joins in torch). It declines (the stock forward runs) where
+the attention is not ComfyUI's own class, an ``attn1_patch`` is set or a norm is patched per call.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from comfyquant.nodes.flux_rope import plain_rms
-from comfyquant.runtime.rope import kernel_applies, norm_rope_parts
+from comfyquant.nodes.flux_rope import FLUX_MATH, plain_rms
+from comfyquant.runtime.rope import norm_rope_parts
 from comfyquant.runtime.siblings import ArmedForward
 
 QWEN_MODEL = "comfy.ldm.qwen_image.model"
-FLUX_MATH = "comfy.ldm.flux.math"
 IMG, TXT = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
 NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
@@ -68,42 +67,18 @@ class FusedQwenAttention:
                 or (options.get("patches") or {}).get("attn1_patch") or img.dim() != 3 or txt.dim() != 3):
             return None
         a, (h, d) = self.attn, (self.heads, self.head_dim)
-        total = img.shape[1] + txt.shape[1]
-        armed = a.__dict__.get("forward")
-        groups = armed.groups if isinstance(armed, ArmedForward) else ()
-        for g in groups:  # the stock forward runs armed: its q / k / v stay one GEMM here too
-            g.armed += 1
-        try:
-            img_qkv = tuple(a._modules[n](img) for n in IMG)
-            txt_qkv = tuple(a._modules[n](txt) for n in TXT)
-        finally:
-            for g in groups:
-                g.disarm()
-        if not (kernel_applies(img_qkv, h, d, w[:2], pe, total) and kernel_applies(txt_qkv, h, d, w[2:4], pe, total)):
-            return self._stock_rest(img_qkv, txt_qkv, mask, pe, img.dtype, options)
-        shape = (img.shape[0], h, total, d)
+
+        def project() -> tuple[tuple, tuple]:
+            return tuple(a._modules[n](img) for n in IMG), tuple(a._modules[n](txt) for n in TXT)
+
+        armed = a.__dict__.get("forward")  # the stock forward runs armed: its q / k / v stay one GEMM here too
+        img_qkv, txt_qkv = armed.run(project) if isinstance(armed, ArmedForward) else project()
+        shape = (img.shape[0], h, img.shape[1] + txt.shape[1], d)
         out = tuple(torch.empty(shape, dtype=img_qkv[0].dtype, device=img.device) for _ in range(3))
-        cuda = img.is_cuda  # (kernel_applies held: on CUDA the kernel runs)
-        norm_rope_parts(txt_qkv, (0, 0, 0), h, d, w[2], w[3], w[4], pe, out, 0, kernel=cuda)
-        norm_rope_parts(img_qkv, (0, 0, 0), h, d, w[0], w[1], w[4], pe, out, txt.shape[1], kernel=cuda)
+        # the kernel where it takes the projections, else the same ops in torch (runtime.rope's fallback)
+        norm_rope_parts(txt_qkv, (0, 0, 0), h, d, w[2], w[3], w[4], pe, out, 0)
+        norm_rope_parts(img_qkv, (0, 0, 0), h, d, w[0], w[1], w[4], pe, out, txt.shape[1])
         return self._attend(out, txt.shape[1], mask, img.dtype, options)
-
-    def _stock_rest(self, img_qkv: tuple, txt_qkv: tuple, mask: Any, pe: Any, dtype: torch.dtype,
-                    options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stock forward's ops after the projections (norms, joins, RoPE in torch as ComfyUI runs them)."""
-        a, h = self.attn, self.heads
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(t.shape[0], t.shape[1], h, -1).transpose(1, 2)
-
-        iq, ik, iv = (heads(t) for t in img_qkv)
-        tq, tk, tv = (heads(t) for t in txt_qkv)
-        iq, ik = a.norm_q(iq.contiguous()), a.norm_k(ik.contiguous())
-        tq, tk = a.norm_added_q(tq.contiguous()), a.norm_added_k(tk.contiguous())
-        rope = self.module.apply_rope1
-        q = rope(torch.cat([tq, iq], dim=2), pe)
-        k = rope(torch.cat([tk, ik], dim=2), pe)
-        return self._attend((q, k, torch.cat([tv, iv], dim=2)), txt_qkv[0].shape[1], mask, dtype, options)
 
     def _attend(self, qkv: tuple, seq_txt: int, mask: Any, dtype: torch.dtype,
                 options: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -522,13 +522,17 @@ class ArmedForward:
         self.groups = groups
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        parent = self.parent
-        if torch.compiler.is_compiling():  # traced code computes each member alone
-            return type(parent).forward(parent, *args, **kwargs)
+        return self.run(type(self.parent).forward, self.parent, *args, **kwargs)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` with the groups armed (a forward that calls the parent's members itself, as
+        ``nodes.qwen_rope`` does, keeps them fused); traced code computes each member alone."""
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
         for g in self.groups:
             g.armed += 1
         try:
-            return type(parent).forward(parent, *args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             for g in self.groups:
                 g.disarm()
