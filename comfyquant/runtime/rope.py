@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from comfyquant.runtime.kernels.backends import triton_available
 
-QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q, k, v (or their sources)
 
 
 def rope_reference(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
@@ -39,10 +39,7 @@ def rope_fits(pe: torch.Tensor | None, batch: int, tokens: int, head_dim: int) -
             and pe.stride()[3:] == (4, 2, 1))
 
 
-Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def kernel_applies(srcs: Parts, heads: int, head_dim: int,
+def kernel_applies(srcs: QKV, heads: int, head_dim: int,
                    weights: tuple[torch.Tensor | None, torch.Tensor | None], pe: torch.Tensor | None,
                    tokens: int) -> bool:
     """Whether the Triton kernel takes this call: q's, k's and v's sources CUDA fp16 / bf16 ``[B, L, >= H D]`` of
@@ -74,7 +71,7 @@ def _heads(t: torch.Tensor, offset: int, heads: int, head_dim: int) -> torch.Ten
     return t[..., offset:offset + heads * head_dim].unflatten(-1, (heads, head_dim)).transpose(1, 2)
 
 
-def norm_rope_parts(srcs: Parts, offsets: tuple[int, int, int], heads: int, head_dim: int,
+def norm_rope_parts(srcs: QKV, offsets: tuple[int, int, int], heads: int, head_dim: int,
                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float | None,
                     pe: torch.Tensor | None, out: QKV | None = None, start: int = 0, write_v: bool = True,
                     kernel: bool | None = None) -> QKV:
