@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from comfyquant.nodes.attention import DEFAULT_MODE
+
 FULL = {"hidden": 3072, "heads": 24, "context": 4096, "vec": 768, "txt_tokens": 512}
 SMOKE = {"hidden": 256, "heads": 2, "context": 64, "vec": 32, "txt_tokens": 8}
 
@@ -307,7 +309,8 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
         return not only or name in only
 
     run("bf16", base)  # always: every row's speed-up and error are against it
-    extra = [(BF16_LEAN, "sdpa", False), ("bf16 + attention cudnn", "cudnn", False)] + (
+    extra = [(BF16_LEAN, DEFAULT_MODE, False), ("bf16 + attention sdpa", "sdpa", False),
+             ("bf16 + attention cudnn", "cudnn", False)] + (
         [("bf16 + cuda graphs", None, True)] if a.graphs else [])
     for name, attention, graphs in extra:  # the options alone on the bf16 model: their share of any speed-up
         if want(name):
@@ -321,14 +324,15 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
     # (format, attention, graphs, fold_norms, fuse_rope): the node's options on the quantized models; the blocks'
     # modulated LayerNorms are folded into the quantized layers (nodes.flux_blocks) unless fold_norms is off, their
     # q / k norms and RoPE one kernel (nodes.flux_rope) unless fuse_rope is
-    variants = [("int8", "sdpa", False, True, True), ("int8", "comfyui", False, True, True),
-                ("int8", "sdpa", False, True, False), ("int8", "sdpa", False, False, True),
-                ("int8-rot", "sdpa", False, True, True), ("fp8", "sdpa", False, True, True),
-                ("fp8", "sdpa", False, False, True), ("int8", "cudnn", False, True, True),
+    d = DEFAULT_MODE
+    variants = [("int8", d, False, True, True), ("int8", "sdpa", False, True, True),
+                ("int8", "comfyui", False, True, True), ("int8", d, False, True, False), ("int8", d, False, False, True),
+                ("int8-rot", d, False, True, True), ("fp8", d, False, True, True),
+                ("fp8", d, False, False, True), ("int8", "cudnn", False, True, True),
                 ("int8", "int8-fp8", False, True, True), ("fp8", "cudnn", False, True, True)] + (
-        [("int8", "cudnn", True, True, True)] if a.graphs else [])
+        [("int8", "cudnn", True, True, True), ("int8", d, True, True, True)] if a.graphs else [])
     for fmt, attention, graphs, fold, rope in variants:
-        name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}") + (
+        name = f"adapter {fmt}" + ("" if attention == d else f" + attention {attention}") + (
             " + cuda graphs" if graphs else "") + ("" if fold else " (norms in torch)") + (
             "" if rope or not fold else " (stock RoPE)")
         if not want(name):
@@ -384,12 +388,14 @@ def stock_rows(int8_file: Path, label: Any, why_not: str | None, run: bool,
 
 
 # (row, format, fold_norms[, cuda_graphs[, attention[, fuse_rope]]]): the model benches' rows; the default attention
-# is the node's "sdpa" (ComfyUI's kernel choice without its per-call backend-order scope), "comfyui" ComfyUI's own
+# is the node's (DEFAULT_MODE "auto": per call shape the faster of ComfyUI's kernel and cuDNN's, measured), "sdpa"
+# ComfyUI's kernel choice without its per-call backend-order scope (the default before), "comfyui" ComfyUI's own
 FOLD_VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
-                 ("adapter fp8", "fp8", True), ("adapter int8 + attention comfyui", "int8", True, False, "comfyui"))
-STOCK_ROPE = ("adapter int8 (stock RoPE)", "int8", True, False, "sdpa", False)  # the fused q / k norm + RoPE off
+                 ("adapter fp8", "fp8", True), ("adapter int8 + attention sdpa", "int8", True, False, "sdpa"),
+                 ("adapter int8 + attention comfyui", "int8", True, False, "comfyui"))
+STOCK_ROPE = ("adapter int8 (stock RoPE)", "int8", True, False, DEFAULT_MODE, False)  # the fused norm + RoPE off
 BF16_GRAPHS = "bf16 + cuda graphs"
-BF16_LEAN = "bf16 + attention sdpa"  # the node's default attention alone on the bf16 model: its share of a speed-up
+BF16_LEAN = f"bf16 + attention {DEFAULT_MODE}"  # the node's default attention alone on bf16: its share of a speed-up
 
 
 def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str, Any]], label: Any,
@@ -398,7 +404,7 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
     """bf16, the adapter's ``variants`` on ``base`` (``note(report)`` in each row) and the stock row, timed in
     ``a.rounds`` pooled rounds at one resolution ``label``, with speed-ups; ``base`` stays loaded. A variant with
     the node's ``cuda_graphs`` (a fourth item, True) adds bf16 with the same option; a fifth item names the
-    ``attention`` mode (default ``sdpa``, which bf16 gets a row with too); ``apply_model``: every row steps through
+    ``attention`` mode (default the node's, which bf16 gets a row with too); ``apply_model``: every row steps through
     ``BaseModel.apply_model`` (where the graphs option's wrapper sits; ``inputs`` gives its arguments)."""
     warmup, iters = (1, 2) if a.smoke else (a.warmup, a.iters)
     outputs: dict[tuple[str, Any], torch.Tensor] = {}
@@ -413,7 +419,7 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
             r.note = text
         return rows
 
-    def adapter(name: str, fmt: str, fold: bool, graphs: bool = False, attention: str = "sdpa",
+    def adapter(name: str, fmt: str, fold: bool, graphs: bool = False, attention: str = DEFAULT_MODE,
                 rope: bool = True) -> list[Result]:
         _free(device)
         runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold, cuda_graphs=graphs, attention=attention,
@@ -428,7 +434,7 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
 
     def bf16_lean() -> list[Result]:
         clone = base.clone()
-        enable_quantized_attention(clone, "sdpa")
+        enable_quantized_attention(clone, DEFAULT_MODE)
         return timed(BF16_LEAN, clone, "the node's default attention on the bf16 model")
 
     def one_round() -> list[Result]:

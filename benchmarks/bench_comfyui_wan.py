@@ -29,6 +29,7 @@ import functools
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comfyui_flux import (
+    STOCK,
     Result,
     _free,
     _import_comfy,
@@ -122,7 +124,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     from comfyquant.convert.api import convert
     from comfyquant.nodes.adapter import adapt_model
-    from comfyquant.nodes.attention import MODES, enable_quantized_attention, policy_for
+    from comfyquant.nodes.attention import DEFAULT_MODE, MODES, enable_quantized_attention, policy_for
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
     out_dir, src, int8_file = work_files(a, "wan_shaped")
@@ -168,23 +170,28 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         return timed(name, patched, f"{len(report.converted)} layers converted in {time.perf_counter() - t1:.1f} s, "
                                     f"{len(report.modulated)} blocks' modulated norms folded")
 
+    only = {v.strip() for v in (a.only or "").split(",") if v.strip()}
+
+    def rows(name: str, fn: Callable[[], list[Result]]) -> list[Result]:  # a variant, unless --only leaves it out
+        return guarded_rows(name, label, fn) if not only or name in only else []
+
     def one_round() -> list[Result]:
-        """Every variant timed once, in the table's order."""
+        """Every variant timed once (those ``--only`` names, and bf16), in the table's order."""
         results = timed("bf16", base)
-        attentions = [m for m in MODES if m != "sdpa"]
+        attentions = [m for m in MODES if m != DEFAULT_MODE]
         # the attention options that do not quantize (ComfyUI's own aside: the bf16 row), alone on the bf16 model:
         # the attention backend's share
         for mode in (m for m in MODES if m != "comfyui" and not getattr(policy_for(m), "quantize", False)):
             name = f"bf16 + attention {mode}"
-            results += guarded_rows(name, label, functools.partial(with_attention, name, mode))
+            results += rows(name, functools.partial(with_attention, name, mode))
         # (format, attention): the node's formats, then each of its attention options on int8
-        for fmt, attention in (("int8", "sdpa"), ("fp8", "sdpa"), *(("int8", m) for m in attentions)):
-            name = f"adapter {fmt}" + ("" if attention == "sdpa" else f" + attention {attention}")
-            results += guarded_rows(name, label, functools.partial(adapter, name, fmt, attention))
+        for fmt, attention in (("int8", DEFAULT_MODE), ("fp8", DEFAULT_MODE), *(("int8", m) for m in attentions)):
+            name = f"adapter {fmt}" + ("" if attention == DEFAULT_MODE else f" + attention {attention}")
+            results += rows(name, functools.partial(adapter, name, fmt, attention))
         # the blocks' modulated norms in torch (the fold off): what handing them to the layers saves
         name = "adapter int8 (norms in torch)"
-        results += guarded_rows(name, label, functools.partial(adapter, name, "int8", "sdpa", False))
-        return results + stock_rows(int8_file, label, why_not, run_stock, timed)
+        results += rows(name, functools.partial(adapter, name, "int8", DEFAULT_MODE, False))
+        return results + (stock_rows(int8_file, label, why_not, run_stock, timed) if not only or STOCK in only else [])
 
     results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
     base = None  # the bf16 model leaves the device before the report
@@ -217,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="video frames (default 81, --smoke 5)")
     p.add_argument("--width", type=int, default=None, help="video width in pixels (default 832, --smoke 64)")
     p.add_argument("--height", type=int, default=None, help="video height in pixels (default 480, --smoke 48)")
+    p.add_argument("--only", default="", help="comma-separated variant names to measure (default: all; bf16 always)")
     timing_args(p)
     return p
 

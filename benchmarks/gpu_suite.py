@@ -245,6 +245,20 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
             "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
             "bf16 + attention sdpa,adapter int8,adapter int8 (stock RoPE),adapter int8 + attention cudnn,"
             "ComfyUI int8 (same file)"])]],
+        # the node's auto attention (runtime.sdpa_choice): per shape, cuDNN or ComfyUI's kernel as measured, from a
+        # cold cache; bit-equal to the chosen kernel, the cache read back without timing
+        "check_sdpa_choice": [[PY, "benchmarks/check_sdpa_choice_gpu.py", "--out", str(work / "kernels"), *cache]],
+        # the same in whole models: Flux in ComfyUI's class at both resolutions, the auto default against the
+        # former default (sdpa) and cudnn, 2 pooled rounds (the bundle built --slim: stock on comfy-kitchen CUDA)
+        "comfyui_auto": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui_auto"), *cache, *(s or [
+            "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
+            "bf16 + attention auto,bf16 + attention cudnn,adapter int8,adapter int8 + attention sdpa,"
+            "adapter int8 + attention cudnn,ComfyUI int8 (same file)"])]],
+        # Wan 480p in ComfyUI's WanModel: the auto default against sdpa and cudnn, 2 pooled rounds
+        "comfyui_wan_auto": [[PY, "benchmarks/bench_comfyui_wan.py", "--out", str(work / "comfyui_wan_auto"), *cache,
+                              *(s or ["--rounds", "2", "--iters", "4", "--warmup", "2", "--only",
+                                      "bf16 + attention auto,adapter int8,adapter int8 + attention sdpa,"
+                                      "adapter int8 + attention cudnn,ComfyUI int8 (same file)"])]],
         # the same default attention's GPU check: bit-equal to ComfyUI's calls, declined where flash cannot run
         "check_lean_attention": [[PY, "benchmarks/check_lean_attention_gpu.py", "--out", str(work / "kernels"),
                                   *cache]],

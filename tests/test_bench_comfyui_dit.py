@@ -30,8 +30,9 @@ def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, f
     report = json.loads((tmp_path / f"bench_comfyui_{family}.json").read_text())
     env, rows = report["env"], {r["variant"]: r for r in report["results"]}
     rope = ["adapter int8 (stock RoPE)"] if family == "qwen_image" else []  # the fused q / k norm + RoPE off
-    assert list(rows) == ["bf16", "bf16 + attention sdpa", "adapter int8", "adapter int8 (norms in torch)",
-                          "adapter fp8", "adapter int8 + attention comfyui", *rope, "ComfyUI int8 (same file)"]
+    assert list(rows) == ["bf16", "bf16 + attention auto", "adapter int8", "adapter int8 (norms in torch)",
+                          "adapter fp8", "adapter int8 + attention sdpa", "adapter int8 + attention comfyui", *rope,
+                          "ComfyUI int8 (same file)"]
     assert env["family"] == family and env["blocks"] == 2 and env["batch"] == 1 and env["resolution"] == 64
     layers, folded = EXPECTED[family]
     notes = {v: r["note"] for v, r in rows.items()}
@@ -41,7 +42,8 @@ def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, f
     assert err["bf16"] == 0.0 and all(0 < e < 0.1 for v, e in err.items() if not v.startswith("bf16")), err
     # the fold moves the norm, not the numbers (on the CPU the quantizer applies it in torch either way)
     assert abs(err["adapter int8"] - err["adapter int8 (norms in torch)"]) < 1e-3 * err["adapter int8"], err
-    assert err["bf16 + attention sdpa"] == 0.0 and err["adapter int8 + attention comfyui"] == err["adapter int8"]
+    assert err["bf16 + attention auto"] == 0.0 and err["adapter int8 + attention comfyui"] == err["adapter int8"]
+    assert err["adapter int8 + attention sdpa"] == err["adapter int8"]
     if rope:  # on the CPU both run the stock ops after the projections: the same numbers
         assert err["adapter int8 (stock RoPE)"] == err["adapter int8"]
     assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"

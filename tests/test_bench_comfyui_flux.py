@@ -21,8 +21,9 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench_comfyui_flux.json").read_text())
     variants = [r["variant"] for r in report["results"]]
-    assert variants == ["bf16", "bf16 + attention sdpa", "bf16 + attention cudnn", "adapter int8",
-                        "adapter int8 + attention comfyui", "adapter int8 (stock RoPE)", "adapter int8 (norms in torch)",
+    assert variants == ["bf16", "bf16 + attention auto", "bf16 + attention sdpa", "bf16 + attention cudnn",
+                        "adapter int8", "adapter int8 + attention sdpa", "adapter int8 + attention comfyui",
+                        "adapter int8 (stock RoPE)", "adapter int8 (norms in torch)",
                         "adapter int8-rot", "adapter fp8", "adapter fp8 (norms in torch)",
                         "adapter int8 + attention cudnn", "adapter int8 + attention int8-fp8",
                         "adapter fp8 + attention cudnn", "ComfyUI int8 (same file)", "comfyquant loader (same file)"]
@@ -36,10 +37,12 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     assert "| adapter int8 | 64 |" in (tmp_path / "bench_comfyui_flux.md").read_text()
     err = {r["variant"]: r["rel_err_vs_bf16"] for r in report["results"]}
     assert err["bf16"] == err["bf16 + attention cudnn"] == err["bf16 + attention sdpa"] == 0.0, err
+    assert err["bf16 + attention auto"] == 0.0  # on the CPU no call has a cuDNN choice: ComfyUI's own kernel
     assert all(0 < e < 0.1 for v, e in err.items() if not v.startswith("bf16")), err
     # on the CPU the attention override passes every call through to ComfyUI's own SDPA: same output as int8
     assert err["adapter int8 + attention int8-fp8"] == err["adapter int8 + attention cudnn"] == err["adapter int8"]
     assert err["adapter int8 + attention comfyui"] == err["adapter int8"]  # the default attention: the same kernel
+    assert err["adapter int8 + attention sdpa"] == err["adapter int8"]
     assert err["adapter int8 (stock RoPE)"] == err["adapter int8"]  # the fused RoPE runs on CUDA only
     assert err["adapter fp8 + attention cudnn"] == err["adapter fp8"]
     # the norms folded into the quantized layers (torch on the CPU, from the block replacements) or not: the same

@@ -20,8 +20,9 @@ def test_tiny_unet_measures_every_variant(comfyui_root: Path, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench_comfyui_sdxl.json").read_text())
     env, rows = report["env"], {r["variant"]: r for r in report["results"]}
-    assert list(rows) == ["bf16", "bf16 + attention sdpa", "adapter int8", "adapter int8 (norms in torch)",
-                          "adapter fp8", "adapter int8 + attention comfyui", "ComfyUI int8 (same file)"]
+    assert list(rows) == ["bf16", "bf16 + attention auto", "adapter int8", "adapter int8 (norms in torch)",
+                          "adapter fp8", "adapter int8 + attention sdpa", "adapter int8 + attention comfyui",
+                          "ComfyUI int8 (same file)"]
     blocks = env["transformer_blocks"]
     assert blocks == 11 and env["batch"] == 2 and env["resolution"] == 64
     # every transformer block's three LayerNorms folded, or none (the same layers converted either way)
@@ -32,7 +33,8 @@ def test_tiny_unet_measures_every_variant(comfyui_root: Path, tmp_path: Path) ->
     # the fold changes where the norm is computed, not the numbers (on the CPU it runs in torch either way)
     assert abs(err["adapter int8"] - err["adapter int8 (norms in torch)"]) < 1e-4, err
     # the node's default attention computes what ComfyUI's own does (the same kernel, or ComfyUI's call itself)
-    assert err["bf16 + attention sdpa"] == 0.0 and err["adapter int8 + attention comfyui"] == err["adapter int8"]
+    assert err["bf16 + attention auto"] == 0.0 and err["adapter int8 + attention comfyui"] == err["adapter int8"]
+    assert err["adapter int8 + attention sdpa"] == err["adapter int8"]
     assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"
     assert (tmp_path / "bench_comfyui_sdxl.png").read_bytes()[:4] == b"\x89PNG"
     assert "SMOKE RUN" in (tmp_path / "bench_comfyui_sdxl.md").read_text()
@@ -48,8 +50,9 @@ def test_graphs_rows_step_through_apply_model(comfyui_root: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench_comfyui_sdxl.json").read_text())
     rows = {r["variant"]: r for r in report["results"]}
-    assert list(rows) == ["bf16", "bf16 + attention sdpa", "bf16 + cuda graphs", "adapter int8",
-                          "adapter int8 (norms in torch)", "adapter fp8", "adapter int8 + attention comfyui",
+    assert list(rows) == ["bf16", "bf16 + attention auto", "bf16 + cuda graphs", "adapter int8",
+                          "adapter int8 (norms in torch)", "adapter fp8", "adapter int8 + attention sdpa",
+                          "adapter int8 + attention comfyui",
                           "adapter int8 + cuda graphs", "ComfyUI int8 (same file)"]
     assert report["env"]["apply_model"] is True
     assert rows["bf16 + cuda graphs"]["rel_err_vs_bf16"] == 0.0

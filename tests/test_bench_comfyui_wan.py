@@ -27,9 +27,9 @@ def test_tiny_video_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
     env = report["env"]
     assert env["latent"] == [1, 16, 3, 6, 10] and env["tokens"] == 3 * 3 * 5 and env["depth"] == 1
     assert env["dims"]["heads"] * 128 == env["dims"]["dim"] and env["attention_modes"] == list(MODES)
-    attentions = [m for m in MODES if m != "sdpa"]
+    attentions = [m for m in MODES if m != "auto"]  # the node's default: the rows without an attention suffix
     exact = [m for m in MODES if m != "comfyui" and not getattr(policy_for(m), "quantize", False)]
-    assert exact == ["sdpa", "cudnn"]
+    assert exact == ["auto", "sdpa", "cudnn"]
     variants = [r["variant"] for r in report["results"]]
     assert variants == ["bf16", *(f"bf16 + attention {m}" for m in exact), "adapter int8", "adapter fp8",
                         *(f"adapter int8 + attention {m}" for m in attentions), "adapter int8 (norms in torch)",

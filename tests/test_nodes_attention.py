@@ -39,7 +39,7 @@ def _qkv() -> tuple[torch.Tensor, ...]:
 
 
 def test_policies() -> None:
-    assert policy_for("sdpa") is None and policy_for("comfyui") is None
+    assert policy_for("sdpa") is None and policy_for("comfyui") is None and policy_for("auto") is None
     p = policy_for("int8")
     assert p is not None and p.min_tokens == 16384 and p.head_dims == (128,) and not p.pv_fp8
     assert p.quantize and p.cudnn_first  # the calls the int8 kernel does not take: cuDNN first
@@ -48,7 +48,7 @@ def test_policies() -> None:
     assert c is not None and c.cudnn_first and not c.quantize
     with pytest.raises(ValueError, match="not one of"):
         policy_for("sage")
-    with pytest.raises(UserError, match="attention 'sage' is not one of sdpa, comfyui, cudnn, int8, int8-fp8"):
+    with pytest.raises(UserError, match="attention 'sage' is not one of auto, sdpa, comfyui, cudnn, int8, int8-fp8"):
         RuntimeOptions(attention="sage")
 
 
@@ -125,6 +125,10 @@ def test_default_attention_is_comfyuis_own_without_its_scope(comfy: Any, monkeyp
     override = opts[OVERRIDE_KEY]
     assert isinstance(override, QuantizedAttentionOverride) and override.policy is None
     assert override.lean is not None and override.previous is None
+    # the default is auto: the chooser sits in the lean path, and on CPU tensors it never runs cuDNN (no choice)
+    assert RuntimeOptions().attention == "auto" and override.lean.chooser is not None
+    order = ComfyAttention.load().order  # the chooser times the stock kernel under ComfyUI's backend order
+    assert override.lean.chooser.order == (None if order is None else tuple(order))
     q, k, v = _qkv()
     g = torch.Generator().manual_seed(3)
     q4, k4, v4 = (torch.randn(2, 4, 64, 32, generator=g) for _ in range(3))  # [B, H, T, D]
@@ -152,6 +156,11 @@ def test_default_attention_is_comfyuis_own_without_its_scope(comfy: Any, monkeyp
     plain, _ = adapt_model(_patcher(comfy), AdapterSettings(runtime=RuntimeOptions(attention="comfyui")))
     assert torch.equal(_flux_forward(clone), _flux_forward(plain))
     assert override.lean.calls >= len(lean) + 1
+    assert override.lean.chooser.chosen == 0 and override.lean.chooser.measured == 0
+    # the deep copy ComfyUI makes per sampling call keeps the mode
+    assert clone.clone().model_options["transformer_options"][OVERRIDE_KEY].lean.chooser is not None
+    sdpa = QuantizedAttentionOverride(None, None, ComfyAttention.load())  # mode sdpa: no chooser
+    assert sdpa.lean is not None and sdpa.lean.chooser is None
 
 
 def test_same_kernel_reads_sdpas_state() -> None:

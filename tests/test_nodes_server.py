@@ -60,8 +60,8 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     assert srv.object_info("SaveQuantizedModel")["output_node"] is True
     assert "cuda_graphs" in loader["input"]["optional"]
     assert optional["fuse_projections"][1]["default"] is True and "fuse_projections" in loader["input"]["optional"]
-    assert optional["attention"][0] == loader["input"]["optional"]["attention"][0] == ["sdpa", "comfyui", "cudnn", "int8", "int8-fp8"]
-    assert optional["attention"][1]["default"] == "sdpa"
+    assert optional["attention"][0] == loader["input"]["optional"]["attention"][0] == ["auto", "sdpa", "comfyui", "cudnn", "int8", "int8-fp8"]
+    assert optional["attention"][1]["default"] == "auto"
     lora = srv.object_info("ComfyQuantLoraLoader")
     assert lora["display_name"] == "Load LoRA (quantized model)" and lora["output"] == ["MODEL"]
     assert lora["input"]["required"]["mode"][0] == ["dynamic", "bake"]

@@ -471,7 +471,8 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
     if root == MODEL_ROOT and enable_quantized_attention(clone, mode) is not None:
         logger.info("comfyquant: attention %s", "sdpa: ComfyUI's kernel choice without its per-call backend setup "
                     "(attention comfyui: ComfyUI's own)" if mode == "sdpa" else
-                    f"{mode} for head size 128 from {NODE_MIN_TOKENS} keys")
+                    "auto: per call shape the faster of ComfyUI's kernel and cuDNN's (timed once per GPU, cached)"
+                    if mode == "auto" else f"{mode} for head size 128 from {NODE_MIN_TOKENS} keys")
     logger.info(report.summary())
     if load_dev.type == "cuda" and report.converted:
         logger.info("comfyquant: kernels on %s", describe_device(load_dev))

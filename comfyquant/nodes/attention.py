@@ -8,8 +8,10 @@ called) inside a ``QuantizedAttention`` scope, so ComfyUI's own reshapes and mas
 ``F.scaled_dot_product_attention`` call changes. ComfyUI 0.30 orders SDPA's backends FlashAttention-2 first, at
 0.48-0.60x cuDNN's speed on an H200 (docs/PERFORMANCE.md runs 16-17). Modes:
 
-- ``sdpa`` (the default): ComfyUI's own choice of kernel, without its per-call backend-order scope where the
-  scope would not change that choice (``nodes.lean_attention``: the same kernel, without the scope's host time);
+- ``auto`` (the default): per call shape the faster exact kernel of two, ComfyUI's choice and cuDNN's, timed once
+  per GPU and cached (``runtime.sdpa_choice``), both without ComfyUI's per-call backend-order scope;
+- ``sdpa``: ComfyUI's own choice of kernel, without its per-call backend-order scope where the scope would not
+  change that choice (``nodes.lean_attention``: the same kernel, without the scope's host time);
 - ``comfyui``: ComfyUI's attention function untouched (no override);
 - ``cudnn``: calls of 1,024+ keys run with cuDNN first (exact bf16 attention, no quantization);
 - ``int8`` / ``int8-fp8``: the same, and calls of 16,384+ keys at head size 128 (Wan 480p and longer video),
@@ -27,10 +29,13 @@ import torch
 
 from comfyquant.nodes.lean_attention import ComfyAttention, LeanSdpa
 from comfyquant.runtime.attention import AttentionPolicy, QuantizedAttention
+from comfyquant.runtime.sdpa_choice import SdpaChooser
 
-# sdpa: ComfyUI's kernel choice at less host time; comfyui: its attention untouched; cudnn: exact, cuDNN first;
-# int8: q k^T int8 and p v bf16 on long sequences (cuDNN first on the rest); int8-fp8: p v fp8 too
-MODES = ("sdpa", "comfyui", "cudnn", "int8", "int8-fp8")
+# auto: the faster of ComfyUI's kernel and cuDNN's per call shape (measured); sdpa: ComfyUI's kernel choice at less
+# host time; comfyui: its attention untouched; cudnn: exact, cuDNN first; int8: q k^T int8 and p v bf16 on long
+# sequences (cuDNN first on the rest); int8-fp8: p v fp8 too
+MODES = ("auto", "sdpa", "comfyui", "cudnn", "int8", "int8-fp8")
+DEFAULT_MODE = "auto"
 OVERRIDE_KEY = "optimized_attention_override"
 NODE_MIN_TOKENS = 16384  # int8 kernel vs cuDNN: 0.74x at 4,608 keys, 1.05-1.26x at 32,760 (runs 16-17)
 NODE_CUDNN_MIN_TOKENS = 1024  # below this a call is short enough that the backend order's host cost is not paid
@@ -38,10 +43,11 @@ NODE_HEAD_DIMS = (128,)
 
 
 def policy_for(mode: str) -> AttentionPolicy | None:
-    """The routing policy of a node ``attention`` mode (None for ``sdpa`` and ``comfyui``: nothing is routed)."""
+    """The routing policy of a node ``attention`` mode (None for ``auto``, ``sdpa`` and ``comfyui``: nothing is
+    routed through a scope)."""
     if mode not in MODES:
         raise ValueError(f"attention {mode!r} is not one of {', '.join(MODES)}")
-    if mode in ("sdpa", "comfyui"):
+    if mode in ("auto", "sdpa", "comfyui"):
         return None
     return AttentionPolicy(min_tokens=NODE_MIN_TOKENS, pv_fp8=mode == "int8-fp8", head_dims=NODE_HEAD_DIMS,
                            quantize=mode != "cudnn", cudnn_first=True)
@@ -52,12 +58,14 @@ class QuantizedAttentionOverride:
     where the ``policy`` may route the call (None: never), else ComfyUI's kernel choice at less host time
     (``lean``, :class:`~comfyquant.nodes.lean_attention.LeanSdpa`; not past an earlier override, which must run).
     ``calls`` / ``routed`` / ``cudnn`` count overridden calls, the SDPA calls that ran on the int8 kernel and
-    those that ran with cuDNN first; ``lean.calls`` those computed without ComfyUI's backend-order scope."""
+    those that ran with cuDNN first; ``lean.calls`` those computed without ComfyUI's backend-order scope, and with
+    ``choose`` (mode ``auto``) ``lean.chooser.chosen`` those of them that ran on cuDNN as measured faster."""
 
     def __init__(self, policy: AttentionPolicy | None, previous: Callable[..., Any] | None = None,
-                 comfy: ComfyAttention | None = None) -> None:
-        self.policy, self.previous, self.comfy = policy, previous, comfy
-        self.lean = LeanSdpa(comfy) if comfy is not None and previous is None else None
+                 comfy: ComfyAttention | None = None, choose: bool = False) -> None:
+        self.policy, self.previous, self.comfy, self.choose = policy, previous, comfy, choose
+        self.lean = LeanSdpa(comfy, SdpaChooser(comfy.order) if choose else None) if (
+            comfy is not None and previous is None) else None
         self.calls = self.routed = self.cudnn = 0
 
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -96,18 +104,18 @@ class QuantizedAttentionOverride:
         return self.policy.quantize and tokens >= self.policy.min_tokens and head_dim in self.policy.head_dims
 
     def __deepcopy__(self, memo: dict) -> QuantizedAttentionOverride:  # ComfyUI deep-copies model options
-        return QuantizedAttentionOverride(self.policy, self.previous, self.comfy)
+        return QuantizedAttentionOverride(self.policy, self.previous, self.comfy, self.choose)
 
 
 def enable_quantized_attention(patcher: Any, mode: str) -> QuantizedAttentionOverride | None:
     """Install the override for ``mode`` on ``patcher``'s model options (keeping an earlier override inside it);
-    returns it, or None where it would change nothing (``comfyui``; ``sdpa`` over another node's override, which
-    must run). Works on any model patcher: quantized or not."""
+    returns it, or None where it would change nothing (``comfyui``; ``auto`` / ``sdpa`` over another node's
+    override, which must run). Works on any model patcher: quantized or not."""
     policy = policy_for(mode)
     opts = patcher.model_options.setdefault("transformer_options", {})
     previous = opts.get(OVERRIDE_KEY)
     if mode == "comfyui" or (policy is None and previous is not None):
         return None
-    override = QuantizedAttentionOverride(policy, previous, ComfyAttention.load())
+    override = QuantizedAttentionOverride(policy, previous, ComfyAttention.load(), choose=mode == "auto")
     opts[OVERRIDE_KEY] = override
     return override

@@ -57,7 +57,9 @@ def _optional_runtime_inputs() -> dict[str, Any]:
 
 def _attention_input() -> dict[str, Any]:
     return {"attention": (list(ATTENTION_MODES), {
-        "default": "sdpa", "tooltip": "cudnn: attention of 1,024+ tokens on cuDNN's kernel (exact; ComfyUI "
+        "default": "auto", "tooltip": "auto: per call shape the faster of ComfyUI's kernel and cuDNN's (both exact "
+                                      "attention; timed once per GPU, cached). "
+                                      "cudnn: attention of 1,024+ tokens on cuDNN's kernel (exact; ComfyUI "
                                       "puts FlashAttention-2 first, ~0.5x its speed on an H200). int8: that, and "
                                       "self-attention of 16,384+ tokens at head size 128 (video models) with q "
                                       "and k in int8 (~1.05x cuDNN, ~1.3% error); int8-fp8: p and v in fp8 too "
@@ -69,7 +71,7 @@ def _attention_input() -> dict[str, Any]:
 def _runtime(small_batch_fallback: bool, runtime_backend: str, use_triton: bool | None = None,
              prepack: bool = True, cuda_graphs: bool | None = None,
              fold_activations: bool | None = None, measure_backends: bool | None = None,
-             attention: str = "sdpa", fuse_projections: bool | None = None) -> RuntimeOptions:
+             attention: str = "auto", fuse_projections: bool | None = None) -> RuntimeOptions:
     return RuntimeOptions(backend=runtime_backend, small_batch_fallback=small_batch_fallback, use_triton=use_triton,
                           prepack=prepack, cuda_graphs=bool(cuda_graphs),
                           fold_activations=True if fold_activations is None else bool(fold_activations),
@@ -134,7 +136,7 @@ class INT8ModelAdapter:
               cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET, calibration_file: str = "",
               alpha: float = DEFAULT_ALPHA, fold_activations: bool | None = None,
               target_gpu: str = "auto", measure_backends: bool | None = None,
-              attention: str = "sdpa", fuse_projections: bool | None = None) -> dict[str, Any]:
+              attention: str = "auto", fuse_projections: bool | None = None) -> dict[str, Any]:
         import comfy.utils
         import folder_paths
 
@@ -234,7 +236,7 @@ class LoadQuantizedDiffusionModel:
     def load(self, unet_name: str, compute_dtype: str, small_batch_fallback: bool, runtime_backend: str,
              use_triton: bool | None = None, cuda_graphs: bool | None = None,
              fold_activations: bool | None = None, measure_backends: bool | None = None,
-             attention: str = "sdpa", fuse_projections: bool | None = None) -> dict[str, Any]:
+             attention: str = "auto", fuse_projections: bool | None = None) -> dict[str, Any]:
         import folder_paths
         import torch
 

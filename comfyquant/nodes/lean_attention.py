@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from comfyquant.runtime.sdpa_choice import SdpaChooser
+
 # SDPA's fused backends and the checks that say whether one can run a call (the enabled flag's getter, the
 # eligibility test on ``SDPAParams``: what SDPA's own selection asks); the math backend runs anything
 # (a torch without one's test leaves it out: a call whose choice depends on it is declined)
@@ -138,10 +140,11 @@ _settled = False
 
 class LeanSdpa:
     """``attention_pytorch``'s calls that :func:`same_kernel` accepts, computed without ComfyUI's backend-order
-    scope; ``calls`` counts them."""
+    scope; ``calls`` counts them. With a ``chooser`` (``runtime.sdpa_choice``) an unmasked call runs on cuDNN's
+    kernel where the chooser measured it faster than the one ComfyUI's order picks (counted in ``calls`` too)."""
 
-    def __init__(self, comfy: ComfyAttention) -> None:
-        self.comfy = comfy
+    def __init__(self, comfy: ComfyAttention, chooser: SdpaChooser | None = None) -> None:
+        self.comfy, self.chooser = comfy, chooser
         self.calls = 0
         if comfy.function is not None:
             settle_priority(comfy.order)
@@ -172,10 +175,12 @@ class LeanSdpa:
                 mask = mask.unsqueeze(1)
         elif mask is not None:
             return None
-        if not same_kernel(c.order, q, k, v, mask):
-            return None
         scale = kwargs.get("scale")
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
-                                             **({} if scale is None else {"scale": scale}))
+        out = self.chooser(q, k, v, scale) if self.chooser is not None and mask is None else None
+        if out is None:
+            if not same_kernel(c.order, q, k, v, mask):
+                return None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                                 **({} if scale is None else {"scale": scale}))
         self.calls += 1
         return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, heads * dim_head)

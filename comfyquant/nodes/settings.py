@@ -79,8 +79,8 @@ class RuntimeOptions:
     blocks' affine LayerNorms) and ``fuse_projections`` (sibling projections that read one input, attention q/k/v or a gated MLP's two
     halves, run as one GEMM per call whose fused output is at most ``fuse_max_bytes``; ``runtime.siblings``)
     and ``measure_backends`` (eager: time the candidate kernels once per layer shape and keep the fastest,
-    cached per GPU, instead of the cost model's prediction) and ``attention`` (``sdpa``; ``cudnn``: cuDNN's
-    kernel first; ``int8`` / ``int8-fp8``: that, and long self-attention on the int8 kernel, ``nodes.attention``)
+    cached per GPU, instead of the cost model's prediction) and ``attention`` (``auto``: the faster of ComfyUI's
+    kernel and cuDNN's per call shape, measured; ``sdpa``: ComfyUI's; ``cudnn``: cuDNN's kernel first; ``int8`` / ``int8-fp8``: that, and long self-attention on the int8 kernel, ``nodes.attention``)
     and ``fuse_rope`` (the folded Flux-family and Qwen-Image blocks' q / k RMSNorms and RoPE in one kernel,
     ``nodes.flux_rope``, ``nodes.qwen_rope``)."""
 
@@ -96,7 +96,7 @@ class RuntimeOptions:
     # (210 layer_norm launches a step gone); run 86's one noisy round had timed it 0.73x against 0.94x
     fold_layer_norms: bool = True
     measure_backends: bool = False
-    attention: str = "sdpa"  # nodes.attention.MODES: the attention kernel per call (cuDNN, int8)
+    attention: str = "auto"  # nodes.attention.MODES: the attention kernel per call (measured, cuDNN, int8)
     fuse_projections: bool = True
     fuse_max_bytes: int = DEFAULT_FUSE_MAX_BYTES  # larger calls are GPU-bound: each member computes alone
     # the folded Flux-family and Qwen-Image blocks' q / k norms, RoPE and stream join as one launch per stream

@@ -40,6 +40,7 @@ class Decision:
     backend: str
     us: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # what else the choice rests on (an output comparison)
 
 
 def cache_path(device: torch.device, root: Path | None = None) -> Path:
@@ -50,8 +51,8 @@ def cache_path(device: torch.device, root: Path | None = None) -> Path:
 class ChoiceCache:
     """The measured choices of one device, read from and written back to its JSON file (atomically)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, version: int = CACHE_VERSION) -> None:
+        self.path, self.version = path, version
         self.entries: dict[str, dict[str, Any]] = {}
         if path.is_file():
             try:
@@ -66,11 +67,12 @@ class ChoiceCache:
         return None if e is None else str(e["backend"])
 
     def put(self, key: str, decision: Decision) -> None:
-        self.entries[key] = {"backend": decision.backend, "us": decision.us, "skipped": decision.skipped}
+        self.entries[key] = {"backend": decision.backend, "us": decision.us, "skipped": decision.skipped,
+                             **({"notes": decision.notes} if decision.notes else {})}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=self.path.name, dir=self.path.parent)
         with os.fdopen(fd, "w") as f:
-            json.dump({"version": CACHE_VERSION, "choices": self.entries}, f, indent=1, sort_keys=True)
+            json.dump({"version": self.version, "choices": self.entries}, f, indent=1, sort_keys=True)
         os.replace(tmp, self.path)
 
 

@@ -1,0 +1,211 @@
+"""Exact attention on the faster of two kernels, chosen per call shape by timing both once per GPU.
+
+ComfyUI 0.30 orders SDPA's backends FlashAttention-2 first. On Hopper cuDNN's fused attention ran Flux 1024²'s
+and Wan 480p's calls 1.7-2x faster (docs/PERFORMANCE.md runs 16-17, 24-26, 101); others measured it slower on short
+head-64 calls (an H100 sweep in sglang's PR 30090). Both are exact attention: their outputs differ by rounding
+(0.23% against float32 either way, GPU check ``attention_cudnn_first``). So :class:`SdpaChooser` times the stock
+kernel (SDPA under the caller's backend order: what ComfyUI runs) and cuDNN's on the first call of each shape,
+checks that the two outputs agree, and keeps cuDNN only where it is faster by :data:`MARGIN`. Choices are kept in
+a file per GPU model and torch / triton version, keyed with the cuDNN version (``measured.ChoiceCache``): later
+processes run the same kernel on the same shape without timing, so the same inputs give the same outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from comfyquant.runtime.attention import ORDER_SUPPORTED
+from comfyquant.runtime.kernels.backends import device_cache_file
+from comfyquant.runtime.kernels.measured import ChoiceCache, Decision
+
+MIN_KEYS = 1024  # shorter calls: a few µs of GPU work, where timing could only pick by noise
+MARGIN = 0.05  # cuDNN is kept where it takes at most 95% of the stock kernel's time (near-ties stay stock)
+AGREE = 0.01  # relative L2 difference of the two outputs above which cuDNN's is not trusted (bf16 rounding: ~0.3%)
+ROUND_S = 0.02  # seconds of calls per timed round (at least one call)
+ROUNDS = 3
+CACHE_VERSION = 1
+STOCK, CUDNN = "stock", "cudnn"
+logger = logging.getLogger("comfyquant.runtime")
+# the op SDPA's cuDNN backend calls (torch 2.5+); calling it directly skips SDPA's selection and any backend scope
+_CUDNN_OP = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+
+
+def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """cuDNN's fused attention on ``[B, H, T, D]`` tensors (no mask, no dropout, not causal): SDPA's cuDNN path."""
+    assert _CUDNN_OP is not None
+    return _CUDNN_OP(q, k, v, None, False, 0.0, False, False, scale=scale)[0]
+
+
+def stock_attention(order: Sequence[int] | None) -> Callable[..., torch.Tensor]:
+    """SDPA as the caller runs it: inside ``sdpa_kernel(order, set_priority=True)`` where an order is given (what
+    ComfyUI's wrapper sets), else SDPA's own choice."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        kw = {} if scale is None else {"scale": scale}
+        if order is None or not ORDER_SUPPORTED:
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+        with sdpa_kernel([SDPBackend(b) for b in order], set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    return run
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` accumulated in float32 (inf where ``b`` is all zeros and ``a`` is not, NaN passes)."""
+    num = torch.linalg.vector_norm(a - b, dtype=torch.float32).item()
+    den = torch.linalg.vector_norm(b, dtype=torch.float32).item()
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], clock: Callable[[], float] = time.perf_counter,
+                sync: Callable[[], None] = torch.cuda.synchronize, rounds: int = ROUNDS,
+                round_s: float = ROUND_S) -> dict[str, float]:
+    """µs per call of each function, synchronized wall time (host and GPU, what eager mode pays): one call each to
+    size a round of about ``round_s``, then ``rounds`` rounds taking every function in turn, the best round each."""
+    n: dict[str, int] = {}
+    for name, fn in fns.items():
+        sync()
+        t = clock()
+        fn()
+        sync()
+        n[name] = max(1, min(50, round(round_s / max(clock() - t, 1e-9))))
+    best = {name: math.inf for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            t = clock()
+            for _ in range(n[name]):
+                fn()
+            sync()
+            best[name] = min(best[name], (clock() - t) / n[name] * 1e6)
+    return best
+
+
+def decide(stock: Callable[[], torch.Tensor], cudnn: Callable[[], torch.Tensor],
+           clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = torch.cuda.synchronize,
+           margin: float = MARGIN, agree: float = AGREE) -> Decision:
+    """Compare the two kernels on one call: cuDNN where its output agrees with the stock kernel's within ``agree``
+    and it is faster by ``margin``, else the stock kernel; the decision records both times and the agreement."""
+    want = stock()
+    got = cudnn()
+    rel = relative_difference(got, want)
+    del want, got
+    d = Decision(backend=STOCK, notes={"relative_difference": f"{rel:.3e}"})
+    if not rel <= agree:  # NaN too
+        d.skipped[CUDNN] = f"output differs from the stock kernel's by {rel:.2%} (> {agree:.0%})"
+        return d
+    d.us = time_rounds({STOCK: stock, CUDNN: cudnn}, clock, sync)
+    if d.us[CUDNN] <= d.us[STOCK] * (1 - margin):
+        d.backend = CUDNN
+    return d
+
+
+def choice_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+               order: Sequence[int] | None) -> str:
+    """What a choice depends on: shapes, strides (the kernels' layouts), dtype, scale, the stock backend order and
+    the cuDNN version (the cache file is per GPU model and torch / triton version already)."""
+    dt = str(q.dtype).removeprefix("torch.")
+    return (f"sdpa|q={list(q.shape)}:{list(q.stride())}|k={list(k.shape)}:{list(k.stride())}"
+            f"|v={list(v.shape)}:{list(v.stride())}|{dt}|scale={scale}|order={None if order is None else list(order)}"
+            f"|cudnn={torch.backends.cudnn.version()}")
+
+
+def cache_path(device: torch.device, root: Path | None = None) -> Path:
+    """Where ``device``'s attention choices are kept."""
+    return device_cache_file("attention", CACHE_VERSION, device, root)
+
+
+def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why a call cannot have a choice (None: it can): 4-D CUDA fp16 / bf16 tensors of one dtype, at least
+    :data:`MIN_KEYS` keys, inference (no autograd), eager (not traced), a torch with cuDNN attention."""
+    if _CUDNN_OP is None:
+        return "this torch has no cuDNN attention"
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_cuda for t in (q, k, v)):
+        return "not 4-D CUDA tensors"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "not fp16 / bf16"
+    if k.shape[2] < MIN_KEYS:
+        return f"fewer than {MIN_KEYS} keys"
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return "autograd or tracing"
+    return None
+
+
+# choices made or read in this process, by call signature: facts about this process's GPU and libraries (ComfyUI
+# deep-copies model options, and the chooser with them, per sampling call)
+_MEMO: dict[tuple, bool] = {}
+
+
+class SdpaChooser:
+    """Per call shape, cuDNN's attention where it is faster than the stock kernel (SDPA under ``order``): measured
+    on the first call of a shape (:func:`decide`), kept in :func:`cache_path`'s file. ``chosen`` counts the calls
+    it ran on cuDNN, ``measured`` the shapes it timed."""
+
+    def __init__(self, order: Sequence[int] | None, root: Path | None = None) -> None:
+        self.order = None if order is None else tuple(int(b) for b in order)
+        self.root = root
+        self.chosen = self.measured = 0
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float | None = None) -> torch.Tensor | None:
+        """cuDNN's output for this call where it is the choice; None where the stock kernel is (the caller runs it)."""
+        if why_not(q, k, v) is not None:
+            return None
+        sig = (q.device.index, q.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), scale,
+               self.order, self.root)
+        use = _MEMO.get(sig)
+        if use is None:
+            use = self._choose(q, k, v, scale)
+            if use is None:
+                return None
+            _MEMO[sig] = use
+        if not use:
+            return None
+        self.chosen += 1
+        return cudnn_attention(q, k, v, scale)
+
+    def _choose(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> bool | None:
+        """The cached or measured choice (True: cuDNN); None while a CUDA graph is being captured (no timing)."""
+        cache = _cache(cache_path(q.device, self.root))
+        key = choice_key(q, k, v, scale, self.order)
+        known = cache.get(key)
+        if known is not None:
+            return known == CUDNN
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+        if not torch.backends.cuda.can_use_cudnn_attention(params):
+            decision = Decision(backend=STOCK, skipped={CUDNN: "SDPA's cuDNN backend cannot run this call"})
+        else:
+            stock = stock_attention(self.order)
+            decision = decide(lambda: stock(q, k, v, scale), lambda: cudnn_attention(q, k, v, scale))
+            self.measured += 1
+        try:
+            cache.put(key, decision)
+        except OSError as e:  # a read-only cache folder: the choice holds for this process, measured again next time
+            logger.warning("comfyquant: attention choice not saved to %s (%s); kept for this process", cache.path, e)
+        return decision.backend == CUDNN
+
+
+_CACHES: dict[Path, ChoiceCache] = {}
+
+
+def _cache(path: Path) -> ChoiceCache:
+    c = _CACHES.get(path)
+    if c is None:
+        c = _CACHES[path] = ChoiceCache(path, CACHE_VERSION)
+    return c
+
+
+def forget() -> None:
+    """Drop this process's memo of choices and open cache files (tests; a cache file deleted to re-measure)."""
+    _MEMO.clear()
+    _CACHES.clear()

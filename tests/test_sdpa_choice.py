@@ -1,0 +1,126 @@
+"""``runtime.sdpa_choice``: the faster of two exact attention kernels per call shape. On the CPU the two candidates
+are real attention implementations (SDPA's and a float64 softmax reference) whose cost a fake clock sets, so the
+decision logic runs on real outputs: cuDNN kept only where it agrees with the stock kernel and wins by the margin,
+rounds sized to the call, choices written to and read back from the cache file. The CUDA path (the direct cuDNN
+op bit-equal to SDPA's cuDNN backend, choices on real shapes): ``benchmarks/check_sdpa_choice_gpu.py``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfyquant.runtime import sdpa_choice
+from comfyquant.runtime.kernels.measured import ChoiceCache, Decision
+
+
+class Clock:
+    """A clock that moves only when a timed candidate runs (by its cost)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.calls: dict[str, int] = {}
+
+    def __call__(self) -> float:
+        return self.t
+
+    def costing(self, name: str, us: float, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            self.t += us * 1e-6
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn()
+
+        return run
+
+
+def _qkv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))  # type: ignore[return-value]
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    s = (q.double() @ k.double().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return (s.softmax(-1) @ v.double()).to(q.dtype)
+
+
+def _decide(stock_us: float, other_us: float, other: Callable[..., torch.Tensor] = _reference) -> tuple[Decision,
+                                                                                                          Clock]:
+    q, k, v = _qkv()
+    clock = Clock()
+    d = sdpa_choice.decide(clock.costing("stock", stock_us, lambda: F.scaled_dot_product_attention(q, k, v)),
+                           clock.costing("cudnn", other_us, lambda: other(q, k, v)), clock=clock, sync=lambda: None)
+    return d, clock
+
+
+def test_the_faster_kernel_is_kept_only_past_the_margin() -> None:
+    d, clock = _decide(100.0, 50.0)
+    assert d.backend == sdpa_choice.CUDNN and d.us == pytest.approx({"stock": 100.0, "cudnn": 50.0})
+    assert float(d.notes["relative_difference"]) < 1e-5  # the two exact kernels agree to float32 rounding
+    # rounds of ROUND_S: 200 calls of 100 µs capped at 50 a round, 3 rounds, after one sizing call and one compare
+    assert clock.calls == {"stock": 2 + 3 * 50, "cudnn": 2 + 3 * 50}
+    near, _ = _decide(100.0, 96.0)  # 4% faster: inside the 5% margin, a near-tie stays on the stock kernel
+    assert near.backend == sdpa_choice.STOCK and near.us["cudnn"] == pytest.approx(96.0)
+    slower, _ = _decide(100.0, 180.0)
+    assert slower.backend == sdpa_choice.STOCK
+
+
+def test_a_kernel_whose_output_disagrees_is_never_kept_and_not_timed() -> None:
+    d, clock = _decide(100.0, 10.0, lambda q, k, v: _reference(q, k, v, scale=0.5))  # a wrong softmax scale
+    assert d.backend == sdpa_choice.STOCK and d.us == {} and "differs from the stock kernel's" in d.skipped["cudnn"]
+    assert clock.calls == {"stock": 1, "cudnn": 1}
+    nan, _ = _decide(100.0, 10.0, lambda q, k, v: torch.full_like(q, float("nan")))
+    assert nan.backend == sdpa_choice.STOCK and "nan" in nan.skipped["cudnn"]
+
+
+def test_rounds_are_sized_to_the_call() -> None:
+    clock = Clock()
+    fns = {"slow": clock.costing("slow", 30_000.0, lambda: torch.zeros(1)),  # 30 ms: one call a round
+           "fast": clock.costing("fast", 1_000.0, lambda: torch.zeros(1))}  # 1 ms: 20 a round
+    us = sdpa_choice.time_rounds(fns, clock=clock, sync=lambda: None)
+    assert us == pytest.approx({"slow": 30_000.0, "fast": 1_000.0})
+    assert clock.calls == {"slow": 1 + 3, "fast": 1 + 3 * 20}
+
+
+def test_relative_difference() -> None:
+    b = torch.tensor([3.0, 4.0], dtype=torch.bfloat16)
+    assert sdpa_choice.relative_difference(b, b) == 0.0
+    assert sdpa_choice.relative_difference(torch.tensor([3.0, 5.0], dtype=torch.bfloat16), b) == pytest.approx(0.2)
+    assert sdpa_choice.relative_difference(b, torch.zeros(2)) == float("inf")
+
+
+def test_the_key_names_what_the_choice_depends_on() -> None:
+    q, k, v = _qkv()
+    key = sdpa_choice.choice_key(q, k, v, None, (0, 1, 2, 3))
+    assert "q=[1, 2, 64, 16]:[2048, 1024, 16, 1]" in key and "float32" in key and "order=[0, 1, 2, 3]" in key
+    assert "cudnn=" in key and "scale=None" in key
+    # a layout with the heads interleaved (ComfyUI's reshape + transpose of [B, T, H * D]) is another key
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert sdpa_choice.choice_key(qt, k, v, None, (0, 1, 2, 3)) != key
+    assert sdpa_choice.choice_key(q, k, v, 0.3, (0, 1, 2, 3)) != key
+    assert sdpa_choice.choice_key(q, k, v, None, None) != key
+
+
+def test_calls_without_a_choice_run_the_stock_kernel() -> None:
+    q, k, v = _qkv()
+    chooser = sdpa_choice.SdpaChooser(None)
+    assert sdpa_choice.why_not(q, k, v) == "not 4-D CUDA tensors"
+    assert chooser(q, k, v) is None and chooser.chosen == 0 and chooser.measured == 0
+
+
+def test_choices_are_saved_with_their_version_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "attention.json"
+    cache = ChoiceCache(path, sdpa_choice.CACHE_VERSION)
+    cache.put("sdpa|a", Decision(backend="cudnn", us={"stock": 100.0, "cudnn": 55.0},
+                                 notes={"relative_difference": "2.1e-03"}))
+    cache.put("sdpa|b", Decision(backend="stock", skipped={"cudnn": "SDPA's cuDNN backend cannot run this call"}))
+    data = json.loads(path.read_text())
+    assert data["version"] == sdpa_choice.CACHE_VERSION
+    assert data["choices"]["sdpa|a"]["notes"] == {"relative_difference": "2.1e-03"}
+    assert "notes" not in data["choices"]["sdpa|b"]
+    again = ChoiceCache(path, sdpa_choice.CACHE_VERSION)
+    assert again.get("sdpa|a") == "cudnn" and again.get("sdpa|b") == "stock" and again.get("sdpa|c") is None
+    assert sdpa_choice.cache_path(torch.device("cpu"), tmp_path).name.startswith("attention-v1-cpu-")
