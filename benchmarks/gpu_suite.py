@@ -64,6 +64,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the sweep's SDXL / T5 / CLIP rows alone (a short call; Flux / Wan take the other ~60% of the sweep)
         # each sweep column's CUDA kernels, GPU time and runtime calls per call (where a column's time goes)
         "profile_layers": [[PY, "benchmarks/profile_layers.py", "--out", str(work / "profile")]],
+        # the long-K rows where the sweep's convrot column ran +113 µs over the plain layer (run 83) against
+        # bench_rotation's +57 µs for the whole rotating pass (run 55): which kernels, at what time
+        "profile_convrot": [[PY, "benchmarks/profile_layers.py", "--out", str(work / "profile_convrot"), "--shapes",
+                             "flux.mlp2,flux.linear2,wan14b.ffn2", "--m", "4096"]],
         # the Flux / Wan rows at 16,384 alone (the convrot column against the plain one)
         "sweep_16k": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                        "--sections", "sweep", "--sweep-models", "flux,wan14b", "--sweep-m", "16384"]],

@@ -29,7 +29,7 @@ def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, f
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / f"bench_comfyui_{family}.json").read_text())
     env, rows = report["env"], {r["variant"]: r for r in report["results"]}
-    rope = ["adapter int8 (stock RoPE)"] if family == "qwen_image" else []  # the fused q / k norm + RoPE off
+    rope = ["adapter int8 (fused RoPE)"] if family == "qwen_image" else []  # Qwen's fused q / k norm + RoPE on
     assert list(rows) == ["bf16", "bf16 + attention auto", "adapter int8", "adapter int8 (norms in torch)",
                           "adapter fp8", "adapter int8 + attention sdpa", "adapter int8 + attention comfyui", *rope,
                           "ComfyUI int8 (same file)"]
@@ -45,7 +45,7 @@ def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, f
     assert err["bf16 + attention auto"] == 0.0 and err["adapter int8 + attention comfyui"] == err["adapter int8"]
     assert err["adapter int8 + attention sdpa"] == err["adapter int8"]
     if rope:  # on the CPU both run the stock ops after the projections: the same numbers
-        assert err["adapter int8 (stock RoPE)"] == err["adapter int8"]
+        assert err["adapter int8 (fused RoPE)"] == err["adapter int8"]
     assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"
     assert (tmp_path / f"bench_comfyui_{family}.png").read_bytes()[:4] == b"\x89PNG"
     assert "SMOKE RUN" in (tmp_path / f"bench_comfyui_{family}.md").read_text()

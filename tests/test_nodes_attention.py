@@ -140,12 +140,17 @@ def test_default_attention_is_comfyuis_own_without_its_scope(comfy: Any, monkeyp
             ((q4, k4, v4, 4), {"skip_reshape": True, "skip_output_reshape": True}),
             ((q, k, v), {"heads": 4, "attn_precision": torch.float32}),
             ((q, k, v, 4), {"mask": mask}), ((q, k, v, 4), {"mask": mask.expand(2, 64, 64)}),
-            ((q4, k4, v4, 4), {"skip_reshape": True, "mask": mask > -1})]
+            ((q4, k4, v4, 4), {"skip_reshape": True, "mask": mask > -1}),
+            # Qwen-Image passes its (usually None) mask positionally: optimized_attention_masked(q, k, v, heads,
+            # attn_mask, skip_reshape=True); run 105 found these calls declined, so auto never reached them
+            ((q4, k4, v4, 4, None), {"skip_reshape": True}), ((q, k, v, 4, mask), {}),
+            ((q, k, v, 4, None, torch.float32, False, False), {})]
     for args, kw in lean:
         want = optimized_attention(*args, **kw)
         before = override.lean.calls
         got = optimized_attention(*args, **kw, transformer_options=opts)
         assert torch.equal(got, want) and override.lean.calls == before + 1, (args[3:], kw)
+    assert override.may_route(q4, k4, v4, 4, None, None, True) is False  # policy None: nothing routed
     before = override.lean.calls  # another attention function: ComfyUI's own runs
     assert torch.equal(attention_basic(q, k, v, 4, transformer_options=opts), attention_basic(q, k, v, 4))
     assert override.lean.calls == before

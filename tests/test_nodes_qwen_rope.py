@@ -36,7 +36,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[str, int]) -> None:
     model = _qwen()
-    _, plain, folded, _ = _adapted(model)
+    _, plain, folded, _ = _adapted(model, fuse_rope=True)  # off by default (slower, run 107)
     want = _run(model, plain)
     got = _run(model, folded)
     assert counted == {"parts": 4}  # two blocks, two streams each
@@ -50,7 +50,7 @@ def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[s
 
 def test_the_path_declines_an_attention_patch_and_a_patched_norm(comfy: Any, counted: dict[str, int]) -> None:
     model = _qwen()
-    _, plain, folded, _ = _adapted(model)
+    _, plain, folded, _ = _adapted(model, fuse_rope=True)  # off by default (slower, run 107)
     seen = []
 
     def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> dict:

@@ -90,6 +90,9 @@ def test_relative_difference() -> None:
     assert sdpa_choice.relative_difference(b, b) == 0.0
     assert sdpa_choice.relative_difference(torch.tensor([3.0, 5.0], dtype=torch.bfloat16), b) == pytest.approx(0.2)
     assert sdpa_choice.relative_difference(b, torch.zeros(2)) == float("inf")
+    g = torch.Generator().manual_seed(5)
+    x, y = (torch.randn(2, 3, 50, 8, generator=g, dtype=torch.float64) for _ in range(2))  # one head at a time
+    assert sdpa_choice.relative_difference(x, y) == pytest.approx(((x - y).norm() / y.norm()).item(), rel=1e-6)
 
 
 def test_the_key_names_what_the_choice_depends_on() -> None:

@@ -85,8 +85,8 @@ class QuantizedAttentionOverride:
         self.cudnn += scope.cudnn
         return out
 
-    def may_route(self, q: Any = None, k: Any = None, v: Any = None, heads: int = 1, *args: Any,
-                  mask: Any = None, skip_reshape: bool = False, **kwargs: Any) -> bool:
+    def may_route(self, q: Any = None, k: Any = None, v: Any = None, heads: int = 1, mask: Any = None,
+                  attn_precision: Any = None, skip_reshape: bool = False, *args: Any, **kwargs: Any) -> bool:
         """Whether ComfyUI's attention call ``(q, k, v, heads, mask=..., skip_reshape=...)`` can reach a kernel of
         the policy: CUDA tensors, no mask, and enough keys for cuDNN first or, at a routed head size, for the int8
         kernel (``[B, H, T, D]`` when ``skip_reshape``, else ``[B, T, H * D]``). The scope decides on the SDPA

@@ -37,15 +37,17 @@ def block_replacements(patcher: Any) -> dict:
 
 
 def fold_dit_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool],
-                    install: Callable[[str, Any], None], taken: Callable[[str], bool], fuse_rope: bool = True) -> list[str]:
+                    install: Callable[[str, Any], None], taken: Callable[[str], bool],
+                    fuse_rope: bool | None = None) -> list[str]:
     """Install the folded block forwards on ``patcher`` for the diffusion model ``dm`` (nothing for a family this
     does not know), leaving blocks another node replaced already; ``install(path, obj)`` / ``taken(path)`` set
     and test a block's ``forward`` below ``dm`` (the adapter's object patches, the loader's own model). Returns
-    what was folded, a line per block. ``fuse_rope``: the Flux-family and Qwen-Image blocks' q / k norms and RoPE
-    in one kernel (``nodes.flux_rope``, ``nodes.qwen_rope``)."""
+    what was folded, a line per block. ``fuse_rope``: the Flux-family (not False) and Qwen-Image (True) blocks'
+    q / k norms and RoPE in one kernel (``nodes.flux_rope``, ``nodes.qwen_rope``; ``RuntimeOptions.fuse_rope``)."""
     replaced = set(block_replacements(patcher))
-    return (fold_flux_blocks(patcher, dm, converted, replaced, fuse_rope) + fold_sd3_blocks(patcher, dm, converted, replaced)
-            + fold_block_forwards(dm, converted, install, taken, fuse_rope))
+    return (fold_flux_blocks(patcher, dm, converted, replaced, fuse_rope is not False)
+            + fold_sd3_blocks(patcher, dm, converted, replaced)
+            + fold_block_forwards(dm, converted, install, taken, fuse_rope is True))
 
 
 def fold_block_forwards(dm: nn.Module, converted: Callable[[str], bool], install: Callable[[str, Any], None],

@@ -150,10 +150,11 @@ class LeanSdpa:
             settle_priority(comfy.order)
 
     def __call__(self, func: Callable[..., Any], q: Any = None, k: Any = None, v: Any = None, heads: int = 1,
-                 *args: Any, mask: Any = None, skip_reshape: bool = False, skip_output_reshape: bool = False,
-                 **kwargs: Any) -> torch.Tensor | None:
-        """ComfyUI's ``func(q, k, v, heads, mask=..., ...)`` output, or None where this declines (the caller then
-        runs ``func``)."""
+                 mask: Any = None, attn_precision: Any = None, skip_reshape: bool = False,
+                 skip_output_reshape: bool = False, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """ComfyUI's ``func(q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape, **kwargs)``
+        output, each argument positional or named as ComfyUI's callers pass them (Qwen-Image passes its mask
+        positionally), or None where this declines (the caller then runs ``func``)."""
         c = self.comfy
         if (func is not c.function or args or kwargs.get("enable_gqa", False)
                 or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor)
