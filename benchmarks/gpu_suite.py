@@ -223,10 +223,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "comfyui": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *s]],
         # the same, 3 rounds of all variants pooled (a noisy host's slow phases spread over every variant)
         # the node's cuda_graphs option in ComfyUI's Flux class (every variant through apply_model), 2 rounds
-        "comfyui_graphs": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache, *(s or [
+        "comfyui_graphs": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui_graphs"), *cache, *(s or [
             "--graphs", "--rounds", "2", "--iters", "5", "--warmup", "3", "--only",
-            "bf16 + attention cudnn,bf16 + cuda graphs,adapter int8 + attention cudnn,"
-            "adapter int8 + attention cudnn + cuda graphs"])]],
+            "bf16 + cuda graphs,adapter int8,adapter int8 + cuda graphs,adapter int8 + attention cudnn + cuda graphs"
+        ])]],
         "comfyui_rounds": [[PY, "benchmarks/bench_comfyui_flux.py", "--out", str(work / "comfyui"), *cache,
                             *(s or ["--rounds", "3", "--iters", "4", "--warmup", "2"])]],
         # eager 512² (host-bound) in ComfyUI's Flux class, 3 pooled rounds of the variants that decide its target
