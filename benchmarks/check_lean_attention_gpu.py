@@ -83,12 +83,18 @@ def sdpa_choices(order: list[int] | None, q: torch.Tensor, k: torch.Tensor, v: t
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_and_import(argv: list[str] | None, doc: str) -> argparse.Namespace:
+    """``--out`` and ``--comfyui-cache`` parsed, ComfyUI imported for a CUDA run (the attention checks' start)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--comfyui-cache", default=None)
     a = p.parse_args(argv)
     _import_comfy(a.comfyui_cache, "cuda", False)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_and_import(argv, __doc__)
     from comfy.ldm.modules.attention import attention_pytorch
 
     from comfyquant.nodes.attention import OVERRIDE_KEY, QuantizedAttentionOverride

@@ -21,7 +21,6 @@ Writes ``--out``/check_sdpa_choice.json and prints a line per shape.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_comfyui_flux import _import_comfy
-from check_lean_attention_gpu import host_us
+from check_lean_attention_gpu import host_us, parse_and_import
 
 # (name, q shape, k shape, heads, call kwargs); [B, T, H * D] unless skip_reshape ([B, H, T, D]); bf16
 SHAPES = [
@@ -53,11 +51,7 @@ def heads_view(t: torch.Tensor, heads: int, skip: bool) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--comfyui-cache", default=None)
-    a = p.parse_args(argv)
-    _import_comfy(a.comfyui_cache, "cuda", False)
+    a = parse_and_import(argv, __doc__)
     from comfy.ldm.modules.attention import attention_pytorch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

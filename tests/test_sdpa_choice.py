@@ -76,6 +76,16 @@ def test_a_kernel_whose_output_disagrees_is_never_kept_and_not_timed() -> None:
     assert nan.backend == sdpa_choice.STOCK and "nan" in nan.skipped["cudnn"]
 
 
+def test_a_kernel_that_raises_leaves_the_stock_one_with_the_reason() -> None:
+    def broken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("cuDNN Frontend error: no valid execution plan")
+
+    d, clock = _decide(100.0, 10.0, broken)
+    assert d.backend == sdpa_choice.STOCK and d.us == {}
+    assert d.skipped["cudnn"] == "cuDNN's kernel raised RuntimeError: cuDNN Frontend error: no valid execution plan"
+    assert clock.calls == {"stock": 1, "cudnn": 1}
+
+
 def test_rounds_are_sized_to_the_call() -> None:
     clock = Clock()
     fns = {"slow": clock.costing("slow", 30_000.0, lambda: torch.zeros(1)),  # 30 ms: one call a round
@@ -127,3 +137,14 @@ def test_choices_are_saved_with_their_version_and_read_back(tmp_path: Path) -> N
     again = ChoiceCache(path, sdpa_choice.CACHE_VERSION)
     assert again.get("sdpa|a") == "cudnn" and again.get("sdpa|b") == "stock" and again.get("sdpa|c") is None
     assert sdpa_choice.cache_path(torch.device("cpu"), tmp_path).name.startswith("attention-v1-cpu-")
+
+
+def test_each_measured_shape_is_logged_and_a_kernel_error_warns(caplog: pytest.LogCaptureFixture) -> None:
+    q, k, _ = _qkv()
+    caplog.set_level("INFO", logger="comfyquant.runtime")
+    sdpa_choice._log(Decision(backend="cudnn", us={"stock": 781.4, "cudnn": 399.0}), q, k)
+    sdpa_choice._log(Decision(backend="stock", skipped={"cudnn": "cuDNN's kernel raised RuntimeError: x"}), q, k)
+    (chosen, failed) = caplog.records
+    assert chosen.levelname == "INFO"
+    assert chosen.getMessage() == "comfyquant: attention [1, 2] x 64 keys x 16: cudnn (stock 781 µs; cudnn 399 µs)"
+    assert failed.levelname == "WARNING" and "raised RuntimeError" in failed.getMessage()

@@ -99,9 +99,13 @@ def decide(stock: Callable[[], torch.Tensor], cudnn: Callable[[], torch.Tensor],
            clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = torch.cuda.synchronize,
            margin: float = MARGIN, agree: float = AGREE) -> Decision:
     """Compare the two kernels on one call: cuDNN where its output agrees with the stock kernel's within ``agree``
-    and it is faster by ``margin``, else the stock kernel; the decision records both times and the agreement."""
+    and it is faster by ``margin``, else the stock kernel; the decision records both times and the agreement. A
+    cuDNN call that raises (a cuDNN build that cannot run the shape after all) leaves the stock kernel, with why."""
     want = stock()
-    got = cudnn()
+    try:
+        got = cudnn()
+    except RuntimeError as e:
+        return Decision(backend=STOCK, skipped={CUDNN: f"cuDNN's kernel raised {type(e).__name__}: {e}"[:300]})
     rel = relative_difference(got, want)
     del want, got
     d = Decision(backend=STOCK, notes={"relative_difference": f"{rel:.3e}"})
@@ -131,7 +135,8 @@ def cache_path(device: torch.device, root: Path | None = None) -> Path:
 
 def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why a call cannot have a choice (None: it can): 4-D CUDA fp16 / bf16 tensors of one dtype, at least
-    :data:`MIN_KEYS` keys, inference (no autograd), eager (not traced), a torch with cuDNN attention."""
+    :data:`MIN_KEYS` keys, cuDNN attention enabled in SDPA's flags, inference (no autograd), eager (not traced), a
+    torch with cuDNN attention."""
     if _CUDNN_OP is None:
         return "this torch has no cuDNN attention"
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_cuda for t in (q, k, v)):
@@ -140,6 +145,8 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return "not fp16 / bf16"
     if k.shape[2] < MIN_KEYS:
         return f"fewer than {MIN_KEYS} keys"
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return "cuDNN attention is disabled (torch.backends.cuda.enable_cudnn_sdp)"
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return "autograd or tracing"
     return None
@@ -194,11 +201,20 @@ class SdpaChooser:
             stock = stock_attention(self.order)
             decision = decide(lambda: stock(q, k, v, scale), lambda: cudnn_attention(q, k, v, scale))
             self.measured += 1
+            _log(decision, q, k)
         try:
             cache.put(key, decision)
         except OSError as e:  # a read-only cache folder: the choice holds for this process, measured again next time
             logger.warning("comfyquant: attention choice not saved to %s (%s); kept for this process", cache.path, e)
         return decision.backend == CUDNN
+
+
+def _log(decision: Decision, q: torch.Tensor, k: torch.Tensor) -> None:
+    """One line per measured shape (a cuDNN error as a warning): what ran and why."""
+    why = [f"{n} {us:.0f} µs" for n, us in decision.us.items()] + list(decision.skipped.values())
+    failed = "raised" in decision.skipped.get(CUDNN, "")
+    logger.log(logging.WARNING if failed else logging.INFO, "comfyquant: attention %s x %d keys x %d: %s (%s)",
+               list(q.shape[:2]), k.shape[2], q.shape[-1], decision.backend, "; ".join(why))
 
 
 _CACHES: dict[Path, ChoiceCache] = {}
