@@ -10,9 +10,11 @@ and ComfyUI's take the host time, by self time). Writes ``--out``/profile_comfyu
 ``--smoke``: the tiny UNet on the CPU. ``--family flux``: ComfyUI's Flux class instead (6 double + 12 single
 blocks of Flux.1-dev's widths at 1024², bf16 against the adapter's int8 with its defaults): where the step time
 goes besides the GEMMs (RoPE, the q / k norms, the joins of the two streams), which the bench's own Flux class
-leaves out. Writes ``profile_comfyui_flux.txt`` / ``.json`` then.
+leaves out. Writes ``profile_comfyui_flux.txt`` / ``.json`` then. ``--family qwen_image``: ComfyUI's Qwen-Image
+class (8 blocks at 1024², as ``bench_comfyui_dit.py``), the adapter's int8 defaults (stock q / k norms and RoPE)
+against its fused attention (``fuse_rope=True``), which run 107 timed slower than the stock ops.
 
-    python benchmarks/profile_comfyui_sdxl.py --out prof_sdxl [--smoke] [--family flux]
+    python benchmarks/profile_comfyui_sdxl.py --out prof_sdxl [--smoke] [--family flux|qwen_image]
 """
 
 from __future__ import annotations
@@ -177,13 +179,39 @@ def _flux(a: argparse.Namespace, device: str, dtype: torch.dtype, src: Path) -> 
     return base, inputs, [("adapter int8", AdapterSettings(format="int8", model_type="flux"))]
 
 
+def _qwen(a: argparse.Namespace, device: str, dtype: torch.dtype, src: Path) -> tuple[Any, dict, list]:
+    """(bf16 patcher, inputs, [(variant, settings)]) of ComfyUI's Qwen-Image class: the int8 defaults against the
+    fused attention."""
+    import comfy.sd
+    from bench_comfyui_dit import FAMILIES, family_config, family_inputs, family_state_dict
+    from bench_comfyui_dit import _smoke_patcher as dit_smoke_patcher
+    from safetensors.torch import save_file
+
+    from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
+
+    fam = FAMILIES["qwen_image"]
+    config = family_config(fam, 2 if a.smoke else 8, a.smoke)
+    sd = family_state_dict(fam, config)
+    if a.smoke:
+        base = dit_smoke_patcher(fam, config, {k: v.float() for k, v in sd.items()})
+    else:
+        save_file(sd, str(src))
+        base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
+    variants = [(name, AdapterSettings(format="int8", model_type=fam.preset, runtime=RuntimeOptions(fuse_rope=rope)))
+                for name, rope in (("adapter int8", None), ("adapter int8 (fused RoPE)", True))]
+    return base, family_inputs(fam, a.smoke, 64 if a.smoke else 1024, device, dtype), variants
+
+
+FAMILY_MODELS = {"sdxl": _sdxl, "flux": _flux, "qwen_image": _qwen}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--work", default=None)
     p.add_argument("--comfyui-cache", default=None)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--family", choices=("sdxl", "flux"), default="sdxl")
+    p.add_argument("--family", choices=tuple(FAMILY_MODELS), default="sdxl")
     p.add_argument("--steps", type=int, default=2)
     a = p.parse_args(argv)
     device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
@@ -191,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     _import_comfy(a.comfyui_cache, device, False)
     from comfyquant.nodes.adapter import adapt_model
 
-    stem = "profile_comfyui_sdxl" if a.family == "sdxl" else "profile_comfyui_flux"
+    stem = f"profile_comfyui_{a.family}"
     out_dir, src, _ = work_files(a, f"{a.family}_model")
-    base, inputs, variants = (_sdxl if a.family == "sdxl" else _flux)(a, device, dtype, src)
+    base, inputs, variants = FAMILY_MODELS[a.family](a, device, dtype, src)
     results = [profile("bf16", base, inputs, device, a.steps)]
     for name, settings in variants:
         _free(device)
