@@ -4,7 +4,10 @@ unrolled per loop iteration) against the row kernel, today's pick ("auto") and t
 GPU time of CUDA-graph replays with the inputs cycled past L2. Every configuration's codes and scales are
 compared with the default configuration's before it is timed. ``--split``: the split form on rows too few for
 the tile kernel; ``--held``: the one-read kernel (programs hold their chunk rotated in registers and share their
-rows' absmax parts) in its configurations, M 64 .. 16,384, its codes compared with the tile kernel's.
+rows' absmax parts) in its configurations, M 64 .. 16,384, its codes compared with the tile kernel's; ``--back``:
+the tile kernel's default configuration with its codes pass walking each row from the end (``BACK``: its first
+re-reads are the lines the absmax pass read last, which may still be in L2) against the same forward, M 4,096 /
+16,384 (run 106: the rotating pass at 12,288-15,360 columns costs 2x the unrotated one, its re-read from HBM).
 
     python benchmarks/bench_rotation.py --out results/      # a CUDA GPU
     python benchmarks/bench_rotation.py --out results/ --held
@@ -29,13 +32,15 @@ ROWS, WARPS, STAGES, UNROLL = (16, 32, 64), (4, 8), (1, 2, 3), (1, 2, 4)
 L2_PAST = 160 << 20  # bytes of input cycled per timing: past the H200's 50 MB L2
 
 
-def run_tiles(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, cfg: tuple[int, int, int, int]) -> None:
-    """One launch of the rotating tile kernel with ``cfg`` = (rows, warps, stages, unroll)."""
+def run_tiles(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, cfg: tuple[int, int, int, int],
+              back: bool = False) -> None:
+    """One launch of the rotating tile kernel with ``cfg`` = (rows, warps, stages, unroll) (``back``: its codes
+    pass from the row's end)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
     rows, warps, stages, unroll = cfg
     grid, args, key, w = tq.tile_launch(x, q, s, group, tq.MODE_INT8, 127.0, 0, 0, rows=rows, warps=warps,
-                                        unroll=unroll)
+                                        unroll=unroll, back=back)
     tq._ACT_TILES(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
 
 
@@ -205,6 +210,39 @@ def tile_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
     return out, mismatches
 
 
+BACK_M = (4096, 16384)
+
+
+def back_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
+    """The tile kernel's default configuration forward and with ``back`` (codes compared with the forward's),
+    against the unrotated block kernel, GPU time."""
+    from comfyquant.bench.layers import graph_time_us
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    out, mismatches = [], {}
+    for k in ks:
+        for m in ms:
+            pairs = _pairs(m, k, 0)
+            cfg = tq.rot_tile_config(m, torch.cuda.get_device_properties(0).multi_processor_count)
+            want_q, want_s = torch.empty_like(pairs[0][1]), torch.empty_like(pairs[0][2])
+            run_tiles(pairs[0][0], want_q, want_s, g, cfg)
+            q, s = torch.empty_like(want_q), torch.empty_like(want_s)
+            run_tiles(pairs[0][0], q, s, g, cfg, back=True)
+            off = int((q != want_q).sum()) + int((s != want_s).sum())
+            if off:
+                mismatches[f"{m}x{k} back"] = off
+            us = {"plain_blocks": _baselines(pairs, g)["plain_blocks"]}
+            for name, back in (("forward", False), ("back", True)):
+                us[name] = graph_time_us(lambda x, q, s, back=back, cfg=cfg: run_tiles(x, q, s, g, cfg, back), pairs)
+            out.append({"m": m, "k": k, "group": g, "config": str(cfg), "us": us})
+            print(f"M={m:5} K={k:5} {cfg}: plain {us['plain_blocks']:7.1f} forward {us['forward']:7.1f} back "
+                  f"{us['back']:7.1f} us = {us['forward'] / us['back']:.2f}x faster, {us['back'] / us['plain_blocks']:.2f}x "
+                  f"plain", flush=True)
+            del pairs
+            torch.cuda.empty_cache()
+    return out, mismatches
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -213,11 +251,15 @@ def main() -> int:
     p.add_argument("--group", type=int, default=256)
     p.add_argument("--split", action="store_true", help="the split form at M = 64 .. 2048 instead (one call)")
     p.add_argument("--held", action="store_true", help="the one-read kernel at M = 64 .. 16,384 instead")
+    p.add_argument("--back", action="store_true", help="the codes pass from the row's end against forward")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ks = [int(v) for v in a.k.split(",")]
-    if a.held:
+    if a.back:
+        rows, bad = back_rows([int(v) for v in a.m.split(",")] if a.m != p.get_default("m") else list(BACK_M), ks,
+                              a.group)
+    elif a.held:
         rows, bad = held_rows(list(HELD_M), ks if a.k != p.get_default("k") else list(HELD_K))
     elif a.split:
         rows, bad = split_rows(list(SPLIT_M), ks, a.group)
@@ -226,12 +268,13 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "mismatches": bad,
            "rows": rows}
-    name = "rotation_held.json" if a.held else "rotation_split.json" if a.split else "rotation_tiles.json"
+    name = ("rotation_back.json" if a.back else "rotation_held.json" if a.held else "rotation_split.json" if a.split
+            else "rotation_tiles.json")
     (a.out / name).write_text(json.dumps(res, indent=1))
     what = "configurations whose codes differ from the default's" if not (a.split or a.held) else \
         "configurations whose codes differ from the tile kernel's"
     print(f"done in {res['seconds']} s; {what}: {len(bad)}", flush=True)
-    return 1 if bad and (a.split or a.held) else 0
+    return 1 if bad and (a.split or a.held or a.back) else 0
 
 
 if __name__ == "__main__":

@@ -166,6 +166,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "rotation_tiles": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_tiles")]],
         # its split form (two launches over column chunks) where rows are too few for it, against the row kernel
         "rotation_split": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_split"), "--split"]],
+        # the tile kernel's codes pass from the row's end against forward (its re-read from L2, not HBM?)
+        "rotation_back": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_back"), "--back"]],
         # the one-read rotating kernel (its chunk held in registers, row blocks synchronized) in its configurations
         # against the tile kernel, the row kernel, "auto" and the unrotated pass, M 64 .. 16,384 (GPU time)
         "rotation_held": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_held"), "--held"]],

@@ -285,7 +285,8 @@ def _tile_amax(x_tile, rmask, cols, h, K, k_lo, k_end, STEP: tl.constexpr, UNROL
 @triton.jit
 def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax,
                      C: tl.constexpr, STEP: tl.constexpr, BM: tl.constexpr, ROT: tl.constexpr, MODE: tl.constexpr,
-                     PERM: tl.constexpr, ACT: tl.constexpr, UNROLL: tl.constexpr, KC, P, SPLIT: tl.constexpr):
+                     PERM: tl.constexpr, ACT: tl.constexpr, UNROLL: tl.constexpr, KC, P, SPLIT: tl.constexpr,
+                     BACK: tl.constexpr):
     """``BM`` rows per program, ``STEP`` columns at a time (ROT 0: no rotation, STEP = C; 1: a group of ``C``
     times its Hadamard, STEP = C; 2: a group of ``STEP = 4C`` as :func:`_quarters`), ``UNROLL`` steps per loop
     iteration (their loads in flight together: short programs are latency-bound): per-row int8/fp8 in two
@@ -296,7 +297,11 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
     ``[p KC, (p + 1) KC)``, in two launches: SPLIT 1 writes its part of the rows' absmax to ``s[M + p M + r]``
     (the scales' buffer holds ``(1 + P) M`` floats), SPLIT 2 takes the maximum of the ``P`` parts, scales and
     quantizes its columns (program 0 stores the scales). The codes do not depend on ``UNROLL`` or the split:
-    each step's arithmetic is the same and a maximum is order-free."""
+    each step's arithmetic is the same and a maximum is order-free.
+
+    ``BACK``: the codes pass walks its columns from the end (an experiment, ``bench_rotation.py --back``): its first
+    re-reads are the lines the absmax pass read last, which may still be in L2 where the resident programs' rows
+    overflow it (run 106: 16 x 12,288-column programs, ~100 MB resident against a 50 MB L2). Same codes."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.arange(0, C)
@@ -323,19 +328,32 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
                 amax = _tile_amax(x_tile, rmask, cols, h, K, k_lo, k_end, STEP, UNROLL, C, BM, ROT, ACT)
             scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
             tl.store(s_ptr + rows, scale, mask=rmask & (p == 0))
-        for c00 in range(k_lo, k_end, STEP * UNROLL):
-            for u in tl.static_range(UNROLL):
-                c0 = c00 + u * STEP
-                cmask = c0 + cols < K
-                if ROT == 2:
-                    y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
-                    _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cmask, MODE, PERM)
-                    _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cmask, MODE, PERM)
-                    _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cmask, MODE, PERM)
-                    _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cmask, MODE, PERM)
-                else:
-                    _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT), scale, qmax, rmask,
-                         cmask, MODE, PERM)
+        if BACK:
+            n_it = tl.cdiv(k_end - k_lo, STEP * UNROLL)
+            for i in range(n_it):
+                _codes_step(x_tile, o_rows, k_lo + (n_it - 1 - i) * (STEP * UNROLL), cols, rmask, h, K, scale, qmax,
+                            C, STEP, ROT, MODE, PERM, ACT, UNROLL)
+        else:
+            for c00 in range(k_lo, k_end, STEP * UNROLL):
+                _codes_step(x_tile, o_rows, c00, cols, rmask, h, K, scale, qmax, C, STEP, ROT, MODE, PERM, ACT, UNROLL)
+
+
+@triton.jit
+def _codes_step(x_tile, o_rows, c00, cols, rmask, h, K, scale, qmax, C: tl.constexpr, STEP: tl.constexpr,
+                ROT: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr, UNROLL: tl.constexpr):
+    """The tile kernel's codes (or rotated values) for ``UNROLL`` steps of ``STEP`` columns from ``c00``."""
+    for u in tl.static_range(UNROLL):
+        c0 = c00 + u * STEP
+        cmask = c0 + cols < K
+        if ROT == 2:
+            y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
+            _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cmask, MODE, PERM)
+            _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cmask, MODE, PERM)
+            _put(o_rows, c0 + 2 * C + cols, y2, scale, qmax, rmask, cmask, MODE, PERM)
+            _put(o_rows, c0 + 3 * C + cols, y3, scale, qmax, rmask, cmask, MODE, PERM)
+        else:
+            _put(o_rows, c0 + cols, _tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT), scale, qmax, rmask,
+                 cmask, MODE, PERM)
 
 
 @triton.jit

@@ -287,12 +287,13 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
 
 def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group: int | None, mode: int,
                 qmax: float, perm: int, act: int, rows: int | None = None, warps: int = 4,
-                unroll: int = 1, chunks: int = 1, phase: int = 0) -> tuple:
+                unroll: int = 1, chunks: int = 1, phase: int = 0, back: bool = False) -> tuple:
     """(grid, args, key, num_warps) of the tile kernel (see :func:`tiles_apply`): with a group, ``rows`` rows
     per program (16 or more, a power of two; None: :func:`dot_rows`) and the group's Hadamard (groups 16 and 64)
     or the 64-group's applied to each quarter (group 256) as the product's operand; without, ``TILE_ELEMS`` per
     tile; ``unroll`` steps per loop iteration; ``phase`` 1 / 2 (``chunks`` > 1): one launch of the split form,
-    ``chunks`` column chunks of whole unrolled steps (the scales' buffer holds ``(1 + chunks) M`` floats)."""
+    ``chunks`` column chunks of whole unrolled steps (the scales' buffer holds ``(1 + chunks) M`` floats);
+    ``back``: the codes pass from the row's end (the kernel's ``BACK``, an experiment: same codes)."""
     m, k = x2d.shape[0], out_width(x2d, act)
     if group is None:
         c, h, rot = _tile_width(k), scale, 0  # h: never read
@@ -310,9 +311,9 @@ def tile_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, group
             raise ValueError(f"{chunks} chunks of whole {step * unroll}-column steps do not cover K = {k}")
     grid = (cdiv(m, bm), parts) if phase else (cdiv(m, bm),)
     return (grid, (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, c, step, bm, rot, mode, perm, act,
-                   unroll, kc, parts, phase),
+                   unroll, kc, parts, phase, back),
             (c, bm, rot, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
-             x2d.data_ptr() % 16 == 0, unroll, kc % 16 == 0, parts == 1, parts % 16 == 0, phase), warps)
+             x2d.data_ptr() % 16 == 0, unroll, kc % 16 == 0, parts == 1, parts % 16 == 0, phase, back), warps)
 
 
 def sync_phases(device: torch.device) -> tuple[int, ...]:
