@@ -1,8 +1,8 @@
 """Exact attention on the faster of two kernels, chosen per call shape by timing both once per GPU.
 
-ComfyUI 0.30 orders SDPA's backends FlashAttention-2 first. On Hopper cuDNN's fused attention ran Flux 1024²'s
-and Wan 480p's calls 1.7-2x faster (docs/PERFORMANCE.md runs 16-17, 24-26, 101); others measured it slower on short
-head-64 calls (an H100 sweep in sglang's PR 30090). Both are exact attention: their outputs differ by rounding
+ComfyUI 0.30 orders SDPA's backends FlashAttention-2 first. On Hopper cuDNN's fused attention ran every diffusion
+call shape timed faster: 1.47-1.96x on an H100 (Flux, SDXL, SD3.5, Qwen-Image, Wan; docs/PERFORMANCE.md run 103);
+others measured it slower on short head-64 calls (an H100 sweep in sglang's PR 30090). Both are exact attention: their outputs differ by rounding
 (0.23% against float32 either way, GPU check ``attention_cudnn_first``). So :class:`SdpaChooser` times the stock
 kernel (SDPA under the caller's backend order: what ComfyUI runs) and cuDNN's on the first call of each shape,
 checks that the two outputs agree, and keeps cuDNN only where it is faster by :data:`MARGIN`. Choices are kept in
@@ -59,9 +59,9 @@ def stock_attention(order: Sequence[int] | None) -> Callable[..., torch.Tensor]:
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` accumulated in float32 at least (inf where ``b`` is all zeros and ``a`` is not, NaN passes); the
-    difference is taken one slice of dim 1 (a head of ``[B, H, T, D]``) at a time, so its temporary is a head's
-    size, not the output's (Wan 480p: 8 MiB, not 335)."""
+    """``||a - b|| / ||b||`` accumulated in float32 at least (inf where ``b`` is all zeros and ``a`` is not; NaN
+    passes through), the difference taken one slice of dim 1 (a head of ``[B, H, T, D]``) at a time, so its
+    temporary is a head's size, not the output's (Wan 480p: 8 MiB, not 335)."""
     num = den = 0.0
     acc = torch.promote_types(b.dtype, torch.float32)
     for i in range(a.shape[1] if a.dim() > 1 else 1):
