@@ -51,10 +51,11 @@ def fold_dit_blocks(patcher: Any, dm: nn.Module, converted: Callable[[str], bool
 
 
 def fold_block_forwards(dm: nn.Module, converted: Callable[[str], bool], install: Callable[[str, Any], None],
-                        taken: Callable[[str], bool], fuse_rope: bool = True) -> list[str]:
+                        taken: Callable[[str], bool], fuse_rope: bool = False) -> list[str]:
     """Install the :data:`BLOCK_FORWARDS` forward of every such block of ``dm`` whose norm-fed layers
     ``converted(path)`` says were quantized, except where ``taken(path)`` says another patch set it; returns what
-    was folded (``"blocks.0: norm1, norm2"``)."""
+    was folded (``"blocks.0: norm1, norm2"``). ``fuse_rope``: Qwen-Image's fused attention (slower than its stock
+    ops in run 107, so off unless asked)."""
     done = []
     for path, block in dm.named_modules():
         entry = BLOCK_FORWARDS.get((type(block).__module__, type(block).__name__))
