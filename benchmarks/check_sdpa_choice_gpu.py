@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from comfyquant.nodes.attention import OVERRIDE_KEY, QuantizedAttentionOverride
     from comfyquant.nodes.lean_attention import ComfyAttention
     from comfyquant.runtime import sdpa_choice
+    from comfyquant.runtime.kernels.measured import open_cache
 
     dev = torch.device("cuda")
     cache_file = sdpa_choice.cache_path(dev)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             outs[name] = got
             skip = bool(kw.get("skip_reshape"))
             q4, k4, v4 = (heads_view(t, heads, skip) for t in (q, k, v))
-            entry = sdpa_choice._cache(cache_file).entries.get(sdpa_choice.choice_key(q4, k4, v4, None, chooser.order))
+            entry = open_cache(cache_file, sdpa_choice.CACHE_VERSION).entries.get(
+                sdpa_choice.choice_key(q4, k4, v4, None, chooser.order))
             chose = None if entry is None else entry["backend"]
             rel = sdpa_choice.relative_difference(got, want)
             row = {"shape": name, "keys": int(k4.shape[2]), "head_dim": int(q4.shape[-1]), "choice": chose,

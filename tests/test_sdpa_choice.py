@@ -137,6 +137,15 @@ def test_choices_are_saved_with_their_version_and_read_back(tmp_path: Path) -> N
     again = ChoiceCache(path, sdpa_choice.CACHE_VERSION)
     assert again.get("sdpa|a") == "cudnn" and again.get("sdpa|b") == "stock" and again.get("sdpa|c") is None
     assert sdpa_choice.cache_path(torch.device("cpu"), tmp_path).name.startswith("attention-v1-cpu-")
+    # one reader / writer per file in a process, shared with measured dispatch's; forget() drops the attention ones
+    from comfyquant.runtime.kernels.measured import open_cache
+
+    mine = sdpa_choice.cache_path(torch.device("cpu"), tmp_path)
+    opened = open_cache(mine, sdpa_choice.CACHE_VERSION)
+    other = open_cache(tmp_path / "measured-v2-cpu.json")
+    assert open_cache(mine, sdpa_choice.CACHE_VERSION) is opened
+    sdpa_choice.forget()
+    assert open_cache(mine, sdpa_choice.CACHE_VERSION) is not opened and open_cache(tmp_path / "measured-v2-cpu.json") is other
 
 
 def test_each_measured_shape_is_logged_and_a_kernel_error_warns(caplog: pytest.LogCaptureFixture) -> None:

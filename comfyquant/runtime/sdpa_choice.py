@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from comfyquant.runtime.attention import ORDER_SUPPORTED
 from comfyquant.runtime.kernels.backends import device_cache_file
-from comfyquant.runtime.kernels.measured import ChoiceCache, Decision
+from comfyquant.runtime.kernels.measured import Decision, drop_caches, open_cache
 
 MIN_KEYS = 1024  # shorter calls: a few µs of GPU work, where timing could only pick by noise
 MARGIN = 0.05  # cuDNN is kept where it takes at most 95% of the stock kernel's time (near-ties stay stock)
@@ -32,6 +32,7 @@ AGREE = 0.01  # relative L2 difference of the two outputs above which cuDNN's is
 ROUND_S = 0.02  # seconds of calls per timed round (at least one call)
 ROUNDS = 3
 CACHE_VERSION = 1
+CACHE_STEM = "attention"  # the choice file's name: attention-v<version>-<gpu>-<torch>-<triton>.json
 STOCK, CUDNN = "stock", "cudnn"
 logger = logging.getLogger("comfyquant.runtime")
 # the op SDPA's cuDNN backend calls (torch 2.5+); calling it directly skips SDPA's selection and any backend scope
@@ -130,7 +131,7 @@ def choice_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
 
 def cache_path(device: torch.device, root: Path | None = None) -> Path:
     """Where ``device``'s attention choices are kept."""
-    return device_cache_file("attention", CACHE_VERSION, device, root)
+    return device_cache_file(CACHE_STEM, CACHE_VERSION, device, root)
 
 
 def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -187,7 +188,7 @@ class SdpaChooser:
 
     def _choose(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> bool | None:
         """The cached or measured choice (True: cuDNN); None while a CUDA graph is being captured (no timing)."""
-        cache = _cache(cache_path(q.device, self.root))
+        cache = open_cache(cache_path(q.device, self.root), CACHE_VERSION)
         key = choice_key(q, k, v, scale, self.order)
         known = cache.get(key)
         if known is not None:
@@ -217,17 +218,7 @@ def _log(decision: Decision, q: torch.Tensor, k: torch.Tensor) -> None:
                list(q.shape[:2]), k.shape[2], q.shape[-1], decision.backend, "; ".join(why))
 
 
-_CACHES: dict[Path, ChoiceCache] = {}
-
-
-def _cache(path: Path) -> ChoiceCache:
-    c = _CACHES.get(path)
-    if c is None:
-        c = _CACHES[path] = ChoiceCache(path, CACHE_VERSION)
-    return c
-
-
 def forget() -> None:
     """Drop this process's memo of choices and open cache files (tests; a cache file deleted to re-measure)."""
     _MEMO.clear()
-    _CACHES.clear()
+    drop_caches(CACHE_STEM + "-")

@@ -79,12 +79,22 @@ class ChoiceCache:
 _CACHES: dict[Path, ChoiceCache] = {}  # one reader/writer per file in this process
 
 
-def _cache(device: torch.device, root: Path | None) -> ChoiceCache:
-    path = cache_path(device, root)
+def open_cache(path: Path, version: int = CACHE_VERSION) -> ChoiceCache:
+    """This process's reader / writer of the choice file ``path`` (opened once; ``version`` written into it)."""
     c = _CACHES.get(path)
     if c is None:
-        c = _CACHES[path] = ChoiceCache(path)
+        c = _CACHES[path] = ChoiceCache(path, version)
     return c
+
+
+def drop_caches(prefix: str) -> None:
+    """Forget the open choice files whose name starts with ``prefix`` (read again on next use)."""
+    for path in [p for p in _CACHES if p.name.startswith(prefix)]:
+        del _CACHES[path]
+
+
+def _cache(device: torch.device, root: Path | None) -> ChoiceCache:
+    return open_cache(cache_path(device, root))
 
 
 def choice_key(kind: str, x: torch.Tensor, n: int, k: int, opts: tuple, bias: torch.Tensor | None,
