@@ -157,3 +157,37 @@ def test_each_measured_shape_is_logged_and_a_kernel_error_warns(caplog: pytest.L
     assert chosen.levelname == "INFO"
     assert chosen.getMessage() == "comfyquant: attention [1, 2] x 64 keys x 16: cudnn (stock 781 µs; cudnn 399 µs)"
     assert failed.levelname == "WARNING" and "raised RuntimeError" in failed.getMessage()
+
+
+CHILD_PUT = """
+import json, sys
+from pathlib import Path
+from comfyquant.errors import UserError
+from comfyquant.runtime.kernels.measured import ChoiceCache, Decision
+path = Path(sys.argv[1])
+cache = ChoiceCache(path, 1)
+cache.put("small", Decision(backend="cudnn"))
+try:
+    cache.put("big", Decision(backend="stock", skipped={"cudnn": "x" * 200_000}))
+except UserError as e:
+    print(json.dumps({"error": str(e)}))
+"""
+
+
+def test_a_full_disk_keeps_the_last_complete_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """The choice file is written to a temporary file renamed when complete (``io.writer.write_small_file``): a
+    write past the disk's end (here a 64 KiB file-size limit: EFBIG, as a full disk fails) is one UserError line,
+    the previous file stays whole and no temporary file is left."""
+    import subprocess
+    import sys
+
+    from fs_helpers import file_size_limit
+
+    path = tmp_path / "attention-v1-test.json"
+    proc = subprocess.run([sys.executable, "-c", CHILD_PUT, str(path)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit(64 * 1024), check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    error = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+    assert "\n" not in error and str(path) in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert list(json.loads(path.read_text())["choices"]) == ["small"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from comfyquant.errors import UserError
 from comfyquant.runtime.attention import ORDER_SUPPORTED
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.measured import Decision, drop_caches, open_cache
@@ -205,7 +206,7 @@ class SdpaChooser:
             _log(decision, q, k)
         try:
             cache.put(key, decision)
-        except OSError as e:  # a read-only cache folder: the choice holds for this process, measured again next time
+        except (OSError, UserError) as e:  # a read-only or full cache folder: the choice holds for this process
             logger.warning("comfyquant: attention choice not saved to %s (%s); kept for this process", cache.path, e)
         return decision.backend == CUDNN
 

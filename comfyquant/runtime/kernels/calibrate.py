@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from comfyquant.io.writer import write_small_file
 from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
@@ -282,9 +282,7 @@ def load_or_measure(device: torch.device, root: Path | None = None) -> DeviceCos
         return DeviceCosts.from_json(json.loads(path.read_text()))
     c = measure(device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(c.to_json(), indent=1))
-    tmp.replace(path)
+    write_small_file(path, json.dumps(c.to_json(), indent=1))  # renamed when complete, removed if it fails
     return c
 
 

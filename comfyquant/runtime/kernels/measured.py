@@ -14,8 +14,6 @@ reason; a backend that fails otherwise raises, as it would when called.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 
 from comfyquant.errors import UserError
+from comfyquant.io.writer import write_small_file
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind
 
@@ -49,7 +48,8 @@ def cache_path(device: torch.device, root: Path | None = None) -> Path:
 
 
 class ChoiceCache:
-    """The measured choices of one device, read from and written back to its JSON file (atomically)."""
+    """The measured choices of one device, read from and written back to its JSON file (atomically:
+    ``io.writer.write_small_file``)."""
 
     def __init__(self, path: Path, version: int = CACHE_VERSION) -> None:
         self.path, self.version = path, version
@@ -70,10 +70,9 @@ class ChoiceCache:
         self.entries[key] = {"backend": decision.backend, "us": decision.us, "skipped": decision.skipped,
                              **({"notes": decision.notes} if decision.notes else {})}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name, dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": self.version, "choices": self.entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        # a temporary file renamed when complete, removed if the write fails (a full disk: a one-line UserError)
+        write_small_file(self.path, json.dumps({"version": self.version, "choices": self.entries}, indent=1,
+                                               sort_keys=True))
 
 
 _CACHES: dict[Path, ChoiceCache] = {}  # one reader/writer per file in this process
