@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comfyui_flux import (
     FOLD_VARIANTS,
-    FUSED_ROPE,
+    STOCK_ROPE,
     _free,
     _import_comfy,
     adapter_rounds,
@@ -187,7 +187,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     results = adapter_rounds(a, base, lambda r: family_inputs(fam, a.smoke, r, device, dtype), res, device,
                              fam.preset, lambda rep: f"{len(rep.converted)} layers converted, {len(rep.modulated)} "
                                                      f"blocks' modulated norms folded", int8_file, why_not,
-                             FOLD_VARIANTS + ((FUSED_ROPE,) if a.family == "qwen_image" else ()))
+                             FOLD_VARIANTS + ((STOCK_ROPE,) if a.family == "qwen_image" else ()))
     base = None  # the bf16 model leaves the device before the report
     _free(device)
     env = {**run_env(device, a.smoke), "family": a.family, "title": fam.title, "params_billion": n_params / 1e9,

@@ -393,7 +393,7 @@ def stock_rows(int8_file: Path, label: Any, why_not: str | None, run: bool,
 FOLD_VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
                  ("adapter fp8", "fp8", True), ("adapter int8 + attention sdpa", "int8", True, False, "sdpa"),
                  ("adapter int8 + attention comfyui", "int8", True, False, "comfyui"))
-FUSED_ROPE = ("adapter int8 (fused RoPE)", "int8", True, False, DEFAULT_MODE, True)  # on where the default is off
+STOCK_ROPE = ("adapter int8 (stock RoPE)", "int8", True, False, DEFAULT_MODE, False)  # the fused q / k norm + RoPE off
 BF16_GRAPHS = "bf16 + cuda graphs"
 BF16_LEAN = f"bf16 + attention {DEFAULT_MODE}"  # the node's default attention alone on bf16: its share of a speed-up
 
@@ -420,7 +420,7 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
         return rows
 
     def adapter(name: str, fmt: str, fold: bool, graphs: bool = False, attention: str = DEFAULT_MODE,
-                rope: bool | None = None) -> list[Result]:
+                rope: bool = True) -> list[Result]:
         _free(device)
         runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold, cuda_graphs=graphs, attention=attention,
                                  fuse_rope=rope)

@@ -33,9 +33,9 @@ L2_PAST = 160 << 20  # bytes of input cycled per timing: past the H200's 50 MB L
 
 
 def run_tiles(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int, cfg: tuple[int, int, int, int],
-              back: bool = False) -> None:
+              back: bool | None = None) -> None:
     """One launch of the rotating tile kernel with ``cfg`` = (rows, warps, stages, unroll) (``back``: its codes
-    pass from the row's end)."""
+    pass from the row's end; None: the launch's default, which is that)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
     rows, warps, stages, unroll = cfg

@@ -348,6 +348,22 @@ def check_flux_rope() -> None:
         ok, err, same = within(got, rope_reference(F.rms_norm(src, (d,), w, eps), pe))
         record(f"flux_rope_single_{name}", ok and same > 0.9, max_err=err, bit_equal=same)
     record("flux_rope_single_v_view", v.data_ptr() == view[2].data_ptr())
+    # Qwen-Image: q / k / v from three projections into the image rows of the joint buffers, with the rotations
+    # its forward casts to bf16: against the stock formula in fp32 on the same bf16 rotations (comfy-kitchen's
+    # CUDA kernel widens them so; rope_reference on the bf16 tensor would round every product to bf16)
+    from comfyquant.runtime.rope import norm_rope_parts
+
+    pe16 = pe.bfloat16()
+    srcs = tuple(torch.randn(1, li, heads * d, device="cuda", generator=g).bfloat16() * 3 for _ in range(3))
+    record("qwen_rope_kernel_applies", kernel_applies(srcs, heads, d, ws[1], pe16, lt + li))
+    out = tuple(torch.zeros(1, heads, lt + li, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    norm_rope_parts(srcs, (0, 0, 0), heads, d, *ws[1], eps, pe16, out, lt)
+    rows = pe16[:, :, lt:].float()
+    for i, name in ((0, "q"), (1, "k")):
+        normed = F.rms_norm(srcs[i].view(1, li, heads, d).transpose(1, 2), (d,), ws[1][i], eps)
+        ok, err, same = within(out[i][:, :, lt:], rope_reference(normed, rows))
+        record(f"qwen_rope_bf16_pe_{name}", ok and same > 0.9, max_err=err, bit_equal=same)
+    record("qwen_rope_v", torch.equal(out[2][:, :, lt:], srcs[2].view(1, li, heads, d).transpose(1, 2)))
 
 
 def check_flux_join() -> None:

@@ -292,8 +292,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                          "check_flux_rope,check_flux_join,check_modulated_fold"]],
         "profile_flux": [[PY, "benchmarks/profile_comfyui_sdxl.py", "--family", "flux", "--out",
                           str(work / "comfyui_flux"), *cache, *s]],
-        # Qwen-Image in ComfyUI's class (8 blocks, 1024²): the int8 defaults against the fused attention
-        # (fuse_rope=True), which ran slower than the stock ops in run 107
+        # Qwen-Image in ComfyUI's class (8 blocks, 1024²): the int8 defaults (fused q / k norms + RoPE) against
+        # the stock ops (fuse_rope=False)
         "profile_qwen": [[PY, "benchmarks/profile_comfyui_sdxl.py", "--family", "qwen_image", "--out",
                           str(work / "comfyui_qwen"), *cache, *s]],
         # Z-Image's NextDiT (8 of 30 layers) / Qwen-Image's MMDiT (8 of 60 blocks) in ComfyUI's classes at 1024²: bf16

@@ -29,7 +29,7 @@ def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, f
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / f"bench_comfyui_{family}.json").read_text())
     env, rows = report["env"], {r["variant"]: r for r in report["results"]}
-    rope = ["adapter int8 (fused RoPE)"] if family == "qwen_image" else []  # Qwen's fused q / k norm + RoPE on
+    rope = ["adapter int8 (stock RoPE)"] if family == "qwen_image" else []  # Qwen's fused q / k norm + RoPE off
     assert list(rows) == ["bf16", "bf16 + attention auto", "adapter int8", "adapter int8 (norms in torch)",
                           "adapter fp8", "adapter int8 + attention sdpa", "adapter int8 + attention comfyui", *rope,
                           "ComfyUI int8 (same file)"]
@@ -45,7 +45,7 @@ def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, f
     assert err["bf16 + attention auto"] == 0.0 and err["adapter int8 + attention comfyui"] == err["adapter int8"]
     assert err["adapter int8 + attention sdpa"] == err["adapter int8"]
     if rope:  # on the CPU both run the stock ops after the projections: the same numbers
-        assert err["adapter int8 (fused RoPE)"] == err["adapter int8"]
+        assert err["adapter int8 (stock RoPE)"] == err["adapter int8"]
     assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"
     assert (tmp_path / f"bench_comfyui_{family}.png").read_bytes()[:4] == b"\x89PNG"
     assert "SMOKE RUN" in (tmp_path / f"bench_comfyui_{family}.md").read_text()
@@ -53,7 +53,7 @@ def test_tiny_models_measure_every_variant(comfyui_root: Path, tmp_path: Path, f
 
 def test_profile_of_the_tiny_qwen_model(comfyui_root: Path, tmp_path: Path) -> None:
     """``profile_comfyui_sdxl.py --smoke --family qwen_image`` (the device step ``profile_qwen``): bf16, the int8
-    defaults and the fused attention each profiled, their op tables and host times written."""
+    defaults (fused attention) and the stock ops each profiled, their op tables and host times written."""
     script = SCRIPT.parent / "profile_comfyui_sdxl.py"
     proc = subprocess.run([sys.executable, str(script), "--smoke", "--family", "qwen_image", "--out", str(tmp_path),
                            "--comfyui-cache", str(comfyui_root)], capture_output=True, text=True, timeout=600,
@@ -61,6 +61,6 @@ def test_profile_of_the_tiny_qwen_model(comfyui_root: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "profile_comfyui_qwen_image.json").read_text())
     rows = {r["variant"]: r for r in report["results"]}
-    assert list(rows) == ["bf16", "adapter int8", "adapter int8 (fused RoPE)"] and report["family"] == "qwen_image"
+    assert list(rows) == ["bf16", "adapter int8", "adapter int8 (stock RoPE)"] and report["family"] == "qwen_image"
     assert all(0 < r["host_ms"] <= r["wall_ms"] * 1.5 and r["top_by_count"] for r in rows.values())
-    assert "== adapter int8 (fused RoPE):" in (tmp_path / "profile_comfyui_qwen_image.txt").read_text()
+    assert "== adapter int8 (stock RoPE):" in (tmp_path / "profile_comfyui_qwen_image.txt").read_text()

@@ -6,6 +6,7 @@ declines for an ``attn1_patch`` or a norm patched per call."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pytest
@@ -36,7 +37,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[str, int]) -> None:
     model = _qwen()
-    _, plain, folded, _ = _adapted(model, fuse_rope=True)  # off by default (slower, run 107)
+    _, plain, folded, _ = _adapted(model)  # on by default
     want = _run(model, plain)
     got = _run(model, folded)
     assert counted == {"parts": 4}  # two blocks, two streams each
@@ -50,7 +51,7 @@ def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[s
 
 def test_the_path_declines_an_attention_patch_and_a_patched_norm(comfy: Any, counted: dict[str, int]) -> None:
     model = _qwen()
-    _, plain, folded, _ = _adapted(model, fuse_rope=True)  # off by default (slower, run 107)
+    _, plain, folded, _ = _adapted(model)  # on by default
     seen = []
 
     def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> dict:
@@ -68,3 +69,29 @@ def test_the_path_declines_an_attention_patch_and_a_patched_norm(comfy: Any, cou
         assert forward.fused.weights() is None
     finally:
         forward.block.attn.norm_added_k.weight_function = []
+
+
+def test_the_kernel_reads_the_rotations_qwen_image_passes(comfy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen-Image's forward casts ``EmbedND``'s rotations to the model's dtype (bf16 in ComfyUI): the kernel must
+    take them as they come, or the fused path silently runs its torch fallback on the GPU (run 109's profile: no
+    kernel, 1.6 ms a step slower than the stock ops)."""
+    from comfyquant.runtime.rope import rope_fits
+
+    qwen = importlib.import_module("comfy.ldm.qwen_image.model")
+    seen: list[torch.Tensor] = []
+    stock = qwen.apply_rope1
+
+    def spy(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+        seen.append(pe)
+        return stock(x, pe)
+
+    monkeypatch.setattr(qwen, "apply_rope1", spy)
+    model = _qwen()
+    dm = model.diffusion_model.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 1, 8, 8, generator=g), torch.randn(2, 6, 48, generator=g)
+    with torch.inference_mode():
+        dm(x.bfloat16(), torch.tensor([0.3, 0.7]), ctx.bfloat16(), transformer_options={})
+    assert seen and seen[0].dtype == torch.bfloat16  # what ComfyUI 0.30 passes
+    tokens, head_dim = 6 + 16, 32  # text + 4 x 4 image patches
+    assert all(rope_fits(pe, 2, tokens, head_dim) for pe in seen), [(p.dtype, tuple(p.shape)) for p in seen]

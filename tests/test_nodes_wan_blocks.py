@@ -64,7 +64,7 @@ def _run(model: nn.Module, patcher: Any, **kw: Any) -> torch.Tensor:
         return dm(x, torch.tensor([0.3, 0.7]), ctx, transformer_options=options, **kw).clone()
 
 
-def _adapted(model: nn.Module, fmt: str = "int8", fuse_rope: bool | None = None) -> tuple[Any, Any, Any, Any]:
+def _adapted(model: nn.Module, fmt: str = "int8", fuse_rope: bool = True) -> tuple[Any, Any, Any, Any]:
     import comfy.model_patcher
 
     base = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))

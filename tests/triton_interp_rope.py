@@ -145,6 +145,15 @@ def check_norm_rope_parts() -> None:
     ok, err = _close(outs[0][0], _want(src, qw, pe[:, :, 4:], eps))
     record("parts_equal_one_projection", same)
     record("parts_q_vs_float64", ok, max_err=err)
+    # Qwen-Image's forward casts EmbedND's rotations to the model's dtype: the kernel widens them as it loads them
+    pe16 = pe.to(BF16)
+    q, k, v = (torch.full((1, heads, length + 4, d), float("nan"), dtype=BF16) for _ in range(3))
+    norm_rope_launch(tuple(parts), (0, 0, 0), heads, qw, kw, eps, pe16, q, k, v, 4)
+    srck = parts[1].reshape(1, length, heads, d).transpose(1, 2)
+    for name, got, s_, w in (("q", q, src, qw), ("k", k, srck, kw)):
+        ok, err = _close(got[:, :, 4:], _want(s_, w, pe16[:, :, 4:], eps))
+        record(f"parts_bf16_pe_{name}_vs_float64", ok, max_err=err)
+    record("parts_bf16_pe_v", torch.equal(v[:, :, 4:], parts[2].reshape(1, length, heads, d).transpose(1, 2)))
 
 
 def check_join_act() -> None:

@@ -113,19 +113,20 @@ def check_dot_rotation() -> None:
         record("dot_rotation_split", chunks > 1 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                and triton_quant.scale_floats(x, g, triton_quant.MODE_INT8, act, "split") == m * (1 + chunks),
                m=m, k=k, convrot=g, act=act, perm=perm, chunks=chunks)
-    # the codes pass walked from the row's end (BACK, bench_rotation.py --back): the same codes and scales, whole
-    # and in the split form, unrolled with a ragged last step (768 = 2 x 256 + 256) and with an activation
+    # the codes pass walked from the row's end (BACK, the rotating launches' default since run 109) against the
+    # forward walk: the same codes and scales, whole and in the split form, unrolled with a ragged last step
+    # (768 = 2 x 256 + 256) and with an activation
     for m, k, g, act, unroll, chunks in ((70, 768, 256, 0, 2, 1), (33, 1280, 256, 1, 1, 1), (20, 320, 64, 0, 2, 1),
                                          (70, 1280, 256, 0, 2, 2)):
         x = _x(m, k, seed=110 + k)
-        want_q, want_s = triton_quant.quantize_rows_int8(x, g, act=act, kernel="tiles")
+        want_q, want_s = triton_quant.quantize_rows_int8(x, g, act=act, kernel="tiles")  # BACK: the default
         q = torch.empty_like(want_q)
         s = torch.empty(m * (1 + chunks) if chunks > 1 else m, dtype=F32)
         for phase in ((1, 2) if chunks > 1 else (0,)):
             grid, args, key, w = triton_quant.tile_launch(x, q, s, g, triton_quant.MODE_INT8, 127.0, 0, act, 16, 4,
-                                                          unroll, chunks, phase, back=True)
+                                                          unroll, chunks, phase, back=False)
             triton_quant._ACT_TILES(grid, args, x.device, num_warps=w, num_stages=2, key=key)
-        record("dot_rotation_back", torch.equal(q, want_q) and torch.equal(s[:m], want_s.reshape(-1))
+        record("dot_rotation_back_equals_forward", torch.equal(q, want_q) and torch.equal(s[:m], want_s.reshape(-1))
                and bool((want_q != 0).any()), m=m, k=k, convrot=g, act=act, unroll=unroll, chunks=chunks)
     # "auto" takes it for long rows only (the row kernel is faster on short ones: run 42)
     picks = {(m, k): triton_quant.pick_kernel(torch.empty((m, k), dtype=F16), 256, triton_quant.MODE_INT8)

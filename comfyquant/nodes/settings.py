@@ -82,7 +82,7 @@ class RuntimeOptions:
     cached per GPU, instead of the cost model's prediction) and ``attention`` (``auto``: the faster of ComfyUI's
     kernel and cuDNN's per call shape, measured; ``sdpa``: ComfyUI's; ``cudnn``: cuDNN's kernel first; ``int8`` / ``int8-fp8``: that, and long self-attention on the int8 kernel, ``nodes.attention``)
     and ``fuse_rope`` (the folded Flux-family and Qwen-Image blocks' q / k RMSNorms and RoPE in one kernel,
-    ``nodes.flux_rope``, ``nodes.qwen_rope``; None: the Flux family's only, where it measured faster)."""
+    ``nodes.flux_rope``, ``nodes.qwen_rope``)."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True
@@ -100,10 +100,9 @@ class RuntimeOptions:
     fuse_projections: bool = True
     fuse_max_bytes: int = DEFAULT_FUSE_MAX_BYTES  # larger calls are GPU-bound: each member computes alone
     # the folded Flux-family and Qwen-Image blocks' q / k norms, RoPE and stream join as one launch per stream
-    # (nodes.flux_rope, nodes.qwen_rope; with fold_norms). None: where measured faster, the Flux family (ComfyUI's
-    # class at 1024² on an H100, 1.29x -> 1.41x stock bf16, runs 101-102) and not Qwen-Image, whose fused attention
-    # ran slower than its stock ops (1.32x against 1.40x stock bf16, run 107; 1.14x / 1.22x in run 105); True: both
-    fuse_rope: bool | None = None
+    # (nodes.flux_rope, nodes.qwen_rope; with fold_norms). ComfyUI's classes at 1024² on an H100: Flux 1.29x -> 1.41x
+    # stock bf16 (runs 101-102), Qwen-Image 1.43x -> 1.62x (run 111, once the kernel took its bf16 rotations)
+    fuse_rope: bool = True
 
     def __post_init__(self) -> None:
         from comfyquant.nodes.attention import MODES

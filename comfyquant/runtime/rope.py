@@ -29,12 +29,16 @@ def rope_reference(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape).type_as(x)
 
 
+PE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Flux's EmbedND output; Qwen-Image casts it to x's dtype
+
+
 def rope_fits(pe: torch.Tensor | None, batch: int, tokens: int, head_dim: int) -> bool:
-    """Whether the kernel reads ``pe`` as it is: fp32 ``[1 or B, 1, 1 or >= tokens, D/2, 2, 2]`` with the last
-    three dims contiguous (ComfyUI's ``EmbedND`` output is)."""
+    """Whether the kernel reads ``pe`` as it is: ``[1 or B, 1, 1 or >= tokens, D/2, 2, 2]`` in fp32 (ComfyUI's
+    ``EmbedND`` output) or 16-bit (Qwen-Image's forward casts it to the model's dtype; the kernel widens it to fp32
+    as it loads it), with the last three dims contiguous."""
     if pe is None:
         return True
-    return (pe.dtype == torch.float32 and pe.dim() == 6 and pe.shape[0] in (1, batch) and pe.shape[1] == 1
+    return (pe.dtype in PE_DTYPES and pe.dim() == 6 and pe.shape[0] in (1, batch) and pe.shape[1] == 1
             and (pe.shape[2] == 1 or pe.shape[2] >= tokens) and tuple(pe.shape[3:]) == (head_dim // 2, 2, 2)
             and pe.stride()[3:] == (4, 2, 1))
 

@@ -47,8 +47,8 @@ def _norm_rope_kernel(qs_ptr, ks_ptr, vs_ptr, q_off, k_off, v_off, qw_ptr, kw_pt
                       NORM: tl.constexpr, ROPE: tl.constexpr, WRITE_V: tl.constexpr):
     """Program (token block, head group, batch item). q's / k's / v's heads (``H * D`` columns each) start at
     column ``*_off`` of their source rows (one projection's output for all three, or three projections'), rows
-    ``s_l`` elements apart a token, ``s_b`` a batch item; ``pe``: fp32 ``[., Lj, D/2, 2, 2]`` rows at ``pe_l``
-    floats a token (``pe_b`` a batch item, 0 broadcast); q / k / v: ``[B, H, L_OUT, D]``."""
+    ``s_l`` elements apart a token, ``s_b`` a batch item; ``pe``: fp32 or 16-bit ``[., Lj, D/2, 2, 2]`` (widened to
+    fp32 as loaded) rows at ``pe_l`` elements a token (``pe_b`` a batch item, 0 broadcast); q / k / v: ``[B, H, L_OUT, D]``."""
     b = tl.program_id(2)
     toks = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = toks < L
@@ -60,10 +60,10 @@ def _norm_rope_kernel(qs_ptr, ks_ptr, vs_ptr, q_off, k_off, v_off, qw_ptr, kw_pt
     f11 = f00
     if ROPE:
         pe = pe_ptr + b.to(tl.int64) * pe_b + (start + toks).to(tl.int64)[:, None] * pe_l + 4 * pairs[None, :]
-        f00 = tl.load(pe, mask=tmask[:, None], other=0.0)
-        f01 = tl.load(pe + 1, mask=tmask[:, None], other=0.0)
-        f10 = tl.load(pe + 2, mask=tmask[:, None], other=0.0)
-        f11 = tl.load(pe + 3, mask=tmask[:, None], other=0.0)
+        f00 = tl.load(pe, mask=tmask[:, None], other=0.0).to(tl.float32)
+        f01 = tl.load(pe + 1, mask=tmask[:, None], other=0.0).to(tl.float32)
+        f10 = tl.load(pe + 2, mask=tmask[:, None], other=0.0).to(tl.float32)
+        f11 = tl.load(pe + 3, mask=tmask[:, None], other=0.0).to(tl.float32)
     rows = b.to(tl.int64) * s_b + toks.to(tl.int64)[:, None] * s_l
     for j in tl.static_range(HG):
         h = tl.program_id(1) * HG + j
@@ -88,7 +88,7 @@ def norm_rope_launch(srcs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], offs
     """Write the normed, rotated q / k (and v, where given) of one stream into rows ``[start, start + L)`` of ``q`` /
     ``k`` / ``v`` (``[B, H, L_OUT, D]``, contiguous). ``srcs``: q's, k's and v's source (``[B, L, .]`` with one
     set of strides and a unit last stride; the same projection output three times, or three projections), their
-    heads at columns ``offsets``. ``pe``: fp32 ``[B or 1, 1, >= start + L, D/2, 2, 2]`` with its last three dims
+    heads at columns ``offsets``. ``pe``: fp32 or 16-bit ``[B or 1, 1, >= start + L, D/2, 2, 2]`` with its last three dims
     contiguous, or None (no rotation); weights None: no norm. The caller checks shapes
     (:func:`runtime.rope.kernel_applies`)."""
     src = srcs[0]
