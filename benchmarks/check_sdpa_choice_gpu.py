@@ -11,8 +11,9 @@ SD3.5 at 1024², from a cold cache:
 - the direct cuDNN op bit-equal to ``F.scaled_dot_product_attention`` under ``sdpa_kernel([CUDNN_ATTENTION])``;
 - the cache: a second pass with the process memo dropped reads every choice back without timing (no shape measured
   again) and gives the same bits;
-- each shape's measured µs per call (stock and cuDNN, synchronized wall time) and the chosen kernel, and the host
-  time of one call both ways.
+- each shape's measured µs per call (stock and cuDNN, synchronized wall time, and each one's host time: cuDNN is
+  kept only where it saves at least the host time it adds) and the chosen kernel, and the host time of one call
+  through ComfyUI and through the override.
 
 Writes ``--out``/check_sdpa_choice.json and prints a line per shape.
 
@@ -85,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             skip = bool(kw.get("skip_reshape"))
             q4, k4, v4 = (heads_view(t, heads, skip) for t in (q, k, v))
             entry = open_cache(cache_file, sdpa_choice.CACHE_VERSION).entries.get(
-                sdpa_choice.choice_key(q4, k4, v4, None, chooser.order))
+                sdpa_choice.choice_key(q4, k4, v4, None, chooser.order, not chooser.unscoped(q4, k4, v4)))
             chose = None if entry is None else entry["backend"]
             rel = sdpa_choice.relative_difference(got, want)
             row = {"shape": name, "keys": int(k4.shape[2]), "head_dim": int(q4.shape[-1]), "choice": chose,
                    "measured": chooser.measured, "us": None if entry is None else entry["us"],
+                   "notes": None if entry is None else entry.get("notes"),
                    "skipped": None if entry is None else entry["skipped"], "rel_diff_vs_comfyui": rel}
             if chose == sdpa_choice.CUDNN:
                 direct = sdpa_choice.cudnn_attention(q4, k4, v4, None)
@@ -110,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             row["pass"] = good
             ok &= good
             rows.append(row)
-            us = row["us"] or {}
+            us, notes = row["us"] or {}, row["notes"] or {}
             print(f"{'PASS' if good else 'FAIL'} {name:28s} choice={chose} stock={us.get('stock', 0):9.1f} µs "
-                  f"cudnn={us.get('cudnn', 0):9.1f} µs rel={rel:.2e} host/call ComfyUI {row['host_us_comfyui']:.1f} "
+                  f"(host {notes.get('host_us_stock', '-')}) cudnn={us.get('cudnn', 0):9.1f} µs (host "
+                  f"{notes.get('host_us_cudnn', '-')}) rel={rel:.2e} host/call ComfyUI {row['host_us_comfyui']:.1f} "
                   f"auto {row['host_us_auto']:.1f} µs {row['skipped'] or ''}", flush=True)
         # the cache: a new process's view (memo dropped, the file read again) decides the same without timing
         sdpa_choice.forget()

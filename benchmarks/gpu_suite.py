@@ -276,6 +276,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # blocks' LayerNorms folded, without, fp8) vs ComfyUI's own int8 file path
         "comfyui_sdxl": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
                           *(s or ["--rounds", "3", "--iters", "6", "--warmup", "4"])]],  # (run 86's one round: noise)
+        # more, shorter rounds: the H100 hosts of runs 104-105, 110 and 114-115 ran slow phases of seconds (step
+        # times bimodal, ~60 or ~90 ms) that 3 rounds cannot outvote; compare the variants round by round
+        "comfyui_sdxl_rounds": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
+                                 *(s or ["--rounds", "7", "--iters", "4", "--warmup", "3"])]],
         # the same through apply_model, with the node's cuda_graphs option on bf16 and on the folded int8 adapter
         # (SDXL in ComfyUI's class is host-bound: 90 ms of host per 41 ms of GPU a step under the profiler, run 87)
         "comfyui_sdxl_graphs": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--graphs", "--out",

@@ -12,7 +12,7 @@ blocks of Flux.1-dev's widths at 1024², bf16 against the adapter's int8 with it
 goes besides the GEMMs (RoPE, the q / k norms, the joins of the two streams), which the bench's own Flux class
 leaves out. Writes ``profile_comfyui_flux.txt`` / ``.json`` then. ``--family qwen_image``: ComfyUI's Qwen-Image
 class (8 blocks at 1024², as ``bench_comfyui_dit.py``), the adapter's int8 defaults (its fused q / k norms and
-RoPE) against the stock ops (``fuse_rope=False``). Run 109's profile found the fused path running its torch
+RoPE) against the stock ops (``fuse_rope=False``). Run 110's profile found the fused path running its torch
 fallback: the kernel refused the bf16 rotations Qwen-Image's forward passes.
 
     python benchmarks/profile_comfyui_sdxl.py --out prof_sdxl [--smoke] [--family flux|qwen_image]
@@ -147,10 +147,13 @@ def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> d
 
 
 def _sdxl(a: argparse.Namespace, device: str, dtype: torch.dtype, src: Path) -> tuple[Any, dict, list]:
-    """(bf16 patcher, inputs, [(variant, settings)]) of the SDXL UNet: the fold against norms in torch."""
+    """(bf16 patcher, inputs, [(variant, settings)]) of the SDXL UNet: the fold against norms in torch, and the
+    node's default attention (``auto``) against ``sdpa`` (runs 104 / 105 / 110 timed them apart by more than the
+    host's noise, either way)."""
     import comfy.sd
     from safetensors.torch import save_file
 
+    from comfyquant.nodes.attention import DEFAULT_MODE
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
     config = SMOKE if a.smoke else SDXL
@@ -160,9 +163,11 @@ def _sdxl(a: argparse.Namespace, device: str, dtype: torch.dtype, src: Path) -> 
     else:
         save_file(sd, str(src))
         base = comfy.sd.load_diffusion_model(str(src), model_options={"dtype": dtype})
-    variants = [(name, AdapterSettings(format="int8", model_type="sdxl",
-                                       runtime=RuntimeOptions(fold_norms=fold, fold_layer_norms=fold)))
-                for name, fold in (("adapter int8", True), ("adapter int8 (norms in torch)", False))]
+    variants = [(name, AdapterSettings(format="int8", model_type="sdxl", runtime=RuntimeOptions(
+                    fold_norms=fold, fold_layer_norms=fold, attention=attention)))
+                for name, fold, attention in (("adapter int8", True, DEFAULT_MODE),
+                                              ("adapter int8 (norms in torch)", False, DEFAULT_MODE),
+                                              ("adapter int8 + attention sdpa", True, "sdpa"))]
     return base, sdxl_inputs(config, 64 if a.smoke else 1024, device, dtype), variants
 
 

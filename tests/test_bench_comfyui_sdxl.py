@@ -62,7 +62,7 @@ def test_graphs_rows_step_through_apply_model(comfyui_root: Path, tmp_path: Path
 
 
 def test_profile_of_the_tiny_unet_counts_ops_and_the_folds_work(comfyui_root: Path, tmp_path: Path) -> None:
-    """``profile_comfyui_sdxl.py --smoke``: bf16 and both adapter variants profiled; the fold derives each norm's
+    """``profile_comfyui_sdxl.py --smoke``: bf16 and the adapter variants profiled; the fold derives each norm's
     row once (in the warm-up), adds no memo entries from step to step and makes no syncs, and the unfolded adapter
     derives none; each variant's host time a step and Python's profile name the functions that carry it."""
     script = SCRIPT.parent / "profile_comfyui_sdxl.py"
@@ -70,9 +70,10 @@ def test_profile_of_the_tiny_unet_counts_ops_and_the_folds_work(comfyui_root: Pa
                            str(comfyui_root)], capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "profile_comfyui_sdxl.json").read_text())
-    bf16, folded, plain = report["results"]
+    bf16, folded, plain, sdpa = report["results"]
     assert bf16["variant"] == "bf16" and bf16["memo_entries_after_warmup"] == 0
     assert folded["variant"] == "adapter int8" and plain["variant"] == "adapter int8 (norms in torch)"
+    assert sdpa["variant"] == "adapter int8 + attention sdpa" and sdpa["norm_rows_derived_in_warmup"] == 3 * 11
     assert folded["norm_rows_derived_in_warmup"] == 3 * 11 and plain["norm_rows_derived_in_warmup"] == 0
     assert folded["norm_rows_derived_while_profiled"] == 0 and folded["memo_entries_added_while_profiled"] == 0
     assert folded["syncs_per_step"] == {} and folded["top_by_count"][0]["count"] > 0

@@ -73,7 +73,7 @@ def test_the_path_declines_an_attention_patch_and_a_patched_norm(comfy: Any, cou
 
 def test_the_kernel_reads_the_rotations_qwen_image_passes(comfy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Qwen-Image's forward casts ``EmbedND``'s rotations to the model's dtype (bf16 in ComfyUI): the kernel must
-    take them as they come, or the fused path silently runs its torch fallback on the GPU (run 109's profile: no
+    take them as they come, or the fused path silently runs its torch fallback on the GPU (run 110's profile: no
     kernel, 1.6 ms a step slower than the stock ops)."""
     from comfyquant.runtime.rope import rope_fits
 

@@ -68,6 +68,53 @@ def test_the_faster_kernel_is_kept_only_past_the_margin() -> None:
     assert slower.backend == sdpa_choice.STOCK
 
 
+class Device:
+    """A host clock and a GPU queue: a call costs its host time on the clock and queues its GPU time behind the work
+    already queued; a sync waits for the queue to drain."""
+
+    def __init__(self) -> None:
+        self.t = self.gpu_free = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sync(self) -> None:
+        self.t = max(self.t, self.gpu_free)
+
+    def costing(self, host_us: float, gpu_us: float, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            self.t += host_us * 1e-6
+            self.gpu_free = max(self.gpu_free, self.t) + gpu_us * 1e-6
+            return fn()
+
+        return run
+
+
+def _decide_on(stock: tuple[float, float], cudnn: tuple[float, float]) -> Decision:
+    """The decision for kernels of (host µs, GPU µs) a call."""
+    q, k, v = _qkv()
+    dev = Device()
+    return sdpa_choice.decide(dev.costing(*stock, lambda: F.scaled_dot_product_attention(q, k, v)),
+                              dev.costing(*cudnn, lambda: _reference(q, k, v)), clock=dev, sync=dev.sync)
+
+
+def test_a_kernel_must_save_the_host_time_it_adds() -> None:
+    """cuDNN's direct op costs more host time a call than SDPA's FlashAttention call (~30 µs under the profiler in
+    run 112's SDXL step on an H100 host, 8-18 µs timed alone in run 114):
+    kept where its GPU saving covers that (SDXL's 4,096-token self-attention), not where a host-bound model would
+    pay more than it saves (its 1,024-token calls), however large the GPU ratio."""
+    long_call = _decide_on((37.0, 215.0), (67.0, 134.0))
+    assert long_call.backend == sdpa_choice.CUDNN and long_call.us["cudnn"] == pytest.approx(134.0, rel=0.02)
+    assert long_call.notes["host_us_stock"] == "37.0" and long_call.notes["host_us_cudnn"] == "67.0"
+    short = _decide_on((37.0, 100.0), (67.0, 75.0))  # 25% faster on the GPU, 25 µs saved against 30 added
+    assert short.backend == sdpa_choice.STOCK and short.us["cudnn"] < 0.8 * short.us["stock"]
+    why = short.skipped["cudnn"]
+    assert why.startswith(("saves 24 µs", "saves 25 µs")) and why.endswith(
+        " a call but adds 30 µs of host time: a host-bound model would run slower"), why
+    host_bound = _decide_on((37.0, 27.0), (67.0, 17.0))  # both host-bound alone: cuDNN is slower outright
+    assert host_bound.backend == sdpa_choice.STOCK and host_bound.us["cudnn"] > host_bound.us["stock"]
+
+
 def test_a_kernel_whose_output_disagrees_is_never_kept_and_not_timed() -> None:
     d, clock = _decide(100.0, 10.0, lambda q, k, v: _reference(q, k, v, scale=0.5))  # a wrong softmax scale
     assert d.backend == sdpa_choice.STOCK and d.us == {} and "differs from the stock kernel's" in d.skipped["cudnn"]
@@ -90,8 +137,8 @@ def test_rounds_are_sized_to_the_call() -> None:
     clock = Clock()
     fns = {"slow": clock.costing("slow", 30_000.0, lambda: torch.zeros(1)),  # 30 ms: one call a round
            "fast": clock.costing("fast", 1_000.0, lambda: torch.zeros(1))}  # 1 ms: 20 a round
-    us = sdpa_choice.time_rounds(fns, clock=clock, sync=lambda: None)
-    assert us == pytest.approx({"slow": 30_000.0, "fast": 1_000.0})
+    us, host = sdpa_choice.time_rounds(fns, clock=clock, sync=lambda: None)
+    assert us == pytest.approx({"slow": 30_000.0, "fast": 1_000.0}) and host == us  # no GPU: all host time
     assert clock.calls == {"slow": 1 + 3, "fast": 1 + 3 * 20}
 
 
@@ -115,6 +162,9 @@ def test_the_key_names_what_the_choice_depends_on() -> None:
     assert sdpa_choice.choice_key(qt, k, v, None, (0, 1, 2, 3)) != key
     assert sdpa_choice.choice_key(q, k, v, 0.3, (0, 1, 2, 3)) != key
     assert sdpa_choice.choice_key(q, k, v, None, None) != key
+    # the stock call timed without the backend-order scope (its host time as the lean path pays it) is another key
+    assert sdpa_choice.choice_key(q, k, v, None, (0, 1, 2, 3), scoped=False) == key.replace(
+        "order=[0, 1, 2, 3]", "order=[0, 1, 2, 3]:unscoped")
 
 
 def test_calls_without_a_choice_run_the_stock_kernel() -> None:
@@ -136,7 +186,7 @@ def test_choices_are_saved_with_their_version_and_read_back(tmp_path: Path) -> N
     assert "notes" not in data["choices"]["sdpa|b"]
     again = ChoiceCache(path, sdpa_choice.CACHE_VERSION)
     assert again.get("sdpa|a") == "cudnn" and again.get("sdpa|b") == "stock" and again.get("sdpa|c") is None
-    assert sdpa_choice.cache_path(torch.device("cpu"), tmp_path).name.startswith("attention-v1-cpu-")
+    assert sdpa_choice.cache_path(torch.device("cpu"), tmp_path).name.startswith("attention-v2-cpu-")
     # one reader / writer per file in a process, shared with measured dispatch's; forget() drops the attention ones
     from comfyquant.runtime.kernels.measured import open_cache
 
@@ -151,11 +201,13 @@ def test_choices_are_saved_with_their_version_and_read_back(tmp_path: Path) -> N
 def test_each_measured_shape_is_logged_and_a_kernel_error_warns(caplog: pytest.LogCaptureFixture) -> None:
     q, k, _ = _qkv()
     caplog.set_level("INFO", logger="comfyquant.runtime")
-    sdpa_choice._log(Decision(backend="cudnn", us={"stock": 781.4, "cudnn": 399.0}), q, k)
+    sdpa_choice._log(Decision(backend="cudnn", us={"stock": 781.4, "cudnn": 399.0},
+                              notes={"host_us_stock": "36.9", "host_us_cudnn": "66.5"}), q, k)
     sdpa_choice._log(Decision(backend="stock", skipped={"cudnn": "cuDNN's kernel raised RuntimeError: x"}), q, k)
     (chosen, failed) = caplog.records
     assert chosen.levelname == "INFO"
-    assert chosen.getMessage() == "comfyquant: attention [1, 2] x 64 keys x 16: cudnn (stock 781 µs; cudnn 399 µs)"
+    assert chosen.getMessage() == ("comfyquant: attention [1, 2] x 64 keys x 16: cudnn (stock 781 µs (host 36.9); "
+                                   "cudnn 399 µs (host 66.5))")
     assert failed.levelname == "WARNING" and "raised RuntimeError" in failed.getMessage()
 
 

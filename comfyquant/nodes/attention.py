@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from comfyquant.nodes.lean_attention import ComfyAttention, LeanSdpa
+from comfyquant.nodes.lean_attention import ComfyAttention, LeanSdpa, unscoped_call
 from comfyquant.runtime.attention import AttentionPolicy, QuantizedAttention
 from comfyquant.runtime.sdpa_choice import SdpaChooser
 
@@ -64,8 +64,8 @@ class QuantizedAttentionOverride:
     def __init__(self, policy: AttentionPolicy | None, previous: Callable[..., Any] | None = None,
                  comfy: ComfyAttention | None = None, choose: bool = False) -> None:
         self.policy, self.previous, self.comfy, self.choose = policy, previous, comfy, choose
-        self.lean = LeanSdpa(comfy, SdpaChooser(comfy.order) if choose else None) if (
-            comfy is not None and previous is None) else None
+        self.lean = LeanSdpa(comfy, SdpaChooser(comfy.order, unscoped=unscoped_call(comfy.order)) if choose
+                             else None) if comfy is not None and previous is None else None
         self.calls = self.routed = self.cudnn = 0
 
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

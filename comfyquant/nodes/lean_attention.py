@@ -115,6 +115,12 @@ def same_kernel(order: list[int] | None, q: torch.Tensor, k: torch.Tensor, v: to
     return want is not None and want == int(torch._fused_sdp_choice(q, k, v, mask))
 
 
+def unscoped_call(order: list[int] | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]:
+    """Whether :class:`LeanSdpa` runs an unmasked call's stock kernel without ``order``'s scope (what the attention
+    chooser times it as: ``runtime.sdpa_choice.SdpaChooser``'s ``unscoped``)."""
+    return lambda q, k, v: same_kernel(order, q, k, v, None)
+
+
 def settle_priority(order: list[int] | None) -> None:
     """Let SDPA set up its backend order inside ComfyUI's scope, as ComfyUI's first attention call does.
 

@@ -4,10 +4,14 @@ ComfyUI 0.30 orders SDPA's backends FlashAttention-2 first. On Hopper cuDNN's fu
 call shape timed faster: 1.47-1.96x on an H100 (Flux, SDXL, SD3.5, Qwen-Image, Wan; docs/PERFORMANCE.md run 103);
 others measured it slower on short head-64 calls (an H100 sweep in sglang's PR 30090). Both are exact attention: their outputs differ by rounding
 (0.23% against float32 either way, GPU check ``attention_cudnn_first``). So :class:`SdpaChooser` times the stock
-kernel (SDPA under the caller's backend order: what ComfyUI runs) and cuDNN's on the first call of each shape,
-checks that the two outputs agree, and keeps cuDNN only where it is faster by :data:`MARGIN`. Choices are kept in
-a file per GPU model and torch / triton version, keyed with the cuDNN version (``measured.ChoiceCache``): later
-processes run the same kernel on the same shape without timing, so the same inputs give the same outputs.
+kernel (SDPA as the caller runs it: under ComfyUI's backend order, or without its scope where that picks the same
+kernel) and cuDNN's on the first call of each shape, checks that the two outputs agree, and keeps cuDNN only where
+it is faster by :data:`MARGIN` and saves at least the host time it adds: the direct cuDNN op costs 8-18 µs more host
+time a call than SDPA's FlashAttention call on an H100's host (run 114), which a host-bound model pays in full (SDXL's
+1,024-token calls save 16 µs; run 113, steady host: SDXL int8 with cuDNN on every long call 1.06x stock bf16, on
+none 1.12x). Choices are kept in a file per GPU model and torch / triton version, keyed with the cuDNN version
+(``measured.ChoiceCache``): later processes run the same kernel on the same shape without timing, so the same inputs
+give the same outputs.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ MARGIN = 0.05  # cuDNN is kept where it takes at most 95% of the stock kernel's 
 AGREE = 0.01  # relative L2 difference of the two outputs above which cuDNN's is not trusted (bf16 rounding: ~0.3%)
 ROUND_S = 0.02  # seconds of calls per timed round (at least one call)
 ROUNDS = 3
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: host time in the decision, the stock kernel timed as the caller runs it
 CACHE_STEM = "attention"  # the choice file's name: attention-v<version>-<gpu>-<torch>-<triton>.json
 STOCK, CUDNN = "stock", "cudnn"
 logger = logging.getLogger("comfyquant.runtime")
@@ -75,8 +79,9 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def time_rounds(fns: dict[str, Callable[[], object]], clock: Callable[[], float] = time.perf_counter,
                 sync: Callable[[], None] = torch.cuda.synchronize, rounds: int = ROUNDS,
-                round_s: float = ROUND_S) -> dict[str, float]:
-    """µs per call of each function, synchronized wall time (host and GPU, what eager mode pays): one call each to
+                round_s: float = ROUND_S) -> tuple[dict[str, float], dict[str, float]]:
+    """µs per call of each function: (synchronized wall time, what back-to-back calls pay when the GPU sets the pace;
+    host time, the calls' issue before the synchronization, what they pay when the host does). One call each to
     size a round of about ``round_s``, then ``rounds`` rounds taking every function in turn, the best round each."""
     n: dict[str, int] = {}
     for name, fn in fns.items():
@@ -85,24 +90,29 @@ def time_rounds(fns: dict[str, Callable[[], object]], clock: Callable[[], float]
         fn()
         sync()
         n[name] = max(1, min(50, round(round_s / max(clock() - t, 1e-9))))
-    best = {name: math.inf for name in fns}
+    wall = {name: math.inf for name in fns}
+    host = dict(wall)
     for _ in range(rounds):
         for name, fn in fns.items():
             sync()
             t = clock()
             for _ in range(n[name]):
                 fn()
+            issued = clock()
             sync()
-            best[name] = min(best[name], (clock() - t) / n[name] * 1e6)
-    return best
+            wall[name] = min(wall[name], (clock() - t) / n[name] * 1e6)
+            host[name] = min(host[name], (issued - t) / n[name] * 1e6)
+    return wall, host
 
 
 def decide(stock: Callable[[], torch.Tensor], cudnn: Callable[[], torch.Tensor],
            clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = torch.cuda.synchronize,
            margin: float = MARGIN, agree: float = AGREE) -> Decision:
-    """Compare the two kernels on one call: cuDNN where its output agrees with the stock kernel's within ``agree``
-    and it is faster by ``margin``, else the stock kernel; the decision records both times and the agreement. A
-    cuDNN call that raises (a cuDNN build that cannot run the shape after all) leaves the stock kernel, with why."""
+    """Compare the two kernels on one call: cuDNN where its output agrees with the stock kernel's within ``agree``,
+    it is faster by ``margin`` and the time it saves a call is at least the host time it adds (in a host-bound model
+    the added host time is what a call costs more; in a GPU-bound one the saving is what it gains), else the stock
+    kernel; the decision records both times, the host times and the agreement. A cuDNN call that raises (a cuDNN
+    build that cannot run the shape after all) leaves the stock kernel, with why."""
     want = stock()
     try:
         got = cudnn()
@@ -114,20 +124,28 @@ def decide(stock: Callable[[], torch.Tensor], cudnn: Callable[[], torch.Tensor],
     if not rel <= agree:  # NaN too
         d.skipped[CUDNN] = f"output differs from the stock kernel's by {rel:.2%} (> {agree:.0%})"
         return d
-    d.us = time_rounds({STOCK: stock, CUDNN: cudnn}, clock, sync)
-    if d.us[CUDNN] <= d.us[STOCK] * (1 - margin):
-        d.backend = CUDNN
+    d.us, host = time_rounds({STOCK: stock, CUDNN: cudnn}, clock, sync)
+    d.notes.update({f"host_us_{n}": f"{us:.1f}" for n, us in host.items()})
+    saved, added = d.us[STOCK] - d.us[CUDNN], host[CUDNN] - host[STOCK]
+    if d.us[CUDNN] > d.us[STOCK] * (1 - margin):
+        return d
+    if saved < added:
+        d.skipped[CUDNN] = (f"saves {saved:.0f} µs a call but adds {added:.0f} µs of host time: a host-bound model "
+                            "would run slower")
+        return d
+    d.backend = CUDNN
     return d
 
 
 def choice_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-               order: Sequence[int] | None) -> str:
+               order: Sequence[int] | None, scoped: bool = True) -> str:
     """What a choice depends on: shapes, strides (the kernels' layouts), dtype, scale, the stock backend order and
-    the cuDNN version (the cache file is per GPU model and torch / triton version already)."""
+    whether the stock call runs in its scope (its host time), the cuDNN version (the cache file is per GPU model
+    and torch / triton version already)."""
     dt = str(q.dtype).removeprefix("torch.")
     return (f"sdpa|q={list(q.shape)}:{list(q.stride())}|k={list(k.shape)}:{list(k.stride())}"
             f"|v={list(v.shape)}:{list(v.stride())}|{dt}|scale={scale}|order={None if order is None else list(order)}"
-            f"|cudnn={torch.backends.cudnn.version()}")
+            f"{'' if scoped else ':unscoped'}|cudnn={torch.backends.cudnn.version()}")
 
 
 def cache_path(device: torch.device, root: Path | None = None) -> Path:
@@ -161,12 +179,16 @@ _MEMO: dict[tuple, bool] = {}
 
 class SdpaChooser:
     """Per call shape, cuDNN's attention where it is faster than the stock kernel (SDPA under ``order``): measured
-    on the first call of a shape (:func:`decide`), kept in :func:`cache_path`'s file. ``chosen`` counts the calls
-    it ran on cuDNN, ``measured`` the shapes it timed."""
+    on the first call of a shape (:func:`decide`), kept in :func:`cache_path`'s file. ``unscoped(q, k, v)``: whether
+    the caller runs this call's stock kernel as SDPA's plain call, without ``order``'s scope (``nodes.lean_attention``
+    does where the scope would not change the kernel): the stock kernel is then timed so, its host time as paid.
+    ``chosen`` counts the calls it ran on cuDNN, ``measured`` the shapes it timed."""
 
-    def __init__(self, order: Sequence[int] | None, root: Path | None = None) -> None:
+    def __init__(self, order: Sequence[int] | None, root: Path | None = None,
+                 unscoped: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool] | None = None) -> None:
         self.order = None if order is None else tuple(int(b) for b in order)
         self.root = root
+        self.unscoped = unscoped
         self.chosen = self.measured = 0
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -175,7 +197,7 @@ class SdpaChooser:
         if why_not(q, k, v) is not None:
             return None
         sig = (q.device.index, q.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), scale,
-               self.order, self.root)
+               self.order, self.root, self.unscoped is not None)
         use = _MEMO.get(sig)
         if use is None:
             use = self._choose(q, k, v, scale)
@@ -190,7 +212,8 @@ class SdpaChooser:
     def _choose(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> bool | None:
         """The cached or measured choice (True: cuDNN); None while a CUDA graph is being captured (no timing)."""
         cache = open_cache(cache_path(q.device, self.root), CACHE_VERSION)
-        key = choice_key(q, k, v, scale, self.order)
+        scoped = self.unscoped is None or not self.unscoped(q, k, v)
+        key = choice_key(q, k, v, scale, self.order, scoped)
         known = cache.get(key)
         if known is not None:
             return known == CUDNN
@@ -200,7 +223,7 @@ class SdpaChooser:
         if not torch.backends.cuda.can_use_cudnn_attention(params):
             decision = Decision(backend=STOCK, skipped={CUDNN: "SDPA's cuDNN backend cannot run this call"})
         else:
-            stock = stock_attention(self.order)
+            stock = stock_attention(self.order if scoped else None)
             decision = decide(lambda: stock(q, k, v, scale), lambda: cudnn_attention(q, k, v, scale))
             self.measured += 1
             _log(decision, q, k)
@@ -213,7 +236,10 @@ class SdpaChooser:
 
 def _log(decision: Decision, q: torch.Tensor, k: torch.Tensor) -> None:
     """One line per measured shape (a cuDNN error as a warning): what ran and why."""
-    why = [f"{n} {us:.0f} µs" for n, us in decision.us.items()] + list(decision.skipped.values())
+    host = {n: f" (host {decision.notes[f'host_us_{n}']})" if f"host_us_{n}" in decision.notes else ""
+            for n in decision.us}
+    why = [f"{n} {us:.0f} µs{host[n]}" for n, us in decision.us.items()]
+    why += list(decision.skipped.values())
     failed = "raised" in decision.skipped.get(CUDNN, "")
     logger.log(logging.WARNING if failed else logging.INFO, "comfyquant: attention %s x %d keys x %d: %s (%s)",
                list(q.shape[:2]), k.shape[2], q.shape[-1], decision.backend, "; ".join(why))
