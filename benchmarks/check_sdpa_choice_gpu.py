@@ -9,6 +9,9 @@ SD3.5 at 1024², from a cold cache:
   where the stock kernel was chosen; where cuDNN was, bit-equal to SDPA's own cuDNN backend on the same call and
   within 1% of ComfyUI's output (two exact kernels' rounding);
 - the direct cuDNN op bit-equal to ``F.scaled_dot_product_attention`` under ``sdpa_kernel([CUDNN_ATTENTION])``;
+- the ``cudnn`` mode: every call of 1,024+ keys bit-equal to SDPA's cuDNN backend, through the direct op (no
+  scope), shorter calls bit-equal to ComfyUI's; the ``int8-fp8`` mode: calls the int8 kernel does not take
+  bit-equal to ``auto``'s (its choices), the one it takes (Wan 480p) routed through its scope;
 - the cache: a second pass with the process memo dropped reads every choice back without timing (no shape measured
   again) and gives the same bits;
 - each shape's measured µs per call (stock and cuDNN, synchronized wall time, and each one's host time: cuDNN is
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from comfy.ldm.modules.attention import attention_pytorch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from comfyquant.nodes.attention import OVERRIDE_KEY, QuantizedAttentionOverride
+    from comfyquant.nodes.attention import OVERRIDE_KEY, QuantizedAttentionOverride, policy_for
     from comfyquant.nodes.lean_attention import ComfyAttention
     from comfyquant.runtime import sdpa_choice
     from comfyquant.runtime.kernels.measured import open_cache
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         outs: dict[str, torch.Tensor] = {}
         for name, _, _, heads, kw in SHAPES:
             q, k, v = inputs[name]
-            override = QuantizedAttentionOverride(None, None, comfy, choose=True)
+            override = QuantizedAttentionOverride(None, None, comfy, choose="measured")
             opts = {OVERRIDE_KEY: override}
             chooser = override.lean.chooser  # type: ignore[union-attr]
             want = attention_pytorch(q, k, v, heads, **kw)
@@ -105,6 +108,24 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 good = bool(torch.equal(got, want)) and chooser.chosen == 0
             good &= (entry is not None) == (int(k4.shape[2]) >= sdpa_choice.MIN_KEYS)
+            # the cudnn mode: cuDNN's kernel through the direct op on every long call, no scope
+            cud = QuantizedAttentionOverride(policy_for("cudnn"), None, comfy, choose="cudnn")
+            got_c = attention_pytorch(q, k, v, heads, **kw, transformer_options={OVERRIDE_KEY: cud})
+            n_c = cud.lean.chooser.chosen  # type: ignore[union-attr]
+            if int(k4.shape[2]) >= sdpa_choice.MIN_KEYS:
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    ref_c = F.scaled_dot_product_attention(q4, k4, v4)
+                ref_c = ref_c.transpose(1, 2).reshape(got_c.shape) if got_c.dim() == 3 else ref_c
+                good_c = bool(torch.equal(got_c, ref_c)) and n_c == 1 and cud.cudnn == 0
+            else:
+                good_c = bool(torch.equal(got_c, want)) and n_c == 0
+            # int8-fp8: auto's kernel on what the int8 kernel does not take, the int8 kernel's scope on the rest
+            i8 = QuantizedAttentionOverride(policy_for("int8-fp8"), None, comfy, choose="measured")
+            got_i = attention_pytorch(q, k, v, heads, **kw, transformer_options={OVERRIDE_KEY: i8})
+            routed = i8.may_route(q, k, v, heads, None, None, skip)
+            good_i = i8.routed == 1 if routed else bool(torch.equal(got_i, got)) and i8.routed == 0
+            row.update({"cudnn_mode_pass": good_c, "int8_fp8_mode_pass": good_i, "int8_fp8_routed": routed})
+            good &= good_c and good_i
             n = 50 if q.numel() <= 8 << 20 else 5
             row["host_us_comfyui"] = host_us(lambda: attention_pytorch(q, k, v, heads, **kw), n)  # noqa: B023
             row["host_us_auto"] = host_us(
@@ -116,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'PASS' if good else 'FAIL'} {name:28s} choice={chose} stock={us.get('stock', 0):9.1f} µs "
                   f"(host {notes.get('host_us_stock', '-')}) cudnn={us.get('cudnn', 0):9.1f} µs (host "
                   f"{notes.get('host_us_cudnn', '-')}) rel={rel:.2e} host/call ComfyUI {row['host_us_comfyui']:.1f} "
-                  f"auto {row['host_us_auto']:.1f} µs {row['skipped'] or ''}", flush=True)
+                  f"auto {row['host_us_auto']:.1f} µs; cudnn mode {'ok' if good_c else 'FAIL'}, int8-fp8 mode "
+                  f"{'ok' if good_i else 'FAIL'}{' (routed)' if routed else ''} {row['skipped'] or ''}", flush=True)
         # the cache: a new process's view (memo dropped, the file read again) decides the same without timing
         sdpa_choice.forget()
         again_ok = True
         for name, _, _, heads, kw in SHAPES:
             q, k, v = inputs[name]
-            override = QuantizedAttentionOverride(None, None, comfy, choose=True)
+            override = QuantizedAttentionOverride(None, None, comfy, choose="measured")
             got = attention_pytorch(q, k, v, heads, **kw, transformer_options={OVERRIDE_KEY: override})
             same = bool(torch.equal(got, outs[name])) and override.lean.chooser.measured == 0  # type: ignore[union-attr]
             again_ok &= same

@@ -8,6 +8,7 @@ decision: ``check_lean_attention_gpu.py``."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -236,3 +237,23 @@ def test_a_comfyui_whose_attention_pytorch_changed_signature_gets_no_lean_path(
 
     monkeypatch.setattr(comfy_attention, "attention_pytorch", functools.wraps(changed)(lambda *a, **kw: changed(*a, **kw)))
     assert ComfyAttention.load().function is None
+
+
+def test_each_mode_computes_its_lean_calls_with_its_kernel_choice(comfy: Any) -> None:
+    """``auto`` and the int8 modes measure per call shape (the int8 kernel's calls aside), ``cudnn`` takes cuDNN's
+    kernel through the direct op wherever it can run (no backend-order scope, no timing), ``sdpa`` ComfyUI's."""
+    from comfyquant.runtime.sdpa_choice import CudnnFirst, SdpaChooser
+
+    kinds = {"auto": SdpaChooser, "int8": SdpaChooser, "int8-fp8": SdpaChooser, "cudnn": CudnnFirst,
+             "sdpa": type(None)}
+    for mode, kind in kinds.items():
+        override = enable_quantized_attention(_patcher(comfy), mode)
+        assert override is not None and override.lean is not None, mode
+        assert type(override.lean.chooser) is kind, mode
+        copied = copy.deepcopy(override)  # ComfyUI deep-copies model options per sampling call
+        assert type(copied.lean.chooser) is kind and copied.choose == override.choose
+    q, k, v = (t.reshape(2, 64, 4, 32).transpose(1, 2) for t in _qkv())
+    first = CudnnFirst()
+    assert first(q, k, v) is None and first.chosen == 0  # CPU tensors: the stock kernel runs
+    with pytest.raises(ValueError, match="not measured or cudnn"):
+        QuantizedAttentionOverride(None, None, ComfyAttention.load(), choose="fastest")

@@ -13,9 +13,12 @@ called) inside a ``QuantizedAttention`` scope, so ComfyUI's own reshapes and mas
 - ``sdpa``: ComfyUI's own choice of kernel, without its per-call backend-order scope where the scope would not
   change that choice (``nodes.lean_attention``: the same kernel, without the scope's host time);
 - ``comfyui``: ComfyUI's attention function untouched (no override);
-- ``cudnn``: calls of 1,024+ keys run with cuDNN first (exact bf16 attention, no quantization);
-- ``int8`` / ``int8-fp8``: the same, and calls of 16,384+ keys at head size 128 (Wan 480p and longer video),
-  where the int8 kernel beats cuDNN too, run on it (``int8-fp8``: p and v in fp8 as well).
+- ``cudnn``: calls of 1,024+ keys run on cuDNN's kernel (exact bf16 attention, no quantization), called directly;
+- ``int8`` / ``int8-fp8``: calls of 16,384+ keys at head size 128 (Wan 480p and longer video), where the int8
+  kernel beats cuDNN too, run on it (``int8-fp8``: p and v in fp8 as well); the rest as ``auto`` runs them.
+
+Only the int8 kernel's calls (and, over another node's override, the ``cudnn`` modes' cuDNN-first order) go
+through a ``QuantizedAttention`` scope: a TorchFunctionMode costs every op inside it host time.
 
 Other attention backends (xformers, sage, flash-attn packages) do not call SDPA and pass through untouched.
 """
@@ -29,12 +32,14 @@ import torch
 
 from comfyquant.nodes.lean_attention import ComfyAttention, LeanSdpa, unscoped_call
 from comfyquant.runtime.attention import AttentionPolicy, QuantizedAttention
-from comfyquant.runtime.sdpa_choice import SdpaChooser
+from comfyquant.runtime.sdpa_choice import CudnnFirst, SdpaChooser
 
 # auto: the faster of ComfyUI's kernel and cuDNN's per call shape (measured); sdpa: ComfyUI's kernel choice at less
-# host time; comfyui: its attention untouched; cudnn: exact, cuDNN first; int8: q k^T int8 and p v bf16 on long
-# sequences (cuDNN first on the rest); int8-fp8: p v fp8 too
+# host time; comfyui: its attention untouched; cudnn: exact, on cuDNN; int8: q k^T int8 and p v bf16 on long
+# sequences (the rest as auto); int8-fp8: p v fp8 too
 MODES = ("auto", "sdpa", "comfyui", "cudnn", "int8", "int8-fp8")
+# each mode's kernel choice for the calls the lean path computes (runtime.sdpa_choice): measured, cuDNN, or none
+CHOOSERS = {"auto": "measured", "int8": "measured", "int8-fp8": "measured", "cudnn": "cudnn"}
 DEFAULT_MODE = "auto"
 OVERRIDE_KEY = "optimized_attention_override"
 NODE_MIN_TOKENS = 16384  # int8 kernel vs cuDNN: 0.74x at 4,608 keys, 1.05-1.26x at 32,760 (runs 16-17)
@@ -59,13 +64,22 @@ class QuantizedAttentionOverride:
     (``lean``, :class:`~comfyquant.nodes.lean_attention.LeanSdpa`; not past an earlier override, which must run).
     ``calls`` / ``routed`` / ``cudnn`` count overridden calls, the SDPA calls that ran on the int8 kernel and
     those that ran with cuDNN first; ``lean.calls`` those computed without ComfyUI's backend-order scope, and with
-    ``choose`` (mode ``auto``) ``lean.chooser.chosen`` those of them that ran on cuDNN as measured faster."""
+    ``choose`` (:data:`CHOOSERS`: ``"measured"``, ``"cudnn"``) ``lean.chooser.chosen`` those of them that ran on
+    cuDNN's kernel, as measured faster or always."""
 
     def __init__(self, policy: AttentionPolicy | None, previous: Callable[..., Any] | None = None,
-                 comfy: ComfyAttention | None = None, choose: bool = False) -> None:
+                 comfy: ComfyAttention | None = None, choose: str | None = None) -> None:
         self.policy, self.previous, self.comfy, self.choose = policy, previous, comfy, choose
-        self.lean = LeanSdpa(comfy, SdpaChooser(comfy.order, unscoped=unscoped_call(comfy.order)) if choose
-                             else None) if comfy is not None and previous is None else None
+        self.lean = None
+        if comfy is not None and previous is None:
+            chooser: SdpaChooser | CudnnFirst | None = None
+            if choose == "measured":
+                chooser = SdpaChooser(comfy.order, unscoped=unscoped_call(comfy.order))
+            elif choose == "cudnn":
+                chooser = CudnnFirst()
+            elif choose is not None:
+                raise ValueError(f"attention kernel choice {choose!r} is not measured or cudnn")
+            self.lean = LeanSdpa(comfy, chooser)
         self.calls = self.routed = self.cudnn = 0
 
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -87,10 +101,11 @@ class QuantizedAttentionOverride:
 
     def may_route(self, q: Any = None, k: Any = None, v: Any = None, heads: int = 1, mask: Any = None,
                   attn_precision: Any = None, skip_reshape: bool = False, *args: Any, **kwargs: Any) -> bool:
-        """Whether ComfyUI's attention call ``(q, k, v, heads, mask=..., skip_reshape=...)`` can reach a kernel of
-        the policy: CUDA tensors, no mask, and enough keys for cuDNN first or, at a routed head size, for the int8
-        kernel (``[B, H, T, D]`` when ``skip_reshape``, else ``[B, T, H * D]``). The scope decides on the SDPA
-        call itself."""
+        """Whether ComfyUI's attention call ``(q, k, v, heads, mask=..., skip_reshape=...)`` goes through the
+        policy's scope: CUDA tensors, no mask, and at a routed head size enough keys for the int8 kernel, or (only
+        over another node's override, where the lean path does not run) enough keys for cuDNN first
+        (``[B, H, T, D]`` when ``skip_reshape``, else ``[B, T, H * D]``). The scope decides on the SDPA call
+        itself."""
         if self.policy is None:
             return False
         if args or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or mask is not None:
@@ -99,9 +114,9 @@ class QuantizedAttentionOverride:
             return False
         tokens = k.shape[2] if skip_reshape else k.shape[1]
         head_dim = q.shape[-1] if skip_reshape else q.shape[-1] // max(int(heads), 1)
-        if self.policy.cudnn_first and tokens >= NODE_CUDNN_MIN_TOKENS:
+        if self.policy.quantize and tokens >= self.policy.min_tokens and head_dim in self.policy.head_dims:
             return True
-        return self.policy.quantize and tokens >= self.policy.min_tokens and head_dim in self.policy.head_dims
+        return self.lean is None and self.policy.cudnn_first and tokens >= NODE_CUDNN_MIN_TOKENS
 
     def __deepcopy__(self, memo: dict) -> QuantizedAttentionOverride:  # ComfyUI deep-copies model options
         return QuantizedAttentionOverride(self.policy, self.previous, self.comfy, self.choose)
@@ -116,6 +131,6 @@ def enable_quantized_attention(patcher: Any, mode: str) -> QuantizedAttentionOve
     previous = opts.get(OVERRIDE_KEY)
     if mode == "comfyui" or (policy is None and previous is not None):
         return None
-    override = QuantizedAttentionOverride(policy, previous, ComfyAttention.load(), choose=mode == "auto")
+    override = QuantizedAttentionOverride(policy, previous, ComfyAttention.load(), choose=CHOOSERS.get(mode))
     opts[OVERRIDE_KEY] = override
     return override

@@ -234,6 +234,30 @@ class SdpaChooser:
         return decision.backend == CUDNN
 
 
+class CudnnFirst:
+    """The chooser of the ``cudnn`` attention mode: cuDNN's kernel on every call it can run (no timing), through the
+    direct op (no backend-order scope); ``chosen`` counts those calls. Same interface as :class:`SdpaChooser`."""
+
+    def __init__(self) -> None:
+        self.chosen = self.measured = 0
+        self._can: dict[tuple, bool] = {}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float | None = None) -> torch.Tensor | None:
+        """cuDNN's output for this call, or None where it cannot run it (the caller runs the stock kernel)."""
+        if why_not(q, k, v) is not None:
+            return None
+        sig = (q.device.index, q.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride())
+        can = self._can.get(sig)
+        if can is None:
+            params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+            can = self._can[sig] = bool(torch.backends.cuda.can_use_cudnn_attention(params))
+        if not can:
+            return None
+        self.chosen += 1
+        return cudnn_attention(q, k, v, scale)
+
+
 def _log(decision: Decision, q: torch.Tensor, k: torch.Tensor) -> None:
     """One line per measured shape (a cuDNN error as a warning): what ran and why."""
     host = {n: f" (host {decision.notes[f'host_us_{n}']})" if f"host_us_{n}" in decision.notes else ""
