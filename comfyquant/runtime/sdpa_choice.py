@@ -6,10 +6,10 @@ others measured it slower on short head-64 calls (an H100 sweep in sglang's PR 3
 (0.23% against float32 either way, GPU check ``attention_cudnn_first``). So :class:`SdpaChooser` times the stock
 kernel (SDPA as the caller runs it: under ComfyUI's backend order, or without its scope where that picks the same
 kernel) and cuDNN's on the first call of each shape, checks that the two outputs agree, and keeps cuDNN only where
-it is faster by :data:`MARGIN` and saves at least the host time it adds: the direct cuDNN op costs 8-18 µs more host
-time a call than SDPA's FlashAttention call on an H100's host (run 114), which a host-bound model pays in full (SDXL's
-1,024-token calls save 16 µs; run 113, steady host: SDXL int8 with cuDNN on every long call 1.06x stock bf16, on
-none 1.12x). Choices are kept in a file per GPU model and torch / triton version, keyed with the cuDNN version
+it is faster by :data:`MARGIN` and saves at least the host time it adds: the direct cuDNN op costs 1-18 µs more host
+time a call than SDPA's FlashAttention call on an H100's host (runs 114 / 116), which a host-bound model pays in full
+(SDXL's 1,024-token calls save 16-18 µs; run 113, steady host: SDXL int8 with cuDNN on every long call 1.06x stock
+bf16, on none 1.11x). Choices are kept in a file per GPU model and torch / triton version, keyed with the cuDNN version
 (``measured.ChoiceCache``): later processes run the same kernel on the same shape without timing, so the same inputs
 give the same outputs.
 """
