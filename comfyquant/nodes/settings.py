@@ -80,7 +80,8 @@ class RuntimeOptions:
     halves, run as one GEMM per call whose fused output is at most ``fuse_max_bytes``; ``runtime.siblings``)
     and ``measure_backends`` (eager: time the candidate kernels once per layer shape and keep the fastest,
     cached per GPU, instead of the cost model's prediction) and ``attention`` (``auto``: the faster of ComfyUI's
-    kernel and cuDNN's per call shape, measured; ``sdpa``: ComfyUI's; ``cudnn``: cuDNN's kernel first; ``int8`` / ``int8-fp8``: that, and long self-attention on the int8 kernel, ``nodes.attention``)
+    kernel and cuDNN's per call shape, measured; ``sdpa``: ComfyUI's; ``cudnn``: cuDNN's kernel on every long call;
+    ``int8`` / ``int8-fp8``: long self-attention on the int8 kernel, the rest as ``auto``; ``nodes.attention``)
     and ``fuse_rope`` (the folded Flux-family and Qwen-Image blocks' q / k RMSNorms and RoPE in one kernel,
     ``nodes.flux_rope``, ``nodes.qwen_rope``)."""
 

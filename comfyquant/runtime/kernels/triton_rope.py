@@ -5,7 +5,7 @@ In ComfyUI's Flux blocks each attention call costs, besides the GEMMs and SDPA: 
 launch each), RoPE (comfy-kitchen's kernel, or without its CUDA build seven fp32 elementwise launches per tensor),
 and in double blocks three ``torch.cat`` joining the text and image streams. ComfyUI's Flux class at 1024² spent
 about 10 ms of a 50 ms int8 step there on an H100 (docs/PERFORMANCE.md, run 99's profile). Here one program takes
-``BT`` tokens x ``HG`` heads: it loads their RoPE rotations once (fp32 ``[D/2, 2, 2]`` per token, ComfyUI's
+``BT`` tokens x ``HG`` heads: it loads their RoPE rotations once (``[D/2, 2, 2]`` per token, fp32 or 16-bit, ComfyUI's
 ``EmbedND`` layout), and per head reads q, k (and v) of those tokens from the projection's rows, normalizes q and k
 (fp32 sum of squares, the norm rounded to the input dtype as ``F.rms_norm`` returns it), rotates them in fp32
 (``out[2i + r] = F[i, r, 0] x[2i] + F[i, r, 1] x[2i + 1]``) and stores q, k (and v) at token ``start + t`` of the
@@ -47,8 +47,9 @@ def _norm_rope_kernel(qs_ptr, ks_ptr, vs_ptr, q_off, k_off, v_off, qw_ptr, kw_pt
                       NORM: tl.constexpr, ROPE: tl.constexpr, WRITE_V: tl.constexpr):
     """Program (token block, head group, batch item). q's / k's / v's heads (``H * D`` columns each) start at
     column ``*_off`` of their source rows (one projection's output for all three, or three projections'), rows
-    ``s_l`` elements apart a token, ``s_b`` a batch item; ``pe``: fp32 or 16-bit ``[., Lj, D/2, 2, 2]`` (widened to
-    fp32 as loaded) rows at ``pe_l`` elements a token (``pe_b`` a batch item, 0 broadcast); q / k / v: ``[B, H, L_OUT, D]``."""
+    ``s_l`` elements apart a token, ``s_b`` a batch item; ``pe``: fp32 or 16-bit ``[., Lj, D/2, 2, 2]`` (widened
+    to fp32 as loaded) rows at ``pe_l`` elements a token (``pe_b`` a batch item, 0 broadcast); q / k / v:
+    ``[B, H, L_OUT, D]``."""
     b = tl.program_id(2)
     toks = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = toks < L
@@ -88,8 +89,8 @@ def norm_rope_launch(srcs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], offs
     """Write the normed, rotated q / k (and v, where given) of one stream into rows ``[start, start + L)`` of ``q`` /
     ``k`` / ``v`` (``[B, H, L_OUT, D]``, contiguous). ``srcs``: q's, k's and v's source (``[B, L, .]`` with one
     set of strides and a unit last stride; the same projection output three times, or three projections), their
-    heads at columns ``offsets``. ``pe``: fp32 or 16-bit ``[B or 1, 1, >= start + L, D/2, 2, 2]`` with its last three dims
-    contiguous, or None (no rotation); weights None: no norm. The caller checks shapes
+    heads at columns ``offsets``. ``pe``: fp32 or 16-bit ``[B or 1, 1, >= start + L, D/2, 2, 2]`` with its last
+    three dims contiguous, or None (no rotation); weights None: no norm. The caller checks shapes
     (:func:`runtime.rope.kernel_applies`)."""
     src = srcs[0]
     b, length = src.shape[0], src.shape[1]
