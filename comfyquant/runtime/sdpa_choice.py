@@ -6,10 +6,11 @@ others measured it slower on short head-64 calls (an H100 sweep in sglang's PR 3
 (0.23% against float32 either way, GPU check ``attention_cudnn_first``). So :class:`SdpaChooser` times the stock
 kernel (SDPA as the caller runs it: under ComfyUI's backend order, or without its scope where that picks the same
 kernel) and cuDNN's on the first call of each shape, checks that the two outputs agree, and keeps cuDNN only where
-it is faster by :data:`MARGIN` and saves at least the host time it adds: the direct cuDNN op costs 1-18 µs more host
-time a call than SDPA's FlashAttention call on an H100's host (runs 114 / 116), which a host-bound model pays in full
-(SDXL's 1,024-token calls save 16-18 µs; run 113, steady host: SDXL int8 with cuDNN on every long call 1.06x stock
-bf16, on none 1.11x). Choices are kept in a file per GPU model and torch / triton version, keyed with the cuDNN version
+it is faster by :data:`MARGIN` and saves at least :data:`HOST_WEIGHT` times the host time it adds: the direct cuDNN op
+costs 1-18 µs more host time a call than SDPA's FlashAttention call timed alone on an H100's host (runs 114 / 116),
+and a host-bound model pays more than that: SDXL's step in ComfyUI's class ran 2.1 ms slower with its 70 long
+attention calls on cuDNN than on FlashAttention (run 113, steady host: int8 1.06x stock bf16 against 1.11x), ~30 µs
+a call, while its 60 calls of 1,024 tokens save 16-18 µs each on the GPU. Choices are kept in a file per GPU model and torch / triton version, keyed with the cuDNN version
 (``measured.ChoiceCache``): later processes run the same kernel on the same shape without timing, so the same inputs
 give the same outputs.
 """
@@ -34,9 +35,12 @@ from comfyquant.runtime.kernels.measured import Decision, drop_caches, open_cach
 MIN_KEYS = 1024  # shorter calls: a few µs of GPU work, where timing could only pick by noise
 MARGIN = 0.05  # cuDNN is kept where it takes at most 95% of the stock kernel's time (near-ties stay stock)
 AGREE = 0.01  # relative L2 difference of the two outputs above which cuDNN's is not trusted (bf16 rounding: ~0.3%)
+# the host time cuDNN adds a call, timed alone, counts this many times against the GPU time it saves: SDXL's step paid
+# ~30 µs a cuDNN call (run 113) where the isolated loop timed 6-18 µs (runs 114 / 116)
+HOST_WEIGHT = 4.0
 ROUND_S = 0.02  # seconds of calls per timed round (at least one call)
 ROUNDS = 3
-CACHE_VERSION = 2  # 2: host time in the decision, the stock kernel timed as the caller runs it
+CACHE_VERSION = 3  # 2: host time in the decision, the stock kernel timed as the caller runs it; 3: HOST_WEIGHT
 CACHE_STEM = "attention"  # the choice file's name: attention-v<version>-<gpu>-<torch>-<triton>.json
 STOCK, CUDNN = "stock", "cudnn"
 logger = logging.getLogger("comfyquant.runtime")
@@ -107,10 +111,11 @@ def time_rounds(fns: dict[str, Callable[[], object]], clock: Callable[[], float]
 
 def decide(stock: Callable[[], torch.Tensor], cudnn: Callable[[], torch.Tensor],
            clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = torch.cuda.synchronize,
-           margin: float = MARGIN, agree: float = AGREE) -> Decision:
+           margin: float = MARGIN, agree: float = AGREE, host_weight: float = HOST_WEIGHT) -> Decision:
     """Compare the two kernels on one call: cuDNN where its output agrees with the stock kernel's within ``agree``,
-    it is faster by ``margin`` and the time it saves a call is at least the host time it adds (in a host-bound model
-    the added host time is what a call costs more; in a GPU-bound one the saving is what it gains), else the stock
+    it is faster by ``margin`` and the time it saves a call is at least ``host_weight`` times the host time it adds
+    (in a host-bound model the added host time is what a call costs more, and more than a loop of one call shows;
+    in a GPU-bound one the saving is what it gains), else the stock
     kernel; the decision records both times, the host times and the agreement. A cuDNN call that raises (a cuDNN
     build that cannot run the shape after all) leaves the stock kernel, with why."""
     want = stock()
@@ -129,9 +134,9 @@ def decide(stock: Callable[[], torch.Tensor], cudnn: Callable[[], torch.Tensor],
     saved, added = d.us[STOCK] - d.us[CUDNN], host[CUDNN] - host[STOCK]
     if d.us[CUDNN] > d.us[STOCK] * (1 - margin):
         return d
-    if saved < added:
-        d.skipped[CUDNN] = (f"saves {saved:.0f} µs a call but adds {added:.0f} µs of host time: a host-bound model "
-                            "would run slower")
+    if saved < host_weight * added:
+        d.skipped[CUDNN] = (f"saves {saved:.0f} µs a call but adds {added:.0f} µs of host time (x{host_weight:g}): a "
+                            "host-bound model would run slower")
         return d
     d.backend = CUDNN
     return d
