@@ -25,7 +25,8 @@ from torch import nn
 
 from comfyquant.autoprec.candidates import KEEP
 from comfyquant.formats.registry import gpu_generation
-from comfyquant.nodes.attention import NODE_MIN_TOKENS, enable_quantized_attention
+from comfyquant.nodes.attention import DESCRIPTIONS as ATTENTION_DESCRIPTIONS
+from comfyquant.nodes.attention import enable_quantized_attention
 from comfyquant.nodes.cache import CACHE, QuantCache
 from comfyquant.nodes.dit_blocks import fold_dit_blocks
 from comfyquant.nodes.graphs import enable_cuda_graphs
@@ -469,10 +470,7 @@ def adapt_model(patcher: Any, settings: AdapterSettings, *, progress: Any = None
         enable_cuda_graphs(clone)
     mode = settings.runtime.attention
     if root == MODEL_ROOT and enable_quantized_attention(clone, mode) is not None:
-        logger.info("comfyquant: attention %s", "sdpa: ComfyUI's kernel choice without its per-call backend setup "
-                    "(attention comfyui: ComfyUI's own)" if mode == "sdpa" else
-                    "auto: per call shape the faster of ComfyUI's kernel and cuDNN's (timed once per GPU, cached)"
-                    if mode == "auto" else f"{mode} for head size 128 from {NODE_MIN_TOKENS} keys")
+        logger.info("comfyquant: attention %s: %s", mode, ATTENTION_DESCRIPTIONS[mode])
     logger.info(report.summary())
     if load_dev.type == "cuda" and report.converted:
         logger.info("comfyquant: kernels on %s", describe_device(load_dev))

@@ -45,6 +45,16 @@ OVERRIDE_KEY = "optimized_attention_override"
 NODE_MIN_TOKENS = 16384  # int8 kernel vs cuDNN: 0.74x at 4,608 keys, 1.05-1.26x at 32,760 (runs 16-17)
 NODE_CUDNN_MIN_TOKENS = 1024  # below this a call is short enough that the backend order's host cost is not paid
 NODE_HEAD_DIMS = (128,)
+# what each mode does, as the node's log line says it
+DESCRIPTIONS = {
+    "auto": "per call shape the faster of ComfyUI's kernel and cuDNN's, host time counted (timed once per GPU, "
+            "cached)",
+    "sdpa": "ComfyUI's kernel choice without its per-call backend setup (attention comfyui: ComfyUI's own)",
+    "comfyui": "ComfyUI's own",
+    "cudnn": f"cuDNN's kernel on every call of {NODE_CUDNN_MIN_TOKENS}+ keys",
+    "int8": f"the int8 kernel for head size 128 from {NODE_MIN_TOKENS} keys, the rest as auto",
+    "int8-fp8": f"the int8 kernel with p v in fp8 for head size 128 from {NODE_MIN_TOKENS} keys, the rest as auto",
+}
 
 
 def policy_for(mode: str) -> AttentionPolicy | None:

@@ -43,6 +43,7 @@ ROUNDS = 3
 CACHE_VERSION = 3  # 2: host time in the decision, the stock kernel timed as the caller runs it; 3: HOST_WEIGHT
 CACHE_STEM = "attention"  # the choice file's name: attention-v<version>-<gpu>-<torch>-<triton>.json
 STOCK, CUDNN = "stock", "cudnn"
+RAISED = "cuDNN's kernel raised "  # how a decision's reason starts where the cuDNN call failed (logged as a warning)
 logger = logging.getLogger("comfyquant.runtime")
 # the op SDPA's cuDNN backend calls (torch 2.5+); calling it directly skips SDPA's selection and any backend scope
 _CUDNN_OP = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
@@ -122,7 +123,7 @@ def decide(stock: Callable[[], torch.Tensor], cudnn: Callable[[], torch.Tensor],
     try:
         got = cudnn()
     except RuntimeError as e:
-        return Decision(backend=STOCK, skipped={CUDNN: f"cuDNN's kernel raised {type(e).__name__}: {e}"[:300]})
+        return Decision(backend=STOCK, skipped={CUDNN: f"{RAISED}{type(e).__name__}: {e}"[:300]})
     rel = relative_difference(got, want)
     del want, got
     d = Decision(backend=STOCK, notes={"relative_difference": f"{rel:.3e}"})
@@ -269,7 +270,7 @@ def _log(decision: Decision, q: torch.Tensor, k: torch.Tensor) -> None:
             for n in decision.us}
     why = [f"{n} {us:.0f} µs{host[n]}" for n, us in decision.us.items()]
     why += list(decision.skipped.values())
-    failed = "raised" in decision.skipped.get(CUDNN, "")
+    failed = decision.skipped.get(CUDNN, "").startswith(RAISED)
     logger.log(logging.WARNING if failed else logging.INFO, "comfyquant: attention %s x %d keys x %d: %s (%s)",
                list(q.shape[:2]), k.shape[2], q.shape[-1], decision.backend, "; ".join(why))
 
