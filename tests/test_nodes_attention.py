@@ -257,3 +257,12 @@ def test_each_mode_computes_its_lean_calls_with_its_kernel_choice(comfy: Any) ->
     assert first(q, k, v) is None and first.chosen == 0  # CPU tensors: the stock kernel runs
     with pytest.raises(ValueError, match="not measured or cudnn"):
         QuantizedAttentionOverride(None, None, ComfyAttention.load(), choose="fastest")
+
+
+def test_every_mode_has_the_log_line_it_is_described_by() -> None:
+    """The node logs what its attention mode does; the int8 modes say the rest of their calls run as ``auto``."""
+    from comfyquant.nodes.attention import DESCRIPTIONS, MODES
+
+    assert set(DESCRIPTIONS) == set(MODES)
+    assert DESCRIPTIONS["cudnn"] == "cuDNN's kernel on every call of 1024+ keys"
+    assert DESCRIPTIONS["int8-fp8"].endswith("from 16384 keys, the rest as auto")
