@@ -58,10 +58,10 @@ def _optional_runtime_inputs() -> dict[str, Any]:
 def _attention_input() -> dict[str, Any]:
     return {"attention": (list(ATTENTION_MODES), {
         "default": "auto", "tooltip": "auto: per call shape the faster of ComfyUI's kernel and cuDNN's (both exact "
-                                      "attention; timed on the first call of a shape, cached per GPU; cuDNN was "
-                                      "1.5-2x faster on every diffusion shape timed on an H100). "
-                                      "cudnn: attention of 1,024+ tokens on cuDNN's kernel always (auto takes it "
-                                      "where faster, at less host time). int8: that, and "
+                                      "attention; timed on the first call of a shape, host time counted, cached "
+                                      "per GPU; cuDNN was 1.5-2x faster on every diffusion shape timed on an "
+                                      "H100). cudnn: attention of 1,024+ tokens on cuDNN's kernel always (auto "
+                                      "takes it where it pays). int8: calls as auto runs them, except "
                                       "self-attention of 16,384+ tokens at head size 128 (video models) with q "
                                       "and k in int8 (~1.05x cuDNN, ~1.3% error); int8-fp8: p and v in fp8 too "
                                       "(~1.26x cuDNN, ~3.9% error); sdpa: ComfyUI's own choice of kernel, without "

@@ -2,17 +2,18 @@
 
 ComfyUI 0.30 orders SDPA's backends FlashAttention-2 first. On Hopper cuDNN's fused attention ran every diffusion
 call shape timed faster: 1.47-1.96x on an H100 (Flux, SDXL, SD3.5, Qwen-Image, Wan; docs/PERFORMANCE.md run 103);
-others measured it slower on short head-64 calls (an H100 sweep in sglang's PR 30090). Both are exact attention: their outputs differ by rounding
-(0.23% against float32 either way, GPU check ``attention_cudnn_first``). So :class:`SdpaChooser` times the stock
+others measured it slower on short head-64 calls (an H100 sweep in sglang's PR 30090). Both are exact attention:
+their outputs differ by rounding (0.23% against float32 either way, GPU check ``attention_cudnn_first``). So
+:class:`SdpaChooser` times the stock
 kernel (SDPA as the caller runs it: under ComfyUI's backend order, or without its scope where that picks the same
 kernel) and cuDNN's on the first call of each shape, checks that the two outputs agree, and keeps cuDNN only where
 it is faster by :data:`MARGIN` and saves at least :data:`HOST_WEIGHT` times the host time it adds: the direct cuDNN op
 costs 1-18 µs more host time a call than SDPA's FlashAttention call timed alone on an H100's host (runs 114 / 116),
 and a host-bound model pays more than that: SDXL's step in ComfyUI's class ran 2.1 ms slower with its 70 long
 attention calls on cuDNN than on FlashAttention (run 113, steady host: int8 1.06x stock bf16 against 1.11x), ~30 µs
-a call, while its 60 calls of 1,024 tokens save 16-18 µs each on the GPU. Choices are kept in a file per GPU model and torch / triton version, keyed with the cuDNN version
-(``measured.ChoiceCache``): later processes run the same kernel on the same shape without timing, so the same inputs
-give the same outputs.
+a call, while its 60 calls of 1,024 tokens save 16-18 µs each on the GPU. Choices are kept in a file per GPU model
+and torch / triton version, keyed with the cuDNN version (``measured.ChoiceCache``): later processes run the same
+kernel on the same shape without timing, so the same inputs give the same outputs.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ def decide(stock: Callable[[], torch.Tensor], cudnn: Callable[[], torch.Tensor],
     """Compare the two kernels on one call: cuDNN where its output agrees with the stock kernel's within ``agree``,
     it is faster by ``margin`` and the time it saves a call is at least ``host_weight`` times the host time it adds
     (in a host-bound model the added host time is what a call costs more, and more than a loop of one call shows;
-    in a GPU-bound one the saving is what it gains), else the stock
-    kernel; the decision records both times, the host times and the agreement. A cuDNN call that raises (a cuDNN
-    build that cannot run the shape after all) leaves the stock kernel, with why."""
+    in a GPU-bound one the saving is what it gains), else the stock kernel; the decision records both times, the
+    host times and the agreement. A cuDNN call that raises (a cuDNN build that cannot run the shape after all)
+    leaves the stock kernel, with why."""
     want = stock()
     try:
         got = cudnn()
@@ -178,6 +179,17 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
+def call_signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """What a per-shape memo keys a call on: device, dtype, shapes and strides of q, k and v."""
+    return q.device.index, q.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride()
+
+
+def cudnn_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether SDPA's cuDNN backend can run this unmasked call (its own eligibility test)."""
+    return bool(torch.backends.cuda.can_use_cudnn_attention(torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False,
+                                                                                         False)))
+
+
 # choices made or read in this process, by call signature: facts about this process's GPU and libraries (ComfyUI
 # deep-copies model options, and the chooser with them, per sampling call)
 _MEMO: dict[tuple, bool] = {}
@@ -202,8 +214,7 @@ class SdpaChooser:
         """cuDNN's output for this call where it is the choice; None where the stock kernel is (the caller runs it)."""
         if why_not(q, k, v) is not None:
             return None
-        sig = (q.device.index, q.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), scale,
-               self.order, self.root, self.unscoped is not None)
+        sig = (*call_signature(q, k, v), scale, self.order, self.root, self.unscoped is not None)
         use = _MEMO.get(sig)
         if use is None:
             use = self._choose(q, k, v, scale)
@@ -225,8 +236,7 @@ class SdpaChooser:
             return known == CUDNN
         if torch.cuda.is_current_stream_capturing():
             return None
-        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
-        if not torch.backends.cuda.can_use_cudnn_attention(params):
+        if not cudnn_can_run(q, k, v):
             decision = Decision(backend=STOCK, skipped={CUDNN: "SDPA's cuDNN backend cannot run this call"})
         else:
             stock = stock_attention(self.order if scoped else None)
@@ -242,10 +252,10 @@ class SdpaChooser:
 
 class CudnnFirst:
     """The chooser of the ``cudnn`` attention mode: cuDNN's kernel on every call it can run (no timing), through the
-    direct op (no backend-order scope); ``chosen`` counts those calls. Same interface as :class:`SdpaChooser`."""
+    direct op (no backend-order scope); ``chosen`` counts those calls. Called as :class:`SdpaChooser` is."""
 
     def __init__(self) -> None:
-        self.chosen = self.measured = 0
+        self.chosen = 0
         self._can: dict[tuple, bool] = {}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -253,11 +263,10 @@ class CudnnFirst:
         """cuDNN's output for this call, or None where it cannot run it (the caller runs the stock kernel)."""
         if why_not(q, k, v) is not None:
             return None
-        sig = (q.device.index, q.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride())
+        sig = call_signature(q, k, v)
         can = self._can.get(sig)
         if can is None:
-            params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
-            can = self._can[sig] = bool(torch.backends.cuda.can_use_cudnn_attention(params))
+            can = self._can[sig] = cudnn_can_run(q, k, v)
         if not can:
             return None
         self.chosen += 1
@@ -266,9 +275,10 @@ class CudnnFirst:
 
 def _log(decision: Decision, q: torch.Tensor, k: torch.Tensor) -> None:
     """One line per measured shape (a cuDNN error as a warning): what ran and why."""
-    host = {n: f" (host {decision.notes[f'host_us_{n}']})" if f"host_us_{n}" in decision.notes else ""
-            for n in decision.us}
-    why = [f"{n} {us:.0f} µs{host[n]}" for n, us in decision.us.items()]
+    why = []
+    for n, us in decision.us.items():
+        host = decision.notes.get(f"host_us_{n}")
+        why.append(f"{n} {us:.0f} µs" + (f" (host {host})" if host is not None else ""))
     why += list(decision.skipped.values())
     failed = decision.skipped.get(CUDNN, "").startswith(RAISED)
     logger.log(logging.WARNING if failed else logging.INFO, "comfyquant: attention %s x %d keys x %d: %s (%s)",
