@@ -53,7 +53,7 @@ class Result:
     peak_vram_gib: float | None = None
     weights_gib: float | None = None
     speedup_vs_bf16: float | None = None
-    # the same from each row's fast quartile of steps (FAST_QUANTILE of step_ms_all): a noisy host's slow phases only
+    # the same from each row's fast quartile of steps (fast_steps of step_ms_all): a noisy host's slow phases only
     # add time, so while a quarter of a variant's steps ran in steady phases this reads its steady speed
     speedup_fast_vs_bf16: float | None = None
     rel_err_vs_bf16: float | None = None  # relative L2 error of one step's output against bf16's
@@ -463,18 +463,12 @@ def work_files(a: argparse.Namespace, stem: str) -> tuple[Path, Path, Path]:
     return out_dir, work / f"{stem}_bf16.safetensors", work / f"{stem}_int8.safetensors"
 
 
-FAST_QUANTILE = 0.25  # the step time a row's fast-quartile speed-up compares
-
-
-def fast_steps(times: list[float], q: float = FAST_QUANTILE) -> float | None:
-    """The ``q`` quantile of step times (linear between neighbours), None without steps."""
-    if not times:
-        return None
-    s = sorted(times)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+def fast_steps(times: list[float]) -> float | None:
+    """The lower quartile of step times (linear between neighbours: ``statistics.quantiles``' inclusive method),
+    the step time a row's fast-quartile speed-up compares; None without steps."""
+    if len(times) < 2:
+        return times[0] if times else None
+    return statistics.quantiles(times, n=4, method="inclusive")[0]
 
 
 def add_speedups(results: list[Result]) -> None:

@@ -225,7 +225,7 @@ def back_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
             pairs = _pairs(m, k, 0)
             cfg = tq.rot_tile_config(m, torch.cuda.get_device_properties(0).multi_processor_count)
             want_q, want_s = torch.empty_like(pairs[0][1]), torch.empty_like(pairs[0][2])
-            run_tiles(pairs[0][0], want_q, want_s, g, cfg)
+            run_tiles(pairs[0][0], want_q, want_s, g, cfg, back=False)  # (the launch's default walks back)
             q, s = torch.empty_like(want_q), torch.empty_like(want_s)
             run_tiles(pairs[0][0], q, s, g, cfg, back=True)
             off = int((q != want_q).sum()) + int((s != want_s).sum())

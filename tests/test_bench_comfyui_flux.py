@@ -96,7 +96,7 @@ def test_the_fast_quartile_reads_through_a_noisy_hosts_slow_phases() -> None:
     bf16 = [65, 66, 66, 64, 64, 54, 58, 59, 57, 56, 58, 56, 55, 55, 56, 55, 55, 55]
     sdpa = [74, 74, 74, 76, 57, 52, 51, 51, 51, 50, 51, 53, 77, 75, 77, 51, 50, 51]
     assert fast_steps([4.0, 1.0, 3.0, 2.0, 5.0]) == 2.0 and fast_steps([]) is None
-    assert fast_steps([1.0, 2.0], 0.25) == 1.25  # linear between neighbours
+    assert fast_steps([1.0, 2.0]) == 1.25  # linear between neighbours
     rows = [Result("bf16", 1024, 56.5, [float(t) for t in bf16]), Result("int8", 1024, 52.0, [float(t) for t in sdpa]),
             Result("failed", 1024, note="failed: boom")]
     add_speedups(rows)
