@@ -396,6 +396,8 @@ def stock_rows(int8_file: Path, label: Any, why_not: str | None, run: bool,
 FOLD_VARIANTS = (("adapter int8", "int8", True), ("adapter int8 (norms in torch)", "int8", False),
                  ("adapter fp8", "fp8", True), ("adapter int8 + attention sdpa", "int8", True, False, "sdpa"),
                  ("adapter int8 + attention comfyui", "int8", True, False, "comfyui"))
+# the node's defaults with a budget for 16-bit copies of the layers where int8 loses (runtime.kernels.dense_copy)
+HOLD = ("adapter int8 + dense_copy_mb", "int8", True, False, DEFAULT_MODE, True, 8192)
 STOCK_ROPE = ("adapter int8 (stock RoPE)", "int8", True, False, DEFAULT_MODE, False)  # the fused q / k norm + RoPE off
 BF16_GRAPHS = "bf16 + cuda graphs"
 BF16_LEAN = f"bf16 + attention {DEFAULT_MODE}"  # the node's default attention alone on bf16: its share of a speed-up
@@ -423,12 +425,16 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
         return rows
 
     def adapter(name: str, fmt: str, fold: bool, graphs: bool = False, attention: str = DEFAULT_MODE,
-                rope: bool = True) -> list[Result]:
+                rope: bool = True, copy_mb: int = 0) -> list[Result]:
         _free(device)
         runtime = RuntimeOptions(fold_norms=fold, fold_layer_norms=fold, cuda_graphs=graphs, attention=attention,
-                                 fuse_rope=rope)
+                                 fuse_rope=rope, dense_copy_mb=copy_mb)
         patched, report = adapt_model(base, AdapterSettings(format=fmt, model_type=model_type, runtime=runtime))
-        return timed(name, patched, note(report))
+        rows = timed(name, patched, note(report))
+        if runtime.copy_budget is not None:  # the copies are made at the first step: read after timing
+            for r in rows:
+                r.note += f"; dense copies: {runtime.copy_budget.summary()}"
+        return rows
 
     def bf16_graphs() -> list[Result]:
         clone = base.clone()
@@ -440,13 +446,19 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
         enable_quantized_attention(clone, DEFAULT_MODE)
         return timed(BF16_LEAN, clone, "the node's default attention on the bf16 model")
 
+    only = {v.strip() for v in (getattr(a, "only", "") or "").split(",") if v.strip()}  # --only: these rows
+
+    def keep(name: str) -> bool:
+        return not only or name in only
+
     def one_round() -> list[Result]:
-        results = timed("bf16", base) + guarded_rows(BF16_LEAN, label, bf16_lean)
-        if any(v[3:] and v[3] for v in variants):
+        results = timed("bf16", base) + (guarded_rows(BF16_LEAN, label, bf16_lean) if keep(BF16_LEAN) else [])
+        if any(v[3:] and v[3] for v in variants) and keep(BF16_GRAPHS):
             results += guarded_rows(BF16_GRAPHS, label, bf16_graphs)
         for name, fmt, fold, *graphs in variants:
-            results += guarded_rows(name, label, functools.partial(adapter, name, fmt, fold, *graphs))
-        return results + stock_rows(int8_file, label, why_not, why_not is None, timed)
+            if keep(name):
+                results += guarded_rows(name, label, functools.partial(adapter, name, fmt, fold, *graphs))
+        return results + (stock_rows(int8_file, label, why_not, why_not is None, timed) if keep(STOCK) else [])
 
     results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
     add_speedups(results)

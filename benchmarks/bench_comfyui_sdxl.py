@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comfyui_flux import (
     FOLD_VARIANTS,
+    HOLD,
     _free,
     _import_comfy,
     adapter_rounds,
@@ -118,7 +119,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in base.model.diffusion_model.modules())
     print(f"model: {n_params / 1e9:.2f} B parameters, {blocks} transformer blocks, ready in "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    variants = FOLD_VARIANTS + ((("adapter int8 + cuda graphs", "int8", True, True),) if a.graphs else ())
+    variants = FOLD_VARIANTS + ((("adapter int8 + cuda graphs", "int8", True, True),) if a.graphs else (HOLD,))
     results = adapter_rounds(a, base, lambda r: sdxl_inputs(config, r, device, dtype, a.graphs), res, device, "sdxl",
                              lambda rep: f"{len(rep.converted)} layers converted, "
                                          f"{sum('->' in f for f in rep.folded)} norms folded", int8_file, why_not,
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
     p.add_argument("--graphs", action="store_true",
                    help="add the node's cuda_graphs option (bf16; adapter int8); every row steps through apply_model")
+    p.add_argument("--only", default="", help="comma-separated variant names to measure (default: all; bf16 always)")
     timing_args(p)
     return p
 

@@ -265,6 +265,13 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                               *(s or ["--rounds", "2", "--iters", "4", "--warmup", "2", "--only",
                                       "bf16 + attention auto,adapter int8,adapter int8 + attention sdpa,"
                                       "adapter int8 + attention cudnn,ComfyUI int8 (same file)"])]],
+        # dense 16-bit copies (runtime.kernels.dense_copy) on this device's cost table: copied where int8 loses, bf16's
+        # numbers, CUDA-graph replay, the dispatch report's row
+        "check_dense_copy": [[PY, "benchmarks/check_dense_copy_gpu.py", "--out", str(work / "kernels")]],
+        # SDXL in ComfyUI's class: the node's defaults with and without a copy budget (3 pooled rounds)
+        "comfyui_sdxl_copy": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
+                               *(s or ["--rounds", "3", "--only",
+                                       "bf16 + attention auto,adapter int8,adapter int8 + dense_copy_mb"])]],
         # the same default attention's GPU check: bit-equal to ComfyUI's calls, declined where flash cannot run
         "check_lean_attention": [[PY, "benchmarks/check_lean_attention_gpu.py", "--out", str(work / "kernels"),
                                   *cache]],

@@ -22,7 +22,7 @@ def test_tiny_unet_measures_every_variant(comfyui_root: Path, tmp_path: Path) ->
     env, rows = report["env"], {r["variant"]: r for r in report["results"]}
     assert list(rows) == ["bf16", "bf16 + attention auto", "adapter int8", "adapter int8 (norms in torch)",
                           "adapter fp8", "adapter int8 + attention sdpa", "adapter int8 + attention comfyui",
-                          "ComfyUI int8 (same file)"]
+                          "adapter int8 + dense_copy_mb", "ComfyUI int8 (same file)"]
     blocks = env["transformer_blocks"]
     assert blocks == 11 and env["batch"] == 2 and env["resolution"] == 64
     # every transformer block's three LayerNorms folded, or none (the same layers converted either way)
@@ -35,6 +35,9 @@ def test_tiny_unet_measures_every_variant(comfyui_root: Path, tmp_path: Path) ->
     # the node's default attention computes what ComfyUI's own does (the same kernel, or ComfyUI's call itself)
     assert err["bf16 + attention auto"] == 0.0 and err["adapter int8 + attention comfyui"] == err["adapter int8"]
     assert err["adapter int8 + attention sdpa"] == err["adapter int8"]
+    # the CPU has no cost model: a copy budget copies nothing there, the numbers are the int8 row's
+    assert err["adapter int8 + dense_copy_mb"] == err["adapter int8"]
+    assert rows["adapter int8 + dense_copy_mb"]["note"].endswith("dense copies: 0 layers, 0.0 of 8192.0 MiB")
     assert rows["ComfyUI int8 (same file)"]["note"] == "not run: CPU smoke run"
     assert (tmp_path / "bench_comfyui_sdxl.png").read_bytes()[:4] == b"\x89PNG"
     assert "SMOKE RUN" in (tmp_path / "bench_comfyui_sdxl.md").read_text()

@@ -26,6 +26,7 @@ from comfyquant.quant.fp8 import quantize_fp8
 from comfyquant.quant.hadamard import choose_group_size, rotate_weight
 from comfyquant.quant.int8 import quantize_blockwise, quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
+from comfyquant.runtime.kernels.dense_copy import CopyBudget, wants_copy
 
 # (model, layer, K=in_features, N=out_features)
 SHAPES: tuple[tuple[str, str, int, int], ...] = (
@@ -41,7 +42,7 @@ M_VALUES = (1, 16, 256, 1024, 4096, 16384)
 GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
 # every pinned path's GPU time as well (``--graph-all``): what a fit of the eager form ``f(host, gpu)`` needs
 GRAPH_ALL = (*GRAPH_COLUMNS, "w8a8_triton", "w8a8_fused", "w8a16", "dequant", "fp8_cublas", "w8a8_convrot")
-COLUMNS = ("bf16", "auto", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16", "dequant", "fp8",
+COLUMNS = ("bf16", "auto", "auto_copy", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16", "dequant", "fp8",
            "fp8_cublas", "fp8_static", "w4a8", "w8a8_convrot", "int8_block", "ck_int8")
 BLOCK = 128  # the int8_block column's scale tile
 
@@ -208,6 +209,8 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         row = Row(model, layer, m, k, n)
         ch = dispatch.choose_backend(xs[0], kind="int8", n=n, k=k)
         row.choice = f"{ch.name}: {ch.reason}"
+        if "auto_copy" in cfg.columns:
+            row.choices["auto_copy"] = "dense_copy: bf16 copy" if wants_copy(ch) else f"{ch.name}: kept"
         for col, kind, opts in (("fp8", "fp8", ()), ("w8a8_convrot", "int8", (group,) if group else None),
                                 ("w4a8", "int4_rot", (group,) if weights[0][8] is not None else None)):
             if opts is not None and col in cfg.columns:
@@ -216,6 +219,8 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         ops: dict[str, Callable] = {
             "bf16": lambda x, w: F.linear(x, w[0], w[7]),
             "auto": _bound("int8", 1, (2,)),
+            # auto with a budget for 16-bit copies (runtime.kernels.dense_copy): bf16's F.linear where int8 loses
+            "auto_copy": _bound("int8", 1, (2,), backend=dispatch.DispatchPolicy(copies=CopyBudget(1 << 40))),
             "measured": _bound("int8", 1, (2,), backend=dispatch.DispatchPolicy(measure=True)),
             "w8a8_triton": _bound("int8", 1, (2,), backend="triton"),
             "w8a8_fused": _bound("int8", 1, (2,), backend="triton_fused"),

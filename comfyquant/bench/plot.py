@@ -17,6 +17,7 @@ from comfyquant.errors import UserError
 
 # (column, label); "w8a8" / "fp8_rowwise": the 2026-11-22 JSON's names, "auto" / "fp8": this session's
 PATHS = (("w8a8", "W8A8 (ours, auto)"), ("fp8_rowwise", "FP8 rowwise (ours)"), ("auto", "int8 (ours, auto)"),
+         ("auto_copy", "int8 auto + dense copies"),
          ("fp8", "FP8 (ours, auto)"), ("fp8_cublas", "FP8 cuBLAS _scaled_mm"), ("w4a8", "int4_rot W4A8 (ours)"),
          ("w8a8_convrot", "W8A8 convrot (ours)"), ("ck_int8", "comfy-kitchen int8_linear"),
          ("int_mm_torch", "torch._int_mm + torch quant"))

@@ -52,6 +52,12 @@ def _optional_runtime_inputs() -> dict[str, Any]:
         "fuse_projections": _bool(True, "Run sibling projections that read one input (attention q/k/v, a gated "
                                         "MLP's two halves) as one quantized GEMM: one activation quantization "
                                         "and launch instead of two or three (same numbers)."),
+        "dense_copy_mb": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
+                                 "tooltip": "0: off. Else up to this many MiB of 16-bit copies of the layers "
+                                            "where no quantized kernel beats bf16 on this GPU (narrow layers "
+                                            "such as SDXL's and CLIP's attention projections at large "
+                                            "batches): those run as fast as bf16 and use 3 bytes per weight "
+                                            "instead of 1."}),
     }
 
 
@@ -72,12 +78,14 @@ def _attention_input() -> dict[str, Any]:
 def _runtime(small_batch_fallback: bool, runtime_backend: str, use_triton: bool | None = None,
              prepack: bool = True, cuda_graphs: bool | None = None,
              fold_activations: bool | None = None, measure_backends: bool | None = None,
-             attention: str = "auto", fuse_projections: bool | None = None) -> RuntimeOptions:
+             attention: str = "auto", fuse_projections: bool | None = None,
+             dense_copy_mb: int | None = None) -> RuntimeOptions:
     return RuntimeOptions(backend=runtime_backend, small_batch_fallback=small_batch_fallback, use_triton=use_triton,
                           prepack=prepack, cuda_graphs=bool(cuda_graphs),
                           fold_activations=True if fold_activations is None else bool(fold_activations),
                           measure_backends=bool(measure_backends), attention=attention,
-                          fuse_projections=True if fuse_projections is None else bool(fuse_projections))
+                          fuse_projections=True if fuse_projections is None else bool(fuse_projections),
+                          dense_copy_mb=int(dense_copy_mb or 0))
 
 
 class INT8ModelAdapter:
@@ -137,7 +145,8 @@ class INT8ModelAdapter:
               cuda_graphs: bool | None = None, budget: str = DEFAULT_BUDGET, calibration_file: str = "",
               alpha: float = DEFAULT_ALPHA, fold_activations: bool | None = None,
               target_gpu: str = "auto", measure_backends: bool | None = None,
-              attention: str = "auto", fuse_projections: bool | None = None) -> dict[str, Any]:
+              attention: str = "auto", fuse_projections: bool | None = None,
+              dense_copy_mb: int | None = None) -> dict[str, Any]:
         import comfy.utils
         import folder_paths
 
@@ -154,7 +163,8 @@ class INT8ModelAdapter:
                                    calibration_file=calibration_file, alpha=float(alpha), target_gpu=target_gpu,
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
                                                     prepack_int8_weights, cuda_graphs, fold_activations,
-                                                    measure_backends, attention, fuse_projections))
+                                                    measure_backends, attention, fuse_projections,
+                                                    dense_copy_mb))
         out, report = adapt_model(model, settings, progress=comfy.utils.ProgressBar(1))
         return {"ui": {"text": report.lines()}, "result": (out,)}
 
@@ -189,12 +199,14 @@ class INT8ClipAdapter:
                 "use_triton": _optional_runtime_inputs()["use_triton"],
                 "measure_backends": _optional_runtime_inputs()["measure_backends"],
                 "fuse_projections": _optional_runtime_inputs()["fuse_projections"],
+                "dense_copy_mb": _optional_runtime_inputs()["dense_copy_mb"],
             },
         }
 
     def apply(self, clip: Any, enable_int8: bool, format: str, outlier_method: str, small_batch_fallback: bool,
               runtime_backend: str, bake_loaded_loras: bool, log_progress: bool, use_triton: bool | None = None,
-              measure_backends: bool | None = None, fuse_projections: bool | None = None) -> dict[str, Any]:
+              measure_backends: bool | None = None, fuse_projections: bool | None = None,
+              dense_copy_mb: int | None = None) -> dict[str, Any]:
         import comfy.utils
 
         from comfyquant.nodes.adapter import MSG_NOT_CONVERTED
@@ -207,7 +219,7 @@ class INT8ClipAdapter:
                                    log_progress=log_progress,
                                    runtime=_runtime(small_batch_fallback, runtime_backend, use_triton,
                                                     measure_backends=measure_backends,
-                                                    fuse_projections=fuse_projections))
+                                                    fuse_projections=fuse_projections, dense_copy_mb=dense_copy_mb))
         out, reports = adapt_clip(clip, settings, progress=comfy.utils.ProgressBar(1))
         lines = [f"{name}: {line}" for name, report in reports for line in report.lines()] or [MSG_NO_ENCODERS]
         return {"ui": {"text": lines}, "result": (out,)}
@@ -237,7 +249,8 @@ class LoadQuantizedDiffusionModel:
     def load(self, unet_name: str, compute_dtype: str, small_batch_fallback: bool, runtime_backend: str,
              use_triton: bool | None = None, cuda_graphs: bool | None = None,
              fold_activations: bool | None = None, measure_backends: bool | None = None,
-             attention: str = "auto", fuse_projections: bool | None = None) -> dict[str, Any]:
+             attention: str = "auto", fuse_projections: bool | None = None,
+             dense_copy_mb: int | None = None) -> dict[str, Any]:
         import folder_paths
         import torch
 
@@ -248,7 +261,7 @@ class LoadQuantizedDiffusionModel:
         dtype = getattr(torch, dtype_name) if dtype_name else None
         runtime = _runtime(small_batch_fallback, runtime_backend, use_triton, cuda_graphs=cuda_graphs,
                            fold_activations=fold_activations, measure_backends=measure_backends,
-                           attention=attention, fuse_projections=fuse_projections)
+                           attention=attention, fuse_projections=fuse_projections, dense_copy_mb=dense_copy_mb)
         patcher, summary = load_quantized_model(path, runtime, dtype)
         return {"ui": {"text": [summary.line()]}, "result": (patcher,)}
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from comfyquant.errors import UserError
 from comfyquant.formats.registry import GPU_GENERATIONS
 from comfyquant.presets.registry import MODEL_CHOICES
+from comfyquant.runtime.kernels.dense_copy import CopyBudget
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import backends_for, kinds
 from comfyquant.runtime.siblings import DEFAULT_MAX_BYTES as DEFAULT_FUSE_MAX_BYTES
@@ -83,7 +84,10 @@ class RuntimeOptions:
     kernel and cuDNN's per call shape, measured; ``sdpa``: ComfyUI's; ``cudnn``: cuDNN's kernel on every long call;
     ``int8`` / ``int8-fp8``: long self-attention on the int8 kernel, the rest as ``auto``; ``nodes.attention``)
     and ``fuse_rope`` (the folded Flux-family and Qwen-Image blocks' q / k RMSNorms and RoPE in one kernel,
-    ``nodes.flux_rope``, ``nodes.qwen_rope``)."""
+    ``nodes.flux_rope``, ``nodes.qwen_rope``) and ``dense_copy_mb`` (0: off; else up to that many MiB of 16-bit
+    weight copies for the layers whose every quantized path the cost model puts over bf16: they run bf16's
+    ``F.linear``, trading that memory for never losing to bf16 there; ``runtime.kernels.dense_copy``). The budget is
+    this object's own: each patched model gets one."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True
@@ -104,9 +108,15 @@ class RuntimeOptions:
     # (nodes.flux_rope, nodes.qwen_rope; with fold_norms). ComfyUI's classes at 1024² on an H100: Flux 1.29x -> 1.41x
     # stock bf16 (runs 101-102), Qwen-Image 1.43x -> 1.62x (run 111, once the kernel took its bf16 rotations)
     fuse_rope: bool = True
+    dense_copy_mb: int = 0
+    _copies: CopyBudget | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         from comfyquant.nodes.attention import MODES
+
+        if self.dense_copy_mb < 0:
+            raise UserError(f"dense_copy_mb must be >= 0, got {self.dense_copy_mb}")
+        object.__setattr__(self, "_copies", CopyBudget(self.dense_copy_mb << 20) if self.dense_copy_mb else None)
 
         if self.backend not in runtime_backends():
             raise UserError(f"runtime_backend {self.backend!r} is not one of {', '.join(runtime_backends())}")
@@ -131,9 +141,14 @@ class RuntimeOptions:
                  and (self.use_triton is not False or not n.startswith("triton"))]
         mode = "graph" if self.cuda_graphs else "eager"
         measure = self.measure_backends and mode == "eager"
-        if len(allow) == len(names) and mode == "eager" and not measure:
+        if len(allow) == len(names) and mode == "eager" and not measure and self._copies is None:
             return None
-        return DispatchPolicy(mode=mode, allow=tuple(allow), measure=measure)
+        return DispatchPolicy(mode=mode, allow=tuple(allow), measure=measure, copies=self._copies)
+
+    @property
+    def copy_budget(self) -> CopyBudget | None:
+        """The dense copies' budget of the model these options run (None: copies off)."""
+        return self._copies
 
 
 @dataclass(frozen=True)

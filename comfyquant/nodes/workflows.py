@@ -25,7 +25,7 @@ ADAPTER_DEFAULTS: dict[str, Any] = {
 
 
 ADAPTER_OPTIONAL = ("use_triton", "cuda_graphs", "budget", "calibration_file", "alpha", "attention",
-                    "fuse_projections")
+                    "fuse_projections", "dense_copy_mb")
 EXAMPLE_LORA = "digits_example_lora.safetensors"
 
 

@@ -2,7 +2,8 @@
 
 Runs one forward (no grad) with a pre-hook on every ``QuantLinear`` that asks the same choice the layer's call
 makes (the kernel kind's cost model for this device, input shape, the layer's pinned backend or policy, and
-the rank of a dynamic LoRA's low-rank term it hands the kernel), and an observer on every sibling / gated group
+the rank of a dynamic LoRA's low-rank term it hands the kernel; ``dense_copy``: a 16-bit copy under the policy's
+copy budget, ``runtime.kernels.dense_copy``), and an observer on every sibling / gated group
 for the GEMMs it runs for its members; returns one row per GEMM call. ``format_dispatch`` renders the rows as a
 table.
 """
@@ -18,7 +19,7 @@ from torch import nn
 from comfyquant.runtime.gated import GatedForward
 from comfyquant.runtime.kernels.acts import GATED, ModulatedNorm, apply_input_act
 from comfyquant.runtime.kernels.backends import BackendChoice
-from comfyquant.runtime.kernels.dispatch import choose_backend, folds_norm
+from comfyquant.runtime.kernels.dispatch import choose_backend, copy_choice, folds_norm
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import kernel_kind
 from comfyquant.runtime.nn import QuantLinear
@@ -76,8 +77,10 @@ def _choice(name: str, x: torch.Tensor, w: Any, n: int, k: int, low_rank: Any, a
     pinned = w.params.backend
     policy = pinned if isinstance(pinned, DispatchPolicy) else None
     override = None if policy is not None or pinned is None else pinned
-    choice: BackendChoice = choose_backend(x, kind=kind, n=n, k=k, override=override, opts=opts, policy=policy,
-                                           low_rank=0 if low_rank is None else int(low_rank[0].shape[0]))
+    rank = 0 if low_rank is None else int(low_rank[0].shape[0])
+    copied = copy_choice(x, kind, w.qdata, opts, policy, rank, act is not None or norm is not None)
+    choice: BackendChoice = copied or choose_backend(x, kind=kind, n=n, k=k, override=override, opts=opts,
+                                                   policy=policy, low_rank=rank)
     m = x.numel() // k
     return LayerDispatch(name, kind, m, n, k, choice.name, choice.reason,
                          _folded(kind, choice.name, scales, opts, act, norm, low_rank is not None, x, w))

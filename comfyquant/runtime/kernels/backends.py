@@ -22,10 +22,14 @@ FP8_CC = (8, 9)
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """Which implementation runs a quantized linear, and why (shown by ``QuantLinear.extra_repr`` / bench)."""
+    """Which implementation runs a quantized linear, and why (shown by ``QuantLinear.extra_repr`` / bench);
+    ``us`` / ``bf16_us``: the cost model's time per call for the pick and for bf16 ``F.linear`` on the same
+    call, where the cost model decided (None elsewhere): what ``held.wants_copy`` compares."""
 
     name: str
     reason: str
+    us: float | None = None
+    bf16_us: float | None = None
 
 
 # assume_constant_result: torch.compile treats these hardware facts as constants instead of tracing into

@@ -213,13 +213,15 @@ def decide_paths(m: int, n: int, k: int, group: int, policy, costs, graph: bool,
     """The cheapest of ``paths`` ((cost-model path, backend name) pairs) by the cost table ``costs`` (a
     ``costs.DeviceCosts``), among those ``policy`` allows; ``rank`` > 0: with a low-rank term, which the
     ``fusing`` cost-model paths add in their epilogue. Pure: the device facts come in as arguments."""
-    from comfyquant.runtime.kernels.costs import decide
+    from comfyquant.runtime.kernels.costs import decide, path_us
 
     allow = policy.allow if policy is not None else ()
     names = dict(paths)
     cands = tuple(p for p, b in paths if not allow or b in allow) or tuple(names)
-    best, reason = decide(cands, m, n, k, costs, "graph" if graph else "eager", group, rank, fusing)
-    return BackendChoice(names[best], reason)
+    mode = "graph" if graph else "eager"
+    best, reason = decide(cands, m, n, k, costs, mode, group, rank, fusing)
+    return BackendChoice(names[best], reason, path_us(best, m, n, k, costs, mode, group, rank, best in fusing),
+                         path_us("bf16", m, n, k, costs, mode, 0, rank))
 
 
 def _costs(x: torch.Tensor, policy):

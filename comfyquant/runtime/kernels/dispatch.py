@@ -29,6 +29,8 @@ from comfyquant.runtime.kernels.acts import (
     rms_norm,
 )
 from comfyquant.runtime.kernels.backends import AUTO, BackendChoice
+from comfyquant.runtime.kernels.dense_copy import NAME as DENSE_COPY
+from comfyquant.runtime.kernels.dense_copy import copy_backend, copy_reason, has_copy, wants_copy
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import (
     KernelBackend,
@@ -40,9 +42,22 @@ from comfyquant.runtime.kernels.registry import (
 
 logger = logging.getLogger("comfyquant.runtime")
 
-__all__ = ["BackendChoice", "DispatchPolicy", "LowRank", "add_low_rank", "backends_for", "bind_linear",
-           "choose_backend", "fp8_linear", "int8_block_linear", "int8_linear", "kinds", "quant_linear",
-           "register_kernel_kind"]
+__all__ = [
+    "BackendChoice",
+    "DispatchPolicy",
+    "LowRank",
+    "add_low_rank",
+    "backends_for",
+    "bind_linear",
+    "choose_backend",
+    "copy_choice",
+    "fp8_linear",
+    "int8_block_linear",
+    "int8_linear",
+    "kinds",
+    "quant_linear",
+    "register_kernel_kind",
+]
 
 FP8_DTYPES = builtin.FP8_DTYPES
 Backend = str | BackendChoice | DispatchPolicy | None
@@ -142,13 +157,37 @@ def quant_linear(x: torch.Tensor, kind: str, w: torch.Tensor, scales: Sequence[t
     return impl(x, w, scales, bias, opts, out_dtype or x.dtype)
 
 
+def copy_choice(x: torch.Tensor, kind: str, w: torch.Tensor, opts: Sequence[int], policy: DispatchPolicy | None,
+                low_rank: int = 0, folds: bool = False) -> BackendChoice | None:
+    """The dense-copy choice (``dense_copy``) for an eager call of ``x`` on stored weight ``w``, or None: under a policy
+    with a copy budget, for a call with no low-rank term and nothing folded into the quantizer (``folds``: an
+    input activation or norm the quantized kernel would apply), where the cost model puts the kind's best path
+    over bf16 (``dense_copy.wants_copy``) and the budget admits the copy; inside a CUDA-graph capture only a copy made
+    before it."""
+    if policy is None or policy.copies is None or low_rank or folds:
+        return None
+    kk = kernel_kind(kind)
+    if kk.choose is None:
+        return None
+    k = kk.in_features(w, tuple(opts))
+    n = int(w.shape[0])
+    choice = kk.choose(x, n, k, tuple(opts), policy)
+    if not wants_copy(choice) or (capturing(x) and not has_copy(w, x.dtype)):
+        return None
+    if not policy.copies.admit(w, x.dtype, n * k * x.element_size()):
+        return None
+    return BackendChoice(DENSE_COPY, copy_reason(choice, policy.copies), choice.bf16_us, choice.bf16_us)
+
+
 def _resolve(x: torch.Tensor, kind: str, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None, opts: tuple,
-             backend: Backend, low_rank: int = 0) -> KernelBackend:
+             backend: Backend, low_rank: int = 0, folds: bool = False) -> KernelBackend:
     """The checked, chosen backend of ``kind`` for eager calls with ``x``'s shape, dtype and device (and a
-    low-rank term of rank ``low_rank``, 0: none)."""
+    low-rank term of rank ``low_rank``, 0: none; ``folds``: an input activation or norm goes to the kernel)."""
     kk = kernel_kind(kind)
     n, k = _check(x, kk, w, scales, bias, opts)
     policy = backend if isinstance(backend, DispatchPolicy) else None
+    if copy_choice(x, kind, w, opts, policy, low_rank, folds) is not None:
+        return copy_backend(kk)
     if (policy is not None and policy.measure and policy.mode == "eager" and not low_rank
             and not capturing(x)):
         from comfyquant.runtime.kernels.measured import measured_backend
@@ -211,7 +250,8 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
             # activation; outside a capture contiguous, as measured dispatch times the candidates on it)
             xa = x if input_act not in GATED else x.narrow(-1, 0, x.shape[-1] // 2)
             xa = xa if capture or xa.is_contiguous() else xa.contiguous()
-            e = [_resolve(xa, kind, w, scales, bias, opts, backend, rank), False if capture else None, None]
+            e = [_resolve(xa, kind, w, scales, bias, opts, backend, rank, input_act is not None or norm is not None),
+                 False if capture else None, None]
             if len(memo) < 64:  # a layer sees a handful of signatures; past that, stop memoizing
                 memo[sig] = e
         b, fast = e[0], e[1]

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from comfyquant.runtime.kernels.costs import DeviceCosts
+from comfyquant.runtime.kernels.dense_copy import CopyBudget
 
 MODES = ("eager", "graph")
 
@@ -26,7 +27,9 @@ class DispatchPolicy:
     device's measured table, ``calibrate.device_costs``). ``measure``: eager calls time every candidate
     backend at the first call of each shape and keep the fastest (``measured.py``; a few ms per new shape plus
     the candidates' compiles, then cached in ``measure_cache`` or ``~/.cache/comfyquant``); CUDA-graph
-    captures and torch.compile use the cost model.
+    captures and torch.compile use the cost model. ``copies``: a byte budget for dense 16-bit copies of the layers whose
+    every quantized path the cost model puts over bf16 (``dense_copy.wants_copy``): those run ``F.linear`` on the copy
+    (eager and CUDA graphs; not under torch.compile, whose policy key leaves it out). One budget per model.
     """
 
     mode: str = "eager"
@@ -34,6 +37,7 @@ class DispatchPolicy:
     costs: DeviceCosts | None = None
     measure: bool = False
     measure_cache: str | None = None
+    copies: CopyBudget | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -1,0 +1,147 @@
+"""Dense copies: a layer whose every quantized path loses to ``F.linear`` runs ``F.linear`` on a dense 16-bit copy of
+its weight, made once and kept on the weight, within an explicit byte budget.
+
+On narrow layers at the row counts models run them (SDXL's 640 / 1280-wide attention projections, CLIP-L's), no
+int8 or fp8 path beats cuBLAS bf16 in eager mode: the bf16 GEMM takes 8-30 µs, host-bound or too small for int8
+to pay for its activation pass (H100 sweep, run 93: 16 of 114 rows at 0.69-0.96x bf16). Dequantizing once and
+keeping the copy is the only way to match bf16 there. The copy costs 2 bytes per weight on top of the stored
+byte, so copies are opt-in (``DispatchPolicy(copies=CopyBudget(limit_bytes))``, the node's ``dense_copy_mb``),
+bounded by the budget, decided by the cost model (:func:`wants_copy`) and shown by the dispatch report.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from comfyquant.runtime.kernels.backends import BackendChoice
+from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind
+
+# Copy where the cost model puts the best quantized path more than this fraction over bf16: the issue-12 bar
+# (every layer >= 0.97x bf16). Closer calls keep the quantized path and its memory saving.
+COPY_MARGIN = 0.03
+NAME = "dense_copy"  # the backend name the choice and the dispatch report show
+_ATTR = "_comfyquant_dense_copy"  # {dtype: dense [N, K]} on the stored weight tensor: the copies die with it
+_CHUNK_BYTES = 64 << 20  # identity rows per dequantizing pass in dense_weight (bounds its transient memory)
+
+
+@dataclass(eq=False)
+class CopyBudget:
+    """How many bytes of dense copies one model (one ``RuntimeOptions`` / policy) may keep; ``used_bytes`` counts
+    the admitted ones, released when their weight tensor is freed (a model moved to another device makes new
+    weights). Compared and hashed by identity: each model's budget is its own object."""
+
+    limit_bytes: int
+    used_bytes: int = 0
+    _admitted: dict = field(default_factory=dict, repr=False)  # (id(w), dtype) -> bytes, while w lives
+
+    def __post_init__(self) -> None:
+        if self.limit_bytes < 0:
+            raise ValueError(f"CopyBudget.limit_bytes must be >= 0, got {self.limit_bytes}")
+
+    @property
+    def layers(self) -> int:
+        """How many copies are admitted now."""
+        return len(self._admitted)
+
+    def admit(self, w: torch.Tensor, dtype: torch.dtype, nbytes: int) -> bool:
+        """Whether ``w`` may keep a ``dtype`` copy of ``nbytes``: yes if it already has one (asking again charges
+        nothing) or the budget has room (then charged until ``w`` is freed)."""
+        key = (id(w), dtype)
+        if key in self._admitted:
+            return True
+        if self.used_bytes + nbytes > self.limit_bytes:
+            return False
+        self._admitted[key] = nbytes
+        self.used_bytes += nbytes
+        weakref.finalize(w, self._release, key)
+        return True
+
+    def _release(self, key: tuple) -> None:
+        self.used_bytes -= self._admitted.pop(key, 0)
+
+    def summary(self) -> str:
+        """``"3 layers, 9.4 of 256.0 MiB"``."""
+        return f"{self.layers} layers, {self.used_bytes / 2**20:.1f} of {self.limit_bytes / 2**20:.1f} MiB"
+
+
+def wants_copy(choice: BackendChoice, margin: float = COPY_MARGIN) -> bool:
+    """Whether the cost model put ``choice`` (the best quantized path) more than ``margin`` over bf16 on its call.
+    False where no cost model decided (a pinned backend, a rule-based kind)."""
+    return choice.us is not None and choice.bf16_us is not None and choice.us > choice.bf16_us * (1.0 + margin)
+
+
+def copy_reason(choice: BackendChoice, budget: CopyBudget) -> str:
+    """The dispatch report's line for a layer on its dense copy."""
+    return (f"{NAME}: the cost model's best quantized path ({choice.name}) {choice.us:.0f} µs vs bf16 "
+            f"{choice.bf16_us:.0f} µs a call; budget {budget.summary()}")
+
+
+def has_copy(w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``w`` keeps a ``dtype`` copy already."""
+    return dtype in getattr(w, _ATTR, {})
+
+
+def dense_weight(kk: KernelKind, w: torch.Tensor, scales: tuple, opts: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, K]`` in ``dtype`` with ``x @ dense^T`` the kind's weight-only path on x (its ``dequant`` backend, else
+    its reference): computed by that path on identity rows, so a rotation, block scales or packing come out as
+    the kind defines them, with no second copy of its dequantization rules."""
+    b = kk.backends.get("dequant") or kk.backends[kk.reference]
+    n, k = int(w.shape[0]), kk.in_features(w, opts)
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    step = max(1, min(k, _CHUNK_BYTES // max(1, k * out.element_size())))
+    for k0 in range(0, k, step):
+        rows = min(step, k - k0)
+        eye = torch.zeros(rows, k, dtype=dtype, device=w.device)
+        idx = torch.arange(rows, device=w.device)
+        eye[idx, k0 + idx] = 1
+        out[:, k0:k0 + rows] = b.impl(eye, w, scales, None, opts, dtype).t()
+    return out
+
+
+def copied_weight(kk: KernelKind, w: torch.Tensor, scales: tuple, opts: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``w``'s ``dtype`` copy, made on first use and kept on ``w``."""
+    copies = getattr(w, _ATTR, None)
+    if copies is None:
+        copies = {}
+        setattr(w, _ATTR, copies)
+    dense = copies.get(dtype)
+    if dense is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a dense copy cannot be made inside a CUDA graph capture (it would be recomputed at "
+                               "every replay); the dispatcher uses only copies made before the capture")
+        with torch.no_grad():
+            dense = copies[dtype] = dense_weight(kk, w, scales, opts, dtype)
+    return dense
+
+
+def _bias(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
+
+def _impl(kk: KernelKind, x, w, scales, bias, opts, out_dtype):
+    y = F.linear(x, copied_weight(kk, w, scales, opts, x.dtype), _bias(bias, x.dtype))
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _plan(kk: KernelKind, x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    if act or low_rank is not None or out_dtype != x.dtype:
+        return None
+    dense, b = copied_weight(kk, w, scales, opts, x.dtype), _bias(bias, x.dtype)
+    return lambda xx: F.linear(xx, dense, b)
+
+
+_BACKENDS: dict[str, KernelBackend] = {}  # kind name -> its dense-copy backend (made once: plan memos hold it)
+
+
+def copy_backend(kk: KernelKind) -> KernelBackend:
+    """The dense-copy backend of kind ``kk`` (not in the kind's own table: the dispatcher picks it only under a
+    policy with a budget, and measured dispatch never times it)."""
+    b = _BACKENDS.get(kk.name)
+    if b is None or b.impl.args[0] is not kk:  # a kind registered again under the same name gets its own
+        b = _BACKENDS[kk.name] = KernelBackend(functools.partial(_impl, kk), plan=functools.partial(_plan, kk))
+    return b

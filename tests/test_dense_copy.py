@@ -1,0 +1,186 @@
+"""Dense 16-bit copies (``runtime.kernels.dense_copy``): the copy is the kind's own weight-only math, the dispatcher copies
+only where the cost model puts every quantized path over bf16, within the budget, and the budget is given back when
+the weight dies."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from comfyquant.quant.fp8 import quantize_fp8
+from comfyquant.quant.hadamard import rotate_weight, unrotate_weight
+from comfyquant.quant.int8 import quantize_rowwise
+from comfyquant.runtime.kernels import builtin, reference
+from comfyquant.runtime.kernels.backends import BackendChoice
+from comfyquant.runtime.kernels.costs import DEFAULT_COSTS
+from comfyquant.runtime.kernels.dense_copy import COPY_MARGIN, CopyBudget, dense_weight, has_copy, wants_copy
+from comfyquant.runtime.kernels.dispatch import bind_linear, copy_choice, quant_linear
+from comfyquant.runtime.kernels.policy import DispatchPolicy
+from comfyquant.runtime.kernels.registry import (
+    KernelKind,
+    kernel_kind,
+    register_kernel_kind,
+    unregister_kernel_kind,
+)
+
+
+def _int8(n: int, k: int, seed: int, group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float weight, int8 codes, row scales); with ``group`` the codes are of the rotated weight."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    q, s = quantize_rowwise(rotate_weight(w, group) if group else w)
+    return w, q, s
+
+
+@pytest.mark.parametrize("group", [0, 16])
+def test_dense_weight_is_the_int8_weight_only_math(group: int) -> None:
+    _, q, s = _int8(48, 64, 1, group)
+    want = q.double() * s.double()
+    if group:
+        want = unrotate_weight(want, group)  # x @ W_eff^T = rot(x) @ (q s)^T
+    got = dense_weight(kernel_kind("int8"), q, (s,), (group,), torch.float32)
+    assert got.shape == (48, 64) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    # the same numbers as the weight-only path it replaces, on an input
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(x @ got.t(), reference.dequant_linear(x, q, s, None, group or None, torch.float32),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dense_weight_fp8_and_block_scales() -> None:
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(3))
+    q8, s8 = quantize_fp8(w)
+    got = dense_weight(kernel_kind("fp8"), q8, (s8, None), (), torch.float32)
+    assert torch.equal(got, (q8.float() * s8.float()).to(torch.float32))
+
+    qb = torch.randint(-127, 128, (40, 48), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    sb = torch.rand(3, 3, generator=torch.Generator().manual_seed(5)) + 0.5  # block 16: ceil(40/16), ceil(48/16)
+    want = qb.double() * sb.double().repeat_interleave(16, 0).repeat_interleave(16, 1)[:40, :48]
+    got = dense_weight(kernel_kind("int8_block"), qb, (sb,), (16,), torch.float32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=0)
+
+
+def test_dense_weight_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Identity rows are fed in chunks bounded by a byte size: the result does not depend on the chunking (but for
+    the BLAS's float32 summation order over a rotated group)."""
+    from comfyquant.runtime.kernels import dense_copy
+
+    _, q, s = _int8(24, 64, 6, 16)
+    whole = dense_weight(kernel_kind("int8"), q, (s,), (16,), torch.float32)
+    monkeypatch.setattr(dense_copy, "_CHUNK_BYTES", 64 * 4 * 5)  # five identity rows per pass, the last pass partial
+    torch.testing.assert_close(dense_weight(kernel_kind("int8"), q, (s,), (16,), torch.float32), whole, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_decide_paths_reports_modeled_times() -> None:
+    """The cost model's choice carries its time and bf16's: a narrow layer loses, Flux's qkv at 4,096 rows wins."""
+    narrow = builtin.decide_paths(16, 640, 640, 0, None, DEFAULT_COSTS, False, builtin.int8_paths(0))
+    assert narrow.us is not None and narrow.bf16_us is not None
+    assert narrow.us > narrow.bf16_us * (1 + COPY_MARGIN) and wants_copy(narrow)
+    wide = builtin.decide_paths(4096, 9216, 3072, 0, None, DEFAULT_COSTS, False, builtin.int8_paths(0))
+    assert wide.us < wide.bf16_us and not wants_copy(wide)
+    assert not wants_copy(BackendChoice("torch", "pinned"))  # no cost model, no copy
+
+
+KIND = "test_copy_int8"
+
+
+@pytest.fixture
+def int8_by_cost_model():
+    """The int8 kind's CPU backends under the cost model's choice with the default (H200) table, as a CUDA device
+    would choose: its W8A8 path ``triton`` runs as the reference, ``triton_w8a16`` as the weight-only path."""
+    int8 = kernel_kind("int8")
+
+    def choose(x, n, k, opts, policy):
+        return builtin.decide_paths(x.numel() // k, n, k, 0, policy, DEFAULT_COSTS, False,
+                                    (("triton", "torch"), ("triton_w8a16", "dequant")))
+
+    register_kernel_kind(KernelKind(KIND, dict(int8.backends), choose=choose, check=int8.check))
+    yield
+    unregister_kernel_kind(KIND)
+
+
+def test_copy_within_budget(int8_by_cost_model) -> None:
+    """Two narrow layers that lose to bf16, a budget for one: the first runs on its copy (bf16's numbers on the
+    kind's weight), the second keeps its quantized path; a wide layer that wins is never copied."""
+    _, q1, s1 = _int8(640, 640, 7)
+    _, q2, s2 = _int8(640, 640, 8)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 640, generator=g)
+    b1, b2 = torch.randn(640, generator=g), torch.randn(640, generator=g, dtype=torch.float64)
+    budget = CopyBudget(640 * 640 * 4)  # one float32 copy
+    policy = DispatchPolicy(copies=budget)
+    first = bind_linear(KIND, q1, (s1,), b1, backend=policy)
+    second = bind_linear(KIND, q2, (s2,), b2, backend=policy)
+    for _ in range(2):  # the first call decides and copies, the second replays the plan
+        y1, y2 = first(x), second(x)
+        want = (x.double() @ (q1.double() * s1.double()).t() + b1.double()).float()  # the bias in x's dtype too
+        torch.testing.assert_close(y1, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(y2, reference.dequant_linear(x, q2, s2, b2, None, torch.float32))
+    assert has_copy(q1, torch.float32) and not has_copy(q2, torch.float32)
+    assert budget.used_bytes == 640 * 640 * 4 and budget.layers == 1
+    assert budget.summary() == "1 layers, 1.6 of 1.6 MiB"
+    # asking again for the copied layer (another call shape) charges nothing
+    assert copy_choice(x[:8], KIND, q1, (0,), policy) is not None and budget.layers == 1
+
+    _, qw, _ = _int8(3072, 3072, 10)
+    xw = torch.randn(4096, 3072, generator=torch.Generator().manual_seed(11), dtype=torch.float32)
+    assert copy_choice(xw, KIND, qw, (0,), DispatchPolicy(copies=CopyBudget(1 << 40))) is None
+
+
+def test_copy_needs_a_budget_and_nothing_folded(int8_by_cost_model) -> None:
+    _, q, s = _int8(640, 640, 12)
+    x = torch.randn(16, 640, generator=torch.Generator().manual_seed(13))
+    assert copy_choice(x, KIND, q, (0,), None) is None
+    assert copy_choice(x, KIND, q, (0,), DispatchPolicy()) is None
+    big = DispatchPolicy(copies=CopyBudget(1 << 30))
+    assert copy_choice(x, KIND, q, (0,), big, low_rank=16) is None  # a LoRA's term: the kernel adds it
+    assert copy_choice(x, KIND, q, (0,), big, folds=True) is None  # a folded norm / activation: the kernel's
+    # an input activation goes to the quantized kernel, so that call keeps it
+    call = bind_linear(KIND, q, (s,), backend=big)
+    call(x, input_act="gelu_tanh")
+    assert not has_copy(q, torch.float32) and big.copies.used_bytes == 0
+    call(x)  # the plain call copies
+    assert has_copy(q, torch.float32)
+    # quant_linear (ComfyUI's per-call path) copies too, and gives the copy's numbers
+    y = quant_linear(x, KIND, q, (s,), backend=big)
+    torch.testing.assert_close(y, x @ (q.float() * s).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_budget_released_with_the_weight(int8_by_cost_model) -> None:
+    budget = CopyBudget(1 << 30)
+    policy = DispatchPolicy(copies=budget)
+    _, q, s = _int8(640, 640, 14)
+    x = torch.randn(16, 640, generator=torch.Generator().manual_seed(15))
+    bind_linear(KIND, q, (s,), backend=policy)(x)
+    assert budget.used_bytes == 640 * 640 * 4
+    del q
+    gc.collect()
+    assert budget.used_bytes == 0 and budget.layers == 0
+
+
+def test_budget_rejects_negative_and_policy_key_leaves_it_out() -> None:
+    with pytest.raises(ValueError, match="limit_bytes"):
+        CopyBudget(-1)
+    from comfyquant.runtime.kernels.policy import policy_from_key
+
+    p = DispatchPolicy(copies=CopyBudget(1 << 20))
+    assert policy_from_key(p.key()).copies is None  # torch.compile's op resolves without copies
+    assert DispatchPolicy(copies=CopyBudget(1)) != DispatchPolicy(copies=CopyBudget(1))  # each model its own
+
+
+def test_node_options_carry_one_budget_per_model() -> None:
+    """The node's ``dense_copy_mb``: every layer kind of one patched model draws on one budget; 0 keeps the plain
+    automatic choice; a negative size is one clear error."""
+    from comfyquant.errors import UserError
+    from comfyquant.nodes.settings import RuntimeOptions
+
+    opts = RuntimeOptions(dense_copy_mb=64)
+    a, b = opts.backend_for("int8"), opts.backend_for("fp8")
+    assert a.copies is opts.copy_budget and b.copies is opts.copy_budget
+    assert opts.copy_budget.limit_bytes == 64 << 20
+    assert RuntimeOptions(dense_copy_mb=64).copy_budget is not opts.copy_budget  # another model, another budget
+    assert RuntimeOptions().backend_for("int8") is None and RuntimeOptions().copy_budget is None
+    with pytest.raises(UserError, match="dense_copy_mb"):
+        RuntimeOptions(dense_copy_mb=-1)
