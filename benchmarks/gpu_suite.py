@@ -269,6 +269,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # numbers, CUDA-graph replay, the dispatch report's row
         "check_dense_copy": [[PY, "benchmarks/check_dense_copy_gpu.py", "--out", str(work / "kernels")]],
         # SDXL in ComfyUI's class: the node's defaults with and without a copy budget (3 pooled rounds)
+        # the same under torch's profiler: where a copied layer's step time goes (bf16, int8, int8 + copies)
+        "profile_sdxl_copy": [[PY, "benchmarks/profile_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
+                               "--only", "adapter int8,adapter int8 + dense_copy_mb"]],
         "comfyui_sdxl_copy": [[PY, "benchmarks/bench_comfyui_sdxl.py", "--out", str(work / "comfyui_sdxl"), *cache,
                                *(s or ["--rounds", "3", "--only",
                                        "bf16 + attention auto,adapter int8,adapter int8 + dense_copy_mb"])]],

@@ -168,6 +168,10 @@ def _sdxl(a: argparse.Namespace, device: str, dtype: torch.dtype, src: Path) -> 
                 for name, fold, attention in (("adapter int8", True, DEFAULT_MODE),
                                               ("adapter int8 (norms in torch)", False, DEFAULT_MODE),
                                               ("adapter int8 + attention sdpa", True, "sdpa"))]
+    # dense copies of the layers the cost model puts over bf16 (runtime.kernels.dense_copy): 4% slower than the
+    # defaults in SDXL's step (run 120) where the sweep times those layers faster alone; which ops say why
+    variants.append(("adapter int8 + dense_copy_mb", AdapterSettings(format="int8", model_type="sdxl",
+                                                                     runtime=RuntimeOptions(dense_copy_mb=8192))))
     return base, sdxl_inputs(config, 64 if a.smoke else 1024, device, dtype), variants
 
 
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--family", choices=tuple(FAMILY_MODELS), default="sdxl")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--only", default="", help="comma-separated adapter variants to profile (default: all; bf16 always)")
     a = p.parse_args(argv)
     device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if a.smoke else torch.bfloat16
@@ -228,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"profile_comfyui_{a.family}"
     out_dir, src, _ = work_files(a, f"{a.family}_model")
     base, inputs, variants = FAMILY_MODELS[a.family](a, device, dtype, src)
+    only = {v.strip() for v in a.only.split(",") if v.strip()}
     results = [profile("bf16", base, inputs, device, a.steps)]
     for name, settings in variants:
+        if only and name not in only:
+            continue
         _free(device)
         patched, _ = adapt_model(base, settings)
         results.append(profile(name, patched, inputs, device, a.steps))

@@ -73,7 +73,8 @@ def test_profile_of_the_tiny_unet_counts_ops_and_the_folds_work(comfyui_root: Pa
                            str(comfyui_root)], capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "profile_comfyui_sdxl.json").read_text())
-    bf16, folded, plain, sdpa = report["results"]
+    bf16, folded, plain, sdpa, copies = report["results"]
+    assert copies["variant"] == "adapter int8 + dense_copy_mb"  # (the CPU has no cost model: nothing copied)
     assert bf16["variant"] == "bf16" and bf16["memo_entries_after_warmup"] == 0
     assert folded["variant"] == "adapter int8" and plain["variant"] == "adapter int8 (norms in torch)"
     assert sdpa["variant"] == "adapter int8 + attention sdpa" and sdpa["norm_rows_derived_in_warmup"] == 3 * 11
