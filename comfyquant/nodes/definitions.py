@@ -56,8 +56,9 @@ def _optional_runtime_inputs() -> dict[str, Any]:
                                  "tooltip": "0: off. Else up to this many MiB of 16-bit copies of the layers "
                                             "where no quantized kernel beats bf16 on this GPU (narrow layers "
                                             "such as SDXL's and CLIP's attention projections at large "
-                                            "batches): those run as fast as bf16 and use 3 bytes per weight "
-                                            "instead of 1."}),
+                                            "batches): each runs at bf16's speed on its own and uses 3 bytes "
+                                            "per weight instead of 1. Measured: SDXL's whole step ran 4% "
+                                            "slower with it on an H100, so time it on your model."}),
     }
 
 
