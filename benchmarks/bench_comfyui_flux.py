@@ -284,6 +284,12 @@ def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
     return list(merged.values())
 
 
+def wanted(only: str | None) -> Callable[[str], bool]:
+    """``--only``'s test: whether a variant named so is measured (every variant where ``only`` names none)."""
+    names = {v.strip() for v in (only or "").split(",") if v.strip()}
+    return lambda name: not names or name in names
+
+
 def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str, torch.Tensor]],
               resolutions: list[int], device: str, warmup: int, iters: int,
               outputs: dict[tuple[str, Any], torch.Tensor], int8_file: Path) -> tuple[list[Result], str | None]:
@@ -298,7 +304,7 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
     from comfyquant.nodes.loader import load_quantized_model
     from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
-    only = {v.strip() for v in (a.only or "").split(",") if v.strip()}
+    want = wanted(a.only)
     results: list[Result] = []
 
     def run(name: str, patcher: Any, note: str = "") -> None:
@@ -307,9 +313,6 @@ def one_round(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dict[str
         for r in rows:
             r.note = note
         results.extend(rows)
-
-    def want(name: str) -> bool:
-        return not only or name in only
 
     run("bf16", base)  # always: every row's speed-up and error are against it
     extra = [(BF16_LEAN, DEFAULT_MODE, False), ("bf16 + attention sdpa", "sdpa", False),
@@ -446,10 +449,7 @@ def adapter_rounds(a: argparse.Namespace, base: Any, inputs: Callable[[Any], dic
         enable_quantized_attention(clone, DEFAULT_MODE)
         return timed(BF16_LEAN, clone, "the node's default attention on the bf16 model")
 
-    only = {v.strip() for v in (getattr(a, "only", "") or "").split(",") if v.strip()}  # --only: these rows
-
-    def keep(name: str) -> bool:
-        return not only or name in only
+    keep = wanted(getattr(a, "only", ""))  # --only: these rows
 
     def one_round() -> list[Result]:
         results = timed("bf16", base) + (guarded_rows(BF16_LEAN, label, bf16_lean) if keep(BF16_LEAN) else [])

@@ -53,6 +53,7 @@ from bench_comfyui_flux import (
     run_env,
     stock_rows,
     timing_args,
+    wanted,
     work_files,
     write_report,
 )
@@ -170,10 +171,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         return timed(name, patched, f"{len(report.converted)} layers converted in {time.perf_counter() - t1:.1f} s, "
                                     f"{len(report.modulated)} blocks' modulated norms folded")
 
-    only = {v.strip() for v in (a.only or "").split(",") if v.strip()}
+    want = wanted(a.only)
 
     def rows(name: str, fn: Callable[[], list[Result]]) -> list[Result]:  # a variant, unless --only leaves it out
-        return guarded_rows(name, label, fn) if not only or name in only else []
+        return guarded_rows(name, label, fn) if want(name) else []
 
     def one_round() -> list[Result]:
         """Every variant timed once (those ``--only`` names, and bf16), in the table's order."""
@@ -191,7 +192,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         # the blocks' modulated norms in torch (the fold off): what handing them to the layers saves
         name = "adapter int8 (norms in torch)"
         results += rows(name, functools.partial(adapter, name, "int8", DEFAULT_MODE, False))
-        return results + (stock_rows(int8_file, label, why_not, run_stock, timed) if not only or STOCK in only else [])
+        return results + (stock_rows(int8_file, label, why_not, run_stock, timed) if want(STOCK) else [])
 
     results = merge_rounds([one_round() for _ in range(max(1, a.rounds))])
     base = None  # the bf16 model leaves the device before the report

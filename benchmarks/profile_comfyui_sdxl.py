@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_comfyui_flux import FULL, _free, _import_comfy, _inputs, flux_state_dict, work_files
+from bench_comfyui_flux import FULL, _free, _import_comfy, _inputs, flux_state_dict, wanted, work_files
 from bench_comfyui_flux import SMOKE as FLUX_SMOKE
 from bench_comfyui_sdxl import SDXL, SMOKE, _smoke_patcher, sdxl_inputs, sdxl_state_dict
 
@@ -233,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"profile_comfyui_{a.family}"
     out_dir, src, _ = work_files(a, f"{a.family}_model")
     base, inputs, variants = FAMILY_MODELS[a.family](a, device, dtype, src)
-    only = {v.strip() for v in a.only.split(",") if v.strip()}
+    want = wanted(a.only)
     results = [profile("bf16", base, inputs, device, a.steps)]
     for name, settings in variants:
-        if only and name not in only:
+        if not want(name):
             continue
         _free(device)
         patched, _ = adapt_model(base, settings)
