@@ -42,8 +42,8 @@ M_VALUES = (1, 16, 256, 1024, 4096, 16384)
 GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
 # every pinned path's GPU time as well (``--graph-all``): what a fit of the eager form ``f(host, gpu)`` needs
 GRAPH_ALL = (*GRAPH_COLUMNS, "w8a8_triton", "w8a8_fused", "w8a16", "dequant", "fp8_cublas", "w8a8_convrot")
-COLUMNS = ("bf16", "auto", "auto_copy", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16", "dequant", "fp8",
-           "fp8_cublas", "fp8_static", "w4a8", "w8a8_convrot", "int8_block", "ck_int8")
+COLUMNS = ("bf16", "auto", "auto_copy", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16",
+           "dequant", "fp8", "fp8_cublas", "fp8_static", "w4a8", "w8a8_convrot", "int8_block", "ck_int8")
 BLOCK = 128  # the int8_block column's scale tile
 
 

@@ -86,8 +86,8 @@ class RuntimeOptions:
     and ``fuse_rope`` (the folded Flux-family and Qwen-Image blocks' q / k RMSNorms and RoPE in one kernel,
     ``nodes.flux_rope``, ``nodes.qwen_rope``) and ``dense_copy_mb`` (0: off; else up to that many MiB of 16-bit
     weight copies for the layers whose every quantized path the cost model puts over bf16: they run bf16's
-    ``F.linear``, trading that memory for never losing to bf16 there; ``runtime.kernels.dense_copy``). The budget is
-    this object's own: each patched model gets one."""
+    ``F.linear``, each at bf16's speed on its own, though SDXL's whole step ran slower with them (runs 119-121);
+    ``runtime.kernels.dense_copy``). The budget is this object's own: each patched model gets one."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True
