@@ -51,12 +51,13 @@ def _modulated_site() -> dict[str, float]:
     shift, scale = torch.randn(1, 1, k).bfloat16(), torch.randn(1, 1, k).bfloat16()
     net = nn.Sequential(nn.Linear(k, n).bfloat16())
     quantize_(net, QuantizeConfig(format="int8", min_features=1))
-    layer, site, out = net[0], ModulationSite(1e-6), torch.zeros(1, 16, n, dtype=torch.bfloat16)
+    layer, site = net[0], ModulationSite(1e-6)
     with torch.no_grad():
         modulated_linear(layer, x, shift, scale, 1e-6, site)
         layer(layer_mod(x, shift, scale, 1e-6))
-        for e in bound_linear(layer.qweight, layer.bias).memo.values():
-            e[1] = lambda x: out  # a plan returning a constant
+        call = bound_linear(layer.qweight, layer.bias)
+        _stub_call(call, n, torch.bfloat16)  # plans returning a constant
+        for e in call.memo.values():
             if len(e) > 3:
                 e[3] = True  # the verdict a folding kernel gets (the CPU's reference backend folds nothing)
         return {
@@ -67,13 +68,23 @@ def _modulated_site() -> dict[str, float]:
         }
 
 
+def _stub_call(call: Callable, out_rows: int, dtype: torch.dtype) -> None:
+    """A bound call (``dispatch.bind_linear``'s) whose every signature replays a plan returning a constant of the
+    signature's output shape: its memo's plans, and its plain signatures' (``call.hot``, in trees that have it),
+    as a GPU's plans would be after the first call (the CPU's reference backend makes none)."""
+    hot = getattr(call, "hot", None)
+    for sig, e in call.memo.items():
+        e[1] = (lambda o: (lambda x: o))(torch.zeros(*sig[0][:-1], out_rows, dtype=dtype))
+        if hot is not None and sig[3:] == (False, None, None, 0):  # not capturing, no act, norm or low-rank term
+            hot[sig[:3]] = (e[1], -1)
+
+
 def _stub_memos(weights: list, dtype: torch.dtype) -> None:
-    """Every bound call of these weights (``QuantizedTensor``s) replays a plan that returns a constant of the
-    signature's output shape."""
+    """Every bound call of these weights (``QuantizedTensor``s) stubbed by :func:`_stub_call`."""
     for w in weights:
         bound = getattr(w, "_comfyquant_bound", None)
-        for sig, e in ({} if bound is None else bound[1].memo).items():
-            e[1] = (lambda o: (lambda x: o))(torch.zeros(*sig[0][:-1], w.shape[0], dtype=dtype))
+        if bound is not None:
+            _stub_call(bound[1], int(w.shape[0]), dtype)
 
 
 def _sibling_group() -> dict[str, float]:
@@ -164,8 +175,7 @@ def main() -> int:
             fn = bound_linear(net[0].qweight, net[0].bias)
             plans = getattr(fn, "memo", None)
             if plans is not None:  # [backend, plan] per signature: a plan that returns a constant
-                for e in plans.values():
-                    e[1] = lambda x: out
+                _stub_call(fn, n, torch.bfloat16)
             else:
                 plans = next(c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, dict))
                 for key, backend in plans.items():

@@ -59,6 +59,36 @@ def _memo_entries(dm: torch.nn.Module) -> int:
     return n
 
 
+def memo_backends(dm: torch.nn.Module) -> dict[str, int]:
+    """``"backend NxK M=rows" -> layers`` over every quantized weight's bound-call memo (``dense_copy`` for a layer
+    on its 16-bit copy): which path each layer's signatures run, by shape (the dispatch report asks the chooser
+    again; this reads what the calls memoized)."""
+    from comfyquant.runtime.kernels import dense_copy
+    from comfyquant.runtime.kernels.registry import kernel_kind, kinds
+
+    names = {id(b): name for kind in kinds() for name, b in kernel_kind(kind).backends.items()}
+    names.update({id(b): dense_copy.NAME for b in dense_copy._BACKENDS.values()})
+    seen: set[int] = set()
+    tally: dict[str, int] = {}
+    for m in dm.modules():
+        for p in m.__dict__.get("_parameters", {}).values():
+            fused = getattr(p, "_comfyquant_fused", None)
+            for w in (p, getattr(fused, "weight", None)):
+                bound = getattr(w, "_comfyquant_bound", None)
+                if bound is None or id(bound) in seen:
+                    continue
+                seen.add(id(bound))
+                for sig, e in getattr(bound[1], "memo", {}).items():
+                    shape = sig[0]
+                    rows = 1
+                    for d in shape[:-1]:
+                        rows *= int(d)
+                    key = f"{names.get(id(e[0]), '?')} {int(w.shape[0])}x{int(shape[-1])} M={rows}" + (
+                        "" if e[1] else " (no plan)")
+                    tally[key] = tally.get(key, 0) + 1
+    return dict(sorted(tally.items()))
+
+
 def host_profile(dm: torch.nn.Module, inputs: dict, opts: dict, device: str, steps: int) -> dict[str, Any]:
     """Host time a step (the forward's wall time, no sync inside; GPU-bound steps would show the GPU's time) and
     with a sync, then Python's profile over ``steps`` more steps: the top functions by self time, a step's share."""
@@ -95,8 +125,9 @@ def host_profile(dm: torch.nn.Module, inputs: dict, opts: dict, device: str, ste
             "cprofile_top": rows[:40], "cprofile_ms": sum(r["self_ms"] for r in rows), "cprofile_text": buf.getvalue()}
 
 
-def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> dict[str, Any]:
-    """Warm-up steps, then ``steps`` profiled ones: the top ops by device and by host time, sync counts."""
+def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int, budget: Any = None) -> dict[str, Any]:
+    """Warm-up steps, then ``steps`` profiled ones: the top ops by device and by host time, sync counts, which
+    backend each layer's memo holds, and the dense copies' budget (``budget``, the variant's ``CopyBudget``)."""
     import comfy.model_management
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -128,6 +159,7 @@ def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> d
                 if device == "cuda":
                     torch.cuda.synchronize()
             memo1, derived1 = _memo_entries(dm), derived["n"]
+            backends = memo_backends(dm)
         hosted = host_profile(dm, inputs, opts, device, steps)
     finally:
         rnn.NormSource._derive = original  # type: ignore[method-assign]
@@ -141,6 +173,7 @@ def profile(name: str, patcher: Any, inputs: dict, device: str, steps: int) -> d
     syncs = {r["op"]: r["count"] for r in rows if r["op"] in SYNC_OPS}
     table = events.table(sort_by=f"self_{dev_attr}" if device == "cuda" else "self_cpu_time_total", row_limit=30)
     return {"variant": name, "memo_entries_after_warmup": memo0, "memo_entries_added_while_profiled": memo1 - memo0,
+            "memo_backends": backends, "copy_budget": None if budget is None else budget.summary(),
             "norm_rows_derived_while_profiled": derived1 - derived0, "norm_rows_derived_in_warmup": derived0,
             "syncs_per_step": syncs, "device_total_us": sum(r["device_us"] for r in rows), "top_by_device": by_device, "top_by_count": by_count, "table": table,
             **hosted}
@@ -240,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         _free(device)
         patched, _ = adapt_model(base, settings)
-        results.append(profile(name, patched, inputs, device, a.steps))
+        results.append(profile(name, patched, inputs, device, a.steps, settings.runtime.copy_budget))
         patched = None
     text = []
     for r in results:
@@ -249,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['norm_rows_derived_while_profiled']} while profiled; syncs per step {r['syncs_per_step']}; "
                  f"host {r['host_ms']:.1f} ms a step, with a sync {r['wall_ms']:.1f} ms, device "
                  f"{r['device_total_us'] / 1e3:.1f} ms",
+                 "-- memo backends (layers): " + "; ".join(f"{k}: {v}" for k, v in r["memo_backends"].items()),
                  r.pop("table"), "", f"-- Python's profile ({r['variant']}, per {a.steps} steps)",
                  r.pop("cprofile_text"), ""]
     Path(out_dir, f"{stem}.txt").write_text("\n".join(text))

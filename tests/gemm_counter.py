@@ -23,7 +23,13 @@ def count_gemms(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             widths.append(int(w.shape[0]))
             return call(x, *more, **kw)
 
-        counted.memo = call.memo  # type: ignore[attr-defined]
+        def counted_plain(x: Any) -> Any:  # a layer's plain call (``call.plain``): counted where it ran
+            y = call.plain(x)
+            if y is not None:
+                widths.append(int(w.shape[0]))
+            return y
+
+        counted.memo, counted.hot, counted.plain = call.memo, call.hot, counted_plain  # type: ignore[attr-defined]
         return counted
 
     monkeypatch.setattr(dispatch, "bind_linear", counting)

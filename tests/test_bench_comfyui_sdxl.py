@@ -81,6 +81,10 @@ def test_profile_of_the_tiny_unet_counts_ops_and_the_folds_work(comfyui_root: Pa
     assert folded["norm_rows_derived_in_warmup"] == 3 * 11 and plain["norm_rows_derived_in_warmup"] == 0
     assert folded["norm_rows_derived_while_profiled"] == 0 and folded["memo_entries_added_while_profiled"] == 0
     assert folded["syncs_per_step"] == {} and folded["top_by_count"][0]["count"] > 0
+    # which path each layer memoized, by shape: every entry counted, on the CPU the reference (no plans)
+    assert sum(folded["memo_backends"].values()) == folded["memo_entries_after_warmup"] > 0
+    assert all(key.startswith("torch ") and " M=" in key for key in folded["memo_backends"])
+    assert folded["copy_budget"] is None and copies["copy_budget"] == "0 layers, 0.0 of 8192.0 MiB"
     assert plain["top_by_device"][0]["device_us"] > 0  # (on the CPU: its host time)
     for r in (bf16, folded, plain):
         assert 0 < r["host_ms"] <= r["wall_ms"] * 1.5 and r["cprofile_ms"] > 0

@@ -19,7 +19,7 @@ from torch import nn
 
 from comfyquant.lora.sidepath import LoRASidePath
 from comfyquant.runtime.kernels.acts import Norm, apply_input_act, rms_norm
-from comfyquant.runtime.nn import QuantLinear, bound_linear, run_linear
+from comfyquant.runtime.nn import BOUND_ATTR, QuantLinear, bound_linear, run_linear
 from comfyquant.runtime.tensor import QuantizedTensor
 from comfyquant.runtime.versions import version
 
@@ -109,7 +109,22 @@ class ComfyQuantLinear(QuantLinear):
             y = sib[0].product(sib[1], x)
             if y is not None:  # its side path (dynamic LoRAs) included
                 return y
-        return self._compute(x, self.norm_for_call())
+        d = self.__dict__  # norm_for_call inline (older pickles lack input_norm)
+        norm = d.get("call_norm")
+        if norm is None:
+            src = d.get("input_norm")
+            norm = None if src is None else src.for_call()
+            if norm is None and d.get("adapter") is None and d.get("input_act") is None and not d["weight_function"] \
+                    and not d["bias_function"] and not torch.compiler.is_compiling():
+                # a plain call: its signature's plan where the bound call has one (None where x's device, dtype
+                # or shape is new: weights left on the offload device, a bias to cast; the general path then)
+                params = d["_parameters"]
+                b = getattr(params["weight"], BOUND_ATTR, None)
+                if b is not None and b[0] is params["bias"]:
+                    y = b[1].plain(x)
+                    if y is not None:
+                        return y
+        return self._compute(x, norm)
 
     def _compute(self, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
         params = self._parameters

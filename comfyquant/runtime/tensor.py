@@ -110,7 +110,10 @@ class Layout:
     def bind_linear(cls, qdata: torch.Tensor, params: LayoutParams,
                     bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``x -> F.linear(x, weight, bias)`` with everything but ``x`` resolved once (a layer's eager fast
-        path), or None where the layout has none (the layer then goes through its linear handler per call)."""
+        path), or None where the layout has none (the layer then goes through its linear handler per call). The
+        function's ``plain(x)`` gives the output of a plain call (no side path, activation or norm) from a plan
+        made by an earlier call of x's signature, else None (``dispatch.bind_linear``'s; ``lambda x: None``
+        where there are none)."""
         return None
 
 

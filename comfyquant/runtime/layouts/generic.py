@@ -245,7 +245,13 @@ class FormatLayout(Layout):
                                                                 0.0, rms=False)
             return call(x, None, None, col)
 
+        smoothed.plain = _no_plain  # type: ignore[attr-defined]  # (every call hands the kernel its column scale)
         return smoothed
+
+
+def _no_plain(x: torch.Tensor) -> None:
+    """A bound call's ``plain`` where it has no plain signatures (see ``Layout.bind_linear``)."""
+    return None
 
 
 def _smooth(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,159 @@
+"""The plain-call fast path (``dispatch.bind_linear``'s ``plain`` / ``hot``, ``QuantLinear.forward``): a layer
+called with no side path, input activation or norm replays its signature's plan with a third of the general path's
+reads, gives the general path's numbers, and steps aside for whatever the general path handles (a new shape, a
+non-contiguous input, a LoRA, a ComfyUI weight patch, a bias to cast).
+
+On the CPU the backend with a plan is the dense copy (``runtime.kernels.dense_copy``), chosen here by the cost
+model with the default (H200) table, as a CUDA device would choose for these narrow layers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from comfyquant.quant.int8 import quantize_rowwise
+from comfyquant.runtime import QuantizeConfig, quantize_
+from comfyquant.runtime.kernels import builtin, dispatch
+from comfyquant.runtime.kernels.costs import DEFAULT_COSTS
+from comfyquant.runtime.kernels.dense_copy import CopyBudget, has_copy
+from comfyquant.runtime.kernels.policy import DispatchPolicy
+from comfyquant.runtime.kernels.registry import kernel_kind, register_kernel_kind
+
+N = K = 640  # SDXL's narrow attention projection: the cost model puts every int8 path over bf16 at 16 rows
+
+
+@pytest.fixture
+def int8_by_cost_model():
+    """The int8 kind choosing by the cost model on the CPU (its W8A8 path runs as the reference, the weight-only
+    path as ``dequant``); restored after the test."""
+    int8 = kernel_kind("int8")
+
+    def choose(x, n, k, opts, policy):
+        return builtin.decide_paths(x.numel() // k, n, k, 0, policy, DEFAULT_COSTS, False,
+                                    (("triton", "torch"), ("triton_w8a16", "dequant")))
+
+    register_kernel_kind(dataclasses.replace(int8, choose=choose), replace=True)
+    yield
+    register_kernel_kind(int8, replace=True)
+
+
+def _want(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (q s)^T + b`` in float64, rounded to x's dtype."""
+    y = x.double() @ (q.double() * s.double()).t()
+    return (y if b is None else y + b.double()).to(x.dtype)
+
+
+def test_bound_call_replays_plain_signatures(int8_by_cost_model) -> None:
+    q, s = quantize_rowwise(torch.randn(N, K, generator=torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(2)
+    x, b = torch.randn(16, K, generator=g), torch.randn(N, generator=g)
+    call = dispatch.bind_linear("int8", q, (s,), b, opts=(0,), backend=DispatchPolicy(copies=CopyBudget(1 << 30)))
+    assert call.plain(x) is None and not call.hot  # nothing planned before the first call
+    first = call(x)
+    assert has_copy(q, torch.float32) and list(call.hot) == [(x.shape, x.dtype, x.device)]
+    torch.testing.assert_close(first, _want(x, q, s, b), rtol=1e-5, atol=1e-4)
+    assert torch.equal(call.plain(x), first) and torch.equal(call(x), first)
+    # what the plan cannot take goes to the general path, with the same numbers
+    xt = x.t().contiguous().t()  # the same values, column-major
+    assert call.plain(xt) is None and torch.equal(call(xt), first)
+    assert call.plain(x[:8]) is None  # a new signature: decided by the general path first
+    torch.testing.assert_close(call(x[:8]), first[:8], rtol=1e-6, atol=1e-6)
+    # an input activation is not a plain call: its own signature, its own path
+    torch.testing.assert_close(call(x, input_act="gelu_tanh"),
+                               _want(torch.nn.functional.gelu(x, approximate="tanh"), q, s, b), rtol=1e-4, atol=1e-3)
+
+
+def test_plain_call_skips_the_general_path(int8_by_cost_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a signature's first call, a plain layer call reads none of the general path: not even the capture
+    query every general call makes."""
+    lin = nn.Sequential(nn.Linear(K, N))
+    quantize_(lin, QuantizeConfig(format="int8", min_features=1))
+    layer = lin[0]
+    layer.set_backend(DispatchPolicy(copies=CopyBudget(1 << 30)))
+    x = torch.randn(2, 8, K, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = layer(x)
+
+        def refuse(x: torch.Tensor) -> bool:
+            raise AssertionError("the general path ran")
+
+        monkeypatch.setattr(dispatch, "capturing", refuse)
+        assert torch.equal(layer(x), want)
+        with pytest.raises(AssertionError, match="general path"):
+            layer(x[:1])  # a new signature does take it
+
+
+def _layers(comfy: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A quantized layer (``QuantLinear`` or the node pack's ``ComfyQuantLinear``) with the copy policy, its codes,
+    row scales and bias."""
+    from comfyquant.nodes.ops import ComfyQuantLinear
+
+    lin = nn.Sequential(nn.Linear(K, N))
+    quantize_(lin, QuantizeConfig(format="int8", min_features=1))
+    layer = lin[0]
+    layer.set_backend(DispatchPolicy(copies=CopyBudget(1 << 30)))
+    if comfy:
+        layer = ComfyQuantLinear.wrap(layer.qweight, layer.bias)
+    qw = layer.qweight
+    return layer, qw.qdata, qw.params.weight_scale, layer.bias.detach()
+
+
+@pytest.mark.parametrize("comfy", [False, True])
+def test_layer_state_changes_leave_the_plain_path(int8_by_cost_model, comfy: bool) -> None:
+    """Each thing the general path handles, set after the plain path is warm, is seen on the next call."""
+    layer, q, s, b = _layers(comfy)
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), _want(x, q, s, b), rtol=1e-5, atol=1e-4)
+        layer.adapter = lambda xx, y: y + 1.0  # a side path (what a dynamic LoRA is)
+        torch.testing.assert_close(layer(x), _want(x, q, s, b) + 1.0, rtol=1e-5, atol=1e-4)
+        layer.adapter = None
+        layer.bias = nn.Parameter(torch.zeros(N), requires_grad=False)  # a new bias object: bound anew
+        torch.testing.assert_close(layer(x), _want(x, q, s, None), rtol=1e-5, atol=1e-4)
+        layer.bias = nn.Parameter(b.clone(), requires_grad=False)
+        layer(x)
+        layer.input_act = "gelu_tanh"
+        xa = torch.nn.functional.gelu(x, approximate="tanh")
+        torch.testing.assert_close(layer(x), _want(xa, q, s, b), rtol=1e-4, atol=1e-3)
+        layer.input_act = None
+        torch.testing.assert_close(layer(x), _want(x, q, s, b), rtol=1e-5, atol=1e-4)
+
+
+def test_comfy_layer_patches_and_bias_cast_leave_the_plain_path(int8_by_cost_model) -> None:
+    """ComfyUI's on-the-fly weight patches and an input in another dtype than the bias take the general path."""
+    layer, q, s, b = _layers(comfy=True)
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for _ in range(2):
+            layer(x)
+        layer.weight_function.append(lambda w: w * 0.0)  # a lowvram patch: the float weight, patched
+        torch.testing.assert_close(layer(x), b.expand(16, N), rtol=0, atol=0)
+        layer.weight_function.clear()
+        layer.bias_function.append(lambda bb: bb * 0.0)
+        torch.testing.assert_close(layer(x), _want(x, q, s, None), rtol=1e-5, atol=1e-4)
+        layer.bias_function.clear()
+        xd = x.double()  # the float32 bias is cast to the input's dtype; the plain path's signature is float32
+        torch.testing.assert_close(layer(xd), _want(xd, q, s, b), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(layer(x), _want(x, q, s, b), rtol=1e-5, atol=1e-4)
+
+
+def test_comfy_layer_with_a_smoothed_weight() -> None:
+    """A layout's bound call that wraps the dispatcher's (a smoothed layer's, ``pre_quant_scale``: x * p first)
+    has no plain plan of its own: the layer takes its general path every call, with the handler's numbers."""
+    from comfyquant.nodes.ops import ComfyQuantLinear
+    from comfyquant.runtime.nn import linear
+    from comfyquant.runtime.tensor import QuantizedTensor
+
+    g = torch.Generator().manual_seed(6)
+    w, p, b = torch.randn(N, K, generator=g) * 0.05, torch.rand(K, generator=g) + 0.5, torch.randn(N, generator=g)
+    qt = QuantizedTensor.from_float(w, "int8", pre_quant_scale=p)
+    layer = ComfyQuantLinear.wrap(qt, b)
+    x = torch.randn(16, K, generator=g)
+    with torch.no_grad():
+        want = linear(x, qt, b)
+        for _ in range(3):  # binds, plans, then would replay
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
