@@ -75,8 +75,8 @@ def _stub_call(call: Callable, out_rows: int, dtype: torch.dtype) -> None:
     hot = getattr(call, "hot", None)
     for sig, e in call.memo.items():
         e[1] = (lambda o: (lambda x: o))(torch.zeros(*sig[0][:-1], out_rows, dtype=dtype))
-        if hot is not None and sig[3:] == (False, None, None, 0):  # not capturing, no act, norm or low-rank term
-            hot[sig[:3]] = (e[1], -1)
+        if hot is not None and sig[3] is False and sig[5:] == (None, 0):  # not capturing; no norm, low-rank term
+            hot[(*sig[:3], sig[4])] = (e[1], -1)
 
 
 def _stub_memos(weights: list, dtype: torch.dtype) -> None:

@@ -23,8 +23,8 @@ def count_gemms(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             widths.append(int(w.shape[0]))
             return call(x, *more, **kw)
 
-        def counted_plain(x: Any) -> Any:  # a layer's plain call (``call.plain``): counted where it ran
-            y = call.plain(x)
+        def counted_plain(x: Any, input_act: Any = None) -> Any:  # a layer's plain call (``call.plain``), if it ran
+            y = call.plain(x, input_act)
             if y is not None:
                 widths.append(int(w.shape[0]))
             return y

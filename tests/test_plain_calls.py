@@ -1,5 +1,5 @@
 """The plain-call fast path (``dispatch.bind_linear``'s ``plain`` / ``hot``, ``QuantLinear.forward``): a layer
-called with no side path, input activation or norm replays its signature's plan with a third of the general path's
+called with no side path or norm (an input activation is part of the signature) replays its signature's plan with a third of the general path's
 reads, gives the general path's numbers, and steps aside for whatever the general path handles (a new shape, a
 non-contiguous input, a LoRA, a ComfyUI weight patch, a bias to cast).
 
@@ -17,10 +17,11 @@ from torch import nn
 from comfyquant.quant.int8 import quantize_rowwise
 from comfyquant.runtime import QuantizeConfig, quantize_
 from comfyquant.runtime.kernels import builtin, dispatch
+from comfyquant.runtime.kernels.backends import BackendChoice
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS
 from comfyquant.runtime.kernels.dense_copy import CopyBudget, has_copy
 from comfyquant.runtime.kernels.policy import DispatchPolicy
-from comfyquant.runtime.kernels.registry import kernel_kind, register_kernel_kind
+from comfyquant.runtime.kernels.registry import KernelBackend, kernel_kind, register_kernel_kind
 
 N = K = 640  # SDXL's narrow attention projection: the cost model puts every int8 path over bf16 at 16 rows
 
@@ -53,7 +54,7 @@ def test_bound_call_replays_plain_signatures(int8_by_cost_model) -> None:
     call = dispatch.bind_linear("int8", q, (s,), b, opts=(0,), backend=DispatchPolicy(copies=CopyBudget(1 << 30)))
     assert call.plain(x) is None and not call.hot  # nothing planned before the first call
     first = call(x)
-    assert has_copy(q, torch.float32) and list(call.hot) == [(x.shape, x.dtype, x.device)]
+    assert has_copy(q, torch.float32) and list(call.hot) == [(x.shape, x.dtype, x.device, None)]
     torch.testing.assert_close(first, _want(x, q, s, b), rtol=1e-5, atol=1e-4)
     assert torch.equal(call.plain(x), first) and torch.equal(call(x), first)
     # what the plan cannot take goes to the general path, with the same numbers
@@ -61,9 +62,42 @@ def test_bound_call_replays_plain_signatures(int8_by_cost_model) -> None:
     assert call.plain(xt) is None and torch.equal(call(xt), first)
     assert call.plain(x[:8]) is None  # a new signature: decided by the general path first
     torch.testing.assert_close(call(x[:8]), first[:8], rtol=1e-6, atol=1e-6)
-    # an input activation is not a plain call: its own signature, its own path
-    torch.testing.assert_close(call(x, input_act="gelu_tanh"),
-                               _want(torch.nn.functional.gelu(x, approximate="tanh"), q, s, b), rtol=1e-4, atol=1e-3)
+    # an input activation goes to the quantized kernel (no copy; on the CPU no plan): the general path
+    call(x, input_act="gelu_tanh")
+    assert call.plain(x, "gelu_tanh") is None and all(key[3] is None for key in call.hot)
+
+
+@pytest.fixture
+def planned_int8():
+    """The int8 kind choosing a backend that makes plans on the CPU: its weight-only math, planned as a GPU
+    backend's would be (a function of x, everything else fixed; it applies no activation itself)."""
+    int8 = kernel_kind("int8")
+    ref = int8.backends["dequant"]
+
+    def plan(x, w, scales, bias, opts, out_dtype, act=0, *rest, **kw):
+        return None if act else (lambda xx: ref.impl(xx, w, scales, bias, opts, out_dtype))
+
+    backends = {**int8.backends, "planned": KernelBackend(ref.impl, plan=plan)}
+    register_kernel_kind(dataclasses.replace(int8, backends=backends,
+                                             choose=lambda x, n, k, opts, policy: BackendChoice("planned", "test")),
+                         replace=True)
+    yield
+    register_kernel_kind(int8, replace=True)
+
+
+def test_input_activation_signatures_replay_their_own_plan(planned_int8) -> None:
+    """A call with an input activation is a signature of its own in the hot table: replayed with the activation
+    applied, apart from the same input's plain call."""
+    q, s = quantize_rowwise(torch.randn(N, K, generator=torch.Generator().manual_seed(7)))
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(8))
+    call = dispatch.bind_linear("int8", q, (s,), None, opts=(0,))
+    plain, act = call(x), call(x, input_act="gelu_tanh")
+    torch.testing.assert_close(act, _want(torch.nn.functional.gelu(x, approximate="tanh"), q, s, None), rtol=1e-4,
+                               atol=1e-3)
+    assert set(call.hot) == {(x.shape, x.dtype, x.device, None), (x.shape, x.dtype, x.device, "gelu_tanh")}
+    assert torch.equal(call.plain(x, "gelu_tanh"), act) and torch.equal(call(x, input_act="gelu_tanh"), act)
+    assert torch.equal(call.plain(x), plain) and torch.equal(call(x), plain)
+    assert call.plain(x, "silu") is None  # another activation: not planned yet
 
 
 def test_plain_call_skips_the_general_path(int8_by_cost_model, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,7 +152,8 @@ def test_layer_state_changes_leave_the_plain_path(int8_by_cost_model, comfy: boo
         layer(x)
         layer.input_act = "gelu_tanh"
         xa = torch.nn.functional.gelu(x, approximate="tanh")
-        torch.testing.assert_close(layer(x), _want(xa, q, s, b), rtol=1e-4, atol=1e-3)
+        for _ in range(2):  # planned, then replayed
+            torch.testing.assert_close(layer(x), _want(xa, q, s, b), rtol=1e-4, atol=1e-3)
         layer.input_act = None
         torch.testing.assert_close(layer(x), _want(x, q, s, b), rtol=1e-5, atol=1e-4)
 

@@ -114,14 +114,14 @@ class ComfyQuantLinear(QuantLinear):
         if norm is None:
             src = d.get("input_norm")
             norm = None if src is None else src.for_call()
-            if norm is None and d.get("adapter") is None and d.get("input_act") is None and not d["weight_function"] \
-                    and not d["bias_function"] and not torch.compiler.is_compiling():
+            if norm is None and d.get("adapter") is None and not d["weight_function"] and not d["bias_function"] \
+                    and not torch.compiler.is_compiling():
                 # a plain call: its signature's plan where the bound call has one (None where x's device, dtype
                 # or shape is new: weights left on the offload device, a bias to cast; the general path then)
                 params = d["_parameters"]
                 b = getattr(params["weight"], BOUND_ATTR, None)
                 if b is not None and b[0] is params["bias"]:
-                    y = b[1].plain(x)
+                    y = b[1].plain(x, d.get("input_act"))
                     if y is not None:
                         return y
         return self._compute(x, norm)

@@ -111,9 +111,9 @@ class Layout:
                     bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``x -> F.linear(x, weight, bias)`` with everything but ``x`` resolved once (a layer's eager fast
         path), or None where the layout has none (the layer then goes through its linear handler per call). The
-        function's ``plain(x)`` gives the output of a plain call (no side path, activation or norm) from a plan
-        made by an earlier call of x's signature, else None (``dispatch.bind_linear``'s; ``lambda x: None``
-        where there are none)."""
+        function's ``plain(x, input_act=None)`` gives the output of a call with no side path or norm from a plan
+        made by an earlier call of its signature, else None (``dispatch.bind_linear``'s; always None where there
+        are no plans)."""
         return None
 
 

@@ -238,15 +238,16 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     # call, False where there is none (backend without plans, CUDA graph capture), else a triton_plans plan; with
     # a low-rank term it is made for the side path's operands and remade when the side path hands over others
     memo: dict[tuple, list] = {}
-    # (x.shape, x.dtype, x.device) -> (plan, CUDA device index or -1) for the plain signatures (no low-rank term,
-    # input activation or norm, outside a capture) that have a plan: what most calls of a model are, looked up
-    # with a third of the signature's reads (the host time above the kernel is what host-bound layers lose)
+    # (x.shape, x.dtype, x.device, input_act) -> (plan, CUDA device index or -1) for the plain signatures (no
+    # low-rank term or norm, outside a capture) that have a plan: what most calls of a model are, looked up with a
+    # third of the signature's reads (the host time above the kernel is what host-bound layers lose)
     hot: dict[tuple, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {}
 
-    def plain(x: torch.Tensor) -> torch.Tensor | None:
-        """The plain call's output by its plan, or None where it has none yet (or ``x`` is not contiguous and
-        16-byte aligned, or a CUDA graph may be capturing: the general path decides then)."""
-        h = hot.get((x.shape, x.dtype, x.device))
+    def plain(x: torch.Tensor, input_act: str | None = None) -> torch.Tensor | None:
+        """The output of a call with no low-rank term or norm by its signature's plan, or None where it has none
+        yet (or ``x`` is not contiguous and 16-byte aligned, or a CUDA graph may be capturing: the general path
+        decides then)."""
+        h = hot.get((x.shape, x.dtype, x.device, input_act))
         if h is None or not x.is_contiguous() or x.data_ptr() % 16:
             return None
         if h[1] >= 0 and _raw_stream(h[1]) != 0:  # not the legacy default stream: maybe a capture
@@ -255,9 +256,9 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
 
     def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None,
              norm: Norm | None = None) -> torch.Tensor:
-        is_plain = low_rank is None and input_act is None and norm is None
+        is_plain = low_rank is None and norm is None
         if is_plain:  # plain()'s lookup, inline (a call's frame is a tenth of this path's host time)
-            h = hot.get((x.shape, x.dtype, x.device))
+            h = hot.get((x.shape, x.dtype, x.device, input_act))
             if h is not None and x.is_contiguous() and not x.data_ptr() % 16 \
                     and (h[1] < 0 or _raw_stream(h[1]) == 0):
                 return h[0](x)
@@ -313,7 +314,7 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
             if fast is None:  # the first call compiled the kernels: later calls of this signature replay them
                 e[1] = _plan(b, xk, w, scales, bias, opts, act, input_act) or False
                 if e[1] and is_plain and len(hot) < 64:
-                    hot[(x.shape, x.dtype, x.device)] = (e[1], x.get_device() if x.is_cuda else -1)
+                    hot[(x.shape, x.dtype, x.device, input_act)] = (e[1], x.get_device() if x.is_cuda else -1)
             return y
         if input_act is not None:
             x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too

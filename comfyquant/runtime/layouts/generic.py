@@ -249,7 +249,7 @@ class FormatLayout(Layout):
         return smoothed
 
 
-def _no_plain(x: torch.Tensor) -> None:
+def _no_plain(x: torch.Tensor, input_act: str | None = None) -> None:
     """A bound call's ``plain`` where it has no plain signatures (see ``Layout.bind_linear``)."""
     return None
 
