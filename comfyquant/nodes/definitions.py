@@ -58,7 +58,8 @@ def _optional_runtime_inputs() -> dict[str, Any]:
                                             "such as SDXL's and CLIP's attention projections at large "
                                             "batches): each runs at bf16's speed on its own and uses 3 bytes "
                                             "per weight instead of 1. Measured: SDXL's whole step ran 4% "
-                                            "slower with it on an H100, so time it on your model."}),
+                                            "slower with it on an H100 (the copies save GPU time but cost "
+                                            "host time, which SDXL is short of), so time it on your model."}),
     }
 
 

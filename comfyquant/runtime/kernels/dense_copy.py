@@ -7,8 +7,9 @@ to pay for its activation pass (H100 sweep, run 93: 16 of 114 rows at 0.69-0.96x
 keeping the copy is the only way to match bf16 there. The copy costs 2 bytes per weight on top of the stored
 byte, so copies are opt-in (``DispatchPolicy(copies=CopyBudget(limit_bytes))``, the node's ``dense_copy_mb``),
 bounded by the budget, decided by the cost model (:func:`wants_copy`) and shown by the dispatch report. The
-per-call cost model is a lone layer's: SDXL's whole step in ComfyUI's class ran 4% slower with copies on an H100
-(docs/PERFORMANCE.md, runs 119-121), another reason they are not on by default.
+per-call cost model is a lone layer's: SDXL's whole step in ComfyUI's class ran 4% slower with copies on an H100,
+where every admitted copy ran and cut those layers' GPU time by a quarter but the host-bound step paid more host
+time (docs/PERFORMANCE.md, runs 119-122), another reason they are not on by default.
 """
 
 from __future__ import annotations
