@@ -184,3 +184,21 @@ def test_node_options_carry_one_budget_per_model() -> None:
     assert RuntimeOptions().backend_for("int8") is None and RuntimeOptions().copy_budget is None
     with pytest.raises(UserError, match="dense_copy_mb"):
         RuntimeOptions(dense_copy_mb=-1)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_copy_plan_is_f_linear_bit_for_bit(int8_by_cost_model, dims: int, with_bias: bool) -> None:
+    """The copy's plan (2-D inputs: ``addmm`` / ``mm`` on the copy's transpose, F.linear's own 2-D case; else
+    ``F.linear``) gives ``F.linear``'s numbers on the copy exactly, at its first call and when replayed."""
+    from comfyquant.runtime.kernels.dense_copy import copied_weight
+
+    _, q, s = _int8(640, 640, 16)
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(*((16,) if dims == 2 else (2, 8)), 640, generator=g)
+    b = torch.randn(640, generator=g) if with_bias else None
+    call = bind_linear(KIND, q, (s,), b, backend=DispatchPolicy(copies=CopyBudget(1 << 30)))
+    first, replayed = call(x), call(x)
+    dense = copied_weight(kernel_kind(KIND), q, (s,), (0,), torch.float32)
+    assert torch.equal(first, torch.nn.functional.linear(x, dense, b)) and torch.equal(replayed, first)
+    assert call.hot  # (the second call replayed the plan)
