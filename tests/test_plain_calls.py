@@ -1,10 +1,11 @@
 """The plain-call fast path (``dispatch.bind_linear``'s ``plain`` / ``hot``, ``QuantLinear.forward``): a layer
-called with no side path or norm (an input activation is part of the signature) replays its signature's plan with a third of the general path's
-reads, gives the general path's numbers, and steps aside for whatever the general path handles (a new shape, a
-non-contiguous input, a LoRA, a ComfyUI weight patch, a bias to cast).
+called with no side path or norm (an input activation is part of the signature) replays its signature's plan
+with a third of the general path's reads, gives the general path's numbers, and steps aside for whatever the
+general path handles (a new shape, a non-contiguous input, a LoRA, a ComfyUI weight patch, a bias to cast).
 
 On the CPU the backend with a plan is the dense copy (``runtime.kernels.dense_copy``), chosen here by the cost
-model with the default (H200) table, as a CUDA device would choose for these narrow layers."""
+model with the default (H200) table, as a CUDA device would choose for these narrow layers; a test backend with
+plans covers the activation signatures, which are never copied."""
 
 from __future__ import annotations
 
