@@ -58,6 +58,11 @@ class Result:
     speedup_fast_vs_bf16: float | None = None
     rel_err_vs_bf16: float | None = None  # relative L2 error of one step's output against bf16's
     note: str = ""
+    # the host's share: the step call's wall time until it returns, before the sync (the GPU's queue may still run).
+    # Near step_ms the step is host-bound (faster kernels cannot show; less host time per call can), well under it
+    # GPU-bound: the regime a per-call cost model cannot see (runs 113 and 120-122)
+    host_ms: float | None = None
+    host_ms_all: list[float] = field(default_factory=list)
 
 
 def _import_comfy(cache: str | None, device: str, dynamic: bool) -> Any:
@@ -128,8 +133,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> list[float]:
-    """Milliseconds per call (CUDA events on the GPU, wall clock on the CPU) after ``warmup`` calls."""
+def time_steps(fn: Callable[[], Any], device: str, warmup: int, iters: int,
+               host: list[float] | None = None) -> list[float]:
+    """Milliseconds per call (CUDA events on the GPU, wall clock on the CPU) after ``warmup`` calls; ``host``
+    receives each call's wall time until it returned, before the sync (on the CPU the same as the call's)."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
@@ -138,15 +145,20 @@ def time_steps(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> l
         for _ in range(iters):
             if device == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
                 a.record()
                 fn()
                 b.record()
+                if host is not None:
+                    host.append((time.perf_counter() - t0) * 1e3)
                 torch.cuda.synchronize()
                 out.append(a.elapsed_time(b))
             else:
                 t0 = time.perf_counter()
                 fn()
                 out.append((time.perf_counter() - t0) * 1e3)
+                if host is not None:
+                    host.append(out[-1])
     return out
 
 
@@ -194,9 +206,11 @@ def measure(name: str, patcher: Any, inputs: Callable[[Any], dict[str, torch.Ten
                                                  transformer_options=opts, **rest)
             return dm(**inp, transformer_options=opts)
 
-        times = time_steps(step, device, warmup, iters)
+        host: list[float] = []
+        times = time_steps(step, device, warmup, iters, host)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-        row = Result(name, res, statistics.median(times), times, peak, weights)
+        row = Result(name, res, statistics.median(times), times, peak, weights, host_ms=statistics.median(host),
+                     host_ms_all=host)
         if outputs is not None:
             with torch.inference_mode():
                 y = step().float().cpu()
@@ -206,7 +220,8 @@ def measure(name: str, patcher: Any, inputs: Callable[[Any], dict[str, torch.Ten
                 row.rel_err_vs_bf16 = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
         out.append(row)
         print(f"  {name:28s} {res}{'px' if isinstance(res, int) else ''}: {statistics.median(times):9.2f} ms/step"
-              + (f", peak {peak:.2f} GiB" if peak is not None else ""), file=sys.stderr, flush=True)
+              f" (host {row.host_ms:.2f})" + (f", peak {peak:.2f} GiB" if peak is not None else ""), file=sys.stderr,
+              flush=True)
     return out
 
 
@@ -274,11 +289,13 @@ def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
             m = merged.setdefault(key, r)
             if m is not r:
                 m.step_ms_all = [*m.step_ms_all, *r.step_ms_all]
+                m.host_ms_all = [*m.host_ms_all, *r.host_ms_all]
                 m.peak_vram_gib = max(m.peak_vram_gib or 0.0, r.peak_vram_gib or 0.0) or None
     for key, m in merged.items():
         if not m.step_ms_all:  # a row that was not timed (failed, or not run): its first round's note says why
             continue
         m.step_ms = statistics.median(m.step_ms_all)
+        m.host_ms = statistics.median(m.host_ms_all) if m.host_ms_all else m.host_ms
         m.note = (m.note + "; " if m.note else "") + "round medians " + "/".join(
             "-" if v is None else f"{v:.1f}" for v in per_round[key])
     return list(merged.values())
@@ -557,6 +574,8 @@ def model_markdown(report: dict[str, Any], title: str, setup: str) -> str:
              f"Device: {env['device']}; torch {env['torch']};{smoke} {setup}; median of {env['iters']} steps after "
              f"{env['warmup']} warm-up{pooled}. comfy-kitchen CUDA: {env['comfy_kitchen_cuda']}.", "",
              f"Command: `{env['command']}`", "",
+             "host ms / step: the step call's wall time until it returned, before the sync; near ms / step the step "
+             "is host-bound, well under it GPU-bound.", "",
              "x bf16, fast quartile: each row's 25th-percentile step against bf16's (a noisy host's slow phases only "
              "add time, so this reads the steady speed while a quarter of the steps ran steady).", "",
              *results_table(report["results"])]
@@ -575,10 +594,11 @@ def bench_main(argv: list[str] | None, parser: argparse.ArgumentParser, stem: Ca
 
 def results_table(results: list[dict[str, Any]]) -> list[str]:
     """The markdown table of a report's result rows (one line each, header first), shared by the model benches."""
-    lines = ["| variant | resolution | ms / step | x bf16 | x bf16, fast quartile | peak VRAM GiB | weights GiB | "
-             "rel err vs bf16 | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | resolution | ms / step | host ms / step | x bf16 | x bf16, fast quartile | peak VRAM GiB | "
+             "weights GiB | rel err vs bf16 | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| {r['variant']} | {r['resolution']} | {cell(r['step_ms'], '.2f')} | "
+                     f"{cell(r.get('host_ms'), '.2f')} | "
                      f"{cell(r['speedup_vs_bf16'], '.2f')} | {cell(r.get('speedup_fast_vs_bf16'), '.2f')} | "
                      f"{cell(r['peak_vram_gib'], '.2f')} | "
                      f"{cell(r['weights_gib'], '.2f')} | {cell(r.get('rel_err_vs_bf16'), '.4f')} | {r['note']} |")

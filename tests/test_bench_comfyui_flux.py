@@ -28,6 +28,9 @@ def test_smoke_mode_measures_every_variant(comfyui_root: Path, tmp_path: Path) -
                         "adapter int8 + attention cudnn", "adapter int8 + attention int8-fp8",
                         "adapter fp8 + attention cudnn", "ComfyUI int8 (same file)", "comfyquant loader (same file)"]
     assert all(r["step_ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in report["results"])
+    # the host's time a step beside it (on the CPU the step's own wall time: the same numbers)
+    assert all(r["host_ms_all"] == r["step_ms_all"] and r["host_ms"] == r["step_ms"] for r in report["results"])
+    assert "| host ms / step |" in (tmp_path / "bench_comfyui_flux.md").read_text()
     # two rounds pooled: every row holds both rounds' steps (2 each in the smoke run) and their medians
     assert all(len(r["step_ms_all"]) == 4 and r["note"].count("round medians") == 1 for r in report["results"])
     assert report["env"]["rounds"] == 2
@@ -75,12 +78,15 @@ def test_merge_rounds_pools_each_rows_steps_and_keeps_untimed_rows() -> None:
     sys.path.insert(0, str(SCRIPT.parent))
     from bench_comfyui_flux import Result, merge_rounds
 
-    r1 = [Result("bf16", 512, 10.0, [9.0, 10.0, 11.0], 2.0, 1.0), Result("x", 512, note="failed: boom")]
-    r2 = [Result("bf16", 512, 20.0, [20.0, 21.0, 19.0], 3.0, 1.0), Result("x", 512, note="failed: boom")]
+    r1 = [Result("bf16", 512, 10.0, [9.0, 10.0, 11.0], 2.0, 1.0, host_ms=8.0, host_ms_all=[8.0, 8.0, 9.0]),
+          Result("x", 512, note="failed: boom")]
+    r2 = [Result("bf16", 512, 20.0, [20.0, 21.0, 19.0], 3.0, 1.0, host_ms=18.0, host_ms_all=[18.0, 17.0, 19.0]),
+          Result("x", 512, note="failed: boom")]
     rows = merge_rounds([r1, r2])
     assert [(r.variant, r.resolution) for r in rows] == [("bf16", 512), ("x", 512)]
     bf16, failed = rows
     assert bf16.step_ms_all == [9.0, 10.0, 11.0, 20.0, 21.0, 19.0] and bf16.step_ms == 15.0  # median of all six
+    assert bf16.host_ms_all == [8.0, 8.0, 9.0, 18.0, 17.0, 19.0] and bf16.host_ms == 13.0  # the host's, pooled too
     assert bf16.peak_vram_gib == 3.0 and bf16.note.endswith("round medians 10.0/20.0")
     assert failed.step_ms is None and failed.note == "failed: boom"
     assert merge_rounds([r1]) is r1  # one round: the rows as measured
