@@ -2,8 +2,8 @@
 
 Each step is one benchmark script run as its own process under its own time limit, so a crash or a hang in
 one step costs that step only. Logs and result files go under a scratch folder, zipped at the end into
-``--out``/results.zip (a device call returns few files); ``--out``/summary.txt holds each step's exit status,
-time and the tail of its output.
+``--out``/results.zip (a device call returns few files; a second call with the same ``--out`` writes results-2.zip);
+``--out``/summary.txt holds each step's exit status, time and the tail of its output.
 
     python3 benchmarks/gpu_suite.py --out $OUT --steps kernels:150,sweep:100,lora:45,optimizers:80,comfyui:120
     python3 benchmarks/gpu_suite.py --out /tmp/s --smoke        # CPU: every step in its smoke mode
@@ -401,13 +401,25 @@ def main() -> int:
         print("\n".join(lines[-len(tail) - 1:]), flush=True)
     for tmp in ("opt_tmp", "auto_tmp"):
         shutil.rmtree(work / tmp, ignore_errors=True)
-    (a.out / "summary.txt").write_text("\n".join(lines) + "\n")
-    with zipfile.ZipFile(a.out / "results.zip", "w", zipfile.ZIP_DEFLATED) as z:
+    summary, results = a.out / "summary.txt", unused(a.out, "results", ".zip")
+    with open(summary, "a") as fh:  # (a second suite call in one device call adds to it)
+        fh.write("\n".join(lines) + "\n")
+    with zipfile.ZipFile(results, "w", zipfile.ZIP_DEFLATED) as z:
         for f in sorted(work.rglob("*")):
             if f.is_file() and f.stat().st_size < 8 << 20 and f.suffix not in (".safetensors", ".pt"):
                 z.write(f, f.relative_to(work))
-    print(f"wrote {a.out / 'summary.txt'} and {a.out / 'results.zip'}")
+    print(f"wrote {summary} and {results}")
     return 0
+
+
+def unused(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem+suffix``, or ``stem-2``, ``stem-3``, ... where an earlier suite call in the same device call
+    wrote that name (run 123's second call replaced the first's results.zip)."""
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
 
 
 if __name__ == "__main__":

@@ -51,3 +51,14 @@ def test_a_misspelt_check_name_is_refused_before_any_device_work() -> None:
     with pytest.raises(SystemExit) as e:
         check_kernels_gpu.main(["--only", "check_norm_fold,check_nope"])
     assert e.value.code == 2
+
+
+def test_a_second_suite_call_keeps_the_first_ones_results(tmp_path: Path) -> None:
+    """Two suite calls with one ``--out`` in a device call (run 123): the second zip takes a free name instead of
+    replacing the first's, and the summary keeps both calls' lines."""
+    assert gpu_suite.unused(tmp_path, "results", ".zip") == tmp_path / "results.zip"
+    (tmp_path / "results.zip").write_bytes(b"first")
+    assert gpu_suite.unused(tmp_path, "results", ".zip") == tmp_path / "results-2.zip"
+    (tmp_path / "results-2.zip").write_bytes(b"second")
+    assert gpu_suite.unused(tmp_path, "results", ".zip") == tmp_path / "results-3.zip"
+    assert (tmp_path / "results.zip").read_bytes() == b"first"
