@@ -181,6 +181,8 @@ def main() -> int:
                 for key, backend in plans.items():
                     plans[key] = type(backend)(lambda *args, **kw: out)
             res[f"QuantLinear above the kernel {tag}"] = best_us(lambda: net[0](x))
+            if plans is not None:  # the bound call alone: what the per-layer sweep's auto column calls
+                res[f"  bound call above the kernel {tag}"] = best_us(lambda: fn(x))
             try:  # the node pack's layer (the ModelPatcher protocol on top), the same weight, bias and stub
                 from comfyquant.nodes.ops import ComfyQuantLinear
             except ImportError:
@@ -189,6 +191,12 @@ def main() -> int:
             node_layer(x)
             _stub_memos([node_layer.qweight], torch.bfloat16)
             res[f"ComfyQuantLinear above the kernel {tag}"] = best_us(lambda: node_layer(x))
+            # the same layer with a folded input activation (SDXL's GEGLU down projection, Flux's MLP output)
+            node_layer.input_act = "gelu_tanh"
+            node_layer(x)
+            _stub_memos([node_layer.qweight], torch.bfloat16)
+            res[f"  ComfyQuantLinear with an input activation {tag}"] = best_us(lambda: node_layer(x))
+            node_layer.input_act = None
     res.update(_modulated_site())
     res.update(_sibling_group())
     ident = nn.Identity()
