@@ -27,6 +27,7 @@ import json
 import pstats
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +42,22 @@ SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", 
             "aten::is_nonzero")
 
 
+def _bound_calls(dm: torch.nn.Module) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(weight, bound call)`` once per bound call of ``dm``'s quantized weights, fused sibling weights included."""
+    seen: set[int] = set()
+    for m in dm.modules():
+        for p in m.__dict__.get("_parameters", {}).values():
+            for w in (p, getattr(getattr(p, "_comfyquant_fused", None), "weight", None)):
+                bound = getattr(w, "_comfyquant_bound", None)
+                if bound is not None and id(bound) not in seen:
+                    seen.add(id(bound))
+                    yield w, bound[1]
+
+
 def _memo_entries(dm: torch.nn.Module) -> int:
     """Entries of every quantized weight's bound-call memo (one per call signature: a growing count is a key
     that changes from call to call)."""
-    seen, n = set(), 0
-    for m in dm.modules():
-        for p in m.__dict__.get("_parameters", {}).values():
-            bound = getattr(p, "_comfyquant_bound", None)
-            if bound is not None and id(bound) not in seen:
-                seen.add(id(bound))
-                n += len(getattr(bound[1], "memo", {}))
-            fused = getattr(p, "_comfyquant_fused", None)
-            fb = getattr(getattr(fused, "weight", None), "_comfyquant_bound", None)
-            if fb is not None and id(fb) not in seen:
-                seen.add(id(fb))
-                n += len(getattr(fb[1], "memo", {}))
-    return n
+    return sum(len(getattr(call, "memo", {})) for _, call in _bound_calls(dm))
 
 
 def memo_backends(dm: torch.nn.Module) -> dict[str, int]:
@@ -68,24 +69,13 @@ def memo_backends(dm: torch.nn.Module) -> dict[str, int]:
 
     names = {id(b): name for kind in kinds() for name, b in kernel_kind(kind).backends.items()}
     names.update({id(b): dense_copy.NAME for b in dense_copy._BACKENDS.values()})
-    seen: set[int] = set()
     tally: dict[str, int] = {}
-    for m in dm.modules():
-        for p in m.__dict__.get("_parameters", {}).values():
-            fused = getattr(p, "_comfyquant_fused", None)
-            for w in (p, getattr(fused, "weight", None)):
-                bound = getattr(w, "_comfyquant_bound", None)
-                if bound is None or id(bound) in seen:
-                    continue
-                seen.add(id(bound))
-                for sig, e in getattr(bound[1], "memo", {}).items():
-                    shape = sig[0]
-                    rows = 1
-                    for d in shape[:-1]:
-                        rows *= int(d)
-                    key = f"{names.get(id(e[0]), '?')} {int(w.shape[0])}x{int(shape[-1])} M={rows}" + (
-                        "" if e[1] else " (no plan)")
-                    tally[key] = tally.get(key, 0) + 1
+    for w, call in _bound_calls(dm):
+        for sig, e in getattr(call, "memo", {}).items():
+            shape = sig[0]
+            key = f"{names.get(id(e[0]), '?')} {int(w.shape[0])}x{int(shape[-1])} M={shape.numel() // shape[-1]}" + (
+                "" if e[1] else " (no plan)")
+            tally[key] = tally.get(key, 0) + 1
     return dict(sorted(tally.items()))
 
 
