@@ -200,7 +200,8 @@ def _sdxl(a: argparse.Namespace, device: str, dtype: torch.dtype, src: Path) -> 
                                               ("adapter int8 (norms in torch)", False, DEFAULT_MODE),
                                               ("adapter int8 + attention sdpa", True, "sdpa"))]
     # dense copies of the layers the cost model puts over bf16 (runtime.kernels.dense_copy): 4% slower than the
-    # defaults in SDXL's step (run 120) where the sweep times those layers faster alone; which ops say why
+    # defaults in SDXL's step (run 120) where the sweep times those layers faster alone (run 122: less GPU time,
+    # more host time in a host-bound step)
     variants.append(("adapter int8 + dense_copy_mb", AdapterSettings(format="int8", model_type="sdxl",
                                                                      runtime=RuntimeOptions(dense_copy_mb=8192))))
     return base, sdxl_inputs(config, 64 if a.smoke else 1024, device, dtype), variants

@@ -86,8 +86,9 @@ class RuntimeOptions:
     and ``fuse_rope`` (the folded Flux-family and Qwen-Image blocks' q / k RMSNorms and RoPE in one kernel,
     ``nodes.flux_rope``, ``nodes.qwen_rope``) and ``dense_copy_mb`` (0: off; else up to that many MiB of 16-bit
     weight copies for the layers whose every quantized path the cost model puts over bf16: they run bf16's
-    ``F.linear``, each at bf16's speed on its own, though SDXL's whole step ran slower with them (runs 119-121);
-    ``runtime.kernels.dense_copy``). The budget is this object's own: each patched model gets one."""
+    ``F.linear``, each at bf16's speed on its own, though SDXL's host-bound step ran slower with them: they save
+    GPU time and cost host time, runs 119-122; ``runtime.kernels.dense_copy``). The budget is this object's own:
+    each patched model gets one."""
 
     backend: str = "auto"
     small_batch_fallback: bool = True

@@ -24,7 +24,7 @@ FP8_CC = (8, 9)
 class BackendChoice:
     """Which implementation runs a quantized linear, and why (shown by ``QuantLinear.extra_repr`` / bench);
     ``us`` / ``bf16_us``: the cost model's time per call for the pick and for bf16 ``F.linear`` on the same
-    call, where the cost model decided (None elsewhere): what ``held.wants_copy`` compares."""
+    call, where the cost model decided (None elsewhere): what ``dense_copy.wants_copy`` compares."""
 
     name: str
     reason: str
