@@ -51,9 +51,9 @@ def check(name: str, m: int, k: int, n: int, form: str) -> dict:
     else:
         q, s = quantize_rowwise(rotate_weight(w, group) if group else w)
         kind, scales, opts = "int8", (s,), (group,)
-        ref_w = dense_copy.dense_weight(dispatch.kernel_kind("int8"), q, scales, opts, torch.float32).to(torch.bfloat16)
-        if not group:
-            ref_w = (q.float() * s.float()).to(torch.bfloat16)
+        # unrotated: the dequantize kernel's weight; rotated: the copy's own math in float32, rounded once
+        ref_w = (q.float() * s.float() if not group else
+                 dense_copy.dense_weight(dispatch.kernel_kind("int8"), q, scales, opts, torch.float32)).to(torch.bfloat16)
     budget = dense_copy.CopyBudget(1 << 40)
     policy = DispatchPolicy(copies=budget)
     auto = dispatch.choose_backend(x, kind=kind, n=n, k=k, opts=opts)
