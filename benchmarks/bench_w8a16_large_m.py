@@ -38,7 +38,11 @@ L2_PAST = 200 << 20
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dense", action="store_true",
+                   help="the same kernel on bf16 weights (a dense copy run by one Triton launch) against cuBLAS")
     a = p.parse_args()
+    if a.dense:
+        return dense(a.out)
     from comfyquant.bench.layers import _cycling, graph_time_us, wall_us
     from comfyquant.quant.int8 import quantize_rowwise
     from comfyquant.runtime.kernels import triton_int8 as ti
@@ -89,6 +93,71 @@ def main() -> int:
         (a.out / "w8a16_large_m.json").write_text(json.dumps(res, indent=1))  # each row: a time cap keeps the rest
     worst = max(max(r["rel_f64"].values(), default=0.0) for r in rows)
     print(f"done in {res['seconds']} s; worst error against float64 {worst:.2e}", flush=True)
+    return 0 if worst < 5e-3 else 1
+
+
+def dense(out: Path) -> int:
+    """A dense bf16 copy multiplied by one Triton launch (the weight-only kernel on bf16 weights: its conversion is
+    a no-op, both tiles go through shared memory) against cuBLAS on the same copy: GPU time of graph replays, and
+    eager wall time of a prepared plan (``triton_plans.plan_w8a16``, what a layer's hot path calls) against
+    ``F.linear`` and ``torch.mm`` on the transposed copy (the copies' own plan today, ``dense_copy``). Whether
+    copies run by Triton's launcher (~5 µs a launch) would beat cuBLAS's (~13 µs a call at bf16's floor on
+    these hosts) where a model is host-bound, at GPU time near cuBLAS's."""
+    from comfyquant.bench.layers import _cycling, graph_time_us, wall_us
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels import triton_plans
+    from comfyquant.runtime.kernels.configs import TileConfig, fit_stages, w8a16_config
+
+    F = torch.nn.functional
+    out.mkdir(parents=True, exist_ok=True)
+    t0, rows = time.perf_counter(), []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    one = torch.ones((), device="cuda")
+    for name, k, n, m in CASES:
+        copies = max(2, min(16, L2_PAST // (n * k * 2 + m * k * 2)))
+        wb = [(torch.randn(n, k, device="cuda") * 0.02).bfloat16() for _ in range(copies)]
+        wts = [w.t() for w in wb]
+        xs = [torch.randn(m, k, device="cuda").bfloat16() for _ in range(copies)]
+        ref = xs[0].double() @ wb[0].double().t()
+        row: dict = {"shape": name, "m": m, "k": k, "n": n, "gpu_us": {}, "eager_us": {}, "rel_f64": {}}
+        pairs = list(zip(xs, wb, strict=True))
+        row["gpu_us"]["cublas"] = graph_time_us(lambda x, w: F.linear(x, w), pairs)
+        row["eager_us"]["cublas"] = wall_us(_cycling(F.linear, pairs), 20.0)
+        row["eager_us"]["cublas_mm"] = wall_us(_cycling(torch.mm, list(zip(xs, wts, strict=True))), 20.0)
+        tiles = [("today", w8a16_config(m, n, k, sms))] + [
+            (f"{t[0]}x{t[1]}x{t[2]} w{t[3]} s{t[4]}", fit_stages(TileConfig(t[0], t[1], t[2], t[3], t[4], 8),
+                                                                   a_bytes=2, b_bytes=2)) for t in TILES]
+        for tag, cfg in tiles:
+            try:
+                y = ti.w8a16_linear(xs[0], wb[0], one, None, None, torch.bfloat16, cfg=cfg)  # compiles
+                row["rel_f64"][tag] = float((y.double() - ref).norm() / ref.norm())
+
+                def op(x: torch.Tensor, w: torch.Tensor, cfg: TileConfig = cfg) -> torch.Tensor:
+                    return ti.w8a16_linear(x, w, one, None, None, torch.bfloat16, cfg=cfg)
+
+                row["gpu_us"][tag] = graph_time_us(op, pairs)
+                plans = [triton_plans.plan_w8a16(x, w, one, None, torch.bfloat16, cfg=cfg) for x, w in pairs]
+                if all(pl is not None for pl in plans):
+                    row["eager_us"][tag] = wall_us(_cycling(lambda pl, x: pl(x), list(zip(plans, xs, strict=True))),
+                                                   20.0)
+            except Exception as e:  # recorded with the row: a tile that does not compile or fit
+                row.setdefault("errors", {})[tag] = f"{type(e).__name__}: {str(e)[:200]}"
+        ok = {t: v for t, v in row["gpu_us"].items() if t != "cublas" and row["rel_f64"].get(t, 1.0) < 5e-3}
+        best = min(ok, key=ok.get) if ok else None
+        row["best"] = best
+        rows.append(row)
+        g, e = row["gpu_us"], row["eager_us"]
+        if best is not None:
+            print(f"{name:14} M={m:5} cuBLAS gpu {g['cublas']:6.1f} eager {e['cublas']:6.1f} (mm {e['cublas_mm']:6.1f})"
+                  f" | triton {best} gpu {g[best]:6.1f} ({g['cublas'] / g[best]:.2f}x) eager {e.get(best, 0):6.1f} "
+                  f"({e['cublas'] / e.get(best, float('inf')):.2f}x); today gpu {g.get('today', 0):6.1f}", flush=True)
+        del wb, wts, xs, pairs
+        torch.cuda.empty_cache()
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+        (out / "w8a16_dense.json").write_text(json.dumps(res, indent=1))
+    worst = max(min(r["rel_f64"].values(), default=1.0) for r in rows)
+    print(f"done in {res['seconds']} s; worst best-tile error against float64 {worst:.2e}", flush=True)
     return 0 if worst < 5e-3 else 1
 
 

@@ -495,6 +495,19 @@ def check_w8a16_split() -> None:
     same = plan is not None and all(
         torch.equal(plan(x), triton_int8.w8a16_linear(x, q, s, None, None, F16, low_rank=lr)) for x in later)
     record("w8a16_split_plan_low_rank", same, split=cfg.split_k)
+    # a plan on an explicit tile (bench_w8a16_large_m.py --dense), on int8 weights and on a 16-bit weight (a dense
+    # copy: the kernel's conversion is then a no-op): the general path's bits on that tile, near float64
+    tile = TileConfig(32, 32, 32, 4, 2, group_m=4)
+    m, k, n = 40, 96, 48
+    w, q, s = _weight(n, k, seed=707)
+    xs = [_x(m, k, F16, seed=708 + j) for j in range(3)]
+    for wq, ws, wname in ((q, s, "int8"), (w.to(F16), torch.ones(()), "fp16 copy")):
+        triton_int8.w8a16_linear(xs[0], wq, ws, None, None, F16, cfg=tile)  # compiles (GPU) the plan's tile
+        plan = triton_plans.plan_w8a16(xs[0], wq, ws, None, F16, cfg=tile)
+        ys = [triton_int8.w8a16_linear(x, wq, ws, None, None, F16, cfg=tile) for x in xs[1:]]
+        e = max(rel(y, x.double() @ (wq.double() * ws.double().reshape(-1, 1)).t()) for x, y in zip(xs[1:], ys, strict=True))
+        record("w8a16_plan_tile", plan is not None and all(torch.equal(plan(x), y) for x, y in zip(xs[1:], ys, strict=True))
+               and e <= 2 ** -9, weight=wname, rel=e)
     # fp8 weights on a >= 8,192-wide layer: the plan takes w8a16_config's fp8 split (two K slices), the same bits
     # as the general path, near float64
     for m in (1, 16):

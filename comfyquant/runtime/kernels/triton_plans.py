@@ -76,14 +76,15 @@ def raw_stream(device: torch.device) -> Callable[[], int]:
 
 def plan_w8a16(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
-               packed: bool = False) -> Plan | None:
-    """``x -> w8a16_linear(x, w_q, w_scale, bias, None, out_dtype, low_rank=low_rank, act=act, packed=packed)``
-    for ``x``'s signature, or None (no rotation; x bf16/fp16; the kernel compiled by an earlier call)."""
+               packed: bool = False, cfg: TileConfig | None = None) -> Plan | None:
+    """``x -> w8a16_linear(x, w_q, w_scale, bias, None, out_dtype, low_rank=low_rank, act=act, packed=packed,
+    cfg=cfg)`` for ``x``'s signature, or None (no rotation; x bf16/fp16; the kernel compiled by an earlier call
+    with the same tile: ``cfg``, None for ``w8a16_config``'s)."""
     common = _common(x, w_q, w_scale) if x.dtype in _HALF else None
     if common is None:
         return None
     lead, m, n, k, dev, sb = common
-    cfg = ti.w8a16_config_for(m, n, k, dev, w_q.dtype in FP8_DTYPES)
+    cfg = cfg or ti.w8a16_config_for(m, n, k, dev, w_q.dtype in FP8_DTYPES)
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
     bufs = ti.split_buffers(dev, raw_stream(dev)(), cfg, m, n)
