@@ -117,6 +117,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "encoders": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "kernels"), "--budget-s", "{budget}",
                       "--sections", "calibrate,models", "--models",
                       "t5xxl_256,qwen3_4b_256,gemma3_12b_256,clip_l_77"]],
+        # the SDXL and CLIP rows alone (where the narrow layers' misses are; T5's rows take the narrow sweep's rest)
+        "sweep_sdxl_clip": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
+                             "--sections", "sweep", "--sweep-models", "sdxl,clip_l"]],
         # the SDXL / CLIP rows at 1 and 16 rows (where the one-launch kernel's thin tiles were mispriced)
         "sweep_narrow_small_m": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s",
                                   "{budget}", "--sections", "sweep", "--sweep-models", "sdxl,clip_l", "--sweep-m",
@@ -192,6 +195,10 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the weight-only GEMM's tiles at 256-16,384 rows of the narrow layers every W8A8 path loses (no activation
         # pass, one launch): today's thin-M config against wider tiles and cuBLAS bf16
         "w8a16_large_m": [[PY, "benchmarks/bench_w8a16_large_m.py", "--out", str(work / "w8a16_large_m")]],
+        # the weight-only kernel's main loop on bf16 weights (a dense copy in one Triton launch) against cuBLAS
+        "w8a16_dense": [[PY, "benchmarks/bench_w8a16_large_m.py", "--out", str(work / "w8a16_dense"), "--dense"]],
+        # TMA-fed experimental GEMMs (dense, weight-only both operand orders) on the same narrow shapes, GPU time
+        "tma_probe": [[PY, "benchmarks/tma_weight_only_probe.py", "--out", str(work / "tma_probe")]],
         # the one-launch W8A8 path from 64 rows (row-block kernel) against two launches and bf16 on 640-4,096-wide
         # layers: eager wall, GPU time, tile configurations, bit-equality with the two-launch path
         "fused_rows": [[PY, "benchmarks/bench_fused_rows.py", "--out", str(work / "fused_rows"), "--budget-s",

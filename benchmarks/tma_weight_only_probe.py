@@ -1,0 +1,168 @@
+"""Probe: do TMA-fed Triton GEMMs reach cuBLAS bf16 on the narrow layers where the pointer-load kernels do not?
+
+Run 125 (``bench_w8a16_large_m.py --dense``) timed the weight-only kernel's pointer-load main loop on bf16 weights
+(a dense copy, no conversion at all) at 0.65-0.70x cuBLAS's GPU time on SDXL / CLIP shapes at 1,024-16,384 rows,
+about what it ran on int8 weights (run 96) and with the weight as the register operand (run 124): the loss is the
+main loop's loads, not the weight's conversion. This probe times three experimental kernels whose tiles come
+through the tensor-copy engine (host descriptors, Triton's pipeliner), GPU time of CUDA-graph replays with
+inputs and weights cycled past L2, each checked against a float64 product first:
+
+- ``tma_dense``: bf16 x and a bf16 weight (a dense copy in one Triton launch);
+- ``tma_w8a16``: an int8 weight converted after its load, the second wgmma operand (through shared memory);
+- ``tma_w8a16_swapped``: the same weight as the first operand, read from registers, ``out^T = W @ x^T``.
+
+If a weight-only kernel gets near cuBLAS here, its one launch (~10 µs of host against F.linear's ~15-20 on these
+hosts) wins the rows at bf16's launch floor without a dense copy's memory. Not used by the runtime.
+
+    python benchmarks/tma_weight_only_probe.py --out results/      # a Hopper GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CASES = [("sdxl.attn640", 640, 640, 4096), ("sdxl.attn1280", 1280, 1280, 1024), ("clip.attn", 768, 768, 4096),
+         ("clip.fc1", 768, 3072, 1024), ("clip.fc2", 3072, 768, 1024), ("clip.fc2", 3072, 768, 256),
+         ("sdxl.ff2", 5120, 1280, 256), ("sdxl.ff0", 1280, 10240, 256), ("flux.proj", 3072, 3072, 256),
+         ("sdxl.attn1280", 1280, 1280, 4096), ("clip.fc2", 3072, 768, 4096), ("sdxl.attn640", 640, 640, 16384)]
+# (block_m, block_n, block_k, warps, stages); block_m: activation rows, block_n: weight rows
+TILES = [(128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+         (256, 128, 64, 8, 3)]
+SWAPPED_TILES = [(128, 64, 64, 4, 4), (256, 64, 64, 4, 3), (128, 128, 64, 4, 3), (64, 64, 64, 4, 4),
+                 (64, 128, 64, 4, 4)]
+L2_PAST = 200 << 20
+
+
+@triton.jit
+def _store(acc, c_ptr, s_ptr, M, N, off_m, off_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           SCALE: tl.constexpr):
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    if SCALE:
+        acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def tma_gemm(x_desc, w_desc, c_ptr, s_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
+    """``x [M, K] @ w [N, K]^T`` with both tiles by TMA; an int8 ``w`` converted to x's dtype after its load and
+    its row scale applied in the epilogue (``SCALE``)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    off_m = (pid // n_tiles) * BLOCK_M
+    off_n = (pid % n_tiles) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        a = x_desc.load([off_m, kk * BLOCK_K])
+        b = w_desc.load([off_n, kk * BLOCK_K]).to(a.dtype)
+        acc = tl.dot(a, b.T, acc)
+    _store(acc, c_ptr, s_ptr, M, N, off_m, off_n, BLOCK_M, BLOCK_N, SCALE)
+
+
+@triton.jit
+def tma_gemm_swapped(x_desc, w_desc, c_ptr, s_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
+    """:func:`tma_gemm` as ``(w @ x^T)^T``: the converted weight is wgmma's first operand, from registers."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    off_m = (pid // n_tiles) * BLOCK_M
+    off_n = (pid % n_tiles) * BLOCK_N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        a = x_desc.load([off_m, kk * BLOCK_K])
+        b = w_desc.load([off_n, kk * BLOCK_K]).to(a.dtype)
+        acc = tl.dot(b, a.T, acc)
+    _store(tl.trans(acc), c_ptr, s_ptr, M, N, off_m, off_n, BLOCK_M, BLOCK_N, SCALE)
+
+
+def _op(kernel, cfg: tuple, scale: bool):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk, warps, stages = cfg
+
+    def op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        n = w.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        xd = TensorDescriptor.from_tensor(x, [bm, bk])
+        wd = TensorDescriptor.from_tensor(w, [bn, bk])
+        kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](xd, wd, out, s, m, n, k, bm, bn, bk, scale,
+                                                          num_warps=warps, num_stages=stages)
+        return out
+    return op
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    from comfyquant.bench.layers import graph_time_us
+    from comfyquant.quant.int8 import quantize_rowwise
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0, rows = time.perf_counter(), []
+    F = torch.nn.functional
+    for name, k, n, m in CASES:
+        copies = max(2, min(16, L2_PAST // (n * k * 2 + m * k * 2)))
+        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(copies)]
+        qs = [quantize_rowwise(w) for w in ws]
+        wb = [w.bfloat16() for w in ws]
+        xs = [torch.randn(m, k, device="cuda").bfloat16() for _ in range(copies)]
+        one = torch.ones(n, device="cuda")
+        row: dict = {"shape": name, "m": m, "k": k, "n": n, "gpu_us": {}, "rel_f64": {}}
+        row["gpu_us"]["cublas"] = graph_time_us(lambda x, w: F.linear(x, w), list(zip(xs, wb, strict=True)))
+        variants = [(f"dense {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", tma_gemm, c, False) for c in TILES]
+        variants += [(f"w8a16 {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", tma_gemm, c, True) for c in TILES]
+        variants += [(f"w8a16_swapped {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", tma_gemm_swapped, c, True)
+                     for c in SWAPPED_TILES]
+        for tag, kernel, cfg, quant in variants:
+            try:
+                op = _op(kernel, cfg, quant)
+                if quant:
+                    trip = [(x, q, s.reshape(-1).float().contiguous()) for x, (q, s) in zip(xs, qs, strict=True)]
+                    ref = xs[0].double() @ (qs[0][0].double() * qs[0][1].double().reshape(-1, 1)).t()
+                else:
+                    trip = [(x, w, one) for x, w in zip(xs, wb, strict=True)]
+                    ref = xs[0].double() @ wb[0].double().t()
+                y = op(*trip[0])
+                row["rel_f64"][tag] = float((y.double() - ref).norm() / ref.norm())
+                row["gpu_us"][tag] = graph_time_us(op, trip)
+            except Exception as e:  # recorded with the row: a tile that does not compile or fit
+                row.setdefault("errors", {})[tag] = f"{type(e).__name__}: {str(e)[:200]}"
+        g = row["gpu_us"]
+        best = {}
+        for fam in ("dense", "w8a16", "w8a16_swapped"):
+            ok = {t: v for t, v in g.items() if t.split(" ")[0] == fam and row["rel_f64"].get(t, 1.0) < 5e-3}
+            if ok:
+                best[fam] = min(ok, key=ok.get)
+        row["best"] = best
+        rows.append(row)
+        print(f"{name:14} M={m:5} cuBLAS {g['cublas']:6.1f} | " + " | ".join(
+            f"{fam} {g[t]:6.1f} ({g['cublas'] / g[t]:.2f}x, {t.split(' ', 1)[1]})" for fam, t in best.items()),
+            flush=True)
+        del ws, qs, wb, xs
+        torch.cuda.empty_cache()
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+               "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+        (a.out / "tma_weight_only_probe.json").write_text(json.dumps(res, indent=1))
+    bad = sum(1 for r in rows for t, e in r["rel_f64"].items() if e >= 5e-3)
+    print(f"done in {res['seconds']} s; {bad} timed variants over 5e-3 against float64 (left out of 'best')",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
