@@ -83,6 +83,49 @@ def test_decide_paths_reports_modeled_times() -> None:
     assert not wants_copy(BackendChoice("torch", "pinned"))  # no cost model, no copy
 
 
+def test_wants_copy_breaks_a_modeled_near_tie_by_gpu_time() -> None:
+    """An eager near-tie with bf16 (both host-bound by the table) copies where the quantized path's GPU time is
+    more than COPY_GPU_MARGIN over bf16's (run 125's SDXL ff2 at 256 rows: 25 vs 24 µs, GPU 14 vs 9.4), not
+    where the GPU times are close (run 120's Flux proj at 256 rows: GPU 11.2 vs 10.5) nor where the quantized path
+    is clearly cheaper in eager whatever its GPU time; a choice without GPU times keeps the eager rule alone."""
+    from comfyquant.runtime.kernels.dense_copy import COPY_GPU_MARGIN, copy_reason
+
+    tie = BackendChoice("triton", "model", 25.0, 24.4, 14.0, 9.4)
+    assert wants_copy(tie)
+    assert not wants_copy(BackendChoice("triton", "model", 13.5, 13.8, 11.2, 10.5))
+    assert not wants_copy(BackendChoice("triton", "model", 20.0, 24.4, 30.0, 9.4))  # eager clearly cheaper
+    assert not wants_copy(BackendChoice("triton", "model", 25.0, 24.4))  # no GPU times
+    assert not wants_copy(tie, gpu_margin=14.0 / 9.4 - 1 + 0.01) and COPY_GPU_MARGIN < 14.0 / 9.4 - 1
+    assert "near-tie; GPU 14 vs 9 µs" in copy_reason(tie, CopyBudget(1 << 20))
+    chosen = builtin.decide_paths(256, 1280, 5120, 0, None, DEFAULT_COSTS, False, builtin.int8_paths(0))
+    assert chosen.gpu_us is not None and chosen.bf16_gpu_us is not None and chosen.gpu_us <= chosen.us
+
+
+@pytest.mark.parametrize("run", ["sweep_run120_h100_2026-12-06", "sweep_run125_h100_2026-12-06"])
+def test_copy_rule_replayed_on_recorded_h100_sweeps(run: str) -> None:
+    """The copy decision replayed on a recorded H100 sweep with the cost table its process decided with: each row's
+    best quantized path (the eager choice among the int8 paths the sweep timed) and bf16 as the model prices them.
+    The GPU-time tie-breaker (COPY_GPU_MARGIN) adds copies only on rows whose chosen path measured under 0.97x
+    bf16 (runs 120 and 125: three and two rows)."""
+    import json
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels import costs as cm
+
+    d = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{run}.json").read_text())
+    c = cm.DeviceCosts.from_json(d["meta"]["costs"])
+    cols = {"triton": "w8a8_triton", "triton_fused": "w8a8_fused", "triton_w8a16": "w8a16", "dequant": "dequant"}
+    paths = (("triton", "triton"), ("triton_fused", "triton_fused"), ("triton_w8a16", "triton_w8a16"),
+             ("dequant", "dequant"))
+    added = []
+    for r in d["rows"]:
+        ch = builtin.decide_paths(r["m"], r["n"], r["k"], 0, None, c, False, paths)
+        if wants_copy(ch) and not wants_copy(ch, gpu_margin=float("inf")):
+            added.append(r["us"]["bf16"] / r["us"][cols[ch.name]])  # measured, the chosen path against bf16
+    assert len(added) == {"sweep_run120_h100_2026-12-06": 3, "sweep_run125_h100_2026-12-06": 2}[run]
+    assert all(x < 0.97 for x in added), added
+
+
 KIND = "test_copy_int8"
 
 

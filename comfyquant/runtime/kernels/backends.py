@@ -24,12 +24,15 @@ FP8_CC = (8, 9)
 class BackendChoice:
     """Which implementation runs a quantized linear, and why (shown by ``QuantLinear.extra_repr`` / bench);
     ``us`` / ``bf16_us``: the cost model's time per call for the pick and for bf16 ``F.linear`` on the same
-    call, where the cost model decided (None elsewhere): what ``dense_copy.wants_copy`` compares."""
+    call, where the cost model decided (None elsewhere); ``gpu_us`` / ``bf16_gpu_us``: their GPU time alone (a
+    near-tie's tie-breaker). What ``dense_copy.wants_copy`` compares."""
 
     name: str
     reason: str
     us: float | None = None
     bf16_us: float | None = None
+    gpu_us: float | None = None
+    bf16_gpu_us: float | None = None
 
 
 # assume_constant_result: torch.compile treats these hardware facts as constants instead of tracing into

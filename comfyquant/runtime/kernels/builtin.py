@@ -221,7 +221,9 @@ def decide_paths(m: int, n: int, k: int, group: int, policy, costs, graph: bool,
     mode = "graph" if graph else "eager"
     best, reason = decide(cands, m, n, k, costs, mode, group, rank, fusing)
     return BackendChoice(names[best], reason, path_us(best, m, n, k, costs, mode, group, rank, best in fusing),
-                         path_us("bf16", m, n, k, costs, mode, 0, rank))
+                         path_us("bf16", m, n, k, costs, mode, 0, rank),
+                         path_us(best, m, n, k, costs, "graph", group, rank, best in fusing),
+                         path_us("bf16", m, n, k, costs, "graph", 0, rank))
 
 
 def _costs(x: torch.Tensor, policy):
