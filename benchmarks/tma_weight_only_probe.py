@@ -3,7 +3,7 @@
 Run 125 (``bench_w8a16_large_m.py --dense``) timed the weight-only kernel's pointer-load main loop on bf16 weights
 (a dense copy, no conversion at all) at 0.65-0.70x cuBLAS's GPU time on SDXL / CLIP shapes at 1,024-16,384 rows,
 about what it ran on int8 weights (run 96) and with the weight as the register operand (run 124): the loss is the
-main loop's loads, not the weight's conversion. This probe times three experimental kernels whose tiles come
+main loop's loads, not the weight's conversion. This probe times experimental kernels (one, three ways) whose tiles come
 through the tensor-copy engine (host descriptors, Triton's pipeliner), GPU time of CUDA-graph replays with
 inputs and weights cycled past L2, each checked against a float64 product first:
 
@@ -30,17 +30,13 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_w8a16_large_m import CASES, L2_PAST  # the same 12 narrow shapes, cycled past L2 alike
 
-CASES = [("sdxl.attn640", 640, 640, 4096), ("sdxl.attn1280", 1280, 1280, 1024), ("clip.attn", 768, 768, 4096),
-         ("clip.fc1", 768, 3072, 1024), ("clip.fc2", 3072, 768, 1024), ("clip.fc2", 3072, 768, 256),
-         ("sdxl.ff2", 5120, 1280, 256), ("sdxl.ff0", 1280, 10240, 256), ("flux.proj", 3072, 3072, 256),
-         ("sdxl.attn1280", 1280, 1280, 4096), ("clip.fc2", 3072, 768, 4096), ("sdxl.attn640", 640, 640, 16384)]
 # (block_m, block_n, block_k, warps, stages); block_m: activation rows, block_n: weight rows
 TILES = [(128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
          (256, 128, 64, 8, 3)]
 SWAPPED_TILES = [(128, 64, 64, 4, 4), (256, 64, 64, 4, 3), (128, 128, 64, 4, 3), (64, 64, 64, 4, 4),
                  (64, 128, 64, 4, 4)]
-L2_PAST = 200 << 20
 
 
 @triton.jit
@@ -56,38 +52,31 @@ def _store(acc, c_ptr, s_ptr, M, N, off_m, off_n, BLOCK_M: tl.constexpr, BLOCK_N
 
 @triton.jit
 def tma_gemm(x_desc, w_desc, c_ptr, s_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
+             BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SWAPPED: tl.constexpr):
     """``x [M, K] @ w [N, K]^T`` with both tiles by TMA; an int8 ``w`` converted to x's dtype after its load and
-    its row scale applied in the epilogue (``SCALE``)."""
+    its row scale applied in the epilogue (``SCALE``). ``SWAPPED``: computed as ``(w @ x^T)^T``, so the converted
+    weight is wgmma's first operand, read from registers, rather than its second, stored to shared memory."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     off_m = (pid // n_tiles) * BLOCK_M
     off_n = (pid % n_tiles) * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAPPED:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         a = x_desc.load([off_m, kk * BLOCK_K])
         b = w_desc.load([off_n, kk * BLOCK_K]).to(a.dtype)
-        acc = tl.dot(a, b.T, acc)
+        if SWAPPED:
+            acc = tl.dot(b, a.T, acc)
+        else:
+            acc = tl.dot(a, b.T, acc)
+    if SWAPPED:
+        acc = tl.trans(acc)
     _store(acc, c_ptr, s_ptr, M, N, off_m, off_n, BLOCK_M, BLOCK_N, SCALE)
 
 
-@triton.jit
-def tma_gemm_swapped(x_desc, w_desc, c_ptr, s_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
-    """:func:`tma_gemm` as ``(w @ x^T)^T``: the converted weight is wgmma's first operand, from registers."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    off_m = (pid // n_tiles) * BLOCK_M
-    off_n = (pid % n_tiles) * BLOCK_N
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        a = x_desc.load([off_m, kk * BLOCK_K])
-        b = w_desc.load([off_n, kk * BLOCK_K]).to(a.dtype)
-        acc = tl.dot(b, a.T, acc)
-    _store(tl.trans(acc), c_ptr, s_ptr, M, N, off_m, off_n, BLOCK_M, BLOCK_N, SCALE)
-
-
-def _op(kernel, cfg: tuple, scale: bool):
+def _op(swapped: bool, cfg: tuple, scale: bool):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bm, bn, bk, warps, stages = cfg
@@ -98,8 +87,8 @@ def _op(kernel, cfg: tuple, scale: bool):
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         xd = TensorDescriptor.from_tensor(x, [bm, bk])
         wd = TensorDescriptor.from_tensor(w, [bn, bk])
-        kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](xd, wd, out, s, m, n, k, bm, bn, bk, scale,
-                                                          num_warps=warps, num_stages=stages)
+        tma_gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](xd, wd, out, s, m, n, k, bm, bn, bk, scale, swapped,
+                                                            num_warps=warps, num_stages=stages)
         return out
     return op
 
@@ -123,13 +112,12 @@ def main() -> int:
         one = torch.ones(n, device="cuda")
         row: dict = {"shape": name, "m": m, "k": k, "n": n, "gpu_us": {}, "rel_f64": {}}
         row["gpu_us"]["cublas"] = graph_time_us(lambda x, w: F.linear(x, w), list(zip(xs, wb, strict=True)))
-        variants = [(f"dense {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", tma_gemm, c, False) for c in TILES]
-        variants += [(f"w8a16 {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", tma_gemm, c, True) for c in TILES]
-        variants += [(f"w8a16_swapped {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", tma_gemm_swapped, c, True)
-                     for c in SWAPPED_TILES]
-        for tag, kernel, cfg, quant in variants:
+        variants = [(f"dense {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", False, c, False) for c in TILES]
+        variants += [(f"w8a16 {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", False, c, True) for c in TILES]
+        variants += [(f"w8a16_swapped {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", True, c, True) for c in SWAPPED_TILES]
+        for tag, swapped, cfg, quant in variants:
             try:
-                op = _op(kernel, cfg, quant)
+                op = _op(swapped, cfg, quant)
                 if quant:
                     trip = [(x, q, s.reshape(-1).float().contiguous()) for x, (q, s) in zip(xs, qs, strict=True)]
                     ref = xs[0].double() @ (qs[0][0].double() * qs[0][1].double().reshape(-1, 1)).t()

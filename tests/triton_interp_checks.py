@@ -524,6 +524,30 @@ def check_w8a16_split() -> None:
                cfg=str(cfg))
 
 
+def check_tma_probe() -> None:
+    """``benchmarks/tma_weight_only_probe.py``'s experimental TMA GEMM (not the runtime's), so the probe a device
+    session runs is right before it is timed: the dense form, the int8 weight as the second operand and as the
+    register operand (swapped), each against float64 with ragged M / N edges (TMA zero-fills them), fp16."""
+    import sys
+    from pathlib import Path
+
+    from comfyquant.quant.int8 import quantize_rowwise
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tma_weight_only_probe as probe
+
+    x = _x(70, 128, F16, seed=930)
+    w = torch.randn(90, 128, generator=torch.Generator().manual_seed(931)) * 0.05
+    q, s = quantize_rowwise(w)
+    s = s.reshape(-1).float().contiguous()
+    for form, swapped, wq, ws, ref in (
+            ("dense", False, w.to(F16), torch.ones(90), x.double() @ w.to(F16).double().t()),
+            ("w8a16", False, q, s, x.double() @ (q.double() * s.double()[:, None]).t()),
+            ("w8a16_swapped", True, q, s, x.double() @ (q.double() * s.double()[:, None]).t())):
+        y = probe._op(swapped, (32, 32, 64, 4, 2), form != "dense")(x, wq, ws)
+        record("tma_probe", rel(y, ref) <= 2 ** -9, form=form, rel=rel(y, ref))
+
+
 def check_dequant() -> None:
     from comfyquant.quant.fp8 import quantize_fp8
     from comfyquant.quant.hadamard import fast_hadamard
@@ -684,7 +708,7 @@ def check_interpreter_limitations() -> None:
 GROUPS: dict[str, Callable[[], None]] = {
     "cpu_dispatch": check_cpu_dispatch, "act_quant": check_act_quant, "act_blocks": check_act_blocks, "rotate_rows": check_rotate_rows, "fp8_quant": check_fp8_quant,
     "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "fused_rows": check_fused_rows, "fused_kblock": check_fused_kblock,
-    "w8a16": check_w8a16, "w8a16_split": check_w8a16_split,
+    "w8a16": check_w8a16, "w8a16_split": check_w8a16_split, "tma_probe": check_tma_probe,
     "dequant": check_dequant, "w4a8": check_w4a8, "fp8_scaled_mm": check_fp8_scaled_mm,
     "fast_kernel": check_fast_kernel, "interpreter_limitations": check_interpreter_limitations,
     **FP8_GROUPS,  # the FP8 W8A8 Triton path (triton_interp_fp8)
