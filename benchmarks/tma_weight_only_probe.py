@@ -3,13 +3,16 @@
 Run 125 (``bench_w8a16_large_m.py --dense``) timed the weight-only kernel's pointer-load main loop on bf16 weights
 (a dense copy, no conversion at all) at 0.65-0.70x cuBLAS's GPU time on SDXL / CLIP shapes at 1,024-16,384 rows,
 about what it ran on int8 weights (run 96) and with the weight as the register operand (run 124): the loss is the
-main loop's loads, not the weight's conversion. This probe times experimental kernels (one, three ways) whose tiles come
-through the tensor-copy engine (host descriptors, Triton's pipeliner), GPU time of CUDA-graph replays with
-inputs and weights cycled past L2, each checked against a float64 product first:
+main loop's loads, not the weight's conversion. This probe times one experimental kernel five ways, its tiles
+through the tensor-copy engine (host descriptors, Triton's pipeliner), GPU time of CUDA-graph replays with inputs
+and weights cycled past L2, each form checked against a float64 product first:
 
 - ``tma_dense``: bf16 x and a bf16 weight (a dense copy in one Triton launch);
 - ``tma_w8a16``: an int8 weight converted after its load, the second wgmma operand (through shared memory);
-- ``tma_w8a16_swapped``: the same weight as the first operand, read from registers, ``out^T = W @ x^T``.
+- ``tma_w8a16_swapped``: the same weight as the first operand, read from registers, ``out^T = W @ x^T``;
+- ``..._xptr``: both weight-only forms with x's tiles through pointers and only the weight's by TMA (a runtime
+  plan can make a layer's weight descriptor once; x's address changes every call, and expanding a descriptor on
+  the host costs a few µs a launch).
 
 If a weight-only kernel gets near cuBLAS here, its one launch (~10 µs of host against F.linear's ~15-20 on these
 hosts) wins the rows at bf16's launch floor without a dense copy's memory. Not used by the runtime.
@@ -51,11 +54,14 @@ def _store(acc, c_ptr, s_ptr, M, N, off_m, off_n, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def tma_gemm(x_desc, w_desc, c_ptr, s_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SWAPPED: tl.constexpr):
-    """``x [M, K] @ w [N, K]^T`` with both tiles by TMA; an int8 ``w`` converted to x's dtype after its load and
-    its row scale applied in the epilogue (``SCALE``). ``SWAPPED``: computed as ``(w @ x^T)^T``, so the converted
-    weight is wgmma's first operand, read from registers, rather than its second, stored to shared memory."""
+def tma_gemm(x_desc, x_ptr, stride_xm, w_desc, c_ptr, s_ptr, M, N, K, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SWAPPED: tl.constexpr,
+             X_TMA: tl.constexpr):
+    """``x [M, K] @ w [N, K]^T`` with the weight's tiles by TMA; an int8 ``w`` converted to x's dtype after its
+    load and its row scale applied in the epilogue (``SCALE``). ``SWAPPED``: computed as ``(w @ x^T)^T``, so the
+    converted weight is wgmma's first operand, read from registers, rather than its second, stored to shared
+    memory. ``X_TMA``: x's tiles by TMA too, else through pointers (``x_ptr``, rows ``stride_xm`` apart; K a
+    multiple of ``BLOCK_K``): a layer's weight descriptor can be made once, x's address changes every call."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     off_m = (pid // n_tiles) * BLOCK_M
@@ -64,8 +70,13 @@ def tma_gemm(x_desc, w_desc, c_ptr, s_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rows = (off_m + tl.arange(0, BLOCK_M)) % M  # clamped: rows past M are never stored
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        a = x_desc.load([off_m, kk * BLOCK_K])
+        if X_TMA:
+            a = x_desc.load([off_m, kk * BLOCK_K])
+        else:
+            a = tl.load(x_ptrs + kk * BLOCK_K)
         b = w_desc.load([off_n, kk * BLOCK_K]).to(a.dtype)
         if SWAPPED:
             acc = tl.dot(b, a.T, acc)
@@ -76,7 +87,7 @@ def tma_gemm(x_desc, w_desc, c_ptr, s_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK
     _store(acc, c_ptr, s_ptr, M, N, off_m, off_n, BLOCK_M, BLOCK_N, SCALE)
 
 
-def _op(swapped: bool, cfg: tuple, scale: bool):
+def _op(swapped: bool, cfg: tuple, scale: bool, x_tma: bool = True):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bm, bn, bk, warps, stages = cfg
@@ -87,8 +98,9 @@ def _op(swapped: bool, cfg: tuple, scale: bool):
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         xd = TensorDescriptor.from_tensor(x, [bm, bk])
         wd = TensorDescriptor.from_tensor(w, [bn, bk])
-        tma_gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](xd, wd, out, s, m, n, k, bm, bn, bk, scale, swapped,
-                                                            num_warps=warps, num_stages=stages)
+        tma_gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](xd, x, x.stride(0), wd, out, s, m, n, k, bm, bn, bk,
+                                                            scale, swapped, x_tma, num_warps=warps,
+                                                            num_stages=stages)
         return out
     return op
 
@@ -112,12 +124,16 @@ def main() -> int:
         one = torch.ones(n, device="cuda")
         row: dict = {"shape": name, "m": m, "k": k, "n": n, "gpu_us": {}, "rel_f64": {}}
         row["gpu_us"]["cublas"] = graph_time_us(lambda x, w: F.linear(x, w), list(zip(xs, wb, strict=True)))
-        variants = [(f"dense {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", False, c, False) for c in TILES]
-        variants += [(f"w8a16 {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", False, c, True) for c in TILES]
-        variants += [(f"w8a16_swapped {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", True, c, True) for c in SWAPPED_TILES]
-        for tag, swapped, cfg, quant in variants:
+        variants = [(f"dense {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", False, c, False, True) for c in TILES]
+        variants += [(f"w8a16 {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", False, c, True, True) for c in TILES]
+        variants += [(f"w8a16_swapped {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", True, c, True, True)
+                     for c in SWAPPED_TILES]
+        variants += [(f"w8a16_xptr {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", False, c, True, False) for c in TILES]
+        variants += [(f"w8a16_swapped_xptr {c[0]}x{c[1]}x{c[2]} w{c[3]} s{c[4]}", True, c, True, False)
+                     for c in SWAPPED_TILES]
+        for tag, swapped, cfg, quant, x_tma in variants:
             try:
-                op = _op(swapped, cfg, quant)
+                op = _op(swapped, cfg, quant, x_tma)
                 if quant:
                     trip = [(x, q, s.reshape(-1).float().contiguous()) for x, (q, s) in zip(xs, qs, strict=True)]
                     ref = xs[0].double() @ (qs[0][0].double() * qs[0][1].double().reshape(-1, 1)).t()
@@ -131,7 +147,7 @@ def main() -> int:
                 row.setdefault("errors", {})[tag] = f"{type(e).__name__}: {str(e)[:200]}"
         g = row["gpu_us"]
         best = {}
-        for fam in ("dense", "w8a16", "w8a16_swapped"):
+        for fam in ("dense", "w8a16", "w8a16_swapped", "w8a16_xptr", "w8a16_swapped_xptr"):
             ok = {t: v for t, v in g.items() if t.split(" ")[0] == fam and row["rel_f64"].get(t, 1.0) < 5e-3}
             if ok:
                 best[fam] = min(ok, key=ok.get)

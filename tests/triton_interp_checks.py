@@ -527,7 +527,8 @@ def check_w8a16_split() -> None:
 def check_tma_probe() -> None:
     """``benchmarks/tma_weight_only_probe.py``'s experimental TMA GEMM (not the runtime's), so the probe a device
     session runs is right before it is timed: the dense form, the int8 weight as the second operand and as the
-    register operand (swapped), each against float64 with ragged M / N edges (TMA zero-fills them), fp16."""
+    register operand (swapped), x by TMA or through pointers, each against float64 with ragged M / N edges (TMA
+    zero-fills them; the pointer loads clamp), fp16."""
     import sys
     from pathlib import Path
 
@@ -540,12 +541,13 @@ def check_tma_probe() -> None:
     w = torch.randn(90, 128, generator=torch.Generator().manual_seed(931)) * 0.05
     q, s = quantize_rowwise(w)
     s = s.reshape(-1).float().contiguous()
-    for form, swapped, wq, ws, ref in (
-            ("dense", False, w.to(F16), torch.ones(90), x.double() @ w.to(F16).double().t()),
-            ("w8a16", False, q, s, x.double() @ (q.double() * s.double()[:, None]).t()),
-            ("w8a16_swapped", True, q, s, x.double() @ (q.double() * s.double()[:, None]).t())):
-        y = probe._op(swapped, (32, 32, 64, 4, 2), form != "dense")(x, wq, ws)
-        record("tma_probe", rel(y, ref) <= 2 ** -9, form=form, rel=rel(y, ref))
+    ref = x.double() @ (q.double() * s.double()[:, None]).t()
+    for form, swapped, x_tma, wq, ws, want in (
+            ("dense", False, True, w.to(F16), torch.ones(90), x.double() @ w.to(F16).double().t()),
+            ("w8a16", False, True, q, s, ref), ("w8a16_swapped", True, True, q, s, ref),
+            ("w8a16_xptr", False, False, q, s, ref), ("w8a16_swapped_xptr", True, False, q, s, ref)):
+        y = probe._op(swapped, (32, 32, 64, 4, 2), form != "dense", x_tma)(x, wq, ws)
+        record("tma_probe", rel(y, want) <= 2 ** -9, form=form, rel=rel(y, want))
 
 
 def check_dequant() -> None:
