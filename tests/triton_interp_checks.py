@@ -505,9 +505,10 @@ def check_w8a16_split() -> None:
         triton_int8.w8a16_linear(xs[0], wq, ws, None, None, F16, cfg=tile)  # compiles (GPU) the plan's tile
         plan = triton_plans.plan_w8a16(xs[0], wq, ws, None, F16, cfg=tile)
         ys = [triton_int8.w8a16_linear(x, wq, ws, None, None, F16, cfg=tile) for x in xs[1:]]
-        e = max(rel(y, x.double() @ (wq.double() * ws.double().reshape(-1, 1)).t()) for x, y in zip(xs[1:], ys, strict=True))
-        record("w8a16_plan_tile", plan is not None and all(torch.equal(plan(x), y) for x, y in zip(xs[1:], ys, strict=True))
-               and e <= 2 ** -9, weight=wname, rel=e)
+        pairs = list(zip(xs[1:], ys, strict=True))
+        e = max(rel(y, x.double() @ (wq.double() * ws.double().reshape(-1, 1)).t()) for x, y in pairs)
+        same = plan is not None and all(torch.equal(plan(x), y) for x, y in pairs)
+        record("w8a16_plan_tile", same and e <= 2 ** -9, weight=wname, rel=e)
     # fp8 weights on a >= 8,192-wide layer: the plan takes w8a16_config's fp8 split (two K slices), the same bits
     # as the general path, near float64
     for m in (1, 16):

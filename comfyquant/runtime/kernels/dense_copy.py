@@ -32,9 +32,9 @@ COPY_MARGIN = 0.03
 # the quantized path's GPU time is more than this fraction over bf16's: back-to-back calls overlap host and GPU
 # only in part, so the path with more GPU time falls behind (the rule ``costs.decide`` applies between quantized
 # paths). Replayed on the H100 sweeps with each run's own table (runs 120, 125: tests/test_dense_copy.py) it
-# copies five more rows over the two runs, each measured 0.68-0.90x bf16 on its quantized path (SDXL ff2 at 256 rows, attn 1,280
-# at 1,024, CLIP fc1 at 1,024, CLIP attn at 4,096), and none at or over 0.97x; at 3% instead of 10% it also took
-# Flux proj at 256 rows, a measured tie (0.99x).
+# copies five more rows over the two runs, each measured 0.68-0.90x bf16 on its quantized path (SDXL ff2 at 256
+# rows, attn 1,280 at 1,024, CLIP fc1 at 1,024, CLIP attn at 4,096), and none at or over 0.97x; at 3% instead
+# of 10% it also took Flux proj at 256 rows, a measured tie (0.99x).
 COPY_GPU_MARGIN = 0.10
 NAME = "dense_copy"  # the backend name the choice and the dispatch report show
 _ATTR = "_comfyquant_dense_copy"  # {dtype: dense [N, K]} on the stored weight tensor: the copies die with it
