@@ -350,6 +350,34 @@ def test_host_table_times_paths_in_interleaved_rounds_so_a_host_phase_change_mov
     assert seq["triton_w8a16"] / seq["bf16"] > 1.2, seq
 
 
+def test_host_rounds_keep_each_round_and_the_table_notes_their_range() -> None:
+    """``calibrate.host_rounds`` keeps every round (the table is their medians), and ``rounds_note`` puts each
+    path's range in the table's provenance: on a simulated host that turns 1.5x slower a third of the way through
+    the rounds, the note spans 10-15 µs where the median alone says 15; a steady host gives a point range."""
+    from comfyquant.runtime.kernels import calibrate
+
+    now, calls = [0.0], [0]
+
+    def clock() -> float:
+        return now[0]
+
+    def call() -> None:
+        calls[0] += 1
+        now[0] += (10e-6 if calls[0] <= total // 3 else 15e-6)
+
+    fns = {"bf16": call, "triton": call}
+    total = 2 * (10 + calibrate.HOST_ROUNDS * calibrate.HOST_CALLS)
+    per = calibrate.host_rounds(fns, clock=clock, sync=lambda: None)
+    assert all(len(v) == calibrate.HOST_ROUNDS for v in per.values())
+    now[0], calls[0] = 0.0, 0
+    assert calibrate.host_table(fns, clock=clock, sync=lambda: None) == {
+        p: sorted(v)[len(v) // 2] for p, v in per.items()}
+    assert calibrate.rounds_note(per) == "host rounds bf16 10.0-15.0 µs, triton 10.0-15.0 µs"
+    total = 10**9  # no phase change
+    steady = calibrate.host_rounds(fns, clock=clock, sync=lambda: None)
+    assert calibrate.rounds_note(steady, ("bf16",)) == "host rounds bf16 10.0-10.0 µs"
+
+
 def test_rotated_weight_only_and_dequant_paths_pay_their_rotation_launch() -> None:
     """A convrot layer's weight-only / dequantizing path rotates x in a launch of its own: its eager host time
     is at least the two-launch W8A8 plan's. H200 run 59 (benchmarks/results/sweep_run59_*): the model had it at

@@ -48,8 +48,15 @@ HOST_CALLS = 40  # calls of one path per round
 def host_table(fns: dict[str, Callable[[], object]], rounds: int = HOST_ROUNDS, n: int = HOST_CALLS,
                clock: Callable[[], float] = time.perf_counter,
                sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, float]:
-    """Host µs per call of each path: ``rounds`` rounds of ``n`` calls of every path in turn, each path's median
-    round. Timed one path after another (200 calls each, as before), a host phase that changed during the table
+    """Host µs per call of each path: the median of :func:`host_rounds`' rounds."""
+    return {p: statistics.median(v) for p, v in host_rounds(fns, rounds, n, clock, sync).items()}
+
+
+def host_rounds(fns: dict[str, Callable[[], object]], rounds: int = HOST_ROUNDS, n: int = HOST_CALLS,
+                clock: Callable[[], float] = time.perf_counter,
+                sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, list[float]]:
+    """Host µs per call of each path in each of ``rounds`` rounds of ``n`` calls of every path in turn (the
+    table takes each path's median round). Timed one path after another (200 calls each, as before), a host phase that changed during the table
     moved the paths timed in it alone: between two H200 sweeps (runs 54 and 56) the eager pick flipped from the
     weight-only to the one-launch W8A8 path on SDXL rows at M = 1 / 16, measured 1.4-1.65x slower there."""
     for fn in fns.values():
@@ -64,7 +71,15 @@ def host_table(fns: dict[str, Callable[[], object]], rounds: int = HOST_ROUNDS, 
                 fn()
             per[p].append((clock() - t) / n * 1e6)
         sync()  # the queue drained between rounds: no round waits on the one before
-    return {p: statistics.median(v) for p, v in per.items()}
+    return per
+
+
+def rounds_note(per: dict[str, list[float]], paths: tuple[str, ...] = ("bf16", "triton")) -> str:
+    """``"host rounds bf16 13.1-25.0 µs, triton 13.4-25.9 µs"``: the range of :func:`host_rounds`' rounds for
+    ``paths``, kept in the table's provenance (``DeviceCosts.measured``). The same H100 kind measured F.linear's
+    host time at 13.8, 16.7 and 24.4 µs in three processes (runs 120, 124, 125) where a sweep later timed ~16.6:
+    the range tells a transient inside the table's rounds from a slow phase that held through all of them."""
+    return "host rounds " + ", ".join(f"{p} {min(per[p]):.1f}-{max(per[p]):.1f} µs" for p in paths if per.get(p))
 
 
 def _gpu_us(fn: Callable[[], object], reps: int = 10) -> float:
@@ -208,7 +223,8 @@ def measure(device: torch.device) -> DeviceCosts:
     bw = _bandwidth_gbs(dev)
     paths = measurable_paths(dev)
     small = _operands(*HOST_SHAPE, dev, _keys(paths))
-    host = host_table(_paths(small, paths))
+    per = host_rounds(_paths(small, paths))
+    host = {p: statistics.median(v) for p, v in per.items()}
     del small
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
@@ -222,7 +238,7 @@ def measure(device: torch.device) -> DeviceCosts:
         del fns
     fitted = dataclasses.replace(base, tflops=tuple(rates.items()),
                                  measured=f"calibrate.measure {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} "
-                                          f"UTC, torch {torch.__version__}")
+                                          f"UTC, torch {torch.__version__}; {rounds_note(per)}")
     ws = _ws_speedup(dev, paths, fitted)
     torch.cuda.empty_cache()  # hand the transient back: ComfyUI sizes its loads from the driver's free memory
     return dataclasses.replace(fitted, ws_speedup=ws)
