@@ -1,7 +1,7 @@
 """Probe: do TMA-fed Triton GEMMs reach cuBLAS bf16 on the narrow layers where the pointer-load kernels do not?
 
 Run 125 (``bench_w8a16_large_m.py --dense``) timed the weight-only kernel's pointer-load main loop on bf16 weights
-(a dense copy, no conversion at all) at 0.65-0.70x cuBLAS's GPU time on SDXL / CLIP shapes at 1,024-16,384 rows,
+(a dense copy, no conversion at all) at 0.66-0.73x cuBLAS's GPU time on SDXL / CLIP shapes at 1,024-16,384 rows,
 about what it ran on int8 weights (run 96) and with the weight as the register operand (run 124): the loss is the
 main loop's loads, not the weight's conversion. This probe times one experimental kernel five ways, its tiles
 through the tensor-copy engine (host descriptors, Triton's pipeliner), GPU time of CUDA-graph replays with inputs
