@@ -73,10 +73,16 @@ def _stub_call(call: Callable, out_rows: int, dtype: torch.dtype) -> None:
     signature's output shape: its memo's plans, and its plain signatures' (``call.hot``, in trees that have it),
     as a GPU's plans would be after the first call (the CPU's reference backend makes none)."""
     hot = getattr(call, "hot", None)
+    try:
+        from comfyquant.runtime.kernels.dispatch import plain_key
+    except ImportError:  # a tree from before it (comparisons across commits): its signature's layout
+        def plain_key(sig: tuple) -> tuple | None:
+            return (*sig[:3], sig[4]) if sig[3] is False and sig[5:] == (None, 0) else None
     for sig, e in call.memo.items():
         e[1] = (lambda o: (lambda x: o))(torch.zeros(*sig[0][:-1], out_rows, dtype=dtype))
-        if hot is not None and sig[3] is False and sig[5:] == (None, 0):  # not capturing; no norm, low-rank term
-            hot[(*sig[:3], sig[4])] = (e[1], -1)
+        key = plain_key(sig) if hot is not None else None
+        if key is not None:  # a plain signature: the hot table holds its plan too
+            hot[key] = (e[1], -1)
 
 
 def _stub_memos(weights: list, dtype: torch.dtype) -> None:

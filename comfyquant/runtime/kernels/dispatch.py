@@ -213,6 +213,14 @@ def add_low_rank(x: torch.Tensor, y: torch.Tensor, low_rank: LowRank) -> torch.T
     return torch.addmm(y.reshape(-1, n), h.reshape(-1, r), up[:r]).view(y.shape)
 
 
+def plain_key(sig: tuple) -> tuple | None:
+    """The hot table's key (``(x.shape, x.dtype, x.device, input_act)``) for a bound call's memo signature, or None
+    where the signature is not a plain one (captured, with a norm or a low-rank term): the one place that knows
+    how a memo signature maps to a hot key, for the call itself and for tools that fill the table (host_python)."""
+    shape, dtype, device, capture, input_act, nkey, rank = sig
+    return None if capture or nkey is not None or rank else (shape, dtype, device, input_act)
+
+
 def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None], bias: torch.Tensor | None = None,
                 *, opts: Sequence[int] = (), backend: Backend = None) -> BoundLinear:
     """``(x, low_rank=None, input_act=None) -> quant_linear(act(x), kind, w, scales, bias, ...)`` in ``x``'s
@@ -313,8 +321,8 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
                 y = b.impl(xk, w, scales, bias, opts, x.dtype)
             if fast is None:  # the first call compiled the kernels: later calls of this signature replay them
                 e[1] = _plan(b, xk, w, scales, bias, opts, act, input_act) or False
-                if e[1] and is_plain and len(hot) < 64:
-                    hot[(x.shape, x.dtype, x.device, input_act)] = (e[1], x.get_device() if x.is_cuda else -1)
+                if e[1] and is_plain and not capture and len(hot) < 64:
+                    hot[plain_key(sig)] = (e[1], x.get_device() if x.is_cuda else -1)
             return y
         if input_act is not None:
             x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too
