@@ -182,10 +182,15 @@ SIBLINGS = "wan self-attention q/k/v/o"  # the workload also timed with its q / 
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    """Every workload's rows; the LoRA files it writes live in a temporary folder removed on the way out."""
+    with tempfile.TemporaryDirectory(prefix="bench_lora_") as folder:
+        return _run(args, Path(folder))
+
+
+def _run(args: argparse.Namespace, tmp: Path) -> list[dict]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows: list[dict] = []
-    tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
     for wname, model, inputs in workloads(args.smoke, args.m):
         if not wname.startswith(args.only):
             continue

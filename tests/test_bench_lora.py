@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ def test_bench_lora_smoke(tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    before = set(Path(tempfile.gettempdir()).glob("bench_lora_*"))
     assert bench.main(["--out", str(tmp_path), "--smoke", "--device", "cpu", "--ranks", "16", "--counts", "1", "3",
                        "--iters", "1"]) == 0
+    assert set(Path(tempfile.gettempdir()).glob("bench_lora_*")) == before  # its LoRA files' folder is removed
     data = json.loads((tmp_path / "lora_bench.json").read_text())
     rows = data["rows"]
     assert {(r["loras"], r["rank"]) for r in rows} == {(0, 16), (1, 16), (3, 16)}
