@@ -100,6 +100,7 @@ def main() -> int:
     a = p.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     from comfyquant.bench.layers import graph_time_us
+    from comfyquant.bench.timing import run_record
     from comfyquant.runtime.kernels import triton_quant as tq
 
     a.out.mkdir(parents=True, exist_ok=True)
@@ -137,9 +138,7 @@ def main() -> int:
                   f" = {row['us']['auto'] / best[0]:.2f}x auto", flush=True)
             del xs, qs, ss, pairs
             torch.cuda.empty_cache()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "failures": failures,
-           "rows": rows_out}
+    res = run_record(t0, failures=failures, rows=rows_out)
     (a.out / "act_quant.json").write_text(json.dumps(res, indent=1))
     print(f"done in {res['seconds']} s; configurations not bit-equal: {len(failures)} widths", flush=True)
     return 1 if failures else 0

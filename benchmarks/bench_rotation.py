@@ -253,6 +253,8 @@ def main() -> int:
     p.add_argument("--held", action="store_true", help="the one-read kernel at M = 64 .. 16,384 instead")
     p.add_argument("--back", action="store_true", help="the codes pass from the row's end against forward")
     a = p.parse_args()
+    from comfyquant.bench.timing import run_record
+
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ks = [int(v) for v in a.k.split(",")]
@@ -265,9 +267,7 @@ def main() -> int:
         rows, bad = split_rows(list(SPLIT_M), ks, a.group)
     else:
         rows, bad = tile_rows([int(v) for v in a.m.split(",")], ks, a.group)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "mismatches": bad,
-           "rows": rows}
+    res = run_record(t0, mismatches=bad, rows=rows)
     name = ("rotation_back.json" if a.back else "rotation_held.json" if a.held else "rotation_split.json" if a.split
             else "rotation_tiles.json")
     (a.out / name).write_text(json.dumps(res, indent=1))

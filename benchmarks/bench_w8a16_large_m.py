@@ -44,6 +44,7 @@ def main() -> int:
     if a.dense:
         return dense(a.out)
     from comfyquant.bench.layers import _cycling, graph_time_us, wall_us
+    from comfyquant.bench.timing import run_record
     from comfyquant.quant.int8 import quantize_rowwise
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels.configs import TileConfig, fit_stages, w8a16_config
@@ -88,8 +89,7 @@ def main() -> int:
               f"({e['bf16'] / e.get(best, float('inf')):.2f}x)", flush=True)
         del qs, wb, xs, pairs, bf16_pairs
         torch.cuda.empty_cache()
-        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+        res = run_record(t0, rows=rows)
         (a.out / "w8a16_large_m.json").write_text(json.dumps(res, indent=1))  # each row: a time cap keeps the rest
     worst = max(max(r["rel_f64"].values(), default=0.0) for r in rows)
     print(f"done in {res['seconds']} s; worst error against float64 {worst:.2e}", flush=True)
@@ -104,6 +104,7 @@ def dense(out: Path) -> int:
     copies run by Triton's launcher (~5 µs a launch) would beat cuBLAS's (~13 µs a call at bf16's floor on
     these hosts) where a model is host-bound, at GPU time near cuBLAS's."""
     from comfyquant.bench.layers import _cycling, graph_time_us, wall_us
+    from comfyquant.bench.timing import run_record
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels import triton_plans
     from comfyquant.runtime.kernels.configs import TileConfig, fit_stages, w8a16_config
@@ -153,8 +154,7 @@ def dense(out: Path) -> int:
                   f"({e['cublas'] / e.get(best, float('inf')):.2f}x); today gpu {g.get('today', 0):6.1f}", flush=True)
         del wb, wts, xs, pairs
         torch.cuda.empty_cache()
-        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+        res = run_record(t0, rows=rows)
         (out / "w8a16_dense.json").write_text(json.dumps(res, indent=1))
     worst = max(min(r["rel_f64"].values(), default=1.0) for r in rows)
     print(f"done in {res['seconds']} s; worst best-tile error against float64 {worst:.2e}", flush=True)

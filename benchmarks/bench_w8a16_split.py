@@ -69,6 +69,7 @@ def main() -> int:
         p.error("--fp8 and --int4 are two weight formats: one at a time")
     fmt = "fp8" if a.fp8 else "int4" if a.int4 else "int8"
     from comfyquant.bench.layers import graph_time_us
+    from comfyquant.bench.timing import run_record
     from comfyquant.runtime.kernels import triton_int8 as ti
     from comfyquant.runtime.kernels.configs import fit_stages, w8a16_config
     from comfyquant.runtime.kernels.fp8 import fp8_linear_scaled_mm
@@ -121,8 +122,7 @@ def main() -> int:
                   flush=True)
         del qs, wb
         torch.cuda.empty_cache()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    res = run_record(t0, rows=rows)
     stem = "w8a16_split" + ("" if fmt == "int8" else f"_{fmt}") + ("_wide" if a.wide else "")
     (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     bad = [r["shape"] for r in rows if not all(r.get("deterministic", {}).values()) or r.get("errors")

@@ -110,6 +110,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     from comfyquant.bench.layers import graph_time_us
+    from comfyquant.bench.timing import run_record
     from comfyquant.quant.int8 import quantize_rowwise
 
     a.out.mkdir(parents=True, exist_ok=True)
@@ -158,9 +159,7 @@ def main() -> int:
             flush=True)
         del ws, qs, wb, xs
         torch.cuda.empty_cache()
-        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-               "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+        res = run_record(t0, triton=triton.__version__, rows=rows)
         (a.out / "tma_weight_only_probe.json").write_text(json.dumps(res, indent=1))
     bad = sum(1 for r in rows for t, e in r["rel_f64"].items() if e >= 5e-3)
     print(f"done in {res['seconds']} s; {bad} timed variants over 5e-3 against float64 (left out of 'best')",

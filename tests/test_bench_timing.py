@@ -49,3 +49,21 @@ def test_a_round_makes_at_least_min_calls_calls() -> None:
                          min_calls=24)
     assert out["slow"] == pytest.approx(50.0)
     assert state["calls"] == 2 + 1 + 3 * 24  # warm-up, the sizing call, three rounds of 24
+
+
+def test_run_record_names_the_run_then_the_scripts_fields() -> None:
+    """``run_record``: the header every GPU bench script's json starts with (device, torch, date, command,
+    seconds since its start), then the script's own fields in the order given."""
+    import sys
+    import time
+
+    import torch
+
+    from comfyquant.bench.timing import run_record
+
+    rec = run_record(time.perf_counter() - 2.0, failures=3, rows=[{"m": 1}])
+    assert list(rec) == ["device", "torch", "date", "command", "seconds", "failures", "rows"]
+    assert rec["torch"] == torch.__version__ and rec["command"] == " ".join(sys.argv)
+    assert rec["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    assert 2.0 <= rec["seconds"] < 60.0 and rec["failures"] == 3 and rec["rows"] == [{"m": 1}]
+    assert rec["date"] == time.strftime("%Y-%m-%d")

@@ -1,11 +1,21 @@
-"""Wall-time measurement shared by the benchmarks: candidates timed in turns."""
+"""Wall-time measurement shared by the benchmarks: candidates timed in turns, and the record of a run."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+
+
+def run_record(t0: float, **fields: Any) -> dict[str, Any]:
+    """A benchmark script's result file: the device, torch, the date, its command line and the seconds since
+    ``t0`` (``time.perf_counter``), then ``fields`` (its rows, its failure counts) in the order given."""
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+            "seconds": round(time.perf_counter() - t0, 1), **fields}
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int = 7, min_ms: float = 40.0,
