@@ -49,16 +49,22 @@ def host_table(fns: dict[str, Callable[[], object]], rounds: int = HOST_ROUNDS, 
                clock: Callable[[], float] = time.perf_counter,
                sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, float]:
     """Host µs per call of each path: the median of :func:`host_rounds`' rounds."""
-    return {p: statistics.median(v) for p, v in host_rounds(fns, rounds, n, clock, sync).items()}
+    return medians(host_rounds(fns, rounds, n, clock, sync))
+
+
+def medians(per: dict[str, list[float]]) -> dict[str, float]:
+    """Each path's median round of :func:`host_rounds`' (the table's figure)."""
+    return {p: statistics.median(v) for p, v in per.items()}
 
 
 def host_rounds(fns: dict[str, Callable[[], object]], rounds: int = HOST_ROUNDS, n: int = HOST_CALLS,
                 clock: Callable[[], float] = time.perf_counter,
                 sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, list[float]]:
     """Host µs per call of each path in each of ``rounds`` rounds of ``n`` calls of every path in turn (the
-    table takes each path's median round). Timed one path after another (200 calls each, as before), a host phase that changed during the table
-    moved the paths timed in it alone: between two H200 sweeps (runs 54 and 56) the eager pick flipped from the
-    weight-only to the one-launch W8A8 path on SDXL rows at M = 1 / 16, measured 1.4-1.65x slower there."""
+    table takes each path's median round). Timed one path after another (200 calls each, as before), a host
+    phase that changed during the table moved the paths timed in it alone: between two H200 sweeps (runs 54 and
+    56) the eager pick flipped from the weight-only to the one-launch W8A8 path on SDXL rows at M = 1 / 16,
+    measured 1.4-1.65x slower there."""
     for fn in fns.values():
         for _ in range(10):
             fn()
@@ -224,7 +230,7 @@ def measure(device: torch.device) -> DeviceCosts:
     paths = measurable_paths(dev)
     small = _operands(*HOST_SHAPE, dev, _keys(paths))
     per = host_rounds(_paths(small, paths))
-    host = {p: statistics.median(v) for p, v in per.items()}
+    host = medians(per)
     del small
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)

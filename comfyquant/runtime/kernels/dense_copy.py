@@ -89,13 +89,9 @@ def wants_copy(choice: BackendChoice, margin: float = COPY_MARGIN, gpu_margin: f
         return False
     if choice.us > choice.bf16_us * (1.0 + margin):
         return True
-    return _gpu_tie(choice, gpu_margin)
-
-
-def _gpu_tie(choice: BackendChoice, gpu_margin: float = COPY_GPU_MARGIN) -> bool:
-    """A modeled eager near-tie with bf16 that bf16's lower GPU time breaks (see :data:`COPY_GPU_MARGIN`)."""
-    return (choice.gpu_us is not None and choice.bf16_gpu_us is not None and choice.us is not None
-            and choice.bf16_us is not None and choice.us >= choice.bf16_us * (1.0 - NEAR_TIE)
+    # a modeled eager near-tie with bf16 that bf16's lower GPU time breaks
+    return (choice.gpu_us is not None and choice.bf16_gpu_us is not None
+            and choice.us >= choice.bf16_us * (1.0 - NEAR_TIE)
             and choice.gpu_us > choice.bf16_gpu_us * (1.0 + gpu_margin))
 
 

@@ -264,8 +264,7 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
 
     def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None,
              norm: Norm | None = None) -> torch.Tensor:
-        is_plain = low_rank is None and norm is None
-        if is_plain:  # plain()'s lookup, inline (a call's frame is a tenth of this path's host time)
+        if low_rank is None and norm is None:  # plain()'s lookup, inline (a call's frame is a tenth of this path's host time)
             h = hot.get((x.shape, x.dtype, x.device, input_act))
             if h is not None and x.is_contiguous() and not x.data_ptr() % 16 \
                     and (h[1] < 0 or _raw_stream(h[1]) == 0):
@@ -321,8 +320,9 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
                 y = b.impl(xk, w, scales, bias, opts, x.dtype)
             if fast is None:  # the first call compiled the kernels: later calls of this signature replay them
                 e[1] = _plan(b, xk, w, scales, bias, opts, act, input_act) or False
-                if e[1] and is_plain and not capture and len(hot) < 64:
-                    hot[plain_key(sig)] = (e[1], x.get_device() if x.is_cuda else -1)
+                key = plain_key(sig) if e[1] else None  # (a plain signature: no norm, low-rank term or capture)
+                if key is not None and len(hot) < 64:
+                    hot[key] = (e[1], x.get_device() if x.is_cuda else -1)
             return y
         if input_act is not None:
             x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too
