@@ -107,21 +107,18 @@ def test_copy_rule_replayed_on_recorded_h100_sweeps(run: str) -> None:
     best quantized path (the eager choice among the int8 paths the sweep timed) and bf16 as the model prices them.
     The GPU-time tie-breaker (COPY_GPU_MARGIN) adds copies only on rows whose chosen path measured under 0.97x
     bf16 (runs 120 and 125: three and two rows)."""
-    import json
-    from pathlib import Path
+    from recorded_results import INT8_COLUMNS, recorded
 
     from comfyquant.runtime.kernels import costs as cm
 
-    d = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{run}.json").read_text())
+    d = recorded(f"{run}.json")
     c = cm.DeviceCosts.from_json(d["meta"]["costs"])
-    cols = {"triton": "w8a8_triton", "triton_fused": "w8a8_fused", "triton_w8a16": "w8a16", "dequant": "dequant"}
-    paths = (("triton", "triton"), ("triton_fused", "triton_fused"), ("triton_w8a16", "triton_w8a16"),
-             ("dequant", "dequant"))
+    paths = tuple((p, p) for p in INT8_COLUMNS)  # (cost-model path, backend name): the same names here
     added = []
     for r in d["rows"]:
         ch = builtin.decide_paths(r["m"], r["n"], r["k"], 0, None, c, False, paths)
         if wants_copy(ch) and not wants_copy(ch, gpu_margin=float("inf")):
-            added.append(r["us"]["bf16"] / r["us"][cols[ch.name]])  # measured, the chosen path against bf16
+            added.append(r["us"]["bf16"] / r["us"][INT8_COLUMNS[ch.name]])  # measured, the chosen path against bf16
     assert len(added) == {"sweep_run120_h100_2026-12-06": 3, "sweep_run125_h100_2026-12-06": 2}[run]
     assert all(x < 0.97 for x in added), added
 

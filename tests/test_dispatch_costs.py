@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from recorded_results import INT8_COLUMNS, recorded
 from torch import nn
 
 from comfyquant.runtime.cuda_graphs import _signature, capture
@@ -155,23 +156,20 @@ def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(s
     and the block activation kernel, and dequantize + cuBLAS, which won rows there, has not beaten W8A8 by 5% on
     any row since (runs 33, 36). From 64 rows the one-launch column of the sweeps before run 44 timed the kernel the
     row-block one replaced, so there ``triton_fused`` is not a candidate for them (run 45 timed the row-block one)."""
-    import json
     import math
-    from pathlib import Path
 
     from comfyquant.runtime.kernels import costs as cm
 
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    measured = cm.DeviceCosts.from_json(json.loads((results / f"costs_{costs}.json").read_text()))
+    measured = cm.DeviceCosts.from_json(recorded(f"costs_{costs}.json"))
     c = cm.DeviceCosts(measured.device, measured.sms, measured.bw_gbs, measured.launch_us, measured.host_us,
                        cm.DEFAULT_COSTS.tflops)  # rates fitted under this model (the file's predate it)
-    cols = {"triton": "w8a8_triton", "triton_fused": "w8a8_fused", "triton_w8a16": "w8a16", "dequant": "dequant"}
-    rows = json.loads((results / f"sweep_{sweep}.json").read_text())["rows"]
+    rows = recorded(f"sweep_{sweep}.json")["rows"]
     old_fused = int(sweep.split("_")[0][3:]) < 44
     regrets = []
     for r in rows:
-        cands = tuple(p for p in cols if p != "triton_fused" or not old_fused or not rows_shape(r["m"], r["n"], r["k"]))
-        us = {p: r["us"][cols[p]] for p in cands}
+        cands = tuple(p for p in INT8_COLUMNS
+                      if p != "triton_fused" or not old_fused or not rows_shape(r["m"], r["n"], r["k"]))
+        us = {p: r["us"][INT8_COLUMNS[p]] for p in cands}
         pick = cm.decide(cands, r["m"], r["n"], r["k"], c, "eager")[0]
         regrets.append(us[pick] / min(us.values()))
     assert len(regrets) >= 90
@@ -179,25 +177,14 @@ def test_cost_model_picks_near_the_fastest_backend_on_the_recorded_h200_sweeps(s
     assert max(regrets) <= 1.8 and sum(x > 1.15 for x in regrets) <= 0.1 * len(regrets)
 
 
-def _results(name: str) -> dict:
-    """A recorded benchmark result of ``benchmarks/results``."""
-    import json
-    from pathlib import Path
-
-    return json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())
-
-
-_INT8_COLUMNS = {"triton": "w8a8_triton", "triton_fused": "w8a8_fused", "triton_w8a16": "w8a16", "dequant": "dequant"}
-
-
 def _replay(run: str) -> tuple[list[float], dict[tuple[str, str, int], str]]:
     """(picked over fastest measured, per row; the pick per (model, layer, M)) of the eager int8 choice on a
     recorded H200 sweep under the cost table that sweep's process measured and decided with (its ``meta``)."""
-    d = _results(f"sweep_{run}.json")
+    d = recorded(f"sweep_{run}.json")
     c = cm.DeviceCosts.from_json(d["meta"]["costs"])
     regrets, picks = [], {}
     for r in d["rows"]:
-        us = {p: r["us"][col] for p, col in _INT8_COLUMNS.items()}
+        us = {p: r["us"][col] for p, col in INT8_COLUMNS.items()}
         pick = cm.decide(tuple(us), r["m"], r["n"], r["k"], c, "eager")[0]
         regrets.append(us[pick] / min(us.values()))
         picks[(r["model"], r["layer"], r["m"])] = pick
@@ -238,22 +225,19 @@ def test_weight_only_model_tracks_short_k_on_the_recorded_h200_sweep() -> None:
     weight-only path (measured 0.62 / 0.59x bf16 there) under run 54's table, or with the two-launch path's host
     time at the sweep process's 24 µs."""
     import dataclasses
-    import json
     import math
-    from pathlib import Path
 
     from comfyquant.runtime.kernels import calibrate
     from comfyquant.runtime.kernels import costs as cm
 
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    day = cm.DeviceCosts.from_json(json.loads((results / "costs_run54_h200_2026-12-03.json").read_text()))
+    day = cm.DeviceCosts.from_json(recorded("costs_run54_h200_2026-12-03.json"))
     # run 54 fitted the weight-only rate under the model without the term: its time at the fit shape, refitted
     fit = (256, 8192, 8192)
     t_fit = (cm.gpu_us("triton_w8a16", *fit, day) - day.launch_us) * cm._short_k(8192, 128, cm.W8A16_OVERHEAD_ITERS)
     c = calibrate._with_rate(day, "triton_w8a16", calibrate.fit_rate("triton_w8a16", *fit, t_fit + day.launch_us,
                                                                      day))
     ratios: dict[bool, list[float]] = {True: [], False: []}
-    rows = json.loads((results / "sweep_run54_h200_2026-12-03.json").read_text())["rows"]
+    rows = recorded("sweep_run54_h200_2026-12-03.json")["rows"]
     for r in rows:
         g = cm.gpu_us("triton_w8a16", r["m"], r["n"], r["k"], c)
         if r["m"] >= 1024 and g > 1.2 * c.host("triton_w8a16"):
@@ -292,30 +276,26 @@ def test_near_ties_go_to_the_path_with_less_gpu_time_on_the_recorded_h200_sweeps
     / 1.010), and the rows more than 15% off drop from 20 to 11; the tie-break only ever moves picks within the
     band."""
     import dataclasses
-    import json
     import math
-    from pathlib import Path
 
     from comfyquant.runtime.kernels import costs as cm
 
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    cols = {"triton": "w8a8_triton", "triton_fused": "w8a8_fused", "triton_w8a16": "w8a16", "dequant": "dequant"}
     far = {True: 0, False: 0}
     for run in (45, 51, 53, 54):
-        c = cm.DeviceCosts.from_json(json.loads((results / f"costs_run{run}_h200_2026-12-03.json").read_text()))
+        c = cm.DeviceCosts.from_json(recorded(f"costs_run{run}_h200_2026-12-03.json"))
         untied = dataclasses.replace(c, measured=c.measured + " (no tie-break)")  # a distinct memo key
-        rows = json.loads((results / f"sweep_run{run}_h200_2026-12-03.json").read_text())["rows"]
+        rows = recorded(f"sweep_run{run}_h200_2026-12-03.json")["rows"]
         gm = {}
         for tied, table in ((True, c), (False, untied)):
             regrets = []
             for r in rows:
-                us = {p: r["us"][cols[p]] for p in cols}
+                us = {p: r["us"][INT8_COLUMNS[p]] for p in INT8_COLUMNS}
                 if tied:
-                    pick = cm.decide(tuple(cols), r["m"], r["n"], r["k"], table, "eager")[0]
-                    t = {p: cm.path_us(p, r["m"], r["n"], r["k"], table, "eager") for p in cols}
+                    pick = cm.decide(tuple(INT8_COLUMNS), r["m"], r["n"], r["k"], table, "eager")[0]
+                    t = {p: cm.path_us(p, r["m"], r["n"], r["k"], table, "eager") for p in INT8_COLUMNS}
                     assert t[pick] <= min(t.values()) * (1 + cm.NEAR_TIE) + 1e-9
                 else:
-                    pick = min(cols, key=lambda p: cm.path_us(p, r["m"], r["n"], r["k"], table, "eager"))
+                    pick = min(INT8_COLUMNS, key=lambda p: cm.path_us(p, r["m"], r["n"], r["k"], table, "eager"))
                 regrets.append(us[pick] / min(us.values()))
             gm[tied] = math.exp(sum(map(math.log, regrets)) / len(regrets))
             far[tied] += sum(x > 1.15 for x in regrets)
@@ -383,11 +363,8 @@ def test_rotated_weight_only_and_dequant_paths_pay_their_rotation_launch() -> No
     is at least the two-launch W8A8 plan's. H200 run 59 (benchmarks/results/sweep_run59_*): the model had it at
     the one-launch plan's 12.6 µs, picked it on every rotated layer at M <= 16 (and CLIP's to 1,024 rows), and
     the general path it then ran took 80-220 µs a call (bf16: 18-44); the W8A8 path beside it 23-48."""
-    import json
-    from pathlib import Path
 
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    c = cm.DeviceCosts.from_json(json.loads((results / "sweep_run59_h200_2026-12-04.json").read_text())["meta"]["costs"])
+    c = cm.DeviceCosts.from_json(recorded("sweep_run59_h200_2026-12-04.json")["meta"]["costs"])
     for path in ("triton_w8a16", "dequant"):
         rotated = cm.path_us(path, 1, 3072, 3072, c, "eager", group=256)
         assert rotated >= cm.path_us(path, 1, 3072, 3072, c, "eager") + c.host("triton") - c.host("triton_w8a16")
@@ -427,12 +404,12 @@ def test_gluon_gemm_short_k_term_fits_the_measured_gemm() -> None:
     on average and 24% on the short-K rows (CLIP mlp0 at 16,384 rows: 105 µs modeled, 85 measured)."""
     import math
 
-    c = _refit(cm.DeviceCosts.from_json(_results("sweep_run93_h100_2026-12-05.json")["meta"]["costs"]))
+    c = _refit(cm.DeviceCosts.from_json(recorded("sweep_run93_h100_2026-12-05.json")["meta"]["costs"]))
     narrow = {("sdxl", "attn"): (1280, 1280), ("sdxl", "ff0"): (1280, 10240), ("sdxl", "ff2"): (5120, 1280),
               ("sdxl", "attn640"): (640, 640), ("clip_l", "mlp0"): (768, 3072), ("clip_l", "mlp2"): (3072, 768),
               ("t5xxl", "ffn0"): (4096, 10240)}
     errs = []
-    for r in _results("gemm_ws_narrow_graph_run94_h100_2026-12-06.json")["rows"]:
+    for r in recorded("gemm_ws_narrow_graph_run94_h100_2026-12-06.json")["rows"]:
         k, n = narrow[(r["model"], r["layer"])]
         errs.append(math.log(cm.gluon_gemm_us(r["M"], n, k, c) / min(r["us"]["ws 128x128 s5"])))
     assert len(errs) == 20
@@ -444,12 +421,12 @@ def test_h100_sweep_replay_picks_the_gluon_gemm_at_short_k() -> None:
     cuBLAS 0.93x (126.9 µs); with the Triton kernel's short-K term on the Gluon kernel the model priced the W8A8
     path at 124 µs and its near-tie rule took dequantize + cuBLAS. Replayed with the run's table (speed-up
     re-fitted as calibration would), every other pick of the sweep stays."""
-    d = _results("sweep_run93_h100_2026-12-05.json")
+    d = recorded("sweep_run93_h100_2026-12-05.json")
     c = _refit(cm.DeviceCosts.from_json(d["meta"]["costs"]))
     row = next(r for r in d["rows"] if (r["model"], r["layer"], r["m"]) == ("clip_l", "fc1", 16384))
-    assert cm.decide(tuple(_INT8_COLUMNS), row["m"], row["n"], row["k"], c, "eager")[0] == "triton"
+    assert cm.decide(tuple(INT8_COLUMNS), row["m"], row["n"], row["k"], c, "eager")[0] == "triton"
     regrets = []
     for r in d["rows"]:
-        us = {p: r["us"][col] for p, col in _INT8_COLUMNS.items()}
+        us = {p: r["us"][col] for p, col in INT8_COLUMNS.items()}
         regrets.append(us[cm.decide(tuple(us), r["m"], r["n"], r["k"], c, "eager")[0]] / min(us.values()))
     assert max(regrets) <= 1.15
