@@ -7,10 +7,14 @@ the tile kernel; ``--held``: the one-read kernel (programs hold their chunk rota
 rows' absmax parts) in its configurations, M 64 .. 16,384, its codes compared with the tile kernel's; ``--back``:
 the tile kernel's default configuration with its codes pass walking each row from the end (``BACK``: its first
 re-reads are the lines the absmax pass read last, which may still be in L2) against the same forward, M 4,096 /
-16,384 (run 106: the rotating pass at 12,288-15,360 columns costs 2x the unrotated one, its re-read from HBM).
+16,384 (run 106: the rotating pass at 12,288-15,360 columns costs 2x the unrotated one, its re-read from HBM);
+``--grows``: the group-rows kernel (a row per program, the row's groups the tile's rows: x read once on rows up to
+16,384 wide) in three configurations against the tile kernel, the one-read kernel, "auto" and the block kernel,
+M 1,024 .. 16,384 on Flux / Wan widths, its codes compared with the tile kernel's.
 
     python benchmarks/bench_rotation.py --out results/      # a CUDA GPU
     python benchmarks/bench_rotation.py --out results/ --held
+    python benchmarks/bench_rotation.py --out results/ --grows
 """
 
 from __future__ import annotations
@@ -210,6 +214,69 @@ def tile_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
     return out, mismatches
 
 
+GROWS_M = (1024, 4096, 16384)
+GROWS_K = (3072, 5120, 12288, 13824, 15360)
+
+
+def grows_configs(k: int) -> list[tuple[int, bool, int]]:
+    """The group-rows kernel's configurations timed on rows ``k`` wide: its default (one pass up to 64 groups), the
+    same with the other warp count, and steps of 16 groups in two passes (a smaller program, the re-read from L2)."""
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    gb, one, warps = tq.group_rows_config(k)
+    return list(dict.fromkeys([(gb, one, warps), (gb, one, 12 - warps), (16, k <= 16 * 256, 4)]))
+
+
+def run_grows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, bool, int]) -> None:
+    """One launch of the group-rows rotating kernel (group 256, int8) with ``cfg`` (groups per step, one pass,
+    warps)."""
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, 0, 0, cfg)
+    tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=1, key=key)
+
+
+def grows_rows(ms: list[int], ks: list[int]) -> tuple[list[dict], dict]:
+    """The group-rows kernel's configurations against the block kernel, "auto", the tile kernel's launch (its
+    codes are the reference) and the one-read kernel where it applies, GPU time."""
+    from comfyquant.bench.layers import graph_time_us
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.scratch import row_scales
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out, mismatches = [], {}
+    for k in ks:
+        for m in ms:
+            pairs = _pairs(m, k, m * tq.held_parts(k, 1))
+            want_q, want_s = tq.quantize_rows_int8(pairs[0][0], 256, kernel="tiles")
+            tile_cfg = tq.rot_tile_config(m, sms)
+            us = {"plain_blocks": graph_time_us(lambda x, q, s: tq.quantize_rows_int8(x, kernel="blocks"), pairs),
+                  "auto": graph_time_us(lambda x, q, s: tq.quantize_rows_int8(x, 256, kernel="auto"), pairs),
+                  "tiles": graph_time_us(lambda x, q, s, c=tile_cfg: run_tiles(x, q, s, 256, c), pairs)}
+            before_kernel = tq.pick_kernel(pairs[0][0], 256, tq.MODE_INT8, grows=False)
+            us["before"] = graph_time_us(lambda x, q, s, b=before_kernel: tq.quantize_rows_int8(x, 256, kernel=b),
+                                         pairs)
+            if tq.held_apply(pairs[0][0], 256, tq.MODE_INT8):
+                us["held"] = graph_time_us(lambda x, q, s: tq.quantize_rows_int8(x, 256, kernel="held"), pairs)
+            for cfg in grows_configs(k):
+                q, s = torch.empty_like(want_q), row_scales(m, 0, "cuda")
+                run_grows(pairs[0][0], q, s, cfg)
+                off = int((q != want_q).sum()) + int((s != want_s).sum())
+                if off:
+                    mismatches[f"{m}x{k} grows {cfg}"] = off
+                us[f"grows{cfg}"] = graph_time_us(lambda x, q, s, cfg=cfg: run_grows(x, q, s, cfg), pairs)
+            out.append({"m": m, "k": k, "group": 256, "pick": tq.pick_kernel(pairs[0][0], 256, tq.MODE_INT8),
+                        "pick_before": before_kernel, "us": us})
+            best = min((v, c) for c, v in us.items() if c.startswith("grows"))
+            before = us["before"]
+            print(f"M={m:5} K={k:5} plain {us['plain_blocks']:6.1f} tiles {us['tiles']:7.1f} held "
+                  f"{us.get('held', 0):7.1f} auto {us['auto']:7.1f} ({out[-1]['pick']}) best {best[1]} {best[0]:7.1f} us "
+                  f"= {before / best[0]:.2f}x the pick before ({before_kernel} {before:.1f}), {best[0] / us['plain_blocks']:.2f}x plain", flush=True)
+            del pairs
+            torch.cuda.empty_cache()
+    return out, mismatches
+
+
 BACK_M = (4096, 16384)
 
 
@@ -252,13 +319,17 @@ def main() -> int:
     p.add_argument("--split", action="store_true", help="the split form at M = 64 .. 2048 instead (one call)")
     p.add_argument("--held", action="store_true", help="the one-read kernel at M = 64 .. 16,384 instead")
     p.add_argument("--back", action="store_true", help="the codes pass from the row's end against forward")
+    p.add_argument("--grows", action="store_true", help="the group-rows kernel at M = 1,024 .. 16,384 instead")
     a = p.parse_args()
     from comfyquant.bench.timing import run_record
 
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ks = [int(v) for v in a.k.split(",")]
-    if a.back:
+    if a.grows:
+        rows, bad = grows_rows(list(GROWS_M) if a.m == p.get_default("m") else [int(v) for v in a.m.split(",")],
+                               list(GROWS_K) if a.k == p.get_default("k") else ks)
+    elif a.back:
         rows, bad = back_rows([int(v) for v in a.m.split(",")] if a.m != p.get_default("m") else list(BACK_M), ks,
                               a.group)
     elif a.held:
@@ -268,13 +339,13 @@ def main() -> int:
     else:
         rows, bad = tile_rows([int(v) for v in a.m.split(",")], ks, a.group)
     res = run_record(t0, mismatches=bad, rows=rows)
-    name = ("rotation_back.json" if a.back else "rotation_held.json" if a.held else "rotation_split.json" if a.split
+    name = ("rotation_grows.json" if a.grows else "rotation_back.json" if a.back else "rotation_held.json" if a.held else "rotation_split.json" if a.split
             else "rotation_tiles.json")
     (a.out / name).write_text(json.dumps(res, indent=1))
     what = "configurations whose codes differ from the default's" if not (a.split or a.held) else \
         "configurations whose codes differ from the tile kernel's"
     print(f"done in {res['seconds']} s; {what}: {len(bad)}", flush=True)
-    return 1 if bad and (a.split or a.held or a.back) else 0
+    return 1 if bad and (a.split or a.held or a.back or a.grows) else 0
 
 
 if __name__ == "__main__":

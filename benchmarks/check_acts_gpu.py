@@ -132,6 +132,43 @@ def check_held_rotation() -> None:
                        max_code_diff=mx, frac_diff=frac)
 
 
+def check_group_rows() -> None:
+    """The group-rows rotating kernel (kernel="grows", convrot 256): the tile kernel's int8 codes and scales bit for
+    bit on bf16 / fp16 rows (one pass on rows up to 16,384 wide, steps of 64 groups beyond, and each timed
+    configuration), with a folded GELU, a gated SwiGLU and the W4A8 column order; the rotation alone (MODE_FLOAT)
+    equal to the tile kernel's; near the float64 rotation."""
+    tq = triton_quant
+    for m, k, act, perm in [(1, 3072, 0, 0), (1024, 15360, 0, 0), (4096, 3072, 0, 0), (4096, 12288, 1, 0),
+                            (4099, 13824, 0, 0), (2048, 20480, 0, 0), (1000, 5120, 0, 128), (300, 1280, 4, 0)]:
+        for dt in (torch.bfloat16, torch.float16):
+            x = (torch.randn(m, 2 * k if act == 4 else k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(dt)
+            x[0, 7] = 60.0
+            if m > 2:
+                x[1] = 0
+            want = tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="tiles")
+            got = [tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="grows")]
+            gb, one, warps = tq.group_rows_config(k)
+            for cfg in {(gb, one, 12 - warps), (16, k <= 4096, 4), (64, k <= 16384, 8)}:
+                q, s = torch.empty_like(want[0]), torch.empty_like(want[1])
+                grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, perm, act, cfg)
+                tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=1, key=key)
+                got.append((q, s))
+            torch.cuda.synchronize()
+            same = all(torch.equal(q, want[0]) and torch.equal(s, want[1]) for q, s in got)
+            record("group_rows_vs_tiles", same and tq.group_rows_apply(x, 256, tq.MODE_INT8, act), m=m, k=k, act=act,
+                   perm=perm, dtype=str(dt))
+            if perm == 0:
+                rot = tq.rotate_rows(x, 256, act=act, kernel="grows")
+                record("group_rows_rotate_only", torch.equal(rot, tq.rotate_rows(x, 256, act=act, kernel="tiles")),
+                       m=m, k=k, act=act, dtype=str(dt))
+            if perm == 0 and act in (0, 1) and m <= 4096:
+                xa = torch.nn.functional.gelu(x, approximate="tanh") if act else x
+                qr, sr = reference.quantize_rows_int8(fast_hadamard(xa.double(), 256).float())
+                ok, mx, frac = codes_within(got[0][0], qr, 1)
+                record("group_rows_f64", ok and rel(got[0][1], sr) < 1e-6, m=m, k=k, act=act, dtype=str(dt),
+                       max_code_diff=mx, frac_diff=frac)
+
+
 def check_fused_rows() -> None:
     """The one-launch path from 64 rows (the row-block kernel, ``triton_gemm.fused_rows``) on fp32 and fp16
     activations too (ComfyUI runs T5 in fp32), with and without an input activation: the two-launch path's output

@@ -191,7 +191,14 @@ def _checks() -> tuple:
     """Every check, in the order they run (the activation quantizers' from ``check_acts_gpu``, the GEMMs' from
     ``check_gemm_gpu``, the runtime paths' from ``check_paths_gpu``, the folded norms' from
     ``check_norms_gpu``)."""
-    from check_acts_gpu import check_act_quant, check_block, check_fused_rows, check_held_rotation, check_w4a8
+    from check_acts_gpu import (
+        check_act_quant,
+        check_block,
+        check_fused_rows,
+        check_group_rows,
+        check_held_rotation,
+        check_w4a8,
+    )
     from check_gemm_gpu import (
         check_int_mm_exact,
         check_persistent,
@@ -219,7 +226,7 @@ def _checks() -> tuple:
         check_siblings,
     )
 
-    return (check_act_quant, check_held_rotation, check_int_mm_exact, check_persistent, check_ws_gemm,
+    return (check_act_quant, check_held_rotation, check_group_rows, check_int_mm_exact, check_persistent, check_ws_gemm,
             check_ws_lora_wired, check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
             check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
             check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,

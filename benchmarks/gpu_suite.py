@@ -71,6 +71,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the Flux / Wan rows at 16,384 alone (the convrot column against the plain one)
         "sweep_16k": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                        "--sections", "sweep", "--sweep-models", "flux,wan14b", "--sweep-m", "16384"]],
+        # the Flux / Wan rows at 4,096 and 16,384 alone: the 18 rows of the W8A8 / FP8 >= 1.6x and convrot targets
+        "sweep_dit": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
+                       "--sections", "sweep", "--sweep-models", "flux,wan14b", "--sweep-m", "4096,16384"]],
         "sweep_narrow": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                           "--sections", "sweep", "--sweep-models", "sdxl,t5xxl,clip_l"]],
         # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too
@@ -84,7 +87,7 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # split it in two calls' worth
         "checks": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels")]],
         "checks_a": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_a"), "--only",
-                      "check_act_quant,check_held_rotation,check_int_mm_exact,check_persistent,check_ws_gemm,"
+                      "check_act_quant,check_held_rotation,check_group_rows,check_int_mm_exact,check_persistent,check_ws_gemm,"
                       "check_ws_lora_wired,check_linear,check_fused_rows,check_fp8_triton,check_fp8_low_rank_choice,"
                       "check_block,check_w4a8"]],
         "checks_b": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_b"), "--only",
@@ -177,6 +180,12 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # its GPU checks (bit-equal to the tile kernel, counters, float64) and the paths that run convrot layers
         "checks_held": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                          "check_held_rotation,check_act_quant,check_linear,check_plans,check_cuda_graphs"]],
+        # the group-rows rotating kernel (a row per program, x read once up to 16,384 columns, 2026-12-06): its
+        # GPU checks with the paths that run convrot layers, then its configurations against the tile / one-read
+        # kernels and the unrotated pass, M 1,024 .. 16,384 on Flux / Wan widths (GPU time)
+        "checks_grows": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                          "check_group_rows,check_held_rotation,check_linear,check_plans,check_cuda_graphs"]],
+        "rotation_grows": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_grows"), "--grows"]],
         # the W4A8 GEMM's kernels (plain order, the weight as wgmma's register operand, both nibbles per MMA, the
         # warp-specialized Gluon kernel) on 12 tiles against cuBLAS bf16 and the int8 W8A8 GEMM, GPU time, each
         # checked against a float64 product before it is timed, bit-equality across all (run 67: joined on

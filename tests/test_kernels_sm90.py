@@ -41,11 +41,12 @@ def _divisions(ptx: str) -> int:
 
 
 # (M, K, rotation group, mode): the block kernel's one-pass, chunked and 4-row shapes, the rotating row and tile
-# kernels (convrot 256), static fp8
+# kernels (convrot 256: the group-rows kernel in one pass and in steps too), static fp8
 CASES = [(256, 3072, None, "int8", "auto"), (4096, 12288, None, "int8", "auto"), (4096, 1280, None, "fp8", "auto"),
          (300, 15360, None, "int8", "auto"), (16, 3072, 256, "int8", "auto"), (4096, 3072, 256, "int8", "auto"),
          (64, 5120, None, "fp8_static", "auto"), (64, 5120, None, "fp8_static", "rows"), (8, 12288, None, "fp8", "rows"),
-         (4096, 3072, None, "int8", "tiles"), (1024, 12288, 256, "int8", "split"), (300, 5120, 64, "int8", "split")]
+         (4096, 3072, None, "int8", "tiles"), (1024, 12288, 256, "int8", "split"), (300, 5120, 64, "int8", "split"),
+         (4096, 15360, 256, "int8", "grows"), (2048, 20480, 256, "int8", "grows"), (1024, 12288, 256, "int8", "tiles")]
 
 
 @pytest.mark.parametrize(("m", "k", "group", "mode", "kernel"), CASES)

@@ -129,7 +129,8 @@ def check_dot_rotation() -> None:
         record("dot_rotation_back_equals_forward", torch.equal(q, want_q) and torch.equal(s[:m], want_s.reshape(-1))
                and bool((want_q != 0).any()), m=m, k=k, convrot=g, act=act, unroll=unroll, chunks=chunks)
     # "auto" takes it for long rows only (the row kernel is faster on short ones: run 42)
-    picks = {(m, k): triton_quant.pick_kernel(torch.empty((m, k), dtype=F16), 256, triton_quant.MODE_INT8)
+    picks = {(m, k): triton_quant.pick_kernel(torch.empty((m, k), dtype=F16), 256, triton_quant.MODE_INT8,
+                                              grows=False)
              for m, k in ((64, 12288), (1024, 5120), (256, 5120), (63, 12288), (2112, 3072), (1024, 1280),
                           (4096, 5120), (1024, 15360))}
     record("dot_rotation_split_picked", picks == {(64, 12288): "split", (1024, 5120): "held", (256, 5120): "rows",
@@ -202,4 +203,54 @@ def check_held_rotation() -> None:
            and torch.equal(a[1], b[1]), refused=str(refused))
 
 
-GROUPS = {"act_tiles": check_plain_tiles, "dot_rotation": check_dot_rotation, "held_rotation": check_held_rotation}
+def check_group_rows() -> None:
+    """The group-rows rotating kernel (kernel="grows": a row per program, its groups of 256 the tile's rows): the
+    tile kernel's codes and scales bit for bit (16-row programs), in one pass (the row's groups rounded up to a
+    power of two, a masked tail: 5 of 8) and in steps over longer rows (two-pass, a step half empty), with ragged
+    M, a zero row, an input activation (gated too), the W4A8 column order and the rotation alone (MODE_FLOAT);
+    "auto" takes it from GROWS_MIN_M rows; the calls it does not take fall back unchanged."""
+    tq = triton_quant_module()
+    for m, k, act, perm, cfg in ((7, 1280, 0, 0, None), (3, 4096, 0, 0, (4, False, 4)), (5, 2304, 1, 0, (16, True, 4)),
+                                 (4, 1280, 4, 0, (2, False, 4)), (6, 1024, 0, 128, None), (1, 256, 0, 0, (16, False, 4))):
+        x = _x(m, 2 * k if act == 4 else k, seed=400 + m)
+        if m > 2:
+            x[1] = 0
+        want_q, want_s = torch.empty((m, k), dtype=torch.int8), torch.empty((m, 1))
+        grid, args, key, warps = tq.tile_launch(x, want_q, want_s, 256, tq.MODE_INT8, 127.0, perm, act, rows=16)
+        tq._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
+        q, s = torch.empty_like(want_q), torch.empty((m, 1))
+        grid, args, key, warps = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, perm, act, cfg)
+        tq._ACT_GROWS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
+        record("group_rows_rotation", tq.group_rows_apply(x, 256, tq.MODE_INT8, act) and torch.equal(q, want_q)
+               and torch.equal(s, want_s) and bool((q != 0).any()), m=m, k=k, act=act, perm=perm, cfg=str(cfg))
+        if perm == 0:
+            want_r = tq.rotate_rows(x, 256, act=act, kernel="tiles")
+            got_r = tq.rotate_rows(x, 256, act=act, kernel="grows")
+            record("group_rows_rotate_only", torch.equal(got_r, want_r) and got_r.dtype == x.dtype, m=m, k=k, act=act)
+    picks = {(m, k): tq.pick_kernel(torch.empty((m, k), dtype=F16), 256, tq.MODE_INT8)
+             for m, k in ((1024, 15360), (4096, 3072), (1023, 5120), (16384, 20480))}
+    record("group_rows_picked", picks == {(1024, 15360): "grows", (4096, 3072): "grows", (1023, 5120): "split",
+                                          (16384, 20480): "grows"}, picks=str(picks))
+    record("group_rows_config", tq.group_rows_config(3072) == (16, True, 4) and tq.group_rows_config(15360) ==
+           (64, True, 8) and tq.group_rows_config(20480) == (64, False, 8))
+    x = _x(20, 512, seed=420)
+    refused = {"group64": tq.group_rows_apply(x, 64, tq.MODE_INT8), "fp32": tq.group_rows_apply(x.float(), 256,
+               tq.MODE_INT8), "fp8": tq.group_rows_apply(x, 256, tq.MODE_FP8), "none": tq.group_rows_apply(x, None,
+               tq.MODE_INT8)}
+    a = tq.quantize_rows_int8(x, 64, kernel="grows")
+    b = tq.quantize_rows_int8(x, 64, kernel="tiles")
+    record("group_rows_refusals", not any(refused.values()) and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]),
+           refused=str(refused))
+    record_refused("group_rows_short_pass_refused", lambda: tq.group_rows_launch(
+        _x(2, 1280, 421), torch.empty((2, 1280), dtype=torch.int8), torch.empty((2, 1)), tq.MODE_INT8, 127.0, 0, 0,
+        (4, True, 4)))
+
+
+def triton_quant_module():
+    from comfyquant.runtime.kernels import triton_quant
+
+    return triton_quant
+
+
+GROUPS = {"act_tiles": check_plain_tiles, "dot_rotation": check_dot_rotation, "held_rotation": check_held_rotation,
+          "group_rows": check_group_rows}

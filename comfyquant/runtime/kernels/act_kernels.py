@@ -447,6 +447,79 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
 
 
 @triton.jit
+def _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C: tl.constexpr, MODE: tl.constexpr,
+                PERM: tl.constexpr, ACT: tl.constexpr, STORE: tl.constexpr):
+    """Groups ``g0 .. g0 + GB`` of one row rotated (:func:`_quarters`, the groups as the tile's rows): their
+    absmax, and with ``STORE`` their codes at ``scale`` (or the rotated values, MODE_FLOAT) stored."""
+    gmask = g0 + gi < G
+    base = (g0 + gi)[:, None] * (4 * C) + cols[None, :]
+    y0, y1, y2, y3 = _quarters(x_row + base, gmask, cols < C, h, K, C, ACT)
+    if STORE:
+        _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
+    return tl.maximum(tl.maximum(tl.max(_rowmax(y0)), tl.max(_rowmax(y1))),
+                      tl.maximum(tl.max(_rowmax(y2)), tl.max(_rowmax(y3))))
+
+
+@triton.jit
+def _gput(o_row, offs, y, scale, qmax, gmask, MODE: tl.constexpr, PERM: tl.constexpr):
+    """Store a ``[groups, C]`` tile of one row at column offsets ``offs``: codes at the row's ``scale`` (int8 /
+    fp8), or the values themselves (MODE_FLOAT)."""
+    if MODE != 3:
+        y = _quantize(y, scale, qmax, MODE)
+    tl.store(o_row + _dst(offs, PERM), y.to(o_row.dtype.element_ty), mask=gmask[:, None])
+
+
+@triton.jit
+def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax,
+                           GB: tl.constexpr, ONE: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
+                           ACT: tl.constexpr):
+    """Rotated (group 256) per-row codes (or the rotated values, MODE_FLOAT) of one row per program, the row's
+    groups as the rows of the tensor-core tile: ``GB`` groups of 256 at a time, each as four ``[GB, 64]``
+    quarters (:func:`_quarters`). ``ONE`` (the row is at most ``GB`` groups: every Flux / Wan width up to 16,384
+    at GB 64): x read once, rotated into registers, its absmax taken and its codes stored from them; else two
+    passes over the row (absmax, then codes), the second from L2 (a program's row is 60 KB or less at 15,360
+    columns, where the tile kernel's 16-row programs hold 0.5 MB each and re-read from HBM). The codes are the
+    tile kernel's: the same per-group arithmetic, and a maximum is order-free."""
+    C: tl.constexpr = 64
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, C)
+    gi = tl.arange(0, GB)
+    h = tl.load(h_ptr + cols[:, None] * C + cols[None, :])
+    x_row = x_ptr + row * stride_xm
+    o_row = out_ptr + row * stride_om
+    G = K // (4 * C)
+    if ONE:
+        gmask = gi < G
+        base = gi[:, None] * (4 * C) + cols[None, :]
+        y0, y1, y2, y3 = _quarters(x_row + base, gmask, cols < C, h, K, C, ACT)
+        scale = tl.full((), 1.0, tl.float32)
+        if MODE != 3:
+            amax = tl.maximum(tl.maximum(tl.max(_rowmax(y0)), tl.max(_rowmax(y1))),
+                              tl.maximum(tl.max(_rowmax(y2)), tl.max(_rowmax(y3))))
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+            tl.store(s_ptr + row, scale)
+        _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
+    else:
+        scale = tl.full((), 1.0, tl.float32)
+        if MODE != 3:
+            amax = tl.zeros((), dtype=tl.float32)
+            for g0 in range(0, G, GB):
+                amax = tl.maximum(amax, _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C, MODE,
+                                                    PERM, ACT, False))
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+            tl.store(s_ptr + row, scale)
+        n_it = tl.cdiv(G, GB)
+        for i in range(n_it):  # from the row's end: the lines read last are the likeliest still in L2
+            _group_step(x_row, o_row, (n_it - 1 - i) * GB, gi, G, cols, h, K, scale, qmax, C, MODE, PERM, ACT, True)
+
+
+@triton.jit
 def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stride_om, qmax,
                       R: tl.constexpr, BK: tl.constexpr, NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
                       ACT: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr):

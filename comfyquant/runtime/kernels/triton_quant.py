@@ -1,6 +1,6 @@
 """Triton activation quantization, the host side: which kernel a call takes, its launch, the public functions.
 
-The kernels (``act_kernels``): "rows", "tiles" (and its two-launch "split" form), "held" and "blocks". "auto"
+The kernels (``act_kernels``): "rows", "tiles" (and its two-launch "split" form), "held", "grows" and "blocks". "auto"
 (the default) picks per call by the H200 timings (``benchmarks/bench_act_quant.py``;
 ``benchmarks/gpu_session.py``, section ``rotation``; :func:`pick_kernel`). Modes: ``int8`` (absmax/127,
 round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
@@ -22,6 +22,7 @@ from comfyquant.runtime.kernels.act_kernels import (
     MODE_FP8_STATIC,
     MODE_INT8,
     _act_block_kernel,
+    _act_group_rows_kernel,
     _act_held_kernel,
     _act_kernel,
     _act_tile_kernel,
@@ -52,7 +53,8 @@ _ACT = FastKernel(_act_kernel)
 _ACT_TILES = FastKernel(_act_tile_kernel)
 _ACT_BLOCKS = FastKernel(_act_block_kernel)
 _ACT_HELD = FastKernel(_act_held_kernel)
-KERNELS = ("rows", "tiles", "split", "held", "blocks", "auto")
+_ACT_GROWS = FastKernel(_act_group_rows_kernel)
+KERNELS = ("rows", "tiles", "split", "held", "grows", "blocks", "auto")
 DEFAULT_KERNEL = "auto"  # what the linears and their plans run: pick_kernel per call
 DOT_GROUPS = (16, 64, 256)  # 256: four quarters times the 64-group's Hadamard (an 8 KB operand) + one H4 stage
 DOT_ROWS = 64  # rows per program of the rotating tile kernel: one warpgroup's wgmma M
@@ -156,6 +158,43 @@ def held_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, ro
     return 1 + cdiv(m, rows) <= scratch.SPLIT_COUNTERS and held_parts(k, held) <= device_facts(x2d.device)[0]
 
 
+# The group-rows rotating kernel (one row per program, its groups of 256 the tile's rows): from GROWS_MIN_M rows,
+# and in one pass (x read once) on rows up to GROWS_ONE_MAX groups (16,384 columns: every Flux / Wan width).
+# Not yet timed on a GPU (2026-12-06): the tile kernel's 16-row programs re-read 12,288-15,360-column rows from HBM
+# (run 106: 119-145 µs against the unrotated block kernel's 57-78 at 4,096 rows), this kernel reads them once.
+GROWS_MIN_M = 1024
+GROWS_ONE_MAX = 64
+
+
+def group_rows_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> bool:
+    """Whether the group-rows rotating kernel (:func:`_act_group_rows_kernel`) takes this call: int8 codes or the
+    rotated values of fp16/bf16 rows by groups of 256 (:func:`tiles_apply`)."""
+    return group == 256 and tiles_apply(x2d, group, mode, act)
+
+
+def group_rows_config(k: int) -> tuple[int, bool, int]:
+    """(groups per step, one pass, warps) of the group-rows kernel for rows ``k`` wide: the row's groups rounded
+    up to a power of two (16 at least: tl.dot's least M) in one pass while they are :data:`GROWS_ONE_MAX` or
+    fewer, 8 warps from 64 groups (64 KB of fp32 held: 64 values a thread); wider rows in steps of 64 groups."""
+    g = cdiv(k, 256)
+    gb = max(16, next_power_of_2(g)) if g <= GROWS_ONE_MAX else GROWS_ONE_MAX
+    return gb, g <= gb, 8 if gb >= 64 else 4
+
+
+def group_rows_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, mode: int, qmax: float, perm: int,
+                      act: int, cfg: tuple[int, bool, int] | None = None) -> tuple:
+    """(grid, args, key, num_warps) of the group-rows kernel: one program per row; ``cfg`` (groups per step, one
+    pass, warps; None: :func:`group_rows_config`). The 64-group's Hadamard at ``args[3]``."""
+    m, k = x2d.shape[0], out_width(x2d, act)
+    gb, one, warps = cfg or group_rows_config(k)
+    if one and cdiv(k, 256) > gb:
+        raise ValueError(f"one pass of {gb} groups does not cover K = {k}")
+    h = _hadamard(64, x2d.dtype, x2d.device)
+    return ((m,), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, gb, one, mode, perm, act),
+            (gb, one, mode, perm, act, x2d.dtype, out.dtype, m == 1, k, x2d.stride(0), out.stride(0),
+             x2d.data_ptr() % 16 == 0), warps)
+
+
 def scale_floats(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> int:
     """Floats the row-scale buffer of this call needs: M, or ``(1 + chunks) M`` where the split or the one-read
     rotating kernel runs (its absmax parts follow the scales)."""
@@ -191,7 +230,8 @@ def block_config(m: int, k: int) -> tuple[int, int | None, int]:
     return 1, 4096 if k % 4096 == 0 else 2048, 4
 
 
-def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, held: bool = True) -> str:
+def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, held: bool = True,
+                grows: bool = True) -> str:
     """The faster activation kernel for this call on the H200: unrotated, always the block kernel (run 35:
     1.06-1.9x the faster of the row and tile kernels on every shape from 256 x 768 to 16,384 x 15,360);
     rotated (runs 8-9, ``rotation`` section), "tiles" where :func:`tiles_apply` and its programs
@@ -199,12 +239,15 @@ def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, h
     kernel; at M = 16384 it was 1.6-2.3x faster); below that its split form (two launches over column chunks)
     for int8 codes of long rows (:data:`ROT_SPLIT_MIN_K`, :data:`ROT_SPLIT_MIN_ELEMS`), else "rows"; int8 codes
     by groups of 256 on mid-sized calls (:data:`HELD_MIN_M`, :data:`HELD_MAX_K`, :data:`HELD_ELEMS`): "held"
-    (``held=False``: the choice among the others, which the timings recorded before that kernel judge)."""
+    (``held=False``: the choice among the others, which the timings recorded before that kernel judge); groups of
+    256 from :data:`GROWS_MIN_M` rows: "grows" (``grows=False``: the choice without it, as ``held``)."""
     if group is None and mode in (MODE_INT8, MODE_FP8, MODE_FP8_STATIC):
         return "blocks"
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
     m, k = int(x2d.shape[0]), out_width(x2d, act)
+    if grows and m >= GROWS_MIN_M and group_rows_apply(x2d, group, mode, act):
+        return "grows"
     if (held and m >= HELD_MIN_M and k <= HELD_MAX_K and HELD_ELEMS[0] <= m * k <= HELD_ELEMS[1]
             and held_apply(x2d, group, mode, act)):
         return "held"
@@ -270,6 +313,8 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
         sync = scratch.split_workspace(x2d.device).counters(stream_id(x2d.device))
         return [(_ACT_HELD, *held_launch(x2d, out, scale, sync, qmax, perm, act, phase=phase), 1)
                 for phase in sync_phases(x2d.device)]
+    if kernel == "grows" and static_scale is None and group_rows_apply(x2d, group, mode, act):
+        return [(_ACT_GROWS, *group_rows_launch(x2d, out, scale, mode, qmax, perm, act), 1)]
     if kernel == "split" and static_scale is None and _splits(x2d, group, mode, act):
         assert group is not None
         m, sms = int(x2d.shape[0]), device_facts(x2d.device)[0]
