@@ -1,12 +1,13 @@
 """Triton activation kernels: (group-wise regular-Hadamard rotation +) per-row quantization, the device code.
 
-Four kernels. ``_act_kernel`` ("rows"): a row per program, the rotation the radix-4 butterfly of
+Five kernels. ``_act_kernel`` ("rows"): a row per program, the rotation the radix-4 butterfly of
 ``quant.hadamard.fast_hadamard`` in registers (H4/2 along each base-4 digit of the in-group index); any group,
 fp32 rows, static fp8 scales. ``_act_tile_kernel`` ("tiles", "split"): tiles of rows, two passes (absmax, then
 codes), the rotation a tensor-core product with the dense Hadamard of groups up to 64 (256: each quarter by the
 64-group's, then one radix-4 stage across the quarters, elementwise); fp16/bf16 rows. ``_act_held_kernel``
 ("held"): the rotation of one group of 256 held in registers while a row block's programs exchange their
-absmax parts (one read of x). ``_act_block_kernel`` ("blocks"): unrotated only, rows in registers or in two
+absmax parts (one read of x). ``_act_group_rows_kernel`` ("grows"): a row per program, its groups of 256 the
+tile's rows, the row rotated whole in registers (one read of x) up to 64 groups. ``_act_block_kernel`` ("blocks"): unrotated only, rows in registers or in two
 unrolled passes over chunks, the division a reciprocal and one FMA correction (bit-equal to ``div_rn``). Modes:
 ``int8`` (absmax/127, round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
 Which kernel a call takes, and its launch, is ``triton_quant``'s (the host side). The helpers the GEMM kernels

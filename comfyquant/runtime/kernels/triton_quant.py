@@ -450,8 +450,9 @@ def quantize_rows_int8(x2d: torch.Tensor, group: int | None = None, perm: int = 
     ``perm``-column block as its even columns then its odd ones (the W4A8 GEMM's order; K must be a multiple of
     ``perm``); ``act``: an ``acts.INPUT_ACTS`` code applied to x first (in fp32); ``kernel``: "rows" (a row
     per program, the rotation as an in-register butterfly) or "tiles" (row tiles, the rotation a tensor-core
-    product, where :func:`tiles_apply`; else "rows") or "blocks" (unrotated: rows or chunks per program with a
-    cheaper exact division; else "rows") or "auto" (:func:`pick_kernel`); ``norm``: an RMSNorm applied first,
+    product, where :func:`tiles_apply`; else "rows"; "split", "held" and "grows" its other forms, where they
+    apply) or "blocks" (unrotated: rows or chunks per program with a cheaper exact division; else "rows") or
+    "auto" (:func:`pick_kernel`); ``norm``: an RMSNorm applied first,
     folded into the block kernel, or with a rotation into the row kernel (no ``act``: :func:`norm_applies`)."""
     if perm and out_width(x2d, act) % perm:
         raise ValueError(f"K={out_width(x2d, act)} is not a multiple of the permutation block {perm}")
