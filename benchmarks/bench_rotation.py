@@ -214,7 +214,7 @@ def tile_rows(ms: list[int], ks: list[int], g: int) -> tuple[list[dict], dict]:
     return out, mismatches
 
 
-GROWS_M = (1024, 4096, 16384)
+GROWS_M = (4096, 16384, 1024, 256)  # the sweep's rows first (a step cut short keeps them)
 GROWS_K = (3072, 5120, 12288, 13824, 15360)
 
 
@@ -236,9 +236,10 @@ def run_grows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int,
     tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=1, key=key)
 
 
-def grows_rows(ms: list[int], ks: list[int]) -> tuple[list[dict], dict]:
+def grows_rows(ms: list[int], ks: list[int], save=None) -> tuple[list[dict], dict]:
     """The group-rows kernel's configurations against the block kernel, "auto", the tile kernel's launch (its
-    codes are the reference) and the one-read kernel where it applies, GPU time."""
+    codes are the reference) and the one-read kernel where it applies, GPU time; ``save(rows, mismatches)`` after
+    each shape (a step cut short by its time limit keeps what it timed)."""
     from comfyquant.bench.layers import graph_time_us
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.scratch import row_scales
@@ -274,6 +275,8 @@ def grows_rows(ms: list[int], ks: list[int]) -> tuple[list[dict], dict]:
                   f"= {before / best[0]:.2f}x the pick before ({before_kernel} {before:.1f}), {best[0] / us['plain_blocks']:.2f}x plain", flush=True)
             del pairs
             torch.cuda.empty_cache()
+            if save is not None:
+                save(out, mismatches)
     return out, mismatches
 
 
@@ -327,8 +330,11 @@ def main() -> int:
     t0 = time.perf_counter()
     ks = [int(v) for v in a.k.split(",")]
     if a.grows:
+        def save(rows: list[dict], bad: dict) -> None:
+            (a.out / "rotation_grows.json").write_text(json.dumps(run_record(t0, mismatches=bad, rows=rows), indent=1))
+
         rows, bad = grows_rows(list(GROWS_M) if a.m == p.get_default("m") else [int(v) for v in a.m.split(",")],
-                               list(GROWS_K) if a.k == p.get_default("k") else ks)
+                               list(GROWS_K) if a.k == p.get_default("k") else ks, save)
     elif a.back:
         rows, bad = back_rows([int(v) for v in a.m.split(",")] if a.m != p.get_default("m") else list(BACK_M), ks,
                               a.group)
