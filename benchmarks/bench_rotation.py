@@ -246,8 +246,8 @@ def grows_rows(ms: list[int], ks: list[int], save=None) -> tuple[list[dict], dic
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out, mismatches = [], {}
-    for k in ks:
-        for m in ms:
+    for m in ms:  # row counts in the order given (the sweep's first), every width at each
+        for k in ks:
             pairs = _pairs(m, k, m * tq.held_parts(k, 1))
             want_q, want_s = tq.quantize_rows_int8(pairs[0][0], 256, kernel="tiles")
             tile_cfg = tq.rot_tile_config(m, sms)
