@@ -8,9 +8,10 @@ rows' absmax parts) in its configurations, M 64 .. 16,384, its codes compared wi
 the tile kernel's default configuration with its codes pass walking each row from the end (``BACK``: its first
 re-reads are the lines the absmax pass read last, which may still be in L2) against the same forward, M 4,096 /
 16,384 (run 106: the rotating pass at 12,288-15,360 columns costs 2x the unrotated one, its re-read from HBM);
-``--grows``: the group-rows kernel (a row per program, the row's groups the tile's rows: x read once on rows up to
-16,384 wide) in three configurations against the tile kernel, the one-read kernel, "auto" and the block kernel,
-M 1,024 .. 16,384 on Flux / Wan widths, its codes compared with the tile kernel's.
+``--grows``: the group-rows kernel (the row's groups the tile's rows: x read once on rows up to 16,384 wide) in
+five configurations (a row per program, or programs striding over the rows, pipelined or not) against the tile
+kernel, the one-read kernel, "auto" and the block kernel, M 256 .. 16,384 on Flux / Wan widths, its codes
+compared with the tile kernel's.
 
     python benchmarks/bench_rotation.py --out results/      # a CUDA GPU
     python benchmarks/bench_rotation.py --out results/ --held
@@ -218,22 +219,27 @@ GROWS_M = (4096, 16384, 1024, 256)  # the sweep's rows first (a step cut short k
 GROWS_K = (3072, 5120, 12288, 13824, 15360)
 
 
-def grows_configs(k: int) -> list[tuple[int, bool, int]]:
-    """The group-rows kernel's configurations timed on rows ``k`` wide: its default (one pass up to 64 groups), the
-    same with the other warp count, and steps of 16 groups in two passes (a smaller program, the re-read from L2)."""
+def grows_configs(k: int) -> list[tuple[int, bool, int, int, int]]:
+    """The group-rows kernel's configurations timed on rows ``k`` wide, each (groups per step, one pass, warps,
+    programs per SM (0: a row per program), pipeline stages): its default (a row per program), the same with 8
+    warps, and programs striding over the rows (the Hadamard loaded once a program) unpipelined and with the next
+    row's loads pipelined 2 / 3 deep (77 / 110 KB of shared memory at 64 groups: two programs an SM)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
     gb, one, warps = tq.group_rows_config(k)
-    return list(dict.fromkeys([(gb, one, warps), (gb, one, 12 - warps), (16, k <= 16 * 256, 4)]))
+    per_sm = 2 if gb >= 64 else 4
+    return [(gb, one, warps, 0, 1), (gb, one, 8, 0, 1), (gb, one, warps, per_sm + 1, 1), (gb, one, warps, per_sm, 2),
+            (gb, one, warps, per_sm, 3)]
 
 
-def run_grows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, bool, int]) -> None:
-    """One launch of the group-rows rotating kernel (group 256, int8) with ``cfg`` (groups per step, one pass,
-    warps)."""
+def run_grows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, bool, int, int, int]) -> None:
+    """One launch of the group-rows rotating kernel (group 256, int8) with ``cfg`` (:func:`grows_configs`)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, 0, 0, cfg)
-    tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=1, key=key)
+    gb, one, warps, per_sm, stages = cfg
+    programs = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count if per_sm else None
+    grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, 0, 0, (gb, one, warps), programs)
+    tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
 
 
 def grows_rows(ms: list[int], ks: list[int], save=None) -> tuple[list[dict], dict]:

@@ -135,7 +135,7 @@ def check_held_rotation() -> None:
 def check_group_rows() -> None:
     """The group-rows rotating kernel (kernel="grows", convrot 256): the tile kernel's int8 codes and scales bit for
     bit on bf16 / fp16 rows (one pass on rows up to 16,384 wide, steps of 64 groups beyond, and each timed
-    configuration), with a folded GELU, a gated SwiGLU and the W4A8 column order; the rotation alone (MODE_FLOAT)
+    configuration: a row per program, programs striding over the rows with their loads pipelined or not), with a folded GELU, a gated SwiGLU and the W4A8 column order; the rotation alone (MODE_FLOAT)
     equal to the tile kernel's; near the float64 rotation."""
     tq = triton_quant
     for m, k, act, perm in [(1, 3072, 0, 0), (1024, 15360, 0, 0), (4096, 3072, 0, 0), (4096, 12288, 1, 0),
@@ -148,10 +148,12 @@ def check_group_rows() -> None:
             want = tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="tiles")
             got = [tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="grows")]
             gb, one, warps = tq.group_rows_config(k)
-            for cfg in {(gb, one, 12 - warps), (16, k <= 4096, 4), (64, k <= 16384, 8)}:
+            for cfg, programs, stages in (((gb, one, 12 - warps), None, 1), ((16, k <= 4096, 4), None, 1),
+                                          ((64, k <= 16384, 8), None, 1), ((gb, one, warps), 264, 2),
+                                          ((gb, one, warps), 396, 1), ((gb, one, warps), 264, 3)):
                 q, s = torch.empty_like(want[0]), torch.empty_like(want[1])
-                grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, perm, act, cfg)
-                tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=1, key=key)
+                grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, perm, act, cfg, programs)
+                tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
                 got.append((q, s))
             torch.cuda.synchronize()
             same = all(torch.equal(q, want[0]) and torch.equal(s, want[1]) for q, s in got)

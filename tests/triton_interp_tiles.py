@@ -208,7 +208,8 @@ def check_group_rows() -> None:
     tile kernel's codes and scales bit for bit (16-row programs), in one pass (the row's groups rounded up to a
     power of two, a masked tail: 5 of 8) and in steps over longer rows (two-pass, a step half empty), with ragged
     M, a zero row, an input activation (gated too), the W4A8 column order and the rotation alone (MODE_FLOAT);
-    "auto" takes it from GROWS_MIN_M rows; the calls it does not take fall back unchanged."""
+    with a row per program and with two programs striding over the rows; where "auto" takes it; the calls it does
+    not take fall back unchanged."""
     tq = triton_quant_module()
     for m, k, act, perm, cfg in ((7, 1280, 0, 0, None), (3, 4096, 0, 0, (4, False, 4)), (5, 2304, 1, 0, (16, True, 4)),
                                  (4, 1280, 4, 0, (2, False, 4)), (6, 1024, 0, 128, None), (1, 256, 0, 0, (16, False, 4))):
@@ -218,21 +219,26 @@ def check_group_rows() -> None:
         want_q, want_s = torch.empty((m, k), dtype=torch.int8), torch.empty((m, 1))
         grid, args, key, warps = tq.tile_launch(x, want_q, want_s, 256, tq.MODE_INT8, 127.0, perm, act, rows=16)
         tq._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
-        q, s = torch.empty_like(want_q), torch.empty((m, 1))
-        grid, args, key, warps = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, perm, act, cfg)
-        tq._ACT_GROWS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
-        record("group_rows_rotation", tq.group_rows_apply(x, 256, tq.MODE_INT8, act) and torch.equal(q, want_q)
-               and torch.equal(s, want_s) and bool((q != 0).any()), m=m, k=k, act=act, perm=perm, cfg=str(cfg))
+        for programs in (None, 2):  # a row per program; two programs striding over the rows
+            q, s = torch.empty_like(want_q), torch.empty((m, 1))
+            grid, args, key, warps = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, perm, act, cfg, programs)
+            tq._ACT_GROWS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
+            record("group_rows_rotation", tq.group_rows_apply(x, 256, tq.MODE_INT8, act) and torch.equal(q, want_q)
+                   and torch.equal(s, want_s) and bool((q != 0).any()) and grid == (min(m, programs or m),),
+                   m=m, k=k, act=act, perm=perm, cfg=str(cfg), programs=programs)
         if perm == 0:
             want_r = tq.rotate_rows(x, 256, act=act, kernel="tiles")
             got_r = tq.rotate_rows(x, 256, act=act, kernel="grows")
             record("group_rows_rotate_only", torch.equal(got_r, want_r) and got_r.dtype == x.dtype, m=m, k=k, act=act)
+    # "auto" (H200 run 126): rows of more than 32 groups, 256 .. 4,096 rows of them; not 16,384 rows, not short rows
     picks = {(m, k): tq.pick_kernel(torch.empty((m, k), dtype=F16), 256, tq.MODE_INT8)
-             for m, k in ((1024, 15360), (4096, 3072), (1023, 5120), (16384, 20480))}
-    record("group_rows_picked", picks == {(1024, 15360): "grows", (4096, 3072): "grows", (1023, 5120): "split",
-                                          (16384, 20480): "grows"}, picks=str(picks))
+             for m, k in ((1024, 15360), (256, 12288), (4096, 13824), (255, 15360), (16384, 12288), (4096, 3072),
+                          (4096, 8192))}
+    record("group_rows_picked", picks == {(1024, 15360): "grows", (256, 12288): "grows", (4096, 13824): "grows",
+                                          (255, 15360): "split", (16384, 12288): "tiles", (4096, 3072): "held",
+                                          (4096, 8192): "tiles"}, picks=str(picks))
     record("group_rows_config", tq.group_rows_config(3072) == (16, True, 4) and tq.group_rows_config(15360) ==
-           (64, True, 8) and tq.group_rows_config(20480) == (64, False, 8))
+           (64, True, 4) and tq.group_rows_config(20480) == (64, False, 4))
     x = _x(20, 512, seed=420)
     refused = {"group64": tq.group_rows_apply(x, 64, tq.MODE_INT8), "fp32": tq.group_rows_apply(x.float(), 256,
                tq.MODE_INT8), "fp8": tq.group_rows_apply(x, 256, tq.MODE_FP8), "none": tq.group_rows_apply(x, None,

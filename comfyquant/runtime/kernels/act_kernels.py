@@ -474,50 +474,54 @@ def _gput(o_row, offs, y, scale, qmax, gmask, MODE: tl.constexpr, PERM: tl.const
 
 
 @triton.jit
-def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax,
+def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax, NPROG,
                            GB: tl.constexpr, ONE: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
                            ACT: tl.constexpr):
-    """Rotated (group 256) per-row codes (or the rotated values, MODE_FLOAT) of one row per program, the row's
-    groups as the rows of the tensor-core tile: ``GB`` groups of 256 at a time, each as four ``[GB, 64]``
-    quarters (:func:`_quarters`). ``ONE`` (the row is at most ``GB`` groups: every Flux / Wan width up to 16,384
-    at GB 64): x read once, rotated into registers, its absmax taken and its codes stored from them; else two
-    passes over the row (absmax, then codes), the second from L2 (a program's row is 60 KB or less at 15,360
-    columns, where the tile kernel's 16-row programs hold 0.5 MB each and re-read from HBM). The codes are the
-    tile kernel's: the same per-group arithmetic, and a maximum is order-free."""
+    """Rotated (group 256) per-row codes (or the rotated values, MODE_FLOAT) a row at a time, the row's groups as
+    the rows of the tensor-core tile: ``GB`` groups of 256 at a time, each as four ``[GB, 64]`` quarters
+    (:func:`_quarters`). Program ``p`` takes rows ``p, p + NPROG, ...`` (``NPROG`` = M: a row per program; fewer:
+    the 64-group's Hadamard loaded once for many rows, and the next row's loads pipelined under this one's
+    arithmetic). ``ONE`` (the row is at most ``GB`` groups: every Flux / Wan width up to 16,384 at GB 64): x read
+    once, rotated into registers, its absmax taken and its codes stored from them; else two passes over the row
+    (absmax, then codes), the second from L2 (a row is 60 KB or less at 15,360 columns, where the tile kernel's
+    16-row programs hold 0.5 MB each and re-read from HBM). The codes are the tile kernel's: the same per-group
+    arithmetic, and a maximum is order-free."""
     C: tl.constexpr = 64
-    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, C)
     gi = tl.arange(0, GB)
     h = tl.load(h_ptr + cols[:, None] * C + cols[None, :])
-    x_row = x_ptr + row * stride_xm
-    o_row = out_ptr + row * stride_om
     G = K // (4 * C)
-    if ONE:
-        gmask = gi < G
-        base = gi[:, None] * (4 * C) + cols[None, :]
-        y0, y1, y2, y3 = _quarters(x_row + base, gmask, cols < C, h, K, C, ACT)
-        scale = tl.full((), 1.0, tl.float32)
-        if MODE != 3:
-            amax = tl.maximum(tl.maximum(tl.max(_rowmax(y0)), tl.max(_rowmax(y1))),
-                              tl.maximum(tl.max(_rowmax(y2)), tl.max(_rowmax(y3))))
-            scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
-            tl.store(s_ptr + row, scale)
-        _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
-        _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
-        _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
-        _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
-    else:
-        scale = tl.full((), 1.0, tl.float32)
-        if MODE != 3:
-            amax = tl.zeros((), dtype=tl.float32)
-            for g0 in range(0, G, GB):
-                amax = tl.maximum(amax, _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C, MODE,
-                                                    PERM, ACT, False))
-            scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
-            tl.store(s_ptr + row, scale)
-        n_it = tl.cdiv(G, GB)
-        for i in range(n_it):  # from the row's end: the lines read last are the likeliest still in L2
-            _group_step(x_row, o_row, (n_it - 1 - i) * GB, gi, G, cols, h, K, scale, qmax, C, MODE, PERM, ACT, True)
+    for r in range(tl.program_id(0), M, NPROG):
+        row = tl.zeros((), tl.int64) + r  # (the interpreter hands the loop a Python int)
+        x_row = x_ptr + row * stride_xm
+        o_row = out_ptr + row * stride_om
+        if ONE:
+            gmask = gi < G
+            base = gi[:, None] * (4 * C) + cols[None, :]
+            y0, y1, y2, y3 = _quarters(x_row + base, gmask, cols < C, h, K, C, ACT)
+            scale = tl.full((), 1.0, tl.float32)
+            if MODE != 3:
+                amax = tl.maximum(tl.maximum(tl.max(_rowmax(y0)), tl.max(_rowmax(y1))),
+                                  tl.maximum(tl.max(_rowmax(y2)), tl.max(_rowmax(y3))))
+                scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+                tl.store(s_ptr + row, scale)
+            _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
+            _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
+            _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
+            _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
+        else:
+            scale = tl.full((), 1.0, tl.float32)
+            if MODE != 3:
+                amax = tl.zeros((), dtype=tl.float32)
+                for g0 in range(0, G, GB):
+                    amax = tl.maximum(amax, _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C, MODE,
+                                                        PERM, ACT, False))
+                scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+                tl.store(s_ptr + row, scale)
+            n_it = tl.cdiv(G, GB)
+            for i in range(n_it):  # from the row's end: the lines read last are the likeliest still in L2
+                _group_step(x_row, o_row, (n_it - 1 - i) * GB, gi, G, cols, h, K, scale, qmax, C, MODE, PERM, ACT,
+                            True)
 
 
 @triton.jit

@@ -158,12 +158,18 @@ def held_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, ro
     return 1 + cdiv(m, rows) <= scratch.SPLIT_COUNTERS and held_parts(k, held) <= device_facts(x2d.device)[0]
 
 
-# The group-rows rotating kernel (one row per program, its groups of 256 the tile's rows): from GROWS_MIN_M rows,
-# and in one pass (x read once) on rows up to GROWS_ONE_MAX groups (16,384 columns: every Flux / Wan width).
-# Not yet timed on a GPU (2026-12-06): the tile kernel's 16-row programs re-read 12,288-15,360-column rows from HBM
-# (run 106: 119-145 µs against the unrotated block kernel's 57-78 at 4,096 rows), this kernel reads them once.
-GROWS_MIN_M = 1024
-GROWS_ONE_MAX = 64
+# The group-rows rotating kernel (a row per program, its groups of 256 the tile's rows, x read once): where "auto"
+# takes it, from H200 run 126 (``bench_rotation.py --grows``, codes bit-equal to the tile kernel's on 20 shapes):
+# rows of more than 32 groups (12,288-15,360 columns: Flux mlp2 / linear2, Wan ffn2), 256 .. 4,096 rows: 1.13-1.88x
+# faster than the kernel picked before (split / held / tiles: 256 x 15,360 8.9 against 16.4 µs, 4,096 x 15,360
+# 91.3 against 128.6). Not at 16,384 rows (the tile kernel's 64-row programs 0.82-0.98x its time), nor on rows of
+# 3,072-5,120 columns (0.57-0.95x but for 256 x 5,120), where its masked quarters and a Hadamard load per row of
+# 6-10 KB cost more than the tile kernel's second read.
+GROWS_MIN_M = 256
+GROWS_MIN_GROUPS = 33
+GROWS_MAX_ELEMS = 64 << 20
+GROWS_ONE_MAX = 64  # groups a program holds whole (16,384 columns); wider rows take steps of 64 (two passes)
+GROWS_WARPS = 4  # run 126: 1.2-1.4x faster than 8 warps on every shape (168 registers, no spills, sm_90)
 
 
 def group_rows_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> bool:
@@ -175,24 +181,26 @@ def group_rows_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int =
 def group_rows_config(k: int) -> tuple[int, bool, int]:
     """(groups per step, one pass, warps) of the group-rows kernel for rows ``k`` wide: the row's groups rounded
     up to a power of two (16 at least: tl.dot's least M) in one pass while they are :data:`GROWS_ONE_MAX` or
-    fewer, 8 warps from 64 groups (64 KB of fp32 held: 64 values a thread); wider rows in steps of 64 groups."""
+    fewer, else steps of 64 groups; :data:`GROWS_WARPS` warps."""
     g = cdiv(k, 256)
     gb = max(16, next_power_of_2(g)) if g <= GROWS_ONE_MAX else GROWS_ONE_MAX
-    return gb, g <= gb, 8 if gb >= 64 else 4
+    return gb, g <= gb, GROWS_WARPS
 
 
 def group_rows_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, mode: int, qmax: float, perm: int,
-                      act: int, cfg: tuple[int, bool, int] | None = None) -> tuple:
-    """(grid, args, key, num_warps) of the group-rows kernel: one program per row; ``cfg`` (groups per step, one
-    pass, warps; None: :func:`group_rows_config`). The 64-group's Hadamard at ``args[3]``."""
+                      act: int, cfg: tuple[int, bool, int] | None = None, programs: int | None = None) -> tuple:
+    """(grid, args, key, num_warps) of the group-rows kernel: ``programs`` programs (None: one per row) walking the
+    rows in strides; ``cfg`` (groups per step, one pass, warps; None: :func:`group_rows_config`). The 64-group's
+    Hadamard at ``args[3]``."""
     m, k = x2d.shape[0], out_width(x2d, act)
     gb, one, warps = cfg or group_rows_config(k)
     if one and cdiv(k, 256) > gb:
         raise ValueError(f"one pass of {gb} groups does not cover K = {k}")
+    nprog = m if programs is None else max(1, min(m, programs))
     h = _hadamard(64, x2d.dtype, x2d.device)
-    return ((m,), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, gb, one, mode, perm, act),
+    return ((nprog,), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, nprog, gb, one, mode, perm, act),
             (gb, one, mode, perm, act, x2d.dtype, out.dtype, m == 1, k, x2d.stride(0), out.stride(0),
-             x2d.data_ptr() % 16 == 0), warps)
+             x2d.data_ptr() % 16 == 0, nprog == m), warps)
 
 
 def scale_floats(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> int:
@@ -240,13 +248,15 @@ def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, h
     for int8 codes of long rows (:data:`ROT_SPLIT_MIN_K`, :data:`ROT_SPLIT_MIN_ELEMS`), else "rows"; int8 codes
     by groups of 256 on mid-sized calls (:data:`HELD_MIN_M`, :data:`HELD_MAX_K`, :data:`HELD_ELEMS`): "held"
     (``held=False``: the choice among the others, which the timings recorded before that kernel judge); groups of
-    256 from :data:`GROWS_MIN_M` rows: "grows" (``grows=False``: the choice without it, as ``held``)."""
+    256 of more than 32 groups, :data:`GROWS_MIN_M` rows up to :data:`GROWS_MAX_ELEMS` elements: "grows"
+    (``grows=False``: the choice without it, as ``held``)."""
     if group is None and mode in (MODE_INT8, MODE_FP8, MODE_FP8_STATIC):
         return "blocks"
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
     m, k = int(x2d.shape[0]), out_width(x2d, act)
-    if grows and m >= GROWS_MIN_M and group_rows_apply(x2d, group, mode, act):
+    if (grows and m >= GROWS_MIN_M and cdiv(k, 256) >= GROWS_MIN_GROUPS and m * k <= GROWS_MAX_ELEMS
+            and group_rows_apply(x2d, group, mode, act)):
         return "grows"
     if (held and m >= HELD_MIN_M and k <= HELD_MAX_K and HELD_ELEMS[0] <= m * k <= HELD_ELEMS[1]
             and held_apply(x2d, group, mode, act)):
