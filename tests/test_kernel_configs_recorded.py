@@ -77,6 +77,42 @@ def test_one_read_rotating_kernel_pick_on_the_recorded_h200_timings() -> None:
     assert len(gains) >= 7 and min(gains) > 1.0 and math.exp(sum(map(math.log, gains)) / len(gains)) > 1.15, gains
 
 
+def test_group_rows_kernel_pick_on_the_recorded_h200_timings() -> None:
+    """Where ``pick_kernel`` takes the group-rows rotating kernel (convrot 256, int8) against H200 run 126's timings
+    (``bench_rotation.py --grows``: bf16 rows, M 256 .. 16,384 x K 3,072 .. 15,360; its codes bit-equal to the tile
+    kernel's on all 20 shapes): there its default configuration (``group_rows_config``) is faster than the kernel
+    picked before on every shape (geometric mean > 1.3) and within 3% of its fastest timed configuration; elsewhere
+    the earlier pick stays and is within 5% of the faster of the two, but on the one call where the rule leaves a
+    small gain (256 x 5,120: 7.0 against 6.5 µs, 1.07x). The 8-warp configuration the first cut defaulted to is
+    slower than the default on every shape (what made run 126's sweep lose convrot rows)."""
+    import json
+    import math
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                      / "rotation_grows_run126_h200_2026-12-06.json").read_text())
+    assert not res["mismatches"] and len(res["rows"]) == 20
+    gains = []
+    for r in res["rows"]:
+        us, m, k = r["us"], r["m"], r["k"]
+        x = torch.empty((m, k), dtype=torch.bfloat16, device="meta")
+        assert tq.pick_kernel(x, 256, tq.MODE_INT8, grows=False) == r["pick_before"]
+        gb, one, warps = tq.group_rows_config(k)
+        default = us[f"grows({gb}, {one}, {warps})"]
+        grows = {c: v for c, v in us.items() if c.startswith("grows")}
+        assert us[f"grows({gb}, {one}, 8)"] > default, (m, k)
+        before = us["before"]
+        if tq.pick_kernel(x, 256, tq.MODE_INT8) == "grows":
+            gains.append(before / default)
+            assert default <= 1.03 * min(grows.values()), (m, k, grows)
+        else:
+            small_gain = (m, k) == (256, 5120)
+            assert before <= (1.08 if small_gain else 1.05) * min(before, default), (m, k, before, default)
+    assert len(gains) == 9 and min(gains) > 1.1 and math.exp(sum(map(math.log, gains)) / len(gains)) > 1.3, gains
+
+
 def test_block_activation_kernel_config_is_near_the_best_on_the_recorded_h200_timings() -> None:
     """Unrotated rows take the block kernel (``triton_quant.pick_kernel``) with ``block_config``'s configuration:
     on the H200's timings (benchmarks/results/act_quant_run35_*: bf16 rows, M 256 .. 16384, K 768 .. 15360,
