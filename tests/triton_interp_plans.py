@@ -67,6 +67,13 @@ def check_plans() -> None:
     plan = tp.plan_int8(first, w, s, None, 256, F16)
     same = plan is not None and all(torch.equal(plan(x), ti.int8_linear(x, w, s, None, 256, F16)) for x in later)
     record("plan_int8_rot256_split", same and tq.pick_kernel(first, 256, tq.MODE_INT8) == "split")
+    # long rotated rows from 256 rows: the group-rows rotation (a row per program, x read once) in both paths
+    w = torch.randint(-127, 128, (16, 8448), dtype=torch.int8, generator=g)
+    s = torch.rand(16, generator=g) * 0.001 + 1e-4
+    first, *later = _inputs(256, 8448, F16, seed=8, count=2)
+    plan = tp.plan_int8(first, w, s, None, 256, F16)
+    same = plan is not None and all(torch.equal(plan(x), ti.int8_linear(x, w, s, None, 256, F16)) for x in later)
+    record("plan_int8_rot256_group_rows", same and tq.pick_kernel(first, 256, tq.MODE_INT8) == "grows")
     # inputs with leading dimensions ([B, T, K], as every model hands them over): the kernels read x and write
     # the output [B, T, N] through pointers, no per-call views; same values and shape as the general path
     w = torch.randint(-127, 128, (48, 128), dtype=torch.int8, generator=g)
