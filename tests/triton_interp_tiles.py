@@ -237,6 +237,8 @@ def check_group_rows() -> None:
     record("group_rows_picked", picks == {(1024, 15360): "grows", (256, 12288): "grows", (4096, 13824): "grows",
                                           (255, 15360): "split", (16384, 12288): "tiles", (4096, 3072): "held",
                                           (4096, 8192): "tiles"}, picks=str(picks))
+    record("group_rows_not_picked_for_rotation_alone",
+           tq.pick_kernel(torch.empty((1024, 15360), dtype=F16), 256, tq.MODE_FLOAT) != "grows")
     record("group_rows_config", tq.group_rows_config(3072) == (16, True, 4) and tq.group_rows_config(15360) ==
            (64, True, 4) and tq.group_rows_config(20480) == (64, False, 4))
     x = _x(20, 512, seed=420)

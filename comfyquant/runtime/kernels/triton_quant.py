@@ -248,15 +248,16 @@ def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, h
     for int8 codes of long rows (:data:`ROT_SPLIT_MIN_K`, :data:`ROT_SPLIT_MIN_ELEMS`), else "rows"; int8 codes
     by groups of 256 on mid-sized calls (:data:`HELD_MIN_M`, :data:`HELD_MAX_K`, :data:`HELD_ELEMS`): "held"
     (``held=False``: the choice among the others, which the timings recorded before that kernel judge); groups of
-    256 of more than 32 groups, :data:`GROWS_MIN_M` rows up to :data:`GROWS_MAX_ELEMS` elements: "grows"
-    (``grows=False``: the choice without it, as ``held``)."""
+    256 of more than 32 groups, :data:`GROWS_MIN_M` rows up to :data:`GROWS_MAX_ELEMS` elements: "grows" for
+    int8 codes (the mode run 126 timed; the rotation alone keeps its earlier pick) (``grows=False``: the choice
+    without it, as ``held``)."""
     if group is None and mode in (MODE_INT8, MODE_FP8, MODE_FP8_STATIC):
         return "blocks"
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
     m, k = int(x2d.shape[0]), out_width(x2d, act)
-    if (grows and m >= GROWS_MIN_M and cdiv(k, 256) >= GROWS_MIN_GROUPS and m * k <= GROWS_MAX_ELEMS
-            and group_rows_apply(x2d, group, mode, act)):
+    if (grows and mode == MODE_INT8 and m >= GROWS_MIN_M and cdiv(k, 256) >= GROWS_MIN_GROUPS
+            and m * k <= GROWS_MAX_ELEMS and group_rows_apply(x2d, group, mode, act)):
         return "grows"
     if (held and m >= HELD_MIN_M and k <= HELD_MAX_K and HELD_ELEMS[0] <= m * k <= HELD_ELEMS[1]
             and held_apply(x2d, group, mode, act)):
