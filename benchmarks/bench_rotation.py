@@ -235,9 +235,10 @@ def grows_configs(k: int) -> list[tuple[int, bool, int, int, int]]:
 def run_grows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, bool, int, int, int]) -> None:
     """One launch of the group-rows rotating kernel (group 256, int8) with ``cfg`` (:func:`grows_configs`)."""
     from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.launch import device_facts
 
     gb, one, warps, per_sm, stages = cfg
-    programs = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count if per_sm else None
+    programs = per_sm * device_facts(x.device)[0] if per_sm else None
     grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, 0, 0, (gb, one, warps), programs)
     tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
 
@@ -277,8 +278,9 @@ def grows_rows(ms: list[int], ks: list[int], save=None) -> tuple[list[dict], dic
             best = min((v, c) for c, v in us.items() if c.startswith("grows"))
             before = us["before"]
             print(f"M={m:5} K={k:5} plain {us['plain_blocks']:6.1f} tiles {us['tiles']:7.1f} held "
-                  f"{us.get('held', 0):7.1f} auto {us['auto']:7.1f} ({out[-1]['pick']}) best {best[1]} {best[0]:7.1f} us "
-                  f"= {before / best[0]:.2f}x the pick before ({before_kernel} {before:.1f}), {best[0] / us['plain_blocks']:.2f}x plain", flush=True)
+                  f"{us.get('held', 0):7.1f} auto {us['auto']:7.1f} ({out[-1]['pick']}) best {best[1]} "
+                  f"{best[0]:7.1f} us = {before / best[0]:.2f}x the pick before ({before_kernel} {before:.1f}), "
+                  f"{best[0] / us['plain_blocks']:.2f}x plain", flush=True)
             del pairs
             torch.cuda.empty_cache()
             if save is not None:
@@ -328,7 +330,7 @@ def main() -> int:
     p.add_argument("--split", action="store_true", help="the split form at M = 64 .. 2048 instead (one call)")
     p.add_argument("--held", action="store_true", help="the one-read kernel at M = 64 .. 16,384 instead")
     p.add_argument("--back", action="store_true", help="the codes pass from the row's end against forward")
-    p.add_argument("--grows", action="store_true", help="the group-rows kernel at M = 1,024 .. 16,384 instead")
+    p.add_argument("--grows", action="store_true", help="the group-rows kernel at M = 256 .. 16,384 instead")
     a = p.parse_args()
     from comfyquant.bench.timing import run_record
 
@@ -337,7 +339,8 @@ def main() -> int:
     ks = [int(v) for v in a.k.split(",")]
     if a.grows:
         def save(rows: list[dict], bad: dict) -> None:
-            (a.out / "rotation_grows.json").write_text(json.dumps(run_record(t0, mismatches=bad, rows=rows), indent=1))
+            (a.out / "rotation_grows.json").write_text(json.dumps(run_record(t0, mismatches=bad, rows=rows),
+                                                                  indent=1))
 
         rows, bad = grows_rows(list(GROWS_M) if a.m == p.get_default("m") else [int(v) for v in a.m.split(",")],
                                list(GROWS_K) if a.k == p.get_default("k") else ks, save)
@@ -351,8 +354,8 @@ def main() -> int:
     else:
         rows, bad = tile_rows([int(v) for v in a.m.split(",")], ks, a.group)
     res = run_record(t0, mismatches=bad, rows=rows)
-    name = ("rotation_grows.json" if a.grows else "rotation_back.json" if a.back else "rotation_held.json" if a.held else "rotation_split.json" if a.split
-            else "rotation_tiles.json")
+    name = ("rotation_grows.json" if a.grows else "rotation_back.json" if a.back else "rotation_held.json" if a.held
+            else "rotation_split.json" if a.split else "rotation_tiles.json")
     (a.out / name).write_text(json.dumps(res, indent=1))
     what = "configurations whose codes differ from the default's" if not (a.split or a.held) else \
         "configurations whose codes differ from the tile kernel's"

@@ -135,8 +135,9 @@ def check_held_rotation() -> None:
 def check_group_rows() -> None:
     """The group-rows rotating kernel (kernel="grows", convrot 256): the tile kernel's int8 codes and scales bit for
     bit on bf16 / fp16 rows (one pass on rows up to 16,384 wide, steps of 64 groups beyond, and each timed
-    configuration: a row per program, programs striding over the rows with their loads pipelined or not), with a folded GELU, a gated SwiGLU and the W4A8 column order; the rotation alone (MODE_FLOAT)
-    equal to the tile kernel's; near the float64 rotation."""
+    configuration: a row per program, programs striding over the rows with their loads pipelined or not), with a
+    folded GELU, a gated SwiGLU and the W4A8 column order; the rotation alone (MODE_FLOAT) equal to the tile
+    kernel's; near the float64 rotation."""
     tq = triton_quant
     for m, k, act, perm in [(1, 3072, 0, 0), (1024, 15360, 0, 0), (4096, 3072, 0, 0), (4096, 12288, 1, 0),
                             (4099, 13824, 0, 0), (2048, 20480, 0, 0), (1000, 5120, 0, 128), (300, 1280, 4, 0)]:

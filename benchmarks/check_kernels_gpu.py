@@ -226,9 +226,9 @@ def _checks() -> tuple:
         check_siblings,
     )
 
-    return (check_act_quant, check_held_rotation, check_group_rows, check_int_mm_exact, check_persistent, check_ws_gemm,
-            check_ws_lora_wired, check_linear, check_fused_rows, check_fp8_triton, check_fp8_low_rank_choice,
-            check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
+    return (check_act_quant, check_held_rotation, check_group_rows, check_int_mm_exact, check_persistent,
+            check_ws_gemm, check_ws_lora_wired, check_linear, check_fused_rows, check_fp8_triton,
+            check_fp8_low_rank_choice, check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
             check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
             check_siblings, check_norm_fold, check_modulated_fold, check_layer_norm_fold, check_call_norms,
             check_flux_rope, check_flux_join)

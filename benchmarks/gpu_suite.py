@@ -87,8 +87,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # split it in two calls' worth
         "checks": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels")]],
         "checks_a": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_a"), "--only",
-                      "check_act_quant,check_held_rotation,check_group_rows,check_int_mm_exact,check_persistent,check_ws_gemm,"
-                      "check_ws_lora_wired,check_linear,check_fused_rows,check_fp8_triton,check_fp8_low_rank_choice,"
+                      "check_act_quant,check_held_rotation,check_group_rows,check_int_mm_exact,check_persistent,"
+                      "check_ws_gemm,check_ws_lora_wired,check_linear,check_fused_rows,check_fp8_triton,check_fp8_low_rank_choice,"
                       "check_block,check_w4a8"]],
         "checks_b": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_b"), "--only",
                       "check_low_rank_epilogue,check_input_act,check_plans,check_cuda_graphs,check_inference_mode,"

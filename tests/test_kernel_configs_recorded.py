@@ -85,14 +85,13 @@ def test_group_rows_kernel_pick_on_the_recorded_h200_timings() -> None:
     the earlier pick stays and is within 5% of the faster of the two, but on the one call where the rule leaves a
     small gain (256 x 5,120: 7.0 against 6.5 µs, 1.07x). The 8-warp configuration the first cut defaulted to is
     slower than the default on every shape (what made run 126's sweep lose convrot rows)."""
-    import json
     import math
-    from pathlib import Path
+
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "rotation_grows_run126_h200_2026-12-06.json").read_text())
+    res = recorded("rotation_grows_run126_h200_2026-12-06.json")
     assert not res["mismatches"] and len(res["rows"]) == 20
     gains = []
     for r in res["rows"]:

@@ -6,10 +6,11 @@ fp32 rows, static fp8 scales. ``_act_tile_kernel`` ("tiles", "split"): tiles of 
 codes), the rotation a tensor-core product with the dense Hadamard of groups up to 64 (256: each quarter by the
 64-group's, then one radix-4 stage across the quarters, elementwise); fp16/bf16 rows. ``_act_held_kernel``
 ("held"): the rotation of one group of 256 held in registers while a row block's programs exchange their
-absmax parts (one read of x). ``_act_group_rows_kernel`` ("grows"): a row per program, its groups of 256 the
-tile's rows, the row rotated whole in registers (one read of x) up to 64 groups. ``_act_block_kernel`` ("blocks"): unrotated only, rows in registers or in two
-unrolled passes over chunks, the division a reciprocal and one FMA correction (bit-equal to ``div_rn``). Modes:
-``int8`` (absmax/127, round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
+absmax parts (one read of x). ``_act_group_rows_kernel`` ("grows"): a row at a time, its groups of 256 the
+tile's rows, the row rotated whole in registers (one read of x) up to 64 groups. ``_act_block_kernel``
+("blocks"): unrotated only, rows in registers or in two unrolled passes over chunks, the division a reciprocal
+and one FMA correction (bit-equal to ``div_rn``). Modes: ``int8`` (absmax/127, round-half-even), ``fp8``
+(absmax/fp8_max, or a static scale), ``float`` (rotation only).
 Which kernel a call takes, and its launch, is ``triton_quant``'s (the host side). The helpers the GEMM kernels
 share (``input_act``, ``quant_codes``, ``quantize_rows``, the row-block tickets) live here too.
 """
@@ -456,18 +457,31 @@ def _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C: tl.constexp
     base = (g0 + gi)[:, None] * (4 * C) + cols[None, :]
     y0, y1, y2, y3 = _quarters(x_row + base, gmask, cols < C, h, K, C, ACT)
     if STORE:
-        _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
-        _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
-        _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
-        _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
+        _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C, MODE, PERM)
+    return _amax4(y0, y1, y2, y3)
+
+
+@triton.jit
+def _amax4(y0, y1, y2, y3):
+    """The absmax of a group step's four rotated quarters (one row's: a scalar)."""
     return tl.maximum(tl.maximum(tl.max(_rowmax(y0)), tl.max(_rowmax(y1))),
                       tl.maximum(tl.max(_rowmax(y2)), tl.max(_rowmax(y3))))
 
 
 @triton.jit
+def _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C: tl.constexpr, MODE: tl.constexpr,
+           PERM: tl.constexpr):
+    """Store a group step's four ``[groups, C]`` quarters of one row (quarter ``i`` at column offsets ``base + i
+    C``): codes at the row's ``scale`` (int8 / fp8), or the values themselves (MODE_FLOAT)."""
+    _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
+    _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
+    _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
+    _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
+
+
+@triton.jit
 def _gput(o_row, offs, y, scale, qmax, gmask, MODE: tl.constexpr, PERM: tl.constexpr):
-    """Store a ``[groups, C]`` tile of one row at column offsets ``offs``: codes at the row's ``scale`` (int8 /
-    fp8), or the values themselves (MODE_FLOAT)."""
+    """Store one ``[groups, C]`` quarter of a row at column offsets ``offs`` (see :func:`_gput4`)."""
     if MODE != 3:
         y = _quantize(y, scale, qmax, MODE)
     tl.store(o_row + _dst(offs, PERM), y.to(o_row.dtype.element_ty), mask=gmask[:, None])
@@ -501,14 +515,10 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
             y0, y1, y2, y3 = _quarters(x_row + base, gmask, cols < C, h, K, C, ACT)
             scale = tl.full((), 1.0, tl.float32)
             if MODE != 3:
-                amax = tl.maximum(tl.maximum(tl.max(_rowmax(y0)), tl.max(_rowmax(y1))),
-                                  tl.maximum(tl.max(_rowmax(y2)), tl.max(_rowmax(y3))))
+                amax = _amax4(y0, y1, y2, y3)
                 scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
                 tl.store(s_ptr + row, scale)
-            _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
-            _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
-            _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
-            _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
+            _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C, MODE, PERM)
         else:
             scale = tl.full((), 1.0, tl.float32)
             if MODE != 3:

@@ -1,7 +1,7 @@
 """Triton activation quantization, the host side: which kernel a call takes, its launch, the public functions.
 
-The kernels (``act_kernels``): "rows", "tiles" (and its two-launch "split" form), "held", "grows" and "blocks". "auto"
-(the default) picks per call by the H200 timings (``benchmarks/bench_act_quant.py``;
+The kernels (``act_kernels``): "rows", "tiles" (and its two-launch "split" form), "held", "grows" and "blocks".
+"auto" (the default) picks per call by the H200 timings (``benchmarks/bench_act_quant.py``;
 ``benchmarks/gpu_session.py``, section ``rotation``; :func:`pick_kernel`). Modes: ``int8`` (absmax/127,
 round-half-even), ``fp8`` (absmax/fp8_max, or a static scale), ``float`` (rotation only).
 Imported lazily: only GPU backends import this module.
