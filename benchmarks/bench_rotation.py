@@ -219,27 +219,33 @@ GROWS_M = (4096, 16384, 1024, 256)  # the sweep's rows first (a step cut short k
 GROWS_K = (3072, 5120, 12288, 13824, 15360)
 
 
-def grows_configs(k: int) -> list[tuple[int, bool, int, int, int]]:
+def grows_configs(k: int) -> list[tuple[int, bool, int, int, int, int]]:
     """The group-rows kernel's configurations timed on rows ``k`` wide, each (groups per step, one pass, warps,
-    programs per SM (0: a row per program), pipeline stages): its default (a row per program), the same with 8
-    warps, and programs striding over the rows (the Hadamard loaded once a program) unpipelined and with the next
-    row's loads pipelined 2 / 3 deep (77 / 110 KB of shared memory at 64 groups: two programs an SM)."""
+    programs per SM (0: a row per program), pipeline stages, rows packed per tile): its default (a row per
+    program), the same with 8 warps, and programs striding over the rows (the Hadamard loaded once a program)
+    unpipelined and with the next row's loads pipelined 2 / 3 deep (77 / 110 KB of shared memory at 64 groups: two
+    programs an SM); rows of 32 groups or fewer also packed ``64 // groups`` to a 64-row tile, a pack per program
+    and striding (pipelined 2 deep)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
     gb, one, warps = tq.group_rows_config(k)
     per_sm = 2 if gb >= 64 else 4
-    return [(gb, one, warps, 0, 1), (gb, one, 8, 0, 1), (gb, one, warps, per_sm + 1, 1), (gb, one, warps, per_sm, 2),
-            (gb, one, warps, per_sm, 3)]
+    out = [(gb, one, warps, 0, 1, 1), (gb, one, 8, 0, 1, 1), (gb, one, warps, per_sm + 1, 1, 1),
+           (gb, one, warps, per_sm, 2, 1), (gb, one, warps, per_sm, 3, 1)]
+    g = -(-k // 256)
+    if 2 * g <= 64:
+        out += [(64, True, warps, 0, 1, 64 // g), (64, True, warps, 2, 2, 64 // g)]
+    return out
 
 
-def run_grows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, bool, int, int, int]) -> None:
+def run_grows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, bool, int, int, int, int]) -> None:
     """One launch of the group-rows rotating kernel (group 256, int8) with ``cfg`` (:func:`grows_configs`)."""
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.launch import device_facts
 
-    gb, one, warps, per_sm, stages = cfg
+    gb, one, warps, per_sm, stages, rp = cfg
     programs = per_sm * device_facts(x.device)[0] if per_sm else None
-    grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, 0, 0, (gb, one, warps), programs)
+    grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, 0, 0, (gb, one, warps, rp), programs)
     tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
 
 

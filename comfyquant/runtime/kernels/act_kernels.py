@@ -449,6 +449,35 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
 
 
 @triton.jit
+def _packed_rows(x_ptr, out_ptr, s_ptr, h, M, G, K, stride_xm, stride_om, qmax, NPROG, gi, cols, C: tl.constexpr,
+                 RP: tl.constexpr, RPP: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr):
+    """The group-rows kernel on short rows: ``RP`` rows of ``G`` groups as one tile's first ``RP * G`` rows (tile
+    row ``t``: row ``r0 + t // G``, group ``t % G``), so a 3,072-5,120-column row (12-20 groups) fills the tile
+    instead of padding it to 16 / 32; each row's absmax is the maximum over its own tile rows (a masked
+    ``[RPP, GB]`` reduction) and comes back to them as a column of scales. Program ``p`` takes row packs ``p, p +
+    NPROG, ...``."""
+    seg = gi // G
+    row_in = seg < RP
+    grp = gi - seg * G
+    base = grp[:, None] * (4 * C) + cols[None, :]
+    rr = tl.arange(0, RPP)
+    for p0 in range(tl.program_id(0), tl.cdiv(M, RP), NPROG):
+        r0 = tl.zeros((), tl.int64) + p0 * RP  # (the interpreter hands the loop a Python int)
+        rows = r0 + seg
+        tmask = row_in & (rows < M)
+        y0, y1, y2, y3 = _quarters(x_ptr + rows[:, None] * stride_xm + base, tmask, cols < C, h, K, C, ACT)
+        scale = tl.full((), 1.0, tl.float32)
+        if MODE != 3:
+            a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+            own = (seg[None, :] == rr[:, None]) & tmask[None, :]
+            amax = tl.max(tl.where(own, a[None, :], 0.0), axis=1)
+            rscale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+            tl.store(s_ptr + r0 + rr, rscale, mask=(rr < RP) & (r0 + rr < M))
+            scale = tl.where(tmask, tl.sum(tl.where(own, rscale[:, None], 0.0), axis=0), 1.0)[:, None]
+        _gput4(out_ptr + rows[:, None] * stride_om, base, y0, y1, y2, y3, scale, qmax, tmask, C, MODE, PERM)
+
+
+@triton.jit
 def _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C: tl.constexpr, MODE: tl.constexpr,
                 PERM: tl.constexpr, ACT: tl.constexpr, STORE: tl.constexpr):
     """Groups ``g0 .. g0 + GB`` of one row rotated (:func:`_quarters`, the groups as the tile's rows): their
@@ -490,7 +519,7 @@ def _gput(o_row, offs, y, scale, qmax, gmask, MODE: tl.constexpr, PERM: tl.const
 @triton.jit
 def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax, NPROG,
                            GB: tl.constexpr, ONE: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
-                           ACT: tl.constexpr):
+                           ACT: tl.constexpr, RP: tl.constexpr, RPP: tl.constexpr):
     """Rotated (group 256) per-row codes (or the rotated values, MODE_FLOAT) a row at a time, the row's groups as
     the rows of the tensor-core tile: ``GB`` groups of 256 at a time, each as four ``[GB, 64]`` quarters
     (:func:`_quarters`). Program ``p`` takes rows ``p, p + NPROG, ...`` (``NPROG`` = M: a row per program; fewer:
@@ -498,13 +527,18 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
     arithmetic). ``ONE`` (the row is at most ``GB`` groups: every Flux / Wan width up to 16,384 at GB 64): x read
     once, rotated into registers, its absmax taken and its codes stored from them; else two passes over the row
     (absmax, then codes), the second from L2 (a row is 60 KB or less at 15,360 columns, where the tile kernel's
-    16-row programs hold 0.5 MB each and re-read from HBM). The codes are the tile kernel's: the same per-group
-    arithmetic, and a maximum is order-free."""
+    16-row programs hold 0.5 MB each and re-read from HBM). ``RP`` > 1 (with ``ONE``, ``RP`` rows of ``K // 256``
+    groups at most ``GB``): ``RP`` short rows packed into one tile (:func:`_packed_rows`; ``RPP`` its next power of
+    two). The codes are the tile kernel's: the same per-group arithmetic, and a maximum is order-free."""
     C: tl.constexpr = 64
     cols = tl.arange(0, C)
     gi = tl.arange(0, GB)
     h = tl.load(h_ptr + cols[:, None] * C + cols[None, :])
     G = K // (4 * C)
+    if RP > 1:
+        _packed_rows(x_ptr, out_ptr, s_ptr, h, M, G, K, stride_xm, stride_om, qmax, NPROG, gi, cols, C, RP, RPP,
+                     MODE, PERM, ACT)
+        return
     for r in range(tl.program_id(0), M, NPROG):
         row = tl.zeros((), tl.int64) + r  # (the interpreter hands the loop a Python int)
         x_row = x_ptr + row * stride_xm

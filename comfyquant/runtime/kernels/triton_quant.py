@@ -188,19 +188,24 @@ def group_rows_config(k: int) -> tuple[int, bool, int]:
 
 
 def group_rows_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, mode: int, qmax: float, perm: int,
-                      act: int, cfg: tuple[int, bool, int] | None = None, programs: int | None = None) -> tuple:
-    """(grid, args, key, num_warps) of the group-rows kernel: ``programs`` programs (None: one per row) walking the
-    rows in strides; ``cfg`` (groups per step, one pass, warps; None: :func:`group_rows_config`). The 64-group's
-    Hadamard at ``args[3]``."""
+                      act: int, cfg: tuple[int, ...] | None = None, programs: int | None = None) -> tuple:
+    """(grid, args, key, num_warps) of the group-rows kernel: ``programs`` programs (None: one per row, or per pack
+    of rows) walking the rows in strides; ``cfg`` (groups per step, one pass, warps[, rows packed per tile]; None:
+    :func:`group_rows_config`). The 64-group's Hadamard at ``args[3]``."""
     m, k = x2d.shape[0], out_width(x2d, act)
-    gb, one, warps = cfg or group_rows_config(k)
-    if one and cdiv(k, 256) > gb:
-        raise ValueError(f"one pass of {gb} groups does not cover K = {k}")
-    nprog = m if programs is None else max(1, min(m, programs))
+    gb, one, warps, *rest = cfg or group_rows_config(k)
+    rp = int(rest[0]) if rest else 1
+    if one and cdiv(k, 256) * rp > gb:
+        raise ValueError(f"one pass of {gb} groups does not cover {rp} row(s) of K = {k}")
+    if rp > 1 and not one:
+        raise ValueError("rows are packed into a tile only in one pass")
+    packs = cdiv(m, rp)
+    nprog = packs if programs is None else max(1, min(packs, programs))
     h = _hadamard(64, x2d.dtype, x2d.device)
-    return ((nprog,), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, nprog, gb, one, mode, perm, act),
-            (gb, one, mode, perm, act, x2d.dtype, out.dtype, m == 1, k, x2d.stride(0), out.stride(0),
-             x2d.data_ptr() % 16 == 0, nprog == m), warps)
+    return ((nprog,), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, nprog, gb, one, mode, perm, act,
+                       rp, next_power_of_2(rp)),
+            (gb, one, mode, perm, act, rp, x2d.dtype, out.dtype, m == 1, k, x2d.stride(0), out.stride(0),
+             x2d.data_ptr() % 16 == 0, nprog == packs, nprog == 1), warps)
 
 
 def scale_floats(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> int:
