@@ -1,9 +1,10 @@
 """Every GPU benchmark of the project in one time-boxed call (one lease of a device machine is short).
 
 Each step is one benchmark script run as its own process under its own time limit, so a crash or a hang in
-one step costs that step only. Logs and result files go under a scratch folder, zipped at the end into
-``--out``/results.zip (a device call returns few files; a second call with the same ``--out`` writes results-2.zip);
-``--out``/summary.txt holds each step's exit status, time and the tail of its output.
+one step costs that step only. Logs and result files go under a scratch folder, zipped after every step into
+``--out``/results.zip (a device call returns few files; a call cut off by its time limit still returns the steps
+that finished; a second call with the same ``--out`` writes results-2.zip); ``--out``/summary.txt holds each
+step's exit status, time and the tail of its output, written as each step ends.
 
     python3 benchmarks/gpu_suite.py --out $OUT --steps kernels:150,sweep:100,lora:45,optimizers:80,comfyui:120
     python3 benchmarks/gpu_suite.py --out /tmp/s --smoke        # CPU: every step in its smoke mode
@@ -382,6 +383,7 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     env, cache = unpack(scratch)
     table = steps(work, a.smoke, cache)
+    summary, results = a.out / "summary.txt", unused(a.out, "results", ".zip")
     lines = [f"gpu_suite {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, python {sys.version.split()[0]}"]
     try:
         import torch
@@ -390,6 +392,8 @@ def main() -> int:
                      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
     except ImportError:
         lines.append("torch not importable")
+    with open(summary, "a") as fh:  # (a second suite call in one device call adds to it)
+        fh.write("\n".join(lines) + "\n")
     for item in a.steps.split(","):
         name, _, secs = item.partition(":")
         budget = float(secs or 60)
@@ -412,20 +416,28 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     status.append(f"timeout after {left:.0f}s")
         tail = log.read_text(errors="replace").splitlines()[-25:]
-        lines.append(f"\n== {name}: {', '.join(status)} in {time.perf_counter() - start:.0f}s")
-        lines.extend(tail)
-        print("\n".join(lines[-len(tail) - 1:]), flush=True)
+        step_lines = [f"\n== {name}: {', '.join(status)} in {time.perf_counter() - start:.0f}s", *tail]
+        print("\n".join(step_lines), flush=True)
+        with open(summary, "a") as fh:
+            fh.write("\n".join(step_lines) + "\n")
+        save_results(work, results)  # after every step: a call cut off later still returns what finished
     for tmp in ("opt_tmp", "auto_tmp"):
         shutil.rmtree(work / tmp, ignore_errors=True)
-    summary, results = a.out / "summary.txt", unused(a.out, "results", ".zip")
-    with open(summary, "a") as fh:  # (a second suite call in one device call adds to it)
-        fh.write("\n".join(lines) + "\n")
-    with zipfile.ZipFile(results, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in sorted(work.rglob("*")):
-            if f.is_file() and f.stat().st_size < 8 << 20 and f.suffix not in (".safetensors", ".pt"):
-                z.write(f, f.relative_to(work))
+    save_results(work, results)
     print(f"wrote {summary} and {results}")
     return 0
+
+
+def save_results(work: Path, results: Path) -> None:
+    """Zip ``work``'s files (under 8 MB, no checkpoints) to ``results``, replacing it whole: written beside it,
+    then renamed, so a device call killed while it writes returns the previous step's complete zip."""
+    part = results.with_name(results.name + ".part")
+    with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(work.rglob("*")):
+            if (f.is_file() and f.stat().st_size < 8 << 20 and f.suffix not in (".safetensors", ".pt")
+                    and f.relative_to(work).parts[0] not in ("opt_tmp", "auto_tmp")):
+                z.write(f, f.relative_to(work))
+    os.replace(part, results)
 
 
 def unused(folder: Path, stem: str, suffix: str) -> Path:

@@ -5,8 +5,10 @@ script runs as ``__main__`` with the step's real arguments until its argument pa
 from __future__ import annotations
 
 import argparse
+import json
 import runpy
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,30 @@ def test_a_second_suite_call_keeps_the_first_ones_results(tmp_path: Path) -> Non
     (tmp_path / "results-2.zip").write_bytes(b"second")
     assert gpu_suite.unused(tmp_path, "results", ".zip") == tmp_path / "results-3.zip"
     assert (tmp_path / "results.zip").read_bytes() == b"first"
+
+
+def test_each_finished_step_is_in_the_results_before_the_next_starts(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device call cut off by its time limit returns what ``--out`` holds then: the suite rewrites results.zip
+    after every step, so the second step here already sees the first's file in it, and the summary has the first
+    step's line before the second runs."""
+    out = tmp_path / "out"
+    seen = tmp_path / "seen.txt"
+    read_back = ("import json, sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); "
+                 "summary = open(sys.argv[2]).read(); json.dump([sorted(names), summary], open(sys.argv[3], 'w'))")
+
+    def table(work: Path, smoke: bool, cache: Path | None) -> dict[str, list[list[str]]]:
+        return {"first": [[sys.executable, "-c", f"open({str(work / 'sweep' / 'one.json')!r}, 'w').write('1')"]],
+                "second": [[sys.executable, "-c", read_back, str(out / "results.zip"), str(out / "summary.txt"),
+                            str(seen)]]}
+
+    monkeypatch.setattr(gpu_suite, "steps", table)
+    monkeypatch.setattr(gpu_suite, "unpack", lambda scratch: (dict(__import__("os").environ), None))
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--out", str(out), "--steps", "first:30,second:30"])
+    assert gpu_suite.main() == 0
+    names, summary = json.loads(seen.read_text())
+    assert "sweep/one.json" in names and "first.log" in names and "second.log" not in names
+    assert "== first: rc=0" in summary and "== second" not in summary
+    final = zipfile.ZipFile(out / "results.zip").namelist()
+    assert "second.log" in final and "sweep/one.json" in final
+    assert sorted(p.name for p in out.iterdir()) == ["results.zip", "summary.txt"]  # no .part left behind
