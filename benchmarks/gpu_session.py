@@ -352,9 +352,7 @@ def section_sweep(out: Path, models: str, m_values: str, budget: float) -> None:
     (out / "bench.json").write_text(json.dumps({"ck": ck_note, "meta": meta, "rows": [r.__dict__ for r in rows]},
                                                indent=1))
     (out / "bench.md").write_text(bench.to_markdown(rows, f"{torch.cuda.get_device_name()} comfy-kitchen: {ck_note}"))
-    for col in ("auto", "auto_copy"):
-        targets = [r.us["bf16"] / r.us.get(col, float("nan")) >= 0.97 for r in rows if col in r.us]
-        SUMMARY.append(f"sweep: {col} >= 0.97x bf16 eager on {sum(targets)}/{len(targets)} rows")
+    SUMMARY.extend(f"sweep: {line}" for line in bench.target_counts(rows))
 
 
 def section_models(out: Path, names: str, budget: float) -> None:

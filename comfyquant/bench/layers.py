@@ -294,9 +294,10 @@ def _gratio(row: Row, col: str) -> str:
 
 def to_markdown(rows: list[Row], header: str) -> str:
     """Markdown table: bf16 µs, each column's speed-up over bf16 (same run, eager do_bench), then the
-    CUDA-graph (GPU-time, no launch overhead) speed-ups for M <= graph_max_m."""
+    CUDA-graph (GPU-time, no launch overhead) speed-ups for M <= graph_max_m (``--graph-all``'s extra columns too,
+    where a row has them: the convrot target reads W8A8 and convrot under graphs)."""
     cols = [c for c in COLUMNS if c != "bf16"]
-    gcols = [c for c in GRAPH_COLUMNS if c != "bf16"]
+    gcols = [c for c in GRAPH_ALL if c != "bf16" and (c in GRAPH_COLUMNS or any(c in r.graph_us for r in rows))]
     lines = [header, "", "| model | layer | K→N | M | bf16 µs | " + " | ".join(f"{c} ×" for c in cols)
              + " | auto picks | graph bf16 µs | " + " | ".join(f"graph {c} ×" for c in gcols) + " |",
              "|" + "---|" * (7 + len(cols) + len(gcols))]
@@ -307,6 +308,33 @@ def to_markdown(rows: list[Row], header: str) -> str:
                      + (f"{g:.1f}" if g is not None else "-") + " | "
                      + " | ".join(_gratio(r, c) for c in gcols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def target_counts(rows: list[Row]) -> list[str]:
+    """Issue 12's per-layer targets counted on a sweep's rows, one line each (rows lacking a column are left out
+    of that count, and the count says of how many): every row >= 0.97x bf16 eager (``auto``, and ``auto_copy``
+    with dense copies); on Flux / Wan at M >= 4,096, W8A8 (``w8a8_triton``) and FP8 (``fp8``) >= 1.6x; convrot
+    within 10% of W8A8 (its speed-up >= 0.9x W8A8's), eager and, where both were graphed, GPU time."""
+    def ratio(r: Row, col: str, graph: bool = False) -> float:
+        times = r.graph_us if graph else r.us
+        t, b = times.get(col), times.get("bf16")
+        return b / t if t and b and math.isfinite(t) and math.isfinite(b) else math.nan
+
+    def line(what: str, hits: list[bool]) -> str:
+        return f"{what}: {sum(hits)}/{len(hits)} rows"
+
+    dit = [r for r in rows if r.model in ("flux", "wan14b") and r.m >= 4096]
+    out = [line(f"{col} >= 0.97x bf16 eager", [ratio(r, col) >= 0.97 for r in rows if col in r.us])
+           for col in ("auto", "auto_copy")]
+    out += [line(f"{col} >= 1.6x bf16 eager, Flux / Wan at M >= 4096", [ratio(r, col) >= 1.6 for r in dit
+                                                                         if col in r.us])
+            for col in ("w8a8_triton", "fp8")]
+    for graph in (False, True):
+        pairs = [(ratio(r, "w8a8_convrot", graph), ratio(r, "w8a8_triton", graph)) for r in dit]
+        pairs = [(c, w) for c, w in pairs if math.isfinite(c) and math.isfinite(w)]
+        out.append(line(f"w8a8_convrot within 10% of w8a8_triton, {'graphs' if graph else 'eager'}, Flux / Wan at "
+                        "M >= 4096", [c >= 0.9 * w for c, w in pairs]))
+    return out
 
 
 def measured_thresholds(rows: list[Row]) -> list[tuple[int, int, int]]:
@@ -360,7 +388,8 @@ def run(cfg: BenchConfig) -> list[Row]:
     header = (f"Device: {meta['device']} (sm_{meta['capability'][0]}{meta['capability'][1]}), torch {meta['torch']},"
               f" triton {meta['triton']}, {meta['date_utc']} UTC. comfy-kitchen: {ck_note}. Speed-up = bf16 µs /"
               " column µs, same run; do_bench median, rotating inputs and weights (> L2).")
-    (cfg.out_dir / "bench.md").write_text(to_markdown(rows, header))
+    (cfg.out_dir / "bench.md").write_text(to_markdown(rows, header) + "\nIssue 12's per-layer targets:\n\n"
+                                          + "".join(f"- {line}\n" for line in target_counts(rows)))
     plot_bench(payload["rows"], cfg.out_dir / "bench.png",
                f"speed-up over bf16 F.linear, same run: {meta['device']} {meta['date_utc']} UTC")
     if cfg.whole_models:
