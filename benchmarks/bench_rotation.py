@@ -232,9 +232,10 @@ def grows_configs(k: int) -> list[tuple[int, bool, int, int, int, int]]:
     per_sm = 2 if gb >= 64 else 4
     out = [(gb, one, warps, 0, 1, 1), (gb, one, 8, 0, 1, 1), (gb, one, warps, per_sm + 1, 1, 1),
            (gb, one, warps, per_sm, 2, 1), (gb, one, warps, per_sm, 3, 1)]
-    g = -(-k // 256)
-    if 2 * g <= 64:
-        out += [(64, True, warps, 0, 1, 64 // g), (64, True, warps, 2, 2, 64 // g)]
+    packed = tq.group_rows_packed(k)
+    if packed is not None:
+        pgb, pone, pwarps, rp = packed
+        out += [(pgb, pone, pwarps, 0, 1, rp), (pgb, pone, pwarps, 2, 2, rp)]
     return out
 
 

@@ -149,8 +149,8 @@ def check_group_rows() -> None:
             want = tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="tiles")
             got = [tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="grows")]
             gb, one, warps = tq.group_rows_config(k)
-            packed = (((64, True, warps, 64 // -(-k // 256)), None, 1), ((64, True, warps, 64 // -(-k // 256)), 264, 2)) \
-                if k <= 8192 else ()  # rows of 32 groups or fewer packed to a 64-row tile
+            pcfg = tq.group_rows_packed(k)  # rows of 32 groups or fewer packed to a 64-row tile
+            packed = ((pcfg, None, 1), (pcfg, 264, 2)) if pcfg is not None else ()
             for cfg, programs, stages in (((gb, one, 12 - warps), None, 1), ((16, k <= 4096, 4), None, 1),
                                           ((64, k <= 16384, 8), None, 1), ((gb, one, warps), 264, 2),
                                           ((gb, one, warps), 396, 1), ((gb, one, warps), 264, 3), *packed):

@@ -421,11 +421,13 @@ def main() -> int:
         with open(summary, "a") as fh:
             fh.write("\n".join(step_lines) + "\n")
         save_results(work, results)  # after every step: a call cut off later still returns what finished
-    for tmp in ("opt_tmp", "auto_tmp"):
+    for tmp in SCRATCH_DIRS:
         shutil.rmtree(work / tmp, ignore_errors=True)
-    save_results(work, results)
     print(f"wrote {summary} and {results}")
     return 0
+
+
+SCRATCH_DIRS = ("opt_tmp", "auto_tmp")  # the steps' scratch folders under work/: never zipped, removed at the end
 
 
 def save_results(work: Path, results: Path) -> None:
@@ -435,7 +437,7 @@ def save_results(work: Path, results: Path) -> None:
     with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
         for f in sorted(work.rglob("*")):
             if (f.is_file() and f.stat().st_size < 8 << 20 and f.suffix not in (".safetensors", ".pt")
-                    and f.relative_to(work).parts[0] not in ("opt_tmp", "auto_tmp")):
+                    and f.relative_to(work).parts[0] not in SCRATCH_DIRS):
                 z.write(f, f.relative_to(work))
     os.replace(part, results)
 

@@ -282,6 +282,8 @@ def check_packed_rows() -> None:
             tq._ACT_GROWS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
             record("packed_rows_rotate_only", torch.equal(r, tq.rotate_rows(x, 256, act=act, kernel="tiles")), m=m,
                    k=k, rp=rp, act=act)
+    record("packed_rows_config", tq.group_rows_packed(3072) == (64, True, 4, 5) and tq.group_rows_packed(5120) ==
+           (64, True, 4, 3) and tq.group_rows_packed(8192) == (64, True, 4, 2) and tq.group_rows_packed(8448) is None)
     x = _x(6, 3072, 440)
     q, s = torch.empty((6, 3072), dtype=torch.int8), torch.empty((6, 1))
     record_refused("packed_rows_overfull_refused", lambda: tq.group_rows_launch(

@@ -265,11 +265,17 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
     return rows
 
 
-def _ratio(row: Row, col: str) -> str:
-    t = row.us.get(col)
-    if t is None or not math.isfinite(t):
-        return "-"
-    return f"{row.us['bf16'] / t:.2f}"
+def speedup(row: Row, col: str, graph: bool = False) -> float | None:
+    """bf16's time over ``col``'s in the row's eager (or, ``graph``, CUDA-graph) times; None where either is
+    missing or ``col``'s failed (NaN)."""
+    times = row.graph_us if graph else row.us
+    t, b = times.get(col), times.get("bf16")
+    return None if t is None or b is None or not math.isfinite(t) else b / t
+
+
+def _ratio(row: Row, col: str, graph: bool = False) -> str:
+    v = speedup(row, col, graph)
+    return "-" if v is None else f"{v:.2f}"
 
 
 def _picks(row: Row) -> str:
@@ -280,16 +286,9 @@ def _picks(row: Row) -> str:
 
 def _fmt_row(row: Row) -> str:
     ratios = " ".join(f"{c}={_ratio(row, c)}" for c in COLUMNS if c != "bf16")
-    graph = " ".join(f"g:{c}={_gratio(row, c)}" for c in GRAPH_COLUMNS if c != "bf16" and c in row.graph_us)
+    graph = " ".join(f"g:{c}={_ratio(row, c, graph=True)}" for c in GRAPH_COLUMNS if c != "bf16" and c in row.graph_us)
     return (f"{row.model:7s} {row.layer:9s} M={row.m:6d} bf16={row.us['bf16']:9.1f}us {ratios} {graph}"
             f" [{_picks(row)}]")
-
-
-def _gratio(row: Row, col: str) -> str:
-    t, b = row.graph_us.get(col), row.graph_us.get("bf16")
-    if t is None or b is None or not math.isfinite(t):
-        return "-"
-    return f"{b / t:.2f}"
 
 
 def to_markdown(rows: list[Row], header: str) -> str:
@@ -306,7 +305,7 @@ def to_markdown(rows: list[Row], header: str) -> str:
         lines.append(f"| {r.model} | {r.layer} | {r.k}→{r.n} | {r.m} | {r.us['bf16']:.1f} | "
                      + " | ".join(_ratio(r, c) for c in cols) + f" | {_picks(r)} | "
                      + (f"{g:.1f}" if g is not None else "-") + " | "
-                     + " | ".join(_gratio(r, c) for c in gcols) + " |")
+                     + " | ".join(_ratio(r, c, graph=True) for c in gcols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,9 +315,8 @@ def target_counts(rows: list[Row]) -> list[str]:
     with dense copies); on Flux / Wan at M >= 4,096, W8A8 (``w8a8_triton``) and FP8 (``fp8``) >= 1.6x; convrot
     within 10% of W8A8 (its speed-up >= 0.9x W8A8's), eager and, where both were graphed, GPU time."""
     def ratio(r: Row, col: str, graph: bool = False) -> float:
-        times = r.graph_us if graph else r.us
-        t, b = times.get(col), times.get("bf16")
-        return b / t if t and b and math.isfinite(t) and math.isfinite(b) else math.nan
+        v = speedup(r, col, graph)
+        return math.nan if v is None else v
 
     def line(what: str, hits: list[bool]) -> str:
         return f"{what}: {sum(hits)}/{len(hits)} rows"

@@ -258,6 +258,12 @@ def _rowmax(y):
 
 
 @triton.jit
+def _rowmax4(y0, y1, y2, y3):
+    """Each tile row's absmax over a group's four rotated quarters (:func:`_quarters`)."""
+    return tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+
+
+@triton.jit
 def _put(o_rows, offs, y, scale, qmax, rmask, cmask, MODE: tl.constexpr, PERM: tl.constexpr):
     """Store one tile: its codes at ``scale`` (int8/fp8), or the values themselves (MODE_FLOAT)."""
     if MODE != 3:
@@ -277,7 +283,7 @@ def _tile_amax(x_tile, rmask, cols, h, K, k_lo, k_end, STEP: tl.constexpr, UNROL
             cmask = c0 + cols < K
             if ROT == 2:
                 y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cmask, h, K, C, ACT)
-                a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+                a = _rowmax4(y0, y1, y2, y3)
             else:
                 a = _rowmax(_tile(x_tile + c0, rmask, cmask, h, K, ROT, ACT))
             amax = tl.maximum(amax, a)
@@ -420,13 +426,12 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
     c0 = p * (STEP * HELD)
     cm0 = c0 + cols < K
     y0, y1, y2, y3 = _quarters(x_tile + c0, rmask, cm0, h, K, C, ACT)
-    amax = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+    amax = _rowmax4(y0, y1, y2, y3)
     if HELD == 2:
         c1 = c0 + STEP
         cm1 = c1 + cols < K
         z0, z1, z2, z3 = _quarters(x_tile + c1, rmask, cm1, h, K, C, ACT)
-        amax = tl.maximum(amax, tl.maximum(tl.maximum(_rowmax(z0), _rowmax(z1)),
-                                           tl.maximum(_rowmax(z2), _rowmax(z3))))
+        amax = tl.maximum(amax, _rowmax4(z0, z1, z2, z3))
     if PHASE != 2:
         tl.store(s_ptr + M + p * M + rows, amax, mask=rmask)
     if PHASE == 0:
@@ -468,7 +473,7 @@ def _packed_rows(x_ptr, out_ptr, s_ptr, h, M, G, K, stride_xm, stride_om, qmax, 
         y0, y1, y2, y3 = _quarters(x_ptr + rows[:, None] * stride_xm + base, tmask, cols < C, h, K, C, ACT)
         scale = tl.full((), 1.0, tl.float32)
         if MODE != 3:
-            a = tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+            a = _rowmax4(y0, y1, y2, y3)
             own = (seg[None, :] == rr[:, None]) & tmask[None, :]
             amax = tl.max(tl.where(own, a[None, :], 0.0), axis=1)
             rscale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
@@ -493,8 +498,7 @@ def _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C: tl.constexp
 @triton.jit
 def _amax4(y0, y1, y2, y3):
     """The absmax of a group step's four rotated quarters (one row's: a scalar)."""
-    return tl.maximum(tl.maximum(tl.max(_rowmax(y0)), tl.max(_rowmax(y1))),
-                      tl.maximum(tl.max(_rowmax(y2)), tl.max(_rowmax(y3))))
+    return tl.max(_rowmax4(y0, y1, y2, y3))
 
 
 @triton.jit

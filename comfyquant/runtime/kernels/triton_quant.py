@@ -187,6 +187,14 @@ def group_rows_config(k: int) -> tuple[int, bool, int]:
     return gb, g <= gb, GROWS_WARPS
 
 
+def group_rows_packed(k: int) -> tuple[int, bool, int, int] | None:
+    """The group-rows kernel's packed configuration for rows ``k`` wide (groups per tile, one pass, warps, rows
+    per tile): ``64 // groups`` rows to a 64-row tile where two rows or more fit, else None. Timed and checked
+    only (``bench_rotation.py --grows``, ``check_group_rows``); :func:`pick_kernel` does not take it yet."""
+    g = cdiv(k, 256)
+    return (GROWS_ONE_MAX, True, GROWS_WARPS, GROWS_ONE_MAX // g) if 2 * g <= GROWS_ONE_MAX else None
+
+
 def group_rows_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, mode: int, qmax: float, perm: int,
                       act: int, cfg: tuple[int, ...] | None = None, programs: int | None = None) -> tuple:
     """(grid, args, key, num_warps) of the group-rows kernel: ``programs`` programs (None: one per row, or per pack
