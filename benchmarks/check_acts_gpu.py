@@ -184,18 +184,22 @@ def check_fused_rows() -> None:
     from comfyquant.runtime.kernels import triton_plans
 
     acts = {0: lambda x: x, 1: lambda x: F.gelu(x, approximate="tanh"), 3: F.silu}
-    for m, k, n, dt, act in [(256, 4096, 4096, torch.float32, 0), (77, 4096, 4096, torch.float32, 0),
-                             (256, 4096, 4096, torch.float32, 1), (1000, 768, 3072, torch.float32, 0),
-                             (300, 15360, 3072, torch.float32, 0), (256, 1280, 1280, torch.float16, 3),
-                             (64, 640, 640, torch.float32, 0)]:
+    bf = torch.bfloat16
+    for m, k, n, dt, act, wide in [(256, 4096, 4096, torch.float32, 0, False), (77, 4096, 4096, torch.float32, 0, False),
+                                   (256, 4096, 4096, torch.float32, 1, False), (1000, 768, 3072, torch.float32, 0, False),
+                                   (300, 15360, 3072, torch.float32, 0, False), (256, 1280, 1280, torch.float16, 3, False),
+                                   (64, 640, 640, torch.float32, 0, False),
+                                   # wide layers (more column tiles than quantizing programs, ``rows_shape``'s wide)
+                                   (256, 1280, 10240, bf, 0, True), (1024, 3072, 9216, bf, 1, True),
+                                   (300, 4096, 10240, torch.float32, 0, True)]:
         w = torch.randn(n, k, device="cuda") * 0.02
         q, s = quantize_rowwise(w)
         bias = torch.randn(n, device="cuda").bfloat16()
         x = (torch.randn(m, k, device="cuda") * 3).to(dt)
         x[0, 5] = 50.0
         two = triton_int8.int8_linear(x, q, s, bias, None, dt, act=act)
-        one, again = (triton_int8.fused_linear(x, q, s, bias, dt, act=act) for _ in range(2))
-        plan = triton_plans.plan_fused(x, q, s, bias, dt, act)
+        one, again = (triton_int8.fused_linear(x, q, s, bias, dt, act=act, wide=wide) for _ in range(2))
+        plan = triton_plans.plan_fused(x, q, s, bias, dt, act, wide=wide)
         planned = plan(x)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -210,7 +214,19 @@ def check_fused_rows() -> None:
         # earlier checks had calibrated the device, bit-equal when run alone): agreement to 1e-6 then
         close = all(rel(y, two) < 1e-6 for y in (one, again, planned, graphed))
         record("fused_rows_equals_two_launch", all(same.values()) or (dt == torch.float32 and close), m=m, k=k,
-               n=n, dtype=str(dt), act=act, rel=rel(one, ref), rel_vs_two_launch=rel(one, two), **same)
+               n=n, dtype=str(dt), act=act, wide=wide, rel=rel(one, ref), rel_vs_two_launch=rel(one, two), **same)
+        if wide:  # four streams launching at once (their programs share the SMs): no wait outlives its launch
+            streams = [torch.cuda.Stream() for _ in range(4)]
+            outs = []
+            for st in streams:
+                st.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(st):
+                    outs.append([plan(x) for _ in range(8)])
+            for st in streams:
+                torch.cuda.current_stream().wait_stream(st)
+            torch.cuda.synchronize()
+            record("fused_rows_wide_streams", all(torch.equal(y, planned) for ys in outs for y in ys), m=m, k=k,
+                   n=n)
 
 
 def check_block() -> None:

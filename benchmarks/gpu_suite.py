@@ -213,6 +213,12 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # layers: eager wall, GPU time, tile configurations, bit-equality with the two-launch path
         "fused_rows": [[PY, "benchmarks/bench_fused_rows.py", "--out", str(work / "fused_rows"), "--budget-s",
                         "{budget}"]],
+        # ... on the layers wider than a row block's 32 quantizing programs (configs.ROWS_WIDE, off until timed):
+        # its GPU checks (bit-equal to two launches, four streams at once), then the bench
+        "fused_rows_wide": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
+                             "check_fused_rows"],
+                            [PY, "benchmarks/bench_fused_rows.py", "--out", str(work / "fused_rows"), "--wide",
+                             "--budget-s", "{budget}"]],
         # the GPU checks of the weight-only GEMM's paths (split K at M <= 16): linears, plans, graphs, low-rank terms
         "checks_split": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                           "check_linear,check_plans,check_cuda_graphs,check_low_rank_epilogue,check_fp8_triton,"

@@ -122,16 +122,19 @@ def test_one_launch_w8a8_compiles_and_divides_once_per_row() -> None:
     assert "fma.rn.f32" in ptx and _divisions(ptx) <= 2 * cfg.block_m, (_divisions(ptx), cfg)
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1024, 1280, 1280), (256, 5120, 1280), (4096, 640, 640), (300, 15360, 3072)])
-def test_row_block_w8a8_compiles_with_release_acquire_counters(m: int, k: int, n: int) -> None:
+@pytest.mark.parametrize(("m", "k", "n", "wide"), [(1024, 1280, 1280, False), (256, 5120, 1280, False),
+                                                   (4096, 640, 640, False), (300, 15360, 3072, False),
+                                                   (256, 1280, 10240, True), (1024, 3072, 9216, True)])
+def test_row_block_w8a8_compiles_with_release_acquire_counters(m: int, k: int, n: int, wide: bool) -> None:
     """The row-block one-launch W8A8 kernel (``fused_rows``), as the runtime launches it on a GPU (phase 0:
     quantization and GEMM synchronized): its arrival is released and its wait acquires, at GPU scope, and the
-    int8 rows other programs wrote are read from L2 (a stale L1 line would give old codes)."""
+    int8 rows other programs wrote are read from L2 (a stale L1 line would give old codes); ``wide``: a layer of
+    more column tiles than quantizing programs (SDXL ff0, Flux qkv), whose other programs only wait."""
     from comfyquant.runtime.kernels.configs import rows_config, rows_shape
 
     x, w, sb = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
     cfg = rows_config(m, n)
-    assert rows_shape(m, n, k, cfg)
+    assert rows_shape(m, n, k, cfg, wide=wide) and rows_shape(m, n, k, cfg) == (not wide)
     ck = _rows_kernel(x, w, sb)
     ptx = ck.asm["ptx"]
     assert re.search(r"atom\.global\.gpu\.release\.add", ptx), "the arrival is not a release"

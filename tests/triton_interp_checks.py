@@ -398,6 +398,34 @@ def check_fused_rows() -> None:
     want = triton_int8.int8_linear(x, q, s, b, None, F32, low_rank=lr)
     record("fused_rows_low_rank", torch.allclose(y, want, rtol=1e-5, atol=1e-5),
            max_diff=float((y - want).abs().max()), **info)
+    check_fused_rows_wide()
+
+
+def check_fused_rows_wide() -> None:
+    """The row-block kernel on layers of more column tiles than quantizing programs (``wide``: the first 32 of a
+    block quantize, the rest only wait and multiply): the two-launch path's output bit for bit, rows in one
+    share each and (past 8,192 columns, one row a step) several shares a program, through the general path and
+    the plan (``rows_config``'s 128-column tiles on a 4,224-wide layer)."""
+    from comfyquant.runtime.kernels import triton_int8
+    from comfyquant.runtime.kernels import triton_plans as tp
+    from comfyquant.runtime.kernels.configs import TileConfig, cdiv, rows_quant_programs, rows_shape
+
+    for i, (m, k, n, dt, odt, has_b, cfg) in enumerate([
+            (130, 96, 640, F32, BF16, True, TileConfig(64, 16, 32, 4, 1)),
+            (70, 8320, 560, BF16, F32, False, TileConfig(64, 16, 128, 4, 1))]):
+        x, _w, q, s, b, info = _fused_case((m, k, n, dt, odt, has_b, "row", None), seed=600 + i)
+        tiles = cdiv(n, cfg.block_n)
+        assert not rows_shape(m, n, k, cfg) and rows_shape(m, n, k, cfg, wide=True), (m, n, k)
+        y = triton_int8.fused_linear(x, q, s, b, odt, cfg=cfg, wide=True)
+        two = triton_int8.int8_linear(x, q, s, b, None, odt)
+        record("fused_rows_wide_equals_two_launch", torch.equal(y, two), tiles=tiles,
+               quantizing=rows_quant_programs(tiles), cfg=str(cfg), **info)
+    m, k, n = 130, 64, 4224
+    x, _w, q, s, b, info = _fused_case((m, k, n, BF16, BF16, True, "row", None), seed=610)
+    assert not rows_shape(m, n, k) and rows_shape(m, n, k, wide=True)
+    plan = tp.plan_fused(x, q, s, b, BF16, wide=True)
+    two = triton_int8.int8_linear(x, q, s, b, None, BF16)
+    record("fused_rows_wide_plan", plan is not None and torch.equal(plan(x), two), **info)
 
 
 def check_fused_kblock() -> None:

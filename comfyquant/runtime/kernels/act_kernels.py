@@ -388,15 +388,22 @@ def block_place(sync_ptr, blocks, per_block, SYNC: tl.constexpr):
 
 @triton.jit
 def block_barrier(flag, n):
-    """Wait until the ``n`` programs sharing ``flag`` have arrived: every thread's stores are made before the
-    arrival is released, the wait acquires; the counter counts arrivals, then departures, and the last departure
-    resets it (zero before and after a launch)."""
+    """Wait until the ``n`` programs sharing ``flag`` have arrived (:func:`block_wait`, every one arriving)."""
+    block_wait(flag, 1, n, n)
+
+
+@triton.jit
+def block_wait(flag, arrival, need, total):
+    """Add ``arrival`` (1: this program arrives, 0: it only waits) and wait until ``need`` programs sharing
+    ``flag`` have arrived: every thread's stores are made before the arrival is released, the wait acquires. The
+    counter counts arrivals, then the ``total`` programs' departures, and the last departure resets it (zero
+    before and after a launch); departures start only once every arrival is in, so they never pass for one."""
     tl.debug_barrier()
-    tl.atomic_add(flag, 1, sem="release", scope="gpu")
+    tl.atomic_add(flag, arrival, sem="release", scope="gpu")
     seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
-    while seen < n:
+    while seen < need:
         seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
-    if tl.atomic_add(flag, 1, sem="relaxed", scope="gpu") == 2 * n - 1:
+    if tl.atomic_add(flag, 1, sem="relaxed", scope="gpu") == need + total - 1:
         tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
 
 

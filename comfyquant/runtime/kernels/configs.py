@@ -135,13 +135,19 @@ def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, 
     return PERSISTENT_W8A8 if persistent and cfg.block_m * cfg.block_n >= 128 * 256 else cfg
 
 
-# The one-launch W8A8 path from 64 rows (``triton_gemm.fused_rows``): a row block's programs quantize its rows
-# between them, wait for each other, then multiply. They must be resident together: a launch holds at most
-# ``ROWS_MAX_COL_TILES - 1`` waiting programs, so four launches on four streams at once still leave SMs free on an
-# H200's 132; a GPU with fewer SMs takes at most a quarter of them (:func:`rows_shape`: an RTX 4060's 24 would
-# otherwise wait forever for programs of a 32-tile row block that cannot start).
+# The one-launch W8A8 path from 64 rows (``triton_gemm.fused_rows``): a row block's first programs quantize its
+# rows between them and wait for each other, the block's other programs wait for them, then all multiply. The
+# quantizing ones must be resident together: a launch holds at most ``ROWS_MAX_COL_TILES - 1`` of them waiting,
+# so four launches on four streams at once still leave SMs free on an H200's 132; a GPU with fewer SMs takes at
+# most a quarter of them (:func:`rows_quant_programs`: an RTX 4060's 24 would otherwise wait forever for programs
+# of a 32-tile row block that cannot start).
 ROWS_MIN_M = 64
 ROWS_MAX_COL_TILES = 32
+# Layers wider than ``ROWS_MAX_COL_TILES`` column tiles (``rows_shape``'s ``wide``): the programs past the
+# quantizing ones wait only on lower tickets, so any width is safe; built for the eager floor rows where two
+# launches' host time loses to bf16 on GPU time that ties (SDXL ff0 1,280 -> 10,240 at 256 rows: 0.85x, H100 run
+# 125), but no GPU has timed a wide row-block launch yet: off until ``bench_fused_rows.py --wide`` has.
+ROWS_WIDE = False
 ROWS_STREAMS = 4
 H200_SMS = 132
 ROWS_MAX_ROW_BLOCKS = 8191  # a counter each (the split-K workspace's 8,192, one for the tickets)
@@ -164,16 +170,24 @@ def rows_config(m: int, n: int) -> TileConfig:
     return ROWS_MID if m < 1024 else ROWS_LARGE
 
 
-def rows_shape(m: int, n: int, k: int, cfg: TileConfig | None = None, sms: int = H200_SMS) -> bool:
+def rows_shape(m: int, n: int, k: int, cfg: TileConfig | None = None, sms: int = H200_SMS,
+               wide: bool = ROWS_WIDE) -> bool:
     """Whether the one-launch W8A8 path runs the row-block kernel for ``[m, k] x [k, n]`` on tile ``cfg``
     (None: :func:`rows_config`'s) on a GPU of ``sms`` multiprocessors: from :data:`ROWS_MIN_M` rows, at most
-    :data:`ROWS_MAX_COL_TILES` column tiles and a :data:`ROWS_STREAMS`-th of the SMs (a row block's programs must
-    all be resident at once), at most :data:`ROWS_MAX_ROW_BLOCKS` row blocks."""
-    if m < ROWS_MIN_M:
+    :data:`ROWS_MAX_ROW_BLOCKS` row blocks, and (unless ``wide``) at most :data:`rows_quant_programs` column
+    tiles: every program of such a block quantizes a share of it."""
+    if m < ROWS_MIN_M or sms < ROWS_STREAMS:
         return False
     cfg = cfg or rows_config(m, n)
-    return (cdiv(n, cfg.block_n) <= min(ROWS_MAX_COL_TILES, sms // ROWS_STREAMS)
-            and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS)
+    tiles = cdiv(n, cfg.block_n)
+    return (wide or tiles <= rows_quant_programs(tiles, sms)) and cdiv(m, cfg.block_m) <= ROWS_MAX_ROW_BLOCKS
+
+
+def rows_quant_programs(col_tiles: int, sms: int = H200_SMS) -> int:
+    """How many programs of a row block of ``col_tiles`` programs quantize its rows (the kernel's ``QP``): all of
+    them up to :data:`ROWS_MAX_COL_TILES` and a :data:`ROWS_STREAMS`-th of the SMs (they wait for each other, so
+    they must be resident at once)."""
+    return max(1, min(col_tiles, ROWS_MAX_COL_TILES, sms // ROWS_STREAMS))
 
 
 def cdiv(a: int, b: int) -> int:

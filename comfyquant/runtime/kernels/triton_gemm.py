@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from comfyquant.runtime.kernels.act_kernels import (
-    block_barrier,
     block_place,
+    block_wait,
     input_act,
     quant_codes,
     quantize_rows,
@@ -352,25 +352,28 @@ def fused_rows(x_ptr, b_ptr, c_ptr, q_ptr, sa_ptr, sb_ptr, bias_ptr, sync_ptr, M
                stride_cm, ROW_SB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, h_ptr, u_ptr, R, stride_hm, stride_ur,
                HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr, A_ACT: tl.constexpr, QR: tl.constexpr,
-               BK: tl.constexpr, NCH: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr, PHASE: tl.constexpr):
-    """W8A8 in one launch from 64 rows: the programs of a row block quantize its rows between them (x's codes and
-    scales into ``q`` / ``sa``, :func:`act_kernels.quantize_rows`: the activation kernel's, bit for bit), wait
-    for each other, then each multiplies its output tile from the int8 rows (L2 loads: other programs wrote
-    them). Tiles go out in row-block order by a ticket taken at program start (``sync[0]``), so every program a
-    waiting one needs has started: no co-residency is assumed past a row block's ``cdiv(N, BLOCK_N)`` programs.
-    ``sync[1 + row block]`` counts arrivals, then departures; the last ticket and the last departure reset them,
-    so the counters start and end zeroed. ``PHASE`` 1 / 2: the quantization / the GEMM alone, for Triton's CPU
-    interpreter (it runs programs one after another, so a wait would never end); 0: both, synchronized.
+               BK: tl.constexpr, NCH: tl.constexpr, nw_ptr, eps, GR, QP, NORM: tl.constexpr, PHASE: tl.constexpr):
+    """W8A8 in one launch from 64 rows: the first ``QP`` programs of a row block (at most its ``cdiv(N, BLOCK_N)``)
+    quantize its rows between them (x's codes and scales into ``q`` / ``sa``, :func:`act_kernels.quantize_rows`:
+    the activation kernel's, bit for bit), every program of the block waits for those, then multiplies its output
+    tile from the int8 rows (L2 loads: other programs wrote them). Tiles go out in row-block order by a ticket
+    taken at program start (``sync[0]``), so every program a waiting one needs has started: no co-residency is
+    assumed past a row block's ``QP`` quantizing programs, which wait for each other (a layer of any width: the
+    programs past ``QP`` wait only on lower tickets). ``sync[1 + row block]`` counts arrivals, then departures;
+    the last ticket and the last departure reset them, so the counters start and end zeroed. ``PHASE`` 1 / 2: the
+    quantization / the GEMM alone, for Triton's CPU interpreter (it runs programs one after another, so a wait
+    would never end); 0: both, synchronized.
     ``NORM``: a folded RMSNorm or modulated LayerNorm (:func:`act_kernels.quantize_rows`; ``GR`` rows per
     modulation group)."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = block_place(sync_ptr, tl.cdiv(M, BLOCK_M), num_n, PHASE == 0)
     if PHASE != 2:
-        for g in range(pid_n, BLOCK_M // QR, num_n):  # this program's groups of QR rows
-            quantize_rows(x_ptr, q_ptr, sa_ptr, sa_ptr, pid_m * BLOCK_M + g * QR + tl.arange(0, QR), M, K, stride_xm,
-                          K, 127.0, BK, NCH, 0, 0, A_ACT, nw_ptr, eps, GR, NORM)
-    if PHASE == 0:
-        block_barrier(sync_ptr + 1 + pid_m, num_n)  # the row block's codes written, by all of its programs
+        if pid_n < QP:
+            for g in range(pid_n, BLOCK_M // QR, QP):  # this program's groups of QR rows
+                quantize_rows(x_ptr, q_ptr, sa_ptr, sa_ptr, pid_m * BLOCK_M + g * QR + tl.arange(0, QR), M, K,
+                              stride_xm, K, 127.0, BK, NCH, 0, 0, A_ACT, nw_ptr, eps, GR, NORM)
+    if PHASE == 0:  # the row block's codes written, by its QP quantizing programs
+        block_wait(sync_ptr + 1 + pid_m, (pid_n < QP).to(tl.int32), QP, num_n)
     if PHASE != 1:
         acc = _mainloop(q_ptr, b_ptr, M, N, K, K, stride_bn, pid_m, pid_n, tl.int32, BLOCK_M, BLOCK_N, BLOCK_K,
                         EVEN_K, False, 0, ".cg")

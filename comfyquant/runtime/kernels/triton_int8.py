@@ -22,6 +22,8 @@ from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels.acts import GATED_CODES, ModulatedNorm, Norm, norm_args, norm_rows, rms_norm
 from comfyquant.runtime.kernels.configs import (
+    H200_SMS,
+    ROWS_WIDE,
     WS_FP8,
     WS_LOW_RANK,
     TileConfig,
@@ -31,6 +33,7 @@ from comfyquant.runtime.kernels.configs import (
     hopper_w8a8_config,
     next_power_of_2,
     rows_config,
+    rows_quant_programs,
     rows_shape,
     small_m_config,
     w8a16_config,
@@ -330,11 +333,12 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
 def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, cfg: TileConfig | None = None,
                  low_rank: LowRank | None = None, act: int = 0, kblock: bool = False,
-                 norm: Norm | None = None) -> torch.Tensor:
+                 norm: Norm | None = None, wide: bool = ROWS_WIDE) -> torch.Tensor:
     """W8A8 in one launch: per-token quantization of x inside the GEMM (x bf16/fp16/fp32, no rotation);
     ``kblock``: one activation scale per row and K block of the tile config (``BLOCK_K``, 128 from K = 128 on:
     ``reference.int8_linear_kblock_ref``) instead of one per row, so no absmax pass over K comes first. From
-    ``configs.ROWS_MIN_M`` rows (``configs.rows_shape``) the row-block kernel (``fused_rows``) runs it.
+    ``configs.ROWS_MIN_M`` rows (``configs.rows_shape``; ``wide``: also on layers of more column tiles than
+    quantizing programs) the row-block kernel (``fused_rows``) runs it.
     ``norm``: an RMSNorm of x folded into the quantization (not with ``act``, ``low_rank`` or ``kblock``)."""
     _no_act_with_low_rank(act, low_rank, norm)
     _no_gated_act(act, "fused_linear")
@@ -347,12 +351,12 @@ def fused_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
         lr = _low_rank_args(low_rank, x2d, sb)
-        if not kblock and rows_shape(m, n, k, cfg, device_facts(x.device)[0]):
+        if not kblock and rows_shape(m, n, k, cfg, device_facts(x.device)[0], wide):
             cfg = cfg or rows_config(m, n)
             _fused_rows(x2d, w_q, out, sb, bias, cfg, lr, act, norm)
             return out.reshape(*lead, n)
         if isinstance(norm, ModulatedNorm):
-            if kblock or not rows_shape(m, n, k, cfg):
+            if kblock or not rows_shape(m, n, k, cfg, wide=wide):
                 raise ValueError("a modulated LayerNorm folds into the row-block one-launch kernel only "
                                  "(configs.rows_shape), not the per-tile one")
             x2d, norm = rms_norm(x2d, norm), None  # a GPU too small for the row block's programs at once
@@ -395,19 +399,19 @@ def _norm_alone(norm: Norm | None, act: int, kblock: bool = False) -> None:
 ROWS_QUANT_PER_THREAD = 64  # fp32 values of x per thread in the quantization share (16K on 8 warps)
 
 
-def rows_quant_config(k: int, cfg: TileConfig, n: int) -> tuple[int, int, int]:
+def rows_quant_config(k: int, cfg: TileConfig, n: int, sms: int = H200_SMS) -> tuple[int, int, int]:
     """(rows per step, columns per step, chunks) of the row-block kernel's quantization share: rows up to 8,192
     wide in registers, longer ones in two passes over 4,096- or 2,048-column chunks (as the activation kernel's
-    block configurations); as many rows per step as give each of the row block's ``cdiv(n, BLOCK_N)`` programs
-    one step, within :data:`ROWS_QUANT_PER_THREAD` values a thread (H200 run 46: 5-13% less GPU time than 4 rows
-    a step on rows up to 2,048 wide, the same from 4,096); chunked rows one at a time (4 rows of 3 chunks
-    unrolled twice ran 1.5-1.7x slower: Flux mlp2, K = 12,288)."""
+    block configurations); as many rows per step as give each of the row block's quantizing programs
+    (``configs.rows_quant_programs``) one step, within :data:`ROWS_QUANT_PER_THREAD` values a thread (H200 run 46:
+    5-13% less GPU time than 4 rows a step on rows up to 2,048 wide, the same from 4,096); chunked rows one at a
+    time (4 rows of 3 chunks unrolled twice ran 1.5-1.7x slower: Flux mlp2, K = 12,288)."""
     full = next_power_of_2(max(k, 16))
     if full > 8192:
         bk = 4096 if k % 4096 == 0 else 2048
         return 1, bk, cdiv(k, bk)
     fits = max(1, ROWS_QUANT_PER_THREAD * 32 * cfg.warps // full)
-    want = next_power_of_2(cdiv(cfg.block_m, cdiv(n, cfg.block_n)))
+    want = next_power_of_2(cdiv(cfg.block_m, rows_quant_programs(cdiv(n, cfg.block_n), sms)))
     return max(1, min(fits, want, cfg.block_m)), full, 1
 
 
@@ -429,7 +433,8 @@ def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: to
     GEMM alone, for the CPU interpreter)."""
     (m, k), n = x2d.shape, w_q.shape[0]
     q, s, sync = bufs
-    qr, bk, nch = rows_quant_config(k, cfg, n)
+    sms = device_facts(x2d.device)[0]
+    qr, bk, nch = rows_quant_config(k, cfg, n, sms)
     lr_args, lr_key = lr
     nw, eps, code = norm_args(norm, sb)
     if isinstance(norm, ModulatedNorm) and nch != 1:
@@ -437,7 +442,8 @@ def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: to
     return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
             (x2d, w_q, out, q, s, sb, bias if bias is not None else sb, sync, m, n, k, x2d.stride(0),
              w_q.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, nw, eps, norm_rows(norm), code, phase),
+             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, nw, eps, norm_rows(norm),
+             rows_quant_programs(cdiv(n, cfg.block_n), sms), code, phase),
             (cfg, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
              _al(x2d), _al(w_q), _al(q), _al(sb), bias is None or _al(bias), lr_key, act, phase, code, nw.dtype,
              _al(nw)))

@@ -24,7 +24,7 @@ from comfyquant.quant.fp8 import FP8_DTYPES
 from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_int8 as ti
 from comfyquant.runtime.kernels.acts import ModulatedNorm, Norm
-from comfyquant.runtime.kernels.configs import TileConfig, rows_config, rows_shape
+from comfyquant.runtime.kernels.configs import ROWS_WIDE, TileConfig, rows_config, rows_shape
 from comfyquant.runtime.versions import version
 
 logger = logging.getLogger("comfyquant.runtime")
@@ -176,9 +176,10 @@ def _split_launch(fire: Callable | None, args: tuple, shape: tuple[int, ...], ou
 
 def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype, act: int = 0, low_rank: LowRank | None = None,
-               kblock: bool = False, norm: Norm | None = None) -> Plan | None:
+               kblock: bool = False, norm: Norm | None = None, wide: bool = ROWS_WIDE) -> Plan | None:
     """``x -> fused_linear(x, w_q, w_scale, bias, out_dtype, low_rank=low_rank, act=act, kblock=kblock,
-    norm=norm)`` for ``x``'s signature, or None (the norm's weight is held: in-place updates are seen)."""
+    norm=norm, wide=wide)`` for ``x``'s signature, or None (the norm's weight is held: in-place updates are
+    seen)."""
     ti._norm_alone(norm, act, kblock)
     common = _common(x, w_q, w_scale)
     if common is None:
@@ -186,7 +187,7 @@ def plan_fused(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     lead, m, n, k, dev, sb = common
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     lr = ti._low_rank_args(low_rank, x.view(m, k), sb)
-    if not kblock and rows_shape(m, n, k, None, ti.device_facts(dev)[0]):
+    if not kblock and rows_shape(m, n, k, None, ti.device_facts(dev)[0], wide):
         return _rows_plan(x.view(m, k), w_q, out, sb, bias, lr, act, (*lead, n), low_rank, norm)
     if isinstance(norm, ModulatedNorm):  # (the general path applies it in torch on a GPU too small for the rows)
         return None
