@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHAPES = {"sdxl.attn640": (640, 640), "sdxl.attn1280": (1280, 1280), "sdxl.ff2": (5120, 1280),
           "clip.attn": (768, 768), "clip.fc1": (768, 3072), "clip.fc2": (3072, 768), "flux.proj": (3072, 3072),
           "t5.attn": (4096, 4096), "flux.mlp2": (12288, 3072)}
-WIDE_SHAPES = {"sdxl.ff0": (1280, 10240), "flux.qkv": (3072, 9216), "flux.mlp0": (3072, 12288),
-               "t5.ff0": (4096, 10240), "wan.attn": (5120, 5120), "flux.linear1": (3072, 21504)}
+WIDE_SHAPES = {"sdxl.ff0": (1280, 10240), "sdxl.ff0_640": (640, 5120), "flux.qkv": (3072, 9216),
+               "flux.mlp0": (3072, 12288), "t5.ff0": (4096, 10240), "wan.attn": (5120, 5120),
+               "flux.linear1": (3072, 21504)}
 MS = (64, 256, 1024, 4096, 16384)
 WIDE_MS = (256, 1024, 4096)
 CONFIG_MS = (256, 1024, 4096)
