@@ -69,6 +69,40 @@ def run_interpreted(code: str, *, timeout_s: float = TIMEOUT_S) -> dict[str, Any
     return res
 
 
+def run_groups_in_parallel(shares: list[list[str]], *, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+    """``triton_interp_checks``' groups in one interpreted process per share, all at once (the interpreter is one
+    CPU core's work and pytest waits on it: CI's two cores run two shares in about half the time); the results
+    merged as :func:`run_interpreted` returns them, ``group_seconds`` in the shares' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    codes = [f"import triton_interp_checks as c; c.run_groups({names!r})" for names in shares if names]
+    with ThreadPoolExecutor(len(codes)) as pool:
+        parts = list(pool.map(lambda code: run_interpreted(code, timeout_s=timeout_s), codes))
+    errors = [p["error"] for p in parts if p["error"] is not None]
+    workarounds: list[str] = []
+    for p in parts:
+        workarounds += [w for w in p["workarounds"] if w not in workarounds]
+    return {"checks": [c for p in parts for c in p["checks"]], "error": "\n".join(errors) if errors else None,
+            "workarounds": workarounds, "group_seconds": {g: t for p in parts for g, t in p["group_seconds"].items()},
+            "seconds": max(p["seconds"] for p in parts), "versions": parts[0]["versions"],
+            "returncode": next((p["returncode"] for p in parts if p["returncode"]), 0),
+            "stderr_tail": "\n".join(p["stderr_tail"] for p in parts)[-4000:]}
+
+
+def balanced_shares(names: list[str], seconds: dict[str, float], n: int) -> list[list[str]]:
+    """``names`` in ``n`` shares of about equal total ``seconds`` (heaviest first into the lightest share; a name
+    without a figure counts the median one), each share in ``names``' order."""
+    known = sorted(seconds.values())
+    default = known[len(known) // 2] if known else 1.0
+    loads, shares = [0.0] * n, [[] for _ in range(n)]
+    for name in sorted(names, key=lambda g: -seconds.get(g, default)):
+        i = loads.index(min(loads))
+        loads[i] += seconds.get(name, default)
+        shares[i].append(name)
+    order = {g: i for i, g in enumerate(names)}
+    return [sorted(s, key=order.__getitem__) for s in shares]
+
+
 # ---- child side ------------------------------------------------------------------------------------------------
 _STATE: dict[str, Any] = {"group": None, "checks": [], "workarounds": [], "group_seconds": {}}
 
