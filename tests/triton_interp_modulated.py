@@ -114,6 +114,19 @@ def check_modulated_linear() -> None:
             without = rel(path(x).float(), ref)
             record(f"modulated_linear_{name}", rel(y, ref) < 1e-4 and without > 0.3, m=m, k=k, n=n, dtype=str(dt),
                    rel=rel(y, ref), without=without)
+    # a layer wider than the row block's quantizing programs (``rows_shape``'s wide: Flux qkv's width), 40 column
+    # tiles of 16 on 32 quantizing programs: the two-launch path's output bit for bit
+    from comfyquant.runtime.kernels import triton_int8 as ti
+    from comfyquant.runtime.kernels.configs import TileConfig
+
+    m, k, n, gr = 128, 128, 640, 64
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * 0.01 + 1e-3
+    x = _x(m, k, BF16, seed=11)
+    norm = ModulatedNorm(_mod(m // gr, k, seed=12, dtype=BF16), EPS, gr)
+    y = ti.fused_linear(x, w, s, None, BF16, cfg=TileConfig(64, 16, 32, 4, 1), norm=norm, wide=True)
+    record("modulated_linear_fused_wide", torch.equal(y, ti.int8_linear(x, w, s, None, None, BF16, norm=norm)), m=m,
+           k=k, n=n)
     # the one-launch path's per-tile kernel (under 64 rows) has no modulated norm: refused, not ignored
     w = torch.randint(-127, 128, (16, 128), dtype=torch.int8, generator=g)
     x = _x(8, 128, F16, seed=9)
