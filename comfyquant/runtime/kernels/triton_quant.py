@@ -170,6 +170,22 @@ GROWS_MIN_GROUPS = 33
 GROWS_MAX_ELEMS = 64 << 20
 GROWS_ONE_MAX = 64  # groups a program holds whole (16,384 columns); wider rows take steps of 64 (two passes)
 GROWS_WARPS = 4  # run 126: 1.2-1.4x faster than 8 warps on every shape (168 registers, no spills, sm_90)
+# ... launched as a few programs an SM walking the rows in strides, the next row's loads pipelined under this one's
+# arithmetic and the Hadamard loaded once a program (H100 run 127, ``bench_rotation.py --grows``, the same 20
+# shapes, codes bit-equal to the default's): rows of more than 32 groups from 1,024 rows, 2 programs an SM and 3
+# stages, 1.09-1.30x the one-program-a-row default and at 16,384 rows 1.33-1.58x the tile kernel picked before
+# (16,384 x 15,360: 276 against 437 µs); rows of 17-32 groups (5,120 columns) packed 64 // groups to a tile
+# (:func:`group_rows_packed`) from 4,096 rows, 2 programs an SM and 2 stages, 1.16-1.18x the tile kernel (the
+# timed 20 groups, three rows a tile: 17-21 groups pack so; 22-32 pack two a tile, untimed). At 256 rows the
+# strided form ties the default; on 3,072 columns (12 groups) packing won at 1,024 / 16,384 rows (1.08-1.20x) and
+# lost at 4,096 (0.94x), so those keep the earlier pick.
+GROWS_STRIDE_MIN_M = 1024
+GROWS_PER_SM = 2
+GROWS_STRIDE_STAGES = 3
+GROWS_STRIDE_MAX_ELEMS = 256 << 20  # the largest timed: 16,384 x 15,360 (Wan 480p's 32,760 rows keep the tiles)
+GROWS_PACKED_GROUPS = (17, 21)
+GROWS_PACKED_MIN_M = 4096
+GROWS_PACKED_STAGES = 2
 
 
 def group_rows_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> bool:
@@ -189,10 +205,28 @@ def group_rows_config(k: int) -> tuple[int, bool, int]:
 
 def group_rows_packed(k: int) -> tuple[int, bool, int, int] | None:
     """The group-rows kernel's packed configuration for rows ``k`` wide (groups per tile, one pass, warps, rows
-    per tile): ``64 // groups`` rows to a 64-row tile where two rows or more fit, else None. Timed and checked
-    only (``bench_rotation.py --grows``, ``check_group_rows``); :func:`pick_kernel` does not take it yet."""
+    per tile): ``64 // groups`` rows to a 64-row tile where two rows or more fit, else None."""
     g = cdiv(k, 256)
     return (GROWS_ONE_MAX, True, GROWS_WARPS, GROWS_ONE_MAX // g) if 2 * g <= GROWS_ONE_MAX else None
+
+
+def group_rows_schedule(m: int, k: int, sms: int) -> tuple[tuple[int, ...], int | None, int] | None:
+    """(configuration, programs or None for one a row / pack, pipeline stages) the runtime launches the group-rows
+    kernel with for ``m`` rows ``k`` wide on ``sms`` multiprocessors, or None where it does not take the call:
+    the strided and packed forms where H100 run 127 timed them faster (:data:`GROWS_STRIDE_MIN_M`,
+    :data:`GROWS_PACKED_GROUPS`), else one program a row up to :data:`GROWS_MAX_ELEMS` (H200 run 126)."""
+    g = cdiv(k, 256)
+    if m < GROWS_MIN_M:
+        return None
+    if g >= GROWS_MIN_GROUPS and m >= GROWS_STRIDE_MIN_M and m * k <= GROWS_STRIDE_MAX_ELEMS:
+        return group_rows_config(k), GROWS_PER_SM * sms, GROWS_STRIDE_STAGES
+    lo, hi = GROWS_PACKED_GROUPS
+    packed = group_rows_packed(k)
+    if lo <= g <= hi and packed is not None and m >= GROWS_PACKED_MIN_M and m * k <= GROWS_STRIDE_MAX_ELEMS:
+        return packed, GROWS_PER_SM * sms, GROWS_PACKED_STAGES
+    if g >= GROWS_MIN_GROUPS and m * k <= GROWS_MAX_ELEMS:
+        return group_rows_config(k), None, 1
+    return None
 
 
 def group_rows_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, mode: int, qmax: float, perm: int,
@@ -261,16 +295,15 @@ def pick_kernel(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, h
     for int8 codes of long rows (:data:`ROT_SPLIT_MIN_K`, :data:`ROT_SPLIT_MIN_ELEMS`), else "rows"; int8 codes
     by groups of 256 on mid-sized calls (:data:`HELD_MIN_M`, :data:`HELD_MAX_K`, :data:`HELD_ELEMS`): "held"
     (``held=False``: the choice among the others, which the timings recorded before that kernel judge); groups of
-    256 of more than 32 groups, :data:`GROWS_MIN_M` rows up to :data:`GROWS_MAX_ELEMS` elements: "grows" for
-    int8 codes (the mode run 126 timed; the rotation alone keeps its earlier pick) (``grows=False``: the choice
-    without it, as ``held``)."""
+    256 where :func:`group_rows_schedule` takes them: "grows" for int8 codes (the mode runs 126-127 timed; the
+    rotation alone keeps its earlier pick) (``grows=False``: the choice without it, as ``held``)."""
     if group is None and mode in (MODE_INT8, MODE_FP8, MODE_FP8_STATIC):
         return "blocks"
     if not tiles_apply(x2d, group, mode, act):
         return "rows"
     m, k = int(x2d.shape[0]), out_width(x2d, act)
-    if (grows and mode == MODE_INT8 and m >= GROWS_MIN_M and cdiv(k, 256) >= GROWS_MIN_GROUPS
-            and m * k <= GROWS_MAX_ELEMS and group_rows_apply(x2d, group, mode, act)):
+    if (grows and mode == MODE_INT8 and group_rows_schedule(m, k, device_facts(x2d.device)[0]) is not None
+            and group_rows_apply(x2d, group, mode, act)):
         return "grows"
     if (held and m >= HELD_MIN_M and k <= HELD_MAX_K and HELD_ELEMS[0] <= m * k <= HELD_ELEMS[1]
             and held_apply(x2d, group, mode, act)):
@@ -338,7 +371,10 @@ def launch_for(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static
         return [(_ACT_HELD, *held_launch(x2d, out, scale, sync, qmax, perm, act, phase=phase), 1)
                 for phase in sync_phases(x2d.device)]
     if kernel == "grows" and static_scale is None and group_rows_apply(x2d, group, mode, act):
-        return [(_ACT_GROWS, *group_rows_launch(x2d, out, scale, mode, qmax, perm, act), 1)]
+        m, k = int(x2d.shape[0]), out_width(x2d, act)
+        cfg, programs, stages = (group_rows_schedule(m, k, device_facts(x2d.device)[0])
+                                 or (group_rows_config(k), None, 1))
+        return [(_ACT_GROWS, *group_rows_launch(x2d, out, scale, mode, qmax, perm, act, cfg, programs), stages)]
     if kernel == "split" and static_scale is None and _splits(x2d, group, mode, act):
         assert group is not None
         m, sms = int(x2d.shape[0]), device_facts(x2d.device)[0]
