@@ -404,6 +404,7 @@ def main() -> int:
         name, _, secs = item.partition(":")
         budget = float(secs or 60)
         start = time.perf_counter()
+        before = output_files(work)
         log = work / f"{name}.log"
         status = []
         with open(log, "w") as fh:
@@ -426,6 +427,7 @@ def main() -> int:
         print("\n".join(step_lines), flush=True)
         with open(summary, "a") as fh:
             fh.write("\n".join(step_lines) + "\n")
+        file_under_step(work, name, before)
         save_results(work, results)  # after every step: a call cut off later still returns what finished
     for tmp in SCRATCH_DIRS:
         shutil.rmtree(work / tmp, ignore_errors=True)
@@ -434,6 +436,31 @@ def main() -> int:
 
 
 SCRATCH_DIRS = ("opt_tmp", "auto_tmp")  # the steps' scratch folders under work/: never zipped, removed at the end
+
+
+def output_files(work: Path) -> dict[Path, tuple[float, int]]:
+    """(mtime, size) of every file the steps wrote under ``work``'s output folders (not the scratch folders, not
+    the steps' own logs at its top)."""
+    out = {}
+    for f in work.rglob("*"):
+        rel = f.relative_to(work)
+        if f.is_file() and len(rel.parts) > 1 and rel.parts[0] not in SCRATCH_DIRS:
+            st = f.stat()
+            out[f] = (st.st_mtime, st.st_size)
+    return out
+
+
+def file_under_step(work: Path, name: str, before: dict[Path, tuple[float, int]]) -> None:
+    """Move the files step ``name`` wrote or rewrote (against ``before``) to ``work/name/``, keeping their paths:
+    steps share output folders (two sweeps both write ``sweep/bench.json``), so a later step of the same call
+    would otherwise replace an earlier one's results (run 128 lost its SDXL / CLIP sweep's json that way)."""
+    for f, stamp in output_files(work).items():
+        rel = f.relative_to(work)
+        if rel.parts[0] == name or before.get(f) == stamp:
+            continue
+        dest = work / name / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        f.replace(dest)
 
 
 def save_results(work: Path, results: Path) -> None:
