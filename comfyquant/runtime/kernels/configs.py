@@ -144,9 +144,11 @@ def hopper_w8a8_config(cfg: TileConfig, m: int = 0, major: int = 9, n: int = 0, 
 ROWS_MIN_M = 64
 ROWS_MAX_COL_TILES = 32
 # Layers wider than ``ROWS_MAX_COL_TILES`` column tiles (``rows_shape``'s ``wide``): the programs past the
-# quantizing ones wait only on lower tickets, so any width is safe; built for the eager floor rows where two
-# launches' host time loses to bf16 on GPU time that ties (SDXL ff0 1,280 -> 10,240 at 256 rows: 0.85x, H100 run
-# 125), but no GPU has timed a wide row-block launch yet: off until ``bench_fused_rows.py --wide`` has.
+# quantizing ones wait only on lower tickets, so any width is safe (H100 run 127: bit-equal to two launches, four
+# streams at once). Built for the eager floor rows where two launches' host time loses to bf16 on GPU time that
+# ties (SDXL ff0 1,280 -> 10,240 at 256 rows: 0.85x, H100 run 125), but slower than two launches on every wide
+# layer timed (run 127, ``bench_fused_rows.py --wide``: SDXL ff0 at 256 rows 24.0 against 17.4 µs eager, 1.3-1.7x
+# from 1,024 rows; the row-block GEMM's GPU time exceeds the second launch's host time): off.
 ROWS_WIDE = False
 ROWS_STREAMS = 4
 H200_SMS = 132
