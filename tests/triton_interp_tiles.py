@@ -240,9 +240,9 @@ def check_group_rows() -> None:
                                           (4096, 8192): "tiles", (4096, 5120): "grows", (1024, 5120): "held",
                                           (32760, 13824): "tiles"}, picks=str(picks))
     # ... launched as the schedule says: a row a program at 256 rows; two programs an SM, 3 stages, from 1,024;
-    # packed three rows a tile, 2 stages, on 5,120 columns
+    # packed three rows a tile, 2 stages, on 5,120 columns; rows of two passes (80 groups) a row a program
     launches = {}
-    for m, k in ((256, 12288), (1024, 15360), (4096, 5120)):
+    for m, k in ((256, 12288), (1024, 15360), (4096, 5120), (1024, 20480)):
         x = torch.zeros(m, k, dtype=F16)
         q, s = torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1)
         (fk, grid, args, _key, warps, stages), = tq.launch_for(x, q, s, None, 256, tq.MODE_INT8, 127.0, 0, 0,
@@ -250,7 +250,8 @@ def check_group_rows() -> None:
         launches[(m, k)] = (fk is tq._ACT_GROWS, grid[0], stages, args[10], args[15])
     record("group_rows_schedule_launched", launches == {(256, 12288): (True, 256, 1, 64, 1),
                                                         (1024, 15360): (True, 264, 3, 64, 1),
-                                                        (4096, 5120): (True, 264, 2, 64, 3)}, got=str(launches))
+                                                        (4096, 5120): (True, 264, 2, 64, 3),
+                                                        (1024, 20480): (True, 1024, 1, 64, 1)}, got=str(launches))
     record("group_rows_not_picked_for_rotation_alone",
            tq.pick_kernel(torch.empty((1024, 15360), dtype=F16), 256, tq.MODE_FLOAT) != "grows")
     record("group_rows_config", tq.group_rows_config(3072) == (16, True, 4) and tq.group_rows_config(15360) ==

@@ -218,7 +218,8 @@ def group_rows_schedule(m: int, k: int, sms: int) -> tuple[tuple[int, ...], int 
     g = cdiv(k, 256)
     if m < GROWS_MIN_M:
         return None
-    if g >= GROWS_MIN_GROUPS and m >= GROWS_STRIDE_MIN_M and m * k <= GROWS_STRIDE_MAX_ELEMS:
+    if GROWS_MIN_GROUPS <= g <= GROWS_ONE_MAX and m >= GROWS_STRIDE_MIN_M and m * k <= GROWS_STRIDE_MAX_ELEMS:
+        # (one-pass rows: the timed 48-60 groups; wider rows' two passes were not timed strided)
         return group_rows_config(k), GROWS_PER_SM * sms, GROWS_STRIDE_STAGES
     lo, hi = GROWS_PACKED_GROUPS
     packed = group_rows_packed(k)
