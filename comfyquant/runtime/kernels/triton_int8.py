@@ -22,7 +22,6 @@ from comfyquant.runtime.kernels import scratch, triton_quant
 from comfyquant.runtime.kernels import triton_gemm as kern
 from comfyquant.runtime.kernels.acts import GATED_CODES, ModulatedNorm, Norm, norm_args, norm_rows, rms_norm
 from comfyquant.runtime.kernels.configs import (
-    H200_SMS,
     ROWS_WIDE,
     WS_FP8,
     WS_LOW_RANK,
@@ -399,10 +398,10 @@ def _norm_alone(norm: Norm | None, act: int, kblock: bool = False) -> None:
 ROWS_QUANT_PER_THREAD = 64  # fp32 values of x per thread in the quantization share (16K on 8 warps)
 
 
-def rows_quant_config(k: int, cfg: TileConfig, n: int, sms: int = H200_SMS) -> tuple[int, int, int]:
+def rows_quant_config(k: int, cfg: TileConfig, qp: int) -> tuple[int, int, int]:
     """(rows per step, columns per step, chunks) of the row-block kernel's quantization share: rows up to 8,192
     wide in registers, longer ones in two passes over 4,096- or 2,048-column chunks (as the activation kernel's
-    block configurations); as many rows per step as give each of the row block's quantizing programs
+    block configurations); as many rows per step as give each of the row block's ``qp`` quantizing programs
     (``configs.rows_quant_programs``) one step, within :data:`ROWS_QUANT_PER_THREAD` values a thread (H200 run 46:
     5-13% less GPU time than 4 rows a step on rows up to 2,048 wide, the same from 4,096); chunked rows one at a
     time (4 rows of 3 chunks unrolled twice ran 1.5-1.7x slower: Flux mlp2, K = 12,288)."""
@@ -411,7 +410,7 @@ def rows_quant_config(k: int, cfg: TileConfig, n: int, sms: int = H200_SMS) -> t
         bk = 4096 if k % 4096 == 0 else 2048
         return 1, bk, cdiv(k, bk)
     fits = max(1, ROWS_QUANT_PER_THREAD * 32 * cfg.warps // full)
-    want = next_power_of_2(cdiv(cfg.block_m, rows_quant_programs(cdiv(n, cfg.block_n), sms)))
+    want = next_power_of_2(cdiv(cfg.block_m, qp))
     return max(1, min(fits, want, cfg.block_m)), full, 1
 
 
@@ -433,8 +432,8 @@ def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: to
     GEMM alone, for the CPU interpreter)."""
     (m, k), n = x2d.shape, w_q.shape[0]
     q, s, sync = bufs
-    sms = device_facts(x2d.device)[0]
-    qr, bk, nch = rows_quant_config(k, cfg, n, sms)
+    qp = rows_quant_programs(cdiv(n, cfg.block_n), device_facts(x2d.device)[0])
+    qr, bk, nch = rows_quant_config(k, cfg, qp)
     lr_args, lr_key = lr
     nw, eps, code = norm_args(norm, sb)
     if isinstance(norm, ModulatedNorm) and nch != 1:
@@ -442,8 +441,7 @@ def _rows_launch(x2d: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, sb: to
     return ((cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
             (x2d, w_q, out, q, s, sb, bias if bias is not None else sb, sync, m, n, k, x2d.stride(0),
              w_q.stride(0), out.stride(0), sb.numel() > 1, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k,
-             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, nw, eps, norm_rows(norm),
-             rows_quant_programs(cdiv(n, cfg.block_n), sms), code, phase),
+             k % cfg.block_k == 0, *lr_args, act, qr, bk, nch, nw, eps, norm_rows(norm), qp, code, phase),
             (cfg, x2d.dtype, out.dtype, n, k, x2d.stride(0), w_q.stride(0), sb.numel() > 1, bias is not None,
              _al(x2d), _al(w_q), _al(q), _al(sb), bias is None or _al(bias), lr_key, act, phase, code, nw.dtype,
              _al(nw)))
