@@ -455,10 +455,9 @@ def file_under_step(work: Path, name: str, before: dict[Path, tuple[float, int]]
     steps share output folders (two sweeps both write ``sweep/bench.json``), so a later step of the same call
     would otherwise replace an earlier one's results (run 128 lost its SDXL / CLIP sweep's json that way)."""
     for f, stamp in output_files(work).items():
-        rel = f.relative_to(work)
-        if rel.parts[0] == name or before.get(f) == stamp:
+        if before.get(f) == stamp:
             continue
-        dest = work / name / rel
+        dest = work / name / f.relative_to(work)
         dest.parent.mkdir(parents=True, exist_ok=True)
         f.replace(dest)
 

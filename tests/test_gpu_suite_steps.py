@@ -93,20 +93,22 @@ def test_each_finished_step_is_in_the_results_before_the_next_starts(tmp_path: P
     assert sorted(p.name for p in out.iterdir()) == ["results.zip", "summary.txt"]  # no .part left behind
 
 
-def test_two_steps_writing_the_same_file_both_keep_theirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("names", [("sweep_a", "sweep_b"), ("sweep", "sweep_dit")])
+def test_two_steps_writing_the_same_file_both_keep_theirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           names: tuple[str, str]) -> None:
     """Two sweeps in one call both write ``sweep/bench.json`` (run 128 returned only the second's): each step's
-    files go under its own name in the results, the first's left as it wrote them."""
+    files go under its own name in the results, the first's left as it wrote them, also where a step is named
+    like the folder it writes (the ``sweep`` step)."""
     out = tmp_path / "out"
 
     def table(work: Path, smoke: bool, cache: Path | None) -> dict[str, list[list[str]]]:
         write = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
-        return {name: [[sys.executable, "-c", write, str(work / "sweep" / "bench.json"), name]]
-                for name in ("sweep_a", "sweep_b")}
+        return {name: [[sys.executable, "-c", write, str(work / "sweep" / "bench.json"), name]] for name in names}
 
     monkeypatch.setattr(gpu_suite, "steps", table)
     monkeypatch.setattr(gpu_suite, "unpack", lambda scratch: (dict(__import__("os").environ), None))
-    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--out", str(out), "--steps", "sweep_a:30,sweep_b:30"])
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--out", str(out), "--steps", ",".join(f"{n}:30" for n in names)])
     assert gpu_suite.main() == 0
     z = zipfile.ZipFile(out / "results.zip")
-    assert z.read("sweep_a/sweep/bench.json") == b"sweep_a" and z.read("sweep_b/sweep/bench.json") == b"sweep_b"
+    assert [z.read(f"{n}/sweep/bench.json") for n in names] == [n.encode() for n in names]
     assert "sweep/bench.json" not in z.namelist()
