@@ -147,8 +147,9 @@ ROWS_MAX_COL_TILES = 32
 # quantizing ones wait only on lower tickets, so any width is safe (H100 run 127: bit-equal to two launches, four
 # streams at once). Built for the eager floor rows where two launches' host time loses to bf16 on GPU time that
 # ties (SDXL ff0 1,280 -> 10,240 at 256 rows: 0.85x, H100 run 125), but slower than two launches on every wide
-# layer timed (run 127, ``bench_fused_rows.py --wide``: SDXL ff0 at 256 rows 24.0 against 17.4 µs eager, 1.3-1.7x
-# from 1,024 rows; the row-block GEMM's GPU time exceeds the second launch's host time): off.
+# layer timed but SDXL's 640 -> 5,120 at 256 rows, a size no model runs (run 127, ``bench_fused_rows.py --wide``:
+# SDXL ff0 at 256 rows 24.0 against 17.4 µs eager, 1.3-1.7x from 1,024 rows; the row-block GEMM's GPU time exceeds
+# the second launch's host time): off.
 ROWS_WIDE = False
 ROWS_STREAMS = 4
 H200_SMS = 132

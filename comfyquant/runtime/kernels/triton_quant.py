@@ -173,9 +173,9 @@ GROWS_WARPS = 4  # run 126: 1.2-1.4x faster than 8 warps on every shape (168 reg
 # ... launched as a few programs an SM walking the rows in strides, the next row's loads pipelined under this one's
 # arithmetic and the Hadamard loaded once a program (H100 run 127, ``bench_rotation.py --grows``, the same 20
 # shapes, codes bit-equal to the default's): rows of more than 32 groups from 1,024 rows, 2 programs an SM and 3
-# stages, 1.09-1.30x the one-program-a-row default and at 16,384 rows 1.33-1.58x the tile kernel picked before
+# stages, 1.12-1.30x the one-program-a-row default and at 16,384 rows 1.33-1.58x the tile kernel picked before
 # (16,384 x 15,360: 276 against 437 µs); rows of 17-21 groups (5,120 columns: 20) packed three to a tile
-# (:func:`group_rows_packed`) from 4,096 rows, 2 programs an SM and 2 stages, 1.16-1.18x the tile kernel (22-32
+# (:func:`group_rows_packed`) from 4,096 rows, 2 programs an SM and 2 stages, 1.17-1.18x the tile kernel (22-32
 # groups would pack two to a tile: untimed, so they keep the earlier pick). At 256 rows the
 # strided form ties the default; on 3,072 columns (12 groups) packing won at 1,024 / 16,384 rows (1.08-1.20x) and
 # lost at 4,096 (0.94x), so those keep the earlier pick.
