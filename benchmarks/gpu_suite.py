@@ -69,6 +69,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # bench_rotation's +57 µs for the whole rotating pass (run 55): which kernels, at what time
         "profile_convrot": [[PY, "benchmarks/profile_layers.py", "--out", str(work / "profile_convrot"), "--shapes",
                              "flux.mlp2,flux.linear2,wan14b.ffn2", "--m", "4096"]],
+        # the 3,072-column rows at 16,384 where convrot's gap to the plain layer is mostly not its rotating pass
+        "profile_convrot_16k": [[PY, "benchmarks/profile_layers.py", "--out", str(work / "profile_convrot_16k"),
+                                 "--shapes", "flux.linear1,flux.mlp0,flux.qkv", "--m", "16384"]],
         # the Flux / Wan rows at 16,384 alone (the convrot column against the plain one)
         "sweep_16k": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                        "--sections", "sweep", "--sweep-models", "flux,wan14b", "--sweep-m", "16384"]],
