@@ -44,13 +44,27 @@ def configs(k: int) -> list[tuple[int, int | None, int]]:
     return out
 
 
-def run_block(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple, mode: int, qmax: float,
-              static: torch.Tensor | None = None) -> None:
+def strided(cfgs: list[tuple], m: int, k: int) -> list[tuple]:
+    """The strided forms timed beside a width's configurations: ``block_config``'s pick and the one-pass ones,
+    with 2 or 4 programs an SM and 1-3 pipeline stages: (rows, chunk, warps, programs an SM, stages)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    rows, chunk, warps = cfg
-    grid, args, key, w = tq.block_launch(x, q, s, static, mode, qmax, 0, 0, rows=rows, chunk=chunk, warps=warps)
-    tq._ACT_BLOCKS(grid, args, x.device, num_warps=w, num_stages=1, key=key)
+    base = list(dict.fromkeys([tq.block_config(m, k), *(c for c in cfgs if c[1] is None and c[0] == 1)]))
+    return [(*c, per_sm, stages) for c in base for per_sm in (2, 4) for stages in (1, 2, 3)]
+
+
+def run_block(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple, mode: int, qmax: float,
+              static: torch.Tensor | None = None) -> None:
+    """The block kernel in configuration ``cfg``: (rows, chunk, warps), or with (programs an SM, stages) after
+    them, its strided form."""
+    from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.launch import device_facts
+
+    rows, chunk, warps, *more = cfg
+    programs, stages = (more[0] * device_facts(x.device)[0], more[1]) if more else (None, 1)
+    grid, args, key, w = tq.block_launch(x, q, s, static, mode, qmax, 0, 0, rows=rows, chunk=chunk, warps=warps,
+                                         programs=programs)
+    tq._ACT_BLOCKS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
 
 
 def check(k: int, cfgs: list) -> dict:
@@ -126,7 +140,7 @@ def main() -> int:
             for kern in ("rows", "tiles", "auto"):
                 row["us"][kern] = graph_time_us(lambda x, q, s, kern=kern: tq.quantize_rows_int8(x, kernel=kern),
                                                 pairs)
-            for cfg in cfgs:
+            for cfg in [*cfgs, *strided(cfgs, m, k)]:
                 row["us"][str(cfg)] = graph_time_us(
                     lambda x, q, s, cfg=cfg: run_block(x, q, s, cfg, tq.MODE_INT8, 127.0), pairs)
             best = min(((v, c) for c, v in row["us"].items() if c.startswith("(")), default=(float("nan"), ""))

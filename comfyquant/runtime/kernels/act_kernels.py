@@ -582,10 +582,17 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
 @triton.jit
 def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stride_om, qmax,
                       R: tl.constexpr, BK: tl.constexpr, NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
-                      ACT: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr):
-    """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program: :func:`quantize_rows`."""
-    quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, tl.program_id(0) * R + tl.arange(0, R), M, K, stride_xm,
-                  stride_om, qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, GR, NORM)
+                      ACT: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr, NPROG, STRIDED: tl.constexpr):
+    """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program: :func:`quantize_rows`;
+    ``STRIDED``: ``NPROG`` programs walk the row blocks in strides (the next block's loads can be pipelined under
+    this one's stores, as the group-rows kernel's strided form does)."""
+    if STRIDED:
+        for r0 in range(tl.program_id(0) * R, M, NPROG * R):
+            quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, r0 + tl.arange(0, R), M, K, stride_xm, stride_om,
+                          qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, GR, NORM)
+    else:
+        quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, tl.program_id(0) * R + tl.arange(0, R), M, K, stride_xm,
+                      stride_om, qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, GR, NORM)
 
 
 @triton.jit
