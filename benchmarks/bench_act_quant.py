@@ -45,12 +45,13 @@ def configs(k: int) -> list[tuple[int, int | None, int]]:
 
 
 def strided(cfgs: list[tuple], m: int, k: int) -> list[tuple]:
-    """The strided forms timed beside a width's configurations: ``block_config``'s pick and the one-pass ones,
-    with 2 or 4 programs an SM and 1-3 pipeline stages: (rows, chunk, warps, programs an SM, stages)."""
+    """The strided forms timed beside a width's configurations: ``block_config``'s pick and the one-pass ones
+    (where the next rows' loads are issued by hand), with 1, 2 or 4 programs an SM: (rows, chunk, warps, programs
+    an SM, stages). One stage: Triton pipelines none of this kernel's loads (sm_90 compile)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    base = list(dict.fromkeys([tq.block_config(m, k), *(c for c in cfgs if c[1] is None and c[0] == 1)]))
-    return [(*c, per_sm, stages) for c in base for per_sm in (2, 4) for stages in (1, 2, 3)]
+    base = list(dict.fromkeys([tq.block_config(m, k), *(c for c in cfgs if c[1] is None and c[0] <= 2)]))
+    return [(*c, per_sm, 1) for c in base for per_sm in (1, 2, 4)]
 
 
 def run_block(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple, mode: int, qmax: float,

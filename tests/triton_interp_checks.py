@@ -202,20 +202,38 @@ def check_act_blocks() -> None:
 
 def check_act_blocks_strided() -> None:
     """The block kernel's strided form (fewer programs than row blocks, each walking the blocks ``programs``
-    apart; a ragged last block, one program alone, one pass and two) bit-equal to a program a block, int8 and
-    fp8 codes."""
+    apart; a ragged last block, one program alone; one pass, where the next block's loads are issued by hand, and
+    two) bit-equal to a program a block: int8 and fp8 codes, a static fp8 scale, the W4A8 column order and a gated
+    activation."""
     from comfyquant.runtime.kernels import triton_quant
+    from comfyquant.runtime.kernels.acts import SWIGLU
 
-    for i, (m, k, rows, chunk, programs) in enumerate([(11, 96, 1, None, 3), (13, 256, 4, 64, 2),
+    fp8 = (triton_quant.MODE_FP8, E4M3, float(torch.finfo(E4M3).max))
+    for i, (m, k, rows, chunk, programs) in enumerate([(11, 96, 1, None, 3), (10, 256, 2, None, 2),
+                                                       (5, 384, 4, None, 1), (13, 256, 4, 64, 2),
                                                        (9, 3072, 2, 2048, 1), (7, 100, 2, 32, 5)]):
         x = _x(m, k, BF16, seed=470 + i)
         x[2] = 0
-        for mode, qdt, qmax in ((triton_quant.MODE_INT8, torch.int8, 127.0),
-                                (triton_quant.MODE_FP8, E4M3, float(torch.finfo(E4M3).max))):
+        x[0, :8] = -0.0
+        for mode, qdt, qmax in ((triton_quant.MODE_INT8, torch.int8, 127.0), fp8):
             want_q, want_s = _blocks(x, mode, qdt, qmax, rows, chunk)
             q, s = _blocks(x, mode, qdt, qmax, rows, chunk, programs=programs)
             record("blocks_strided_codes", torch.equal(q.view(torch.int8), want_q.view(torch.int8))
                    and torch.equal(s, want_s), m=m, k=k, rows=rows, chunk=chunk, programs=programs, mode=mode)
+        st = torch.tensor([0.004])
+        want_f, _ = _blocks(x, triton_quant.MODE_FP8_STATIC, E4M3, fp8[2], rows, chunk, st)
+        f, _ = _blocks(x, triton_quant.MODE_FP8_STATIC, E4M3, fp8[2], rows, chunk, st, programs=programs)
+        record("blocks_strided_static_fp8", torch.equal(f.view(torch.int8), want_f.view(torch.int8)), m=m, k=k,
+               programs=programs)
+        if k % 128 == 0:
+            want_p, _ = _blocks(x, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, perm=128)
+            p, _ = _blocks(x, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, perm=128, programs=programs)
+            record("blocks_strided_perm128", torch.equal(p, want_p), m=m, k=k, programs=programs)
+        x2 = _x(m, 2 * k, F32, seed=490 + i)
+        want_q, want_s = _blocks(x2, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, act=SWIGLU)
+        q, s = _blocks(x2, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, act=SWIGLU, programs=programs)
+        record("blocks_strided_swiglu", torch.equal(q, want_q) and torch.equal(s, want_s), m=m, k=k,
+               programs=programs)
 
 
 def check_rotate_rows() -> None:
