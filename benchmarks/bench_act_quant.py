@@ -55,14 +55,15 @@ def strided(cfgs: list[tuple], m: int, k: int) -> list[tuple]:
 
 
 def run_block(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple, mode: int, qmax: float,
-              static: torch.Tensor | None = None) -> None:
+              static: torch.Tensor | None = None, sms: int | None = None) -> None:
     """The block kernel in configuration ``cfg``: (rows, chunk, warps), or with (programs an SM, stages) after
-    them, its strided form."""
+    them, its strided form (``sms``: the multiprocessors counted, None: the device's; the check takes a few, so
+    its 67 rows are walked in strides too)."""
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.launch import device_facts
 
     rows, chunk, warps, *more = cfg
-    programs, stages = (more[0] * device_facts(x.device)[0], more[1]) if more else (None, 1)
+    programs, stages = (more[0] * (sms or device_facts(x.device)[0]), more[1]) if more else (None, 1)
     grid, args, key, w = tq.block_launch(x, q, s, static, mode, qmax, 0, 0, rows=rows, chunk=chunk, warps=warps,
                                          programs=programs)
     tq._ACT_BLOCKS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
@@ -89,14 +90,14 @@ def check(k: int, cfgs: list) -> dict:
         want_st, _ = tq.quantize_rows_fp8(x, static_scale=st, kernel="rows")
         for i, cfg in enumerate(cfgs if dt == torch.bfloat16 else cfgs[:2]):
             q, s = torch.empty_like(want_q), torch.empty_like(want_s)
-            run_block(x, q, s, cfg, tq.MODE_INT8, 127.0)
+            run_block(x, q, s, cfg, tq.MODE_INT8, 127.0, sms=5)
             off = {"int8": int((q != want_q).sum()) + int((s != want_s).sum())}
             if i < 2:
                 qf, sf = torch.empty_like(want_f), torch.empty_like(want_fs)
-                run_block(x, qf, sf, cfg, tq.MODE_FP8, 448.0)
+                run_block(x, qf, sf, cfg, tq.MODE_FP8, 448.0, sms=5)
                 off["fp8"] = int((qf.view(torch.int8) != want_f.view(torch.int8)).sum()) + int((sf != want_fs).sum())
                 qs, ss = torch.empty_like(want_f), torch.empty_like(want_fs)
-                run_block(x, qs, ss, cfg, tq.MODE_FP8_STATIC, 448.0, st)
+                run_block(x, qs, ss, cfg, tq.MODE_FP8_STATIC, 448.0, st, sms=5)
                 off["fp8_static"] = int((qs.view(torch.int8) != want_st.view(torch.int8)).sum())
             if any(off.values()):
                 res[f"{cfg} {dt}"] = off
@@ -124,7 +125,9 @@ def main() -> int:
     ks = [int(v) for v in a.k.split(",")]
     for k in ks:
         cfgs = configs(k) if a.configs == "all" else []
-        bad = check(k, cfgs or list(dict.fromkeys(tq.block_config(int(m), k) for m in a.m.split(","))))
+        picked = list(dict.fromkeys(tq.block_config(int(m), k) for m in a.m.split(",")))
+        striding = list(dict.fromkeys(c for m in a.m.split(",") for c in strided(cfgs, int(m), k)))
+        bad = check(k, (cfgs or picked) + (striding if a.configs == "all" else []))
         if bad:
             failures[k] = bad
             print(f"K={k}: NOT bit-equal: {bad}", flush=True)
