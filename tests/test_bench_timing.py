@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from comfyquant.bench.timing import interleaved_ms
+from comfyquant.bench.layers import Row, paired_speedup, target_counts
+from comfyquant.bench.timing import interleaved_ms, interleaved_rounds, paired_ratio
 
 
 def test_interleaved_timing_survives_a_host_that_slows_down_mid_run() -> None:
@@ -67,3 +68,50 @@ def test_run_record_names_the_run_then_the_scripts_fields() -> None:
     assert rec["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     assert 2.0 <= rec["seconds"] < 60.0 and rec["failures"] == 3 and rec["rows"] == [{"m": 1}]
     assert rec["date"] == time.strftime("%Y-%m-%d")
+
+
+def test_rounds_come_back_in_order_and_pair_under_a_drifting_host() -> None:
+    """A host whose speed changes from round to round (1x, 1.25x, 1.5x the time, as far as run 128's floor moved
+    from run 125's) and a function 3% dearer than the base: the rounds come back in order, one a round, each
+    round's two timings under the same host state, so every round's own ratio reads 1 / 1.03 and so does their
+    median. (Where the drift is not shared alike within a round, the paired median and the ratio of the medians
+    part: the next test.)"""
+    state = {"now": 0.0, "syncs": 0}
+    factors = (1.0, 1.25, 1.5)
+
+    def make(cost_ms: float):
+        def fn() -> None:  # two syncs a function before the rounds (warm-up, sizing), then one a function a round
+            rnd = max(0, (state["syncs"] - 4) // 2)
+            state["now"] += cost_ms * 1e-3 * factors[min(rnd, 2)]
+        return fn
+
+    base, dear = make(1.0), make(1.03)
+
+    def sync() -> None:
+        state["syncs"] += 1
+
+    out = interleaved_rounds({"bf16": base, "int8": dear}, rounds=3, min_ms=10.0, sync=sync,
+                             clock=lambda: state["now"], min_calls=4)
+    b, t = out["bf16"], out["int8"]
+    assert len(b) == len(t) == 3 and b[0] == pytest.approx(1.0) and b[2] == pytest.approx(1.5)
+    assert paired_ratio(b, t) == pytest.approx(1 / 1.03)
+    assert [x / y for x, y in zip(b, t, strict=True)] == pytest.approx([1 / 1.03] * 3)
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_ratio(b, t[:2])
+
+
+def test_the_paired_target_line_counts_rows_by_their_rounds() -> None:
+    """The sweep's target lines: a host-bound row whose rounds drift (bf16 14 / 16 / 15 µs, auto 14.3 / 15.2 /
+    15.9 µs: medians 15.0 / 15.2, 0.987x; paired 0.979 / 1.053 / 0.943 -> 0.979x) and one that misses in every
+    round; rows recorded before rounds were kept count in the plain lines only."""
+    drifting = Row("sdxl", "attn640", 4096, 640, 640, us={"bf16": 15.0, "auto": 15.2},
+                   rounds_us={"bf16": [14.0, 16.0, 15.0], "auto": [14.3, 15.2, 15.9]})
+    missing = Row("clip_l", "fc2", 1024, 3072, 768, us={"bf16": 14.0, "auto": 16.0},
+                  rounds_us={"bf16": [14.0, 14.1, 13.9], "auto": [16.0, 16.2, 15.8]})
+    old = Row("clip_l", "fc1", 1024, 768, 3072, us={"bf16": 14.0, "auto": 14.0})
+    assert paired_speedup(drifting, "auto") == pytest.approx(14.0 / 14.3)
+    assert paired_speedup(old, "auto") is None
+    lines = target_counts([drifting, missing, old])
+    assert "auto >= 0.97x bf16 eager: 2/3 rows" in lines
+    assert "auto >= 0.97x bf16 eager, paired by round: 1/2 rows" in lines
+    assert not any(ln.startswith("auto_copy") and "paired" in ln for ln in lines)
