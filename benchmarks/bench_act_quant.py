@@ -151,11 +151,16 @@ def main() -> int:
             row["best_block"], row["best_block_us"] = best[1], best[0]
             row["tb_s"] = {c: m * k * (size + 1) / v / 1e6 for c, v in row["us"].items()}
             rows_out.append(row)
+            walked = min(((v, c) for c, v in row["us"].items() if c.count(",") == 4), default=(float("nan"), "-"))
             print(f"M={m:5} K={k:5} rows {row['us']['rows']:7.1f} tiles {row['us']['tiles']:7.1f} auto "
                   f"{row['us']['auto']:7.1f} best block {best[1]} {best[0]:7.1f} us ({row['tb_s'][best[1]]:.2f} TB/s)"
-                  f" = {row['us']['auto'] / best[0]:.2f}x auto", flush=True)
+                  f" = {row['us']['auto'] / best[0]:.2f}x auto; best strided {walked[1]} {walked[0]:7.1f} us",
+                  flush=True)
             del xs, qs, ss, pairs
             torch.cuda.empty_cache()
+            # after every row: a step cut short by its time limit keeps what it timed
+            res = run_record(t0, failures=failures, rows=rows_out)
+            (a.out / "act_quant.json").write_text(json.dumps(res, indent=1))
     res = run_record(t0, failures=failures, rows=rows_out)
     (a.out / "act_quant.json").write_text(json.dumps(res, indent=1))
     print(f"done in {res['seconds']} s; configurations not bit-equal: {len(failures)} widths", flush=True)
