@@ -136,7 +136,7 @@ def wall_us(fn: Callable[[], object], min_ms: float, rounds: int = 3) -> float:
             fn()
         torch.cuda.synchronize()
         out.append((time.perf_counter() - t) * 1e6 / calls)
-    return sorted(out)[len(out) // 2]
+    return median(out)
 
 
 def _int4_rot(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
