@@ -172,6 +172,28 @@ def test_block_activation_kernel_config_is_near_the_best_on_the_recorded_h200_ti
                                                                           tq.MODE_FP8_STATIC))
 
 
+def test_block_activation_kernel_config_is_near_the_best_on_the_recorded_wide_h100_timings() -> None:
+    """Rows 12,288 and 13,824 wide (Flux's and Wan's FFN outputs) at 4,096 / 16,384 rows on the H100
+    (benchmarks/results/act_quant_wide_run130_*: 33-39 configurations each, the strided form included, all
+    bit-equal on the GPU): ``block_config``'s pick is within 3% of the best of them all, and at 13,824 columns,
+    whose last 2,048-column chunk is masked, at least 1.2x faster than the chunked pick it replaced."""
+    import json
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                      / "act_quant_wide_run130_h100_2026-12-07.json").read_text())
+    assert not res["failures"] and {(r["m"], r["k"]) for r in res["rows"]} == {
+        (m, k) for m in (4096, 16384) for k in (12288, 13824)}
+    for r in res["rows"]:
+        us = r["us"]
+        picked = us[str(tq.block_config(r["m"], r["k"]))]
+        assert picked <= 1.03 * min(v for c, v in us.items() if c.startswith("(")), (r["m"], r["k"])
+        if r["k"] == 13824:
+            assert picked * 1.2 <= us["(1, 2048, 4)"], (r["m"], picked, us["(1, 2048, 4)"])
+
+
 def test_rotating_tile_kernel_config_is_the_best_on_the_recorded_h200_timings() -> None:
     """Rotated rows (convrot 256) on the tile kernel take ``rot_tile_config``'s configuration: on the H200's
     timings (benchmarks/results/rotation_tiles_run41_*: 54 configurations of rows, warps, stages and unroll, all
