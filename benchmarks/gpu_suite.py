@@ -72,6 +72,8 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the 3,072-column rows at 16,384 where convrot's gap to the plain layer is mostly not its rotating pass
         "profile_convrot_16k": [[PY, "benchmarks/profile_layers.py", "--out", str(work / "profile_convrot_16k"),
                                  "--shapes", "flux.linear1,flux.mlp0,flux.qkv", "--m", "16384"]],
+        # eager host µs per call by shape beside the dispatch calibration's one-shape figure (runs 130-131)
+        "host_floor": [[PY, "benchmarks/probe_host_floor.py", "--out", str(work / "host_floor")]],
         # the Flux / Wan rows at 16,384 alone (the convrot column against the plain one)
         "sweep_16k": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                        "--sections", "sweep", "--sweep-models", "flux,wan14b", "--sweep-m", "16384"]],

@@ -1,0 +1,100 @@
+"""What one eager linear call costs the host, shape by shape, next to the dispatch calibration's single figure.
+
+The cost model prices bf16 and each quantized path's host time from one tiny shape (``calibrate.HOST_SHAPE``,
+1 x 256 x 256). H100 runs 130-131 read that table at bf16 23.1 / triton 25.7 µs where the sweep, minutes later in
+the same process, timed the floor rows (M up to 4,096, 640-768 wide) at 14.5 / ~18.4: the dense copy was then
+refused on five rows that ran 0.73-0.96x bf16. This times, in interleaved rounds (``calibrate.host_rounds``),
+the calibration's own calls on its shape and on the sweep's floor shapes, bf16 with and without a bias, and
+lists the CUDA runtime calls each bf16 call makes (a ``cudaMemsetAsync`` beside the GEMM costs the host ~8 µs):
+whether the table's figure is the shape's or the host's phase.
+
+    python benchmarks/probe_host_floor.py --out /tmp/floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from comfyquant.runtime.kernels import calibrate
+
+# (M, N, K): the calibration's shape, then rows of the SDXL / CLIP-L sweep that sit on the host floor
+SHAPES = ((1, 256, 256), (256, 256, 256), (1, 640, 640), (4096, 640, 640), (1, 1280, 1280), (256, 1280, 1280),
+          (4096, 768, 768), (1024, 768, 3072), (256, 768, 3072), (1, 3072, 768), (1, 1280, 5120))
+PATHS = ("triton", "triton_fused", "triton_w8a16")
+
+
+def runtime_calls(fn, n: int = 20) -> dict[str, float]:
+    """CUDA runtime / driver calls per ``fn()`` call, and the kernels it ran (names per call)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    calls: Counter = Counter()
+    for e in prof.events():
+        name = e.name
+        if name.startswith(("cuda", "cu")) and name != "cudaDeviceSynchronize":
+            calls[name] += 1
+        elif e.device_type == torch.autograd.DeviceType.CUDA:
+            calls["kernel " + name[:60]] += 1
+    return {k: v / n for k, v in sorted(calls.items())}
+
+
+def probe(shape: tuple[int, int, int], dev: torch.device) -> dict:
+    m, n, k = shape
+    paths = tuple(p for p in PATHS if p in calibrate.measurable_paths(dev))
+    o = calibrate._operands(m, n, k, dev, calibrate._keys(("bf16", *paths)))
+    fns = calibrate._paths(o, ("bf16", *paths))
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    fns["bf16_bias"] = lambda: F.linear(o["x"], o["wb"], bias)
+    per = calibrate.host_rounds(fns)
+    return {"m": m, "n": n, "k": k, "host_us": {p: statistics.median(v) for p, v in per.items()},
+            "rounds_us": per, "bf16_calls": runtime_calls(fns["bf16"]),
+            "bf16_bias_calls": runtime_calls(fns["bf16_bias"])}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--passes", type=int, default=2, help="passes over the shapes (a phase shows as a drift)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    table = calibrate.measure(dev)
+    res: dict = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+                 "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                 "calibration": {"host_us": dict(table.host_us), "measured": table.measured}, "passes": []}
+    print(f"calibrate.measure: bf16 {table.host('bf16'):.1f} µs, triton {table.host('triton'):.1f}, "
+          f"fused {table.host('triton_fused'):.1f}, w8a16 {table.host('triton_w8a16'):.1f} ({table.measured})")
+    for i in range(args.passes):
+        rows = []
+        for shape in SHAPES:
+            r = probe(shape, dev)
+            rows.append(r)
+            h = r["host_us"]
+            memsets = r["bf16_calls"].get("cudaMemsetAsync", 0.0)
+            kern = [c[7:] for c in r["bf16_calls"] if c.startswith("kernel ")]
+            print(f"pass {i} M={shape[0]:5d} N={shape[1]:5d} K={shape[2]:5d} " + " ".join(
+                f"{p} {v:5.1f}" for p, v in h.items()) + f" | bf16 memsets/call {memsets:.1f} {kern}", flush=True)
+        res["passes"].append(rows)
+    again = calibrate.measure(dev)
+    res["calibration_again"] = {"host_us": dict(again.host_us), "measured": again.measured}
+    print(f"calibrate.measure again: bf16 {again.host('bf16'):.1f} µs, triton {again.host('triton'):.1f} "
+          f"({again.measured}); {time.time() - t0:.0f} s")
+    (args.out / "host_floor.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
