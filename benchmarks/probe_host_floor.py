@@ -6,8 +6,9 @@ the same process, timed the floor rows (M up to 4,096, 640-768 wide) at 14.5 / ~
 refused on five rows that ran 0.73-0.96x bf16. This times, in interleaved rounds (``calibrate.host_rounds``),
 the calibration's own calls on its shape and on the sweep's floor shapes, bf16 with and without a bias, and
 lists the CUDA runtime calls each bf16 call makes (a ``cudaMemsetAsync`` beside the GEMM costs the host ~8 µs):
-whether the table's figure is the shape's or the host's phase. The profiler runs last: run 132 read the same bf16
-call at 12.5 µs before it had run in the process and 15.8 after.
+whether the table's figure is the shape's or the host's phase. The profiler runs last, after every host round (run
+132 read the same bf16 call at 12.5 µs before it had run and 15.8 after; run 136 saw the same rise between passes
+with no profiler: the host's phase).
 
     python benchmarks/probe_host_floor.py --out /tmp/floor
 """
@@ -91,7 +92,7 @@ def main() -> int:
                 f"{p} {v:5.1f}" for p, v in r["host_us"].items()), flush=True)
         res["passes"].append(rows)
     again = calibrate.measure(dev)
-    # the profiler last: once it has run, the process's calls looked ~3 µs dearer (run 132)
+    # the profiler last: nothing it leaves behind can reach the host rounds
     res["bf16_calls"] = {}
     for shape in SHAPES:
         fns = calls_of(shape, dev)

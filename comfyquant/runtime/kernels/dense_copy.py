@@ -38,7 +38,7 @@ COPY_MARGIN = 0.03
 COPY_GPU_MARGIN = 0.10
 # ... or where that near-tie is host-bound on the quantized side (its modeled GPU time under its eager time): the
 # host table is measured once, in one phase of the host, and the phase moves the two sides apart. The H100 tables
-# read bf16 at 13.8-24.4 µs a call by process (runs 120-133) while a sweep in the same process timed its floor rows
+# read bf16 at 13.2-24.4 µs a call by process (runs 120-136) while a sweep in the same process timed its floor rows
 # at 14.5-16; on the rows the table calls a host-bound tie the two-launch path measured 0.87-0.98x bf16 in three of
 # four sweeps (Flux proj and SDXL ff0 at 256 rows). Replayed on runs 120, 125, 131 and 133
 # (tests/test_dense_copy.py) it copies six more rows: four measured 0.87-0.95x on their quantized path, the others
