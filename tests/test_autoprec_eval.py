@@ -75,7 +75,7 @@ def test_psnr_floor_holds_on_heldout_samples(dit: ModelProbe, tmp_path: Path) ->
     out = tmp_path / "auto.safetensors"
     rep = convert(DIT_FIXTURE, out, format="auto", budget="psnr=47", probe=dit, progress=False)
     assert rep.auto.heldout["psnr"] >= 47.0
-    assert rep.auto.measured["psnr"] >= 47.5  # planned with 0.5 dB of headroom, checked on calibration inputs
+    assert rep.auto.measured["psnr"] >= 48.0  # planned with 1.0 dB of headroom, checked on calibration inputs
     assert rep.auto.size_ratio < 0.9
     assert any("met on held-out inputs" in n for n in rep.auto.notes)
 

@@ -58,9 +58,9 @@ def test_bound_call_replays_plain_signatures(int8_by_cost_model) -> None:
     assert has_copy(q, torch.float32) and list(call.hot) == [(x.shape, x.dtype, x.device, None)]
     torch.testing.assert_close(first, _want(x, q, s, b), rtol=1e-5, atol=1e-4)
     assert torch.equal(call.plain(x), first) and torch.equal(call(x), first)
-    # what the plan cannot take goes to the general path, with the same numbers
+    # the copy's plan (plain torch ops, ``plan_takes_any``) takes any layout, unchecked, with the same numbers
     xt = x.t().contiguous().t()  # the same values, column-major
-    assert call.plain(xt) is None and torch.equal(call(xt), first)
+    assert torch.equal(call.plain(xt), first) and torch.equal(call(xt), first)
     assert call.plain(x[:8]) is None  # a new signature: decided by the general path first
     torch.testing.assert_close(call(x[:8]), first[:8], rtol=1e-6, atol=1e-6)
     # an input activation goes to the quantized kernel (no copy; on the CPU no plan): the general path
@@ -99,6 +99,22 @@ def test_input_activation_signatures_replay_their_own_plan(planned_int8) -> None
     assert torch.equal(call.plain(x, "gelu_tanh"), act) and torch.equal(call(x, input_act="gelu_tanh"), act)
     assert torch.equal(call.plain(x), plain) and torch.equal(call(x), plain)
     assert call.plain(x, "silu") is None  # another activation: not planned yet
+
+
+def test_a_checking_plan_leaves_other_layouts_to_the_general_path(planned_int8) -> None:
+    """A plan that does not take any input (a GPU backend's launcher, here the CPU stand-in) is replayed only for
+    contiguous, 16-byte aligned x: a column-major x of the same signature goes to the general path (same numbers),
+    and so does a view that starts off the alignment."""
+    q, s = quantize_rowwise(torch.randn(N, K, generator=torch.Generator().manual_seed(9)))
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(10))
+    call = dispatch.bind_linear("int8", q, (s,), None, opts=(0,))
+    first = call(x)
+    assert torch.equal(call.plain(x), first)
+    xt = x.t().contiguous().t()
+    assert call.plain(xt) is None and torch.equal(call(xt), first)
+    off = torch.randn(16 * K + 1)[1:].view(16, K)  # contiguous, 4 bytes past an aligned start
+    off.copy_(x)
+    assert off.data_ptr() % 16 and call.plain(off) is None and torch.equal(call(off), first)
 
 
 def test_plain_call_skips_the_general_path(int8_by_cost_model, monkeypatch: pytest.MonkeyPatch) -> None:

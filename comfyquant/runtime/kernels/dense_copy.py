@@ -180,5 +180,6 @@ def copy_backend(kk: KernelKind) -> KernelBackend:
     policy with a budget, and measured dispatch never times it)."""
     b = _BACKENDS.get(kk.name)
     if b is None or b.impl.args[0] is not kk:  # a kind registered again under the same name gets its own
-        b = _BACKENDS[kk.name] = KernelBackend(functools.partial(_impl, kk), plan=functools.partial(_plan, kk))
+        b = _BACKENDS[kk.name] = KernelBackend(functools.partial(_impl, kk), plan=functools.partial(_plan, kk),
+                                               plan_takes_any=True)
     return b

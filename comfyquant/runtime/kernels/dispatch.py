@@ -108,6 +108,9 @@ _PLANS_ATTR = "_comfyquant_plans"
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (CUDA builds; read only for CUDA tensors)
+# a hot plan's device slot for plans that take any x (``KernelBackend.plan_takes_any``): replayed with no check of
+# x's layout or stream (the dense copy's addmm: ~0.35 µs of checks a call off a host-bound 14-24 µs layer)
+_ANY_INPUT = -2
 
 
 def capturing(x: torch.Tensor) -> bool:
@@ -246,28 +249,32 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
     # call, False where there is none (backend without plans, CUDA graph capture), else a triton_plans plan; with
     # a low-rank term it is made for the side path's operands and remade when the side path hands over others
     memo: dict[tuple, list] = {}
-    # (x.shape, x.dtype, x.device, input_act) -> (plan, CUDA device index or -1) for the plain signatures (no
-    # low-rank term or norm, outside a capture) that have a plan: what most calls of a model are, looked up with a
-    # third of the signature's reads (the host time above the kernel is what host-bound layers lose)
+    # (x.shape, x.dtype, x.device, input_act) -> (plan, CUDA device index, -1 on the CPU, or _ANY_INPUT for a plan
+    # that takes any x) for the plain signatures (no low-rank term or norm, outside a capture) that have a plan:
+    # what most calls of a model are, looked up with a third of the signature's reads (the host time above the
+    # kernel is what host-bound layers lose)
     hot: dict[tuple, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {}
 
     def plain(x: torch.Tensor, input_act: str | None = None) -> torch.Tensor | None:
         """The output of a call with no low-rank term or norm by its signature's plan, or None where it has none
-        yet (or ``x`` is not contiguous and 16-byte aligned, or a CUDA graph may be capturing: the general path
-        decides then)."""
+        yet (or, for a plan that checks x, ``x`` is not contiguous and 16-byte aligned or a CUDA graph may be
+        capturing: the general path decides then)."""
         h = hot.get((x.shape, x.dtype, x.device, input_act))
-        if h is None or not x.is_contiguous() or x.data_ptr() % 16:
+        if h is None:
             return None
-        if h[1] >= 0 and _raw_stream(h[1]) != 0:  # not the legacy default stream: maybe a capture
-            return None
+        if h[1] != _ANY_INPUT:
+            if not x.is_contiguous() or x.data_ptr() % 16:
+                return None
+            if h[1] >= 0 and _raw_stream(h[1]) != 0:  # not the legacy default stream: maybe a capture
+                return None
         return h[0](x)
 
     def call(x: torch.Tensor, low_rank: LowRank | None = None, input_act: str | None = None,
              norm: Norm | None = None) -> torch.Tensor:
         if low_rank is None and norm is None:  # plain()'s lookup, inline (a call's frame is a tenth of this path's host time)
             h = hot.get((x.shape, x.dtype, x.device, input_act))
-            if h is not None and x.is_contiguous() and not x.data_ptr() % 16 \
-                    and (h[1] < 0 or _raw_stream(h[1]) == 0):
+            if h is not None and (h[1] == _ANY_INPUT or (x.is_contiguous() and not x.data_ptr() % 16
+                                  and (h[1] < 0 or _raw_stream(h[1]) == 0))):
                 return h[0](x)
         capture = capturing(x)
         rank = 0 if low_rank is None else low_rank[0].shape[0]
@@ -322,7 +329,7 @@ def bind_linear(kind: str, w: torch.Tensor, scales: Sequence[torch.Tensor | None
                 e[1] = _plan(b, xk, w, scales, bias, opts, act, input_act) or False
                 key = plain_key(sig) if e[1] else None  # (a plain signature: no norm, low-rank term or capture)
                 if key is not None and len(hot) < 64:
-                    hot[key] = (e[1], x.get_device() if x.is_cuda else -1)
+                    hot[key] = (e[1], _ANY_INPUT if b.plan_takes_any else x.get_device() if x.is_cuda else -1)
             return y
         if input_act is not None:
             x = apply_input_act(x, input_act)  # the low-rank term reads the activated x too

@@ -64,7 +64,9 @@ class KernelBackend:
     ``fuses_norm(scales, opts)``: whether ``impl`` and ``plan`` take ``norm=acts.RowNorm`` for this weight and
     apply that RMSNorm to x in their quantizer (None: never; the caller applies it first).
     ``fuses_mod(scales, opts, m, n, k)``: the same for ``norm=acts.ModulatedNorm`` on ``[m, k]`` rows of this
-    ``[n, k]`` weight (a modulated LayerNorm needs a quantizer that holds whole rows)."""
+    ``[n, k]`` weight (a modulated LayerNorm needs a quantizer that holds whole rows).
+    ``plan_takes_any``: its plans are plain torch ops that take any x of the planned signature, in any layout, on
+    any stream and inside a capture, so a bound call replays them without checking x (the dense copy's)."""
 
     impl: Impl
     requires: Callable[[torch.device], str | None] = runs_anywhere
@@ -74,6 +76,7 @@ class KernelBackend:
     fuses_gated_act: bool = False
     fuses_norm: Callable[[tuple, tuple], bool] | None = None
     fuses_mod: Callable[[tuple, tuple, int, int, int], bool] | None = None
+    plan_takes_any: bool = False
 
 
 # choose(x, n, k, opts, policy) -> BackendChoice, with the logical N and K; policy: a DispatchPolicy or None.
