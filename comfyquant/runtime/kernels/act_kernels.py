@@ -199,7 +199,7 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
     elif NUM_CHUNKS == 1:
         x, ss = _read_norm(x_row, offs, K, BLOCK, STAGES, ACT, nw_ptr, NORM, row, eps, GR)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        scale = _scale_of(amax, qmax)
         tl.store(o_row + _dst(offs, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
                  mask=offs < K)
         if RMS:
@@ -213,7 +213,7 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
             x, ss_c = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, NORM, row, eps, GR)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
             ss += ss_c
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        scale = _scale_of(amax, qmax)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
             x = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, 3 if NORM >= 2 else 0, row, eps, GR)[0]  # no sum
@@ -335,7 +335,7 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
                     amax = tl.maximum(amax, tl.load(s_ptr + M + t * M + rows, mask=rmask, other=0.0))
             else:
                 amax = _tile_amax(x_tile, rmask, cols, h, K, k_lo, k_end, STEP, UNROLL, C, BM, ROT, ACT)
-            scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+            scale = _scale_of(amax, qmax)
             tl.store(s_ptr + rows, scale, mask=rmask & (p == 0))
         if BACK:
             n_it = tl.cdiv(k_end - k_lo, STEP * UNROLL)
@@ -447,7 +447,7 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
         amax = tl.zeros((BM,), dtype=tl.float32)
         for j in range(P):  # L2 loads: the other programs wrote them
             amax = tl.maximum(amax, tl.load(s_ptr + M + j * M + rows, mask=rmask, other=0.0, cache_modifier=".cg"))
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        scale = _scale_of(amax, qmax)
         tl.store(s_ptr + rows, scale, mask=rmask & (p == 0))
         _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cm0, MODE, PERM)
         _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cm0, MODE, PERM)
@@ -483,7 +483,7 @@ def _packed_rows(x_ptr, out_ptr, s_ptr, h, M, G, K, stride_xm, stride_om, qmax, 
             a = _rowmax4(y0, y1, y2, y3)
             own = (seg[None, :] == rr[:, None]) & tmask[None, :]
             amax = tl.max(tl.where(own, a[None, :], 0.0), axis=1)
-            rscale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+            rscale = _scale_of(amax, qmax)
             tl.store(s_ptr + r0 + rr, rscale, mask=(rr < RP) & (r0 + rr < M))
             scale = tl.where(tmask, tl.sum(tl.where(own, rscale[:, None], 0.0), axis=0), 1.0)[:, None]
         _gput4(out_ptr + rows[:, None] * stride_om, base, y0, y1, y2, y3, scale, qmax, tmask, C, MODE, PERM)
@@ -500,6 +500,13 @@ def _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C: tl.constexp
     if STORE:
         _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C, MODE, PERM)
     return _amax4(y0, y1, y2, y3)
+
+
+@triton.jit
+def _scale_of(amax, qmax):
+    """The quantization scale of rows whose absmax is ``amax``: ``amax / qmax`` correctly rounded, 1 for an
+    all-zero row (its codes are zero whatever the scale); a scalar or a vector of rows."""
+    return tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
 
 
 @triton.jit
@@ -561,7 +568,7 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
             scale = tl.full((), 1.0, tl.float32)
             if MODE != 3:
                 amax = _amax4(y0, y1, y2, y3)
-                scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+                scale = _scale_of(amax, qmax)
                 tl.store(s_ptr + row, scale)
             _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C, MODE, PERM)
         else:
@@ -571,7 +578,7 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
                 for g0 in range(0, G, GB):
                     amax = tl.maximum(amax, _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C, MODE,
                                                         PERM, ACT, False))
-                scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+                scale = _scale_of(amax, qmax)
                 tl.store(s_ptr + row, scale)
             n_it = tl.cdiv(G, GB)
             for i in range(n_it):  # from the row's end: the lines read last are the likeliest still in L2
@@ -617,7 +624,7 @@ def _prefetched_rows(x_ptr, out_ptr, s_ptr, M, K, stride_xm, stride_om, qmax, NP
                            (nxt < M)[:, None] & cmask, K, ACT)
         rmask = rows < M
         amax = tl.max(tl.abs(x), axis=1)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        scale = _scale_of(amax, qmax)
         inv = tl.math.div_rn(tl.full((R,), 1.0, tl.float32), scale)
         y = quant_codes(x, scale[:, None], inv[:, None], qmax, MODE)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + _dst(cols, PERM)[None, :],
@@ -694,7 +701,7 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
         else:
             x, ss = rms_part(_load_act(x_rows + cols[None, :], mask, K, ACT), ss, nw_ptr, cols, K, NORM)
         amax = tl.max(tl.abs(x), axis=1)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        scale = _scale_of(amax, qmax)
     else:
         amax = tl.zeros((R,), dtype=tl.float32)
         for c in tl.static_range(NCH):
@@ -702,7 +709,7 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
             x, ss = rms_part(_load_act(x_rows + o[None, :], rmask[:, None] & (o < K)[None, :], K, ACT), ss, nw_ptr,
                             o, K, NORM)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        scale = _scale_of(amax, qmax)
     inv = tl.math.div_rn(tl.full((R,), 1.0, tl.float32), scale)
     if NCH == 1 and MODE != 2:
         y = quant_codes(x, scale[:, None], inv[:, None], qmax, MODE)
