@@ -42,6 +42,15 @@ def int8_by_cost_model():
     register_kernel_kind(int8, replace=True)
 
 
+def _within_gemm_rounding(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                          b: torch.Tensor | None) -> bool:
+    """Whether two fp32 products of the same operands agree to the summation bound of a K-term dot product
+    (2 K u of the sum of magnitudes): the CPU GEMM picks its kernel and blocking by row count and layout, so the
+    same rows computed as part of another call may round differently (an AMX Xeon: 4.6e-5 at K = 640)."""
+    mag = x.abs().double() @ (q.double() * s.double()).abs().t() + (0 if b is None else b.abs().double())
+    return bool(((got.double() - want.double()).abs() <= 2 * x.shape[-1] * 2.0 ** -24 * mag).all())
+
+
 def _want(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``x @ (q s)^T + b`` in float64, rounded to x's dtype."""
     y = x.double() @ (q.double() * s.double()).t()
@@ -58,11 +67,14 @@ def test_bound_call_replays_plain_signatures(int8_by_cost_model) -> None:
     assert has_copy(q, torch.float32) and list(call.hot) == [(x.shape, x.dtype, x.device, None)]
     torch.testing.assert_close(first, _want(x, q, s, b), rtol=1e-5, atol=1e-4)
     assert torch.equal(call.plain(x), first) and torch.equal(call(x), first)
-    # the copy's plan (plain torch ops, ``plan_takes_any``) takes any layout, unchecked, with the same numbers
+    # the copy's plan (plain torch ops, ``plan_takes_any``) takes any layout, unchecked: the same product up to
+    # the GEMM's rounding for that layout
     xt = x.t().contiguous().t()  # the same values, column-major
-    assert torch.equal(call.plain(xt), first) and torch.equal(call(xt), first)
+    via_plan = call.plain(xt)
+    assert via_plan is not None and _within_gemm_rounding(via_plan, first, x, q, s, b)
+    assert torch.equal(call(xt), via_plan)
     assert call.plain(x[:8]) is None  # a new signature: decided by the general path first
-    torch.testing.assert_close(call(x[:8]), first[:8], rtol=1e-6, atol=1e-6)
+    assert _within_gemm_rounding(call(x[:8]), first[:8], x[:8], q, s, b)
     # an input activation goes to the quantized kernel (no copy; on the CPU no plan): the general path
     call(x, input_act="gelu_tanh")
     assert call.plain(x, "gelu_tanh") is None and all(key[3] is None for key in call.hot)
