@@ -48,7 +48,7 @@ def _deq_rows(x2d: torch.Tensor) -> torch.Tensor:
 def test_int_mm_float64_fallback_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where ``torch._int_mm`` does not sum exactly on the CPU, ``int_mm`` takes a float64 product: the same
     int32 sums, at the largest magnitudes int8 allows (every term -128 x -128) and on random codes."""
-    monkeypatch.setattr(reference, "cpu_int_mm_exact", lambda: False)
+    monkeypatch.setattr(reference, "CPU_INT_MM_EXACT", False)
     g = _gen(5)
     for m, k, n in ((1, 3072, 64), (40, 96, 33), (17, 4096, 8)):
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
@@ -63,7 +63,8 @@ def test_int_mm_is_exact_where_onednn_has_no_vnni() -> None:
     """oneDNN without VNNI (AVX2, as on AMD Zen 2-3 or Intel desktop chips before Ice Lake) gets int8 x int8 sums
     wrong in ``torch._int_mm`` (an AMX Xeon capped to AVX2: 99% of the elements, up to 80,774 off), and the
     runtime's CPU layers with it (the digits DiT's int8-rot file then read 60x the error of its fake-quantized
-    twin). ``int_mm`` checks once a process and falls back: run in a process whose oneDNN is capped to AVX2."""
+    twin). ``int_mm`` checks once a process and falls back: run in a process whose oneDNN is capped to AVX2, under
+    ``torch.compile(fullgraph=True)`` too (the check is a constant by then)."""
     import os
     import subprocess
     import sys
@@ -73,11 +74,13 @@ def test_int_mm_is_exact_where_onednn_has_no_vnni() -> None:
             "g = torch.Generator().manual_seed(0)\n"
             "a = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)\n"
             "b = torch.randint(-128, 128, (256, 128), dtype=torch.int8, generator=g)\n"
-            "print(torch.equal(int_mm(a, b).long(), a.long() @ b.long()))\n")
+            "want = a.long() @ b.long()\n"
+            "f = torch.compile(int_mm, fullgraph=True, backend='aot_eager')\n"
+            "print(torch.equal(int_mm(a, b).long(), want), torch.equal(f(a, b).long(), want))\n")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "True"
+    assert res.stdout.strip() == "True True"
 
 
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 7, 5), (1, 3072, 64), (3, 17, 9), (40, 96, 33), (17, 256, 256)])

@@ -186,6 +186,28 @@ def test_sibling_fusion_first_then_the_fold_takes_the_module_over() -> None:
         assert torch.equal(mlp(x), ref["mlp"](x)) and mlp.forward.group.fused_calls == 1
 
 
+class _SiluWrittenOut(MLP):  # SiLU as a * sigmoid(a): the same function, other roundings than F.silu's
+    def __init__(self) -> None:
+        super().__init__()
+        self.activation = lambda a: a * torch.sigmoid(a)
+
+
+class _ErfGelu(MLP):  # exact GELU: 4.6e-4 from the tanh form on the probe, no input activation of ours
+    def __init__(self) -> None:
+        super().__init__()
+        self.activation = F.gelu
+
+
+def test_the_activation_is_recognised_to_a_few_ulps_not_bit_for_bit() -> None:
+    """A forward that computes SiLU its own way (``a * sigmoid(a)``) differs from ours in the last bits, as
+    ATen's AVX2 kernels made every model's activation differ on a 6-wide probe against half of a 12-wide one (no
+    gated MLP folded at all there): it folds as swiglu. Exact GELU, 4.6e-4 away from the tanh form, does not."""
+    probe = torch.linspace(-4.0, 4.0, 18).reshape(3, 6)
+    assert not torch.equal(probe * torch.sigmoid(probe), F.silu(probe))  # the two differ in the last bits
+    assert gated_act_of_module(_SiluWrittenOut(), LLAMA) == "swiglu"
+    assert gated_act_of_module(_ErfGelu(), LLAMA) is None
+
+
 # ---- what is not folded --------------------------------------------------------------------------------------
 class _Sum(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ and does the float epilogue in float32, so it is the definition the fast GPU ker
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -31,29 +30,30 @@ def _needs_int_mm_padding(m: int, k: int, n: int, device: torch.device) -> bool:
     return device.type == "cuda" and (m <= 16 or k % 8 or n % 8)
 
 
-@torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=1)
-def cpu_int_mm_exact() -> bool:
+def _int_mm_sums_exactly() -> bool:
     """Whether ``torch._int_mm`` sums exactly on this CPU. oneDNN's int8 x int8 kernel without VNNI (AVX2 or
     AVX-512 without VNNI: AMD Zen 2-3, Intel Skylake) returns wrong sums: an AMX Xeon with oneDNN capped to AVX2
-    got 99% of a 64 x 256 x 128 product wrong, off by up to 80,774, and the runtime's CPU layers with it. Checked
-    once a process (oneDNN reads its ISA once), on a product whose pairwise sums leave int16's range."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (32, 256), dtype=torch.int8, generator=g)
-    b = torch.randint(-128, 128, (256, 32), dtype=torch.int8, generator=g)
+    got 99% of a 64 x 256 x 128 product wrong, off by up to 80,774, and the runtime's CPU layers with it. Tried on
+    a product whose pairwise sums leave int16's range (codes spread over -127..127)."""
+    a = ((torch.arange(32 * 256) * 97) % 255 - 127).to(torch.int8).reshape(32, 256)
+    b = ((torch.arange(256 * 32) * 89) % 255 - 127).to(torch.int8).reshape(256, 32)
     return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
+# once a process, at import (oneDNN reads its ISA once; a constant is also what torch.compile can trace past)
+CPU_INT_MM_EXACT = _int_mm_sums_exactly()
 
 
 def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ b_t`` for int8 ``a [M,K]`` and int8 ``b_t [K,N]`` with int32 accumulation, any shape.
 
     Uses ``torch._int_mm``; on CUDA, shapes cuBLAS refuses are zero-padded (exact) rather than rejected; on a
-    CPU where it does not sum exactly (:func:`cpu_int_mm_exact`), a float64 product (exact: every partial sum
+    CPU where it does not sum exactly (:data:`CPU_INT_MM_EXACT`), a float64 product (exact: every partial sum
     is an integer below 2^53 for K < 2^39).
     """
     m, k = a.shape
     n = b_t.shape[1]
-    if a.device.type == "cpu" and not cpu_int_mm_exact():
+    if a.device.type == "cpu" and not CPU_INT_MM_EXACT:
         return (a.double() @ b_t.double()).to(torch.int32)
     if not _needs_int_mm_padding(m, k, n, a.device):
         return torch._int_mm(a.contiguous(), b_t)
