@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -65,8 +64,7 @@ def calls_of(shape: tuple[int, int, int], dev: torch.device) -> dict:
 
 def probe(shape: tuple[int, int, int], dev: torch.device) -> dict:
     per = calibrate.host_rounds(calls_of(shape, dev))
-    return {"m": shape[0], "n": shape[1], "k": shape[2], "host_us": {p: statistics.median(v) for p, v in per.items()},
-            "rounds_us": per}
+    return {"m": shape[0], "n": shape[1], "k": shape[2], "host_us": calibrate.medians(per), "rounds_us": per}
 
 
 def main() -> int:

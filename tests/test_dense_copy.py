@@ -5,6 +5,7 @@ the weight dies."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -102,12 +103,10 @@ def test_wants_copy_breaks_a_modeled_near_tie_by_gpu_time() -> None:
     assert chosen.gpu_us is not None and chosen.bf16_gpu_us is not None and chosen.gpu_us <= chosen.us
 
 
-@pytest.mark.parametrize("run", ["sweep_run120_h100_2026-12-06", "sweep_run125_h100_2026-12-06"])
-def test_copy_rule_replayed_on_recorded_h100_sweeps(run: str) -> None:
-    """The copy decision replayed on a recorded H100 sweep with the cost table its process decided with: each row's
-    best quantized path (the eager choice among the int8 paths the sweep timed) and bf16 as the model prices them.
-    The GPU-time tie-breaker (COPY_GPU_MARGIN) adds copies only on rows whose chosen path measured under 0.97x
-    bf16 (runs 120 and 125: three and two rows)."""
+def _replayed(run: str, added: Callable[[BackendChoice], bool]) -> list[float]:
+    """The copy decision replayed on recorded H100 sweep ``run`` with the cost table its process decided with: for
+    each row where ``added(choice)`` holds (``choice``: the eager pick among the int8 paths the sweep timed, and
+    bf16, as the model prices them), the chosen path's measured speed against bf16."""
     from recorded_results import INT8_COLUMNS, recorded
 
     from comfyquant.runtime.kernels import costs as cm
@@ -115,11 +114,22 @@ def test_copy_rule_replayed_on_recorded_h100_sweeps(run: str) -> None:
     d = recorded(f"{run}.json")
     c = cm.DeviceCosts.from_json(d["meta"]["costs"])
     paths = tuple((p, p) for p in INT8_COLUMNS)  # (cost-model path, backend name): the same names here
-    added = []
+    out = []
     for r in d["rows"]:
         ch = builtin.decide_paths(r["m"], r["n"], r["k"], 0, None, c, False, paths)
-        if wants_copy(ch, host_ties=False) and not wants_copy(ch, gpu_margin=float("inf"), host_ties=False):
-            added.append(r["us"]["bf16"] / r["us"][INT8_COLUMNS[ch.name]])  # measured, the chosen path against bf16
+        if added(ch):
+            out.append(r["us"]["bf16"] / r["us"][INT8_COLUMNS[ch.name]])
+    return out
+
+
+@pytest.mark.parametrize("run", ["sweep_run120_h100_2026-12-06", "sweep_run125_h100_2026-12-06"])
+def test_copy_rule_replayed_on_recorded_h100_sweeps(run: str) -> None:
+    """The copy decision replayed on a recorded H100 sweep with the cost table its process decided with: each row's
+    best quantized path (the eager choice among the int8 paths the sweep timed) and bf16 as the model prices them.
+    The GPU-time tie-breaker (COPY_GPU_MARGIN) adds copies only on rows whose chosen path measured under 0.97x
+    bf16 (runs 120 and 125: three and two rows)."""
+    added = _replayed(run, lambda ch: wants_copy(ch, host_ties=False)
+                      and not wants_copy(ch, gpu_margin=float("inf"), host_ties=False))
     assert len(added) == {"sweep_run120_h100_2026-12-06": 3, "sweep_run125_h100_2026-12-06": 2}[run]
     assert all(x < 0.97 for x in added), added
 
@@ -144,20 +154,9 @@ def test_host_tie_copies_replayed_on_recorded_h100_sweeps() -> None:
     the rows it copies beyond the other clauses (six) are rows whose chosen quantized path measured under the
     0.97x bar more often than not (four of six: 0.87-0.95x; the others 0.98x and 1.03x), and none over 1.05x (a
     copy runs ~1.0x, so those give up at most 5% where they were over the bar)."""
-    from recorded_results import INT8_COLUMNS, recorded
-
-    from comfyquant.runtime.kernels import costs as cm
-
-    paths = tuple((p, p) for p in INT8_COLUMNS)
     measured = []
     for run, count in HOST_TIE_RUNS.items():
-        d = recorded(f"{run}.json")
-        c = cm.DeviceCosts.from_json(d["meta"]["costs"])
-        added = []
-        for r in d["rows"]:
-            ch = builtin.decide_paths(r["m"], r["n"], r["k"], 0, None, c, False, paths)
-            if wants_copy(ch) and not wants_copy(ch, host_ties=False):
-                added.append(r["us"]["bf16"] / r["us"][INT8_COLUMNS[ch.name]])
+        added = _replayed(run, lambda ch: wants_copy(ch) and not wants_copy(ch, host_ties=False))
         assert len(added) == count, (run, added)
         measured += added
     assert sum(x < 0.97 for x in measured) == 4 and max(measured) < 1.05, measured
