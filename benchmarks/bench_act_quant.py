@@ -44,29 +44,14 @@ def configs(k: int) -> list[tuple[int, int | None, int]]:
     return out
 
 
-def strided(cfgs: list[tuple], m: int, k: int) -> list[tuple]:
-    """The strided forms timed beside a width's configurations: ``block_config``'s pick and the one-pass ones
-    (where the next rows' loads are issued by hand), with 1, 2 or 4 programs an SM: (rows, chunk, warps, programs
-    an SM, stages). One stage: Triton pipelines none of this kernel's loads (sm_90 compile)."""
-    from comfyquant.runtime.kernels import triton_quant as tq
-
-    base = list(dict.fromkeys([tq.block_config(m, k), *(c for c in cfgs if c[1] is None and c[0] <= 2)]))
-    return [(*c, per_sm, 1) for c in base for per_sm in (1, 2, 4)]
-
-
 def run_block(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple, mode: int, qmax: float,
-              static: torch.Tensor | None = None, sms: int | None = None) -> None:
-    """The block kernel in configuration ``cfg``: (rows, chunk, warps), or with (programs an SM, stages) after
-    them, its strided form (``sms``: the multiprocessors counted, None: the device's; the check takes a few, so
-    its 67 rows are walked in strides too)."""
+              static: torch.Tensor | None = None) -> None:
+    """The block kernel in configuration ``cfg``: (rows, chunk, warps)."""
     from comfyquant.runtime.kernels import triton_quant as tq
-    from comfyquant.runtime.kernels.launch import device_facts
 
-    rows, chunk, warps, *more = cfg
-    programs, stages = (more[0] * (sms or device_facts(x.device)[0]), more[1]) if more else (None, 1)
-    grid, args, key, w = tq.block_launch(x, q, s, static, mode, qmax, 0, 0, rows=rows, chunk=chunk, warps=warps,
-                                         programs=programs)
-    tq._ACT_BLOCKS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
+    rows, chunk, warps = cfg
+    grid, args, key, w = tq.block_launch(x, q, s, static, mode, qmax, 0, 0, rows=rows, chunk=chunk, warps=warps)
+    tq._ACT_BLOCKS(grid, args, x.device, num_warps=w, num_stages=1, key=key)
 
 
 def check(k: int, cfgs: list) -> dict:
@@ -90,14 +75,14 @@ def check(k: int, cfgs: list) -> dict:
         want_st, _ = tq.quantize_rows_fp8(x, static_scale=st, kernel="rows")
         for i, cfg in enumerate(cfgs if dt == torch.bfloat16 else cfgs[:2]):
             q, s = torch.empty_like(want_q), torch.empty_like(want_s)
-            run_block(x, q, s, cfg, tq.MODE_INT8, 127.0, sms=5)
+            run_block(x, q, s, cfg, tq.MODE_INT8, 127.0)
             off = {"int8": int((q != want_q).sum()) + int((s != want_s).sum())}
             if i < 2:
                 qf, sf = torch.empty_like(want_f), torch.empty_like(want_fs)
-                run_block(x, qf, sf, cfg, tq.MODE_FP8, 448.0, sms=5)
+                run_block(x, qf, sf, cfg, tq.MODE_FP8, 448.0)
                 off["fp8"] = int((qf.view(torch.int8) != want_f.view(torch.int8)).sum()) + int((sf != want_fs).sum())
                 qs, ss = torch.empty_like(want_f), torch.empty_like(want_fs)
-                run_block(x, qs, ss, cfg, tq.MODE_FP8_STATIC, 448.0, st, sms=5)
+                run_block(x, qs, ss, cfg, tq.MODE_FP8_STATIC, 448.0, st)
                 off["fp8_static"] = int((qs.view(torch.int8) != want_st.view(torch.int8)).sum())
             if any(off.values()):
                 res[f"{cfg} {dt}"] = off
@@ -125,9 +110,7 @@ def main() -> int:
     ks = [int(v) for v in a.k.split(",")]
     for k in ks:
         cfgs = configs(k) if a.configs == "all" else []
-        picked = list(dict.fromkeys(tq.block_config(int(m), k) for m in a.m.split(",")))
-        striding = list(dict.fromkeys(c for m in a.m.split(",") for c in strided(cfgs, int(m), k)))
-        bad = check(k, (cfgs or picked) + (striding if a.configs == "all" else []))
+        bad = check(k, cfgs or list(dict.fromkeys(tq.block_config(int(m), k) for m in a.m.split(","))))
         if bad:
             failures[k] = bad
             print(f"K={k}: NOT bit-equal: {bad}", flush=True)
@@ -144,18 +127,16 @@ def main() -> int:
             for kern in ("rows", "tiles", "auto"):
                 row["us"][kern] = graph_time_us(lambda x, q, s, kern=kern: tq.quantize_rows_int8(x, kernel=kern),
                                                 pairs)
-            for cfg in [*cfgs, *strided(cfgs, m, k)]:
+            for cfg in cfgs:
                 row["us"][str(cfg)] = graph_time_us(
                     lambda x, q, s, cfg=cfg: run_block(x, q, s, cfg, tq.MODE_INT8, 127.0), pairs)
             best = min(((v, c) for c, v in row["us"].items() if c.startswith("(")), default=(float("nan"), ""))
             row["best_block"], row["best_block_us"] = best[1], best[0]
             row["tb_s"] = {c: m * k * (size + 1) / v / 1e6 for c, v in row["us"].items()}
             rows_out.append(row)
-            walked = min(((v, c) for c, v in row["us"].items() if c.count(",") == 4), default=(float("nan"), "-"))
             print(f"M={m:5} K={k:5} rows {row['us']['rows']:7.1f} tiles {row['us']['tiles']:7.1f} auto "
                   f"{row['us']['auto']:7.1f} best block {best[1]} {best[0]:7.1f} us ({row['tb_s'][best[1]]:.2f} TB/s)"
-                  f" = {row['us']['auto'] / best[0]:.2f}x auto; best strided {walked[1]} {walked[0]:7.1f} us",
-                  flush=True)
+                  f" = {row['us']['auto'] / best[0]:.2f}x auto", flush=True)
             del xs, qs, ss, pairs
             torch.cuda.empty_cache()
             # after every row: a step cut short by its time limit keeps what it timed

@@ -375,26 +375,3 @@ def test_a_folded_norm_compiles_into_the_rotating_row_kernel_without_spills(m: i
     ptx = _compile(fk, args, warps, stages).asm["ptx"]
     _assert_no_spills(ptx)
     assert len(re.findall(r"\brsqrt\.approx", ptx)) >= 1 and _divisions(ptx) <= 8
-
-
-@pytest.mark.parametrize(("k", "warps"), [(13824, 8), (13824, 16), (12288, 16), (3072, 4)])
-def test_strided_block_kernel_issues_the_next_rows_loads_by_hand(k: int, warps: int) -> None:
-    """The block quantizer's strided one-pass form (``programs``): Triton pipelines none of its loads (they feed no
-    dot: no ``cp.async`` at 3 stages), so the next row block's loads are issued by hand, twice the one-block
-    form's global loads in its code (the prologue's and the loop's), with no register spills at Wan's and Flux's
-    widths."""
-    from test_gluon_gemm import _assert_no_spills
-
-    from comfyquant.runtime.kernels import triton_quant as tq
-
-    m = 16384
-    x, q, s = torch.zeros(m, k, dtype=torch.bfloat16), torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1)
-    loads = {}
-    for programs in (None, 264):
-        _, args, _, w = tq.block_launch(x, q, s, None, tq.MODE_INT8, 127.0, 0, 0, 1, None, warps, programs=programs)
-        ptx = _compile(tq._ACT_BLOCKS, args, w, 3, aligned=True).asm["ptx"]
-        assert "cp.async" not in ptx
-        loads[programs] = len(re.findall(r"\bld\.global", ptx))
-        _assert_no_spills(ptx)
-        assert _divisions(ptx) <= 2
-    assert loads[264] == 2 * loads[None], loads

@@ -60,12 +60,6 @@ def _blocks(m: int) -> tuple:
     return tq._ACT_BLOCKS, args, key
 
 
-def _blocks_strided(m: int) -> tuple:
-    x, out, scale = torch.empty(m, K, dtype=torch.bfloat16), torch.empty(m, K, dtype=torch.int8), torch.empty(m)
-    _, args, key, _ = tq.block_launch(x, out, scale, None, tq.MODE_INT8, 127.0, 0, 0, rows=2, programs=16)
-    return tq._ACT_BLOCKS, args, key
-
-
 def _act(m: int) -> tuple:
     x, out, scale = torch.empty(m, K, dtype=torch.bfloat16), torch.empty(m, K, dtype=torch.int8), torch.empty(m)
     _, args, key, _ = tq.act_launch(x, out, scale, None, None, tq.MODE_INT8, 127.0, 0, 0)
@@ -74,7 +68,7 @@ def _act(m: int) -> tuple:
 
 BUILDERS = {"w4a8": _w4a8(ti._W4A8), "w4a8_swapped": _w4a8(ti._W4A8_SWAPPED), "w4a8_joined": _w4a8(ti._W4A8_JOINED),
             "w8a8": _w8a8, "fused": _fused, "w8a16": _w8a16, "act_blocks": _blocks,
-            "act_blocks_strided": _blocks_strided, "act": _act}
+            "act": _act}
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

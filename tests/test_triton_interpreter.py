@@ -34,7 +34,7 @@ PROCESSES = 2  # CI's cores: pytest itself only waits while the interpreter runs
 # Seconds per group on a CI-class CPU (2026-12-07, all groups in one process: 424 s), for balancing the shares
 # only; a new group counts the median.
 GROUP_SECONDS = {
-    "cpu_dispatch": 1.2, "act_quant": 4.7, "act_blocks": 5.6, "act_blocks_strided": 5.5, "rotate_rows": 2.1, "fp8_quant": 2.5,
+    "cpu_dispatch": 1.2, "act_quant": 4.7, "act_blocks": 5.6, "rotate_rows": 2.1, "fp8_quant": 2.5,
     "int_mm": 17.8, "w8a8": 5.0, "fused": 1.8, "fused_rows": 35.5, "fused_kblock": 2.4, "w8a16": 4.6,
     "w8a16_split": 38.6, "tma_probe": 0.2, "dequant": 0.5, "w4a8": 10.7, "fp8_scaled_mm": 0.8,
     "fast_kernel": 0.1, "interpreter_limitations": 0.0, "fp8_w8a8": 5.6, "fp8_dot_exact": 0.1,

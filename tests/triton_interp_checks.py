@@ -144,15 +144,13 @@ def check_act_quant() -> None:
 
 
 def _blocks(src: torch.Tensor, mode: int, qdt: torch.dtype, qmax: float, rows: int, chunk: int | None,
-            static: torch.Tensor | None = None, perm: int = 0, act: int = 0,
-            programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block kernel with an explicit configuration (``programs``: its strided form): (codes, row scales)."""
+            static: torch.Tensor | None = None, perm: int = 0, act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block kernel with an explicit configuration: (codes, row scales)."""
     from comfyquant.runtime.kernels import triton_quant
 
     m, width = src.shape[0], triton_quant.out_width(src, act)
     q, s = torch.empty((m, width), dtype=qdt), torch.empty((m, 1))
-    grid, args, key, warps = triton_quant.block_launch(src, q, s, static, mode, qmax, perm, act, rows, chunk,
-                                                       programs=programs)
+    grid, args, key, warps = triton_quant.block_launch(src, q, s, static, mode, qmax, perm, act, rows, chunk)
     triton_quant._ACT_BLOCKS(grid, args, src.device, num_warps=warps, num_stages=1, key=key)
     return q, s
 
@@ -198,42 +196,6 @@ def check_act_blocks() -> None:
         q, s = _blocks(x2, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, act=SWIGLU)
         q0, s0 = triton_quant.quantize_rows_int8(x2, act=SWIGLU, kernel="rows")
         record("blocks_swiglu_codes", torch.equal(q, q0) and torch.equal(s, s0), m=m, k=k, rows=rows, chunk=chunk)
-
-
-def check_act_blocks_strided() -> None:
-    """The block kernel's strided form (fewer programs than row blocks, each walking the blocks ``programs``
-    apart; a ragged last block, one program alone; one pass, where the next block's loads are issued by hand, and
-    two) bit-equal to a program a block: int8 and fp8 codes, a static fp8 scale, the W4A8 column order and a gated
-    activation."""
-    from comfyquant.runtime.kernels import triton_quant
-    from comfyquant.runtime.kernels.acts import SWIGLU
-
-    fp8 = (triton_quant.MODE_FP8, E4M3, float(torch.finfo(E4M3).max))
-    for i, (m, k, rows, chunk, programs) in enumerate([(11, 96, 1, None, 3), (10, 256, 2, None, 2),
-                                                       (5, 384, 4, None, 1), (13, 256, 4, 64, 2),
-                                                       (9, 3072, 2, 2048, 1), (7, 100, 2, 32, 5)]):
-        x = _x(m, k, BF16, seed=470 + i)
-        x[2] = 0
-        x[0, :8] = -0.0
-        for mode, qdt, qmax in ((triton_quant.MODE_INT8, torch.int8, 127.0), fp8):
-            want_q, want_s = _blocks(x, mode, qdt, qmax, rows, chunk)
-            q, s = _blocks(x, mode, qdt, qmax, rows, chunk, programs=programs)
-            record("blocks_strided_codes", torch.equal(q.view(torch.int8), want_q.view(torch.int8))
-                   and torch.equal(s, want_s), m=m, k=k, rows=rows, chunk=chunk, programs=programs, mode=mode)
-        st = torch.tensor([0.004])
-        want_f, _ = _blocks(x, triton_quant.MODE_FP8_STATIC, E4M3, fp8[2], rows, chunk, st)
-        f, _ = _blocks(x, triton_quant.MODE_FP8_STATIC, E4M3, fp8[2], rows, chunk, st, programs=programs)
-        record("blocks_strided_static_fp8", torch.equal(f.view(torch.int8), want_f.view(torch.int8)), m=m, k=k,
-               programs=programs)
-        if k % 128 == 0:
-            want_p, _ = _blocks(x, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, perm=128)
-            p, _ = _blocks(x, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, perm=128, programs=programs)
-            record("blocks_strided_perm128", torch.equal(p, want_p), m=m, k=k, programs=programs)
-        x2 = _x(m, 2 * k, F32, seed=490 + i)
-        want_q, want_s = _blocks(x2, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, act=SWIGLU)
-        q, s = _blocks(x2, triton_quant.MODE_INT8, torch.int8, 127.0, rows, chunk, act=SWIGLU, programs=programs)
-        record("blocks_strided_swiglu", torch.equal(q, want_q) and torch.equal(s, want_s), m=m, k=k,
-               programs=programs)
 
 
 def check_rotate_rows() -> None:
@@ -775,7 +737,7 @@ def check_interpreter_limitations() -> None:
 
 
 GROUPS: dict[str, Callable[[], None]] = {
-    "cpu_dispatch": check_cpu_dispatch, "act_quant": check_act_quant, "act_blocks": check_act_blocks, "act_blocks_strided": check_act_blocks_strided, "rotate_rows": check_rotate_rows, "fp8_quant": check_fp8_quant,
+    "cpu_dispatch": check_cpu_dispatch, "act_quant": check_act_quant, "act_blocks": check_act_blocks, "rotate_rows": check_rotate_rows, "fp8_quant": check_fp8_quant,
     "int_mm": check_int_mm, "w8a8": check_w8a8, "fused": check_fused, "fused_rows": check_fused_rows, "fused_kblock": check_fused_kblock,
     "w8a16": check_w8a16, "w8a16_split": check_w8a16_split, "tma_probe": check_tma_probe,
     "dequant": check_dequant, "w4a8": check_w4a8, "fp8_scaled_mm": check_fp8_scaled_mm,

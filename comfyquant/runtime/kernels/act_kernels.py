@@ -589,48 +589,10 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
 @triton.jit
 def _act_block_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, M, K, stride_xm, stride_om, qmax,
                       R: tl.constexpr, BK: tl.constexpr, NCH: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
-                      ACT: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr, NPROG, STRIDED: tl.constexpr):
-    """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program: :func:`quantize_rows`;
-    ``STRIDED``: ``NPROG`` programs walk the row blocks in strides. Triton's pipeliner leaves loads that feed no
-    dot alone (sm_90 compile: no ``cp.async`` at any ``num_stages``), so where the rows are held in registers
-    (one pass, dynamic scales, no norm) the next block's loads are issued by hand before this block's codes are
-    stored (:func:`_prefetched_rows`)."""
-    if STRIDED and NCH == 1 and MODE != 2 and NORM == 0:
-        _prefetched_rows(x_ptr, out_ptr, s_ptr, M, K, stride_xm, stride_om, qmax, NPROG, R, BK, MODE, PERM, ACT)
-    elif STRIDED:
-        for r0 in range(tl.program_id(0) * R, M, NPROG * R):
-            quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, r0 + tl.arange(0, R), M, K, stride_xm, stride_om,
-                          qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, GR, NORM)
-    else:
-        quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, tl.program_id(0) * R + tl.arange(0, R), M, K, stride_xm,
-                      stride_om, qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, GR, NORM)
-
-
-@triton.jit
-def _prefetched_rows(x_ptr, out_ptr, s_ptr, M, K, stride_xm, stride_om, qmax, NPROG, R: tl.constexpr,
-                     BK: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr):
-    """The block kernel's strided one-pass body: blocks of ``R`` rows ``NPROG`` blocks apart, each block's loads
-    issued while the one before is quantized and stored (two blocks in registers). The codes and scales are
-    :func:`quantize_rows`' (the same arithmetic on the same values)."""
-    cols = tl.arange(0, BK)
-    cmask = (cols < K)[None, :]
-    rows = tl.program_id(0) * R + tl.arange(0, R)
-    x = _load_act(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], (rows < M)[:, None] & cmask, K,
-                  ACT)
-    for r0 in range(tl.program_id(0) * R, M, NPROG * R):
-        rows = r0 + tl.arange(0, R)
-        nxt = rows + NPROG * R
-        x_next = _load_act(x_ptr + nxt.to(tl.int64)[:, None] * stride_xm + cols[None, :],
-                           (nxt < M)[:, None] & cmask, K, ACT)
-        rmask = rows < M
-        amax = tl.max(tl.abs(x), axis=1)
-        scale = _scale_of(amax, qmax)
-        inv = tl.math.div_rn(tl.full((R,), 1.0, tl.float32), scale)
-        y = quant_codes(x, scale[:, None], inv[:, None], qmax, MODE)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + _dst(cols, PERM)[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask)
-        tl.store(s_ptr + rows, scale, mask=rmask)
-        x = x_next
+                      ACT: tl.constexpr, nw_ptr, eps, GR, NORM: tl.constexpr):
+    """Unrotated per-row int8 / fp8 (dynamic or static scale) of ``R`` rows per program: :func:`quantize_rows`."""
+    quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, tl.program_id(0) * R + tl.arange(0, R), M, K, stride_xm,
+                  stride_om, qmax, BK, NCH, MODE, PERM, ACT, nw_ptr, eps, GR, NORM)
 
 
 @triton.jit

@@ -286,7 +286,7 @@ def block_config(m: int, k: int) -> tuple[int, int | None, int]:
         return 1, None, 16 if m <= 1024 else 8
     if k % 2048 and 5 * full <= 6 * k:
         # a masked last chunk: Wan's 13,824 columns ran 1.25-1.30x faster in one pass of 8 warps than over
-        # 2,048-column chunks at 4,096 / 16,384 rows (H100 run 130); the strided form added at most 3%
+        # 2,048-column chunks at 4,096 / 16,384 rows (H100 run 130)
         return 1, None, 8
     return 1, 4096 if k % 4096 == 0 else 2048, 4
 
@@ -454,24 +454,20 @@ def held_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, sync:
 
 def block_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, static_scale: torch.Tensor | None,
                  mode: int, qmax: float, perm: int, act: int, rows: int = 1, chunk: int | None = None,
-                 warps: int = 4, norm: Norm | None = None, programs: int | None = None) -> tuple:
+                 warps: int = 4, norm: Norm | None = None) -> tuple:
     """(grid, args, key, num_warps) of the block kernel: ``rows`` rows per program, ``chunk`` columns per step
     (a power of two; None: K's next power of two, one pass with the rows in registers); ``norm``: a folded
     RMSNorm or modulated LayerNorm (its tensor at ``args[15]``; a modulated one takes one pass, whatever
-    ``chunk`` says); ``programs``: that many programs walking the row blocks in strides (None: one a block)."""
+    ``chunk`` says)."""
     m, k = x2d.shape[0], out_width(x2d, act)
     bk = next_power_of_2(max(k, 16)) if chunk is None or isinstance(norm, ModulatedNorm) else chunk
     nch = cdiv(k, bk)
     static = static_scale if static_scale is not None else scale
     nw, eps, code = norm_args(norm, _no_norm(x2d.device))
-    blocks = cdiv(m, rows)
-    nprog = blocks if programs is None else max(1, min(blocks, programs))
-    strided = nprog < blocks
-    return ((nprog,), (x2d, out, scale, static, m, k, x2d.stride(0), out.stride(0), qmax, rows, bk, nch,
-                       mode, perm, act, nw, eps, norm_rows(norm), code, nprog if strided else 1, strided),
+    return ((cdiv(m, rows),), (x2d, out, scale, static, m, k, x2d.stride(0), out.stride(0), qmax, rows, bk, nch,
+                               mode, perm, act, nw, eps, norm_rows(norm), code),
             (rows, bk, nch, mode, perm, act, x2d.dtype, out.dtype, m == 1, m % 16 == 0, k, x2d.stride(0),
-             x2d.data_ptr() % 16 == 0, static_scale is not None, code, nw.dtype, nw.data_ptr() % 16 == 0,
-             (nprog == 1, nprog % 16 == 0) if strided else None), warps)
+             x2d.data_ptr() % 16 == 0, static_scale is not None, code, nw.dtype, nw.data_ptr() % 16 == 0), warps)
 
 
 @functools.cache
