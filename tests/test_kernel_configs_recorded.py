@@ -148,6 +148,21 @@ def test_group_rows_schedule_on_the_recorded_h100_timings() -> None:
     assert math.exp(sum(map(math.log, gains)) / len(gains)) > 1.1, gains
 
 
+def test_group_rows_schedule_is_memoized_to_what_it_computes() -> None:
+    """``pick_kernel`` and ``launch_for`` ask ``group_rows_schedule`` on every call, so it is memoized: the memo
+    gives what the function computes on the recorded widths, rows from 1 to Wan 480p's and two SM counts, and a
+    repeated call is a hit."""
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    for m in (1, 255, 256, 1024, 4096, 16384, 32760):
+        for k in (3072, 5120, 12288, 13824, 15360, 20480):
+            for sms in (78, 132):
+                assert tq.group_rows_schedule(m, k, sms) == tq.group_rows_schedule.__wrapped__(m, k, sms), (m, k)
+    hits = tq.group_rows_schedule.cache_info().hits
+    tq.group_rows_schedule(4096, 15360, 132)
+    assert tq.group_rows_schedule.cache_info().hits == hits + 1
+
+
 def test_block_activation_kernel_config_is_near_the_best_on_the_recorded_h200_timings() -> None:
     """Unrotated rows take the block kernel (``triton_quant.pick_kernel``) with ``block_config``'s configuration:
     on the H200's timings (benchmarks/results/act_quant_run35_*: bf16 rows, M 256 .. 16384, K 768 .. 15360,

@@ -210,11 +210,13 @@ def group_rows_packed(k: int) -> tuple[int, bool, int, int] | None:
     return (GROWS_ONE_MAX, True, GROWS_WARPS, GROWS_ONE_MAX // g) if 2 * g <= GROWS_ONE_MAX else None
 
 
+@functools.lru_cache(maxsize=1024)
 def group_rows_schedule(m: int, k: int, sms: int) -> tuple[tuple[int, ...], int | None, int] | None:
     """(configuration, programs or None for one a row / pack, pipeline stages) the runtime launches the group-rows
     kernel with for ``m`` rows ``k`` wide on ``sms`` multiprocessors, or None where it does not take the call:
     the strided and packed forms where H100 run 127 timed them faster (:data:`GROWS_STRIDE_MIN_M`,
-    :data:`GROWS_PACKED_GROUPS`), else one program a row up to :data:`GROWS_MAX_ELEMS` (H200 run 126)."""
+    :data:`GROWS_PACKED_GROUPS`), else one program a row up to :data:`GROWS_MAX_ELEMS` (H200 run 126).
+    Memoized: pure in (m, k, sms), asked by ``pick_kernel`` and ``launch_for`` on every call."""
     g = cdiv(k, 256)
     if m < GROWS_MIN_M:
         return None
