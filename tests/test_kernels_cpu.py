@@ -83,6 +83,42 @@ def test_int_mm_is_exact_where_onednn_has_no_vnni() -> None:
     assert res.stdout.strip() == "True True"
 
 
+# torch._int_mm replaced, before comfyquant is imported, by an op with no CPU kernel (the dispatcher itself raises
+# NotImplementedError "Could not run ... with arguments from the 'CPU' backend", as a build without one would) or
+# by one that fails some other way
+_NO_CPU_INT_MM = """\
+import torch
+lib = torch.library.Library("cqtest", "DEF")
+lib.define("int_mm(Tensor a, Tensor b) -> Tensor")
+lib.impl("int_mm", lambda a, b: a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32), "Meta")
+torch._int_mm = {stub}
+from comfyquant.runtime.kernels import reference
+g = torch.Generator().manual_seed(0)
+a = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)
+b = torch.randint(-128, 128, (256, 128), dtype=torch.int8, generator=g)
+want = a.long() @ b.long()
+f = torch.compile(reference.int_mm, fullgraph=True, backend="aot_eager")
+print(reference.CPU_INT_MM_EXACT, torch.equal(reference.int_mm(a, b).long(), want), torch.equal(f(a, b).long(), want))
+"""
+
+
+@pytest.mark.parametrize(("stub", "fails"), [("torch.ops.cqtest.int_mm", False),
+                                             ("lambda a, b: (_ for _ in ()).throw(RuntimeError('fault'))", True)])
+def test_int_mm_without_a_cpu_kernel_takes_the_float64_product(stub: str, fails: bool) -> None:
+    """A torch with no CPU ``_int_mm`` kernel: the import-time check reads False (not an import error) and
+    ``int_mm`` is exact, compiled too; an error other than the missing kernel's is not swallowed."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _NO_CPU_INT_MM.format(stub=stub)], capture_output=True, text=True,
+                         timeout=120)
+    if fails:
+        assert res.returncode != 0 and "RuntimeError: fault" in res.stderr, res.stderr
+        return
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False True True"
+
+
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 7, 5), (1, 3072, 64), (3, 17, 9), (40, 96, 33), (17, 256, 256)])
 def test_int_mm_bit_exact(m: int, k: int, n: int) -> None:
     g = _gen(m * 1000 + k)
