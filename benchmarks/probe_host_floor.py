@@ -53,11 +53,9 @@ def runtime_calls(fn, n: int = 20) -> dict[str, float]:
 
 def calls_of(shape: tuple[int, int, int], dev: torch.device) -> dict:
     """The calibration's calls on ``shape`` (bf16 first, as it times them) and bf16 with a bias."""
-    m, n, k = shape
     paths = tuple(p for p in PATHS if p in calibrate.measurable_paths(dev))
-    o = calibrate._operands(m, n, k, dev, calibrate._keys(("bf16", *paths)))
-    fns = calibrate._paths(o, ("bf16", *paths))
-    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    fns, o = calibrate.timed_calls(shape, dev, ("bf16", *paths))
+    bias = torch.randn(shape[1], device=dev, dtype=torch.bfloat16)
     fns["bf16_bias"] = lambda: F.linear(o["x"], o["wb"], bias)
     return fns
 

@@ -40,3 +40,19 @@ def test_operands_build_only_the_keys_asked() -> None:
     assert set(o) == {"x", "q", "s"}
     o = calibrate._operands(2, 96, 64, torch.device("cpu"), frozenset({"qf", "sf"}))
     assert set(o) == {"x", "qf", "sf"} and o["sf"].dim() == 0
+
+
+def test_timed_calls_are_the_calibrations_calls_on_their_operands() -> None:
+    """``timed_calls`` (the seam ``benchmarks/probe_host_floor.py`` times through): the paths' calls on operands
+    built for those paths only, the same operands ``measure`` builds, each call reading them."""
+    import torch.nn.functional as F
+
+    from comfyquant.runtime.kernels.reference import int8_linear_ref
+
+    cpu = torch.device("cpu")
+    calls, o = calibrate.timed_calls((16, 256, 128), cpu, ("bf16", "torch"))
+    assert set(calls) == {"bf16", "torch"} and set(o) == {"x", "wb", "q", "s"}
+    assert torch.equal(o["q"], calibrate._operands(16, 256, 128, cpu)["q"])
+    assert torch.equal(calls["bf16"](), F.linear(o["x"], o["wb"]))
+    want = int8_linear_ref(o["x"], o["q"], o["s"], None, None, torch.bfloat16)
+    assert torch.equal(calls["torch"](), want)

@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +215,20 @@ def _paths(o: dict, paths: tuple[str, ...]) -> dict[str, Callable[[], object]]:
     return out
 
 
+class TimedCalls(NamedTuple):
+    """The calibration's call of each cost-model path on one shape, and the operands those calls read."""
+
+    calls: dict[str, Callable[[], object]]  # path -> its call (``bf16``: ``F.linear`` on the bf16 weight)
+    operands: dict[str, torch.Tensor]  # ``x`` and what ``calls`` read (keys as in :func:`_operands`)
+
+
+def timed_calls(shape: tuple[int, int, int], device: torch.device, paths: tuple[str, ...]) -> TimedCalls:
+    """The calls :func:`measure` times for ``paths`` on ``shape`` (M, N, K), built as it builds them: one seam
+    for the calibration and for probes that time the same calls (``benchmarks/probe_host_floor.py``)."""
+    o = _operands(*shape, device, _keys(paths))
+    return TimedCalls(_paths(o, paths), o)
+
+
 def _bandwidth_gbs(dev: torch.device) -> float:
     """HBM copy bandwidth: 128 MiB copied (a 256 MiB working set, past the L2 of every GPU of today: H100 / H200
     50-60 MB, B200 126 MB; 512 MiB before cache version 12, the calibration's largest transient then)."""
@@ -228,16 +243,14 @@ def measure(device: torch.device) -> DeviceCosts:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     bw = _bandwidth_gbs(dev)
     paths = measurable_paths(dev)
-    small = _operands(*HOST_SHAPE, dev, _keys(paths))
-    per = host_rounds(_paths(small, paths))
+    per = host_rounds(timed_calls(HOST_SHAPE, dev, paths).calls)
     host = medians(per)
-    del small
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
                        host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
     rates = {}
     for shape, group in RATE_SHAPES:
         timed = tuple(p for p in group if p in paths)
-        fns = _paths(_operands(*shape, dev, _keys(timed)), timed)
+        fns = timed_calls(shape, dev, timed).calls
         for p in group:
             if p in fns:
                 rates[p] = fit_rate(p, *shape, _gpu_us(fns[p]), base)
@@ -268,7 +281,7 @@ def _ws_speedup(dev: torch.device, paths: tuple[str, ...], c: DeviceCosts) -> fl
 
     if "triton" not in paths or torch.cuda.get_device_capability(dev)[0] != 9 or not triton_int8.ws_available():
         return 1.0
-    fns = _paths(_operands(*WS_SHAPE, dev, _keys(("triton",))), ("triton",))
+    fns = timed_calls(WS_SHAPE, dev, ("triton",)).calls
     return ws_ratio(cm.gpu_us("triton", *WS_SHAPE, c), _gpu_us(fns["triton"]))
 
 
