@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite (sets up .venv first if needed). Extra arguments go to pytest.
+# Run the test suite (sets up .venv first if needed), then the short pass on an emulated CPU without VNNI
+# (scripts/test_isa_caps.sh). Extra arguments go to pytest, and then only the main pass runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # aiohttp/torchsde: the ComfyUI server tests' requirements, triton (Linux x86_64): the interpreter tests' (all in
@@ -9,4 +10,10 @@ sys.platform == 'linux' and platform.machine() == 'x86_64' and __import__('trito
   bash scripts/setup.sh
 fi
 .venv/bin/ruff check comfyquant tests benchmarks
-exec .venv/bin/python -m pytest -q "$@"
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+status=0
+.venv/bin/python -m pytest -q || status=$?
+bash scripts/test_isa_caps.sh || status=$?
+exit "$status"

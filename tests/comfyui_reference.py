@@ -44,14 +44,15 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 
+from comfyquant.formats import REGISTRY, dequantize_weight
 from comfyquant.formats import conf_value as layer_param
-from comfyquant.formats import dequantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant
 from comfyquant.quant.hadamard import hadamard_matrix
 from comfyquant.quant.int4 import unpack_int4
@@ -64,6 +65,13 @@ FP8_ACT = {  # fp8 dtype -> (relative half-ulp, half the smallest subnormal)
 FORMAT_DTYPE = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 PACKED_K = ("convrot_w4a4", "nvfp4")  # two elements per stored byte along K
 BLOCK_SCALED = ("nvfp4", "mxfp8")
+
+
+def stock_int8_params(formats: Iterable[str]) -> list[Any]:
+    """``formats`` as pytest parameters, the ones stock ComfyUI runs as ``int8_tensorwise`` (its CPU int8 GEMM)
+    marked ``stock_comfy_int8_cpu``, so that a pass on a CPU without VNNI can leave those cases out."""
+    int8 = pytest.mark.stock_comfy_int8_cpu
+    return [pytest.param(f, marks=int8) if REGISTRY.get(f).comfy_format == "int8_tensorwise" else f for f in formats]
 
 
 def layer_tensors(sd: Mapping[str, torch.Tensor], layer: str) -> dict[str, torch.Tensor]:

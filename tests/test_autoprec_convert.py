@@ -221,6 +221,7 @@ def test_quantize_auto_in_memory() -> None:
         QuantizeConfig(format="int8", budget="size=0.5")
 
 
+@pytest.mark.stock_comfy_int8_cpu
 @pytest.mark.comfyui
 def test_stock_comfyui_runs_the_auto_dit(comfy: Any, tmp_path: Path) -> None:
     """The digits DiT planned to 60% of its bytes (modulation layers included) loads in ComfyUI 0.30's own Flux."""

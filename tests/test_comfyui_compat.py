@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 import torch
-from comfyui_reference import check_layer, expectations, layer_tensors, load_comfy_linear, run_layer
+from comfyui_reference import (
+    check_layer,
+    expectations,
+    layer_tensors,
+    load_comfy_linear,
+    run_layer,
+    stock_int8_params,
+)
 from safetensors.torch import save_file
 
 import comfyquant
@@ -78,7 +85,7 @@ def converted_layers(report: comfyquant.Report) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("fmt", STOCK_FORMATS)
+@pytest.mark.parametrize("fmt", stock_int8_params(STOCK_FORMATS))
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_layer_loads_in_comfyui_and_matches(comfy: Any, conv: Conversions, arch: str, fmt: str) -> None:
     path, report = conv.get(arch, fmt)
@@ -162,7 +169,7 @@ def _outputs(comfy: Any, sd: dict[str, torch.Tensor], layers: list[str], dtype: 
     return {layer: run_layer(comfy, layer_tensors(sd, layer), dtype)[2] for layer in layers}
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8"])
+@pytest.mark.parametrize("fmt", stock_int8_params(["int8", "int8-rot", "fp8"]))
 @pytest.mark.parametrize("arch", ["flux", "sdxl"])
 def test_header_metadata_legacy_path_loads_identically(comfy: Any, conv: Conversions, arch: str, fmt: str) -> None:
     path, report = conv.get(arch, fmt)
@@ -246,6 +253,7 @@ def _e2e_inputs(arch: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         "timestep": torch.tensor([0.6]), "context": torch.randn(1, 6, 4096, generator=g)}
 
 
+@pytest.mark.stock_comfy_int8_cpu
 @pytest.mark.parametrize("arch", list(E2E))
 def test_whole_model_loads_through_comfyui_model_detection(comfy: Any, conv: Conversions, arch: str) -> None:
     model_class, ceilings = E2E[arch]
@@ -296,7 +304,7 @@ TIGHT = {"int8": "int8 emulated", "int8-rot": "int8 emulated", "fp8": "fp8 emula
          "nvfp4": "dequantized weight", "mxfp8": "dequantized weight"}
 
 
-@pytest.mark.parametrize("fmt", list(TIGHT))
+@pytest.mark.parametrize("fmt", stock_int8_params(TIGHT))
 def test_reference_check_catches_a_one_percent_scale_error(comfy: Any, conv: Conversions, fmt: str) -> None:
     """The bounds are tight enough to matter: a weight scale off by 1% fails the float32 tight check."""
     path, report = conv.get("flux", fmt)
@@ -312,6 +320,7 @@ def test_reference_check_catches_a_one_percent_scale_error(comfy: Any, conv: Con
         e.check(y, f"{fmt} correct scale")
 
 
+@pytest.mark.stock_comfy_int8_cpu
 def test_layer_config_mixed_formats_and_full_precision_mm(comfy: Any, conv: Conversions) -> None:
     """One file mixing formats by --layer-config rules, some with full_precision_matrix_mult, loads per layer."""
     rules = {"rules": [

@@ -137,6 +137,7 @@ def test_the_same_file_as_comfyquant_convert_flags(tmp_path, src):
     assert file_sha256(a) == file_sha256(b)
 
 
+@pytest.mark.stock_comfy_int8_cpu
 def test_mixed_file_loads_in_comfyui(tmp_path, src, comfy: Any, torch_single_thread: None):
     """One file with every conversion path of these flags, layer by layer through ComfyUI's own Linear."""
     _, sd = _convert(tmp_path, src, "--int8", "--scaling_mode", "row", "--convrot", "--convrot-group-size", "16",

@@ -88,6 +88,7 @@ def _int8_scaled(path):
     return sd, w
 
 
+@pytest.mark.stock_comfy_int8_cpu
 @pytest.mark.parametrize("block,group", [(None, 30), (32, 32)])
 def test_convert_int8_scaled(tmp_path, capsys, comfy: Any, torch_single_thread: None, block, group):
     src = tmp_path / "i8.safetensors"

@@ -104,6 +104,7 @@ def _layer(w: torch.Tensor, group: int, rotate: Any = None) -> dict[str, torch.T
     return tensors
 
 
+@pytest.mark.stock_comfy_int8_cpu
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_comfyui_layer_output_matches_float64_reference(comfy: Any, group: int, dtype: torch.dtype) -> None:
@@ -125,6 +126,7 @@ def _sylvester(group: int) -> torch.Tensor:
     return h / math.sqrt(group)
 
 
+@pytest.mark.stock_comfy_int8_cpu
 @pytest.mark.parametrize("group", [64, 256])
 def test_wrong_rotation_convention_is_caught(comfy: Any, group: int) -> None:
     w = _weight(64, 1024, seed=7)

@@ -58,6 +58,7 @@ def test_comfyui_flux_class_matches_our_forward(comfy: Any) -> None:
     assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
 
 
+@pytest.mark.stock_comfy_int8_cpu
 def test_comfyui_runs_the_converted_int8_file(comfy: Any, tmp_path: Path) -> None:
     from comfyquant.convert.api import convert
 

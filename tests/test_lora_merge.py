@@ -286,6 +286,7 @@ def test_sdxl_checkpoint_text_encoder_loras(comfy: Any, tmp_path: Path) -> None:
 
 
 # -- the converted file, loaded by ComfyUI's own ops --------------------------------------------------------
+@pytest.mark.stock_comfy_int8_cpu
 @pytest.mark.parametrize("fmt", ["int8", "int8-rot"])
 def test_merged_then_quantized_layers_in_comfyui_match_float_merge(comfy: Any, flux: Any, tmp_path: Path,
                                                                    fmt: str) -> None:

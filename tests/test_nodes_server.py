@@ -77,6 +77,7 @@ def test_object_info_shows_every_node_with_the_seeds_inputs(node_server: Any) ->
     assert cond["input"]["required"]["digit"][0] == "INT" and cond["output"] == ["CONDITIONING", "CONDITIONING"]
 
 
+@pytest.mark.stock_comfy_int8_cpu
 def test_disabled_adapter_is_bit_identical_and_int8_stays_within_the_bound(
         node_server: Any, float_latent: torch.Tensor, stock_int8_latent: torch.Tensor) -> None:
     off = node_server.run(digits_workflow(prefix="off", adapter={"enable_int8": False}))
@@ -172,6 +173,7 @@ def test_stock_lora_before_and_after_the_adapter(node_server: Any, float_latent:
             assert rel_err(q_lora, f_lora) < INT8_BOUND, (after, bake, rel_err(q_lora, f_lora))
 
 
+@pytest.mark.stock_comfy_int8_cpu
 def test_save_node_writes_a_file_stock_comfyui_loads(node_server: Any, float_latent: torch.Tensor) -> None:
     wf = digits_workflow(prefix="before_save", adapter={})
     wf["7"] = {"class_type": "SaveQuantizedModel", "inputs": {"model": ["4", 0],
