@@ -1,5 +1,6 @@
 """Automatic precision, the pure parts: budgets, candidates from the registry, layer sensitivity against float64
-references and the runtime's own kernels, the knapsack solver against brute force, and the planner."""
+references and the runtime's own kernels, the knapsack solver against brute force, the confidence bound quality
+floors are planned on, and the planner."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from comfyquant.autoprec import (
     parse_budget,
     plan_precision,
 )
-from comfyquant.autoprec.probe import cosine_of, psnr_of, with_margin
+from comfyquant.autoprec.bound import lower_bound, t_quantile, t_two_sided
+from comfyquant.autoprec.probe import cosine_of, item_values, psnr_of, with_margin
 from comfyquant.autoprec.sensitivity import option_bytes
 from comfyquant.calibration.stats import LayerStats
 from comfyquant.errors import UserError
@@ -247,6 +249,65 @@ def test_smallest_plan_meeting_a_floor_is_the_fewest_bytes() -> None:
         assert fr.total_bytes(plan) == fewest
 
 
+# ---- confidence bound ----------------------------------------------------------------------------------------
+# one-sided t quantiles as printed in statistics tables (6 decimals; scipy.stats.t.ppf agrees)
+T_TABLE = [(0.95, 1, 6.313752), (0.95, 2, 2.919986), (0.95, 9, 1.833113), (0.95, 19, 1.729133),
+           (0.95, 29, 1.699127), (0.975, 10, 2.228139), (0.99, 5, 3.364930), (0.995, 20, 2.845340),
+           (0.9, 120, 1.288646), (0.999, 3, 10.214532)]
+
+
+@pytest.mark.parametrize(("p", "dof", "want"), T_TABLE)
+def test_t_quantile_matches_the_table(p: float, dof: int, want: float) -> None:
+    assert t_quantile(p, dof) == pytest.approx(want, abs=1e-6)
+    assert t_two_sided(want, dof) == pytest.approx(2 * p - 1, abs=1e-6)
+
+
+def test_t_distribution_closed_forms() -> None:
+    """dof 1 is Cauchy, dof 2 has ``t / sqrt(2 + t^2)``; large dof: the normal's quantile plus the first
+    Cornish-Fisher term ``(z^3 + z) / (4 dof)``."""
+    for t in (0.1, 1.0, 3.0, 40.0):
+        assert t_two_sided(t, 1) == pytest.approx(2 * math.atan(t) / math.pi, rel=1e-14)
+        assert t_two_sided(t, 2) == pytest.approx(t / math.sqrt(2 + t * t), rel=1e-14)
+    assert t_quantile(0.5, 7) == 0.0
+    z = 1.6448536269514722
+    assert t_quantile(0.95, 5000) == pytest.approx(z + (z**3 + z) / 20000, abs=1e-7)
+    with pytest.raises(ValueError):
+        t_quantile(0.4, 3)
+    with pytest.raises(ValueError):
+        t_two_sided(1.0, 0)
+
+
+def test_lower_bound_against_a_float64_reference() -> None:
+    import numpy as np
+
+    vals = [48.48, 48.74, 48.9, 47.35, 48.47, 46.79, 50.63, 50.01, 47.02, 50.23]
+    b = lower_bound(vals, 0.95)
+    a = np.asarray(vals, dtype=np.float64)
+    want = a.mean() - 1.833113 * a.std(ddof=1) / math.sqrt(len(a))
+    assert (b.n, b.t) == (10, pytest.approx(1.833113, abs=1e-6))
+    assert b.mean == pytest.approx(a.mean(), rel=1e-15) and b.sd == pytest.approx(a.std(ddof=1), rel=1e-13)
+    assert b.lower == pytest.approx(want, abs=1e-5)
+    one = lower_bound([47.5], 0.95)
+    assert one.lower == 47.5 and one.sd == 0.0  # no spread to estimate from one item
+    with pytest.raises(ValueError):
+        lower_bound([], 0.95)
+
+
+def test_bound_headroom_shrinks_with_items_and_grows_with_spread() -> None:
+    """Same spread, more items: less headroom (``t_{n-1} / sqrt(n)`` falls); twice the spread: twice the
+    headroom; a higher confidence: more."""
+    heads = []
+    for k in range(1, 16):
+        vals = [40.0, 42.0] * k  # sample sd sqrt(n / (n - 1)): about constant
+        b = lower_bound(vals, 0.95)
+        heads.append(b.mean - b.lower)
+        wide = lower_bound([40.0 + 2 * (v - 40.0) for v in vals], 0.95)
+        assert wide.mean - wide.lower == pytest.approx(2 * heads[-1], rel=1e-12)
+        assert lower_bound(vals, 0.99).lower < b.lower < lower_bound(vals, 0.5).lower == b.mean
+    assert all(a > b for a, b in itertools.pairwise(heads))
+    assert heads[0] > 10 * heads[-1]  # 2 items: t 6.31; 30 items: t 1.70 / sqrt(30)
+
+
 # ---- planner --------------------------------------------------------------------------------------------------
 def _layers(n: int = 4) -> list[LayerSource]:
     gen = torch.Generator().manual_seed(3)
@@ -287,6 +348,56 @@ def test_plan_meets_a_per_layer_sqnr_floor() -> None:
         plan_precision(layers, Budget(sqnr=45, size=0.6), CandidatePolicy(), bytes_in=bytes_in, fixed_bytes=0)
 
 
+def _tiny_probe(items: int) -> Any:
+    """A psnr workload on a small 8-layer MLP whose ``items`` inputs differ in scale (their PSNRs spread ~2 dB)."""
+    from comfyquant.eval.autoprobe import ModelProbe
+
+    gen = torch.Generator().manual_seed(5)
+    mods: list[torch.nn.Module] = [torch.nn.Linear(64, 128)]
+    for _ in range(6):
+        mods += [torch.nn.GELU(), torch.nn.Linear(128, 128)]
+    model = torch.nn.Sequential(*mods, torch.nn.GELU(), torch.nn.Linear(128, 64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / math.sqrt(p.shape[-1])))
+    xgen = torch.Generator().manual_seed(6)
+    x = torch.randn(items, 8, 64, generator=xgen) * torch.exp(0.25 * torch.randn(items, 1, 1, generator=xgen)) * 0.3
+    return ModelProbe("tiny", "psnr", model, lambda m: m(x),
+                      lambda a, b: (a.double() - b.double()).square().flatten(1).mean(1), psnr_of, lambda p: {})
+
+
+def test_fewer_calibration_items_plan_more_headroom() -> None:
+    """A psnr floor holds on the 95% lower confidence bound of the calibration items' mean: with 3 items the
+    plan keeps several dB more headroom over the floor (t 2.92 / sqrt(3)) than with 30 (t 1.70 / sqrt(30)),
+    and takes more bytes for it."""
+    out = {}
+    for n in (3, 30):
+        probe = _tiny_probe(n)
+        layers = [LayerSource(k, tuple(m.weight.shape), torch.float32, (lambda m=m: m.weight.detach()))
+                  for k, m in probe.model.named_modules() if isinstance(m, torch.nn.Linear)]
+        plan = plan_precision(layers, Budget(psnr=50), CandidatePolicy(), bytes_in=sum(x.nbytes for x in layers),
+                              fixed_bytes=0, probe=probe, config=AutoConfig())
+        f = plan.floor
+        assert (f["items"], f["confidence"], f["floor"]) == (n, 0.95, 50.0 + f["margin_db"])
+        assert f["measured_bound"] >= f["floor"] and f["predicted_bound"] >= f["floor"]
+        assert f["measured_mean"] == pytest.approx(plan.measured["psnr"])
+        assert f["measured_mean"] - f["measured_bound"] == pytest.approx(
+            t_quantile(0.95, n - 1) * f["measured_sd"] / math.sqrt(n))
+        assert f"n {n} calibration items" in plan.to_text()
+        out[n] = (f["measured_mean"] - 50.0, plan.bytes_out)
+    assert out[3][0] > out[30][0] + 2.0, out
+    assert out[3][1] > out[30][1], out
+
+
+def test_auto_config_refuses_a_meaningless_bound() -> None:
+    with pytest.raises(ValueError, match="confidence"):
+        AutoConfig(confidence=1.0)
+    with pytest.raises(ValueError, match="confidence"):
+        AutoConfig(confidence=0.3)
+    with pytest.raises(ValueError, match="margin_db"):
+        AutoConfig(margin_db=-0.5)
+
+
 def test_quality_floors_need_a_workload() -> None:
     with pytest.raises(UserError, match="needs a workload"):
         plan_precision(_layers(), Budget(psnr=40), CandidatePolicy(), bytes_in=10**6, fixed_bytes=0,
@@ -300,4 +411,11 @@ def test_metrics_of_distortions() -> None:
     d = (a - b).square().sum(1)
     assert cosine_of(d) == pytest.approx(float(torch.nn.functional.cosine_similarity(a, b).mean()))
     assert with_margin("psnr", 45, 0.5) == 45.5
+
+    class _Psnr:
+        quality = staticmethod(psnr_of)
+
+    d = torch.tensor([4e-4, 4e-6, 0.0], dtype=torch.float64)
+    assert item_values(_Psnr(), d) == pytest.approx([40.0, 60.0, 99.0])  # type: ignore[arg-type]
+    assert sum(item_values(_Psnr(), d)) / 3 == pytest.approx(psnr_of(d))  # type: ignore[arg-type]
     assert 1 - with_margin("cosine", 0.999, 10.0) == pytest.approx(1e-4)

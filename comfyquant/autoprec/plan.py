@@ -3,8 +3,10 @@
 :func:`plan_precision` measures every layer's options (``sensitivity``), weighs them by how far each layer's
 error propagates (a :class:`~comfyquant.autoprec.probe.Probe` when the model has a workload, else equal
 weights), solves for the budget (``solver``), and with a probe checks the whole plan on the calibration
-inputs, re-solving with the measured correction when a quality floor is missed there. Callers (the converter,
-``quantize_``) turn the result into their ordinary per-layer plan.
+inputs, re-solving with the measured correction when a quality floor is missed there. A quality floor is met
+on a lower confidence bound of the calibration items' mean metric (``bound``), plus ``AutoConfig.margin_db``,
+so its headroom grows with the items' spread and with fewer items. Callers (the converter, ``quantize_``) turn
+the result into their ordinary per-layer plan.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any
 
 import torch
 
+from comfyquant.autoprec.bound import MeanBound, lower_bound
 from comfyquant.autoprec.budget import Budget
 from comfyquant.autoprec.candidates import KEEP, CandidatePolicy, layer_params
-from comfyquant.autoprec.probe import Probe, measure_gains, with_margin
+from comfyquant.autoprec.probe import Probe, item_values, measure_gains, with_margin
 from comfyquant.autoprec.result import AutoPlan, LayerChoice
 from comfyquant.autoprec.sensitivity import LayerSensitivity, Option, layer_sensitivity, option_bytes
 from comfyquant.autoprec.solver import Frontier
@@ -46,20 +49,30 @@ class LayerSource:
 
 @dataclass(frozen=True)
 class AutoConfig:
-    """``margin_db``: distortion headroom a quality floor is planned with (held-out inputs differ from the
-    calibration ones); ``rounds``: re-solves after a floor is missed on the calibration inputs; ``refine``:
+    """``confidence``: a quality floor must hold on this one-sided lower confidence bound of the calibration
+    items' mean metric (``bound.lower_bound``: headroom from their spread and number); ``margin_db``: fixed
+    distortion headroom on top (what the bound cannot see: fake quantization vs the loader, inputs unlike the
+    calibration's); ``rounds``: re-solves after a floor is missed on the calibration inputs; ``refine``:
     bisection steps toward a smaller plan once one meets it; ``device``: where the sensitivity math runs;
     ``resolution``: the solver's byte grid; ``progress``: where the per-layer work reports itself."""
 
-    # 1.0 dB (0.5 before 2026-12-07): a fresh CI machine read the digits DiT's psnr=47 plan at 46.76 dB on its
-    # held-out samples, predicted 47.51 with 0.5 dB of headroom; with 1.0 the same plan reads 47.23 held out, at
-    # +0.03% bytes (tests/test_autoprec_eval.py)
-    margin_db: float = 1.0
+    confidence: float = 0.95
+    # 0.5 dB on top of the bound (before: 1.0 dB on the mean, no bound). The digits DiT's 10 calibration samples
+    # read 0.1-1.1 dB easier than 300 samples of another seed under four uniform formats, a bias their spread
+    # does not show; with 0.25 dB the psnr=50 plans read 49.8-49.9 on 30 held-out samples, with 0.5 every
+    # floor of 45, 47 and 50 held on 10 and on 20 calibration samples (docs/AUTO_PRECISION.md)
+    margin_db: float = 0.5
     rounds: int = 3
     refine: int = 3
     device: str | None = None
     resolution: int = 1 << 16
     progress: Progress = QUIET
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"AutoConfig.confidence must be in [0.5, 1), got {self.confidence}")
+        if not self.margin_db >= 0.0:
+            raise ValueError(f"AutoConfig.margin_db must be >= 0 dB, got {self.margin_db}")
 
 
 def measure_layers(layers: Sequence[LayerSource], policy: CandidatePolicy,
@@ -186,19 +199,31 @@ def _solve(sens: list[LayerSensitivity], gains: list[torch.Tensor] | None, budge
         return choice
     assert probe is not None
     floor = with_margin(quality[0], quality[1], config.margin_db)
-    choice = frontier.smallest_meeting(lambda c: probe.quality(_predict(vecs, c)) >= floor)
+    choice = frontier.smallest_meeting(lambda c: _bound(probe, _predict(vecs, c), config).lower >= floor)
     if choice is None:  # not even everything kept: cannot happen with exact keeps, kept for safety
-        best = probe.quality(_predict(vecs, frontier.plan(frontier.max_bytes) or frontier.smallest()))
-        raise UserError(f"--budget {quality[0]}={quality[1]:g}: no plan reaches it; the best predicted is {best:.6g}")
+        best = _bound(probe, _predict(vecs, frontier.plan(frontier.max_bytes) or frontier.smallest()), config)
+        raise UserError(f"--budget {quality[0]}={quality[1]:g}: no plan reaches it ({_how(config)}); the best "
+                        f"predicted is {best.mean:.6g}, bound {best.lower:.6g}")
     if cap is not None and frontier.total_bytes(choice) > cap:
         within = frontier.plan(cap)
         need = (frontier.total_bytes(choice) + plan.fixed_bytes) / plan.bytes_in
-        got = "no plan fits" if within is None else \
-            f"the best plan within it reaches {quality[0]} {probe.quality(_predict(vecs, within)):.6g} (predicted)"
+        reach = None if within is None else _bound(probe, _predict(vecs, within), config)
+        got = "no plan fits" if reach is None else \
+            f"the best plan within it reaches {quality[0]} {reach.mean:.6g} (predicted; bound {reach.lower:.6g})"
         raise UserError(f"--budget {budget.describe()}: no plan of size <= {budget.size:g} meets "
-                        f"{quality[0]} >= {quality[1]:g} (with {config.margin_db:g} dB margin): {got}; "
+                        f"{quality[0]} >= {quality[1]:g} ({_how(config)}): {got}; "
                         f"{quality[0]} {quality[1]:g} needs size {need:.4f}")
     return choice
+
+
+def _bound(probe: Probe, d: torch.Tensor, config: AutoConfig) -> MeanBound:
+    """The lower confidence bound of the metric's mean from per-item distortions ``d``."""
+    return lower_bound(item_values(probe, d), config.confidence)
+
+
+def _how(config: AutoConfig) -> str:
+    return (f"planned on its {config.confidence:.0%} lower confidence bound over the calibration items, with "
+            f"{config.margin_db:g} dB margin")
 
 
 def _per_layer_floor(sens: list[LayerSensitivity], floor_db: float) -> list[int]:
@@ -261,6 +286,7 @@ def _verify(plan: AutoPlan, sens: list[LayerSensitivity], gains: list[torch.Tens
             budget: Budget, probe: Probe, config: AutoConfig) -> None:
     """Measure the whole plan on the calibration inputs (every chosen layer fake-quantized at once).
 
+    The floor is on the measured items' lower confidence bound (as the solve's was on the predicted items').
     A quality floor missed there means the layers' errors did not add up as predicted (they can add
     coherently): the gains are multiplied by the measured / predicted ratio per item and the plan re-solved,
     up to ``config.rounds`` times; once a plan meets the floor, ``config.refine`` bisection steps between the
@@ -270,6 +296,9 @@ def _verify(plan: AutoPlan, sens: list[LayerSensitivity], gains: list[torch.Tens
     floor = None if quality is None or quality[0] == "sqnr" else with_margin(quality[0], quality[1],
                                                                            config.margin_db)
 
+    def meets(meas: torch.Tensor) -> bool:
+        return floor is None or _bound(probe, meas, config).lower >= floor
+
     def run(corr: torch.Tensor, fixed: list[int] | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         g = [x * corr for x in gains]
         c = fixed if fixed is not None else _solve(sens, g, budget, plan, probe, config)
@@ -278,17 +307,21 @@ def _verify(plan: AutoPlan, sens: list[LayerSensitivity], gains: list[torch.Tens
         size = (plan.fixed_bytes + sum(x.options[j].nbytes for x, j in zip(sens, c, strict=True))) / plan.bytes_in
         plan.rounds.append({"round": len(plan.rounds), "size": round(size, 6),
                             f"{probe.metric}_predicted": probe.quality(pred),
-                            f"{probe.metric}_measured": probe.quality(meas)})
+                            f"{probe.metric}_measured": probe.quality(meas),
+                            f"{probe.metric}_measured_bound": _bound(probe, meas, config).lower})
         return c, pred, meas
 
     def finish(c: list[int], corr: torch.Tensor, pred: torch.Tensor, meas: torch.Tensor) -> None:
         _fill_plan(plan, sens, [x * corr for x in gains], c)
         plan.predicted[probe.metric] = probe.quality(pred)
         plan.measured = {probe.metric: probe.quality(meas), "items": int(meas.numel())}
+        if floor is not None and quality is not None:
+            plan.floor = _floor_report(quality, floor, config, _bound(probe, pred, config),
+                                       _bound(probe, meas, config))
 
     corr = torch.ones_like(gains[0])
     c, pred, meas = run(corr, choice)
-    if floor is None or probe.quality(meas) >= floor:
+    if meets(meas):
         finish(c, corr, pred, meas)
         return
     failing = corr
@@ -296,26 +329,36 @@ def _verify(plan: AutoPlan, sens: list[LayerSensitivity], gains: list[torch.Tens
     for _ in range(config.rounds):
         corr = corr * torch.where(pred > 0, meas / pred.clamp_min(1e-300), torch.ones_like(pred)).clamp_min(1.0)
         c, pred, meas = run(corr)
-        if probe.quality(meas) >= floor:
+        if meets(meas):
             best = (c, corr, pred, meas)
             break
         failing = corr
     if best is None:
         finish(c, corr, pred, meas)
-        plan.notes.append(f"{probe.metric} on the calibration inputs {probe.quality(meas):.6g} stays below the "
-                          f"planned floor {floor:.6g} after {config.rounds} corrections")
+        plan.notes.append(f"{probe.metric} on the calibration inputs {probe.quality(meas):.6g} (lower bound "
+                          f"{_bound(probe, meas, config).lower:.6g}) stays below the planned floor {floor:.6g} "
+                          f"after {config.rounds} corrections")
         return
     passing = best[1]
     for _ in range(config.refine):
         mid = ((failing.log() + passing.log()) / 2).exp()
         c, pred, meas = run(mid)
-        if probe.quality(meas) >= floor:
+        if meets(meas):
             passing = mid
             if _bytes(sens, c) < _bytes(sens, best[0]):
                 best = (c, mid, pred, meas)
         else:
             failing = mid
     finish(*best)
+
+
+def _floor_report(quality: tuple[str, float], floor: float, config: AutoConfig, pred: MeanBound,
+                  meas: MeanBound) -> dict[str, Any]:
+    """What a quality floor was planned on: target, margin, confidence, items, and both bounds."""
+    return {"metric": quality[0], "target": quality[1], "margin_db": config.margin_db, "floor": floor,
+            "confidence": config.confidence, "items": meas.n, "t": meas.t,
+            "predicted_mean": pred.mean, "predicted_sd": pred.sd, "predicted_bound": pred.lower,
+            "measured_mean": meas.mean, "measured_sd": meas.sd, "measured_bound": meas.lower}
 
 
 def _bytes(sens: Sequence[LayerSensitivity], choice: Sequence[int]) -> int:

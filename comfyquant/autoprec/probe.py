@@ -42,7 +42,8 @@ class Probe(Protocol):
         ...
 
     def quality(self, d: torch.Tensor) -> float:
-        """The workload's metric (mean sample PSNR in dB, mean cosine) from per-item distortions."""
+        """The workload's metric (mean sample PSNR in dB, mean cosine) from per-item distortions: a mean over
+        items of a per-item value (``item_values`` reads it item by item for the confidence bound)."""
         ...
 
     def heldout(self, path: Path) -> dict[str, Any]:
@@ -59,6 +60,11 @@ def with_margin(metric: str, target: float, margin_db: float) -> float:
     if metric == "cosine":
         return 1.0 - (1.0 - target) * 10.0 ** (-margin_db / 10.0)
     raise ValueError(metric)
+
+
+def item_values(probe: Probe, d: torch.Tensor) -> list[float]:
+    """The metric of each item alone (``quality`` of one distortion), whose mean is ``probe.quality(d)``."""
+    return [probe.quality(d[i:i + 1]) for i in range(d.numel())]
 
 
 def probe_option(sens: LayerSensitivity) -> Option | None:

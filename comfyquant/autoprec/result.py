@@ -51,6 +51,8 @@ class AutoPlan:
     predicted: dict[str, Any] = field(default_factory=dict)
     measured: dict[str, Any] = field(default_factory=dict)  # on the calibration inputs, whole plan at once
     heldout: dict[str, Any] = field(default_factory=dict)  # on held-out inputs, the written file
+    # a quality floor's confidence bound: target, margin, confidence, items, predicted/measured mean, sd, bound
+    floor: dict[str, Any] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -77,7 +79,7 @@ class AutoPlan:
         return {"budget": self.budget.describe(), "candidates": self.candidates, "size": round(self.size_ratio, 6),
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "counts": self.counts(),
                 "metric": self.metric, "predicted": self.predicted, "measured_calibration": self.measured,
-                "layers": self.formats()}
+                "floor": self.floor, "layers": self.formats()}
 
     def to_dict(self) -> dict[str, Any]:
         d = self.summary()
@@ -94,10 +96,20 @@ class AutoPlan:
             lines.append("  predicted (calibration): " + _kv(self.predicted))
         if self.measured:
             lines.append("  measured (calibration inputs, whole plan): " + _kv(self.measured))
+        if self.floor:
+            lines.append("  " + floor_text(self.floor))
         if self.heldout:
             lines.append("  measured (held-out inputs, written file): " + _kv(self.heldout))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def floor_text(f: dict[str, Any]) -> str:
+    """One line: what the quality floor was planned on and where the plan's mean and bound are."""
+    return (f"floor: {f['metric']} >= {f['target']:g} planned as mean - t sd / sqrt(n) >= {f['floor']:.6g} "
+            f"({f['confidence']:.0%} one-sided, n {f['items']} calibration items, t {f['t']:.4g}, margin "
+            f"{f['margin_db']:g} dB): predicted mean {f['predicted_mean']:.6g} bound {f['predicted_bound']:.6g}; "
+            f"measured mean {f['measured_mean']:.6g} sd {f['measured_sd']:.4g} bound {f['measured_bound']:.6g}")
 
 
 def _num(v: float) -> float | str:
