@@ -396,6 +396,8 @@ def test_auto_config_refuses_a_meaningless_bound() -> None:
         AutoConfig(confidence=0.3)
     with pytest.raises(ValueError, match="margin_db"):
         AutoConfig(margin_db=-0.5)
+    with pytest.raises(ValueError, match="margin_db"):
+        AutoConfig(margin_db=math.inf)
 
 
 def test_quality_floors_need_a_workload() -> None:

@@ -148,6 +148,15 @@ def test_explicit_layer_config_rules_stay(flux_file: Path, tmp_path: Path) -> No
     (["--budget", "size=0.5", "--smoothquant", "--optimizer", "gptq", "--calibration", "synthetic"],
      "--smoothquant with --format auto"),
     (["--budget", "size=0.5", "--exclude", "img_in"], "per-layer options"),
+    (["--budget", "psnr=45", "--auto-confidence", "1"], "--auto-confidence 1.0: must be a number in [0.5, 1)"),
+    (["--budget", "psnr=45", "--auto-confidence", "0.3"], "--auto-confidence 0.3: must be a number in [0.5, 1)"),
+    (["--budget", "psnr=45", "--auto-confidence", "nan"], "--auto-confidence nan: must be"),
+    (["--budget", "psnr=45", "--auto-confidence", "high"], "argument --auto-confidence: invalid float value"),
+    (["--budget", "psnr=45", "--auto-margin-db", "-0.5"], "--auto-margin-db -0.5: must be a number of dB >= 0"),
+    (["--budget", "psnr=45", "--auto-margin-db", "inf"], "--auto-margin-db inf: must be"),
+    (["--budget", "size=0.5", "--auto-confidence", "0.9"], "--auto-confidence applies to a psnr= or cosine="),
+    (["--budget", "sqnr=30", "--auto-confidence", "0.9", "--auto-margin-db", "1"],
+     "--auto-confidence and --auto-margin-db apply to a psnr= or cosine= --budget only"),
 ])
 def test_bad_budgets_write_nothing(flux_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    args: list[str], needle: str) -> None:
@@ -158,9 +167,40 @@ def test_bad_budgets_write_nothing(flux_file: Path, tmp_path: Path, capsys: pyte
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_budget_needs_format_auto(flux_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["convert", str(flux_file), "-o", str(tmp_path / "x.safetensors"), "--budget", "size=0.5", "-q"])
-    assert code == 2 and "--format auto only" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", [["--budget", "size=0.5"], ["--auto-confidence", "0.9"], ["--auto-margin-db", "1"]])
+def test_budget_needs_format_auto(flux_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  flag: list[str]) -> None:
+    code = main(["convert", str(flux_file), "-o", str(tmp_path / "x.safetensors"), *flag, "-q"])
+    assert code == 2 and f"{flag[0]} applies to --format auto only" in capsys.readouterr().err
+
+
+def test_floor_confidence_and_margin_reach_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``--auto-confidence`` / ``--auto-margin-db`` (and ``convert``'s keywords) are what the floor is planned
+    on: the file's ``comfyquant.auto`` metadata, the API's plan and ``inspect --format auto`` record them."""
+    import comfyquant.cli.main as cli
+    from tests.test_autoprec import _tiny_probe
+
+    probe = _tiny_probe(6)
+    src = write(tmp_path / "mlp.safetensors", {k: v.detach().contiguous() for k, v in probe.model.state_dict().items()})
+    monkeypatch.setattr(cli, "auto_probe", lambda fmt, model: probe)
+    out = tmp_path / "auto.safetensors"
+    assert main(["convert", str(src), "-o", str(out), "--format", "auto", "--budget", "psnr=45",
+                 "--auto-confidence", "0.5", "--auto-margin-db", "0.25", "-q"]) == 0
+    with safe_open(str(out), "pt") as f:
+        floor = json.loads(f.metadata()["comfyquant.auto"])["floor"]
+    assert (floor["confidence"], floor["margin_db"], floor["floor"], floor["t"]) == (0.5, 0.25, 45.25, 0.0)
+    assert floor["measured_bound"] == floor["measured_mean"] >= 45.25  # at 0.5 the bound is the mean
+    rep = convert(src, tmp_path / "api.safetensors", format="auto", budget="psnr=45", probe=probe, progress=False,
+                  auto_confidence=0.99, auto_margin_db=0)
+    assert (rep.auto.floor["confidence"], rep.auto.floor["margin_db"], rep.auto.floor["floor"]) == (0.99, 0.0, 45.0)
+    default = convert(src, tmp_path / "default.safetensors", format="auto", budget="psnr=45", probe=probe,
+                      progress=False)
+    assert (default.auto.floor["confidence"], default.auto.floor["margin_db"]) == (0.95, 0.5)
+    capsys.readouterr()
+    assert main(["inspect", str(src), "--format", "auto", "--budget", "psnr=45", "--auto-confidence", "0.8",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auto"]["floor"]["confidence"] == 0.8
 
 
 def test_inspect_plans_auto_without_writing(flux_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -71,8 +71,8 @@ class AutoConfig:
     def __post_init__(self) -> None:
         if not 0.5 <= self.confidence < 1.0:
             raise ValueError(f"AutoConfig.confidence must be in [0.5, 1), got {self.confidence}")
-        if not self.margin_db >= 0.0:
-            raise ValueError(f"AutoConfig.margin_db must be >= 0 dB, got {self.margin_db}")
+        if not 0.0 <= self.margin_db < math.inf:
+            raise ValueError(f"AutoConfig.margin_db must be a finite number of dB >= 0, got {self.margin_db}")
 
 
 def measure_layers(layers: Sequence[LayerSource], policy: CandidatePolicy,

@@ -174,7 +174,8 @@ def _run_convert(a: argparse.Namespace) -> int:
                   merge_lora_scale=a.merge_lora_scale, merge_lora_dampen=not a.no_dampen,
                   extract_lora=a.extract_lora, extract_lora_output=a.extract_lora_output,
                   extract_lora_target=a.extract_lora_target, budget=a.budget, target_gpu=a.target_gpu,
-                  allow_comfyquant_formats=a.allow_comfyquant_formats)
+                  allow_comfyquant_formats=a.allow_comfyquant_formats, auto_confidence=a.auto_confidence,
+                  auto_margin_db=a.auto_margin_db)
     job = dist_config(a)
     if job is None:
         report = convert(a.input, a.output, report=a.report, plot=a.plot, probe=auto_probe(a.format, a.input),
@@ -230,7 +231,8 @@ def _run_inspect(a: argparse.Namespace) -> int:
     result = inspect_checkpoint(a.file, model=a.model, fmt=a.format, block_size=a.block_size,
                                 layer_config=a.layer_config, layers=_layer_options(a), budget=a.budget,
                                 target_gpu=a.target_gpu, allow_comfyquant_formats=a.allow_comfyquant_formats,
-                                calibration=a.calibration, device=a.device, probe=auto_probe(a.format, a.file))
+                                calibration=a.calibration, device=a.device, probe=auto_probe(a.format, a.file),
+                                auto_confidence=a.auto_confidence, auto_margin_db=a.auto_margin_db)
     if result.kind == "float":  # a quantized file is described as it is; --model plays no part there
         warning = preset_warning(a.file, a.model, a.strict_preset, _progress(a))
         if warning is not None:

@@ -22,7 +22,8 @@ def convert_options(output: str | Path, *, format: str = "int8", model: str = "a
                     extract_lora_output: str | Path | None = None,
                     extract_lora_target: str | None = None, budget: Any = None, target_gpu: str | None = None,
                     allow_comfyquant_formats: bool = False, probe: Any = None,
-                    verify_heldout: bool = True) -> ConvertOptions:
+                    verify_heldout: bool = True, auto_confidence: float | None = None,
+                    auto_margin_db: float | None = None) -> ConvertOptions:
     """The :class:`ConvertOptions` that :func:`convert`'s keyword arguments describe for a conversion to
     ``output`` (a method name for ``optimizer`` becomes its default ``OptimizerConfig``; paths become strings;
     LoRA merging and extraction become the pipeline's weight transform and error sink)."""
@@ -49,7 +50,8 @@ def convert_options(output: str | Path, *, format: str = "int8", model: str = "a
                           calibration_lora=None if calibration_lora is None else str(calibration_lora),
                           layers=layers or LayerOptions(), weight_transform=transform, quant_error_sink=sink,
                           budget=budget, target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
-                          probe=probe, verify_heldout=verify_heldout)
+                          probe=probe, verify_heldout=verify_heldout, auto_confidence=auto_confidence,
+                          auto_margin_db=auto_margin_db)
 
 
 def write_outputs(result: Report, report: str | Path | None, plot: str | Path | None) -> None:
@@ -72,7 +74,8 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
             merge_lora_scale: float = 1.0, merge_lora_dampen: bool = True, extract_lora: int = 0,
             extract_lora_output: str | Path | None = None, extract_lora_target: str | None = None,
             budget: Any = None, target_gpu: str | None = None, allow_comfyquant_formats: bool = False,
-            probe: Any = None, verify_heldout: bool = True) -> Report:
+            probe: Any = None, verify_heldout: bool = True, auto_confidence: float | None = None,
+            auto_margin_db: float | None = None) -> Report:
     """Convert a float checkpoint (one .safetensors or a sharded index) into one quantized .safetensors file.
 
     Writes ``report`` (JSON) and ``plot`` (PNG of per-layer SQNR) when given; returns the :class:`Report`.
@@ -91,7 +94,9 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
     docs/AUTO_PRECISION.md) among the registry's formats for ``target_gpu`` (``allow_comfyquant_formats``: also
     those stock ComfyUI cannot load); ``calibration`` gives the layer statistics, ``probe`` (an
     ``autoprec.Probe``, e.g. ``comfyquant.eval.autoprobe.probe_for(input)``) the end-to-end weights and the
-    held-out check. The plan is in ``Report.auto`` and the file's ``__metadata__["comfyquant.auto"]``.
+    held-out check. A ``psnr``/``cosine`` floor must hold on the ``auto_confidence`` (default 0.95) one-sided
+    lower confidence bound of the calibration items' mean plus ``auto_margin_db`` dB (default 0.5; both
+    ``autoprec.AutoConfig``). The plan is in ``Report.auto`` and the file's ``__metadata__["comfyquant.auto"]``.
     ``progress``: True (a bar on a terminal, else lines on stderr), False (none) or a
     :class:`comfyquant.progress.Progress`. An explicit ``model`` that does not fit the file is a warning (stderr
     and the report's notes), or with ``strict_preset`` an error. Raises :class:`comfyquant.errors.UserError`
@@ -109,7 +114,8 @@ def convert(input: str | Path, output: str | Path, format: str = "int8", model: 
                            merge_lora_dampen=merge_lora_dampen, extract_lora=extract_lora,
                            extract_lora_output=extract_lora_output, extract_lora_target=extract_lora_target,
                            budget=budget, target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
-                           probe=probe, verify_heldout=verify_heldout)
+                           probe=probe, verify_heldout=verify_heldout, auto_confidence=auto_confidence,
+                           auto_margin_db=auto_margin_db)
     result = run_conversion(input, output, opts)
     write_outputs(result, report, plot)
     return result

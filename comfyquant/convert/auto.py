@@ -9,12 +9,22 @@ other parts of a bundled checkpoint, drops) is planned exactly as without ``auto
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfyquant.autoprec import AUTO, KEEP, AutoConfig, AutoPlan, CandidatePolicy, LayerSource, parse_budget
+from comfyquant.autoprec import (
+    AUTO,
+    KEEP,
+    AutoConfig,
+    AutoPlan,
+    Budget,
+    CandidatePolicy,
+    LayerSource,
+    parse_budget,
+)
 from comfyquant.autoprec.plan import plan_precision
 from comfyquant.calibration.stats import LayerStats
 from comfyquant.convert.choices import LayerOptions
@@ -79,6 +89,7 @@ def plan_auto_conversion(reader: CheckpointReader, opts: Any) -> tuple[Plan, Aut
     """The conversion plan of ``--format auto`` and the automatic-precision plan behind it (``opts`` is a
     ``ConvertOptions``). A budget no plan meets raises UserError before anything is written."""
     budget = parse_budget(opts.budget)
+    config = auto_config(opts, budget)
     if opts.fallback is not None:
         raise UserError("--fallback does not apply to --format auto: each layer's format is chosen among the "
                         "candidates its shape can take")
@@ -105,7 +116,6 @@ def plan_auto_conversion(reader: CheckpointReader, opts: Any) -> tuple[Plan, Aut
                           reader.infos[n].dtype, _loader(reader, n)) for n in cands]
     stats_of, note = _stats_source(opts, reader, {x.name: x.shape for x in layers})
     policy = CandidatePolicy(opts.target_gpu, opts.allow_comfyquant_formats, options=auto_options(opts.block_size))
-    config = AutoConfig(device=opts.device, progress=opts.progress)
     auto = plan_precision(layers, budget, policy, bytes_in=base.bytes_in, fixed_bytes=fixed, stats_of=stats_of,
                           probe=opts.probe, config=config)
     if note:
@@ -123,6 +133,28 @@ def plan_auto_conversion(reader: CheckpointReader, opts: Any) -> tuple[Plan, Aut
     if plan.bytes_out != auto.bytes_out:  # pragma: no cover - the registry's slots are the one byte count
         raise RuntimeError(f"auto plan sizes disagree: {plan.bytes_out} planned, {auto.bytes_out} chosen")
     return plan, auto
+
+
+def auto_config(opts: Any, budget: Budget) -> AutoConfig:
+    """The planner's settings from ``opts`` (a ``ConvertOptions``): ``auto_confidence`` / ``auto_margin_db``
+    (None: ``AutoConfig``'s defaults), checked here so a bad value is one UserError line naming its flag."""
+    floor: dict[str, float] = {}
+    for key, flag, value in (("confidence", "--auto-confidence", opts.auto_confidence),
+                             ("margin_db", "--auto-margin-db", opts.auto_margin_db)):
+        if value is None:
+            continue
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (key == "confidence" and not 0.5 <= value < 1.0) or (key == "margin_db" and value < 0.0):
+            want = "a number in [0.5, 1), e.g. 0.95" if key == "confidence" else "a number of dB >= 0, e.g. 0.5"
+            raise UserError(f"{flag} {value!r}: must be {want}")
+        floor[key] = float(value)
+    quality = budget.quality
+    if floor and (quality is None or quality[0] not in ("psnr", "cosine")):
+        flags = [f for k, f in (("confidence", "--auto-confidence"), ("margin_db", "--auto-margin-db")) if k in floor]
+        raise UserError(f"{' and '.join(flags)} {'apply' if len(flags) > 1 else 'applies'} to a psnr= or cosine= "
+                        f"--budget only (a floor planned on the calibration items), not to --budget "
+                        f"{budget.describe()}")
+    return AutoConfig(device=opts.device, progress=opts.progress, **floor)
 
 
 def _loader(reader: CheckpointReader, name: str) -> Callable[[], Any]:

@@ -102,10 +102,12 @@ class InspectResult:
 def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8", block_size: int = 128,
                        layer_config: str | Path | None = None, layers: LayerOptions | None = None,
                        budget: Any = None, target_gpu: str | None = None, allow_comfyquant_formats: bool = False,
-                       calibration: Any = None, device: str = "cpu", probe: Any = None) -> InspectResult:
+                       calibration: Any = None, device: str = "cpu", probe: Any = None,
+                       auto_confidence: float | None = None, auto_margin_db: float | None = None) -> InspectResult:
     """Inspect one checkpoint (file or sharded index): the plan for ``fmt``/``model`` if it holds float
     weights, else its quantized layers and the problems ComfyUI would hit. ``fmt="auto"`` plans automatic
-    precision for ``budget`` (this reads the weights, and the ``calibration`` statistics when given)."""
+    precision for ``budget`` (this reads the weights, and the ``calibration`` statistics when given; a quality
+    floor's headroom from ``auto_confidence`` / ``auto_margin_db``, as ``convert``'s)."""
     reader = CheckpointReader(path)
     if is_quantized(reader.infos, reader.metadata):
         return _inspect_quantized(reader)
@@ -118,7 +120,8 @@ def inspect_checkpoint(path: str | Path, model: str = "auto", fmt: str = "int8",
         opts_auto = ConvertOptions(format=fmt, model=model, layer_config=layer_config, device=device,
                                    block_size=block_size, calibration=calibration, budget=budget,
                                    target_gpu=target_gpu, allow_comfyquant_formats=allow_comfyquant_formats,
-                                   probe=probe, progress=QUIET, layers=layers or LayerOptions())
+                                   probe=probe, progress=QUIET, layers=layers or LayerOptions(),
+                                   auto_confidence=auto_confidence, auto_margin_db=auto_margin_db)
         plan, auto = plan_auto_conversion(reader, opts_auto)
     else:
         get_format(fmt)

@@ -72,6 +72,9 @@ class ConvertOptions:
     allow_comfyquant_formats: bool = False
     probe: Any = None
     verify_heldout: bool = True
+    # a psnr=/cosine= floor's headroom (autoprec.AutoConfig.confidence / margin_db; None: AutoConfig's default)
+    auto_confidence: float | None = None
+    auto_margin_db: float | None = None
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(format=self.format, model=self.model, layer_config=self.layer_config,
@@ -332,8 +335,10 @@ def prepare_conversion(input: str | Path, output: str | Path, opts: ConvertOptio
 
         plan, auto = plan_auto_conversion(reader, opts)
     else:
-        if opts.budget is not None:
-            raise UserError("--budget applies to --format auto only")
+        given = [f for f, v in (("--budget", opts.budget), ("--auto-confidence", opts.auto_confidence),
+                                ("--auto-margin-db", opts.auto_margin_db)) if v is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to --format auto only")
         plan = build_plan(reader.infos, opts.plan_options(), metadata=reader.metadata)
     metadata = {**reader.metadata, "comfyquant.version": __version__, "comfyquant.format": plan.format,
                 "comfyquant.model": plan.preset}

@@ -86,7 +86,8 @@ def _eval(argv: list[str] | None) -> int:
                      lora_strength=args.lora_strength, stochastic=args.stochastic, extract_lora=args.extract_lora,
                      progress=Progress(mode="off" if args.quiet else "auto", prog="comfyquant eval"),
                      budget=args.budget, target_gpu=args.target_gpu,
-                     allow_comfyquant_formats=args.allow_comfyquant_formats)
+                     allow_comfyquant_formats=args.allow_comfyquant_formats,
+                     auto_confidence=args.auto_confidence, auto_margin_db=args.auto_margin_db)
     report = run_eval(cfg)
     print(side_by_side([report], [f"{report['model']} {report['format']}"]), end="")
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'layers.png'}")

@@ -55,6 +55,8 @@ class EvalConfig:
     budget: str | None = None
     target_gpu: str | None = None
     allow_comfyquant_formats: bool = False
+    auto_confidence: float | None = None  # a psnr= floor's bound and margin (None: autoprec.AutoConfig's)
+    auto_margin_db: float | None = None
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -109,7 +111,8 @@ def quantize_reference(workload: Any, cfg: EvalConfig, out: Path) -> tuple[Path,
                   merge_loras=merge, extract_lora=cfg.extract_lora,
                   extract_lora_output=correction_file(out) if cfg.extract_lora else None,
                   budget=cfg.budget, target_gpu=cfg.target_gpu, allow_comfyquant_formats=cfg.allow_comfyquant_formats,
-                  probe=probe, verify_heldout=False)
+                  probe=probe, verify_heldout=False, auto_confidence=cfg.auto_confidence,
+                  auto_margin_db=cfg.auto_margin_db)
     plan = None
     if rep.auto is not None:
         plan = {k: v for k, v in rep.auto.to_dict().items() if k != "layers"}
