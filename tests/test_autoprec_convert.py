@@ -283,3 +283,37 @@ def test_stock_comfyui_runs_the_auto_dit(comfy: Any, tmp_path: Path) -> None:
         got = dm(x, t, ctx, y=y)
     rel = float((got - ref).square().mean().sqrt() / ref.square().mean().sqrt())
     assert rel < 0.01
+
+
+def test_inspect_prints_the_stored_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``comfyquant inspect FILE`` prints the floor stored in ``comfyquant.auto`` on one line; a file written
+    before the floor was recorded (no key) shows no floor line, a malformed record says so, neither fails."""
+    from tests.test_autoprec import _tiny_probe
+
+    probe = _tiny_probe(6)
+    src = write(tmp_path / "mlp.safetensors", {k: v.detach().contiguous() for k, v in probe.model.state_dict().items()})
+    out = tmp_path / "auto.safetensors"
+    convert(src, out, format="auto", budget="psnr=45", probe=probe, progress=False, auto_confidence=0.975)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    lines = [x.strip() for x in capsys.readouterr().out.splitlines() if x.strip().startswith("floor:")]
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    floor = json.loads(meta["comfyquant.auto"])["floor"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("floor: psnr >= 45 planned as mean - t sd / sqrt(n) >= 45.5 (97.5% one-sided, n 6 ")
+    assert "margin 0.5 dB" in lines[0]
+    for key in ("predicted_mean", "predicted_bound", "measured_mean", "measured_bound"):
+        assert f"{floor[key]:.6g}" in lines[0]
+    summary = json.loads(meta["comfyquant.auto"])
+    del summary["floor"]  # as 6e4fecf's predecessors wrote it
+    old = write(tmp_path / "old.safetensors", tensors, {**meta, "comfyquant.auto": json.dumps(summary)})
+    assert main(["inspect", str(old)]) == 0
+    text = capsys.readouterr().out
+    assert "auto precision: budget psnr=45" in text and "floor" not in text
+    summary["floor"] = {"metric": "psnr", "target": 45.0}
+    bad = write(tmp_path / "bad.safetensors", tensors, {**meta, "comfyquant.auto": json.dumps(summary)})
+    assert main(["inspect", str(bad)]) == 0
+    assert "floor: unreadable record in comfyquant.auto (missing or not numbers: floor, confidence" in \
+        capsys.readouterr().out

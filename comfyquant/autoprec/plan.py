@@ -222,7 +222,7 @@ def _bound(probe: Probe, d: torch.Tensor, config: AutoConfig) -> MeanBound:
 
 
 def _how(config: AutoConfig) -> str:
-    return (f"planned on its {config.confidence:.0%} lower confidence bound over the calibration items, with "
+    return (f"planned on its {config.confidence * 100:g}% lower confidence bound over the calibration items, with "
             f"{config.margin_db:g} dB margin")
 
 

@@ -104,10 +104,15 @@ class AutoPlan:
         return "\n".join(lines)
 
 
+# the numbers floor_text prints (AutoPlan.floor also has the metric's name)
+FLOOR_KEYS = ("target", "floor", "confidence", "items", "t", "margin_db", "predicted_mean", "predicted_bound",
+              "measured_mean", "measured_sd", "measured_bound")
+
+
 def floor_text(f: dict[str, Any]) -> str:
     """One line: what the quality floor was planned on and where the plan's mean and bound are."""
     return (f"floor: {f['metric']} >= {f['target']:g} planned as mean - t sd / sqrt(n) >= {f['floor']:.6g} "
-            f"({f['confidence']:.0%} one-sided, n {f['items']} calibration items, t {f['t']:.4g}, margin "
+            f"({f['confidence'] * 100:g}% one-sided, n {f['items']} calibration items, t {f['t']:.4g}, margin "
             f"{f['margin_db']:g} dB): predicted mean {f['predicted_mean']:.6g} bound {f['predicted_bound']:.6g}; "
             f"measured mean {f['measured_mean']:.6g} sd {f['measured_sd']:.4g} bound {f['measured_bound']:.6g}")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from comfyquant.autoprec.result import FLOOR_KEYS, floor_text
 from comfyquant.convert.choices import LayerOptions
 from comfyquant.convert.plan import KEEP, Plan, PlanOptions, build_plan
 from comfyquant.formats import REGISTRY as FORMATS
@@ -285,10 +286,21 @@ def _auto_text(auto: dict[str, Any]) -> list[str]:
         if vals:
             lines.append(f"  {label}: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                                     for k, v in vals.items()))
+    floor = auto.get("floor")
+    if floor:  # files written before the floor was recorded have no such key: nothing to say
+        lines.append("  " + _stored_floor_text(floor))
     kept = [n for n, f in (auto.get("layers") or {}).items() if f == "keep"]
     if kept:
         lines.append(f"  kept in high precision by the plan: {', '.join(kept)}")
     return lines
+
+
+def _stored_floor_text(floor: Any) -> str:
+    """The stored quality floor on one line (``result.floor_text``), or what is wrong with a malformed record."""
+    missing = [k for k in FLOOR_KEYS if not isinstance(floor, dict) or not isinstance(floor.get(k), int | float)]
+    if missing or not isinstance(floor.get("metric"), str):
+        return f"floor: unreadable record in {AUTO_KEY} (missing or not numbers: {', '.join(missing) or 'metric'})"
+    return floor_text(floor)
 
 
 def _quant_text(r: InspectResult) -> str:
