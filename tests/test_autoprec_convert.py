@@ -317,3 +317,20 @@ def test_inspect_prints_the_stored_floor(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["inspect", str(bad)]) == 0
     assert "floor: unreadable record in comfyquant.auto (missing or not numbers: floor, confidence" in \
         capsys.readouterr().out
+
+
+def test_quantize_config_takes_the_planner_settings() -> None:
+    """``QuantizeConfig.auto_config`` is what ``quantize_`` plans a floor with (its confidence and margin reach
+    the plan), and is refused where nothing is planned."""
+    from comfyquant.autoprec import AutoConfig
+    from tests.test_autoprec import _tiny_probe
+
+    probe = _tiny_probe(6)
+    summary = quantize_(probe.model, QuantizeConfig(format="auto", budget="psnr=45", probe=probe,
+                                                    auto_config=AutoConfig(confidence=0.5, margin_db=0.25)))
+    floor = summary.auto.floor
+    assert (floor["confidence"], floor["margin_db"], floor["floor"], floor["t"]) == (0.5, 0.25, 45.25, 0.0)
+    with pytest.raises(UserError, match="format='auto' only"):
+        QuantizeConfig(format="int8", auto_config=AutoConfig())
+    with pytest.raises(UserError, match="not to layer_formats"):
+        QuantizeConfig(format="auto", layer_formats={"a": "fp8"}, auto_config=AutoConfig())

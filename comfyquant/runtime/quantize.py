@@ -42,6 +42,8 @@ class QuantizeConfig:
     ``"sqnr=30"``; ``psnr``/``cosine`` with a ``probe``) with ``calibration`` statistics (anything with
     ``.get(layer) -> LayerStats``; None: weight error only) among the quantized formats for ``target_gpu``.
     The plan is ``QuantizeSummary.auto``. ``filter_fn`` is consulted when quantizing, not while planning.
+    ``auto_config``: the planner's settings (an ``autoprec.AutoConfig``: a quality floor's confidence and margin,
+    the device; None: its defaults).
 
     ``fold_activations``: an activation module right before a quantized layer in an ``nn.Sequential`` (GELU,
     SiLU) is folded into that layer (``runtime.fold``), so the GPU kernels apply it as they read x; with
@@ -66,6 +68,7 @@ class QuantizeConfig:
     probe: Any = None
     fold_activations: bool = True
     fold_norms: bool = True
+    auto_config: Any = None
 
     def __post_init__(self) -> None:
         if self.format == AUTO:
@@ -73,13 +76,15 @@ class QuantizeConfig:
                 raise UserError("QuantizeConfig(format='auto') needs a budget (e.g. 'size=0.4') or layer_formats")
             if self.budget is not None:
                 parse_budget(self.budget)
+            if self.auto_config is not None and self.budget is None:
+                raise UserError("QuantizeConfig: auto_config applies to planning for a budget, not to layer_formats")
             for name in (self.layer_formats or {}).values():
                 if name != KEEP and not get_format(name).is_quantized:
                     raise UserError(f"layer_formats: '{name}' is a plain cast, not a quantized format")
             self._check_regexes()
             return
-        if self.budget is not None or self.layer_formats is not None:
-            raise UserError("QuantizeConfig: budget / layer_formats apply to format='auto' only")
+        if self.budget is not None or self.layer_formats is not None or self.auto_config is not None:
+            raise UserError("QuantizeConfig: budget / layer_formats / auto_config apply to format='auto' only")
         spec = get_format(self.format)
         if not spec.is_quantized:
             raise UserError(f"format '{self.format}' is a plain cast, not a quantized format; use model.to(dtype)")
@@ -271,7 +276,8 @@ def plan_auto(model: nn.Module, config: QuantizeConfig) -> Any:
     fixed = total - sum(x.nbytes for x in layers)
     stats_of = config.calibration.get if config.calibration is not None else None
     return plan_precision(layers, parse_budget(config.budget), policy, bytes_in=total, fixed_bytes=fixed,
-                          stats_of=stats_of, probe=config.probe, config=AutoConfig())
+                          stats_of=stats_of, probe=config.probe,
+                          config=config.auto_config if config.auto_config is not None else AutoConfig())
 
 
 def _weight_of(mod: nn.Linear) -> Callable[[], Any]:
