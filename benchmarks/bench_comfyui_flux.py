@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from comfyquant.bench.saved import read_saved_json
 from comfyquant.nodes.attention import DEFAULT_MODE
 
 FULL = {"hidden": 3072, "heads": 24, "context": 4096, "vec": 768, "txt_tokens": 512}
@@ -616,7 +617,7 @@ def common_args(p: argparse.ArgumentParser, json_name: str) -> None:
     p.add_argument("--work", default=None, help="folder for the generated model files (default OUT/work)")
     p.add_argument("--comfyui-cache", default=None, help="ComfyUI 0.30.0 cache folder (see comfyui_env)")
     p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, seconds: checks the mechanics")
-    p.add_argument("--plot-from", default=None, help=f"only draw OUT/{json_name}.png from this saved json")
+    p.add_argument("--plot-from", default=None, help=f"only draw OUT/{json_name}.png from this saved json (or json.gz)")
 
 
 def timing_args(p: argparse.ArgumentParser) -> None:
@@ -633,7 +634,7 @@ def plot_only(a: argparse.Namespace, stem: str) -> bool:
     if not a.plot_from:
         return False
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    print(plot_report(json.loads(Path(a.plot_from).read_text()), Path(a.out) / f"{stem}.png"))
+    print(plot_report(read_saved_json(a.plot_from), Path(a.out) / f"{stem}.png"))
     return True
 
 

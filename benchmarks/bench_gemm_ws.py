@@ -202,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graph", action="store_true", help="GPU time from CUDA-graph replays (the small shapes, whose "
                    "plain timing measures the benchmark launcher's host time)")
     p.add_argument("--narrow", action="store_true", help="the SDXL / CLIP / T5 widths in place of Flux / Wan")
-    p.add_argument("--plot-from", default=None, help="only draw --out/gemm_ws.png from this saved json (no GPU)")
+    p.add_argument("--plot-from", default=None,
+                   help="only draw --out/gemm_ws.png from this saved json or json.gz (no GPU)")
     a = p.parse_args(argv)
     if a.plot_from:
+        from comfyquant.bench.saved import read_saved_json
+
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        print(plot(json.loads(Path(a.plot_from).read_text()), Path(a.out) / "gemm_ws.png"))
+        print(plot(read_saved_json(a.plot_from), Path(a.out) / "gemm_ws.png"))
         return 0
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_gemm_ws: needs a Hopper GPU (the Gluon kernel is sm_90 code)", file=sys.stderr)

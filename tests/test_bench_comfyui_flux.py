@@ -117,11 +117,13 @@ def test_gemm_bench_draws_a_saved_report_without_a_gpu(tmp_path: Path) -> None:
     best pass (the table's numbers), the whole layers among them."""
     sys.path.insert(0, str(SCRIPT.parent))
     import bench_gemm_ws
+    import recorded_results
 
-    saved = SCRIPT.parent / "results" / "gemm_layers_run26_h200_2026-12-03.json"
+    name = "gemm_layers_run26_h200_2026-12-03.json"
+    saved = recorded_results.path(name)  # the .json.gz as stored: the script reads either form
     assert bench_gemm_ws.main(["--out", str(tmp_path), "--plot-from", str(saved)]) == 0
     assert (tmp_path / "gemm_ws.png").read_bytes()[:4] == b"\x89PNG"
-    groups = bench_gemm_ws.bar_groups(json.loads(saved.read_text())["rows"])
+    groups = bench_gemm_ws.bar_groups(recorded_results.recorded(name)["rows"])
     qkv = groups["flux qkv 3072->9216, M 4096"]
     assert round(qkv["whole int8 layer (activation pass + picked GEMM)"], 2) == 1.58
     assert round(qkv["Gluon GEMM (picked)"], 2) == 1.71 and len(groups) == 18

@@ -74,3 +74,25 @@ def test_bad_input_and_unwritable_output_are_one_user_error_and_leave_nothing(tm
         assert run_cli("plot", main, [str(src), str(out)]) == 2
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "bench.json", "rowless.json"]
+
+
+def test_a_saved_json_is_read_gzip_compressed_or_by_its_json_name(tmp_path):
+    """``benchmarks/results`` keeps its larger JSON as ``.json.gz`` (``gzip -9 -n``): the plot reads that file,
+    and a ``.json`` name whose ``.gz`` alone is there; a plain ``.json`` beside it is read first."""
+    import gzip
+
+    from comfyquant.bench.saved import read_saved_json, saved_path
+
+    payload = {"meta": {"device": "test"}, "rows": _rows()}
+    gz = tmp_path / "bench.json.gz"
+    gz.write_bytes(gzip.compress(json.dumps(payload).encode("utf-8"), mtime=0))
+    named = tmp_path / "bench.json"
+    assert saved_path(named) == gz and read_saved_json(gz) == read_saved_json(named) == payload
+    assert main([str(gz), str(tmp_path / "a.png")]) == 0 and main([str(named), str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    named.write_text(json.dumps({"rows": []}))
+    assert saved_path(named) == named and read_saved_json(named) == {"rows": []}
+    broken = tmp_path / "broken.json.gz"
+    broken.write_bytes(gz.read_bytes()[:20])
+    with pytest.raises(UserError, match="not a readable benchmark json"):
+        main([str(broken), str(tmp_path / "c.png")])

@@ -21,13 +21,11 @@ def test_rotating_activation_kernel_pick_is_the_fastest_kernel_on_the_recorded_h
     .. 15360; the row kernel, the tile kernel with 64- and 16-row programs): the pick must be the fastest
     wherever the candidates differ by more than 5%, and never more than 10% slower. The tile kernel with 64-row
     programs everywhere (run 8's trial) was up to 27x slower than the row kernel."""
-    import json
-    from pathlib import Path
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                       / f"rotation_run{run}_h200_2026-12-02.json").read_text())
+    rows = recorded(f"rotation_run{run}_h200_2026-12-02.json")
     worst_tiles, regrets = 1.0, []
     for r in rows:
         x = torch.empty((r["m"], r["k"]), dtype=torch.bfloat16, device="meta")
@@ -55,14 +53,13 @@ def test_one_read_rotating_kernel_pick_on_the_recorded_h200_timings() -> None:
     kernel picked before ("auto" then) on every shape (1.06-1.46x, geometric mean > 1.15), and elsewhere the
     earlier pick stays, within 5% of the faster of the two but on the two 256-row calls of 12,288 / 15,360
     columns (the split form 1.09 / 1.20x the one-read kernel's time: left there, a rule fitted to two cells)."""
-    import json
     import math
-    from pathlib import Path
+
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "rotation_held_run55_h200_2026-12-03.json").read_text())
+    res = recorded("rotation_held_run55_h200_2026-12-03.json")
     assert not res["mismatches"] and len(res["rows"]) == 30
     held_cfg = f"held({tq.HELD_ROWS}, {tq.HELD_GROUPS}, 4)"
     gains = []
@@ -168,13 +165,11 @@ def test_block_activation_kernel_config_is_near_the_best_on_the_recorded_h200_ti
     on the H200's timings (benchmarks/results/act_quant_run35_*: bf16 rows, M 256 .. 16384, K 768 .. 15360,
     12-24 configurations each, all bit-equal to the row kernel) the pick is within 3% of the best configuration
     on every shape and at least 5% faster than both older kernels (the row kernel, the tile kernel)."""
-    import json
-    from pathlib import Path
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "act_quant_run35_h200_2026-12-03.json").read_text())
+    res = recorded("act_quant_run35_h200_2026-12-03.json")
     assert not res["failures"] and len(res["rows"]) == 32
     for r in res["rows"]:
         us = r["us"]
@@ -192,13 +187,11 @@ def test_block_activation_kernel_config_is_near_the_best_on_the_recorded_wide_h1
     (benchmarks/results/act_quant_wide_run130_*: 33-39 configurations each, the strided form included, all
     bit-equal on the GPU): ``block_config``'s pick is within 3% of the best of them all, and at 13,824 columns,
     whose last 2,048-column chunk is masked, at least 1.2x faster than the chunked pick it replaced."""
-    import json
-    from pathlib import Path
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "act_quant_wide_run130_h100_2026-12-07.json").read_text())
+    res = recorded("act_quant_wide_run130_h100_2026-12-07.json")
     assert not res["failures"] and {(r["m"], r["k"]) for r in res["rows"]} == {
         (m, k) for m in (4096, 16384) for k in (12288, 13824)}
     for r in res["rows"]:
@@ -215,13 +208,11 @@ def test_rotating_tile_kernel_config_is_the_best_on_the_recorded_h200_timings() 
     giving the default's codes) the pick is within 3% of the best wherever ``pick_kernel`` runs the tile kernel,
     at least 1.15x faster than the configuration it replaced there, and where it does not (M = 1024: 16-row
     programs leave SMs idle) the best unsplit configuration is slower than the row kernel."""
-    import json
-    from pathlib import Path
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "rotation_tiles_run41_h200_2026-12-03.json").read_text())
+    res = recorded("rotation_tiles_run41_h200_2026-12-03.json")
     assert not res["mismatches"] and len(res["rows"]) == 12
     for r in res["rows"]:
         us, m = r["us"], r["m"]
@@ -242,13 +233,11 @@ def test_split_rotation_pick_is_near_the_fastest_on_the_recorded_h200_timings() 
     programs per SM, every one giving the tile kernel's codes) the pick is within 5% of the faster of the row
     kernel and the picked split on every shape and within 12% of the best timed; picking the split form
     everywhere (what a5f6648 did) was up to 2.5x slower than the row kernel on short rows."""
-    import json
-    from pathlib import Path
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "rotation_split_run42_h200_2026-12-03.json").read_text())
+    res = recorded("rotation_split_run42_h200_2026-12-03.json")
     assert not res["mismatches"] and len(res["rows"]) == 16
     worst_always_split = 1.0
     for r in res["rows"]:
@@ -268,14 +257,13 @@ def test_gemm_tiles_are_near_the_fastest_on_the_recorded_h200_tune_data() -> Non
     10 tile configs x 19 Flux / Wan / SDXL shapes, M 256 .. 16384): the picked tile's time over the fastest
     one's. The table before this fit (64x128 at 0.7): geometric mean 1.062, worst 1.36 (SDXL's 1280-wide
     layers, Flux at M 256-1024)."""
-    import json
     import math
     import re
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "tune_run9_h200_2026-12-02.json"
+    from recorded_results import recorded
+
     shapes: dict[tuple, dict] = {}
-    for r in json.loads(path.read_text()):
+    for r in recorded("tune_run9_h200_2026-12-02.json"):
         if r["path"] == "w8a8_gemm" and isinstance(r["us"], float):
             cfg = tuple(int(v) for v in re.findall(r"=(\d+)", r["cfg"]))
             shapes.setdefault((r["m"], r["n"], r["k"]), {})[cfg] = r["us"]
@@ -292,15 +280,14 @@ def test_persistent_w8a8_tile_is_not_slower_on_the_recorded_h200_timings() -> No
     W8A8 GEMM alone, H200): where the table picks its full-size tile, the persistent flattened 128x256 tile's time
     over that tile's (both timed after the row's first column, whose timing ran slow): faster on the geometric
     mean, never more than 5% slower; where the table picks a smaller tile (M = 1024, narrow N) it is kept."""
-    import json
     import math
     import re
-    from pathlib import Path
+
+    import recorded_results
 
     from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, hopper_w8a8_config
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "persist_run12_h200_2026-12-02.json"
-    rows = [r for r in json.loads(path.read_text()) if r["path"] == "persist"]
+    rows = [r for r in recorded_results.recorded("persist_run12_h200_2026-12-02.json") if r["path"] == "persist"]
     ratios, kept = [], 0
     for r in rows:
         old = gemm_config(r["m"], r["n"], r["k"], 132)
@@ -325,9 +312,9 @@ def test_warp_specialized_tile_against_the_recorded_h200_timings() -> None:
     kernel's): on the rows where the GEMM is not host-bound (bf16 >= 60 µs), the picked tile is faster than
     today's Triton kernel on the geometric mean by over 15%, never more than 5% slower, and within 7% of the best
     of the three Gluon tiles timed."""
-    import json
     import math
-    from pathlib import Path
+
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels.configs import PERSISTENT_W8A8, WS_MIN_M, WS_W8A8, hopper_w8a8_config
 
@@ -340,8 +327,7 @@ def test_warp_specialized_tile_against_the_recorded_h200_timings() -> None:
         assert hopper_w8a8_config(gemm_config(m, n, k, 132), m, 9, n, k) != WS_W8A8
     for m, n, k in ((4096, 1280, 1280), (1024, 1280, 5120), (4096, 640, 640), (1024, 3072, 768)):
         assert hopper_w8a8_config(gemm_config(m, n, k, 132), m, 9, n, k) == WS_W8A8
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gemm_ws_run23_h200_2026-12-03.json"
-    rows = json.loads(path.read_text())["rows"]
+    rows = recorded("gemm_ws_run23_h200_2026-12-03.json")["rows"]
     label = f"ws {WS_W8A8.block_m}x{WS_W8A8.block_n} s{WS_W8A8.stages}"
     ratios, off_best = [], []
     for r in rows:
@@ -382,14 +368,13 @@ def test_the_gluon_kernel_on_narrow_layers_against_the_recorded_h200_gpu_times()
     where ``ws_shape`` gives a shape to the Gluon kernel it is never more than 3% slower than the Triton kernel
     and faster on the geometric mean by over 10%; where it keeps the Triton kernel, the Triton kernel is
     never more than 5% slower than the Gluon one."""
-    import json
     import math
-    from pathlib import Path
+
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels.configs import WS_W8A8, ws_shape
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gemm_ws_narrow_graph_run29_h200_2026-12-03.json"
-    payload = json.loads(path.read_text())
+    payload = recorded("gemm_ws_narrow_graph_run29_h200_2026-12-03.json")
     assert payload["env"]["timing"].startswith("CUDA-graph")
     label = f"ws {WS_W8A8.block_m}x{WS_W8A8.block_n} s{WS_W8A8.stages}"
     taken, kept = [], []
@@ -447,16 +432,15 @@ def test_the_gluon_kernel_below_1024_rows_against_the_recorded_h200_gpu_times() 
     the Triton kernel's): on every row ``ws_shape`` gives to the Gluon kernel the picked tile (128x64 where
     128x128 leaves SMs idle) is within 3% of the best Gluon tile timed and faster than the Triton kernel, by
     over 15% on the geometric mean; the 128x64 tile is picked on at least 8 rows."""
-    import json
     import math
-    from pathlib import Path
+
+    from recorded_results import recorded
 
     from comfyquant.runtime.kernels.configs import WS_W8A8_N64, ws_config, ws_shape
 
-    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     rows = []
     for name in ("gemm_ws_small_m_run31_h200_2026-12-03.json", "gemm_ws_small_m_narrow_run31_h200_2026-12-03.json"):
-        payload = json.loads((root / name).read_text())
+        payload = recorded(name)
         assert payload["env"]["timing"].startswith("CUDA-graph")
         rows += payload["rows"]
     ratios, narrow = [], 0
@@ -477,10 +461,9 @@ def test_the_gluon_kernel_below_1024_rows_against_the_recorded_h200_gpu_times() 
 def _w8a16_timings(name: str) -> list[dict]:
     """The rows of a recorded ``bench_w8a16_split.py`` run (benchmarks/results/``name``), each checked as every
     such test needs: every configuration deterministic, none failed, all as accurate as one another."""
-    import json
-    from pathlib import Path
+    from recorded_results import recorded
 
-    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())
+    res = recorded(name)
     for r in res["rows"]:
         assert all(r["deterministic"].values()) and not r.get("errors")
         assert max(r["rel_f64"].values()) <= 1.01 * min(r["rel_f64"].values()) + 1e-6
@@ -558,11 +541,9 @@ def test_w8a16_int8_rule_on_wide_layers_is_near_the_best_on_the_recorded_h200_ti
 
 
 def _rows_run44() -> list[dict]:
-    import json
-    from pathlib import Path
+    from recorded_results import recorded
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fused_rows_run44_h200_2026-12-03.json"
-    return [r for r in json.loads(path.read_text())["rows"] if "configs_us" in r]
+    return [r for r in recorded("fused_rows_run44_h200_2026-12-03.json")["rows"] if "configs_us" in r]
 
 
 def _timed(r: dict, cfg: object) -> float | None:
@@ -597,15 +578,14 @@ def test_row_block_model_and_pick_on_the_recorded_h200_timings() -> None:
     1,024, <= 1,280 wide), geometric-mean error <= 10% over all; and its eager choice with that run's measured
     host costs (``costs_run45``: one launch 10.7 µs, two 18.2): the one launch on the host-bound narrow rows
     (measured 1.14-1.24x bf16 eager there, two launches 0.84-0.85x), the two launches on the GPU-bound ones."""
-    import json
     import math
-    from pathlib import Path
 
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    measured = cm.DeviceCosts.from_json(json.loads((results / "costs_run45_h200_2026-12-03.json").read_text()))
+    from recorded_results import recorded
+
+    measured = cm.DeviceCosts.from_json(recorded("costs_run45_h200_2026-12-03.json"))
     c = cm.DeviceCosts(measured.device, measured.sms, measured.bw_gbs, measured.launch_us, measured.host_us,
                        cm.DEFAULT_COSTS.tflops)
-    rows = json.loads((results / "fused_rows_run45_h200_2026-12-03.json").read_text())["rows"]
+    rows = recorded("fused_rows_run45_h200_2026-12-03.json")["rows"]
     errs = []
     for r in rows:
         if "graph_us" not in r or r["m"] > 4096:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from comfyquant.bench.saved import read_saved_json
 from comfyquant.errors import UserError
 
 # (column, label); "w8a8" / "fp8_rowwise": the 2026-11-22 JSON's names, "auto" / "fp8": this session's
@@ -138,13 +139,15 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m comfyquant.bench.plot bench.json out.png [title]`` (the title defaults to the json's device and
-    date; ``gpu_session``'s sweep json records neither, so its plots are titled on the command line)."""
+    date; ``gpu_session``'s sweep json records neither, so its plots are titled on the command line). The json
+    may be gzip-compressed (``bench.json.gz``, as ``benchmarks/results`` stores its larger ones), or named as
+    ``.json`` where only its ``.json.gz`` is there."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3):
         raise UserError("usage: python -m comfyquant.bench.plot BENCH.json OUT.png [TITLE]")
     try:
-        payload = json.loads(Path(args[0]).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        payload = read_saved_json(args[0])  # a .json, or its gzip-compressed .json.gz
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{args[0]}: not a readable benchmark json ({e})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
         raise UserError(f"{args[0]}: no 'rows' list (a comfyquant bench json has one)")
