@@ -9,7 +9,6 @@ other parts of a bundled checkpoint, drops) is planned exactly as without ``auto
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,26 +134,38 @@ def plan_auto_conversion(reader: CheckpointReader, opts: Any) -> tuple[Plan, Aut
     return plan, auto
 
 
+# a quality floor's settings: AutoConfig field, its flag, what the flag takes (the range check is AutoConfig's)
+_FLOOR_FLAGS = (("confidence", "--auto-confidence", "a number in [0.5, 1), e.g. 0.95"),
+                ("margin_db", "--auto-margin-db", "a number of dB >= 0, e.g. 0.5"))
+
+
 def auto_config(opts: Any, budget: Budget) -> AutoConfig:
     """The planner's settings from ``opts`` (a ``ConvertOptions``): ``auto_confidence`` / ``auto_margin_db``
     (None: ``AutoConfig``'s defaults), checked here so a bad value is one UserError line naming its flag."""
     floor: dict[str, float] = {}
-    for key, flag, value in (("confidence", "--auto-confidence", opts.auto_confidence),
-                             ("margin_db", "--auto-margin-db", opts.auto_margin_db)):
+    for key, flag, want in _FLOOR_FLAGS:
+        value = getattr(opts, f"auto_{key}")
         if value is None:
             continue
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (key == "confidence" and not 0.5 <= value < 1.0) or (key == "margin_db" and value < 0.0):
-            want = "a number in [0.5, 1), e.g. 0.95" if key == "confidence" else "a number of dB >= 0, e.g. 0.5"
+        if not isinstance(value, int | float) or isinstance(value, bool) or not _in_range(key, float(value)):
             raise UserError(f"{flag} {value!r}: must be {want}")
         floor[key] = float(value)
     quality = budget.quality
     if floor and (quality is None or quality[0] not in ("psnr", "cosine")):
-        flags = [f for k, f in (("confidence", "--auto-confidence"), ("margin_db", "--auto-margin-db")) if k in floor]
+        flags = [flag for key, flag, _ in _FLOOR_FLAGS if key in floor]
         raise UserError(f"{' and '.join(flags)} {'apply' if len(flags) > 1 else 'applies'} to a psnr= or cosine= "
                         f"--budget only (a floor planned on the calibration items), not to --budget "
                         f"{budget.describe()}")
     return AutoConfig(device=opts.device, progress=opts.progress, **floor)
+
+
+def _in_range(key: str, value: float) -> bool:
+    """Whether ``AutoConfig`` takes ``value`` for its field ``key`` (its own check: NaN and infinities fail it)."""
+    try:
+        AutoConfig(**{key: value})
+    except ValueError:
+        return False
+    return True
 
 
 def _loader(reader: CheckpointReader, name: str) -> Callable[[], Any]:
