@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from comfyquant.bench.saved import read_saved_json, read_saved_text, saved_path
+from comfyquant.bench.saved import read_saved_json, saved_path
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 # the int8 cost-model paths and the per-layer sweep's column that timed each
@@ -17,11 +17,6 @@ def path(name: str) -> Path:
     """The stored file of the recorded result ``name`` of ``benchmarks/results``: ``name`` where it is there, else
     ``name`` + ``.gz`` (the compressed form)."""
     return saved_path(RESULTS / name)
-
-
-def read_text(name: str) -> str:
-    """The text of the recorded result ``name`` of ``benchmarks/results``, decompressed where stored as ``.gz``."""
-    return read_saved_text(RESULTS / name)
 
 
 def recorded(name: str) -> Any:
