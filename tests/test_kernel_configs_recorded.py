@@ -79,8 +79,8 @@ def test_group_rows_kernel_pick_on_the_recorded_h200_timings() -> None:
     (``bench_rotation.py --grows``: bf16 rows, M 256 .. 16,384 x K 3,072 .. 15,360; its codes bit-equal to the tile
     kernel's on all 20 shapes): where it runs one program a row (256 rows) its default configuration
     (``group_rows_config``) is more than 1.1x faster than the kernel picked before and within 3% of its fastest
-    timed configuration; the 11 calls it runs strided or packed since run 127 (H100) had no such configuration
-    here (``test_group_rows_schedule_on_the_recorded_h100_timings``); elsewhere the earlier pick stays and is
+    timed configuration; the 14 calls it runs strided or packed since runs 127 and 141 (H100) had no such
+    configuration here (``test_group_rows_schedule_on_the_recorded_h100_timings``); elsewhere the earlier pick stays and is
     within 5% of the faster of the two, but on the one call where the rule leaves a small gain (256 x 5,120: 7.0
     against 6.5 µs, 1.07x). The 8-warp configuration the first cut defaulted to is slower than the default on every
     shape (what made run 126's sweep lose convrot rows)."""
@@ -109,26 +109,31 @@ def test_group_rows_kernel_pick_on_the_recorded_h200_timings() -> None:
         else:
             gains.append(before / default)
             assert default <= 1.03 * min(grows.values()), (m, k, grows)
-    assert len(gains) == 3 and strided == 11 and min(gains) > 1.1, (gains, strided)
+    assert len(gains) == 3 and strided == 14 and min(gains) > 1.1, (gains, strided)
 
 
-def test_group_rows_schedule_on_the_recorded_h100_timings() -> None:
-    """Where ``group_rows_schedule`` launches the group-rows kernel strided (two programs an SM, the next row's
-    loads pipelined) or packed (17-32-group rows, several to a tile), against H100 run 127's timings of every
-    configuration (``bench_rotation.py --grows``, codes bit-equal to the default's on all 20 shapes): there its
-    configuration is the fastest timed; where ``pick_kernel`` keeps the earlier kernel, that is within 8% of the
-    fastest but on the three calls the rule leaves (3,072 columns at 1,024 rows, 1.20x; at 16,384, 1.08x; 5,120
-    at 256 rows, 1.21x); over all 20 the picks run 1.12x faster (geometric mean) than run 127's own ``auto``."""
+@pytest.mark.parametrize("name", ["rotation_grows_run127_h100_2026-12-07.json",
+                                  "rotation_grows_run141_h100_2026-12-07.json"])
+def test_group_rows_schedule_on_the_recorded_h100_timings(name: str) -> None:
+    """Where ``group_rows_schedule`` launches the group-rows kernel strided (programs striding over the rows, the
+    next row's loads pipelined) or packed (several short rows to a tile), against two H100 runs' timings of every
+    configuration (127 and 141: ``bench_rotation.py --grows``, codes bit-equal to the default's on all 20 shapes,
+    each configuration within 2% between the runs): there its configuration is the fastest timed, but at 1,024 x
+    3,072, where the one-row form it takes (the fastest at 4,096 rows, where packing loses) is within 8% of the
+    packed one; where ``pick_kernel`` keeps the earlier kernel, that is within 8% of the fastest but on 5,120 columns
+    at 256 rows (1.21x). Against each run's own ``auto`` (run 127's before any strided form, run 141's before the
+    3,072-column rule): over all 20, run 127's picks run 1.12x faster (geometric mean); the 3,072-column calls from
+    1,024 rows (Flux's qkv / proj / mlp0 / linear1) 1.04x or more faster in both runs."""
     import math
 
     from recorded_results import recorded
 
     from comfyquant.runtime.kernels import triton_quant as tq
 
-    res = recorded("rotation_grows_run127_h100_2026-12-07.json")
+    res = recorded(name)
     assert not res["mismatches"] and len(res["rows"]) == 20 and "H100" in res["device"]
-    left = {(1024, 3072): 1.20, (16384, 3072): 1.08, (256, 5120): 1.21}
-    gains = []
+    left = {(1024, 3072): 1.08, (256, 5120): 1.21}
+    gains, short = [], []
     for r in res["rows"]:
         us, m, k = r["us"], r["m"], r["k"]
         x = torch.empty((m, k), dtype=torch.bfloat16, device="meta")
@@ -137,12 +142,16 @@ def test_group_rows_schedule_on_the_recorded_h100_timings() -> None:
             (gb, one, warps, *rest), programs, stages = tq.group_rows_schedule(m, k, 132)
             took = us[f"grows({gb}, {one}, {warps}, {programs // 132 if programs else 0}, {stages}, "
                       f"{rest[0] if rest else 1})"]
-            assert took <= 1.01 * best, (m, k, took, best)
+            assert took <= left.get((m, k), 1.01) * best, (m, k, took, best)
         else:
             took = us["before"]
             assert took <= left.get((m, k), 1.08) * best, (m, k, took, best)
         gains.append(us["auto"] / took)
-    assert math.exp(sum(map(math.log, gains)) / len(gains)) > 1.1, gains
+        if k == 3072 and m >= 1024:
+            short.append(us["auto"] / took)
+    if "run127" in name:
+        assert math.exp(sum(map(math.log, gains)) / len(gains)) > 1.1, gains
+    assert len(short) == 3 and min(short) > 1.04, short
 
 
 def test_group_rows_schedule_is_memoized_to_what_it_computes() -> None:
@@ -342,6 +351,7 @@ def test_warp_specialized_tile_against_the_recorded_h200_timings() -> None:
     assert max(off_best) <= 1.07  # 23 of 27 rows within 5%
 
 
+@pytest.mark.cpu_int8
 def test_calibration_operands_hold_only_what_the_timed_paths_read() -> None:
     """The calibration runs at a model's first quantized call, beside its weights: its big shape (256 x 8192 x
     8192, the fused and weight-only kernels) builds x and the int8 weight only (64 MiB + 32 KiB of scales, not the
