@@ -131,6 +131,7 @@ def _kernel(fmt: Any, x: torch.Tensor, tensors: dict[str, torch.Tensor], params:
     return quant_linear(x, fmt.kernel_kind, tensors["weight"], scales, None, opts=opts, out_dtype=torch.float32)
 
 
+@pytest.mark.cpu_int8
 def test_activation_error_matches_the_runtime_kernels(layer: tuple[torch.Tensor, torch.Tensor]) -> None:
     """weight + activation error ~ the output error of the runtime's own kernels, for every candidate."""
     w, x = layer
@@ -151,6 +152,7 @@ def test_activation_error_matches_the_runtime_kernels(layer: tuple[torch.Tensor,
     assert checked >= 8
 
 
+@pytest.mark.cpu_int8
 def test_quantize_input_is_the_kernels_activation_rounding() -> None:
     """For every registered format, fake-quantized activations times the stored weight equal the runtime's
     kernel (``_kernel``) to float rounding: the activation model automatic precision charges is the real one."""

@@ -26,6 +26,8 @@ from comfyquant.runtime.nn import QuantLinear
 from comfyquant.runtime.quantize import QuantizeConfig, quantize_
 from tests.convert_helpers import flux_like, leftovers, write
 
+pytestmark = pytest.mark.cpu_int8
+
 
 @pytest.fixture(scope="module")
 def flux_file(tmp_path_factory: pytest.TempPathFactory) -> Path:

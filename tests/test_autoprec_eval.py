@@ -17,6 +17,8 @@ from comfyquant.eval.sampling import SampleConfig
 from comfyquant.eval.workloads import DIT_FIXTURE
 from comfyquant.formats import get_format
 
+pytestmark = pytest.mark.cpu_int8
+
 
 def _bytes(path: Path) -> int:
     with safe_open(str(path), "pt") as f:

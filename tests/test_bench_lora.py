@@ -14,6 +14,7 @@ from convert_helpers import REPO
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
+@pytest.mark.cpu_int8
 def test_bench_lora_smoke(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("bench_lora", REPO / "benchmarks" / "bench_lora.py")
     assert spec is not None and spec.loader is not None

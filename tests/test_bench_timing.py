@@ -135,6 +135,7 @@ def test_module_columns_are_read_against_nn_linear() -> None:
     assert not any(ln.startswith("auto_module") for ln in lines)  # no such column in the row: no line
 
 
+@pytest.mark.cpu_int8
 def test_module_columns_compute_the_layer() -> None:
     """The sweep's module ops (one module per weight set, made on first use) give the layer's product: the
     ``nn.Linear`` exactly ``F.linear``'s, the int8 ``QuantLinear`` (plain and with a copy budget) within int8's

@@ -42,6 +42,7 @@ def test_operands_build_only_the_keys_asked() -> None:
     assert set(o) == {"x", "qf", "sf"} and o["sf"].dim() == 0
 
 
+@pytest.mark.cpu_int8
 def test_timed_calls_are_the_calibrations_calls_on_their_operands() -> None:
     """``timed_calls`` (the seam ``benchmarks/probe_host_floor.py`` times through): the paths' calls on operands
     built for those paths only, the same operands ``measure`` builds, each call reading them."""

@@ -141,6 +141,7 @@ def _linear_tree(sd: dict[str, torch.Tensor], layers: list[str]) -> torch.nn.Mod
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.cpu_int8
 def test_int8_block_matches_float64_reference_in_our_runtime(comfy: Any, conv: Conversions, arch: str) -> None:
     """The check stock ComfyUI cannot run for ``int8-block``, through comfyquant's own runtime instead."""
     from comfyquant.runtime.nn import QuantLinear

@@ -21,7 +21,7 @@ from comfyquant.io.comfy_meta import encode_comfy_quant
 from comfyquant.quant.hadamard import fast_hadamard, hadamard_matrix
 from comfyquant.quant.int8 import quantize_rowwise
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread")]
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread")]
 
 GROUPS = (16, 64, 256, 1024)
 

@@ -97,6 +97,7 @@ def test_fast_launch_key_separates_constexpr_values_and_specializations() -> Non
     assert k != fk.key((t, 5, 32, 4096), 8, 3)
 
 
+@pytest.mark.cpu_int8
 def test_describe_dispatch_reports_each_quantized_layer() -> None:
     """Through the package's public names (``comfyquant.describe_dispatch`` / ``format_dispatch``)."""
     from comfyquant import describe_dispatch, format_dispatch

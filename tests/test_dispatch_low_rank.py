@@ -24,6 +24,8 @@ from comfyquant.runtime.kernels.registry import (
     unregister_kernel_kind,
 )
 
+pytestmark = pytest.mark.cpu_int8
+
 H200 = (9, 0)
 FLUX = {"qkv": (3072, 9216), "mlp0": (3072, 12288), "proj": (3072, 3072), "single_lin1": (3072, 21504)}
 

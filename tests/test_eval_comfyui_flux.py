@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from comfyquant.eval.dit import DigitsDiT, config_from_state_dict, flux_keys
 from comfyquant.eval.workloads import DIT_FIXTURE
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 
 def _inputs(model: DigitsDiT) -> tuple[torch.Tensor, ...]:

@@ -12,6 +12,7 @@ from comfyquant.eval.sampling import SampleConfig
 from comfyquant.progress import Progress
 
 
+@pytest.mark.cpu_int8
 def test_demo_writes_what_it_announces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log = io.StringIO()
     report = run_demo(tmp_path / "demo", "int8", SampleConfig(steps=3, cfg=3.0, per_class=1, seed=7),

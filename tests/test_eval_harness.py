@@ -27,6 +27,7 @@ def dit_int8(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {**report, "_log": log.getvalue()}
 
 
+@pytest.mark.cpu_int8
 def test_eval_says_where_it_is(dit_int8: dict) -> None:
     lines = dit_int8["_log"].splitlines()
     assert all(x.startswith("comfyquant eval: ") and "\r" not in x for x in lines)
@@ -63,6 +64,7 @@ def test_dit_report_files_and_layer_stats(dit_int8: dict) -> None:
     assert all(layer["format"] == "int8_tensorwise" for layer in dit_int8["layers"])
 
 
+@pytest.mark.cpu_int8
 def test_eval_takes_an_already_quantized_file(dit_int8: dict, tmp_path: Path) -> None:
     tiny = SampleConfig(steps=2, cfg=3.0, per_class=1, seed=1234)
     again = run_eval(EvalConfig(model=dit_int8["quantized_file"], format=None, out=tmp_path, sampling=tiny))
@@ -74,6 +76,7 @@ def test_eval_takes_an_already_quantized_file(dit_int8: dict, tmp_path: Path) ->
     ("int8", 0.995, 0.994),  # measured mean 0.9975, min 0.9962 (W8A8 without rotation suffers BERT outliers)
     ("int8-rot", 0.999, 0.999),  # measured mean 0.99969, min 0.99957
 ])
+@pytest.mark.cpu_int8
 def test_minilm_embedding_cosine(fmt: str, mean_floor: float, min_floor: float, tmp_path: Path) -> None:
     r = run_eval(EvalConfig(model="minilm", format=fmt, out=tmp_path, sentences=32))
     cos = r["metrics"]["cosine"]

@@ -9,6 +9,8 @@ import torch
 from comfyquant.runtime.kernels import builtin
 from comfyquant.runtime.kernels.registry import kernel_kind
 
+pytestmark = pytest.mark.cpu_int8
+
 
 @pytest.fixture
 def on_h200(monkeypatch: pytest.MonkeyPatch) -> None:

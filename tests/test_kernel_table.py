@@ -34,6 +34,8 @@ from comfyquant.runtime.kernels.registry import (
     unregister_kernel_kind,
 )
 
+pytestmark = pytest.mark.cpu_int8
+
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -31,6 +31,8 @@ from comfyquant.runtime.kernels.dispatch import (
 )
 from comfyquant.runtime.kernels.thresholds import Threshold, m_threshold
 
+pytestmark = pytest.mark.cpu_int8
+
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -26,6 +26,7 @@ def test_mirror_lora_asset_is_a_kohya_lora_with_its_recipe() -> None:
     assert all(k.startswith("lora_unet_") for k in keys)
 
 
+@pytest.mark.cpu_int8
 def test_eval_merge_keeps_the_lora_effect(tmp_path: Path) -> None:
     rep = run_eval(EvalConfig(model="digits-dit", format="int8", out=tmp_path, sampling=SMALL, lora=LORA_ASSET,
                               lora_mode="merge"))

@@ -26,7 +26,7 @@ from comfyquant.runtime.quantize import QuantizeConfig, quantize_
 
 H = 128  # the digits DiT's width
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.usefixtures("torch_single_thread")]
 
 
 @pytest.fixture(scope="module")

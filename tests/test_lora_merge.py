@@ -26,7 +26,7 @@ from comfyquant.lora.files import read_lora
 from comfyquant.lora.keymap import build_keymap
 from comfyquant.lora.merge import LoRAMerge, LoraSpec, MergeConfig, bind_loras
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread")]
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui, pytest.mark.usefixtures("torch_single_thread")]
 H = 256  # tiny Flux / SD3 / Wan / Qwen width
 
 

@@ -19,7 +19,7 @@ from comfyquant.nodes.cache import QuantCache
 from comfyquant.nodes.ops import ComfyQuantLinear
 from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 
 def test_adapter_patches_a_clone_and_leaves_the_input_alone(comfy: Any, dit_sd: dict) -> None:

@@ -27,7 +27,7 @@ from comfyquant.nodes.attention import (
 from comfyquant.nodes.lean_attention import ComfyAttention, LeanSdpa, same_kernel
 from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 
 def _patcher(comfy: Any) -> Any:

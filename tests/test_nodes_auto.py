@@ -17,7 +17,7 @@ from comfyquant.nodes.cache import QuantCache
 from comfyquant.nodes.ops import ComfyQuantLinear
 from comfyquant.nodes.settings import AdapterSettings
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from comfyquant.runtime.gated import GatedForward
 from comfyquant.runtime.norms import FoldedNorm
 from comfyquant.runtime.siblings import ArmedForward
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 # ComfyUI's config files at a small width (CLIP-L: 768 wide, 12 layers; T5-XXL: 4096 wide, 24 layers)
 CLIP_L = {"attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 49407, "hidden_act": "quick_gelu",

@@ -20,7 +20,7 @@ from comfyquant.nodes.dit_blocks import block_replacements
 from comfyquant.nodes.flux_blocks import FoldedDoubleBlock, FoldedSingleBlock
 from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 
 def _chroma_patcher(comfy: Any, sd: dict[str, torch.Tensor]) -> Any:

@@ -41,6 +41,7 @@ def forced(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
+@pytest.mark.cpu_int8
 def test_the_fused_path_computes_the_stock_blocks(comfy: Any, dit_sd: dict, forced: dict[str, int]) -> None:
     base = model_patcher(comfy, dit_sd)
     plain, folded, _ = _plain_and_folded(base)
@@ -51,6 +52,7 @@ def test_the_fused_path_computes_the_stock_blocks(comfy: Any, dit_sd: dict, forc
     assert torch.equal(got, want) or (got - want).abs().max() <= 1e-6 * want.abs().max()
 
 
+@pytest.mark.cpu_int8
 def test_a_replaced_attention_function_keeps_the_stock_path(comfy: Any, dit_sd: dict, forced: dict[str, int],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Another node swapping ``flux.layers.attention`` (a SageAttention patch, say) after the fold: the blocks

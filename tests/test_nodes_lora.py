@@ -24,7 +24,7 @@ from comfyquant.nodes.loras import LoraRequest, apply_loras
 from comfyquant.nodes.ops import ComfyQuantLinear
 from comfyquant.nodes.settings import AdapterSettings
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 QKV = "diffusion_model.double_blocks.0.img_attn.qkv"
 BOUND = 0.01
 SCALE = 0.12  # make_lora's factor scale: a clear effect on one forward

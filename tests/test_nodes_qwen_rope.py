@@ -35,6 +35,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
+@pytest.mark.cpu_int8
 def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[str, int]) -> None:
     model = _qwen()
     _, plain, folded, _ = _adapted(model)  # on by default
@@ -49,6 +50,7 @@ def test_the_joint_path_computes_the_stock_attention(comfy: Any, counted: dict[s
     assert group.fused_calls > fused and rel_err(again, want) < 1e-5
 
 
+@pytest.mark.cpu_int8
 def test_the_path_declines_an_attention_patch_and_a_patched_norm(comfy: Any, counted: dict[str, int]) -> None:
     model = _qwen()
     _, plain, folded, _ = _adapted(model)  # on by default

@@ -33,7 +33,7 @@ from comfyquant.nodes.save import model_state_for_saving, save_quantized_model
 from comfyquant.nodes.settings import AdapterSettings
 from comfyquant.runtime.tensor import QuantizedTensor
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 INT8_BOUND = 0.05  # sampled latents of an int8 model against float (as the node server tests)
 DENOISE_BOUND = 0.01  # one denoiser call of an int8 model against float (measured 0.0028 smoothquant, 0.0032 plain)

@@ -20,7 +20,7 @@ from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 from comfyquant.nodes.unet_blocks import UnfoldingForward
 from comfyquant.runtime.norms import FoldedNorm
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 KEY = ("input", 4)
 FOLD = RuntimeOptions(fold_layer_norms=True)  # (the affine LayerNorm fold is opt-in)  # the block key ComfyUI's UNet passes in transformer_options["block"]

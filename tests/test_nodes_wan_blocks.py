@@ -20,7 +20,7 @@ from comfyquant.nodes.cache import QuantCache
 from comfyquant.nodes.settings import AdapterSettings, RuntimeOptions
 from comfyquant.nodes.wan_blocks import FoldedQwenBlock, FoldedWanBlock
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.cpu_int8, pytest.mark.comfyui]
 
 
 class _Holder(nn.Module):

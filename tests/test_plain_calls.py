@@ -24,6 +24,8 @@ from comfyquant.runtime.kernels.dense_copy import CopyBudget, has_copy
 from comfyquant.runtime.kernels.policy import DispatchPolicy
 from comfyquant.runtime.kernels.registry import KernelBackend, kernel_kind, register_kernel_kind
 
+pytestmark = pytest.mark.cpu_int8
+
 N = K = 640  # SDXL's narrow attention projection: the cost model puts every int8 path over bf16 at 16 rows
 
 

@@ -33,6 +33,7 @@ def _layer(fmt: str, bias: bool = True, seed: int = 0) -> QuantLinear:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.cpu_int8
 def test_bound_call_equals_the_layout_handler_bit_for_bit(fmt: str, bias: bool) -> None:
     lin = _layer(fmt, bias)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
@@ -45,6 +46,7 @@ def test_bound_call_equals_the_layout_handler_bit_for_bit(fmt: str, bias: bool) 
         assert torch.equal(lin(x3), linear(x3, lin.qweight, lin.bias))
 
 
+@pytest.mark.cpu_int8
 def test_in_place_weight_update_is_seen() -> None:
     lin = _layer("int8")
     x = torch.randn(4, 128)
@@ -56,6 +58,7 @@ def test_in_place_weight_update_is_seen() -> None:
     assert torch.equal(after, linear(x, lin.qweight, lin.bias))
 
 
+@pytest.mark.cpu_int8
 def test_replaced_bias_weight_and_backend_bind_again() -> None:
     lin = _layer("int8")
     x = torch.randn(4, 128)
@@ -73,6 +76,7 @@ def test_replaced_bias_weight_and_backend_bind_again() -> None:
             lin(x)
 
 
+@pytest.mark.cpu_int8
 def test_dtype_moves_and_smoothing_scales() -> None:
     lin = _layer("int8")
     lin.to(torch.bfloat16)
@@ -93,6 +97,7 @@ def test_dtype_moves_and_smoothing_scales() -> None:
         torch.testing.assert_close(ref, xf @ qt.dequantize().t(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.cpu_int8
 def test_node_layer_casts_its_bias_once_and_sees_in_place_updates() -> None:
     from comfyquant.nodes.ops import ComfyQuantLinear
 
@@ -112,6 +117,7 @@ def test_node_layer_casts_its_bias_once_and_sees_in_place_updates() -> None:
     assert not torch.equal(y1, y2)
 
 
+@pytest.mark.cpu_int8
 def test_node_layer_under_inference_mode() -> None:
     """ComfyUI executes nodes under ``torch.inference_mode``: a layer whose fp32 bias was made there (an
     inference tensor, no version counter) casts it for bf16 inputs, inside and outside inference mode."""
@@ -173,6 +179,7 @@ def test_low_rank_goes_to_fusing_backends_and_is_added_otherwise() -> None:
         unregister_kernel_kind("test_lr")
 
 
+@pytest.mark.cpu_int8
 def test_dynamic_lora_on_a_bound_layer_equals_the_side_path_formula() -> None:
     """A dynamic LoRA (with a dense diff and a bias diff too) through QuantLinear's bound path, and a smoothed
     layer whose LoRA must read x itself, not the smoothed x."""

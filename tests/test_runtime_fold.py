@@ -14,6 +14,8 @@ from torch import nn
 from comfyquant.runtime import QuantizeConfig, QuantLinear, fold_input_activations, load_quantized, quantize_
 from comfyquant.runtime.kernels.acts import act_code, act_of_module, apply_input_act
 
+pytestmark = pytest.mark.cpu_int8
+
 
 class _GELU(nn.GELU):
     """A subclass: its forward may differ, so it is never folded."""

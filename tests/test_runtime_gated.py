@@ -29,6 +29,8 @@ from comfyquant.runtime.gated import GatedForward, gated_act_of_module
 from comfyquant.runtime.kernels.acts import GATED, GATED_CODES, GATED_GELU_TANH, act_code, apply_input_act
 from comfyquant.runtime.siblings import SiblingGroup, fuse_sibling_projections
 
+pytestmark = pytest.mark.cpu_int8
+
 LLAMA = ("gate_proj", "up_proj", "down_proj")
 
 

@@ -66,6 +66,7 @@ def test_shared_layer_norm_is_the_modules_layer_norm() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8"])
+@pytest.mark.cpu_int8
 def test_bench_sdxl_folds_its_layer_norms_and_computes_what_it_did(fmt: str) -> None:
     flt = _small_sdxl()
     ref, model = copy.deepcopy(flt), copy.deepcopy(flt)
@@ -130,6 +131,7 @@ def test_layer_norms_that_are_not_the_fold_stay() -> None:
     assert norm_spec(look_alike(64)) is None
 
 
+@pytest.mark.cpu_int8
 def test_the_dispatch_report_names_a_folded_layer_norm() -> None:
     from comfyquant.runtime.dispatch_report import describe_dispatch
 
@@ -163,6 +165,7 @@ def _comfy_clip(comfy: Any) -> tuple[nn.Module, Any]:
 
 @pytest.mark.comfyui
 @pytest.mark.parametrize("fmt", ["int8", "int8-rot"])
+@pytest.mark.cpu_int8
 def test_comfyuis_clip_folds_its_layer_norms(comfy: Any, fmt: str) -> None:
     """ComfyUI 0.30's own CLIP text encoder (``comfy.clip_model``: SDXL's, SD3's and Flux's CLIP-L / G): each
     layer's ``layer_norm1`` folds into q / k / v and ``layer_norm2`` into ``fc1``; the final norm stays (it feeds
@@ -181,6 +184,7 @@ def test_comfyuis_clip_folds_its_layer_norms(comfy: Any, fmt: str) -> None:
 
 
 @pytest.mark.comfyui
+@pytest.mark.cpu_int8
 def test_node_pack_folds_clip_layer_norms_on_the_clone(comfy: Any) -> None:
     """Through the adapter (a ModelPatcher clone): the folded norms are object patches of the clone, whose
     layers share one source per norm; the model itself keeps its LayerNorms and its output."""
@@ -217,6 +221,7 @@ def test_node_pack_folds_clip_layer_norms_on_the_clone(comfy: Any) -> None:
     assert type(enc.encoder.layers[0].layer_norm1).__name__ == "LayerNorm" and torch.equal(run(enc), float_out)
 
 
+@pytest.mark.cpu_int8
 def test_bench_clip_model_folds_its_layer_norms(monkeypatch: pytest.MonkeyPatch) -> None:
     """``comfyquant bench``'s CLIP-L-shaped encoder (``clip_l_77``, here narrow): each layer's two LayerNorms
     fold (the final one feeds no linear and stays), and the folded model computes what ``int8_nonorm`` (the

@@ -19,6 +19,8 @@ from comfyquant.formats import quantize_weight
 from comfyquant.io.comfy_meta import decode_comfy_quant, encode_comfy_quant, make_header_metadata
 from comfyquant.runtime import QuantizedTensor, QuantLinear, load_quantized, load_quantized_report
 
+pytestmark = pytest.mark.cpu_int8
+
 H = 64
 
 

@@ -122,6 +122,7 @@ def test_which_backends_fold_it() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int8-rot", "fp8"])
+@pytest.mark.cpu_int8
 def test_modulated_linear_on_a_quantized_layer_computes_the_unfolded_block(fmt: str) -> None:
     """The CPU path (torch backend: the norm in torch, from the site's buffer): bit for bit what the layer gives
     fed ``layer_mod`` of x, for a plain ``nn.Linear`` too; the dispatcher memoizes one entry for every step."""
@@ -150,6 +151,7 @@ def test_modulated_linear_on_a_quantized_layer_computes_the_unfolded_block(fmt: 
     assert out is res and torch.allclose(res, base + got * gate, rtol=1e-6, atol=1e-6)  # in place
 
 
+@pytest.mark.cpu_int8
 def test_a_layer_that_applies_something_else_first_gets_the_norm_in_torch() -> None:
     from comfyquant.runtime.quantize import QuantizeConfig, quantize_
 
@@ -163,6 +165,7 @@ def test_a_layer_that_applies_something_else_first_gets_the_norm_in_torch() -> N
     assert torch.equal(got, layer(layer_mod(x, shift, scale, EPS)))
 
 
+@pytest.mark.cpu_int8
 def test_the_dispatcher_folds_it_only_where_the_backend_says_so() -> None:
     """``bind_linear`` with a modulated norm on a backend that does not fold it (the CPU's torch reference) applies
     it in torch first; a buffer that does not fit x is refused by ``norm_fits`` and applied in torch too."""
@@ -179,6 +182,7 @@ def test_the_dispatcher_folds_it_only_where_the_backend_says_so() -> None:
 
 
 @pytest.mark.parametrize("arch", ["flux", "flux2"])
+@pytest.mark.cpu_int8
 def test_bench_flux_variants_time_the_fold_beside_the_torch_norms(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``comfyquant bench``'s ``int8_modfold`` / ``fp8_modfold``: the bench model's Flux / Flux.2 blocks with their
     modulated norms handed to the quantized layers (every site used), the same model as ``int8`` / ``fp8`` up to
@@ -212,6 +216,7 @@ def test_bench_flux_variants_time_the_fold_beside_the_torch_norms(arch: str, mon
     assert [v for v, _, _ in models.variants("sdxl_small", None, only=("int8_modfold",))] == []
 
 
+@pytest.mark.cpu_int8
 def test_a_normed_call_goes_through_the_module_and_shows_in_describe_dispatch() -> None:
     """``QuantLinear.normed`` calls the module (its forward hooks run, seeing x before the norm, as on a layer with
     a folded norm), so ``describe_dispatch`` has a row for each modulated layer, naming the norm and where it is
@@ -319,6 +324,7 @@ def test_rms_site_keeps_the_weight_while_it_stays_the_same_tensor() -> None:
     assert torch.allclose(site.norm(other, scale, 5).mod[:, 8:], scale.float())
 
 
+@pytest.mark.cpu_int8
 def test_a_call_norm_on_some_members_of_a_fused_group_makes_them_compute_alone() -> None:
     """``with_call_norms``: the members of a fused q / k / v group that got the norm read the normed input and the
     one that did not reads x as given; a group whose members hold different call norms does not fuse (one GEMM

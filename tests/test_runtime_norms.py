@@ -23,6 +23,8 @@ from comfyquant.runtime.nn import NormSource
 from comfyquant.runtime.norms import FoldedNorm, fold_norms, norm_spec
 from comfyquant.runtime.siblings import fuse_sibling_projections
 
+pytestmark = pytest.mark.cpu_int8
+
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

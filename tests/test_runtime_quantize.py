@@ -10,6 +10,8 @@ from torch import nn
 from comfyquant.errors import UserError
 from comfyquant.runtime import QuantizeConfig, QuantizedTensor, QuantLinear, quantize_
 
+pytestmark = pytest.mark.cpu_int8
+
 
 class Net(nn.Module):
     def __init__(self) -> None:

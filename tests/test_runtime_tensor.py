@@ -25,6 +25,8 @@ from comfyquant.quant.hadamard import fast_hadamard
 from comfyquant.runtime import REGISTRY, QuantizedTensor, register_layout_op
 from comfyquant.runtime.layouts import Fp8Layout, Int8Layout
 
+pytestmark = pytest.mark.cpu_int8
+
 CASES = {
     "int8-row": ("int8_tensorwise", {}),
     "int8-tensor": ("int8_tensorwise", {"per_row": False}),

@@ -35,6 +35,8 @@ from comfyquant.runtime.siblings import (
 )
 from comfyquant.runtime.tensor import QuantizedTensor
 
+pytestmark = pytest.mark.cpu_int8
+
 FORMATS = ("int8", "int8-tensor", "int8-rot", "fp8", "int4-rot")
 SIZES = (256, 128, 128)  # q, k, v rows (grouped-query attention's k/v are narrower)
 
