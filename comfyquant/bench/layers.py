@@ -371,10 +371,11 @@ def _baseline_name(col: str) -> str:
 
 def target_counts(rows: list[Row]) -> list[str]:
     """Issue 12's per-layer targets counted on a sweep's rows, one line each (rows lacking a column are left out
-    of that count, and the count says of how many): every row >= 0.97x bf16 eager (``auto``, and ``auto_copy``
-    with dense copies, against ``F.linear``; ``auto_module`` / ``auto_copy_module`` as ``QuantLinear`` calls
-    against ``nn.Linear``, the issue's own definition); on Flux / Wan at M >= 4,096, W8A8 (``w8a8_triton``) and FP8 (``fp8``) >= 1.6x; convrot
-    within 10% of W8A8 (its speed-up >= 0.9x W8A8's), eager and, where both were graphed, GPU time."""
+    of that count, and the count says of how many; a column no row has gets no line): every row >= 0.97x bf16
+    eager (``auto``, and ``auto_copy`` with dense copies, against ``F.linear``; ``auto_module`` /
+    ``auto_copy_module`` as ``QuantLinear`` calls against ``nn.Linear``, the issue's own definition); on Flux /
+    Wan at M >= 4,096, W8A8 (``w8a8_triton``) and FP8 (``fp8``) >= 1.6x; convrot within 10% of W8A8 (its
+    speed-up >= 0.9x W8A8's), eager and, where both were graphed, GPU time."""
     def ratio(r: Row, col: str, graph: bool = False) -> float:
         v = speedup(r, col, graph)
         return math.nan if v is None else v

@@ -189,8 +189,9 @@ GROWS_PACKED_STAGES = 2
 # Rows of 12 groups (3,072 columns: Flux's qkv / proj / mlp0 / linear1) from 1,024 rows, timed twice on H100s (runs
 # 127 and 141, every configuration within 2% of the other run): four programs an SM, three stages, one row a tile,
 # 1.06-1.11x the earlier pick at 1,024 / 4,096 / 16,384 rows (4,096: 26.0 against the held kernel's 27.7 µs); from
-# 16,384 rows packed five to a tile (two an SM, two stages), 1.08-1.11x (84.4 against the tile kernel's 93.9 µs). Packing
-# also won at 1,024 rows (9.0 against 9.7 µs) but lost at 4,096 (29.3 against 27.7): between the two it is untimed.
+# 16,384 rows packed five to a tile (two an SM, two stages), 1.08-1.11x (84.4 against the tile kernel's 93.9 µs).
+# Packing also won at 1,024 rows (9.0 against 9.7 µs) but lost at 4,096 (29.3 against 27.7): between the two it is
+# untimed. Run 146 with this schedule: 9.6 / 25.7 / 85.3 µs at 1,024 / 4,096 / 16,384 rows.
 GROWS_SHORT_GROUPS = 12
 GROWS_SHORT_PER_SM = 4
 GROWS_SHORT_PACKED_MIN_M = 16384
@@ -223,7 +224,8 @@ def group_rows_schedule(m: int, k: int, sms: int) -> tuple[tuple[int, ...], int 
     """(configuration, programs or None for one a row / pack, pipeline stages) the runtime launches the group-rows
     kernel with for ``m`` rows ``k`` wide on ``sms`` multiprocessors, or None where it does not take the call:
     the strided and packed forms where H100 runs 127 and 141 timed them faster (:data:`GROWS_STRIDE_MIN_M`,
-    :data:`GROWS_SHORT_GROUPS`, :data:`GROWS_PACKED_GROUPS`), else one program a row up to :data:`GROWS_MAX_ELEMS` (H200 run 126).
+    :data:`GROWS_SHORT_GROUPS`, :data:`GROWS_PACKED_GROUPS`), else one program a row up to
+    :data:`GROWS_MAX_ELEMS` (H200 run 126).
     Memoized: pure in (m, k, sms), asked by ``pick_kernel`` and ``launch_for`` on every call."""
     g = cdiv(k, 256)
     if m < GROWS_MIN_M:
