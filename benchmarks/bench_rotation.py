@@ -225,7 +225,9 @@ def grows_configs(k: int) -> list[tuple[int, bool, int, int, int, int]]:
     program), the same with 8 warps, and programs striding over the rows (the Hadamard loaded once a program)
     unpipelined and with the next row's loads pipelined 2 / 3 deep (77 / 110 KB of shared memory at 64 groups: two
     programs an SM); rows of 32 groups or fewer also packed ``64 // groups`` to a 64-row tile, a pack per program
-    and striding (pipelined 2 deep)."""
+    and striding (pipelined 2 deep), and their one-row form with more programs an SM (6, 8; 8 at 2 warps) or a
+    deeper pipeline (4 at four an SM): the 3,072-column pass is still 1.7x the plain one at 4,096 rows (run 146),
+    and the configurations tried so far leave it latency-bound (24 KB of shared memory a program at 3 stages)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
     gb, one, warps = tq.group_rows_config(k)
@@ -236,6 +238,8 @@ def grows_configs(k: int) -> list[tuple[int, bool, int, int, int, int]]:
     if packed is not None:
         pgb, pone, pwarps, rp = packed
         out += [(pgb, pone, pwarps, 0, 1, rp), (pgb, pone, pwarps, 2, 2, rp)]
+        out += [(gb, one, warps, 6, 3, 1), (gb, one, warps, 8, 3, 1), (gb, one, warps, 4, 4, 1),
+                (gb, one, 2, 8, 3, 1)]
     return out
 
 
