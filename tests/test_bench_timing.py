@@ -141,7 +141,7 @@ def test_module_columns_compute_the_layer() -> None:
     ``nn.Linear`` exactly ``F.linear``'s, the int8 ``QuantLinear`` (plain and with a copy budget) within int8's
     error of the float64 product; a second call reuses the module made for that weight set."""
     torch = pytest.importorskip("torch")
-    from comfyquant.bench.layers import _module, _nn_linear, _quant_linear
+    from comfyquant.bench.layers import _nn_linear, _per_set, _quant_linear
     from comfyquant.runtime.kernels import dispatch
     from comfyquant.runtime.kernels.dense_copy import CopyBudget
 
@@ -159,12 +159,12 @@ def test_module_columns_compute_the_layer() -> None:
             return make(ws)
         return wrapped
 
-    lin = _module(counting(_nn_linear))
+    lin = _per_set(counting(_nn_linear))
     assert torch.equal(lin(x, wset), torch.nn.functional.linear(x, w, b))
     lin(x, wset)
     assert len(made) == 1
     for backend in (None, dispatch.DispatchPolicy(copies=CopyBudget(1 << 40))):
-        y = _module(_quant_linear(backend))(x, wset)
+        y = _per_set(_quant_linear(backend))(x, wset)
         assert y.dtype == torch.bfloat16 and y.shape == (8, 48)
         err = (y.double() - ref).abs().max().item()
         assert err < 0.02 * ref.abs().max().item(), err

@@ -152,34 +152,27 @@ def _int4_rot(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_int4(torch.round(wr / s).clamp(-7, 7)), s.reshape(-1)
 
 
-def _bound(kind: str, wi: int, si: tuple[int, ...], opts: tuple[int, ...] = (),
-           backend: str | dispatch.DispatchPolicy | None = None) -> Callable:
-    """``(x, weight set) -> y`` through ``dispatch.bind_linear``, bound once per weight set: the path a
-    quantized layer's eager forward takes (checks and choice memoized, launches replayed by plans)."""
-    bound: dict[int, Callable] = {}
+def _per_set(make: Callable[[tuple], Callable[[torch.Tensor], torch.Tensor]]) -> Callable:
+    """``(x, weight set) -> made(x)`` with ``made = make(weight set)`` made once per weight set, on first use."""
+    made: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def op(x: torch.Tensor, w: tuple) -> torch.Tensor:
-        f = bound.get(id(w))
+        f = made.get(id(w))
         if f is None:
-            f = bound[id(w)] = dispatch.bind_linear(kind, w[wi], tuple(w[i] for i in si), w[7], opts=opts,
-                                                    backend=backend)
+            f = made[id(w)] = make(w)
         return f(x)
 
     return op
 
 
-def _module(make: Callable[[tuple], torch.nn.Module]) -> Callable:
-    """``(x, weight set) -> module(x)`` with one module per weight set, made on first use by ``make``: the call a
-    model's layer makes (``nn.Module.__call__`` and ``forward``), not a bound function."""
-    mods: dict[int, torch.nn.Module] = {}
-
-    def op(x: torch.Tensor, w: tuple) -> torch.Tensor:
-        mod = mods.get(id(w))
-        if mod is None:
-            mod = mods[id(w)] = make(w)
-        return mod(x)
-
-    return op
+def _bound(kind: str, wi: int, si: tuple[int, ...], opts: tuple[int, ...] = (),
+           backend: str | dispatch.DispatchPolicy | None = None) -> Callable:
+    """``(x, weight set) -> y`` through ``dispatch.bind_linear``, bound once per weight set: the path a
+    quantized layer's eager forward takes (checks and choice memoized, launches replayed by plans). The module
+    columns instead call one module per weight set (:func:`_per_set` of :func:`_nn_linear` /
+    :func:`_quant_linear`): ``nn.Module.__call__`` and ``forward`` as a model's layer runs them."""
+    return _per_set(lambda w: dispatch.bind_linear(kind, w[wi], tuple(w[i] for i in si), w[7], opts=opts,
+                                                   backend=backend))
 
 
 def _nn_linear(w: tuple) -> torch.nn.Linear:
@@ -279,9 +272,9 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
             ops["w8a8_convrot"] = _bound("int8", 3, (4,), opts=(group,))
         if weights[0][8] is not None:
             ops["w4a8"] = _bound("int4_rot", 8, (9,), opts=(group,))
-        ops["bf16_module"] = _module(_nn_linear)
-        ops["auto_module"] = _module(_quant_linear(None))
-        ops["auto_copy_module"] = _module(_quant_linear(dispatch.DispatchPolicy(copies=CopyBudget(1 << 40))))
+        ops["bf16_module"] = _per_set(_nn_linear)
+        ops["auto_module"] = _per_set(_quant_linear(None))
+        ops["auto_copy_module"] = _per_set(_quant_linear(dispatch.DispatchPolicy(copies=CopyBudget(1 << 40))))
         if ck_fn is not None:
             ops["ck_int8"] = lambda x, w: ck_fn(x, w[1], w[2], w[7], out_dtype=torch.bfloat16)
         ops = {name: op for name, op in ops.items() if name in cfg.columns}
