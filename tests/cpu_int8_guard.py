@@ -9,6 +9,7 @@ which the capped pass leaves out) fails, naming the marker to add. Calls in chil
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -18,8 +19,9 @@ MARKERS = ("cpu_int8", "stock_comfy_int8_cpu")
 _CALLS = pytest.StashKey[int]()
 
 
-def _counting(item: pytest.Item) -> tuple[object, object]:
-    """``torch._int_mm`` wrapped to add its CPU calls to ``item``'s count; returns (wrapper, original)."""
+@contextlib.contextmanager
+def _watched(item: pytest.Item) -> Iterator[None]:
+    """``torch._int_mm`` wrapped, while the block runs, to add its CPU calls to ``item``'s count."""
     real = torch._int_mm
 
     def int_mm(a: torch.Tensor, b: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -27,12 +29,7 @@ def _counting(item: pytest.Item) -> tuple[object, object]:
             item.stash[_CALLS] = item.stash.get(_CALLS, 0) + 1
         return real(a, b, *args, **kwargs)
 
-    return int_mm, real
-
-
-def _watched(item: pytest.Item) -> Iterator[None]:
-    wrapper, real = _counting(item)
-    torch._int_mm = wrapper
+    torch._int_mm = int_mm
     try:
         yield
     finally:
@@ -41,22 +38,14 @@ def _watched(item: pytest.Item) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
-    gen = _watched(item)
-    next(gen)
-    try:
+    with _watched(item):
         return (yield)
-    finally:
-        gen.close()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    gen = _watched(item)
-    next(gen)
-    try:
+    with _watched(item):
         result = yield
-    finally:
-        gen.close()
     calls = item.stash.get(_CALLS, 0)
     if calls and not any(item.get_closest_marker(m) for m in MARKERS):
         pytest.fail(f"{item.nodeid} ran torch._int_mm on the CPU {calls} time(s) without the cpu_int8 marker: "
