@@ -4,11 +4,10 @@ A device call copies the tracked tree with a 37.5 MB wheel bundle under a 64 MiB
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
+from recorded_results import RESULTS
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+from comfyquant.bench.saved import read_saved_json
+
 LIMIT = 20 * 1024
 
 
@@ -22,4 +21,4 @@ def test_compressed_results_are_json_and_not_kept_twice() -> None:
     assert len(gz) > 100
     for p in gz:
         assert not p.with_suffix("").exists(), f"{p.name} and its uncompressed copy are both in the tree"
-        json.loads(gzip.decompress(p.read_bytes()))
+        read_saved_json(p)  # gzip-compressed JSON that the readers take

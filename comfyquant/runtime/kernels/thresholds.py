@@ -36,7 +36,8 @@ _H200 = "NVIDIA H200 (sm_90), torch 2.11+cu130, triton 3.6, comfyquant bench 202
 
 # From benchmarks/results/bench_h200_2026-11-22.json.gz (M in {1, 16, 256, 1024}) and
 # bench_smallM_h200_2026-11-22.json.gz (Flux/Wan, M in {1, 16, 64, 256}): the weight-only kernel wins at
-# M <= 16, W8A8 from M=64 (3072->3072: from 256, recorded as 128). T5/SDXL shapes were not swept at 64: 64 is the recorded crossover within (16, 256].
+# M <= 16, W8A8 from M=64 (3072->3072: from 256, recorded as 128). T5/SDXL shapes were not swept at 64: 64 is
+# the recorded crossover within (16, 256].
 # t5xxl ff0 (4096->10240): W8A8 already won at M=1. sdxl 1280->1280: W8A8 won from 1024 only; 640->640: the
 # weight-only kernel won at every swept M (W8A8 never measured faster on this width).
 MEASURED: tuple[Threshold, ...] = tuple(
