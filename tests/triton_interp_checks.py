@@ -125,6 +125,17 @@ def check_act_quant() -> None:
                 mx, n, ok = code_diff(q, qr)
                 record("int8_rot_codes", ok and rel(s, sr) < 1e-6, m=m, k=k, convrot=g, dtype=str(dt),
                        max_code_diff=mx, codes_diff=n)
+    # quotients on exact halves (ties go to even), at +-127, -0.0 and a denormal: scale 1 (amax 127) and 3 (the
+    # correction's path: 4.5 / 3 is 1.5 exactly); the codes are the low byte of (y + 1.5 * 2**23)'s bits
+    halves = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 125.5, -0.0, 1e-40, 127.0, -127.0, 3.5, -3.5, 0.0]
+    for scale in (1.0, 3.0):
+        x = torch.tensor([halves, [-v for v in halves]], dtype=F32) * scale
+        want = torch.tensor([[0, 2, 2, 0, -2, -2, 126, -126, 126, 0, 0, 127, -127, 4, -4, 0]], dtype=torch.int8)
+        for kernel in ("auto", "rows"):
+            q, s = triton_quant.quantize_rows_int8(x, kernel=kernel)
+            qr, sr = reference.quantize_rows_int8(x)
+            ok = torch.equal(q, qr) and torch.equal(s, sr) and torch.equal(q, torch.cat((want, -want)))
+            record("int8_ties_to_even", ok and bool((s == scale).all()), scale=scale, kernel=kernel)
     # a row stride wider than K (column slice), and the W4A8 K order (evens then odds per 128 block)
     wide = _x(5, 300, BF16, seed=50)
     q, s = triton_quant.quantize_rows_int8(wide[:, 17:273], 16)

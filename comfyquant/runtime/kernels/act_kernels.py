@@ -104,23 +104,38 @@ def _read(x_row, o, K, BLOCK: tl.constexpr, STAGES: tl.constexpr, ACT: tl.conste
 
 
 @triton.jit
-def _div(x, s, inv):
+def _div(x, s, inv, SIGNED_ZERO: tl.constexpr = True):
     """``x / s`` rounded to nearest as ``div_rn`` rounds it, from ``inv = div_rn(1, s)``: a product and one FMA
     correction (Markstein: exact where the quotient is a normal float32; a zero or underflowing product keeps
     its own value, which rounds to the same code). ``div_rn`` per element is ~10 instructions, which at 2-3 bytes
-    per element made the row kernel compute-bound."""
+    per element made the row kernel compute-bound. ``SIGNED_ZERO`` False (int8 codes): the select that keeps a
+    zero quotient's sign is left out (the correction gives +0 for -0 / s; both are code 0), and the residual is
+    ``fma(q, -s, x)`` (``-s`` once a row, not ``-q`` per element: the same value)."""
     q = x * inv
-    return tl.where(q == 0, q, tl.fma(tl.fma(-q, s, x), inv, q))
+    if SIGNED_ZERO:
+        y = tl.where(q == 0, q, tl.fma(tl.fma(-q, s, x), inv, q))
+    else:
+        y = tl.fma(tl.fma(q, -s, x), inv, q)
+    return y
+
+
+@triton.jit
+def _low_byte_rne(y):
+    """int8 ``round_half_even(y)`` for ``|y| <= 127``: ``y + 1.5 * 2**23`` rounds it to an integer held in the
+    float's low mantissa bits, so its bit pattern's low byte is the two's complement code. One add and a
+    truncation, where add, subtract and a float-to-int conversion (a quarter-rate instruction) took three."""
+    return (y + RNE_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
 def quant_codes(x, scale, inv, qmax, MODE: tl.constexpr):
-    """int8 (MODE 0: round half to even) or fp8 (clamped; the store's cast rounds) codes of ``x`` at ``scale``,
-    ``inv = div_rn(1, scale)``."""
-    y = _div(x, scale, inv)
+    """int8 (MODE 0: round half to even, as int8) or fp8 (clamped fp32; the store's cast rounds) codes of ``x`` at
+    ``scale``, ``inv = div_rn(1, scale)``."""
     if MODE == 0:
-        return (y + RNE_MAGIC) - RNE_MAGIC  # integral-valued fp32; the store casts it exactly
-    return tl.clamp(y, -qmax, qmax)
+        codes = _low_byte_rne(_div(x, scale, inv, False))
+    else:
+        codes = tl.clamp(_div(x, scale, inv), -qmax, qmax)
+    return codes
 
 
 @triton.jit
@@ -259,8 +274,15 @@ def _rowmax(y):
 
 @triton.jit
 def _rowmax4(y0, y1, y2, y3):
-    """Each tile row's absmax over a group's four rotated quarters (:func:`_quarters`)."""
-    return tl.maximum(tl.maximum(_rowmax(y0), _rowmax(y1)), tl.maximum(_rowmax(y2), _rowmax(y3)))
+    """Each tile row's absmax over a group's four rotated quarters (:func:`_quarters`): the elementwise maximum of
+    the four first, then one reduction (four reductions took four rounds of shuffles and shared memory)."""
+    return tl.max(_absmax4(y0, y1, y2, y3), axis=1)
+
+
+@triton.jit
+def _absmax4(y0, y1, y2, y3):
+    """The elementwise absmax of four equally shaped tiles."""
+    return tl.maximum(tl.maximum(tl.abs(y0), tl.abs(y1)), tl.maximum(tl.abs(y2), tl.abs(y3)))
 
 
 @triton.jit
@@ -512,7 +534,7 @@ def _scale_of(amax, qmax):
 @triton.jit
 def _amax4(y0, y1, y2, y3):
     """The absmax of a group step's four rotated quarters (one row's: a scalar)."""
-    return tl.max(_rowmax4(y0, y1, y2, y3))
+    return tl.max(_absmax4(y0, y1, y2, y3))
 
 
 @triton.jit
@@ -520,10 +542,24 @@ def _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C: tl.constexpr, MOD
            PERM: tl.constexpr):
     """Store a group step's four ``[groups, C]`` quarters of one row (quarter ``i`` at column offsets ``base + i
     C``): codes at the row's ``scale`` (int8 / fp8), or the values themselves (MODE_FLOAT)."""
-    _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
-    _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
-    _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
-    _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
+    if MODE == 0 and y0.shape[0] < 64:  # (mma.sync tiles: one layout conversion for the four, not four)
+        y = tl.join(tl.join(y0, y1), tl.join(y2, y3))  # [.., C, 2, 2]: quarter 2 * j + i at [.., i, j]
+        q = tl.arange(0, 2)
+        offs = base[:, :, None, None] + (q[:, None] + 2 * q[None, :])[None, None, :, :] * C
+        s4 = scale  # a row's scalar scale and pointer, or (packed rows) [tile rows, 1] columns of them
+        o4 = o_row
+        if len(scale.shape) == 2:
+            s4 = scale[:, :, None, None]
+        if len(o_row.shape) == 2:
+            o4 = o_row[:, :, None, None]
+        inv = tl.math.div_rn(tl.full(s4.shape, 1.0, tl.float32), s4)
+        codes = quant_codes(y, s4, inv, qmax, MODE)
+        tl.store(o4 + _dst(offs, PERM), codes, mask=gmask[:, None, None, None])
+    else:
+        _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + 2 * C, y2, scale, qmax, gmask, MODE, PERM)
+        _gput(o_row, base + 3 * C, y3, scale, qmax, gmask, MODE, PERM)
 
 
 @triton.jit
