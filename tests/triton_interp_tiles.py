@@ -230,32 +230,34 @@ def check_group_rows() -> None:
             want_r = tq.rotate_rows(x, 256, act=act, kernel="tiles")
             got_r = tq.rotate_rows(x, 256, act=act, kernel="grows")
             record("group_rows_rotate_only", torch.equal(got_r, want_r) and got_r.dtype == x.dtype, m=m, k=k, act=act)
-    # "auto" (H200 run 126, H100 runs 127 / 141): rows of more than 32 groups from 256 rows (strided from 1,024, to
-    # 16,384 x 15,360), 17-21-group rows packed from 4,096 rows, 12-group rows (3,072 columns) from 1,024 rows; not
+    # "auto" (H200 run 126, H100 runs 127 / 141, H200 runs 147-148): rows of more than 32 groups from 256 rows
+    # (strided from 1,024, to 16,384 x 15,360), rows of 12-32 groups (3,072-8,192 columns) from 256 rows; not
     # 32,760 x 13,824
     picks = {(m, k): tq.pick_kernel(torch.empty((m, k), dtype=F16, device="meta"), 256, tq.MODE_INT8)
              for m, k in ((1024, 15360), (256, 12288), (4096, 13824), (255, 15360), (16384, 12288), (4096, 3072),
                           (4096, 8192), (4096, 5120), (1024, 5120), (32760, 13824))}
     record("group_rows_picked", picks == {(1024, 15360): "grows", (256, 12288): "grows", (4096, 13824): "grows",
                                           (255, 15360): "split", (16384, 12288): "grows", (4096, 3072): "grows",
-                                          (4096, 8192): "tiles", (4096, 5120): "grows", (1024, 5120): "held",
+                                          (4096, 8192): "grows", (4096, 5120): "grows", (1024, 5120): "grows",
                                           (32760, 13824): "tiles"}, picks=str(picks))
     # ... launched as the schedule says: a row a program at 256 rows; two programs an SM, 3 stages, from 1,024;
-    # packed three rows a tile, 2 stages, on 5,120 columns; rows of two passes (80 groups) a row a program; 3,072
-    # columns four programs an SM, 3 stages, a row a tile, and from 16,384 rows five rows a tile, two an SM, 2 stages
+    # rows of two passes (80 groups) a row a program; rows of 12-32 groups two warps, eight programs an SM (no more
+    # than the rows), 3 stages, a row a tile
     launches = {}
-    for m, k in ((256, 12288), (1024, 15360), (4096, 5120), (1024, 20480), (1024, 3072), (16384, 3072)):
+    for m, k in ((256, 12288), (1024, 15360), (4096, 5120), (1024, 20480), (1024, 3072), (16384, 3072),
+                 (256, 3072)):
         x = torch.zeros(m, k, dtype=F16)
         q, s = torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1)
         (fk, grid, args, _key, warps, stages), = tq.launch_for(x, q, s, None, 256, tq.MODE_INT8, 127.0, 0, 0,
                                                                "auto", None)
-        launches[(m, k)] = (fk is tq._ACT_GROWS, grid[0], stages, args[10], args[15])
-    record("group_rows_schedule_launched", launches == {(256, 12288): (True, 256, 1, 64, 1),
-                                                        (1024, 15360): (True, 264, 3, 64, 1),
-                                                        (4096, 5120): (True, 264, 2, 64, 3),
-                                                        (1024, 20480): (True, 1024, 1, 64, 1),
-                                                        (1024, 3072): (True, 528, 3, 16, 1),
-                                                        (16384, 3072): (True, 264, 2, 64, 5)}, got=str(launches))
+        launches[(m, k)] = (fk is tq._ACT_GROWS, grid[0], stages, args[10], args[15], warps)
+    record("group_rows_schedule_launched", launches == {(256, 12288): (True, 256, 1, 64, 1, 4),
+                                                        (1024, 15360): (True, 264, 3, 64, 1, 4),
+                                                        (4096, 5120): (True, 1056, 3, 32, 1, 2),
+                                                        (1024, 20480): (True, 1024, 1, 64, 1, 4),
+                                                        (1024, 3072): (True, 1024, 3, 16, 1, 2),
+                                                        (16384, 3072): (True, 1056, 3, 16, 1, 2),
+                                                        (256, 3072): (True, 256, 3, 16, 1, 2)}, got=str(launches))
     record("group_rows_not_picked_for_rotation_alone",
            tq.pick_kernel(torch.empty((1024, 15360), dtype=F16), 256, tq.MODE_FLOAT) != "grows")
     record("group_rows_config", tq.group_rows_config(3072) == (16, True, 4) and tq.group_rows_config(15360) ==

@@ -27,9 +27,10 @@ from comfyquant.io.writer import write_small_file
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.registry import KernelBackend, KernelKind
 
-CACHE_VERSION = 3  # bumped when a candidate's kernels change speed, so kept choices are timed again (2: the
+CACHE_VERSION = 4  # bumped when a candidate's kernels change speed, so kept choices are timed again (2: the
 # rotating activation kernels' configurations and split form, runs 41-42: convrot W8A8 up to 1.6x faster against
-# candidates that did not change; 3: the group-rows rotating kernel on 3,072-column rows, runs 127 / 141)
+# candidates that did not change; 3: the group-rows rotating kernel on 3,072-column rows, runs 127 / 141; 4: the
+# int8 codes' epilogue without float-to-int conversions and the short rows' 2-warp schedule, runs 147-148)
 
 
 @dataclass

@@ -174,27 +174,22 @@ GROWS_WARPS = 4  # run 126: 1.2-1.4x faster than 8 warps on every shape (168 reg
 # arithmetic and the Hadamard loaded once a program (H100 run 127, ``bench_rotation.py --grows``, the same 20
 # shapes, codes bit-equal to the default's): rows of more than 32 groups from 1,024 rows, 2 programs an SM and 3
 # stages, 1.12-1.30x the one-program-a-row default and at 16,384 rows 1.33-1.58x the tile kernel picked before
-# (16,384 x 15,360: 276 against 437 µs); rows of 17-21 groups (5,120 columns: 20) packed three to a tile
-# (:func:`group_rows_packed`) from 4,096 rows, 2 programs an SM and 2 stages, 1.17-1.18x the tile kernel (22-32
-# groups would pack two to a tile: untimed, so they keep the earlier pick). At 256 rows the
-# strided form ties the default; on 3,072 columns (12 groups) packing won at 1,024 / 16,384 rows (1.08-1.20x) and
-# lost at 4,096 (0.94x), so those keep the earlier pick.
+# (16,384 x 15,360: 276 against 437 µs). At 256 rows the strided form ties the default. (Shorter rows: below.)
 GROWS_STRIDE_MIN_M = 1024
 GROWS_PER_SM = 2
 GROWS_STRIDE_STAGES = 3
 GROWS_STRIDE_MAX_ELEMS = 256 << 20  # the largest timed: 16,384 x 15,360 (Wan 480p's 32,760 rows keep the tiles)
-GROWS_PACKED_GROUPS = (17, 21)
-GROWS_PACKED_MIN_M = 4096
-GROWS_PACKED_STAGES = 2
-# Rows of 12 groups (3,072 columns: Flux's qkv / proj / mlp0 / linear1) from 1,024 rows, timed twice on H100s (runs
-# 127 and 141, every configuration within 2% of the other run): four programs an SM, three stages, one row a tile,
-# 1.06-1.11x the earlier pick at 1,024 / 4,096 / 16,384 rows (4,096: 26.0 against the held kernel's 27.7 µs); from
-# 16,384 rows packed five to a tile (two an SM, two stages), 1.08-1.11x (84.4 against the tile kernel's 93.9 µs).
-# Packing also won at 1,024 rows (9.0 against 9.7 µs) but lost at 4,096 (29.3 against 27.7): between the two it is
-# untimed. Run 146 with this schedule: 9.6 / 25.7 / 85.3 µs at 1,024 / 4,096 / 16,384 rows.
-GROWS_SHORT_GROUPS = 12
-GROWS_SHORT_PER_SM = 4
-GROWS_SHORT_PACKED_MIN_M = 16384
+# Rows of 12-32 groups (3,072-8,192 columns: Flux's qkv / proj / mlp0 / linear1, Wan's attn): H200 runs 147-148
+# (``bench_rotation.py --grows``, after the int8 codes' epilogue lost its float-to-int conversions), from 256 rows:
+# two warps a program, eight programs an SM, three stages, one row a tile, the fastest of 12 configurations on 3,072
+# and 5,120 columns at 256 / 1,024 / 4,096 / 16,384 rows (at 1,024 x 5,120 tied with two others at 11.1 µs),
+# 1.06-1.34x the schedule before it (run 148's "auto": 4,096 x 3,072 16.8 against 19.1 µs, 16,384 x 3,072 51.3
+# against 68.6), 1.06-1.41x the kernels picked without the group-rows kernel. The packed forms
+# (:func:`group_rows_packed`) ran 1.01-1.38x its time, the 4-warp one-row form H100 runs 127 / 141 picked 1.0-1.25x.
+# Widths of 13-19 and 21-32 groups run the same kernels as 3,072 / 5,120 with fewer rows masked: untimed, taken alike.
+GROWS_SHORT_GROUPS = (12, 32)
+GROWS_SHORT_WARPS = 2
+GROWS_SHORT_PER_SM = 8
 
 
 def group_rows_apply(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0) -> bool:
@@ -221,26 +216,22 @@ def group_rows_packed(k: int) -> tuple[int, bool, int, int] | None:
 
 @functools.lru_cache(maxsize=1024)
 def group_rows_schedule(m: int, k: int, sms: int) -> tuple[tuple[int, ...], int | None, int] | None:
-    """(configuration, programs or None for one a row / pack, pipeline stages) the runtime launches the group-rows
-    kernel with for ``m`` rows ``k`` wide on ``sms`` multiprocessors, or None where it does not take the call:
-    the strided and packed forms where H100 runs 127 and 141 timed them faster (:data:`GROWS_STRIDE_MIN_M`,
-    :data:`GROWS_SHORT_GROUPS`, :data:`GROWS_PACKED_GROUPS`), else one program a row up to
+    """(configuration, programs or None for one a row, pipeline stages) the runtime launches the group-rows kernel
+    with for ``m`` rows ``k`` wide on ``sms`` multiprocessors, or None where it does not take the call: rows of
+    :data:`GROWS_SHORT_GROUPS` groups two warps a program, eight an SM (H200 runs 147-148); longer rows strided two
+    an SM from :data:`GROWS_STRIDE_MIN_M` rows (H100 runs 127 / 141), else one program a row up to
     :data:`GROWS_MAX_ELEMS` (H200 run 126).
     Memoized: pure in (m, k, sms), asked by ``pick_kernel`` and ``launch_for`` on every call."""
     g = cdiv(k, 256)
     if m < GROWS_MIN_M:
         return None
+    lo, hi = GROWS_SHORT_GROUPS
+    if lo <= g <= hi and m * k <= GROWS_STRIDE_MAX_ELEMS:
+        gb, one, _ = group_rows_config(k)
+        return (gb, one, GROWS_SHORT_WARPS), GROWS_SHORT_PER_SM * sms, GROWS_STRIDE_STAGES
     if GROWS_MIN_GROUPS <= g <= GROWS_ONE_MAX and m >= GROWS_STRIDE_MIN_M and m * k <= GROWS_STRIDE_MAX_ELEMS:
         # (one-pass rows: the timed 48-60 groups; wider rows' two passes were not timed strided)
         return group_rows_config(k), GROWS_PER_SM * sms, GROWS_STRIDE_STAGES
-    lo, hi = GROWS_PACKED_GROUPS
-    packed = group_rows_packed(k)
-    if g == GROWS_SHORT_GROUPS and m >= GROWS_STRIDE_MIN_M and m * k <= GROWS_STRIDE_MAX_ELEMS:
-        if m >= GROWS_SHORT_PACKED_MIN_M and packed is not None:
-            return packed, GROWS_PER_SM * sms, GROWS_PACKED_STAGES
-        return group_rows_config(k), GROWS_SHORT_PER_SM * sms, GROWS_STRIDE_STAGES
-    if lo <= g <= hi and packed is not None and m >= GROWS_PACKED_MIN_M and m * k <= GROWS_STRIDE_MAX_ELEMS:
-        return packed, GROWS_PER_SM * sms, GROWS_PACKED_STAGES
     if g >= GROWS_MIN_GROUPS and m * k <= GROWS_MAX_ELEMS:
         return group_rows_config(k), None, 1
     return None
