@@ -552,9 +552,7 @@ def _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C: tl.constexpr, MOD
             s4 = scale[:, :, None, None]
         if len(o_row.shape) == 2:
             o4 = o_row[:, :, None, None]
-        inv = tl.math.div_rn(tl.full(s4.shape, 1.0, tl.float32), s4)
-        codes = quant_codes(y, s4, inv, qmax, MODE)
-        tl.store(o4 + _dst(offs, PERM), codes, mask=gmask[:, None, None, None])
+        tl.store(o4 + _dst(offs, PERM), _quantize(y, s4, qmax, MODE), mask=gmask[:, None, None, None])
     else:
         _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
         _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from comfyquant.runtime.kernels.act_kernels import (
+    RNE_MAGIC,
     block_place,
     block_wait,
     input_act,
@@ -30,7 +31,6 @@ from comfyquant.runtime.kernels.act_kernels import (
     rms_weighted,
 )
 
-RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to nearest, ties to even
 PERM_BLOCK = 128  # the W4A8 K-permutation block (= the W4A8 kernel's K step)
 
 
