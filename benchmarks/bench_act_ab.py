@@ -47,34 +47,31 @@ def load_base(path: Path) -> ModuleType:
     return mod
 
 
-@contextlib.contextmanager
-def kernels_of(base: ModuleType | None) -> Iterator[None]:
-    """``triton_quant``'s kernels taken from ``base`` inside the block (None: this tree's, as they are)."""
-    from comfyquant.runtime.kernels import triton_quant as tq
+def base_kernels(base: ModuleType) -> dict[str, object]:
+    """``triton_quant``'s kernel slots -> FastKernels of ``base``'s kernels, made once for the run (each keeps the
+    kernels it compiles)."""
     from comfyquant.runtime.kernels.launch import FastKernel
 
-    if base is None:
+    return {name: FastKernel(getattr(base, fn)) for name, fn in SWAPPED.items()}
+
+
+@contextlib.contextmanager
+def kernels_of(swap: dict[str, object] | None) -> Iterator[None]:
+    """``triton_quant``'s kernels replaced by ``swap`` (:func:`base_kernels`) inside the block (None: this tree's,
+    as they are)."""
+    from comfyquant.runtime.kernels import triton_quant as tq
+
+    if swap is None:
         yield
         return
-    saved = {name: getattr(tq, name) for name in SWAPPED}
+    saved = {name: getattr(tq, name) for name in swap}
     try:
-        for name, fn in SWAPPED.items():
-            setattr(tq, name, _fast(base, fn, FastKernel))
+        for name, k in swap.items():
+            setattr(tq, name, k)
         yield
     finally:
         for name, k in saved.items():
             setattr(tq, name, k)
-
-
-_FAST: dict[tuple[int, str], object] = {}
-
-
-def _fast(base: ModuleType, fn: str, factory: type) -> object:
-    """One FastKernel per base kernel for the whole run (its compiled kernels are kept by it)."""
-    key = (id(base), fn)
-    if key not in _FAST:
-        _FAST[key] = factory(getattr(base, fn))
-    return _FAST[key]
 
 
 def _call(group: int | None, kernel: str):
@@ -83,7 +80,7 @@ def _call(group: int | None, kernel: str):
     return lambda x, q, s: tq.quantize_rows_int8(x, group, kernel=kernel)
 
 
-def ab_rows(base: ModuleType, ms: list[int], ks: list[int], rounds: int) -> tuple[list[dict], dict]:
+def ab_rows(base: dict[str, object], ms: list[int], ks: list[int], rounds: int) -> tuple[list[dict], dict]:
     """Per shape and path: the pick, both versions' median GPU µs and their ratio; codes that differ."""
     from bench_rotation import _pairs
 
@@ -120,7 +117,7 @@ def ab_rows(base: ModuleType, ms: list[int], ks: list[int], rounds: int) -> tupl
     return out, differ
 
 
-def ncu_launches(base: ModuleType, ms: list[int], ks: list[int]) -> None:
+def ncu_launches(base: dict[str, object], ms: list[int], ks: list[int]) -> None:
     """Each version's kernels twice per shape and path, in the printed order (for ``ncu -k regex:_act_``)."""
     from comfyquant.runtime.kernels import triton_quant as tq
 
@@ -151,7 +148,7 @@ def main() -> int:
         return 2
     from comfyquant.bench.timing import run_record
 
-    base = load_base(a.base)
+    base = base_kernels(load_base(a.base))
     ms, ks = [int(v) for v in a.m.split(",")], [int(v) for v in a.k.split(",")]
     if a.ncu:
         ncu_launches(base, ms, ks)

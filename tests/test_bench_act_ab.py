@@ -28,14 +28,15 @@ def test_kernels_of_swaps_the_five_kernels_and_restores_them() -> None:
 
     ab = _load()
     base = ab.load_base(REPO / "comfyquant" / "runtime" / "kernels" / "act_kernels.py")
+    swap = ab.base_kernels(base)
     before = {name: getattr(tq, name) for name in ab.SWAPPED}
-    with ab.kernels_of(base):
+    with ab.kernels_of(swap):
         for name, fn in ab.SWAPPED.items():
             swapped = getattr(tq, name)
             assert swapped is not before[name] and swapped.fn is getattr(base, fn), name
             assert getattr(base, fn) is not before[name].fn  # the saved file's own kernel, not the tree's
     assert {name: getattr(tq, name) for name in ab.SWAPPED} == before
-    with pytest.raises(RuntimeError, match="inside"), ab.kernels_of(base):
+    with pytest.raises(RuntimeError, match="inside"), ab.kernels_of(swap):
         raise RuntimeError("inside")
     assert {name: getattr(tq, name) for name in ab.SWAPPED} == before
     with ab.kernels_of(None):
