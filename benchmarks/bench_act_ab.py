@@ -148,7 +148,12 @@ def main() -> int:
         return 2
     from comfyquant.bench.timing import run_record
 
-    base = base_kernels(load_base(a.base))
+    try:
+        base = base_kernels(load_base(a.base))
+    except (SyntaxError, ImportError, AttributeError) as e:  # not a kernels file: one line, no traceback
+        print(f"bench_act_ab: {a.base} is not an act_kernels.py: {type(e).__name__}: {e}".splitlines()[0],
+              file=sys.stderr)
+        return 2
     ms, ks = [int(v) for v in a.m.split(",")], [int(v) for v in a.k.split(",")]
     if a.ncu:
         ncu_launches(base, ms, ks)

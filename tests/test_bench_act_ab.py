@@ -1,6 +1,6 @@
 """``benchmarks/bench_act_ab.py``: the A/B of this tree's activation kernels against a saved copy swaps exactly the
 five kernels ``triton_quant`` launches, puts them back afterwards (also after an error), and refuses a missing base
-file with exit code 2."""
+file, or one that is not a kernels file, with one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -51,4 +51,17 @@ def test_a_missing_base_file_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert ab.main() == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no file" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["def broken(:\n", "import triton\n"])
+def test_a_base_that_is_not_a_kernels_file_exits_2(text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    ab = _load()
+    bad = tmp_path / "act_kernels.py"
+    bad.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["bench_act_ab.py", "--base", str(bad), "--out", str(tmp_path / "out")])
+    assert ab.main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an act_kernels.py" in err[0]
     assert not (tmp_path / "out").exists()
