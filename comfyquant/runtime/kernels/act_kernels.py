@@ -120,7 +120,7 @@ def _div(x, s, inv, SIGNED_ZERO: tl.constexpr = True):
 
 
 @triton.jit
-def _low_byte_rne(y):
+def rne_int8(y):
     """int8 ``round_half_even(y)`` for ``|y| <= 127``: ``y + 1.5 * 2**23`` rounds it to an integer held in the
     float's low mantissa bits, so its bit pattern's low byte is the two's complement code. One add and a
     truncation, where add, subtract and a float-to-int conversion (a quarter-rate instruction) took three."""
@@ -132,7 +132,7 @@ def quant_codes(x, scale, inv, qmax, MODE: tl.constexpr):
     """int8 (MODE 0: round half to even, as int8) or fp8 (clamped fp32; the store's cast rounds) codes of ``x`` at
     ``scale``, ``inv = div_rn(1, scale)``."""
     if MODE == 0:
-        codes = _low_byte_rne(_div(x, scale, inv, False))
+        codes = rne_int8(_div(x, scale, inv, False))
     else:
         codes = tl.clamp(_div(x, scale, inv), -qmax, qmax)
     return codes

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from comfyquant.runtime.kernels.act_kernels import RNE_MAGIC
+from comfyquant.runtime.kernels.act_kernels import rne_int8
 from comfyquant.runtime.kernels.configs import (
     ATTENTION_HEAD_DIMS,
     ATTENTION_TILE,
@@ -52,8 +52,7 @@ def _attn_quant_blocks(X, MEAN, Q, S, stride_xb, stride_xh, stride_xs, H, T, sca
         x = tl.where(ok, x, 0.0)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     scale = tl.maximum(amax, 1e-12) / 127.0
-    codes = (x / scale + RNE_MAGIC) - RNE_MAGIC
-    tl.store(Q + bh * T * D + rows[:, None] * D + cols[None, :], codes.to(tl.int8), mask=ok)
+    tl.store(Q + bh * T * D + rows[:, None] * D + cols[None, :], rne_int8(x / scale), mask=ok)
     tl.store(S + bh * tl.num_programs(1) + blk, scale * scale_mul)
 
 

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from comfyquant.runtime.kernels.act_kernels import (
-    RNE_MAGIC,
     block_place,
     block_wait,
     input_act,
@@ -29,6 +28,7 @@ from comfyquant.runtime.kernels.act_kernels import (
     quantize_rows,
     rms_part,
     rms_weighted,
+    rne_int8,
 )
 
 PERM_BLOCK = 128  # the W4A8 K-permutation block (= the W4A8 kernel's K step)
@@ -330,7 +330,7 @@ def fused(x_ptr, b_ptr, c_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_bn, 
         if KBLOCK:
             amax_t = tl.max(tl.abs(y), axis=1)
             s_t = tl.where(amax_t > 0, tl.math.div_rn(amax_t, 127.0), 1.0)
-            a = ((y * (1.0 / s_t)[:, None] + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
+            a = rne_int8(y * (1.0 / s_t)[:, None])
             acc_f += tl.dot(a, b, out_dtype=tl.int32).to(tl.float32) * s_t[:, None]
         else:  # the activation quantizer's codes (x / scale rounded as div_rn): the two-launch path's, bit for bit
             a = quant_codes(y, scale[:, None], inv[:, None], 127.0, 0).to(tl.int8)
