@@ -221,36 +221,39 @@ GROWS_K = (3072, 5120, 12288, 13824, 15360)
 
 def grows_configs(k: int) -> list[tuple[int, bool, int, int, int, int]]:
     """The group-rows kernel's configurations timed on rows ``k`` wide, each (groups per step, one pass, warps,
-    programs per SM (0: a row per program), pipeline stages, rows packed per tile): its default (a row per
-    program), the same with 8 warps, and programs striding over the rows (the Hadamard loaded once a program)
-    unpipelined and with the next row's loads pipelined 2 / 3 deep (77 / 110 KB of shared memory at 64 groups: two
-    programs an SM); rows of 32 groups or fewer also packed ``64 // groups`` to a 64-row tile, a pack per program
-    and striding (pipelined 2 deep), and their one-row form with more programs an SM (6, 8; 8 at 2 warps) or a
-    deeper pipeline (4 at four an SM): the 3,072-column pass is still 1.7x the plain one at 4,096 rows (run 146),
-    and the configurations tried so far leave it latency-bound (24 KB of shared memory a program at 3 stages)."""
+    programs per SM (0: a row per program), pipeline stages, rows per tile): its default (a row per program), the
+    same with 8 warps, and programs striding over the rows (the Hadamard loaded once a program) unpipelined and
+    with the next row's loads pipelined 2 / 3 deep (77 / 110 KB of shared memory at 64 groups: two programs an
+    SM); rows of 32 groups or fewer also with more programs an SM (6, 8; 8 at 2 warps) or a deeper pipeline (4 at
+    four an SM): the 3,072-column pass was still 1.7x the plain one at 4,096 rows (run 146), and the configurations
+    tried before it left it latency-bound (24 KB of shared memory a program at 3 stages). Rows per tile is always
+    1: the packed forms (``64 // groups`` short rows to one 64-row tile, striding / a pack a program) ran
+    1.01-1.38x / 1.22-1.78x the time of the two-warp one-row form the schedule takes in H200 runs 147-148 and were
+    removed; the element stays so the configurations read as the recorded runs' do."""
     from comfyquant.runtime.kernels import triton_quant as tq
+    from comfyquant.runtime.kernels.configs import cdiv
 
     gb, one, warps = tq.group_rows_config(k)
     per_sm = 2 if gb >= 64 else 4
     out = [(gb, one, warps, 0, 1, 1), (gb, one, 8, 0, 1, 1), (gb, one, warps, per_sm + 1, 1, 1),
            (gb, one, warps, per_sm, 2, 1), (gb, one, warps, per_sm, 3, 1)]
-    packed = tq.group_rows_packed(k)
-    if packed is not None:
-        pgb, pone, pwarps, rp = packed
-        out += [(pgb, pone, pwarps, 0, 1, rp), (pgb, pone, pwarps, 2, 2, rp)]
+    if 2 * cdiv(k, 256) <= tq.GROWS_ONE_MAX:
         out += [(gb, one, warps, 6, 3, 1), (gb, one, warps, 8, 3, 1), (gb, one, warps, 4, 4, 1),
                 (gb, one, 2, 8, 3, 1)]
     return out
 
 
 def run_grows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, bool, int, int, int, int]) -> None:
-    """One launch of the group-rows rotating kernel (group 256, int8) with ``cfg`` (:func:`grows_configs`)."""
+    """One launch of the group-rows rotating kernel (group 256, int8) with ``cfg`` (:func:`grows_configs`; rows per
+    tile other than 1 refused: the packed forms were removed)."""
     from comfyquant.runtime.kernels import triton_quant as tq
     from comfyquant.runtime.kernels.launch import device_facts
 
     gb, one, warps, per_sm, stages, rp = cfg
+    if rp != 1:
+        raise ValueError(f"rows per tile {rp}: the group-rows kernel takes one row a tile (packed forms removed)")
     programs = per_sm * device_facts(x.device)[0] if per_sm else None
-    grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, 0, 0, (gb, one, warps, rp), programs)
+    grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, 0, 0, (gb, one, warps), programs)
     tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)
 
 

@@ -149,11 +149,9 @@ def check_group_rows() -> None:
             want = tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="tiles")
             got = [tq.quantize_rows_int8(x, 256, perm=perm, act=act, kernel="grows")]
             gb, one, warps = tq.group_rows_config(k)
-            pcfg = tq.group_rows_packed(k)  # rows of 32 groups or fewer packed to a 64-row tile
-            packed = ((pcfg, None, 1), (pcfg, 264, 2)) if pcfg is not None else ()
             for cfg, programs, stages in (((gb, one, 12 - warps), None, 1), ((16, k <= 4096, 4), None, 1),
                                           ((64, k <= 16384, 8), None, 1), ((gb, one, warps), 264, 2),
-                                          ((gb, one, warps), 396, 1), ((gb, one, warps), 264, 3), *packed):
+                                          ((gb, one, warps), 396, 1), ((gb, one, warps), 264, 3)):
                 q, s = torch.empty_like(want[0]), torch.empty_like(want[1])
                 grid, args, key, w = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, perm, act, cfg, programs)
                 tq._ACT_GROWS(grid, args, x.device, num_warps=w, num_stages=stages, key=key)

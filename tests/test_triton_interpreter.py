@@ -42,7 +42,7 @@ GROUP_SECONDS = {
     "plans_inference_mode": 0.5, "low_rank_plans": 1.4, "fp8_w8a8_plan": 0.5, "scaled_mm_plan": 0.4,
     "rotated_and_w4a8_plans": 2.5, "block_dequant": 0.1, "descriptor_copies": 0.0,
     "plans_share_scratch": 0.6, "plans_keep_no_buffers": 0.0, "act_tiles": 6.8, "dot_rotation": 18.3,
-    "held_rotation": 6.1, "group_rows": 4.6, "packed_rows": 2.3, "attention_quantizer": 0.2,
+    "held_rotation": 6.1, "group_rows": 4.6, "attention_quantizer": 0.2,
     "attention": 0.8, "attention_pv_fp8": 0.8, "norm_quantizer": 3.8, "norm_linear": 6.0, "norm_plans":
     9.0, "column_scale": 3.0, "norm_rotated": 2.0, "norm_rotated_linear": 16.3, "modulated_quantizer":
     0.4, "modulated_linear": 10.2, "modulated_plans": 7.5, "modulated_rotated": 35.4,

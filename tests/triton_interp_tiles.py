@@ -250,14 +250,14 @@ def check_group_rows() -> None:
         q, s = torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1)
         (fk, grid, args, _key, warps, stages), = tq.launch_for(x, q, s, None, 256, tq.MODE_INT8, 127.0, 0, 0,
                                                                "auto", None)
-        launches[(m, k)] = (fk is tq._ACT_GROWS, grid[0], stages, args[10], args[15], warps)
-    record("group_rows_schedule_launched", launches == {(256, 12288): (True, 256, 1, 64, 1, 4),
-                                                        (1024, 15360): (True, 264, 3, 64, 1, 4),
-                                                        (4096, 5120): (True, 1056, 3, 32, 1, 2),
-                                                        (1024, 20480): (True, 1024, 1, 64, 1, 4),
-                                                        (1024, 3072): (True, 1024, 3, 16, 1, 2),
-                                                        (16384, 3072): (True, 1056, 3, 16, 1, 2),
-                                                        (256, 3072): (True, 256, 3, 16, 1, 2)}, got=str(launches))
+        launches[(m, k)] = (fk is tq._ACT_GROWS, grid[0], stages, args[10], warps)
+    record("group_rows_schedule_launched", launches == {(256, 12288): (True, 256, 1, 64, 4),
+                                                        (1024, 15360): (True, 264, 3, 64, 4),
+                                                        (4096, 5120): (True, 1056, 3, 32, 2),
+                                                        (1024, 20480): (True, 1024, 1, 64, 4),
+                                                        (1024, 3072): (True, 1024, 3, 16, 2),
+                                                        (16384, 3072): (True, 1056, 3, 16, 2),
+                                                        (256, 3072): (True, 256, 3, 16, 2)}, got=str(launches))
     record("group_rows_not_picked_for_rotation_alone",
            tq.pick_kernel(torch.empty((1024, 15360), dtype=F16), 256, tq.MODE_FLOAT) != "grows")
     record("group_rows_config", tq.group_rows_config(3072) == (16, True, 4) and tq.group_rows_config(15360) ==
@@ -275,44 +275,6 @@ def check_group_rows() -> None:
         (4, True, 4)))
 
 
-def check_packed_rows() -> None:
-    """The group-rows kernel with short rows packed into one tile (``cfg``'s fourth element: 12-20 groups a row,
-    up to five rows a tile): the tile kernel's codes and scales bit for bit, with ragged M (a pack half past the
-    last row), a zero row, an input activation (gated too), the W4A8 column order, programs striding over the
-    packs, and the rotation alone; a pack that does not fit the tile, or packs in two passes, refused."""
-    tq = triton_quant_module()
-    for m, k, rp, gb, act, perm, programs in ((7, 3072, 5, 64, 0, 0, None), (9, 5120, 3, 64, 0, 0, None),
-                                              (6, 4096, 4, 64, 0, 128, 2), (5, 1280, 3, 16, 4, 0, None),
-                                              (4, 2048, 2, 16, 1, 0, 1), (3, 512, 4, 16, 0, 0, None)):
-        x = _x(m, 2 * k if act == 4 else k, seed=430 + m)
-        x[1] = 0
-        want_q, want_s = torch.empty((m, k), dtype=torch.int8), torch.empty((m, 1))
-        grid, args, key, warps = tq.tile_launch(x, want_q, want_s, 256, tq.MODE_INT8, 127.0, perm, act, rows=16)
-        tq._ACT_TILES(grid, args, x.device, num_warps=warps, num_stages=2, key=key)
-        q, s = torch.empty_like(want_q), torch.empty((m, 1))
-        grid, args, key, warps = tq.group_rows_launch(x, q, s, tq.MODE_INT8, 127.0, perm, act, (gb, True, 4, rp),
-                                                      programs)
-        tq._ACT_GROWS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
-        packs = -(-m // rp)
-        record("packed_rows_rotation", torch.equal(q, want_q) and torch.equal(s, want_s) and bool((q != 0).any())
-               and grid == (min(packs, programs or packs),), m=m, k=k, rp=rp, act=act, perm=perm, programs=programs)
-        if perm == 0:
-            r = torch.empty((m, k), dtype=x.dtype)
-            grid, args, key, warps = tq.group_rows_launch(x, r, s, tq.MODE_FLOAT, 1.0, 0, act, (gb, True, 4, rp),
-                                                          programs)
-            tq._ACT_GROWS(grid, args, x.device, num_warps=warps, num_stages=1, key=key)
-            record("packed_rows_rotate_only", torch.equal(r, tq.rotate_rows(x, 256, act=act, kernel="tiles")), m=m,
-                   k=k, rp=rp, act=act)
-    record("packed_rows_config", tq.group_rows_packed(3072) == (64, True, 4, 5) and tq.group_rows_packed(5120) ==
-           (64, True, 4, 3) and tq.group_rows_packed(8192) == (64, True, 4, 2) and tq.group_rows_packed(8448) is None)
-    x = _x(6, 3072, 440)
-    q, s = torch.empty((6, 3072), dtype=torch.int8), torch.empty((6, 1))
-    record_refused("packed_rows_overfull_refused", lambda: tq.group_rows_launch(
-        x, q, s, tq.MODE_INT8, 127.0, 0, 0, (64, True, 4, 6)))
-    record_refused("packed_rows_two_pass_refused", lambda: tq.group_rows_launch(
-        x, q, s, tq.MODE_INT8, 127.0, 0, 0, (16, False, 4, 2)))
-
-
 def triton_quant_module():
     from comfyquant.runtime.kernels import triton_quant
 
@@ -320,4 +282,4 @@ def triton_quant_module():
 
 
 GROUPS = {"act_tiles": check_plain_tiles, "dot_rotation": check_dot_rotation, "held_rotation": check_held_rotation,
-          "group_rows": check_group_rows, "packed_rows": check_packed_rows}
+          "group_rows": check_group_rows}

@@ -483,35 +483,6 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
 
 
 @triton.jit
-def _packed_rows(x_ptr, out_ptr, s_ptr, h, M, G, K, stride_xm, stride_om, qmax, NPROG, gi, cols, C: tl.constexpr,
-                 RP: tl.constexpr, RPP: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr, ACT: tl.constexpr):
-    """The group-rows kernel on short rows: ``RP`` rows of ``G`` groups as one tile's first ``RP * G`` rows (tile
-    row ``t``: row ``r0 + t // G``, group ``t % G``), so a 3,072-5,120-column row (12-20 groups) fills the tile
-    instead of padding it to 16 / 32; each row's absmax is the maximum over its own tile rows (a masked
-    ``[RPP, GB]`` reduction) and comes back to them as a column of scales. Program ``p`` takes row packs ``p, p +
-    NPROG, ...``."""
-    seg = gi // G
-    row_in = seg < RP
-    grp = gi - seg * G
-    base = grp[:, None] * (4 * C) + cols[None, :]
-    rr = tl.arange(0, RPP)
-    for p0 in range(tl.program_id(0), tl.cdiv(M, RP), NPROG):
-        r0 = tl.zeros((), tl.int64) + p0 * RP  # (the interpreter hands the loop a Python int)
-        rows = r0 + seg
-        tmask = row_in & (rows < M)
-        y0, y1, y2, y3 = _quarters(x_ptr + rows[:, None] * stride_xm + base, tmask, cols < C, h, K, C, ACT)
-        scale = tl.full((), 1.0, tl.float32)
-        if MODE != 3:
-            a = _rowmax4(y0, y1, y2, y3)
-            own = (seg[None, :] == rr[:, None]) & tmask[None, :]
-            amax = tl.max(tl.where(own, a[None, :], 0.0), axis=1)
-            rscale = _scale_of(amax, qmax)
-            tl.store(s_ptr + r0 + rr, rscale, mask=(rr < RP) & (r0 + rr < M))
-            scale = tl.where(tmask, tl.sum(tl.where(own, rscale[:, None], 0.0), axis=0), 1.0)[:, None]
-        _gput4(out_ptr + rows[:, None] * stride_om, base, y0, y1, y2, y3, scale, qmax, tmask, C, MODE, PERM)
-
-
-@triton.jit
 def _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C: tl.constexpr, MODE: tl.constexpr,
                 PERM: tl.constexpr, ACT: tl.constexpr, STORE: tl.constexpr):
     """Groups ``g0 .. g0 + GB`` of one row rotated (:func:`_quarters`, the groups as the tile's rows): their
@@ -541,18 +512,13 @@ def _amax4(y0, y1, y2, y3):
 def _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C: tl.constexpr, MODE: tl.constexpr,
            PERM: tl.constexpr):
     """Store a group step's four ``[groups, C]`` quarters of one row (quarter ``i`` at column offsets ``base + i
-    C``): codes at the row's ``scale`` (int8 / fp8), or the values themselves (MODE_FLOAT)."""
+    C`` from the row's pointer ``o_row``): codes at the row's scalar ``scale`` (int8 / fp8), or the values
+    themselves (MODE_FLOAT)."""
     if MODE == 0 and y0.shape[0] < 64:  # (mma.sync tiles: one layout conversion for the four, not four)
         y = tl.join(tl.join(y0, y1), tl.join(y2, y3))  # [.., C, 2, 2]: quarter 2 * j + i at [.., i, j]
         q = tl.arange(0, 2)
         offs = base[:, :, None, None] + (q[:, None] + 2 * q[None, :])[None, None, :, :] * C
-        s4 = scale  # a row's scalar scale and pointer, or (packed rows) [tile rows, 1] columns of them
-        o4 = o_row
-        if len(scale.shape) == 2:
-            s4 = scale[:, :, None, None]
-        if len(o_row.shape) == 2:
-            o4 = o_row[:, :, None, None]
-        tl.store(o4 + _dst(offs, PERM), _quantize(y, s4, qmax, MODE), mask=gmask[:, None, None, None])
+        tl.store(o_row + _dst(offs, PERM), _quantize(y, scale, qmax, MODE), mask=gmask[:, None, None, None])
     else:
         _gput(o_row, base, y0, scale, qmax, gmask, MODE, PERM)
         _gput(o_row, base + C, y1, scale, qmax, gmask, MODE, PERM)
@@ -571,7 +537,7 @@ def _gput(o_row, offs, y, scale, qmax, gmask, MODE: tl.constexpr, PERM: tl.const
 @triton.jit
 def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, qmax, NPROG,
                            GB: tl.constexpr, ONE: tl.constexpr, MODE: tl.constexpr, PERM: tl.constexpr,
-                           ACT: tl.constexpr, RP: tl.constexpr, RPP: tl.constexpr):
+                           ACT: tl.constexpr):
     """Rotated (group 256) per-row codes (or the rotated values, MODE_FLOAT) a row at a time, the row's groups as
     the rows of the tensor-core tile: ``GB`` groups of 256 at a time, each as four ``[GB, 64]`` quarters
     (:func:`_quarters`). Program ``p`` takes rows ``p, p + NPROG, ...`` (``NPROG`` = M: a row per program; fewer:
@@ -579,18 +545,13 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
     arithmetic). ``ONE`` (the row is at most ``GB`` groups: every Flux / Wan width up to 16,384 at GB 64): x read
     once, rotated into registers, its absmax taken and its codes stored from them; else two passes over the row
     (absmax, then codes), the second from L2 (a row is 60 KB or less at 15,360 columns, where the tile kernel's
-    16-row programs hold 0.5 MB each and re-read from HBM). ``RP`` > 1 (with ``ONE``, ``RP`` rows of ``K // 256``
-    groups at most ``GB``): ``RP`` short rows packed into one tile (:func:`_packed_rows`; ``RPP`` its next power of
-    two). The codes are the tile kernel's: the same per-group arithmetic, and a maximum is order-free."""
+    16-row programs hold 0.5 MB each and re-read from HBM). The codes are the tile kernel's: the same per-group
+    arithmetic, and a maximum is order-free."""
     C: tl.constexpr = 64
     cols = tl.arange(0, C)
     gi = tl.arange(0, GB)
     h = tl.load(h_ptr + cols[:, None] * C + cols[None, :])
     G = K // (4 * C)
-    if RP > 1:
-        _packed_rows(x_ptr, out_ptr, s_ptr, h, M, G, K, stride_xm, stride_om, qmax, NPROG, gi, cols, C, RP, RPP,
-                     MODE, PERM, ACT)
-        return
     for r in range(tl.program_id(0), M, NPROG):
         row = tl.zeros((), tl.int64) + r  # (the interpreter hands the loop a Python int)
         x_row = x_ptr + row * stride_xm

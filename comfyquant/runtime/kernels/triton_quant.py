@@ -184,8 +184,9 @@ GROWS_STRIDE_MAX_ELEMS = 256 << 20  # the largest timed: 16,384 x 15,360 (Wan 48
 # two warps a program, eight programs an SM, three stages, one row a tile, the fastest of 12 configurations on 3,072
 # and 5,120 columns at 256 / 1,024 / 4,096 / 16,384 rows (at 1,024 x 5,120 tied with two others at 11.1 µs),
 # 1.06-1.34x the schedule before it (run 148's "auto": 4,096 x 3,072 16.8 against 19.1 µs, 16,384 x 3,072 51.3
-# against 68.6), 1.06-1.41x the kernels picked without the group-rows kernel. The packed forms
-# (:func:`group_rows_packed`) ran 1.01-1.38x its time, the 4-warp one-row form H100 runs 127 / 141 picked 1.0-1.25x.
+# against 68.6), 1.06-1.41x the kernels picked without the group-rows kernel. The packed forms (64 // groups short
+# rows to one 64-row tile, a pack per program or strided) ran 1.01-1.38x its time and were removed; the 4-warp
+# one-row form H100 runs 127 / 141 picked ran 1.0-1.25x.
 # Widths of 13-19 and 21-32 groups run the same kernels as 3,072 / 5,120 with fewer rows masked: untimed, taken alike.
 GROWS_SHORT_GROUPS = (12, 32)
 GROWS_SHORT_WARPS = 2
@@ -207,15 +208,8 @@ def group_rows_config(k: int) -> tuple[int, bool, int]:
     return gb, g <= gb, GROWS_WARPS
 
 
-def group_rows_packed(k: int) -> tuple[int, bool, int, int] | None:
-    """The group-rows kernel's packed configuration for rows ``k`` wide (groups per tile, one pass, warps, rows
-    per tile): ``64 // groups`` rows to a 64-row tile where two rows or more fit, else None."""
-    g = cdiv(k, 256)
-    return (GROWS_ONE_MAX, True, GROWS_WARPS, GROWS_ONE_MAX // g) if 2 * g <= GROWS_ONE_MAX else None
-
-
 @functools.lru_cache(maxsize=1024)
-def group_rows_schedule(m: int, k: int, sms: int) -> tuple[tuple[int, ...], int | None, int] | None:
+def group_rows_schedule(m: int, k: int, sms: int) -> tuple[tuple[int, bool, int], int | None, int] | None:
     """(configuration, programs or None for one a row, pipeline stages) the runtime launches the group-rows kernel
     with for ``m`` rows ``k`` wide on ``sms`` multiprocessors, or None where it does not take the call: rows of
     :data:`GROWS_SHORT_GROUPS` groups two warps a program, eight an SM (H200 runs 147-148); longer rows strided two
@@ -238,24 +232,19 @@ def group_rows_schedule(m: int, k: int, sms: int) -> tuple[tuple[int, ...], int 
 
 
 def group_rows_launch(x2d: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, mode: int, qmax: float, perm: int,
-                      act: int, cfg: tuple[int, ...] | None = None, programs: int | None = None) -> tuple:
-    """(grid, args, key, num_warps) of the group-rows kernel: ``programs`` programs (None: one per row, or per pack
-    of rows) walking the rows in strides; ``cfg`` (groups per step, one pass, warps[, rows packed per tile]; None:
-    :func:`group_rows_config`). The 64-group's Hadamard at ``args[3]``."""
+                      act: int, cfg: tuple[int, bool, int] | None = None, programs: int | None = None) -> tuple:
+    """(grid, args, key, num_warps) of the group-rows kernel: ``programs`` programs (None: one per row) walking the
+    rows in strides; ``cfg`` (groups per step, one pass, warps; None: :func:`group_rows_config`). The 64-group's
+    Hadamard at ``args[3]``."""
     m, k = x2d.shape[0], out_width(x2d, act)
-    gb, one, warps, *rest = cfg or group_rows_config(k)
-    rp = int(rest[0]) if rest else 1
-    if one and cdiv(k, 256) * rp > gb:
-        raise ValueError(f"one pass of {gb} groups does not cover {rp} row(s) of K = {k}")
-    if rp > 1 and not one:
-        raise ValueError("rows are packed into a tile only in one pass")
-    packs = cdiv(m, rp)
-    nprog = packs if programs is None else max(1, min(packs, programs))
+    gb, one, warps = cfg or group_rows_config(k)
+    if one and cdiv(k, 256) > gb:
+        raise ValueError(f"one pass of {gb} groups does not cover K = {k}")
+    nprog = m if programs is None else max(1, min(m, programs))
     h = _hadamard(64, x2d.dtype, x2d.device)
-    return ((nprog,), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, nprog, gb, one, mode, perm, act,
-                       rp, next_power_of_2(rp)),
-            (gb, one, mode, perm, act, rp, x2d.dtype, out.dtype, m == 1, k, x2d.stride(0), out.stride(0),
-             x2d.data_ptr() % 16 == 0, nprog == packs, nprog == 1), warps)
+    return ((nprog,), (x2d, out, scale, h, m, k, x2d.stride(0), out.stride(0), qmax, nprog, gb, one, mode, perm, act),
+            (gb, one, mode, perm, act, x2d.dtype, out.dtype, m == 1, k, x2d.stride(0), out.stride(0),
+             x2d.data_ptr() % 16 == 0, nprog == m, nprog == 1), warps)
 
 
 def scale_floats(x2d: torch.Tensor, group: int | None, mode: int, act: int = 0, kernel: str = DEFAULT_KERNEL) -> int:
