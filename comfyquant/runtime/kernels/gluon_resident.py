@@ -1,0 +1,246 @@
+"""One-launch W8A8 for narrow layers on Hopper, in Gluon: a row block's int8 codes held in shared memory.
+
+On layers 640-3,072 wide (SDXL / SD 1.5 attention, CLIP) the two-launch W8A8 path moves x three times (read by
+the quantizer, its codes written and read back by the GEMM) where bf16 reads it once, and its GEMM is short
+enough that the extra pass decides: 0.75-0.82x bf16 at 4,096-16,384 rows (H100 runs 141-142). The one-launch
+Triton kernels re-quantize x in every column tile. Here a program quantizes its row block once into shared
+memory (the codes of all of K: ``block_m x K`` bytes), then runs every column tile of its share of N against it,
+the weight's ``[block_n, block_k]`` tiles streamed by TMA through a ring of stages. x is read twice (its rows'
+absmax, then its codes; the second read from L2) and the output written once: bf16's traffic, at int8's rate.
+
+The codes and scales are the activation quantizer's (``act_kernels.quant_codes``: ``amax / 127`` correctly
+rounded, ``x / scale`` rounded half to even as ``div_rn`` would) and the epilogue is the W8A8 GEMMs'
+(``acc * s_x[row] * s_w[col] + bias`` in float32, in that order), so the output is bit-equal to the two-launch
+path's. Column splits (``splits`` programs a row block, each quantizing the block again, its reads hitting L2)
+fill the GPU where the row blocks alone do not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+RNE_MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2**23 (act_kernels.RNE_MAGIC): y + M holds round_half_even(y) low
+SMEM_LIMIT = 232448  # shared memory a Hopper block may take (opt-in)
+SMEM_SLACK = 2048  # barriers and the compiler's own scratch beside the codes, the ring and the layout change
+MAX_K = 3072  # the widest row block whose codes fit beside a ring (64 rows x 3,072 bytes = 192 KB)
+
+
+@dataclass(frozen=True)
+class ResidentConfig:
+    """One launch shape: ``block_m`` rows a program (64: one warp group; 128: two), ``block_n`` x ``block_k``
+    weight tiles through ``stages`` ring slots, ``splits`` programs per row block (each a contiguous share of the
+    column tiles)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    stages: int
+    splits: int
+
+    @property
+    def warps(self) -> int:
+        return self.block_m // 16
+
+
+def smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, k: int, out_bytes: int = 2) -> int:
+    """Shared memory a launch takes: the codes (``block_m x`` K rounded up to ``block_k``), the weight ring and the
+    epilogue's layout change (one ``block_m x block_n`` tile of the output dtype)."""
+    return (block_m * triton.cdiv(k, block_k) * block_k + stages * block_n * block_k
+            + block_m * block_n * out_bytes + SMEM_SLACK)
+
+
+def resident_config(m: int, n: int, k: int, sms: int) -> ResidentConfig | None:
+    """The launch for ``[m, k] x [k, n]``, or None where the codes do not fit (K over :data:`MAX_K`): 128-row
+    blocks where their codes fit beside a 3-deep ring of 128-wide tiles and they give every SM a program, else
+    64; column splits up to a program per SM (a split keeps two column tiles at least)."""
+    if k > MAX_K or k % 16 or n % 8:
+        return None
+    block_k = 128 if k % 128 == 0 or k > 256 else 64
+    for block_m in (128, 64):
+        for block_n, stages in ((128, 3), (64, 4), (64, 3), (64, 2)):
+            if smem_bytes(block_m, block_n, block_k, stages, k) > SMEM_LIMIT:
+                continue
+            rows = triton.cdiv(m, block_m)
+            if block_m == 128 and rows < sms and triton.cdiv(m, 64) > rows and k * 64 <= 96 * 1024:
+                break  # half the rows a program doubles the programs: take 64
+            tiles = triton.cdiv(n, block_n)
+            splits = max(1, min(tiles // 2, sms // max(rows, 1)))
+            return ResidentConfig(block_m, block_n, block_k, stages, splits)
+    return None
+
+
+@gluon.jit
+def _row_scales(x_ptr, rows, cols, M, K, stride_xm, KT: gl.constexpr, BLOCK_K: gl.constexpr):
+    """The rows' quantization scales (``amax / 127`` correctly rounded; 1 for an all-zero row) and reciprocals."""
+    amax = gl.zeros_like(rows.to(gl.float32))
+    for kt in gl.static_range(KT):
+        c = kt * BLOCK_K + cols
+        mask = (rows[:, None] < M) & (c[None, :] < K)
+        x = gl.load(x_ptr + rows[:, None].to(gl.int64) * stride_xm + c[None, :], mask=mask, other=0.0)
+        amax = gl.maximum(amax, gl.max(gl.abs(x.to(gl.float32)), axis=1))
+    scale = gl.where(amax > 0, gl.div_rn(amax, gl.full_like(amax, 127.0)), gl.full_like(amax, 1.0))
+    return scale, gl.div_rn(gl.full_like(scale, 1.0), scale)
+
+
+@gluon.jit
+def _quantize_block(x_ptr, a_smem, rows, cols, scale, inv, M, K, stride_xm, KT: gl.constexpr,
+                    BLOCK_K: gl.constexpr):
+    """The row block's int8 codes into ``a_smem`` (a ``[BLOCK_M, BLOCK_K]`` slot per K step; zero past K and M):
+    ``x * inv`` corrected by one FMA to ``div_rn(x, scale)``, rounded half to even as the low byte of ``y + 1.5 *
+    2**23`` (``act_kernels.quant_codes`` for int8, step for step)."""
+    s = scale[:, None]
+    r = inv[:, None]
+    for kt in gl.static_range(KT):
+        c = kt * BLOCK_K + cols
+        mask = (rows[:, None] < M) & (c[None, :] < K)
+        x = gl.load(x_ptr + rows[:, None].to(gl.int64) * stride_xm + c[None, :], mask=mask, other=0.0)
+        x = x.to(gl.float32)
+        q = x * r
+        y = gl.fma(gl.fma(q, -s, x), r, q)
+        codes = (y + RNE_MAGIC).to(gl.int32, bitcast=True).to(gl.int8)
+        a_smem.index(kt).store(codes)
+
+
+@gluon.jit
+def _load_w(w_desc, b_bufs, ready, j, KT: gl.constexpr, n_first, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+            STAGES: gl.constexpr):
+    """Issue the TMA copy of this program's ``j``-th weight tile (column tile ``n_first + j // KT``, K step ``j %
+    KT``) into ring slot ``j % STAGES``."""
+    s = j % STAGES
+    mbarrier.expect(ready.index(s), w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(w_desc, [(n_first + j // KT) * BLOCK_N, (j % KT) * BLOCK_K], ready.index(s),
+                                    b_bufs.index(s))
+
+
+@gluon.jit(do_not_specialize=["M"])
+def w8a8_resident(x_ptr, w_desc, out_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, stride_om, SPLITS,
+                  ROW_SB: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, KT: gl.constexpr,
+                  STAGES: gl.constexpr):
+    """``out = (q(x) @ W^T) * s_x[:, None] * s_w + bias`` for bf16 / fp16 ``x`` ``[M, K]`` and int8 ``W`` ``[N, K]``
+    (``w_desc``: ``[BLOCK_N, BLOCK_K]`` boxes; ``s_w`` per row of W when ``ROW_SB``, else one scalar). Program
+    ``p``: row block ``p // SPLITS``, its ``p % SPLITS``-th share of the column tiles."""
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+    WARPS: gl.constexpr = BLOCK_M // 16
+    gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128, "one or two warp groups of 64 rows")
+    load_l: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // BLOCK_K, BLOCK_K // 16], [WARPS, 1], [1, 0])
+    mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                    instr_shape=[16, BLOCK_N, 32])
+    out_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [WARPS, 1], [1, 0])
+    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8)
+
+    pid = gl.program_id(0)
+    rb = pid // SPLITS
+    split = pid % SPLITS
+    n_tiles = gl.cdiv(N, BLOCK_N)
+    per = gl.cdiv(n_tiles, SPLITS)
+    n_first = split * per
+    mine = gl.minimum(per, n_tiles - n_first)
+    if mine <= 0:
+        return
+
+    a_smem = gl.allocate_shared_memory(gl.int8, [KT, BLOCK_M, BLOCK_K], a_layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    fence_async_shared()
+
+    total = mine * KT
+    for j in gl.static_range(STAGES - 1):  # the ring fills while the row block is quantized
+        if j < total:
+            _load_w(w_desc, b_bufs, ready, j, KT, n_first, BLOCK_N, BLOCK_K, STAGES)
+
+    rows = rb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, load_l))
+    cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, load_l))
+    scale, inv = _row_scales(x_ptr, rows, cols, M, K, stride_xm, KT, BLOCK_K)
+    _quantize_block(x_ptr, a_smem, rows, cols, scale, inv, M, K, stride_xm, KT, BLOCK_K)
+    fence_async_shared()
+    gl.thread_barrier()  # every warp's codes are in shared memory before any wgmma reads them
+
+    s_rows = gl.convert_layout(scale, gl.SliceLayout(1, mma_l))
+    o_rows = rb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l))
+    o_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
+    m_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_l))
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=mma_l)
+    i = 0
+    for t in range(mine):
+        for kk in range(KT):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(kk), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0,
+                                is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc, ))  # step i - 1 is done: its slot takes step i + STAGES - 1
+            if i + STAGES - 1 < total:
+                _load_w(w_desc, b_bufs, ready, i + STAGES - 1, KT, n_first, BLOCK_N, BLOCK_K, STAGES)
+            i += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        offs_n = (n_first + t) * BLOCK_N + m_cols
+        out = acc.to(gl.float32) * s_rows[:, None]
+        if ROW_SB:
+            out = out * gl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        else:
+            out = out * gl.load(sb_ptr)
+        if HAS_BIAS:
+            out = out + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+        o = gl.convert_layout(out.to(out_ptr.dtype.element_ty), out_l)
+        oc = (n_first + t) * BLOCK_N + o_cols
+        gl.store(out_ptr + o_rows[:, None].to(gl.int64) * stride_om + oc[None, :], o,
+                 mask=(o_rows[:, None] < M) & (oc[None, :] < N))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+
+def weight_descriptor(w_q: torch.Tensor, cfg: ResidentConfig) -> TensorDescriptor:
+    """The TMA descriptor of an int8 weight ``[N, K]`` in ``cfg``'s boxes (fixed per layer: made once)."""
+    layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, cfg.block_k], gl.int8)
+    return TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k], layout)
+
+
+def launch_args(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, sb: torch.Tensor,
+                bias: torch.Tensor | None, cfg: ResidentConfig) -> tuple[tuple[int], tuple, dict]:
+    """(grid, positional arguments, keyword arguments) of one :func:`w8a8_resident` launch."""
+    m, k = x2d.shape
+    n = out.shape[1]
+    tiles = triton.cdiv(n, cfg.block_n)
+    splits = triton.cdiv(tiles, triton.cdiv(tiles, cfg.splits))  # no split left without a column tile
+    grid = (triton.cdiv(m, cfg.block_m) * splits,)
+    args = (x2d, w_desc, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), out.stride(0), splits)
+    kwargs = dict(ROW_SB=sb.numel() > 1, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
+                  KT=triton.cdiv(k, cfg.block_k), STAGES=cfg.stages, num_warps=cfg.warps)
+    return grid, args, kwargs
+
+
+def resident_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  cfg: ResidentConfig | None = None) -> torch.Tensor:
+    """``x @ dequant(w_q)^T + bias`` with x quantized per row inside the launch (bf16 / fp16 x of any leading
+    shape, int8 ``w_q [N, K]``, ``w_scale`` per row or one scalar): a plain launch for benchmarks and checks."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    m, n = x2d.shape[0], w_q.shape[0]
+    if k > MAX_K or k % 16 or n % 8:
+        raise ValueError(f"the resident W8A8 kernel holds rows up to {MAX_K} wide (multiples of 16; N a multiple "
+                         f"of 8), not K = {k}, N = {n}")
+    if cfg is None:
+        cfg = resident_config(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m:
+        sb = w_scale.reshape(-1).float()
+        grid, args, kwargs = launch_args(x2d, weight_descriptor(w_q.contiguous(), cfg), out, sb, bias, cfg)
+        w8a8_resident[grid](*args, **kwargs)
+    return out.reshape(*lead, n)

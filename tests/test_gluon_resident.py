@@ -1,0 +1,117 @@
+"""The one-launch resident W8A8 kernel (``kernels.gluon_resident``) compiled for sm_90 here, without a GPU, from
+the arguments its launcher builds: every configuration ``resident_config`` gives the narrow layers fits a block's
+shared memory (the model's byte count bounds the compiled kernel's), runs the int8 wgmma on the codes it holds,
+quantizes with one reciprocal a row (no per-element division) and has no spills. Its output is checked bit for
+bit against the two-launch path on a GPU (``benchmarks/bench_resident.py``)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.experimental.gluon")
+
+from test_gluon_gemm import _assert_no_spills  # noqa: E402
+
+H200_SMS = 132
+# (M, N, K): SDXL attention 640 / 1,280, CLIP attention and fc2, Flux's proj (the widest K the codes fit)
+NARROW = [(4096, 640, 640), (16384, 1280, 1280), (1024, 768, 768), (4096, 768, 3072), (256, 3072, 3072)]
+
+
+def _launch(m: int, n: int, k: int, bias: bool = True, cfg: object = None) -> tuple[object, tuple, dict, tuple]:
+    """(config, grid, keyword arguments, positional arguments) of the launch ``resident_w8a8`` makes."""
+    from comfyquant.runtime.kernels import gluon_resident as gr
+
+    cfg = cfg or gr.resident_config(m, n, k, H200_SMS)
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    w = torch.zeros(n, k, dtype=torch.int8)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    grid, args, kw = gr.launch_args(x, gr.weight_descriptor(w, cfg), out, torch.ones(n),
+                                    torch.zeros(n, dtype=torch.bfloat16) if bias else None, cfg)
+    return cfg, grid, kw, args
+
+
+@pytest.mark.parametrize(("m", "n", "k"), NARROW)
+def test_configs_fit_shared_memory_and_fill_the_gpu(m: int, n: int, k: int) -> None:
+    from comfyquant.runtime.kernels import gluon_resident as gr
+
+    cfg = gr.resident_config(m, n, k, H200_SMS)
+    assert cfg is not None
+    assert gr.smem_bytes(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k) <= gr.SMEM_LIMIT
+    tiles = -(-n // cfg.block_n)
+    _, grid, _, args = _launch(m, n, k, cfg=cfg)
+    splits = args[-1]
+    assert 1 <= splits <= tiles and (splits - 1) * -(-tiles // splits) < tiles  # every split has a column tile
+    assert grid == (-(-m // cfg.block_m) * splits,)
+    # programs: every SM at least once where the row blocks times the column tiles allow it
+    assert grid[0] >= min(H200_SMS, -(-m // cfg.block_m) * tiles) // 2
+
+
+def test_rows_too_wide_for_shared_memory_are_refused() -> None:
+    from comfyquant.runtime.kernels import gluon_resident as gr
+
+    assert gr.resident_config(4096, 1280, 5120, H200_SMS) is None  # SDXL ff2: 64 x 5,120 codes do not fit
+    assert gr.resident_config(4096, 1280, 1000, H200_SMS) is None  # K not a multiple of 16 (TMA rows)
+    with pytest.raises(ValueError, match="3072 wide"):  # refused before any device is asked
+        gr.resident_w8a8(torch.zeros(2, 5120, dtype=torch.bfloat16), torch.zeros(8, 5120, dtype=torch.int8),
+                         torch.ones(8), None)
+
+
+def _compile_aligned(fn: object, args: tuple, warps: int) -> object:
+    """``fn`` compiled for sm_90 as a GPU launch specializes it: tensors 16-byte aligned and the ints that are
+    multiples of 16 marked so (N, K, the row strides; M is not specialized). Without the marks the row loads are
+    not vectorized (and the unrolled scale pass then spills)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    names = list(fn.arg_names)
+    const = {p.name for p in fn.params if p.is_constexpr}
+    free = {p.name for p in fn.params if getattr(p, "do_not_specialize", False)}
+    sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
+    consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (nm, a) in enumerate(zip(names, args, strict=True))
+             if nm not in const and nm not in free
+             and (isinstance(a, torch.Tensor) or (type(a) is int and a % 16 == 0))}
+    return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [NARROW[0], NARROW[3]])
+def test_compiles_for_sm90_with_wgmma_one_reciprocal_a_row_and_no_spills(m: int, n: int, k: int) -> None:
+    from comfyquant.runtime.kernels import gluon_resident as gr
+
+    cfg, _, kw, args = _launch(m, n, k)
+    fn = gr.w8a8_resident
+    ck = _compile_aligned(fn, (*args, *(kw[nm] for nm in fn.arg_names[len(args):])), kw["num_warps"])
+    ptx = ck.asm["ptx"]
+    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.s32\.s8\.s8)", ptx)) == {
+        f"m64n{cfg.block_n}k32.s32.s8.s8"}
+    assert "cp.async.bulk.tensor" in ptx  # the weight tiles by TMA
+    # the scale and its reciprocal: two correctly rounded divisions per row a thread holds, none per element
+    assert len(re.findall(r"\bdiv\.rn\.f32\b", ptx)) <= 2 * cfg.block_m // (4 * cfg.warps)
+    assert ck.metadata.shared <= gr.smem_bytes(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k)
+    _assert_no_spills(ptx)
+
+
+def test_bench_refuses_an_unknown_shape_with_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_resident
+
+    monkeypatch.setattr(sys, "argv", ["bench_resident.py", "--out", str(tmp_path), "--shapes",
+                                      "sdxl.attn640,flux.nope"])
+    assert bench_resident.main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flux.nope" in err[0]
+    # the alternatives the bench times beside the default all fit shared memory and include the default
+    from comfyquant.runtime.kernels import gluon_resident as gr
+
+    cfgs = bench_resident.configs_for(4096, 640, 640, H200_SMS)
+    assert cfgs["resident"] == gr.resident_config(4096, 640, 640, H200_SMS) and len(cfgs) > 4
+    assert all(gr.smem_bytes(c.block_m, c.block_n, c.block_k, c.stages, 640) <= gr.SMEM_LIMIT for c in cfgs.values())
