@@ -127,6 +127,20 @@ def _mainloop_promoted(a_bufs, b_bufs, ready, empty, it, k_tiles, WG: gl.constex
 
 
 @gluon.jit
+def scaled_epilogue(acc, s_rows, sb_ptr, bias_ptr, offs_n, N, ROW_SB: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """``acc * s_x[row] * s_w[col] + bias`` in float32, in that order (the Triton W8A8 epilogue's, so the kernels'
+    outputs are bit-equal); ``s_rows`` in the accumulator's row layout, ``offs_n`` its column indices."""
+    out = acc.to(gl.float32) * s_rows[:, None]
+    if ROW_SB:
+        out = out * gl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    else:
+        out = out * gl.load(sb_ptr)
+    if HAS_BIAS:
+        out = out + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+    return out
+
+
+@gluon.jit
 def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, CONFIG: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -207,13 +221,8 @@ def _consumer(c_desc, a_bufs, b_bufs, c_buf, ready, empty, turn, sa_ptr, sb_ptr,
 
         offs_m = off_m + gl.arange(0, ROWS, layout=rows_l)
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols_l)
-        out = acc.to(gl.float32) * gl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-        if ROW_SB:
-            out = out * gl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        else:
-            out = out * gl.load(sb_ptr)
-        if HAS_BIAS:
-            out = out + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+        out = scaled_epilogue(acc, gl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0), sb_ptr, bias_ptr, offs_n, N,
+                              ROW_SB, HAS_BIAS)
         if HAS_LR:  # + h @ up, ranks up to the 64-wide box (TMA zero-fills past the rank and past M)
             mbarrier.wait(lr_bar, lr_phase)  # accumulated onto the scaled output itself, as the Triton epilogue's
             # tl.dot(h, u, out) does: one float32 tile live, not two

@@ -32,6 +32,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
+
 RNE_MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2**23 (act_kernels.RNE_MAGIC): y + M holds round_half_even(y) low
 SMEM_LIMIT = 232448  # shared memory a Hopper block may take (opt-in)
 SMEM_SLACK = 2048  # barriers and the compiler's own scratch beside the codes, the ring and the layout change
@@ -189,13 +191,7 @@ def w8a8_resident(x_ptr, w_desc, out_ptr, sb_ptr, bias_ptr, M, N, K, stride_xm, 
             i += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         offs_n = (n_first + t) * BLOCK_N + m_cols
-        out = acc.to(gl.float32) * s_rows[:, None]
-        if ROW_SB:
-            out = out * gl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        else:
-            out = out * gl.load(sb_ptr)
-        if HAS_BIAS:
-            out = out + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+        out = scaled_epilogue(acc, s_rows, sb_ptr, bias_ptr, offs_n, N, ROW_SB, HAS_BIAS)
         o = gl.convert_layout(out.to(out_ptr.dtype.element_ty), out_l)
         oc = (n_first + t) * BLOCK_N + o_cols
         gl.store(out_ptr + o_rows[:, None].to(gl.int64) * stride_om + oc[None, :], o,
