@@ -210,6 +210,7 @@ def _output_error(w_ref: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> floa
     return float(((e @ h) * e).sum() / ((w_ref.double() @ h) * w_ref.double()).sum()) ** 0.5
 
 
+@pytest.mark.cpu_int8  # the ranks' int8 forward passes
 def test_calibrate_cli_on_two_ranks_then_gptq_within_bound(dit_calibration, tmp_path):
     """``comfyquant calibrate digits-dit`` on 2 ranks (each samples half the images), then GPTQ on 2 ranks
     with that file: every layer's outputs within 1e-3 of one process calibrating and converting alone."""

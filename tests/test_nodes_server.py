@@ -24,7 +24,7 @@ from comfyui_server_fixtures import rel_err
 from comfyquant.nodes.workflows import EXAMPLE_MODEL, add_sampler, digits_lora_workflow, digits_workflow
 from comfyquant.testing.comfyui_server import execution_error, node_text
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.cpu_int8]  # the server runs our int8 layers
 
 SEED_INPUTS = ("model", "enable_int8", "model_type", "outlier_method", "small_batch_fallback", "runtime_backend",
                "prepack_int8_weights", "bake_loaded_loras", "log_progress")

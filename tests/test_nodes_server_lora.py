@@ -20,7 +20,7 @@ from comfyui_server_fixtures import LORA_B_FILE, LORA_FILE, rel_err
 from comfyquant.nodes.workflows import add_sampler, digits_lora_workflow, digits_workflow, lora_node
 from comfyquant.testing.comfyui_server import execution_error, node_text
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.cpu_int8]  # the server runs our int8 layers
 INT8_BOUND = 0.04
 APART = 0.08
 

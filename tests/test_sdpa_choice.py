@@ -233,6 +233,7 @@ except UserError as e:
 """
 
 
+@pytest.mark.cpu_int8  # its child runs an int8 layer on the CPU
 def test_a_full_disk_keeps_the_last_complete_file_and_leaves_no_temporary(tmp_path: Path) -> None:
     """The choice file is written to a temporary file renamed when complete (``io.writer.write_small_file``): a
     write past the disk's end (here a 64 KiB file-size limit: EFBIG, as a full disk fails) is one UserError line,

@@ -28,8 +28,10 @@ from comfyquant.testing.comfyui_env import comfyui_dir, kitchen_dir
 SITECUSTOMIZE = """\
 # Written by comfyquant.testing.comfyui_server: raising stand-ins for torchvision/torchaudio (no CPU build here).
 from comfyquant.testing.comfyui_env import install_standins
+from comfyquant.testing.site_chain import run_next
 
 install_standins()
+run_next(__file__)  # a sitecustomize later on PYTHONPATH (the test suite's) runs too
 """
 REQUIRED_MODULES = ("aiohttp", "yarl", "torchsde", "sqlalchemy", "alembic", "av", "simpleeval", "blake3")
 
