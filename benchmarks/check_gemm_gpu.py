@@ -237,3 +237,44 @@ def check_ws_fp8() -> None:
         record("fp8_linear_ws_picked", (pick.persistent == 3) == expect and bool(torch.isfinite(got).all())
                and (torch.equal(got, want) if not r else err <= 1.5 * err_t + 1e-4), m=m, k=k, n=n, r=r,
                pick=f"{pick.block_m}x{pick.block_n} p{pick.persistent}", err=err, triton_err=err_t)
+
+
+def check_resident() -> None:
+    """The resident one-launch W8A8 kernel (``gluon_resident``, backend ``triton_resident``): bit-equal to the
+    two-launch path (the activation quantizer's codes, then the W8A8 GEMM) on SDXL / CLIP / Flux widths with
+    ragged M, a scalar weight scale, no bias and fp16; the pinned backend's first call and its plan (later
+    calls) give the same; every configuration ``resident_config`` picks, and the other row block."""
+    import dataclasses
+
+    from comfyquant.runtime.kernels import gluon_resident as gr
+    from comfyquant.runtime.kernels.dispatch import bind_linear
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for m, k, n, row_sb, has_bias, dt in [(4096, 640, 640, True, True, torch.bfloat16),
+                                          (16384, 1280, 1280, True, True, torch.bfloat16),
+                                          (1000, 768, 768, True, False, torch.float16),
+                                          (4099, 768, 3072, False, True, torch.bfloat16),
+                                          (1024, 3072, 768, True, True, torch.bfloat16),
+                                          (77, 1280, 1280, True, True, torch.bfloat16),
+                                          (256, 3072, 3072, True, True, torch.float16)]:
+        x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 4).to(dt)
+        x[0, 5] = 90.0
+        if m > 2:
+            x[1] = 0
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        ws = torch.rand(n if row_sb else 1, device="cuda") * 1e-2
+        bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
+        q, s = triton_quant.quantize_rows_int8(x, None)
+        want = triton_int8.gemm_w8a8(q, s, w, ws, bias, dt)
+        cfg = gr.resident_config(m, n, k, sms)
+        other = dataclasses.replace(cfg, block_m=192 - cfg.block_m)
+        for c in (cfg, other):
+            if gr.smem_bytes(c.block_m, c.block_n, c.block_k, c.stages, k) > gr.SMEM_LIMIT:
+                continue
+            got = gr.resident_w8a8(x, w, ws, bias, cfg=c)
+            record("resident_bit_equal", torch.equal(got, want), m=m, k=k, n=n, cfg=str(c), dtype=str(dt))
+        call = bind_linear("int8", w, (ws,), bias, backend="triton_resident")
+        first, later = call(x), call(x)
+        planned = callable(next(iter(call.memo.values()))[1])
+        record("resident_backend_and_plan", torch.equal(first, want) and torch.equal(later, want) and planned,
+               m=m, k=k, n=n, planned=planned)

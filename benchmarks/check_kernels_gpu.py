@@ -202,6 +202,7 @@ def _checks() -> tuple:
     from check_gemm_gpu import (
         check_int_mm_exact,
         check_persistent,
+        check_resident,
         check_ws_experimental,
         check_ws_fp8,
         check_ws_gemm,
@@ -231,7 +232,7 @@ def _checks() -> tuple:
             check_fp8_low_rank_choice, check_block, check_w4a8, check_low_rank_epilogue, check_input_act, check_plans, check_cuda_graphs,
             check_inference_mode, check_attention, check_attention_cudnn, check_ws_fp8, check_ws_experimental,
             check_siblings, check_norm_fold, check_modulated_fold, check_layer_norm_fold, check_call_norms,
-            check_flux_rope, check_flux_join)
+            check_flux_rope, check_flux_join, check_resident)
 
 
 def _only(value: str) -> set[str]:

@@ -199,7 +199,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # the resident one-launch W8A8 kernel (gluon_resident, not dispatched yet) on SDXL / CLIP's narrow layers:
         # bit-equal to the two-launch path, then timed against bf16, the runtime's pick and the pinned one-launch
         # path, with its alternative configurations (saved after every shape: a step cut short keeps what it timed)
-        "resident": [[PY, "benchmarks/bench_resident.py", "--out", str(work / "resident"), "--configs", "--m",
+        "resident": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_resident"), "--only",
+                      "check_resident"],
+                     [PY, "benchmarks/bench_resident.py", "--out", str(work / "resident"), "--configs", "--m",
                       "1024,4096,16384", "--shapes", "sdxl.attn640,clip.attn,sdxl.attn1280,clip.fc2,clip.fc1"]],
         # the W4A8 GEMM's kernels (plain order, the weight as wgmma's register operand, both nibbles per MMA, the
         # warp-specialized Gluon kernel) on 12 tiles against cuBLAS bf16 and the int8 W8A8 GEMM, GPU time, each

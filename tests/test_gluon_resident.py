@@ -115,3 +115,64 @@ def test_bench_refuses_an_unknown_shape_with_one_line(tmp_path, capsys, monkeypa
     cfgs = bench_resident.configs_for(4096, 640, 640, H200_SMS)
     assert cfgs["resident"] == gr.resident_config(4096, 640, 640, H200_SMS) and len(cfgs) > 4
     assert all(gr.smem_bytes(c.block_m, c.block_n, c.block_k, c.stages, 640) <= gr.SMEM_LIMIT for c in cfgs.values())
+
+
+def test_pinned_only_backend_is_registered_and_refuses_what_it_cannot_run() -> None:
+    """``int8``'s ``triton_resident`` backend: pinned by name only (not a cost-model path, never timed by measured
+    dispatch), refused off sm_90 with its reason, and refusing rotated weights, 32-bit activations and rows too
+    wide for its shared memory with one line each."""
+    from comfyquant.bench.layers import RESIDENT_MAX_K
+    from comfyquant.errors import UserError
+    from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels import gluon_resident as gr
+    from comfyquant.runtime.kernels.registry import backends_for, kernel_kind
+
+    assert "triton_resident" in backends_for("int8") and RESIDENT_MAX_K == gr.MAX_K
+    b = kernel_kind("int8").backends["triton_resident"]
+    assert not b.timed and all(b2.timed for n, b2 in kernel_kind("int8").backends.items() if n != "triton_resident")
+    assert "triton_resident" not in {name for _, name in builtin.int8_paths(0)}
+    assert "CUDA" in b.requires(torch.device("cpu"))
+    w = torch.zeros(64, 640, dtype=torch.int8)
+    x = torch.zeros(4, 640, dtype=torch.bfloat16)
+    builtin._resident_refusal(w, (0,), x, torch.bfloat16)  # takes it
+    for w_, opts, x_, odt, match in ((w, (256,), x, torch.bfloat16, "no rotation"),
+                                     (w, (0,), x.float(), torch.float32, "bf16 / fp16"),
+                                     (torch.zeros(64, 5120, dtype=torch.int8), (0,),
+                                      torch.zeros(4, 5120, dtype=torch.bfloat16), torch.bfloat16, "3072 wide")):
+        with pytest.raises(UserError, match=match):
+            builtin._resident_refusal(w_, opts, x_, odt)
+
+
+def test_measured_dispatch_never_times_a_pinned_only_backend(tmp_path) -> None:
+    """A backend marked ``timed=False`` is not among measured dispatch's candidates, even where the policy's
+    allow list names every backend (the node pack's does), and can still be pinned by name."""
+    from comfyquant.runtime.kernels.dispatch import DispatchPolicy, bind_linear
+    from comfyquant.runtime.kernels.registry import (
+        KernelBackend,
+        KernelKind,
+        register_kernel_kind,
+        unregister_kernel_kind,
+    )
+
+    calls: list[str] = []
+
+    def make(name):
+        def impl(x, w, scales, bias, opts, out_dtype):
+            calls.append(name)
+            return (x.double() @ (w.double() * scales[0].double()).t()).to(out_dtype)
+        return impl
+
+    register_kernel_kind(KernelKind("test_untimed", {"ref": make("ref"), "a": make("a"), "b": make("b"),
+                                                     "new": KernelBackend(make("new"), timed=False)}))
+    try:
+        w = torch.randint(-100, 100, (32, 64), dtype=torch.int8)
+        s = torch.rand(32, 1) * 0.01
+        x = torch.randn(8, 64, dtype=torch.float64)
+        policy = DispatchPolicy(measure=True, measure_cache=str(tmp_path), allow=("ref", "a", "b", "new"))
+        bind_linear("test_untimed", w, (s,), None, backend=policy)(x)
+        assert "new" not in calls and {"a", "b"} <= set(calls)
+        calls.clear()
+        bind_linear("test_untimed", w, (s,), None, backend="new")(x)
+        assert calls == ["new"]
+    finally:
+        unregister_kernel_kind("test_untimed")

@@ -41,8 +41,9 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
 M_VALUES = (1, 16, 256, 1024, 4096, 16384)
 GRAPH_COLUMNS = ("bf16", "auto", "fp8", "w4a8")
 # every pinned path's GPU time as well (``--graph-all``): what a fit of the eager form ``f(host, gpu)`` needs
-GRAPH_ALL = (*GRAPH_COLUMNS, "w8a8_triton", "w8a8_fused", "w8a16", "dequant", "fp8_cublas", "w8a8_convrot")
-COLUMNS = ("bf16", "auto", "auto_copy", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a16",
+GRAPH_ALL = (*GRAPH_COLUMNS, "w8a8_triton", "w8a8_fused", "w8a8_resident", "w8a16", "dequant", "fp8_cublas",
+             "w8a8_convrot")
+COLUMNS = ("bf16", "auto", "auto_copy", "measured", "w8a8_triton", "w8a8_fused", "w8a8_fused_kb", "w8a8_resident", "w8a16",
            "dequant", "fp8", "fp8_cublas", "fp8_static", "w4a8", "w8a8_convrot", "int8_block", "ck_int8",
            "bf16_module", "auto_module", "auto_copy_module")
 # Issue 12 defines its bar against bf16 ``nn.Linear``: the module columns time both sides as module calls (an
@@ -50,6 +51,7 @@ COLUMNS = ("bf16", "auto", "auto_copy", "measured", "w8a8_triton", "w8a8_fused",
 # column is read against the bare ``F.linear`` (``bf16``), which has less Python above the kernel.
 BASELINE = {"bf16_module": "bf16", "auto_module": "bf16_module", "auto_copy_module": "bf16_module"}
 BLOCK = 128  # the int8_block column's scale tile
+RESIDENT_MAX_K = 3072  # gluon_resident.MAX_K: the widest rows the resident kernel holds (not imported: Gluon)
 
 
 @dataclass
@@ -270,6 +272,8 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         }
         if group:
             ops["w8a8_convrot"] = _bound("int8", 3, (4,), opts=(group,))
+        if k <= RESIDENT_MAX_K:  # pinned-only, to be judged: the resident one-launch kernel (sm_90)
+            ops["w8a8_resident"] = _bound("int8", 1, (2,), backend="triton_resident")
         if weights[0][8] is not None:
             ops["w4a8"] = _bound("int4_rot", 8, (9,), opts=(group,))
         ops["bf16_module"] = _per_set(_nn_linear)

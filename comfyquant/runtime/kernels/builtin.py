@@ -96,6 +96,45 @@ def _plan_int8_fused(x, w, scales, bias, opts, out_dtype, act, low_rank=None, kb
                                                               kblock=kblock, norm=norm)
 
 
+def _resident_requires(device: torch.device) -> str | None:
+    """The resident kernel runs on sm_90 (its wgmma code is Hopper's) with Triton's Gluon."""
+    why = _TRITON(device)
+    if why is not None:
+        return why
+    cap = device_capability(device)
+    if cap[0] != 9:
+        return f"needs an sm_90 GPU (Hopper wgmma), got {cap[0]}.{cap[1]}"
+    return None if _ws_available() else "needs Triton's Gluon (triton >= 3.6)"
+
+
+def _resident_refusal(w, opts, x, out_dtype) -> None:
+    from comfyquant.runtime.kernels.gluon_resident import refusal
+
+    if _opt(opts, 0):
+        raise UserError("backend 'triton_resident' has no rotation; rotated (convrot) int8 layers use 'triton'")
+    why = refusal(x, w, out_dtype)
+    if why is not None:
+        raise UserError(f"backend 'triton_resident' {why}")
+
+
+def _int8_resident(x, w, scales, bias, opts, out_dtype):
+    """The resident one-launch W8A8 kernel (``gluon_resident``: the row block's codes in shared memory, every
+    column tile run against them); pinned only, and not timed by measured dispatch, until a GPU has checked it
+    (``benchmarks/bench_resident.py``)."""
+    from comfyquant.runtime.kernels.gluon_resident import resident_w8a8
+
+    _resident_refusal(w, opts, x, out_dtype)
+    return resident_w8a8(x, w, scales[0], bias, out_dtype)
+
+
+def _plan_int8_resident(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels.gluon_resident import plan_resident
+
+    if _opt(opts, 0) or act or low_rank is not None:
+        return None
+    return plan_resident(x, w, scales[0], bias, out_dtype)
+
+
 def _unrotated(scales: tuple, opts: tuple) -> bool:
     """An int8 weight stored unrotated: its activation quantizer is the block kernel, which folds a norm."""
     return not _opt(opts, 0)
@@ -535,6 +574,7 @@ INT8 = register_kernel_kind(KernelKind(
                                    fuses_mod=_mod_rows),
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
+     "triton_resident": KernelBackend(_int8_resident, _resident_requires, plan=_plan_int8_resident, timed=False),
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16, fuses_norm=_rotated,
                                    fuses_mod=_mod_rotated)},
     choose=_choose_int8, check=_check_int8, choose_low_rank=_choose_int8))

@@ -17,6 +17,8 @@ fill the GPU where the row blocks alone do not.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
+from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 
 RNE_MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2**23 (act_kernels.RNE_MAGIC): y + M holds round_half_even(y) low
 SMEM_LIMIT = 232448  # shared memory a Hopper block may take (opt-in)
@@ -220,23 +223,91 @@ def launch_args(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, 
     return grid, args, kwargs
 
 
+@functools.cache
+def _kernel() -> FastKernel:
+    return FastKernel(w8a8_resident)
+
+
+def _fast_args(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, sb: torch.Tensor,
+               bias: torch.Tensor | None, cfg: ResidentConfig) -> tuple[tuple[int], tuple, tuple]:
+    """(grid, every argument positionally, the FastKernel key) of a launch: M is not specialized; N, K, the row
+    strides and the splits are fixed per launch shape; the tensors' 16-byte alignment is keyed."""
+    grid, args, kw = launch_args(x2d, w_desc, out, sb, bias, cfg)
+    full = (*args, kw["ROW_SB"], kw["HAS_BIAS"], kw["BLOCK_M"], kw["KT"], kw["STAGES"])
+    key = (cfg, x2d.dtype, out.dtype, args[6], args[7], args[8], args[9], args[10], kw["ROW_SB"], kw["HAS_BIAS"],
+           x2d.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0, sb.data_ptr() % 16 == 0,
+           bias is None or bias.data_ptr() % 16 == 0)
+    return grid, full, key
+
+
+def refusal(x: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> str | None:
+    """Why the kernel does not take this call (None: it does): 16-bit x with contiguous rows, an int8 weight,
+    a 16-bit output, K a multiple of 16 up to :data:`MAX_K`, N a multiple of 8."""
+    k, n = int(x.shape[-1]), int(w_q.shape[0])
+    if x.dtype not in (torch.bfloat16, torch.float16) or out_dtype not in (torch.bfloat16, torch.float16):
+        return f"takes bf16 / fp16 activations and outputs, not {x.dtype} -> {out_dtype}"
+    if w_q.dtype != torch.int8:
+        return f"takes an int8 weight, not {w_q.dtype}"
+    if k > MAX_K or k % 16 or n % 8:
+        return (f"holds rows up to {MAX_K} wide (multiples of 16; N a multiple of 8), not K = {k}, N = {n}")
+    return None
+
+
 def resident_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  cfg: ResidentConfig | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, cfg: ResidentConfig | None = None) -> torch.Tensor:
     """``x @ dequant(w_q)^T + bias`` with x quantized per row inside the launch (bf16 / fp16 x of any leading
-    shape, int8 ``w_q [N, K]``, ``w_scale`` per row or one scalar): a plain launch for benchmarks and checks."""
+    shape, int8 ``w_q [N, K]``, ``w_scale`` per row or one scalar; the output in ``out_dtype``, x's by default)."""
+    out_dtype = out_dtype or x.dtype
+    why = refusal(x, w_q, out_dtype)
+    if why is not None:
+        raise ValueError(f"the resident W8A8 kernel {why}")
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, n = x2d.shape[0], w_q.shape[0]
-    if k > MAX_K or k % 16 or n % 8:
-        raise ValueError(f"the resident W8A8 kernel holds rows up to {MAX_K} wide (multiples of 16; N a multiple "
-                         f"of 8), not K = {k}, N = {n}")
     if cfg is None:
-        cfg = resident_config(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        cfg = resident_config(m, n, k, device_facts(x.device)[0])
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m:
         sb = w_scale.reshape(-1).float()
-        grid, args, kwargs = launch_args(x2d, weight_descriptor(w_q.contiguous(), cfg), out, sb, bias, cfg)
-        w8a8_resident[grid](*args, **kwargs)
+        grid, full, key = _fast_args(x2d, weight_descriptor(w_q.contiguous(), cfg), out, sb, bias, cfg)
+        _kernel()(grid, full, x.device, num_warps=cfg.warps, num_stages=1, key=key)
     return out.reshape(*lead, n)
+
+
+def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> resident_w8a8(x, w_q, w_scale, bias, out_dtype)`` for inputs of ``x``'s signature: one launch
+    fired straight into the compiled kernel, the weight's descriptor expanded once (``FastKernel.prepared_tma``),
+    x and the output plain pointers. None until a call compiled the kernel for this shape, for x rows that are
+    not contiguous, or where Triton's launcher is not the shape the direct launch relies on."""
+    k = int(x.shape[-1])
+    if refusal(x, w_q, out_dtype) is not None or x.stride(-1) != 1 or not x.is_contiguous():
+        return None
+    x2d = x.view(-1, k)
+    m, n, dev = x2d.shape[0], int(w_q.shape[0]), x.device
+    if not m or not w_q.is_contiguous():
+        return None
+    cfg = resident_config(m, n, k, device_facts(dev)[0])
+    sb = w_scale.reshape(-1).float()
+    desc = weight_descriptor(w_q, cfg)
+    out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
+    grid, full, key = _fast_args(x2d, desc, out0, sb, bias, cfg)
+    direct = _kernel().prepared_tma(grid, num_warps=cfg.warps, num_stages=1, key=key)
+    if direct is None:
+        return None
+    fire, expand = direct
+    w_flat = expand(desc, 1)
+    tail = full[3:]
+    shape = (*x.shape[:-1], n)
+    empty = torch.empty
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    stream = torch._C._cuda_getCurrentRawStream
+
+    def run(xc: torch.Tensor, _held: tuple = (desc, sb)) -> torch.Tensor:  # (the weight outlives its flat form)
+        out = empty(shape, dtype=out_dtype, device=dev)
+        fire(stream(index), xc, *w_flat, out, *tail)
+        return out
+
+    return run

@@ -162,8 +162,10 @@ def timer(device: torch.device, calls: int = 5, rounds: int = 3) -> Callable[[Ca
 def measure(kk: KernelKind, x: torch.Tensor, w: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
             opts: tuple, allow: tuple[str, ...] = ()) -> Decision:
     """Time every backend of ``kk`` that runs on x's device (the reference only when nothing else does; those
-    in ``allow`` only, if given) on this very call and return the fastest."""
-    names = [n for n, b in kk.backends.items() if b.requires(x.device) is None and (not allow or n in allow)]
+    in ``allow`` only, if given; never a pinned-only one, ``KernelBackend.timed`` False) on this very call and
+    return the fastest."""
+    names = [n for n, b in kk.backends.items() if b.requires(x.device) is None and b.timed
+             and (not allow or n in allow)]
     fast = [n for n in names if n != kk.reference] or names
     if len(fast) == 1:  # nothing to compare
         return Decision(backend=fast[0])

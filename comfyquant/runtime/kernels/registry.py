@@ -66,7 +66,9 @@ class KernelBackend:
     ``fuses_mod(scales, opts, m, n, k)``: the same for ``norm=acts.ModulatedNorm`` on ``[m, k]`` rows of this
     ``[n, k]`` weight (a modulated LayerNorm needs a quantizer that holds whole rows).
     ``plan_takes_any``: its plans are plain torch ops that take any x of the planned signature, in any layout, on
-    any stream and inside a capture, so a bound call replays them without checking x (the dense copy's)."""
+    any stream and inside a capture, so a bound call replays them without checking x (the dense copy's).
+    ``timed``: measured dispatch times it among the candidates; False: pinned only (by name), never timed, for a
+    kernel no GPU has checked yet."""
 
     impl: Impl
     requires: Callable[[torch.device], str | None] = runs_anywhere
@@ -77,6 +79,7 @@ class KernelBackend:
     fuses_norm: Callable[[tuple, tuple], bool] | None = None
     fuses_mod: Callable[[tuple, tuple, int, int, int], bool] | None = None
     plan_takes_any: bool = False
+    timed: bool = True
 
 
 # choose(x, n, k, opts, policy) -> BackendChoice, with the logical N and K; policy: a DispatchPolicy or None.
