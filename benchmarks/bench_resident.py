@@ -6,8 +6,8 @@ a float64 reference beside that path's, then GPU time (one CUDA graph over weigh
 and eager wall time (back-to-back calls, synchronized) of bf16 ``F.linear``, the runtime's int8 layer
 (``dispatch.bind_linear``, what a QuantLinear runs), its one-launch W8A8 path pinned (``triton_fused``: the
 row-block kernel from 64 rows), and the kernel on its default configuration and on the
-alternatives ``--configs`` lists, each launched through the FastKernel with the weight's TMA descriptor expanded
-once (``launch.FastKernel.prepared_tma``, as the W8A8 plans launch).
+alternatives ``--configs`` lists, each launched as the runtime's plan launches it (``gluon_resident.plan_resident``:
+one launch, the weight's TMA descriptor expanded once).
 
     python3 benchmarks/bench_resident.py --out results/resident
 """
@@ -34,55 +34,15 @@ M_VALUES = (256, 1024, 4096, 16384)
 ROTATE_BYTES = 256 << 20
 
 
-def resident_fire(w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor, m: int, cfg, x0: torch.Tensor):
-    """``x -> out`` on the resident kernel for one weight set: compiled by a first FastKernel launch, then fired
-    with the weight descriptor expanded once (None where Triton's launcher is not the shape the plans rely on:
-    then every call goes through FastKernel's own launch)."""
+def resident_fire(w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor, cfg, x0: torch.Tensor):
+    """``x -> out`` on the resident kernel for one weight set and configuration, as the runtime's plan launches it
+    (``gluon_resident.plan_resident``: one launch, the weight's descriptor expanded once), after a first call
+    compiled it; where no plan can be made, every call through ``resident_w8a8``."""
     from comfyquant.runtime.kernels import gluon_resident as gr
-    from comfyquant.runtime.kernels.launch import stream_id
 
-    fk = _fast_kernel()
-    n, k = w_q.shape
-    desc = gr.weight_descriptor(w_q, cfg)
-    out0 = torch.empty((m, n), dtype=x0.dtype, device=x0.device)
-    grid, args, kw = gr.launch_args(x0, desc, out0, sb, bias, cfg)
-    full = (*args, kw["ROW_SB"], kw["HAS_BIAS"], kw["BLOCK_M"], kw["KT"], kw["STAGES"])
-    # everything Triton specializes these arguments on: M is not specialized; N, K, the strides and the splits
-    # are fixed per launch shape, the pointers' 16-byte alignment by the caching allocator
-    key = (cfg, x0.dtype, n, k, x0.stride(0), out0.stride(0), sb.numel() > 1)
-    fk(grid, full, x0.device, num_warps=cfg.warps, num_stages=1, key=key)
-    direct = fk.prepared_tma(grid, num_warps=cfg.warps, num_stages=1, key=key)
-    dev = x0.device
-    if direct is None:
-        def slow(x: torch.Tensor) -> torch.Tensor:
-            out = torch.empty((m, n), dtype=x.dtype, device=dev)
-            fk(grid, (x, desc, out, *full[3:]), dev, num_warps=cfg.warps, num_stages=1, key=key)
-            return out
-        return slow
-    fire, expand = direct
-    w_flat = expand(desc, 1)
-    tail = full[3:]
-    empty = torch.empty
-    stream = stream_id(dev)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = empty((m, n), dtype=x.dtype, device=dev)
-        fire(stream, x, *w_flat, out, *tail)
-        return out
-
-    return run
-
-
-_FK = []
-
-
-def _fast_kernel():
-    from comfyquant.runtime.kernels import gluon_resident as gr
-    from comfyquant.runtime.kernels.launch import FastKernel
-
-    if not _FK:
-        _FK.append(FastKernel(gr.w8a8_resident))
-    return _FK[0]
+    gr.resident_w8a8(x0, w_q, sb, bias, cfg=cfg)
+    plan = gr.plan_resident(x0, w_q, sb, bias, x0.dtype, cfg=cfg)
+    return plan or (lambda x: gr.resident_w8a8(x, w_q, sb, bias, cfg=cfg))
 
 
 def _on_sets(fns: list) -> Callable:
@@ -161,7 +121,7 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bo
         fires = {}
         for cname, cfg in cfgs.items():
             try:
-                fires[cname] = [resident_fire(w[1], w[2], w[3], m, cfg, x0) for w in weights]
+                fires[cname] = [resident_fire(w[1], w[2], w[3], cfg, x0) for w in weights]
                 got = fires[cname][0](x0)
                 torch.cuda.synchronize()
             except Exception as e:  # a configuration that does not compile or launch: recorded, not timed

@@ -277,11 +277,13 @@ def resident_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
 
 
 def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                  out_dtype: torch.dtype, cfg: ResidentConfig | None = None
+                  ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``x -> resident_w8a8(x, w_q, w_scale, bias, out_dtype)`` for inputs of ``x``'s signature: one launch
     fired straight into the compiled kernel, the weight's descriptor expanded once (``FastKernel.prepared_tma``),
-    x and the output plain pointers. None until a call compiled the kernel for this shape, for x rows that are
-    not contiguous, or where Triton's launcher is not the shape the direct launch relies on."""
+    x and the output plain pointers (``cfg``: the launch :func:`resident_config` picks by default). None until a
+    call compiled the kernel for this shape and configuration, for x that is not contiguous, or where Triton's
+    launcher is not the shape the direct launch relies on."""
     k = int(x.shape[-1])
     if refusal(x, w_q, out_dtype) is not None or x.stride(-1) != 1 or not x.is_contiguous():
         return None
@@ -289,7 +291,7 @@ def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     m, n, dev = x2d.shape[0], int(w_q.shape[0]), x.device
     if not m or not w_q.is_contiguous():
         return None
-    cfg = resident_config(m, n, k, device_facts(dev)[0])
+    cfg = cfg or resident_config(m, n, k, device_facts(dev)[0])
     sb = w_scale.reshape(-1).float()
     desc = weight_descriptor(w_q, cfg)
     out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
