@@ -32,6 +32,14 @@ def test_none():
 """
 
 
+def _inner_session(pytester: pytest.Pytester, source: str) -> pytest.RunResult:
+    """``source`` as a test module run by an inner pytest session with the guard and the two markers."""
+    pytester.makeconftest('pytest_plugins = ["cpu_int8_guard"]\n')
+    pytester.makeini("[pytest]\nmarkers =\n    cpu_int8: x\n    stock_comfy_int8_cpu: y\n")
+    pytester.makepyfile(test_inner=source)
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider")
+
+
 @pytest.mark.parametrize(("mark", "failed"), [("", 2), ("pytestmark = pytest.mark.cpu_int8", 0),
                                               ("pytestmark = pytest.mark.stock_comfy_int8_cpu", 0)])
 def test_unmarked_cpu_int_mm_fails_the_test(pytester: pytest.Pytester, mark: str, failed: int) -> None:
@@ -40,10 +48,7 @@ def test_unmarked_cpu_int_mm_fails_the_test(pytester: pytest.Pytester, mark: str
     import torch
 
     real = torch._int_mm
-    pytester.makeconftest('pytest_plugins = ["cpu_int8_guard"]\n')
-    pytester.makeini("[pytest]\nmarkers =\n    cpu_int8: x\n    stock_comfy_int8_cpu: y\n")
-    pytester.makepyfile(test_inner=_INNER.format(mark=mark))
-    res = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    res = _inner_session(pytester, _INNER.format(mark=mark))
     res.assert_outcomes(passed=3 - failed, failed=failed)
     if failed:
         res.stdout.fnmatch_lines(["*test_in_call ran torch._int_mm on the CPU 1 time(s) without the cpu_int8 marker*",
@@ -77,10 +82,7 @@ def test_cpu_int_mm_in_a_child_process_counts(pytester: pytest.Pytester, mark: s
     import os
 
     before = {k: os.environ.get(k) for k in ("PYTHONPATH", "COMFYQUANT_TEST_INT8_DIR")}
-    pytester.makeconftest('pytest_plugins = ["cpu_int8_guard"]\n')
-    pytester.makeini("[pytest]\nmarkers =\n    cpu_int8: x\n    stock_comfy_int8_cpu: y\n")
-    pytester.makepyfile(test_inner=_INNER_CHILD.format(mark=mark))
-    res = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    res = _inner_session(pytester, _INNER_CHILD.format(mark=mark))
     res.assert_outcomes(passed=2 - failed, failed=failed)
     if failed:
         res.stdout.fnmatch_lines(["*test_child_calls ran torch._int_mm on the CPU 1 time(s) (1 in child processes)*"])
