@@ -161,6 +161,20 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bo
     return rows
 
 
+def speedup_groups(rows: list[dict], columns: tuple[str, ...] = ("auto", "fused", "resident")) -> dict:
+    """``{"shape M=m": {column: eager speed-up over bf16}}`` for :func:`plot_bars`, plus the fastest alternative
+    configuration of each row as ``best config``."""
+    groups = {}
+    for r in rows:
+        us, b = r["us"], r["us"]["bf16"]
+        g = {c: b / us[c] for c in columns if c in us}
+        alts = [v for c, v in us.items() if c.startswith("r") and c[1:2].isdigit()]
+        if alts:
+            g["best config"] = b / min(alts)
+        groups[f"{r['shape']} M={r['m']}"] = g
+    return groups
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -181,6 +195,12 @@ def main() -> int:
         k, n = SHAPES[name]
         rows += bench_shape(name, k, n, [int(v) for v in a.m.split(",")], a.min_ms, a.configs)
         (a.out / "resident.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if rows:
+        from comfyquant.bench.plot import plot_bars
+
+        png = plot_bars(speedup_groups(rows), a.out / "resident.png", f"resident W8A8, eager wall time "
+                        f"({meta['device']}, {meta['date']})", target=0.97)
+        print(f"plot: {png}")
     bad = [(r["shape"], r["m"], c) for r in rows for c, v in r["check"].items()
            if isinstance(v, dict) and not v.get("bit_equal")]
     good = sum(1 for r in rows for v in r["check"].values() if isinstance(v, dict) and v.get("bit_equal"))

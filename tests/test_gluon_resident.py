@@ -176,3 +176,22 @@ def test_measured_dispatch_never_times_a_pinned_only_backend(tmp_path) -> None:
         assert calls == ["new"]
     finally:
         unregister_kernel_kind("test_untimed")
+
+
+def test_bench_plot_reads_speedups_from_recorded_rows(tmp_path, monkeypatch) -> None:
+    """The bench's plot groups: one per shape and row count, each column's eager speed-up over bf16 and the
+    fastest alternative configuration; a PNG is written."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_resident
+
+    from comfyquant.bench.plot import plot_bars
+
+    rows = [{"shape": "sdxl.attn640", "m": 4096, "us": {"bf16": 20.0, "auto": 25.0, "fused": 40.0, "resident": 16.0,
+                                                       "r128x128s3p1": 12.5, "r64x64s4p2": 50.0}}]
+    g = bench_resident.speedup_groups(rows)
+    assert g == {"sdxl.attn640 M=4096": {"auto": 0.8, "fused": 0.5, "resident": 1.25, "best config": 1.6}}
+    assert plot_bars(g, tmp_path / "r.png", "t", target=0.97).stat().st_size > 1000
+    assert "bench_resident" in sys.modules
