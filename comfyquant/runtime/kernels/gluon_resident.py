@@ -18,6 +18,7 @@ fill the GPU where the row blocks alone do not.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 RNE_MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2**23 (act_kernels.RNE_MAGIC): y + M holds round_half_even(y) low
 SMEM_LIMIT = 232448  # shared memory a Hopper block may take (opt-in)
 SMEM_SLACK = 2048  # barriers and the compiler's own scratch beside the codes, the ring and the layout change
+logger = logging.getLogger("comfyquant.runtime")
 MAX_K = 3072  # the widest row block whose codes fit beside a ring (64 rows x 3,072 bytes = 192 KB)
 
 
@@ -312,4 +314,13 @@ def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
         fire(stream(index), xc, *w_flat, out, *tail)
         return out
 
-    return run
+    # once per compiled kernel, as the W8A8 plans do: the descriptor-expanding launch must give what Triton's own
+    # launch gives (a Triton whose launcher differs keeps the general path)
+    fk = _kernel()
+    ok = fk.direct_checked.get(key)
+    if ok is None:
+        ok = fk.direct_checked[key] = bool(torch.equal(run(x), resident_w8a8(x, w_q, w_scale, bias, out_dtype, cfg)))
+        if not ok:
+            logger.warning("resident W8A8 plan for N=%d K=%d: the direct launch disagreed with Triton's launch; "
+                           "using Triton's (slower host path)", n, k)
+    return run if ok else None
