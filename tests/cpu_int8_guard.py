@@ -3,8 +3,9 @@
 ``scripts/test_isa_caps.sh`` runs the tests marked ``cpu_int8`` again with oneDNN and ATen capped to AVX2, where
 ``torch._int_mm`` sums wrong without VNNI (docs/KERNEL_NOTES.md). A new test of a CPU int8 path that nobody marks
 would never meet that CPU; so while a test sets up and runs, ``torch._int_mm`` is wrapped to count its CPU calls,
-and a test that made any without the ``cpu_int8`` marker (or ``stock_comfy_int8_cpu``: stock ComfyUI's layers,
-which the capped pass leaves out) fails, naming the marker to add. Child processes (the CLI, the ComfyUI server)
+and a test that made any without the ``cpu_int8`` marker (or ``stock_comfy_int8_cpu``: stock ComfyUI's layers;
+``cpu_int8_reference``: CPU products as the reference a kernel is checked against; the capped pass leaves both
+out) fails, naming the marker to add. Child processes (the CLI, the ComfyUI server)
 count theirs too: for the session ``PYTHONPATH`` starts with ``tests/int8_guard_site``, whose ``sitecustomize``
 wraps the child's ``torch._int_mm`` and appends a byte a CPU call to a file of the session's counts folder; a
 test is charged the bytes added while it set up and ran (a session-wide server's calls land in the test whose
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-MARKERS = ("cpu_int8", "stock_comfy_int8_cpu")
+MARKERS = ("cpu_int8", "stock_comfy_int8_cpu", "cpu_int8_reference")
 ENV_DIR = "COMFYQUANT_TEST_INT8_DIR"  # read by tests/int8_guard_site/sitecustomize.py only
 SITE = Path(__file__).resolve().parent / "int8_guard_site"
 _CALLS = pytest.StashKey[int]()

@@ -11,7 +11,7 @@ import pytest
 
 from comfyquant.nodes.attention import MODES, policy_for
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.cpu_int8]  # children run our CPU int8 layers
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_comfyui_wan.py"
 

@@ -35,7 +35,7 @@ def test_none():
 def _inner_session(pytester: pytest.Pytester, source: str) -> pytest.RunResult:
     """``source`` as a test module run by an inner pytest session with the guard and the two markers."""
     pytester.makeconftest('pytest_plugins = ["cpu_int8_guard"]\n')
-    pytester.makeini("[pytest]\nmarkers =\n    cpu_int8: x\n    stock_comfy_int8_cpu: y\n")
+    pytester.makeini("[pytest]\nmarkers =\n    cpu_int8: x\n    stock_comfy_int8_cpu: y\n    cpu_int8_reference: z\n")
     pytester.makepyfile(test_inner=source)
     return pytester.runpytest_inprocess("-p", "no:cacheprovider")
 
@@ -74,7 +74,8 @@ def test_child_without_int8():
 """
 
 
-@pytest.mark.parametrize(("mark", "failed"), [("", 1), ("pytestmark = pytest.mark.cpu_int8", 0)])
+@pytest.mark.parametrize(("mark", "failed"), [("", 1), ("pytestmark = pytest.mark.cpu_int8", 0),
+                                              ("pytestmark = pytest.mark.cpu_int8_reference", 0)])
 def test_cpu_int_mm_in_a_child_process_counts(pytester: pytest.Pytester, mark: str, failed: int) -> None:
     """A test whose child process (the CLI, the ComfyUI server) runs ``torch._int_mm`` on the CPU is charged its
     calls: unmarked, it fails naming the child's share; a child that makes none, or a marked test, passes; the
