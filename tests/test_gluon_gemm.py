@@ -53,8 +53,10 @@ def _compile(m: int, n: int, k: int, bias: bool, dtype: torch.dtype = torch.int8
     return _gluon_compile(w8a8_ws, args, WS_W8A8.warps)
 
 
-def _gluon_compile(fn: object, args: tuple, warps: int) -> object:
-    """Gluon kernel ``fn`` compiled for sm_90 from every argument of a launch, constexprs included, in order."""
+def _gluon_compile(fn: object, args: tuple, warps: int, aligned: bool = False) -> object:
+    """Gluon kernel ``fn`` compiled for sm_90 from every argument of a launch, constexprs included, in order;
+    ``aligned``: as a GPU launch specializes it, tensors 16-byte aligned and the ints that are multiples of 16
+    marked so (not the ``do_not_specialize`` ones)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -62,9 +64,13 @@ def _gluon_compile(fn: object, args: tuple, warps: int) -> object:
     names = list(fn.arg_names)
     assert len(args) == len(names)
     const = {p.name for p in fn.params if p.is_constexpr}
+    free = {p.name for p in fn.params if getattr(p, "do_not_specialize", False)}
     sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
     consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
-    return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (nm, a) in enumerate(zip(names, args, strict=True))
+             if aligned and nm not in const and nm not in free
+             and (isinstance(a, torch.Tensor) or (type(a) is int and a % 16 == 0))}
+    return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps})
 
 

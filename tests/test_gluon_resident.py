@@ -14,7 +14,7 @@ import torch
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
 
-from test_gluon_gemm import _assert_no_spills  # noqa: E402
+from test_gluon_gemm import _assert_no_spills, _gluon_compile  # noqa: E402
 
 H200_SMS = 132
 # (M, N, K): SDXL attention 640 / 1,280, CLIP attention and fc2, Flux's proj (the widest K the codes fit)
@@ -60,33 +60,14 @@ def test_rows_too_wide_for_shared_memory_are_refused() -> None:
                          torch.ones(8), None)
 
 
-def _compile_aligned(fn: object, args: tuple, warps: int) -> object:
-    """``fn`` compiled for sm_90 as a GPU launch specializes it: tensors 16-byte aligned and the ints that are
-    multiples of 16 marked so (N, K, the row strides; M is not specialized). Without the marks the row loads are
-    not vectorized (and the unrolled scale pass then spills)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    names = list(fn.arg_names)
-    const = {p.name for p in fn.params if p.is_constexpr}
-    free = {p.name for p in fn.params if getattr(p, "do_not_specialize", False)}
-    sig = {nm: ("constexpr" if nm in const else mangle_type(a)) for nm, a in zip(names, args, strict=True)}
-    consts = {nm: a for nm, a in zip(names, args, strict=True) if nm in const}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (nm, a) in enumerate(zip(names, args, strict=True))
-             if nm not in const and nm not in free
-             and (isinstance(a, torch.Tensor) or (type(a) is int and a % 16 == 0))}
-    return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps})
-
-
 @pytest.mark.parametrize(("m", "n", "k"), [NARROW[0], NARROW[3]])
 def test_compiles_for_sm90_with_wgmma_one_reciprocal_a_row_and_no_spills(m: int, n: int, k: int) -> None:
     from comfyquant.runtime.kernels import gluon_resident as gr
 
     cfg, _, kw, args = _launch(m, n, k)
     fn = gr.w8a8_resident
-    ck = _compile_aligned(fn, (*args, *(kw[nm] for nm in fn.arg_names[len(args):])), kw["num_warps"])
+    # aligned as a GPU launch specializes it: without the marks the row loads are not vectorized and spill
+    ck = _gluon_compile(fn, (*args, *(kw[nm] for nm in fn.arg_names[len(args):])), kw["num_warps"], aligned=True)
     ptx = ck.asm["ptx"]
     assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.s32\.s8\.s8)", ptx)) == {
         f"m64n{cfg.block_n}k32.s32.s8.s8"}

@@ -214,7 +214,7 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
     elif NUM_CHUNKS == 1:
         x, ss = _read_norm(x_row, offs, K, BLOCK, STAGES, ACT, nw_ptr, NORM, row, eps, GR)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = _scale_of(amax, qmax)
+        scale = scale_of(amax, qmax)
         tl.store(o_row + _dst(offs, PERM), _quantize(x, scale, qmax, MODE).to(out_ptr.dtype.element_ty),
                  mask=offs < K)
         if RMS:
@@ -228,7 +228,7 @@ def _act_kernel(x_ptr, out_ptr, s_ptr, static_s_ptr, K, stride_xm, stride_om, qm
             x, ss_c = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, NORM, row, eps, GR)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
             ss += ss_c
-        scale = _scale_of(amax, qmax)
+        scale = scale_of(amax, qmax)
         for c in range(NUM_CHUNKS):
             o = c * BLOCK + offs
             x = _read_norm(x_row, o, K, BLOCK, STAGES, ACT, nw_ptr, 3 if NORM >= 2 else 0, row, eps, GR)[0]  # no sum
@@ -357,7 +357,7 @@ def _act_tile_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_om, q
                     amax = tl.maximum(amax, tl.load(s_ptr + M + t * M + rows, mask=rmask, other=0.0))
             else:
                 amax = _tile_amax(x_tile, rmask, cols, h, K, k_lo, k_end, STEP, UNROLL, C, BM, ROT, ACT)
-            scale = _scale_of(amax, qmax)
+            scale = scale_of(amax, qmax)
             tl.store(s_ptr + rows, scale, mask=rmask & (p == 0))
         if BACK:
             n_it = tl.cdiv(k_end - k_lo, STEP * UNROLL)
@@ -469,7 +469,7 @@ def _act_held_kernel(x_ptr, out_ptr, s_ptr, h_ptr, sync_ptr, M, K, stride_xm, st
         amax = tl.zeros((BM,), dtype=tl.float32)
         for j in range(P):  # L2 loads: the other programs wrote them
             amax = tl.maximum(amax, tl.load(s_ptr + M + j * M + rows, mask=rmask, other=0.0, cache_modifier=".cg"))
-        scale = _scale_of(amax, qmax)
+        scale = scale_of(amax, qmax)
         tl.store(s_ptr + rows, scale, mask=rmask & (p == 0))
         _put(o_rows, c0 + cols, y0, scale, qmax, rmask, cm0, MODE, PERM)
         _put(o_rows, c0 + C + cols, y1, scale, qmax, rmask, cm0, MODE, PERM)
@@ -496,7 +496,7 @@ def _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C: tl.constexp
 
 
 @triton.jit
-def _scale_of(amax, qmax):
+def scale_of(amax, qmax):
     """The quantization scale of rows whose absmax is ``amax``: ``amax / qmax`` correctly rounded, 1 for an
     all-zero row (its codes are zero whatever the scale); a scalar or a vector of rows."""
     return tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
@@ -563,7 +563,7 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
             scale = tl.full((), 1.0, tl.float32)
             if MODE != 3:
                 amax = _amax4(y0, y1, y2, y3)
-                scale = _scale_of(amax, qmax)
+                scale = scale_of(amax, qmax)
                 tl.store(s_ptr + row, scale)
             _gput4(o_row, base, y0, y1, y2, y3, scale, qmax, gmask, C, MODE, PERM)
         else:
@@ -573,7 +573,7 @@ def _act_group_rows_kernel(x_ptr, out_ptr, s_ptr, h_ptr, M, K, stride_xm, stride
                 for g0 in range(0, G, GB):
                     amax = tl.maximum(amax, _group_step(x_row, o_row, g0, gi, G, cols, h, K, scale, qmax, C, MODE,
                                                         PERM, ACT, False))
-                scale = _scale_of(amax, qmax)
+                scale = scale_of(amax, qmax)
                 tl.store(s_ptr + row, scale)
             n_it = tl.cdiv(G, GB)
             for i in range(n_it):  # from the row's end: the lines read last are the likeliest still in L2
@@ -658,7 +658,7 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
         else:
             x, ss = rms_part(_load_act(x_rows + cols[None, :], mask, K, ACT), ss, nw_ptr, cols, K, NORM)
         amax = tl.max(tl.abs(x), axis=1)
-        scale = _scale_of(amax, qmax)
+        scale = scale_of(amax, qmax)
     else:
         amax = tl.zeros((R,), dtype=tl.float32)
         for c in tl.static_range(NCH):
@@ -666,7 +666,7 @@ def quantize_rows(x_ptr, out_ptr, s_ptr, static_s_ptr, rows, M, K, stride_xm, st
             x, ss = rms_part(_load_act(x_rows + o[None, :], rmask[:, None] & (o < K)[None, :], K, ACT), ss, nw_ptr,
                             o, K, NORM)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = _scale_of(amax, qmax)
+        scale = scale_of(amax, qmax)
     inv = tl.math.div_rn(tl.full((R,), 1.0, tl.float32), scale)
     if NCH == 1 and MODE != 2:
         y = quant_codes(x, scale[:, None], inv[:, None], qmax, MODE)
