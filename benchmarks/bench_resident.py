@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from comfyquant.runtime.kernels.configs import HOPPER_SMEM, resident_smem
+
 SHAPES = {"sdxl.attn640": (640, 640), "sdxl.attn1280": (1280, 1280), "sdxl.ff0_640": (640, 5120),
           "clip.attn": (768, 768), "clip.fc1": (768, 3072), "clip.fc2": (3072, 768), "flux.proj": (3072, 3072)}
 M_VALUES = (256, 1024, 4096, 16384)
@@ -65,10 +67,10 @@ def configs_for(m: int, n: int, k: int, sms: int) -> dict:
         return {}
     out = {"resident": base}
     for bm in (64, 128):
-        deep = max((st for st in range(3, 9) if gr.smem_bytes(bm, 128, base.block_k, st, k) <= gr.SMEM_LIMIT),
+        deep = max((st for st in range(3, 9) if resident_smem(bm, 128, base.block_k, st, k) <= HOPPER_SMEM),
                    default=0)  # the deepest ring of 128-wide tiles that fits: the weight tiles come from L2
         for bn, st in ((128, 3), (64, 4), *(((128, deep),) if deep > 3 else ())):
-            if gr.smem_bytes(bm, bn, base.block_k, st, k) > gr.SMEM_LIMIT:
+            if resident_smem(bm, bn, base.block_k, st, k) > HOPPER_SMEM:
                 continue
             tiles = math.ceil(n / bn)
             rows = math.ceil(m / bm)

@@ -247,6 +247,7 @@ def check_resident() -> None:
     import dataclasses
 
     from comfyquant.runtime.kernels import gluon_resident as gr
+    from comfyquant.runtime.kernels.configs import HOPPER_SMEM, resident_smem
     from comfyquant.runtime.kernels.dispatch import bind_linear
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -269,7 +270,7 @@ def check_resident() -> None:
         cfg = gr.resident_config(m, n, k, sms)
         other = dataclasses.replace(cfg, block_m=192 - cfg.block_m)
         for c in (cfg, other):
-            if gr.smem_bytes(c.block_m, c.block_n, c.block_k, c.stages, k) > gr.SMEM_LIMIT:
+            if resident_smem(c.block_m, c.block_n, c.block_k, c.stages, k) > HOPPER_SMEM:
                 continue
             got = gr.resident_w8a8(x, w, ws, bias, cfg=c)
             record("resident_bit_equal", torch.equal(got, want), m=m, k=k, n=n, cfg=str(c), dtype=str(dt))

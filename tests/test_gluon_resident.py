@@ -16,6 +16,8 @@ pytest.importorskip("triton.experimental.gluon")
 
 from test_gluon_gemm import _assert_no_spills, _gluon_compile  # noqa: E402
 
+from comfyquant.runtime.kernels.configs import HOPPER_SMEM, resident_smem  # noqa: E402
+
 H200_SMS = 132
 # (M, N, K): SDXL attention 640 / 1,280, CLIP attention and fc2, Flux's proj (the widest K the codes fit)
 NARROW = [(4096, 640, 640), (16384, 1280, 1280), (1024, 768, 768), (4096, 768, 3072), (256, 3072, 3072)]
@@ -40,7 +42,7 @@ def test_configs_fit_shared_memory_and_fill_the_gpu(m: int, n: int, k: int) -> N
 
     cfg = gr.resident_config(m, n, k, H200_SMS)
     assert cfg is not None
-    assert gr.smem_bytes(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k) <= gr.SMEM_LIMIT
+    assert resident_smem(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k) <= HOPPER_SMEM
     tiles = -(-n // cfg.block_n)
     _, grid, _, args = _launch(m, n, k, cfg=cfg)
     splits = args[-1]
@@ -74,7 +76,7 @@ def test_compiles_for_sm90_with_wgmma_one_reciprocal_a_row_and_no_spills(m: int,
     assert "cp.async.bulk.tensor" in ptx  # the weight tiles by TMA
     # the scale and its reciprocal: two correctly rounded divisions per row a thread holds, none per element
     assert len(re.findall(r"\bdiv\.rn\.f32\b", ptx)) <= 2 * cfg.block_m // (4 * cfg.warps)
-    assert ck.metadata.shared <= gr.smem_bytes(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k)
+    assert ck.metadata.shared <= resident_smem(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k)
     _assert_no_spills(ptx)
 
 
@@ -95,23 +97,23 @@ def test_bench_refuses_an_unknown_shape_with_one_line(tmp_path, capsys, monkeypa
 
     cfgs = bench_resident.configs_for(4096, 640, 640, H200_SMS)
     assert cfgs["resident"] == gr.resident_config(4096, 640, 640, H200_SMS) and len(cfgs) > 4
-    assert all(gr.smem_bytes(c.block_m, c.block_n, c.block_k, c.stages, 640) <= gr.SMEM_LIMIT for c in cfgs.values())
+    assert all(resident_smem(c.block_m, c.block_n, c.block_k, c.stages, 640) <= HOPPER_SMEM for c in cfgs.values())
 
 
-def test_pinned_only_backend_is_registered_and_refuses_what_it_cannot_run() -> None:
-    """``int8``'s ``triton_resident`` backend: pinned by name only (not a cost-model path, never timed by measured
-    dispatch), refused off sm_90 with its reason, and refusing rotated weights, 32-bit activations and rows too
-    wide for its shared memory with one line each."""
-    from comfyquant.bench.layers import RESIDENT_MAX_K
+def test_backend_is_a_candidate_where_it_runs_and_refuses_what_it_cannot_run() -> None:
+    """``int8``'s ``triton_resident`` backend: a cost-model candidate (and timed by measured dispatch) on devices
+    that run it, for unrotated layers without a low-rank term only; refused off sm_90 with its reason, and
+    refusing rotated weights, 32-bit activations and rows too wide for its shared memory with one line each."""
     from comfyquant.errors import UserError
     from comfyquant.runtime.kernels import builtin
-    from comfyquant.runtime.kernels import gluon_resident as gr
     from comfyquant.runtime.kernels.registry import backends_for, kernel_kind
 
-    assert "triton_resident" in backends_for("int8") and RESIDENT_MAX_K == gr.MAX_K
+    assert "triton_resident" in backends_for("int8")
     b = kernel_kind("int8").backends["triton_resident"]
-    assert not b.timed and all(b2.timed for n, b2 in kernel_kind("int8").backends.items() if n != "triton_resident")
-    assert "triton_resident" not in {name for _, name in builtin.int8_paths(0)}
+    assert b.timed and builtin.RESIDENT_PATH == ("resident", "triton_resident")
+    assert builtin.RESIDENT_PATH in builtin.int8_paths(0, 0, resident=True)
+    for args in ((0, 0, False), (0, 16, True), (256, 0, True), (256, 16, True)):  # off-device, a LoRA term, rotated
+        assert "triton_resident" not in {name for _, name in builtin.int8_paths(*args)}, args
     assert "CUDA" in b.requires(torch.device("cpu"))
     w = torch.zeros(64, 640, dtype=torch.int8)
     x = torch.zeros(4, 640, dtype=torch.bfloat16)

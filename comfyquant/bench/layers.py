@@ -26,6 +26,7 @@ from comfyquant.quant.fp8 import quantize_fp8
 from comfyquant.quant.hadamard import choose_group_size, rotate_weight
 from comfyquant.quant.int8 import quantize_blockwise, quantize_rowwise
 from comfyquant.runtime.kernels import dispatch
+from comfyquant.runtime.kernels.configs import RESIDENT_MAX_K
 from comfyquant.runtime.kernels.dense_copy import CopyBudget, wants_copy
 
 # (model, layer, K=in_features, N=out_features)
@@ -51,7 +52,6 @@ COLUMNS = ("bf16", "auto", "auto_copy", "measured", "w8a8_triton", "w8a8_fused",
 # column is read against the bare ``F.linear`` (``bf16``), which has less Python above the kernel.
 BASELINE = {"bf16_module": "bf16", "auto_module": "bf16_module", "auto_copy_module": "bf16_module"}
 BLOCK = 128  # the int8_block column's scale tile
-RESIDENT_MAX_K = 3072  # gluon_resident.MAX_K: the widest rows the resident kernel holds (not imported: Gluon)
 
 
 @dataclass

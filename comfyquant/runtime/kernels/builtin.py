@@ -119,8 +119,7 @@ def _resident_refusal(w, opts, x, out_dtype) -> None:
 
 def _int8_resident(x, w, scales, bias, opts, out_dtype):
     """The resident one-launch W8A8 kernel (``gluon_resident``: the row block's codes in shared memory, every
-    column tile run against them); pinned only, and not timed by measured dispatch, until a GPU has checked it
-    (``benchmarks/bench_resident.py``)."""
+    column tile run against them; bit-equal to the two-launch path, H100 run 149)."""
     from comfyquant.runtime.kernels.gluon_resident import resident_w8a8
 
     _resident_refusal(w, opts, x, out_dtype)
@@ -283,14 +282,19 @@ def cost_choice(x: torch.Tensor, n: int, k: int, group: int, policy, paths: tupl
 
 _INT8_PATHS = (("triton", "triton"), ("triton_fused", "triton_fused"), ("triton_w8a16", "triton_w8a16"),
                ("dequant", "dequant"))
+# the resident one-launch kernel (sm_90 with Gluon): a candidate where its backend runs, for unrotated layers
+# without a low-rank term (it has neither); the cost model prices it on the narrow layers only
+# (``costs.RESIDENT_PRICED_MAX_K``)
+RESIDENT_PATH = ("resident", "triton_resident")
 
 
-def int8_paths(group: int, rank: int = 0) -> tuple[tuple[str, str], ...]:
+def int8_paths(group: int, rank: int = 0, resident: bool = False) -> tuple[tuple[str, str], ...]:
     """The int8 kind's candidate (cost-model path, backend) pairs: no one-launch W8A8 kernel for a rotated layer
     (it has no rotation); a rotated layer with a LoRA's low-rank term keeps to the W8A8 path, whose plan carries
-    the term: the paths that rotate apart have no plan with one, so every call would run their general path."""
+    the term: the paths that rotate apart have no plan with one, so every call would run their general path.
+    ``resident``: the device runs the resident kernel (:data:`RESIDENT_PATH`, unrotated layers without a term)."""
     if not group:
-        return _INT8_PATHS
+        return (*_INT8_PATHS, RESIDENT_PATH) if resident and not rank else _INT8_PATHS
     if rank:
         return (("triton", "triton"),)
     return tuple(p for p in _INT8_PATHS if p[1] != "triton_fused")
@@ -303,7 +307,7 @@ def _choose_int8(x, n, k, opts, policy, rank: int = 0) -> BackendChoice:
     if not triton_available() or cap < (8, 0):
         return BackendChoice("torch", f"sm_{cap[0]}{cap[1]}: no triton int8 path; torch._int_mm")
     group = _opt(opts, 0)
-    return cost_choice(x, n, k, group, policy, int8_paths(group, rank))
+    return cost_choice(x, n, k, group, policy, int8_paths(group, rank, _resident_requires(x.device) is None))
 
 
 # ---- int8_block -----------------------------------------------------------------------------------------------
@@ -574,7 +578,7 @@ INT8 = register_kernel_kind(KernelKind(
                                    fuses_mod=_mod_rows),
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
-     "triton_resident": KernelBackend(_int8_resident, _resident_requires, plan=_plan_int8_resident, timed=False),
+     "triton_resident": KernelBackend(_int8_resident, _resident_requires, plan=_plan_int8_resident),
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16, fuses_norm=_rotated,
                                    fuses_mod=_mod_rotated)},
     choose=_choose_int8, check=_check_int8, choose_low_rank=_choose_int8))

@@ -25,7 +25,7 @@ from comfyquant.runtime.kernels import costs as cm
 from comfyquant.runtime.kernels.backends import device_cache_file
 from comfyquant.runtime.kernels.costs import DEFAULT_COSTS, DeviceCosts
 
-CACHE_VERSION = 12  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
+CACHE_VERSION = 13  # bumped when what is measured or modeled changes (2: plans' host time; 3: short-K model;
 # 4: the Triton W8A8 rate timed on a shape the Gluon kernel does not take, its speed-up apart; 5: the Gluon
 # kernel takes narrow layers too (configs.ws_shape), so the Triton rate is timed below its rows; 6: the Gluon
 # kernel from 256 rows, the Triton rate timed below them; 7: the block activation kernel, modeled at 0.75 of the
@@ -33,7 +33,8 @@ CACHE_VERSION = 12  # bumped when what is measured or modeled changes (2: plans'
 # 9: host times in interleaved rounds, the weight-only path's short-K term; 10: the W4A8 plan; 11: the W4A8 GEMM
 # with the weight as the register operand on 64-weight-row tiles, 1.2-2x faster from 64 rows; 12: a 128 MiB
 # bandwidth copy, operands made in row chunks: a smaller transient at the first quantized call; the Gluon
-# kernel's own short-K term, costs.WS_OVERHEAD_ITERS, so its speed-up is re-fitted)
+# kernel's own short-K term, costs.WS_OVERHEAD_ITERS, so its speed-up is re-fitted; 13: the resident kernel's
+# host time and whether the device runs it, ``DeviceCosts.resident``)
 HOST_SHAPE = (1, 256, 256)  # (M, N, K) of the host-time loop: microseconds of GPU work at most
 
 
@@ -172,6 +173,7 @@ def _keys(paths: tuple[str, ...]) -> frozenset[str]:
 # cost-model path -> (kernel kind, backend, operand keys of _operands, opts)
 PATH_BACKENDS: dict[str, tuple[str, str, tuple[str, ...], tuple[int, ...]]] = {
     **{b: ("int8", b, ("q", "s"), (0,)) for b in ("triton", "triton_fused", "triton_w8a16", "dequant", "torch")},
+    "resident": ("int8", "triton_resident", ("q", "s"), (0,)),
     "scaled_mm": ("fp8", "scaled_mm", ("qf", "sf", None), ()),
     "triton_fp8": ("fp8", "triton", ("qf", "sf", None), ()),
     "w4a8": ("int4_rot", "triton", ("p", "ps"), (16,)),
@@ -246,7 +248,7 @@ def measure(device: torch.device) -> DeviceCosts:
     per = host_rounds(timed_calls(HOST_SHAPE, dev, paths).calls)
     host = medians(per)
     base = DeviceCosts(device=torch.cuda.get_device_name(dev), sms=sms, bw_gbs=bw, launch_us=2.5,
-                       host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops)
+                       host_us=tuple(host.items()), tflops=DEFAULT_COSTS.tflops, resident="resident" in paths)
     rates = {}
     for shape, group in RATE_SHAPES:
         timed = tuple(p for p in group if p in paths)
@@ -307,7 +309,7 @@ def fit_rate(path: str, m: int, n: int, k: int, t_us: float, base: DeviceCosts) 
 def _with_rate(c: DeviceCosts, path: str, rate: float) -> DeviceCosts:
     r = dict(c.tflops)
     r[path] = rate
-    return DeviceCosts(c.device, c.sms, c.bw_gbs, c.launch_us, c.host_us, tuple(r.items()), c.measured)
+    return dataclasses.replace(c, tflops=tuple(r.items()))
 
 
 def load_or_measure(device: torch.device, root: Path | None = None) -> DeviceCosts:

@@ -193,6 +193,75 @@ def rows_quant_programs(col_tiles: int, sms: int = H200_SMS) -> int:
     return max(1, min(col_tiles, ROWS_MAX_COL_TILES, sms // ROWS_STREAMS))
 
 
+# The resident one-launch W8A8 kernel (``gluon_resident``, sm_90): a program holds a row block's int8 codes (all
+# of K) in shared memory and runs its share of the column tiles against them, the weight's tiles by TMA through a
+# ring. Shared memory per SM: 228 KB, 1 KB of it reserved per block.
+RESIDENT_MAX_K = 3072  # the widest row block whose codes fit beside a ring (64 rows x 3,072 bytes = 192 KB)
+RESIDENT_SMEM_SLACK = 256  # the ring's barriers (8 bytes a stage) and alignment beside the buffers
+SM_SMEM = 233472
+BLOCK_RESERVE = 1024
+RESIDENT_DEEP_STAGES = 8
+
+
+@dataclass(frozen=True)
+class ResidentConfig:
+    """One launch shape of the resident kernel: ``block_m`` rows a program (64: one warp group; 128: two),
+    ``block_n`` x ``block_k`` weight tiles through ``stages`` ring slots, ``splits`` programs per row block (each
+    a contiguous share of the column tiles, each quantizing the block again: those reads hit L2)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    stages: int
+    splits: int
+
+    @property
+    def warps(self) -> int:
+        return self.block_m // 16
+
+
+def resident_smem(block_m: int, block_n: int, block_k: int, stages: int, k: int, out_bytes: int = 2) -> int:
+    """Shared memory a resident launch takes: the codes (``block_m x`` K rounded up to ``block_k``), the weight
+    ring and the epilogue's layout change, which the compiler runs through a ``block_m x min(block_n, block_m)``
+    buffer (sm_90 compiles: 64 x 64 for 64-row blocks whatever the tile width)."""
+    return (block_m * cdiv(k, block_k) * block_k + stages * block_n * block_k
+            + block_m * min(block_n, block_m) * out_bytes + RESIDENT_SMEM_SLACK)
+
+
+def resident_per_sm(smem: int) -> int:
+    """Resident kernel programs one SM holds at once with ``smem`` bytes of shared memory each."""
+    return max(1, SM_SMEM // (smem + BLOCK_RESERVE))
+
+
+def resident_config(m: int, n: int, k: int, sms: int) -> ResidentConfig | None:
+    """The resident launch for ``[m, k] x [k, n]``, or None where the codes do not fit (K over
+    :data:`RESIDENT_MAX_K`, or not a multiple of 16; N not a multiple of 8). Measured on an H100 (run 149, 160
+    configurations of five SDXL / CLIP shapes at 1,024-16,384 rows, GPU time):
+
+    - 64-row blocks: 128-row ones halve the weight tiles read again from L2, but a program then fills an SM from
+      K = 640, so its serial phases (the block's quantization, then its MMAs) no longer overlap another's:
+      slower on every shape timed (SDXL attn 640 at 16,384 rows: 29.9 against 27.8 µs);
+    - column splits until the programs are about one per SM (at 1,024 rows five splits ran 9.7 µs, two 14.5);
+    - a deep ring (:data:`RESIDENT_DEEP_STAGES`) where the programs are one wave at one per SM (13.7 against
+      15.3 µs at 4,096 rows), else three stages, so that two programs share an SM where their codes allow.
+    """
+    if k > RESIDENT_MAX_K or k % 16 or n % 8:
+        return None
+    block_k = 128 if k % 128 == 0 or k > 256 else 64
+    rows = cdiv(m, 64)
+    for block_n in (128, 64):
+        tiles = cdiv(n, block_n)
+        splits = max(1, min(tiles, round(sms / rows)))
+        splits = cdiv(tiles, cdiv(tiles, splits))  # no split left without a column tile
+        deep = rows * splits <= sms
+        for stages in (range(RESIDENT_DEEP_STAGES, 2, -1) if deep else (3,)):
+            if resident_smem(64, block_n, block_k, stages, k) <= HOPPER_SMEM:
+                return ResidentConfig(64, block_n, block_k, stages, splits)
+        if resident_smem(64, block_n, block_k, 2, k) <= HOPPER_SMEM:
+            return ResidentConfig(64, block_n, block_k, 2, splits)
+    return None
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host code: ``triton.cdiv`` is a constexpr function in Triton 3.6 whose wrapper costs
     ~2-5 µs per call, paid several times per launch."""

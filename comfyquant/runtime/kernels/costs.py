@@ -21,6 +21,9 @@ from comfyquant.runtime.kernels.configs import (
     WS_N64_SPEED,
     WS_W8A8,
     gemm_config,
+    resident_config,
+    resident_per_sm,
+    resident_smem,
     rows_config,
     rows_shape,
     small_m_config,
@@ -31,17 +34,20 @@ from comfyquant.runtime.kernels.configs import (
 )
 
 # paths the model knows: eager-host cost and GPU kernels of each
-PATHS = ("bf16", "triton", "triton_fp8", "triton_fused", "triton_w8a16", "dequant", "scaled_mm", "w4a8", "torch")
+PATHS = ("bf16", "triton", "triton_fp8", "triton_fused", "triton_w8a16", "dequant", "scaled_mm", "w4a8", "torch",
+         "resident")
 # a path missing from a table (measured before the path existed) takes its sibling's constants: the fp8 W8A8
-# Triton GEMM is the int8 one's kernel and launch sequence on fp8 codes
-_SIBLING = {"triton_fp8": "triton"}
+# Triton GEMM is the int8 one's kernel and launch sequence on fp8 codes; the resident kernel's plan is one
+# prepared launch, as the one-launch W8A8 kernel's
+_SIBLING = {"triton_fp8": "triton", "resident": "triton_fused"}
 
 
 @dataclass(frozen=True)
 class DeviceCosts:
     """Measured constants of one device (µs, GB/s, TFLOP/s); ``host_us`` / ``tflops`` are (path, value) pairs;
     ``ws_speedup``: how much faster the int8 W8A8 GEMM runs on the shapes that take the warp-specialized Gluon
-    kernel (``configs.hopper_w8a8_config``) than the Triton kernel's rate says (1.0 where it does not run)."""
+    kernel (``configs.hopper_w8a8_config``) than the Triton kernel's rate says (1.0 where it does not run);
+    ``resident``: the device runs the resident one-launch kernel (sm_90 with Gluon), so the model prices it."""
 
     device: str
     sms: int
@@ -51,6 +57,7 @@ class DeviceCosts:
     tflops: tuple[tuple[str, float], ...]
     measured: str = ""
     ws_speedup: float = 1.0
+    resident: bool = False
     _host: dict = field(default=None, compare=False, hash=False, repr=False)
     _rate: dict = field(default=None, compare=False, hash=False, repr=False)
 
@@ -83,7 +90,7 @@ class DeviceCosts:
         return cls(device=d["device"], sms=int(d["sms"]), bw_gbs=float(d["bw_gbs"]),
                    launch_us=float(d["launch_us"]), host_us=tuple(d["host_us"].items()),
                    tflops=tuple(d["tflops"].items()), measured=d.get("measured", ""),
-                   ws_speedup=float(d.get("ws_speedup", 1.0)))
+                   ws_speedup=float(d.get("ws_speedup", 1.0)), resident=bool(d.get("resident", False)))
 
 
 # Measured on an NVIDIA H200 (torch 2.11+cu130, triton 3.6) by calibrate.measure, 2026-12-01 (run 3 of
@@ -99,7 +106,7 @@ DEFAULT_COSTS = DeviceCosts(
     # the Gluon GEMM over the Triton one on its shapes, H200 run 23 (benchmarks/results/gemm_ws_run23_*): the
     # geometric mean of the Triton kernel's time over the picked Gluon tile's at M >= 1024, 1 / 0.80; times
     # 0.9 since the Gluon kernel's own short-K term (WS_OVERHEAD_ITERS), the same prediction at K = 4,096
-    ws_speedup=1.25 * 0.9)
+    ws_speedup=1.25 * 0.9, resident=True)
 
 
 def _kernel(flops: float, nbytes: float, rate: float, eff: float, c: DeviceCosts) -> float:
@@ -192,6 +199,41 @@ def gluon_gemm_us(m: int, n: int, k: int, c: DeviceCosts, fp8: bool = False) -> 
     return _kernel(2.0 * m * n * k, m * k + n * k + 2.0 * m * n, c.rate("triton"), eff, c)
 
 
+# The resident one-launch kernel (``gluon_resident``, :func:`configs.resident_config`'s launch): fitted to its GPU
+# time on an H100 (run 149, ``bench_resident.py``: 127 configurations of SDXL attn 640, CLIP attn and fc1 at
+# 1,024-16,384 rows, CUDA-graph replay; geometric-mean error 1.10, worst 1.34; the picked configurations within
+# 6%). A program quantizes its block (both reads of x), then runs its column tiles, each K step waiting on a
+# weight tile from L2 through the ring (the wait shrinks with the ring's depth), then its epilogue; programs
+# sharing an SM slow each other by RESIDENT_SHARE. Priced up to RESIDENT_PRICED_MAX_K: at K = 1,280 the kernel
+# ran 0.58-0.76x bf16 (0.82-1.15x for the default paths) and at 3,072 0.22-0.41x, 2.1x over this model, whose
+# terms do not cover a program streaming the whole weight from L2 at 64 rows a pass.
+RESIDENT_LAUNCH_US = 4.4
+RESIDENT_QUANT_NS = 0.066  # per element of a row block
+RESIDENT_STEP_US = 0.375  # a 64 x 128 x 128 K step
+RESIDENT_RING = 1.2  # a step's wait: times (1 + RESIDENT_RING / stages)
+RESIDENT_TILE_NS = 0.016  # per output element of a tile (the epilogue)
+RESIDENT_SHARE = 0.41
+RESIDENT_PRICED_MAX_K = 768
+
+
+def resident_us(m: int, n: int, k: int, c: DeviceCosts) -> float:
+    """Modeled GPU time of the resident kernel on ``[m, k] x [k, n]`` (inf where the model does not price it: a
+    device that does not run it, K over :data:`RESIDENT_PRICED_MAX_K`, a shape it does not take)."""
+    cfg = resident_config(m, n, k, c.sms) if c.resident and k <= RESIDENT_PRICED_MAX_K else None
+    if cfg is None:
+        return math.inf
+    tiles = math.ceil(n / cfg.block_n)
+    per = math.ceil(tiles / cfg.splits)
+    programs = math.ceil(m / cfg.block_m) * math.ceil(tiles / per)
+    per_sm = resident_per_sm(resident_smem(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k))
+    waves = math.ceil(programs / (c.sms * per_sm))
+    sharing = min(per_sm, math.ceil(programs / c.sms))
+    step = (RESIDENT_STEP_US * cfg.block_n / 128 * (cfg.block_m / 64) ** 0.5 * (1 + RESIDENT_RING / cfg.stages))
+    program = (RESIDENT_QUANT_NS * cfg.block_m * k
+               + per * (math.ceil(k / cfg.block_k) * step * 1e3 + RESIDENT_TILE_NS * cfg.block_m * cfg.block_n)) / 1e3
+    return RESIDENT_LAUNCH_US + waves * program * (1 + RESIDENT_SHARE * (sharing - 1))
+
+
 def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) -> float:
     """Modeled GPU time of one call of ``path`` for ``[m, k] @ [k, n]``; inf for a path the model can't run."""
     if m <= 0:
@@ -240,6 +282,8 @@ def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) ->
     if path == "dequant":
         extra = _quant_kernel(m, k, c, group) if group else 0.0
         return extra + c.launch_us + 3.0 * n * k / (c.bw_gbs * 1e3) + _bf16_gemm(m, n, k, c)
+    if path == "resident":
+        return math.inf if group else resident_us(m, n, k, c)
     if path == "torch":
         return 4 * c.launch_us + flops / (c.rate("torch") * 1e6) + 12.0 * m * k / (c.bw_gbs * 1e3)
     return math.inf

@@ -21,10 +21,8 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -37,58 +35,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from comfyquant.runtime.kernels.act_kernels import quant_codes, scale_of
+from comfyquant.runtime.kernels.configs import RESIDENT_MAX_K, ResidentConfig, cdiv, resident_config
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 from comfyquant.runtime.kernels.triton_plans import raw_stream
 
-SMEM_LIMIT = 232448  # shared memory a Hopper block may take (opt-in)
-SMEM_SLACK = 2048  # barriers and the compiler's own scratch beside the codes, the ring and the layout change
 logger = logging.getLogger("comfyquant.runtime")
-MAX_K = 3072  # the widest row block whose codes fit beside a ring (64 rows x 3,072 bytes = 192 KB)
-
-
-@dataclass(frozen=True)
-class ResidentConfig:
-    """One launch shape: ``block_m`` rows a program (64: one warp group; 128: two), ``block_n`` x ``block_k``
-    weight tiles through ``stages`` ring slots, ``splits`` programs per row block (each a contiguous share of the
-    column tiles)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    stages: int
-    splits: int
-
-    @property
-    def warps(self) -> int:
-        return self.block_m // 16
-
-
-def smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, k: int, out_bytes: int = 2) -> int:
-    """Shared memory a launch takes: the codes (``block_m x`` K rounded up to ``block_k``), the weight ring and the
-    epilogue's layout change (one ``block_m x block_n`` tile of the output dtype)."""
-    return (block_m * triton.cdiv(k, block_k) * block_k + stages * block_n * block_k
-            + block_m * block_n * out_bytes + SMEM_SLACK)
-
-
-def resident_config(m: int, n: int, k: int, sms: int) -> ResidentConfig | None:
-    """The launch for ``[m, k] x [k, n]``, or None where the codes do not fit (K over :data:`MAX_K`): 128-row
-    blocks where their codes fit beside a 3-deep ring of 128-wide tiles and they give every SM a program, else
-    64; column splits up to a program per SM (a split keeps two column tiles at least)."""
-    if k > MAX_K or k % 16 or n % 8:
-        return None
-    block_k = 128 if k % 128 == 0 or k > 256 else 64
-    for block_m in (128, 64):
-        for block_n, stages in ((128, 3), (64, 4), (64, 3), (64, 2)):
-            if smem_bytes(block_m, block_n, block_k, stages, k) > SMEM_LIMIT:
-                continue
-            rows = triton.cdiv(m, block_m)
-            if block_m == 128 and rows < sms and triton.cdiv(m, 64) > rows and k * 64 <= 96 * 1024:
-                break  # half the rows a program doubles the programs: take 64
-            tiles = triton.cdiv(n, block_n)
-            splits = max(1, min(tiles // 2, sms // max(rows, 1)))
-            return ResidentConfig(block_m, block_n, block_k, stages, splits)
-    return None
 
 
 @gluon.jit
@@ -216,12 +168,12 @@ def launch_args(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, 
     """(grid, positional arguments, keyword arguments) of one :func:`w8a8_resident` launch."""
     m, k = x2d.shape
     n = out.shape[1]
-    tiles = triton.cdiv(n, cfg.block_n)
-    splits = triton.cdiv(tiles, triton.cdiv(tiles, cfg.splits))  # no split left without a column tile
-    grid = (triton.cdiv(m, cfg.block_m) * splits,)
+    tiles = cdiv(n, cfg.block_n)
+    splits = cdiv(tiles, cdiv(tiles, cfg.splits))  # no split left without a column tile
+    grid = (cdiv(m, cfg.block_m) * splits,)
     args = (x2d, w_desc, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), out.stride(0), splits)
     kwargs = dict(ROW_SB=sb.numel() > 1, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
-                  KT=triton.cdiv(k, cfg.block_k), STAGES=cfg.stages, num_warps=cfg.warps)
+                  KT=cdiv(k, cfg.block_k), STAGES=cfg.stages, num_warps=cfg.warps)
     return grid, args, kwargs
 
 
@@ -244,14 +196,14 @@ def _fast_args(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, s
 
 def refusal(x: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> str | None:
     """Why the kernel does not take this call (None: it does): 16-bit x with contiguous rows, an int8 weight,
-    a 16-bit output, K a multiple of 16 up to :data:`MAX_K`, N a multiple of 8."""
+    a 16-bit output, K a multiple of 16 up to ``configs.RESIDENT_MAX_K``, N a multiple of 8."""
     k, n = int(x.shape[-1]), int(w_q.shape[0])
     if x.dtype not in (torch.bfloat16, torch.float16) or out_dtype not in (torch.bfloat16, torch.float16):
         return f"takes bf16 / fp16 activations and outputs, not {x.dtype} -> {out_dtype}"
     if w_q.dtype != torch.int8:
         return f"takes an int8 weight, not {w_q.dtype}"
-    if k > MAX_K or k % 16 or n % 8:
-        return (f"holds rows up to {MAX_K} wide (multiples of 16; N a multiple of 8), not K = {k}, N = {n}")
+    if k > RESIDENT_MAX_K or k % 16 or n % 8:
+        return (f"holds rows up to {RESIDENT_MAX_K} wide (multiples of 16; N a multiple of 8), not K = {k}, N = {n}")
     return None
 
 
