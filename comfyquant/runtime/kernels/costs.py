@@ -20,6 +20,7 @@ from comfyquant.runtime.kernels.configs import (
     WS_FP8_SPEED,
     WS_N64_SPEED,
     WS_W8A8,
+    ResidentConfig,
     gemm_config,
     resident_config,
     resident_per_sm,
@@ -216,10 +217,13 @@ RESIDENT_SHARE = 0.41
 RESIDENT_PRICED_MAX_K = 768
 
 
-def resident_us(m: int, n: int, k: int, c: DeviceCosts) -> float:
-    """Modeled GPU time of the resident kernel on ``[m, k] x [k, n]`` (inf where the model does not price it: a
-    device that does not run it, K over :data:`RESIDENT_PRICED_MAX_K`, a shape it does not take)."""
-    cfg = resident_config(m, n, k, c.sms) if c.resident and k <= RESIDENT_PRICED_MAX_K else None
+def resident_us(m: int, n: int, k: int, c: DeviceCosts, cfg: ResidentConfig | None = None) -> float:
+    """Modeled GPU time of the resident kernel on ``[m, k] x [k, n]`` in launch ``cfg`` (default: the one
+    ``configs.resident_config`` picks); inf where the model does not price it: a device that does not run it, K
+    over :data:`RESIDENT_PRICED_MAX_K`, a shape it does not take."""
+    if not c.resident or k > RESIDENT_PRICED_MAX_K:
+        return math.inf
+    cfg = cfg or resident_config(m, n, k, c.sms)
     if cfg is None:
         return math.inf
     tiles = math.ceil(n / cfg.block_n)
