@@ -57,6 +57,7 @@ def test_launch_follows_the_fastest_configurations_run_149_timed(m: int, stages:
     """SDXL attn 640: splits until the programs are one per SM, a deep ring where they are one wave, else three
     stages so two programs share an SM (run 149's fastest: 5 splits at 1,024 rows, 9.7 against 14.5 µs for 2;
     the 8-deep ring at 4,096, 13.7 against 15.3 µs; 3 stages and 1 split at 16,384)."""
+    assert resident_config(0, 640, 640, H100) == resident_config(1, 640, 640, H100)  # an empty batch has a launch
     cfg = resident_config(m, 640, 640, H100)
     assert (cfg.block_m, cfg.block_n, cfg.stages, cfg.splits) == (64, 128, stages, splits)
     row = next(r for r in recorded(RUN149)["rows"] if r["shape"] == "sdxl.attn640" and r["m"] == m)

@@ -248,7 +248,7 @@ def resident_config(m: int, n: int, k: int, sms: int) -> ResidentConfig | None:
     if k > RESIDENT_MAX_K or k % 16 or n % 8:
         return None
     block_k = 128 if k % 128 == 0 or k > 256 else 64
-    rows = cdiv(m, 64)
+    rows = max(1, cdiv(m, 64))
     for block_n in (128, 64):
         tiles = cdiv(n, block_n)
         splits = max(1, min(tiles, round(sms / rows)))

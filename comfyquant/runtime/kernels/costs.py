@@ -202,12 +202,12 @@ def gluon_gemm_us(m: int, n: int, k: int, c: DeviceCosts, fp8: bool = False) -> 
 
 # The resident one-launch kernel (``gluon_resident``, :func:`configs.resident_config`'s launch): fitted to its GPU
 # time on an H100 (run 149, ``bench_resident.py``: 127 configurations of SDXL attn 640, CLIP attn and fc1 at
-# 1,024-16,384 rows, CUDA-graph replay; geometric-mean error 1.10, worst 1.34; the picked configurations within
-# 6%). A program quantizes its block (both reads of x), then runs its column tiles, each K step waiting on a
-# weight tile from L2 through the ring (the wait shrinks with the ring's depth), then its epilogue; programs
+# 1,024-16,384 rows, CUDA-graph replay; geometric-mean error 1.10, worst 1.34; the run's six default launches
+# within 6%). A program quantizes its block (both reads of x), then runs its column tiles, each K step waiting on
+# a weight tile from L2 through the ring (the wait shrinks with the ring's depth), then its epilogue; programs
 # sharing an SM slow each other by RESIDENT_SHARE. Priced up to RESIDENT_PRICED_MAX_K: at K = 1,280 the kernel
-# ran 0.58-0.76x bf16 (0.82-1.15x for the default paths) and at 3,072 0.22-0.41x, 2.1x over this model, whose
-# terms do not cover a program streaming the whole weight from L2 at 64 rows a pass.
+# ran 0.58-0.94x bf16 eager in every launch timed (the default paths 0.82-1.15x), and at 3,072 0.22-0.41x, 1.9-2.3x
+# this model's time, whose terms do not cover a program streaming the whole weight from L2 at 64 rows a pass.
 RESIDENT_LAUNCH_US = 4.4
 RESIDENT_QUANT_NS = 0.066  # per element of a row block
 RESIDENT_STEP_US = 0.375  # a 64 x 128 x 128 K step
