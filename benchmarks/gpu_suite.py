@@ -82,6 +82,9 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                        "--sections", "sweep", "--sweep-models", "flux,wan14b", "--sweep-m", "4096,16384"]],
         "sweep_narrow": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
                           "--sections", "sweep", "--sweep-models", "sdxl,t5xxl,clip_l"]],
+        # the SDXL / CLIP rows at 1,024-16,384 alone: where the resident kernel is priced (K <= 768) and beside it
+        "sweep_resident": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "sweep"), "--budget-s", "{budget}",
+                            "--sections", "sweep", "--sweep-models", "sdxl,clip_l", "--sweep-m", "1024,4096,16384"]],
         # tile-config timings (GEMM alone, CUDA graphs): the data behind configs.py, SDXL's 1280-wide shapes too
         "tune": [[PY, "benchmarks/gpu_session.py", "--out", str(work / "tune"), "--budget-s", "{budget}",
                   "--sections", "tune"]],
