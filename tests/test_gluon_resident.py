@@ -114,6 +114,7 @@ def test_backend_is_a_candidate_where_it_runs_and_refuses_what_it_cannot_run() -
     assert builtin.RESIDENT_PATH in builtin.int8_paths(0, 0, resident=True)
     for args in ((0, 0, False), (0, 16, True), (256, 0, True), (256, 16, True)):  # off-device, a LoRA term, rotated
         assert "triton_resident" not in {name for _, name in builtin.int8_paths(*args)}, args
+    assert not builtin.resident_runs(torch.zeros(2, 640, dtype=torch.bfloat16))  # the CPU
     assert "CUDA" in b.requires(torch.device("cpu"))
     w = torch.zeros(64, 640, dtype=torch.int8)
     x = torch.zeros(4, 640, dtype=torch.bfloat16)
@@ -178,3 +179,14 @@ def test_bench_plot_reads_speedups_from_recorded_rows(tmp_path, monkeypatch) -> 
     assert g == {"sdxl.attn640 M=4096": {"auto": 0.8, "fused": 0.5, "resident": 1.25, "best config": 1.6}}
     assert plot_bars(g, tmp_path / "r.png", "t", target=0.97).stat().st_size > 1000
     assert "bench_resident" in sys.modules
+
+
+def test_float32_activations_never_get_the_resident_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model run in float32 (ComfyUI's ``--force-fp32``) on an sm_90 GPU: the kernel takes 16-bit activations
+    only, so it must not be a candidate there, or the first narrow layer would fail on its refusal."""
+    from comfyquant.runtime.kernels import builtin
+
+    monkeypatch.setattr(builtin, "_resident_requires", lambda device: None)  # as on an sm_90 GPU with Gluon
+    assert builtin.resident_runs(torch.zeros(2, 640, dtype=torch.bfloat16))
+    assert builtin.resident_runs(torch.zeros(2, 640, dtype=torch.float16))
+    assert not builtin.resident_runs(torch.zeros(2, 640, dtype=torch.float32))

@@ -107,6 +107,12 @@ def _resident_requires(device: torch.device) -> str | None:
     return None if _ws_available() else "needs Triton's Gluon (triton >= 3.6)"
 
 
+def resident_runs(x: torch.Tensor) -> bool:
+    """Whether the resident kernel is a candidate for ``x``: 16-bit activations (its only inputs and outputs; a
+    model run in float32 keeps the other paths) on a device it runs on."""
+    return x.dtype in (torch.bfloat16, torch.float16) and _resident_requires(x.device) is None
+
+
 def _resident_refusal(w, opts, x, out_dtype) -> None:
     from comfyquant.runtime.kernels.gluon_resident import refusal
 
@@ -307,7 +313,7 @@ def _choose_int8(x, n, k, opts, policy, rank: int = 0) -> BackendChoice:
     if not triton_available() or cap < (8, 0):
         return BackendChoice("torch", f"sm_{cap[0]}{cap[1]}: no triton int8 path; torch._int_mm")
     group = _opt(opts, 0)
-    return cost_choice(x, n, k, group, policy, int8_paths(group, rank, _resident_requires(x.device) is None))
+    return cost_choice(x, n, k, group, policy, int8_paths(group, rank, resident_runs(x)))
 
 
 # ---- int8_block -----------------------------------------------------------------------------------------------
