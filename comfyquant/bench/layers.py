@@ -272,7 +272,7 @@ def _bench_shape(model: str, layer: str, k: int, n: int, cfg: BenchConfig, ck_fn
         }
         if group:
             ops["w8a8_convrot"] = _bound("int8", 3, (4,), opts=(group,))
-        if k <= RESIDENT_MAX_K:  # pinned-only, to be judged: the resident one-launch kernel (sm_90)
+        if k <= RESIDENT_MAX_K:  # the resident one-launch kernel pinned (sm_90; `auto` prices it up to K = 768)
             ops["w8a8_resident"] = _bound("int8", 1, (2,), backend="triton_resident")
         if weights[0][8] is not None:
             ops["w4a8"] = _bound("int4_rot", 8, (9,), opts=(group,))

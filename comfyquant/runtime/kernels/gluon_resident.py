@@ -14,6 +14,11 @@ would) and the epilogue is the W8A8 GEMMs'
 (``acc * s_x[row] * s_w[col] + bias`` in float32, in that order), so the output is bit-equal to the two-launch
 path's. Column splits (``splits`` programs a row block, each quantizing the block again, its reads hitting L2)
 fill the GPU where the row blocks alone do not.
+
+Measured (H100 runs 149-151): bit-equal on every launch; ahead of the default paths on K = 640-768 from 4,096
+rows (eager 0.75-0.92x -> 0.87-1.25x bf16), behind from K = 1,280, where every 64-row program streams the whole
+weight from L2 (docs/KERNEL_NOTES.md, forty-second session). The cost model prices it up to K = 768
+(``costs.resident_us``); the launch is ``configs.resident_config``'s.
 """
 
 from __future__ import annotations
