@@ -7,9 +7,11 @@ and eager wall time (back-to-back calls, synchronized) of bf16 ``F.linear``, the
 (``dispatch.bind_linear``, what a QuantLinear runs), its one-launch W8A8 path pinned (``triton_fused``: the
 row-block kernel from 64 rows), and the kernel on its default configuration and on the
 alternatives ``--configs`` lists, each launched as the runtime's plan launches it (``gluon_resident.plan_resident``:
-one launch, the weight's TMA descriptor expanded once).
+one launch, the weight's TMA descriptor expanded once); with ``--ws`` on rows up to 1,024 wide, the
+warp-specialized kernel (``gluon_resident_ws``, column ``resident_ws``: its GPU time is the figure to read, its
+eager time includes a general launch's host time).
 
-    python3 benchmarks/bench_resident.py --out results/resident
+    python3 benchmarks/bench_resident.py --out results/resident [--ws]
 """
 
 from __future__ import annotations
@@ -81,10 +83,19 @@ def configs_for(m: int, n: int, k: int, sms: int) -> dict:
     return out
 
 
-def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bool) -> list[dict]:
+def ws_fire(w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor):
+    """``x -> out`` on the warp-specialized resident kernel (``gluon_resident_ws``, its default launch; no plan:
+    each call through ``resident_ws_w8a8``, whose host time the eager column includes)."""
+    from comfyquant.runtime.kernels import gluon_resident_ws as grw
+
+    return lambda x: grw.resident_ws_w8a8(x, w_q, sb, bias)
+
+
+def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bool, ws: bool = False) -> list[dict]:
     from comfyquant.bench.layers import graph_time_us, wall_us
     from comfyquant.quant.int8 import quantize_rowwise
     from comfyquant.runtime.kernels import dispatch
+    from comfyquant.runtime.kernels.gluon_resident_ws import WS_MAX_K, resident_ws_config
     from comfyquant.runtime.kernels.launch import device_facts
     from comfyquant.runtime.kernels.triton_int8 import gemm_w8a8
     from comfyquant.runtime.kernels.triton_quant import quantize_rows_int8
@@ -121,9 +132,13 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bo
         want = gemm_w8a8(qa, sa, q0, s0, b0, torch.bfloat16)
         ref = (x0.double() @ (q0.double() * s0.double()[:, None]).T + b0.double())
         fires = {}
+        if ws and k <= WS_MAX_K:  # the warp-specialized kernel: a column of its own, checked like the others
+            cfgs = {**cfgs, "resident_ws": None}
+            row["configs"]["resident_ws"] = vars(resident_ws_config(m, n, k, sms))
         for cname, cfg in cfgs.items():
             try:
-                fires[cname] = [resident_fire(w[1], w[2], w[3], cfg, x0) for w in weights]
+                fires[cname] = [ws_fire(w[1], w[2], w[3]) if cname == "resident_ws" else
+                                resident_fire(w[1], w[2], w[3], cfg, x0) for w in weights]
                 got = fires[cname][0](x0)
                 torch.cuda.synchronize()
             except Exception as e:  # a configuration that does not compile or launch: recorded, not timed
@@ -163,7 +178,7 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bo
     return rows
 
 
-def speedup_groups(rows: list[dict], columns: tuple[str, ...] = ("auto", "fused", "resident")) -> dict:
+def speedup_groups(rows: list[dict], columns: tuple[str, ...] = ("auto", "fused", "resident", "resident_ws")) -> dict:
     """``{"shape M=m": {column: eager speed-up over bf16}}`` for :func:`plot_bars`, plus the fastest alternative
     configuration of each row as ``best config``."""
     groups = {}
@@ -184,6 +199,7 @@ def main() -> int:
     p.add_argument("--m", default=",".join(map(str, M_VALUES)))
     p.add_argument("--min-ms", type=float, default=10.0)
     p.add_argument("--configs", action="store_true", help="time the alternative configurations too")
+    p.add_argument("--ws", action="store_true", help="time the warp-specialized resident kernel too (K <= 1,024)")
     a = p.parse_args()
     names = a.shapes.split(",")
     unknown = [s for s in names if s not in SHAPES]
@@ -195,7 +211,7 @@ def main() -> int:
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
     for name in names:
         k, n = SHAPES[name]
-        rows += bench_shape(name, k, n, [int(v) for v in a.m.split(",")], a.min_ms, a.configs)
+        rows += bench_shape(name, k, n, [int(v) for v in a.m.split(",")], a.min_ms, a.configs, a.ws)
         (a.out / "resident.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if rows:
         from comfyquant.bench.plot import plot_bars

@@ -279,3 +279,30 @@ def check_resident() -> None:
         planned = callable(next(iter(call.memo.values()))[1])
         record("resident_backend_and_plan", torch.equal(first, want) and torch.equal(later, want) and planned,
                m=m, k=k, n=n, planned=planned)
+
+
+def check_resident_ws() -> None:
+    """The warp-specialized resident kernel (``gluon_resident_ws``: a quantizer partition, a TMA weight loader and
+    two consumer warp groups of 64 rows overlapping within a program) bit-equal to the two-launch path (the
+    activation quantizer's codes, then the W8A8 GEMM) on SDXL / CLIP widths: ragged M (a partial row block, and
+    77 rows: one block, its second warp group's rows all past M), fp16 without bias, row-wise and scalar weight
+    scales, on ``resident_ws_config``'s launch."""
+    from comfyquant.runtime.kernels import gluon_resident_ws as grw
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for m, k, n, has_bias, dt in [(4096, 640, 640, True, torch.bfloat16), (16384, 640, 640, True, torch.bfloat16),
+                                  (1000, 768, 768, False, torch.float16), (77, 768, 768, True, torch.bfloat16)]:
+        x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 4).to(dt)
+        x[0, 5] = 90.0
+        x[1] = 0
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        bias = torch.randn(n, device="cuda").to(dt) if has_bias else None
+        q, s = triton_quant.quantize_rows_int8(x, None)
+        for row_sb in (True, False):
+            ws = torch.rand(n if row_sb else 1, device="cuda") * 1e-2
+            want = triton_int8.gemm_w8a8(q, s, w, ws, bias, dt)
+            poison()
+            got = grw.resident_ws_w8a8(x, w, ws, bias)
+            record("resident_ws_bit_equal", torch.equal(got, want), m=m, k=k, n=n, row_sb=row_sb, bias=has_bias,
+                   dtype=str(dt), cfg=str(grw.resident_ws_config(m, n, k, sms)),
+                   max_diff=float((got.float() - want.float()).abs().max()))

@@ -199,13 +199,19 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         "checks_grows": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels"), "--only",
                           "check_group_rows,check_held_rotation,check_linear,check_plans,check_cuda_graphs"]],
         "rotation_grows": [[PY, "benchmarks/bench_rotation.py", "--out", str(work / "rotation_grows"), "--grows"]],
-        # the resident one-launch W8A8 kernel (gluon_resident, not dispatched yet) on SDXL / CLIP's narrow layers:
+        # the resident one-launch W8A8 kernel (gluon_resident; `auto` takes it up to K = 768) on SDXL / CLIP's layers:
         # bit-equal to the two-launch path, then timed against bf16, the runtime's pick and the pinned one-launch
         # path, with its alternative configurations (saved after every shape: a step cut short keeps what it timed)
         "resident": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_resident"), "--only",
                       "check_resident"],
                      [PY, "benchmarks/bench_resident.py", "--out", str(work / "resident"), "--configs", "--m",
                       "1024,4096,16384", "--shapes", "sdxl.attn640,clip.attn,sdxl.attn1280,clip.fc2,clip.fc1"]],
+        # the warp-specialized resident kernel (gluon_resident_ws, never run on a GPU before): its bit-equality
+        # check (opt-in: named here only), then its GPU time beside the resident kernel's on the narrow attention
+        "resident_ws": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_resident_ws"), "--only",
+                         "check_resident_ws"],
+                        [PY, "benchmarks/bench_resident.py", "--out", str(work / "resident_ws"), "--ws", "--m",
+                         "1024,4096,16384", "--shapes", "sdxl.attn640,clip.attn"]],
         # the W4A8 GEMM's kernels (plain order, the weight as wgmma's register operand, both nibbles per MMA, the
         # warp-specialized Gluon kernel) on 12 tiles against cuBLAS bf16 and the int8 W8A8 GEMM, GPU time, each
         # checked against a float64 product before it is timed, bit-equality across all (run 67: joined on

@@ -55,6 +55,17 @@ def test_a_misspelt_check_name_is_refused_before_any_device_work() -> None:
     assert e.value.code == 2
 
 
+def test_checks_of_kernels_no_gpu_has_run_need_naming() -> None:
+    """The warp-specialized resident kernel's check runs only when ``--only`` names it: a default run (and the
+    suite steps that run every check) keeps to kernels a GPU has run, where a hang cannot come."""
+    import check_kernels_gpu as ck
+
+    default = {fn.__name__ for fn in ck.selected(set())}
+    assert "check_resident_ws" not in default and "check_resident" in default
+    assert len(default) == len(ck._checks()) - len(ck.OPT_IN)
+    assert [fn.__name__ for fn in ck.selected({"check_resident_ws"})] == ["check_resident_ws"]
+
+
 def test_a_second_suite_call_keeps_the_first_ones_results(tmp_path: Path) -> None:
     """Two suite calls with one ``--out`` in a device call (run 123): the second zip takes a free name instead of
     replacing the first's, and the summary keeps both calls' lines."""

@@ -1,0 +1,79 @@
+"""The warp-specialized resident W8A8 kernel (``kernels.gluon_resident_ws``) compiled for sm_90 here, without a
+GPU, from the arguments its launcher builds: int8 wgmma on the codes it holds, the weight by TMA, its mbarrier
+protocol and register hand-over, no spills, and shared memory within the model's bound and a block's limit. Its
+output is checked bit for bit against the two-launch path on a GPU (``check_gemm_gpu.check_resident_ws``)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.experimental.gluon")
+
+from test_gluon_gemm import _assert_no_spills, _gluon_compile  # noqa: E402
+
+from comfyquant.runtime.kernels.configs import HOPPER_SMEM  # noqa: E402
+
+H200_SMS = 132
+SHAPES = [(16384, 640, 640), (4096, 768, 768), (1024, 640, 640)]  # SDXL attention 640, CLIP attention
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_compiles_for_sm90_with_wgmma_tma_barriers_and_no_spills(m: int, n: int, k: int, bias: bool) -> None:
+    from comfyquant.runtime.kernels import gluon_resident_ws as ws
+
+    cfg = ws.resident_ws_config(m, n, k, H200_SMS)
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    w = torch.zeros(n, k, dtype=torch.int8)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    grid, args = ws.launch_args(x, ws.weight_descriptor(w, cfg), out, torch.ones(n),
+                                torch.zeros(n, dtype=torch.bfloat16) if bias else None, cfg)
+    assert grid == (-(-m // 128), cfg.splits)
+    ck = _gluon_compile(ws.w8a8_resident_ws, args, ws.WARPS, aligned=True)
+    ptx = ck.asm["ptx"]
+    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.s32\.s8\.s8)", ptx)) == {
+        f"m64n{cfg.block_n}k32.s32.s8.s8"}
+    assert "cp.async.bulk.tensor" in ptx  # the weight tiles by TMA (and the output's stores)
+    assert "cp.async.bulk.tensor.2d.global.shared" in ptx  # the TMA store of the output
+    assert "mbarrier.try_wait.parity" in ptx and "mbarrier.arrive" in ptx and "setmaxnreg" in ptx
+    assert "fence.proxy.async" in ptx  # the quantizer's codes made visible to wgmma
+    assert ck.metadata.shared <= ws.resident_ws_smem(cfg.block_n, cfg.block_k, cfg.stages, k) <= HOPPER_SMEM
+    _assert_no_spills(ptx)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (77, 768, 768), (11264, 640, 640), (256, 1024, 1024),
+                                           (5000, 1000, 1024), (300, 64, 192)])
+def test_config_gives_every_split_a_tile_and_about_one_program_per_sm(m: int, n: int, k: int) -> None:
+    from comfyquant.runtime.kernels import gluon_resident_ws as ws
+
+    cfg = ws.resident_ws_config(m, n, k, H200_SMS)
+    assert cfg is not None and cfg.block_m == 128
+    assert ws.resident_ws_smem(cfg.block_n, cfg.block_k, cfg.stages, k) <= HOPPER_SMEM
+    tiles, rows = -(-n // cfg.block_n), -(-m // 128)
+    per = -(-tiles // cfg.splits)
+    assert 1 <= cfg.splits <= tiles and (cfg.splits - 1) * per < tiles  # the last split has a column tile
+    programs = rows * cfg.splits
+    assert programs <= max(H200_SMS, rows)  # one per SM (more only where the row blocks alone are more)
+    assert programs >= min(H200_SMS, rows * tiles) // 2
+
+
+def test_refuses_what_it_cannot_run_with_one_line() -> None:
+    from comfyquant.runtime.kernels import gluon_resident_ws as ws
+
+    w = torch.zeros(64, 640, dtype=torch.int8)
+    assert ws.refusal(torch.zeros(4, 640, dtype=torch.bfloat16), w, torch.bfloat16) is None
+    assert ws.refusal(torch.zeros(4, 640, dtype=torch.float16), w, torch.float16) is None
+    wide = ws.refusal(torch.zeros(4, 1280, dtype=torch.bfloat16), torch.zeros(64, 1280, dtype=torch.int8),
+                      torch.bfloat16)
+    fp32 = ws.refusal(torch.zeros(4, 640), w, torch.float32)
+    for why in (wide, fp32):
+        assert why and "\n" not in why
+    assert "1024" in wide and "1280" in wide and "float32" in fp32
+    assert ws.resident_ws_config(4096, 1280, 1280, H200_SMS) is None
+    with pytest.raises(ValueError, match="1024 wide"):  # refused before any device is asked
+        ws.resident_ws_w8a8(torch.zeros(2, 1280, dtype=torch.bfloat16), torch.zeros(8, 1280, dtype=torch.int8),
+                            torch.ones(8), None)
