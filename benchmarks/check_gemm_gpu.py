@@ -284,14 +284,15 @@ def check_resident() -> None:
 def check_resident_ws() -> None:
     """The warp-specialized resident kernel (``gluon_resident_ws``: a quantizer partition, a TMA weight loader and
     two consumer warp groups of 64 rows overlapping within a program) bit-equal to the two-launch path (the
-    activation quantizer's codes, then the W8A8 GEMM) on SDXL / CLIP widths: ragged M (a partial row block, and
-    77 rows: one block, its second warp group's rows all past M), fp16 without bias, row-wise and scalar weight
+    activation quantizer's codes, then the W8A8 GEMM) on SDXL / CLIP widths: ragged M (a partial row block; 77
+    rows: the second warp group's rows partly past M; 40: all past M), fp16 without bias, row-wise and scalar weight
     scales, on ``resident_ws_config``'s launch."""
     from comfyquant.runtime.kernels import gluon_resident_ws as grw
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m, k, n, has_bias, dt in [(4096, 640, 640, True, torch.bfloat16), (16384, 640, 640, True, torch.bfloat16),
-                                  (1000, 768, 768, False, torch.float16), (77, 768, 768, True, torch.bfloat16)]:
+                                  (1000, 768, 768, False, torch.float16), (77, 768, 768, True, torch.bfloat16),
+                                  (40, 640, 640, True, torch.bfloat16)]:
         x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 4).to(dt)
         x[0, 5] = 90.0
         x[1] = 0
