@@ -49,7 +49,7 @@ logger = logging.getLogger("comfyquant.runtime")
 
 
 @gluon.jit
-def _x_chunk(x_ptr, rows, cols, kt, M, K, stride_xm, BLOCK_K: gl.constexpr):
+def x_chunk(x_ptr, rows, cols, kt, M, K, stride_xm, BLOCK_K: gl.constexpr):
     """Columns ``kt * BLOCK_K + cols`` of the block's rows, in float32 (zero past K and M)."""
     c = kt * BLOCK_K + cols
     mask = (rows[:, None] < M) & (c[None, :] < K)
@@ -63,7 +63,7 @@ def _row_scales(x_ptr, rows, cols, M, K, stride_xm, KT: gl.constexpr, BLOCK_K: g
     all-zero row) and their reciprocals."""
     amax = gl.zeros_like(rows.to(gl.float32))
     for kt in gl.static_range(KT):
-        amax = gl.maximum(amax, gl.max(gl.abs(_x_chunk(x_ptr, rows, cols, kt, M, K, stride_xm, BLOCK_K)), axis=1))
+        amax = gl.maximum(amax, gl.max(gl.abs(x_chunk(x_ptr, rows, cols, kt, M, K, stride_xm, BLOCK_K)), axis=1))
     scale = scale_of(amax, 127.0)
     return scale, gl.div_rn(gl.full_like(scale, 1.0), scale)
 
@@ -74,7 +74,7 @@ def _quantize_block(x_ptr, a_smem, rows, cols, scale, inv, M, K, stride_xm, KT: 
     """The row block's int8 codes into ``a_smem`` (a ``[BLOCK_M, BLOCK_K]`` slot per K step; zero past K and M),
     by the activation quantizer's own arithmetic (``act_kernels.quant_codes``, int8)."""
     for kt in gl.static_range(KT):
-        x = _x_chunk(x_ptr, rows, cols, kt, M, K, stride_xm, BLOCK_K)
+        x = x_chunk(x_ptr, rows, cols, kt, M, K, stride_xm, BLOCK_K)
         a_smem.index(kt).store(quant_codes(x, scale[:, None], inv[:, None], 127.0, 0))
 
 

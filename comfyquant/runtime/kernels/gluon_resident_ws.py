@@ -38,7 +38,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from comfyquant.runtime.kernels.act_kernels import quant_codes, scale_of
 from comfyquant.runtime.kernels.configs import HOPPER_SMEM, ResidentConfig, cdiv
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
-from comfyquant.runtime.kernels.gluon_resident import _x_chunk, weight_descriptor
+from comfyquant.runtime.kernels.gluon_resident import weight_descriptor, x_chunk
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 
 BLOCK_M = 128  # rows a program: two consumer warp groups of 64
@@ -86,7 +86,7 @@ def _quantizer(x_ptr, a_smem, s_smem, i_smem, scales_ready, chunk_ready, M, K, s
         rows = row0 + sub * QROWS + gl.arange(0, QROWS, layout=rows_l)
         amax = gl.zeros([QROWS], gl.float32, rows_l)
         for kt in gl.static_range(KT):
-            amax = gl.maximum(amax, gl.max(gl.abs(_x_chunk(x_ptr, rows, cols, kt, M, K, stride_xm, BLOCK_K)), axis=1))
+            amax = gl.maximum(amax, gl.max(gl.abs(x_chunk(x_ptr, rows, cols, kt, M, K, stride_xm, BLOCK_K)), axis=1))
         scale = scale_of(amax, 127.0)
         s_smem.slice(sub * QROWS, QROWS).store(scale)
         i_smem.slice(sub * QROWS, QROWS).store(gl.div_rn(gl.full_like(scale, 1.0), scale))
@@ -99,7 +99,7 @@ def _quantizer(x_ptr, a_smem, s_smem, i_smem, scales_ready, chunk_ready, M, K, s
             rows = row0 + h * P2ROWS + gl.arange(0, P2ROWS, layout=rows_l)
             scale = s_smem.slice(h * P2ROWS, P2ROWS).load(rows_l)
             inv = i_smem.slice(h * P2ROWS, P2ROWS).load(rows_l)
-            x = _x_chunk(x_ptr, rows, cols, kk, M, K, stride_xm, BLOCK_K)
+            x = x_chunk(x_ptr, rows, cols, kk, M, K, stride_xm, BLOCK_K)
             a_smem.index(kk).slice(h * P2ROWS, P2ROWS, dim=0).store(
                 quant_codes(x, scale[:, None], inv[:, None], 127.0, 0))
         fence_async_shared()  # the codes (generic proxy) before any wgmma (async proxy) reads them
