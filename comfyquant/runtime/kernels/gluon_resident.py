@@ -199,31 +199,39 @@ def _fast_args(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, s
     return grid, full, key
 
 
-def refusal(x: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> str | None:
+def refusal(x: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype, max_k: int = RESIDENT_MAX_K) -> str | None:
     """Why the kernel does not take this call (None: it does): 16-bit x with contiguous rows, an int8 weight,
-    a 16-bit output, K a multiple of 16 up to ``configs.RESIDENT_MAX_K``, N a multiple of 8."""
+    a 16-bit output, K a multiple of 16 up to ``max_k`` (``configs.RESIDENT_MAX_K``: the codes of 64 rows beside
+    a ring), N a multiple of 8."""
     k, n = int(x.shape[-1]), int(w_q.shape[0])
     if x.dtype not in (torch.bfloat16, torch.float16) or out_dtype not in (torch.bfloat16, torch.float16):
         return f"takes bf16 / fp16 activations and outputs, not {x.dtype} -> {out_dtype}"
     if w_q.dtype != torch.int8:
         return f"takes an int8 weight, not {w_q.dtype}"
-    if k > RESIDENT_MAX_K or k % 16 or n % 8:
-        return (f"holds rows up to {RESIDENT_MAX_K} wide (multiples of 16; N a multiple of 8), not K = {k}, N = {n}")
+    if k > max_k or k % 16 or n % 8:
+        return f"holds rows up to {max_k} wide (multiples of 16; N a multiple of 8), not K = {k}, N = {n}"
     return None
+
+
+def rows_of(x: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype | None,
+            refuse: Callable[[torch.Tensor, torch.Tensor, torch.dtype], str | None], what: str
+            ) -> tuple[torch.Tensor, torch.dtype]:
+    """(x as ``[M, K]`` rows with unit column stride, the output dtype: x's by default) for a resident kernel's
+    call, or ValueError with ``refuse``'s reason (``what``: the kernel's name in that line)."""
+    out_dtype = out_dtype or x.dtype
+    why = refuse(x, w_q, out_dtype)
+    if why is not None:
+        raise ValueError(f"{what} {why}")
+    x2d = x.reshape(-1, x.shape[-1])
+    return (x2d if x2d.stride(-1) == 1 else x2d.contiguous()), out_dtype
 
 
 def resident_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype | None = None, cfg: ResidentConfig | None = None) -> torch.Tensor:
     """``x @ dequant(w_q)^T + bias`` with x quantized per row inside the launch (bf16 / fp16 x of any leading
     shape, int8 ``w_q [N, K]``, ``w_scale`` per row or one scalar; the output in ``out_dtype``, x's by default)."""
-    out_dtype = out_dtype or x.dtype
-    why = refusal(x, w_q, out_dtype)
-    if why is not None:
-        raise ValueError(f"the resident W8A8 kernel {why}")
+    x2d, out_dtype = rows_of(x, w_q, out_dtype, refusal, "the resident W8A8 kernel")
     lead, k = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, k)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
     m, n = x2d.shape[0], w_q.shape[0]
     if cfg is None:
         cfg = resident_config(m, n, k, device_facts(x.device)[0])

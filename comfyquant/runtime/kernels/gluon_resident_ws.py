@@ -38,7 +38,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from comfyquant.runtime.kernels.act_kernels import quant_codes, scale_of
 from comfyquant.runtime.kernels.configs import HOPPER_SMEM, ResidentConfig, cdiv
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
-from comfyquant.runtime.kernels.gluon_resident import weight_descriptor, x_chunk
+from comfyquant.runtime.kernels.gluon_resident import refusal as resident_refusal
+from comfyquant.runtime.kernels.gluon_resident import rows_of, weight_descriptor, x_chunk
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 
 BLOCK_M = 128  # rows a program: two consumer warp groups of 64
@@ -251,16 +252,9 @@ def resident_ws_config(m: int, n: int, k: int, sms: int, out_bytes: int = 2) -> 
 
 
 def refusal(x: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> str | None:
-    """Why the kernel does not take this call (None: it does): 16-bit x and output, an int8 weight, K a multiple
-    of 16 up to :data:`WS_MAX_K`, N a multiple of 8 (the output's rows 16-byte aligned for its TMA store)."""
-    k, n = int(x.shape[-1]), int(w_q.shape[0])
-    if x.dtype not in (torch.bfloat16, torch.float16) or out_dtype not in (torch.bfloat16, torch.float16):
-        return f"takes bf16 / fp16 activations and outputs, not {x.dtype} -> {out_dtype}"
-    if w_q.dtype != torch.int8:
-        return f"takes an int8 weight, not {w_q.dtype}"
-    if k > WS_MAX_K or k % 16 or n % 8:
-        return f"holds rows up to {WS_MAX_K} wide (multiples of 16; N a multiple of 8), not K = {k}, N = {n}"
-    return None
+    """Why the kernel does not take this call (None: it does): ``gluon_resident.refusal``'s terms with K up to
+    :data:`WS_MAX_K` (N a multiple of 8 also keeps the output's rows 16-byte aligned for its TMA store)."""
+    return resident_refusal(x, w_q, out_dtype, WS_MAX_K)
 
 
 def output_descriptor(out: torch.Tensor, block_n: int) -> TensorDescriptor:
@@ -292,14 +286,8 @@ def resident_ws_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
                      out_dtype: torch.dtype | None = None, cfg: ResidentConfig | None = None) -> torch.Tensor:
     """``x @ dequant(w_q)^T + bias`` with x quantized per row inside the launch, as ``gluon_resident.resident_w8a8``
     (bf16 / fp16 x of any leading shape, int8 ``w_q [N, K]``, ``w_scale`` per row or one scalar)."""
-    out_dtype = out_dtype or x.dtype
-    why = refusal(x, w_q, out_dtype)
-    if why is not None:
-        raise ValueError(f"the warp-specialized resident W8A8 kernel {why}")
+    x2d, out_dtype = rows_of(x, w_q, out_dtype, refusal, "the warp-specialized resident W8A8 kernel")
     lead, k = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, k)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
     m, n = x2d.shape[0], w_q.shape[0]
     cfg = cfg or resident_ws_config(m, n, k, device_facts(x.device)[0])
     if cfg.block_m != BLOCK_M:
