@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 from comfyquant.eval import metrics as M
 from comfyquant.eval.classifier import train_classifier
 from comfyquant.eval.data import load_digits

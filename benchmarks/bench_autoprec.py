@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 from comfyquant.calibration.stats import CalibrationStats, LayerStats
 from comfyquant.testing.synthetic import ValueModel, write_streamed
 

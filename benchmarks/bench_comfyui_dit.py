@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 from bench_comfyui_flux import (
     FOLD_VARIANTS,
     STOCK_ROPE,

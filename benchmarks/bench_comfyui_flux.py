@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 from comfyquant.bench.saved import read_saved_json
 from comfyquant.nodes.attention import DEFAULT_MODE
 

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 from bench_comfyui_flux import (
     _free,
     _import_comfy,

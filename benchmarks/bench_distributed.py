@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 from comfyquant.io.digest import file_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 SHAPES = {  # (model, layer): (K, N)
     ("flux", "qkv"): (3072, 9216), ("flux", "proj"): (3072, 3072), ("flux", "mlp0"): (3072, 12288),
     ("flux", "mlp2"): (12288, 3072), ("flux", "linear1"): (3072, 21504), ("flux", "linear2"): (15360, 3072),

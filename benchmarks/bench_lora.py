@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 import comfyquant.lora as cql
 from comfyquant.runtime.dispatch_report import describe_dispatch
 from comfyquant.runtime.quantize import QuantizeConfig, quantize_

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 from comfyquant.calibration.stats import LayerStats
 from comfyquant.testing.architectures import arch_tensors
 from comfyquant.testing.synthetic import ValueModel, student_t4, write_streamed

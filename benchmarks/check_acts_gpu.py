@@ -6,8 +6,13 @@ comfy-kitchen."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from gpu_check_record import record, rel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 
 from comfyquant.quant.hadamard import fast_hadamard
 from comfyquant.quant.int8 import dequantize_blockwise, quantize_blockwise, quantize_rowwise

@@ -4,8 +4,13 @@ one-program-per-tile kernel with the same tile, and the Gluon kernel's LoRA epil
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from gpu_check_record import poison, record, rel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 
 from comfyquant.runtime.kernels import reference, triton_int8, triton_quant
 

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from gpu_check_record import RESULTS, record, rel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 from comfyquant.quant.fp8 import quantize_fp8
 from comfyquant.quant.hadamard import choose_group_size, fast_hadamard, rotate_weight
 from comfyquant.quant.int8 import quantize_rowwise, quantize_tensorwise

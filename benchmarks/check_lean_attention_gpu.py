@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 from bench_comfyui_flux import _import_comfy
 
 # (name, q shape, k shape, heads, call kwargs, dtype); [B, T, H * D] unless skip_reshape ([B, H, T, D])

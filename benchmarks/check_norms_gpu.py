@@ -4,8 +4,13 @@ RMSNorm (``acts.RowNorm``), a DiT block's modulated LayerNorm and an affine Laye
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from gpu_check_record import record, rel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 
 from comfyquant.runtime.kernels import triton_quant
 

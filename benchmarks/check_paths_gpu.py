@@ -6,8 +6,13 @@ every fusing backend."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from gpu_check_record import poison, record, rel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 
 from comfyquant.runtime.kernels import triton_int8
 

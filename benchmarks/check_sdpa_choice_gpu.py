@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 from check_lean_attention_gpu import host_us, parse_and_import
 
 # (name, q shape, k shape, heads, call kwargs); [B, T, H * D] unless skip_reshape ([B, H, T, D]); bf16

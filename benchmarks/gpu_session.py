@@ -485,6 +485,7 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     for sec in a.sections.split(","):
         t = time.perf_counter()

@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 
 
 def best_us(fn: Callable[[], object], calls: int = 2000, rounds: int = 7) -> float:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
+
 
 def measure() -> dict[str, Any]:
     """{target: {"limit": bytes, "kernels": {kernel: largest shared bytes}, "launches": n, "distinct": n}}."""

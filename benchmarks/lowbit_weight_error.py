@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 
 from comfyquant.formats import FormatShapeError, dequantize_weight, get_format, quantize_weight
 from comfyquant.testing.comfyui_env import ensure_comfyui, import_comfy

@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 
 from comfyquant.eval.metrics import cosine
 from comfyquant.eval.minilm import Tokenizer, build_minilm, embed, empty_minilm, load_sentences, model_dir

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 from bench_comfyui_flux import FULL, _free, _import_comfy, _inputs, flux_state_dict, wanted, work_files
 from bench_comfyui_flux import SMOKE as FLUX_SMOKE
 from bench_comfyui_sdxl import SDXL, SMOKE, _smoke_patcher, sdxl_inputs, sdxl_state_dict

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, run from anywhere
 
 from comfyquant.bench.gpu_clocks import ClockSampler
 from comfyquant.bench.layers import SHAPES, _bound, _cycling, _int4_rot, wall_us

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import runpy
 import sys
 import zipfile
@@ -53,6 +54,32 @@ def test_a_misspelt_check_name_is_refused_before_any_device_work() -> None:
     with pytest.raises(SystemExit) as e:
         check_kernels_gpu.main(["--only", "check_norm_fold,check_nope"])
     assert e.value.code == 2
+
+
+def test_every_benchmark_script_puts_the_repos_package_first() -> None:
+    """The device machine has no comfyquant installed: a benchmark run outside ``gpu_suite`` (which sets
+    ``PYTHONPATH``) found no package in run 150. Every script that imports it puts the repo root on its path."""
+    def finds(text: str) -> bool:
+        return ("sys.path.insert(0, str(Path(__file__).resolve().parents[1]))" in text
+                or ("ROOT = Path(__file__).resolve().parents[1]" in text and "sys.path.insert(0, str(ROOT))" in text))
+
+    missing = [p.name for p in sorted((ROOT / "benchmarks").glob("*.py"))
+               if re.search(r"^\s*(from|import) comfyquant", p.read_text(), re.M) and not finds(p.read_text())]
+    assert not missing, missing
+
+
+def test_a_check_script_runs_where_the_package_is_not_installed(tmp_path: Path) -> None:
+    """Run 150's failure, reproduced: ``check_kernels_gpu.py`` started from another folder by a Python that has
+    torch but no comfyquant installed (``-S``: the editable install's ``.pth`` is not read) parses its arguments."""
+    import subprocess
+
+    import torch
+
+    site = str(Path(torch.__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-S", str(ROOT / "benchmarks" / "check_kernels_gpu.py"), "--help"],
+                       cwd=tmp_path, env={"PYTHONPATH": site, "PATH": "/usr/bin:/bin"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "--only" in r.stdout, r.stderr[-2000:]
 
 
 def test_checks_of_kernels_no_gpu_has_run_need_naming() -> None:
