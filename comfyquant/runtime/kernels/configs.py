@@ -228,6 +228,12 @@ def resident_smem(block_m: int, block_n: int, block_k: int, stages: int, k: int,
             + block_m * min(block_n, block_m) * out_bytes + RESIDENT_SMEM_SLACK)
 
 
+def column_splits(tiles: int, splits: int) -> int:
+    """The column splits a resident launch runs for ``tiles`` column tiles when ``splits`` are asked: as many as
+    leave every split a column tile (each takes ``cdiv(tiles, splits)`` contiguous tiles)."""
+    return cdiv(tiles, cdiv(tiles, splits))
+
+
 def resident_per_sm(smem: int) -> int:
     """Resident kernel programs one SM holds at once with ``smem`` bytes of shared memory each."""
     return max(1, SM_SMEM // (smem + BLOCK_RESERVE))
@@ -252,7 +258,7 @@ def resident_config(m: int, n: int, k: int, sms: int) -> ResidentConfig | None:
     for block_n in (128, 64):
         tiles = cdiv(n, block_n)
         splits = max(1, min(tiles, round(sms / rows)))
-        splits = cdiv(tiles, cdiv(tiles, splits))  # no split left without a column tile
+        splits = column_splits(tiles, splits)
         deep = rows * splits <= sms
         for stages in (range(RESIDENT_DEEP_STAGES, 2, -1) if deep else (3,)):
             if resident_smem(64, block_n, block_k, stages, k) <= HOPPER_SMEM:

@@ -21,6 +21,7 @@ from comfyquant.runtime.kernels.configs import (
     WS_N64_SPEED,
     WS_W8A8,
     ResidentConfig,
+    column_splits,
     gemm_config,
     resident_config,
     resident_per_sm,
@@ -228,7 +229,7 @@ def resident_us(m: int, n: int, k: int, c: DeviceCosts, cfg: ResidentConfig | No
         return math.inf
     tiles = math.ceil(n / cfg.block_n)
     per = math.ceil(tiles / cfg.splits)
-    programs = math.ceil(m / cfg.block_m) * math.ceil(tiles / per)
+    programs = math.ceil(m / cfg.block_m) * column_splits(tiles, cfg.splits)
     per_sm = resident_per_sm(resident_smem(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k))
     waves = math.ceil(programs / (c.sms * per_sm))
     sharing = min(per_sm, math.ceil(programs / c.sms))

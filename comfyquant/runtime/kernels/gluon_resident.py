@@ -40,7 +40,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from comfyquant.runtime.kernels.act_kernels import quant_codes, scale_of
-from comfyquant.runtime.kernels.configs import RESIDENT_MAX_K, ResidentConfig, cdiv, resident_config
+from comfyquant.runtime.kernels.configs import (
+    RESIDENT_MAX_K,
+    ResidentConfig,
+    cdiv,
+    column_splits,
+    resident_config,
+)
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 from comfyquant.runtime.kernels.triton_plans import raw_stream
@@ -174,7 +180,7 @@ def launch_args(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, 
     m, k = x2d.shape
     n = out.shape[1]
     tiles = cdiv(n, cfg.block_n)
-    splits = cdiv(tiles, cdiv(tiles, cfg.splits))  # no split left without a column tile
+    splits = column_splits(tiles, cfg.splits)
     grid = (cdiv(m, cfg.block_m) * splits,)
     args = (x2d, w_desc, out, sb, bias if bias is not None else sb, m, n, k, x2d.stride(0), out.stride(0), splits)
     kwargs = dict(ROW_SB=sb.numel() > 1, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,

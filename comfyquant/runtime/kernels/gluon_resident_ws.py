@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from comfyquant.runtime.kernels.act_kernels import quant_codes, scale_of
-from comfyquant.runtime.kernels.configs import HOPPER_SMEM, ResidentConfig, cdiv
+from comfyquant.runtime.kernels.configs import HOPPER_SMEM, ResidentConfig, cdiv, column_splits
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
 from comfyquant.runtime.kernels.gluon_resident import refusal as resident_refusal
 from comfyquant.runtime.kernels.gluon_resident import rows_of, weight_descriptor, x_chunk
@@ -242,7 +242,7 @@ def resident_ws_config(m: int, n: int, k: int, sms: int, out_bytes: int = 2) -> 
         tiles = cdiv(n, block_n)
         for splits in range(1, tiles + 1):
             per = cdiv(tiles, splits)
-            if not stages or cdiv(tiles, per) != splits:  # a split without a column tile
+            if not stages or column_splits(tiles, splits) != splits:  # a split without a column tile
                 continue
             cost = cdiv(rows * splits, sms) * (per * block_n / (1.0 if block_n == 128 else N64_SPEED) + QUANT_COLS)
             key = (round(cost, 6), rows * splits)
@@ -271,7 +271,7 @@ def launch_args(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, 
     m, k = x2d.shape
     n = out.shape[1]
     tiles = cdiv(n, cfg.block_n)
-    splits = cdiv(tiles, cdiv(tiles, cfg.splits))
+    splits = column_splits(tiles, cfg.splits)
     args = (x2d, w_desc, output_descriptor(out, cfg.block_n), sb, bias if bias is not None else sb, m, n, k,
             x2d.stride(0), sb.numel() > 1, bias is not None, cdiv(k, cfg.block_k), cfg.stages, *regs)
     return (cdiv(m, BLOCK_M), splits), args
