@@ -32,14 +32,17 @@ def test_summarize_means_and_peaks() -> None:
 
 def _fake_smi(tmp_path: Path, mhz: str) -> Path:
     """An executable that prints nvidia-smi's ``--format=csv,noheader,nounits`` lines every 10 ms, with the SM
-    clock read from the file ``mhz`` (so a test can change it between windows)."""
+    clock read from the file ``mhz`` (so a test can change it between windows). It stamps a line after reading
+    the clock: stamped first, a process preempted between the two on a loaded CI host gave the first window a
+    sample of the second's clock (1965 against 1980 MHz, a fresh-clone run on 2 cores)."""
     exe = tmp_path / "fake-smi"
     exe.write_text("#!/usr/bin/env python3\n"
                    "import sys, time\nfrom datetime import datetime\n"
                    f"path = {mhz!r}\n"
                    "while True:\n"
-                   "    now = datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]\n"
-                   "    print(f'{now}, {open(path).read().strip()}, 500.0, 40', flush=True)\n"
+                   "    mhz = open(path).read().strip()\n"  # read, then stamp: a sample is never stamped before
+                   "    now = datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]\n"  # the value it carries
+                   "    print(f'{now}, {mhz}, 500.0, 40', flush=True)\n"
                    "    time.sleep(0.01)\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return exe
