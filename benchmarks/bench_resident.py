@@ -7,11 +7,12 @@ and eager wall time (back-to-back calls, synchronized) of bf16 ``F.linear``, the
 (``dispatch.bind_linear``, what a QuantLinear runs), its one-launch W8A8 path pinned (``triton_fused``: the
 row-block kernel from 64 rows), and the kernel on its default configuration and on the
 alternatives ``--configs`` lists, each launched as the runtime's plan launches it (``gluon_resident.plan_resident``:
-one launch, the weight's TMA descriptor expanded once); with ``--ws`` on rows up to 1,024 wide, the
+one launch, the weight's TMA descriptor expanded once); with ``--ws`` on rows up to 1,280 wide, the
 warp-specialized kernel (``gluon_resident_ws``, column ``resident_ws``: its GPU time is the figure to read, its
-eager time includes a general launch's host time).
+eager time includes a general launch's host time), and with ``--ws-configs`` its other launches (columns
+``ws<tile width>s<stages>p<splits>``; its default launch rests on estimates no GPU has checked).
 
-    python3 benchmarks/bench_resident.py --out results/resident [--ws]
+    python3 benchmarks/bench_resident.py --out results/resident [--ws [--ws-configs]]
 """
 
 from __future__ import annotations
@@ -83,19 +84,44 @@ def configs_for(m: int, n: int, k: int, sms: int) -> dict:
     return out
 
 
-def ws_fire(w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor):
-    """``x -> out`` on the warp-specialized resident kernel (``gluon_resident_ws``, its default launch; no plan:
-    each call through ``resident_ws_w8a8``, whose host time the eager column includes)."""
+def ws_configs_for(m: int, n: int, k: int, sms: int, alt: bool) -> dict:
+    """The warp-specialized kernel's default launch (``resident_ws``) and, with ``alt``, the others worth timing:
+    each tile width on its deepest ring, with one split, about one program per SM, and twice that."""
+    from comfyquant.runtime.kernels import gluon_resident_ws as grw
+    from comfyquant.runtime.kernels.configs import ResidentConfig, cdiv, column_splits
+
+    base = grw.resident_ws_config(m, n, k, sms)
+    if base is None:
+        return {}
+    out = {"resident_ws": base}
+    rows = cdiv(m, grw.BLOCK_M)
+    for bn in (128, 64) if alt else ():
+        st = max((s for s in range(grw.WS_MIN_STAGES, grw.WS_MAX_STAGES + 1)
+                  if grw.resident_ws_smem(bn, base.block_k, s, k) <= HOPPER_SMEM), default=0)
+        if not st:
+            continue
+        tiles = cdiv(n, bn)
+        for want in (1, sms // rows, 2 * sms // rows):
+            splits = column_splits(tiles, max(1, min(tiles, want)))
+            cfg = ResidentConfig(grw.BLOCK_M, bn, base.block_k, st, splits)
+            if cfg != base:
+                out[f"ws{bn}s{st}p{splits}"] = cfg
+    return out
+
+
+def ws_fire(w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor, cfg=None):
+    """``x -> out`` on the warp-specialized resident kernel (``gluon_resident_ws``; ``cfg``: its launch, None for
+    the default; no plan: each call through ``resident_ws_w8a8``, whose host time the eager column includes)."""
     from comfyquant.runtime.kernels import gluon_resident_ws as grw
 
-    return lambda x: grw.resident_ws_w8a8(x, w_q, sb, bias)
+    return lambda x: grw.resident_ws_w8a8(x, w_q, sb, bias, cfg=cfg)
 
 
-def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bool, ws: bool = False) -> list[dict]:
+def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bool, ws: bool = False,
+                ws_alt: bool = False) -> list[dict]:
     from comfyquant.bench.layers import graph_time_us, wall_us
     from comfyquant.quant.int8 import quantize_rowwise
     from comfyquant.runtime.kernels import dispatch
-    from comfyquant.runtime.kernels.gluon_resident_ws import WS_MAX_K, resident_ws_config
     from comfyquant.runtime.kernels.launch import device_facts
     from comfyquant.runtime.kernels.triton_int8 import gemm_w8a8
     from comfyquant.runtime.kernels.triton_quant import quantize_rows_int8
@@ -132,13 +158,12 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bo
         want = gemm_w8a8(qa, sa, q0, s0, b0, torch.bfloat16)
         ref = (x0.double() @ (q0.double() * s0.double()[:, None]).T + b0.double())
         fires = {}
-        if ws and k <= WS_MAX_K:  # the warp-specialized kernel: a column of its own, checked like the others
-            cfgs = {**cfgs, "resident_ws": None}
-            row["configs"]["resident_ws"] = vars(resident_ws_config(m, n, k, sms))
-        for cname, cfg in cfgs.items():
+        ws_cfgs = ws_configs_for(m, n, k, sms, ws_alt) if ws else {}  # columns of their own, checked alike
+        row["configs"].update({kk: vars(v) for kk, v in ws_cfgs.items()})
+        for cname, cfg in {**cfgs, **ws_cfgs}.items():
             try:
-                fires[cname] = [ws_fire(w[1], w[2], w[3]) if cname == "resident_ws" else
-                                resident_fire(w[1], w[2], w[3], cfg, x0) for w in weights]
+                fires[cname] = [ws_fire(w[1], w[2], w[3], None if cname == "resident_ws" else cfg)
+                                if cname in ws_cfgs else resident_fire(w[1], w[2], w[3], cfg, x0) for w in weights]
                 got = fires[cname][0](x0)
                 torch.cuda.synchronize()
             except Exception as e:  # a configuration that does not compile or launch: recorded, not timed
@@ -180,14 +205,16 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bo
 
 def speedup_groups(rows: list[dict], columns: tuple[str, ...] = ("auto", "fused", "resident", "resident_ws")) -> dict:
     """``{"shape M=m": {column: eager speed-up over bf16}}`` for :func:`plot_bars`, plus the fastest alternative
-    configuration of each row as ``best config``."""
+    configuration of each row as ``best config`` (the resident kernel's) and ``best ws config`` (the
+    warp-specialized one's)."""
     groups = {}
     for r in rows:
         us, b = r["us"], r["us"]["bf16"]
         g = {c: b / us[c] for c in columns if c in us}
-        alts = [v for c, v in us.items() if c.startswith("r") and c[1:2].isdigit()]
-        if alts:
-            g["best config"] = b / min(alts)
+        for label, prefix in (("best config", "r"), ("best ws config", "ws")):
+            alts = [v for c, v in us.items() if c.startswith(prefix) and c[len(prefix):len(prefix) + 1].isdigit()]
+            if alts:
+                g[label] = b / min(alts)
         groups[f"{r['shape']} M={r['m']}"] = g
     return groups
 
@@ -199,7 +226,8 @@ def main() -> int:
     p.add_argument("--m", default=",".join(map(str, M_VALUES)))
     p.add_argument("--min-ms", type=float, default=10.0)
     p.add_argument("--configs", action="store_true", help="time the alternative configurations too")
-    p.add_argument("--ws", action="store_true", help="time the warp-specialized resident kernel too (K <= 1,024)")
+    p.add_argument("--ws", action="store_true", help="time the warp-specialized resident kernel too (K <= 1,280)")
+    p.add_argument("--ws-configs", action="store_true", help="with --ws: its other launches too")
     a = p.parse_args()
     names = a.shapes.split(",")
     unknown = [s for s in names if s not in SHAPES]
@@ -211,7 +239,7 @@ def main() -> int:
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
     for name in names:
         k, n = SHAPES[name]
-        rows += bench_shape(name, k, n, [int(v) for v in a.m.split(",")], a.min_ms, a.configs, a.ws)
+        rows += bench_shape(name, k, n, [int(v) for v in a.m.split(",")], a.min_ms, a.configs, a.ws, a.ws_configs)
         (a.out / "resident.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if rows:
         from comfyquant.bench.plot import plot_bars

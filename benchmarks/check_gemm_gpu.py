@@ -289,15 +289,21 @@ def check_resident() -> None:
 def check_resident_ws() -> None:
     """The warp-specialized resident kernel (``gluon_resident_ws``: a quantizer partition, a TMA weight loader and
     two consumer warp groups of 64 rows overlapping within a program) bit-equal to the two-launch path (the
-    activation quantizer's codes, then the W8A8 GEMM) on SDXL / CLIP widths: ragged M (a partial row block; 77
-    rows: the second warp group's rows partly past M; 40: all past M), fp16 without bias, row-wise and scalar weight
-    scales, on ``resident_ws_config``'s launch."""
+    activation quantizer's codes, then the W8A8 GEMM) on SDXL / CLIP widths up to SDXL attn 1,280 (64-wide tiles):
+    ragged M (a partial row block; 77 rows: the second warp group's rows partly past M; 40: all past M), fp16
+    without bias, row-wise and scalar weight scales, on ``resident_ws_config``'s launch and on launches the bench
+    times beside it (the other tile width, other splits, a 3-deep ring)."""
     from comfyquant.runtime.kernels import gluon_resident_ws as grw
+    from comfyquant.runtime.kernels.configs import ResidentConfig
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for m, k, n, has_bias, dt in [(4096, 640, 640, True, torch.bfloat16), (16384, 640, 640, True, torch.bfloat16),
-                                  (1000, 768, 768, False, torch.float16), (77, 768, 768, True, torch.bfloat16),
-                                  (40, 640, 640, True, torch.bfloat16)]:
+    for m, k, n, has_bias, dt, cfg in [
+            (4096, 640, 640, True, torch.bfloat16, None), (16384, 640, 640, True, torch.bfloat16, None),
+            (1000, 768, 768, False, torch.float16, None), (77, 768, 768, True, torch.bfloat16, None),
+            (40, 640, 640, True, torch.bfloat16, None), (4096, 1280, 1280, True, torch.bfloat16, None),
+            (300, 1280, 1280, False, torch.float16, None),
+            (4096, 640, 640, True, torch.bfloat16, ResidentConfig(128, 128, 128, 4, 2)),
+            (2000, 768, 768, True, torch.bfloat16, ResidentConfig(128, 64, 128, 3, 3))]:
         x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 4).to(dt)
         x[0, 5] = 90.0
         x[1] = 0
@@ -308,7 +314,7 @@ def check_resident_ws() -> None:
             ws = torch.rand(n if row_sb else 1, device="cuda") * 1e-2
             want = triton_int8.gemm_w8a8(q, s, w, ws, bias, dt)
             poison()
-            got = grw.resident_ws_w8a8(x, w, ws, bias)
+            got = grw.resident_ws_w8a8(x, w, ws, bias, cfg=cfg)
             record("resident_ws_bit_equal", torch.equal(got, want), m=m, k=k, n=n, row_sb=row_sb, bias=has_bias,
-                   dtype=str(dt), cfg=str(grw.resident_ws_config(m, n, k, sms)),
+                   dtype=str(dt), cfg=str(cfg or grw.resident_ws_config(m, n, k, sms)),
                    max_diff=float((got.float() - want.float()).abs().max()))

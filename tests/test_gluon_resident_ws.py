@@ -18,7 +18,8 @@ from test_gluon_gemm import _assert_no_spills, _gluon_compile  # noqa: E402
 from comfyquant.runtime.kernels.configs import HOPPER_SMEM  # noqa: E402
 
 H200_SMS = 132
-SHAPES = [(16384, 640, 640), (4096, 768, 768), (1024, 640, 640)]  # SDXL attention 640, CLIP attention
+# SDXL attention 640, CLIP attention, SDXL attention 1,280 (64-wide tiles: 128-wide ones leave no 3-deep ring)
+SHAPES = [(16384, 640, 640), (4096, 768, 768), (1024, 640, 640), (4096, 1280, 1280)]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -46,7 +47,8 @@ def test_compiles_for_sm90_with_wgmma_tma_barriers_and_no_spills(m: int, n: int,
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (77, 768, 768), (11264, 640, 640), (256, 1024, 1024),
-                                           (5000, 1000, 1024), (300, 64, 192)])
+                                           (5000, 1000, 1024), (300, 64, 192), (16384, 1280, 1280),
+                                           (77, 1280, 1280)])
 def test_config_gives_every_split_a_tile_and_about_one_program_per_sm(m: int, n: int, k: int) -> None:
     from comfyquant.runtime.kernels import gluon_resident_ws as ws
 
@@ -67,13 +69,41 @@ def test_refuses_what_it_cannot_run_with_one_line() -> None:
     w = torch.zeros(64, 640, dtype=torch.int8)
     assert ws.refusal(torch.zeros(4, 640, dtype=torch.bfloat16), w, torch.bfloat16) is None
     assert ws.refusal(torch.zeros(4, 640, dtype=torch.float16), w, torch.float16) is None
-    wide = ws.refusal(torch.zeros(4, 1280, dtype=torch.bfloat16), torch.zeros(64, 1280, dtype=torch.int8),
+    assert ws.refusal(torch.zeros(4, 1280, dtype=torch.bfloat16), torch.zeros(64, 1280, dtype=torch.int8),
+                      torch.bfloat16) is None  # SDXL attention 1,280
+    wide = ws.refusal(torch.zeros(4, 1536, dtype=torch.bfloat16), torch.zeros(64, 1536, dtype=torch.int8),
                       torch.bfloat16)
     fp32 = ws.refusal(torch.zeros(4, 640), w, torch.float32)
     for why in (wide, fp32):
         assert why and "\n" not in why
-    assert "1024" in wide and "1280" in wide and "float32" in fp32
-    assert ws.resident_ws_config(4096, 1280, 1280, H200_SMS) is None
-    with pytest.raises(ValueError, match="1024 wide"):  # refused before any device is asked
-        ws.resident_ws_w8a8(torch.zeros(2, 1280, dtype=torch.bfloat16), torch.zeros(8, 1280, dtype=torch.int8),
+    assert "1280" in wide and "1536" in wide and "float32" in fp32
+    assert ws.resident_ws_config(4096, 1536, 1536, H200_SMS) is None
+    with pytest.raises(ValueError, match="1280 wide"):  # refused before any device is asked
+        ws.resident_ws_w8a8(torch.zeros(2, 1536, dtype=torch.bfloat16), torch.zeros(8, 1536, dtype=torch.int8),
                             torch.ones(8), None)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(4096, 640, 640), (16384, 768, 768), (1024, 1280, 1280)])
+def test_bench_times_launches_that_fit_beside_the_default(monkeypatch: pytest.MonkeyPatch, m: int, n: int,
+                                                          k: int) -> None:
+    """``bench_resident.py --ws --ws-configs``: the default launch (the runtime's) and alternatives of both tile
+    widths on rings of at least 3 stages, every split keeping a column tile and every launch within a block's
+    shared memory, so a device call spends its time timing launches, not failing to compile them."""
+    from pathlib import Path
+
+    from comfyquant.runtime.kernels import gluon_resident_ws as ws
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_resident
+
+    assert bench_resident.ws_configs_for(m, n, k, H200_SMS, False) == {
+        "resident_ws": ws.resident_ws_config(m, n, k, H200_SMS)}
+    cfgs = bench_resident.ws_configs_for(m, n, k, H200_SMS, True)
+    assert cfgs["resident_ws"] == ws.resident_ws_config(m, n, k, H200_SMS) and len(cfgs) >= 3
+    assert len(set(cfgs.values())) == len(cfgs)  # no launch timed twice
+    for c in cfgs.values():
+        tiles = -(-n // c.block_n)
+        assert c.block_m == 128 and c.stages >= ws.WS_MIN_STAGES and 1 <= c.splits <= tiles
+        assert (c.splits - 1) * -(-tiles // c.splits) < tiles  # the last split has a column tile
+        assert ws.resident_ws_smem(c.block_n, c.block_k, c.stages, k) <= HOPPER_SMEM
+    assert {c.block_n for c in cfgs.values()} == ({64} if k > 1024 else {64, 128})

@@ -3,7 +3,7 @@
 ``gluon_resident.w8a8_resident`` runs a program's phases one after the other (the rows' absmax, their codes
 into shared memory, every MMA, each column tile's epilogue with synchronous stores): at 128-row blocks a program
 fills an SM and nothing hides those phases (H100: SDXL attn 640 at 16,384 rows 27.8 µs on 64-row blocks, bf16
-26.9; the byte floor ~13). Here one program holds a 128-row block (codes of all of K, K <= 1,024) and splits
+26.9; the byte floor ~13). Here one program holds a 128-row block (codes of all of K, K <= 1,280) and splits
 the work across partitions (``gl.warp_specialize``):
 
 - a quantizer (4 warps): pass 1 (the rows' absmax over all of K, 32 rows at a time) into a shared scale
@@ -46,12 +46,15 @@ BLOCK_M = 128  # rows a program: two consumer warp groups of 64
 WG_ROWS = gl.constexpr(64)
 P2ROWS = gl.constexpr(64)  # rows the quantizer's pass 2 codes at once (64 x 128 float32: 64 registers a thread)
 QELEMS = gl.constexpr(20480)  # elements of x the quantizer's pass 1 holds at once (32 rows of K = 640: 80 a thread)
-WS_MAX_K = 1024  # 128 x 1,024 bytes of codes beside a ring of 4 stages and the output buffers
+# 128 x 1,280 bytes of codes (SDXL attn 1,280) beside a 6-deep ring of 64-wide tiles and the output buffers: 225 KB
+# on sm_90 compiles (230,808 bytes); 128-wide tiles there would leave a 2-deep ring
+WS_MAX_K = 1280
 WS_MAX_STAGES = 8
+WS_MIN_STAGES = 3  # a shallower ring leaves each weight tile's L2 latency exposed
 WARPS = 4  # the default partition's (the first consumer warp group)
 # registers a thread (setmaxnreg) of the second consumer warp group, the quantizer and the weight loader; the
 # default partition (the first consumer group) gets the rest of the 16 warps' 64 K (512 - these: 176). ptxas
-# spills nothing at these on K = 192-1,024, with or without bias; the quantizer spilled at 120 from K = 768 and
+# spills nothing at these on K = 192-1,280, with or without bias; the quantizer spilled at 120 from K = 768 and
 # at 104 on K = 640 (pass 1 keeps every K chunk's loads of its rows in flight)
 WS_REGS = (176, 136, 24)
 N64_SPEED = 0.9  # a 64-wide column tile's throughput relative to a 128-wide one (configs.WS_N64_SPEED's)
@@ -230,14 +233,14 @@ def resident_ws_config(m: int, n: int, k: int, sms: int, out_bytes: int = 2) -> 
     (its shared memory); the column tile (128 or 64 wide, the latter at :data:`N64_SPEED`) and splits whose
     slowest program has the least work over its waves (its columns plus :data:`QUANT_COLS` for quantizing its
     block; ties: fewer programs), so the programs come to about one per SM; the deepest ring that fits (up to
-    :data:`WS_MAX_STAGES`)."""
+    :data:`WS_MAX_STAGES`; a tile width whose ring would be shallower than :data:`WS_MIN_STAGES` is not taken)."""
     if k > WS_MAX_K or k % 16 or n % 8:
         return None
     block_k = 128 if k % 128 == 0 or k > 256 else 64
     rows = max(1, cdiv(m, BLOCK_M))
     best, best_key = None, None
     for block_n in (128, 64):
-        stages = next((st for st in range(WS_MAX_STAGES, 1, -1)
+        stages = next((st for st in range(WS_MAX_STAGES, WS_MIN_STAGES - 1, -1)
                        if resident_ws_smem(block_n, block_k, st, k, out_bytes) <= HOPPER_SMEM), 0)
         tiles = cdiv(n, block_n)
         for splits in range(1, tiles + 1):
