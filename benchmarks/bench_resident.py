@@ -8,9 +8,9 @@ and eager wall time (back-to-back calls, synchronized) of bf16 ``F.linear``, the
 row-block kernel from 64 rows), and the kernel on its default configuration and on the
 alternatives ``--configs`` lists, each launched as the runtime's plan launches it (``gluon_resident.plan_resident``:
 one launch, the weight's TMA descriptor expanded once); with ``--ws`` on rows up to 1,280 wide, the
-warp-specialized kernel (``gluon_resident_ws``, column ``resident_ws``: its GPU time is the figure to read, its
-eager time includes a general launch's host time), and with ``--ws-configs`` its other launches (columns
-``ws<tile width>s<stages>p<splits>``; its default launch rests on estimates no GPU has checked).
+warp-specialized kernel (``gluon_resident_ws``, column ``resident_ws``, launched through its plan as well), and
+with ``--ws-configs`` its other launches (columns ``ws<tile width>s<stages>p<splits>``; its default launch rests
+on estimates no GPU has checked).
 
     python3 benchmarks/bench_resident.py --out results/resident [--ws [--ws-configs]]
 """
@@ -109,12 +109,15 @@ def ws_configs_for(m: int, n: int, k: int, sms: int, alt: bool) -> dict:
     return out
 
 
-def ws_fire(w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor, cfg=None):
+def ws_fire(w_q: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor, cfg, x0: torch.Tensor):
     """``x -> out`` on the warp-specialized resident kernel (``gluon_resident_ws``; ``cfg``: its launch, None for
-    the default; no plan: each call through ``resident_ws_w8a8``, whose host time the eager column includes)."""
+    the default), as a runtime plan would launch it (``plan_resident_ws``), after a first call compiled it; where
+    no plan can be made, every call through ``resident_ws_w8a8``."""
     from comfyquant.runtime.kernels import gluon_resident_ws as grw
 
-    return lambda x: grw.resident_ws_w8a8(x, w_q, sb, bias, cfg=cfg)
+    grw.resident_ws_w8a8(x0, w_q, sb, bias, cfg=cfg)
+    plan = grw.plan_resident_ws(x0, w_q, sb, bias, x0.dtype, cfg=cfg)
+    return plan or (lambda x: grw.resident_ws_w8a8(x, w_q, sb, bias, cfg=cfg))
 
 
 def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bool, ws: bool = False,
@@ -162,7 +165,7 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], min_ms: float, alt: bo
         row["configs"].update({kk: vars(v) for kk, v in ws_cfgs.items()})
         for cname, cfg in {**cfgs, **ws_cfgs}.items():
             try:
-                fires[cname] = [ws_fire(w[1], w[2], w[3], None if cname == "resident_ws" else cfg)
+                fires[cname] = [ws_fire(w[1], w[2], w[3], None if cname == "resident_ws" else cfg, x0)
                                 if cname in ws_cfgs else resident_fire(w[1], w[2], w[3], cfg, x0) for w in weights]
                 got = fires[cname][0](x0)
                 torch.cuda.synchronize()

@@ -292,7 +292,8 @@ def check_resident_ws() -> None:
     activation quantizer's codes, then the W8A8 GEMM) on SDXL / CLIP widths up to SDXL attn 1,280 (64-wide tiles):
     ragged M (a partial row block; 77 rows: the second warp group's rows partly past M; 40: all past M), fp16
     without bias, row-wise and scalar weight scales, on ``resident_ws_config``'s launch and on launches the bench
-    times beside it (the other tile width, other splits, a 3-deep ring)."""
+    times beside it (the other tile width, other splits, a 3-deep ring); each through its general launch and its
+    plan (``plan_resident_ws``: the descriptors expanded by us, the output's per buffer)."""
     from comfyquant.runtime.kernels import gluon_resident_ws as grw
     from comfyquant.runtime.kernels.configs import ResidentConfig
 
@@ -315,6 +316,11 @@ def check_resident_ws() -> None:
             want = triton_int8.gemm_w8a8(q, s, w, ws, bias, dt)
             poison()
             got = grw.resident_ws_w8a8(x, w, ws, bias, cfg=cfg)
-            record("resident_ws_bit_equal", torch.equal(got, want), m=m, k=k, n=n, row_sb=row_sb, bias=has_bias,
-                   dtype=str(dt), cfg=str(cfg or grw.resident_ws_config(m, n, k, sms)),
+            info = dict(m=m, k=k, n=n, row_sb=row_sb, bias=has_bias, dtype=str(dt),
+                        cfg=str(cfg or grw.resident_ws_config(m, n, k, sms)))
+            record("resident_ws_bit_equal", torch.equal(got, want), **info,
                    max_diff=float((got.float() - want.float()).abs().max()))
+            plan = grw.plan_resident_ws(x, w, ws, bias, dt, cfg=cfg)  # the direct launch, as a runtime plan's
+            poison()
+            record("resident_ws_plan", plan is not None and torch.equal(plan(x), want), **info,
+                   planned=plan is not None)

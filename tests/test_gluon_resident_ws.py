@@ -107,3 +107,28 @@ def test_bench_times_launches_that_fit_beside_the_default(monkeypatch: pytest.Mo
         assert (c.splits - 1) * -(-tiles // c.splits) < tiles  # the last split has a column tile
         assert ws.resident_ws_smem(c.block_n, c.block_k, c.stages, k) <= HOPPER_SMEM
     assert {c.block_n for c in cfgs.values()} == ({64} if k > 1024 else {64, 128})
+
+
+def test_plan_output_descriptors_are_copies_of_the_checked_one() -> None:
+    """``plan_resident_ws`` makes the output's descriptor for each new buffer as a copy of the first one's (checks
+    skipped): the copy over a buffer equals what ``output_descriptor`` makes for it, layout and boxes included."""
+    from comfyquant.runtime.kernels import gluon_resident_ws as ws
+    from comfyquant.runtime.kernels.triton_plans import desc_maker
+
+    a, b = torch.zeros(300, 640, dtype=torch.bfloat16), torch.ones(300, 640, dtype=torch.bfloat16)
+    for block_n in (64, 128):
+        make = desc_maker(ws.output_descriptor(a, block_n))
+        got, want = make(b), ws.output_descriptor(b, block_n)
+        assert got.base is b and vars(got) == vars(want) and make(a).base is a
+
+
+def test_no_plan_before_a_call_compiled_the_kernel_or_for_what_it_refuses() -> None:
+    """A plan fires into an already compiled kernel: before any launch (here: no GPU) there is none, and none for
+    a call the kernel refuses or for x without contiguous rows, so the caller keeps the general launch."""
+    from comfyquant.runtime.kernels import gluon_resident_ws as ws
+
+    w, s = torch.zeros(640, 640, dtype=torch.int8), torch.ones(640)
+    x = torch.zeros(256, 640, dtype=torch.bfloat16)
+    assert ws.plan_resident_ws(x, w, s, None, torch.bfloat16) is None
+    assert ws.plan_resident_ws(x.float(), w, s, None, torch.float32) is None
+    assert ws.plan_resident_ws(torch.zeros(640, 256, dtype=torch.bfloat16).t(), w, s, None, torch.bfloat16) is None

@@ -371,10 +371,10 @@ def check_descriptor_copies() -> None:
     ``TensorDescriptor.from_tensor`` makes for that tensor."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from comfyquant.runtime.kernels.triton_plans import _desc_maker
+    from comfyquant.runtime.kernels.triton_plans import desc_maker
 
     a, b = torch.zeros(64, 128, dtype=torch.int8), torch.ones(64, 128, dtype=torch.int8)
-    make = _desc_maker(TensorDescriptor.from_tensor(a, [32, 64]))
+    make = desc_maker(TensorDescriptor.from_tensor(a, [32, 64]))
     d, want = make(b), TensorDescriptor.from_tensor(b, [32, 64])
     record("descriptor_copy", d.base is b and vars(d) == vars(want) and make(a).base is a and d.base is b)
 

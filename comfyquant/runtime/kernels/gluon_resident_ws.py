@@ -22,6 +22,8 @@ The grid is (row blocks, column splits): a program takes its split's contiguous 
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 
 import torch
 from triton.experimental import gluon
@@ -41,6 +43,9 @@ from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
 from comfyquant.runtime.kernels.gluon_resident import refusal as resident_refusal
 from comfyquant.runtime.kernels.gluon_resident import rows_of, weight_descriptor, x_chunk
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts
+from comfyquant.runtime.kernels.triton_plans import desc_maker, flat_cache, raw_stream
+
+logger = logging.getLogger("comfyquant.runtime")
 
 BLOCK_M = 128  # rows a program: two consumer warp groups of 64
 WG_ROWS = gl.constexpr(64)
@@ -285,6 +290,17 @@ def _kernel() -> FastKernel:
     return FastKernel(w8a8_resident_ws)
 
 
+def _fast(x2d: torch.Tensor, w_desc: TensorDescriptor, out: torch.Tensor, sb: torch.Tensor,
+          bias: torch.Tensor | None, cfg: ResidentConfig) -> tuple[tuple[int, int], tuple, tuple]:
+    """(grid, arguments, the FastKernel key) of a launch: M is not specialized; N, K, x's row stride and the
+    flags are fixed per launch shape; the pointers' 16-byte alignment is keyed (the descriptors' is checked where
+    they are made). The key spares every call Triton's generic one (~30 µs on a slow host)."""
+    grid, args = launch_args(x2d, w_desc, out, sb, bias, cfg)
+    key = ("ws", cfg, x2d.dtype, out.dtype, args[6], args[7], args[8], args[9], args[10],
+           x2d.data_ptr() % 16 == 0, sb.data_ptr() % 16 == 0, bias is None or bias.data_ptr() % 16 == 0)
+    return grid, args, key
+
+
 def resident_ws_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                      out_dtype: torch.dtype | None = None, cfg: ResidentConfig | None = None) -> torch.Tensor:
     """``x @ dequant(w_q)^T + bias`` with x quantized per row inside the launch, as ``gluon_resident.resident_w8a8``
@@ -297,7 +313,51 @@ def resident_ws_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
         raise ValueError(f"the warp-specialized resident W8A8 kernel runs 128-row blocks, not {cfg.block_m}")
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m:
-        grid, args = launch_args(x2d, weight_descriptor(w_q.contiguous(), cfg), out, w_scale.reshape(-1).float(),
-                                 bias, cfg)
-        _kernel()(grid, args, x.device, num_warps=WARPS, num_stages=1)
+        grid, args, key = _fast(x2d, weight_descriptor(w_q.contiguous(), cfg), out, w_scale.reshape(-1).float(),
+                                bias, cfg)
+        _kernel()(grid, args, x.device, num_warps=WARPS, num_stages=1, key=key)
     return out.reshape(*lead, n)
+
+
+def plan_resident_ws(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype, cfg: ResidentConfig | None = None
+                     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> resident_ws_w8a8(x, w_q, w_scale, bias, out_dtype)`` for inputs of ``x``'s shape, as
+    ``gluon_resident.plan_resident`` launches: fired straight into the compiled kernel, the weight's descriptor
+    expanded once and the output's once per buffer address (``triton_plans.flat_cache``). None until a call
+    compiled the kernel for this shape and launch, for x that is not contiguous, or where Triton's launcher is not
+    the shape the direct launch relies on; checked once per compiled kernel against Triton's own launch."""
+    k = int(x.shape[-1])
+    if refusal(x, w_q, out_dtype) is not None or not x.is_contiguous():
+        return None
+    x2d = x.view(-1, k)
+    m, n, dev = x2d.shape[0], int(w_q.shape[0]), x.device
+    if not m or not w_q.is_contiguous():
+        return None
+    cfg = cfg or resident_ws_config(m, n, k, device_facts(dev)[0])
+    sb = w_scale.reshape(-1).float()
+    desc = weight_descriptor(w_q, cfg)
+    out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
+    grid, args, key = _fast(x2d, desc, out0, sb, bias, cfg)
+    direct = _kernel().prepared_tma(grid, num_warps=WARPS, num_stages=1, key=key)
+    if direct is None:
+        return None
+    fire, expand = direct
+    w_flat, c_flat, tail = expand(desc, 1), flat_cache(expand, desc_maker(args[2]), 2), args[3:]
+    shape = (*x.shape[:-1], n)
+    empty, stream = torch.empty, raw_stream(dev)
+
+    def run(xc: torch.Tensor, _held: tuple = (desc, sb)) -> torch.Tensor:  # (the weight outlives its flat form)
+        out = empty((m, n), dtype=out_dtype, device=dev)
+        fire(stream(), xc, *w_flat, *c_flat(out), *tail)
+        return out.view(shape)
+
+    fk = _kernel()
+    ok = fk.direct_checked.get(key)
+    if ok is None:
+        ok = fk.direct_checked[key] = bool(torch.equal(run(x), resident_ws_w8a8(x, w_q, w_scale, bias, out_dtype,
+                                                                                cfg)))
+        if not ok:
+            logger.warning("warp-specialized resident W8A8 plan for N=%d K=%d: the direct launch disagreed with "
+                           "Triton's launch; using Triton's (slower host path)", n, k)
+    return run if ok else None

@@ -329,11 +329,11 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     if quantize is None or fire_g is None:
         return None
     shape, empty, linear = (*lead, n), torch.empty, torch.nn.functional.linear
-    a_desc = _desc_maker(args[0]) if tma else None
+    a_desc = desc_maker(args[0]) if tma else None
     # the output as the launch passes it: a tensor, or (the Gluon kernel, which stores through TMA) a descriptor
-    c_desc = None if isinstance(args[2], torch.Tensor) else _desc_maker(args[2])
+    c_desc = None if isinstance(args[2], torch.Tensor) else desc_maker(args[2])
     hi, down = _h_slot(args, lr, low_rank) or (None, None)
-    h_desc = None if hi is None or isinstance(args[hi], torch.Tensor) else _desc_maker(args[hi])
+    h_desc = None if hi is None or isinstance(args[hi], torch.Tensor) else desc_maker(args[hi])
     template = _without(list(args), (0, 2, 3, hi))
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -517,7 +517,7 @@ def plan_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
     return run
 
 
-def _flat_cache(expand: Callable[[Any, int], list], make: Callable[[torch.Tensor], object],
+def flat_cache(expand: Callable[[Any, int], list], make: Callable[[torch.Tensor], object],
                 i: int) -> Callable[[torch.Tensor], list]:
     """``buf -> the launcher's flat form of descriptor argument i over buf``, kept per buffer address (the
     caching allocator hands a layer the same few blocks every step; a CUtensorMap depends only on the address,
@@ -548,7 +548,7 @@ def _tma_run(direct: tuple, quantize: Callable, makers: dict, args: tuple, hi: i
 
     def flat(i: int) -> Callable[[torch.Tensor], Any]:
         make = makers.get(i)
-        return _flat_cache(expand, make, i) if make is not None else (lambda buf: (buf,))
+        return flat_cache(expand, make, i) if make is not None else (lambda buf: (buf,))
 
     def fixed(lo: int, hi_: int) -> list:  # args[lo:hi_] in the launcher's flat form
         out: list = []
@@ -581,7 +581,7 @@ def _tma_run(direct: tuple, quantize: Callable, makers: dict, args: tuple, hi: i
     return run_lr
 
 
-def _desc_maker(template: object) -> Callable[[torch.Tensor], object]:
+def desc_maker(template: object) -> Callable[[torch.Tensor], object]:
     """``q -> a host tensor descriptor like template over q``: the template's checks (alignment, strides) were
     made on a tensor of the same shape and dtype, so the copies skip them (several µs per call)."""
     cls, fields = type(template), dict(vars(template))
