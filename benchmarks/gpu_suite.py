@@ -208,11 +208,13 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
                       "1024,4096,16384", "--shapes", "sdxl.attn640,clip.attn,sdxl.attn1280,clip.fc2,clip.fc1"]],
         # the warp-specialized resident kernel (gluon_resident_ws, never run on a GPU before): its bit-equality
         # check (opt-in: named here only), then its GPU time beside the resident kernel's on the narrow attention
-        # (SDXL 640 / 1,280, CLIP), its default launch and the others (tile width, splits) each checked and timed
+        # (SDXL 640 / 1,280, CLIP) and CLIP fc1 (0.89-0.92x bf16 at 1,024 rows in runs 141-142), its default launch
+        # and the others (tile width, splits) each checked and timed; the shapes' results are written one by one
         "resident_ws": [[PY, "benchmarks/check_kernels_gpu.py", "--out", str(work / "kernels_resident_ws"), "--only",
                          "check_resident_ws"],
                         [PY, "benchmarks/bench_resident.py", "--out", str(work / "resident_ws"), "--ws",
-                         "--ws-configs", "--m", "1024,4096,16384", "--shapes", "sdxl.attn640,clip.attn,sdxl.attn1280"]],
+                         "--ws-configs", "--m", "1024,4096,16384", "--shapes",
+                         "sdxl.attn640,clip.attn,sdxl.attn1280,clip.fc1"]],
         # the W4A8 GEMM's kernels (plain order, the weight as wgmma's register operand, both nibbles per MMA, the
         # warp-specialized Gluon kernel) on 12 tiles against cuBLAS bf16 and the int8 W8A8 GEMM, GPU time, each
         # checked against a float64 product before it is timed, bit-equality across all (run 67: joined on
