@@ -32,8 +32,16 @@ NARROW = {
 }
 GLUON = {"ws 128x256 s3": dict(block_n=256, stages=3), "ws 128x128 s4": dict(block_n=128, stages=4),
          "ws 128x128 s5": dict(block_n=128, stages=5)}
-# below WS_MIN_M rows a 128x128 grid has few tiles per SM; narrower column tiles are the candidate there
+# where a 128x128 grid has few tiles per SM (below 1,024 rows, or under two waves of them at any row count),
+# narrower column tiles are the candidate (configs.ws_config)
 SMALL_M = {"ws 128x64 s6": dict(block_n=64, stages=6), "ws 128x64 s8": dict(block_n=64, stages=8)}
+
+
+def n64_candidate(m: int, n: int, sms: int) -> bool:
+    """Whether 128x64 tiles are timed on ``[m, *] x [*, n]``: below 1,024 rows (where ``configs.ws_config`` may
+    pick them), or where 128x128 tiles fill under two waves of ``sms`` (1,024 rows and more: one partial wave idles
+    SMs, as below 1,024 rows, where 128x64 won by up to 1.7x; untimed there so far)."""
+    return m < 1024 or -(-m // 128) * -(-n // 128) < 2 * sms
 EXPERIMENTAL = {"ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}  # with --experimental
 
 
@@ -63,7 +71,6 @@ def _compare(got: torch.Tensor, want: torch.Tensor, ref: torch.Tensor, r: int) -
 def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False, graph: bool = False) -> dict:
     """Check and time every variant on one ``[M, K] x [N, K]^T`` problem (``experimental``: also the Gluon
     kernel's variants the runtime does not pick: ping-pong, fp8 operands, a LoRA term in the epilogue)."""
-    gluon = {**GLUON, **(SMALL_M if m < 1024 else {}), **(EXPERIMENTAL if experimental else {})}
     from comfyquant.runtime.kernels.configs import fit_stages, gemm_config, hopper_w8a8_config
     from comfyquant.runtime.kernels.gluon_gemm import gluon_w8a8
     from comfyquant.runtime.kernels.triton_int8 import _low_rank_args, gemm_w8a8, int8_linear
@@ -80,6 +87,7 @@ def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False, gra
     ref = ((q[:r].double() @ w_q.double().T) * s_x[:r].double()[:, None] * s_w.double()[None, :] + bias.double())
     # the Triton kernel the runtime picked before the Gluon kernel (run 23's "today"; the persistent tile included)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    gluon = {**GLUON, **(SMALL_M if n64_candidate(m, n, sms) else {}), **(EXPERIMENTAL if experimental else {})}
     tri_cfg = fit_stages(hopper_w8a8_config(gemm_config(m, n, k, sms, hopper=True)), 1, 1)
     per_tile = dataclasses.replace(tri_cfg, persistent=0)  # the Triton kernels with an fp8 or low-rank term
     base = gemm_w8a8(q, s_x, w_q, s_w, bias, torch.bfloat16, cfg=tri_cfg)
@@ -155,7 +163,7 @@ def run_shape(m: int, k: int, n: int, reps: int, experimental: bool = False, gra
 
 def to_markdown(rows: list[dict]) -> str:
     """One row per problem: each variant's best-of-two µs as a speed-up over bf16."""
-    names = list(rows[0]["us"]) if rows else []
+    names = list(dict.fromkeys(n for r in rows for n in r["us"]))  # every row's variants (some time more)
     head = "| model | layer | M | bf16 µs | " + " | ".join(f"{n} ×" for n in names[1:]) + " |"
     lines = [head, "|" + "---|" * (4 + len(names) - 1)]
     for r in rows:

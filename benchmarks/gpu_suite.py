@@ -162,6 +162,13 @@ def steps(work: Path, smoke: bool, comfy_cache: Path | None) -> dict[str, list[l
         # sweep are GPU-bound at 0.73-0.90x on Flux / Wan / T5 on the Triton kernel)
         "gemm_ws_small_m": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_small_m"), "--graph",
                              "--m", "256,512,1024", "--reps", "30"]],
+        # 128x64 Gluon tiles from 1,024 rows where 128x128 ones fill under two waves (configs.ws_config takes them
+        # below 1,024 rows only; run 31 timed them there alone): Flux proj / mlp2 / linear2 at 1,024 rows, SDXL attn
+        # 640 and CLIP fc1 / fc2 at 1,024 and 4,096 (CLIP fc2 at 4,096: 192 tiles, 1.45 waves, 0.75x bf16 eager)
+        "gemm_n64": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_n64"), "--graph", "--m", "1024",
+                      "--only", "flux.proj,flux.mlp2,flux.linear2", "--reps", "30"],
+                     [PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_n64_narrow"), "--narrow", "--graph",
+                      "--m", "1024,4096", "--only", "sdxl.attn640,clip_l.mlp0,clip_l.mlp2", "--reps", "30"]],
         # the same on the T5 / SDXL widths that have >= 64 tiles of 128x128 at 512 rows
         "gemm_ws_small_m_narrow": [[PY, "benchmarks/bench_gemm_ws.py", "--out", str(work / "gemm_ws_small_m_narrow"),
                                     "--graph", "--narrow", "--m", "256,512", "--reps", "30", "--only",
