@@ -190,3 +190,49 @@ def test_float32_activations_never_get_the_resident_kernel(monkeypatch: pytest.M
     assert builtin.resident_runs(torch.zeros(2, 640, dtype=torch.bfloat16))
     assert builtin.resident_runs(torch.zeros(2, 640, dtype=torch.float16))
     assert not builtin.resident_runs(torch.zeros(2, 640, dtype=torch.float32))
+
+
+def test_plan_operands_of_both_kernels_and_what_they_refuse() -> None:
+    """``plan_operands``: what a plan of either resident kernel is built on (x as rows, the launch the kernel's
+    own config picks or the one given, float weight scales, the weight's descriptor in the launch's boxes, an
+    output of the call's shape and dtype); None for a refused call, x without contiguous rows, no rows."""
+    from comfyquant.runtime.kernels import gluon_resident as gr
+    from comfyquant.runtime.kernels import gluon_resident_ws as grw
+
+    w, s = torch.zeros(640, 640, dtype=torch.int8), torch.ones(640, 1, dtype=torch.float16)
+    x = torch.zeros(2, 300, 640, dtype=torch.bfloat16)
+    for refuse, config in ((gr.refusal, gr.resident_config), (grw.refusal, grw.resident_ws_config)):
+        x2d, cfg, sb, desc, out0 = gr.plan_operands(x, w, s, torch.float16, refuse, config, None)
+        assert x2d.shape == (600, 640) and x2d.data_ptr() == x.data_ptr()
+        assert cfg == config(600, 640, 640, H200_SMS) and sb.dtype == torch.float32 and sb.shape == (640,)
+        assert list(desc.block_shape) == [cfg.block_n, cfg.block_k] and desc.base is w
+        assert out0.shape == (600, 640) and out0.dtype == torch.float16
+        given = gr.ResidentConfig(cfg.block_m, 64, 128, 3, 1)
+        assert gr.plan_operands(x, w, s, torch.float16, refuse, config, given)[1] == given
+        for args in ((x.float(), w, s, torch.float32), (x[:, :, :320], w[:, :320], s, torch.float16),
+                     (torch.zeros(0, 640, dtype=torch.bfloat16), w, s, torch.bfloat16),
+                     (x.transpose(0, 1), w, s, torch.bfloat16)):
+            assert gr.plan_operands(*args, refuse, config, None) is None
+
+
+def test_a_plan_is_checked_once_per_compiled_kernel(caplog: pytest.LogCaptureFixture) -> None:
+    """``checked_once``: the direct launch's output against Triton's launch's, once per key; a disagreement keeps
+    the general path for that key and is said once."""
+    import logging
+
+    from comfyquant.runtime.kernels import gluon_resident as gr
+    from comfyquant.runtime.kernels.launch import FastKernel
+
+    fk = FastKernel(lambda: None)
+    calls = []
+
+    def out(v: float):
+        return lambda: calls.append(v) or torch.full((2,), v)
+
+    assert gr.checked_once(fk, ("a",), out(1.0), out(1.0), "test", 8, 16)
+    assert gr.checked_once(fk, ("a",), out(1.0), out(2.0), "test", 8, 16) and len(calls) == 2  # not re-run
+    with caplog.at_level(logging.WARNING, logger="comfyquant.runtime"):
+        assert not gr.checked_once(fk, ("b",), out(1.0), out(2.0), "test kernel", 8, 16)
+        assert not gr.checked_once(fk, ("b",), out(1.0), out(1.0), "test kernel", 8, 16)
+    said = [r.getMessage() for r in caplog.records if "test kernel" in r.getMessage()]
+    assert len(said) == 1 and "N=8 K=16" in said[0]

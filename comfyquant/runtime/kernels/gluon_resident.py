@@ -249,6 +249,38 @@ def resident_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     return out.reshape(*lead, n)
 
 
+def plan_operands(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
+                  refuse: Callable[..., str | None], config: Callable[..., ResidentConfig | None],
+                  cfg: ResidentConfig | None) -> tuple | None:
+    """(x as ``[M, K]``, the launch (``cfg``, else ``config(m, n, k, sms)``), the weight scales as floats, the
+    weight's descriptor, a sample output) of a plan of either resident kernel; None where it makes none: a call
+    ``refuse`` refuses, x without contiguous rows, no rows, a weight that is not contiguous."""
+    k = int(x.shape[-1])
+    if refuse(x, w_q, out_dtype) is not None or not x.is_contiguous():
+        return None
+    x2d = x.view(-1, k)
+    m, n = x2d.shape[0], int(w_q.shape[0])
+    if not m or not w_q.is_contiguous():
+        return None
+    cfg = cfg or config(m, n, k, device_facts(x.device)[0])
+    return (x2d, cfg, w_scale.reshape(-1).float(), weight_descriptor(w_q, cfg),
+            torch.empty((m, n), dtype=out_dtype, device=x.device))
+
+
+def checked_once(fk: FastKernel, key: tuple, planned: Callable[[], torch.Tensor],
+                 general: Callable[[], torch.Tensor], what: str, n: int, k: int) -> bool:
+    """Whether a plan's direct launch gives what Triton's own launch gives (``planned()`` against ``general()``),
+    checked once per compiled kernel (``key``), as the W8A8 plans are: a Triton whose launcher differs keeps the
+    general path, said once."""
+    ok = fk.direct_checked.get(key)
+    if ok is None:
+        ok = fk.direct_checked[key] = bool(torch.equal(planned(), general()))
+        if not ok:
+            logger.warning("%s plan for N=%d K=%d: the direct launch disagreed with Triton's launch; using "
+                           "Triton's (slower host path)", what, n, k)
+    return ok
+
+
 def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype, cfg: ResidentConfig | None = None
                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -257,17 +289,11 @@ def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     x and the output plain pointers (``cfg``: the launch :func:`resident_config` picks by default). None until a
     call compiled the kernel for this shape and configuration, for x that is not contiguous, or where Triton's
     launcher is not the shape the direct launch relies on."""
-    k = int(x.shape[-1])
-    if refusal(x, w_q, out_dtype) is not None or not x.is_contiguous():
+    ops = plan_operands(x, w_q, w_scale, out_dtype, refusal, resident_config, cfg)
+    if ops is None:
         return None
-    x2d = x.view(-1, k)
-    m, n, dev = x2d.shape[0], int(w_q.shape[0]), x.device
-    if not m or not w_q.is_contiguous():
-        return None
-    cfg = cfg or resident_config(m, n, k, device_facts(dev)[0])
-    sb = w_scale.reshape(-1).float()
-    desc = weight_descriptor(w_q, cfg)
-    out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
+    x2d, cfg, sb, desc, out0 = ops
+    k, n, dev = x2d.shape[1], out0.shape[1], x.device
     grid, full, key = _fast_args(x2d, desc, out0, sb, bias, cfg)
     direct = _kernel().prepared_tma(grid, num_warps=cfg.warps, num_stages=1, key=key)
     if direct is None:
@@ -283,13 +309,6 @@ def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
         fire(stream(), xc, *w_flat, out, *tail)
         return out
 
-    # once per compiled kernel, as the W8A8 plans do: the descriptor-expanding launch must give what Triton's own
-    # launch gives (a Triton whose launcher differs keeps the general path)
-    fk = _kernel()
-    ok = fk.direct_checked.get(key)
-    if ok is None:
-        ok = fk.direct_checked[key] = bool(torch.equal(run(x), resident_w8a8(x, w_q, w_scale, bias, out_dtype, cfg)))
-        if not ok:
-            logger.warning("resident W8A8 plan for N=%d K=%d: the direct launch disagreed with Triton's launch; "
-                           "using Triton's (slower host path)", n, k)
+    ok = checked_once(_kernel(), key, lambda: run(x), lambda: resident_w8a8(x, w_q, w_scale, bias, out_dtype, cfg),
+                      "resident W8A8", n, k)
     return run if ok else None

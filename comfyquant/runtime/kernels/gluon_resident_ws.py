@@ -22,7 +22,6 @@ The grid is (row blocks, column splits): a program takes its split's contiguous 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
@@ -40,12 +39,16 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from comfyquant.runtime.kernels.act_kernels import quant_codes, scale_of
 from comfyquant.runtime.kernels.configs import HOPPER_SMEM, ResidentConfig, cdiv, column_splits
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
+from comfyquant.runtime.kernels.gluon_resident import (
+    checked_once,
+    plan_operands,
+    rows_of,
+    weight_descriptor,
+    x_chunk,
+)
 from comfyquant.runtime.kernels.gluon_resident import refusal as resident_refusal
-from comfyquant.runtime.kernels.gluon_resident import rows_of, weight_descriptor, x_chunk
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 from comfyquant.runtime.kernels.triton_plans import desc_maker, flat_cache, raw_stream
-
-logger = logging.getLogger("comfyquant.runtime")
 
 BLOCK_M = 128  # rows a program: two consumer warp groups of 64
 WG_ROWS = gl.constexpr(64)
@@ -327,17 +330,11 @@ def plan_resident_ws(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
     expanded once and the output's once per buffer address (``triton_plans.flat_cache``). None until a call
     compiled the kernel for this shape and launch, for x that is not contiguous, or where Triton's launcher is not
     the shape the direct launch relies on; checked once per compiled kernel against Triton's own launch."""
-    k = int(x.shape[-1])
-    if refusal(x, w_q, out_dtype) is not None or not x.is_contiguous():
+    ops = plan_operands(x, w_q, w_scale, out_dtype, refusal, resident_ws_config, cfg)
+    if ops is None:
         return None
-    x2d = x.view(-1, k)
-    m, n, dev = x2d.shape[0], int(w_q.shape[0]), x.device
-    if not m or not w_q.is_contiguous():
-        return None
-    cfg = cfg or resident_ws_config(m, n, k, device_facts(dev)[0])
-    sb = w_scale.reshape(-1).float()
-    desc = weight_descriptor(w_q, cfg)
-    out0 = torch.empty((m, n), dtype=out_dtype, device=dev)
+    x2d, cfg, sb, desc, out0 = ops
+    (m, k), n, dev = x2d.shape, out0.shape[1], x.device
     grid, args, key = _fast(x2d, desc, out0, sb, bias, cfg)
     direct = _kernel().prepared_tma(grid, num_warps=WARPS, num_stages=1, key=key)
     if direct is None:
@@ -352,12 +349,7 @@ def plan_resident_ws(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
         fire(stream(), xc, *w_flat, *c_flat(out), *tail)
         return out.view(shape)
 
-    fk = _kernel()
-    ok = fk.direct_checked.get(key)
-    if ok is None:
-        ok = fk.direct_checked[key] = bool(torch.equal(run(x), resident_ws_w8a8(x, w_q, w_scale, bias, out_dtype,
-                                                                                cfg)))
-        if not ok:
-            logger.warning("warp-specialized resident W8A8 plan for N=%d K=%d: the direct launch disagreed with "
-                           "Triton's launch; using Triton's (slower host path)", n, k)
+    ok = checked_once(_kernel(), key, lambda: run(x),
+                      lambda: resident_ws_w8a8(x, w_q, w_scale, bias, out_dtype, cfg),
+                      "warp-specialized resident W8A8", n, k)
     return run if ok else None
