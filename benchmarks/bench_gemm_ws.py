@@ -221,17 +221,23 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         print(plot(read_saved_json(a.plot_from), Path(a.out) / "gemm_ws.png"))
         return 0
+    table = NARROW if a.narrow else SHAPES
+    only = {s for s in a.only.split(",") if s}
+    unknown = sorted(only - {f"{model}.{layer}" for model, layer in table})
+    if unknown:  # before any device work: a misspelt name would otherwise time nothing
+        print(f"bench_gemm_ws: unknown shape(s) {', '.join(unknown)}{' (with --narrow)' if a.narrow else ''}; "
+              f"known: {', '.join(f'{mo}.{la}' for mo, la in table)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_gemm_ws: needs a Hopper GPU (the Gluon kernel is sm_90 code)", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    only = {s for s in a.only.split(",") if s}
     rows = []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "timing": "CUDA-graph replay (GPU time)" if a.graph else "do_bench, L2 cleared"}
-    for (model, layer), (k, n) in (NARROW if a.narrow else SHAPES).items():
+    for (model, layer), (k, n) in table.items():
         if only and f"{model}.{layer}" not in only:
             continue
         for m in (int(v) for v in a.m.split(",")):

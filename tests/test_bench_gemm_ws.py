@@ -43,3 +43,14 @@ def test_report_has_a_column_for_every_variant_any_row_timed(bench) -> None:
     assert [c.strip() for c in first.strip("|").split("|")][i] == "-"
     assert float([c.strip() for c in second.strip("|").split("|")][i]) > 0
     assert not any(c == "" for c in cols)
+
+
+def test_unknown_shape_names_are_refused_with_one_line_before_any_device_work(bench, capsys, tmp_path) -> None:
+    """``--only`` names outside the table the run uses (Flux / Wan, or with ``--narrow`` SDXL / CLIP / T5): exit
+    2 with one line naming them, before any GPU is asked for (they used to select nothing: a step that timed no
+    shape)."""
+    assert bench.main(["--out", str(tmp_path), "--only", "flux.proj,clip_l.mlp2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "clip_l.mlp2" in err[0] and "flux.proj," not in err[0].split(";")[0]
+    assert bench.main(["--out", str(tmp_path), "--narrow", "--only", "clip_l.mlp9"]) == 2
+    assert "clip_l.mlp9" in capsys.readouterr().err

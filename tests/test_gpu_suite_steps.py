@@ -150,3 +150,28 @@ def test_two_steps_writing_the_same_file_both_keep_theirs(tmp_path: Path, monkey
     z = zipfile.ZipFile(out / "results.zip")
     assert [z.read(f"{n}/sweep/bench.json") for n in names] == [n.encode() for n in names]
     assert "sweep/bench.json" not in z.namelist()
+
+
+def test_each_steps_shape_names_are_ones_its_benchmark_knows() -> None:
+    """The shape selections steps hand ``bench_gemm_ws.py`` (``--only``, per ``--narrow``'s table) and
+    ``bench_resident.py`` (``--shapes``) name shapes those scripts have: both refuse others with exit 2, which on
+    a device costs the step."""
+    import bench_gemm_ws
+    import bench_resident
+
+    checked = 0
+    for step, cmd in _step_commands():
+        script = Path(cmd[1]).name
+        if script not in ("bench_gemm_ws.py", "bench_resident.py"):
+            continue
+        flag = "--only" if script == "bench_gemm_ws.py" else "--shapes"
+        if flag not in cmd:
+            continue
+        names = cmd[cmd.index(flag) + 1].split(",")
+        if script == "bench_gemm_ws.py":
+            known = {f"{m}.{la}" for m, la in (bench_gemm_ws.NARROW if "--narrow" in cmd else bench_gemm_ws.SHAPES)}
+        else:
+            known = set(bench_resident.SHAPES)
+        assert set(names) <= known, (step, sorted(set(names) - known))
+        checked += 1
+    assert checked >= 4  # resident, resident_ws, gemm_n64's two
