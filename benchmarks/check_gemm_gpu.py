@@ -293,9 +293,11 @@ def check_resident_ws() -> None:
     ragged M (a partial row block; 77 rows: the second warp group's rows partly past M; 40: all past M), fp16
     without bias, row-wise and scalar weight scales, on ``resident_ws_config``'s launch and on launches the bench
     times beside it (the other tile width, other splits, a 3-deep ring); each through its general launch and its
-    plan (``plan_resident_ws``: the descriptors expanded by us, the output's per buffer)."""
+    plan (``plan_resident_ws``: the descriptors expanded by us, the output's per buffer); on its default launches,
+    the pinned backend ``triton_resident_ws`` too (its first call, then its plan)."""
     from comfyquant.runtime.kernels import gluon_resident_ws as grw
     from comfyquant.runtime.kernels.configs import ResidentConfig
+    from comfyquant.runtime.kernels.dispatch import bind_linear
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m, k, n, has_bias, dt, cfg in [
@@ -324,3 +326,9 @@ def check_resident_ws() -> None:
             poison()
             record("resident_ws_plan", plan is not None and torch.equal(plan(x), want), **info,
                    planned=plan is not None)
+            if cfg is None and row_sb:
+                call = bind_linear("int8", w, (ws,), bias, backend="triton_resident_ws")
+                first, later = call(x), call(x)
+                planned = callable(next(iter(call.memo.values()))[1])
+                record("resident_ws_backend_and_plan", torch.equal(first, want) and torch.equal(later, want)
+                       and planned, **info, planned=planned)

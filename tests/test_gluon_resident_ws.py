@@ -132,3 +132,35 @@ def test_no_plan_before_a_call_compiled_the_kernel_or_for_what_it_refuses() -> N
     assert ws.plan_resident_ws(x, w, s, None, torch.bfloat16) is None
     assert ws.plan_resident_ws(x.float(), w, s, None, torch.float32) is None
     assert ws.plan_resident_ws(torch.zeros(640, 256, dtype=torch.bfloat16).t(), w, s, None, torch.bfloat16) is None
+
+
+def test_backend_is_pinned_only_and_refuses_what_it_cannot_run() -> None:
+    """``int8``'s ``triton_resident_ws`` backend: callable by name (a sweep column, a check), never a cost-model
+    candidate nor timed by measured dispatch until a GPU has run it; refused off sm_90 with its reason, and
+    refusing rotated weights, 32-bit activations and rows past 1,280 with one line each."""
+    from comfyquant.errors import UserError
+    from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels.registry import backends_for, kernel_kind
+
+    assert "triton_resident_ws" in backends_for("int8")
+    b = kernel_kind("int8").backends["triton_resident_ws"]
+    assert not b.timed and b.plan is not None
+    for args in ((0, 0, True), (0, 0, False), (256, 0, True), (0, 16, True)):
+        assert "triton_resident_ws" not in {name for _, name in builtin.int8_paths(*args)}, args
+    assert "CUDA" in b.requires(torch.device("cpu"))
+    w = torch.zeros(64, 1280, dtype=torch.int8)
+    x = torch.zeros(4, 1280, dtype=torch.bfloat16)
+    builtin._resident_refusal(w, (0,), x, torch.bfloat16, "triton_resident_ws", ws_refusal())  # takes it
+    for w_, opts, x_, odt, match in ((w, (256,), x, torch.bfloat16, "'triton_resident_ws' has no rotation"),
+                                     (w, (0,), x.float(), torch.float32, "bf16 / fp16"),
+                                     (torch.zeros(64, 1536, dtype=torch.int8), (0,),
+                                      torch.zeros(4, 1536, dtype=torch.bfloat16), torch.bfloat16, "1280 wide")):
+        with pytest.raises(UserError, match=match) as got:
+            builtin._int8_resident_ws(x_, w_, (torch.ones(64),), None, opts, odt)
+        assert "\n" not in str(got.value)
+
+
+def ws_refusal():
+    from comfyquant.runtime.kernels.gluon_resident_ws import refusal
+
+    return refusal

@@ -113,14 +113,16 @@ def resident_runs(x: torch.Tensor) -> bool:
     return x.dtype in (torch.bfloat16, torch.float16) and _resident_requires(x.device) is None
 
 
-def _resident_refusal(w, opts, x, out_dtype) -> None:
-    from comfyquant.runtime.kernels.gluon_resident import refusal
-
+def _resident_refusal(w, opts, x, out_dtype, name: str = "triton_resident", refusal=None) -> None:
+    """One line for a call backend ``name`` (a resident kernel) cannot take: a rotated weight, or its kernel's
+    ``refusal`` (16-bit activations, rows up to its width; None: ``gluon_resident``'s)."""
+    if refusal is None:
+        from comfyquant.runtime.kernels.gluon_resident import refusal
     if _opt(opts, 0):
-        raise UserError("backend 'triton_resident' has no rotation; rotated (convrot) int8 layers use 'triton'")
+        raise UserError(f"backend '{name}' has no rotation; rotated (convrot) int8 layers use 'triton'")
     why = refusal(x, w, out_dtype)
     if why is not None:
-        raise UserError(f"backend 'triton_resident' {why}")
+        raise UserError(f"backend '{name}' {why}")
 
 
 def _int8_resident(x, w, scales, bias, opts, out_dtype):
@@ -138,6 +140,23 @@ def _plan_int8_resident(x, w, scales, bias, opts, out_dtype, act, low_rank=None)
     if _opt(opts, 0) or act or low_rank is not None:
         return None
     return plan_resident(x, w, scales[0], bias, out_dtype)
+
+
+def _int8_resident_ws(x, w, scales, bias, opts, out_dtype):
+    """The warp-specialized resident kernel (``gluon_resident_ws``: 128-row blocks, the quantization overlapping
+    the block's MMAs, K up to 1,280); pinned only until a GPU has checked and timed it."""
+    from comfyquant.runtime.kernels.gluon_resident_ws import refusal, resident_ws_w8a8
+
+    _resident_refusal(w, opts, x, out_dtype, "triton_resident_ws", refusal)
+    return resident_ws_w8a8(x, w, scales[0], bias, out_dtype)
+
+
+def _plan_int8_resident_ws(x, w, scales, bias, opts, out_dtype, act, low_rank=None):
+    from comfyquant.runtime.kernels.gluon_resident_ws import plan_resident_ws
+
+    if _opt(opts, 0) or act or low_rank is not None:
+        return None
+    return plan_resident_ws(x, w, scales[0], bias, out_dtype)
 
 
 def _unrotated(scales: tuple, opts: tuple) -> bool:
@@ -585,6 +604,9 @@ INT8 = register_kernel_kind(KernelKind(
      "triton_fused_kblock": KernelBackend(partial(_int8_fused, kblock=True), _TRITON, True, True,
                                           partial(_plan_int8_fused, kblock=True)),
      "triton_resident": KernelBackend(_int8_resident, _resident_requires, plan=_plan_int8_resident),
+     # pinned only (by name), never timed by measured dispatch, until a GPU has run it (docs/PERFORMANCE.md)
+     "triton_resident_ws": KernelBackend(_int8_resident_ws, _resident_requires, plan=_plan_int8_resident_ws,
+                                         timed=False),
      "triton_w8a16": KernelBackend(_int8_w8a16, _TRITON, True, True, _plan_w8a16, fuses_norm=_rotated,
                                    fuses_mod=_mod_rotated)},
     choose=_choose_int8, check=_check_int8, choose_low_rank=_choose_int8))
