@@ -206,22 +206,34 @@ def gluon_gemm_us(m: int, n: int, k: int, c: DeviceCosts, fp8: bool = False) -> 
 # 1,024-16,384 rows, CUDA-graph replay; geometric-mean error 1.10, worst 1.34; the run's six default launches
 # within 6%). A program quantizes its block (both reads of x), then runs its column tiles, each K step waiting on
 # a weight tile from L2 through the ring (the wait shrinks with the ring's depth), then its epilogue; programs
-# sharing an SM slow each other by RESIDENT_SHARE. Priced up to RESIDENT_PRICED_MAX_K: at K = 1,280 the kernel
-# ran 0.58-0.94x bf16 eager in every launch timed (the default paths 0.82-1.15x), and at 3,072 0.22-0.41x, 1.9-2.3x
-# this model's time, whose terms do not cover a program streaming the whole weight from L2 at 64 rows a pass.
-RESIDENT_LAUNCH_US = 4.4
-RESIDENT_QUANT_NS = 0.066  # per element of a row block
-RESIDENT_STEP_US = 0.375  # a 64 x 128 x 128 K step
-RESIDENT_RING = 1.2  # a step's wait: times (1 + RESIDENT_RING / stages)
-RESIDENT_TILE_NS = 0.016  # per output element of a tile (the epilogue)
-RESIDENT_SHARE = 0.41
+# sharing an SM slow each other (``ResidentModel.share``). Priced up to RESIDENT_PRICED_MAX_K: at K = 1,280 the
+# kernel ran 0.58-0.94x bf16 eager in every launch timed (the default paths 0.82-1.15x), and at 3,072 0.22-0.41x,
+# 1.9-2.3x this model's time, whose terms do not cover a program streaming the whole weight from L2 at 64 rows a
+# pass.
+@dataclass(frozen=True)
+class ResidentModel:
+    """The resident kernel's GPU-time constants (:func:`resident_us`): ``launch_us`` a launch; ``quant_ns`` per
+    element of a row block's quantization; ``step_us`` a 64 x 128 x 128 K step, times ``1 + ring / stages`` for
+    its wait on the ring; ``tile_ns`` per output element of a tile's epilogue; ``share`` the slowdown of each
+    further program on an SM. ``benchmarks/fit_costs.py`` fits them to a ``bench_resident.py`` run."""
+
+    launch_us: float = 4.4
+    quant_ns: float = 0.066
+    step_us: float = 0.375
+    ring: float = 1.2
+    tile_ns: float = 0.016
+    share: float = 0.41
+
+
+RESIDENT_MODEL = ResidentModel()  # fitted to H100 run 149 (above)
 RESIDENT_PRICED_MAX_K = 768
 
 
-def resident_us(m: int, n: int, k: int, c: DeviceCosts, cfg: ResidentConfig | None = None) -> float:
+def resident_us(m: int, n: int, k: int, c: DeviceCosts, cfg: ResidentConfig | None = None,
+                model: ResidentModel = RESIDENT_MODEL) -> float:
     """Modeled GPU time of the resident kernel on ``[m, k] x [k, n]`` in launch ``cfg`` (default: the one
-    ``configs.resident_config`` picks); inf where the model does not price it: a device that does not run it, K
-    over :data:`RESIDENT_PRICED_MAX_K`, a shape it does not take."""
+    ``configs.resident_config`` picks) with ``model``'s constants; inf where the model does not price it: a device
+    that does not run it, K over :data:`RESIDENT_PRICED_MAX_K`, a shape it does not take."""
     if not c.resident or k > RESIDENT_PRICED_MAX_K:
         return math.inf
     cfg = cfg or resident_config(m, n, k, c.sms)
@@ -233,10 +245,10 @@ def resident_us(m: int, n: int, k: int, c: DeviceCosts, cfg: ResidentConfig | No
     per_sm = resident_per_sm(resident_smem(cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, k))
     waves = math.ceil(programs / (c.sms * per_sm))
     sharing = min(per_sm, math.ceil(programs / c.sms))
-    step = (RESIDENT_STEP_US * cfg.block_n / 128 * (cfg.block_m / 64) ** 0.5 * (1 + RESIDENT_RING / cfg.stages))
-    program = (RESIDENT_QUANT_NS * cfg.block_m * k
-               + per * (math.ceil(k / cfg.block_k) * step * 1e3 + RESIDENT_TILE_NS * cfg.block_m * cfg.block_n)) / 1e3
-    return RESIDENT_LAUNCH_US + waves * program * (1 + RESIDENT_SHARE * (sharing - 1))
+    step = model.step_us * cfg.block_n / 128 * (cfg.block_m / 64) ** 0.5 * (1 + model.ring / cfg.stages)
+    program = (model.quant_ns * cfg.block_m * k
+               + per * (math.ceil(k / cfg.block_k) * step * 1e3 + model.tile_ns * cfg.block_m * cfg.block_n)) / 1e3
+    return model.launch_us + waves * program * (1 + model.share * (sharing - 1))
 
 
 def gpu_us(path: str, m: int, n: int, k: int, c: DeviceCosts, group: int = 0) -> float:
