@@ -216,11 +216,11 @@ def test_plan_operands_of_both_kernels_and_what_they_refuse() -> None:
 
 
 def test_a_plan_is_checked_once_per_compiled_kernel(caplog: pytest.LogCaptureFixture) -> None:
-    """``checked_once``: the direct launch's output against Triton's launch's, once per key; a disagreement keeps
-    the general path for that key and is said once."""
+    """``FastKernel.direct_agrees`` (every plan's check of its direct launch: the W8A8 plans' and both resident
+    kernels'): the direct launch's output against Triton's launch's, once per key; a disagreement keeps the general
+    path for that key and is said once."""
     import logging
 
-    from comfyquant.runtime.kernels import gluon_resident as gr
     from comfyquant.runtime.kernels.launch import FastKernel
 
     fk = FastKernel(lambda: None)
@@ -229,10 +229,10 @@ def test_a_plan_is_checked_once_per_compiled_kernel(caplog: pytest.LogCaptureFix
     def out(v: float):
         return lambda: calls.append(v) or torch.full((2,), v)
 
-    assert gr.checked_once(fk, ("a",), out(1.0), out(1.0), "test", 8, 16)
-    assert gr.checked_once(fk, ("a",), out(1.0), out(2.0), "test", 8, 16) and len(calls) == 2  # not re-run
+    assert fk.direct_agrees(("a",), out(1.0), out(1.0), "test plan for N=8 K=16")
+    assert fk.direct_agrees(("a",), out(1.0), out(2.0), "test plan for N=8 K=16") and len(calls) == 2  # not re-run
     with caplog.at_level(logging.WARNING, logger="comfyquant.runtime"):
-        assert not gr.checked_once(fk, ("b",), out(1.0), out(2.0), "test kernel", 8, 16)
-        assert not gr.checked_once(fk, ("b",), out(1.0), out(1.0), "test kernel", 8, 16)
+        assert not fk.direct_agrees(("b",), out(1.0), out(2.0), "test kernel plan for N=8 K=16")
+        assert not fk.direct_agrees(("b",), out(1.0), out(1.0), "test kernel plan for N=8 K=16")
     said = [r.getMessage() for r in caplog.records if "test kernel" in r.getMessage()]
     assert len(said) == 1 and "N=8 K=16" in said[0]

@@ -24,7 +24,6 @@ weight from L2 (docs/KERNEL_NOTES.md, forty-second session). The cost model pric
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
@@ -50,8 +49,6 @@ from comfyquant.runtime.kernels.configs import (
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
 from comfyquant.runtime.kernels.launch import FastKernel, device_facts
 from comfyquant.runtime.kernels.triton_plans import raw_stream
-
-logger = logging.getLogger("comfyquant.runtime")
 
 
 @gluon.jit
@@ -267,20 +264,6 @@ def plan_operands(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out
             torch.empty((m, n), dtype=out_dtype, device=x.device))
 
 
-def checked_once(fk: FastKernel, key: tuple, planned: Callable[[], torch.Tensor],
-                 general: Callable[[], torch.Tensor], what: str, n: int, k: int) -> bool:
-    """Whether a plan's direct launch gives what Triton's own launch gives (``planned()`` against ``general()``),
-    checked once per compiled kernel (``key``), as the W8A8 plans are: a Triton whose launcher differs keeps the
-    general path, said once."""
-    ok = fk.direct_checked.get(key)
-    if ok is None:
-        ok = fk.direct_checked[key] = bool(torch.equal(planned(), general()))
-        if not ok:
-            logger.warning("%s plan for N=%d K=%d: the direct launch disagreed with Triton's launch; using "
-                           "Triton's (slower host path)", what, n, k)
-    return ok
-
-
 def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype, cfg: ResidentConfig | None = None
                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -309,6 +292,6 @@ def plan_resident(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
         fire(stream(), xc, *w_flat, out, *tail)
         return out
 
-    ok = checked_once(_kernel(), key, lambda: run(x), lambda: resident_w8a8(x, w_q, w_scale, bias, out_dtype, cfg),
-                      "resident W8A8", n, k)
+    ok = _kernel().direct_agrees(key, lambda: run(x), lambda: resident_w8a8(x, w_q, w_scale, bias, out_dtype, cfg),
+                                 f"resident W8A8 plan for N={n} K={k}")
     return run if ok else None

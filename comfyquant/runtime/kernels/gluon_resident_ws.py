@@ -40,7 +40,6 @@ from comfyquant.runtime.kernels.act_kernels import quant_codes, scale_of
 from comfyquant.runtime.kernels.configs import HOPPER_SMEM, ResidentConfig, cdiv, column_splits
 from comfyquant.runtime.kernels.gluon_gemm import scaled_epilogue
 from comfyquant.runtime.kernels.gluon_resident import (
-    checked_once,
     plan_operands,
     rows_of,
     weight_descriptor,
@@ -349,7 +348,6 @@ def plan_resident_ws(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
         fire(stream(), xc, *w_flat, *c_flat(out), *tail)
         return out.view(shape)
 
-    ok = checked_once(_kernel(), key, lambda: run(x),
-                      lambda: resident_ws_w8a8(x, w_q, w_scale, bias, out_dtype, cfg),
-                      "warp-specialized resident W8A8", n, k)
+    ok = _kernel().direct_agrees(key, lambda: run(x), lambda: resident_ws_w8a8(x, w_q, w_scale, bias, out_dtype, cfg),
+                                 f"warp-specialized resident W8A8 plan for N={n} K={k}")
     return run if ok else None

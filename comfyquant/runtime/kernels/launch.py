@@ -207,6 +207,19 @@ class FastKernel:
         # bit-equal to Triton's own launch of that compiled kernel (checked once per key, not per layer)
         self.direct_checked: dict[tuple, bool] = {}
 
+    def direct_agrees(self, key: tuple, direct: Callable[[], Any], general: Callable[[], Any], what: str) -> bool:
+        """Whether a plan's direct launch (:meth:`prepared_tma`) gives what Triton's own launch gives (``direct()``
+        against ``general()``, the same kernel on the same inputs: bit-equal), checked once per compiled kernel
+        (``key``), not per layer; a disagreement (a Triton whose launcher differs) keeps Triton's launch and is
+        said once, naming ``what`` ("W8A8 plan for N=3072 K=3072")."""
+        ok = self.direct_checked.get(key)
+        if ok is None:
+            ok = self.direct_checked[key] = bool(torch.equal(direct(), general()))
+            if not ok:
+                logger.warning("%s: the direct launch disagreed with Triton's launch; using Triton's (slower host "
+                               "path)", what)
+        return ok
+
     def key(self, args: Sequence[Any], num_warps: int, num_stages: int) -> tuple:
         const, varying = self.const, self.varying
         return (num_warps, num_stages, *(a if i in const else None if i in varying else _spec(a)

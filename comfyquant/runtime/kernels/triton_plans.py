@@ -14,7 +14,6 @@ dtype and device (:func:`usable` checks the per-call part; the caller's memo key
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,6 @@ from comfyquant.runtime.kernels.acts import ModulatedNorm, Norm
 from comfyquant.runtime.kernels.configs import ROWS_WIDE, TileConfig, rows_config, rows_shape
 from comfyquant.runtime.versions import version
 
-logger = logging.getLogger("comfyquant.runtime")
 Plan = Callable[[torch.Tensor], torch.Tensor]
 LowRank = tuple  # dispatch.LowRank: (down [R, K], up [R, N], r), x's dtype
 _HALF = (torch.bfloat16, torch.float16)
@@ -351,15 +349,7 @@ def _plan_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     if direct is None:
         return run
     fast = _tma_run(direct, quantize, {0: a_desc, 2: c_desc, hi: h_desc}, args, hi, down, out_dtype, shape)
-    # once per compiled kernel (launch key), not per layer: the descriptor-expanding launch must give what
-    # Triton's own launch gives (same kernel, same inputs: bit-equal); where it does not (a Triton whose
-    # launcher differs), keep Triton's launch
-    ok = fk.direct_checked.get(key)
-    if ok is None:
-        ok = fk.direct_checked[key] = bool(torch.equal(fast(x), run(x)))
-        if not ok:
-            logger.warning("W8A8 plan for N=%d K=%d: the direct TMA launch disagreed with Triton's launch; using "
-                           "Triton's (slower host path)", n, k)
+    ok = fk.direct_agrees(key, lambda: fast(x), lambda: run(x), f"W8A8 plan for N={n} K={k}")
     return fast if ok else run
 
 
