@@ -35,6 +35,7 @@ GLUON = {"ws 128x256 s3": dict(block_n=256, stages=3), "ws 128x128 s4": dict(blo
 # where a 128x128 grid has few tiles per SM (below 1,024 rows, or under two waves of them at any row count),
 # narrower column tiles are the candidate (configs.ws_config)
 SMALL_M = {"ws 128x64 s6": dict(block_n=64, stages=6), "ws 128x64 s8": dict(block_n=64, stages=8)}
+EXPERIMENTAL = {"ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}  # with --experimental
 
 
 def n64_candidate(m: int, n: int, sms: int) -> bool:
@@ -42,7 +43,6 @@ def n64_candidate(m: int, n: int, sms: int) -> bool:
     pick them), or where 128x128 tiles fill under two waves of ``sms`` (1,024 rows and more: one partial wave idles
     SMs, as below 1,024 rows, where 128x64 won by up to 1.7x; untimed there so far)."""
     return m < 1024 or -(-m // 128) * -(-n // 128) < 2 * sms
-EXPERIMENTAL = {"ws pingpong 128x128 s4": dict(block_n=128, stages=4, pingpong=True)}  # with --experimental
 
 
 def _bench(fn, reps: int, graph: bool = False) -> float:

@@ -244,6 +244,18 @@ def check_ws_fp8() -> None:
                pick=f"{pick.block_m}x{pick.block_n} p{pick.persistent}", err=err, triton_err=err_t)
 
 
+def _record_backend_and_plan(name: str, backend: str, x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                             bias: torch.Tensor | None, want: torch.Tensor, **info: object) -> None:
+    """Record ``name``: the int8 ``backend`` pinned in a bound layer gives ``want`` on its first call (the general
+    launch) and on a later one, which its plan takes."""
+    from comfyquant.runtime.kernels.dispatch import bind_linear
+
+    call = bind_linear("int8", w, (ws,), bias, backend=backend)
+    first, later = call(x), call(x)
+    planned = callable(next(iter(call.memo.values()))[1])
+    record(name, torch.equal(first, want) and torch.equal(later, want) and planned, **info, planned=planned)
+
+
 def check_resident() -> None:
     """The resident one-launch W8A8 kernel (``gluon_resident``, backend ``triton_resident``): bit-equal to the
     two-launch path (the activation quantizer's codes, then the W8A8 GEMM) on SDXL / CLIP / Flux widths with
@@ -253,7 +265,6 @@ def check_resident() -> None:
 
     from comfyquant.runtime.kernels import gluon_resident as gr
     from comfyquant.runtime.kernels.configs import HOPPER_SMEM, resident_smem
-    from comfyquant.runtime.kernels.dispatch import bind_linear
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m, k, n, row_sb, has_bias, dt in [(4096, 640, 640, True, True, torch.bfloat16),
@@ -279,11 +290,7 @@ def check_resident() -> None:
                 continue
             got = gr.resident_w8a8(x, w, ws, bias, cfg=c)
             record("resident_bit_equal", torch.equal(got, want), m=m, k=k, n=n, cfg=str(c), dtype=str(dt))
-        call = bind_linear("int8", w, (ws,), bias, backend="triton_resident")
-        first, later = call(x), call(x)
-        planned = callable(next(iter(call.memo.values()))[1])
-        record("resident_backend_and_plan", torch.equal(first, want) and torch.equal(later, want) and planned,
-               m=m, k=k, n=n, planned=planned)
+        _record_backend_and_plan("resident_backend_and_plan", "triton_resident", x, w, ws, bias, want, m=m, k=k, n=n)
 
 
 def check_resident_ws() -> None:
@@ -297,7 +304,6 @@ def check_resident_ws() -> None:
     the pinned backend ``triton_resident_ws`` too (its first call, then its plan)."""
     from comfyquant.runtime.kernels import gluon_resident_ws as grw
     from comfyquant.runtime.kernels.configs import ResidentConfig
-    from comfyquant.runtime.kernels.dispatch import bind_linear
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m, k, n, has_bias, dt, cfg in [
@@ -327,8 +333,5 @@ def check_resident_ws() -> None:
             record("resident_ws_plan", plan is not None and torch.equal(plan(x), want), **info,
                    planned=plan is not None)
             if cfg is None and row_sb:
-                call = bind_linear("int8", w, (ws,), bias, backend="triton_resident_ws")
-                first, later = call(x), call(x)
-                planned = callable(next(iter(call.memo.values()))[1])
-                record("resident_ws_backend_and_plan", torch.equal(first, want) and torch.equal(later, want)
-                       and planned, **info, planned=planned)
+                _record_backend_and_plan("resident_ws_backend_and_plan", "triton_resident_ws", x, w, ws, bias, want,
+                                         **info)
