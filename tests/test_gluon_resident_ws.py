@@ -140,6 +140,7 @@ def test_backend_is_pinned_only_and_refuses_what_it_cannot_run() -> None:
     refusing rotated weights, 32-bit activations and rows past 1,280 with one line each."""
     from comfyquant.errors import UserError
     from comfyquant.runtime.kernels import builtin
+    from comfyquant.runtime.kernels import gluon_resident_ws as ws
     from comfyquant.runtime.kernels.registry import backends_for, kernel_kind
 
     assert "triton_resident_ws" in backends_for("int8")
@@ -150,7 +151,7 @@ def test_backend_is_pinned_only_and_refuses_what_it_cannot_run() -> None:
     assert "CUDA" in b.requires(torch.device("cpu"))
     w = torch.zeros(64, 1280, dtype=torch.int8)
     x = torch.zeros(4, 1280, dtype=torch.bfloat16)
-    builtin._resident_refusal(w, (0,), x, torch.bfloat16, "triton_resident_ws", ws_refusal())  # takes it
+    builtin._resident_refusal(w, (0,), x, torch.bfloat16, "triton_resident_ws", ws.refusal)  # takes it
     for w_, opts, x_, odt, match in ((w, (256,), x, torch.bfloat16, "'triton_resident_ws' has no rotation"),
                                      (w, (0,), x.float(), torch.float32, "bf16 / fp16"),
                                      (torch.zeros(64, 1536, dtype=torch.int8), (0,),
@@ -158,9 +159,3 @@ def test_backend_is_pinned_only_and_refuses_what_it_cannot_run() -> None:
         with pytest.raises(UserError, match=match) as got:
             builtin._int8_resident_ws(x_, w_, (torch.ones(64),), None, opts, odt)
         assert "\n" not in str(got.value)
-
-
-def ws_refusal():
-    from comfyquant.runtime.kernels.gluon_resident_ws import refusal
-
-    return refusal
