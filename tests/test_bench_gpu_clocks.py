@@ -33,8 +33,7 @@ def test_summarize_means_and_peaks() -> None:
 def _fake_smi(tmp_path: Path, mhz: str) -> Path:
     """An executable that prints nvidia-smi's ``--format=csv,noheader,nounits`` lines every 10 ms, with the SM
     clock read from the file ``mhz`` (so a test can change it between windows). It stamps a line after reading
-    the clock: stamped first, a process preempted between the two on a loaded CI host gave the first window a
-    sample of the second's clock (1965 against 1980 MHz, a fresh-clone run on 2 cores)."""
+    the clock, so a line never carries a value read after its stamp."""
     exe = tmp_path / "fake-smi"
     exe.write_text("#!/usr/bin/env python3\n"
                    "import sys, time\nfrom datetime import datetime\n"
@@ -54,6 +53,10 @@ def test_windows_get_the_samples_stamped_inside_them(tmp_path: Path) -> None:
     exe = _fake_smi(tmp_path, str(mhz))
     with ClockSampler(command=str(exe)) as cs:
         _, fast = cs.window(lambda: time.sleep(0.4))
+        # nvidia-smi's stamps (and the fake's) are whole milliseconds, truncated: a sample read within a millisecond
+        # after the window's end can carry a stamp inside it, so the clock changes only after that millisecond
+        # (changed at once, the first window got a 1500 MHz sample twice in fresh-clone runs: 1965 against 1980)
+        time.sleep(0.01)
         mhz.write_text("1500")
         time.sleep(0.1)  # a sample in flight at the switch falls between the windows
         out, slow = cs.window(lambda: time.sleep(0.4) or 7)
